@@ -1,0 +1,9 @@
+"""mla_kernels: Triton kernels for DeepSeek's Multi-head Latent Attention (absorbed MLA)."""
+
+from .decode import mla_decode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "mla_decode",
+]

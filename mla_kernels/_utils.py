@@ -1,0 +1,121 @@
+"""Argument checks, dispatch and interpreter support shared by every op.
+
+Every public function validates its arguments once through the helpers here, so
+that bad input raises a ``TypeError``/``ValueError`` naming the argument before
+any kernel is launched or any cache byte is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is active (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Run the Triton kernels for tensors on this device?
+
+    GPU tensors (CUDA or ROCm, both ``device.type == "cuda"``) always do; CPU
+    tensors do only under the interpreter, otherwise they take the PyTorch path.
+    """
+    if t.device.type == "cuda":
+        return True
+    return t.device.type == "cpu" and interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (NVIDIA) or compute units (AMD); a nominal 132 for the interpreter."""
+    if device.type == "cuda":
+        return multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+def is_hip() -> bool:
+    return torch.version.hip is not None
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: each raises TypeError / ValueError with the argument's name
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    if t is None:
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def check_last_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")
+
+
+def check_same(name_a: str, a, name_b: str, b, what: str = "size") -> None:
+    if a != b:
+        raise ValueError(f"{name_a} and {name_b} disagree on {what}: {a} vs {b}")
+
+
+def check_width(name: str, width: int) -> None:
+    if not is_pow2(width) or not 16 <= width <= 1024:
+        raise ValueError(f"{name} width must be a power of two from 16 to 1024, got {width}")
+
+
+def check_devices(**tensors: torch.Tensor) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    device = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != device:
+            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {device}")
+    return device
+
+
+def check_scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
+
+
+def check_paged_cache(kv_cache, pe_cache, block_table, batch: int):
+    """Validate ``kv_cache [N, page, R]``, ``pe_cache [N, page, P]``, ``block_table [B, max_blocks]``.
+
+    Returns ``(R, P, page_size)``.
+    """
+    check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
+    check_tensor("pe_cache", pe_cache, 3, FLOAT_DTYPES)
+    check_tensor("block_table", block_table, 2, INDEX_DTYPES)
+    check_same("kv_cache", kv_cache.dtype, "pe_cache", pe_cache.dtype, "dtype")
+    check_same("kv_cache", tuple(kv_cache.shape[:2]), "pe_cache", tuple(pe_cache.shape[:2]), "[num_blocks, block_size]")
+    check_last_contiguous("kv_cache", kv_cache)
+    check_last_contiguous("pe_cache", pe_cache)
+    if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
+        raise ValueError(f"kv_cache must hold at least one block of at least one token, got shape {tuple(kv_cache.shape)}")
+    check_same("block_table", block_table.shape[0], "the batch", batch, "batch size")
+    return kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]

@@ -1,0 +1,20 @@
+"""Readable PyTorch ground truth for every kernel in mla_kernels.
+
+``naive``    MLA as transformers computes it: decompress the latent into per-head K and V.
+``absorbed`` MLA in absorb mode over the paged latent cache, as DeepSeek-V3's inference code does it.
+
+Nothing here is fast; everything here is meant to be read. Tests compute these in float64.
+"""
+
+from .absorbed import absorb_query, absorbed_decode, absorbed_prefill, gather_paged, split_kv_b
+from .naive import naive_attention, naive_mla
+
+__all__ = [
+    "absorb_query",
+    "absorbed_decode",
+    "absorbed_prefill",
+    "gather_paged",
+    "split_kv_b",
+    "naive_attention",
+    "naive_mla",
+]

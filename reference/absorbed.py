@@ -1,0 +1,87 @@
+"""Absorbed MLA over the paged latent cache (DeepSeek-V3 inference code, absorb mode).
+
+The key's nope part is W_UK @ c and the value is W_UV @ c for the latent c, so
+q_nope . k_nope = (q_nope W_UK) . c: the query is moved into latent space once and
+attention runs directly over the cached latent; the output, still in latent space,
+is moved out through W_UV at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_kv_b(w_kv_b, heads, d_nope, d_v):
+    """transformers' kv_b_proj.weight [H*(D_nope+D_v), R] -> (w_uk [H, D_nope, R], w_uv [H, D_v, R])."""
+    w = w_kv_b.view(heads, d_nope + d_v, -1)
+    return w[:, :d_nope], w[:, d_nope:]
+
+
+def absorb_query(q_nope, w_uk):
+    """q_nope [..., H, D_nope] -> [..., H, R]: the query moved into latent space."""
+    return torch.einsum("...hd,hdr->...hr", q_nope, w_uk)
+
+
+def gather_paged(cache, block_ids, length):
+    """The first ``length`` tokens of one sequence: cache [N, page, D], block_ids [max_blocks] -> [length, D]."""
+    page = cache.shape[1]
+    positions = torch.arange(length, device=cache.device)
+    blocks = block_ids.long()[positions // page]
+    return cache[blocks, positions % page]
+
+
+def _attend_latent(q_nope, q_pe, kv, pe, softmax_scale, causal):
+    """One sequence in latent space: q_nope [S, H, R], q_pe [S, H, P], kv [L, R], pe [L, P]."""
+    s_q, length = q_nope.shape[0], kv.shape[0]
+    scores = (torch.einsum("shr,lr->shl", q_nope, kv) + torch.einsum("shp,lp->shl", q_pe, pe)) * softmax_scale
+    if causal:
+        q_pos = torch.arange(s_q, device=kv.device) + (length - s_q)
+        hidden = torch.arange(length, device=kv.device)[None, :] > q_pos[:, None]  # [S, L]
+        scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [S, H]
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("shl,lr->shr", probs, kv), lse
+
+
+def absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                    causal=True, w_uv=None, dtype=torch.float64):
+    """Reference for ``mla_kernels.mla_decode``, computed in ``dtype``.
+
+    q_nope [B, S_q, H, R] (absorbed), q_pe [B, S_q, H, P], kv_cache [N, page, R], pe_cache [N, page, P],
+    block_table [B, max_blocks], cache_seqlens [B]; w_uv [H, D_v, R] optional.
+    Returns (out [B, S_q, H, R or D_v], lse [B, S_q, H]) in ``dtype``.
+    """
+    batch, s_q, heads, _ = q_nope.shape
+    out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
+    lse = torch.full((batch, s_q, heads), float("-inf"), dtype=dtype, device=q_nope.device)
+    for b in range(batch):
+        length = int(cache_seqlens[b])
+        if length == 0:
+            continue
+        kv = gather_paged(kv_cache, block_table[b], length).to(dtype)
+        pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
+        out[b], lse[b] = _attend_latent(q_nope[b].to(dtype), q_pe[b].to(dtype), kv, pe, softmax_scale, causal)
+    if w_uv is not None:
+        out = torch.einsum("bshr,hvr->bshv", out, w_uv.to(dtype))
+    return out, lse
+
+
+def absorbed_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
+                     causal=True, dtype=torch.float64):
+    """Reference for ``mla_kernels.mla_prefill``: packed rows q_nope [T, H, R], q_pe [T, H, P].
+
+    Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its new tokens are the last of its
+    cache_seqlens[b] cached tokens. Returns (out [T, H, R], lse [T, H]) in ``dtype``.
+    """
+    out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
+    lse = torch.full(q_nope.shape[:2], float("-inf"), dtype=dtype, device=q_nope.device)
+    for b in range(block_table.shape[0]):
+        start, end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        length = int(cache_seqlens[b])
+        if end == start or length == 0:
+            continue
+        kv = gather_paged(kv_cache, block_table[b], length).to(dtype)
+        pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
+        out[start:end], lse[start:end] = _attend_latent(
+            q_nope[start:end].to(dtype), q_pe[start:end].to(dtype), kv, pe, softmax_scale, causal)
+    return out, lse

@@ -1,0 +1,29 @@
+"""Test setup: without a GPU, every Triton kernel runs through Triton's CPU interpreter.
+
+``TRITON_INTERPRET`` must be set before triton is first imported, which is why this
+happens here, at collection time, and never inside the library.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reference/, bench/
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where kernels run: the GPU when there is one, otherwise the CPU through the interpreter."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

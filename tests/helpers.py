@@ -1,0 +1,121 @@
+"""The one comparison helper every test uses, plus builders for poisoned paged caches."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it faults or returns garbage
+
+# Tolerances, from the numerics of bf16/fp16 outputs with fp32 accumulation:
+# - the kernel's output is rounded once to the output dtype: bf16 has an 8-bit significand, so one
+#   rounding costs up to 2^-8 relative (0.39%), RMS about 2^-8/sqrt(3) ~ 2.3e-3 per element, and the
+#   interpreter truncates rather than rounds (TRITON_NOTES.md), doubling the bias: RMS ~ 4.5e-3;
+# - probabilities are rounded to the cache dtype before the P.V product (as FlashAttention does),
+#   another ~2.3e-3 RMS relative, partly averaged away over the keys.
+# The reference sees the same rounded inputs, so input rounding cancels. Hence relative RMS error
+# below 8e-3 for bf16 (about 1.5 to 2 ulp RMS) and 1e-3 for fp16 (11-bit significand, 8x finer).
+# Cosine difference (FlashMLA's measure) is about err^2/2 for such noise; its bounds are err^2.
+RMS_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+COS_TOL = {torch.bfloat16: 1e-4, torch.float16: 2e-6, torch.float32: 1e-9}
+# lse is computed in fp32 from the same scores, in log space: absolute error is ~1e-6 per unit of |score|.
+LSE_ATOL = 1e-4
+
+
+def err_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative RMS error ||a - e|| / ||e|| over finite entries (fla's get_err_ratio)."""
+    a, e = actual.double(), expected.double()
+    denom = e.pow(2).mean().sqrt().item()
+    diff = (a - e).pow(2).mean().sqrt().item()
+    return diff / max(denom, 1e-30) if denom > 0 else diff
+
+
+def cos_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """FlashMLA's cosine difference 1 - 2<x, y> / (|x|^2 + |y|^2)."""
+    a, e = actual.double().flatten(), expected.double().flatten()
+    denom = (a * a + e * e).sum().item()
+    if denom == 0:
+        return 0.0
+    return 1 - 2 * (a * e).sum().item() / denom
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                 rms_tol: float | None = None, cos_tol: float | None = None) -> None:
+    """Compare a kernel's result to the float64 reference: shapes, NaN/inf positions, RMS and cosine error.
+
+    ``dtype`` is the precision the kernel ran in; tolerances come from RMS_TOL/COS_TOL unless given.
+    On failure the message names the worst element.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{name}: NaN positions differ, first at {_first(nan_a ^ nan_e)}"
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    assert torch.equal(inf_a, inf_e), f"{name}: inf positions differ, first at {_first(inf_a ^ inf_e)}"
+    assert torch.equal(a[inf_a], e[inf_e]), f"{name}: infinities differ in sign"
+    finite = torch.isfinite(e)
+    a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return
+    rms_tol = RMS_TOL[dtype] if rms_tol is None else rms_tol
+    cos_tol = COS_TOL[dtype] if cos_tol is None else cos_tol
+    err, cos = err_ratio(a, e), cos_diff(a, e)
+    if err > rms_tol or cos > cos_tol:
+        idx = (actual.detach().cpu().double() - expected.detach().cpu().double()).abs().nan_to_num(0).argmax()
+        where = tuple(int(i) for i in torch.unravel_index(idx, actual.shape))
+        raise AssertionError(
+            f"{name}: relative RMS error {err:.3e} (tol {rms_tol:.1e}), cosine diff {cos:.3e} (tol {cos_tol:.1e}); "
+            f"worst at {where}: got {actual[where].item():.6g}, expected {expected[where].item():.6g}")
+
+
+def assert_lse_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float = LSE_ATOL) -> None:
+    """lse in float32 against the float64 reference: same -inf positions, then absolute error."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: -inf positions differ"
+    assert not torch.isnan(a).any(), f"{name}: NaN in lse at {_first(torch.isnan(a))}"
+    fin = torch.isfinite(e)
+    worst = (a[fin] - e[fin]).abs().max().item() if fin.any() else 0.0
+    scale = max(1.0, e[fin].abs().max().item()) if fin.any() else 1.0
+    assert worst <= atol * scale, f"{name}: max |lse error| {worst:.3e} > {atol * scale:.1e}"
+
+
+def _first(mask: torch.Tensor):
+    nz = mask.nonzero()
+    return tuple(nz[0].tolist()) if len(nz) else None
+
+
+def make_paged_cache(seqlens, page_size, widths, dtype, device, extra_blocks=3, shuffle=True, fused=True,
+                     generator_seed=0):
+    """Random latent/rope caches for sequences of the given lengths, with poison everywhere unused.
+
+    widths = (R, P). Returns (kv_cache [N, page, R], pe_cache [N, page, P], block_table [B, max_blocks] int32).
+    Unused token slots hold NaN, so any read past a sequence's end shows up in the output;
+    unused block-table entries hold SENTINEL_BLOCK; block ids are shuffled so neighbours in a
+    sequence are not neighbours in memory. With ``fused``, both caches are views of one
+    [N, page, R+P] buffer (the serving-engine layout).
+    """
+    r, p = widths
+    blocks_needed = [max(1, math.ceil(n / page_size)) for n in seqlens]
+    max_blocks = max(blocks_needed) + 1  # one spare column, always a sentinel
+    num_blocks = sum(blocks_needed) + extra_blocks
+    ids = list(range(num_blocks))
+    if shuffle:
+        random.Random(generator_seed).shuffle(ids)
+    buf = torch.full((num_blocks, page_size, r + p), float("nan"), dtype=dtype, device=device)
+    table = torch.full((len(seqlens), max_blocks), SENTINEL_BLOCK, dtype=torch.int32)
+    cursor = 0
+    for b, n in enumerate(seqlens):
+        for j in range(math.ceil(n / page_size)):
+            blk = ids[cursor]
+            cursor += 1
+            table[b, j] = blk
+            filled = min(page_size, n - j * page_size)
+            buf[blk, :filled] = torch.randn(filled, r + p, dtype=torch.float32).to(dtype=dtype, device=device)
+    if fused:
+        kv_cache, pe_cache = buf[..., :r], buf[..., r:]
+    else:
+        kv_cache, pe_cache = buf[..., :r].contiguous(), buf[..., r:].contiguous()
+    return kv_cache, pe_cache, table.to(device)
