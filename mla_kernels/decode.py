@@ -1,0 +1,430 @@
+"""Absorbed MLA attention over a paged latent cache: decode (and the latent-space prefill path).
+
+One kernel does the attention for both ``mla_decode`` (S_q new tokens per sequence, the
+same for every sequence) and ``mla_prefill`` (ragged rows given by ``cu_seqlens_q``; the
+``VARLEN`` flag). A program owns a block of ``BLOCK_M`` query rows of one sequence, where
+the (token, head) pairs of the sequence are flattened into rows, so every head of a short
+decode step shares each cache tile it loads; it walks one split of the sequence's cache in
+tiles of ``BLOCK_N`` tokens. Each tile of the latent is used twice, for the scores and as
+the value, since in absorbed MLA the latent *is* V:
+
+    scores = q_nope . kv^T + q_pe . pe^T            # [BLOCK_M, BLOCK_N]
+    acc   += softmax(scores) . kv                    # [BLOCK_M, D_LATENT]
+
+When the batch cannot fill the GPU, the cache length is split across programs, each writes
+its normalised partial output and log-sum-exp, and a combine kernel merges them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LN2_C: tl.constexpr = tl.constexpr(LN2)
+MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
+
+
+# --------------------------------------------------------------------------------------------
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen per GPU family and problem shape
+# --------------------------------------------------------------------------------------------
+
+
+def _config(rows_per_seq: int, d_latent: int, device: torch.device) -> dict:
+    """Tile sizes for a launch. ``rows_per_seq`` = query tokens x heads of one sequence.
+
+    BLOCK_M covers as many rows as registers allow (the fp32 accumulator is BLOCK_M x D_LATENT),
+    so that the cache is read once per sequence up to 64 rows. tl.dot needs M, N >= 16.
+    """
+    block_m = min(64, max(16, triton.next_power_of_2(rows_per_seq)))
+    if device.type != "cuda":  # interpreter: larger tiles are faster (numpy), correctness is tile-size independent
+        return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=1)
+    wide = d_latent >= 256
+    if _utils.is_hip():  # MI300: 64-wide wavefronts, 64 KiB LDS per CU
+        return dict(BLOCK_M=block_m, BLOCK_N=16 if wide else 32, num_warps=4 if block_m <= 32 else 8, num_stages=1)
+    if block_m >= 64 and wide:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if block_m <= 16 else 32, num_warps=4 if block_m <= 16 else 8,
+                num_stages=2)
+
+
+def _num_splits(programs_per_split: int, max_seqlen: int, block_n: int, device: torch.device) -> int:
+    """Split the cache length so that about two waves of programs fill the GPU, no split shorter
+    than MIN_SPLIT_TOKENS. Decided from shapes only: no host synchronisation."""
+    sms = _utils.num_sms(device)
+    want = triton.cdiv(2 * sms, max(1, programs_per_split))
+    most = max(1, max_seqlen // MIN_SPLIT_TOKENS)
+    return int(max(1, min(want, most, 128)))
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mla_attn_kernel(
+    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
+    OUT, LSE, OUT_PART, LSE_PART,
+    sm_scale_log2,
+    H, S_Q, split_len, total_rows,
+    stride_qn_b, stride_qn_s, stride_qn_h,
+    stride_qp_b, stride_qp_s, stride_qp_h,
+    stride_kv_blk, stride_kv_tok,
+    stride_pe_blk, stride_pe_tok,
+    stride_bt_b,
+    D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_split = tl.program_id(2)
+
+    if VARLEN:
+        tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
+        seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
+        q_nope_base = Q_NOPE + tok_start * stride_qn_s
+        q_pe_base = Q_PE + tok_start * stride_qp_s
+    else:
+        tok_start = pid_b * S_Q
+        seq_q = S_Q
+        q_nope_base = Q_NOPE + pid_b * stride_qn_b
+        q_pe_base = Q_PE + pid_b * stride_qp_b
+    num_rows = seq_q * H
+    if pid_m * BLOCK_M >= num_rows:
+        return
+    seqlen = tl.load(SEQLENS + pid_b)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: (token, head) pairs of this sequence
+    row_mask = rows < num_rows
+    tok = rows // H
+    head = rows % H
+    q_pos = seqlen - seq_q + tok  # absolute position of each row's token in the cache
+    offs_r = tl.arange(0, D_LATENT)
+    offs_p = tl.arange(0, D_ROPE)
+
+    q_nope = tl.load(q_nope_base + tok[:, None] * stride_qn_s + head[:, None] * stride_qn_h + offs_r[None, :],
+                     mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_LATENT]
+    q_pe = tl.load(q_pe_base + tok[:, None] * stride_qp_s + head[:, None] * stride_qp_h + offs_p[None, :],
+                   mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+    if DOT_FP32:
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    # keys this program reads: its split, cut at the last position any of its rows may see
+    n_start = pid_split * split_len
+    n_end = tl.minimum(n_start + split_len, seqlen)
+    if CAUSAL:
+        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
+        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // H + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_LATENT], dtype=tl.float32)
+    bt_row = BLOCK_TABLE + pid_b * stride_bt_b
+
+    for start in range(n_start, n_end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
+        n_mask = offs_n < n_end
+        block_id = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+        kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
+                     mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
+        pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
+                     mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
+        kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
+        pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
+
+        qk = tl.dot(q_nope, tl.trans(kv_dot))
+        qk = tl.dot(q_pe, tl.trans(pe_dot), qk)  # [BLOCK_M, BLOCK_N]
+        qk = qk * sm_scale_log2
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(kv.dtype)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+        acc = tl.dot(p, kv_dot, acc * alpha[:, None])  # [BLOCK_M, D_LATENT]
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse_log2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    out_rows = (tok_start + tok) * H + head  # row of the contiguous [tokens * H] output
+    if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
+        part_rows = pid_split.to(tl.int64) * total_rows + out_rows
+        tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
+        tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
+    else:
+        tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_mask[:, None])
+        if STORE_LSE:
+            tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
+
+
+@triton.jit
+def _mla_combine_kernel(
+    OUT_PART, LSE_PART, OUT, LSE,
+    num_rows, num_splits, split_stride,
+    D_LATENT: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Merge split partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < num_splits
+    lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * num_rows + row, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)  # [BLOCK_S]; 0 for empty splits
+    total = tl.sum(w, 0)
+    offs_r = tl.arange(0, D_LATENT)
+    acc = tl.zeros([D_LATENT], dtype=tl.float32)
+    part = OUT_PART + row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
+    for s in range(0, num_splits):
+        w_s = tl.sum(tl.where(offs_s == s, w, 0.0), 0)
+        if w_s > 0.0:
+            acc += w_s * tl.load(part)
+        part += split_stride
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    tl.store(OUT + row * D_LATENT + offs_r, out.to(OUT.dtype.element_ty))
+    if STORE_LSE:
+        lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))), float("-inf"))
+        tl.store(LSE + row, lse * LN2_C)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher (shared with mla_prefill)
+# --------------------------------------------------------------------------------------------
+
+
+def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
+            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits):
+    """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
+
+    Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
+    """
+    varlen = cu_seqlens_q is not None
+    heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
+    device = q_nope.device
+    total_rows = total_tokens * heads
+    out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
+    lse = torch.empty(total_tokens, heads, dtype=torch.float32, device=device) if return_lse else None
+    if total_rows == 0 or batch == 0:
+        return out, lse
+
+    cfg = _config(max_seqlen_q * heads, d_latent, device)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
+    if num_splits is None:
+        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, block_n, device)
+    split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
+    split = num_splits > 1
+
+    if varlen:
+        qn_strides = (0, q_nope.stride(0), q_nope.stride(1))
+        qp_strides = (0, q_pe.stride(0), q_pe.stride(1))
+    else:
+        qn_strides = (q_nope.stride(0), q_nope.stride(1), q_nope.stride(2))
+        qp_strides = (q_pe.stride(0), q_pe.stride(1), q_pe.stride(2))
+    if split:
+        out_part = torch.empty(num_splits, total_rows, d_latent, dtype=torch.float32, device=device)
+        lse_part = torch.empty(num_splits, total_rows, dtype=torch.float32, device=device)
+    else:
+        out_part = lse_part = out  # unused
+    dummy = cache_seqlens
+
+    _mla_attn_kernel[(m_blocks, batch, num_splits)](
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+        out, lse if lse is not None else dummy, out_part, lse_part,
+        softmax_scale * LOG2E,
+        heads, seq_q, split_len, total_rows,
+        *qn_strides, *qp_strides,
+        kv_cache.stride(0), kv_cache.stride(1),
+        pe_cache.stride(0), pe_cache.stride(1),
+        block_table.stride(0),
+        D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
+        DOT_FP32=device.type == "cpu",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split:
+        _mla_combine_kernel[(total_rows,)](
+            out_part, lse_part, out, lse if lse is not None else dummy,
+            total_rows, num_splits, total_rows * d_latent,
+            D_LATENT=d_latent, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=return_lse,
+            num_warps=4 if d_latent >= 256 else 2,
+        )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch path (CPU without the interpreter; also the "torch absorbed" baseline in bench/)
+# --------------------------------------------------------------------------------------------
+
+
+def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len, softmax_scale, causal):
+    """Batched absorbed attention in fp32 over keys gathered through the block table.
+
+    q_nope [B, S, H, R], q_pe [B, S, H, P]; q_len [B] = real query rows per sequence (right-padded).
+    Returns out [B, S, H, R] fp32, lse [B, S, H] fp32 (natural log; -inf for rows that see no key).
+    """
+    batch, s_q = q_nope.shape[:2]
+    page = kv_cache.shape[1]
+    device = q_nope.device
+    max_len = block_table.shape[1] * page
+    pos = torch.arange(max_len, device=device)
+    valid = pos[None, :] < seqlens[:, None].long()  # [B, L]
+    blocks = torch.where(valid, block_table.long()[:, pos // page], 0)
+    kv = kv_cache[blocks, pos % page].float()  # [B, L, R]
+    pe = pe_cache[blocks, pos % page].float()
+    kv = torch.where(valid[..., None], kv, 0.0)
+    pe = torch.where(valid[..., None], pe, 0.0)
+    scores = torch.einsum("bshr,blr->bshl", q_nope.float(), kv) + torch.einsum("bshp,blp->bshl", q_pe.float(), pe)
+    scores = scores * softmax_scale
+    visible = valid[:, None, :].expand(batch, s_q, max_len)
+    if causal:
+        q_pos = seqlens[:, None].long() - q_len[:, None].long() + torch.arange(s_q, device=device)[None, :]
+        visible = visible & (pos[None, None, :] <= q_pos[..., None])
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bshl,blr->bshr", probs, kv), lse
+
+
+def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                     causal=True, return_lse=False, w_uv=None):
+    """``mla_decode`` in plain PyTorch (no argument checks): the absorbed path without Triton."""
+    q_len = torch.full_like(cache_seqlens, q_nope.shape[1])
+    out, lse = _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, q_len, softmax_scale,
+                             causal)
+    out = out.to(q_nope.dtype)
+    if w_uv is not None:
+        out = _project_v(out, w_uv)
+    return (out, lse) if return_lse else out
+
+
+def _project_v(out, w_uv):
+    """Per-head value projection [..., H, R] x w_uv [H, D_v, R] -> [..., H, D_v] (one batched GEMM)."""
+    lead, heads, r = out.shape[:-2], out.shape[-2], out.shape[-1]
+    x = out.reshape(-1, heads, r).transpose(0, 1)  # [H, N, R]
+    y = torch.bmm(x, w_uv.transpose(1, 2))  # [H, N, D_v]
+    return y.transpose(0, 1).reshape(*lead, heads, w_uv.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None):
+    """Absorbed MLA decode over a paged latent cache.
+
+    Args:
+        q_nope: ``[B, S_q, H, R]`` query already absorbed into latent space (q_nope @ W_UK), bf16 or fp16.
+        q_pe: ``[B, S_q, H, P]`` rope part of the query, rope applied; same dtype.
+        kv_cache: ``[num_blocks, block_size, R]`` normalized latent. pe_cache: ``[num_blocks, block_size, P]``
+            roped key. Either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer; only the
+            last dimension must be contiguous. Never copied.
+        block_table: ``[B, max_blocks]`` int32 (or int64) block ids of each sequence.
+        cache_seqlens: ``[B]`` int32: tokens in each sequence's cache, the S_q new ones included. New token
+            i sits at position ``cache_seqlens[b] - S_q + i``. 0 marks a padding slot: zeros out, lse -inf.
+        softmax_scale: scale applied to q.k before the softmax.
+        causal: new token i attends to positions up to its own (otherwise to the whole cache).
+        return_lse: also return ``lse [B, S_q, H]`` float32, natural log of the sum of exp(scaled scores).
+        w_uv: optional ``[H, D_v, R]`` value projection (kv_b_proj's value half); the output becomes
+            ``[B, S_q, H, D_v]``.
+        max_seqlen_k: optional upper bound on ``cache_seqlens`` used to size the split-KV grid (defaults to the
+            block table's capacity, which needs no host synchronisation).
+        num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size).
+
+    Returns:
+        ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
+        A query row that sees no key (padding slot, or a row before the cache's first token) gives zeros and -inf.
+    """
+    _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
+    _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
+    _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
+    _utils.check_same("q_nope", tuple(q_nope.shape[:3]), "q_pe", tuple(q_pe.shape[:3]), "[B, S_q, H]")
+    batch, s_q, heads, d_latent = q_nope.shape
+    d_rope = q_pe.shape[-1]
+    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
+    _utils.check_same("q_nope", d_latent, "kv_cache", r, "latent width R")
+    _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
+    _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
+    _utils.check_width("kv_cache latent", r)
+    _utils.check_width("pe_cache rope", p)
+    _utils.check_last_contiguous("q_nope", q_nope)
+    _utils.check_last_contiguous("q_pe", q_pe)
+    _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+    _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "the batch", batch, "batch size")
+    if s_q == 0:
+        raise ValueError("q_nope must have at least one query token (S_q >= 1)")
+    if heads == 0:
+        raise ValueError("q_nope must have at least one head")
+    softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
+    if w_uv is not None:
+        _utils.check_tensor("w_uv", w_uv, 3, _utils.FLOAT_DTYPES)
+        _utils.check_same("w_uv", w_uv.shape[0], "q_nope", heads, "head count")
+        _utils.check_same("w_uv", w_uv.shape[2], "q_nope", d_latent, "latent width R")
+        _utils.check_same("w_uv", w_uv.dtype, "q_nope", q_nope.dtype, "dtype")
+    device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
+                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv)
+    capacity = block_table.shape[1] * page
+    if max_seqlen_k is None:
+        max_seqlen_k = capacity
+    elif not isinstance(max_seqlen_k, int) or isinstance(max_seqlen_k, bool) or max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    if device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would synchronise)
+        _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, max_seqlen_k)
+
+    if not _utils.use_triton(q_nope):
+        return mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                causal, return_lse, w_uv)
+
+    out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
+                       return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
+                       max_seqlen_k=min(max_seqlen_k, capacity), num_splits=num_splits)
+    out = out.view(batch, s_q, heads, d_latent)
+    if w_uv is not None:
+        out = _project_v(out, w_uv)
+    if return_lse:
+        return out, lse.view(batch, s_q, heads)
+    return out
+
+
+def _check_lengths_cpu(cache_seqlens, block_table, num_blocks, page, max_seqlen_k):
+    """Value checks for CPU inputs: lengths within the block table, used block ids within the cache."""
+    if cache_seqlens.numel() == 0:
+        return
+    capacity = block_table.shape[1] * page
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
+    if hi > capacity:
+        raise ValueError(f"cache_seqlens has a length {hi} beyond the block table's capacity {capacity}")
+    if hi > max_seqlen_k:
+        raise ValueError(f"cache_seqlens has a length {hi} above max_seqlen_k={max_seqlen_k}")
+    used = torch.arange(block_table.shape[1])[None, :] * page < cache_seqlens[:, None].long()
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_table refers to blocks outside kv_cache's {num_blocks} blocks "
+                         f"(ids {int(ids.min())}..{int(ids.max())} in use)")
