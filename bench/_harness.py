@@ -1,0 +1,514 @@
+"""The one harness every benchmark uses: device, timing, roofline references, models, checks, output.
+
+On a GPU (CUDA or ROCm) kernels are timed with ``triton.testing.do_bench`` (CUDA events, L2 flushed
+before every run, warm-up excluded) or ``do_bench_cudagraph``; on a CPU with ``time.perf_counter``.
+Both give a ``Timing`` with p50/p20/p80 and mean/std/min/max over the timed runs, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Relative RMS error allowed before a provider is timed: bf16 keeps 8 significant bits (0.4% per
+# rounding), and a correct kernel rounds a few times (inputs, probabilities, output), so 1% RMS is
+# well above honest rounding noise and far below what a wrong mask, scale or page index produces.
+CHECK_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+# ------------------------------------------------------------------------------------------------
+# device
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1") or, when None/"auto", the GPU if there is one, else the CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no GPU visible to torch (torch {torch.__version__})")
+    return device
+
+
+def is_cpu(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model() or platform.processor() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name form of the device: ``nvidia-h100-80gb-hbm3``, ``amd-instinct-mi300x``, ``cpu``."""
+    if is_cpu(device):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "gpu"
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated: free GPU memory, or MemAvailable on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def fits(nbytes: int, device: torch.device, fraction: float = 0.8) -> bool:
+    """Would ``nbytes`` more fit in ``fraction`` of the free memory?"""
+    return nbytes <= fraction * free_memory(device)
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    """Statistics over timed runs, in milliseconds; ``method`` says how they were taken."""
+
+    p50: float
+    p20: float
+    p80: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    runs: int
+    method: str
+
+    @classmethod
+    def from_times(cls, times_ms: Sequence[float], method: str) -> "Timing":
+        t = torch.tensor(list(times_ms), dtype=torch.float64)
+        p50, p20, p80 = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+        std = t.std().item() if len(t) > 1 else 0.0
+        return cls(p50, p20, p80, t.mean().item(), std, t.min().item(), t.max().item(), len(t), method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            cuda_graph: bool = False, min_runs: int = 5, max_runs: int = 1000) -> Timing:
+    """Time ``fn()`` on ``device``.
+
+    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run) or, with ``cuda_graph``,
+    ``do_bench_cudagraph`` (launch overhead removed; falls back to do_bench if capture fails).
+    CPU: ``time.perf_counter`` around each call after ``warmup_ms`` of warm-up, for about ``rep_ms``
+    and between ``min_runs`` and ``max_runs`` runs.
+    """
+    if not is_cpu(device):
+        import triton.testing
+
+        if cuda_graph:
+            try:
+                times = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
+                return Timing.from_times(times, "cuda-graph")
+            except RuntimeError as exc:
+                print(f"CUDA graph capture failed ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                      "timing without graphs", file=sys.stderr)
+                torch.cuda.synchronize(device)
+        times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        return Timing.from_times(times, "cuda-events")
+
+    fn()
+    start = time.perf_counter()
+    fn()
+    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+    for _ in range(max(0, int(warmup_ms / estimate_ms) - 1)):
+        fn()
+    runs = min(max_runs, max(min_runs, int(rep_ms / estimate_ms)))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return Timing.from_times(times, "perf_counter")
+
+
+class Stopwatch:
+    """Accumulates the time of marked regions inside a loop: CUDA events on a GPU, perf_counter on a CPU.
+
+    ``with sw: region()`` records one interval; ``sw.times_ms()`` synchronises once and returns them all.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._events: list = []
+        self._times: list[float] = []
+        self._start = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start, end))
+        else:
+            self._times.append((time.perf_counter() - self._start) * 1e3)
+        return False
+
+    def times_ms(self) -> list[float]:
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            self._times.extend(s.elapsed_time(e) for s, e in self._events)
+            self._events.clear()
+        return list(self._times)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the device can do, measured in the same run
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in GB/s: 2 * bytes / time of ``dst.copy_(src)``.
+
+    1 GiB on a GPU, 64 MiB on a CPU (past the last-level cache of most CPUs).
+    """
+    device = torch.device(device)
+    nbytes = 2**26 if is_cpu(device) else 2**30
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, rep_ms=200.0)
+    return 2 * nbytes / (t.p50 * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rate(device: torch.device) -> float:
+    """Dense GEMM rate in TFLOP/s: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU."""
+    device = torch.device(device)
+    n, dtype = (1024, torch.float32) if is_cpu(device) else (8192, torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, rep_ms=200.0)
+    return 2 * n**3 / (t.p50 * 1e-3) / 1e12
+
+
+def device_rates(device: torch.device) -> dict:
+    """Measured copy bandwidth and GEMM rate, with what was measured."""
+    cpu = is_cpu(device)
+    return {
+        "copy_gbps": copy_bandwidth(device),
+        "copy_what": f"copy_ of {'64 MiB' if cpu else '1 GiB'}, GB/s = 2*bytes/time",
+        "matmul_tflops": matmul_rate(device),
+        "matmul_what": "fp32 GEMM 1024^3" if cpu else "bf16 GEMM 8192^3",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOP and byte models (FlashMLA's, for absorbed MLA over a latent cache)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cached_tokens(batch: int, ctx) -> int:
+    """B * L for one length, or the sum of per-request lengths."""
+    if isinstance(ctx, (int, float)):
+        return int(batch) * int(ctx)
+    ctx = [int(c) for c in ctx]
+    if len(ctx) != batch:
+        raise ValueError(f"ctx has {len(ctx)} lengths for a batch of {batch}")
+    return sum(ctx)
+
+
+def mla_flops(batch: int, s_q: int, heads: int, ctx, d_latent: int = 512, d_rope: int = 64) -> int:
+    """FLOPs = 2 * B * S_q * H * L * (R + P + R): scores over R + P, then P @ V over R.
+
+    ``ctx`` is L for every request or a list of per-request lengths (then B * L is their sum).
+    """
+    return 2 * s_q * heads * _cached_tokens(batch, ctx) * (d_latent + d_rope + d_latent)
+
+
+def mla_bytes(batch: int, s_q: int, heads: int, ctx, d_latent: int = 512, d_rope: int = 64,
+              elem_size: int = 2) -> int:
+    """Bytes = (B * L * (R + P) + B * S_q * H * (R + P + R)) * elem_size: the cache read once,
+    the query read and the output written once."""
+    tokens = _cached_tokens(batch, ctx)
+    return (tokens * (d_latent + d_rope) + batch * s_q * heads * (d_latent + d_rope + d_latent)) * elem_size
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness before timing
+# ------------------------------------------------------------------------------------------------
+
+
+class WrongResult(AssertionError):
+    """A provider's output disagrees with the reference: it is not timed."""
+
+
+def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64 (fla's get_err_ratio)."""
+    a, e = actual.detach().double(), expected.detach().to(actual.device).double()
+    denom = e.pow(2).mean().sqrt().item()
+    diff = (a - e).pow(2).mean().sqrt().item()
+    return diff / denom if denom > 0 else diff
+
+
+def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                rtol: float | None = None) -> float:
+    """Raise ``WrongResult`` unless ``actual`` matches ``expected``: same shape, no non-finite value
+    where the reference is finite, relative RMS error below ``rtol`` (default ``CHECK_RTOL[dtype]``,
+    dtype defaulting to ``actual``'s). Returns the error."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise WrongResult(f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}")
+    dtype = actual.dtype if dtype is None else dtype
+    rtol = CHECK_RTOL.get(dtype, 1e-2) if rtol is None else rtol
+    finite = torch.isfinite(expected.to(actual.device))
+    bad = finite & ~torch.isfinite(actual)
+    if bad.any():
+        where = tuple(bad.nonzero()[0].tolist())
+        raise WrongResult(f"{name}: non-finite output at {where} where the reference is finite")
+    err = rel_rms_error(actual[finite], expected.to(actual.device)[finite])
+    if not err < rtol:
+        raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.1e} ({str(dtype).replace('torch.', '')}); "
+                          "refusing to time a wrong result")
+    return err
+
+
+def check_then_time(name: str, fn: Callable[[], torch.Tensor], expected: torch.Tensor, device: torch.device,
+                    dtype: torch.dtype | None = None, **time_kw) -> tuple[Timing, float]:
+    """Run ``fn`` once, ``check_close`` its output against ``expected``, then ``time_fn`` it.
+    Returns (timing, relative RMS error)."""
+    out = fn()
+    synchronize(device)
+    err = check_close(name, out, expected, dtype)
+    del out
+    return time_fn(fn, device, **time_kw), err
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata and output
+# ------------------------------------------------------------------------------------------------
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> dict:
+    """``git rev-parse HEAD`` and whether the tree has changes; None where git or the repo is absent."""
+    def run(*args):
+        try:
+            res = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what the numbers were taken."""
+    device = torch.device(device)
+    env = {
+        "device_type": device.type,
+        "is_cpu": is_cpu(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "torch_version_cuda": torch.version.cuda,
+        "torch_version_hip": torch.version.hip,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_memory_bytes=props.total_memory, multiprocessors=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}" if torch.version.hip is None
+                   else getattr(props, "gcnArchName", None))
+    return env
+
+
+def _jsonable(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, (torch.dtype, torch.device, Path)):
+        return str(x)
+    return x
+
+
+def results_path(name: str, device: torch.device, out: str | os.PathLike | None = None) -> Path:
+    """``out`` if it names a .json file, else ``<out or bench/results>/<name>_<device-slug>.json``."""
+    if out is not None and str(out).endswith(".json"):
+        return Path(out)
+    return Path(out or RESULTS_DIR) / f"{name}_{device_slug(device)}.json"
+
+
+def write_json(name: str, payload: dict, device: torch.device, out: str | os.PathLike | None = None) -> Path:
+    """Write ``{"benchmark": name, "environment": ..., **payload}``; non-finite floats become null."""
+    path = results_path(name, device, out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "environment": environment(device), **payload}
+    path.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# rows and tables
+# ------------------------------------------------------------------------------------------------
+
+
+def make_row(provider: str, timing: Timing | None, *, flops: float | None = None, nbytes: float | None = None,
+             copy_gbps: float | None = None, note: str = "", **keys) -> dict:
+    """One result row: the shape ``keys``, the timing, and TFLOP/s, GB/s, % of copy bandwidth from
+    the models. ``timing=None`` is a row that was not timed (``note`` says why)."""
+    row = {"provider": provider, **keys, "note": note}
+    if timing is None:
+        return row
+    seconds = timing.p50 * 1e-3
+    row.update(p50_ms=timing.p50, p20_ms=timing.p20, p80_ms=timing.p80, timing=timing.to_dict())
+    if flops is not None:
+        row["tflops"] = flops / seconds / 1e12
+    if nbytes is not None:
+        row["gbps"] = nbytes / seconds / 1e9
+        if copy_gbps:
+            row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    return row
+
+
+def _fmt(x, spec: str, width: int) -> str:
+    return format(x, spec).rjust(width) if isinstance(x, (int, float)) else "-".rjust(width)
+
+
+def format_row(row: dict, keys: Sequence[str] = ("B", "ctx", "H")) -> str:
+    """``provider  B  ctx  H | p50 ms [p20, p80] | TFLOP/s | GB/s | % copy BW | speed-up  note``."""
+    head = f"{row['provider']:<16}" + "".join(f"{str(row.get(k, '')):>7}" for k in keys)
+    if "p50_ms" not in row:
+        return f"{head} | {'not timed':>28} | {row.get('note', '')}"
+    lat = f"{row['p50_ms']:9.4f} [{row['p20_ms']:.4f}, {row['p80_ms']:.4f}]"
+    return (f"{head} | {lat:>28} | {_fmt(row.get('tflops'), '.2f', 7)} | {_fmt(row.get('gbps'), '.1f', 7)} | "
+            f"{_fmt(row.get('pct_copy_bw'), '.1f', 5)}% | {row.get('speedup', ''):<14} {row.get('note', '')}").rstrip()
+
+
+def table_header(keys: Sequence[str] = ("B", "ctx", "H")) -> str:
+    head = f"{'provider':<16}" + "".join(f"{k:>7}" for k in keys)
+    return (f"{head} | {'p50 ms [p20, p80]':>28} | {'TFLOP/s':>7} | {'GB/s':>7} | {'%copy':>6} | speed-up\n"
+            + "-" * (len(head) + 84))
+
+
+def print_table(rows: Iterable[dict], keys: Sequence[str] = ("B", "ctx", "H")) -> None:
+    print(table_header(keys))
+    for row in rows:
+        print(format_row(row, keys))
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None):
+    """A tqdm bar on stderr (plain iteration if tqdm is missing)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def log(msg: str) -> None:
+    """Print without breaking a progress bar."""
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+    except ImportError:
+        print(msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --plot."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smaller sweep, for a first look")
+    parser.add_argument("--out", default=None,
+                        help="results folder or .json file (default bench/results/<name>_<device>.json)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--cuda-graph", action="store_true", help="time GPU providers inside CUDA graphs")
+    parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
+    return parser
+
+
+def pyplot():
+    """matplotlib.pyplot with a headless backend, or None (with a message) if it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return None
+    return plt
