@@ -76,8 +76,10 @@ def check_last_contiguous(name: str, t: torch.Tensor) -> None:
 
 
 def check_same(name_a: str, a, name_b: str, b, what: str = "size") -> None:
+    """Two properties that must agree; a dtype disagreement is a TypeError, anything else a ValueError."""
     if a != b:
-        raise ValueError(f"{name_a} and {name_b} disagree on {what}: {a} vs {b}")
+        err = TypeError if what == "dtype" else ValueError
+        raise err(f"{name_a} and {name_b} disagree on {what}: {a} vs {b}")
 
 
 def check_width(name: str, width: int) -> None:

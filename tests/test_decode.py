@@ -1,0 +1,256 @@
+"""mla_decode against the float64 absorbed reference: BF16/FP16 parity, paging, splits, poisoning, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import mla_kernels
+import reference
+from helpers import SENTINEL_BLOCK, assert_close, assert_lse_close, make_paged_cache
+from mla_kernels import _utils
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float buffer the library allocates starts as NaN, so an element it forgets to write fails."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def make_inputs(lens, s_q, heads, page, dtype, device, r=512, p=64, fused=True, seed=0):
+    """Queries as views of one [B, S_q, H, R+P] tensor (when fused) and a poisoned paged cache."""
+    g = torch.Generator().manual_seed(seed)
+    kv_cache, pe_cache, table = make_paged_cache(lens, page, (r, p), dtype, device, fused=fused, generator_seed=seed)
+    q = torch.randn(len(lens), s_q, heads, r + p, generator=g).to(dtype=dtype, device=device)
+    if fused:
+        q_nope, q_pe = q[..., :r], q[..., r:]
+    else:
+        q_nope, q_pe = q[..., :r].contiguous(), q[..., r:].contiguous()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q_nope, q_pe, kv_cache, pe_cache, table, seqlens
+
+
+SCALE = 192 ** -0.5  # DeepSeek's (nope 128 + rope 64) ** -0.5; with unit-variance q and cache, scores have std ~1.7
+
+# (lens, S_q, heads, page): awkward lengths, zero-length padding slots, every head count of the contract
+CASES = {
+    "h1-page1-s1": ([1, 17, 0], 1, 1, 1),
+    "h3-page16-s2": ([17, 33, 2], 2, 3, 16),
+    "h16-page64-s1": ([100, 0, 257, 64], 1, 16, 64),
+    "h16-page16-s4": ([31, 130], 4, 16, 16),
+    "h8-page64-s8": ([9, 70], 8, 8, 64),
+    "h128-page64-s1": ([200, 65], 1, 128, 64),
+    "h128-page1-s2": ([40], 2, 128, 1),
+    "h16-page64-ctx4500": ([4500, 4097], 1, 16, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_decode_parity(case, dtype, device, poisoned_empty):
+    lens, s_q, heads, page = CASES[case]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, s_q, heads, page, dtype, device)
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert out.dtype == dtype and out.shape == q_nope.shape
+    assert lse.dtype == torch.float32 and lse.shape == q_nope.shape[:3]
+    assert_close(case, out, ref_out, dtype)
+    assert_lse_close(case, lse, ref_lse)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16], ids=lambda n: f"splits{n}")
+def test_split_kv(num_splits, device, poisoned_empty):
+    """Forced split counts, including more splits than the shortest sequence has tiles (empty splits)."""
+    lens = [300, 1, 0, 77]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 2, 16, 16, torch.bfloat16, device)
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      num_splits=num_splits)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close(f"splits={num_splits}", out, ref_out, torch.bfloat16)
+    assert_lse_close(f"splits={num_splits}", lse, ref_lse)
+
+
+def test_padding_slot_is_zero_and_reads_nothing(device):
+    """cache_seqlens == 0: zeros and lse = -inf, even with a block table of nothing but sentinels."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([0, 5], 1, 4, 16, torch.bfloat16, device)
+    table[0] = SENTINEL_BLOCK
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.all(lse[0] == float("-inf"))
+    assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_non_causal_and_w_uv(causal, device, poisoned_empty):
+    """causal=False attends to the whole cache; w_uv projects each head's latent output to D_v in the same call."""
+    lens, heads, d_v = [50, 23], 3, 128
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 4, heads, 16, torch.bfloat16, device)
+    w_uv = (torch.randn(heads, d_v, 512) / math.sqrt(512)).to(torch.bfloat16).to(device)
+    out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, causal=causal, w_uv=w_uv)
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, causal=causal,
+                                           w_uv=w_uv)
+    assert out.shape == (2, 4, heads, d_v)
+    # the latent output is rounded to bf16 before the bf16 projection GEMM: two roundings, still ~2 ulp RMS
+    assert_close(f"w_uv causal={causal}", out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("r,p", [(16, 16), (32, 16), (128, 32)], ids=lambda v: str(v))
+def test_small_widths(r, p, device):
+    """Tiny test models use small latent and rope widths."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([19, 40], 2, 3, 16, torch.bfloat16, device, r=r,
+                                                                   p=p)
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close(f"R={r} P={p}", out, ref_out, torch.bfloat16)
+    assert_lse_close(f"R={r} P={p}", lse, ref_lse)
+
+
+def test_separate_contiguous_tensors_and_int64_indices(device):
+    """Not only views of one buffer: separate contiguous caches and queries, int64 block table and lengths."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([33, 7], 1, 16, 16, torch.bfloat16, device,
+                                                                   fused=False)
+    out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table.long(), seqlens.long(), SCALE)
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close("contiguous", out, ref_out, torch.bfloat16)
+
+
+def test_torch_path_matches_reference(monkeypatch):
+    """CPU tensors without the interpreter take the PyTorch path: same contract, same results."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    lens, heads = [70, 0, 5], 16
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 2, heads, 16, torch.bfloat16, "cpu")
+    w_uv = (torch.randn(heads, 64, 512) / math.sqrt(512)).to(torch.bfloat16)
+    assert not _utils.use_triton(q_nope)
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close("torch path", out, ref_out, torch.bfloat16)
+    assert_lse_close("torch path", lse, ref_lse)
+    out_v = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, w_uv=w_uv)
+    ref_v, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, w_uv=w_uv)
+    assert_close("torch path w_uv", out_v, ref_v, torch.bfloat16)
+
+
+def test_cache_is_not_modified(device):
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([20, 9], 2, 3, 16, torch.bfloat16, device)
+    before = kv_cache.view(torch.int16).clone(), pe_cache.view(torch.int16).clone()
+    mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, num_splits=3)
+    assert torch.equal(kv_cache.view(torch.int16), before[0]) and torch.equal(pe_cache.view(torch.int16), before[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a TypeError / ValueError naming the argument, never a crash or a silent result
+# ------------------------------------------------------------------------------------------------
+
+
+def _good():
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([10, 3], 1, 4, 16, torch.bfloat16, "cpu", r=32,
+                                                                   p=16)
+    return dict(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=table,
+                cache_seqlens=seqlens, softmax_scale=SCALE)
+
+
+BAD = {
+    "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
+    "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][0]), ValueError, "q_nope"),
+    "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
+    "q_pe-dtype-mismatch": (lambda a: a.update(q_pe=a["q_pe"].half()), TypeError, "q_pe"),
+    "q_pe-heads-mismatch": (lambda a: a.update(q_pe=a["q_pe"][:, :, :2]), ValueError, "q_pe"),
+    "q_nope-width-vs-cache": (lambda a: a.update(q_nope=a["q_nope"][..., :16]), ValueError, "kv_cache"),
+    "q_pe-width-vs-cache": (lambda a: a.update(q_pe=torch.zeros(2, 1, 4, 32, dtype=torch.bfloat16)), ValueError,
+                            "pe_cache"),
+    "kv_cache-dtype": (lambda a: a.update(kv_cache=a["kv_cache"].half(), pe_cache=a["pe_cache"].half()), TypeError,
+                       "kv_cache"),
+    "kv_cache-rank": (lambda a: a.update(kv_cache=a["kv_cache"][0]), ValueError, "kv_cache"),
+    "pe_cache-pages-mismatch": (lambda a: a.update(pe_cache=a["pe_cache"][1:]), ValueError, "pe_cache"),
+    "kv_cache-width-not-pow2": (lambda a: a.update(kv_cache=torch.zeros(*a["kv_cache"].shape[:2], 24,
+                                                                        dtype=torch.bfloat16),
+                                                   q_nope=torch.zeros(2, 1, 4, 24, dtype=torch.bfloat16)),
+                                ValueError, "kv_cache"),
+    "kv_cache-last-dim-strided": (lambda a: a.update(kv_cache=torch.zeros(*a["kv_cache"].shape[:2], 64,
+                                                                          dtype=torch.bfloat16)[..., ::2]),
+                                  ValueError, "kv_cache"),
+    "block_table-float": (lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table"),
+    "block_table-batch": (lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table"),
+    "block_table-rank": (lambda a: a.update(block_table=a["block_table"][0]), ValueError, "block_table"),
+    "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,
+                            "cache_seqlens"),
+    "cache_seqlens-batch": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
+    "cache_seqlens-none": (lambda a: a.update(cache_seqlens=None), TypeError, "cache_seqlens"),
+    "cache_seqlens-negative": (lambda a: a["cache_seqlens"].__setitem__(0, -1), ValueError, "cache_seqlens"),
+    "cache_seqlens-beyond-table": (lambda a: a["cache_seqlens"].__setitem__(0, 10_000), ValueError,
+                                   "cache_seqlens"),
+    "block_table-id-out-of-range": (lambda a: a["block_table"].__setitem__((0, 0), SENTINEL_BLOCK), ValueError,
+                                    "block_table"),
+    "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
+    "softmax_scale-negative": (lambda a: a.update(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    "softmax_scale-nan": (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    "w_uv-heads": (lambda a: a.update(w_uv=torch.zeros(3, 8, 32, dtype=torch.bfloat16)), ValueError, "w_uv"),
+    "w_uv-width": (lambda a: a.update(w_uv=torch.zeros(4, 8, 16, dtype=torch.bfloat16)), ValueError, "w_uv"),
+    "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32)), TypeError, "w_uv"),
+    "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
+    "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input(case):
+    args = _good()
+    mutate, err, name = BAD[case]
+    mutate(args)
+    with pytest.raises(err, match=name):
+        mla_kernels.mla_decode(**args)
+
+
+def test_good_input_of_the_bad_input_test_runs():
+    """The base case of test_bad_input is valid, so each failure above is caused by its one change."""
+    out = mla_kernels.mla_decode(**_good())
+    assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: things the interpreter cannot show
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_and_replay():
+    """No host synchronisation inside the call: it captures in a CUDA graph and replays with new lengths."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([300, 1000, 5], 1, 16, 64, torch.bfloat16, "cuda")
+    mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)  # compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    seqlens.copy_(torch.tensor([299, 1000, 4], dtype=torch.int32))
+    graph.replay()
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close("graph replay", out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 12 * 2**30,
+                    reason="a cache of more than 2^31 elements needs a GPU with > 12 GiB")
+def test_cache_beyond_int32_offsets():
+    """Blocks placed past element 2^31 of the cache give the same result as the same data in a small cache."""
+    page, r, p = 64, 512, 64
+    small_kv, small_pe, table, seqlens = None, None, None, None
+    q_nope, q_pe, small_kv, small_pe, table, seqlens = make_inputs([200, 130], 1, 16, page, torch.bfloat16, "cuda",
+                                                                   fused=True)
+    blocks_needed = 2**31 // (page * (r + p)) + 64
+    big = torch.zeros(blocks_needed, page, r + p, dtype=torch.bfloat16, device="cuda")
+    offset = blocks_needed - small_kv.shape[0]
+    big[offset:, :, :r] = small_kv
+    big[offset:, :, r:] = small_pe
+    big_table = torch.where(table < SENTINEL_BLOCK, table + offset, table)
+    out_small = mla_kernels.mla_decode(q_nope, q_pe, small_kv, small_pe, table, seqlens, SCALE)
+    out_big = mla_kernels.mla_decode(q_nope, q_pe, big[..., :r], big[..., r:], big_table, seqlens, SCALE)
+    assert torch.equal(out_small, out_big)
