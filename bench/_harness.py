@@ -160,11 +160,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
         times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
         return Timing.from_times(times, "cuda-events")
 
-    fn()
     start = time.perf_counter()
     fn()
     estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
-    for _ in range(max(0, int(warmup_ms / estimate_ms) - 1)):
+    for _ in range(int(warmup_ms / estimate_ms)):
         fn()
     runs = min(max_runs, max(min_runs, int(rep_ms / estimate_ms)))
     times = []
@@ -375,6 +374,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(),
     }
@@ -498,7 +498,16 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--cuda-graph", action="store_true", help="time GPU providers inside CUDA graphs")
     parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 avoids spin-waiting on a busy machine")
     return parser
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and return the device chosen by --device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
 
 
 def pyplot():

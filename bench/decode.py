@@ -1,0 +1,453 @@
+"""Absorbed MLA decode: seed 003's decode scenario and a shape sweep.
+
+    python -m bench.decode [--quick] [--device cuda] [--cuda-graph] [--plot] [--out DIR]
+
+Providers, each checked against the float32 reference (``reference.absorbed_decode``) before timing:
+  mla_decode       the library, absorbed query in, latent out [B, 1, H, R]
+  torch_absorbed   ``mla_kernels.decode.mla_decode_torch``, same arguments and output
+  mla_decode+w_uv  the library with the value projection, out [B, 1, H, D_v]
+  naive            the decompressed path: gather each sequence's latent, expand it through
+                   kv_b_proj into per-head K/V with one matmul, SDPA with a padding mask; out [B, 1, H, D_v]
+mla_decode is compared with torch_absorbed, mla_decode+w_uv with naive (same inputs, same output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from reference import absorbed_decode
+
+from . import _harness as h
+
+SEED_HISTORY = [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4
+SEED_WARMUPS, SEED_ROUNDS = 10, 100
+SEED_TOKENS_PER_S = 2224.27  # seed 003's sample output: their implementation on their GPU
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAShape:
+    """Attention widths of one MLA layer."""
+
+    heads: int = 16
+    d_latent: int = 512
+    d_rope: int = 64
+    d_nope: int = 128
+    d_v: int = 128
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.d_nope + self.d_rope) ** -0.5
+
+
+SEED_SMALL = MLAShape(heads=16)  # seed 003's config: hidden 2048, 16 heads, no Q LoRA
+DEEPSEEK_R1 = MLAShape(heads=128)
+
+
+def library():
+    """(mla_decode, mla_decode_torch or None, write_cache or None), or exit with a message."""
+    try:
+        import mla_kernels
+        from mla_kernels import mla_decode
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"mla_kernels.mla_decode is not importable yet ({exc}); nothing to benchmark")
+    decode_torch = getattr(sys.modules.get("mla_kernels.decode"), "mla_decode_torch", None)
+    if decode_torch is None:
+        print("mla_kernels.decode.mla_decode_torch is missing: the torch_absorbed provider is skipped")
+    write_cache = getattr(mla_kernels, "write_cache", None)
+    if write_cache is None:
+        print("mla_kernels.write_cache is missing: the seed scenario writes new tokens with index_put_")
+    return mla_decode, decode_torch, write_cache
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    """One decode batch over a paged latent cache, with the layer's kv_b_proj weight."""
+
+    shape: MLAShape
+    q_nope: torch.Tensor  # [B, S, H, D_nope], not absorbed
+    q_abs: torch.Tensor  # [B, S, H, R], q_nope @ W_UK
+    q_pe: torch.Tensor  # [B, S, H, P]
+    kv_cache: torch.Tensor  # [N, page, R], view of one [N, page, R+P] buffer
+    pe_cache: torch.Tensor  # [N, page, P]
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    cache_seqlens: torch.Tensor  # [B] int32
+    w_kv_b: torch.Tensor  # [H * (D_nope + D_v), R]
+    w_uk: torch.Tensor  # [H, D_nope, R]
+    w_uv: torch.Tensor  # [H, D_v, R]
+    max_len: int
+
+
+def make_weights(shape: MLAShape, dtype, device, gen=None):
+    """kv_b_proj weight [H*(D_nope+D_v), R] scaled so decompressed K/V have unit variance, and its
+    W_UK [H, D_nope, R] / W_UV [H, D_v, R] halves (contiguous copies)."""
+    s = shape
+    w = torch.randn(s.heads * (s.d_nope + s.d_v), s.d_latent, device=device, generator=gen) / math.sqrt(s.d_latent)
+    w = w.to(dtype)
+    per_head = w.view(s.heads, s.d_nope + s.d_v, s.d_latent)
+    return w, per_head[:, : s.d_nope].contiguous(), per_head[:, s.d_nope:].contiguous()
+
+
+def make_case(shape: MLAShape, seqlens, page: int, dtype, device, capacity: int | None = None, seed: int = 0) -> Case:
+    """Random queries and cache for requests of the given lengths (one new token each, already in the
+    cache). Each request owns ``ceil(capacity / page)`` blocks in shuffled order."""
+    s = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    batch = len(seqlens)
+    capacity = max(seqlens) if capacity is None else capacity
+    blocks_per = max(1, math.ceil(capacity / page))
+    num_blocks = batch * blocks_per + 1
+    buf = torch.randn(num_blocks, page, s.d_latent + s.d_rope, device=device, dtype=dtype, generator=gen)
+    perm = torch.randperm(num_blocks, device=device, generator=gen)
+    block_table = perm[: batch * blocks_per].view(batch, blocks_per).to(torch.int32)
+    w_kv_b, w_uk, w_uv = make_weights(s, dtype, device, gen)
+    q_nope = torch.randn(batch, 1, s.heads, s.d_nope, device=device, dtype=dtype, generator=gen)
+    q_pe = torch.randn(batch, 1, s.heads, s.d_rope, device=device, dtype=dtype, generator=gen)
+    q_abs = torch.einsum("bshd,hdr->bshr", q_nope.float(), w_uk.float()).to(dtype)
+    return Case(s, q_nope, q_abs, q_pe, buf[..., : s.d_latent], buf[..., s.d_latent:], block_table,
+                torch.tensor(seqlens, dtype=torch.int32, device=device), w_kv_b, w_uk, w_uv, max(seqlens))
+
+
+def case_bytes(shape: MLAShape, batch: int, ctx: int, page: int, elem: int = 2) -> int:
+    blocks = batch * max(1, math.ceil(ctx / page)) + 1
+    return blocks * page * (shape.d_latent + shape.d_rope) * elem + blocks * 4
+
+
+def provider_bytes(name: str, shape: MLAShape, batch: int, ctx: int, elem: int = 2) -> int:
+    """Workspace a provider allocates beyond the inputs (estimated from its intermediate tensors)."""
+    s, tokens = shape, batch * ctx
+    if name == "naive":  # gathered latent + rope key, decompressed K/V, K with rope, V copy, mask, scores
+        per_token = (elem * (s.d_latent + s.d_rope) + elem * s.heads * (s.d_nope + s.d_v)
+                     + elem * s.heads * (s.d_nope + s.d_rope) + elem * s.heads * s.d_v + 1 + 8 * s.heads)
+        return tokens * per_token
+    if name == "torch_absorbed":  # bf16 gather, fp32 copies (twice), scores/probs in fp32
+        return tokens * ((s.d_latent + s.d_rope) * (elem + 8) + 12 * s.heads)
+    if name == "reference":  # float32, one request at a time, plus the outputs
+        return ctx * ((s.d_latent + s.d_rope) * 8 + 12 * s.heads) + batch * s.heads * s.d_latent * 8
+    return batch * s.heads * (s.d_latent + 1) * 4 * 64  # split-KV partials, generously
+
+
+# ------------------------------------------------------------------------------------------------
+# providers
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_kv_b, d_v,
+                 max_len: int | None = None):
+    """The decompressed path, batched: q_nope [B, S, H, D_nope] (not absorbed) -> out [B, S, H, D_v].
+
+    Gathers every sequence's latent up to ``max_len`` (default: the block table's capacity), expands it
+    into per-head K/V through ``w_kv_b`` [H*(D_nope+D_v), R] with one matmul, and runs SDPA with a
+    padding + causal mask.
+    """
+    batch, s_q, heads, d_nope = q_nope.shape
+    page = kv_cache.shape[1]
+    length = block_table.shape[1] * page if max_len is None else max_len
+    pos = torch.arange(length, device=q_nope.device)
+    valid = pos[None, :] < cache_seqlens[:, None]  # [B, L]
+    blocks = torch.where(valid, block_table[:, pos // page].long(), 0)
+    latent = kv_cache[blocks, pos % page]  # [B, L, R]
+    k_pe = pe_cache[blocks, pos % page]  # [B, L, P]
+    kv = (latent @ w_kv_b.T).view(batch, length, heads, d_nope + d_v)
+    k = torch.cat([kv[..., :d_nope], k_pe[:, :, None, :].expand(-1, -1, heads, -1)], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    q_pos = cache_seqlens[:, None] - s_q + torch.arange(s_q, device=q.device)  # [B, S]
+    mask = valid[:, None, :] & (pos[None, None, :] <= q_pos[..., None])  # [B, S, L]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), kv[..., d_nope:].transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=softmax_scale)  # [B, H, S, D_v]
+    return out.transpose(1, 2)
+
+
+def reference_outputs(case: Case):
+    """(latent out [B, 1, H, R], value out [B, 1, H, D_v]) from ``reference.absorbed_decode`` in float32."""
+    out, _ = absorbed_decode(case.q_abs, case.q_pe, case.kv_cache, case.pe_cache, case.block_table,
+                             case.cache_seqlens, case.shape.softmax_scale, dtype=torch.float32)
+    return out, torch.einsum("bshr,hvr->bshv", out, case.w_uv.float())
+
+
+def providers(case: Case, lib):
+    """name -> (function, which reference it must match: "latent" or "value")."""
+    mla_decode, decode_torch, _ = lib
+    c, scale = case, case.shape.softmax_scale
+    args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
+    table = {
+        "naive": (lambda: naive_decode(c.q_nope, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens,
+                                       scale, c.w_kv_b, c.shape.d_v, c.max_len), "value"),
+        "mla_decode": (lambda: mla_decode(*args, max_seqlen_k=c.max_len), "latent"),
+        "mla_decode+w_uv": (lambda: mla_decode(*args, w_uv=c.w_uv, max_seqlen_k=c.max_len), "value"),
+    }
+    if decode_torch is not None:
+        table["torch_absorbed"] = (lambda: decode_torch(*args), "latent")
+    return table
+
+
+SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive"}
+ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode+w_uv"]
+
+
+# ------------------------------------------------------------------------------------------------
+# sweep
+# ------------------------------------------------------------------------------------------------
+
+
+def sweep_shapes(cpu: bool, quick: bool):
+    """(B, ctx, H, page) tuples."""
+    if cpu:
+        if quick:
+            return [(2, 256, 16, 64), (2, 512, 16, 16)]
+        return [(2, 256, 16, 64), (2, 1024, 16, 64), (4, 512, 16, 64), (2, 512, 16, 16), (2, 256, 16, 1)]
+    batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
+    ctxs = [1024, 8192] if quick else [512, 2048, 8192, 32768]
+    grid = [(b, l, hd, 64) for hd in (16, 128) for b in batches for l in ctxs]
+    return grid + [(32, 4096, hd, pg) for hd in (16, 128) for pg in (1, 16)]
+
+
+def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw) -> list[dict]:
+    """All providers on one shape; rows in ORDER, skipped ones with a note."""
+    shape = MLAShape(heads=heads)
+    keys = dict(B=batch, ctx=ctx, H=heads, page=page)
+    flops = h.mla_flops(batch, 1, heads, ctx, shape.d_latent, shape.d_rope)
+    nbytes = h.mla_bytes(batch, 1, heads, ctx, shape.d_latent, shape.d_rope, dtype.itemsize)
+    need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
+    if not h.fits(need, device):
+        note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
+        return [h.make_row(name, None, note=note, **keys) for name in ORDER]
+    case = make_case(shape, [ctx] * batch, page, dtype, device)
+    ref_latent, ref_value = reference_outputs(case)
+    rows, p50 = {}, {}
+    for name, (fn, which) in providers(case, lib).items():
+        extra = provider_bytes(name, shape, batch, ctx, dtype.itemsize)
+        if not h.fits(extra, device):
+            rows[name] = h.make_row(name, None, note=f"skipped: needs ~{h.gib(extra)} more, "
+                                    f"{h.gib(h.free_memory(device))} free", **keys)
+            continue
+        expected = ref_latent if which == "latent" else ref_value
+        try:
+            timing, err = h.check_then_time(name, fn, expected, device, dtype, **time_kw)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows[name] = h.make_row(name, None, note="skipped: out of memory", **keys)
+            continue
+        rows[name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps, rel_rms_err=err,
+                                **keys)
+        p50[name] = timing.p50
+    for name, base in SPEEDUP_BASE.items():
+        if name in p50 and base in p50:
+            rows[name]["speedup"] = f"x{p50[base] / p50[name]:.2f} vs {base}"
+            rows[name]["speedup_vs"] = {base: p50[base] / p50[name]}
+    del case, ref_latent, ref_value
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [rows[n] for n in ORDER if n in rows]
+
+
+def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: float) -> list[dict]:
+    cpu = h.is_cpu(device)
+    time_kw = dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)
+    if cpu:
+        time_kw.update(rep_ms=50.0, warmup_ms=10.0, min_runs=3)
+    shapes = sweep_shapes(cpu, quick)
+    keys = ("B", "ctx", "H", "page")
+    print(h.table_header(keys))
+    rows = []
+    for batch, ctx, heads, page in h.progress(shapes, "decode sweep"):
+        for row in run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw):
+            h.log(h.format_row(row, keys))
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# seed 003's decode scenario
+# ------------------------------------------------------------------------------------------------
+
+
+def seed_scenario(device, dtype, lib, warmups: int = SEED_WARMUPS, rounds: int = SEED_ROUNDS,
+                  with_naive: bool = True) -> dict:
+    """16 requests, history 50x4, 100x4, 200x4, 400x4, one new token each per round.
+
+    A step = write the new token's latent and rope key into the cache (write_cache), absorb the query
+    (einsum with W_UK), attend (mla_decode with w_uv). ``warmups`` rounds, then ``rounds`` timed rounds;
+    the cache grows by one token per request per round throughout. Reports tokens/s of the whole
+    step (wall clock over all rounds) and of the decode call alone (CUDA events / perf_counter).
+    """
+    mla_decode, decode_torch, write_cache = lib
+    shape, page, batch = SEED_SMALL, 64, len(SEED_HISTORY)
+    total = warmups + rounds
+    case = make_case(shape, [n + 1 for n in SEED_HISTORY], page, dtype, device, capacity=max(SEED_HISTORY) + total)
+    gen = torch.Generator(device=device).manual_seed(1)
+    new_kv = torch.randn(total, batch, shape.d_latent, device=device, dtype=dtype, generator=gen)
+    new_pe = torch.randn(total, batch, shape.d_rope, device=device, dtype=dtype, generator=gen)
+    q_nope = torch.randn(total, batch, 1, shape.heads, shape.d_nope, device=device, dtype=dtype, generator=gen)
+    q_pe = torch.randn(total, batch, 1, shape.heads, shape.d_rope, device=device, dtype=dtype, generator=gen)
+    history = torch.tensor(SEED_HISTORY, device=device, dtype=torch.int64)
+    position = history[None, :] + torch.arange(total, device=device)[:, None]  # [rounds, B]: the new token's slot
+    block = case.block_table.long().gather(1, (position // page).T).T
+    slots = block * page + position % page  # [rounds, B] int64
+    seqlens = (position + 1).to(torch.int32)
+    max_lens = [max(SEED_HISTORY) + r + 1 for r in range(total)]
+    scale = shape.softmax_scale
+
+    def write(r):
+        if write_cache is not None:
+            write_cache(new_kv[r], new_pe[r], case.kv_cache, case.pe_cache, slots[r])
+        else:
+            case.kv_cache.view(-1, shape.d_latent)[slots[r]] = new_kv[r]
+            case.pe_cache.view(-1, shape.d_rope)[slots[r]] = new_pe[r]
+
+    attend = {
+        "mla_decode": lambda r: mla_decode(
+            torch.einsum("bshd,hdr->bshr", q_nope[r], case.w_uk), q_pe[r], case.kv_cache, case.pe_cache,
+            case.block_table, seqlens[r], scale, w_uv=case.w_uv, max_seqlen_k=max_lens[r]),
+    }
+    if decode_torch is not None:
+        attend["torch_absorbed"] = lambda r: decode_torch(
+            torch.einsum("bshd,hdr->bshr", q_nope[r], case.w_uk), q_pe[r], case.kv_cache, case.pe_cache,
+            case.block_table, seqlens[r], scale, w_uv=case.w_uv)
+    notes = []
+    if not with_naive:
+        notes.append("naive skipped: decompressing 16 x ~500 tokens through kv_b_proj every round is seconds per "
+                     "round on a CPU")
+    else:
+        attend["naive"] = lambda r: naive_decode(q_nope[r], q_pe[r], case.kv_cache, case.pe_cache, case.block_table,
+                                                 seqlens[r], scale, case.w_kv_b, shape.d_v, max_lens[-1])
+
+    results = {}
+    for name, fn in attend.items():
+        write(0)
+        out = fn(0)
+        q_abs = torch.einsum("bshd,hdr->bshr", q_nope[0].float(), case.w_uk.float()).to(dtype)
+        expected, _ = absorbed_decode(q_abs, q_pe[0], case.kv_cache, case.pe_cache, case.block_table, seqlens[0],
+                                      scale, w_uv=case.w_uv, dtype=torch.float32)
+        err = h.check_close(f"seed scenario {name}", out, expected, dtype)
+        for r in range(warmups):
+            write(r)
+            fn(r)
+        step_sw, call_sw = h.Stopwatch(device), h.Stopwatch(device)
+        h.synchronize(device)
+        start = time.perf_counter()
+        for r in range(warmups, total):
+            with step_sw:
+                write(r)
+                with call_sw:
+                    fn(r)
+        h.synchronize(device)
+        wall_s = time.perf_counter() - start
+        call_ms = call_sw.times_ms()
+        results[name] = {
+            "tokens_per_s_step": batch * rounds / wall_s,
+            "tokens_per_s_attention_call": batch * rounds / (sum(call_ms) * 1e-3),
+            "wall_s": wall_s,
+            "step_ms": h.Timing.from_times(step_sw.times_ms(), "cuda-events" if device.type == "cuda"
+                                           else "perf_counter").to_dict(),
+            "attention_call_ms": h.Timing.from_times(call_ms, "cuda-events" if device.type == "cuda"
+                                                     else "perf_counter").to_dict(),
+            "rel_rms_err_round0": err,
+        }
+    return {
+        "requests": batch, "history": SEED_HISTORY, "new_tokens_per_round": 1, "warmups": warmups,
+        "rounds": rounds, "page": page, "shape": dataclasses.asdict(shape), "dtype": str(dtype),
+        "step": "write_cache + einsum(q_nope, W_UK) + attention with W_UV (naive: write + decompress + SDPA)",
+        "seed_tokens_per_s": SEED_TOKENS_PER_S,
+        "seed_note": "seed 003's sample output, their implementation on their (unnamed) GPU: not the same machine",
+        "providers": results,
+        "notes": notes,
+    }
+
+
+def print_seed(res: dict) -> None:
+    print(f"\nSeed 003 decode: {res['requests']} requests, history 50x4 100x4 200x4 400x4, "
+          f"{res['warmups']} warm-ups + {res['rounds']} rounds, page {res['page']}, {res['dtype']}")
+    for name, r in res["providers"].items():
+        print(f"  {name:<15} step {r['tokens_per_s_step']:10.1f} tok/s   attention call alone "
+              f"{r['tokens_per_s_attention_call']:10.1f} tok/s   (step p50 {r['step_ms']['p50']:.3f} ms, "
+              f"mean {r['step_ms']['mean']:.3f} +- {r['step_ms']['std']:.3f})")
+    for note in res["notes"]:
+        print(f"  {note}")
+    print(f"  seed 003's number: {SEED_TOKENS_PER_S} tok/s (their implementation on their GPU, not this machine)")
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path) -> None:
+    plt = h.pyplot()
+    if plt is None:
+        return
+    timed = [r for r in rows if "p50_ms" in r and r["page"] == 64]
+    heads = sorted({r["H"] for r in timed})
+    fig, axes = plt.subplots(len(heads), 2, figsize=(11, 4 * len(heads)), squeeze=False)
+    for i, hd in enumerate(heads):
+        for b in sorted({r["B"] for r in timed if r["H"] == hd}):
+            for col, (prov, key) in enumerate([("mla_decode", "pct_copy_bw"), ("mla_decode+w_uv", "speedup_vs")]):
+                pts = sorted((r["ctx"], r[key] if key != "speedup_vs" else r[key]["naive"]) for r in timed
+                             if r["H"] == hd and r["B"] == b and r["provider"] == prov and key in r)
+                if pts:
+                    axes[i, col].plot(*zip(*pts), marker="o", label=f"B={b}")
+        axes[i, 0].set(title=f"mla_decode, H={hd}", xlabel="context", ylabel="% of measured copy bandwidth")
+        axes[i, 1].set(title=f"mla_decode+w_uv vs naive, H={hd}", xlabel="context", ylabel="speed-up (x)")
+        for ax in axes[i]:
+            ax.set_xscale("log", base=2)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> None:
+    parser = h.make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--skip-seed", action="store_true", help="only the sweep")
+    parser.add_argument("--skip-sweep", action="store_true", help="only seed 003's scenario")
+    args = parser.parse_args(argv)
+    device = h.setup(args)
+    cpu = h.is_cpu(device)
+    lib = library()
+    dtype = torch.bfloat16
+    from mla_kernels import _utils
+
+    if cpu and _utils.interpreting():
+        print("TRITON_INTERPRET=1: mla_decode runs in Triton's CPU interpreter; these timings measure the "
+              "interpreter, and the sweep is cut to --quick")
+        args.quick = True
+    if cpu:
+        print(f"CPU timings (PyTorch path; no GPU), {torch.get_num_threads()} threads")
+    rates = h.device_rates(device)
+    print(f"{h.device_name(device)}: copy {rates['copy_gbps']:.1f} GB/s ({rates['copy_what']}), "
+          f"GEMM {rates['matmul_tflops']:.2f} TFLOP/s ({rates['matmul_what']})")
+
+    payload = {
+        "config": {"quick": args.quick, "cuda_graph": args.cuda_graph, "dtype": str(dtype)},
+        "device_rates": rates,
+        "models": {
+            "flops": "2*B*S_q*H*L*(R+P+R) (FlashMLA); the W_UV projection of the +w_uv rows is not counted",
+            "bytes": "(B*L*(R+P) + B*S_q*H*(R+P+R))*elem_size (FlashMLA); the same model for every provider",
+            "timing": "GPU: triton.testing.do_bench, L2 flushed before each run; CPU: perf_counter",
+        },
+    }
+    if not args.skip_seed:
+        payload["seed_003_decode"] = seed_scenario(device, dtype, lib, with_naive=not cpu)
+        print_seed(payload["seed_003_decode"])
+        print()
+    if not args.skip_sweep:
+        payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph, rates["copy_gbps"])
+    path = h.write_json("decode", payload, device, args.out)
+    print(f"\nresults: {path}")
+    if args.plot and payload.get("sweep"):
+        plot(payload["sweep"], path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
