@@ -1,0 +1,272 @@
+"""write_cache against a Python loop, on both paths, with poisoned caches and every bad argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mla_kernels
+from mla_kernels import _utils
+from mla_kernels.cache import _write_cache_kernel, write_cache
+
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch, device):
+    """Which implementation runs: the Triton kernel (interpreted on the CPU) or the PyTorch fallback.
+
+    Returns the device to put tensors on. The PyTorch path only serves CPU tensors outside the
+    interpreter, so it is tested on the CPU with ``interpreting()`` patched off.
+    """
+    if request.param == "torch":
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+        dev = torch.device("cpu")
+        assert not _utils.use_triton(torch.empty(0, device=dev))
+        return dev
+    assert _utils.use_triton(torch.empty(0, device=device)), "the Triton path would not run here"
+    return device
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so that NaN compares equal to the same NaN."""
+    return t.view(torch.int16)
+
+
+def poisoned_cache(num_blocks, page_size, r, p, dtype, device, fused=True):
+    """(buffer or None, kv_cache [N, page, R], pe_cache [N, page, P]), every element NaN."""
+    if fused:
+        buf = torch.full((num_blocks, page_size, r + p), float("nan"), dtype=dtype, device=device)
+        return buf, buf[..., :r], buf[..., r:]
+    kv = torch.full((num_blocks, page_size, r), float("nan"), dtype=dtype, device=device)
+    pe = torch.full((num_blocks, page_size, p), float("nan"), dtype=dtype, device=device)
+    return None, kv, pe
+
+
+def new_tokens(num_tokens, r, p, dtype, device):
+    """kv_c [T, R] and k_pe [T, P] as the two slices of one kv_a_proj output [T, R + P]."""
+    proj = torch.randn(num_tokens, r + p, dtype=torch.float32).to(dtype=dtype, device=device)
+    return proj[:, :r], proj[:, r:]
+
+
+def random_slots(num_tokens, num_slots, pad_every=5, seed=0):
+    """Distinct slots in random order, every ``pad_every``-th one -1 (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_slots, generator=g)[:num_tokens]
+    slots[::pad_every] = -1
+    return slots
+
+
+def loop_reference(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+    """Clones of the caches after writing token by token."""
+    kv_cache, pe_cache = kv_cache.clone(), pe_cache.clone()
+    page_size = kv_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        kv_cache[slot // page_size, slot % page_size] = kv_c[t]
+        pe_cache[slot // page_size, slot % page_size] = k_pe[t]
+    return kv_cache, pe_cache
+
+
+def assert_bits_equal(name, actual, expected):
+    a, e = bits(actual.cpu()), bits(expected.cpu())
+    diff = (a != e).nonzero()
+    assert len(diff) == 0, f"{name}: {len(diff)} elements differ, first at {tuple(diff[0].tolist())}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_matches_loop_reference(path, dtype, page_size, fused):
+    r, p, num_tokens = 512, 64, 41
+    num_blocks = math.ceil(2 * num_tokens / page_size) + 1
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, dtype, path, fused)
+    kv_c, k_pe = new_tokens(num_tokens, r, p, dtype, path)
+    slots = random_slots(num_tokens, num_blocks * page_size).to(path)
+    expected_kv, expected_pe = loop_reference(kv_c, k_pe, kv_cache, pe_cache, slots)
+    ptr = kv_cache.data_ptr()
+
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+
+    assert kv_cache.data_ptr() == ptr
+    assert_bits_equal("kv_cache", kv_cache, expected_kv)
+    assert_bits_equal("pe_cache", pe_cache, expected_pe)
+    written = (slots >= 0).sum().item()
+    untouched = torch.isnan(kv_cache).all(-1).sum().item()
+    assert untouched == num_blocks * page_size - written
+
+
+@pytest.mark.parametrize("r,p", [(16, 16), (64, 1024), (1024, 32)], ids=lambda v: str(v))
+@pytest.mark.parametrize("num_tokens", [1, 3, 17])
+def test_widths_and_lengths(path, r, p, num_tokens):
+    dtype, page_size, num_blocks = torch.bfloat16, 4, 7
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, dtype, path)
+    kv_c, k_pe = new_tokens(num_tokens, r, p, dtype, path)
+    slots = random_slots(num_tokens, num_blocks * page_size, pad_every=4, seed=num_tokens).to(path)
+    expected_kv, expected_pe = loop_reference(kv_c, k_pe, kv_cache, pe_cache, slots)
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+    assert_bits_equal("kv_cache", kv_cache, expected_kv)
+    assert_bits_equal("pe_cache", pe_cache, expected_pe)
+
+
+def test_int32_strided_slot_mapping_and_contiguous_inputs(path):
+    r, p, page_size, num_blocks, num_tokens = 64, 16, 16, 4, 20
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, torch.float16, path)
+    kv_c, k_pe = (t.contiguous() for t in new_tokens(num_tokens, r, p, torch.float16, path))
+    every_other = random_slots(2 * num_tokens, num_blocks * page_size, pad_every=3).to(torch.int32).to(path)
+    slots = every_other[::2]
+    assert slots.stride(0) == 2
+    expected_kv, expected_pe = loop_reference(kv_c, k_pe, kv_cache, pe_cache, slots)
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+    assert_bits_equal("kv_cache", kv_cache, expected_kv)
+    assert_bits_equal("pe_cache", pe_cache, expected_pe)
+
+
+def test_padding_only_and_empty_leave_the_cache_alone(path):
+    r, p, page_size, num_blocks = 64, 16, 16, 3
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, torch.bfloat16, path)
+    buf[1, 3] = 1.5
+    before = buf.clone()
+    kv_c, k_pe = new_tokens(5, r, p, torch.bfloat16, path)
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, torch.full((5,), -1, dtype=torch.int64, device=path))
+    assert_bits_equal("buffer", buf, before)
+    empty_kv, empty_pe = new_tokens(0, r, p, torch.bfloat16, path)
+    write_cache(empty_kv, empty_pe, kv_cache, pe_cache, torch.empty(0, dtype=torch.int64, device=path))
+    assert_bits_equal("buffer", buf, before)
+
+
+def test_neighbouring_tokens_keep_their_bytes(path):
+    """Writing one row of a page leaves its neighbours, in both caches of the fused buffer, bit for bit."""
+    r, p, page_size, num_blocks = 32, 16, 16, 2
+    buf = torch.randn(num_blocks, page_size, r + p).to(dtype=torch.bfloat16, device=path)
+    kv_cache, pe_cache = buf[..., :r], buf[..., r:]
+    kv_c, k_pe = new_tokens(1, r, p, torch.bfloat16, path)
+    expected = buf.clone()
+    expected[1, 7, :r], expected[1, 7, r:] = kv_c[0], k_pe[0]
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, torch.tensor([page_size + 7], device=path))
+    assert_bits_equal("buffer", buf, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bounds check runs only for CPU tensors")
+def test_slot_past_the_cache_raises_before_writing(path):
+    r, p, page_size, num_blocks = 32, 16, 4, 3
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, torch.bfloat16, path)
+    before = buf.clone()
+    kv_c, k_pe = new_tokens(3, r, p, torch.bfloat16, path)
+    slots = torch.tensor([0, num_blocks * page_size, 1])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+    assert_bits_equal("buffer", buf, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on the CPU such slots raise")
+def test_slot_past_the_cache_is_skipped_on_gpu():
+    r, p, page_size, num_blocks = 32, 16, 4, 3
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, torch.bfloat16, "cuda")
+    kv_c, k_pe = new_tokens(3, r, p, torch.bfloat16, "cuda")
+    slots = torch.tensor([0, num_blocks * page_size, 1], device="cuda")
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+    assert torch.isnan(buf).all(-1).sum().item() == num_blocks * page_size - 2
+
+
+# ---------------------------------------------------------------------------------------------
+# bad arguments: the error type, and the argument named in the message
+# ---------------------------------------------------------------------------------------------
+
+
+def _good_args():
+    r, p, page_size, num_blocks, num_tokens = 32, 16, 4, 3, 5
+    buf = torch.zeros(num_blocks, page_size, r + p, dtype=torch.bfloat16)
+    proj = torch.randn(num_tokens, r + p).bfloat16()
+    return dict(kv_c=proj[:, :r], k_pe=proj[:, r:], kv_cache=buf[..., :r], pe_cache=buf[..., r:],
+                slot_mapping=torch.arange(num_tokens))
+
+
+def _set(**changes):
+    return lambda a: {**a, **{k: (v(a) if callable(v) else v) for k, v in changes.items()}}
+
+
+BAD_ARGS = [
+    ("kv_c None", _set(kv_c=None), TypeError, "kv_c"),
+    ("k_pe None", _set(k_pe=None), TypeError, "k_pe"),
+    ("kv_cache None", _set(kv_cache=None), TypeError, "kv_cache"),
+    ("pe_cache None", _set(pe_cache=None), TypeError, "pe_cache"),
+    ("slot_mapping None", _set(slot_mapping=None), TypeError, "slot_mapping"),
+    ("slot_mapping list", _set(slot_mapping=[0, 1, 2, 3, 4]), TypeError, "slot_mapping"),
+    ("kv_c rank 3", _set(kv_c=lambda a: a["kv_c"][None]), ValueError, "kv_c"),
+    ("k_pe rank 1", _set(k_pe=lambda a: a["k_pe"][0]), ValueError, "k_pe"),
+    ("kv_cache rank 2", _set(kv_cache=lambda a: a["kv_cache"][0]), ValueError, "kv_cache"),
+    ("pe_cache rank 4", _set(pe_cache=lambda a: a["pe_cache"][None]), ValueError, "pe_cache"),
+    ("slot_mapping rank 2", _set(slot_mapping=lambda a: a["slot_mapping"][None]), ValueError, "slot_mapping"),
+    ("kv_c float32", _set(kv_c=lambda a: a["kv_c"].float()), TypeError, "kv_c"),
+    ("kv_c fp16 into a bf16 cache", _set(kv_c=lambda a: a["kv_c"].half()), TypeError, "kv_c"),
+    ("k_pe fp16 into a bf16 cache", _set(k_pe=lambda a: a["k_pe"].half()), TypeError, "k_pe"),
+    ("pe_cache fp16, kv_cache bf16", _set(pe_cache=lambda a: a["pe_cache"].half()), TypeError, "pe_cache"),
+    ("kv_cache float32", _set(kv_cache=lambda a: a["kv_cache"].float()), TypeError, "kv_cache"),
+    ("slot_mapping float", _set(slot_mapping=lambda a: a["slot_mapping"].float()), TypeError, "slot_mapping"),
+    ("slot_mapping int16", _set(slot_mapping=lambda a: a["slot_mapping"].short()), TypeError, "slot_mapping"),
+    ("kv_c width != R", _set(kv_c=lambda a: a["kv_c"][:, :16]), ValueError, "kv_c"),
+    ("k_pe width != P", _set(k_pe=lambda a: torch.zeros(5, 32, dtype=torch.bfloat16)), ValueError, "k_pe"),
+    ("R not a power of two", _set(kv_c=torch.zeros(5, 48, dtype=torch.bfloat16),
+                                  kv_cache=torch.zeros(3, 4, 48, dtype=torch.bfloat16)), ValueError, "kv_cache"),
+    ("P too narrow", _set(k_pe=torch.zeros(5, 8, dtype=torch.bfloat16),
+                          pe_cache=torch.zeros(3, 4, 8, dtype=torch.bfloat16)), ValueError, "pe_cache"),
+    ("caches disagree on page size", _set(pe_cache=torch.zeros(3, 8, 16, dtype=torch.bfloat16)), ValueError, "pe_cache"),
+    ("caches disagree on blocks", _set(pe_cache=torch.zeros(2, 4, 16, dtype=torch.bfloat16)), ValueError, "pe_cache"),
+    ("empty cache", _set(kv_cache=torch.zeros(0, 4, 32, dtype=torch.bfloat16),
+                         pe_cache=torch.zeros(0, 4, 16, dtype=torch.bfloat16)), ValueError, "kv_cache"),
+    ("k_pe has fewer tokens", _set(k_pe=lambda a: a["k_pe"][:4]), ValueError, "k_pe"),
+    ("slot_mapping has more tokens", _set(slot_mapping=torch.arange(6)), ValueError, "slot_mapping"),
+    ("kv_c last dim strided", _set(kv_c=lambda a: torch.zeros(5, 64, dtype=torch.bfloat16)[:, ::2]), ValueError, "kv_c"),
+    ("kv_cache last dim strided",
+     _set(kv_cache=lambda a: torch.zeros(3, 4, 64, dtype=torch.bfloat16)[..., ::2]), ValueError, "kv_cache"),
+    ("slot_mapping on another device", _set(slot_mapping=lambda a: a["slot_mapping"].to("meta")), ValueError,
+     "slot_mapping"),
+    ("kv_c on another device", _set(kv_c=lambda a: a["kv_c"].to("meta")), ValueError, "kv_c is on"),
+    ("slot past the cache", _set(slot_mapping=torch.tensor([0, 1, 2, 3, 12])), ValueError, "slot_mapping"),
+]
+
+
+@pytest.mark.parametrize("change,error,name", [pytest.param(c, e, n, id=i) for i, c, e, n in BAD_ARGS])
+def test_bad_arguments(change, error, name):
+    args = change(_good_args())
+    before = args["kv_cache"].clone() if isinstance(args["kv_cache"], torch.Tensor) else None
+    with pytest.raises(error, match=name):
+        write_cache(**args)
+    if before is not None and args["kv_cache"].device.type == "cpu":
+        assert_bits_equal("kv_cache", args["kv_cache"], before)
+
+
+def test_exported():
+    assert mla_kernels.write_cache is write_cache
+    assert "write_cache" in mla_kernels.__all__
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel compiles for the GPUs the library targets, without one present
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "hip-gfx942"])
+def test_kernel_compiles_for_gpus(target, monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # a pure copy: no arithmetic to fuse
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    gpu = {"cuda-sm90": GPUTarget("cuda", 90, 32), "hip-gfx942": GPUTarget("hip", "gfx942", 64)}[target]
+    fn = _write_cache_kernel if isinstance(_write_cache_kernel, JITFunction) else JITFunction(_write_cache_kernel.fn)
+    signature = {
+        "kv_c_ptr": "*bf16", "k_pe_ptr": "*bf16", "kv_cache_ptr": "*bf16", "pe_cache_ptr": "*bf16", "slot_ptr": "*i64",
+        "num_tokens": "i32", "num_slots": "i64", "page_size": "i32",
+        "stride_kv_c_t": "i32", "stride_k_pe_t": "i32", "stride_slot": "i32",
+        "stride_kv_cache_blk": "i32", "stride_kv_cache_off": "i32",
+        "stride_pe_cache_blk": "i32", "stride_pe_cache_off": "i32",
+        "D_LATENT": "constexpr", "D_ROPE": "constexpr", "BLOCK_T": "constexpr",
+    }
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs={"D_LATENT": 512, "D_ROPE": 64, "BLOCK_T": 8})
+    compiled = triton.compile(src, target=gpu)
+    assert compiled.asm.get("cubin" if gpu.backend == "cuda" else "hsaco")
