@@ -1,6 +1,6 @@
 """mla_kernels: Triton kernels for DeepSeek's Multi-head Latent Attention (absorbed MLA)."""
 
-from .cache import write_cache
+from .cache import CacheFullError, PagedLatentCache, write_cache
 from .decode import mla_decode
 
 __version__ = "0.1.0"
@@ -8,4 +8,6 @@ __version__ = "0.1.0"
 __all__ = [
     "mla_decode",
     "write_cache",
+    "PagedLatentCache",
+    "CacheFullError",
 ]

@@ -1,4 +1,4 @@
-"""Writing new tokens into the paged latent cache.
+"""Writing new tokens into the paged latent cache, and a manager that hands out its blocks.
 
 The cache holds, per layer, the normalized latent ``c_kv`` (``R = kv_lora_rank`` wide) and the
 roped key ``k_pe`` (``P = qk_rope_head_dim`` wide) of every cached token, in pages of
@@ -7,10 +7,17 @@ roped key ``k_pe`` (``P = qk_rope_head_dim`` wide) of every cached token, in pag
 ``[num_blocks, block_size, R + P]`` buffer. A token's place is its *slot*,
 ``block_id * block_size + offset``.
 
-``write_cache`` scatters new tokens to their slots.
+``write_cache`` scatters new tokens to their slots. ``PagedLatentCache`` owns the buffers and
+a block allocator: it reserves slots for new tokens of each sequence (once per step, for every
+layer), builds the ``block_table`` and ``cache_seqlens`` the attention kernels read, and frees
+a finished sequence's blocks for reuse.
 """
 
 from __future__ import annotations
+
+import math
+import operator
+from typing import Hashable, Iterable, Sequence
 
 import torch
 import triton
@@ -19,7 +26,7 @@ import triton.language as tl
 from . import _utils
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES
 
-__all__ = ["write_cache"]
+__all__ = ["write_cache", "PagedLatentCache", "CacheFullError"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,3 +161,266 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
             _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
     else:
         _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# the paged cache manager
+# ---------------------------------------------------------------------------------------------
+
+
+def _index(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free blocks for a reservation. Raised before any state changes."""
+
+
+class _Sequence:
+    __slots__ = ("blocks", "length")
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+        self.length = 0
+
+
+class PagedLatentCache:
+    """A paged MLA cache for every layer, with a block allocator for many sequences.
+
+    Per layer one ``[num_blocks, block_size, R + P]`` buffer; ``kv_cache(layer)`` and
+    ``pe_cache(layer)`` are its ``[num_blocks, block_size, R]`` and ``[num_blocks, block_size, P]``
+    views, the layout ``write_cache`` and the attention kernels take. All layers share one
+    allocation: a sequence owns the same block ids in every layer.
+
+    A step of a model reserves first and writes after, once per layer::
+
+        slots = cache.append_batch(seq_ids, num_new_tokens)  # [T] int64, one reservation
+        for layer in range(num_layers):
+            cache.write(layer, slots, kv_c, k_pe)             # kv_c [T, R], k_pe [T, P]
+        block_table = cache.block_table(seq_ids)               # [B, max_blocks] int32
+        cache_seqlens = cache.cache_seqlens(seq_ids)           # [B] int32
+
+    A sequence keeps its blocks, and so its cached prefix, until ``free``: a conversation appends
+    each new turn to the tokens already cached. When the free blocks can't hold a reservation,
+    ``CacheFullError`` is raised and nothing changes (a batch is reserved whole or not at all).
+    Freed blocks are not cleared; they are handed out again, most recently freed first.
+
+    Sequence ids are any hashable values; ``add_sequence()`` without an id picks an unused int.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
+                 rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
+                            ("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        _utils.check_width("kv_lora_rank", kv_lora_rank)
+        _utils.check_width("rope_dim", rope_dim)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be bfloat16 or float16, got {dtype}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype, device=self.device)
+                         for _ in range(num_layers)]
+        self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
+        self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
+        self._seqs: dict[Hashable, _Sequence] = {}
+        self._next_id = 0
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def buffer(self, layer: int) -> torch.Tensor:
+        """The layer's whole ``[num_blocks, block_size, R + P]`` buffer."""
+        return self._buffers[self._layer(layer)]
+
+    def kv_cache(self, layer: int) -> torch.Tensor:
+        """The layer's latent cache, ``[num_blocks, block_size, R]``, a view of ``buffer(layer)``."""
+        return self._kv_views[self._layer(layer)]
+
+    def pe_cache(self, layer: int) -> torch.Tensor:
+        """The layer's rope-key cache, ``[num_blocks, block_size, P]``, a view of ``buffer(layer)``."""
+        return self._pe_views[self._layer(layer)]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole cache holds: ``num_blocks * block_size``."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes, over all layers: ``num_layers * (R + P) * element size``."""
+        return self.num_layers * (self.kv_lora_rank + self.rope_dim) * self._buffers[0].element_size()
+
+    # -- sequences -----------------------------------------------------------------------------
+
+    def add_sequence(self, seq_id: Hashable | None = None) -> Hashable:
+        """Start an empty sequence; returns its id (``seq_id`` if given, else a new int)."""
+        if seq_id is None:
+            while self._next_id in self._seqs:
+                self._next_id += 1
+            seq_id = self._next_id
+            self._next_id += 1
+        elif seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
+        self._seqs[seq_id] = _Sequence()
+        return seq_id
+
+    def free(self, seq_id: Hashable) -> None:
+        """End a sequence and return its blocks to the free pool (their contents stay until reused)."""
+        seq = self._get(seq_id)
+        self._free.extend(reversed(seq.blocks))
+        del self._seqs[seq_id]
+
+    def seqlen(self, seq_id: Hashable) -> int:
+        """Tokens reserved for the sequence so far."""
+        return self._get(seq_id).length
+
+    def seq_blocks(self, seq_id: Hashable) -> list[int]:
+        """The sequence's block ids, in position order (a copy)."""
+        return list(self._get(seq_id).blocks)
+
+    @property
+    def seq_ids(self) -> list:
+        """Live sequences, oldest first."""
+        return list(self._seqs)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    # -- reserving slots -----------------------------------------------------------------------
+
+    def blocks_needed(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> int:
+        """New blocks that ``append_batch(seq_ids, num_tokens)`` would take."""
+        seqs, counts = self._check_batch(seq_ids, num_tokens)
+        return sum(self._new_blocks(s, n) for s, n in zip(seqs, counts))
+
+    def append(self, seq_id: Hashable, num_tokens: int) -> torch.Tensor:
+        """Reserve ``num_tokens`` more positions for one sequence; returns their slots, ``[num_tokens]`` int64."""
+        return self.append_batch([seq_id], [num_tokens])
+
+    def append_batch(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> torch.Tensor:
+        """Reserve ``num_tokens[i]`` more positions for each ``seq_ids[i]``, all or none.
+
+        Returns the slot mapping ``[sum(num_tokens)]`` int64 on the cache's device: the new tokens of
+        ``seq_ids[0]`` in position order, then those of ``seq_ids[1]``, and so on, ready for
+        ``write_cache``/``write``. Raises ``CacheFullError`` (changing nothing) if the free blocks
+        can't hold the whole batch.
+        """
+        seqs, counts = self._check_batch(seq_ids, num_tokens)
+        needed = [self._new_blocks(s, n) for s, n in zip(seqs, counts)]
+        total = sum(needed)
+        if total > len(self._free):
+            raise CacheFullError(
+                f"not enough free cache blocks: appending {sum(counts)} tokens to {len(seqs)} sequence(s) needs {total} "
+                f"new blocks of {self.block_size} tokens, but only {len(self._free)} of {self.num_blocks} are free; "
+                f"free finished sequences or build a larger cache")
+        slots = []
+        for seq, n, k in zip(seqs, counts, needed):
+            seq.blocks.extend(self._free.pop() for _ in range(k))
+            slots.append(self._slots(seq, seq.length, seq.length + n))
+            seq.length += n
+        out = torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+        return out.to(self.device)
+
+    def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
+        seq = self._get(seq_id)
+        end = seq.length if end is None else end
+        if not 0 <= start <= end <= seq.length:
+            raise ValueError(f"positions {start}..{end} are outside the sequence's {seq.length} tokens")
+        return self._slots(seq, start, end).to(self.device)
+
+    # -- what the attention kernels read -------------------------------------------------------
+
+    def block_table(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None, pad_id: int = 0) -> torch.Tensor:
+        """``[B, max_blocks]`` int32: row ``b`` lists ``seq_ids[b]``'s blocks, then ``pad_id``.
+
+        ``max_blocks`` defaults to the longest row in the batch (at least 1). The padding is never
+        read by a kernel that stops at ``cache_seqlens``; pass an out-of-range ``pad_id`` to check that.
+        """
+        seqs = [self._get(s) for s in seq_ids]
+        longest = max((len(s.blocks) for s in seqs), default=0)
+        if max_blocks is None:
+            max_blocks = max(1, longest)
+        elif max_blocks < longest:
+            raise ValueError(f"max_blocks {max_blocks} is shorter than the longest sequence's {longest} blocks")
+        table = torch.full((len(seqs), max_blocks), pad_id, dtype=torch.int32)
+        for b, seq in enumerate(seqs):
+            if seq.blocks:
+                table[b, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        return table.to(self.device)
+
+    def cache_seqlens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
+        """``[B]`` int32: tokens cached for each sequence."""
+        return torch.tensor([self._get(s).length for s in seq_ids], dtype=torch.int32).to(self.device)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """``write_cache`` into one layer: ``kv_c [T, R]``, ``k_pe [T, P]`` at ``slot_mapping [T]``
+        (as returned by ``append``/``append_batch``/``slots``)."""
+        layer = self._layer(layer)
+        write_cache(kv_c, k_pe, self._kv_views[layer], self._pe_views[layer], slot_mapping)
+
+    def read(self, layer: int, seq_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one sequence's cached tokens in one layer: ``(kv [L, R], pe [L, P])``."""
+        layer = self._layer(layer)
+        slots = self.slots(seq_id)
+        blk, off = slots // self.block_size, slots % self.block_size
+        return self._kv_views[layer][blk, off], self._pe_views[layer][blk, off]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _layer(self, layer: int) -> int:
+        index = _index("layer", layer)
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        return index
+
+    def _get(self, seq_id: Hashable) -> _Sequence:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"seq_id {seq_id!r} is not a live sequence") from None
+
+    def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int]):
+        seq_ids, counts = list(seq_ids), list(num_tokens)
+        if len(seq_ids) != len(counts):
+            raise ValueError(f"seq_ids and num_tokens disagree on length: {len(seq_ids)} vs {len(counts)}")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
+        for i, n in enumerate(counts):
+            counts[i] = _index("num_tokens", n)
+            if counts[i] < 0:
+                raise ValueError(f"num_tokens must be non-negative, got {n!r}")
+        return [self._get(s) for s in seq_ids], counts
+
+    def _new_blocks(self, seq: _Sequence, n: int) -> int:
+        return math.ceil((seq.length + n) / self.block_size) - len(seq.blocks)
+
+    def _slots(self, seq: _Sequence, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end, dtype=torch.int64)
+        blocks = torch.tensor(seq.blocks, dtype=torch.int64)
+        if pos.numel() == 0:
+            return pos
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size

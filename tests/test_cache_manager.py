@@ -1,0 +1,424 @@
+"""PagedLatentCache: the allocator's invariants under random operations, real data, a multi-turn chat."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import mla_kernels
+from helpers import SENTINEL_BLOCK
+from mla_kernels import _utils
+from mla_kernels.cache import CacheFullError, PagedLatentCache
+from reference import absorbed_decode, gather_paged
+
+R, P = 16, 16  # the smallest widths keep the state machine fast; the chat test uses DeepSeek's 512 + 64
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Run write_cache's PyTorch path even under the interpreter."""
+    with mock.patch.object(_utils, "interpreting", lambda: False):
+        yield
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+def state_of(cache: PagedLatentCache):
+    """Everything an operation could change: per sequence (blocks, length), the free count, every byte."""
+    seqs = {s: (tuple(cache.seq_blocks(s)), cache.seqlen(s)) for s in cache.seq_ids}
+    return seqs, cache.num_free_blocks, [bits(cache.buffer(layer)).clone() for layer in range(cache.num_layers)]
+
+
+def assert_same_state(before, after):
+    assert before[0] == after[0], "sequences changed"
+    assert before[1] == after[1], "free block count changed"
+    for layer, (a, b) in enumerate(zip(before[2], after[2])):
+        assert torch.equal(a, b), f"layer {layer}'s buffer changed"
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random adds, batched appends with writes to every layer, frees and over-full appends.
+
+    The model is ``self.expected``: for each live sequence, the ``[L, layers, R + P]`` tokens written
+    to it. Unused cache bytes start as NaN.
+    """
+
+    @initialize(num_layers=st.integers(1, 2), num_blocks=st.integers(1, 10), block_size=st.sampled_from([1, 2, 4, 16]))
+    def make_cache(self, num_layers, num_blocks, block_size):
+        self.cache = PagedLatentCache(num_layers, num_blocks, block_size, kv_lora_rank=R, rope_dim=P,
+                                      dtype=torch.bfloat16)
+        for layer in range(num_layers):
+            self.cache.buffer(layer).fill_(float("nan"))
+        self.expected: dict = {}
+        self.generator = torch.Generator().manual_seed(num_blocks * 100 + block_size)
+        self.next_name = 0
+
+    def live(self):
+        return st.sampled_from(sorted(self.expected, key=repr))
+
+    def blocks_for(self, length):
+        return math.ceil(length / self.cache.block_size)
+
+    def free_blocks(self):
+        owned = {b for s in self.cache.seq_ids for b in self.cache.seq_blocks(s)}
+        return set(range(self.cache.num_blocks)) - owned
+
+    @rule(named=st.booleans())
+    def add(self, named):
+        if named:
+            seq_id = self.cache.add_sequence(f"conversation-{self.next_name}")
+            assert seq_id == f"conversation-{self.next_name}"
+            self.next_name += 1
+        else:
+            seq_id = self.cache.add_sequence()
+        assert seq_id not in self.expected
+        self.expected[seq_id] = torch.empty(0, self.cache.num_layers, R + P, dtype=torch.bfloat16)
+        assert self.cache.seqlen(seq_id) == 0
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def append_and_write(self, data):
+        cache = self.cache
+        seq_ids = data.draw(st.lists(self.live(), min_size=1, max_size=3, unique=True), label="seq_ids")
+        counts = data.draw(st.lists(st.integers(0, 2 * cache.block_size + 1), min_size=len(seq_ids),
+                                    max_size=len(seq_ids)), label="num_tokens")
+        needed = sum(self.blocks_for(cache.seqlen(s) + n) - self.blocks_for(cache.seqlen(s))
+                     for s, n in zip(seq_ids, counts))
+        assert cache.blocks_needed(seq_ids, counts) == needed
+        if needed > cache.num_free_blocks:
+            self._expect_full(seq_ids, counts)
+            return
+        free_before = self.free_blocks()
+        old = {s: (cache.seq_blocks(s), cache.seqlen(s)) for s in seq_ids}
+
+        slots = cache.append_batch(seq_ids, counts)
+
+        assert slots.dtype == torch.int64 and slots.shape == (sum(counts),)
+        expected_slots = []
+        for s, n in zip(seq_ids, counts):
+            blocks, length = old[s]
+            new_blocks = cache.seq_blocks(s)
+            assert new_blocks[:len(blocks)] == blocks, "a sequence's earlier blocks moved"
+            assert set(new_blocks[len(blocks):]) <= free_before, "a block came from outside the free pool"
+            expected_slots += [new_blocks[p // cache.block_size] * cache.block_size + p % cache.block_size
+                               for p in range(length, length + n)]
+        assert slots.tolist() == expected_slots
+
+        tokens = torch.randn(len(expected_slots), cache.num_layers, R + P, generator=self.generator).bfloat16()
+        with torch_path():
+            for layer in range(cache.num_layers):
+                cache.write(layer, slots, tokens[:, layer, :R], tokens[:, layer, R:])
+        start = 0
+        for s, n in zip(seq_ids, counts):
+            self.expected[s] = torch.cat([self.expected[s], tokens[start:start + n]])
+            start += n
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def free(self, data):
+        seq_id = data.draw(self.live(), label="seq_id")
+        blocks = set(self.cache.seq_blocks(seq_id))
+        free_before = self.cache.num_free_blocks
+        self.cache.free(seq_id)
+        del self.expected[seq_id]
+        assert seq_id not in self.cache
+        assert blocks <= self.free_blocks()
+        assert self.cache.num_free_blocks == free_before + len(blocks)
+        with pytest.raises(KeyError):
+            self.cache.seqlen(seq_id)
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def overfill(self, data):
+        seq_ids = data.draw(st.lists(self.live(), min_size=1, max_size=3, unique=True), label="seq_ids")
+        counts = [0] * len(seq_ids)
+        counts[-1] = self.cache.num_free_blocks * self.cache.block_size + self.cache.block_size
+        self._expect_full(seq_ids, counts)
+
+    def _expect_full(self, seq_ids, counts):
+        before = state_of(self.cache)
+        with pytest.raises(CacheFullError, match=f"only {self.cache.num_free_blocks} of {self.cache.num_blocks}"):
+            self.cache.append_batch(seq_ids, counts)
+        assert_same_state(before, state_of(self.cache))
+
+    @invariant()
+    def blocks_are_owned_once(self):
+        if not hasattr(self, "cache"):
+            return
+        cache = self.cache
+        owned = [b for s in cache.seq_ids for b in cache.seq_blocks(s)]
+        assert len(owned) == len(set(owned)), "a block is owned by two sequences"
+        assert all(0 <= b < cache.num_blocks for b in owned)
+        assert cache.num_free_blocks + len(owned) == cache.num_blocks
+        assert set(cache.seq_ids) == set(self.expected)
+        for s in cache.seq_ids:
+            assert cache.seqlen(s) == len(self.expected[s])
+            assert len(cache.seq_blocks(s)) == self.blocks_for(cache.seqlen(s))
+
+    @invariant()
+    def block_table_maps_positions_to_slots(self):
+        if not getattr(self, "expected", None):
+            return
+        cache, seq_ids = self.cache, list(self.expected)
+        table = cache.block_table(seq_ids, pad_id=SENTINEL_BLOCK)
+        lengths = cache.cache_seqlens(seq_ids)
+        assert table.dtype == torch.int32 and lengths.dtype == torch.int32
+        assert table.shape == (len(seq_ids), max(1, max(len(cache.seq_blocks(s)) for s in seq_ids)))
+        for b, s in enumerate(seq_ids):
+            n = len(cache.seq_blocks(s))
+            assert table[b, :n].tolist() == cache.seq_blocks(s)
+            assert (table[b, n:] == SENTINEL_BLOCK).all()
+            assert lengths[b].item() == cache.seqlen(s)
+            pos = torch.arange(cache.seqlen(s))
+            from_table = table[b].long()[pos // cache.block_size] * cache.block_size + pos % cache.block_size
+            assert torch.equal(from_table, cache.slots(s))
+
+    @invariant()
+    def contents_are_what_was_written(self):
+        if not getattr(self, "expected", None):
+            return
+        cache, seq_ids = self.cache, list(self.expected)
+        table = cache.block_table(seq_ids)
+        for layer in range(cache.num_layers):
+            for b, s in enumerate(seq_ids):
+                length = cache.seqlen(s)
+                kv = gather_paged(cache.kv_cache(layer), table[b], length)
+                pe = gather_paged(cache.pe_cache(layer), table[b], length)
+                assert torch.equal(bits(kv), bits(self.expected[s][:, layer, :R])), f"{s!r}'s latent changed"
+                assert torch.equal(bits(pe), bits(self.expected[s][:, layer, R:])), f"{s!r}'s rope key changed"
+
+
+TestAllocator = AllocatorMachine.TestCase
+TestAllocator.settings = settings(max_examples=50, stateful_step_count=25, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------
+# a multi-turn chat (seed 002): the prefix stays, each turn appends, another conversation comes and goes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multi_turn_chat_keeps_the_prefix(device):
+    """Three turns of one conversation: a prompt prefilled at once, then a reply decoded token by
+    token, while a second conversation is served and freed and a third reuses its blocks. Writes go
+    through the Triton kernel (interpreted on the CPU)."""
+    r, p, layers, page = 512, 64, 2, 4
+    cache = PagedLatentCache(layers, num_blocks=12, block_size=page, kv_lora_rank=r, rope_dim=p,
+                             dtype=torch.bfloat16, device=device)
+    for layer in range(layers):
+        cache.buffer(layer).fill_(float("nan"))
+    history = {}
+
+    def step(seq_ids, counts):
+        slots = cache.append_batch(seq_ids, counts)
+        tokens = torch.randn(sum(counts), layers, r + p).to(dtype=torch.bfloat16, device=device)
+        for layer in range(layers):
+            cache.write(layer, slots, tokens[:, layer, :r], tokens[:, layer, r:])
+        start = 0
+        for s, n in zip(seq_ids, counts):
+            history[s] = torch.cat([history.get(s, tokens[:0]), tokens[start:start + n]])
+            start += n
+
+    def check(seq_id):
+        for layer in range(layers):
+            kv, pe = cache.read(layer, seq_id)
+            assert torch.equal(bits(kv), bits(history[seq_id][:, layer, :r])), f"layer {layer}: {seq_id}'s latent"
+            assert torch.equal(bits(pe), bits(history[seq_id][:, layer, r:])), f"layer {layer}: {seq_id}'s rope key"
+
+    chat = cache.add_sequence("chat")
+    other = cache.add_sequence("other")
+    step([chat, other], [5, 6])  # both prompts, prefilled together
+    for _ in range(3):  # replies decoded together
+        step([chat, other], [1, 1])
+    check(chat)
+    check(other)
+    lengths_after_turn = [cache.seqlen(chat)]
+    prefix = history[chat].clone()
+
+    other_blocks = set(cache.seq_blocks(other))
+    cache.free(other)
+    for turn_prompt, reply in [(4, 2), (7, 3)]:
+        step([chat], [turn_prompt])
+        if "third" not in cache:
+            third = cache.add_sequence("third")
+            step([third], [9])
+            assert set(cache.seq_blocks(third)) & other_blocks, "freed blocks were not reused"
+        for _ in range(reply):
+            step([chat, third], [1, 1])
+        lengths_after_turn.append(cache.seqlen(chat))
+        check(chat)
+        check(third)
+        kv, _ = cache.read(0, chat)
+        assert torch.equal(bits(kv[:len(prefix)]), bits(prefix[:, 0, :r])), "the first turn's prefix changed"
+
+    assert lengths_after_turn == [8, 14, 24]
+
+    table = cache.block_table([chat, third], pad_id=SENTINEL_BLOCK)
+    seqlens = cache.cache_seqlens([chat, third])
+    heads, scale = 2, 0.1
+    q_nope = torch.randn(2, 1, heads, r).to(torch.bfloat16)
+    q_pe = torch.randn(2, 1, heads, p).to(torch.bfloat16)
+    paged_out, paged_lse = absorbed_decode(q_nope, q_pe, cache.kv_cache(1).cpu(), cache.pe_cache(1).cpu(),
+                                           table.cpu(), seqlens.cpu(), scale)
+    for b, s in enumerate([chat, third]):
+        flat = history[s][:, 1].cpu()[None]  # one block holding the whole conversation
+        out, lse = absorbed_decode(q_nope[b:b + 1], q_pe[b:b + 1], flat[..., :r], flat[..., r:],
+                                   torch.zeros(1, 1, dtype=torch.int32), seqlens[b:b + 1].cpu(), scale)
+        torch.testing.assert_close(paged_out[b:b + 1], out, rtol=1e-12, atol=0)
+        torch.testing.assert_close(paged_lse[b:b + 1], lse, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the allocator, one behaviour at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_cache_raises_before_any_change():
+    cache = PagedLatentCache(1, num_blocks=4, block_size=4, kv_lora_rank=R, rope_dim=P)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    cache.append(a, 6)  # 2 blocks
+    before = state_of(cache)
+    with pytest.raises(CacheFullError, match=r"needs 3 new blocks .* only 2 of 4 are free") as err:
+        cache.append_batch([b, c], [4, 5])  # b's block alone would fit: the batch is all or nothing
+    assert isinstance(err.value, RuntimeError)
+    assert_same_state(before, state_of(cache))
+    assert cache.seqlen(b) == cache.seqlen(c) == 0
+    with pytest.raises(CacheFullError):
+        cache.append(a, 11)  # 6 + 11 = 17 tokens: 5 blocks, 3 new
+    assert_same_state(before, state_of(cache))
+    assert cache.append(a, 10).shape == (10,)  # 16 tokens exactly fill the 4 blocks
+    assert cache.num_free_blocks == 0
+    assert cache.append(a, 0).shape == (0,)
+    with pytest.raises(CacheFullError, match="needs 1 new blocks"):
+        cache.append(b, 1)
+
+
+def test_freed_blocks_are_reused_when_the_cache_was_full():
+    cache = PagedLatentCache(1, num_blocks=6, block_size=2, kv_lora_rank=R, rope_dim=P)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append_batch([a, b], [5, 6])
+    assert cache.num_free_blocks == 0
+    freed = set(cache.seq_blocks(a))
+    cache.free(a)
+    c = cache.add_sequence()
+    slots = cache.append(c, 6)
+    assert set(cache.seq_blocks(c)) == freed
+    assert set((slots // 2).tolist()) == freed
+
+
+def test_sequence_ids():
+    cache = PagedLatentCache(1, num_blocks=2, block_size=16, kv_lora_rank=R, rope_dim=P)
+    assert cache.add_sequence(1) == 1
+    auto = [cache.add_sequence() for _ in range(3)]
+    assert len(set(auto + [1])) == 4
+    assert cache.add_sequence(("user", 7)) == ("user", 7)
+    with pytest.raises(ValueError, match="already"):
+        cache.add_sequence(1)
+    cache.free(1)
+    assert cache.add_sequence(1) == 1
+    assert len(cache) == 5
+    with pytest.raises(KeyError, match="not a live sequence"):
+        cache.append("nobody", 1)
+    with pytest.raises(KeyError):
+        cache.free("nobody")
+    with pytest.raises(KeyError):
+        cache.block_table([1, "nobody"])
+
+
+def test_bad_batches_change_nothing():
+    cache = PagedLatentCache(1, num_blocks=4, block_size=2, kv_lora_rank=R, rope_dim=P)
+    a = cache.add_sequence()
+    cache.append(a, 3)
+    before = state_of(cache)
+    with pytest.raises(ValueError, match="more than once"):
+        cache.append_batch([a, a], [1, 1])
+    with pytest.raises(ValueError, match="num_tokens"):
+        cache.append(a, -1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        cache.append(a, 1.5)
+    with pytest.raises(ValueError, match="disagree"):
+        cache.append_batch([a], [1, 2])
+    with pytest.raises(KeyError):
+        cache.append_batch([a, "nobody"], [1, 1])
+    assert_same_state(before, state_of(cache))
+
+
+def test_reserve_once_write_each_layer(device):
+    layers = 3
+    cache = PagedLatentCache(layers, num_blocks=4, block_size=4, kv_lora_rank=R, rope_dim=P,
+                             dtype=torch.float16, device=device)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    slots = cache.append_batch([a, b], [3, 2])
+    assert slots.device.type == torch.device(device).type and slots.dtype == torch.int64
+    data = torch.randn(layers, 5, R + P).to(dtype=torch.float16, device=device)
+    for layer in range(layers):
+        cache.write(layer, slots, data[layer, :, :R], data[layer, :, R:])
+    for layer in range(layers):
+        kv, pe = cache.read(layer, a)
+        assert torch.equal(kv, data[layer, :3, :R]) and torch.equal(pe, data[layer, :3, R:])
+        kv, pe = cache.read(layer, b)
+        assert torch.equal(kv, data[layer, 3:, :R]) and torch.equal(pe, data[layer, 3:, R:])
+    assert torch.equal(cache.slots(a, 1, 3), slots[1:3])
+
+
+def test_block_table_and_seqlens():
+    cache = PagedLatentCache(1, num_blocks=8, block_size=4, kv_lora_rank=R, rope_dim=P)
+    a, b, empty = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    cache.append_batch([a, b], [9, 4])
+    table = cache.block_table([b, empty, a])
+    assert table.dtype == torch.int32 and table.shape == (3, 3)
+    assert table[0].tolist() == cache.seq_blocks(b) + [0, 0]
+    assert table[1].tolist() == [0, 0, 0]
+    assert table[2].tolist() == cache.seq_blocks(a)
+    assert cache.block_table([a], max_blocks=5, pad_id=-1)[0, 3:].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="max_blocks"):
+        cache.block_table([a], max_blocks=2)
+    assert cache.block_table([empty]).shape == (1, 1)
+    assert cache.cache_seqlens([b, empty, a]).tolist() == [4, 0, 9]
+    assert cache.cache_seqlens([b]).dtype == torch.int32
+
+
+def test_buffers_and_sizes():
+    cache = PagedLatentCache(2, num_blocks=5, block_size=16, dtype=torch.bfloat16)
+    assert cache.capacity_tokens == 80
+    assert cache.bytes_per_token == 2 * (512 + 64) * 2
+    assert cache.num_free_blocks == 5
+    for layer in range(2):
+        buf, kv, pe = cache.buffer(layer), cache.kv_cache(layer), cache.pe_cache(layer)
+        assert buf.shape == (5, 16, 576) and kv.shape == (5, 16, 512) and pe.shape == (5, 16, 64)
+        assert kv.data_ptr() == buf.data_ptr() and pe.data_ptr() == buf.data_ptr() + 512 * buf.element_size()
+        assert kv.stride() == pe.stride() == buf.stride()
+    assert cache.buffer(0).data_ptr() != cache.buffer(1).data_ptr()
+    with pytest.raises(ValueError, match="layer"):
+        cache.kv_cache(2)
+    with pytest.raises(TypeError, match="layer"):
+        cache.pe_cache("0")
+
+
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(num_layers=0), ValueError, "num_layers"),
+    (dict(num_blocks=0), ValueError, "num_blocks"),
+    (dict(block_size=2.0), TypeError, "block_size"),
+    (dict(kv_lora_rank=500), ValueError, "kv_lora_rank"),
+    (dict(rope_dim=8), ValueError, "rope_dim"),
+    (dict(dtype=torch.float32), TypeError, "dtype"),
+], ids=["layers", "blocks", "block_size", "rank", "rope", "dtype"])
+def test_constructor_checks(kwargs, error, name):
+    args = dict(num_layers=1, num_blocks=2, block_size=4, kv_lora_rank=R, rope_dim=P)
+    with pytest.raises(error, match=name):
+        PagedLatentCache(**{**args, **kwargs})
+
+
+def test_exported():
+    assert mla_kernels.PagedLatentCache is PagedLatentCache
+    assert mla_kernels.CacheFullError is CacheFullError
+    assert {"PagedLatentCache", "CacheFullError"} <= set(mla_kernels.__all__)
