@@ -107,6 +107,36 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB"
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """Peak bytes allocated by ``fn()`` above what was allocated before it, and how it was measured.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the allocation timeline of ``torch.profiler``
+    (a private API; (None, reason) if it is unavailable).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak, "torch.cuda.max_memory_allocated"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            out = fn()
+            del out
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
+        return max((sum(s) for s in sizes), default=0), "torch.profiler memory timeline (CPU allocator)"
+    except Exception as exc:  # private API: any change in it must not stop a benchmark
+        return None, f"CPU peak not measurable ({exc.__class__.__name__})"
+
+
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
