@@ -537,7 +537,12 @@ def setup(args: argparse.Namespace) -> torch.device:
     """Apply --threads and return the device chosen by --device."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return pick_device(args.device)
+    device = pick_device(args.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if is_cpu(device) and load > (os.cpu_count() or 1):
+        print(f"this machine is busy (load {load:.1f} on {os.cpu_count()} cores): CPU timings are noisy"
+              + ("" if args.threads else "; --threads 1 avoids OpenMP spin-waiting"))
+    return device
 
 
 def pyplot():

@@ -1,0 +1,147 @@
+"""Fast CPU smoke tests of the benchmark harness and the formulas the benchmarks report (no long runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import _harness as h
+from bench import decode as bd
+from bench import memory as bm
+from reference import absorbed_decode, naive_mla
+
+
+def test_flop_and_byte_models_by_hand():
+    # B=2, S_q=1, H=16, L=1024, R=512, P=64: 2*2*1*16*1024*(512+64+512)
+    assert h.mla_flops(2, 1, 16, 1024) == 2 * 2 * 16 * 1024 * 1088 == 71_303_168
+    # (2*1024*576 + 2*1*16*1088) * 2 bytes
+    assert h.mla_bytes(2, 1, 16, 1024) == (1_179_648 + 34_816) * 2 == 2_428_928
+    assert h.mla_bytes(2, 1, 16, 1024, elem_size=1) == 1_214_464
+    assert h.mla_flops(2, 1, 16, [100, 300]) == 2 * 16 * 400 * 1088
+    with pytest.raises(ValueError):
+        h.mla_flops(3, 1, 16, [100, 300])
+
+
+def test_timing_statistics():
+    t = h.Timing.from_times([1.0, 2.0, 3.0, 4.0, 5.0], "test")
+    assert (t.p50, t.p20, t.p80) == pytest.approx((3.0, 1.8, 4.2))
+    assert (t.mean, t.min, t.max, t.runs) == (3.0, 1.0, 5.0, 5)
+    assert t.std == pytest.approx(math.sqrt(2.5))
+
+
+def test_time_fn_cpu():
+    calls = []
+    t = h.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup_ms=0.0, rep_ms=0.0, min_runs=4)
+    assert t.method == "perf_counter" and t.runs == 4 and len(calls) >= 5
+    assert 0 <= t.min <= t.p20 <= t.p50 <= t.p80 <= t.max
+
+
+def test_check_refuses_wrong_provider():
+    expected = torch.randn(4, 8, dtype=torch.float64)
+    right = expected.to(torch.bfloat16)  # one bf16 rounding: ~2e-3 relative RMS
+    assert h.check_close("right", right, expected) < 1e-2
+    with pytest.raises(h.WrongResult, match="relative RMS error"):
+        h.check_close("wrong", (expected * 1.05).to(torch.bfloat16), expected)
+    nan = right.clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(h.WrongResult, match=r"non-finite output at \(1, 2\)"):
+        h.check_close("nan", nan, expected)
+    with pytest.raises(h.WrongResult, match="shape"):
+        h.check_close("shape", right[:2], expected)
+
+    calls = []
+
+    def wrong():
+        calls.append(1)
+        return torch.zeros_like(right)
+
+    with pytest.raises(h.WrongResult):
+        h.check_then_time("wrong", wrong, expected, torch.device("cpu"))
+    assert len(calls) == 1  # checked once, never timed
+
+
+def test_rows_and_table():
+    t = h.Timing.from_times([2.0] * 3, "test")
+    row = h.make_row("p", t, flops=4e9, nbytes=2e9, copy_gbps=2000.0, B=1, ctx=2, H=3)
+    assert row["tflops"] == pytest.approx(2.0) and row["gbps"] == pytest.approx(1000.0)
+    assert row["pct_copy_bw"] == pytest.approx(50.0)
+    assert "2.0000 [2.0000, 2.0000]" in h.format_row(row)
+    skipped = h.make_row("q", None, note="skipped: needs ~9 GiB", B=1, ctx=2, H=3)
+    assert "skipped: needs ~9 GiB" in h.format_row(skipped)
+
+
+def test_json_writer_metadata(tmp_path):
+    path = h.write_json("unit", {"rows": [{"x": float("inf"), "y": 1.5}]}, torch.device("cpu"), tmp_path)
+    assert path == tmp_path / "unit_cpu.json"
+    doc = json.loads(path.read_text())
+    env = doc["environment"]
+    assert doc["benchmark"] == "unit" and doc["rows"] == [{"x": None, "y": 1.5}]
+    for key in ("device_name", "torch", "triton", "torch_version_hip", "date", "git", "is_cpu"):
+        assert key in env
+    assert env["is_cpu"] is True and env["torch"] == torch.__version__
+    assert set(env["git"]) == {"commit", "dirty"}
+    assert h.results_path("x", torch.device("cpu"), tmp_path / "given.json") == tmp_path / "given.json"
+
+
+def test_memory_formulas_at_r1_shapes():
+    r1 = bd.DEEPSEEK_R1
+    assert bm.values_per_token("latent", r1) == 576
+    assert bm.values_per_token("per_head", r1) == 128 * (192 + 128)
+    assert bm.values_per_token("mha", r1) == 2 * 128 * 128
+    assert bm.values_per_token("gqa8", r1) == 2 * 8 * 128
+    assert bm.values_per_token("per_head", bd.SEED_SMALL) == 16 * (192 + 128)
+
+
+def test_memory_allocations_match_formulas():
+    cpu = torch.device("cpu")
+    nbytes, _ = bm.measure_allocation("latent", bd.DEEPSEEK_R1, 1024, cpu, None)
+    assert nbytes == 1024 * 576 * 2
+    nbytes, _ = bm.measure_allocation("mha", bd.SEED_SMALL, 256, cpu, None)
+    assert nbytes == 256 * 2 * 16 * 128 * 2
+
+
+def test_naive_batched_provider_matches_references():
+    """The batched naive provider (gather, decompress, SDPA) against both references, in float32."""
+    shape = bd.MLAShape(heads=3, d_latent=32, d_rope=16, d_nope=8, d_v=8)
+    case = bd.make_case(shape, [5, 17], page=4, dtype=torch.float32, device=torch.device("cpu"))
+    out = bd.naive_decode(case.q_nope, case.q_pe, case.kv_cache, case.pe_cache, case.block_table,
+                          case.cache_seqlens, shape.softmax_scale, case.w_kv_b, shape.d_v)
+    _, expected = bd.reference_outputs(case)
+    assert h.rel_rms_error(out, expected) < 1e-5
+    for b, n in enumerate([5, 17]):
+        kv = torch.cat([case.kv_cache[case.block_table[b, j]] for j in range(case.block_table.shape[1])])[:n]
+        pe = torch.cat([case.pe_cache[case.block_table[b, j]] for j in range(case.block_table.shape[1])])[:n]
+        ref, _ = naive_mla(case.q_nope[b], case.q_pe[b], kv, pe, case.w_kv_b, shape.softmax_scale)
+        assert h.rel_rms_error(out[b], ref) < 1e-5
+
+
+def _torch_lib():
+    decode = pytest.importorskip("mla_kernels.decode")
+    if not hasattr(decode, "mla_decode_torch"):
+        pytest.skip("mla_kernels.decode.mla_decode_torch is not there yet")
+    run = decode.mla_decode_torch
+
+    def as_library(*args, max_seqlen_k=None, **kw):  # the PyTorch path in place of the interpreter
+        return run(*args, **kw)
+
+    return as_library, run, None
+
+
+def test_decode_sweep_row_smoke():
+    lib = _torch_lib()
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, lib, copy_gbps=10.0,
+                        time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))
+    assert [r["provider"] for r in rows] == bd.ORDER
+    assert all("p50_ms" in r and r["rel_rms_err"] < 1e-2 for r in rows)
+    assert rows[2]["speedup"].endswith("vs torch_absorbed") and rows[3]["speedup"].endswith("vs naive")
+
+
+def test_seed_scenario_smoke():
+    lib = _torch_lib()
+    res = bd.seed_scenario(torch.device("cpu"), torch.bfloat16, lib, warmups=1, rounds=2, with_naive=False)
+    assert res["history"] == [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4
+    for r in res["providers"].values():
+        assert r["tokens_per_s_step"] > 0 and r["attention_call_ms"]["runs"] == 2
