@@ -36,22 +36,28 @@ MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial writ
 # --------------------------------------------------------------------------------------------
 
 
-def _config(rows_per_seq: int, d_latent: int, device: torch.device) -> dict:
+def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     """Tile sizes for a launch. ``rows_per_seq`` = query tokens x heads of one sequence.
 
-    BLOCK_M covers as many rows as registers allow (the fp32 accumulator is BLOCK_M x D_LATENT),
-    so that the cache is read once per sequence up to 64 rows. tl.dot needs M, N >= 16.
+    The fp32 accumulator is BLOCK_M x D_LATENT and the query tile stays in registers, so at
+    D_LATENT = 512 the row block is what registers allow without spilling. Checked with
+    ptxas for sm_90 (tests/test_compile.py asserts no spills): BLOCK_M=16/BLOCK_N=32/8 warps
+    uses 184 registers, BLOCK_M=32/BLOCK_N=16/8 warps 255 with no spill, while BLOCK_M=64
+    spills >900 bytes in every tiling tried, so 128 heads take four row blocks per sequence
+    (neighbouring programs in the grid, so the repeated cache reads hit L2).
+    tl.dot needs M, N >= 16. The interpreter runs the NVIDIA configs, so CPU tests cover the tiles a GPU runs.
+    Issue 5 (autotuning on a GPU) replaces these with measured winners.
     """
-    block_m = min(64, max(16, triton.next_power_of_2(rows_per_seq)))
-    if device.type != "cuda":  # interpreter: larger tiles are faster (numpy), correctness is tile-size independent
-        return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=1)
-    wide = d_latent >= 256
-    if _utils.is_hip():  # MI300: 64-wide wavefronts, 64 KiB LDS per CU
-        return dict(BLOCK_M=block_m, BLOCK_N=16 if wide else 32, num_warps=4 if block_m <= 32 else 8, num_stages=1)
-    if block_m >= 64 and wide:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=block_m, BLOCK_N=64 if block_m <= 16 else 32, num_warps=4 if block_m <= 16 else 8,
-                num_stages=2)
+    block_m = 16 if rows_per_seq <= 16 else 32
+    if d_latent <= 128:
+        return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows_per_seq))), BLOCK_N=64, num_warps=4,
+                    num_stages=2)
+    if hip:  # MI300: 64-wide wavefronts, 512 VGPRs per lane, 64 KiB LDS per CU
+        return dict(BLOCK_M=block_m, BLOCK_N=16 if block_m == 32 else 32, num_warps=4 if block_m == 16 else 8,
+                    num_stages=1)
+    if block_m == 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
 
 
 def _num_splits(programs_per_split: int, max_seqlen: int, block_n: int, device: torch.device) -> int:
@@ -73,7 +79,7 @@ def _mla_attn_kernel(
     Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
     OUT, LSE, OUT_PART, LSE_PART,
     sm_scale_log2,
-    H, S_Q, split_len, total_rows,
+    num_heads, s_q, split_len, total_rows,
     stride_qn_b, stride_qn_s, stride_qn_h,
     stride_qp_b, stride_qp_s, stride_qp_h,
     stride_kv_blk, stride_kv_tok,
@@ -94,19 +100,19 @@ def _mla_attn_kernel(
         q_nope_base = Q_NOPE + tok_start * stride_qn_s
         q_pe_base = Q_PE + tok_start * stride_qp_s
     else:
-        tok_start = pid_b * S_Q
-        seq_q = S_Q
+        tok_start = pid_b * s_q
+        seq_q = s_q
         q_nope_base = Q_NOPE + pid_b * stride_qn_b
         q_pe_base = Q_PE + pid_b * stride_qp_b
-    num_rows = seq_q * H
+    num_rows = seq_q * num_heads
     if pid_m * BLOCK_M >= num_rows:
         return
     seqlen = tl.load(SEQLENS + pid_b)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: (token, head) pairs of this sequence
     row_mask = rows < num_rows
-    tok = rows // H
-    head = rows % H
+    tok = rows // num_heads
+    head = rows % num_heads
     q_pos = seqlen - seq_q + tok  # absolute position of each row's token in the cache
     offs_r = tl.arange(0, D_LATENT)
     offs_p = tl.arange(0, D_ROPE)
@@ -124,7 +130,7 @@ def _mla_attn_kernel(
     n_end = tl.minimum(n_start + split_len, seqlen)
     if CAUSAL:
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
-        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // H + 1)
+        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -165,7 +171,7 @@ def _mla_attn_kernel(
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse_log2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
-    out_rows = (tok_start + tok) * H + head  # row of the contiguous [tokens * H] output
+    out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
     if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
         part_rows = pid_split.to(tl.int64) * total_rows + out_rows
         tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
@@ -227,7 +233,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if total_rows == 0 or batch == 0:
         return out, lse
 
-    cfg = _config(max_seqlen_q * heads, d_latent, device)
+    cfg = _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:

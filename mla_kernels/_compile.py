@@ -1,0 +1,143 @@
+"""Ahead-of-time compilation of the kernels for real GPUs on a machine without one.
+
+``triton.compile`` builds a cubin for an H100 (sm_90) or an hsaco for an MI300X (gfx942)
+from the kernel source alone, which proves in CI that every kernel compiles for both
+vendors. ``ptxas_report`` adds registers and spills from NVIDIA's assembler.
+
+Signatures follow the kernels' naming conventions: UPPERCASE arguments and ``*_ptr`` arguments
+are pointers (bf16 unless ``types`` says otherwise), ``*scale*`` arguments are fp32, every other
+runtime argument is a 32-bit integer; ``types`` overrides any of them by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
+
+
+def _signature(kernel, types: dict, constexprs: dict) -> tuple[dict, dict]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name.isupper() or name.endswith("_ptr"):
+            sig[name] = types.get("*", "*bf16")
+        elif "scale" in name:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+
+
+def compile_for(kernel, target: str, constexprs: dict, types: dict | None = None, num_warps: int = 4,
+                num_stages: int = 2):
+    """Compile ``kernel`` (a @triton.jit function) for ``target`` ("sm90" or "gfx942").
+
+    Triton must have been imported without ``TRITON_INTERPRET`` (see ``main``).
+    """
+    sig, cex = _signature(kernel, types or {}, constexprs)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cex)
+    return triton.compile(src, target=TARGETS[target], options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_report(compiled) -> dict:
+    """Registers, spill bytes and shared memory of an sm_90 kernel, from the ptxas shipped with triton."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptx = compiled.asm["ptx"]
+    version = re.search(r"\.version (\d+)\.(\d+)", ptx)
+    candidates = ["ptxas-blackwell", "ptxas"] if version and int(version.group(1)) >= 9 else ["ptxas", "ptxas-blackwell"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        for exe in candidates:
+            exe_path = os.path.join(bin_dir, exe)
+            if not os.path.exists(exe_path):
+                continue
+            run = subprocess.run([exe_path, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                text = run.stdout + run.stderr
+                regs = re.search(r"Used (\d+) registers", text)
+                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+                return {"registers": int(regs.group(1)) if regs else None,
+                        "spill_store_bytes": int(spill.group(1)) if spill else 0,
+                        "spill_load_bytes": int(spill.group(2)) if spill else 0,
+                        "shared_bytes": compiled.metadata.shared,
+                        "wgmma": "wgmma" in ptx}
+    return {"registers": None, "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in ptx}
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels and configs CI compiles; `python -m mla_kernels._compile` prints a report
+# --------------------------------------------------------------------------------------------
+
+
+def _cases(hip: bool) -> dict:
+    """name -> (kernel, constexprs, types, num_warps, num_stages) with the configs the library launches."""
+    from .cache import _write_cache_kernel
+    from .decode import _config, _mla_attn_kernel, _mla_combine_kernel
+
+    attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
+                  "OUT_PART": "*fp32", "LSE_PART": "*fp32"}
+
+    def attn(rows, varlen, split):
+        cfg = _config(rows, 512, hip=hip)
+        constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
+        return _mla_attn_kernel, constexprs, attn_types, cfg["num_warps"], cfg["num_stages"]
+
+    cases = {
+        "decode-h16-split": attn(16, False, True),
+        "decode-h128": attn(128, False, False),
+        "prefill-absorbed": attn(1024, True, False),
+        "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True),
+                    {"OUT": "*bf16", "*": "*fp32"}, 4, 1),
+        "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8),
+                        {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1),
+    }
+    return cases
+
+
+def compile_all(targets=("sm90", "gfx942")) -> dict:
+    """Compile every case for every target; returns {target: {case: report or {"error": ...}}}."""
+    results = {}
+    for target in targets:
+        results[target] = {}
+        for name, (kernel, constexprs, types, warps, stages) in _cases(target == "gfx942").items():
+            try:
+                compiled = compile_for(kernel, target, constexprs, types, warps, stages)
+            except Exception as exc:  # reported per case, so one failure doesn't hide the others
+                results[target][name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+                continue
+            binary = "cubin" if target == "sm90" else "hsaco"
+            report = ptxas_report(compiled) if target == "sm90" else {"shared_bytes": compiled.metadata.shared}
+            report.update(binary_bytes=len(compiled.asm.get(binary) or b""), num_warps=warps, num_stages=stages)
+            results[target][name] = report
+    return results
+
+
+def main() -> None:
+    """Compile in a process of its own: triton must be imported *without* TRITON_INTERPRET, since the
+    interpreter replaces every @triton.jit helper of triton.language and the real compiler then fails."""
+    import json
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    print(json.dumps(compile_all(), indent=1))
+
+
+if __name__ == "__main__":
+    main()
