@@ -238,6 +238,9 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw) -
             torch.cuda.empty_cache()
             rows[name] = h.make_row(name, None, note="skipped: out of memory", **keys)
             continue
+        except h.WrongResult as exc:
+            rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
+            continue
         rows[name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps, rel_rms_err=err,
                                 **keys)
         p50[name] = timing.p50
@@ -329,7 +332,11 @@ def seed_scenario(device, dtype, lib, warmups: int = SEED_WARMUPS, rounds: int =
         q_abs = torch.einsum("bshd,hdr->bshr", q_nope[0].float(), case.w_uk.float()).to(dtype)
         expected, _ = absorbed_decode(q_abs, q_pe[0], case.kv_cache, case.pe_cache, case.block_table, seqlens[0],
                                       scale, w_uv=case.w_uv, dtype=torch.float32)
-        err = h.check_close(f"seed scenario {name}", out, expected, dtype)
+        try:
+            err = h.check_close(f"seed scenario {name}", out, expected, dtype)
+        except h.WrongResult as exc:
+            results[name] = {"wrong": True, "error": str(exc)}
+            continue
         for r in range(warmups):
             write(r)
             fn(r)
@@ -369,6 +376,9 @@ def print_seed(res: dict) -> None:
     print(f"\nSeed 003 decode: {res['requests']} requests, history 50x4 100x4 200x4 400x4, "
           f"{res['warmups']} warm-ups + {res['rounds']} rounds, page {res['page']}, {res['dtype']}")
     for name, r in res["providers"].items():
+        if r.get("wrong"):
+            print(f"  {name:<15} NOT TIMED, WRONG RESULT: {r['error']}")
+            continue
         print(f"  {name:<15} step {r['tokens_per_s_step']:10.1f} tok/s   attention call alone "
               f"{r['tokens_per_s_attention_call']:10.1f} tok/s   (step p50 {r['step_ms']['p50']:.3f} ms, "
               f"mean {r['step_ms']['mean']:.3f} +- {r['step_ms']['std']:.3f})")
@@ -447,6 +457,12 @@ def main(argv=None) -> None:
     print(f"\nresults: {path}")
     if args.plot and payload.get("sweep"):
         plot(payload["sweep"], path.with_suffix(".png"))
+    wrong = [f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']}" for r in payload.get("sweep", [])
+             if r.get("wrong")]
+    wrong += [f"seed scenario {n}" for n, r in payload.get("seed_003_decode", {}).get("providers", {}).items()
+              if r.get("wrong")]
+    if wrong:
+        raise SystemExit(f"wrong results, not timed: {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

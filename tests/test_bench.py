@@ -145,3 +145,18 @@ def test_seed_scenario_smoke():
     assert res["history"] == [50] * 4 + [100] * 4 + [200] * 4 + [400] * 4
     for r in res["providers"].values():
         assert r["tokens_per_s_step"] > 0 and r["attention_call_ms"]["runs"] == 2
+
+
+def test_decode_sweep_refuses_wrong_provider():
+    as_library, run, _ = _torch_lib()
+
+    def broken(*args, **kw):
+        return as_library(*args, **kw) * 1.1
+
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, (broken, run, None), copy_gbps=10.0,
+                        time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))
+    by_name = {r["provider"]: r for r in rows}
+    for name in ("mla_decode", "mla_decode+w_uv"):
+        assert by_name[name]["wrong"] and "p50_ms" not in by_name[name]
+        assert "WRONG RESULT" in h.format_row(by_name[name])
+    assert "p50_ms" in by_name["naive"] and "p50_ms" in by_name["torch_absorbed"]
