@@ -219,10 +219,11 @@ def _mla_combine_kernel(
 
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
-            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits):
+            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
+    ``config`` (a dict like ``_config``'s) overrides the tiles.
     """
     varlen = cu_seqlens_q is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
@@ -233,7 +234,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if total_rows == 0 or batch == 0:
         return out, lse
 
-    cfg = _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
+    cfg = config or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
