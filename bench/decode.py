@@ -428,10 +428,11 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16
     from mla_kernels import _utils
 
+    seed_rounds = (SEED_WARMUPS, SEED_ROUNDS)
     if cpu and _utils.interpreting():
         print("TRITON_INTERPRET=1: mla_decode runs in Triton's CPU interpreter; these timings measure the "
-              "interpreter, and the sweep is cut to --quick")
-        args.quick = True
+              "interpreter, the sweep is cut to --quick and the seed scenario to 1 warm-up + 2 rounds")
+        args.quick, seed_rounds = True, (1, 2)
     if cpu:
         print(f"CPU timings (PyTorch path; no GPU), {torch.get_num_threads()} threads")
     rates = h.device_rates(device)
@@ -447,8 +448,14 @@ def main(argv=None) -> None:
             "timing": "GPU: triton.testing.do_bench, L2 flushed before each run; CPU: perf_counter",
         },
     }
+    if cpu:
+        payload["notes"] = [
+            "CPU timings of the PyTorch path (mla_decode without Triton); not indicative of GPU performance",
+            "CPU: the naive path's decompression is a bf16 GEMM, far slower than fp32 on CPUs without native "
+            "bf16, so speed-ups against naive on a CPU mostly measure that",
+        ]
     if not args.skip_seed:
-        payload["seed_003_decode"] = seed_scenario(device, dtype, lib, with_naive=not cpu)
+        payload["seed_003_decode"] = seed_scenario(device, dtype, lib, *seed_rounds, with_naive=not cpu)
         print_seed(payload["seed_003_decode"])
         print()
     if not args.skip_sweep:
