@@ -1,0 +1,443 @@
+"""DeepSeek-V2/V3 Multi-head Latent Attention as a drop-in ``nn.Module`` over the paged latent cache.
+
+``MLAttention`` holds the same projections as transformers' ``DeepseekV3Attention`` (same parameter
+names, so its state dict loads unchanged) and computes the same function, but caches only what MLA
+needs: per token the normalized latent ``c_kv`` (``R = kv_lora_rank`` values) and the roped key
+``k_pe`` (``P = qk_rope_head_dim`` values), written into a ``PagedLatentCache``. Attention runs through
+the library's kernels:
+
+decode (every sequence has the same few new tokens)
+    the query is absorbed into latent space (``q_nope @ W_UK``), ``mla_decode`` attends over the cached
+    latent and projects the result out through ``W_UV``;
+prefill (ragged new tokens over any history)
+    ``mla_prefill_attention``, which picks the absorbed or the expanded form by cost.
+
+One step of a model reserves cache slots once for all layers (``LatentBatch.reserve``) and passes the
+resulting ``LatentBatch`` to every layer::
+
+    cache = PagedLatentCache(num_layers, num_blocks, block_size, kv_lora_rank, qk_rope_head_dim, dtype=...)
+    seq_ids = [cache.add_sequence() for _ in prompts]
+    batch = LatentBatch.reserve(cache, seq_ids, [len(p) for p in prompts])
+    out = attn(hidden_states, batch)          # hidden_states [T, hidden] packed, or [B, S, hidden]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _utils
+from .cache import PagedLatentCache
+from .decode import mla_decode
+from .prefill import mla_prefill_attention
+
+__all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
+
+DECODE_MAX_NEW_TOKENS = 8  # up to this many new tokens per sequence (all sequences alike) take mla_decode
+ROPE_STYLES = ("interleave", "half", "pairs")
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary embedding (YaRN) and softmax scale, as transformers computes them
+# ---------------------------------------------------------------------------------------------
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN's attention-magnitude correction ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale_for(qk_head_dim: int, rope_parameters: dict | None) -> float:
+    """``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under a scaled RoPE
+    (transformers' ``yarn_apply_mscale``)."""
+    scale = qk_head_dim ** (-0.5)
+    params = rope_parameters or {}
+    if params.get("rope_type", "default") != "default":
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            mscale = yarn_get_mscale(params["factor"], mscale_all_dim)
+            scale = scale * mscale * mscale
+    return scale
+
+
+def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[dim // 2]`` fp32 and the cos/sin scaling factor, for ``rope_type`` "default"
+    or "yarn" (transformers' ``_compute_yarn_parameters``, same formula and operation order)."""
+    params = dict(rope_parameters or {})
+    base = params.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_parameters['rope_type'] must be 'default' or 'yarn', got {rope_type!r}")
+    partial = params.get("partial_rotary_factor", 1.0)
+    dim = int(dim * partial)
+    factor = params["factor"]
+    original = params["original_max_position_embeddings"]
+    if factor is None:
+        factor = max_position_embeddings / original
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate ``x [..., P]`` by ``cos``/``sin`` broadcastable to ``[..., P]`` in transformers' ``cat(f, f)``
+    layout.
+
+    ``style``: "interleave" (DeepSeek-V3 ``rope_interleave=True``: pairs ``(x0, x1), (x2, x3)...``, output
+    de-interleaved, computed in x's dtype), "half" (``rotate_half``, V3 without interleave), "pairs"
+    (DeepSeek-V2's complex rotation: pairs in, pairs out, computed in fp32).
+    """
+    if style == "half":
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    if style == "interleave":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class DeepseekRMSNorm(nn.Module):
+    """RMSNorm as DeepSeek's (and transformers') ``DeepseekV3RMSNorm``: normalized in fp32, cast back, then scaled."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-step metadata
+# ---------------------------------------------------------------------------------------------
+
+
+class LatentBatch:
+    """Where one step's new tokens go and what every layer's attention reads; shared by all layers.
+
+    Attributes:
+        cache: the ``PagedLatentCache``.
+        seq_ids: the B sequences of the step, in packing order.
+        num_new_tokens: ``list[int]`` of B counts (0 allowed); the step's T = sum of them.
+        slots: ``[T]`` int64 cache slots of the new tokens, packed sequence after sequence.
+        positions: ``[T]`` int64 absolute position of each new token (its index in its sequence).
+        block_table: ``[B, max_blocks]`` int32; cache_seqlens: ``[B]`` int32 (new tokens included);
+        cu_seqlens_q: ``[B + 1]`` int32 row offsets of each sequence's new tokens.
+        uniform: the common count when every sequence has the same number of new tokens, else None.
+    """
+
+    def __init__(self, cache: PagedLatentCache, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int],
+                 slots: torch.Tensor):
+        if not isinstance(cache, PagedLatentCache):
+            raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
+        self.cache = cache
+        self.seq_ids = list(seq_ids)
+        self.num_new_tokens = [int(n) for n in num_new_tokens]
+        if len(self.seq_ids) != len(self.num_new_tokens):
+            raise ValueError(f"seq_ids and num_new_tokens disagree on length: {len(self.seq_ids)} vs "
+                             f"{len(self.num_new_tokens)}")
+        total = sum(self.num_new_tokens)
+        _utils.check_tensor("slots", slots, 1, _utils.INDEX_DTYPES)
+        _utils.check_same("slots", slots.shape[0], "sum(num_new_tokens)", total, "the number of new tokens T")
+        device = cache.device
+        self.slots = slots.to(device=device, dtype=torch.int64)
+        lengths = [cache.seqlen(s) for s in self.seq_ids]
+        for s, n, length in zip(self.seq_ids, self.num_new_tokens, lengths):
+            if n > length:
+                raise ValueError(f"sequence {s!r} has {length} cached tokens, fewer than its {n} new tokens; "
+                                 f"reserve them first (LatentBatch.reserve)")
+        self.positions = torch.cat(
+            [torch.arange(length - n, length, dtype=torch.int64) for n, length in zip(self.num_new_tokens, lengths)]
+            or [torch.empty(0, dtype=torch.int64)]).to(device)
+        self.block_table = cache.block_table(self.seq_ids)
+        self.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        cu = [0]
+        for n in self.num_new_tokens:
+            cu.append(cu[-1] + n)
+        self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.max_seqlen_k = max(lengths, default=0)
+        counts = set(self.num_new_tokens)
+        self.uniform = counts.pop() if len(counts) == 1 else None
+
+    @classmethod
+    def reserve(cls, cache: PagedLatentCache, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> "LatentBatch":
+        """Reserve ``num_new_tokens[i]`` positions for each ``seq_ids[i]`` (all or none: ``CacheFullError``
+        changes nothing) and return the step's metadata."""
+        if not isinstance(cache, PagedLatentCache):
+            raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
+        slots = cache.append_batch(seq_ids, num_new_tokens)
+        return cls(cache, seq_ids, num_new_tokens, slots)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------------------------
+
+
+def _dim(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 Multi-head Latent Attention over a paged latent cache.
+
+    Parameters (names as transformers' ``DeepseekV3Attention``): ``q_proj`` ``[H*(D_nope+P), hidden]`` when
+    ``q_lora_rank`` is None or 0, else ``q_a_proj`` ``[q_lora_rank, hidden]``, ``q_a_layernorm``,
+    ``q_b_proj`` ``[H*(D_nope+P), q_lora_rank]``; ``kv_a_proj_with_mqa`` ``[R+P, hidden]``, ``kv_a_layernorm``
+    ``[R]``, ``kv_b_proj`` ``[H*(D_nope+D_v), R]``, ``o_proj`` ``[hidden, H*D_v]``.
+
+    Args:
+        hidden_size, num_heads, kv_lora_rank (R), qk_nope_head_dim (D_nope), qk_rope_head_dim (P),
+            v_head_dim (D_v): the shapes. R and P must be powers of two from 16 to 1024 (the kernels' tiles).
+        q_lora_rank: rank of the query LoRA, or None/0 for a plain ``q_proj``.
+        rope_parameters: transformers' ``config.rope_parameters``: ``rope_theta`` and ``rope_type``
+            ("default" or "yarn" with ``factor``, ``original_max_position_embeddings``, ``beta_fast``,
+            ``beta_slow``, ``mscale``, ``mscale_all_dim``). YaRN's mscale corrects the softmax scale.
+        rope_interleave: DeepSeek-V3's interleaved rope pairs (True) or ``rotate_half`` (False).
+        rope_style: overrides rope_interleave: "interleave", "half" or "pairs" (DeepSeek-V2's complex rope).
+        attention_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (as transformers).
+        layer_idx: this layer's index in the ``PagedLatentCache``.
+
+    ``forward(hidden_states, batch)`` runs one step: see its docstring. Inference only (the kernels have no
+    backward).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                 qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
+                 rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
+                 attention_bias: bool = False, max_position_embeddings: int = 4096, layer_idx: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.hidden_size = _dim("hidden_size", hidden_size)
+        self.num_heads = _dim("num_heads", num_heads)
+        self.kv_lora_rank = _dim("kv_lora_rank", kv_lora_rank)
+        self.qk_nope_head_dim = _dim("qk_nope_head_dim", qk_nope_head_dim)
+        self.qk_rope_head_dim = _dim("qk_rope_head_dim", qk_rope_head_dim)
+        self.v_head_dim = _dim("v_head_dim", v_head_dim)
+        _utils.check_width("kv_lora_rank", kv_lora_rank)
+        _utils.check_width("qk_rope_head_dim", qk_rope_head_dim)
+        if q_lora_rank is not None:
+            _dim("q_lora_rank", q_lora_rank, 0)
+        self.q_lora_rank = q_lora_rank or None
+        self.layer_idx = _dim("layer_idx", layer_idx, 0)
+        if rope_style is None:
+            rope_style = "interleave" if rope_interleave else "half"
+        if rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
+        self.rope_style = rope_style
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.softmax_scale = softmax_scale_for(self.qk_head_dim, self.rope_parameters)
+
+        kw = dict(device=device, dtype=dtype)
+        heads_qk = num_heads * self.qk_head_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden_size, heads_qk, bias=False, **kw)
+        else:
+            self.q_a_proj = nn.Linear(hidden_size, self.q_lora_rank, bias=attention_bias, **kw)
+            self.q_a_layernorm = DeepseekRMSNorm(self.q_lora_rank, **kw)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, heads_qk, bias=False, **kw)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=attention_bias, **kw)
+        self.kv_a_layernorm = DeepseekRMSNorm(kv_lora_rank, **kw)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
+        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=attention_bias, **kw)
+
+        inv_freq, self.rope_scaling_factor = rope_inv_freq(qk_rope_head_dim, self.rope_parameters,
+                                                           max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq if device is None else inv_freq.to(device), persistent=False)
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int = 0, device=None, dtype=None) -> "MLAttention":
+        """Build from a transformers ``DeepseekV3Config`` / ``DeepseekV2Config`` (or anything with the same fields)."""
+        return cls(**config_kwargs(config), layer_idx=layer_idx, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
+                f"nope={self.qk_nope_head_dim}, rope={self.qk_rope_head_dim} ({self.rope_style}), v={self.v_head_dim}, "
+                f"softmax_scale={self.softmax_scale:.6g}, layer_idx={self.layer_idx}")
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [..., P]`` for integer ``positions [...]`` (transformers' layout ``cat(f, f)``)."""
+        freqs = positions[..., None].float() * self.inv_freq.to(device=positions.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scaling_factor).to(dtype), (emb.sin() * self.rope_scaling_factor).to(dtype)
+
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projections and rope for tokens ``hidden_states [..., hidden]``, ``cos``/``sin`` ``[..., P]``.
+
+        Returns ``q_nope [..., H, D_nope]``, ``q_pe [..., H, P]`` (roped), ``kv_c [..., R]`` (normalized latent),
+        ``k_pe [..., P]`` (roped key).
+        """
+        lead = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(*lead, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_c = self.kv_a_layernorm(kv_c)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
+        k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
+        return q_nope, q_pe, kv_c, k_pe
+
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
+               batch: LatentBatch) -> torch.Tensor:
+        """Store the new tokens in the cache and attend: packed ``q_nope [T, H, D_nope]``, ``q_pe [T, H, P]``,
+        ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.
+
+        Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved in layer ``layer_idx`` (``write_cache``); then
+        ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
+        tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention``.
+        """
+        cache = batch.cache
+        dtype = cache.dtype
+        if q_nope.dtype != dtype:
+            raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
+                            f"PagedLatentCache with dtype={q_nope.dtype}")
+        cache.write(self.layer_idx, batch.slots, kv_c.contiguous(), k_pe.contiguous())
+        total = q_nope.shape[0]
+        w_kv_b = self.kv_b_proj.weight
+        if total == 0:
+            return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
+        kv_cache, pe_cache = cache.kv_cache(self.layer_idx), cache.pe_cache(self.layer_idx)
+        if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
+            s_q = batch.uniform
+            w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+            out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
+                             q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
+                             kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
+                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k)
+            return out.reshape(total, self.num_heads, self.v_head_dim)
+        return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
+                                     batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, batch: LatentBatch,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One step of attention over the paged latent cache.
+
+        Args:
+            hidden_states: ``[T, hidden]`` the step's new tokens packed sequence after sequence in ``batch``
+                order, or ``[B, S, hidden]`` when every sequence of ``batch`` has S new tokens.
+            batch: the step's ``LatentBatch`` (from ``LatentBatch.reserve``), shared by every layer.
+            position_embeddings: optional ``(cos, sin)`` ``[T, P]`` (or ``[B, S, P]``); by default computed from
+                ``batch.positions`` with this module's (YaRN) rotary embedding.
+
+        Returns the attention output after ``o_proj``, shaped like ``hidden_states``.
+        """
+        _utils.check_tensor("hidden_states", hidden_states)
+        if not isinstance(batch, LatentBatch):
+            raise TypeError(f"batch must be a LatentBatch, got {type(batch).__name__}")
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must end in hidden_size={self.hidden_size}, got shape "
+                             f"{tuple(hidden_states.shape)}")
+        if hidden_states.dim() == 3:
+            b, s = hidden_states.shape[:2]
+            if b != batch.batch_size or any(n != s for n in batch.num_new_tokens):
+                raise ValueError(f"hidden_states [B, S, hidden] = {tuple(hidden_states.shape)} needs a batch of B={b} "
+                                 f"sequences with S={s} new tokens each; batch has {batch.num_new_tokens}")
+        elif hidden_states.dim() != 2:
+            raise ValueError(f"hidden_states must be [T, hidden] or [B, S, hidden], got shape "
+                             f"{tuple(hidden_states.shape)}")
+        lead = hidden_states.shape[:-1]
+        flat = hidden_states.reshape(-1, self.hidden_size)
+        if flat.shape[0] != batch.num_tokens:
+            raise ValueError(f"hidden_states has {flat.shape[0]} tokens but batch reserved {batch.num_tokens}")
+        _check_inference(self)
+        if position_embeddings is None:
+            cos, sin = self.rotary(batch.positions, flat.dtype)
+        else:
+            cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
+        q_nope, q_pe, kv_c, k_pe = self.project(flat, cos, sin)
+        out = self.attend(q_nope, q_pe, kv_c, k_pe, batch)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
+
+
+def _check_inference(module: nn.Module) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+        raise RuntimeError("MLAttention runs inference kernels without a backward pass: call it under "
+                           "torch.no_grad() or torch.inference_mode(), or freeze its parameters")
+
+
+def config_kwargs(config) -> dict:
+    """MLAttention's constructor arguments from a transformers DeepSeek config."""
+    missing = [name for name in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                                 "qk_rope_head_dim", "v_head_dim") if getattr(config, name, None) is None]
+    if missing:
+        raise ValueError(f"config lacks the MLA fields {missing}: is it a DeepSeek-V2/V3 config?")
+    rope = getattr(config, "rope_parameters", None)
+    if rope is None:
+        rope = dict(getattr(config, "rope_scaling", None) or {})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if getattr(config, "model_type", "") == "deepseek_v2":
+        style = "pairs"
+    else:
+        style = "interleave" if getattr(config, "rope_interleave", True) else "half"
+    return dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+                qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+                q_lora_rank=getattr(config, "q_lora_rank", None), rope_parameters=dict(rope), rope_style=style,
+                attention_bias=bool(getattr(config, "attention_bias", False)),
+                max_position_embeddings=getattr(config, "max_position_embeddings", 4096))
