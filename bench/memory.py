@@ -201,13 +201,7 @@ def decode_peaks(device, contexts, naive_gflop_limit: float | None) -> list[dict
         for ctx in h.progress(contexts, f"peaks {name}"):
             case = make_case(shape, [ctx], PAGE, dtype, device)
             cache_bytes = case.kv_cache.untyped_storage().nbytes()
-            scale = shape.softmax_scale
-            calls = {
-                "mla_decode": lambda: mla_decode(case.q_abs, case.q_pe, case.kv_cache, case.pe_cache, case.block_table,
-                                                 case.cache_seqlens, scale, w_uv=case.w_uv, max_seqlen_k=ctx),
-                "naive": lambda: naive_decode(case.q_nope, case.q_pe, case.kv_cache, case.pe_cache, case.block_table,
-                                              case.cache_seqlens, scale, case.w_kv_b, shape.d_v, ctx),
-            }
+            calls = _decode_calls(case, ctx, mla_decode)
             for prov, fn in calls.items():
                 row = {"shape": name, "heads": shape.heads, "ctx": ctx, "provider": prov, "cache_bytes": cache_bytes,
                        "estimated_workspace_bytes": provider_bytes(prov, shape, 1, ctx)}
@@ -223,8 +217,19 @@ def decode_peaks(device, contexts, naive_gflop_limit: float | None) -> list[dict
                     if peak is not None:
                         row["peak_bytes"] = cache_bytes + peak
                 rows.append(row)
-            del case
+            del case, calls
     return rows
+
+
+def _decode_calls(case, ctx: int, mla_decode) -> dict:
+    """The two decode paths over one case: mla_decode (W_UV applied) and the naive decompression."""
+    c, scale = case, case.shape.softmax_scale
+    return {
+        "mla_decode": lambda: mla_decode(c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens,
+                                         scale, w_uv=c.w_uv, max_seqlen_k=ctx),
+        "naive": lambda: naive_decode(c.q_nope, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens,
+                                      scale, c.w_kv_b, c.shape.d_v, ctx),
+    }
 
 
 def print_peaks(rows, cpu: bool) -> None:

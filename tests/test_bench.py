@@ -11,7 +11,7 @@ import torch
 from bench import _harness as h
 from bench import decode as bd
 from bench import memory as bm
-from reference import absorbed_decode, naive_mla
+from reference import naive_mla
 
 
 def test_flop_and_byte_models_by_hand():
