@@ -339,11 +339,12 @@ class MLAttention(nn.Module):
         return q_nope, q_pe, kv_c, k_pe
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
-               batch: LatentBatch) -> torch.Tensor:
+               batch: LatentBatch, layer: int | None = None) -> torch.Tensor:
         """Store the new tokens in the cache and attend: packed ``q_nope [T, H, D_nope]``, ``q_pe [T, H, P]``,
         ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.
 
-        Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved in layer ``layer_idx`` (``write_cache``); then
+        Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved, in cache layer ``layer`` (default
+        ``layer_idx``) with ``write_cache``; then
         ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
         tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention``.
         """
@@ -352,12 +353,13 @@ class MLAttention(nn.Module):
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype}")
-        cache.write(self.layer_idx, batch.slots, kv_c.contiguous(), k_pe.contiguous())
+        layer = self.layer_idx if layer is None else layer
+        cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         total = q_nope.shape[0]
         w_kv_b = self.kv_b_proj.weight
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
-        kv_cache, pe_cache = cache.kv_cache(self.layer_idx), cache.pe_cache(self.layer_idx)
+        kv_cache, pe_cache = cache.kv_cache(layer), cache.pe_cache(layer)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)

@@ -1,0 +1,5 @@
+"""Framework integrations: one module per framework. transformers is imported only when a model is patched."""
+
+from .transformers import latent_cache, patch_model, unpatch_model
+
+__all__ = ["patch_model", "unpatch_model", "latent_cache"]

@@ -1,0 +1,451 @@
+"""Run a transformers DeepSeek-V3 (or V2) model on the library's kernels, keeping only the latent cache.
+
+``patch_model(model)`` replaces every layer's ``self_attn`` by a ``TransformersMLAttention`` that adopts
+the same projection modules (no weight is copied: the model's state dict is unchanged). Generation and
+plain forward calls then cache per token and layer only the normalized latent and the roped key
+(``R + P`` values, in a ``PagedLatentCache``), never per-head K/V.
+
+How it fits transformers' cache (checked on transformers 5.17 and 5.23, whose DeepSeek attention is the
+same: it passes the latent ``[B, 1, S, R]`` and rope key ``[B, 1, S, P]`` to ``Cache.update`` and expands
+them through ``kv_b_proj`` for every step):
+
+- the transformers ``Cache`` passed as ``past_key_values`` keeps its role for the bookkeeping —
+  ``get_seq_length``, ``get_mask_sizes``, hence cache positions, position ids and masks — but each of its
+  layers becomes a ``LatentCacheLayer`` that counts tokens and stores nothing;
+- the latent itself goes to a ``PagedLatentCache`` attached to that Cache object on first use (one
+  sequence per batch row), sized from the batch and the first call's length and doubled whenever full
+  (or ``CacheFullError`` past ``max_cache_tokens``);
+- left padding: the new tokens the layer's attention mask hides from the last query are pads; they are
+  not stored, so every sequence attends only to its real tokens. Rope comes from the model's own
+  ``position_embeddings``, so positions are whatever transformers computed (with left padding,
+  ``attention_mask.cumsum - 1``).
+
+A fresh ``DynamicCache`` (what ``generate`` makes) or ``past_key_values=None`` work; a Cache that already
+holds transformers K/V, static caches, beam search and cache cropping raise a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _utils
+from ..cache import CacheFullError, PagedLatentCache
+from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
+
+__all__ = ["patch_model", "unpatch_model", "latent_cache", "TransformersMLAttention", "LatentCacheLayer",
+           "SUPPORTED_MODEL_TYPES"]
+
+SUPPORTED_MODEL_TYPES = {
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
+    "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
+}
+_ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+            "o_proj")
+INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformers-side cache layer and the latent state attached to a Cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _dynamic_layer_class():
+    from transformers.cache_utils import DynamicLayer
+    return DynamicLayer
+
+
+def _make_latent_layer_class():
+    DynamicLayer = _dynamic_layer_class()
+
+    class LatentCacheLayer(DynamicLayer):
+        """A transformers cache layer that counts tokens and stores no K/V.
+
+        ``get_seq_length`` and ``get_mask_sizes`` answer as a ``DynamicLayer`` holding the same tokens would
+        (pads included, as transformers counts them); the data lives in the ``PagedLatentCache`` of the
+        state shared by the Cache's layers.
+        """
+
+        def __init__(self, state: "_LatentState | None" = None):
+            super().__init__()
+            self.cumulative_length = 0
+            self.state = state
+
+        def lazy_initialization(self, key_states, value_states=None):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.cumulative_length += key_states.shape[-2]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.cumulative_length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.cumulative_length + query_length, 0
+
+        def reset(self) -> None:
+            self.cumulative_length = 0
+            if self.state is not None:
+                self.state.reset()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove:
+                raise NotImplementedError("the patched model's latent cache can't be cropped (assisted or "
+                                          "prompt-lookup decoding); unpatch_model(model) to use them")
+
+        def reorder_cache(self, beam_idx) -> None:
+            raise NotImplementedError("beam search is not supported by the patched model's latent cache; "
+                                      "use greedy or sampling, or unpatch_model(model)")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.cumulative_length:
+                raise NotImplementedError("expanding a filled latent cache over the batch is not supported")
+
+        def batch_select_indices(self, indices) -> None:
+            if self.cumulative_length:
+                raise NotImplementedError("selecting batch rows of a filled latent cache is not supported")
+
+    return LatentCacheLayer
+
+
+_LATENT_LAYER_CLASS = None
+
+
+def _latent_layer_class():
+    global _LATENT_LAYER_CLASS
+    if _LATENT_LAYER_CLASS is None:
+        _LATENT_LAYER_CLASS = _make_latent_layer_class()
+    return _LATENT_LAYER_CLASS
+
+
+def __getattr__(name):
+    if name == "LatentCacheLayer":
+        return _latent_layer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _LatentState:
+    """The latent cache behind one transformers Cache: the paged cache, one sequence per batch row, and
+    the step every layer is on (all layers of one forward share one slot reservation)."""
+
+    def __init__(self, num_layers: int, block_size: int, max_cache_tokens: int | None):
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.max_cache_tokens = max_cache_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.paged: PagedLatentCache | None = None
+        self.rows: list | None = None
+        self.steps = 0
+        self.calls: dict[int, int] = {}
+        self.current: LatentBatch | None = None
+        self.current_shape: tuple[int, int] | None = None
+
+    def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
+                  real: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> LatentBatch:
+        calls = self.calls.get(layer_idx, 0)
+        if calls == self.steps:
+            self.current = self._new_step(attn, batch_size, query_len, real, dtype, device)
+            self.current_shape = (batch_size, query_len)
+            self.steps += 1
+        elif calls != self.steps - 1:
+            raise RuntimeError(f"layer {layer_idx} is at step {calls} of its latent cache but the model is at step "
+                               f"{self.steps}: a forward pass was interrupted; start over with a new cache")
+        elif self.current_shape != (batch_size, query_len):
+            raise RuntimeError(f"layer {layer_idx} got {batch_size}x{query_len} tokens in a step where the first layer "
+                               f"got {self.current_shape[0]}x{self.current_shape[1]}")
+        self.calls[layer_idx] = calls + 1
+        return self.current
+
+    def _new_step(self, attn, batch_size, query_len, real, dtype, device) -> LatentBatch:
+        if self.paged is None:
+            per_row = math.ceil((query_len + INITIAL_HEADROOM_TOKENS) / self.block_size)
+            blocks = max(1, batch_size * per_row)
+            if self.max_cache_tokens is not None:
+                blocks = max(1, min(blocks, self.max_cache_tokens // self.block_size))
+            self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.kv_lora_rank,
+                                          attn.qk_rope_head_dim, dtype=dtype, device=device)
+        if self.paged.dtype != dtype:
+            raise TypeError(f"the latent cache holds {self.paged.dtype} but the model now computes in {dtype}")
+        if self.rows is None:
+            self.rows = [self.paged.add_sequence() for _ in range(batch_size)]
+        elif len(self.rows) != batch_size:
+            raise ValueError(f"past_key_values holds {len(self.rows)} sequences but this call has a batch of "
+                             f"{batch_size}; use a new cache for a new batch")
+        counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
+        try:
+            return LatentBatch.reserve(self.paged, self.rows, counts)
+        except CacheFullError:
+            self._grow(self.paged.blocks_needed(self.rows, counts))
+            return LatentBatch.reserve(self.paged, self.rows, counts)
+
+    def _grow(self, blocks_needed: int) -> None:
+        """Move everything into a cache with at least twice the blocks (and room for ``blocks_needed``);
+        ``CacheFullError`` if that would pass ``max_cache_tokens``."""
+        old = self.paged
+        used = old.num_blocks - old.num_free_blocks
+        blocks = max(2 * old.num_blocks, used + blocks_needed)
+        if self.max_cache_tokens is not None:
+            cap = self.max_cache_tokens // self.block_size
+            if used + blocks_needed > cap:
+                raise CacheFullError(
+                    f"the latent cache is full: {used} blocks of {self.block_size} tokens in use, {blocks_needed} more "
+                    f"needed, max_cache_tokens={self.max_cache_tokens} allows {cap}; pass a larger max_cache_tokens "
+                    f"to patch_model")
+            blocks = min(blocks, cap)
+        new = PagedLatentCache(old.num_layers, blocks, old.block_size, old.kv_lora_rank, old.rope_dim,
+                               dtype=old.dtype, device=old.device)
+        width = old.kv_lora_rank + old.rope_dim
+        for seq in old.seq_ids:
+            new.add_sequence(seq)
+            length = old.seqlen(seq)
+            if length:
+                src, dst = old.slots(seq), new.append(seq, length)
+                for layer in range(old.num_layers):
+                    new.buffer(layer).view(-1, width)[dst] = old.buffer(layer).view(-1, width)[src]
+        self.paged = new
+
+
+def latent_cache(past_key_values) -> PagedLatentCache | None:
+    """The ``PagedLatentCache`` a patched model keeps behind a transformers Cache (None before first use)."""
+    state = getattr(past_key_values, "_mla_latent_state", None)
+    return None if state is None else state.paged
+
+
+def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, max_cache_tokens) -> _LatentState:
+    """The Cache's latent state (created on first use), with its layer ``layer_idx`` a LatentCacheLayer."""
+    from transformers.cache_utils import Cache
+    if not isinstance(past_key_values, Cache):
+        raise TypeError(f"past_key_values must be a transformers Cache (DynamicCache) or None, got "
+                        f"{type(past_key_values).__name__}")
+    state = getattr(past_key_values, "_mla_latent_state", None)
+    if state is None:
+        state = _LatentState(num_layers, block_size, max_cache_tokens)
+        past_key_values._mla_latent_state = state
+    latent_cls, dynamic_cls = _latent_layer_class(), _dynamic_layer_class()
+    layers = past_key_values.layers
+    if getattr(past_key_values, "layer_class_to_replicate", None) is not None:
+        past_key_values.layer_class_to_replicate = lambda: latent_cls(state)
+        while len(layers) <= layer_idx:
+            layers.append(latent_cls(state))
+    if layer_idx >= len(layers):
+        raise ValueError(f"past_key_values has {len(layers)} layers, fewer than the model's layer {layer_idx}")
+    layer = layers[layer_idx]
+    if isinstance(layer, latent_cls):
+        if layer.state is not state:
+            layer.state = state
+        return state
+    if type(layer) is dynamic_cls and layer.get_seq_length() == 0:
+        layers[layer_idx] = latent_cls(state)
+        return state
+    raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__} holding "
+                     f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
+                     f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
+
+
+def _real_tokens(attention_mask, batch_size: int, query_len: int) -> torch.Tensor | None:
+    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are.
+
+    A new token is a pad when the last query may not attend to it: read from the 4-D mask (bool, or
+    additive float as eager attention gets it) or a 2-D ``[B, KV]`` padding mask.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask of type {type(attention_mask).__name__} is not supported (use the eager "
+                        f"or sdpa attention implementation)")
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, -query_len:]
+    elif attention_mask.dim() == 2:
+        row = attention_mask[:, -query_len:]
+    else:
+        raise ValueError(f"attention_mask must be 4-D [B, 1, Q, KV] or 2-D [B, KV], got shape "
+                         f"{tuple(attention_mask.shape)}")
+    if row.dtype == torch.bool:
+        real = row
+    elif row.is_floating_point():
+        real = row > torch.finfo(row.dtype).min / 2
+    else:
+        real = row != 0
+    real = real.expand(batch_size, query_len)
+    return None if bool(real.all()) else real
+
+
+def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``position_embeddings`` as ``(cos, sin)`` ``[B, Q, P]``: V3 passes that tuple, V2 a
+    complex ``freqs_cis [B, Q, P/2]``."""
+    if isinstance(position_embeddings, torch.Tensor) and position_embeddings.is_complex():
+        real, imag = position_embeddings.real, position_embeddings.imag
+        return torch.cat((real, real), dim=-1), torch.cat((imag, imag), dim=-1)
+    if isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2:
+        return position_embeddings[0], position_embeddings[1]
+    raise TypeError("position_embeddings must be (cos, sin) (DeepSeek-V3) or complex freqs_cis (DeepSeek-V2), got "
+                    f"{type(position_embeddings).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention module transformers calls
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformersMLAttention(MLAttention):
+    """``MLAttention`` with the call signature of transformers' DeepSeek attention.
+
+    ``forward(hidden_states [B, Q, hidden], position_embeddings, attention_mask, past_key_values, **kwargs)``
+    returns ``(attn_output [B, Q, hidden], None)``; attention weights are never materialized.
+    """
+
+    num_cache_layers: int
+    block_size: int
+    max_cache_tokens: int | None
+
+    @classmethod
+    def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
+              max_cache_tokens: int | None) -> "TransformersMLAttention":
+        """A module sharing ``original``'s projection modules (a transformers DeepSeek attention)."""
+        config = original.config
+        new = cls(**config_kwargs(config), layer_idx=original.layer_idx, device="meta")
+        for name in _ADOPTED:
+            if name in new._modules:
+                setattr(new, name, getattr(original, name))
+        device = original.kv_b_proj.weight.device
+        new.inv_freq = rope_inv_freq(new.qk_rope_head_dim, new.rope_parameters,
+                                     getattr(config, "max_position_embeddings", 4096))[0].to(device)
+        new.softmax_scale = float(original.scaling)
+        new.num_cache_layers = num_cache_layers
+        new.block_size = block_size
+        new.max_cache_tokens = max_cache_tokens
+        new.is_causal = True
+        object.__setattr__(new, "_hf_original", original)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        if position_embeddings is None:
+            raise ValueError("position_embeddings is required (the model's rotary embedding output)")
+        _check_inference(self)
+        batch_size, query_len = hidden_states.shape[:2]
+        cos, sin = _rope_tables(position_embeddings)
+        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
+        real = _real_tokens(attention_mask, batch_size, query_len)
+
+        if past_key_values is None:
+            paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
+                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=kv_c.dtype, device=kv_c.device)
+            rows = [paged.add_sequence() for _ in range(batch_size)]
+            counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
+            batch, layer = LatentBatch.reserve(paged, rows, counts), 0
+        else:
+            state = _attach(past_key_values, self.layer_idx, self.num_cache_layers, self.block_size,
+                            self.max_cache_tokens)
+            batch = state.batch_for(self.layer_idx, self, batch_size, query_len, real, kv_c.dtype, kv_c.device)
+            layer = self.layer_idx
+            empty = kv_c.new_empty(batch_size, 1, query_len, 0)
+            past_key_values.update(empty, empty, self.layer_idx)
+
+        if real is None:
+            flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
+            out = self.attend(*flat, batch, layer=layer).reshape(batch_size, query_len, -1)
+        else:
+            packed = self.attend(q_nope[real], q_pe[real], kv_c[real], k_pe[real], batch, layer=layer)
+            out = packed.new_zeros(batch_size, query_len, self.num_heads, self.v_head_dim)
+            out[real] = packed
+            out = out.view(batch_size, query_len, -1)
+        return self.o_proj(out), None
+
+
+# ---------------------------------------------------------------------------------------------
+# patching
+# ---------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: nn.Module):
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(f"patch_model takes a transformers DeepSeek-V3/V2 model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                        f"got {type(model).__name__} with model_type {model_type!r}")
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"{type(model).__name__} has no decoder layers at .model.layers or .layers")
+    return config, model_type, layers
+
+
+def _attention_class(model_type: str):
+    import importlib
+    module_name, class_name = SUPPORTED_MODEL_TYPES[model_type]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise TypeError(f"the installed transformers has no {class_name}; it can't patch {model_type} models") from None
+
+
+def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None) -> nn.Module:
+    """Swap every attention layer of a transformers DeepSeek-V3 (or V2) model for ``TransformersMLAttention``.
+
+    Args:
+        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 classes), in bfloat16 or float16 (the
+            kernels' dtypes).
+        block_size: tokens per page of the latent cache.
+        max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
+            a step raises ``CacheFullError`` before writing anything. None: grow without limit.
+
+    Returns ``model``, patched in place: the new modules share the original projection modules (no copies; the
+    state dict keeps its keys and tensors). Every layer is checked before any is swapped, so a model that can't
+    be patched raises ``TypeError``/``ValueError`` and is left as it was. ``unpatch_model`` restores it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if max_cache_tokens is not None and (isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int)
+                                         or max_cache_tokens < block_size):
+        raise ValueError(f"max_cache_tokens must be None or an int >= block_size, got {max_cache_tokens!r}")
+    config, model_type, layers = _decoder_layers(model)
+    attn_cls = _attention_class(model_type)
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, TransformersMLAttention):
+            raise ValueError(f"model is already patched (layer {i}); call unpatch_model first")
+        if type(attn) is not attn_cls:
+            raise TypeError(f"layer {i}'s self_attn is a {type(attn).__name__}, not {attn_cls.__name__}; "
+                            f"patch_model can't replace it")
+        missing = [n for n in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj") if getattr(attn, n, None) is None]
+        if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
+            raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
+        dtype = attn.kv_b_proj.weight.dtype
+        if dtype not in _utils.FLOAT_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
+            raise TypeError(f"layer {i} computes in {str(dtype).replace('torch.', '')}; the kernels take ({names}): "
+                            f"convert the model first, e.g. model.to(torch.bfloat16)")
+    for name in ("kv_lora_rank", "qk_rope_head_dim"):
+        _utils.check_width(f"config.{name}", getattr(config, name))
+    if config.q_lora_rank == 0:
+        raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"config.rope_parameters rope_type {rope_type!r} is not supported (default or yarn)")
+
+    for layer in layers:
+        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put back the transformers attention modules ``patch_model`` replaced (same parameters). Returns ``model``."""
+    _, _, layers = _decoder_layers(model)
+    for layer in layers:
+        attn = layer.self_attn
+        if isinstance(attn, TransformersMLAttention):
+            layer.self_attn = attn._hf_original
+    return model
