@@ -294,7 +294,7 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     batch, s_q = q_nope.shape[:2]
     page = kv_cache.shape[1]
     device = q_nope.device
-    max_len = block_table.shape[1] * page
+    max_len = min(block_table.shape[1] * page, int(seqlens.max()) if seqlens.numel() else 0)  # host sync: fine here
     pos = torch.arange(max_len, device=device)
     valid = pos[None, :] < seqlens[:, None].long()  # [B, L]
     blocks = torch.where(valid, block_table.long()[:, pos // page], 0)
