@@ -2,6 +2,8 @@
 
 from .cache import CacheFullError, PagedLatentCache, write_cache
 from .decode import mla_decode
+from .integrations import patch_model, unpatch_model
+from .module import LatentBatch, MLAttention
 
 __version__ = "0.1.0"
 
@@ -10,4 +12,8 @@ __all__ = [
     "write_cache",
     "PagedLatentCache",
     "CacheFullError",
+    "MLAttention",
+    "LatentBatch",
+    "patch_model",
+    "unpatch_model",
 ]

@@ -33,7 +33,6 @@ from torch import nn
 from . import _utils
 from .cache import PagedLatentCache
 from .decode import mla_decode
-from .prefill import mla_prefill_attention
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -370,6 +369,8 @@ class MLAttention(nn.Module):
                              kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
                              causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k)
             return out.reshape(total, self.num_heads, self.v_head_dim)
+        from .prefill import mla_prefill_attention
+
         return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
                                      batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True)
 

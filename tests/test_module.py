@@ -1,0 +1,248 @@
+"""MLAttention against transformers' DeepseekV3Attention: same weights, same outputs, over the paged latent cache.
+
+The kernels run through the Triton interpreter on the CPU. fp32 parity needs the kernels to take fp32:
+their public checks admit bf16/fp16 only, so the ``fp32_kernels`` fixture widens that gate (the kernels
+compute in fp32 on the CPU either way: ``DOT_FP32``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mla_kernels
+from helpers import assert_close
+from mla_kernels import _utils
+from mla_kernels import cache as cache_mod
+from mla_kernels.cache import CacheFullError, PagedLatentCache
+from mla_kernels.module import LatentBatch, MLAttention
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV3Config  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}
+CONFIGS = {
+    "qproj-default": dict(q_lora_rank=None, rope_parameters=None),
+    "qlora-yarn": dict(q_lora_rank=32, rope_parameters=YARN),
+    "qproj-halfrope": dict(q_lora_rank=None, rope_parameters=None, rope_interleave=False),
+}
+
+
+def tiny_config(**overrides) -> DeepseekV3Config:
+    kw = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, vocab_size=128, num_hidden_layers=2,
+              intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+              topk_group=1, first_k_dense_replace=1, max_position_embeddings=256, attn_implementation="eager",
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return DeepseekV3Config(**kw)
+
+
+@pytest.fixture
+def fp32_kernels(monkeypatch):
+    """Let the kernels' public checks admit float32 (see the module docstring)."""
+    widened = tuple(_utils.FLOAT_DTYPES) + ((torch.float32,) if torch.float32 not in _utils.FLOAT_DTYPES else ())
+    monkeypatch.setattr(_utils, "FLOAT_DTYPES", widened)
+    monkeypatch.setattr(cache_mod, "FLOAT_DTYPES", widened)
+
+
+def reference_attention(config, seed=1):
+    """A transformers DeepseekV3Attention with random weights (std 0.2, so attention is far from uniform)."""
+    torch.manual_seed(seed)
+    ref = DeepseekV3Attention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    return ref
+
+
+def causal_mask(past: int, new: int) -> torch.Tensor:
+    """Additive [1, 1, new, past + new] mask, as eager attention takes it."""
+    hidden = torch.arange(past + new)[None, :] > (past + torch.arange(new))[:, None]
+    return torch.zeros(new, past + new).masked_fill(hidden, float("-inf"))[None, None]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_state_dict_loads_unchanged(name):
+    config = tiny_config(**CONFIGS[name])
+    ref = reference_attention(config)
+    mod = MLAttention.from_config(config)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    mod.load_state_dict(ref.state_dict(), strict=True)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(mod.state_dict()[key], value), key
+    ref.load_state_dict(mod.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rope_and_scale_match_transformers(name):
+    config = tiny_config(**CONFIGS[name])
+    rotary = DeepseekV3RotaryEmbedding(config)
+    mod = MLAttention.from_config(config)
+    assert torch.equal(mod.inv_freq, rotary.inv_freq)
+    assert mod.rope_scaling_factor == rotary.attention_scaling
+    assert mod.softmax_scale == reference_attention(config).scaling
+    positions = torch.arange(40)[None]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    my_cos, my_sin = mod.rotary(positions, torch.float32)
+    assert torch.equal(my_cos, cos) and torch.equal(my_sin, sin)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_transformers_prefill_then_decode(name, fp32_kernels):
+    """Two sequences: ragged prefill, a second ragged prefill over that history (a new chat turn), single-token
+    decode steps, then a two-token decode step. Each step is compared with transformers' attention run on each
+    sequence alone with its own DynamicCache, in fp32."""
+    config = tiny_config(**CONFIGS[name])
+    ref = reference_attention(config)
+    rotary = DeepseekV3RotaryEmbedding(config)
+    mod = MLAttention.from_config(config)
+    mod.load_state_dict(ref.state_dict())
+    cache = PagedLatentCache(1, 32, 4, 32, 16, dtype=torch.float32)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    ref_caches = [DynamicCache(), DynamicCache()]
+    steps = [[5, 3], [4, 6], [1, 1], [1, 1], [2, 2]]
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for step, counts in enumerate(steps):
+            batch = LatentBatch.reserve(cache, seqs, counts)
+            x = torch.randn(sum(counts), config.hidden_size)
+            out = mod(x, batch)
+            expected, start = [], 0
+            for b, n in enumerate(counts):
+                past = ref_caches[b].get_seq_length()
+                positions = torch.arange(past, past + n)[None]
+                cos, sin = rotary(x, positions)
+                y, _ = ref(x[None, start:start + n], (cos, sin), causal_mask(past, n), ref_caches[b])
+                expected.append(y[0])
+                start += n
+            assert_close(f"step {step} {counts}", out, torch.cat(expected), torch.float32)
+
+
+def test_batched_layout_equals_packed(fp32_kernels):
+    """[B, S, hidden] input gives the packed [T, hidden] result reshaped."""
+    config = tiny_config()
+    mod = MLAttention.from_config(config)
+    cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.float32)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    x = torch.randn(2, 3, config.hidden_size)
+    with torch.no_grad():
+        batch = LatentBatch.reserve(cache, seqs, [3, 3])
+        packed = mod(x.reshape(6, -1), batch)
+        batched = mod(x, LatentBatch(cache, seqs, [3, 3], batch.slots))
+    assert torch.equal(batched.reshape(6, -1), packed)
+
+
+def test_bf16_against_fp64_reference():
+    """bf16 module and cache against the float64 transformers computation from the same (bf16-rounded) weights
+    and inputs. Tolerance: the output passes through about six bf16 roundings (projections, rope, norm, cache
+    write, attention output, o_proj), each ~2.3e-3 relative RMS and independent: ~6e-3; bound 1.5e-2."""
+    config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
+    ref = reference_attention(config).to(torch.bfloat16).double()
+    rotary = DeepseekV3RotaryEmbedding(config)
+    mod = MLAttention.from_config(config, dtype=torch.bfloat16)
+    mod.load_state_dict(ref.state_dict())
+    cache = PagedLatentCache(1, 16, 16, 32, 16, dtype=torch.bfloat16)
+    seq = cache.add_sequence()
+    x = torch.randn(1, 12, config.hidden_size).to(torch.bfloat16)
+    with torch.no_grad():
+        out = mod(x, LatentBatch.reserve(cache, [seq], [12]))
+        cos, sin = rotary(x.double(), torch.arange(12)[None])
+        expected, _ = ref(x.double(), (cos, sin), causal_mask(0, 12), None)
+    assert_close("bf16 prefill", out, expected, torch.bfloat16, rms_tol=1.5e-2, cos_tol=2e-4)
+
+
+def test_stores_only_latent_and_rope_key(fp32_kernels):
+    """The cache holds, per token, exactly kv_a_layernorm(c) and the roped k_pe; nothing per head."""
+    config = tiny_config()
+    ref = reference_attention(config)
+    mod = MLAttention.from_config(config)
+    mod.load_state_dict(ref.state_dict())
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    seq = cache.add_sequence()
+    x = torch.randn(7, config.hidden_size)
+    dc = DynamicCache()
+    with torch.no_grad():
+        mod(x, LatentBatch.reserve(cache, [seq], [7]))
+        cos, sin = DeepseekV3RotaryEmbedding(config)(x, torch.arange(7)[None])
+        ref(x[None], (cos, sin), causal_mask(0, 7), dc)
+    kv, pe = cache.read(0, seq)
+    assert cache.buffer(0).shape[-1] == config.kv_lora_rank + config.qk_rope_head_dim
+    torch.testing.assert_close(kv, dc.layers[0].keys[0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(pe, dc.layers[0].values[0, 0], rtol=0, atol=0)
+
+
+def test_full_cache_raises_before_writing():
+    """LatentBatch.reserve is all-or-nothing: a step that doesn't fit changes no sequence (seed 002's limit)."""
+    cache = PagedLatentCache(1, 2, 4, 32, 16, dtype=torch.bfloat16)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    LatentBatch.reserve(cache, [a], [6])
+    with pytest.raises(CacheFullError):
+        LatentBatch.reserve(cache, [a, b], [1, 4])
+    assert cache.seqlen(a) == 6 and cache.seqlen(b) == 0
+
+
+def test_torch_path_matches_interpreter(fp32_kernels, monkeypatch):
+    """The PyTorch path (CPU without the interpreter) gives the interpreter's result."""
+    config = tiny_config(q_lora_rank=32)
+    mod = MLAttention.from_config(config)
+    x = torch.randn(9, config.hidden_size)
+
+    def run():
+        cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        with torch.no_grad():
+            first = mod(x[:7], LatentBatch.reserve(cache, seqs, [4, 3]))
+            second = mod(x[7:], LatentBatch.reserve(cache, seqs, [1, 1]))
+        return torch.cat([first, second])
+
+    kernels = run()
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    assert_close("torch path", run(), kernels, torch.float32)
+
+
+def test_bad_arguments():
+    config = tiny_config()
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        MLAttention.from_config(tiny_config(kv_lora_rank=24))
+    with pytest.raises(ValueError, match="qk_rope_head_dim"):
+        MLAttention.from_config(tiny_config(qk_rope_head_dim=8))
+    with pytest.raises(TypeError, match="hidden_size"):
+        MLAttention(64.0, 4, 32, 16, 16, 16)
+    with pytest.raises(ValueError, match="rope_style"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_style="spiral")
+    with pytest.raises(ValueError, match="rope_type"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    mod = MLAttention.from_config(config, dtype=torch.bfloat16)
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.bfloat16)
+    seq = cache.add_sequence()
+    batch = LatentBatch.reserve(cache, [seq], [3])
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="batch"):
+            mod(x, None)
+        with pytest.raises(ValueError, match="hidden_size"):
+            mod(torch.randn(3, 32, dtype=torch.bfloat16), batch)
+        with pytest.raises(ValueError, match="tokens"):
+            mod(x[:2], batch)
+        with pytest.raises(ValueError, match="B=1"):
+            mod(x.view(1, 3, 64)[:, :2], batch)
+        with pytest.raises(TypeError, match="cache holds"):
+            MLAttention.from_config(config, dtype=torch.float16)(x.half(), batch)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        mod(x, batch)
+    with pytest.raises(TypeError, match="PagedLatentCache"):
+        LatentBatch.reserve(object(), [seq], [1])
+    with pytest.raises(ValueError, match="fewer than"):
+        LatentBatch(cache, [seq], [5], torch.zeros(5, dtype=torch.int64))
+
+
+def test_exported():
+    assert mla_kernels.MLAttention is MLAttention
+    assert mla_kernels.LatentBatch is LatentBatch
