@@ -4,11 +4,14 @@ from .cache import CacheFullError, PagedLatentCache, write_cache
 from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
+from .prefill import mla_prefill, mla_prefill_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "mla_decode",
+    "mla_prefill",
+    "mla_prefill_attention",
     "write_cache",
     "PagedLatentCache",
     "CacheFullError",

@@ -1,0 +1,578 @@
+"""MLA prefill over a paged latent cache: ragged batches of new tokens on top of cached history.
+
+Two ways to compute the same attention, and a call that picks between them:
+
+absorbed (``mla_prefill``)
+    The query is moved into latent space (q_nope @ W_UK) and attends directly over the cached
+    latent, as decode does; the output, in latent space, is moved out through W_UV. The kernel is
+    decode's ``_mla_attn_kernel`` with its ``VARLEN`` flag (rows given by ``cu_seqlens_q``).
+    Cost: 2 (R + P + R) FLOP per head per (query, key) pair; no per-key work.
+
+expanded (``_mla_expanded_kernel``)
+    Each sequence's latent (history + new) is gathered through the block table and expanded by one
+    GEMM through kv_b_proj into per-head K_nope and V; then ordinary causal varlen flash attention
+    with the score q_nope . k_nope + q_pe . k_pe, where k_pe (shared by all heads) is read straight
+    from the paged pe_cache. Cost: 2 (D_nope + P + D_v) FLOP per head per pair, plus
+    2 R H (D_nope + D_v) FLOP per key for the expansion.
+
+``mla_prefill_attention`` takes the raw (not absorbed) query and kv_b_proj's weight and chooses by
+``prefill_flops`` / ``choose_prefill_path``: short new segments over long histories favour the
+absorbed form, long prompts the expanded one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _utils
+from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _project_v
+
+PATHS = ("auto", "absorbed", "expanded")
+
+# Achieved FLOP/s of the absorbed path divided by that of the expanded path (attention + expansion GEMM).
+# 1.0 compares FLOP counts alone; the value to use is to be measured on a GPU with `python -m bench.prefill`
+# (its sweep prints the measured crossover) and written here.
+ABSORBED_RELATIVE_SPEED = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# cost model
+# --------------------------------------------------------------------------------------------
+
+
+def attended_pairs(new_lens, cache_lens, causal=True) -> int:
+    """(query, key) pairs attended over the batch: sum_b n_b h_b + n_b (n_b + 1) / 2 when causal
+    (history h_b = cache_lens[b] - n_b), sum_b n_b L_b otherwise. Plain Python ints in, int out."""
+    total = 0
+    for n, length in zip(new_lens, cache_lens):
+        n, length = int(n), int(length)
+        total += n * (length - n) + n * (n + 1) // 2 if causal else n * length
+    return total
+
+
+def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True) -> dict:
+    """FLOPs of the two prefill paths for one batch.
+
+    absorbed: 2 (R + P + R) per head per pair, plus absorbing the queries (2 T H D_nope R) and projecting
+        the outputs (2 T H R D_v);
+    expanded: 2 (D_nope + P + D_v) per head per pair, plus expanding every cached key through kv_b_proj
+        (2 L H R (D_nope + D_v), L = sum of cache_lens).
+
+    Per pair the absorbed form costs 2 (2R - D_nope - D_v) more per head. Per token, absorbing a query and
+    projecting its output costs what expanding one key does, 2 R (D_nope + D_v) per head, so the expanded path
+    pays extra only for the history keys. By FLOPs alone it wins once the batch attends more than
+    R (D_nope + D_v) / (2R - D_nope - D_v) pairs per history key: 170.7 at DeepSeek's widths (R 512,
+    D_nope = D_v = 128), whatever the head count. Without history it always wins; n new tokens over a long
+    history need n > ~171. ``choose_prefill_path`` weighs this by the measured speed ratio.
+    """
+    pairs = attended_pairs(new_lens, cache_lens, causal)
+    tokens = sum(int(n) for n in new_lens)
+    keys = sum(int(length) for length in cache_lens)
+    absorbed_attn = 2 * heads * pairs * (2 * d_latent + d_rope)
+    absorbed_proj = 2 * tokens * heads * d_latent * (d_nope + d_v)
+    expanded_attn = 2 * heads * pairs * (d_nope + d_rope + d_v)
+    expanded_gemm = 2 * keys * heads * d_latent * (d_nope + d_v)
+    return dict(pairs=pairs, absorbed_attention=absorbed_attn, absorbed=absorbed_attn + absorbed_proj,
+                expanded_attention=expanded_attn, expanded=expanded_attn + expanded_gemm)
+
+
+def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True,
+                        relative_speed=None) -> str:
+    """"absorbed" or "expanded": the path with the smaller estimated time, FLOPs / achieved FLOP/s.
+
+    ``relative_speed`` is the absorbed path's achieved FLOP/s over the expanded path's
+    (default ``ABSORBED_RELATIVE_SPEED``); the expanded path is chosen when
+    ``flops["expanded"] < flops["absorbed"] / relative_speed``.
+    """
+    if not (_utils.is_pow2(d_nope) and _utils.is_pow2(d_v) and d_nope >= 16 and d_v >= 16):
+        return "absorbed"  # the expanded kernel tiles D_nope and D_v as powers of two
+    speed = ABSORBED_RELATIVE_SPEED if relative_speed is None else relative_speed
+    flops = prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal)
+    return "expanded" if flops["expanded"] * speed < flops["absorbed"] else "absorbed"
+
+
+# --------------------------------------------------------------------------------------------
+# expanded path: config, kernel, launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device) -> dict | None:
+    """Tiles for the absorbed kernel in prefill: None (decode's ``_config``) on a GPU. The interpreter spends
+    ~50 ms per loop step whatever the tile, so there prefill's many rows run in large tiles (one test runs
+    the GPU tiles)."""
+    if device.type == "cuda":
+        return None
+    block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
+    return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=1)
+
+
+def _expanded_config(max_seqlen_q: int, device: torch.device) -> dict:
+    """Tiles for the expanded kernel: BLOCK_M query tokens of one head x BLOCK_N keys per step.
+
+    The fp32 accumulator is BLOCK_M x D_v; q (D_nope + P wide) stays in registers for the whole loop.
+    ptxas for sm_90 at DeepSeek's widths: 128 x 64 with 8 warps uses 255 registers and spills 268 bytes,
+    64 x 64 with 4 warps spills 516, 128 x 64 with 4 warps 3.5 KB. To be tuned on the GPU (the 8 x 4096,
+    128-head prompt is the target shape). The interpreter runs the NVIDIA tiles.
+    """
+    block_m = 128 if max_seqlen_q > 64 else 64
+    if _utils.is_hip() and device.type == "cuda":
+        return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if block_m == 128 else 4, num_stages=2)
+
+
+@triton.jit
+def _expanded_tiles(
+    acc, l_i, m_i, q_nope, q_pe, q_pos,
+    K_HEAD, V_HEAD, PE, BT_ROW,
+    stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok,
+    sm_scale_log2, lo, hi,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi) of one sequence and head. MASKED: keys past ``hi`` or (causal)
+    after a row's position are hidden; otherwise every key in range is visible to every row."""
+    offs_dn = tl.arange(0, D_NOPE)
+    offs_p = tl.arange(0, D_ROPE)
+    offs_dv = tl.arange(0, D_V)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions in the sequence
+        offs_n64 = offs_n.to(tl.int64)
+        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+        if MASKED:
+            n_mask = offs_n < hi
+            block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            k = tl.load(K_HEAD + offs_n64[None, :] * stride_k_t + offs_dn[:, None],
+                        mask=n_mask[None, :], other=0.0)  # [D_NOPE, BLOCK_N]
+            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None],
+                         mask=n_mask[None, :], other=0.0)  # [D_ROPE, BLOCK_N]
+            v = tl.load(V_HEAD + offs_n64[:, None] * stride_v_t + offs_dv[None, :],
+                        mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_V]
+        else:
+            block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE).to(tl.int64)
+            k = tl.load(K_HEAD + offs_n64[None, :] * stride_k_t + offs_dn[:, None])
+            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None])
+            v = tl.load(V_HEAD + offs_n64[:, None] * stride_v_t + offs_dv[None, :])
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            pe = pe.to(tl.float32)
+
+        qk = tl.dot(q_nope, k)
+        qk = tl.dot(q_pe, pe, qk)  # [BLOCK_M, BLOCK_N]
+        qk = qk * sm_scale_log2
+        if MASKED:
+            visible = n_mask[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = m_new
+        alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
+        p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v.dtype)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None])  # [BLOCK_M, D_V]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _mla_expanded_kernel(
+    Q_NOPE, Q_PE, K_NOPE, V, PE, BLOCK_TABLE, CU_SEQLENS_Q, CU_SEQLENS_K, SEQLENS,
+    OUT, LSE,
+    sm_scale_log2, num_heads,
+    stride_qn_t, stride_qn_h, stride_qp_t, stride_qp_h,
+    stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+    stride_pe_blk, stride_pe_tok, stride_bt_b,
+    stride_o_t, stride_o_h,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Causal varlen flash attention for one (block of new tokens, head, sequence).
+
+    Q_NOPE [T, H, D_NOPE], Q_PE [T, H, D_ROPE] packed by CU_SEQLENS_Q; K_NOPE [L, H, D_NOPE] and
+    V [L, H, D_V] packed by CU_SEQLENS_K (history + new of each sequence); PE the paged rope cache.
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    q_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
+    seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - q_start).to(tl.int32)
+    if pid_m * BLOCK_M >= seq_q:
+        return
+    seqlen = tl.load(SEQLENS + pid_b).to(tl.int32)
+    k_start = tl.load(CU_SEQLENS_K + pid_b).to(tl.int64)
+    history = seqlen - seq_q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] new tokens of this sequence
+    m_mask = offs_m < seq_q
+    q_pos = history + offs_m  # their positions in the sequence
+    rows = q_start + offs_m.to(tl.int64)
+    offs_dn = tl.arange(0, D_NOPE)
+    offs_p = tl.arange(0, D_ROPE)
+    offs_dv = tl.arange(0, D_V)
+
+    q_nope = tl.load(Q_NOPE + rows[:, None] * stride_qn_t + pid_h * stride_qn_h + offs_dn[None, :],
+                     mask=m_mask[:, None], other=0.0)  # [BLOCK_M, D_NOPE]
+    q_pe = tl.load(Q_PE + rows[:, None] * stride_qp_t + pid_h * stride_qp_h + offs_p[None, :],
+                   mask=m_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+    if DOT_FP32:
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+    K_HEAD = K_NOPE + k_start * stride_k_t + pid_h * stride_k_h
+    V_HEAD = V + k_start * stride_v_t + pid_h * stride_v_h
+    BT_ROW = BLOCK_TABLE + pid_b * stride_bt_b
+
+    # keys before full_end are visible to every row of the block; the rest need masks
+    if CAUSAL:
+        hi = tl.minimum(seqlen, history + pid_m * BLOCK_M + BLOCK_M)
+        full_end = (history + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen
+        full_end = seqlen // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _expanded_tiles(
+        acc, l_i, m_i, q_nope, q_pe, q_pos, K_HEAD, V_HEAD, PE, BT_ROW,
+        stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok, sm_scale_log2, 0, full_end,
+        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, False, CAUSAL, DOT_FP32)
+    acc, l_i, m_i = _expanded_tiles(
+        acc, l_i, m_i, q_nope, q_pe, q_pos, K_HEAD, V_HEAD, PE, BT_ROW,
+        stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok, sm_scale_log2, full_end, hi,
+        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_FP32)
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # [BLOCK_M, D_V]
+    tl.store(OUT + rows[:, None] * stride_o_t + pid_h * stride_o_h + offs_dv[None, :],
+             out.to(OUT.dtype.element_ty), mask=m_mask[:, None])
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + rows * num_heads + pid_h, lse, mask=m_mask)
+
+
+def _gather_latent(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys):
+    """Every sequence's cached tokens, packed: cache [N, page, D] -> [total_keys, D] (sequence b at
+    rows cu_seqlens_k[b]:cu_seqlens_k[b+1]). No host synchronisation given ``total_keys``."""
+    device = cache.device
+    page = cache.shape[1]
+    batch = block_table.shape[0]
+    seq = torch.repeat_interleave(torch.arange(batch, device=device), cache_seqlens.long(), output_size=total_keys)
+    pos = torch.arange(total_keys, device=device) - cu_seqlens_k[seq]
+    blocks = block_table[seq, pos // page].long()
+    return cache[blocks, pos % page]
+
+
+def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope):
+    """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v]."""
+    latent = _gather_latent(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R]
+    kv = (latent @ w_kv_b.T).view(total_keys, heads, -1)  # [L, H, D_nope + D_v]
+    return kv[..., :d_nope], kv[..., d_nope:]
+
+
+def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
+                     softmax_scale, causal, return_lse, *, max_seqlen_q):
+    """Run the expanded kernel on checked arguments. Returns out [T, H, D_v], lse [T, H] | None."""
+    total, heads, d_nope = q_nope.shape
+    d_rope, d_v = q_pe.shape[-1], v.shape[-1]
+    batch = block_table.shape[0]
+    device = q_nope.device
+    out = torch.empty(total, heads, d_v, dtype=q_nope.dtype, device=device)
+    lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
+    if total == 0 or batch == 0:
+        return out, lse
+    cfg = _expanded_config(max_seqlen_q, device)
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
+    _mla_expanded_kernel[grid](
+        q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
+        out, lse if lse is not None else out,
+        softmax_scale * LOG2E, heads,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        k_nope.stride(0), k_nope.stride(1), v.stride(0), v.stride(1),
+        pe_cache.stride(0), pe_cache.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1),
+        D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=device.type == "cpu",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch paths (CPU without the interpreter)
+# --------------------------------------------------------------------------------------------
+
+
+def _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_q, cache_seqlens, softmax_scale, causal):
+    """``mla_prefill`` in PyTorch, one sequence at a time through decode's ``_attend_torch``.
+
+    cu_q: host list of B+1 row offsets. Returns out [T, H, R] in q's dtype, lse [T, H] fp32.
+    """
+    total, heads, _ = q_nope.shape
+    out = torch.zeros_like(q_nope)
+    lse = torch.full((total, heads), float("-inf"), dtype=torch.float32, device=q_nope.device)
+    for b in range(len(cu_q) - 1):
+        start, end = cu_q[b], cu_q[b + 1]
+        if end == start:
+            continue
+        o, s = _attend_torch(q_nope[None, start:end], q_pe[None, start:end], kv_cache, pe_cache,
+                             block_table[b:b + 1], cache_seqlens[b:b + 1], cache_seqlens.new_full((1,), end - start),
+                             softmax_scale, causal)
+        out[start:end], lse[start:end] = o[0].to(q_nope.dtype), s[0]
+    return out, lse
+
+
+def _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k, softmax_scale, causal):
+    """Expanded attention in fp32, one sequence at a time: k_nope [L, H, D_nope], v [L, H, D_v], k_pe [L, P]
+    packed by the host list cu_k. Returns out [T, H, D_v] in q's dtype, lse [T, H] fp32."""
+    total, heads, _ = q_nope.shape
+    out = torch.zeros(total, heads, v.shape[-1], dtype=q_nope.dtype, device=q_nope.device)
+    lse = torch.full((total, heads), float("-inf"), dtype=torch.float32, device=q_nope.device)
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if qe == qs:
+            continue
+        scores = (torch.einsum("shd,lhd->hsl", q_nope[qs:qe].float(), k_nope[ks:ke].float())
+                  + torch.einsum("shp,lp->hsl", q_pe[qs:qe].float(), k_pe[ks:ke].float())) * softmax_scale
+        if causal:
+            q_pos = torch.arange(qe - qs, device=q_nope.device) + (ke - ks) - (qe - qs)
+            hidden = torch.arange(ke - ks, device=q_nope.device)[None, :] > q_pos[:, None]  # [S, L]
+            scores = scores.masked_fill(hidden, float("-inf"))
+        s = torch.logsumexp(scores, dim=-1)  # [H, S]
+        probs = torch.exp(scores - s[..., None])
+        out[qs:qe] = torch.einsum("hsl,lhd->shd", probs, v[ks:ke].float()).to(q_nope.dtype)
+        lse[qs:qe] = s.transpose(0, 1)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name, value, minimum):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_queries(q_nope, q_pe):
+    _utils.check_tensor("q_nope", q_nope, 3, _utils.FLOAT_DTYPES)
+    _utils.check_tensor("q_pe", q_pe, 3, _utils.FLOAT_DTYPES)
+    _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
+    _utils.check_same("q_nope", tuple(q_nope.shape[:2]), "q_pe", tuple(q_pe.shape[:2]), "[T, H]")
+    _utils.check_last_contiguous("q_nope", q_nope)
+    _utils.check_last_contiguous("q_pe", q_pe)
+    if q_nope.shape[1] == 0:
+        raise ValueError("q_nope must have at least one head")
+
+
+def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
+                    max_seqlen_k, host_sync):
+    """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
+
+    Values are checked where they can be read without a GPU synchronisation: always on the CPU, and on a
+    GPU when ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once).
+    """
+    _utils.check_tensor("cu_seqlens_q", cu_seqlens_q, 1, _utils.INDEX_DTYPES)
+    _utils.check_last_contiguous("cu_seqlens_q", cu_seqlens_q)
+    if cu_seqlens_q.shape[0] == 0:
+        raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries, got 0")
+    batch = cu_seqlens_q.shape[0] - 1
+    _, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
+    _utils.check_last_contiguous("block_table", block_table)
+    _utils.check_same("q_pe", q_pe.shape[-1], "pe_cache", p, "rope width P")
+    _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
+    _utils.check_width("pe_cache rope", p)
+    _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+    _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
+    _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "cu_seqlens_q", batch, "batch size (B)")
+    _check_int("max_seqlen_q", max_seqlen_q, 0)
+    _check_int("max_seqlen_k", max_seqlen_k, 0)
+    device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
+                                  block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens)
+    capacity = block_table.shape[1] * page
+
+    host = None
+    if host_sync or device.type != "cuda":
+        both = torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
+        cu, lens = both[:batch + 1], both[batch + 1:]
+        new = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")
+        if batch and int(new.min()) < 0:
+            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu.tolist()}")
+        if int(cu[-1]) != q_nope.shape[0]:
+            raise ValueError(f"cu_seqlens_q must end at the number of query tokens T={q_nope.shape[0]}, "
+                             f"got {int(cu[-1])}")
+        short = (lens < new).nonzero()
+        if len(short):
+            b = int(short[0])
+            raise ValueError(f"cache_seqlens[{b}]={int(lens[b])} is smaller than sequence {b}'s "
+                             f"{int(new[b])} new tokens (cu_seqlens_q); the new tokens must already be in the cache")
+        longest_q = int(new.max()) if batch else 0
+        if max_seqlen_q is not None and max_seqlen_q < longest_q:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
+        longest_k = int(lens.max()) if batch else 0
+        if max_seqlen_k is not None and max_seqlen_k < longest_k:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} is below the longest cache_seqlens {longest_k}")
+        if longest_k > capacity:
+            raise ValueError(f"cache_seqlens has a length {longest_k} beyond the block table's capacity {capacity}")
+        if device.type == "cpu":
+            _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, capacity)
+        max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
+        host = (cu.tolist(), lens.tolist())
+    max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
+    return batch, page, max_seqlen_q, max_seqlen_k, host
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
+                causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None):
+    """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
+
+    Args:
+        q_nope: ``[T, H, R]`` queries of all new tokens, packed sequence after sequence, already absorbed into
+            latent space (q_nope @ W_UK); bf16 or fp16.
+        q_pe: ``[T, H, P]`` rope part of the queries, rope applied; same dtype. q_nope and q_pe may be views
+            of one ``[T, H, R+P]`` tensor; only the last dimension must be contiguous.
+        kv_cache: ``[num_blocks, block_size, R]`` latent cache; pe_cache: ``[num_blocks, block_size, P]`` roped
+            key cache; either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer.
+        block_table: ``[B, max_blocks]`` int32 (or int64) block ids of each sequence.
+        cu_seqlens_q: ``[B+1]`` int32 (or int64): sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
+            Starts at 0, non-decreasing, ends at T. A sequence with no new tokens contributes no rows.
+        cache_seqlens: ``[B]`` int32 (or int64): tokens in each sequence's cache, its new ones included (they
+            are already written). Sequence b's history is ``cache_seqlens[b] - n_b`` tokens for n_b new
+            tokens, and new token i sits at position ``history + i``.
+        softmax_scale: scale applied to q.k before the softmax.
+        causal: new token i attends to positions up to its own (otherwise to the whole cache).
+        return_lse: also return ``lse [T, H]`` float32, natural log of the sum of exp(scaled scores).
+        max_seqlen_q: the most new tokens of any sequence; sizes the grid. If None it is read from
+            cu_seqlens_q, which on a GPU synchronises with the host once (and then cu_seqlens_q and
+            cache_seqlens are also value-checked). Pass it to avoid the synchronisation; a value that is
+            too small leaves rows unwritten.
+        max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: read with
+            max_seqlen_q when that syncs, otherwise the block table's capacity).
+        num_splits: force the number of cache-length splits (default: chosen from the grid and GPU size).
+
+    Returns:
+        ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
+
+    Raises ``TypeError``/``ValueError`` naming the bad argument. On the CPU every value is checked
+    (cu_seqlens_q starts at 0, is non-decreasing and ends at T; cache_seqlens[b] >= new tokens of b and fits
+    the block table; used block ids exist). On a GPU values are checked only when max_seqlen_q is None (they
+    are on the host then anyway), and block ids never.
+    """
+    _check_queries(q_nope, q_pe)
+    batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
+        host_sync=max_seqlen_q is None)
+    _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
+    _utils.check_width("kv_cache latent", kv_cache.shape[-1])
+    softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
+    _check_int("num_splits", num_splits, 1)
+    out, lse = _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
+                             softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host)
+    return (out, lse) if return_lse else out
+
+
+def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
+                  return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host):
+    if not _utils.use_triton(q_nope):
+        out, lse = _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, host[0], cache_seqlens,
+                                  softmax_scale, causal)
+        return out, (lse if return_lse else None)
+    if num_splits is None and q_nope.device.type != "cuda":
+        num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
+    out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
+                       causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device))
+    return out, lse
+
+
+def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
+                          softmax_scale, causal=True, path="auto", *, return_lse=False):
+    """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
+
+    Args:
+        q_nope: ``[T, H, D_nope]`` nope part of the queries (NOT absorbed), packed by cu_seqlens_q; bf16/fp16.
+        q_pe: ``[T, H, P]`` rope part, rope applied; same dtype.
+        kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal: as in
+            ``mla_prefill`` (the new tokens' latent and rope key are already written to the cache).
+        w_kv_b: ``[H * (D_nope + D_v), R]`` transformers' ``kv_b_proj.weight``; same dtype as q.
+        path: "absorbed" (q @ W_UK, ``mla_prefill``, then W_UV), "expanded" (latent expanded through
+            w_kv_b into per-head K and V, then flash attention), or "auto": the cheaper by
+            ``choose_prefill_path``.
+        return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
+
+    Returns:
+        ``out [T, H, D_v]`` in q's dtype (and lse).
+
+    The call reads cu_seqlens_q and cache_seqlens on the host once (one synchronisation on a GPU): the
+    cost model and the expanded path's key count need them. The expanded path allocates the expanded keys
+    and values, ``sum(cache_seqlens) x H x (D_nope + D_v)`` elements.
+    """
+    _check_queries(q_nope, q_pe)
+    total, heads, d_nope = q_nope.shape
+    batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True)
+    d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
+    _utils.check_width("kv_cache latent", d_latent)
+    _utils.check_tensor("w_kv_b", w_kv_b, 2, _utils.FLOAT_DTYPES)
+    _utils.check_same("w_kv_b", w_kv_b.dtype, "q_nope", q_nope.dtype, "dtype")
+    _utils.check_same("w_kv_b", w_kv_b.shape[1], "kv_cache", d_latent, "latent width R (w_kv_b is [H*(D_nope+D_v), R])")
+    if w_kv_b.shape[0] % heads or w_kv_b.shape[0] // heads <= d_nope:
+        raise ValueError(f"w_kv_b must have H*(D_nope+D_v) rows with H={heads}, D_nope={d_nope}, D_v >= 1; "
+                         f"got shape {tuple(w_kv_b.shape)}")
+    _utils.check_devices(q_nope=q_nope, w_kv_b=w_kv_b)
+    softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    d_v = w_kv_b.shape[0] // heads - d_nope
+    cu_q, lens = host
+    new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
+    if path == "auto":
+        path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal)
+    w = w_kv_b.view(heads, d_nope + d_v, d_latent)
+
+    if path == "absorbed":
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :d_nope]).transpose(0, 1)  # [T, H, R]
+        out, lse = _run_absorbed(q_latent, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                 softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, None, host)
+        out = _project_v(out, w[:, d_nope:])
+        return (out, lse) if return_lse else out
+
+    for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
+        if not (_utils.is_pow2(width) and 16 <= width <= 1024):
+            raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
+    total_keys = sum(lens)
+    cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
+    k_nope, v = _expand(kv_cache, block_table, cache_seqlens, cu_k, total_keys, w_kv_b, heads, d_nope)
+    if _utils.use_triton(q_nope):
+        out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
+                                    cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
+    else:
+        k_pe = _gather_latent(pe_cache, block_table, cache_seqlens, cu_k, total_keys)
+        cu_k_host = [0]
+        for length in lens:
+            cu_k_host.append(cu_k_host[-1] + length)
+        out, lse = _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k_host, softmax_scale, causal)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,414 @@
+"""mla_prefill and mla_prefill_attention against the float64 references: parity of both paths, paging,
+ragged batches, poisoning, the cost model's choice, the PyTorch path, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import mla_kernels
+import reference
+from helpers import SENTINEL_BLOCK, assert_close, assert_lse_close, make_paged_cache
+from mla_kernels import _utils, prefill
+
+ON_GPU = torch.cuda.is_available()
+SCALE = 192 ** -0.5  # DeepSeek's (nope 128 + rope 64) ** -0.5: with unit-variance q and cache, softmax is far from uniform
+R, P, D_NOPE, D_V = 512, 64, 128, 128
+# mla_prefill_attention rounds one score operand to the input dtype that the float64 reference keeps exact: the
+# absorbed query (absorbed path) or the expanded K_nope (expanded path). Each score then carries a relative error of
+# ~2^-9/sqrt(3) per term in bf16: ~1e-3 RMS at these scales, so the lse (a soft max of scores) is off by up to ~5x
+# that over thousands of rows. fp16 rounds 8x finer.
+LSE_ATOL_ROUNDED_Q = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float buffer the library allocates starts as NaN, so an element it forgets to write fails."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def make_inputs(new, history, heads, page, dtype, device, r=R, p=P, d_nope=None, fused=True, seed=0):
+    """A ragged batch: queries packed by cu_seqlens_q, a poisoned paged cache holding history + new tokens.
+
+    With ``d_nope`` the nope query is raw ([T, H, d_nope]) and kv_b_proj's weight is returned too;
+    otherwise q_nope is in latent space ([T, H, r]). With ``fused`` the queries are views of one buffer.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lens = [n + h for n, h in zip(new, history)]
+    kv_cache, pe_cache, table = make_paged_cache(lens, page, (r, p), dtype, device, fused=fused, generator_seed=seed)
+    width = r if d_nope is None else d_nope
+    q = torch.randn(sum(new), heads, width + p, generator=g).to(dtype=dtype, device=device)
+    q_nope, q_pe = (q[..., :width], q[..., width:]) if fused else (q[..., :width].contiguous(),
+                                                                    q[..., width:].contiguous())
+    cu = torch.tensor([0] + [sum(new[:i + 1]) for i in range(len(new))], dtype=torch.int32, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = dict(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=table, cu_seqlens_q=cu,
+                cache_seqlens=seqlens)
+    if d_nope is not None:  # unit-variance K_nope and V: rows of w_kv_b with norm ~1 against a unit-variance latent
+        args["w_kv_b"] = (torch.randn(heads * (d_nope + D_V), r, generator=g) / math.sqrt(r)).to(dtype=dtype,
+                                                                                                device=device)
+    return args
+
+
+def naive_reference(a, causal=True):
+    """reference.naive_mla per sequence over the gathered cache, float64: (out [T, H, D_v], lse [T, H])."""
+    heads = a["q_nope"].shape[1]
+    d_v = a["w_kv_b"].shape[0] // heads - a["q_nope"].shape[2]
+    out = torch.zeros(a["q_nope"].shape[0], heads, d_v, dtype=torch.float64)
+    lse = torch.full((a["q_nope"].shape[0], heads), float("-inf"), dtype=torch.float64)
+    for b in range(len(a["cache_seqlens"])):
+        start, end, length = int(a["cu_seqlens_q"][b]), int(a["cu_seqlens_q"][b + 1]), int(a["cache_seqlens"][b])
+        if end == start:
+            continue
+        kv_c = reference.gather_paged(a["kv_cache"].cpu(), a["block_table"][b].cpu(), length).double()
+        k_pe = reference.gather_paged(a["pe_cache"].cpu(), a["block_table"][b].cpu(), length).double()
+        out[start:end], lse[start:end] = reference.naive_mla(
+            a["q_nope"][start:end].cpu().double(), a["q_pe"][start:end].cpu().double(), kv_c, k_pe,
+            a["w_kv_b"].cpu().double(), SCALE, causal)
+    return out, lse
+
+
+def absorbed_reference(a, causal=True):
+    return reference.absorbed_prefill(*(a[k] for k in ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table",
+                                                         "cu_seqlens_q", "cache_seqlens")), SCALE, causal=causal)
+
+
+# (new tokens, history, heads, page): ragged batches with empty and single-token sequences, lengths that are not
+# multiples of the tile or the page, histories of 0 and of thousands, every head count of the contract
+SEED_003 = ([64, 128, 256, 256], [512, 0, 0, 256], 16, 16)
+CASES = {
+    "seed003-h16-page16": SEED_003,
+    "ragged-empty-h5-page1": ([0, 17, 1, 0, 33], [5, 0, 40, 0, 3], 5, 1),
+    "history4100-h1-page64": ([3, 1, 0, 70], [4097, 2100, 50, 0], 1, 64),
+    "single-tokens-h16-page64": ([1, 1, 1], [0, 100, 1], 16, 64),
+    "h128-short-page16": ([2, 1, 0], [7, 0, 3], 128, 16),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# mla_prefill: the absorbed (latent-space) kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_prefill_parity(case, device, poisoned_empty):
+    new, history, heads, page = CASES[case]
+    a = make_inputs(new, history, heads, page, torch.bfloat16, device)
+    out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True)
+    ref_out, ref_lse = absorbed_reference(a)
+    assert out.dtype == torch.bfloat16 and out.shape == a["q_nope"].shape
+    assert lse.dtype == torch.float32 and lse.shape == a["q_nope"].shape[:2]
+    assert_close(case, out, ref_out, torch.bfloat16)
+    assert_lse_close(case, lse, ref_lse)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_prefill_fp16_separate_buffers_int64(causal, device, poisoned_empty):
+    """fp16, q and caches as separate contiguous tensors, int64 metadata, causal and not."""
+    a = make_inputs([0, 17, 1, 9], [5, 0, 40, 3], 5, 16, torch.float16, device, fused=False)
+    a.update(block_table=a["block_table"].long(), cu_seqlens_q=a["cu_seqlens_q"].long(),
+             cache_seqlens=a["cache_seqlens"].long())
+    out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, causal=causal, return_lse=True)
+    ref_out, ref_lse = absorbed_reference(a, causal)
+    assert_close(f"fp16 causal={causal}", out, ref_out, torch.float16)
+    assert_lse_close(f"fp16 causal={causal}", lse, ref_lse)
+
+
+def test_prefill_gpu_tiles_and_forced_splits(device, monkeypatch, poisoned_empty):
+    """The tiles a GPU runs (decode's config, which the interpreter otherwise replaces by large tiles), with the
+    cache split across programs; and max_seqlen_q given (the no-synchronisation form)."""
+    monkeypatch.setattr(prefill, "_absorbed_config", lambda *args: None)
+    a = make_inputs([0, 21, 1, 6], [40, 3, 90, 0], 3, 16, torch.bfloat16, device)
+    ref_out, ref_lse = absorbed_reference(a)
+    for splits in (1, 3):
+        out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True, num_splits=splits,
+                                           max_seqlen_q=21, max_seqlen_k=100)
+        assert_close(f"gpu tiles, {splits} splits", out, ref_out, torch.bfloat16)
+        assert_lse_close(f"gpu tiles, {splits} splits", lse, ref_lse)
+
+
+def test_prefill_empty_batch_and_no_new_tokens(device):
+    """B = 0, and B > 0 with no new tokens at all: empty outputs, nothing read (the block table is all sentinels)."""
+    a = make_inputs([0, 0], [4, 0], 2, 16, torch.bfloat16, device)
+    a["block_table"].fill_(SENTINEL_BLOCK)
+    a["cache_seqlens"].zero_()
+    out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True)
+    assert out.shape == (0, 2, R) and lse.shape == (0, 2)
+    a.update(block_table=a["block_table"][:0], cu_seqlens_q=a["cu_seqlens_q"][:1], cache_seqlens=a["cache_seqlens"][:0])
+    assert mla_kernels.mla_prefill(**a, softmax_scale=SCALE).shape == (0, 2, R)
+
+
+def test_prefill_matches_decode_for_one_token(device):
+    """One new token per sequence is a decode step: both calls agree bit for bit."""
+    a = make_inputs([1, 1, 1], [30, 0, 77], 4, 16, torch.bfloat16, device)
+    out = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, num_splits=1)
+    dec = mla_kernels.mla_decode(a["q_nope"][:, None], a["q_pe"][:, None], a["kv_cache"], a["pe_cache"],
+                                 a["block_table"], a["cache_seqlens"], SCALE, num_splits=1)
+    assert_close("prefill vs decode", out, dec[:, 0], torch.bfloat16, rms_tol=1e-2)
+
+
+def test_cache_is_not_modified(device):
+    a = make_inputs([5, 3], [20, 9], 3, 16, torch.bfloat16, device, d_nope=D_NOPE)
+    before = a["kv_cache"].view(torch.int16).clone(), a["pe_cache"].view(torch.int16).clone()
+    mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path="expanded")
+    mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path="absorbed")
+    assert torch.equal(a["kv_cache"].view(torch.int16), before[0])
+    assert torch.equal(a["pe_cache"].view(torch.int16), before[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# mla_prefill_attention: raw queries and kv_b_proj's weight, absorbed or expanded, against naive MLA
+# ------------------------------------------------------------------------------------------------
+
+# the expanded kernel runs one program per (query block, head), so the interpreter's time grows with the heads:
+# 128 heads run on a single short sequence
+ATTENTION_CASES = {
+    "seed003-h16-page16": SEED_003,
+    "ragged-empty-h5-page1": CASES["ragged-empty-h5-page1"],
+    "history4100-h1-page64": CASES["history4100-h1-page64"],
+    "prompt200-h2-page64": ([200, 0, 1], [0, 0, 130], 2, 64),
+    "h128-short-page16": ([3], [13], 128, 16),
+}
+
+
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES), ids=list(ATTENTION_CASES))
+def test_attention_parity(case, path, device, poisoned_empty):
+    new, history, heads, page = ATTENTION_CASES[case]
+    a = make_inputs(new, history, heads, page, torch.bfloat16, device, d_nope=D_NOPE)
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+    ref_out, ref_lse = naive_reference(a)
+    assert out.dtype == torch.bfloat16 and out.shape == (sum(new), heads, D_V)
+    # absorbed: q absorbed and the latent output rounded to bf16 before the bf16 W_UV GEMM; expanded: K and V
+    # rounded to bf16 by the expansion GEMM (as transformers does). Each adds one rounding: still ~2 ulp RMS.
+    assert_close(f"{case} {path}", out, ref_out, torch.bfloat16)
+    assert_lse_close(f"{case} {path}", lse, ref_lse, LSE_ATOL_ROUNDED_Q[torch.bfloat16])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_expanded_fp16_non_causal_d_v_64(causal, device, poisoned_empty):
+    """fp16, separate buffers, a D_v that differs from D_nope, causal and not."""
+    a = make_inputs([9, 0, 70], [3, 8, 0], 3, 16, torch.float16, device, d_nope=D_NOPE, fused=False)
+    a["w_kv_b"] = a["w_kv_b"].view(3, D_NOPE + D_V, R)[:, :D_NOPE + 64].reshape(-1, R)
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, causal=causal, path="expanded",
+                                                 return_lse=True)
+    ref_out, ref_lse = naive_reference(a, causal)
+    assert out.shape == (79, 3, 64)
+    assert_close(f"fp16 expanded causal={causal}", out, ref_out, torch.float16)
+    assert_lse_close(f"fp16 expanded causal={causal}", lse, ref_lse, LSE_ATOL_ROUNDED_Q[torch.float16])
+
+
+def test_cost_model():
+    """The FLOP model and its stated crossover: 170.7 attended pairs per history key at DeepSeek's widths."""
+    widths = dict(heads=128, d_latent=512, d_rope=64, d_nope=128, d_v=128)
+    flops = prefill.prefill_flops([10], [110], **widths)
+    pairs = 10 * 100 + 10 * 11 // 2
+    assert flops["pairs"] == pairs
+    assert flops["absorbed_attention"] == 2 * 128 * pairs * 1088
+    assert flops["absorbed"] == flops["absorbed_attention"] + 2 * 10 * 128 * 512 * 256
+    assert flops["expanded"] == 2 * 128 * pairs * 320 + 2 * 110 * 128 * 512 * 256
+    assert 512 * 256 / (2 * 512 - 256) == pytest.approx(170.67, abs=0.01)
+    choose = prefill.choose_prefill_path
+    assert choose([1] * 16, [4096] * 16, **widths) == "absorbed"  # decode-like
+    assert choose([4096] * 8, [4096] * 8, **widths) == "expanded"  # long prompts
+    assert choose([16], [16], **widths) == "expanded"  # no history: the expansion costs what absorbing does
+    assert choose([160], [10160], **widths) == "absorbed" and choose([172], [10172], **widths) == "expanded"
+    assert choose([172], [10172], **widths, relative_speed=2.0) == "absorbed"
+    assert choose([4096], [4096], **dict(widths, d_nope=96)) == "absorbed"  # the expanded kernel needs pow2 widths
+    lens_003 = [n + h for n, h in zip(*SEED_003[:2])]
+    assert prefill.prefill_flops(SEED_003[0], lens_003, **dict(widths, heads=16))["pairs"] == 174432
+    assert choose(SEED_003[0], lens_003, **dict(widths, heads=16)) == "expanded"
+
+
+@pytest.mark.parametrize("case", ["prompt100-h2", "short-over-history-h2"])
+def test_auto_takes_the_cheaper_path(case, device, monkeypatch):
+    """path="auto" asks the cost model, runs that path, and matches naive MLA."""
+    new, history, expected = ([100], [0], "_launch_expanded") if case.startswith("prompt") else \
+        ([4, 1], [600, 300], "_run_absorbed")
+    a = make_inputs(new, history, 2, 64, torch.bfloat16, device, d_nope=D_NOPE)
+    ran = []
+    for name in ("_launch_expanded", "_run_absorbed"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda *args, _real=real, _name=name, **kw: ran.append(_name)
+                            or _real(*args, **kw))
+    out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE)
+    assert ran == [expected]
+    assert_close(f"auto {case}", out, naive_reference(a)[0], torch.bfloat16)
+
+
+def test_torch_path_matches_reference(monkeypatch):
+    """CPU tensors without the interpreter take the PyTorch path: same contract, same results, for every call."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    a = make_inputs([0, 17, 1, 40], [5, 0, 40, 3], 16, 16, torch.bfloat16, "cpu", d_nope=D_NOPE)
+    assert not _utils.use_triton(a["q_nope"])
+    ref_out, ref_lse = naive_reference(a)
+    for path in ("absorbed", "expanded", "auto"):
+        out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+        assert_close(f"torch {path}", out, ref_out, torch.bfloat16)
+        assert_lse_close(f"torch {path}", lse, ref_lse, LSE_ATOL_ROUNDED_Q[torch.bfloat16])
+    a = make_inputs([0, 17, 1, 40], [5, 0, 40, 3], 16, 16, torch.bfloat16, "cpu")
+    for causal in (True, False):
+        out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, causal=causal, return_lse=True)
+        ref_out, ref_lse = absorbed_reference(a, causal)
+        assert_close(f"torch mla_prefill causal={causal}", out, ref_out, torch.bfloat16)
+        assert_lse_close(f"torch mla_prefill causal={causal}", lse, ref_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a TypeError / ValueError naming the argument, never a crash or a silent result
+# ------------------------------------------------------------------------------------------------
+
+
+def _good(d_nope=None):
+    a = make_inputs([10, 0, 3], [2, 4, 0], 4, 16, torch.bfloat16, "cpu", r=32, p=16, d_nope=d_nope)
+    a["softmax_scale"] = SCALE
+    return a
+
+
+def _set(key, index, value):
+    return lambda a: a[key].__setitem__(index, value)
+
+
+BAD = {
+    "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
+    "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][None]), ValueError, "q_nope"),
+    "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
+    "q_nope-last-dim-strided": (lambda a: a.update(q_nope=torch.zeros(13, 4, 64, dtype=torch.bfloat16)[..., ::2]),
+                                ValueError, "q_nope"),
+    "q_pe-dtype-mismatch": (lambda a: a.update(q_pe=a["q_pe"].half()), TypeError, "q_pe"),
+    "q_pe-heads-mismatch": (lambda a: a.update(q_pe=a["q_pe"][:, :2]), ValueError, "q_pe"),
+    "q_nope-width-vs-cache": (lambda a: a.update(q_nope=a["q_nope"][..., :16]), ValueError, "kv_cache"),
+    "q_pe-width-vs-cache": (lambda a: a.update(q_pe=torch.zeros(13, 4, 32, dtype=torch.bfloat16)), ValueError,
+                            "pe_cache"),
+    "kv_cache-dtype": (lambda a: a.update(kv_cache=a["kv_cache"].half(), pe_cache=a["pe_cache"].half()), TypeError,
+                       "kv_cache"),
+    "kv_cache-rank": (lambda a: a.update(kv_cache=a["kv_cache"][0]), ValueError, "kv_cache"),
+    "pe_cache-pages-mismatch": (lambda a: a.update(pe_cache=a["pe_cache"][1:]), ValueError, "pe_cache"),
+    "cu_seqlens_q-none": (lambda a: a.update(cu_seqlens_q=None), TypeError, "cu_seqlens_q"),
+    "cu_seqlens_q-float": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].float()), TypeError, "cu_seqlens_q"),
+    "cu_seqlens_q-rank": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][None]), ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-empty": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][:0]), ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-strided": (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 9, 10, 10, 13, 13, 13, 13],
+                                                                          dtype=torch.int32)[::2]),
+                             ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-not-from-0": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"] + 1), ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-decreasing": (_set("cu_seqlens_q", 1, 11), ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
+    "cu_seqlens_q-batch-vs-table": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][1:] - 10), ValueError,
+                                    "block_table"),
+    "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,
+                            "cache_seqlens"),
+    "cache_seqlens-batch": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:2]), ValueError, "cache_seqlens"),
+    "cache_seqlens-below-new-tokens": (_set("cache_seqlens", 0, 9), ValueError, "cache_seqlens"),
+    "cache_seqlens-negative": (_set("cache_seqlens", 1, -1), ValueError, "cache_seqlens"),
+    "cache_seqlens-beyond-table": (_set("cache_seqlens", 0, 10_000), ValueError, "cache_seqlens"),
+    "block_table-float": (lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table"),
+    "block_table-batch": (lambda a: a.update(block_table=a["block_table"][:2]), ValueError, "block_table"),
+    "block_table-transposed": (lambda a: a.update(block_table=a["block_table"].T.contiguous().T), ValueError,
+                               "block_table"),
+    "block_table-id-out-of-range": (_set("block_table", (0, 0), SENTINEL_BLOCK), ValueError, "block_table"),
+    "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
+    "softmax_scale-negative": (lambda a: a.update(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    "max_seqlen_q-too-small": (lambda a: a.update(max_seqlen_q=5), ValueError, "max_seqlen_q"),
+    "max_seqlen_q-negative": (lambda a: a.update(max_seqlen_q=-1), ValueError, "max_seqlen_q"),
+    "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
+    "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
+    "cu_seqlens_q-other-device": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].to("meta")), ValueError,
+                                  "cu_seqlens_q"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input(case):
+    args = _good()
+    mutate, err, name = BAD[case]
+    mutate(args)
+    with pytest.raises(err, match=name):
+        mla_kernels.mla_prefill(**args)
+
+
+BAD_ATTENTION = {
+    "w_kv_b-none": (lambda a: a.update(w_kv_b=None), TypeError, "w_kv_b"),
+    "w_kv_b-rank": (lambda a: a.update(w_kv_b=a["w_kv_b"][None]), ValueError, "w_kv_b"),
+    "w_kv_b-dtype": (lambda a: a.update(w_kv_b=a["w_kv_b"].half()), TypeError, "w_kv_b"),
+    "w_kv_b-latent-width": (lambda a: a.update(w_kv_b=a["w_kv_b"][:, :16]), ValueError, "w_kv_b"),
+    "w_kv_b-rows-not-per-head": (lambda a: a.update(w_kv_b=a["w_kv_b"][:-1]), ValueError, "w_kv_b"),
+    "w_kv_b-no-value-rows": (lambda a: a.update(w_kv_b=a["w_kv_b"][:4 * 32]), ValueError, "w_kv_b"),
+    "path-unknown": (lambda a: a.update(path="fast"), ValueError, "path"),
+    "expanded-d_nope-not-pow2": (lambda a: a.update(q_nope=a["q_nope"][..., :24], path="expanded",
+                                                    w_kv_b=torch.zeros(4 * (24 + 128), 32, dtype=torch.bfloat16)),
+                                 ValueError, "q_nope"),
+    "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
+    "cache_seqlens-below-new-tokens": (_set("cache_seqlens", 0, 9), ValueError, "cache_seqlens"),
+    "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ATTENTION), ids=list(BAD_ATTENTION))
+def test_bad_input_attention(case):
+    args = _good(d_nope=32)
+    mutate, err, name = BAD_ATTENTION[case]
+    mutate(args)
+    with pytest.raises(err, match=name):
+        mla_kernels.mla_prefill_attention(**args)
+
+
+def test_good_input_of_the_bad_input_tests_runs():
+    """The base cases of the bad-input tests are valid, so each failure above is caused by its one change."""
+    assert torch.isfinite(mla_kernels.mla_prefill(**_good())).all()
+    for path in ("absorbed", "expanded"):
+        assert torch.isfinite(mla_kernels.mla_prefill_attention(**_good(d_nope=32), path=path)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: things the interpreter cannot show
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_with_max_seqlen_q():
+    """With max_seqlen_q given, mla_prefill does not synchronise: it captures in a CUDA graph."""
+    a = make_inputs([64, 128, 256, 256], [512, 0, 0, 256], 16, 64, torch.bfloat16, "cuda")
+    kw = dict(softmax_scale=SCALE, max_seqlen_q=256, max_seqlen_k=768)
+    mla_kernels.mla_prefill(**a, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_kernels.mla_prefill(**a, **kw)
+    graph.replay()
+    assert_close("graph replay", out, absorbed_reference(a)[0], torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 12 * 2**30,
+                    reason="a cache of more than 2^31 elements needs a GPU with > 12 GiB")
+def test_cache_beyond_int32_offsets():
+    """Blocks placed past element 2^31 of the cache give the same result as the same data in a small cache."""
+    page = 64
+    a = make_inputs([70, 5], [200, 130], 16, page, torch.bfloat16, "cuda", d_nope=D_NOPE)
+    blocks = 2**31 // (page * (R + P)) + 64
+    big = torch.zeros(blocks, page, R + P, dtype=torch.bfloat16, device="cuda")
+    offset = blocks - a["kv_cache"].shape[0]
+    big[offset:, :, :R] = a["kv_cache"]
+    big[offset:, :, R:] = a["pe_cache"]
+    b = dict(a, kv_cache=big[..., :R], pe_cache=big[..., R:],
+             block_table=torch.where(a["block_table"] < SENTINEL_BLOCK, a["block_table"] + offset, a["block_table"]))
+    for path in ("absorbed", "expanded"):
+        assert torch.equal(mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path),
+                           mla_kernels.mla_prefill_attention(**b, softmax_scale=SCALE, path=path))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="long prompts at 128 heads take minutes in the interpreter")
+def test_long_prompts_128_heads():
+    """The expanded path's target shape, scaled to fit the reference: 2 x 1024 new tokens, 128 heads."""
+    a = make_inputs([1024, 1000], [0, 37], 128, 64, torch.bfloat16, "cuda", d_nope=D_NOPE)
+    for path in ("absorbed", "expanded"):
+        out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path)
+        assert_close(f"long prompts {path}", out, naive_reference(a)[0], torch.bfloat16)
