@@ -147,14 +147,17 @@ class _LatentState:
         self.rows: list | None = None
         self.steps = 0
         self.calls: dict[int, int] = {}
-        self.current: LatentBatch | None = None
+        self.current: tuple[LatentBatch, torch.Tensor | None] | None = None
         self.current_shape: tuple[int, int] | None = None
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
-                  real: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> LatentBatch:
+                  attention_mask, dtype: torch.dtype, device: torch.device):
+        """The step's ``(LatentBatch, real)``: the first layer of a step finds the real tokens and reserves their
+        slots; the other layers of the step get the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            self.current = self._new_step(attn, batch_size, query_len, real, dtype, device)
+            real = _real_tokens(attention_mask, batch_size, query_len)
+            self.current = (self._new_step(attn, batch_size, query_len, real, dtype, device), real)
             self.current_shape = (batch_size, query_len)
             self.steps += 1
         elif calls != self.steps - 1:
@@ -336,9 +339,9 @@ class TransformersMLAttention(MLAttention):
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = _rope_tables(position_embeddings)
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
-        real = _real_tokens(attention_mask, batch_size, query_len)
 
         if past_key_values is None:
+            real = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
                                      self.kv_lora_rank, self.qk_rope_head_dim, dtype=kv_c.dtype, device=kv_c.device)
             rows = [paged.add_sequence() for _ in range(batch_size)]
@@ -347,7 +350,8 @@ class TransformersMLAttention(MLAttention):
         else:
             state = _attach(past_key_values, self.layer_idx, self.num_cache_layers, self.block_size,
                             self.max_cache_tokens)
-            batch = state.batch_for(self.layer_idx, self, batch_size, query_len, real, kv_c.dtype, kv_c.device)
+            batch, real = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask, kv_c.dtype,
+                                          kv_c.device)
             layer = self.layer_idx
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
