@@ -412,3 +412,32 @@ def test_long_prompts_128_heads():
     for path in ("absorbed", "expanded"):
         out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path)
         assert_close(f"long prompts {path}", out, naive_reference(a)[0], torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.prefill plumbing (tiny shapes; the benchmark itself is `python -m bench.prefill`)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bench_sampled_reference_and_naive_provider():
+    """The sweep checks the first and last rows of long requests: those rows equal the full reference's; the
+    naive provider (decompress + SDPA per request) matches it too."""
+    bp = pytest.importorskip("bench.prefill")
+    shape = bp.MLAShape(heads=2)
+    case = bp.make_case(shape, [20, 0, 5], [7, 3, 0], 16, torch.float32, torch.device("cpu"))
+    rows, sampled = bp.reference_rows(case, sample=4)
+    all_rows, full = bp.reference_rows(case, sample=None)
+    assert rows.tolist() == [0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23, 24] and torch.equal(all_rows, torch.arange(25))
+    torch.testing.assert_close(sampled, full[rows], rtol=1e-5, atol=1e-5)
+    assert bp.h.rel_rms_error(bp.naive_prefill(case), full) < 1e-5
+
+
+def test_bench_sweep_row_and_crossover_smoke(device):
+    bp = pytest.importorskip("bench.prefill")
+    lib = bp.library()
+    rows = bp.run_shape(1, 20, 9, 2, device, torch.bfloat16, lib, dict(warmup_ms=0.0, rep_ms=0.0, min_runs=1))
+    assert [r["provider"] for r in rows] == bp.PROVIDERS
+    assert all("p50_ms" in r and r["rel_rms_err"] < 1e-2 for r in rows), [r.get("note") for r in rows]
+    assert rows[3]["note"] == f"chose {bp.auto_choice(bp.MLAShape(heads=2), [20], [9])}"
+    res = bp.crossover(rows)
+    assert res["per_group"][0]["hist"] == 9 and len(res["relative_speed_all"]) == 1
