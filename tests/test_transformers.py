@@ -126,14 +126,17 @@ def test_bf16_teacher_forced_logits_close():
     assert (patched[real].argmax(-1) == eager[real].argmax(-1)).float().mean() > 0.9
 
 
-def test_forward_without_cache_matches_eager(fp32_kernels):
-    model = tiny_model()
+@pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_forward_matches_transformers(attn_implementation, use_cache, fp32_kernels):
+    """Plain forward calls, with or without a cache, under either attention implementation's mask format."""
+    model = tiny_model(attn_implementation=attn_implementation)
     ids, mask = left_padded([7, 4, 1])
     real = mask.bool()
     with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
         patch_model(model)
-        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
