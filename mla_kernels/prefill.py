@@ -278,7 +278,7 @@ def _gather_latent(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys):
 def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope):
     """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v]."""
     latent = _gather_latent(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R]
-    kv = (latent @ w_kv_b.T).view(total_keys, heads, -1)  # [L, H, D_nope + D_v]
+    kv = (latent @ w_kv_b.T).view(total_keys, heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
     return kv[..., :d_nope], kv[..., d_nope:]
 
 
@@ -551,7 +551,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
     if path == "auto":
         path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal)
-    w = w_kv_b.view(heads, d_nope + d_v, d_latent)
+    w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
     if path == "absorbed":
         q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :d_nope]).transpose(0, 1)  # [T, H, R]

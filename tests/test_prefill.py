@@ -146,6 +146,27 @@ def test_prefill_empty_batch_and_no_new_tokens(device):
     assert mla_kernels.mla_prefill(**a, softmax_scale=SCALE).shape == (0, 2, R)
 
 
+@pytest.mark.parametrize("path", ["absorbed", "expanded", "auto"])
+def test_attention_empty_batch_and_no_new_tokens(path, device):
+    a = make_inputs([0, 0], [4, 0], 2, 16, torch.bfloat16, device, d_nope=D_NOPE)
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+    assert out.shape == (0, 2, D_V) and lse.shape == (0, 2)
+    a["cache_seqlens"].zero_()
+    a.update(block_table=a["block_table"][:0], cu_seqlens_q=a["cu_seqlens_q"][:1], cache_seqlens=a["cache_seqlens"][:0])
+    assert mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path).shape == (0, 2, D_V)
+
+
+def test_attention_accepts_a_strided_w_kv_b(device):
+    """kv_b_proj's weight as a transposed view (a tied or re-laid-out parameter) gives the same result."""
+    a = make_inputs([9, 4], [3, 20], 2, 16, torch.bfloat16, device, d_nope=D_NOPE)
+    strided = a["w_kv_b"].T.contiguous().T
+    assert not strided.is_contiguous()
+    for path in ("absorbed", "expanded"):
+        expected = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path)
+        got = mla_kernels.mla_prefill_attention(**dict(a, w_kv_b=strided), softmax_scale=SCALE, path=path)
+        assert_close(f"strided w_kv_b {path}", got, expected, torch.bfloat16)  # GEMMs may sum in another order
+
+
 def test_prefill_matches_decode_for_one_token(device):
     """One new token per sequence is a decode step: both calls agree bit for bit."""
     a = make_inputs([1, 1, 1], [30, 0, 77], 4, 16, torch.bfloat16, device)
