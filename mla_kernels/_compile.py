@@ -16,6 +16,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -87,6 +88,7 @@ def _cases(hip: bool) -> dict:
     """name -> (kernel, constexprs, types, num_warps, num_stages) with the configs the library launches."""
     from .cache import _write_cache_kernel
     from .decode import _config, _mla_attn_kernel, _mla_combine_kernel
+    from .prefill import _expanded_config, _mla_expanded_kernel
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
                   "OUT_PART": "*fp32", "LSE_PART": "*fp32"}
@@ -97,12 +99,18 @@ def _cases(hip: bool) -> dict:
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
         return _mla_attn_kernel, constexprs, attn_types, cfg["num_warps"], cfg["num_stages"]
 
+    exp = _expanded_config(4096, torch.device("cuda"))
     cases = {
         "decode-h16-split": attn(16, False, True),
         "decode-h128": attn(128, False, False),
         "prefill-absorbed": attn(1024, True, False),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True),
                     {"OUT": "*bf16", "*": "*fp32"}, 4, 1),
+        "prefill-expanded": (_mla_expanded_kernel,
+                             dict(D_NOPE=128, D_ROPE=64, D_V=128, PAGE_SIZE=64, BLOCK_M=exp["BLOCK_M"],
+                                  BLOCK_N=exp["BLOCK_N"], CAUSAL=True, STORE_LSE=True, DOT_FP32=False),
+                             {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
+                              "LSE": "*fp32"}, exp["num_warps"], exp["num_stages"]),
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8),
                         {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1),
     }

@@ -120,4 +120,5 @@ def check_paged_cache(kv_cache, pe_cache, block_table, batch: int):
     if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
         raise ValueError(f"kv_cache must hold at least one block of at least one token, got shape {tuple(kv_cache.shape)}")
     check_same("block_table", block_table.shape[0], "the batch", batch, "batch size")
+    check_last_contiguous("block_table", block_table)
     return kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]

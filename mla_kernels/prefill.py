@@ -392,7 +392,6 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries, got 0")
     batch = cu_seqlens_q.shape[0] - 1
     _, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
-    _utils.check_last_contiguous("block_table", block_table)
     _utils.check_same("q_pe", q_pe.shape[-1], "pe_cache", p, "rope width P")
     _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
     _utils.check_width("pe_cache rope", p)

@@ -27,7 +27,7 @@ def reports():
     return json.loads(run.stdout)
 
 
-EXPECTED = ["decode-h16-split", "decode-h128", "prefill-absorbed", "combine", "write_cache"]
+EXPECTED = ["decode-h16-split", "decode-h128", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])

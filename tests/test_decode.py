@@ -13,20 +13,6 @@ from mla_kernels import _utils
 ON_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every float buffer the library allocates starts as NaN, so an element it forgets to write fails."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def make_inputs(lens, s_q, heads, page, dtype, device, r=512, p=64, fused=True, seed=0):
     """Queries as views of one [B, S_q, H, R+P] tensor (when fused) and a poisoned paged cache."""
     g = torch.Generator().manual_seed(seed)
@@ -181,6 +167,10 @@ BAD = {
                                   ValueError, "kv_cache"),
     "block_table-float": (lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table"),
     "block_table-batch": (lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table"),
+    "block_table-strided": (lambda a: a.update(block_table=a["block_table"].repeat_interleave(2, 1)[:, ::2]),
+                            ValueError, "block_table"),
+    "cache_seqlens-strided": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].repeat_interleave(2)[::2]),
+                              ValueError, "cache_seqlens"),
     "block_table-rank": (lambda a: a.update(block_table=a["block_table"][0]), ValueError, "block_table"),
     "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,
                             "cache_seqlens"),

@@ -21,20 +21,6 @@ R, P, D_NOPE, D_V = 512, 64, 128, 128
 LSE_ATOL_ROUNDED_Q = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every float buffer the library allocates starts as NaN, so an element it forgets to write fails."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
 def make_inputs(new, history, heads, page, dtype, device, r=R, p=P, d_nope=None, fused=True, seed=0):
     """A ragged batch: queries packed by cu_seqlens_q, a poisoned paged cache holding history + new tokens.
 
