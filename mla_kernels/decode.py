@@ -364,6 +364,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
         A query row that sees no key (padding slot, or a row before the cache's first token) gives zeros and -inf.
+
+    Values are checked where that is free: on the CPU, lengths and the block ids in use are range-checked
+    before anything runs. On a GPU they are not (that would synchronise with the host): lengths beyond
+    ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
