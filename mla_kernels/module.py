@@ -27,7 +27,6 @@ import math
 from typing import Hashable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _utils
@@ -199,7 +198,8 @@ class LatentBatch:
         self.uniform = counts.pop() if len(counts) == 1 else None
 
     @classmethod
-    def reserve(cls, cache: PagedLatentCache, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> "LatentBatch":
+    def reserve(cls, cache: PagedLatentCache, seq_ids: Sequence[Hashable],
+                num_new_tokens: Sequence[int]) -> "LatentBatch":
         """Reserve ``num_new_tokens[i]`` positions for each ``seq_ids[i]`` (all or none: ``CacheFullError``
         changes nothing) and return the step's metadata."""
         if not isinstance(cache, PagedLatentCache):

@@ -44,12 +44,16 @@ def tiny_config(**overrides) -> DeepseekV3Config:
     return DeepseekV3Config(**kw)
 
 
-@pytest.fixture
-def fp32_kernels(monkeypatch):
+def widen_kernel_dtypes(monkeypatch) -> None:
     """Let the kernels' public checks admit float32 (see the module docstring)."""
     widened = tuple(_utils.FLOAT_DTYPES) + ((torch.float32,) if torch.float32 not in _utils.FLOAT_DTYPES else ())
     monkeypatch.setattr(_utils, "FLOAT_DTYPES", widened)
     monkeypatch.setattr(cache_mod, "FLOAT_DTYPES", widened)
+
+
+@pytest.fixture
+def fp32_kernels(monkeypatch):
+    widen_kernel_dtypes(monkeypatch)
 
 
 def reference_attention(config, seed=1):

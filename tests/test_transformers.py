@@ -17,13 +17,18 @@ from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, unpatch_model
-from test_module import YARN, fp32_kernels, tiny_config  # noqa: F401  (fp32_kernels is a fixture)
+from test_module import YARN, tiny_config, widen_kernel_dtypes
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention  # noqa: E402
 
 GREEDY = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+
+
+@pytest.fixture
+def fp32_kernels(monkeypatch):
+    widen_kernel_dtypes(monkeypatch)
 
 
 def tiny_model(seed=0, **overrides) -> DeepseekV3ForCausalLM:

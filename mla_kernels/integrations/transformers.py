@@ -35,8 +35,7 @@ from .. import _utils
 from ..cache import CacheFullError, PagedLatentCache
 from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
 
-__all__ = ["patch_model", "unpatch_model", "latent_cache", "TransformersMLAttention", "LatentCacheLayer",
-           "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "unpatch_model", "latent_cache", "TransformersMLAttention", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = {
     "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
@@ -424,7 +423,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         if type(attn) is not attn_cls:
             raise TypeError(f"layer {i}'s self_attn is a {type(attn).__name__}, not {attn_cls.__name__}; "
                             f"patch_model can't replace it")
-        missing = [n for n in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj") if getattr(attn, n, None) is None]
+        missing = [n for n in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+                   if getattr(attn, n, None) is None]
         if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
         dtype = attn.kv_b_proj.weight.dtype
