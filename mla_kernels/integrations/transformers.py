@@ -5,9 +5,11 @@ the same projection modules (no weight is copied: the model's state dict is unch
 plain forward calls then cache per token and layer only the normalized latent and the roped key
 (``R + P`` values, in a ``PagedLatentCache``), never per-head K/V.
 
-How it fits transformers' cache (checked on transformers 5.17 and 5.23, whose DeepSeek attention is the
+How it fits transformers' cache (tested on transformers 5.17 and 5.23, whose DeepSeek attention is the
 same: it passes the latent ``[B, 1, S, R]`` and rope key ``[B, 1, S, P]`` to ``Cache.update`` and expands
-them through ``kv_b_proj`` for every step):
+the whole cached latent through ``kv_b_proj`` at every step; 5.0 still cached per-head K and V). The
+adapter replaces that attention whole, so it depends only on the decoder layer's call (hidden_states,
+position_embeddings, attention_mask, past_key_values) and the Cache layer API, which 5.17 and 5.23 share:
 
 - the transformers ``Cache`` passed as ``past_key_values`` keeps its role for the bookkeeping —
   ``get_seq_length``, ``get_mask_sizes``, hence cache positions, position ids and masks — but each of its
