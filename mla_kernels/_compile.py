@@ -93,22 +93,26 @@ def _cases(hip: bool) -> dict:
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
                   "OUT_PART": "*fp32", "LSE_PART": "*fp32"}
 
-    def attn(rows, varlen, split):
+    def attn(rows, varlen, split, fp32=False):
         cfg = _config(rows, 512, hip=hip)
         constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                          CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
-        return _mla_attn_kernel, constexprs, attn_types, cfg["num_warps"], cfg["num_stages"]
+                          CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
+                          DOT_PRECISION="ieee" if fp32 else None)
+        types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
+        return _mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
 
     exp = _expanded_config(4096, torch.device("cuda"))
     cases = {
         "decode-h16-split": attn(16, False, True),
         "decode-h128": attn(128, False, False),
+        "decode-h16-fp32": attn(16, False, True, fp32=True),
         "prefill-absorbed": attn(1024, True, False),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True),
                     {"OUT": "*bf16", "*": "*fp32"}, 4, 1),
         "prefill-expanded": (_mla_expanded_kernel,
                              dict(D_NOPE=128, D_ROPE=64, D_V=128, PAGE_SIZE=64, BLOCK_M=exp["BLOCK_M"],
-                                  BLOCK_N=exp["BLOCK_N"], CAUSAL=True, STORE_LSE=True, DOT_FP32=False),
+                                  BLOCK_N=exp["BLOCK_N"], CAUSAL=True, STORE_LSE=True, DOT_FP32=False,
+                                  DOT_PRECISION=None),
                              {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
                               "LSE": "*fp32"}, exp["num_warps"], exp["num_stages"]),
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8),

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-FLOAT_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -42,6 +42,12 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132
+
+
+def dot_precision(dtype: torch.dtype):
+    """``input_precision`` for the kernels' tl.dot: full fp32 ("ieee") for float32 inputs, which would
+    otherwise run as TF32 on NVIDIA GPUs (10-bit mantissa); the backend default (None) for bf16/fp16."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def is_hip() -> bool:

@@ -124,7 +124,7 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     """Write new tokens' latent and roped key into the paged cache, in place.
 
     Args:
-        kv_c: ``[T, R]`` normalized latent of the new tokens (bf16 or fp16, the cache's dtype).
+        kv_c: ``[T, R]`` normalized latent of the new tokens (bf16, fp16 or fp32, the cache's dtype).
         k_pe: ``[T, P]`` roped key of the new tokens, same dtype.
         kv_cache: ``[num_blocks, block_size, R]`` latent cache.
         pe_cache: ``[num_blocks, block_size, P]`` rope-key cache.

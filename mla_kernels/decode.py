@@ -88,7 +88,7 @@ def _mla_attn_kernel(
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -149,8 +149,8 @@ def _mla_attn_kernel(
         kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
         pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
 
-        qk = tl.dot(q_nope, tl.trans(kv_dot))
-        qk = tl.dot(q_pe, tl.trans(pe_dot), qk)  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)
+        qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         qk = qk * sm_scale_log2
         visible = n_mask[None, :]
         if CAUSAL:
@@ -165,7 +165,7 @@ def _mla_attn_kernel(
         p = p.to(kv.dtype)
         if DOT_FP32:
             p = p.to(tl.float32)
-        acc = tl.dot(p, kv_dot, acc * alpha[:, None])  # [BLOCK_M, D_LATENT]
+        acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -267,7 +267,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=device.type == "cpu",
+        DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
@@ -344,7 +344,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
-        q_nope: ``[B, S_q, H, R]`` query already absorbed into latent space (q_nope @ W_UK), bf16 or fp16.
+        q_nope: ``[B, S_q, H, R]`` query already absorbed into latent space (q_nope @ W_UK); bf16, fp16 or fp32.
         q_pe: ``[B, S_q, H, P]`` rope part of the query, rope applied; same dtype.
         kv_cache: ``[num_blocks, block_size, R]`` normalized latent. pe_cache: ``[num_blocks, block_size, P]``
             roped key. Either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer; only the

@@ -131,6 +131,7 @@ def _expanded_tiles(
     sm_scale_log2, lo, hi,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi) of one sequence and head. MASKED: keys past ``hi`` or (causal)
     after a row's position are hidden; otherwise every key in range is visible to every row."""
@@ -159,8 +160,8 @@ def _expanded_tiles(
             k = k.to(tl.float32)
             pe = pe.to(tl.float32)
 
-        qk = tl.dot(q_nope, k)
-        qk = tl.dot(q_pe, pe, qk)  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q_nope, k, input_precision=DOT_PRECISION)
+        qk = tl.dot(q_pe, pe, qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         qk = qk * sm_scale_log2
         if MASKED:
             visible = n_mask[None, :]
@@ -179,7 +180,7 @@ def _expanded_tiles(
         if DOT_FP32:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None])  # [BLOCK_M, D_V]
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_V]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -195,7 +196,7 @@ def _mla_expanded_kernel(
     stride_o_t, stride_o_h,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Causal varlen flash attention for one (block of new tokens, head, sequence).
 
@@ -247,11 +248,11 @@ def _mla_expanded_kernel(
     acc, l_i, m_i = _expanded_tiles(
         acc, l_i, m_i, q_nope, q_pe, q_pos, K_HEAD, V_HEAD, PE, BT_ROW,
         stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok, sm_scale_log2, 0, full_end,
-        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, False, CAUSAL, DOT_FP32)
+        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, False, CAUSAL, DOT_FP32, DOT_PRECISION)
     acc, l_i, m_i = _expanded_tiles(
         acc, l_i, m_i, q_nope, q_pe, q_pos, K_HEAD, V_HEAD, PE, BT_ROW,
         stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok, sm_scale_log2, full_end, hi,
-        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_FP32)
+        D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_FP32, DOT_PRECISION)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # [BLOCK_M, D_V]
@@ -306,6 +307,7 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
         D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=device.type == "cpu",
+        DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -449,7 +451,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
 
     Args:
         q_nope: ``[T, H, R]`` queries of all new tokens, packed sequence after sequence, already absorbed into
-            latent space (q_nope @ W_UK); bf16 or fp16.
+            latent space (q_nope @ W_UK); bf16, fp16 or fp32.
         q_pe: ``[T, H, P]`` rope part of the queries, rope applied; same dtype. q_nope and q_pe may be views
             of one ``[T, H, R+P]`` tensor; only the last dimension must be contiguous.
         kv_cache: ``[num_blocks, block_size, R]`` latent cache; pe_cache: ``[num_blocks, block_size, P]`` roped
@@ -512,7 +514,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
-        q_nope: ``[T, H, D_nope]`` nope part of the queries (NOT absorbed), packed by cu_seqlens_q; bf16/fp16.
+        q_nope: ``[T, H, D_nope]`` nope part of the queries (NOT absorbed), packed by cu_seqlens_q; bf16, fp16 or fp32.
         q_pe: ``[T, H, P]`` rope part, rope applied; same dtype.
         kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal: as in
             ``mla_prefill`` (the new tokens' latent and rope key are already written to the cache).

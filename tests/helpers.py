@@ -17,6 +17,9 @@ SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it
 #   another ~2.3e-3 RMS relative, partly averaged away over the keys.
 # The reference sees the same rounded inputs, so input rounding cancels. Hence relative RMS error
 # below 8e-3 for bf16 (about 1.5 to 2 ulp RMS) and 1e-3 for fp16 (11-bit significand, 8x finer).
+# fp32 (24-bit significand, full-precision dots) has no rounding of p or of the output worth the name:
+# what is left is fp32 summation over up to thousands of keys and the GPU's approximate exp2 (~2 ulp),
+# a few 1e-7 relative; 1e-5 leaves room for that and still fails on any real defect (TF32 would give ~1e-3).
 # Cosine difference (FlashMLA's measure) is about err^2/2 for such noise; its bounds are err^2.
 RMS_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 COS_TOL = {torch.bfloat16: 1e-4, torch.float16: 2e-6, torch.float32: 1e-9}

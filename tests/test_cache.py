@@ -11,7 +11,8 @@ import mla_kernels
 from mla_kernels import _utils
 from mla_kernels.cache import _write_cache_kernel, write_cache
 
-DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.float32, id="fp32")]
 
 
 @pytest.fixture(params=["triton", "torch"])

@@ -410,7 +410,7 @@ def test_buffers_and_sizes():
     (dict(block_size=2.0), TypeError, "block_size"),
     (dict(kv_lora_rank=500), ValueError, "kv_lora_rank"),
     (dict(rope_dim=8), ValueError, "rope_dim"),
-    (dict(dtype=torch.float32), TypeError, "dtype"),
+    (dict(dtype=torch.float64), TypeError, "dtype"),
 ], ids=["layers", "blocks", "block_size", "rank", "rope", "dtype"])
 def test_constructor_checks(kwargs, error, name):
     args = dict(num_layers=1, num_blocks=2, block_size=4, kv_lora_rank=R, rope_dim=P)

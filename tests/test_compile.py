@@ -27,7 +27,7 @@ def reports():
     return json.loads(run.stdout)
 
 
-EXPECTED = ["decode-h16-split", "decode-h128", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
+EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
@@ -41,7 +41,9 @@ def test_every_kernel_compiles(reports, target):
 
 
 def test_decode_configs_do_not_spill(reports):
+    """The bf16 decode configs, the ones serving runs, keep everything in registers. (fp32 tiles are twice
+    as wide and spill ~100 bytes at the same tiles: fp32 is for exactness tests, not speed.)"""
     for name, report in reports["sm90"].items():
-        if name.startswith("decode"):
+        if name.startswith("decode") and "fp32" not in name:
             assert report["registers"] is not None, f"{name}: no ptxas report"
             assert report["spill_store_bytes"] == 0, f"{name} spills registers: {report}"

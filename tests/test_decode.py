@@ -41,7 +41,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_decode_parity(case, dtype, device, poisoned_empty):
     lens, s_q, heads, page = CASES[case]
@@ -148,7 +148,9 @@ def _good():
 BAD = {
     "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][0]), ValueError, "q_nope"),
-    "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
+    "q_nope-float64": (lambda a: a.update(q_nope=a["q_nope"].double()), TypeError, "q_nope"),
+    "q_nope-fp32-vs-bf16-cache": (lambda a: a.update(q_nope=a["q_nope"].float(), q_pe=a["q_pe"].float()), TypeError,
+                                  "kv_cache"),
     "q_pe-dtype-mismatch": (lambda a: a.update(q_pe=a["q_pe"].half()), TypeError, "q_pe"),
     "q_pe-heads-mismatch": (lambda a: a.update(q_pe=a["q_pe"][:, :, :2]), ValueError, "q_pe"),
     "q_nope-width-vs-cache": (lambda a: a.update(q_nope=a["q_nope"][..., :16]), ValueError, "kv_cache"),
@@ -186,7 +188,7 @@ BAD = {
     "softmax_scale-nan": (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     "w_uv-heads": (lambda a: a.update(w_uv=torch.zeros(3, 8, 32, dtype=torch.bfloat16)), ValueError, "w_uv"),
     "w_uv-width": (lambda a: a.update(w_uv=torch.zeros(4, 8, 16, dtype=torch.bfloat16)), ValueError, "w_uv"),
-    "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32)), TypeError, "w_uv"),
+    "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.float16)), TypeError, "w_uv"),
     "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
 }

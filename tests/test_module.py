@@ -1,8 +1,7 @@
 """MLAttention against transformers' DeepseekV3Attention: same weights, same outputs, over the paged latent cache.
 
-The kernels run through the Triton interpreter on the CPU. fp32 parity needs the kernels to take fp32:
-their public checks admit bf16/fp16 only, so the ``fp32_kernels`` fixture widens that gate (the kernels
-compute in fp32 on the CPU either way: ``DOT_FP32``).
+The kernels run through the Triton interpreter on the CPU; fp32 parity runs the kernels in fp32
+(full-precision dots, as on a GPU where fp32 inputs use ``input_precision="ieee"``).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 import mla_kernels
 from helpers import assert_close
 from mla_kernels import _utils
-from mla_kernels import cache as cache_mod
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch, MLAttention
 
@@ -42,18 +40,6 @@ def tiny_config(**overrides) -> DeepseekV3Config:
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
     return DeepseekV3Config(**kw)
-
-
-def widen_kernel_dtypes(monkeypatch) -> None:
-    """Let the kernels' public checks admit float32 (see the module docstring)."""
-    widened = tuple(_utils.FLOAT_DTYPES) + ((torch.float32,) if torch.float32 not in _utils.FLOAT_DTYPES else ())
-    monkeypatch.setattr(_utils, "FLOAT_DTYPES", widened)
-    monkeypatch.setattr(cache_mod, "FLOAT_DTYPES", widened)
-
-
-@pytest.fixture
-def fp32_kernels(monkeypatch):
-    widen_kernel_dtypes(monkeypatch)
 
 
 def reference_attention(config, seed=1):
@@ -99,7 +85,7 @@ def test_rope_and_scale_match_transformers(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_transformers_prefill_then_decode(name, fp32_kernels):
+def test_matches_transformers_prefill_then_decode(name):
     """Two sequences: ragged prefill, a second ragged prefill over that history (a new chat turn), single-token
     decode steps, then a two-token decode step. Each step is compared with transformers' attention run on each
     sequence alone with its own DynamicCache, in fp32."""
@@ -129,7 +115,7 @@ def test_matches_transformers_prefill_then_decode(name, fp32_kernels):
             assert_close(f"step {step} {counts}", out, torch.cat(expected), torch.float32)
 
 
-def test_batched_layout_equals_packed(fp32_kernels):
+def test_batched_layout_equals_packed():
     """[B, S, hidden] input gives the packed [T, hidden] result reshaped."""
     config = tiny_config()
     mod = MLAttention.from_config(config)
@@ -162,7 +148,7 @@ def test_bf16_against_fp64_reference():
     assert_close("bf16 prefill", out, expected, torch.bfloat16, rms_tol=1.5e-2, cos_tol=2e-4)
 
 
-def test_stores_only_latent_and_rope_key(fp32_kernels):
+def test_stores_only_latent_and_rope_key():
     """The cache holds, per token, exactly kv_a_layernorm(c) and the roped k_pe; nothing per head."""
     config = tiny_config()
     ref = reference_attention(config)
@@ -192,7 +178,7 @@ def test_full_cache_raises_before_writing():
     assert cache.seqlen(a) == 6 and cache.seqlen(b) == 0
 
 
-def test_torch_path_matches_interpreter(fp32_kernels, monkeypatch):
+def test_torch_path_matches_interpreter(monkeypatch):
     """The PyTorch path (CPU without the interpreter) gives the interpreter's result."""
     config = tiny_config(q_lora_rank=32)
     mod = MLAttention.from_config(config)

@@ -1,7 +1,6 @@
 """patch_model on tiny random-weight transformers DeepSeek models built offline from a config.
 
-The generation tests run the Triton kernels through the interpreter. fp32 runs need the kernels' public
-dtype checks widened to float32 (the ``fp32_kernels`` fixture; see test_module.py).
+The generation tests run the Triton kernels through the interpreter, in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -17,18 +16,13 @@ from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, unpatch_model
-from test_module import YARN, tiny_config, widen_kernel_dtypes
+from test_module import YARN, tiny_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention  # noqa: E402
 
 GREEDY = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
-
-
-@pytest.fixture
-def fp32_kernels(monkeypatch):
-    widen_kernel_dtypes(monkeypatch)
 
 
 def tiny_model(seed=0, **overrides) -> DeepseekV3ForCausalLM:
@@ -68,7 +62,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_greedy_generate_matches_eager_fp32(name, fp32_kernels, monkeypatch):
+def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     """3 left-padded prompts (5, 9, 2 tokens), 8 new tokens: the same tokens as transformers' eager attention.
     The latent cache starts with no headroom and 4-token pages, so it grows several times on the way."""
     model = MODELS[name]()
@@ -86,7 +80,7 @@ def test_greedy_generate_matches_eager_fp32(name, fp32_kernels, monkeypatch):
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
 
 
-def test_latent_only_cache_memory(fp32_kernels):
+def test_latent_only_cache_memory():
     """transformers' Cache keeps no K/V bytes; the latent cache holds R + P values per real token and layer."""
     model = tiny_model(q_lora_rank=32)
     config = model.config
@@ -133,7 +127,7 @@ def test_bf16_teacher_forced_logits_close():
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["no-cache", "cache"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_forward_matches_transformers(attn_implementation, use_cache, fp32_kernels):
+def test_forward_matches_transformers(attn_implementation, use_cache):
     """Plain forward calls, with or without a cache, under either attention implementation's mask format."""
     model = tiny_model(attn_implementation=attn_implementation)
     ids, mask = left_padded([7, 4, 1])
@@ -145,7 +139,7 @@ def test_forward_matches_transformers(attn_implementation, use_cache, fp32_kerne
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
-def test_multi_turn_chat_keeps_the_cache(fp32_kernels):
+def test_multi_turn_chat_keeps_the_cache():
     """Seed 002, done with the real thing: turn 2 continues on turn 1's cache (only the new tokens are fed),
     and gives eager attention's tokens; the cached latent prefix stays as it was."""
     model = tiny_model(q_lora_rank=32)
@@ -178,7 +172,7 @@ def test_multi_turn_chat_keeps_the_cache(fp32_kernels):
         assert torch.equal(lc.read(0, seq)[0][:before.shape[0]], before)
 
 
-def test_patch_shares_parameters_and_unpatch_restores(fp32_kernels):
+def test_patch_shares_parameters_and_unpatch_restores():
     model = tiny_model(q_lora_rank=32)
     before = model.state_dict()
     pointers = {k: v.data_ptr() for k, v in before.items()}
@@ -198,7 +192,7 @@ class _ForeignAttention(torch.nn.Module):
         return hidden_states, None
 
 
-def test_unpatchable_models_raise_before_any_swap(fp32_kernels):
+def test_unpatchable_models_raise_before_any_swap():
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
     with pytest.raises(TypeError, match="DeepSeek"):
@@ -225,15 +219,14 @@ def test_unpatchable_models_raise_before_any_swap(fp32_kernels):
         patch_model(model)
 
 
-def test_fp32_model_is_refused_when_the_kernels_refuse_fp32(monkeypatch):
-    monkeypatch.setattr(_utils, "FLOAT_DTYPES", (torch.bfloat16, torch.float16))
-    model = tiny_model()
+def test_float64_model_is_refused_before_any_swap():
+    model = tiny_model().double()
     with pytest.raises(TypeError, match="bfloat16"):
         patch_model(model)
     assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
 
 
-def test_cache_misuse_is_a_clear_error(fp32_kernels, monkeypatch):
+def test_cache_misuse_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
     model = tiny_model()
     ids, mask = left_padded([5, 3])
