@@ -399,8 +399,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     """Swap every attention layer of a transformers DeepSeek-V3 (or V2) model for ``TransformersMLAttention``.
 
     Args:
-        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 classes), in bfloat16 or float16 (the
-            kernels' dtypes).
+        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 classes), in bfloat16, float16 or
+            float32 (the kernels' dtypes).
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
             a step raises ``CacheFullError`` before writing anything. None: grow without limit.
