@@ -519,9 +519,20 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --plot."""
+def save_plot(fig, path) -> None:
+    """Lay out and write a matplotlib figure, and say where it went."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def make_parser(description: str, seed_and_sweep: bool = False) -> argparse.ArgumentParser:
+    """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --plot;
+    with ``seed_and_sweep``, also --skip-seed / --skip-sweep for benches that run a seed scenario and a sweep."""
     parser = argparse.ArgumentParser(description=description)
+    if seed_and_sweep:
+        parser.add_argument("--skip-seed", action="store_true", help="only the sweep")
+        parser.add_argument("--skip-sweep", action="store_true", help="only seed 003's scenario")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep, for a first look")
     parser.add_argument("--out", default=None,
                         help="results folder or .json file (default bench/results/<name>_<device>.json)")

@@ -414,15 +414,11 @@ def plot(rows: list[dict], path) -> None:
             ax.set_xscale("log", base=2)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    h.save_plot(fig, path)
 
 
 def main(argv=None) -> None:
-    parser = h.make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-seed", action="store_true", help="only the sweep")
-    parser.add_argument("--skip-sweep", action="store_true", help="only seed 003's scenario")
+    parser = h.make_parser(__doc__.split("\n\n")[0], seed_and_sweep=True)
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)

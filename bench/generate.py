@@ -191,9 +191,7 @@ def plot(rows, path):
     ax.set_ylabel("generated tokens / s")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    h.save_plot(fig, path)
 
 
 def main(argv=None) -> None:

@@ -324,9 +324,7 @@ def plot(rows, peaks, contexts, path) -> None:
     ax1.legend(fontsize=7)
     for ax in (ax0, ax1):
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    h.save_plot(fig, path)
 
 
 def main(argv=None) -> None:
