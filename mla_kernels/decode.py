@@ -407,6 +407,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     if device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would synchronise)
         _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, max_seqlen_k)
+        short = (cache_seqlens > 0) & (cache_seqlens < s_q)
+        if bool(short.any()):
+            b = int(short.nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens[{b}] = {int(cache_seqlens[b])} is less than the S_q = {s_q} new tokens, "
+                             "which must already be in the cache (0 marks a padding slot)")
 
     if not _utils.use_triton(q_nope):
         return mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,

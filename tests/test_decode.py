@@ -57,7 +57,7 @@ def test_decode_parity(case, dtype, device, poisoned_empty):
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16], ids=lambda n: f"splits{n}")
 def test_split_kv(num_splits, device, poisoned_empty):
     """Forced split counts, including more splits than the shortest sequence has tiles (empty splits)."""
-    lens = [300, 1, 0, 77]
+    lens = [300, 2, 0, 77]
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 2, 16, 16, torch.bfloat16, device)
     out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
                                       num_splits=num_splits)
@@ -179,6 +179,10 @@ BAD = {
     "cache_seqlens-batch": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
     "cache_seqlens-none": (lambda a: a.update(cache_seqlens=None), TypeError, "cache_seqlens"),
     "cache_seqlens-negative": (lambda a: a["cache_seqlens"].__setitem__(0, -1), ValueError, "cache_seqlens"),
+    "cache_seqlens-shorter-than-new-tokens": (lambda a: a.update(q_nope=a["q_nope"].repeat(1, 2, 1, 1),
+                                                                 q_pe=a["q_pe"].repeat(1, 2, 1, 1),
+                                                                 cache_seqlens=torch.tensor([10, 1], dtype=torch.int32)),
+                                              ValueError, "cache_seqlens"),
     "cache_seqlens-beyond-table": (lambda a: a["cache_seqlens"].__setitem__(0, 10_000), ValueError,
                                    "cache_seqlens"),
     "block_table-id-out-of-range": (lambda a: a["block_table"].__setitem__((0, 0), SENTINEL_BLOCK), ValueError,
