@@ -250,3 +250,36 @@ def test_cache_beyond_int32_offsets():
     out_small = mla_kernels.mla_decode(q_nope, q_pe, small_kv, small_pe, table, seqlens, SCALE)
     out_big = mla_kernels.mla_decode(q_nope, q_pe, big[..., :r], big[..., r:], big_table, seqlens, SCALE)
     assert torch.equal(out_small, out_big)
+
+
+# ------------------------------------------------------------------------------------------------
+# property-based: random small problems, including page sizes that are not powers of two
+# ------------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def decode_problems(draw):
+    batch = draw(st.integers(1, 3))
+    s_q = draw(st.integers(1, 4))
+    lens = [draw(st.one_of(st.just(0), st.integers(s_q, 90))) for _ in range(batch)]
+    return dict(lens=lens, s_q=s_q, heads=draw(st.integers(1, 6)), page=draw(st.sampled_from([1, 2, 3, 5, 7, 16, 48])),
+                r=draw(st.sampled_from([16, 32, 64])), p=draw(st.sampled_from([16, 32])),
+                causal=draw(st.booleans()), num_splits=draw(st.sampled_from([None, 1, 3])), seed=draw(st.integers(0, 99)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=decode_problems())
+def test_decode_property(problem, device):
+    """Any batch, S_q, head count, page size (7 and 48 included), width, causality and split count."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(
+        problem["lens"], problem["s_q"], problem["heads"], problem["page"], torch.bfloat16, device, r=problem["r"],
+        p=problem["p"], seed=problem["seed"])
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE,
+                                      causal=problem["causal"], return_lse=True, num_splits=problem["num_splits"])
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE,
+                                                 causal=problem["causal"])
+    assert_close(str(problem), out, ref_out, torch.bfloat16)
+    assert_lse_close(str(problem), lse, ref_lse)
