@@ -270,7 +270,7 @@ def decode_problems(draw):
                 causal=draw(st.booleans()), num_splits=draw(st.sampled_from([None, 1, 3])), seed=draw(st.integers(0, 99)))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=decode_problems())
 def test_decode_property(problem, device):
     """Any batch, S_q, head count, page size (7 and 48 included), width, causality and split count."""

@@ -448,3 +448,35 @@ def test_bench_sweep_row_and_crossover_smoke(device):
     assert rows[3]["note"] == f"chose {bp.auto_choice(bp.MLAShape(heads=2), [20], [9])}"
     res = bp.crossover(rows)
     assert res["per_group"][0]["hist"] == 9 and len(res["relative_speed_all"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# property-based: random ragged batches, both paths, page sizes that are not powers of two
+# ------------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def prefill_problems(draw):
+    batch = draw(st.integers(1, 3))
+    return dict(new=[draw(st.integers(0, 40)) for _ in range(batch)],
+                history=[draw(st.integers(0, 60)) for _ in range(batch)],
+                heads=draw(st.integers(1, 4)), page=draw(st.sampled_from([1, 3, 5, 16, 48])),
+                r=draw(st.sampled_from([32, 64])), d_nope=draw(st.sampled_from([16, 32])),
+                path=draw(st.sampled_from(["absorbed", "expanded"])), causal=draw(st.booleans()),
+                seed=draw(st.integers(0, 99)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=prefill_problems())
+def test_prefill_attention_property(problem, device):
+    """Any ragged batch (empty sequences, no history, history only), heads, page size, widths, path, causality."""
+    a = make_inputs(problem["new"], problem["history"], problem["heads"], problem["page"], torch.bfloat16, device,
+                    r=problem["r"], p=16, d_nope=problem["d_nope"], seed=problem["seed"])
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, causal=problem["causal"],
+                                                 path=problem["path"], return_lse=True)
+    ref_out, ref_lse = naive_reference(a, problem["causal"])
+    assert_close(str(problem), out, ref_out, torch.bfloat16)
+    assert_lse_close(str(problem), lse, ref_lse, LSE_ATOL_ROUNDED_Q[torch.bfloat16])
