@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, results under $OUT (default bench/results/gpu): the native test suite,
+# the compiler's register/spill report, and the benchmarks, each step time-boxed so one call fits 10 minutes.
+#   bash bench/gpu_session.sh tests     # native pytest (no interpreter) + compile report      (~3-5 min)
+#   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
+# Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, never stop the session
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name rc=$?"; tail -n 5 "$OUT/$name.log"
+}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+case "${1:-all}" in
+  tests|all)
+    step pytest 420 python -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+    step compile 120 sh -c "python -m mla_kernels._compile > '$OUT/compile_report.json'" ;;&
+  bench|all)
+    step bench_decode 240 python -m bench.decode --plot --out "$OUT"
+    step bench_prefill 150 python -m bench.prefill --out "$OUT"
+    step bench_memory 60 python -m bench.memory --plot --out "$OUT"
+    step bench_generate 120 python -m bench.generate --quick --out "$OUT" ;;
+esac
+ls -la "$OUT"
