@@ -8,6 +8,7 @@ any kernel is launched or any cache byte is written.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 
 import torch
@@ -103,7 +104,7 @@ def check_devices(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_scale(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # float, int, numpy scalars
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not (value > 0 and value < float("inf")):
