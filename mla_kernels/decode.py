@@ -75,6 +75,22 @@ def _num_splits(programs_per_split: int, max_seqlen: int, block_n: int, device: 
 
 
 @triton.jit
+def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
+    """One tile of the running softmax, in log2 units: ``qk [BLOCK_M, BLOCK_N]`` scaled scores (-inf where hidden),
+    ``m_i``/``l_i [BLOCK_M]`` running max and sum. Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalised
+    probabilities, the factor rescaling earlier partial sums, and the new state. ``MAY_BE_EMPTY``: some row may
+    have seen no visible key yet (its max is -inf), so the max is taken as 0 there to keep exp2 finite."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MAY_BE_EMPTY:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
+    p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _mla_attn_kernel(
     Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
     OUT, LSE, OUT_PART, LSE_PART,
@@ -157,16 +173,11 @@ def _mla_attn_kernel(
             visible = visible & (offs_n[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, True)
         p = p.to(kv.dtype)
         if DOT_FP32:
             p = p.to(tl.float32)
         acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
-        m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _project_v
+from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -168,20 +168,12 @@ def _expanded_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= q_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = m_new
-        alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
-        p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, MASKED)
         p = p.to(v.dtype)
         if DOT_FP32:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_V]
-        m_i = m_new
     return acc, l_i, m_i
 
 
