@@ -437,6 +437,24 @@ def results_path(name: str, device: torch.device, out: str | os.PathLike | None 
     return Path(out or RESULTS_DIR) / f"{name}_{device_slug(device)}.json"
 
 
+def save_results(name: str, payload: dict, device: torch.device, args: argparse.Namespace, plot=None) -> Path:
+    """End of every bench: write the JSON, say where, and with ``--plot`` call ``plot(png_path)`` (if given)."""
+    path = write_json(name, payload, device, args.out)
+    print(f"\nresults: {path}")
+    if args.plot and plot is not None:
+        plot(path.with_suffix(".png"))
+    return path
+
+
+def exit_if_wrong(sweep_rows, seed_providers: dict, label) -> None:
+    """Exit non-zero, after the results are written, if any provider gave a wrong result and was not timed.
+    ``label(row)`` names a sweep row."""
+    wrong = [label(r) for r in sweep_rows if r.get("wrong")]
+    wrong += [f"seed scenario {n}" for n, r in seed_providers.items() if r.get("wrong")]
+    if wrong:
+        raise SystemExit(f"wrong results, not timed: {', '.join(wrong)}")
+
+
 def write_json(name: str, payload: dict, device: torch.device, out: str | os.PathLike | None = None) -> Path:
     """Write ``{"benchmark": name, "environment": ..., **payload}``; non-finite floats become null."""
     path = results_path(name, device, out)

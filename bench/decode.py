@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 
 import torch
@@ -50,19 +49,11 @@ DEEPSEEK_R1 = MLAShape(heads=128)
 
 
 def library():
-    """(mla_decode, mla_decode_torch or None, write_cache or None), or exit with a message."""
-    try:
-        import mla_kernels
-        from mla_kernels import mla_decode
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"mla_kernels.mla_decode is not importable yet ({exc}); nothing to benchmark")
-    decode_torch = getattr(sys.modules.get("mla_kernels.decode"), "mla_decode_torch", None)
-    if decode_torch is None:
-        print("mla_kernels.decode.mla_decode_torch is missing: the torch_absorbed provider is skipped")
-    write_cache = getattr(mla_kernels, "write_cache", None)
-    if write_cache is None:
-        print("mla_kernels.write_cache is missing: the seed scenario writes new tokens with index_put_")
-    return mla_decode, decode_torch, write_cache
+    """(mla_decode, the PyTorch absorbed path mla_decode_torch, write_cache): the providers this bench times."""
+    from mla_kernels import mla_decode, write_cache
+    from mla_kernels.decode import mla_decode_torch
+
+    return mla_decode, mla_decode_torch, write_cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,9 +176,8 @@ def providers(case: Case, lib):
                                        scale, c.w_kv_b, c.shape.d_v, c.max_len), "value"),
         "mla_decode": (lambda: mla_decode(*args, max_seqlen_k=c.max_len), "latent"),
         "mla_decode+w_uv": (lambda: mla_decode(*args, w_uv=c.w_uv, max_seqlen_k=c.max_len), "value"),
+        "torch_absorbed": (lambda: decode_torch(*args), "latent"),
     }
-    if decode_torch is not None:
-        table["torch_absorbed"] = (lambda: decode_torch(*args), "latent")
     return table
 
 
@@ -302,21 +292,16 @@ def seed_scenario(device, dtype, lib, warmups: int = SEED_WARMUPS, rounds: int =
     scale = shape.softmax_scale
 
     def write(r):
-        if write_cache is not None:
-            write_cache(new_kv[r], new_pe[r], case.kv_cache, case.pe_cache, slots[r])
-        else:
-            case.kv_cache.view(-1, shape.d_latent)[slots[r]] = new_kv[r]
-            case.pe_cache.view(-1, shape.d_rope)[slots[r]] = new_pe[r]
+        write_cache(new_kv[r], new_pe[r], case.kv_cache, case.pe_cache, slots[r])
 
     attend = {
         "mla_decode": lambda r: mla_decode(
             torch.einsum("bshd,hdr->bshr", q_nope[r], case.w_uk), q_pe[r], case.kv_cache, case.pe_cache,
             case.block_table, seqlens[r], scale, w_uv=case.w_uv, max_seqlen_k=max_lens[r]),
-    }
-    if decode_torch is not None:
-        attend["torch_absorbed"] = lambda r: decode_torch(
+        "torch_absorbed": lambda r: decode_torch(
             torch.einsum("bshd,hdr->bshr", q_nope[r], case.w_uk), q_pe[r], case.kv_cache, case.pe_cache,
-            case.block_table, seqlens[r], scale, w_uv=case.w_uv)
+            case.block_table, seqlens[r], scale, w_uv=case.w_uv),
+    }
     notes = []
     if not with_naive:
         notes.append("naive skipped: decompressing 16 x ~500 tokens through kv_b_proj every round is seconds per "
@@ -458,16 +443,10 @@ def main(argv=None) -> None:
         print()
     if not args.skip_sweep:
         payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph, rates["copy_gbps"])
-    path = h.write_json("decode", payload, device, args.out)
-    print(f"\nresults: {path}")
-    if args.plot and payload.get("sweep"):
-        plot(payload["sweep"], path.with_suffix(".png"))
-    wrong = [f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']}" for r in payload.get("sweep", [])
-             if r.get("wrong")]
-    wrong += [f"seed scenario {n}" for n, r in payload.get("seed_003_decode", {}).get("providers", {}).items()
-              if r.get("wrong")]
-    if wrong:
-        raise SystemExit(f"wrong results, not timed: {', '.join(wrong)}")
+    sweep = payload.get("sweep", [])
+    h.save_results("decode", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
+    h.exit_if_wrong(sweep, payload.get("seed_003_decode", {}).get("providers", {}),
+                    lambda r: f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']}")
 
 
 if __name__ == "__main__":

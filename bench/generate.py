@@ -224,10 +224,7 @@ def main(argv=None) -> None:
                      "under the interpreter); its speed says nothing about the kernels") if cpu else None,
         "rows": rows,
     }
-    path = h.write_json("generate", payload, device, args.out)
-    print(f"\nresults: {path}")
-    if args.plot:
-        plot(rows, path.with_suffix(".png"))
+    h.save_results("generate", payload, device, args, plot=lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":

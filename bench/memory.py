@@ -362,10 +362,7 @@ def main(argv=None) -> None:
                               "not the Triton kernel's" if cpu else "GPU: torch.cuda.max_memory_allocated"),
         "seed_000_claim": text,
     }
-    path = h.write_json("memory", payload, device, args.out)
-    print(f"\nresults: {path}")
-    if args.plot:
-        plot(rows, peaks, contexts, path.with_suffix(".png"))
+    h.save_results("memory", payload, device, args, plot=lambda png: plot(rows, peaks, contexts, png))
 
 
 if __name__ == "__main__":

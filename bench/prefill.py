@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from reference import naive_mla
 
 from . import _harness as h
-from .decode import DEEPSEEK_R1, SEED_SMALL, MLAShape, make_weights
+from .decode import SEED_SMALL, MLAShape, make_weights
 
 SEED_NEW = [64, 128, 256, 256]
 SEED_HISTORY = [512, 0, 0, 256]
@@ -486,16 +486,10 @@ def main(argv=None) -> None:
         payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph)
         payload["crossover"] = crossover(payload["sweep"])
         print_crossover(payload["crossover"], cpu)
-    path = h.write_json("prefill", payload, device, args.out)
-    print(f"\nresults: {path}")
-    if args.plot and payload.get("sweep"):
-        plot(payload["sweep"], path.with_suffix(".png"))
-    wrong = [f"{r['provider']} B={r['B']} new={r['new']} hist={r['hist']} H={r['H']}"
-             for r in payload.get("sweep", []) if r.get("wrong")]
-    wrong += [f"seed scenario {n}" for n, r in payload.get("seed_003_prefill", {}).get("providers", {}).items()
-              if r.get("wrong")]
-    if wrong:
-        raise SystemExit(f"wrong results, not timed: {', '.join(wrong)}")
+    sweep = payload.get("sweep", [])
+    h.save_results("prefill", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
+    h.exit_if_wrong(sweep, payload.get("seed_003_prefill", {}).get("providers", {}),
+                    lambda r: f"{r['provider']} B={r['B']} new={r['new']} hist={r['hist']} H={r['H']}")
 
 
 if __name__ == "__main__":

@@ -119,15 +119,12 @@ def test_naive_batched_provider_matches_references():
 
 
 def _torch_lib():
-    decode = pytest.importorskip("mla_kernels.decode")
-    if not hasattr(decode, "mla_decode_torch"):
-        pytest.skip("mla_kernels.decode.mla_decode_torch is not there yet")
-    run = decode.mla_decode_torch
+    _, run, write_cache = bd.library()
 
     def as_library(*args, max_seqlen_k=None, **kw):  # the PyTorch path in place of the interpreter
         return run(*args, **kw)
 
-    return as_library, run, None
+    return as_library, run, write_cache
 
 
 def test_decode_sweep_row_smoke():
@@ -153,7 +150,7 @@ def test_decode_sweep_refuses_wrong_provider():
     def broken(*args, **kw):
         return as_library(*args, **kw) * 1.1
 
-    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, (broken, run, None), copy_gbps=10.0,
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, (broken, run, bd.library()[2]), copy_gbps=10.0,
                         time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))
     by_name = {r["provider"]: r for r in rows}
     for name in ("mla_decode", "mla_decode+w_uv"):
