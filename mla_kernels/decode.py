@@ -17,7 +17,6 @@ its normalised partial output and log-sum-exp, and a combine kernel merges them.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 
 SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it faults or returns garbage
@@ -83,6 +84,13 @@ def assert_lse_close(name: str, actual: torch.Tensor, expected: torch.Tensor, at
     worst = (a[fin] - e[fin]).abs().max().item() if fin.any() else 0.0
     scale = max(1.0, e[fin].abs().max().item()) if fin.any() else 1.0
     assert worst <= atol * scale, f"{name}: max |lse error| {worst:.3e} > {atol * scale:.1e}"
+
+
+def assert_rejects(fn, args: dict, change, error: type, name: str) -> None:
+    """Apply one bad ``change`` to valid keyword ``args``: ``fn(**args)`` must raise ``error`` naming ``name``."""
+    change(args)
+    with pytest.raises(error, match=name):
+        fn(**args)
 
 
 def _first(mask: torch.Tensor):

@@ -9,7 +9,7 @@ import torch
 
 import mla_kernels
 from mla_kernels import _utils
-from mla_kernels.cache import _write_cache_kernel, write_cache
+from mla_kernels.cache import write_cache
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.float32, id="fp32")]
