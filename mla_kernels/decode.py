@@ -59,7 +59,7 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
 
 
-def _num_splits(programs_per_split: int, max_seqlen: int, block_n: int, device: torch.device) -> int:
+def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device) -> int:
     """Split the cache length so that about two waves of programs fill the GPU, no split shorter
     than MIN_SPLIT_TOKENS. Decided from shapes only: no host synchronisation."""
     sms = _utils.num_sms(device)
@@ -248,7 +248,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, block_n, device)
+        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device)
     split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
