@@ -38,32 +38,38 @@ MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial writ
 def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     """Tile sizes for a launch. ``rows_per_seq`` = query tokens x heads of one sequence.
 
-    The fp32 accumulator is BLOCK_M x D_LATENT and the query tile stays in registers, so at
-    D_LATENT = 512 the row block is what registers allow without spilling. Checked with
-    ptxas for sm_90 (tests/test_compile.py asserts no spills): BLOCK_M=16/BLOCK_N=32/8 warps
-    uses 184 registers, BLOCK_M=32/BLOCK_N=16/8 warps 255 with no spill, while BLOCK_M=64
-    spills >900 bytes in every tiling tried, so 128 heads take four row blocks per sequence
-    (neighbouring programs in the grid, so the repeated cache reads hit L2).
+    NVIDIA, D_LATENT 512: the winners of a 36-config sweep on an H100 (triton 3.6, B128 L4096 page 64;
+    ../shared/measurements/h100-2026-11-22-config-sweep.json, 2026-11-22), also the "config override"
+    column of the side-by-side run there:
+      - at most 16 rows (16 heads, one token): 16 x 32 tiles, 4 warps, 2 stages: 292 us, 2.08 TB/s
+        (8 warps ran 362 us);
+      - above: 64 x 64 tiles, 8 warps, 2 stages: 736 us, 199 TFLOP/s at 128 heads, 4.2x the 32 x 16 tiles
+        shipped before. ptxas reports ~2.3 KB of spills for it; the measured time decides, not the report.
+    Issue 9's per-GPU config files replace these where a GPU has been tuned.
+    MI300 (64-wide wavefronts, 512 VGPRs per lane, 64 KiB LDS per CU): compile-checked only, never timed.
     tl.dot needs M, N >= 16. The interpreter runs the NVIDIA configs, so CPU tests cover the tiles a GPU runs.
-    Issue 5 (autotuning on a GPU) replaces these with measured winners.
     """
-    block_m = 16 if rows_per_seq <= 16 else 32
     if d_latent <= 128:
         return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows_per_seq))), BLOCK_N=64, num_warps=4,
                     num_stages=2)
-    if hip:  # MI300: 64-wide wavefronts, 512 VGPRs per lane, 64 KiB LDS per CU
-        return dict(BLOCK_M=block_m, BLOCK_N=16 if block_m == 32 else 32, num_warps=4 if block_m == 16 else 8,
-                    num_stages=1)
-    if block_m == 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
+    if hip:
+        if rows_per_seq <= 16:
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+    if rows_per_seq <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device) -> int:
-    """Split the cache length so that about two waves of programs fill the GPU, no split shorter
-    than MIN_SPLIT_TOKENS. Decided from shapes only: no host synchronisation."""
+def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16) -> int:
+    """Split the cache length so the programs fill the GPU, no split shorter than MIN_SPLIT_TOKENS.
+
+    Decided from shapes only: no host synchronisation. Memory-bound small row blocks aim at about two
+    waves; 64-row tiles (tensor-core bound) at one wave, since on an H100 at B128 L4096 H128 one split ran
+    213 TFLOP/s against 182 for two (h100-2026-11-22-structure-probe.json)."""
     sms = _utils.num_sms(device)
-    want = triton.cdiv(2 * sms, max(1, programs_per_split))
+    waves = 1 if block_m >= 64 else 2
+    want = triton.cdiv(waves * sms, max(1, programs_per_split))
     most = max(1, max_seqlen // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, most, 128)))
 
@@ -248,7 +254,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device)
+        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m)
     split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 

@@ -3,8 +3,10 @@
 Runs the real Triton compiler for both vendors with the configs the library launches, so a
 change that breaks either backend fails CI although CI has no GPU. The compiler runs in a
 subprocess without TRITON_INTERPRET (the interpreter swaps triton.language's own jit helpers,
-which the compiler cannot then inline). On sm_90 it reads ptxas's report and asserts the
-decode configs do not spill registers.
+which the compiler cannot then inline). On sm_90 it reads ptxas's report: registers, spills and
+whether wgmma is used are reported, never a veto. The shipped 128-head config spills ~2.3 KB per
+thread and measured 4.2x faster on an H100 than the spill-free one (../shared/measurements):
+only measured time decides a config.
 """
 
 import json
@@ -40,10 +42,12 @@ def test_every_kernel_compiles(reports, target):
     assert all(r["binary_bytes"] > 0 for r in got.values())
 
 
-def test_decode_configs_do_not_spill(reports):
-    """The bf16 decode configs, the ones serving runs, keep everything in registers. (fp32 tiles are twice
-    as wide and spill ~100 bytes at the same tiles: fp32 is for exactness tests, not speed.)"""
+def test_decode_report_is_complete(reports, capsys):
+    """ptxas's report exists for every sm_90 case (so a GPU session can read registers and spills from CI's
+    log); it is printed, and the tensor-core path (wgmma) is used by the bf16 decode tiles of 64 rows."""
     for name, report in reports["sm90"].items():
-        if name.startswith("decode") and "fp32" not in name:
-            assert report["registers"] is not None, f"{name}: no ptxas report"
-            assert report["spill_store_bytes"] == 0, f"{name} spills registers: {report}"
+        assert report.get("registers") is not None, f"{name}: no ptxas report"
+        with capsys.disabled():
+            print(f"\n  sm90 {name}: {report['registers']} registers, {report['spill_store_bytes']} B spill stores, "
+                  f"{report['shared_bytes']} B shared, wgmma {report['wgmma']}", end="")
+    assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
