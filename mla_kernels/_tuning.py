@@ -4,7 +4,7 @@ A file holds ``device``, ``vendor`` ("cuda" or "hip"), ``sm_count``, ``triton``,
 ``source`` and ``kernels``: per kernel a table from shape-class key to config. A file is *stale* when its
 triton MAJOR version differs from the installed one, or its vendor differs from the running backend: then
 one warning and the heuristics (``decode._config`` / ``prefill._expanded_config``), never a crash.
-Not yet hooked into the launchers (see the report of branch ``tune``).
+Hooked into ``decode._launch`` only (a config that fails to compile is not yet caught).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def decode_class(rows_per_seq: int) -> str:
-    """Shape class of a decode launch: only the rows per sequence change the best tiles."""
-    return "rows<=16" if rows_per_seq <= 16 else "rows>16"
+def decode_class(rows_per_seq: int, d_latent: int = 512) -> str:
+    """Shape class of a decode launch: the latent width and the rows per sequence change the best tiles."""
+    return f"R{d_latent}/" + ("rows<=16" if rows_per_seq <= 16 else "rows>16")
 
 
 _warned: set = set()

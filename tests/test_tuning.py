@@ -42,4 +42,4 @@ def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _tuning.load_file(tmp_path / "none.json", "cuda", "3.6.0") is None
-        assert _tuning.lookup("decode", "rows<=16", torch.device("cpu")) is None
+        assert _tuning.lookup("decode", "R512/rows<=16", torch.device("cpu")) is None
