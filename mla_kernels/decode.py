@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _tuning, _utils
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -250,7 +250,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if total_rows == 0 or batch == 0:
         return out, lse
 
-    cfg = config or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
+    cfg = (config or _tuning.lookup("decode", _tuning.decode_class(max_seqlen_q * heads, d_latent), device)
+           or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda"))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:

@@ -1,0 +1,45 @@
+"""Per-GPU config files (mla_kernels._tuning): loading, lookup by shape class, fallbacks, one warning."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from mla_kernels import _tuning
+
+SEED = _tuning.CONFIG_DIR / "nvidia-h100-80gb-hbm3.json"
+
+
+def test_slug_names_the_seeded_h100_file():
+    assert _tuning.device_slug("NVIDIA H100 80GB HBM3") == SEED.stem
+    assert SEED.exists()
+
+
+def test_seeded_h100_file_loads_and_holds_the_measured_winners():
+    table = _tuning.load_file(SEED, "cuda", "3.6.0")
+    assert table["decode"][_tuning.decode_class(16)] == dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    assert table["decode"][_tuning.decode_class(17)] == dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    assert "not produced by bench.autotune" in json.loads(SEED.read_text())["source"]
+
+
+@pytest.mark.parametrize("case", ["corrupt", "other_vendor", "stale_triton"])
+def test_bad_files_warn_once_and_fall_back(tmp_path, case):
+    path = tmp_path / f"{case}.json"
+    data = json.loads(SEED.read_text())
+    if case == "corrupt":
+        path.write_text("{not json")
+    else:
+        data["vendor" if case == "other_vendor" else "triton"] = "hip" if case == "other_vendor" else "2.3.0"
+        path.write_text(json.dumps(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _tuning.load_file(path, "cuda", "3.6.0") is None
+        assert _tuning.load_file(path, "cuda", "3.6.0") is None
+    assert len([w for w in caught if "mla_kernels" in str(w.message)]) == 1
+
+
+def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _tuning.load_file(tmp_path / "none.json", "cuda", "3.6.0") is None
+        assert _tuning.lookup("decode", "R512/rows<=16", torch.device("cpu")) is None
