@@ -69,7 +69,7 @@ def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, 
     213 TFLOP/s against 182 for two (h100-2026-11-22-structure-probe.json)."""
     sms = _utils.num_sms(device)
     waves = 1 if block_m >= 64 else 2
-    want = triton.cdiv(waves * sms, max(1, programs_per_split))
+    want = _utils.cdiv(waves * sms, max(1, programs_per_split))
     most = max(1, max_seqlen // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, most, 128)))
 
@@ -252,10 +252,10 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
 
     cfg = config or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
+    m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m)
-    split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
+    split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
     if varlen:
@@ -290,7 +290,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
             total_rows, num_splits, total_rows * d_latent,
-            D_LATENT=d_latent, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=return_lse,
+            D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(num_splits)), STORE_LSE=return_lse,
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
@@ -421,8 +421,24 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would synchronise)
-        _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, max_seqlen_k)
+    max_seqlen_k = min(max_seqlen_k, capacity)
+    if torch.compiler.is_compiling():  # one graph node; the op runs _mla_decode_run (CPU value checks included)
+        out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
+                                                    softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits)
+    else:  # eager: straight to the work, without the dispatcher's ~15 µs per custom-op call
+        out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                   causal, return_lse, w_uv, max_seqlen_k, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
+                    w_uv, max_seqlen_k, num_splits):
+    """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
+    on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
+    no larger than the block table's capacity."""
+    batch, s_q, heads, d_latent = q_nope.shape
+    if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
+        _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
         short = (cache_seqlens > 0) & (cache_seqlens < s_q)
         if bool(short.any()):
             b = int(short.nonzero()[0, 0])
@@ -430,18 +446,17 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
                              "which must already be in the cache (0 marks a padding slot)")
 
     if not _utils.use_triton(q_nope):
-        return mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                causal, return_lse, w_uv)
+        out = mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                               causal, True, w_uv)
+        return out[0], (out[1] if return_lse else None)
 
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                       max_seqlen_k=min(max_seqlen_k, capacity), num_splits=num_splits)
+                       max_seqlen_k=max_seqlen_k, num_splits=num_splits)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)
-    if return_lse:
-        return out, lse.view(batch, s_q, heads)
-    return out
+    return out, (lse.view(batch, s_q, heads) if return_lse else None)
 
 
 def _check_lengths_cpu(cache_seqlens, block_table, num_blocks, page, max_seqlen_k):
