@@ -335,6 +335,11 @@ class PagedLatentCache:
         ``write_cache``/``write``. Raises ``CacheFullError`` (changing nothing) if the free blocks
         can't hold the whole batch.
         """
+        return self._reserve_host(seq_ids, num_tokens).to(self.device)
+
+    def _reserve_host(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> torch.Tensor:
+        """``append_batch`` with the slots left on the host (a CPU int64 tensor): no device copy, so callers can
+        pack them with the step's other metadata into one asynchronous upload."""
         seqs, counts = self._check_batch(seq_ids, num_tokens)
         needed = [self._new_blocks(s, n) for s, n in zip(seqs, counts)]
         total = sum(needed)
@@ -343,13 +348,20 @@ class PagedLatentCache:
                 f"not enough free cache blocks: appending {sum(counts)} tokens to {len(seqs)} sequence(s) needs {total} "
                 f"new blocks of {self.block_size} tokens, but only {len(self._free)} of {self.num_blocks} are free; "
                 f"free finished sequences or build a larger cache")
+        if all(n <= 8 for n in counts):  # decode steps: a few ints per sequence, cheaper in Python than in torch
+            size = self.block_size
+            flat = []
+            for seq, n, k in zip(seqs, counts, needed):
+                seq.blocks.extend(self._free.pop() for _ in range(k))
+                flat.extend(seq.blocks[p // size] * size + p % size for p in range(seq.length, seq.length + n))
+                seq.length += n
+            return torch.tensor(flat, dtype=torch.int64)
         slots = []
         for seq, n, k in zip(seqs, counts, needed):
             seq.blocks.extend(self._free.pop() for _ in range(k))
             slots.append(self._slots(seq, seq.length, seq.length + n))
             seq.length += n
-        out = torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
-        return out.to(self.device)
+        return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
     def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
@@ -367,6 +379,11 @@ class PagedLatentCache:
         ``max_blocks`` defaults to the longest row in the batch (at least 1). The padding is never
         read by a kernel that stops at ``cache_seqlens``; pass an out-of-range ``pad_id`` to check that.
         """
+        return self._block_table_host(seq_ids, max_blocks, pad_id).to(self.device)
+
+    def _block_table_host(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None,
+                          pad_id: int = 0) -> torch.Tensor:
+        """``block_table`` built on the host (CPU int32), not yet copied to the cache's device."""
         seqs = [self._get(s) for s in seq_ids]
         longest = max((len(s.blocks) for s in seqs), default=0)
         if max_blocks is None:
@@ -377,7 +394,7 @@ class PagedLatentCache:
         for b, seq in enumerate(seqs):
             if seq.blocks:
                 table[b, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        return table.to(self.device)
+        return table
 
     def cache_seqlens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
         """``[B]`` int32: tokens cached for each sequence."""

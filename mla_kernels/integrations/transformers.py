@@ -150,6 +150,9 @@ class _LatentState:
         self.calls: dict[int, int] = {}
         self.current: tuple[LatentBatch, torch.Tensor | None] | None = None
         self.current_shape: tuple[int, int] | None = None
+        self._table_owner: PagedLatentCache | None = None  # _block_table_host's cache, table and filled lengths
+        self._table: torch.Tensor | None = None
+        self._table_len: list[int] = []
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
@@ -157,7 +160,11 @@ class _LatentState:
         slots; the other layers of the step get the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            real = _real_tokens(attention_mask, batch_size, query_len)
+            if self.rows is not None and query_len == 1:  # a decode step: nothing read back from the GPU
+                _assert_real(attention_mask, batch_size, query_len)
+                real = None
+            else:
+                real = _real_tokens(attention_mask, batch_size, query_len)
             self.current = (self._new_step(attn, batch_size, query_len, real, dtype, device), real)
             self.current_shape = (batch_size, query_len)
             self.steps += 1
@@ -187,10 +194,33 @@ class _LatentState:
                              f"{batch_size}; use a new cache for a new batch")
         counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
         try:
-            return LatentBatch.reserve(self.paged, self.rows, counts)
+            slots = self.paged._reserve_host(self.rows, counts)
         except CacheFullError:
             self._grow(self.paged.blocks_needed(self.rows, counts))
-            return LatentBatch.reserve(self.paged, self.rows, counts)
+            slots = self.paged._reserve_host(self.rows, counts)
+        return LatentBatch._from_host(self.paged, self.rows, counts, slots,
+                                      [self.paged.seqlen(r) for r in self.rows], self._block_table_host())
+
+    def _block_table_host(self) -> torch.Tensor:
+        """The rows' block table on the host, ``[B, W]`` for the longest row's W blocks, kept up to date
+        incrementally: a decode step adds at most one block per row, so rebuilding the whole table (B x W Python
+        ints, ~1 ms at B 16 and 32k tokens) every step would cost more than the step's attention."""
+        paged = self.paged
+        seqs = [paged._get(r) for r in self.rows]
+        if self._table_owner is not paged:
+            self._table_owner, self._table, self._table_len = paged, torch.zeros(len(seqs), 1, dtype=torch.int32), \
+                [0] * len(seqs)
+        longest = max((len(seq.blocks) for seq in seqs), default=0)
+        if longest > self._table.shape[1]:
+            wider = torch.zeros(len(seqs), max(longest, 2 * self._table.shape[1]), dtype=torch.int32)
+            wider[:, :self._table.shape[1]] = self._table
+            self._table = wider
+        for b, seq in enumerate(seqs):
+            done = self._table_len[b]
+            if len(seq.blocks) > done:
+                self._table[b, done:len(seq.blocks)] = torch.tensor(seq.blocks[done:], dtype=torch.int32)
+                self._table_len[b] = len(seq.blocks)
+        return self._table[:, :max(1, longest)]
 
     def _grow(self, blocks_needed: int) -> None:
         """Move everything into a cache with at least twice the blocks (and room for ``blocks_needed``);
@@ -257,31 +287,48 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
 
 
 def _real_tokens(attention_mask, batch_size: int, query_len: int) -> torch.Tensor | None:
-    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are.
+    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are (reads the mask on the
+    host: one synchronisation on a GPU; decode steps use ``_assert_real`` instead)."""
+    real = _visible_new_tokens(attention_mask, batch_size, query_len)
+    return None if real is None or bool(real.all()) else real
 
-    A new token is a pad when the last query may not attend to it: read from the 4-D mask (bool, or
-    additive float as eager attention gets it) or a 2-D ``[B, KV]`` padding mask.
-    """
+
+def _assert_real(attention_mask, batch_size: int, query_len: int) -> None:
+    """Check on the device, without waiting for it, that every new token is real: a decode step stores them all.
+    (transformers' generate never feeds a pad after the prompt; a mask that hides a new token fails a device
+    assertion rather than silently caching a pad.)"""
+    real = _visible_new_tokens(attention_mask, batch_size, query_len)
+    if real is not None:
+        torch._assert_async(real.all(), "mla_kernels: the attention mask hides a new token of a decode step; the "
+                                        "patched model's latent cache only skips padding in the prompt")
+
+
+def _visible_new_tokens(attention_mask, batch_size: int, query_len: int,
+                        columns: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[B, Q]`` bool on the mask's device, computed there: which new tokens the last query may attend to (a pad
+    is one it may not), from the 4-D mask (bool, or additive float as eager attention gets it) or a 2-D
+    ``[B, KV]`` padding mask. The new tokens are the last Q columns, or ``columns`` (a device index ``[Q]``) for
+    a static cache, whose mask spans its whole capacity. None without a mask."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask of type {type(attention_mask).__name__} is not supported (use the eager "
                         f"or sdpa attention implementation)")
     if attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, -query_len:]
+        row = attention_mask[:, 0, -1]
     elif attention_mask.dim() == 2:
-        row = attention_mask[:, -query_len:]
+        row = attention_mask
     else:
         raise ValueError(f"attention_mask must be 4-D [B, 1, Q, KV] or 2-D [B, KV], got shape "
                          f"{tuple(attention_mask.shape)}")
+    row = row[:, -query_len:] if columns is None else row.index_select(1, columns)
     if row.dtype == torch.bool:
         real = row
     elif row.is_floating_point():
         real = row > torch.finfo(row.dtype).min / 2
     else:
         real = row != 0
-    real = real.expand(batch_size, query_len)
-    return None if bool(real.all()) else real
+    return real.expand(batch_size, query_len)
 
 
 def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
