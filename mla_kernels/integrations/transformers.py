@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from .. import _utils
-from ..cache import CacheFullError, PagedLatentCache
+from ..cache import CacheFullError, PagedLatentCache, write_cache
+from ..decode import mla_decode
+from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
 
-__all__ = ["patch_model", "unpatch_model", "latent_cache", "TransformersMLAttention", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
+           "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = {
     "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
@@ -344,6 +347,166 @@ def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# static mode: preallocated batch and length, metadata computed on the device (torch.compile, CUDA graphs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_static_layer_class():
+    from transformers.cache_utils import StaticLayer
+
+    class StaticLatentCacheLayer(StaticLayer):
+        """A transformers static cache layer that counts tokens on the device and stores no K/V (the latent lives
+        in the ``PagedLatentCache`` of the Cache's ``_StaticLatentState``). ``get_seq_length`` and
+        ``get_mask_sizes`` answer as transformers' ``StaticLayer``: pads included, masks over the whole capacity."""
+
+        def __init__(self, max_cache_len: int, state: "_StaticLatentState", layer_idx: int):
+            super().__init__(max_cache_len)
+            self.state, self.layer_idx = state, layer_idx
+            self.dtype, self.device = state.paged.dtype, state.paged.device
+            self.keys = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.cumulative_length)
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states=None):
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.cumulative_length.add_(key_states.shape[-2])
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self.cumulative_length.zero_()
+            self.state.seqlens[self.layer_idx].zero_()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("the static latent cache can't be cropped")
+
+        def reorder_cache(self, beam_idx) -> None:
+            raise NotImplementedError("beam search is not supported by the patched model's latent cache")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("expanding a static latent cache over the batch is not supported")
+
+        def batch_select_indices(self, indices) -> None:
+            raise NotImplementedError("selecting batch rows of a static latent cache is not supported")
+
+    return StaticLatentCacheLayer
+
+
+_STATIC_LAYER_CLASS = None
+
+
+def _static_layer_class():
+    global _STATIC_LAYER_CLASS
+    if _STATIC_LAYER_CLASS is None:
+        _STATIC_LAYER_CLASS = _make_static_layer_class()
+    return _STATIC_LAYER_CLASS
+
+
+class _StaticLatentState:
+    """Fixed capacity behind a static latent cache: row b of the batch owns blocks
+    ``[b * blocks_per_row, (b + 1) * blocks_per_row)`` of a ``PagedLatentCache``, so the block table never changes,
+    and each layer keeps its rows' real-token counts in a device tensor it updates in place. A step's slots and
+    lengths are computed on the device from those counts and the attention mask: no host bookkeeping, no host
+    synchronisation, fixed addresses and shapes (what torch.compile and CUDA graphs need)."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_cache_len: int, block_size: int, kv_lora_rank: int,
+                 rope_dim: int, dtype: torch.dtype, device: torch.device):
+        self.batch_size, self.max_cache_len, self.block_size = batch_size, max_cache_len, block_size
+        self.blocks_per_row = math.ceil(max_cache_len / block_size)
+        self.capacity = self.blocks_per_row * block_size  # tokens per row
+        self.paged = PagedLatentCache(num_layers, batch_size * self.blocks_per_row, block_size, kv_lora_rank,
+                                      rope_dim, dtype=dtype, device=device)
+        self.block_table = torch.arange(batch_size * self.blocks_per_row, dtype=torch.int32,
+                                        device=device).view(batch_size, self.blocks_per_row)
+        self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
+        self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
+        for t in [*(self.paged.buffer(i) for i in range(num_layers)), *self.seqlens, self.block_table, self.row_base]:
+            torch._dynamo.mark_static_address(t)
+
+    def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
+        """Store the step's real tokens and attend; ``q_nope [B, Q, H, D_nope]`` etc. Returns ``[B, Q, H * D_v]``."""
+        batch_size, query_len = q_nope.shape[:2]
+        layer = attn.layer_idx
+        if batch_size != self.batch_size:
+            raise ValueError(f"the static latent cache holds a batch of {self.batch_size}, this call has {batch_size}")
+        cache_layer = past_key_values.layers[layer]
+        columns = cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)
+        real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
+        past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
+                               layer)
+        seqlens = self.seqlens[layer]
+        if real is None:
+            real = torch.ones(batch_size, query_len, dtype=torch.bool, device=q_nope.device)
+        index = seqlens[:, None].long() + real.long().cumsum(1) - 1  # [B, Q] each real token's place in its row
+        new_lens = seqlens + real.sum(1, dtype=torch.int32)
+        torch._assert_async((new_lens <= self.capacity).all(), "mla_kernels: the static latent cache is full "
+                                                               "(max_cache_len real tokens per row)")
+        slots = torch.where(real & (index < self.capacity), self.row_base + index, -1)
+        seqlens.copy_(new_lens)
+        kv_cache, pe_cache = self.paged.kv_cache(layer), self.paged.pe_cache(layer)
+        write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
+                    slots.view(-1))
+        heads, d_nope, d_v, rank = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+        w = attn.kv_b_proj.weight.view(heads, d_nope + d_v, rank)
+        if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
+            q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w[:, :d_nope])
+            out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
+                             attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity)
+            return out.reshape(batch_size, query_len, heads * d_v)
+        # a prompt (eager, like transformers' own static-cache prefill): pads are packed out, reading the host once
+        counts = real.sum(1, dtype=torch.int32)
+        cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        packed = mla_prefill_attention(q_nope[real].contiguous(), q_pe[real].contiguous(), kv_cache, pe_cache,
+                                       self.block_table, cu, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
+                                       causal=True)
+        out = packed.new_zeros(batch_size, query_len, heads, d_v)
+        out[real] = packed
+        return out.view(batch_size, query_len, heads * d_v)
+
+
+def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: int, *, block_size: int = 64):
+    """A transformers ``Cache`` for a patched model with preallocated capacity: ``max_batch_size`` sequences of
+    up to ``max_cache_len`` tokens each (pads included, as transformers' ``StaticCache`` counts them), for
+    ``generate`` under ``torch.compile`` and CUDA graphs.
+
+    Like ``StaticCache``, it is allocated up front (``max_batch_size * max_cache_len`` latent tokens per layer) and
+    its per-step work is all on the device: a decode step reserves no slots on the host and reads nothing back,
+    so transformers' generate compiles the decode step (``compile_config``; on a GPU it does so by itself, with
+    CUDA graphs). Pads in the prompt are still not stored. The prompt call reads the mask on the host once, as
+    prefill always does. A batch of a different size, beam search or cropping raise; a row that outgrows
+    ``max_cache_len`` fails a device assertion.
+
+    Usage::
+
+        model = patch_model(model)
+        cache = static_latent_cache(model, max_batch_size=4, max_cache_len=4096)
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=256)
+    """
+    from transformers.cache_utils import Cache
+
+    _, _, layers = _decoder_layers(model)
+    attns = [layer.self_attn for layer in layers]
+    if not all(isinstance(a, TransformersMLAttention) for a in attns):
+        raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
+    for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
+                        ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    weight = attns[0].kv_b_proj.weight
+    state = _StaticLatentState(len(layers), max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
+                               attns[0].qk_rope_head_dim, weight.dtype, weight.device)
+    layer_cls = _static_layer_class()
+    cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(len(layers))])
+    cache._mla_static_state = state
+    cache._mla_latent_state = state  # latent_cache(cache) finds the PagedLatentCache
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
 # the attention module transformers calls
 # ---------------------------------------------------------------------------------------------
 
@@ -388,6 +551,10 @@ class TransformersMLAttention(MLAttention):
         cos, sin = _rope_tables(position_embeddings)
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
 
+        static = getattr(past_key_values, "_mla_static_state", None)
+        if static is not None:
+            out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
+            return self.o_proj(out), None
         if past_key_values is None:
             real = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
