@@ -119,6 +119,29 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> Non
         _utils.check_last_contiguous(name, t)
 
 
+_FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
+_WIDTHS = frozenset(1 << i for i in range(4, 11))  # check_width: powers of two from 16 to 1024
+
+
+def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
+    """True when the arguments certainly pass ``_check_write_cache_args``, in one expression; False sends them
+    through the named checks (which raise only for bad input). Never True for input those checks reject."""
+    tensor = torch.Tensor
+    if not (type(kv_c) is tensor and type(k_pe) is tensor and type(kv_cache) is tensor and type(pe_cache) is tensor
+            and type(slot_mapping) is tensor):
+        return False
+    cs, ps, ts, es = kv_cache.shape, pe_cache.shape, kv_c.shape, k_pe.shape
+    dtype, device = kv_cache.dtype, kv_cache.device
+    return (len(cs) == 3 and len(ps) == 3 and len(ts) == 2 and len(es) == 2 and slot_mapping.dim() == 1
+            and dtype in _FLOATS and pe_cache.dtype is dtype and kv_c.dtype is dtype and k_pe.dtype is dtype
+            and slot_mapping.dtype in _INDEX
+            and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _WIDTHS
+            and ts[1] == cs[2] and es[1] == ps[2] and ts[0] == es[0] == slot_mapping.shape[0]
+            and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1 and kv_c.stride(1) == 1 and k_pe.stride(1) == 1
+            and pe_cache.device == device and kv_c.device == device and k_pe.device == device
+            and slot_mapping.device == device)
+
+
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
     """Write new tokens' latent and roped key into the paged cache, in place.
@@ -143,7 +166,8 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     Raises ``TypeError``/``ValueError`` naming the offending argument. ``T == 0`` is a no-op.
     """
-    _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+    if not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
     if kv_c.shape[0] == 0:
         return
     if torch.compiler.is_compiling():  # one graph node that mutates the caches
