@@ -207,6 +207,24 @@ def test_compiled_decode_step_matches_eager():
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
 
 
+def test_static_cache_continues_a_prefilled_prompt():
+    """The bench's pattern: the prompt but its last token cached by a plain forward call, then generate from
+    there; the static cache gives the dynamic one's tokens, and bench.generate's reset puts it back exactly."""
+    from bench.generate import _Prefilled
+
+    model = dense_model()
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([6, 6])
+    with torch.no_grad():
+        runs = {}
+        for name, static in (("dynamic", None), ("static", 6 + NEW + 1)):
+            pre = _Prefilled(model, ids, mask, static=static)
+            runs[name] = [model.generate(input_ids=ids, attention_mask=mask, past_key_values=pre.fresh(), **GREEDY)
+                          for _ in range(2)]
+    assert torch.equal(runs["static"][0], runs["dynamic"][0])
+    assert torch.equal(runs["static"][1], runs["static"][0]) and torch.equal(runs["dynamic"][1], runs["dynamic"][0])
+
+
 def test_static_cache_misuse():
     model = dense_model()
     with pytest.raises(TypeError, match="patch_model"):
@@ -266,7 +284,7 @@ def sync_errors_in_decode_steps(model):
 @pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_decode_steps_never_sync_on_gpu(cache_kind):
-    model = dense_model(q_lora_rank=32).to("cuda", torch.bfloat16)
+    model = dense_model(q_lora_rank=32).cuda()  # fp32: the tokens must equal transformers' exactly
     ids, mask = (t.cuda() for t in left_padded(PROMPTS))
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
@@ -277,8 +295,21 @@ def test_decode_steps_never_sync_on_gpu(cache_kind):
             kwargs["disable_compile"] = True
         with sync_errors_in_decode_steps(model):
             out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kwargs)
-    # bf16 argmax ties can flip a token between two correct attention implementations: compare the first step
-    assert torch.equal(out[:, ids.shape[1]], expected[:, ids.shape[1]])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
+def test_generate_compiles_with_cuda_graphs_on_gpu():
+    """transformers' own compiled decoding (inductor, CUDA graphs) over the static latent cache, with fullgraph."""
+    model = dense_model(q_lora_rank=32).cuda()
+    ids, mask = (t.cuda() for t in left_padded(PROMPTS))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4)
+        torch._dynamo.reset()
+        out = model.generate(input_ids=ids, attention_mask=mask, compile_config=CompileConfig(fullgraph=True),
+                             past_key_values=static_latent_cache(model, len(PROMPTS), 64, block_size=4), **GREEDY)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
