@@ -79,8 +79,9 @@ def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
 
 
 class _NoAttention(torch.nn.Module):
-    """Stands in for a whole attention layer (projections included) at no cost; it still counts the new tokens
-    in the Cache (zero-width entries), so generate feeds one token per step as with real attention."""
+    """Stands in for a whole attention layer (projections included) at almost no cost; it still counts the new
+    tokens in the Cache (one-wide entries: a DynamicLayer holding no elements reports length 0), so generate
+    feeds one token per step as with real attention."""
 
     def __init__(self, layer_idx: int):
         super().__init__()
@@ -88,7 +89,7 @@ class _NoAttention(torch.nn.Module):
 
     def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
         if past_key_values is not None:
-            empty = hidden_states.new_empty(hidden_states.shape[0], 1, hidden_states.shape[1], 0)
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             past_key_values.update(empty, empty, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
@@ -286,8 +287,8 @@ def main(argv=None) -> None:
         batches = [1, 4] if args.quick else [1, 16]
         no_cache_limit = 128
     else:
-        contexts = [128, 1024, 8192] if args.quick else [128, 1024, 8192, 32768]
-        batches = [1, 16]
+        contexts = [128, 1024] if args.quick else [128, 1024, 8192, 32768]
+        batches = [1] if args.quick else [1, 16]
         no_cache_limit = 1024
     contexts, batches = args.context or contexts, args.batch or batches
     new_tokens = args.new_tokens or (4 if cpu and args.quick else 8 if cpu else 32)
