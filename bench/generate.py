@@ -130,14 +130,15 @@ class _Prefilled:
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=self.cache, use_cache=True,
               logits_to_keep=1)
         if self.static:
-            state = self.cache._mla_static_state
-            self.saved = [t.clone() for t in (*state.seqlens, *(layer.cumulative_length for layer in self.cache.layers))]
+            self.saved = [t.clone() for t in self._counters()]
+
+    def _counters(self):
+        return (*self.cache._mla_static_state.seqlens, *(layer.cumulative_length for layer in self.cache.layers))
 
     def fresh(self):
         if not self.static:
             return copy.deepcopy(self.cache)
-        state = self.cache._mla_static_state
-        for t, saved in zip((*state.seqlens, *(layer.cumulative_length for layer in self.cache.layers)), self.saved):
+        for t, saved in zip(self._counters(), self.saved):
             t.copy_(saved)
         return self.cache
 
