@@ -245,11 +245,19 @@ class _LatentState:
         for seq in old.seq_ids:
             new.add_sequence(seq)
             length = old.seqlen(seq)
-            if length:
-                src, dst = old.slots(seq), new.append(seq, length)
+            if length:  # slot lists built on the host and uploaded without waiting (a decode step may grow)
+                src = _upload(old._slots(old._get(seq), 0, length), old.device)
+                dst = _upload(new._reserve_host([seq], [length]), new.device)
                 for layer in range(old.num_layers):
                     new.buffer(layer).view(-1, width)[dst] = old.buffer(layer).view(-1, width)[src]
         self.paged = new
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a synchronisation: through pinned memory, copied asynchronously."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def latent_cache(past_key_values) -> PagedLatentCache | None:
