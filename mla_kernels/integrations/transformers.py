@@ -432,7 +432,11 @@ class _StaticLatentState:
                                         device=device).view(batch_size, self.blocks_per_row)
         self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
         self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
-        for t in [*(self.paged.buffer(i) for i in range(num_layers)), *self.seqlens, self.block_table, self.row_base]:
+        # fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
+        # views are marked too: they are the tensor objects the compiled graph takes as inputs
+        paged = self.paged
+        for t in [*(f(i) for i in range(num_layers) for f in (paged.buffer, paged.kv_cache, paged.pe_cache)),
+                  *self.seqlens, self.block_table, self.row_base]:
             torch._dynamo.mark_static_address(t)
 
     def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
