@@ -386,7 +386,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
     if _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
-                       max_seqlen_k, num_splits):  # the common case, in ~2 µs; anything else gets the full checks
+                       max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
         capacity = block_table.shape[1] * kv_cache.shape[1]
         max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
         return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
