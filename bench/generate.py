@@ -1,18 +1,26 @@
-"""Greedy generation speed: no cache vs transformers' cache vs the patched model (seed 001, done properly).
+"""Greedy decoding speed of a dense DeepSeek-V3-shaped model: where attention is what differs.
 
-    python -m bench.generate [--quick] [--device cuda] [--plot] [--out DIR] [--batch B] [--new-tokens N]
+    python -m bench.generate [--quick] [--device cuda] [--plot] [--out DIR] [--new-tokens N] [--runs R]
 
-A random-weight DeepSeek-V3-shaped model (DeepSeek's per-head widths: kv_lora_rank 512, rope 64, nope 128,
-v 128; fewer heads and layers, sized for the machine) generates N tokens greedily from prompts of growing
-length, three ways:
+A random-weight DeepSeek-V3-shaped model (DeepSeek's per-head widths: kv_lora_rank 512, rope 64, nope 128, v 128;
+fewer heads and layers, sized for the machine) with every layer dense (``first_k_dense_replace =
+num_hidden_layers``: no expert routing in Python to drown the attention). For each batch B and context L, the
+prompt's first L - 1 tokens are put in the cache once (untimed); every timed run starts from a copy of that
+cache and generates N tokens greedily, so it times N single-token steps over a context of about L:
 
-no-cache            every step runs the whole sequence again (seed 001's ``generate_without_cache``);
-transformers-cache  ``model.generate`` with transformers' own DynamicCache and its attention (sdpa);
-patched             ``mla_kernels.patch_model(model)`` then ``model.generate``: the kernels over the paged
-                    latent cache (on a CPU without the interpreter, the library's PyTorch path).
+no-cache            every step runs the whole sequence again (skipped past a length limit);
+transformers-cache  transformers' DynamicCache and its own attention (sdpa), which expands the whole cached latent
+                    through ``kv_b_proj`` at every step;
+patched             ``mla_kernels.patch_model(model)``, eager: the kernels over the paged latent cache;
+patched-compiled    patched, with ``static_latent_cache`` and transformers' compiled decoding (``compile_config``,
+                    fullgraph; on a GPU inductor with CUDA graphs). GPU only: on a CPU it is listed as skipped;
+no-attention        the same model with every attention layer replaced by a stub returning zeros: the time of
+                    everything else, so ``attention_share = 1 - no_attention / provider`` per step.
 
 Before timing, the patched model's prompt logits are checked against the unpatched model's (bf16 both).
-Tokens/s = B * N / (median wall time of one generate call).
+Tokens/s = B * N / (median time of one run); p20/p80 over the runs. On a CPU the patched model takes the
+library's PyTorch path (the Triton kernels run only on a GPU or under the interpreter): CPU numbers say
+nothing about the kernels.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from . import _harness as h
 # Logits after a few bf16 layers differ by rounding alone: measured ~1-2% relative RMS between two correct
 # bf16 attention implementations (tests/test_transformers.py); 5% still refuses a wrong mask, scale or rope.
 LOGITS_RTOL = 5e-2
+PROVIDERS = ("no-cache", "transformers-cache", "patched", "patched-compiled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +47,15 @@ class ModelShape:
     layers: int
     q_lora_rank: int | None
     vocab: int
-    experts: int
-    moe_intermediate: int
+    intermediate: int
     kv_lora_rank: int = 512
     rope: int = 64
     nope: int = 128
     v: int = 128
 
 
-CPU_SHAPE = ModelShape(hidden=1024, heads=8, layers=4, q_lora_rank=384, vocab=8192, experts=8, moe_intermediate=256)
-GPU_SHAPE = ModelShape(hidden=2048, heads=16, layers=8, q_lora_rank=1536, vocab=32000, experts=16,
-                       moe_intermediate=512)
+CPU_SHAPE = ModelShape(hidden=512, heads=8, layers=2, q_lora_rank=384, vocab=4096, intermediate=1024)
+GPU_SHAPE = ModelShape(hidden=2048, heads=16, layers=8, q_lora_rank=1536, vocab=32000, intermediate=8192)
 
 
 def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
@@ -58,8 +65,8 @@ def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
         hidden_size=shape.hidden, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
         q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank, qk_rope_head_dim=shape.rope,
         qk_nope_head_dim=shape.nope, v_head_dim=shape.v, num_hidden_layers=shape.layers,
-        intermediate_size=4 * shape.hidden, moe_intermediate_size=shape.moe_intermediate,
-        n_routed_experts=shape.experts, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+        intermediate_size=shape.intermediate, moe_intermediate_size=shape.intermediate // 4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=shape.layers,
         vocab_size=shape.vocab, max_position_embeddings=163840,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                          "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
@@ -71,6 +78,22 @@ def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
     return model.to(dtype).eval()
 
 
+class _NoAttention(torch.nn.Module):
+    """Stands in for a whole attention layer (projections included) at almost no cost; it still counts the new
+    tokens in the Cache (one-wide entries: a DynamicLayer holding no elements reports length 0), so generate
+    feeds one token per step as with real attention."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
 def generate_no_cache(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Seed 001's loop: the whole sequence through the model at every step, argmax of the last logits."""
     ids = input_ids
@@ -80,148 +103,209 @@ def generate_no_cache(model, input_ids: torch.Tensor, new_tokens: int) -> torch.
     return ids
 
 
-def generate_cached(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True)
+def _greedy(new_tokens: int, **kwargs) -> dict:
+    return dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
 
 
-def time_generation(fn, device, runs: int) -> tuple[h.Timing, torch.Tensor]:
-    """One warm-up call, then ``runs`` timed calls of ``fn()`` (wall time of the whole generation)."""
-    out = fn()
+def _compile_config():
+    from transformers import CompileConfig
+
+    return CompileConfig(fullgraph=True)  # inductor, mode "reduce-overhead": CUDA graphs on a GPU
+
+
+class _Prefilled:
+    """A cache holding the prompt's first L - 1 tokens, and a fresh equivalent for each timed run: a deep copy of a
+    DynamicCache (transformers' or the patched model's), or, for the static latent cache (whose tensors the
+    compiled graph holds by address), its counters put back in place."""
+
+    def __init__(self, model, ids, mask, static: int | None = None):
+        from mla_kernels.integrations.transformers import static_latent_cache
+        from transformers import DynamicCache
+
+        self.static = static is not None
+        if self.static:
+            self.cache = static_latent_cache(model, ids.shape[0], static)
+        else:
+            self.cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=self.cache, use_cache=True,
+              logits_to_keep=1)
+        if self.static:
+            self.saved = [t.clone() for t in self._counters()]
+
+    def _counters(self):
+        return (*self.cache._mla_static_state.seqlens, *(layer.cumulative_length for layer in self.cache.layers))
+
+    def fresh(self):
+        if not self.static:
+            return copy.deepcopy(self.cache)
+        for t, saved in zip(self._counters(), self.saved):
+            t.copy_(saved)
+        return self.cache
+
+
+def time_runs(fn, device, runs: int) -> tuple[h.Timing, torch.Tensor]:
+    """One warm-up call, then ``runs`` timed calls of ``fn(prepare())`` where only ``fn`` is timed."""
+    prepare, call = fn
+    out = call(prepare())
     watch = h.Stopwatch(device)
     for _ in range(runs):
+        arg = prepare()
+        h.synchronize(device)
         with watch:
-            out = fn()
+            out = call(arg)
     return h.Timing.from_times(watch.times_ms(), "perf_counter" if h.is_cpu(device) else "cuda-events"), out
 
 
-def cache_bytes(model, input_ids, new_tokens: int) -> dict:
-    """Bytes held by the cache a generate call returns: transformers' K/V tensors and the latent cache."""
-    from mla_kernels.integrations.transformers import latent_cache
-
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, return_dict_in_generate=True)
-    cache = out.past_key_values
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-             if isinstance(t, torch.Tensor))
-    lc = latent_cache(cache)
-    latent_used = latent_alloc = 0
-    if lc is not None:
-        tokens = sum(lc.seqlen(s) for s in lc.seq_ids)
-        latent_used = tokens * lc.bytes_per_token
-        latent_alloc = sum(lc.buffer(i).numel() * lc.buffer(i).element_size() for i in range(lc.num_layers))
-    return {"transformers_kv_bytes": kv, "latent_used_bytes": latent_used, "latent_allocated_bytes": latent_alloc,
-            "cached_tokens": cache.get_seq_length()}
-
-
-def run(device, shape: ModelShape, prompt_lens, batch: int, new_tokens: int, runs: int, no_cache_limit: int):
+def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int, no_cache_limit: int,
+        compiled: bool = True):
     from mla_kernels import patch_model
 
     base = build_model(shape, device)
     patched = patch_model(copy.deepcopy(base), block_size=64)
+    cpu = h.is_cpu(device)
     rows = []
-    for prompt_len in h.progress(prompt_lens, "prompt lengths"):
-        gen = torch.Generator().manual_seed(prompt_len)
-        ids = torch.randint(3, shape.vocab, (batch, prompt_len), generator=gen).to(device)
-        keys = dict(B=batch, prompt=prompt_len, new=new_tokens)
-        with torch.no_grad():
-            expected = base(input_ids=ids).logits[:, -1].float()
-            err = h.rel_rms_error(patched(input_ids=ids).logits[:, -1].float(), expected)
-            providers = {
-                "no-cache": (base, generate_no_cache),
-                "transformers-cache": (base, generate_cached),
-                "patched": (patched, generate_cached),
-            }
-            results, tokens = {}, {}
-            for name, (model, fn) in providers.items():
-                if name == "no-cache" and prompt_len > no_cache_limit:
-                    rows.append(h.make_row(name, None, note=f"skipped: prompt > {no_cache_limit}", **keys))
+    for batch in batches:
+        for ctx in h.progress(contexts, f"contexts (batch {batch})"):
+            gen = torch.Generator().manual_seed(ctx)
+            ids = torch.randint(3, shape.vocab, (batch, ctx), generator=gen).to(device)
+            mask = torch.ones_like(ids)
+            keys = dict(B=batch, ctx=ctx, new=new_tokens)
+            step_rows = []
+            with torch.no_grad():
+                expected = base(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+                err = h.rel_rms_error(patched(input_ids=ids, logits_to_keep=1).logits[:, -1].float(), expected)
+                del expected
+                plans = {}
+                if ctx <= no_cache_limit:
+                    plans["no-cache"] = (lambda: None, lambda _: generate_no_cache(base, ids, new_tokens))
+                else:
+                    step_rows.append(h.make_row("no-cache", None, note=f"skipped: context > {no_cache_limit}", **keys))
+                for name, model in (("transformers-cache", base), ("patched", patched)):
+                    pre = _Prefilled(model, ids, mask)
+                    plans[name] = (pre.fresh, lambda cache, m=model: m.generate(
+                        input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens)))
+                if compiled and not cpu:
+                    pre = _Prefilled(patched, ids, mask, static=ctx + new_tokens + 1)
+                    plans["patched-compiled"] = (pre.fresh, lambda cache: patched.generate(
+                        input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=_compile_config(),
+                        **_greedy(new_tokens)))
+                else:
+                    step_rows.append(h.make_row("patched-compiled", None, note="skipped: CUDA graphs and compiled "
+                                                "decoding are measured on a GPU only", **keys))
+                tokens = {}
+                for name, plan in plans.items():
+                    if name.startswith("patched") and not err < LOGITS_RTOL:
+                        step_rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
+                                                    **keys))
+                        continue
+                    timing, out = time_runs(plan, device, runs)
+                    tokens[name] = out[:, ctx:]
+                    row = h.make_row(name, timing, **keys)
+                    row["tokens_per_s"] = batch * new_tokens / (timing.p50 * 1e-3)
+                    step_rows.append(row)
+                    del plan
+                plans.clear()
+                # everything but attention: the transformers-cache run with the attention layers stubbed out
+                layers = base.model.layers
+                originals = [layer.self_attn for layer in layers]
+                for i, layer in enumerate(layers):
+                    layer.self_attn = _NoAttention(i)
+                try:
+                    pre = _Prefilled(base, ids, mask)
+                    rest, _ = time_runs((pre.fresh, lambda cache: base.generate(
+                        input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens))),
+                        device, runs)
+                finally:
+                    for layer, attn in zip(layers, originals):
+                        layer.self_attn = attn
+                step_rows.append(h.make_row("no-attention", rest, **keys))
+            reference = next((r for r in step_rows if r["provider"] == "transformers-cache" and "p50_ms" in r), None)
+            for r in step_rows:
+                if "p50_ms" not in r or r["provider"] == "no-attention":
                     continue
-                if name == "patched" and not err < LOGITS_RTOL:
-                    rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}", **keys))
-                    continue
-                timing, out = time_generation(lambda: fn(model, ids, new_tokens), device, runs)
-                results[name], tokens[name] = timing, out[:, prompt_len:]
-                row = h.make_row(name, timing, **keys)
-                row["tokens_per_s"] = batch * new_tokens / (timing.p50 * 1e-3)
-                rows.append(row)
-            memory = {name: cache_bytes(model, ids, new_tokens)
-                      for name, model in (("transformers-cache", base), ("patched", patched))}
-        step_rows = [r for r in rows if r.get("prompt") == prompt_len]
-        base_tps = next((r["tokens_per_s"] for r in step_rows if r["provider"] == "no-cache" and "tokens_per_s" in r),
-                        None)
-        for r in step_rows:
-            if base_tps and "tokens_per_s" in r:
-                r["speedup"] = f"{r['tokens_per_s'] / base_tps:.2f}x vs no-cache"
-            if r["provider"] == "patched":
-                r["prompt_logits_rel_rms_err"] = err
-                if "transformers-cache" in tokens and "patched" in tokens:
-                    r["tokens_agree_with_transformers"] = float(
-                        (tokens["patched"] == tokens["transformers-cache"]).float().mean())
-            if r["provider"] in memory:
-                r.update(memory[r["provider"]])
-        for r in step_rows:
-            h.log(format_row(r))
+                r["attention_share"] = max(0.0, 1.0 - rest.p50 / r["p50_ms"])
+                if reference is not None:
+                    r["speedup_vs_transformers_cache"] = reference["p50_ms"] / r["p50_ms"]
+                if r["provider"].startswith("patched"):
+                    r["prompt_logits_rel_rms_err"] = err
+                    if "transformers-cache" in tokens and r["provider"] in tokens:
+                        r["tokens_agree_with_transformers"] = float(
+                            (tokens[r["provider"]] == tokens["transformers-cache"]).float().mean())
+            for r in step_rows:
+                h.log(format_row(r))
+            rows += step_rows
+            if not cpu:
+                torch.cuda.empty_cache()
     return rows
 
 
 def format_row(r: dict) -> str:
-    head = f"{r['provider']:<19}{r['B']:>3}{r['prompt']:>7}{r['new']:>5}"
+    head = f"{r['provider']:<19}{r['B']:>3}{r['ctx']:>7}{r['new']:>5}"
     if "p50_ms" not in r:
-        return f"{head} | {'not timed':>12} | {r.get('note', '')}"
-    mem = ""
-    if "transformers_kv_bytes" in r:
-        held = r["transformers_kv_bytes"] + r["latent_used_bytes"]
-        mem = f" | cache {held / max(1, r['cached_tokens'] * r['B']):7.0f} B/token"
-    return (f"{head} | {r['p50_ms'] / 1e3:9.3f} s | {r['tokens_per_s']:9.1f} tok/s | {r.get('speedup', ''):<18}"
-            f"{mem}").rstrip()
+        return f"{head} | {'not timed':>30} | {r.get('note', '')}"
+    lat = f"{r['p50_ms'] / 1e3:8.3f} s [{r['p20_ms'] / 1e3:.3f}, {r['p80_ms'] / 1e3:.3f}]"
+    if r["provider"] == "no-attention":
+        return f"{head} | {lat:>30} | everything but attention"
+    speed = r.get("speedup_vs_transformers_cache")
+    return (f"{head} | {lat:>30} | {r['tokens_per_s']:9.1f} tok/s | attention {100 * r['attention_share']:5.1f}%"
+            + (f" | {speed:5.2f}x transformers' cache" if speed else ""))
 
 
 def plot(rows, path):
     plt = h.pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for provider in ("no-cache", "transformers-cache", "patched"):
-        pts = [(r["prompt"], r["tokens_per_s"]) for r in rows if r["provider"] == provider and "tokens_per_s" in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=provider)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("generated tokens / s")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    batches = sorted({r["B"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for provider in PROVIDERS:
+            pts = [(r["ctx"], r["tokens_per_s"]) for r in rows
+                   if r["provider"] == provider and r["B"] == batch and "tokens_per_s" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title(f"batch {batch}")
+        ax.legend()
+        ax.grid(alpha=0.3)
     h.save_plot(fig, path)
 
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=1, help="sequences generated together (default 1, as seed 001)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence")
-    parser.add_argument("--runs", type=int, default=None, help="timed generate calls per provider and length")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 and 16)")
+    parser.add_argument("--context", type=int, nargs="+", default=None, help="context lengths")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence and run")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per provider and shape")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled provider")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
     shape = CPU_SHAPE if cpu else GPU_SHAPE
     if cpu:
-        prompt_lens = [16, 64] if args.quick else [16, 64, 256]
-        no_cache_limit = 256
+        contexts = [64, 512] if args.quick else [128, 1024, 4096]
+        batches = [1, 4] if args.quick else [1, 16]
+        no_cache_limit = 128
     else:
-        prompt_lens = [128, 1024] if args.quick else [128, 512, 1024, 2048, 4096]
-        no_cache_limit = 2048
-    new_tokens = args.new_tokens or (8 if args.quick else 16 if cpu else 64)
-    runs = args.runs or (1 if args.quick else 2 if cpu else 3)
+        contexts = [128, 1024] if args.quick else [128, 1024, 8192, 32768]
+        batches = [1] if args.quick else [1, 16]
+        no_cache_limit = 1024
+    contexts, batches = args.context or contexts, args.batch or batches
+    new_tokens = args.new_tokens or (4 if cpu and args.quick else 8 if cpu else 32)
+    runs = args.runs or (3 if args.quick else 5)
     where = "CPU (the library's PyTorch path, not the Triton kernels)" if cpu and not interpreting() \
         else h.device_name(device)
-    print(f"greedy generation on {where}: {dataclasses.asdict(shape)}, bf16, batch {args.batch}, "
-          f"{new_tokens} new tokens, {runs} timed run(s)")
-    rows = run(device, shape, prompt_lens, args.batch, new_tokens, runs, no_cache_limit)
+    print(f"greedy decoding on {where}: {dataclasses.asdict(shape)}, dense, bf16, batches {batches}, contexts "
+          f"{contexts}, {new_tokens} new tokens per run, {runs} timed runs")
+    rows = run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile)
     payload = {
-        "config": {"shape": dataclasses.asdict(shape), "dtype": "bfloat16", "batch": args.batch,
-                   "new_tokens": new_tokens, "runs": runs, "prompt_lens": prompt_lens, "quick": args.quick,
-                   "logits_rtol": LOGITS_RTOL},
+        "config": {"shape": dataclasses.asdict(shape), "dense": True, "dtype": "bfloat16", "batches": batches,
+                   "contexts": contexts, "new_tokens": new_tokens, "runs": runs, "quick": args.quick,
+                   "no_cache_limit": no_cache_limit, "logits_rtol": LOGITS_RTOL},
         "cpu_note": ("CPU run: the patched model uses the library's PyTorch path (Triton runs only on a GPU or "
-                     "under the interpreter); its speed says nothing about the kernels") if cpu else None,
+                     "under the interpreter); its speed says nothing about the kernels. The compiled provider "
+                     "runs on a GPU only.") if cpu else None,
         "rows": rows,
     }
     h.save_results("generate", payload, device, args, plot=lambda png: plot(rows, png))

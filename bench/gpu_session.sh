@@ -3,6 +3,7 @@
 # the compiler's register/spill report, and the benchmarks, each step time-boxed so one call fits 10 minutes.
 #   bash bench/gpu_session.sh tests     # native pytest (no interpreter) + compile report      (~3-5 min)
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
+#   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 # Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,8 @@ case "${1:-all}" in
     step bench_prefill 150 python -m bench.prefill --out "$OUT"
     step bench_memory 60 python -m bench.memory --plot --out "$OUT"
     step bench_generate 120 python -m bench.generate --quick --out "$OUT" ;;
+  generate)
+    step bench_host 60 python -m bench.host --out "$OUT"
+    step bench_generate_full 480 python -m bench.generate --plot --out "$OUT" ;;
 esac
 ls -la "$OUT"

@@ -5,6 +5,7 @@ from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
 from .prefill import mla_prefill, mla_prefill_attention
+from . import _ops  # noqa: F401,E402  (registers the torch.ops.mla_kernels custom ops)
 
 __version__ = "0.1.0"
 

@@ -55,6 +55,17 @@ def is_hip() -> bool:
     return torch.version.hip is not None
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. Plain Python: ``triton.cdiv`` is a constexpr function in triton >= 3.7 and costs
+    microseconds per host call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0, as ``triton.next_power_of_2``, without its per-call cost)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 

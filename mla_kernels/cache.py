@@ -65,7 +65,7 @@ def _write_cache_kernel(
 def _block_t(num_tokens: int, d_latent: int) -> int:
     """Tokens per program, a power of two: a latent tile of at most 4K elements, at most 16 tokens,
     no more than the next power of two above ``num_tokens``."""
-    return min(16, 4096 // d_latent, triton.next_power_of_2(num_tokens))
+    return min(16, 4096 // d_latent, _utils.next_pow2(num_tokens))
 
 
 def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
@@ -73,7 +73,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
     num_blocks, page_size, d_latent = kv_cache.shape
     d_rope = pe_cache.shape[2]
     block_t = _block_t(num_tokens, d_latent)
-    grid = (triton.cdiv(num_tokens, block_t),)
+    grid = (_utils.cdiv(num_tokens, block_t),)
     _write_cache_kernel[grid](
         kv_c, k_pe, kv_cache, pe_cache, slot_mapping,
         num_tokens, num_blocks * page_size, page_size,
@@ -119,6 +119,29 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> Non
         _utils.check_last_contiguous(name, t)
 
 
+_FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
+_WIDTHS = frozenset(1 << i for i in range(4, 11))  # check_width: powers of two from 16 to 1024
+
+
+def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
+    """True when the arguments certainly pass ``_check_write_cache_args``, in one expression; False sends them
+    through the named checks (which raise only for bad input). Never True for input those checks reject."""
+    tensor = torch.Tensor
+    if not (type(kv_c) is tensor and type(k_pe) is tensor and type(kv_cache) is tensor and type(pe_cache) is tensor
+            and type(slot_mapping) is tensor):
+        return False
+    cs, ps, ts, es = kv_cache.shape, pe_cache.shape, kv_c.shape, k_pe.shape
+    dtype, device = kv_cache.dtype, kv_cache.device
+    return (len(cs) == 3 and len(ps) == 3 and len(ts) == 2 and len(es) == 2 and slot_mapping.dim() == 1
+            and dtype in _FLOATS and pe_cache.dtype is dtype and kv_c.dtype is dtype and k_pe.dtype is dtype
+            and slot_mapping.dtype in _INDEX
+            and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _WIDTHS
+            and ts[1] == cs[2] and es[1] == ps[2] and ts[0] == es[0] == slot_mapping.shape[0]
+            and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1 and kv_c.stride(1) == 1 and k_pe.stride(1) == 1
+            and pe_cache.device == device and kv_c.device == device and k_pe.device == device
+            and slot_mapping.device == device)
+
+
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
     """Write new tokens' latent and roped key into the paged cache, in place.
@@ -143,9 +166,19 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     Raises ``TypeError``/``ValueError`` naming the offending argument. ``T == 0`` is a no-op.
     """
-    _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
-    num_tokens = kv_c.shape[0]
-    if num_tokens == 0:
+    if not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+    if kv_c.shape[0] == 0:
+        return
+    if torch.compiler.is_compiling():  # one graph node that mutates the caches
+        torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+    else:  # eager: no custom-op dispatch (~15 µs) in front of a ~µs kernel
+        _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+
+
+def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> None:
+    """``write_cache`` after its shape checks (the body of the ``mla_kernels::write_cache`` custom op)."""
+    if kv_c.shape[0] == 0:
         return
     if slot_mapping.device.type == "cpu":
         num_slots = kv_cache.shape[0] * kv_cache.shape[1]
@@ -154,7 +187,7 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
             raise ValueError(f"slot_mapping holds slot {top}, past the cache's {num_slots} slots "
                              f"({kv_cache.shape[0]} blocks of {kv_cache.shape[1]})")
     if _utils.use_triton(kv_cache):
-        if kv_cache.device.type == "cuda":
+        if kv_cache.device.type == "cuda" and kv_cache.device.index != torch.cuda.current_device():
             with torch.cuda.device(kv_cache.device):
                 _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
         else:
@@ -326,6 +359,11 @@ class PagedLatentCache:
         ``write_cache``/``write``. Raises ``CacheFullError`` (changing nothing) if the free blocks
         can't hold the whole batch.
         """
+        return self._reserve_host(seq_ids, num_tokens).to(self.device)
+
+    def _reserve_host(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> torch.Tensor:
+        """``append_batch`` with the slots left on the host (a CPU int64 tensor): no device copy, so callers can
+        pack them with the step's other metadata into one asynchronous upload."""
         seqs, counts = self._check_batch(seq_ids, num_tokens)
         needed = [self._new_blocks(s, n) for s, n in zip(seqs, counts)]
         total = sum(needed)
@@ -334,13 +372,20 @@ class PagedLatentCache:
                 f"not enough free cache blocks: appending {sum(counts)} tokens to {len(seqs)} sequence(s) needs {total} "
                 f"new blocks of {self.block_size} tokens, but only {len(self._free)} of {self.num_blocks} are free; "
                 f"free finished sequences or build a larger cache")
+        if all(n <= 8 for n in counts):  # decode steps: a few ints per sequence, cheaper in Python than in torch
+            size = self.block_size
+            flat = []
+            for seq, n, k in zip(seqs, counts, needed):
+                seq.blocks.extend(self._free.pop() for _ in range(k))
+                flat.extend(seq.blocks[p // size] * size + p % size for p in range(seq.length, seq.length + n))
+                seq.length += n
+            return torch.tensor(flat, dtype=torch.int64)
         slots = []
         for seq, n, k in zip(seqs, counts, needed):
             seq.blocks.extend(self._free.pop() for _ in range(k))
             slots.append(self._slots(seq, seq.length, seq.length + n))
             seq.length += n
-        out = torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
-        return out.to(self.device)
+        return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
     def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
@@ -358,6 +403,11 @@ class PagedLatentCache:
         ``max_blocks`` defaults to the longest row in the batch (at least 1). The padding is never
         read by a kernel that stops at ``cache_seqlens``; pass an out-of-range ``pad_id`` to check that.
         """
+        return self._block_table_host(seq_ids, max_blocks, pad_id).to(self.device)
+
+    def _block_table_host(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None,
+                          pad_id: int = 0) -> torch.Tensor:
+        """``block_table`` built on the host (CPU int32), not yet copied to the cache's device."""
         seqs = [self._get(s) for s in seq_ids]
         longest = max((len(s.blocks) for s in seqs), default=0)
         if max_blocks is None:
@@ -368,7 +418,7 @@ class PagedLatentCache:
         for b, seq in enumerate(seqs):
             if seq.blocks:
                 table[b, :len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        return table.to(self.device)
+        return table
 
     def cache_seqlens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
         """``[B]`` int32: tokens cached for each sequence."""

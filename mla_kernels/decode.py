@@ -69,7 +69,7 @@ def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, 
     213 TFLOP/s against 182 for two (h100-2026-11-22-structure-probe.json)."""
     sms = _utils.num_sms(device)
     waves = 1 if block_m >= 64 else 2
-    want = triton.cdiv(waves * sms, max(1, programs_per_split))
+    want = _utils.cdiv(waves * sms, max(1, programs_per_split))
     most = max(1, max_seqlen // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, most, 128)))
 
@@ -253,10 +253,10 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     cfg = (config or _tuning.lookup("decode", _tuning.decode_class(max_seqlen_q * heads, d_latent), device)
            or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda"))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    m_blocks = triton.cdiv(max_seqlen_q * heads, block_m)
+    m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m)
-    split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
+    split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
     if varlen:
@@ -291,7 +291,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
             total_rows, num_splits, total_rows * d_latent,
-            D_LATENT=d_latent, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), STORE_LSE=return_lse,
+            D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(num_splits)), STORE_LSE=return_lse,
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
@@ -386,6 +386,12 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     before anything runs. On a GPU they are not (that would synchronise with the host): lengths beyond
     ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
+    if _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
+                       max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
+        capacity = block_table.shape[1] * kv_cache.shape[1]
+        max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
+        return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                    causal, return_lse, w_uv, max_seqlen_k, num_splits)
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
     _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
@@ -422,8 +428,67 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would synchronise)
-        _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, max_seqlen_k)
+    max_seqlen_k = min(max_seqlen_k, capacity)
+    return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
+                                return_lse, w_uv, max_seqlen_k, num_splits)
+
+
+_FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)
+_INDEX_DTYPES = frozenset(_utils.INDEX_DTYPES)
+_WIDTHS = frozenset(1 << i for i in range(4, 11))  # check_width: powers of two from 16 to 1024
+
+
+def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
+                    num_splits) -> bool:
+    """True when the arguments certainly pass every check of ``mla_decode``, decided in one expression (a few
+    µs less per call than the named checks). It may say False for valid input (a tensor subclass, an int scale):
+    the full checks then run, and raise only if something is wrong. It never says True for input they reject."""
+    tensor = torch.Tensor
+    if not (type(q_nope) is tensor and type(q_pe) is tensor and type(kv_cache) is tensor and type(pe_cache) is tensor
+            and type(block_table) is tensor and type(cache_seqlens) is tensor):
+        return False
+    qs, ps, ks, es, bs = q_nope.shape, q_pe.shape, kv_cache.shape, pe_cache.shape, block_table.shape
+    dtype, device = q_nope.dtype, q_nope.device
+    return (len(qs) == 4 and len(ps) == 4 and len(ks) == 3 and len(es) == 3 and len(bs) == 2
+            and cache_seqlens.dim() == 1
+            and dtype in _FLOAT_DTYPES and q_pe.dtype is dtype and kv_cache.dtype is dtype and pe_cache.dtype is dtype
+            and block_table.dtype in _INDEX_DTYPES and cache_seqlens.dtype in _INDEX_DTYPES
+            and qs[:3] == ps[:3] and ks[:2] == es[:2] and qs[3] == ks[2] and ps[3] == es[2]
+            and ks[2] in _WIDTHS and es[2] in _WIDTHS and ks[0] > 0 and ks[1] > 0 and qs[1] > 0 and qs[2] > 0
+            and bs[0] == qs[0] and cache_seqlens.shape[0] == qs[0]
+            and q_nope.stride(3) == 1 and q_pe.stride(3) == 1 and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1
+            and (bs[1] <= 1 or block_table.stride(1) == 1) and (qs[0] <= 1 or cache_seqlens.stride(0) == 1)
+            and q_pe.device == device and kv_cache.device == device and pe_cache.device == device
+            and block_table.device == device and cache_seqlens.device == device
+            and type(softmax_scale) is float and 0.0 < softmax_scale < float("inf")
+            and (w_uv is None or (type(w_uv) is tensor and w_uv.dim() == 3 and w_uv.dtype is dtype
+                                  and w_uv.shape[0] == qs[2] and w_uv.shape[2] == qs[3] and w_uv.device == device))
+            and (max_seqlen_k is None or (type(max_seqlen_k) is int and max_seqlen_k >= 0))
+            and (num_splits is None or (type(num_splits) is int and num_splits >= 1)))
+
+
+def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
+                         return_lse, w_uv, max_seqlen_k, num_splits):
+    """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
+    ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs)."""
+    causal, return_lse = bool(causal), bool(return_lse)
+    if torch.compiler.is_compiling():
+        out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
+                                                    softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits)
+    else:
+        out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                   causal, return_lse, w_uv, max_seqlen_k, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
+                    w_uv, max_seqlen_k, num_splits):
+    """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
+    on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
+    no larger than the block table's capacity."""
+    batch, s_q, heads, d_latent = q_nope.shape
+    if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
+        _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
         short = (cache_seqlens > 0) & (cache_seqlens < s_q)
         if bool(short.any()):
             b = int(short.nonzero()[0, 0])
@@ -431,18 +496,17 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
                              "which must already be in the cache (0 marks a padding slot)")
 
     if not _utils.use_triton(q_nope):
-        return mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                causal, return_lse, w_uv)
+        out = mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                               causal, True, w_uv)
+        return out[0], (out[1] if return_lse else None)
 
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                       max_seqlen_k=min(max_seqlen_k, capacity), num_splits=num_splits)
+                       max_seqlen_k=max_seqlen_k, num_splits=num_splits)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)
-    if return_lse:
-        return out, lse.view(batch, s_q, heads)
-    return out
+    return out, (lse.view(batch, s_q, heads) if return_lse else None)
 
 
 def _check_lengths_cpu(cache_seqlens, block_table, num_blocks, page, max_seqlen_k):

@@ -201,11 +201,54 @@ class LatentBatch:
     def reserve(cls, cache: PagedLatentCache, seq_ids: Sequence[Hashable],
                 num_new_tokens: Sequence[int]) -> "LatentBatch":
         """Reserve ``num_new_tokens[i]`` positions for each ``seq_ids[i]`` (all or none: ``CacheFullError``
-        changes nothing) and return the step's metadata."""
+        changes nothing) and return the step's metadata.
+
+        The metadata is built on the host from the cache manager's bookkeeping and reaches the device in one
+        asynchronous copy (from pinned memory on a GPU): the call never waits for the GPU."""
         if not isinstance(cache, PagedLatentCache):
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
-        slots = cache.append_batch(seq_ids, num_new_tokens)
-        return cls(cache, seq_ids, num_new_tokens, slots)
+        seq_ids, counts = list(seq_ids), list(num_new_tokens)
+        slots = cache._reserve_host(seq_ids, counts)
+        return cls._from_host(cache, seq_ids, counts, slots, [cache.seqlen(s) for s in seq_ids],
+                              cache._block_table_host(seq_ids))
+
+    @classmethod
+    def _from_host(cls, cache: PagedLatentCache, seq_ids: list, counts: list[int], slots: torch.Tensor,
+                   lengths: list[int], block_table: torch.Tensor) -> "LatentBatch":
+        """The step's metadata from host values already checked by the cache manager: ``slots [T]`` (CPU int64),
+        ``lengths`` (tokens per sequence, new ones included) and ``block_table [B, W]`` (CPU). Everything is
+        packed into one host buffer and copied to the device once, without waiting: no ``.item()``, no
+        ``.tolist()``, no synchronous copy."""
+        self = cls.__new__(cls)
+        self.cache, self.seq_ids, self.num_new_tokens = cache, seq_ids, [int(n) for n in counts]
+        batch, total = len(seq_ids), slots.shape[0]
+        width = block_table.shape[1]
+        counts_t = torch.tensor(self.num_new_tokens, dtype=torch.int64)
+        cu = torch.zeros(batch + 1, dtype=torch.int64)
+        torch.cumsum(counts_t, 0, out=cu[1:])
+        first = torch.tensor(lengths, dtype=torch.int64) - counts_t  # position of each sequence's first new token
+        device = cache.device
+        # [slots T | positions T | block_table B*W | cache_seqlens B | cu_seqlens_q B+1], int64 on the host
+        host = torch.empty(2 * total + batch * width + 2 * batch + 1, dtype=torch.int64,
+                           pin_memory=device.type == "cuda")
+        host[:total] = slots
+        if total:  # positions: first[b] + (i - cu[b]) for the i-th new token of the step
+            host[total:2 * total] = torch.repeat_interleave(first - cu[:-1], counts_t, output_size=total)
+            host[total:2 * total] += torch.arange(total)
+        meta = host[2 * total:]
+        meta[:batch * width].view(batch, width).copy_(block_table)
+        meta[batch * width:batch * width + batch] = first + counts_t
+        meta[batch * width + batch:] = cu
+        dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
+        small = dev[2 * total:].to(torch.int32)
+        self.slots, self.positions = dev[:total], dev[total:2 * total]
+        self.block_table = small[:batch * width].view(batch, width)
+        self.cache_seqlens = small[batch * width:batch * width + batch]
+        self.cu_seqlens_q = small[batch * width + batch:]
+        self.max_seqlen_k = max(lengths, default=0)
+        distinct = set(self.num_new_tokens)
+        self.uniform = distinct.pop() if len(distinct) == 1 else None
+        return self
 
     @property
     def num_tokens(self) -> int:

@@ -473,6 +473,11 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     the block table; used block ids exist). On a GPU values are checked only when max_seqlen_q is None (they
     are on the host then anyway), and block ids never.
     """
+    if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
+        out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
+                                                     cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
+                                                     max_seqlen_k, num_splits)
+        return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
@@ -523,6 +528,11 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     cost model and the expanded path's key count need them. The expanded path allocates the expanded keys
     and values, ``sum(cache_seqlens) x H x (D_nope + D_v)`` elements.
     """
+    if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
+        out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
+                                                               cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
+                                                               causal, path, return_lse)
+        return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     total, heads, d_nope = q_nope.shape
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(

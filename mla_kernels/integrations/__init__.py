@@ -1,5 +1,5 @@
 """Framework integrations: one module per framework. transformers is imported only when a model is patched."""
 
-from .transformers import latent_cache, patch_model, unpatch_model
+from .transformers import latent_cache, patch_model, static_latent_cache, unpatch_model
 
-__all__ = ["patch_model", "unpatch_model", "latent_cache"]
+__all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache"]

@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from .. import _utils
-from ..cache import CacheFullError, PagedLatentCache
+from ..cache import CacheFullError, PagedLatentCache, write_cache
+from ..decode import mla_decode
+from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
 
-__all__ = ["patch_model", "unpatch_model", "latent_cache", "TransformersMLAttention", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
+           "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = {
     "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
@@ -150,6 +153,9 @@ class _LatentState:
         self.calls: dict[int, int] = {}
         self.current: tuple[LatentBatch, torch.Tensor | None] | None = None
         self.current_shape: tuple[int, int] | None = None
+        self._table_owner: PagedLatentCache | None = None  # _block_table_host's cache, table and filled lengths
+        self._table: torch.Tensor | None = None
+        self._table_len: list[int] = []
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
@@ -157,7 +163,11 @@ class _LatentState:
         slots; the other layers of the step get the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            real = _real_tokens(attention_mask, batch_size, query_len)
+            if self.rows is not None and query_len == 1:  # a decode step: nothing read back from the GPU
+                _assert_real(attention_mask, batch_size, query_len)
+                real = None
+            else:
+                real = _real_tokens(attention_mask, batch_size, query_len)
             self.current = (self._new_step(attn, batch_size, query_len, real, dtype, device), real)
             self.current_shape = (batch_size, query_len)
             self.steps += 1
@@ -187,10 +197,33 @@ class _LatentState:
                              f"{batch_size}; use a new cache for a new batch")
         counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
         try:
-            return LatentBatch.reserve(self.paged, self.rows, counts)
+            slots = self.paged._reserve_host(self.rows, counts)
         except CacheFullError:
             self._grow(self.paged.blocks_needed(self.rows, counts))
-            return LatentBatch.reserve(self.paged, self.rows, counts)
+            slots = self.paged._reserve_host(self.rows, counts)
+        return LatentBatch._from_host(self.paged, self.rows, counts, slots,
+                                      [self.paged.seqlen(r) for r in self.rows], self._block_table_host())
+
+    def _block_table_host(self) -> torch.Tensor:
+        """The rows' block table on the host, ``[B, W]`` for the longest row's W blocks, kept up to date
+        incrementally: a decode step adds at most one block per row, so rebuilding the whole table (B x W Python
+        ints, ~1 ms at B 16 and 32k tokens) every step would cost more than the step's attention."""
+        paged = self.paged
+        seqs = [paged._get(r) for r in self.rows]
+        if self._table_owner is not paged:
+            self._table_owner, self._table, self._table_len = paged, torch.zeros(len(seqs), 1, dtype=torch.int32), \
+                [0] * len(seqs)
+        longest = max((len(seq.blocks) for seq in seqs), default=0)
+        if longest > self._table.shape[1]:
+            wider = torch.zeros(len(seqs), max(longest, 2 * self._table.shape[1]), dtype=torch.int32)
+            wider[:, :self._table.shape[1]] = self._table
+            self._table = wider
+        for b, seq in enumerate(seqs):
+            done = self._table_len[b]
+            if len(seq.blocks) > done:
+                self._table[b, done:len(seq.blocks)] = torch.tensor(seq.blocks[done:], dtype=torch.int32)
+                self._table_len[b] = len(seq.blocks)
+        return self._table[:, :max(1, longest)]
 
     def _grow(self, blocks_needed: int) -> None:
         """Move everything into a cache with at least twice the blocks (and room for ``blocks_needed``);
@@ -212,11 +245,19 @@ class _LatentState:
         for seq in old.seq_ids:
             new.add_sequence(seq)
             length = old.seqlen(seq)
-            if length:
-                src, dst = old.slots(seq), new.append(seq, length)
+            if length:  # slot lists built on the host and uploaded without waiting (a decode step may grow)
+                src = _upload(old._slots(old._get(seq), 0, length), old.device)
+                dst = _upload(new._reserve_host([seq], [length]), new.device)
                 for layer in range(old.num_layers):
                     new.buffer(layer).view(-1, width)[dst] = old.buffer(layer).view(-1, width)[src]
         self.paged = new
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a synchronisation: through pinned memory, copied asynchronously."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def latent_cache(past_key_values) -> PagedLatentCache | None:
@@ -257,31 +298,48 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
 
 
 def _real_tokens(attention_mask, batch_size: int, query_len: int) -> torch.Tensor | None:
-    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are.
+    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are (reads the mask on the
+    host: one synchronisation on a GPU; decode steps use ``_assert_real`` instead)."""
+    real = _visible_new_tokens(attention_mask, batch_size, query_len)
+    return None if real is None or bool(real.all()) else real
 
-    A new token is a pad when the last query may not attend to it: read from the 4-D mask (bool, or
-    additive float as eager attention gets it) or a 2-D ``[B, KV]`` padding mask.
-    """
+
+def _assert_real(attention_mask, batch_size: int, query_len: int) -> None:
+    """Check on the device, without waiting for it, that every new token is real: a decode step stores them all.
+    (transformers' generate never feeds a pad after the prompt; a mask that hides a new token fails a device
+    assertion rather than silently caching a pad.)"""
+    real = _visible_new_tokens(attention_mask, batch_size, query_len)
+    if real is not None:
+        torch._assert_async(real.all(), "mla_kernels: the attention mask hides a new token of a decode step; the "
+                                        "patched model's latent cache only skips padding in the prompt")
+
+
+def _visible_new_tokens(attention_mask, batch_size: int, query_len: int,
+                        columns: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[B, Q]`` bool on the mask's device, computed there: which new tokens the last query may attend to (a pad
+    is one it may not), from the 4-D mask (bool, or additive float as eager attention gets it) or a 2-D
+    ``[B, KV]`` padding mask. The new tokens are the last Q columns, or ``columns`` (a device index ``[Q]``) for
+    a static cache, whose mask spans its whole capacity. None without a mask."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask of type {type(attention_mask).__name__} is not supported (use the eager "
                         f"or sdpa attention implementation)")
     if attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, -query_len:]
+        row = attention_mask[:, 0, -1]
     elif attention_mask.dim() == 2:
-        row = attention_mask[:, -query_len:]
+        row = attention_mask
     else:
         raise ValueError(f"attention_mask must be 4-D [B, 1, Q, KV] or 2-D [B, KV], got shape "
                          f"{tuple(attention_mask.shape)}")
+    row = row[:, -query_len:] if columns is None else row.index_select(1, columns)
     if row.dtype == torch.bool:
         real = row
     elif row.is_floating_point():
         real = row > torch.finfo(row.dtype).min / 2
     else:
         real = row != 0
-    real = real.expand(batch_size, query_len)
-    return None if bool(real.all()) else real
+    return real.expand(batch_size, query_len)
 
 
 def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +352,170 @@ def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         return position_embeddings[0], position_embeddings[1]
     raise TypeError("position_embeddings must be (cos, sin) (DeepSeek-V3) or complex freqs_cis (DeepSeek-V2), got "
                     f"{type(position_embeddings).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# static mode: preallocated batch and length, metadata computed on the device (torch.compile, CUDA graphs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_static_layer_class():
+    from transformers.cache_utils import StaticLayer
+
+    class StaticLatentCacheLayer(StaticLayer):
+        """A transformers static cache layer that counts tokens on the device and stores no K/V (the latent lives
+        in the ``PagedLatentCache`` of the Cache's ``_StaticLatentState``). ``get_seq_length`` and
+        ``get_mask_sizes`` answer as transformers' ``StaticLayer``: pads included, masks over the whole capacity."""
+
+        def __init__(self, max_cache_len: int, state: "_StaticLatentState", layer_idx: int):
+            super().__init__(max_cache_len)
+            self.state, self.layer_idx = state, layer_idx
+            self.dtype, self.device = state.paged.dtype, state.paged.device
+            self.keys = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+            self.cumulative_length = self.cumulative_length.to(self.device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.cumulative_length)
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states=None):
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.cumulative_length.add_(key_states.shape[-2])
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self.cumulative_length.zero_()
+            self.state.seqlens[self.layer_idx].zero_()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("the static latent cache can't be cropped")
+
+        def reorder_cache(self, beam_idx) -> None:
+            raise NotImplementedError("beam search is not supported by the patched model's latent cache")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("expanding a static latent cache over the batch is not supported")
+
+        def batch_select_indices(self, indices) -> None:
+            raise NotImplementedError("selecting batch rows of a static latent cache is not supported")
+
+    return StaticLatentCacheLayer
+
+
+_STATIC_LAYER_CLASS = None
+
+
+def _static_layer_class():
+    global _STATIC_LAYER_CLASS
+    if _STATIC_LAYER_CLASS is None:
+        _STATIC_LAYER_CLASS = _make_static_layer_class()
+    return _STATIC_LAYER_CLASS
+
+
+class _StaticLatentState:
+    """Fixed capacity behind a static latent cache: row b of the batch owns blocks
+    ``[b * blocks_per_row, (b + 1) * blocks_per_row)`` of a ``PagedLatentCache``, so the block table never changes,
+    and each layer keeps its rows' real-token counts in a device tensor it updates in place. A step's slots and
+    lengths are computed on the device from those counts and the attention mask: no host bookkeeping, no host
+    synchronisation, fixed addresses and shapes (what torch.compile and CUDA graphs need)."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_cache_len: int, block_size: int, kv_lora_rank: int,
+                 rope_dim: int, dtype: torch.dtype, device: torch.device):
+        self.batch_size, self.max_cache_len, self.block_size = batch_size, max_cache_len, block_size
+        self.blocks_per_row = math.ceil(max_cache_len / block_size)
+        self.capacity = self.blocks_per_row * block_size  # tokens per row
+        self.paged = PagedLatentCache(num_layers, batch_size * self.blocks_per_row, block_size, kv_lora_rank,
+                                      rope_dim, dtype=dtype, device=device)
+        self.block_table = torch.arange(batch_size * self.blocks_per_row, dtype=torch.int32,
+                                        device=device).view(batch_size, self.blocks_per_row)
+        self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
+        self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
+        # fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
+        # views are marked too: they are the tensor objects the compiled graph takes as inputs
+        paged = self.paged
+        for t in [*(f(i) for i in range(num_layers) for f in (paged.buffer, paged.kv_cache, paged.pe_cache)),
+                  *self.seqlens, self.block_table, self.row_base]:
+            torch._dynamo.mark_static_address(t)
+
+    def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
+        """Store the step's real tokens and attend; ``q_nope [B, Q, H, D_nope]`` etc. Returns ``[B, Q, H * D_v]``."""
+        batch_size, query_len = q_nope.shape[:2]
+        layer = attn.layer_idx
+        if batch_size != self.batch_size:
+            raise ValueError(f"the static latent cache holds a batch of {self.batch_size}, this call has {batch_size}")
+        cache_layer = past_key_values.layers[layer]
+        columns = cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)
+        real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
+        past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
+                               layer)
+        seqlens = self.seqlens[layer]
+        if real is None:
+            real = torch.ones(batch_size, query_len, dtype=torch.bool, device=q_nope.device)
+        index = seqlens[:, None].long() + real.long().cumsum(1) - 1  # [B, Q] each real token's place in its row
+        new_lens = seqlens + real.sum(1, dtype=torch.int32)
+        torch._assert_async((new_lens <= self.capacity).all(), "mla_kernels: the static latent cache is full "
+                                                               "(max_cache_len real tokens per row)")
+        slots = torch.where(real & (index < self.capacity), self.row_base + index, -1)
+        seqlens.copy_(new_lens)
+        kv_cache, pe_cache = self.paged.kv_cache(layer), self.paged.pe_cache(layer)
+        write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
+                    slots.view(-1))
+        heads, d_nope, d_v, rank = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+        w = attn.kv_b_proj.weight.view(heads, d_nope + d_v, rank)
+        if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
+            q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w[:, :d_nope])
+            out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
+                             attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity)
+            return out.reshape(batch_size, query_len, heads * d_v)
+        # a prompt (eager, like transformers' own static-cache prefill): pads are packed out, reading the host once
+        counts = real.sum(1, dtype=torch.int32)
+        cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+        packed = mla_prefill_attention(q_nope[real].contiguous(), q_pe[real].contiguous(), kv_cache, pe_cache,
+                                       self.block_table, cu, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
+                                       causal=True)
+        out = packed.new_zeros(batch_size, query_len, heads, d_v)
+        out[real] = packed
+        return out.view(batch_size, query_len, heads * d_v)
+
+
+def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: int, *, block_size: int = 64):
+    """A transformers ``Cache`` for a patched model with preallocated capacity: ``max_batch_size`` sequences of
+    up to ``max_cache_len`` tokens each (pads included, as transformers' ``StaticCache`` counts them), for
+    ``generate`` under ``torch.compile`` and CUDA graphs.
+
+    Like ``StaticCache``, it is allocated up front (``max_batch_size * max_cache_len`` latent tokens per layer) and
+    its per-step work is all on the device: a decode step reserves no slots on the host and reads nothing back,
+    so transformers' generate compiles the decode step (``compile_config``; on a GPU it does so by itself, with
+    CUDA graphs). Pads in the prompt are still not stored. The prompt call reads the mask on the host once, as
+    prefill always does. A batch of a different size, beam search or cropping raise; a row that outgrows
+    ``max_cache_len`` fails a device assertion.
+
+    Usage::
+
+        model = patch_model(model)
+        cache = static_latent_cache(model, max_batch_size=4, max_cache_len=4096)
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=256)
+    """
+    from transformers.cache_utils import Cache
+
+    _, _, layers = _decoder_layers(model)
+    attns = [layer.self_attn for layer in layers]
+    if not all(isinstance(a, TransformersMLAttention) for a in attns):
+        raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
+    for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
+                        ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    weight = attns[0].kv_b_proj.weight
+    state = _StaticLatentState(len(layers), max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
+                               attns[0].qk_rope_head_dim, weight.dtype, weight.device)
+    layer_cls = _static_layer_class()
+    cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(len(layers))])
+    cache._mla_static_state = state
+    cache._mla_latent_state = state  # latent_cache(cache) finds the PagedLatentCache
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +563,10 @@ class TransformersMLAttention(MLAttention):
         cos, sin = _rope_tables(position_embeddings)
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
 
+        static = getattr(past_key_values, "_mla_static_state", None)
+        if static is not None:
+            out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
+            return self.o_proj(out), None
         if past_key_values is None:
             real = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,

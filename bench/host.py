@@ -1,0 +1,157 @@
+"""Host work of one eager call: argument checks and launch preparation, with the kernel launches removed.
+
+    python -m bench.host [--out DIR]
+
+On a GPU an eager ``mla_decode`` costs its GPU time plus the Python work before the launch plus Triton's
+launch; ``bench.decode`` times the whole call against a CUDA-graph replay. This benchmark isolates the part
+the library controls, on any machine: the public call with the Triton kernels replaced by no-op stubs, on
+``meta`` tensors (no data, no CPU-only value checks: the code path a GPU call takes, minus the launch and the
+caching allocator). Shapes: seed 003's decode step (B1 L1024 H16, R 512, P 64, page 64; without and with
+``w_uv``, whose bmm runs torch's Python meta function here, slower than the C++ dispatch a GPU tensor takes),
+DeepSeek-R1's 128 heads, and ``write_cache`` of one token. Timings are noisy on a shared machine: compare
+``min_us`` (the least-disturbed sample) as well as the median.
+
+On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
+replayed in a CUDA graph, so the host share of an eager call is measured on the machine that matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from mla_kernels import _utils, cache as cache_mod, decode as decode_mod
+from mla_kernels.cache import write_cache
+from mla_kernels.decode import mla_decode
+
+from . import _harness as h
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_kernels():
+    """Replace the decode and write_cache kernels by no-ops and route meta tensors down the Triton path."""
+    saved = (decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel, cache_mod._write_cache_kernel,
+             _utils.use_triton)
+    decode_mod._mla_attn_kernel = decode_mod._mla_combine_kernel = cache_mod._write_cache_kernel = _NoLaunch()
+    _utils.use_triton = lambda t: t.device.type in ("cuda", "meta")
+    try:
+        yield
+    finally:
+        (decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel, cache_mod._write_cache_kernel,
+         _utils.use_triton) = saved
+
+
+def decode_args(device, batch=1, ctx=1024, heads=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64,
+                d_v=128):
+    blocks = batch * (ctx // page)
+    buf = torch.empty(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
+    q = torch.empty(batch, 1, heads, d_latent + d_rope, dtype=dtype, device=device)
+    if device.type == "meta":
+        block_table = torch.empty(batch, ctx // page, dtype=torch.int32, device=device)
+        seqlens = torch.empty(batch, dtype=torch.int32, device=device)
+    else:
+        block_table = torch.arange(blocks, dtype=torch.int32, device=device).view(batch, -1)
+        seqlens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    w_uv = torch.empty(heads, d_v, d_latent, dtype=dtype, device=device)
+    args = (q[..., :d_latent], q[..., d_latent:], buf[..., :d_latent], buf[..., d_latent:], block_table, seqlens,
+            0.1)
+    return args, dict(w_uv=w_uv, max_seqlen_k=ctx)
+
+
+def write_args(device, tokens=1, blocks=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64):
+    buf = torch.empty(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
+    kv = torch.empty(tokens, d_latent + d_rope, dtype=dtype, device=device)
+    slots = (torch.empty(tokens, dtype=torch.int64, device=device) if device.type == "meta"
+             else torch.arange(tokens, dtype=torch.int64, device=device))
+    return kv[:, :d_latent], kv[:, d_latent:], buf[..., :d_latent], buf[..., d_latent:], slots
+
+
+def per_call_us(fn, calls: int, repeats: int) -> h.Timing:
+    """``repeats`` samples of the mean wall time of ``calls`` back-to-back calls, in µs (stored in the ms fields)."""
+    for _ in range(calls):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return h.Timing.from_times(samples, "perf_counter, µs per call")
+
+
+def cases(device):
+    d_args, d_kw = decode_args(device)
+    d128_args, d128_kw = decode_args(device, heads=128)
+    w_args = write_args(device)
+    latent_only = dict(d_kw, w_uv=None)
+    return {
+        "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
+        "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
+        "mla_decode B1 L1024 H128 w_uv": lambda: mla_decode(*d128_args, **d128_kw),
+        "write_cache T1": lambda: write_cache(*w_args),
+    }
+
+
+def run_host(calls: int, repeats: int) -> list[dict]:
+    rows = []
+    with stubbed_kernels():
+        for name, fn in cases(torch.device("meta")).items():
+            t = per_call_us(fn, calls, repeats)
+            rows.append(dict(provider="host (kernels stubbed, meta tensors)", case=name, p50_us=t.p50, p20_us=t.p20,
+                             p80_us=t.p80, min_us=t.min, runs=t.runs))
+            print(f"{name:<32} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
+    return rows
+
+
+def run_gpu(device, calls: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, fn in cases(device).items():
+        def timed():
+            fn()
+
+        timed()
+        torch.cuda.synchronize(device)
+        samples = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+        eager = h.Timing.from_times(samples, "wall clock, µs per call")
+        graph = h.time_fn(fn, device, cuda_graph=True)
+        rows.append(dict(provider="eager call (wall clock)", case=name, p50_us=eager.p50, p20_us=eager.p20,
+                         p80_us=eager.p80, runs=eager.runs))
+        rows.append(dict(provider="cuda graph replay", case=name, p50_us=graph.p50 * 1e3, p20_us=graph.p20 * 1e3,
+                         p80_us=graph.p80 * 1e3, runs=graph.runs))
+        print(f"{name:<32} eager {eager.p50:7.2f} µs | graph {graph.p50 * 1e3:7.2f} µs")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = h.make_parser(__doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    device = h.setup(args)
+    calls, repeats = (200, 7) if args.quick else (1000, 15)
+    rows = run_host(calls, repeats)
+    if not h.is_cpu(device):
+        rows += run_gpu(device, calls, repeats)
+    payload = {"config": {"calls_per_sample": calls, "samples": repeats},
+               "note": ("host rows: the public call on meta tensors with the Triton kernels replaced by no-ops: "
+                        "Python checks and launch preparation only, not Triton's launch or the GPU"),
+               "rows": rows}
+    h.save_results("host", payload, device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""What makes the drop-in fast: decode steps that never wait for the GPU, a static latent cache, torch.compile.
+
+On the CPU, "never waits" is shown by trapping every Python-level tensor-to-host conversion (``.item()``,
+``.tolist()``, ``bool()``, ``int()``, ``nonzero``) while a patched attention layer runs a decode step; the
+kernels' CPU-only value checks (and the interpreter running them) are let through, since a GPU call skips
+those. Conversions inside C++ (a boolean-mask index, say) can only be seen on a GPU, by
+``torch.cuda.set_sync_debug_mode("error")``: the GPU tests do that, and capture a decode step in a CUDA graph.
+
+torch.compile runs with a recording ``aot_eager`` backend (dynamo with fullgraph=True, AOT functionalization of
+the cache writes): inductor's CPU code generation alone takes about 40 s for the tiny model, and what these
+tests are about is the graph, not the code generated for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from mla_kernels import cache as cache_mod, decode as decode_mod
+from mla_kernels.cache import PagedLatentCache
+from mla_kernels.integrations import transformers as integration
+from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, \
+    static_latent_cache
+from mla_kernels.module import LatentBatch
+
+transformers = pytest.importorskip("transformers")
+from transformers import CompileConfig  # noqa: E402
+from test_transformers import left_padded, tiny_model  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+NEW = 6
+GREEDY = dict(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+PROMPTS = [5, 9, 2]
+
+
+def dense_model(**kw):
+    """The tiny DeepSeek-V3 with every layer dense: expert routing is not what is compiled here."""
+    return tiny_model(first_k_dense_replace=2, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# no device-to-host conversion in a decode step
+# ---------------------------------------------------------------------------------------------
+
+_CONVERSIONS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+class ConversionTrap:
+    """Arms on each patched attention layer's decode-step call (one new token) and raises on any tensor-to-host
+    conversion, except inside the op bodies ``_mla_decode_run`` / ``_write_cache_run``, whose conversions are the
+    CPU-only value checks and the interpreter (a GPU call has neither)."""
+
+    def __init__(self, monkeypatch, model):
+        self.armed, self.exempt, self.decode_calls = False, 0, 0
+        for name in _CONVERSIONS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._guard(name, original))
+        monkeypatch.setattr(torch, "nonzero", self._guard("torch.nonzero", torch.nonzero))
+        for module, name in ((decode_mod, "_mla_decode_run"), (cache_mod, "_write_cache_run")):
+            monkeypatch.setattr(module, name, self._exempt(getattr(module, name)))
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(self._pre, with_kwargs=True)
+            layer.self_attn.register_forward_hook(self._post)
+
+    def _guard(self, name, original):
+        trap = self
+
+        def guarded(*args, **kwargs):
+            if trap.armed and not trap.exempt:
+                raise AssertionError(f"{name} in a decode step: a device-to-host conversion (a GPU sync)")
+            return original(*args, **kwargs)
+        return guarded
+
+    def _exempt(self, fn):
+        def call(*args, **kwargs):
+            self.exempt += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exempt -= 1
+        return call
+
+    def _pre(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1:
+            self.armed = True
+            self.decode_calls += 1
+
+    def _post(self, module, args, output):
+        self.armed = False
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_decode_steps_read_nothing_back(cache_kind, monkeypatch):
+    """Greedy generation with left padding gives transformers' tokens while no decode step of any patched layer
+    converts a tensor to a host value (dynamic cache: slots from host bookkeeping; static: all on the device)."""
+    model = dense_model()
+    ids, mask = left_padded(PROMPTS)
+    block = 2 if cache_kind == "dynamic" else 4
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=block)
+        trap = ConversionTrap(monkeypatch, model)
+        kwargs = {}
+        if cache_kind == "static":
+            kwargs["past_key_values"] = static_latent_cache(model, len(PROMPTS), 32, block_size=block)
+        else:  # no headroom: the cache starts at 3 x ceil(9 / 2) = 15 blocks and must grow during decoding
+            monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY, **kwargs)
+    assert trap.decode_calls == (NEW - 1) * len(model.model.layers)
+    assert torch.equal(out.sequences, expected)
+    if cache_kind == "dynamic":
+        lc = latent_cache(out.past_key_values)
+        assert [lc.seqlen(s) for s in lc.seq_ids] == [n + NEW - 1 for n in PROMPTS]
+        assert lc.num_blocks > 15  # it grew in a decode step (the prompt needs 9 blocks)
+
+
+def test_the_trap_catches_a_sync(monkeypatch):
+    """The trap is not vacuous: the prompt's host read of the mask (a real sync) trips it when armed."""
+    model = dense_model()
+    patch_model(model, block_size=4)
+    trap = ConversionTrap(monkeypatch, model)
+    ids, mask = left_padded([3, 2])
+    trap.armed = True
+    with torch.no_grad(), pytest.raises(AssertionError, match="decode step"):
+        integration._real_tokens(mask.bool()[:, None, None, :].expand(2, 1, 3, 3), 2, 3)
+
+
+def test_a_pad_in_a_decode_step_is_refused():
+    """A decode step stores its token unread: a mask that hides it fails the device assertion (on the CPU, at
+    once) instead of caching a pad."""
+    model = dense_model()
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([3, 2])
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        step_mask = torch.cat([mask, torch.tensor([[1], [0]])], dim=1)
+        with pytest.raises(RuntimeError, match="hides a new token"):
+            model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=first.past_key_values,
+                  use_cache=True)
+
+
+def test_reserve_builds_what_the_constructor_builds():
+    """LatentBatch.reserve (one packed upload) and LatentBatch(...) (tensor by tensor) agree field by field."""
+    cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.float32)
+    seqs = [cache.add_sequence() for _ in range(3)]
+    LatentBatch.reserve(cache, seqs, [5, 0, 9])
+    fast = LatentBatch.reserve(cache, seqs, [2, 2, 2])
+    slow = LatentBatch(cache, seqs, [2, 2, 2], fast.slots)
+    for name in ("slots", "positions", "block_table", "cache_seqlens", "cu_seqlens_q"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (fast.max_seqlen_k, fast.uniform, fast.num_new_tokens) == (slow.max_seqlen_k, slow.uniform, [2, 2, 2])
+    ragged = LatentBatch.reserve(cache, seqs, [1, 3, 0])
+    assert ragged.positions.tolist() == [7, 2, 3, 4] and ragged.cu_seqlens_q.tolist() == [0, 1, 4, 4]
+    assert ragged.uniform is None and ragged.cache_seqlens.tolist() == [8, 5, 11]
+
+
+def test_incremental_block_table_follows_growth(monkeypatch):
+    """The integration's host block table, kept incrementally, equals a rebuilt one after steps and a regrowth."""
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+    model = dense_model()
+    patch_model(model, block_size=2)
+    ids, mask = left_padded([3, 1])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+    state = out.past_key_values._mla_latent_state
+    assert torch.equal(state._block_table_host(), state.paged._block_table_host(state.rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# static latent cache and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def recording_backend(graphs):
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+    return backend
+
+
+def test_compiled_decode_step_matches_eager():
+    """generate with the static latent cache and compile_config(fullgraph=True): one graph for every decode step
+    (a graph break would raise), holding write_cache and mla_decode as single nodes per layer, and the greedy
+    tokens of transformers' own eager attention."""
+    model = dense_model(q_lora_rank=32)
+    ids, mask = left_padded(PROMPTS)
+    graphs = []
+    config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)
+    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4)
+        torch._dynamo.reset()
+        cache = static_latent_cache(model, len(PROMPTS), 32, block_size=4)
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=config,
+                             **GREEDY)
+    assert torch.equal(out, expected), f"\n{out[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the decode step recompiled"
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    layers = len(model.model.layers)
+    assert targets.count("mla_kernels.write_cache") == layers and targets.count("mla_kernels.mla_decode") == layers
+    lens = [cache._mla_static_state.seqlens[i].tolist() for i in range(layers)]
+    assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
+
+
+def test_static_cache_continues_a_prefilled_prompt():
+    """The bench's pattern: the prompt but its last token cached by a plain forward call, then generate from
+    there; the static cache gives the dynamic one's tokens, and bench.generate's reset puts it back exactly."""
+    from bench.generate import _Prefilled
+
+    model = dense_model()
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([4, 4])
+    greedy = dict(GREEDY, max_new_tokens=3, min_new_tokens=3)
+    with torch.no_grad():
+        runs = {}
+        for name, static, repeats in (("dynamic", None, 1), ("static", 4 + 3 + 1, 2)):
+            pre = _Prefilled(model, ids, mask, static=static)
+            runs[name] = [model.generate(input_ids=ids, attention_mask=mask, past_key_values=pre.fresh(), **greedy)
+                          for _ in range(repeats)]
+    assert torch.equal(runs["static"][0], runs["dynamic"][0])
+    assert torch.equal(runs["static"][1], runs["static"][0])  # the reset put the static cache back exactly
+
+
+def test_static_cache_misuse():
+    model = dense_model()
+    with pytest.raises(TypeError, match="patch_model"):
+        static_latent_cache(model, 2, 16)
+    patch_model(model, block_size=4)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        static_latent_cache(model, 2, 0)
+    ids, mask = left_padded([3, 2])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="batch of 3"):
+            model(input_ids=ids, attention_mask=mask, past_key_values=static_latent_cache(model, 3, 16),
+                  use_cache=True)
+        # transformers' masks stop a generate at max_cache_len columns first; called directly, a layer's own
+        # device assertion stops the row that would run past its blocks
+        full = static_latent_cache(model, 2, 4, block_size=4)
+        attn = model.model.layers[0].self_attn
+        x = torch.randn(2, 1, model.config.hidden_size)
+        cos_sin = model.model.rotary_emb(x, torch.zeros(2, 1, dtype=torch.long))
+        for _ in range(4):
+            attn(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=full)
+        before = full._mla_static_state.paged.buffer(0).clone()
+        with pytest.raises(RuntimeError, match="static latent cache is full"):
+            attn(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=full)
+        assert torch.equal(full._mla_static_state.paged.buffer(0), before)  # nothing written past the row
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: what the CPU can't observe
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sync_errors_in_decode_steps(model):
+    """``set_sync_debug_mode("error")`` around every patched layer's decode-step call (transformers' own code
+    between layers is not ours to judge)."""
+    handles = []
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def post(module, args, output):
+        torch.cuda.set_sync_debug_mode("default")
+
+    for layer in model.model.layers:
+        handles.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_decode_steps_never_sync_on_gpu(cache_kind, monkeypatch):
+    """Every decode step of every patched layer under set_sync_debug_mode("error"); the dynamic cache starts
+    without headroom, so some decode steps also grow it."""
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+    model = dense_model(q_lora_rank=32).cuda()  # fp32: the tokens must equal transformers' exactly
+    ids, mask = (t.cuda() for t in left_padded(PROMPTS))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=2)  # with no headroom, the dynamic cache grows during decoding
+        kwargs = {}
+        if cache_kind == "static":
+            kwargs["past_key_values"] = static_latent_cache(model, len(PROMPTS), 64, block_size=4)
+            kwargs["disable_compile"] = True
+        with sync_errors_in_decode_steps(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kwargs)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
+def test_generate_compiles_with_cuda_graphs_on_gpu():
+    """transformers' own compiled decoding (inductor, CUDA graphs) over the static latent cache, with fullgraph."""
+    model = dense_model(q_lora_rank=32).cuda()
+    ids, mask = (t.cuda() for t in left_padded(PROMPTS))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4)
+        torch._dynamo.reset()
+        out = model.generate(input_ids=ids, attention_mask=mask, compile_config=CompileConfig(fullgraph=True),
+                             past_key_values=static_latent_cache(model, len(PROMPTS), 64, block_size=4), **GREEDY)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    """One patched layer's static decode step captured once and replayed: each replay writes the next token into
+    the cache and attends, matching the same steps run eagerly on a twin cache."""
+    model = dense_model(q_lora_rank=32).to("cuda", torch.float32)
+    patch_model(model, block_size=4)
+    attn: TransformersMLAttention = model.model.layers[0].self_attn
+    hidden = model.config.hidden_size
+    g = torch.Generator(device="cuda").manual_seed(0)
+    steps = [torch.randn(2, 1, hidden, device="cuda", generator=g) for _ in range(5)]
+    rope = model.model.rotary_emb
+    tables = [rope(steps[0], torch.full((2, 1), i, device="cuda")) for i in range(5)]
+    eager_cache, graph_cache = (static_latent_cache(model, 2, 16, block_size=4) for _ in range(2))
+    with torch.no_grad():
+        expected = [attn(x, position_embeddings=t, attention_mask=None, past_key_values=eager_cache)[0]
+                    for x, t in zip(steps, tables)]
+        static_x, static_cos, static_sin = steps[0].clone(), tables[0][0].clone(), tables[0][1].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream (compiles the kernels), then reset the cache
+            attn(static_x, position_embeddings=(static_cos, static_sin), attention_mask=None,
+                 past_key_values=graph_cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph_cache.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = attn(static_x, position_embeddings=(static_cos, static_sin), attention_mask=None,
+                              past_key_values=graph_cache)[0]
+        graph_cache.reset()  # capture recorded the step without running it; start from an empty cache
+        for x, (cos, sin), want in zip(steps, tables, expected):
+            static_x.copy_(x), static_cos.copy_(cos), static_sin.copy_(sin)
+            graph.replay()
+            torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,155 @@
+"""The custom ops (``torch.ops.mla_kernels.*``): opcheck of each, and torch.compile seeing them as single nodes.
+
+Shapes are tiny (R 32, P 16, a few heads and tokens): the kernels run through the interpreter several times per
+opcheck. The results themselves are checked against the reference in test_decode/test_prefill/test_cache; here
+the op must agree with the public function it wraps, bit for bit (same kernels, same inputs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mla_kernels
+from helpers import make_paged_cache
+from mla_kernels import _utils
+
+R, P, PAGE, HEADS = 32, 16, 4, 2
+SCALE = 0.25
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def decode_inputs(device, lens=(5, 0, 9), s_q=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv_cache, pe_cache, table = make_paged_cache(list(lens), PAGE, (R, P), torch.float32, device, generator_seed=seed)
+    kv_cache.nan_to_num_(0.0)  # opcheck compares outputs across runs; NaN poison is tested in test_decode
+    q = torch.randn(len(lens), s_q, HEADS, R + P, generator=g).to(device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    table = table.clamp(max=kv_cache.shape[0] - 1)  # unused entries are never read; opcheck's fake runs need no poison
+    return q[..., :R], q[..., R:], kv_cache, pe_cache, table, seqlens
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("w_uv", [False, True], ids=["latent", "w_uv"])
+def test_opcheck_mla_decode(return_lse, w_uv, device):
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device)
+    w = torch.randn(HEADS, 8, R, device=device) if w_uv else None
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, return_lse, w, 12, None)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_decode(*args)
+    expected = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      w_uv=w, max_seqlen_k=12)
+    assert torch.equal(out, expected[0])
+    assert torch.equal(lse, expected[1]) if return_lse else lse.shape == (0,)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["views-of-one-buffer", "separate"])
+def test_opcheck_write_cache(fused, device):
+    buf = torch.zeros(6, PAGE, R + P, device=device)
+    if fused:
+        kv_cache, pe_cache = buf[..., :R], buf[..., R:]
+    else:
+        kv_cache, pe_cache = buf[..., :R].clone(), buf[..., R:].clone()
+    kv = torch.randn(3, R + P, device=device)
+    slots = torch.tensor([5, -1, 22], dtype=torch.int64, device=device)
+    args = (kv[:, :R], kv[:, R:], kv_cache, pe_cache, slots)
+    torch.library.opcheck(torch.ops.mla_kernels.write_cache.default, args, test_utils=OPCHECK_TESTS)
+    torch.ops.mla_kernels.write_cache(*args)
+    assert torch.equal(kv_cache[1, 1], kv[0, :R]) and torch.equal(pe_cache[5, 2], kv[2, R:])
+    assert kv_cache.count_nonzero() == 2 * R  # the -1 slot wrote nothing
+
+
+def prefill_inputs(device, new=(3, 0, 2), history=(2, 4, 0), d_nope=8, d_v=8, seed=1):
+    lens = [n + h for n, h in zip(new, history)]
+    g = torch.Generator().manual_seed(seed)
+    kv_cache, pe_cache, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device, generator_seed=seed)
+    kv_cache.nan_to_num_(0.0)
+    pe_cache.nan_to_num_(0.0)
+    table = table.clamp(max=kv_cache.shape[0] - 1)
+    total = sum(new)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q_latent = torch.randn(total, HEADS, R, generator=g).to(device)
+    q_raw = torch.randn(total, HEADS, d_nope, generator=g).to(device)
+    q_pe = torch.randn(total, HEADS, P, generator=g).to(device)
+    w_kv_b = (torch.randn(HEADS * (d_nope + d_v), R, generator=g) * R ** -0.5).to(device)
+    return q_latent, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+def test_opcheck_mla_prefill(return_lse, device):
+    q_latent, _, q_pe, kv_cache, pe_cache, table, cu, seqlens, _ = prefill_inputs(device)
+    args = (q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE, True, return_lse, None, None, None)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_prefill.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_prefill(*args)
+    expected = mla_kernels.mla_prefill(q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE,
+                                       return_lse=True)
+    assert torch.equal(out, expected[0])
+    assert torch.equal(lse, expected[1]) if return_lse else lse.shape == (0,)
+
+
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_opcheck_mla_prefill_attention(path, device):
+    _, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
+    args = (q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE, True, path, True)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_prefill_attention.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_prefill_attention(*args)
+    expected = mla_kernels.mla_prefill_attention(q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE,
+                                                 path=path, return_lse=True)
+    assert out.shape == (q_raw.shape[0], HEADS, 16)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_opcheck_on_the_pytorch_path(monkeypatch):
+    """The ops also wrap the PyTorch path that CPU tensors take without the interpreter."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    cpu = torch.device("cpu")
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(cpu, s_q=2, lens=(5, 0, 9))
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default,
+                          (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, True, None, 12, None),
+                          test_utils=OPCHECK_TESTS)
+    q_latent, _, q_pe, kv_cache, pe_cache, table, cu, seqlens, _ = prefill_inputs(cpu)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_prefill.default,
+                          (q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE, True, True, None, None,
+                           None), test_utils=OPCHECK_TESTS)
+
+
+def test_compiled_calls_are_single_nodes_and_check_values(device):
+    """Under torch.compile(fullgraph=True) write_cache + mla_decode trace to the two ops, with no graph break,
+    write the cache in place (views of one buffer), and give the eager result. The CPU value checks still run:
+    a slot past the cache raises from inside the compiled code."""
+    buf = torch.zeros(6, PAGE, R + P, device=device)
+    kv_cache, pe_cache = buf[..., :R], buf[..., R:]
+    table = torch.arange(6, dtype=torch.int32, device=device).view(2, 3)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, HEADS, R + P, generator=g).to(device)
+    kv = torch.randn(2, R + P, generator=g).to(device)
+    slots = torch.tensor([4, 12 + 6], dtype=torch.int64, device=device)
+    seqlens = torch.tensor([5, 7], dtype=torch.int32, device=device)
+    buf[0, :4] = torch.randn(4, R + P, generator=g).to(device)
+    buf[3:5] = torch.randn(2, PAGE, R + P, generator=g).to(device)
+
+    def step(kv, slots, seqlens):
+        mla_kernels.write_cache(kv[:, :R], kv[:, R:], kv_cache, pe_cache, slots)
+        return mla_kernels.mla_decode(q[..., :R], q[..., R:], kv_cache, pe_cache, table, seqlens, SCALE,
+                                      max_seqlen_k=12)
+
+    before = buf.clone()
+    expected = step(kv, slots, seqlens)
+    written = buf.clone()
+    buf.copy_(before)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    got = compiled(kv, slots, seqlens)
+    assert torch.equal(got, expected) and torch.equal(buf, written)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.mla_kernels.write_cache.default in targets or torch.ops.mla_kernels.write_cache in targets
+    assert any("mla_decode" in str(t) for t in targets)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="slot_mapping"):
+            compiled(kv, torch.tensor([4, 999], dtype=torch.int64, device=device), seqlens)
