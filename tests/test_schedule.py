@@ -362,3 +362,37 @@ def test_scheduled_serving_batch_native(heads):
                                                          return_lse=True)
     assert_close(f"serving H{heads}", out, ref_out, torch.bfloat16)
     assert_lse_close(f"serving H{heads}", lse, ref_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.decode's imbalanced section (smoke: small widths, CPU timings mean nothing)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bench_imbalanced_pair_smoke():
+    from bench import _harness as h
+    from bench import decode as bd
+
+    lens = bd.imbalanced_lengths(32, 4096)
+    assert lens[0] == 4096 and all(64 <= n <= 2048 for n in lens[1:]) and len(set(lens)) > 10
+    shape = bd.MLAShape(heads=4, d_latent=32, d_rope=16, d_nope=8, d_v=8)
+    time_kw = dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2)
+    rows = bd.run_imbalanced_pair(6, 200, 4, 16, torch.device("cpu"), torch.bfloat16, 10.0, time_kw, shape=shape)
+    assert [(r["kind"], r["provider"]) for r in rows] == [(k, n) for k in ("imbal", "unif")
+                                                          for n in bd.IMBALANCED_ORDER]
+    assert rows[0]["total_tokens"] == sum(bd.imbalanced_lengths(6, 200)) and rows[0]["ctx"] == 200
+    assert abs(rows[3]["total_tokens"] - rows[0]["total_tokens"]) < 6  # the uniform twin: same tokens, rounded
+    assert all("p50_ms" in r for r in rows) and rows[3]["pct_of_uniform"] == pytest.approx(100.0)
+    assert "vs_default" in rows[1] and "vs_default" in rows[4]
+
+    mla_decode, build, sched = bd.imbalanced_library()
+
+    def broken(*args, metadata=None, **kw):  # right without the schedule, wrong with it
+        out = mla_decode(*args, metadata=metadata, **kw)
+        return out if metadata is None else out * 1.1
+
+    rows = bd.run_imbalanced_pair(6, 200, 4, 16, torch.device("cpu"), torch.bfloat16, 10.0, time_kw, shape=shape,
+                                  lib=(broken, build, sched))
+    wrong = [r for r in rows if r.get("wrong")]
+    assert [r["provider"] for r in wrong] == ["mla_decode+meta"] * 2 and "p50_ms" not in wrong[0]
+    assert "WRONG RESULT" in h.format_row(wrong[0])
