@@ -163,7 +163,7 @@ def _mla_attn_block(
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Row block ``pid_m`` of sequence ``pid_b`` over its keys ``[pid_split * split_len, + key_len)``, cut at its length.
+    """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
     and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output."""
     if VARLEN:
