@@ -118,13 +118,15 @@ def part_slot_bound(batch: int, num_programs: int) -> int:
 def build_tables(cache_seqlens: torch.Tensor, block_n: int, num_programs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(programs [P, 4], sequences [B, 3])`` int32 on ``cache_seqlens``'s device (see ``DecodeSchedule``).
 
-    Only shapes are read on the host: every value stays on the device, so this can run inside a CUDA graph.
+    Only shapes are read on the host and no host data is copied in: every value is made on the device, so this
+    can run inside a CUDA graph.
     """
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
     i64 = dict(dtype=torch.int64, device=device)
     if batch == 0:
-        return (torch.tensor(EMPTY_PROGRAM, **i64).repeat(num_programs, 1).to(torch.int32),
-                torch.zeros(0, len(SEQ_FIELDS), dtype=torch.int32, device=device))
+        programs = torch.zeros(num_programs, len(PROG_FIELDS), dtype=torch.int32, device=device)
+        programs[:, 2] = EMPTY_PROGRAM[2]
+        return programs, torch.zeros(0, len(SEQ_FIELDS), dtype=torch.int32, device=device)
     tiles = (cache_seqlens.to(torch.int64).clamp(min=0) + block_n - 1) // block_n  # [B]
     ends = torch.cumsum(tiles, 0)  # [B]: flat index one past each sequence's last tile
     starts = ends - tiles
@@ -136,8 +138,9 @@ def build_tables(cache_seqlens: torch.Tensor, block_n: int, num_programs: int) -
     # the sequence holding a flat tile t is the first whose end is > t
     first_seq = torch.searchsorted(ends, lo, right=True).clamp(max=batch - 1)
     last_seq = torch.searchsorted(ends, hi - 1, right=True).clamp(max=batch - 1)
-    programs = torch.stack([first_seq, lo - starts[first_seq], last_seq, hi - starts[last_seq]], 1)
-    programs = torch.where((hi > lo)[:, None], programs, torch.tensor(EMPTY_PROGRAM, **i64))
+    busy = hi > lo
+    programs = torch.stack([torch.where(busy, column, empty) for column, empty in zip(
+        (first_seq, lo - starts[first_seq], last_seq, hi - starts[last_seq]), EMPTY_PROGRAM)], 1)
 
     # the program holding a flat tile t is the first whose end is > t (idle programs all come last)
     has = tiles > 0

@@ -56,6 +56,7 @@ def test_device_tables_by_hand():
     idle = tables([40, 0], 32, 4)
     assert idle.programs.tolist()[2:] == [list(schedule.EMPTY_PROGRAM)] * 2
     assert schedule.units_of(idle, [40, 0]) == [[(0, 0, 32)], [(0, 32, 40)], [], []]
+    assert tables([], 16, 3).programs.tolist() == [list(schedule.EMPTY_PROGRAM)] * 3
     everything_padding = tables([0, 0, 0], 16, 2)
     assert schedule.units_of(everything_padding, [0, 0, 0]) == [[], []]
     assert everything_padding.sequences[:, 1].tolist() == [0, 0, 0]
@@ -104,15 +105,24 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
-def test_no_host_sync_on_meta_tensors():
+@pytest.mark.parametrize("batch", [37, 0])
+def test_no_host_sync_on_meta_tensors(batch, monkeypatch):
     """Built from shapes alone: on the meta device any host read of a value (.item(), .tolist(), bool(),
-    nonzero) raises, so this fails if the scheduler ever synchronises."""
+    nonzero) raises, so this fails if the scheduler ever synchronises. Host data copied to the device (which a
+    CUDA graph cannot capture either) is refused by patching torch.tensor / as_tensor."""
     with pytest.raises((RuntimeError, NotImplementedError)):  # the check can fail: a host read on meta raises
         int(torch.zeros((), dtype=torch.int64, device="meta").sum())
-    seqlens = torch.empty(37, dtype=torch.int32, device="meta")
+
+    def no_host_data(*args, **kwargs):
+        raise AssertionError("host data copied to the device while building the schedule")
+
+    seqlens = torch.empty(batch, dtype=torch.int32, device="meta")
+    monkeypatch.setattr(torch, "tensor", no_host_data)
+    monkeypatch.setattr(torch, "as_tensor", no_host_data)
     meta = mla_kernels.mla_decode_metadata(seqlens, 16, 2, max_seqlen_k=4096)
+    monkeypatch.undo()
     assert meta.programs.device.type == "meta" and meta.programs.shape == (meta.num_programs, 4)
-    assert meta.sequences.shape == (37, 3) and meta.sequences.dtype == torch.int32
+    assert meta.sequences.shape == (batch, 3) and meta.sequences.dtype == torch.int32
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA's sync debug mode needs a GPU")
