@@ -9,6 +9,10 @@ Providers, each checked against the float32 reference (``reference.absorbed_deco
   naive            the decompressed path: gather each sequence's latent, expand it through
                    kv_b_proj into per-head K/V with one matmul, SDPA with a padding mask; out [B, 1, H, D_v]
 mla_decode is compared with torch_absorbed, mla_decode+w_uv with naive (same inputs, same output).
+
+Then imbalanced batches (``run_imbalanced``; --skip-imbalanced leaves them out): one sequence at the longest
+length, the others between 1/64 and 1/2 of it, each beside the uniform batch of the same total tokens, through
+mla_decode as shipped, with ``mla_decode_metadata``'s schedule (mla_decode+meta), and the schedule step alone.
 """
 
 from __future__ import annotations
@@ -261,6 +265,117 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: floa
 
 
 # ------------------------------------------------------------------------------------------------
+# imbalanced batches: one long sequence beside shorter ones, against the uniform batch of the same tokens
+# ------------------------------------------------------------------------------------------------
+
+IMBALANCED_ORDER = ["mla_decode", "mla_decode+meta", "metadata_step"]
+
+
+def imbalanced_lengths(batch: int, longest: int, seed: int = 0) -> list[int]:
+    """One sequence of ``longest`` tokens; the others drawn uniformly between ``longest/64`` and ``longest/2``."""
+    gen = torch.Generator().manual_seed(seed)
+    rest = torch.randint(max(1, longest // 64), longest // 2 + 1, (batch - 1,), generator=gen).tolist()
+    return [longest] + rest
+
+
+def imbalanced_shapes(cpu: bool, quick: bool):
+    """(B, longest, H, page) tuples: 16 and 128 heads, batch 32 to 128 (issue 13)."""
+    if cpu:
+        return [(4, 256, 16, 64)] if quick else [(4, 256, 16, 64), (8, 512, 16, 16)]
+    batches = [64, 128] if quick else [32, 64, 128]
+    longest = [8192] if quick else [4096, 16384]
+    return [(b, l, hd, 64) for hd in (16, 128) for b in batches for l in longest]
+
+
+def imbalanced_library():
+    """(mla_decode, mla_decode_metadata, schedule module)."""
+    from mla_kernels import mla_decode, mla_decode_metadata, schedule
+
+    return mla_decode, mla_decode_metadata, schedule
+
+
+def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, time_kw, shape=None,
+                        lib=None) -> list[dict]:
+    """An imbalanced batch and its uniform twin (every sequence at the mean length: the same total tokens),
+    each through mla_decode as shipped (``mla_decode``), with a schedule built beforehand (``mla_decode+meta``,
+    as every layer of a step reuses it), and the schedule's own step (``metadata_step``, once per step).
+
+    Every timed row carries ``pct_of_uniform``: its throughput (the byte model, which counts the same tokens
+    for both) over the uniform twin's with mla_decode as shipped; ``mla_decode+meta`` rows also ``vs_default``,
+    the speed-up over mla_decode as shipped on the same batch."""
+    mla_decode, mla_decode_metadata, schedule = lib or imbalanced_library()
+    shape = shape or MLAShape(heads=heads)
+    lens = imbalanced_lengths(batch, longest)
+    twins = {"imbal": lens, "unif": [round(sum(lens) / batch)] * batch}
+    rows = {}
+    for kind, lengths in twins.items():
+        ctx = max(lengths)
+        keys = dict(B=batch, ctx=ctx, H=heads, page=page, kind=kind, total_tokens=sum(lengths))
+        nbytes = h.mla_bytes(batch, 1, heads, lengths, shape.d_latent, shape.d_rope, dtype.itemsize)
+        flops = h.mla_flops(batch, 1, heads, lengths, shape.d_latent, shape.d_rope)
+        need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
+        if not h.fits(need, device):
+            note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
+            rows.update({(kind, n): h.make_row(n, None, note=note, **keys) for n in IMBALANCED_ORDER})
+            continue
+        case = make_case(shape, lengths, page, dtype, device)
+        c, scale = case, shape.softmax_scale
+        args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
+
+        def build():
+            return mla_decode_metadata(c.cache_seqlens, heads, 1, kv_lora_rank=shape.d_latent, max_seqlen_k=c.max_len)
+
+        meta = build()
+        expected_units = schedule.schedule_reference(lengths, meta.block_n, meta.num_programs)
+        if schedule.units_of(meta, c.cache_seqlens.cpu()) != expected_units:
+            rows[kind, "metadata_step"] = h.make_row("metadata_step", None, note="NOT TIMED, WRONG RESULT: the "
+                                                     "schedule differs from schedule_reference", wrong=True, **keys)
+        else:
+            timing = h.time_fn(build, device, **time_kw)
+            rows[kind, "metadata_step"] = h.make_row("metadata_step", timing, num_programs=meta.num_programs, **keys)
+        ref_latent, _ = reference_outputs(case)
+        for name, fn in (("mla_decode", lambda: mla_decode(*args, max_seqlen_k=c.max_len)),
+                         ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta))):
+            try:
+                timing, err = h.check_then_time(name, fn, ref_latent, device, dtype, **time_kw)
+            except h.WrongResult as exc:
+                rows[kind, name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
+                continue
+            rows[kind, name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps,
+                                          rel_rms_err=err, **keys)
+        del case, ref_latent, meta
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows.get(("unif", "mla_decode"), {}).get("gbps")
+    for (kind, name), row in rows.items():
+        if name != "metadata_step" and base and "gbps" in row:
+            row["pct_of_uniform"] = 100.0 * row["gbps"] / base
+            row["speedup"] = f"{row['pct_of_uniform']:.0f}% of unif."
+        default = rows.get((kind, "mla_decode"), {}).get("p50_ms")
+        if name == "mla_decode+meta" and default and "p50_ms" in row:
+            row["vs_default"] = default / row["p50_ms"]
+            row["note"] = (row["note"] + f" x{row['vs_default']:.2f} vs mla_decode").strip()
+    return [rows[k, n] for k in twins for n in IMBALANCED_ORDER if (k, n) in rows]
+
+
+def run_imbalanced(device, dtype, quick: bool, cuda_graph: bool, copy_gbps: float) -> list[dict]:
+    cpu = h.is_cpu(device)
+    time_kw = dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)
+    if cpu:
+        time_kw.update(rep_ms=50.0, warmup_ms=10.0, min_runs=3)
+    keys = ("B", "ctx", "H", "kind")
+    print("\nImbalanced batches (lengths longest/64 .. longest/2, one at the longest) beside uniform twins of the "
+          "same total tokens; % of unif. = throughput over the uniform twin's with mla_decode as shipped")
+    print(h.table_header(keys))
+    rows = []
+    for batch, longest, heads, page in h.progress(imbalanced_shapes(cpu, quick), "imbalanced"):
+        for row in run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, time_kw):
+            h.log(h.format_row(row, keys))
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # seed 003's decode scenario
 # ------------------------------------------------------------------------------------------------
 
@@ -404,6 +519,7 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0], seed_and_sweep=True)
+    parser.add_argument("--skip-imbalanced", action="store_true", help="no imbalanced-batch section")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
@@ -443,9 +559,11 @@ def main(argv=None) -> None:
         print()
     if not args.skip_sweep:
         payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph, rates["copy_gbps"])
+    if not args.skip_imbalanced:
+        payload["imbalanced"] = run_imbalanced(device, dtype, args.quick, args.cuda_graph, rates["copy_gbps"])
     sweep = payload.get("sweep", [])
     h.save_results("decode", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
-    h.exit_if_wrong(sweep, payload.get("seed_003_decode", {}).get("providers", {}),
+    h.exit_if_wrong(sweep + payload.get("imbalanced", []), payload.get("seed_003_decode", {}).get("providers", {}),
                     lambda r: f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']}")
 
 

@@ -5,12 +5,15 @@ from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
 from .prefill import mla_prefill, mla_prefill_attention
+from .schedule import DecodeSchedule, mla_decode_metadata
 from . import _ops  # noqa: F401,E402  (registers the torch.ops.mla_kernels custom ops)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "mla_decode",
+    "mla_decode_metadata",
+    "DecodeSchedule",
     "mla_prefill",
     "mla_prefill_attention",
     "write_cache",

@@ -91,13 +91,13 @@ def _cases(hip: bool) -> dict:
     from .prefill import _expanded_config, _mla_expanded_kernel
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
-                  "OUT_PART": "*fp32", "LSE_PART": "*fp32"}
+                  "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32"}
 
-    def attn(rows, varlen, split, fp32=False):
+    def attn(rows, varlen, split, fp32=False, scheduled=False):
         cfg = _config(rows, 512, hip=hip)
         constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
-                          DOT_PRECISION="ieee" if fp32 else None)
+                          DOT_PRECISION="ieee" if fp32 else None, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         return _mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
 
@@ -107,8 +107,12 @@ def _cases(hip: bool) -> dict:
         "decode-h128": attn(128, False, False),
         "decode-h16-fp32": attn(16, False, True, fp32=True),
         "prefill-absorbed": attn(1024, True, False),
-        "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True),
+        "decode-h16-scheduled": attn(16, False, False, scheduled=True),
+        "decode-h128-scheduled": attn(128, False, False, scheduled=True),
+        "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True, SCHEDULED=False),
                     {"OUT": "*bf16", "*": "*fp32"}, 4, 1),
+        "combine-scheduled": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=512, STORE_LSE=True, SCHEDULED=True),
+                              {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1),
         "prefill-expanded": (_mla_expanded_kernel,
                              dict(D_NOPE=128, D_ROPE=64, D_V=128, PAGE_SIZE=64, BLOCK_M=exp["BLOCK_M"],
                                   BLOCK_N=exp["BLOCK_N"], CAUSAL=True, STORE_LSE=True, DOT_FP32=False,

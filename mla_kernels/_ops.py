@@ -27,6 +27,7 @@ import torch
 from . import cache as _cache
 from . import decode as _decode
 from . import prefill as _prefill
+from . import schedule as _schedule
 
 __all__ = []
 
@@ -44,15 +45,19 @@ def _lse_or_empty(lse, like: torch.Tensor) -> torch.Tensor:
 def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                block_table: torch.Tensor, cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool,
                return_lse: bool, w_uv: Optional[torch.Tensor], max_seqlen_k: int,
-               num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+               num_splits: Optional[int], sched_programs: Optional[torch.Tensor] = None,
+               sched_sequences: Optional[torch.Tensor] = None,
+               sched_sizes: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args)
+    metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                       causal, return_lse, w_uv, max_seqlen_k, num_splits)
+                                       causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
     return out, _lse_or_empty(lse, q_nope)
 
 
 @mla_decode.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
-      max_seqlen_k, num_splits):
+      max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None):
     out = q_nope.new_empty(q_nope.shape)
     if w_uv is not None:
         out = _decode._project_v(out, w_uv)  # the same ops on fake tensors: the real output's strides

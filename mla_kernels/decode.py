@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning, _utils
+from . import schedule as _schedule
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -59,6 +60,14 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     if rows_per_seq <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device) -> dict:
+    """The launch config a call gets: this GPU's tuned config for the shape class (``mla_kernels/configs``), else
+    ``_config``'s heuristic. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use
+    the tiles the launch will use."""
+    return (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent), device)
+            or _config(rows_per_seq, d_latent, _utils.is_hip() and device.type == "cuda"))
 
 
 def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16) -> int:
@@ -98,7 +107,7 @@ def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 @triton.jit
 def _mla_attn_kernel(
     Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
-    OUT, LSE, OUT_PART, LSE_PART,
+    OUT, LSE, OUT_PART, LSE_PART, SCHED_PROGRAMS, SCHED_SEQUENCES,
     sm_scale_log2,
     num_heads, s_q, split_len, total_rows,
     stride_qn_b, stride_qn_s, stride_qn_h,
@@ -109,12 +118,62 @@ def _mla_attn_kernel(
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SCHEDULED: tl.constexpr = False,
+):
+    """Grid ``(row blocks, B, splits)``: program (m, b, s) reads split s of sequence b's keys for row block m.
+    ``SCHEDULED`` (decode only): grid ``(row blocks, P)``; program (m, p) walks the units of row p of the
+    schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials."""
+    pid_m = tl.program_id(0)
+    if SCHEDULED:
+        pid_p = tl.program_id(1)
+        first_seq = tl.load(SCHED_PROGRAMS + pid_p * 4)
+        first_tile = tl.load(SCHED_PROGRAMS + pid_p * 4 + 1)
+        last_seq = tl.load(SCHED_PROGRAMS + pid_p * 4 + 2)
+        end_tile = tl.load(SCHED_PROGRAMS + pid_p * 4 + 3)
+        for i in range(0, last_seq - first_seq + 1):
+            seq = first_seq + i
+            n_tiles = tl.cdiv(tl.load(SEQLENS + seq), BLOCK_N)
+            t0 = tl.where(seq == first_seq, first_tile, 0)
+            t1 = tl.where(seq == last_seq, end_tile, n_tiles)
+            if t1 > t0:  # padding slots have no tile (the combine writes their zeros)
+                cut = (t0 > 0) | (t1 < n_tiles)
+                # a cut sequence's piece goes to partial slot first_slot + (p - first_program) of the
+                # [slots, S_q * H, D_LATENT] partials: output row seq * S_q * H + r becomes slot * S_q * H + r
+                slot = tl.load(SCHED_SEQUENCES + seq * 3) + pid_p - tl.load(SCHED_SEQUENCES + seq * 3 + 2)
+                _mla_attn_block(
+                    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
+                    sm_scale_log2, num_heads, s_q,
+                    stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
+                    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+                    pid_m, seq.to(tl.int64), t0, BLOCK_N, (t1 - t0) * BLOCK_N, slot - seq, s_q * num_heads, cut,
+                    D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32,
+                    DOT_PRECISION)
+    else:
+        pid_b = tl.program_id(1).to(tl.int64)
+        pid_split = tl.program_id(2)
+        _mla_attn_block(
+            Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
+            sm_scale_log2, num_heads, s_q,
+            stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
+            stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+            pid_m, pid_b, pid_split, split_len, split_len, pid_split, total_rows, SPLIT,
+            D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32, DOT_PRECISION)
+
+
+@triton.jit
+def _mla_attn_block(
+    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
+    sm_scale_log2, num_heads, s_q,
+    stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
+    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+    pid_m, pid_b, pid_split, split_len, key_len, part_index, part_stride, to_part,
+    D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_split = tl.program_id(2)
-
+    """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
+    ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
+    and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output."""
     if VARLEN:
         tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
         seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
@@ -148,7 +207,7 @@ def _mla_attn_kernel(
 
     # keys this program reads: its split, cut at the last position any of its rows may see
     n_start = pid_split * split_len
-    n_end = tl.minimum(n_start + split_len, seqlen)
+    n_end = tl.minimum(n_start + key_len, seqlen)
     if CAUSAL:
         last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
         n_end = tl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
@@ -188,8 +247,8 @@ def _mla_attn_kernel(
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse_log2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
     out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
-    if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
-        part_rows = pid_split.to(tl.int64) * total_rows + out_rows
+    if to_part:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
+        part_rows = part_index.to(tl.int64) * part_stride + out_rows
         tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
         tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
     else:
@@ -204,19 +263,32 @@ def _mla_combine_kernel(
     OUT_PART, LSE_PART, OUT, LSE,
     num_rows, num_splits, split_stride,
     D_LATENT: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    SCHED_SEQUENCES=None, SCHEDULED: tl.constexpr = False,
 ):
-    """Merge split partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse)."""
+    """Merge split partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+
+    ``SCHEDULED``: ``num_rows`` is the rows of one sequence (S_q * H), the sequence's pieces and first partial
+    slot come from the schedule's table; whole sequences (one piece) were written by the attention kernel and
+    are skipped, padding slots (no piece) get zeros and lse -inf."""
     row = tl.program_id(0).to(tl.int64)
+    part_row = row
+    if SCHEDULED:
+        seq = row // num_rows
+        num_splits = tl.load(SCHED_SEQUENCES + seq * 3 + 1)
+        if num_splits == 1:
+            return
+        part_row = tl.load(SCHED_SEQUENCES + seq * 3).to(tl.int64) * num_rows + row % num_rows
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < num_splits
-    lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * num_rows + row, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
+    lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * num_rows + part_row, mask=s_mask,
+                    other=float("-inf"))  # [BLOCK_S]
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m_safe)  # [BLOCK_S]; 0 for empty splits
     total = tl.sum(w, 0)
     offs_r = tl.arange(0, D_LATENT)
     acc = tl.zeros([D_LATENT], dtype=tl.float32)
-    part = OUT_PART + row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
+    part = OUT_PART + part_row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
     for s in range(0, num_splits):
         w_s = tl.sum(tl.where(offs_s == s, w, 0.0), 0)
         if w_s > 0.0:
@@ -235,11 +307,13 @@ def _mla_combine_kernel(
 
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
-            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None):
+            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
+            schedule=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
-    ``config`` (a dict like ``_config``'s) overrides the tiles.
+    ``config`` (a dict like ``_config``'s) overrides the tiles. ``schedule`` (decode only, a checked
+    ``schedule.DecodeSchedule`` for these tiles): run the persistent scheduled grid instead of the split grid.
     """
     varlen = cu_seqlens_q is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
@@ -250,8 +324,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if total_rows == 0 or batch == 0:
         return out, lse
 
-    cfg = (config or _tuning.lookup("decode", _tuning.decode_class(max_seqlen_q * heads, d_latent), device)
-           or _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda"))
+    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
@@ -271,10 +344,17 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     else:
         out_part = lse_part = out  # unused
     dummy = cache_seqlens
+    grid = (m_blocks, batch, num_splits)
+    if schedule is not None:  # persistent programs walk their units; only cut sequences write partials
+        assert not varlen and not split and block_n == schedule.block_n, "schedule: decode with its own tiles"
+        grid = (m_blocks, schedule.num_programs, 1)
+        out_part = torch.empty(schedule.num_part_slots, seq_q * heads, d_latent, dtype=torch.float32, device=device)
+        lse_part = torch.empty(schedule.num_part_slots, seq_q * heads, dtype=torch.float32, device=device)
 
-    _mla_attn_kernel[(m_blocks, batch, num_splits)](
+    _mla_attn_kernel[grid](
         q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
         out, lse if lse is not None else dummy, out_part, lse_part,
+        dummy if schedule is None else schedule.programs, dummy if schedule is None else schedule.sequences,
         softmax_scale * LOG2E,
         heads, seq_q, split_len, total_rows,
         *qn_strides, *qp_strides,
@@ -285,8 +365,17 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
         DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+        SCHEDULED=schedule is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if schedule is not None:  # merge the cut sequences, zero the padding slots
+        _mla_combine_kernel[(total_rows,)](
+            out_part, lse_part, out, lse if lse is not None else dummy,
+            seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
+            D_LATENT=d_latent, BLOCK_S=max(2, triton.next_power_of_2(schedule.num_programs)), STORE_LSE=return_lse,
+            SCHED_SEQUENCES=schedule.sequences, SCHEDULED=True,
+            num_warps=4 if d_latent >= 256 else 2,
+        )
     if split:
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
@@ -357,7 +446,7 @@ def _project_v(out, w_uv):
 
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None):
+               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -377,6 +466,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         max_seqlen_k: optional upper bound on ``cache_seqlens`` used to size the split-KV grid (defaults to the
             block table's capacity, which needs no host synchronisation).
         num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size).
+        metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R)``,
+            computed once per step for every layer: the kernel then runs a persistent grid in which each program
+            reads an equal share of the batch's cache tiles, whatever the lengths (for batches that mix long and
+            short sequences). It must have been built from these ``cache_seqlens`` values (checked on the CPU
+            only). Exclusive with ``num_splits``.
 
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
@@ -390,8 +484,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
                        max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
         capacity = block_table.shape[1] * kv_cache.shape[1]
         max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
+        if metadata is not None:
+            _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits)
         return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                    causal, return_lse, w_uv, max_seqlen_k, num_splits)
+                                    causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
     _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
@@ -429,8 +525,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     max_seqlen_k = min(max_seqlen_k, capacity)
+    if metadata is not None:
+        _check_metadata(metadata, cache_seqlens, s_q * heads, d_latent, num_splits)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits)
+                                return_lse, w_uv, max_seqlen_k, num_splits, metadata)
 
 
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)
@@ -468,27 +566,31 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 
 
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                         return_lse, w_uv, max_seqlen_k, num_splits):
+                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs)."""
     causal, return_lse = bool(causal), bool(return_lse)
     if torch.compiler.is_compiling():
+        tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
         out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
-                                                    softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits)
+                                                    softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits,
+                                                    *tables, sizes)
     else:
         out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                   causal, return_lse, w_uv, max_seqlen_k, num_splits)
+                                   causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
     return (out, lse) if return_lse else out
 
 
 def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
-                    w_uv, max_seqlen_k, num_splits):
+                    w_uv, max_seqlen_k, num_splits, metadata=None):
     """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
     on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
-    no larger than the block table's capacity."""
+    no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``."""
     batch, s_q, heads, d_latent = q_nope.shape
     if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
         _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
+        if metadata is not None:
+            _check_metadata_lengths(metadata, cache_seqlens)
         short = (cache_seqlens > 0) & (cache_seqlens < s_q)
         if bool(short.any()):
             b = int(short.nonzero()[0, 0])
@@ -500,9 +602,12 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
                                causal, True, w_uv)
         return out[0], (out[1] if return_lse else None)
 
+    if metadata is None and num_splits is None and _use_schedule(batch, s_q * heads, q_nope.device):
+        metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None)
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                       max_seqlen_k=max_seqlen_k, num_splits=num_splits)
+                       max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
+                       schedule=metadata)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)
@@ -526,3 +631,44 @@ def _check_lengths_cpu(cache_seqlens, block_table, num_blocks, page, max_seqlen_
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
         raise ValueError(f"block_table refers to blocks outside kv_cache's {num_blocks} blocks "
                          f"(ids {int(ids.min())}..{int(ids.max())} in use)")
+
+
+def _use_schedule(batch: int, rows_per_seq: int, device: torch.device) -> bool:
+    """Whether ``mla_decode`` without ``metadata`` schedules its own work (``mla_decode_metadata``) rather than
+    splitting every sequence alike. The one switch between the two paths.
+
+    False until measured: the split grid is the path timed on an H100, and the scheduled path becomes the
+    default only once a GPU shows it no slower on uniform batches (bench.decode's imbalanced section prints
+    both beside each other). Passing ``metadata`` selects the scheduled path whatever this says.
+    """
+    return False
+
+
+def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits) -> None:
+    """``metadata`` must be a ``DecodeSchedule`` built for this call: batch, tiles, device, table layout (shapes
+    only; ``_check_metadata_lengths`` checks the values where that is free)."""
+    if not isinstance(metadata, _schedule.DecodeSchedule):
+        raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
+    if num_splits is not None:
+        raise ValueError("metadata and num_splits exclude each other: the schedule decides how sequences are cut")
+    cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device)
+    if metadata.batch != cache_seqlens.shape[0]:
+        raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
+    if (metadata.block_m, metadata.block_n) != (cfg["BLOCK_M"], cfg["BLOCK_N"]):
+        raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
+                         f"S_q and width use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
+                         "call's num_heads, s_q and kv_lora_rank")
+    if metadata.device != cache_seqlens.device:
+        raise ValueError(f"metadata is on {metadata.device}, cache_seqlens on {cache_seqlens.device}")
+    if tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
+            tuple(metadata.sequences.shape) != (metadata.batch, len(_schedule.SEQ_FIELDS)) or \
+            metadata.programs.dtype != torch.int32 or metadata.sequences.dtype != torch.int32 or \
+            not metadata.programs.is_contiguous() or not metadata.sequences.is_contiguous():
+        raise ValueError("metadata's tables do not have the shapes, dtype and layout mla_decode_metadata builds")
+
+
+def _check_metadata_lengths(metadata, cache_seqlens) -> None:
+    """On the CPU (free there): ``metadata``'s tables are the ones these ``cache_seqlens`` give."""
+    programs, sequences = _schedule.build_tables(cache_seqlens, metadata.block_n, metadata.num_programs)
+    if not (torch.equal(programs, metadata.programs) and torch.equal(sequences, metadata.sequences)):
+        raise ValueError("metadata was built from other cache_seqlens than the ones passed")

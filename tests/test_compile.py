@@ -30,6 +30,7 @@ def reports():
 
 
 EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
+EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])

@@ -114,6 +114,28 @@ def test_opcheck_on_the_pytorch_path(monkeypatch):
                            None), test_utils=OPCHECK_TESTS)
 
 
+def test_opcheck_mla_decode_with_metadata(device):
+    """The scheduling metadata crosses the op boundary as its two tables and its sizes; the op gives the public
+    call's result with the same metadata, and a compiled step that takes the metadata stays one graph."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device, lens=(5, 0, 11))
+    meta = mla_kernels.mla_decode_metadata(seqlens, HEADS, kv_lora_rank=R, num_programs=3)
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, True, None, 12, None,
+            meta.programs, meta.sequences, [meta.batch, meta.block_m, meta.block_n, meta.num_programs,
+                                            meta.num_part_slots])
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_decode(*args)
+    expected = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      max_seqlen_k=12, metadata=meta)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+    def step(q_nope, seqlens, meta):
+        return mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, max_seqlen_k=12,
+                                      metadata=meta)
+
+    got = torch.compile(step, backend="eager", fullgraph=True)(q_nope, seqlens, meta)
+    assert torch.equal(got, expected[0])
+
+
 def test_compiled_calls_are_single_nodes_and_check_values(device):
     """Under torch.compile(fullgraph=True) write_cache + mla_decode trace to the two ops, with no graph break,
     write the cache in place (views of one buffer), and give the eager result. The CPU value checks still run:
