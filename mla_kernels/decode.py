@@ -271,21 +271,16 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         out_part = lse_part = out  # unused
     dummy = cache_seqlens
 
-    _mla_attn_kernel[(m_blocks, batch, num_splits)](
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
-        out, lse if lse is not None else dummy, out_part, lse_part,
-        softmax_scale * LOG2E,
-        heads, seq_q, split_len, total_rows,
-        *qn_strides, *qp_strides,
-        kv_cache.stride(0), kv_cache.stride(1),
-        pe_cache.stride(0), pe_cache.stride(1),
-        block_table.stride(0),
-        D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    grid = (m_blocks, batch, num_splits)
+    if _use_tma(cfg, q_nope, kv_cache, pe_cache):
+        from .decode_tma import launch_tma
+        launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                   out_part, lse_part, softmax_scale * LOG2E, heads, seq_q, split_len, total_rows, qn_strides,
+                   qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
+    else:
+        _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                         out_part, lse_part, softmax_scale * LOG2E, heads, seq_q, split_len, total_rows, qn_strides,
+                         qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
     if split:
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
@@ -294,6 +289,42 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
+
+
+def _use_tma(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
+    """The one dispatch between the portable kernel and the Hopper (tensor-descriptor) kernel: the TMA kernel
+    runs when the config asks for it (``TMA: True``; no shipped default does until a GPU has timed it), the
+    device is an NVIDIA GPU of compute capability 9+ or the CPU interpreter, and the call fits its layout."""
+    if not cfg.get("TMA"):
+        return False
+    device = q_nope.device
+    if device.type == "cuda" and (_utils.is_hip() or _utils.capability(device)[0] < 9):
+        return False
+    from .decode_tma import tma_supported
+    return tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"])
+
+
+def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                     out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides,
+                     *, causal, varlen, split, return_lse, cfg):
+    """Launch the portable ``_mla_attn_kernel`` (pointer loads; any page size, dtype and GPU)."""
+    dummy = cache_seqlens
+    d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
+    _mla_attn_kernel[grid](
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+        out, lse if lse is not None else dummy, out_part, lse_part,
+        sm_scale_log2,
+        heads, seq_q, split_len, total_rows,
+        *qn_strides, *qp_strides,
+        kv_cache.stride(0), kv_cache.stride(1),
+        pe_cache.stride(0), pe_cache.stride(1),
+        block_table.stride(0),
+        D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
+        DOT_FP32=q_nope.device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 # --------------------------------------------------------------------------------------------
