@@ -63,6 +63,16 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
     return True
 
 
+def tma_config(rows_per_seq: int) -> dict:
+    """Tiles for this kernel from the H100 TMA probe (h100-2026-11-22-tma-probe.json: a stripped copy of this
+    loop, not this kernel): at most 16 rows, 16 x 64 tiles, 8 warps, 3 stages (2.25 TB/s at B128 L4096 H16 with 3
+    splits); above, 64 x 64 tiles, 8 warps, 2 stages (267 TFLOP/s at H128 with 1 split). ``TMA: True`` asks
+    ``decode._launch`` for this kernel. Pages smaller than 64 need a smaller BLOCK_N (``page % BLOCK_N == 0``)."""
+    if rows_per_seq <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True)
+
+
 def _descriptor(cache: torch.Tensor, box_cols: int, block_n: int):
     """A 2-D descriptor over ``cache [num_blocks, page, width]`` seen as ``[num_blocks * page, width]``."""
     num_blocks, page, width = cache.shape
