@@ -95,9 +95,9 @@ def _cases(hip: bool) -> dict:
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
                   "OUT_PART": "*fp32", "LSE_PART": "*fp32"}
 
-    def attn(rows, varlen, split, fp32=False):
-        cfg = _config(rows, 512, hip=hip)
-        constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    def attn(rows, varlen, split, fp32=False, d_latent=512):
+        cfg = _config(rows, d_latent, hip=hip)
+        constexprs = dict(D_LATENT=d_latent, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
                           DOT_PRECISION="ieee" if fp32 else None)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
@@ -116,6 +116,7 @@ def _cases(hip: bool) -> dict:
         "decode-h16-split": attn(16, False, True),
         "decode-h128": attn(128, False, False),
         "decode-h16-fp32": attn(16, False, True, fp32=True),
+        "decode-h128-r1024": attn(128, False, True, d_latent=1024),
         "prefill-absorbed": attn(1024, True, False),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True),
                     {"OUT": "*bf16", "*": "*fp32"}, 4, 1),

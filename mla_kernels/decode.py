@@ -56,6 +56,9 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
         if rows_per_seq <= 16:
             return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+    if d_latent > 512:  # R = 1024: a 64 x 64 tile pair would need 256 KiB of shared memory (H100: 227 KiB)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2) if rows_per_seq <= 16 else \
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     if rows_per_seq <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)

@@ -29,9 +29,10 @@ def reports():
     return json.loads(run.stdout)
 
 
-EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
+EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r1024", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
 
 
+H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)
 EXPECTED_NVIDIA_ONLY = ["decode-tma-h16-split", "decode-tma-h128"]
 
 
@@ -54,5 +55,7 @@ def test_decode_report_is_complete(reports, capsys):
             print(f"\n  sm90 {name}: {report['registers']} registers, {report['spill_store_bytes']} B spill stores, "
                   f"{report['shared_bytes']} B shared, wgmma {report['wgmma']}", end="")
     assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
+    too_big = {n: r["shared_bytes"] for n, r in reports["sm90"].items() if r["shared_bytes"] > H100_SHARED_BYTES}
+    assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
     for name in EXPECTED_NVIDIA_ONLY:  # the Hopper path really loads its tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
