@@ -33,6 +33,7 @@ EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r
 
 
 H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)
+MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
 EXPECTED_NVIDIA_ONLY = ["decode-tma-h16-split", "decode-tma-h128"]
 
 
@@ -57,5 +58,7 @@ def test_decode_report_is_complete(reports, capsys):
     assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
     too_big = {n: r["shared_bytes"] for n, r in reports["sm90"].items() if r["shared_bytes"] > H100_SHARED_BYTES}
     assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
+    too_big = {n: r["shared_bytes"] for n, r in reports["gfx942"].items() if r["shared_bytes"] > MI300_LDS_BYTES}
+    assert not too_big, f"these launches would fail with 'out of resources' on an MI300X: {too_big}"
     for name in EXPECTED_NVIDIA_ONLY:  # the Hopper path really loads its tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
