@@ -93,8 +93,9 @@ def make_weights(shape: MLAShape, dtype, device, gen=None):
     return w, per_head[:, : s.d_nope].contiguous(), per_head[:, s.d_nope:].contiguous()
 
 
-def make_case(shape: MLAShape, seqlens, page: int, dtype, device, capacity: int | None = None, seed: int = 0) -> Case:
-    """Random queries and cache for requests of the given lengths (one new token each, already in the
+def make_case(shape: MLAShape, seqlens, page: int, dtype, device, capacity: int | None = None, seed: int = 0,
+              s_q: int = 1) -> Case:
+    """Random queries and cache for requests of the given lengths (``s_q`` new tokens each, already in the
     cache). Each request owns ``ceil(capacity / page)`` blocks in shuffled order."""
     s = shape
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -106,8 +107,8 @@ def make_case(shape: MLAShape, seqlens, page: int, dtype, device, capacity: int 
     perm = torch.randperm(num_blocks, device=device, generator=gen)
     block_table = perm[: batch * blocks_per].view(batch, blocks_per).to(torch.int32)
     w_kv_b, w_uk, w_uv = make_weights(s, dtype, device, gen)
-    q_nope = torch.randn(batch, 1, s.heads, s.d_nope, device=device, dtype=dtype, generator=gen)
-    q_pe = torch.randn(batch, 1, s.heads, s.d_rope, device=device, dtype=dtype, generator=gen)
+    q_nope = torch.randn(batch, s_q, s.heads, s.d_nope, device=device, dtype=dtype, generator=gen)
+    q_pe = torch.randn(batch, s_q, s.heads, s.d_rope, device=device, dtype=dtype, generator=gen)
     q_abs = torch.einsum("bshd,hdr->bshr", q_nope.float(), w_uk.float()).to(dtype)
     return Case(s, q_nope, q_abs, q_pe, buf[..., : s.d_latent], buf[..., s.d_latent:], block_table,
                 torch.tensor(seqlens, dtype=torch.int32, device=device), w_kv_b, w_uk, w_uv, max(seqlens))
@@ -182,11 +183,40 @@ def providers(case: Case, lib):
         "mla_decode+w_uv": (lambda: mla_decode(*args, w_uv=c.w_uv, max_seqlen_k=c.max_len), "value"),
         "torch_absorbed": (lambda: decode_torch(*args), "latent"),
     }
+    tma = tma_config(case)
+    if tma is not None:
+        table["mla_decode[tma]"] = (lambda: decode_with_config(case, tma), "latent")
     return table
 
 
-SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive"}
-ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode+w_uv"]
+def tma_config(case: Case) -> dict | None:
+    """The Hopper (tensor-descriptor) path with the TMA probe's tiles, where that path can serve the case: an
+    NVIDIA GPU of compute capability 9+ (or the interpreter) and pages of whole tiles."""
+    from mla_kernels import _utils
+    from mla_kernels.decode_tma import tma_config as probe_tiles
+    from mla_kernels.decode_tma import tma_supported
+
+    c = case
+    if not _utils.use_triton(c.q_abs) or (c.q_abs.is_cuda and (_utils.is_hip() or _utils.capability(c.q_abs.device)[0] < 9)):
+        return None
+    cfg = probe_tiles(c.q_abs.shape[1] * c.shape.heads)
+    return cfg if tma_supported(c.q_abs, c.kv_cache, c.pe_cache, cfg["BLOCK_N"]) else None
+
+
+def decode_with_config(case: Case, config: dict) -> torch.Tensor:
+    """mla_decode's kernel launch with an explicit config (the public call takes none): [B, S_q, H, R]."""
+    from mla_kernels import decode
+
+    c = case
+    batch, s_q = c.q_abs.shape[:2]
+    out, _ = decode._launch(c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, None,
+                            c.shape.softmax_scale, True, False, batch=batch, seq_q=s_q, total_tokens=batch * s_q,
+                            max_seqlen_q=s_q, max_seqlen_k=c.max_len, num_splits=None, config=config)
+    return out.view(c.q_abs.shape)
+
+
+SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive", "mla_decode[tma]": "torch_absorbed"}
+ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode+w_uv"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,8 +224,16 @@ ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode+w_uv"]
 # ------------------------------------------------------------------------------------------------
 
 
+# Issue 8's target cases (B, ctx, H, page, S_q): FlashMLA's own B128 L4096 at 16 and 128 heads, long contexts
+# that only splits can spread over the SMs, a 32-head page-16 case, small pages and multi-token decode.
+TARGETS = [(128, 4096, 16, 64, 1), (128, 4096, 128, 64, 1), (8, 32768, 128, 64, 1), (1, 32768, 128, 64, 1),
+           (64, 8192, 32, 16, 1), (128, 4096, 16, 16, 1), (128, 4096, 16, 1, 1), (32, 4096, 128, 16, 1),
+           (64, 4096, 16, 64, 2), (64, 4096, 16, 64, 4), (32, 4096, 16, 64, 8), (32, 4096, 128, 64, 2),
+           (64, 4096, 1, 64, 1), (64, 4096, 64, 64, 1)]
+
+
 def sweep_shapes(cpu: bool, quick: bool):
-    """(B, ctx, H, page) tuples."""
+    """(B, ctx, H, page[, S_q]) tuples (S_q defaults to 1)."""
     if cpu:
         if quick:
             return [(2, 256, 16, 64), (2, 512, 16, 16)]
@@ -203,20 +241,22 @@ def sweep_shapes(cpu: bool, quick: bool):
     batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
     ctxs = [1024, 8192] if quick else [512, 2048, 8192, 32768]
     grid = [(b, l, hd, 64) for hd in (16, 128) for b in batches for l in ctxs]
-    return grid + [(32, 4096, hd, pg) for hd in (16, 128) for pg in (1, 16)]
+    if quick:
+        return TARGETS[:4] + grid
+    return TARGETS + grid + [(32, 4096, hd, pg) for hd in (16, 128) for pg in (1, 16)]
 
 
-def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw) -> list[dict]:
+def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s_q: int = 1) -> list[dict]:
     """All providers on one shape; rows in ORDER, skipped ones with a note."""
     shape = MLAShape(heads=heads)
-    keys = dict(B=batch, ctx=ctx, H=heads, page=page)
-    flops = h.mla_flops(batch, 1, heads, ctx, shape.d_latent, shape.d_rope)
-    nbytes = h.mla_bytes(batch, 1, heads, ctx, shape.d_latent, shape.d_rope, dtype.itemsize)
+    keys = dict(B=batch, ctx=ctx, H=heads, page=page, S_q=s_q)
+    flops = h.mla_flops(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope)
+    nbytes = h.mla_bytes(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope, dtype.itemsize)
     need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
     if not h.fits(need, device):
         note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
         return [h.make_row(name, None, note=note, **keys) for name in ORDER]
-    case = make_case(shape, [ctx] * batch, page, dtype, device)
+    case = make_case(shape, [ctx] * batch, page, dtype, device, s_q=s_q)
     ref_latent, ref_value = reference_outputs(case)
     rows, p50 = {}, {}
     for name, (fn, which) in providers(case, lib).items():
@@ -254,11 +294,11 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: floa
     if cpu:
         time_kw.update(rep_ms=50.0, warmup_ms=10.0, min_runs=3)
     shapes = sweep_shapes(cpu, quick)
-    keys = ("B", "ctx", "H", "page")
+    keys = ("B", "ctx", "H", "page", "S_q")
     print(h.table_header(keys))
     rows = []
-    for batch, ctx, heads, page in h.progress(shapes, "decode sweep"):
-        for row in run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw):
+    for batch, ctx, heads, page, *s_q in h.progress(shapes, "decode sweep"):
+        for row in run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, *s_q):
             h.log(h.format_row(row, keys))
             rows.append(row)
     return rows
@@ -498,7 +538,7 @@ def plot(rows: list[dict], path) -> None:
     plt = h.pyplot()
     if plt is None:
         return
-    timed = [r for r in rows if "p50_ms" in r and r["page"] == 64]
+    timed = [r for r in rows if "p50_ms" in r and r["page"] == 64 and r.get("S_q", 1) == 1]
     heads = sorted({r["H"] for r in timed})
     fig, axes = plt.subplots(len(heads), 2, figsize=(11, 4 * len(heads)), squeeze=False)
     for i, hd in enumerate(heads):
@@ -564,7 +604,7 @@ def main(argv=None) -> None:
     sweep = payload.get("sweep", [])
     h.save_results("decode", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
     h.exit_if_wrong(sweep + payload.get("imbalanced", []), payload.get("seed_003_decode", {}).get("providers", {}),
-                    lambda r: f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']}")
+                    lambda r: f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']} S_q={r.get('S_q', 1)}")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def ptxas_report(compiled) -> dict:
                         "spill_store_bytes": int(spill.group(1)) if spill else 0,
                         "spill_load_bytes": int(spill.group(2)) if spill else 0,
                         "shared_bytes": compiled.metadata.shared,
-                        "wgmma": "wgmma" in ptx}
-    return {"registers": None, "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in ptx}
+                        "wgmma": "wgmma" in ptx, "tma": "cp.async.bulk.tensor" in ptx}
+    return {"registers": None, "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx}
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,24 +89,34 @@ def _cases(hip: bool) -> dict:
     """name -> (kernel, constexprs, types, num_warps, num_stages) with the configs the library launches."""
     from .cache import _write_cache_kernel
     from .decode import _config, _mla_attn_kernel, _mla_combine_kernel
+    from .decode_tma import _mla_attn_tma_kernel
     from .prefill import _expanded_config, _mla_expanded_kernel
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
                   "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32"}
 
-    def attn(rows, varlen, split, fp32=False, scheduled=False):
-        cfg = _config(rows, 512, hip=hip)
-        constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512):
+        cfg = _config(rows, d_latent, hip=hip)
+        constexprs = dict(D_LATENT=d_latent, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
                           DOT_PRECISION="ieee" if fp32 else None, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         return _mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
+
+    def attn_tma(rows, split):
+        cfg = _config(rows, 512, hip=False)
+        block_n = cfg["BLOCK_N"]
+        constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+                          CAUSAL=True, VARLEN=False, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
+        types = dict(attn_types, kv_desc=f"tensordesc<bf16[{block_n},256]>", pe_desc=f"tensordesc<bf16[{block_n},64]>")
+        return _mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
 
     exp = _expanded_config(4096, torch.device("cuda"))
     cases = {
         "decode-h16-split": attn(16, False, True),
         "decode-h128": attn(128, False, False),
         "decode-h16-fp32": attn(16, False, True, fp32=True),
+        "decode-h128-r1024": attn(128, False, True, d_latent=1024),
         "prefill-absorbed": attn(1024, True, False),
         "decode-h16-scheduled": attn(16, False, False, scheduled=True),
         "decode-h128-scheduled": attn(128, False, False, scheduled=True),
@@ -122,6 +133,9 @@ def _cases(hip: bool) -> dict:
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8),
                         {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1),
     }
+    if not hip:  # tensor descriptors (TMA): the Hopper path, NVIDIA only
+        cases["decode-tma-h16-split"] = attn_tma(16, True)
+        cases["decode-tma-h128"] = attn_tma(128, False)
     return cases
 
 

@@ -57,6 +57,9 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
         if rows_per_seq <= 16:
             return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+    if d_latent > 512:  # R = 1024: a 64 x 64 tile pair would need 256 KiB of shared memory (H100: 227 KiB)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2) if rows_per_seq <= 16 else \
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     if rows_per_seq <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
@@ -351,23 +354,17 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         out_part = torch.empty(schedule.num_part_slots, seq_q * heads, d_latent, dtype=torch.float32, device=device)
         lse_part = torch.empty(schedule.num_part_slots, seq_q * heads, dtype=torch.float32, device=device)
 
-    _mla_attn_kernel[grid](
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
-        out, lse if lse is not None else dummy, out_part, lse_part,
-        dummy if schedule is None else schedule.programs, dummy if schedule is None else schedule.sequences,
-        softmax_scale * LOG2E,
-        heads, seq_q, split_len, total_rows,
-        *qn_strides, *qp_strides,
-        kv_cache.stride(0), kv_cache.stride(1),
-        pe_cache.stride(0), pe_cache.stride(1),
-        block_table.stride(0),
-        D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        SCHEDULED=schedule is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    sm_scale_log2 = softmax_scale * LOG2E
+    if schedule is None and _use_tma(cfg, q_nope, kv_cache, pe_cache):
+        from .decode_tma import launch_tma
+        launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                   out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                   qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
+    else:
+        _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                         out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                         qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
+                         schedule=schedule)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
@@ -384,6 +381,45 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
+
+
+def _use_tma(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
+    """The one dispatch between the portable kernel and the Hopper (tensor-descriptor) kernel: the TMA kernel
+    runs when the config asks for it (``TMA: True``; no shipped default does until a GPU has timed it), the
+    device is an NVIDIA GPU of compute capability 9+ or the CPU interpreter, and the call fits its layout."""
+    if not cfg.get("TMA"):
+        return False
+    device = q_nope.device
+    if device.type == "cuda" and (_utils.is_hip() or _utils.capability(device)[0] < 9):
+        return False
+    from .decode_tma import tma_supported
+    return tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"])
+
+
+def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                     out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides,
+                     *, causal, varlen, split, return_lse, cfg, schedule=None):
+    """Launch the portable ``_mla_attn_kernel`` (pointer loads; any page size, dtype and GPU; the only one that
+    runs a ``schedule``)."""
+    dummy = cache_seqlens
+    d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
+    _mla_attn_kernel[grid](
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+        out, lse if lse is not None else dummy, out_part, lse_part,
+        dummy if schedule is None else schedule.programs, dummy if schedule is None else schedule.sequences,
+        sm_scale_log2,
+        heads, seq_q, split_len, total_rows,
+        *qn_strides, *qp_strides,
+        kv_cache.stride(0), kv_cache.stride(1),
+        pe_cache.stride(0), pe_cache.stride(1),
+        block_table.stride(0),
+        D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
+        DOT_FP32=q_nope.device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+        SCHEDULED=schedule is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 # --------------------------------------------------------------------------------------------

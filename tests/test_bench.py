@@ -131,9 +131,22 @@ def test_decode_sweep_row_smoke():
     lib = _torch_lib()
     rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, lib, copy_gbps=10.0,
                         time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))
-    assert [r["provider"] for r in rows] == bd.ORDER
+    assert [r["provider"] for r in rows] == [n for n in bd.ORDER if n != "mla_decode[tma]"]  # page 16 < BLOCK_N
     assert all("p50_ms" in r and r["rel_rms_err"] < 1e-2 for r in rows)
     assert rows[2]["speedup"].endswith("vs torch_absorbed") and rows[3]["speedup"].endswith("vs naive")
+
+
+def test_decode_sweep_tma_provider_and_multi_token_rows():
+    """Pages of whole tiles add the Hopper-path provider (checked against the reference like every other); S_q > 1
+    rows carry their S_q and count its FLOPs."""
+    lib = _torch_lib()
+    rows = bd.run_shape(2, 130, 2, 64, torch.device("cpu"), torch.bfloat16, lib, copy_gbps=10.0,
+                        time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2), s_q=2)
+    by_name = {r["provider"]: r for r in rows}
+    assert "mla_decode[tma]" in by_name and by_name["mla_decode[tma]"]["rel_rms_err"] < 1e-2
+    assert all(r["S_q"] == 2 for r in rows)
+    row = by_name["mla_decode"]
+    assert row["tflops"] * row["p50_ms"] * 1e9 == pytest.approx(h.mla_flops(2, 2, 2, 130), rel=1e-9)
 
 
 def test_seed_scenario_smoke():

@@ -29,14 +29,20 @@ def reports():
     return json.loads(run.stdout)
 
 
-EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
+EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r1024", "prefill-absorbed",
+            "prefill-expanded", "combine", "write_cache"]
 EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
+
+
+H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)
+MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
+EXPECTED_NVIDIA_ONLY = ["decode-tma-h16-split", "decode-tma-h128"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
 def test_every_kernel_compiles(reports, target):
     got = reports[target]
-    missing = [name for name in EXPECTED if name not in got]
+    missing = [name for name in EXPECTED + (EXPECTED_NVIDIA_ONLY if target == "sm90" else []) if name not in got]
     assert not missing, f"cases not compiled: {missing}"
     failed = {name: r["error"] for name, r in got.items() if "error" in r}
     assert not failed, f"compile failures for {target}: {failed}"
@@ -52,3 +58,9 @@ def test_decode_report_is_complete(reports, capsys):
             print(f"\n  sm90 {name}: {report['registers']} registers, {report['spill_store_bytes']} B spill stores, "
                   f"{report['shared_bytes']} B shared, wgmma {report['wgmma']}", end="")
     assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
+    too_big = {n: r["shared_bytes"] for n, r in reports["sm90"].items() if r["shared_bytes"] > H100_SHARED_BYTES}
+    assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
+    too_big = {n: r["shared_bytes"] for n, r in reports["gfx942"].items() if r["shared_bytes"] > MI300_LDS_BYTES}
+    assert not too_big, f"these launches would fail with 'out of resources' on an MI300X: {too_big}"
+    for name in EXPECTED_NVIDIA_ONLY:  # the Hopper path really loads its tiles with TMA copies
+        assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
