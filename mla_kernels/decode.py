@@ -96,8 +96,19 @@ def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def _dequant_fp8(kv, scale_rows, n_mask, D_LATENT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """An fp8 latent tile ``kv [BLOCK_N, D_LATENT]`` (e4m3) times its per-(token, 128 values) fp32 scales, loaded
+    through ``scale_rows [BLOCK_N]`` (each token's first scale), in ``OUT_DTYPE`` (the query's): the dots then run
+    as for a bf16 cache. Rows outside ``n_mask`` get scale 0."""
+    offs_g = tl.arange(0, D_LATENT // 128)
+    scale = tl.load(scale_rows[:, None] + offs_g[None, :], mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT // 128]
+    groups = tl.reshape(kv.to(tl.float32), [kv.shape[0], D_LATENT // 128, 128]) * scale[:, :, None]
+    return tl.reshape(groups, [kv.shape[0], D_LATENT]).to(OUT_DTYPE)
+
+
+@triton.jit
 def _mla_attn_kernel(
-    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
+    Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
     OUT, LSE, OUT_PART, LSE_PART,
     sm_scale_log2,
     num_heads, s_q, split_len, total_rows,
@@ -105,11 +116,12 @@ def _mla_attn_kernel(
     stride_qp_b, stride_qp_s, stride_qp_h,
     stride_kv_blk, stride_kv_tok,
     stride_pe_blk, stride_pe_tok,
+    stride_ks_blk, stride_ks_tok,
     stride_bt_b,
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -165,6 +177,9 @@ def _mla_attn_kernel(
         in_page = (offs_n % PAGE_SIZE).to(tl.int64)
         kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
                      mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
+        if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
+            kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
+                              Q_NOPE.dtype.element_ty)
         pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
                      mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
         kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
@@ -235,7 +250,8 @@ def _mla_combine_kernel(
 
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
-            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None):
+            return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
+            kv_scale=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
@@ -272,18 +288,20 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     dummy = cache_seqlens
 
     _mla_attn_kernel[(m_blocks, batch, num_splits)](
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+        q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
+        cu_seqlens_q if varlen else dummy,
         out, lse if lse is not None else dummy, out_part, lse_part,
         softmax_scale * LOG2E,
         heads, seq_q, split_len, total_rows,
         *qn_strides, *qp_strides,
         kv_cache.stride(0), kv_cache.stride(1),
         pe_cache.stride(0), pe_cache.stride(1),
+        *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
         block_table.stride(0),
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+        DOT_FP32=device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype), KV_FP8=kv_scale is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
@@ -301,7 +319,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
 # --------------------------------------------------------------------------------------------
 
 
-def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len, softmax_scale, causal):
+def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len, softmax_scale, causal,
+                  kv_scale=None):
     """Batched absorbed attention in fp32 over keys gathered through the block table.
 
     q_nope [B, S, H, R], q_pe [B, S, H, P]; q_len [B] = real query rows per sequence (right-padded).
@@ -315,6 +334,8 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     valid = pos[None, :] < seqlens[:, None].long()  # [B, L]
     blocks = torch.where(valid, block_table.long()[:, pos // page], 0)
     kv = kv_cache[blocks, pos % page].float()  # [B, L, R]
+    if kv_scale is not None:  # fp8 latent: dequantized in fp32
+        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, pos % page][..., None]).flatten(-2)
     pe = pe_cache[blocks, pos % page].float()
     kv = torch.where(valid[..., None], kv, 0.0)
     pe = torch.where(valid[..., None], pe, 0.0)
@@ -331,11 +352,11 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
 
 
 def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                     causal=True, return_lse=False, w_uv=None):
+                     causal=True, return_lse=False, w_uv=None, *, kv_scale=None):
     """``mla_decode`` in plain PyTorch (no argument checks): the absorbed path without Triton."""
     q_len = torch.full_like(cache_seqlens, q_nope.shape[1])
     out, lse = _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, q_len, softmax_scale,
-                             causal)
+                             causal, kv_scale)
     out = out.to(q_nope.dtype)
     if w_uv is not None:
         out = _project_v(out, w_uv)
@@ -356,7 +377,7 @@ def _project_v(out, w_uv):
 
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None):
+               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, kv_scale=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -376,6 +397,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         max_seqlen_k: optional upper bound on ``cache_seqlens`` used to size the split-KV grid (defaults to the
             block table's capacity, which needs no host synchronisation).
         num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size).
+        kv_scale: for an FP8 cache (``kv_cache`` float8_e4m3fn, e.g. from ``fp8_latent_cache``), its scales
+            ``[num_blocks, block_size, R/128]`` float32; the latent is dequantized in registers to the query's
+            dtype, which must be ``pe_cache``'s (bf16 or fp16; queries are never fp8). None for other caches.
 
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
@@ -391,10 +415,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     _utils.check_same("q_nope", tuple(q_nope.shape[:3]), "q_pe", tuple(q_pe.shape[:3]), "[B, S_q, H]")
     batch, s_q, heads, d_latent = q_nope.shape
     d_rope = q_pe.shape[-1]
-    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
+    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale)
     _utils.check_same("q_nope", d_latent, "kv_cache", r, "latent width R")
     _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
-    _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
+    _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")
     _utils.check_width("kv_cache latent", r)
     _utils.check_width("pe_cache rope", p)
     _utils.check_last_contiguous("q_nope", q_nope)
@@ -413,7 +437,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         _utils.check_same("w_uv", w_uv.shape[2], "q_nope", d_latent, "latent width R")
         _utils.check_same("w_uv", w_uv.dtype, "q_nope", q_nope.dtype, "dtype")
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
-                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv)
+                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
     if max_seqlen_k is None:
         max_seqlen_k = capacity
@@ -431,11 +455,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
 
     if not _utils.use_triton(q_nope):
         return mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                causal, return_lse, w_uv)
+                                causal, return_lse, w_uv, kv_scale=kv_scale)
 
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                       max_seqlen_k=min(max_seqlen_k, capacity), num_splits=num_splits)
+                       max_seqlen_k=min(max_seqlen_k, capacity), num_splits=num_splits, kv_scale=kv_scale)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

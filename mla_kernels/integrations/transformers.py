@@ -177,9 +177,10 @@ class _LatentState:
             if self.max_cache_tokens is not None:
                 blocks = max(1, min(blocks, self.max_cache_tokens // self.block_size))
             self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.kv_lora_rank,
-                                          attn.qk_rope_head_dim, dtype=dtype, device=device)
-        if self.paged.dtype != dtype:
-            raise TypeError(f"the latent cache holds {self.paged.dtype} but the model now computes in {dtype}")
+                                          attn.qk_rope_head_dim, dtype=attn.cache_dtype or dtype, device=device,
+                                          rope_dtype=dtype)
+        if self.paged.rope_dtype != dtype:
+            raise TypeError(f"the latent cache holds {self.paged.rope_dtype} but the model now computes in {dtype}")
         if self.rows is None:
             self.rows = [self.paged.add_sequence() for _ in range(batch_size)]
         elif len(self.rows) != batch_size:
@@ -207,8 +208,8 @@ class _LatentState:
                     f"to patch_model")
             blocks = min(blocks, cap)
         new = PagedLatentCache(old.num_layers, blocks, old.block_size, old.kv_lora_rank, old.rope_dim,
-                               dtype=old.dtype, device=old.device)
-        width = old.kv_lora_rank + old.rope_dim
+                               dtype=old.dtype, device=old.device, rope_dtype=old.rope_dtype)
+        width = old.buffer(0).shape[-1]  # R + P values, or an fp8 cache's bytes per token
         for seq in old.seq_ids:
             new.add_sequence(seq)
             length = old.seqlen(seq)
@@ -311,10 +312,11 @@ class TransformersMLAttention(MLAttention):
     num_cache_layers: int
     block_size: int
     max_cache_tokens: int | None
+    cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
 
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
-              max_cache_tokens: int | None) -> "TransformersMLAttention":
+              max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention)."""
         config = original.config
         new = cls(**config_kwargs(config), layer_idx=original.layer_idx, device="meta")
@@ -328,6 +330,7 @@ class TransformersMLAttention(MLAttention):
         new.num_cache_layers = num_cache_layers
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
+        new.cache_dtype = cache_dtype
         new.is_causal = True
         object.__setattr__(new, "_hf_original", original)
         return new
@@ -344,7 +347,8 @@ class TransformersMLAttention(MLAttention):
         if past_key_values is None:
             real = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
-                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=kv_c.dtype, device=kv_c.device)
+                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=self.cache_dtype or kv_c.dtype,
+                                     device=kv_c.device, rope_dtype=kv_c.dtype)
             rows = [paged.add_sequence() for _ in range(batch_size)]
             counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
@@ -395,7 +399,8 @@ def _attention_class(model_type: str):
         raise TypeError(f"the installed transformers has no {class_name}; it can't patch {model_type} models") from None
 
 
-def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None) -> nn.Module:
+def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
+                cache_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap every attention layer of a transformers DeepSeek-V3 (or V2) model for ``TransformersMLAttention``.
 
     Args:
@@ -404,6 +409,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
             a step raises ``CacheFullError`` before writing anything. None: grow without limit.
+        cache_dtype: None (the model's dtype) or ``torch.float8_e4m3fn``: DeepSeek's FP8 latent cache (e4m3 latent
+            with one fp32 scale per 128 values, rope key in the model's dtype; 656 instead of 1152 bytes per token
+            and layer at DeepSeek's widths in bf16). Needs ``config.kv_lora_rank`` a multiple of 128.
 
     Returns ``model``, patched in place: the new modules share the original projection modules (no copies; the
     state dict keeps its keys and tensors). Every layer is checked before any is swapped, so a model that can't
@@ -416,6 +424,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if max_cache_tokens is not None and (isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int)
                                          or max_cache_tokens < block_size):
         raise ValueError(f"max_cache_tokens must be None or an int >= block_size, got {max_cache_tokens!r}")
+    if cache_dtype is not None and cache_dtype not in _utils.FP8_DTYPES:
+        raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
     for i, layer in enumerate(layers):
@@ -436,6 +446,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                             f"convert the model first, e.g. model.to(torch.bfloat16)")
     for name in ("kv_lora_rank", "qk_rope_head_dim"):
         _utils.check_width(f"config.{name}", getattr(config, name))
+    if cache_dtype is not None and config.kv_lora_rank % _utils.FP8_GROUP:
+        raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
+                         f"got {config.kv_lora_rank}")
     if config.q_lora_rank == 0:
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -443,7 +456,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"config.rope_parameters rope_type {rope_type!r} is not supported (default or yarn)")
 
     for layer in layers:
-        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens)
+        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens,
+                                                        cache_dtype)
     return model
 
 
