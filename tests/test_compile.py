@@ -29,7 +29,8 @@ def reports():
     return json.loads(run.stdout)
 
 
-EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache"]
+EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "prefill-absorbed", "prefill-expanded", "combine", "write_cache",
+            "decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
