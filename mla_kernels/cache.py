@@ -54,8 +54,8 @@ def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 values ``[BLOCK_T, D_LATENT]``, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
     ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8``."""
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
-    scale = tl.max(tl.abs(groups), 2) / 448.0  # [BLOCK_T, D_LATENT // 128]
-    q = groups / tl.where(scale > 0.0, scale, 1.0)[:, :, None]
+    scale = tl.math.div_rn(tl.max(tl.abs(groups), 2), 448.0)  # [BLOCK_T, D_LATENT // 128]
+    q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
     q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     return tl.reshape(q, [BLOCK_T, D_LATENT]).to(tl.float8e4nv), scale
 
