@@ -1,7 +1,7 @@
 """Quality of the FP8 latent cache, measured: decode error against the bf16 cache on random data, and the logits and
 greedy tokens of a patched DeepSeek-V3-shaped model with an fp8 cache against the same model with a bf16 cache.
 
-    python -m bench.fp8_quality [--quick] [--device cuda] [--out DIR] [--new-tokens N]
+    python -m bench.fp8_quality [--quick] [--device cuda] [--cuda-graph] [--out DIR] [--new-tokens N]
 
 Decode (random data): unit-variance latent and rope key in bf16, quantized to DeepSeek's FP8 layout (e4m3, one fp32
 scale per 128 values); queries with unit variance times ``q_scale``, so the nope scores spread by
@@ -13,7 +13,8 @@ Model: a random-weight DeepSeek-V3 with DeepSeek's attention widths (R 512, P 64
 three times: fp32 cache (the model in fp32: the reference), bf16 cache, fp8 cache. Greedy generation of N tokens from
 a few prompts (free-running: where the fp8 and bf16 tokens first differ), and one teacher-forced forward over the bf16
 run's tokens: logits' relative RMS error and argmax agreement per position, each against the bf16 cache and against
-the fp32 reference (the bf16 cache's own error is the yardstick). Random weights, not a trained model: a trained
+the fp32 reference (the bf16 cache's own error is the yardstick). On a GPU also the speed targets: bench.decode's
+mla_decode_fp8 against mla_decode at B128 L4096, 16 and 128 heads. Random weights, not a trained model: a trained
 DeepSeek's latent may have outlier channels that a per-128 scale handles worse; measure a real checkpoint on a GPU.
 """
 
@@ -160,6 +161,25 @@ def model_quality(shape: ModelShape, device, batch: int, prompt_len: int, new_to
 
 
 # ------------------------------------------------------------------------------------------------
+# speed (GPU only): issue 12's targets, through bench.decode's checked and timed providers
+# ------------------------------------------------------------------------------------------------
+
+SPEED_SHAPES = [(128, 4096, 16, 64), (128, 4096, 128, 64)]  # B, ctx, H, page; targets: >= 1.6x at 16 heads, >= 1x at 128
+
+
+def speed(device, cuda_graph: bool) -> list[dict]:
+    from . import decode as bd
+
+    rates = h.device_rates(device)
+    rows = []
+    print(h.table_header(("B", "ctx", "H", "page")))
+    for batch, ctx, heads, page in SPEED_SHAPES:
+        for row in bd.run_shape(batch, ctx, heads, page, device, torch.bfloat16, bd.library(), rates["copy_gbps"],
+                                dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)):
+            if row["provider"] in ("mla_decode", "mla_decode_fp8"):
+                h.log(h.format_row(row, ("B", "ctx", "H", "page")))
+                rows.append(row)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -200,7 +220,12 @@ def main(argv=None) -> None:
     print(f"  greedy agreement: fp8 vs bf16 cache {100 * tf['greedy_agreement_fp8_vs_bf16_cache']:.1f}%; vs the fp32 "
           f"model: fp8 {100 * tf['greedy_agreement_fp8_vs_fp32_model']:.1f}%, bf16 "
           f"{100 * tf['greedy_agreement_bf16_vs_fp32_model']:.1f}%")
+    speed_rows = []
+    if not cpu:
+        print("\nspeed: mla_decode_fp8 against mla_decode (issue 12: >= 1.6x at B128 L4096 H16, >= 1x at H128)")
+        speed_rows = speed(device, args.cuda_graph)
     payload = {
+        "speed": speed_rows or "not measured: needs a GPU",
         "config": {"quick": args.quick, "softmax_scale": SOFTMAX_SCALE, "target": TARGET, "page": 64,
                    "path": "PyTorch path (CPU, no interpreter)" if cpu and not interpreting() else "Triton kernels"},
         "decode_random": rows,
