@@ -448,7 +448,8 @@ def test_cache_manager_rejects_bad_fp8_settings():
 
 
 def test_patched_model_equals_eager_attention_over_the_quantized_latent(monkeypatch):
-    """fp32 tiny DeepSeek-V3 (R 128, so one scale per token): greedy generation with cache_dtype=float8_e4m3fn gives
+    """fp32 tiny DeepSeek-V3 (R 128, so one scale per token): greedy generation with cache_dtype=float8_e4m3fn (4-token
+    pages and no headroom, so the latent cache grows, copying fp8 rows, while generating) gives
     the same tokens and logits as transformers' eager model whose kv_a_layernorm output (the latent) is replaced by
     its reference quantize/dequantize round trip. So the patched path stores exactly the reference's fp8 latent and
     attends over it; everything else is fp32 (logits agree to fp32 summation-order noise, ~1e-6 relative)."""
@@ -470,13 +471,16 @@ def test_patched_model_equals_eager_attention_over_the_quantized_latent(monkeypa
         h.remove()
     with pytest.raises(ValueError, match="cache_dtype"):
         patch_model(model, cache_dtype=torch.float16)
+    from mla_kernels.integrations import transformers as integration
+
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)  # the cache grows: fp8 rows are copied as bytes
     patch_model(model, block_size=4, cache_dtype=FP8)
     with torch.no_grad():
         got = model.generate(input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
                              **GREEDY)
     cache = latent_cache(got.past_key_values)
     assert cache.dtype == FP8 and cache.rope_dtype == torch.float32
-    assert cache.bytes_per_token == 2 * (128 + 4 + 16 * 4)
+    assert cache.bytes_per_token == 2 * (128 + 4 + 16 * 4) and cache.num_blocks > 3
     assert torch.equal(got.sequences, expected.sequences)
     rel = err_ratio(torch.stack(got.logits), torch.stack(expected.logits))
     assert rel < 1e-5, rel
