@@ -6,6 +6,9 @@ Providers, each checked against the float32 reference (``reference.absorbed_deco
   mla_decode       the library, absorbed query in, latent out [B, 1, H, R]
   torch_absorbed   ``mla_kernels.decode.mla_decode_torch``, same arguments and output
   mla_decode+w_uv  the library with the value projection, out [B, 1, H, D_v]
+  mla_decode_fp8   the library over the same cache quantized to DeepSeek's FP8 layout (e4m3 latent + fp32 scale
+                   per 128 values + bf16 rope key, 656 instead of 1152 bytes per token); checked against the
+                   reference over the dequantized cache; its GB/s counts bf16 bytes (effective), compare times
   naive            the decompressed path: gather each sequence's latent, expand it through
                    kv_b_proj into per-head K/V with one matmul, SDPA with a padding mask; out [B, 1, H, D_v]
 mla_decode is compared with torch_absorbed, mla_decode+w_uv with naive (same inputs, same output).
@@ -171,8 +174,30 @@ def reference_outputs(case: Case):
     return out, torch.einsum("bshr,hvr->bshv", out, case.w_uv.float())
 
 
+def fp8_provider(case: Case, mla_decode):
+    """(function, reference thunk): mla_decode over ``case``'s cache quantized to the FP8 layout, and the float32
+    reference over the dequantized cache (so only the kernel's own rounding is checked, not the quantization)."""
+    from mla_kernels import fp8_latent_cache
+    from reference import dequantize_fp8, quantize_fp8
+
+    c = case
+    kv8, scale8, pe8 = fp8_latent_cache(c.kv_cache.shape[0], c.kv_cache.shape[1], c.shape.d_latent, c.shape.d_rope,
+                                        device=c.kv_cache.device)
+    q8, s8 = quantize_fp8(c.kv_cache)
+    kv8.copy_(q8), scale8.copy_(s8), pe8.copy_(c.pe_cache)
+    del q8, s8
+
+    def expected():
+        out, _ = absorbed_decode(c.q_abs, c.q_pe, dequantize_fp8(kv8, scale8, torch.bfloat16), pe8, c.block_table,
+                                 c.cache_seqlens, c.shape.softmax_scale, dtype=torch.float32)
+        return out
+
+    return (lambda: mla_decode(c.q_abs, c.q_pe, kv8, pe8, c.block_table, c.cache_seqlens, c.shape.softmax_scale,
+                               max_seqlen_k=c.max_len, kv_scale=scale8)), expected
+
+
 def providers(case: Case, lib):
-    """name -> (function, which reference it must match: "latent" or "value")."""
+    """name -> (function, which reference it must match: "latent", "value" or a function computing it)."""
     mla_decode, decode_torch, _ = lib
     c, scale = case, case.shape.softmax_scale
     args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
@@ -182,6 +207,7 @@ def providers(case: Case, lib):
         "mla_decode": (lambda: mla_decode(*args, max_seqlen_k=c.max_len), "latent"),
         "mla_decode+w_uv": (lambda: mla_decode(*args, w_uv=c.w_uv, max_seqlen_k=c.max_len), "value"),
         "torch_absorbed": (lambda: decode_torch(*args), "latent"),
+        "mla_decode_fp8": fp8_provider(c, mla_decode),
     }
     tma = tma_config(case)
     if tma is not None:
@@ -215,8 +241,9 @@ def decode_with_config(case: Case, config: dict) -> torch.Tensor:
     return out.view(c.q_abs.shape)
 
 
-SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive", "mla_decode[tma]": "torch_absorbed"}
-ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode+w_uv"]
+SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive", "mla_decode[tma]": "torch_absorbed",
+                "mla_decode_fp8": "mla_decode"}
+ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode+w_uv", "mla_decode_fp8"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +292,7 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
             rows[name] = h.make_row(name, None, note=f"skipped: needs ~{h.gib(extra)} more, "
                                     f"{h.gib(h.free_memory(device))} free", **keys)
             continue
-        expected = ref_latent if which == "latent" else ref_value
+        expected = which() if callable(which) else ref_latent if which == "latent" else ref_value
         try:
             timing, err = h.check_then_time(name, fn, expected, device, dtype, **time_kw)
         except torch.OutOfMemoryError:

@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh tests     # native pytest (no interpreter) + compile report      (~3-5 min)
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
+#   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
 # Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,8 @@ case "${1:-all}" in
   generate)
     step bench_host 60 python -m bench.host --out "$OUT"
     step bench_generate_full 480 python -m bench.generate --plot --out "$OUT" ;;
+  fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
+    step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
+    step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;
 esac
 ls -la "$OUT"

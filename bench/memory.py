@@ -1,7 +1,7 @@
 """KV-cache memory: bytes per token per layer for MHA, GQA, transformers' DeepSeek caches and the
 latent cache, from formulas and from allocated memory, and peak memory during decode.
 
-    python -m bench.memory [--quick] [--device cuda] [--plot] [--out DIR]
+    python -m bench.memory [--quick] [--device cuda] [--plot] [--out DIR] [--cache-gib 16 40]
 
 Shapes: DeepSeek-R1 (128 heads) and seed 003's small config (16 heads); both R = 512, P = 64,
 D_nope = 128, D_v = 128, bf16.
@@ -247,6 +247,59 @@ def print_peaks(rows, cpu: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the FP8 latent cache (issue 12): bytes per token and the longest context a memory budget holds
+# ------------------------------------------------------------------------------------------------
+
+DEEPSEEK_LAYERS = 61  # DeepSeek-V3 / R1
+
+
+def fp8_table(device, contexts, budgets_gib, layers: int = DEEPSEEK_LAYERS) -> list[dict]:
+    """Per cache dtype (bf16 latent, FP8 layout): bytes per token per layer from the formula and from a real
+    ``PagedLatentCache`` allocation (one layer, each context), and the most tokens ``layers`` layers fit in each
+    budget (whole pages of PAGE tokens)."""
+    from mla_kernels import PagedLatentCache
+    from mla_kernels.cache import fp8_row_bytes
+
+    s = DEEPSEEK_R1  # R 512, P 64: the latent widths are the same for every DeepSeek-V3 shape
+    kinds = {"bf16": (torch.bfloat16, 2 * (s.d_latent + s.d_rope)),
+             "fp8": (torch.float8_e4m3fn, fp8_row_bytes(s.d_latent, s.d_rope, torch.bfloat16))}
+    rows = []
+    for name, (dtype, formula) in kinds.items():
+        row = {"cache": name, "dtype": str(dtype), "bytes_per_token_layer_formula": formula,
+               "layout": ("R + P bf16 values" if name == "bf16" else
+                          "R e4m3 + R/128 fp32 scales + P bf16 (DeepSeek's FP8 MLA layout)"),
+               "ratio_to_bf16": formula / kinds["bf16"][1], "measured": {}, "max_context": {}}
+        for tokens in contexts:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+            cache = PagedLatentCache(1, math.ceil(tokens / PAGE), PAGE, s.d_latent, s.d_rope, dtype=dtype,
+                                     device=device)
+            nbytes = (torch.cuda.memory_allocated(device) - before if device.type == "cuda"
+                      else cache.buffer(0).untyped_storage().nbytes())
+            row["measured"][tokens] = {"bytes": nbytes, "bytes_per_token": nbytes / tokens,
+                                       "reported_bytes_per_token": cache.bytes_per_token}
+            del cache
+        for gib in budgets_gib:
+            per_page = layers * PAGE * formula
+            row["max_context"][gib] = {"layers": layers, "tokens": int(gib * 2**30 // per_page) * PAGE}
+        rows.append(row)
+    return rows
+
+
+def print_fp8_table(rows, budgets_gib) -> None:
+    print("\nLatent cache per token and layer, bf16 against DeepSeek's FP8 layout (R 512, P 64)")
+    print(f"{'cache':<6} {'B/token/layer':>13} {'x bf16':>7} {'measured B/token':>17} | "
+          + " | ".join(f"{'tokens in ' + str(g) + ' GiB, ' + str(r['max_context'][g]['layers']) + ' layers':>28}"
+                       for r in rows[:1] for g in budgets_gib))
+    for r in rows:
+        measured = sorted({round(m["bytes_per_token"], 2) for m in r["measured"].values()})
+        print(f"{r['cache']:<6} {r['bytes_per_token_layer_formula']:>13} {r['ratio_to_bf16']:>7.3f} "
+              f"{', '.join(str(m) for m in measured):>17} | "
+              + " | ".join(f"{r['max_context'][g]['tokens']:>28,}" for g in budgets_gib))
+
+
+# ------------------------------------------------------------------------------------------------
 # seed 000's claim, in words from the numbers
 # ------------------------------------------------------------------------------------------------
 
@@ -329,6 +382,8 @@ def plot(rows, peaks, contexts, path) -> None:
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-gib", type=float, nargs="+", default=[16.0, 40.0],
+                        help="memory budgets (GiB) for the longest-context table of the fp8 cache")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
@@ -347,6 +402,8 @@ def main(argv=None) -> None:
     rows = cache_table(device, contexts, tf_layouts)
     print()
     print_cache_table(rows, contexts)
+    fp8_rows = fp8_table(device, contexts, args.cache_gib)
+    print_fp8_table(fp8_rows, args.cache_gib)
     peaks = decode_peaks(device, peak_contexts, naive_gflop_limit=40.0 if cpu else None)
     print_peaks(peaks, cpu)
     text = verdict(rows)
@@ -357,6 +414,7 @@ def main(argv=None) -> None:
                    "mha_head_dim": MHA_HEAD_DIM, "gqa_kv_heads": GQA_KV_HEADS},
         "transformers_cache": tf_layouts,
         "cache_per_token": rows,
+        "fp8_cache": fp8_rows,
         "decode_peaks": peaks,
         "decode_peaks_note": ("CPU: workspace measured from the PyTorch path's CPU allocations (torch.profiler), "
                               "not the Triton kernel's" if cpu else "GPU: torch.cuda.max_memory_allocated"),

@@ -1,6 +1,6 @@
 """mla_kernels: Triton kernels for DeepSeek's Multi-head Latent Attention (absorbed MLA)."""
 
-from .cache import CacheFullError, PagedLatentCache, write_cache
+from .cache import CacheFullError, PagedLatentCache, fp8_latent_cache, write_cache
 from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
@@ -17,6 +17,7 @@ __all__ = [
     "mla_prefill",
     "mla_prefill_attention",
     "write_cache",
+    "fp8_latent_cache",
     "PagedLatentCache",
     "CacheFullError",
     "MLAttention",

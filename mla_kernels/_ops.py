@@ -47,17 +47,18 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                return_lse: bool, w_uv: Optional[torch.Tensor], max_seqlen_k: int,
                num_splits: Optional[int], sched_programs: Optional[torch.Tensor] = None,
                sched_sequences: Optional[torch.Tensor] = None,
-               sched_sizes: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args)
+               sched_sizes: Optional[list[int]] = None,
+               kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args); kv_scale: an fp8 cache's scales
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                       causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
+                                       causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
     return out, _lse_or_empty(lse, q_nope)
 
 
 @mla_decode.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
-      max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None):
+      max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None):
     out = q_nope.new_empty(q_nope.shape)
     if w_uv is not None:
         out = _decode._project_v(out, w_uv)  # the same ops on fake tensors: the real output's strides
@@ -69,14 +70,14 @@ def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scal
 # -- write_cache --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mla_kernels::write_cache", mutates_args=("kv_cache", "pe_cache"))
+@torch.library.custom_op("mla_kernels::write_cache", mutates_args=("kv_cache", "pe_cache", "kv_scale"))
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
-    _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+                slot_mapping: torch.Tensor, kv_scale: Optional[torch.Tensor] = None) -> None:
+    _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
 
 
 @write_cache.register_fake
-def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
     return None
 
 
@@ -87,17 +88,18 @@ def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
 def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                 block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                 softmax_scale: float, causal: bool, return_lse: bool, max_seqlen_q: Optional[int],
-                max_seqlen_k: Optional[int], num_splits: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                max_seqlen_k: Optional[int], num_splits: Optional[int],
+                kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q,
-                                  max_seqlen_k=max_seqlen_k, num_splits=num_splits)
+                                  max_seqlen_k=max_seqlen_k, num_splits=num_splits, kv_scale=kv_scale)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)
 
 
 @mla_prefill.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
-      return_lse, max_seqlen_q, max_seqlen_k, num_splits):
+      return_lse, max_seqlen_q, max_seqlen_k, num_splits, kv_scale=None):
     total, heads, _ = q_nope.shape
     out = q_nope.new_empty(total, heads, kv_cache.shape[-1])
     lse = q_nope.new_empty((total, heads) if return_lse else _NO_LSE, dtype=torch.float32)
@@ -111,17 +113,17 @@ def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                           block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                           w_kv_b: torch.Tensor, softmax_scale: float, causal: bool, path: str,
-                          return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          return_lse: bool, kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                             cache_seqlens, w_kv_b, softmax_scale, causal, path,
-                                            return_lse=return_lse)
+                                            return_lse=return_lse, kv_scale=kv_scale)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)  # the absorbed path's projection leaves it transposed
 
 
 @mla_prefill_attention.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale, causal,
-      path, return_lse):
+      path, return_lse, kv_scale=None):
     total, heads, d_nope = q_nope.shape
     out = q_nope.new_empty(total, heads, w_kv_b.shape[0] // heads - d_nope)
     lse = q_nope.new_empty((total, heads) if return_lse else _NO_LSE, dtype=torch.float32)

@@ -15,6 +15,9 @@ import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+FP8_DTYPES = (torch.float8_e4m3fn,)  # DeepSeek's FP8 latent cache: e4m3 values, one fp32 scale per FP8_GROUP
+FP8_GROUP = 128
+FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
 def interpreting() -> bool:
@@ -133,15 +136,17 @@ def check_scale(name: str, value) -> float:
     return value
 
 
-def check_paged_cache(kv_cache, pe_cache, block_table, batch: int):
-    """Validate ``kv_cache [N, page, R]``, ``pe_cache [N, page, P]``, ``block_table [B, max_blocks]``.
+def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None):
+    """Validate ``kv_cache [N, page, R]``, ``pe_cache [N, page, P]``, ``block_table [B, max_blocks]``
+    (and ``kv_scale [N, page, R/128]`` for an fp8 ``kv_cache``, see ``check_kv_scale``).
 
     Returns ``(R, P, page_size)``.
     """
-    check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
+    check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES + FP8_DTYPES)
     check_tensor("pe_cache", pe_cache, 3, FLOAT_DTYPES)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
-    check_same("kv_cache", kv_cache.dtype, "pe_cache", pe_cache.dtype, "dtype")
+    if check_kv_scale(kv_cache, kv_scale) is None:
+        check_same("kv_cache", kv_cache.dtype, "pe_cache", pe_cache.dtype, "dtype")
     check_same("kv_cache", tuple(kv_cache.shape[:2]), "pe_cache", tuple(pe_cache.shape[:2]), "[num_blocks, block_size]")
     check_last_contiguous("kv_cache", kv_cache)
     check_last_contiguous("pe_cache", pe_cache)
@@ -150,3 +155,32 @@ def check_paged_cache(kv_cache, pe_cache, block_table, batch: int):
     check_same("block_table", block_table.shape[0], "the batch", batch, "batch size")
     check_last_contiguous("block_table", block_table)
     return kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
+
+
+def check_kv_scale(kv_cache: torch.Tensor, kv_scale) -> torch.Tensor | None:
+    """An fp8 ``kv_cache [N, page, R]`` needs ``kv_scale [N, page, R / FP8_GROUP]`` float32 (R a multiple of
+    FP8_GROUP); any other cache takes no ``kv_scale``. Returns ``kv_scale`` (None for a non-fp8 cache)."""
+    if kv_cache.dtype not in FP8_DTYPES:
+        if kv_scale is not None:
+            raise ValueError(f"kv_scale is only for a float8_e4m3fn kv_cache, but kv_cache is "
+                             f"{str(kv_cache.dtype).replace('torch.', '')}; pass kv_scale=None")
+        return None
+    if kv_scale is None:
+        raise ValueError("kv_cache is float8_e4m3fn: pass its scales, kv_scale [num_blocks, block_size, R/128] float32")
+    check_tensor("kv_scale", kv_scale, 3, (torch.float32,))
+    r = kv_cache.shape[2]
+    if r % FP8_GROUP:
+        raise ValueError(f"kv_cache: an fp8 latent needs R a multiple of {FP8_GROUP} (one scale per {FP8_GROUP} "
+                         f"values), got R={r}")
+    check_same("kv_scale", tuple(kv_scale.shape), "kv_cache", (*kv_cache.shape[:2], r // FP8_GROUP),
+               "shape [num_blocks, block_size, R/128]")
+    check_last_contiguous("kv_scale", kv_scale)
+    return kv_scale
+
+
+def cache_compute_dtype(kv_cache: torch.Tensor, pe_cache: torch.Tensor) -> tuple[str, torch.dtype]:
+    """The dtype queries must have for this cache, and the argument that sets it: kv_cache's, or for an fp8
+    latent the rope key's (the latent is dequantized to it)."""
+    if kv_cache.dtype in FP8_DTYPES:
+        return "pe_cache", pe_cache.dtype
+    return "kv_cache", kv_cache.dtype

@@ -26,7 +26,7 @@ import triton.language as tl
 from . import _utils
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES
 
-__all__ = ["write_cache", "PagedLatentCache", "CacheFullError"]
+__all__ = ["write_cache", "PagedLatentCache", "CacheFullError", "fp8_latent_cache", "fp8_row_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,12 +35,39 @@ __all__ = ["write_cache", "PagedLatentCache", "CacheFullError"]
 
 
 @triton.jit
+def _round_e4m3(x):
+    """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, staying in fp32, so that the cast
+    to fp8 which follows is exact on every backend. Needed for the interpreter, whose own fp32 -> fp8 cast drops
+    the carry into the exponent when rounding up to a power of two (measured: 2.5% of N(0, 100) values came out
+    halved, -31.6 -> -16); a GPU's cvt.rn would round the same as this. Normal range (|x| >= 2^-6): round the fp32
+    mantissa to 3 bits (a carry moves into the exponent); subnormal range: spacing 2^-9, by adding and removing
+    1.5 * 2^14, whose fp32 spacing is 2^-9."""
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    sub = (tl.abs(x) + 24576.0) - 24576.0
+    sub = tl.where(x < 0, -sub, sub)
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
+    """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 values ``[BLOCK_T, D_LATENT]``, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
+    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8``."""
+    groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
+    scale = tl.math.div_rn(tl.max(tl.abs(groups), 2), 448.0)  # [BLOCK_T, D_LATENT // 128]
+    q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
+    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+    return tl.reshape(q, [BLOCK_T, D_LATENT]).to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _write_cache_kernel(
     kv_c_ptr, k_pe_ptr, kv_cache_ptr, pe_cache_ptr, slot_ptr,
     num_tokens, num_slots, page_size,
     stride_kv_c_t, stride_k_pe_t, stride_slot,
     stride_kv_cache_blk, stride_kv_cache_off, stride_pe_cache_blk, stride_pe_cache_off,
-    D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    kv_scale_ptr, stride_ks_blk, stride_ks_off,
+    D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_T: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid_t = tl.program_id(0).to(tl.int64)
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] int64
@@ -54,6 +81,11 @@ def _write_cache_kernel(
     offs_r = tl.arange(0, D_LATENT)
     kv = tl.load(kv_c_ptr + tok[:, None] * stride_kv_c_t + offs_r[None, :], mask=valid[:, None])  # [BLOCK_T, D_LATENT]
     kv_dst = kv_cache_ptr + blk[:, None] * stride_kv_cache_blk + off[:, None] * stride_kv_cache_off + offs_r[None, :]
+    if KV_FP8:  # e4m3 values [BLOCK_T, D_LATENT] and one fp32 scale per 128 of them [BLOCK_T, D_LATENT // 128]
+        kv, scale = _quantize_fp8(kv.to(tl.float32), BLOCK_T, D_LATENT)
+        offs_g = tl.arange(0, D_LATENT // 128)
+        tl.store(kv_scale_ptr + blk[:, None] * stride_ks_blk + off[:, None] * stride_ks_off + offs_g[None, :], scale,
+                 mask=valid[:, None])
     tl.store(kv_dst, kv, mask=valid[:, None])
 
     offs_p = tl.arange(0, D_ROPE)
@@ -68,7 +100,7 @@ def _block_t(num_tokens: int, d_latent: int) -> int:
     return min(16, 4096 // d_latent, _utils.next_pow2(num_tokens))
 
 
-def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
     num_tokens = kv_c.shape[0]
     num_blocks, page_size, d_latent = kv_cache.shape
     d_rope = pe_cache.shape[2]
@@ -79,32 +111,55 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
         num_tokens, num_blocks * page_size, page_size,
         kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
-        D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_T=block_t,
+        kv_scale if kv_scale is not None else kv_cache, *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
+        D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_T=block_t, KV_FP8=kv_scale is not None,
         num_warps=4,
     )
 
 
-def _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+def _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]
     page_size = kv_cache.shape[1]
     blk, off = slots // page_size, slots % page_size
-    kv_cache[blk, off] = kv_c[keep]
+    if kv_scale is not None:
+        kv, scale = quantize_fp8_torch(kv_c[keep])
+        kv_scale[blk, off] = scale
+        kv_cache[blk, off] = kv
+    else:
+        kv_cache[blk, off] = kv_c[keep]
     pe_cache[blk, off] = k_pe[keep]
 
 
-def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> None:
-    _utils.check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
+def quantize_fp8_torch(x):
+    """``x [..., R]`` -> (``[..., R]`` e4m3, ``[..., R/128]`` fp32 scales): the write kernel's quantization in
+    PyTorch (``reference.quantize_fp8`` is the readable twin the tests hold both to)."""
+    groups = x.float().unflatten(-1, (-1, _utils.FP8_GROUP))
+    scale = groups.abs().amax(-1) / _utils.FP8_MAX
+    q = (groups / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-_utils.FP8_MAX, _utils.FP8_MAX)
+    return q.to(torch.float8_e4m3fn).flatten(-2), scale
+
+
+def dequantize_fp8_torch(q, scale, dtype=torch.float32):
+    """e4m3 ``q [..., R]`` and fp32 ``scale [..., R/128]`` -> ``[..., R]`` in ``dtype`` (product in fp32)."""
+    return (q.float().unflatten(-1, (-1, _utils.FP8_GROUP)) * scale[..., None]).flatten(-2).to(dtype)
+
+
+def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None) -> None:
+    _utils.check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES + _utils.FP8_DTYPES)
     _utils.check_tensor("pe_cache", pe_cache, 3, FLOAT_DTYPES)
     _utils.check_tensor("kv_c", kv_c, 2, FLOAT_DTYPES)
     _utils.check_tensor("k_pe", k_pe, 2, FLOAT_DTYPES)
     _utils.check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
+    _utils.check_kv_scale(kv_cache, kv_scale)
+    source, dtype = _utils.cache_compute_dtype(kv_cache, pe_cache)  # an fp8 latent is written from pe_cache's dtype
     for name, t in (("pe_cache", pe_cache), ("kv_c", kv_c), ("k_pe", k_pe)):
-        if t.dtype != kv_cache.dtype:
-            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but kv_cache has "
-                            f"{str(kv_cache.dtype).replace('torch.', '')}; they must match (no conversion on write)")
-    _utils.check_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')} but {source} has "
+                            f"{str(dtype).replace('torch.', '')}; they must match (no conversion on write)")
+    _utils.check_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping,
+                         kv_scale=kv_scale)
     _utils.check_same("kv_cache", tuple(kv_cache.shape[:2]), "pe_cache", tuple(pe_cache.shape[:2]),
                       "[num_blocks, block_size]")
     if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
@@ -143,7 +198,7 @@ def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
 
 
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
+                slot_mapping: torch.Tensor, *, kv_scale: torch.Tensor | None = None) -> None:
     """Write new tokens' latent and roped key into the paged cache, in place.
 
     Args:
@@ -164,19 +219,26 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     anything is written. On the GPU, checking would cost a host synchronisation, so the kernel
     skips such tokens instead, like padding.
 
-    Raises ``TypeError``/``ValueError`` naming the offending argument. ``T == 0`` is a no-op.
+    FP8 cache (``kv_cache`` float8_e4m3fn, see ``fp8_latent_cache``): pass ``kv_scale [num_blocks, block_size,
+    R/128]`` float32. The same kernel quantizes each token's latent per group of 128 values,
+    ``scale = amax / 448``, values rounded to the nearest e4m3 (ties to even), as ``reference.quantize_fp8``;
+    ``kv_c``/``k_pe`` then have ``pe_cache``'s dtype (the rope key is stored unquantized). R must be a
+    multiple of 128.
+
+    Raises ``TypeError``/``ValueError`` naming the offending argument, before writing anything. ``T == 0`` is a
+    no-op.
     """
-    if not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
-        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+    if kv_scale is not None or not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     if kv_c.shape[0] == 0:
         return
     if torch.compiler.is_compiling():  # one graph node that mutates the caches
-        torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+        torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     else:  # eager: no custom-op dispatch (~15 µs) in front of a ~µs kernel
-        _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+        _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
 
 
-def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> None:
+def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None) -> None:
     """``write_cache`` after its shape checks (the body of the ``mla_kernels::write_cache`` custom op)."""
     if kv_c.shape[0] == 0:
         return
@@ -189,11 +251,59 @@ def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> None:
     if _utils.use_triton(kv_cache):
         if kv_cache.device.type == "cuda" and kv_cache.device.index != torch.cuda.current_device():
             with torch.cuda.device(kv_cache.device):
-                _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+                _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
         else:
-            _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+            _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     else:
-        _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+        _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# the FP8 layout: one contiguous row of bytes per token
+# ---------------------------------------------------------------------------------------------
+
+
+def fp8_row_bytes(kv_lora_rank: int = 512, rope_dim: int = 64, rope_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one token takes in the FP8 layout: R e4m3 values, R/128 fp32 scales, P rope values in ``rope_dtype``
+    (656 at DeepSeek's R 512, P 64 with a bf16 rope key, against 1152 for a bf16 cache)."""
+    return kv_lora_rank + 4 * (kv_lora_rank // _utils.FP8_GROUP) + rope_dim * rope_dtype.itemsize
+
+
+def _check_fp8_widths(kv_lora_rank: int, rope_dim: int, rope_dtype) -> None:
+    _utils.check_width("kv_lora_rank", kv_lora_rank)
+    _utils.check_width("rope_dim", rope_dim)
+    if kv_lora_rank % _utils.FP8_GROUP:
+        raise ValueError(f"kv_lora_rank must be a multiple of {_utils.FP8_GROUP} for an fp8 cache (one scale per "
+                         f"{_utils.FP8_GROUP} values), got {kv_lora_rank}")
+    if rope_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"rope_dtype must be bfloat16, float16 or float32, got {rope_dtype}")
+
+
+def _fp8_views(buf: torch.Tensor, kv_lora_rank: int, rope_dim: int, rope_dtype: torch.dtype):
+    """Views of a uint8 ``[num_blocks, block_size, fp8_row_bytes]`` buffer: ``(kv_cache [N, page, R] e4m3,
+    kv_scale [N, page, R/128] fp32, pe_cache [N, page, P] rope_dtype)``. Byte offsets R and R + 4 R/128 and the
+    row length are multiples of 4 (R is a multiple of 128, P a power of two >= 16), as ``Tensor.view(dtype)`` needs."""
+    groups = kv_lora_rank // _utils.FP8_GROUP
+    kv = buf[..., :kv_lora_rank].view(torch.float8_e4m3fn)
+    scale = buf[..., kv_lora_rank:kv_lora_rank + 4 * groups].view(torch.float32)
+    pe = buf[..., kv_lora_rank + 4 * groups:].view(rope_dtype)
+    return kv, scale, pe
+
+
+def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, rope_dim: int = 64,
+                     rope_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+    """Allocate one FP8 latent cache (DeepSeek's FP8 MLA layout; zero-filled) and return its three views
+    ``(kv_cache [N, page, R] float8_e4m3fn, kv_scale [N, page, R/128] float32, pe_cache [N, page, P] rope_dtype)``.
+
+    Per token, one contiguous row of ``fp8_row_bytes(R, P, rope_dtype)`` bytes: the R e4m3 values, then R/128 fp32
+    scales (one per 128 values), then the P rope values, so one page stays one contiguous piece of memory. The
+    views share one uint8 ``[N, page, row bytes]`` buffer; pass them to ``write_cache`` / ``mla_decode`` /
+    ``mla_prefill`` (``kv_scale=``). R must be a multiple of 128.
+    """
+    _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
+    buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
+                      device=device)
+    return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +354,16 @@ class PagedLatentCache:
     Freed blocks are not cleared; they are handed out again, most recently freed first.
 
     Sequence ids are any hashable values; ``add_sequence()`` without an id picks an unused int.
+
+    ``dtype=torch.float8_e4m3fn`` keeps DeepSeek's FP8 layout instead (``fp8_latent_cache``): per token R e4m3
+    values, R/128 fp32 scales and the rope key in ``rope_dtype`` (default bf16; the model's dtype), 656 bytes at
+    DeepSeek's widths against 1152 in bf16. ``kv_scale(layer)`` gives the scales the kernels take; ``write``
+    quantizes. Queries and written tokens then have ``rope_dtype``.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
-                 rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
+                 rope_dtype: torch.dtype | None = None):
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
                             ("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -256,19 +372,35 @@ class PagedLatentCache:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         _utils.check_width("kv_lora_rank", kv_lora_rank)
         _utils.check_width("rope_dim", rope_dim)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be bfloat16 or float16, got {dtype}")
+        if dtype not in FLOAT_DTYPES + _utils.FP8_DTYPES:
+            raise TypeError(f"dtype must be bfloat16, float16, float32 or float8_e4m3fn, got {dtype}")
+        fp8 = dtype in _utils.FP8_DTYPES
+        if fp8:
+            rope_dtype = torch.bfloat16 if rope_dtype is None else rope_dtype
+            _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
+        elif rope_dtype is not None and rope_dtype != dtype:
+            raise ValueError(f"rope_dtype {rope_dtype} differs from dtype {dtype}: only an fp8 cache keeps the rope key "
+                             f"in another dtype")
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
         self.dtype = dtype
+        self.rope_dtype = rope_dtype if fp8 else dtype
         self.device = torch.device(device)
-        self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype, device=self.device)
-                         for _ in range(num_layers)]
-        self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
-        self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
+        if fp8:
+            row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
+            self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
+                             for _ in range(num_layers)]
+            views = [_fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype) for buf in self._buffers]
+            self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
+        else:
+            self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
+                                         device=self.device) for _ in range(num_layers)]
+            self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
+            self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
+            self._scale_views = [None] * num_layers
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
         self._seqs: dict[Hashable, _Sequence] = {}
         self._next_id = 0
@@ -276,8 +408,14 @@ class PagedLatentCache:
     # -- buffers -------------------------------------------------------------------------------
 
     def buffer(self, layer: int) -> torch.Tensor:
-        """The layer's whole ``[num_blocks, block_size, R + P]`` buffer."""
+        """The layer's whole ``[num_blocks, block_size, R + P]`` buffer (fp8 cache: uint8
+        ``[num_blocks, block_size, fp8_row_bytes]``, see ``fp8_latent_cache``)."""
         return self._buffers[self._layer(layer)]
+
+    def kv_scale(self, layer: int) -> torch.Tensor | None:
+        """fp8 cache: the layer's latent scales ``[num_blocks, block_size, R/128]`` float32, a view of
+        ``buffer(layer)``; None for a bf16/fp16/fp32 cache. Pass it on as the kernels' ``kv_scale``."""
+        return self._scale_views[self._layer(layer)]
 
     def kv_cache(self, layer: int) -> torch.Tensor:
         """The layer's latent cache, ``[num_blocks, block_size, R]``, a view of ``buffer(layer)``."""
@@ -298,8 +436,9 @@ class PagedLatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Cache bytes one token takes, over all layers: ``num_layers * (R + P) * element size``."""
-        return self.num_layers * (self.kv_lora_rank + self.rope_dim) * self._buffers[0].element_size()
+        """Cache bytes one token takes, over all layers: ``num_layers * (R + P) * element size``, or for an fp8
+        cache ``num_layers * (R + 4 R/128 + P * rope element size)`` (656 per layer at DeepSeek's widths)."""
+        return self.num_layers * self._buffers[0].shape[-1] * self._buffers[0].element_size()
 
     # -- sequences -----------------------------------------------------------------------------
 
@@ -430,14 +569,19 @@ class PagedLatentCache:
         """``write_cache`` into one layer: ``kv_c [T, R]``, ``k_pe [T, P]`` at ``slot_mapping [T]``
         (as returned by ``append``/``append_batch``/``slots``)."""
         layer = self._layer(layer)
-        write_cache(kv_c, k_pe, self._kv_views[layer], self._pe_views[layer], slot_mapping)
+        write_cache(kv_c, k_pe, self._kv_views[layer], self._pe_views[layer], slot_mapping,
+                    kv_scale=self._scale_views[layer])
 
     def read(self, layer: int, seq_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of one sequence's cached tokens in one layer: ``(kv [L, R], pe [L, P])``."""
+        """A copy of one sequence's cached tokens in one layer: ``(kv [L, R], pe [L, P])`` (fp8 cache: the
+        latent dequantized to ``rope_dtype``)."""
         layer = self._layer(layer)
         slots = self.slots(seq_id)
         blk, off = slots // self.block_size, slots % self.block_size
-        return self._kv_views[layer][blk, off], self._pe_views[layer][blk, off]
+        kv = self._kv_views[layer][blk, off]
+        if self._scale_views[layer] is not None:
+            kv = dequantize_fp8_torch(kv, self._scale_views[layer][blk, off], self.rope_dtype)
+        return kv, self._pe_views[layer][blk, off]
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -108,8 +108,19 @@ def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def _dequant_fp8(kv, scale_rows, n_mask, D_LATENT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """An fp8 latent tile ``kv [BLOCK_N, D_LATENT]`` (e4m3) times its per-(token, 128 values) fp32 scales, loaded
+    through ``scale_rows [BLOCK_N]`` (each token's first scale), in ``OUT_DTYPE`` (the query's): the dots then run
+    as for a bf16 cache. Rows outside ``n_mask`` get scale 0."""
+    offs_g = tl.arange(0, D_LATENT // 128)
+    scale = tl.load(scale_rows[:, None] + offs_g[None, :], mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT // 128]
+    groups = tl.reshape(kv.to(tl.float32), [kv.shape[0], D_LATENT // 128, 128]) * scale[:, :, None]
+    return tl.reshape(groups, [kv.shape[0], D_LATENT]).to(OUT_DTYPE)
+
+
+@triton.jit
 def _mla_attn_kernel(
-    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
+    Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
     OUT, LSE, OUT_PART, LSE_PART, SCHED_PROGRAMS, SCHED_SEQUENCES,
     sm_scale_log2,
     num_heads, s_q, split_len, total_rows,
@@ -117,15 +128,18 @@ def _mla_attn_kernel(
     stride_qp_b, stride_qp_s, stride_qp_h,
     stride_kv_blk, stride_kv_tok,
     stride_pe_blk, stride_pe_tok,
+    stride_ks_blk, stride_ks_tok,
     stride_bt_b,
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SCHEDULED: tl.constexpr = False,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
+    SCHEDULED: tl.constexpr = False,
 ):
     """Grid ``(row blocks, B, splits)``: program (m, b, s) reads split s of sequence b's keys for row block m.
     ``SCHEDULED`` (decode only): grid ``(row blocks, P)``; program (m, p) walks the units of row p of the
-    schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials."""
+    schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials.
+    ``KV_FP8``: ``KV`` holds e4m3 values with fp32 scales in ``KV_SCALE`` (one per 128 values of a token)."""
     pid_m = tl.program_id(0)
     if SCHEDULED:
         pid_p = tl.program_id(1)
@@ -144,35 +158,37 @@ def _mla_attn_kernel(
                 # [slots, S_q * H, D_LATENT] partials: output row seq * S_q * H + r becomes slot * S_q * H + r
                 slot = tl.load(SCHED_SEQUENCES + seq * 3) + pid_p - tl.load(SCHED_SEQUENCES + seq * 3 + 2)
                 _mla_attn_block(
-                    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
-                    sm_scale_log2, num_heads, s_q,
+                    Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART,
+                    LSE_PART, sm_scale_log2, num_heads, s_q,
                     stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
-                    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+                    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok,
+                    stride_bt_b,
                     pid_m, seq.to(tl.int64), t0, BLOCK_N, (t1 - t0) * BLOCK_N, slot - seq, s_q * num_heads, cut,
                     D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32,
-                    DOT_PRECISION)
+                    DOT_PRECISION, KV_FP8)
     else:
         pid_b = tl.program_id(1).to(tl.int64)
         pid_split = tl.program_id(2)
         _mla_attn_block(
-            Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
+            Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
             sm_scale_log2, num_heads, s_q,
             stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
-            stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+            stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
             pid_m, pid_b, pid_split, split_len, split_len, pid_split, total_rows, SPLIT,
-            D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32, DOT_PRECISION)
+            D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32, DOT_PRECISION,
+            KV_FP8)
 
 
 @triton.jit
 def _mla_attn_block(
-    Q_NOPE, Q_PE, KV, PE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
+    Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q, OUT, LSE, OUT_PART, LSE_PART,
     sm_scale_log2, num_heads, s_q,
     stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
-    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_bt_b,
+    stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
     pid_m, pid_b, pid_split, split_len, key_len, part_index, part_stride, to_part,
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
@@ -227,6 +243,9 @@ def _mla_attn_block(
         in_page = (offs_n % PAGE_SIZE).to(tl.int64)
         kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
                      mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
+        if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
+            kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
+                              Q_NOPE.dtype.element_ty)
         pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
                      mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
         kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
@@ -311,7 +330,7 @@ def _mla_combine_kernel(
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
             return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
-            schedule=None):
+            schedule=None, kv_scale=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
@@ -355,7 +374,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         lse_part = torch.empty(schedule.num_part_slots, seq_q * heads, dtype=torch.float32, device=device)
 
     sm_scale_log2 = softmax_scale * LOG2E
-    if schedule is None and _use_tma(cfg, q_nope, kv_cache, pe_cache):
+    if schedule is None and kv_scale is None and _use_tma(cfg, q_nope, kv_cache, pe_cache):
         from .decode_tma import launch_tma
         launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                    out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
@@ -364,7 +383,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                          out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
                          qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
-                         schedule=schedule)
+                         schedule=schedule, kv_scale=kv_scale)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
@@ -398,13 +417,14 @@ def _use_tma(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
 
 def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                      out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides,
-                     *, causal, varlen, split, return_lse, cfg, schedule=None):
+                     *, causal, varlen, split, return_lse, cfg, schedule=None, kv_scale=None):
     """Launch the portable ``_mla_attn_kernel`` (pointer loads; any page size, dtype and GPU; the only one that
-    runs a ``schedule``)."""
+    runs a ``schedule`` or reads an fp8 cache, ``kv_scale``)."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
     _mla_attn_kernel[grid](
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+        q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
+        cu_seqlens_q if varlen else dummy,
         out, lse if lse is not None else dummy, out_part, lse_part,
         dummy if schedule is None else schedule.programs, dummy if schedule is None else schedule.sequences,
         sm_scale_log2,
@@ -412,12 +432,13 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         *qn_strides, *qp_strides,
         kv_cache.stride(0), kv_cache.stride(1),
         pe_cache.stride(0), pe_cache.stride(1),
+        *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
         block_table.stride(0),
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
         DOT_FP32=q_nope.device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        SCHEDULED=schedule is not None,
+        KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -427,7 +448,8 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
 # --------------------------------------------------------------------------------------------
 
 
-def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len, softmax_scale, causal):
+def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len, softmax_scale, causal,
+                  kv_scale=None):
     """Batched absorbed attention in fp32 over keys gathered through the block table.
 
     q_nope [B, S, H, R], q_pe [B, S, H, P]; q_len [B] = real query rows per sequence (right-padded).
@@ -441,6 +463,8 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     valid = pos[None, :] < seqlens[:, None].long()  # [B, L]
     blocks = torch.where(valid, block_table.long()[:, pos // page], 0)
     kv = kv_cache[blocks, pos % page].float()  # [B, L, R]
+    if kv_scale is not None:  # fp8 latent: dequantized in fp32
+        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, pos % page][..., None]).flatten(-2)
     pe = pe_cache[blocks, pos % page].float()
     kv = torch.where(valid[..., None], kv, 0.0)
     pe = torch.where(valid[..., None], pe, 0.0)
@@ -457,11 +481,11 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
 
 
 def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                     causal=True, return_lse=False, w_uv=None):
+                     causal=True, return_lse=False, w_uv=None, *, kv_scale=None):
     """``mla_decode`` in plain PyTorch (no argument checks): the absorbed path without Triton."""
     q_len = torch.full_like(cache_seqlens, q_nope.shape[1])
     out, lse = _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, q_len, softmax_scale,
-                             causal)
+                             causal, kv_scale)
     out = out.to(q_nope.dtype)
     if w_uv is not None:
         out = _project_v(out, w_uv)
@@ -482,7 +506,8 @@ def _project_v(out, w_uv):
 
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None):
+               causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None,
+               kv_scale=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -507,6 +532,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             reads an equal share of the batch's cache tiles, whatever the lengths (for batches that mix long and
             short sequences). It must have been built from these ``cache_seqlens`` values (checked on the CPU
             only). Exclusive with ``num_splits``.
+        kv_scale: for an FP8 cache (``kv_cache`` float8_e4m3fn, e.g. from ``fp8_latent_cache``), its scales
+            ``[num_blocks, block_size, R/128]`` float32; the latent is dequantized in registers to the query's
+            dtype, which must be ``pe_cache``'s (bf16 or fp16; queries are never fp8). None for other caches.
 
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
@@ -516,8 +544,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     before anything runs. On a GPU they are not (that would synchronise with the host): lengths beyond
     ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
-    if _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
-                       max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
+    if kv_scale is None and _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
+                                            softmax_scale, w_uv, max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
         capacity = block_table.shape[1] * kv_cache.shape[1]
         max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
         if metadata is not None:
@@ -530,10 +558,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     _utils.check_same("q_nope", tuple(q_nope.shape[:3]), "q_pe", tuple(q_pe.shape[:3]), "[B, S_q, H]")
     batch, s_q, heads, d_latent = q_nope.shape
     d_rope = q_pe.shape[-1]
-    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
+    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale)
     _utils.check_same("q_nope", d_latent, "kv_cache", r, "latent width R")
     _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
-    _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
+    _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")
     _utils.check_width("kv_cache latent", r)
     _utils.check_width("pe_cache rope", p)
     _utils.check_last_contiguous("q_nope", q_nope)
@@ -552,7 +580,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         _utils.check_same("w_uv", w_uv.shape[2], "q_nope", d_latent, "latent width R")
         _utils.check_same("w_uv", w_uv.dtype, "q_nope", q_nope.dtype, "dtype")
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
-                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv)
+                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
     if max_seqlen_k is None:
         max_seqlen_k = capacity
@@ -564,7 +592,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     if metadata is not None:
         _check_metadata(metadata, cache_seqlens, s_q * heads, d_latent, num_splits)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits, metadata)
+                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
 
 
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)
@@ -602,7 +630,7 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 
 
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None):
+                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs)."""
     causal, return_lse = bool(causal), bool(return_lse)
@@ -610,15 +638,15 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
         out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
                                                     softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits,
-                                                    *tables, sizes)
+                                                    *tables, sizes, kv_scale)
     else:
         out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                   causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
+                                   causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
     return (out, lse) if return_lse else out
 
 
 def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
-                    w_uv, max_seqlen_k, num_splits, metadata=None):
+                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
     """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
     on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
     no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``."""
@@ -635,7 +663,7 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 
     if not _utils.use_triton(q_nope):
         out = mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                               causal, True, w_uv)
+                               causal, True, w_uv, kv_scale=kv_scale)
         return out[0], (out[1] if return_lse else None)
 
     if metadata is None and num_splits is None and _use_schedule(batch, s_q * heads, q_nope.device):
@@ -643,7 +671,7 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
                        max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                       schedule=metadata)
+                       schedule=metadata, kv_scale=kv_scale)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -386,22 +386,22 @@ class MLAttention(nn.Module):
         ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.
 
         Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved, in cache layer ``layer`` (default
-        ``layer_idx``) with ``write_cache``; then
+        ``layer_idx``) with ``write_cache`` (quantized when the cache is fp8); then
         ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
         tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention``.
         """
         cache = batch.cache
-        dtype = cache.dtype
+        dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
-                            f"PagedLatentCache with dtype={q_nope.dtype}")
+                            f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         total = q_nope.shape[0]
         w_kv_b = self.kv_b_proj.weight
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
-        kv_cache, pe_cache = cache.kv_cache(layer), cache.pe_cache(layer)
+        kv_cache, pe_cache, kv_scale = cache.kv_cache(layer), cache.pe_cache(layer), cache.kv_scale(layer)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -410,12 +410,13 @@ class MLAttention(nn.Module):
             out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
                              q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
                              kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
-                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k)
+                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale)
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
 
         return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
-                                     batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True)
+                                     batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
+                                     kv_scale=kv_scale)
 
     # -- forward -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from .cache import dequantize_fp8_torch
 from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v
 
 PATHS = ("auto", "absorbed", "expanded")
@@ -268,9 +269,13 @@ def _gather_latent(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys):
     return cache[blocks, pos % page]
 
 
-def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope):
-    """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v]."""
+def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope, kv_scale=None):
+    """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v].
+    An fp8 latent is dequantized in PyTorch to w_kv_b's dtype after the gather, before the GEMM."""
     latent = _gather_latent(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R]
+    if kv_scale is not None:
+        scale = _gather_latent(kv_scale, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R/128]
+        latent = dequantize_fp8_torch(latent, scale, w_kv_b.dtype)
     kv = (latent @ w_kv_b.T).view(total_keys, heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
     return kv[..., :d_nope], kv[..., d_nope:]
 
@@ -310,7 +315,8 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
 # --------------------------------------------------------------------------------------------
 
 
-def _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_q, cache_seqlens, softmax_scale, causal):
+def _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_q, cache_seqlens, softmax_scale, causal,
+                   kv_scale=None):
     """``mla_prefill`` in PyTorch, one sequence at a time through decode's ``_attend_torch``.
 
     cu_q: host list of B+1 row offsets. Returns out [T, H, R] in q's dtype, lse [T, H] fp32.
@@ -324,7 +330,7 @@ def _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_q, cache_se
             continue
         o, s = _attend_torch(q_nope[None, start:end], q_pe[None, start:end], kv_cache, pe_cache,
                              block_table[b:b + 1], cache_seqlens[b:b + 1], cache_seqlens.new_full((1,), end - start),
-                             softmax_scale, causal)
+                             softmax_scale, causal, kv_scale)
         out[start:end], lse[start:end] = o[0].to(q_nope.dtype), s[0]
     return out, lse
 
@@ -374,7 +380,7 @@ def _check_queries(q_nope, q_pe):
 
 
 def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
-                    max_seqlen_k, host_sync):
+                    max_seqlen_k, host_sync, kv_scale=None):
     """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
 
     Values are checked where they can be read without a GPU synchronisation: always on the CPU, and on a
@@ -385,9 +391,9 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
     if cu_seqlens_q.shape[0] == 0:
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries, got 0")
     batch = cu_seqlens_q.shape[0] - 1
-    _, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch)
+    _, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale)
     _utils.check_same("q_pe", q_pe.shape[-1], "pe_cache", p, "rope width P")
-    _utils.check_same("q_nope", q_nope.dtype, "kv_cache", kv_cache.dtype, "dtype")
+    _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")
     _utils.check_width("pe_cache rope", p)
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
@@ -395,7 +401,8 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
     _check_int("max_seqlen_q", max_seqlen_q, 0)
     _check_int("max_seqlen_k", max_seqlen_k, 0)
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
-                                  block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens)
+                                  block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
+                                  kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
 
     host = None
@@ -438,7 +445,8 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
 
 
 def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
-                causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None):
+                causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None,
+                kv_scale=None):
     """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
 
     Args:
@@ -464,6 +472,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
         max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: read with
             max_seqlen_q when that syncs, otherwise the block table's capacity).
         num_splits: force the number of cache-length splits (default: chosen from the grid and GPU size).
+        kv_scale: an FP8 cache's scales ``[num_blocks, block_size, R/128]`` float32, as in ``mla_decode``.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
@@ -476,38 +485,39 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
-                                                     max_seqlen_k, num_splits)
+                                                     max_seqlen_k, num_splits, kv_scale)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
-        host_sync=max_seqlen_q is None)
+        host_sync=max_seqlen_q is None, kv_scale=kv_scale)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
     _check_int("num_splits", num_splits, 1)
     out, lse = _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
-                             softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host)
+                             softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host,
+                             kv_scale=kv_scale)
     return (out, lse) if return_lse else out
 
 
 def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
-                  return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host):
+                  return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host, kv_scale=None):
     if not _utils.use_triton(q_nope):
         out, lse = _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, host[0], cache_seqlens,
-                                  softmax_scale, causal)
+                                  softmax_scale, causal, kv_scale)
         return out, (lse if return_lse else None)
     if num_splits is None and q_nope.device.type != "cuda":
         num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device))
+                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device), kv_scale=kv_scale)
     return out, lse
 
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
-                          softmax_scale, causal=True, path="auto", *, return_lse=False):
+                          softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None):
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
@@ -520,6 +530,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             w_kv_b into per-head K and V, then flash attention), or "auto": the cheaper by
             ``choose_prefill_path``.
         return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
+        kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
+            registers; the expanded path dequantizes the gathered latent in PyTorch before its GEMM.
 
     Returns:
         ``out [T, H, D_v]`` in q's dtype (and lse).
@@ -531,12 +543,13 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
-                                                               causal, path, return_lse)
+                                                               causal, path, return_lse, kv_scale)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     total, heads, d_nope = q_nope.shape
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True)
+        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True,
+        kv_scale=kv_scale)
     d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
     _utils.check_width("kv_cache latent", d_latent)
     _utils.check_tensor("w_kv_b", w_kv_b, 2, _utils.FLOAT_DTYPES)
@@ -559,7 +572,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     if path == "absorbed":
         q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :d_nope]).transpose(0, 1)  # [T, H, R]
         out, lse = _run_absorbed(q_latent, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
-                                 softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, None, host)
+                                 softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, None, host,
+                                 kv_scale=kv_scale)
         out = _project_v(out, w[:, d_nope:])
         return (out, lse) if return_lse else out
 
@@ -568,7 +582,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
     total_keys = sum(lens)
     cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
-    k_nope, v = _expand(kv_cache, block_table, cache_seqlens, cu_k, total_keys, w_kv_b, heads, d_nope)
+    k_nope, v = _expand(kv_cache, block_table, cache_seqlens, cu_k, total_keys, w_kv_b, heads, d_nope, kv_scale)
     if _utils.use_triton(q_nope):
         out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
                                     cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)

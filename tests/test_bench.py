@@ -170,3 +170,22 @@ def test_decode_sweep_refuses_wrong_provider():
         assert by_name[name]["wrong"] and "p50_ms" not in by_name[name]
         assert "WRONG RESULT" in h.format_row(by_name[name])
     assert "p50_ms" in by_name["naive"] and "p50_ms" in by_name["torch_absorbed"]
+
+
+def test_fp8_memory_table_bytes_and_longest_context():
+    """Issue 12's figure: 656 bytes per token and layer in DeepSeek's FP8 layout against 1152 in bf16, allocated byte
+    for byte; the longest context of a budget is whole pages of the formula."""
+    rows = {r["cache"]: r for r in bm.fp8_table(torch.device("cpu"), [1024, 4096], [16.0])}
+    assert rows["fp8"]["bytes_per_token_layer_formula"] == 656 and rows["bf16"]["bytes_per_token_layer_formula"] == 1152
+    for r in rows.values():
+        assert all(m["bytes_per_token"] == r["bytes_per_token_layer_formula"] == m["reported_bytes_per_token"]
+                   for m in r["measured"].values())
+    assert rows["fp8"]["max_context"][16.0]["tokens"] == 16 * 2**30 // (61 * 64 * 656) * 64 == 429_312
+
+
+def test_decode_fp8_provider_is_checked_against_the_dequantized_cache():
+    lib = _torch_lib()
+    rows = {r["provider"]: r for r in bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, lib,
+                                                   copy_gbps=10.0, time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))}
+    fp8 = rows["mla_decode_fp8"]
+    assert "p50_ms" in fp8 and fp8["rel_rms_err"] < 1e-2 and fp8["speedup"].endswith("vs mla_decode")

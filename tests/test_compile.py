@@ -32,6 +32,7 @@ def reports():
 EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r1024", "prefill-absorbed",
             "prefill-expanded", "combine", "write_cache"]
 EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
+EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 
 
 H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)

@@ -17,6 +17,9 @@ from mla_kernels import _utils
 R, P, PAGE, HEADS = 32, 16, 4, 2
 SCALE = 0.25
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+# opcheck's test_schema compares tensors with arithmetic that torch 2.13 has no float8 kernels for on the CPU
+# ("mul_cpu_reduced_float not implemented for Float8_e4m3fn"); the fp8 ops' mutations are checked by hand instead
+FP8_OPCHECK_TESTS = ("test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def decode_inputs(device, lens=(5, 0, 9), s_q=1, seed=0):
@@ -57,6 +60,30 @@ def test_opcheck_write_cache(fused, device):
     torch.ops.mla_kernels.write_cache(*args)
     assert torch.equal(kv_cache[1, 1], kv[0, :R]) and torch.equal(pe_cache[5, 2], kv[2, R:])
     assert kv_cache.count_nonzero() == 2 * R  # the -1 slot wrote nothing
+
+
+def test_opcheck_fp8_cache(device):
+    """An fp8 cache through the ops: write_cache quantizes into the latent and its scales (both declared mutated),
+    mla_decode reads them back with ``kv_scale``; each op gives the public call's result."""
+    from mla_kernels.cache import fp8_latent_cache
+
+    kv_cache, kv_scale, pe_cache = fp8_latent_cache(4, PAGE, 128, P, torch.float32, device=device)
+    kv = torch.randn(5, 128 + P, device=device)
+    slots = torch.arange(5, dtype=torch.int64, device=device) * 3
+    w_args = (kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale)
+    torch.library.opcheck(torch.ops.mla_kernels.write_cache.default, w_args, test_utils=FP8_OPCHECK_TESTS)
+    torch.ops.mla_kernels.write_cache(*w_args)
+    assert kv_scale.view(-1).count_nonzero() == 5  # one scale per written token (R = 128)
+    q = torch.randn(2, 1, HEADS, 128 + P, device=device)
+    table = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([13, 6], dtype=torch.int32, device=device)
+    d_args = (q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE, True, True, None, 16, None,
+              None, None, None, kv_scale)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, d_args, test_utils=FP8_OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_decode(*d_args)
+    expected = mla_kernels.mla_decode(q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE,
+                                      return_lse=True, max_seqlen_k=16, kv_scale=kv_scale)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
 def prefill_inputs(device, new=(3, 0, 2), history=(2, 4, 0), d_nope=8, d_v=8, seed=1):

@@ -187,9 +187,10 @@ class _LatentState:
             if self.max_cache_tokens is not None:
                 blocks = max(1, min(blocks, self.max_cache_tokens // self.block_size))
             self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.kv_lora_rank,
-                                          attn.qk_rope_head_dim, dtype=dtype, device=device)
-        if self.paged.dtype != dtype:
-            raise TypeError(f"the latent cache holds {self.paged.dtype} but the model now computes in {dtype}")
+                                          attn.qk_rope_head_dim, dtype=attn.cache_dtype or dtype, device=device,
+                                          rope_dtype=dtype)
+        if self.paged.rope_dtype != dtype:
+            raise TypeError(f"the latent cache holds {self.paged.rope_dtype} but the model now computes in {dtype}")
         if self.rows is None:
             self.rows = [self.paged.add_sequence() for _ in range(batch_size)]
         elif len(self.rows) != batch_size:
@@ -240,8 +241,8 @@ class _LatentState:
                     f"to patch_model")
             blocks = min(blocks, cap)
         new = PagedLatentCache(old.num_layers, blocks, old.block_size, old.kv_lora_rank, old.rope_dim,
-                               dtype=old.dtype, device=old.device)
-        width = old.kv_lora_rank + old.rope_dim
+                               dtype=old.dtype, device=old.device, rope_dtype=old.rope_dtype)
+        width = old.buffer(0).shape[-1]  # R + P values, or an fp8 cache's bytes per token
         for seq in old.seq_ids:
             new.add_sequence(seq)
             length = old.seqlen(seq)
@@ -422,12 +423,12 @@ class _StaticLatentState:
     synchronisation, fixed addresses and shapes (what torch.compile and CUDA graphs need)."""
 
     def __init__(self, num_layers: int, batch_size: int, max_cache_len: int, block_size: int, kv_lora_rank: int,
-                 rope_dim: int, dtype: torch.dtype, device: torch.device):
+                 rope_dim: int, dtype: torch.dtype, device: torch.device, cache_dtype: torch.dtype | None = None):
         self.batch_size, self.max_cache_len, self.block_size = batch_size, max_cache_len, block_size
         self.blocks_per_row = math.ceil(max_cache_len / block_size)
         self.capacity = self.blocks_per_row * block_size  # tokens per row
         self.paged = PagedLatentCache(num_layers, batch_size * self.blocks_per_row, block_size, kv_lora_rank,
-                                      rope_dim, dtype=dtype, device=device)
+                                      rope_dim, dtype=cache_dtype or dtype, device=device, rope_dtype=dtype)
         self.block_table = torch.arange(batch_size * self.blocks_per_row, dtype=torch.int32,
                                         device=device).view(batch_size, self.blocks_per_row)
         self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
@@ -435,7 +436,8 @@ class _StaticLatentState:
         # fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
         # views are marked too: they are the tensor objects the compiled graph takes as inputs
         paged = self.paged
-        for t in [*(f(i) for i in range(num_layers) for f in (paged.buffer, paged.kv_cache, paged.pe_cache)),
+        views = (paged.buffer, paged.kv_cache, paged.pe_cache, paged.kv_scale)
+        for t in [*(f(i) for i in range(num_layers) for f in views if f(i) is not None),
                   *self.seqlens, self.block_table, self.row_base]:
             torch._dynamo.mark_static_address(t)
 
@@ -459,22 +461,23 @@ class _StaticLatentState:
                                                                "(max_cache_len real tokens per row)")
         slots = torch.where(real & (index < self.capacity), self.row_base + index, -1)
         seqlens.copy_(new_lens)
-        kv_cache, pe_cache = self.paged.kv_cache(layer), self.paged.pe_cache(layer)
+        kv_cache, pe_cache, kv_scale = self.paged.kv_cache(layer), self.paged.pe_cache(layer), self.paged.kv_scale(layer)
         write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
-                    slots.view(-1))
+                    slots.view(-1), kv_scale=kv_scale)
         heads, d_nope, d_v, rank = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
         w = attn.kv_b_proj.weight.view(heads, d_nope + d_v, rank)
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
             q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w[:, :d_nope])
             out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
-                             attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity)
+                             attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity,
+                             kv_scale=kv_scale)
             return out.reshape(batch_size, query_len, heads * d_v)
         # a prompt (eager, like transformers' own static-cache prefill): pads are packed out, reading the host once
         counts = real.sum(1, dtype=torch.int32)
         cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
         packed = mla_prefill_attention(q_nope[real].contiguous(), q_pe[real].contiguous(), kv_cache, pe_cache,
                                        self.block_table, cu, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
-                                       causal=True)
+                                       causal=True, kv_scale=kv_scale)
         out = packed.new_zeros(batch_size, query_len, heads, d_v)
         out[real] = packed
         return out.view(batch_size, query_len, heads * d_v)
@@ -510,7 +513,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     weight = attns[0].kv_b_proj.weight
     state = _StaticLatentState(len(layers), max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
-                               attns[0].qk_rope_head_dim, weight.dtype, weight.device)
+                               attns[0].qk_rope_head_dim, weight.dtype, weight.device, attns[0].cache_dtype)
     layer_cls = _static_layer_class()
     cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(len(layers))])
     cache._mla_static_state = state
@@ -533,10 +536,11 @@ class TransformersMLAttention(MLAttention):
     num_cache_layers: int
     block_size: int
     max_cache_tokens: int | None
+    cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
 
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
-              max_cache_tokens: int | None) -> "TransformersMLAttention":
+              max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention)."""
         config = original.config
         new = cls(**config_kwargs(config), layer_idx=original.layer_idx, device="meta")
@@ -550,6 +554,7 @@ class TransformersMLAttention(MLAttention):
         new.num_cache_layers = num_cache_layers
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
+        new.cache_dtype = cache_dtype
         new.is_causal = True
         object.__setattr__(new, "_hf_original", original)
         return new
@@ -570,7 +575,8 @@ class TransformersMLAttention(MLAttention):
         if past_key_values is None:
             real = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
-                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=kv_c.dtype, device=kv_c.device)
+                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=self.cache_dtype or kv_c.dtype,
+                                     device=kv_c.device, rope_dtype=kv_c.dtype)
             rows = [paged.add_sequence() for _ in range(batch_size)]
             counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
@@ -621,7 +627,8 @@ def _attention_class(model_type: str):
         raise TypeError(f"the installed transformers has no {class_name}; it can't patch {model_type} models") from None
 
 
-def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None) -> nn.Module:
+def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
+                cache_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap every attention layer of a transformers DeepSeek-V3 (or V2) model for ``TransformersMLAttention``.
 
     Args:
@@ -630,6 +637,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
             a step raises ``CacheFullError`` before writing anything. None: grow without limit.
+        cache_dtype: None (the model's dtype) or ``torch.float8_e4m3fn``: DeepSeek's FP8 latent cache (e4m3 latent
+            with one fp32 scale per 128 values, rope key in the model's dtype; 656 instead of 1152 bytes per token
+            and layer at DeepSeek's widths in bf16). Needs ``config.kv_lora_rank`` a multiple of 128.
 
     Returns ``model``, patched in place: the new modules share the original projection modules (no copies; the
     state dict keeps its keys and tensors). Every layer is checked before any is swapped, so a model that can't
@@ -642,6 +652,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if max_cache_tokens is not None and (isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int)
                                          or max_cache_tokens < block_size):
         raise ValueError(f"max_cache_tokens must be None or an int >= block_size, got {max_cache_tokens!r}")
+    if cache_dtype is not None and cache_dtype not in _utils.FP8_DTYPES:
+        raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
     for i, layer in enumerate(layers):
@@ -662,6 +674,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                             f"convert the model first, e.g. model.to(torch.bfloat16)")
     for name in ("kv_lora_rank", "qk_rope_head_dim"):
         _utils.check_width(f"config.{name}", getattr(config, name))
+    if cache_dtype is not None and config.kv_lora_rank % _utils.FP8_GROUP:
+        raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
+                         f"got {config.kv_lora_rank}")
     if config.q_lora_rank == 0:
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -669,7 +684,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"config.rope_parameters rope_type {rope_type!r} is not supported (default or yarn)")
 
     for layer in layers:
-        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens)
+        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens,
+                                                        cache_dtype)
     return model
 
 

@@ -1,0 +1,46 @@
+"""FP8 (e4m3) quantization of the latent, as DeepSeek's FP8 MLA cache stores it.
+
+Per token, the R-wide latent is cut into groups of 128 values; each group is stored as 128
+``float8_e4m3fn`` values and one float32 scale, ``scale = amax / 448`` (448 is e4m3's largest
+finite value), so the group's largest value maps to +-448. Values are rounded to the nearest
+e4m3 value, ties to even. The rope key is not quantized.
+
+Error of one value (x in a group with scale s, q = x / s): e4m3 keeps 3 mantissa bits, so for
+|q| >= 2^-6 (a normal number) round to nearest is off by at most half a unit in the last place,
+|q - fp8(q)| <= 2^-4 |q|; below 2^-6 (subnormals, spacing 2^-9) by at most 2^-10. Dequantized:
+|x - s fp8(q)| <= max(2^-4 |x|, 2^-10 s), plus fp32 rounding of the division and product
+(2^-24 relative each).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+GROUP_SIZE = 128
+
+
+def quantize_fp8(x: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., R]`` (any float dtype) -> ``(q [..., R] float8_e4m3fn, scale [..., R / group_size] float32)``.
+
+    ``scale = amax / 448`` per group of ``group_size`` consecutive values (0 for an all-zero group, whose values
+    stay 0); ``q = round_to_nearest_even(x / scale)``, computed in float32. NaN in a group gives NaN scale and
+    NaN values.
+    """
+    if x.shape[-1] % group_size:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must be a multiple of group_size={group_size}")
+    groups = x.float().unflatten(-1, (-1, group_size))  # [..., G, group_size]
+    scale = groups.abs().amax(-1) / FP8_MAX  # [..., G]
+    q = groups / torch.where(scale > 0, scale, 1.0)[..., None]
+    q = q.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.flatten(-2), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """``q [..., R]`` float8_e4m3fn and ``scale [..., R / group_size]`` -> ``[..., R]`` in ``dtype``
+    (the product is formed in float32, or float64 when ``dtype`` is float64)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    groups = q.to(work).unflatten(-1, (-1, group_size)) * scale.to(work)[..., None]
+    return groups.flatten(-2).to(dtype)
