@@ -43,3 +43,22 @@ def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
         warnings.simplefilter("error")
         assert _tuning.load_file(tmp_path / "none.json", "cuda", "3.6.0") is None
         assert _tuning.lookup("decode", "R512/rows<=16", torch.device("cpu")) is None
+
+
+def test_constants_and_save_file_merge(tmp_path):
+    """save_file merges into an existing file (kernels per shape class, constants per name), rewrites the
+    metadata, and load_data reads both tables back; the seeded file carries prefill's measured path ratio."""
+    assert _tuning.load_data(SEED, "cuda", "3.6.0")["constants"]["absorbed_relative_speed"] == 0.23
+    import triton
+
+    path = tmp_path / "gpu.json"
+    _tuning.save_file(path, device="Test GPU", sm_count=8, source="test", vendor_key="cuda",
+                      kernels={"decode": {"a": {"BLOCK_M": 16}}}, constants={"x": 1.0})
+    _tuning.save_file(path, device="Test GPU", sm_count=8, source="test 2", vendor_key="cuda",
+                      kernels={"decode": {"b": {"BLOCK_M": 64}}, "prefill": {"c": {"BLOCK_M": 128}}},
+                      constants={"y": 2.0})
+    data = _tuning.load_data(path, "cuda", triton.__version__)
+    assert data["kernels"] == {"decode": {"a": {"BLOCK_M": 16}, "b": {"BLOCK_M": 64}},
+                               "prefill": {"c": {"BLOCK_M": 128}}}
+    assert data["constants"] == {"x": 1.0, "y": 2.0} and data["source"] == "test 2"
+    assert _tuning.constant("x", torch.device("cpu")) is None  # the CPU never reads GPU files
