@@ -20,6 +20,9 @@ mla_decode as shipped, with ``mla_decode_metadata``'s schedule (mla_decode+meta)
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import dataclasses
 import math
 import time
@@ -561,33 +564,61 @@ def print_seed(res: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def plot(rows: list[dict], path) -> None:
+def roofline_points(rows: list[dict]) -> list[dict]:
+    """The timed rows as roofline points: arithmetic intensity (FLOP per byte of cache read) and TFLOP/s."""
+    return [dict(provider=r["provider"], H=r["H"], S_q=r.get("S_q", 1), page=r["page"], tflops=r["tflops"],
+                 intensity=r["tflops"] * 1e12 / (r["gbps"] * 1e9))
+            for r in rows if "p50_ms" in r and r.get("gbps") and r.get("tflops")]
+
+
+def plot(rows: list[dict], rates: dict, path) -> None:
+    """Left: every timed case on the device's roofline, min(matmul rate, intensity x copy bandwidth), both
+    measured in the same run (``device_rates``). Right: mla_decode+w_uv's speed-up over the naive path."""
     plt = h.pyplot()
     if plt is None:
         return
-    timed = [r for r in rows if "p50_ms" in r and r["page"] == 64 and r.get("S_q", 1) == 1]
-    heads = sorted({r["H"] for r in timed})
-    fig, axes = plt.subplots(len(heads), 2, figsize=(11, 4 * len(heads)), squeeze=False)
-    for i, hd in enumerate(heads):
+    fig, (roof, speed) = plt.subplots(1, 2, figsize=(13, 5))
+    pts = roofline_points(rows)
+    peak, bw = rates["matmul_tflops"], rates["copy_gbps"]
+    lo = min([p["intensity"] for p in pts] + [1.0]) / 2
+    hi = max([p["intensity"] for p in pts] + [2 * peak * 1e3 / bw]) * 2
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    roof.plot(xs, [min(peak, x * bw / 1e3) for x in xs], color="black", lw=1.5,
+              label=f"roofline: {bw:.0f} GB/s copy, {peak:.1f} TFLOP/s GEMM (measured)")
+    markers = {1: "v", 8: "<", 16: "o", 32: "s", 64: "D", 128: "^"}
+    for i, prov in enumerate(sorted({p["provider"] for p in pts}, key=lambda n: (ORDER + [n]).index(n))):
+        mine = [p for p in pts if p["provider"] == prov]
+        for hd in sorted({p["H"] for p in mine}):
+            sel = [p for p in mine if p["H"] == hd]
+            roof.scatter([p["intensity"] for p in sel], [p["tflops"] for p in sel], color=f"C{i}",
+                         marker=markers.get(hd, "x"), s=22, label=f"{prov} H={hd}")
+    roof.set(xscale="log", yscale="log", xlabel="FLOP per byte of cache read", ylabel="TFLOP/s",
+             title="decode on the measured roofline")
+    roof.grid(True, which="both", alpha=0.3)
+    roof.legend(fontsize=6, ncol=2)
+    timed = [r for r in rows if "p50_ms" in r and r["provider"] == "mla_decode+w_uv" and "speedup_vs" in r
+             and r.get("S_q", 1) == 1 and r["page"] == 64]
+    for hd in sorted({r["H"] for r in timed}):
         for b in sorted({r["B"] for r in timed if r["H"] == hd}):
-            for col, (prov, key) in enumerate([("mla_decode", "pct_copy_bw"), ("mla_decode+w_uv", "speedup_vs")]):
-                pts = sorted((r["ctx"], r[key] if key != "speedup_vs" else r[key]["naive"]) for r in timed
-                             if r["H"] == hd and r["B"] == b and r["provider"] == prov and key in r)
-                if pts:
-                    axes[i, col].plot(*zip(*pts), marker="o", label=f"B={b}")
-        axes[i, 0].set(title=f"mla_decode, H={hd}", xlabel="context", ylabel="% of measured copy bandwidth")
-        axes[i, 1].set(title=f"mla_decode+w_uv vs naive, H={hd}", xlabel="context", ylabel="speed-up (x)")
-        for ax in axes[i]:
-            ax.set_xscale("log", base=2)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+            line = sorted((r["ctx"], r["speedup_vs"]["naive"]) for r in timed if r["H"] == hd and r["B"] == b)
+            speed.plot(*zip(*line), marker=markers.get(hd, "x"), label=f"H={hd} B={b}")
+    speed.set(xscale="log", xlabel="context", ylabel="speed-up (x)", title="mla_decode+w_uv vs naive (page 64)")
+    speed.grid(True, alpha=0.3)
+    speed.legend(fontsize=7)
     h.save_plot(fig, path)
 
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0], seed_and_sweep=True)
     parser.add_argument("--skip-imbalanced", action="store_true", help="no imbalanced-batch section")
+    parser.add_argument("--replot", metavar="JSON", default=None,
+                        help="only draw the PNG (roofline) of a saved results file, beside it; nothing is timed")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],
+             Path(args.replot).with_suffix(".png"))
+        return
     device = h.setup(args)
     cpu = h.is_cpu(device)
     lib = library()
@@ -629,7 +660,8 @@ def main(argv=None) -> None:
     if not args.skip_imbalanced:
         payload["imbalanced"] = run_imbalanced(device, dtype, args.quick, args.cuda_graph, rates["copy_gbps"])
     sweep = payload.get("sweep", [])
-    h.save_results("decode", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
+    h.save_results("decode", payload, device, args,
+                   plot=(lambda png: plot(sweep + payload.get("imbalanced", []), rates, png)) if sweep else None)
     h.exit_if_wrong(sweep + payload.get("imbalanced", []), payload.get("seed_003_decode", {}).get("providers", {}),
                     lambda r: f"{r['provider']} {r['B']}x{r['ctx']} H={r['H']} page={r['page']} S_q={r.get('S_q', 1)}")
 

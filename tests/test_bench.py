@@ -189,3 +189,24 @@ def test_decode_fp8_provider_is_checked_against_the_dequantized_cache():
                                                    copy_gbps=10.0, time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))}
     fp8 = rows["mla_decode_fp8"]
     assert "p50_ms" in fp8 and fp8["rel_rms_err"] < 1e-2 and fp8["speedup"].endswith("vs mla_decode")
+
+
+def test_roofline_points_and_replot(tmp_path):
+    """Roofline points carry FLOP per byte = TFLOP/s / GB/s x 1000; --replot draws from a saved file without
+    timing anything (the PNG only where matplotlib is installed: it is not a dependency)."""
+    import json
+
+    from bench import decode
+
+    rows = [dict(provider="mla_decode", H=128, page=64, B=8, ctx=4096, p50_ms=1.0, tflops=200.0, gbps=2000.0),
+            dict(provider="mla_decode", H=16, page=64, B=8, ctx=4096, note="wrong: not timed")]
+    pts = decode.roofline_points(rows)
+    assert len(pts) == 1 and abs(pts[0]["intensity"] - 100.0) < 1e-9
+    saved = tmp_path / "decode_gpu.json"
+    saved.write_text(json.dumps(dict(sweep=rows, device_rates=dict(copy_gbps=3000.0, matmul_tflops=700.0))))
+    decode.main(["--replot", str(saved)])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert saved.with_suffix(".png").stat().st_size > 0
