@@ -5,10 +5,18 @@
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
-# Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
+#   bash bench/gpu_session.sh decode    # issue 8/13: bench.decode full sweep (targets, imbalanced) + --cuda-graph
+# The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and the end packs $WORK
+# into one $OUT/gpu_<step>.tgz (plus the JSON files, up to 6). Unpack it here, copy the JSON into bench/results/,
+# commit, redraw the PNGs (python -m bench.decode --replot FILE.json; matplotlib is not on the GPU machine),
+# and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
+WORK="${WORK:-/tmp/mla_gpu_work}"
+mkdir -p "$OUT"
+FINAL_OUT="$OUT"
+OUT="$WORK"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
@@ -34,5 +42,11 @@ case "${1:-all}" in
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
     step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;
+  decode)  # issue 8 (targets table, page 1/16/64, S_q 1-8) and issue 13 (imbalanced beside uniform twins)
+    step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced --out "$OUT/decode_full.json"
+    step bench_decode_imbalanced 120 python -m bench.decode --skip-seed --skip-sweep --out "$OUT/decode_imb.json"
+    step bench_decode_graph 180 python -m bench.decode --quick --cuda-graph --out "$OUT/decode_graph.json" ;;
 esac
 ls -la "$OUT"
+tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -6 | xargs -r cp -t "$FINAL_OUT"
+ls -la "$FINAL_OUT"
