@@ -119,6 +119,45 @@ def _dequant_fp8(kv, scale_rows, n_mask, D_LATENT: tl.constexpr, OUT_DTYPE: tl.c
 
 
 @triton.jit
+def _query_rows(Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b,
+                stride_qp_s, VARLEN: tl.constexpr):
+    """Where sequence ``pid_b``'s query rows are: ``(tok_start, seq_q, q_nope_base, q_pe_base, num_rows)``; its
+    tokens start at packed token ``tok_start`` (prefill, ``VARLEN``) or at ``pid_b * s_q`` (decode); its
+    ``num_rows = seq_q * num_heads`` rows are the (token, head) pairs."""
+    if VARLEN:
+        tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
+        seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
+        q_nope_base = Q_NOPE + tok_start * stride_qn_s
+        q_pe_base = Q_PE + tok_start * stride_qp_s
+    else:
+        tok_start = pid_b * s_q
+        seq_q = s_q
+        q_nope_base = Q_NOPE + pid_b * stride_qn_b
+        q_pe_base = Q_PE + pid_b * stride_qp_b
+    return tok_start, seq_q, q_nope_base, q_pe_base, seq_q * num_heads
+
+
+@triton.jit
+def _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """End of the keys row block ``pid_m`` reads from ``n_start`` on: at most ``key_len`` of them, within the
+    sequence, and (causal) no later than the last position any of its rows may see."""
+    n_end = tl.minimum(n_start + key_len, seqlen)
+    if CAUSAL:
+        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
+        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
+    return n_end
+
+
+@triton.jit
+def _softmax_finish(m_i, l_i):
+    """``(1 / l, lse in log2 units)`` per row; rows that saw no key get 1 and -inf (their accumulator is 0)."""
+    has_key = l_i > 0.0
+    safe_l = tl.where(has_key, l_i, 1.0)
+    return 1.0 / safe_l, tl.where(has_key, m_i + tl.math.log2(safe_l), float("-inf"))
+
+
+@triton.jit
 def _mla_attn_kernel(
     Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
     OUT, LSE, OUT_PART, LSE_PART, SCHED_PROGRAMS, SCHED_SEQUENCES,
@@ -193,17 +232,9 @@ def _mla_attn_block(
     """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
     and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output."""
-    if VARLEN:
-        tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
-        seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
-        q_nope_base = Q_NOPE + tok_start * stride_qn_s
-        q_pe_base = Q_PE + tok_start * stride_qp_s
-    else:
-        tok_start = pid_b * s_q
-        seq_q = s_q
-        q_nope_base = Q_NOPE + pid_b * stride_qn_b
-        q_pe_base = Q_PE + pid_b * stride_qp_b
-    num_rows = seq_q * num_heads
+    tok_start, seq_q, q_nope_base, q_pe_base, num_rows = _query_rows(
+        Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b, stride_qp_s,
+        VARLEN)
     if pid_m * BLOCK_M >= num_rows:
         return
     seqlen = tl.load(SEQLENS + pid_b)
@@ -226,10 +257,7 @@ def _mla_attn_block(
 
     # keys this program reads: its split, cut at the last position any of its rows may see
     n_start = pid_split * split_len
-    n_end = tl.minimum(n_start + key_len, seqlen)
-    if CAUSAL:
-        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
-        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
+    n_end = _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -265,9 +293,8 @@ def _mla_attn_block(
             p = p.to(tl.float32)
         acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
 
-    has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse_log2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    inv_l, lse_log2 = _softmax_finish(m_i, l_i)
+    out = acc * inv_l[:, None]
     out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
     if to_part:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
         part_rows = part_index.to(tl.int64) * part_stride + out_rows

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import LN2_C, _online_softmax_step
+from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _softmax_finish
 
 try:  # triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -98,17 +98,9 @@ def _mla_attn_tma_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     pid_split = tl.program_id(2)
 
-    if VARLEN:
-        tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
-        seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
-        q_nope_base = Q_NOPE + tok_start * stride_qn_s
-        q_pe_base = Q_PE + tok_start * stride_qp_s
-    else:
-        tok_start = pid_b * s_q
-        seq_q = s_q
-        q_nope_base = Q_NOPE + pid_b * stride_qn_b
-        q_pe_base = Q_PE + pid_b * stride_qp_b
-    num_rows = seq_q * num_heads
+    tok_start, seq_q, q_nope_base, q_pe_base, num_rows = _query_rows(
+        Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b, stride_qp_s,
+        VARLEN)
     if pid_m * BLOCK_M >= num_rows:
         return
     seqlen = tl.load(SEQLENS + pid_b)
@@ -132,10 +124,7 @@ def _mla_attn_tma_kernel(
         q_pe = q_pe.to(tl.float32)
 
     n_start = pid_split * split_len  # split_len is a multiple of BLOCK_N, so every tile starts page-aligned
-    n_end = tl.minimum(n_start + split_len, seqlen)
-    if CAUSAL:
-        last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
-        n_end = tl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
+    n_end = _key_range(pid_m, n_start, split_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,11 +163,9 @@ def _mla_attn_tma_kernel(
         acc_lo = tl.dot(p, kv_lo, acc_lo * alpha[:, None])  # [BLOCK_M, D_HALF]
         acc_hi = tl.dot(p, kv_hi, acc_hi * alpha[:, None])
 
-    has_key = l_i > 0.0
-    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    inv_l, lse_log2 = _softmax_finish(m_i, l_i)
     out_lo = acc_lo * inv_l[:, None]
     out_hi = acc_hi * inv_l[:, None]
-    lse_log2 = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
     out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
     if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
         part = OUT_PART + (pid_split.to(tl.int64) * total_rows + out_rows)[:, None] * D_LATENT + offs_h[None, :]
