@@ -88,6 +88,11 @@ def is_pow2(x: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+class Fp8MisuseError(ValueError, TypeError):
+    """An fp8 tensor where only the cache's latent may be fp8 (an fp8 query, say): a bad combination of
+    arguments (ValueError, as the FP8 cache's contract says) and a wrong dtype (TypeError) at once."""
+
+
 def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Tensor:
     if t is None:
         raise TypeError(f"{name} must be a torch.Tensor, got None")
@@ -97,6 +102,9 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+            raise Fp8MisuseError(f"{name} is {str(t.dtype).replace('torch.', '')}, but only kv_cache may be fp8 "
+                                 f"(float8_e4m3fn, with kv_scale); {name} must have dtype in ({names})")
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     return t
 

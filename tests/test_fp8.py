@@ -377,13 +377,22 @@ BAD_DECODE = {
     "kv_scale-strided": (lambda a: a.update(kv_scale=torch.zeros(*a["kv_scale"].shape[:2], 4)[..., ::2]), ValueError,
                          "kv_scale"),
     "kv_scale-other-device": (lambda a: a.update(kv_scale=a["kv_scale"].to("meta")), ValueError, "kv_scale"),
-    "q_nope-fp8": (lambda a: a.update(q_nope=a["q_nope"].to(FP8)), TypeError, "q_nope"),
+    "q_nope-fp8": (lambda a: a.update(q_nope=a["q_nope"].to(FP8)), ValueError, "q_nope"),  # also a TypeError
     "q-fp16-vs-bf16-rope": (lambda a: a.update(q_nope=a["q_nope"].half(), q_pe=a["q_pe"].half()), TypeError,
                             "q_nope"),
     "kv_cache-e5m2": (lambda a: a.update(kv_cache=a["kv_cache"].view(torch.float8_e5m2)), TypeError, "kv_cache"),
     "kv_cache-R-not-multiple-of-128": (lambda a: a.update(kv_cache=a["kv_cache"][..., :64],
                                                           q_nope=a["q_nope"][..., :64]), ValueError, "kv_cache"),
 }
+
+
+def test_an_fp8_query_is_both_a_value_and_a_type_error():
+    """The FP8 issue's contract says ValueError for an fp8 query; a wrong dtype is a TypeError elsewhere."""
+    a = _good_decode()
+    a["q_pe"] = a["q_pe"].to(FP8)
+    for exc in (ValueError, TypeError):
+        with pytest.raises(exc, match="q_pe"):
+            mla_kernels.mla_decode(**a)
 
 
 @pytest.mark.parametrize("case", list(BAD_DECODE), ids=list(BAD_DECODE))
@@ -400,7 +409,7 @@ BAD_PREFILL = {
     "kv_scale-missing": (lambda a: a.update(kv_scale=None), ValueError, "kv_scale"),
     "kv_scale-with-bf16-cache": (_bf16_cache, ValueError, "kv_scale"),
     "kv_scale-shape": (lambda a: a.update(kv_scale=a["kv_scale"][..., :2]), ValueError, "kv_scale"),
-    "q_nope-fp8": (lambda a: a.update(q_nope=a["q_nope"].to(FP8)), TypeError, "q_nope"),
+    "q_nope-fp8": (lambda a: a.update(q_nope=a["q_nope"].to(FP8)), ValueError, "q_nope"),
 }
 
 
