@@ -140,8 +140,12 @@ def user_file(device_index: int = 0) -> Path:
 def _device_data(device_index: int) -> dict | None:
     """The shipped file merged with the user's (the user's configs and constants win per shape class / name)."""
     import triton
-    shipped = load_data(device_file(device_index), vendor(), triton.__version__)
-    user = load_data(user_file(device_index), vendor(), triton.__version__)
+    try:
+        paths = device_file(device_index), user_file(device_index)
+    except (RuntimeError, AssertionError):  # no such GPU (e.g. a CPU-only torch asked about "cuda")
+        return None
+    shipped = load_data(paths[0], vendor(), triton.__version__)
+    user = load_data(paths[1], vendor(), triton.__version__)
     if user is None or shipped is None:
         return user if user is not None else shipped
     kernels = {k: dict(v) for k, v in shipped["kernels"].items()}
