@@ -5,6 +5,9 @@
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
+#   bash bench/gpu_session.sh tune      # bench.autotune --quick (issue 9): every kernel's shape classes, decode first
+#                                       # (issue 8's B128 L4096 / B8 L32768 at 16-128 heads); winners merged into a copy
+#                                       # of the shipped file, $OUT/configs/<device>.json: review, copy to mla_kernels/configs/
 # Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +37,11 @@ case "${1:-all}" in
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
     step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;
+  tune)  # issue 9: config sweeps; --budget stops starting new classes in time, each finished class is already written
+    slug=$(python -c "import torch; from mla_kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name()))")
+    mkdir -p "$OUT/configs"
+    [ -f "mla_kernels/configs/$slug.json" ] && cp "mla_kernels/configs/$slug.json" "$OUT/configs/"
+    step autotune 540 python -m bench.autotune --quick --budget 400 --out "$OUT/configs/$slug.json" \
+      --results "$OUT/autotune.json" ;;
 esac
 ls -la "$OUT"
