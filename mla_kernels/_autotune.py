@@ -362,8 +362,12 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
     if not cases:
         return result
     heuristics = [spec.heuristic(c[0], device) for c in cases]
+    index = _tuning._gpu_index(device) if device.type == "cuda" else None
+    table = _tuning._device_table(index) if index is not None else None  # not lookup: no on-demand tuning here
+    stored = (table or {}).get(spec.name, {}).get(key)  # the config stored now competes too
     pool = {}
-    for cfg in heuristics + (candidates if candidates is not None else spec.space(key, device, quick)):
+    for cfg in heuristics + ([dict(stored)] if stored else []) + (
+            candidates if candidates is not None else spec.space(key, device, quick)):
         pool.setdefault(_key(cfg), cfg)
     times: dict[str, list[float]] = {}
 

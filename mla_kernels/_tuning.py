@@ -234,9 +234,17 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
         return None
     table = _device_table(index)
     cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
+    if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
+        return cfg
     if cfg is None and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0"):
         cfg = _tune_missing(kernel, shape_class, index)
-    return Tuned(cfg, kernel, shape_class, index) if cfg is not None else None
+        table = _device_table(index)
+    if cfg is None:
+        return None
+    cfg = Tuned(cfg, kernel, shape_class, index)
+    if table is not None and shape_class in table.get(kernel, {}):
+        table[kernel][shape_class] = cfg
+    return cfg
 
 
 _tried: set = set()
