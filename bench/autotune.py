@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer benchmark shapes and configs per class (a few minutes on one GPU)")
+                        help="fewer benchmark shapes and configs per class")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {','.join(KERNELS)}")
     parser.add_argument("--out", default=None,
                         help="config file to write (default mla_kernels/configs/<device-slug>.json)")
@@ -59,18 +59,25 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
     name = h.device_name(device)
     out = Path(args.out) if args.out else _tuning.CONFIG_DIR / f"{_tuning.device_slug(name)}.json"
     print(f"{name}: tuning {', '.join(args.kernels)}{' (--quick)' if args.quick else ''} -> {out}")
+    done: list[dict] = []
+
+    def report(res=None):  # rewritten after every class, so a run cut short leaves its report too
+        if res is not None:
+            done.append(res)
+        return h.write_json("autotune", {"config_file": str(out), "quick": args.quick, "kernels": args.kernels,
+                                         "classes": done}, device, args.results)
+
     results = _autotune.sweep(args.kernels, shapes, quick=args.quick, device=device, out=out, timer=timer,
                               check=h.check_close, budget_s=args.budget, progress=h.progress, log=h.log,
-                              source=f"python -m bench.autotune{' --quick' if args.quick else ''} on {name}")
+                              source=f"python -m bench.autotune{' --quick' if args.quick else ''} on {name}",
+                              on_result=report)
     print("\nbefore (heuristic) / after (winner), geometric mean over each class's shapes:")
     for res in results:
         print(_autotune.format_result(res))
     pruned = sum(len(r.get("pruned", [])) for r in results)
     print(f"\n{sum(r.get('winner') is not None for r in results)}/{len(results)} classes tuned, "
           f"{pruned} candidates pruned (see the report); configs: {out}")
-    report = h.write_json("autotune", {"config_file": str(out), "quick": args.quick, "kernels": args.kernels,
-                                       "classes": results}, device, args.results)
-    print(f"report: {report}")
+    print(f"report: {report()}")
     return results
 
 

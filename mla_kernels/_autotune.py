@@ -432,10 +432,11 @@ def default_out(device) -> str:
 
 def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, device=None, dtype=torch.bfloat16,
           out=None, timer=None, check=check_close, candidates: dict | None = None, budget_s: float | None = None,
-          source: str | None = None, log=print, progress=_Bar) -> list[dict]:
+          source: str | None = None, log=print, progress=_Bar, on_result=None) -> list[dict]:
     """Tune the shape classes of ``shapes`` (kernel -> list of shape dicts; default each kernel's
     ``default_shapes(quick)``) for ``kernels`` (default: all of ``KERNELS``, or the keys of ``shapes``) and write
-    each class's winner to ``out`` as soon as it is known. Returns one result per class."""
+    each class's winner to ``out`` as soon as it is known (and pass its result to ``on_result``). Returns one
+    result per class."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if timer is None:
@@ -462,6 +463,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
             if budget_s is not None and time.monotonic() - start > budget_s:
                 log(f"budget of {budget_s:.0f} s spent: {kernel} {key} not tuned")
                 results.append(dict(kernel=kernel, shape_class=key, winner=None, note="not tuned: budget spent"))
+                if on_result is not None:
+                    on_result(results[-1])
                 continue
             res = tune_class(spec, key, members, device, dtype, timer=timer, check=check,
                              candidates=(candidates or {}).get(kernel), quick=quick, log=log, progress=progress)
@@ -470,6 +473,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
                 _tuning.save_file(out, device=name, sm_count=sms, source=source,
                                   kernels={kernel: {key: res["winner"]}})
             log(format_result(res))
+            if on_result is not None:
+                on_result(res)
     if out is not None:
         _tuning.reload()
     return results

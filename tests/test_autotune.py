@@ -307,3 +307,10 @@ def test_shape_classes_and_the_seeded_h100_file():
         want = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2) if rows <= 16 else \
             dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
         assert table[_tuning.decode_class(rows)] == want, rows
+
+
+def test_budget_spent_leaves_classes_untuned_and_unwritten(fake_gpu, device):
+    out, seen = fake_gpu / "budget.json", []
+    res = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=out, timer=lambda fn: 1.0,
+                          budget_s=-1.0, log=lambda msg: None, on_result=seen.append)
+    assert res == seen and res[0]["winner"] is None and "budget" in res[0]["note"] and not out.exists()
