@@ -103,7 +103,7 @@ def test_sweep_end_to_end_writes_a_file_the_library_loads(fake_gpu, monkeypatch,
     assert res["heuristic"] == [HEURISTIC, HEURISTIC] and len(res["shapes"]) == 2
     data = json.loads(out.read_text())
     assert data["kernels"] == {"decode": {KEY: FAST}}
-    assert data["device"] == "cpu (Triton interpreter)" and data["triton"] == triton.__version__
+    assert data["device"] == _autotune._device_info(device)[0] and data["triton"] == triton.__version__
     assert {"sm_count", "torch", "date", "commit", "source"} <= set(data)
     assert json.loads(report.read_text())["classes"][0]["winner"] == FAST
 
@@ -165,16 +165,16 @@ def test_sweep_other_kernels_and_their_configs_reach_the_launch(fake_gpu, monkey
     g = torch.Generator().manual_seed(0)
     if kernel == "write_cache":
         kv_cache, pe_cache = torch.zeros(4, 4, R, device=device), torch.zeros(4, 4, P, device=device)
-        mla_kernels.write_cache(torch.randn(5, R, generator=g), torch.randn(5, P, generator=g), kv_cache, pe_cache,
-                                torch.arange(5, device=device) * 3)
+        mla_kernels.write_cache(torch.randn(5, R, generator=g).to(device), torch.randn(5, P, generator=g).to(device),
+                                kv_cache, pe_cache, torch.arange(5, device=device) * 3)
     else:
         lens, new = [16, 16], 5
         kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device)
         cu = torch.tensor([0, new, 2 * new], dtype=torch.int32, device=device)
-        w_kv_b = torch.randn(HEADS * 32, R, generator=g)
-        mla_kernels.mla_prefill_attention(torch.randn(2 * new, HEADS, 16, generator=g),
-                                          torch.randn(2 * new, HEADS, P, generator=g), kv, pe, table, cu,
-                                          torch.tensor(lens, dtype=torch.int32), w_kv_b, SCALE,
+        w_kv_b = torch.randn(HEADS * 32, R, generator=g).to(device)
+        mla_kernels.mla_prefill_attention(torch.randn(2 * new, HEADS, 16, generator=g).to(device),
+                                          torch.randn(2 * new, HEADS, P, generator=g).to(device), kv, pe, table, cu,
+                                          torch.tensor(lens, dtype=torch.int32, device=device), w_kv_b, SCALE,
                                           path="absorbed" if kernel == "prefill" else kernel)
     meta = spy.launches[-1]
     got = {k: meta[k] for k in winner}
@@ -211,8 +211,8 @@ def test_write_cache_fallback_writes_everything_once(fake_gpu, monkeypatch, devi
     spy = KernelSpy(cache._write_cache_kernel, fail=lambda m: m["BLOCK_T"] == 64)
     monkeypatch.setattr(cache, "_write_cache_kernel", spy)
     kv_cache, pe_cache = torch.zeros(4, 4, R, device=device), torch.zeros(4, 4, P, device=device)
-    new = torch.randn(5, R + P)
-    slots = torch.tensor([0, 5, 6, 11, 15])
+    new = torch.randn(5, R + P).to(device)
+    slots = torch.tensor([0, 5, 6, 11, 15], device=device)
     with pytest.warns(RuntimeWarning, match="failed to compile"):
         mla_kernels.write_cache(new[:, :R], new[:, R:], kv_cache, pe_cache, slots)
     assert [m["BLOCK_T"] for m in spy.launches] == [64, 8]
