@@ -95,7 +95,7 @@ def test_sweep_end_to_end_writes_a_file_the_library_loads(fake_gpu, monkeypatch,
     report = fake_gpu / "report.json"
     timer = fake_timer({16: 3.0, 32: 1.0, 64: 2.0})
     monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [WRONG, FAST])
-    results = cli.main(["--kernels", "decode", "--out", str(out), "--results", str(report), "--device", "cpu"],
+    results = cli.main(["--kernels", "decode", "--out", str(out), "--results", str(report), "--device", str(device)],
                        timer=timer, shapes={"decode": [DECODE, dict(DECODE, B=1, ctx=70, page=4)]})
     (res,) = results
     assert res["shape_class"] == KEY and res["winner"] == FAST and not res["pruned"]
