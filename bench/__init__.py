@@ -4,6 +4,8 @@
                              the naive (decompressed) and the PyTorch absorbed paths.
 ``python -m bench.memory``   KV-cache bytes per token (MHA, GQA, transformers' DeepSeek cache, latent)
                              from formulas and from allocated memory; peak memory during decode.
+``python -m bench.autotune`` config sweeps of every kernel on this GPU; the winners go to
+                             ``mla_kernels/configs/<device>.json``, which the library reads at launch.
 ``python -m bench.fp8_quality``  the FP8 latent cache: decode error against bf16 on random data, a patched
                              model's logits and greedy tokens, and (GPU) its speed against bf16.
 

@@ -6,6 +6,9 @@
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
 #   bash bench/gpu_session.sh decode    # issue 8/13: bench.decode full sweep (targets, imbalanced) + --cuda-graph
+#   bash bench/gpu_session.sh tune      # bench.autotune --quick (issue 9): every kernel's shape classes, decode first
+#                                       # (issue 8's B128 L4096 / B8 L32768 at 16-128 heads); winners merged into a copy
+#                                       # of the shipped file, configs/<device>.json in the tgz: review, copy to mla_kernels/configs/
 # The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and the end packs $WORK
 # into one $OUT/gpu_<step>.tgz (plus the JSON files, up to 6). Unpack it here, copy the JSON into bench/results/,
 # commit, redraw the PNGs (python -m bench.decode --replot FILE.json; matplotlib is not on the GPU machine),
@@ -46,6 +49,12 @@ case "${1:-all}" in
     step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced --out "$OUT/decode_full.json"
     step bench_decode_imbalanced 120 python -m bench.decode --skip-seed --skip-sweep --out "$OUT/decode_imb.json"
     step bench_decode_graph 180 python -m bench.decode --quick --cuda-graph --out "$OUT/decode_graph.json" ;;
+  tune)  # issue 9: config sweeps; --budget stops starting new classes in time, each finished class is already written
+    slug=$(python -c "import torch; from mla_kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name()))")
+    mkdir -p "$OUT/configs"
+    [ -f "mla_kernels/configs/$slug.json" ] && cp "mla_kernels/configs/$slug.json" "$OUT/configs/"
+    step autotune 540 python -m bench.autotune --quick --budget 400 --out "$OUT/configs/$slug.json" \
+      --results "$OUT/autotune.json" ;;
 esac
 ls -la "$OUT"
 tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -6 | xargs -r cp -t "$FINAL_OUT"

@@ -1,6 +1,7 @@
 """mla_kernels: Triton kernels for DeepSeek's Multi-head Latent Attention (absorbed MLA)."""
 
 from .cache import CacheFullError, PagedLatentCache, fp8_latent_cache, write_cache
+from ._autotune import autotune
 from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
@@ -11,6 +12,7 @@ from . import _ops  # noqa: F401,E402  (registers the torch.ops.mla_kernels cust
 __version__ = "0.1.0"
 
 __all__ = [
+    "autotune",
     "mla_decode",
     "mla_decode_metadata",
     "DecodeSchedule",

@@ -6,12 +6,20 @@ triton MAJOR version differs from the installed one, or its vendor differs from 
 one warning and the heuristics (``decode._config`` / ``prefill._expanded_config``), never a crash.
 ``constants`` holds measured numbers other code reads (``constant``), e.g. prefill's path-speed ratio.
 ``save_file`` writes or updates a file (``bench.autotune`` and calibration runs use it).
-Hooked into ``decode._launch`` only (a config that fails to compile is not yet caught).
+
+Shape classes (the keys of a kernel's table) hold only what changes the best config: the widths and a bucket of
+the rows or tokens a program sees, never per-call lengths (``decode_class``, ``prefill_class``, ``expanded_class``,
+``write_cache_class``). A user's own file, ``user_file`` (``$XDG_CACHE_HOME/mla_kernels/<device-slug>.json``,
+``mla_kernels.autotune`` writes it), overrides the shipped one per shape class. ``lookup`` returns a ``Tuned``
+dict; a launch that gets one goes through ``launch_tuned``: a stored config that fails to compile is dropped with
+one warning and the launch retried with the heuristic. With ``MLA_KERNELS_AUTOTUNE=1`` (read at lookup time) a
+shape class with no stored config is tuned once on first use and cached in the user's file.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -24,9 +32,39 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def _bucket(n: int, name: str, bounds) -> str:
+    for bound in bounds:
+        if n <= bound:
+            return f"{name}<={bound}"
+    return f"{name}>{bounds[-1]}"
+
+
+DECODE_ROWS = (16, 32, 64)  # rows of one sequence (S_q x H) a decode program's BLOCK_M covers: the tile choice
+PREFILL_ROWS = (256, 4096)  # absorbed prefill: rows (new tokens x heads) of the longest sequence
+EXPANDED_NEW = (64, 1024)  # expanded prefill: new tokens of the longest sequence (the BLOCK_M of one head)
+WRITE_TOKENS = (256,)  # write_cache: a decode step's tokens, or a prompt's
+
+
 def decode_class(rows_per_seq: int, d_latent: int = 512) -> str:
-    """Shape class of a decode launch: the latent width and the rows per sequence change the best tiles."""
-    return f"R{d_latent}/" + ("rows<=16" if rows_per_seq <= 16 else "rows>16")
+    """Shape class of a decode launch: the latent width and the rows per sequence (S_q x H, the kernel flattens
+    them) change the best tiles; batch, context and page size are the benchmark cases within a class (the page
+    size cannot be a key: ``mla_decode_metadata`` picks tiles without it)."""
+    return f"R{d_latent}/" + _bucket(rows_per_seq, "rows", DECODE_ROWS)
+
+
+def prefill_class(max_seqlen_q: int, heads: int, d_latent: int = 512) -> str:
+    """Shape class of an absorbed prefill launch (decode's kernel over ragged rows)."""
+    return f"R{d_latent}/" + _bucket(max_seqlen_q * heads, "rows", PREFILL_ROWS)
+
+
+def expanded_class(max_seqlen_q: int, d_nope: int = 128, d_v: int = 128) -> str:
+    """Shape class of an expanded prefill launch: per-head widths and the longest sequence's new tokens."""
+    return f"N{d_nope}/V{d_v}/" + _bucket(max_seqlen_q, "new", EXPANDED_NEW)
+
+
+def write_cache_class(num_tokens: int, d_latent: int = 512, fp8: bool = False) -> str:
+    """Shape class of a write_cache launch: width, fp8 quantization, decode step or prompt."""
+    return f"R{d_latent}/" + ("fp8/" if fp8 else "") + _bucket(num_tokens, "tokens", WRITE_TOKENS)
 
 
 _warned: set = set()
@@ -77,16 +115,56 @@ def vendor() -> str:
     return "hip" if getattr(torch.version, "hip", None) else "cuda"
 
 
+def _device_name(device_index: int) -> str:
+    import torch
+    return torch.cuda.get_device_name(device_index)
+
+
 def device_file(device_index: int = 0) -> Path:
     """Where the shipped config file of this GPU lives (it may not exist)."""
-    import torch
-    return CONFIG_DIR / f"{device_slug(torch.cuda.get_device_name(device_index))}.json"
+    return CONFIG_DIR / f"{device_slug(_device_name(device_index))}.json"
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mla_kernels``, else ``~/.cache/mla_kernels``: where ``mla_kernels.autotune`` writes."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mla_kernels"
+
+
+def user_file(device_index: int = 0) -> Path:
+    """This GPU's file in the user's cache directory (it may not exist); it overrides the shipped one."""
+    return user_cache_dir() / f"{device_slug(_device_name(device_index))}.json"
 
 
 @functools.lru_cache(maxsize=None)
 def _device_data(device_index: int) -> dict | None:
+    """The shipped file merged with the user's (the user's configs and constants win per shape class / name)."""
     import triton
-    return load_data(device_file(device_index), vendor(), triton.__version__)
+    try:
+        paths = device_file(device_index), user_file(device_index)
+    except (RuntimeError, AssertionError):  # no such GPU (e.g. a CPU-only torch asked about "cuda")
+        return None
+    shipped = load_data(paths[0], vendor(), triton.__version__)
+    user = load_data(paths[1], vendor(), triton.__version__)
+    if user is None or shipped is None:
+        return user if user is not None else shipped
+    kernels = {k: dict(v) for k, v in shipped["kernels"].items()}
+    for kernel, table in user["kernels"].items():
+        kernels.setdefault(kernel, {}).update(table)
+    return dict(shipped, kernels=kernels, constants=dict(shipped["constants"], **user["constants"]),
+                user_source=user.get("source"))
+
+
+def _gpu_index(device) -> int | None:
+    """The GPU index of ``device``, or None for anything that reads no config file (the CPU, the interpreter)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return device.index if device.index is not None else 0
+
+
+def reload() -> None:
+    """Forget the loaded files (after one was written): the next lookup reads them again."""
+    _device_data.cache_clear()
 
 
 def _device_table(device_index: int) -> dict | None:
@@ -97,9 +175,10 @@ def _device_table(device_index: int) -> dict | None:
 def constant(name: str, device) -> float | None:
     """A measured constant (``constants`` table) of ``device``'s file, or None (the caller's default).
     CPU devices always get None."""
-    if getattr(device, "type", None) != "cuda":
+    index = _gpu_index(device)
+    if index is None:
         return None
-    data = _device_data(device.index if device.index is not None else 0)
+    data = _device_data(index)
     return None if data is None else data["constants"].get(name)
 
 
@@ -134,13 +213,85 @@ def save_file(path: Path, *, device: str, sm_count: int, source: str, kernels: d
     return data
 
 
-def lookup(kernel: str, shape_class: str, device) -> dict | None:
+AUTOTUNE_ENV = "MLA_KERNELS_AUTOTUNE"
+
+
+class Tuned(dict):
+    """A config from a file (``lookup``): a dict that remembers where it came from, so a launch that fails to
+    compile it can drop it (``launch_tuned``)."""
+
+    def __init__(self, cfg: dict, kernel: str, shape_class: str, device_index: int):
+        super().__init__(cfg)
+        self.kernel, self.shape_class, self.device_index = kernel, shape_class, device_index
+
+
+def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
     """The stored config for ``kernel`` at ``shape_class`` on ``device``, or None (use the heuristic).
-    CPU devices (interpreter) always get None. One dict lookup after the first call per device."""
-    if getattr(device, "type", None) != "cuda":
+    CPU devices (interpreter) always get None. One dict lookup after the first call per device; with
+    ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``)."""
+    index = _gpu_index(device)
+    if index is None:
         return None
-    table = _device_table(device.index if device.index is not None else 0)
-    if table is None:
+    table = _device_table(index)
+    cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
+    if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
+        return cfg
+    if cfg is None and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0"):
+        cfg = _tune_missing(kernel, shape_class, index)
+        table = _device_table(index)
+    if cfg is None:
         return None
-    cfg = table.get(kernel, {}).get(shape_class)
-    return dict(cfg) if cfg is not None else None
+    cfg = Tuned(cfg, kernel, shape_class, index)
+    if table is not None and shape_class in table.get(kernel, {}):
+        table[kernel][shape_class] = cfg
+    return cfg
+
+
+_tried: set = set()
+
+
+def _tune_missing(kernel: str, shape_class: str, device_index: int) -> dict | None:
+    """``MLA_KERNELS_AUTOTUNE=1``: tune this class now (once per process, never while a graph is captured or
+    traced), write the winner to the user's file and return it; None (heuristics) if that cannot be done."""
+    import torch
+
+    if (device_index, kernel, shape_class) in _tried:
+        return None
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return None
+    _tried.add((device_index, kernel, shape_class))
+    from . import _autotune
+    try:
+        cfg = _autotune.tune_on_demand(kernel, shape_class, device_index)
+    except Exception as exc:  # tuning is an optimisation: it must never break the call that asked for it
+        _warn_once(f"mla_kernels: {AUTOTUNE_ENV}: tuning {kernel} {shape_class} failed ({type(exc).__name__}: "
+                   f"{exc}); using the built-in heuristics")
+        return None
+    reload()
+    return cfg
+
+
+def _compile_errors() -> tuple:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime import errors
+    return (CompilationError,) + tuple(getattr(errors, n) for n in ("OutOfResources", "PTXASError")
+                                       if hasattr(errors, n))
+
+
+def drop(cfg: Tuned, exc: BaseException) -> None:
+    """Forget a stored config that failed to compile (this process only; the file is left alone), one warning."""
+    data = _device_data(cfg.device_index)
+    if data is not None:
+        data["kernels"].get(cfg.kernel, {}).pop(cfg.shape_class, None)
+    _warn_once(f"mla_kernels: the stored {cfg.kernel} config {dict(cfg)} for {cfg.shape_class} failed to compile "
+               f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")
+
+
+def launch_tuned(cfg: Tuned, launch, fallback):
+    """``launch(plain config)``; if a stored config fails to compile, ``drop`` it and ``launch(fallback)``.
+    Compilation happens before the kernel runs, so nothing was written by the failed attempt."""
+    try:
+        return launch(dict(cfg))
+    except _compile_errors() as exc:
+        drop(cfg, exc)
+        return launch(fallback)

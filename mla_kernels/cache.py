@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from . import _tuning
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES
 
 __all__ = ["write_cache", "PagedLatentCache", "CacheFullError", "fp8_latent_cache", "fp8_row_bytes"]
@@ -100,11 +101,23 @@ def _block_t(num_tokens: int, d_latent: int) -> int:
     return min(16, 4096 // d_latent, _utils.next_pow2(num_tokens))
 
 
-def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
+def _write_cache_config(num_tokens: int, d_latent: int, fp8: bool, device: torch.device) -> dict:
+    """This GPU's tuned config for the shape class (``_tuning.write_cache_class``; a ``_tuning.Tuned``), else the
+    heuristic: ``_block_t`` tokens per program, 4 warps."""
+    tuned = _tuning.lookup("write_cache", _tuning.write_cache_class(num_tokens, d_latent, fp8), device)
+    return tuned if tuned is not None else dict(BLOCK_T=_block_t(num_tokens, d_latent), num_warps=4)
+
+
+def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None, config=None):
     num_tokens = kv_c.shape[0]
     num_blocks, page_size, d_latent = kv_cache.shape
     d_rope = pe_cache.shape[2]
-    block_t = _block_t(num_tokens, d_latent)
+    cfg = config or _write_cache_config(num_tokens, d_latent, kv_scale is not None, kv_cache.device)
+    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
+        return _tuning.launch_tuned(
+            cfg, lambda c: _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, config=c),
+            dict(BLOCK_T=_block_t(num_tokens, d_latent), num_warps=4))
+    block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     _write_cache_kernel[grid](
         kv_c, k_pe, kv_cache, pe_cache, slot_mapping,
@@ -113,7 +126,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
         kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
         kv_scale if kv_scale is not None else kv_cache, *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
         D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_T=block_t, KV_FP8=kv_scale is not None,
-        num_warps=4,
+        num_warps=cfg["num_warps"],
     )
 
 

@@ -73,14 +73,15 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device) -> dict
             or _config(rows_per_seq, d_latent, _utils.is_hip() and device.type == "cuda"))
 
 
-def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16) -> int:
+def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16,
+                waves: int | None = None) -> int:
     """Split the cache length so the programs fill the GPU, no split shorter than MIN_SPLIT_TOKENS.
 
     Decided from shapes only: no host synchronisation. Memory-bound small row blocks aim at about two
     waves; 64-row tiles (tensor-core bound) at one wave, since on an H100 at B128 L4096 H128 one split ran
     213 TFLOP/s against 182 for two (h100-2026-11-22-structure-probe.json)."""
     sms = _utils.num_sms(device)
-    waves = 1 if block_m >= 64 else 2
+    waves = waves or (1 if block_m >= 64 else 2)  # a tuned config may set its own (``waves``)
     want = _utils.cdiv(waves * sms, max(1, programs_per_split))
     most = max(1, max_seqlen // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, most, 128)))
@@ -367,17 +368,25 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     varlen = cu_seqlens_q is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
     device = q_nope.device
+    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device)
+    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
+        fallback = _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
+        if schedule is not None:  # the schedule was cut along its tiles
+            fallback.update(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
+        return _tuning.launch_tuned(cfg, lambda c: _launch(
+            q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
+            return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c, schedule=schedule, kv_scale=kv_scale), fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total_tokens, heads, dtype=torch.float32, device=device) if return_lse else None
     if total_rows == 0 or batch == 0:
         return out, lse
 
-    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
-        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m)
+        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m, cfg.get("waves"))
     split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from . import _tuning
 from .cache import dequantize_fp8_torch
 from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v
 
@@ -100,17 +101,26 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
 # --------------------------------------------------------------------------------------------
 
 
-def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device) -> dict | None:
-    """Tiles for the absorbed kernel in prefill: None (decode's ``_config``) on a GPU. The interpreter spends
-    ~50 ms per loop step whatever the tile, so there prefill's many rows run in large tiles (one test runs
-    the GPU tiles)."""
-    if device.type == "cuda":
-        return None
+def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_latent: int = 512) -> dict | None:
+    """Tiles for the absorbed kernel in prefill: this GPU's tuned config for the shape class
+    (``_tuning.prefill_class``, a ``_tuning.Tuned`` that ``decode._launch`` drops if it fails to compile), else
+    None (decode's ``_config``) on a GPU. The interpreter spends ~50 ms per loop step whatever the tile, so there
+    prefill's many rows run in large tiles (one test runs the GPU tiles)."""
+    tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent), device)
+    if tuned is not None or device.type == "cuda":
+        return tuned
     block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=1)
 
 
-def _expanded_config(max_seqlen_q: int, device: torch.device) -> dict:
+def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128, d_v: int = 128) -> dict:
+    """This GPU's tuned config for the expanded kernel's shape class (``_tuning.expanded_class``; a
+    ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``."""
+    tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device)
+    return tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, device)
+
+
+def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
     """Tiles for the expanded kernel: BLOCK_M query tokens of one head x BLOCK_N keys per step.
 
     The fp32 accumulator is BLOCK_M x D_v; q (D_nope + P wide) stays in registers for the whole loop.
@@ -281,17 +291,22 @@ def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv
 
 
 def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
-                     softmax_scale, causal, return_lse, *, max_seqlen_q):
-    """Run the expanded kernel on checked arguments. Returns out [T, H, D_v], lse [T, H] | None."""
+                     softmax_scale, causal, return_lse, *, max_seqlen_q, config=None):
+    """Run the expanded kernel on checked arguments. Returns out [T, H, D_v], lse [T, H] | None.
+    ``config`` (a dict like ``_expanded_heuristic``'s) overrides the tiles."""
     total, heads, d_nope = q_nope.shape
     d_rope, d_v = q_pe.shape[-1], v.shape[-1]
     batch = block_table.shape[0]
     device = q_nope.device
+    cfg = config or _expanded_config(max_seqlen_q, device, d_nope, d_v)
+    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
+        return _tuning.launch_tuned(cfg, lambda c: _launch_expanded(
+            q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens, softmax_scale,
+            causal, return_lse, max_seqlen_q=max_seqlen_q, config=c), _expanded_heuristic(max_seqlen_q, device))
     out = torch.empty(total, heads, d_v, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
     if total == 0 or batch == 0:
         return out, lse
-    cfg = _expanded_config(max_seqlen_q, device)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
     _mla_expanded_kernel[grid](
         q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
@@ -512,7 +527,8 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device), kv_scale=kv_scale)
+                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2]),
+                       kv_scale=kv_scale)
     return out, lse
 
 

@@ -1,0 +1,316 @@
+"""Config sweeps (mla_kernels._autotune, bench.autotune, mla_kernels.autotune) and stored configs at launch.
+
+The sweep runs end to end under the interpreter on tiny widths (R 32, P 16, as test_ops) with an injected timer
+(``do_bench`` needs a GPU): the timer's numbers pick the winner, so what is tested is the machinery (checking,
+pruning, choosing, writing, loading), never a speed. "A GPU" is faked by patching ``_tuning._gpu_index``: the
+library then reads config files for the CPU tensors the interpreter runs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+import mla_kernels
+from helpers import assert_close, make_paged_cache
+from mla_kernels import _autotune, _tuning, cache, decode, prefill
+
+R, P, PAGE, HEADS = 32, 16, 16, 2
+SCALE = 0.25
+DECODE = dict(B=2, ctx=40, H=HEADS, S_q=1, page=PAGE, R=R, P=P)
+KEY = _tuning.decode_class(HEADS, R)  # "R32/rows<=16"
+# the interpreter's heuristic for R 32 at 2 rows is 16 x 64 tiles, 4 warps, 2 stages (decode._config)
+HEURISTIC = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
+FAST, WRONG, BROKEN = (dict(BLOCK_M=16, BLOCK_N=n, num_warps=4, num_stages=1) for n in (32, 16, 128))
+
+
+def fake_timer(ms_by_block_n, calls=None):
+    """A timer that says how fast each BLOCK_N is (the sweep hands it a ``Run`` that knows its config)."""
+    def timer(fn):
+        if calls is not None:
+            calls.append(dict(fn.config))
+        return ms_by_block_n[fn.config["BLOCK_N"]]
+    return timer
+
+
+class KernelSpy:
+    """Stands in for a @triton.jit kernel: records each launch's meta-parameters, optionally fails a launch as
+    the compiler would (OutOfResources) or corrupts its first output argument (a wrong config)."""
+
+    def __init__(self, kernel, fail=None, corrupt=None, out_arg=None):
+        self.kernel, self.fail, self.corrupt, self.out_arg, self.launches = kernel, fail, corrupt, out_arg, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append(meta)
+            if self.fail is not None and self.fail(meta):
+                raise OutOfResources(300000, 232448, "shared memory")
+            result = self.kernel[grid](*args, **meta)
+            if self.corrupt is not None and self.corrupt(meta):
+                args[self.out_arg].mul_(2.0)
+            return result
+        return launch
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """Make the library believe CPU tensors are on "Test GPU" 0, with its shipped configs in tmp/configs and the
+    user's cache in tmp/cache; nothing loaded before, nothing left behind."""
+    monkeypatch.setattr(_tuning, "_gpu_index", lambda device: 0)
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(_tuning, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(_tuning, "_warned", set())
+    monkeypatch.setattr(_tuning, "_tried", set())
+    _tuning.reload()
+    yield tmp_path
+    _tuning.reload()
+
+
+def decode_call(device, seed=0):
+    """A tiny decode problem (2 sequences of 40 and 23 tokens, NaN-poisoned cache) and its float64 reference."""
+    from reference import absorbed_decode
+
+    lens = [40, 23]
+    kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device, generator_seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 1, HEADS, R + P, generator=g).to(device)
+    args = (q[..., :R], q[..., R:], kv, pe, table, torch.tensor(lens, dtype=torch.int32, device=device), SCALE)
+    expected, _ = absorbed_decode(*args)
+    return args, expected
+
+
+def test_sweep_end_to_end_writes_a_file_the_library_loads(fake_gpu, monkeypatch, device):
+    """bench.autotune on tiny shapes: the timer's fastest correct candidate wins, the before/after table is
+    printed, the file carries the metadata, and a later call looks the winner up and launches it."""
+    from bench import autotune as cli
+
+    out = _tuning.CONFIG_DIR / "test-gpu.json"
+    report = fake_gpu / "report.json"
+    timer = fake_timer({16: 3.0, 32: 1.0, 64: 2.0})
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [WRONG, FAST])
+    results = cli.main(["--kernels", "decode", "--out", str(out), "--results", str(report), "--device", str(device)],
+                       timer=timer, shapes={"decode": [DECODE, dict(DECODE, B=1, ctx=70, page=4)]})
+    (res,) = results
+    assert res["shape_class"] == KEY and res["winner"] == FAST and not res["pruned"]
+    assert res["before_geomean_ms"] == 2.0 and res["after_geomean_ms"] == 1.0 and res["speedup"] == 2.0
+    assert res["heuristic"] == [HEURISTIC, HEURISTIC] and len(res["shapes"]) == 2
+    data = json.loads(out.read_text())
+    assert data["kernels"] == {"decode": {KEY: FAST}}
+    assert data["device"] == _autotune._device_info(device)[0] and data["triton"] == triton.__version__
+    assert {"sm_count", "torch", "date", "commit", "source"} <= set(data)
+    assert json.loads(report.read_text())["classes"][0]["winner"] == FAST
+
+    spy = KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    args, expected = decode_call(device)
+    assert _tuning.lookup("decode", KEY, device) == FAST
+    out_t = mla_kernels.mla_decode(*args)
+    assert (spy.launches[-1]["BLOCK_N"], spy.launches[-1]["num_stages"]) == (32, 1)
+    assert_close("decode with the tuned config", out_t, expected, torch.float32)
+
+
+def test_wrong_and_uncompilable_candidates_are_pruned_and_reported(fake_gpu, monkeypatch, device):
+    """A candidate whose output is wrong (here: doubled) and one whose launch raises OutOfResources are pruned
+    with their reasons and never timed, although the timer would call them the fastest; the sweep goes on."""
+    spy = KernelSpy(decode._mla_attn_kernel, fail=lambda m: m["BLOCK_N"] == 128,
+                    corrupt=lambda m: m["BLOCK_N"] == 16, out_arg=8)  # OUT is the kernel's 9th argument
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    calls, logged = [], []
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None,
+                             timer=fake_timer({16: 0.1, 128: 0.1, 32: 1.0, 64: 2.0}, calls),
+                             candidates={"decode": [WRONG, BROKEN, FAST]}, log=logged.append)
+    reasons = {p["config"]["BLOCK_N"]: p["reason"] for p in res["pruned"]}
+    assert reasons[16].startswith("wrong result") and "relative RMS error" in reasons[16]
+    assert reasons[128].startswith("does not compile: OutOfResources")
+    assert res["winner"] == FAST and {c["BLOCK_N"] for c in calls} == {32, 64}
+    assert any("pruned" in line for line in logged) and "2 pruned" in _autotune.format_result(res)
+
+
+def test_every_candidate_pruned_stores_nothing(fake_gpu, monkeypatch, device):
+    monkeypatch.setattr(decode, "_mla_attn_kernel", KernelSpy(decode._mla_attn_kernel, fail=lambda m: True))
+    out = fake_gpu / "none.json"
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=out, timer=lambda fn: 1.0,
+                             candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert res["winner"] is None and len(res["pruned"]) == 2 and not out.exists()
+    assert "NOT TUNED" in _autotune.format_result(res)
+
+
+@pytest.mark.parametrize("kernel", ["prefill", "expanded", "write_cache"])
+def test_sweep_other_kernels_and_their_configs_reach_the_launch(fake_gpu, monkeypatch, kernel, device):
+    """The absorbed prefill, the expanded prefill and write_cache: swept on tiny shapes, written to the shipped
+    file's place, then looked up by the public calls, which launch the winner."""
+    shapes = {"prefill": dict(B=2, new=5, hist=11, H=HEADS, page=PAGE, R=R, P=P),
+              "expanded": dict(B=2, new=5, hist=11, H=HEADS, page=PAGE, N=16, V=16, P=P),
+              "write_cache": dict(tokens=5, page=4, R=R, P=P)}
+    winner = dict(BLOCK_T=2, num_warps=1) if kernel == "write_cache" else FAST
+    out = _tuning.CONFIG_DIR / "test-gpu.json"
+    (res,) = _autotune.sweep([kernel], {kernel: [shapes[kernel]]}, device=device, out=out,
+                             timer=lambda fn: 1.0 if fn.config == winner else 2.0,
+                             candidates={kernel: [winner]}, log=lambda msg: None)
+    assert res["winner"] == winner and res["speedup"] == 2.0
+    key = _autotune.SPECS[kernel].key(shapes[kernel])
+    assert json.loads(out.read_text())["kernels"][kernel] == {key: winner}
+
+    name = {"prefill": (decode, "_mla_attn_kernel"), "expanded": (prefill, "_mla_expanded_kernel"),
+            "write_cache": (cache, "_write_cache_kernel")}[kernel]
+    spy = KernelSpy(getattr(*name))
+    monkeypatch.setattr(*name, spy)
+    g = torch.Generator().manual_seed(0)
+    if kernel == "write_cache":
+        kv_cache, pe_cache = torch.zeros(4, 4, R, device=device), torch.zeros(4, 4, P, device=device)
+        mla_kernels.write_cache(torch.randn(5, R, generator=g).to(device), torch.randn(5, P, generator=g).to(device),
+                                kv_cache, pe_cache, torch.arange(5, device=device) * 3)
+    else:
+        lens, new = [16, 16], 5
+        kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device)
+        cu = torch.tensor([0, new, 2 * new], dtype=torch.int32, device=device)
+        w_kv_b = torch.randn(HEADS * 32, R, generator=g).to(device)
+        mla_kernels.mla_prefill_attention(torch.randn(2 * new, HEADS, 16, generator=g).to(device),
+                                          torch.randn(2 * new, HEADS, P, generator=g).to(device), kv, pe, table, cu,
+                                          torch.tensor(lens, dtype=torch.int32, device=device), w_kv_b, SCALE,
+                                          path="absorbed" if kernel == "prefill" else kernel)
+    meta = spy.launches[-1]
+    got = {k: meta[k] for k in winner}
+    assert got == winner
+
+
+def test_tuned_config_that_fails_to_compile_warns_once_and_falls_back(fake_gpu, monkeypatch, device):
+    """A stored config whose launch raises OutOfResources: one warning, the entry dropped, the launch retried with
+    the heuristic (the result is the heuristic's, bit for bit), and later calls go straight to the heuristic."""
+    args, expected = decode_call(device)
+    heuristic_out = mla_kernels.mla_decode(*args)  # before any file exists: the heuristic
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"decode": {KEY: BROKEN}})
+    _tuning.reload()
+    spy = KernelSpy(decode._mla_attn_kernel, fail=lambda m: m["BLOCK_N"] == 128)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = mla_kernels.mla_decode(*args)
+        second = mla_kernels.mla_decode(*args)
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and "failed to compile" in msgs[0] and "OutOfResources" in msgs[0]
+    assert [m["BLOCK_N"] for m in spy.launches] == [128, 64, 64]
+    assert torch.equal(first, heuristic_out) and torch.equal(second, heuristic_out)
+    assert _tuning.lookup("decode", KEY, device) is None
+    assert_close("fallback", first, expected, torch.float32)
+
+
+def test_write_cache_fallback_writes_everything_once(fake_gpu, monkeypatch, device):
+    """write_cache with a stored config that does not compile: the cache is written in full by the retry."""
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"write_cache": {_tuning.write_cache_class(5, R): dict(BLOCK_T=64, num_warps=4)}})
+    _tuning.reload()
+    spy = KernelSpy(cache._write_cache_kernel, fail=lambda m: m["BLOCK_T"] == 64)
+    monkeypatch.setattr(cache, "_write_cache_kernel", spy)
+    kv_cache, pe_cache = torch.zeros(4, 4, R, device=device), torch.zeros(4, 4, P, device=device)
+    new = torch.randn(5, R + P).to(device)
+    slots = torch.tensor([0, 5, 6, 11, 15], device=device)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        mla_kernels.write_cache(new[:, :R], new[:, R:], kv_cache, pe_cache, slots)
+    assert [m["BLOCK_T"] for m in spy.launches] == [64, 8]
+    assert torch.equal(kv_cache.view(-1, R)[slots], new[:, :R]) and torch.equal(pe_cache.view(-1, P)[slots], new[:, R:])
+
+
+def test_env_var_tunes_a_missing_class_once_on_first_use(fake_gpu, monkeypatch, device):
+    """MLA_KERNELS_AUTOTUNE=1: the first call whose class has no config tunes it (here on a tiny benchmark shape
+    with an injected timer), writes the user's cache file and launches the winner; the next call reuses it."""
+    args, expected = decode_call(device)
+    spy = KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    calls = []
+    monkeypatch.setattr(_autotune, "ON_DEMAND_TIMER", fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls))
+    monkeypatch.setattr(_autotune, "ON_DEMAND_SHAPES", {"decode": [DECODE]})
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+
+    mla_kernels.mla_decode(*args)  # not set: no tuning, the heuristic
+    assert not calls and spy.launches[-1]["BLOCK_N"] == 64 and not _tuning.user_file(0).exists()
+
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    out = mla_kernels.mla_decode(*args)
+    assert calls and spy.launches[-1]["BLOCK_N"] == 32
+    stored = json.loads(_tuning.user_file(0).read_text())
+    assert stored["kernels"]["decode"][KEY]["BLOCK_N"] == 32 and "MLA_KERNELS_AUTOTUNE" in stored["source"]
+    assert_close("decode after on-demand tuning", out, expected, torch.float32)
+    n = len(calls)
+    mla_kernels.mla_decode(*args)
+    assert len(calls) == n and spy.launches[-1]["BLOCK_N"] == 32
+
+
+def test_user_file_overrides_the_shipped_one_per_class(fake_gpu, device):
+    shipped = {"decode": {KEY: HEURISTIC, "R32/rows<=32": FAST}}
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="shipped",
+                      kernels=shipped, constants={"a": 1.0, "b": 2.0})
+    _tuning.save_file(_tuning.user_file(0), device="Test GPU", sm_count=1, source="user",
+                      kernels={"decode": {KEY: WRONG}}, constants={"b": 3.0})
+    _tuning.reload()
+    assert _tuning.lookup("decode", KEY, device) == WRONG
+    assert _tuning.lookup("decode", "R32/rows<=32", device) == FAST
+    assert (_tuning.constant("a", device), _tuning.constant("b", device)) == (1.0, 3.0)
+
+
+@pytest.mark.parametrize("running", ["cuda", "hip"])
+def test_nvidia_and_rocm_configs_never_mix(fake_gpu, monkeypatch, running, device):
+    """A file tuned on one vendor's GPU is ignored (one warning) on the other's, even at the same path: the
+    shipped file here is NVIDIA's, the user's ROCm's."""
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="nvidia",
+                      kernels={"decode": {KEY: FAST}}, vendor_key="cuda")
+    _tuning.save_file(_tuning.user_file(0), device="Test GPU", sm_count=1, source="rocm",
+                      kernels={"decode": {KEY: WRONG}}, vendor_key="hip")
+    monkeypatch.setattr(_tuning, "vendor", lambda: running)
+    _tuning.reload()
+    with pytest.warns(RuntimeWarning, match="is for vendor"):
+        got = _tuning.lookup("decode", KEY, device)
+    assert got == (FAST if running == "cuda" else WRONG)
+
+
+def test_autotune_needs_a_gpu_or_a_timer(device):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        mla_kernels.autotune()
+    with pytest.raises(ValueError, match="unknown kernel 'decoder'"):
+        mla_kernels.autotune({"decoder": [{}]}, timer=lambda fn: 1.0)
+    with pytest.raises(ValueError, match=r"unknown sizes \['heads'\]"):
+        mla_kernels.autotune({"decode": [dict(heads=8)]}, timer=lambda fn: 1.0)
+    with pytest.raises(TypeError, match="shapes must be a dict"):
+        mla_kernels.autotune([dict(H=8)], timer=lambda fn: 1.0)
+
+
+def test_autotune_public_call_writes_the_users_cache(fake_gpu, monkeypatch, device):
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    res = mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
+                               timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
+    assert res[0]["winner"] == FAST
+    assert str(_tuning.user_file(0)).startswith(str(fake_gpu / "cache" / "mla_kernels"))
+    assert json.loads(_tuning.user_file(0).read_text())["kernels"]["decode"][KEY] == FAST
+
+
+def test_shape_classes_and_the_seeded_h100_file():
+    """Buckets of rows (16/32/64/more) and the migrated H100 file: every rows count gets the config the
+    two-bucket file gave it (16 x 32 tiles up to 16 rows, 64 x 64 above)."""
+    assert [_tuning.decode_class(r) for r in (1, 16, 17, 32, 33, 64, 65, 1024)] == [
+        "R512/rows<=16", "R512/rows<=16", "R512/rows<=32", "R512/rows<=32", "R512/rows<=64", "R512/rows<=64",
+        "R512/rows>64", "R512/rows>64"]
+    assert _tuning.expanded_class(64) == "N128/V128/new<=64" and _tuning.expanded_class(65) == "N128/V128/new<=1024"
+    assert _tuning.prefill_class(4096, 16) == "R512/rows>4096"
+    assert _tuning.write_cache_class(128, fp8=True) == "R512/fp8/tokens<=256"
+    table = _tuning.load_file(_tuning.CONFIG_DIR / "nvidia-h100-80gb-hbm3.json", "cuda", "3.6.0")["decode"]
+    for rows in (1, 8, 16, 17, 32, 64, 128, 256):
+        want = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2) if rows <= 16 else \
+            dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        assert table[_tuning.decode_class(rows)] == want, rows
+
+
+def test_budget_spent_leaves_classes_untuned_and_unwritten(fake_gpu, device):
+    out, seen = fake_gpu / "budget.json", []
+    res = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=out, timer=lambda fn: 1.0,
+                          budget_s=-1.0, log=lambda msg: None, on_result=seen.append)
+    assert res == seen and res[0]["winner"] is None and "budget" in res[0]["note"] and not out.exists()
