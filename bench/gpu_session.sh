@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
+#   bash bench/gpu_session.sh prefill   # bench.prefill --quick --calibrate, then the full sweep (issue 11; <10 min):
+#                                       # writes mla_kernels/configs/<gpu>.json's prefill constants (commit it)
 # Then copy $OUT/*.json into bench/results/, commit, and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,10 @@ case "${1:-all}" in
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
     step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;
+  prefill)  # issue 11: the path choice against the faster path on every case, and its calibration
+    # calibrate first (quick sweep + seed), so the full sweep's auto runs on the calibrated constants
+    step bench_prefill_calibrate 200 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
+    cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    step bench_prefill_full 360 python -m bench.prefill --out "$OUT/prefill_full.json" ;;
 esac
 ls -la "$OUT"

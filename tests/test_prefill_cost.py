@@ -245,3 +245,88 @@ def test_fit_rejects_bad_records():
     with pytest.raises(ValueError, match="time"):
         cost.fit([dict(rec, ms=0.0)])
     assert math.isfinite(cost.fit([rec])["prefill_call_us"])
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.prefill --calibrate plumbing, with injected timings (no GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_run(truth):
+    """A bench.prefill payload whose timings are the model's under ``truth``: quick-sweep rows of both paths and
+    auto (auto = the path the shipped defaults pick), and the seed scenario."""
+    bp = pytest.importorskip("bench.prefill")
+    rows = []
+    for heads in (16, 128):
+        for hist in (0, 4096):
+            for n in (16, 128, 512, 2048):
+                new, cache_lens = [n] * 8, [n + hist] * 8
+                est = cost.estimate(new, cache_lens, heads, **WIDTHS, constants=truth)
+                auto = prefill.choose_prefill_path(new, cache_lens, heads, **WIDTHS)
+                flops = bp.path_flops(bp.MLAShape(heads=heads), new, [hist] * 8)
+                for prov, ms in (("absorbed", est["absorbed"]), ("expanded", est["expanded"]), ("auto", est[auto])):
+                    rows.append(dict(provider=prov, B=8, new=n, hist=hist, H=heads, p50_ms=ms * 1e3,
+                                     path_flops=flops[auto if prov == "auto" else prov],
+                                     **({"note": f"chose {auto}"} if prov == "auto" else {})))
+    seed = cost.H100_RECORDED[0]
+    est = cost.estimate(seed["new"], lens(seed), 16, **WIDTHS, constants=truth)
+    payload = {"sweep": rows, "seed_003_prefill": {
+        "new": seed["new"], "history": seed["history"], "shape": {"heads": 16, **WIDTHS}, "auto_chooses": "absorbed",
+        "providers": {"naive": {"mean_ms": 9.0}, "absorbed": {"mean_ms": est["absorbed"] * 1e3},
+                      "expanded": {"mean_ms": est["expanded"] * 1e3}, "auto": {"mean_ms": est["absorbed"] * 1e3}}}}
+    payload["crossover"] = bp.crossover(rows)
+    return bp, payload
+
+
+def test_calibrate_fits_reports_and_writes_the_config_file(tmp_path, monkeypatch):
+    # a GPU whose absorbed kernel runs 4x the recorded rate (decode's new tiles), with cheaper launches
+    truth = dict(cost.DEFAULTS, prefill_launch_us=12.0, prefill_absorbed_tflops=210.0, prefill_call_us=150.0)
+    bp, payload = fake_run(truth)
+    records = bp.calibration_records(payload)
+    assert len(records) == 2 * 16 + 3 and {r["path"] for r in records} == set(cost.PATHS)
+    res = bp.calibrate(records, bandwidth_gbps=3000.0)
+    for name in cost.NAMES:
+        assert res["constants"][name] == pytest.approx(truth[name], rel=0.03), name
+    assert res["worst_model_factor"] < 1.02
+    assert len(res["choices"]) == 17 and res["worst_choice_over_faster"] < 1.02
+    # the sweep report: auto (the shipped defaults) against the faster path, per case, and the crossovers
+    per_case = payload["crossover"]["per_case"]
+    assert len(per_case) == 16 and all(c["auto_over_faster"] >= 1.0 for c in per_case)
+    assert payload["crossover"]["auto_regret_max"] == max(c["auto_over_faster"] for c in per_case) > 1.1
+    crossings = bp.model_crossovers([(8, 4096, 128), (8, 0, 128)], res["constants"])
+    assert [c["model_first_new_len_expanded"] for c in crossings] == [
+        next(n for n in sorted({max(1, round(2 ** (k / 8))) for k in range(129)})
+             if prefill.choose_prefill_path([n] * 8, [n + hist] * 8, 128, **WIDTHS, constants=truth) == "expanded")
+        for hist in (4096, 0)]
+    bp.print_calibration(res)
+
+    # the write merges into an existing file: kernels kept, constants added, the old source kept
+    import triton
+    path = tmp_path / "gpu.json"
+    _tuning.save_file(path, device="Test GPU", sm_count=8, source="autotune", vendor_key="cuda",
+                      kernels={"decode": {"R512/rows<=16": {"BLOCK_M": 16}}}, constants={"other": 1.0})
+    bp.write_calibration(path, res["constants"], device_name="Test GPU", sm_count=8, note="fake timings",
+                         vendor_key="cuda")
+    data = _tuning.load_data(path, "cuda", triton.__version__)
+    assert data["kernels"] == {"decode": {"R512/rows<=16": {"BLOCK_M": 16}}}
+    assert data["constants"]["other"] == 1.0 and data["constants"]["prefill_source"] == "fake timings"
+    assert data["source"] == "autotune; prefill constants: fake timings"
+    for name in cost.NAMES:
+        assert data["constants"][name] == pytest.approx(res["constants"][name], rel=1e-3)
+    # and the file's constants reach the choice: 8 x 32 over 4096 at 128 heads, expanded with the recorded
+    # constants, absorbed on this GPU
+    monkeypatch.setattr(_tuning, "constant", lambda name, device: data["constants"].get(name))
+    case = ([32] * 8, [4128] * 8, 128)
+    assert prefill.choose_prefill_path(*case, **WIDTHS) == "expanded"
+    expect = cost.choose(cost.estimate(*case, **WIDTHS, constants=truth))
+    assert prefill.choose_prefill_path(*case, **WIDTHS, device=torch.device("cuda", 0)) == expect == "absorbed"
+
+
+def test_calibrate_refuses_the_cpu_and_one_path_runs():
+    bp = pytest.importorskip("bench.prefill")
+    with pytest.raises(SystemExit, match="run it on a GPU"):
+        bp.main(["--calibrate", "--device", "cpu", "--skip-seed", "--skip-sweep"])
+    _, payload = fake_run(cost.DEFAULTS)
+    only_absorbed = [r for r in bp.calibration_records(payload) if r["path"] == "absorbed"]
+    with pytest.raises(ValueError, match="both paths"):
+        bp.calibrate(only_absorbed)
