@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mla_kernels
 from mla_kernels import _prefill_cost as cost
 from mla_kernels import _tuning, prefill
+from helpers import assert_close
 
 WIDTHS = dict(d_latent=512, d_rope=64, d_nope=128, d_v=128)
 H100_FILE = _tuning.CONFIG_DIR / "nvidia-h100-80gb-hbm3.json"
@@ -330,3 +331,42 @@ def test_calibrate_refuses_the_cpu_and_one_path_runs():
     only_absorbed = [r for r in bp.calibration_records(payload) if r["path"] == "absorbed"]
     with pytest.raises(ValueError, match="both paths"):
         bp.calibrate(only_absorbed)
+
+
+# ------------------------------------------------------------------------------------------------
+# the expanded kernel skips the causal tiles above each row block's diagonal
+# ------------------------------------------------------------------------------------------------
+
+
+def test_expanded_kernel_never_reads_keys_past_a_row_block(device):
+    """One sequence, 40 history + 200 new tokens, 128-row blocks: the first block's last row sits at position
+    167, so keys from 168 on belong only to the second block. Poisoned with NaN (K_nope, V and the rope key), they
+    must leave the first block's rows exact, which they would not if any tile past its diagonal were loaded
+    (0 x NaN is NaN in P @ V); the second block's rows read them and turn NaN, so the poison is live."""
+    from test_prefill import D_NOPE, make_inputs
+
+    history, new, heads, page = 40, 200, 2, 64
+    a = make_inputs([new], [history], heads, page, torch.bfloat16, device, d_nope=D_NOPE)
+    block_m = prefill._expanded_config(new, torch.device(device))["BLOCK_M"]
+    assert block_m == 128
+    first_end = history + block_m  # keys the first row block may see: [0, 168)
+    total = history + new
+    cu_k = torch.tensor([0, total], dtype=torch.int64, device=device)
+    k_nope, v = prefill._expand(a["kv_cache"], a["block_table"], a["cache_seqlens"], cu_k, total, a["w_kv_b"], heads,
+                                D_NOPE)
+    k_pe = prefill._gather_latent(a["pe_cache"], a["block_table"], a["cache_seqlens"], cu_k, total)
+    ref, _ = prefill._expanded_torch(a["q_nope"].float(), a["q_pe"].float(), k_nope, v, k_pe, [0, new], [0, total],
+                                     0.1, True)  # fp32 from the same bf16 operands
+
+    k_nope, v, pe_cache = k_nope.clone(), v.clone(), a["pe_cache"].clone()
+    k_nope[first_end:] = float("nan")
+    v[first_end:] = float("nan")
+    for pos in range(first_end, total):
+        pe_cache[a["block_table"][0, pos // page], pos % page] = float("nan")
+    out, _ = prefill._launch_expanded(a["q_nope"], a["q_pe"], k_nope, v, pe_cache, a["block_table"],
+                                      a["cu_seqlens_q"], cu_k, a["cache_seqlens"], 0.1, True, False,
+                                      max_seqlen_q=new)
+    first = slice(0, block_m)
+    assert torch.isfinite(out[first]).all()
+    assert_close("expanded first row block", out[first], ref[first].double(), torch.bfloat16)
+    assert torch.isnan(out[block_m:]).any(dim=-1).all()
