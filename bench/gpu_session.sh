@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh tune      # bench.autotune --quick (issue 9): every kernel's shape classes, decode first
 #                                       # (issue 8's B128 L4096 / B8 L32768 at 16-128 heads); winners merged into a copy
 #                                       # of the shipped file, configs/<device>.json in the tgz: review, copy to mla_kernels/configs/
+#   bash bench/gpu_session.sh prefill   # bench.prefill --quick --calibrate, then the full sweep (issue 11; <10 min):
+#                                       # writes mla_kernels/configs/<gpu>.json's prefill constants (commit it)
 # The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and the end packs $WORK
 # into one $OUT/gpu_<step>.tgz (plus the JSON files, up to 6). Unpack it here, copy the JSON into bench/results/,
 # commit, redraw the PNGs (python -m bench.decode --replot FILE.json; matplotlib is not on the GPU machine),
@@ -55,6 +57,11 @@ case "${1:-all}" in
     [ -f "mla_kernels/configs/$slug.json" ] && cp "mla_kernels/configs/$slug.json" "$OUT/configs/"
     step autotune 540 python -m bench.autotune --quick --budget 400 --out "$OUT/configs/$slug.json" \
       --results "$OUT/autotune.json" ;;
+  prefill)  # issue 11: the path choice against the faster path on every case, and its calibration
+    # calibrate first (quick sweep + seed), so the full sweep's auto runs on the calibrated constants
+    step bench_prefill_calibrate 200 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
+    cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    step bench_prefill_full 360 python -m bench.prefill --out "$OUT/prefill_full.json" ;;
 esac
 ls -la "$OUT"
 tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -6 | xargs -r cp -t "$FINAL_OUT"

@@ -1,6 +1,6 @@
 """MLA prefill over a paged latent cache: seed 003's prefill scenario and a sweep of new length x history x heads.
 
-    python -m bench.prefill [--quick] [--device cuda] [--cuda-graph] [--plot] [--out DIR]
+    python -m bench.prefill [--quick] [--device cuda] [--cuda-graph] [--plot] [--out DIR] [--calibrate [FILE]]
 
 Providers, all with the raw query in and [T, H, D_v] out, each checked against naive MLA in float32
 (``reference.naive_mla`` per request) before timing:
@@ -11,8 +11,12 @@ Providers, all with the raw query in and [T, H, D_v] out, each checked against n
   naive      per request: gather the latent, decompress it through kv_b_proj, SDPA with a causal mask
 TFLOP/s count the attention as standard attention computes it, 2 H pairs (D_nope + P + D_v), for every
 provider, so rates compare like for like; ``path_tflops`` counts what each path executes (``prefill_flops``).
-The sweep's measured crossover (first new length at which expanded beats absorbed) and the speed ratio of the
-two paths are what ``mla_kernels.prefill.ABSORBED_RELATIVE_SPEED`` is to be set from.
+The sweep reports, per case, auto's time over the faster path's, and per (B, history, H) the measured crossover
+(first new length at which expanded beats absorbed). ``--calibrate`` (GPU only) then fits the path-choice time
+model's constants (``mla_kernels._prefill_cost``: launch cost, kernel rates; bandwidth = the copy rate measured
+in the same run) to the timed runs, prints the model's estimates and crossovers beside the measured ones, and
+writes the constants into FILE (default: this GPU's shipped config file, ``mla_kernels/configs/<gpu>.json``)
+with ``_tuning.save_file``, which merges them into what is there.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -372,13 +377,13 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool) -> list[dict]:
 def crossover(rows: list[dict]) -> dict:
     """Where expanded starts beating absorbed, per (B, history, H), and the two paths' achieved-speed ratio.
 
-    ``relative_speed`` per shape = (absorbed FLOPs / its time) / (expanded FLOPs / its time), the quantity
-    ``choose_prefill_path`` calls ``relative_speed``; its median is the value for ABSORBED_RELATIVE_SPEED.
-    ``auto_regret`` = auto's time over the faster path's, per shape.
+    ``relative_speed`` per shape = (absorbed FLOPs / its time) / (expanded FLOPs / its time), whole paths (the
+    FLOP-only model's ratio; the time model's constants come from ``--calibrate``).
+    ``auto_regret`` = auto's time over the faster path's, per shape; ``per_case`` lists them with both paths' times.
     """
     timed = {(r["B"], r["new"], r["hist"], r["H"], r["provider"]): r for r in rows if "p50_ms" in r}
     groups = sorted({(b, p, hd) for (b, _, p, hd, _) in timed})
-    per_group, ratios, regrets = [], [], []
+    per_group, ratios, regrets, per_case = [], [], [], []
     for b, p, hd in groups:
         news = sorted({n for (b2, n, p2, h2, _) in timed if (b2, p2, h2) == (b, p, hd)})
         first = None
@@ -390,6 +395,11 @@ def crossover(rows: list[dict]) -> dict:
             auto = timed.get((b, n, p, hd, "auto"))
             if auto:
                 regrets.append(auto["p50_ms"] / min(a["p50_ms"], e["p50_ms"]))
+                per_case.append({"B": b, "new": n, "hist": p, "H": hd, "absorbed_ms": a["p50_ms"],
+                                 "expanded_ms": e["p50_ms"], "auto_ms": auto["p50_ms"],
+                                 "auto_chose": auto.get("note", "").replace("chose ", ""),
+                                 "faster": "absorbed" if a["p50_ms"] <= e["p50_ms"] else "expanded",
+                                 "auto_over_faster": regrets[-1]})
             if first is None and e["p50_ms"] < a["p50_ms"]:
                 first = n
         pairs_per_history_key = None
@@ -402,6 +412,7 @@ def crossover(rows: list[dict]) -> dict:
         "relative_speed_median": statistics.median(ratios) if ratios else None,
         "relative_speed_all": ratios,
         "auto_regret_max": max(regrets) if regrets else None,
+        "per_case": per_case,
         "note": "FLOP crossover at relative speed 1: 170.7 attended pairs per history key (DeepSeek widths)",
     }
 
@@ -416,9 +427,159 @@ def print_crossover(res: dict, cpu: bool) -> None:
               f"{'never in this sweep' if where is None else f'new = {where}'}{extra}")
     if res["relative_speed_median"] is not None:
         print(f"  absorbed/expanded achieved FLOP/s, median {res['relative_speed_median']:.2f} "
-              f"(ABSORBED_RELATIVE_SPEED; the model's FLOP crossover is 170.7 pairs per history key at 1.0)")
+              f"(whole paths; the FLOP crossover is 170.7 pairs per history key at 1.0)")
     if res["auto_regret_max"] is not None:
         print(f"  auto's worst time over the faster path's: x{res['auto_regret_max']:.2f}")
+    for c in res.get("per_case", []):
+        print(f"  B={c['B']} new={c['new']:>5} history={c['hist']:>6} H={c['H']:>3}: "
+              f"absorbed {c['absorbed_ms']:.3f} ms, expanded {c['expanded_ms']:.3f} ms, "
+              f"auto {c['auto_ms']:.3f} ms ({c['auto_chose']}): "
+              f"x{c['auto_over_faster']:.2f} of the faster ({c['faster']})")
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration of the path choice (--calibrate)
+# ------------------------------------------------------------------------------------------------
+
+FIT_PATHS = ("absorbed", "expanded")
+
+
+def calibration_records(payload: dict, device=None) -> list[dict]:
+    """Fit records for ``mla_kernels._prefill_cost.fit`` from a run's results: every timed absorbed / expanded
+    sweep row (p50) and the seed scenario's absorbed / expanded means (auto's too, as the path it ran). Each
+    carries the expanded kernel's BLOCK_M on ``device`` (the tiles its rows are padded to)."""
+    from mla_kernels.prefill import _expanded_config
+
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    recs = []
+
+    def add(name, new, history, shape, path, ms):
+        recs.append(dict(name=name, new=list(new), cache_lens=[n + p for n, p in zip(new, history)],
+                         heads=shape["heads"], d_latent=shape["d_latent"], d_rope=shape["d_rope"],
+                         d_nope=shape["d_nope"], d_v=shape["d_v"], path=path, ms=float(ms),
+                         block_m=_expanded_config(max(new, default=0), dev)["BLOCK_M"]))
+
+    for r in payload.get("sweep", []):
+        if r.get("provider") in FIT_PATHS and r.get("p50_ms"):
+            shape = dataclasses.asdict(dataclasses.replace(SEED_SMALL, heads=r["H"]))
+            add(f"B={r['B']} new={r['new']} hist={r['hist']} H={r['H']}", [r["new"]] * r["B"], [r["hist"]] * r["B"],
+                shape, r["provider"], r["p50_ms"])
+    seed = payload.get("seed_003_prefill")
+    if seed:
+        for name, res in seed["providers"].items():
+            path = seed["auto_chooses"] if name == "auto" else name
+            if path in FIT_PATHS and res.get("mean_ms"):
+                add(f"seed 003 ({name})", seed["new"], seed["history"], seed["shape"], path, res["mean_ms"])
+    return recs
+
+
+def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=None) -> dict:
+    """Fit the time model to ``records`` (bandwidth fixed at the measured copy rate when given). Returns the
+    constants, each record's estimate against its time, and per case (both paths timed) the path the fitted
+    model picks with its measured time over the faster path's."""
+    from mla_kernels import _prefill_cost as cost
+    from mla_kernels.prefill import choose_prefill_path
+
+    missing = [p for p in FIT_PATHS if not any(r["path"] == p for r in records)]
+    if missing:
+        raise ValueError(f"calibration needs timings of both paths; none of {missing}")
+    start = dict(cost.DEFAULTS)
+    if bandwidth_gbps:
+        start["prefill_bandwidth_gbps"] = float(bandwidth_gbps)
+    consts = cost.fit(records, start=start)
+    fitted, cases = [], {}
+    for r in records:
+        est = cost.estimate(r["new"], r["cache_lens"], r["heads"], r["d_latent"], r["d_rope"], r["d_nope"], r["d_v"],
+                            constants=consts, block_m=r["block_m"])[r["path"]] * 1e3
+        fitted.append(dict(name=r["name"], path=r["path"], ms=r["ms"], model_ms=est,
+                           model_over_measured=est / r["ms"]))
+        cases.setdefault(r["name"].replace(" (auto)", " (absorbed)").replace(" (expanded)", " (absorbed)"),
+                         {"record": r, "ms": {}})["ms"].setdefault(r["path"], r["ms"])
+    choices = []
+    for name, c in cases.items():
+        if len(c["ms"]) < 2:
+            continue
+        r = c["record"]
+        pick = choose_prefill_path(r["new"], r["cache_lens"], r["heads"], r["d_latent"], r["d_rope"], r["d_nope"],
+                                   r["d_v"], device=device, constants=consts)
+        choices.append(dict(case=name.replace(" (absorbed)", ""), chosen=pick, chosen_ms=c["ms"][pick],
+                            faster=min(c["ms"], key=c["ms"].get), over_faster=c["ms"][pick] / min(c["ms"].values())))
+    worst = max((max(f["model_over_measured"], 1 / f["model_over_measured"]) for f in fitted), default=None)
+    return {"constants": consts, "fit": fitted, "worst_model_factor": worst, "choices": choices,
+            "worst_choice_over_faster": max((c["over_faster"] for c in choices), default=None)}
+
+
+def model_crossovers(groups, constants: dict, device=None, shape: MLAShape = SEED_SMALL, max_new: int = 65536):
+    """Per (B, history, H): the first new length (on a 1/8-octave grid) where the model picks expanded."""
+    from mla_kernels.prefill import choose_prefill_path
+
+    grid = sorted({max(1, round(2 ** (k / 8))) for k in range(0, 8 * int(math.log2(max_new)) + 1)})
+    out = []
+    for b, hist, heads in groups:
+        first = None
+        for n in grid:
+            if choose_prefill_path([n] * b, [n + hist] * b, heads, shape.d_latent, shape.d_rope, shape.d_nope,
+                                   shape.d_v, device=device, constants=constants) == "expanded":
+                first = n
+                break
+        out.append({"B": b, "hist": hist, "H": heads, "model_first_new_len_expanded": first})
+    return out
+
+
+def write_calibration(path, constants: dict, *, device_name: str, sm_count: int, note: str,
+                      vendor_key: str | None = None) -> dict:
+    """Merge the fitted constants (and ``prefill_source``: what they were fitted to) into config file ``path``
+    with ``_tuning.save_file``; the file's ``source`` keeps what it said before, with the calibration added."""
+    import triton
+
+    from mla_kernels import _prefill_cost as cost
+    from mla_kernels import _tuning
+
+    old = _tuning.load_data(path, vendor_key or _tuning.vendor(), triton.__version__) if Path(path).exists() else None
+    source = f"prefill constants: {note}"
+    if old and old.get("source"):
+        source = f"{old['source']}; {source}"
+    values = {name: float(f"{constants[name]:.4g}") for name in cost.NAMES}
+    return _tuning.save_file(path, device=device_name, sm_count=sm_count, source=source, vendor_key=vendor_key,
+                             constants=dict(values, prefill_source=note))
+
+
+def run_calibration(payload: dict, device, target, quick: bool) -> dict:
+    """--calibrate: fit, report and write. ``target``: a file path, or "auto" for this GPU's shipped file."""
+    from mla_kernels import _tuning
+
+    records = calibration_records(payload, device)
+    bandwidth = h.copy_bandwidth(device)
+    res = calibrate(records, bandwidth, device)
+    groups = sorted({(g["B"], g["hist"], g["H"]) for g in payload.get("crossover", {}).get("per_group", [])})
+    res["model_crossovers"] = model_crossovers(groups, res["constants"], device)
+    index = device.index if device.index is not None else 0
+    path = _tuning.device_file(index) if target == "auto" else Path(target)
+    note = (f"bench.prefill{' --quick' if quick else ''} --calibrate: fit of {len(records)} timings, bandwidth = "
+            f"copy rate measured in the run ({bandwidth:.0f} GB/s)")
+    write_calibration(path, res["constants"], device_name=h.device_name(device),
+                      sm_count=torch.cuda.get_device_properties(index).multi_processor_count, note=note)
+    res["written_to"] = str(path)
+    print_calibration(res)
+    return res
+
+
+def print_calibration(res: dict) -> None:
+    c = res["constants"]
+    print("\nCalibration of the path choice (mla_kernels._prefill_cost):")
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in c.items()))
+    for f in res["fit"]:
+        print(f"  {f['name']:<40} {f['path']:<9} measured {f['ms']:9.3f} ms  model {f['model_ms']:9.3f} ms "
+              f"(x{f['model_over_measured']:.2f})")
+    print(f"  worst model/measured factor: x{res['worst_model_factor']:.2f}")
+    for ch in res["choices"]:
+        print(f"  {ch['case']:<40} calibrated choice {ch['chosen']:<9} x{ch['over_faster']:.2f} of the faster "
+              f"({ch['faster']})")
+    for g in res.get("model_crossovers", []):
+        print(f"  B={g['B']} history={g['hist']:>6} H={g['H']:>3}: model switches to expanded at new = "
+              f"{g['model_first_new_len_expanded']}")
+    if "written_to" in res:
+        print(f"  constants written to {res['written_to']}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,9 +608,15 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0], seed_and_sweep=True)
+    parser.add_argument("--calibrate", nargs="?", const="auto", default=None, metavar="FILE",
+                        help="fit the path choice's constants to this run's timings and write them into FILE "
+                             "(default: this GPU's mla_kernels/configs file); GPU only")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
+    if args.calibrate is not None and cpu:
+        raise SystemExit("--calibrate fits the GPU kernels' timings: run it on a GPU "
+                         "(the CPU times the PyTorch path)")
     lib = library()
     dtype = torch.bfloat16
     from mla_kernels import _utils
@@ -486,6 +653,8 @@ def main(argv=None) -> None:
         payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph)
         payload["crossover"] = crossover(payload["sweep"])
         print_crossover(payload["crossover"], cpu)
+    if args.calibrate is not None:
+        payload["calibration"] = run_calibration(payload, device, args.calibrate, args.quick)
     sweep = payload.get("sweep", [])
     h.save_results("prefill", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
     h.exit_if_wrong(sweep, payload.get("seed_003_prefill", {}).get("providers", {}),

@@ -16,8 +16,8 @@ expanded (``_mla_expanded_kernel``)
     2 R H (D_nope + D_v) FLOP per key for the expansion.
 
 ``mla_prefill_attention`` takes the raw (not absorbed) query and kv_b_proj's weight and chooses by
-``prefill_flops`` / ``choose_prefill_path``: short new segments over long histories favour the
-absorbed form, long prompts the expanded one.
+``choose_prefill_path``, a time model with launch costs and measured rates (``_prefill_cost``): short new
+segments over long histories and tiny batches favour the absorbed form, long prompts the expanded one.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _prefill_cost as _cost
 from . import _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
@@ -34,10 +35,10 @@ from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_s
 
 PATHS = ("auto", "absorbed", "expanded")
 
-# Achieved FLOP/s of the absorbed path divided by that of the expanded path (attention + expansion GEMM).
-# 1.0 compares FLOP counts alone; the value to use is to be measured on a GPU with `python -m bench.prefill`
-# (its sweep prints the measured crossover) and written here.
-ABSORBED_RELATIVE_SPEED = 1.0
+# The path choice is a time model with launch costs (``_prefill_cost``): its constants come from the GPU's
+# config file (``_tuning.constant``), else the H100-fitted defaults there. Kept for callers of the old FLOP-only
+# model: the H100 fit's ratio of the absorbed attention kernel's achieved FLOP/s to the expanded one's.
+ABSORBED_RELATIVE_SPEED = _cost.DEFAULTS["prefill_absorbed_tflops"] / _cost.DEFAULTS["prefill_expanded_tflops"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     pays extra only for the history keys. By FLOPs alone it wins once the batch attends more than
     R (D_nope + D_v) / (2R - D_nope - D_v) pairs per history key: 170.7 at DeepSeek's widths (R 512,
     D_nope = D_v = 128), whatever the head count. Without history it always wins; n new tokens over a long
-    history need n > ~171. ``choose_prefill_path`` weighs this by the measured speed ratio.
+    history need n > ~171. ``choose_prefill_path`` weighs this by measured speeds and launch costs.
     """
     pairs = attended_pairs(new_lens, cache_lens, causal)
     tokens = sum(int(n) for n in new_lens)
@@ -82,18 +83,34 @@ def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
 
 
 def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True,
-                        relative_speed=None) -> str:
-    """"absorbed" or "expanded": the path with the smaller estimated time, FLOPs / achieved FLOP/s.
+                        relative_speed=None, *, device=None, constants=None) -> str:
+    """"absorbed" or "expanded": the path with the smaller estimated time (``prefill_times``).
 
-    ``relative_speed`` is the absorbed path's achieved FLOP/s over the expanded path's
-    (default ``ABSORBED_RELATIVE_SPEED``); the expanded path is chosen when
-    ``flops["expanded"] < flops["absorbed"] / relative_speed``.
+    A path's time = the call's shared host cost + launches x per-launch cost + per kernel max(FLOPs / achieved
+    FLOP/s, bytes / bandwidth); the terms and the H100 numbers they were fitted to are in ``_prefill_cost``.
+    Constants: ``constants`` (a dict of ``_prefill_cost.NAMES``), else ``device``'s config file
+    (``mla_kernels/configs/<gpu>.json``, written by ``python -m bench.prefill --calibrate``), else the H100-fitted
+    defaults. ``relative_speed`` overrides the absorbed attention kernel's FLOP/s as that fraction of the
+    expanded kernel's (it was the ratio of the two paths' FLOP/s in the FLOP-only model before). Plain ints in;
+    no GPU work.
     """
     if not (_utils.is_pow2(d_nope) and _utils.is_pow2(d_v) and d_nope >= 16 and d_v >= 16):
         return "absorbed"  # the expanded kernel tiles D_nope and D_v as powers of two
-    speed = ABSORBED_RELATIVE_SPEED if relative_speed is None else relative_speed
-    flops = prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal)
-    return "expanded" if flops["expanded"] * speed < flops["absorbed"] else "absorbed"
+    return _cost.choose(prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal,
+                                      relative_speed, device=device, constants=constants))
+
+
+def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True, relative_speed=None, *,
+                  device=None, constants=None) -> dict:
+    """Estimated seconds of each path, {"absorbed": s, "expanded": s}, as ``choose_prefill_path`` weighs them."""
+    consts = _cost.device_constants(device, relative_speed)
+    if constants:
+        consts.update(constants)
+        if relative_speed is not None:
+            consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
+    max_q = max((int(n) for n in new_lens), default=0)
+    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"))["BLOCK_M"]
+    return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,7 +599,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
     if path == "auto":
-        path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal)
+        path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal,
+                                   device=q_nope.device)
     w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
     if path == "absorbed":

@@ -47,8 +47,8 @@ def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
 
 def test_constants_and_save_file_merge(tmp_path):
     """save_file merges into an existing file (kernels per shape class, constants per name), rewrites the
-    metadata, and load_data reads both tables back; the seeded file carries prefill's measured path ratio."""
-    assert _tuning.load_data(SEED, "cuda", "3.6.0")["constants"]["absorbed_relative_speed"] == 0.23
+    metadata, and load_data reads both tables back; the seeded file carries prefill's fitted time-model constants."""
+    assert _tuning.load_data(SEED, "cuda", "3.6.0")["constants"]["prefill_absorbed_tflops"] == 52.0
     import triton
 
     path = tmp_path / "gpu.json"
