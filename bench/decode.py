@@ -604,7 +604,8 @@ def plot(rows: list[dict], rates: dict, path) -> None:
             speed.plot(*zip(*line), marker=markers.get(hd, "x"), label=f"H={hd} B={b}")
     speed.set(xscale="log", xlabel="context", ylabel="speed-up (x)", title="mla_decode+w_uv vs naive (page 64)")
     speed.grid(True, alpha=0.3)
-    speed.legend(fontsize=7)
+    if timed:
+        speed.legend(fontsize=7)
     h.save_plot(fig, path)
 
 
