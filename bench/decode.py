@@ -226,7 +226,7 @@ def tma_config(case: Case) -> dict | None:
     from mla_kernels.decode_tma import tma_supported
 
     c = case
-    if not _utils.use_triton(c.q_abs) or (c.q_abs.is_cuda and (_utils.is_hip() or _utils.capability(c.q_abs.device)[0] < 9)):
+    if not _utils.use_triton(c.q_abs) or (c.q_abs.is_cuda and not _utils.nvidia_sm90(c.q_abs.device)):
         return None
     cfg = probe_tiles(c.q_abs.shape[1] * c.shape.heads)
     return cfg if tma_supported(c.q_abs, c.kv_cache, c.pe_cache, cfg["BLOCK_N"]) else None

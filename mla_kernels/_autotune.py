@@ -94,10 +94,6 @@ def _paged(batch: int, length: int, page: int, width: int, device, dtype, gen):
     return buf, table
 
 
-def _nvidia_sm90(device) -> bool:
-    return device.type == "cuda" and not _utils.is_hip() and _utils.capability(device)[0] >= 9
-
-
 # --------------------------------------------------------------------------------------------
 # the kernels' spaces, shapes, inputs and references
 # --------------------------------------------------------------------------------------------
@@ -136,7 +132,7 @@ class _Decode(_Spec):
 
     def heuristic(self, s, device):
         from .decode import _config
-        return _config(s["S_q"] * s["H"], s["R"], _utils.is_hip() and device.type == "cuda")
+        return _config(s["S_q"] * s["H"], s["R"], _utils.on_hip(device))
 
     def default_shapes(self, quick):
         shapes = []
@@ -153,7 +149,7 @@ class _Decode(_Spec):
         rows = re.search(r"rows([<>]=?)(\d+)", key)
         bound = int(rows.group(2)) if rows.group(1) == "<=" else None
         d_latent = int(re.match(r"R(\d+)", key).group(1))
-        hip = _utils.is_hip() and device.type == "cuda"
+        hip = _utils.on_hip(device)
         block_m = {16: [16], 32: [16, 32], 64: [32, 64]}.get(bound, [32, 64, 128])
         block_n, warps, stages = [16, 32, 64], [4, 8], ([1, 2] if hip else [2, 3])
         if quick:
@@ -162,7 +158,7 @@ class _Decode(_Spec):
             block_m, block_n = [m for m in block_m if m <= 32] or [16], [16, 32]
         out = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
                for m, n, w, st in itertools.product(block_m, block_n, warps, stages)]
-        if _nvidia_sm90(device) and d_latent <= 512:  # the tensor-descriptor path (pages of whole tiles)
+        if _utils.nvidia_sm90(device) and d_latent <= 512:  # the tensor-descriptor path (pages of whole tiles)
             out += [dict(BLOCK_M=m, BLOCK_N=64, num_warps=w, num_stages=st, TMA=True)
                     for m, w, st in itertools.product(block_m, [8] if quick else [4, 8], [2, 3])]
         return out
@@ -199,14 +195,14 @@ class _Prefill(_Spec):
 
     def heuristic(self, s, device):
         from .decode import _config
-        return _config(s["new"] * s["H"], s["R"], _utils.is_hip() and device.type == "cuda")
+        return _config(s["new"] * s["H"], s["R"], _utils.on_hip(device))
 
     def default_shapes(self, quick):
         shapes = self.SHAPES[3:4] if quick else self.SHAPES
         return [dict(x, page=64, R=512, P=ROPE) for x in shapes]
 
     def space(self, key, device, quick):
-        hip = _utils.is_hip() and device.type == "cuda"
+        hip = _utils.on_hip(device)
         if quick:
             return [dict(BLOCK_M=m, BLOCK_N=64, num_warps=w, num_stages=1 if hip else 2)
                     for m, w in itertools.product([64, 128], [4, 8])]
@@ -253,7 +249,7 @@ class _Expanded(_Spec):
         return [dict(x, page=64, N=128, V=128, P=ROPE) for x in shapes]
 
     def space(self, key, device, quick):
-        hip = _utils.is_hip() and device.type == "cuda"
+        hip = _utils.on_hip(device)
         if quick:
             return [dict(BLOCK_M=m, BLOCK_N=64, num_warps=w, num_stages=st) for m, w, st in
                     itertools.product([64, 128], [4, 8], [1] if hip else [2, 3])]

@@ -68,6 +68,16 @@ def is_hip() -> bool:
     return torch.version.hip is not None
 
 
+def nvidia_sm90(device: torch.device) -> bool:
+    """An NVIDIA GPU of compute capability 9 or more (Hopper: wgmma, TMA)."""
+    return device.type == "cuda" and not is_hip() and capability(device)[0] >= 9
+
+
+def on_hip(device: torch.device) -> bool:
+    """A GPU tensor under ROCm (AMD configs apply); the CPU interpreter runs the NVIDIA ones."""
+    return device.type == "cuda" and is_hip()
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. Plain Python: ``triton.cdiv`` is a constexpr function in triton >= 3.7 and costs
     microseconds per host call."""

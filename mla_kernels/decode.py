@@ -70,7 +70,7 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device) -> dict
     ``_config``'s heuristic. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use
     the tiles the launch will use."""
     return (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent), device)
-            or _config(rows_per_seq, d_latent, _utils.is_hip() and device.type == "cuda"))
+            or _config(rows_per_seq, d_latent, _utils.on_hip(device)))
 
 
 def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16,
@@ -370,7 +370,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     device = q_nope.device
     cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
-        fallback = _config(max_seqlen_q * heads, d_latent, _utils.is_hip() and device.type == "cuda")
+        fallback = _config(max_seqlen_q * heads, d_latent, _utils.on_hip(device))
         if schedule is not None:  # the schedule was cut along its tiles
             fallback.update(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
         return _tuning.launch_tuned(cfg, lambda c: _launch(
@@ -445,7 +445,7 @@ def _use_tma(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
     if not cfg.get("TMA"):
         return False
     device = q_nope.device
-    if device.type == "cuda" and (_utils.is_hip() or _utils.capability(device)[0] < 9):
+    if device.type == "cuda" and not _utils.nvidia_sm90(device):
         return False
     from .decode_tma import tma_supported
     return tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"])
@@ -580,12 +580,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     before anything runs. On a GPU they are not (that would synchronise with the host): lengths beyond
     ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
+    # the common case, checked in one expression; anything else takes the named checks below
     if kv_scale is None and _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
-                                            softmax_scale, w_uv, max_seqlen_k, num_splits):  # the common case, in one expression; else the named checks
+                                            softmax_scale, w_uv, max_seqlen_k, num_splits):
         capacity = block_table.shape[1] * kv_cache.shape[1]
         max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
-        if metadata is not None:
-            _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits)
         return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                     causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
@@ -625,8 +624,6 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     max_seqlen_k = min(max_seqlen_k, capacity)
-    if metadata is not None:
-        _check_metadata(metadata, cache_seqlens, s_q * heads, d_latent, num_splits)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                                 return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
 
@@ -668,7 +665,10 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                          return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
-    ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs)."""
+    ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs).
+    ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
+    if metadata is not None:
+        _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits)
     causal, return_lse = bool(causal), bool(return_lse)
     if torch.compiler.is_compiling():
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are

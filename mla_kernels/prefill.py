@@ -146,7 +146,7 @@ def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
     128-head prompt is the target shape). The interpreter runs the NVIDIA tiles.
     """
     block_m = 128 if max_seqlen_q > 64 else 64
-    if _utils.is_hip() and device.type == "cuda":
+    if _utils.on_hip(device):
         return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=1)
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if block_m == 128 else 4, num_stages=2)
 
