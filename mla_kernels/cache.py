@@ -105,7 +105,11 @@ def _write_cache_config(num_tokens: int, d_latent: int, fp8: bool, device: torch
     """This GPU's tuned config for the shape class (``_tuning.write_cache_class``; a ``_tuning.Tuned``), else the
     heuristic: ``_block_t`` tokens per program, 4 warps."""
     tuned = _tuning.lookup("write_cache", _tuning.write_cache_class(num_tokens, d_latent, fp8), device)
-    return tuned if tuned is not None else dict(BLOCK_T=_block_t(num_tokens, d_latent), num_warps=4)
+    return tuned if tuned is not None else _write_cache_heuristic(num_tokens, d_latent)
+
+
+def _write_cache_heuristic(num_tokens: int, d_latent: int) -> dict:
+    return dict(BLOCK_T=_block_t(num_tokens, d_latent), num_warps=4)
 
 
 def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None, config=None):
@@ -116,7 +120,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
         return _tuning.launch_tuned(
             cfg, lambda c: _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, config=c),
-            dict(BLOCK_T=_block_t(num_tokens, d_latent), num_warps=4))
+            _write_cache_heuristic(num_tokens, d_latent))
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     _write_cache_kernel[grid](
@@ -524,20 +528,18 @@ class PagedLatentCache:
                 f"not enough free cache blocks: appending {sum(counts)} tokens to {len(seqs)} sequence(s) needs {total} "
                 f"new blocks of {self.block_size} tokens, but only {len(self._free)} of {self.num_blocks} are free; "
                 f"free finished sequences or build a larger cache")
-        if all(n <= 8 for n in counts):  # decode steps: a few ints per sequence, cheaper in Python than in torch
-            size = self.block_size
-            flat = []
-            for seq, n, k in zip(seqs, counts, needed):
-                seq.blocks.extend(self._free.pop() for _ in range(k))
-                flat.extend(seq.blocks[p // size] * size + p % size for p in range(seq.length, seq.length + n))
-                seq.length += n
-            return torch.tensor(flat, dtype=torch.int64)
-        slots = []
+        few = all(n <= 8 for n in counts)  # decode steps: a few ints per sequence, cheaper in Python than in torch
+        size, slots = self.block_size, []
         for seq, n, k in zip(seqs, counts, needed):
             seq.blocks.extend(self._free.pop() for _ in range(k))
-            slots.append(self._slots(seq, seq.length, seq.length + n))
+            if few:
+                slots.extend(seq.blocks[p // size] * size + p % size for p in range(seq.length, seq.length + n))
+            else:
+                slots.append(self._slots(seq, seq.length, seq.length + n))
             seq.length += n
-        return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+        if few or not slots:
+            return torch.tensor(slots, dtype=torch.int64)
+        return torch.cat(slots)
 
     def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
