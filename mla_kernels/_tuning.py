@@ -136,6 +136,14 @@ def user_file(device_index: int = 0) -> Path:
     return user_cache_dir() / f"{device_slug(_device_name(device_index))}.json"
 
 
+def _merge(base: dict | None, kernels: dict | None, constants: dict | None) -> tuple[dict, dict]:
+    """``base``'s kernel tables and constants (copies) updated per shape class and per name by the others."""
+    merged = {k: dict(v) for k, v in (base or {}).get("kernels", {}).items()}
+    for kernel, table in (kernels or {}).items():
+        merged.setdefault(kernel, {}).update(table)
+    return merged, dict((base or {}).get("constants", {}), **(constants or {}))
+
+
 @functools.lru_cache(maxsize=None)
 def _device_data(device_index: int) -> dict | None:
     """The shipped file merged with the user's (the user's configs and constants win per shape class / name)."""
@@ -148,11 +156,8 @@ def _device_data(device_index: int) -> dict | None:
     user = load_data(paths[1], vendor(), triton.__version__)
     if user is None or shipped is None:
         return user if user is not None else shipped
-    kernels = {k: dict(v) for k, v in shipped["kernels"].items()}
-    for kernel, table in user["kernels"].items():
-        kernels.setdefault(kernel, {}).update(table)
-    return dict(shipped, kernels=kernels, constants=dict(shipped["constants"], **user["constants"]),
-                user_source=user.get("source"))
+    kernels, constants = _merge(shipped, user["kernels"], user["constants"])
+    return dict(shipped, kernels=kernels, constants=constants, user_source=user.get("source"))
 
 
 def _gpu_index(device) -> int | None:
@@ -196,10 +201,7 @@ def save_file(path: Path, *, device: str, sm_count: int, source: str, kernels: d
     vendor_key = vendor_key or vendor()
     path = Path(path)
     old = load_data(path, vendor_key, triton.__version__) if path.exists() else None
-    merged_kernels = {k: dict(v) for k, v in (old or {}).get("kernels", {}).items()}
-    for kernel, table in (kernels or {}).items():
-        merged_kernels.setdefault(kernel, {}).update(table)
-    merged_constants = dict((old or {}).get("constants", {}), **(constants or {}))
+    merged_kernels, merged_constants = _merge(old, kernels, constants)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=Path(__file__).parent).stdout.strip() or None
