@@ -139,6 +139,15 @@ def _query_rows(Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, 
 
 
 @triton.jit
+def _row_ids(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M: tl.constexpr):
+    """Row block ``pid_m``'s rows: ``(row_mask, tok, head, q_pos)``, each ``[BLOCK_M]``; a row is a (new token,
+    head) pair, ``q_pos`` its token's absolute position in the cache."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // num_heads
+    return rows < num_rows, tok, rows % num_heads, seqlen - seq_q + tok
+
+
+@triton.jit
 def _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M: tl.constexpr,
                CAUSAL: tl.constexpr):
     """End of the keys row block ``pid_m`` reads from ``n_start`` on: at most ``key_len`` of them, within the
@@ -240,11 +249,7 @@ def _mla_attn_block(
         return
     seqlen = tl.load(SEQLENS + pid_b)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: (token, head) pairs of this sequence
-    row_mask = rows < num_rows
-    tok = rows // num_heads
-    head = rows % num_heads
-    q_pos = seqlen - seq_q + tok  # absolute position of each row's token in the cache
+    row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M)
     offs_r = tl.arange(0, D_LATENT)
     offs_p = tl.arange(0, D_ROPE)
 

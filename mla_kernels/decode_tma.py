@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _softmax_finish
+from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _row_ids, _softmax_finish
 
 try:  # triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -105,11 +105,7 @@ def _mla_attn_tma_kernel(
         return
     seqlen = tl.load(SEQLENS + pid_b)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]: (token, head) pairs of this sequence
-    row_mask = rows < num_rows
-    tok = rows // num_heads
-    head = rows % num_heads
-    q_pos = seqlen - seq_q + tok
+    row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M)
     offs_h = tl.arange(0, D_HALF)
     offs_p = tl.arange(0, D_ROPE)
 
