@@ -10,7 +10,7 @@ see each as one node with known outputs and known mutations.
 
 The public functions check their arguments' shapes and dtypes in Python (free while tracing: they read no
 tensor values) and call these ops only while ``torch.compile`` traces them; in eager mode they skip the
-dispatcher, which costs about 15 µs a call on the host. ``mla_decode`` and ``write_cache`` run their CPU-only
+dispatcher and its per-call host cost (not measured in bench/results). ``mla_decode`` and ``write_cache`` run their CPU-only
 value checks inside the op, so those hold in compiled code too. The prefill ops read lengths on the host
 (they synchronise once, as the eager calls do), so inside a compiled graph they are opaque nodes that run
 the whole checked public call.

@@ -670,7 +670,7 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                          return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
-    ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher, ~15 µs).
+    ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
     if metadata is not None:
         _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits)
