@@ -6,6 +6,7 @@ see each as one node with known outputs and known mutations.
 ``torch.ops.mla_kernels.mla_prefill``   ``mla_prefill``; returns ``(out, lse)`` the same way
 ``...mla_prefill_attention``            ``mla_prefill_attention``; returns ``(out, lse)`` the same way
 ``torch.ops.mla_kernels.write_cache``   ``write_cache``; mutates ``kv_cache`` and ``pe_cache``
+``...write_cache_fp8``                  ``write_cache`` into an fp8 cache; mutates them and ``kv_scale``
 ======================================  =============================================================
 
 The public functions check their arguments' shapes and dtypes in Python (free while tracing: they read no
@@ -70,14 +71,28 @@ def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scal
 # -- write_cache --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("mla_kernels::write_cache", mutates_args=("kv_cache", "pe_cache", "kv_scale"))
+@torch.library.custom_op("mla_kernels::write_cache", mutates_args=("kv_cache", "pe_cache"))
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                slot_mapping: torch.Tensor, kv_scale: Optional[torch.Tensor] = None) -> None:
-    _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+                slot_mapping: torch.Tensor) -> None:
+    _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
 
 
 @write_cache.register_fake
-def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
+def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
+    return None
+
+
+# An fp8 cache's write is its own op, so that no op declares a mutation of an optional argument: torch 2.11's
+# ADInplaceOrView kernel indexes every declared mutated argument, and the dispatcher drops a trailing one left
+# at its default (IndexError under torch.compile and opcheck there; torch 2.13 copes).
+@torch.library.custom_op("mla_kernels::write_cache_fp8", mutates_args=("kv_cache", "pe_cache", "kv_scale"))
+def write_cache_fp8(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, kv_scale: torch.Tensor) -> None:
+    _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+
+
+@write_cache_fp8.register_fake
+def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale):
     return None
 
 

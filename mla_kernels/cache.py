@@ -250,7 +250,10 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     if kv_c.shape[0] == 0:
         return
     if torch.compiler.is_compiling():  # one graph node that mutates the caches
-        torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+        if kv_scale is None:
+            torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
+        else:
+            torch.ops.mla_kernels.write_cache_fp8(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     else:  # eager: no custom-op dispatch in front of a small kernel
         _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
 

@@ -71,8 +71,8 @@ def test_opcheck_fp8_cache(device):
     kv = torch.randn(5, 128 + P, device=device)
     slots = torch.arange(5, dtype=torch.int64, device=device) * 3
     w_args = (kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale)
-    torch.library.opcheck(torch.ops.mla_kernels.write_cache.default, w_args, test_utils=FP8_OPCHECK_TESTS)
-    torch.ops.mla_kernels.write_cache(*w_args)
+    torch.library.opcheck(torch.ops.mla_kernels.write_cache_fp8.default, w_args, test_utils=FP8_OPCHECK_TESTS)
+    torch.ops.mla_kernels.write_cache_fp8(*w_args)
     assert kv_scale.view(-1).count_nonzero() == 5  # one scale per written token (R = 128)
     q = torch.randn(2, 1, HEADS, 128 + P, device=device)
     table = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=torch.int32, device=device)
@@ -202,3 +202,32 @@ def test_compiled_calls_are_single_nodes_and_check_values(device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match="slot_mapping"):
             compiled(kv, torch.tensor([4, 999], dtype=torch.int64, device=device), seqlens)
+
+
+def test_compiled_fp8_write_and_decode_match_eager(device):
+    """An fp8 cache under torch.compile(fullgraph=True): write_cache with ``kv_scale`` traces to the fp8 write op
+    (which declares the scales mutated) and mla_decode reads them back; the cache bytes, scales and output equal
+    the eager run's."""
+    from mla_kernels.cache import fp8_latent_cache
+
+    kv_cache, kv_scale, pe_cache = fp8_latent_cache(4, PAGE, 128, P, torch.float32, device=device)
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(3, 128 + P, generator=g).to(device)
+    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)
+    q = torch.randn(2, 1, HEADS, 128 + P, generator=g).to(device)
+    table = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([10, 3], dtype=torch.int32, device=device)
+
+    def step(kv):
+        mla_kernels.write_cache(kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale=kv_scale)
+        return mla_kernels.mla_decode(q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE,
+                                      max_seqlen_k=12, kv_scale=kv_scale)
+
+    expected = step(kv)
+    written = (kv_cache.view(torch.uint8).clone(), kv_scale.clone(), pe_cache.clone())
+    for t in (kv_cache.view(torch.uint8), kv_scale, pe_cache):
+        t.zero_()
+    got = torch.compile(step, backend="eager", fullgraph=True)(kv)
+    assert torch.equal(got, expected)
+    assert torch.equal(kv_cache.view(torch.uint8), written[0]) and torch.equal(kv_scale, written[1])
+    assert torch.equal(pe_cache, written[2])
