@@ -94,8 +94,8 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     expanded kernel's (it was the ratio of the two paths' FLOP/s in the FLOP-only model before). Plain ints in;
     no GPU work.
     """
-    if not (_utils.is_pow2(d_nope) and _utils.is_pow2(d_v) and d_nope >= 16 and d_v >= 16):
-        return "absorbed"  # the expanded kernel tiles D_nope and D_v as powers of two
+    if not (_expanded_width_ok(d_nope) and _expanded_width_ok(d_v)):
+        return "absorbed"  # widths the expanded kernel cannot tile (mla_prefill_attention refuses them there)
     return _cost.choose(prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal,
                                       relative_speed, device=device, constants=constants))
 
@@ -116,6 +116,11 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
 # --------------------------------------------------------------------------------------------
 # expanded path: config, kernel, launcher
 # --------------------------------------------------------------------------------------------
+
+
+def _expanded_width_ok(width: int) -> bool:
+    """Whether the expanded kernel can tile a per-head width (D_nope or D_v): a power of two from 16 to 1024."""
+    return _utils.is_pow2(width) and 16 <= width <= 1024
 
 
 def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_latent: int = 512) -> dict | None:
@@ -612,7 +617,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         return (out, lse) if return_lse else out
 
     for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
-        if not (_utils.is_pow2(width) and 16 <= width <= 1024):
+        if not _expanded_width_ok(width):
             raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
     total_keys = sum(lens)
     cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
