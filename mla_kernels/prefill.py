@@ -109,7 +109,7 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
         if relative_speed is not None:
             consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
     max_q = max((int(n) for n in new_lens), default=0)
-    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"))["BLOCK_M"]
+    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v)["BLOCK_M"]
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 

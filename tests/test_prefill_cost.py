@@ -93,6 +93,24 @@ def test_file_constants_reach_the_choice(monkeypatch):
         prefill.choose_prefill_path(*case, **WIDTHS, relative_speed=0.0)
 
 
+def test_expanded_tiles_are_looked_up_for_the_call_widths(monkeypatch):
+    """The model pads the expanded kernel's rows to the BLOCK_M that kernel will run: the tuned config of the
+    call's own shape class (D_nope, D_v), as _launch_expanded looks it up, not DeepSeek's 128/128 class."""
+    gpu = torch.device("cuda", 0)  # never touched: _tuning is replaced
+    monkeypatch.setattr(_tuning, "constant", lambda name, device: None)
+    asked = []
+
+    def lookup(kernel, shape_class, device):
+        asked.append((kernel, shape_class))
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2) if shape_class.startswith("N64/V32/") else None
+
+    monkeypatch.setattr(_tuning, "lookup", lookup)
+    widths = dict(WIDTHS, d_nope=64, d_v=32)
+    got = prefill.prefill_times([20], [20], 16, **widths, device=gpu)
+    assert asked == [("expanded", _tuning.expanded_class(20, 64, 32))]
+    assert got == cost.estimate([20], [20], 16, **widths, block_m=16)
+
+
 def test_relative_speed_override():
     """relative_speed sets the absorbed attention kernel's rate as a fraction of the expanded one's."""
     case = ([128] * 8, [4224] * 8, 128)
