@@ -137,6 +137,46 @@ def test_boundaries(heads):
     assert prefill.choose_prefill_path([], [], heads, **WIDTHS) in cost.PATHS  # empty batch: no error
 
 
+BAD_COST_INPUT = {
+    "lists-of-two-lengths": (([4, 4], [8]), {}, ValueError, "new_lens and cache_lens"),
+    "new-negative": (([-5], [10]), {}, ValueError, "new_lens"),
+    "cache-below-new": (([500], [10]), {}, ValueError, "cache_lens"),
+    "new-float": (([2.5], [10]), {}, TypeError, "new_lens"),
+    "cache-none": (([4], None), {}, TypeError, "cache_lens"),
+    "heads-zero": (([4], [8]), dict(heads=0), ValueError, "heads"),
+    "d_v-negative": (([4], [8]), dict(d_v=-128), ValueError, "d_v"),
+    "constant-zero-rate": (([4], [8]), dict(constants={"prefill_gemm_tflops": 0.0}), ValueError, "prefill_gemm"),
+    "constant-negative": (([4], [8]), dict(constants={"prefill_expanded_tflops": -1.0}), ValueError, "prefill_exp"),
+    "constant-nan": (([4], [8]), dict(constants={"prefill_call_us": float("nan")}), ValueError, "prefill_call"),
+    "constant-unknown": (([4], [8]), dict(constants={"absorbed_relative_speed": 2.0}), ValueError, "constants"),
+}
+
+
+@pytest.mark.parametrize("fn", ["choose_prefill_path", "prefill_times"])
+@pytest.mark.parametrize("case", list(BAD_COST_INPUT), ids=list(BAD_COST_INPUT))
+def test_bad_cost_input(case, fn):
+    """Nonsense batches and constants raise naming the argument: before, unequal lists were cut to the shorter
+    (zip), negative lengths gave a choice, and a zero rate divided by zero."""
+    (new, cache_lens), change, error, name = BAD_COST_INPUT[case]
+    kw = dict(dict(WIDTHS, heads=16), **change)
+    with pytest.raises(error, match=name):
+        getattr(prefill, fn)(new, cache_lens, **kw)
+
+
+def test_cost_input_forms():
+    """Lengths as any iterable of ints (a generator, a tensor, numpy ints) and the device by name: the same
+    estimate as plain lists; zero host costs are allowed (the FLOP-only comparison)."""
+    import numpy as np
+
+    case = ([128] * 8, [4224] * 8)
+    expected = prefill.prefill_times(*case, 128, **WIDTHS)
+    assert prefill.prefill_times((n for n in case[0]), iter(case[1]), 128, **WIDTHS) == expected
+    assert prefill.prefill_times(torch.tensor(case[0]), np.array(case[1]), 128, **WIDTHS) == expected
+    assert prefill.prefill_times(*case, 128, **WIDTHS, device="cpu") == expected
+    assert prefill.choose_prefill_path(*case, 128, **WIDTHS, device="cpu") == "expanded"
+    assert prefill.choose_prefill_path(*case, 128, **WIDTHS, constants=dict(prefill_call_us=0, prefill_launch_us=0.0))
+
+
 def test_time_model_terms_by_hand():
     """One sequence of 100 new tokens over 28 history, 2 heads: every term of both paths."""
     w = cost.work([100], [128], 2, **WIDTHS, block_m=64)
