@@ -22,6 +22,10 @@ segments over long histories and tiny batches favour the absorbed form, long pro
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -71,9 +75,11 @@ def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     D_nope = D_v = 128), whatever the head count. Without history it always wins; n new tokens over a long
     history need n > ~171. ``choose_prefill_path`` weighs this by measured speeds and launch costs.
     """
+    new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
+                                              d_nope=d_nope, d_v=d_v)
     pairs = attended_pairs(new_lens, cache_lens, causal)
-    tokens = sum(int(n) for n in new_lens)
-    keys = sum(int(length) for length in cache_lens)
+    tokens = sum(new_lens)
+    keys = sum(cache_lens)
     absorbed_attn = 2 * heads * pairs * (2 * d_latent + d_rope)
     absorbed_proj = 2 * tokens * heads * d_latent * (d_nope + d_v)
     expanded_attn = 2 * heads * pairs * (d_nope + d_rope + d_v)
@@ -92,30 +98,93 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     (``mla_kernels/configs/<gpu>.json``, written by ``python -m bench.prefill --calibrate``), else the H100-fitted
     defaults. ``relative_speed`` overrides the absorbed attention kernel's FLOP/s as that fraction of the
     expanded kernel's (it was the ratio of the two paths' FLOP/s in the FLOP-only model before). Plain ints in;
-    no GPU work.
+    no GPU work. Raises ``TypeError``/``ValueError`` naming a bad argument (see ``prefill_times``).
     """
-    if not (_utils.is_pow2(d_nope) and _utils.is_pow2(d_v) and d_nope >= 16 and d_v >= 16):
-        return "absorbed"  # the expanded kernel tiles D_nope and D_v as powers of two
+    new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
+                                              d_nope=d_nope, d_v=d_v)
+    if not (_expanded_width_ok(d_nope) and _expanded_width_ok(d_v)):
+        return "absorbed"  # widths the expanded kernel cannot tile (mla_prefill_attention refuses them there)
     return _cost.choose(prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal,
                                       relative_speed, device=device, constants=constants))
 
 
 def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True, relative_speed=None, *,
                   device=None, constants=None) -> dict:
-    """Estimated seconds of each path, {"absorbed": s, "expanded": s}, as ``choose_prefill_path`` weighs them."""
+    """Estimated seconds of each path, {"absorbed": s, "expanded": s}, as ``choose_prefill_path`` weighs them.
+
+    ``new_lens`` and ``cache_lens`` hold one int per sequence, 0 <= new_lens[b] <= cache_lens[b]; ``heads`` and the
+    widths are ints >= 1; ``constants`` maps names of ``_prefill_cost.NAMES`` to finite numbers (rates and bandwidth
+    > 0, the two host times >= 0); ``device`` a ``torch.device`` or its name. Anything else raises
+    ``TypeError``/``ValueError`` naming the argument.
+    """
+    new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
+                                              d_nope=d_nope, d_v=d_v)
+    device = torch.device(device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants:
+        _check_constants(constants)
         consts.update(constants)
         if relative_speed is not None:
             consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
-    max_q = max((int(n) for n in new_lens), default=0)
-    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"))["BLOCK_M"]
+    max_q = max(new_lens, default=0)
+    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v)["BLOCK_M"]
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
 # --------------------------------------------------------------------------------------------
 # expanded path: config, kernel, launcher
 # --------------------------------------------------------------------------------------------
+
+
+def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[int]]:
+    """The cost model's batch, checked: ``new_lens`` and ``cache_lens`` as lists of ints, one per sequence, with
+    0 <= new_lens[b] <= cache_lens[b] (the cache holds the new tokens); each of ``sizes`` an int >= 1."""
+    lists = []
+    for name, values in (("new_lens", new_lens), ("cache_lens", cache_lens)):
+        try:
+            values = list(values)
+        except TypeError:
+            raise TypeError(f"{name} must be a sequence of ints (one per sequence), got {type(values).__name__}") \
+                from None
+        for b, v in enumerate(values):
+            try:
+                values[b] = operator.index(v)
+            except TypeError:
+                raise TypeError(f"{name}[{b}] must be an int, got {v!r}") from None
+        lists.append(values)
+    new, lens = lists
+    if len(new) != len(lens):
+        raise ValueError(f"new_lens and cache_lens must have one entry per sequence, got {len(new)} and {len(lens)}")
+    for b, (n, length) in enumerate(zip(new, lens)):
+        if n < 0:
+            raise ValueError(f"new_lens[{b}]={n} is negative")
+        if length < n:
+            raise ValueError(f"cache_lens[{b}]={length} is below new_lens[{b}]={n}: the cache holds the new tokens too")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return new, lens
+
+
+_HOST_TIMES = ("prefill_call_us", "prefill_launch_us")  # may be 0; every other constant divides
+
+
+def _check_constants(constants: dict) -> None:
+    if not isinstance(constants, dict):
+        raise TypeError(f"constants must be a dict of {_cost.NAMES}, got {type(constants).__name__}")
+    for name, value in constants.items():
+        if name not in _cost.NAMES:
+            raise ValueError(f"constants: unknown name {name!r}, expected some of {_cost.NAMES}")
+        positive = name not in _HOST_TIMES
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or value < 0 or (positive and value == 0)):
+            raise ValueError(f"constants[{name!r}] must be a finite number {'> 0' if positive else '>= 0'}, "
+                             f"got {value!r}")
+
+
+def _expanded_width_ok(width: int) -> bool:
+    """Whether the expanded kernel can tile a per-head width (D_nope or D_v): a power of two from 16 to 1024."""
+    return _utils.is_pow2(width) and 16 <= width <= 1024
 
 
 def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_latent: int = 512) -> dict | None:
@@ -612,7 +681,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         return (out, lse) if return_lse else out
 
     for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
-        if not (_utils.is_pow2(width) and 16 <= width <= 1024):
+        if not _expanded_width_ok(width):
             raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
     total_keys = sum(lens)
     cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64

@@ -258,6 +258,20 @@ def test_auto_takes_the_cheaper_path(case, device, monkeypatch):
     assert_close(f"auto {case}", out, naive_reference(a)[0], torch.bfloat16)
 
 
+def test_auto_never_picks_a_width_the_expanded_path_refuses(device, monkeypatch):
+    """D_v = 2048 (a power of two, but past the expanded kernel's 1024): auto runs the absorbed path even where the
+    time model favours the expanded one, instead of raising the expanded path's width error."""
+    monkeypatch.setitem(prefill._cost.DEFAULTS, "prefill_absorbed_tflops", 1e-6)  # absorbed "slow": expanded favoured
+    a = make_inputs([3, 2], [0, 4], 1, 16, torch.bfloat16, device, r=32, p=16, d_nope=16)
+    a["w_kv_b"] = (torch.randn(16 + 2048, 32) / math.sqrt(32)).to(dtype=torch.bfloat16, device=device)
+    assert prefill.choose_prefill_path([4096] * 8, [4096] * 8, 128, 512, 64, 128, 128) == "expanded"
+    for d_nope, d_v in ((2048, 128), (128, 2048)):
+        assert prefill.choose_prefill_path([4096] * 8, [4096] * 8, 128, 512, 64, d_nope, d_v) == "absorbed"
+    out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE)
+    assert out.shape == (5, 1, 2048)
+    assert_close("auto, D_v 2048", out, naive_reference(a)[0], torch.bfloat16)
+
+
 def test_torch_path_matches_reference(monkeypatch):
     """CPU tensors without the interpreter take the PyTorch path: same contract, same results, for every call."""
     monkeypatch.setattr(_utils, "interpreting", lambda: False)

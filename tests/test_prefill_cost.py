@@ -93,6 +93,24 @@ def test_file_constants_reach_the_choice(monkeypatch):
         prefill.choose_prefill_path(*case, **WIDTHS, relative_speed=0.0)
 
 
+def test_expanded_tiles_are_looked_up_for_the_call_widths(monkeypatch):
+    """The model pads the expanded kernel's rows to the BLOCK_M that kernel will run: the tuned config of the
+    call's own shape class (D_nope, D_v), as _launch_expanded looks it up, not DeepSeek's 128/128 class."""
+    gpu = torch.device("cuda", 0)  # never touched: _tuning is replaced
+    monkeypatch.setattr(_tuning, "constant", lambda name, device: None)
+    asked = []
+
+    def lookup(kernel, shape_class, device):
+        asked.append((kernel, shape_class))
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2) if shape_class.startswith("N64/V32/") else None
+
+    monkeypatch.setattr(_tuning, "lookup", lookup)
+    widths = dict(WIDTHS, d_nope=64, d_v=32)
+    got = prefill.prefill_times([20], [20], 16, **widths, device=gpu)
+    assert asked == [("expanded", _tuning.expanded_class(20, 64, 32))]
+    assert got == cost.estimate([20], [20], 16, **widths, block_m=16)
+
+
 def test_relative_speed_override():
     """relative_speed sets the absorbed attention kernel's rate as a fraction of the expanded one's."""
     case = ([128] * 8, [4224] * 8, 128)
@@ -117,6 +135,46 @@ def test_boundaries(heads):
     assert prefill.choose_prefill_path([16, 3], [16, 3], heads, **WIDTHS) == "absorbed"
     assert prefill.choose_prefill_path([4096], [4096], heads, **dict(WIDTHS, d_nope=96)) == "absorbed"
     assert prefill.choose_prefill_path([], [], heads, **WIDTHS) in cost.PATHS  # empty batch: no error
+
+
+BAD_COST_INPUT = {
+    "lists-of-two-lengths": (([4, 4], [8]), {}, ValueError, "new_lens and cache_lens"),
+    "new-negative": (([-5], [10]), {}, ValueError, "new_lens"),
+    "cache-below-new": (([500], [10]), {}, ValueError, "cache_lens"),
+    "new-float": (([2.5], [10]), {}, TypeError, "new_lens"),
+    "cache-none": (([4], None), {}, TypeError, "cache_lens"),
+    "heads-zero": (([4], [8]), dict(heads=0), ValueError, "heads"),
+    "d_v-negative": (([4], [8]), dict(d_v=-128), ValueError, "d_v"),
+    "constant-zero-rate": (([4], [8]), dict(constants={"prefill_gemm_tflops": 0.0}), ValueError, "prefill_gemm"),
+    "constant-negative": (([4], [8]), dict(constants={"prefill_expanded_tflops": -1.0}), ValueError, "prefill_exp"),
+    "constant-nan": (([4], [8]), dict(constants={"prefill_call_us": float("nan")}), ValueError, "prefill_call"),
+    "constant-unknown": (([4], [8]), dict(constants={"absorbed_relative_speed": 2.0}), ValueError, "constants"),
+}
+
+
+@pytest.mark.parametrize("fn", ["choose_prefill_path", "prefill_times"])
+@pytest.mark.parametrize("case", list(BAD_COST_INPUT), ids=list(BAD_COST_INPUT))
+def test_bad_cost_input(case, fn):
+    """Nonsense batches and constants raise naming the argument: before, unequal lists were cut to the shorter
+    (zip), negative lengths gave a choice, and a zero rate divided by zero."""
+    (new, cache_lens), change, error, name = BAD_COST_INPUT[case]
+    kw = dict(dict(WIDTHS, heads=16), **change)
+    with pytest.raises(error, match=name):
+        getattr(prefill, fn)(new, cache_lens, **kw)
+
+
+def test_cost_input_forms():
+    """Lengths as any iterable of ints (a generator, a tensor, numpy ints) and the device by name: the same
+    estimate as plain lists; zero host costs are allowed (the FLOP-only comparison)."""
+    import numpy as np
+
+    case = ([128] * 8, [4224] * 8)
+    expected = prefill.prefill_times(*case, 128, **WIDTHS)
+    assert prefill.prefill_times((n for n in case[0]), iter(case[1]), 128, **WIDTHS) == expected
+    assert prefill.prefill_times(torch.tensor(case[0]), np.array(case[1]), 128, **WIDTHS) == expected
+    assert prefill.prefill_times(*case, 128, **WIDTHS, device="cpu") == expected
+    assert prefill.choose_prefill_path(*case, 128, **WIDTHS, device="cpu") == "expanded"
+    assert prefill.choose_prefill_path(*case, 128, **WIDTHS, constants=dict(prefill_call_us=0, prefill_launch_us=0.0))
 
 
 def test_time_model_terms_by_hand():
