@@ -320,6 +320,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     views share one uint8 ``[N, page, row bytes]`` buffer; pass them to ``write_cache`` / ``mla_decode`` /
     ``mla_prefill`` (``kv_scale=``). R must be a multiple of 128.
     """
+    _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
                       device=device)
@@ -329,6 +330,14 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
 # ---------------------------------------------------------------------------------------------
 # the paged cache manager
 # ---------------------------------------------------------------------------------------------
+
+
+def _check_sizes(**sizes) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _index(name: str, value) -> int:
@@ -384,12 +393,8 @@ class PagedLatentCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
                  rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
                  rope_dtype: torch.dtype | None = None):
-        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks), ("block_size", block_size),
-                            ("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        _check_sizes(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank,
+                     rope_dim=rope_dim)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
         _utils.check_width("rope_dim", rope_dim)
         if dtype not in FLOAT_DTYPES + _utils.FP8_DTYPES:
@@ -547,7 +552,8 @@ class PagedLatentCache:
     def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
         seq = self._get(seq_id)
-        end = seq.length if end is None else end
+        start = _index("start", start)
+        end = seq.length if end is None else _index("end", end)
         if not 0 <= start <= end <= seq.length:
             raise ValueError(f"positions {start}..{end} are outside the sequence's {seq.length} tokens")
         return self._slots(seq, start, end).to(self.device)
@@ -569,8 +575,13 @@ class PagedLatentCache:
         longest = max((len(s.blocks) for s in seqs), default=0)
         if max_blocks is None:
             max_blocks = max(1, longest)
-        elif max_blocks < longest:
-            raise ValueError(f"max_blocks {max_blocks} is shorter than the longest sequence's {longest} blocks")
+        else:
+            max_blocks = _index("max_blocks", max_blocks)
+            if max_blocks < longest:
+                raise ValueError(f"max_blocks {max_blocks} is shorter than the longest sequence's {longest} blocks")
+        pad_id = _index("pad_id", pad_id)
+        if not -2 ** 31 <= pad_id < 2 ** 31:
+            raise ValueError(f"pad_id must fit in int32, got {pad_id}")
         table = torch.full((len(seqs), max_blocks), pad_id, dtype=torch.int32)
         for b, seq in enumerate(seqs):
             if seq.blocks:

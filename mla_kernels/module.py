@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import _utils
-from .cache import PagedLatentCache
+from .cache import PagedLatentCache, _index
 from .decode import mla_decode
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
@@ -170,10 +170,14 @@ class LatentBatch:
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
         self.cache = cache
         self.seq_ids = list(seq_ids)
-        self.num_new_tokens = [int(n) for n in num_new_tokens]
+        self.num_new_tokens = [_index("num_new_tokens", n) for n in num_new_tokens]
         if len(self.seq_ids) != len(self.num_new_tokens):
             raise ValueError(f"seq_ids and num_new_tokens disagree on length: {len(self.seq_ids)} vs "
                              f"{len(self.num_new_tokens)}")
+        if any(n < 0 for n in self.num_new_tokens):
+            raise ValueError(f"num_new_tokens must be non-negative, got {self.num_new_tokens}")
+        if len(set(self.seq_ids)) != len(self.seq_ids):
+            raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
         total = sum(self.num_new_tokens)
         _utils.check_tensor("slots", slots, 1, _utils.INDEX_DTYPES)
         _utils.check_same("slots", slots.shape[0], "sum(num_new_tokens)", total, "the number of new tokens T")
@@ -455,10 +459,24 @@ class MLAttention(nn.Module):
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
         else:
-            cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
+            cos, sin = _check_rope_tables(position_embeddings, flat.shape[0], self.qk_rope_head_dim)
         q_nope, q_pe, kv_c, k_pe = self.project(flat, cos, sin)
         out = self.attend(q_nope, q_pe, kv_c, k_pe, batch)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
+
+
+def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each with ``num_tokens * rope_dim`` values ending in ``rope_dim``, as ``[T, P]``."""
+    if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
+        raise TypeError(f"position_embeddings must be a (cos, sin) pair, got {type(position_embeddings).__name__}")
+    tables = []
+    for name, t in zip(("cos", "sin"), position_embeddings):
+        _utils.check_tensor(f"position_embeddings {name}", t)
+        if t.dim() < 1 or t.shape[-1] != rope_dim or t.numel() != num_tokens * rope_dim:
+            raise ValueError(f"position_embeddings {name} must be [T, P] (or [B, S, P]) for T={num_tokens} tokens and "
+                             f"P={rope_dim}, got shape {tuple(t.shape)}")
+        tables.append(t.reshape(num_tokens, rope_dim))
+    return tables[0], tables[1]
 
 
 def _check_inference(module: nn.Module) -> None:

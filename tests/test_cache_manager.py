@@ -387,6 +387,27 @@ def test_block_table_and_seqlens():
     assert cache.cache_seqlens([b]).dtype == torch.int32
 
 
+def test_positions_and_table_arguments_are_checked():
+    """slots' start/end and block_table's max_blocks/pad_id are ints: a float is refused, not truncated."""
+    cache = PagedLatentCache(1, num_blocks=4, block_size=2, kv_lora_rank=R, rope_dim=P)
+    a = cache.add_sequence()
+    cache.append(a, 3)
+    before = state_of(cache)
+    for kwargs, error, name in [(dict(start=0.5, end=2), TypeError, "start"), (dict(end=2.0), TypeError, "end"),
+                                (dict(start=True), TypeError, "start")]:
+        with pytest.raises(error, match=name):
+            cache.slots(a, **kwargs)
+    for kwargs, error, name in [(dict(max_blocks=3.5), TypeError, "max_blocks"),
+                                (dict(max_blocks=True), TypeError, "max_blocks"),
+                                (dict(max_blocks=4, pad_id=1.5), TypeError, "pad_id"),
+                                (dict(max_blocks=4, pad_id=2 ** 40), ValueError, "pad_id")]:
+        with pytest.raises(error, match=name):
+            cache.block_table([a], **kwargs)
+    assert_same_state(before, state_of(cache))
+    assert cache.slots(a, 1, 3).tolist() == cache.slots(a)[1:].tolist()
+    assert cache.block_table([a], max_blocks=3, pad_id=-(2 ** 31))[0, 2].item() == -(2 ** 31)
+
+
 def test_buffers_and_sizes():
     cache = PagedLatentCache(2, num_blocks=5, block_size=16, dtype=torch.bfloat16)
     assert cache.capacity_tokens == 80

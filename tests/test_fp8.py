@@ -454,6 +454,21 @@ def test_bad_write_raises_and_leaves_the_cache_unchanged(case):
     assert torch.equal(buf, before)
 
 
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(num_blocks=0), ValueError, "num_blocks"),
+    (dict(block_size=0), ValueError, "block_size"),
+    (dict(num_blocks=-1), ValueError, "num_blocks"),
+    (dict(num_blocks=2.0), TypeError, "num_blocks"),
+    (dict(block_size=True), TypeError, "block_size"),
+    (dict(kv_lora_rank=128.0), TypeError, "kv_lora_rank"),
+], ids=["no-blocks", "empty-pages", "negative", "float", "bool", "float-rank"])
+def test_fp8_latent_cache_checks_its_sizes(kwargs, error, name):
+    """An empty cache is refused where it is made (write_cache would refuse it later), as PagedLatentCache does."""
+    args = dict(num_blocks=2, block_size=4, kv_lora_rank=128, rope_dim=16)
+    with pytest.raises(error, match=name):
+        fp8_latent_cache(**{**args, **kwargs})
+
+
 def test_cache_manager_rejects_bad_fp8_settings():
     with pytest.raises(ValueError, match="kv_lora_rank"):
         PagedLatentCache(1, 2, 4, kv_lora_rank=64, rope_dim=16, dtype=FP8)

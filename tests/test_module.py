@@ -233,6 +233,37 @@ def test_bad_arguments():
         LatentBatch(cache, [seq], [5], torch.zeros(5, dtype=torch.int64))
 
 
+def test_bad_batch_and_rope_tables_are_refused():
+    """LatentBatch's counts are non-negative ints, one per distinct sequence; forward's position_embeddings is a
+    (cos, sin) pair of [T, P] tables. None of these is truncated, broadcast or reinterpreted."""
+    config = tiny_config()
+    mod = MLAttention.from_config(config).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append_batch([a, b], [3, 3])
+    with pytest.raises(TypeError, match="num_new_tokens"):
+        LatentBatch(cache, [a, b], [1.7, 0.2], torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_new_tokens"):
+        LatentBatch(cache, [a, b], [2, -1], torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="more than once"):
+        LatentBatch(cache, [a, a], [1, 1], torch.zeros(2, dtype=torch.int64))
+    batch = LatentBatch.reserve(cache, [a], [2])
+    x = torch.randn(2, config.hidden_size)
+    cos, sin = mod.rotary(batch.positions, x.dtype)
+    before = cache.buffer(0).clone()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="position_embeddings"):
+            mod(x, batch, position_embeddings=torch.stack([cos[0], sin[0]]))  # one row each, would broadcast
+        with pytest.raises(ValueError, match="position_embeddings cos"):
+            mod(x, batch, position_embeddings=(cos[:1], sin))
+        with pytest.raises(ValueError, match="position_embeddings sin"):
+            mod(x, batch, position_embeddings=(cos, sin[:, :8]))
+        assert torch.equal(cache.buffer(0), before)
+        expected = mod(x, batch)
+        torch.testing.assert_close(mod(x, batch, position_embeddings=(cos[None], sin[None])), expected,
+                                   rtol=0, atol=0)
+
+
 def test_exported():
     assert mla_kernels.MLAttention is MLAttention
     assert mla_kernels.LatentBatch is LatentBatch

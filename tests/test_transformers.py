@@ -187,6 +187,26 @@ def test_patch_shares_parameters_and_unpatch_restores():
     assert mla_kernels.patch_model is patch_model and mla_kernels.unpatch_model is unpatch_model
 
 
+def test_unpatch_restores_the_train_eval_mode_set_while_patched():
+    """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
+    the model's current mode, or its attention dropout stays on in eval (and off in train)."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(tiny_config(attention_dropout=0.5))  # as constructed: train mode
+    ids = torch.randint(3, 128, (1, 6))
+    patch_model(model)
+    assert all(layer.self_attn.training for layer in model.model.layers)
+    model.eval()
+    unpatch_model(model)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout
+    patch_model(model)
+    assert not any(layer.self_attn.training for layer in model.model.layers)
+    model.train()
+    unpatch_model(model)
+    assert all(layer.self_attn.training for layer in model.model.layers)
+
+
 class _ForeignAttention(torch.nn.Module):
     def forward(self, hidden_states, **kwargs):
         return hidden_states, None

@@ -556,6 +556,7 @@ class TransformersMLAttention(MLAttention):
         new.max_cache_tokens = max_cache_tokens
         new.cache_dtype = cache_dtype
         new.is_causal = True
+        new.training = original.training  # the module's own mode flag; its children are the shared projections
         object.__setattr__(new, "_hf_original", original)
         return new
 
@@ -695,5 +696,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     for layer in layers:
         attn = layer.self_attn
         if isinstance(attn, TransformersMLAttention):
-            layer.self_attn = attn._hf_original
+            original = attn._hf_original
+            original.training = attn.training  # model.train()/eval() while patched reached only the patched module
+            layer.self_attn = original
     return model
