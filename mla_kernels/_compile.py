@@ -86,18 +86,23 @@ def ptxas_report(compiled) -> dict:
 
 
 def _cases(hip: bool) -> dict:
-    """name -> (kernel, constexprs, types, num_warps, num_stages) with the configs the library launches."""
+    """name -> (kernel, constexprs, types, num_warps, num_stages, shared estimate | None) with the configs the
+    library launches; the estimate is the library's (``decode_shared_bytes`` / ``expanded_shared_bytes``), which
+    sized the tiles to fit, for the test to hold against the compiler's figure."""
     from .cache import _write_cache_kernel
-    from .decode import _config, _mla_attn_kernel, _mla_combine_kernel
+    from .decode import _config, _mla_attn_kernel, _mla_combine_kernel, decode_shared_bytes, decode_tiles
     from .decode_tma import _mla_attn_tma_kernel
-    from .prefill import _expanded_config, _mla_expanded_kernel
+    from .prefill import _expanded_config, _expanded_heuristic, _mla_expanded_kernel, expanded_shared_bytes
+
+    h100 = torch.device("cpu")  # no tuned file: the heuristic tiles, fitted to the H100's shared memory
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
                   "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32"}
 
-    def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False):
-        cfg = _config(rows, d_latent, hip=hip)
-        constexprs = dict(D_LATENT=d_latent, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False, d_rope=64):
+        elem = 4 if fp32 else 2
+        cfg = _config(rows, d_latent, hip=hip) if hip else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8)
+        constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
                           DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
@@ -107,7 +112,8 @@ def _cases(hip: bool) -> dict:
         # emulation, never run or timed here.
         if fp8:
             types = dict(types, KV="*fp8e4nv", KV_SCALE="*fp32")
-        return _mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
+        return (_mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
+                decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8))
 
     def attn_tma(rows, split):
         cfg = _config(rows, 512, hip=False)
@@ -115,9 +121,19 @@ def _cases(hip: bool) -> dict:
         constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
                           CAUSAL=True, VARLEN=False, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
         types = dict(attn_types, kv_desc=f"tensordesc<bf16[{block_n},256]>", pe_desc=f"tensordesc<bf16[{block_n},64]>")
-        return _mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"]
+        return _mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"], None
 
-    exp = _expanded_config(4096, torch.device("cuda"))
+    def expanded(d_nope=128, d_v=128, fp32=False):
+        elem = 4 if fp32 else 2
+        cfg = _expanded_heuristic(4096, torch.device("cuda")) if hip else _expanded_config(4096, h100, d_nope, d_v, 64,
+                                                                                          elem)
+        constexprs = dict(D_NOPE=d_nope, D_ROPE=64, D_V=d_v, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          CAUSAL=True, STORE_LSE=True, DOT_FP32=False, DOT_PRECISION="ieee" if fp32 else None)
+        types = {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
+                 "LSE": "*fp32", **({"*": "*fp32"} if fp32 else {})}
+        return (_mla_expanded_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
+                expanded_shared_bytes(cfg, d_nope, d_v, 64, elem))
+
     cases = {
         "decode-h16-split": attn(16, False, True),
         "decode-h128": attn(128, False, False),
@@ -129,21 +145,21 @@ def _cases(hip: bool) -> dict:
         "decode-h16-scheduled": attn(16, False, False, scheduled=True),
         "decode-h128-scheduled": attn(128, False, False, scheduled=True),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True, SCHEDULED=False),
-                    {"OUT": "*bf16", "*": "*fp32"}, 4, 1),
+                    {"OUT": "*bf16", "*": "*fp32"}, 4, 1, None),
         "combine-scheduled": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=512, STORE_LSE=True, SCHEDULED=True),
-                              {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1),
-        "prefill-expanded": (_mla_expanded_kernel,
-                             dict(D_NOPE=128, D_ROPE=64, D_V=128, PAGE_SIZE=64, BLOCK_M=exp["BLOCK_M"],
-                                  BLOCK_N=exp["BLOCK_N"], CAUSAL=True, STORE_LSE=True, DOT_FP32=False,
-                                  DOT_PRECISION=None),
-                             {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
-                              "LSE": "*fp32"}, exp["num_warps"], exp["num_stages"]),
+                              {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1, None),
+        "prefill-expanded": expanded(),
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=False),
-                        {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1),
+                        {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1, None),
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
-                             "kv_scale_ptr": "*fp32"}, 4, 1),
+                             "kv_scale_ptr": "*fp32"}, 4, 1, None),
     }
+    if not hip:  # tiles the H100's shared memory fits only after shrinking them (decode_tiles, _expanded_config)
+        cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
+        cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
+        cases["prefill-expanded-d512"] = expanded(512, 512)
+        cases["prefill-expanded-fp32"] = expanded(fp32=True)
     if not hip:  # tensor descriptors (TMA): the Hopper path, NVIDIA only
         cases["decode-tma-h16-split"] = attn_tma(16, True)
         cases["decode-tma-h128"] = attn_tma(128, False)
@@ -155,7 +171,7 @@ def compile_all(targets=("sm90", "gfx942")) -> dict:
     results = {}
     for target in targets:
         results[target] = {}
-        for name, (kernel, constexprs, types, warps, stages) in _cases(target == "gfx942").items():
+        for name, (kernel, constexprs, types, warps, stages, estimate) in _cases(target == "gfx942").items():
             try:
                 compiled = compile_for(kernel, target, constexprs, types, warps, stages)
             except Exception as exc:  # reported per case, so one failure doesn't hide the others
@@ -163,7 +179,8 @@ def compile_all(targets=("sm90", "gfx942")) -> dict:
                 continue
             binary = "cubin" if target == "sm90" else "hsaco"
             report = ptxas_report(compiled) if target == "sm90" else {"shared_bytes": compiled.metadata.shared}
-            report.update(binary_bytes=len(compiled.asm.get(binary) or b""), num_warps=warps, num_stages=stages)
+            report.update(binary_bytes=len(compiled.asm.get(binary) or b""), num_warps=warps, num_stages=stages,
+                          shared_estimate=estimate, block_m=constexprs.get("BLOCK_M"), block_n=constexprs.get("BLOCK_N"))
             results[target][name] = report
     return results
 

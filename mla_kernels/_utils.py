@@ -78,6 +78,55 @@ def on_hip(device: torch.device) -> bool:
     return device.type == "cuda" and is_hip()
 
 
+H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)
+# Triton's scratch for layout conversions, on top of the operand tiles the kernels' estimates count
+# (decode.decode_shared_bytes, prefill.expanded_shared_bytes): at most 29 KiB over 86 sm_90 compiles of the decode
+# kernel (triton 3.6; bf16/fp16/fp32 queries, bf16 and fp8 caches, R 16-1024, P 64-1024), the most for an fp8
+# cache at R 1024; tests/test_compile.py holds every compiled case to it
+SHARED_SCRATCH_BYTES = 32 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _optin_shared(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    major, minor = _capability(device_index)  # older torch: the CUDA guide's per-block opt-in maximum
+    return {9: 232448, 10: 232448, 8: 166912 if minor == 0 else 101376}.get(major, 101376 if major > 10 else 49152)
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on ``device``, for sizing tiles; None where tiles are not fitted.
+
+    NVIDIA GPUs: the device's opt-in maximum per block (cached). The CPU interpreter has no such limit but runs
+    the tiles an H100 would, so it gets the H100's. ROCm: None; the MI300 configs are small enough already and
+    compile-checked against its 64 KiB in CI (``tests/test_compile.py``), and Triton's AMD backend lays shared
+    memory out differently from what the estimates assume."""
+    if device.type == "cuda":
+        if is_hip():
+            return None
+        return _optin_shared(device.index if device.index is not None else torch.cuda.current_device())
+    return H100_SHARED_BYTES
+
+
+def fit_shared(cfg: dict, shared_bytes, limit: int | None) -> dict:
+    """``cfg`` with its tiles halved, BLOCK_N first then BLOCK_M (neither below 16, tl.dot's least), until
+    ``shared_bytes(cfg) + SHARED_SCRATCH_BYTES`` fits ``limit``; ``cfg`` itself when it already fits. A launch
+    over the limit fails on the GPU with "out of resources" (fp32 at 64 x 64 needs 304 KiB; an H100 has 227)."""
+    if limit is None or shared_bytes(cfg) + SHARED_SCRATCH_BYTES <= limit:
+        return cfg
+    fitted = dict(cfg)  # a plain dict: the stored (Tuned) config as such is not what runs
+    while shared_bytes(fitted) + SHARED_SCRATCH_BYTES > limit:
+        if fitted["BLOCK_N"] > 16:
+            fitted["BLOCK_N"] //= 2
+        elif fitted["BLOCK_M"] > 16:
+            fitted["BLOCK_M"] //= 2
+        else:
+            break  # the smallest tiles; the launch reports whatever still does not fit
+    return fitted
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. Plain Python: ``triton.cdiv`` is a constexpr function in triton >= 3.7 and costs
     microseconds per host call."""

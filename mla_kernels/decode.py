@@ -65,12 +65,36 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device) -> dict:
+def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope: int = 64,
+                 elem_bytes: int = 2, kv_fp8: bool = False) -> dict:
     """The launch config a call gets: this GPU's tuned config for the shape class (``mla_kernels/configs``), else
-    ``_config``'s heuristic. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use
-    the tiles the launch will use."""
-    return (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent), device)
-            or _config(rows_per_seq, d_latent, _utils.on_hip(device)))
+    ``_config``'s heuristic, with its tiles shrunk where they would not fit the GPU's shared memory at these
+    widths, query element size (``elem_bytes``) and cache format (``kv_fp8``): fp32 at 64 x 64 does not fit an
+    H100. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use the tiles the
+    launch will use."""
+    cfg = (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent), device)
+           or _config(rows_per_seq, d_latent, _utils.on_hip(device)))
+    return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
+
+
+def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool) -> dict:
+    return _utils.fit_shared(cfg, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8),
+                             _utils.shared_memory_limit(device))
+
+
+def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False) -> int:
+    """Shared memory the portable kernel's operand tiles take on sm_90 (triton 3.6): the query block and the key
+    block, each staged once (the pointer loads through the block table are not multi-buffered, so
+    ``num_stages`` does not multiply it); with fp32 inputs also the probability tile (fp32 dots do not run on
+    the tensor cores), with an fp8 cache also the raw e4m3 key block. The compiler's figure exceeds it by at
+    most ``_utils.SHARED_SCRATCH_BYTES`` (``tests/test_compile.py``)."""
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = (block_m + block_n) * (d_latent + d_rope) * elem_bytes
+    if elem_bytes == 4:
+        tiles += block_m * block_n * 4
+    if kv_fp8:
+        tiles += block_n * d_latent
+    return tiles
 
 
 def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, block_m: int = 16,
@@ -373,9 +397,11 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     varlen = cu_seqlens_q is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
     device = q_nope.device
-    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device)
+    elem_bytes, kv_fp8 = q_nope.element_size(), kv_scale is not None
+    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device, d_rope, elem_bytes, kv_fp8)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
-        fallback = _config(max_seqlen_q * heads, d_latent, _utils.on_hip(device))
+        fallback = _fit_tiles(_config(max_seqlen_q * heads, d_latent, _utils.on_hip(device)), device, d_latent,
+                              d_rope, elem_bytes, kv_fp8)
         if schedule is not None:  # the schedule was cut along its tiles
             fallback.update(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
         return _tuning.launch_tuned(cfg, lambda c: _launch(
@@ -673,7 +699,8 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
     if metadata is not None:
-        _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits)
+        _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits,
+                        q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     causal, return_lse = bool(causal), bool(return_lse)
     if torch.compiler.is_compiling():
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
@@ -708,7 +735,8 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
         return out[0], (out[1] if return_lse else None)
 
     if metadata is None and num_splits is None and _use_schedule(batch, s_q * heads, q_nope.device):
-        metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None)
+        metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None,
+                                           q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
                        max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
@@ -749,20 +777,21 @@ def _use_schedule(batch: int, rows_per_seq: int, device: torch.device) -> bool:
     return False
 
 
-def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits) -> None:
+def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits, d_rope: int = 64,
+                    elem_bytes: int = 2, kv_fp8: bool = False) -> None:
     """``metadata`` must be a ``DecodeSchedule`` built for this call: batch, tiles, device, table layout (shapes
     only; ``_check_metadata_lengths`` checks the values where that is free)."""
     if not isinstance(metadata, _schedule.DecodeSchedule):
         raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
     if num_splits is not None:
         raise ValueError("metadata and num_splits exclude each other: the schedule decides how sequences are cut")
-    cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device)
+    cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
     if (metadata.block_m, metadata.block_n) != (cfg["BLOCK_M"], cfg["BLOCK_N"]):
         raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
-                         f"S_q and width use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
-                         "call's num_heads, s_q and kv_lora_rank")
+                         f"S_q, widths and dtype use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
+                         "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
     if metadata.device != cache_seqlens.device:
         raise ValueError(f"metadata is on {metadata.device}, cache_seqlens on {cache_seqlens.device}")
     if tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \

@@ -35,7 +35,7 @@ from . import _prefill_cost as _cost
 from . import _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
-from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v
+from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v, decode_shared_bytes
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -127,7 +127,8 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
         if relative_speed is not None:
             consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
     max_q = max(new_lens, default=0)
-    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v)["BLOCK_M"]
+    block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v,
+                               d_rope)["BLOCK_M"]
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
@@ -187,23 +188,45 @@ def _expanded_width_ok(width: int) -> bool:
     return _utils.is_pow2(width) and 16 <= width <= 1024
 
 
-def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_latent: int = 512) -> dict | None:
+def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_latent: int = 512, d_rope: int = 64,
+                     elem_bytes: int = 2, kv_fp8: bool = False) -> dict | None:
     """Tiles for the absorbed kernel in prefill: this GPU's tuned config for the shape class
-    (``_tuning.prefill_class``, a ``_tuning.Tuned`` that ``decode._launch`` drops if it fails to compile), else
-    None (decode's ``_config``) on a GPU. The interpreter spends ~50 ms per loop step whatever the tile, so there
-    prefill's many rows run in large tiles (one test runs the GPU tiles)."""
+    (``_tuning.prefill_class``, a ``_tuning.Tuned`` that ``decode._launch`` drops if it fails to compile; fitted
+    to shared memory like decode's), else None (``decode.decode_tiles``) on a GPU. The interpreter spends ~50 ms
+    per loop step whatever the tile, so there prefill's many rows run in large tiles (one test runs the GPU
+    tiles)."""
     tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent), device)
-    if tuned is not None or device.type == "cuda":
-        return tuned
+    if tuned is not None:
+        return _utils.fit_shared(tuned, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8),
+                                 _utils.shared_memory_limit(device))
+    if device.type == "cuda":
+        return None
     block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=1)
 
 
-def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128, d_v: int = 128) -> dict:
+def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128, d_v: int = 128, d_rope: int = 64,
+                     elem_bytes: int = 2) -> dict:
     """This GPU's tuned config for the expanded kernel's shape class (``_tuning.expanded_class``; a
-    ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``."""
+    ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``; its
+    tiles shrunk where they would not fit the GPU's shared memory at these widths (``_fit_expanded``)."""
     tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device)
-    return tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, device)
+    cfg = tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, device)
+    return _fit_expanded(cfg, device, d_nope, d_v, d_rope, elem_bytes)
+
+
+def _fit_expanded(cfg: dict, device: torch.device, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> dict:
+    return _utils.fit_shared(cfg, lambda c: expanded_shared_bytes(c, d_nope, d_v, d_rope, elem_bytes),
+                             _utils.shared_memory_limit(device))
+
+
+def expanded_shared_bytes(cfg: dict, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> int:
+    """Shared memory the expanded kernel's operand tiles take on sm_90 (triton 3.6): the query block
+    (D_nope + P wide) and one key/value block (D_nope + P + D_v wide), and with fp32 inputs the probability tile.
+    It matched the compiler's figure to the byte at 128/128/64 and 512/512/64 in bf16 (64 and 128 query rows)."""
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles = (block_m * (d_nope + d_rope) + block_n * (d_nope + d_rope + d_v)) * elem_bytes
+    return tiles + (block_m * block_n * 4 if elem_bytes == 4 else 0)
 
 
 def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
@@ -384,11 +407,13 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
     d_rope, d_v = q_pe.shape[-1], v.shape[-1]
     batch = block_table.shape[0]
     device = q_nope.device
-    cfg = config or _expanded_config(max_seqlen_q, device, d_nope, d_v)
+    elem_bytes = q_nope.element_size()
+    cfg = config or _expanded_config(max_seqlen_q, device, d_nope, d_v, d_rope, elem_bytes)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
         return _tuning.launch_tuned(cfg, lambda c: _launch_expanded(
             q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens, softmax_scale,
-            causal, return_lse, max_seqlen_q=max_seqlen_q, config=c), _expanded_heuristic(max_seqlen_q, device))
+            causal, return_lse, max_seqlen_q=max_seqlen_q, config=c),
+            _fit_expanded(_expanded_heuristic(max_seqlen_q, device), device, d_nope, d_v, d_rope, elem_bytes))
     out = torch.empty(total, heads, d_v, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
     if total == 0 or batch == 0:
@@ -613,7 +638,8 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2]),
+                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2],
+                                               q_pe.shape[2], q_nope.element_size(), kv_scale is not None),
                        kv_scale=kv_scale)
     return out, lse
 

@@ -194,12 +194,14 @@ def num_programs_for(batch: int, rows_per_seq: int, block_m: int, block_n: int, 
 
 
 def make_schedule(cache_seqlens: torch.Tensor, rows_per_seq: int, d_latent: int, max_seqlen_k: int | None,
-                  num_programs: int | None) -> DecodeSchedule:
-    """Unchecked: the tile size ``mla_decode`` would use for this many rows per sequence, the grid, the tables."""
+                  num_programs: int | None, d_rope: int = 64, elem_bytes: int = 2,
+                  kv_fp8: bool = False) -> DecodeSchedule:
+    """Unchecked: the tile size ``mla_decode`` would use for this many rows per sequence, widths and query
+    element size, the grid, the tables."""
     from .decode import decode_tiles
 
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
-    cfg = decode_tiles(rows_per_seq, d_latent, device)
+    cfg = decode_tiles(rows_per_seq, d_latent, device, d_rope, elem_bytes, kv_fp8)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if num_programs is None:
         num_programs = num_programs_for(batch, rows_per_seq, block_m, block_n, max_seqlen_k, device)
@@ -228,14 +230,17 @@ def _positive_int(name: str, value) -> int:
 
 
 def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_rank: int = 512,
-                        max_seqlen_k: int | None = None, num_programs: int | None = None) -> DecodeSchedule:
+                        max_seqlen_k: int | None = None, num_programs: int | None = None, rope_dim: int = 64,
+                        dtype: torch.dtype = torch.bfloat16, cache_dtype: torch.dtype | None = None) -> DecodeSchedule:
     """Scheduling metadata for ``mla_decode(..., metadata=...)``: compute once per decode step, reuse in every layer.
 
     Args:
         cache_seqlens: ``[B]`` int32 (or int64) tokens cached per sequence, as passed to ``mla_decode``;
             0 marks a padding slot.
         num_heads: query heads ``H``; ``s_q``: new tokens per sequence. With ``kv_lora_rank`` (the latent width
-            ``R``) they fix the kernel's tiles, which the schedule cuts along.
+            ``R``), ``rope_dim`` (``P``) and the query ``dtype`` they fix the kernel's tiles, which the schedule
+            cuts along (fp32 queries at 32+ rows per sequence take smaller tiles, to fit shared memory);
+            ``cache_dtype``: ``torch.float8_e4m3fn`` for an fp8 cache, else None (the queries' dtype).
         max_seqlen_k: optional bound on ``cache_seqlens``; lets a small batch use fewer programs.
         num_programs: force the grid size (default: sized to the GPU from shapes only).
 
@@ -249,6 +254,12 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     _positive_int("num_heads", num_heads)
     _positive_int("s_q", s_q)
     _utils.check_width("kv_lora_rank", kv_lora_rank)
+    _utils.check_width("rope_dim", rope_dim)
+    if dtype not in _utils.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be the queries' dtype, one of {_utils.FLOAT_DTYPES}, got {dtype!r}")
+    if cache_dtype is not None and cache_dtype not in _utils.FLOAT_DTYPES + _utils.FP8_DTYPES:
+        raise TypeError(f"cache_dtype must be None or the cache's dtype, one of "
+                        f"{_utils.FLOAT_DTYPES + _utils.FP8_DTYPES}, got {cache_dtype!r}")
     if max_seqlen_k is not None and (isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int)
                                      or max_seqlen_k < 0):
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
@@ -260,4 +271,5 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
             raise ValueError(f"cache_seqlens must be >= 0, got {lo}")
         if max_seqlen_k is not None and hi > max_seqlen_k:
             raise ValueError(f"cache_seqlens has a length {hi} above max_seqlen_k={max_seqlen_k}")
-    return make_schedule(cache_seqlens, s_q * num_heads, kv_lora_rank, max_seqlen_k, num_programs)
+    return make_schedule(cache_seqlens, s_q * num_heads, kv_lora_rank, max_seqlen_k, num_programs, rope_dim,
+                         torch.empty((), dtype=dtype).element_size(), cache_dtype in _utils.FP8_DTYPES)
