@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from mla_kernels._utils import H100_SHARED_BYTES, SHARED_SCRATCH_BYTES  # 227 KiB per block on sm_90 (CUDA guide)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,11 +37,11 @@ EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled
 EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 
 
-from mla_kernels._utils import H100_SHARED_BYTES  # 227 KiB: the most one block may use on sm_90 (CUDA guide)
 MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
 EXPECTED_TMA = ["decode-tma-h16-split", "decode-tma-h128"]
 # shapes whose heuristic tiles are shrunk to fit the H100's shared memory (fp32 at 64 x 64 needs 304 KiB)
-EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + ["decode-h128-fp32", "decode-h128-p1024", "prefill-expanded-d512", "prefill-expanded-fp32"]
+EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + ["decode-h128-fp32", "decode-h128-p1024", "prefill-expanded-d512",
+                                      "prefill-expanded-fp32"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
@@ -63,7 +65,6 @@ def test_decode_report_is_complete(reports, capsys):
     assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
     # the library sizes tiles by its own estimate (decode_tiles, _expanded_config): the compiler may add at most
     # SHARED_SCRATCH_BYTES to it, or a tile it thinks fits would fail to launch
-    from mla_kernels._utils import SHARED_SCRATCH_BYTES
     under = {n: (r["shared_bytes"], r["shared_estimate"]) for n, r in reports["sm90"].items()
              if r.get("shared_estimate") is not None and r["shared_bytes"] > r["shared_estimate"] + SHARED_SCRATCH_BYTES}
     assert not under, f"shared memory (compiled, estimated) beyond the estimate's scratch allowance: {under}"
