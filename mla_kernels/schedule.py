@@ -248,7 +248,7 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _positive_int("num_heads", num_heads)
     _positive_int("s_q", s_q)
-    _utils.check_width("kv_lora_rank", kv_lora_rank)
+    _utils.check_width("kv_lora_rank", _positive_int("kv_lora_rank", kv_lora_rank))
     if max_seqlen_k is not None and (isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int)
                                      or max_seqlen_k < 0):
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")

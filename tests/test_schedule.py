@@ -324,6 +324,8 @@ BAD_META = {
     "num_heads-float": (lambda a: a.update(num_heads=16.0), ValueError, "num_heads"),
     "s_q-zero": (lambda a: a.update(s_q=0), ValueError, "s_q"),
     "kv_lora_rank-24": (lambda a: a.update(kv_lora_rank=24), ValueError, "kv_lora_rank"),
+    "kv_lora_rank-none": (lambda a: a.update(kv_lora_rank=None), ValueError, "kv_lora_rank"),
+    "kv_lora_rank-float": (lambda a: a.update(kv_lora_rank=512.0), ValueError, "kv_lora_rank"),
     "num_programs-zero": (lambda a: a.update(num_programs=0), ValueError, "num_programs"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
 }
