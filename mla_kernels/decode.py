@@ -770,6 +770,11 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
             metadata.programs.dtype != torch.int32 or metadata.sequences.dtype != torch.int32 or \
             not metadata.programs.is_contiguous() or not metadata.sequences.is_contiguous():
         raise ValueError("metadata's tables do not have the shapes, dtype and layout mla_decode_metadata builds")
+    if metadata.num_part_slots != _schedule.part_slot_bound(metadata.batch, metadata.num_programs):
+        # it sizes the partial buffer the kernel writes cut sequences into: too few slots would write past its end
+        raise ValueError(f"metadata.num_part_slots is {metadata.num_part_slots!r}, not the "
+                         f"{_schedule.part_slot_bound(metadata.batch, metadata.num_programs)} its batch and "
+                         f"programs need")
 
 
 def _check_metadata_lengths(metadata, cache_seqlens) -> None:

@@ -298,6 +298,8 @@ BAD_CALL = {
     "other-device": (lambda a: _other_meta(a, torch.empty(2, dtype=torch.int32, device="meta"), 16), ValueError,
                      "metadata"),
     "with-num_splits": (lambda a: a.update(num_splits=2), ValueError, "metadata"),
+    "too-few-partial-slots": (lambda a: a.update(metadata=a["metadata"]._replace(num_part_slots=1)), ValueError,
+                              "metadata"),
 }
 
 
