@@ -765,7 +765,8 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
                          "call's num_heads, s_q and kv_lora_rank")
     if metadata.device != cache_seqlens.device:
         raise ValueError(f"metadata is on {metadata.device}, cache_seqlens on {cache_seqlens.device}")
-    if tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
+    if metadata.num_programs < 1 or \
+            tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
             tuple(metadata.sequences.shape) != (metadata.batch, len(_schedule.SEQ_FIELDS)) or \
             metadata.programs.dtype != torch.int32 or metadata.sequences.dtype != torch.int32 or \
             not metadata.programs.is_contiguous() or not metadata.sequences.is_contiguous():

@@ -300,6 +300,9 @@ BAD_CALL = {
     "with-num_splits": (lambda a: a.update(num_splits=2), ValueError, "metadata"),
     "too-few-partial-slots": (lambda a: a.update(metadata=a["metadata"]._replace(num_part_slots=1)), ValueError,
                               "metadata"),
+    "no-programs": (lambda a: a.update(metadata=a["metadata"]._replace(programs=a["metadata"].programs[:0],
+                                                                       num_programs=0, num_part_slots=1)),
+                    ValueError, "metadata"),
 }
 
 
