@@ -392,6 +392,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m, cfg.get("waves"))
+    else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials for them
+        num_splits = min(num_splits, _utils.cdiv(max(max_seqlen_k, 1), block_n))
     split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
