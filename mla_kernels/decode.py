@@ -418,6 +418,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
     if num_splits is None:
         num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m, cfg.get("waves"))
+    else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials for them
+        num_splits = min(num_splits, _utils.cdiv(max(max_seqlen_k, 1), block_n))
     split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
@@ -794,11 +796,17 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
                          "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
     if metadata.device != cache_seqlens.device:
         raise ValueError(f"metadata is on {metadata.device}, cache_seqlens on {cache_seqlens.device}")
-    if tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
+    if metadata.num_programs < 1 or \
+            tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
             tuple(metadata.sequences.shape) != (metadata.batch, len(_schedule.SEQ_FIELDS)) or \
             metadata.programs.dtype != torch.int32 or metadata.sequences.dtype != torch.int32 or \
             not metadata.programs.is_contiguous() or not metadata.sequences.is_contiguous():
         raise ValueError("metadata's tables do not have the shapes, dtype and layout mla_decode_metadata builds")
+    if metadata.num_part_slots != _schedule.part_slot_bound(metadata.batch, metadata.num_programs):
+        # it sizes the partial buffer the kernel writes cut sequences into: too few slots would write past its end
+        raise ValueError(f"metadata.num_part_slots is {metadata.num_part_slots!r}, not the "
+                         f"{_schedule.part_slot_bound(metadata.batch, metadata.num_programs)} its batch and "
+                         f"programs need")
 
 
 def _check_metadata_lengths(metadata, cache_seqlens) -> None:

@@ -253,8 +253,8 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _positive_int("num_heads", num_heads)
     _positive_int("s_q", s_q)
-    _utils.check_width("kv_lora_rank", kv_lora_rank)
-    _utils.check_width("rope_dim", rope_dim)
+    _utils.check_width("kv_lora_rank", _positive_int("kv_lora_rank", kv_lora_rank))
+    _utils.check_width("rope_dim", _positive_int("rope_dim", rope_dim))
     if dtype not in _utils.FLOAT_DTYPES:
         raise TypeError(f"dtype must be the queries' dtype, one of {_utils.FLOAT_DTYPES}, got {dtype!r}")
     if cache_dtype is not None and cache_dtype not in _utils.FLOAT_DTYPES + _utils.FP8_DTYPES:

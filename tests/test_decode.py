@@ -66,6 +66,27 @@ def test_split_kv(num_splits, device, poisoned_empty):
     assert_lse_close(f"splits={num_splits}", lse, ref_lse)
 
 
+def test_num_splits_beyond_the_tiles(device, monkeypatch):
+    """More forced splits than the block table has tiles: the extra ones could only be empty, so they get no
+    programs and no partials (100000 of them took ~300 MB of partials here, and a CUDA grid holds 65535)."""
+    lens = [40, 0, 7]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 2, 4, 16, torch.bfloat16, device, r=32, p=16)
+    real_empty = torch.empty
+
+    def bounded_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        assert t.numel() < 10**6, f"a buffer of shape {tuple(t.shape)} for a problem of 48 tokens of cache"
+        return t
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      num_splits=100_000)
+    monkeypatch.undo()
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close("splits=100000", out, ref_out, torch.bfloat16)
+    assert_lse_close("splits=100000", lse, ref_lse)
+
+
 def test_padding_slot_is_zero_and_reads_nothing(device):
     """cache_seqlens == 0: zeros and lse = -inf, even with a block table of nothing but sentinels."""
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([0, 5], 1, 4, 16, torch.bfloat16, device)

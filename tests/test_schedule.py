@@ -298,6 +298,11 @@ BAD_CALL = {
     "other-device": (lambda a: _other_meta(a, torch.empty(2, dtype=torch.int32, device="meta"), 16), ValueError,
                      "metadata"),
     "with-num_splits": (lambda a: a.update(num_splits=2), ValueError, "metadata"),
+    "too-few-partial-slots": (lambda a: a.update(metadata=a["metadata"]._replace(num_part_slots=1)), ValueError,
+                              "metadata"),
+    "no-programs": (lambda a: a.update(metadata=a["metadata"]._replace(programs=a["metadata"].programs[:0],
+                                                                       num_programs=0, num_part_slots=1)),
+                    ValueError, "metadata"),
 }
 
 
@@ -324,6 +329,8 @@ BAD_META = {
     "num_heads-float": (lambda a: a.update(num_heads=16.0), ValueError, "num_heads"),
     "s_q-zero": (lambda a: a.update(s_q=0), ValueError, "s_q"),
     "kv_lora_rank-24": (lambda a: a.update(kv_lora_rank=24), ValueError, "kv_lora_rank"),
+    "kv_lora_rank-none": (lambda a: a.update(kv_lora_rank=None), ValueError, "kv_lora_rank"),
+    "kv_lora_rank-float": (lambda a: a.update(kv_lora_rank=512.0), ValueError, "kv_lora_rank"),
     "num_programs-zero": (lambda a: a.update(num_programs=0), ValueError, "num_programs"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
 }
