@@ -169,7 +169,8 @@ CASES = {
 def run_scheduled(lens, s_q, heads, page, r, p, num_programs, dtype, device, causal=True, **kw):
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, s_q, heads, page, dtype, device, r=r, p=p)
     table[seqlens == 0] = SENTINEL_BLOCK  # padding slots read nothing
-    meta = mla_kernels.mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=r, num_programs=num_programs)
+    meta = mla_kernels.mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=r, num_programs=num_programs,
+                                           rope_dim=p, dtype=dtype)
     out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, causal=causal,
                                  metadata=meta, **kw)
     ref = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, causal=causal,
@@ -275,6 +276,20 @@ def test_scheduled_property(problem):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_fp32_schedule_uses_the_tiles_shared_memory_fits(device, poisoned_empty):
+    """fp32 queries at 32 rows per sequence and R 512 run 64 x 16 tiles, not the 64 x 64 of bf16 (304 KiB of shared
+    memory; an H100 has 227): a schedule built for the call's dtype cuts along those tiles and matches the reference;
+    one built for bf16 is refused, naming the argument to pass."""
+    meta, out, ref = run_scheduled([150, 3, 0, 40], 1, 32, 16, 512, 64, 5, torch.float32, device)
+    assert (meta.block_m, meta.block_n) == (64, 16)
+    assert_close("fp32 scheduled", out, ref[0], torch.float32)
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([150, 3], 1, 32, 16, torch.float32, device)
+    bf16_meta = mla_kernels.mla_decode_metadata(seqlens, 32, 1, kv_lora_rank=512)
+    assert (bf16_meta.block_m, bf16_meta.block_n) == (64, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=bf16_meta)
+
+
 def _good():
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([10, 3], 1, 16, 16, torch.bfloat16, "cpu", r=32,
                                                                    p=16)
@@ -328,6 +343,9 @@ BAD_META = {
     "num_heads-zero": (lambda a: a.update(num_heads=0), ValueError, "num_heads"),
     "num_heads-float": (lambda a: a.update(num_heads=16.0), ValueError, "num_heads"),
     "s_q-zero": (lambda a: a.update(s_q=0), ValueError, "s_q"),
+    "rope_dim-odd": (lambda a: a.update(rope_dim=48), ValueError, "rope_dim"),
+    "dtype-int": (lambda a: a.update(dtype=torch.int32), TypeError, "dtype"),
+    "cache_dtype-int": (lambda a: a.update(cache_dtype=torch.int8), TypeError, "cache_dtype"),
     "kv_lora_rank-24": (lambda a: a.update(kv_lora_rank=24), ValueError, "kv_lora_rank"),
     "kv_lora_rank-none": (lambda a: a.update(kv_lora_rank=None), ValueError, "kv_lora_rank"),
     "kv_lora_rank-float": (lambda a: a.update(kv_lora_rank=512.0), ValueError, "kv_lora_rank"),

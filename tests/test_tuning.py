@@ -62,3 +62,53 @@ def test_constants_and_save_file_merge(tmp_path):
                                "prefill": {"c": {"BLOCK_M": 128}}}
     assert data["constants"] == {"x": 1.0, "y": 2.0} and data["source"] == "test 2"
     assert _tuning.constant("x", torch.device("cpu")) is None  # the CPU never reads GPU files
+
+
+# -- tiles fitted to shared memory ------------------------------------------------------------------------------
+
+
+def test_fit_shared_halves_block_n_then_block_m():
+    from mla_kernels import _utils
+
+    def need(c):
+        return c["BLOCK_M"] * c["BLOCK_N"] * 100
+
+    cfg = _tuning.Tuned(dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2), "decode", "R512/rows>64", 0)
+    assert _utils.fit_shared(cfg, need, 64 * 64 * 100 + _utils.SHARED_SCRATCH_BYTES) is cfg  # fits: kept as is
+    assert _utils.fit_shared(cfg, need, None) is cfg  # no limit known (ROCm)
+    fitted = _utils.fit_shared(cfg, need, 16 * 32 * 100 + _utils.SHARED_SCRATCH_BYTES)
+    assert fitted == dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2) and not isinstance(fitted, _tuning.Tuned)
+    assert _utils.fit_shared(cfg, need, 0) == dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)  # the floor
+    assert cfg == dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)  # not modified
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16-bit", "fp32"])
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["cache", "fp8-cache"])
+def test_decode_and_expanded_tiles_fit_the_h100(elem_bytes, kv_fp8):
+    """Every width and row count gets tiles whose estimate fits an H100 (what the interpreter models), unless they
+    are already the smallest; DeepSeek's bf16 shapes keep the measured winners untouched."""
+    from mla_kernels import _utils, decode, prefill
+
+    cpu, limit = torch.device("cpu"), _utils.H100_SHARED_BYTES - _utils.SHARED_SCRATCH_BYTES
+    for r in (16, 128, 512, 1024):
+        for p in (16, 64, 1024):
+            for rows in (1, 16, 32, 128, 1024):
+                cfg = decode.decode_tiles(rows, r, cpu, p, elem_bytes, kv_fp8)
+                need = decode.decode_shared_bytes(cfg, r, p, elem_bytes, kv_fp8)
+                assert need <= limit or (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 16), (r, p, rows, cfg, need)
+            for d_v in (16, 128, 1024):
+                cfg = prefill._expanded_config(4096, cpu, r, d_v, p, elem_bytes)
+                need = prefill.expanded_shared_bytes(cfg, r, d_v, p, elem_bytes)
+                assert need <= limit or (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 16), (r, d_v, p, cfg, need)
+    if elem_bytes == 2:
+        assert decode.decode_tiles(128, 512, cpu, 64, 2, kv_fp8) == decode._config(128, 512)
+        assert decode.decode_tiles(16, 512, cpu, 64, 2, kv_fp8) == decode._config(16, 512)
+        assert prefill._expanded_config(4096, cpu) == prefill._expanded_heuristic(4096, cpu)
+    else:
+        assert decode.decode_tiles(128, 512, cpu, 64, 4) == dict(decode._config(128, 512), BLOCK_N=16)
+
+
+def test_shared_memory_limit_of_the_interpreter_is_the_h100s():
+    from mla_kernels import _utils
+
+    assert _utils.shared_memory_limit(torch.device("cpu")) == _utils.H100_SHARED_BYTES == 232448
