@@ -230,7 +230,8 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     two views ``buf[..., :R]``, ``buf[..., R:]`` of one ``[num_blocks, block_size, R + P]``
     buffer, and ``kv_c``/``k_pe`` slices of a ``kv_a_proj`` output ``[T, R + P]``. Nothing is
     copied; cache bytes outside the written slots are left as they were. R and P are powers of
-    two from 16 to 1024. Two tokens with the same slot leave one of them, unspecified which.
+    two from 16 to 1024. Two tokens with the same slot leave that row unspecified: on a GPU
+    it may mix values of both (and, in an fp8 cache, one token's values with the other's scales).
 
     Slots at or past ``num_blocks * block_size``: on the CPU this raises ``ValueError`` before
     anything is written. On the GPU, checking would cost a host synchronisation, so the kernel

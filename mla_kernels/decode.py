@@ -610,7 +610,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         A query row that sees no key (padding slot, or a row before the cache's first token) gives zeros and -inf.
 
     Values are checked where that is free: on the CPU, lengths and the block ids in use are range-checked
-    before anything runs. On a GPU they are not (that would synchronise with the host): lengths beyond
+    before anything runs, and a length below S_q other than 0 is refused (its new tokens cannot all be in the
+    cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that would synchronise with the host): lengths beyond
     ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
     """
     # the common case, checked in one expression; anything else takes the named checks below
