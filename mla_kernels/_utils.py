@@ -194,6 +194,15 @@ def check_devices(**tensors: torch.Tensor) -> torch.device:
     return device
 
 
+def check_flag(name: str, value) -> bool:
+    """A switch such as ``causal``: a bool (or numpy bool); ``None`` or a string is refused, not read as truthy."""
+    if value is True or value is False:
+        return value
+    if type(value).__name__ == "bool_":  # numpy.bool_, without importing numpy here
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_scale(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # float, int, numpy scalars
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")

@@ -704,7 +704,7 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
     if metadata is not None:
         _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits,
                         q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
-    causal, return_lse = bool(causal), bool(return_lse)
+    causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
         out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,

@@ -608,6 +608,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     the block table; used block ids exist). On a GPU values are checked only when max_seqlen_q is None (they
     are on the host then anyway), and block ids never.
     """
+    causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
@@ -668,6 +669,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     cost model and the expanded path's key count need them. The expanded path allocates the expanded keys
     and values, ``sum(cache_seqlens) x H x (D_nope + D_v)`` elements.
     """
+    causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,

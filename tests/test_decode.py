@@ -168,6 +168,8 @@ def _good():
 
 BAD = {
     "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
+    "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
+    "return_lse-str": (lambda a: a.update(return_lse="yes"), TypeError, "return_lse"),
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][0]), ValueError, "q_nope"),
     "q_nope-float64": (lambda a: a.update(q_nope=a["q_nope"].double()), TypeError, "q_nope"),
     "q_nope-fp32-vs-bf16-cache": (lambda a: a.update(q_nope=a["q_nope"].float(), q_pe=a["q_pe"].float()), TypeError,

@@ -307,6 +307,8 @@ def _set(key, index, value):
 
 BAD = {
     "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
+    "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
+    "return_lse-int": (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][None]), ValueError, "q_nope"),
     "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
     "q_nope-last-dim-strided": (lambda a: a.update(q_nope=torch.zeros(13, 4, 64, dtype=torch.bfloat16)[..., ::2]),
@@ -362,6 +364,7 @@ def test_bad_input(case):
 
 BAD_ATTENTION = {
     "w_kv_b-none": (lambda a: a.update(w_kv_b=None), TypeError, "w_kv_b"),
+    "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
     "w_kv_b-rank": (lambda a: a.update(w_kv_b=a["w_kv_b"][None]), ValueError, "w_kv_b"),
     "w_kv_b-dtype": (lambda a: a.update(w_kv_b=a["w_kv_b"].half()), TypeError, "w_kv_b"),
     "w_kv_b-latent-width": (lambda a: a.update(w_kv_b=a["w_kv_b"][:, :16]), ValueError, "w_kv_b"),
