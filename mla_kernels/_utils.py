@@ -88,6 +88,8 @@ SHARED_SCRATCH_BYTES = 32 * 1024
 
 @functools.lru_cache(maxsize=None)
 def _optin_shared(device_index: int) -> int:
+    if not torch.cuda.is_available():  # a "cuda" device named where there is none (cost estimates): an H100's
+        return H100_SHARED_BYTES
     props = torch.cuda.get_device_properties(device_index)
     optin = getattr(props, "shared_memory_per_block_optin", 0)
     if optin:
@@ -106,7 +108,9 @@ def shared_memory_limit(device: torch.device) -> int | None:
     if device.type == "cuda":
         if is_hip():
             return None
-        return _optin_shared(device.index if device.index is not None else torch.cuda.current_device())
+        if device.index is None:
+            return _optin_shared(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        return _optin_shared(device.index)
     return H100_SHARED_BYTES
 
 
