@@ -631,7 +631,11 @@ class PagedLatentCache:
         seq_ids, counts = list(seq_ids), list(num_tokens)
         if len(seq_ids) != len(counts):
             raise ValueError(f"seq_ids and num_tokens disagree on length: {len(seq_ids)} vs {len(counts)}")
-        if len(set(seq_ids)) != len(seq_ids):
+        try:
+            distinct = len(set(seq_ids))
+        except TypeError:  # an unhashable id (a list) can name no sequence
+            raise TypeError(f"seq_ids must hold hashable sequence ids, got {seq_ids!r}") from None
+        if distinct != len(seq_ids):
             raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
         for i, n in enumerate(counts):
             counts[i] = _index("num_tokens", n)

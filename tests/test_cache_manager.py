@@ -349,6 +349,8 @@ def test_bad_batches_change_nothing():
         cache.append_batch([a], [1, 2])
     with pytest.raises(KeyError):
         cache.append_batch([a, "nobody"], [1, 1])
+    with pytest.raises(TypeError, match="seq_ids"):
+        cache.append_batch([[a]], [1])
     assert_same_state(before, state_of(cache))
 
 
