@@ -24,12 +24,23 @@ from triton.compiler import ASTSource
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 
 
-def _signature(kernel, types: dict, constexprs: dict) -> tuple[dict, dict]:
-    sig = {}
-    for name in kernel.arg_names:
+# Integer arguments a launch passes as multiples of 16 (row strides of 576-, 512- and 64-wide rows, block strides,
+# split lengths in whole tiles). Triton's JIT marks such ints, and 16-byte aligned pointers, "divisible by 16" when
+# it specializes a launch; that proof of alignment is what lets it vectorise loads and pipeline them with cp.async,
+# so a compile without it is not the kernel a GPU runs. Not marked: an fp8 cache's scale strides (4 fp32 per token
+# in a 656-byte row) and the slot stride (1).
+_DIVISIBLE_INTS = ("stride_qn_", "stride_qp_", "stride_kv_", "stride_pe_", "stride_bt_", "stride_k_", "stride_v_",
+                   "stride_o_", "stride_kv_c_t", "stride_k_pe_t", "stride_kv_cache_", "stride_pe_cache_", "split_len")
+
+
+def _signature(kernel, types: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs by position, attributes by position) as ``ASTSource`` takes them."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in types:
+            continue
+        if name in types:
             sig[name] = types[name]
         elif name.isupper() or name.endswith("_ptr"):
             sig[name] = types.get("*", "*bf16")
@@ -37,17 +48,20 @@ def _signature(kernel, types: dict, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    return sig, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        if sig[name].startswith("*") or (sig[name] == "i32" and name.startswith(_DIVISIBLE_INTS)):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs
 
 
 def compile_for(kernel, target: str, constexprs: dict, types: dict | None = None, num_warps: int = 4,
                 num_stages: int = 2):
-    """Compile ``kernel`` (a @triton.jit function) for ``target`` ("sm90" or "gfx942").
+    """Compile ``kernel`` (a @triton.jit function) for ``target`` ("sm90" or "gfx942"), with the alignment facts
+    the JIT would specialize a typical launch on (``_DIVISIBLE_INTS``, pointers).
 
     Triton must have been imported without ``TRITON_INTERPRET`` (see ``main``).
     """
-    sig, cex = _signature(kernel, types or {}, constexprs)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=cex)
+    sig, cex, attrs = _signature(kernel, types or {}, constexprs)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
     return triton.compile(src, target=TARGETS[target], options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -75,7 +89,8 @@ def ptxas_report(compiled) -> dict:
                         "spill_store_bytes": int(spill.group(1)) if spill else 0,
                         "spill_load_bytes": int(spill.group(2)) if spill else 0,
                         "shared_bytes": compiled.metadata.shared,
-                        "wgmma": "wgmma" in ptx, "tma": "cp.async.bulk.tensor" in ptx}
+                        "wgmma": "wgmma" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
+                        "cp_async": "cp.async.cg.shared" in ptx or "cp.async.ca.shared" in ptx}
     return {"registers": None, "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx}
 

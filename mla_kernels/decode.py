@@ -45,7 +45,8 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
       - at most 16 rows (16 heads, one token): 16 x 32 tiles, 4 warps, 2 stages: 292 us, 2.08 TB/s
         (8 warps ran 362 us);
       - above: 64 x 64 tiles, 8 warps, 2 stages: 736 us, 199 TFLOP/s at 128 heads, 4.2x the 32 x 16 tiles
-        shipped before. ptxas reports ~2.3 KB of spills for it; the measured time decides, not the report.
+        shipped before. ptxas reports 116 bytes of spills for it (triton 3.6, compiled as the JIT specializes it;
+        2.1 KB without the alignment facts); the measured time decides, not the report.
     Issue 9's per-GPU config files replace these where a GPU has been tuned.
     MI300 (64-wide wavefronts, 512 VGPRs per lane, 64 KiB LDS per CU): compile-checked only, never timed.
     tl.dot needs M, N >= 16. The interpreter runs the NVIDIA configs, so CPU tests cover the tiles a GPU runs.
@@ -83,17 +84,20 @@ def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, k
 
 
 def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False) -> int:
-    """Shared memory the portable kernel's operand tiles take on sm_90 (triton 3.6): the query block and the key
-    block, each staged once (the pointer loads through the block table are not multi-buffered, so
-    ``num_stages`` does not multiply it); with fp32 inputs also the probability tile (fp32 dots do not run on
-    the tensor cores), with an fp8 cache also the raw e4m3 key block. The compiler's figure exceeds it by at
-    most ``_utils.SHARED_SCRATCH_BYTES`` (``tests/test_compile.py``)."""
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = (block_m + block_n) * (d_latent + d_rope) * elem_bytes
+    """Shared memory the portable kernel's operand tiles take on sm_90 (triton 3.6, compiled with the alignment
+    facts the JIT specializes on): the query block once, and ``num_stages`` key blocks, which the pipeliner fills
+    with cp.async copies ahead of use. With an fp8 cache the stages hold the raw e4m3 latent and one dequantized
+    block is staged for the dots; with fp32 inputs the probability tile too. Exact for the bf16 64 x 64 tiles
+    (221184 bytes), an upper bound for the others; ``tests/test_compile.py`` holds the compiler's figure to it."""
+    block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
+    width = d_latent + d_rope
+    if kv_fp8:
+        keys = stages * block_n * (d_latent + d_rope * elem_bytes) + block_n * d_latent * elem_bytes
+    else:
+        keys = stages * block_n * width * elem_bytes
+    tiles = block_m * width * elem_bytes + keys
     if elem_bytes == 4:
         tiles += block_m * block_n * 4
-    if kv_fp8:
-        tiles += block_n * d_latent
     return tiles
 
 

@@ -221,11 +221,12 @@ def _fit_expanded(cfg: dict, device: torch.device, d_nope: int, d_v: int, d_rope
 
 
 def expanded_shared_bytes(cfg: dict, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> int:
-    """Shared memory the expanded kernel's operand tiles take on sm_90 (triton 3.6): the query block
-    (D_nope + P wide) and one key/value block (D_nope + P + D_v wide), and with fp32 inputs the probability tile.
-    It matched the compiler's figure to the byte at 128/128/64 and 512/512/64 in bf16 (64 and 128 query rows)."""
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles = (block_m * (d_nope + d_rope) + block_n * (d_nope + d_rope + d_v)) * elem_bytes
+    """Shared memory the expanded kernel's operand tiles take on sm_90 (triton 3.6, compiled with the JIT's
+    alignment facts): the query block (D_nope + P wide) once and ``num_stages`` key/value blocks (D_nope + P + D_v
+    wide), and with fp32 inputs the probability tile. It matches the compiler's figure to the byte at 128/128/64
+    and 512/512/64 in bf16; an upper bound in fp32."""
+    block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
+    tiles = (block_m * (d_nope + d_rope) + stages * block_n * (d_nope + d_rope + d_v)) * elem_bytes
     return tiles + (block_m * block_n * 4 if elem_bytes == 4 else 0)
 
 
@@ -233,8 +234,9 @@ def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
     """Tiles for the expanded kernel: BLOCK_M query tokens of one head x BLOCK_N keys per step.
 
     The fp32 accumulator is BLOCK_M x D_v; q (D_nope + P wide) stays in registers for the whole loop.
-    ptxas for sm_90 at DeepSeek's widths: 128 x 64 with 8 warps uses 255 registers and spills 268 bytes,
-    64 x 64 with 4 warps spills 516, 128 x 64 with 4 warps 3.5 KB. To be tuned on the GPU (the 8 x 4096,
+    ptxas for sm_90 at DeepSeek's widths (triton 3.6, compiled with the JIT's alignment facts): 128 x 64 with 8
+    warps uses 218 registers, no spills, 128 KiB of shared memory (cp.async double-buffered keys and values;
+    ``python -m mla_kernels._compile``). To be tuned on the GPU (the 8 x 4096,
     128-head prompt is the target shape). The interpreter runs the NVIDIA tiles.
     """
     block_m = 128 if max_seqlen_q > 64 else 64
