@@ -111,6 +111,18 @@ class _Spec:
     def refine(self, winner: dict, key: str, device) -> list[dict]:
         return []
 
+    def shared_bytes(self, cfg: dict, shape: dict, elem_bytes: int) -> int | None:
+        """The library's estimate of ``cfg``'s shared memory at ``shape`` (None: the kernel is not fitted)."""
+        return None
+
+    def fitted(self, cfg: dict, shape: dict, device, dtype) -> dict:
+        """``cfg`` as the library would launch it from a config file: shrunk where its shared-memory estimate does
+        not fit the GPU (``_utils.fit_shared``). A candidate it would change is not what a stored winner runs."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        if self.shared_bytes(cfg, shape, elem) is None:
+            return cfg
+        return _utils.fit_shared(cfg, lambda c: self.shared_bytes(c, shape, elem), _utils.shared_memory_limit(device))
+
     def label(self, shape: dict) -> str:
         return " ".join(f"{k}{v}" for k, v in shape.items())
 
@@ -166,6 +178,10 @@ class _Decode(_Spec):
     def refine(self, winner, key, device):
         return [dict(winner, waves=w) for w in (1, 2, 4) if winner.get("waves") != w]
 
+    def shared_bytes(self, cfg, shape, elem_bytes):
+        from .decode import decode_shared_bytes
+        return None if cfg.get("TMA") else decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
+
     def build(self, s, device, dtype, gen):
         from .decode import _launch, mla_decode_torch
         b, ctx, h, s_q, r, p = s["B"], s["ctx"], s["H"], s["S_q"], s["R"], s["P"]
@@ -208,6 +224,10 @@ class _Prefill(_Spec):
                     for m, w in itertools.product([64, 128], [4, 8])]
         return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
                 itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2] if hip else [1, 2, 3])]
+
+    def shared_bytes(self, cfg, shape, elem_bytes):
+        from .decode import decode_shared_bytes
+        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
 
     def build(self, s, device, dtype, gen):
         from .decode import _launch
@@ -255,6 +275,10 @@ class _Expanded(_Spec):
                     itertools.product([64, 128], [4, 8], [1] if hip else [2, 3])]
         return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
                 itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2] if hip else [1, 2, 3])]
+
+    def shared_bytes(self, cfg, shape, elem_bytes):
+        from .prefill import expanded_shared_bytes
+        return expanded_shared_bytes(cfg, shape["N"], shape["V"], shape["P"], elem_bytes)
 
     def build(self, s, device, dtype, gen):
         from .prefill import _expanded_torch, _gather_latent, _launch_expanded
@@ -367,10 +391,19 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
         pool.setdefault(_key(cfg), cfg)
     times: dict[str, list[float]] = {}
 
+    def prune(cfg, shape, reason) -> None:
+        result["pruned"].append(dict(config=cfg, shape=spec.label(shape), reason=reason))
+        log(f"  pruned [{config_str(cfg)}] at {spec.label(shape)}: {reason}")
+
     def measure(cfg) -> None:
         per_shape = []
         for shape, run, expected, reset in cases:
             what = f"{spec.name} {spec.label(shape)} [{config_str(cfg)}]"
+            fitted = spec.fitted(cfg, shape, device, dtype)
+            if fitted != cfg:  # not compiled: a stored winner must run as timed, and this one would be shrunk
+                prune(cfg, shape, f"over the shared-memory estimate: the library would run it as "
+                                  f"[{config_str(fitted)}]")
+                return
             try:
                 if reset is not None:
                     reset()
@@ -389,8 +422,7 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
                 reason = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
             else:
                 continue
-            result["pruned"].append(dict(config=cfg, shape=spec.label(shape), reason=reason))
-            log(f"  pruned [{config_str(cfg)}] at {spec.label(shape)}: {reason}")
+            prune(cfg, shape, reason)
             return
         times[_key(cfg)] = per_shape
 

@@ -133,6 +133,26 @@ def test_wrong_and_uncompilable_candidates_are_pruned_and_reported(fake_gpu, mon
     assert any("pruned" in line for line in logged) and "2 pruned" in _autotune.format_result(res)
 
 
+def test_candidates_the_library_would_shrink_are_pruned_without_a_launch(fake_gpu, monkeypatch, device):
+    """A candidate whose shared-memory estimate does not fit the GPU would be shrunk at launch if it were stored
+    (decode.decode_tiles fits stored configs too), so the time measured would not be the time it runs at: it is
+    pruned before it is compiled, with the tiles the library would run instead."""
+    spy = KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    monkeypatch.setattr(mla_kernels._utils, "shared_memory_limit", lambda dev: 40000)
+    # R 32 + P 16 in fp32 (decode.decode_shared_bytes): the heuristic's 16 x 64 x 2 stages need 31744 bytes, FAST's
+    # 16 x 32 x 1 stage 11264, 64 x 128 x 3 stages 118784; with the 4 KiB allowance only the last exceeds 40000
+    huge = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
+    calls = []
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None,
+                             timer=fake_timer({128: 0.1, 32: 1.0, 64: 2.0}, calls), candidates={"decode": [huge, FAST]},
+                             log=lambda line: None)
+    (pruned,) = [p for p in res["pruned"] if p["config"] == huge]
+    assert pruned["reason"].startswith("over the shared-memory estimate") and "N" in pruned["reason"]
+    assert res["winner"] == FAST and all(c["BLOCK_N"] != 128 for c in calls)
+    assert all(launch["BLOCK_N"] != 128 for launch in spy.launches)
+
+
 def test_every_candidate_pruned_stores_nothing(fake_gpu, monkeypatch, device):
     monkeypatch.setattr(decode, "_mla_attn_kernel", KernelSpy(decode._mla_attn_kernel, fail=lambda m: True))
     out = fake_gpu / "none.json"
