@@ -61,7 +61,8 @@ def test_decode_report_is_complete(reports, capsys):
         assert report.get("registers") is not None, f"{name}: no ptxas report"
         with capsys.disabled():
             print(f"\n  sm90 {name}: {report['registers']} registers, {report['spill_store_bytes']} B spill stores, "
-                  f"{report['shared_bytes']} B shared, wgmma {report['wgmma']}", end="")
+                  f"{report['shared_bytes']} B shared, wgmma {report['wgmma']}, cp.async {report['cp_async']}",
+                  end="")
     assert reports["sm90"]["decode-h128"]["wgmma"], reports["sm90"]["decode-h128"]
     # the library sizes tiles by its own estimate (decode_tiles, _expanded_config): the compiler may add at most
     # SHARED_SCRATCH_BYTES to it, or a tile it thinks fits would fail to launch
@@ -72,5 +73,10 @@ def test_decode_report_is_complete(reports, capsys):
     assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
     too_big = {n: r["shared_bytes"] for n, r in reports["gfx942"].items() if r["shared_bytes"] > MI300_LDS_BYTES}
     assert not too_big, f"these launches would fail with 'out of resources' on an MI300X: {too_big}"
+    # compiled as the JIT specializes a launch, the cache loads are pipelined (cp.async into num_stages buffers):
+    # a change that loses this (an unaligned access, a load the pipeliner cannot move) shows up here, not only in
+    # a GPU's timings
+    for name in ("decode-h16-split", "decode-h128", "decode-h128-fp8", "prefill-expanded"):
+        assert reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
     for name in EXPECTED_TMA:  # the Hopper path really loads its tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
