@@ -79,8 +79,11 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
 
 
 def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool) -> dict:
-    return _utils.fit_shared(cfg, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8),
-                             _utils.shared_memory_limit(device))
+    limit = _utils.shared_memory_limit(device)
+    if limit is None or decode_shared_bytes(cfg, d_latent, d_rope, elem_bytes, kv_fp8) + _utils.SHARED_SCRATCH_BYTES \
+            <= limit:  # the common case, without building the estimate's closure (per-call host cost)
+        return cfg
+    return _utils.fit_shared(cfg, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8), limit)
 
 
 def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False) -> int:
