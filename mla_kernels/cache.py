@@ -627,10 +627,12 @@ class PagedLatentCache:
         except (KeyError, TypeError):
             raise KeyError(f"seq_id {seq_id!r} is not a live sequence") from None
 
-    def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int]):
+    def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int], counts_name: str = "num_tokens"):
+        """``(live sequences, int counts)`` of a batch: distinct hashable ids of live sequences, one non-negative
+        int count each (named ``counts_name`` in errors); raises before anything changes."""
         seq_ids, counts = list(seq_ids), list(num_tokens)
         if len(seq_ids) != len(counts):
-            raise ValueError(f"seq_ids and num_tokens disagree on length: {len(seq_ids)} vs {len(counts)}")
+            raise ValueError(f"seq_ids and {counts_name} disagree on length: {len(seq_ids)} vs {len(counts)}")
         try:
             distinct = len(set(seq_ids))
         except TypeError:  # an unhashable id (a list) can name no sequence
@@ -638,9 +640,9 @@ class PagedLatentCache:
         if distinct != len(seq_ids):
             raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
         for i, n in enumerate(counts):
-            counts[i] = _index("num_tokens", n)
+            counts[i] = _index(counts_name, n)
             if counts[i] < 0:
-                raise ValueError(f"num_tokens must be non-negative, got {n!r}")
+                raise ValueError(f"{counts_name} must be non-negative, got {n!r}")
         return [self._get(s) for s in seq_ids], counts
 
     def _new_blocks(self, seq: _Sequence, n: int) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import _utils
-from .cache import PagedLatentCache, _index
+from .cache import PagedLatentCache
 from .decode import mla_decode
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
@@ -170,20 +170,13 @@ class LatentBatch:
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
         self.cache = cache
         self.seq_ids = list(seq_ids)
-        self.num_new_tokens = [_index("num_new_tokens", n) for n in num_new_tokens]
-        if len(self.seq_ids) != len(self.num_new_tokens):
-            raise ValueError(f"seq_ids and num_new_tokens disagree on length: {len(self.seq_ids)} vs "
-                             f"{len(self.num_new_tokens)}")
-        if any(n < 0 for n in self.num_new_tokens):
-            raise ValueError(f"num_new_tokens must be non-negative, got {self.num_new_tokens}")
-        if len(set(self.seq_ids)) != len(self.seq_ids):
-            raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
+        seqs, self.num_new_tokens = cache._check_batch(self.seq_ids, num_new_tokens, "num_new_tokens")
         total = sum(self.num_new_tokens)
         _utils.check_tensor("slots", slots, 1, _utils.INDEX_DTYPES)
         _utils.check_same("slots", slots.shape[0], "sum(num_new_tokens)", total, "the number of new tokens T")
         device = cache.device
         self.slots = slots.to(device=device, dtype=torch.int64)
-        lengths = [cache.seqlen(s) for s in self.seq_ids]
+        lengths = [seq.length for seq in seqs]
         for s, n, length in zip(self.seq_ids, self.num_new_tokens, lengths):
             if n > length:
                 raise ValueError(f"sequence {s!r} has {length} cached tokens, fewer than its {n} new tokens; "
