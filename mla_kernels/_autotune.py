@@ -121,7 +121,7 @@ class _Spec:
         elem = torch.empty((), dtype=dtype).element_size()
         if self.shared_bytes(cfg, shape, elem) is None:
             return cfg
-        return _utils.fit_shared(cfg, lambda c: self.shared_bytes(c, shape, elem), _utils.shared_memory_limit(device))
+        return _utils.fit_shared(cfg, self.shared_bytes, _utils.shared_memory_limit(device), shape, elem)
 
     def label(self, shape: dict) -> str:
         return " ".join(f"{k}{v}" for k, v in shape.items())

@@ -113,14 +113,15 @@ def shared_memory_limit(device: torch.device) -> int | None:
     return H100_SHARED_BYTES
 
 
-def fit_shared(cfg: dict, shared_bytes, limit: int | None) -> dict:
+def fit_shared(cfg: dict, shared_bytes, limit: int | None, *args) -> dict:
     """``cfg`` with its tiles halved, BLOCK_N first then BLOCK_M (neither below 16, tl.dot's least), until
-    ``shared_bytes(cfg) + SHARED_SCRATCH_BYTES`` fits ``limit``; ``cfg`` itself when it already fits. A launch
-    over the limit fails on the GPU with "out of resources" (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227)."""
-    if limit is None or shared_bytes(cfg) + SHARED_SCRATCH_BYTES <= limit:
+    ``shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES`` fits ``limit``; ``cfg`` itself when it already fits (the
+    per-launch case: no copy, no closure). A launch over the limit fails on the GPU with "out of resources"
+    (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227)."""
+    if limit is None or shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES <= limit:
         return cfg
     fitted = dict(cfg)  # a plain dict: the stored (Tuned) config as such is not what runs
-    while shared_bytes(fitted) + SHARED_SCRATCH_BYTES > limit:
+    while shared_bytes(fitted, *args) + SHARED_SCRATCH_BYTES > limit:
         if fitted["BLOCK_N"] > 16:
             fitted["BLOCK_N"] //= 2
         elif fitted["BLOCK_M"] > 16:

@@ -79,11 +79,8 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
 
 
 def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool) -> dict:
-    limit = _utils.shared_memory_limit(device)
-    if limit is None or decode_shared_bytes(cfg, d_latent, d_rope, elem_bytes, kv_fp8) + _utils.SHARED_SCRATCH_BYTES \
-            <= limit:  # the common case, without building the estimate's closure (per-call host cost)
-        return cfg
-    return _utils.fit_shared(cfg, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8), limit)
+    return _utils.fit_shared(cfg, decode_shared_bytes, _utils.shared_memory_limit(device), d_latent, d_rope,
+                             elem_bytes, kv_fp8)
 
 
 def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False) -> int:
@@ -618,8 +615,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
 
     Values are checked where that is free: on the CPU, lengths and the block ids in use are range-checked
     before anything runs, and a length below S_q other than 0 is refused (its new tokens cannot all be in the
-    cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that would synchronise with the host): lengths beyond
-    ``max_seqlen_k`` or block ids outside the cache there are undefined behaviour, as in FlashMLA.
+    cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that
+    would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
+    undefined behaviour, as in FlashMLA.
     """
     # the common case, checked in one expression; anything else takes the named checks below
     if kv_scale is None and _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,

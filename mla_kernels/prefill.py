@@ -35,7 +35,7 @@ from . import _prefill_cost as _cost
 from . import _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
-from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _launch, _online_softmax_step, _project_v, decode_shared_bytes
+from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _fit_tiles, _launch, _online_softmax_step, _project_v
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -197,8 +197,7 @@ def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_late
     tiles)."""
     tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent), device)
     if tuned is not None:
-        return _utils.fit_shared(tuned, lambda c: decode_shared_bytes(c, d_latent, d_rope, elem_bytes, kv_fp8),
-                                 _utils.shared_memory_limit(device))
+        return _fit_tiles(tuned, device, d_latent, d_rope, elem_bytes, kv_fp8)
     if device.type == "cuda":
         return None
     block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
@@ -216,8 +215,8 @@ def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128,
 
 
 def _fit_expanded(cfg: dict, device: torch.device, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> dict:
-    return _utils.fit_shared(cfg, lambda c: expanded_shared_bytes(c, d_nope, d_v, d_rope, elem_bytes),
-                             _utils.shared_memory_limit(device))
+    return _utils.fit_shared(cfg, expanded_shared_bytes, _utils.shared_memory_limit(device), d_nope, d_v, d_rope,
+                             elem_bytes)
 
 
 def expanded_shared_bytes(cfg: dict, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> int:
