@@ -272,18 +272,21 @@ def test_launch_counts_match_the_model(path, monkeypatch, device):
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_records(consts):
-    """Times the model gives under ``consts`` for a bench.prefill-like sweep (both paths, two head counts)."""
-    recs = []
+def model_sweep(consts):
+    """``(heads, history, n, new, cache_lens, estimate)`` for each case of a bench.prefill-like quick sweep (8
+    sequences of n new tokens over 0 or 4096 of history, two head counts), timed by the model under ``consts``."""
     for heads in (16, 128):
         for history in (0, 4096):
             for n in (16, 128, 512, 2048):
                 new, cache_lens = [n] * 8, [n + history] * 8
-                est = cost.estimate(new, cache_lens, heads, **WIDTHS, constants=consts)
-                for path in cost.PATHS:
-                    recs.append(dict(new=new, cache_lens=cache_lens, heads=heads, path=path, ms=est[path] * 1e3,
-                                     **WIDTHS))
-    return recs
+                yield heads, history, n, new, cache_lens, cost.estimate(new, cache_lens, heads, **WIDTHS,
+                                                                         constants=consts)
+
+
+def synthetic_records(consts):
+    """Times the model gives under ``consts`` for a bench.prefill-like sweep (both paths, two head counts)."""
+    return [dict(new=new, cache_lens=cache_lens, heads=heads, path=path, ms=est[path] * 1e3, **WIDTHS)
+            for heads, _, _, new, cache_lens, est in model_sweep(consts) for path in cost.PATHS]
 
 
 def test_fit_recovers_known_constants():
@@ -316,17 +319,13 @@ def fake_run(truth):
     auto (auto = the path the shipped defaults pick), and the seed scenario."""
     bp = pytest.importorskip("bench.prefill")
     rows = []
-    for heads in (16, 128):
-        for hist in (0, 4096):
-            for n in (16, 128, 512, 2048):
-                new, cache_lens = [n] * 8, [n + hist] * 8
-                est = cost.estimate(new, cache_lens, heads, **WIDTHS, constants=truth)
-                auto = prefill.choose_prefill_path(new, cache_lens, heads, **WIDTHS)
-                flops = bp.path_flops(bp.MLAShape(heads=heads), new, [hist] * 8)
-                for prov, ms in (("absorbed", est["absorbed"]), ("expanded", est["expanded"]), ("auto", est[auto])):
-                    rows.append(dict(provider=prov, B=8, new=n, hist=hist, H=heads, p50_ms=ms * 1e3,
-                                     path_flops=flops[auto if prov == "auto" else prov],
-                                     **({"note": f"chose {auto}"} if prov == "auto" else {})))
+    for heads, hist, n, new, cache_lens, est in model_sweep(truth):
+        auto = prefill.choose_prefill_path(new, cache_lens, heads, **WIDTHS)
+        flops = bp.path_flops(bp.MLAShape(heads=heads), new, [hist] * 8)
+        for prov, ms in (("absorbed", est["absorbed"]), ("expanded", est["expanded"]), ("auto", est[auto])):
+            rows.append(dict(provider=prov, B=8, new=n, hist=hist, H=heads, p50_ms=ms * 1e3,
+                             path_flops=flops[auto if prov == "auto" else prov],
+                             **({"note": f"chose {auto}"} if prov == "auto" else {})))
     seed = cost.H100_RECORDED[0]
     est = cost.estimate(seed["new"], lens(seed), 16, **WIDTHS, constants=truth)
     payload = {"sweep": rows, "seed_003_prefill": {
