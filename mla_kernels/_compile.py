@@ -61,7 +61,10 @@ def compile_for(kernel, target: str, constexprs: dict, types: dict | None = None
     Triton must have been imported without ``TRITON_INTERPRET`` (see ``main``).
     """
     sig, cex, attrs = _signature(kernel, types or {}, constexprs)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
+    source = ASTSource
+    if getattr(kernel, "is_gluon", lambda: False)():  # a @gluon.jit kernel (decode_gluon): Gluon's front end
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
     return triton.compile(src, target=TARGETS[target], options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -138,6 +141,21 @@ def _cases(hip: bool) -> dict:
         types = dict(attn_types, kv_desc=f"tensordesc<bf16[{block_n},256]>", pe_desc=f"tensordesc<bf16[{block_n},64]>")
         return _mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"], None
 
+    def attn_gluon(rows, split, d_latent=512, d_rope=64):
+        from triton.runtime.jit import mangle_type
+
+        from . import decode_gluon as dg
+        lay = dg.layouts(d_latent, d_rope, torch.bfloat16)
+        constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=dg.BLOCK_M, BLOCK_N=dg.BLOCK_N,
+                          NUM_STAGES=dg.NUM_STAGES, CAUSAL=True, VARLEN=rows > 128, SPLIT=split, STORE_LSE=True, **lay)
+        # a descriptor's type names its block and shared layout; mangled as the JIT does, from a small host buffer
+        cache = torch.empty(dg.BLOCK_N, 1, d_latent + d_rope, dtype=torch.bfloat16)
+        types = dict(attn_types,
+                     kv_desc=mangle_type(dg.descriptor(cache[..., :d_latent], d_latent // 2, lay["LAT_SMEM"])),
+                     pe_desc=mangle_type(dg.descriptor(cache[..., d_latent:], d_rope, lay["PE_SMEM"])))
+        return (dg._mla_attn_gluon_kernel, constexprs, types, dg.NUM_WARPS, 1,
+                dg.gluon_shared_bytes(d_latent, d_rope))
+
     def expanded(d_nope=128, d_v=128, fp32=False):
         elem = 4 if fp32 else 2
         cfg = _expanded_heuristic(4096, torch.device("cuda")) if hip else _expanded_config(4096, h100, d_nope, d_v, 64,
@@ -178,6 +196,10 @@ def _cases(hip: bool) -> dict:
     if not hip:  # tensor descriptors (TMA): the Hopper path, NVIDIA only
         cases["decode-tma-h16-split"] = attn_tma(16, True)
         cases["decode-tma-h128"] = attn_tma(128, False)
+        # the Gluon kernel (wgmma, TMA, mbarriers): sm_90 only; its parity is proven on a GPU (test_decode_gluon)
+        cases["decode-gluon-h128"] = attn_gluon(128, False)
+        cases["decode-gluon-h64-split"] = attn_gluon(64, True)
+        cases["prefill-absorbed-gluon"] = attn_gluon(1024, False)
     return cases
 
 
