@@ -215,7 +215,29 @@ def providers(case: Case, lib):
     tma = tma_config(case)
     if tma is not None:
         table["mla_decode[tma]"] = (lambda: decode_with_config(case, tma), "latent")
+    gluon = gluon_config(case)
+    if gluon is not None:
+        table["mla_decode[gluon]"] = (lambda: decode_with_config(case, gluon), "latent")
     return table
+
+
+GLUON_PROVIDER = True  # --skip-gluon: leave the Gluon kernel out (if its native parity test failed on this GPU)
+
+
+def gluon_config(case: Case) -> dict | None:
+    """The Gluon kernel's config (``decode_gluon``), where the dispatch really runs it for this case: an NVIDIA Hopper
+    GPU (Gluon does not run under the interpreter), pages of whole 64-token tiles, bf16/fp16."""
+    from mla_kernels import decode
+
+    c = case
+    if not c.q_abs.is_cuda or not GLUON_PROVIDER:
+        return None
+    try:
+        from mla_kernels.decode_gluon import gluon_config as tiles
+    except ImportError:  # a triton without Gluon
+        return None
+    cfg = tiles()
+    return cfg if decode._hopper_kernel(cfg, c.q_abs, c.kv_cache, c.pe_cache) == "gluon" else None
 
 
 def tma_config(case: Case) -> dict | None:
@@ -245,8 +267,9 @@ def decode_with_config(case: Case, config: dict) -> torch.Tensor:
 
 
 SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive", "mla_decode[tma]": "torch_absorbed",
-                "mla_decode_fp8": "mla_decode"}
-ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode+w_uv", "mla_decode_fp8"]
+                "mla_decode[gluon]": "torch_absorbed", "mla_decode_fp8": "mla_decode"}
+ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode[gluon]", "mla_decode+w_uv",
+         "mla_decode_fp8"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -614,7 +637,11 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-imbalanced", action="store_true", help="no imbalanced-batch section")
     parser.add_argument("--replot", metavar="JSON", default=None,
                         help="only draw the PNG (roofline) of a saved results file, beside it; nothing is timed")
+    parser.add_argument("--skip-gluon", action="store_true",
+                        help="no mla_decode[gluon] provider (the Gluon kernel, Hopper only)")
     args = parser.parse_args(argv)
+    global GLUON_PROVIDER
+    GLUON_PROVIDER = not args.skip_gluon
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],

@@ -132,7 +132,7 @@ class _Spec:
 
 
 class _Decode(_Spec):
-    """``mla_decode``'s kernel (split grid; the TMA path where a config asks for it)."""
+    """``mla_decode``'s kernel (split grid; the TMA or Gluon path where a config asks for it)."""
     name = "decode"
     # (H, S_q) per rows bucket: the first with every batch x context case, the others at the first case only
     HEADS_SQ = {16: [(16, 1), (1, 1), (8, 2)], 32: [(32, 1), (16, 2), (8, 4)], 64: [(64, 1), (32, 2), (8, 8)],
@@ -173,6 +173,12 @@ class _Decode(_Spec):
         if _utils.nvidia_sm90(device) and d_latent <= 512:  # the tensor-descriptor path (pages of whole tiles)
             out += [dict(BLOCK_M=m, BLOCK_N=64, num_warps=w, num_stages=st, TMA=True)
                     for m, w, st in itertools.product(block_m, [8] if quick else [4, 8], [2, 3])]
+            try:  # the Gluon kernel (Hopper's wgmma + a TMA ring; fixed 64 x 64 tiles), where this triton has Gluon
+                from .decode_gluon import gluon_config
+                if _utils.capability(device)[0] == 9:
+                    out.append(gluon_config())
+            except ImportError:
+                pass
         return out
 
     def refine(self, winner, key, device):
@@ -180,7 +186,9 @@ class _Decode(_Spec):
 
     def shared_bytes(self, cfg, shape, elem_bytes):
         from .decode import decode_shared_bytes
-        return None if cfg.get("TMA") else decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
+        if cfg.get("TMA") or cfg.get("GLUON"):  # fixed tiles sized to fit, not shrunk
+            return None
+        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
 
     def build(self, s, device, dtype, gen):
         from .decode import _launch, mla_decode_torch

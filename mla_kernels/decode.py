@@ -447,7 +447,13 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         lse_part = torch.empty(schedule.num_part_slots, seq_q * heads, dtype=torch.float32, device=device)
 
     sm_scale_log2 = softmax_scale * LOG2E
-    if schedule is None and kv_scale is None and _use_tma(cfg, q_nope, kv_cache, pe_cache):
+    hopper = _hopper_kernel(cfg, q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None else None
+    if hopper == "gluon":
+        from .decode_gluon import launch_gluon
+        launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                     out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                     qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse)
+    elif hopper == "tma":
         from .decode_tma import launch_tma
         launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                    out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
@@ -475,17 +481,38 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     return out, lse
 
 
-def _use_tma(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
-    """The one dispatch between the portable kernel and the Hopper (tensor-descriptor) kernel: the TMA kernel
-    runs when the config asks for it (``TMA: True``; no shipped default does until a GPU has timed it), the
-    device is an NVIDIA GPU of compute capability 9+ or the CPU interpreter, and the call fits its layout."""
-    if not cfg.get("TMA"):
-        return False
+def _hopper_kernel(cfg: dict, q_nope, kv_cache, pe_cache) -> str | None:
+    """The one dispatch between the portable kernel (None) and the Hopper kernels, by what the config asks for
+    (no shipped default asks until a GPU has timed them):
+
+    * ``"gluon"`` (``GLUON: True``, ``decode_gluon``): wgmma + TMA + mbarriers, written in Gluon. Only on an NVIDIA
+      GPU of compute capability 9 (Hopper), with a triton that has Gluon, for calls it fits (``gluon_supported``). Gluon does
+      not run under the CPU interpreter, so there (and wherever it cannot serve a call) such a config falls back to
+      the TMA kernel with the same 64 x 64 tiles, or the portable kernel.
+    * ``"tma"`` (``TMA: True``, or a Gluon fallback; ``decode_tma``): tensor-descriptor tile loads in plain Triton,
+      on compute capability 9+ or the CPU interpreter, where the call fits its layout (``tma_supported``).
+    The scheduled grid and fp8 caches always run the portable kernel (``_launch`` does not ask)."""
+    gluon, tma = cfg.get("GLUON"), cfg.get("TMA")
+    if not (gluon or tma):
+        return None
     device = q_nope.device
     if device.type == "cuda" and not _utils.nvidia_sm90(device):
-        return False
+        return None
+    if gluon and device.type == "cuda" and _utils.capability(device)[0] == 9 and _gluon_serves(cfg, q_nope, kv_cache,
+                                                                                                 pe_cache):
+        return "gluon"  # Hopper's wgmma: not on Blackwell (sm_100 has tcgen05 instead)
     from .decode_tma import tma_supported
-    return tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"])
+    return "tma" if tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"]) else None
+
+
+def _gluon_serves(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
+    """The Gluon kernel has 64 x 64 tiles only: the grid and split length ``_launch`` sized from the config must be
+    its own (a config shrunk by the shared-memory fit is not)."""
+    try:  # Gluon is in triton 3.5+ (the package asks for >= 3.2): older ones have no Gluon path
+        from .decode_gluon import BLOCK_M, BLOCK_N, gluon_supported
+    except ImportError:
+        return False
+    return cfg["BLOCK_M"] == BLOCK_M and cfg["BLOCK_N"] == BLOCK_N and gluon_supported(q_nope, kv_cache, pe_cache)
 
 
 def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,

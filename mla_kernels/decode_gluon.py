@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ._utils import H100_SHARED_BYTES
 from .decode import LN2_C
 from .decode_tma import tma_supported
 
@@ -55,7 +56,7 @@ BLOCK_N = 64
 NUM_WARPS = 8  # two warpgroups, splitting every product by columns
 NUM_STAGES = 2
 GLUON_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-SHARED_LIMIT = 232448 - 2048  # an H100 block's 227 KiB, less room for the compiler's reduction scratch
+SHARED_LIMIT = H100_SHARED_BYTES - 2048  # a Hopper block's 227 KiB, less room for the compiler's reduction scratch
 
 
 def gluon_config() -> dict:

@@ -39,9 +39,11 @@ EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 
 MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
 EXPECTED_TMA = ["decode-tma-h16-split", "decode-tma-h128"]
+# the Gluon kernel (decode_gluon): it cannot run under the interpreter, so this compile is CI's only check of it
+EXPECTED_GLUON = ["decode-gluon-h128", "decode-gluon-h64-split", "prefill-absorbed-gluon"]
 # shapes whose heuristic tiles are shrunk to fit the H100's shared memory (fp32 at 64 x 64 needs 304 KiB)
-EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + ["decode-h128-fp32", "decode-h128-p1024", "prefill-expanded-d512",
-                                      "prefill-expanded-fp32"]
+EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + EXPECTED_GLUON + ["decode-h128-fp32", "decode-h128-p1024",
+                                                        "prefill-expanded-d512", "prefill-expanded-fp32"]
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
@@ -78,5 +80,7 @@ def test_decode_report_is_complete(reports, capsys):
     # a GPU's timings
     for name in ("decode-h16-split", "decode-h128", "decode-h128-fp8", "prefill-expanded"):
         assert reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
-    for name in EXPECTED_TMA:  # the Hopper path really loads its tiles with TMA copies
+    for name in EXPECTED_TMA + EXPECTED_GLUON:  # the Hopper paths really load their tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
+    for name in EXPECTED_GLUON:  # and the Gluon kernel's products are warpgroup MMAs
+        assert reports["sm90"][name]["wgmma"], (name, reports["sm90"][name])

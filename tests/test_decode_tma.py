@@ -25,13 +25,15 @@ def cfg(block_m, block_n, warps=8, stages=2):
 
 
 def run_tma(monkeypatch, q_nope, q_pe, kv_cache, pe_cache, table, seqlens, config, *, num_splits=1, causal=True,
-            cu_seqlens_q=None, max_seqlen_q=None):
-    """``decode._launch`` with a TMA config; fails if the portable kernel runs instead."""
+            cu_seqlens_q=None, max_seqlen_q=None, forbid=((decode, "_launch_portable"),)):
+    """``decode._launch`` with a Hopper-path config; fails if a launcher in ``forbid`` (module, name) runs instead:
+    by default the portable kernel's (``test_decode_gluon`` also forbids the TMA kernel's)."""
 
-    def portable_must_not_run(*args, **kwargs):
-        raise AssertionError("the portable kernel ran: the TMA path was not taken")
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(f"{config}: a kernel this test forbids ran: the dispatch did not take the asked path")
 
-    monkeypatch.setattr(decode, "_launch_portable", portable_must_not_run)
+    for module, name in forbid:
+        monkeypatch.setattr(module, name, must_not_run)
     if cu_seqlens_q is None:
         batch, s_q = q_nope.shape[:2]
         total, max_q = batch * s_q, s_q
@@ -117,5 +119,7 @@ def test_dispatch_needs_the_config_flag(monkeypatch):
     """No shipped config asks for TMA until a GPU has timed it: without the flag the portable kernel runs."""
     q_nope, q_pe, kv_cache, pe_cache, _, _ = make_inputs([10], 1, 2, 64, torch.bfloat16, "cpu")
     plain = decode._config(16, 512)
-    assert not decode._use_tma(plain, q_nope, kv_cache, pe_cache)
-    assert decode._use_tma(dict(plain, TMA=True), q_nope, kv_cache, pe_cache)
+    assert decode._hopper_kernel(plain, q_nope, kv_cache, pe_cache) is None
+    assert decode._hopper_kernel(dict(plain, TMA=True), q_nope, kv_cache, pe_cache) == "tma"
+    q16, _, kv16, pe16, _, _ = make_inputs([10], 1, 2, 16, torch.bfloat16, "cpu")
+    assert decode._hopper_kernel(dict(plain, TMA=True), q16, kv16, pe16) is None  # page 16 < BLOCK_N
