@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
+#   bash bench/gpu_session.sh gluon     # issue 8 first: the Gluon kernel's native parity (never run before), then
+#                                       # the target cases with every decode kernel side by side (portable, TMA, Gluon)
 #   bash bench/gpu_session.sh decode    # issue 8/13: bench.decode full sweep (targets, imbalanced) + --cuda-graph
 #   bash bench/gpu_session.sh tune      # bench.autotune --quick (issue 9): every kernel's shape classes, decode first
 #                                       # (issue 8's B128 L4096 / B8 L32768 at 16-128 heads); winners merged into a copy
@@ -47,6 +49,12 @@ case "${1:-all}" in
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
     step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;
+  gluon)  # issue 8: decode_gluon has only been compiled (CI); prove it here before timing it. If parity fails, the
+    # sweep's mla_decode[gluon] rows say WRONG RESULT (not timed); if it faults, rerun with --skip-gluon.
+    step gluon_parity 240 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q -p no:cacheprovider \
+      --junitxml="$OUT/gluon_parity.xml"
+    step bench_decode_targets 300 python -m bench.decode --quick --skip-seed --skip-imbalanced \
+      --out "$OUT/decode_targets.json" ;;
   decode)  # issue 8 (targets table, page 1/16/64, S_q 1-8) and issue 13 (imbalanced beside uniform twins)
     step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced --out "$OUT/decode_full.json"
     step bench_decode_imbalanced 120 python -m bench.decode --skip-seed --skip-sweep --out "$OUT/decode_imb.json"
