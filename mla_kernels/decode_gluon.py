@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._utils import H100_SHARED_BYTES
-from .decode import LN2_C
+from .decode import LN2_C, _key_range, _query_rows  # @triton.jit helpers of scalars only: Gluon inlines them
 from .decode_tma import tma_supported
 
 # Gluon's API moved between triton 3.6 (the GPU machine's) and 3.9 (CI's): the TMA load and the CTA barrier were
@@ -168,28 +168,16 @@ def _mla_attn_gluon_kernel(
     pid_b = gl.program_id(1).to(gl.int64)
     pid_split = gl.program_id(2)
 
-    # this sequence's query rows (decode._query_rows)
-    if VARLEN:
-        tok_start = gl.load(CU_SEQLENS_Q + pid_b).to(gl.int64)
-        seq_q = (gl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(gl.int32)
-        q_nope_base = Q_NOPE + tok_start * stride_qn_s
-        q_pe_base = Q_PE + tok_start * stride_qp_s
-    else:
-        tok_start = pid_b * s_q
-        seq_q = s_q
-        q_nope_base = Q_NOPE + pid_b * stride_qn_b
-        q_pe_base = Q_PE + pid_b * stride_qp_b
-    num_rows = seq_q * num_heads
+    tok_start, seq_q, q_nope_base, q_pe_base, num_rows = _query_rows(
+        Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b, stride_qp_s,
+        VARLEN)
     if pid_m * BLOCK_M >= num_rows:
         return
     seqlen = gl.load(SEQLENS + pid_b)
 
     # keys this program reads: its split, within the sequence, and (causal) up to its last row's position
     n_start = pid_split * split_len  # a multiple of BLOCK_N: every tile starts page-aligned
-    n_end = gl.minimum(n_start + split_len, seqlen)
-    if CAUSAL:
-        last_row = gl.minimum(pid_m * BLOCK_M + BLOCK_M, num_rows) - 1
-        n_end = gl.minimum(n_end, seqlen - seq_q + last_row // num_heads + 1)
+    n_end = _key_range(pid_m, n_start, split_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
     num_tiles = gl.maximum(n_end - n_start + BLOCK_N - 1, 0) // BLOCK_N
 
     # shared memory: the query block once, a ring of cache tiles, the probabilities, one mbarrier per stage
