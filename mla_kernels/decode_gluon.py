@@ -44,7 +44,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._utils import H100_SHARED_BYTES
 from .decode import LN2_C, _key_range, _query_rows  # @triton.jit helpers of scalars only: Gluon inlines them
-from .decode_tma import tma_supported
+from .decode_tma import kernel_args, tma_supported
 
 # Gluon's API moved between triton 3.6 (the GPU machine's) and 3.9 (CI's): the TMA load and the CTA barrier were
 # renamed. Both are builtins, resolved when a kernel is compiled.
@@ -304,15 +304,11 @@ def launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     holds, and the split length is a multiple of ``BLOCK_N``)."""
     d_latent, d_rope, page = kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
     lay = layouts(d_latent, d_rope, kv_cache.dtype)
-    dummy = cache_seqlens
     _mla_attn_gluon_kernel[grid](
-        q_nope, q_pe, descriptor(kv_cache, d_latent // 2, lay["LAT_SMEM"]), descriptor(pe_cache, d_rope, lay["PE_SMEM"]),
-        block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
-        out, lse if lse is not None else dummy, out_part, lse_part,
-        sm_scale_log2,
-        heads, seq_q, split_len, total_rows,
-        *qn_strides, *qp_strides,
-        block_table.stride(0),
+        *kernel_args(q_nope, q_pe, descriptor(kv_cache, d_latent // 2, lay["LAT_SMEM"]),
+                     descriptor(pe_cache, d_rope, lay["PE_SMEM"]), block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                     out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides,
+                     varlen),
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=page,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,

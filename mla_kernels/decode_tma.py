@@ -176,21 +176,26 @@ def _mla_attn_tma_kernel(
             tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
 
 
+def kernel_args(q_nope, q_pe, kv_desc, pe_desc, block_table, cache_seqlens, cu_seqlens_q, out, lse, out_part, lse_part,
+                sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides, varlen) -> tuple:
+    """The runtime arguments of this kernel and of ``decode_gluon``'s, which take the same ones in the same order
+    (absent outputs and ``cu_seqlens_q`` replaced by a dummy pointer)."""
+    dummy = cache_seqlens
+    return (q_nope, q_pe, kv_desc, pe_desc, block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
+            out, lse if lse is not None else dummy, out_part, lse_part, sm_scale_log2, heads, seq_q, split_len,
+            total_rows, *qn_strides, *qp_strides, block_table.stride(0))
+
+
 def launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q,
                out, lse, out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows,
                qn_strides, qp_strides, *, causal, varlen, split, return_lse, cfg):
     """Launch ``_mla_attn_tma_kernel`` with ``decode._launch``'s prepared arguments (``tma_supported`` holds)."""
     d_latent, d_rope, page = kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
     block_n = cfg["BLOCK_N"]
-    dummy = cache_seqlens
     _mla_attn_tma_kernel[grid](
-        q_nope, q_pe, _descriptor(kv_cache, d_latent // 2, block_n), _descriptor(pe_cache, d_rope, block_n),
-        block_table, cache_seqlens, cu_seqlens_q if varlen else dummy,
-        out, lse if lse is not None else dummy, out_part, lse_part,
-        sm_scale_log2,
-        heads, seq_q, split_len, total_rows,
-        *qn_strides, *qp_strides,
-        block_table.stride(0),
+        *kernel_args(q_nope, q_pe, _descriptor(kv_cache, d_latent // 2, block_n), _descriptor(pe_cache, d_rope, block_n),
+                     block_table, cache_seqlens, cu_seqlens_q, out, lse, out_part, lse_part, sm_scale_log2, heads,
+                     seq_q, split_len, total_rows, qn_strides, qp_strides, varlen),
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=page,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
