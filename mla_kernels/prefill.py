@@ -506,6 +506,12 @@ def _check_queries(q_nope, q_pe):
         raise ValueError("q_nope must have at least one head")
 
 
+def _read_lengths(cu_seqlens_q, cache_seqlens) -> torch.Tensor:
+    """``cu_seqlens_q`` then ``cache_seqlens`` as one int64 CPU tensor ``[2B + 1]``: the call's one device-to-host
+    copy (on a GPU, a synchronisation with the host)."""
+    return torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
+
+
 def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
                     max_seqlen_k, host_sync, kv_scale=None):
     """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
@@ -534,7 +540,7 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
 
     host = None
     if host_sync or device.type != "cuda":
-        both = torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
+        both = _read_lengths(cu_seqlens_q, cache_seqlens)
         cu, lens = both[:batch + 1], both[batch + 1:]
         new = cu[1:] - cu[:-1]
         if int(cu[0]) != 0:
