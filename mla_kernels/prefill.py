@@ -512,12 +512,73 @@ def _read_lengths(cu_seqlens_q, cache_seqlens) -> torch.Tensor:
     return torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
 
 
+def _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch: int):
+    """The caller's host copies of the lengths as two lists of ints (B+1 and B entries), or None if not given."""
+    if cu_seqlens_q_host is None and cache_seqlens_host is None:
+        return None
+    lists = []
+    for name, values, size in (("cu_seqlens_q_host", cu_seqlens_q_host, batch + 1),
+                               ("cache_seqlens_host", cache_seqlens_host, batch)):
+        if values is None:
+            other = "cache_seqlens_host" if name == "cu_seqlens_q_host" else "cu_seqlens_q_host"
+            raise ValueError(f"{name} is missing: pass it with {other} (both host lengths or neither)")
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list of ints (the host copy of {name[:-5]}), "
+                            f"got {type(values).__name__}")
+        if len(values) != size:
+            raise ValueError(f"{name} must have {size} entries (as {name[:-5]}), got {len(values)}")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}[{i}] must be an int, got {v!r}")
+        lists.append(values)
+    return lists
+
+
+def _check_host_agrees(names, host, tensors) -> None:
+    """CPU inputs only (reading them is free): the caller's host lengths must be the tensors' values."""
+    read = _read_lengths(*tensors).tolist()
+    split = len(host[0])
+    for name, values, actual in zip(names, host, (read[:split], read[split:])):
+        if list(values) != actual:
+            i = next(i for i, (a, b) in enumerate(zip(values, actual)) if a != b)
+            raise ValueError(f"{name}[{i}]={values[i]} but {name[:-5]}[{i}]={actual[i]}: the host lengths must be "
+                             f"the tensors' values")
+
+
+def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """Values of the lengths (host lists ``cu`` [B+1], ``lens`` [B], named ``names``): cu starts at 0, does not
+    decrease and ends at ``total``; every sequence's cache holds its new tokens and fits ``capacity``; the maxima
+    given are not exceeded. Returns the longest new segment and the longest cache length."""
+    cu_name, lens_name = names
+    if cu[0] != 0:
+        raise ValueError(f"{cu_name} must start at 0, got {cu[0]}")
+    longest_q = longest_k = 0
+    for b, length in enumerate(lens):
+        n = cu[b + 1] - cu[b]
+        if n < 0:
+            raise ValueError(f"{cu_name} must be non-decreasing, got {list(cu)}")
+        if length < n:
+            raise ValueError(f"{lens_name}[{b}]={length} is smaller than sequence {b}'s {n} new tokens "
+                             f"({cu_name}); the new tokens must already be in the cache")
+        longest_q, longest_k = max(longest_q, n), max(longest_k, length)
+    if cu[-1] != total:
+        raise ValueError(f"{cu_name} must end at the number of query tokens T={total}, got {cu[-1]}")
+    if max_seqlen_q is not None and max_seqlen_q < longest_q:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
+    if max_seqlen_k is not None and max_seqlen_k < longest_k:
+        raise ValueError(f"max_seqlen_k={max_seqlen_k} is below the longest {lens_name} {longest_k}")
+    if longest_k > capacity:
+        raise ValueError(f"{lens_name} has a length {longest_k} beyond the block table's capacity {capacity}")
+    return longest_q, longest_k
+
+
 def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
-                    max_seqlen_k, host_sync, kv_scale=None):
+                    max_seqlen_k, host_sync, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
     """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
 
-    Values are checked where they can be read without a GPU synchronisation: always on the CPU, and on a
-    GPU when ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once).
+    Values are checked where they are on the host: always with the caller's host lengths (``cu_seqlens_q_host``,
+    ``cache_seqlens_host``), which on the CPU must also equal the tensors; otherwise on the CPU, and on a GPU when
+    ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once, ``_read_lengths``).
     """
     _utils.check_tensor("cu_seqlens_q", cu_seqlens_q, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cu_seqlens_q", cu_seqlens_q)
@@ -538,36 +599,20 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                   kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
 
-    host = None
-    if host_sync or device.type != "cuda":
-        both = _read_lengths(cu_seqlens_q, cache_seqlens)
-        cu, lens = both[:batch + 1], both[batch + 1:]
-        new = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")
-        if batch and int(new.min()) < 0:
-            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu.tolist()}")
-        if int(cu[-1]) != q_nope.shape[0]:
-            raise ValueError(f"cu_seqlens_q must end at the number of query tokens T={q_nope.shape[0]}, "
-                             f"got {int(cu[-1])}")
-        short = (lens < new).nonzero()
-        if len(short):
-            b = int(short[0])
-            raise ValueError(f"cache_seqlens[{b}]={int(lens[b])} is smaller than sequence {b}'s "
-                             f"{int(new[b])} new tokens (cu_seqlens_q); the new tokens must already be in the cache")
-        longest_q = int(new.max()) if batch else 0
-        if max_seqlen_q is not None and max_seqlen_q < longest_q:
-            raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
-        longest_k = int(lens.max()) if batch else 0
-        if max_seqlen_k is not None and max_seqlen_k < longest_k:
-            raise ValueError(f"max_seqlen_k={max_seqlen_k} is below the longest cache_seqlens {longest_k}")
-        if longest_k > capacity:
-            raise ValueError(f"cache_seqlens has a length {longest_k} beyond the block table's capacity {capacity}")
+    host = _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch)
+    names = ("cu_seqlens_q_host", "cache_seqlens_host")
+    if host is None and (host_sync or device.type != "cuda"):
+        both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
+        host, names = (both[:batch + 1], both[batch + 1:]), ("cu_seqlens_q", "cache_seqlens")
+    elif host is not None and device.type == "cpu":
+        _check_host_agrees(names, host, (cu_seqlens_q, cache_seqlens))
+    if host is not None:
+        longest_q, longest_k = _check_lengths(*host, names, q_nope.shape[0], capacity, max_seqlen_q, max_seqlen_k)
         if device.type == "cpu":
             _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, capacity)
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
-        host = (cu.tolist(), lens.tolist())
+        host = (list(host[0]), list(host[1]))
     max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
     return batch, page, max_seqlen_q, max_seqlen_k, host
 
@@ -579,7 +624,7 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
 
 def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
                 causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None,
-                kv_scale=None):
+                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
     """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
 
     Args:
@@ -598,33 +643,40 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
         softmax_scale: scale applied to q.k before the softmax.
         causal: new token i attends to positions up to its own (otherwise to the whole cache).
         return_lse: also return ``lse [T, H]`` float32, natural log of the sum of exp(scaled scores).
-        max_seqlen_q: the most new tokens of any sequence; sizes the grid. If None it is read from
-            cu_seqlens_q, which on a GPU synchronises with the host once (and then cu_seqlens_q and
-            cache_seqlens are also value-checked). Pass it to avoid the synchronisation; a value that is
-            too small leaves rows unwritten.
-        max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: read with
-            max_seqlen_q when that syncs, otherwise the block table's capacity).
+        max_seqlen_q: the most new tokens of any sequence; sizes the grid. If None it comes from the host
+            lengths, or is read from cu_seqlens_q, which on a GPU synchronises with the host once (and then
+            cu_seqlens_q and cache_seqlens are also value-checked). Pass it (or the host lengths) to avoid the
+            synchronisation; a value that is too small leaves rows unwritten.
+        max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: the longest length
+            when the lengths are on the host, otherwise the block table's capacity).
         num_splits: force the number of cache-length splits (default: chosen from the grid and GPU size).
         kv_scale: an FP8 cache's scales ``[num_blocks, block_size, R/128]`` float32, as in ``mla_decode``.
+        cu_seqlens_q_host, cache_seqlens_host: the same lengths as ``cu_seqlens_q`` and ``cache_seqlens``, as
+            lists of Python ints the caller already holds (a serving engine's or ``LatentBatch``'s bookkeeping);
+            both or neither. Given, nothing is read back from the GPU and their values are checked as above on
+            any device; on the CPU they must also equal the tensors (``ValueError`` naming both otherwise). On a
+            GPU they are trusted to match the tensors: a mismatch is undefined behaviour.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
 
     Raises ``TypeError``/``ValueError`` naming the bad argument. On the CPU every value is checked
     (cu_seqlens_q starts at 0, is non-decreasing and ends at T; cache_seqlens[b] >= new tokens of b and fits
-    the block table; used block ids exist). On a GPU values are checked only when max_seqlen_q is None (they
-    are on the host then anyway), and block ids never.
+    the block table; used block ids exist). On a GPU lengths are checked when they are on the host anyway (host
+    lengths given, or max_seqlen_q None), and block ids never.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
-                                                     max_seqlen_k, num_splits, kv_scale)
+                                                     max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
+                                                     cache_seqlens_host)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
-        host_sync=max_seqlen_q is None, kv_scale=kv_scale)
+        host_sync=max_seqlen_q is None, kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host,
+        cache_seqlens_host=cache_seqlens_host)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
@@ -653,7 +705,8 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
 
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
-                          softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None):
+                          softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None,
+                          cu_seqlens_q_host=None, cache_seqlens_host=None):
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
@@ -668,25 +721,28 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
         kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
             registers; the expanded path dequantizes the gathered latent in PyTorch before its GEMM.
+        cu_seqlens_q_host, cache_seqlens_host: the lengths as lists of Python ints, as in ``mla_prefill``.
 
     Returns:
         ``out [T, H, D_v]`` in q's dtype (and lse).
 
-    The call reads cu_seqlens_q and cache_seqlens on the host once (one synchronisation on a GPU): the
-    cost model and the expanded path's key count need them. The expanded path allocates the expanded keys
-    and values, ``sum(cache_seqlens) x H x (D_nope + D_v)`` elements.
+    The call needs the lengths on the host (the cost model and the expanded path's key count use them). Without
+    ``cu_seqlens_q_host``/``cache_seqlens_host`` it copies cu_seqlens_q and cache_seqlens there once, which on a
+    GPU synchronises with the host; with them nothing is read back. The expanded path allocates the gathered
+    latent and the expanded keys and values, ``sum(cache_seqlens) x (R + H x (D_nope + D_v))`` elements.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
-                                                               causal, path, return_lse, kv_scale)
+                                                               causal, path, return_lse, kv_scale, cu_seqlens_q_host,
+                                                               cache_seqlens_host)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     total, heads, d_nope = q_nope.shape
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True,
-        kv_scale=kv_scale)
+        kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host)
     d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
     _utils.check_width("kv_cache latent", d_latent)
     _utils.check_tensor("w_kv_b", w_kv_b, 2, _utils.FLOAT_DTYPES)

@@ -394,6 +394,94 @@ def test_good_input_of_the_bad_input_tests_runs():
 
 
 # ------------------------------------------------------------------------------------------------
+# host lengths: the caller's copies of cu_seqlens_q and cache_seqlens, so nothing is read back from the GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _host(a):
+    return dict(cu_seqlens_q_host=a["cu_seqlens_q"].tolist(), cache_seqlens_host=a["cache_seqlens"].tolist())
+
+
+def test_host_lengths_give_the_same_result(device):
+    """Given the host lengths, both calls and every path return what they return without them, bit for bit (the
+    same kernels on the same launch arguments); lists or tuples."""
+    a = make_inputs([9, 0, 4], [3, 20, 0], 2, 16, torch.bfloat16, device, d_nope=D_NOPE)
+    host = _host(a)
+    for path in ("absorbed", "expanded", "auto"):
+        expected = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+        got = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True, **host)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), path
+    b = make_inputs([9, 0, 4], [3, 20, 0], 2, 16, torch.bfloat16, device)
+    expected = mla_kernels.mla_prefill(**b, softmax_scale=SCALE)
+    got = mla_kernels.mla_prefill(**b, softmax_scale=SCALE, cu_seqlens_q_host=tuple(_host(b)["cu_seqlens_q_host"]),
+                                  cache_seqlens_host=_host(b)["cache_seqlens_host"])
+    assert torch.equal(got, expected)
+
+
+def _both(key, index, value):
+    """Change a length in the tensor and in its host copy alike: the host lengths' own value checks must catch it."""
+    def change(a):
+        a[key][index] = value
+        a[key + "_host"][index] = value
+    return change
+
+
+BAD_HOST = {
+    "cu_seqlens_q_host-disagrees": (_set("cu_seqlens_q_host", 1, 9), ValueError, "cu_seqlens_q_host.1.=9 but cu_seq"),
+    "cache_seqlens_host-disagrees": (_set("cache_seqlens_host", 2, 4), ValueError, "cache_seqlens_host.2.=4 but"),
+    "cache_seqlens_host-missing": (lambda a: a.update(cache_seqlens_host=None), ValueError, "cache_seqlens_host"),
+    "cu_seqlens_q_host-missing": (lambda a: a.update(cu_seqlens_q_host=None), ValueError, "cu_seqlens_q_host"),
+    "cu_seqlens_q_host-tensor": (lambda a: a.update(cu_seqlens_q_host=a["cu_seqlens_q"]), TypeError,
+                                 "cu_seqlens_q_host"),
+    "cache_seqlens_host-float": (_set("cache_seqlens_host", 0, 12.0), TypeError, "cache_seqlens_host.0."),
+    "cu_seqlens_q_host-short": (lambda a: a.update(cu_seqlens_q_host=[0, 10, 13]), ValueError, "cu_seqlens_q_host"),
+    "cache_seqlens_host-long": (lambda a: a.update(cache_seqlens_host=[12, 4, 3, 0]), ValueError,
+                                "cache_seqlens_host"),
+    "cu_seqlens_q_host-not-from-0": (lambda a: (_both("cu_seqlens_q", 0, 1)(a)), ValueError,
+                                     "cu_seqlens_q_host must start at 0"),
+    "cu_seqlens_q_host-decreasing": (_both("cu_seqlens_q", 1, 11), ValueError, "cu_seqlens_q_host must be non-dec"),
+    "cu_seqlens_q_host-not-to-T": (_both("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q_host must end"),
+    "cache_seqlens_host-below-new-tokens": (_both("cache_seqlens", 0, 9), ValueError, "cache_seqlens_host.0.=9 is"),
+    "cache_seqlens_host-beyond-table": (_both("cache_seqlens", 0, 10_000), ValueError, "cache_seqlens_host has a"),
+}
+
+
+@pytest.mark.parametrize("fn", ["mla_prefill", "mla_prefill_attention"])
+@pytest.mark.parametrize("case", list(BAD_HOST), ids=list(BAD_HOST))
+def test_bad_host_lengths(case, fn):
+    """Host lengths of the wrong type or size, or disagreeing with the tensors (checked on the CPU, where reading
+    them is free), or wrong in the same way as the tensors: an error naming the host argument."""
+    args = _good(None if fn == "mla_prefill" else 32)
+    args.update(_host(args))
+    assert_rejects(getattr(mla_kernels, fn), args, *BAD_HOST[case])
+
+
+def test_good_host_lengths_of_the_bad_input_tests_run():
+    for fn, args in (("mla_prefill", _good()), ("mla_prefill_attention", _good(d_nope=32))):
+        assert torch.isfinite(getattr(mla_kernels, fn)(**args, **_host(args))).all(), fn
+
+
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_host_lengths_read_nothing_back(path):
+    """The GPU's code path without a GPU: meta tensors hold no values, so any read of one to the host (``.cpu()``,
+    ``.item()``, ``.tolist()``) raises. With host lengths the call completes and never calls ``_read_lengths``
+    (the one copy to the host); without them it calls it once. Kernels stubbed as in ``bench.host``."""
+    bh = pytest.importorskip("bench.host")
+    args, (cu, lens) = bh.prefill_args(torch.device("meta"))
+    reads = []
+    with bh.stubbed_kernels():
+        stub = prefill._read_lengths
+        prefill._read_lengths = lambda *t: reads.append(len(t)) or stub(*t)
+        try:
+            out = mla_kernels.mla_prefill_attention(*args, path=path, cu_seqlens_q_host=cu, cache_seqlens_host=lens)
+            assert reads == [] and out.shape == (sum(bh.SEED_NEW), 16, 128) and out.device.type == "meta"
+            mla_kernels.mla_prefill_attention(*args, path=path)
+            assert reads == [2]
+        finally:
+            prefill._read_lengths = stub
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU only: things the interpreter cannot show
 # ------------------------------------------------------------------------------------------------
 
