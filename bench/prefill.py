@@ -447,17 +447,19 @@ FIT_PATHS = ("absorbed", "expanded")
 def calibration_records(payload: dict, device=None) -> list[dict]:
     """Fit records for ``mla_kernels._prefill_cost.fit`` from a run's results: every timed absorbed / expanded
     sweep row (p50) and the seed scenario's absorbed / expanded means (auto's too, as the path it ran). Each
-    carries the expanded kernel's BLOCK_M on ``device`` (the tiles its rows are padded to)."""
+    carries the expanded kernel's BLOCK_M on ``device`` (the tiles its rows are padded to) and the launches per
+    call of the code that ran (the run's ``config.launches``, when it recorded them)."""
     from mla_kernels.prefill import _expanded_config
 
     dev = torch.device("cpu") if device is None else torch.device(device)
+    launches = payload.get("config", {}).get("launches") or {}
     recs = []
 
     def add(name, new, history, shape, path, ms):
         recs.append(dict(name=name, new=list(new), cache_lens=[n + p for n, p in zip(new, history)],
                          heads=shape["heads"], d_latent=shape["d_latent"], d_rope=shape["d_rope"],
                          d_nope=shape["d_nope"], d_v=shape["d_v"], path=path, ms=float(ms),
-                         block_m=_expanded_config(max(new, default=0), dev)["BLOCK_M"]))
+                         block_m=_expanded_config(max(new, default=0), dev)["BLOCK_M"], launches=launches.get(path)))
 
     for r in payload.get("sweep", []):
         if r.get("provider") in FIT_PATHS and r.get("p50_ms"):
@@ -627,8 +629,11 @@ def main(argv=None) -> None:
     if cpu:
         print(f"CPU timings (PyTorch path; no GPU, no Triton kernel runs), {torch.get_num_threads()} threads: "
               "not indicative of GPU performance")
+    from mla_kernels import _prefill_cost
+
     payload = {
-        "config": {"quick": args.quick, "cuda_graph": args.cuda_graph, "dtype": str(dtype), "page": PAGE},
+        "config": {"quick": args.quick, "cuda_graph": args.cuda_graph, "dtype": str(dtype), "page": PAGE,
+                   "launches": dict(_prefill_cost.LAUNCHES)},  # per call of each path, for the fit of these times
         "models": {
             "tflops": "attention FLOPs as standard attention counts them, 2*H*pairs*(D_nope+P+D_v), for every "
                       "provider; pairs = sum_b n_b*h_b + n_b*(n_b+1)/2 (causal)",
