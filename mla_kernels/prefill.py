@@ -9,8 +9,8 @@ absorbed (``mla_prefill``)
     Cost: 2 (R + P + R) FLOP per head per (query, key) pair; no per-key work.
 
 expanded (``_mla_expanded_kernel``)
-    Each sequence's latent (history + new) is gathered through the block table and expanded by one
-    GEMM through kv_b_proj into per-head K_nope and V; then ordinary causal varlen flash attention
+    Each sequence's latent (history + new) is gathered through the block table (``_gather_latent_kernel``, which
+    also dequantizes an fp8 cache) and expanded by one GEMM through kv_b_proj into per-head K_nope and V; then ordinary causal varlen flash attention
     with the score q_nope . k_nope + q_pe . k_pe, where k_pe (shared by all heads) is read straight
     from the paged pe_cache. Cost: 2 (D_nope + P + D_v) FLOP per head per pair, plus
     2 R H (D_nope + D_v) FLOP per key for the expansion.
@@ -22,6 +22,7 @@ segments over long histories and tiny batches favour the absorbed form, long pro
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import operator
@@ -35,7 +36,8 @@ from . import _prefill_cost as _cost
 from . import _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
-from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _fit_tiles, _launch, _online_softmax_step, _project_v
+from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
+                     _project_v)
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -377,26 +379,93 @@ def _mla_expanded_kernel(
         tl.store(LSE + rows * num_heads + pid_h, lse, mask=m_mask)
 
 
-def _gather_latent(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys):
-    """Every sequence's cached tokens, packed: cache [N, page, D] -> [total_keys, D] (sequence b at
-    rows cu_seqlens_k[b]:cu_seqlens_k[b+1]). No host synchronisation given ``total_keys``."""
+# latent values one gather program copies (BLOCK_N = this // D rows): 16 KiB of bf16 on a GPU; the interpreter,
+# which spends its time per program rather than per value, copies 16x more per program
+GATHER_ELEMENTS = 8192
+GATHER_BLOCK_B = 128  # lengths summed per step of a gather program's prefix sum
+
+
+@triton.jit
+def _gather_latent_kernel(
+    KV, KV_SCALE, BLOCK_TABLE, SEQLENS, OUT, CU_SEQLENS_K,
+    stride_kv_blk, stride_kv_tok, stride_ks_blk, stride_ks_tok, stride_bt_b, stride_o_t,
+    D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """Copy BLOCK_N cached tokens of sequence ``pid_b`` from the paged cache ``KV [N, PAGE_SIZE, D]`` to their rows of
+    the packed ``OUT [sum(SEQLENS), D]`` (sequence b at rows ``CU_SEQLENS_K[b]:CU_SEQLENS_K[b+1]``). Each program
+    finds its sequence's first row by summing the lengths before it; the first program of each sequence writes
+    ``CU_SEQLENS_K[b + 1]`` (and of sequence 0 also ``CU_SEQLENS_K[0] = 0``), so no other launch computes it.
+    ``KV_FP8``: e4m3 values times their fp32 scales (``KV_SCALE``, one per 128 values), stored in OUT's dtype.
+    Only positions below SEQLENS[b] are read: unused slots and block-table entries never are."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    before = tl.zeros([BLOCK_B], dtype=tl.int64)  # [BLOCK_B] partial sums of the lengths of sequences < pid_b
+    for start in range(0, pid_b, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        before += tl.load(SEQLENS + offs_b, mask=offs_b < pid_b, other=0).to(tl.int64)
+    k_start = tl.sum(before, axis=0)
+    seqlen = tl.load(SEQLENS + pid_b).to(tl.int32)
+    if pid_n == 0:
+        tl.store(CU_SEQLENS_K + pid_b + 1, k_start + seqlen)
+        if pid_b == 0:
+            tl.store(CU_SEQLENS_K, k_start)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions in the sequence
+    n_mask = offs_n < seqlen
+    offs_d = tl.arange(0, D)
+    block_id = tl.load(BLOCK_TABLE + pid_b.to(tl.int64) * stride_bt_b + offs_n // PAGE_SIZE, mask=n_mask,
+                       other=0).to(tl.int64)
+    in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+    kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_d[None, :],
+                 mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D]
+    if KV_FP8:
+        kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D,
+                          OUT.dtype.element_ty)
+    rows = k_start + offs_n.to(tl.int64)
+    tl.store(OUT + rows[:, None] * stride_o_t + offs_d[None, :], kv, mask=n_mask[:, None])
+
+
+def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale=None, dtype=None, *,
+                   block_n=None):
+    """Every sequence's cached latent, packed, in one launch (``_gather_latent_kernel``): returns
+    ``latent [total_keys, R]`` (sequence b at rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; an fp8 cache dequantized
+    to ``dtype``) and ``cu_seqlens_k [B+1]`` int64. ``total_keys`` = sum(cache_seqlens) and ``max_seqlen_k`` >= its
+    longest length, known on the host: no synchronisation. B >= 1. ``block_n`` overrides the rows per program."""
+    batch, d = block_table.shape[0], kv_cache.shape[-1]
+    latent = torch.empty(total_keys, d, dtype=kv_cache.dtype if kv_scale is None else dtype, device=kv_cache.device)
+    cu_k = torch.empty(batch + 1, dtype=torch.int64, device=kv_cache.device)
+    if block_n is None:
+        block_n = max(1, GATHER_ELEMENTS * (1 if kv_cache.device.type == "cuda" else 16) // d)
+    grid = (max(1, triton.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
+    _gather_latent_kernel[grid](
+        kv_cache, kv_scale if kv_scale is not None else kv_cache, block_table, cache_seqlens, latent, cu_k,
+        kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
+        block_table.stride(0), latent.stride(0),
+        D=d, PAGE_SIZE=kv_cache.shape[1], BLOCK_N=block_n, BLOCK_B=GATHER_BLOCK_B, KV_FP8=kv_scale is not None,
+        num_warps=4,
+    )
+    return latent, cu_k
+
+
+def _gather_latent_torch(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, scale=None, dtype=None):
+    """``_gather_latent`` in PyTorch (its reference; the CPU path without the interpreter): cache [N, page, D] ->
+    [total_keys, D], sequence b at rows cu_seqlens_k[b]:cu_seqlens_k[b+1]; with an fp8 cache's ``scale``
+    [N, page, D/128], dequantized to ``dtype``. No host synchronisation given ``total_keys``."""
     device = cache.device
     page = cache.shape[1]
     batch = block_table.shape[0]
     seq = torch.repeat_interleave(torch.arange(batch, device=device), cache_seqlens.long(), output_size=total_keys)
     pos = torch.arange(total_keys, device=device) - cu_seqlens_k[seq]
     blocks = block_table[seq, pos // page].long()
-    return cache[blocks, pos % page]
+    rows = cache[blocks, pos % page]
+    return rows if scale is None else dequantize_fp8_torch(rows, scale[blocks, pos % page], dtype)
 
 
-def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope, kv_scale=None):
-    """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v].
-    An fp8 latent is dequantized in PyTorch to w_kv_b's dtype after the gather, before the GEMM."""
-    latent = _gather_latent(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R]
-    if kv_scale is not None:
-        scale = _gather_latent(kv_scale, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R/128]
-        latent = dequantize_fp8_torch(latent, scale, w_kv_b.dtype)
-    kv = (latent @ w_kv_b.T).view(total_keys, heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
+def _expand(latent, w_kv_b, heads, d_nope):
+    """The gathered latent ``[L, R]`` expanded through kv_b_proj in one GEMM: views k_nope [L, H, D_nope],
+    v [L, H, D_v]."""
+    kv = (latent @ w_kv_b.T).view(latent.shape[0], heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
     return kv[..., :d_nope], kv[..., d_nope:]
 
 
@@ -720,7 +789,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             ``choose_prefill_path``.
         return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
         kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
-            registers; the expanded path dequantizes the gathered latent in PyTorch before its GEMM.
+            registers; the expanded path in its gather kernel, before its GEMM.
         cu_seqlens_q_host, cache_seqlens_host: the lengths as lists of Python ints, as in ``mla_prefill``.
 
     Returns:
@@ -774,16 +843,21 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
         if not _expanded_width_ok(width):
             raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
+    if total == 0:  # no query attends: nothing to gather or expand
+        out = q_nope.new_empty(0, heads, d_v)
+        return (out, q_nope.new_empty(0, heads, dtype=torch.float32)) if return_lse else out
     total_keys = sum(lens)
-    cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
-    k_nope, v = _expand(kv_cache, block_table, cache_seqlens, cu_k, total_keys, w_kv_b, heads, d_nope, kv_scale)
     if _utils.use_triton(q_nope):
+        latent, cu_k = _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale,
+                                      w_kv_b.dtype)
+        k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
         out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
                                     cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
     else:
-        k_pe = _gather_latent(pe_cache, block_table, cache_seqlens, cu_k, total_keys)
-        cu_k_host = [0]
-        for length in lens:
-            cu_k_host.append(cu_k_host[-1] + length)
+        cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
+        latent = _gather_latent_torch(kv_cache, block_table, cache_seqlens, cu_k, total_keys, kv_scale, w_kv_b.dtype)
+        k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
+        k_pe = _gather_latent_torch(pe_cache, block_table, cache_seqlens, cu_k, total_keys)
+        cu_k_host = list(itertools.accumulate(lens, initial=0))
         out, lse = _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k_host, softmax_scale, causal)
     return (out, lse) if return_lse else out
