@@ -10,9 +10,11 @@ caching allocator). Shapes: seed 003's decode step (B1 L1024 H16, R 512, P 64, p
 ``w_uv``, whose bmm runs torch's Python meta function here, slower than the C++ dispatch a GPU tensor takes),
 DeepSeek-R1's 128 heads, ``write_cache`` of one token, and ``mla_prefill_attention`` on seed 003's prefill batch
 (4 requests, new [64, 128, 256, 256] over history [512, 0, 0, 256], 16 heads, D_nope = D_v = 128) down each
-path. Meta tensors hold no values, so where the call copies the lengths to the host (``prefill._read_lengths``,
-a synchronisation on a GPU) the stub runs the same ops on meta and hands back the known lengths: the copy and the
-wait for the GPU are not in these numbers. Timings are noisy on a shared machine: compare
+path, without and with the host lengths (``cu_seqlens_q_host``/``cache_seqlens_host``). Meta tensors hold no
+values, so where the call copies the lengths to the host (``prefill._read_lengths``, a synchronisation on a GPU)
+the stub runs the same ops on meta and hands back the known lengths: the copy and the wait for the GPU are not in
+these numbers. PyTorch ops on meta run torch's Python meta functions, slower than a GPU tensor's C++ dispatch.
+Timings are noisy on a shared machine: compare
 ``min_us`` (the least-disturbed sample) as well as the median.
 
 On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
@@ -140,7 +142,8 @@ def cases(device):
     d_args, d_kw = decode_args(device)
     d128_args, d128_kw = decode_args(device, heads=128)
     w_args = write_args(device)
-    p_args, _ = prefill_args(device)
+    p_args, (cu, lens) = prefill_args(device)
+    host = dict(cu_seqlens_q_host=cu, cache_seqlens_host=lens)
     latent_only = dict(d_kw, w_uv=None)
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
@@ -149,6 +152,11 @@ def cases(device):
         "write_cache T1": lambda: write_cache(*w_args),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
+        "mla_prefill_attention seed003 absorbed host lengths": lambda: mla_prefill_attention(*p_args, path="absorbed",
+                                                                                             **host),
+        "mla_prefill_attention seed003 expanded host lengths": lambda: mla_prefill_attention(*p_args, path="expanded",
+                                                                                             **host),
+        "mla_prefill_attention seed003 auto host lengths": lambda: mla_prefill_attention(*p_args, **host),
     }
 
 
@@ -159,7 +167,7 @@ def run_host(calls: int, repeats: int) -> list[dict]:
             t = per_call_us(fn, calls, repeats)
             rows.append(dict(provider="host (kernels stubbed, meta tensors)", case=name, p50_us=t.p50, p20_us=t.p20,
                              p80_us=t.p80, min_us=t.min, runs=t.runs))
-            print(f"{name:<32} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
+            print(f"{name:<52} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
     return rows
 
 
@@ -185,7 +193,7 @@ def run_gpu(device, calls: int, repeats: int) -> list[dict]:
                          p80_us=eager.p80, runs=eager.runs))
         rows.append(dict(provider="cuda graph replay", case=name, p50_us=graph.p50 * 1e3, p20_us=graph.p20 * 1e3,
                          p80_us=graph.p80 * 1e3, runs=graph.runs))
-        print(f"{name:<32} eager {eager.p50:7.2f} µs | graph {graph.p50 * 1e3:7.2f} µs")
+        print(f"{name:<52} eager {eager.p50:7.2f} µs | graph {graph.p50 * 1e3:7.2f} µs")
     return rows
 
 

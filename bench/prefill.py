@@ -8,6 +8,8 @@ Providers, all with the raw query in and [T, H, D_v] out, each checked against n
   expanded   ``mla_prefill_attention(path="expanded")``: the latent gathered and expanded through kv_b_proj,
              then the causal varlen flash-attention kernel
   auto       ``mla_prefill_attention(path="auto")``: the cost model's choice
+  (these three with the host lengths, ``cu_seqlens_q_host``/``cache_seqlens_host``, as ``MLAttention`` calls
+  them: no read back from the GPU; the H100 timings of 2026-11-22 were of calls that synchronised)
   naive      per request: gather the latent, decompress it through kv_b_proj, SDPA with a causal mask
 TFLOP/s count the attention as standard attention computes it, 2 H pairs (D_nope + P + D_v), for every
 provider, so rates compare like for like; ``path_tflops`` counts what each path executes (``prefill_flops``).
@@ -22,6 +24,7 @@ with ``_tuning.save_file``, which merges them into what is there.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -82,6 +85,10 @@ class Case:
     def args(self):
         return (self.q_nope, self.q_pe, self.kv_cache, self.pe_cache, self.block_table, self.cu_seqlens_q,
                 self.cache_seqlens, self.w_kv_b, self.shape.softmax_scale)
+
+    def host_lengths(self) -> dict:
+        """The lengths as the caller holds them on the host (as ``MLAttention`` passes them): no read back."""
+        return dict(cu_seqlens_q_host=list(itertools.accumulate(self.new, initial=0)), cache_seqlens_host=self.lens)
 
 
 def make_case(shape: MLAShape, new, history, page: int, dtype, device, seed: int = 0) -> Case:
@@ -197,10 +204,10 @@ def check_then_time(name, fn, rows, expected, device, dtype, **time_kw):
 
 def providers(case: Case, lib) -> dict:
     attention, _ = lib
-    args = case.args()
+    args, host = case.args(), case.host_lengths()
     table = {"naive": lambda: naive_prefill(case)}
     for path in ("absorbed", "expanded", "auto"):
-        table[path] = lambda path=path: attention(*args, path=path)
+        table[path] = lambda path=path: attention(*args, path=path, **host)
     return table
 
 

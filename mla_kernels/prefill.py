@@ -104,10 +104,17 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     """
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
+    return _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
+                   constants)
+
+
+def _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed=None, device=None,
+            constants=None) -> str:
+    """``choose_prefill_path`` on lengths and sizes already checked (lists of ints; mla_prefill_attention's)."""
     if not (_expanded_width_ok(d_nope) and _expanded_width_ok(d_v)):
         return "absorbed"  # widths the expanded kernel cannot tile (mla_prefill_attention refuses them there)
-    return _cost.choose(prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal,
-                                      relative_speed, device=device, constants=constants))
+    return _cost.choose(_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed,
+                               device, constants))
 
 
 def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True, relative_speed=None, *,
@@ -121,6 +128,12 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     """
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
+    return _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
+                  constants)
+
+
+def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants):
+    """``prefill_times`` on lengths and sizes already checked."""
     device = torch.device(device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants:
@@ -827,9 +840,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     d_v = w_kv_b.shape[0] // heads - d_nope
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
-    if path == "auto":
-        path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal,
-                                   device=q_nope.device)
+    if path == "auto":  # the lengths and widths are checked already
+        path = _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device)
     w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
     if path == "absorbed":
