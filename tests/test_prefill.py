@@ -574,6 +574,23 @@ def test_cuda_graph_capture_with_max_seqlen_q():
     assert_close("graph replay", out, absorbed_reference(a)[0], torch.bfloat16)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("path", ["absorbed", "expanded", "auto"])
+def test_host_lengths_never_sync_on_gpu(path):
+    """With the host lengths, a warm call synchronises nothing (CUDA's sync debug mode raises on any wait), and
+    gives the right result."""
+    a = make_inputs(*SEED_003[:2], 16, 64, torch.bfloat16, "cuda", d_nope=D_NOPE)
+    host = _host(a)
+    mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, **host)  # compiles, loads configs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, **host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(f"no sync {path}", out, naive_reference(a)[0], torch.bfloat16)
+
+
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 12 * 2**30,
                     reason="a cache of more than 2^31 elements needs a GPU with > 12 GiB")
 def test_cache_beyond_int32_offsets():
