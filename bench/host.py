@@ -8,7 +8,13 @@ the library controls, on any machine: the public call with the Triton kernels re
 ``meta`` tensors (no data, no CPU-only value checks: the code path a GPU call takes, minus the launch and the
 caching allocator). Shapes: seed 003's decode step (B1 L1024 H16, R 512, P 64, page 64; without and with
 ``w_uv``, whose bmm runs torch's Python meta function here, slower than the C++ dispatch a GPU tensor takes),
-DeepSeek-R1's 128 heads, and ``write_cache`` of one token. Timings are noisy on a shared machine: compare
+DeepSeek-R1's 128 heads, ``write_cache`` of one token, and ``mla_prefill_attention`` on seed 003's prefill batch
+(4 requests, new [64, 128, 256, 256] over history [512, 0, 0, 256], 16 heads, D_nope = D_v = 128) down each
+path, without and with the host lengths (``cu_seqlens_q_host``/``cache_seqlens_host``). Meta tensors hold no
+values, so where the call copies the lengths to the host (``prefill._read_lengths``, a synchronisation on a GPU)
+the stub runs the same ops on meta and hands back the known lengths: the copy and the wait for the GPU are not in
+these numbers. PyTorch ops on meta run torch's Python meta functions, slower than a GPU tensor's C++ dispatch.
+Timings are noisy on a shared machine: compare
 ``min_us`` (the least-disturbed sample) as well as the median.
 
 On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
@@ -22,11 +28,13 @@ import time
 
 import torch
 
-from mla_kernels import _utils, cache as cache_mod, decode as decode_mod
+from mla_kernels import _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
+from mla_kernels.prefill import mla_prefill_attention
 
 from . import _harness as h
+from .prefill import SEED_HISTORY, SEED_NEW
 
 
 class _NoLaunch:
@@ -36,18 +44,32 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _meta_read_lengths(cu_seqlens_q, cache_seqlens):
+    """``prefill._read_lengths`` for meta tensors built by ``prefill_args``: the same ops on meta, then the lengths
+    the case was built with (a meta tensor cannot be copied to the host)."""
+    torch.cat([cu_seqlens_q.long(), cache_seqlens.long()])
+    return torch.tensor(cu_seqlens_q.bench_values + cache_seqlens.bench_values)
+
+
+_STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_combine_kernel"), (cache_mod, "_write_cache_kernel"),
+          (prefill_mod, "_mla_expanded_kernel"), (prefill_mod, "_gather_latent_kernel"))
+
+
 @contextlib.contextmanager
 def stubbed_kernels():
-    """Replace the decode and write_cache kernels by no-ops and route meta tensors down the Triton path."""
-    saved = (decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel, cache_mod._write_cache_kernel,
-             _utils.use_triton)
-    decode_mod._mla_attn_kernel = decode_mod._mla_combine_kernel = cache_mod._write_cache_kernel = _NoLaunch()
+    """Replace the Triton kernels by no-ops, route meta tensors down the Triton path and read meta lengths from
+    the case (``_meta_read_lengths``)."""
+    saved = [getattr(mod, name) for mod, name in _STUBS] + [_utils.use_triton, prefill_mod._read_lengths]
+    for mod, name in _STUBS:
+        setattr(mod, name, _NoLaunch())
     _utils.use_triton = lambda t: t.device.type in ("cuda", "meta")
+    prefill_mod._read_lengths = _meta_read_lengths
     try:
         yield
     finally:
-        (decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel, cache_mod._write_cache_kernel,
-         _utils.use_triton) = saved
+        for (mod, name), value in zip(_STUBS, saved):
+            setattr(mod, name, value)
+        _utils.use_triton, prefill_mod._read_lengths = saved[-2:]
 
 
 def decode_args(device, batch=1, ctx=1024, heads=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64,
@@ -75,6 +97,34 @@ def write_args(device, tokens=1, blocks=16, page=64, dtype=torch.bfloat16, d_lat
     return kv[:, :d_latent], kv[:, d_latent:], buf[..., :d_latent], buf[..., d_latent:], slots
 
 
+def prefill_args(device, new=SEED_NEW, history=SEED_HISTORY, heads=16, page=64, dtype=torch.bfloat16, d_latent=512,
+                 d_rope=64, d_nope=128, d_v=128):
+    """``mla_prefill_attention``'s positional arguments for a ragged batch (queries and caches as views of one
+    buffer each), and the host lengths ``(cu_seqlens_q, cache_seqlens)`` as lists. On meta the index tensors carry
+    their values as ``bench_values`` (for ``_meta_read_lengths``)."""
+    lens = [n + h for n, h in zip(new, history)]
+    blocks = [-(-n // page) for n in lens]
+    cu = [0]
+    for n in new:
+        cu.append(cu[-1] + n)
+    buf = torch.empty(sum(blocks), page, d_latent + d_rope, dtype=dtype, device=device)
+    q = torch.empty(cu[-1], heads, d_nope + d_rope, dtype=dtype, device=device)
+    w_kv_b = torch.empty(heads * (d_nope + d_v), d_latent, dtype=dtype, device=device)
+    if device.type == "meta":
+        table = torch.empty(len(lens), max(blocks), dtype=torch.int32, device=device)
+        cu_t = torch.empty(len(cu), dtype=torch.int32, device=device)
+        lens_t = torch.empty(len(lens), dtype=torch.int32, device=device)
+        cu_t.bench_values, lens_t.bench_values = cu, lens
+    else:
+        table = torch.arange(sum(blocks), dtype=torch.int32).split(blocks)
+        table = torch.nn.utils.rnn.pad_sequence(list(table), batch_first=True).to(device)
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    args = (q[..., :d_nope], q[..., d_nope:], buf[..., :d_latent], buf[..., d_latent:], table, cu_t, lens_t, w_kv_b,
+            0.1)
+    return args, (cu, lens)
+
+
 def per_call_us(fn, calls: int, repeats: int) -> h.Timing:
     """``repeats`` samples of the mean wall time of ``calls`` back-to-back calls, in µs (stored in the ms fields)."""
     for _ in range(calls):
@@ -92,12 +142,21 @@ def cases(device):
     d_args, d_kw = decode_args(device)
     d128_args, d128_kw = decode_args(device, heads=128)
     w_args = write_args(device)
+    p_args, (cu, lens) = prefill_args(device)
+    host = dict(cu_seqlens_q_host=cu, cache_seqlens_host=lens)
     latent_only = dict(d_kw, w_uv=None)
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
         "mla_decode B1 L1024 H128 w_uv": lambda: mla_decode(*d128_args, **d128_kw),
         "write_cache T1": lambda: write_cache(*w_args),
+        "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
+        "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
+        "mla_prefill_attention seed003 absorbed host lengths": lambda: mla_prefill_attention(*p_args, path="absorbed",
+                                                                                             **host),
+        "mla_prefill_attention seed003 expanded host lengths": lambda: mla_prefill_attention(*p_args, path="expanded",
+                                                                                             **host),
+        "mla_prefill_attention seed003 auto host lengths": lambda: mla_prefill_attention(*p_args, **host),
     }
 
 
@@ -108,7 +167,7 @@ def run_host(calls: int, repeats: int) -> list[dict]:
             t = per_call_us(fn, calls, repeats)
             rows.append(dict(provider="host (kernels stubbed, meta tensors)", case=name, p50_us=t.p50, p20_us=t.p20,
                              p80_us=t.p80, min_us=t.min, runs=t.runs))
-            print(f"{name:<32} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
+            print(f"{name:<52} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
     return rows
 
 
@@ -134,7 +193,7 @@ def run_gpu(device, calls: int, repeats: int) -> list[dict]:
                          p80_us=eager.p80, runs=eager.runs))
         rows.append(dict(provider="cuda graph replay", case=name, p50_us=graph.p50 * 1e3, p20_us=graph.p20 * 1e3,
                          p80_us=graph.p80 * 1e3, runs=graph.runs))
-        print(f"{name:<32} eager {eager.p50:7.2f} µs | graph {graph.p50 * 1e3:7.2f} µs")
+        print(f"{name:<52} eager {eager.p50:7.2f} µs | graph {graph.p50 * 1e3:7.2f} µs")
     return rows
 
 

@@ -8,6 +8,8 @@ Providers, all with the raw query in and [T, H, D_v] out, each checked against n
   expanded   ``mla_prefill_attention(path="expanded")``: the latent gathered and expanded through kv_b_proj,
              then the causal varlen flash-attention kernel
   auto       ``mla_prefill_attention(path="auto")``: the cost model's choice
+  (these three with the host lengths, ``cu_seqlens_q_host``/``cache_seqlens_host``, as ``MLAttention`` calls
+  them: no read back from the GPU; the H100 timings of 2026-11-22 were of calls that synchronised)
   naive      per request: gather the latent, decompress it through kv_b_proj, SDPA with a causal mask
 TFLOP/s count the attention as standard attention computes it, 2 H pairs (D_nope + P + D_v), for every
 provider, so rates compare like for like; ``path_tflops`` counts what each path executes (``prefill_flops``).
@@ -22,6 +24,7 @@ with ``_tuning.save_file``, which merges them into what is there.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -82,6 +85,10 @@ class Case:
     def args(self):
         return (self.q_nope, self.q_pe, self.kv_cache, self.pe_cache, self.block_table, self.cu_seqlens_q,
                 self.cache_seqlens, self.w_kv_b, self.shape.softmax_scale)
+
+    def host_lengths(self) -> dict:
+        """The lengths as the caller holds them on the host (as ``MLAttention`` passes them): no read back."""
+        return dict(cu_seqlens_q_host=list(itertools.accumulate(self.new, initial=0)), cache_seqlens_host=self.lens)
 
 
 def make_case(shape: MLAShape, new, history, page: int, dtype, device, seed: int = 0) -> Case:
@@ -197,10 +204,10 @@ def check_then_time(name, fn, rows, expected, device, dtype, **time_kw):
 
 def providers(case: Case, lib) -> dict:
     attention, _ = lib
-    args = case.args()
+    args, host = case.args(), case.host_lengths()
     table = {"naive": lambda: naive_prefill(case)}
     for path in ("absorbed", "expanded", "auto"):
-        table[path] = lambda path=path: attention(*args, path=path)
+        table[path] = lambda path=path: attention(*args, path=path, **host)
     return table
 
 
@@ -447,17 +454,19 @@ FIT_PATHS = ("absorbed", "expanded")
 def calibration_records(payload: dict, device=None) -> list[dict]:
     """Fit records for ``mla_kernels._prefill_cost.fit`` from a run's results: every timed absorbed / expanded
     sweep row (p50) and the seed scenario's absorbed / expanded means (auto's too, as the path it ran). Each
-    carries the expanded kernel's BLOCK_M on ``device`` (the tiles its rows are padded to)."""
+    carries the expanded kernel's BLOCK_M on ``device`` (the tiles its rows are padded to) and the launches per
+    call of the code that ran (the run's ``config.launches``, when it recorded them)."""
     from mla_kernels.prefill import _expanded_config
 
     dev = torch.device("cpu") if device is None else torch.device(device)
+    launches = payload.get("config", {}).get("launches") or {}
     recs = []
 
     def add(name, new, history, shape, path, ms):
         recs.append(dict(name=name, new=list(new), cache_lens=[n + p for n, p in zip(new, history)],
                          heads=shape["heads"], d_latent=shape["d_latent"], d_rope=shape["d_rope"],
                          d_nope=shape["d_nope"], d_v=shape["d_v"], path=path, ms=float(ms),
-                         block_m=_expanded_config(max(new, default=0), dev)["BLOCK_M"]))
+                         block_m=_expanded_config(max(new, default=0), dev)["BLOCK_M"], launches=launches.get(path)))
 
     for r in payload.get("sweep", []):
         if r.get("provider") in FIT_PATHS and r.get("p50_ms"):
@@ -627,8 +636,11 @@ def main(argv=None) -> None:
     if cpu:
         print(f"CPU timings (PyTorch path; no GPU, no Triton kernel runs), {torch.get_num_threads()} threads: "
               "not indicative of GPU performance")
+    from mla_kernels import _prefill_cost
+
     payload = {
-        "config": {"quick": args.quick, "cuda_graph": args.cuda_graph, "dtype": str(dtype), "page": PAGE},
+        "config": {"quick": args.quick, "cuda_graph": args.cuda_graph, "dtype": str(dtype), "page": PAGE,
+                   "launches": dict(_prefill_cost.LAUNCHES)},  # per call of each path, for the fit of these times
         "models": {
             "tflops": "attention FLOPs as standard attention counts them, 2*H*pairs*(D_nope+P+D_v), for every "
                       "provider; pairs = sum_b n_b*h_b + n_b*(n_b+1)/2 (causal)",

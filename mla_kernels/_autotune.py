@@ -289,7 +289,7 @@ class _Expanded(_Spec):
         return expanded_shared_bytes(cfg, shape["N"], shape["V"], shape["P"], elem_bytes)
 
     def build(self, s, device, dtype, gen):
-        from .prefill import _expanded_torch, _gather_latent, _launch_expanded
+        from .prefill import _expanded_torch, _gather_latent_torch, _launch_expanded
         b, new, hist, h, n, v, p = s["B"], s["new"], s["hist"], s["H"], s["N"], s["V"], s["P"]
         length = hist + new
         pe_cache, table = _paged(b, length, s["page"], p, device, dtype, gen)
@@ -300,7 +300,7 @@ class _Expanded(_Spec):
         kv = torch.randn(b * length, h, n + v, device=device, generator=gen).to(dtype)
         q = torch.randn(b * new, h, n + p, device=device, generator=gen).to(dtype)
         q_nope, q_pe, k_nope, val = q[..., :n], q[..., n:], kv[..., :n], kv[..., n:]
-        k_pe = _gather_latent(pe_cache, table, seqlens, cu_k, b * length)
+        k_pe = _gather_latent_torch(pe_cache, table, seqlens, cu_k, b * length)
         scale = (n + p) ** -0.5
         expected, _ = _expanded_torch(q_nope, q_pe, k_nope, val, k_pe, cu_q_host, cu_k_host, scale, True)
 

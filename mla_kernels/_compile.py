@@ -182,6 +182,7 @@ def _cases(hip: bool) -> dict:
         "combine-scheduled": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=512, STORE_LSE=True, SCHEDULED=True),
                               {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1, None),
         "prefill-expanded": expanded(),
+        "prefill-gather": _gather_case(),
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=False),
                         {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1, None),
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),
@@ -201,6 +202,14 @@ def _cases(hip: bool) -> dict:
         cases["decode-gluon-h64-split"] = attn_gluon(64, True)
         cases["prefill-absorbed-gluon"] = attn_gluon(1024, False)
     return cases
+
+
+def _gather_case():
+    """The expanded prefill path's latent gather (``prefill._gather_latent_kernel``) with a GPU's tiles, bf16 cache."""
+    from .prefill import GATHER_BLOCK_B, GATHER_ELEMENTS, _gather_latent_kernel
+    constexprs = dict(D=512, PAGE_SIZE=64, BLOCK_N=GATHER_ELEMENTS // 512, BLOCK_B=GATHER_BLOCK_B, KV_FP8=False)
+    types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_K": "*i64", "KV_SCALE": "*fp32"}
+    return _gather_latent_kernel, constexprs, types, 4, 1, None
 
 
 def compile_all(targets=("sm90", "gfx942")) -> dict:

@@ -12,9 +12,9 @@ see each as one node with known outputs and known mutations.
 The public functions check their arguments' shapes and dtypes in Python (free while tracing: they read no
 tensor values) and call these ops only while ``torch.compile`` traces them; in eager mode they skip the
 dispatcher and its per-call host cost (not measured in bench/results). ``mla_decode`` and ``write_cache`` run their CPU-only
-value checks inside the op, so those hold in compiled code too. The prefill ops read lengths on the host
-(they synchronise once, as the eager calls do), so inside a compiled graph they are opaque nodes that run
-the whole checked public call.
+value checks inside the op, so those hold in compiled code too. The prefill ops need the lengths on the host
+(they synchronise once, as the eager calls do, unless given the caller's host lengths, ``cu_seqlens_q_host`` and
+``cache_seqlens_host``), so inside a compiled graph they are opaque nodes that run the whole checked public call.
 
 The fake (meta) implementations give the output shapes from the input shapes alone.
 """
@@ -104,17 +104,20 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
                 block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                 softmax_scale: float, causal: bool, return_lse: bool, max_seqlen_q: Optional[int],
                 max_seqlen_k: Optional[int], num_splits: Optional[int],
-                kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_scale: Optional[torch.Tensor] = None, cu_seqlens_q_host: Optional[list[int]] = None,
+                cache_seqlens_host: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q,
-                                  max_seqlen_k=max_seqlen_k, num_splits=num_splits, kv_scale=kv_scale)
+                                  max_seqlen_k=max_seqlen_k, num_splits=num_splits, kv_scale=kv_scale,
+                                  cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)
 
 
 @mla_prefill.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
-      return_lse, max_seqlen_q, max_seqlen_k, num_splits, kv_scale=None):
+      return_lse, max_seqlen_q, max_seqlen_k, num_splits, kv_scale=None, cu_seqlens_q_host=None,
+      cache_seqlens_host=None):
     total, heads, _ = q_nope.shape
     out = q_nope.new_empty(total, heads, kv_cache.shape[-1])
     lse = q_nope.new_empty((total, heads) if return_lse else _NO_LSE, dtype=torch.float32)
@@ -128,17 +131,21 @@ def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens
 def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                           block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                           w_kv_b: torch.Tensor, softmax_scale: float, causal: bool, path: str,
-                          return_lse: bool, kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          return_lse: bool, kv_scale: Optional[torch.Tensor] = None,
+                          cu_seqlens_q_host: Optional[list[int]] = None,
+                          cache_seqlens_host: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                             cache_seqlens, w_kv_b, softmax_scale, causal, path,
-                                            return_lse=return_lse, kv_scale=kv_scale)
+                                            return_lse=return_lse, kv_scale=kv_scale,
+                                            cu_seqlens_q_host=cu_seqlens_q_host,
+                                            cache_seqlens_host=cache_seqlens_host)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)  # the absorbed path's projection leaves it transposed
 
 
 @mla_prefill_attention.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale, causal,
-      path, return_lse, kv_scale=None):
+      path, return_lse, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
     total, heads, d_nope = q_nope.shape
     out = q_nope.new_empty(total, heads, w_kv_b.shape[0] // heads - d_nope)
     lse = q_nope.new_empty((total, heads) if return_lse else _NO_LSE, dtype=torch.float32)

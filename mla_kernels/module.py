@@ -23,6 +23,7 @@ resulting ``LatentBatch`` to every layer::
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Hashable, Sequence
 
@@ -161,6 +162,8 @@ class LatentBatch:
         positions: ``[T]`` int64 absolute position of each new token (its index in its sequence).
         block_table: ``[B, max_blocks]`` int32; cache_seqlens: ``[B]`` int32 (new tokens included);
         cu_seqlens_q: ``[B + 1]`` int32 row offsets of each sequence's new tokens.
+        cu_seqlens_q_host, cache_seqlens_host: the same two as lists of ints on the host (the bookkeeping they
+            were built from), so that ``mla_prefill_attention`` reads nothing back from the GPU.
         uniform: the common count when every sequence has the same number of new tokens, else None.
     """
 
@@ -186,10 +189,9 @@ class LatentBatch:
             or [torch.empty(0, dtype=torch.int64)]).to(device)
         self.block_table = cache.block_table(self.seq_ids)
         self.cache_seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-        cu = [0]
-        for n in self.num_new_tokens:
-            cu.append(cu[-1] + n)
+        cu = list(itertools.accumulate(self.num_new_tokens, initial=0))
         self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.cu_seqlens_q_host, self.cache_seqlens_host = cu, [int(n) for n in lengths]
         self.max_seqlen_k = max(lengths, default=0)
         counts = set(self.num_new_tokens)
         self.uniform = counts.pop() if len(counts) == 1 else None
@@ -242,6 +244,8 @@ class LatentBatch:
         self.block_table = small[:batch * width].view(batch, width)
         self.cache_seqlens = small[batch * width:batch * width + batch]
         self.cu_seqlens_q = small[batch * width + batch:]
+        self.cache_seqlens_host = [int(n) for n in lengths]
+        self.cu_seqlens_q_host = list(itertools.accumulate(self.num_new_tokens, initial=0))
         self.max_seqlen_k = max(lengths, default=0)
         distinct = set(self.num_new_tokens)
         self.uniform = distinct.pop() if len(distinct) == 1 else None
@@ -385,7 +389,8 @@ class MLAttention(nn.Module):
         Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved, in cache layer ``layer`` (default
         ``layer_idx``) with ``write_cache`` (quantized when the cache is fp8); then
         ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
-        tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention``.
+        tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention`` with the batch's host lengths
+        (no read back from the GPU).
         """
         cache = batch.cache
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
@@ -413,7 +418,8 @@ class MLAttention(nn.Module):
 
         return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
                                      batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
-                                     kv_scale=kv_scale)
+                                     kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host,
+                                     cache_seqlens_host=batch.cache_seqlens_host)
 
     # -- forward -------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ absorbed (``mla_prefill``)
     Cost: 2 (R + P + R) FLOP per head per (query, key) pair; no per-key work.
 
 expanded (``_mla_expanded_kernel``)
-    Each sequence's latent (history + new) is gathered through the block table and expanded by one
-    GEMM through kv_b_proj into per-head K_nope and V; then ordinary causal varlen flash attention
+    Each sequence's latent (history + new) is gathered through the block table (``_gather_latent_kernel``, which
+    also dequantizes an fp8 cache) and expanded by one GEMM through kv_b_proj into per-head K_nope and V; then ordinary causal varlen flash attention
     with the score q_nope . k_nope + q_pe . k_pe, where k_pe (shared by all heads) is read straight
     from the paged pe_cache. Cost: 2 (D_nope + P + D_v) FLOP per head per pair, plus
     2 R H (D_nope + D_v) FLOP per key for the expansion.
@@ -22,6 +22,7 @@ segments over long histories and tiny batches favour the absorbed form, long pro
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import operator
@@ -35,7 +36,8 @@ from . import _prefill_cost as _cost
 from . import _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
-from .decode import LOG2E, _attend_torch, _check_lengths_cpu, _fit_tiles, _launch, _online_softmax_step, _project_v
+from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
+                     _project_v)
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -102,10 +104,17 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     """
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
+    return _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
+                   constants)
+
+
+def _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed=None, device=None,
+            constants=None) -> str:
+    """``choose_prefill_path`` on lengths and sizes already checked (lists of ints; mla_prefill_attention's)."""
     if not (_expanded_width_ok(d_nope) and _expanded_width_ok(d_v)):
         return "absorbed"  # widths the expanded kernel cannot tile (mla_prefill_attention refuses them there)
-    return _cost.choose(prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal,
-                                      relative_speed, device=device, constants=constants))
+    return _cost.choose(_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed,
+                               device, constants))
 
 
 def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True, relative_speed=None, *,
@@ -119,6 +128,12 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     """
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
+    return _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
+                  constants)
+
+
+def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants):
+    """``prefill_times`` on lengths and sizes already checked."""
     device = torch.device(device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants:
@@ -377,26 +392,93 @@ def _mla_expanded_kernel(
         tl.store(LSE + rows * num_heads + pid_h, lse, mask=m_mask)
 
 
-def _gather_latent(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys):
-    """Every sequence's cached tokens, packed: cache [N, page, D] -> [total_keys, D] (sequence b at
-    rows cu_seqlens_k[b]:cu_seqlens_k[b+1]). No host synchronisation given ``total_keys``."""
+# latent values one gather program copies (BLOCK_N = this // D rows): 16 KiB of bf16 on a GPU; the interpreter,
+# which spends its time per program rather than per value, copies 16x more per program
+GATHER_ELEMENTS = 8192
+GATHER_BLOCK_B = 128  # lengths summed per step of a gather program's prefix sum
+
+
+@triton.jit
+def _gather_latent_kernel(
+    KV, KV_SCALE, BLOCK_TABLE, SEQLENS, OUT, CU_SEQLENS_K,
+    stride_kv_blk, stride_kv_tok, stride_ks_blk, stride_ks_tok, stride_bt_b, stride_o_t,
+    D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """Copy BLOCK_N cached tokens of sequence ``pid_b`` from the paged cache ``KV [N, PAGE_SIZE, D]`` to their rows of
+    the packed ``OUT [sum(SEQLENS), D]`` (sequence b at rows ``CU_SEQLENS_K[b]:CU_SEQLENS_K[b+1]``). Each program
+    finds its sequence's first row by summing the lengths before it; the first program of each sequence writes
+    ``CU_SEQLENS_K[b + 1]`` (and of sequence 0 also ``CU_SEQLENS_K[0] = 0``), so no other launch computes it.
+    ``KV_FP8``: e4m3 values times their fp32 scales (``KV_SCALE``, one per 128 values), stored in OUT's dtype.
+    Only positions below SEQLENS[b] are read: unused slots and block-table entries never are."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    before = tl.zeros([BLOCK_B], dtype=tl.int64)  # [BLOCK_B] partial sums of the lengths of sequences < pid_b
+    for start in range(0, pid_b, BLOCK_B):
+        offs_b = start + tl.arange(0, BLOCK_B)
+        before += tl.load(SEQLENS + offs_b, mask=offs_b < pid_b, other=0).to(tl.int64)
+    k_start = tl.sum(before, axis=0)
+    seqlen = tl.load(SEQLENS + pid_b).to(tl.int32)
+    if pid_n == 0:
+        tl.store(CU_SEQLENS_K + pid_b + 1, k_start + seqlen)
+        if pid_b == 0:
+            tl.store(CU_SEQLENS_K, k_start)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions in the sequence
+    n_mask = offs_n < seqlen
+    offs_d = tl.arange(0, D)
+    block_id = tl.load(BLOCK_TABLE + pid_b.to(tl.int64) * stride_bt_b + offs_n // PAGE_SIZE, mask=n_mask,
+                       other=0).to(tl.int64)
+    in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+    kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_d[None, :],
+                 mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D]
+    if KV_FP8:
+        kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D,
+                          OUT.dtype.element_ty)
+    rows = k_start + offs_n.to(tl.int64)
+    tl.store(OUT + rows[:, None] * stride_o_t + offs_d[None, :], kv, mask=n_mask[:, None])
+
+
+def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale=None, dtype=None, *,
+                   block_n=None):
+    """Every sequence's cached latent, packed, in one launch (``_gather_latent_kernel``): returns
+    ``latent [total_keys, R]`` (sequence b at rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; an fp8 cache dequantized
+    to ``dtype``) and ``cu_seqlens_k [B+1]`` int64. ``total_keys`` = sum(cache_seqlens) and ``max_seqlen_k`` >= its
+    longest length, known on the host: no synchronisation. B >= 1. ``block_n`` overrides the rows per program."""
+    batch, d = block_table.shape[0], kv_cache.shape[-1]
+    latent = torch.empty(total_keys, d, dtype=kv_cache.dtype if kv_scale is None else dtype, device=kv_cache.device)
+    cu_k = torch.empty(batch + 1, dtype=torch.int64, device=kv_cache.device)
+    if block_n is None:
+        block_n = max(1, GATHER_ELEMENTS * (1 if kv_cache.device.type == "cuda" else 16) // d)
+    grid = (max(1, triton.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
+    _gather_latent_kernel[grid](
+        kv_cache, kv_scale if kv_scale is not None else kv_cache, block_table, cache_seqlens, latent, cu_k,
+        kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
+        block_table.stride(0), latent.stride(0),
+        D=d, PAGE_SIZE=kv_cache.shape[1], BLOCK_N=block_n, BLOCK_B=GATHER_BLOCK_B, KV_FP8=kv_scale is not None,
+        num_warps=4,
+    )
+    return latent, cu_k
+
+
+def _gather_latent_torch(cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, scale=None, dtype=None):
+    """``_gather_latent`` in PyTorch (its reference; the CPU path without the interpreter): cache [N, page, D] ->
+    [total_keys, D], sequence b at rows cu_seqlens_k[b]:cu_seqlens_k[b+1]; with an fp8 cache's ``scale``
+    [N, page, D/128], dequantized to ``dtype``. No host synchronisation given ``total_keys``."""
     device = cache.device
     page = cache.shape[1]
     batch = block_table.shape[0]
     seq = torch.repeat_interleave(torch.arange(batch, device=device), cache_seqlens.long(), output_size=total_keys)
     pos = torch.arange(total_keys, device=device) - cu_seqlens_k[seq]
     blocks = block_table[seq, pos // page].long()
-    return cache[blocks, pos % page]
+    rows = cache[blocks, pos % page]
+    return rows if scale is None else dequantize_fp8_torch(rows, scale[blocks, pos % page], dtype)
 
 
-def _expand(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys, w_kv_b, heads, d_nope, kv_scale=None):
-    """Gather the latent and expand it through kv_b_proj: returns views k_nope [L, H, D_nope], v [L, H, D_v].
-    An fp8 latent is dequantized in PyTorch to w_kv_b's dtype after the gather, before the GEMM."""
-    latent = _gather_latent(kv_cache, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R]
-    if kv_scale is not None:
-        scale = _gather_latent(kv_scale, block_table, cache_seqlens, cu_seqlens_k, total_keys)  # [L, R/128]
-        latent = dequantize_fp8_torch(latent, scale, w_kv_b.dtype)
-    kv = (latent @ w_kv_b.T).view(total_keys, heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
+def _expand(latent, w_kv_b, heads, d_nope):
+    """The gathered latent ``[L, R]`` expanded through kv_b_proj in one GEMM: views k_nope [L, H, D_nope],
+    v [L, H, D_v]."""
+    kv = (latent @ w_kv_b.T).view(latent.shape[0], heads, w_kv_b.shape[0] // heads)  # [L, H, D_nope + D_v]
     return kv[..., :d_nope], kv[..., d_nope:]
 
 
@@ -506,12 +588,79 @@ def _check_queries(q_nope, q_pe):
         raise ValueError("q_nope must have at least one head")
 
 
+def _read_lengths(cu_seqlens_q, cache_seqlens) -> torch.Tensor:
+    """``cu_seqlens_q`` then ``cache_seqlens`` as one int64 CPU tensor ``[2B + 1]``: the call's one device-to-host
+    copy (on a GPU, a synchronisation with the host)."""
+    return torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
+
+
+def _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch: int):
+    """The caller's host copies of the lengths as two lists of ints (B+1 and B entries), or None if not given."""
+    if cu_seqlens_q_host is None and cache_seqlens_host is None:
+        return None
+    lists = []
+    for name, values, size in (("cu_seqlens_q_host", cu_seqlens_q_host, batch + 1),
+                               ("cache_seqlens_host", cache_seqlens_host, batch)):
+        if values is None:
+            other = "cache_seqlens_host" if name == "cu_seqlens_q_host" else "cu_seqlens_q_host"
+            raise ValueError(f"{name} is missing: pass it with {other} (both host lengths or neither)")
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list of ints (the host copy of {name[:-5]}), "
+                            f"got {type(values).__name__}")
+        if len(values) != size:
+            raise ValueError(f"{name} must have {size} entries (as {name[:-5]}), got {len(values)}")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}[{i}] must be an int, got {v!r}")
+        lists.append(values)
+    return lists
+
+
+def _check_host_agrees(names, host, tensors) -> None:
+    """CPU inputs only (reading them is free): the caller's host lengths must be the tensors' values."""
+    read = _read_lengths(*tensors).tolist()
+    split = len(host[0])
+    for name, values, actual in zip(names, host, (read[:split], read[split:])):
+        if list(values) != actual:
+            i = next(i for i, (a, b) in enumerate(zip(values, actual)) if a != b)
+            raise ValueError(f"{name}[{i}]={values[i]} but {name[:-5]}[{i}]={actual[i]}: the host lengths must be "
+                             f"the tensors' values")
+
+
+def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """Values of the lengths (host lists ``cu`` [B+1], ``lens`` [B], named ``names``): cu starts at 0, does not
+    decrease and ends at ``total``; every sequence's cache holds its new tokens and fits ``capacity``; the maxima
+    given are not exceeded. Returns the longest new segment and the longest cache length."""
+    cu_name, lens_name = names
+    if cu[0] != 0:
+        raise ValueError(f"{cu_name} must start at 0, got {cu[0]}")
+    longest_q = longest_k = 0
+    for b, length in enumerate(lens):
+        n = cu[b + 1] - cu[b]
+        if n < 0:
+            raise ValueError(f"{cu_name} must be non-decreasing, got {list(cu)}")
+        if length < n:
+            raise ValueError(f"{lens_name}[{b}]={length} is smaller than sequence {b}'s {n} new tokens "
+                             f"({cu_name}); the new tokens must already be in the cache")
+        longest_q, longest_k = max(longest_q, n), max(longest_k, length)
+    if cu[-1] != total:
+        raise ValueError(f"{cu_name} must end at the number of query tokens T={total}, got {cu[-1]}")
+    if max_seqlen_q is not None and max_seqlen_q < longest_q:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
+    if max_seqlen_k is not None and max_seqlen_k < longest_k:
+        raise ValueError(f"max_seqlen_k={max_seqlen_k} is below the longest {lens_name} {longest_k}")
+    if longest_k > capacity:
+        raise ValueError(f"{lens_name} has a length {longest_k} beyond the block table's capacity {capacity}")
+    return longest_q, longest_k
+
+
 def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
-                    max_seqlen_k, host_sync, kv_scale=None):
+                    max_seqlen_k, host_sync, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
     """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
 
-    Values are checked where they can be read without a GPU synchronisation: always on the CPU, and on a
-    GPU when ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once).
+    Values are checked where they are on the host: always with the caller's host lengths (``cu_seqlens_q_host``,
+    ``cache_seqlens_host``), which on the CPU must also equal the tensors; otherwise on the CPU, and on a GPU when
+    ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once, ``_read_lengths``).
     """
     _utils.check_tensor("cu_seqlens_q", cu_seqlens_q, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cu_seqlens_q", cu_seqlens_q)
@@ -532,36 +681,20 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                   kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
 
-    host = None
-    if host_sync or device.type != "cuda":
-        both = torch.cat([cu_seqlens_q.long(), cache_seqlens.long()]).cpu()
-        cu, lens = both[:batch + 1], both[batch + 1:]
-        new = cu[1:] - cu[:-1]
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens_q must start at 0, got {int(cu[0])}")
-        if batch and int(new.min()) < 0:
-            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu.tolist()}")
-        if int(cu[-1]) != q_nope.shape[0]:
-            raise ValueError(f"cu_seqlens_q must end at the number of query tokens T={q_nope.shape[0]}, "
-                             f"got {int(cu[-1])}")
-        short = (lens < new).nonzero()
-        if len(short):
-            b = int(short[0])
-            raise ValueError(f"cache_seqlens[{b}]={int(lens[b])} is smaller than sequence {b}'s "
-                             f"{int(new[b])} new tokens (cu_seqlens_q); the new tokens must already be in the cache")
-        longest_q = int(new.max()) if batch else 0
-        if max_seqlen_q is not None and max_seqlen_q < longest_q:
-            raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
-        longest_k = int(lens.max()) if batch else 0
-        if max_seqlen_k is not None and max_seqlen_k < longest_k:
-            raise ValueError(f"max_seqlen_k={max_seqlen_k} is below the longest cache_seqlens {longest_k}")
-        if longest_k > capacity:
-            raise ValueError(f"cache_seqlens has a length {longest_k} beyond the block table's capacity {capacity}")
+    host = _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch)
+    names = ("cu_seqlens_q_host", "cache_seqlens_host")
+    if host is None and (host_sync or device.type != "cuda"):
+        both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
+        host, names = (both[:batch + 1], both[batch + 1:]), ("cu_seqlens_q", "cache_seqlens")
+    elif host is not None and device.type == "cpu":
+        _check_host_agrees(names, host, (cu_seqlens_q, cache_seqlens))
+    if host is not None:
+        longest_q, longest_k = _check_lengths(*host, names, q_nope.shape[0], capacity, max_seqlen_q, max_seqlen_k)
         if device.type == "cpu":
             _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], page, capacity)
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
-        host = (cu.tolist(), lens.tolist())
+        host = (list(host[0]), list(host[1]))
     max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
     return batch, page, max_seqlen_q, max_seqlen_k, host
 
@@ -573,7 +706,7 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
 
 def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
                 causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None,
-                kv_scale=None):
+                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
     """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
 
     Args:
@@ -592,33 +725,40 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
         softmax_scale: scale applied to q.k before the softmax.
         causal: new token i attends to positions up to its own (otherwise to the whole cache).
         return_lse: also return ``lse [T, H]`` float32, natural log of the sum of exp(scaled scores).
-        max_seqlen_q: the most new tokens of any sequence; sizes the grid. If None it is read from
-            cu_seqlens_q, which on a GPU synchronises with the host once (and then cu_seqlens_q and
-            cache_seqlens are also value-checked). Pass it to avoid the synchronisation; a value that is
-            too small leaves rows unwritten.
-        max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: read with
-            max_seqlen_q when that syncs, otherwise the block table's capacity).
+        max_seqlen_q: the most new tokens of any sequence; sizes the grid. If None it comes from the host
+            lengths, or is read from cu_seqlens_q, which on a GPU synchronises with the host once (and then
+            cu_seqlens_q and cache_seqlens are also value-checked). Pass it (or the host lengths) to avoid the
+            synchronisation; a value that is too small leaves rows unwritten.
+        max_seqlen_k: upper bound on cache_seqlens, used to size the split-KV grid (default: the longest length
+            when the lengths are on the host, otherwise the block table's capacity).
         num_splits: force the number of cache-length splits (default: chosen from the grid and GPU size).
         kv_scale: an FP8 cache's scales ``[num_blocks, block_size, R/128]`` float32, as in ``mla_decode``.
+        cu_seqlens_q_host, cache_seqlens_host: the same lengths as ``cu_seqlens_q`` and ``cache_seqlens``, as
+            lists of Python ints the caller already holds (a serving engine's or ``LatentBatch``'s bookkeeping);
+            both or neither. Given, nothing is read back from the GPU and their values are checked as above on
+            any device; on the CPU they must also equal the tensors (``ValueError`` naming both otherwise). On a
+            GPU they are trusted to match the tensors: a mismatch is undefined behaviour.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
 
     Raises ``TypeError``/``ValueError`` naming the bad argument. On the CPU every value is checked
     (cu_seqlens_q starts at 0, is non-decreasing and ends at T; cache_seqlens[b] >= new tokens of b and fits
-    the block table; used block ids exist). On a GPU values are checked only when max_seqlen_q is None (they
-    are on the host then anyway), and block ids never.
+    the block table; used block ids exist). On a GPU lengths are checked when they are on the host anyway (host
+    lengths given, or max_seqlen_q None), and block ids never.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
-                                                     max_seqlen_k, num_splits, kv_scale)
+                                                     max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
+                                                     cache_seqlens_host)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
-        host_sync=max_seqlen_q is None, kv_scale=kv_scale)
+        host_sync=max_seqlen_q is None, kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host,
+        cache_seqlens_host=cache_seqlens_host)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
@@ -647,7 +787,8 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
 
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
-                          softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None):
+                          softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None,
+                          cu_seqlens_q_host=None, cache_seqlens_host=None):
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
@@ -661,26 +802,29 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             ``choose_prefill_path``.
         return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
         kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
-            registers; the expanded path dequantizes the gathered latent in PyTorch before its GEMM.
+            registers; the expanded path in its gather kernel, before its GEMM.
+        cu_seqlens_q_host, cache_seqlens_host: the lengths as lists of Python ints, as in ``mla_prefill``.
 
     Returns:
         ``out [T, H, D_v]`` in q's dtype (and lse).
 
-    The call reads cu_seqlens_q and cache_seqlens on the host once (one synchronisation on a GPU): the
-    cost model and the expanded path's key count need them. The expanded path allocates the expanded keys
-    and values, ``sum(cache_seqlens) x H x (D_nope + D_v)`` elements.
+    The call needs the lengths on the host (the cost model and the expanded path's key count use them). Without
+    ``cu_seqlens_q_host``/``cache_seqlens_host`` it copies cu_seqlens_q and cache_seqlens there once, which on a
+    GPU synchronises with the host; with them nothing is read back. The expanded path allocates the gathered
+    latent and the expanded keys and values, ``sum(cache_seqlens) x (R + H x (D_nope + D_v))`` elements.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
-                                                               causal, path, return_lse, kv_scale)
+                                                               causal, path, return_lse, kv_scale, cu_seqlens_q_host,
+                                                               cache_seqlens_host)
         return (out, lse) if return_lse else out
     _check_queries(q_nope, q_pe)
     total, heads, d_nope = q_nope.shape
     batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
         q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True,
-        kv_scale=kv_scale)
+        kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host)
     d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
     _utils.check_width("kv_cache latent", d_latent)
     _utils.check_tensor("w_kv_b", w_kv_b, 2, _utils.FLOAT_DTYPES)
@@ -696,9 +840,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     d_v = w_kv_b.shape[0] // heads - d_nope
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
-    if path == "auto":
-        path = choose_prefill_path(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal,
-                                   device=q_nope.device)
+    if path == "auto":  # the lengths and widths are checked already
+        path = _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device)
     w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
     if path == "absorbed":
@@ -712,16 +855,21 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
         if not _expanded_width_ok(width):
             raise ValueError(f"path='expanded' needs {name} to be a power of two from 16 to 1024, got {width}")
+    if total == 0:  # no query attends: nothing to gather or expand
+        out = q_nope.new_empty(0, heads, d_v)
+        return (out, q_nope.new_empty(0, heads, dtype=torch.float32)) if return_lse else out
     total_keys = sum(lens)
-    cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
-    k_nope, v = _expand(kv_cache, block_table, cache_seqlens, cu_k, total_keys, w_kv_b, heads, d_nope, kv_scale)
     if _utils.use_triton(q_nope):
+        latent, cu_k = _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale,
+                                      w_kv_b.dtype)
+        k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
         out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
                                     cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
     else:
-        k_pe = _gather_latent(pe_cache, block_table, cache_seqlens, cu_k, total_keys)
-        cu_k_host = [0]
-        for length in lens:
-            cu_k_host.append(cu_k_host[-1] + length)
+        cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
+        latent = _gather_latent_torch(kv_cache, block_table, cache_seqlens, cu_k, total_keys, kv_scale, w_kv_b.dtype)
+        k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
+        k_pe = _gather_latent_torch(pe_cache, block_table, cache_seqlens, cu_k, total_keys)
+        cu_k_host = list(itertools.accumulate(lens, initial=0))
         out, lse = _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k_host, softmax_scale, causal)
     return (out, lse) if return_lse else out

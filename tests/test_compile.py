@@ -35,6 +35,7 @@ EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r
             "prefill-expanded", "combine", "write_cache"]
 EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
 EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
+EXPECTED += ["prefill-gather"]
 
 
 MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)

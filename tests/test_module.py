@@ -197,6 +197,30 @@ def test_torch_path_matches_interpreter(monkeypatch):
     assert_close("torch path", run(), kernels, torch.float32)
 
 
+def test_prefill_passes_the_batch_host_lengths(monkeypatch):
+    """A ragged step hands mla_prefill_attention the LatentBatch's host lengths (so on a GPU it reads nothing back),
+    equal to its tensors, from either constructor (reserve builds it from the cache manager's bookkeeping)."""
+    from mla_kernels import prefill
+
+    calls = []
+    real = prefill.mla_prefill_attention
+    monkeypatch.setattr(prefill, "mla_prefill_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    mod = MLAttention.from_config(tiny_config()).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.float32)
+    seqs = [cache.add_sequence(), cache.add_sequence(), cache.add_sequence()]
+    cache.append(seqs[0], 5)
+    with torch.no_grad():
+        reserved = LatentBatch.reserve(cache, seqs, [3, 0, 6])
+        mod(torch.randn(9, 64), reserved)
+        built = LatentBatch(cache, seqs, [2, 1, 0], cache.append_batch(seqs, [2, 1, 0]))
+        mod(torch.randn(3, 64), built)
+    assert len(calls) == 2
+    for kw, batch in zip(calls, (reserved, built)):
+        assert kw["cu_seqlens_q_host"] == batch.cu_seqlens_q.tolist() == batch.cu_seqlens_q_host
+        assert kw["cache_seqlens_host"] == batch.cache_seqlens.tolist() == batch.cache_seqlens_host
+    assert calls[0]["cu_seqlens_q_host"] == [0, 3, 3, 9] and calls[0]["cache_seqlens_host"] == [8, 0, 6]
+
+
 def test_bad_arguments():
     config = tiny_config()
     with pytest.raises(ValueError, match="kv_lora_rank"):

@@ -106,7 +106,9 @@ def prefill_inputs(device, new=(3, 0, 2), history=(2, 4, 0), d_nope=8, d_v=8, se
 @pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
 def test_opcheck_mla_prefill(return_lse, device):
     q_latent, _, q_pe, kv_cache, pe_cache, table, cu, seqlens, _ = prefill_inputs(device)
-    args = (q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE, True, return_lse, None, None, None)
+    lengths = (cu.tolist(), seqlens.tolist()) if return_lse else (None, None)  # host lengths in one of the two
+    args = (q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE, True, return_lse, None, None, None, None,
+            *lengths)
     torch.library.opcheck(torch.ops.mla_kernels.mla_prefill.default, args, test_utils=OPCHECK_TESTS)
     out, lse = torch.ops.mla_kernels.mla_prefill(*args)
     expected = mla_kernels.mla_prefill(q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE,
@@ -115,16 +117,40 @@ def test_opcheck_mla_prefill(return_lse, device):
     assert torch.equal(lse, expected[1]) if return_lse else lse.shape == (0,)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["lengths-read", "host-lengths"])
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
-def test_opcheck_mla_prefill_attention(path, device):
+def test_opcheck_mla_prefill_attention(path, host, device):
     _, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
-    args = (q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE, True, path, True)
+    lengths = (cu.tolist(), seqlens.tolist()) if host else (None, None)
+    args = (q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE, True, path, True, None, *lengths)
     torch.library.opcheck(torch.ops.mla_kernels.mla_prefill_attention.default, args, test_utils=OPCHECK_TESTS)
     out, lse = torch.ops.mla_kernels.mla_prefill_attention(*args)
     expected = mla_kernels.mla_prefill_attention(q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE,
                                                  path=path, return_lse=True)
     assert out.shape == (q_raw.shape[0], HEADS, 16)
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_compiled_prefill_passes_host_lengths_to_the_op(device):
+    """Under torch.compile(fullgraph=True) mla_prefill_attention with host lengths traces to the one op, which gets
+    the lengths as its last two arguments, and returns the eager result."""
+    _, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
+
+    def step(q_raw, cu_host, lens_host):
+        return mla_kernels.mla_prefill_attention(q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE,
+                                                 path="expanded", cu_seqlens_q_host=cu_host,
+                                                 cache_seqlens_host=lens_host)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(step, backend=backend, fullgraph=True)(q_raw, cu.tolist(), seqlens.tolist())
+    assert torch.equal(got, step(q_raw, cu.tolist(), seqlens.tolist()))
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "mla_prefill_attention" in str(n.target)]
+    assert len(calls) == 1 and list(calls[0].args[-2:]) == [cu.tolist(), seqlens.tolist()]
 
 
 def test_opcheck_on_the_pytorch_path(monkeypatch):

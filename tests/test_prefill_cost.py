@@ -37,17 +37,22 @@ def file_constants():
 @pytest.mark.parametrize("source", ["defaults", "h100-file"])
 @pytest.mark.parametrize("case", cost.H100_RECORDED, ids=[c["name"] for c in cost.H100_RECORDED])
 def test_choice_is_the_faster_recorded_path(case, source):
-    """For every recorded case the chosen path's recorded time is within 10% of the faster one's (the seed case
-    and 8 x 128 over 4096 are the two the FLOP-only model got wrong: 0.69 vs 0.50 ms, 22.9 vs 3.61 ms)."""
+    """For every recorded case the model's choice for the code that was timed (its launch counts) is a path whose
+    recorded time is within 10% of the faster one's (the seed case and 8 x 128 over 4096 are the two the FLOP-only
+    model got wrong: 0.69 vs 0.50 ms, 22.9 vs 3.61 ms). Today's code is another program: what the model picks for
+    it is a prediction until a GPU times it."""
     consts = None if source == "defaults" else file_constants()
-    chosen = prefill.choose_prefill_path(case["new"], lens(case), case["heads"], **WIDTHS, constants=consts)
+    chosen = cost.choose(cost.estimate(case["new"], lens(case), case["heads"], **WIDTHS, constants=consts,
+                                       launches=case["launches"]))
     best = min(recorded_ms(case, p) for p in cost.PATHS)
     assert recorded_ms(case, chosen) <= CHOICE_SLACK * best, (case["name"], chosen, case["ms"])
 
 
 @pytest.mark.parametrize("case", cost.H100_RECORDED, ids=[c["name"] for c in cost.H100_RECORDED])
 def test_estimates_within_factor_of_recorded_times(case):
-    est = prefill.prefill_times(case["new"], lens(case), case["heads"], **WIDTHS)
+    """The model of the code that was timed (its launch counts, ``cost.D07C6FE_LAUNCHES``) against its times."""
+    assert case["launches"] == cost.D07C6FE_LAUNCHES
+    est = cost.estimate(case["new"], lens(case), case["heads"], **WIDTHS, launches=case["launches"])
     for path in cost.PATHS:
         for ms in case["ms"][path]:
             ratio = est[path] * 1e3 / ms
@@ -79,12 +84,13 @@ def test_file_constants_reach_the_choice(monkeypatch):
     table.update(absorbed_relative_speed=20.0)
     assert prefill.choose_prefill_path(*case, **WIDTHS, device=gpu) == "absorbed"
     assert cost.device_constants(gpu)["prefill_absorbed_tflops"] == 20.0 * cost.DEFAULTS["prefill_expanded_tflops"]
-    # launch cost from the file: 0.1 s per launch makes the 3-launch path win anything this size
+    # launch cost from the file: 0.1 s per launch, LAUNCHES of them in each path's estimate (an override wins)
     table.clear()
     table.update(prefill_launch_us=100_000.0)
-    assert prefill.choose_prefill_path([4096] * 8, [4096] * 8, 128, **WIDTHS, device=gpu) == "absorbed"
-    assert prefill.choose_prefill_path([4096] * 8, [4096] * 8, 128, **WIDTHS, device=gpu,
-                                       constants={"prefill_launch_us": 0.0}) == "expanded"
+    slow = prefill.prefill_times([4096] * 8, [4096] * 8, 128, **WIDTHS, device=gpu)
+    free = prefill.prefill_times([4096] * 8, [4096] * 8, 128, **WIDTHS, device=gpu, constants={"prefill_launch_us": 0.0})
+    for path in cost.PATHS:
+        assert slow[path] - free[path] == pytest.approx(cost.LAUNCHES[path] * 0.1, rel=1e-9), path
     # bad values in a file are ignored (defaults), a bad override is refused
     table.clear()
     table.update(prefill_expanded_tflops="fast", prefill_gemm_tflops=-1.0)
@@ -123,8 +129,9 @@ def test_relative_speed_override():
 
 @pytest.mark.parametrize("heads", [16, 128])
 def test_boundaries(heads):
-    """No history: long prompts take the expanded path. One short segment over a long history: absorbed. Tiny
-    batches: absorbed (3 launches against 16, and little work either way). Unsupported widths: absorbed."""
+    """No history: prompts take the expanded path, tiny ones too (both paths launch 3 times, and without history
+    the expanded path does fewer FLOPs). One short segment over a long history: absorbed. Unsupported widths:
+    absorbed."""
     for n in (2048, 4096, 16384):  # one prompt at 16 heads: ~1000 tokens pay for the 13 extra launches
         assert prefill.choose_prefill_path([n], [n], heads, **WIDTHS) == "expanded", n
     for n in (512, 1024, 4096, 16384):
@@ -132,7 +139,7 @@ def test_boundaries(heads):
     for history in (4096, 32768, 131072):
         for n in (1, 4, 8):
             assert prefill.choose_prefill_path([n], [history + n], heads, **WIDTHS) == "absorbed", (n, history)
-    assert prefill.choose_prefill_path([16, 3], [16, 3], heads, **WIDTHS) == "absorbed"
+    assert prefill.choose_prefill_path([16, 3], [16, 3], heads, **WIDTHS) == "expanded"
     assert prefill.choose_prefill_path([4096], [4096], heads, **dict(WIDTHS, d_nope=96)) == "absorbed"
     assert prefill.choose_prefill_path([], [], heads, **WIDTHS) in cost.PATHS  # empty batch: no error
 
@@ -191,7 +198,7 @@ def test_time_model_terms_by_hand():
     assert e["gather"] == (0, 128 * (4 * 512 + 64), None)
     consts = dict(cost.DEFAULTS, prefill_call_us=100.0, prefill_launch_us=10.0)
     t = cost.path_time(w["expanded"], consts)
-    by_hand = (100 + 16 * 10) * 1e-6 + e["gather"][1] / 3e12 + max(e["expand"][0] / 620e12, e["expand"][1] / 3e12) \
+    by_hand = (100 + 3 * 10) * 1e-6 + e["gather"][1] / 3e12 + max(e["expand"][0] / 620e12, e["expand"][1] / 3e12) \
         + max(e["attention"][0] / 380e12, e["attention"][1] / 3e12)
     assert t == pytest.approx(by_hand, rel=1e-12)
 
@@ -223,10 +230,11 @@ class LaunchCounter(TorchDispatchMode):
         return [op for op in self.ops if op not in NO_LAUNCH]
 
 
-def count_path_launches(monkeypatch, path, a):
-    """Launches of one path: PyTorch ops and Triton kernels after the shared argument checks (whose host read
-    is the same for both paths and is the model's ``call`` term). Inside a Triton kernel the interpreter's own
-    tensor copies are not counted; the kernel counts as one launch."""
+def count_path_launches(monkeypatch, path, a, host_lengths=False):
+    """Launches of one call down ``path``: PyTorch ops and Triton kernels. Not counted: what the CPU alone runs,
+    the read of the lengths to the host (``_read_lengths``, the model's ``call`` term on a GPU, skipped there when
+    the host lengths are given) and the block-id check (``_check_lengths_cpu``); inside a Triton kernel, the
+    interpreter's own tensor copies (the kernel counts as one launch)."""
     counter = LaunchCounter()
     kernels = []
 
@@ -241,30 +249,34 @@ def count_path_launches(monkeypatch, path, a):
                 counter.active = True
         return run
 
-    monkeypatch.setattr(prefill, "_check_metadata", paused(prefill._check_metadata))
-    for kernel in (prefill._mla_expanded_kernel, mla_kernels.decode._mla_attn_kernel,
+    for name in ("_read_lengths", "_check_lengths_cpu"):
+        monkeypatch.setattr(prefill, name, paused(getattr(prefill, name)))
+    for kernel in (prefill._gather_latent_kernel, prefill._mla_expanded_kernel, mla_kernels.decode._mla_attn_kernel,
                    mla_kernels.decode._mla_combine_kernel):
         monkeypatch.setattr(kernel, "run", paused(kernel.run, kernel.__name__))
+    host = dict(cu_seqlens_q_host=a["cu_seqlens_q"].tolist(), cache_seqlens_host=a["cache_seqlens"].tolist())
     with counter:
-        mla_kernels.mla_prefill_attention(**a, softmax_scale=0.1, path=path)
+        mla_kernels.mla_prefill_attention(**a, softmax_scale=0.1, path=path, **(host if host_lengths else {}))
     return counter.launches(), kernels
 
 
+@pytest.mark.parametrize("host_lengths", [False, True], ids=["lengths-read", "host-lengths"])
 @pytest.mark.parametrize("path", cost.PATHS)
-def test_launch_counts_match_the_model(path, monkeypatch, device):
-    """A seed-shaped batch (4 sequences, one without history, one with both) of tiny sizes."""
+def test_launch_counts_match_the_model(path, host_lengths, monkeypatch, device):
+    """A seed-shaped batch (4 sequences, one without history, one with both) of tiny sizes: the launches are the
+    model's LAUNCHES, with or without the host lengths, and do not grow with the batch."""
     if not mla_kernels._utils.interpreting() and device.type == "cpu":
         pytest.skip("counts the Triton path: needs the interpreter or a GPU")
     from test_prefill import D_NOPE, make_inputs
 
     a = make_inputs([4, 3, 2, 5], [7, 0, 0, 6], 2, 4, torch.bfloat16, device, d_nope=D_NOPE)
-    ops, kernels = count_path_launches(monkeypatch, path, a)
-    expected_kernels = ["_mla_attn_kernel"] if path == "absorbed" else ["_mla_expanded_kernel"]
+    ops, kernels = count_path_launches(monkeypatch, path, a, host_lengths)
+    expected_kernels = ["_mla_attn_kernel"] if path == "absorbed" else ["_gather_latent_kernel", "_mla_expanded_kernel"]
     assert kernels == expected_kernels  # one split: no combine
     assert len(ops) + len(kernels) == cost.LAUNCHES[path], ops
     # the count does not grow with the batch: no per-sequence launches
     b = make_inputs([4, 3, 2, 5] * 3, [7, 0, 0, 6] * 3, 2, 4, torch.bfloat16, device, d_nope=D_NOPE)
-    assert count_path_launches(monkeypatch, path, b)[0] == ops
+    assert count_path_launches(monkeypatch, path, b, host_lengths)[0] == ops
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,19 +295,51 @@ def model_sweep(consts):
                                                                          constants=consts)
 
 
-def synthetic_records(consts):
-    """Times the model gives under ``consts`` for a bench.prefill-like sweep (both paths, two head counts)."""
-    return [dict(new=new, cache_lens=cache_lens, heads=heads, path=path, ms=est[path] * 1e3, **WIDTHS)
-            for heads, _, _, new, cache_lens, est in model_sweep(consts) for path in cost.PATHS]
+def synthetic_records(consts, launches=None):
+    """Times the model gives under ``consts`` for a bench.prefill-like sweep (both paths, two head counts), for code
+    making ``launches`` per path (default today's, and then the records do not say)."""
+    out = []
+    for heads, _, _, new, cache_lens, _ in model_sweep(consts):
+        est = cost.estimate(new, cache_lens, heads, **WIDTHS, constants=consts, launches=launches)
+        for path in cost.PATHS:
+            rec = dict(new=new, cache_lens=cache_lens, heads=heads, path=path, ms=est[path] * 1e3, **WIDTHS)
+            if launches is not None:
+                rec["launches"] = launches[path]
+            out.append(rec)
+    return out
+
+
+def host_sum(consts, launches=3):
+    """What timings of code making ``launches`` launches per path show of the host terms: call + launches x launch."""
+    return consts["prefill_call_us"] + launches * consts["prefill_launch_us"]
 
 
 def test_fit_recovers_known_constants():
+    """Records of today's code (3 launches on both paths) recover the rates and call + 3 x launch; the launch cost
+    alone is not in them, so it keeps its start value (test below: records that differ in launches recover it)."""
+    assert cost.LAUNCHES == {"absorbed": 3, "expanded": 3}
     truth = dict(cost.DEFAULTS, prefill_call_us=120.0, prefill_launch_us=9.0, prefill_absorbed_tflops=210.0,
                  prefill_expanded_tflops=450.0, prefill_gemm_tflops=550.0)
     fitted = cost.fit(synthetic_records(truth))
+    for name in ("prefill_absorbed_tflops", "prefill_expanded_tflops", "prefill_gemm_tflops"):
+        assert fitted[name] == pytest.approx(truth[name], rel=0.03), name
+    assert host_sum(fitted) == pytest.approx(host_sum(truth), rel=0.03)
+    assert fitted["prefill_launch_us"] == cost.DEFAULTS["prefill_launch_us"]
+    assert fitted["prefill_bandwidth_gbps"] == cost.DEFAULTS["prefill_bandwidth_gbps"]  # fixed by default
+
+
+def test_fit_models_each_record_with_its_own_launch_counts():
+    """Records of code that launched more (as the H100 records' expanded path did) fit the same constants when
+    they say so; read with other launch counts, the same times move the fitted launch cost."""
+    truth = dict(cost.DEFAULTS, prefill_launch_us=9.0, prefill_call_us=120.0)
+    old_code = {"absorbed": 3, "expanded": 16}
+    records = synthetic_records(truth, old_code)
+    fitted = cost.fit(records)
     for name in cost.NAMES:
         assert fitted[name] == pytest.approx(truth[name], rel=0.03), name
-    assert fitted["prefill_bandwidth_gbps"] == cost.DEFAULTS["prefill_bandwidth_gbps"]  # fixed by default
+    misread = cost.fit([dict(r, launches=3) for r in records])  # as if the expanded path had launched 3
+    assert any(misread[name] != pytest.approx(truth[name], rel=0.03) for name in cost.NAMES), misread
+    assert all(r["launches"] == cost.D07C6FE_LAUNCHES[r["path"]] for r in cost.h100_records())
 
 
 def test_fit_rejects_bad_records():
@@ -306,6 +350,8 @@ def test_fit_rejects_bad_records():
         cost.fit([dict(rec, path="auto")])
     with pytest.raises(ValueError, match="time"):
         cost.fit([dict(rec, ms=0.0)])
+    with pytest.raises(ValueError, match="launches"):
+        cost.fit([dict(rec, launches=-1)])
     assert math.isfinite(cost.fit([rec])["prefill_call_us"])
 
 
@@ -333,6 +379,7 @@ def fake_run(truth):
         "providers": {"naive": {"mean_ms": 9.0}, "absorbed": {"mean_ms": est["absorbed"] * 1e3},
                       "expanded": {"mean_ms": est["expanded"] * 1e3}, "auto": {"mean_ms": est["absorbed"] * 1e3}}}}
     payload["crossover"] = bp.crossover(rows)
+    payload["config"] = {"launches": dict(cost.LAUNCHES)}  # as bench.prefill records the code that ran
     return bp, payload
 
 
@@ -342,9 +389,13 @@ def test_calibrate_fits_reports_and_writes_the_config_file(tmp_path, monkeypatch
     bp, payload = fake_run(truth)
     records = bp.calibration_records(payload)
     assert len(records) == 2 * 16 + 3 and {r["path"] for r in records} == set(cost.PATHS)
+    assert all(r["launches"] == cost.LAUNCHES[r["path"]] for r in records)
     res = bp.calibrate(records, bandwidth_gbps=3000.0)
-    for name in cost.NAMES:
+    for name in ("prefill_absorbed_tflops", "prefill_expanded_tflops", "prefill_gemm_tflops", "prefill_bandwidth_gbps"):
         assert res["constants"][name] == pytest.approx(truth[name], rel=0.03), name
+    # both paths launch 3 times: the run shows call + 3 x launch; the launch cost keeps the records' fit
+    assert host_sum(res["constants"]) == pytest.approx(host_sum(truth), rel=0.03)
+    assert res["constants"]["prefill_launch_us"] == cost.DEFAULTS["prefill_launch_us"]
     assert res["worst_model_factor"] < 1.02
     assert len(res["choices"]) == 17 and res["worst_choice_over_faster"] < 1.02
     # the sweep report: auto (the shipped defaults) against the faster path, per case, and the crossovers
@@ -409,9 +460,9 @@ def test_expanded_kernel_never_reads_keys_past_a_row_block(device):
     first_end = history + block_m  # keys the first row block may see: [0, 168)
     total = history + new
     cu_k = torch.tensor([0, total], dtype=torch.int64, device=device)
-    k_nope, v = prefill._expand(a["kv_cache"], a["block_table"], a["cache_seqlens"], cu_k, total, a["w_kv_b"], heads,
-                                D_NOPE)
-    k_pe = prefill._gather_latent(a["pe_cache"], a["block_table"], a["cache_seqlens"], cu_k, total)
+    latent = prefill._gather_latent_torch(a["kv_cache"], a["block_table"], a["cache_seqlens"], cu_k, total)
+    k_nope, v = prefill._expand(latent, a["w_kv_b"], heads, D_NOPE)
+    k_pe = prefill._gather_latent_torch(a["pe_cache"], a["block_table"], a["cache_seqlens"], cu_k, total)
     ref, _ = prefill._expanded_torch(a["q_nope"].float(), a["q_pe"].float(), k_nope, v, k_pe, [0, new], [0, total],
                                      0.1, True)  # fp32 from the same bf16 operands
 
