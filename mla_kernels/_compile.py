@@ -11,6 +11,7 @@ runtime argument is a 32-bit integer; ``types`` overrides any of them by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -231,16 +232,148 @@ def compile_all(targets=("sm90", "gfx942")) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------------------------
+# the launch wrappers themselves, through Triton's JIT, for an H100 without one
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def jit_without_gpu():
+    """Drive Triton's JIT as a launch on an H100 would, on a machine without a GPU: the active driver answers the
+    compile-side questions for sm_90, and ``kernel[grid](...)`` binds and specializes its arguments as a launch
+    does (types, 16-byte alignment of the real tensors, ints equal to 1, descriptors and their layouts) and
+    compiles, but launches nothing (``run(..., warmup=True)``). Yields the list of compiled kernels, in launch
+    order. What ``compile_for`` cannot see, this does: the wrapper's argument list against the kernel's."""
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime import driver
+    from triton.runtime.jit import KernelInterface
+
+    class _Hopper(CudaDriver):
+        def __init__(self):  # no libcuda: nothing below needs it
+            pass
+
+        def get_current_target(self):
+            return TARGETS["sm90"]
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    compiled = []
+    getitem, active = KernelInterface.__getitem__, driver._active  # restored as they were (there is no default
+    KernelInterface.__getitem__ = lambda self, grid: (                # driver to reset to without a GPU)
+        lambda *args, **kwargs: compiled.append(self.run(*args, grid=grid, warmup=True, **kwargs)))
+    driver.set_active(_Hopper())
+    try:
+        yield compiled
+    finally:
+        KernelInterface.__getitem__ = getitem
+        driver._active = active
+
+
+def jit_launches() -> dict:
+    """Every launch wrapper through Triton's JIT (``jit_without_gpu``), as a call on an H100 would drive it, bf16,
+    page 64, caches as views of one ``[N, 64, 576]`` buffer: the three decode kernel paths (portable, TMA, Gluon;
+    with and without splits, so with the combine kernel), the public ``mla_decode`` (16 heads, ``w_uv``; an fp8
+    cache), both prefill paths and ``write_cache`` (bf16 and fp8). Returns {case: [{kernel, shared_bytes, wgmma,
+    tma}, ...] in launch order, or {"error": ...}}."""
+    from . import _utils, decode
+    from .cache import fp8_latent_cache, write_cache
+    from .decode_tma import tma_config
+    from .prefill import mla_prefill, mla_prefill_attention
+
+    gen = torch.Generator().manual_seed(0)
+    batch, page, ctx = 2, 64, 300
+    blocks = batch * _cdiv(ctx, page)
+    buf = torch.randn(blocks, page, 576, generator=gen).to(torch.bfloat16)
+    kv, pe = buf[..., :512], buf[..., 512:]
+    table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
+    seqlens = torch.tensor([ctx, ctx - 150], dtype=torch.int32)
+
+    def queries(*shape):
+        q = torch.randn(*shape, 576, generator=gen).to(torch.bfloat16)
+        return q[..., :512], q[..., 512:]
+
+    def launch_path(cfg, kind, splits):  # decode._launch with the dispatch as on an H100 (its own tests: CPU)
+        def run():
+            real = decode._hopper_kernel
+            decode._hopper_kernel = lambda *args: kind
+            try:
+                decode._launch(*queries(batch, 1, 128), kv, pe, table, seqlens, None, 0.1, True, True, batch=batch,
+                               seq_q=1, total_tokens=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_splits=splits,
+                               config=cfg)
+            finally:
+                decode._hopper_kernel = real
+        return run
+
+    cases = {}
+    paths = {"portable": (decode._config(128, 512), None), "tma": (tma_config(128), "tma")}
+    try:
+        from .decode_gluon import gluon_config
+        paths["gluon"] = (gluon_config(), "gluon")
+    except ImportError:  # a triton without Gluon
+        pass
+    for path, (cfg, kind) in paths.items():
+        for splits in (1, 2):
+            cases[f"decode-{path}-split{splits}"] = launch_path(cfg, kind, splits)
+
+    w_uv = torch.randn(16, 128, 512, generator=gen).to(torch.bfloat16)
+    cases["mla_decode-h16-w_uv"] = lambda: decode.mla_decode(*queries(batch, 1, 16), kv, pe, table, seqlens, 0.1,
+                                                             w_uv=w_uv)
+    kv8, scale8, pe8 = fp8_latent_cache(blocks, page, 512, 64)
+    cases["mla_decode-h16-fp8"] = lambda: decode.mla_decode(*queries(batch, 1, 16), kv8, pe8, table, seqlens, 0.1,
+                                                            kv_scale=scale8)
+    cu = torch.tensor([0, 20, 30], dtype=torch.int32)
+    w_kv_b = torch.randn(16 * 256, 512, generator=gen).to(torch.bfloat16)
+    q_raw = torch.randn(30, 16, 192, generator=gen).to(torch.bfloat16)
+    cases["mla_prefill"] = lambda: mla_prefill(*queries(30, 16), kv, pe, table, cu, seqlens, 0.1)
+    cases["mla_prefill_attention-expanded"] = lambda: mla_prefill_attention(
+        q_raw[..., :128], q_raw[..., 128:], kv, pe, table, cu, seqlens, w_kv_b, 0.1, path="expanded")
+    new_kv = torch.randn(4, 576, generator=gen).to(torch.bfloat16)
+    slots = torch.tensor([0, 1, 64, 65])
+    cases["write_cache"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe, slots)
+    cases["write_cache-fp8"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv8, pe8, slots, kv_scale=scale8)
+
+    results = {}
+    use_triton = _utils.use_triton
+    _utils.use_triton = lambda t: True  # CPU tensors take the kernels' path, as GPU tensors do
+    try:
+        for name, run in cases.items():
+            try:
+                with jit_without_gpu() as compiled:
+                    run()
+                results[name] = [{"kernel": k.name, "shared_bytes": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"],
+                                  "tma": "cp.async.bulk.tensor" in k.asm["ptx"]} for k in compiled]
+            except Exception as exc:  # reported per case
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    finally:
+        _utils.use_triton = use_triton
+    return results
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def main() -> None:
     """Compile in a process of its own: triton must be imported *without* TRITON_INTERPRET, since the
-    interpreter replaces every @triton.jit helper of triton.language and the real compiler then fails."""
+    interpreter replaces every @triton.jit helper of triton.language and the real compiler then fails.
+    ``--jit``: the decode launch wrappers through Triton's JIT instead (``jit_launches``)."""
     import json
     import sys
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print(json.dumps(compile_all(), indent=1))
+    print(json.dumps(jit_launches() if "--jit" in sys.argv[1:] else compile_all(), indent=1))
 
 
 if __name__ == "__main__":

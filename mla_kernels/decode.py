@@ -537,7 +537,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=q_nope.device.type == "cpu", DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+        DOT_FP32=_utils.interpreting(), DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
         KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _utils
 from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _row_ids, _softmax_finish
 
 try:  # triton >= 3.4
@@ -199,6 +200,6 @@ def launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlen
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=page,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
-        DOT_FP32=q_nope.device.type == "cpu",
+        DOT_FP32=_utils.interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

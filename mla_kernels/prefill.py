@@ -213,7 +213,7 @@ def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_late
     tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent), device)
     if tuned is not None:
         return _fit_tiles(tuned, device, d_latent, d_rope, elem_bytes, kv_fp8)
-    if device.type == "cuda":
+    if not _utils.interpreting():  # a GPU (or the JIT compiling for one: _compile.jit_launches)
         return None
     block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=1)
@@ -449,7 +449,7 @@ def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_
     latent = torch.empty(total_keys, d, dtype=kv_cache.dtype if kv_scale is None else dtype, device=kv_cache.device)
     cu_k = torch.empty(batch + 1, dtype=torch.int64, device=kv_cache.device)
     if block_n is None:
-        block_n = max(1, GATHER_ELEMENTS * (1 if kv_cache.device.type == "cuda" else 16) // d)
+        block_n = max(1, GATHER_ELEMENTS * (16 if _utils.interpreting() else 1) // d)
     grid = (max(1, triton.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
     _gather_latent_kernel[grid](
         kv_cache, kv_scale if kv_scale is not None else kv_cache, block_table, cache_seqlens, latent, cu_k,
@@ -512,7 +512,7 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
         out.stride(0), out.stride(1),
         D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=device.type == "cpu",
+        CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=_utils.interpreting(),
         DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -775,7 +775,7 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
         out, lse = _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, host[0], cache_seqlens,
                                   softmax_scale, causal, kv_scale)
         return out, (lse if return_lse else None)
-    if num_splits is None and q_nope.device.type != "cuda":
+    if num_splits is None and _utils.interpreting():
         num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],

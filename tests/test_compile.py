@@ -21,14 +21,18 @@ from mla_kernels._utils import H100_SHARED_BYTES, SHARED_SCRATCH_BYTES  # 227 Ki
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def reports():
+def _compile_subprocess(*flags) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-m", "mla_kernels._compile"], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=1200)
+    run = subprocess.run([sys.executable, "-m", "mla_kernels._compile", *flags], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return _compile_subprocess()
 
 
 EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r1024", "prefill-absorbed",
@@ -85,3 +89,39 @@ def test_decode_report_is_complete(reports, capsys):
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
     for name in EXPECTED_GLUON:  # and the Gluon kernel's products are warpgroup MMAs
         assert reports["sm90"][name]["wgmma"], (name, reports["sm90"][name])
+
+
+# launch wrapper -> the kernels it must reach, in launch order (``_compile.jit_launches``)
+JIT_EXPECTED = {
+    "decode-portable-split1": ["_mla_attn_kernel"],
+    "decode-portable-split2": ["_mla_attn_kernel", "_mla_combine_kernel"],
+    "decode-tma-split1": ["_mla_attn_tma_kernel"],
+    "decode-tma-split2": ["_mla_attn_tma_kernel", "_mla_combine_kernel"],
+    "decode-gluon-split1": ["_mla_attn_gluon_kernel"],
+    "decode-gluon-split2": ["_mla_attn_gluon_kernel", "_mla_combine_kernel"],
+    "mla_decode-h16-w_uv": ["_mla_attn_kernel"],
+    "mla_decode-h16-fp8": ["_mla_attn_kernel"],
+    "mla_prefill": ["_mla_attn_kernel"],
+    "mla_prefill_attention-expanded": ["_gather_latent_kernel", "_mla_expanded_kernel"],
+    "write_cache": ["_write_cache_kernel"],
+    "write_cache-fp8": ["_write_cache_kernel"],
+}
+
+
+def test_launch_wrappers_compile_through_the_jit():
+    """The library's own launch code, run on CPU tensors with Triton's JIT driven as for an H100 (a stand-in driver;
+    nothing launches): every wrapper's arguments bind to its kernel's parameters, specialize as on the GPU and
+    compile, and reach the kernels they should. ``compile_for`` builds signatures by hand, so only this catches a
+    wrapper whose argument list no longer matches its kernel, or a GPU launch that depends on the tensors' device.
+    The Gluon kernel's launch (descriptors with their shared layouts, layouts as constexprs) is checked nowhere else
+    without a Hopper GPU."""
+    got = _compile_subprocess("--jit")
+    failed = {name: r["error"] for name, r in got.items() if isinstance(r, dict)}
+    assert not failed, failed
+    assert {name: [k["kernel"] for k in r] for name, r in got.items()} == JIT_EXPECTED
+    launches = [k for r in got.values() for k in r]
+    too_big = [(k["kernel"], k["shared_bytes"]) for k in launches if k["shared_bytes"] > H100_SHARED_BYTES]
+    assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
+    for name in ("decode-tma-split1", "decode-gluon-split1"):
+        assert got[name][0]["tma"], got[name]
+    assert got["decode-gluon-split1"][0]["wgmma"] and got["decode-portable-split1"][0]["wgmma"]
