@@ -18,15 +18,18 @@ import contextlib
 import pytest
 import torch
 
-from mla_kernels import cache as cache_mod, decode as decode_mod
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, \
     static_latent_cache
 from mla_kernels.module import LatentBatch
+from mla_kernels.prefill import mla_prefill_attention
 
 transformers = pytest.importorskip("transformers")
-from transformers import CompileConfig  # noqa: E402
+from transformers import CompileConfig, DynamicCache  # noqa: E402
 from test_transformers import left_padded, tiny_model  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -69,9 +72,12 @@ class ConversionTrap:
 
         def guarded(*args, **kwargs):
             if trap.armed and not trap.exempt:
-                raise AssertionError(f"{name} in a decode step: a device-to-host conversion (a GPU sync)")
+                trap._read(name)
             return original(*args, **kwargs)
         return guarded
+
+    def _read(self, name):
+        raise AssertionError(f"{name} in a decode step: a device-to-host conversion (a GPU sync)")
 
     def _exempt(self, fn):
         def call(*args, **kwargs):
@@ -168,6 +174,92 @@ def test_incremental_block_table_follows_growth(monkeypatch):
         out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
     state = out.past_key_values._mla_latent_state
     assert torch.equal(state._block_table_host(), state.paged._block_table_host(state.rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# one device-to-host read in a prompt step
+# ---------------------------------------------------------------------------------------------
+
+# ops that read the device from C++, which the Python-level trap can't see: a host scalar, an output whose size
+# depends on the values (a boolean-mask index or assignment asks nonzero for the count first)
+_READ_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
+             "aten::unique_consecutive", "aten::_unique2", "aten::unique_dim"}
+_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
+def _bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+class ReadCounter(ConversionTrap):
+    """Counts, per patched layer, the device-to-host reads of its prompt-step calls (more than one new token)
+    instead of raising: the Python-level conversions of ``ConversionTrap`` and, through a dispatch mode, those C++
+    makes itself (``_READ_OPS``, a boolean-mask index or index_put, ``repeat_interleave`` without output_size).
+    Exempt like the trap: the decode and cache-write op bodies, and the prefill path's CPU-only value checks
+    (``_check_host_agrees``, ``_check_lengths_cpu``) and kernel launches (the interpreter reads everything)."""
+
+    def __init__(self, monkeypatch, model):
+        super().__init__(monkeypatch, model)
+        for name in ("_check_host_agrees", "_check_lengths_cpu", "_launch", "_launch_expanded", "_gather_latent"):
+            monkeypatch.setattr(prefill_mod, name, self._exempt(getattr(prefill_mod, name)))
+        self.layer, self.reads = None, {}  # {layer_idx: [what was read, ...]}
+        self.prompt_calls = 0
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if counter.armed and not counter.exempt:
+                    op = func._schema.name
+                    if (op in _READ_OPS or (op in _INDEX_OPS and _bool_index(args))
+                            or (op == "aten::repeat_interleave" and kwargs.get("output_size") is None
+                                and not (len(args) > 2 and args[2] is not None))):
+                        counter._read(str(func))
+                return func(*args, **kwargs)
+        self.mode = Mode
+
+    def _guard(self, name, original):
+        guarded = super()._guard(name, self._exempt(original))  # C++ under a counted conversion: not counted again
+        return guarded
+
+    def _read(self, name):
+        self.reads.setdefault(self.layer, []).append(name)
+
+    def _pre(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:
+            self.armed, self.layer = True, module.layer_idx
+            self.prompt_calls += 1
+
+    def forward(self, model, **kwargs):
+        """One forward pass of ``model`` under the counter; returns its output."""
+        with torch.no_grad(), self.mode():
+            return model(**kwargs)
+
+
+def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):
+    """The counter is not vacuous: each per-layer read the prompt step used to make counts once, the ones C++
+    makes by itself included (boolean-mask index and assignment, a length read by mla_prefill_attention)."""
+    model = dense_model()
+    patch_model(model, block_size=4)
+    counter = ReadCounter(monkeypatch, model)
+    ids, mask = left_padded([3, 2])
+    real = mask.bool()
+    x = torch.randn(2, 3, 4)
+    counter.armed = True
+    with torch.no_grad(), counter.mode():
+        integration._real_tokens(mask.bool()[:, None, None, :].expand(2, 1, 3, 3), 2, 3)
+        packed = x[real]
+        x[real] = packed
+        cache = PagedLatentCache(1, 4, 4, 16, 16, dtype=torch.float32)
+        batch = LatentBatch.reserve(cache, [cache.add_sequence() for _ in range(2)], [3, 2])
+        q = torch.randn(5, 1, 16)
+        mla_prefill_attention(q, q, cache.kv_cache(0), cache.pe_cache(0), batch.block_table, batch.cu_seqlens_q,
+                              batch.cache_seqlens, torch.randn(32, 16), 0.25)
+    reads = counter.reads[None]
+    assert reads[1:] == ["aten.index.Tensor", "aten.index_put_.default", "tolist"], reads
+    assert len(reads) == 4 and reads[0] in ("__bool__", "tolist"), reads
 
 
 # ---------------------------------------------------------------------------------------------
