@@ -238,6 +238,35 @@ class ReadCounter(ConversionTrap):
             return model(**kwargs)
 
 
+def _prompt_cache(model, kind, batch):
+    return static_latent_cache(model, batch, 32, block_size=4) if kind == "static" else DynamicCache()
+
+
+@pytest.mark.parametrize("prompts", [[5, 9, 2, 7], [6, 6, 6, 6], [9, 9, 9, 9]],
+                         ids=["left-padded", "same-length-decode-kernel", "same-length-prefill-kernel"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_prompt_step_reads_the_device_once(cache_kind, prompts, monkeypatch):
+    """A patched model's prompt forward (4 layers, a batch of 4) reads the device at most once, in its first layer
+    (the mask's per-row counts; the static cache also reads its rows' lengths in that one copy), and never in the
+    others; the prompt after it (a second chunk over the cached one) does the same."""
+    model = tiny_model(num_hidden_layers=4, first_k_dense_replace=4)  # dense: routing is not the point
+    patch_model(model, block_size=4)
+    counter = ReadCounter(monkeypatch, model)
+    ids, mask = left_padded(prompts)
+    cache = _prompt_cache(model, cache_kind, len(prompts))
+    counter.forward(model, input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert counter.prompt_calls == 4
+    first = {layer: reads for layer, reads in counter.reads.items() if reads}
+    assert sum(map(len, first.values())) <= 1 and set(first) <= {0}, first
+    counter.reads.clear()
+    more = torch.randint(3, 128, (len(prompts), 3))
+    counter.forward(model, input_ids=more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1),
+                    past_key_values=cache, use_cache=True)
+    assert counter.prompt_calls == 8
+    second = {layer: reads for layer, reads in counter.reads.items() if reads}
+    assert sum(map(len, second.values())) <= 1 and set(second) <= {0}, second
+
+
 def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):
     """The counter is not vacuous: each per-layer read the prompt step used to make counts once, the ones C++
     makes by itself included (boolean-mask index and assignment, a length read by mla_prefill_attention)."""
@@ -346,6 +375,21 @@ def test_static_cache_misuse():
         assert torch.equal(full._mla_static_state.paged.buffer(0), before)  # nothing written past the row
 
 
+def test_static_prompt_refuses_layers_at_other_lengths():
+    """The static cache's prompt layers reuse the host lengths their first layer read; a layer left behind by an
+    interrupted forward (here layer 0 ran alone first) fails the device check instead of attending with them."""
+    model = dense_model()
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([3, 2])
+    cache = static_latent_cache(model, 2, 16, block_size=4)
+    x = torch.randn(2, 3, model.config.hidden_size)
+    with torch.no_grad():
+        cos_sin = model.model.rotary_emb(x, torch.arange(3).expand(2, 3))
+        model.model.layers[0].self_attn(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+        with pytest.raises(RuntimeError, match="other lengths than the first layer"):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only: what the CPU can't observe
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +438,44 @@ def test_decode_steps_never_sync_on_gpu(cache_kind, monkeypatch):
         with sync_errors_in_decode_steps(model):
             out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kwargs)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_prompt_step_syncs_once_on_gpu(cache_kind):
+    """test_a_prompt_step_reads_the_device_once where C++'s syncs show: each patched layer's prompt-step call under
+    set_sync_debug_mode("warn"), whose warnings count the syncs: one in the first layer, none in the others (after
+    a warm-up forward, so that compiling and tuning the kernels is not counted)."""
+    import warnings
+
+    model = tiny_model(num_hidden_layers=4, first_k_dense_replace=4).cuda()
+    patch_model(model, block_size=4)
+    ids, mask = (t.cuda() for t in left_padded([5, 9, 2, 7]))
+    syncs, caught = {}, []
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:
+            syncs[module.layer_idx] = -len(caught)
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def post(module, args, output):
+        torch.cuda.set_sync_debug_mode("default")
+        if module.layer_idx in syncs:
+            syncs[module.layer_idx] += len(caught)
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=_prompt_cache(model, cache_kind, 4), use_cache=True)
+        torch.cuda.synchronize()
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True)
+            layer.self_attn.register_forward_hook(post)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=ids, attention_mask=mask, past_key_values=_prompt_cache(model, cache_kind, 4),
+                  use_cache=True)
+    torch.cuda.set_sync_debug_mode("default")
+    assert len(syncs) == 4 and syncs[0] <= 1 and not any(syncs[i] for i in (1, 2, 3)), syncs
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")

@@ -28,7 +28,10 @@ holds transformers K/V, static caches, beam search and cache cropping raise a cl
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -159,16 +162,17 @@ class _LatentState:
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
-        """The step's ``(LatentBatch, real)``: the first layer of a step finds the real tokens and reserves their
-        slots; the other layers of the step get the same."""
+        """The step's ``(LatentBatch, _Packing | None)``: the first layer of a step finds the real tokens (reading
+        their counts, the step's one read of the device) and reserves their slots; the other layers of the step get
+        the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
             if self.rows is not None and query_len == 1:  # a decode step: nothing read back from the GPU
                 _assert_real(attention_mask, batch_size, query_len)
-                real = None
+                packing = None
             else:
-                real = _real_tokens(attention_mask, batch_size, query_len)
-            self.current = (self._new_step(attn, batch_size, query_len, real, dtype, device), real)
+                packing = _real_tokens(attention_mask, batch_size, query_len)
+            self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
             self.steps += 1
         elif calls != self.steps - 1:
@@ -180,7 +184,7 @@ class _LatentState:
         self.calls[layer_idx] = calls + 1
         return self.current
 
-    def _new_step(self, attn, batch_size, query_len, real, dtype, device) -> LatentBatch:
+    def _new_step(self, attn, batch_size, query_len, packing, dtype, device) -> LatentBatch:
         if self.paged is None:
             per_row = math.ceil((query_len + INITIAL_HEADROOM_TOKENS) / self.block_size)
             blocks = max(1, batch_size * per_row)
@@ -196,7 +200,7 @@ class _LatentState:
         elif len(self.rows) != batch_size:
             raise ValueError(f"past_key_values holds {len(self.rows)} sequences but this call has a batch of "
                              f"{batch_size}; use a new cache for a new batch")
-        counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
+        counts = [query_len] * batch_size if packing is None else packing.counts
         try:
             slots = self.paged._reserve_host(self.rows, counts)
         except CacheFullError:
@@ -298,11 +302,42 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
                      f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
 
 
-def _real_tokens(attention_mask, batch_size: int, query_len: int) -> torch.Tensor | None:
-    """``[B, Q]`` bool: which new tokens are real (not padding), or None when all are (reads the mask on the
-    host: one synchronisation on a GPU; decode steps use ``_assert_real`` instead)."""
+class _Packing(NamedTuple):
+    """A prompt's real (not padding) new tokens: ``counts`` per row (host ints) and ``index [T]`` (int64, on the
+    device), their positions in the ``[B * Q]`` flattened batch in row-major order (what ``x[real]`` packs), for
+    ``index_select`` and ``index_copy_``: packing and unpacking by it reads nothing back, unlike a boolean mask."""
+    counts: list[int]
+    index: torch.Tensor
+
+
+def _real_tokens(attention_mask, batch_size: int, query_len: int) -> _Packing | None:
+    """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host: one
+    synchronisation on a GPU, once per step (decode steps use ``_assert_real`` instead)."""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
-    return None if real is None or bool(real.all()) else real
+    if real is None:
+        return None
+    counts = real.sum(1).tolist()
+    return _packing(real, counts)
+
+
+def _packing(real: torch.Tensor, counts: list[int]) -> _Packing | None:
+    """``real [B, Q]`` bool with its per-row ``counts`` (host) as a ``_Packing`` (None if every token is real),
+    built on the device without a read: a stable sort puts the real tokens' flat positions first, in order."""
+    if all(n == real.shape[1] for n in counts):
+        return None
+    order = torch.argsort(real.reshape(-1).logical_not().to(torch.uint8), stable=True)
+    return _Packing(counts, order[:sum(counts)])
+
+
+def _pack(x: torch.Tensor, packing: _Packing) -> torch.Tensor:
+    """``x [B, Q, ...]`` -> ``[T, ...]``, the real tokens only (``x[real]`` without the read)."""
+    return x.flatten(0, 1).index_select(0, packing.index)
+
+
+def _unpack(packed: torch.Tensor, packing: _Packing, batch_size: int, query_len: int) -> torch.Tensor:
+    """``packed [T, ...]`` -> ``[B, Q, ...]`` with zeros at the pads (``out[real] = packed`` without the read)."""
+    out = packed.new_zeros(batch_size * query_len, *packed.shape[1:])
+    return out.index_copy_(0, packing.index, packed).view(batch_size, query_len, *packed.shape[1:])
 
 
 def _assert_real(attention_mask, batch_size: int, query_len: int) -> None:
@@ -415,6 +450,29 @@ def _static_layer_class():
     return _STATIC_LAYER_CLASS
 
 
+class _PromptStep:
+    """What the layers of one prompt step over a static latent cache share, from the step's one read of the device
+    (by its first layer): the rows' lengths before the step and their real-token counts as host lists, the pads'
+    ``_Packing`` (None without pads), ``cu_seqlens_q`` on the device, and the first layer's lengths (``before``,
+    a device copy) that the others must be at. A layer that already took part, another shape, or another attention
+    mask (object or in-place version) starts a new step."""
+
+    def __init__(self, attention_mask, shape, lengths, counts, packing, before, cu_seqlens_q):
+        self.mask = None if attention_mask is None else weakref.ref(attention_mask)
+        self.version = None if attention_mask is None else attention_mask._version
+        self.shape, self.layers = shape, set()
+        self.packing, self.before, self.cu_seqlens_q = packing, before, cu_seqlens_q
+        self.cu_seqlens_q_host = list(itertools.accumulate(counts, initial=0))
+        self.cache_seqlens_host = [n + c for n, c in zip(lengths, counts)]
+
+    def serves(self, layer: int, attention_mask, shape) -> bool:
+        if layer in self.layers or shape != self.shape:
+            return False
+        if attention_mask is None or self.mask is None:
+            return attention_mask is None and self.mask is None
+        return self.mask() is attention_mask and attention_mask._version == self.version
+
+
 class _StaticLatentState:
     """Fixed capacity behind a static latent cache: row b of the batch owns blocks
     ``[b * blocks_per_row, (b + 1) * blocks_per_row)`` of a ``PagedLatentCache``, so the block table never changes,
@@ -433,6 +491,7 @@ class _StaticLatentState:
                                         device=device).view(batch_size, self.blocks_per_row)
         self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
         self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
+        self.prompt: _PromptStep | None = None  # the last prompt step's host values (decode steps have none)
         # fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
         # views are marked too: they are the tensor objects the compiled graph takes as inputs
         paged = self.paged
@@ -453,6 +512,7 @@ class _StaticLatentState:
         past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
                                layer)
         seqlens = self.seqlens[layer]
+        step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len)
         if real is None:
             real = torch.ones(batch_size, query_len, dtype=torch.bool, device=q_nope.device)
         index = seqlens[:, None].long() + real.long().cumsum(1) - 1  # [B, Q] each real token's place in its row
@@ -472,15 +532,41 @@ class _StaticLatentState:
                              attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity,
                              kv_scale=kv_scale)
             return out.reshape(batch_size, query_len, heads * d_v)
-        # a prompt (eager, like transformers' own static-cache prefill): pads are packed out, reading the host once
-        counts = real.sum(1, dtype=torch.int32)
-        cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
-        packed = mla_prefill_attention(q_nope[real].contiguous(), q_pe[real].contiguous(), kv_cache, pe_cache,
-                                       self.block_table, cu, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
-                                       causal=True, kv_scale=kv_scale)
-        out = packed.new_zeros(batch_size, query_len, heads, d_v)
-        out[real] = packed
-        return out.view(batch_size, query_len, heads * d_v)
+        # a prompt (eager, like transformers' own static-cache prefill): pads packed out by the step's index, the
+        # lengths from its host lists (read once, by its first layer)
+        packing = step.packing
+        if packing is None:
+            q_nope, q_pe = q_nope.flatten(0, 1), q_pe.flatten(0, 1)
+        else:
+            q_nope, q_pe = _pack(q_nope, packing), _pack(q_pe, packing)
+        packed = mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
+                                       step.cu_seqlens_q, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
+                                       causal=True, kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host,
+                                       cache_seqlens_host=step.cache_seqlens_host)
+        if packing is not None:
+            packed = _unpack(packed, packing, batch_size, query_len)
+        return packed.reshape(batch_size, query_len, heads * d_v)
+
+    def _prompt_step(self, layer: int, attention_mask, real: torch.Tensor | None, seqlens: torch.Tensor,
+                     query_len: int) -> _PromptStep:
+        """This prompt step's ``_PromptStep``: made by its first layer, which copies the rows' lengths and real-token
+        counts to the host together (one synchronisation on a GPU); a later layer of the step checks on the device,
+        without waiting, that its lengths are the first layer's."""
+        batch_size = seqlens.shape[0]
+        shape = (batch_size, query_len)
+        step = self.prompt
+        if step is not None and step.serves(layer, attention_mask, shape):
+            torch._assert_async((seqlens == step.before).all(), "mla_kernels: a layer of the static latent cache "
+                                "holds other lengths than the first layer of this prompt (an interrupted forward?)")
+        else:
+            counts = torch.full_like(seqlens, query_len) if real is None else real.sum(1, dtype=torch.int32)
+            host = torch.cat([seqlens, counts]).tolist()
+            lengths, counts_host = host[:batch_size], host[batch_size:]
+            packing = None if real is None else _packing(real, counts_host)
+            cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+            step = self.prompt = _PromptStep(attention_mask, shape, lengths, counts_host, packing, seqlens.clone(), cu)
+        step.layers.add(layer)
+        return step
 
 
 def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: int, *, block_size: int = 64):
@@ -491,9 +577,10 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     Like ``StaticCache``, it is allocated up front (``max_batch_size * max_cache_len`` latent tokens per layer) and
     its per-step work is all on the device: a decode step reserves no slots on the host and reads nothing back,
     so transformers' generate compiles the decode step (``compile_config``; on a GPU it does so by itself, with
-    CUDA graphs). Pads in the prompt are still not stored. The prompt call reads the mask on the host once, as
-    prefill always does. A batch of a different size, beam search or cropping raise; a row that outgrows
-    ``max_cache_len`` fails a device assertion.
+    CUDA graphs). Pads in the prompt are still not stored. The prompt call reads the device once, in its first
+    layer (the rows' lengths and the mask's counts), as prefill always does; its other layers reuse what it read.
+    A batch of a different size, beam search or cropping raise; a row that outgrows ``max_cache_len`` fails a
+    device assertion.
 
     Usage::
 
@@ -573,31 +660,29 @@ class TransformersMLAttention(MLAttention):
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
             return self.o_proj(out), None
-        if past_key_values is None:
-            real = _real_tokens(attention_mask, batch_size, query_len)
+        if past_key_values is None:  # no cache to share a step: each layer reads the mask's counts once
+            packing = _real_tokens(attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
                                      self.kv_lora_rank, self.qk_rope_head_dim, dtype=self.cache_dtype or kv_c.dtype,
                                      device=kv_c.device, rope_dtype=kv_c.dtype)
             rows = [paged.add_sequence() for _ in range(batch_size)]
-            counts = [query_len] * batch_size if real is None else real.sum(1).tolist()
+            counts = [query_len] * batch_size if packing is None else packing.counts
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
         else:
             state = _attach(past_key_values, self.layer_idx, self.num_cache_layers, self.block_size,
                             self.max_cache_tokens)
-            batch, real = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask, kv_c.dtype,
-                                          kv_c.device)
+            batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask,
+                                             kv_c.dtype, kv_c.device)
             layer = self.layer_idx
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
 
-        if real is None:
+        if packing is None:
             flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
             out = self.attend(*flat, batch, layer=layer).reshape(batch_size, query_len, -1)
         else:
-            packed = self.attend(q_nope[real], q_pe[real], kv_c[real], k_pe[real], batch, layer=layer)
-            out = packed.new_zeros(batch_size, query_len, self.num_heads, self.v_head_dim)
-            out[real] = packed
-            out = out.view(batch_size, query_len, -1)
+            packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer)
+            out = _unpack(packed, packing, batch_size, query_len).flatten(2)
         return self.o_proj(out), None
 
 
