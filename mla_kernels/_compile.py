@@ -302,14 +302,14 @@ def jit_launches() -> dict:
         q = torch.randn(*shape, 576, generator=gen).to(torch.bfloat16)
         return q[..., :512], q[..., 512:]
 
-    def launch_path(cfg, kind, splits):  # decode._launch with the dispatch as on an H100 (its own tests: CPU)
-        def run():
+    def launch_path(cfg, kind, splits, index_dtype=torch.int32):  # decode._launch, dispatching as on an H100
+        def run():                                                    # (the dispatch's own tests run on the CPU)
             real = decode._hopper_kernel
             decode._hopper_kernel = lambda *args: kind
             try:
-                decode._launch(*queries(batch, 1, 128), kv, pe, table, seqlens, None, 0.1, True, True, batch=batch,
-                               seq_q=1, total_tokens=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_splits=splits,
-                               config=cfg)
+                decode._launch(*queries(batch, 1, 128), kv, pe, table.to(index_dtype), seqlens.to(index_dtype), None,
+                               0.1, True, True, batch=batch, seq_q=1, total_tokens=batch, max_seqlen_q=1,
+                               max_seqlen_k=ctx, num_splits=splits, config=cfg)
             finally:
                 decode._hopper_kernel = real
         return run
@@ -324,6 +324,7 @@ def jit_launches() -> dict:
     for path, (cfg, kind) in paths.items():
         for splits in (1, 2):
             cases[f"decode-{path}-split{splits}"] = launch_path(cfg, kind, splits)
+        cases[f"decode-{path}-int64"] = launch_path(cfg, kind, 1, torch.int64)  # int64 indices: the contract allows them
 
     w_uv = torch.randn(16, 128, 512, generator=gen).to(torch.bfloat16)
     cases["mla_decode-h16-w_uv"] = lambda: decode.mla_decode(*queries(batch, 1, 16), kv, pe, table, seqlens, 0.1,

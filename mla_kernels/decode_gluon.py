@@ -47,9 +47,13 @@ from .decode import LN2_C, _key_range, _query_rows  # @triton.jit helpers of sca
 from .decode_tma import kernel_args, tma_supported
 
 # Gluon's API moved between triton 3.6 (the GPU machine's) and 3.9 (CI's): the TMA load and the CTA barrier were
-# renamed. Both are builtins, resolved when a kernel is compiled.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+# renamed. Both are builtins, resolved when a kernel is compiled. A Gluon with neither name is no Gluon for this
+# kernel: an ImportError, which every optional use of this module expects.
+try:
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+except AttributeError as exc:  # pragma: no cover - a triton between or beyond the checked ones
+    raise ImportError(f"this triton's Gluon lacks what decode_gluon calls: {exc}") from exc
 
 BLOCK_M = 64  # one wgmma row block: 4 warps x 16 rows per warpgroup
 BLOCK_N = 64
@@ -74,13 +78,14 @@ def gluon_shared_bytes(d_latent: int, d_rope: int, elem_bytes: int = 2) -> int:
 
 def gluon_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor) -> bool:
     """Can this kernel serve the call? From shapes, strides and pointers only (no host sync): the TMA kernel's
-    layout conditions at 64-token tiles, a latent whose halves split across two warpgroups (R >= 32), and
-    buffers that fit an H100 block's shared memory (R = 512, P = 64 in bf16: 229376 bytes)."""
+    layout conditions at 64-token tiles, a latent of 256 or 512 (each warpgroup's half of each 128- or 256-wide
+    latent half then starts on a 128-byte swizzle unit), and buffers that fit an H100 block's shared memory
+    (R = 512, P = 64 in bf16: 229376 bytes)."""
     if not tma_supported(q_nope, kv_cache, pe_cache, BLOCK_N):
         return False
     d_latent, d_rope = kv_cache.shape[2], pe_cache.shape[2]
-    if d_latent < 32:
-        return False
+    if (d_latent // 2) % 128:  # R 256 or 512: narrower halves split their 128-byte swizzle units between the two
+        return False           # warpgroups' P.V columns, which compiles but no GPU test has covered yet
     return gluon_shared_bytes(d_latent, d_rope, kv_cache.element_size()) <= SHARED_LIMIT
 
 
@@ -173,7 +178,7 @@ def _mla_attn_gluon_kernel(
         VARLEN)
     if pid_m * BLOCK_M >= num_rows:
         return
-    seqlen = gl.load(SEQLENS + pid_b)
+    seqlen = gl.load(SEQLENS + pid_b).to(gl.int32)  # int64 lengths too: the ring's stage index must be int32
 
     # keys this program reads: its split, within the sequence, and (causal) up to its last row's position
     n_start = pid_split * split_len  # a multiple of BLOCK_N: every tile starts page-aligned
