@@ -232,12 +232,8 @@ def gluon_config(case: Case) -> dict | None:
     c = case
     if not c.q_abs.is_cuda or not GLUON_PROVIDER:
         return None
-    try:
-        from mla_kernels.decode_gluon import gluon_config as tiles
-    except ImportError:  # a triton without Gluon
-        return None
-    cfg = tiles()
-    return cfg if decode._hopper_kernel(cfg, c.q_abs, c.kv_cache, c.pe_cache) == "gluon" else None
+    cfg = decode._gluon_tiles()  # None: a triton without Gluon
+    return cfg if cfg is not None and decode._hopper_kernel(cfg, c.q_abs, c.kv_cache, c.pe_cache) == "gluon" else None
 
 
 def tma_config(case: Case) -> dict | None:

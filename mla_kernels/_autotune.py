@@ -173,12 +173,10 @@ class _Decode(_Spec):
         if _utils.nvidia_sm90(device) and d_latent <= 512:  # the tensor-descriptor path (pages of whole tiles)
             out += [dict(BLOCK_M=m, BLOCK_N=64, num_warps=w, num_stages=st, TMA=True)
                     for m, w, st in itertools.product(block_m, [8] if quick else [4, 8], [2, 3])]
-            try:  # the Gluon kernel (Hopper's wgmma + a TMA ring; fixed 64 x 64 tiles), where this triton has Gluon
-                from .decode_gluon import gluon_config
-                if _utils.capability(device)[0] == 9:
-                    out.append(gluon_config())
-            except ImportError:
-                pass
+            from .decode import _gluon_tiles  # the Gluon kernel (Hopper's wgmma, a TMA ring; fixed 64 x 64 tiles)
+            gluon = _gluon_tiles()
+            if gluon is not None and _utils.capability(device)[0] == 9:
+                out.append(gluon)
         return out
 
     def refine(self, winner, key, device):

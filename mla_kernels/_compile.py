@@ -292,7 +292,7 @@ def jit_launches() -> dict:
 
     gen = torch.Generator().manual_seed(0)
     batch, page, ctx = 2, 64, 300
-    blocks = batch * _cdiv(ctx, page)
+    blocks = batch * _utils.cdiv(ctx, page)
     buf = torch.randn(blocks, page, 576, generator=gen).to(torch.bfloat16)
     kv, pe = buf[..., :512], buf[..., 512:]
     table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
@@ -316,11 +316,9 @@ def jit_launches() -> dict:
 
     cases = {}
     paths = {"portable": (decode._config(128, 512), None), "tma": (tma_config(128), "tma")}
-    try:
-        from .decode_gluon import gluon_config
-        paths["gluon"] = (gluon_config(), "gluon")
-    except ImportError:  # a triton without Gluon
-        pass
+    gluon = decode._gluon_tiles()
+    if gluon is not None:  # a triton with Gluon
+        paths["gluon"] = (gluon, "gluon")
     for path, (cfg, kind) in paths.items():
         for splits in (1, 2):
             cases[f"decode-{path}-split{splits}"] = launch_path(cfg, kind, splits)
@@ -358,10 +356,6 @@ def jit_launches() -> dict:
     finally:
         _utils.use_triton = use_triton
     return results
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main() -> None:

@@ -486,9 +486,10 @@ def _hopper_kernel(cfg: dict, q_nope, kv_cache, pe_cache) -> str | None:
     (no shipped default asks until a GPU has timed them):
 
     * ``"gluon"`` (``GLUON: True``, ``decode_gluon``): wgmma + TMA + mbarriers, written in Gluon. Only on an NVIDIA
-      GPU of compute capability 9 (Hopper), with a triton that has Gluon, for calls it fits (``gluon_supported``). Gluon does
-      not run under the CPU interpreter, so there (and wherever it cannot serve a call) such a config falls back to
-      the TMA kernel with the same 64 x 64 tiles, or the portable kernel.
+      GPU of compute capability 9 (Hopper; Blackwell has tcgen05, not wgmma), with a triton that has Gluon, for
+      calls it fits (``_gluon_serves``). Gluon does not run under the CPU interpreter, so there (and wherever it
+      cannot serve a call) such a config falls back to the TMA kernel with the same 64 x 64 tiles, or the portable
+      kernel.
     * ``"tma"`` (``TMA: True``, or a Gluon fallback; ``decode_tma``): tensor-descriptor tile loads in plain Triton,
       on compute capability 9+ or the CPU interpreter, where the call fits its layout (``tma_supported``).
     The scheduled grid and fp8 caches always run the portable kernel (``_launch`` does not ask)."""
@@ -498,21 +499,31 @@ def _hopper_kernel(cfg: dict, q_nope, kv_cache, pe_cache) -> str | None:
     device = q_nope.device
     if device.type == "cuda" and not _utils.nvidia_sm90(device):
         return None
-    if gluon and device.type == "cuda" and _utils.capability(device)[0] == 9 and _gluon_serves(cfg, q_nope, kv_cache,
-                                                                                                 pe_cache):
-        return "gluon"  # Hopper's wgmma: not on Blackwell (sm_100 has tcgen05 instead)
+    hopper = device.type == "cuda" and _utils.capability(device)[0] == 9
+    if gluon and hopper and _gluon_serves(cfg, q_nope, kv_cache, pe_cache):
+        return "gluon"
     from .decode_tma import tma_supported
     return "tma" if tma_supported(q_nope, kv_cache, pe_cache, cfg["BLOCK_N"]) else None
 
 
+def _gluon_tiles() -> dict | None:
+    """``decode_gluon.gluon_config()``, or None where this triton has no Gluon (it came with triton 3.5; the package
+    asks for >= 3.2): what every optional user of the Gluon kernel (dispatch, autotune, bench, compile check) asks."""
+    try:
+        from .decode_gluon import gluon_config
+    except ImportError:
+        return None
+    return gluon_config()
+
+
 def _gluon_serves(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
     """The Gluon kernel has 64 x 64 tiles only: the grid and split length ``_launch`` sized from the config must be
-    its own (a config shrunk by the shared-memory fit is not)."""
-    try:  # Gluon is in triton 3.5+ (the package asks for >= 3.2): older ones have no Gluon path
-        from .decode_gluon import BLOCK_M, BLOCK_N, gluon_supported
-    except ImportError:
+    its own (a config shrunk by the shared-memory fit is not); and the call must fit it (``gluon_supported``)."""
+    tiles = _gluon_tiles()
+    if tiles is None or cfg["BLOCK_M"] != tiles["BLOCK_M"] or cfg["BLOCK_N"] != tiles["BLOCK_N"]:
         return False
-    return cfg["BLOCK_M"] == BLOCK_M and cfg["BLOCK_N"] == BLOCK_N and gluon_supported(q_nope, kv_cache, pe_cache)
+    from .decode_gluon import gluon_supported
+    return gluon_supported(q_nope, kv_cache, pe_cache)
 
 
 def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,

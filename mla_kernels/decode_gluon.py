@@ -287,6 +287,7 @@ def _mla_attn_gluon_kernel(
     o_mask, o_tok, o_head, _ = _row_info(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M, row_o)
     out_rows = (tok_start + o_tok) * num_heads + o_head  # row of the contiguous [tokens * num_heads] output
     offs_c = gl.arange(0, D_HALF, layout=gl.SliceLayout(0, O_LAYOUT))
+    # recomputed rather than kept from before the loop, where only q_pos is needed: fewer registers live across it
     s_mask, s_tok, s_head, _ = _row_info(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M, row_s)
     lse_rows = (tok_start + s_tok) * num_heads + s_head
     if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
