@@ -22,6 +22,10 @@ small 16-layer DeepSeek-V3 over a batch of 4 prompts, left-padded or not, into a
 cache. What the host does there besides computing (packing the pads, reading lengths) is what it measures; the
 waits for a GPU that its reads would cost are not in it.
 
+``--jit`` adds Triton's own host work per launch (binding and specializing the arguments, finding the compiled
+kernel), measured without a GPU: the decode launch driven through Triton's JIT as on an H100, minus the same
+launch with the kernels stubbed. The driver's launch call itself is not in it.
+
 On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
 replayed in a CUDA graph, so the host share of an eager call is measured on the machine that matters.
 """
@@ -29,6 +33,7 @@ replayed in a CUDA graph, so the host share of an eager call is measured on the 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -202,6 +207,45 @@ def run_gpu(device, calls: int, repeats: int) -> list[dict]:
     return rows
 
 
+def run_jit(calls: int, repeats: int) -> list[dict]:
+    """Triton's own host work per launch, on any machine: ``decode._launch`` (the launch preparation of
+    ``mla_decode``, without its argument checks) on CPU tensors with the kernels driven through Triton's JIT as for an
+    H100 (``_compile.jit_without_gpu``: bind, specialize, look the compiled kernel up; ``warmup=True`` stops short of
+    the driver's launch call), against the same preparation with the kernels stubbed. The difference is what
+    Triton's Python does per call before the launch itself. The first call compiles (a minute or so, then cached)."""
+    from mla_kernels import _compile
+
+    if _utils.interpreting():
+        print("--jit: skipped under TRITON_INTERPRET=1 (the interpreter replaces Triton's JIT)")
+        return []
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the library's compile check: no warning per compile
+    (q_nope, q_pe, kv, pe, table, seqlens, scale), _ = decode_args(torch.device("cpu"))
+    rows = []
+    for splits in (4, 1):  # seed 003's step gets 4 splits (attention + combine launches); 1 split: one launch
+        def call():
+            decode_mod._launch(q_nope, q_pe, kv, pe, table, seqlens, None, scale, True, False, batch=1, seq_q=1,
+                               total_tokens=1, max_seqlen_q=1, max_seqlen_k=1024, num_splits=splits)
+
+        with _compile.jit_without_gpu() as compiled:
+            call()
+            launches = len(compiled)
+            jit = per_call_us(call, calls, repeats)
+        saved = decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel
+        decode_mod._mla_attn_kernel = decode_mod._mla_combine_kernel = _NoLaunch()
+        try:
+            stub = per_call_us(call, calls, repeats)
+        finally:
+            decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel = saved
+        case = f"decode._launch B1 L1024 H16, {splits} split{'s' if splits > 1 else ''} ({launches} launches)"
+        for provider, t in (("launch prep + Triton bind/lookup (JIT as sm_90, no launch)", jit),
+                            ("launch prep, kernels stubbed", stub)):
+            rows.append(dict(provider=provider, case=case, p50_us=t.p50, p20_us=t.p20, p80_us=t.p80, min_us=t.min,
+                             runs=t.runs, launches=launches))
+        print(f"{case:<52} through the JIT {jit.p50:6.2f} µs, stubbed {stub.p50:6.2f} µs: Triton "
+              f"{(jit.p50 - stub.p50) / launches:5.2f} µs per launch")
+    return rows
+
+
 PROMPTS = {"left-padded": [32, 24, 8, 17], "same length": [32, 32, 32, 32]}
 
 
@@ -240,6 +284,8 @@ def run_prompt(calls: int, repeats: int, layers: int = 16) -> list[dict]:
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", action="store_true", help="time a patched model's prompt forward on the CPU")
+    parser.add_argument("--jit", action="store_true",
+                        help="also time Triton's own per-launch host work (bind, lookup; no GPU needed)")
     args = parser.parse_args(argv)
     device = h.setup(args)
     if args.prompt:
@@ -251,6 +297,8 @@ def main(argv=None) -> None:
         return
     calls, repeats = (200, 7) if args.quick else (1000, 15)
     rows = run_host(calls, repeats)
+    if args.jit:
+        rows += run_jit(calls, repeats)
     if not h.is_cpu(device):
         rows += run_gpu(device, calls, repeats)
     payload = {"config": {"calls_per_sample": calls, "samples": repeats},

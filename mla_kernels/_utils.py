@@ -8,8 +8,10 @@ any kernel is launched or any cache byte is written.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
+import threading
 
 import torch
 
@@ -135,6 +137,55 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. Plain Python: ``triton.cdiv`` is a constexpr function in triton >= 3.7 and costs
     microseconds per host call."""
     return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
+# scratch memory for partial results that die within one call (split-KV partials)
+# ---------------------------------------------------------------------------------------------
+
+_SCRATCH: dict = {}  # (device, stream, thread) -> [float32 buffer, {shapes: views into it}]
+_SCRATCH_KEYS = 16  # buffers kept (device x stream x thread); a new key past this frees the oldest
+_SCRATCH_VIEWS = 64  # distinct shape sets remembered per buffer before the memo is cleared
+_SCRATCH_ALIGN = 64  # elements (256 bytes) between views: every view starts as aligned as the buffer
+
+
+def scratch(device: torch.device, *shapes: tuple) -> tuple:
+    """float32 tensors of these shapes, uninitialised, for results a call writes and reads back itself before it
+    returns (the split-KV partials that the combine kernel merges). Carved from one buffer per device, stream and
+    thread that later calls reuse, so a decode step allocates nothing for them: the same shapes give back the same
+    tensors for a dictionary lookup. Reuse is safe because the kernels of consecutive calls on one stream run in
+    order, and each thread and stream has its own buffer (two threads sharing a stream could otherwise interleave
+    one call's kernels between the other's). A larger request replaces the buffer; the old one goes back to
+    PyTorch's allocator, which hands it out again only behind the work already queued on the stream.
+    While a CUDA graph is being captured the tensors are allocated as usual, from the graph's own pool: a graph
+    must never point into a buffer that a later call may free and replace."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return tuple(torch.empty(s, dtype=torch.float32, device=device) for s in shapes)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index), threading.get_ident())
+    else:
+        key = (device, 0, threading.get_ident())
+    entry = _SCRATCH.get(key)
+    if entry is not None:
+        views = entry[1].get(shapes)
+        if views is not None:
+            return views
+    sizes = [math.prod(s) for s in shapes]
+    need = sum(cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN for n in sizes)
+    if entry is None or entry[0].numel() < need:
+        if entry is None and len(_SCRATCH) >= _SCRATCH_KEYS:  # streams or threads come and go: drop the oldest
+            _SCRATCH.pop(next(iter(_SCRATCH), None), None)
+        size = need if entry is None else max(need, 2 * entry[0].numel())  # growing requests: few reallocations
+        entry = _SCRATCH[key] = [torch.empty(size, dtype=torch.float32, device=device), {}]
+    elif len(entry[1]) >= _SCRATCH_VIEWS:  # many shapes (ragged prefill batches): forget the views, keep the buffer
+        entry[1].clear()
+    views, offset = [], 0
+    for s, n in zip(shapes, sizes):
+        views.append(entry[0][offset:offset + n].view(s))
+        offset += cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    entry[1][shapes] = views = tuple(views)
+    return views
 
 
 def next_pow2(n: int) -> int:

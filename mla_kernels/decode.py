@@ -428,14 +428,13 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     split = num_splits > 1
 
     if varlen:
-        qn_strides = (0, q_nope.stride(0), q_nope.stride(1))
-        qp_strides = (0, q_pe.stride(0), q_pe.stride(1))
+        qn_strides = (0, *q_nope.stride()[:2])
+        qp_strides = (0, *q_pe.stride()[:2])
     else:
-        qn_strides = (q_nope.stride(0), q_nope.stride(1), q_nope.stride(2))
-        qp_strides = (q_pe.stride(0), q_pe.stride(1), q_pe.stride(2))
+        qn_strides = q_nope.stride()[:3]
+        qp_strides = q_pe.stride()[:3]
     if split:
-        out_part = torch.empty(num_splits, total_rows, d_latent, dtype=torch.float32, device=device)
-        lse_part = torch.empty(num_splits, total_rows, dtype=torch.float32, device=device)
+        out_part, lse_part = _utils.scratch(device, (num_splits, total_rows, d_latent), (num_splits, total_rows))
     else:
         out_part = lse_part = out  # unused
     dummy = cache_seqlens
@@ -443,8 +442,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if schedule is not None:  # persistent programs walk their units; only cut sequences write partials
         assert not varlen and not split and block_n == schedule.block_n, "schedule: decode with its own tiles"
         grid = (m_blocks, schedule.num_programs, 1)
-        out_part = torch.empty(schedule.num_part_slots, seq_q * heads, d_latent, dtype=torch.float32, device=device)
-        lse_part = torch.empty(schedule.num_part_slots, seq_q * heads, dtype=torch.float32, device=device)
+        out_part, lse_part = _utils.scratch(device, (schedule.num_part_slots, seq_q * heads, d_latent),
+                                            (schedule.num_part_slots, seq_q * heads))
 
     sm_scale_log2 = softmax_scale * LOG2E
     hopper = _hopper_kernel(cfg, q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None else None
@@ -541,8 +540,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         sm_scale_log2,
         heads, seq_q, split_len, total_rows,
         *qn_strides, *qp_strides,
-        kv_cache.stride(0), kv_cache.stride(1),
-        pe_cache.stride(0), pe_cache.stride(1),
+        *kv_cache.stride()[:2], *pe_cache.stride()[:2],
         *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
         block_table.stride(0),
         D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=kv_cache.shape[1],

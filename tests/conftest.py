@@ -31,7 +31,8 @@ def _seed():
 
 @pytest.fixture
 def poisoned_empty(monkeypatch):
-    """Every float buffer the library allocates starts as NaN, so an element it forgets to write fails."""
+    """Every float buffer the library allocates, or takes from its reused scratch (``_utils.scratch``), starts as
+    NaN, so an element it forgets to write fails."""
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -41,3 +42,14 @@ def poisoned_empty(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+    from mla_kernels import _utils
+
+    real_scratch = _utils.scratch
+
+    def nan_scratch(*args):  # reused scratch holds the last call's values: poison it at every hand-out too
+        views = real_scratch(*args)
+        for v in views:
+            v.fill_(float("nan"))
+        return views
+
+    monkeypatch.setattr(_utils, "scratch", nan_scratch)

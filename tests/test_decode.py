@@ -66,6 +66,70 @@ def test_split_kv(num_splits, device, poisoned_empty):
     assert_lse_close(f"splits={num_splits}", lse, ref_lse)
 
 
+def test_split_partials_reuse_one_scratch_buffer(device, monkeypatch):
+    """The split partials come from ``_utils.scratch``: a second call of the same shape allocates nothing for them
+    and gets the same tensors; a larger call grows the one buffer; views do not overlap each other; and the results
+    stay right when the reused memory holds the previous call's partials (the poisoned tests NaN-fill it)."""
+    monkeypatch.setattr(_utils, "_SCRATCH", {})
+    handed = []
+    real_scratch = _utils.scratch
+    monkeypatch.setattr(_utils, "scratch", lambda *a: handed.append(real_scratch(*a)) or handed[-1])
+    lens = [300, 2, 0, 77]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 1, 4, 16, torch.bfloat16, device, r=64,
+                                                                   p=16)
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    for num_splits in (2, 2, 4, 2):
+        out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, num_splits=num_splits)
+        assert_close(f"splits={num_splits} after reuse", out, ref_out, torch.bfloat16)
+    assert len(handed) == 4 and len(_utils._SCRATCH) == 1
+    same = handed[1] is handed[0]
+    assert same, "the same shapes must get the same scratch views"
+    storage = [views[0].untyped_storage().data_ptr() for views in handed]
+    assert storage[3] == storage[2], "after the 4-split call grew the buffer, the 2-split views must come from it"
+    for out_part, lse_part in (handed[0], handed[2]):
+        assert out_part.dtype == lse_part.dtype == torch.float32
+        end = out_part.data_ptr() + out_part.numel() * 4
+        assert lse_part.data_ptr() >= end and lse_part.data_ptr() % 16 == 0, "views overlap or lose alignment"
+    assert handed[2][0].shape == (4, 16, 64) and handed[2][1].shape == (4, 16)  # splits x (B x S_q x H) rows
+
+
+def test_scratch_per_thread_and_growth():
+    """Each thread has its own buffer (two threads on one stream could interleave their kernels); a larger request
+    replaces the buffer, and too many buffers drop the oldest."""
+    import threading
+
+    cpu = torch.device("cpu")
+    saved = dict(_utils._SCRATCH)
+    _utils._SCRATCH.clear()
+    try:
+        small = _utils.scratch(cpu, (2, 3))[0]
+        other = []
+        thread = threading.Thread(target=lambda: other.append(_utils.scratch(cpu, (2, 3))[0]))
+        thread.start()
+        thread.join()
+        assert other[0].untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+        big = _utils.scratch(cpu, (1000,), (5,))
+        assert big[0].untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+        assert big[0].shape == (1000,) and big[1].shape == (5,)
+        assert _utils.scratch(cpu, (2, 3))[0].untyped_storage().data_ptr() == big[0].untyped_storage().data_ptr()
+        count = _utils._SCRATCH_KEYS + 3
+        barrier = threading.Barrier(count)  # all alive at once: distinct thread ids, so distinct keys
+
+        def take():
+            _utils.scratch(cpu, (4,))
+            barrier.wait()
+
+        threads = [threading.Thread(target=take) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(_utils._SCRATCH) == _utils._SCRATCH_KEYS
+    finally:
+        _utils._SCRATCH.clear()
+        _utils._SCRATCH.update(saved)
+
+
 def test_num_splits_beyond_the_tiles(device, monkeypatch):
     """More forced splits than the block table has tiles: the extra ones could only be empty, so they get no
     programs and no partials (100000 of them took ~300 MB of partials here, and a CUDA grid holds 65535)."""
@@ -251,6 +315,27 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
     assert_close("graph replay", out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_keeps_its_partials_when_the_scratch_buffer_is_replaced():
+    """A captured split call must not point into the reused scratch buffer: eager calls after the capture grow
+    (replace) that buffer and fill the freed memory, and the replay still reads its own partials."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([3000, 1000], 1, 16, 64, torch.bfloat16, "cuda")
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    mla_kernels.mla_decode(*args, num_splits=4)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_kernels.mla_decode(*args, num_splits=4)
+    big = make_inputs([8000] * 8, 1, 64, 64, torch.bfloat16, "cuda", seed=1)
+    mla_kernels.mla_decode(*big, SCALE, num_splits=16)  # a larger scratch request: the buffer is replaced
+    junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]  # reuse the freed memory
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    ref_out, _ = reference.absorbed_decode(*args)
+    assert_close("graph replay after the scratch grew", out, ref_out, torch.bfloat16)
 
 
 @pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 12 * 2**30,
