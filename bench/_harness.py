@@ -8,6 +8,7 @@ Both give a ``Timing`` with p50/p20/p80 and mean/std/min/max over the timed runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -17,6 +18,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -444,6 +446,28 @@ def save_results(name: str, payload: dict, device: torch.device, args: argparse.
     if args.plot and plot is not None:
         plot(path.with_suffix(".png"))
     return path
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def save_if_stopped(name: str, payload: dict, device: torch.device, args: argparse.Namespace):
+    """Keep what a bench measured when it is stopped before its end: SIGTERM (what ``timeout`` sends, as in
+    ``bench/gpu_session.sh``) or Ctrl-C inside the block writes ``payload`` as it stands, with the rows the sweeps
+    appended to it so far, marked ``incomplete``, and exits with status 130. A bench's sweeps append their rows
+    to lists held in ``payload`` for this."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        payload["incomplete"] = f"stopped before the end ({exc or 'Ctrl-C'}): the rows measured until then"
+        path = write_json(name, payload, device, args.out)
+        print(f"\nstopped: partial results in {path}")
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_if_wrong(sweep_rows, seed_providers: dict, label) -> None:

@@ -337,7 +337,9 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
     return [rows[n] for n in ORDER if n in rows]
 
 
-def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: float) -> list[dict]:
+def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: float,
+              rows: list | None = None) -> list[dict]:
+    """The sweep's rows, appended to ``rows`` (a list the caller holds) as each shape finishes."""
     cpu = h.is_cpu(device)
     time_kw = dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)
     if cpu:
@@ -345,7 +347,7 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: floa
     shapes = sweep_shapes(cpu, quick)
     keys = ("B", "ctx", "H", "page", "S_q")
     print(h.table_header(keys))
-    rows = []
+    rows = [] if rows is None else rows
     for batch, ctx, heads, page, *s_q in h.progress(shapes, "decode sweep"):
         for row in run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, *s_q):
             h.log(h.format_row(row, keys))
@@ -447,7 +449,8 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
     return [rows[k, n] for k in twins for n in IMBALANCED_ORDER if (k, n) in rows]
 
 
-def run_imbalanced(device, dtype, quick: bool, cuda_graph: bool, copy_gbps: float) -> list[dict]:
+def run_imbalanced(device, dtype, quick: bool, cuda_graph: bool, copy_gbps: float,
+                   rows: list | None = None) -> list[dict]:
     cpu = h.is_cpu(device)
     time_kw = dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)
     if cpu:
@@ -456,7 +459,7 @@ def run_imbalanced(device, dtype, quick: bool, cuda_graph: bool, copy_gbps: floa
     print("\nImbalanced batches (lengths longest/64 .. longest/2, one at the longest) beside uniform twins of the "
           "same total tokens; % of unif. = throughput over the uniform twin's with mla_decode as shipped")
     print(h.table_header(keys))
-    rows = []
+    rows = [] if rows is None else rows
     for batch, longest, heads, page in h.progress(imbalanced_shapes(cpu, quick), "imbalanced"):
         for row in run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, time_kw):
             h.log(h.format_row(row, keys))
@@ -675,14 +678,17 @@ def main(argv=None) -> None:
             "CPU: the naive path's decompression is a bf16 GEMM, far slower than fp32 on CPUs without native "
             "bf16, so speed-ups against naive on a CPU mostly measure that",
         ]
-    if not args.skip_seed:
-        payload["seed_003_decode"] = seed_scenario(device, dtype, lib, *seed_rounds, with_naive=not cpu)
-        print_seed(payload["seed_003_decode"])
-        print()
-    if not args.skip_sweep:
-        payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph, rates["copy_gbps"])
-    if not args.skip_imbalanced:
-        payload["imbalanced"] = run_imbalanced(device, dtype, args.quick, args.cuda_graph, rates["copy_gbps"])
+    with h.save_if_stopped("decode", payload, device, args):
+        if not args.skip_seed:
+            payload["seed_003_decode"] = seed_scenario(device, dtype, lib, *seed_rounds, with_naive=not cpu)
+            print_seed(payload["seed_003_decode"])
+            print()
+        if not args.skip_sweep:
+            run_sweep(device, dtype, lib, args.quick, args.cuda_graph, rates["copy_gbps"],
+                      payload.setdefault("sweep", []))
+        if not args.skip_imbalanced:
+            run_imbalanced(device, dtype, args.quick, args.cuda_graph, rates["copy_gbps"],
+                           payload.setdefault("imbalanced", []))
     sweep = payload.get("sweep", [])
     h.save_results("decode", payload, device, args,
                    plot=(lambda png: plot(sweep + payload.get("imbalanced", []), rates, png)) if sweep else None)

@@ -157,13 +157,14 @@ def time_runs(fn, device, runs: int) -> tuple[h.Timing, torch.Tensor]:
 
 
 def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int, no_cache_limit: int,
-        compiled: bool = True):
+        compiled: bool = True, rows: list | None = None):
+    """The rows of every (batch, context), appended to ``rows`` (a list the caller holds) as each finishes."""
     from mla_kernels import patch_model
 
     base = build_model(shape, device)
     patched = patch_model(copy.deepcopy(base), block_size=64)
     cpu = h.is_cpu(device)
-    rows = []
+    rows = [] if rows is None else rows
     for batch in batches:
         for ctx in h.progress(contexts, f"contexts (batch {batch})"):
             gen = torch.Generator().manual_seed(ctx)
@@ -298,7 +299,7 @@ def main(argv=None) -> None:
         else h.device_name(device)
     print(f"greedy decoding on {where}: {dataclasses.asdict(shape)}, dense, bf16, batches {batches}, contexts "
           f"{contexts}, {new_tokens} new tokens per run, {runs} timed runs")
-    rows = run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile)
+    rows = []
     payload = {
         "config": {"shape": dataclasses.asdict(shape), "dense": True, "dtype": "bfloat16", "batches": batches,
                    "contexts": contexts, "new_tokens": new_tokens, "runs": runs, "quick": args.quick,
@@ -308,6 +309,8 @@ def main(argv=None) -> None:
                      "runs on a GPU only.") if cpu else None,
         "rows": rows,
     }
+    with h.save_if_stopped("generate", payload, device, args):
+        run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile, rows=rows)
     h.save_results("generate", payload, device, args, plot=lambda png: plot(rows, png))
 
 

@@ -366,14 +366,15 @@ def run_shape(batch, new, history, heads, device, dtype, lib, time_kw) -> list[d
     return [rows[n] for n in PROVIDERS]
 
 
-def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool) -> list[dict]:
+def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, rows: list | None = None) -> list[dict]:
+    """The sweep's rows, appended to ``rows`` (a list the caller holds) as each shape finishes."""
     cpu = h.is_cpu(device)
     time_kw = dict(rep_ms=100.0, warmup_ms=25.0, cuda_graph=cuda_graph)
     if cpu:
         time_kw.update(rep_ms=0.0, warmup_ms=0.0, min_runs=3)
     keys = ("B", "new", "hist", "H")
     print(h.table_header(keys))
-    rows = []
+    rows = [] if rows is None else rows
     for batch, new, history, heads in h.progress(sweep_shapes(cpu, quick), "prefill sweep"):
         for row in run_shape(batch, new, history, heads, device, dtype, lib, time_kw):
             h.log(h.format_row(row, keys))
@@ -657,12 +658,14 @@ def main(argv=None) -> None:
             "performance; the seed scenario's warm-ups/runs are cut to fit the CPU budget (see each provider)",
             "CPU: the expanded and naive paths decompress through a bf16 GEMM, slow on CPUs without native bf16",
         ]
-    if not args.skip_seed:
-        payload["seed_003_prefill"] = seed_scenario(device, dtype, lib)
-        print_seed(payload["seed_003_prefill"])
-        print()
+    with h.save_if_stopped("prefill", payload, device, args):
+        if not args.skip_seed:
+            payload["seed_003_prefill"] = seed_scenario(device, dtype, lib)
+            print_seed(payload["seed_003_prefill"])
+            print()
+        if not args.skip_sweep:
+            run_sweep(device, dtype, lib, args.quick, args.cuda_graph, payload.setdefault("sweep", []))
     if not args.skip_sweep:
-        payload["sweep"] = run_sweep(device, dtype, lib, args.quick, args.cuda_graph)
         payload["crossover"] = crossover(payload["sweep"])
         print_crossover(payload["crossover"], cpu)
     if args.calibrate is not None:

@@ -86,6 +86,38 @@ def test_json_writer_metadata(tmp_path):
     assert h.results_path("x", torch.device("cpu"), tmp_path / "given.json") == tmp_path / "given.json"
 
 
+def test_stopped_bench_keeps_its_rows(tmp_path):
+    """A bench stopped by ``timeout`` (SIGTERM) mid-sweep writes the rows measured so far, marked incomplete, and
+    exits non-zero; the signal handler it installed is removed afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "partial.json"
+    script = textwrap.dedent(f"""
+        import argparse, os, signal, torch
+        from bench import _harness as h
+        payload = {{"rows": []}}
+        with h.save_if_stopped("unit", payload, torch.device("cpu"), argparse.Namespace(out={str(out)!r})):
+            for i in range(3):
+                payload["rows"].append({{"i": i}})
+            os.kill(os.getpid(), signal.SIGTERM)
+            payload["rows"].append({{"i": "after the signal"}})
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 130, done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [{"i": 0}, {"i": 1}, {"i": 2}] and "incomplete" in doc
+    before = signal.getsignal(signal.SIGTERM)
+    with h.save_if_stopped("unit", {}, torch.device("cpu"), type("A", (), {"out": str(tmp_path / "x.json")})()):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "x.json").exists()
+
+
 def test_memory_formulas_at_r1_shapes():
     r1 = bd.DEEPSEEK_R1
     assert bm.values_per_token("latent", r1) == 576
