@@ -51,14 +51,24 @@ def _round_e4m3(x):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """``tl.maximum`` that returns NaN where either is NaN (as torch's amax and clamp; tl.max drops NaN)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 values ``[BLOCK_T, D_LATENT]``, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
-    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8``."""
+    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8`` (a NaN gives its group a NaN scale and stays
+    NaN; an inf gives an inf scale)."""
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
-    scale = tl.math.div_rn(tl.max(tl.abs(groups), 2), 448.0)  # [BLOCK_T, D_LATENT // 128]
+    scale = tl.math.div_rn(tl.reduce(tl.abs(groups), 2, _max_nan), 448.0)  # [BLOCK_T, D_LATENT // 128]
     q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
-    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    return tl.reshape(q, [BLOCK_T, D_LATENT]).to(tl.float8e4nv), scale
+    q = _round_e4m3(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL))
+    q = tl.reshape(q, [BLOCK_T, D_LATENT])
+    bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN: the interpreter's cast gives 384 for it
+    return bits.to(tl.float8e4nv, bitcast=True), scale
 
 
 @triton.jit
