@@ -334,7 +334,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
-                      device=device)
+                      device=_device(device))
     return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
 
 
@@ -349,6 +349,16 @@ def _check_sizes(**sizes) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _device(device) -> torch.device:
+    """``device`` (a ``torch.device``, its name or a CUDA index) as a ``torch.device``, or an error naming it."""
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"device must be a torch.device or its name, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows: {exc}") from None
 
 
 def _index(name: str, value) -> int:
@@ -424,7 +434,7 @@ class PagedLatentCache:
         self.rope_dim = rope_dim
         self.dtype = dtype
         self.rope_dtype = rope_dtype if fp8 else dtype
-        self.device = torch.device(device)
+        self.device = _device(device)
         if fp8:
             row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
             self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
@@ -485,8 +495,13 @@ class PagedLatentCache:
                 self._next_id += 1
             seq_id = self._next_id
             self._next_id += 1
-        elif seq_id in self._seqs:
-            raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
+        else:
+            try:
+                live = seq_id in self._seqs
+            except TypeError:
+                raise TypeError(f"seq_id must be hashable (a dict key), got {seq_id!r}") from None
+            if live:
+                raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
         self._seqs[seq_id] = _Sequence()
         return seq_id
 
@@ -640,6 +655,9 @@ class PagedLatentCache:
     def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int], counts_name: str = "num_tokens"):
         """``(live sequences, int counts)`` of a batch: distinct hashable ids of live sequences, one non-negative
         int count each (named ``counts_name`` in errors); raises before anything changes."""
+        for name, values in (("seq_ids", seq_ids), (counts_name, num_tokens)):
+            if not isinstance(values, Iterable):
+                raise TypeError(f"{name} must be a sequence (one entry per sequence), got {type(values).__name__}")
         seq_ids, counts = list(seq_ids), list(num_tokens)
         if len(seq_ids) != len(counts):
             raise ValueError(f"seq_ids and {counts_name} disagree on length: {len(seq_ids)} vs {len(counts)}")

@@ -478,7 +478,8 @@ def test_bad_write_raises_and_leaves_the_cache_unchanged(case):
     (dict(num_blocks=2.0), TypeError, "num_blocks"),
     (dict(block_size=True), TypeError, "block_size"),
     (dict(kv_lora_rank=128.0), TypeError, "kv_lora_rank"),
-], ids=["no-blocks", "empty-pages", "negative", "float", "bool", "float-rank"])
+    (dict(device="gpu0"), ValueError, "device"),
+], ids=["no-blocks", "empty-pages", "negative", "float", "bool", "float-rank", "device-name"])
 def test_fp8_latent_cache_checks_its_sizes(kwargs, error, name):
     """An empty cache is refused where it is made (write_cache would refuse it later), as PagedLatentCache does."""
     args = dict(num_blocks=2, block_size=4, kv_lora_rank=128, rope_dim=16)
