@@ -153,6 +153,38 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert len(calls) == 1 and list(calls[0].args[-2:]) == [cu.tolist(), seqlens.tolist()]
 
 
+COMPILED_BAD_PREFILL = {
+    "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][:, 0]), ValueError, "q_nope"),
+    "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
+    "cu_seqlens_q_host-float": (lambda a: a.update(cu_seqlens_q_host=[float(v) for v in a["cu_seqlens_q"].tolist()],
+                                                   cache_seqlens_host=a["cache_seqlens"].tolist()),
+                                TypeError, "cu_seqlens_q_host"),
+    "w_kv_b-none": (lambda a: a.update(w_kv_b=None), TypeError, "w_kv_b"),
+    "path-none": (lambda a: a.update(path=None), ValueError, "path"),
+}
+
+
+@pytest.mark.parametrize("fn,case", [(fn, case) for fn in ("mla_prefill", "mla_prefill_attention")
+                                     for case in COMPILED_BAD_PREFILL
+                                     if fn == "mla_prefill_attention" or "w_kv_b" not in case and "path" not in case])
+def test_compiled_prefill_checks_shapes_before_the_op(fn, case):
+    """Under torch.compile the prefill calls check what they can without reading values (shapes, dtypes, types)
+    before tracing their op, as eagerly, so bad input raises the error naming it (a graph break takes it out of the
+    graph, as for mla_decode). Before, the op's fake implementation met the bad input first and torch.compile
+    raised its own TorchRuntimeError, or the op's schema refused it."""
+    q_latent, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs("cpu", d_nope=16, d_v=16)
+    args = dict(q_nope=q_latent, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=table, cu_seqlens_q=cu,
+                cache_seqlens=seqlens, softmax_scale=SCALE)
+    if fn == "mla_prefill_attention":
+        args.update(q_nope=q_raw, w_kv_b=w_kv_b)
+    change, error, name = COMPILED_BAD_PREFILL[case]
+    change(args)
+    torch._dynamo.reset()
+    compiled = torch.compile(getattr(mla_kernels, fn), backend="eager")
+    with pytest.raises(error, match=name):
+        compiled(**args)
+
+
 def test_opcheck_on_the_pytorch_path(monkeypatch):
     """The ops also wrap the PyTorch path that CPU tensors take without the interpreter."""
     monkeypatch.setattr(_utils, "interpreting", lambda: False)
