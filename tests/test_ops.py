@@ -62,6 +62,26 @@ def test_opcheck_write_cache(fused, device):
     assert kv_cache.count_nonzero() == 2 * R  # the -1 slot wrote nothing
 
 
+def test_write_cache_ops_check_their_arguments():
+    """The write ops are public names (``torch.ops.mla_kernels.write_cache``): called directly, outside
+    ``write_cache``, they check their arguments as it does, before writing. Before, a latent narrower than the cache
+    was read past its rows and the rows it held written, a dtype mismatch converted silently."""
+    buf = torch.zeros(3, PAGE, R + P)
+    before = buf.clone()
+    kv_cache, pe_cache = buf[..., :R], buf[..., R:]
+    slots = torch.tensor([0, 1])
+    for name, kv_c, k_pe, error in (("kv_c", torch.ones(2, R // 2), torch.ones(2, P), ValueError),
+                                    ("kv_c", torch.ones(2, R, dtype=torch.float64), torch.ones(2, P), TypeError),
+                                    ("k_pe", torch.ones(2, R), torch.ones(3, P), ValueError)):
+        with pytest.raises(error, match=name):
+            torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+        assert torch.equal(buf, before)
+    kv8, scale8, pe8 = mla_kernels.fp8_latent_cache(2, PAGE, 128, P)
+    with pytest.raises(ValueError, match="kv_scale"):
+        torch.ops.mla_kernels.write_cache_fp8(torch.ones(2, 128, dtype=torch.bfloat16),
+                                              torch.ones(2, P, dtype=torch.bfloat16), kv8, pe8, slots, scale8[:, :1])
+
+
 def test_opcheck_fp8_cache(device):
     """An fp8 cache through the ops: write_cache quantizes into the latent and its scales (both declared mutated),
     mla_decode reads them back with ``kv_scale``; each op gives the public call's result."""
