@@ -334,7 +334,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
-                      device=_device(device))
+                      device=_utils.check_device("device", device))
     return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
 
 
@@ -349,16 +349,6 @@ def _check_sizes(**sizes) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-
-
-def _device(device) -> torch.device:
-    """``device`` (a ``torch.device``, its name or a CUDA index) as a ``torch.device``, or an error naming it."""
-    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
-        raise TypeError(f"device must be a torch.device or its name, got {type(device).__name__}")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a device torch knows: {exc}") from None
 
 
 def _index(name: str, value) -> int:
@@ -434,7 +424,7 @@ class PagedLatentCache:
         self.rope_dim = rope_dim
         self.dtype = dtype
         self.rope_dtype = rope_dtype if fp8 else dtype
-        self.device = _device(device)
+        self.device = _utils.check_device("device", device)
         if fp8:
             row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
             self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)

@@ -77,6 +77,7 @@ def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     D_nope = D_v = 128), whatever the head count. Without history it always wins; n new tokens over a long
     history need n > ~171. ``choose_prefill_path`` weighs this by measured speeds and launch costs.
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     pairs = attended_pairs(new_lens, cache_lens, causal)
@@ -102,6 +103,7 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     expanded kernel's (it was the ratio of the two paths' FLOP/s in the FLOP-only model before). Plain ints in;
     no GPU work. Raises ``TypeError``/``ValueError`` naming a bad argument (see ``prefill_times``).
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     return _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
@@ -126,6 +128,7 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     > 0, the two host times >= 0); ``device`` a ``torch.device`` or its name. Anything else raises
     ``TypeError``/``ValueError`` naming the argument.
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     return _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
@@ -134,7 +137,7 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
 
 def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants):
     """``prefill_times`` on lengths and sizes already checked."""
-    device = torch.device(device) if device is not None else None
+    device = _utils.check_device("device", device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants:
         _check_constants(constants)
@@ -164,6 +167,8 @@ def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[i
                 from None
         for b, v in enumerate(values):
             try:
+                if isinstance(v, bool):
+                    raise TypeError
                 values[b] = operator.index(v)
             except TypeError:
                 raise TypeError(f"{name}[{b}] must be an int, got {v!r}") from None
