@@ -10,7 +10,8 @@ see each as one node with known outputs and known mutations.
 ======================================  =============================================================
 
 The public functions check their arguments' shapes and dtypes in Python (free while tracing: they read no
-tensor values) and call these ops only while ``torch.compile`` traces them; in eager mode they skip the
+tensor values) and call these ops only while ``torch.compile`` traces them (the write ops check them again, so that a
+direct call of ``torch.ops.mla_kernels.write_cache*`` cannot write out of bounds); in eager mode they skip the
 dispatcher and its per-call host cost (not measured in bench/results). ``mla_decode`` and ``write_cache`` run their CPU-only
 value checks inside the op, so those hold in compiled code too. The prefill ops need the lengths on the host
 (they synchronise once, as the eager calls do, unless given the caller's host lengths, ``cu_seqlens_q_host`` and
@@ -74,6 +75,8 @@ def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scal
 @torch.library.custom_op("mla_kernels::write_cache", mutates_args=("kv_cache", "pe_cache"))
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                 slot_mapping: torch.Tensor) -> None:
+    if not _cache._write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):  # a direct call of the op
+        _cache._check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
     _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping)
 
 
@@ -88,6 +91,7 @@ def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
 @torch.library.custom_op("mla_kernels::write_cache_fp8", mutates_args=("kv_cache", "pe_cache", "kv_scale"))
 def write_cache_fp8(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, kv_scale: torch.Tensor) -> None:
+    _cache._check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     _cache._write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
 
 

@@ -249,6 +249,16 @@ def check_devices(**tensors: torch.Tensor) -> torch.device:
     return device
 
 
+def check_device(name: str, device) -> torch.device:
+    """``device`` (a ``torch.device``, its name or a CUDA index) as a ``torch.device``, or an error naming it."""
+    if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+        raise TypeError(f"{name} must be a torch.device or its name, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name} {device!r} is not a device torch knows: {exc}") from None
+
+
 def check_flag(name: str, value) -> bool:
     """A switch such as ``causal``: a bool (or numpy bool); ``None`` or a string is refused, not read as truthy."""
     if value is True or value is False:

@@ -51,14 +51,24 @@ def _round_e4m3(x):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """``tl.maximum`` that returns NaN where either is NaN (as torch's amax and clamp; tl.max drops NaN)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 values ``[BLOCK_T, D_LATENT]``, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
-    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8``."""
+    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8`` (a NaN gives its group a NaN scale and stays
+    NaN; an inf gives an inf scale)."""
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
-    scale = tl.math.div_rn(tl.max(tl.abs(groups), 2), 448.0)  # [BLOCK_T, D_LATENT // 128]
+    scale = tl.math.div_rn(tl.reduce(tl.abs(groups), 2, _max_nan), 448.0)  # [BLOCK_T, D_LATENT // 128]
     q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
-    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    return tl.reshape(q, [BLOCK_T, D_LATENT]).to(tl.float8e4nv), scale
+    q = _round_e4m3(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL))
+    q = tl.reshape(q, [BLOCK_T, D_LATENT])
+    bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN: the interpreter's cast gives 384 for it
+    return bits.to(tl.float8e4nv, bitcast=True), scale
 
 
 @triton.jit
@@ -324,7 +334,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
-                      device=device)
+                      device=_utils.check_device("device", device))
     return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
 
 
@@ -414,7 +424,7 @@ class PagedLatentCache:
         self.rope_dim = rope_dim
         self.dtype = dtype
         self.rope_dtype = rope_dtype if fp8 else dtype
-        self.device = torch.device(device)
+        self.device = _utils.check_device("device", device)
         if fp8:
             row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
             self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
@@ -475,8 +485,13 @@ class PagedLatentCache:
                 self._next_id += 1
             seq_id = self._next_id
             self._next_id += 1
-        elif seq_id in self._seqs:
-            raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
+        else:
+            try:
+                live = seq_id in self._seqs
+            except TypeError:
+                raise TypeError(f"seq_id must be hashable (a dict key), got {seq_id!r}") from None
+            if live:
+                raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
         self._seqs[seq_id] = _Sequence()
         return seq_id
 
@@ -630,6 +645,9 @@ class PagedLatentCache:
     def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int], counts_name: str = "num_tokens"):
         """``(live sequences, int counts)`` of a batch: distinct hashable ids of live sequences, one non-negative
         int count each (named ``counts_name`` in errors); raises before anything changes."""
+        for name, values in (("seq_ids", seq_ids), (counts_name, num_tokens)):
+            if not isinstance(values, Iterable):
+                raise TypeError(f"{name} must be a sequence (one entry per sequence), got {type(values).__name__}")
         seq_ids, counts = list(seq_ids), list(num_tokens)
         if len(seq_ids) != len(counts):
             raise ValueError(f"seq_ids and {counts_name} disagree on length: {len(seq_ids)} vs {len(counts)}")

@@ -77,6 +77,7 @@ def prefill_flops(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     D_nope = D_v = 128), whatever the head count. Without history it always wins; n new tokens over a long
     history need n > ~171. ``choose_prefill_path`` weighs this by measured speeds and launch costs.
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     pairs = attended_pairs(new_lens, cache_lens, causal)
@@ -102,6 +103,7 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
     expanded kernel's (it was the ratio of the two paths' FLOP/s in the FLOP-only model before). Plain ints in;
     no GPU work. Raises ``TypeError``/``ValueError`` naming a bad argument (see ``prefill_times``).
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     return _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
@@ -126,6 +128,7 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
     > 0, the two host times >= 0); ``device`` a ``torch.device`` or its name. Anything else raises
     ``TypeError``/``ValueError`` naming the argument.
     """
+    causal = _utils.check_flag("causal", causal)
     new_lens, cache_lens = _check_cost_inputs(new_lens, cache_lens, heads=heads, d_latent=d_latent, d_rope=d_rope,
                                               d_nope=d_nope, d_v=d_v)
     return _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device,
@@ -134,7 +137,7 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
 
 def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants):
     """``prefill_times`` on lengths and sizes already checked."""
-    device = torch.device(device) if device is not None else None
+    device = _utils.check_device("device", device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants:
         _check_constants(constants)
@@ -164,6 +167,8 @@ def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[i
                 from None
         for b, v in enumerate(values):
             try:
+                if isinstance(v, bool):
+                    raise TypeError
                 values[b] = operator.index(v)
             except TypeError:
                 raise TypeError(f"{name}[{b}] must be an int, got {v!r}") from None
@@ -654,14 +659,11 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
     return longest_q, longest_k
 
 
-def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
-                    max_seqlen_k, host_sync, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
-    """Checks shared by both public calls. Returns (batch, page, max_seqlen_q, max_seqlen_k, host lengths | None).
-
-    Values are checked where they are on the host: always with the caller's host lengths (``cu_seqlens_q_host``,
-    ``cache_seqlens_host``), which on the CPU must also equal the tensors; otherwise on the CPU, and on a GPU when
-    ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once, ``_read_lengths``).
-    """
+def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
+                  max_seqlen_k, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
+    """The checks shared by both public calls that read no tensor values (shapes, dtypes, devices, the host lengths'
+    types), so they also run while torch.compile traces. Returns (batch, page, device, host lengths | None)."""
+    _check_queries(q_nope, q_pe)
     _utils.check_tensor("cu_seqlens_q", cu_seqlens_q, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cu_seqlens_q", cu_seqlens_q)
     if cu_seqlens_q.shape[0] == 0:
@@ -679,9 +681,19 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
                                   block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
                                   kv_scale=kv_scale)
-    capacity = block_table.shape[1] * page
+    return batch, page, device, _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch)
 
-    host = _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch)
+
+def _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, batch, page, device, max_seqlen_q,
+                    max_seqlen_k, host, host_sync):
+    """The value checks shared by both public calls, after ``_check_shapes``. Returns (max_seqlen_q, max_seqlen_k,
+    host lengths | None).
+
+    Values are checked where they are on the host: always with the caller's host lengths (``cu_seqlens_q_host``,
+    ``cache_seqlens_host``), which on the CPU must also equal the tensors; otherwise on the CPU, and on a GPU when
+    ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once, ``_read_lengths``).
+    """
+    capacity = block_table.shape[1] * page
     names = ("cu_seqlens_q_host", "cache_seqlens_host")
     if host is None and (host_sync or device.type != "cuda"):
         both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
@@ -696,7 +708,7 @@ def _check_metadata(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
         host = (list(host[0]), list(host[1]))
     max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
-    return batch, page, max_seqlen_q, max_seqlen_k, host
+    return max_seqlen_q, max_seqlen_k, host
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,21 +760,22 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     lengths given, or max_seqlen_q None), and block ids never.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
+    batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
+                                              cache_seqlens, max_seqlen_q, max_seqlen_k, kv_scale, cu_seqlens_q_host,
+                                              cache_seqlens_host)
+    _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
+    _utils.check_width("kv_cache latent", kv_cache.shape[-1])
+    softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
+    _check_int("num_splits", num_splits, 1)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
                                                      max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
                                                      cache_seqlens_host)
         return (out, lse) if return_lse else out
-    _check_queries(q_nope, q_pe)
-    batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q, max_seqlen_k,
-        host_sync=max_seqlen_q is None, kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host,
-        cache_seqlens_host=cache_seqlens_host)
-    _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
-    _utils.check_width("kv_cache latent", kv_cache.shape[-1])
-    softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
-    _check_int("num_splits", num_splits, 1)
+    max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                                       batch, page, device, max_seqlen_q, max_seqlen_k, host,
+                                                       host_sync=max_seqlen_q is None)
     out, lse = _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                              softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host,
                              kv_scale=kv_scale)
@@ -814,17 +827,9 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     latent and the expanded keys and values, ``sum(cache_seqlens) x (R + H x (D_nope + D_v))`` elements.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
-    if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
-        out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
-                                                               cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
-                                                               causal, path, return_lse, kv_scale, cu_seqlens_q_host,
-                                                               cache_seqlens_host)
-        return (out, lse) if return_lse else out
-    _check_queries(q_nope, q_pe)
+    batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
+                                              cache_seqlens, None, None, kv_scale, cu_seqlens_q_host, cache_seqlens_host)
     total, heads, d_nope = q_nope.shape
-    batch, _, max_seqlen_q, max_seqlen_k, host = _check_metadata(
-        q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, None, None, host_sync=True,
-        kv_scale=kv_scale, cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host)
     d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
     _utils.check_width("kv_cache latent", d_latent)
     _utils.check_tensor("w_kv_b", w_kv_b, 2, _utils.FLOAT_DTYPES)
@@ -837,6 +842,14 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
+        out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
+                                                               cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
+                                                               causal, path, return_lse, kv_scale, cu_seqlens_q_host,
+                                                               cache_seqlens_host)
+        return (out, lse) if return_lse else out
+    max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                                       batch, page, device, None, None, host, host_sync=True)
     d_v = w_kv_b.shape[0] // heads - d_nope
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]

@@ -351,6 +351,14 @@ def test_bad_batches_change_nothing():
         cache.append_batch([a, "nobody"], [1, 1])
     with pytest.raises(TypeError, match="seq_ids"):
         cache.append_batch([[a]], [1])
+    with pytest.raises(TypeError, match="num_tokens"):  # one int where a list of counts goes
+        cache.append_batch([a], 1)
+    with pytest.raises(TypeError, match="num_tokens"):
+        cache.blocks_needed([a], 1)
+    with pytest.raises(TypeError, match="seq_ids"):
+        cache.append_batch(a, [1])
+    with pytest.raises(TypeError, match="seq_id"):
+        cache.add_sequence(["unhashable"])
     assert_same_state(before, state_of(cache))
 
 
@@ -434,7 +442,9 @@ def test_buffers_and_sizes():
     (dict(kv_lora_rank=500), ValueError, "kv_lora_rank"),
     (dict(rope_dim=8), ValueError, "rope_dim"),
     (dict(dtype=torch.float64), TypeError, "dtype"),
-], ids=["layers", "blocks", "block_size", "rank", "rope", "dtype"])
+    (dict(device="gpu0"), ValueError, "device"),
+    (dict(device=3.5), TypeError, "device"),
+], ids=["layers", "blocks", "block_size", "rank", "rope", "dtype", "device-name", "device-float"])
 def test_constructor_checks(kwargs, error, name):
     args = dict(num_layers=1, num_blocks=2, block_size=4, kv_lora_rank=R, rope_dim=P)
     with pytest.raises(error, match=name):

@@ -150,6 +150,23 @@ def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device):
     assert not mismatched, f"rows (block, offset) differing from the reference: {mismatched}"
 
 
+def test_write_kernel_keeps_nan_and_inf_as_the_reference_quantizer_does(device):
+    """A NaN in a group gives that group a NaN scale and keeps the NaN value (reference.quantize_fp8's contract),
+    and an inf gives an inf scale and NaN values, on both paths. Before, the kernel's max and clamp dropped the NaN:
+    the scale came from the other 127 values and the NaN was stored as -448, a finite latent."""
+    kv, scale, pe = fp8_latent_cache(1, 4, 256, 16, device=device)
+    kv_c = torch.randn(3, 256).to(torch.bfloat16)
+    kv_c[0, 3] = float("nan")
+    kv_c[1, 130] = float("inf")
+    k_pe = torch.zeros(3, 16, dtype=torch.bfloat16)
+    write_cache(kv_c.to(device), k_pe.to(device), kv, pe, torch.tensor([0, 1, 2], device=device), kv_scale=scale)
+    q, s = reference.quantize_fp8(kv_c)
+    assert torch.equal(scale[0, :3].cpu().isnan(), s.isnan()) and torch.equal(scale[0, :3].cpu().isinf(), s.isinf())
+    assert torch.equal(kv[0, :3].cpu().float().isnan(), q.float().isnan())
+    finite = s.isfinite()[..., None].expand(-1, -1, 128).flatten(-2)
+    assert torch.equal(kv[0, :3].cpu().view(torch.uint8)[finite], q.view(torch.uint8)[finite])
+
+
 def test_write_then_read_through_the_cache_manager(device):
     cache = PagedLatentCache(2, 4, 8, 128, 16, dtype=FP8, device=device)
     assert cache.bytes_per_token == 2 * (128 + 4 + 32) and cache.buffer(0).dtype == torch.uint8
@@ -461,7 +478,8 @@ def test_bad_write_raises_and_leaves_the_cache_unchanged(case):
     (dict(num_blocks=2.0), TypeError, "num_blocks"),
     (dict(block_size=True), TypeError, "block_size"),
     (dict(kv_lora_rank=128.0), TypeError, "kv_lora_rank"),
-], ids=["no-blocks", "empty-pages", "negative", "float", "bool", "float-rank"])
+    (dict(device="gpu0"), ValueError, "device"),
+], ids=["no-blocks", "empty-pages", "negative", "float", "bool", "float-rank", "device-name"])
 def test_fp8_latent_cache_checks_its_sizes(kwargs, error, name):
     """An empty cache is refused where it is made (write_cache would refuse it later), as PagedLatentCache does."""
     args = dict(num_blocks=2, block_size=4, kv_lora_rank=128, rope_dim=16)

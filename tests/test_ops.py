@@ -62,6 +62,26 @@ def test_opcheck_write_cache(fused, device):
     assert kv_cache.count_nonzero() == 2 * R  # the -1 slot wrote nothing
 
 
+def test_write_cache_ops_check_their_arguments():
+    """The write ops are public names (``torch.ops.mla_kernels.write_cache``): called directly, outside
+    ``write_cache``, they check their arguments as it does, before writing. Before, a latent narrower than the cache
+    was read past its rows and the rows it held written, a dtype mismatch converted silently."""
+    buf = torch.zeros(3, PAGE, R + P)
+    before = buf.clone()
+    kv_cache, pe_cache = buf[..., :R], buf[..., R:]
+    slots = torch.tensor([0, 1])
+    for name, kv_c, k_pe, error in (("kv_c", torch.ones(2, R // 2), torch.ones(2, P), ValueError),
+                                    ("kv_c", torch.ones(2, R, dtype=torch.float64), torch.ones(2, P), TypeError),
+                                    ("k_pe", torch.ones(2, R), torch.ones(3, P), ValueError)):
+        with pytest.raises(error, match=name):
+            torch.ops.mla_kernels.write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+        assert torch.equal(buf, before)
+    kv8, scale8, pe8 = mla_kernels.fp8_latent_cache(2, PAGE, 128, P)
+    with pytest.raises(ValueError, match="kv_scale"):
+        torch.ops.mla_kernels.write_cache_fp8(torch.ones(2, 128, dtype=torch.bfloat16),
+                                              torch.ones(2, P, dtype=torch.bfloat16), kv8, pe8, slots, scale8[:, :1])
+
+
 def test_opcheck_fp8_cache(device):
     """An fp8 cache through the ops: write_cache quantizes into the latent and its scales (both declared mutated),
     mla_decode reads them back with ``kv_scale``; each op gives the public call's result."""
@@ -151,6 +171,38 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert torch.equal(got, step(q_raw, cu.tolist(), seqlens.tolist()))
     calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "mla_prefill_attention" in str(n.target)]
     assert len(calls) == 1 and list(calls[0].args[-2:]) == [cu.tolist(), seqlens.tolist()]
+
+
+COMPILED_BAD_PREFILL = {
+    "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][:, 0]), ValueError, "q_nope"),
+    "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
+    "cu_seqlens_q_host-float": (lambda a: a.update(cu_seqlens_q_host=[float(v) for v in a["cu_seqlens_q"].tolist()],
+                                                   cache_seqlens_host=a["cache_seqlens"].tolist()),
+                                TypeError, "cu_seqlens_q_host"),
+    "w_kv_b-none": (lambda a: a.update(w_kv_b=None), TypeError, "w_kv_b"),
+    "path-none": (lambda a: a.update(path=None), ValueError, "path"),
+}
+
+
+@pytest.mark.parametrize("fn,case", [(fn, case) for fn in ("mla_prefill", "mla_prefill_attention")
+                                     for case in COMPILED_BAD_PREFILL
+                                     if fn == "mla_prefill_attention" or "w_kv_b" not in case and "path" not in case])
+def test_compiled_prefill_checks_shapes_before_the_op(fn, case):
+    """Under torch.compile the prefill calls check what they can without reading values (shapes, dtypes, types)
+    before tracing their op, as eagerly, so bad input raises the error naming it (a graph break takes it out of the
+    graph, as for mla_decode). Before, the op's fake implementation met the bad input first and torch.compile
+    raised its own TorchRuntimeError, or the op's schema refused it."""
+    q_latent, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs("cpu", d_nope=16, d_v=16)
+    args = dict(q_nope=q_latent, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=table, cu_seqlens_q=cu,
+                cache_seqlens=seqlens, softmax_scale=SCALE)
+    if fn == "mla_prefill_attention":
+        args.update(q_nope=q_raw, w_kv_b=w_kv_b)
+    change, error, name = COMPILED_BAD_PREFILL[case]
+    change(args)
+    torch._dynamo.reset()
+    compiled = torch.compile(getattr(mla_kernels, fn), backend="eager")
+    with pytest.raises(error, match=name):
+        compiled(**args)
 
 
 def test_opcheck_on_the_pytorch_path(monkeypatch):

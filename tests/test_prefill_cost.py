@@ -156,6 +156,10 @@ BAD_COST_INPUT = {
     "constant-negative": (([4], [8]), dict(constants={"prefill_expanded_tflops": -1.0}), ValueError, "prefill_exp"),
     "constant-nan": (([4], [8]), dict(constants={"prefill_call_us": float("nan")}), ValueError, "prefill_call"),
     "constant-unknown": (([4], [8]), dict(constants={"absorbed_relative_speed": 2.0}), ValueError, "constants"),
+    "new-bool": (([True], [10]), {}, TypeError, "new_lens"),
+    "causal-none": (([4], [8]), dict(causal=None), TypeError, "causal"),
+    "causal-string": (([4], [8]), dict(causal="no"), TypeError, "causal"),
+    "device-unknown": (([4], [8]), dict(device="gpu0"), ValueError, "device"),
 }
 
 
