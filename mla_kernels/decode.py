@@ -602,11 +602,19 @@ def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlen
 
 
 def _project_v(out, w_uv):
-    """Per-head value projection [..., H, R] x w_uv [H, D_v, R] -> [..., H, D_v] (one batched GEMM)."""
-    lead, heads, r = out.shape[:-2], out.shape[-2], out.shape[-1]
+    """Per-head value projection [..., H, R] x w_uv [H, D_v, R] -> [..., H, D_v] (one batched GEMM), contiguous.
+
+    The GEMM runs per head over [H, N, R] views and writes straight into a contiguous [N, H, D_v] result through
+    its transposed view (cuBLAS takes the row stride H x D_v), so the caller gets a contiguous tensor without a copy
+    (a plain ``bmm(...).transpose(0, 1)`` gave a view whose ``.view(N, -1)`` failed). Where autograd is recording,
+    which ``out=`` does not support, the same product is made contiguous by a copy."""
+    lead, heads, r, d_v = out.shape[:-2], out.shape[-2], out.shape[-1], w_uv.shape[1]
     x = out.reshape(-1, heads, r).transpose(0, 1)  # [H, N, R]
-    y = torch.bmm(x, w_uv.transpose(1, 2))  # [H, N, D_v]
-    return y.transpose(0, 1).reshape(*lead, heads, w_uv.shape[1])
+    if torch.is_grad_enabled() and (out.requires_grad or w_uv.requires_grad):
+        return torch.bmm(x, w_uv.transpose(1, 2)).transpose(0, 1).reshape(*lead, heads, d_v).contiguous()
+    y = out.new_empty(*lead, heads, d_v)
+    torch.bmm(x, w_uv.transpose(1, 2), out=y.view(-1, heads, d_v).transpose(0, 1))
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,13 +663,21 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
     undefined behaviour, as in FlashMLA.
     """
+    softmax_scale, max_seqlen_k = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
+                                                     softmax_scale, w_uv, max_seqlen_k, num_splits, kv_scale)
+    return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
+                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
+
+
+def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
+                       max_seqlen_k, num_splits, kv_scale):
+    """``mla_decode``'s shape, dtype and device checks (no tensor values read), also run by its custom op when called
+    directly. Returns ``(softmax_scale as a float, max_seqlen_k clamped to the block table's capacity)``."""
     # the common case, checked in one expression; anything else takes the named checks below
     if kv_scale is None and _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
                                             softmax_scale, w_uv, max_seqlen_k, num_splits):
         capacity = block_table.shape[1] * kv_cache.shape[1]
-        max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
-        return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                    causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata)
+        return softmax_scale, capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
     _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
@@ -689,8 +705,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         _utils.check_same("w_uv", w_uv.shape[0], "q_nope", heads, "head count")
         _utils.check_same("w_uv", w_uv.shape[2], "q_nope", d_latent, "latent width R")
         _utils.check_same("w_uv", w_uv.dtype, "q_nope", q_nope.dtype, "dtype")
-    device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
-                                  block_table=block_table, cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
+    _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
+                         cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
     if max_seqlen_k is None:
         max_seqlen_k = capacity
@@ -698,9 +714,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    max_seqlen_k = min(max_seqlen_k, capacity)
-    return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
+    return softmax_scale, min(max_seqlen_k, capacity)
 
 
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)

@@ -171,6 +171,7 @@ def test_non_causal_and_w_uv(causal, device, poisoned_empty):
     ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, causal=causal,
                                            w_uv=w_uv)
     assert out.shape == (2, 4, heads, d_v)
+    assert out.is_contiguous(), "callers reshape the projected output with .view (it used to be a transposed view)"
     # the latent output is rounded to bf16 before the bf16 projection GEMM: two roundings, still ~2 ulp RMS
     assert_close(f"w_uv causal={causal}", out, ref_out, torch.bfloat16)
 

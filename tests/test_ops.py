@@ -82,6 +82,23 @@ def test_write_cache_ops_check_their_arguments():
                                               torch.ones(2, P, dtype=torch.bfloat16), kv8, pe8, slots, scale8[:, :1])
 
 
+def test_mla_decode_op_checks_its_arguments():
+    """``torch.ops.mla_kernels.mla_decode`` is a public name too: called directly it checks shapes, dtypes and
+    widths as ``mla_decode`` does. Before, a query narrower than the cache was launched as it was."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs("cpu")
+    good = dict(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=table,
+                cache_seqlens=seqlens)
+    for name, bad, error in (("q_nope", q_nope[..., :R // 2], ValueError), ("q_pe", q_pe.double(), TypeError),
+                             ("block_table", table[:2], ValueError), ("cache_seqlens", seqlens.float(), TypeError)):
+        a = dict(good, **{name: bad})
+        with pytest.raises(error, match=name):
+            torch.ops.mla_kernels.mla_decode(*a.values(), SCALE, True, False, None, 12, None)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        torch.ops.mla_kernels.mla_decode(*good.values(), -1.0, True, False, None, 12, None)
+    with pytest.raises(ValueError, match="w_uv"):
+        torch.ops.mla_kernels.mla_decode(*good.values(), SCALE, True, False, torch.randn(HEADS + 1, 8, R), 12, None)
+
+
 def test_opcheck_fp8_cache(device):
     """An fp8 cache through the ops: write_cache quantizes into the latent and its scales (both declared mutated),
     mla_decode reads them back with ``kv_scale``; each op gives the public call's result."""

@@ -194,6 +194,7 @@ def test_attention_parity(case, path, device, poisoned_empty):
     out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
     ref_out, ref_lse = naive_reference(a)
     assert out.dtype == torch.bfloat16 and out.shape == (sum(new), heads, D_V)
+    assert out.is_contiguous(), "both paths give a contiguous output (path='auto' picks either)"
     # absorbed: q absorbed and the latent output rounded to bf16 before the bf16 W_UV GEMM; expanded: K and V
     # rounded to bf16 by the expansion GEMM (as transformers does). Each adds one rounding: still ~2 ulp RMS.
     assert_close(f"{case} {path}", out, ref_out, torch.bfloat16)
