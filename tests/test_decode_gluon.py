@@ -35,7 +35,9 @@ def run_gluon(monkeypatch, *args, **kwargs):
 
 
 # (lens, S_q, heads, page, splits): 128 heads (two row blocks a sequence), fewer heads than a block's 64 rows, S_q > 1
-# with causal masking across row blocks, pages of two tiles, splits (some empty), padding slots, a one-token sequence
+# with causal masking across row blocks, pages of two tiles, splits (some empty), padding slots, a one-token sequence,
+# and long programs (16 tiles: both ring stages refilled and their phases flipped many times, then a tail tile) that
+# a short run catches before the slow full-size test would hang on them
 CASES = {
     "h128-page64": ([150, 64, 0, 1], 1, 128, 64, 1),
     "h16-page64-split3": ([100, 0, 130], 1, 16, 64, 3),
@@ -43,6 +45,7 @@ CASES = {
     "h8-page64-s4": ([90, 4, 0], 4, 8, 64, 1),
     "h128-page64-s2-split4": ([700, 129], 2, 128, 64, 4),
     "h3-page64-s8": ([63, 65], 8, 3, 64, 1),
+    "h16-page64-16tiles": ([1000, 333, 0, 64], 1, 16, 64, 1),
 }
 
 
@@ -69,6 +72,20 @@ def test_gluon_int64_indices_and_narrower_latent(device, monkeypatch):
     ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
     assert_close("int64-r256", out.view(ref_out.shape), ref_out, torch.bfloat16)
     assert_lse_close("int64-r256", lse.view(ref_lse.shape), ref_lse)
+
+
+@needs_hopper
+@pytest.mark.parametrize("p", [16, 256], ids=["p16", "p256"])
+def test_gluon_other_rope_widths(p, device, monkeypatch):
+    """Rope widths ``gluon_supported`` admits at R 256 that compile to other copies: P 16 (a 32-byte swizzle, one
+    16-column box) and P 256 (the rope tile copied as four 64-column boxes, like a latent half)."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([150, 0, 77], 2, 16, 64, torch.bfloat16, device,
+                                                                   r=256, p=p)
+    assert dg.gluon_supported(q_nope, kv_cache, pe_cache)
+    out, lse = run_gluon(monkeypatch, q_nope, q_pe, kv_cache, pe_cache, table, seqlens, num_splits=2)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close(f"rope-p{p}", out.view(ref_out.shape), ref_out, torch.bfloat16)
+    assert_lse_close(f"rope-p{p}", lse.view(ref_lse.shape), ref_lse)
 
 
 @needs_hopper
