@@ -257,6 +257,21 @@ def test_bad_arguments():
         LatentBatch(cache, [seq], [5], torch.zeros(5, dtype=torch.int64))
 
 
+def test_frozen_module_refuses_an_input_that_requires_grad():
+    """Frozen parameters let forward run with grad enabled, but an input that requires grad would need the kernels'
+    missing backward: forward raises before writing the cache instead of returning an output detached from the
+    input (gradients silently dropped)."""
+    mod = MLAttention.from_config(tiny_config()).requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    batch = LatentBatch.reserve(cache, [cache.add_sequence()], [3])
+    x = torch.randn(3, 64)
+    before = cache.buffer(0).clone()
+    with pytest.raises(RuntimeError, match="no_grad"):
+        mod(x.requires_grad_(), batch)
+    torch.testing.assert_close(cache.buffer(0), before, rtol=0, atol=0, equal_nan=True)  # nothing written
+    assert not mod(x.detach(), batch).requires_grad  # nothing requires grad: runs with grad enabled
+
+
 def test_bad_batch_and_rope_tables_are_refused():
     """LatentBatch's counts are non-negative ints, one per distinct sequence; forward's position_embeddings is a
     (cos, sin) pair of [T, P] tables. None of these is truncated, broadcast or reinterpreted."""

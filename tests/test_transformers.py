@@ -265,6 +265,18 @@ def test_cache_misuse_is_a_clear_error(monkeypatch):
         model(input_ids=ids, attention_mask=mask)
 
 
+def test_training_around_frozen_patched_attention_is_refused():
+    """Attention frozen, the rest trainable (fine-tuning other modules): the hidden states reaching the attention
+    require grad, which the kernels can't propagate. A clear error, not embedding gradients silently missing every
+    path through attention (the interpreter) or an in-place autograd error from deep inside (the PyTorch path)."""
+    model = patch_model(tiny_model())
+    for layer in model.model.layers:
+        layer.self_attn.requires_grad_(False)
+    ids, mask = left_padded([5, 3])
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+
+
 def test_generate_bench_smoke(monkeypatch):
     """bench.generate's providers on a tiny dense shape (PyTorch path: this only checks the wiring)."""
     from bench.generate import LOGITS_RTOL, ModelShape, run

@@ -651,7 +651,7 @@ class TransformersMLAttention(MLAttention):
                 past_key_values=None, **kwargs):
         if position_embeddings is None:
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
-        _check_inference(self)
+        _check_inference(self, hidden_states)
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = _rope_tables(position_embeddings)
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
