@@ -239,6 +239,46 @@ def test_unpatchable_models_raise_before_any_swap():
         patch_model(model)
 
 
+class _LoraLinear(torch.nn.Module):
+    """The shape of peft's lora.Linear: wraps the base layer, exposes its ``weight``, adds a low-rank delta."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_adapted_kv_b_proj_is_refused_before_any_swap():
+    """The kernels read kv_b_proj's weight directly (absorbed into the query and the output), never call it: a
+    wrapped kv_b_proj (a LoRA adapter, a subclass with its own forward) would be bypassed and the patched model
+    would compute another function. patch_model refuses it; adapters on the other projections are called, so fine."""
+    model = tiny_model()
+    model.model.layers[1].self_attn.kv_b_proj = _LoraLinear(model.model.layers[1].self_attn.kv_b_proj)
+    with pytest.raises(TypeError, match="layer 1's kv_b_proj"):
+        patch_model(model)
+    assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_model()
+    model.model.layers[0].self_attn.kv_b_proj.__class__ = Scaled
+    with pytest.raises(TypeError, match="layer 0's kv_b_proj"):
+        patch_model(model)
+    model = tiny_model()
+    model.model.layers[0].self_attn.q_proj = _LoraLinear(model.model.layers[0].self_attn.q_proj)
+    patch_model(model)
+
+
 def test_float64_model_is_refused_before_any_swap():
     model = tiny_model().double()
     with pytest.raises(TypeError, match="bfloat16"):

@@ -753,6 +753,11 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                    if getattr(attn, n, None) is None]
         if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
+        kv_b = attn.kv_b_proj
+        if not isinstance(kv_b, nn.Linear) or type(kv_b).forward is not nn.Linear.forward or kv_b.bias is not None:
+            raise TypeError(f"layer {i}'s kv_b_proj is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the "
+                            f"kernels read its weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own "
+                            f"forward) would be bypassed; merge it into a plain Linear first")
         dtype = attn.kv_b_proj.weight.dtype
         if dtype not in _utils.FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
