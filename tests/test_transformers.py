@@ -187,6 +187,24 @@ def test_patch_shares_parameters_and_unpatch_restores():
     assert mla_kernels.patch_model is patch_model and mla_kernels.unpatch_model is unpatch_model
 
 
+def test_a_latent_cache_given_to_the_unpatched_model_is_a_clear_error(monkeypatch):
+    """A Cache filled while patched holds no transformers K/V: continuing on it after unpatch_model must say so, not
+    fail deep inside transformers' attention on the empty keys its layers return."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = tiny_model()
+    ids, mask = left_padded([5, 3])
+    patch_model(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        static = integration.static_latent_cache(model, 2, 16)
+        unpatch_model(model)
+        with pytest.raises(ValueError, match="patched model's latent cache"):
+            model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache,
+                  use_cache=True)
+        with pytest.raises(ValueError, match="patched model's latent cache"):
+            model(input_ids=ids, attention_mask=mask, past_key_values=static, use_cache=True)
+
+
 def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
     the model's current mode, or its attention dropout stays on in eval (and off in train)."""

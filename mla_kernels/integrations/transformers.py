@@ -87,6 +87,7 @@ def _make_latent_layer_class():
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
+            _check_latent_update(key_states)
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             self.cumulative_length += key_states.shape[-2]
@@ -121,6 +122,14 @@ def _make_latent_layer_class():
                 raise NotImplementedError("selecting batch rows of a filled latent cache is not supported")
 
     return LatentCacheLayer
+
+
+def _check_latent_update(key_states) -> None:
+    """The patched attention counts its tokens with empty key states; anything else is transformers' own attention
+    (a model unpatched since) handing real K/V to a layer that stores none."""
+    if key_states.shape[-1] != 0:
+        raise ValueError("this Cache is a patched model's latent cache and holds no transformers K/V: it can't serve "
+                         "transformers' own attention (was the model unpatched?); use a new cache")
 
 
 _LATENT_LAYER_CLASS = None
@@ -418,6 +427,7 @@ def _make_static_layer_class():
             pass
 
         def update(self, key_states, value_states, *args, **kwargs):
+            _check_latent_update(key_states)
             self.cumulative_length.add_(key_states.shape[-2])
             return self.keys, self.values
 
