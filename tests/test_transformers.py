@@ -335,6 +335,23 @@ def test_training_around_frozen_patched_attention_is_refused():
         model(input_ids=ids, attention_mask=mask, labels=ids)
 
 
+def test_a_transformers_static_cache_points_to_static_latent_cache(monkeypatch):
+    """generate(cache_implementation="static") or a StaticCache: refused with a pointer to the patched model's own
+    static cache, not with an error about transformers K/V that the empty StaticCache doesn't hold."""
+    from transformers import StaticCache
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model())
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="StaticLayer.*static_latent_cache"):
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=2,
+                           cache_implementation="static")
+        with pytest.raises(ValueError, match="StaticLayer.*static_latent_cache"):
+            model(input_ids=ids, attention_mask=mask, use_cache=True,
+                  past_key_values=StaticCache(config=model.config, max_cache_len=16))
+
+
 def test_generate_bench_smoke(monkeypatch):
     """bench.generate's providers on a tiny dense shape (PyTorch path: this only checks the wiring)."""
     from bench.generate import LOGITS_RTOL, ModelShape, run

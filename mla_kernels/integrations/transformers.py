@@ -306,6 +306,10 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
     if type(layer) is dynamic_cls and layer.get_seq_length() == 0:
         layers[layer_idx] = latent_cls(state)
         return state
+    if type(layer) is not dynamic_cls:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
+        raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__}, which the patched model can't "
+                         f"use: pass a fresh DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
+                         f"max_cache_len) for a preallocated one")
     raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__} holding "
                      f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
                      f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
