@@ -75,6 +75,9 @@ def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embedding
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type != "yarn":
         raise ValueError(f"rope_parameters['rope_type'] must be 'default' or 'yarn', got {rope_type!r}")
+    missing = [k for k in ("factor", "original_max_position_embeddings") if k not in params]
+    if missing:
+        raise ValueError(f"rope_parameters of rope_type 'yarn' lacks {missing}")
     partial = params.get("partial_rotary_factor", 1.0)
     dim = int(dim * partial)
     factor = params["factor"]

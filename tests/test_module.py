@@ -233,6 +233,8 @@ def test_bad_arguments():
         MLAttention(64, 4, 32, 16, 16, 16, rope_style="spiral")
     with pytest.raises(ValueError, match="rope_type"):
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "yarn", "factor": 4.0})
     mod = MLAttention.from_config(config, dtype=torch.bfloat16)
     cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.bfloat16)
     seq = cache.add_sequence()
