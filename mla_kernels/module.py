@@ -75,6 +75,9 @@ def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embedding
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type != "yarn":
         raise ValueError(f"rope_parameters['rope_type'] must be 'default' or 'yarn', got {rope_type!r}")
+    missing = [k for k in ("factor", "original_max_position_embeddings") if k not in params]
+    if missing:
+        raise ValueError(f"rope_parameters of rope_type 'yarn' lacks {missing}")
     partial = params.get("partial_rotary_factor", 1.0)
     dim = int(dim * partial)
     factor = params["factor"]
@@ -454,7 +457,7 @@ class MLAttention(nn.Module):
         flat = hidden_states.reshape(-1, self.hidden_size)
         if flat.shape[0] != batch.num_tokens:
             raise ValueError(f"hidden_states has {flat.shape[0]} tokens but batch reserved {batch.num_tokens}")
-        _check_inference(self)
+        _check_inference(self, flat)
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
         else:
@@ -478,10 +481,12 @@ def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int) -> t
     return tables[0], tables[1]
 
 
-def _check_inference(module: nn.Module) -> None:
-    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:
+    """Refuse a call that autograd would need to go through: the kernels' outputs are detached from their inputs."""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
         raise RuntimeError("MLAttention runs inference kernels without a backward pass: call it under "
-                           "torch.no_grad() or torch.inference_mode(), or freeze its parameters")
+                           "torch.no_grad() or torch.inference_mode(), or freeze its parameters and detach "
+                           "hidden_states")
 
 
 def config_kwargs(config) -> dict:

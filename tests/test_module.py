@@ -233,6 +233,8 @@ def test_bad_arguments():
         MLAttention(64, 4, 32, 16, 16, 16, rope_style="spiral")
     with pytest.raises(ValueError, match="rope_type"):
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "yarn", "factor": 4.0})
     mod = MLAttention.from_config(config, dtype=torch.bfloat16)
     cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.bfloat16)
     seq = cache.add_sequence()
@@ -255,6 +257,21 @@ def test_bad_arguments():
         LatentBatch.reserve(object(), [seq], [1])
     with pytest.raises(ValueError, match="fewer than"):
         LatentBatch(cache, [seq], [5], torch.zeros(5, dtype=torch.int64))
+
+
+def test_frozen_module_refuses_an_input_that_requires_grad():
+    """Frozen parameters let forward run with grad enabled, but an input that requires grad would need the kernels'
+    missing backward: forward raises before writing the cache instead of returning an output detached from the
+    input (gradients silently dropped)."""
+    mod = MLAttention.from_config(tiny_config()).requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    batch = LatentBatch.reserve(cache, [cache.add_sequence()], [3])
+    x = torch.randn(3, 64)
+    before = cache.buffer(0).clone()
+    with pytest.raises(RuntimeError, match="no_grad"):
+        mod(x.requires_grad_(), batch)
+    torch.testing.assert_close(cache.buffer(0), before, rtol=0, atol=0, equal_nan=True)  # nothing written
+    assert not mod(x.detach(), batch).requires_grad  # nothing requires grad: runs with grad enabled
 
 
 def test_bad_batch_and_rope_tables_are_refused():

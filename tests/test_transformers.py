@@ -187,6 +187,24 @@ def test_patch_shares_parameters_and_unpatch_restores():
     assert mla_kernels.patch_model is patch_model and mla_kernels.unpatch_model is unpatch_model
 
 
+def test_a_latent_cache_given_to_the_unpatched_model_is_a_clear_error(monkeypatch):
+    """A Cache filled while patched holds no transformers K/V: continuing on it after unpatch_model must say so, not
+    fail deep inside transformers' attention on the empty keys its layers return."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = tiny_model()
+    ids, mask = left_padded([5, 3])
+    patch_model(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        static = integration.static_latent_cache(model, 2, 16)
+        unpatch_model(model)
+        with pytest.raises(ValueError, match="patched model's latent cache"):
+            model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache,
+                  use_cache=True)
+        with pytest.raises(ValueError, match="patched model's latent cache"):
+            model(input_ids=ids, attention_mask=mask, past_key_values=static, use_cache=True)
+
+
 def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
     the model's current mode, or its attention dropout stays on in eval (and off in train)."""
@@ -239,6 +257,46 @@ def test_unpatchable_models_raise_before_any_swap():
         patch_model(model)
 
 
+class _LoraLinear(torch.nn.Module):
+    """The shape of peft's lora.Linear: wraps the base layer, exposes its ``weight``, adds a low-rank delta."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_adapted_kv_b_proj_is_refused_before_any_swap():
+    """The kernels read kv_b_proj's weight directly (absorbed into the query and the output), never call it: a
+    wrapped kv_b_proj (a LoRA adapter, a subclass with its own forward) would be bypassed and the patched model
+    would compute another function. patch_model refuses it; adapters on the other projections are called, so fine."""
+    model = tiny_model()
+    model.model.layers[1].self_attn.kv_b_proj = _LoraLinear(model.model.layers[1].self_attn.kv_b_proj)
+    with pytest.raises(TypeError, match="layer 1's kv_b_proj"):
+        patch_model(model)
+    assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_model()
+    model.model.layers[0].self_attn.kv_b_proj.__class__ = Scaled
+    with pytest.raises(TypeError, match="layer 0's kv_b_proj"):
+        patch_model(model)
+    model = tiny_model()
+    model.model.layers[0].self_attn.q_proj = _LoraLinear(model.model.layers[0].self_attn.q_proj)
+    patch_model(model)
+
+
 def test_float64_model_is_refused_before_any_swap():
     model = tiny_model().double()
     with pytest.raises(TypeError, match="bfloat16"):
@@ -263,6 +321,35 @@ def test_cache_misuse_is_a_clear_error(monkeypatch):
             beams.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3, num_beams=2)
     with pytest.raises(RuntimeError, match="no_grad"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_training_around_frozen_patched_attention_is_refused():
+    """Attention frozen, the rest trainable (fine-tuning other modules): the hidden states reaching the attention
+    require grad, which the kernels can't propagate. A clear error, not embedding gradients silently missing every
+    path through attention (the interpreter) or an in-place autograd error from deep inside (the PyTorch path)."""
+    model = patch_model(tiny_model())
+    for layer in model.model.layers:
+        layer.self_attn.requires_grad_(False)
+    ids, mask = left_padded([5, 3])
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+
+
+def test_a_transformers_static_cache_points_to_static_latent_cache(monkeypatch):
+    """generate(cache_implementation="static") or a StaticCache: refused with a pointer to the patched model's own
+    static cache, not with an error about transformers K/V that the empty StaticCache doesn't hold."""
+    from transformers import StaticCache
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model())
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="StaticLayer.*static_latent_cache"):
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=2,
+                           cache_implementation="static")
+        with pytest.raises(ValueError, match="StaticLayer.*static_latent_cache"):
+            model(input_ids=ids, attention_mask=mask, use_cache=True,
+                  past_key_values=StaticCache(config=model.config, max_cache_len=16))
 
 
 def test_generate_bench_smoke(monkeypatch):

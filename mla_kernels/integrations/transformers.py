@@ -87,6 +87,7 @@ def _make_latent_layer_class():
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
+            _check_latent_update(key_states)
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             self.cumulative_length += key_states.shape[-2]
@@ -121,6 +122,14 @@ def _make_latent_layer_class():
                 raise NotImplementedError("selecting batch rows of a filled latent cache is not supported")
 
     return LatentCacheLayer
+
+
+def _check_latent_update(key_states) -> None:
+    """The patched attention counts its tokens with empty key states; anything else is transformers' own attention
+    (a model unpatched since) handing real K/V to a layer that stores none."""
+    if key_states.shape[-1] != 0:
+        raise ValueError("this Cache is a patched model's latent cache and holds no transformers K/V: it can't serve "
+                         "transformers' own attention (was the model unpatched?); use a new cache")
 
 
 _LATENT_LAYER_CLASS = None
@@ -297,6 +306,10 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
     if type(layer) is dynamic_cls and layer.get_seq_length() == 0:
         layers[layer_idx] = latent_cls(state)
         return state
+    if type(layer) is not dynamic_cls:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
+        raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__}, which the patched model can't "
+                         f"use: pass a fresh DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
+                         f"max_cache_len) for a preallocated one")
     raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__} holding "
                      f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
                      f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
@@ -418,6 +431,7 @@ def _make_static_layer_class():
             pass
 
         def update(self, key_states, value_states, *args, **kwargs):
+            _check_latent_update(key_states)
             self.cumulative_length.add_(key_states.shape[-2])
             return self.keys, self.values
 
@@ -651,7 +665,7 @@ class TransformersMLAttention(MLAttention):
                 past_key_values=None, **kwargs):
         if position_embeddings is None:
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
-        _check_inference(self)
+        _check_inference(self, hidden_states)
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = _rope_tables(position_embeddings)
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
@@ -753,6 +767,11 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                    if getattr(attn, n, None) is None]
         if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
+        kv_b = attn.kv_b_proj
+        if not isinstance(kv_b, nn.Linear) or type(kv_b).forward is not nn.Linear.forward or kv_b.bias is not None:
+            raise TypeError(f"layer {i}'s kv_b_proj is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the "
+                            f"kernels read its weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own "
+                            f"forward) would be bypassed; merge it into a plain Linear first")
         dtype = attn.kv_b_proj.weight.dtype
         if dtype not in _utils.FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
