@@ -131,7 +131,7 @@ def test_the_trap_catches_a_sync(monkeypatch):
     ids, mask = left_padded([3, 2])
     trap.armed = True
     with torch.no_grad(), pytest.raises(AssertionError, match="decode step"):
-        integration._real_tokens(mask.bool()[:, None, None, :].expand(2, 1, 3, 3), 2, 3)
+        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3)
 
 
 def test_a_pad_in_a_decode_step_is_refused():
@@ -278,7 +278,7 @@ def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):
     x = torch.randn(2, 3, 4)
     counter.armed = True
     with torch.no_grad(), counter.mode():
-        integration._real_tokens(mask.bool()[:, None, None, :].expand(2, 1, 3, 3), 2, 3)
+        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3)
         packed = x[real]
         x[real] = packed
         cache = PagedLatentCache(1, 4, 4, 16, 16, dtype=torch.float32)

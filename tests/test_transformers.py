@@ -139,6 +139,47 @@ def test_forward_matches_transformers(attn_implementation, use_cache):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A 4-D ``[B, 1, Q, KV]`` float mask as eager attention adds it: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+@pytest.mark.parametrize("cache_kind", ["none", "dynamic", "static"])
+def test_a_mask_the_kernels_do_not_compute_is_refused_before_anything_is_stored(cache_kind, monkeypatch):
+    """A 4-D mask is accepted when it is causal attention over the keys its last row sees (left padding here) and
+    matches transformers; two documents packed into one row with a block-diagonal mask are refused with a
+    ValueError (they were read as padding: the first document's tokens' outputs came back as zeros), before the
+    cache counts or stores anything: the same cache then serves the accepted mask."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = tiny_model()
+    q = 8
+    ids = torch.randint(3, 128, (2, q), generator=torch.Generator().manual_seed(0))
+    key, query = torch.arange(q), torch.arange(q)[:, None]
+    real = torch.tensor([[0] * 3 + [1] * 5, [1] * 8], dtype=torch.bool)  # row 0 left-padded
+    padded = additive_mask((key <= query) & real[:, None, :])
+    docs = torch.zeros(q, dtype=torch.long).masked_fill(torch.arange(q) >= 5, 1)  # tokens 0-4, then 5-7
+    packed = additive_mask(((key <= query) & (docs[None, :] == docs[:, None])).expand(2, q, q))
+    per_head = padded.expand(2, 2, q, q).clone()
+    per_head[1, 1, 7, 0] = torch.finfo(torch.float32).min  # head 1 of row 1 hides a key head 0 sees
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=padded, use_cache=False).logits
+        patch_model(model, block_size=4)
+
+        def cache():
+            return {"none": None, "dynamic": DynamicCache(config=model.config),
+                    "static": integration.static_latent_cache(model, 2, 16, block_size=4)}[cache_kind]
+
+        kv = cache()
+        for bad in (packed, per_head):
+            with pytest.raises(ValueError, match="attention_mask"):
+                model(input_ids=ids, attention_mask=bad, past_key_values=kv, use_cache=kv is not None)
+            if kv is not None:
+                assert kv.get_seq_length() == 0, "the refused call counted tokens in the cache"
+        got = model(input_ids=ids, attention_mask=padded, past_key_values=kv, use_cache=kv is not None).logits
+    ok = real.clone()
+    torch.testing.assert_close(got[ok], expected[ok], rtol=1e-5, atol=1e-5)
+
+
 def test_multi_turn_chat_keeps_the_cache():
     """Seed 002, done with the real thing: turn 2 continues on turn 1's cache (only the new tokens are fed),
     and gives eager attention's tokens; the cached latent prefix stays as it was."""

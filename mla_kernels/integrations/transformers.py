@@ -324,13 +324,66 @@ class _Packing(NamedTuple):
 
 
 def _real_tokens(attention_mask, batch_size: int, query_len: int) -> _Packing | None:
-    """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host: one
-    synchronisation on a GPU, once per step (decode steps use ``_assert_real`` instead)."""
+    """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host, with
+    ``_mask_fits``'s verdict: one synchronisation on a GPU, once per step (decode steps use ``_assert_real``)."""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is None:
         return None
-    counts = real.sum(1).tolist()
-    return _packing(real, counts)
+    counts = real.sum(1)
+    fits = _mask_fits(attention_mask, real)
+    host = (counts if fits is None else torch.cat([counts, fits.view(1).to(counts.dtype)])).tolist()
+    if fits is not None:
+        _refuse_unfit(host.pop())
+    return _packing(real, host)
+
+
+# what a 4-D mask may hide: keys its last row hides (pads), and causally the keys after a query's own position
+_UNFIT_MASK = ("the patched attention computes causal attention over the tokens the attention mask's last query "
+               "row may see (left or right padding), but this 4-D attention_mask hides other keys from some real "
+               "token (packed documents with a block-diagonal mask, a per-head or other custom mask): not supported; "
+               "run such masks with the unpatched model (mla_kernels.unpatch_model)")
+
+
+def _refuse_unfit(fits) -> None:
+    if not fits:
+        raise ValueError(_UNFIT_MASK)
+
+
+def _mask_fits(attention_mask, real: torch.Tensor, columns: torch.Tensor | None = None,
+               rows_per_block: int = 256) -> torch.Tensor | None:
+    """0-dim bool on the mask's device, computed there (None without a 4-D mask): whether every real new token's
+    row of the 4-D mask, in every head, is exactly what the kernels compute: the keys the last row sees, up to the
+    token's own column (the last ``Q`` columns, or ``columns`` for a static cache); and every pad's row (``real
+    [B, Q]`` from ``_visible_new_tokens``) sees no pad, or everything. Without this a packed-documents mask was
+    read as padding and gave other outputs silently. Compared in blocks of query rows, so no ``[B, H, Q, KV]``
+    temporary is made at once (the mask itself is that large)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    kv_len, query_len = attention_mask.shape[-1], real.shape[1]
+    pos = columns if columns is not None else torch.arange(kv_len - query_len, kv_len, device=real.device)
+    key = torch.arange(kv_len, device=real.device)
+    last = _sees(attention_mask[:, :, -1:, :])  # [B, Hm, 1, KV]
+    fits = torch.ones((), dtype=torch.bool, device=real.device)
+    for start in range(0, attention_mask.shape[2], rows_per_block):
+        stop = min(start + rows_per_block, attention_mask.shape[2])
+        sees = _sees(attention_mask[:, :, start:stop, :])  # [B, Hm, rows, KV]
+        expected = last & (key <= pos[start:stop, None])  # [B, Hm, rows, KV]
+        # a pad's row sees no pad (left padding: nothing; right padding: the real tokens before it), or everything
+        # (sdpa's fix for fully masked rows); a row that sees "pads" is a real token read as one (packed documents)
+        pad_ok = ~(sees & ~last).any(-1) | sees.all(-1)
+        ok = torch.where(real[:, None, start:stop], (sees == expected).all(-1), pad_ok)  # [B, Hm, rows]
+        fits = fits & ok.all()
+    return fits
+
+
+def _sees(mask: torch.Tensor) -> torch.Tensor:
+    """A mask's entries as bool, True where attention is allowed (bool masks, additive float masks as eager
+    attention gets them, 0/1 integer masks)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        return mask > torch.finfo(mask.dtype).min / 2
+    return mask != 0
 
 
 def _packing(real: torch.Tensor, counts: list[int]) -> _Packing | None:
@@ -382,13 +435,7 @@ def _visible_new_tokens(attention_mask, batch_size: int, query_len: int,
         raise ValueError(f"attention_mask must be 4-D [B, 1, Q, KV] or 2-D [B, KV], got shape "
                          f"{tuple(attention_mask.shape)}")
     row = row[:, -query_len:] if columns is None else row.index_select(1, columns)
-    if row.dtype == torch.bool:
-        real = row
-    elif row.is_floating_point():
-        real = row > torch.finfo(row.dtype).min / 2
-    else:
-        real = row != 0
-    return real.expand(batch_size, query_len)
+    return _sees(row).expand(batch_size, query_len)
 
 
 def _rope_tables(position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,10 +570,12 @@ class _StaticLatentState:
         cache_layer = past_key_values.layers[layer]
         columns = cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)
         real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
+        seqlens = self.seqlens[layer]
+        # a prompt's first layer reads (and checks) its mask before anything is counted or stored
+        step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len,
+                                                             columns)
         past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
                                layer)
-        seqlens = self.seqlens[layer]
-        step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len)
         if real is None:
             real = torch.ones(batch_size, query_len, dtype=torch.bool, device=q_nope.device)
         index = seqlens[:, None].long() + real.long().cumsum(1) - 1  # [B, Q] each real token's place in its row
@@ -562,7 +611,7 @@ class _StaticLatentState:
         return packed.reshape(batch_size, query_len, heads * d_v)
 
     def _prompt_step(self, layer: int, attention_mask, real: torch.Tensor | None, seqlens: torch.Tensor,
-                     query_len: int) -> _PromptStep:
+                     query_len: int, columns: torch.Tensor) -> _PromptStep:
         """This prompt step's ``_PromptStep``: made by its first layer, which copies the rows' lengths and real-token
         counts to the host together (one synchronisation on a GPU); a later layer of the step checks on the device,
         without waiting, that its lengths are the first layer's."""
@@ -574,7 +623,10 @@ class _StaticLatentState:
                                 "holds other lengths than the first layer of this prompt (an interrupted forward?)")
         else:
             counts = torch.full_like(seqlens, query_len) if real is None else real.sum(1, dtype=torch.int32)
-            host = torch.cat([seqlens, counts]).tolist()
+            fits = None if real is None else _mask_fits(attention_mask, real, columns)
+            host = torch.cat([seqlens, counts] + ([] if fits is None else [fits.view(1).to(seqlens.dtype)])).tolist()
+            if fits is not None:
+                _refuse_unfit(host.pop())
             lengths, counts_host = host[:batch_size], host[batch_size:]
             packing = None if real is None else _packing(real, counts_host)
             cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
