@@ -340,9 +340,23 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=attention_bias, **kw)
 
+        self.max_position_embeddings = max_position_embeddings
         inv_freq, self.rope_scaling_factor = rope_inv_freq(qk_rope_head_dim, self.rope_parameters,
                                                            max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq if device is None else inv_freq.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``to_empty``...), then: a rope buffer that leaves the meta device
+        is computed again from the config. It is derived, not saved (no state-dict entry), so after
+        ``MLAttention(..., device="meta").to_empty(device=...)`` and ``load_state_dict`` it would otherwise hold
+        whatever the new memory held, and the rope would be silently wrong."""
+        was_meta = self.inv_freq.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.inv_freq.is_meta:
+            inv_freq, _ = rope_inv_freq(self.qk_rope_head_dim, self.rope_parameters, self.max_position_embeddings)
+            with torch.no_grad():
+                self.inv_freq.copy_(inv_freq)
+        return self
 
     # -- construction --------------------------------------------------------------------------
 

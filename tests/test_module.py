@@ -6,6 +6,8 @@ The kernels run through the Triton interpreter on the CPU; fp32 parity runs the 
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -82,6 +84,24 @@ def test_rope_and_scale_match_transformers(name):
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
     my_cos, my_sin = mod.rotary(positions, torch.float32)
     assert torch.equal(my_cos, cos) and torch.equal(my_sin, sin)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_meta_construction_then_load_keeps_the_rope(name):
+    """Built on the meta device, moved with ``to_empty`` and loaded (how large models are built): the rope buffer,
+    which no state dict holds, is computed again, not left as whatever the new memory held."""
+    config = tiny_config(**CONFIGS[name])
+    mod = MLAttention.from_config(config, device="meta")
+
+    def nan_empty_like(t, **kw):  # to_empty's new memory: what it held made certainly wrong
+        return torch.full_like(t, float("nan"), **kw)
+
+    with unittest.mock.patch.object(torch, "empty_like", nan_empty_like):
+        mod.to_empty(device="cpu")
+    mod.load_state_dict(reference_attention(config).state_dict(), strict=True)
+    assert torch.equal(mod.inv_freq, MLAttention.from_config(config).inv_freq)
+    moved = MLAttention.from_config(config).to(torch.bfloat16)  # an ordinary move keeps converting, as transformers'
+    assert moved.inv_freq.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
