@@ -147,6 +147,7 @@ _SCRATCH: dict = {}  # (device, stream, thread) -> [float32 buffer, {shapes: vie
 _SCRATCH_KEYS = 16  # buffers kept (device x stream x thread); a new key past this frees the oldest
 _SCRATCH_VIEWS = 64  # distinct shape sets remembered per buffer before the memo is cleared
 _SCRATCH_ALIGN = 64  # elements (256 bytes) between views: every view starts as aligned as the buffer
+_SCRATCH_LOCK = threading.Lock()
 
 
 def scratch(device: torch.device, *shapes: tuple) -> tuple:
@@ -158,7 +159,9 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
     one call's kernels between the other's). A larger request replaces the buffer; the old one goes back to
     PyTorch's allocator, which hands it out again only behind the work already queued on the stream.
     While a CUDA graph is being captured the tensors are allocated as usual, from the graph's own pool: a graph
-    must never point into a buffer that a later call may free and replace."""
+    must never point into a buffer that a later call may free and replace. Eager calls only: inside torch.compile's
+    CUDA graphs (cudagraph trees) even the warm-up calls allocate from the graphs' private pool, whose blocks the
+    trees reassign by their own bookkeeping (``decode._launch``'s ``reuse_scratch``)."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return tuple(torch.empty(s, dtype=torch.float32, device=device) for s in shapes)
@@ -173,13 +176,14 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
             return views
     sizes = [math.prod(s) for s in shapes]
     need = sum(cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN for n in sizes)
-    if entry is None or entry[0].numel() < need:
-        if entry is None and len(_SCRATCH) >= _SCRATCH_KEYS:  # streams or threads come and go: drop the oldest
-            _SCRATCH.pop(next(iter(_SCRATCH), None), None)
-        size = need if entry is None else max(need, 2 * entry[0].numel())  # growing requests: few reallocations
-        entry = _SCRATCH[key] = [torch.empty(size, dtype=torch.float32, device=device), {}]
-    elif len(entry[1]) >= _SCRATCH_VIEWS:  # many shapes (ragged prefill batches): forget the views, keep the buffer
-        entry[1].clear()
+    with _SCRATCH_LOCK:  # the table is shared by threads (each has its own entries)
+        if entry is None or entry[0].numel() < need:
+            if entry is None and len(_SCRATCH) >= _SCRATCH_KEYS:  # streams or threads come and go: drop the oldest
+                _SCRATCH.pop(next(iter(_SCRATCH)))
+            size = need if entry is None else max(need, 2 * entry[0].numel())  # growing requests: few reallocations
+            entry = _SCRATCH[key] = [torch.empty(size, dtype=torch.float32, device=device), {}]
+        elif len(entry[1]) >= _SCRATCH_VIEWS:  # many shapes (ragged batches): forget the views, keep the buffer
+            entry[1].clear()
     views, offset = [], 0
     for s, n in zip(shapes, sizes):
         views.append(entry[0][offset:offset + n].view(s))

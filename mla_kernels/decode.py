@@ -391,12 +391,16 @@ def _mla_combine_kernel(
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
             return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
-            schedule=None, kv_scale=None):
+            schedule=None, kv_scale=None, reuse_scratch=False):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
     ``config`` (a dict like ``_config``'s) overrides the tiles. ``schedule`` (decode only, a checked
     ``schedule.DecodeSchedule`` for these tiles): run the persistent scheduled grid instead of the split grid.
+    ``reuse_scratch``: take the split partials from ``_utils.scratch`` (eager ``mla_decode`` only). Never inside the
+    custom ops: torch.compile's CUDA graphs (cudagraph trees) run their warm-up calls with allocations redirected to
+    the graphs' private memory pool, whose blocks they reassign by their own bookkeeping, which a buffer kept
+    across calls is not part of.
     """
     varlen = cu_seqlens_q is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
@@ -411,7 +415,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         return _tuning.launch_tuned(cfg, lambda c: _launch(
             q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
             return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c, schedule=schedule, kv_scale=kv_scale), fallback)
+            max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c, schedule=schedule, kv_scale=kv_scale,
+            reuse_scratch=reuse_scratch), fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total_tokens, heads, dtype=torch.float32, device=device) if return_lse else None
@@ -434,7 +439,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         qn_strides = q_nope.stride()[:3]
         qp_strides = q_pe.stride()[:3]
     if split:
-        out_part, lse_part = _utils.scratch(device, (num_splits, total_rows, d_latent), (num_splits, total_rows))
+        out_part, lse_part = _partials(device, reuse_scratch, (num_splits, total_rows, d_latent),
+                                       (num_splits, total_rows))
     else:
         out_part = lse_part = out  # unused
     dummy = cache_seqlens
@@ -442,8 +448,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if schedule is not None:  # persistent programs walk their units; only cut sequences write partials
         assert not varlen and not split and block_n == schedule.block_n, "schedule: decode with its own tiles"
         grid = (m_blocks, schedule.num_programs, 1)
-        out_part, lse_part = _utils.scratch(device, (schedule.num_part_slots, seq_q * heads, d_latent),
-                                            (schedule.num_part_slots, seq_q * heads))
+        out_part, lse_part = _partials(device, reuse_scratch, (schedule.num_part_slots, seq_q * heads, d_latent),
+                                       (schedule.num_part_slots, seq_q * heads))
 
     sm_scale_log2 = softmax_scale * LOG2E
     hopper = _hopper_kernel(cfg, q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None else None
@@ -478,6 +484,13 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
+
+
+def _partials(device, reuse_scratch: bool, *shapes) -> tuple:
+    """float32 buffers for the split partials: the reused scratch, or fresh ones (``_launch``'s ``reuse_scratch``)."""
+    if reuse_scratch:
+        return _utils.scratch(device, *shapes)
+    return tuple(torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes)
 
 
 def _hopper_kernel(cfg: dict, q_nope, kv_cache, pe_cache) -> str | None:
@@ -768,15 +781,17 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
                                                     *tables, sizes, kv_scale)
     else:
         out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                   causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
+                                   causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
+                                   reuse_scratch=True)
     return (out, lse) if return_lse else out
 
 
 def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
-                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
+                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, reuse_scratch=False):
     """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
     on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
-    no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``."""
+    no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``;
+    ``reuse_scratch`` for the eager call only (``_launch``)."""
     batch, s_q, heads, d_latent = q_nope.shape
     if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
         _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
@@ -799,7 +814,7 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
     out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                        return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
                        max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                       schedule=metadata, kv_scale=kv_scale)
+                       schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -91,6 +91,11 @@ def test_split_partials_reuse_one_scratch_buffer(device, monkeypatch):
         end = out_part.data_ptr() + out_part.numel() * 4
         assert lse_part.data_ptr() >= end and lse_part.data_ptr() % 16 == 0, "views overlap or lose alignment"
     assert handed[2][0].shape == (4, 16, 64) and handed[2][1].shape == (4, 16)  # splits x (B x S_q x H) rows
+    # the custom op (what torch.compile's graphs, CUDA graphs included, call) allocates its own
+    out, _ = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, False,
+                                              None, table.shape[1] * 16, 2)
+    assert len(handed) == 4, "the custom op must not reuse the scratch buffer"
+    assert_close("the op with 2 splits", out, ref_out, torch.bfloat16)
 
 
 def test_scratch_per_thread_and_growth():
