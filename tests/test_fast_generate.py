@@ -239,32 +239,57 @@ class ReadCounter(ConversionTrap):
 
 
 def _prompt_cache(model, kind, batch):
-    return static_latent_cache(model, batch, 32, block_size=4) if kind == "static" else DynamicCache()
+    return {"static": lambda: static_latent_cache(model, batch, 32, block_size=4), "dynamic": DynamicCache,
+            "none": lambda: None}[kind]()
 
 
 @pytest.mark.parametrize("prompts", [[5, 9, 2, 7], [6, 6, 6, 6], [9, 9, 9, 9]],
                          ids=["left-padded", "same-length-decode-kernel", "same-length-prefill-kernel"])
-@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static", "none"])
 def test_a_prompt_step_reads_the_device_once(cache_kind, prompts, monkeypatch):
     """A patched model's prompt forward (4 layers, a batch of 4) reads the device at most once, in its first layer
     (the mask's per-row counts; the static cache also reads its rows' lengths in that one copy), and never in the
-    others; the prompt after it (a second chunk over the cached one) does the same."""
+    others; the prompt after it (a second chunk over the cached one; without a cache, a new pass) does the same."""
     model = tiny_model(num_hidden_layers=4, first_k_dense_replace=4)  # dense: routing is not the point
     patch_model(model, block_size=4)
     counter = ReadCounter(monkeypatch, model)
     ids, mask = left_padded(prompts)
     cache = _prompt_cache(model, cache_kind, len(prompts))
-    counter.forward(model, input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    use_cache = cache is not None
+    counter.forward(model, input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
     assert counter.prompt_calls == 4
     first = {layer: reads for layer, reads in counter.reads.items() if reads}
     assert sum(map(len, first.values())) <= 1 and set(first) <= {0}, first
     counter.reads.clear()
     more = torch.randint(3, 128, (len(prompts), 3))
-    counter.forward(model, input_ids=more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1),
-                    past_key_values=cache, use_cache=True)
+    if not use_cache:  # no history to continue: a second pass over a longer batch
+        more = torch.cat([ids, more], 1)
+    counter.forward(model, input_ids=more, attention_mask=torch.cat([mask, torch.ones_like(more[:, -3:])], 1),
+                    past_key_values=cache, use_cache=use_cache)
     assert counter.prompt_calls == 8
     second = {layer: reads for layer, reads in counter.reads.items() if reads}
     assert sum(map(len, second.values())) <= 1 and set(second) <= {0}, second
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static", "none"])
+def test_inference_mode_generates_as_no_grad_does(cache_kind, monkeypatch):
+    """Under ``torch.inference_mode`` (how servers run models) the masks are inference tensors, which keep no
+    in-place version: the static cache's prompt step read one and raised ("Inference tensors do not track version
+    counter"). The same tokens as under no_grad, or the same logits without a cache."""
+    from mla_kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model(), block_size=4)
+    ids, mask = left_padded([5, 9, 2])
+    runs = []
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            if cache_kind == "none":
+                runs.append(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()])
+            else:
+                runs.append(model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
+                                           past_key_values=_prompt_cache(model, cache_kind, 3)))
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):

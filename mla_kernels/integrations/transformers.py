@@ -511,27 +511,55 @@ def _static_layer_class():
     return _STATIC_LAYER_CLASS
 
 
-class _PromptStep:
-    """What the layers of one prompt step over a static latent cache share, from the step's one read of the device
-    (by its first layer): the rows' lengths before the step and their real-token counts as host lists, the pads'
-    ``_Packing`` (None without pads), ``cu_seqlens_q`` on the device, and the first layer's lengths (``before``,
-    a device copy) that the others must be at. A layer that already took part, another shape, or another attention
-    mask (object or in-place version) starts a new step."""
+def _version(mask: torch.Tensor):
+    """The mask's in-place version, or None for an inference tensor (made under ``torch.inference_mode``), which
+    keeps none: there only the object's identity tells one mask from another."""
+    return None if mask.is_inference() else mask._version
 
-    def __init__(self, attention_mask, shape, lengths, counts, packing, before, cu_seqlens_q):
+
+class _MaskStep:
+    """What the layers of one forward pass share about its attention mask, found by its first layer: the pads'
+    ``_Packing`` (None without pads). A layer that already took part, another shape, or another attention mask
+    (object or in-place version) starts a new step."""
+
+    def __init__(self, attention_mask, shape, packing):
         self.mask = None if attention_mask is None else weakref.ref(attention_mask)
-        self.version = None if attention_mask is None else attention_mask._version
-        self.shape, self.layers = shape, set()
-        self.packing, self.before, self.cu_seqlens_q = packing, before, cu_seqlens_q
-        self.cu_seqlens_q_host = list(itertools.accumulate(counts, initial=0))
-        self.cache_seqlens_host = [n + c for n, c in zip(lengths, counts)]
+        self.version = None if attention_mask is None else _version(attention_mask)
+        self.shape, self.layers, self.packing = shape, set(), packing
 
     def serves(self, layer: int, attention_mask, shape) -> bool:
         if layer in self.layers or shape != self.shape:
             return False
         if attention_mask is None or self.mask is None:
             return attention_mask is None and self.mask is None
-        return self.mask() is attention_mask and attention_mask._version == self.version
+        return self.mask() is attention_mask and _version(attention_mask) == self.version
+
+
+class _PromptStep(_MaskStep):
+    """A ``_MaskStep`` of a prompt over a static latent cache, with the rest of the step's one read of the device
+    (by its first layer): the rows' lengths before the step and their real-token counts as host lists,
+    ``cu_seqlens_q`` on the device, and the first layer's lengths (``before``, a device copy) that the others must
+    be at."""
+
+    def __init__(self, attention_mask, shape, lengths, counts, packing, before, cu_seqlens_q):
+        super().__init__(attention_mask, shape, packing)
+        self.before, self.cu_seqlens_q = before, cu_seqlens_q
+        self.cu_seqlens_q_host = list(itertools.accumulate(counts, initial=0))
+        self.cache_seqlens_host = [n + c for n, c in zip(lengths, counts)]
+
+
+_no_cache_step: list = [None]  # the last cache-less forward pass's _MaskStep
+
+
+def _no_cache_packing(layer: int, attention_mask, batch_size: int, query_len: int) -> _Packing | None:
+    """``_real_tokens`` for a forward pass without a cache, read once per pass: its first layer reads the mask (and
+    checks it), the others reuse the packing while the mask object is the same."""
+    step = _no_cache_step[0]
+    if step is None or not step.serves(layer, attention_mask, (batch_size, query_len)):
+        step = _MaskStep(attention_mask, (batch_size, query_len), _real_tokens(attention_mask, batch_size, query_len))
+        _no_cache_step[0] = step
+    step.layers.add(layer)
+    return step.packing
 
 
 class _StaticLatentState:
@@ -726,8 +754,8 @@ class TransformersMLAttention(MLAttention):
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
             return self.o_proj(out), None
-        if past_key_values is None:  # no cache to share a step: each layer reads the mask's counts once
-            packing = _real_tokens(attention_mask, batch_size, query_len)
+        if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
+            packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
                                      self.kv_lora_rank, self.qk_rope_head_dim, dtype=self.cache_dtype or kv_c.dtype,
                                      device=kv_c.device, rope_dtype=kv_c.dtype)
