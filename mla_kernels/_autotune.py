@@ -390,7 +390,8 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
     heuristics = [spec.heuristic(c[0], device) for c in cases]
     index = _tuning._gpu_index(device) if device.type == "cuda" else None
     table = _tuning._device_table(index) if index is not None else None  # not lookup: no on-demand tuning here
-    stored = (table or {}).get(spec.name, {}).get(key)  # the config stored now competes too
+    stored = (table or {}).get(spec.name, {}).get(key)  # the config stored now competes too (if it is one)
+    stored = stored if stored is not None and _tuning.config_error(spec.name, stored) is None else None
     pool = {}
     for cfg in heuristics + ([dict(stored)] if stored else []) + (
             candidates if candidates is not None else spec.space(key, device, quick)):

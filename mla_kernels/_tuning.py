@@ -106,7 +106,50 @@ def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
         _warn_once(f"mla_kernels: config file {path} was tuned with triton {data.get('triton')}, "
                    f"installed is {triton_version}; using the built-in heuristics")
         return None
+    bad = [kernel for kernel, table in data["kernels"].items() if not isinstance(table, dict)]
+    if bad:  # a kernel's table must map shape classes to configs (each config is checked when looked up)
+        _warn_once(f"mla_kernels: config file {path}: ignoring the tables of {bad}, which are not tables; "
+                   "the built-in heuristics serve those kernels")
+        data["kernels"] = {k: v for k, v in data["kernels"].items() if k not in bad}
     return data
+
+
+# What a stored config may hold, per kernel: (required keys, optional keys). Tiles are powers of two (tl.arange and
+# tl.dot need them; tl.dot at least 16), warps a power of two, stages a small count; anything else (a typo, a list,
+# a string, a bool, a zero or negative size) is not a config this library can launch: ``lookup`` drops it.
+_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_ATTN_OPTIONAL = ("waves", "TMA", "GLUON")  # decode._launch reads them (split-count knob, the Hopper kernels)
+CONFIG_KEYS = {"decode": (_LAUNCH_KEYS, _ATTN_OPTIONAL), "prefill": (_LAUNCH_KEYS, _ATTN_OPTIONAL),
+               "expanded": (_LAUNCH_KEYS, ()), "write_cache": (("BLOCK_T", "num_warps"), ())}
+
+
+def _int_in(value, lo: int, hi: int, pow2: bool = False) -> bool:
+    return (type(value) is int and lo <= value <= hi and (not pow2 or value & (value - 1) == 0))
+
+
+def config_error(kernel: str, cfg) -> str | None:
+    """Why ``cfg`` cannot be a stored config of ``kernel`` (None: it can). Kernels this version does not know are
+    not checked (their tables are never looked up)."""
+    if kernel not in CONFIG_KEYS:
+        return None
+    if not isinstance(cfg, dict):
+        return f"not a table: {cfg!r}"
+    required, optional = CONFIG_KEYS[kernel]
+    missing = [k for k in required if k not in cfg]
+    unknown = [k for k in cfg if k not in required + optional]
+    if missing or unknown:
+        return f"{'missing ' + str(missing) if missing else ''}{' ' if missing and unknown else ''}" \
+               f"{'unknown ' + str(unknown) if unknown else ''}"
+    checks = {"BLOCK_M": (16, 1024, True), "BLOCK_N": (16, 1024, True), "BLOCK_T": (1, 1024, True),
+              "num_warps": (1, 32, True), "num_stages": (0, 8, False), "waves": (1, 128, False)}
+    for key, value in cfg.items():
+        if key in ("TMA", "GLUON"):
+            if type(value) is not bool:
+                return f"{key} must be true or false, got {value!r}"
+        elif not _int_in(value, *checks[key]):
+            lo, hi, pow2 = checks[key]
+            return f"{key} must be {'a power of two' if pow2 else 'an integer'} from {lo} to {hi}, got {value!r}"
+    return None
 
 
 def vendor() -> str:
@@ -238,6 +281,13 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
     cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
     if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
         return cfg
+    if cfg is not None or (table is not None and shape_class in table.get(kernel, {})):
+        why = config_error(kernel, cfg)
+        if why is not None:  # checked once: dropped (this process only), one warning, the heuristic
+            table[kernel].pop(shape_class, None)
+            _warn_once(f"mla_kernels: ignoring the stored {kernel} config for {shape_class} ({why}); "
+                       "using the built-in heuristics")
+            cfg = None
     if cfg is None and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0"):
         cfg = _tune_missing(kernel, shape_class, index)
         table = _device_table(index)

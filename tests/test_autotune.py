@@ -223,6 +223,64 @@ def test_tuned_config_that_fails_to_compile_warns_once_and_falls_back(fake_gpu, 
     assert_close("fallback", first, expected, torch.float32)
 
 
+BAD_ENTRIES = {  # stored configs no kernel can launch
+    "list": [16, 32, 4, 1],
+    "string": "fast",
+    "null": None,
+    "empty": {},
+    "unknown-key": dict(FAST, BLOCK_K=32),
+    "missing-key": dict(BLOCK_M=16, BLOCK_N=32),
+    "negative-block": dict(FAST, BLOCK_M=-16),
+    "zero-block": dict(FAST, BLOCK_N=0),
+    "block-24": dict(FAST, BLOCK_N=24),
+    "block-8": dict(FAST, BLOCK_M=8),
+    "string-block": dict(FAST, BLOCK_M="16"),
+    "float-block": dict(FAST, BLOCK_N=32.0),
+    "bool-block": dict(FAST, BLOCK_N=True),
+    "warps-3": dict(FAST, num_warps=3),
+    "string-warps": dict(FAST, num_warps="4"),
+    "negative-stages": dict(FAST, num_stages=-1),
+    "waves-string": dict(FAST, waves="2"),
+    "waves-zero": dict(FAST, waves=0),
+    "tma-string": dict(FAST, TMA="yes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENTRIES), ids=list(BAD_ENTRIES))
+def test_invalid_stored_configs_warn_once_and_run_the_heuristic(fake_gpu, monkeypatch, case, device):
+    """A stored config of the wrong shape or with values no kernel launches crashed the call (a list, a string, a
+    zero or non-power-of-two tile, a missing key) or, with a negative BLOCK_M, silently gave a wrong result: now it
+    is dropped at its first lookup with one warning, and the call runs the heuristic (bit for bit); the file's other
+    classes and kernels keep their configs; a sweep of that class does not trip on it either."""
+    args, expected = decode_call(device)
+    heuristic_out = mla_kernels.mla_decode(*args)
+    write = dict(BLOCK_T=2, num_warps=1)
+    path = _tuning.CONFIG_DIR / "test-gpu.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton=triton.__version__, kernels={
+        "decode": {KEY: BAD_ENTRIES[case], "R32/rows<=32": FAST}, "write_cache": {"R32/tokens<=256": write}})))
+    _tuning.reload()
+    spy = KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = mla_kernels.mla_decode(*args)
+        second = mla_kernels.mla_decode(*args)
+        assert _tuning.lookup("decode", KEY, device) is None
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and KEY in msgs[0], msgs
+    assert [m["BLOCK_N"] for m in spy.launches] == [HEURISTIC["BLOCK_N"]] * 2
+    assert torch.equal(first, heuristic_out) and torch.equal(second, heuristic_out)
+    assert_close(case, first, expected, torch.float32)
+    assert _tuning.lookup("decode", "R32/rows<=32", device) == FAST
+    assert _tuning.lookup("write_cache", "R32/tokens<=256", device) == write
+
+    _tuning.reload()  # the sweep reads the stored config too (it competes): an invalid one is left out
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None, timer=lambda fn: 1.0,
+                             candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert res["winner"] is not None and not res["pruned"]
+
+
 def test_write_cache_fallback_writes_everything_once(fake_gpu, monkeypatch, device):
     """write_cache with a stored config that does not compile: the cache is written in full by the retry."""
     _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",

@@ -38,6 +38,24 @@ def test_bad_files_warn_once_and_fall_back(tmp_path, case):
     assert len([w for w in caught if "mla_kernels" in str(w.message)]) == 1
 
 
+GOOD = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def test_a_kernel_table_that_is_no_table_is_dropped(tmp_path):
+    """A kernel's table that is a list: dropped with one warning (lookups and the merge with the user's file
+    crashed on it), the other kernels' tables kept."""
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(dict(vendor="cuda", triton="3.6.0", kernels={"decode": [1], "expanded": {"x": GOOD}})))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _tuning.load_file(path, "cuda", "3.6.0") == {"expanded": {"x": GOOD}}
+        assert _tuning.load_file(path, "cuda", "3.6.0") == {"expanded": {"x": GOOD}}
+    assert len([w for w in caught if "not tables" in str(w.message)]) == 1
+    for kernel, table in _tuning.load_file(SEED, "cuda", "3.6.0").items():  # the shipped file is valid
+        for cfg in table.values():
+            assert _tuning.config_error(kernel, cfg) is None
+
+
 def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
