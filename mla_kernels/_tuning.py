@@ -111,7 +111,19 @@ def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
         _warn_once(f"mla_kernels: config file {path}: ignoring the tables of {bad}, which are not tables; "
                    "the built-in heuristics serve those kernels")
         data["kernels"] = {k: v for k, v in data["kernels"].items() if k not in bad}
+    bad = [name for name, value in data["constants"].items() if not _valid_constant(name, value)]
+    if bad:  # a measured number that is none (a string, 0, inf) broke the code that reads it (prefill's path choice)
+        _warn_once(f"mla_kernels: config file {path}: ignoring the constants {bad}, which are not numbers > 0; "
+                   "the built-in defaults serve them")
+        data["constants"] = {k: v for k, v in data["constants"].items() if k not in bad}
     return data
+
+
+def _valid_constant(name: str, value) -> bool:
+    """A measured constant is a finite number > 0; a ``..._source`` entry (where the numbers came from) a string."""
+    if name.endswith("_source"):
+        return isinstance(value, str)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 # What a stored config may hold, per kernel: (required keys, optional keys). Tiles are powers of two (tl.arange and

@@ -56,6 +56,38 @@ def test_a_kernel_table_that_is_no_table_is_dropped(tmp_path):
             assert _tuning.config_error(kernel, cfg) is None
 
 
+def test_constants_that_are_no_numbers_are_dropped(tmp_path, monkeypatch):
+    """A constant that is no finite number > 0 is dropped with one warning, so the defaults serve it: a file's
+    ``absorbed_relative_speed`` of "fast" or 0 made prefill's path choice raise ValueError from the call."""
+    from mla_kernels import _prefill_cost
+
+    path = tmp_path / "configs" / "test-gpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton="3.6.0", kernels={}, constants=dict(
+        absorbed_relative_speed="fast", prefill_call_us=0, prefill_launch_us=True, prefill_gemm_tflops=float("inf"),
+        prefill_source=3, prefill_bandwidth_gbps=2000, note_source="measured"))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = _tuning.load_data(path, _tuning.vendor(), "3.6.0")
+        assert data["constants"] == dict(prefill_bandwidth_gbps=2000, note_source="measured")
+        _tuning.load_data(path, _tuning.vendor(), "3.6.0")
+    assert len([w for w in caught if "constants" in str(w.message)]) == 1
+
+    import triton
+    path.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton=triton.__version__, kernels={},
+                                    constants=dict(absorbed_relative_speed=0))))
+    monkeypatch.setattr(_tuning, "_gpu_index", lambda device: 0)
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(_tuning, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _tuning.reload()
+    try:
+        with pytest.warns(RuntimeWarning, match="constants"):
+            assert _prefill_cost.device_constants(torch.device("cpu")) == _prefill_cost.DEFAULTS
+    finally:
+        _tuning.reload()
+
+
 def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
