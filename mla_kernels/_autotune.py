@@ -21,6 +21,7 @@ import math
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -486,6 +487,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
     unknown = [k for k in kernels if k not in SPECS]
     if unknown:
         raise ValueError(f"kernels: unknown {unknown}; choose from {list(KERNELS)}")
+    if out is not None:  # a place that cannot be written fails now, not after the first class's sweep
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     name, sms = _device_info(device)
     source = source or f"mla_kernels autotune{' --quick' if quick else ''} on {name}"
     start, results = time.monotonic(), []

@@ -93,7 +93,7 @@ def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
         data.setdefault("constants", {})
         if not isinstance(data["constants"], dict):
             raise ValueError("'constants' is not a table")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # missing (a parent that is a file: missing too)
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _warn_once(f"mla_kernels: ignoring config file {path} ({exc}); using the built-in heuristics")

@@ -322,6 +322,34 @@ def test_env_var_tunes_a_missing_class_once_on_first_use(fake_gpu, monkeypatch, 
     assert len(calls) == n and spy.launches[-1]["BLOCK_N"] == 32
 
 
+def test_unwritable_user_cache_gives_one_warning_and_no_wasted_sweep(fake_gpu, monkeypatch, device):
+    """$XDG_CACHE_HOME is a file, so the user's cache cannot be read or written: reading it is a missing file (it
+    warned "ignoring config file", a second warning beside the tuning one); MLA_KERNELS_AUTOTUNE=1 gives one warning
+    and the heuristic without running a sweep whose winner it could not keep; mla_kernels.autotune fails at once
+    naming the path, not after its first class's sweep."""
+    blocker = fake_gpu / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    _tuning.reload()
+    args, expected = decode_call(device)
+    calls = []
+    monkeypatch.setattr(_autotune, "ON_DEMAND_TIMER", fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls))
+    monkeypatch.setattr(_autotune, "ON_DEMAND_SHAPES", {"decode": [DECODE]})
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        heuristic_out = mla_kernels.mla_decode(*args)
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+        outs = [mla_kernels.mla_decode(*args) for _ in range(2)]
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and "MLA_KERNELS_AUTOTUNE" in msgs[0] and str(blocker) in msgs[0], msgs
+    assert not calls and all(torch.equal(out, heuristic_out) for out in outs)
+    with pytest.raises(OSError, match="not-a-dir"):
+        mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
+                             timer=fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls), log=lambda msg: None)
+    assert not calls
+
+
 def test_user_file_overrides_the_shipped_one_per_class(fake_gpu, device):
     shipped = {"decode": {KEY: HEURISTIC, "R32/rows<=32": FAST}}
     _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="shipped",
