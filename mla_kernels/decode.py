@@ -859,6 +859,9 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
     if num_splits is not None:
         raise ValueError("metadata and num_splits exclude each other: the schedule decides how sequences are cut")
+    sizes = metadata[2:]
+    if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in sizes):  # a hand-edited schedule: its sizes shape the grid and buffers
+        raise ValueError(f"metadata's sizes must be ints, got {dict(zip(metadata._fields[2:], sizes))}")
     cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
@@ -866,8 +869,9 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
                          f"S_q, widths and dtype use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
                          "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
-    if metadata.device != cache_seqlens.device:
-        raise ValueError(f"metadata is on {metadata.device}, cache_seqlens on {cache_seqlens.device}")
+    if metadata.device != cache_seqlens.device or metadata.sequences.device != cache_seqlens.device:
+        raise ValueError(f"metadata is on {metadata.device} (sequences on {metadata.sequences.device}), "
+                         f"cache_seqlens on {cache_seqlens.device}")
     if metadata.num_programs < 1 or \
             tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
             tuple(metadata.sequences.shape) != (metadata.batch, len(_schedule.SEQ_FIELDS)) or \

@@ -318,6 +318,13 @@ BAD_CALL = {
     "no-programs": (lambda a: a.update(metadata=a["metadata"]._replace(programs=a["metadata"].programs[:0],
                                                                        num_programs=0, num_part_slots=1)),
                     ValueError, "metadata"),
+    # a hand-made schedule: one table elsewhere (NotImplementedError on the meta device; a GPU kernel would get a
+    # host pointer), sizes that are no ints (a TypeError from a comparison, or "a batch of 3, the call has 3")
+    "sequences-other-device": (lambda a: a.update(metadata=a["metadata"]._replace(
+        sequences=a["metadata"].sequences.to("meta"))), ValueError, "metadata"),
+    "batch-string": (lambda a: a.update(metadata=a["metadata"]._replace(batch="2")), ValueError, "metadata"),
+    "num_programs-string": (lambda a: a.update(metadata=a["metadata"]._replace(num_programs="3")), ValueError,
+                            "metadata"),
 }
 
 
