@@ -39,10 +39,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds: start no new shape class after this (what is finished is written)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda, cuda:N; cpu needs a timer")
     args = parser.parse_args(argv)
-    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    args.kernels = list(dict.fromkeys(k.strip() for k in args.kernels.split(",") if k.strip()))
     bad = [k for k in args.kernels if k not in KERNELS]
     if bad:
         parser.error(f"--kernels: unknown {bad}; choose from {','.join(KERNELS)}")
+    if not args.kernels:  # an empty list would tune every kernel
+        parser.error(f"--kernels: none given; choose from {','.join(KERNELS)}")
+    if args.budget is not None and not args.budget >= 0:
+        parser.error(f"--budget: seconds >= 0, got {args.budget}")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: auto, cpu, cuda or cuda:N, got {args.device!r}")
     return args
 
 

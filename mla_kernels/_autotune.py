@@ -488,6 +488,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
     if unknown:
         raise ValueError(f"kernels: unknown {unknown}; choose from {list(KERNELS)}")
     if out is not None:  # a place that cannot be written fails now, not after the first class's sweep
+        if Path(out).is_dir():
+            raise IsADirectoryError(f"out must be a JSON file to write, {out} is a directory")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     name, sms = _device_info(device)
     source = source or f"mla_kernels autotune{' --quick' if quick else ''} on {name}"
@@ -567,6 +569,23 @@ SHAPE_DEFAULTS = {
 }
 
 
+def _check_sizes(kernel: str, shape: dict) -> dict:
+    """``shape`` if its sizes are ones the kernel's calls accept, else a ValueError naming the bad one (a shape
+    the library refuses would only be pruned, every candidate with it, and the class reported untuned)."""
+    for name, value in shape.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"shapes[{kernel!r}]: {name} must be an int, got {value!r}")
+        if name in ("R", "P", "N", "V"):
+            if not _utils.is_pow2(value) or not 16 <= value <= 1024:
+                raise ValueError(f"shapes[{kernel!r}]: {name} must be a power of two from 16 to 1024, got {value}")
+        elif value < (0 if name == "hist" else 1):
+            raise ValueError(f"shapes[{kernel!r}]: {name} must be {'>= 0' if name == 'hist' else '>= 1'}, "
+                             f"got {value}")
+    if kernel == "decode" and shape["ctx"] < shape["S_q"]:
+        raise ValueError(f"shapes['decode']: ctx {shape['ctx']} must hold the S_q = {shape['S_q']} new tokens")
+    return shape
+
+
 def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, device=None, dtype=torch.bfloat16,
              out=None, timer=None, budget_s: float | None = None, log=print) -> list[dict]:
     """Tune kernel configs on the current GPU and cache the winners for this GPU (opt-in; never done by default).
@@ -590,6 +609,16 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
     against the PyTorch path before it is timed; one that fails to compile or is wrong is pruned and reported.
     ``MLA_KERNELS_AUTOTUNE=1`` instead tunes each missing shape class the first time a call needs it.
     """
+    if isinstance(kernels, str):  # "decode" or "decode,prefill", as on the command line
+        kernels = [k.strip() for k in kernels.split(",") if k.strip()]
+    if kernels is not None:
+        kernels = list(dict.fromkeys(kernels))
+        if not kernels:
+            raise ValueError(f"kernels: none given; choose from {list(KERNELS)} (or None: all of them)")
+    if dtype not in CHECK_RTOL:
+        raise TypeError(f"dtype must be one of {list(CHECK_RTOL)}, got {dtype!r}")
+    if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))):
+        raise TypeError(f"budget_s must be a number of seconds or None, got {budget_s!r}")
     if shapes is not None:
         if not isinstance(shapes, dict):
             raise TypeError(f"shapes must be a dict kernel -> list of shape dicts, got {type(shapes).__name__}")
@@ -597,13 +626,15 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         for kernel, items in shapes.items():
             if kernel not in SPECS:
                 raise ValueError(f"shapes: unknown kernel {kernel!r}; choose from {list(KERNELS)}")
+            if not isinstance(items, (list, tuple)) or not all(isinstance(item, dict) for item in items):
+                raise TypeError(f"shapes[{kernel!r}] must be a list of dicts of sizes, got {items!r}")
             filled[kernel] = []
             for item in items:
                 extra = set(item) - set(SHAPE_DEFAULTS[kernel])
                 if extra:
                     raise ValueError(f"shapes[{kernel!r}]: unknown sizes {sorted(extra)}; "
                                      f"known: {list(SHAPE_DEFAULTS[kernel])}")
-                filled[kernel].append(dict(SHAPE_DEFAULTS[kernel], **item))
+                filled[kernel].append(_check_sizes(kernel, dict(SHAPE_DEFAULTS[kernel], **item)))
         shapes = filled
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))

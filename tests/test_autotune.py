@@ -390,6 +390,62 @@ def test_autotune_needs_a_gpu_or_a_timer(device):
         mla_kernels.autotune([dict(H=8)], timer=lambda fn: 1.0)
 
 
+BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tuned
+    "kernels-empty": (dict(kernels=[]), ValueError, "kernels: none given"),  # tuned every kernel
+    "items-not-a-list": (dict(shapes={"decode": dict(H=8)}), TypeError, r"shapes\['decode'\] must be a list"),
+    "item-not-a-dict": (dict(shapes={"decode": [8]}), TypeError, r"shapes\['decode'\] must be a list"),
+    "heads-zero": (dict(shapes={"decode": [dict(H=0)]}), ValueError, "H must be >= 1"),  # every candidate pruned
+    "heads-float": (dict(shapes={"decode": [dict(H=8.0)]}), ValueError, "H must be an int"),
+    "rank-24": (dict(shapes={"decode": [dict(R=24)]}), ValueError, "R must be a power of two"),
+    "ctx-negative": (dict(shapes={"decode": [dict(ctx=-5)]}), ValueError, "ctx must be >= 1"),
+    "ctx-below-s_q": (dict(shapes={"decode": [dict(ctx=2, S_q=4)]}), ValueError, "S_q"),
+    "hist-negative": (dict(shapes={"prefill": [dict(hist=-1)]}), ValueError, "hist must be >= 0"),
+    "width-V-48": (dict(shapes={"expanded": [dict(V=48)]}), ValueError, "V must be a power of two"),
+    "dtype-int": (dict(dtype=torch.int32), TypeError, "dtype"),
+    "budget-string": (dict(budget_s="10"), TypeError, "budget_s"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_AUTOTUNE), ids=list(BAD_AUTOTUNE))
+def test_autotune_bad_arguments_are_refused_before_tuning(fake_gpu, case, device):
+    kwargs, error, match = BAD_AUTOTUNE[case]
+    calls = []
+    with pytest.raises(error, match=match):
+        mla_kernels.autotune(**dict(dict(device=device, log=lambda msg: None, timer=fake_timer({}, calls)), **kwargs))
+    assert not calls and not _tuning.user_file(0).exists()
+
+
+def test_autotune_kernels_as_a_string_and_out_a_directory(fake_gpu, monkeypatch, device):
+    """kernels="decode" is one kernel (it was split into letters: "unknown ['d', 'e', ...]"); an ``out`` that is a
+    directory fails before the sweep (it failed writing after the first class, with a warning too)."""
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    shapes = {"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}
+    res = mla_kernels.autotune(shapes, kernels="decode", device=device, timer=fake_timer({32: 1.0, 64: 2.0}),
+                               log=lambda msg: None)
+    assert [r["winner"] for r in res] == [FAST]
+    calls = []
+    with pytest.raises(IsADirectoryError, match="directory"):
+        mla_kernels.autotune(shapes, device=device, out=fake_gpu, timer=fake_timer({32: 1.0, 64: 2.0}, calls),
+                             log=lambda msg: None)
+    assert not calls
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--kernels", ","], "none given"),  # an empty list tuned every kernel
+    (["--kernels", "decoder"], "unknown"),
+    (["--device", "foo"], "--device"),  # a RuntimeError traceback
+    (["--budget", "-1"], "--budget"),
+    (["--budget", "nan"], "--budget"),
+])
+def test_cli_bad_arguments_are_usage_errors(argv, match, capsys):
+    from bench import autotune as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+    assert cli.parse_args(["--kernels", "decode,decode, write_cache"]).kernels == ["decode", "write_cache"]
+
+
 def test_autotune_public_call_writes_the_users_cache(fake_gpu, monkeypatch, device):
     monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
     res = mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
