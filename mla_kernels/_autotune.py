@@ -597,7 +597,7 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
             or ``N, V, P``); write_cache ``tokens, page, R, P``. E.g. ``{"decode": [dict(H=128), dict(H=16, S_q=2)]}``.
             The shape classes these fall in are tuned (every shape of a class is a benchmark case of it).
             None: a default set (every class of ``kernels``; ``quick`` picks fewer shapes and configs).
-        kernels: which kernels (default: those of ``shapes``, else all four).
+        kernels: which kernels, a list or a comma-separated string (default: those of ``shapes``, else all four).
         out: the JSON file to write (default: the user's cache file of this GPU,
             ``$XDG_CACHE_HOME/mla_kernels/<device>.json`` or ``~/.cache/mla_kernels/<device>.json``), which the
             library then reads before the configs shipped for this GPU. Winners are merged into it.

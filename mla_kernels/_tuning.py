@@ -271,6 +271,7 @@ def save_file(path: Path, *, device: str, sm_count: int, source: str, kernels: d
 
 
 AUTOTUNE_ENV = "MLA_KERNELS_AUTOTUNE"
+_OFF = ("", "0", "false", "no", "off")  # values of AUTOTUNE_ENV that leave it off (anything else turns it on)
 
 
 class Tuned(dict):
@@ -300,7 +301,7 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
             _warn_once(f"mla_kernels: ignoring the stored {kernel} config for {shape_class} ({why}); "
                        "using the built-in heuristics")
             cfg = None
-    if cfg is None and os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0"):
+    if cfg is None and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
         cfg = _tune_missing(kernel, shape_class, index)
         table = _device_table(index)
     if cfg is None:

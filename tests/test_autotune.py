@@ -310,6 +310,10 @@ def test_env_var_tunes_a_missing_class_once_on_first_use(fake_gpu, monkeypatch, 
 
     mla_kernels.mla_decode(*args)  # not set: no tuning, the heuristic
     assert not calls and spy.launches[-1]["BLOCK_N"] == 64 and not _tuning.user_file(0).exists()
+    for off in ("0", "", "false", "False", "no", "OFF", " 0 "):  # "false" and "no" turned it on
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, off)
+        mla_kernels.mla_decode(*args)
+        assert not calls and spy.launches[-1]["BLOCK_N"] == 64, off
 
     monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
     out = mla_kernels.mla_decode(*args)
