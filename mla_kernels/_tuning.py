@@ -223,8 +223,10 @@ def _gpu_index(device) -> int | None:
 
 
 def reload() -> None:
-    """Forget the loaded files (after one was written): the next lookup reads them again."""
+    """Forget the loaded files (after one was written) and the configs dropped from them: the next lookup reads
+    them again."""
     _device_data.cache_clear()
+    _dropped.clear()
 
 
 def _device_table(device_index: int) -> dict | None:
@@ -343,11 +345,22 @@ def _compile_errors() -> tuple:
                                        if hasattr(errors, n))
 
 
+_dropped: dict = {}  # (device index, kernel, shape class) -> the stored config dropped for failing to compile
+
+
+def dropped(kernel: str, shape_class: str, device) -> dict | None:
+    """The stored config of ``kernel`` at ``shape_class`` on ``device`` that ``drop`` forgot in this process, if any:
+    what schedules built before the drop were cut for (``decode._check_metadata`` re-cuts them)."""
+    index = _gpu_index(device)
+    return None if index is None else _dropped.get((index, kernel, shape_class))
+
+
 def drop(cfg: Tuned, exc: BaseException) -> None:
     """Forget a stored config that failed to compile (this process only; the file is left alone), one warning."""
     data = _device_data(cfg.device_index)
     if data is not None:
         data["kernels"].get(cfg.kernel, {}).pop(cfg.shape_class, None)
+    _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = dict(cfg)
     _warn_once(f"mla_kernels: the stored {cfg.kernel} config {dict(cfg)} for {cfg.shape_class} failed to compile "
                f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")
 

@@ -410,13 +410,16 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
         fallback = _fit_tiles(_config(max_seqlen_q * heads, d_latent, _utils.on_hip(device)), device, d_latent,
                               d_rope, elem_bytes, kv_fp8)
-        if schedule is not None:  # the schedule was cut along its tiles
-            fallback.update(BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n)
-        return _tuning.launch_tuned(cfg, lambda c: _launch(
-            q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
-            return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c, schedule=schedule, kv_scale=kv_scale,
-            reuse_scratch=reuse_scratch), fallback)
+
+        def launch(c):  # a schedule cut along the stored tiles is cut again along the fallback's (on the device)
+            tiles = (c["BLOCK_M"], c["BLOCK_N"])
+            sched = schedule if schedule is None or tiles == (schedule.block_m, schedule.block_n) else \
+                _schedule.retile(schedule, cache_seqlens, *tiles)
+            return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
+                           causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c,
+                           schedule=sched, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
+        return _tuning.launch_tuned(cfg, launch, fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total_tokens, heads, dtype=torch.float32, device=device) if return_lse else None
@@ -771,8 +774,8 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
     if metadata is not None:
-        _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits,
-                        q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
+        metadata = _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],
+                                   num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
@@ -852,20 +855,29 @@ def _use_schedule(batch: int, rows_per_seq: int, device: torch.device) -> bool:
 
 
 def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits, d_rope: int = 64,
-                    elem_bytes: int = 2, kv_fp8: bool = False) -> None:
+                    elem_bytes: int = 2, kv_fp8: bool = False):
     """``metadata`` must be a ``DecodeSchedule`` built for this call: batch, tiles, device, table layout (shapes
-    only; ``_check_metadata_lengths`` checks the values where that is free)."""
+    only; ``_check_metadata_lengths`` checks the values where that is free). Returns the schedule to run: itself,
+    or, when it was cut for a stored config that has since failed to compile and been dropped (``_tuning.drop``),
+    the same grid cut again for the tiles the call now uses (on the device, no synchronisation)."""
     if not isinstance(metadata, _schedule.DecodeSchedule):
         raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
     if num_splits is not None:
         raise ValueError("metadata and num_splits exclude each other: the schedule decides how sequences are cut")
     sizes = metadata[2:]
-    if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in sizes):  # a hand-edited schedule: its sizes shape the grid and buffers
+    if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in sizes):
+        # a hand-edited schedule: its sizes shape the grid and buffers
         raise ValueError(f"metadata's sizes must be ints, got {dict(zip(metadata._fields[2:], sizes))}")
     cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
-    if (metadata.block_m, metadata.block_n) != (cfg["BLOCK_M"], cfg["BLOCK_N"]):
+    tiles = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    stale = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
+    if (metadata.block_m, metadata.block_n) != tiles and stale is not None and \
+            (metadata.block_m, metadata.block_n) == (stale.get("BLOCK_M"), stale.get("BLOCK_N")) and \
+            metadata.device == cache_seqlens.device:
+        metadata = _schedule.retile(metadata, cache_seqlens, *tiles)
+    if (metadata.block_m, metadata.block_n) != tiles:
         raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
                          f"S_q, widths and dtype use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
                          "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
@@ -883,6 +895,7 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise ValueError(f"metadata.num_part_slots is {metadata.num_part_slots!r}, not the "
                          f"{_schedule.part_slot_bound(metadata.batch, metadata.num_programs)} its batch and "
                          f"programs need")
+    return metadata
 
 
 def _check_metadata_lengths(metadata, cache_seqlens) -> None:

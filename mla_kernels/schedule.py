@@ -210,6 +210,13 @@ def make_schedule(cache_seqlens: torch.Tensor, rows_per_seq: int, d_latent: int,
                           part_slot_bound(batch, num_programs))
 
 
+def retile(schedule: DecodeSchedule, cache_seqlens: torch.Tensor, block_m: int, block_n: int) -> DecodeSchedule:
+    """``schedule`` cut again for other tiles (same grid), from the same ``cache_seqlens``, on the device: for a
+    launch whose stored config was dropped after the schedule was built for its tiles."""
+    programs, sequences = build_tables(cache_seqlens, block_n, schedule.num_programs)
+    return schedule._replace(programs=programs, sequences=sequences, block_m=block_m, block_n=block_n)
+
+
 def to_op_args(metadata: DecodeSchedule | None):
     """``metadata`` as custom-op arguments: ``((programs, sequences) | (None, None), [ints] | None)``."""
     if metadata is None:

@@ -68,6 +68,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
     monkeypatch.setattr(_tuning, "_warned", set())
     monkeypatch.setattr(_tuning, "_tried", set())
+    monkeypatch.setattr(_tuning, "_dropped", {})
     _tuning.reload()
     yield tmp_path
     _tuning.reload()
@@ -221,6 +222,32 @@ def test_tuned_config_that_fails_to_compile_warns_once_and_falls_back(fake_gpu, 
     assert torch.equal(first, heuristic_out) and torch.equal(second, heuristic_out)
     assert _tuning.lookup("decode", KEY, device) is None
     assert_close("fallback", first, expected, torch.float32)
+
+
+@pytest.mark.parametrize("fails", ["tiles", "stages"])
+def test_metadata_survives_a_stored_config_that_fails_to_compile(fails, fake_gpu, monkeypatch, device):
+    """A schedule built (once per step) for a stored config's tiles, then the config fails to compile at the first
+    layer's launch: that launch and every later layer's run the heuristic's tiles with the schedule cut again on the
+    device, and give the reference. Before, the fallback kept the failing tiles (OutOfResources again), or later
+    layers refused the schedule as built for other tiles."""
+    args, expected = decode_call(device)
+    stored = dict(BROKEN, num_stages=3)  # 16 x 128, 3 stages
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"decode": {KEY: stored}})
+    _tuning.reload()
+    meta = mla_kernels.mla_decode_metadata(args[5], HEADS, 1, kv_lora_rank=R, rope_dim=P, dtype=torch.float32,
+                                           num_programs=3)
+    assert (meta.block_m, meta.block_n) == (16, 128)
+    fail = (lambda m: m["BLOCK_N"] == 128) if fails == "tiles" else (lambda m: m["num_stages"] == 3)
+    spy = KernelSpy(decode._mla_attn_kernel, fail=fail)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [mla_kernels.mla_decode(*args, metadata=meta) for _ in range(3)]  # three layers, one schedule
+    assert len([w for w in caught if "failed to compile" in str(w.message)]) == 1
+    assert [m["BLOCK_N"] for m in spy.launches] == [128, 64, 64, 64]
+    for layer, out in enumerate(outs):
+        assert_close(f"layer {layer}", out, expected, torch.float32)
 
 
 BAD_ENTRIES = {  # stored configs no kernel can launch
