@@ -372,4 +372,8 @@ def launch_tuned(cfg: Tuned, launch, fallback):
         return launch(dict(cfg))
     except _compile_errors() as exc:
         drop(cfg, exc)
-        return launch(fallback)
+    except RuntimeError as exc:  # an MLIR pass of the compiler failing ("PassManager::run failed"); nothing else
+        if "PassManager" not in str(exc):
+            raise
+        drop(cfg, exc)
+    return launch(fallback)

@@ -42,14 +42,15 @@ class KernelSpy:
     """Stands in for a @triton.jit kernel: records each launch's meta-parameters, optionally fails a launch as
     the compiler would (OutOfResources) or corrupts its first output argument (a wrong config)."""
 
-    def __init__(self, kernel, fail=None, corrupt=None, out_arg=None):
+    def __init__(self, kernel, fail=None, corrupt=None, out_arg=None, error=None):
         self.kernel, self.fail, self.corrupt, self.out_arg, self.launches = kernel, fail, corrupt, out_arg, []
+        self.error = error or (lambda: OutOfResources(300000, 232448, "shared memory"))
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.launches.append(meta)
             if self.fail is not None and self.fail(meta):
-                raise OutOfResources(300000, 232448, "shared memory")
+                raise self.error()
             result = self.kernel[grid](*args, **meta)
             if self.corrupt is not None and self.corrupt(meta):
                 args[self.out_arg].mul_(2.0)
@@ -222,6 +223,31 @@ def test_tuned_config_that_fails_to_compile_warns_once_and_falls_back(fake_gpu, 
     assert torch.equal(first, heuristic_out) and torch.equal(second, heuristic_out)
     assert _tuning.lookup("decode", KEY, device) is None
     assert_close("fallback", first, expected, torch.float32)
+
+
+def test_a_compiler_pass_failure_falls_back_but_a_runtime_error_does_not(fake_gpu, monkeypatch, device):
+    """An MLIR pass failing inside Triton's compiler raises a plain RuntimeError ("PassManager::run failed"): the
+    stored config is dropped and the heuristic runs, as for OutOfResources. Any other RuntimeError (a CUDA error,
+    say) is not the config's fault and propagates."""
+    args, expected = decode_call(device)
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"decode": {KEY: BROKEN}})
+    _tuning.reload()
+    other = KernelSpy(decode._mla_attn_kernel, fail=lambda m: m["BLOCK_N"] == 128,
+                      error=lambda: RuntimeError("CUDA error: an illegal memory access was encountered"))
+    monkeypatch.setattr(decode, "_mla_attn_kernel", other)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        mla_kernels.mla_decode(*args)
+    assert _tuning.lookup("decode", KEY, device) is not None, "a runtime error must not drop the stored config"
+    spy = KernelSpy(other.kernel, fail=lambda m: m["BLOCK_N"] == 128,
+                    error=lambda: RuntimeError("PassManager::run failed"))
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = mla_kernels.mla_decode(*args)
+    assert [m["BLOCK_N"] for m in spy.launches] == [128, 64]
+    assert any("failed to compile" in str(w.message) for w in caught)
+    assert_close("after a pass failure", out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("fails", ["tiles", "stages"])
