@@ -52,6 +52,8 @@ class ModelShape:
     rope: int = 64
     nope: int = 128
     v: int = 128
+    experts: int = 0  # > 0: MoE from layer 1 on (layer 0 dense), moe_intermediate wide; 0: every layer dense
+    moe_intermediate: int = 0
 
 
 CPU_SHAPE = ModelShape(hidden=512, heads=8, layers=2, q_lora_rank=384, vocab=4096, intermediate=1024)
@@ -65,8 +67,9 @@ def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
         hidden_size=shape.hidden, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
         q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank, qk_rope_head_dim=shape.rope,
         qk_nope_head_dim=shape.nope, v_head_dim=shape.v, num_hidden_layers=shape.layers,
-        intermediate_size=shape.intermediate, moe_intermediate_size=shape.intermediate // 4, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=shape.layers,
+        intermediate_size=shape.intermediate, moe_intermediate_size=shape.moe_intermediate or shape.intermediate // 4,
+        n_routed_experts=shape.experts or 4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1 if shape.experts else shape.layers,
         vocab_size=shape.vocab, max_position_embeddings=163840,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                          "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -243,3 +244,25 @@ def test_roofline_points_and_replot(tmp_path):
     except ImportError:
         return
     assert saved.with_suffix(".png").stat().st_size > 0
+
+
+def test_fp8_quality_model_smoke(monkeypatch):
+    """bench.fp8_quality imports (its MoE shapes once named fields ModelShape lacked) and its model part runs on a
+    tiny MoE shape (PyTorch path: this only checks the wiring); the shapes build the MoE model its results record."""
+    pytest.importorskip("transformers")
+    from bench import fp8_quality as bq
+    from bench.generate import ModelShape, build_model
+    from mla_kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    shape = ModelShape(hidden=64, heads=2, layers=2, q_lora_rank=32, vocab=128, intermediate=256, kv_lora_rank=128,
+                       rope=16, nope=16, v=16, experts=4, moe_intermediate=32)
+    config = build_model(shape, "cpu").config
+    assert (config.n_routed_experts, config.moe_intermediate_size, config.first_k_dense_replace) == (4, 32, 1)
+    assert config.intermediate_size == 256
+    dense = build_model(dataclasses.replace(shape, experts=0, moe_intermediate=0), "cpu").config
+    assert dense.first_k_dense_replace == 2  # every layer dense, as bench.generate times them
+    assert (bq.CPU_MODEL.experts, bq.CPU_MODEL.intermediate) == (4, 4 * bq.CPU_MODEL.hidden)
+    out = bq.model_quality(shape, torch.device("cpu"), batch=2, prompt_len=4, new_tokens=3)
+    assert out["model"]["experts"] == 4
+    assert 0 <= out["teacher_forced"]["greedy_agreement_fp8_vs_bf16_cache"] <= 1
