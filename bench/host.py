@@ -1,6 +1,6 @@
 """Host work of one eager call: argument checks and launch preparation, with the kernel launches removed.
 
-    python -m bench.host [--out DIR]
+    python -m bench.host [--jit] [--prompt] [--threads 1] [--out DIR]
 
 On a GPU an eager ``mla_decode`` costs its GPU time plus the Python work before the launch plus Triton's
 launch; ``bench.decode`` times the whole call against a CUDA-graph replay. This benchmark isolates the part
@@ -20,7 +20,8 @@ Timings are noisy on a shared machine: compare
 ``--prompt`` times instead a patched model's prompt step on the CPU (PyTorch paths, no stubs): the forward pass of a
 small 16-layer DeepSeek-V3 over a batch of 4 prompts, left-padded or not, into a fresh dynamic or static latent
 cache. What the host does there besides computing (packing the pads, reading lengths) is what it measures; the
-waits for a GPU that its reads would cost are not in it.
+waits for a GPU that its reads would cost are not in it. Give it ``--threads 1`` on a shared CPU: on the 2-core
+machine it takes 20 s with one thread and had not finished after 5 minutes with torch's default two (spin-waiting).
 
 ``--jit`` adds Triton's own host work per launch (binding and specializing the arguments, finding the compiled
 kernel), measured without a GPU: the decode launch driven through Triton's JIT as on an H100, minus the same
