@@ -58,9 +58,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                                                              num_splits, kv_scale)
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
     if metadata is not None:
-        metadata = _decode._check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2],
-                                           q_nope.shape[3], num_splits, q_pe.shape[-1], q_nope.element_size(),
-                                           kv_scale is not None)
+        _decode._check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],
+                                num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                        causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
     return out, _lse_or_empty(lse, q_nope)

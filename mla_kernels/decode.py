@@ -396,7 +396,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
     ``config`` (a dict like ``_config``'s) overrides the tiles. ``schedule`` (decode only, a checked
-    ``schedule.DecodeSchedule`` for these tiles): run the persistent scheduled grid instead of the split grid.
+    ``schedule.DecodeSchedule``): run the persistent scheduled grid instead of the split grid.
     ``reuse_scratch``: take the split partials from ``_utils.scratch`` (eager ``mla_decode`` only). Never inside the
     custom ops: torch.compile's CUDA graphs (cudagraph trees) run their warm-up calls with allocations redirected to
     the graphs' private memory pool, whose blocks they reassign by their own bookkeeping, which a buffer kept
@@ -411,14 +411,11 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         fallback = _fit_tiles(_config(max_seqlen_q * heads, d_latent, _utils.on_hip(device)), device, d_latent,
                               d_rope, elem_bytes, kv_fp8)
 
-        def launch(c):  # a schedule cut along the stored tiles is cut again along the fallback's (on the device)
-            tiles = (c["BLOCK_M"], c["BLOCK_N"])
-            sched = schedule if schedule is None or tiles == (schedule.block_m, schedule.block_n) else \
-                _schedule.retile(schedule, cache_seqlens, *tiles)
+        def launch(c):
             return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                            causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c,
-                           schedule=sched, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
+                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
         return _tuning.launch_tuned(cfg, launch, fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
@@ -449,7 +446,11 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     dummy = cache_seqlens
     grid = (m_blocks, batch, num_splits)
     if schedule is not None:  # persistent programs walk their units; only cut sequences write partials
-        assert not varlen and not split and block_n == schedule.block_n, "schedule: decode with its own tiles"
+        assert not varlen and not split, "schedule: decode only, one split"
+        if (schedule.block_m, schedule.block_n) != (block_m, block_n):
+            # cut for a stored config that failed to compile and was dropped (this launch's fallback, or a layer
+            # after it; _check_metadata admits no other): the same grid cut again for these tiles, on the device
+            schedule = _schedule.retile(schedule, cache_seqlens, block_m, block_n)
         grid = (m_blocks, schedule.num_programs, 1)
         out_part, lse_part = _partials(device, reuse_scratch, (schedule.num_part_slots, seq_q * heads, d_latent),
                                        (schedule.num_part_slots, seq_q * heads))
@@ -774,8 +775,8 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
     if metadata is not None:
-        metadata = _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],
-                                   num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
+        _check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3], num_splits,
+                        q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     if torch.compiler.is_compiling():
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
@@ -857,9 +858,9 @@ def _use_schedule(batch: int, rows_per_seq: int, device: torch.device) -> bool:
 def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits, d_rope: int = 64,
                     elem_bytes: int = 2, kv_fp8: bool = False):
     """``metadata`` must be a ``DecodeSchedule`` built for this call: batch, tiles, device, table layout (shapes
-    only; ``_check_metadata_lengths`` checks the values where that is free). Returns the schedule to run: itself,
-    or, when it was cut for a stored config that has since failed to compile and been dropped (``_tuning.drop``),
-    the same grid cut again for the tiles the call now uses (on the device, no synchronisation)."""
+    only; ``_check_metadata_lengths`` checks the values where that is free). Its tiles must be the call's, or those
+    of a stored config that has since failed to compile and been dropped (``_tuning.drop``): ``_launch`` then
+    cuts the same grid again for the call's tiles, on the device."""
     if not isinstance(metadata, _schedule.DecodeSchedule):
         raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
     if num_splits is not None:
@@ -871,13 +872,10 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
     cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
-    tiles = (cfg["BLOCK_M"], cfg["BLOCK_N"])
-    stale = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
-    if (metadata.block_m, metadata.block_n) != tiles and stale is not None and \
-            (metadata.block_m, metadata.block_n) == (stale.get("BLOCK_M"), stale.get("BLOCK_N")) and \
-            metadata.device == cache_seqlens.device:
-        metadata = _schedule.retile(metadata, cache_seqlens, *tiles)
-    if (metadata.block_m, metadata.block_n) != tiles:
+    built_for = (metadata.block_m, metadata.block_n)
+    dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
+    if built_for != (cfg["BLOCK_M"], cfg["BLOCK_N"]) and \
+            (dropped is None or built_for != (dropped.get("BLOCK_M"), dropped.get("BLOCK_N"))):
         raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
                          f"S_q, widths and dtype use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
                          "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
@@ -895,7 +893,6 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise ValueError(f"metadata.num_part_slots is {metadata.num_part_slots!r}, not the "
                          f"{_schedule.part_slot_bound(metadata.batch, metadata.num_programs)} its batch and "
                          f"programs need")
-    return metadata
 
 
 def _check_metadata_lengths(metadata, cache_seqlens) -> None:
