@@ -307,8 +307,8 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
         layers[layer_idx] = latent_cls(state)
         return state
     if type(layer) is not dynamic_cls:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
-        raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__}, which the patched model can't "
-                         f"use: pass a fresh DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
+        raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__}, which the patched model "
+                         f"can't use: pass a fresh DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
                          f"max_cache_len) for a preallocated one")
     raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__} holding "
                      f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
@@ -329,12 +329,7 @@ def _real_tokens(attention_mask, batch_size: int, query_len: int) -> _Packing | 
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is None:
         return None
-    counts = real.sum(1)
-    fits = _mask_fits(attention_mask, real)
-    host = (counts if fits is None else torch.cat([counts, fits.view(1).to(counts.dtype)])).tolist()
-    if fits is not None:
-        _refuse_unfit(host.pop())
-    return _packing(real, host)
+    return _packing(real, _read_checked([real.sum(1)], _mask_fits(attention_mask, real)))
 
 
 # what a 4-D mask may hide: keys its last row hides (pads), and causally the keys after a query's own position
@@ -344,9 +339,15 @@ _UNFIT_MASK = ("the patched attention computes causal attention over the tokens 
                "run such masks with the unpatched model (mla_kernels.unpatch_model)")
 
 
-def _refuse_unfit(fits) -> None:
-    if not fits:
+def _read_checked(parts: list[torch.Tensor], fits: torch.Tensor | None) -> list[int]:
+    """``parts`` (1-D integer tensors on one device) as one host list, in one copy that also brings ``fits``
+    (``_mask_fits``'s verdict; None: nothing to check), refused with a ValueError when False."""
+    if fits is not None:
+        parts = parts + [fits.view(1).to(parts[0].dtype)]
+    host = torch.cat(parts).tolist()
+    if fits is not None and not host.pop():
         raise ValueError(_UNFIT_MASK)
+    return host
 
 
 def _mask_fits(attention_mask, real: torch.Tensor, columns: torch.Tensor | None = None,
@@ -651,10 +652,7 @@ class _StaticLatentState:
                                 "holds other lengths than the first layer of this prompt (an interrupted forward?)")
         else:
             counts = torch.full_like(seqlens, query_len) if real is None else real.sum(1, dtype=torch.int32)
-            fits = None if real is None else _mask_fits(attention_mask, real, columns)
-            host = torch.cat([seqlens, counts] + ([] if fits is None else [fits.view(1).to(seqlens.dtype)])).tolist()
-            if fits is not None:
-                _refuse_unfit(host.pop())
+            host = _read_checked([seqlens, counts], None if real is None else _mask_fits(attention_mask, real, columns))
             lengths, counts_host = host[:batch_size], host[batch_size:]
             packing = None if real is None else _packing(real, counts_host)
             cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
