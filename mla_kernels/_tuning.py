@@ -350,7 +350,8 @@ _dropped: dict = {}  # (device index, kernel, shape class) -> the stored config 
 
 def dropped(kernel: str, shape_class: str, device) -> dict | None:
     """The stored config of ``kernel`` at ``shape_class`` on ``device`` that ``drop`` forgot in this process, if any:
-    what schedules built before the drop were cut for (``decode._check_metadata`` re-cuts them)."""
+    what schedules built before the drop were cut for (``decode._check_metadata`` admits them, ``decode._launch``
+    cuts them again)."""
     index = _gpu_index(device)
     return None if index is None else _dropped.get((index, kernel, shape_class))
 
