@@ -31,6 +31,7 @@ import dataclasses
 import torch
 
 from mla_kernels._utils import interpreting
+from mla_kernels.integrations.transformers import _the_cache
 
 from . import _harness as h
 
@@ -90,7 +91,8 @@ class _NoAttention(torch.nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, *args, past_key_values=None, cache=None, **kwargs):
+        past_key_values = _the_cache(past_key_values, cache)  # transformers 5.25 passes it as cache
         if past_key_values is not None:
             empty = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             past_key_values.update(empty, empty, self.layer_idx)

@@ -246,6 +246,29 @@ def test_a_latent_cache_given_to_the_unpatched_model_is_a_clear_error(monkeypatc
             model(input_ids=ids, attention_mask=mask, past_key_values=static, use_cache=True)
 
 
+def test_the_cache_is_taken_under_either_name(monkeypatch):
+    """Decoder layers pass the Cache as ``past_key_values`` up to transformers 5.24 and as ``cache`` from 5.25 on: the
+    patched attention takes either, the same way, and refuses two different Caches at once."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model())
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(3)[None].expand(2, 3))
+    outs, caches = [], []
+    with torch.no_grad():
+        for name in ("past_key_values", "cache"):
+            caches.append(DynamicCache(config=model.config))
+            outs.append(attn(hidden, position_embeddings=position_embeddings, attention_mask=None,
+                             **{name: caches[-1]})[0])
+        with pytest.raises(ValueError, match="past_key_values and cache"):
+            attn(hidden, position_embeddings=position_embeddings, attention_mask=None, past_key_values=caches[0],
+                 cache=DynamicCache(config=model.config))
+    assert torch.equal(outs[0], outs[1])
+    for cache in caches:  # each call stored its 3 tokens per row in its own Cache's latent, and counted them there
+        assert [latent_cache(cache).seqlen(s) for s in latent_cache(cache).seq_ids] == [3, 3]
+        assert cache.get_seq_length(0) == 3
+
+
 def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
     the model's current mode, or its attention dropout stays on in eval (and off in train)."""

@@ -5,11 +5,12 @@ the same projection modules (no weight is copied: the model's state dict is unch
 plain forward calls then cache per token and layer only the normalized latent and the roped key
 (``R + P`` values, in a ``PagedLatentCache``), never per-head K/V.
 
-How it fits transformers' cache (tested on transformers 5.17 and 5.23, whose DeepSeek attention is the
+How it fits transformers' cache (tested on transformers 5.17, 5.23 and 5.25, whose DeepSeek attention is the
 same: it passes the latent ``[B, 1, S, R]`` and rope key ``[B, 1, S, P]`` to ``Cache.update`` and expands
 the whole cached latent through ``kv_b_proj`` at every step; 5.0 still cached per-head K and V). The
 adapter replaces that attention whole, so it depends only on the decoder layer's call (hidden_states,
-position_embeddings, attention_mask, past_key_values) and the Cache layer API, which 5.17 and 5.23 share:
+position_embeddings, attention_mask, and the Cache: ``past_key_values`` up to 5.24, ``cache`` from 5.25 on)
+and the Cache layer API, which these versions share:
 
 - the transformers ``Cache`` passed as ``past_key_values`` keeps its role for the bookkeeping —
   ``get_seq_length``, ``get_mask_sizes``, hence cache positions, position ids and masks — but each of its
@@ -740,7 +741,8 @@ class TransformersMLAttention(MLAttention):
         return new
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
+        past_key_values = _the_cache(past_key_values, cache)
         if position_embeddings is None:
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
         _check_inference(self, hidden_states)
@@ -776,6 +778,17 @@ class TransformersMLAttention(MLAttention):
             packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer)
             out = _unpack(packed, packing, batch_size, query_len).flatten(2)
         return self.o_proj(out), None
+
+
+def _the_cache(past_key_values, cache):
+    """The transformers Cache of this call: decoder layers pass it as ``past_key_values`` up to transformers 5.24
+    and as ``cache`` from 5.25 on (which deprecates the old name)."""
+    if cache is None:
+        return past_key_values
+    if past_key_values is not None and past_key_values is not cache:
+        raise ValueError("past_key_values and cache name two different Caches; pass one (cache, from transformers "
+                         "5.25 on)")
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------
