@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, results under $OUT (default bench/results/gpu): the native test suite,
 # the compiler's register/spill report, and the benchmarks, each step time-boxed so one call fits 10 minutes.
-# Order for a session's 30 device minutes (each call <= 10 min, ~30 s cold start): tests (nothing since 2026-11-22
-# has run on a GPU), gluon, decode, then tune / prefill / generate / fp8 as time allows.
+# A session's device time is 15 minutes (2026-12: start, idle and give-back included; no machine starts with under 4
+# left), so plan ONE full call: `first` (about 9 minutes), then give_back. A second, short call only if the first
+# left over 5 minutes. `first` is the cheapest decisive measurement of each open issue, most important first:
+#   bash bench/gpu_session.sh first     # Gluon/TMA parity, the native suite (xdist), decode targets with every kernel
+#                                       # side by side (issue 8), imbalanced vs uniform twins (13), prefill calibration
+#                                       # (11), generate --quick (10); packed after every step
+# The longer steps, each one call of up to 10 minutes, for a session that has more device time:
 #   bash bench/gpu_session.sh tests     # native pytest (no interpreter; the Gluon tests are the gluon step's) + compile report
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
@@ -15,10 +20,11 @@
 #                                       # of the shipped file, configs/<device>.json in the tgz: review, copy to mla_kernels/configs/
 #   bash bench/gpu_session.sh prefill   # bench.prefill --quick --calibrate, then the full sweep (issue 11; <10 min):
 #                                       # writes mla_kernels/configs/<gpu>.json's prefill constants (commit it)
-# The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and the end packs $WORK
-# into one $OUT/gpu_<step>.tgz (plus the JSON files, up to 6). Unpack it here, copy the JSON into bench/results/,
-# commit, redraw the PNGs (python -m bench.decode --replot FILE.json; matplotlib is not on the GPU machine),
-# and update the README's figures from those files.
+# Run it from the device tool as: PYTHONUNBUFFERED=1 OUT=$OUT bash bench/gpu_session.sh first  (timeout_s 600).
+# The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and after EVERY step $WORK is
+# packed into $OUT/gpu_<step>.tgz (so a call killed at its limit still brings back what finished), with the JSON
+# files copied beside it at the end (up to 6). Unpack it here, copy the JSON into bench/results/, commit, redraw the
+# PNGs (python -m bench.decode --replot FILE.json), and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
@@ -35,10 +41,26 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name rc=$rc"; tail -n 5 "$OUT/$name.log"
+    tar czf "$FINAL_OUT/gpu_$SESSION_STEP.tgz" -C "$OUT" .  # what finished so far comes back even if the call is cut
     return $rc
 }
+SESSION_STEP="${1:-all}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 case "${1:-all}" in
+  first)  # ~9 minutes in all: every limit below adds up to 500 s, plus start-up and packing
+    if step gluon_parity 90 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q -x \
+        -p no:cacheprovider --junitxml="$OUT/gluon_parity.xml"; then skip_gluon=""; else skip_gluon="--skip-gluon"; fi
+    # nothing since 2026-11-22 has run natively: the whole suite, spread over the cores (pytest-xdist is there)
+    xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 16")
+    step pytest 150 python -m pytest tests -q $xdist -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
+      --ignore=tests/test_decode_tma.py --junitxml="$OUT/pytest.xml"
+    step bench_decode_targets 130 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon \
+      --out "$OUT/decode_targets.json"
+    step bench_decode_imbalanced 60 python -m bench.decode --quick --skip-seed --skip-sweep \
+      --out "$OUT/decode_imb.json"
+    step bench_prefill_calibrate 40 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
+    cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    step bench_generate 30 python -m bench.generate --quick --out "$OUT/generate_quick.json" ;;
   tests|all)
     # every parametrization compiles its own kernels: spread them over the CPU cores when pytest-xdist is there
     # (the 2026-11-22 run: 321 tests in 88 s with -n 8); without it, --durations shows what a later call may skip
