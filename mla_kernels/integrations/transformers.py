@@ -680,6 +680,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
         model = patch_model(model)
         cache = static_latent_cache(model, max_batch_size=4, max_cache_len=4096)
         out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=256)
+        # transformers 5.25 renamed the argument cache= (past_key_values= still works there, with a FutureWarning)
     """
     from transformers.cache_utils import Cache
 
