@@ -612,7 +612,7 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
     if isinstance(kernels, str):  # "decode" or "decode,prefill", as on the command line
         kernels = [k.strip() for k in kernels.split(",") if k.strip()]
     if kernels is not None:
-        kernels = list(dict.fromkeys(kernels))
+        kernels = list(dict.fromkeys(_utils.as_list("kernels", kernels, "kernel names")))
         if not kernels:
             raise ValueError(f"kernels: none given; choose from {list(KERNELS)} (or None: all of them)")
     if dtype not in CHECK_RTOL:
@@ -636,7 +636,7 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
                                      f"known: {list(SHAPE_DEFAULTS[kernel])}")
                 filled[kernel].append(_check_sizes(kernel, dict(SHAPE_DEFAULTS[kernel], **item)))
         shapes = filled
-    device = torch.device(device) if device is not None else (
+    device = _utils.check_device("device", device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     if timer is None and device.type != "cuda":
         raise RuntimeError("mla_kernels.autotune needs a GPU: it times kernels with triton.testing.do_bench "

@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import threading
+from collections.abc import Iterable
 
 import torch
 
@@ -267,18 +268,47 @@ def check_flag(name: str, value) -> bool:
     """A switch such as ``causal``: a bool (or numpy bool); ``None`` or a string is refused, not read as truthy."""
     if value is True or value is False:
         return value
-    if type(value).__name__ == "bool_":  # numpy.bool_, without importing numpy here
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"):  # numpy.bool_ (named "bool" in numpy 2)
         return bool(value)
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    raise TypeError(f"{name} must be a bool, got {kind.__module__}.{kind.__name__}"
+                    if kind.__module__ != "builtins" else f"{name} must be a bool, got {kind.__name__}")
 
 
 def check_scale(name: str, value) -> float:
+    """A softmax scale as a float: positive, with ``value * log2(e)`` finite in float32 (the kernels fold it into
+    their scores so). Scores times the scale must also stay inside float32's range, as in any float32 attention: a
+    scale near that limit overflows on the data (inf - inf is NaN), which no check before the kernels can see."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # float, int, numpy scalars
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name} must be positive and finite, got an int of {value.bit_length()} bits") from None
+    if not 0.0 < value < MAX_SCALE:
+        raise ValueError(f"{name} must be positive and finite, and small enough that {name} * log2(e), the kernels' "
+                         f"float32 score scale, is finite, got {value}")
     return value
+
+
+LOG2E = 1.4426950408889634
+MAX_SCALE = 3.4028234663852886e38 / LOG2E  # past it the kernels' float32 score scale, softmax_scale * log2(e), is inf
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor on the ``meta`` device where the call would compute on it (the PyTorch path, value checks):
+    meta tensors hold no data. (Under torch.compile, fake tensors go through the custom ops' fake implementations
+    instead.)"""
+    if t.device.type == "meta" and not use_triton(t):
+        raise ValueError(f"{name} is on the meta device, which holds no data: mla_kernels computes on real tensors "
+                         "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
+
+
+def as_list(name: str, values, what: str = "one entry per sequence") -> list:
+    """``values`` (any iterable) as a list, or a TypeError naming ``name`` and saying ``what`` it holds."""
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence ({what}), got {type(values).__name__}")
+    return list(values)
 
 
 def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None):

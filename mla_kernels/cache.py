@@ -273,6 +273,7 @@ def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None
     """``write_cache`` after its shape checks (the body of the ``mla_kernels::write_cache`` custom op)."""
     if kv_c.shape[0] == 0:
         return
+    _utils.check_has_data("kv_c", kv_c)
     if slot_mapping.device.type == "cpu":
         num_slots = kv_cache.shape[0] * kv_cache.shape[1]
         top = int(slot_mapping.max())
@@ -587,7 +588,7 @@ class PagedLatentCache:
     def _block_table_host(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None,
                           pad_id: int = 0) -> torch.Tensor:
         """``block_table`` built on the host (CPU int32), not yet copied to the cache's device."""
-        seqs = [self._get(s) for s in seq_ids]
+        seqs = [self._get(s) for s in _utils.as_list("seq_ids", seq_ids)]
         longest = max((len(s.blocks) for s in seqs), default=0)
         if max_blocks is None:
             max_blocks = max(1, longest)
@@ -606,7 +607,8 @@ class PagedLatentCache:
 
     def cache_seqlens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
         """``[B]`` int32: tokens cached for each sequence."""
-        return torch.tensor([self._get(s).length for s in seq_ids], dtype=torch.int32).to(self.device)
+        return torch.tensor([self._get(s).length for s in _utils.as_list("seq_ids", seq_ids)],
+                            dtype=torch.int32).to(self.device)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -645,10 +647,7 @@ class PagedLatentCache:
     def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int], counts_name: str = "num_tokens"):
         """``(live sequences, int counts)`` of a batch: distinct hashable ids of live sequences, one non-negative
         int count each (named ``counts_name`` in errors); raises before anything changes."""
-        for name, values in (("seq_ids", seq_ids), (counts_name, num_tokens)):
-            if not isinstance(values, Iterable):
-                raise TypeError(f"{name} must be a sequence (one entry per sequence), got {type(values).__name__}")
-        seq_ids, counts = list(seq_ids), list(num_tokens)
+        seq_ids, counts = _utils.as_list("seq_ids", seq_ids), _utils.as_list(counts_name, num_tokens)
         if len(seq_ids) != len(counts):
             raise ValueError(f"seq_ids and {counts_name} disagree on length: {len(seq_ids)} vs {len(counts)}")
         try:

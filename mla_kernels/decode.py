@@ -723,6 +723,8 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
         _utils.check_same("w_uv", w_uv.shape[0], "q_nope", heads, "head count")
         _utils.check_same("w_uv", w_uv.shape[2], "q_nope", d_latent, "latent width R")
         _utils.check_same("w_uv", w_uv.dtype, "q_nope", q_nope.dtype, "dtype")
+        if w_uv.shape[1] == 0:
+            raise ValueError(f"w_uv [H, D_v, R] must have D_v >= 1, got shape {tuple(w_uv.shape)}")
     _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                          cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
@@ -762,9 +764,10 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
             and (bs[1] <= 1 or block_table.stride(1) == 1) and (qs[0] <= 1 or cache_seqlens.stride(0) == 1)
             and q_pe.device == device and kv_cache.device == device and pe_cache.device == device
             and block_table.device == device and cache_seqlens.device == device
-            and type(softmax_scale) is float and 0.0 < softmax_scale < float("inf")
+            and type(softmax_scale) is float and 0.0 < softmax_scale < _utils.MAX_SCALE
             and (w_uv is None or (type(w_uv) is tensor and w_uv.dim() == 3 and w_uv.dtype is dtype
-                                  and w_uv.shape[0] == qs[2] and w_uv.shape[2] == qs[3] and w_uv.device == device))
+                                  and w_uv.shape[0] == qs[2] and w_uv.shape[1] > 0 and w_uv.shape[2] == qs[3]
+                                  and w_uv.device == device))
             and (max_seqlen_k is None or (type(max_seqlen_k) is int and max_seqlen_k >= 0))
             and (num_splits is None or (type(num_splits) is int and num_splits >= 1)))
 
@@ -797,6 +800,7 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
     no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``;
     ``reuse_scratch`` for the eager call only (``_launch``)."""
     batch, s_q, heads, d_latent = q_nope.shape
+    _utils.check_has_data("q_nope", q_nope)
     if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
         _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
         if metadata is not None:

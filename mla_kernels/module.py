@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
+from collections.abc import Mapping
 from typing import Hashable, Sequence
 
 import torch
@@ -63,6 +65,30 @@ def softmax_scale_for(qk_head_dim: int, rope_parameters: dict | None) -> float:
             mscale = yarn_get_mscale(params["factor"], mscale_all_dim)
             scale = scale * mscale * mscale
     return scale
+
+
+def _check_rope_parameters(rope_parameters) -> dict:
+    """A copy of ``rope_parameters`` (None: the default rope) whose numbers the rope tables can be built from; a
+    ``TypeError``/``ValueError`` naming the entry otherwise (a theta of 0, -1 or NaN gave NaN tables)."""
+    if rope_parameters is None:
+        return {"rope_type": "default", "rope_theta": 10000.0}
+    if not isinstance(rope_parameters, Mapping):
+        raise TypeError(f"rope_parameters must be a dict (transformers' config.rope_parameters) or None, got "
+                        f"{type(rope_parameters).__name__}")
+    params = dict(rope_parameters)
+    for key, optional in (("rope_theta", False), ("factor", True)):
+        value = params.get(key, None if optional else 10000.0)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"rope_parameters['{key}'] must be a number, got {type(value).__name__}")
+        low = 1.0 if key == "rope_theta" else 0.0
+        if not low < value < math.inf:
+            raise ValueError(f"rope_parameters['{key}'] must be a finite number > {low:g}, got {value}")
+    original = params.get("original_max_position_embeddings")
+    if original is not None:
+        _dim("rope_parameters['original_max_position_embeddings']", original)
+    return params
 
 
 def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
@@ -209,7 +235,7 @@ class LatentBatch:
         asynchronous copy (from pinned memory on a GPU): the call never waits for the GPU."""
         if not isinstance(cache, PagedLatentCache):
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
-        seq_ids, counts = list(seq_ids), list(num_new_tokens)
+        seq_ids, counts = _utils.as_list("seq_ids", seq_ids), _utils.as_list("num_new_tokens", num_new_tokens)
         slots = cache._reserve_host(seq_ids, counts)
         return cls._from_host(cache, seq_ids, counts, slots, [cache.seqlen(s) for s in seq_ids],
                               cache._block_table_host(seq_ids))
@@ -323,7 +349,8 @@ class MLAttention(nn.Module):
         if rope_style not in ROPE_STYLES:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
         self.rope_style = rope_style
-        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.rope_parameters = _check_rope_parameters(rope_parameters)
+        max_position_embeddings = _dim("max_position_embeddings", max_position_embeddings)
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.softmax_scale = softmax_scale_for(self.qk_head_dim, self.rope_parameters)
 
@@ -471,6 +498,7 @@ class MLAttention(nn.Module):
         flat = hidden_states.reshape(-1, self.hidden_size)
         if flat.shape[0] != batch.num_tokens:
             raise ValueError(f"hidden_states has {flat.shape[0]} tokens but batch reserved {batch.num_tokens}")
+        _check_hidden_states(self, flat)
         _check_inference(self, flat)
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
@@ -493,6 +521,17 @@ def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int) -> t
                              f"P={rope_dim}, got shape {tuple(t.shape)}")
         tables.append(t.reshape(num_tokens, rope_dim))
     return tables[0], tables[1]
+
+
+def _check_hidden_states(module: nn.Module, hidden_states: torch.Tensor) -> None:
+    """``hidden_states`` in the module's dtype and on its device (the projections would fail deep inside
+    ``nn.Linear`` otherwise)."""
+    weight = module.kv_b_proj.weight
+    if hidden_states.dtype != weight.dtype:
+        raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {weight.dtype}: convert "
+                        f"one of them (hidden_states.to({weight.dtype}) or module.to(...))")
+    if hidden_states.device != weight.device:
+        raise ValueError(f"hidden_states is on {hidden_states.device} but the module is on {weight.device}")
 
 
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:

@@ -693,6 +693,7 @@ def _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, 
     ``cache_seqlens_host``), which on the CPU must also equal the tensors; otherwise on the CPU, and on a GPU when
     ``host_sync`` (then cu_seqlens_q and cache_seqlens are copied to the host once, ``_read_lengths``).
     """
+    _utils.check_has_data("q_nope", q_nope)
     capacity = block_table.shape[1] * page
     names = ("cu_seqlens_q_host", "cache_seqlens_host")
     if host is None and (host_sync or device.type != "cuda"):

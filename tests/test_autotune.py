@@ -449,6 +449,8 @@ def test_autotune_needs_a_gpu_or_a_timer(device):
 
 BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tuned
     "kernels-empty": (dict(kernels=[]), ValueError, "kernels: none given"),  # tuned every kernel
+    "kernels-an-int": (dict(kernels=5), TypeError, "kernels must be a sequence"),  # 'int' is not iterable
+    "device-unknown": (dict(device="nope"), ValueError, "device 'nope'"),  # torch's RuntimeError
     "items-not-a-list": (dict(shapes={"decode": dict(H=8)}), TypeError, r"shapes\['decode'\] must be a list"),
     "item-not-a-dict": (dict(shapes={"decode": [8]}), TypeError, r"shapes\['decode'\] must be a list"),
     "heads-zero": (dict(shapes={"decode": [dict(H=0)]}), ValueError, "H must be >= 1"),  # every candidate pruned

@@ -228,6 +228,8 @@ BAD_ARGS = [
      "slot_mapping"),
     ("kv_c on another device", _set(kv_c=lambda a: a["kv_c"].to("meta")), ValueError, "kv_c is on"),
     ("slot past the cache", _set(slot_mapping=torch.tensor([0, 1, 2, 3, 12])), ValueError, "slot_mapping"),
+    # meta tensors hold no data (the PyTorch path failed in torch: nonzero has no meta kernel)
+    ("all on meta", lambda a: {k: v.to("meta") for k, v in a.items()}, ValueError, "meta device"),
 ]
 
 

@@ -16,6 +16,7 @@ import mla_kernels
 from helpers import SENTINEL_BLOCK
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
+from mla_kernels.module import LatentBatch
 from reference import absorbed_decode, gather_paged
 
 R, P = 16, 16  # the smallest widths keep the state machine fast; the chat test uses DeepSeek's 512 + 64
@@ -359,6 +360,13 @@ def test_bad_batches_change_nothing():
         cache.append_batch(a, [1])
     with pytest.raises(TypeError, match="seq_id"):
         cache.add_sequence(["unhashable"])
+    for call in (cache.cache_seqlens, cache.block_table):  # one id where a list goes ('int' is not iterable before)
+        with pytest.raises(TypeError, match="seq_ids"):
+            call(a)
+    with pytest.raises(TypeError, match="seq_ids"):
+        LatentBatch.reserve(cache, a, [1])
+    with pytest.raises(TypeError, match="num_new_tokens"):
+        LatentBatch.reserve(cache, [a], 1)
     assert_same_state(before, state_of(cache))
 
 

@@ -283,6 +283,13 @@ BAD = {
     "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
     "softmax_scale-negative": (lambda a: a.update(softmax_scale=-1.0), ValueError, "softmax_scale"),
     "softmax_scale-nan": (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    # an int past float's range (OverflowError before), and a scale whose float32 score scale (x log2 e) overflows
+    "softmax_scale-huge-int": (lambda a: a.update(softmax_scale=2 ** 1100), ValueError, "softmax_scale"),
+    "softmax_scale-fp32-overflow": (lambda a: a.update(softmax_scale=3e38), ValueError, "softmax_scale"),
+    "w_uv-no-value-width": (lambda a: a.update(w_uv=torch.zeros(4, 0, 32, dtype=torch.bfloat16)), ValueError, "w_uv"),
+    # meta tensors hold no data: the PyTorch path would fail inside torch (Tensor.item() on meta)
+    "all-on-meta": (lambda a: a.update({k: v.to("meta") for k, v in a.items() if isinstance(v, torch.Tensor)}),
+                    ValueError, "meta"),
     "w_uv-heads": (lambda a: a.update(w_uv=torch.zeros(3, 8, 32, dtype=torch.bfloat16)), ValueError, "w_uv"),
     "w_uv-width": (lambda a: a.update(w_uv=torch.zeros(4, 8, 16, dtype=torch.bfloat16)), ValueError, "w_uv"),
     "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.float16)), TypeError, "w_uv"),
@@ -295,6 +302,18 @@ BAD = {
 def test_bad_input(case):
     args = _good()
     assert_rejects(mla_kernels.mla_decode, args, *BAD[case])
+
+
+def test_numpy_bools_are_bools():
+    """causal / return_lse accept numpy bools (numpy 2 names their type "bool", which the check had missed)."""
+    np = pytest.importorskip("numpy")
+    args = _good()
+    out, lse = mla_kernels.mla_decode(**args, causal=np.True_, return_lse=np.True_)
+    ref, ref_lse = mla_kernels.mla_decode(**args, causal=True, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert isinstance(mla_kernels.mla_decode(**args, return_lse=np.False_), torch.Tensor)
+    with pytest.raises(TypeError, match="causal must be a bool, got numpy.int64"):
+        mla_kernels.mla_decode(**args, causal=np.int64(1))
 
 
 def test_good_input_of_the_bad_input_test_runs():

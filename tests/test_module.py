@@ -255,6 +255,19 @@ def test_bad_arguments():
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    # rope numbers the tables cannot be built from: a theta of 0, -1 or NaN gave NaN tables (and NaN outputs)
+    for bad in (0.0, -1.0, 1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rope_theta"):
+            MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "default", "rope_theta": bad})
+    with pytest.raises(TypeError, match="rope_theta"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "default", "rope_theta": "x"})
+    with pytest.raises(ValueError, match="factor"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "yarn", "factor": -2.0, "rope_theta": 1e4,
+                                                            "original_max_position_embeddings": 64})
+    with pytest.raises(TypeError, match="rope_parameters must be a dict"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters="x")
+    with pytest.raises(TypeError, match="max_position_embeddings"):
+        MLAttention(64, 4, 32, 16, 16, 16, max_position_embeddings="x")
     mod = MLAttention.from_config(config, dtype=torch.bfloat16)
     cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.bfloat16)
     seq = cache.add_sequence()
@@ -271,6 +284,11 @@ def test_bad_arguments():
             mod(x.view(1, 3, 64)[:, :2], batch)
         with pytest.raises(TypeError, match="cache holds"):
             MLAttention.from_config(config, dtype=torch.float16)(x.half(), batch)
+        # hidden_states in another dtype or on another device than the module: it failed inside nn.Linear
+        with pytest.raises(TypeError, match="hidden_states is torch.float32"):
+            mod(x.float(), batch)
+        with pytest.raises(ValueError, match="hidden_states is on meta"):
+            mod(x.to("meta"), batch)
     with pytest.raises(RuntimeError, match="no_grad"):
         mod(x, batch)
     with pytest.raises(TypeError, match="PagedLatentCache"):

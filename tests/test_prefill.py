@@ -382,6 +382,9 @@ def _set(key, index, value):
 
 BAD = {
     "q_nope-none": (lambda a: a.update(q_nope=None), TypeError, "q_nope"),
+    # meta tensors hold no data: the length read failed inside torch (copy out of meta)
+    "all-on-meta": (lambda a: a.update({k: v.to("meta") for k, v in a.items() if isinstance(v, torch.Tensor)}),
+                    ValueError, "meta"),
     "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
     "return_lse-int": (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][None]), ValueError, "q_nope"),
@@ -439,6 +442,12 @@ def test_bad_input(case):
 
 BAD_ATTENTION = {
     "w_kv_b-none": (lambda a: a.update(w_kv_b=None), TypeError, "w_kv_b"),
+    # meta tensors hold no data: the length read (or, with host lengths, the PyTorch path) failed inside torch (copy out of meta)
+    "all-on-meta": (lambda a: a.update({k: v.to("meta") for k, v in a.items() if isinstance(v, torch.Tensor)}),
+                    ValueError, "meta"),
+    "all-on-meta-host-lengths": (lambda a: a.update({k: v.to("meta") for k, v in a.items() if isinstance(v, torch.Tensor)},
+                                                    cu_seqlens_q_host=[0, 10, 10, 13], cache_seqlens_host=[12, 4, 3]),
+                                 ValueError, "meta"),
     "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
     "w_kv_b-rank": (lambda a: a.update(w_kv_b=a["w_kv_b"][None]), ValueError, "w_kv_b"),
     "w_kv_b-dtype": (lambda a: a.update(w_kv_b=a["w_kv_b"].half()), TypeError, "w_kv_b"),
