@@ -152,10 +152,15 @@ def _query_rows(Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, 
                 stride_qp_s, VARLEN: tl.constexpr):
     """Where sequence ``pid_b``'s query rows are: ``(tok_start, seq_q, q_nope_base, q_pe_base, num_rows)``; its
     tokens start at packed token ``tok_start`` (prefill, ``VARLEN``) or at ``pid_b * s_q`` (decode); its
-    ``num_rows = seq_q * num_heads`` rows are the (token, head) pairs."""
+    ``num_rows = seq_q * num_heads`` rows are the (token, head) pairs.
+
+    With ``VARLEN``, ``s_q`` is the number T of packed tokens, and the sequence's tokens are clamped to [0, T): a
+    ``cu_seqlens_q`` no host has checked (a GPU call given ``max_seqlen_q``) that does not start at 0, runs past T
+    or goes backwards then gives undefined values for its rows, but no row outside the output is read or written."""
     if VARLEN:
-        tok_start = tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64)
-        seq_q = (tl.load(CU_SEQLENS_Q + pid_b + 1) - tok_start).to(tl.int32)
+        tok_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + pid_b).to(tl.int64), 0), s_q)
+        tok_end = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + pid_b + 1).to(tl.int64), tok_start), s_q)
+        seq_q = (tok_end - tok_start).to(tl.int32)
         q_nope_base = Q_NOPE + tok_start * stride_qn_s
         q_pe_base = Q_PE + tok_start * stride_qp_s
     else:
@@ -216,7 +221,8 @@ def _mla_attn_kernel(
     """Grid ``(row blocks, B, splits)``: program (m, b, s) reads split s of sequence b's keys for row block m.
     ``SCHEDULED`` (decode only): grid ``(row blocks, P)``; program (m, p) walks the units of row p of the
     schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials.
-    ``KV_FP8``: ``KV`` holds e4m3 values with fp32 scales in ``KV_SCALE`` (one per 128 values of a token)."""
+    ``KV_FP8``: ``KV`` holds e4m3 values with fp32 scales in ``KV_SCALE`` (one per 128 values of a token).
+    ``s_q``: new tokens per sequence (decode), or with ``VARLEN`` the T packed tokens, a bound on ``CU_SEQLENS_Q``."""
     pid_m = tl.program_id(0)
     if SCHEDULED:
         pid_p = tl.program_id(1)
@@ -456,20 +462,21 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                                        (schedule.num_part_slots, seq_q * heads))
 
     sm_scale_log2 = softmax_scale * LOG2E
+    s_q_arg = total_tokens if varlen else seq_q  # the kernels' s_q: T packed tokens with cu_seqlens_q (_query_rows)
     hopper = _hopper_kernel(cfg, q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None else None
     if hopper == "gluon":
         from .decode_gluon import launch_gluon
         launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
-                     out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                     out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
                      qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse)
     elif hopper == "tma":
         from .decode_tma import launch_tma
         launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
-                   out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                   out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
                    qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
     else:
         _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
-                         out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides,
+                         out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
                          qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
                          schedule=schedule, kv_scale=kv_scale)
     if schedule is not None:  # merge the cut sequences, zero the padding slots

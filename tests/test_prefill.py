@@ -565,6 +565,37 @@ def test_host_lengths_read_nothing_back(path):
             prefill._read_lengths = stub
 
 
+def test_unchecked_cu_seqlens_q_stays_inside_the_output(monkeypatch, device):
+    """On a GPU given max_seqlen_q, nothing reads cu_seqlens_q on the host, so its values go unchecked. One that does
+    not start at 0 and runs past the T packed tokens must still write no row outside the output (it wrote up to
+    T + 3 rows past it before): the kernel clamps each sequence's tokens to [0, T). Here the CPU's value checks are
+    bypassed as a GPU's are, and the output is a view of a NaN-filled buffer with guard rows after it."""
+    a = make_inputs([3, 1], [5, 2], 2, 4, torch.float32, device, r=32, p=16)
+    good = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, max_seqlen_q=4, max_seqlen_k=8, num_splits=1)
+    total = a["q_nope"].shape[0]  # 4
+    # the same queries packed two tokens later: cu [2, 5, 6] over T = 6, passed as [2, 5, 9] (a last length 4 > 1)
+    pad = lambda t: torch.cat([torch.full_like(t[:2], float("nan")), t])  # noqa: E731
+    shifted = dict(a, q_nope=pad(a["q_nope"]), q_pe=pad(a["q_pe"]),
+                   cu_seqlens_q=torch.tensor([2, 5, 9], dtype=torch.int32, device=device))
+    monkeypatch.setattr(prefill, "_check_metadata", lambda *args, **kw: (4, 8, None))  # a GPU's unchecked values
+    guarded = []
+    empty = torch.empty
+
+    def guarded_empty(*size, **kw):
+        if size == (total + 2, 2, 32) and not guarded:  # the output: a view of a buffer with 8 guard rows after it
+            guarded.append(torch.full((total + 10, 2, 32), float("nan"), dtype=kw["dtype"], device=kw["device"]))
+            return guarded[0][:total + 2]
+        return empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    out = mla_kernels.mla_prefill(**shifted, softmax_scale=SCALE, max_seqlen_q=4, num_splits=1)
+    monkeypatch.setattr(torch, "empty", empty)
+    assert guarded and torch.isnan(guarded[0][total + 2:]).all(), "rows past the output were written"
+    assert torch.equal(out[2:5], good[:3])  # the first sequence, two rows later: as before
+    # the last one, cut to the one token left of T: its first new token at position 3 of its 3 tokens, causal
+    assert torch.equal(out[5], good[3])
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: things the interpreter cannot show
 # ------------------------------------------------------------------------------------------------
