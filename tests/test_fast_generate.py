@@ -386,8 +386,17 @@ def test_static_cache_misuse():
         with pytest.raises(ValueError, match="batch of 3"):
             model(input_ids=ids, attention_mask=mask, past_key_values=static_latent_cache(model, 3, 16),
                   use_cache=True)
-        # transformers' masks stop a generate at max_cache_len columns first; called directly, a layer's own
-        # device assertion stops the row that would run past its blocks
+        # a prompt, or a generate, that runs past max_cache_len tokens (pads included): the named device assertion
+        # before anything is stored (it was an index error in the mask lookup: "INDICES element is out of DATA bounds")
+        ids9, mask9 = left_padded([9, 7])
+        small = static_latent_cache(model, 2, 8, block_size=4)
+        with pytest.raises(RuntimeError, match="static latent cache is full"):
+            model(input_ids=ids9, attention_mask=mask9, past_key_values=small, use_cache=True)
+        assert not small._mla_static_state.seqlens[0].any()  # nothing counted or stored
+        with pytest.raises(RuntimeError, match="static latent cache is full"):
+            model.generate(input_ids=ids9, attention_mask=mask9, do_sample=False, max_new_tokens=6,
+                           past_key_values=static_latent_cache(model, 2, 12, block_size=4))
+        # called directly, a layer's own device assertion stops the row that would run past its blocks
         full = static_latent_cache(model, 2, 4, block_size=4)
         attn = model.model.layers[0].self_attn
         x = torch.randn(2, 1, model.config.hidden_size)

@@ -208,8 +208,8 @@ class _LatentState:
         if self.rows is None:
             self.rows = [self.paged.add_sequence() for _ in range(batch_size)]
         elif len(self.rows) != batch_size:
-            raise ValueError(f"past_key_values holds {len(self.rows)} sequences but this call has a batch of "
-                             f"{batch_size}; use a new cache for a new batch")
+            raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
+                             f"has a batch of {batch_size}; use a new cache for a new batch")
         counts = [query_len] * batch_size if packing is None else packing.counts
         try:
             slots = self.paged._reserve_host(self.rows, counts)
@@ -285,8 +285,10 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
     """The Cache's latent state (created on first use), with its layer ``layer_idx`` a LatentCacheLayer."""
     from transformers.cache_utils import Cache
     if not isinstance(past_key_values, Cache):
-        raise TypeError(f"past_key_values must be a transformers Cache (DynamicCache) or None, got "
-                        f"{type(past_key_values).__name__}")
+        raise TypeError(f"the patched model takes a transformers Cache (past_key_values, or cache from transformers "
+                        f"5.25 on): a DynamicCache, static_latent_cache(...) or None, got "
+                        f"{type(past_key_values).__name__}; transformers' continuous batching (generate_batch, "
+                        f"PagedAttentionCache) is not supported: unpatch_model(model) to use it")
     state = getattr(past_key_values, "_mla_latent_state", None)
     if state is None:
         state = _LatentState(num_layers, block_size, max_cache_tokens)
@@ -298,7 +300,8 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
         while len(layers) <= layer_idx:
             layers.append(latent_cls(state))
     if layer_idx >= len(layers):
-        raise ValueError(f"past_key_values has {len(layers)} layers, fewer than the model's layer {layer_idx}")
+        raise ValueError(f"the Cache (past_key_values / cache) has {len(layers)} layers, fewer than the model's layer "
+                         f"{layer_idx}")
     layer = layers[layer_idx]
     if isinstance(layer, latent_cls):
         if layer.state is not state:
@@ -308,10 +311,10 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
         layers[layer_idx] = latent_cls(state)
         return state
     if type(layer) is not dynamic_cls:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
-        raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__}, which the patched model "
-                         f"can't use: pass a fresh DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
-                         f"max_cache_len) for a preallocated one")
-    raise ValueError(f"past_key_values layer {layer_idx} is a {type(layer).__name__} holding "
+        raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__}, "
+                         f"which the patched model can't use: pass a fresh DynamicCache (or none), or "
+                         f"static_latent_cache(model, max_batch_size, max_cache_len) for a preallocated one")
+    raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__} holding "
                      f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
                      f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
 
@@ -598,7 +601,13 @@ class _StaticLatentState:
         if batch_size != self.batch_size:
             raise ValueError(f"the static latent cache holds a batch of {self.batch_size}, this call has {batch_size}")
         cache_layer = past_key_values.layers[layer]
-        columns = cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)
+        # past max_cache_len columns (pads included) the mask has no column for this step's tokens: a named device
+        # assertion (on the CPU, at once, before anything is counted or stored), not an index error below
+        torch._assert_async((cache_layer.cumulative_length + query_len <= self.max_cache_len).all(),
+                            "mla_kernels: the static latent cache is full: this step would pass its max_cache_len "
+                            "tokens per row (pads included, as transformers counts them); make a larger one")
+        columns = (cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)).clamp_(
+            max=self.max_cache_len - 1)  # in range for the index even on a GPU, where the assertion comes later
         real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
         seqlens = self.seqlens[layer]
         # a prompt's first layer reads (and checks) its mask before anything is counted or stored
