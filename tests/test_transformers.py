@@ -269,6 +269,24 @@ def test_the_cache_is_taken_under_either_name(monkeypatch):
         assert cache.get_seq_length(0) == 3
 
 
+def test_output_attentions_is_refused(monkeypatch):
+    """The kernels never materialise attention weights, and transformers' hooks do not see the patched modules: asked
+    for them, a patched model raised nothing and returned an empty tuple. Now it says so before storing anything;
+    other outputs (hidden states) are still collected."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model())
+    ids, mask = left_padded([3, 2])
+    with torch.no_grad():
+        for call in (lambda: model(input_ids=ids, attention_mask=mask, output_attentions=True),
+                     lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                            output_attentions=True, return_dict_in_generate=True)):
+            with pytest.raises(ValueError, match="output_attentions"):
+                call()
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
+                             output_hidden_states=True, **GREEDY)
+    assert len(out.hidden_states) == GREEDY["max_new_tokens"]
+
+
 def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
     the model's current mode, or its attention dropout stays on in eval (and off in train)."""

@@ -29,6 +29,7 @@ holds transformers K/V, static caches, beam search and cache cropping raise a cl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -753,6 +754,9 @@ class TransformersMLAttention(MLAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         past_key_values = _the_cache(past_key_values, cache)
+        if _attentions_requested():
+            raise ValueError("output_attentions: the patched attention never materialises attention weights (the "
+                             "kernels attend in latent space); run without it, or unpatch_model(model)")
         if position_embeddings is None:
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
         _check_inference(self, hidden_states)
@@ -788,6 +792,26 @@ class TransformersMLAttention(MLAttention):
             packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer)
             out = _unpack(packed, packing, batch_size, query_len).flatten(2)
         return self.o_proj(out), None
+
+
+def _attentions_requested() -> bool:
+    """Has this forward pass asked transformers to collect attention weights (``output_attentions``)? Read from
+    transformers' output collector (``transformers.utils.output_capturing``, 5.17 to 5.25): it would otherwise hand
+    back an empty tuple, as no hook of its attention class sees the patched modules. False where it has none."""
+    collector = _output_collector()
+    if collector is None:
+        return False
+    collected = collector.get()
+    return collected is not None and "attentions" in collected
+
+
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector
 
 
 def _the_cache(past_key_values, cache):
