@@ -53,9 +53,9 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args); kv_scale: an fp8 cache's scales.
     # mla_decode checked all this before tracing the op; a direct call of the op is checked here the same way
-    softmax_scale, max_seqlen_k = _decode._check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
-                                                             cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
-                                                             num_splits, kv_scale)
+    softmax_scale, max_seqlen_k, num_splits = _decode._check_decode_args(q_nope, q_pe, kv_cache, pe_cache,
+                                                                         block_table, cache_seqlens, softmax_scale,
+                                                                         w_uv, max_seqlen_k, num_splits, kv_scale)
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
     if metadata is not None:
         _decode._check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import os
 import threading
 from collections.abc import Iterable
@@ -302,6 +303,22 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
     if t.device.type == "meta" and not use_triton(t):
         raise ValueError(f"{name} is on the meta device, which holds no data: mla_kernels computes on real tensors "
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
+
+
+def check_int(name: str, value, minimum: int):
+    """``value`` as a Python int >= ``minimum`` (any integer: numpy's too, not a bool), None as None; a
+    ``ValueError`` naming ``name`` otherwise."""
+    if value is None or type(value) is int and value >= minimum:
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def as_list(name: str, values, what: str = "one entry per sequence") -> list:

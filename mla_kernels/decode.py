@@ -688,8 +688,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
     undefined behaviour, as in FlashMLA.
     """
-    softmax_scale, max_seqlen_k = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
-                                                     softmax_scale, w_uv, max_seqlen_k, num_splits, kv_scale)
+    softmax_scale, max_seqlen_k, num_splits = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
+                                                                 cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
+                                                                 num_splits, kv_scale)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                                 return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
 
@@ -697,12 +698,13 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
 def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
                        max_seqlen_k, num_splits, kv_scale):
     """``mla_decode``'s shape, dtype and device checks (no tensor values read), also run by its custom op when called
-    directly. Returns ``(softmax_scale as a float, max_seqlen_k clamped to the block table's capacity)``."""
+    directly. Returns ``(softmax_scale as a float, max_seqlen_k clamped to the block table's capacity, num_splits)``,
+    the ints as Python ints (numpy's are taken)."""
     # the common case, checked in one expression; anything else takes the named checks below
     if kv_scale is None and _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
                                             softmax_scale, w_uv, max_seqlen_k, num_splits):
         capacity = block_table.shape[1] * kv_cache.shape[1]
-        return softmax_scale, capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
+        return softmax_scale, capacity if max_seqlen_k is None else min(max_seqlen_k, capacity), num_splits
     _utils.check_tensor("q_nope", q_nope, 4, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 4, _utils.FLOAT_DTYPES)
     _utils.check_same("q_nope", q_nope.dtype, "q_pe", q_pe.dtype, "dtype")
@@ -735,13 +737,9 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                          cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale)
     capacity = block_table.shape[1] * page
-    if max_seqlen_k is None:
-        max_seqlen_k = capacity
-    elif not isinstance(max_seqlen_k, int) or isinstance(max_seqlen_k, bool) or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
-    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    return softmax_scale, min(max_seqlen_k, capacity)
+    max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
+    num_splits = _utils.check_int("num_splits", num_splits, 1)
+    return softmax_scale, capacity if max_seqlen_k is None else min(max_seqlen_k, capacity), num_splits
 
 
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)

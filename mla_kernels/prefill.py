@@ -577,11 +577,6 @@ def _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k, softmax_scale, ca
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name, value, minimum):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_queries(q_nope, q_pe):
     _utils.check_tensor("q_nope", q_nope, 3, _utils.FLOAT_DTYPES)
     _utils.check_tensor("q_pe", q_pe, 3, _utils.FLOAT_DTYPES)
@@ -676,8 +671,8 @@ def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
     _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "cu_seqlens_q", batch, "batch size (B)")
-    _check_int("max_seqlen_q", max_seqlen_q, 0)
-    _check_int("max_seqlen_k", max_seqlen_k, 0)
+    _utils.check_int("max_seqlen_q", max_seqlen_q, 0)
+    _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
                                   block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
                                   kv_scale=kv_scale)
@@ -761,13 +756,15 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     lengths given, or max_seqlen_q None), and block ids never.
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
+    max_seqlen_q = _utils.check_int("max_seqlen_q", max_seqlen_q, 0)  # numpy ints become Python ints
+    max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
+    num_splits = _utils.check_int("num_splits", num_splits, 1)
     batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                               cache_seqlens, max_seqlen_q, max_seqlen_k, kv_scale, cu_seqlens_q_host,
                                               cache_seqlens_host)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
-    _check_int("num_splits", num_splits, 1)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,

@@ -231,9 +231,9 @@ def from_op_args(programs, sequences, sizes) -> DecodeSchedule | None:
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    if value is None:
+        raise ValueError(f"{name} must be a positive int, got None")
+    return _utils.check_int(name, value, 1)
 
 
 def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_rank: int = 512,
@@ -258,20 +258,17 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     on a GPU it is not (it would synchronise).
     """
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
-    _positive_int("num_heads", num_heads)
-    _positive_int("s_q", s_q)
-    _utils.check_width("kv_lora_rank", _positive_int("kv_lora_rank", kv_lora_rank))
-    _utils.check_width("rope_dim", _positive_int("rope_dim", rope_dim))
+    num_heads, s_q = _positive_int("num_heads", num_heads), _positive_int("s_q", s_q)
+    kv_lora_rank, rope_dim = _positive_int("kv_lora_rank", kv_lora_rank), _positive_int("rope_dim", rope_dim)
+    _utils.check_width("kv_lora_rank", kv_lora_rank)
+    _utils.check_width("rope_dim", rope_dim)
     if dtype not in _utils.FLOAT_DTYPES:
         raise TypeError(f"dtype must be the queries' dtype, one of {_utils.FLOAT_DTYPES}, got {dtype!r}")
     if cache_dtype is not None and cache_dtype not in _utils.FLOAT_DTYPES + _utils.FP8_DTYPES:
         raise TypeError(f"cache_dtype must be None or the cache's dtype, one of "
                         f"{_utils.FLOAT_DTYPES + _utils.FP8_DTYPES}, got {cache_dtype!r}")
-    if max_seqlen_k is not None and (isinstance(max_seqlen_k, bool) or not isinstance(max_seqlen_k, int)
-                                     or max_seqlen_k < 0):
-        raise ValueError(f"max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
-    if num_programs is not None:
-        _positive_int("num_programs", num_programs)
+    max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
+    num_programs = _utils.check_int("num_programs", num_programs, 1)
     if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():  # value checks are free on the CPU
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0:

@@ -316,6 +316,24 @@ def test_numpy_bools_are_bools():
         mla_kernels.mla_decode(**args, causal=np.int64(1))
 
 
+def test_numpy_ints_are_ints():
+    """max_seqlen_k / num_splits (and mla_decode_metadata's sizes) from numpy, e.g. lengths.max(), are ints: they
+    were refused ("must be a non-negative int, got np.int64(16)"); a float or a bool still is."""
+    np = pytest.importorskip("numpy")
+    args = _good()
+    ref = mla_kernels.mla_decode(**args, max_seqlen_k=16, num_splits=2)
+    assert torch.equal(mla_kernels.mla_decode(**args, max_seqlen_k=np.int64(16), num_splits=np.int32(2)), ref)
+    meta = mla_kernels.mla_decode_metadata(args["cache_seqlens"], np.int64(4), np.int64(1), kv_lora_rank=np.int64(32),
+                                           rope_dim=16, max_seqlen_k=np.int64(16), num_programs=np.int64(3))
+    assert meta.num_programs == 3 and type(meta.num_programs) is int
+    expected, _ = reference.absorbed_decode(*(args[k] for k in ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table",
+                                                                "cache_seqlens", "softmax_scale")))
+    assert_close("numpy-sized schedule", mla_kernels.mla_decode(**args, metadata=meta), expected, torch.bfloat16)
+    for bad in (16.0, True, "16"):
+        with pytest.raises(ValueError, match="max_seqlen_k"):
+            mla_kernels.mla_decode(**args, max_seqlen_k=bad)
+
+
 def test_good_input_of_the_bad_input_test_runs():
     """The base case of test_bad_input is valid, so each failure above is caused by its one change."""
     out = mla_kernels.mla_decode(**_good())

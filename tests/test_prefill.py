@@ -565,6 +565,18 @@ def test_host_lengths_read_nothing_back(path):
             prefill._read_lengths = stub
 
 
+def test_numpy_ints_are_ints():
+    """max_seqlen_q / max_seqlen_k / num_splits from numpy are ints (they were refused); floats and bools are not."""
+    np = pytest.importorskip("numpy")
+    a = _good()
+    ref = mla_kernels.mla_prefill(**a, max_seqlen_q=10, max_seqlen_k=12, num_splits=2)
+    out = mla_kernels.mla_prefill(**a, max_seqlen_q=np.int64(10), max_seqlen_k=np.int32(12), num_splits=np.int64(2))
+    assert torch.equal(out, ref)
+    for name, bad in (("max_seqlen_q", 10.0), ("max_seqlen_k", True), ("num_splits", np.float64(2))):
+        with pytest.raises(ValueError, match=name):
+            mla_kernels.mla_prefill(**dict(a, **{name: bad}))
+
+
 def test_unchecked_cu_seqlens_q_stays_inside_the_output(monkeypatch, device):
     """On a GPU given max_seqlen_q, nothing reads cu_seqlens_q on the host, so its values go unchecked. One that does
     not start at 0 and runs past the T packed tokens must still write no row outside the output (it wrote up to
