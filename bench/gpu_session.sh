@@ -58,8 +58,8 @@ case "${1:-all}" in
     # 2026-11-22: 321 tests in 88 s with -n 8; there are 750 now, so the limit may cut it: what ran is still known)
     step pytest 170 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
       --ignore=tests/test_decode_tma.py --junitxml="$OUT/pytest.xml"
-    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon \
-      --out "$OUT/decode_targets.json"
+    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --plot \
+      --out "$OUT/decode_targets.json"  # --plot: the GPU machine has matplotlib (KINDS.md, 2026-11); the PNG is in the tgz
     step bench_decode_imbalanced 60 python -m bench.decode --quick --skip-seed --skip-sweep \
       --out "$OUT/decode_imb.json"
     step bench_prefill_calibrate 40 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
