@@ -452,15 +452,28 @@ class PagedLatentCache:
     def kv_scale(self, layer: int) -> torch.Tensor | None:
         """fp8 cache: the layer's latent scales ``[num_blocks, block_size, R/128]`` float32, a view of
         ``buffer(layer)``; None for a bf16/fp16/fp32 cache. Pass it on as the kernels' ``kv_scale``."""
-        return self._scale_views[self._layer(layer)]
+        return self.views(layer)[2]
 
     def kv_cache(self, layer: int) -> torch.Tensor:
         """The layer's latent cache, ``[num_blocks, block_size, R]``, a view of ``buffer(layer)``."""
-        return self._kv_views[self._layer(layer)]
+        return self.views(layer)[0]
 
     def pe_cache(self, layer: int) -> torch.Tensor:
         """The layer's rope-key cache, ``[num_blocks, block_size, P]``, a view of ``buffer(layer)``."""
-        return self._pe_views[self._layer(layer)]
+        return self.views(layer)[1]
+
+    def views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(kv_cache, pe_cache, kv_scale)`` of a layer, views of ``buffer(layer)`` (``kv_scale`` None but for fp8).
+
+        While torch.compile traces, an fp8 cache's views are made again from the uint8 buffer, inside the graph:
+        AOTAutograd (the inductor and aot_eager backends) refuses a graph input that is a view of another dtype than
+        its base when the graph writes it ("input mutations on views with different dtypes"), and the fp8 write
+        does. Views made in the graph from the buffer, an input of its own dtype, it takes."""
+        layer = self._layer(layer)
+        if self._scale_views[layer] is not None and torch.compiler.is_compiling():
+            kv, scale, pe = _fp8_views(self._buffers[layer], self.kv_lora_rank, self.rope_dim, self.rope_dtype)
+            return kv, pe, scale
+        return self._kv_views[layer], self._pe_views[layer], self._scale_views[layer]
 
     @property
     def num_free_blocks(self) -> int:
@@ -616,8 +629,8 @@ class PagedLatentCache:
         """``write_cache`` into one layer: ``kv_c [T, R]``, ``k_pe [T, P]`` at ``slot_mapping [T]``
         (as returned by ``append``/``append_batch``/``slots``)."""
         layer = self._layer(layer)
-        write_cache(kv_c, k_pe, self._kv_views[layer], self._pe_views[layer], slot_mapping,
-                    kv_scale=self._scale_views[layer])
+        kv_cache, pe_cache, kv_scale = self.views(layer)
+        write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=kv_scale)
 
     def read(self, layer: int, seq_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of one sequence's cached tokens in one layer: ``(kv [L, R], pe [L, P])`` (fp8 cache: the

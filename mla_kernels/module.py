@@ -447,7 +447,7 @@ class MLAttention(nn.Module):
         w_kv_b = self.kv_b_proj.weight
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
-        kv_cache, pe_cache, kv_scale = cache.kv_cache(layer), cache.pe_cache(layer), cache.kv_scale(layer)
+        kv_cache, pe_cache, kv_scale = cache.views(layer)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -503,14 +503,17 @@ class MLAttention(nn.Module):
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
         else:
-            cos, sin = _check_rope_tables(position_embeddings, flat.shape[0], self.qk_rope_head_dim)
+            cos, sin = _check_rope_tables(position_embeddings, flat.shape[0], self.qk_rope_head_dim, flat)
         q_nope, q_pe, kv_c, k_pe = self.project(flat, cos, sin)
         out = self.attend(q_nope, q_pe, kv_c, k_pe, batch)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
 
 
-def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)``, each with ``num_tokens * rope_dim`` values ending in ``rope_dim``, as ``[T, P]``."""
+def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int,
+                       hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each with ``num_tokens * rope_dim`` values ending in ``rope_dim``, as ``[T, P]`` in the
+    dtype of ``hidden_states`` (as transformers hands them over; float32 tables for a bf16 module failed later, naming
+    the internal k_pe) and on its device."""
     if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
         raise TypeError(f"position_embeddings must be a (cos, sin) pair, got {type(position_embeddings).__name__}")
     tables = []
@@ -519,7 +522,12 @@ def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int) -> t
         if t.dim() < 1 or t.shape[-1] != rope_dim or t.numel() != num_tokens * rope_dim:
             raise ValueError(f"position_embeddings {name} must be [T, P] (or [B, S, P]) for T={num_tokens} tokens and "
                              f"P={rope_dim}, got shape {tuple(t.shape)}")
-        tables.append(t.reshape(num_tokens, rope_dim))
+        if not t.is_floating_point():
+            raise TypeError(f"position_embeddings {name} must be floating point, got {t.dtype}")
+        if t.device != hidden_states.device:
+            raise ValueError(f"position_embeddings {name} is on {t.device} but hidden_states is on "
+                             f"{hidden_states.device}")
+        tables.append(t.reshape(num_tokens, rope_dim).to(hidden_states.dtype))
     return tables[0], tables[1]
 
 

@@ -337,9 +337,17 @@ def test_bad_batch_and_rope_tables_are_refused():
             mod(x, batch, position_embeddings=(cos[:1], sin))
         with pytest.raises(ValueError, match="position_embeddings sin"):
             mod(x, batch, position_embeddings=(cos, sin[:, :8]))
+        with pytest.raises(TypeError, match="position_embeddings cos"):
+            mod(x, batch, position_embeddings=(cos.long(), sin))
+        with pytest.raises(ValueError, match="position_embeddings sin is on meta"):
+            mod(x, batch, position_embeddings=(cos, sin.to("meta")))
         assert torch.equal(cache.buffer(0), before)
         expected = mod(x, batch)
         torch.testing.assert_close(mod(x, batch, position_embeddings=(cos[None], sin[None])), expected,
+                                   rtol=0, atol=0)
+        # tables in another float dtype than the module's (float64 here; float32 for a bf16 module) are converted,
+        # as transformers hands them over in the model's dtype (they failed later, naming the internal k_pe)
+        torch.testing.assert_close(mod(x, batch, position_embeddings=(cos.double(), sin.double())), expected,
                                    rtol=0, atol=0)
 
 

@@ -624,7 +624,7 @@ class _StaticLatentState:
                                                                "(max_cache_len real tokens per row)")
         slots = torch.where(real & (index < self.capacity), self.row_base + index, -1)
         seqlens.copy_(new_lens)
-        kv_cache, pe_cache, kv_scale = self.paged.kv_cache(layer), self.paged.pe_cache(layer), self.paged.kv_scale(layer)
+        kv_cache, pe_cache, kv_scale = self.paged.views(layer)
         write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
                     slots.view(-1), kv_scale=kv_scale)
         heads, d_nope, d_v, rank = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
