@@ -299,6 +299,25 @@ def test_compiled_calls_are_single_nodes_and_check_values(device):
             compiled(kv, torch.tensor([4, 999], dtype=torch.int64, device=device), seqlens)
 
 
+def _fp8_step(device, views):
+    """A step that writes three tokens into an fp8 cache (R 128) and decodes over it, as ``(step, kv)``: ``step(kv)``
+    takes ``(kv_cache, pe_cache, kv_scale)`` from ``views()`` inside it."""
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(3, 128 + P, generator=g).to(device)
+    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)
+    q = torch.randn(2, 1, HEADS, 128 + P, generator=g).to(device)
+    table = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([10, 3], dtype=torch.int32, device=device)
+
+    def step(kv):
+        kv_cache, pe_cache, kv_scale = views()
+        mla_kernels.write_cache(kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale=kv_scale)
+        return mla_kernels.mla_decode(q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE,
+                                      max_seqlen_k=12, kv_scale=kv_scale)
+
+    return step, kv
+
+
 def test_compiled_fp8_paged_cache_through_aot_autograd(device):
     """AOTAutograd (the inductor and aot_eager backends) refuses a graph input that is a view of another dtype than
     its base when the graph writes it, which an fp8 cache's e4m3 values, fp32 scales and rope keys all are (views of
@@ -307,19 +326,7 @@ def test_compiled_fp8_paged_cache_through_aot_autograd(device):
     from mla_kernels.cache import PagedLatentCache
 
     paged = PagedLatentCache(1, 4, PAGE, 128, P, dtype=torch.float8_e4m3fn, device=device, rope_dtype=torch.float32)
-    g = torch.Generator().manual_seed(5)
-    kv = torch.randn(3, 128 + P, generator=g).to(device)
-    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)
-    q = torch.randn(2, 1, HEADS, 128 + P, generator=g).to(device)
-    table = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32, device=device)
-    seqlens = torch.tensor([10, 3], dtype=torch.int32, device=device)
-
-    def step(kv):
-        kv_cache, pe_cache, kv_scale = paged.views(0)
-        mla_kernels.write_cache(kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale=kv_scale)
-        return mla_kernels.mla_decode(q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE,
-                                      max_seqlen_k=12, kv_scale=kv_scale)
-
+    step, kv = _fp8_step(device, lambda: paged.views(0))
     expected = step(kv)
     written = paged.buffer(0).clone()
     paged.buffer(0).zero_()
@@ -334,18 +341,7 @@ def test_compiled_fp8_write_and_decode_match_eager(device):
     from mla_kernels.cache import fp8_latent_cache
 
     kv_cache, kv_scale, pe_cache = fp8_latent_cache(4, PAGE, 128, P, torch.float32, device=device)
-    g = torch.Generator().manual_seed(3)
-    kv = torch.randn(3, 128 + P, generator=g).to(device)
-    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device=device)
-    q = torch.randn(2, 1, HEADS, 128 + P, generator=g).to(device)
-    table = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32, device=device)
-    seqlens = torch.tensor([10, 3], dtype=torch.int32, device=device)
-
-    def step(kv):
-        mla_kernels.write_cache(kv[:, :128], kv[:, 128:], kv_cache, pe_cache, slots, kv_scale=kv_scale)
-        return mla_kernels.mla_decode(q[..., :128], q[..., 128:], kv_cache, pe_cache, table, seqlens, SCALE,
-                                      max_seqlen_k=12, kv_scale=kv_scale)
-
+    step, kv = _fp8_step(device, lambda: (kv_cache, pe_cache, kv_scale))
     expected = step(kv)
     written = (kv_cache.view(torch.uint8).clone(), kv_scale.clone(), pe_cache.clone())
     for t in (kv_cache.view(torch.uint8), kv_scale, pe_cache):
