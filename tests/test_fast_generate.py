@@ -355,6 +355,29 @@ def test_compiled_decode_step_matches_eager():
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
 
 
+def test_compiled_prompt_chunks_say_why_not():
+    """With prefill_chunk_size transformers compiles the prompt chunks too; the static cache's prompt step reads the
+    rows' lengths on the host, so a fullgraph compile must stop there with that reason (it failed deep in dynamo,
+    "Could not guard on data-dependent expression"), and a compile that may break the graph runs it eagerly."""
+    model = dense_model()
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4)
+        for fullgraph in (True, False):
+            config = CompileConfig(fullgraph=fullgraph, backend="eager", mode=None)
+            config._compile_all_devices = True
+            torch._dynamo.reset()
+            run = lambda: model.generate(input_ids=ids, attention_mask=mask, compile_config=config,  # noqa: E731
+                                         past_key_values=static_latent_cache(model, len(PROMPTS), 32, block_size=4),
+                                         prefill_chunk_size=4, **GREEDY)
+            if fullgraph:
+                with pytest.raises(Exception, match="prefill_chunk_size"):
+                    run()
+            else:
+                assert torch.equal(run(), expected)
+
+
 def test_static_cache_continues_a_prefilled_prompt():
     """The bench's pattern: the prompt but its last token cached by a plain forward call, then generate from
     there; the static cache gives the dynamic one's tokens, and bench.generate's reset puts it back exactly."""

@@ -568,6 +568,14 @@ def _no_cache_packing(layer: int, attention_mask, batch_size: int, query_len: in
     return step.packing
 
 
+def _outside_compiled_graphs(reason: str):
+    """``torch.compiler.disable`` with the ``reason`` a fullgraph compile reports (torch 2.11 and 2.13 take one)."""
+    try:
+        return torch.compiler.disable(recursive=True, reason=f"mla_kernels: {reason}")
+    except TypeError:  # a torch without reason=
+        return torch.compiler.disable(recursive=True)
+
+
 class _StaticLatentState:
     """Fixed capacity behind a static latent cache: row b of the batch owns blocks
     ``[b * blocks_per_row, (b + 1) * blocks_per_row)`` of a ``PagedLatentCache``, so the block table never changes,
@@ -650,6 +658,10 @@ class _StaticLatentState:
             packed = _unpack(packed, packing, batch_size, query_len)
         return packed.reshape(batch_size, query_len, heads * d_v)
 
+    @_outside_compiled_graphs("the static latent cache's prompt step reads the rows' lengths on the host, so it can't "
+                              "be part of a fullgraph compiled graph (transformers compiles the prompt chunks too when "
+                              "generate gets prefill_chunk_size): drop prefill_chunk_size, or compile with "
+                              "fullgraph=False (the prompt step then runs eagerly)")
     def _prompt_step(self, layer: int, attention_mask, real: torch.Tensor | None, seqlens: torch.Tensor,
                      query_len: int, columns: torch.Tensor) -> _PromptStep:
         """This prompt step's ``_PromptStep``: made by its first layer, which copies the rows' lengths and real-token
