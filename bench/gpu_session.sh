@@ -6,7 +6,8 @@
 # left over 5 minutes. `first` is the cheapest decisive measurement of each open issue, most important first:
 #   bash bench/gpu_session.sh first     # Gluon/TMA parity, the native suite (xdist), decode targets with every kernel
 #                                       # side by side (issue 8), imbalanced vs uniform twins (13), prefill calibration
-#                                       # (11), generate --quick (10); packed after every step
+#                                       # (11), the eager call's host time and generate --quick (10); packed after
+#                                       # every step
 # The longer steps, each one call of up to 10 minutes, for a session that has more device time:
 #   bash bench/gpu_session.sh tests     # native pytest (no interpreter; the Gluon tests are the gluon step's) + compile report
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
@@ -23,7 +24,7 @@
 # Run it from the device tool as: PYTHONUNBUFFERED=1 OUT=$OUT bash bench/gpu_session.sh first  (timeout_s 600).
 # The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and after EVERY step $WORK is
 # packed into $OUT/gpu_<step>.tgz (so a call killed at its limit still brings back what finished), with the JSON
-# files copied beside it at the end (up to 6). Unpack it here, copy the JSON into bench/results/, commit, redraw the
+# files copied beside it at the end (up to 7). Unpack it here, copy the JSON into bench/results/, commit, redraw the
 # PNGs (python -m bench.decode --replot FILE.json), and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 SESSION_STEP="${1:-all}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 case "${1:-all}" in
-  first)  # ~9 minutes in all: every limit below adds up to 510 s, plus start-up and packing
+  first)  # ~9 minutes in all: every limit below adds up to 525 s, plus start-up and packing
     if step gluon_parity 90 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q -x \
         -p no:cacheprovider --junitxml="$OUT/gluon_parity.xml"; then skip_gluon=""; else skip_gluon="--skip-gluon"; fi
     # nothing since 2026-11-22 has run natively: the whole suite, spread over the cores (pytest-xdist is there)
@@ -56,7 +57,7 @@ case "${1:-all}" in
     per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
     # -v: each test's verdict is in the log as it finishes (the junit XML is written only if the step ends in time;
     # 2026-11-22: 321 tests in 88 s with -n 8; there are 750 now, so the limit may cut it: what ran is still known)
-    step pytest 170 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
+    step pytest 160 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
       --ignore=tests/test_decode_tma.py --junitxml="$OUT/pytest.xml"
     step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --plot \
       --out "$OUT/decode_targets.json"  # --plot: the GPU machine has matplotlib (KINDS.md, 2026-11); the PNG is in the tgz
@@ -64,6 +65,7 @@ case "${1:-all}" in
       --out "$OUT/decode_imb.json"
     step bench_prefill_calibrate 40 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
     cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    step bench_host 25 python -m bench.host --quick --out "$OUT"  # issue 10: eager µs per call against a CUDA graph
     step bench_generate 30 python -m bench.generate --quick --out "$OUT/generate_quick.json" ;;
   tests|all)
     # every parametrization compiles its own kernels: spread them over the CPU cores when pytest-xdist is there
@@ -109,5 +111,5 @@ case "${1:-all}" in
     step bench_prefill_full 360 python -m bench.prefill --out "$OUT/prefill_full.json" ;;
 esac
 ls -la "$OUT"
-tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -6 | xargs -r cp -t "$FINAL_OUT"
+tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -7 | xargs -r cp -t "$FINAL_OUT"
 ls -la "$FINAL_OUT"
