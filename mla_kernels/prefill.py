@@ -654,8 +654,8 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
     return longest_q, longest_k
 
 
-def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, max_seqlen_q,
-                  max_seqlen_k, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
+def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, kv_scale=None,
+                  cu_seqlens_q_host=None, cache_seqlens_host=None):
     """The checks shared by both public calls that read no tensor values (shapes, dtypes, devices, the host lengths'
     types), so they also run while torch.compile traces. Returns (batch, page, device, host lengths | None)."""
     _check_queries(q_nope, q_pe)
@@ -671,8 +671,6 @@ def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
     _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "cu_seqlens_q", batch, "batch size (B)")
-    _utils.check_int("max_seqlen_q", max_seqlen_q, 0)
-    _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
     device = _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
                                   block_table=block_table, cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens,
                                   kv_scale=kv_scale)
@@ -760,8 +758,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
     num_splits = _utils.check_int("num_splits", num_splits, 1)
     batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
-                                              cache_seqlens, max_seqlen_q, max_seqlen_k, kv_scale, cu_seqlens_q_host,
-                                              cache_seqlens_host)
+                                              cache_seqlens, kv_scale, cu_seqlens_q_host, cache_seqlens_host)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
@@ -826,7 +823,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     """
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
-                                              cache_seqlens, None, None, kv_scale, cu_seqlens_q_host, cache_seqlens_host)
+                                              cache_seqlens, kv_scale, cu_seqlens_q_host, cache_seqlens_host)
     total, heads, d_nope = q_nope.shape
     d_latent, d_rope = kv_cache.shape[-1], pe_cache.shape[-1]
     _utils.check_width("kv_cache latent", d_latent)
