@@ -223,7 +223,11 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
-            raise Fp8MisuseError(f"{name} is {str(t.dtype).replace('torch.', '')}, but only kv_cache may be fp8 "
+            got = str(t.dtype).replace('torch.', '')
+            if name == "kv_cache":  # an fp8 cache of another format than DeepSeek's e4m3
+                raise Fp8MisuseError(f"kv_cache is {got}: an fp8 cache must be float8_e4m3fn (with kv_scale), "
+                                     f"other caches have dtype in ({names})")
+            raise Fp8MisuseError(f"{name} is {got}, but only kv_cache may be fp8 "
                                  f"(float8_e4m3fn, with kv_scale); {name} must have dtype in ({names})")
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     return t

@@ -15,7 +15,6 @@ a finished sequence's blocks for reuse.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Hashable, Iterable, Sequence
 
@@ -46,7 +45,7 @@ def _round_e4m3(x):
     bits = x.to(tl.uint32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
     sub = (tl.abs(x) + 24576.0) - 24576.0
-    sub = tl.where(x < 0, -sub, sub)
+    sub = tl.where((bits >> 31) != 0, -sub, sub)  # the sign bit, not x < 0: -0.0 stays -0.0 (0x80), as torch's cast
     return tl.where(tl.abs(x) < 0.015625, sub, normal)
 
 
@@ -144,7 +143,10 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     )
 
 
+@torch.no_grad()
 def _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
+    # no_grad: a kv_c that requires grad (a projection's output outside no_grad) made the first in-place store
+    # raise halfway, after the latent and before the rope key, and left the cache with autograd history
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]
@@ -555,10 +557,12 @@ class PagedLatentCache:
         """
         return self._reserve_host(seq_ids, num_tokens).to(self.device)
 
-    def _reserve_host(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int]) -> torch.Tensor:
+    def _reserve_host(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int],
+                      counts_name: str = "num_tokens") -> torch.Tensor:
         """``append_batch`` with the slots left on the host (a CPU int64 tensor): no device copy, so callers can
-        pack them with the step's other metadata into one asynchronous upload."""
-        seqs, counts = self._check_batch(seq_ids, num_tokens)
+        pack them with the step's other metadata into one asynchronous upload. ``counts_name``: the caller's name
+        for ``num_tokens``, in errors."""
+        seqs, counts = self._check_batch(seq_ids, num_tokens, counts_name)
         needed = [self._new_blocks(s, n) for s, n in zip(seqs, counts)]
         total = sum(needed)
         if total > len(self._free):
@@ -676,7 +680,7 @@ class PagedLatentCache:
         return [self._get(s) for s in seq_ids], counts
 
     def _new_blocks(self, seq: _Sequence, n: int) -> int:
-        return math.ceil((seq.length + n) / self.block_size) - len(seq.blocks)
+        return _utils.cdiv(seq.length + n, self.block_size) - len(seq.blocks)  # ints: no float overflow
 
     def _slots(self, seq: _Sequence, start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end, dtype=torch.int64)

@@ -236,7 +236,7 @@ class LatentBatch:
         if not isinstance(cache, PagedLatentCache):
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
         seq_ids, counts = _utils.as_list("seq_ids", seq_ids), _utils.as_list("num_new_tokens", num_new_tokens)
-        slots = cache._reserve_host(seq_ids, counts)
+        slots = cache._reserve_host(seq_ids, counts, "num_new_tokens")
         return cls._from_host(cache, seq_ids, counts, slots, [cache.seqlen(s) for s in seq_ids],
                               cache._block_table_host(seq_ids))
 

@@ -28,8 +28,7 @@ def quantize_fp8(x: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.T
     stay 0); ``q = round_to_nearest_even(x / scale)``, computed in float32. NaN in a group gives NaN scale and
     NaN values.
     """
-    if x.shape[-1] % group_size:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must be a multiple of group_size={group_size}")
+    _check_group("x", x, group_size)
     groups = x.float().unflatten(-1, (-1, group_size))  # [..., G, group_size]
     scale = groups.abs().amax(-1) / FP8_MAX  # [..., G]
     q = groups / torch.where(scale > 0, scale, 1.0)[..., None]
@@ -41,6 +40,19 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
                    group_size: int = GROUP_SIZE) -> torch.Tensor:
     """``q [..., R]`` float8_e4m3fn and ``scale [..., R / group_size]`` -> ``[..., R]`` in ``dtype``
     (the product is formed in float32, or float64 when ``dtype`` is float64)."""
+    _check_group("q", q, group_size)
+    if tuple(scale.shape) != (*q.shape[:-1], q.shape[-1] // group_size):
+        raise ValueError(f"scale must have shape {(*q.shape[:-1], q.shape[-1] // group_size)} (one per "
+                         f"{group_size} values of q {tuple(q.shape)}), got {tuple(scale.shape)}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     groups = q.to(work).unflatten(-1, (-1, group_size)) * scale.to(work)[..., None]
     return groups.flatten(-2).to(dtype)
+
+
+def _check_group(name: str, x: torch.Tensor, group_size: int) -> None:
+    """``group_size`` a positive int dividing ``x``'s last dimension (``x`` at least 1-D)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if x.dim() == 0 or x.shape[-1] % group_size:
+        raise ValueError(f"{name}'s last dimension must be a multiple of group_size={group_size}, got shape "
+                         f"{tuple(x.shape)}")

@@ -151,6 +151,23 @@ def test_neighbouring_tokens_keep_their_bytes(path):
     assert_bits_equal("buffer", buf, expected)
 
 
+def test_inputs_that_require_grad_are_written_whole_and_leave_no_autograd_history(path):
+    """A kv_a_proj output computed outside no_grad. The PyTorch path raised on its first in-place store (a leaf that
+    requires grad), after the latent and before the rope key, and the cache then carried autograd history that
+    made every later write raise too."""
+    r, p, page_size, num_blocks = 32, 16, 4, 2
+    buf, kv_cache, pe_cache = poisoned_cache(num_blocks, page_size, r, p, torch.float32, path)
+    proj = torch.randn(2, r + p, device=path, requires_grad=True)
+    kv_c, k_pe = proj[:, :r], proj[:, r:]
+    expected = buf.detach().clone()
+    expected[0, 1], expected[1, 2] = proj[0].detach(), proj[1].detach()
+    write_cache(kv_c, k_pe, kv_cache, pe_cache, torch.tensor([1, page_size + 2], device=path))
+    assert not buf.requires_grad and buf.grad_fn is None
+    assert torch.equal(buf.isnan(), expected.isnan()) and torch.equal(buf.nan_to_num(), expected.nan_to_num())
+    write_cache(kv_c[:1] * 2, k_pe[:1] * 2, kv_cache, pe_cache, torch.tensor([0], device=path))  # grad_fn inputs
+    assert torch.equal(buf[0, 0], 2 * proj[0].detach()) and not buf.requires_grad
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the bounds check runs only for CPU tensors")
 def test_slot_past_the_cache_raises_before_writing(path):
     r, p, page_size, num_blocks = 32, 16, 4, 3

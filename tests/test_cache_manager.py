@@ -367,6 +367,10 @@ def test_bad_batches_change_nothing():
         LatentBatch.reserve(cache, a, [1])
     with pytest.raises(TypeError, match="num_new_tokens"):
         LatentBatch.reserve(cache, [a], 1)
+    with pytest.raises(TypeError, match="num_new_tokens"):  # a bad count inside the list (it said num_tokens)
+        LatentBatch.reserve(cache, [a], [None])
+    with pytest.raises(CacheFullError):  # counted in ints: a float ceil raised OverflowError
+        cache.append(a, 10 ** 400)
     assert_same_state(before, state_of(cache))
 
 

@@ -88,6 +88,18 @@ def test_reference_quantizer_rounds_to_nearest_within_the_e4m3_bound():
     assert torch.all(err <= bound), f"worst excess {(err - bound).max().item():.3e}"
 
 
+def test_reference_quantizer_checks_its_arguments():
+    with pytest.raises(ValueError, match="group_size"):
+        reference.quantize_fp8(torch.ones(2, 128), 0)
+    with pytest.raises(ValueError, match="group_size"):
+        reference.quantize_fp8(torch.ones(2, 100))
+    with pytest.raises(ValueError, match="group_size"):
+        reference.quantize_fp8(torch.tensor(1.0))
+    q, s = reference.quantize_fp8(torch.ones(2, 256))
+    with pytest.raises(ValueError, match="scale"):  # one scale for both groups broadcast silently before
+        reference.dequantize_fp8(q, s[:, :1])
+
+
 def test_reference_quantizer_error_on_gaussian_data():
     """The RMS error the bound implies for Gaussian values: e4m3 rounding is off by up to half a unit, 2^-4 of a value
     at the bottom of its binade and 2^-5 at the top; uniform over that, the relative RMS error is
@@ -133,6 +145,8 @@ def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device):
     g = torch.Generator().manual_seed(2)
     kv_c = (torch.randn(tokens, r, generator=g) * torch.logspace(-4, 3, tokens)[:, None]).to(torch.bfloat16)
     kv_c[4] = 0.0
+    kv_c[4, ::3] = -0.0  # e4m3 0x80: the kernel's rounding kept the sign of nothing below 0 and stored +0 (0x00)
+    kv_c[5, 1:128:2] *= -1e-30  # tiny negatives in a group of normal values: they round to e4m3's -0
     kv_c[6, :128] = torch.logspace(-9, 0, 128)  # subnormals within a group
     kv_c = kv_c.to(device)
     k_pe = torch.randn(tokens, p, generator=g).to(dtype=torch.bfloat16, device=device)
