@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from mla_kernels import _utils
+
 from . import _harness as h
 from .decode import DEEPSEEK_R1, SEED_SMALL, MLAShape, make_case, naive_decode, provider_bytes
 
@@ -387,6 +389,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
+    if cpu and _utils.interpreting():  # the decode peaks would run the kernels interpreted (minutes) and be mislabelled
+        raise SystemExit("TRITON_INTERPRET=1: run bench.memory without it (the CPU then measures the PyTorch path's "
+                         "workspace) or on a GPU")
     contexts = [1024, 4096] if args.quick else [1024, 4096, 16384]
     peak_contexts = ([1024, 4096] if args.quick else [1024, 4096, 16384]) if cpu else [1024, 4096, 16384, 65536]
     if cpu:

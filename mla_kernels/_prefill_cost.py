@@ -40,6 +40,7 @@ only needs the estimates' order right where the paths differ by more than 10%.
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import _tuning
 
@@ -194,8 +195,10 @@ def device_constants(device=None, relative_speed=None) -> dict:
     if relative_speed is not None:
         ratio = relative_speed
     if ratio is not None:
-        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
-            raise ValueError(f"relative_speed must be a number > 0, got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):  # numpy floats too
+            raise TypeError(f"relative_speed must be a number, got {type(ratio).__name__}")
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"relative_speed must be a finite number > 0, got {ratio!r}")
         consts["prefill_absorbed_tflops"] = float(ratio) * consts["prefill_expanded_tflops"]
     return consts
 

@@ -95,8 +95,8 @@ def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
             raise ValueError("'constants' is not a table")
     except (FileNotFoundError, NotADirectoryError):  # missing (a parent that is a file: missing too)
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        _warn_once(f"mla_kernels: ignoring config file {path} ({exc}); using the built-in heuristics")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
+        _warn_once(f"mla_kernels: ignoring config file {path} ({exc!r:.200}); using the built-in heuristics")
         return None
     if data.get("vendor") != vendor:
         _warn_once(f"mla_kernels: config file {path} is for vendor {data.get('vendor')!r}, not {vendor!r}; "

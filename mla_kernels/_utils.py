@@ -7,6 +7,7 @@ any kernel is launched or any cache byte is written.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -118,20 +119,26 @@ def shared_memory_limit(device: torch.device) -> int | None:
 
 
 def fit_shared(cfg: dict, shared_bytes, limit: int | None, *args) -> dict:
-    """``cfg`` with its tiles halved, BLOCK_N first then BLOCK_M (neither below 16, tl.dot's least), until
-    ``shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES`` fits ``limit``; ``cfg`` itself when it already fits (the
-    per-launch case: no copy, no closure). A launch over the limit fails on the GPU with "out of resources"
-    (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227)."""
+    """``cfg`` with its tiles halved, BLOCK_N first then BLOCK_M (neither below 16, tl.dot's least), then its
+    pipeline stages lowered (not below 1), until ``shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES`` fits
+    ``limit``; ``cfg`` itself when it already fits (the per-launch case: no copy, no closure). A launch over the
+    limit fails on the GPU with "out of resources" (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227).
+
+    The copy keeps ``cfg``'s type and attributes (``copy.copy``): a stored config (``_tuning.Tuned``) that still
+    fails to compile once fitted is then dropped for the heuristic by the launch, as an unfitted one is (a plain
+    dict lost that, and the compile error reached the caller)."""
     if limit is None or shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES <= limit:
         return cfg
-    fitted = dict(cfg)  # a plain dict: the stored (Tuned) config as such is not what runs
+    fitted = copy.copy(cfg)
     while shared_bytes(fitted, *args) + SHARED_SCRATCH_BYTES > limit:
         if fitted["BLOCK_N"] > 16:
             fitted["BLOCK_N"] //= 2
         elif fitted["BLOCK_M"] > 16:
             fitted["BLOCK_M"] //= 2
+        elif fitted.get("num_stages", 1) > 1:
+            fitted["num_stages"] -= 1
         else:
-            break  # the smallest tiles; the launch reports whatever still does not fit
+            break  # the smallest tiles, one stage; the launch reports whatever still does not fit
     return fitted
 
 
@@ -231,6 +238,18 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
                                  f"(float8_e4m3fn, with kv_scale); {name} must have dtype in ({names})")
         raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     return t
+
+
+def check_no_grad(op: str, **tensors) -> None:
+    """Refuse, naming the first, tensors that autograd would need a backward pass for: the kernels have none, so
+    their outputs would carry no gradient to these inputs (or, through a PyTorch step such as the ``w_uv``
+    projection, only part of it). Checked tensors only (or None); free unless grad mode is on."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but {op} runs inference kernels without a backward pass: call "
+                             f"it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
 
 
 def check_last_contiguous(name: str, t: torch.Tensor) -> None:

@@ -139,7 +139,7 @@ def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, r
     """``prefill_times`` on lengths and sizes already checked."""
     device = _utils.check_device("device", device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
-    if constants:
+    if constants is not None:  # not `if constants:`: a [] or 0 was ignored unchecked
         _check_constants(constants)
         consts.update(constants)
         if relative_speed is not None:
@@ -762,6 +762,8 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
+    _utils.check_no_grad("mla_prefill", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
+                         kv_scale=kv_scale)
     if torch.compiler.is_compiling():  # the value checks read the host: inside a graph they run in the op
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
@@ -837,6 +839,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    _utils.check_no_grad("mla_prefill_attention", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
+                         w_kv_b=w_kv_b, kv_scale=kv_scale)
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,

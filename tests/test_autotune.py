@@ -18,7 +18,7 @@ from triton.runtime.errors import OutOfResources
 
 import mla_kernels
 from helpers import assert_close, make_paged_cache
-from mla_kernels import _autotune, _tuning, cache, decode, prefill
+from mla_kernels import _autotune, _tuning, _utils, cache, decode, prefill
 
 R, P, PAGE, HEADS = 32, 16, 16, 2
 SCALE = 0.25
@@ -223,6 +223,38 @@ def test_tuned_config_that_fails_to_compile_warns_once_and_falls_back(fake_gpu, 
     assert torch.equal(first, heuristic_out) and torch.equal(second, heuristic_out)
     assert _tuning.lookup("decode", KEY, device) is None
     assert_close("fallback", first, expected, torch.float32)
+
+
+def test_a_stored_config_shrunk_to_fit_shared_memory_still_falls_back(fake_gpu, monkeypatch, device):
+    """A stored config the launch shrinks to fit the GPU's shared memory (``_utils.fit_shared``), which then fails
+    to compile: one warning and the heuristic, as for a config that fits. Before, the shrunk copy was a plain dict,
+    no longer known as stored, and the compile error reached the caller."""
+    args, expected = decode_call(device)
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"decode": {KEY: dict(BROKEN, num_stages=3)}})
+    _tuning.reload()
+    monkeypatch.setattr(_utils, "shared_memory_limit", lambda dev: 10 ** 6)
+    monkeypatch.setattr(decode, "decode_shared_bytes", lambda cfg, *a: 2 * 10 ** 6 if cfg["BLOCK_N"] > 64 else 0)
+    spy = KernelSpy(decode._mla_attn_kernel, fail=lambda m: m["num_stages"] == 3)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = mla_kernels.mla_decode(*args)
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and "failed to compile" in msgs[0]
+    assert [(m["BLOCK_N"], m["num_stages"]) for m in spy.launches] == [(64, 3), (64, 2)]  # shrunk, then heuristic
+    assert _tuning.lookup("decode", KEY, device) is None
+    assert_close("fallback from a shrunk stored config", out, expected, torch.float32)
+
+
+def test_fit_shared_lowers_the_stages_once_the_tiles_are_smallest():
+    """Past 16 x 16 tiles the pipeline stages go, one at a time, down to 1; the copy keeps the config's type."""
+    stored = _tuning.Tuned(dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=4), "decode", KEY, 0)
+    size = lambda cfg: cfg["BLOCK_M"] * cfg["BLOCK_N"] * cfg["num_stages"]  # noqa: E731
+    fitted = _utils.fit_shared(stored, size, 16 * 16 * 2 + _utils.SHARED_SCRATCH_BYTES)
+    assert fitted == dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    assert type(fitted) is _tuning.Tuned and fitted.shape_class == KEY and stored["num_stages"] == 4
+    assert _utils.fit_shared(stored, size, 10 ** 9) is stored
 
 
 def test_a_compiler_pass_failure_falls_back_but_a_runtime_error_does_not(fake_gpu, monkeypatch, device):

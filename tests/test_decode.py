@@ -295,6 +295,10 @@ BAD = {
     "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.float16)), TypeError, "w_uv"),
     "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
+    # no backward pass: the output carried no gradient to the query, and with w_uv only the projection's part of it
+    "q_nope-requires-grad": (lambda a: a.update(q_nope=a["q_nope"].detach().requires_grad_()), ValueError, "q_nope"),
+    "w_uv-requires-grad": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.bfloat16, requires_grad=True)),
+                           ValueError, "w_uv"),
 }
 
 
@@ -302,6 +306,14 @@ BAD = {
 def test_bad_input(case):
     args = _good()
     assert_rejects(mla_kernels.mla_decode, args, *BAD[case])
+
+
+def test_inputs_that_require_grad_run_under_no_grad():
+    args = _good()
+    args["q_nope"] = args["q_nope"].detach().requires_grad_()
+    with torch.no_grad():
+        out = mla_kernels.mla_decode(**args)
+    assert not out.requires_grad and torch.isfinite(out).all()
 
 
 def test_numpy_bools_are_bools():

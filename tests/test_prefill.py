@@ -387,6 +387,8 @@ BAD = {
                     ValueError, "meta"),
     "causal-none": (lambda a: a.update(causal=None), TypeError, "causal"),
     "return_lse-int": (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
+    "kv_cache-requires-grad": (lambda a: a.update(kv_cache=a["kv_cache"].detach().requires_grad_()), ValueError,
+                               "kv_cache"),
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][None]), ValueError, "q_nope"),
     "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
     "q_nope-last-dim-strided": (lambda a: a.update(q_nope=torch.zeros(13, 4, 64, dtype=torch.bfloat16)[..., ::2]),
@@ -461,6 +463,9 @@ BAD_ATTENTION = {
     "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
     "cache_seqlens-below-new-tokens": (_set("cache_seqlens", 0, 9), ValueError, "cache_seqlens"),
     "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
+    # no backward pass: the absorbed path gave w_kv_b a partial gradient and q_nope none, the expanded one nothing
+    "w_kv_b-requires-grad": (lambda a: a.update(w_kv_b=a["w_kv_b"].detach().requires_grad_()), ValueError, "w_kv_b"),
+    "q_pe-requires-grad": (lambda a: a.update(q_pe=a["q_pe"].detach().requires_grad_()), ValueError, "q_pe"),
 }
 
 

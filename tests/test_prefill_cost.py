@@ -156,6 +156,11 @@ BAD_COST_INPUT = {
     "constant-negative": (([4], [8]), dict(constants={"prefill_expanded_tflops": -1.0}), ValueError, "prefill_exp"),
     "constant-nan": (([4], [8]), dict(constants={"prefill_call_us": float("nan")}), ValueError, "prefill_call"),
     "constant-unknown": (([4], [8]), dict(constants={"absorbed_relative_speed": 2.0}), ValueError, "constants"),
+    "constants-empty-list": (([4], [8]), dict(constants=[]), TypeError, "constants"),  # `if constants:` skipped it
+    "constants-zero": (([4], [8]), dict(constants=0), TypeError, "constants"),
+    "relative-speed-inf": (([4], [8]), dict(relative_speed=float("inf")), ValueError, "relative_speed"),
+    "relative-speed-bool": (([4], [8]), dict(relative_speed=True), TypeError, "relative_speed"),
+    "relative-speed-str": (([4], [8]), dict(relative_speed="2"), TypeError, "relative_speed"),
     "new-bool": (([True], [10]), {}, TypeError, "new_lens"),
     "causal-none": (([4], [8]), dict(causal=None), TypeError, "causal"),
     "causal-string": (([4], [8]), dict(causal="no"), TypeError, "causal"),
@@ -183,6 +188,8 @@ def test_cost_input_forms():
     expected = prefill.prefill_times(*case, 128, **WIDTHS)
     assert prefill.prefill_times((n for n in case[0]), iter(case[1]), 128, **WIDTHS) == expected
     assert prefill.prefill_times(torch.tensor(case[0]), np.array(case[1]), 128, **WIDTHS) == expected
+    assert (prefill.prefill_times(*case, 128, **WIDTHS, relative_speed=np.float32(2.0))  # a ValueError before
+            == prefill.prefill_times(*case, 128, **WIDTHS, relative_speed=2.0))
     assert prefill.prefill_times(*case, 128, **WIDTHS, device="cpu") == expected
     assert prefill.choose_prefill_path(*case, 128, **WIDTHS, device="cpu") == "expanded"
     assert prefill.choose_prefill_path(*case, 128, **WIDTHS, constants=dict(prefill_call_us=0, prefill_launch_us=0.0))
