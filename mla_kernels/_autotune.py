@@ -506,8 +506,9 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
                 if on_result is not None:
                     on_result(results[-1])
                 continue
-            res = tune_class(spec, key, members, device, dtype, timer=timer, check=check,
-                             candidates=(candidates or {}).get(kernel), quick=quick, log=log, progress=progress)
+            with _utils.launch_device(device):  # do_bench and Triton time and launch on the current GPU
+                res = tune_class(spec, key, members, device, dtype, timer=timer, check=check,
+                                 candidates=(candidates or {}).get(kernel), quick=quick, log=log, progress=progress)
             results.append(res)
             if res["winner"] is not None and out is not None:
                 _tuning.save_file(out, device=name, sm_count=sms, source=source,

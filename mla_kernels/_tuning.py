@@ -219,7 +219,10 @@ def _gpu_index(device) -> int | None:
     """The GPU index of ``device``, or None for anything that reads no config file (the CPU, the interpreter)."""
     if getattr(device, "type", None) != "cuda":
         return None
-    return device.index if device.index is not None else 0
+    if device.index is not None:
+        return device.index
+    import torch
+    return torch.cuda.current_device()  # "cuda" without an index: the current GPU, where the call would launch
 
 
 def reload() -> None:

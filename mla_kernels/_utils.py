@@ -7,6 +7,7 @@ any kernel is launched or any cache byte is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -54,6 +55,15 @@ def _capability(device_index: int) -> tuple[int, int]:
 def capability(device: torch.device) -> tuple[int, int]:
     """Compute capability of a CUDA device (cached: no driver query per call)."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_device(device: torch.device):
+    """A context for launching on ``device``: Triton launches on the *current* CUDA device and its stream, so a
+    call on another GPU's tensors (cuda:1 while cuda:0 is current) makes it current for the call; a null context
+    otherwise (the common case, and CPU tensors)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def num_sms(device: torch.device) -> int:

@@ -283,10 +283,7 @@ def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None
             raise ValueError(f"slot_mapping holds slot {top}, past the cache's {num_slots} slots "
                              f"({kv_cache.shape[0]} blocks of {kv_cache.shape[1]})")
     if _utils.use_triton(kv_cache):
-        if kv_cache.device.type == "cuda" and kv_cache.device.index != torch.cuda.current_device():
-            with torch.cuda.device(kv_cache.device):
-                _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
-        else:
+        with _utils.launch_device(kv_cache.device):
             _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
     else:
         _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)

@@ -826,10 +826,11 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
     if metadata is None and num_splits is None and _use_schedule(batch, s_q * heads, q_nope.device):
         metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None,
                                            q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
-    out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
-                       return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                       max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                       schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
+    with _utils.launch_device(q_nope.device):
+        out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
+                           return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
+                           max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
+                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -787,13 +787,13 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
         return out, (lse if return_lse else None)
     if num_splits is None and _utils.interpreting():
         num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
-    out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
+    with _utils.launch_device(q_nope.device):
+        return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
                        config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2],
                                                q_pe.shape[2], q_nope.element_size(), kv_scale is not None),
                        kv_scale=kv_scale)
-    return out, lse
 
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
@@ -872,11 +872,12 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         return (out, q_nope.new_empty(0, heads, dtype=torch.float32)) if return_lse else out
     total_keys = sum(lens)
     if _utils.use_triton(q_nope):
-        latent, cu_k = _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale,
-                                      w_kv_b.dtype)
-        k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
-        out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
-                                    cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
+        with _utils.launch_device(q_nope.device):
+            latent, cu_k = _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale,
+                                          w_kv_b.dtype)
+            k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
+            out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
+                                        cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
     else:
         cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
         latent = _gather_latent_torch(kv_cache, block_table, cache_seqlens, cu_k, total_keys, kv_scale, w_kv_b.dtype)

@@ -170,11 +170,12 @@ def test_decode_sweep_row_smoke():
     assert rows[2]["speedup"].endswith("vs torch_absorbed") and rows[3]["speedup"].endswith("vs naive")
 
 
-def test_decode_sweep_tma_provider_and_multi_token_rows():
+def test_decode_sweep_tma_provider_and_multi_token_rows(device):
     """Pages of whole tiles add the Hopper-path provider (checked against the reference like every other); S_q > 1
-    rows carry their S_q and count its FLOPs."""
+    rows carry their S_q and count its FLOPs. On the ``device`` fixture's device: a CPU tensor outside the
+    interpreter (a GPU machine's CPU) takes the PyTorch path, which has no TMA provider."""
     lib = _torch_lib()
-    rows = bd.run_shape(2, 130, 2, 64, torch.device("cpu"), torch.bfloat16, lib, copy_gbps=10.0,
+    rows = bd.run_shape(2, 130, 2, 64, device, torch.bfloat16, lib, copy_gbps=10.0,
                         time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2), s_q=2)
     by_name = {r["provider"]: r for r in rows}
     assert "mla_decode[tma]" in by_name and by_name["mla_decode[tma]"]["rel_rms_err"] < 1e-2

@@ -352,6 +352,31 @@ def test_good_input_of_the_bad_input_test_runs():
     assert torch.isfinite(out).all()
 
 
+def test_launch_device_makes_the_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device: a call on cuda:1's tensors while cuda:0 is current is run inside
+    ``torch.cuda.device(cuda:1)`` (checked without a GPU: the context is built, not entered)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ctx = _utils.launch_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert not isinstance(_utils.launch_device(device), torch.cuda.device)
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """cuda:1's tensors with cuda:0 current: the kernels launched on cuda:0 with cuda:1's pointers before
+    write_cache (and only it) made the tensors' GPU current."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([300, 5], 2, 16, 64, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+        out_split = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, num_splits=4)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert out.device == torch.device("cuda:1")
+    assert_close("decode on cuda:1", out, ref_out, torch.bfloat16)
+    assert_close("split decode on cuda:1", out_split, ref_out, torch.bfloat16)
+    assert_lse_close("decode on cuda:1", lse, ref_lse)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: things the interpreter cannot show
 # ------------------------------------------------------------------------------------------------

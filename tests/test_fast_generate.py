@@ -197,11 +197,14 @@ class ReadCounter(ConversionTrap):
     instead of raising: the Python-level conversions of ``ConversionTrap`` and, through a dispatch mode, those C++
     makes itself (``_READ_OPS``, a boolean-mask index or index_put, ``repeat_interleave`` without output_size).
     Exempt like the trap: the decode and cache-write op bodies, and the prefill path's CPU-only value checks
-    (``_check_host_agrees``, ``_check_lengths_cpu``) and kernel launches (the interpreter reads everything)."""
+    (``_check_host_agrees``, ``_check_lengths_cpu``), kernel launches (the interpreter reads everything) and PyTorch
+    paths (CPU tensors without the interpreter)."""
 
     def __init__(self, monkeypatch, model):
         super().__init__(monkeypatch, model)
-        for name in ("_check_host_agrees", "_check_lengths_cpu", "_launch", "_launch_expanded", "_gather_latent"):
+        # the PyTorch paths too: they serve CPU tensors outside the interpreter (these tests on a GPU machine)
+        for name in ("_check_host_agrees", "_check_lengths_cpu", "_launch", "_launch_expanded", "_gather_latent",
+                     "_prefill_torch", "_expanded_torch", "_gather_latent_torch"):
             monkeypatch.setattr(prefill_mod, name, self._exempt(getattr(prefill_mod, name)))
         self.layer, self.reads = None, {}  # {layer_idx: [what was read, ...]}
         self.prompt_calls = 0
