@@ -194,8 +194,10 @@ def _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOC
 
 @triton.jit
 def _softmax_finish(m_i, l_i):
-    """``(1 / l, lse in log2 units)`` per row; rows that saw no key get 1 and -inf (their accumulator is 0)."""
-    has_key = l_i > 0.0
+    """``(1 / l, lse in log2 units)`` per row; rows that saw no key (``l_i`` exactly 0) get 1 and -inf (their
+    accumulator is 0). A NaN ``l_i`` (a NaN in a used cache slot) stays NaN in both: ``l_i > 0`` would call it
+    keyless, and the split combine would then drop its partial and give a finite answer without it."""
+    has_key = l_i != 0.0
     safe_l = tl.where(has_key, l_i, 1.0)
     return 1.0 / safe_l, tl.where(has_key, m_i + tl.math.log2(safe_l), float("-inf"))
 
@@ -384,10 +386,14 @@ def _mla_combine_kernel(
             acc += w_s * tl.load(part)
         part += split_stride
     out = acc / tl.where(total > 0.0, total, 1.0)
+    lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))), float("-inf"))
+    # a split whose lse is NaN (a NaN in a used cache slot) makes the row NaN, as one split would: the weights
+    # above skip it (NaN > 0 is false), which would leave a finite answer from the other splits
+    nan_split = tl.max((lse_s != lse_s).to(tl.int32), 0) > 0
+    out = tl.where(nan_split, float("nan"), out)
     tl.store(OUT + row * D_LATENT + offs_r, out.to(OUT.dtype.element_ty))
     if STORE_LSE:
-        lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))), float("-inf"))
-        tl.store(LSE + row, lse * LN2_C)
+        tl.store(LSE + row, tl.where(nan_split, float("nan"), lse) * LN2_C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,7 +615,7 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
         visible = visible & (pos[None, None, :] <= q_pos[..., None])
     scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))  # keyless rows: 0
     return torch.einsum("bshl,blr->bshr", probs, kv), lse
 
 

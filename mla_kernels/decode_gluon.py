@@ -277,7 +277,7 @@ def _mla_attn_gluon_kernel(
         mbarrier.invalidate(ready.index(j))
 
     # normalise and store (decode._softmax_finish): rows that saw no key get zeros and lse -inf
-    has_key = l_i > 0.0
+    has_key = l_i != 0.0  # a NaN l_i (NaN in a used cache slot) stays NaN, as in _softmax_finish
     safe_l = gl.where(has_key, l_i, 1.0)
     lse_log2 = gl.where(has_key, m_i + gl.log2(safe_l), float("-inf"))
     inv_l = gl.convert_layout(1.0 / safe_l, row_o)

@@ -387,7 +387,7 @@ def _mla_expanded_kernel(
         stride_k_t, stride_v_t, stride_pe_blk, stride_pe_tok, sm_scale_log2, full_end, hi,
         D_NOPE, D_ROPE, D_V, PAGE_SIZE, BLOCK_N, True, CAUSAL, DOT_FP32, DOT_PRECISION)
 
-    has_key = l_i > 0.0
+    has_key = l_i != 0.0  # a NaN l_i (NaN in a used cache slot) stays NaN, as in decode._softmax_finish
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # [BLOCK_M, D_V]
     tl.store(OUT + rows[:, None] * stride_o_t + pid_h * stride_o_h + offs_dv[None, :],
              out.to(OUT.dtype.element_ty), mask=m_mask[:, None])

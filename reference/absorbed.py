@@ -39,7 +39,8 @@ def _attend_latent(q_nope, q_pe, kv, pe, softmax_scale, causal):
         hidden = torch.arange(length, device=kv.device)[None, :] > q_pos[:, None]  # [S, L]
         scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [S, H]
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    # rows that see no key (lse -inf) give zeros; a NaN score (a NaN in the cache) makes its row NaN
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
     return torch.einsum("shl,lr->shr", probs, kv), lse
 
 

@@ -20,7 +20,8 @@ def naive_attention(q, k, v, softmax_scale, causal=True):
         visible = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [H, S_q]
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with no key: all zeros
+    # rows with no key (lse -inf): all zeros; a NaN score (a NaN in the cache) makes its row NaN
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
     out = torch.einsum("hqk,khd->qhd", probs, v)
     return out, lse.transpose(0, 1)
 

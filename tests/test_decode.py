@@ -352,6 +352,34 @@ def test_good_input_of_the_bad_input_test_runs():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("grid", ["one-split", "splits", "scheduled"])
+def test_a_nan_in_a_used_cache_slot_makes_its_rows_nan(grid, device):
+    """A NaN in a token the sequence attends to makes that sequence's rows NaN, out and lse, on every grid; the
+    other sequences are untouched. Before, a NaN running sum read as "no key" (l > 0 is false): one split gave lse
+    -inf, and split and scheduled grids dropped the piece holding the NaN, a finite answer from the other pieces.
+    The PyTorch path gave zeros with lse NaN."""
+    lens = [256, 40]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 1, 2, 16, torch.float32, device, r=32, p=16)
+    kv_cache[int(table[0, 0]), 3, 5] = float("nan")  # token 3 of sequence 0
+    kw = dict(num_splits=1) if grid == "one-split" else dict(num_splits=4) if grid == "splits" else \
+        dict(metadata=mla_kernels.mla_decode_metadata(seqlens, 2, kv_lora_rank=32, rope_dim=16, dtype=torch.float32,
+                                                      num_programs=4))
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True, **kw)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert ref_out[0].isnan().all() and ref_lse[0].isnan().all()  # the reference says what NaN in means
+    assert out[0].isnan().all() and lse[0].isnan().all(), (out[0], lse[0])
+    assert_close("the clean sequence", out[1:], ref_out[1:], torch.float32)
+    assert_lse_close("the clean sequence", lse[1:], ref_lse[1:])
+
+
+def test_a_nan_in_a_used_cache_slot_on_the_pytorch_path(monkeypatch):
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([20, 9], 1, 2, 4, torch.float32, "cpu", r=32, p=16)
+    kv_cache[int(table[0, 1]), 0, 0] = float("nan")
+    out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True)
+    assert out[0].isnan().all() and lse[0].isnan().all() and out[1].isfinite().all() and lse[1].isfinite().all()
+
+
 def test_launch_device_makes_the_tensors_gpu_current(monkeypatch):
     """Triton launches on the current CUDA device: a call on cuda:1's tensors while cuda:0 is current is run inside
     ``torch.cuda.device(cuda:1)`` (checked without a GPU: the context is built, not entered)."""

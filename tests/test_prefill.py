@@ -162,6 +162,17 @@ def test_prefill_matches_decode_for_one_token(device):
     assert_close("prefill vs decode", out, dec[:, 0], torch.bfloat16, rms_tol=1e-2)
 
 
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_a_nan_in_a_used_cache_slot_makes_the_rows_that_see_it_nan(path, device):
+    """A NaN in a history token makes every row of its sequence NaN (all see it, causal or not), out and lse; the
+    other sequence is untouched. Before, the expanded kernel gave those rows lse -inf, as if they saw no key."""
+    a = make_inputs([3, 2], [6, 4], 2, 4, torch.float32, device, r=32, p=16, d_nope=16)
+    a["kv_cache"][int(a["block_table"][0, 0]), 1, 2] = float("nan")  # position 1 of sequence 0: history
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+    assert out[:3].isnan().all() and lse[:3].isnan().all(), (out[:3], lse[:3])
+    assert out[3:].isfinite().all() and lse[3:].isfinite().all()
+
+
 def test_cache_is_not_modified(device):
     a = make_inputs([5, 3], [20, 9], 3, 16, torch.bfloat16, device, d_nope=D_NOPE)
     before = a["kv_cache"].view(torch.int16).clone(), a["pe_cache"].view(torch.int16).clone()
