@@ -262,6 +262,9 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     kv_lora_rank, rope_dim = _positive_int("kv_lora_rank", kv_lora_rank), _positive_int("rope_dim", rope_dim)
     _utils.check_width("kv_lora_rank", kv_lora_rank)
     _utils.check_width("rope_dim", rope_dim)
+    if dtype in _utils.FP8_DTYPES:  # as mla_decode's fp8 query: both a bad combination and a wrong dtype
+        raise _utils.Fp8MisuseError(f"dtype is the queries' dtype, never fp8 (got {dtype!r}); for an fp8 cache pass "
+                                    "cache_dtype=torch.float8_e4m3fn")
     if dtype not in _utils.FLOAT_DTYPES:
         raise TypeError(f"dtype must be the queries' dtype, one of {_utils.FLOAT_DTYPES}, got {dtype!r}")
     if cache_dtype is not None and cache_dtype not in _utils.FLOAT_DTYPES + _utils.FP8_DTYPES:
