@@ -697,8 +697,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     softmax_scale, max_seqlen_k, num_splits = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                  cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
                                                                  num_splits, kv_scale)
-    _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
-                         kv_scale=kv_scale)
+    if torch.is_grad_enabled():  # (the call's kwargs cost more than the check; most callers run without grad)
+        _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
+                             kv_scale=kv_scale)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                                 return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
 
