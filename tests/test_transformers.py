@@ -58,6 +58,10 @@ MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
     "v2-qlora-yarn": v2_model,
+    # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
+    "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                           "factor": 2.0}),
 }
 
 
@@ -211,6 +215,23 @@ def test_multi_turn_chat_keeps_the_cache():
     assert [lc.seqlen(s) for s in lc.seq_ids] == [4 + 5 + 3 + 4, 6 + 5 + 3 + 4]
     for seq, before in zip(lc.seq_ids, prefix):
         assert torch.equal(lc.read(0, seq)[0][:before.shape[0]], before)
+
+
+def test_a_left_padded_prompt_fed_one_token_at_a_time():
+    """generate(prefill_chunk_size=1): every prompt chunk is one token, some of them pads. A one-token step was taken
+    for a decode step and its pads refused (a device assertion on a GPU); a row without a real token yet now takes
+    the prompt step's path. Tokens equal stock transformers', and the cache holds the real tokens only."""
+    model = tiny_model()
+    eager_model = copy.deepcopy(model)
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([5, 9, 2, 1])
+    kw = dict(input_ids=ids, attention_mask=mask, prefill_chunk_size=1, return_dict_in_generate=True, **GREEDY)
+    with torch.no_grad():
+        expected = eager_model.generate(**kw).sequences
+        out = model.generate(**kw)
+    assert torch.equal(out.sequences, expected)
+    lc = latent_cache(out.past_key_values)
+    assert [lc.seqlen(s) for s in lc.seq_ids] == [n + GREEDY["max_new_tokens"] - 1 for n in (5, 9, 2, 1)]
 
 
 def test_patch_shares_parameters_and_unpatch_restores():

@@ -167,6 +167,7 @@ class _LatentState:
         self.calls: dict[int, int] = {}
         self.current: tuple[LatentBatch, torch.Tensor | None] | None = None
         self.current_shape: tuple[int, int] | None = None
+        self._started = False  # _every_row_started
         self._table_owner: PagedLatentCache | None = None  # _block_table_host's cache, table and filled lengths
         self._table: torch.Tensor | None = None
         self._table_len: list[int] = []
@@ -178,7 +179,7 @@ class _LatentState:
         the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            if self.rows is not None and query_len == 1:  # a decode step: nothing read back from the GPU
+            if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
                 _assert_real(attention_mask, batch_size, query_len)
                 packing = None
             else:
@@ -194,6 +195,16 @@ class _LatentState:
                                f"got {self.current_shape[0]}x{self.current_shape[1]}")
         self.calls[layer_idx] = calls + 1
         return self.current
+
+    def _every_row_started(self) -> bool:
+        """Whether every row has a real token cached. Padding is on the left, so a one-token step can hold a pad only
+        for a row that has none yet: a prompt fed one token at a time (``generate(prefill_chunk_size=1)``) takes
+        the prompt step's path (one read of the mask's counts) until each row has started; from then on a step of
+        one token is a decode step, read nothing back and only checks on the device that it is real. Once true,
+        true for good (lengths only grow)."""
+        if not self._started and self.rows is not None and self.paged is not None:
+            self._started = all(self.paged.seqlen(r) > 0 for r in self.rows)
+        return self._started
 
     def _new_step(self, attn, batch_size, query_len, packing, dtype, device) -> LatentBatch:
         if self.paged is None:
@@ -418,8 +429,9 @@ def _assert_real(attention_mask, batch_size: int, query_len: int) -> None:
     assertion rather than silently caching a pad.)"""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is not None:
-        torch._assert_async(real.all(), "mla_kernels: the attention mask hides a new token of a decode step; the "
-                                        "patched model's latent cache only skips padding in the prompt")
+        torch._assert_async(real.all(), "mla_kernels: the attention mask hides a new token of a one-token step "
+                                        "after every row has started (a pad after a real token); the patched "
+                                        "model's latent cache only skips left padding")
 
 
 def _visible_new_tokens(attention_mask, batch_size: int, query_len: int,
@@ -746,7 +758,14 @@ class TransformersMLAttention(MLAttention):
               max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention)."""
         config = original.config
-        new = cls(**config_kwargs(config), layer_idx=original.layer_idx, device="meta")
+        kwargs = config_kwargs(config)
+        rope = kwargs["rope_parameters"]
+        if rope.get("rope_type", "default") not in ("default", "yarn"):
+            # cos/sin come from the model's own rotary embedding (position_embeddings) and the softmax scale from
+            # ``original``: the module's own tables are never used here, so whatever rope transformers computes
+            # (linear, dynamic, longrope, ...) runs; the module is built with plain rope (it computes only those two)
+            kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
+        new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
             if name in new._modules:
                 setattr(new, name, getattr(original, name))
@@ -921,9 +940,6 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                          f"got {config.kv_lora_rank}")
     if config.q_lora_rank == 0:
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in ("default", "yarn"):
-        raise ValueError(f"config.rope_parameters rope_type {rope_type!r} is not supported (default or yarn)")
 
     for layer in layers:
         layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens,
