@@ -437,9 +437,12 @@ class PagedLatentCache:
             self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
             self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
             self._scale_views = [None] * num_layers
+        if self._buffers:  # the device with its index ("cuda" -> "cuda:0"), so it compares equal to its tensors'
+            self.device = self._buffers[0].device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
         self._seqs: dict[Hashable, _Sequence] = {}
         self._next_id = 0
+        self._version = 0  # bumped when a sequence grows or is freed: LatentBatch.check_current's O(1) test
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -513,6 +516,7 @@ class PagedLatentCache:
         seq = self._get(seq_id)
         self._free.extend(reversed(seq.blocks))
         del self._seqs[seq_id]
+        self._version += 1
 
     def seqlen(self, seq_id: Hashable) -> int:
         """Tokens reserved for the sequence so far."""
@@ -576,6 +580,7 @@ class PagedLatentCache:
             else:
                 slots.append(self._slots(seq, seq.length, seq.length + n))
             seq.length += n
+        self._version += 1
         if few or not slots:
             return torch.tensor(slots, dtype=torch.int64)
         return torch.cat(slots)

@@ -213,6 +213,13 @@ class LatentBatch:
             if n > length:
                 raise ValueError(f"sequence {s!r} has {length} cached tokens, fewer than its {n} new tokens; "
                                  f"reserve them first (LatentBatch.reserve)")
+        expected = torch.cat([cache._slots(seq, length - n, length)
+                              for seq, n, length in zip(seqs, self.num_new_tokens, lengths)]
+                             or [torch.empty(0, dtype=torch.int64)])
+        if not torch.equal(slots.cpu().long(), expected):  # (one read when slots are on a GPU: reserve reads none)
+            raise ValueError(f"slots are not the cache slots of these sequences' last num_new_tokens positions "
+                             f"(expected {expected.tolist()[:16]}{'...' if total > 16 else ''}): writing there "
+                             "would overwrite other tokens; use LatentBatch.reserve, or cache.slots(seq, start, end)")
         self.positions = torch.cat(
             [torch.arange(length - n, length, dtype=torch.int64) for n, length in zip(self.num_new_tokens, lengths)]
             or [torch.empty(0, dtype=torch.int64)]).to(device)
@@ -224,6 +231,7 @@ class LatentBatch:
         self.max_seqlen_k = max(lengths, default=0)
         counts = set(self.num_new_tokens)
         self.uniform = counts.pop() if len(counts) == 1 else None
+        self._seqs, self._current_at = seqs, cache._version
 
     @classmethod
     def reserve(cls, cache: PagedLatentCache, seq_ids: Sequence[Hashable],
@@ -249,6 +257,7 @@ class LatentBatch:
         ``.tolist()``, no synchronous copy."""
         self = cls.__new__(cls)
         self.cache, self.seq_ids, self.num_new_tokens = cache, seq_ids, [int(n) for n in counts]
+        self._seqs, self._current_at = [cache._get(s) for s in seq_ids], cache._version
         batch, total = len(seq_ids), slots.shape[0]
         width = block_table.shape[1]
         counts_t = torch.tensor(self.num_new_tokens, dtype=torch.int64)
@@ -279,6 +288,23 @@ class LatentBatch:
         distinct = set(self.num_new_tokens)
         self.uniform = distinct.pop() if len(distinct) == 1 else None
         return self
+
+    def check_current(self) -> None:
+        """Refuse a batch the cache has moved past: a sequence freed (its blocks may now hold another's tokens) or
+        grown by a later reservation (this batch's slots and lengths are an earlier step's). Writing through such a
+        batch overwrote live tokens. O(1) while the cache is unchanged since the last check (every layer of a step);
+        one pass over the batch's sequences after a change elsewhere in the cache."""
+        cache = self.cache
+        if cache._version == self._current_at:
+            return
+        for sid, seq, length in zip(self.seq_ids, self._seqs, self.cache_seqlens_host):
+            if cache._seqs.get(sid) is not seq:
+                raise ValueError(f"batch is out of date: sequence {sid!r} was freed after it was reserved; reserve a "
+                                 "new LatentBatch for each step")
+            if seq.length != length:
+                raise ValueError(f"batch is out of date: sequence {sid!r} has {seq.length} tokens reserved now, "
+                                 f"{length} when this batch was made; reserve a new LatentBatch for each step")
+        self._current_at = cache._version
 
     @property
     def num_tokens(self) -> int:
@@ -437,6 +463,15 @@ class MLAttention(nn.Module):
         (no read back from the GPU).
         """
         cache = batch.cache
+        if not torch.compiler.is_compiling():  # (traced, the version ints would be guarded on: a recompile a step)
+            batch.check_current()
+        if (cache.kv_lora_rank, cache.rope_dim) != (self.kv_lora_rank, self.qk_rope_head_dim):
+            raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
+                             f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim}")
+        if cache.device != q_nope.device:
+            raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens on "
+                             f"{q_nope.device}")
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
@@ -500,6 +535,8 @@ class MLAttention(nn.Module):
             raise ValueError(f"hidden_states has {flat.shape[0]} tokens but batch reserved {batch.num_tokens}")
         _check_hidden_states(self, flat)
         _check_inference(self, flat)
+        if batch.cache.device != flat.device:  # (before the rope tables, made from batch.positions on its device)
+            raise ValueError(f"batch's PagedLatentCache is on {batch.cache.device}, hidden_states on {flat.device}")
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
         else:

@@ -351,6 +351,57 @@ def test_bad_batch_and_rope_tables_are_refused():
                                    rtol=0, atol=0)
 
 
+def test_a_batch_that_could_overwrite_live_tokens_is_refused():
+    """A LatentBatch whose slots are not its sequences' own (built by hand, or out of date: its sequence freed and
+    the blocks reused, or grown by a later reserve) wrote over another sequence's cached tokens silently. Refused
+    now, before anything is written; a batch stays usable for every layer of its step."""
+    config = tiny_config()
+    mod = MLAttention.from_config(config).eval().requires_grad_(False)
+    x = lambda n: torch.randn(n, config.hidden_size)  # noqa: E731
+    with torch.no_grad():
+        cache = PagedLatentCache(2, 4, 4, 32, 16, dtype=torch.float32)
+        a = cache.add_sequence()
+        old = LatentBatch.reserve(cache, [a], [3])
+        mod(x(3), old)
+        mod(x(3), old)  # the same step again (as every layer of it does): fine
+        cache.free(a)
+        c = cache.add_sequence()
+        mod(x(3), LatentBatch.reserve(cache, [c], [3]))  # c takes a's freed block
+        before = cache.buffer(0).clone()
+        with pytest.raises(ValueError, match="out of date.*freed"):
+            mod(x(3), old)
+        step = LatentBatch.reserve(cache, [c], [1])
+        LatentBatch.reserve(cache, [c], [1])  # the next step reserved before this one ran
+        with pytest.raises(ValueError, match="out of date.*5 tokens reserved now, 4"):
+            mod(x(1), step)
+        assert torch.equal(cache.buffer(0), before)
+
+        cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.float32)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        mod(x(8), LatentBatch.reserve(cache, [a, b], [4, 4]))
+        cache.append(a, 2)
+        with pytest.raises(ValueError, match="slots"):  # b's slots for a's new tokens
+            LatentBatch(cache, [a], [2], cache.slots(b, 0, 2))
+        LatentBatch(cache, [a], [2], cache.slots(a, 4, 6))  # a's own: fine
+
+
+def test_a_cache_that_does_not_fit_the_module_is_named():
+    """A cache of other widths or on another device: a ValueError naming the cache and the module's sizes (it named
+    the kernels' internal kv_c/kv_cache, or failed inside torch on the rope tables' device)."""
+    config = tiny_config()
+    mod = MLAttention.from_config(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for kwargs in (dict(kv_lora_rank=64, rope_dim=16), dict(kv_lora_rank=32, rope_dim=32)):
+            cache = PagedLatentCache(1, 8, 4, dtype=torch.float32, **kwargs)
+            batch = LatentBatch.reserve(cache, [cache.add_sequence()], [3])
+            with pytest.raises(ValueError, match="kv_lora_rank=32, qk_rope_head_dim=16"):
+                mod(torch.randn(3, config.hidden_size), batch)
+        cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32, device="meta")
+        batch = LatentBatch.reserve(cache, [cache.add_sequence()], [3])
+        with pytest.raises(ValueError, match="PagedLatentCache is on meta"):
+            mod(torch.randn(3, config.hidden_size), batch)
+
+
 def test_exported():
     assert mla_kernels.MLAttention is MLAttention
     assert mla_kernels.LatentBatch is LatentBatch
