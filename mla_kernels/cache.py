@@ -66,6 +66,9 @@ def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     q = _round_e4m3(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL))
     q = tl.reshape(q, [BLOCK_T, D_LATENT])
     bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    # the sign bit set from x's (q = x / scale, scale >= 0, so it is q's): triton 3.6's interpreter loses the sign of
+    # a value that rounds to zero (0x00 where 3.9's interpreter, torch and a GPU's cvt give -0, 0x80)
+    bits = bits | ((x.to(tl.uint32, bitcast=True) >> 31).to(tl.uint8) << 7)
     bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN: the interpreter's cast gives 384 for it
     return bits.to(tl.float8e4nv, bitcast=True), scale
 
