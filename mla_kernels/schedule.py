@@ -104,6 +104,9 @@ def piece_table(units, batch: int) -> list[tuple[int, int, int]]:
     return table
 
 
+MAX_PROGRAMS = 65535  # the scheduled grid's programs are its y dimension, which CUDA caps at 2^16 - 1
+
+
 def part_slot_bound(batch: int, num_programs: int) -> int:
     """Partial slots any lengths can need. Each of the P - 1 boundaries between programs cuts at most one
     sequence once, so the cut sequences' pieces number at most (P - 1) + (number cut) <= (P - 1) + min(B, P - 1)."""
@@ -272,6 +275,8 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
                         f"{_utils.FLOAT_DTYPES + _utils.FP8_DTYPES}, got {cache_dtype!r}")
     max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
     num_programs = _utils.check_int("num_programs", num_programs, 1)
+    if num_programs is not None and num_programs > MAX_PROGRAMS:
+        raise ValueError(f"num_programs must be at most {MAX_PROGRAMS} (a CUDA grid's y dimension), got {num_programs}")
     if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():  # value checks are free on the CPU
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0:

@@ -359,6 +359,7 @@ BAD_META = {
     "kv_lora_rank-none": (lambda a: a.update(kv_lora_rank=None), ValueError, "kv_lora_rank"),
     "kv_lora_rank-float": (lambda a: a.update(kv_lora_rank=512.0), ValueError, "kv_lora_rank"),
     "num_programs-zero": (lambda a: a.update(num_programs=0), ValueError, "num_programs"),
+    "num_programs-past-the-grid": (lambda a: a.update(num_programs=65536), ValueError, "num_programs"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
 }
 
