@@ -355,8 +355,10 @@ def check_int(name: str, value, minimum: int):
 
 
 def as_list(name: str, values, what: str = "one entry per sequence") -> list:
-    """``values`` (any iterable) as a list, or a TypeError naming ``name`` and saying ``what`` it holds."""
-    if not isinstance(values, Iterable):
+    """``values`` (any iterable but a string) as a list, or a TypeError naming ``name`` and saying ``what`` it holds.
+    A string is refused, not split: ``seq_ids="req-1"`` read as the ids 'r', 'e', 'q', ... (one string id is a
+    documented kind of id, so that named other sequences, or reserved slots for them)."""
+    if not isinstance(values, Iterable) or isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be a sequence ({what}), got {type(values).__name__}")
     return list(values)
 

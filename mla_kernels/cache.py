@@ -636,7 +636,9 @@ class PagedLatentCache:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor) -> None:
         """``write_cache`` into one layer: ``kv_c [T, R]``, ``k_pe [T, P]`` at ``slot_mapping [T]``
-        (as returned by ``append``/``append_batch``/``slots``)."""
+        (as returned by ``append``/``append_batch``/``slots``). The slots are taken as given, as ``write_cache``
+        takes them (checked only against the cache's size): slots kept from a sequence since freed may belong to
+        another now. ``MLAttention`` writes through a ``LatentBatch``, which refuses such a stale step."""
         layer = self._layer(layer)
         kv_cache, pe_cache, kv_scale = self.views(layer)
         write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=kv_scale)

@@ -363,6 +363,12 @@ def test_bad_batches_change_nothing():
     for call in (cache.cache_seqlens, cache.block_table):  # one id where a list goes ('int' is not iterable before)
         with pytest.raises(TypeError, match="seq_ids"):
             call(a)
+    cache.add_sequence("ab"), cache.add_sequence("a"), cache.add_sequence("b")
+    before = state_of(cache)
+    for call in (cache.cache_seqlens, cache.block_table, lambda ids: cache.append_batch(ids, [1, 1]),
+                 lambda ids: LatentBatch.reserve(cache, ids, [1, 1])):  # a string id was split into 'a' and 'b'
+        with pytest.raises(TypeError, match="seq_ids"):
+            call("ab")
     with pytest.raises(TypeError, match="seq_ids"):
         LatentBatch.reserve(cache, a, [1])
     with pytest.raises(TypeError, match="num_new_tokens"):
