@@ -435,6 +435,30 @@ def test_static_cache_misuse():
         assert torch.equal(full._mla_static_state.paged.buffer(0), before)  # nothing written past the row
 
 
+def test_a_static_cache_for_another_model_is_refused_before_anything_is_counted():
+    """Fewer layers, other widths, another dtype: refused in the first layer, the cache left usable for its own
+    model. Before, the first layers counted (and for fewer layers stored and attended) the step before an
+    IndexError or a write_cache error, and the cache's own model then failed, or gave other tokens silently."""
+    model = patch_model(dense_model(), block_size=4)
+    ids, mask = left_padded([3, 2])
+    gen = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
+    cases = {  # the model the cache was made for, and the model that is given it
+        "fewer layers": (tiny_model(num_hidden_layers=1, first_k_dense_replace=1), model),
+        "other widths": (dense_model(kv_lora_rank=64), model),
+        "another dtype": (model, patch_model(dense_model(), block_size=4).to(torch.bfloat16)),
+    }
+    with torch.no_grad():
+        for name, (owner, user) in cases.items():
+            if owner is not model:
+                patch_model(owner, block_size=4)
+            cache = static_latent_cache(owner, 2, 16, block_size=4)
+            with pytest.raises((ValueError, TypeError), match="another model|holds torch.float32"):
+                user.generate(**gen, past_key_values=cache)
+            assert not any(s.any() for s in cache._mla_static_state.seqlens), name  # nothing counted
+            fresh = owner.generate(**gen, past_key_values=static_latent_cache(owner, 2, 16, block_size=4))
+            assert torch.equal(owner.generate(**gen, past_key_values=cache), fresh), name  # still usable
+
+
 def test_static_prompt_refuses_layers_at_other_lengths():
     """The static cache's prompt layers reuse the host lengths their first layer read; a layer left behind by an
     interrupted forward (here layer 0 ran alone first) fails the device check instead of attending with them."""

@@ -615,12 +615,29 @@ class _StaticLatentState:
                   *self.seqlens, self.block_table, self.row_base]:
             torch._dynamo.mark_static_address(t)
 
+    def _check_fits(self, attn: "TransformersMLAttention", dtype: torch.dtype) -> None:
+        """Refuse, before anything is counted or stored, a cache built for another model: fewer layers (the first
+        layers stored and attended before an IndexError; later calls then gave other tokens silently), other widths
+        or another dtype (refused inside write_cache, after the first layer had counted the step). Host ints only."""
+        paged = self.paged
+        if attn.num_cache_layers > paged.num_layers or (attn.kv_lora_rank, attn.qk_rope_head_dim) != \
+                (paged.kv_lora_rank, paged.rope_dim):
+            raise ValueError(f"this static latent cache was built for another model: {paged.num_layers} layers, "
+                             f"kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}; this model has "
+                             f"{attn.num_cache_layers}, {attn.kv_lora_rank}, {attn.qk_rope_head_dim}: make one with "
+                             "static_latent_cache(model, ...)")
+        if dtype != paged.rope_dtype:
+            raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model or before a "
+                            f"dtype change), the model computes in {dtype}: make one with static_latent_cache(model, "
+                            "...)")
+
     def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
         """Store the step's real tokens and attend; ``q_nope [B, Q, H, D_nope]`` etc. Returns ``[B, Q, H * D_v]``."""
         batch_size, query_len = q_nope.shape[:2]
         layer = attn.layer_idx
         if batch_size != self.batch_size:
             raise ValueError(f"the static latent cache holds a batch of {self.batch_size}, this call has {batch_size}")
+        self._check_fits(attn, q_nope.dtype)
         cache_layer = past_key_values.layers[layer]
         # past max_cache_len columns (pads included) the mask has no column for this step's tokens: a named device
         # assertion (on the CPU, at once, before anything is counted or stored), not an index error below
@@ -701,7 +718,10 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     up to ``max_cache_len`` tokens each (pads included, as transformers' ``StaticCache`` counts them), for
     ``generate`` under ``torch.compile`` and CUDA graphs.
 
-    Like ``StaticCache``, it is allocated up front (``max_batch_size * max_cache_len`` latent tokens per layer) and
+    Like ``StaticCache``, it is allocated up front (``max_batch_size`` rows of ``max_cache_len`` latent tokens per
+    layer, each row rounded up to whole blocks of ``block_size``: pick a ``max_cache_len`` near a multiple of it), it
+    is emptied for a new, unrelated generate by ``cache.reset()`` (as ``StaticCache``; a second generate without it
+    continues the conversation), and
     its per-step work is all on the device: a decode step reserves no slots on the host and reads nothing back,
     so transformers' generate compiles the decode step (``compile_config``; on a GPU it does so by itself, with
     CUDA graphs). Pads in the prompt are still not stored. The prompt call reads the device once, in its first
