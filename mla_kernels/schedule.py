@@ -249,7 +249,7 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
             0 marks a padding slot.
         num_heads: query heads ``H``; ``s_q``: new tokens per sequence. With ``kv_lora_rank`` (the latent width
             ``R``), ``rope_dim`` (``P``) and the query ``dtype`` they fix the kernel's tiles, which the schedule
-            cuts along (fp32 queries at 32+ rows per sequence take smaller tiles, to fit shared memory);
+            cuts along (fp32 queries above 16 rows per sequence take smaller tiles, to fit shared memory);
             ``cache_dtype``: ``torch.float8_e4m3fn`` for an fp8 cache, else None (the queries' dtype).
         max_seqlen_k: optional bound on ``cache_seqlens``; lets a small batch use fewer programs.
         num_programs: force the grid size (default: sized to the GPU from shapes only).
