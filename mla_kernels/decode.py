@@ -25,7 +25,7 @@ import triton.language as tl
 from . import _tuning, _utils
 from . import schedule as _schedule
 
-LOG2E = 1.4426950408889634
+LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too)
 LN2 = 0.6931471805599453
 LN2_C: tl.constexpr = tl.constexpr(LN2)
 MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work

@@ -451,6 +451,16 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
         return q_nope, q_pe, kv_c, k_pe
 
+    def _check_cache(self, cache: PagedLatentCache, device: torch.device) -> None:
+        """The batch's cache has this module's widths and is on ``device``, the tokens' (else the kernels named their
+        internal kv_c/kv_cache, or the rope tables failed inside torch)."""
+        if (cache.kv_lora_rank, cache.rope_dim) != (self.kv_lora_rank, self.qk_rope_head_dim):
+            raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
+                             f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim}")
+        if cache.device != device:
+            raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens on {device}")
+
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
                batch: LatentBatch, layer: int | None = None) -> torch.Tensor:
         """Store the new tokens in the cache and attend: packed ``q_nope [T, H, D_nope]``, ``q_pe [T, H, P]``,
@@ -465,13 +475,7 @@ class MLAttention(nn.Module):
         cache = batch.cache
         if not torch.compiler.is_compiling():  # (traced, the version ints would be guarded on: a recompile a step)
             batch.check_current()
-        if (cache.kv_lora_rank, cache.rope_dim) != (self.kv_lora_rank, self.qk_rope_head_dim):
-            raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
-                             f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
-                             f"{self.qk_rope_head_dim}")
-        if cache.device != q_nope.device:
-            raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens on "
-                             f"{q_nope.device}")
+        self._check_cache(cache, q_nope.device)
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
@@ -535,8 +539,7 @@ class MLAttention(nn.Module):
             raise ValueError(f"hidden_states has {flat.shape[0]} tokens but batch reserved {batch.num_tokens}")
         _check_hidden_states(self, flat)
         _check_inference(self, flat)
-        if batch.cache.device != flat.device:  # (before the rope tables, made from batch.positions on its device)
-            raise ValueError(f"batch's PagedLatentCache is on {batch.cache.device}, hidden_states on {flat.device}")
+        self._check_cache(batch.cache, flat.device)  # before the rope tables, made from batch.positions on its device
         if position_embeddings is None:
             cos, sin = self.rotary(batch.positions, flat.dtype)
         else:
