@@ -17,6 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import bounds  # noqa: E402
+
+    bounds.install()  # every interpreted kernel's loads and stores must stay inside its arguments' memory
+
 
 @pytest.fixture(scope="session")
 def device():

@@ -1,0 +1,112 @@
+"""Out-of-bounds memory checks for kernels run through Triton's CPU interpreter.
+
+On a GPU, a load or store that leaves every allocation is an illegal memory access: the CUDA context is lost and
+every later call in the process fails. One masked off on the CPU but read on the GPU, or one that lands in a
+neighbouring allocation, corrupts nothing the parity tests compare and can pass them all. Under the interpreter
+every memory access is a NumPy array of host addresses with a mask, so each one can be checked: ``install()``
+wraps the interpreter's launch to record the storages of the launch's tensor arguments (a view's whole storage:
+what a kernel may legally reach through it), and its loads, stores and atomics to require every address a mask lets
+through to lie, with its element, inside one of them. A violation raises ``OutOfBounds`` naming the access, the
+address and the ranges, from inside the kernel (the interpreter wraps it in its ``InterpreterError``).
+
+The storage, not the view, is the bound: the kernels take views of one ``[blocks, page, R + P]`` buffer and may
+read any of it. Reading another tensor argument's memory is not caught here (on a GPU it is no fault); the parity
+tests with NaN-poisoned caches catch it where it changes a result.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_state = threading.local()
+
+
+class OutOfBounds(AssertionError):
+    """A kernel under the interpreter touched memory outside every tensor argument's storage."""
+
+
+def _ranges(args) -> list[tuple[int, int]]:
+    out = []
+
+    def visit(arg):
+        if isinstance(arg, (tuple, list)):
+            for a in arg:
+                visit(a)
+            return
+        base = getattr(arg, "base", None)  # a host-side TensorDescriptor: its tensor
+        if base is not None and hasattr(base, "untyped_storage") and not hasattr(arg, "untyped_storage"):
+            arg = base
+        if hasattr(arg, "untyped_storage"):
+            storage = arg.untyped_storage()
+            if storage.nbytes():
+                out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+
+    visit(args)
+    return sorted(out)
+
+
+def _check(kind: str, ptrs, mask) -> None:
+    ranges = getattr(_state, "ranges", None)
+    if ranges is None:  # not inside a launch this module saw (a kernel called another way): nothing to check
+        return
+    addr = np.asarray(ptrs.data).astype(np.uint64, copy=False).ravel()
+    if mask is not None:
+        addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data)).ravel()]
+    if addr.size == 0:
+        return
+    size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+    starts = np.array([r[0] for r in ranges], dtype=np.uint64)
+    ends = np.array([r[1] for r in ranges], dtype=np.uint64)
+    i = np.searchsorted(starts, addr, side="right") - 1  # the last range starting at or before each address
+    ok = (i >= 0) & (addr + size <= ends[np.maximum(i, 0)])
+    if not ok.all():
+        bad = addr[~ok]
+        raise OutOfBounds(f"{kind} of {bad.size} element(s) outside every tensor argument, first at {int(bad[0]):#x} "
+                          f"(argument storages: {', '.join(f'{a:#x}..{b:#x}' for a, b in ranges)})")
+
+
+def install() -> None:
+    """Wrap the interpreter (idempotent). Only where ``TRITON_INTERPRET`` is set before triton is imported."""
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp, "_mla_bounds_installed", False):
+        return
+    interp._mla_bounds_installed = True
+    builder = interp.InterpreterBuilder
+    executor = interp.GridExecutor
+
+    init_args = executor._init_args_hst
+
+    def _init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        _state.ranges = _ranges([args_hst, list(kwargs_hst.values())])
+        return args_hst, kwargs_hst
+
+    restore = executor._restore_args_dev
+
+    def _restore_args_dev(self, *args, **kwargs):
+        _state.ranges = None
+        return restore(self, *args, **kwargs)
+
+    executor._init_args_hst = _init_args_hst
+    executor._restore_args_dev = _restore_args_dev
+
+    def wrap(name, kind, ptr_at, mask_at):
+        original = getattr(builder, name)
+
+        def checked(self, *args, **kwargs):  # the interpreter passes the pointers and mask by position
+            _check(kind, args[ptr_at], args[mask_at] if mask_at is not None else None)
+            return original(self, *args, **kwargs)
+
+        setattr(builder, name, checked)
+
+    # (self excluded) create_masked_load(ptrs, mask, other, ...), create_masked_store(ptrs, value, mask, ...);
+    # create_load/create_store go through them
+    wrap("create_masked_load", "load", 0, 1)
+    wrap("create_masked_store", "store", 0, 2)
+    if hasattr(builder, "create_atomic_rmw"):  # (rmwOp, ptr, val, mask, sem, scope)
+        wrap("create_atomic_rmw", "atomic", 1, 3)
+    if hasattr(builder, "create_atomic_cas"):  # (ptr, cmp, val, sem, scope)
+        wrap("create_atomic_cas", "atomic", 0, None)
