@@ -10,8 +10,9 @@ through to lie, with its element, inside one of them. A violation raises ``OutOf
 address and the ranges, from inside the kernel (the interpreter wraps it in its ``InterpreterError``).
 
 The storage, not the view, is the bound: the kernels take views of one ``[blocks, page, R + P]`` buffer and may
-read any of it. Reading another tensor argument's memory is not caught here (on a GPU it is no fault); the parity
-tests with NaN-poisoned caches catch it where it changes a result.
+read any of it. One access's pointers all derive from one argument, so an access spanning two storages fails too.
+An access wholly inside another argument's memory is not caught here (on a GPU it is no fault); the parity tests with
+NaN-poisoned caches catch it where it changes a result.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def _check(kind: str, ptrs, mask) -> None:
     ends = np.array([r[1] for r in ranges], dtype=np.uint64)
     i = np.searchsorted(starts, addr, side="right") - 1  # the last range starting at or before each address
     ok = (i >= 0) & (addr + size <= ends[np.maximum(i, 0)])
+    where = f"(argument storages: {', '.join(f'{a:#x}..{b:#x}' for a, b in ranges)})"
     if not ok.all():
         bad = addr[~ok]
         raise OutOfBounds(f"{kind} of {bad.size} element(s) outside every tensor argument, first at {int(bad[0]):#x} "
-                          f"(argument storages: {', '.join(f'{a:#x}..{b:#x}' for a, b in ranges)})")
+                          f"{where}")
+    if (i != i[0]).any():  # one access's pointers come from one argument: spanning two, it ran off the first
+        raise OutOfBounds(f"{kind} spans the storages of two tensor arguments {where}")
 
 
 def install() -> None:
