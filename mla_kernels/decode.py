@@ -52,7 +52,7 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     tl.dot needs M, N >= 16. The interpreter runs the NVIDIA configs, so CPU tests cover the tiles a GPU runs.
     """
     if d_latent <= 128:
-        return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows_per_seq))), BLOCK_N=64, num_warps=4,
+        return dict(BLOCK_M=min(64, max(16, _utils.next_pow2(rows_per_seq))), BLOCK_N=64, num_warps=4,
                     num_stages=2)
     if hip:
         if rows_per_seq <= 16:
@@ -489,7 +489,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
             seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
-            D_LATENT=d_latent, BLOCK_S=max(2, triton.next_power_of_2(schedule.num_programs)), STORE_LSE=return_lse,
+            D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(schedule.num_programs)), STORE_LSE=return_lse,
             SCHED_SEQUENCES=schedule.sequences, SCHEDULED=True,
             num_warps=4 if d_latent >= 256 else 2,
         )

@@ -220,7 +220,7 @@ def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_late
         return _fit_tiles(tuned, device, d_latent, d_rope, elem_bytes, kv_fp8)
     if not _utils.interpreting():  # a GPU (or the JIT compiling for one: _compile.jit_launches)
         return None
-    block_m = min(256, max(16, triton.next_power_of_2(max_seqlen_q * heads)))
+    block_m = min(256, max(16, _utils.next_pow2(max_seqlen_q * heads)))
     return dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=1)
 
 
@@ -455,7 +455,7 @@ def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_
     cu_k = torch.empty(batch + 1, dtype=torch.int64, device=kv_cache.device)
     if block_n is None:
         block_n = max(1, GATHER_ELEMENTS * (16 if _utils.interpreting() else 1) // d)
-    grid = (max(1, triton.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
+    grid = (max(1, _utils.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
     _gather_latent_kernel[grid](
         kv_cache, kv_scale if kv_scale is not None else kv_cache, block_table, cache_seqlens, latent, cu_k,
         kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
@@ -506,7 +506,7 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
     lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
     if total == 0 or batch == 0:
         return out, lse
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
+    grid = (_utils.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
     _mla_expanded_kernel[grid](
         q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
         out, lse if lse is not None else out,

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from . import _utils
 
@@ -74,7 +73,7 @@ def schedule_reference(lengths, block_n: int, num_programs: int) -> list[list[tu
     The (sequence, tile) order is cut into ranges of ``program_loads`` tiles; a range is cut at sequence ends.
     Every token of every sequence is in exactly one unit, no unit is empty, a zero-length sequence has none.
     """
-    tiles = [triton.cdiv(n, block_n) for n in lengths]
+    tiles = [_utils.cdiv(n, block_n) for n in lengths]
     units, seq, done = [], 0, 0  # done: tiles of sequence `seq` already given out
     for load in program_loads(sum(tiles), num_programs):
         mine = []
@@ -165,7 +164,7 @@ def units_of(schedule: DecodeSchedule, cache_seqlens) -> list[list[tuple[int, in
     for first_seq, first_tile, last_seq, end_tile in schedule.programs.tolist():
         mine = []
         for seq in range(first_seq, last_seq + 1):
-            n_tiles = triton.cdiv(lengths[seq], bn)
+            n_tiles = _utils.cdiv(lengths[seq], bn)
             t0 = first_tile if seq == first_seq else 0
             t1 = end_tile if seq == last_seq else n_tiles
             if t1 > t0:
@@ -187,11 +186,11 @@ def num_programs_for(batch: int, rows_per_seq: int, block_m: int, block_n: int, 
     with ``MIN_SPLIT_TOKENS`` per program (when ``max_seqlen_k`` bounds the lengths)."""
     from .decode import MIN_SPLIT_TOKENS
 
-    m_blocks = triton.cdiv(rows_per_seq, block_m)
+    m_blocks = _utils.cdiv(rows_per_seq, block_m)
     waves = 1 if block_m >= 64 else 2
-    programs = triton.cdiv(waves * _utils.num_sms(device), m_blocks)
+    programs = _utils.cdiv(waves * _utils.num_sms(device), m_blocks)
     if max_seqlen_k is not None:
-        most_tiles = batch * triton.cdiv(max_seqlen_k, block_n)
+        most_tiles = batch * _utils.cdiv(max_seqlen_k, block_n)
         programs = min(programs, max(batch, batch * max_seqlen_k // MIN_SPLIT_TOKENS), most_tiles)
     return max(1, programs)
 
