@@ -1,5 +1,5 @@
 """Caches past 2^31 elements, through Triton's interpreter: every kernel that addresses the cache (decode, its
-scheduled grid, the absorbed and expanded prefill, write_cache, and the fp8 variants) gives bit for bit what it gives
+scheduled grid, the TMA kernel, the absorbed and expanded prefill, write_cache, and the fp8 variants) gives bit for bit what it gives
 on a small cache holding the same blocks, placed at the end of the big one.
 
 The interpreter computes addresses in the kernel's own integer types, as a GPU does: an int32 product of a block id
@@ -12,7 +12,7 @@ import torch
 
 import mla_kernels
 from helpers import SENTINEL_BLOCK, make_paged_cache
-from mla_kernels import _utils
+from mla_kernels import _utils, decode, decode_tma
 from mla_kernels.cache import fp8_latent_cache, fp8_row_bytes, write_cache
 
 
@@ -66,7 +66,7 @@ def _same_everywhere(small, big, table, big_table, seqlens, **kw):
         assert torch.equal(a, b), f"prefill {path}"
 
 
-def test_bf16_cache_past_int32_offsets():
+def test_bf16_cache_past_int32_offsets(monkeypatch):
     kv, pe, table = make_paged_cache(LENS, PAGE, (R, P), torch.bfloat16, "cpu")
     seqlens = torch.tensor(LENS, dtype=torch.int32)
     blocks = 2**31 // (PAGE * (R + P)) + 64
@@ -74,6 +74,15 @@ def test_bf16_cache_past_int32_offsets():
     offset = blocks - kv.shape[0]
     big[offset:, :, :R], big[offset:, :, R:] = kv, pe
     _same_everywhere((kv, pe), (big[..., :R], big[..., R:]), table, _moved(table, offset), seqlens)
+
+    (qn, qp, _, _), _, _ = _queries()  # the TMA kernel (asked for by a config): 64-bit descriptor bases
+    tma = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2, TMA=True)
+    monkeypatch.setattr(decode, "_launch_portable", None)  # no silent fallback to the portable kernel
+    outs = [decode._launch(qn, qp, k, p, t, seqlens, None, SCALE, True, True, batch=2, seq_q=1, total_tokens=2,
+                           max_seqlen_q=1, max_seqlen_k=t.shape[1] * PAGE, num_splits=2, config=tma)
+            for k, p, t in ((kv, pe, table), (big[..., :R], big[..., R:], _moved(table, offset)))]
+    assert decode_tma.tma_supported(qn, big[..., :R], big[..., R:], 64)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
     kv_c, k_pe = torch.randn(3, R).bfloat16(), torch.randn(3, P).bfloat16()
     slots = torch.tensor([blocks * PAGE - 1, blocks * PAGE - 2, (blocks - 40) * PAGE + 5])
