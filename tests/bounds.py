@@ -28,6 +28,10 @@ class OutOfBounds(AssertionError):
     """A kernel under the interpreter touched memory outside every tensor argument's storage."""
 
 
+class Race(AssertionError):
+    """Two programs of one launch touched the same element, one of them writing (``install(races=True)``)."""
+
+
 def _ranges(args) -> list[tuple[int, int]]:
     out = []
 
@@ -48,7 +52,7 @@ def _ranges(args) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def _check(kind: str, ptrs, mask) -> None:
+def _check(kind: str, ptrs, mask, program) -> None:
     ranges = getattr(_state, "ranges", None)
     if ranges is None:  # not inside a launch this module saw (a kernel called another way): nothing to check
         return
@@ -69,12 +73,40 @@ def _check(kind: str, ptrs, mask) -> None:
                           f"{where}")
     if (i != i[0]).any():  # one access's pointers come from one argument: spanning two, it ran off the first
         raise OutOfBounds(f"{kind} spans the storages of two tensor arguments {where}")
+    if getattr(_state, "races", None) is not None and kind != "atomic":
+        x, y, z = program
+        _check_race(kind, int(i[0]), addr, x + (y << 21) + (z << 42))
 
 
-def install() -> None:
-    """Wrap the interpreter (idempotent). Only where ``TRITON_INTERPRET`` is set before triton is imported."""
+def _xyz(program: int) -> tuple[int, int, int]:
+    mask = (1 << 21) - 1
+    return program & mask, (program >> 21) & mask, program >> 42
+
+
+def _check_race(kind: str, storage: int, addr, program) -> None:
+    """Programs of one launch run in any order on a GPU (the interpreter runs them one after another): an element
+    one program writes must be neither written nor read by another (atomics aside)."""
+    seen = _state.races.setdefault(storage, {"load": ([], []), "store": ([], [])})
+    against = ("store",) if kind == "load" else ("store", "load")
+    for other in against:
+        addrs, programs = seen[other]
+        if addrs:
+            a, p = np.concatenate(addrs), np.concatenate(programs)
+            hit = np.isin(a, addr) & (p != program)
+            if hit.any():
+                raise Race(f"program {_xyz(program)} {kind}s element {int(a[hit][0]):#x}, which program "
+                           f"{_xyz(int(p[hit][0]))} of the same launch {other}s")
+    seen[kind][0].append(addr)
+    seen[kind][1].append(np.full(addr.shape, program, dtype=np.int64))
+
+
+def install(races: bool = False) -> None:
+    """Wrap the interpreter (idempotent). Only where ``TRITON_INTERPRET`` is set before triton is imported.
+    ``races``: also fail an element that two programs of one launch touch, one of them writing (slow: every access
+    is compared with the launch's earlier ones; run by hand, ``MLA_TEST_RACES=1 pytest tests``)."""
     from triton.runtime import interpreter as interp
 
+    _state.race_check = races
     if getattr(interp, "_mla_bounds_installed", False):
         return
     interp._mla_bounds_installed = True
@@ -86,6 +118,7 @@ def install() -> None:
     def _init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         _state.ranges = _ranges([args_hst, list(kwargs_hst.values())])
+        _state.races = {} if getattr(_state, "race_check", False) else None
         return args_hst, kwargs_hst
 
     restore = executor._restore_args_dev
@@ -101,7 +134,7 @@ def install() -> None:
         original = getattr(builder, name)
 
         def checked(self, *args, **kwargs):  # the interpreter passes the pointers and mask by position
-            _check(kind, args[ptr_at], args[mask_at] if mask_at is not None else None)
+            _check(kind, args[ptr_at], args[mask_at] if mask_at is not None else None, self.grid_idx)  # (x, y, z)
             return original(self, *args, **kwargs)
 
         setattr(builder, name, checked)

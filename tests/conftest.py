@@ -20,7 +20,9 @@ import pytest  # noqa: E402
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     import bounds  # noqa: E402
 
-    bounds.install()  # every interpreted kernel's loads and stores must stay inside its arguments' memory
+    # every interpreted kernel's loads and stores must stay inside its arguments' memory; MLA_TEST_RACES=1 also
+    # fails an element two programs of one launch touch, one writing (slow, by hand)
+    bounds.install(races=os.environ.get("MLA_TEST_RACES", "0") not in ("", "0"))
 
 
 @pytest.fixture(scope="session")
