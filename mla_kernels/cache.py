@@ -370,9 +370,12 @@ class CacheFullError(RuntimeError):
 class _Sequence:
     __slots__ = ("blocks", "length")
 
-    def __init__(self) -> None:
-        self.blocks: list[int] = []
-        self.length = 0
+    def __init__(self, blocks: list[int] | None = None, length: int = 0) -> None:
+        self.blocks: list[int] = [] if blocks is None else blocks
+        self.length = length
+
+    def copy(self) -> "_Sequence":
+        return _Sequence(list(self.blocks), self.length)
 
 
 class PagedLatentCache:
@@ -395,6 +398,11 @@ class PagedLatentCache:
     each new turn to the tokens already cached. When the free blocks can't hold a reservation,
     ``CacheFullError`` is raised and nothing changes (a batch is reserved whole or not at all).
     Freed blocks are not cleared; they are handed out again, most recently freed first.
+
+    ``fork(seq_id)`` starts a sequence holding the same tokens (beam search, parallel sampling, a shared prompt):
+    its full blocks are shared, counted by how many sequences hold each, and only a partly filled last block is
+    copied; a block returns to the free pool when the last sequence holding it is freed. Appends write only
+    positions past a sequence's length, so a shared (full) block is never written again.
 
     Sequence ids are any hashable values; ``add_sequence()`` without an id picks an unused int.
 
@@ -443,9 +451,10 @@ class PagedLatentCache:
         if self._buffers:  # the device with its index ("cuda" -> "cuda:0"), so it compares equal to its tensors'
             self.device = self._buffers[0].device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
+        self._refs: list[int] = [0] * num_blocks  # sequences holding each block (0: free; above 1: shared by fork)
         self._seqs: dict[Hashable, _Sequence] = {}
         self._next_id = 0
-        self._version = 0  # bumped when a sequence grows or is freed: LatentBatch.check_current's O(1) test
+        self._version = 0  # bumped when a sequence grows, forks or is freed: LatentBatch.check_current's O(1) test
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -500,24 +509,30 @@ class PagedLatentCache:
     def add_sequence(self, seq_id: Hashable | None = None) -> Hashable:
         """Start an empty sequence; returns its id (``seq_id`` if given, else a new int)."""
         if seq_id is None:
-            while self._next_id in self._seqs:
-                self._next_id += 1
-            seq_id = self._next_id
-            self._next_id += 1
+            seq_id = self._unused_id()
         else:
-            try:
-                live = seq_id in self._seqs
-            except TypeError:
-                raise TypeError(f"seq_id must be hashable (a dict key), got {seq_id!r}") from None
-            if live:
-                raise ValueError(f"seq_id {seq_id!r} is already a live sequence")
+            self._check_new_id("seq_id", seq_id)
         self._seqs[seq_id] = _Sequence()
         return seq_id
 
+    def fork(self, seq_id: Hashable, new_id: Hashable | None = None) -> Hashable:
+        """Start a sequence holding the same tokens as ``seq_id``; returns its id (``new_id`` if given, else a new
+        int). Both then grow on their own.
+
+        The full blocks are shared, not copied: each block counts the sequences that hold it, and ``free`` returns it
+        to the pool only when none does. A partly filled last block is copied (in every layer, on the cache's
+        device, without a host synchronisation) into a free block, since both sequences will append into it; so a
+        fork takes one block, or none when the length is a multiple of ``block_size``. ``CacheFullError`` if no
+        block is free for that copy, ``KeyError`` if ``seq_id`` is not live, ``ValueError`` if ``new_id`` is, and
+        nothing changes then. The copy takes what the buffers hold now: fork after a step's tokens are written (a
+        ``LatentBatch`` reserved for ``seq_id`` before the fork is refused as out of date)."""
+        return self._fork_batch([seq_id], [new_id], names=("seq_id", "new_id"))[0]
+
     def free(self, seq_id: Hashable) -> None:
-        """End a sequence and return its blocks to the free pool (their contents stay until reused)."""
+        """End a sequence and return its blocks to the free pool (their contents stay until reused); a block shared
+        with a fork goes back only when the last sequence holding it is freed."""
         seq = self._get(seq_id)
-        self._free.extend(reversed(seq.blocks))
+        self._free.extend(reversed(self._release(seq.blocks)))
         del self._seqs[seq_id]
         self._version += 1
 
@@ -575,9 +590,12 @@ class PagedLatentCache:
                 f"new blocks of {self.block_size} tokens, but only {len(self._free)} of {self.num_blocks} are free; "
                 f"free finished sequences or build a larger cache")
         few = all(n <= 8 for n in counts)  # decode steps: a few ints per sequence, cheaper in Python than in torch
-        size, slots = self.block_size, []
+        size, slots, refs = self.block_size, [], self._refs
         for seq, n, k in zip(seqs, counts, needed):
-            seq.blocks.extend(self._free.pop() for _ in range(k))
+            for _ in range(k):
+                block = self._free.pop()
+                refs[block] = 1
+                seq.blocks.append(block)
             if few:
                 slots.extend(seq.blocks[p // size] * size + p % size for p in range(seq.length, seq.length + n))
             else:
@@ -654,7 +672,131 @@ class PagedLatentCache:
             kv = dequantize_fp8_torch(kv, self._scale_views[layer][blk, off], self.rope_dtype)
         return kv, self._pe_views[layer][blk, off]
 
+    # -- forking, growing ----------------------------------------------------------------------
+
+    def _fork_batch(self, sources: Sequence[Hashable], new_ids: Sequence[Hashable | None] | None = None,
+                    release: Sequence[Hashable] = (), names: tuple[str, str] = ("sources", "new_ids")) -> list:
+        """``fork`` of many: free the sequences in ``release`` (none of them a source), then fork each ``sources[i]``
+        (a source may repeat) into ``new_ids[i]`` (None: a new int), all or nothing: the ids are checked and the
+        blocks counted (those the frees return included) before anything changes. The tails are copied with one
+        index copy per layer. Returns the new ids. ``names``: the caller's names of ``sources`` and ``new_ids``."""
+        src_name, new_name = names
+        sources, release = _utils.as_list(src_name, sources), _utils.as_list("release", release)
+        new_ids = [None] * len(sources) if new_ids is None else _utils.as_list(new_name, new_ids)
+        if len(new_ids) != len(sources):
+            raise ValueError(f"{src_name} and {new_name} disagree on length: {len(sources)} vs {len(new_ids)}")
+        seqs = [self._get(s) for s in sources]
+        given = [i for i in new_ids if i is not None]
+        for new_id in given:
+            self._check_new_id(new_name, new_id)
+        if len(set(given)) != len(given):
+            raise ValueError(f"{new_name} names a sequence more than once")
+        dropped = [self._get(s) for s in release]
+        if len(set(release)) != len(release) or set(release) & set(sources):
+            raise ValueError("release must name distinct live sequences that are not forked")
+        tails, returned = self._fork_need(seqs, dropped)
+        if tails > len(self._free) + returned:
+            raise CacheFullError(
+                f"not enough free cache blocks: forking {len(seqs)} sequence(s) copies {tails} partly filled last "
+                f"blocks of {self.block_size} tokens, but only {len(self._free) + returned} of {self.num_blocks} "
+                f"are free; free finished sequences or build a larger cache")
+        for seq_id in release:
+            self._free.extend(reversed(self._release(self._seqs.pop(seq_id).blocks)))
+        size, refs, avoid = self.block_size, self._refs, set(given)
+        copies, out, renewed = [], [], set()
+        for seq_id, seq, new_id in zip(sources, seqs, new_ids):
+            full = seq.length // size
+            blocks = seq.blocks[:full]
+            for block in blocks:
+                refs[block] += 1
+            if seq.length % size:
+                block = self._free.pop()
+                refs[block] = 1
+                copies.append((seq.blocks[full], block, seq.length % size))
+                blocks.append(block)
+            new_id = self._unused_id(avoid) if new_id is None else new_id
+            self._seqs[new_id] = _Sequence(blocks, seq.length)
+            out.append(new_id)
+            if seq_id not in renewed:  # a new record: a LatentBatch reserved before the fork is out of date
+                self._seqs[seq_id] = seq.copy()
+                renewed.add(seq_id)
+        self._copy_tails(copies)
+        self._version += 1
+        return out
+
+    def _fork_blocks_needed(self, sources: Sequence[Hashable], release: Sequence[Hashable] = ()) -> int:
+        """Blocks ``_fork_batch(sources, release=release)`` takes from the free pool beyond those the frees return
+        (<= 0: it fits whatever the pool holds)."""
+        tails, returned = self._fork_need([self._get(s) for s in sources], [self._get(s) for s in release])
+        return tails - returned
+
+    def _fork_need(self, seqs: list[_Sequence], dropped: list[_Sequence]) -> tuple[int, int]:
+        """(tail blocks the forks of ``seqs`` copy, blocks that freeing ``dropped`` returns to the pool)."""
+        tails = sum(1 for seq in seqs if seq.length % self.block_size)
+        holders: dict[int, int] = {}
+        for seq in dropped:
+            for block in seq.blocks:
+                holders[block] = holders.get(block, 0) + 1
+        return tails, sum(1 for block, n in holders.items() if self._refs[block] == n)
+
+    def _copy_tails(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy ``(source block, destination block, rows)`` in every layer's buffer, on its device (block ids are
+        host ints: nothing is read back). One copy: its rows by a view; several: whole blocks by one index copy per
+        layer."""
+        if len(copies) == 1:
+            src, dst, rows = copies[0]
+            for buf in self._buffers:
+                buf[dst, :rows].copy_(buf[src, :rows])
+        elif copies:
+            index = torch.tensor([c[:2] for c in copies], dtype=torch.int64).T.contiguous()  # [2, n]: src, dst
+            if self.device.type == "cuda":
+                index = index.pin_memory().to(self.device, non_blocking=True)
+            else:
+                index = index.to(self.device)
+            for buf in self._buffers:
+                buf.index_copy_(0, index[1], buf.index_select(0, index[0]))
+
+    def _grown(self, num_blocks: int) -> "PagedLatentCache":
+        """A new cache of ``num_blocks`` blocks (no fewer than this one's) holding this one's sequences at the same
+        block ids, with the same contents and sharing (each layer's buffer copied whole into its first blocks);
+        the added blocks are free, handed out after this one's free blocks. This cache is left as it was."""
+        num_blocks = _index("num_blocks", num_blocks)
+        if num_blocks < self.num_blocks:
+            raise ValueError(f"num_blocks {num_blocks} is fewer than the cache's {self.num_blocks}")
+        new = PagedLatentCache(self.num_layers, num_blocks, self.block_size, self.kv_lora_rank, self.rope_dim,
+                               dtype=self.dtype, device=self.device, rope_dtype=self.rope_dtype)
+        for old_buf, new_buf in zip(self._buffers, new._buffers):
+            new_buf[:self.num_blocks].copy_(old_buf)
+        new._free = list(range(num_blocks - 1, self.num_blocks - 1, -1)) + self._free
+        new._refs = self._refs + [0] * (num_blocks - self.num_blocks)
+        new._seqs = {seq_id: seq.copy() for seq_id, seq in self._seqs.items()}
+        new._next_id = self._next_id
+        return new
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _unused_id(self, avoid=()) -> int:
+        while self._next_id in self._seqs or self._next_id in avoid:
+            self._next_id += 1
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _check_new_id(self, name: str, seq_id: Hashable) -> None:
+        try:
+            live = seq_id in self._seqs
+        except TypeError:
+            raise TypeError(f"{name} must be hashable (a dict key), got {seq_id!r}") from None
+        if live:
+            raise ValueError(f"{name} {seq_id!r} is already a live sequence")
+
+    def _release(self, blocks: list[int]) -> list[int]:
+        """Drop one holder of each block; returns those no sequence holds now, in order."""
+        refs, out = self._refs, []
+        for block in blocks:
+            refs[block] -= 1
+            if not refs[block]:
+                out.append(block)
+        return out
 
     def _layer(self, layer: int) -> int:
         index = _index("layer", layer)

@@ -290,17 +290,18 @@ class LatentBatch:
         return self
 
     def check_current(self) -> None:
-        """Refuse a batch the cache has moved past: a sequence freed (its blocks may now hold another's tokens) or
-        grown by a later reservation (this batch's slots and lengths are an earlier step's). Writing through such a
-        batch overwrote live tokens. O(1) while the cache is unchanged since the last check (every layer of a step);
-        one pass over the batch's sequences after a change elsewhere in the cache."""
+        """Refuse a batch the cache has moved past: a sequence freed (its blocks may now hold another's tokens),
+        forked (the fork copied its last block as it was: a later write would reach one of the two only) or grown by
+        a later reservation (this batch's slots and lengths are an earlier step's). Writing through such a batch
+        overwrote live tokens. O(1) while the cache is unchanged since the last check (every layer of a step); one
+        pass over the batch's sequences after a change elsewhere in the cache."""
         cache = self.cache
         if cache._version == self._current_at:
             return
         for sid, seq, length in zip(self.seq_ids, self._seqs, self.cache_seqlens_host):
             if cache._seqs.get(sid) is not seq:
-                raise ValueError(f"batch is out of date: sequence {sid!r} was freed after it was reserved; reserve a "
-                                 "new LatentBatch for each step")
+                raise ValueError(f"batch is out of date: sequence {sid!r} was freed or forked after it was reserved; "
+                                 "reserve a new LatentBatch for each step (and fork after a step's writes)")
             if seq.length != length:
                 raise ValueError(f"batch is out of date: sequence {sid!r} has {seq.length} tokens reserved now, "
                                  f"{length} when this batch was made; reserve a new LatentBatch for each step")

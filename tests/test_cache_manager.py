@@ -33,10 +33,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
+def bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """Any buffer's bytes (a uint8 fp8 buffer as it is), to compare bit for bit."""
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
 def state_of(cache: PagedLatentCache):
-    """Everything an operation could change: per sequence (blocks, length), the free count, every byte."""
+    """Everything an operation could change: per sequence (blocks, length), the free count, every byte, and the
+    allocator's counts (the free pool in order, each block's holders, the version LatentBatch checks)."""
     seqs = {s: (tuple(cache.seq_blocks(s)), cache.seqlen(s)) for s in cache.seq_ids}
-    return seqs, cache.num_free_blocks, [bits(cache.buffer(layer)).clone() for layer in range(cache.num_layers)]
+    return (seqs, cache.num_free_blocks, [bytes_of(cache.buffer(layer)).clone() for layer in range(cache.num_layers)],
+            (list(cache._free), list(cache._refs), cache._version))
 
 
 def assert_same_state(before, after):
@@ -44,10 +51,31 @@ def assert_same_state(before, after):
     assert before[1] == after[1], "free block count changed"
     for layer, (a, b) in enumerate(zip(before[2], after[2])):
         assert torch.equal(a, b), f"layer {layer}'s buffer changed"
+    assert before[3] == after[3], "the free pool, the block counts or the version changed"
+
+
+def assert_allocator_consistent(cache: PagedLatentCache):
+    """Every block is either free (once in the pool) or held, never both; each block's count is the number of
+    sequences holding it; a shared block is full in every sequence holding it (no append writes it again)."""
+    holders: dict[int, list] = {}
+    for s in cache.seq_ids:
+        blocks = cache.seq_blocks(s)
+        assert len(blocks) == len(set(blocks)), f"{s!r} holds a block twice"
+        assert len(blocks) == math.ceil(cache.seqlen(s) / cache.block_size)
+        for i, b in enumerate(blocks):
+            holders.setdefault(b, []).append((s, i))
+    free = list(cache._free)
+    assert len(free) == len(set(free)) == cache.num_free_blocks, "a block is in the free pool twice"
+    assert set(free).isdisjoint(holders), "a block is both free and held"
+    assert set(free) | set(holders) == set(range(cache.num_blocks)), "a block is neither free nor held"
+    assert cache._refs == [len(holders.get(b, ())) for b in range(cache.num_blocks)]
+    for b, held in holders.items():
+        if len(held) > 1:
+            assert all(i < cache.seqlen(s) // cache.block_size for s, i in held), f"shared block {b} is not full"
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """Random adds, batched appends with writes to every layer, frees and over-full appends.
+    """Random adds, batched appends with writes to every layer, forks, frees and over-full appends.
 
     The model is ``self.expected``: for each live sequence, the ``[L, layers, R + P]`` tokens written
     to it. Unused cache bytes start as NaN.
@@ -124,16 +152,46 @@ class AllocatorMachine(RuleBasedStateMachine):
             start += n
 
     @precondition(lambda self: self.expected)
+    @rule(data=st.data(), named=st.booleans())
+    def fork(self, data, named):
+        """A fork shares the source's full blocks and copies a partly filled last one into a free block."""
+        cache = self.cache
+        source = data.draw(self.live(), label="source")
+        length, size = cache.seqlen(source), cache.block_size
+        if length % size and cache.num_free_blocks == 0:
+            before = state_of(cache)
+            with pytest.raises(CacheFullError, match="only 0 of"):
+                cache.fork(source)
+            assert_same_state(before, state_of(cache))
+            return
+        free_before, blocks = self.free_blocks(), cache.seq_blocks(source)
+        if named:
+            new = cache.fork(source, f"fork-{self.next_name}")
+            assert new == f"fork-{self.next_name}"
+            self.next_name += 1
+        else:
+            new = cache.fork(source)
+        assert new not in self.expected and cache.seqlen(new) == length
+        assert cache.seq_blocks(source) == blocks
+        forked, full = cache.seq_blocks(new), length // size
+        assert forked[:full] == blocks[:full], "a full block was copied rather than shared"
+        assert set(forked[full:]) <= free_before and len(forked) == len(blocks), "the tail was not a free block"
+        assert cache.num_free_blocks == len(free_before) - (length % size != 0)
+        self.expected[new] = self.expected[source].clone()
+
+    @precondition(lambda self: self.expected)
     @rule(data=st.data())
     def free(self, data):
         seq_id = data.draw(self.live(), label="seq_id")
         blocks = set(self.cache.seq_blocks(seq_id))
+        others = {b for s in self.cache.seq_ids if s != seq_id for b in self.cache.seq_blocks(s)}
         free_before = self.cache.num_free_blocks
         self.cache.free(seq_id)
         del self.expected[seq_id]
         assert seq_id not in self.cache
-        assert blocks <= self.free_blocks()
-        assert self.cache.num_free_blocks == free_before + len(blocks)
+        assert blocks - others <= self.free_blocks(), "a block no sequence holds now was not returned"
+        assert not blocks & others & self.free_blocks(), "a block another sequence holds was returned"
+        assert self.cache.num_free_blocks == free_before + len(blocks - others)
         with pytest.raises(KeyError):
             self.cache.seqlen(seq_id)
 
@@ -152,14 +210,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert_same_state(before, state_of(self.cache))
 
     @invariant()
-    def blocks_are_owned_once(self):
+    def every_block_is_free_or_held(self):
         if not hasattr(self, "cache"):
             return
         cache = self.cache
-        owned = [b for s in cache.seq_ids for b in cache.seq_blocks(s)]
-        assert len(owned) == len(set(owned)), "a block is owned by two sequences"
-        assert all(0 <= b < cache.num_blocks for b in owned)
-        assert cache.num_free_blocks + len(owned) == cache.num_blocks
+        assert_allocator_consistent(cache)
         assert set(cache.seq_ids) == set(self.expected)
         for s in cache.seq_ids:
             assert cache.seqlen(s) == len(self.expected[s])
@@ -451,6 +506,204 @@ def test_buffers_and_sizes():
         cache.kv_cache(2)
     with pytest.raises(TypeError, match="layer"):
         cache.pe_cache("0")
+
+
+# ---------------------------------------------------------------------------------------------
+# fork: shared full blocks, a copied tail, counted frees
+# ---------------------------------------------------------------------------------------------
+
+
+def filled_cache(dtype, device, num_blocks=8, block_size=4, layers=2):
+    """A cache with unused bytes poisoned (NaN in bf16; 0xFF bytes in fp8: NaN values and NaN scales), and a helper
+    that appends ``n`` random tokens to a sequence in every layer and returns them ``[n, layers, R + P]``."""
+    fp8 = dtype == torch.float8_e4m3fn
+    r = 128 if fp8 else R  # an fp8 latent needs a multiple of 128
+    cache = PagedLatentCache(layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=r, rope_dim=P,
+                             dtype=dtype, device=device)
+    for layer in range(layers):
+        cache.buffer(layer).fill_(255 if fp8 else float("nan"))
+    gen = torch.Generator().manual_seed(5)
+
+    def append(seq_id, n):
+        slots = cache.append(seq_id, n)
+        tokens = torch.randn(n, layers, r + P, generator=gen).to(dtype=torch.bfloat16, device=device)
+        with torch_path():
+            for layer in range(layers):
+                cache.write(layer, slots, tokens[:, layer, :r], tokens[:, layer, r:])
+        return tokens
+
+    return cache, append
+
+
+def contents(cache, seq_id):
+    """Per layer, the sequence's (latent, rope key) as ``read`` gives them (fp8: dequantized), as int16 bits."""
+    return [tuple(bits(t).cpu() for t in cache.read(layer, seq_id)) for layer in range(cache.num_layers)]
+
+
+def assert_same_contents(a, b, what):
+    for layer, ((kv_a, pe_a), (kv_b, pe_b)) in enumerate(zip(a, b)):
+        assert torch.equal(kv_a, kv_b) and torch.equal(pe_a, pe_b), f"layer {layer}: {what}"
+
+
+FORK_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+@pytest.mark.parametrize("free_order", ["source-first", "fork-first"])
+@pytest.mark.parametrize("dtype", list(FORK_DTYPES.values()), ids=list(FORK_DTYPES))
+def test_fork_shares_full_blocks_and_copies_the_tail(dtype, free_order, device):
+    """10 tokens in blocks of 4: the fork shares the two full blocks and gets a copy of the 2-token tail (every
+    layer; fp8: the uint8 rows, values and scales); both then grow apart; the blocks come back once each, the shared
+    ones only with their last holder."""
+    cache, append = filled_cache(dtype, device)
+    a = cache.add_sequence("a")
+    append(a, 10)
+    blocks, version = cache.seq_blocks(a), cache._version
+    before = contents(cache, a)
+
+    f = cache.fork(a)
+    assert isinstance(f, int) and f != a and cache.seq_ids == ["a", f]
+    forked = cache.seq_blocks(f)
+    assert forked[:2] == blocks[:2] and forked[2] not in blocks and cache.seq_blocks(a) == blocks
+    assert cache.num_free_blocks == 8 - 4 and cache.seqlen(f) == 10 and cache._version > version
+    assert_same_contents(contents(cache, f), before, "the fork holds other tokens")
+    for layer in range(cache.num_layers):  # the tail's bytes themselves, not only what read gives back
+        buf = bytes_of(cache.buffer(layer))
+        assert torch.equal(buf[forked[2], :2], buf[blocks[2], :2])
+    assert_allocator_consistent(cache)
+
+    append(f, 3)  # fills the copied tail and starts a block of its own
+    append(a, 1)
+    assert_same_contents([(kv[:10], pe[:10]) for kv, pe in contents(cache, f)], before, "the fork's prefix changed")
+    assert_same_contents([(kv[:10], pe[:10]) for kv, pe in contents(cache, a)], before, "the source's prefix changed")
+    assert cache.seqlen(a) == 11 and cache.seqlen(f) == 13
+    assert cache.seq_blocks(a)[:2] == cache.seq_blocks(f)[:2]
+    assert_allocator_consistent(cache)
+
+    g = cache.fork(f, "g")  # 13 tokens: a 1-token tail copied again, three full blocks shared by f and g
+    assert g == "g" and cache.seq_blocks(g)[:3] == cache.seq_blocks(f)[:3]
+    assert_same_contents(contents(cache, g), contents(cache, f), "the fork of a fork holds other tokens")
+    # a: [0, 1, 2]; f: [0, 1, 3, 4]; g: [0, 1, 3, 5] (block ids as handed out): each holds one block alone
+    first, second = (a, f) if free_order == "source-first" else (f, a)
+    for seq_id in (first, second):
+        own = cache.seq_blocks(seq_id)[-1]
+        free_before = cache.num_free_blocks
+        cache.free(seq_id)
+        assert cache.num_free_blocks == free_before + 1 and cache._free[-1] == own, "not only its own block returned"
+        assert_allocator_consistent(cache)
+    assert cache.num_free_blocks == cache.num_blocks - 4
+    cache.free(g)
+    assert cache.num_free_blocks == cache.num_blocks and cache._refs == [0] * cache.num_blocks
+    assert sorted(cache._free) == list(range(cache.num_blocks))
+    h = cache.add_sequence()  # every block handed out once more, each once
+    cache.append(h, cache.capacity_tokens)
+    assert sorted(cache.seq_blocks(h)) == list(range(cache.num_blocks))
+
+
+def test_fork_of_whole_blocks_takes_no_block_and_a_full_cache_changes_nothing():
+    """A length that fills its blocks forks by sharing alone (even with no block free); a tail to copy with no
+    block free raises CacheFullError before any count, id, byte or version changes."""
+    cache, append = filled_cache(torch.bfloat16, "cpu", num_blocks=3)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    append(a, 8)
+    append(b, 3)
+    assert cache.num_free_blocks == 0
+    shared = cache.fork(a)
+    assert cache.seq_blocks(shared) == cache.seq_blocks(a) and cache.num_free_blocks == 0
+    before = state_of(cache)
+    with pytest.raises(CacheFullError, match="copies 1 partly filled last blocks of 4 tokens, but only 0 of 3"):
+        cache.fork(b, "b2")
+    assert_same_state(before, state_of(cache))
+    assert "b2" not in cache
+    cache.free(a)  # the shared blocks stay with the fork
+    assert cache.num_free_blocks == 0
+    cache.free(shared)
+    assert cache.num_free_blocks == 2
+    assert_allocator_consistent(cache)
+    empty = cache.add_sequence()
+    assert cache.seq_blocks(cache.fork(empty)) == []
+
+
+def test_fork_ids_are_checked_before_anything_changes():
+    cache, append = filled_cache(torch.bfloat16, "cpu")
+    a, b = cache.add_sequence("a"), cache.add_sequence("b")
+    append(a, 5)
+    before = state_of(cache)
+    with pytest.raises(KeyError, match="not a live sequence"):
+        cache.fork("nobody")
+    with pytest.raises(KeyError, match="not a live sequence"):
+        cache.fork(["unhashable"])
+    with pytest.raises(ValueError, match="new_id 'b' is already a live sequence"):
+        cache.fork(a, "b")
+    with pytest.raises(ValueError, match="new_id 'a'"):
+        cache.fork(a, a)
+    with pytest.raises(TypeError, match="new_id must be hashable"):
+        cache.fork(a, ["unhashable"])
+    assert_same_state(before, state_of(cache))
+    cache.free(b)
+    assert cache.fork(a, "b") == "b"  # a freed id is free again
+    auto = cache.add_sequence(0)
+    assert cache.fork(a) not in (auto, "a", "b")
+
+
+def test_a_batch_reserved_before_a_fork_is_out_of_date():
+    """The fork copied the tail as it was: writing a step reserved before it would reach one of the two only."""
+    cache, append = filled_cache(torch.bfloat16, "cpu")
+    a, other = cache.add_sequence(), cache.add_sequence()
+    append(a, 3)
+    stale = LatentBatch.reserve(cache, [a], [1])
+    unrelated = LatentBatch.reserve(cache, [other], [2])
+    cache.fork(a)
+    with pytest.raises(ValueError, match="freed or forked"):
+        stale.check_current()
+    unrelated.check_current()  # a batch of other sequences stays valid
+
+
+def test_fork_batch_counts_the_blocks_its_frees_return():
+    """The integration's reorder: free the unused rows and fork the others in one step, all or nothing; the blocks
+    the frees return count toward the copies; forks of one source each get a copy of its tail (one index copy per
+    layer)."""
+    cache, append = filled_cache(torch.bfloat16, "cpu", num_blocks=6)
+    a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
+    tokens = {a: append(a, 5), b: append(b, 2), c: append(c, 2)}  # 2 + 1 + 1 blocks, 2 free
+    expected = contents(cache, a)
+    assert cache._fork_blocks_needed([a, a, a], release=[b]) == 3 - 1
+    before = state_of(cache)
+    with pytest.raises(CacheFullError, match="only 3 of 6"):  # 4 tails; 2 free + b's block
+        cache._fork_batch([a, a, a, c], release=[b])
+    with pytest.raises(ValueError, match="release"):
+        cache._fork_batch([a], release=[a])
+    with pytest.raises(ValueError, match="more than once"):
+        cache._fork_batch([a, a], new_ids=["x", "x"])
+    assert_same_state(before, state_of(cache))
+    new = cache._fork_batch([a, a, c], new_ids=[None, "x", None], release=[b])
+    assert new[1] == "x" and len(set(new)) == 3 and b not in cache and cache.num_free_blocks == 0
+    for f in new[:2]:
+        assert cache.seq_blocks(f)[0] == cache.seq_blocks(a)[0]
+        assert_same_contents(contents(cache, f), expected, "a fork holds other tokens")
+    assert_same_contents(contents(cache, new[2]), contents(cache, c), "c's fork holds other tokens")
+    assert torch.equal(bits(cache.read(0, new[2])[0]), bits(tokens[c][:, 0, :R]))
+    assert_allocator_consistent(cache)
+
+
+@pytest.mark.parametrize("dtype", list(FORK_DTYPES.values()), ids=list(FORK_DTYPES))
+def test_grown_keeps_block_ids_contents_and_sharing(dtype, device):
+    cache, append = filled_cache(dtype, device, num_blocks=4)
+    a = cache.add_sequence()
+    append(a, 6)
+    f = cache.fork(a)
+    old_state = state_of(cache)
+    grown = cache._grown(7)
+    assert_same_state(old_state, state_of(cache))  # the old cache is left as it was
+    assert grown.num_blocks == 7 and grown.num_free_blocks == cache.num_free_blocks + 3
+    assert grown.seq_ids == cache.seq_ids and grown._refs[:4] == cache._refs
+    for s in (a, f):
+        assert grown.seq_blocks(s) == cache.seq_blocks(s)
+        assert_same_contents(contents(grown, s), contents(cache, s), f"{s}'s tokens moved")
+    assert_allocator_consistent(grown)
+    grown.append(f, 2)  # into its copied tail: the other cache's sequences are their own
+    assert cache.seqlen(f) == 6
+    with pytest.raises(ValueError, match="num_blocks"):
+        cache._grown(3)
 
 
 @pytest.mark.parametrize("kwargs,error,name", [

@@ -419,9 +419,6 @@ def test_cache_misuse_is_a_clear_error(monkeypatch):
             model(input_ids=ids, attention_mask=mask, past_key_values=filled, use_cache=True)
         with pytest.raises(CacheFullError, match="max_cache_tokens"):
             model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
-        beams = patch_model(tiny_model())
-        with pytest.raises(NotImplementedError, match="beam search"):
-            beams.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3, num_beams=2)
     with pytest.raises(RuntimeError, match="no_grad"):
         model(input_ids=ids, attention_mask=mask)
 

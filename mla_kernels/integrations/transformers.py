@@ -21,10 +21,15 @@ and the Cache layer API, which these versions share:
 - left padding: the new tokens the layer's attention mask hides from the last query are pads; they are
   not stored, so every sequence attends only to its real tokens. Rope comes from the model's own
   ``position_embeddings``, so positions are whatever transformers computed (with left padding,
-  ``attention_mask.cumsum - 1``).
+  ``attention_mask.cumsum - 1``);
+- beam search and other changes of the batch's rows (the Cache's ``reorder_cache``, ``batch_repeat_interleave``,
+  ``batch_select_indices``, which transformers calls on every layer): the shared state changes its rows once per
+  such call, row ``i`` becoming a fork (``PagedLatentCache.fork``: full blocks shared, the partly filled last one
+  copied) of the old row it takes, and rows no longer used freed. The index is read to the host once per call.
 
 A fresh ``DynamicCache`` (what ``generate`` makes) or ``past_key_values=None`` work; a Cache that already
-holds transformers K/V, static caches, beam search and cache cropping raise a clear error.
+holds transformers K/V, cache cropping, and beam search or row changes on a ``static_latent_cache`` raise a clear
+error.
 """
 
 from __future__ import annotations
@@ -111,17 +116,23 @@ def _make_latent_layer_class():
                 raise NotImplementedError("the patched model's latent cache can't be cropped (assisted or "
                                           "prompt-lookup decoding); unpatch_model(model) to use them")
 
+        # transformers' Cache calls these on every layer; the latent state, shared by all, changes its rows once
+        # per such round (_LatentState.change_rows). Token counts stay: every row has the same (pads included).
+
         def reorder_cache(self, beam_idx) -> None:
-            raise NotImplementedError("beam search is not supported by the patched model's latent cache; "
-                                      "use greedy or sampling, or unpatch_model(model)")
+            """Beam search: row ``i`` takes row ``beam_idx[i]``'s tokens (its sequence forked, sharing full blocks)."""
+            if self.state is not None:
+                self.state.change_rows(self, "reorder_cache", beam_idx)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.cumulative_length:
-                raise NotImplementedError("expanding a filled latent cache over the batch is not supported")
+            """Each row ``repeats`` times in a row, as ``Tensor.repeat_interleave(repeats, dim=0)``."""
+            if self.state is not None:
+                self.state.change_rows(self, "batch_repeat_interleave", repeats)
 
         def batch_select_indices(self, indices) -> None:
-            if self.cumulative_length:
-                raise NotImplementedError("selecting batch rows of a filled latent cache is not supported")
+            """Keep the rows ``indices`` selects (as indexing a tensor's first dimension by it), in that order."""
+            if self.state is not None:
+                self.state.change_rows(self, "batch_select_indices", indices)
 
     return LatentCacheLayer
 
@@ -171,6 +182,7 @@ class _LatentState:
         self._table_owner: PagedLatentCache | None = None  # _block_table_host's cache, table and filled lengths
         self._table: torch.Tensor | None = None
         self._table_len: list[int] = []
+        self._round: tuple | None = None  # change_rows: (what, its argument, ids of the layers that have called)
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
@@ -187,6 +199,7 @@ class _LatentState:
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
             self.steps += 1
+            self._round = None
         elif calls != self.steps - 1:
             raise RuntimeError(f"layer {layer_idx} is at step {calls} of its latent cache but the model is at step "
                                f"{self.steps}: a forward pass was interrupted; start over with a new cache")
@@ -252,9 +265,54 @@ class _LatentState:
                 self._table_len[b] = len(seq.blocks)
         return self._table[:, :max(1, longest)]
 
+    def change_rows(self, layer, what: str, arg) -> None:
+        """A cache layer's ``reorder_cache(beam_idx)``, ``batch_repeat_interleave(repeats)`` or
+        ``batch_select_indices(indices)`` (``what``, with its ``arg``): transformers' Cache calls it on every layer
+        with the same argument, but the rows are shared, so the first call of such a round changes them and the other
+        layers' calls of the round do nothing. A call starts a new round unless it has the round's kind and argument
+        (the same tensor object) and comes from a layer that has not called in it; a forward step ends the round."""
+        current = self._round
+        if current is not None and current[0] == what and _same_argument(current[1], arg) and \
+                id(layer) not in current[2]:
+            current[2].add(id(layer))
+            return
+        if self.rows is not None:  # else nothing is cached yet: the first step makes the rows
+            self._select_rows(_source_rows(what, arg, len(self.rows)))
+        self._round = (what, arg, {id(layer)})
+
+    def _select_rows(self, src: list[int]) -> None:
+        """Row ``i`` becomes a sequence holding old row ``src[i]``'s tokens. Each source used keeps its sequence for
+        one of its rows (its own row if it is one), the other rows get forks (sharing the full blocks, the last
+        partly filled one copied), and sequences no row uses are freed, all in one step of the paged cache (grown
+        first if the copies need more blocks than the frees return). The host block table follows by a row gather."""
+        old, paged = self.rows, self.paged
+        if src == list(range(len(old))):
+            return
+        keeper = {j: i for i, j in enumerate(src) if i == j}
+        for i, j in enumerate(src):
+            keeper.setdefault(j, i)
+        forked = [i for i, j in enumerate(src) if keeper[j] != i]
+        sources = [old[src[i]] for i in forked]
+        release = [seq for j, seq in enumerate(old) if j not in keeper]
+        needed = paged._fork_blocks_needed(sources, release)
+        if needed > paged.num_free_blocks:
+            self._grow(needed)
+        new_ids = self.paged._fork_batch(sources, release=release)
+        rows = [old[j] for j in src]
+        for i, new_id in zip(forked, new_ids):
+            rows[i] = new_id
+        if self._table_owner is self.paged:  # forks share their source's blocks but the last partly filled one
+            table_len = [self._table_len[j] for j in src]
+            for i in forked:
+                table_len[i] = min(table_len[i], self.paged.seqlen(rows[i]) // self.block_size)
+            self._table = self._table.index_select(0, torch.tensor(src, dtype=torch.int64))
+            self._table_len = table_len
+        self.rows = rows
+
     def _grow(self, blocks_needed: int) -> None:
-        """Move everything into a cache with at least twice the blocks (and room for ``blocks_needed``);
-        ``CacheFullError`` if that would pass ``max_cache_tokens``."""
+        """Move everything into a cache with at least twice the blocks (and room for ``blocks_needed``), at the same
+        block ids (``PagedLatentCache._grown``: shared blocks stay shared); ``CacheFullError`` if that would pass
+        ``max_cache_tokens``."""
         old = self.paged
         used = old.num_blocks - old.num_free_blocks
         blocks = max(2 * old.num_blocks, used + blocks_needed)
@@ -266,25 +324,47 @@ class _LatentState:
                     f"needed, max_cache_tokens={self.max_cache_tokens} allows {cap}; pass a larger max_cache_tokens "
                     f"to patch_model")
             blocks = min(blocks, cap)
-        new = PagedLatentCache(old.num_layers, blocks, old.block_size, old.kv_lora_rank, old.rope_dim,
-                               dtype=old.dtype, device=old.device, rope_dtype=old.rope_dtype)
-        width = old.buffer(0).shape[-1]  # R + P values, or an fp8 cache's bytes per token
-        for seq in old.seq_ids:
-            new.add_sequence(seq)
-            length = old.seqlen(seq)
-            if length:  # slot lists built on the host and uploaded without waiting (a decode step may grow)
-                src = _upload(old._slots(old._get(seq), 0, length), old.device)
-                dst = _upload(new._reserve_host([seq], [length]), new.device)
-                for layer in range(old.num_layers):
-                    new.buffer(layer).view(-1, width)[dst] = old.buffer(layer).view(-1, width)[src]
-        self.paged = new
+        self.paged = old._grown(blocks)  # whole buffers copied on the device: nothing read back
+        if self._table_owner is old:  # same block ids: the host table stays right
+            self._table_owner = self.paged
 
 
-def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without a synchronisation: through pinned memory, copied asynchronously."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+def _same_argument(a, b) -> bool:
+    """Whether two calls of a ``change_rows`` round got the same argument: the same tensor object, or equal
+    non-tensor values (an int ``repeats``, a list of indices)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # an argument whose == is not a truth value
+        return False
+
+
+def _source_rows(what: str, arg, num_rows: int) -> list[int]:
+    """The old row each new row takes its tokens from, as host ints (a device tensor argument is read once):
+    ``reorder_cache(beam_idx)`` as ``index_select(0, beam_idx)``, ``batch_repeat_interleave(repeats)`` as
+    ``repeat_interleave(repeats, dim=0)``, ``batch_select_indices(indices)`` as ``[indices]`` on the first
+    dimension, which transformers' DynamicLayer applies to its K/V."""
+    rows = torch.arange(num_rows)
+    if what == "batch_repeat_interleave":
+        if isinstance(arg, torch.Tensor):
+            arg = arg.cpu()
+        elif isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
+            raise ValueError(f"repeats must be a non-negative int, got {arg!r}")
+        return rows.repeat_interleave(arg).tolist()
+    name = "beam_idx" if what == "reorder_cache" else "indices"
+    if isinstance(arg, torch.Tensor):
+        arg = arg.cpu()  # the round's one read of the device
+    try:
+        picked = rows.index_select(0, torch.as_tensor(arg)) if what == "reorder_cache" else rows[arg]
+    except (IndexError, RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{name} must select rows of the cache's {num_rows} (an index over the batch), got "
+                         f"{arg!r}: {err}") from None
+    if picked.dim() != 1:
+        raise ValueError(f"{name} must select a list of rows (a 1-D index), got {arg!r}")
+    return picked.tolist()
 
 
 def latent_cache(past_key_values) -> PagedLatentCache | None:
@@ -507,14 +587,18 @@ def _make_static_layer_class():
         def crop(self, tokens_to_remove: int) -> None:
             raise NotImplementedError("the static latent cache can't be cropped")
 
+        # each row owns a fixed range of blocks here (no block table to rewrite): rows can't share or trade blocks
         def reorder_cache(self, beam_idx) -> None:
-            raise NotImplementedError("beam search is not supported by the patched model's latent cache")
+            raise NotImplementedError("beam search is not supported by the static latent cache (static_latent_cache); "
+                                      "the patched model's default cache (a DynamicCache, or none) supports it")
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            raise NotImplementedError("expanding a static latent cache over the batch is not supported")
+            raise NotImplementedError("expanding a static latent cache over the batch is not supported; the patched "
+                                      "model's default cache (a DynamicCache) supports it")
 
         def batch_select_indices(self, indices) -> None:
-            raise NotImplementedError("selecting batch rows of a static latent cache is not supported")
+            raise NotImplementedError("selecting batch rows of a static latent cache is not supported; the patched "
+                                      "model's default cache (a DynamicCache) supports it")
 
     return StaticLatentCacheLayer
 
