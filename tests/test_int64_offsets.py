@@ -11,25 +11,15 @@ import pytest
 import torch
 
 import mla_kernels
+from bench._harness import free_memory
 from helpers import SENTINEL_BLOCK, make_paged_cache
 from mla_kernels import _utils, decode, decode_tma
 from mla_kernels.cache import fp8_latent_cache, fp8_row_bytes, write_cache
 
 
-def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 pytestmark = [
     pytest.mark.skipif(not _utils.interpreting(), reason="the interpreter's run; on a GPU test_decode/test_prefill's"),
-    pytest.mark.skipif(_available_bytes() < 10 * 2**30, reason="needs about 7 GiB of free memory"),
+    pytest.mark.skipif(free_memory(torch.device("cpu")) < 10 * 2**30, reason="needs about 7 GiB of free memory"),
 ]
 
 PAGE, R, P, H, D_NOPE, SCALE = 64, 512, 64, 2, 128, 0.1
