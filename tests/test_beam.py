@@ -31,13 +31,14 @@ def rows_of(cache):
 
 
 @pytest.mark.parametrize("name", list(BEAMS))
-def test_beam_search_matches_transformers(name, monkeypatch):
-    """generate(num_beams=N) gives the unpatched model's sequences and scores (fp32, the Triton kernels). The cache
+def test_beam_search_matches_transformers(name, monkeypatch, device):
+    """generate(num_beams=N) gives the unpatched model's sequences and scores (fp32, the Triton kernels; on a GPU,
+    natively, with the forks' block copies on the device). The cache
     starts with no headroom in 4-token pages, so it grows during the search, with blocks shared between beams;
     afterwards every block is free or held (counted once per holder) and each row holds its real tokens only."""
     lengths, num_beams, returned = BEAMS[name]
-    model = tiny_model()
-    ids, mask = left_padded(lengths)
+    model = tiny_model().to(device)
+    ids, mask = (t.to(device) for t in left_padded(lengths))
     kw = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams,
               num_return_sequences=returned, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
