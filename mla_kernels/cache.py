@@ -525,7 +525,8 @@ class PagedLatentCache:
         fork takes one block, or none when the length is a multiple of ``block_size``. ``CacheFullError`` if no
         block is free for that copy, ``KeyError`` if ``seq_id`` is not live, ``ValueError`` if ``new_id`` is, and
         nothing changes then. The copy takes what the buffers hold now: fork after a step's tokens are written (a
-        ``LatentBatch`` reserved for ``seq_id`` before the fork is refused as out of date)."""
+        ``LatentBatch`` reserved for ``seq_id`` before the fork is refused as out of date, and one built afterwards
+        over positions in a shared block is refused too)."""
         return self._fork_batch([seq_id], [new_id], names=("seq_id", "new_id"))[0]
 
     def free(self, seq_id: Hashable) -> None:

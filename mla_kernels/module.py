@@ -220,6 +220,13 @@ class LatentBatch:
             raise ValueError(f"slots are not the cache slots of these sequences' last num_new_tokens positions "
                              f"(expected {expected.tolist()[:16]}{'...' if total > 16 else ''}): writing there "
                              "would overwrite other tokens; use LatentBatch.reserve, or cache.slots(seq, start, end)")
+        size, refs = cache.block_size, cache._refs
+        for s, seq, n, length in zip(self.seq_ids, seqs, self.num_new_tokens, lengths):
+            shared = [b for b in seq.blocks[(length - n) // size:_utils.cdiv(length, size)] if n and refs[b] > 1]
+            if shared:  # a fork holds it too: a write there would change every holder's tokens
+                raise ValueError(f"slots of sequence {s!r} lie in block {shared[0]}, which a fork shares "
+                                 "(PagedLatentCache.fork shares full blocks, never written again): write a step's "
+                                 "tokens before forking")
         self.positions = torch.cat(
             [torch.arange(length - n, length, dtype=torch.int64) for n, length in zip(self.num_new_tokens, lengths)]
             or [torch.empty(0, dtype=torch.int64)]).to(device)

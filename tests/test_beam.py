@@ -152,6 +152,9 @@ def test_bad_row_changes_are_refused_before_anything_changes(monkeypatch):
                                    ("reorder_cache", torch.tensor([0.0, 1.0]), ValueError, "beam_idx"),
                                    ("batch_repeat_interleave", -1, ValueError, "repeats"),
                                    ("batch_repeat_interleave", 1.5, ValueError, "repeats"),
+                                   ("batch_repeat_interleave", torch.tensor([1, 2, 1]), ValueError, "repeats"),
+                                   ("batch_repeat_interleave", torch.tensor(-1), ValueError, "repeats"),
+                                   ("batch_repeat_interleave", torch.tensor([1.0, 1.0]), ValueError, "repeats"),
                                    ("batch_select_indices", torch.tensor([[0]]), ValueError, "indices"),
                                    ("batch_select_indices", [5], ValueError, "indices")]:
         with pytest.raises(error, match=name):

@@ -658,6 +658,24 @@ def test_a_batch_reserved_before_a_fork_is_out_of_date():
     unrelated.check_current()  # a batch of other sequences stays valid
 
 
+def test_a_batch_built_over_a_shared_block_is_refused():
+    """Positions reserved (block filled) before a fork lie in a block the fork shares: a LatentBatch built for them
+    afterwards, for either sequence, would write both sequences' token; refused. A block the fork copied is its own."""
+    cache, append = filled_cache(torch.bfloat16, "cpu")  # 4-token blocks
+    a = cache.add_sequence()
+    append(a, 3)
+    cache.append(a, 1)  # reserved, not written: the block is full
+    b = cache.fork(a)
+    for seq in (a, b):
+        with pytest.raises(ValueError, match="a fork shares"):
+            LatentBatch(cache, [seq], [1], cache.slots(seq, 3, 4))
+    c = cache.add_sequence()
+    append(c, 2)
+    d = cache.fork(c)  # c's tail (2 of 4 tokens) copied into d's own block
+    LatentBatch(cache, [d], [1], cache.slots(d, 1, 2))
+    LatentBatch(cache, [c], [1], cache.slots(c, 1, 2))
+
+
 def test_fork_batch_counts_the_blocks_its_frees_return():
     """The integration's reorder: free the unused rows and fork the others in one step, all or nothing; the blocks
     the frees return count toward the copies; forks of one source each get a copy of its tail (one index copy per

@@ -351,9 +351,15 @@ def _source_rows(what: str, arg, num_rows: int) -> list[int]:
     if what == "batch_repeat_interleave":
         if isinstance(arg, torch.Tensor):
             arg = arg.cpu()
+            if arg.is_floating_point() or arg.is_complex() or arg.dtype == torch.bool or arg.dim() > 1:
+                raise ValueError(f"repeats must be a non-negative int or an int tensor of one count per row, "
+                                 f"got {arg!r}")
         elif isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise ValueError(f"repeats must be a non-negative int, got {arg!r}")
-        return rows.repeat_interleave(arg).tolist()
+        try:
+            return rows.repeat_interleave(arg).tolist()
+        except RuntimeError as err:  # a count per row of another length, a negative count
+            raise ValueError(f"repeats must repeat the cache's {num_rows} rows, got {arg!r}: {err}") from None
     name = "beam_idx" if what == "reorder_cache" else "indices"
     if isinstance(arg, torch.Tensor):
         arg = arg.cpu()  # the round's one read of the device
