@@ -537,6 +537,37 @@ class PagedLatentCache:
         del self._seqs[seq_id]
         self._version += 1
 
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Keep the sequence's first ``length`` tokens and drop the rest (speculative decoding's rejected tokens):
+        blocks past them return to the pool (a block a fork shares, when its last holder lets go). If the new last
+        block is partly filled and shared with a fork, it is copied first (in every layer, on the device), since
+        the sequence will append into it. ``ValueError`` unless ``0 <= length <= seqlen``; ``CacheFullError`` if
+        that copy finds no free block; nothing changes then. A ``LatentBatch`` reserved before is out of date."""
+        seq = self._get(seq_id)
+        length = _index("length", length)
+        if not 0 <= length <= seq.length:
+            raise ValueError(f"length must be in [0, {seq.length}] (the tokens sequence {seq_id!r} holds), got {length}")
+        if length == seq.length:
+            return
+        size, refs = self.block_size, self._refs
+        keep = _utils.cdiv(length, size)
+        dropped = seq.blocks[keep:]
+        tail = seq.blocks[keep - 1] if length % size else None
+        copy_tail = tail is not None and refs[tail] > 1
+        if copy_tail and not (self._free or any(refs[b] == 1 for b in dropped)):
+            raise CacheFullError(f"not enough free cache blocks: truncating sequence {seq_id!r} copies its partly "
+                                 f"filled last block, which a fork shares, but none of {self.num_blocks} is free")
+        self._free.extend(reversed(self._release(dropped)))
+        blocks = seq.blocks[:keep]
+        if copy_tail:
+            block = self._free.pop()
+            refs[block] = 1
+            self._copy_tails([(tail, block, length % size)])
+            refs[tail] -= 1  # still held by the fork(s)
+            blocks[-1] = block
+        self._seqs[seq_id] = _Sequence(blocks, length)  # a new record: batches reserved before are out of date
+        self._version += 1
+
     def seqlen(self, seq_id: Hashable) -> int:
         """Tokens reserved for the sequence so far."""
         return self._get(seq_id).length

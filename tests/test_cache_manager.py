@@ -75,7 +75,7 @@ def assert_allocator_consistent(cache: PagedLatentCache):
 
 
 class AllocatorMachine(RuleBasedStateMachine):
-    """Random adds, batched appends with writes to every layer, forks, frees and over-full appends.
+    """Random adds, batched appends with writes to every layer, forks, truncations, frees and over-full appends.
 
     The model is ``self.expected``: for each live sequence, the ``[L, layers, R + P]`` tokens written
     to it. Unused cache bytes start as NaN.
@@ -178,6 +178,34 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert set(forked[full:]) <= free_before and len(forked) == len(blocks), "the tail was not a free block"
         assert cache.num_free_blocks == len(free_before) - (length % size != 0)
         self.expected[new] = self.expected[source].clone()
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Dropping the last tokens returns the blocks past them (those no other sequence holds); a partly filled
+        new last block that a fork shares is copied into a free block, or CacheFullError changes nothing."""
+        cache = self.cache
+        seq_id = data.draw(self.live(), label="seq_id")
+        length = data.draw(st.integers(0, cache.seqlen(seq_id)), label="length")
+        size, blocks = cache.block_size, cache.seq_blocks(seq_id)
+        keep = self.blocks_for(length)
+        refs = {b: sum(b in cache.seq_blocks(s) for s in cache.seq_ids) for b in blocks}
+        copy = length % size != 0 and refs[blocks[keep - 1]] > 1
+        returned = [b for b in blocks[keep:] if refs[b] == 1]
+        if copy and not (cache.num_free_blocks or returned):
+            before = state_of(cache)
+            with pytest.raises(CacheFullError, match="truncating"):
+                cache.truncate(seq_id, length)
+            assert_same_state(before, state_of(cache))
+            return
+        free_before = self.free_blocks()
+        cache.truncate(seq_id, length)
+        now = cache.seq_blocks(seq_id)
+        assert now[:keep - copy] == blocks[:keep - copy] and len(now) == keep
+        if copy:
+            assert now[-1] in free_before | set(returned), "the copied tail was not a free block"
+        assert set(returned) - set(now) <= self.free_blocks(), "a dropped block no sequence holds was not returned"
+        self.expected[seq_id] = self.expected[seq_id][:length]
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data())
@@ -744,3 +772,53 @@ def test_exported():
     assert mla_kernels.PagedLatentCache is PagedLatentCache
     assert mla_kernels.CacheFullError is CacheFullError
     assert {"PagedLatentCache", "CacheFullError"} <= set(mla_kernels.__all__)
+
+
+def test_truncate_returns_blocks_and_copies_a_shared_tail():
+    """10 tokens in blocks of 4, forked: truncating the source to 6 keeps its first block (shared), copies the
+    2-token part of its second (shared with the fork, which will go on appending there) and leaves the fork alone;
+    truncating to 4 then returns the copy. Errors change nothing; a batch reserved before is out of date."""
+    cache, append = filled_cache(torch.bfloat16, "cpu")
+    a = cache.add_sequence()
+    append(a, 10)
+    f = cache.fork(a)
+    before_f = contents(cache, f)
+    blocks = cache.seq_blocks(a)
+    stale = LatentBatch.reserve(cache, [a], [0])
+    cache.truncate(a, 6)
+    now = cache.seq_blocks(a)
+    assert now[0] == blocks[0] and now[1] != blocks[1] and now[1] not in cache.seq_blocks(f) and cache.seqlen(a) == 6
+    assert_same_contents(contents(cache, a), [(kv[:6], pe[:6]) for kv, pe in before_f], "truncated tokens differ")
+    assert_same_contents(contents(cache, f), before_f, "the fork changed")
+    with pytest.raises(ValueError, match="out of date|freed or forked"):
+        stale.check_current()
+    free = cache.num_free_blocks
+    cache.truncate(a, 4)
+    assert cache.seq_blocks(a) == blocks[:1] and cache.num_free_blocks == free + 1
+    assert_allocator_consistent(cache)
+    before = state_of(cache)
+    for length, error in [(5, ValueError), (-1, ValueError), (2.0, TypeError), ("2", TypeError)]:
+        with pytest.raises(error, match="length"):
+            cache.truncate(a, length)
+    with pytest.raises(KeyError):
+        cache.truncate("nobody", 0)
+    assert_same_state(before, state_of(cache))
+    cache.truncate(a, 0)
+    assert cache.seq_blocks(a) == [] and cache.seqlen(a) == 0
+    assert_allocator_consistent(cache)
+
+
+def test_truncate_into_a_shared_tail_with_no_free_block_changes_nothing():
+    cache, append = filled_cache(torch.bfloat16, "cpu", num_blocks=3)
+    a = cache.add_sequence()
+    append(a, 8)  # two full blocks
+    cache.fork(a)  # shares both
+    b = cache.add_sequence()
+    append(b, 1)  # the last free block
+    before = state_of(cache)
+    with pytest.raises(CacheFullError, match="truncating"):
+        cache.truncate(a, 6)
+    assert_same_state(before, state_of(cache))
+    cache.truncate(a, 4)  # to a block boundary: nothing to copy, the shared second block stays with the fork
+    assert cache.num_free_blocks == 0
+    assert_allocator_consistent(cache)

@@ -25,10 +25,12 @@ and the Cache layer API, which these versions share:
 - beam search and other changes of the batch's rows (the Cache's ``reorder_cache``, ``batch_repeat_interleave``,
   ``batch_select_indices``, which transformers calls on every layer): the shared state changes its rows once per
   such call, row ``i`` becoming a fork (``PagedLatentCache.fork``: full blocks shared, the partly filled last one
-  copied) of the old row it takes, and rows no longer used freed. The index is read to the host once per call.
+  copied) of the old row it takes, and rows no longer used freed. The index is read to the host once per call;
+- speculative decoding (assisted and prompt-lookup generation): the candidates are verified in one multi-token
+  step, and the Cache's ``crop`` drops the rejected ones from every row once (``PagedLatentCache.truncate``).
 
 A fresh ``DynamicCache`` (what ``generate`` makes) or ``past_key_values=None`` work; a Cache that already
-holds transformers K/V, cache cropping, and beam search or row changes on a ``static_latent_cache`` raise a clear
+holds transformers K/V, and beam search, row changes or cropping on a ``static_latent_cache`` raise a clear
 error.
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import weakref
 from typing import NamedTuple
 
@@ -112,9 +115,14 @@ def _make_latent_layer_class():
                 self.state.reset()
 
         def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove:
-                raise NotImplementedError("the patched model's latent cache can't be cropped (assisted or "
-                                          "prompt-lookup decoding); unpatch_model(model) to use them")
+            """Drop the last ``-tokens_to_remove`` tokens of every row (assisted and prompt-lookup decoding discard
+            the rejected candidates so). A positive value is the older API's length to keep (transformers 5.17)."""
+            n = _tokens_to_crop(tokens_to_remove, self.cumulative_length)
+            if not n:
+                return
+            if self.state is not None:
+                self.state.change_rows(self, "crop", n)
+            self.cumulative_length -= n
 
         # transformers' Cache calls these on every layer; the latent state, shared by all, changes its rows once
         # per such round (_LatentState.change_rows). Token counts stay: every row has the same (pads included).
@@ -276,9 +284,30 @@ class _LatentState:
                 id(layer) not in current[2]:
             current[2].add(id(layer))
             return
-        if self.rows is not None:  # else nothing is cached yet: the first step makes the rows
+        if self.rows is None:  # nothing is cached yet: the first step makes the rows
+            pass
+        elif what == "crop":
+            self._crop_rows(arg)
+        else:
             self._select_rows(_source_rows(what, arg, len(self.rows)))
         self._round = (what, arg, {id(layer)})
+
+    def _crop_rows(self, n: int) -> None:
+        """Every row drops its last ``n`` positions (``PagedLatentCache.truncate``). Pads are on the left and never
+        stored, so a row loses its newest real tokens, and all of them when ``n`` reaches into its pads."""
+        paged = self.paged
+        lengths = [max(0, paged.seqlen(row) - n) for row in self.rows]
+        needed = sum(1 for row, length in zip(self.rows, lengths)
+                     if length % paged.block_size and paged._refs[paged._get(row).blocks[length // paged.block_size]] > 1)
+        if needed > paged.num_free_blocks:  # shared tails to copy (rows of a beam search): make room first
+            self._grow(needed)
+            paged = self.paged
+        for row, length in zip(self.rows, lengths):
+            paged.truncate(row, length)
+        if self._table_owner is paged:  # a row's last block may be a new copy: rewrite from its last full block
+            self._table_len = [min(done, length // paged.block_size) for done, length in zip(self._table_len, lengths)]
+        if min(lengths) == 0:
+            self._started = False
 
     def _select_rows(self, src: list[int]) -> None:
         """Row ``i`` becomes a sequence holding old row ``src[i]``'s tokens. Each source used keeps its sequence for
@@ -327,6 +356,23 @@ class _LatentState:
         self.paged = old._grown(blocks)  # whole buffers copied on the device: nothing read back
         if self._table_owner is old:  # same block ids: the host table stays right
             self._table_owner = self.paged
+
+
+def _tokens_to_crop(tokens_to_remove, cached: int) -> int:
+    """How many tokens ``crop(tokens_to_remove)`` drops from a layer holding ``cached``: ``-tokens_to_remove`` for the
+    current API (0 or negative); a positive value is the older one's length to keep (nothing if it is not below
+    ``cached``), as transformers' DynamicLayer reads it in 5.17."""
+    if isinstance(tokens_to_remove, bool):
+        raise TypeError(f"tokens_to_remove must be an int, got {tokens_to_remove!r}")
+    try:
+        tokens_to_remove = operator.index(tokens_to_remove)  # numpy ints too
+    except TypeError:
+        raise TypeError(f"tokens_to_remove must be an int, got {tokens_to_remove!r}") from None
+    if tokens_to_remove > 0:
+        return max(0, cached - tokens_to_remove)
+    if -tokens_to_remove > cached:
+        raise ValueError(f"crop({tokens_to_remove}) removes more tokens than the {cached} cached")
+    return -tokens_to_remove
 
 
 def _same_argument(a, b) -> bool:
@@ -591,7 +637,9 @@ def _make_static_layer_class():
             self.state.seqlens[self.layer_idx].zero_()
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("the static latent cache can't be cropped")
+            raise NotImplementedError("the static latent cache (static_latent_cache) can't be cropped (assisted or "
+                                      "prompt-lookup decoding); the patched model's default cache (a DynamicCache, "
+                                      "or none) supports it")
 
         # each row owns a fixed range of blocks here (no block table to rewrite): rows can't share or trade blocks
         def reorder_cache(self, beam_idx) -> None:
