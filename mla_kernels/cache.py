@@ -568,6 +568,28 @@ class PagedLatentCache:
         self._seqs[seq_id] = _Sequence(blocks, length)  # a new record: batches reserved before are out of date
         self._version += 1
 
+    def _truncate_blocks_needed(self, seq_ids: Sequence[Hashable], lengths: Sequence[int]) -> int:
+        """Free blocks that ``truncate(seq_ids[i], lengths[i])`` in this order needs beyond those its own frees return
+        (<= 0: it fits whatever the pool holds): a shared partly filled tail is copied unless the earlier
+        truncations have left the sequence its last holder."""
+        refs, size = {}, self.block_size
+        short = free = 0
+        for seq_id, length in zip(seq_ids, lengths):
+            seq = self._get(seq_id)
+            keep = _utils.cdiv(length, size)
+            for block in seq.blocks[keep:]:
+                refs[block] = refs.get(block, self._refs[block]) - 1
+                free += refs[block] == 0
+            if length % size and length < seq.length:
+                tail = seq.blocks[keep - 1]
+                if refs.get(tail, self._refs[tail]) > 1:
+                    refs[tail] = refs.get(tail, self._refs[tail]) - 1
+                    if free:
+                        free -= 1
+                    else:
+                        short += 1
+        return short
+
     def seqlen(self, seq_id: Hashable) -> int:
         """Tokens reserved for the sequence so far."""
         return self._get(seq_id).length

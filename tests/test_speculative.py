@@ -52,31 +52,57 @@ def test_speculative_generation_matches_greedy(how, monkeypatch, device):
 
 
 def test_crop_drops_the_last_tokens_of_every_row_once(monkeypatch):
-    """Cache.crop calls every layer: the shared rows lose ``n`` tokens once, each layer's count goes down by ``n``,
-    and the next step attends as a fresh prompt of the kept tokens would. A row whose real tokens run out loses only
-    pads past them (never stored). The older API's positive value is a length to keep (transformers 5.17); bad
-    values change nothing."""
+    """Cache.crop calls every layer: the shared rows lose the real tokens among the last ``n`` positions once, each
+    layer's count goes down by ``n``, and the next step attends as a fresh pass over the kept tokens would. Pads are
+    not stored, so a padded (prompt) step can be cropped only whole: a crop ending inside it is refused, changing
+    nothing. The older API's positive value is a length to keep (transformers 5.17); bad values change nothing."""
     monkeypatch.setattr(_utils, "interpreting", lambda: False)  # bookkeeping: the PyTorch path is enough
     model = patch_model(tiny_model(), block_size=4)
     ids, mask = left_padded([7, 3])
+    steps = torch.tensor([[11, 12, 13], [21, 22, 23]])
     cache, fresh = DynamicCache(config=model.config), DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for i in range(3):  # three one-token decode steps
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            model(input_ids=steps[:, i:i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
         lc = latent_cache(cache)
         rows = list(lc.seq_ids)
-        cache.crop(-2)
-        assert [lc.seqlen(r) for r in rows] == [5, 1] and cache.get_seq_length() == 5
-        cache.crop(6)  # keep 6 (more than held): nothing
-        cache.crop(3)  # keep 3 of 5: row 1's last real token and one of its pads go
-        assert [lc.seqlen(r) for r in rows] == [3, 0] and cache.get_seq_length() == 3
-        for bad, error in [(-4, ValueError), (1.5, TypeError), (True, TypeError)]:
+        assert [lc.seqlen(r) for r in rows] == [10, 6] and cache.get_seq_length() == 10
+        cache.crop(-1)
+        cache.crop(12)  # keep 12 (more than held): nothing
+        cache.crop(8)  # keep 8 of 9
+        assert [lc.seqlen(r) for r in rows] == [8, 4] and cache.get_seq_length() == 8
+        for bad, error in [(-9, ValueError), (1.5, TypeError), (True, TypeError), (-2, NotImplementedError)]:
             with pytest.raises(error, match="crop|tokens_to_remove"):
-                cache.crop(bad)
-            assert [lc.seqlen(r) for r in rows] == [3, 0] and cache.get_seq_length() == 3
+                cache.crop(bad)  # -2 would end inside the padded prompt step
+            assert [lc.seqlen(r) for r in rows] == [8, 4] and cache.get_seq_length() == 8
         assert_allocator_consistent(lc)
         new = torch.tensor([[5], [9]])
-        got = model(input_ids=new, attention_mask=torch.cat([mask[:, :3], torch.ones(2, 1, dtype=mask.dtype)], 1),
-                    past_key_values=cache, use_cache=True).logits[:, -1]
-        kept, kept_mask = torch.cat([ids[:, :3], new], 1), torch.cat([mask[:, :3], torch.ones_like(new)], 1)
+        kept_mask = torch.cat([mask[:, :8], torch.ones(2, 1, dtype=mask.dtype)], 1)
+        got = model(input_ids=new, attention_mask=kept_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        kept = torch.cat([ids, steps[:, :1], new], 1)
         want = model(input_ids=kept, attention_mask=kept_mask, past_key_values=fresh, use_cache=True).logits[:, -1]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        cache.crop(-9)  # the new step, the decode step and the whole prompt: nothing real is left
+        assert [lc.seqlen(r) for r in rows] == [0, 0] and cache.get_seq_length() == 0
+        assert_allocator_consistent(lc)
+
+
+def test_crop_of_rows_sharing_a_block_copies_it_once(monkeypatch):
+    """Two rows sharing two full blocks (repeated rows, as beams start), cropped into the second under a cap that
+    leaves one free block: only the first row's truncation copies the shared tail (the second then holds the block
+    alone), so it fits without growing."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    model = patch_model(tiny_model(), block_size=4, max_cache_tokens=12)  # 3 blocks
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(2)
+    lc = latent_cache(cache)
+    assert lc.num_free_blocks == 1
+    cache.crop(-2)
+    rows = list(lc.seq_ids)
+    assert [lc.seqlen(r) for r in rows] == [6, 6] and lc.num_free_blocks == 0 and latent_cache(cache) is lc
+    assert_allocator_consistent(lc)

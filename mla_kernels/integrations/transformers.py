@@ -191,6 +191,9 @@ class _LatentState:
         self._table: torch.Tensor | None = None
         self._table_len: list[int] = []
         self._round: tuple | None = None  # change_rows: (what, its argument, ids of the layers that have called)
+        # positions of the steps so far, newest last, as [positions, None] (every position real in every row; runs of
+        # such steps merged) or [positions, real tokens per row] (a step with pads): what crop must remove
+        self._history: list[list] = []
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
@@ -206,6 +209,12 @@ class _LatentState:
                 packing = _real_tokens(attention_mask, batch_size, query_len)
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
+            if packing is not None and sum(packing.counts) < batch_size * query_len:
+                self._history.append([query_len, list(packing.counts)])
+            elif self._history and self._history[-1][1] is None:
+                self._history[-1][0] += query_len
+            else:
+                self._history.append([query_len, None])
             self.steps += 1
             self._round = None
         elif calls != self.steps - 1:
@@ -293,17 +302,37 @@ class _LatentState:
         self._round = (what, arg, {id(layer)})
 
     def _crop_rows(self, n: int) -> None:
-        """Every row drops its last ``n`` positions (``PagedLatentCache.truncate``). Pads are on the left and never
-        stored, so a row loses its newest real tokens, and all of them when ``n`` reaches into its pads."""
-        paged = self.paged
-        lengths = [max(0, paged.seqlen(row) - n) for row in self.rows]
-        needed = sum(1 for row, length in zip(self.rows, lengths)
-                     if length % paged.block_size and paged._refs[paged._get(row).blocks[length // paged.block_size]] > 1)
+        """Every row drops its last ``n`` positions (``PagedLatentCache.truncate``). Pads are never stored, so a row
+        loses the real tokens among them: every position of a step without pads, the real tokens of a padded step
+        removed whole (``_history``). A crop into part of a padded step (a prompt's pads, left or right, sit at
+        positions this state does not keep) raises ``NotImplementedError`` and changes nothing."""
+        paged, removed, remaining, history = self.paged, [0] * len(self.rows), n, [list(e) for e in self._history]
+        while remaining and history:
+            positions, counts = history[-1]
+            take = min(remaining, positions)
+            if counts is not None and take < positions:
+                raise NotImplementedError(f"crop({-n}) ends inside a step whose rows held pads ({positions} positions); "
+                                          "the latent cache keeps no pad positions, so it can't cut that step")
+            if counts is None:
+                removed = [r + take for r in removed]
+            else:
+                removed = [r + c for r, c in zip(removed, counts)]
+            remaining -= take
+            if take == positions:
+                history.pop()
+            else:
+                history[-1][0] -= take
+        lengths = [paged.seqlen(row) - r for row, r in zip(self.rows, removed)]
+        if remaining or min(lengths) < 0:  # the steps recorded and the rows disagree: change nothing
+            raise RuntimeError(f"crop({-n}): the latent cache's rows do not hold the tokens its steps recorded; "
+                               "start over with a new cache")
+        needed = paged._truncate_blocks_needed(self.rows, lengths)
         if needed > paged.num_free_blocks:  # shared tails to copy (rows of a beam search): make room first
             self._grow(needed)
             paged = self.paged
         for row, length in zip(self.rows, lengths):
             paged.truncate(row, length)
+        self._history = history
         if self._table_owner is paged:  # a row's last block may be a new copy: rewrite from its last full block
             self._table_len = [min(done, length // paged.block_size) for done, length in zip(self._table_len, lengths)]
         if min(lengths) == 0:
@@ -327,6 +356,8 @@ class _LatentState:
         if needed > paged.num_free_blocks:
             self._grow(needed)
         new_ids = self.paged._fork_batch(sources, release=release)
+        self._history = [[positions, None if counts is None else [counts[j] for j in src]]
+                         for positions, counts in self._history]
         rows = [old[j] for j in src]
         for i, new_id in zip(forked, new_ids):
             rows[i] = new_id
