@@ -20,18 +20,24 @@ from transformers import DynamicCache  # noqa: E402
 GREEDY = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
 
 
-def repetitive_prompt(device):
-    """One prompt that repeats a span, so prompt lookup proposes candidates (some accepted, some rejected)."""
+def repetitive_prompt(device, pads=0):
+    """One prompt that repeats a span, so prompt lookup proposes candidates (some accepted, some rejected), after
+    ``pads`` left pads."""
     ids, _ = left_padded([9])
-    ids = torch.cat([ids, ids[:, 2:7]], 1).to(device)
-    return ids, torch.ones_like(ids)
+    ids = torch.cat([torch.zeros(1, pads, dtype=ids.dtype), ids, ids[:, 2:7]], 1).to(device)
+    mask = torch.ones_like(ids)
+    mask[:, :pads] = 0
+    return ids, mask
 
 
+@pytest.mark.parametrize("pads", [0, 2], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("how", ["prompt-lookup", "assistant", "patched-assistant"])
-def test_speculative_generation_matches_greedy(how, monkeypatch, device):
-    """The cache starts with no headroom in 4-token pages, so crops cross block boundaries and the cache grows."""
+def test_speculative_generation_matches_greedy(how, pads, monkeypatch, device):
+    """The cache starts with no headroom in 4-token pages, so crops cross block boundaries and the cache grows.
+    Left-padded: the first verify step holds the pads, the prompt and the candidates, and its last positions are
+    cropped."""
     model = tiny_model().to(device)
-    ids, mask = repetitive_prompt(device)
+    ids, mask = repetitive_prompt(device, pads)
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
@@ -47,7 +53,7 @@ def test_speculative_generation_matches_greedy(how, monkeypatch, device):
     assert torch.equal(out.sequences, expected), f"\n{out.sequences}\n{expected}"
     lc = latent_cache(out.past_key_values)
     (row,) = lc.seq_ids
-    assert lc.seqlen(row) == out.past_key_values.get_seq_length() == expected.shape[1] - 1
+    assert lc.seqlen(row) + pads == out.past_key_values.get_seq_length() == expected.shape[1] - 1
     assert_allocator_consistent(lc)
 
 
@@ -73,9 +79,9 @@ def test_crop_drops_the_last_tokens_of_every_row_once(monkeypatch):
         cache.crop(12)  # keep 12 (more than held): nothing
         cache.crop(8)  # keep 8 of 9
         assert [lc.seqlen(r) for r in rows] == [8, 4] and cache.get_seq_length() == 8
-        for bad, error in [(-9, ValueError), (1.5, TypeError), (True, TypeError), (-2, NotImplementedError)]:
+        for bad, error in [(-9, ValueError), (1.5, TypeError), (True, TypeError)]:
             with pytest.raises(error, match="crop|tokens_to_remove"):
-                cache.crop(bad)  # -2 would end inside the padded prompt step
+                cache.crop(bad)
             assert [lc.seqlen(r) for r in rows] == [8, 4] and cache.get_seq_length() == 8
         assert_allocator_consistent(lc)
         new = torch.tensor([[5], [9]])
@@ -84,9 +90,46 @@ def test_crop_drops_the_last_tokens_of_every_row_once(monkeypatch):
         kept = torch.cat([ids, steps[:, :1], new], 1)
         want = model(input_ids=kept, attention_mask=kept_mask, past_key_values=fresh, use_cache=True).logits[:, -1]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        cache.crop(-9)  # the new step, the decode step and the whole prompt: nothing real is left
+        cache.crop(-4)  # the new step, the decode step and the prompt's last 2 positions (left padding: real)
+        assert [lc.seqlen(r) for r in rows] == [5, 1] and cache.get_seq_length() == 5
+        cache.crop(-5)  # the rest of the prompt: nothing real is left
         assert [lc.seqlen(r) for r in rows] == [0, 0] and cache.get_seq_length() == 0
         assert_allocator_consistent(lc)
+
+
+@pytest.mark.parametrize("layout", ["right-padded", "middle-padded", "two-pad-runs"])
+def test_crop_into_a_padded_prompt_keeps_each_rows_real_tokens(layout, monkeypatch):
+    """Pads are not stored, so a crop inside a padded step must know where each row's pads lay: exact for one run
+    of pads (right or middle), as the unpatched model's logits afterwards show; two runs are refused, changing
+    nothing."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    model = tiny_model()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1] = torch.tensor({"right-padded": [1, 1, 1, 0, 0, 0, 0], "middle-padded": [1, 1, 0, 0, 0, 1, 1],
+                            "two-pad-runs": [1, 0, 1, 1, 0, 0, 1]}[layout])
+    new = torch.tensor([[5], [9]])
+    logits = []
+    for patched in (False, True):
+        if patched:
+            patch_model(model, block_size=4)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            if patched and layout == "two-pad-runs":
+                lc = latent_cache(cache)
+                with pytest.raises(NotImplementedError, match="more than one run"):
+                    cache.crop(-3)
+                assert [lc.seqlen(r) for r in lc.seq_ids] == [7, 4] and cache.get_seq_length() == 7
+                return
+            cache.crop(-3)  # keep positions 0..3
+            if patched:
+                lc = latent_cache(cache)
+                assert [lc.seqlen(r) for r in lc.seq_ids] == [4, int(mask[1, :4].sum())]
+            kept_mask = torch.cat([mask[:, :4], torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits.append(model(input_ids=new, attention_mask=kept_mask, past_key_values=cache,
+                                use_cache=True).logits[:, -1])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_crop_of_rows_sharing_a_block_copies_it_once(monkeypatch):

@@ -192,7 +192,8 @@ class _LatentState:
         self._table_len: list[int] = []
         self._round: tuple | None = None  # change_rows: (what, its argument, ids of the layers that have called)
         # positions of the steps so far, newest last, as [positions, None] (every position real in every row; runs of
-        # such steps merged) or [positions, real tokens per row] (a step with pads): what crop must remove
+        # such steps merged) or [positions, real tokens, real tokens before the first pad, after the last] per row
+        # (a step with pads): what crop must remove
         self._history: list[list] = []
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
@@ -210,7 +211,7 @@ class _LatentState:
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
             if packing is not None and sum(packing.counts) < batch_size * query_len:
-                self._history.append([query_len, list(packing.counts)])
+                self._history.append([query_len, list(packing.counts), *(packing.ends or (None, None))])
             elif self._history and self._history[-1][1] is None:
                 self._history[-1][0] += query_len
             else:
@@ -303,20 +304,22 @@ class _LatentState:
 
     def _crop_rows(self, n: int) -> None:
         """Every row drops its last ``n`` positions (``PagedLatentCache.truncate``). Pads are never stored, so a row
-        loses the real tokens among them: every position of a step without pads, the real tokens of a padded step
-        removed whole (``_history``). A crop into part of a padded step (a prompt's pads, left or right, sit at
-        positions this state does not keep) raises ``NotImplementedError`` and changes nothing."""
+        loses the real tokens among them, counted from ``_history``: every position of a step without pads; of a
+        padded step, the real tokens after the cut, known exactly when a row's pads are one run (left, right or middle
+        padding; a step of prompt and speculative candidates is left-padded). Otherwise ``NotImplementedError``,
+        and nothing changes."""
         paged, removed, remaining, history = self.paged, [0] * len(self.rows), n, [list(e) for e in self._history]
         while remaining and history:
-            positions, counts = history[-1]
+            positions, counts = history[-1][:2]
             take = min(remaining, positions)
-            if counts is not None and take < positions:
-                raise NotImplementedError(f"crop({-n}) ends inside a step whose rows held pads ({positions} positions); "
-                                          "the latent cache keeps no pad positions, so it can't cut that step")
             if counts is None:
                 removed = [r + take for r in removed]
-            else:
+            elif take == positions:
                 removed = [r + c for r, c in zip(removed, counts)]
+            else:  # the step's first positions - take stay: each row's pads and real tokens as they lay
+                kept = [_keep_positions(positions, *row, positions - take, n) for row in zip(*history[-1][1:])]
+                removed = [r + c - k[0] for r, c, k in zip(removed, counts, kept)]
+                history[-1][1:] = [list(column) for column in zip(*kept)]
             remaining -= take
             if take == positions:
                 history.pop()
@@ -356,8 +359,8 @@ class _LatentState:
         if needed > paged.num_free_blocks:
             self._grow(needed)
         new_ids = self.paged._fork_batch(sources, release=release)
-        self._history = [[positions, None if counts is None else [counts[j] for j in src]]
-                         for positions, counts in self._history]
+        self._history = [[entry[0]] + [None if column is None else [column[j] for j in src] for column in entry[1:]]
+                         for entry in self._history]
         rows = [old[j] for j in src]
         for i, new_id in zip(forked, new_ids):
             rows[i] = new_id
@@ -387,6 +390,24 @@ class _LatentState:
         self.paged = old._grown(blocks)  # whole buffers copied on the device: nothing read back
         if self._table_owner is old:  # same block ids: the host table stays right
             self._table_owner = self.paged
+
+
+def _keep_positions(positions: int, count: int, lead: int | None, trail: int | None, keep: int,
+                    n: int) -> tuple[int, int, int]:
+    """A padded step's row (``count`` real tokens in ``positions``, ``lead`` of them before its first pad and
+    ``trail`` after its last) cut to its first ``keep`` positions: ``(count, lead, trail)`` after. Exact when the pads
+    are one run (left, right or middle padding); otherwise where the real tokens lie is not known here."""
+    pads = positions - count
+    if pads == 0:
+        return keep, keep, keep
+    if lead is None or lead + trail != count:
+        raise NotImplementedError(f"crop({-n}) ends inside a step whose rows held pads in more than one run; the "
+                                  "latent cache keeps no pad positions, so it can't cut that step")
+    if keep <= lead:
+        return keep, keep, keep
+    if keep <= lead + pads:
+        return lead, lead, 0
+    return keep - pads, lead, keep - lead - pads
 
 
 def _tokens_to_crop(tokens_to_remove, cached: int) -> int:
@@ -500,15 +521,21 @@ class _Packing(NamedTuple):
     ``index_select`` and ``index_copy_``: packing and unpacking by it reads nothing back, unlike a boolean mask."""
     counts: list[int]
     index: torch.Tensor
+    ends: tuple[list[int], list[int]] | None = None  # real tokens before each row's first pad and after its last
 
 
 def _real_tokens(attention_mask, batch_size: int, query_len: int) -> _Packing | None:
-    """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host, with
-    ``_mask_fits``'s verdict: one synchronisation on a GPU, once per step (decode steps use ``_assert_real``)."""
+    """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host (and the
+    real tokens before each row's first pad and after its last, which a later ``crop`` needs), with ``_mask_fits``'s
+    verdict: one synchronisation on a GPU, once per step (decode steps use ``_assert_real``)."""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is None:
         return None
-    return _packing(real, _read_checked([real.sum(1)], _mask_fits(attention_mask, real)))
+    run = real.to(torch.int32)
+    lead, trail = run.cumprod(1).sum(1), run.flip(1).cumprod(1).sum(1)
+    host = _read_checked([real.sum(1), lead, trail], _mask_fits(attention_mask, real))
+    packing = _packing(real, host[:batch_size])
+    return None if packing is None else packing._replace(ends=(host[batch_size:2 * batch_size], host[2 * batch_size:]))
 
 
 # what a 4-D mask may hide: keys its last row hides (pads), and causally the keys after a query's own position
