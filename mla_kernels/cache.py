@@ -549,15 +549,14 @@ class PagedLatentCache:
             raise ValueError(f"length must be in [0, {seq.length}] (the tokens sequence {seq_id!r} holds), got {length}")
         if length == seq.length:
             return
-        size, refs = self.block_size, self._refs
-        keep = _utils.cdiv(length, size)
-        dropped = seq.blocks[keep:]
-        tail = seq.blocks[keep - 1] if length % size else None
-        copy_tail = tail is not None and refs[tail] > 1
-        if copy_tail and not (self._free or any(refs[b] == 1 for b in dropped)):
+        if self._truncate_blocks_needed([seq_id], [length]) > len(self._free):
             raise CacheFullError(f"not enough free cache blocks: truncating sequence {seq_id!r} copies its partly "
                                  f"filled last block, which a fork shares, but none of {self.num_blocks} is free")
-        self._free.extend(reversed(self._release(dropped)))
+        size, refs = self.block_size, self._refs
+        keep = _utils.cdiv(length, size)
+        tail = seq.blocks[keep - 1] if length % size else None
+        copy_tail = tail is not None and refs[tail] > 1
+        self._free.extend(reversed(self._release(seq.blocks[keep:])))
         blocks = seq.blocks[:keep]
         if copy_tail:
             block = self._free.pop()
