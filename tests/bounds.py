@@ -34,7 +34,8 @@ class Race(AssertionError):
     """Two programs of one launch touched the same element, one of them writing (``install(races=True)``)."""
 
 
-def _ranges(args) -> list[tuple[int, int]]:
+def _ranges(args) -> tuple[np.ndarray, np.ndarray]:
+    """The launch's argument storages as sorted ``(starts, ends)`` address arrays."""
     out = []
 
     def visit(arg):
@@ -51,7 +52,12 @@ def _ranges(args) -> list[tuple[int, int]]:
                 out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
 
     visit(args)
-    return sorted(out)
+    out = sorted(out)
+    return np.array([r[0] for r in out], dtype=np.uint64), np.array([r[1] for r in out], dtype=np.uint64)
+
+
+def _where(ranges) -> str:
+    return f"(argument storages: {', '.join(f'{int(a):#x}..{int(b):#x}' for a, b in zip(*ranges))})"
 
 
 def _check(kind: str, ptrs, mask, program) -> None:
@@ -64,17 +70,15 @@ def _check(kind: str, ptrs, mask, program) -> None:
     if addr.size == 0:
         return
     size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
-    starts = np.array([r[0] for r in ranges], dtype=np.uint64)
-    ends = np.array([r[1] for r in ranges], dtype=np.uint64)
+    starts, ends = ranges
     i = np.searchsorted(starts, addr, side="right") - 1  # the last range starting at or before each address
     ok = (i >= 0) & (addr + size <= ends[np.maximum(i, 0)])
-    where = f"(argument storages: {', '.join(f'{a:#x}..{b:#x}' for a, b in ranges)})"
     if not ok.all():
         bad = addr[~ok]
         raise OutOfBounds(f"{kind} of {bad.size} element(s) outside every tensor argument, first at {int(bad[0]):#x} "
-                          f"{where}")
+                          f"{_where(ranges)}")
     if (i != i[0]).any():  # one access's pointers come from one argument: spanning two, it ran off the first
-        raise OutOfBounds(f"{kind} spans the storages of two tensor arguments {where}")
+        raise OutOfBounds(f"{kind} spans the storages of two tensor arguments {_where(ranges)}")
     if getattr(_state, "races", None) is not None and kind != "atomic":
         x, y, z = program
         _check_race(kind, int(i[0]), addr, x + (y << 21) + (z << 42))
