@@ -54,10 +54,24 @@ def v2_model():
     return DeepseekV2ForCausalLM(DeepseekV2Config(**keep, rope_parameters=YARN, attn_implementation="eager")).eval()
 
 
+def glm_model():
+    """GLM-4.7-Flash's architecture (``glm4_moe_lite``: DeepSeek-V3's attention under another name), tiny: 5 heads
+    and a 24-wide nope head, neither a power of two, as GLM-4.7-Flash's 20 heads and 192 are not."""
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+    torch.manual_seed(0)
+    config = Glm4MoeLiteConfig(hidden_size=64, num_attention_heads=5, num_key_value_heads=5, q_lora_rank=32,
+                               kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=32,
+                               vocab_size=128, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=32,
+                               n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                               attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Glm4MoeLiteForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
     "v2-qlora-yarn": v2_model,
+    "glm4-moe-lite": glm_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,

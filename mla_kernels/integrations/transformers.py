@@ -1,4 +1,4 @@
-"""Run a transformers DeepSeek-V3 (or V2) model on the library's kernels, keeping only the latent cache.
+"""Run a transformers DeepSeek-V3/V2 or GLM-4.7-Flash model on the library's kernels, keeping only the latent cache.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` by a ``TransformersMLAttention`` that adopts
 the same projection modules (no weight is copied: the model's state dict is unchanged). Generation and
@@ -58,6 +58,8 @@ __all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache"
 SUPPORTED_MODEL_TYPES = {
     "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
     "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
+    # GLM-4.7-Flash: DeepSeek-V3's attention under another name (same projections, interleaved rope, scaling)
+    "glm4_moe_lite": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "Glm4MoeLiteAttention"),
 }
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
@@ -1081,7 +1083,7 @@ def _decoder_layers(model: nn.Module):
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"patch_model takes a transformers DeepSeek-V3/V2 model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+        raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
                         f"got {type(model).__name__} with model_type {model_type!r}")
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
@@ -1101,10 +1103,12 @@ def _attention_class(model_type: str):
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap every attention layer of a transformers DeepSeek-V3 (or V2) model for ``TransformersMLAttention``.
+    """Swap every attention layer of a transformers DeepSeek-V3 (or V2, or GLM-4.7-Flash) model for
+    ``TransformersMLAttention``.
 
     Args:
-        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 classes), in bfloat16, float16 or
+        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 or ``Glm4MoeLite`` classes: a
+            ``SUPPORTED_MODEL_TYPES`` model type), in bfloat16, float16 or
             float32 (the kernels' dtypes).
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
