@@ -423,7 +423,8 @@ class MLAttention(nn.Module):
 
     @classmethod
     def from_config(cls, config, layer_idx: int = 0, device=None, dtype=None) -> "MLAttention":
-        """Build from a transformers ``DeepseekV3Config`` / ``DeepseekV2Config`` (or anything with the same fields)."""
+        """Build from a transformers ``DeepseekV3Config`` / ``DeepseekV2Config`` (or a GLM-4.7-Flash, MiniCPM3 or other
+        config with the same fields)."""
         return cls(**config_kwargs(config), layer_idx=layer_idx, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
@@ -609,8 +610,11 @@ def config_kwargs(config) -> dict:
         rope = dict(getattr(config, "rope_scaling", None) or {})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if getattr(config, "model_type", "") == "deepseek_v2":
+    model_type = getattr(config, "model_type", "")
+    if model_type == "deepseek_v2":  # rope as complex multiplication of adjacent pairs
         style = "pairs"
+    elif model_type == "minicpm3":  # MiniCPM3: DeepSeek-V2's attention with the rotate-half rope
+        style = "half"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"
     return dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,

@@ -67,11 +67,23 @@ def glm_model():
     return Glm4MoeLiteForCausalLM(config).eval()
 
 
+def minicpm3_model():
+    """MiniCPM3's architecture (DeepSeek-V2's attention with the rotate-half rope), tiny."""
+    from transformers import MiniCPM3Config, MiniCPM3ForCausalLM
+    torch.manual_seed(0)
+    config = MiniCPM3Config(hidden_size=80, num_attention_heads=5, num_key_value_heads=5, q_lora_rank=32,
+                            kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=32, vocab_size=128,
+                            num_hidden_layers=2, intermediate_size=64, max_position_embeddings=256,
+                            attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return MiniCPM3ForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
     "v2-qlora-yarn": v2_model,
     "glm4-moe-lite": glm_model,
+    "minicpm3": minicpm3_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -96,6 +108,27 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     assert [lc.seqlen(s) for s in lc.seq_ids] == [5 + 7, 9 + 7, 2 + 7]  # real tokens only; the last one is not fed
     assert cache.get_seq_length() == ids.shape[1] + 7
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_matches_transformers_where_attention_decides(name):
+    """fp32 logits of the patched model against stock transformers' with the attention weights drawn at std 0.2, so
+    that attention (and its rope) moves the logits far more than at the models' init std 0.02: there the greedy
+    tokens of a wrong rope style still matched (MiniCPM3 read as interleaved gave equal tokens and a 0.40 relative
+    error here). Tolerance: both sides compute in fp32 over ~10 reductions of <= 64 terms (relative rounding
+    ~1e-6; 5e-7 measured), so 1e-4 leaves margin and still fails any wrong rope, scale or mask."""
+    model = MODELS[name]()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".self_attn." in pname and "layernorm" not in pname:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    ids, mask = left_padded([12, 9, 5])
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        patch_model(model, block_size=4)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert err_ratio(got[real], expected[real]) < 1e-4, err_ratio(got[real], expected[real])
 
 
 def test_latent_only_cache_memory():

@@ -1,4 +1,4 @@
-"""Run a transformers DeepSeek-V3/V2 or GLM-4.7-Flash model on the library's kernels, keeping only the latent cache.
+"""Run a transformers MLA model (DeepSeek-V3/V2, GLM-4.7-Flash, MiniCPM3) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` by a ``TransformersMLAttention`` that adopts
 the same projection modules (no weight is copied: the model's state dict is unchanged). Generation and
@@ -60,6 +60,8 @@ SUPPORTED_MODEL_TYPES = {
     "deepseek_v2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Attention"),
     # GLM-4.7-Flash: DeepSeek-V3's attention under another name (same projections, interleaved rope, scaling)
     "glm4_moe_lite": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "Glm4MoeLiteAttention"),
+    # MiniCPM3: DeepSeek-V2's attention with the rotate-half rope (module.config_kwargs picks the style)
+    "minicpm3": ("transformers.models.minicpm3.modeling_minicpm3", "MiniCPM3Attention"),
 }
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
@@ -1103,12 +1105,12 @@ def _attention_class(model_type: str):
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap every attention layer of a transformers DeepSeek-V3 (or V2, or GLM-4.7-Flash) model for
+    """Swap every attention layer of a transformers DeepSeek-V3 (or V2, GLM-4.7-Flash, MiniCPM3) model for
     ``TransformersMLAttention``.
 
     Args:
-        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2 or ``Glm4MoeLite`` classes: a
-            ``SUPPORTED_MODEL_TYPES`` model type), in bfloat16, float16 or
+        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2, ``Glm4MoeLite`` or ``MiniCPM3`` classes:
+            a ``SUPPORTED_MODEL_TYPES`` model type), in bfloat16, float16 or
             float32 (the kernels' dtypes).
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
