@@ -78,12 +78,26 @@ def minicpm3_model():
     return MiniCPM3ForCausalLM(config).eval()
 
 
+def kimi_k25_model():
+    """A multimodal model whose text decoder is DeepSeek-V3 (Kimi-K2.5), tiny, run on text alone: patch_model finds
+    the decoder under ``model.language_model``. Its special token ids lie above the prompts' (``left_padded``)."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+    torch.manual_seed(0)
+    vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, pos_emb_height=4,
+                  pos_emb_width=4)
+    config = Kimi_K25Config(text_config=tiny_config(q_lora_rank=32, vocab_size=160).to_dict(), vision_config=vision,
+                            projection_hidden_size=32, image_token_id=150, video_token_id=151,
+                            vision_start_token_id=152, vision_end_token_id=153)
+    return Kimi_K25ForConditionalGeneration(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
     "v2-qlora-yarn": v2_model,
     "glm4-moe-lite": glm_model,
     "minicpm3": minicpm3_model,
+    "kimi-k25-text": kimi_k25_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,

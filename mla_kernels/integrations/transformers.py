@@ -1081,17 +1081,30 @@ def _the_cache(past_key_values, cache):
 # ---------------------------------------------------------------------------------------------
 
 
+_LAYER_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.layers",
+                "language_model.model.layers")
+
+
 def _decoder_layers(model: nn.Module):
+    """``(text config, model type, decoder layers)`` of a supported model, or of the text decoder of a multimodal
+    one whose text config is of a supported type (Kimi-K2.5's is DeepSeek-V3's)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES and callable(getattr(config, "get_text_config", None)):
+        text_config = config.get_text_config(decoder=True)
+        if getattr(text_config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+            config, model_type = text_config, text_config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                        f"got {type(model).__name__} with model_type {model_type!r}")
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(f"{type(model).__name__} has no decoder layers at .model.layers or .layers")
-    return config, model_type, layers
+        raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+                        f"or a multimodal model with such a text decoder; got {type(model).__name__} with model_type "
+                        f"{model_type!r}")
+    for path in _LAYER_PATHS:
+        layers = model
+        for name in path.split("."):
+            layers = getattr(layers, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return config, model_type, layers
+    raise TypeError(f"{type(model).__name__} has no decoder layers at any of .{', .'.join(_LAYER_PATHS)}")
 
 
 def _attention_class(model_type: str):
