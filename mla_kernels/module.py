@@ -314,13 +314,15 @@ class LatentBatch:
                                  f"{length} when this batch was made; reserve a new LatentBatch for each step")
         self._current_at = cache._version
 
+    # Both from tensor shapes, never int() or len() of a list: under torch.compile they stay symbolic, so a compiled
+    # step is not specialised to one batch size (dynamo guards on a list's length, and int() pins a size).
     @property
     def num_tokens(self) -> int:
-        return int(self.slots.shape[0])
+        return self.slots.shape[0]
 
     @property
     def batch_size(self) -> int:
-        return len(self.seq_ids)
+        return self.block_table.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,10 +510,13 @@ class MLAttention(nn.Module):
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
 
+        # Traced, the host lengths would enter the graph as constants (a recompile at every step); the op then reads
+        # the lengths from the device itself (one read per layer on a GPU), as without them.
+        host = not torch.compiler.is_compiling()
         return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
                                      batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
-                                     kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host,
-                                     cache_seqlens_host=batch.cache_seqlens_host)
+                                     kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
+                                     cache_seqlens_host=batch.cache_seqlens_host if host else None)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -536,7 +541,7 @@ class MLAttention(nn.Module):
                              f"{tuple(hidden_states.shape)}")
         if hidden_states.dim() == 3:
             b, s = hidden_states.shape[:2]
-            if b != batch.batch_size or any(n != s for n in batch.num_new_tokens):
+            if b != batch.batch_size or (b and batch.uniform != s):  # (uniform: no loop over the list of counts)
                 raise ValueError(f"hidden_states [B, S, hidden] = {tuple(hidden_states.shape)} needs a batch of B={b} "
                                  f"sequences with S={s} new tokens each; batch has {batch.num_new_tokens}")
         elif hidden_states.dim() != 2:

@@ -405,3 +405,45 @@ def test_a_cache_that_does_not_fit_the_module_is_named():
 def test_exported():
     assert mla_kernels.MLAttention is MLAttention
     assert mla_kernels.LatentBatch is LatentBatch
+
+
+def test_compiled_module_does_not_recompile_per_batch_size():
+    """torch.compile(MLAttention, fullgraph=True) over decode steps whose batch size changes (1..6, then back to
+    1): dynamo's automatic dynamic shapes keep one graph for every size past the first two (sizes 0 and 1 are
+    always specialised), instead of one per size until the recompile limit (8) sent later steps back to eager. The
+    batch's sizes come from its tensors' shapes (a list's length or int() of a size pinned it). aot_eager runs the
+    custom ops' fake implementations with symbolic sizes; each compiled step equals the eager module's."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    attn = MLAttention.from_config(config, 0).eval()
+    cache = PagedLatentCache(1, 64, 4, config.kv_lora_rank, config.qk_rope_head_dim, dtype=torch.float32)
+    ids = list(range(6))
+    for s in ids:
+        cache.add_sequence(s)
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        attn(torch.randn(6 * 3, config.hidden_size), LatentBatch.reserve(cache, ids, [3] * 6))
+        for n in [1, 2, 3, 4, 5, 6, 1, 3]:
+            batch = LatentBatch.reserve(cache, ids[:n], [1] * n)
+            hidden = torch.randn(n, 1, config.hidden_size)
+            got = compiled(hidden, batch)
+            # the same ops on the same fp32 values (aot_eager may decompose a few): torch's fp32 defaults
+            torch.testing.assert_close(got, attn(hidden, batch))
+        assert len(graphs) <= 3, f"{len(graphs)} graphs for 6 batch sizes"
+        # mixed steps (chunked prefill beside decodes) take mla_prefill_attention: its host lengths stay out of the
+        # graph, or every step's lengths would compile anew
+        before = len(graphs)
+        for counts in ([2, 1, 3], [1, 4], [3, 1, 1, 2], [2, 2, 1], [1, 3, 2, 1, 1]):
+            batch = LatentBatch.reserve(cache, ids[:len(counts)], counts)
+            hidden = torch.randn(sum(counts), config.hidden_size)
+            torch.testing.assert_close(compiled(hidden, batch), attn(hidden, batch))
+        assert len(graphs) - before <= 2, f"{len(graphs) - before} graphs for 5 mixed steps"
