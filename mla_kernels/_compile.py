@@ -116,14 +116,15 @@ def _cases(hip: bool) -> dict:
     h100 = torch.device("cpu")  # no tuned file: the heuristic tiles, fitted to the H100's shared memory
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
-                  "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32"}
+                  "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32", "INDICES": "*i32"}
 
-    def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False, d_rope=64):
+    def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False, d_rope=64, sparse=False):
         elem = 4 if fp32 else 2
         cfg = _config(rows, d_latent, hip=hip) if hip else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8)
         constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
-                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
+                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled,
+                          SPARSE=sparse)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         # fp8: the e4m3 (OCP float8_e4m3fn) latent and its fp32 scales; queries and rope key bf16. sm_90 converts with
         # cvt.rn.f16x2.e4m3x2 (and cvt.rn.satfinite.e4m3x2.f32 in write_cache); gfx942 (MI300), whose native fp8 is
@@ -178,6 +179,8 @@ def _cases(hip: bool) -> dict:
         "prefill-absorbed": attn(1024, True, False),
         "decode-h16-scheduled": attn(16, False, False, scheduled=True),
         "decode-h128-scheduled": attn(128, False, False, scheduled=True),
+        "decode-h128-sparse": attn(128, False, True, sparse=True),
+        "decode-h16-fp8-sparse": attn(16, False, True, fp8=True, sparse=True),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True, SCHEDULED=False),
                     {"OUT": "*bf16", "*": "*fp32"}, 4, 1, None),
         "combine-scheduled": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=512, STORE_LSE=True, SCHEDULED=True),
@@ -330,6 +333,9 @@ def jit_launches() -> dict:
     kv8, scale8, pe8 = fp8_latent_cache(blocks, page, 512, 64)
     cases["mla_decode-h16-fp8"] = lambda: decode.mla_decode(*queries(batch, 1, 16), kv8, pe8, table, seqlens, 0.1,
                                                             kv_scale=scale8)
+    topk = torch.randint(0, ctx - 150, (batch, 2, 2048), generator=gen, dtype=torch.int32)  # V3.2's top-2048
+    cases["mla_decode-h128-sparse"] = lambda: decode.mla_decode(*queries(batch, 2, 128), kv, pe, table, seqlens, 0.1,
+                                                                indices=topk)
     cu = torch.tensor([0, 20, 30], dtype=torch.int32)
     w_kv_b = torch.randn(16 * 256, 512, generator=gen).to(torch.bfloat16)
     q_raw = torch.randn(30, 16, 192, generator=gen).to(torch.bfloat16)

@@ -50,24 +50,30 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                num_splits: Optional[int], sched_programs: Optional[torch.Tensor] = None,
                sched_sequences: Optional[torch.Tensor] = None,
                sched_sizes: Optional[list[int]] = None,
-               kv_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args); kv_scale: an fp8 cache's scales.
+               kv_scale: Optional[torch.Tensor] = None,
+               indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args); kv_scale: an fp8 cache's scales;
+    # indices: sparse key lists [B, S_q, K].
     # mla_decode checked all this before tracing the op; a direct call of the op is checked here the same way
     softmax_scale, max_seqlen_k, num_splits = _decode._check_decode_args(q_nope, q_pe, kv_cache, pe_cache,
                                                                          block_table, cache_seqlens, softmax_scale,
                                                                          w_uv, max_seqlen_k, num_splits, kv_scale)
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
+    if indices is not None:
+        _decode._check_indices(indices, q_nope, metadata)
     if metadata is not None:
         _decode._check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],
                                 num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                                       causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
+                                       causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
+                                       indices=indices)
     return out, _lse_or_empty(lse, q_nope)
 
 
 @mla_decode.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
-      max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None):
+      max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None,
+      indices=None):
     out = q_nope.new_empty(q_nope.shape)
     if w_uv is not None:
         out = _decode._project_v(out, w_uv)  # the same ops on fake tensors: the real output's strides

@@ -205,9 +205,9 @@ def _softmax_finish(m_i, l_i):
 @triton.jit
 def _mla_attn_kernel(
     Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, CU_SEQLENS_Q,
-    OUT, LSE, OUT_PART, LSE_PART, SCHED_PROGRAMS, SCHED_SEQUENCES,
+    OUT, LSE, OUT_PART, LSE_PART, SCHED_PROGRAMS, SCHED_SEQUENCES, INDICES,
     sm_scale_log2,
-    num_heads, s_q, split_len, total_rows,
+    num_heads, s_q, split_len, total_rows, topk,
     stride_qn_b, stride_qn_s, stride_qn_h,
     stride_qp_b, stride_qp_s, stride_qp_h,
     stride_kv_blk, stride_kv_tok,
@@ -218,9 +218,11 @@ def _mla_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
-    SCHEDULED: tl.constexpr = False,
+    SCHEDULED: tl.constexpr = False, SPARSE: tl.constexpr = False,
 ):
     """Grid ``(row blocks, B, splits)``: program (m, b, s) reads split s of sequence b's keys for row block m.
+    ``SPARSE`` (decode only): grid ``(row blocks, B * S_q, splits)``; program (m, t, s) serves query token t's heads
+    over split s of its key list ``INDICES [B * S_q, topk]`` (positions; entries outside the sequence are skipped).
     ``SCHEDULED`` (decode only): grid ``(row blocks, P)``; program (m, p) walks the units of row p of the
     schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials.
     ``KV_FP8``: ``KV`` holds e4m3 values with fp32 scales in ``KV_SCALE`` (one per 128 values of a token).
@@ -249,8 +251,9 @@ def _mla_attn_kernel(
                     stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok,
                     stride_bt_b,
                     pid_m, seq.to(tl.int64), t0, BLOCK_N, (t1 - t0) * BLOCK_N, slot - seq, s_q * num_heads, cut,
+                    INDICES, topk,
                     D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32,
-                    DOT_PRECISION, KV_FP8)
+                    DOT_PRECISION, KV_FP8, False)
     else:
         pid_b = tl.program_id(1).to(tl.int64)
         pid_split = tl.program_id(2)
@@ -259,9 +262,9 @@ def _mla_attn_kernel(
             sm_scale_log2, num_heads, s_q,
             stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
             stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
-            pid_m, pid_b, pid_split, split_len, split_len, pid_split, total_rows, SPLIT,
+            pid_m, pid_b, pid_split, split_len, split_len, pid_split, total_rows, SPLIT, INDICES, topk,
             D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32, DOT_PRECISION,
-            KV_FP8)
+            KV_FP8, SPARSE)
 
 
 @triton.jit
@@ -270,22 +273,34 @@ def _mla_attn_block(
     sm_scale_log2, num_heads, s_q,
     stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
     stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
-    pid_m, pid_b, pid_split, split_len, key_len, part_index, part_stride, to_part,
+    pid_m, pid_b, pid_split, split_len, key_len, part_index, part_stride, to_part, INDICES, topk,
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SPARSE: tl.constexpr,
 ):
     """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
-    and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output."""
-    tok_start, seq_q, q_nope_base, q_pe_base, num_rows = _query_rows(
-        Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b, stride_qp_s,
-        VARLEN)
+    and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output.
+    ``SPARSE``: ``pid_b`` is query token t = b * S_q + s (``s_q`` = S_q); its rows are its heads, and its keys are
+    entries ``pid_split * split_len`` on of its list ``INDICES[t, :topk]``, not cache positions."""
+    if SPARSE:
+        b = pid_b // s_q
+        seqlen = tl.load(SEQLENS + b)
+        tok_start, seq_q, num_rows = pid_b, 1, num_heads
+        q_nope_base = Q_NOPE + b * stride_qn_b + (pid_b % s_q) * stride_qn_s
+        q_pe_base = Q_PE + b * stride_qp_b + (pid_b % s_q) * stride_qp_s
+        q_end = seqlen - s_q + (pid_b % s_q) + 1  # the token's position + 1: what a causal row may see
+    else:
+        b = pid_b
+        tok_start, seq_q, q_nope_base, q_pe_base, num_rows = _query_rows(
+            Q_NOPE, Q_PE, CU_SEQLENS_Q, pid_b, s_q, num_heads, stride_qn_b, stride_qn_s, stride_qp_b, stride_qp_s,
+            VARLEN)
+        seqlen = tl.load(SEQLENS + pid_b)
+        q_end = seqlen
     if pid_m * BLOCK_M >= num_rows:
         return
-    seqlen = tl.load(SEQLENS + pid_b)
 
-    row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, seqlen, seq_q, BLOCK_M)
+    row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, q_end, seq_q, BLOCK_M)
     offs_r = tl.arange(0, D_LATENT)
     offs_p = tl.arange(0, D_ROPE)
 
@@ -297,18 +312,28 @@ def _mla_attn_block(
         q_nope = q_nope.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
 
-    # keys this program reads: its split, cut at the last position any of its rows may see
+    # keys this program reads: its split, cut at the last position any of its rows may see (sparse: its split of
+    # the token's key list)
     n_start = pid_split * split_len
-    n_end = _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
+    if SPARSE:
+        n_end = tl.minimum(n_start + key_len, topk)
+    else:
+        n_end = _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_LATENT], dtype=tl.float32)
-    bt_row = BLOCK_TABLE + pid_b * stride_bt_b
+    bt_row = BLOCK_TABLE + b * stride_bt_b
 
     for start in range(n_start, n_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
-        n_mask = offs_n < n_end
+        if SPARSE:  # the tile's cache positions from the list; entries outside the sequence (-1 pads) are skipped
+            offs_j = start + tl.arange(0, BLOCK_N)
+            offs_n = tl.load(INDICES + pid_b * topk + offs_j, mask=offs_j < n_end, other=-1)
+            n_mask = (offs_n >= 0) & (offs_n < seqlen)
+            offs_n = tl.where(n_mask, offs_n, 0)
+        else:
+            offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
+            n_mask = offs_n < n_end
         block_id = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_page = (offs_n % PAGE_SIZE).to(tl.int64)
         kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
@@ -403,7 +428,7 @@ def _mla_combine_kernel(
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
             return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
-            schedule=None, kv_scale=None, reuse_scratch=False):
+            schedule=None, kv_scale=None, reuse_scratch=False, indices=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
@@ -413,21 +438,24 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     custom ops: torch.compile's CUDA graphs (cudagraph trees) run their warm-up calls with allocations redirected to
     the graphs' private memory pool, whose blocks they reassign by their own bookkeeping, which a buffer kept
     across calls is not part of.
+    ``indices`` (decode only, a checked contiguous ``[B * S_q, K]`` int tensor): sparse attention, each query token
+    over its own K listed positions; the grid then has a program per token (its heads are its rows) and splits K.
     """
-    varlen = cu_seqlens_q is not None
+    varlen, sparse = cu_seqlens_q is not None, indices is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
     device = q_nope.device
     elem_bytes, kv_fp8 = q_nope.element_size(), kv_scale is not None
-    cfg = config or decode_tiles(max_seqlen_q * heads, d_latent, device, d_rope, elem_bytes, kv_fp8)
+    rows_per_program = heads if sparse else max_seqlen_q * heads
+    cfg = config or decode_tiles(rows_per_program, d_latent, device, d_rope, elem_bytes, kv_fp8)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
-        fallback = _fit_tiles(_config(max_seqlen_q * heads, d_latent, _utils.on_hip(device)), device, d_latent,
+        fallback = _fit_tiles(_config(rows_per_program, d_latent, _utils.on_hip(device)), device, d_latent,
                               d_rope, elem_bytes, kv_fp8)
 
         def launch(c):
             return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                            causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c,
-                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
+                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices)
         return _tuning.launch_tuned(cfg, launch, fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
@@ -436,12 +464,14 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         return out, lse
 
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    m_blocks = _utils.cdiv(max_seqlen_q * heads, block_m)
+    m_blocks = _utils.cdiv(rows_per_program, block_m)
+    programs_b = batch * seq_q if sparse else batch  # sparse: a program per query token
+    keys = indices.shape[1] if sparse else max_seqlen_k  # what the splits cut: the key lists, or the cache length
     if num_splits is None:
-        num_splits = _num_splits(batch * m_blocks, max_seqlen_k, device, block_m, cfg.get("waves"))
+        num_splits = _num_splits(programs_b * m_blocks, keys, device, block_m, cfg.get("waves"))
     else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials for them
-        num_splits = min(num_splits, _utils.cdiv(max(max_seqlen_k, 1), block_n))
-    split_len = _utils.cdiv(_utils.cdiv(max(max_seqlen_k, 1), num_splits), block_n) * block_n
+        num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n))
+    split_len = _utils.cdiv(_utils.cdiv(max(keys, 1), num_splits), block_n) * block_n
     split = num_splits > 1
 
     if varlen:
@@ -456,7 +486,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     else:
         out_part = lse_part = out  # unused
     dummy = cache_seqlens
-    grid = (m_blocks, batch, num_splits)
+    grid = (m_blocks, programs_b, num_splits)
     if schedule is not None:  # persistent programs walk their units; only cut sequences write partials
         assert not varlen and not split, "schedule: decode only, one split"
         if (schedule.block_m, schedule.block_n) != (block_m, block_n):
@@ -469,7 +499,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
 
     sm_scale_log2 = softmax_scale * LOG2E
     s_q_arg = total_tokens if varlen else seq_q  # the kernels' s_q: T packed tokens with cu_seqlens_q (_query_rows)
-    hopper = _hopper_kernel(cfg, q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None else None
+    hopper = (_hopper_kernel(cfg, q_nope, kv_cache, pe_cache)
+              if schedule is None and kv_scale is None and not sparse else None)
     if hopper == "gluon":
         from .decode_gluon import launch_gluon
         launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
@@ -484,7 +515,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                          out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
                          qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
-                         schedule=schedule, kv_scale=kv_scale)
+                         schedule=schedule, kv_scale=kv_scale, indices=indices)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
         _mla_combine_kernel[(total_rows,)](
             out_part, lse_part, out, lse if lse is not None else dummy,
@@ -557,9 +588,9 @@ def _gluon_serves(cfg: dict, q_nope, kv_cache, pe_cache) -> bool:
 
 def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                      out_part, lse_part, sm_scale_log2, heads, seq_q, split_len, total_rows, qn_strides, qp_strides,
-                     *, causal, varlen, split, return_lse, cfg, schedule=None, kv_scale=None):
+                     *, causal, varlen, split, return_lse, cfg, schedule=None, kv_scale=None, indices=None):
     """Launch the portable ``_mla_attn_kernel`` (pointer loads; any page size, dtype and GPU; the only one that
-    runs a ``schedule`` or reads an fp8 cache, ``kv_scale``)."""
+    runs a ``schedule``, reads an fp8 cache, ``kv_scale``, or sparse key lists, ``indices`` [B * S_q, K])."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
     _mla_attn_kernel[grid](
@@ -567,8 +598,9 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         cu_seqlens_q if varlen else dummy,
         out, lse if lse is not None else dummy, out_part, lse_part,
         dummy if schedule is None else schedule.programs, dummy if schedule is None else schedule.sequences,
+        dummy if indices is None else indices,
         sm_scale_log2,
-        heads, seq_q, split_len, total_rows,
+        heads, seq_q, split_len, total_rows, 0 if indices is None else indices.shape[1],
         *qn_strides, *qp_strides,
         *kv_cache.stride()[:2], *pe_cache.stride()[:2],
         *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
@@ -577,7 +609,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
         DOT_FP32=_utils.interpreting(), DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None,
+        KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None, SPARSE=indices is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -619,12 +651,44 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     return torch.einsum("bshl,blr->bshr", probs, kv), lse
 
 
+def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, indices, softmax_scale, causal,
+                         kv_scale=None):
+    """``_attend_torch`` over each token's own key list: ``indices [B * S_q, K]`` cache positions (``mla_decode``'s
+    ``indices``; entries outside the sequence, or with ``causal`` past the token, skipped). Returns out, lse."""
+    batch, s_q, heads = q_nope.shape[:3]
+    page = kv_cache.shape[1]
+    pos = indices.long().view(batch, s_q, -1)  # [B, S, K]
+    lengths = seqlens.long()[:, None, None]
+    valid = (pos >= 0) & (pos < lengths)
+    if causal:
+        valid &= pos <= lengths - s_q + torch.arange(s_q, device=pos.device)[None, :, None]
+    pos = torch.where(valid, pos, 0)
+    blocks = torch.gather(block_table.long(), 1, (pos // page).view(batch, -1)).view(pos.shape)
+    blocks = torch.where(valid, blocks, 0)  # (a padding slot's table may hold anything)
+    kv = kv_cache[blocks, pos % page].float()  # [B, S, K, R]
+    if kv_scale is not None:
+        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, pos % page][..., None]).flatten(-2)
+    pe = pe_cache[blocks, pos % page].float()
+    kv = torch.where(valid[..., None], kv, 0.0)
+    pe = torch.where(valid[..., None], pe, 0.0)
+    scores = torch.einsum("bshr,bskr->bshk", q_nope.float(), kv) + torch.einsum("bshp,bskp->bshk", q_pe.float(), pe)
+    scores = (scores * softmax_scale).masked_fill(~valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
+    return torch.einsum("bshk,bskr->bshr", probs, kv), lse
+
+
 def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                     causal=True, return_lse=False, w_uv=None, *, kv_scale=None):
-    """``mla_decode`` in plain PyTorch (no argument checks): the absorbed path without Triton."""
-    q_len = torch.full_like(cache_seqlens, q_nope.shape[1])
-    out, lse = _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, q_len, softmax_scale,
-                             causal, kv_scale)
+                     causal=True, return_lse=False, w_uv=None, *, kv_scale=None, indices=None):
+    """``mla_decode`` in plain PyTorch (no argument checks): the absorbed path without Triton. ``indices``: the
+    ``[B * S_q, K]`` rows the kernel reads (``_mla_decode_run``)."""
+    if indices is not None:
+        out, lse = _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, indices,
+                                        softmax_scale, causal, kv_scale)
+    else:
+        q_len = torch.full_like(cache_seqlens, q_nope.shape[1])
+        out, lse = _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, q_len, softmax_scale,
+                                 causal, kv_scale)
     out = out.to(q_nope.dtype)
     if w_uv is not None:
         out = _project_v(out, w_uv)
@@ -655,7 +719,7 @@ def _project_v(out, w_uv):
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None,
-               kv_scale=None):
+               kv_scale=None, indices=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -683,6 +747,13 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         kv_scale: for an FP8 cache (``kv_cache`` float8_e4m3fn, e.g. from ``fp8_latent_cache``), its scales
             ``[num_blocks, block_size, R/128]`` float32; the latent is dequantized in registers to the query's
             dtype, which must be ``pe_cache``'s (bf16 or fp16; queries are never fp8). None for other caches.
+        indices: sparse attention (DeepSeek-V3.2's DSA, whose indexer picks each token's top-k keys): ``[B, S_q, K]``
+            int32 (or int64) cache positions (0 to ``cache_seqlens[b] - 1``, numbered as above) that new token s
+            of sequence b attends to, instead of the whole cache; negative entries (-1 by convention) pad a short
+            list and are skipped. Entries should be distinct (a repeated one counts as often as it appears). With
+            ``causal`` an entry past the token's own position is skipped too. K is any size; the split grid cuts
+            the lists instead of the cache. Exclusive with ``metadata``; ``max_seqlen_k`` then only bounds the
+            lengths. Runs the portable kernel (any GPU, page size, head count, dtype, fp8 cache).
 
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
@@ -692,7 +763,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     before anything runs, and a length below S_q other than 0 is refused (its new tokens cannot all be in the
     cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that
     would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
-    undefined behaviour, as in FlashMLA.
+    undefined behaviour, as in FlashMLA. ``indices`` entries at or past a sequence's length are refused on the CPU
+    and skipped on a GPU (never read).
     """
     softmax_scale, max_seqlen_k, num_splits = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                  cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
@@ -700,8 +772,19 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     if torch.is_grad_enabled():  # (the call's kwargs cost more than the check; most callers run without grad)
         _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
                              kv_scale=kv_scale)
+    if indices is not None:
+        _check_indices(indices, q_nope, metadata)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale)
+                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices)
+
+
+def _check_indices(indices, q_nope, metadata) -> None:
+    """``indices [B, S_q, K]``: an int32/int64 tensor on the query's device matching its batch and tokens."""
+    _utils.check_tensor("indices", indices, 3, _utils.INDEX_DTYPES)
+    _utils.check_same("indices", tuple(indices.shape[:2]), "q_nope", tuple(q_nope.shape[:2]), "[B, S_q]")
+    _utils.check_devices(q_nope=q_nope, indices=indices)
+    if metadata is not None:
+        raise ValueError("indices and metadata exclude each other: sparse lists are split by length, not scheduled")
 
 
 def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv,
@@ -787,7 +870,7 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 
 
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None):
+                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, indices=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
@@ -799,22 +882,24 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
         out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
                                                     softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits,
-                                                    *tables, sizes, kv_scale)
+                                                    *tables, sizes, kv_scale, indices)
     else:
         out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                    causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
-                                   reuse_scratch=True)
+                                   reuse_scratch=True, indices=indices)
     return (out, lse) if return_lse else out
 
 
 def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
-                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, reuse_scratch=False):
+                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, reuse_scratch=False, indices=None):
     """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
     on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
     no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``;
-    ``reuse_scratch`` for the eager call only (``_launch``)."""
+    ``reuse_scratch`` for the eager call only (``_launch``); ``indices`` checked by ``_check_indices``."""
     batch, s_q, heads, d_latent = q_nope.shape
     _utils.check_has_data("q_nope", q_nope)
+    if indices is not None:  # the kernel reads one contiguous row of K per query token (a copy only for a view)
+        indices = indices.contiguous().view(batch * s_q, indices.shape[2])
     if q_nope.device.type == "cpu":  # checks that need the values are free on the CPU (on a GPU they would sync)
         _check_lengths_cpu(cache_seqlens, block_table, kv_cache.shape[0], kv_cache.shape[1], max_seqlen_k)
         if metadata is not None:
@@ -824,20 +909,28 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
             b = int(short.nonzero()[0, 0])
             raise ValueError(f"cache_seqlens[{b}] = {int(cache_seqlens[b])} is less than the S_q = {s_q} new tokens, "
                              "which must already be in the cache (0 marks a padding slot)")
+        if indices is not None:
+            past = indices.long() >= cache_seqlens.long().repeat_interleave(s_q)[:, None]
+            if bool(past.any()):
+                t, k = (int(i) for i in past.nonzero()[0])
+                raise ValueError(f"indices[{t // s_q}, {t % s_q}, {k}] = {int(indices[t, k])} is not a position of "
+                                 f"sequence {t // s_q}, which holds {int(cache_seqlens[t // s_q])} tokens "
+                                 "(skip an entry with -1)")
 
     if not _utils.use_triton(q_nope):
         out = mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                               causal, True, w_uv, kv_scale=kv_scale)
+                               causal, True, w_uv, kv_scale=kv_scale, indices=indices)
         return out[0], (out[1] if return_lse else None)
 
-    if metadata is None and num_splits is None and _use_schedule(batch, s_q * heads, q_nope.device):
+    if metadata is None and indices is None and num_splits is None and _use_schedule(batch, s_q * heads,
+                                                                                      q_nope.device):
         metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None,
                                            q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     with _utils.launch_device(q_nope.device):
         out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                            return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
                            max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch)
+                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

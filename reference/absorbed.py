@@ -86,3 +86,34 @@ def absorbed_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q
         out[start:end], lse[start:end] = _attend_latent(
             q_nope[start:end].to(dtype), q_pe[start:end].to(dtype), kv, pe, softmax_scale, causal)
     return out, lse
+
+
+def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, indices, softmax_scale,
+                  causal=True, w_uv=None, dtype=torch.float64):
+    """Reference for ``mla_kernels.mla_decode(..., indices=...)``: sparse attention (DeepSeek-V3.2's DSA).
+
+    New token s of sequence b attends only to the cache positions listed in ``indices[b, s]`` ([B, S_q, K]);
+    negative entries are unused, and with ``causal`` so are positions after the token's own
+    (``cache_seqlens[b] - S_q + s``). Every listed entry counts once. A token with no usable entry gives zeros
+    and lse -inf. Other arguments as ``absorbed_decode``. Returns (out, lse) in ``dtype``.
+    """
+    batch, s_q, heads, _ = q_nope.shape
+    out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
+    lse = torch.full((batch, s_q, heads), float("-inf"), dtype=dtype, device=q_nope.device)
+    for b in range(batch):
+        length = int(cache_seqlens[b])
+        kv = gather_paged(kv_cache, block_table[b], length).to(dtype)  # the whole sequence, then its listed rows
+        pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
+        for s in range(s_q):
+            last = length - s_q + s if causal else length - 1
+            keys = [int(p) for p in indices[b, s] if 0 <= int(p) <= last]
+            if not keys:
+                continue
+            rows = torch.tensor(keys, device=kv.device)
+            # one new token over its own keys, without a causal mask (the list is already cut at its position)
+            o, l = _attend_latent(q_nope[b, s:s + 1].to(dtype), q_pe[b, s:s + 1].to(dtype), kv[rows], pe[rows],
+                                  softmax_scale, causal=False)
+            out[b, s], lse[b, s] = o[0], l[0]
+    if w_uv is not None:
+        out = torch.einsum("bshr,hvr->bshv", out, w_uv.to(dtype))
+    return out, lse

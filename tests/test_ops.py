@@ -46,6 +46,20 @@ def test_opcheck_mla_decode(return_lse, w_uv, device):
     assert torch.equal(lse, expected[1]) if return_lse else lse.shape == (0,)
 
 
+def test_opcheck_mla_decode_sparse(device):
+    """The op with sparse key lists (``indices [B, S_q, K]``, -1 padded): its schema, fake and dynamic-shape runs."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device, s_q=2)
+    idx = torch.tensor([[[4, 0, -1], [1, 2, 3]], [[-1, -1, -1]] * 2, [[8, 3, 5], [0, 7, -1]]], dtype=torch.int32,
+                       device=device)
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, True, None, 12, None, None, None, None,
+            None, idx)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_decode(*args)
+    expected = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      max_seqlen_k=12, indices=idx)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["views-of-one-buffer", "separate"])
 def test_opcheck_write_cache(fused, device):
     buf = torch.zeros(6, PAGE, R + P, device=device)

@@ -1,0 +1,171 @@
+"""Sparse decode (``mla_decode(..., indices=...)``, DeepSeek-V3.2's DSA): each new token attends to its own list of
+cache positions. Against the float64 ``reference.sparse_decode``, under the interpreter (or natively on a GPU), with
+the usual NaN poisoning of everything outside the listed positions' slots."""
+
+import pytest
+import torch
+
+import mla_kernels
+import reference
+from helpers import assert_close, assert_lse_close, assert_rejects
+from mla_kernels import _utils
+from test_decode import SCALE, make_inputs
+from test_fp8 import FP8_LSE_ATOL, FP8_RMS_TOL, FP8_COS_TOL, decode_inputs, dequantized
+
+
+def key_lists(lens, s_q, k, seed=0, dtype=torch.int32, device="cpu", dup_free=True):
+    """``[B, S_q, K]`` distinct positions of each sequence, in random order, padded with -1 where the sequence has
+    fewer than K tokens; a few entries past each token's own position (a causal call must skip them)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for length in lens:
+        per_token = []
+        for _ in range(s_q):
+            r = torch.randperm(length, generator=g)[:k] if length else torch.empty(0, dtype=torch.long)
+            per_token.append(torch.nn.functional.pad(r, (0, k - r.shape[0]), value=-1))
+        rows.append(torch.stack(per_token))
+    return torch.stack(rows).to(dtype=dtype, device=device)
+
+
+def ref_sparse(a, idx, **kw):
+    return reference.sparse_decode(*(a[n] for n in ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table",
+                                                    "cache_seqlens")), idx, SCALE, **kw)
+
+
+def inputs(lens, s_q, heads, page, dtype, device, r=512, p=64, seed=0):
+    names = ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table", "cache_seqlens")
+    return dict(zip(names, make_inputs(lens, s_q, heads, page, dtype, device, r=r, p=p, seed=seed)),
+                softmax_scale=SCALE)
+
+
+# (lens, S_q, heads, page, K): lists shorter and longer than sequences, padding slots, every head count
+CASES = {
+    "h1-page1-s1-k7": ([1, 17, 0], 1, 1, 1, 7),
+    "h16-page64-s1-k64": ([100, 0, 257, 64], 1, 16, 64, 64),
+    "h16-page16-s3-k40": ([31, 130], 3, 16, 16, 40),
+    "h128-page64-s1-k100": ([200, 65], 1, 128, 64, 100),
+    "h5-page16-s2-k300": ([17, 260], 2, 5, 16, 300),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_sparse_parity(case, dtype, device, poisoned_empty):
+    lens, s_q, heads, page, k = CASES[case]
+    a = inputs(lens, s_q, heads, page, dtype, device)
+    idx = key_lists(lens, s_q, k, device=device)
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=idx)
+    ref_out, ref_lse = ref_sparse(a, idx)
+    assert out.dtype == dtype and out.shape == a["q_nope"].shape and lse.shape == a["q_nope"].shape[:3]
+    assert_close(case, out, ref_out, dtype)
+    assert_lse_close(case, lse, ref_lse)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5], ids=lambda n: f"splits{n}")
+def test_sparse_splits_w_uv_int64_and_non_causal(num_splits, device, poisoned_empty):
+    """Forced splits of the lists (some empty), the value projection, int64 lists as a non-contiguous view, and
+    causal=False (entries past a token's own position then count)."""
+    lens, s_q, heads, k = [300, 2, 0, 77], 2, 16, 90
+    a = inputs(lens, s_q, heads, 16, torch.bfloat16, device, r=256, p=32, seed=1)
+    w_uv = (torch.randn(heads, 64, 256) / 16).to(dtype=torch.bfloat16, device=device)
+    wide = key_lists(lens, s_q, 2 * k, seed=2, dtype=torch.int64, device=device)
+    idx = wide[..., ::2]  # a strided view: copied once into the rows the kernel reads
+    for causal in (True, False):
+        out = mla_kernels.mla_decode(**a, causal=causal, w_uv=w_uv, num_splits=num_splits, indices=idx)
+        ref_out, _ = ref_sparse(a, idx, causal=causal, w_uv=w_uv)
+        assert_close(f"splits={num_splits} causal={causal}", out, ref_out, torch.bfloat16)
+
+
+def test_every_position_listed_equals_dense_decode(device):
+    """Listing every position of every sequence (in any order, -1 past the end) is dense decode, bit for bit in fp32
+    (the same tiles in another order: within fp32 rounding)."""
+    lens, s_q, heads = [70, 0, 33], 2, 8
+    a = inputs(lens, s_q, heads, 16, torch.float32, device, r=64, p=16)
+    width = max(lens)
+    pos = torch.stack([torch.randperm(width, generator=torch.Generator().manual_seed(b)) for b in range(3)])
+    pos = torch.where(pos < a["cache_seqlens"].cpu()[:, None], pos, -1)
+    idx = pos[:, None, :].expand(3, s_q, width).to(device=device, dtype=torch.int32)
+    dense, dense_lse = mla_kernels.mla_decode(**a, return_lse=True)
+    sparse, sparse_lse = mla_kernels.mla_decode(**a, return_lse=True, indices=idx)
+    torch.testing.assert_close(sparse, dense)  # fp32, one reordered sum per row: torch's fp32 defaults
+    torch.testing.assert_close(sparse_lse, dense_lse)
+
+
+def test_a_token_with_no_usable_entry_gives_zeros_and_minus_inf(device):
+    """All -1, only future positions (causal), an empty list (K = 0) and a padding slot: zeros, lse -inf."""
+    lens, s_q = [20, 0], 2
+    a = inputs(lens, s_q, 4, 16, torch.bfloat16, device, r=64, p=16)
+    idx = torch.full((2, s_q, 3), -1, dtype=torch.int32, device=device)
+    idx[0, 0] = torch.tensor([19, 19, -1])  # token 0 sits at position 18: 19 is its successor's
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=idx)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    empty = idx[..., :0]
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=empty)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+def test_fp8_cache(device, poisoned_empty):
+    """An fp8 latent read through the lists: against the reference on the exactly dequantized cache, with the
+    bounds of the dense fp8 tests (tests/test_fp8.py: e4m3's rounding on top of bf16's)."""
+    lens, s_q, heads = [200, 65, 0], 2, 16
+    a = decode_inputs(lens, s_q, heads, 64, (512, 64), torch.bfloat16, device)
+    idx = key_lists(lens, s_q, 96, seed=4, device=device)
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=idx)
+    ref_out, ref_lse = ref_sparse(dequantized(a), idx)
+    assert_close("fp8 sparse", out, ref_out, torch.bfloat16, FP8_RMS_TOL[torch.bfloat16], FP8_COS_TOL[torch.bfloat16])
+    assert_lse_close("fp8 sparse", lse, ref_lse, FP8_LSE_ATOL[torch.bfloat16])
+
+
+def test_torch_path_matches_the_kernel(device, monkeypatch):
+    """The PyTorch path (a CPU without the interpreter) gives the kernel's answer."""
+    lens, s_q, heads = [90, 0, 41], 2, 4
+    a = inputs(lens, s_q, heads, 16, torch.float32, device, r=64, p=16)
+    idx = key_lists(lens, s_q, 50, seed=5, device=device)
+    kernel = mla_kernels.mla_decode(**a, indices=idx)
+    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    torch_path = mla_kernels.mla_decode(**a, indices=idx)
+    torch.testing.assert_close(torch_path, kernel, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+
+
+def test_bad_indices_are_refused(device):
+    lens, s_q = [20, 5], 2
+    a = inputs(lens, s_q, 4, 16, torch.bfloat16, device, r=64, p=16)
+    good = key_lists(lens, s_q, 4, device=device)
+
+    def call(**kw):
+        return mla_kernels.mla_decode(**kw)
+
+    cases = [
+        (lambda d: d.update(indices=good.float()), TypeError),
+        (lambda d: d.update(indices=good[0]), ValueError),
+        (lambda d: d.update(indices=good[:1]), ValueError),
+        (lambda d: d.update(indices=good[:, :1]), ValueError),
+        (lambda d: d.update(indices=[[[0]]]), TypeError),
+    ]
+    for change, error in cases:
+        assert_rejects(call, dict(a, indices=good), change, error, "indices")
+    meta = mla_kernels.mla_decode_metadata(a["cache_seqlens"], 4, s_q, kv_lora_rank=64, rope_dim=16)
+    with pytest.raises(ValueError, match="indices and metadata"):
+        mla_kernels.mla_decode(**a, indices=good, metadata=meta)
+    if device.type == "cpu":  # values are checked where that is free
+        past = good.clone()
+        past[1, 0, 2] = 5  # sequence 1 holds 5 tokens: positions 0..4
+        with pytest.raises(ValueError, match=r"indices\[1, 0, 2\] = 5"):
+            mla_kernels.mla_decode(**a, indices=past)
+
+
+def test_compiled_call_is_one_op_node(device):
+    """Under torch.compile(fullgraph=True) the sparse call traces to the one mla_decode op, and equals eager."""
+    lens, s_q = [40, 9], 1
+    a = inputs(lens, s_q, 4, 16, torch.float32, device, r=64, p=16)
+    idx = key_lists(lens, s_q, 12, device=device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda i: mla_kernels.mla_decode(**a, indices=i), backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(idx), mla_kernels.mla_decode(**a, indices=idx))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert "mla_kernels.mla_decode" in targets, targets
