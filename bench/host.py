@@ -62,8 +62,9 @@ def _meta_read_lengths(cu_seqlens_q, cache_seqlens):
     return torch.tensor(cu_seqlens_q.bench_values + cache_seqlens.bench_values)
 
 
-_STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_combine_kernel"), (cache_mod, "_write_cache_kernel"),
-          (prefill_mod, "_mla_expanded_kernel"), (prefill_mod, "_gather_latent_kernel"))
+_STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_sparse_attn_kernel"), (decode_mod, "_mla_combine_kernel"),
+          (cache_mod, "_write_cache_kernel"), (prefill_mod, "_mla_expanded_kernel"),
+          (prefill_mod, "_gather_latent_kernel"))
 
 
 @contextlib.contextmanager

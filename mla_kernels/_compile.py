@@ -109,22 +109,23 @@ def _cases(hip: bool) -> dict:
     library launches; the estimate is the library's (``decode_shared_bytes`` / ``expanded_shared_bytes``), which
     sized the tiles to fit, for the test to hold against the compiler's figure."""
     from .cache import _write_cache_kernel
-    from .decode import _config, _mla_attn_kernel, _mla_combine_kernel, decode_shared_bytes, decode_tiles
+    from .decode import (_config, _mla_attn_kernel, _mla_combine_kernel, _mla_sparse_attn_kernel, decode_shared_bytes,
+                         decode_tiles)
     from .decode_tma import _mla_attn_tma_kernel
     from .prefill import _expanded_config, _expanded_heuristic, _mla_expanded_kernel, expanded_shared_bytes
 
     h100 = torch.device("cpu")  # no tuned file: the heuristic tiles, fitted to the H100's shared memory
 
     attn_types = {"BLOCK_TABLE": "*i32", "SEQLENS": "*i32", "CU_SEQLENS_Q": "*i32", "LSE": "*fp32",
-                  "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32", "INDICES": "*i32"}
+                  "OUT_PART": "*fp32", "LSE_PART": "*fp32", "SCHED_PROGRAMS": "*i32", "SCHED_SEQUENCES": "*i32",
+                  "INDICES": "*i32"}
 
     def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False, d_rope=64, sparse=False):
         elem = 4 if fp32 else 2
         cfg = _config(rows, d_latent, hip=hip) if hip else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8)
         constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
-                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled,
-                          SPARSE=sparse)
+                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         # fp8: the e4m3 (OCP float8_e4m3fn) latent and its fp32 scales; queries and rope key bf16. sm_90 converts with
         # cvt.rn.f16x2.e4m3x2 (and cvt.rn.satfinite.e4m3x2.f32 in write_cache); gfx942 (MI300), whose native fp8 is
@@ -132,7 +133,11 @@ def _cases(hip: bool) -> dict:
         # emulation, never run or timed here.
         if fp8:
             types = dict(types, KV="*fp8e4nv", KV_SCALE="*fp32")
-        return (_mla_attn_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
+        kernel = _mla_attn_kernel
+        if sparse:  # the sparse entry: no VARLEN/SCHEDULED (decode only, split grid)
+            kernel = _mla_sparse_attn_kernel
+            constexprs = {k: v for k, v in constexprs.items() if k not in ("VARLEN", "SCHEDULED")}
+        return (kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
                 decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8))
 
     def attn_tma(rows, split):

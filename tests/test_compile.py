@@ -104,7 +104,7 @@ JIT_EXPECTED = {
     "decode-gluon-int64": ["_mla_attn_gluon_kernel"],
     "mla_decode-h16-w_uv": ["_mla_attn_kernel"],
     "mla_decode-h16-fp8": ["_mla_attn_kernel"],
-    "mla_decode-h128-sparse": ["_mla_attn_kernel", "_mla_combine_kernel"],
+    "mla_decode-h128-sparse": ["_mla_sparse_attn_kernel", "_mla_combine_kernel"],
     "mla_prefill": ["_mla_attn_kernel"],
     "mla_prefill_attention-expanded": ["_gather_latent_kernel", "_mla_expanded_kernel"],
     "write_cache": ["_write_cache_kernel"],
