@@ -517,7 +517,7 @@ def _fmt(x, spec: str, width: int) -> str:
 
 def format_row(row: dict, keys: Sequence[str] = ("B", "ctx", "H")) -> str:
     """``provider  B  ctx  H | p50 ms [p20, p80] | TFLOP/s | GB/s | % copy BW | speed-up  note``."""
-    head = f"{row['provider']:<16}" + "".join(f"{str(row.get(k, '')):>7}" for k in keys)
+    head = f"{row['provider']:<18}" + "".join(f"{str(row.get(k, '')):>7}" for k in keys)
     if "p50_ms" not in row:
         return f"{head} | {'not timed':>28} | {row.get('note', '')}"
     lat = f"{row['p50_ms']:9.4f} [{row['p20_ms']:.4f}, {row['p80_ms']:.4f}]"
@@ -526,7 +526,7 @@ def format_row(row: dict, keys: Sequence[str] = ("B", "ctx", "H")) -> str:
 
 
 def table_header(keys: Sequence[str] = ("B", "ctx", "H")) -> str:
-    head = f"{'provider':<16}" + "".join(f"{k:>7}" for k in keys)
+    head = f"{'provider':<18}" + "".join(f"{k:>7}" for k in keys)
     return (f"{head} | {'p50 ms [p20, p80]':>28} | {'TFLOP/s':>7} | {'GB/s':>7} | {'%copy':>6} | speed-up\n"
             + "-" * (len(head) + 84))
 

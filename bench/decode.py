@@ -9,6 +9,10 @@ Providers, each checked against the float32 reference (``reference.absorbed_deco
   mla_decode_fp8   the library over the same cache quantized to DeepSeek's FP8 layout (e4m3 latent + fp32 scale
                    per 128 values + bf16 rope key, 656 instead of 1152 bytes per token); checked against the
                    reference over the dequantized cache; its GB/s counts bf16 bytes (effective), compare times
+  mla_decode_sparse  the library with ``indices``: each token over 2048 random distinct positions of its sequence
+                   (DeepSeek-V3.2's top-k; every position when the context is shorter), checked against
+                   ``reference.sparse_decode``; its FLOP/s and bytes count the keys it reads (min(ctx, 2048)),
+                   its speedup is against dense mla_decode over the whole context
   naive            the decompressed path: gather each sequence's latent, expand it through
                    kv_b_proj into per-head K/V with one matmul, SDPA with a padding mask; out [B, 1, H, D_v]
 mla_decode is compared with torch_absorbed, mla_decode+w_uv with naive (same inputs, same output).
@@ -199,6 +203,30 @@ def fp8_provider(case: Case, mla_decode):
                                max_seqlen_k=c.max_len, kv_scale=scale8)), expected
 
 
+SPARSE_TOPK = 2048  # DeepSeek-V3.2's index_topk
+SPARSE_PROVIDER = True  # --skip-sparse: leave it out (a GPU session's first call keeps its minutes for issue 8)
+
+
+def sparse_provider(case: Case, mla_decode):
+    """(function, reference thunk): mla_decode with ``indices``, SPARSE_TOPK random distinct positions per token."""
+    from reference import sparse_decode
+
+    c = case
+    batch, s_q = c.q_abs.shape[:2]
+    gen = torch.Generator(device=c.q_abs.device).manual_seed(7)
+    order = torch.rand(batch, s_q, c.max_len, device=c.q_abs.device, generator=gen).argsort(-1)
+    indices = order[..., :SPARSE_TOPK].to(torch.int32)
+    del order
+
+    def expected():
+        out, _ = sparse_decode(c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, indices,
+                               c.shape.softmax_scale, dtype=torch.float32)
+        return out
+
+    return (lambda: mla_decode(c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens,
+                               c.shape.softmax_scale, max_seqlen_k=c.max_len, indices=indices)), expected
+
+
 def providers(case: Case, lib):
     """name -> (function, which reference it must match: "latent", "value" or a function computing it)."""
     mla_decode, decode_torch, _ = lib
@@ -212,6 +240,8 @@ def providers(case: Case, lib):
         "torch_absorbed": (lambda: decode_torch(*args), "latent"),
         "mla_decode_fp8": fp8_provider(c, mla_decode),
     }
+    if SPARSE_PROVIDER:
+        table["mla_decode_sparse"] = sparse_provider(c, mla_decode)
     tma = tma_config(case)
     if tma is not None:
         table["mla_decode[tma]"] = (lambda: decode_with_config(case, tma), "latent")
@@ -263,9 +293,9 @@ def decode_with_config(case: Case, config: dict) -> torch.Tensor:
 
 
 SPEEDUP_BASE = {"mla_decode": "torch_absorbed", "mla_decode+w_uv": "naive", "mla_decode[tma]": "torch_absorbed",
-                "mla_decode[gluon]": "torch_absorbed", "mla_decode_fp8": "mla_decode"}
+                "mla_decode[gluon]": "torch_absorbed", "mla_decode_fp8": "mla_decode", "mla_decode_sparse": "mla_decode"}
 ORDER = ["naive", "torch_absorbed", "mla_decode", "mla_decode[tma]", "mla_decode[gluon]", "mla_decode+w_uv",
-         "mla_decode_fp8"]
+         "mla_decode_fp8", "mla_decode_sparse"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,8 +354,13 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
         except h.WrongResult as exc:
             rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
             continue
-        rows[name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps, rel_rms_err=err,
-                                **keys)
+        work = dict(flops=flops, nbytes=nbytes)
+        if name == "mla_decode_sparse":  # the keys it reads, not the whole context: each token its own list
+            read = min(ctx, SPARSE_TOPK)
+            work = dict(flops=h.mla_flops(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope),
+                        nbytes=h.mla_bytes(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope,
+                                           dtype.itemsize))
+        rows[name] = h.make_row(name, timing, copy_gbps=copy_gbps, rel_rms_err=err, **work, **keys)
         p50[name] = timing.p50
     for name, base in SPEEDUP_BASE.items():
         if name in p50 and base in p50:
@@ -638,9 +673,10 @@ def main(argv=None) -> None:
                         help="only draw the PNG (roofline) of a saved results file, beside it; nothing is timed")
     parser.add_argument("--skip-gluon", action="store_true",
                         help="no mla_decode[gluon] provider (the Gluon kernel, Hopper only)")
+    parser.add_argument("--skip-sparse", action="store_true", help="no mla_decode_sparse provider")
     args = parser.parse_args(argv)
-    global GLUON_PROVIDER
-    GLUON_PROVIDER = not args.skip_gluon
+    global GLUON_PROVIDER, SPARSE_PROVIDER
+    GLUON_PROVIDER, SPARSE_PROVIDER = not args.skip_gluon, not args.skip_sparse
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],

@@ -59,7 +59,7 @@ case "${1:-all}" in
     # 2026-11-22: 321 tests in 88 s with -n 8; there are 750 now, so the limit may cut it: what ran is still known)
     step pytest 160 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
       --ignore=tests/test_decode_tma.py --junitxml="$OUT/pytest.xml"
-    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --plot \
+    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --skip-sparse --plot \
       --out "$OUT/decode_targets.json"  # --plot: the GPU machine has matplotlib (KINDS.md, 2026-11); the PNG is in the tgz
     step bench_decode_imbalanced 60 python -m bench.decode --quick --skip-seed --skip-sweep \
       --out "$OUT/decode_imb.json"
@@ -92,7 +92,7 @@ case "${1:-all}" in
     # cases are timed without the Gluon provider (a wrong result would only be marked, a fault would end the sweep).
     if step gluon_parity 150 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q \
         -p no:cacheprovider --junitxml="$OUT/gluon_parity.xml"; then skip_gluon=""; else skip_gluon="--skip-gluon"; fi
-    step bench_decode_targets 300 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon \
+    step bench_decode_targets 300 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --skip-sparse \
       --out "$OUT/decode_targets.json" ;;
   decode)  # issue 8 (targets table, page 1/16/64, S_q 1-8) and issue 13 (imbalanced beside uniform twins)
     step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced --out "$OUT/decode_full.json"
