@@ -1,6 +1,7 @@
 """Caches past 2^31 elements, through Triton's interpreter: every kernel that addresses the cache (decode, its
-scheduled grid, the TMA kernel, the absorbed and expanded prefill, write_cache, and the fp8 variants) gives bit for bit what it gives
-on a small cache holding the same blocks, placed at the end of the big one.
+scheduled grid, its sparse lists, the TMA kernel, the absorbed and expanded prefill, write_cache, and the fp8
+variants) gives bit for bit what it gives on a small cache holding the same blocks, placed at the end of the big
+one.
 
 The interpreter computes addresses in the kernel's own integer types, as a GPU does: an int32 product of a block id
 and a stride wraps there too, and ``tests/bounds.py`` (installed by conftest) fails the access it sends off the
@@ -40,11 +41,13 @@ def _queries():
 
 
 def _same_everywhere(small, big, table, big_table, seqlens, **kw):
-    """decode (split and scheduled grids) and prefill (both paths) give identical results on both caches."""
+    """decode (split and scheduled grids, sparse lists) and prefill (both paths) give identical results on both
+    caches."""
     (qn, qp, qn3, qp3), w_kv_b, cu = _queries()
     metadata = mla_kernels.mla_decode_metadata(seqlens, H, 1, kv_lora_rank=R,
                                                cache_dtype=small[0].dtype if "kv_scale" in kw else None)
-    for extra in ({}, {"metadata": metadata}):
+    indices = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(n))[:96] for n in LENS])
+    for extra in ({}, {"metadata": metadata}, {"indices": indices[:, None].to(torch.int32)}):
         a = mla_kernels.mla_decode(qn, qp, *small, table, seqlens, SCALE, kv_scale=kw.get("kv_scale"), **extra)
         b = mla_kernels.mla_decode(qn, qp, *big, big_table, seqlens, SCALE, kv_scale=kw.get("big_scale"), **extra)
         assert torch.equal(a, b), f"decode {extra.keys()}"
