@@ -421,6 +421,29 @@ def test_unpatchable_models_raise_before_any_swap():
         patch_model(model)
 
 
+def test_an_unsupported_model_names_its_text_decoder():
+    """A multimodal model whose text decoder is not an MLA model is refused naming that decoder's type (its own type,
+    kimi_k25, is one the README lists); DeepSeek-V3.2 is refused saying why: its sparse attention is not what the
+    patched dense attention computes."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, Kimi_K25Config, Kimi_K25ForConditionalGeneration
+    vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, pos_emb_height=4,
+                  pos_emb_width=4)
+    text = dict(model_type="llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
+                intermediate_size=32, vocab_size=160)
+    kimi = Kimi_K25ForConditionalGeneration(Kimi_K25Config(
+        text_config=text, vision_config=vision, projection_hidden_size=32, image_token_id=150, video_token_id=151,
+        vision_start_token_id=152, vision_end_token_id=153))
+    with pytest.raises(TypeError, match="text decoder 'llama'"):
+        patch_model(kimi)
+    keep = {k: v for k, v in tiny_config(q_lora_rank=32).to_dict().items() if k in (
+        "hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",
+        "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group")}
+    v32 = DeepseekV32ForCausalLM(DeepseekV32Config(**keep, index_n_heads=2, index_head_dim=32, index_topk=8))
+    with pytest.raises(TypeError, match="sparse attention"):
+        patch_model(v32)
+
+
 class _LoraLinear(torch.nn.Module):
     """The shape of peft's lora.Linear: wraps the base layer, exposes its ``weight``, adds a low-rank delta."""
 

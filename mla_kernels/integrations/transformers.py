@@ -1083,21 +1083,28 @@ def _the_cache(past_key_values, cache):
 
 _LAYER_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.layers",
                 "language_model.model.layers")
+# why a model type that looks close to a supported one is refused
+_REFUSED = {"deepseek_v32": "DeepSeek-V3.2's sparse attention (its indexer's top-k keys per query) is not what the "
+                            "patched dense attention computes; run it unpatched"}
 
 
 def _decoder_layers(model: nn.Module):
     """``(text config, model type, decoder layers)`` of a supported model, or of the text decoder of a multimodal
     one whose text config is of a supported type (Kimi-K2.5's is DeepSeek-V3's)."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = text_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES and callable(getattr(config, "get_text_config", None)):
         text_config = config.get_text_config(decoder=True)
-        if getattr(text_config, "model_type", None) in SUPPORTED_MODEL_TYPES:
-            config, model_type = text_config, text_config.model_type
+        text_type = getattr(text_config, "model_type", None)
+        if text_type in SUPPORTED_MODEL_TYPES:
+            config, model_type = text_config, text_type
     if model_type not in SUPPORTED_MODEL_TYPES:
+        # a multimodal model's own type may be one the README names (kimi_k25): name the text decoder's too
+        decoder = f" (text decoder {text_type!r})" if text_type != model_type else ""
+        why = _REFUSED.get(text_type) or _REFUSED.get(model_type)
         raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
                         f"or a multimodal model with such a text decoder; got {type(model).__name__} with model_type "
-                        f"{model_type!r}")
+                        f"{model_type!r}{decoder}" + (f": {why}" if why else ""))
     for path in _LAYER_PATHS:
         layers = model
         for name in path.split("."):
