@@ -74,10 +74,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
       max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None,
       indices=None):
-    out = q_nope.new_empty(q_nope.shape)
-    if w_uv is not None:
-        out = _decode._project_v(out, w_uv)  # the same ops on fake tensors: the real output's strides
     batch, s_q, heads, _ = q_nope.shape
+    # contiguous, as _project_v's result is. (Running _project_v itself here, its bmm(out=transposed view) made
+    # torch 2.11's fake tensors call int() on the batch size: a compiled step was pinned to one batch size.)
+    out = q_nope.new_empty((batch, s_q, heads, q_nope.shape[3] if w_uv is None else w_uv.shape[1]))
     lse = q_nope.new_empty((batch, s_q, heads) if return_lse else _NO_LSE, dtype=torch.float32)
     return out, lse
 
