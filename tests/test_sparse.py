@@ -104,6 +104,43 @@ def test_a_token_with_no_usable_entry_gives_zeros_and_minus_inf(device):
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
 
 
+def test_repeats_any_negative_and_entries_past_the_end(device, poisoned_empty):
+    """A repeated entry counts each time it appears; any negative entry is skipped, not only -1; and entries at or
+    past a sequence's length, which mla_decode refuses on the CPU, are skipped by the kernel itself, as a GPU call
+    relies on: its launch, handed them directly, reads nothing through them (the cache past each length is NaN, a
+    padding slot's table row a sentinel block). fp16, page 3, the inputs left as they were."""
+    from mla_kernels import decode
+
+    lens, s_q, heads = [50, 0, 17], 2, 5
+    a = inputs(lens, s_q, heads, 3, torch.float16, device, r=64, p=32)
+    idx = key_lists(lens, s_q, 24, seed=6, dtype=torch.int64)
+    idx[0, 0, :6] = torch.tensor([7, 7, 7, -2, -2 ** 31, -2 ** 62])
+    idx[2, 1, :4] = torch.tensor([3, 3, -5, 0])
+    idx = idx.to(device)
+    before = {n: t.clone() for n, t in a.items() if isinstance(t, torch.Tensor)}
+    for dtype in (torch.int64, torch.int32):
+        lists = idx.clamp_min(-2 ** 31).to(dtype)
+        out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=lists)
+        ref_out, ref_lse = ref_sparse(a, lists)
+        assert_close(f"repeats {dtype}", out, ref_out, torch.float16)
+        assert_lse_close(f"repeats {dtype}", lse, ref_lse)
+    past = idx.clone()
+    past[0, 1, ::4] = torch.tensor([50, 51, 53, 2 ** 31 - 1, 2 ** 40, 1000], device=device)
+    past[1] = torch.arange(24, device=device)  # the padding slot holds no token
+    past[2, 0, :3] = torch.tensor([17, 18, 2 ** 31], device=device)
+    for num_splits in (None, 3):
+        out, lse = decode._launch(a["q_nope"], a["q_pe"], a["kv_cache"], a["pe_cache"], a["block_table"],
+                                  a["cache_seqlens"], None, SCALE, True, True, batch=3, seq_q=s_q, total_tokens=3 * s_q,
+                                  max_seqlen_q=s_q, max_seqlen_k=a["block_table"].shape[1] * 3, num_splits=num_splits,
+                                  indices=past.view(3 * s_q, -1))
+        ref_out, ref_lse = ref_sparse(a, past)  # the reference keeps entries 0 <= p < length only
+        assert_close(f"past the end, splits={num_splits}", out.view(ref_out.shape), ref_out, torch.float16)
+        assert_lse_close(f"past the end, splits={num_splits}", lse.view(ref_lse.shape), ref_lse)
+    for n, t in before.items():
+        assert torch.equal(a[n].view(torch.int16) if t.dtype == torch.float16 else a[n],
+                           t.view(torch.int16) if t.dtype == torch.float16 else t), f"{n} was modified"
+
+
 def test_fp8_cache(device, poisoned_empty):
     """An fp8 latent read through the lists: against the reference on the exactly dequantized cache, with the
     bounds of the dense fp8 tests (tests/test_fp8.py: e4m3's rounding on top of bf16's)."""
