@@ -283,15 +283,16 @@ def _mla_sparse_attn_kernel(
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
 ):
     """Sparse decode (``mla_decode``'s ``indices``): ``_mla_attn_kernel``'s body with ``SPARSE``, its own entry so
-    the dense launch binds no extra argument (each costs Triton's launch time). Grid ``(row blocks, B * S_q,
-    splits)``: program (m, t, s) serves query token t's heads over split s of its key list
-    ``INDICES [B * S_q, topk]`` (cache positions; entries outside the sequence are skipped)."""
+    the dense launch binds no extra argument (each costs Triton's launch time). Grid ``(B * S_q, row blocks,
+    splits)``: program (t, m, s) serves query token t's heads over split s of its key list
+    ``INDICES [B * S_q, topk]`` (cache positions; entries outside the sequence are skipped). Tokens go on the
+    grid's first axis, whose limit is 2^31 - 1 (a chunk of sparse prefill can pass 65535 tokens, the others' limit)."""
     _mla_attn_block(
         Q_NOPE, Q_PE, KV, PE, KV_SCALE, BLOCK_TABLE, SEQLENS, None, OUT, LSE, OUT_PART, LSE_PART,
         sm_scale_log2, num_heads, s_q,
         stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
         stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
-        tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2), split_len, split_len, tl.program_id(2),
+        tl.program_id(1), tl.program_id(0).to(tl.int64), tl.program_id(2), split_len, split_len, tl.program_id(2),
         total_rows, SPLIT, INDICES, topk,
         D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, False, STORE_LSE, DOT_FP32, DOT_PRECISION,
         KV_FP8, True)
@@ -359,7 +360,8 @@ def _mla_attn_block(
         if SPARSE:  # the tile's cache positions from the list; entries outside the sequence (-1 pads) are skipped
             offs_j = start + tl.arange(0, BLOCK_N)
             offs_n = tl.load(INDICES + pid_b * topk + offs_j, mask=offs_j < n_end, other=-1)
-            n_mask = (offs_n >= 0) & (offs_n < seqlen)
+            # causal: one token per program, so an entry past its position is skipped before any load
+            n_mask = (offs_n >= 0) & (offs_n < (q_end if CAUSAL else seqlen))
             offs_n = tl.where(n_mask, offs_n, 0)
         else:
             offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
@@ -624,7 +626,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
     if indices is not None:
-        _mla_sparse_attn_kernel[grid](
+        _mla_sparse_attn_kernel[(grid[1], grid[0], grid[2])](  # tokens first (see the kernel)
             q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
             indices, out, lse if lse is not None else dummy, out_part, lse_part,
             sm_scale_log2, heads, seq_q, split_len, total_rows, indices.shape[1],
@@ -700,13 +702,16 @@ def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens,
     ``indices``; entries outside the sequence, or with ``causal`` past the token, skipped). Returns out, lse."""
     batch, s_q, heads = q_nope.shape[:3]
     page = kv_cache.shape[1]
-    pos = indices.long().view(batch, s_q, -1)  # [B, S, K]
+    pos = indices.long().view(batch, s_q, indices.shape[-1])  # [B, S, K] (a -1 is ambiguous when B is 0)
     lengths = seqlens.long()[:, None, None]
     valid = (pos >= 0) & (pos < lengths)
     if causal:
         valid &= pos <= lengths - s_q + torch.arange(s_q, device=pos.device)[None, :, None]
     pos = torch.where(valid, pos, 0)
-    blocks = torch.gather(block_table.long(), 1, (pos // page).view(batch, -1)).view(pos.shape)
+    table = block_table.long()
+    if table.shape[1] == 0:  # a table of no blocks holds only padding slots: a column for gather, never used
+        table = table.new_zeros(batch, 1)
+    blocks = torch.gather(table, 1, (pos // page).flatten(1)).view(pos.shape)
     blocks = torch.where(valid, blocks, 0)  # (a padding slot's table may hold anything)
     kv = kv_cache[blocks, pos % page].float()  # [B, S, K, R]
     if kv_scale is not None:

@@ -106,7 +106,7 @@ def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, 
         pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
         for s in range(s_q):
             last = length - s_q + s if causal else length - 1
-            keys = [int(p) for p in indices[b, s] if 0 <= int(p) <= last]
+            keys = [p for p in indices[b, s].tolist() if 0 <= p <= last]  # (one copy to the host per token)
             if not keys:
                 continue
             rows = torch.tensor(keys, device=kv.device)

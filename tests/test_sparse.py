@@ -206,3 +206,62 @@ def test_compiled_call_is_one_op_node(device):
     torch.testing.assert_close(compiled(idx), mla_kernels.mla_decode(**a, indices=idx))
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert "mla_kernels.mla_decode" in targets, targets
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_causally_skipped_entries_are_never_read(path, device, monkeypatch):
+    """With causal, an entry past its token's position is skipped as a -1 is: never read, so what its slot holds (NaN
+    here) cannot reach the output; the reference and the PyTorch path read only the entries they use."""
+    lens, s_q, heads = [40, 23], 3, 4
+    a = inputs(lens, s_q, heads, 16, torch.float32, device, r=64, p=16)
+    idx = key_lists(lens, s_q, 12, seed=8).long()
+    for b, length in enumerate(lens):
+        idx[b][idx[b] == length - 1] = -1  # the last position: listed by token 0 alone, which it follows
+        idx[b, 0, 0] = length - 1
+        slot = a["block_table"][b, (length - 1) // 16], (length - 1) % 16
+        a["kv_cache"][slot] = float("nan")
+        a["pe_cache"][slot] = float("nan")
+    idx = idx.to(device)
+    if path == "torch":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True, indices=idx)
+    ref_out, ref_lse = ref_sparse(a, idx)
+    assert_close(path, out, ref_out, torch.float32)
+    assert_lse_close(path, lse, ref_lse)
+
+
+def test_torch_path_empty_batch_and_blockless_table(device, monkeypatch):
+    """The PyTorch path takes what the kernel takes: a batch of 0 and a block table of no columns (all padding)."""
+    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    lens, s_q = [20, 0], 2
+    a = inputs(lens, s_q, 4, 16, torch.float32, device, r=64, p=16)
+    idx = key_lists(lens, s_q, 3, device=device)
+    empty = {n: (t[:0] if n in ("q_nope", "q_pe", "block_table", "cache_seqlens") else t) for n, t in a.items()}
+    assert mla_kernels.mla_decode(**empty, indices=idx[:0]).shape == (0, s_q, 4, 64)
+    blockless = dict(a, block_table=a["block_table"][:, :0], cache_seqlens=torch.zeros_like(a["cache_seqlens"]))
+    out, lse = mla_kernels.mla_decode(**blockless, return_lse=True, indices=torch.full_like(idx, -1))
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+
+
+def test_token_axis_holds_more_than_65535_tokens(device, monkeypatch):
+    """A program per query token on the grid's first axis (limit 2^31 - 1), not the second (65535 on a GPU): a
+    sparse prefill chunk of 70000 tokens must launch. The launch grid is checked, not run (the interpreter would take
+    minutes): the first axis holds B * S_q."""
+    from mla_kernels import decode
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(decode, "_mla_sparse_attn_kernel", Recorder())
+    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
+    a = inputs([70000], 70000, 1, 64, torch.bfloat16, "meta", r=64, p=16)
+    idx = torch.empty(1, 70000, 8, dtype=torch.int32, device="meta")
+    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    decode._launch(a["q_nope"], a["q_pe"], a["kv_cache"], a["pe_cache"], a["block_table"], a["cache_seqlens"], None,
+                   SCALE, True, False, batch=1, seq_q=70000, total_tokens=70000, max_seqlen_q=70000,
+                   max_seqlen_k=70000, num_splits=1, indices=idx.view(70000, 8))
+    assert grids[0][0] == 70000 and grids[0][1] <= 65535 and grids[0][2] <= 65535, grids
