@@ -442,8 +442,11 @@ class MLAttention(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scaling_factor).to(dtype), (emb.sin() * self.rope_scaling_factor).to(dtype)
 
-    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_resid: torch.Tensor | None = None):
         """Projections and rope for tokens ``hidden_states [..., hidden]``, ``cos``/``sin`` ``[..., P]``.
+        ``q_resid``: the query's normalized low-rank projection ``q_a_layernorm(q_a_proj(hidden_states))`` where
+        the caller made it already (DeepSeek-V3.2's indexer reads it too).
 
         Returns ``q_nope [..., H, D_nope]``, ``q_pe [..., H, P]`` (roped), ``kv_c [..., R]`` (normalized latent),
         ``k_pe [..., P]`` (roped key).
@@ -452,7 +455,9 @@ class MLAttention(nn.Module):
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            if q_resid is None:
+                q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_resid)
         q = q.view(*lead, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(hidden_states)
@@ -473,7 +478,7 @@ class MLAttention(nn.Module):
             raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens on {device}")
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
-               batch: LatentBatch, layer: int | None = None) -> torch.Tensor:
+               batch: LatentBatch, layer: int | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Store the new tokens in the cache and attend: packed ``q_nope [T, H, D_nope]``, ``q_pe [T, H, P]``,
         ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.
 
@@ -482,6 +487,11 @@ class MLAttention(nn.Module):
         ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
         tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention`` with the batch's host lengths
         (no read back from the GPU).
+
+        ``indices [T, K]`` (int32/int64, on the tokens' device): sparse attention (DeepSeek-V3.2's DSA), each new
+        token over the cache positions of its sequence its row lists (-1 entries skipped, and positions after the
+        token's own): one ``mla_decode(indices=...)`` call in which every token is its own query, whatever the
+        step's shape.
         """
         cache = batch.cache
         if not torch.compiler.is_compiling():  # (traced, the version ints would be guarded on: a recompile a step)
@@ -498,6 +508,8 @@ class MLAttention(nn.Module):
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
         kv_cache, pe_cache, kv_scale = cache.views(layer)
+        if indices is not None:
+            return self._attend_sparse(q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch, indices)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
@@ -517,6 +529,26 @@ class MLAttention(nn.Module):
                                      batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
                                      kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
                                      cache_seqlens_host=batch.cache_seqlens_host if host else None)
+
+    def _attend_sparse(self, q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch: LatentBatch,
+                       indices: torch.Tensor) -> torch.Tensor:
+        """``attend``'s sparse step: token t (of sequence ``rows[t]``, at position ``positions[t]``) is query 0 of a
+        one-token "sequence" of ``positions[t] + 1`` cache tokens with its sequence's block table row, so prompt
+        and decode steps of any shape run as one ``mla_decode(indices=...)`` call. Built on the device: no read."""
+        total = q_nope.shape[0]
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != total:
+            raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
+                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+        rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=q_nope.device),
+                                       batch.cu_seqlens_q.diff(), output_size=total)
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        out = mla_decode(q_latent.unsqueeze(1), q_pe.unsqueeze(1), kv_cache, pe_cache,
+                         batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
+                         self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,
+                         kv_scale=kv_scale, indices=indices.unsqueeze(1))
+        return out.reshape(total, self.num_heads, self.v_head_dim)
 
     # -- forward -------------------------------------------------------------------------------
 

@@ -91,6 +91,22 @@ def kimi_k25_model():
     return Kimi_K25ForConditionalGeneration(config).eval()
 
 
+def v32_model(index_topk=4):
+    """DeepSeek-V3.2 (DeepSeek-V3's attention plus the DSA indexer), tiny, with an index_topk below the prompts'
+    lengths, so each query attends to a strict subset of its keys: its own 4 the indexer picks (the real model's
+    2048 of up to 128K). Attending densely instead moves these logits by ~0.5 (tested below)."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    keep = {k: v for k, v in tiny_config(q_lora_rank=32).to_dict().items() if k in (
+        "hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",
+        "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+        "first_k_dense_replace", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    config = DeepseekV32Config(**keep, index_n_heads=4, index_head_dim=32, index_topk=index_topk,
+                               attn_implementation="eager")
+    return DeepseekV32ForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -98,6 +114,7 @@ MODELS = {
     "glm4-moe-lite": glm_model,
     "minicpm3": minicpm3_model,
     "kimi-k25-text": kimi_k25_model,
+    "v32-dsa-topk4": v32_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -143,6 +160,61 @@ def test_forward_matches_transformers_where_attention_decides(name):
         patch_model(model, block_size=4)
         got = model(input_ids=ids, attention_mask=mask).logits
     assert err_ratio(got[real], expected[real]) < 1e-4, err_ratio(got[real], expected[real])
+
+
+def test_v32_sparse_attention_is_what_decides():
+    """The DeepSeek-V3.2 test model's index_topk (4) makes a difference: the patched model attending densely over the
+    same cache (its indexer's picks dropped) is far from stock transformers, sparse is within fp32 rounding; a
+    cached decode step matches too. A static latent cache is refused (it holds no indexer keys)."""
+    model = v32_model()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".self_attn." in pname and "layernorm" not in pname:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    ids, mask = left_padded([12, 9, 5])
+    real = mask.bool()
+    step = torch.tensor([[5], [6], [7]])
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        expected = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        expected_step = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+        patch_model(model, block_size=4)
+        cache = DynamicCache(config=model.config)
+        got = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        got_step = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+        real_positions = integration._sparse_positions
+        try:
+            integration._sparse_positions = lambda *args: None  # the same patched model, attending densely
+            dense = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            integration._sparse_positions = real_positions
+    assert err_ratio(got[real], expected[real]) < 1e-4  # fp32 rounding (as test_forward_..._attention_decides)
+    assert err_ratio(got_step, expected_step) < 1e-4
+    assert err_ratio(dense[real], expected[real]) > 0.1
+    with pytest.raises(ValueError, match="indexer"):
+        integration.static_latent_cache(model, 3, 32)
+
+
+def test_v32_beam_search_and_prompt_lookup():
+    """DeepSeek-V3.2's indexer keys (kept per layer by LatentCacheLayer, pads included) follow beam search's
+    reorders and speculative decoding's crops: stock transformers' sequences, with the attention weights drawn wide
+    so the indexer's picks and the beams differ between rows."""
+    model = v32_model()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".self_attn." in pname and "layernorm" not in pname:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    ids, mask = left_padded([12, 9, 5])
+    beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6)
+    lookup = dict(do_sample=False, max_new_tokens=10, prompt_lookup_num_tokens=3)
+    with torch.no_grad():
+        expected = (model.generate(input_ids=ids, attention_mask=mask, **beams),
+                    model.generate(input_ids=ids[:1], attention_mask=mask[:1], **lookup))
+        patch_model(model, block_size=4)
+        got = (model.generate(input_ids=ids, attention_mask=mask, **beams),
+               model.generate(input_ids=ids[:1], attention_mask=mask[:1], **lookup))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_latent_only_cache_memory():
@@ -423,9 +495,8 @@ def test_unpatchable_models_raise_before_any_swap():
 
 def test_an_unsupported_model_names_its_text_decoder():
     """A multimodal model whose text decoder is not an MLA model is refused naming that decoder's type (its own type,
-    kimi_k25, is one the README lists); DeepSeek-V3.2 is refused saying why: its sparse attention is not what the
-    patched dense attention computes."""
-    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, Kimi_K25Config, Kimi_K25ForConditionalGeneration
+    kimi_k25, is one the README lists)."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
     vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, pos_emb_height=4,
                   pos_emb_width=4)
     text = dict(model_type="llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
@@ -435,13 +506,6 @@ def test_an_unsupported_model_names_its_text_decoder():
         vision_start_token_id=152, vision_end_token_id=153))
     with pytest.raises(TypeError, match="text decoder 'llama'"):
         patch_model(kimi)
-    keep = {k: v for k, v in tiny_config(q_lora_rank=32).to_dict().items() if k in (
-        "hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-        "qk_rope_head_dim", "v_head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",
-        "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group")}
-    v32 = DeepseekV32ForCausalLM(DeepseekV32Config(**keep, index_n_heads=2, index_head_dim=32, index_topk=8))
-    with pytest.raises(TypeError, match="sparse attention"):
-        patch_model(v32)
 
 
 class _LoraLinear(torch.nn.Module):

@@ -62,6 +62,9 @@ SUPPORTED_MODEL_TYPES = {
     "glm4_moe_lite": ("transformers.models.glm4_moe_lite.modeling_glm4_moe_lite", "Glm4MoeLiteAttention"),
     # MiniCPM3: DeepSeek-V2's attention with the rotate-half rope (module.config_kwargs picks the style)
     "minicpm3": ("transformers.models.minicpm3.modeling_minicpm3", "MiniCPM3Attention"),
+    # DeepSeek-V3.2: DeepSeek-V3's attention plus an indexer picking each query's top-k keys (sparse attention, DSA);
+    # the patched module runs the model's own indexer and attends over its picks (mla_decode's indices)
+    "deepseek_v32": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32Attention"),
 }
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
@@ -93,6 +96,29 @@ def _make_latent_layer_class():
             super().__init__()
             self.cumulative_length = 0
             self.state = state
+            self.indexer_keys = None  # DeepSeek-V3.2's indexer keys [B, KV, D], pads included, as transformers keeps
+
+        def update_indexer(self, indexer_key_states):
+            """DeepSeek-V3.2's indexer key cache (transformers' ``DynamicIndexedLayer.update_indexer``): appends
+            ``[B, Q, D]`` and returns all of them."""
+            if self.indexer_keys is None:
+                self.indexer_keys = indexer_key_states
+            else:
+                self.indexer_keys = torch.cat([self.indexer_keys, indexer_key_states], dim=1)
+            return self.indexer_keys
+
+        def _change_indexer_rows(self, op: str, arg) -> None:
+            """The indexer keys follow the rows' changes (each layer holds its own)."""
+            keys = self.indexer_keys
+            if keys is None:
+                return
+            if op == "crop":
+                self.indexer_keys = keys[:, :keys.shape[1] - arg]
+            elif op == "batch_repeat_interleave":
+                self.indexer_keys = keys.repeat_interleave(arg, dim=0)
+            else:  # reorder_cache, batch_select_indices
+                index = arg if isinstance(arg, torch.Tensor) else torch.as_tensor(arg)
+                self.indexer_keys = keys.index_select(0, index.to(device=keys.device, dtype=torch.long))
 
         def lazy_initialization(self, key_states, value_states=None):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -115,6 +141,7 @@ def _make_latent_layer_class():
 
         def reset(self) -> None:
             self.cumulative_length = 0
+            self.indexer_keys = None
             if self.state is not None:
                 self.state.reset()
 
@@ -126,6 +153,7 @@ def _make_latent_layer_class():
                 return
             if self.state is not None:
                 self.state.change_rows(self, "crop", n)
+            self._change_indexer_rows("crop", n)
             self.cumulative_length -= n
 
         # transformers' Cache calls these on every layer; the latent state, shared by all, changes its rows once
@@ -135,16 +163,19 @@ def _make_latent_layer_class():
             """Beam search: row ``i`` takes row ``beam_idx[i]``'s tokens (its sequence forked, sharing full blocks)."""
             if self.state is not None:
                 self.state.change_rows(self, "reorder_cache", beam_idx)
+            self._change_indexer_rows("reorder_cache", beam_idx)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             """Each row ``repeats`` times in a row, as ``Tensor.repeat_interleave(repeats, dim=0)``."""
             if self.state is not None:
                 self.state.change_rows(self, "batch_repeat_interleave", repeats)
+            self._change_indexer_rows("batch_repeat_interleave", repeats)
 
         def batch_select_indices(self, indices) -> None:
             """Keep the rows ``indices`` selects (as indexing a tensor's first dimension by it), in that order."""
             if self.state is not None:
                 self.state.change_rows(self, "batch_select_indices", indices)
+            self._change_indexer_rows("batch_select_indices", indices)
 
     return LatentCacheLayer
 
@@ -507,10 +538,11 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
         if layer.state is not state:
             layer.state = state
         return state
-    if type(layer) is dynamic_cls and layer.get_seq_length() == 0:
+    fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ == "DynamicIndexedLayer"  # (V3.2's)
+    if fresh_kind and layer.get_seq_length() == 0:
         layers[layer_idx] = latent_cls(state)
         return state
-    if type(layer) is not dynamic_cls:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
+    if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
         raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__}, "
                          f"which the patched model can't use: pass a fresh DynamicCache (or none), or "
                          f"static_latent_cache(model, max_batch_size, max_cache_len) for a preallocated one")
@@ -940,6 +972,9 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
 
     _, _, layers = _decoder_layers(model)
     attns = [layer.self_attn for layer in layers]
+    if any("indexer" in getattr(attn, "_modules", {}) for attn in attns):
+        raise ValueError("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a "
+                         "DynamicCache (the default)")
     if not all(isinstance(a, TransformersMLAttention) for a in attns):
         raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
     for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
@@ -999,6 +1034,9 @@ class TransformersMLAttention(MLAttention):
         new.cache_dtype = cache_dtype
         new.is_causal = True
         new.training = original.training  # the module's own mode flag; its children are the shared projections
+        indexer = getattr(original, "indexer", None)
+        if indexer is not None:  # DeepSeek-V3.2: the model's own indexer module (state dict keys unchanged)
+            new.indexer = indexer
         object.__setattr__(new, "_hf_original", original)
         return new
 
@@ -1013,9 +1051,14 @@ class TransformersMLAttention(MLAttention):
         _check_inference(self, hidden_states)
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = _rope_tables(position_embeddings)
-        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin)  # [B, Q, ...]
+        indexer = self._modules.get("indexer")
+        q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) if indexer is not None else None
+        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid)  # [B, Q, ...]
 
         static = getattr(past_key_values, "_mla_static_state", None)
+        if static is not None and indexer is not None:
+            raise ValueError("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a "
+                             "DynamicCache (the default)")
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
             return self.o_proj(out), None
@@ -1036,13 +1079,63 @@ class TransformersMLAttention(MLAttention):
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
 
+        indices = None
+        if indexer is not None:  # DeepSeek-V3.2: the indexer's top-k keys of each query, as latent cache positions
+            indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
+                                        past_key_values, kwargs.get("position_ids"))  # [B, Q, K]
         if packing is None:
             flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
-            out = self.attend(*flat, batch, layer=layer).reshape(batch_size, query_len, -1)
+            out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
+            out = out.reshape(batch_size, query_len, -1)
         else:
-            packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer)
+            packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
+                                 indices=None if indices is None else _pack(indices, packing))
             out = _unpack(packed, packing, batch_size, query_len).flatten(2)
         return self.o_proj(out), None
+
+
+def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embeddings, attention_mask, cache,
+                      position_ids) -> torch.Tensor:
+    """DeepSeek-V3.2's sparse attention: the model's own indexer picks each query's top-k keys ``[B, Q, K]`` among
+    the ``KV`` keys transformers counts (pads included; its key cache, ``update_indexer``, is kept in that padded
+    layout by ``LatentCacheLayer``), as it does unpatched. Each pick becomes the key's position in its row of the
+    latent cache, which holds only real tokens: the number of real keys before it. A pick the query may not see
+    (a pad, or past its own position: the indexer returns K picks even when fewer keys are visible, as transformers'
+    mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device: nothing is read."""
+    batch_size, query_len = hidden_states.shape[:2]
+    kv_len = query_len if cache is None else cache.get_seq_length(indexer.layer_idx)
+    causal = torch.arange(kv_len, device=hidden_states.device) <= \
+        torch.arange(kv_len - query_len, kv_len, device=hidden_states.device)[:, None]  # [Q, KV]
+    if attention_mask is None:
+        sees = causal.expand(batch_size, query_len, kv_len)
+    elif attention_mask.dim() == 2:  # [B, KV] padding mask
+        sees = causal & _sees(attention_mask)[:, None, -kv_len:]
+    else:  # [B, heads or 1, Q, KV]: head 0, as transformers' own attention hands the indexer
+        sees = _sees(attention_mask[:, 0])
+    mask = sees if attention_mask is None or attention_mask.dim() != 4 else attention_mask[:, 0]
+    if cache is None:
+        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids)
+    else:
+        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
+                        **{_indexer_cache_name(indexer): cache})
+    picks = picks.long()
+    real = sees[:, -1, :]  # [B, KV]: the keys the last query sees are the row's real tokens (stored in the cache)
+    latent = torch.cumsum(real, dim=1) - 1  # [B, KV]: a real key's position in the latent cache
+    flat = picks.flatten(1)  # [B, Q * K]
+    position = latent.gather(1, flat).view_as(picks)
+    usable = sees.gather(2, picks) & real.gather(1, flat).view_as(picks)
+    return torch.where(usable, position, -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _indexer_cache_keyword(forward) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _indexer_cache_name(indexer: nn.Module) -> str:
+    """The indexer's keyword for the Cache: ``past_key_values`` up to transformers 5.24, ``cache`` from 5.25 on."""
+    return _indexer_cache_keyword(type(indexer).forward)
 
 
 def _attentions_requested() -> bool:
@@ -1084,8 +1177,7 @@ def _the_cache(past_key_values, cache):
 _LAYER_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.layers",
                 "language_model.model.layers")
 # why a model type that looks close to a supported one is refused
-_REFUSED = {"deepseek_v32": "DeepSeek-V3.2's sparse attention (its indexer's top-k keys per query) is not what the "
-                            "patched dense attention computes; run it unpatched"}
+_REFUSED: dict[str, str] = {}
 
 
 def _decoder_layers(model: nn.Module):
