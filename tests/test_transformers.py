@@ -141,6 +141,15 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
 
 
+def widen_attention(model) -> None:
+    """Draw the attention weights at std 0.2 (the models' init is 0.02): attention, its rope and its key choice then
+    move the logits far more than rounding does."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".self_attn." in pname and "layernorm" not in pname:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_forward_matches_transformers_where_attention_decides(name):
     """fp32 logits of the patched model against stock transformers' with the attention weights drawn at std 0.2, so
@@ -149,10 +158,7 @@ def test_forward_matches_transformers_where_attention_decides(name):
     error here). Tolerance: both sides compute in fp32 over ~10 reductions of <= 64 terms (relative rounding
     ~1e-6; 5e-7 measured), so 1e-4 leaves margin and still fails any wrong rope, scale or mask."""
     model = MODELS[name]()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".self_attn." in pname and "layernorm" not in pname:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    widen_attention(model)
     ids, mask = left_padded([12, 9, 5])
     real = mask.bool()
     with torch.no_grad():
@@ -167,10 +173,7 @@ def test_v32_sparse_attention_is_what_decides():
     same cache (its indexer's picks dropped) is far from stock transformers, sparse is within fp32 rounding; a
     cached decode step matches too. A static latent cache is refused (it holds no indexer keys)."""
     model = v32_model()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".self_attn." in pname and "layernorm" not in pname:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    widen_attention(model)
     ids, mask = left_padded([12, 9, 5])
     real = mask.bool()
     step = torch.tensor([[5], [6], [7]])
@@ -201,10 +204,7 @@ def test_v32_beam_search_and_prompt_lookup():
     reorders and speculative decoding's crops: stock transformers' sequences, with the attention weights drawn wide
     so the indexer's picks and the beams differ between rows."""
     model = v32_model()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".self_attn." in pname and "layernorm" not in pname:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+    widen_attention(model)
     ids, mask = left_padded([12, 9, 5])
     beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6)
     lookup = dict(do_sample=False, max_new_tokens=10, prompt_lookup_num_tokens=3)

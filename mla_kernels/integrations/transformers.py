@@ -545,7 +545,8 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
     if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
         raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__}, "
                          f"which the patched model can't use: pass a fresh DynamicCache (or none), or "
-                         f"static_latent_cache(model, max_batch_size, max_cache_len) for a preallocated one")
+                         f"static_latent_cache(model, max_batch_size, max_cache_len) for a preallocated one (not for "
+                         f"DeepSeek-V3.2, whose indexer keys it does not hold)")
     raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__} holding "
                      f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
                      f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
