@@ -168,24 +168,30 @@ def test_forward_matches_transformers_where_attention_decides(name):
     assert err_ratio(got[real], expected[real]) < 1e-4, err_ratio(got[real], expected[real])
 
 
-def test_v32_sparse_attention_is_what_decides():
-    """The DeepSeek-V3.2 test model's index_topk (4) makes a difference: the patched model attending densely over the
-    same cache (its indexer's picks dropped) is far from stock transformers, sparse is within fp32 rounding; a
-    cached decode step matches too. A static latent cache is refused (it holds no indexer keys)."""
-    model = v32_model()
+@pytest.mark.parametrize("index_topk", [4, 13])
+def test_v32_sparse_attention_is_what_decides(index_topk):
+    """The DeepSeek-V3.2 test model's index_topk makes a difference: with 4 (below the prompts' 12 keys) the patched
+    model attending densely over the same cache (its indexer's picks dropped) is far from stock transformers, sparse
+    is within fp32 rounding; a cached decode step matches too. With 13 the prompt step (12 keys) takes the dense
+    kernels (the indexer picks every key) and the decode step (13) too, then a second step (14 keys) the sparse
+    path. A static latent cache is refused (it holds no indexer keys)."""
+    model = v32_model(index_topk)
     widen_attention(model)
     ids, mask = left_padded([12, 9, 5])
     real = mask.bool()
     step = torch.tensor([[5], [6], [7]])
     mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    mask3 = torch.cat([mask2, torch.ones(3, 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         expected = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
         expected_step = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+        expected_step2 = model(input_ids=step + 1, attention_mask=mask3, past_key_values=cache).logits
         patch_model(model, block_size=4)
         cache = DynamicCache(config=model.config)
         got = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
         got_step = model(input_ids=step, attention_mask=mask2, past_key_values=cache).logits
+        got_step2 = model(input_ids=step + 1, attention_mask=mask3, past_key_values=cache).logits
         real_positions = integration._sparse_positions
         try:
             integration._sparse_positions = lambda *args: None  # the same patched model, attending densely
@@ -194,7 +200,9 @@ def test_v32_sparse_attention_is_what_decides():
             integration._sparse_positions = real_positions
     assert err_ratio(got[real], expected[real]) < 1e-4  # fp32 rounding (as test_forward_..._attention_decides)
     assert err_ratio(got_step, expected_step) < 1e-4
-    assert err_ratio(dense[real], expected[real]) > 0.1
+    assert err_ratio(got_step2, expected_step2) < 1e-4
+    if index_topk < ids.shape[1]:
+        assert err_ratio(dense[real], expected[real]) > 0.1
     with pytest.raises(ValueError, match="indexer"):
         integration.static_latent_cache(model, 3, 32)
 

@@ -1102,7 +1102,11 @@ def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embed
     layout by ``LatentCacheLayer``), as it does unpatched. Each pick becomes the key's position in its row of the
     latent cache, which holds only real tokens: the number of real keys before it. A pick the query may not see
     (a pad, or past its own position: the indexer returns K picks even when fewer keys are visible, as transformers'
-    mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device: nothing is read."""
+    mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device: nothing is read.
+
+    None (dense attention) while there are no more keys than ``index_topk``: the indexer then picks every key, so
+    each token attends to all it may see, which the dense kernels compute (the prefill kernels for a prompt, not a
+    program per token); the indexer still runs, to extend its key cache."""
     batch_size, query_len = hidden_states.shape[:2]
     kv_len = query_len if cache is None else cache.get_seq_length(indexer.layer_idx)
     causal = torch.arange(kv_len, device=hidden_states.device) <= \
@@ -1119,6 +1123,8 @@ def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embed
     else:
         picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
                         **{_indexer_cache_name(indexer): cache})
+    if kv_len <= indexer.index_topk:  # (a host int: the Cache's count)
+        return None
     picks = picks.long()
     real = sees[:, -1, :]  # [B, KV]: the keys the last query sees are the row's real tokens (stored in the cache)
     latent = torch.cumsum(real, dim=1) - 1  # [B, KV]: a real key's position in the latent cache
