@@ -250,6 +250,11 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
     return t
 
 
+class GradModeError(ValueError, RuntimeError):
+    """An input autograd would need a backward pass for, given to inference kernels that have none: a bad argument
+    (ValueError, as the functions raise it) and, for the module, the RuntimeError PyTorch raises for autograd misuse."""
+
+
 def check_no_grad(op: str, **tensors) -> None:
     """Refuse, naming the first, tensors that autograd would need a backward pass for: the kernels have none, so
     their outputs would carry no gradient to these inputs (or, through a PyTorch step such as the ``w_uv``
@@ -258,8 +263,8 @@ def check_no_grad(op: str, **tensors) -> None:
         return
     for name, t in tensors.items():
         if t is not None and t.requires_grad:
-            raise ValueError(f"{name} requires grad, but {op} runs inference kernels without a backward pass: call "
-                             f"it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
+            raise GradModeError(f"{name} requires grad, but {op} runs inference kernels without a backward pass: "
+                                f"call it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
 
 
 def check_last_contiguous(name: str, t: torch.Tensor) -> None:

@@ -631,9 +631,9 @@ def _check_hidden_states(module: nn.Module, hidden_states: torch.Tensor) -> None
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:
     """Refuse a call that autograd would need to go through: the kernels' outputs are detached from their inputs."""
     if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
-        raise RuntimeError("MLAttention runs inference kernels without a backward pass: call it under "
-                           "torch.no_grad() or torch.inference_mode(), or freeze its parameters and detach "
-                           "hidden_states")
+        raise _utils.GradModeError("MLAttention runs inference kernels without a backward pass: call it under "
+                                   "torch.no_grad() or torch.inference_mode(), or freeze its parameters and detach "
+                                   "hidden_states")
 
 
 def config_kwargs(config) -> dict:

@@ -308,6 +308,8 @@ def test_frozen_module_refuses_an_input_that_requires_grad():
     before = cache.buffer(0).clone()
     with pytest.raises(RuntimeError, match="no_grad"):
         mod(x.requires_grad_(), batch)
+    with pytest.raises(ValueError, match="no_grad"):  # the same error: the functions' ValueError too
+        mod(x, batch)
     torch.testing.assert_close(cache.buffer(0), before, rtol=0, atol=0, equal_nan=True)  # nothing written
     assert not mod(x.detach(), batch).requires_grad  # nothing requires grad: runs with grad enabled
 
