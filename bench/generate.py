@@ -1,6 +1,7 @@
 """Greedy decoding speed of a dense DeepSeek-V3-shaped model: where attention is what differs.
 
     python -m bench.generate [--quick] [--device cuda] [--plot] [--out DIR] [--new-tokens N] [--runs R]
+                             [--model deepseek_v3|deepseek_v32]
 
 A random-weight DeepSeek-V3-shaped model (DeepSeek's per-head widths: kv_lora_rank 512, rope 64, nope 128, v 128;
 fewer heads and layers, sized for the machine) with every layer dense (``first_k_dense_replace =
@@ -16,6 +17,10 @@ patched-compiled    patched, with ``static_latent_cache`` and transformers' comp
                     fullgraph; on a GPU inductor with CUDA graphs). GPU only: on a CPU it is listed as skipped;
 no-attention        the same model with every attention layer replaced by a stub returning zeros: the time of
                     everything else, so ``attention_share = 1 - no_attention / provider`` per step.
+
+``--model deepseek_v32``: the same shape with DeepSeek-V3.2's indexer (it picks each token's top-2048 keys; stock
+transformers masks the rest of its dense attention, the patched model reads only those): past 2048 tokens of
+context the patched model's attention reads a fixed number of keys per token. The compiled provider is skipped.
 
 Before timing, the patched model's prompt logits are checked against the unpatched model's (bf16 both).
 Tokens/s = B * N / (median time of one run); p20/p80 over the runs. On a CPU the patched model takes the
@@ -61,10 +66,21 @@ CPU_SHAPE = ModelShape(hidden=512, heads=8, layers=2, q_lora_rank=384, vocab=409
 GPU_SHAPE = ModelShape(hidden=2048, heads=16, layers=8, q_lora_rank=1536, vocab=32000, intermediate=8192)
 
 
-def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+V32_INDEX = dict(index_topk=2048, index_head_dim=128, index_n_heads=64)  # DeepSeek-V3.2's indexer
 
-    config = DeepseekV3Config(
+
+def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0, model_type: str = "deepseek_v3"):
+    """``model_type`` "deepseek_v32": the same shape with DeepSeek-V3.2's indexer (sparse attention over each
+    token's top-2048 keys); the compiled provider skips it (the static latent cache holds no indexer keys)."""
+    import transformers
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    sparse = model_type == "deepseek_v32"
+    config_cls = transformers.DeepseekV32Config if sparse else transformers.DeepseekV3Config
+    model_cls = transformers.DeepseekV32ForCausalLM if sparse else transformers.DeepseekV3ForCausalLM
+    config = config_cls(**(V32_INDEX if sparse else {}),
         hidden_size=shape.hidden, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
         q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank, qk_rope_head_dim=shape.rope,
         qk_nope_head_dim=shape.nope, v_head_dim=shape.v, num_hidden_layers=shape.layers,
@@ -78,7 +94,7 @@ def build_model(shape: ModelShape, device, dtype=torch.bfloat16, seed: int = 0):
         attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = DeepseekV3ForCausalLM(config)
+        model = model_cls(config)
     return model.to(dtype).eval()
 
 
@@ -162,11 +178,11 @@ def time_runs(fn, device, runs: int) -> tuple[h.Timing, torch.Tensor]:
 
 
 def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int, no_cache_limit: int,
-        compiled: bool = True, rows: list | None = None):
+        compiled: bool = True, rows: list | None = None, model_type: str = "deepseek_v3"):
     """The rows of every (batch, context), appended to ``rows`` (a list the caller holds) as each finishes."""
     from mla_kernels import patch_model
 
-    base = build_model(shape, device)
+    base = build_model(shape, device, model_type=model_type)
     patched = patch_model(copy.deepcopy(base), block_size=64)
     cpu = h.is_cpu(device)
     rows = [] if rows is None else rows
@@ -190,7 +206,10 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                     pre = _Prefilled(model, ids, mask)
                     plans[name] = (pre.fresh, lambda cache, m=model: m.generate(
                         input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens)))
-                if compiled and not cpu:
+                if model_type == "deepseek_v32":
+                    step_rows.append(h.make_row("patched-compiled", None, note="skipped: the static latent cache "
+                                                "holds no indexer keys (DeepSeek-V3.2)", **keys))
+                elif compiled and not cpu:
                     pre = _Prefilled(patched, ids, mask, static=ctx + new_tokens + 1)
                     plans["patched-compiled"] = (pre.fresh, lambda cache: patched.generate(
                         input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=_compile_config(),
@@ -285,6 +304,8 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence and run")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per provider and shape")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled provider")
+    parser.add_argument("--model", choices=MODEL_TYPES, default="deepseek_v3",
+                        help="deepseek_v32: DeepSeek-V3.2's sparse attention (indexer, top-2048 keys per token)")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)
@@ -302,11 +323,13 @@ def main(argv=None) -> None:
     runs = args.runs or (3 if args.quick else 5)
     where = "CPU (the library's PyTorch path, not the Triton kernels)" if cpu and not interpreting() \
         else h.device_name(device)
-    print(f"greedy decoding on {where}: {dataclasses.asdict(shape)}, dense, bf16, batches {batches}, contexts "
+    print(f"greedy decoding on {where}: {args.model} {dataclasses.asdict(shape)}, dense, bf16, batches {batches}, "
+          f"contexts "
           f"{contexts}, {new_tokens} new tokens per run, {runs} timed runs")
     rows = []
     payload = {
-        "config": {"shape": dataclasses.asdict(shape), "dense": True, "dtype": "bfloat16", "batches": batches,
+        "config": {"model_type": args.model, "shape": dataclasses.asdict(shape), "dense": True, "dtype": "bfloat16",
+                   "batches": batches,
                    "contexts": contexts, "new_tokens": new_tokens, "runs": runs, "quick": args.quick,
                    "no_cache_limit": no_cache_limit, "logits_rtol": LOGITS_RTOL},
         "cpu_note": ("CPU run: the patched model uses the library's PyTorch path (Triton runs only on a GPU or "
@@ -315,7 +338,8 @@ def main(argv=None) -> None:
         "rows": rows,
     }
     with h.save_if_stopped("generate", payload, device, args):
-        run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile, rows=rows)
+        run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile, rows=rows,
+            model_type=args.model)
     h.save_results("generate", payload, device, args, plot=lambda png: plot(rows, png))
 
 

@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
+#   bash bench/gpu_session.sh sparse    # sparse decode (top-2048) against dense; the patched DeepSeek-V3.2 generating
 #   bash bench/gpu_session.sh gluon     # issue 8 first: the Gluon kernel's native parity (never run before), then
 #                                       # the target cases with every decode kernel side by side (portable, TMA, Gluon)
 #   bash bench/gpu_session.sh decode    # issue 8/13: bench.decode full sweep (targets, imbalanced) + --cuda-graph
@@ -84,6 +85,11 @@ case "${1:-all}" in
   generate)
     step bench_host 60 python -m bench.host --out "$OUT"
     step bench_generate_full 480 python -m bench.generate --plot --out "$OUT" ;;
+  sparse)  # DeepSeek-V3.2: sparse decode against dense (bench.decode's mla_decode_sparse rows at the targets), then
+           # the patched V3.2-shaped model's generation at 1k/8k/32k against stock transformers' masked dense attention
+    step bench_decode_sparse 200 python -m bench.decode --quick --skip-seed --skip-imbalanced --out "$OUT/decode_sparse.json"
+    step bench_generate_v32 300 python -m bench.generate --model deepseek_v32 --context 1024 8192 32768 --batch 1 \
+      --out "$OUT/generate_v32.json" ;;
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
     step bench_fp8_quality_graph 240 python -m bench.fp8_quality --quick --cuda-graph --out "$OUT/fp8_graph.json" ;;

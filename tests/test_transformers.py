@@ -608,6 +608,25 @@ def test_a_transformers_static_cache_points_to_static_latent_cache(monkeypatch):
                   past_key_values=StaticCache(config=model.config, max_cache_len=16))
 
 
+def test_generate_bench_smoke_v32(monkeypatch):
+    """bench.generate --model deepseek_v32 on a tiny shape whose index_topk (4) is below the context: the patched
+    model runs sparse decode steps (interpreter), agrees with stock transformers, and the compiled provider says
+    why it is skipped."""
+    from bench import generate
+    from bench.generate import LOGITS_RTOL, ModelShape, run
+
+    monkeypatch.setattr(generate, "V32_INDEX", dict(index_topk=4, index_head_dim=32, index_n_heads=2))
+    shape = ModelShape(hidden=64, heads=2, layers=2, q_lora_rank=32, vocab=128, intermediate=64,
+                       kv_lora_rank=32, rope=16, nope=16, v=16)
+    rows = run(torch.device("cpu"), shape, [7], [2], new_tokens=3, runs=1, no_cache_limit=0,
+               model_type="deepseek_v32")
+    by_name = {r["provider"]: r for r in rows}
+    assert "indexer" in by_name["patched-compiled"]["note"]
+    assert by_name["patched"]["prompt_logits_rel_rms_err"] < LOGITS_RTOL and by_name["patched"]["tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="model_type"):
+        generate.build_model(shape, torch.device("cpu"), model_type="llama")
+
+
 def test_generate_bench_smoke(monkeypatch):
     """bench.generate's providers on a tiny dense shape (PyTorch path: this only checks the wiring)."""
     from bench.generate import LOGITS_RTOL, ModelShape, run
