@@ -8,7 +8,8 @@ the library controls, on any machine: the public call with the Triton kernels re
 ``meta`` tensors (no data, no CPU-only value checks: the code path a GPU call takes, minus the launch and the
 caching allocator). Shapes: seed 003's decode step (B1 L1024 H16, R 512, P 64, page 64; without and with
 ``w_uv``, whose bmm runs torch's Python meta function here, slower than the C++ dispatch a GPU tensor takes),
-DeepSeek-R1's 128 heads, ``write_cache`` of one token, and ``mla_prefill_attention`` on seed 003's prefill batch
+DeepSeek-R1's 128 heads, sparse decode (``indices``, a list of 512 keys), ``write_cache`` of one token, and
+``mla_prefill_attention`` on seed 003's prefill batch
 (4 requests, new [64, 128, 256, 256] over history [512, 0, 0, 256], 16 heads, D_nope = D_v = 128) down each
 path, without and with the host lengths (``cu_seqlens_q_host``/``cache_seqlens_host``). Meta tensors hold no
 values, so where the call copies the lengths to the host (``prefill._read_lengths``, a synchronisation on a GPU)
@@ -157,10 +158,12 @@ def cases(device):
     p_args, (cu, lens) = prefill_args(device)
     host = dict(cu_seqlens_q_host=cu, cache_seqlens_host=lens)
     latent_only = dict(d_kw, w_uv=None)
+    topk = torch.empty(1, 1, 512, dtype=torch.int32, device=device)  # sparse decode's key list (values unread here)
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
         "mla_decode B1 L1024 H128 w_uv": lambda: mla_decode(*d128_args, **d128_kw),
+        "mla_decode B1 L1024 H16 sparse K512": lambda: mla_decode(*d_args, **latent_only, indices=topk),
         "write_cache T1": lambda: write_cache(*w_args),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
