@@ -678,12 +678,7 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     pos = torch.arange(max_len, device=device)
     valid = pos[None, :] < seqlens[:, None].long()  # [B, L]
     blocks = torch.where(valid, block_table.long()[:, pos // page], 0)
-    kv = kv_cache[blocks, pos % page].float()  # [B, L, R]
-    if kv_scale is not None:  # fp8 latent: dequantized in fp32
-        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, pos % page][..., None]).flatten(-2)
-    pe = pe_cache[blocks, pos % page].float()
-    kv = torch.where(valid[..., None], kv, 0.0)
-    pe = torch.where(valid[..., None], pe, 0.0)
+    kv, pe = _gather_keys(kv_cache, pe_cache, kv_scale, blocks, pos % page, valid)  # [B, L, R], [B, L, P]
     scores = torch.einsum("bshr,blr->bshl", q_nope.float(), kv) + torch.einsum("bshp,blp->bshl", q_pe.float(), pe)
     scores = scores * softmax_scale
     visible = valid[:, None, :].expand(batch, s_q, max_len)
@@ -694,6 +689,16 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))  # keyless rows: 0
     return torch.einsum("bshl,blr->bshr", probs, kv), lse
+
+
+def _gather_keys(kv_cache, pe_cache, kv_scale, blocks, offsets, valid):
+    """The cache rows at ``(blocks, offsets)`` (any shape ``[...]``) as fp32 ``(latent [..., R], rope key [..., P])``,
+    an fp8 latent dequantized, and zeros where ``valid`` is False (so an unused slot's NaN reaches nothing)."""
+    kv = kv_cache[blocks, offsets].float()
+    if kv_scale is not None:  # fp8 latent: dequantized in fp32
+        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, offsets][..., None]).flatten(-2)
+    pe = pe_cache[blocks, offsets].float()
+    return torch.where(valid[..., None], kv, 0.0), torch.where(valid[..., None], pe, 0.0)
 
 
 def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, indices, softmax_scale, causal,
@@ -713,12 +718,7 @@ def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens,
         table = table.new_zeros(batch, 1)
     blocks = torch.gather(table, 1, (pos // page).flatten(1)).view(pos.shape)
     blocks = torch.where(valid, blocks, 0)  # (a padding slot's table may hold anything)
-    kv = kv_cache[blocks, pos % page].float()  # [B, S, K, R]
-    if kv_scale is not None:
-        kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, pos % page][..., None]).flatten(-2)
-    pe = pe_cache[blocks, pos % page].float()
-    kv = torch.where(valid[..., None], kv, 0.0)
-    pe = torch.where(valid[..., None], pe, 0.0)
+    kv, pe = _gather_keys(kv_cache, pe_cache, kv_scale, blocks, pos % page, valid)  # [B, S, K, R], [B, S, K, P]
     scores = torch.einsum("bshr,bskr->bshk", q_nope.float(), kv) + torch.einsum("bshp,bskp->bshk", q_pe.float(), pe)
     scores = (scores * softmax_scale).masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
