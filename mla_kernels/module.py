@@ -501,9 +501,13 @@ class MLAttention(nn.Module):
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
+        total = q_nope.shape[0]
+        if indices is not None and (not isinstance(indices, torch.Tensor) or indices.dim() != 2
+                                    or indices.shape[0] != total):  # (before anything is written)
+            raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
+                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
-        total = q_nope.shape[0]
         w_kv_b = self.kv_b_proj.weight
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
@@ -512,9 +516,7 @@ class MLAttention(nn.Module):
             return self._attend_sparse(q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch, indices)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
-            w = w_kv_b.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-            w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+            q_latent, w_uv = self._absorb(q_nope)
             out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
                              q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
                              kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
@@ -530,20 +532,27 @@ class MLAttention(nn.Module):
                                      kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
                                      cache_seqlens_host=batch.cache_seqlens_host if host else None)
 
+    def _kv_b_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj.weight`` as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])`` views: the key half absorbed into the
+        query, the value half applied to the latent output."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def _absorb(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed ``q_nope [T, H, D_nope]`` moved into latent space: ``(q_latent [T, H, R], w_uv)``, one batched GEMM
+        over the heads."""
+        w_uk, w_uv = self._kv_b_split()
+        return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), w_uv
+
     def _attend_sparse(self, q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch: LatentBatch,
                        indices: torch.Tensor) -> torch.Tensor:
         """``attend``'s sparse step: token t (of sequence ``rows[t]``, at position ``positions[t]``) is query 0 of a
         one-token "sequence" of ``positions[t] + 1`` cache tokens with its sequence's block table row, so prompt
         and decode steps of any shape run as one ``mla_decode(indices=...)`` call. Built on the device: no read."""
         total = q_nope.shape[0]
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != total:
-            raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
-                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
         rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=q_nope.device),
                                        batch.cu_seqlens_q.diff(), output_size=total)
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, R]
+        q_latent, w_uv = self._absorb(q_nope)
         out = mla_decode(q_latent.unsqueeze(1), q_pe.unsqueeze(1), kv_cache, pe_cache,
                          batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
                          self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,

@@ -68,6 +68,8 @@ SUPPORTED_MODEL_TYPES = {
 }
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
+_NO_STATIC_INDEXER = ("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a DynamicCache "
+                      "(the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -116,9 +118,10 @@ def _make_latent_layer_class():
                 self.indexer_keys = keys[:, :keys.shape[1] - arg]
             elif op == "batch_repeat_interleave":
                 self.indexer_keys = keys.repeat_interleave(arg, dim=0)
-            else:  # reorder_cache, batch_select_indices
-                index = arg if isinstance(arg, torch.Tensor) else torch.as_tensor(arg)
-                self.indexer_keys = keys.index_select(0, index.to(device=keys.device, dtype=torch.long))
+            elif op == "reorder_cache":  # as transformers' DynamicLayer / DynamicIndexedLayer do
+                self.indexer_keys = keys.index_select(0, torch.as_tensor(arg, device=keys.device))
+            else:  # batch_select_indices
+                self.indexer_keys = keys[arg, ...]
 
         def lazy_initialization(self, key_states, value_states=None):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -897,12 +900,12 @@ class _StaticLatentState:
         kv_cache, pe_cache, kv_scale = self.paged.views(layer)
         write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
                     slots.view(-1), kv_scale=kv_scale)
-        heads, d_nope, d_v, rank = attn.num_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
-        w = attn.kv_b_proj.weight.view(heads, d_nope + d_v, rank)
+        heads, d_v = attn.num_heads, attn.v_head_dim
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
-            q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w[:, :d_nope])
+            w_uk, w_uv = attn._kv_b_split()
+            q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w_uk)
             out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
-                             attn.softmax_scale, causal=True, w_uv=w[:, d_nope:], max_seqlen_k=self.capacity,
+                             attn.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=self.capacity,
                              kv_scale=kv_scale)
             return out.reshape(batch_size, query_len, heads * d_v)
         # a prompt (eager, like transformers' own static-cache prefill): pads packed out by the step's index, the
@@ -974,8 +977,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     _, _, layers = _decoder_layers(model)
     attns = [layer.self_attn for layer in layers]
     if any("indexer" in getattr(attn, "_modules", {}) for attn in attns):
-        raise ValueError("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a "
-                         "DynamicCache (the default)")
+        raise ValueError(_NO_STATIC_INDEXER)
     if not all(isinstance(a, TransformersMLAttention) for a in attns):
         raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
     for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
@@ -1058,8 +1060,7 @@ class TransformersMLAttention(MLAttention):
 
         static = getattr(past_key_values, "_mla_static_state", None)
         if static is not None and indexer is not None:
-            raise ValueError("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a "
-                             "DynamicCache (the default)")
+            raise ValueError(_NO_STATIC_INDEXER)
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
             return self.o_proj(out), None
@@ -1109,22 +1110,19 @@ def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embed
     program per token); the indexer still runs, to extend its key cache."""
     batch_size, query_len = hidden_states.shape[:2]
     kv_len = query_len if cache is None else cache.get_seq_length(indexer.layer_idx)
-    causal = torch.arange(kv_len, device=hidden_states.device) <= \
-        torch.arange(kv_len - query_len, kv_len, device=hidden_states.device)[:, None]  # [Q, KV]
-    if attention_mask is None:
-        sees = causal.expand(batch_size, query_len, kv_len)
-    elif attention_mask.dim() == 2:  # [B, KV] padding mask
-        sees = causal & _sees(attention_mask)[:, None, -kv_len:]
-    else:  # [B, heads or 1, Q, KV]: head 0, as transformers' own attention hands the indexer
-        sees = _sees(attention_mask[:, 0])
-    mask = sees if attention_mask is None or attention_mask.dim() != 4 else attention_mask[:, 0]
-    if cache is None:
-        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids)
-    else:
-        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
-                        **{_indexer_cache_name(indexer): cache})
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[:, 0]  # [B, Q, KV], head 0, as transformers' own attention hands the indexer
+    else:  # none, or a [B, KV] padding mask: causal attention over the keys (and the padding mask's)
+        device = hidden_states.device
+        mask = (torch.arange(kv_len, device=device) <= torch.arange(kv_len - query_len, kv_len, device=device)[:, None]
+                ).expand(batch_size, query_len, kv_len)
+        if attention_mask is not None:
+            mask = mask & _sees(attention_mask)[:, None, -kv_len:]
+    picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
+                    **({} if cache is None else {_indexer_cache_name(indexer): cache}))
     if kv_len <= indexer.index_topk:  # (a host int: the Cache's count)
         return None
+    sees = _sees(mask)  # [B, Q, KV] bool
     picks = picks.long()
     real = sees[:, -1, :]  # [B, KV]: the keys the last query sees are the row's real tokens (stored in the cache)
     latent = torch.cumsum(real, dim=1) - 1  # [B, KV]: a real key's position in the latent cache
@@ -1183,8 +1181,6 @@ def _the_cache(past_key_values, cache):
 
 _LAYER_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.layers",
                 "language_model.model.layers")
-# why a model type that looks close to a supported one is refused
-_REFUSED: dict[str, str] = {}
 
 
 def _decoder_layers(model: nn.Module):
@@ -1200,10 +1196,9 @@ def _decoder_layers(model: nn.Module):
     if model_type not in SUPPORTED_MODEL_TYPES:
         # a multimodal model's own type may be one the README names (kimi_k25): name the text decoder's too
         decoder = f" (text decoder {text_type!r})" if text_type != model_type else ""
-        why = _REFUSED.get(text_type) or _REFUSED.get(model_type)
         raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
                         f"or a multimodal model with such a text decoder; got {type(model).__name__} with model_type "
-                        f"{model_type!r}{decoder}" + (f": {why}" if why else ""))
+                        f"{model_type!r}{decoder}")
     for path in _LAYER_PATHS:
         layers = model
         for name in path.split("."):
