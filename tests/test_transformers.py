@@ -42,14 +42,19 @@ def left_padded(lengths, vocab=128, seed=3):
     return ids, mask
 
 
-def v2_model():
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-    kw = tiny_config(q_lora_rank=32, rope_parameters=YARN).to_dict()
-    keep = {k: kw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank",
+def tiny_fields(**overrides) -> dict:
+    """``tiny_config``'s values for the fields the other DeepSeek configs (V2, V3.2) share with V3's."""
+    kw = tiny_config(**overrides).to_dict()
+    return {k: kw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank",
                                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "vocab_size",
                                "num_hidden_layers", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
                                "num_experts_per_tok", "n_group", "topk_group", "first_k_dense_replace",
                                "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+
+
+def v2_model():
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    keep = tiny_fields(q_lora_rank=32, rope_parameters=YARN)
     torch.manual_seed(0)
     return DeepseekV2ForCausalLM(DeepseekV2Config(**keep, rope_parameters=YARN, attn_implementation="eager")).eval()
 
@@ -96,11 +101,7 @@ def v32_model(index_topk=4):
     lengths, so each query attends to a strict subset of its keys: its own 4 the indexer picks (the real model's
     2048 of up to 128K). Attending densely instead moves these logits by ~0.5 (tested below)."""
     from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
-    keep = {k: v for k, v in tiny_config(q_lora_rank=32).to_dict().items() if k in (
-        "hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-        "qk_rope_head_dim", "v_head_dim", "vocab_size", "num_hidden_layers", "intermediate_size",
-        "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-        "first_k_dense_replace", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    keep = tiny_fields(q_lora_rank=32)
     torch.manual_seed(0)
     config = DeepseekV32Config(**keep, index_n_heads=4, index_head_dim=32, index_topk=index_topk,
                                attn_implementation="eager")
