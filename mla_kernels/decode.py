@@ -638,7 +638,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
             KV_FP8=kv_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return
-    # (the dense launch spelled out: building and splatting shared kwargs cost ~0.5 µs of host time per call)
+    # (the dense launch spelled out: building and splatting shared kwargs added host work to every call)
     _mla_attn_kernel[grid](
         q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
         cu_seqlens_q if varlen else dummy,
