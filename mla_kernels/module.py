@@ -330,6 +330,14 @@ class LatentBatch:
 # ---------------------------------------------------------------------------------------------
 
 
+def _scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
 def _dim(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -356,6 +364,9 @@ class MLAttention(nn.Module):
         rope_interleave: DeepSeek-V3's interleaved rope pairs (True) or ``rotate_half`` (False).
         rope_style: overrides rope_interleave: "interleave", "half" or "pairs" (DeepSeek-V2's complex rope).
         attention_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (as transformers).
+        query_scale, latent_scale: LongCat-Flash's LoRA scales (``mla_scale_q_lora``, ``mla_scale_kv_lora``;
+            1.0 for every other model): the query (nope and rope parts, so every score: the softmax scale takes
+            it) and the normalized latent (keys and values alike: scaled before it is cached) are multiplied by them.
         layer_idx: this layer's index in the ``PagedLatentCache``.
 
     ``forward(hidden_states, batch)`` runs one step: see its docstring. Inference only (the kernels have no
@@ -366,7 +377,7 @@ class MLAttention(nn.Module):
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
                  attention_bias: bool = False, max_position_embeddings: int = 4096, layer_idx: int = 0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0):
         super().__init__()
         self.hidden_size = _dim("hidden_size", hidden_size)
         self.num_heads = _dim("num_heads", num_heads)
@@ -388,7 +399,9 @@ class MLAttention(nn.Module):
         self.rope_parameters = _check_rope_parameters(rope_parameters)
         max_position_embeddings = _dim("max_position_embeddings", max_position_embeddings)
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.softmax_scale = softmax_scale_for(self.qk_head_dim, self.rope_parameters)
+        self.query_scale = _scale("query_scale", query_scale)
+        self.latent_scale = _scale("latent_scale", latent_scale)
+        self.softmax_scale = softmax_scale_for(self.qk_head_dim, self.rope_parameters) * self.query_scale
 
         kw = dict(device=device, dtype=dtype)
         heads_qk = num_heads * self.qk_head_dim
@@ -425,14 +438,15 @@ class MLAttention(nn.Module):
 
     @classmethod
     def from_config(cls, config, layer_idx: int = 0, device=None, dtype=None) -> "MLAttention":
-        """Build from a transformers ``DeepseekV3Config`` / ``DeepseekV2Config`` (or a GLM-4.7-Flash, MiniCPM3 or other
-        config with the same fields)."""
+        """Build from a transformers ``DeepseekV3Config`` / ``DeepseekV2Config`` (or a GLM-4.7-Flash, MiniCPM3,
+        LongCat-Flash (with its LoRA scales), Youtu or other config with the same fields)."""
         return cls(**config_kwargs(config), layer_idx=layer_idx, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
                 f"nope={self.qk_nope_head_dim}, rope={self.qk_rope_head_dim} ({self.rope_style}), v={self.v_head_dim}, "
-                f"softmax_scale={self.softmax_scale:.6g}, layer_idx={self.layer_idx}")
+                f"softmax_scale={self.softmax_scale:.6g}, layer_idx={self.layer_idx}"
+                + (f", latent_scale={self.latent_scale:.6g}" if self.latent_scale != 1.0 else ""))
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -463,6 +477,8 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv_c = self.kv_a_layernorm(kv_c)
+        if self.latent_scale != 1.0:
+            kv_c = kv_c * self.latent_scale
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
         k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
         return q_nope, q_pe, kv_c, k_pe
@@ -663,7 +679,11 @@ def config_kwargs(config) -> dict:
         style = "half"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"
-    return dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+    scales = {}
+    if model_type == "longcat_flash":  # LoRA scales on the query and the latent (its attention's mla_scale_*_lora)
+        scales = dict(query_scale=(config.hidden_size / config.q_lora_rank) ** 0.5,
+                      latent_scale=(config.hidden_size / config.kv_lora_rank) ** 0.5)
+    return dict(**scales, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
                 kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
                 qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
                 q_lora_rank=getattr(config, "q_lora_rank", None), rope_parameters=dict(rope), rope_style=style,

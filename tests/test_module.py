@@ -135,6 +135,40 @@ def test_matches_transformers_prefill_then_decode(name):
             assert_close(f"step {step} {counts}", out, torch.cat(expected), torch.float32)
 
 
+def test_longcat_config_builds_its_attention():
+    """From a LongCat-Flash config, MLAttention carries its LoRA scales (sqrt(hidden / rank) on the query and the
+    latent: 2 and sqrt(2) here): same outputs as transformers' LongcatFlashMLA over a prompt step and a decode step,
+    in fp32; and the latent it caches is the scaled one."""
+    from transformers import LongcatFlashConfig
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMLA, LongcatFlashRotaryEmbedding
+    config = LongcatFlashConfig(hidden_size=64, num_layers=1, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=32,
+                                qk_nope_head_dim=16, qk_rope_head_dim=16, head_dim=16, v_head_dim=16, vocab_size=128,
+                                ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2,
+                                moe_topk=2, max_position_embeddings=256, attn_implementation="eager")
+    torch.manual_seed(1)
+    ref = LongcatFlashMLA(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    mod = MLAttention.from_config(config)
+    assert (mod.query_scale, mod.latent_scale) == (ref.mla_scale_q_lora, ref.mla_scale_kv_lora) == (2.0, 2 ** 0.5)
+    assert mod.softmax_scale == ref.scaling * 2.0
+    mod.load_state_dict(ref.state_dict())
+    rotary = LongcatFlashRotaryEmbedding(config)
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    seq = cache.add_sequence()
+    ref_cache = DynamicCache()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for past, n in ((0, 6), (6, 1)):
+            x = torch.randn(n, config.hidden_size)
+            out = mod(x, LatentBatch.reserve(cache, [seq], [n]))
+            cos, sin = rotary(x, torch.arange(past, past + n)[None])
+            expected, _ = ref(x[None], (cos, sin), causal_mask(past, n), ref_cache)
+            assert_close(f"longcat {past}+{n}", out, expected[0], torch.float32)
+    assert torch.equal(cache.read(0, seq)[0], ref_cache.layers[0].keys[0, 0])
+
+
 def test_batched_layout_equals_packed():
     """[B, S, hidden] input gives the packed [T, hidden] result reshaped."""
     config = tiny_config()
@@ -268,6 +302,12 @@ def test_bad_arguments():
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters="x")
     with pytest.raises(TypeError, match="max_position_embeddings"):
         MLAttention(64, 4, 32, 16, 16, 16, max_position_embeddings="x")
+    for name in ("query_scale", "latent_scale"):
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=name):
+                MLAttention(64, 4, 32, 16, 16, 16, **{name: bad})
+        with pytest.raises(TypeError, match=name):
+            MLAttention(64, 4, 32, 16, 16, 16, **{name: "2"})
     mod = MLAttention.from_config(config, dtype=torch.bfloat16)
     cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.bfloat16)
     seq = cache.add_sequence()

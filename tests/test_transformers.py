@@ -108,6 +108,42 @@ def v32_model(index_topk=4):
     return DeepseekV32ForCausalLM(config).eval()
 
 
+def youtu_model():
+    """Youtu-LLM's architecture (DeepSeek-V3's attention under another name, dense MLP), tiny."""
+    from transformers import YoutuConfig, YoutuForCausalLM
+    keep = tiny_fields(q_lora_rank=32)
+    keep = {k: keep[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "q_lora_rank",
+                                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "vocab_size",
+                                 "num_hidden_layers", "intermediate_size", "max_position_embeddings", "pad_token_id",
+                                 "bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    return YoutuForCausalLM(YoutuConfig(**keep, rope_parameters=YARN, attn_implementation="eager")).eval()
+
+
+def sarvam_model():
+    """Sarvam-105B's model type (``sarvam_mla``: transformers builds a DeepseekV3ForCausalLM for it), tiny. Its
+    config arrived in transformers 5.25."""
+    try:
+        from transformers import SarvamMLAConfig
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no SarvamMLAConfig")
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLM(SarvamMLAConfig(**tiny_fields(q_lora_rank=32), attn_implementation="eager")).eval()
+
+
+def longcat_model():
+    """LongCat-Flash's architecture, tiny: two DeepSeek-V3 attention modules per decoder layer (cache layers 2i and
+    2i+1) whose query and latent carry LoRA scales (sqrt(hidden / rank): 2 and 1.41 here)."""
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
+    torch.manual_seed(0)
+    config = LongcatFlashConfig(hidden_size=64, num_layers=2, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=32,
+                                qk_nope_head_dim=16, qk_rope_head_dim=16, head_dim=16, v_head_dim=16,
+                                vocab_size=128, ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4,
+                                zero_expert_num=2, moe_topk=2, max_position_embeddings=256,
+                                attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LongcatFlashForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -116,6 +152,9 @@ MODELS = {
     "minicpm3": minicpm3_model,
     "kimi-k25-text": kimi_k25_model,
     "v32-dsa-topk4": v32_model,
+    "youtu": youtu_model,
+    "sarvam-mla": sarvam_model,
+    "longcat-flash": longcat_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -500,6 +539,48 @@ def test_unpatchable_models_raise_before_any_swap():
     patch_model(model)
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model)
+
+
+def test_longcat_two_attention_modules_per_layer():
+    """LongCat-Flash's decoder layers hold two attention modules each (a ModuleList, cache layers 2i and 2i+1): all
+    are patched, a static latent cache gets one layer per module and generates eager attention's tokens, and
+    unpatch_model puts the same modules back."""
+    model = longcat_model()
+    eager_model = copy.deepcopy(model)
+    originals = [list(layer.self_attn) for layer in model.model.layers]
+    patch_model(model, block_size=4)
+    patched = [attn for layer in model.model.layers for attn in layer.self_attn]
+    assert all(isinstance(a, TransformersMLAttention) for a in patched)
+    assert [a.layer_idx for a in patched] == [0, 1, 2, 3] and {a.num_cache_layers for a in patched} == {4}
+    ids, mask = left_padded([5, 9, 2])
+    with torch.no_grad():
+        expected = eager_model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        cache = integration.static_latent_cache(model, 3, 32, block_size=4)
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GREEDY)
+    assert torch.equal(out, expected)
+    assert latent_cache(cache).num_layers == 4
+    unpatch_model(model)
+    assert [list(layer.self_attn) for layer in model.model.layers] == originals
+
+
+def test_a_model_with_a_layer_removed_keeps_its_layers_cache_indices():
+    """A model pruned of a decoder layer (its others keep their layer_idx: 0 and 2) generates transformers' tokens
+    patched; attention modules sharing a layer_idx (one cache layer for two) are refused before any swap."""
+    model = tiny_model(num_hidden_layers=3)
+    del model.model.layers[1]
+    eager_model = copy.deepcopy(model)
+    ids, mask = left_padded([5, 9, 2])
+    patch_model(model, block_size=4)
+    assert [layer.self_attn.num_cache_layers for layer in model.model.layers] == [3, 3]
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY),
+                           eager_model.generate(input_ids=ids, attention_mask=mask, **GREEDY))
+
+    model = tiny_model()
+    model.model.layers[1].self_attn.layer_idx = 0
+    with pytest.raises(TypeError, match="layer_idx"):
+        patch_model(model)
+    assert type(model.model.layers[0].self_attn) is DeepseekV3Attention
 
 
 def test_an_unsupported_model_names_its_text_decoder():

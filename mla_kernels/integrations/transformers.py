@@ -1,6 +1,8 @@
-"""Run a transformers MLA model (DeepSeek-V3/V2, GLM-4.7-Flash, MiniCPM3) on the kernels, keeping only the latent.
+"""Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-4.7-Flash, MiniCPM3,
+LongCat-Flash, Youtu-LLM, Sarvam; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
-``patch_model(model)`` replaces every layer's ``self_attn`` by a ``TransformersMLAttention`` that adopts
+``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
+them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
 the same projection modules (no weight is copied: the model's state dict is unchanged). Generation and
 plain forward calls then cache per token and layer only the normalized latent and the roped key
 (``R + P`` values, in a ``PagedLatentCache``), never per-head K/V.
@@ -65,6 +67,13 @@ SUPPORTED_MODEL_TYPES = {
     # DeepSeek-V3.2: DeepSeek-V3's attention plus an indexer picking each query's top-k keys (sparse attention, DSA);
     # the patched module runs the model's own indexer and attends over its picks (mla_decode's indices)
     "deepseek_v32": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32Attention"),
+    # Sarvam-105B: a DeepSeek-V3 model (transformers builds DeepseekV3ForCausalLM) under its own model type
+    "sarvam_mla": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Attention"),
+    # Youtu-LLM: DeepSeek-V3's attention under another name
+    "youtu": ("transformers.models.youtu.modeling_youtu", "YoutuAttention"),
+    # LongCat-Flash: DeepSeek-V3's attention with LoRA scales on the query and the latent (mla_scale_q_lora,
+    # mla_scale_kv_lora; adopt folds the first into the softmax scale and keeps the second), two per decoder layer
+    "longcat_flash": ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashMLA"),
 }
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
@@ -975,7 +984,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     from transformers.cache_utils import Cache
 
     _, _, layers = _decoder_layers(model)
-    attns = [layer.self_attn for layer in layers]
+    attns = [attn for _, _, attn in _attention_slots(layers)]
     if any("indexer" in getattr(attn, "_modules", {}) for attn in attns):
         raise ValueError(_NO_STATIC_INDEXER)
     if not all(isinstance(a, TransformersMLAttention) for a in attns):
@@ -985,10 +994,11 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     weight = attns[0].kv_b_proj.weight
-    state = _StaticLatentState(len(layers), max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
+    num_layers = attns[0].num_cache_layers
+    state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
                                attns[0].qk_rope_head_dim, weight.dtype, weight.device, attns[0].cache_dtype)
     layer_cls = _static_layer_class()
-    cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(len(layers))])
+    cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
     cache._mla_static_state = state
     cache._mla_latent_state = state  # latent_cache(cache) finds the PagedLatentCache
     return cache
@@ -1030,7 +1040,10 @@ class TransformersMLAttention(MLAttention):
         device = original.kv_b_proj.weight.device
         new.inv_freq = rope_inv_freq(new.qk_rope_head_dim, new.rope_parameters,
                                      getattr(config, "max_position_embeddings", 4096))[0].to(device)
-        new.softmax_scale = float(original.scaling)
+        # LongCat-Flash's LoRA scales (MLAttention's query_scale, latent_scale), as its module holds them
+        new.query_scale = float(getattr(original, "mla_scale_q_lora", 1.0))
+        new.latent_scale = float(getattr(original, "mla_scale_kv_lora", 1.0))
+        new.softmax_scale = float(original.scaling) * new.query_scale
         new.num_cache_layers = num_cache_layers
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
@@ -1208,6 +1221,20 @@ def _decoder_layers(model: nn.Module):
     raise TypeError(f"{type(model).__name__} has no decoder layers at any of .{', .'.join(_LAYER_PATHS)}")
 
 
+def _attention_slots(layers) -> list[tuple[nn.Module, str, nn.Module | None]]:
+    """``(parent, name, module)`` of every attention module of ``layers``, in the order of their cache layers: a
+    decoder layer's ``self_attn``, or each module of a ``ModuleList`` of them (LongCat-Flash's two per layer, whose
+    cache layers are ``2 i`` and ``2 i + 1``)."""
+    slots = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, nn.ModuleList):
+            slots += [(attn, str(j), module) for j, module in enumerate(attn)]
+        else:
+            slots.append((layer, "self_attn", attn))
+    return slots
+
+
 def _attention_class(model_type: str):
     import importlib
     module_name, class_name = SUPPORTED_MODEL_TYPES[model_type]
@@ -1219,12 +1246,12 @@ def _attention_class(model_type: str):
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap every attention layer of a transformers DeepSeek-V3 (or V2, GLM-4.7-Flash, MiniCPM3) model for
-    ``TransformersMLAttention``.
+    """Swap every attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3, LongCat-Flash,
+    Youtu-LLM, Sarvam) model for ``TransformersMLAttention``.
 
     Args:
-        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or the V2, ``Glm4MoeLite`` or ``MiniCPM3`` classes:
-            a ``SUPPORTED_MODEL_TYPES`` model type), in bfloat16, float16 or
+        model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or another ``SUPPORTED_MODEL_TYPES`` model type's
+            classes, or a multimodal model with such a text decoder), in bfloat16, float16 or
             float32 (the kernels' dtypes).
         block_size: tokens per page of the latent cache.
         max_cache_tokens: cap on the latent cache's size in tokens (all sequences of a Cache together); past it
@@ -1248,8 +1275,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
+    slots = _attention_slots(layers)
+    for i, (_, _, attn) in enumerate(slots):
         if isinstance(attn, TransformersMLAttention):
             raise ValueError(f"model is already patched (layer {i}); call unpatch_model first")
         if type(attn) is not attn_cls:
@@ -1269,6 +1296,12 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
             raise TypeError(f"layer {i} computes in {str(dtype).replace('torch.', '')}; the kernels take ({names}): "
                             f"convert the model first, e.g. model.to(torch.bfloat16)")
+    # the cache layer each module writes (its layer_idx, which the patched module keeps): distinct, and as many
+    # cache layers as the largest needs (a model with layers removed keeps its others' indices)
+    indices = [getattr(attn, "layer_idx", None) for _, _, attn in slots]
+    if any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in indices) or len(set(indices)) < len(indices):
+        raise TypeError(f"the attention modules' layer_idx must be distinct ints >= 0 (their cache layers), got "
+                        f"{indices}")
     for name in ("kv_lora_rank", "qk_rope_head_dim"):
         _utils.check_width(f"config.{name}", getattr(config, name))
     if cache_dtype is not None and config.kv_lora_rank % _utils.FP8_GROUP:
@@ -1277,19 +1310,18 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if config.q_lora_rank == 0:
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
 
-    for layer in layers:
-        layer.self_attn = TransformersMLAttention.adopt(layer.self_attn, len(layers), block_size, max_cache_tokens,
-                                                        cache_dtype)
+    for parent, name, attn in slots:
+        setattr(parent, name, TransformersMLAttention.adopt(attn, max(indices) + 1, block_size, max_cache_tokens,
+                                                            cache_dtype))
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put back the transformers attention modules ``patch_model`` replaced (same parameters). Returns ``model``."""
     _, _, layers = _decoder_layers(model)
-    for layer in layers:
-        attn = layer.self_attn
+    for parent, name, attn in _attention_slots(layers):
         if isinstance(attn, TransformersMLAttention):
             original = attn._hf_original
             original.training = attn.training  # model.train()/eval() while patched reached only the patched module
-            layer.self_attn = original
+            setattr(parent, name, original)
     return model
