@@ -351,7 +351,79 @@ def jit_launches() -> dict:
     slots = torch.tensor([0, 1, 64, 65])
     cases["write_cache"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe, slots)
     cases["write_cache-fp8"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv8, pe8, slots, kv_scale=scale8)
+    return _jit_run(cases)
 
+
+def jit_shapes() -> dict:
+    """The public calls at the shapes whose tiles differ (``decode_tiles`` and ``_expanded_config`` pick by rows,
+    widths and element size) through Triton's JIT for an H100 (``jit_without_gpu``): head counts and S_q whose rows
+    are not powers of two, pages of 1 and 256 (the latter splits, so the combine runs), widths from 16 to 1024, fp16
+    and fp32, an fp8 cache with the schedule, a sparse list on pages of 1, and the three prefill paths. A launch
+    that fails to compile or needs more shared memory than an H100 has fails here, not on a GPU. Returns what
+    ``jit_launches`` does."""
+    from . import _utils
+    from .cache import fp8_latent_cache
+    from .decode import mla_decode
+    from .prefill import mla_prefill, mla_prefill_attention
+    from .schedule import mla_decode_metadata
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    def cache(page, ctx, rows, d_latent, d_rope, dtype, fp8):
+        blocks = rows * _utils.cdiv(ctx, page)
+        table = torch.arange(blocks, dtype=torch.int32).view(rows, -1)
+        if fp8:
+            kv, scale, pe = fp8_latent_cache(blocks, page, d_latent, d_rope, rope_dtype=dtype)
+            return kv, pe, scale, table
+        buf = rnd(blocks, page, d_latent + d_rope, dtype=dtype)  # views of one buffer, as the cache holds them
+        return buf[..., :d_latent], buf[..., d_latent:], None, table
+
+    def decode(heads, s_q, page, dtype=torch.bfloat16, d_latent=512, d_rope=64, fp8=False, scheduled=False,
+               sparse=0):
+        kv, pe, scale, table = cache(page, 300, 3, d_latent, d_rope, dtype, fp8)
+        seqlens = torch.tensor([300, 100, 9], dtype=torch.int32)
+        kw = dict(kv_scale=scale)
+        if scheduled:
+            kw["metadata"] = mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=d_latent)
+        if sparse:
+            kw["indices"] = torch.randint(0, 9 - s_q + 1, (3, s_q, sparse), generator=gen, dtype=torch.int32)
+        q_nope, q_pe = rnd(3, s_q, heads, d_latent, dtype=dtype), rnd(3, s_q, heads, d_rope, dtype=dtype)
+        return lambda: mla_decode(q_nope, q_pe, kv, pe, table, seqlens, 0.1, **kw)
+
+    def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False):
+        kv, pe, scale, table = cache(page, 100, 2, 512, 64, dtype, fp8)
+        seqlens, cu = torch.tensor([70, 33], dtype=torch.int32), torch.tensor([0, 20, 53], dtype=torch.int32)
+        q_pe = rnd(53, heads, 64, dtype=dtype)
+        if path == "latent":
+            q_nope = rnd(53, heads, 512, dtype=dtype)
+            return lambda: mla_prefill(q_nope, q_pe, kv, pe, table, cu, seqlens, 0.1, kv_scale=scale)
+        q_nope, w_kv_b = rnd(53, heads, 128, dtype=dtype), rnd(heads * 256, 512, dtype=dtype)
+        return lambda: mla_prefill_attention(q_nope, q_pe, kv, pe, table, cu, seqlens, w_kv_b, 0.1, path=path,
+                                             kv_scale=scale)
+
+    cases = {f"decode-h{h}-s{s}": decode(h, s, 64) for h, s in ((1, 1), (3, 2), (5, 4), (20, 1), (100, 2), (128, 8))}
+    cases.update({f"decode-h{h}-page{p}": decode(h, 1, p) for h in (1, 128) for p in (1, 256)})
+    cases.update({f"decode-h{h}-{str(d).replace('torch.', '')}": decode(h, 2, 16, dtype=d)
+                  for h in (1, 16, 128) for d in (torch.float16, torch.float32)})
+    cases.update({f"decode-h{h}-r{r}-p{p}": decode(h, s, 16, d_latent=r, d_rope=p)
+                  for h, s in ((16, 1), (128, 4)) for r, p in ((16, 16), (128, 32), (1024, 64), (512, 128))})
+    cases.update({f"decode-h{h}-fp8-scheduled": decode(h, 2, 64, fp8=True, scheduled=True) for h in (1, 16, 128)})
+    cases["decode-h16-fp8-fp16"] = decode(16, 1, 16, dtype=torch.float16, fp8=True)
+    cases.update({f"decode-h{h}-sparse-page1": decode(h, 2, 1, sparse=64) for h in (1, 128)})
+    cases.update({f"prefill-{path}-h{h}-page{p}": prefill(h, p, path)
+                  for path in ("latent", "absorbed", "expanded") for h in (1, 128) for p in (1, 64)})
+    cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)
+    cases["prefill-expanded-h16-float32"] = prefill(16, 16, "expanded", dtype=torch.float32)
+    return _jit_run(cases)
+
+
+def _jit_run(cases: dict) -> dict:
+    """Run each case (a call of a public wrapper) under ``jit_without_gpu``: {case: [{kernel, shared_bytes, wgmma,
+    tma}, ...] in launch order, or {"error": ...}}."""
+    from . import _utils
     results = {}
     use_triton = _utils.use_triton
     _utils.use_triton = lambda t: True  # CPU tensors take the kernels' path, as GPU tensors do
@@ -372,14 +444,17 @@ def jit_launches() -> dict:
 def main() -> None:
     """Compile in a process of its own: triton must be imported *without* TRITON_INTERPRET, since the
     interpreter replaces every @triton.jit helper of triton.language and the real compiler then fails.
-    ``--jit``: the decode launch wrappers through Triton's JIT instead (``jit_launches``)."""
+    ``--jit``: the launch wrappers through Triton's JIT instead (``jit_launches``); ``--jit-shapes``: the public
+    calls at many shapes, the same way (``jit_shapes``)."""
     import json
     import sys
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    print(json.dumps(jit_launches() if "--jit" in sys.argv[1:] else compile_all(), indent=1))
+    flags = sys.argv[1:]
+    report = jit_launches() if "--jit" in flags else jit_shapes() if "--jit-shapes" in flags else compile_all()
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,22 @@ def test_launch_wrappers_compile_through_the_jit():
     for name in ("decode-tma-split1", "decode-gluon-split1"):
         assert got[name][0]["tma"], got[name]
     assert got["decode-gluon-split1"][0]["wgmma"] and got["decode-portable-split1"][0]["wgmma"]
+
+
+def test_public_calls_compile_across_shapes():
+    """The public calls at the shapes whose tiles differ (``_compile.jit_shapes``: odd head counts and S_q, pages of
+    1 and 256, widths 16-1024, fp16/fp32, fp8 with the schedule, sparse lists, the three prefill paths) bind,
+    compile for an H100 through Triton's JIT and fit its shared memory; the kernels reached are the expected ones
+    (a split decode adds the combine, the expanded prefill its gather)."""
+    got = _compile_subprocess("--jit-shapes")
+    failed = {name: r["error"] for name, r in got.items() if isinstance(r, dict)}
+    assert not failed, failed
+    too_big = {name: [(k["kernel"], k["shared_bytes"]) for k in r] for name, r in got.items()
+               if any(k["shared_bytes"] > H100_SHARED_BYTES for k in r)}
+    assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
+    kernels = {name: [k["kernel"] for k in r] for name, r in got.items()}
+    assert kernels["decode-h128-page256"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
+    assert kernels["decode-h16-fp8-scheduled"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
+    assert kernels["decode-h128-sparse-page1"] == ["_mla_sparse_attn_kernel"]
+    assert kernels["prefill-expanded-h16-fp8"] == ["_gather_latent_kernel", "_mla_expanded_kernel"]
+    assert len(got) >= 40
