@@ -112,8 +112,9 @@ class _Spec:
     def refine(self, winner: dict, key: str, device) -> list[dict]:
         return []
 
-    def shared_bytes(self, cfg: dict, shape: dict, elem_bytes: int) -> int | None:
-        """The library's estimate of ``cfg``'s shared memory at ``shape`` (None: the kernel is not fitted)."""
+    def shared_bytes(self, cfg: dict, shape: dict, elem_bytes: int, hip: bool = False) -> int | None:
+        """The library's estimate of ``cfg``'s shared memory at ``shape``, gfx942's LDS with ``hip`` (None: the
+        kernel is not fitted)."""
         return None
 
     def fitted(self, cfg: dict, shape: dict, device, dtype) -> dict:
@@ -122,7 +123,7 @@ class _Spec:
         elem = torch.empty((), dtype=dtype).element_size()
         if self.shared_bytes(cfg, shape, elem) is None:
             return cfg
-        return _utils.fit_shared(cfg, self.shared_bytes, _utils.shared_memory_limit(device), shape, elem)
+        return _utils.fit_tiles(cfg, device, self.shared_bytes, shape, elem)
 
     def label(self, shape: dict) -> str:
         return " ".join(f"{k}{v}" for k, v in shape.items())
@@ -183,11 +184,11 @@ class _Decode(_Spec):
     def refine(self, winner, key, device):
         return [dict(winner, waves=w) for w in (1, 2, 4) if winner.get("waves") != w]
 
-    def shared_bytes(self, cfg, shape, elem_bytes):
+    def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .decode import decode_shared_bytes
         if cfg.get("TMA") or cfg.get("GLUON"):  # fixed tiles sized to fit, not shrunk
             return None
-        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
+        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes, hip=hip)
 
     def build(self, s, device, dtype, gen):
         from .decode import _launch, mla_decode_torch
@@ -232,9 +233,9 @@ class _Prefill(_Spec):
         return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
                 itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2] if hip else [1, 2, 3])]
 
-    def shared_bytes(self, cfg, shape, elem_bytes):
+    def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .decode import decode_shared_bytes
-        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes)
+        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes, hip=hip)
 
     def build(self, s, device, dtype, gen):
         from .decode import _launch
@@ -269,7 +270,7 @@ class _Expanded(_Spec):
 
     def heuristic(self, s, device):
         from .prefill import _expanded_heuristic
-        return _expanded_heuristic(s["new"], device)
+        return _expanded_heuristic(s["new"], _utils.on_hip(device))
 
     def default_shapes(self, quick):
         shapes = self.SHAPES[3:4] if quick else self.SHAPES
@@ -283,9 +284,9 @@ class _Expanded(_Spec):
         return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
                 itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2] if hip else [1, 2, 3])]
 
-    def shared_bytes(self, cfg, shape, elem_bytes):
+    def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .prefill import expanded_shared_bytes
-        return expanded_shared_bytes(cfg, shape["N"], shape["V"], shape["P"], elem_bytes)
+        return expanded_shared_bytes(cfg, shape["N"], shape["V"], shape["P"], elem_bytes, hip=hip)
 
     def build(self, s, device, dtype, gen):
         from .prefill import _expanded_torch, _gather_latent_torch, _launch_expanded

@@ -106,13 +106,16 @@ def ptxas_report(compiled) -> dict:
 
 def _cases(hip: bool) -> dict:
     """name -> (kernel, constexprs, types, num_warps, num_stages, shared estimate | None) with the configs the
-    library launches; the estimate is the library's (``decode_shared_bytes`` / ``expanded_shared_bytes``), which
-    sized the tiles to fit, for the test to hold against the compiler's figure."""
+    library launches on an H100 or, with ``hip``, an MI300X (no tuned file: the heuristic tiles, fitted to the
+    GPU's shared memory or LDS); the estimate is the library's (``decode_shared_bytes`` /
+    ``expanded_shared_bytes``, the gfx942 model with ``hip``), which sized the tiles to fit, for the test to hold
+    against the compiler's figure."""
     from .cache import _write_cache_kernel
-    from .decode import (_config, _mla_attn_kernel, _mla_combine_kernel, _mla_sparse_attn_kernel, decode_shared_bytes,
-                         decode_tiles)
+    from .decode import (_config, _fit_tiles, _mla_attn_kernel, _mla_combine_kernel, _mla_sparse_attn_kernel,
+                         decode_shared_bytes, decode_tiles)
     from .decode_tma import _mla_attn_tma_kernel
-    from .prefill import _expanded_config, _expanded_heuristic, _mla_expanded_kernel, expanded_shared_bytes
+    from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
+                          expanded_shared_bytes)
 
     h100 = torch.device("cpu")  # no tuned file: the heuristic tiles, fitted to the H100's shared memory
 
@@ -122,7 +125,8 @@ def _cases(hip: bool) -> dict:
 
     def attn(rows, varlen, split, fp32=False, scheduled=False, d_latent=512, fp8=False, d_rope=64, sparse=False):
         elem = 4 if fp32 else 2
-        cfg = _config(rows, d_latent, hip=hip) if hip else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8)
+        cfg = (_fit_tiles(_config(rows, d_latent, hip=True), None, d_latent, d_rope, elem, fp8, hip=True) if hip
+               else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8))
         constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
                           DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
@@ -138,7 +142,7 @@ def _cases(hip: bool) -> dict:
             kernel = _mla_sparse_attn_kernel
             constexprs = {k: v for k, v in constexprs.items() if k not in ("VARLEN", "SCHEDULED")}
         return (kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
-                decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8))
+                decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8, hip=hip))
 
     def attn_tma(rows, split):
         cfg = _config(rows, 512, hip=False)
@@ -165,14 +169,14 @@ def _cases(hip: bool) -> dict:
 
     def expanded(d_nope=128, d_v=128, fp32=False):
         elem = 4 if fp32 else 2
-        cfg = _expanded_heuristic(4096, torch.device("cuda")) if hip else _expanded_config(4096, h100, d_nope, d_v, 64,
-                                                                                          elem)
+        cfg = (_fit_expanded(_expanded_heuristic(4096, hip=True), None, d_nope, d_v, 64, elem, hip=True) if hip
+               else _expanded_config(4096, h100, d_nope, d_v, 64, elem))
         constexprs = dict(D_NOPE=d_nope, D_ROPE=64, D_V=d_v, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, STORE_LSE=True, DOT_FP32=False, DOT_PRECISION="ieee" if fp32 else None)
         types = {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
                  "LSE": "*fp32", **({"*": "*fp32"} if fp32 else {})}
         return (_mla_expanded_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
-                expanded_shared_bytes(cfg, d_nope, d_v, 64, elem))
+                expanded_shared_bytes(cfg, d_nope, d_v, 64, elem, hip=hip))
 
     cases = {
         "decode-h16-split": attn(16, False, True),
@@ -198,11 +202,15 @@ def _cases(hip: bool) -> dict:
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
     }
-    if not hip:  # tiles the H100's shared memory fits only after shrinking them (decode_tiles, _expanded_config)
-        cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
-        cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
-        cases["prefill-expanded-d512"] = expanded(512, 512)
-        cases["prefill-expanded-fp32"] = expanded(fp32=True)
+    # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
+    # _expanded_config; the MI300X's by the gfx942 model)
+    cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
+    cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
+    cases["decode-h16-r1024-fp32"] = attn(16, False, True, fp32=True, d_latent=1024)
+    cases["decode-h128-r1024-fp32"] = attn(128, False, True, fp32=True, d_latent=1024)
+    cases["prefill-expanded-d512"] = expanded(512, 512)
+    cases["prefill-expanded-fp32"] = expanded(fp32=True)
+    cases["prefill-expanded-d512-fp32"] = expanded(512, 512, fp32=True)
     if not hip:  # tensor descriptors (TMA): the Hopper path, NVIDIA only
         cases["decode-tma-h16-split"] = attn_tma(16, True)
         cases["decode-tma-h128"] = attn_tma(128, False)

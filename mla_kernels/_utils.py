@@ -94,6 +94,7 @@ def on_hip(device: torch.device) -> bool:
 
 
 H100_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block may use on sm_90 (CUDA programming guide)
+MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
 # What the compiler may add to the kernels' estimates of their operand tiles (decode.decode_shared_bytes,
 # prefill.expanded_shared_bytes) for layout conversions: none in the sm_90 compiles of tests/test_compile.py
 # (triton 3.6), which holds every estimated case to this allowance
@@ -116,9 +117,9 @@ def shared_memory_limit(device: torch.device) -> int | None:
     """Bytes of shared memory one program may use on ``device``, for sizing tiles; None where tiles are not fitted.
 
     NVIDIA GPUs: the device's opt-in maximum per block (cached). The CPU interpreter has no such limit but runs
-    the tiles an H100 would, so it gets the H100's. ROCm: None; the MI300 configs are small enough already and
-    compile-checked against its 64 KiB in CI (``tests/test_compile.py``), and Triton's AMD backend lays shared
-    memory out differently from what the estimates assume."""
+    the tiles an H100 would, so it gets the H100's. ROCm: None here, as Triton's AMD backend lays shared memory
+    (LDS) out differently from what the sm_90 estimates count: ``fit_tiles`` fits ROCm launches to
+    ``MI300_LDS_BYTES`` by the kernels' AMD estimates instead."""
     if device.type == "cuda":
         if is_hip():
             return None
@@ -128,19 +129,30 @@ def shared_memory_limit(device: torch.device) -> int | None:
     return H100_SHARED_BYTES
 
 
-def fit_shared(cfg: dict, shared_bytes, limit: int | None, *args) -> dict:
+def fit_tiles(cfg: dict, device: torch.device | None, shared_bytes, *args, hip: bool | None = None) -> dict:
+    """``cfg`` fitted (``fit_shared``) to the shared memory of ``device``'s GPU by the kernel's estimate
+    ``shared_bytes(cfg, *args, hip=...)``: on NVIDIA (and the CPU interpreter, which runs an H100's tiles) its
+    sm_90 figure against ``shared_memory_limit`` with ``SHARED_SCRATCH_BYTES`` to spare; under ROCm its gfx942
+    figure, the AMD backend's own to the byte for one pipeline stage, against ``MI300_LDS_BYTES``, nothing to
+    spare. ``hip`` overrides the vendor ``device`` implies (CI's gfx942 compiles, without an AMD GPU)."""
+    if on_hip(device) if hip is None else hip:
+        return fit_shared(cfg, functools.partial(shared_bytes, hip=True), MI300_LDS_BYTES, *args, scratch=0)
+    return fit_shared(cfg, shared_bytes, shared_memory_limit(device), *args)
+
+
+def fit_shared(cfg: dict, shared_bytes, limit: int | None, *args, scratch: int = SHARED_SCRATCH_BYTES) -> dict:
     """``cfg`` with its tiles halved, BLOCK_N first then BLOCK_M (neither below 16, tl.dot's least), then its
-    pipeline stages lowered (not below 1), until ``shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES`` fits
-    ``limit``; ``cfg`` itself when it already fits (the per-launch case: no copy, no closure). A launch over the
-    limit fails on the GPU with "out of resources" (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227).
+    pipeline stages lowered (not below 1), until ``shared_bytes(cfg, *args) + scratch`` fits ``limit``; ``cfg``
+    itself when it already fits (the per-launch case: no copy, no closure). A launch over the limit fails on the
+    GPU with "out of resources" (fp32 at 64 x 64 needs over 300 KiB; an H100 has 227).
 
     The copy keeps ``cfg``'s type and attributes (``copy.copy``): a stored config (``_tuning.Tuned``) that still
     fails to compile once fitted is then dropped for the heuristic by the launch, as an unfitted one is (a plain
     dict lost that, and the compile error reached the caller)."""
-    if limit is None or shared_bytes(cfg, *args) + SHARED_SCRATCH_BYTES <= limit:
+    if limit is None or shared_bytes(cfg, *args) + scratch <= limit:
         return cfg
     fitted = copy.copy(cfg)
-    while shared_bytes(fitted, *args) + SHARED_SCRATCH_BYTES > limit:
+    while shared_bytes(fitted, *args) + scratch > limit:
         if fitted["BLOCK_N"] > 16:
             fitted["BLOCK_N"] //= 2
         elif fitted["BLOCK_M"] > 16:

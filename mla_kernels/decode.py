@@ -78,18 +78,29 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
     return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
 
 
-def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool) -> dict:
-    return _utils.fit_shared(cfg, decode_shared_bytes, _utils.shared_memory_limit(device), d_latent, d_rope,
-                             elem_bytes, kv_fp8)
+def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool,
+               hip: bool | None = None) -> dict:
+    return _utils.fit_tiles(cfg, device, decode_shared_bytes, d_latent, d_rope, elem_bytes, kv_fp8, hip=hip)
 
 
-def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False) -> int:
+def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False,
+                        hip: bool = False) -> int:
     """Shared memory the portable kernel's operand tiles take on sm_90 (triton 3.6, compiled with the alignment
     facts the JIT specializes on): the query block once, and ``num_stages`` key blocks, which the pipeliner fills
     with cp.async copies ahead of use. With an fp8 cache the stages hold the raw e4m3 latent and one dequantized
     block is staged for the dots; with fp32 inputs the probability tile too. Exact for the bf16 64 x 64 tiles
-    (221184 bytes), an upper bound for the others; ``tests/test_compile.py`` holds the compiler's figure to it."""
+    (221184 bytes), an upper bound for the others; ``tests/test_compile.py`` holds the compiler's figure to it.
+
+    ``hip``: LDS on gfx942 instead (triton 3.9's AMD backend): each dot operand passes through LDS on its own,
+    in one buffer the next reuses, so the largest decides: rows x the wider of the latent and rope widths x bytes,
+    for the query block or a key block (raw e4m3 with an fp8 cache). The compiler's figure to the byte at 22
+    one-stage points (heads 1-128, widths 16-1024, bf16/fp32/fp8); a two-stage loop took 1.1-2x that, so it counts
+    twice."""
     block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
+    if hip:
+        wide = max(d_latent, d_rope)
+        tiles = max(block_m * wide * elem_bytes, block_n * wide * (1 if kv_fp8 else elem_bytes))
+        return tiles * (2 if stages > 1 else 1)
     width = d_latent + d_rope
     if kv_fp8:
         keys = stages * block_n * (d_latent + d_rope * elem_bytes) + block_n * d_latent * elem_bytes

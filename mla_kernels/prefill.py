@@ -230,26 +230,31 @@ def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128,
     ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``; its
     tiles shrunk where they would not fit the GPU's shared memory at these widths (``_fit_expanded``)."""
     tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device)
-    cfg = tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, device)
+    cfg = tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, _utils.on_hip(device))
     return _fit_expanded(cfg, device, d_nope, d_v, d_rope, elem_bytes)
 
 
-def _fit_expanded(cfg: dict, device: torch.device, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> dict:
-    return _utils.fit_shared(cfg, expanded_shared_bytes, _utils.shared_memory_limit(device), d_nope, d_v, d_rope,
-                             elem_bytes)
+def _fit_expanded(cfg: dict, device: torch.device, d_nope: int, d_v: int, d_rope: int, elem_bytes: int,
+                  hip: bool | None = None) -> dict:
+    return _utils.fit_tiles(cfg, device, expanded_shared_bytes, d_nope, d_v, d_rope, elem_bytes, hip=hip)
 
 
-def expanded_shared_bytes(cfg: dict, d_nope: int, d_v: int, d_rope: int, elem_bytes: int) -> int:
+def expanded_shared_bytes(cfg: dict, d_nope: int, d_v: int, d_rope: int, elem_bytes: int, hip: bool = False) -> int:
     """Shared memory the expanded kernel's operand tiles take on sm_90 (triton 3.6, compiled with the JIT's
     alignment facts): the query block (D_nope + P wide) once and ``num_stages`` key/value blocks (D_nope + P + D_v
     wide), and with fp32 inputs the probability tile. It matches the compiler's figure to the byte at 128/128/64
-    and 512/512/64 in bf16; an upper bound in fp32."""
+    and 512/512/64 in bf16; an upper bound in fp32.
+
+    ``hip``: LDS on gfx942 (``decode_shared_bytes``'s model: the largest operand, rows x the widest of D_nope, P
+    and D_v x bytes; the compiler's figure to the byte at 13 one-stage points; two stages count twice)."""
     block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
+    if hip:
+        return max(block_m, block_n) * max(d_nope, d_rope, d_v) * elem_bytes * (2 if stages > 1 else 1)
     tiles = (block_m * (d_nope + d_rope) + stages * block_n * (d_nope + d_rope + d_v)) * elem_bytes
     return tiles + (block_m * block_n * 4 if elem_bytes == 4 else 0)
 
 
-def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
+def _expanded_heuristic(max_seqlen_q: int, hip: bool = False) -> dict:
     """Tiles for the expanded kernel: BLOCK_M query tokens of one head x BLOCK_N keys per step.
 
     The fp32 accumulator is BLOCK_M x D_v; q (D_nope + P wide) stays in registers for the whole loop.
@@ -259,7 +264,7 @@ def _expanded_heuristic(max_seqlen_q: int, device: torch.device) -> dict:
     128-head prompt is the target shape). The interpreter runs the NVIDIA tiles.
     """
     block_m = 128 if max_seqlen_q > 64 else 64
-    if _utils.on_hip(device):
+    if hip:
         return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=1)
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if block_m == 128 else 4, num_stages=2)
 
@@ -501,7 +506,8 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
         return _tuning.launch_tuned(cfg, lambda c: _launch_expanded(
             q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens, softmax_scale,
             causal, return_lse, max_seqlen_q=max_seqlen_q, config=c),
-            _fit_expanded(_expanded_heuristic(max_seqlen_q, device), device, d_nope, d_v, d_rope, elem_bytes))
+            _fit_expanded(_expanded_heuristic(max_seqlen_q, _utils.on_hip(device)), device, d_nope, d_v, d_rope,
+                          elem_bytes))
     out = torch.empty(total, heads, d_v, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
     if total == 0 or batch == 0:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from mla_kernels._utils import H100_SHARED_BYTES, SHARED_SCRATCH_BYTES  # 227 KiB per block on sm_90 (CUDA guide)
+from mla_kernels._utils import H100_SHARED_BYTES, MI300_LDS_BYTES, SHARED_SCRATCH_BYTES  # 227 KiB, 64 KiB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +40,16 @@ EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r
 EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
 EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 EXPECTED += ["prefill-gather"]
+# shapes whose heuristic tiles are shrunk to fit the H100's shared memory (fp32 at 64 x 64 needs 304 KiB) or the
+# MI300X's LDS (fp32 or R = 1024 at 32 x 16, the expanded kernel at D = 512: up to 304 KiB unfitted)
+EXPECTED += ["decode-h128-fp32", "decode-h128-p1024", "decode-h16-r1024-fp32", "decode-h128-r1024-fp32",
+             "prefill-expanded-d512", "prefill-expanded-fp32", "prefill-expanded-d512-fp32"]
 
 
-MI300_LDS_BYTES = 65536  # 64 KiB of LDS per workgroup on gfx942 (AMD CDNA3 ISA guide)
 EXPECTED_TMA = ["decode-tma-h16-split", "decode-tma-h128"]
 # the Gluon kernel (decode_gluon): it cannot run under the interpreter, so this compile is CI's only check of it
 EXPECTED_GLUON = ["decode-gluon-h128", "decode-gluon-h64-split", "prefill-absorbed-gluon"]
-# shapes whose heuristic tiles are shrunk to fit the H100's shared memory (fp32 at 64 x 64 needs 304 KiB)
-EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + EXPECTED_GLUON + ["decode-h128-fp32", "decode-h128-p1024",
-                                                        "prefill-expanded-d512", "prefill-expanded-fp32"]
+EXPECTED_NVIDIA_ONLY = EXPECTED_TMA + EXPECTED_GLUON
 
 
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
@@ -80,6 +81,11 @@ def test_decode_report_is_complete(reports, capsys):
     assert not too_big, f"these launches would fail with 'out of resources' on an H100: {too_big}"
     too_big = {n: r["shared_bytes"] for n, r in reports["gfx942"].items() if r["shared_bytes"] > MI300_LDS_BYTES}
     assert not too_big, f"these launches would fail with 'out of resources' on an MI300X: {too_big}"
+    # the gfx942 model (decode_shared_bytes / expanded_shared_bytes with hip) fits ROCm's tiles with nothing to
+    # spare: it must not count less than the compiler lays out (exact at one stage, an upper bound at two)
+    under = {n: (r["shared_bytes"], r["shared_estimate"]) for n, r in reports["gfx942"].items()
+             if r.get("shared_estimate") is not None and r["shared_bytes"] > r["shared_estimate"]}
+    assert not under, f"LDS (compiled, estimated) above the gfx942 estimate: {under}"
     # compiled as the JIT specializes a launch, the cache loads are pipelined (cp.async into num_stages buffers):
     # a change that loses this (an unaligned access, a load the pipeliner cannot move) shows up here, not only in
     # a GPU's timings

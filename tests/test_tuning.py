@@ -156,7 +156,7 @@ def test_decode_and_expanded_tiles_fit_the_h100(elem_bytes, kv_fp8):
     if elem_bytes == 2:
         assert decode.decode_tiles(128, 512, cpu, 64, 2, kv_fp8) == decode._config(128, 512)
         assert decode.decode_tiles(16, 512, cpu, 64, 2, kv_fp8) == decode._config(16, 512)
-        assert prefill._expanded_config(4096, cpu) == prefill._expanded_heuristic(4096, cpu)
+        assert prefill._expanded_config(4096, cpu) == prefill._expanded_heuristic(4096)
     else:
         assert decode.decode_tiles(128, 512, cpu, 64, 4) == dict(decode._config(128, 512), BLOCK_N=16)
 
