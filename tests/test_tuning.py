@@ -161,6 +161,33 @@ def test_decode_and_expanded_tiles_fit_the_h100(elem_bytes, kv_fp8):
         assert decode.decode_tiles(128, 512, cpu, 64, 4) == dict(decode._config(128, 512), BLOCK_N=16)
 
 
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16-bit", "fp32"])
+def test_rocm_tiles_fit_the_mi300x_lds(elem_bytes):
+    """ROCm's tiles (``_config(hip=True)``, ``_expanded_heuristic(hip=True)``) are fitted to the MI300X's 64 KiB of
+    LDS by the gfx942 model, nothing to spare (it is the AMD backend's own figure at one stage; tests/test_compile
+    holds the compiled figure to it): every width fits unless the tiles are the smallest; bf16 at DeepSeek's widths
+    keeps ROCm's heuristic tiles, and fp32 at R = 1024 (128 KiB at 32 x 16) is shrunk to 16 x 16."""
+    from mla_kernels import _utils, decode, prefill
+
+    for r in (16, 128, 512, 1024):
+        for p in (16, 64, 1024):
+            for rows in (1, 16, 128):
+                cfg = decode._fit_tiles(decode._config(rows, r, hip=True), None, r, p, elem_bytes, False, hip=True)
+                need = decode.decode_shared_bytes(cfg, r, p, elem_bytes, hip=True)
+                assert need <= _utils.MI300_LDS_BYTES or (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 16), (r, p, cfg)
+            for d_v in (16, 128, 512):
+                cfg = prefill._fit_expanded(prefill._expanded_heuristic(4096, hip=True), None, r, d_v, p, elem_bytes,
+                                            hip=True)
+                need = prefill.expanded_shared_bytes(cfg, r, d_v, p, elem_bytes, hip=True)
+                assert need <= _utils.MI300_LDS_BYTES or (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 16), (r, d_v, cfg)
+    hip_cfg = decode._config(128, 512, hip=True)
+    fitted = decode._fit_tiles(hip_cfg, None, 512, 64, elem_bytes, False, hip=True)
+    assert fitted == hip_cfg  # 32 x 16: 32 KiB in bf16, exactly 64 KiB in fp32
+    r1024 = decode._fit_tiles(decode._config(128, 1024, hip=True), None, 1024, 64, elem_bytes, False, hip=True)
+    assert (r1024["BLOCK_M"], r1024["BLOCK_N"]) == ((32, 16) if elem_bytes == 2 else (16, 16))
+    assert decode._fit_tiles(hip_cfg, torch.device("cpu"), 1024, 64, 4, False) is hip_cfg  # the H100 fits it
+
+
 def test_shared_memory_limit_of_the_interpreter_is_the_h100s():
     from mla_kernels import _utils
 
