@@ -518,10 +518,12 @@ class MLAttention(nn.Module):
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
         total = q_nope.shape[0]
-        if indices is not None and (not isinstance(indices, torch.Tensor) or indices.dim() != 2
-                                    or indices.shape[0] != total):  # (before anything is written)
-            raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
-                             f"{tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
+        if indices is not None:  # checked whole before anything is written
+            _utils.check_tensor("indices", indices, 2, _utils.INDEX_DTYPES)
+            if indices.shape[0] != total:
+                raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
+                                 f"{tuple(indices.shape)}")
+            _utils.check_devices(q_nope=q_nope, indices=indices)
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         w_kv_b = self.kv_b_proj.weight
@@ -569,7 +571,10 @@ class MLAttention(nn.Module):
         rows = torch.repeat_interleave(torch.arange(batch.batch_size, device=q_nope.device),
                                        batch.cu_seqlens_q.diff(), output_size=total)
         q_latent, w_uv = self._absorb(q_nope)
-        out = mla_decode(q_latent.unsqueeze(1), q_pe.unsqueeze(1), kv_cache, pe_cache,
+        # a position after the token's own is skipped (as documented): -1 here, since to mla_decode, whose sequence
+        # here ends at the token, it would lie past the sequence (refused on the CPU, skipped on a GPU)
+        indices = indices.masked_fill(indices > batch.positions[:, None], -1)
+        out = mla_decode(q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
                          batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
                          self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,
                          kv_scale=kv_scale, indices=indices.unsqueeze(1))

@@ -222,6 +222,52 @@ def test_stores_only_latent_and_rope_key():
     torch.testing.assert_close(pe, dc.layers[0].values[0, 0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["interpreter", "torch"])
+def test_attend_with_indices(path, monkeypatch):
+    """``attend(indices=...)`` (DeepSeek-V3.2's sparse step) over a prompt step of two sequences: listing every
+    position equals dense attention; entries after a token's own position, or past its sequence, are skipped as
+    documented (the same as -1; they were refused on the CPU, read as past the one-token sequence each token runs
+    as); a ``q_pe`` strided in its last dimension is taken as the dense path takes it; bad lists are refused
+    before anything is written. fp32 throughout."""
+    if path == "torch":
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    config = tiny_config(q_lora_rank=32)
+    mod = MLAttention.from_config(config)
+    counts, total = [5, 3], 8
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(total, config.hidden_size, generator=gen)
+    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    every = torch.where(torch.arange(5)[None] <= positions[:, None], torch.arange(5)[None], -1)  # [T, 5]
+    future = torch.where(every < 0, positions[:, None] + 1 + torch.arange(5)[None], every)  # later, or past the end
+
+    def step(indices, strided_pe=False):
+        cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+        batch = LatentBatch.reserve(cache, [cache.add_sequence(), cache.add_sequence()], counts)
+        cos, sin = mod.rotary(batch.positions, torch.float32)
+        with torch.no_grad():
+            q_nope, q_pe, kv_c, k_pe = mod.project(hidden, cos, sin)
+            if strided_pe:
+                q_pe = torch.stack([q_pe, q_pe], -1)[..., 0]
+                assert q_pe.stride(-1) == 2
+            return mod.attend(q_nope, q_pe, kv_c, k_pe, batch, indices=indices), cache
+
+    dense, _ = step(None)
+    listed, _ = step(every)
+    assert_close("every position listed", listed, dense, torch.float32)
+    skipped, _ = step(future)
+    torch.testing.assert_close(skipped, listed, rtol=0, atol=0)
+    strided, _ = step(every, strided_pe=True)
+    torch.testing.assert_close(strided, listed, rtol=0, atol=0)
+    for bad, error in ((every.float(), TypeError), (every[:, None], ValueError), (every[:7], ValueError),
+                       (every.tolist(), TypeError)):
+        cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+        batch = LatentBatch.reserve(cache, [cache.add_sequence(), cache.add_sequence()], counts)
+        cos, sin = mod.rotary(batch.positions, torch.float32)
+        with torch.no_grad(), pytest.raises(error, match="indices"):
+            mod.attend(*mod.project(hidden, cos, sin), batch, indices=bad)
+        assert not cache.buffer(0).any(), "the refused call wrote to the cache"
+
+
 def test_full_cache_raises_before_writing():
     """LatentBatch.reserve is all-or-nothing: a step that doesn't fit changes no sequence (seed 002's limit)."""
     cache = PagedLatentCache(1, 2, 4, 32, 16, dtype=torch.bfloat16)
