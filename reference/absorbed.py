@@ -94,8 +94,8 @@ def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, 
 
     New token s of sequence b attends only to the cache positions listed in ``indices[b, s]`` ([B, S_q, K]);
     negative entries are unused, and with ``causal`` so are positions after the token's own
-    (``cache_seqlens[b] - S_q + s``). Every listed entry counts once. A token with no usable entry gives zeros
-    and lse -inf. Other arguments as ``absorbed_decode``. Returns (out, lse) in ``dtype``.
+    (``cache_seqlens[b] - S_q + s``). Each occurrence counts: a repeated entry counts as often as it appears. A
+    token with no usable entry gives zeros and lse -inf. Other arguments as ``absorbed_decode``. Returns (out, lse) in ``dtype``.
     """
     batch, s_q, heads, _ = q_nope.shape
     out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
