@@ -93,7 +93,7 @@ def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, 
 
     ``hip``: LDS on gfx942 instead (triton 3.9's AMD backend): each dot operand passes through LDS on its own,
     in one buffer the next reuses, so the largest decides: rows x the wider of the latent and rope widths x bytes,
-    for the query block or a key block (raw e4m3 with an fp8 cache). The compiler's figure to the byte at 22
+    for the query block or a key block (raw e4m3 with an fp8 cache). The compiler's figure to the byte at 18
     one-stage points (heads 1-128, widths 16-1024, bf16/fp32/fp8); a two-stage loop took 1.1-2x that, so it counts
     twice."""
     block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
