@@ -131,7 +131,8 @@ def test_the_trap_catches_a_sync(monkeypatch):
     ids, mask = left_padded([3, 2])
     trap.armed = True
     with torch.no_grad(), pytest.raises(AssertionError, match="decode step"):
-        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3)
+        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3,
+                                 [0, 0])
 
 
 def test_a_pad_in_a_decode_step_is_refused():
@@ -306,7 +307,8 @@ def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):
     x = torch.randn(2, 3, 4)
     counter.armed = True
     with torch.no_grad(), counter.mode():
-        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3)
+        integration._real_tokens((mask.bool()[:, None, :] & torch.ones(3, 3, dtype=torch.bool).tril())[:, None], 2, 3,
+                                 [0, 0])
         packed = x[real]
         x[real] = packed
         cache = PagedLatentCache(1, 4, 4, 16, 16, dtype=torch.float32)
@@ -461,7 +463,7 @@ def test_a_static_cache_for_another_model_is_refused_before_anything_is_counted(
 
 def test_static_prompt_refuses_layers_at_other_lengths():
     """The static cache's prompt layers reuse the host lengths their first layer read; a layer left behind by an
-    interrupted forward (here layer 0 ran alone first) fails the device check instead of attending with them."""
+    interrupted forward (here layer 1 ran alone first) fails the device check instead of attending with them."""
     model = dense_model()
     patch_model(model, block_size=4)
     ids, mask = left_padded([3, 2])
@@ -469,7 +471,7 @@ def test_static_prompt_refuses_layers_at_other_lengths():
     x = torch.randn(2, 3, model.config.hidden_size)
     with torch.no_grad():
         cos_sin = model.model.rotary_emb(x, torch.arange(3).expand(2, 3))
-        model.model.layers[0].self_attn(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+        model.model.layers[1].self_attn(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
         with pytest.raises(RuntimeError, match="other lengths than the first layer"):
             model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
 

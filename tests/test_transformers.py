@@ -398,6 +398,43 @@ def test_multi_turn_chat_keeps_the_cache():
         assert torch.equal(lc.read(0, seq)[0][:before.shape[0]], before)
 
 
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_mask_hiding_cached_tokens_is_refused(cache_kind):
+    """The kernels attend to every token a row has cached, so a later mask that hides one of them (a row generate
+    padded after its EOS in turn 1, with mask 1, then masked in turn 2: stock transformers hides them, the patched
+    model attended to them and gave other tokens) is refused: a ValueError naming the row in a prompt step, before
+    anything is stored; a device assertion in a decode step (at once on the CPU). A mask that keeps them visible
+    still matches transformers."""
+    model = tiny_model(q_lora_rank=32)
+    eager_model = copy.deepcopy(model)
+    patch_model(model, block_size=4)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    hiding = torch.ones(2, 8, dtype=torch.long)
+    hiding[1, 3] = 0  # row 1's cached token 3, hidden from now on
+
+    def cache():
+        return DynamicCache(config=model.config) if cache_kind == "dynamic" else \
+            integration.static_latent_cache(model, 2, 16, block_size=4)
+
+    with torch.no_grad():
+        kv = cache()
+        model(input_ids=ids, attention_mask=mask, past_key_values=kv)
+        with pytest.raises(ValueError, match="row 1: .* sees 5 earlier keys, but the row has 6 cached tokens.*cannot hide a cached token"):
+            model(input_ids=ids[:, :2], attention_mask=hiding, past_key_values=kv)
+        assert kv.get_seq_length() == 6  # nothing counted (or stored)
+        with pytest.raises(RuntimeError, match="sees other earlier keys than the tokens its row has cached"):
+            model(input_ids=ids[:, :1], attention_mask=hiding[:, :7], past_key_values=kv)
+        # the same continuation with the token kept visible: transformers' logits
+        kv, eager_kv = cache(), DynamicCache(config=eager_model.config)
+        for m, c in ((model, kv), (eager_model, eager_kv)):
+            m(input_ids=ids, attention_mask=mask, past_key_values=c)
+        got = model(input_ids=ids[:, :2], attention_mask=torch.ones(2, 8, dtype=torch.long), past_key_values=kv)
+        expected = eager_model(input_ids=ids[:, :2], attention_mask=torch.ones(2, 8, dtype=torch.long),
+                               past_key_values=eager_kv)
+    assert err_ratio(got.logits, expected.logits) < 1e-4
+
+
 def test_a_left_padded_prompt_fed_one_token_at_a_time():
     """generate(prefill_chunk_size=1): every prompt chunk is one token, some of them pads. A one-token step was taken
     for a decode step and its pads refused (a device assertion on a GPU); a row without a real token yet now takes

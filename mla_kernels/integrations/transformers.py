@@ -250,12 +250,16 @@ class _LatentState:
         the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
+            decode = query_len == 1 and self._every_row_started()
+            if decode:  # a decode step: nothing read back from the GPU
                 _assert_real(attention_mask, batch_size, query_len)
                 packing = None
             else:
-                packing = _real_tokens(attention_mask, batch_size, query_len)
+                cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
+                packing = _real_tokens(attention_mask, batch_size, query_len, cached)
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
+            if decode:  # (the cached lengths before the step, on the device: the batch's less its one new token)
+                _assert_history(attention_mask, batch_size, query_len, self.current[0].cache_seqlens - 1)
             self.current_shape = (batch_size, query_len)
             if packing is not None and sum(packing.counts) < batch_size * query_len:
                 self._history.append([query_len, list(packing.counts), *(packing.ends or (None, None))])
@@ -573,16 +577,19 @@ class _Packing(NamedTuple):
     ends: tuple[list[int], list[int]] | None = None  # real tokens before each row's first pad and after its last
 
 
-def _real_tokens(attention_mask, batch_size: int, query_len: int) -> _Packing | None:
+def _real_tokens(attention_mask, batch_size: int, query_len: int, cached: list[int]) -> _Packing | None:
     """The new tokens' ``_Packing``, or None when all are real. Reads the mask's per-row counts on the host (and the
     real tokens before each row's first pad and after its last, which a later ``crop`` needs), with ``_mask_fits``'s
-    verdict: one synchronisation on a GPU, once per step (decode steps use ``_assert_real``)."""
+    verdict: one synchronisation on a GPU, once per step (decode steps use ``_assert_real``). The same read brings
+    the earlier keys the mask lets each row see, which must be its ``cached`` tokens (``_HIDDEN_HISTORY``)."""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is None:
         return None
     run = real.to(torch.int32)
     lead, trail = run.cumprod(1).sum(1), run.flip(1).cumprod(1).sum(1)
-    host = _read_checked([real.sum(1), lead, trail], _mask_fits(attention_mask, real))
+    host = _read_checked([real.sum(1), lead, trail, _visible_past(attention_mask, real)],
+                         _mask_fits(attention_mask, real))
+    _check_history(host[3 * batch_size:], cached)
     packing = _packing(real, host[:batch_size])
     return None if packing is None else packing._replace(ends=(host[batch_size:2 * batch_size], host[2 * batch_size:]))
 
@@ -592,6 +599,40 @@ _UNFIT_MASK = ("the patched attention computes causal attention over the tokens 
                "row may see (left or right padding), but this 4-D attention_mask hides other keys from some real "
                "token (packed documents with a block-diagonal mask, a per-head or other custom mask): not supported; "
                "run such masks with the unpatched model (mla_kernels.unpatch_model)")
+
+
+# a mask may hide pads, which are never cached, but not a token the row has cached: the kernels attend to all of those
+_HIDDEN_HISTORY = ("the patched model attends to every token a row has cached (every real token it was given), so a "
+                   "later attention mask cannot hide a cached token (e.g. a row padded after its EOS in an earlier "
+                   "turn, with mask 1, then masked in the next): keep such tokens visible in the mask, or start over "
+                   "with a new cache")
+
+
+_HIDDEN_HISTORY_DEVICE = ("mla_kernels: the attention mask's last query row sees other earlier keys than the tokens "
+                          "its row has cached; " + _HIDDEN_HISTORY)
+
+
+def _visible_past(attention_mask, real: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int32 on the mask's device: the keys before the step's new tokens that the mask's last query row sees
+    (every key it sees, less the new tokens that are real; ``real`` from ``_visible_new_tokens``)."""
+    row = attention_mask[:, 0, -1] if attention_mask.dim() == 4 else attention_mask
+    return (_sees(row).sum(-1) - real.sum(-1)).to(torch.int32).expand(real.shape[0])
+
+
+def _check_history(seen: list[int], cached: list[int]) -> None:
+    """``_HIDDEN_HISTORY`` as a ValueError where a row's mask sees other than its ``cached`` tokens (host ints)."""
+    for b, (s, c) in enumerate(zip(seen, cached)):
+        if s != c:
+            raise ValueError(f"row {b}: the attention mask's last query row sees {s} earlier keys, but the row has "
+                             f"{c} cached tokens; {_HIDDEN_HISTORY}")
+
+
+def _assert_history(attention_mask, batch_size: int, query_len: int, cached: torch.Tensor) -> None:
+    """``_check_history`` on the device, without waiting (a decode step): ``cached [B]`` the rows' lengths there."""
+    real = _visible_new_tokens(attention_mask, batch_size, query_len)
+    if real is not None:
+        torch._assert_async((_visible_past(attention_mask, real) == cached).all(),
+                            _HIDDEN_HISTORY_DEVICE)
 
 
 def _read_checked(parts: list[torch.Tensor], fits: torch.Tensor | None) -> list[int]:
@@ -819,7 +860,8 @@ def _no_cache_packing(layer: int, attention_mask, batch_size: int, query_len: in
     checks it), the others reuse the packing while the mask object is the same."""
     step = _no_cache_step[0]
     if step is None or not step.serves(layer, attention_mask, (batch_size, query_len)):
-        step = _MaskStep(attention_mask, (batch_size, query_len), _real_tokens(attention_mask, batch_size, query_len))
+        step = _MaskStep(attention_mask, (batch_size, query_len),
+                         _real_tokens(attention_mask, batch_size, query_len, [0] * batch_size))
         _no_cache_step[0] = step
     step.layers.add(layer)
     return step.packing
@@ -896,6 +938,9 @@ class _StaticLatentState:
         # a prompt's first layer reads (and checks) its mask before anything is counted or stored
         step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len,
                                                              columns)
+        if query_len == 1 and real is not None:  # what the mask sees before the step must be the row's cache
+            torch._assert_async((_visible_past(attention_mask, real) == seqlens).all(),
+                                _HIDDEN_HISTORY_DEVICE)
         past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
                                layer)
         if real is None:
@@ -949,8 +994,11 @@ class _StaticLatentState:
                                 "holds other lengths than the first layer of this prompt (an interrupted forward?)")
         else:
             counts = torch.full_like(seqlens, query_len) if real is None else real.sum(1, dtype=torch.int32)
-            host = _read_checked([seqlens, counts], None if real is None else _mask_fits(attention_mask, real, columns))
-            lengths, counts_host = host[:batch_size], host[batch_size:]
+            parts = [seqlens, counts] + ([] if real is None else [_visible_past(attention_mask, real)])
+            host = _read_checked(parts, None if real is None else _mask_fits(attention_mask, real, columns))
+            lengths, counts_host = host[:batch_size], host[batch_size:2 * batch_size]
+            if real is not None:
+                _check_history(host[2 * batch_size:], lengths)
             packing = None if real is None else _packing(real, counts_host)
             cu = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
             step = self.prompt = _PromptStep(attention_mask, shape, lengths, counts_host, packing, seqlens.clone(), cu)
