@@ -577,6 +577,21 @@ def test_unpatchable_models_raise_before_any_swap():
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model)
 
+    # weights the kernels cannot read: accelerate's offloading hook (loads kv_b_proj's weight inside its forward
+    # only; the patched model crashed on a meta weight deep in a kernel's checks), or a model still on meta
+    class _OffloadHook:  # the attribute accelerate's AlignDevicesHook carries
+        offload = True
+
+    model = tiny_model()
+    model.model.layers[1].self_attn.kv_b_proj._hf_hook = _OffloadHook()
+    with pytest.raises(TypeError, match="layer 1's kv_b_proj weight is offloaded"):
+        patch_model(model)
+    assert type(model.model.layers[0].self_attn) is DeepseekV3Attention
+    with torch.device("meta"):
+        model = tiny_model()
+    with pytest.raises(TypeError, match="layer 0's kv_b_proj weight is offloaded .* or on the meta device"):
+        patch_model(model)
+
 
 def test_longcat_two_attention_modules_per_layer():
     """LongCat-Flash's decoder layers hold two attention modules each (a ModuleList, cache layers 2i and 2i+1): all

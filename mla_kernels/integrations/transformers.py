@@ -1339,6 +1339,12 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             raise TypeError(f"layer {i}'s kv_b_proj is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the "
                             f"kernels read its weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own "
                             f"forward) would be bypassed; merge it into a plain Linear first")
+        hook = getattr(kv_b, "_hf_hook", None)  # accelerate's: it loads an offloaded weight inside forward only
+        if kv_b.weight.is_meta or any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            raise TypeError(f"layer {i}'s kv_b_proj weight is offloaded (accelerate's device_map with cpu or disk "
+                            f"offload) or on the meta device: the kernels read it directly, outside its forward, "
+                            f"where such a weight is never loaded; patch a model whose weights are loaded on its "
+                            f"devices (no offloading)")
         dtype = attn.kv_b_proj.weight.dtype
         if dtype not in _utils.FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
