@@ -39,7 +39,7 @@ from .decode import mla_decode
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
 DECODE_MAX_NEW_TOKENS = 8  # up to this many new tokens per sequence (all sequences alike) take mla_decode
-ROPE_STYLES = ("interleave", "half", "pairs")
+ROPE_STYLES = ("interleave", "half", "pairs", "none")  # "none": no rope (Kimi-Linear's MLA: NoPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +142,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
     ``style``: "interleave" (DeepSeek-V3 ``rope_interleave=True``: pairs ``(x0, x1), (x2, x3)...``, output
     de-interleaved, computed in x's dtype), "half" (``rotate_half``, V3 without interleave), "pairs"
-    (DeepSeek-V2's complex rotation: pairs in, pairs out, computed in fp32).
+    (DeepSeek-V2's complex rotation: pairs in, pairs out, computed in fp32), "none" (``x`` as it is; cos/sin unused:
+    Kimi-Linear's MLA has no positional encoding, its "rope" key part is a plain shared key).
     """
+    if style == "none":
+        return x
     if style == "half":
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -362,7 +365,8 @@ class MLAttention(nn.Module):
             ("default" or "yarn" with ``factor``, ``original_max_position_embeddings``, ``beta_fast``,
             ``beta_slow``, ``mscale``, ``mscale_all_dim``). YaRN's mscale corrects the softmax scale.
         rope_interleave: DeepSeek-V3's interleaved rope pairs (True) or ``rotate_half`` (False).
-        rope_style: overrides rope_interleave: "interleave", "half" or "pairs" (DeepSeek-V2's complex rope).
+        rope_style: overrides rope_interleave: "interleave", "half", "pairs" (DeepSeek-V2's complex rope) or "none"
+            (no rope: Kimi-Linear's NoPE MLA, whose P-wide shared key part is not rotated).
         attention_bias: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (as transformers).
         query_scale, latent_scale: LongCat-Flash's LoRA scales (``mla_scale_q_lora``, ``mla_scale_kv_lora``;
             1.0 for every other model): the query (nope and rope parts, so every score: the softmax scale takes
@@ -479,8 +483,9 @@ class MLAttention(nn.Module):
         kv_c = self.kv_a_layernorm(kv_c)
         if self.latent_scale != 1.0:
             kv_c = kv_c * self.latent_scale
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
-        k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
+        if self.rope_style != "none":  # (no tables needed without rope: cos/sin may be None)
+            q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
+            k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
         return q_nope, q_pe, kv_c, k_pe
 
     def _check_cache(self, cache: PagedLatentCache, device: torch.device) -> None:
@@ -682,6 +687,8 @@ def config_kwargs(config) -> dict:
         style = "pairs"
     elif model_type == "minicpm3":  # MiniCPM3: DeepSeek-V2's attention with the rotate-half rope
         style = "half"
+    elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
+        style = "none"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"
     scales = {}

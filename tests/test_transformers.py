@@ -144,6 +144,21 @@ def longcat_model():
     return LongcatFlashForCausalLM(config).eval()
 
 
+def kimi_linear_model():
+    """Kimi-Linear's architecture, tiny: MLA without positional encoding (NoPE) in layers 1 and 3, Kimi Delta
+    Attention (linear attention, transformers' PyTorch fallback on the CPU) in layers 0 and 2, whose modules and
+    cache layers the patch leaves alone. Layer 0 is linear, so the latent cache's layers are 1 and 3 compacted."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+    torch.manual_seed(0)
+    config = KimiLinearConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                              q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                              v_head_dim=16, vocab_size=128, intermediate_size=64, moe_intermediate_size=32,
+                              num_experts=4, num_experts_per_token=2, linear_num_heads=2, linear_head_dim=16,
+                              layer_types=["linear_attention", "full_attention"] * 2, max_position_embeddings=256,
+                              attn_implementation="eager", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return KimiLinearForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -155,6 +170,7 @@ MODELS = {
     "youtu": youtu_model,
     "sarvam-mla": sarvam_model,
     "longcat-flash": longcat_model,
+    "kimi-linear": kimi_linear_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -613,6 +629,42 @@ def test_longcat_two_attention_modules_per_layer():
     assert latent_cache(cache).num_layers == 4
     unpatch_model(model)
     assert [list(layer.self_attn) for layer in model.model.layers] == originals
+
+
+def test_kimi_linear_patches_its_mla_layers_only():
+    """Kimi-Linear (MLA in layers 1 and 3, Kimi Delta Attention in 0 and 2): the delta-attention modules and their
+    cache layers stay transformers'; the latent cache holds two layers (compacted: none for the linear ones); beam
+    search and a multi-turn continuation give stock tokens; a static latent cache is refused (it would not hold the
+    linear layers' state); unpatch_model restores the MLA modules."""
+    model = kimi_linear_model()
+    eager_model = copy.deepcopy(model)
+    originals = [layer.self_attn for layer in model.model.layers]
+    patch_model(model, block_size=4)
+    kinds = [type(layer.self_attn).__name__ for layer in model.model.layers]
+    assert kinds == ["KimiLinearDeltaAttention", "TransformersMLAttention"] * 2
+    assert [model.model.layers[i].self_attn.latent_layer for i in (1, 3)] == [0, 1]
+    ids, mask = left_padded([5, 9, 2])
+    beam = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    with torch.no_grad():
+        expected = eager_model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+        assert torch.equal(out.sequences, expected)
+        assert latent_cache(out.past_key_values).num_layers == 2
+        layers = [type(layer).__name__ for layer in out.past_key_values.layers]
+        assert layers[0] == layers[2] == "LinearAttentionLayer" and layers[1] == layers[3] == "LatentCacheLayer"
+        turn2 = torch.cat([expected, torch.randint(3, 128, (3, 2), generator=torch.Generator().manual_seed(5))], 1)
+        mask2 = torch.cat([mask, torch.ones(3, turn2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        eager_first = eager_model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+        assert torch.equal(
+            model.generate(input_ids=turn2, attention_mask=mask2, past_key_values=out.past_key_values, **GREEDY),
+            eager_model.generate(input_ids=turn2, attention_mask=mask2, past_key_values=eager_first.past_key_values,
+                                 **GREEDY))
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **beam),
+                           eager_model.generate(input_ids=ids, attention_mask=mask, **beam))
+    with pytest.raises(ValueError, match="static_latent_cache does not serve kimi_linear"):
+        integration.static_latent_cache(model, 3, 32)
+    unpatch_model(model)
+    assert [layer.self_attn for layer in model.model.layers] == originals
 
 
 def test_a_model_with_a_layer_removed_keeps_its_layers_cache_indices():

@@ -1,5 +1,6 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-4.7-Flash, MiniCPM3,
-LongCat-Flash, Youtu-LLM, Sarvam; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
+LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear's MLA layers; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only
+the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -74,7 +75,12 @@ SUPPORTED_MODEL_TYPES = {
     # LongCat-Flash: DeepSeek-V3's attention with LoRA scales on the query and the latent (mla_scale_q_lora,
     # mla_scale_kv_lora; adopt folds the first into the softmax scale and keeps the second), two per decoder layer
     "longcat_flash": ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashMLA"),
+    # Kimi-Linear: MLA without positional encoding (NoPE) in one layer of four, between Kimi Delta Attention layers
+    # (_OTHER_ATTENTION), which keep transformers' own attention and cache layers
+    "kimi_linear": ("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),
 }
+# a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
+_OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a DynamicCache "
@@ -1031,7 +1037,11 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     """
     from transformers.cache_utils import Cache
 
-    _, _, layers = _decoder_layers(model)
+    _, model_type, layers = _decoder_layers(model)
+    if model_type in _OTHER_ATTENTION:
+        raise ValueError(f"static_latent_cache does not serve {model_type} models: their other attention layers "
+                         f"({', '.join(_OTHER_ATTENTION[model_type])}) keep transformers' own cache layers, which a "
+                         f"static latent cache does not hold; use a DynamicCache (generate's default)")
     attns = [attn for _, _, attn in _attention_slots(layers)]
     if any("indexer" in getattr(attn, "_modules", {}) for attn in attns):
         raise ValueError(_NO_STATIC_INDEXER)
@@ -1064,15 +1074,21 @@ class TransformersMLAttention(MLAttention):
     returns ``(attn_output [B, Q, hidden], None)``; attention weights are never materialized.
     """
 
-    num_cache_layers: int
+    num_cache_layers: int  # the transformers Cache's layers
+    latent_layer: int  # this module's layer in a dynamic Cache's PagedLatentCache, of num_latent_layers
+    num_latent_layers: int
     block_size: int
     max_cache_tokens: int | None
     cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
 
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
-              max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None) -> "TransformersMLAttention":
-        """A module sharing ``original``'s projection modules (a transformers DeepSeek attention)."""
+              max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None, *, latent_layer: int | None = None,
+              num_latent_layers: int | None = None) -> "TransformersMLAttention":
+        """A module sharing ``original``'s projection modules (a transformers DeepSeek attention). ``num_cache_layers``:
+        the transformers Cache's layers (a static latent cache has as many); ``latent_layer`` of
+        ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
+        ``num_cache_layers``)."""
         config = original.config
         kwargs = config_kwargs(config)
         rope = kwargs["rope_parameters"]
@@ -1093,6 +1109,8 @@ class TransformersMLAttention(MLAttention):
         new.latent_scale = float(getattr(original, "mla_scale_kv_lora", 1.0))
         new.softmax_scale = float(original.scaling) * new.query_scale
         new.num_cache_layers = num_cache_layers
+        new.latent_layer = original.layer_idx if latent_layer is None else latent_layer
+        new.num_latent_layers = num_cache_layers if num_latent_layers is None else num_latent_layers
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
         new.cache_dtype = cache_dtype
@@ -1110,11 +1128,11 @@ class TransformersMLAttention(MLAttention):
         if _attentions_requested():
             raise ValueError("output_attentions: the patched attention never materialises attention weights (the "
                              "kernels attend in latent space); run without it, or unpatch_model(model)")
-        if position_embeddings is None:
+        if position_embeddings is None and self.rope_style != "none":
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
         _check_inference(self, hidden_states)
         batch_size, query_len = hidden_states.shape[:2]
-        cos, sin = _rope_tables(position_embeddings)
+        cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
         q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) if indexer is not None else None
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid)  # [B, Q, ...]
@@ -1134,11 +1152,11 @@ class TransformersMLAttention(MLAttention):
             counts = [query_len] * batch_size if packing is None else packing.counts
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
         else:
-            state = _attach(past_key_values, self.layer_idx, self.num_cache_layers, self.block_size,
+            state = _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
                             self.max_cache_tokens)
             batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask,
                                              kv_c.dtype, kv_c.device)
-            layer = self.layer_idx
+            layer = self.latent_layer
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
 
@@ -1269,6 +1287,12 @@ def _decoder_layers(model: nn.Module):
     raise TypeError(f"{type(model).__name__} has no decoder layers at any of .{', .'.join(_LAYER_PATHS)}")
 
 
+def _mla_slots(layers, model_type: str) -> list[tuple[nn.Module, str, nn.Module | None]]:
+    """``_attention_slots`` without a hybrid model's other attention modules (``_OTHER_ATTENTION``)."""
+    other = _OTHER_ATTENTION.get(model_type, ())
+    return [slot for slot in _attention_slots(layers) if type(slot[2]).__name__ not in other]
+
+
 def _attention_slots(layers) -> list[tuple[nn.Module, str, nn.Module | None]]:
     """``(parent, name, module)`` of every attention module of ``layers``, in the order of their cache layers: a
     decoder layer's ``self_attn``, or each module of a ``ModuleList`` of them (LongCat-Flash's two per layer, whose
@@ -1294,8 +1318,9 @@ def _attention_class(model_type: str):
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None) -> nn.Module:
-    """Swap every attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3, LongCat-Flash,
-    Youtu-LLM, Sarvam) model for ``TransformersMLAttention``.
+    """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3,
+    LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear) model for ``TransformersMLAttention`` (a hybrid's other attention
+    modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
         model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or another ``SUPPORTED_MODEL_TYPES`` model type's
@@ -1323,8 +1348,11 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
-    slots = _attention_slots(layers)
-    for i, (_, _, attn) in enumerate(slots):
+    slots = _mla_slots(layers, model_type)
+    if not slots:
+        raise TypeError(f"{type(model).__name__} has no {attn_cls.__name__} (MLA) attention module to patch")
+    for j, (_, _, attn) in enumerate(slots):
+        i = attn.layer_idx if isinstance(getattr(attn, "layer_idx", None), int) else j  # (as errors name it)
         if isinstance(attn, TransformersMLAttention):
             raise ValueError(f"model is already patched (layer {i}); call unpatch_model first")
         if type(attn) is not attn_cls:
@@ -1364,9 +1392,13 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if config.q_lora_rank == 0:
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
 
+    # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
+    # model's missing ones, take no latent memory)
+    order = sorted(indices)
     for parent, name, attn in slots:
         setattr(parent, name, TransformersMLAttention.adopt(attn, max(indices) + 1, block_size, max_cache_tokens,
-                                                            cache_dtype))
+                                                            cache_dtype, latent_layer=order.index(attn.layer_idx),
+                                                            num_latent_layers=len(order)))
     return model
 
 
