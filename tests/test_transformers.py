@@ -159,6 +159,24 @@ def kimi_linear_model():
     return KimiLinearForCausalLM(config).eval()
 
 
+def bailing_model():
+    """Ling 3's architecture (``bailing_hybrid``, transformers 5.25 on), tiny: MLA with a head-wise sigmoid output
+    gate (``g_proj``) in layers 1 and 3, linear attention in 0 and 2 (left to transformers, as Kimi-Linear's)."""
+    try:
+        from transformers import BailingHybridConfig, BailingHybridForCausalLM
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no BailingHybridConfig")
+    torch.manual_seed(0)
+    config = BailingHybridConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                 q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                 v_head_dim=16, head_dim=16, vocab_size=128, intermediate_size=64,
+                                 moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, n_group=1,
+                                 topk_group=1, first_k_dense_replace=1, layer_group_size=2,
+                                 max_position_embeddings=256, attn_implementation="eager", pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2)
+    return BailingHybridForCausalLM(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -171,6 +189,7 @@ MODELS = {
     "sarvam-mla": sarvam_model,
     "longcat-flash": longcat_model,
     "kimi-linear": kimi_linear_model,
+    "bailing-hybrid": bailing_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,

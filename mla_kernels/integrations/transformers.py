@@ -1,6 +1,6 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-4.7-Flash, MiniCPM3,
-LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear's MLA layers; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only
-the latent.
+LongCat-Flash, Youtu-LLM, Sarvam, the MLA layers of Kimi-Linear and Ling 3; ``SUPPORTED_MODEL_TYPES``) on the kernels,
+keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -78,9 +78,12 @@ SUPPORTED_MODEL_TYPES = {
     # Kimi-Linear: MLA without positional encoding (NoPE) in one layer of four, between Kimi Delta Attention layers
     # (_OTHER_ATTENTION), which keep transformers' own attention and cache layers
     "kimi_linear": ("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),
+    # Ling 3 (transformers 5.25 on): MLA with a head-wise output gate (g_proj, adopted), between linear-attention
+    # layers
+    "bailing_hybrid": ("transformers.models.bailing_hybrid.modeling_bailing_hybrid", "BailingHybridAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
-_OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",)}
+_OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a DynamicCache "
@@ -1119,6 +1122,9 @@ class TransformersMLAttention(MLAttention):
         indexer = getattr(original, "indexer", None)
         if indexer is not None:  # DeepSeek-V3.2: the model's own indexer module (state dict keys unchanged)
             new.indexer = indexer
+        gate = getattr(original, "g_proj", None)
+        if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
+            new.g_proj = gate
         object.__setattr__(new, "_hf_original", original)
         return new
 
@@ -1142,7 +1148,7 @@ class TransformersMLAttention(MLAttention):
             raise ValueError(_NO_STATIC_INDEXER)
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
-            return self.o_proj(out), None
+            return self._project_out(out, hidden_states), None
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
             packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
@@ -1172,7 +1178,16 @@ class TransformersMLAttention(MLAttention):
             packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
                                  indices=None if indices is None else _pack(indices, packing))
             out = _unpack(packed, packing, batch_size, query_len).flatten(2)
-        return self.o_proj(out), None
+        return self._project_out(out, hidden_states), None
+
+    def _project_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``o_proj`` of the attention output ``out [B, Q, H * D_v]``, each head first scaled by the sigmoid of its
+        gate where the model has one (Ling 3's ``g_proj``, computed in fp32 as transformers does)."""
+        gate = self._modules.get("g_proj")
+        if gate is not None:
+            g = torch.sigmoid(gate(hidden_states).float()).to(hidden_states.dtype)  # [B, Q, H]
+            out = (out.unflatten(-1, (self.num_heads, self.v_head_dim)) * g.unsqueeze(-1)).flatten(-2)
+        return self.o_proj(out)
 
 
 def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embeddings, attention_mask, cache,
@@ -1319,7 +1334,7 @@ def _attention_class(model_type: str):
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3,
-    LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear) model for ``TransformersMLAttention`` (a hybrid's other attention
+    LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear, Ling 3) model for ``TransformersMLAttention`` (a hybrid's other attention
     modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
