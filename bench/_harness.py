@@ -453,26 +453,42 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def save_if_stopped(name: str, payload: dict, device: torch.device, args: argparse.Namespace):
+def save_if_stopped(name: str, payload: dict, device: torch.device, args: argparse.Namespace, before_save=None):
     """Keep what a bench measured when it is stopped before its end: SIGTERM (what ``timeout`` sends, as in
     ``bench/gpu_session.sh``) or Ctrl-C inside the block writes ``payload`` as it stands, with the rows the sweeps
-    appended to it so far, marked ``incomplete``, and exits with status 130. A bench's sweeps append their rows
-    to lists held in ``payload`` for this."""
+    appended to it so far, marked ``incomplete``, and exits with status 130. Any other exception (a kernel fault,
+    a compile error, running out of memory) writes it the same way, marked with the error, then propagates: on a
+    GPU session's few minutes, the rows measured before a failure are worth keeping. A bench's sweeps append their
+    rows to lists held in ``payload`` for this. ``before_save()``, if given, runs first (e.g. a fit of the rows so
+    far); its own failure is noted in the payload, not raised."""
+
+    def keep(reason: str) -> Path:
+        payload["incomplete"] = f"{reason}: the rows measured until then"
+        if before_save is not None:
+            try:
+                before_save()
+            except Exception as exc:  # the rows matter more than what is derived from them
+                payload["incomplete"] += f"; before_save failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return write_json(name, payload, device, args.out)
+
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     except KeyboardInterrupt as exc:
-        payload["incomplete"] = f"stopped before the end ({exc or 'Ctrl-C'}): the rows measured until then"
-        path = write_json(name, payload, device, args.out)
+        path = keep(f"stopped before the end ({exc or 'Ctrl-C'})")
         print(f"\nstopped: partial results in {path}")
         raise SystemExit(130) from None
+    except Exception as exc:
+        path = keep(f"failed before the end ({type(exc).__name__}: {str(exc)[:500]})")
+        print(f"\nfailed: partial results in {path}")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def exit_if_wrong(sweep_rows, seed_providers: dict, label) -> None:
-    """Exit non-zero, after the results are written, if any provider gave a wrong result and was not timed.
-    ``label(row)`` names a sweep row."""
+    """Exit non-zero, after the results are written, if any provider gave a wrong result (or failed to run) and was
+    not timed. ``label(row)`` names a sweep row."""
     wrong = [label(r) for r in sweep_rows if r.get("wrong")]
     wrong += [f"seed scenario {n}" for n, r in seed_providers.items() if r.get("wrong")]
     if wrong:

@@ -252,6 +252,7 @@ def providers(case: Case, lib):
 
 
 GLUON_PROVIDER = True  # --skip-gluon: leave the Gluon kernel out (if its native parity test failed on this GPU)
+TMA_PROVIDER = True  # --skip-tma: the same for the tensor-descriptor (TMA) path
 
 
 def gluon_config(case: Case) -> dict | None:
@@ -274,7 +275,8 @@ def tma_config(case: Case) -> dict | None:
     from mla_kernels.decode_tma import tma_supported
 
     c = case
-    if not _utils.use_triton(c.q_abs) or (c.q_abs.is_cuda and not _utils.nvidia_sm90(c.q_abs.device)):
+    if not TMA_PROVIDER or not _utils.use_triton(c.q_abs) or (c.q_abs.is_cuda and
+                                                              not _utils.nvidia_sm90(c.q_abs.device)):
         return None
     cfg = probe_tiles(c.q_abs.shape[1] * c.shape.heads)
     return cfg if tma_supported(c.q_abs, c.kv_cache, c.pe_cache, cfg["BLOCK_N"]) else None
@@ -325,8 +327,9 @@ def sweep_shapes(cpu: bool, quick: bool):
     return TARGETS + grid + [(32, 4096, hd, pg) for hd in (16, 128) for pg in (1, 16)]
 
 
-def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s_q: int = 1) -> list[dict]:
-    """All providers on one shape; rows in ORDER, skipped ones with a note."""
+def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s_q: int = 1,
+              only: tuple[str, ...] | None = None) -> list[dict]:
+    """All providers (or those named in ``only``) on one shape; rows in ORDER, skipped ones with a note."""
     shape = MLAShape(heads=heads)
     keys = dict(B=batch, ctx=ctx, H=heads, page=page, S_q=s_q)
     flops = h.mla_flops(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope)
@@ -334,11 +337,13 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
     need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
     if not h.fits(need, device):
         note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
-        return [h.make_row(name, None, note=note, **keys) for name in ORDER]
+        return [h.make_row(name, None, note=note, **keys) for name in ORDER if only is None or name in only]
     case = make_case(shape, [ctx] * batch, page, dtype, device, s_q=s_q)
     ref_latent, ref_value = reference_outputs(case)
     rows, p50 = {}, {}
     for name, (fn, which) in providers(case, lib).items():
+        if only is not None and name not in only:
+            continue
         extra = provider_bytes(name, shape, batch, ctx, dtype.itemsize)
         if not h.fits(extra, device):
             rows[name] = h.make_row(name, None, note=f"skipped: needs ~{h.gib(extra)} more, "
@@ -353,6 +358,10 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
             continue
         except h.WrongResult as exc:
             rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
+            continue
+        except Exception as exc:  # a provider that fails to compile or launch (never run natively: TMA, Gluon)
+            rows[name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: {str(exc)[:300]}",
+                                    wrong=True, **keys)  # the others still run; the exit status says so at the end
             continue
         work = dict(flops=flops, nbytes=nbytes)
         if name == "mla_decode_sparse":  # the keys it reads, not the whole context: each token its own list
@@ -673,10 +682,12 @@ def main(argv=None) -> None:
                         help="only draw the PNG (roofline) of a saved results file, beside it; nothing is timed")
     parser.add_argument("--skip-gluon", action="store_true",
                         help="no mla_decode[gluon] provider (the Gluon kernel, Hopper only)")
+    parser.add_argument("--skip-tma", action="store_true",
+                        help="no mla_decode[tma] provider (the tensor-descriptor path, Hopper only)")
     parser.add_argument("--skip-sparse", action="store_true", help="no mla_decode_sparse provider")
     args = parser.parse_args(argv)
-    global GLUON_PROVIDER, SPARSE_PROVIDER
-    GLUON_PROVIDER, SPARSE_PROVIDER = not args.skip_gluon, not args.skip_sparse
+    global GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER
+    GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER = not args.skip_gluon, not args.skip_tma, not args.skip_sparse
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],

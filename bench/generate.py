@@ -192,7 +192,7 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
             ids = torch.randint(3, shape.vocab, (batch, ctx), generator=gen).to(device)
             mask = torch.ones_like(ids)
             keys = dict(B=batch, ctx=ctx, new=new_tokens)
-            step_rows = []
+            start = len(rows)  # this context's rows reach ``rows`` as they are made: a stopped run keeps them
             with torch.no_grad():
                 expected = base(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
                 err = h.rel_rms_error(patched(input_ids=ids, logits_to_keep=1).logits[:, -1].float(), expected)
@@ -201,13 +201,13 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 if ctx <= no_cache_limit:
                     plans["no-cache"] = (lambda: None, lambda _: generate_no_cache(base, ids, new_tokens))
                 else:
-                    step_rows.append(h.make_row("no-cache", None, note=f"skipped: context > {no_cache_limit}", **keys))
+                    rows.append(h.make_row("no-cache", None, note=f"skipped: context > {no_cache_limit}", **keys))
                 for name, model in (("transformers-cache", base), ("patched", patched)):
                     pre = _Prefilled(model, ids, mask)
                     plans[name] = (pre.fresh, lambda cache, m=model: m.generate(
                         input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens)))
                 if model_type == "deepseek_v32":
-                    step_rows.append(h.make_row("patched-compiled", None, note="skipped: the static latent cache "
+                    rows.append(h.make_row("patched-compiled", None, note="skipped: the static latent cache "
                                                 "holds no indexer keys (DeepSeek-V3.2)", **keys))
                 elif compiled and not cpu:
                     pre = _Prefilled(patched, ids, mask, static=ctx + new_tokens + 1)
@@ -215,19 +215,19 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                         input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=_compile_config(),
                         **_greedy(new_tokens)))
                 else:
-                    step_rows.append(h.make_row("patched-compiled", None, note="skipped: CUDA graphs and compiled "
+                    rows.append(h.make_row("patched-compiled", None, note="skipped: CUDA graphs and compiled "
                                                 "decoding are measured on a GPU only", **keys))
                 tokens = {}
                 for name, plan in plans.items():
                     if name.startswith("patched") and not err < LOGITS_RTOL:
-                        step_rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
+                        rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
                                                     **keys))
                         continue
                     timing, out = time_runs(plan, device, runs)
                     tokens[name] = out[:, ctx:]
                     row = h.make_row(name, timing, **keys)
                     row["tokens_per_s"] = batch * new_tokens / (timing.p50 * 1e-3)
-                    step_rows.append(row)
+                    rows.append(row)
                     del plan
                 plans.clear()
                 # everything but attention: the transformers-cache run with the attention layers stubbed out
@@ -243,7 +243,8 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 finally:
                     for layer, attn in zip(layers, originals):
                         layer.self_attn = attn
-                step_rows.append(h.make_row("no-attention", rest, **keys))
+                rows.append(h.make_row("no-attention", rest, **keys))
+            step_rows = rows[start:]
             reference = next((r for r in step_rows if r["provider"] == "transformers-cache" and "p50_ms" in r), None)
             for r in step_rows:
                 if "p50_ms" not in r or r["provider"] == "no-attention":
@@ -258,7 +259,6 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                             (tokens[r["provider"]] == tokens["transformers-cache"]).float().mean())
             for r in step_rows:
                 h.log(format_row(r))
-            rows += step_rows
             if not cpu:
                 torch.cuda.empty_cache()
     return rows

@@ -9,7 +9,7 @@
 #                                       # (11), the eager call's host time and generate --quick (10); packed after
 #                                       # every step
 # The longer steps, each one call of up to 10 minutes, for a session that has more device time:
-#   bash bench/gpu_session.sh tests     # native pytest (no interpreter; the Gluon tests are the gluon step's) + compile report
+#   bash bench/gpu_session.sh tests     # native pytest (no interpreter; the Gluon tests are the gluon step's)
 #   bash bench/gpu_session.sh bench     # bench.decode --plot, bench.prefill, bench.memory, bench.generate --quick
 #   bash bench/gpu_session.sh generate  # bench.host, then bench.generate at 1k/8k/32k (issue 10's targets)
 #   bash bench/gpu_session.sh fp8       # bench.fp8_quality: fp8 cache quality and speed (issue 12)
@@ -22,36 +22,52 @@
 #                                       # of the shipped file, configs/<device>.json in the tgz: review, copy to mla_kernels/configs/
 #   bash bench/gpu_session.sh prefill   # bench.prefill --quick --calibrate, then the full sweep (issue 11; <10 min):
 #                                       # writes mla_kernels/configs/<gpu>.json's prefill constants (commit it)
+#   bash bench/gpu_session.sh compile   # the compiler's register/spill report (mla_kernels._compile; CI has it too)
 # Run it from the device tool as: PYTHONUNBUFFERED=1 OUT=$OUT bash bench/gpu_session.sh first  (timeout_s 600).
+# Kernel paths never run natively until `first` proves them (TMA, Gluon): if its tma_parity or gluon_parity step
+# failed, pass SKIP_KERNELS="--skip-tma --skip-gluon" (or one of them) to the later decode/sparse/gluon steps.
 # The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and after EVERY step $WORK is
 # packed into $OUT/gpu_<step>.tgz (so a call killed at its limit still brings back what finished), with the JSON
 # files copied beside it at the end (up to 7). Unpack it here, copy the JSON into bench/results/, commit, redraw the
 # PNGs (python -m bench.decode --replot FILE.json), and update the README's figures from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ $# -ne 1 ]; then  # each step is sized for one device call (at most 10 minutes): name one
+  sed -n '2,28p' "$0"; exit 2
+fi
 OUT="${OUT:-bench/results/gpu}"
 WORK="${WORK:-/tmp/mla_gpu_work}"
+SKIP_KERNELS="${SKIP_KERNELS:-}"
+rm -rf "$WORK"  # a warm machine keeps /tmp: an earlier call's files must not be packed (or copied back) again
 mkdir -p "$OUT"
 FINAL_OUT="$OUT"
 OUT="$WORK"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
+touch "$OUT/.start"
+copy_new_configs() {  # the config files a step wrote (this GPU's), not the shipped ones of other GPUs
+    find mla_kernels/configs -name '*.json' -newer "$OUT/.start" -exec cp -t "$OUT/" {} +
+}
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, never stop the session
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    # -k: a process stuck in a hung kernel ignores SIGTERM (its handler cannot run): SIGKILL 15 s later
+    timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name rc=$rc"; tail -n 5 "$OUT/$name.log"
     tar czf "$FINAL_OUT/gpu_$SESSION_STEP.tgz" -C "$OUT" .  # what finished so far comes back even if the call is cut
     return $rc
 }
-SESSION_STEP="${1:-all}"
+SESSION_STEP="$1"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-case "${1:-all}" in
-  first)  # ~9 minutes in all: every limit below adds up to 525 s, plus start-up and packing
-    if step gluon_parity 90 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q -x \
-        -p no:cacheprovider --junitxml="$OUT/gluon_parity.xml"; then skip_gluon=""; else skip_gluon="--skip-gluon"; fi
+case "$1" in
+  first)  # ~9 minutes in all: every limit below adds up to 535 s, plus start-up and packing
+    # the two Hopper paths' native parity, each deciding its own provider below (neither has ever run on a GPU)
+    if step tma_parity 40 python -m pytest tests/test_decode_tma.py -q -x -p no:cacheprovider \
+        --junitxml="$OUT/tma_parity.xml"; then skip="$SKIP_KERNELS"; else skip="$SKIP_KERNELS --skip-tma"; fi
+    if step gluon_parity 60 python -m pytest tests/test_decode_gluon.py -q -x -p no:cacheprovider \
+        --junitxml="$OUT/gluon_parity.xml"; then :; else skip="$skip --skip-gluon"; fi
     # nothing since 2026-11-22 has run natively: the whole suite, spread over the cores (pytest-xdist is there)
     xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 16")
     # one hung test (a CUDA graph, a sync-debug case) must not hold a worker for the whole step
@@ -59,26 +75,29 @@ case "${1:-all}" in
     # -v: each test's verdict is in the log as it finishes (the junit XML is written only if the step ends in time;
     # 2026-11-22: 321 tests in 88 s with -n 8; there are 750 now, so the limit may cut it: what ran is still known)
     # test_compile.py is left to CI (ahead-of-time compiles for sm_90/gfx942 on the CPU, ~6 min of a worker's time)
-    step pytest 160 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
+    step pytest 140 python -m pytest tests -v $xdist $per_test -p no:cacheprovider --ignore=tests/test_decode_gluon.py \
       --ignore=tests/test_decode_tma.py --ignore=tests/test_compile.py --junitxml="$OUT/pytest.xml"
-    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --skip-sparse --plot \
+    step bench_decode_targets 120 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip --skip-sparse --plot \
       --out "$OUT/decode_targets.json"  # --plot: the GPU machine has matplotlib (KINDS.md, 2026-11); the PNG is in the tgz
-    step bench_decode_imbalanced 60 python -m bench.decode --quick --skip-seed --skip-sweep \
+    step bench_decode_imbalanced 60 python -m bench.decode --quick --skip-seed --skip-sweep $skip \
       --out "$OUT/decode_imb.json"
-    step bench_prefill_calibrate 40 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
-    cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    # stopped at its limit, it still fits the path choice on the rows timed (bench.prefill's before_save)
+    step bench_prefill_calibrate 60 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
+    copy_new_configs
     step bench_host 25 python -m bench.host --quick --out "$OUT"  # issue 10: eager µs per call against a CUDA graph
-    step bench_generate 30 python -m bench.generate --quick --out "$OUT/generate_quick.json" ;;
-  tests|all)
+    # no compiled provider here: inductor's cold compile with CUDA graphs alone may outlast the step
+    step bench_generate 30 python -m bench.generate --quick --no-compile --out "$OUT/generate_quick.json" ;;
+  tests)
     # every parametrization compiles its own kernels: spread them over the CPU cores when pytest-xdist is there
     # (the 2026-11-22 run: 321 tests in 88 s with -n 8); without it, --durations shows what a later call may skip
     xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
     # the Gluon kernel has never run: a hang there (an mbarrier never completing) must not eat this step; the
     # gluon step runs its tests under their own time limit
     step pytest 420 python -m pytest tests -q $xdist --durations=25 -p no:cacheprovider \
-      --ignore=tests/test_decode_gluon.py --junitxml="$OUT/pytest.xml"
-    step compile 120 sh -c "python -m mla_kernels._compile > '$OUT/compile_report.json'" ;;&
-  bench|all)
+      --ignore=tests/test_decode_gluon.py --ignore=tests/test_compile.py --junitxml="$OUT/pytest.xml" ;;
+  compile)  # ~2 minutes cold on the CPU; written to a temporary name, so a cut run leaves no empty report
+    step compile 300 sh -c "python -m mla_kernels._compile > '$OUT/compile.tmp' && mv '$OUT/compile.tmp' '$OUT/compile_report.json'" ;;
+  bench)
     step bench_decode 240 python -m bench.decode --plot --out "$OUT"
     step bench_prefill 150 python -m bench.prefill --out "$OUT"
     step bench_memory 60 python -m bench.memory --plot --out "$OUT"
@@ -87,9 +106,11 @@ case "${1:-all}" in
     step bench_host 60 python -m bench.host --out "$OUT"
     step bench_generate_full 480 python -m bench.generate --plot --out "$OUT" ;;
   sparse)  # DeepSeek-V3.2: sparse decode against dense (bench.decode's mla_decode_sparse rows at the targets), then
-           # the patched V3.2-shaped model's generation at 1k/8k/32k against stock transformers' masked dense attention
-    step bench_decode_sparse 200 python -m bench.decode --quick --skip-seed --skip-imbalanced --out "$OUT/decode_sparse.json"
-    step bench_generate_v32 300 python -m bench.generate --model deepseek_v32 --context 1024 8192 32768 --batch 1 \
+           # the patched V3.2-shaped model's generation at 1k/8k against stock transformers' masked dense attention
+    step bench_decode_sparse 200 python -m bench.decode --quick --skip-seed --skip-imbalanced $SKIP_KERNELS \
+      --out "$OUT/decode_sparse.json"
+    # not 32k: transformers' V3.2 indexer scores a 32k prompt as [B, S, 64, T] fp32, ~275 GB, in the stock model
+    step bench_generate_v32 300 python -m bench.generate --model deepseek_v32 --context 1024 8192 --batch 1 \
       --out "$OUT/generate_v32.json" ;;
   fp8)  # issue 12: fp8 cache quality (decode error, model logits/tokens) and speed at B128 L4096 H16/H128
     step bench_fp8_quality 300 python -m bench.fp8_quality --out "$OUT"
@@ -99,12 +120,13 @@ case "${1:-all}" in
     # cases are timed without the Gluon provider (a wrong result would only be marked, a fault would end the sweep).
     if step gluon_parity 150 python -m pytest tests/test_decode_gluon.py tests/test_decode_tma.py -q \
         -p no:cacheprovider --junitxml="$OUT/gluon_parity.xml"; then skip_gluon=""; else skip_gluon="--skip-gluon"; fi
-    step bench_decode_targets 300 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip_gluon --skip-sparse \
+    step bench_decode_targets 300 python -m bench.decode --quick --skip-seed --skip-imbalanced $SKIP_KERNELS $skip_gluon \
+      --skip-sparse \
       --out "$OUT/decode_targets.json" ;;
   decode)  # issue 8 (targets table, page 1/16/64, S_q 1-8) and issue 13 (imbalanced beside uniform twins)
-    step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced --out "$OUT/decode_full.json"
-    step bench_decode_imbalanced 120 python -m bench.decode --skip-seed --skip-sweep --out "$OUT/decode_imb.json"
-    step bench_decode_graph 180 python -m bench.decode --quick --cuda-graph --out "$OUT/decode_graph.json" ;;
+    step bench_decode_full 270 python -m bench.decode --skip-seed --skip-imbalanced $SKIP_KERNELS --out "$OUT/decode_full.json"
+    step bench_decode_imbalanced 120 python -m bench.decode --skip-seed --skip-sweep $SKIP_KERNELS --out "$OUT/decode_imb.json"
+    step bench_decode_graph 180 python -m bench.decode --quick --cuda-graph $SKIP_KERNELS --out "$OUT/decode_graph.json" ;;
   tune)  # issue 9: config sweeps; --budget stops starting new classes in time, each finished class is already written
     slug=$(python -c "import torch; from mla_kernels._tuning import device_slug; print(device_slug(torch.cuda.get_device_name()))")
     mkdir -p "$OUT/configs"
@@ -114,9 +136,9 @@ case "${1:-all}" in
   prefill)  # issue 11: the path choice against the faster path on every case, and its calibration
     # calibrate first (quick sweep + seed), so the full sweep's auto runs on the calibrated constants
     step bench_prefill_calibrate 200 python -m bench.prefill --quick --calibrate --out "$OUT/prefill_calibrate.json"
-    cp mla_kernels/configs/*.json "$OUT/" 2>/dev/null
+    copy_new_configs
     step bench_prefill_full 360 python -m bench.prefill --out "$OUT/prefill_full.json" ;;
 esac
 ls -la "$OUT"
-tar czf "$FINAL_OUT/gpu_${1:-all}.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -7 | xargs -r cp -t "$FINAL_OUT"
+tar czf "$FINAL_OUT/gpu_$1.tgz" -C "$OUT" . && ls "$OUT"/*.json 2>/dev/null | head -7 | xargs -r cp -t "$FINAL_OUT"
 ls -la "$FINAL_OUT"

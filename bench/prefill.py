@@ -658,7 +658,11 @@ def main(argv=None) -> None:
             "performance; the seed scenario's warm-ups/runs are cut to fit the CPU budget (see each provider)",
             "CPU: the expanded and naive paths decompress through a bf16 GEMM, slow on CPUs without native bf16",
         ]
-    with h.save_if_stopped("prefill", payload, device, args):
+    def calibrate_so_far():  # stopped (the GPU session's time limit): fit the path choice on the rows timed so far
+        if args.calibrate is not None and payload.get("sweep"):
+            payload["calibration"] = run_calibration(payload, device, args.calibrate, args.quick)
+
+    with h.save_if_stopped("prefill", payload, device, args, before_save=calibrate_so_far):
         if not args.skip_seed:
             payload["seed_003_prefill"] = seed_scenario(device, dtype, lib)
             print_seed(payload["seed_003_prefill"])
@@ -669,7 +673,11 @@ def main(argv=None) -> None:
         payload["crossover"] = crossover(payload["sweep"])
         print_crossover(payload["crossover"], cpu)
     if args.calibrate is not None:
-        payload["calibration"] = run_calibration(payload, device, args.calibrate, args.quick)
+        try:
+            payload["calibration"] = run_calibration(payload, device, args.calibrate, args.quick)
+        except ValueError as exc:  # e.g. a path with no timed rows: the sweep's results are still written
+            payload["calibration"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"calibration failed: {exc}")
     sweep = payload.get("sweep", [])
     h.save_results("prefill", payload, device, args, plot=(lambda png: plot(sweep, png)) if sweep else None)
     h.exit_if_wrong(sweep, payload.get("seed_003_prefill", {}).get("providers", {}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -192,6 +193,36 @@ def test_seed_scenario_smoke():
         assert r["tokens_per_s_step"] > 0 and r["attention_call_ms"]["runs"] == 2
 
 
+def test_failed_bench_keeps_its_rows_and_fits_what_it_has(tmp_path):
+    """Any other failure inside the block (a kernel fault, a compile error, out of memory) writes the rows measured so
+    far, marked with the error, runs ``before_save`` first (a fit of the rows so far; its own failure is noted, not
+    raised), and propagates the error."""
+    out = tmp_path / "failed.json"
+    payload = {"rows": []}
+
+    def fit():
+        payload["fit"] = len(payload["rows"])
+
+    with pytest.raises(RuntimeError, match="a kernel fault"):
+        with h.save_if_stopped("unit", payload, torch.device("cpu"), argparse.Namespace(out=str(out)),
+                               before_save=fit):
+            payload["rows"] += [{"i": 0}, {"i": 1}]
+            raise RuntimeError("a kernel fault")
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [{"i": 0}, {"i": 1}] and doc["fit"] == 2
+    assert "RuntimeError: a kernel fault" in doc["incomplete"]
+
+    def broken_fit():
+        raise ValueError("no rows of one path")
+
+    with pytest.raises(MemoryError):
+        with h.save_if_stopped("unit", {"rows": [1]}, torch.device("cpu"), argparse.Namespace(out=str(out)),
+                               before_save=broken_fit):
+            raise MemoryError("out of memory")
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [1] and "before_save failed: ValueError: no rows of one path" in doc["incomplete"]
+
+
 def test_decode_sweep_refuses_wrong_provider():
     as_library, run, _ = _torch_lib()
 
@@ -205,6 +236,19 @@ def test_decode_sweep_refuses_wrong_provider():
         assert by_name[name]["wrong"] and "p50_ms" not in by_name[name]
         assert "WRONG RESULT" in h.format_row(by_name[name])
     assert "p50_ms" in by_name["naive"] and "p50_ms" in by_name["torch_absorbed"]
+
+    def faulting(*args, **kw):  # a provider that fails to launch: marked, and the others still timed
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, (faulting, run, bd.library()[2]),
+                        copy_gbps=10.0, time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2))
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["mla_decode"]["wrong"] and "FAILED: RuntimeError: CUDA error" in by_name["mla_decode"]["note"]
+    assert "p50_ms" in by_name["naive"] and "p50_ms" in by_name["torch_absorbed"]
+    only = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, (as_library, run, bd.library()[2]),
+                        copy_gbps=10.0, time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2),
+                        only=("mla_decode", "mla_decode_fp8"))
+    assert [r["provider"] for r in only] == ["mla_decode", "mla_decode_fp8"]
 
 
 def test_fp8_memory_table_bytes_and_longest_context():
