@@ -223,7 +223,12 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                         rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
                                                     **keys))
                         continue
-                    timing, out = time_runs(plan, device, runs)
+                    try:
+                        timing, out = time_runs(plan, device, runs)
+                    except torch.OutOfMemoryError:  # this provider at this size: the others, and the next sizes,
+                        torch.cuda.empty_cache()       # still run
+                        rows.append(h.make_row(name, None, note="skipped: out of memory", **keys))
+                        continue
                     tokens[name] = out[:, ctx:]
                     row = h.make_row(name, timing, **keys)
                     row["tokens_per_s"] = batch * new_tokens / (timing.p50 * 1e-3)
