@@ -689,6 +689,8 @@ def config_kwargs(config) -> dict:
         style = "half"
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
+    elif model_type in ("longcat_flash", "bailing_hybrid"):  # their attention interleaves, whatever the config says
+        style = "interleave"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"
     scales = {}

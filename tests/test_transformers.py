@@ -458,8 +458,12 @@ def test_a_mask_hiding_cached_tokens_is_refused(cache_kind):
         with pytest.raises(ValueError, match="row 1: .* sees 5 earlier keys, but the row has 6 cached tokens.*cannot hide a cached token"):
             model(input_ids=ids[:, :2], attention_mask=hiding, past_key_values=kv)
         assert kv.get_seq_length() == 6  # nothing counted (or stored)
+        # a decode step reads nothing back: a device assertion (at once on the CPU), before anything is reserved
         with pytest.raises(RuntimeError, match="sees other earlier keys than the tokens its row has cached"):
             model(input_ids=ids[:, :1], attention_mask=hiding[:, :7], past_key_values=kv)
+        assert kv.get_seq_length() == 6  # nothing counted, reserved or stored
+        if cache_kind == "dynamic":
+            assert [latent_cache(kv).seqlen(s) for s in latent_cache(kv).seq_ids] == [6, 6]
         # the same continuation with the token kept visible: transformers' logits
         kv, eager_kv = cache(), DynamicCache(config=eager_model.config)
         for m, c in ((model, kv), (eager_model, eager_kv)):
@@ -680,6 +684,15 @@ def test_kimi_linear_patches_its_mla_layers_only():
                                  **GREEDY))
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **beam),
                            eager_model.generate(input_ids=ids, attention_mask=mask, **beam))
+        # a refused step (a mask hiding cached tokens) came after linear layer 0 had taken it: the Cache is spent
+        cache = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
+                               **GREEDY).past_key_values  # 9 + 7 positions
+        hiding = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], 1)
+        hiding[0, 10] = 0  # row 0's second generated token
+        with pytest.raises(RuntimeError, match="sees other earlier keys than the tokens its row has cached"):
+            model(input_ids=ids[:, :1], attention_mask=hiding, past_key_values=cache)
+        with pytest.raises(ValueError, match="can't be used any more: a step of this hybrid model failed"):
+            model(input_ids=ids[:, :1], attention_mask=torch.ones_like(hiding), past_key_values=cache)
     with pytest.raises(ValueError, match="static_latent_cache does not serve kimi_linear"):
         integration.static_latent_cache(model, 3, 32)
     unpatch_model(model)

@@ -262,13 +262,15 @@ class _LatentState:
             decode = query_len == 1 and self._every_row_started()
             if decode:  # a decode step: nothing read back from the GPU
                 _assert_real(attention_mask, batch_size, query_len)
+                if attention_mask is not None:  # before anything is reserved; the lengths go up, nothing comes back
+                    cached = torch.tensor([self.paged.seqlen(r) for r in self.rows], dtype=torch.int32)
+                    _assert_history(attention_mask, batch_size, query_len,
+                                    cached.to(attention_mask.device, non_blocking=True))
                 packing = None
             else:
                 cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
                 packing = _real_tokens(attention_mask, batch_size, query_len, cached)
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
-            if decode:  # (the cached lengths before the step, on the device: the batch's less its one new token)
-                _assert_history(attention_mask, batch_size, query_len, self.current[0].cache_seqlens - 1)
             self.current_shape = (batch_size, query_len)
             if packing is not None and sum(packing.counts) < batch_size * query_len:
                 self._history.append([query_len, list(packing.counts), *(packing.ends or (None, None))])
@@ -611,10 +613,11 @@ _UNFIT_MASK = ("the patched attention computes causal attention over the tokens 
 
 
 # a mask may hide pads, which are never cached, but not a token the row has cached: the kernels attend to all of those
-_HIDDEN_HISTORY = ("the patched model attends to every token a row has cached (every real token it was given), so a "
-                   "later attention mask cannot hide a cached token (e.g. a row padded after its EOS in an earlier "
-                   "turn, with mask 1, then masked in the next): keep such tokens visible in the mask, or start over "
-                   "with a new cache")
+_HIDDEN_HISTORY = ("the patched model attends to every token a row has cached (every real token it was given, never a "
+                   "pad it hid), so a later attention mask must show each row exactly those: it cannot hide a cached "
+                   "token (e.g. a row padded after its EOS in an earlier turn, with mask 1, then masked in the next) "
+                   "nor show a pad an earlier step hid; keep the earlier turns' mask as it was, or start over with a "
+                   "new cache")
 
 
 _HIDDEN_HISTORY_DEVICE = ("mla_kernels: the attention mask's last query row sees other earlier keys than the tokens "
@@ -948,8 +951,7 @@ class _StaticLatentState:
         step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len,
                                                              columns)
         if query_len == 1 and real is not None:  # what the mask sees before the step must be the row's cache
-            torch._assert_async((_visible_past(attention_mask, real) == seqlens).all(),
-                                _HIDDEN_HISTORY_DEVICE)
+            torch._assert_async((_visible_past(attention_mask, real) == seqlens).all(), _HIDDEN_HISTORY_DEVICE)
         past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
                                layer)
         if real is None:
@@ -1079,6 +1081,7 @@ class TransformersMLAttention(MLAttention):
 
     num_cache_layers: int  # the transformers Cache's layers
     latent_layer: int  # this module's layer in a dynamic Cache's PagedLatentCache, of num_latent_layers
+    hybrid: bool = False  # a model with other (linear) attention layers: a failed step spoils its Cache
     num_latent_layers: int
     block_size: int
     max_cache_tokens: int | None
@@ -1131,6 +1134,21 @@ class TransformersMLAttention(MLAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
         past_key_values = _the_cache(past_key_values, cache)
+        if not self.hybrid or past_key_values is None:
+            return self._forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        # a hybrid's linear-attention layers before this one have taken the step already: a step refused or failed
+        # here leaves the Cache inconsistent (their state advanced, the latent not), so it can't serve again
+        failed = getattr(past_key_values, "_mla_failed_step", None)
+        if failed is not None:
+            raise ValueError(f"this Cache can't be used any more: a step of this hybrid model failed after its "
+                             f"linear-attention layers had taken it ({failed}); start over with a new cache")
+        try:
+            return self._forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        except Exception as exc:
+            past_key_values._mla_failed_step = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise
+
+    def _forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask, past_key_values, **kwargs):
         if _attentions_requested():
             raise ValueError("output_attentions: the patched attention never materialises attention weights (the "
                              "kernels attend in latent space); run without it, or unpatch_model(model)")
@@ -1411,9 +1429,10 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     # model's missing ones, take no latent memory)
     order = sorted(indices)
     for parent, name, attn in slots:
-        setattr(parent, name, TransformersMLAttention.adopt(attn, max(indices) + 1, block_size, max_cache_tokens,
-                                                            cache_dtype, latent_layer=order.index(attn.layer_idx),
-                                                            num_latent_layers=len(order)))
+        new = TransformersMLAttention.adopt(attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype,
+                                            latent_layer=order.index(attn.layer_idx), num_latent_layers=len(order))
+        new.hybrid = model_type in _OTHER_ATTENTION
+        setattr(parent, name, new)
     return model
 
 
