@@ -259,16 +259,14 @@ class _LatentState:
         the same."""
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
-            decode = query_len == 1 and self._every_row_started()
-            if decode:  # a decode step: nothing read back from the GPU
-                _assert_real(attention_mask, batch_size, query_len)
-                if attention_mask is not None:  # before anything is reserved; the lengths go up, nothing comes back
-                    cached = torch.tensor([self.paged.seqlen(r) for r in self.rows], dtype=torch.int32)
-                    _assert_history(attention_mask, batch_size, query_len,
-                                    cached.to(attention_mask.device, non_blocking=True))
+            cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
+            if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
+                real = _assert_real(attention_mask, batch_size, query_len)
+                if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
+                    _assert_history(attention_mask, real, torch.tensor(cached, dtype=torch.int32).to(
+                        real.device, non_blocking=True))
                 packing = None
             else:
-                cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
                 packing = _real_tokens(attention_mask, batch_size, query_len, cached)
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
@@ -639,12 +637,10 @@ def _check_history(seen: list[int], cached: list[int]) -> None:
                              f"{c} cached tokens; {_HIDDEN_HISTORY}")
 
 
-def _assert_history(attention_mask, batch_size: int, query_len: int, cached: torch.Tensor) -> None:
-    """``_check_history`` on the device, without waiting (a decode step): ``cached [B]`` the rows' lengths there."""
-    real = _visible_new_tokens(attention_mask, batch_size, query_len)
-    if real is not None:
-        torch._assert_async((_visible_past(attention_mask, real) == cached).all(),
-                            _HIDDEN_HISTORY_DEVICE)
+def _assert_history(attention_mask, real: torch.Tensor, cached: torch.Tensor) -> None:
+    """``_check_history`` on the device, without waiting (a decode step): ``real`` from ``_visible_new_tokens``,
+    ``cached [B]`` the rows' lengths there."""
+    torch._assert_async((_visible_past(attention_mask, real) == cached).all(), _HIDDEN_HISTORY_DEVICE)
 
 
 def _read_checked(parts: list[torch.Tensor], fits: torch.Tensor | None) -> list[int]:
@@ -715,15 +711,17 @@ def _unpack(packed: torch.Tensor, packing: _Packing, batch_size: int, query_len:
     return out.index_copy_(0, packing.index, packed).view(batch_size, query_len, *packed.shape[1:])
 
 
-def _assert_real(attention_mask, batch_size: int, query_len: int) -> None:
+def _assert_real(attention_mask, batch_size: int, query_len: int) -> torch.Tensor | None:
     """Check on the device, without waiting for it, that every new token is real: a decode step stores them all.
     (transformers' generate never feeds a pad after the prompt; a mask that hides a new token fails a device
-    assertion rather than silently caching a pad.)"""
+    assertion rather than silently caching a pad.) Returns ``_visible_new_tokens``'s ``real`` (None without a
+    mask) for the step's other checks."""
     real = _visible_new_tokens(attention_mask, batch_size, query_len)
     if real is not None:
         torch._assert_async(real.all(), "mla_kernels: the attention mask hides a new token of a one-token step "
                                         "after every row has started (a pad after a real token); the patched "
                                         "model's latent cache only skips left padding")
+    return real
 
 
 def _visible_new_tokens(attention_mask, batch_size: int, query_len: int,
@@ -951,7 +949,7 @@ class _StaticLatentState:
         step = None if query_len == 1 else self._prompt_step(layer, attention_mask, real, seqlens, query_len,
                                                              columns)
         if query_len == 1 and real is not None:  # what the mask sees before the step must be the row's cache
-            torch._assert_async((_visible_past(attention_mask, real) == seqlens).all(), _HIDDEN_HISTORY_DEVICE)
+            _assert_history(attention_mask, real, seqlens)
         past_key_values.update(kv_c.new_empty(batch_size, 1, query_len, 0), kv_c.new_empty(batch_size, 1, query_len, 0),
                                layer)
         if real is None:
@@ -1090,11 +1088,11 @@ class TransformersMLAttention(MLAttention):
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
               max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None, *, latent_layer: int | None = None,
-              num_latent_layers: int | None = None) -> "TransformersMLAttention":
+              num_latent_layers: int | None = None, hybrid: bool = False) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention). ``num_cache_layers``:
         the transformers Cache's layers (a static latent cache has as many); ``latent_layer`` of
         ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
-        ``num_cache_layers``)."""
+        ``num_cache_layers``); ``hybrid``: the model has other (linear) attention layers (``_OTHER_ATTENTION``)."""
         config = original.config
         kwargs = config_kwargs(config)
         rope = kwargs["rope_parameters"]
@@ -1117,6 +1115,7 @@ class TransformersMLAttention(MLAttention):
         new.num_cache_layers = num_cache_layers
         new.latent_layer = original.layer_idx if latent_layer is None else latent_layer
         new.num_latent_layers = num_cache_layers if num_latent_layers is None else num_latent_layers
+        new.hybrid = hybrid
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
         new.cache_dtype = cache_dtype
@@ -1429,10 +1428,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     # model's missing ones, take no latent memory)
     order = sorted(indices)
     for parent, name, attn in slots:
-        new = TransformersMLAttention.adopt(attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype,
-                                            latent_layer=order.index(attn.layer_idx), num_latent_layers=len(order))
-        new.hybrid = model_type in _OTHER_ATTENTION
-        setattr(parent, name, new)
+        setattr(parent, name, TransformersMLAttention.adopt(
+            attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
+            num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION))
     return model
 
 
