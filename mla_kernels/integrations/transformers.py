@@ -73,7 +73,7 @@ SUPPORTED_MODEL_TYPES = {
     # Youtu-LLM: DeepSeek-V3's attention under another name
     "youtu": ("transformers.models.youtu.modeling_youtu", "YoutuAttention"),
     # LongCat-Flash: DeepSeek-V3's attention with LoRA scales on the query and the latent (mla_scale_q_lora,
-    # mla_scale_kv_lora; adopt folds the first into the softmax scale and keeps the second), two per decoder layer
+    # mla_scale_kv_lora: MLAttention's query_scale and latent_scale, from config_kwargs), two per decoder layer
     "longcat_flash": ("transformers.models.longcat_flash.modeling_longcat_flash", "LongcatFlashMLA"),
     # Kimi-Linear: MLA without positional encoding (NoPE) in one layer of four, between Kimi Delta Attention layers
     # (_OTHER_ATTENTION), which keep transformers' own attention and cache layers
@@ -1108,9 +1108,8 @@ class TransformersMLAttention(MLAttention):
         device = original.kv_b_proj.weight.device
         new.inv_freq = rope_inv_freq(new.qk_rope_head_dim, new.rope_parameters,
                                      getattr(config, "max_position_embeddings", 4096))[0].to(device)
-        # LongCat-Flash's LoRA scales (MLAttention's query_scale, latent_scale), as its module holds them
-        new.query_scale = float(getattr(original, "mla_scale_q_lora", 1.0))
-        new.latent_scale = float(getattr(original, "mla_scale_kv_lora", 1.0))
+        # the scale transformers uses (YaRN's, any rope type), times LongCat-Flash's query LoRA scale (config_kwargs
+        # gave the module its query_scale and latent_scale)
         new.softmax_scale = float(original.scaling) * new.query_scale
         new.num_cache_layers = num_cache_layers
         new.latent_layer = original.layer_idx if latent_layer is None else latent_layer
