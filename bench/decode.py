@@ -227,8 +227,9 @@ def sparse_provider(case: Case, mla_decode):
                                c.shape.softmax_scale, max_seqlen_k=c.max_len, indices=indices)), expected
 
 
-def providers(case: Case, lib):
-    """name -> (function, which reference it must match: "latent", "value" or a function computing it)."""
+def providers(case: Case, lib, only: tuple[str, ...] | None = None):
+    """name -> (function, which reference it must match: "latent", "value" or a function computing it); with
+    ``only``, just those (the fp8 and sparse providers build their own inputs, which the others need not wait for)."""
     mla_decode, decode_torch, _ = lib
     c, scale = case, case.shape.softmax_scale
     args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
@@ -238,9 +239,10 @@ def providers(case: Case, lib):
         "mla_decode": (lambda: mla_decode(*args, max_seqlen_k=c.max_len), "latent"),
         "mla_decode+w_uv": (lambda: mla_decode(*args, w_uv=c.w_uv, max_seqlen_k=c.max_len), "value"),
         "torch_absorbed": (lambda: decode_torch(*args), "latent"),
-        "mla_decode_fp8": fp8_provider(c, mla_decode),
     }
-    if SPARSE_PROVIDER:
+    if only is None or "mla_decode_fp8" in only:
+        table["mla_decode_fp8"] = fp8_provider(c, mla_decode)
+    if SPARSE_PROVIDER and (only is None or "mla_decode_sparse" in only):
         table["mla_decode_sparse"] = sparse_provider(c, mla_decode)
     tma = tma_config(case)
     if tma is not None:
@@ -248,7 +250,7 @@ def providers(case: Case, lib):
     gluon = gluon_config(case)
     if gluon is not None:
         table["mla_decode[gluon]"] = (lambda: decode_with_config(case, gluon), "latent")
-    return table
+    return table if only is None else {name: table[name] for name in table if name in only}
 
 
 GLUON_PROVIDER = True  # --skip-gluon: leave the Gluon kernel out (if its native parity test failed on this GPU)
@@ -341,9 +343,7 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
     case = make_case(shape, [ctx] * batch, page, dtype, device, s_q=s_q)
     ref_latent, ref_value = reference_outputs(case)
     rows, p50 = {}, {}
-    for name, (fn, which) in providers(case, lib).items():
-        if only is not None and name not in only:
-            continue
+    for name, (fn, which) in providers(case, lib, only).items():
         extra = provider_bytes(name, shape, batch, ctx, dtype.itemsize)
         if not h.fits(extra, device):
             rows[name] = h.make_row(name, None, note=f"skipped: needs ~{h.gib(extra)} more, "
