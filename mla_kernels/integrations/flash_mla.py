@@ -1,0 +1,163 @@
+"""FlashMLA's Python decode interface over mla_kernels' kernels, for serving code written against FlashMLA.
+
+``get_mla_metadata`` and ``flash_mla_with_kvcache`` take the arguments of FlashMLA's ``flash_mla`` package
+(deepseek-ai/FlashMLA, ``flash_mla_interface.py``: the form of 2025-09 on, whose ``get_mla_metadata`` takes no
+arguments that matter and returns ``(metadata, None)``; the older calls, with the metadata's arguments and a
+``num_splits`` that is passed back, are taken too) and return what it returns, so code that calls FlashMLA runs
+where FlashMLA does not: other GPUs than Hopper/Blackwell, ROCm, the CPU, any page size, any head count::
+
+    from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache, get_mla_metadata
+
+    meta, num_splits = get_mla_metadata()   # (or FlashMLA's older arguments: taken, not read)
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta, num_splits, causal=True)
+
+Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent and the rope key side by side):
+
+- ``q [B, S_q, H, D]``: the absorbed query, ``D = head_dim_v + rope width`` (576 for DeepSeek: 512 + 64);
+- ``k_cache [num_blocks, page, 1, D]`` in the query's dtype, or with ``is_fp8_kvcache`` DeepSeek's FP8 rows
+  (``[num_blocks, page, 1, 656]`` bytes at DeepSeek's widths: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope values;
+  the layout ``mla_kernels.fp8_latent_cache`` allocates), as uint8 or float8_e4m3fn;
+- returns ``out [B, S_q, H, head_dim_v]`` in the query's dtype and ``lse [B, H, S_q]`` float32 (natural log).
+
+``causal`` defaults to False, as in FlashMLA (``mla_decode``'s default is True): without it every new token sees
+the whole ``cache_seqlens[b]``. With ``indices [B, S_q, topk]`` (sparse attention, ``causal`` False) an entry is a
+slot of the whole cache, ``block id * page + offset``, and -1 is skipped; ``block_table`` and ``cache_seqlens`` are
+then not read. ``topk_length [B]`` keeps each row's first entries only, and ``attn_sink [H]`` (float32) scales the
+output by ``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse. A bf16 sparse cache is taken
+too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
+lengths, and the FP8-query ``descale_q``/``descale_k`` of some forks.
+
+The work is ``mla_kernels.mla_decode``'s, with its split grid (FlashMLA's tile-scheduler metadata is not built:
+``get_mla_metadata``'s result only holds the shapes of the first call, and later calls with other shapes are
+refused, as FlashMLA refuses them). Speed is ``mla_decode``'s, not FlashMLA's: see the README's measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import _utils
+from ..cache import _fp8_views, fp8_row_bytes
+from ..decode import mla_decode
+
+__all__ = ["FlashMLAMetadata", "get_mla_metadata", "flash_mla_with_kvcache"]
+
+_FP8_BYTE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
+
+
+@dataclasses.dataclass
+class FlashMLAMetadata:
+    """What ``get_mla_metadata`` returns: the call shapes it was first used with (``config``; None before), which
+    every later call given it must repeat (batch, S_q, heads, page size, ``causal``, FP8, top-k), as in FlashMLA."""
+    config: tuple | None = None
+
+
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, None]:
+    """``(FlashMLAMetadata(), None)``: pass both to ``flash_mla_with_kvcache`` (as ``tile_scheduler_metadata`` and
+    ``num_splits``). The arguments of FlashMLA's older interface (``cache_seqlens``, query tokens per key head, key
+    heads, ...) are taken and not read: nothing is computed here, so nothing waits for the device."""
+    return FlashMLAMetadata(), None
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata=None,
+                           num_splits=None, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None,
+                           attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
+                           extra_topk_length=None, descale_q=None, descale_k=None):
+    """FlashMLA's ``flash_mla_with_kvcache`` (module docstring): ``(out [B, S_q, H, head_dim_v], lse [B, H, S_q])``."""
+    for name, value in (("extra_k_cache", extra_k_cache), ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+                        ("extra_topk_length", extra_topk_length), ("descale_q", descale_q),
+                        ("descale_k", descale_k)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by mla_kernels' FlashMLA interface (pass None)")
+    if num_splits is not None:
+        raise ValueError("num_splits must be None (what get_mla_metadata returned): mla_decode sizes its own splits")
+    if tile_scheduler_metadata is not None and not isinstance(tile_scheduler_metadata, FlashMLAMetadata):
+        raise TypeError(f"tile_scheduler_metadata must be what mla_kernels' get_mla_metadata returned (or None), "
+                        f"got {type(tile_scheduler_metadata).__name__}")
+    causal = _utils.check_flag("causal", causal)
+    is_fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
+    q = _utils.check_tensor("q", q, 4)
+    k_cache = _utils.check_tensor("k_cache", k_cache, 4)
+    dim_v = _utils.check_int("head_dim_v", head_dim_v, 1)
+    if dim_v >= q.shape[-1]:
+        raise ValueError(f"head_dim_v ({dim_v}) must be less than q's last dimension ({q.shape[-1]}): the query is "
+                         f"the latent part (head_dim_v wide) and then the rope part")
+    rope_dim = q.shape[-1] - dim_v
+    if k_cache.shape[2] != 1:
+        raise ValueError(f"k_cache must hold one key-value head (MLA's MQA mode: [num_blocks, page, 1, D]), got "
+                         f"shape {tuple(k_cache.shape)}")
+    rows = k_cache[:, :, 0]
+    if is_fp8:
+        if k_cache.dtype not in _FP8_BYTE_DTYPES:
+            raise TypeError(f"k_cache with is_fp8_kvcache must be uint8 or float8_e4m3fn rows, got {k_cache.dtype}")
+        row_bytes = fp8_row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
+        if row_bytes is None or rows.shape[-1] != row_bytes:
+            raise ValueError(f"k_cache with is_fp8_kvcache must have rows of {dim_v} e4m3 values, their fp32 scales "
+                             f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
+                             f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
+        _utils.check_last_contiguous("k_cache", rows)
+        kv_cache, kv_scale, pe_cache = _fp8_views(rows.view(torch.uint8), dim_v, rope_dim, torch.bfloat16)
+    else:
+        if rows.shape[-1] != q.shape[-1]:
+            raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
+                             f"(pass is_fp8_kvcache=True for an FP8 cache)")
+        kv_cache, kv_scale, pe_cache = rows[..., :dim_v], None, rows[..., dim_v:]
+    batch, s_q, heads = q.shape[:3]
+    topk = None if indices is None else _utils.check_tensor("indices", indices, 3).shape[-1]
+    config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
+    _check_metadata(tile_scheduler_metadata, config)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+
+    if indices is not None:  # whole-cache slots: one "sequence" per row holding every block, in order
+        if causal:
+            raise ValueError("causal must be False with indices (sparse attention), as in FlashMLA")
+        slots = kv_cache.shape[0] * kv_cache.shape[1]
+        block_table = torch.arange(kv_cache.shape[0], dtype=torch.int32, device=q.device).expand(batch, -1)
+        cache_seqlens = torch.full((batch,), slots, dtype=torch.int32, device=q.device)
+        indices = _keep_first(indices, topk_length, batch)
+        max_seqlen_k = slots
+    else:
+        if topk_length is not None:
+            raise ValueError("topk_length is only taken with indices (sparse attention)")
+        max_seqlen_k = None
+    out, lse = mla_decode(q[..., :dim_v], q[..., dim_v:], kv_cache, pe_cache, block_table, cache_seqlens, scale,
+                          causal=causal, return_lse=True, max_seqlen_k=max_seqlen_k, kv_scale=kv_scale,
+                          indices=indices)
+    if attn_sink is not None:
+        out = _apply_sink(out, lse, attn_sink, heads)
+    return out, lse.transpose(1, 2).contiguous()
+
+
+def _check_metadata(meta: FlashMLAMetadata | None, config: tuple) -> None:
+    """Record the first call's shapes in ``meta``; refuse a later call with others (FlashMLA's rule for reuse)."""
+    if meta is None:
+        return
+    if meta.config is None:
+        meta.config = config
+    elif meta.config != config:
+        names = ("batch", "S_q", "heads", "page size", "causal", "is_fp8_kvcache", "topk")
+        diff = ", ".join(f"{n} {a} vs {b}" for n, a, b in zip(names, meta.config, config) if a != b)
+        raise ValueError(f"tile_scheduler_metadata was first used with other arguments ({diff}): call "
+                         f"get_mla_metadata again for these")
+
+
+def _keep_first(indices: torch.Tensor, topk_length, batch: int) -> torch.Tensor:
+    """``indices`` with every row's entries past ``topk_length[b]`` set to -1 (skipped); as given without it."""
+    if topk_length is None:
+        return indices
+    topk_length = _utils.check_tensor("topk_length", topk_length, 1, (torch.int32, torch.int64))
+    _utils.check_same("topk_length", topk_length.shape[0], "the batch", batch)
+    keep = torch.arange(indices.shape[-1], device=indices.device) < topk_length.to(indices.device)[:, None, None]
+    return torch.where(keep, indices, indices.new_full((), -1))
+
+
+def _apply_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink, heads: int) -> torch.Tensor:
+    """``out [B, S_q, H, D]`` times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: a sink of +inf gives zeros, one
+    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros)."""
+    sink = _utils.check_tensor("attn_sink", attn_sink, 1, (torch.float32,))
+    _utils.check_same("attn_sink", sink.shape[0], "q's heads", heads)
+    gap = lse - sink.to(lse.device)  # [B, S_q, H]
+    weight = torch.sigmoid(torch.nan_to_num(gap, nan=-float("inf")))  # -inf - -inf: a row with no key and no sink
+    return (out.float() * weight[..., None]).to(out.dtype)

@@ -1,0 +1,127 @@
+"""FlashMLA's decode interface (mla_kernels.integrations.flash_mla) against the float64 references: its layouts
+(one [N, page, 1, R+P] cache, lse [B, H, S_q], whole-cache slot indices, FP8 rows) mapped onto mla_decode."""
+
+import pytest
+import torch
+
+import reference
+from helpers import assert_close, assert_lse_close
+from mla_kernels.integrations.flash_mla import FlashMLAMetadata, flash_mla_with_kvcache, get_mla_metadata
+from test_decode import SCALE, make_inputs
+from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL, decode_inputs, dequantized, storage_bytes
+from test_sparse import key_lists
+
+R, P = 128, 32  # widths the FP8 layout takes (R a multiple of 128); small, for the interpreter
+
+
+def flash_inputs(lens, s_q, heads, page, dtype, device, seed=0):
+    """FlashMLA's arguments (q [B, S_q, H, R+P], k_cache [N, page, 1, R+P]) and mla_decode's views of them."""
+    a = dict(zip(("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table", "cache_seqlens"),
+                 make_inputs(lens, s_q, heads, page, dtype, device, r=R, p=P, seed=seed)))
+    q, rows = a["q_nope"]._base, a["kv_cache"]._base  # make_inputs' fused buffers (NaN in every unused slot)
+    assert q.shape[-1] == rows.shape[-1] == R + P
+    return q, rows.unsqueeze(2), a
+
+
+def slots_of(positions: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
+    """Sequence positions [B, S_q, K] (-1: none) as FlashMLA's whole-cache slots, block id * page + offset."""
+    pos = positions.long().clamp(min=0)
+    blocks = torch.gather(table.long(), 1, (pos // page).flatten(1)).view_as(pos)
+    return torch.where(positions >= 0, blocks * page + pos % page, -1).to(positions.dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dense_decode(dtype, causal, device, poisoned_empty):
+    q, k_cache, a = flash_inputs([37, 0, 70], 2, 5, 16, dtype, device)
+    meta, splits = get_mla_metadata(a["cache_seqlens"], 2 * 5, 1)  # FlashMLA's older arguments: taken, not read
+    out, lse = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, splits,
+                                      softmax_scale=SCALE, causal=causal)
+    ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=causal)
+    assert out.dtype == dtype and out.shape == (3, 2, 5, R) and lse.shape == (3, 5, 2) and lse.is_contiguous()
+    assert_close("out", out, ref_out, dtype)
+    assert_lse_close("lse", lse, ref_lse.transpose(1, 2))
+    # the same metadata again, and none at all; the default scale is q's width ** -0.5, as FlashMLA's
+    again, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, None,
+                                      softmax_scale=SCALE, causal=causal)
+    assert torch.equal(again, out)
+    plain, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, None, causal=causal)
+    ref_plain, _ = reference.absorbed_decode(*a.values(), (R + P) ** -0.5, causal=causal)
+    assert_close("default scale", plain, ref_plain, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sparse_slots_topk_length_and_sink(dtype, device, poisoned_empty):
+    lens, s_q, heads, page, k = [40, 17, 90], 2, 4, 16, 24
+    q, k_cache, a = flash_inputs(lens, s_q, heads, page, dtype, device, seed=1)
+    positions = key_lists(lens, s_q, k, seed=3, device=device)  # (17 tokens: -1 past them)
+    keep = torch.tensor([24, 10, 0], device=device, dtype=torch.int32)  # row 2: no entry left
+    kept = torch.where(torch.arange(k, device=device) < keep[:, None, None].long(), positions, -1)
+    sink = torch.tensor([float("-inf"), 0.5, -2.0, float("inf")], device=device)
+    out, lse = flash_mla_with_kvcache(q, k_cache, None, None, R, get_mla_metadata()[0], None, softmax_scale=SCALE,
+                                      indices=slots_of(positions, a["block_table"], page), topk_length=keep,
+                                      attn_sink=sink)
+    ref_out, ref_lse = reference.sparse_decode(*a.values(), kept, SCALE, causal=False)
+    weight = torch.sigmoid(ref_lse - sink.double().cpu())  # exp(lse) / (exp(lse) + exp(sink)); lse unchanged
+    ref_out = ref_out * torch.nan_to_num(weight, nan=0.0)[..., None]
+    assert_close("out", out, ref_out, dtype)
+    assert_lse_close("lse", lse, ref_lse.transpose(1, 2))
+    assert (out[2] == 0).all() and torch.isinf(lse[2]).all() and (out[:, :, 3] == 0).all()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_fp8_rows(sparse, device, poisoned_empty):
+    lens, s_q, heads, page = [33, 70], 1, 4, 16
+    a = decode_inputs(lens, s_q, heads, page, (R, P), torch.bfloat16, device, seed=2)
+    # the one uint8 [N, page, row bytes] buffer behind the three views (R e4m3 bytes, R/128 fp32 scales, P bf16)
+    rows = storage_bytes(a["kv_cache"]).view(*a["kv_cache"].shape[:2], R + 4 * R // 128 + 2 * P)
+    q = torch.cat((a["q_nope"], a["q_pe"]), -1)
+    d = dequantized(a)
+    if sparse:
+        positions = key_lists(lens, s_q, 20, seed=4, device=device)
+        out, lse = flash_mla_with_kvcache(q, rows.view(torch.float8_e4m3fn).unsqueeze(2), None, None, R,
+                                          softmax_scale=SCALE, is_fp8_kvcache=True,
+                                          indices=slots_of(positions, a["block_table"], page))
+        ref_out, ref_lse = reference.sparse_decode(*(d[n] for n in ("q_nope", "q_pe", "kv_cache", "pe_cache",
+                                                                     "block_table", "cache_seqlens")),
+                                                   positions, SCALE, causal=False)
+    else:
+        out, lse = flash_mla_with_kvcache(q, rows.unsqueeze(2), a["block_table"], a["cache_seqlens"], R,
+                                          softmax_scale=SCALE, causal=True, is_fp8_kvcache=True)
+        ref_out, ref_lse = reference.absorbed_decode(*(d[n] for n in ("q_nope", "q_pe", "kv_cache", "pe_cache",
+                                                                       "block_table", "cache_seqlens")), SCALE)
+    assert_close("out", out, ref_out, torch.bfloat16, rms_tol=FP8_RMS_TOL[torch.bfloat16],
+                 cos_tol=FP8_COS_TOL[torch.bfloat16])
+    assert_lse_close("lse", lse, ref_lse.transpose(1, 2), atol=FP8_LSE_ATOL[torch.bfloat16])
+
+
+def test_bad_arguments_are_refused_by_name(device):
+    q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
+    args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R)
+    flash_mla_with_kvcache(**args)
+    bad = [(dict(k_cache=k_cache.expand(-1, -1, 2, -1)), ValueError, "one key-value head"),
+           (dict(k_cache=k_cache[..., :-16]), ValueError, "k_cache's last dimension"),
+           (dict(head_dim_v=R + P), ValueError, "head_dim_v"),
+           (dict(q=q[0]), ValueError, "q must have 4 dimensions"),
+           (dict(num_splits=torch.ones(3, dtype=torch.int32)), ValueError, "num_splits"),
+           (dict(tile_scheduler_metadata=torch.zeros(4, 8)), TypeError, "tile_scheduler_metadata"),
+           (dict(extra_k_cache=k_cache), ValueError, "extra_k_cache"),
+           (dict(descale_q=torch.ones(1)), ValueError, "descale_q"),
+           (dict(causal=None), TypeError, "causal"),
+           (dict(topk_length=torch.ones(2, dtype=torch.int32)), ValueError, "topk_length"),
+           (dict(causal=True, indices=torch.zeros(2, 1, 4, dtype=torch.int32)), ValueError, "causal"),
+           (dict(is_fp8_kvcache=True), TypeError, "is_fp8_kvcache"),
+           (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8)), ValueError, "bytes"),
+           (dict(indices=torch.zeros(2, 1, 4, dtype=torch.int32), attn_sink=torch.zeros(3)), ValueError,
+            "attn_sink")]
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            flash_mla_with_kvcache(**dict(args, **change))
+    # a metadata object keeps the shapes of its first call, as FlashMLA's does
+    meta = FlashMLAMetadata()
+    flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta)
+    with pytest.raises(ValueError, match="batch 2 vs 1"):
+        flash_mla_with_kvcache(**dict(args, q=q[:1], block_table=a["block_table"][:1],
+                                      cache_seqlens=a["cache_seqlens"][:1]), tile_scheduler_metadata=meta)
+    with pytest.raises(ValueError, match="causal False vs True"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, causal=True)
