@@ -23,6 +23,11 @@ def flash_inputs(lens, s_q, heads, page, dtype, device, seed=0):
     return q, rows.unsqueeze(2), a
 
 
+def flash_lse(ref_lse: torch.Tensor) -> torch.Tensor:
+    """The reference's lse [B, S_q, H] as FlashMLA returns it: [B, H, S_q], +inf where a token saw no key."""
+    return ref_lse.masked_fill(ref_lse == -float("inf"), float("inf")).transpose(1, 2)
+
+
 def slots_of(positions: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
     """Sequence positions [B, S_q, K] (-1: none) as FlashMLA's whole-cache slots, block id * page + offset."""
     pos = positions.long().clamp(min=0)
@@ -40,7 +45,8 @@ def test_dense_decode(dtype, causal, device, poisoned_empty):
     ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=causal)
     assert out.dtype == dtype and out.shape == (3, 2, 5, R) and lse.shape == (3, 5, 2) and lse.is_contiguous()
     assert_close("out", out, ref_out, dtype)
-    assert_lse_close("lse", lse, ref_lse.transpose(1, 2))
+    assert_lse_close("lse", lse, flash_lse(ref_lse))
+    assert (lse[1] == float("inf")).all() and (out[1] == 0).all()  # the padding slot: FlashMLA's lonely tokens
     # the same metadata again, and none at all; the default scale is q's width ** -0.5, as FlashMLA's
     again, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, None,
                                       softmax_scale=SCALE, causal=causal)
@@ -65,8 +71,8 @@ def test_sparse_slots_topk_length_and_sink(dtype, device, poisoned_empty):
     weight = torch.sigmoid(ref_lse - sink.double().cpu())  # exp(lse) / (exp(lse) + exp(sink)); lse unchanged
     ref_out = ref_out * torch.nan_to_num(weight, nan=0.0)[..., None]
     assert_close("out", out, ref_out, dtype)
-    assert_lse_close("lse", lse, ref_lse.transpose(1, 2))
-    assert (out[2] == 0).all() and torch.isinf(lse[2]).all() and (out[:, :, 3] == 0).all()
+    assert_lse_close("lse", lse, flash_lse(ref_lse))
+    assert (out[2] == 0).all() and (lse[2] == float("inf")).all() and (out[:, :, 3] == 0).all()
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
@@ -92,7 +98,7 @@ def test_fp8_rows(sparse, device, poisoned_empty):
                                                                        "block_table", "cache_seqlens")), SCALE)
     assert_close("out", out, ref_out, torch.bfloat16, rms_tol=FP8_RMS_TOL[torch.bfloat16],
                  cos_tol=FP8_COS_TOL[torch.bfloat16])
-    assert_lse_close("lse", lse, ref_lse.transpose(1, 2), atol=FP8_LSE_ATOL[torch.bfloat16])
+    assert_lse_close("lse", lse, flash_lse(ref_lse), atol=FP8_LSE_ATOL[torch.bfloat16])
 
 
 def test_bad_arguments_are_refused_by_name(device):

@@ -17,7 +17,8 @@ Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent a
 - ``k_cache [num_blocks, page, 1, D]`` in the query's dtype, or with ``is_fp8_kvcache`` DeepSeek's FP8 rows
   (``[num_blocks, page, 1, 656]`` bytes at DeepSeek's widths: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope values;
   the layout ``mla_kernels.fp8_latent_cache`` allocates), as uint8 or float8_e4m3fn;
-- returns ``out [B, S_q, H, head_dim_v]`` in the query's dtype and ``lse [B, H, S_q]`` float32 (natural log).
+- returns ``out [B, S_q, H, head_dim_v]`` in the query's dtype and ``lse [B, H, S_q]`` float32 (natural log;
+  a token that sees no key gets zeros and, as in FlashMLA, lse +inf, where ``mla_decode`` says -inf).
 
 ``causal`` defaults to False, as in FlashMLA (``mla_decode``'s default is True): without it every new token sees
 the whole ``cache_seqlens[b]``. With ``indices [B, S_q, topk]`` (sparse attention, ``causal`` False) an entry is a
@@ -127,6 +128,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                           indices=indices)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink, heads)
+    lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
     return out, lse.transpose(1, 2).contiguous()
 
 
