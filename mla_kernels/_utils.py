@@ -26,9 +26,16 @@ FP8_GROUP = 128
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
+# Triton decides at import whether ``@triton.jit`` makes interpreted functions (and its interpreter reads the variable
+# again at run time), so the interpreter runs only where ``TRITON_INTERPRET`` was set when the library was imported and
+# still is: a ``TRITON_INTERPRET=1`` set after the import sent CPU tensors to compiled kernels ("0 active drivers");
+# they now take the PyTorch path, as they do once the variable is unset.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton's CPU interpreter is active (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton's CPU interpreter is active: ``TRITON_INTERPRET=1`` now and when the library was imported."""
+    return _INTERPRET_AT_IMPORT and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def use_triton(t: torch.Tensor) -> bool:
