@@ -304,7 +304,11 @@ class LatentBatch:
         forked (the fork copied its last block as it was: a later write would reach one of the two only) or grown by
         a later reservation (this batch's slots and lengths are an earlier step's). Writing through such a batch
         overwrote live tokens. O(1) while the cache is unchanged since the last check (every layer of a step); one
-        pass over the batch's sequences after a change elsewhere in the cache."""
+        pass over the batch's sequences after a change elsewhere in the cache.
+
+        ``MLAttention`` calls it eagerly only: while ``torch.compile`` traces, the check is skipped (the version ints
+        would be guarded on, a recompile at every step), so a stale batch given to a compiled module writes where it
+        was reserved, over whatever lives there now. Call it yourself, outside the compiled code, before each step."""
         cache = self.cache
         if cache._version == self._current_at:
             return
@@ -316,6 +320,17 @@ class LatentBatch:
                 raise ValueError(f"batch is out of date: sequence {sid!r} has {seq.length} tokens reserved now, "
                                  f"{length} when this batch was made; reserve a new LatentBatch for each step")
         self._current_at = cache._version
+
+    def cancel(self) -> None:
+        """Undo this step's reservation, for a step that failed before every layer wrote it: each sequence drops its
+        ``num_new_tokens`` last positions (``PagedLatentCache.truncate``; never a copy, as the new positions lie in
+        blocks no fork shares). Positions reserved and never written would otherwise be read by every later step of
+        the sequence (they hold whatever the block held before: a freed sequence's tokens). ``ValueError`` for a
+        batch the cache has moved past (nothing changes); the batch is out of date afterwards."""
+        self.check_current()
+        for seq_id, n, length in zip(self.seq_ids, self.num_new_tokens, self.cache_seqlens_host):
+            if n:
+                self.cache.truncate(seq_id, length - n)
 
     # Both from tensor shapes, never int() or len() of a list: under torch.compile they stay symbolic, so a compiled
     # step is not specialised to one batch size (dynamo guards on a list's length, and int() pins a size).
@@ -514,14 +529,23 @@ class MLAttention(nn.Module):
         token's own): one ``mla_decode(indices=...)`` call in which every token is its own query, whatever the
         step's shape.
         """
+        if not isinstance(batch, LatentBatch):
+            raise TypeError(f"batch must be a LatentBatch, got {type(batch).__name__}")
         cache = batch.cache
         if not torch.compiler.is_compiling():  # (traced, the version ints would be guarded on: a recompile a step)
             batch.check_current()
+        self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens)
         self._check_cache(cache, q_nope.device)
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
+        device = q_nope.device
+        for name, t in (("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe)):
+            if t.dtype != dtype:
+                raise TypeError(f"{name} is {t.dtype} but q_nope and the cache are {dtype}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q_nope is on {device}")
         total = q_nope.shape[0]
         if indices is not None:  # checked whole before anything is written
             _utils.check_tensor("indices", indices, 2, _utils.INDEX_DTYPES)
@@ -554,6 +578,23 @@ class MLAttention(nn.Module):
                                      batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
                                      kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
                                      cache_seqlens_host=batch.cache_seqlens_host if host else None)
+
+    def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
+        """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is
+        written (a wrong D_nope or H split ``kv_b_proj`` at the wrong place in the prefill path, silently; other
+        mismatches failed inside torch after the cache write)."""
+        heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        expected = ((total, heads, nope), (total, heads, rope), (total, self.kv_lora_rank), (total, rope))
+        try:  # every layer of every step: one comparison; the messages below only on failure
+            if (q_nope.shape, q_pe.shape, kv_c.shape, k_pe.shape) == expected:
+                return
+        except AttributeError:  # not a tensor: named below
+            pass
+        for name, t, shape in zip(("q_nope", "q_pe", "kv_c", "k_pe"), (q_nope, q_pe, kv_c, k_pe), expected):
+            _utils.check_tensor(name, t, len(shape))
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (T={total}, the batch's new tokens, and this "
+                                 f"module's widths), got {tuple(t.shape)}")
 
     def _kv_b_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj.weight`` as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])`` views: the key half absorbed into the

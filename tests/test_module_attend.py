@@ -1,0 +1,76 @@
+"""MLAttention.attend's own argument checks (before anything is written) and LatentBatch.cancel, on tiny shapes
+through the interpreter; the module against transformers is tests/test_module.py."""
+import pytest
+import torch
+
+from mla_kernels.cache import PagedLatentCache
+from mla_kernels.module import LatentBatch, MLAttention
+
+R, P, H, D, HID = 16, 16, 2, 16, 32
+
+
+def _setup(counts):
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, R, P, dtype=torch.float32)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    with torch.no_grad():
+        m(torch.randn(5, HID), LatentBatch.reserve(cache, [a, b], [3, 2]))
+    batch = LatentBatch.reserve(cache, [a, b], counts)
+    q_nope, q_pe, kv_c, k_pe = m.project(torch.randn(sum(counts), HID), *m.rotary(batch.positions, torch.float32))
+    return m, cache, batch, (q_nope, q_pe, kv_c, k_pe)
+
+
+@pytest.mark.parametrize("counts", [[1, 1], [2, 3]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("case", ["T", "heads", "nope", "rope", "q_pe_dtype", "batch"])
+def test_attend_checks_its_tensors_before_writing(counts, case):
+    """attend wrote the step's tokens before looking at the queries: a wrong D_nope ran silently in the prefill path
+    (kv_b_proj split at the wrong place, a [T, H, 24] result), other mismatches failed inside torch, after the
+    write."""
+    m, cache, batch, (q_nope, q_pe, kv_c, k_pe) = _setup(counts)
+    t = q_nope.shape[0]
+    args = {
+        "T": (torch.randn(t + 1, H, D), torch.randn(t + 1, H, P), kv_c, k_pe, batch),
+        "heads": (torch.randn(t, H + 1, D), torch.randn(t, H + 1, P), kv_c, k_pe, batch),
+        "nope": (torch.randn(t, H, D // 2), q_pe, kv_c, k_pe, batch),
+        "rope": (q_nope, q_pe[..., :P // 2], kv_c, k_pe, batch),
+        "q_pe_dtype": (q_nope, q_pe.double(), kv_c, k_pe, batch),
+        "batch": (q_nope, q_pe, kv_c, k_pe, None),
+    }[case]
+    before = cache.buffer(0).clone()
+    with torch.no_grad(), pytest.raises((ValueError, TypeError)) as info:
+        m.attend(*args)
+    name = {"T": "q_nope", "heads": "q_nope", "nope": "q_nope", "rope": "q_pe", "q_pe_dtype": "q_pe",
+            "batch": "batch"}[case]
+    assert name in str(info.value)
+    assert torch.equal(cache.buffer(0), before), "the failed call wrote the cache"
+
+
+def test_cancel_gives_back_a_failed_steps_reservation():
+    """A step that failed after reserve kept its positions, never written: the next step attended to them (a freed
+    sequence's tokens, still in the reused block), silently. cancel() drops them; the next step is then right."""
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
+    with torch.no_grad():
+        cache = PagedLatentCache(1, 2, 4, R, P, dtype=torch.float32)
+        other = cache.add_sequence()
+        m(torch.randn(4, HID) * 5, LatentBatch.reserve(cache, [other], [4]))
+        cache.free(other)
+        b = cache.add_sequence()
+        prompt = torch.randn(2, HID)
+        step = LatentBatch.reserve(cache, [b], [2])
+        with pytest.raises(ValueError, match="hidden_states has 1 tokens"):
+            m(prompt[:1], step)
+        step.cancel()
+        assert cache.seqlen(b) == 0 and cache.num_free_blocks == 2
+        with pytest.raises(ValueError, match="out of date"):
+            step.check_current()
+        out = m(prompt, LatentBatch.reserve(cache, [b], [2]))
+        solo = PagedLatentCache(1, 2, 4, R, P, dtype=torch.float32)
+        s = solo.add_sequence()
+        assert torch.allclose(out, m(prompt, LatentBatch.reserve(solo, [s], [2])), atol=1e-6)
+        stale = LatentBatch.reserve(cache, [b], [1])
+        LatentBatch.reserve(cache, [b], [1])
+        with pytest.raises(ValueError, match="out of date"):
+            stale.cancel()
+        assert cache.seqlen(b) == 4
