@@ -186,12 +186,17 @@ def device_constants(device=None, relative_speed=None) -> dict:
     consts = dict(DEFAULTS)
     ratio = None
     if device is not None:
+        try:  # a GPU torch can't see fails inside torch (an AssertionError on a CPU-only build)
+            file = {name: _tuning.constant(name, device) for name in (*NAMES, RELATIVE_SPEED_KEY)}
+        except (AssertionError, RuntimeError) as exc:
+            raise ValueError(f"device {device} is not a GPU this torch can see, so its config file's constants "
+                             f"can't be looked up ({exc}); pass constants= or another device") from None
         for name in NAMES:
-            value = _tuning.constant(name, device)
+            value = file[name]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                 consts[name] = float(value)
-        if _tuning.constant("prefill_absorbed_tflops", device) is None:
-            ratio = _tuning.constant(RELATIVE_SPEED_KEY, device)
+        if file["prefill_absorbed_tflops"] is None:
+            ratio = file[RELATIVE_SPEED_KEY]
     if relative_speed is not None:
         ratio = relative_speed
     if ratio is not None:

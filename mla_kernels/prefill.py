@@ -640,6 +640,8 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
     cu_name, lens_name = names
     if cu[0] != 0:
         raise ValueError(f"{cu_name} must start at 0, got {cu[0]}")
+    if cu[-1] != total:  # before the per-sequence checks: a cu_seqlens_q past T was blamed on cache_seqlens
+        raise ValueError(f"{cu_name} must end at the number of query tokens T={total}, got {cu[-1]}")
     longest_q = longest_k = 0
     for b, length in enumerate(lens):
         n = cu[b + 1] - cu[b]
@@ -649,8 +651,6 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
             raise ValueError(f"{lens_name}[{b}]={length} is smaller than sequence {b}'s {n} new tokens "
                              f"({cu_name}); the new tokens must already be in the cache")
         longest_q, longest_k = max(longest_q, n), max(longest_k, length)
-    if cu[-1] != total:
-        raise ValueError(f"{cu_name} must end at the number of query tokens T={total}, got {cu[-1]}")
     if max_seqlen_q is not None and max_seqlen_q < longest_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest sequence's {longest_q} new tokens")
     if max_seqlen_k is not None and max_seqlen_k < longest_k:

@@ -423,6 +423,8 @@ BAD = {
     "cu_seqlens_q-not-from-0": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"] + 1), ValueError, "cu_seqlens_q"),
     "cu_seqlens_q-decreasing": (_set("cu_seqlens_q", 1, 11), ValueError, "cu_seqlens_q"),
     "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
+    # past T, with the last sequence's cache too short for the tokens it claims: cu_seqlens_q is the argument at fault
+    "cu_seqlens_q-past-T": (_set("cu_seqlens_q", 3, 14), ValueError, "cu_seqlens_q must end at"),
     "cu_seqlens_q-batch-vs-table": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][1:] - 10), ValueError,
                                     "block_table"),
     "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,

@@ -166,6 +166,8 @@ BAD_COST_INPUT = {
     "causal-string": (([4], [8]), dict(causal="no"), TypeError, "causal"),
     "device-unknown": (([4], [8]), dict(device="gpu0"), ValueError, "device"),
 }
+if not torch.cuda.is_available():  # "cuda" on a CPU-only torch: its lookup failed an assert inside torch
+    BAD_COST_INPUT["device-cuda-without-gpu"] = (([4], [8]), dict(device="cuda"), ValueError, "device")
 
 
 @pytest.mark.parametrize("fn", ["choose_prefill_path", "prefill_times"])
