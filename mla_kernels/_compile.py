@@ -23,6 +23,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
+# NVIDIA GPUs before Hopper, for the public calls through the JIT (``jit_shapes(target=...)``), with the shared memory
+# one block may opt into (CUDA programming guide): an A100's, and the 99 KiB of sm_86/sm_89 (RTX 30/40, A10, L4, L40S)
+OTHER_NVIDIA = {"sm80": (GPUTarget("cuda", 80, 32), 166912), "sm86": (GPUTarget("cuda", 86, 32), 101376),
+                "sm89": (GPUTarget("cuda", 89, 32), 101376)}
 
 
 # Integer arguments a launch passes as multiples of 16 (row strides of 576-, 512- and 64-wide rows, block strides,
@@ -254,7 +258,7 @@ def compile_all(targets=("sm90", "gfx942")) -> dict:
 
 
 @contextlib.contextmanager
-def jit_without_gpu():
+def jit_without_gpu(target: str = "sm90"):
     """Drive Triton's JIT as a launch on an H100 would, on a machine without a GPU: the active driver answers the
     compile-side questions for sm_90, and ``kernel[grid](...)`` binds and specializes its arguments as a launch
     does (types, 16-byte alignment of the real tensors, ints equal to 1, descriptors and their layouts) and
@@ -269,7 +273,7 @@ def jit_without_gpu():
             pass
 
         def get_current_target(self):
-            return TARGETS["sm90"]
+            return TARGETS[target] if target in TARGETS else OTHER_NVIDIA[target][0]
 
         def get_current_device(self):
             return 0
@@ -362,15 +366,17 @@ def jit_launches() -> dict:
     return _jit_run(cases)
 
 
-def jit_shapes() -> dict:
+def jit_shapes(target: str = "sm90") -> dict:
     """The public calls at the shapes whose tiles differ (``decode_tiles`` and ``_expanded_config`` pick by rows,
     widths and element size) through Triton's JIT for an H100 (``jit_without_gpu``): head counts and S_q whose rows
     are not powers of two, pages of 1 and 256 (the latter splits, so the combine runs), widths from 16 to 1024, fp16
-    and fp32, an fp8 cache with the schedule, a sparse list on pages of 1, and the three prefill paths. A launch
-    that fails to compile or needs more shared memory than an H100 has fails here, not on a GPU. Returns what
+    and fp32, an fp8 cache with the schedule, a sparse list on pages of 1, the three prefill paths and the cache
+    write. A launch that fails to compile or needs more shared memory than the GPU has fails here, not on a GPU.
+    ``target``: "sm90" (an H100), or an ``OTHER_NVIDIA`` GPU, for which the tiles are fitted to its shared memory
+    and an fp8 cache is given as its bits where Triton has no e4m3 type (before sm_89). Returns what
     ``jit_launches`` does."""
     from . import _utils
-    from .cache import fp8_latent_cache
+    from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
     from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
@@ -394,12 +400,15 @@ def jit_shapes() -> dict:
         kv, pe, scale, table = cache(page, 300, 3, d_latent, d_rope, dtype, fp8)
         seqlens = torch.tensor([300, 100, 9], dtype=torch.int32)
         kw = dict(kv_scale=scale)
-        if scheduled:
-            kw["metadata"] = mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=d_latent)
         if sparse:
             kw["indices"] = torch.randint(0, 9 - s_q + 1, (3, s_q, sparse), generator=gen, dtype=torch.int32)
         q_nope, q_pe = rnd(3, s_q, heads, d_latent, dtype=dtype), rnd(3, s_q, heads, d_rope, dtype=dtype)
-        return lambda: mla_decode(q_nope, q_pe, kv, pe, table, seqlens, 0.1, **kw)
+
+        def call():  # (the schedule built in the run, whose target's shared memory sizes the tiles it is cut along)
+            meta = mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=d_latent, cache_dtype=kv.dtype) \
+                if scheduled else None
+            return mla_decode(q_nope, q_pe, kv, pe, table, seqlens, 0.1, metadata=meta, **kw)
+        return call
 
     def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False):
         kv, pe, scale, table = cache(page, 100, 2, 512, 64, dtype, fp8)
@@ -411,6 +420,11 @@ def jit_shapes() -> dict:
         q_nope, w_kv_b = rnd(53, heads, 128, dtype=dtype), rnd(heads * 256, 512, dtype=dtype)
         return lambda: mla_prefill_attention(q_nope, q_pe, kv, pe, table, cu, seqlens, w_kv_b, 0.1, path=path,
                                              kv_scale=scale)
+
+    def write(fp8):
+        kv, pe, scale, _ = cache(16, 64, 1, 512, 64, torch.bfloat16, fp8)
+        kv_c, k_pe, slots = rnd(9, 512), rnd(9, 64), torch.arange(9, dtype=torch.int64)
+        return lambda: write_cache(kv_c, k_pe, kv, pe, slots, kv_scale=scale)
 
     cases = {f"decode-h{h}-s{s}": decode(h, s, 64) for h, s in ((1, 1), (3, 2), (5, 4), (20, 1), (100, 2), (128, 8))}
     cases.update({f"decode-h{h}-page{p}": decode(h, 1, p) for h in (1, 128) for p in (1, 256)})
@@ -425,27 +439,33 @@ def jit_shapes() -> dict:
                   for path in ("latent", "absorbed", "expanded") for h in (1, 128) for p in (1, 64)})
     cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)
     cases["prefill-expanded-h16-float32"] = prefill(16, 16, "expanded", dtype=torch.float32)
-    return _jit_run(cases)
+    cases.update({f"write-{name}": write(fp8) for name, fp8 in (("bf16", False), ("fp8", True))})
+    return _jit_run(cases, target)
 
 
-def _jit_run(cases: dict) -> dict:
+def _jit_run(cases: dict, target: str = "sm90") -> dict:
     """Run each case (a call of a public wrapper) under ``jit_without_gpu``: {case: [{kernel, shared_bytes, wgmma,
     tma}, ...] in launch order, or {"error": ...}}."""
     from . import _utils
     results = {}
-    use_triton = _utils.use_triton
+    use_triton, limit, fp8_bits = _utils.use_triton, _utils.shared_memory_limit, _utils.fp8_bits
     _utils.use_triton = lambda t: True  # CPU tensors take the kernels' path, as GPU tensors do
+    if target in OTHER_NVIDIA:  # tiles fitted to that GPU's shared memory, as a launch there fits them
+        gpu, shared = OTHER_NVIDIA[target]
+        _utils.shared_memory_limit = lambda device: shared
+        if gpu.arch < 89:  # an fp8 cache as its bits, as _utils.fp8_bits gives it to the kernels there
+            _utils.fp8_bits = lambda kv: kv.view(torch.uint8) if kv.dtype == torch.float8_e4m3fn else kv
     try:
         for name, run in cases.items():
             try:
-                with jit_without_gpu() as compiled:
+                with jit_without_gpu(target) as compiled:
                     run()
                 results[name] = [{"kernel": k.name, "shared_bytes": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"],
                                   "tma": "cp.async.bulk.tensor" in k.asm["ptx"]} for k in compiled]
             except Exception as exc:  # reported per case
                 results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
     finally:
-        _utils.use_triton = use_triton
+        _utils.use_triton, _utils.shared_memory_limit, _utils.fp8_bits = use_triton, limit, fp8_bits
     return results
 
 
@@ -461,7 +481,9 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     flags = sys.argv[1:]
-    report = jit_launches() if "--jit" in flags else jit_shapes() if "--jit-shapes" in flags else compile_all()
+    target = flags[flags.index("--target") + 1] if "--target" in flags else "sm90"
+    report = (jit_launches() if "--jit" in flags else jit_shapes(target) if "--jit-shapes" in flags
+              else compile_all())
     print(json.dumps(report, indent=1))
 
 

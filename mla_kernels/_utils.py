@@ -49,6 +49,16 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and interpreting()
 
 
+def fp8_bits(kv_cache: torch.Tensor) -> torch.Tensor:
+    """An fp8 (e4m3) cache as the kernels take it on its device: itself where Triton converts e4m3 (sm_89 and later,
+    ROCm, the interpreter), else its uint8 view, whose bits the kernels decode and encode in software (NVIDIA GPUs
+    before sm_89, A100 and the RTX 30 series among them: Triton refuses the e4m3 type there). A bf16/fp16/fp32
+    cache is returned as it is."""
+    if kv_cache.dtype != torch.float8_e4m3fn or kv_cache.device.type != "cuda" or is_hip():
+        return kv_cache
+    return kv_cache if capability(kv_cache.device) >= (8, 9) else kv_cache.view(torch.uint8)
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -36,10 +36,10 @@ __all__ = ["write_cache", "PagedLatentCache", "CacheFullError", "fp8_latent_cach
 
 @triton.jit
 def _round_e4m3(x):
-    """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, staying in fp32, so that the cast
-    to fp8 which follows is exact on every backend. Needed for the interpreter, whose own fp32 -> fp8 cast drops
+    """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, staying in fp32, so that the encoding
+    which follows (``_e4m3_bits``) is exact on every backend. (The interpreter's own fp32 -> fp8 cast drops
     the carry into the exponent when rounding up to a power of two (measured: 2.5% of N(0, 100) values came out
-    halved, -31.6 -> -16); a GPU's cvt.rn would round the same as this. Normal range (|x| >= 2^-6): round the fp32
+    halved, -31.6 -> -16); a GPU's cvt.rn would round the same as this.) Normal range (|x| >= 2^-6): round the fp32
     mantissa to 3 bits (a carry moves into the exponent); subnormal range: spacing 2^-9, by adding and removing
     1.5 * 2^14, whose fp32 spacing is 2^-9."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -56,8 +56,21 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _e4m3_bits(q):
+    """The e4m3fn bits (uint8, sign bit clear) of fp32 ``q``, a finite value on the e4m3 grid (``_round_e4m3``,
+    |q| <= 448), by integer arithmetic: no e4m3 type, which NVIDIA GPUs before sm_89 lack, and exact where a cast
+    would round the same (so every backend stores the same bytes). Normal values: the fp32 exponent rebased from
+    bias 127 to 7 and the top 3 mantissa bits; subnormals (|q| < 2^-6): q / 2^-9, an integer 0 to 7."""
+    a = tl.abs(q)
+    fbits = a.to(tl.uint32, bitcast=True)
+    normal = ((fbits >> 23) - 120) << 3 | ((fbits >> 20) & 7)  # (wraps for subnormals, which take the other branch)
+    sub = (a * 512.0).to(tl.uint32)
+    return tl.where(a < 0.015625, sub, normal).to(tl.uint8)
+
+
+@triton.jit
 def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
-    """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 values ``[BLOCK_T, D_LATENT]``, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
+    """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 bits ``[BLOCK_T, D_LATENT]`` uint8, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
     ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8`` (a NaN gives its group a NaN scale and stays
     NaN; an inf gives an inf scale)."""
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
@@ -65,12 +78,11 @@ def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
     q = _round_e4m3(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL))
     q = tl.reshape(q, [BLOCK_T, D_LATENT])
-    bits = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    # the sign bit set from x's (q = x / scale, scale >= 0, so it is q's): triton 3.6's interpreter loses the sign of
-    # a value that rounds to zero (0x00 where 3.9's interpreter, torch and a GPU's cvt give -0, 0x80)
+    bits = _e4m3_bits(q)
+    # the sign bit set from x's (q = x / scale, scale >= 0, so it is q's): -0.0 stays 0x80, as torch's cast gives
     bits = bits | ((x.to(tl.uint32, bitcast=True) >> 31).to(tl.uint8) << 7)
-    bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN: the interpreter's cast gives 384 for it
-    return bits.to(tl.float8e4nv, bitcast=True), scale
+    bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN
+    return bits, scale
 
 
 @triton.jit
@@ -95,7 +107,9 @@ def _write_cache_kernel(
     kv = tl.load(kv_c_ptr + tok[:, None] * stride_kv_c_t + offs_r[None, :], mask=valid[:, None])  # [BLOCK_T, D_LATENT]
     kv_dst = kv_cache_ptr + blk[:, None] * stride_kv_cache_blk + off[:, None] * stride_kv_cache_off + offs_r[None, :]
     if KV_FP8:  # e4m3 values [BLOCK_T, D_LATENT] and one fp32 scale per 128 of them [BLOCK_T, D_LATENT // 128]
-        kv, scale = _quantize_fp8(kv.to(tl.float32), BLOCK_T, D_LATENT)
+        kv, scale = _quantize_fp8(kv.to(tl.float32), BLOCK_T, D_LATENT)  # e4m3 bits, as uint8
+        if kv_cache_ptr.dtype.element_ty != tl.uint8:  # an e4m3 cache (not its bits: _utils.fp8_bits)
+            kv = kv.to(kv_cache_ptr.dtype.element_ty, bitcast=True)
         offs_g = tl.arange(0, D_LATENT // 128)
         tl.store(kv_scale_ptr + blk[:, None] * stride_ks_blk + off[:, None] * stride_ks_off + offs_g[None, :], scale,
                  mask=valid[:, None])
@@ -136,7 +150,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     _write_cache_kernel[grid](
-        kv_c, k_pe, kv_cache, pe_cache, slot_mapping,
+        kv_c, k_pe, _utils.fp8_bits(kv_cache) if kv_scale is not None else kv_cache, pe_cache, slot_mapping,
         num_tokens, num_blocks * page_size, page_size,
         kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),

@@ -148,13 +148,24 @@ def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_f32(bits):
+    """e4m3fn bits (uint8) -> fp32, exactly, without Triton's e4m3 type (which NVIDIA GPUs before sm_89 lack): the
+    seven magnitude bits put at fp16's exponent and top mantissa bits give the value / 256 (fp16's exponent bias is
+    8 more than e4m3's; subnormals line up too), and 0x7F (with either sign) is e4m3fn's NaN."""
+    b = bits.to(tl.uint16)
+    half = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), half.to(tl.float32) * 256.0)
+
+
+@triton.jit
 def _dequant_fp8(kv, scale_rows, n_mask, D_LATENT: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """An fp8 latent tile ``kv [BLOCK_N, D_LATENT]`` (e4m3) times its per-(token, 128 values) fp32 scales, loaded
-    through ``scale_rows [BLOCK_N]`` (each token's first scale), in ``OUT_DTYPE`` (the query's): the dots then run
-    as for a bf16 cache. Rows outside ``n_mask`` get scale 0."""
+    """An fp8 latent tile ``kv [BLOCK_N, D_LATENT]`` (e4m3, or its bits as uint8: ``_utils.fp8_bits``) times its
+    per-(token, 128 values) fp32 scales, loaded through ``scale_rows [BLOCK_N]`` (each token's first scale), in
+    ``OUT_DTYPE`` (the query's): the dots then run as for a bf16 cache. Rows outside ``n_mask`` get scale 0."""
     offs_g = tl.arange(0, D_LATENT // 128)
     scale = tl.load(scale_rows[:, None] + offs_g[None, :], mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT // 128]
-    groups = tl.reshape(kv.to(tl.float32), [kv.shape[0], D_LATENT // 128, 128]) * scale[:, :, None]
+    values = _e4m3_to_f32(kv) if kv.dtype == tl.uint8 else kv.to(tl.float32)
+    groups = tl.reshape(values, [kv.shape[0], D_LATENT // 128, 128]) * scale[:, :, None]
     return tl.reshape(groups, [kv.shape[0], D_LATENT]).to(OUT_DTYPE)
 
 
@@ -636,6 +647,8 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     runs a ``schedule``, reads an fp8 cache, ``kv_scale``, or sparse key lists, ``indices`` [B * S_q, K])."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
+    if kv_scale is not None:
+        kv_cache = _utils.fp8_bits(kv_cache)
     if indices is not None:
         _mla_sparse_attn_kernel[(grid[1], grid[0], grid[2])](  # tokens first (see the kernel)
             q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,

@@ -154,3 +154,22 @@ def test_public_calls_compile_across_shapes():
     assert kernels["decode-h128-sparse-page1"] == ["_mla_sparse_attn_kernel"]
     assert kernels["prefill-expanded-h16-fp8"] == ["_gather_latent_kernel", "_mla_expanded_kernel"]
     assert len(got) >= 40
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm86"])
+def test_public_calls_compile_for_gpus_before_hopper(target):
+    """The same calls for an A100 (sm_80, 163 KiB of shared memory a block) and for sm_86/sm_89 GPUs (RTX 30/40, A10,
+    L4, L40S: 99 KiB): the tiles fitted to that memory, and an fp8 cache given to the kernels as its uint8 bits
+    (``_utils.fp8_bits``: Triton has no e4m3 type before sm_89; the fp8 cases failed to compile there before). Every
+    launch compiles, without wgmma (Hopper's), within the GPU's shared memory."""
+    from mla_kernels._compile import OTHER_NVIDIA
+
+    got = _compile_subprocess("--jit-shapes", "--target", target)
+    failed = {name: r["error"] for name, r in got.items() if isinstance(r, dict)}
+    assert not failed, failed
+    limit = OTHER_NVIDIA[target][1]
+    too_big = {name: [(k["kernel"], k["shared_bytes"]) for k in r] for name, r in got.items()
+               if any(k["shared_bytes"] > limit for k in r)}
+    assert not too_big, f"these launches would fail with 'out of resources' on {target}: {too_big}"
+    assert not any(k["wgmma"] or k["tma"] for r in got.values() for k in r)
+    assert [k["kernel"] for k in got["write-fp8"]] == ["_write_cache_kernel"] and len(got) >= 40

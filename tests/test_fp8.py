@@ -35,6 +35,16 @@ FP8_COS_TOL = {dt: tol ** 2 for dt, tol in FP8_RMS_TOL.items()}  # cosine differ
 FP8_LSE_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+@pytest.fixture(params=["e4m3", "bits"])
+def e4m3_path(request, monkeypatch):
+    """Both ways the kernels take an fp8 cache: as e4m3 (sm_89 and later, ROCm, the interpreter) and as its uint8
+    bits, decoded and encoded in software (NVIDIA GPUs before sm_89, where Triton refuses the e4m3 type:
+    ``_utils.fp8_bits``, forced here)."""
+    if request.param == "bits":
+        monkeypatch.setattr(_utils, "fp8_bits", lambda kv: kv.view(torch.uint8) if kv.dtype == FP8 else kv)
+    return request.param
+
+
 def storage_bytes(t: torch.Tensor) -> torch.Tensor:
     """Every byte of t's storage (the whole FP8 buffer behind any of its three views), as uint8."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
@@ -133,7 +143,7 @@ def test_layout_is_one_contiguous_row_per_token():
 
 
 @pytest.mark.parametrize("r,p", [(512, 64), (128, 16)], ids=["r512-p64", "r128-p16"])
-def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device):
+def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device, e4m3_path):
     """write_cache quantizes in its kernel exactly as reference.quantize_fp8 does: every byte equal.
 
     Measured under the interpreter (triton 3.9): a plain ``.to(tl.float8e4nv)`` of N(0, 100^2) values gave 1617 of
@@ -169,7 +179,7 @@ def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter divides the NaN input
-def test_write_kernel_keeps_nan_and_inf_as_the_reference_quantizer_does(device):
+def test_write_kernel_keeps_nan_and_inf_as_the_reference_quantizer_does(device, e4m3_path):
     """A NaN in a group gives that group a NaN scale and keeps the NaN value (reference.quantize_fp8's contract),
     and an inf gives an inf scale and NaN values, on both paths. Before, the kernel's max and clamp dropped the NaN:
     the scale came from the other 127 values and the NaN was stored as -448, a finite latent."""
@@ -234,7 +244,7 @@ def dequantized(a):
 
 
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
-def test_decode_parity(case, device, poisoned_empty):
+def test_decode_parity(case, device, poisoned_empty, e4m3_path):
     a = decode_inputs(*DECODE_CASES[case], torch.bfloat16, device)
     out, lse = mla_kernels.mla_decode(**a, return_lse=True)
     d = dequantized(a)
@@ -243,6 +253,31 @@ def test_decode_parity(case, device, poisoned_empty):
     assert out.dtype == torch.bfloat16 and out.shape == a["q_nope"].shape
     assert_close(case, out, ref_out, torch.bfloat16, FP8_RMS_TOL[torch.bfloat16], FP8_COS_TOL[torch.bfloat16])
     assert_lse_close(case, lse, ref_lse, FP8_LSE_ATOL[torch.bfloat16])
+
+
+def test_e4m3_bits_decode_exactly_as_e4m3(device, monkeypatch):
+    """The software decoding of the cache's bits (``_dequant_fp8`` given uint8) gives the very values the e4m3 type
+    does: the same outputs to the bit, with every finite e4m3 byte (subnormals and -0 included) in the latent. Then
+    e4m3fn's NaN bytes (0x7F, 0xFF), which the interpreter's own e4m3 conversion reads as numbers (a GPU's as NaN):
+    decoded in software they make NaN exactly the rows the float64 reference makes NaN."""
+    a = decode_inputs([300, 2, 77], 2, 4, 16, (256, 32), torch.bfloat16, device, seed=5)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    n = a["kv_cache"].numel()
+    a["kv_cache"].view(torch.uint8).copy_(finite.repeat(n // len(finite) + 1)[:n].view_as(a["kv_cache"]).to(device))
+    a["kv_scale"].fill_(2.0 ** -4)
+    native = mla_kernels.mla_decode(**a, return_lse=True)
+    monkeypatch.setattr(_utils, "fp8_bits", lambda kv: kv.view(torch.uint8) if kv.dtype == FP8 else kv)
+    bits = mla_kernels.mla_decode(**a, return_lse=True)
+    assert torch.equal(native[0], bits[0]) and torch.equal(native[1], bits[1])
+    block = int(a["block_table"][2, 0])
+    a["kv_cache"].view(torch.uint8)[block, 5, 7] = 0xFF  # real tokens 5 and 6 of sequence 2: all its rows see them
+    a["kv_cache"].view(torch.uint8)[block, 6, 0] = 0x7F
+    out, lse = mla_kernels.mla_decode(**a, return_lse=True)
+    d = dequantized(a)
+    ref_out, ref_lse = reference.absorbed_decode(*(d[k] for k in ("q_nope", "q_pe", "kv_cache", "pe_cache",
+                                                                  "block_table", "cache_seqlens")), SCALE)
+    assert ref_out[2].isnan().all() and not ref_out[:2].isnan().any()
+    assert_close("NaN bytes", out, ref_out, torch.bfloat16, FP8_RMS_TOL[torch.bfloat16], FP8_COS_TOL[torch.bfloat16])
 
 
 def test_decode_fp16_forced_splits_and_w_uv(device, poisoned_empty):
@@ -304,7 +339,7 @@ def prefill_inputs(new, history, heads, page, device, d_nope=None, seed=0):
 
 
 @pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
-def test_prefill_parity(case, device, poisoned_empty):
+def test_prefill_parity(case, device, poisoned_empty, e4m3_path):
     a = prefill_inputs(*PREFILL_CASES[case], device)
     out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True)
     d = dequantized(a)
@@ -333,7 +368,7 @@ def naive_on_dequantized(a):
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
-def test_prefill_attention_both_paths(path, device, poisoned_empty):
+def test_prefill_attention_both_paths(path, device, poisoned_empty, e4m3_path):
     """The absorbed path dequantizes in the kernel; the expanded path in PyTorch, to bf16, before its GEMM (the
     expansion's bf16 K and V are the extra rounding there)."""
     a = prefill_inputs([9, 0, 40], [30, 8, 0], 3, 16, device, d_nope=128, seed=4)
