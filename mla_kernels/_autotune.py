@@ -186,8 +186,8 @@ class _Decode(_Spec):
 
     def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .decode import decode_shared_bytes
-        if cfg.get("TMA") or cfg.get("GLUON"):  # fixed tiles sized to fit, not shrunk
-            return None
+        # TMA and Gluon configs too: decode.decode_tiles fits every stored config by this estimate (a TMA config can
+        # fall back to the portable kernel), so one over it would run shrunk, not as timed
         return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes, hip=hip)
 
     def build(self, s, device, dtype, gen):

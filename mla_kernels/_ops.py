@@ -62,8 +62,12 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if indices is not None:
         _decode._check_indices(indices, q_nope, metadata)
     if metadata is not None:
+        # tiles: checked when the call was traced (mla_decode), whose graph holds the schedule's tiles as constants;
+        # the config file may have changed since (mla_kernels.autotune, MLA_KERNELS_AUTOTUNE=1 tuning the class on
+        # this first real run): _launch then cuts the same grid again for the tiles it launches, on the device
         _decode._check_metadata(metadata, cache_seqlens, q_nope.shape[1] * q_nope.shape[2], q_nope.shape[3],
-                                num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
+                                num_splits, q_pe.shape[-1], q_nope.element_size(), kv_scale is not None,
+                                check_tiles=False)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                        causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
                                        indices=indices)

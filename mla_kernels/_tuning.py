@@ -226,10 +226,11 @@ def _gpu_index(device) -> int | None:
 
 
 def reload() -> None:
-    """Forget the loaded files (after one was written) and the configs dropped from them: the next lookup reads
-    them again."""
+    """Forget the loaded files (after one was written): the next lookup reads them again. A config dropped for
+    failing to compile stays dropped in this process (``lookup`` skips it if the file still holds it; another
+    config stored for its class since is used): mla_kernels.autotune, a sweep and MLA_KERNELS_AUTOTUNE=1 all reload,
+    and forgetting a drop compiled the broken config again and refused the schedules built for the fallback."""
     _device_data.cache_clear()
-    _dropped.clear()
 
 
 def _device_table(device_index: int) -> dict | None:
@@ -271,7 +272,19 @@ def save_file(path: Path, *, device: str, sm_count: int, source: str, kernels: d
                 torch=torch.__version__, date=datetime.date.today().isoformat(), commit=commit, source=source,
                 kernels=merged_kernels, constants=merged_constants)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    # a new file renamed over the old one: a reader (another process of a tensor-parallel server, tuning on first use
+    # too) sees the old file or the new, never a truncated one (which it would warn about and ignore, and a writer
+    # merging into it would drop every class it held)
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's is 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return data
 
 
@@ -299,6 +312,9 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
     cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
     if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
         return cfg
+    if cfg is not None and cfg == _dropped.get((index, kernel, shape_class)):  # failed to compile here before
+        table[kernel].pop(shape_class, None)
+        cfg = None
     if cfg is not None or (table is not None and shape_class in table.get(kernel, {})):
         why = config_error(kernel, cfg)
         if why is not None:  # checked once: dropped (this process only), one warning, the heuristic

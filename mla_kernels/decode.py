@@ -78,6 +78,19 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
     return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
 
 
+@torch.compiler.assume_constant_result
+def schedule_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope: int = 64, elem_bytes: int = 2,
+                   kv_fp8: bool = False) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of ``decode_tiles``: the tiles a schedule is cut along (``mla_decode_metadata``) and
+    checked against (``_check_metadata``). Both run while torch.compile traces a step that builds or passes
+    ``metadata``; on a GPU the lookup reads the device's config file (once, cached), and dynamo, which ignores
+    ``functools.lru_cache`` wrappers, would trace that file I/O and fail (fullgraph) or break the graph. Marked as
+    a constant result: called eagerly at trace time, its two ints baked into the graph (the op checks again when
+    it runs)."""
+    cfg = decode_tiles(rows_per_seq, d_latent, device, d_rope, elem_bytes, kv_fp8)
+    return cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+
 def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool,
                hip: bool | None = None) -> dict:
     return _utils.fit_tiles(cfg, device, decode_shared_bytes, d_latent, d_rope, elem_bytes, kv_fp8, hip=hip)
@@ -259,8 +272,13 @@ def _mla_attn_kernel(
             n_tiles = tl.cdiv(tl.load(SEQLENS + seq), BLOCK_N)
             t0 = tl.where(seq == first_seq, first_tile, 0)
             t1 = tl.where(seq == last_seq, end_tile, n_tiles)
-            if t1 > t0:  # padding slots have no tile (the combine writes their zeros)
-                cut = (t0 > 0) | (t1 < n_tiles)
+            pieces = tl.load(SCHED_SEQUENCES + seq * 3 + 1)
+            if pieces > 0:  # padding slots have no piece (the combine writes their zeros)
+                # whole or cut as the schedule's table says, not as the lengths now say: the two agree for the
+                # lengths it was built from, and for others (a schedule kept from an earlier step, unchecked on a
+                # GPU) each piece still writes its own output or partial slot, never another sequence's, and every
+                # output row is written (a piece left with no tile writes an empty partial)
+                cut = pieces > 1
                 # a cut sequence's piece goes to partial slot first_slot + (p - first_program) of the
                 # [slots, S_q * H, D_LATENT] partials: output row seq * S_q * H + r becomes slot * S_q * H + r
                 slot = tl.load(SCHED_SEQUENCES + seq * 3) + pid_p - tl.load(SCHED_SEQUENCES + seq * 3 + 2)
@@ -270,7 +288,8 @@ def _mla_attn_kernel(
                     stride_qn_b, stride_qn_s, stride_qn_h, stride_qp_b, stride_qp_s, stride_qp_h,
                     stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok,
                     stride_bt_b,
-                    pid_m, seq.to(tl.int64), t0, BLOCK_N, (t1 - t0) * BLOCK_N, slot - seq, s_q * num_heads, cut,
+                    pid_m, seq.to(tl.int64), t0, BLOCK_N, tl.maximum(t1 - t0, 0) * BLOCK_N, slot - seq,
+                    s_q * num_heads, cut,
                     None, 0,
                     D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32,
                     DOT_PRECISION, KV_FP8, False)
@@ -1040,7 +1059,7 @@ def _use_schedule(batch: int, rows_per_seq: int, device: torch.device) -> bool:
 
 
 def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, num_splits, d_rope: int = 64,
-                    elem_bytes: int = 2, kv_fp8: bool = False):
+                    elem_bytes: int = 2, kv_fp8: bool = False, check_tiles: bool = True):
     """``metadata`` must be a ``DecodeSchedule`` built for this call: batch, tiles, device, table layout (shapes
     only; ``_check_metadata_lengths`` checks the values where that is free). Its tiles must be the call's, or those
     of a stored config that has since failed to compile and been dropped (``_tuning.drop``): ``_launch`` then
@@ -1053,15 +1072,16 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
     if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in sizes):
         # a hand-edited schedule: its sizes shape the grid and buffers
         raise ValueError(f"metadata's sizes must be ints, got {dict(zip(metadata._fields[2:], sizes))}")
-    cfg = decode_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
     built_for = (metadata.block_m, metadata.block_n)
+    block_m, block_n = schedule_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes,
+                                      kv_fp8) if check_tiles else built_for
     dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
-    if built_for != (cfg["BLOCK_M"], cfg["BLOCK_N"]) and \
+    if built_for != (block_m, block_n) and \
             (dropped is None or built_for != (dropped.get("BLOCK_M"), dropped.get("BLOCK_N"))):
         raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
-                         f"S_q, widths and dtype use {cfg['BLOCK_M']} x {cfg['BLOCK_N']}: pass mla_decode_metadata the "
+                         f"S_q, widths and dtype use {block_m} x {block_n}: pass mla_decode_metadata the "
                          "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
     if metadata.device != cache_seqlens.device or metadata.sequences.device != cache_seqlens.device:
         raise ValueError(f"metadata is on {metadata.device} (sequences on {metadata.sequences.device}), "

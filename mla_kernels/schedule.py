@@ -200,11 +200,10 @@ def make_schedule(cache_seqlens: torch.Tensor, rows_per_seq: int, d_latent: int,
                   kv_fp8: bool = False) -> DecodeSchedule:
     """Unchecked: the tile size ``mla_decode`` would use for this many rows per sequence, widths and query
     element size, the grid, the tables."""
-    from .decode import decode_tiles
+    from .decode import schedule_tiles
 
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
-    cfg = decode_tiles(rows_per_seq, d_latent, device, d_rope, elem_bytes, kv_fp8)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    block_m, block_n = schedule_tiles(rows_per_seq, d_latent, device, d_rope, elem_bytes, kv_fp8)
     if num_programs is None:
         num_programs = num_programs_for(batch, rows_per_seq, block_m, block_n, max_seqlen_k, device)
     programs, sequences = build_tables(cache_seqlens, block_n, num_programs)

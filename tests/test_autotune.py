@@ -567,3 +567,69 @@ def test_budget_spent_leaves_classes_untuned_and_unwritten(fake_gpu, device):
     res = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=out, timer=lambda fn: 1.0,
                           budget_s=-1.0, log=lambda msg: None, on_result=seen.append)
     assert res == seen and res[0]["winner"] is None and "budget" in res[0]["note"] and not out.exists()
+
+
+def test_compiled_step_with_metadata_on_a_gpu_with_a_config_file(fake_gpu, device):
+    """On a GPU, mla_decode(metadata=...) checks the schedule's tiles while torch.compile traces, which looks the
+    tiles up in the GPU's config file: dynamo ignores lru_cache and traced the file I/O (fullgraph: Unsupported).
+    The fake GPU reads files as a GPU does. The config file then changes (a later mla_kernels.autotune(), or
+    MLA_KERNELS_AUTOTUNE=1 tuning the class on the first real run): the compiled step must still run, cut again."""
+    stored = _tuning.CONFIG_DIR / "test-gpu.json"
+    _tuning.save_file(stored, device="Test GPU", sm_count=8, source="test", kernels={"decode": {KEY: FAST}})
+    _tuning.reload()
+    args, expected = decode_call(device)
+    meta = mla_kernels.mla_decode_metadata(args[5], HEADS, kv_lora_rank=R, rope_dim=P, dtype=torch.float32,
+                                           num_programs=3)
+    assert meta.block_n == FAST["BLOCK_N"]
+
+    def step(q_nope, seqlens, meta):
+        return mla_kernels.mla_decode(q_nope, *args[1:5], seqlens, SCALE, metadata=meta)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert_close("compiled, metadata", compiled(args[0], args[5], meta), expected, torch.float32)
+    _tuning.save_file(stored, device="Test GPU", sm_count=8, source="test", kernels={"decode": {KEY: HEURISTIC}})
+    _tuning.reload()
+    assert_close("compiled, metadata, file changed", compiled(args[0], args[5], meta), expected, torch.float32)
+
+
+def test_a_tma_candidate_the_library_would_shrink_is_pruned_too(fake_gpu, monkeypatch, device):
+    """decode.decode_tiles fits a stored TMA (or Gluon) config by the same shared-memory estimate as any other, so a
+    TMA candidate over it would be timed at its own tiles and run shrunk (an H100's 16 x 64 x 3-stage TMA config,
+    the TMA probe's best at 16 rows, launches as 16 x 32): the sweep prunes it like the others."""
+    monkeypatch.setattr(mla_kernels._utils, "shared_memory_limit", lambda dev: 40000)
+    huge_tma = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True)
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None,
+                             timer=fake_timer({128: 0.1, 32: 1.0, 64: 2.0}), candidates={"decode": [huge_tma, FAST]},
+                             log=lambda line: None)
+    winner = res["winner"]
+    runs = decode._fit_tiles(winner, device, R, P, 4, False)
+    assert (runs["BLOCK_M"], runs["BLOCK_N"], runs["num_stages"]) == \
+        (winner["BLOCK_M"], winner["BLOCK_N"], winner["num_stages"]), "the stored winner would not run as timed"
+    assert any(p["config"] == huge_tma and p["reason"].startswith("over the shared-memory") for p in res["pruned"])
+
+
+def test_a_reload_keeps_a_dropped_config_dropped(fake_gpu, monkeypatch, device):
+    """A stored config that failed to compile is dropped for this process; a schedule built afterwards is cut for
+    the heuristic's tiles. mla_kernels.autotune, a sweep, and MLA_KERNELS_AUTOTUNE=1 tuning another class all reload
+    the files: that forgot the drop, so the broken config was compiled (and failed) again and the valid schedule
+    was refused with a ValueError."""
+    stored = _tuning.CONFIG_DIR / "test-gpu.json"
+    _tuning.save_file(stored, device="Test GPU", sm_count=8, source="test", kernels={"decode": {KEY: BROKEN}})
+    _tuning.reload()
+    spy = KernelSpy(decode._mla_attn_kernel, fail=lambda meta: meta["BLOCK_N"] == BROKEN["BLOCK_N"])
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    args, expected = decode_call(device)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        mla_kernels.mla_decode(*args)
+    meta = mla_kernels.mla_decode_metadata(args[5], HEADS, kv_lora_rank=R, rope_dim=P, dtype=torch.float32,
+                                           num_programs=3)
+    assert meta.block_n == HEURISTIC["BLOCK_N"]
+    _tuning.reload()
+    assert_close("after reload", mla_kernels.mla_decode(*args, metadata=meta), expected, torch.float32)
+    mla_kernels.mla_decode(*args)
+    assert sum(launch["BLOCK_N"] == BROKEN["BLOCK_N"] for launch in spy.launches) == 1
+    # another config stored for the class since is used
+    _tuning.save_file(stored, device="Test GPU", sm_count=8, source="test", kernels={"decode": {KEY: FAST}})
+    _tuning.reload()
+    mla_kernels.mla_decode(*args)
+    assert spy.launches[-1]["BLOCK_N"] == FAST["BLOCK_N"]

@@ -441,3 +441,27 @@ def test_bench_imbalanced_pair_smoke():
     wrong = [r for r in rows if r.get("wrong")]
     assert [r["provider"] for r in wrong] == ["mla_decode+meta"] * 2 and "p50_ms" not in wrong[0]
     assert "WRONG RESULT" in h.format_row(wrong[0])
+
+
+@pytest.mark.parametrize("change", ["shrunk", "grown-within-tiles", "grown-past-tiles"])
+def test_a_schedule_of_other_lengths_never_leaves_rows_unwritten(change, device, poisoned_empty, monkeypatch):
+    """A GPU call does not check that ``metadata`` was built from its ``cache_seqlens`` (it would synchronise). A
+    schedule kept from another step must then never leave output rows unwritten or write one sequence's piece into
+    another's partial slot (the kernel decided "cut" from the lengths, the combine from the table: a sequence
+    whose length grew past its program's last tile went to slot 0, another sequence's, and its own output was never
+    written). Shrunk lengths, and lengths grown within their last tile, are then still exact."""
+    monkeypatch.setattr(decode_mod, "_check_metadata_lengths", lambda *a: None)  # as on a GPU
+    built = [128, 64, 300, 64, 0]  # 64-token tiles: 2, 1, 5, 1, 0 over 3 programs cuts sequence 2
+    now = {"shrunk": [100, 10, 150, 1, 0], "grown-within-tiles": [120, 63, 290, 60, 0],
+           "grown-past-tiles": [129, 65, 301, 65, 0]}[change]
+    if change == "grown-within-tiles":
+        built = [121, 40, 291, 50, 0]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(now, 1, 2, 16, torch.float32, device, r=32, p=16)
+    meta = mla_kernels.mla_decode_metadata(torch.tensor(built, dtype=torch.int32, device=device), 2, kv_lora_rank=32,
+                                           rope_dim=16, dtype=torch.float32, num_programs=3)
+    assert meta.sequences[:, 1].tolist()[2] > 1
+    out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=meta)
+    assert not out.isnan().any(), "rows left unwritten (or a partial slot overwritten by another sequence)"
+    if change != "grown-past-tiles":
+        ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+        assert_close(change, out, ref_out, torch.float32)

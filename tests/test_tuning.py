@@ -192,3 +192,38 @@ def test_shared_memory_limit_of_the_interpreter_is_the_h100s():
     from mla_kernels import _utils
 
     assert _utils.shared_memory_limit(torch.device("cpu")) == _utils.H100_SHARED_BYTES == 232448
+
+
+def test_save_file_never_shows_a_reader_a_partial_file(tmp_path):
+    """save_file rewrote the file in place (truncate, then write): a reader at that moment -- another process of a
+    tensor-parallel server reading the same user file, or tuning on first use too -- saw an empty or cut file, warned
+    and ran the heuristics, and a writer merging into it dropped every class the file held."""
+    import threading
+
+    import triton
+    path = tmp_path / "gpu.json"
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    classes = {f"R512/class{i}": cfg for i in range(2000)}
+    _tuning.save_file(path, device="Test GPU", sm_count=8, source="seed", vendor_key="cuda",
+                      kernels={"decode": classes})
+    stop, bad = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = _tuning.load_data(path, "cuda", triton.__version__)
+            if data is None or len(data["kernels"]["decode"]) < len(classes):
+                bad.append(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(20):
+            _tuning.save_file(path, device="Test GPU", sm_count=8, source=f"w{i}", vendor_key="cuda",
+                              kernels={"decode": {"R512/new": cfg}})
+    finally:
+        stop.set()
+        thread.join()
+    assert not bad, f"a reader saw a partial file {len(bad)} times"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]  # no temporary file left behind
