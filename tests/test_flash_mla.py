@@ -117,7 +117,15 @@ def test_bad_arguments_are_refused_by_name(device):
            (dict(topk_length=torch.ones(2, dtype=torch.int32)), ValueError, "topk_length"),
            (dict(causal=True, indices=torch.zeros(2, 1, 4, dtype=torch.int32)), ValueError, "causal"),
            (dict(is_fp8_kvcache=True), TypeError, "is_fp8_kvcache"),
-           (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8)), ValueError, "bytes"),
+           (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8), q=q.bfloat16()), ValueError, "bytes"),
+           (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8)), TypeError, "q must be bfloat16"),
+           (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8), q=q.half()), TypeError, "q must be bfloat16"),
+           (dict(k_cache=k_cache.half()), TypeError, "k_cache and q disagree on dtype"),
+           (dict(k_cache=k_cache.to(torch.float8_e4m3fn)), TypeError, "is_fp8_kvcache=True"),
+           (dict(q=q.int()), TypeError, "q must have dtype"),
+           (dict(q=torch.cat((q, q), -1)[..., ::2]), ValueError, "q must be contiguous in its last dimension"),
+           (dict(k_cache=torch.cat((k_cache, k_cache), -1)[..., ::2]), ValueError,
+            "k_cache must be contiguous in its last dimension"),
            (dict(indices=torch.zeros(2, 1, 4, dtype=torch.int32), attn_sink=torch.zeros(3)), ValueError,
             "attn_sink")]
     for change, error, match in bad:
@@ -131,3 +139,54 @@ def test_bad_arguments_are_refused_by_name(device):
                                       cache_seqlens=a["cache_seqlens"][:1]), tile_scheduler_metadata=meta)
     with pytest.raises(ValueError, match="causal False vs True"):
         flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, causal=True)
+
+
+def test_a_refused_call_leaves_the_metadata_unbound(device):
+    """FlashMLA checks ``causal`` with ``indices`` before it initializes its metadata: a refused first call must not
+    bind the metadata to its shapes (here the next, valid call was refused: 'causal False vs True')."""
+    q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
+    indices = torch.zeros(2, 1, 4, dtype=torch.int32, device=device)
+    meta, _ = get_mla_metadata()
+    with pytest.raises(ValueError, match="causal"):
+        flash_mla_with_kvcache(q, k_cache, None, None, R, meta, causal=True, indices=indices)
+    with pytest.raises(TypeError, match="block_table"):  # refused inside mla_decode
+        flash_mla_with_kvcache(q, k_cache, a["block_table"].float(), a["cache_seqlens"], R, meta)
+    assert meta.config is None
+    flash_mla_with_kvcache(q, k_cache, None, None, R, meta, indices=indices)
+    assert meta.config == (2, 1, 2, 16, False, False, 4)
+    with pytest.raises(ValueError, match="causal False vs True"):
+        flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, causal=True)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_flashmla_test_layout(table_dtype, device, poisoned_empty):
+    """The layout FlashMLA's own tests use: blocks allocated with a padded stride (page + 1 rows per block, as its
+    quantize_k_cache does), NaN past every length, and block-table entries past a sequence's blocks set to
+    2147480000 (never read: the interpreter's bounds check fails any read of them). Equal to the clean table."""
+    q, k_cache, a = flash_inputs([37, 0, 70], 2, 3, 16, torch.float32, device, seed=5)
+    padded = torch.full((k_cache.shape[0], 17, 1, k_cache.shape[-1]), float("nan"), device=device)[:, :16]
+    padded.copy_(k_cache)
+    clean = a["block_table"].to(table_dtype)
+    used = (a["cache_seqlens"].long()[:, None] + 15) // 16
+    garbage = torch.where(torch.arange(clean.shape[1], device=device) < used, clean, 2147480000).to(table_dtype)
+    for causal in (False, True):
+        out, lse = flash_mla_with_kvcache(q, padded, garbage, a["cache_seqlens"], R, softmax_scale=SCALE, causal=causal)
+        ref_out, ref_lse = flash_mla_with_kvcache(q, k_cache, clean, a["cache_seqlens"], R, softmax_scale=SCALE,
+                                                  causal=causal)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_compiles_fullgraph_with_metadata(device):
+    """A decode step as vLLM writes it (get_mla_metadata inside the step, keyword arguments) traces whole."""
+    q, k_cache, a = flash_inputs([20, 5], 2, 2, 16, torch.float32, device)
+
+    def step(q, k_cache, block_table, cache_seqlens):
+        meta, splits = get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1, is_fp8_kvcache=False)
+        return flash_mla_with_kvcache(q=q, k_cache=k_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+                                      head_dim_v=R, tile_scheduler_metadata=meta, num_splits=splits,
+                                      softmax_scale=SCALE, causal=True, is_fp8_kvcache=False)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k_cache, a["block_table"], a["cache_seqlens"]), step(q, k_cache, a["block_table"],
+                                                                                  a["cache_seqlens"])
+    assert all(torch.equal(x, y) for x, y in zip(got, want))

@@ -28,6 +28,14 @@ output by ``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the return
 too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
 lengths, and the FP8-query ``descale_q``/``descale_k`` of some forks.
 
+Differences a FlashMLA caller can meet: on the CPU a ``cache_seqlens[b]`` between 1 and ``S_q - 1`` is refused
+(``mla_decode``'s check; FlashMLA, and these kernels on a GPU, give such a sequence's tokens the whole cache, or with
+``causal`` zeros and lse +inf for the tokens before its first key); the old interface's ``get_mla_metadata`` results
+were tensors, which some callers copy into CUDA-graph buffers (``.copy_``, ``num_splits[:bs + 1]``): those calls
+fail here as they do with FlashMLA's current interface; FlashMLA's other FP8 layout (448 + 64 wide, e8m0 scales at
+the end of each block) is refused by its width. Under ``torch.compile(fullgraph=True)`` a metadata mismatch surfaces
+as dynamo's ``Unsupported`` (an exception while tracing), not as the ``ValueError`` an eager call raises.
+
 The work is ``mla_kernels.mla_decode``'s, with its split grid (FlashMLA's tile-scheduler metadata is not built:
 ``get_mla_metadata``'s result only holds the shapes of the first call, and later calls with other shapes are
 refused, as FlashMLA refuses them). Speed is ``mla_decode``'s, not FlashMLA's: see the README's measurements.
@@ -79,7 +87,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                         f"got {type(tile_scheduler_metadata).__name__}")
     causal = _utils.check_flag("causal", causal)
     is_fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
-    q = _utils.check_tensor("q", q, 4)
+    q = _utils.check_tensor("q", q, 4, _utils.FLOAT_DTYPES)
+    _utils.check_last_contiguous("q", q)  # (named here: mla_decode would name its views q_nope, kv_cache, pe_cache)
     k_cache = _utils.check_tensor("k_cache", k_cache, 4)
     dim_v = _utils.check_int("head_dim_v", head_dim_v, 1)
     if dim_v >= q.shape[-1]:
@@ -93,6 +102,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if is_fp8:
         if k_cache.dtype not in _FP8_BYTE_DTYPES:
             raise TypeError(f"k_cache with is_fp8_kvcache must be uint8 or float8_e4m3fn rows, got {k_cache.dtype}")
+        if q.dtype != torch.bfloat16:  # the rows' rope values are bf16 (FlashMLA's layout; its FP8 decode takes bf16)
+            raise TypeError(f"q must be bfloat16 with is_fp8_kvcache (the FP8 rows hold their rope part in bf16), "
+                            f"got {q.dtype}")
         row_bytes = fp8_row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
         if row_bytes is None or rows.shape[-1] != row_bytes:
             raise ValueError(f"k_cache with is_fp8_kvcache must have rows of {dim_v} e4m3 values, their fp32 scales "
@@ -104,11 +116,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if rows.shape[-1] != q.shape[-1]:
             raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
                              f"(pass is_fp8_kvcache=True for an FP8 cache)")
+        if k_cache.dtype != q.dtype:
+            raise TypeError(f"k_cache and q disagree on dtype: {k_cache.dtype} vs {q.dtype}"
+                            + (" (pass is_fp8_kvcache=True for an FP8 cache)" if k_cache.element_size() == 1 else ""))
+        _utils.check_last_contiguous("k_cache", rows)
         kv_cache, kv_scale, pe_cache = rows[..., :dim_v], None, rows[..., dim_v:]
     batch, s_q, heads = q.shape[:3]
     topk = None if indices is None else _utils.check_tensor("indices", indices, 3).shape[-1]
     config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
-    _check_metadata(tile_scheduler_metadata, config)
+    _check_metadata(tile_scheduler_metadata, config)  # (recorded below, once the call has been accepted)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
     if indices is not None:  # whole-cache slots: one "sequence" per row holding every block, in order
@@ -128,17 +144,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                           indices=indices)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink, heads)
+    if tile_scheduler_metadata is not None and tile_scheduler_metadata.config is None:
+        tile_scheduler_metadata.config = config  # a refused call leaves the metadata as it was (FlashMLA's order)
     lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
     return out, lse.transpose(1, 2).contiguous()
 
 
 def _check_metadata(meta: FlashMLAMetadata | None, config: tuple) -> None:
-    """Record the first call's shapes in ``meta``; refuse a later call with others (FlashMLA's rule for reuse)."""
-    if meta is None:
+    """Refuse a call whose shapes differ from those ``meta`` recorded (FlashMLA's rule for reuse). The caller records
+    the first call's shapes only once that call has passed every check: FlashMLA refuses causal sparse attention
+    before it initializes its metadata, so a refused call cannot bind the metadata to shapes no call ran with."""
+    if meta is None or meta.config is None:
         return
-    if meta.config is None:
-        meta.config = config
-    elif meta.config != config:
+    if meta.config != config:
         names = ("batch", "S_q", "heads", "page size", "causal", "is_fp8_kvcache", "topk")
         diff = ", ".join(f"{n} {a} vs {b}" for n, a, b in zip(names, meta.config, config) if a != b)
         raise ValueError(f"tile_scheduler_metadata was first used with other arguments ({diff}): call "
