@@ -136,7 +136,7 @@ def _cases(hip: bool) -> dict:
                           DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         # fp8: the e4m3 (OCP float8_e4m3fn) latent and its fp32 scales; queries and rope key bf16. sm_90 converts with
-        # cvt.rn.f16x2.e4m3x2 (and cvt.rn.satfinite.e4m3x2.f32 in write_cache); gfx942 (MI300), whose native fp8 is
+        # cvt.rn.f16x2.e4m3x2 (write_cache encodes by integer arithmetic, _e4m3_bits); gfx942 (MI300), whose native fp8 is
         # the fnuz variant, compiles it with a software conversion (no v_cvt_*fp8 in the hsaco): correct by Triton's
         # emulation, never run or timed here.
         if fp8:
@@ -481,7 +481,14 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     flags = sys.argv[1:]
-    target = flags[flags.index("--target") + 1] if "--target" in flags else "sm90"
+    target = "sm90"
+    if "--target" in flags:  # only --jit-shapes takes a target: refuse it elsewhere, and unknown ones, before any work
+        i = flags.index("--target")
+        target = flags[i + 1] if i + 1 < len(flags) else ""
+        known = ("sm90", *OTHER_NVIDIA)
+        if "--jit-shapes" not in flags or "--jit" in flags or target not in known:
+            sys.exit(f"--target is taken with --jit-shapes only, one of {', '.join(known)} (got {target!r}); the "
+                     f"default report compiles {', '.join(TARGETS)}, --jit the launch wrappers for sm90")
     report = (jit_launches() if "--jit" in flags else jit_shapes(target) if "--jit-shapes" in flags
               else compile_all())
     print(json.dumps(report, indent=1))

@@ -173,3 +173,22 @@ def test_public_calls_compile_for_gpus_before_hopper(target):
     assert not too_big, f"these launches would fail with 'out of resources' on {target}: {too_big}"
     assert not any(k["wgmma"] or k["tma"] for r in got.values() for k in r)
     assert [k["kernel"] for k in got["write-fp8"]] == ["_write_cache_kernel"] and len(got) >= 40
+
+
+@pytest.mark.parametrize("argv", [["--target", "sm80"], ["--jit", "--target", "sm80"], ["--jit-shapes", "--target", "sm70"],
+                                  ["--jit-shapes", "--target"]], ids=["no-mode", "jit", "unknown", "missing"])
+def test_main_refuses_a_target_it_would_ignore(argv, monkeypatch):
+    """``--target`` is honoured by ``--jit-shapes`` only: elsewhere it silently compiled the sm90/gfx942 report (or
+    the sm90 JIT launches), an unknown name failed every case with a KeyError, and a missing one raised IndexError.
+    Each now exits at once, naming the choices, before any compile."""
+    from mla_kernels import _compile
+
+    def ran(*args, **kwargs):
+        raise AssertionError("compiled, with the --target ignored or unknown")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("compile_all", "jit_launches", "jit_shapes"):
+        monkeypatch.setattr(_compile, name, ran)
+    monkeypatch.setattr(sys, "argv", ["_compile", *argv])
+    with pytest.raises(SystemExit, match="--target is taken with --jit-shapes only"):
+        _compile.main()

@@ -280,6 +280,53 @@ def test_e4m3_bits_decode_exactly_as_e4m3(device, monkeypatch):
     assert_close("NaN bytes", out, ref_out, torch.bfloat16, FP8_RMS_TOL[torch.bfloat16], FP8_COS_TOL[torch.bfloat16])
 
 
+def test_fp8_bits_dispatch(monkeypatch):
+    """``_utils.fp8_bits``: an fp8 cache's uint8 view exactly on NVIDIA GPUs before sm_89 (Triton's fp8e4nv threshold:
+    triton.backends.nvidia.compiler adds the type at capability >= 89), the cache itself on sm_89+, ROCm and the CPU;
+    other caches untouched. A stand-in CUDA tensor: this suite has no GPU."""
+    class Cache:
+        def __init__(self, dtype, device):
+            self.dtype, self.device = dtype, torch.device(device)
+
+        def view(self, dtype):
+            return ("bits", dtype)
+
+    for cap, hip, device, dtype, bits in [((7, 5), False, "cuda:0", FP8, True), ((8, 0), False, "cuda:1", FP8, True),
+                                          ((8, 6), False, "cuda:0", FP8, True), ((8, 9), False, "cuda:0", FP8, False),
+                                          ((9, 0), False, "cuda:0", FP8, False), ((12, 0), False, "cuda:0", FP8, False),
+                                          ((9, 4), True, "cuda:0", FP8, False), ((8, 0), False, "cpu", FP8, False),
+                                          ((8, 0), False, "cuda:0", torch.bfloat16, False),
+                                          ((8, 0), False, "cuda:0", torch.uint8, False)]:
+        monkeypatch.setattr(_utils, "capability", lambda d, cap=cap: cap)
+        monkeypatch.setattr(_utils, "is_hip", lambda hip=hip: hip)
+        kv = Cache(dtype, device)
+        got = _utils.fp8_bits(kv)
+        assert (got == ("bits", torch.uint8)) if bits else got is kv, (cap, hip, device, dtype)
+
+
+def test_sparse_and_scheduled_read_the_bits_as_e4m3(device, monkeypatch):
+    """The launches test_decode_parity's e4m3_path does not reach, sparse lists and the scheduled grid, give the very
+    same outputs from the cache's bits as from its e4m3 view, with every finite e4m3 byte in the latent."""
+    a = decode_inputs([300, 2, 77], 1, 4, 16, (256, 32), torch.bfloat16, device, seed=5)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    n = a["kv_cache"].numel()
+    a["kv_cache"].view(torch.uint8).copy_(finite.repeat(n // len(finite) + 1)[:n].view_as(a["kv_cache"]).to(device))
+    a["kv_scale"].fill_(2.0 ** -4)
+    indices = torch.randint(0, 300, (3, 1, 24), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    indices = torch.minimum(indices, (a["cache_seqlens"] - 1).clamp(min=0)[:, None, None]).to(device)
+    meta = mla_kernels.mla_decode_metadata(a["cache_seqlens"], 4, kv_lora_rank=256, num_programs=5,
+                                           cache_dtype=FP8)
+    calls = dict(sparse=lambda: mla_kernels.mla_decode(**a, indices=indices, return_lse=True),
+                 scheduled=lambda: mla_kernels.mla_decode(**a, metadata=meta, return_lse=True))
+    native = {name: call() for name, call in calls.items()}
+    asked = []
+    monkeypatch.setattr(_utils, "fp8_bits", lambda kv: asked.append(kv.dtype) or kv.view(torch.uint8))
+    for name, call in calls.items():
+        out, lse = call()
+        assert torch.equal(out, native[name][0]) and torch.equal(lse, native[name][1]), name
+    assert asked == [FP8, FP8]
+
+
 def test_decode_fp16_forced_splits_and_w_uv(device, poisoned_empty):
     """fp16 queries over an fp8 latent with an fp16 rope key; 3 forced splits (one empty); the value projection."""
     heads, d_v = 4, 64
