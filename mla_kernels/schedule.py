@@ -275,7 +275,8 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     num_programs = _utils.check_int("num_programs", num_programs, 1)
     if num_programs is not None and num_programs > MAX_PROGRAMS:
         raise ValueError(f"num_programs must be at most {MAX_PROGRAMS} (a CUDA grid's y dimension), got {num_programs}")
-    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel():  # value checks are free on the CPU
+    # value checks are free on the CPU (not while dynamo traces: the values are data-dependent there, as on a GPU)
+    if cache_seqlens.device.type == "cpu" and cache_seqlens.numel() and not torch.compiler.is_compiling():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {lo}")

@@ -6,6 +6,7 @@ import torch
 
 import reference
 from helpers import assert_close, assert_lse_close
+from mla_kernels import DecodeSchedule
 from mla_kernels.integrations.flash_mla import FlashMLAMetadata, flash_mla_with_kvcache, get_mla_metadata
 from test_decode import SCALE, make_inputs
 from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL, decode_inputs, dequantized, storage_bytes
@@ -47,10 +48,14 @@ def test_dense_decode(dtype, causal, device, poisoned_empty):
     assert_close("out", out, ref_out, dtype)
     assert_lse_close("lse", lse, flash_lse(ref_lse))
     assert (lse[1] == float("inf")).all() and (out[1] == 0).all()  # the padding slot: FlashMLA's lonely tokens
-    # the same metadata again, and none at all; the default scale is q's width ** -0.5, as FlashMLA's
+    # the metadata's scheduled grid (FlashMLA's tile scheduler), built by the first call from the real lengths and
+    # reused by the next (another layer of the step); without metadata, the uniform split; the default scale is q's
+    # width ** -0.5, as FlashMLA's
+    schedule = meta.schedule
+    assert isinstance(schedule, DecodeSchedule) and schedule.batch == 3
     again, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, None,
                                       softmax_scale=SCALE, causal=causal)
-    assert torch.equal(again, out)
+    assert torch.equal(again, out) and meta.schedule is schedule
     plain, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, None, causal=causal)
     ref_plain, _ = reference.absorbed_decode(*a.values(), (R + P) ** -0.5, causal=causal)
     assert_close("default scale", plain, ref_plain, dtype)
@@ -93,7 +98,8 @@ def test_fp8_rows(sparse, device, poisoned_empty):
                                                    positions, SCALE, causal=False)
     else:
         out, lse = flash_mla_with_kvcache(q, rows.unsqueeze(2), a["block_table"], a["cache_seqlens"], R,
-                                          softmax_scale=SCALE, causal=True, is_fp8_kvcache=True)
+                                          get_mla_metadata()[0], softmax_scale=SCALE, causal=True,
+                                          is_fp8_kvcache=True)  # (the scheduled grid over an fp8 cache)
         ref_out, ref_lse = reference.absorbed_decode(*(d[n] for n in ("q_nope", "q_pe", "kv_cache", "pe_cache",
                                                                        "block_table", "cache_seqlens")), SCALE)
     assert_close("out", out, ref_out, torch.bfloat16, rms_tol=FP8_RMS_TOL[torch.bfloat16],

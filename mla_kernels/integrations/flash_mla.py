@@ -36,9 +36,15 @@ fail here as they do with FlashMLA's current interface; FlashMLA's other FP8 lay
 the end of each block) is refused by its width. Under ``torch.compile(fullgraph=True)`` a metadata mismatch surfaces
 as dynamo's ``Unsupported`` (an exception while tracing), not as the ``ValueError`` an eager call raises.
 
-The work is ``mla_kernels.mla_decode``'s, with its split grid (FlashMLA's tile-scheduler metadata is not built:
-``get_mla_metadata``'s result only holds the shapes of the first call, and later calls with other shapes are
-refused, as FlashMLA refuses them). Speed is ``mla_decode``'s, not FlashMLA's: see the README's measurements.
+The work is ``mla_kernels.mla_decode``'s. Given the metadata (as FlashMLA's callers pass it), a dense call runs
+``mla_decode``'s scheduled grid: the first call with that metadata builds a ``DecodeSchedule`` from its
+``cache_seqlens`` on the device (``mla_decode_metadata``: no host read, so CUDA graphs can capture it), which later
+calls reuse, as FlashMLA's first call builds its tile scheduler's. Its grid is sized to the GPU from the real
+lengths; the uniform split (without metadata) is sized from the block table's width, which a serving engine
+allocates for its longest context (a few long splits then do all the work). As in FlashMLA, the metadata serves
+one step's calls: calls with other shapes are refused, and other ``cache_seqlens`` values are refused on the CPU
+and undefined on a GPU (rows are still all written); call ``get_mla_metadata`` again each step. Speed is
+``mla_decode``'s, not FlashMLA's: see the README's measurements.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import torch
 from .. import _utils
 from ..cache import _fp8_views, fp8_row_bytes
 from ..decode import mla_decode
+from ..schedule import DecodeSchedule, mla_decode_metadata
 
 __all__ = ["FlashMLAMetadata", "get_mla_metadata", "flash_mla_with_kvcache"]
 
@@ -61,6 +68,7 @@ class FlashMLAMetadata:
     """What ``get_mla_metadata`` returns: the call shapes it was first used with (``config``; None before), which
     every later call given it must repeat (batch, S_q, heads, page size, ``causal``, FP8, top-k), as in FlashMLA."""
     config: tuple | None = None
+    schedule: DecodeSchedule | None = None  # the dense calls' work split, built by the first (mla_decode_metadata)
 
 
 def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, None]:
@@ -139,13 +147,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if topk_length is not None:
             raise ValueError("topk_length is only taken with indices (sparse attention)")
         max_seqlen_k = None
+    schedule = None
+    if tile_scheduler_metadata is not None and indices is None:  # FlashMLA's tile scheduler: the step's work split
+        schedule = tile_scheduler_metadata.schedule or mla_decode_metadata(
+            cache_seqlens, heads, s_q, kv_lora_rank=dim_v, rope_dim=rope_dim, dtype=q.dtype,
+            cache_dtype=kv_cache.dtype if is_fp8 else None)
     out, lse = mla_decode(q[..., :dim_v], q[..., dim_v:], kv_cache, pe_cache, block_table, cache_seqlens, scale,
                           causal=causal, return_lse=True, max_seqlen_k=max_seqlen_k, kv_scale=kv_scale,
-                          indices=indices)
+                          indices=indices, metadata=schedule)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink, heads)
     if tile_scheduler_metadata is not None and tile_scheduler_metadata.config is None:
-        tile_scheduler_metadata.config = config  # a refused call leaves the metadata as it was (FlashMLA's order)
+        # recorded once a call has been accepted: a refused call leaves the metadata as it was (FlashMLA's order)
+        tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
     lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
     return out, lse.transpose(1, 2).contiguous()
 
