@@ -227,3 +227,28 @@ def test_save_file_never_shows_a_reader_a_partial_file(tmp_path):
         thread.join()
     assert not bad, f"a reader saw a partial file {len(bad)} times"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]  # no temporary file left behind
+
+
+def test_save_file_keeps_every_writers_classes(tmp_path):
+    """Two writers saving into one file at once (the ranks of a tensor-parallel server, each tuning on first use):
+    each merged into the same old file and the later replace dropped the other's classes (15 of 30 kept, three runs
+    out of three). The folder's lock makes read, merge and replace one step."""
+    import threading
+
+    import triton
+    path = tmp_path / "gpu.json"
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+
+    def writer(tag):
+        for i in range(15):
+            _tuning.save_file(path, device="Test GPU", sm_count=8, source=tag, vendor_key="cuda",
+                              kernels={"decode": {f"R512/{tag}{i}": cfg}})
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = _tuning.load_data(path, "cuda", triton.__version__)
+    assert sorted(data["kernels"]["decode"]) == sorted(f"R512/{t}{i}" for t in "ab" for i in range(15))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]  # the lock leaves no file behind
