@@ -136,9 +136,9 @@ def _cases(hip: bool) -> dict:
                           DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         # fp8: the e4m3 (OCP float8_e4m3fn) latent and its fp32 scales; queries and rope key bf16. sm_90 converts with
-        # cvt.rn.f16x2.e4m3x2 (write_cache encodes by integer arithmetic, _e4m3_bits); gfx942 (MI300), whose native fp8 is
-        # the fnuz variant, compiles it with a software conversion (no v_cvt_*fp8 in the hsaco): correct by Triton's
-        # emulation, never run or timed here.
+        # cvt.rn.f16x2.e4m3x2 (write_cache encodes by integer arithmetic, _e4m3_bits); gfx942 (MI300), whose native
+        # fp8 is the fnuz variant, compiles it with a software conversion (no v_cvt_*fp8 in the hsaco): correct by
+        # Triton's emulation, never run or timed here.
         if fp8:
             types = dict(types, KV="*fp8e4nv", KV_SCALE="*fp32")
         kernel = _mla_attn_kernel
@@ -454,7 +454,7 @@ def _jit_run(cases: dict, target: str = "sm90") -> dict:
         gpu, shared = OTHER_NVIDIA[target]
         _utils.shared_memory_limit = lambda device: shared
         if gpu.arch < 89:  # an fp8 cache as its bits, as _utils.fp8_bits gives it to the kernels there
-            _utils.fp8_bits = lambda kv: kv.view(torch.uint8) if kv.dtype == torch.float8_e4m3fn else kv
+            _utils.fp8_bits = _utils.fp8_as_bits
     try:
         for name, run in cases.items():
             try:

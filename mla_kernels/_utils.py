@@ -56,7 +56,13 @@ def fp8_bits(kv_cache: torch.Tensor) -> torch.Tensor:
     cache is returned as it is."""
     if kv_cache.dtype != torch.float8_e4m3fn or kv_cache.device.type != "cuda" or is_hip():
         return kv_cache
-    return kv_cache if capability(kv_cache.device) >= (8, 9) else kv_cache.view(torch.uint8)
+    return kv_cache if capability(kv_cache.device) >= (8, 9) else fp8_as_bits(kv_cache)
+
+
+def fp8_as_bits(kv_cache: torch.Tensor) -> torch.Tensor:
+    """An e4m3 cache's uint8 view, any other cache as it is: what ``fp8_bits`` gives the kernels on a GPU without
+    the e4m3 type (and what compile checks and tests force it to give elsewhere)."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,9 +70,9 @@ def _e4m3_bits(q):
 
 @triton.jit
 def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
-    """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 bits ``[BLOCK_T, D_LATENT]`` uint8, fp32 scales ``[BLOCK_T, D_LATENT // 128]``),
-    ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8`` (a NaN gives its group a NaN scale and stays
-    NaN; an inf gives an inf scale)."""
+    """``x [BLOCK_T, D_LATENT]`` fp32 -> (e4m3 bits ``[BLOCK_T, D_LATENT]`` uint8, fp32 scales
+    ``[BLOCK_T, D_LATENT // 128]``), ``scale = amax / 448`` per 128 values, as ``reference.quantize_fp8`` (a NaN
+    gives its group a NaN scale and stays NaN; an inf gives an inf scale)."""
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
     scale = tl.math.div_rn(tl.reduce(tl.abs(groups), 2, _max_nan), 448.0)  # [BLOCK_T, D_LATENT // 128]
     q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)

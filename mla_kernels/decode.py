@@ -1074,15 +1074,15 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise ValueError(f"metadata's sizes must be ints, got {dict(zip(metadata._fields[2:], sizes))}")
     if metadata.batch != cache_seqlens.shape[0]:
         raise ValueError(f"metadata was built for a batch of {metadata.batch}, the call has {cache_seqlens.shape[0]}")
-    built_for = (metadata.block_m, metadata.block_n)
-    block_m, block_n = schedule_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes,
-                                      kv_fp8) if check_tiles else built_for
-    dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
-    if built_for != (block_m, block_n) and \
-            (dropped is None or built_for != (dropped.get("BLOCK_M"), dropped.get("BLOCK_N"))):
-        raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's heads, "
-                         f"S_q, widths and dtype use {block_m} x {block_n}: pass mla_decode_metadata the "
-                         "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
+    if check_tiles:
+        built_for = (metadata.block_m, metadata.block_n)
+        block_m, block_n = schedule_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
+        dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
+        if built_for != (block_m, block_n) and \
+                (dropped is None or built_for != (dropped.get("BLOCK_M"), dropped.get("BLOCK_N"))):
+            raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's "
+                             f"heads, S_q, widths and dtype use {block_m} x {block_n}: pass mla_decode_metadata the "
+                             "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
     if metadata.device != cache_seqlens.device or metadata.sequences.device != cache_seqlens.device:
         raise ValueError(f"metadata is on {metadata.device} (sequences on {metadata.sequences.device}), "
                          f"cache_seqlens on {cache_seqlens.device}")

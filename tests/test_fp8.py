@@ -41,7 +41,7 @@ def e4m3_path(request, monkeypatch):
     bits, decoded and encoded in software (NVIDIA GPUs before sm_89, where Triton refuses the e4m3 type:
     ``_utils.fp8_bits``, forced here)."""
     if request.param == "bits":
-        monkeypatch.setattr(_utils, "fp8_bits", lambda kv: kv.view(torch.uint8) if kv.dtype == FP8 else kv)
+        monkeypatch.setattr(_utils, "fp8_bits", _utils.fp8_as_bits)
     return request.param
 
 
@@ -266,7 +266,7 @@ def test_e4m3_bits_decode_exactly_as_e4m3(device, monkeypatch):
     a["kv_cache"].view(torch.uint8).copy_(finite.repeat(n // len(finite) + 1)[:n].view_as(a["kv_cache"]).to(device))
     a["kv_scale"].fill_(2.0 ** -4)
     native = mla_kernels.mla_decode(**a, return_lse=True)
-    monkeypatch.setattr(_utils, "fp8_bits", lambda kv: kv.view(torch.uint8) if kv.dtype == FP8 else kv)
+    monkeypatch.setattr(_utils, "fp8_bits", _utils.fp8_as_bits)
     bits = mla_kernels.mla_decode(**a, return_lse=True)
     assert torch.equal(native[0], bits[0]) and torch.equal(native[1], bits[1])
     block = int(a["block_table"][2, 0])
@@ -320,7 +320,7 @@ def test_sparse_and_scheduled_read_the_bits_as_e4m3(device, monkeypatch):
                  scheduled=lambda: mla_kernels.mla_decode(**a, metadata=meta, return_lse=True))
     native = {name: call() for name, call in calls.items()}
     asked = []
-    monkeypatch.setattr(_utils, "fp8_bits", lambda kv: asked.append(kv.dtype) or kv.view(torch.uint8))
+    monkeypatch.setattr(_utils, "fp8_bits", lambda kv: asked.append(kv.dtype) or _utils.fp8_as_bits(kv))
     for name, call in calls.items():
         out, lse = call()
         assert torch.equal(out, native[name][0]) and torch.equal(lse, native[name][1]), name

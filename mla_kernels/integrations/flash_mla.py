@@ -181,7 +181,7 @@ def _keep_first(indices: torch.Tensor, topk_length, batch: int) -> torch.Tensor:
     """``indices`` with every row's entries past ``topk_length[b]`` set to -1 (skipped); as given without it."""
     if topk_length is None:
         return indices
-    topk_length = _utils.check_tensor("topk_length", topk_length, 1, (torch.int32, torch.int64))
+    topk_length = _utils.check_tensor("topk_length", topk_length, 1, _utils.INDEX_DTYPES)
     _utils.check_same("topk_length", topk_length.shape[0], "the batch", batch)
     keep = torch.arange(indices.shape[-1], device=indices.device) < topk_length.to(indices.device)[:, None, None]
     return torch.where(keep, indices, indices.new_full((), -1))
