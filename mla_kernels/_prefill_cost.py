@@ -176,6 +176,18 @@ def estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=
     return {path: path_time(w[path], consts) for path in PATHS}
 
 
+def _check_visible(device) -> None:
+    """A ValueError naming ``device`` where it is a GPU this torch can't see (no CUDA/ROCm build, or an index past
+    the visible ones): its config file can't be read, and the defaults would answer silently for another GPU."""
+    if getattr(device, "type", None) != "cuda":
+        return
+    import torch
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and not 0 <= device.index < count):
+        raise ValueError(f"device {device} is not a GPU this torch can see ({count} visible), so its config file's "
+                         "constants can't be looked up; pass constants= or another device")
+
+
 def device_constants(device=None, relative_speed=None) -> dict:
     """The constants for ``device``: its config file's (``_tuning.constant``), ``DEFAULTS`` for the rest.
 
@@ -186,11 +198,8 @@ def device_constants(device=None, relative_speed=None) -> dict:
     consts = dict(DEFAULTS)
     ratio = None
     if device is not None:
-        try:  # a GPU torch can't see fails inside torch (an AssertionError on a CPU-only build)
-            file = {name: _tuning.constant(name, device) for name in (*NAMES, RELATIVE_SPEED_KEY)}
-        except (AssertionError, RuntimeError) as exc:
-            raise ValueError(f"device {device} is not a GPU this torch can see, so its config file's constants "
-                             f"can't be looked up ({exc}); pass constants= or another device") from None
+        _check_visible(device)
+        file = {name: _tuning.constant(name, device) for name in (*NAMES, RELATIVE_SPEED_KEY)}
         for name in NAMES:
             value = file[name]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:

@@ -69,12 +69,19 @@ def test_defaults_are_the_fit_of_the_records_and_the_h100_file_holds_them():
     assert prefill.ABSORBED_RELATIVE_SPEED == pytest.approx(52 / 380)
 
 
+def _pretend_gpu_visible(monkeypatch):
+    """Tests that replace the config-file lookup name cuda:0 for a GPU; the check that torch sees it is skipped
+    (test_device_past_the_visible_gpus covers it)."""
+    monkeypatch.setattr(cost, "_check_visible", lambda device: None)
+
+
 def test_file_constants_reach_the_choice(monkeypatch):
     """A GPU's config file (read through _tuning.constant) decides; the CPU and unknown names get the defaults."""
     gpu = torch.device("cuda", 0)  # never touched: _tuning.constant is replaced
     case = ([128] * 8, [4224] * 8, 128)  # recorded: absorbed 22.9 ms, expanded 3.61 ms
     table = {}
     monkeypatch.setattr(_tuning, "constant", lambda name, device: table.get(name) if device.type == "cuda" else None)
+    _pretend_gpu_visible(monkeypatch)
     assert prefill.choose_prefill_path(*case, **WIDTHS, device=gpu) == "expanded"  # no file constants: defaults
     table.update(prefill_absorbed_tflops=5000.0)  # a GPU whose absorbed kernel is 100x faster
     assert prefill.choose_prefill_path(*case, **WIDTHS, device=gpu) == "absorbed"
@@ -104,6 +111,7 @@ def test_expanded_tiles_are_looked_up_for_the_call_widths(monkeypatch):
     call's own shape class (D_nope, D_v), as _launch_expanded looks it up, not DeepSeek's 128/128 class."""
     gpu = torch.device("cuda", 0)  # never touched: _tuning is replaced
     monkeypatch.setattr(_tuning, "constant", lambda name, device: None)
+    _pretend_gpu_visible(monkeypatch)
     asked = []
 
     def lookup(kernel, shape_class, device):
@@ -168,6 +176,15 @@ BAD_COST_INPUT = {
 }
 if not torch.cuda.is_available():  # "cuda" on a CPU-only torch: its lookup failed an assert inside torch
     BAD_COST_INPUT["device-cuda-without-gpu"] = (([4], [8]), dict(device="cuda"), ValueError, "device")
+
+
+def test_device_past_the_visible_gpus(monkeypatch):
+    """A GPU index past those torch sees is refused naming the device: before, the failed lookup of its config
+    file was swallowed and the defaults answered, a choice made for no GPU. Faked: one visible GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device cuda:3 .*1 visible"):
+        prefill.choose_prefill_path([4], [8], heads=16, device="cuda:3", **WIDTHS)
 
 
 @pytest.mark.parametrize("fn", ["choose_prefill_path", "prefill_times"])
@@ -438,6 +455,7 @@ def test_calibrate_fits_reports_and_writes_the_config_file(tmp_path, monkeypatch
     # and the file's constants reach the choice: 8 x 32 over 4096 at 128 heads, expanded with the recorded
     # constants, absorbed on this GPU
     monkeypatch.setattr(_tuning, "constant", lambda name, device: data["constants"].get(name))
+    _pretend_gpu_visible(monkeypatch)
     case = ([32] * 8, [4128] * 8, 128)
     assert prefill.choose_prefill_path(*case, **WIDTHS) == "expanded"
     expect = cost.choose(cost.estimate(*case, **WIDTHS, constants=truth))
