@@ -462,9 +462,10 @@ def _device_info(device) -> tuple[str, int]:
 
 
 def default_out(device) -> str:
-    """The user's cache file of ``device`` (``mla_kernels.autotune``'s default output)."""
-    index = device.index if device.index is not None else 0
-    return str(_tuning.user_file(index))
+    """The user's cache file of ``device`` (``mla_kernels.autotune``'s default output): for an index-less "cuda",
+    the current GPU's, which the sweep tunes (``_tuning._gpu_index``), not GPU 0's."""
+    index = _tuning._gpu_index(device)
+    return str(_tuning.user_file(0 if index is None else index))
 
 
 def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, device=None, dtype=torch.bfloat16,

@@ -633,3 +633,14 @@ def test_a_reload_keeps_a_dropped_config_dropped(fake_gpu, monkeypatch, device):
     _tuning.reload()
     mla_kernels.mla_decode(*args)
     assert spy.launches[-1]["BLOCK_N"] == FAST["BLOCK_N"]
+
+
+def test_default_out_of_an_index_less_cuda_device_is_the_current_gpus(monkeypatch, tmp_path):
+    """mla_kernels.autotune(device="cuda") tunes the current GPU (the sweep's launches and _tuning's lookups use
+    it); its default output must be that GPU's user file, not GPU 0's (two kinds of GPU in one machine)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: f"GPU kind {index}")
+    assert _autotune.default_out(torch.device("cuda")).endswith("gpu-kind-1.json")
+    assert _autotune.default_out(torch.device("cuda", 0)).endswith("gpu-kind-0.json")
+    assert _autotune.default_out(torch.device("cpu")).endswith("gpu-kind-0.json")  # (as before: a timer's sweep)

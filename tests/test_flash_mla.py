@@ -121,7 +121,7 @@ def test_bad_arguments_are_refused_by_name(device):
            (dict(descale_q=torch.ones(1)), ValueError, "descale_q"),
            (dict(causal=None), TypeError, "causal"),
            (dict(topk_length=torch.ones(2, dtype=torch.int32)), ValueError, "topk_length"),
-           (dict(causal=True, indices=torch.zeros(2, 1, 4, dtype=torch.int32)), ValueError, "causal"),
+           (dict(causal=True, indices=torch.zeros(2, 1, 4, dtype=torch.int32, device=device)), ValueError, "causal"),
            (dict(is_fp8_kvcache=True), TypeError, "is_fp8_kvcache"),
            (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8), q=q.bfloat16()), ValueError, "bytes"),
            (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8)), TypeError, "q must be bfloat16"),
@@ -132,8 +132,10 @@ def test_bad_arguments_are_refused_by_name(device):
            (dict(q=torch.cat((q, q), -1)[..., ::2]), ValueError, "q must be contiguous in its last dimension"),
            (dict(k_cache=torch.cat((k_cache, k_cache), -1)[..., ::2]), ValueError,
             "k_cache must be contiguous in its last dimension"),
-           (dict(indices=torch.zeros(2, 1, 4, dtype=torch.int32), attn_sink=torch.zeros(3)), ValueError,
-            "attn_sink")]
+           # (indices on the query's device: on a GPU, CPU indices were refused first, by mla_decode's device check)
+           (dict(indices=torch.zeros(2, 1, 4, dtype=torch.int32, device=device), attn_sink=torch.zeros(3)), ValueError,
+            "attn_sink"),
+           (dict(attn_sink=torch.zeros(3, device=device)), ValueError, "attn_sink")]
     for change, error, match in bad:
         with pytest.raises(error, match=match):
             flash_mla_with_kvcache(**dict(args, **change))
@@ -196,3 +198,24 @@ def test_compiles_fullgraph_with_metadata(device):
     got, want = compiled(q, k_cache, a["block_table"], a["cache_seqlens"]), step(q, k_cache, a["block_table"],
                                                                                   a["cache_seqlens"])
     assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+def test_attn_sink_is_refused_before_any_kernel_runs(device, monkeypatch):
+    """A bad attn_sink is refused by name before mla_decode runs (it was checked after the decode: on a GPU the
+    work was launched first, and with indices on another device the device check fired first instead). Indices on
+    the meta device stand in for CPU indices beside CUDA queries, so the ordering is checked on any machine."""
+    from mla_kernels.integrations import flash_mla as fm
+
+    q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("mla_decode ran before attn_sink was checked")
+
+    monkeypatch.setattr(fm, "mla_decode", must_not_run)
+    for indices in (None, torch.zeros(2, 1, 4, dtype=torch.int32, device="meta")):
+        with pytest.raises(ValueError, match="attn_sink"):
+            flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, indices=indices,
+                                   attn_sink=torch.zeros(3, device=device))
+        with pytest.raises(TypeError, match="attn_sink"):
+            flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, indices=indices,
+                                   attn_sink=torch.zeros(2, dtype=torch.float64, device=device))

@@ -147,6 +147,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if topk_length is not None:
             raise ValueError("topk_length is only taken with indices (sparse attention)")
         max_seqlen_k = None
+    if attn_sink is not None:  # checked before anything is launched, as every other argument
+        _check_sink(attn_sink, heads)
     schedule = None
     if tile_scheduler_metadata is not None and indices is None:  # FlashMLA's tile scheduler: the step's work split
         schedule = tile_scheduler_metadata.schedule or mla_decode_metadata(
@@ -187,11 +189,17 @@ def _keep_first(indices: torch.Tensor, topk_length, batch: int) -> torch.Tensor:
     return torch.where(keep, indices, indices.new_full((), -1))
 
 
+def _check_sink(attn_sink, heads: int) -> torch.Tensor:
+    """``attn_sink [H]`` float32, or a TypeError/ValueError naming it."""
+    sink = _utils.check_tensor("attn_sink", attn_sink, 1, (torch.float32,))
+    _utils.check_same("attn_sink", sink.shape[0], "q's heads", heads)
+    return sink
+
+
 def _apply_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink, heads: int) -> torch.Tensor:
     """``out [B, S_q, H, D]`` times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: a sink of +inf gives zeros, one
     of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros)."""
-    sink = _utils.check_tensor("attn_sink", attn_sink, 1, (torch.float32,))
-    _utils.check_same("attn_sink", sink.shape[0], "q's heads", heads)
+    sink = _check_sink(attn_sink, heads)
     gap = lse - sink.to(lse.device)  # [B, S_q, H]
     weight = torch.sigmoid(torch.nan_to_num(gap, nan=-float("inf")))  # -inf - -inf: a row with no key and no sink
     return (out.float() * weight[..., None]).to(out.dtype)
