@@ -64,8 +64,13 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 case "$1" in
   first)  # ~9 minutes in all: every limit below adds up to 535 s, plus start-up and packing
     # the two Hopper paths' native parity, each deciding its own provider below (neither has ever run on a GPU)
-    if step tma_parity 40 python -m pytest tests/test_decode_tma.py -q -x -p no:cacheprovider \
-        --junitxml="$OUT/tma_parity.xml"; then skip="$SKIP_KERNELS"; else skip="$SKIP_KERNELS --skip-tma"; fi
+    # TMA: dropped only when a test failed or crashed; cut at its limit (cold compiles of ~12 variants), it stays:
+    # plain Triton descriptor loads cannot hang on a barrier, and every bench row checks its output before timing
+    step tma_parity 40 python -m pytest tests/test_decode_tma.py -q -x -p no:cacheprovider \
+        --junitxml="$OUT/tma_parity.xml"
+    rc=$?; skip="$SKIP_KERNELS"
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then skip="$skip --skip-tma"; fi
+    # Gluon: dropped on any failure, a cut one too (an mbarrier never completing would hang every bench step)
     if step gluon_parity 60 python -m pytest tests/test_decode_gluon.py -q -x -p no:cacheprovider \
         --junitxml="$OUT/gluon_parity.xml"; then :; else skip="$skip --skip-gluon"; fi
     # nothing since 2026-11-22 has run natively: the whole suite, spread over the cores (pytest-xdist is there)
