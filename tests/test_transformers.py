@@ -861,3 +861,20 @@ def test_generate_bench_smoke(monkeypatch):
     patched = rows[3]
     assert patched["prompt_logits_rel_rms_err"] < LOGITS_RTOL
     assert patched["tokens_agree_with_transformers"] >= 0.5  # bf16 ties may flip a late token
+
+
+def test_attention_dropout_in_train_mode_is_refused():
+    """transformers applies attention_dropout in train mode; the kernels have none, so a train-mode forward (under
+    no_grad: with grad it is refused anyway) gave dropout-free outputs silently. Refused now; eval mode, or a rate of
+    0 (every released checkpoint), runs as before."""
+    torch.manual_seed(0)
+    model = patch_model(DeepseekV3ForCausalLM(tiny_config(attention_dropout=0.5)))  # as constructed: train mode
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="attention_dropout=0.5"):
+            model(ids)
+        model.eval()
+        model(ids)
+        torch.manual_seed(0)
+        no_dropout = patch_model(DeepseekV3ForCausalLM(tiny_config()))  # train mode, rate 0
+        no_dropout(ids)

@@ -1120,6 +1120,8 @@ class TransformersMLAttention(MLAttention):
         new.cache_dtype = cache_dtype
         new.is_causal = True
         new.training = original.training  # the module's own mode flag; its children are the shared projections
+        # the kernels have no attention dropout: a train-mode forward with a non-zero rate is refused (_forward)
+        new.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
         indexer = getattr(original, "indexer", None)
         if indexer is not None:  # DeepSeek-V3.2: the model's own indexer module (state dict keys unchanged)
             new.indexer = indexer
@@ -1152,6 +1154,10 @@ class TransformersMLAttention(MLAttention):
                              "kernels attend in latent space); run without it, or unpatch_model(model)")
         if position_embeddings is None and self.rope_style != "none":
             raise ValueError("position_embeddings is required (the model's rotary embedding output)")
+        if self.training and getattr(self, "attention_dropout", 0.0) > 0:
+            raise ValueError(f"the model is in train mode with attention_dropout={self.attention_dropout}, which the "
+                             "patched attention does not apply (the kernels have no dropout): call model.eval(), "
+                             "or unpatch_model(model)")
         _check_inference(self, hidden_states)
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
