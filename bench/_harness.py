@@ -273,6 +273,14 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * n**3 / (t.p50 * 1e-3) / 1e12
 
 
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache size in bytes (0 on a CPU or where torch does not report it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+
+
 def device_rates(device: torch.device) -> dict:
     """Measured copy bandwidth and GEMM rate, with what was measured."""
     cpu = is_cpu(device)
@@ -308,11 +316,13 @@ def mla_flops(batch: int, s_q: int, heads: int, ctx, d_latent: int = 512, d_rope
 
 
 def mla_bytes(batch: int, s_q: int, heads: int, ctx, d_latent: int = 512, d_rope: int = 64,
-              elem_size: int = 2) -> int:
-    """Bytes = (B * L * (R + P) + B * S_q * H * (R + P + R)) * elem_size: the cache read once,
-    the query read and the output written once."""
+              elem_size: int = 2, cache_row_bytes: int | None = None) -> int:
+    """Bytes = B * L * row + B * S_q * H * (R + P + R) * elem_size: the cache read once, the query read and the
+    output written once. ``row`` = (R + P) * elem_size, or ``cache_row_bytes`` for a cache whose rows have their own
+    size (the FP8 layout: ``mla_kernels.cache.fp8_row_bytes``, 656 bytes with its scales at DeepSeek's widths)."""
     tokens = _cached_tokens(batch, ctx)
-    return (tokens * (d_latent + d_rope) + batch * s_q * heads * (d_latent + d_rope + d_latent)) * elem_size
+    row = (d_latent + d_rope) * elem_size if cache_row_bytes is None else int(cache_row_bytes)
+    return tokens * row + batch * s_q * heads * (d_latent + d_rope + d_latent) * elem_size
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Providers, each checked against the float32 reference (``reference.absorbed_deco
   mla_decode+w_uv  the library with the value projection, out [B, 1, H, D_v]
   mla_decode_fp8   the library over the same cache quantized to DeepSeek's FP8 layout (e4m3 latent + fp32 scale
                    per 128 values + bf16 rope key, 656 instead of 1152 bytes per token); checked against the
-                   reference over the dequantized cache; its GB/s counts bf16 bytes (effective), compare times
+                   reference over the dequantized cache; its GB/s counts the bytes it reads (656 per token),
+                   effective_gbps the bf16 bytes of the same tokens (for comparison with mla_decode)
   mla_decode_sparse  the library with ``indices``: each token over 2048 random distinct positions of its sequence
                    (DeepSeek-V3.2's top-k; every position when the context is shorter), checked against
                    ``reference.sparse_decode``; its FLOP/s and bytes count the keys it reads (min(ctx, 2048)),
@@ -364,12 +365,23 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
                                     wrong=True, **keys)  # the others still run; the exit status says so at the end
             continue
         work = dict(flops=flops, nbytes=nbytes)
+        if name == "mla_decode_fp8":  # the bytes it reads: its own 656-byte rows (scales included), not bf16's 1152
+            from mla_kernels.cache import fp8_row_bytes
+
+            work["nbytes"] = h.mla_bytes(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope, dtype.itemsize,
+                                         cache_row_bytes=fp8_row_bytes(shape.d_latent, shape.d_rope, dtype))
         if name == "mla_decode_sparse":  # the keys it reads, not the whole context: each token its own list
             read = min(ctx, SPARSE_TOPK)
             work = dict(flops=h.mla_flops(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope),
                         nbytes=h.mla_bytes(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope,
                                            dtype.itemsize))
         rows[name] = h.make_row(name, timing, copy_gbps=copy_gbps, rel_rms_err=err, **work, **keys)
+        if name == "mla_decode_fp8":  # bf16-equivalent bytes per second, for comparison with mla_decode's GB/s
+            rows[name]["effective_gbps"] = nbytes / (timing.p50 * 1e-3) / 1e9
+        l2_resident = case_bytes(shape, batch, ctx, page, dtype.itemsize) < 2 * h.l2_bytes(device)
+        if timing.method == "cuda-graph" and l2_resident:
+            rows[name]["note"] = ("L2-resident: graph replays run back to back without an L2 flush, so the cache "
+                                  "is partly served from L2 " + rows[name]["note"]).strip()
         p50[name] = timing.p50
     for name, base in SPEEDUP_BASE.items():
         if name in p50 and base in p50:
@@ -473,8 +485,16 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
                          ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta))):
             try:
                 timing, err = h.check_then_time(name, fn, ref_latent, device, dtype, **time_kw)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows[kind, name] = h.make_row(name, None, note="skipped: out of memory", **keys)
+                continue
             except h.WrongResult as exc:
                 rows[kind, name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
+                continue
+            except Exception as exc:  # the scheduled grid has never run natively: the other rows still run
+                rows[kind, name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: "
+                                              f"{str(exc)[:300]}", wrong=True, **keys)
                 continue
             rows[kind, name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps,
                                           rel_rms_err=err, **keys)
@@ -715,8 +735,11 @@ def main(argv=None) -> None:
         "device_rates": rates,
         "models": {
             "flops": "2*B*S_q*H*L*(R+P+R) (FlashMLA); the W_UV projection of the +w_uv rows is not counted",
-            "bytes": "(B*L*(R+P) + B*S_q*H*(R+P+R))*elem_size (FlashMLA); the same model for every provider",
-            "timing": "GPU: triton.testing.do_bench, L2 flushed before each run; CPU: perf_counter",
+            "bytes": "(B*L*(R+P) + B*S_q*H*(R+P+R))*elem_size (FlashMLA); mla_decode_fp8: its 656-byte rows for "
+                     "B*L (effective_gbps: bf16 bytes); mla_decode_sparse: the keys it reads",
+            "timing": ("GPU: triton.testing.do_bench_cudagraph, graph replays back to back, L2 NOT flushed "
+                       "(rows whose cache fits twice in L2 say so)" if args.cuda_graph else
+                       "GPU: triton.testing.do_bench, L2 flushed before each run") + "; CPU: perf_counter",
         },
     }
     if cpu:

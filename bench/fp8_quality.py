@@ -169,11 +169,11 @@ def model_quality(shape: ModelShape, device, batch: int, prompt_len: int, new_to
 SPEED_SHAPES = [(128, 4096, 16, 64), (128, 4096, 128, 64)]  # B, ctx, H, page; targets: >= 1.6x at 16 heads, >= 1x at 128
 
 
-def speed(device, cuda_graph: bool) -> list[dict]:
+def speed(device, cuda_graph: bool, rows: list | None = None) -> list[dict]:
     from . import decode as bd
 
     rates = h.device_rates(device)
-    rows = []
+    rows = [] if rows is None else rows
     print(h.table_header(("B", "ctx", "H", "page")))
     for batch, ctx, heads, page in SPEED_SHAPES:
         for row in bd.run_shape(batch, ctx, heads, page, device, torch.bfloat16, bd.library(), rates["copy_gbps"],
@@ -182,6 +182,37 @@ def speed(device, cuda_graph: bool) -> list[dict]:
             h.log(h.format_row(row, ("B", "ctx", "H", "page")))
             rows.append(row)
     return rows
+
+
+def _measure(args, device, cpu, shapes, rows, speed_rows, payload) -> None:
+    """main's measurements, appended to the lists and dict ``payload`` holds as each finishes."""
+    print(f"decode over an fp8 cache vs the bf16 cache (random data; issue 12's target <= {TARGET:.0e})")
+    print(f"{'B':>4} {'ctx':>6} {'H':>4} {'q x':>4} {'score std':>9} | {'fp8 vs bf16':>11} {'values only':>11} "
+          f"{'scores only':>11} | {'bf16 vs f64':>11} {'latent err':>10}")
+    for batch, ctx, heads in shapes:
+        for q_scale in (0.25, 0.5, 1.0, 2.0):
+            r = decode_error(batch, ctx, heads, q_scale, device)
+            rows.append(r)
+            print(f"{batch:>4} {ctx:>6} {heads:>4} {q_scale:>4} {r['nope_score_std_nats']:>9.2f} | "
+                  f"{r['rel_rms_error_fp8_vs_bf16']:>11.3e} {r['float64_values_only']:>11.3e} "
+                  f"{r['float64_scores_only']:>11.3e} | {r['rel_rms_error_bf16_vs_float64']:>11.3e} "
+                  f"{r['latent_rel_rms_error']:>10.3e}")
+    new_tokens = args.new_tokens or (32 if args.quick else 256)
+    shape = CPU_MODEL if cpu else GPU_MODEL
+    print(f"\npatched DeepSeek-V3-shaped model {dataclasses.asdict(shape)}, bf16, greedy {new_tokens} tokens")
+    model = payload["model"] = model_quality(shape, device, batch=4, prompt_len=32, new_tokens=new_tokens)
+    fr, tf = model["free_running"], model["teacher_forced"]
+    print(f"  free-running: {100 * fr['tokens_equal_fraction']:.1f}% of generated tokens equal; first divergence per "
+          f"sequence {fr['first_divergence_per_sequence']} of {new_tokens}")
+    print(f"  teacher-forced ({tf['positions']} positions): logits rel RMS fp8 vs bf16 cache "
+          f"{tf['logits_rel_rms_fp8_vs_bf16_cache']:.3e}; vs the fp32 model: fp8 {tf['logits_rel_rms_fp8_vs_fp32_model']:.3e}"
+          f", bf16 {tf['logits_rel_rms_bf16_vs_fp32_model']:.3e}")
+    print(f"  greedy agreement: fp8 vs bf16 cache {100 * tf['greedy_agreement_fp8_vs_bf16_cache']:.1f}%; vs the fp32 "
+          f"model: fp8 {100 * tf['greedy_agreement_fp8_vs_fp32_model']:.1f}%, bf16 "
+          f"{100 * tf['greedy_agreement_bf16_vs_fp32_model']:.1f}%")
+    if not cpu:
+        print("\nspeed: mla_decode_fp8 against mla_decode (issue 12: >= 1.6x at B128 L4096 H16, >= 1x at H128)")
+        speed(device, args.cuda_graph, speed_rows)
 
 
 def main(argv=None) -> None:
@@ -197,47 +228,21 @@ def main(argv=None) -> None:
     shapes = [(4, 1024, 16), (4, 4096, 16), (4, 4096, 128)] if not args.quick else [(2, 1024, 16)]
     if not cpu:
         shapes += [(128, 4096, 16), (128, 4096, 128)]
-    rows = []
-    print(f"decode over an fp8 cache vs the bf16 cache (random data; issue 12's target <= {TARGET:.0e})")
-    print(f"{'B':>4} {'ctx':>6} {'H':>4} {'q x':>4} {'score std':>9} | {'fp8 vs bf16':>11} {'values only':>11} "
-          f"{'scores only':>11} | {'bf16 vs f64':>11} {'latent err':>10}")
-    for batch, ctx, heads in shapes:
-        for q_scale in (0.25, 0.5, 1.0, 2.0):
-            r = decode_error(batch, ctx, heads, q_scale, device)
-            rows.append(r)
-            print(f"{batch:>4} {ctx:>6} {heads:>4} {q_scale:>4} {r['nope_score_std_nats']:>9.2f} | "
-                  f"{r['rel_rms_error_fp8_vs_bf16']:>11.3e} {r['float64_values_only']:>11.3e} "
-                  f"{r['float64_scores_only']:>11.3e} | {r['rel_rms_error_bf16_vs_float64']:>11.3e} "
-                  f"{r['latent_rel_rms_error']:>10.3e}")
-    new_tokens = args.new_tokens or (32 if args.quick else 256)
-    shape = CPU_MODEL if cpu else GPU_MODEL
-    print(f"\npatched DeepSeek-V3-shaped model {dataclasses.asdict(shape)}, bf16, greedy {new_tokens} tokens")
-    model = model_quality(shape, device, batch=4, prompt_len=32, new_tokens=new_tokens)
-    fr, tf = model["free_running"], model["teacher_forced"]
-    print(f"  free-running: {100 * fr['tokens_equal_fraction']:.1f}% of generated tokens equal; first divergence per "
-          f"sequence {fr['first_divergence_per_sequence']} of {new_tokens}")
-    print(f"  teacher-forced ({tf['positions']} positions): logits rel RMS fp8 vs bf16 cache "
-          f"{tf['logits_rel_rms_fp8_vs_bf16_cache']:.3e}; vs the fp32 model: fp8 {tf['logits_rel_rms_fp8_vs_fp32_model']:.3e}"
-          f", bf16 {tf['logits_rel_rms_bf16_vs_fp32_model']:.3e}")
-    print(f"  greedy agreement: fp8 vs bf16 cache {100 * tf['greedy_agreement_fp8_vs_bf16_cache']:.1f}%; vs the fp32 "
-          f"model: fp8 {100 * tf['greedy_agreement_fp8_vs_fp32_model']:.1f}%, bf16 "
-          f"{100 * tf['greedy_agreement_bf16_vs_fp32_model']:.1f}%")
-    speed_rows = []
-    if not cpu:
-        print("\nspeed: mla_decode_fp8 against mla_decode (issue 12: >= 1.6x at B128 L4096 H16, >= 1x at H128)")
-        speed_rows = speed(device, args.cuda_graph)
+    rows, speed_rows = [], []
     payload = {
-        "speed": speed_rows or "not measured: needs a GPU",
+        "speed": speed_rows if not cpu else "not measured: needs a GPU",
         "config": {"quick": args.quick, "softmax_scale": SOFTMAX_SCALE, "target": TARGET, "page": 64,
                    "path": "PyTorch path (CPU, no interpreter)" if cpu and not interpreting() else "Triton kernels"},
         "decode_random": rows,
-        "model": model,
         "notes": [
             "decode: error of the fp8 path against the bf16 path, same bf16 queries; 'values only' / 'scores only': "
             "float64 attention with the dequantized latent used only as the value / only as the key",
             "model: random weights; a trained checkpoint must be measured before claiming model quality",
         ],
     }
+    # the GPU session's fp8 step is time-boxed: a run stopped (or failing) in the model or speed part keeps the rest
+    with h.save_if_stopped("fp8_quality", payload, device, args):
+        _measure(args, device, cpu, shapes, rows, speed_rows, payload)
     h.save_results("fp8_quality", payload, device, args)
 
 

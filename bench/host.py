@@ -158,7 +158,10 @@ def cases(device):
     p_args, (cu, lens) = prefill_args(device)
     host = dict(cu_seqlens_q_host=cu, cache_seqlens_host=lens)
     latent_only = dict(d_kw, w_uv=None)
-    topk = torch.empty(1, 1, 512, dtype=torch.int32, device=device)  # sparse decode's key list (values unread here)
+    # sparse decode's key list: unread on meta; on a GPU 512 real positions (torch.empty's leftovers would be
+    # positions outside the sequence, skipped by the kernel, so the graph row would time a call reading ~no keys)
+    topk = (torch.empty(1, 1, 512, dtype=torch.int32, device=device) if device.type == "meta"
+            else torch.arange(512, dtype=torch.int32, device=device).view(1, 1, 512))
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
@@ -175,8 +178,9 @@ def cases(device):
     }
 
 
-def run_host(calls: int, repeats: int) -> list[dict]:
-    rows = []
+def run_host(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
+    """The stubbed calls' rows, appended to ``rows`` (a list the caller holds) as each case finishes."""
+    rows = [] if rows is None else rows
     with stubbed_kernels():
         for name, fn in cases(torch.device("meta")).items():
             t = per_call_us(fn, calls, repeats)
@@ -186,8 +190,8 @@ def run_host(calls: int, repeats: int) -> list[dict]:
     return rows
 
 
-def run_gpu(device, calls: int, repeats: int) -> list[dict]:
-    rows = []
+def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[dict]:
+    rows = [] if rows is None else rows
     for name, fn in cases(device).items():
         def timed():
             fn()
@@ -217,7 +221,7 @@ def run_gpu(device, calls: int, repeats: int) -> list[dict]:
     return rows
 
 
-def run_jit(calls: int, repeats: int) -> list[dict]:
+def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     """Triton's own host work per launch, on any machine: ``decode._launch`` (the launch preparation of
     ``mla_decode``, without its argument checks) on CPU tensors with the kernels driven through Triton's JIT as for an
     H100 (``_compile.jit_without_gpu``: bind, specialize, look the compiled kernel up; ``warmup=True`` stops short of
@@ -230,7 +234,7 @@ def run_jit(calls: int, repeats: int) -> list[dict]:
         return []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the library's compile check: no warning per compile
     (q_nope, q_pe, kv, pe, table, seqlens, scale), _ = decode_args(torch.device("cpu"))
-    rows = []
+    rows = [] if rows is None else rows
     for splits in (4, 1):  # seed 003's step gets 4 splits (attention + combine launches); 1 split: one launch
         def call():
             decode_mod._launch(q_nope, q_pe, kv, pe, table, seqlens, None, scale, True, False, batch=1, seq_q=1,
@@ -306,15 +310,18 @@ def main(argv=None) -> None:
         h.save_results("host_prompt", payload, device, args)
         return
     calls, repeats = (200, 7) if args.quick else (1000, 15)
-    rows = run_host(calls, repeats)
-    if args.jit:
-        rows += run_jit(calls, repeats)
-    if not h.is_cpu(device):
-        rows += run_gpu(device, calls, repeats)
+    rows = []
     payload = {"config": {"calls_per_sample": calls, "samples": repeats},
                "note": ("host rows: the public call on meta tensors with the Triton kernels replaced by no-ops: "
                         "Python checks and launch preparation only, not Triton's launch or the GPU"),
                "rows": rows}
+    # a GPU session gives this 25 s (cold compiles included): a run stopped at its limit keeps the rows it measured
+    with h.save_if_stopped("host", payload, device, args):
+        run_host(calls, repeats, rows)
+        if args.jit:
+            run_jit(calls, repeats, rows)
+        if not h.is_cpu(device):
+            run_gpu(device, calls, repeats, rows)
     h.save_results("host", payload, device, args)
 
 

@@ -226,12 +226,14 @@ def path_flops(shape: MLAShape, new, history) -> dict:
     return prefill_flops(new, [n + p for n, p in zip(new, history)], s.heads, s.d_latent, s.d_rope, s.d_nope, s.d_v)
 
 
-def auto_choice(shape: MLAShape, new, history) -> str:
+def auto_choice(shape: MLAShape, new, history, device=None) -> str:
+    """The path ``mla_prefill_attention(path="auto")`` takes for queries on ``device``: its choice reads that
+    device's config file (calibrated constants, tuned tiles); without ``device`` it would be the defaults'."""
     from mla_kernels.prefill import choose_prefill_path
 
     s = shape
     return choose_prefill_path(new, [n + p for n, p in zip(new, history)], s.heads, s.d_latent, s.d_rope, s.d_nope,
-                               s.d_v)
+                               s.d_v, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +281,7 @@ def seed_scenario(device, dtype, lib, warmups: int = SEED_WARMUPS, runs: int = S
     return {
         "requests": len(SEED_NEW), "new": SEED_NEW, "history": SEED_HISTORY, "page": PAGE,
         "shape": dataclasses.asdict(shape), "dtype": str(dtype), "warmups": warmups, "runs": runs,
-        "auto_chooses": auto_choice(shape, SEED_NEW, SEED_HISTORY),
+        "auto_chooses": auto_choice(shape, SEED_NEW, SEED_HISTORY, case.q_nope.device),
         "seed_ms": SEED_MS,
         "seed_note": "seed 003's sample output, their implementation on their (unnamed) GPU: not the same machine",
         "providers": results,
@@ -334,9 +336,10 @@ def run_shape(batch, new, history, heads, device, dtype, lib, time_kw) -> list[d
     flops = model_flops(shape, news, hists)
     per_path = path_flops(shape, news, hists)
     fns = providers(case, lib)
+    chosen = auto_choice(shape, news, hists, case.q_nope.device)  # what path="auto" runs for these queries
     rows = {}
     for name in PROVIDERS:
-        extra = provider_bytes(name if name != "auto" else auto_choice(shape, news, hists), shape, news, hists)
+        extra = provider_bytes(name if name != "auto" else chosen, shape, news, hists)
         if not h.fits(extra, device):
             rows[name] = h.make_row(name, None, note=f"skipped: needs ~{h.gib(extra)} more", **keys)
             continue
@@ -349,12 +352,16 @@ def run_shape(batch, new, history, heads, device, dtype, lib, time_kw) -> list[d
         except h.WrongResult as exc:
             rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
             continue
+        except Exception as exc:  # a path that fails to compile or launch here: the others, and the sweep, go on
+            rows[name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: {str(exc)[:300]}",
+                                    wrong=True, **keys)
+            continue
         row = h.make_row(name, timing, flops=flops, rel_rms_err=err, **keys)
-        executed = per_path.get(name if name != "auto" else auto_choice(shape, news, hists))
+        executed = per_path.get(name if name != "auto" else chosen)
         if executed is not None:
             row.update(path_flops=executed, path_tflops=executed / (timing.p50 * 1e-3) / 1e12)
         if name == "auto":
-            row["note"] = f"chose {auto_choice(shape, news, hists)}"
+            row["note"] = f"chose {chosen}"
         rows[name] = row
     if "p50_ms" in rows.get("naive", {}):
         for name in ("absorbed", "expanded", "auto"):

@@ -311,3 +311,104 @@ def test_fp8_quality_model_smoke(monkeypatch):
     out = bq.model_quality(shape, torch.device("cpu"), batch=2, prompt_len=4, new_tokens=3)
     assert out["model"]["experts"] == 4
     assert 0 <= out["teacher_forced"]["greedy_agreement_fp8_vs_bf16_cache"] <= 1
+
+
+def test_fp8_decode_row_counts_its_own_row_bytes():
+    """mla_decode_fp8's GB/s and % of copy count the bytes it reads: 656-byte rows (e4m3 latent, fp32 scales, bf16
+    rope), not the bf16 cache's 1152; effective_gbps keeps the bf16-equivalent rate for comparison."""
+    from mla_kernels.cache import fp8_row_bytes
+
+    assert fp8_row_bytes(512, 64) == 656
+    assert h.mla_bytes(2, 1, 16, 1024, cache_row_bytes=656) == 2 * 1024 * 656 + 2 * 16 * 1088 * 2
+    lib = _torch_lib()
+    rows = {r["provider"]: r for r in bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, lib,
+                                                   copy_gbps=10.0, time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2),
+                                                   only=("mla_decode", "mla_decode_fp8"))}
+    fp8, bf16 = rows["mla_decode_fp8"], rows["mla_decode"]
+    read = h.mla_bytes(2, 1, 2, 40, cache_row_bytes=656)
+    assert fp8["gbps"] * fp8["p50_ms"] * 1e6 == pytest.approx(read, rel=1e-9)
+    assert fp8["pct_copy_bw"] == pytest.approx(10 * fp8["gbps"])
+    assert fp8["effective_gbps"] * fp8["p50_ms"] * 1e6 == pytest.approx(h.mla_bytes(2, 1, 2, 40), rel=1e-9)
+    assert bf16["gbps"] * bf16["p50_ms"] * 1e6 == pytest.approx(h.mla_bytes(2, 1, 2, 40), rel=1e-9)
+
+
+def test_cuda_graph_rows_on_an_l2_resident_cache_say_so(monkeypatch):
+    """Graph replays run back to back without an L2 flush: a row whose cache fits twice in L2 is marked."""
+    monkeypatch.setattr(h, "time_fn", lambda fn, device, **kw: h.Timing.from_times([1.0, 1.0], "cuda-graph"))
+    monkeypatch.setattr(h, "l2_bytes", lambda device: 50 * 2**20)
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, _torch_lib(), copy_gbps=10.0,
+                        time_kw={}, only=("mla_decode",))
+    assert rows[0]["note"].startswith("L2-resident")
+    monkeypatch.setattr(h, "l2_bytes", lambda device: 0)
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, _torch_lib(), copy_gbps=10.0,
+                        time_kw={}, only=("mla_decode",))
+    assert "L2" not in rows[0]["note"]
+
+
+def test_imbalanced_pair_survives_a_failing_scheduled_provider():
+    """The scheduled grid (mla_decode+meta) has never run natively: its failure is a marked row, and mla_decode as
+    shipped is still timed on both twins (an exception used to end the whole imbalanced section)."""
+    from mla_kernels import mla_decode_metadata, schedule
+
+    as_library, _, _ = _torch_lib()
+
+    def decode(*args, metadata=None, **kw):
+        if metadata is not None:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        return as_library(*args, **kw)
+
+    rows = bd.run_imbalanced_pair(3, 64, 2, 16, torch.device("cpu"), torch.bfloat16, 10.0,
+                                  dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2),
+                                  lib=(decode, mla_decode_metadata, schedule))
+    by = {(r["kind"], r["provider"]): r for r in rows}
+    for kind in ("imbal", "unif"):
+        assert "p50_ms" in by[kind, "mla_decode"]
+        assert by[kind, "mla_decode+meta"]["wrong"] and "FAILED: RuntimeError" in by[kind, "mla_decode+meta"]["note"]
+    assert by["unif", "mla_decode"]["pct_of_uniform"] == pytest.approx(100.0)
+    assert by["imbal", "mla_decode"]["total_tokens"] == sum(bd.imbalanced_lengths(3, 64))
+
+
+def test_prefill_row_survives_a_failing_path_and_labels_auto_for_the_queries_device(monkeypatch):
+    """A path that fails to compile or launch is a marked row, the others are timed; auto's label and executed
+    FLOPs are of the choice made for the queries' device (its config file's constants), as the library makes it."""
+    bp = pytest.importorskip("bench.prefill")
+    from mla_kernels import prefill as pf
+
+    attention, module = bp.library()
+    seen = []
+    real = pf.choose_prefill_path
+
+    def choose(*args, device=None, **kw):
+        seen.append(device)
+        return real(*args, device=device, **kw)
+
+    monkeypatch.setattr(pf, "choose_prefill_path", choose)
+
+    def broken(*args, path="auto", **kw):
+        if path == "expanded":
+            raise RuntimeError("out of resource: shared memory")
+        return attention(*args, path=path, **kw)
+
+    cpu = torch.device("cpu")
+    rows = {r["provider"]: r for r in bp.run_shape(1, 8, 4, 2, cpu, torch.bfloat16, (broken, module),
+                                                    dict(warmup_ms=0.0, rep_ms=0.0, min_runs=1))}
+    assert rows["expanded"]["wrong"] and "FAILED: RuntimeError" in rows["expanded"]["note"]
+    assert "p50_ms" in rows["absorbed"] and "p50_ms" in rows["naive"]
+    assert seen and all(d == cpu for d in seen)
+
+
+def test_host_bench_keeps_its_rows_when_stopped(tmp_path, monkeypatch):
+    """bench.host in a GPU session has 25 s, cold compiles included: stopped, it writes the rows it measured."""
+    from bench import host as bh
+
+    def partial(calls, repeats, rows=None):
+        rows.append({"case": "mla_decode B1 L1024 H16", "p50_us": 20.0})
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(bh, "run_host", partial)
+    out = tmp_path / "host.json"
+    with pytest.raises(SystemExit) as stop:
+        bh.main(["--quick", "--device", "cpu", "--out", str(out)])
+    assert stop.value.code == 130
+    doc = json.loads(out.read_text())
+    assert doc["rows"] == [{"case": "mla_decode B1 L1024 H16", "p50_us": 20.0}] and "incomplete" in doc

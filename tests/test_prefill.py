@@ -713,7 +713,7 @@ def test_bench_sweep_row_and_crossover_smoke(device):
     rows = bp.run_shape(1, 20, 9, 2, device, torch.bfloat16, lib, dict(warmup_ms=0.0, rep_ms=0.0, min_runs=1))
     assert [r["provider"] for r in rows] == bp.PROVIDERS
     assert all("p50_ms" in r and r["rel_rms_err"] < 1e-2 for r in rows), [r.get("note") for r in rows]
-    assert rows[3]["note"] == f"chose {bp.auto_choice(bp.MLAShape(heads=2), [20], [9])}"
+    assert rows[3]["note"] == f"chose {bp.auto_choice(bp.MLAShape(heads=2), [20], [9], device)}"
     res = bp.crossover(rows)
     assert res["per_group"][0]["hist"] == 9 and len(res["relative_speed_all"]) == 1
 

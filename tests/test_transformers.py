@@ -857,7 +857,11 @@ def test_generate_bench_smoke(monkeypatch):
                                              "no-attention"]
     assert "GPU only" in rows[0]["note"] and "p50_ms" not in rows[0]
     timed = [r for r in rows if r["provider"] in ("no-cache", "transformers-cache", "patched")]
-    assert all(r["tokens_per_s"] > 0 and 0 <= r["attention_share"] <= 1 for r in timed)
+    assert all(r["tokens_per_s"] > 0 for r in timed)
+    # the share holds only against the eager cached steps the no-attention run is the rest of: not no-cache's
+    # whole-sequence forwards (its MLPs over every token would count as attention)
+    assert all(0 <= r["attention_share"] <= 1 for r in timed if r["provider"] != "no-cache")
+    assert "attention_share" not in rows[1]
     patched = rows[3]
     assert patched["prompt_logits_rel_rms_err"] < LOGITS_RTOL
     assert patched["tokens_agree_with_transformers"] >= 0.5  # bf16 ties may flip a late token
