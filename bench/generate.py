@@ -23,7 +23,9 @@ no-attention        the same model with every attention layer replaced by a stub
 transformers masks the rest of its dense attention, the patched model reads only those): past 2048 tokens of
 context the patched model's attention reads a fixed number of keys per token. The compiled provider is skipped.
 
-Before timing, the patched model's prompt logits are checked against the unpatched model's (bf16 both).
+Before timing, the patched model's prompt logits are checked against the unpatched model's (bf16 both), and so
+are the logits of each patched provider's first two generated steps against transformers-cache's
+(``decode_logits_rel_rms_err``: the second step is the compiled provider's first compiled one).
 Tokens/s = B * N / (median time of one run); p20/p80 over the runs. On a CPU the patched model takes the
 library's PyTorch path (the Triton kernels run only on a GPU or under the interpreter): CPU numbers say
 nothing about the kernels.
@@ -169,6 +171,38 @@ class _Prefilled:
         return self.cache
 
 
+# decode steps checked before timing: the first runs eagerly over the prefilled cache, the second is the first
+# step a compiled provider runs compiled (transformers compiles the steps after generate's first forward)
+CHECK_STEPS = 2
+
+
+def _first_steps(model, prepare, ids, mask, **extra):
+    """``(logits [steps, B, vocab] float32, tokens [B, steps])`` of ``model``'s first ``CHECK_STEPS`` greedy
+    steps from a fresh prefilled cache, or None when they do not fit in memory (the row then says it was unchecked
+    only by lacking ``decode_logits_rel_rms_err``)."""
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prepare(), output_logits=True,
+                             return_dict_in_generate=True, **_greedy(CHECK_STEPS), **extra)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    return torch.stack([x.float() for x in out.logits]), out.sequences[:, ids.shape[1]:]
+
+
+def decode_steps_error(got, reference) -> float:
+    """The largest relative RMS error of ``got``'s step logits against ``reference``'s (``_first_steps``' pairs).
+    A step is compared on the rows whose earlier tokens agree (a bf16 tie may pick another token, after which the
+    two runs see different inputs); the first step on every row."""
+    (logits, tokens), (ref_logits, ref_tokens) = got, reference
+    same = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    worst = 0.0
+    for step in range(logits.shape[0]):
+        if bool(same.any()):
+            worst = max(worst, h.rel_rms_error(logits[step][same], ref_logits[step][same.to(ref_logits.device)]))
+        same &= tokens[:, step] == ref_tokens[:, step].to(tokens.device)
+    return worst
+
+
 def time_runs(fn, device, runs: int) -> tuple[h.Timing, torch.Tensor]:
     """One warm-up call, then ``runs`` timed calls of ``fn(prepare())`` where only ``fn`` is timed."""
     prepare, call = fn
@@ -223,11 +257,21 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                     rows.append(h.make_row("patched-compiled", None, note="skipped: CUDA graphs and compiled "
                                                 "decoding are measured on a GPU only", **keys))
                 tokens = {}
+                reference_steps = _first_steps(base, plans["transformers-cache"][0], ids, mask)
                 for name, plan in plans.items():
                     if name.startswith("patched") and not err < LOGITS_RTOL:
                         rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
                                                     **keys))
                         continue
+                    step_err = None
+                    if name.startswith("patched") and reference_steps is not None:  # its decode steps, before timing
+                        extra = dict(compile_config=_compile_config()) if name == "patched-compiled" else {}
+                        got = _first_steps(patched, plan[0], ids, mask, **extra)
+                        step_err = None if got is None else decode_steps_error(got, reference_steps)
+                        if step_err is not None and not step_err < LOGITS_RTOL:
+                            rows.append(h.make_row(name, None, note="WRONG: first decode steps' logits rel. RMS "
+                                                        f"error {step_err:.2e}", **keys))
+                            continue
                     try:
                         timing, out = time_runs(plan, device, runs)
                     except torch.OutOfMemoryError:  # this provider at this size: the others, and the next sizes,
@@ -236,6 +280,8 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                         continue
                     tokens[name] = out[:, ctx:]
                     row = h.make_row(name, timing, **keys)
+                    if step_err is not None:
+                        row["decode_logits_rel_rms_err"] = step_err
                     row["tokens_per_s"] = batch * new_tokens / (timing.p50 * 1e-3)
                     rows.append(row)
                     del plan

@@ -841,6 +841,7 @@ def test_generate_bench_smoke_v32(monkeypatch):
     by_name = {r["provider"]: r for r in rows}
     assert "indexer" in by_name["patched-compiled"]["note"]
     assert by_name["patched"]["prompt_logits_rel_rms_err"] < LOGITS_RTOL and by_name["patched"]["tokens_per_s"] > 0
+    assert by_name["patched"]["decode_logits_rel_rms_err"] < LOGITS_RTOL  # the sparse decode steps, before timing
     with pytest.raises(ValueError, match="model_type"):
         generate.build_model(shape, torch.device("cpu"), model_type="llama")
 
@@ -864,7 +865,30 @@ def test_generate_bench_smoke(monkeypatch):
     assert "attention_share" not in rows[1]
     patched = rows[3]
     assert patched["prompt_logits_rel_rms_err"] < LOGITS_RTOL
+    assert patched["decode_logits_rel_rms_err"] < LOGITS_RTOL  # checked before timing (fp32 here: ~1e-6)
     assert patched["tokens_agree_with_transformers"] >= 0.5  # bf16 ties may flip a late token
+
+
+def test_generate_bench_decode_step_check():
+    """bench.generate's decode-step check: the first step on every row; a later step only on the rows whose earlier
+    tokens agree (after a tie picks another token the two runs see different inputs), so a tie is not reported as
+    an error while a wrong step still is."""
+    from bench.generate import decode_steps_error
+
+    ref_logits = torch.randn(2, 3, 10)
+    ref = (ref_logits, ref_logits.argmax(-1).T)  # tokens [B, steps]
+    assert decode_steps_error(ref, ref) == 0.0
+    tied = ref_logits.clone()
+    tied[1, 2] = torch.randn(10)  # row 2 took another token at step 0, so its step 1 differs: not counted
+    tokens = ref[1].clone()
+    tokens[2, 0] = (tokens[2, 0] + 1) % 10
+    assert decode_steps_error((tied, tokens), ref) == 0.0
+    wrong = ref_logits.clone()
+    wrong[1, 0] += 1.0  # row 0 agreed at step 0: its wrong step 1 is reported
+    assert decode_steps_error((wrong, ref[1]), ref) > 0.1
+    wrong_first = ref_logits.clone()
+    wrong_first[0, 2] = -wrong_first[0, 2]  # step 0 is compared on every row
+    assert decode_steps_error((wrong_first, tokens), ref) > 0.1
 
 
 def test_attention_dropout_in_train_mode_is_refused():
