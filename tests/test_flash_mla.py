@@ -219,3 +219,28 @@ def test_attn_sink_is_refused_before_any_kernel_runs(device, monkeypatch):
         with pytest.raises(TypeError, match="attn_sink"):
             flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, indices=indices,
                                    attn_sink=torch.zeros(2, dtype=torch.float64, device=device))
+
+
+def test_sparse_over_a_cache_of_fewer_slots_than_new_tokens(device):
+    """Sparse calls read whole-cache slots, not a sequence of S_q new tokens: a cache of 2 slots serves 3 tokens
+    (mla_decode refused it as 'cache_seqlens[0] = 2 is less than the S_q = 3 new tokens', a length the caller never
+    passed)."""
+    g = torch.Generator().manual_seed(0)
+    heads, s_q = 2, 3
+    k_cache = torch.randn(1, 2, 1, R + P, generator=g).to(device)
+    q = torch.randn(2, s_q, heads, R + P, generator=g).to(device)
+    indices = torch.tensor([[[0, 1], [1, -1], [-1, -1]], [[1, 0], [0, 0], [1, -1]]], dtype=torch.int32,
+                           device=device)
+    out, lse = flash_mla_with_kvcache(q, k_cache, None, None, R, softmax_scale=SCALE, indices=indices,
+                                      topk_length=torch.tensor([2, 1], dtype=torch.int32, device=device))
+    kv = k_cache[:, :, 0].double().cpu().reshape(2, R + P)
+    for b in range(2):
+        for s in range(s_q):
+            keys = [i for i in indices[b, s, :[2, 1][b]].tolist() if i >= 0]
+            if not keys:
+                assert (out[b, s] == 0).all() and (lse[b, :, s] == float("inf")).all()
+                continue
+            scores = q[b, s].double().cpu() @ kv[keys].T * SCALE  # [H, K]
+            ref = torch.softmax(scores, -1) @ kv[keys, :R]
+            assert_close(f"out[{b}, {s}]", out[b, s], ref, torch.float32)
+            assert_lse_close(f"lse[{b}, :, {s}]", lse[b, :, s], torch.logsumexp(scores, -1))

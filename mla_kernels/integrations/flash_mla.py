@@ -135,13 +135,17 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _check_metadata(tile_scheduler_metadata, config)  # (recorded below, once the call has been accepted)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
-    if indices is not None:  # whole-cache slots: one "sequence" per row holding every block, in order
+    if indices is not None:  # whole-cache slots: one "sequence" per token holding every block, in order
         if causal:
             raise ValueError("causal must be False with indices (sparse attention), as in FlashMLA")
         slots = kv_cache.shape[0] * kv_cache.shape[1]
-        block_table = torch.arange(kv_cache.shape[0], dtype=torch.int32, device=q.device).expand(batch, -1)
-        cache_seqlens = torch.full((batch,), slots, dtype=torch.int32, device=q.device)
         indices = _keep_first(indices, topk_length, batch)
+        # each token its own sequence of S_q = 1 (not causal, so nothing depends on its position): a cache of fewer
+        # slots than S_q is no "length below S_q" to mla_decode, which would refuse it
+        q = q.reshape(batch * s_q, 1, heads, q.shape[-1])
+        indices = indices.reshape(batch * s_q, 1, indices.shape[-1])
+        block_table = torch.arange(kv_cache.shape[0], dtype=torch.int32, device=q.device).expand(batch * s_q, -1)
+        cache_seqlens = torch.full((batch * s_q,), slots, dtype=torch.int32, device=q.device)
         max_seqlen_k = slots
     else:
         if topk_length is not None:
@@ -157,6 +161,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     out, lse = mla_decode(q[..., :dim_v], q[..., dim_v:], kv_cache, pe_cache, block_table, cache_seqlens, scale,
                           causal=causal, return_lse=True, max_seqlen_k=max_seqlen_k, kv_scale=kv_scale,
                           indices=indices, metadata=schedule)
+    if indices is not None:  # back to [B, S_q, ...]
+        out, lse = out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink, heads)
     if tile_scheduler_metadata is not None and tile_scheduler_metadata.config is None:
