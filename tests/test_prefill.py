@@ -154,12 +154,17 @@ def test_attention_accepts_a_strided_w_kv_b(device):
 
 
 def test_prefill_matches_decode_for_one_token(device):
-    """One new token per sequence is a decode step: both calls agree bit for bit."""
+    """One new token per sequence is a decode step: the same kernel body on the same inputs, only the tiles differ
+    (BLOCK_N: where the running max is taken, so where each probability's bf16 rounding falls)."""
     a = make_inputs([1, 1, 1], [30, 0, 77], 4, 16, torch.bfloat16, device)
     out = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, num_splits=1)
     dec = mla_kernels.mla_decode(a["q_nope"][:, None], a["q_pe"][:, None], a["kv_cache"], a["pe_cache"],
                                  a["block_table"], a["cache_seqlens"], SCALE, num_splits=1)
-    assert_close("prefill vs decode", out, dec[:, 0], torch.bfloat16, rms_tol=1e-2)
+    # not bit for bit (measured: 5% of the values differ, by one ulp, a relative RMS of 3.2e-4): a probability rounded
+    # to bf16 against another running max differs by < 1 ulp, averaged away over the keys, and the output's own
+    # rounding then flips by one ulp at most, so the relative RMS stays below one bf16 ulp, 2^-8 (RMS_TOL, 8e-3, is
+    # each against float64 and would let a 1% change of the scores through: two results each that far from it)
+    assert_close("prefill vs decode", out, dec[:, 0], torch.bfloat16, rms_tol=2 ** -8, cos_tol=2 ** -16)
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
