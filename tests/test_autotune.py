@@ -9,6 +9,7 @@ library then reads config files for the CPU tensors the interpreter runs.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -490,6 +491,7 @@ BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tun
     "rank-24": (dict(shapes={"decode": [dict(R=24)]}), ValueError, "R must be a power of two"),
     "ctx-negative": (dict(shapes={"decode": [dict(ctx=-5)]}), ValueError, "ctx must be >= 1"),
     "ctx-below-s_q": (dict(shapes={"decode": [dict(ctx=2, S_q=4)]}), ValueError, "S_q"),
+    "ctx-one-below-s_q": (dict(shapes={"decode": [dict(ctx=3, S_q=4)]}), ValueError, "S_q"),
     "hist-negative": (dict(shapes={"prefill": [dict(hist=-1)]}), ValueError, "hist must be >= 0"),
     "width-V-48": (dict(shapes={"expanded": [dict(V=48)]}), ValueError, "V must be a power of two"),
     "dtype-int": (dict(dtype=torch.int32), TypeError, "dtype"),
@@ -644,3 +646,164 @@ def test_default_out_of_an_index_less_cuda_device_is_the_current_gpus(monkeypatc
     assert _autotune.default_out(torch.device("cuda")).endswith("gpu-kind-1.json")
     assert _autotune.default_out(torch.device("cuda", 0)).endswith("gpu-kind-0.json")
     assert _autotune.default_out(torch.device("cpu")).endswith("gpu-kind-0.json")  # (as before: a timer's sweep)
+
+
+def test_env_var_values_that_turn_tuning_on_and_a_class_is_tried_once(fake_gpu, monkeypatch, device):
+    """Any value of MLA_KERNELS_AUTOTUNE but the "off" ones turns on-demand tuning on ("true", "yes", "on" too), and
+    a class is tried once per process: one whose tuning found nothing (every candidate pruned, no benchmark shape,
+    an error) is not tuned again on every later lookup."""
+    asked = []
+    monkeypatch.setattr(_autotune, "tune_on_demand", lambda kernel, key, index: asked.append((kernel, key)) or None)
+    for on in ("1", "true", "YES", "on", " 2 "):
+        monkeypatch.setattr(_tuning, "_tried", set())
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, on)
+        assert _tuning.lookup("decode", KEY, device) is None
+        assert _tuning.lookup("decode", KEY, device) is None
+        assert asked == [("decode", KEY)], on
+        asked.clear()
+
+
+def test_metadata_for_an_fp8_cache_cuts_the_tiles_an_fp8_call_runs(fake_gpu, device):
+    """A stored 32 x 64, 3-stage config at R 512 fits the H100's shared memory with an fp8 cache (the stages hold
+    e4m3 keys: 225280 bytes) but not with a bf16 one (258048: shrunk to 32 x 32): mla_decode_metadata(cache_dtype=
+    float8_e4m3fn) must cut along the fp8 call's tiles, or that call refuses the schedule."""
+    stored = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=8, source="test",
+                      kernels={"decode": {_tuning.decode_class(16, 512): stored}})
+    _tuning.reload()
+    seqlens = torch.tensor([300, 0, 40], dtype=torch.int32, device=device)
+    fp8 = mla_kernels.mla_decode_metadata(seqlens, 16, cache_dtype=torch.float8_e4m3fn, num_programs=3)
+    bf16 = mla_kernels.mla_decode_metadata(seqlens, 16, num_programs=3)
+    assert (fp8.block_m, fp8.block_n) == decode.schedule_tiles(16, 512, device, 64, 2, True) == (32, 64)
+    assert (bf16.block_m, bf16.block_n) == decode.schedule_tiles(16, 512, device, 64, 2, False) == (32, 32)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-3)],
+                         ids=["bf16", "fp16", "fp32"])
+def test_check_close_tolerances(dtype, tol):
+    """A candidate's output within the dtype's relative RMS tolerance passes, one at twice it is pruned, and a
+    non-finite output where the reference is finite is pruned as such."""
+    expected = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert _autotune.check_close("ok", expected * (1 + tol / 2), expected, dtype) == pytest.approx(tol / 2)
+    with pytest.raises(_autotune.WrongResult, match="relative RMS error"):
+        _autotune.check_close("off", expected * (1 + 2 * tol), expected, dtype)
+    nan = expected.clone()
+    nan[7] = float("nan")
+    with pytest.raises(_autotune.WrongResult, match="non-finite"):
+        _autotune.check_close("nan", nan, expected, dtype)
+
+
+def shape_timer(ms_by_block_n):
+    """A timer whose time depends on the shape too: ``ms_by_block_n[BLOCK_N][i]`` for the class's i-th shape (the
+    sweep runs each config over the shapes in order; the first config seen tells the shapes' order)."""
+    order = {}
+
+    def timer(fn):
+        index = order.setdefault(fn.fn, len(order))
+        return ms_by_block_n[fn.config["BLOCK_N"]][index]
+    return timer
+
+
+def test_winner_by_geometric_mean_and_the_heuristics_time_per_shape(fake_gpu, device):
+    """The winner has the lowest geometric mean over the class's shapes (FAST: 1 and 64 ms, 8 ms; the other: 10 and
+    10 ms, which an arithmetic mean would pick), and the heuristic's time is reported per shape."""
+    other = dict(FAST, BLOCK_N=16)
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE, dict(DECODE, B=1, ctx=70, page=4)]}, device=device,
+                             out=None, timer=shape_timer({64: [100.0, 200.0], 32: [1.0, 64.0], 16: [10.0, 10.0]}),
+                             candidates={"decode": [other, FAST]}, log=lambda msg: None)
+    assert res["winner"] == FAST and res["after_geomean_ms"] == pytest.approx(8.0)
+    assert res["before_ms"] == [100.0, 200.0] and res["speedup"] == pytest.approx(math.sqrt(100 * 200) / 8)
+
+
+def test_the_split_knob_is_tried_on_the_winner(fake_gpu, device):
+    """Decode's winner is tried again with each split-count knob (waves 1, 2, 4); one faster wins. A config met twice
+    (its keys in another order) is one candidate."""
+    times = []
+
+    def timer(fn):
+        times.append(dict(fn.config))
+        return 0.5 if fn.config.get("waves") == 4 else {64: 2.0, 32: 1.0}[fn.config["BLOCK_N"]]
+
+    reordered = dict(reversed(list(FAST.items())))
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None, timer=timer,
+                             candidates={"decode": [FAST, reordered]}, log=lambda msg: None)
+    assert res["winner"] == dict(FAST, waves=4)
+    assert sorted(c.get("waves", 0) for c in times if c["BLOCK_N"] == 32) == [0, 1, 2, 4]
+    assert res["candidates"] == 5  # the heuristic, FAST, and FAST at waves 1, 2, 4
+
+
+def test_a_sweep_reloads_what_it_wrote(fake_gpu, device):
+    """The library had read the (missing) files before the sweep; after it, the next lookup finds the winner."""
+    assert _tuning.lookup("decode", KEY, device) is None
+    _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=_tuning.CONFIG_DIR / "test-gpu.json",
+                    timer=fake_timer({32: 1.0, 64: 2.0}), candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert _tuning.lookup("decode", KEY, device) == FAST
+
+
+def test_on_demand_tuning_takes_two_shapes_at_the_class_widths(monkeypatch):
+    """MLA_KERNELS_AUTOTUNE's tuning of a class: benchmark shapes set to the class key's widths (R 32 here, shapes
+    written at R 512), those of the class, at most two, written to the user's file."""
+    swept = []
+
+    def sweep(kernels, shapes, **kw):
+        swept.append((kernels, shapes, kw["out"]))
+        return [dict(winner=FAST)]
+
+    monkeypatch.setattr(_autotune, "sweep", sweep)
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(_autotune, "ON_DEMAND_SHAPES", {"decode": [
+        dict(DECODE, R=512), dict(DECODE, R=512, H=64), dict(DECODE, R=512, B=1, ctx=70), dict(DECODE, R=512, B=3)]})
+    assert _autotune.tune_on_demand("decode", KEY, 0) == FAST
+    (kernels, shapes, out), = swept
+    assert kernels == ["decode"] and shapes == {"decode": [DECODE, dict(DECODE, B=1, ctx=70)]}
+    assert out == _tuning.user_file(0)
+
+
+def test_decode_candidate_spaces():
+    """What a full decode sweep tries per class (no TMA or Gluon off sm_90): row tiles by the rows bucket, and at
+    R 1024 (two 512-wide tiles per step) at most 32 x 32."""
+    cpu = torch.device("cpu")
+
+    def tiles(key):
+        space = _autotune.SPECS["decode"].space(key, cpu, quick=False)
+        assert {(c["num_warps"], c["num_stages"]) for c in space} == {(4, 2), (4, 3), (8, 2), (8, 3)}
+        return sorted({c["BLOCK_M"] for c in space}), sorted({c["BLOCK_N"] for c in space})
+
+    assert tiles("R512/rows<=16") == ([16], [16, 32, 64])
+    assert tiles("R512/rows<=32") == ([16, 32], [16, 32, 64])
+    assert tiles("R512/rows<=64") == ([32, 64], [16, 32, 64])
+    assert tiles("R512/rows>64") == ([32, 64, 128], [16, 32, 64])
+    assert tiles("R1024/rows>64") == ([32], [16, 32])
+    assert tiles("R1024/rows<=16") == ([16], [16, 32])
+
+
+def test_autotune_tunes_a_kernel_named_twice_once(fake_gpu, monkeypatch, device):
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    res = mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, kernels=["decode"] * 2,
+                               device=device, timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
+    assert [r["shape_class"] for r in res] == [KEY]
+
+
+def test_a_schedule_cut_again_after_a_drop_covers_sequences_longer_than_a_tile(fake_gpu, monkeypatch, device):
+    """As above, with sequences longer than the stored config's 128-key tiles (300 and 70 tokens: 128-tiles 3 + 1
+    over 3 programs, the long sequence cut): the fallback's 64-key tiles walk the tables cut again for them. With the
+    128-key tables they would read 128 of the 300 keys in program 0 and 64 of the 70 in program 2."""
+    from reference import absorbed_decode
+
+    lens = [300, 70]
+    kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device, generator_seed=1)
+    q = torch.randn(2, 1, HEADS, R + P, generator=torch.Generator().manual_seed(1)).to(device)
+    args = (q[..., :R], q[..., R:], kv, pe, table, torch.tensor(lens, dtype=torch.int32, device=device), SCALE)
+    expected, _ = absorbed_decode(*args)
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"decode": {KEY: BROKEN}})
+    _tuning.reload()
+    meta = mla_kernels.mla_decode_metadata(args[5], HEADS, 1, kv_lora_rank=R, rope_dim=P, dtype=torch.float32,
+                                           num_programs=3)
+    assert meta.block_n == 128 and meta.sequences[:, 1].tolist() == [2, 1]
+    spy = KernelSpy(decode._mla_attn_kernel, fail=lambda m: m["BLOCK_N"] == 128)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        out = mla_kernels.mla_decode(*args, metadata=meta)
+    assert [m["BLOCK_N"] for m in spy.launches] == [128, 64]
+    assert_close("cut again for the fallback's tiles", out, expected, torch.float32)

@@ -233,6 +233,56 @@ def test_time_model_terms_by_hand():
     assert t == pytest.approx(by_hand, rel=1e-12)
 
 
+def test_time_model_terms_by_hand_full_attention_unequal_widths():
+    """Every kernel of both paths, FLOPs and bytes, by hand for full (non-causal) attention with D_nope != D_v: 2
+    sequences (10 new over 30 history, 3 over 3), 4 heads, R 64, P 16, D_nope 32, D_v 16, 8-row expanded blocks."""
+    r, p, dn, dv, h, bm = 64, 16, 32, 16, 4, 8
+    w = cost.work([10, 3], [40, 3], h, r, p, dn, dv, causal=False, block_m=bm)
+    tokens, keys = 13, 43
+    pairs = 10 * 40 + 3 * 3  # every row sees its whole sequence
+    exec_pairs = bm * (2 * 40 + 1 * 3)  # row blocks (2 and 1) x all keys
+    assert w["absorbed"]["kernels"] == [
+        ("absorb_q", 2 * tokens * h * dn * r, 2 * (tokens * h * dn + h * dn * r + tokens * h * r), "gemm"),
+        ("attention", 2 * h * pairs * (2 * r + p), 2 * (keys * (r + p) + tokens * h * (2 * r + p)), "absorbed"),
+        ("project_v", 2 * tokens * h * r * dv, 2 * (tokens * h * r + h * r * dv + tokens * h * dv), "gemm")]
+    assert w["expanded"]["kernels"] == [
+        ("gather", 0, keys * (4 * r + 64), None),
+        ("expand", 2 * keys * h * r * (dn + dv), 2 * (keys * r + h * (dn + dv) * r + keys * h * (dn + dv)), "gemm"),
+        ("attention", 2 * h * exec_pairs * (dn + p + dv),
+         2 * (keys * (h * (dn + dv) + p) + tokens * h * (dn + p + dv)), "expanded")]
+    assert {path: w[path]["launches"] for path in cost.PATHS} == cost.LAUNCHES
+    causal = cost.work([10, 3], [40, 3], h, r, p, dn, dv, causal=True, block_m=bm)
+    assert causal["absorbed"]["kernels"][1][1] == 2 * h * (10 * 30 + 55 + 6) * (2 * r + p)
+
+
+def test_expanded_block_m_is_the_kernels_heuristic():
+    """The model pads rows to the BLOCK_M the expanded kernel's heuristic picks, on both sides of its boundary."""
+    for n in (0, 1, 63, 64, 65, 1024, 4096):
+        assert cost.expanded_block_m(n) == prefill._expanded_heuristic(n)["BLOCK_M"], n
+
+
+def test_choose_ties_go_to_expanded():
+    assert cost.choose({"absorbed": 1.0, "expanded": 1.0}) == "expanded"
+    assert cost.choose({"absorbed": 1.0, "expanded": 1.0 + 1e-9}) == "absorbed"
+
+
+def test_device_constants_precedence(monkeypatch):
+    """A file's absorbed rate beats its old ratio key; a caller's relative_speed beats both; values that are no
+    number > 0 (a bool too) leave the default."""
+    gpu = torch.device("cuda", 0)  # never touched: _tuning.constant is replaced
+    table = dict(prefill_absorbed_tflops=100.0, prefill_expanded_tflops=400.0, absorbed_relative_speed=3.0,
+                 prefill_call_us=True)
+    monkeypatch.setattr(_tuning, "constant", lambda name, device: table.get(name))
+    _pretend_gpu_visible(monkeypatch)
+    consts = cost.device_constants(gpu)
+    assert consts["prefill_absorbed_tflops"] == 100.0 and consts["prefill_expanded_tflops"] == 400.0
+    assert consts["prefill_call_us"] == cost.DEFAULTS["prefill_call_us"]
+    assert cost.device_constants(gpu, relative_speed=0.5)["prefill_absorbed_tflops"] == 200.0
+    del table["prefill_absorbed_tflops"]
+    assert cost.device_constants(gpu)["prefill_absorbed_tflops"] == 1200.0
+    assert cost.device_constants(gpu, relative_speed=0.5)["prefill_absorbed_tflops"] == 200.0
+
+
 # ------------------------------------------------------------------------------------------------
 # launch counts: the model's LAUNCHES against what the code runs
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +420,29 @@ def test_fit_models_each_record_with_its_own_launch_counts():
     misread = cost.fit([dict(r, launches=3) for r in records])  # as if the expanded path had launched 3
     assert any(misread[name] != pytest.approx(truth[name], rel=0.03) for name in cost.NAMES), misread
     assert all(r["launches"] == cost.D07C6FE_LAUNCHES[r["path"]] for r in cost.h100_records())
+
+
+def test_fit_reproduces_exact_records_and_reads_each_records_shape():
+    """Records the model itself timed are fitted to within 0.5% each (the descent stops on no improvement, not on a
+    coarse one); a record's causal flag and block_m are the ones its time is modelled with; a fixed constant keeps
+    the start value given, not the default."""
+    truth = dict(cost.DEFAULTS, prefill_call_us=120.0, prefill_absorbed_tflops=210.0, prefill_expanded_tflops=450.0,
+                 prefill_gemm_tflops=550.0)
+    records = synthetic_records(truth)
+    fitted = cost.fit(records)
+    for rec in records:
+        w = cost.work(rec["new"], rec["cache_lens"], rec["heads"], **WIDTHS)[rec["path"]]
+        assert cost.path_time(w, fitted) * 1e3 == pytest.approx(rec["ms"], rel=5e-3), rec
+    full = []  # non-causal attention, the expanded kernel at 32-row blocks
+    for heads, _, _, new, cache_lens, _ in model_sweep(truth):
+        est = cost.estimate(new, cache_lens, heads, **WIDTHS, constants=truth, causal=False, block_m=32)
+        full += [dict(new=new, cache_lens=cache_lens, heads=heads, path=path, ms=est[path] * 1e3, causal=False,
+                      block_m=32, **WIDTHS) for path in cost.PATHS]
+    fitted = cost.fit(full)
+    for name in ("prefill_absorbed_tflops", "prefill_expanded_tflops", "prefill_gemm_tflops"):
+        assert fitted[name] == pytest.approx(truth[name], rel=0.01), name
+    slow_copy = cost.fit(records, start={"prefill_bandwidth_gbps": 2000.0})
+    assert slow_copy["prefill_bandwidth_gbps"] == 2000.0
 
 
 def test_fit_rejects_bad_records():

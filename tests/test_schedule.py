@@ -60,6 +60,18 @@ def test_device_tables_by_hand():
     everything_padding = tables([0, 0, 0], 16, 2)
     assert schedule.units_of(everything_padding, [0, 0, 0]) == [[], []]
     assert everything_padding.sequences[:, 1].tolist() == [0, 0, 0]
+    # a GPU call does not check the lengths' values: a negative one is cut as the padding slot it stands for, never
+    # as negative tiles that would shift every later sequence's place in the flat tile order
+    for got, want in zip(tables([-100, 40, -33, 7], 32, 3)[:2], tables([0, 40, 0, 7], 32, 3)[:2]):
+        assert torch.equal(got, want)
+
+
+def test_partial_slot_bound_by_hand():
+    """(P - 1) + min(B, P - 1), at least 1: one program cuts nothing, and the buffer it sizes is never empty."""
+    cases = {(4, 1): 1, (0, 1): 1, (4, 3): 4, (1, 5): 5, (5, 5): 8, (9, 5): 8}
+    assert {bp: schedule.part_slot_bound(*bp) for bp in cases} == cases
+    meta = mla_kernels.mla_decode_metadata(torch.tensor([300, 5], dtype=torch.int32), 16, num_programs=1)
+    assert meta.num_part_slots == 1 and meta.sequences[:, 1].tolist() == [1, 1]
 
 
 @st.composite
@@ -96,6 +108,12 @@ def test_schedule_properties(problem):
     # the device tables, decoded the way the kernel walks them, say exactly the same
     got = tables(lengths, block_n, num_programs)
     assert schedule.units_of(got, lengths) == units
+    # and the program table itself is the one these units give: a busy program starts in its first unit's sequence
+    # (not at the end of the one before, where a boundary falls between programs: the kernel would then run an
+    # empty piece of that sequence and overwrite a whole sequence's output with it) and ends in its last unit's
+    expected = [(mine[0][0], mine[0][1] // block_n, mine[-1][0], triton_cdiv(mine[-1][2], block_n)) if mine
+                else schedule.EMPTY_PROGRAM for mine in units]
+    assert [tuple(row) for row in got.programs.tolist()] == expected
     table = schedule.piece_table(units, len(lengths))
     assert [tuple(row) for row in got.sequences.tolist()] == table
     assert sum(pieces for _, pieces, _ in table if pieces > 1) <= got.num_part_slots  # partial buffer suffices
@@ -147,6 +165,21 @@ def test_grid_from_shapes():
     assert schedule.num_programs_for(64, 128, 64, 64, None, cpu) == math.ceil(sms / 2)  # 2 row blocks each
     assert schedule.num_programs_for(1, 16, 16, 32, 1024, cpu) == 1024 // decode_mod.MIN_SPLIT_TOKENS
     assert schedule.num_programs_for(3, 16, 16, 32, 10, cpu) == 3  # at least one program per sequence
+    assert schedule.num_programs_for(8, 16, 16, 32, 0, cpu) == 1  # all padding: no tile to give out, one program
+
+
+def test_metadata_honours_its_arguments():
+    """A forced grid is the grid; the rows per sequence are S_q x H (8 x 16 = 128 rows: 64 x 64 tiles, not the
+    16 x 32 of 16 rows); max_seqlen_k bounds the lengths inclusively (10 admits a length of 10, 9 does not)."""
+    seqlens = torch.tensor([10, 0, 3], dtype=torch.int32)
+    meta = mla_kernels.mla_decode_metadata(seqlens, 16, num_programs=7)
+    assert meta.num_programs == 7 and meta.programs.shape == (7, 4)
+    assert (meta.block_m, meta.block_n) == decode_mod.schedule_tiles(16, 512, torch.device("cpu"))
+    meta = mla_kernels.mla_decode_metadata(seqlens, 16, 8)
+    assert (meta.block_m, meta.block_n) == decode_mod.schedule_tiles(128, 512, torch.device("cpu")) == (64, 64)
+    assert mla_kernels.mla_decode_metadata(seqlens, 16, max_seqlen_k=10).batch == 3
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        mla_kernels.mla_decode_metadata(seqlens, 16, max_seqlen_k=9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,6 +364,20 @@ BAD_CALL = {
 @pytest.mark.parametrize("case", list(BAD_CALL), ids=list(BAD_CALL))
 def test_bad_metadata(case):
     assert_rejects(mla_kernels.mla_decode, _good(), *BAD_CALL[case])
+
+
+def test_metadata_of_other_lengths_with_the_same_program_table_is_refused():
+    """One program over [10, 0, 3] and over [10, 5, 3] walks the same table row (sequences 0 to 2, one tile each
+    end), but the first schedule marks sequence 1 padding (no piece: its output would be zeros): the CPU's check
+    compares the sequence table too."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([10, 5, 3], 1, 16, 16, torch.bfloat16, "cpu",
+                                                                   r=32, p=16)
+    meta = mla_kernels.mla_decode_metadata(torch.tensor([10, 0, 3], dtype=torch.int32), 16, kv_lora_rank=32,
+                                           num_programs=1)
+    assert torch.equal(meta.programs, mla_kernels.mla_decode_metadata(seqlens, 16, kv_lora_rank=32,
+                                                                      num_programs=1).programs)
+    with pytest.raises(ValueError, match="other cache_seqlens"):
+        mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=meta)
 
 
 def test_good_metadata_of_the_bad_input_test_runs():

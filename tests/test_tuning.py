@@ -252,3 +252,68 @@ def test_save_file_keeps_every_writers_classes(tmp_path):
     data = _tuning.load_data(path, "cuda", triton.__version__)
     assert sorted(data["kernels"]["decode"]) == sorted(f"R512/{t}{i}" for t in "ab" for i in range(15))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]  # the lock leaves no file behind
+
+
+def test_a_file_of_the_same_triton_major_version_loads(tmp_path):
+    """Stale means another triton MAJOR version: a file tuned under 3.1.0 serves 3.6.0 (a minor or patch upgrade
+    must not throw every tuned config away), one tuned under 2.3.0 does not."""
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(dict(vendor="cuda", triton="3.1.0", kernels={"decode": {"R512/rows<=16": GOOD}})))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _tuning.load_file(path, "cuda", "3.6.0") == {"decode": {"R512/rows<=16": GOOD}}
+        assert _tuning.load_file(path, "cuda", "3.6.1+git") == {"decode": {"R512/rows<=16": GOOD}}
+    with pytest.warns(RuntimeWarning, match="tuned with triton"):
+        assert _tuning.load_file(path, "cuda", "4.0.0") is None
+
+
+def test_config_ranges_at_their_bounds():
+    """Each checked value at the ends of its range is a config, one step past either end is not."""
+    decode = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=0, waves=1)
+    assert _tuning.config_error("decode", decode) is None
+    top = dict(BLOCK_M=1024, BLOCK_N=1024, num_warps=32, num_stages=8, waves=128, TMA=False, GLUON=True)
+    assert _tuning.config_error("decode", top) is None
+    assert _tuning.config_error("write_cache", dict(BLOCK_T=1, num_warps=1)) is None
+    assert _tuning.config_error("write_cache", dict(BLOCK_T=1024, num_warps=32)) is None
+    past = [dict(decode, BLOCK_M=2048), dict(decode, BLOCK_N=2048), dict(decode, num_warps=64),
+            dict(decode, num_stages=9), dict(decode, waves=129), dict(decode, BLOCK_N=8)]
+    for cfg in past:
+        assert _tuning.config_error("decode", cfg) is not None, cfg
+    for cfg in (dict(BLOCK_T=2048, num_warps=4), dict(BLOCK_T=0, num_warps=4), dict(BLOCK_T=4, num_warps=0)):
+        assert _tuning.config_error("write_cache", cfg) is not None, cfg
+
+
+def test_save_file_gives_a_readable_file_and_keeps_a_files_mode(tmp_path):
+    """The temporary file the write goes through is created 0600: a new config file is 0644 (the shipped files and
+    a user's cache are read by other processes and users), and a file rewritten keeps the mode it had."""
+    import stat
+
+    path = tmp_path / "gpu.json"
+    kw = dict(device="Test GPU", sm_count=8, source="test", vendor_key="cuda")
+    _tuning.save_file(path, kernels={"decode": {"a": GOOD}}, **kw)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o640)
+    _tuning.save_file(path, kernels={"decode": {"b": GOOD}}, **kw)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_slug_of_a_name_with_spaces_and_symbols_at_its_ends():
+    assert _tuning.device_slug("  AMD Instinct MI300X (gfx942) ") == "amd-instinct-mi300x-gfx942"
+
+
+def test_constants_that_are_no_table_warn_once_and_fall_back(tmp_path):
+    """``constants`` must be a table like ``kernels``: a list there made the check of its entries raise
+    AttributeError out of every lookup; the file is ignored with one warning instead."""
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(dict(vendor="cuda", triton="3.6.0", kernels={}, constants=[1.0])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _tuning.load_data(path, "cuda", "3.6.0") is None
+        assert _tuning.load_data(path, "cuda", "3.6.0") is None
+    assert len([w for w in caught if "constants" in str(w.message)]) == 1
+
+
+def test_expanded_class_names_its_widths_in_order():
+    """The key of a file's expanded table: N (D_nope) first, then V (D_v), as the files written so far hold it."""
+    assert _tuning.expanded_class(64, 96, 32) == "N96/V32/new<=64"
+    assert _tuning.expanded_class(65, 32, 96) == "N32/V96/new<=1024"
