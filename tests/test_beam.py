@@ -191,3 +191,26 @@ def test_static_latent_cache_refuses_beam_search(monkeypatch):
     for what, arg in [("batch_repeat_interleave", 2), ("batch_select_indices", torch.tensor([0]))]:
         with pytest.raises(NotImplementedError, match="static latent cache"):
             getattr(cache, what)(arg)
+
+
+def test_indexer_keys_follow_every_row_change():
+    """DeepSeek-V3.2's indexer keys, which each LatentCacheLayer keeps, change rows as transformers' DynamicLayer
+    changes its K/V: repeat_interleave (not repeat), index selection, reorder, and crop of the last positions.
+    generate only reorders and crops them (it expands the batch before the cache holds anything), so this is where
+    batch_repeat_interleave and batch_select_indices on held keys are checked."""
+    layer = integration._latent_layer_class()()
+    keys = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    layer.update_indexer(keys)
+    layer.batch_repeat_interleave(2)
+    expected = keys.repeat_interleave(2, dim=0)
+    assert torch.equal(layer.indexer_keys, expected)
+    layer.batch_select_indices(torch.tensor([5, 0, 3]))
+    expected = expected[[5, 0, 3]]
+    assert torch.equal(layer.indexer_keys, expected)
+    layer.reorder_cache(torch.tensor([2, 2, 1]))
+    expected = expected[[2, 2, 1]]
+    assert torch.equal(layer.indexer_keys, expected)
+    layer.cumulative_length = 4
+    layer.crop(-1)
+    assert torch.equal(layer.indexer_keys, expected[:, :3]) and layer.cumulative_length == 3
+    assert torch.equal(layer.update_indexer(keys[:, :1]), torch.cat([expected[:, :3], keys[:, :1]], 1))

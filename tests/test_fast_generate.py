@@ -611,3 +611,22 @@ def test_decode_step_replays_in_a_cuda_graph():
             static_x.copy_(x), static_cos.copy_(cos), static_sin.copy_(sin)
             graph.replay()
             torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pads", ["right-padded", "middle-padded"])
+def test_static_prompt_never_stores_a_pad(pads):
+    """A static latent cache's prompt step with pads after a real token: each pad gets no slot (it would take the
+    place after the real tokens before it, overwriting the last of them, which every later query then reads with
+    the pad's key). The real tokens' logits equal the unpatched model's, and the cache holds the real tokens only."""
+    model = dense_model()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1] = torch.tensor({"right-padded": [1, 1, 1, 0, 0, 0, 0], "middle-padded": [1, 1, 0, 0, 0, 1, 1]}[pads])
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        patch_model(model, block_size=4)
+        cache = static_latent_cache(model, max_batch_size=2, max_cache_len=8)
+        got = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert cache._mla_static_state.seqlens[0].tolist() == [7, int(mask[1].sum())]

@@ -535,3 +535,15 @@ def test_compiled_module_does_not_recompile_per_batch_size():
             hidden = torch.randn(sum(counts), config.hidden_size)
             torch.testing.assert_close(compiled(hidden, batch), attn(hidden, batch))
         assert len(graphs) - before <= 2, f"{len(graphs) - before} graphs for 5 mixed steps"
+
+
+def test_yarn_defaults_match_transformers():
+    """A YaRN config that leaves out beta_fast, beta_slow, mscale and mscale_all_dim takes transformers' defaults
+    (32, 1, no mscale correction): the same inverse frequencies and cos/sin scale as its rotary embedding. The theta
+    puts beta_fast's correction dimension at 2.99 (31 gave 3.02: another ramp), so a default off by one shows."""
+    yarn = {"rope_type": "yarn", "rope_theta": 3180.0, "factor": 4.0, "original_max_position_embeddings": 4096}
+    config = tiny_config(rope_parameters=yarn)
+    rotary = DeepseekV3RotaryEmbedding(config)
+    mod = MLAttention.from_config(config)
+    assert torch.equal(mod.inv_freq, rotary.inv_freq)
+    assert mod.rope_scaling_factor == rotary.attention_scaling

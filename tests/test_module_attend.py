@@ -74,3 +74,54 @@ def test_cancel_gives_back_a_failed_steps_reservation():
         with pytest.raises(ValueError, match="out of date"):
             stale.cancel()
         assert cache.seqlen(b) == 4
+
+
+@pytest.mark.parametrize("counts, kernel", [([1, 1], "decode"), ([8, 8], "decode"), ([9, 9], "prefill"),
+                                            ([2, 3], "prefill"), ([1, 0], "prefill")],
+                         ids=["one-token", "eight-tokens", "nine-tokens", "ragged", "one-idle-row"])
+def test_attend_dispatches_decode_or_prefill(counts, kernel, monkeypatch):
+    """The step's kernel: mla_decode when every sequence has the same number of new tokens, at most
+    DECODE_MAX_NEW_TOKENS (8), else mla_prefill_attention. Both give the same attention, so the outputs alone
+    never showed a dispatch that sent every step (or the 8-token one) to prefill."""
+    from mla_kernels import module, prefill
+
+    calls = []
+    real_decode, real_prefill = module.mla_decode, prefill.mla_prefill_attention
+    monkeypatch.setattr(module, "mla_decode", lambda *a, **kw: calls.append("decode") or real_decode(*a, **kw))
+    monkeypatch.setattr(prefill, "mla_prefill_attention",
+                        lambda *a, **kw: calls.append("prefill") or real_prefill(*a, **kw))
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, R, P, dtype=torch.float32)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    with torch.no_grad():
+        m(torch.randn(sum(counts), HID), LatentBatch.reserve(cache, seqs, counts))
+    assert calls == [kernel]
+
+
+def test_cancel_of_a_one_token_step():
+    """A failed decode step (one new token per sequence, a sequence with none) is given back whole: each sequence
+    drops exactly its new tokens."""
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 4, 4, R, P, dtype=torch.float32)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    with torch.no_grad():
+        m(torch.randn(6, HID), LatentBatch.reserve(cache, [a, b], [4, 2]))
+    step = LatentBatch.reserve(cache, [a, b], [1, 0])
+    assert (cache.seqlen(a), cache.seqlen(b), cache.num_free_blocks) == (5, 2, 1)
+    step.cancel()
+    assert (cache.seqlen(a), cache.seqlen(b), cache.num_free_blocks) == (4, 2, 2)
+
+
+def test_a_batch_whose_last_token_lies_in_a_block_a_fork_shares_is_refused():
+    """LatentBatch built by hand over tokens already reserved: one new token whose slot lies in a full block that a
+    fork shares (writing it would change the fork's token too) is refused, as two are."""
+    cache = PagedLatentCache(1, 8, 4, R, P, dtype=torch.float32)
+    a = cache.add_sequence()
+    cache.append(a, 8)  # two full blocks
+    cache.fork(a)  # shares both
+    for n in (1, 2, 5):
+        with pytest.raises(ValueError, match="fork shares"):
+            LatentBatch(cache, [a], [n], cache.slots(a, 8 - n, 8))
+    LatentBatch(cache, [a], [0], cache.slots(a, 8, 8))  # no new token: nothing to write

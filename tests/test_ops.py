@@ -364,3 +364,24 @@ def test_compiled_fp8_write_and_decode_match_eager(device):
     assert torch.equal(got, expected)
     assert torch.equal(kv_cache.view(torch.uint8), written[0]) and torch.equal(kv_scale, written[1])
     assert torch.equal(pe_cache, written[2])
+
+
+def test_write_ops_declare_every_tensor_they_write():
+    """The write ops' schemas mark each cache they write as mutated (``Tensor(a!)``), the fp8 op's scales included:
+    functionalization under torch.compile orders reads after the write only for declared mutations. opcheck's
+    test_schema, which would notice an undeclared one, can't run on the fp8 op (no CPU float8 arithmetic)."""
+    for op, written in ((torch.ops.mla_kernels.write_cache.default, {"kv_cache", "pe_cache"}),
+                        (torch.ops.mla_kernels.write_cache_fp8.default, {"kv_cache", "pe_cache", "kv_scale"})):
+        mutated = {a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert mutated == written, op
+
+
+def test_opcheck_bf16_decode_without_lse():
+    """In bf16, the op's empty lse (return_lse=False) is float32, as its fake kernel says: a real result in the
+    inputs' dtype differed from the fake one (the fp32 tests above can't tell the two apart)."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs("cpu")
+    q_nope, q_pe, kv_cache, pe_cache = (t.to(torch.bfloat16) for t in (q_nope, q_pe, kv_cache, pe_cache))
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, False, None, 12, None)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=("test_faketensor",))
+    out, lse = torch.ops.mla_kernels.mla_decode(*args)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == (0,)

@@ -97,11 +97,13 @@ def test_crop_drops_the_last_tokens_of_every_row_once(monkeypatch):
         assert_allocator_consistent(lc)
 
 
+@pytest.mark.parametrize("crops", [(-3,), (-1, -2)], ids=["one-crop", "two-crops"])
 @pytest.mark.parametrize("layout", ["right-padded", "middle-padded", "two-pad-runs"])
-def test_crop_into_a_padded_prompt_keeps_each_rows_real_tokens(layout, monkeypatch):
+def test_crop_into_a_padded_prompt_keeps_each_rows_real_tokens(layout, crops, monkeypatch):
     """Pads are not stored, so a crop inside a padded step must know where each row's pads lay: exact for one run
     of pads (right or middle), as the unpatched model's logits afterwards show; two runs are refused, changing
-    nothing."""
+    nothing. Two crops: the first leaves the middle-padded row's last real token (its pads and real tokens after
+    the cut are recorded for the second, which must still find them one run)."""
     monkeypatch.setattr(_utils, "interpreting", lambda: False)
     model = tiny_model()
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -122,7 +124,8 @@ def test_crop_into_a_padded_prompt_keeps_each_rows_real_tokens(layout, monkeypat
                     cache.crop(-3)
                 assert [lc.seqlen(r) for r in lc.seq_ids] == [7, 4] and cache.get_seq_length() == 7
                 return
-            cache.crop(-3)  # keep positions 0..3
+            for n in crops:  # keep positions 0..3
+                cache.crop(n)
             if patched:
                 lc = latent_cache(cache)
                 assert [lc.seqlen(r) for r in lc.seq_ids] == [4, int(mask[1, :4].sum())]
@@ -149,3 +152,10 @@ def test_crop_of_rows_sharing_a_block_copies_it_once(monkeypatch):
     rows = list(lc.seq_ids)
     assert [lc.seqlen(r) for r in rows] == [6, 6] and lc.num_free_blocks == 0 and latent_cache(cache) is lc
     assert_allocator_consistent(lc)
+    # the next step writes each row's token into its own last block: the first row's is the new copy, so the host
+    # block table must have been rewritten there (it kept pointing at the block the second row now holds alone)
+    new = torch.tensor([[5], [9]])
+    with torch.no_grad():
+        got = model(input_ids=new, past_key_values=cache, use_cache=True).logits[:, -1]
+        want = tiny_model()(input_ids=torch.cat([ids[:, :6].expand(2, 6), new], 1)).logits[:, -1]  # unpatched
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
