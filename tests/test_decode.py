@@ -295,6 +295,33 @@ BAD = {
     "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.float16)), TypeError, "w_uv"),
     "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
+    # each limit exactly: one past it is refused (the cases above are far past theirs)
+    "max_seqlen_k-one-too-small": (lambda a: a.update(max_seqlen_k=9), ValueError, "above max_seqlen_k=9"),
+    "cache_seqlens-one-past-table": (lambda a: a["cache_seqlens"].__setitem__(0, 33), ValueError,
+                                     "length 33 beyond the block table's capacity 32"),
+    "block_table-id-equal-to-num-blocks": (lambda a: a["block_table"].__setitem__((0, 0), 5), ValueError,
+                                           "block_table"),
+    "block_table-id-minus-one-in-use": (lambda a: a["block_table"].__setitem__((0, 0), -1), ValueError,
+                                        "block_table"),
+    "softmax_scale-zero": (lambda a: a.update(softmax_scale=0.0), ValueError, "softmax_scale"),
+    "num_splits-bool": (lambda a: a.update(num_splits=True), ValueError, "num_splits"),
+    "q_nope-no-tokens": (lambda a: a.update(q_nope=a["q_nope"][:, :0], q_pe=a["q_pe"][:, :0]), ValueError,
+                         "q_nope"),
+    "q_nope-no-heads": (lambda a: a.update(q_nope=a["q_nope"][:, :, :0], q_pe=a["q_pe"][:, :, :0]), ValueError,
+                        "q_nope"),
+    "kv_cache-empty-pages": (lambda a: a.update(kv_cache=a["kv_cache"][:, :0], pe_cache=a["pe_cache"][:, :0]),
+                             ValueError, "kv_cache"),
+    "kv_cache-width-2048": (lambda a: a.update(kv_cache=torch.zeros(5, 16, 2048, dtype=torch.bfloat16),
+                                               q_nope=torch.zeros(2, 1, 4, 2048, dtype=torch.bfloat16)),
+                            ValueError, "kv_cache"),
+    "pe_cache-width-not-pow2": (lambda a: a.update(pe_cache=torch.zeros(5, 16, 24, dtype=torch.bfloat16),
+                                                   q_pe=torch.zeros(2, 1, 4, 24, dtype=torch.bfloat16)),
+                                ValueError, "pe_cache"),
+    "max_seqlen_k-negative": (lambda a: a.update(max_seqlen_k=-1), ValueError, "max_seqlen_k must be an int >= 0"),
+    "q_pe-last-dim-strided": (lambda a: a.update(q_pe=torch.zeros(2, 1, 4, 32, dtype=torch.bfloat16)[..., ::2]),
+                              ValueError, "q_pe"),
+    "block_table-other-device": (lambda a: a.update(block_table=a["block_table"].to("meta")), ValueError,
+                                 "block_table is on meta"),
     # no backward pass: the output carried no gradient to the query, and with w_uv only the projection's part of it
     "q_nope-requires-grad": (lambda a: a.update(q_nope=a["q_nope"].detach().requires_grad_()), ValueError, "q_nope"),
     "w_uv-requires-grad": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.bfloat16, requires_grad=True)),
@@ -350,6 +377,50 @@ def test_good_input_of_the_bad_input_test_runs():
     """The base case of test_bad_input is valid, so each failure above is caused by its one change."""
     out = mla_kernels.mla_decode(**_good())
     assert torch.isfinite(out).all()
+
+
+def test_a_size_one_last_dimension_may_have_any_stride():
+    """A last dimension of one element is contiguous whatever its stride (a [B, 1] block table cut from a
+    transposed one), through the named checks as through the one-expression one."""
+    np = pytest.importorskip("numpy")
+    args = _good()
+    ref = mla_kernels.mla_decode(**args)
+    args["block_table"] = args["block_table"][:, :1].T.contiguous().T  # [2, 1], strides (1, 2): one block each
+    assert args["block_table"].stride(-1) != 1
+    args["softmax_scale"] = np.float64(SCALE)  # not a float: the named checks run
+    assert torch.equal(mla_kernels.mla_decode(**args), ref)
+
+
+def test_max_seqlen_k_is_clamped_to_the_block_tables_capacity(monkeypatch, device):
+    """A max_seqlen_k past the block table's capacity (32 tokens here) sizes the split grid as the capacity does:
+    splits past it could only be empty. Through the one-expression check and the named checks alike. On the
+    kernels' device (the PyTorch path, which CPU tensors take beside a GPU, sizes no grid)."""
+    np = pytest.importorskip("numpy")
+    from mla_kernels import decode as decode_mod
+    real, seen = decode_mod._num_splits, []
+
+    def spy(programs, max_seqlen, *rest, **kwargs):
+        seen.append(max_seqlen)
+        return real(programs, max_seqlen, *rest, **kwargs)
+
+    monkeypatch.setattr(decode_mod, "_num_splits", spy)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    ref = mla_kernels.mla_decode(**args)
+    for scale in (SCALE, np.float64(SCALE)):
+        args["softmax_scale"] = scale
+        assert torch.equal(mla_kernels.mla_decode(**args, max_seqlen_k=10**6), ref)
+    assert seen == [32, 32, 32]
+
+
+def test_split_count_bounds():
+    """_num_splits: from 1 to 128 splits, none shorter than MIN_SPLIT_TOKENS (a single split excepted)."""
+    from mla_kernels.decode import MIN_SPLIT_TOKENS, _num_splits
+    cpu = torch.device("cpu")
+    for programs in (1, 3, 64, 1000):
+        for length in (0, 1, 255, 256, 511, 767, 768, 10**6):
+            n = _num_splits(programs, length, cpu)
+            assert 1 <= n <= 128 and (n == 1 or n * MIN_SPLIT_TOKENS <= length), (programs, length, n)
+    assert _num_splits(1, 10**6, cpu) == 128
 
 
 @pytest.mark.parametrize("grid", ["one-split", "splits", "scheduled"])

@@ -499,6 +499,11 @@ BAD_DECODE = {
     "q-fp16-vs-bf16-rope": (lambda a: a.update(q_nope=a["q_nope"].half(), q_pe=a["q_pe"].half()), TypeError,
                             "q_nope"),
     "kv_cache-e5m2": (lambda a: a.update(kv_cache=a["kv_cache"].view(torch.float8_e5m2)), TypeError, "kv_cache"),
+    # R 64 with scales of R // 128 = 0 groups agrees with the scales' shape check: R itself must be refused
+    "kv_cache-R-64-with-no-scale-groups": (lambda a: a.update(kv_cache=a["kv_cache"][..., :64],
+                                                              q_nope=a["q_nope"][..., :64],
+                                                              kv_scale=a["kv_scale"][..., :0]),
+                                           ValueError, "R a multiple of 128"),
     "kv_cache-R-not-multiple-of-128": (lambda a: a.update(kv_cache=a["kv_cache"][..., :64],
                                                           q_nope=a["q_nope"][..., :64]), ValueError, "kv_cache"),
 }
@@ -558,6 +563,11 @@ BAD_WRITE = {
     "kv_scale-float64": (lambda a: a.update(kv_scale=a["kv_scale"].double()), TypeError, "kv_scale"),
     "kv_c-fp16-vs-bf16-rope": (lambda a: a.update(kv_c=a["kv_c"].half()), TypeError, "kv_c"),
     "kv_c-fp8": (lambda a: a.update(kv_c=a["kv_c"].to(FP8)), TypeError, "kv_c"),
+    # named as kv_c, not as the fp8 cache ("kv_c" alone also matches "kv_cache")
+    "kv_c-fp8-named": (lambda a: a.update(kv_c=a["kv_c"].to(FP8)), TypeError, "kv_c is float8_e4m3fn, but only kv_cache"),
+    "kv_cache-R-64-with-no-scale-groups": (lambda a: a.update(kv_cache=a["kv_cache"][..., :64], kv_c=a["kv_c"][:, :64],
+                                                              kv_scale=a["kv_scale"][..., :0]),
+                                           ValueError, "R a multiple of 128"),
     "k_pe-fp32": (lambda a: a.update(k_pe=a["k_pe"].float()), TypeError, "k_pe"),
     "slot-past-the-cache": (lambda a: a.update(slot_mapping=torch.tensor([0, 12, 1])), ValueError, "slot_mapping"),
 }

@@ -449,6 +449,15 @@ BAD = {
     "max_seqlen_q-negative": (lambda a: a.update(max_seqlen_q=-1), ValueError, "max_seqlen_q"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
     "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
+    # each limit exactly: one past it is refused (a max_seqlen_q one short leaves a row unwritten)
+    "max_seqlen_q-one-too-small": (lambda a: a.update(max_seqlen_q=9), ValueError, "max_seqlen_q=9 is below"),
+    "max_seqlen_k-one-too-small": (lambda a: a.update(max_seqlen_k=11), ValueError, "max_seqlen_k=11 is below"),
+    "cache_seqlens-one-past-table": (_set("cache_seqlens", 0, 33), ValueError,
+                                     "length 33 beyond the block table's capacity 32"),
+    "softmax_scale-zero": (lambda a: a.update(softmax_scale=0.0), ValueError, "softmax_scale"),
+    "kv_cache-empty-pages": (lambda a: a.update(kv_cache=a["kv_cache"][:, :0], pe_cache=a["pe_cache"][:, :0]),
+                             ValueError, "kv_cache"),
+    "q_nope-no-heads": (lambda a: a.update(q_nope=a["q_nope"][:, :0], q_pe=a["q_pe"][:, :0]), ValueError, "q_nope"),
     "cu_seqlens_q-other-device": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].to("meta")), ValueError,
                                   "cu_seqlens_q"),
 }
@@ -475,6 +484,7 @@ BAD_ATTENTION = {
     "w_kv_b-rows-not-per-head": (lambda a: a.update(w_kv_b=a["w_kv_b"][:-1]), ValueError, "w_kv_b"),
     "w_kv_b-no-value-rows": (lambda a: a.update(w_kv_b=a["w_kv_b"][:4 * 32]), ValueError, "w_kv_b"),
     "path-unknown": (lambda a: a.update(path="fast"), ValueError, "path"),
+    "w_kv_b-other-device": (lambda a: a.update(w_kv_b=a["w_kv_b"].to("meta")), ValueError, "w_kv_b is on meta"),
     "expanded-d_nope-not-pow2": (lambda a: a.update(q_nope=a["q_nope"][..., :24], path="expanded",
                                                     w_kv_b=torch.zeros(4 * (24 + 128), 32, dtype=torch.bfloat16)),
                                  ValueError, "q_nope"),
@@ -498,6 +508,24 @@ def test_good_input_of_the_bad_input_tests_runs():
     assert torch.isfinite(mla_kernels.mla_prefill(**_good())).all()
     for path in ("absorbed", "expanded"):
         assert torch.isfinite(mla_kernels.mla_prefill_attention(**_good(d_nope=32), path=path)).all()
+
+
+def test_max_seqlen_k_past_the_block_table_sizes_no_buffer(monkeypatch):
+    """A max_seqlen_k past the block table's capacity (32 tokens here) with many forced splits: they are cut as for
+    the capacity (the splits past it could only be empty), not as for 10**9 tokens (partials for 100000 splits)."""
+    args = _good()
+    ref = mla_kernels.mla_prefill(**args, num_splits=100_000)
+    real_empty = torch.empty
+
+    def bounded_empty(*shape, **kwargs):
+        t = real_empty(*shape, **kwargs)
+        assert t.numel() < 10**6, f"a buffer of shape {tuple(t.shape)} for a block table of 32 tokens"
+        return t
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+    out = mla_kernels.mla_prefill(**args, max_seqlen_k=10**9, num_splits=100_000)
+    monkeypatch.undo()
+    assert torch.equal(out, ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,6 +569,7 @@ BAD_HOST = {
     "cu_seqlens_q_host-tensor": (lambda a: a.update(cu_seqlens_q_host=a["cu_seqlens_q"]), TypeError,
                                  "cu_seqlens_q_host"),
     "cache_seqlens_host-float": (_set("cache_seqlens_host", 0, 12.0), TypeError, "cache_seqlens_host.0."),
+    "cu_seqlens_q_host-bool": (_set("cu_seqlens_q_host", 0, False), TypeError, "cu_seqlens_q_host.0. must be an int"),
     "cu_seqlens_q_host-short": (lambda a: a.update(cu_seqlens_q_host=[0, 10, 13]), ValueError, "cu_seqlens_q_host"),
     "cache_seqlens_host-long": (lambda a: a.update(cache_seqlens_host=[12, 4, 3, 0]), ValueError,
                                 "cache_seqlens_host"),
@@ -550,6 +579,9 @@ BAD_HOST = {
     "cu_seqlens_q_host-not-to-T": (_both("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q_host must end"),
     "cache_seqlens_host-below-new-tokens": (_both("cache_seqlens", 0, 9), ValueError, "cache_seqlens_host.0.=9 is"),
     "cache_seqlens_host-beyond-table": (_both("cache_seqlens", 0, 10_000), ValueError, "cache_seqlens_host has a"),
+    # one past the capacity: the host lengths' own check (a GPU call with host lengths runs no other)
+    "cache_seqlens_host-one-past-table": (_both("cache_seqlens", 0, 33), ValueError,
+                                          "cache_seqlens_host has a length 33 beyond the block table's capacity 32"),
 }
 
 

@@ -340,6 +340,8 @@ BAD_CALL = {
                        "metadata"),
     "other-batch": (lambda a: _other_meta(a, torch.tensor([10, 3, 4], dtype=torch.int32), 16), ValueError,
                     "metadata"),
+    "other-batch-named": (lambda a: _other_meta(a, torch.tensor([10, 3, 4], dtype=torch.int32), 16), ValueError,
+                          "metadata was built for a batch of 3, the call has 2"),
     "other-tiles": (lambda a: _other_meta(a, a["cache_seqlens"], 64), ValueError, "metadata"),
     "other-lengths": (lambda a: _other_meta(a, torch.tensor([10, 200], dtype=torch.int32), 16, num_programs=3),
                       ValueError, "metadata"),
