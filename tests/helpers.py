@@ -145,3 +145,17 @@ def make_paged_cache(seqlens, page_size, widths, dtype, device, extra_blocks=3, 
     else:
         kv_cache, pe_cache = buf[..., :r].contiguous(), buf[..., r:].contiguous()
     return kv_cache, pe_cache, table.to(device)
+
+
+def bound_allocations(monkeypatch, max_numel: int, what: str) -> None:
+    """Fail any ``torch.empty`` of more than ``max_numel`` elements (``what``: the problem, for the message): a
+    count that sizes buffers from a bound it should have clamped (forced splits, ``max_seqlen_k``) shows as one.
+    ``monkeypatch.undo()`` lifts it."""
+    real_empty = torch.empty
+
+    def bounded_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        assert t.numel() < max_numel, f"a buffer of shape {tuple(t.shape)} for {what}"
+        return t
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)

@@ -7,7 +7,8 @@ import torch
 
 import mla_kernels
 import reference
-from helpers import SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, make_paged_cache
+from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
+                     make_paged_cache)
 from mla_kernels import _utils
 
 ON_GPU = torch.cuda.is_available()
@@ -140,14 +141,7 @@ def test_num_splits_beyond_the_tiles(device, monkeypatch):
     programs and no partials (100000 of them took ~300 MB of partials here, and a CUDA grid holds 65535)."""
     lens = [40, 0, 7]
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, 2, 4, 16, torch.bfloat16, device, r=32, p=16)
-    real_empty = torch.empty
-
-    def bounded_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        assert t.numel() < 10**6, f"a buffer of shape {tuple(t.shape)} for a problem of 48 tokens of cache"
-        return t
-
-    monkeypatch.setattr(torch, "empty", bounded_empty)
+    bound_allocations(monkeypatch, 10**6, "a problem of 48 tokens of cache")
     out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
                                       num_splits=100_000)
     monkeypatch.undo()

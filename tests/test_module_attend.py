@@ -9,13 +9,19 @@ from mla_kernels.module import LatentBatch, MLAttention
 R, P, H, D, HID = 16, 16, 2, 16, 32
 
 
-def _setup(counts):
+def _module_with_two_sequences(num_blocks, cached):
+    """A seeded module and a cache of ``num_blocks`` blocks of 4 holding two sequences of ``cached`` tokens."""
     torch.manual_seed(0)
     m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
-    cache = PagedLatentCache(1, 8, 4, R, P, dtype=torch.float32)
+    cache = PagedLatentCache(1, num_blocks, 4, R, P, dtype=torch.float32)
     a, b = cache.add_sequence(), cache.add_sequence()
     with torch.no_grad():
-        m(torch.randn(5, HID), LatentBatch.reserve(cache, [a, b], [3, 2]))
+        m(torch.randn(sum(cached), HID), LatentBatch.reserve(cache, [a, b], cached))
+    return m, cache, a, b
+
+
+def _setup(counts):
+    m, cache, a, b = _module_with_two_sequences(8, [3, 2])
     batch = LatentBatch.reserve(cache, [a, b], counts)
     q_nope, q_pe, kv_c, k_pe = m.project(torch.randn(sum(counts), HID), *m.rotary(batch.positions, torch.float32))
     return m, cache, batch, (q_nope, q_pe, kv_c, k_pe)
@@ -102,12 +108,7 @@ def test_attend_dispatches_decode_or_prefill(counts, kernel, monkeypatch):
 def test_cancel_of_a_one_token_step():
     """A failed decode step (one new token per sequence, a sequence with none) is given back whole: each sequence
     drops exactly its new tokens."""
-    torch.manual_seed(0)
-    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
-    cache = PagedLatentCache(1, 4, 4, R, P, dtype=torch.float32)
-    a, b = cache.add_sequence(), cache.add_sequence()
-    with torch.no_grad():
-        m(torch.randn(6, HID), LatentBatch.reserve(cache, [a, b], [4, 2]))
+    m, cache, a, b = _module_with_two_sequences(4, [4, 2])
     step = LatentBatch.reserve(cache, [a, b], [1, 0])
     assert (cache.seqlen(a), cache.seqlen(b), cache.num_free_blocks) == (5, 2, 1)
     step.cancel()

@@ -8,7 +8,8 @@ import torch
 
 import mla_kernels
 import reference
-from helpers import SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, make_paged_cache
+from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
+                     make_paged_cache)
 from mla_kernels import _utils, prefill
 
 ON_GPU = torch.cuda.is_available()
@@ -515,14 +516,7 @@ def test_max_seqlen_k_past_the_block_table_sizes_no_buffer(monkeypatch):
     the capacity (the splits past it could only be empty), not as for 10**9 tokens (partials for 100000 splits)."""
     args = _good()
     ref = mla_kernels.mla_prefill(**args, num_splits=100_000)
-    real_empty = torch.empty
-
-    def bounded_empty(*shape, **kwargs):
-        t = real_empty(*shape, **kwargs)
-        assert t.numel() < 10**6, f"a buffer of shape {tuple(t.shape)} for a block table of 32 tokens"
-        return t
-
-    monkeypatch.setattr(torch, "empty", bounded_empty)
+    bound_allocations(monkeypatch, 10**6, "a block table of 32 tokens")
     out = mla_kernels.mla_prefill(**args, max_seqlen_k=10**9, num_splits=100_000)
     monkeypatch.undo()
     assert torch.equal(out, ref)
