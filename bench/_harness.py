@@ -537,6 +537,19 @@ def make_row(provider: str, timing: Timing | None, *, flops: float | None = None
     return row
 
 
+def untimed_row(provider: str, exc: Exception, **keys) -> dict:
+    """The row of a provider whose check or timing raised ``exc``, so that the sweep's other providers still run:
+    out of memory (skipped, the allocator's cache emptied), a wrong result, or any other failure (a kernel that
+    fails to compile or launch: paths never run natively before). The last two are marked ``wrong``."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return make_row(provider, None, note="skipped: out of memory", **keys)
+    if isinstance(exc, WrongResult):
+        return make_row(provider, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
+    return make_row(provider, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: {str(exc)[:300]}", wrong=True,
+                    **keys)
+
+
 def _fmt(x, spec: str, width: int) -> str:
     return format(x, spec).rjust(width) if isinstance(x, (int, float)) else "-".rjust(width)
 

@@ -353,31 +353,22 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
         expected = which() if callable(which) else ref_latent if which == "latent" else ref_value
         try:
             timing, err = h.check_then_time(name, fn, expected, device, dtype, **time_kw)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows[name] = h.make_row(name, None, note="skipped: out of memory", **keys)
-            continue
-        except h.WrongResult as exc:
-            rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
-            continue
-        except Exception as exc:  # a provider that fails to compile or launch (never run natively: TMA, Gluon)
-            rows[name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: {str(exc)[:300]}",
-                                    wrong=True, **keys)  # the others still run; the exit status says so at the end
+        except Exception as exc:  # (TMA, Gluon: never run natively) the others still run; the exit status says so
+            rows[name] = h.untimed_row(name, exc, **keys)
             continue
         work = dict(flops=flops, nbytes=nbytes)
-        if name == "mla_decode_fp8":  # the bytes it reads: its own 656-byte rows (scales included), not bf16's 1152
-            from mla_kernels.cache import fp8_row_bytes
+        if name == "mla_decode_fp8":  # the bytes it reads: its own 656-byte rows (scales included), not bf16's 1152;
+            from mla_kernels.cache import fp8_row_bytes  # effective_gbps: bf16's bytes, to compare with mla_decode
 
             work["nbytes"] = h.mla_bytes(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope, dtype.itemsize,
                                          cache_row_bytes=fp8_row_bytes(shape.d_latent, shape.d_rope, dtype))
+            work["effective_gbps"] = nbytes / (timing.p50 * 1e-3) / 1e9
         if name == "mla_decode_sparse":  # the keys it reads, not the whole context: each token its own list
             read = min(ctx, SPARSE_TOPK)
             work = dict(flops=h.mla_flops(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope),
                         nbytes=h.mla_bytes(batch * s_q, 1, heads, read, shape.d_latent, shape.d_rope,
                                            dtype.itemsize))
         rows[name] = h.make_row(name, timing, copy_gbps=copy_gbps, rel_rms_err=err, **work, **keys)
-        if name == "mla_decode_fp8":  # bf16-equivalent bytes per second, for comparison with mla_decode's GB/s
-            rows[name]["effective_gbps"] = nbytes / (timing.p50 * 1e-3) / 1e9
         l2_resident = case_bytes(shape, batch, ctx, page, dtype.itemsize) < 2 * h.l2_bytes(device)
         if timing.method == "cuda-graph" and l2_resident:
             rows[name]["note"] = ("L2-resident: graph replays run back to back without an L2 flush, so the cache "
@@ -485,16 +476,8 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
                          ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta))):
             try:
                 timing, err = h.check_then_time(name, fn, ref_latent, device, dtype, **time_kw)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                rows[kind, name] = h.make_row(name, None, note="skipped: out of memory", **keys)
-                continue
-            except h.WrongResult as exc:
-                rows[kind, name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
-                continue
             except Exception as exc:  # the scheduled grid has never run natively: the other rows still run
-                rows[kind, name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: "
-                                              f"{str(exc)[:300]}", wrong=True, **keys)
+                rows[kind, name] = h.untimed_row(name, exc, **keys)
                 continue
             rows[kind, name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps,
                                           rel_rms_err=err, **keys)

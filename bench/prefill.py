@@ -345,16 +345,8 @@ def run_shape(batch, new, history, heads, device, dtype, lib, time_kw) -> list[d
             continue
         try:
             timing, err = check_then_time(name, fns[name], check_rows, expected, device, dtype, **time_kw)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows[name] = h.make_row(name, None, note="skipped: out of memory", **keys)
-            continue
-        except h.WrongResult as exc:
-            rows[name] = h.make_row(name, None, note=f"NOT TIMED, WRONG RESULT: {exc}", wrong=True, **keys)
-            continue
-        except Exception as exc:  # a path that fails to compile or launch here: the others, and the sweep, go on
-            rows[name] = h.make_row(name, None, note=f"NOT TIMED, FAILED: {type(exc).__name__}: {str(exc)[:300]}",
-                                    wrong=True, **keys)
+        except Exception as exc:  # out of memory, wrong, or failing to compile or launch: the sweep goes on
+            rows[name] = h.untimed_row(name, exc, **keys)
             continue
         row = h.make_row(name, timing, flops=flops, rel_rms_err=err, **keys)
         executed = per_path.get(name if name != "auto" else chosen)
