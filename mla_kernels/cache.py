@@ -150,7 +150,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     _write_cache_kernel[grid](
-        kv_c, k_pe, _utils.fp8_bits(kv_cache) if kv_scale is not None else kv_cache, pe_cache, slot_mapping,
+        kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
         num_tokens, num_blocks * page_size, page_size,
         kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),

@@ -666,8 +666,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     runs a ``schedule``, reads an fp8 cache, ``kv_scale``, or sparse key lists, ``indices`` [B * S_q, K])."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
-    if kv_scale is not None:
-        kv_cache = _utils.fp8_bits(kv_cache)
+    kv_cache = _utils.fp8_bits(kv_cache)  # an fp8 cache as its bits where Triton has no e4m3 type; others as given
     if indices is not None:
         _mla_sparse_attn_kernel[(grid[1], grid[0], grid[2])](  # tokens first (see the kernel)
             q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,

@@ -462,7 +462,7 @@ def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_
         block_n = max(1, GATHER_ELEMENTS * (16 if _utils.interpreting() else 1) // d)
     grid = (max(1, _utils.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
     _gather_latent_kernel[grid](
-        _utils.fp8_bits(kv_cache) if kv_scale is not None else kv_cache, kv_scale if kv_scale is not None else kv_cache,
+        _utils.fp8_bits(kv_cache), kv_scale if kv_scale is not None else kv_cache,
         block_table, cache_seqlens, latent, cu_k,
         kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
         block_table.stride(0), latent.stride(0),

@@ -152,7 +152,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
             raise ValueError("topk_length is only taken with indices (sparse attention)")
         max_seqlen_k = None
     if attn_sink is not None:  # checked before anything is launched, as every other argument
-        _check_sink(attn_sink, heads)
+        attn_sink = _check_sink(attn_sink, heads)
     schedule = None
     if tile_scheduler_metadata is not None and indices is None:  # FlashMLA's tile scheduler: the step's work split
         schedule = tile_scheduler_metadata.schedule or mla_decode_metadata(
@@ -164,7 +164,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if indices is not None:  # back to [B, S_q, ...]
         out, lse = out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
     if attn_sink is not None:
-        out = _apply_sink(out, lse, attn_sink, heads)
+        out = _apply_sink(out, lse, attn_sink)
     if tile_scheduler_metadata is not None and tile_scheduler_metadata.config is None:
         # recorded once a call has been accepted: a refused call leaves the metadata as it was (FlashMLA's order)
         tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
@@ -202,10 +202,10 @@ def _check_sink(attn_sink, heads: int) -> torch.Tensor:
     return sink
 
 
-def _apply_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink, heads: int) -> torch.Tensor:
+def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """``out [B, S_q, H, D]`` times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: a sink of +inf gives zeros, one
-    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros)."""
-    sink = _check_sink(attn_sink, heads)
+    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros). ``sink``: checked by
+    ``_check_sink``."""
     gap = lse - sink.to(lse.device)  # [B, S_q, H]
     weight = torch.sigmoid(torch.nan_to_num(gap, nan=-float("inf")))  # -inf - -inf: a row with no key and no sink
     return (out.float() * weight[..., None]).to(out.dtype)
