@@ -25,8 +25,9 @@ waits for a GPU that its reads would cost are not in it. Give it ``--threads 1``
 machine it takes 20 s with one thread and had not finished after 5 minutes with torch's default two (spin-waiting).
 
 ``--jit`` adds Triton's own host work per launch (binding and specializing the arguments, finding the compiled
-kernel), measured without a GPU: the decode launch driven through Triton's JIT as on an H100, minus the same
-launch with the kernels stubbed. The driver's launch call itself is not in it.
+kernel, calling its launcher), measured without a GPU: the decode launch driven through Triton's JIT as on an H100,
+minus the same launch with the kernels stubbed; once through ``kernel[grid]`` and once through the library's cached
+launch (``mla_kernels._launcher``). The driver's launch call itself is not in it.
 
 On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
 replayed in a CUDA graph, so the host share of an eager call is measured on the machine that matters.
@@ -189,44 +190,87 @@ def run_host(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     return rows
 
 
-def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[dict]:
-    rows = [] if rows is None else rows
-    for name, fn in cases(device).items():
-        def timed():
-            fn()
-
-        timed()
+def _eager_us(fn, device, calls: int, repeats: int) -> h.Timing:
+    """Wall clock per eager call: ``calls`` calls between two synchronisations, ``repeats`` times."""
+    fn()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(repeats):
         torch.cuda.synchronize(device)
-        samples = []
-        for _ in range(repeats):
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize(device)
-            samples.append((time.perf_counter() - start) / calls * 1e6)
-        eager = h.Timing.from_times(samples, "wall clock, µs per call")
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return h.Timing.from_times(samples, "wall clock, µs per call")
+
+
+def _same_result(fn) -> bool:
+    """The call's outputs with the cached launch (``mla_kernels._launcher``) and with Triton's own, bit for bit
+    (same kernels, same arguments: any difference is a launch bug). Calls without an output (``write_cache``) pass."""
+    from mla_kernels import _launcher
+
+    cached = fn()
+    _launcher.ENABLED = False
+    try:
+        plain = fn()
+    finally:
+        _launcher.ENABLED = True
+    def tensors(result):
+        return [t for t in (result if isinstance(result, tuple) else (result,)) if isinstance(t, torch.Tensor)]
+    cached, plain = tensors(cached), tensors(plain)
+    return len(cached) == len(plain) and all(
+        torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(cached, plain))
+
+
+def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[dict]:
+    """Per case: the eager call's wall clock, the same with the cached launch off (Triton's own ``kernel[grid]``
+    for every launch; both checked to give the same outputs first), and its GPU time in a CUDA graph replay."""
+    from mla_kernels import _launcher
+
+    rows = [] if rows is None else rows
+    cached_on = _launcher.ENABLED
+    for name, fn in cases(device).items():
+        if cached_on and not _same_result(fn):
+            rows.append(dict(provider="eager call (wall clock)", case=name, error="FAILED: the cached launch's "
+                             "outputs differ from Triton's own launch"))
+            print(f"{name:<52} FAILED: cached and plain launches differ")
+            continue
+        eager = _eager_us(fn, device, calls, repeats)
+        plain = None
+        if cached_on:
+            _launcher.ENABLED = False
+            try:
+                plain = _eager_us(fn, device, calls, repeats)
+            finally:
+                _launcher.ENABLED = True
         # a call that reads its lengths back (prefill without host lengths) cannot be captured: time_fn then falls
         # back to CUDA events around the eager call, and the row says so
         graph = h.time_fn(fn, device, cuda_graph=True)
         gpu_row = "cuda graph replay" if graph.method == "cuda-graph" else \
             f"GPU time without a graph ({graph.method}; the call cannot be captured)"
         rows.append(dict(provider="eager call (wall clock)", case=name, p50_us=eager.p50, p20_us=eager.p20,
-                         p80_us=eager.p80, runs=eager.runs))
+                         p80_us=eager.p80, runs=eager.runs, cached_launch=cached_on))
+        if plain is not None:
+            rows.append(dict(provider="eager call, Triton's own launch (wall clock)", case=name, p50_us=plain.p50,
+                             p20_us=plain.p20, p80_us=plain.p80, runs=plain.runs, cached_launch=False))
         rows.append(dict(provider=gpu_row, case=name, p50_us=graph.p50 * 1e3, p20_us=graph.p20 * 1e3,
                          p80_us=graph.p80 * 1e3, runs=graph.runs))
-        print(f"{name:<52} eager {eager.p50:7.2f} µs | {'graph' if graph.method == 'cuda-graph' else graph.method} "
-              f"{graph.p50 * 1e3:7.2f} µs")
+        print(f"{name:<52} eager {eager.p50:7.2f} µs"
+              + (f" (Triton's own launch {plain.p50:7.2f})" if plain is not None else "")
+              + f" | {'graph' if graph.method == 'cuda-graph' else graph.method} {graph.p50 * 1e3:7.2f} µs")
     return rows
 
 
 def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     """Triton's own host work per launch, on any machine: ``decode._launch`` (the launch preparation of
     ``mla_decode``, without its argument checks) on CPU tensors with the kernels driven through Triton's JIT as for an
-    H100 (``_compile.jit_without_gpu``: bind, specialize, look the compiled kernel up; ``warmup=True`` stops short of
-    the driver's launch call), against the same preparation with the kernels stubbed. The difference is what
-    Triton's Python does per call before the launch itself. The first call compiles (a minute or so, then cached)."""
-    from mla_kernels import _compile
+    H100 (``_compile.jit_without_gpu(launches=...)``: bind, specialize, look the compiled kernel up, build the launch
+    metadata and call the launcher, whose driver call is replaced by a recorder), against the same preparation with
+    the kernels stubbed. The difference is what Triton's Python does per launch. Timed both ways: every launch
+    through ``kernel[grid]`` (``_launcher.ENABLED`` off), and the library's cached launch (``_launcher.launch``: the
+    compiled kernel reused under its specialization key). The first call compiles (a minute or so, then cached)."""
+    from mla_kernels import _compile, _launcher
 
     if _utils.interpreting():
         print("--jit: skipped under TRITON_INTERPRET=1 (the interpreter replaces Triton's JIT)")
@@ -234,15 +278,27 @@ def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the library's compile check: no warning per compile
     (q_nope, q_pe, kv, pe, table, seqlens, scale), _ = decode_args(torch.device("cpu"))
     rows = [] if rows is None else rows
+
+    class Drop(list):  # the recorder's list, kept empty: 10^5 timed launches
+        def append(self, launch):
+            self.launched = getattr(self, "launched", 0) + 1
+
+    enabled = _launcher.ENABLED
     for splits in (4, 1):  # seed 003's step gets 4 splits (attention + combine launches); 1 split: one launch
         def call():
             decode_mod._launch(q_nope, q_pe, kv, pe, table, seqlens, None, scale, True, False, batch=1, seq_q=1,
                                total_tokens=1, max_seqlen_q=1, max_seqlen_k=1024, num_splits=splits)
 
-        with _compile.jit_without_gpu() as compiled:
-            call()
-            launches = len(compiled)
-            jit = per_call_us(call, calls, repeats)
+        timed = {}
+        try:
+            for cached in (False, True):
+                _launcher.ENABLED = enabled and cached
+                with _compile.jit_without_gpu(launches=(sink := Drop())):
+                    call()
+                    launches = sink.launched
+                    timed[cached] = per_call_us(call, calls, repeats)
+        finally:
+            _launcher.ENABLED = enabled
         saved = decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel
         decode_mod._mla_attn_kernel = decode_mod._mla_combine_kernel = _NoLaunch()
         try:
@@ -250,12 +306,15 @@ def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
         finally:
             decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel = saved
         case = f"decode._launch B1 L1024 H16, {splits} split{'s' if splits > 1 else ''} ({launches} launches)"
-        for provider, t in (("launch prep + Triton bind/lookup (JIT as sm_90, no launch)", jit),
+        for provider, t in (("launch prep + Triton's run up to the driver (JIT as sm_90)", timed[False]),
+                            ("launch prep + cached launch up to the driver (JIT as sm_90)", timed[True]),
                             ("launch prep, kernels stubbed", stub)):
             rows.append(dict(provider=provider, case=case, p50_us=t.p50, p20_us=t.p20, p80_us=t.p80, min_us=t.min,
-                             runs=t.runs, launches=launches))
-        print(f"{case:<52} through the JIT {jit.p50:6.2f} µs, stubbed {stub.p50:6.2f} µs: Triton "
-              f"{(jit.p50 - stub.p50) / launches:5.2f} µs per launch")
+                             runs=t.runs, launches=launches, cached_launch=enabled if "cached" in provider else None))
+        print(f"{case:<52} stubbed {stub.p50:6.2f} µs; Triton's run {timed[False].p50:6.2f} µs "
+              f"({(timed[False].p50 - stub.p50) / launches:5.2f} per launch), cached {timed[True].p50:6.2f} µs "
+              f"({(timed[True].p50 - stub.p50) / launches:5.2f} per launch)"
+              + ("" if enabled else " [cached launch off: MLA_KERNELS_CACHED_LAUNCH=0 or this triton]"))
     return rows
 
 

@@ -258,13 +258,19 @@ def compile_all(targets=("sm90", "gfx942")) -> dict:
 
 
 @contextlib.contextmanager
-def jit_without_gpu(target: str = "sm90"):
+def jit_without_gpu(target: str = "sm90", launches: list | None = None):
     """Drive Triton's JIT as a launch on an H100 would, on a machine without a GPU: the active driver answers the
     compile-side questions for sm_90, and ``kernel[grid](...)`` binds and specializes its arguments as a launch
     does (types, 16-byte alignment of the real tensors, ints equal to 1, descriptors and their layouts) and
     compiles, but launches nothing (``run(..., warmup=True)``). Yields the list of compiled kernels, in launch
-    order. What ``compile_for`` cannot see, this does: the wrapper's argument list against the kernel's."""
+    order. What ``compile_for`` cannot see, this does: the wrapper's argument list against the kernel's.
+
+    ``launches``: go one step further, through Triton's whole ``run`` (``warmup=False``) up to the driver: each
+    compiled kernel's launcher is a recorder that appends ``(compiled kernel, launcher arguments)`` to the list
+    (grid, stream, function handle, metadata, hooks, then every kernel parameter); nothing is loaded or launched.
+    The yielded list then stays empty. What ``_launcher.launch`` must hand a compiled kernel is checked against this."""
     from triton.backends.nvidia.driver import CudaDriver
+    from triton.compiler.compiler import CompiledKernel
     from triton.runtime import driver
     from triton.runtime.jit import KernelInterface
 
@@ -287,16 +293,29 @@ def jit_without_gpu(target: str = "sm90"):
         def get_active_torch_device(self):
             return torch.device("cpu")
 
-    compiled = []
-    getitem, active = KernelInterface.__getitem__, driver._active  # restored as they were (there is no default
-    KernelInterface.__getitem__ = lambda self, grid: (                # driver to reset to without a GPU)
-        lambda *args, **kwargs: compiled.append(self.run(*args, grid=grid, warmup=True, **kwargs)))
+    compiled, loaded = [], []
+    getitem, init, active = KernelInterface.__getitem__, CompiledKernel._init_handles, driver._active  # restored as
+    if launches is None:                                                # they were (no default driver to reset to)
+        KernelInterface.__getitem__ = lambda self, grid: (
+            lambda *args, **kwargs: compiled.append(self.run(*args, grid=grid, warmup=True, **kwargs)))
+    else:
+        def record(kernel):
+            if kernel.module is not None:
+                return
+            loaded.append(kernel)
+            kernel.module, kernel.function = "stand-in", len(loaded)  # a distinct handle per loaded kernel
+            kernel._run = lambda *args: launches.append((kernel, args))
+        CompiledKernel._init_handles = record
     driver.set_active(_Hopper())
     try:
         yield compiled
     finally:
-        KernelInterface.__getitem__ = getitem
+        KernelInterface.__getitem__, CompiledKernel._init_handles = getitem, init
         driver._active = active
+        for kernel in loaded:  # unloaded again: a later launch in this process loads it for real
+            kernel.module = kernel.function = kernel._run = None
+        from . import _launcher
+        _launcher.clear()  # nor may it reuse a kernel stored for the stand-in device
 
 
 def jit_launches() -> dict:
@@ -364,6 +383,112 @@ def jit_launches() -> dict:
     cases["write_cache"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe, slots)
     cases["write_cache-fp8"] = lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv8, pe8, slots, kv_scale=scale8)
     return _jit_run(cases)
+
+
+def _same_launch(a, b) -> bool:
+    """Two recorded launches (``jit_without_gpu(launches=)``) alike: one compiled kernel, and launcher arguments
+    equal value for value (tensors: the same tensor, or one of the same dtype, shape, strides and 16-byte alignment,
+    since a call site allocates its outputs afresh)."""
+    def same(x, y):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+                    and x.shape == y.shape and x.stride() == y.stride()
+                    and x.data_ptr() % 16 == y.data_ptr() % 16)
+        return type(x) is type(y) and x == y
+    from ._launcher import hooked
+    (kernel_a, args_a), (kernel_b, args_b) = a, b
+    if any(hooked(h) for h in (*args_a[7:9], *args_b[7:9])):  # no hook may run: then the launch metadata is unread
+        return False
+    return (kernel_a is kernel_b and len(args_a) == len(args_b)
+            and all(same(x, y) for x, y in zip(args_a[:6] + args_a[9:], args_b[:6] + args_b[9:])))
+
+
+def cached_launches() -> dict:
+    """``_launcher.launch`` against Triton's own launch, both driven up to the driver as on an H100
+    (``jit_without_gpu(launches=...)``), on calls whose specializations differ (a misaligned query view, fp32
+    queries, two query tokens, int64 indices, a forced split, ``write_cache``). Each call is first launched the
+    plain way (``_launcher.ENABLED`` off); then, cached, three times over in alternating order: the first pass fills
+    the cache through Triton, the next two must not call Triton's ``run`` at all. Returns {"hits": launches that
+    took the cached path, case: "same" or what differed}."""
+    from triton.runtime.jit import JITFunction
+
+    from . import _launcher, decode
+    from .cache import write_cache
+
+    gen = torch.Generator().manual_seed(0)
+    batch, page, ctx = 2, 64, 300
+    blocks = batch * 5
+    buf = torch.randn(blocks, page, 576, generator=gen).to(torch.bfloat16)
+    kv, pe = buf[..., :512], buf[..., 512:]
+    table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
+    seqlens = torch.tensor([ctx, ctx - 150], dtype=torch.int32)
+    q = torch.randn(batch * 2 * 16 * 576 + 8, generator=gen).to(torch.bfloat16)
+    aligned = q[:batch * 16 * 576].view(batch, 1, 16, 576)
+    misaligned = q[1:1 + batch * 16 * 576].view(batch, 1, 16, 576)  # 2 bytes off: no 16-byte alignment
+    two = q[:batch * 2 * 16 * 576].view(batch, 2, 16, 576)
+    new_kv = torch.randn(3, 576, generator=gen).to(torch.bfloat16)
+
+    def decode_call(qs, splits=None, index_dtype=torch.int32, cache=buf, causal=True):
+        return lambda: decode.mla_decode(qs[..., :512], qs[..., 512:], cache[..., :512], cache[..., 512:],
+                                         table.to(index_dtype), seqlens.to(index_dtype), 0.1, causal,
+                                         num_splits=splits)
+    cases = {"decode": decode_call(aligned), "decode-misaligned-q": decode_call(misaligned),
+             "decode-not-causal": decode_call(aligned, causal=False),  # a constexpr apart, every argument alike
+             "decode-8-heads": decode_call(aligned[:, :, :8]),  # an int apart (heads: not a multiple of 16), same tiles
+             "decode-fp32": decode_call(aligned.float(), cache=buf.float()), "decode-two-tokens": decode_call(two),
+             "decode-int64": decode_call(aligned, index_dtype=torch.int64), "decode-split3": decode_call(aligned, 3),
+             "write_cache": lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe,
+                                                torch.tensor([5, 64, 600]))}
+
+    from . import _utils
+    use_triton, enabled, run = _utils.use_triton, _launcher.ENABLED, JITFunction.run
+    _utils.use_triton = lambda t: True
+    triton_runs = []
+
+    def counted(self, *args, **kwargs):
+        triton_runs.append(self)
+        return run(self, *args, **kwargs)
+    report, hits = {}, 0
+    try:
+        launches = []
+        with jit_without_gpu(launches=launches):
+            JITFunction.run = counted
+            plain = {}
+            _launcher.ENABLED = False
+            for name, call in cases.items():
+                call()
+                plain[name], launches[:] = list(launches), []
+            _launcher.clear()
+            _launcher.ENABLED = True
+            for sweep in range(3):
+                for name in (list(cases) if sweep != 1 else list(cases)[::-1]):
+                    triton_runs.clear()
+                    cases[name]()
+                    got, launches[:] = list(launches), []
+                    if sweep and triton_runs:
+                        report.setdefault(name, f"pass {sweep}: Triton's run called ({len(triton_runs)}x): not cached")
+                    elif len(got) != len(plain[name]) or not all(map(_same_launch, got, plain[name])):
+                        report.setdefault(name, f"pass {sweep}: the launches differ from Triton's own")
+                    else:
+                        hits += len(got) if sweep else 0
+                report.update({name: "same" for name in cases if name not in report} if sweep == 2 else {})
+            hooks = _launcher._RUNTIME.launch_enter_hook  # a profiler's launch hook: every launch through Triton's
+            hook = lambda metadata: None                  # run, which builds the metadata the hook reads
+            hooks.add(hook) if hasattr(hooks, "add") else setattr(_launcher._RUNTIME, "launch_enter_hook", hook)
+            try:
+                for name, call in cases.items():
+                    triton_runs.clear()
+                    call()
+                    if len(triton_runs) != len(launches):
+                        report[name] = "with a launch hook set: a launch did not go through Triton's run"
+                    launches[:] = []
+            finally:
+                hooks.remove(hook) if hasattr(hooks, "remove") else setattr(_launcher._RUNTIME, "launch_enter_hook",
+                                                                            hooks)
+    finally:
+        JITFunction.run, _launcher.ENABLED, _utils.use_triton = run, enabled, use_triton
+        _launcher.clear()
+    return {"hits": hits, **report}
 
 
 def jit_shapes(target: str = "sm90") -> dict:
@@ -490,7 +615,7 @@ def main() -> None:
             sys.exit(f"--target is taken with --jit-shapes only, one of {', '.join(known)} (got {target!r}); the "
                      f"default report compiles {', '.join(TARGETS)}, --jit the launch wrappers for sm90")
     report = (jit_launches() if "--jit" in flags else jit_shapes(target) if "--jit-shapes" in flags
-              else compile_all())
+              else cached_launches() if "--cached-launches" in flags else compile_all())
     print(json.dumps(report, indent=1))
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _launcher, _utils
 from . import _tuning
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES
 
@@ -149,7 +149,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
             _write_cache_heuristic(num_tokens, d_latent))
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
-    _write_cache_kernel[grid](
+    _launcher.launch(_write_cache_kernel, grid,
         kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
         num_tokens, num_blocks * page_size, page_size,
         kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),

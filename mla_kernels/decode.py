@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning, _utils
+from . import _launcher, _tuning, _utils
 from . import schedule as _schedule
 
 LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too)
@@ -590,7 +590,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                          qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
                          schedule=schedule, kv_scale=kv_scale, indices=indices)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
-        _mla_combine_kernel[(total_rows,)](
+        _launcher.launch(_mla_combine_kernel, (total_rows,),
             out_part, lse_part, out, lse if lse is not None else dummy,
             seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
             D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(schedule.num_programs)), STORE_LSE=return_lse,
@@ -598,7 +598,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
             num_warps=4 if d_latent >= 256 else 2,
         )
     if split:
-        _mla_combine_kernel[(total_rows,)](
+        _launcher.launch(_mla_combine_kernel, (total_rows,),
             out_part, lse_part, out, lse if lse is not None else dummy,
             total_rows, num_splits, total_rows * d_latent,
             D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(num_splits)), STORE_LSE=return_lse,
@@ -668,7 +668,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
     kv_cache = _utils.fp8_bits(kv_cache)  # an fp8 cache as its bits where Triton has no e4m3 type; others as given
     if indices is not None:
-        _mla_sparse_attn_kernel[(grid[1], grid[0], grid[2])](  # tokens first (see the kernel)
+        _launcher.launch(_mla_sparse_attn_kernel, (grid[1], grid[0], grid[2]),  # tokens first (see the kernel)
             q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
             indices, out, lse if lse is not None else dummy, out_part, lse_part,
             sm_scale_log2, heads, seq_q, split_len, total_rows, indices.shape[1],
@@ -681,7 +681,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         )
         return
     # (the dense launch spelled out: building and splatting shared kwargs added host work to every call)
-    _mla_attn_kernel[grid](
+    _launcher.launch(_mla_attn_kernel, grid,
         q_nope, q_pe, kv_cache, pe_cache, kv_scale if kv_scale is not None else dummy, block_table, cache_seqlens,
         cu_seqlens_q if varlen else dummy,
         out, lse if lse is not None else dummy, out_part, lse_part,

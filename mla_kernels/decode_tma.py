@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _launcher, _utils
 from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _row_ids, _softmax_finish
 
 try:  # triton >= 3.4
@@ -193,7 +193,7 @@ def launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlen
     """Launch ``_mla_attn_tma_kernel`` with ``decode._launch``'s prepared arguments (``tma_supported`` holds)."""
     d_latent, d_rope, page = kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
     block_n = cfg["BLOCK_N"]
-    _mla_attn_tma_kernel[grid](
+    _launcher.launch(_mla_attn_tma_kernel, grid,
         *kernel_args(q_nope, q_pe, _descriptor(kv_cache, d_latent // 2, block_n), _descriptor(pe_cache, d_rope, block_n),
                      block_table, cache_seqlens, cu_seqlens_q, out, lse, out_part, lse_part, sm_scale_log2, heads,
                      seq_q, split_len, total_rows, qn_strides, qp_strides, varlen),

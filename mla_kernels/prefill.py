@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _prefill_cost as _cost
-from . import _utils
+from . import _launcher, _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
 from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
@@ -461,7 +461,7 @@ def _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_
     if block_n is None:
         block_n = max(1, GATHER_ELEMENTS * (16 if _utils.interpreting() else 1) // d)
     grid = (max(1, _utils.cdiv(max_seqlen_k, block_n)), batch)  # program (0, b) writes cu_k even if b is empty
-    _gather_latent_kernel[grid](
+    _launcher.launch(_gather_latent_kernel, grid,
         _utils.fp8_bits(kv_cache), kv_scale if kv_scale is not None else kv_cache,
         block_table, cache_seqlens, latent, cu_k,
         kv_cache.stride(0), kv_cache.stride(1), *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
@@ -514,7 +514,7 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
     if total == 0 or batch == 0:
         return out, lse
     grid = (_utils.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
-    _mla_expanded_kernel[grid](
+    _launcher.launch(_mla_expanded_kernel, grid,
         q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
         out, lse if lse is not None else out,
         softmax_scale * LOG2E, heads,

@@ -120,6 +120,42 @@ def test_stopped_bench_keeps_its_rows(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "x.json").exists()
 
 
+def test_host_jit_rows():
+    """``bench.host --jit`` (run without the interpreter, as on a CPU-only machine it must be): the decode launch
+    through Triton's run and through the cached launch, each beside the stubbed launch, for the split call (two
+    launches) and the one-split call; the cached rows say whether the cached launch was on."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "import json; from bench.host import run_jit; print(json.dumps(run_jit(20, 2)))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=dict(env, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(r["case"].split(",")[1].strip(), r["launches"]) for r in rows] == \
+        [("4 splits (2 launches)", 2)] * 3 + [("1 split (1 launches)", 1)] * 3
+    assert [r["cached_launch"] for r in rows] == [None, True, None] * 2
+    assert all(r["p50_us"] > 0 for r in rows)
+
+
+def test_host_gpu_rows_compare_cached_and_plain_launches(monkeypatch):
+    """``bench.host``'s GPU rows time the eager call with the cached launch and with Triton's own only after
+    checking that both give the same outputs (NaN where NaN, -inf lse alike); a difference is a FAILED row."""
+    from bench import host
+    from mla_kernels import _launcher
+
+    monkeypatch.setattr(_launcher, "ENABLED", True)
+    out = torch.tensor([1.0, float("nan"), float("-inf")])
+    assert host._same_result(lambda: (out.clone(), None))
+    assert host._same_result(lambda: None)  # write_cache: nothing to compare
+    assert not host._same_result(lambda: (out + (0 if _launcher.ENABLED else 1e-7), None))
+    assert not host._same_result(lambda: out.clone() if _launcher.ENABLED else out.nan_to_num())
+    assert _launcher.ENABLED  # restored after the plain call
+
+
 def test_memory_formulas_at_r1_shapes():
     r1 = bd.DEEPSEEK_R1
     assert bm.values_per_token("latent", r1) == 576

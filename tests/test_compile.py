@@ -137,6 +137,18 @@ def test_launch_wrappers_compile_through_the_jit():
     assert got["decode-gluon-split1"][0]["wgmma"] and got["decode-portable-split1"][0]["wgmma"]
 
 
+def test_cached_launches_match_triton():
+    """``_launcher.launch`` hands the compiled kernel the arguments Triton's own launch hands it, and picks the kernel
+    Triton picks: each call is launched the plain way and then, cached, three passes over (the last two must not
+    call Triton's run at all), all driven up to the driver as on an H100, with calls that differ in one thing
+    only (a misaligned view, a constexpr, an int's divisibility, a dtype, int64 indices). With a launch hook set
+    (a profiler), every launch goes through Triton's run."""
+    got = _compile_subprocess("--cached-launches")
+    hits = got.pop("hits")
+    assert got and all(verdict == "same" for verdict in got.values()), got
+    assert hits >= 2 * len(got), "the cached path was not taken"
+
+
 def test_public_calls_compile_across_shapes():
     """The public calls at the shapes whose tiles differ (``_compile.jit_shapes``: odd head counts and S_q, pages of
     1 and 256, widths 16-1024, fp16/fp32, fp8 with the schedule, sparse lists, the three prefill paths) bind,

@@ -1,0 +1,139 @@
+"""Repeat launches of a Triton kernel without Triton's per-call binding (issue 10's host work).
+
+``kernel[grid](*args, **kwargs)`` re-derives, on every call, what it derived on the last one: it binds the
+arguments, specializes each (its type; for a tensor whether its address is 16-byte aligned; for an int whether it
+is 1, a multiple of 16, or past 32 bits), hashes that into a key and looks the compiled kernel up. For the decode
+kernel's 32 arguments that is 12-18 µs of Python per launch (``bench.host --jit``; ``bench/NOTES.md`` section 21),
+paid per layer and per decode step in an eager model, where the GPU work of the whole call can be 20 µs.
+
+``launch`` keeps, per kernel, the compiled kernel Triton chose for a call, under a key from which Triton's
+specialization follows: each tensor's dtype and 16-byte alignment, each scalar's type and (for ints and bools) its
+value, the keyword arguments (constexprs, ``num_warps``, ``num_stages``) and the current device. Two calls with one
+key bind to one compiled kernel in Triton too, so a repeat is launched through that kernel directly, with the
+arguments Triton's own ``run`` hands it (every parameter in order, constexprs included; no launch hooks). A miss
+launches through Triton as before and stores what it compiled.
+
+Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[grid](...)``: ROCm (its specialization
+also reads tensor sizes, for buffer loads), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
+hook set (profilers: they need the launch metadata Triton builds), a grid that is not a tuple, triton before 3.3
+(its ``run`` passed other arguments and hooks) and an argument of any other type (TMA descriptors, numpy scalars).
+``MLA_KERNELS_CACHED_LAUNCH=0`` turns it off. Not checked on a hit, as Triton checks it: that the module globals a
+kernel reads are unchanged since its compile (the library's kernels read constants only)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        return tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # a dev build's odd version string: assume the old interface
+        return (0, 0)
+
+
+def _runtime_knobs():
+    """``triton.knobs.runtime`` (where the launch hooks live since triton 3.3), or None."""
+    try:
+        from triton import knobs
+        return knobs.runtime
+    except (ImportError, AttributeError):
+        return None
+
+
+_RUNTIME = _runtime_knobs()
+ENABLED = (_triton_version() >= (3, 3) and _RUNTIME is not None and torch.version.hip is None
+           and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0")
+MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and filled again (bounds the memory of
+#                    callers whose int arguments change every call, such as packed token counts)
+
+_Tensor = torch.Tensor
+# id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
+# JITFunction hashes through a Python property; the kernel is held, so its id is not reused while the entry lives
+_entries: dict = {}
+
+
+def hooked(hook) -> bool:
+    """A launch hook that does something: set and, for triton 3.5+'s ``HookChain`` (always set, often empty), with a
+    function in its chain. Triton's run hands an empty chain to the launcher, which calls it with nothing to call."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def spec_key(args: tuple, kwargs: dict) -> tuple | None:
+    """What Triton's specialization of ``args``/``kwargs`` is a function of, as a hashable tuple (None: an argument
+    of a type this key does not cover). A tensor gives its dtype then whether its address is 16-byte aligned (a dtype
+    is given by nothing else, so the flat tuple reads back one way); an int its value; a float its type (Triton
+    makes every float an fp32); a bool its type and value (Triton makes ``True`` a u1 and ``1`` a constexpr)."""
+    key = []
+    append = key.append
+    for a in args:
+        cls = a.__class__
+        if cls is int:
+            append(a)
+        elif cls is _Tensor:
+            append(a.dtype)
+            append(not a.data_ptr() & 15)
+        elif cls is float:
+            append(float)
+        elif cls is bool:
+            append((bool, a))
+        elif a is None:
+            append(None)
+        elif isinstance(a, _Tensor):
+            append(a.dtype)
+            append(not a.data_ptr() & 15)
+        else:
+            return None
+    append(tuple(kwargs.items()))
+    return tuple(key)
+
+
+def _tail(kernel: JITFunction, n_args: int, kwargs: dict) -> tuple:
+    """The values of the parameters past the ``n_args`` positional ones, in the kernel's order, as Triton binds
+    them: from ``kwargs``, else the parameter's default."""
+    return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[n_args:])
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, launched through the compiled kernel Triton chose for an earlier call of
+    the same key (module docstring)."""
+    if not ENABLED or kernel.__class__ is not JITFunction or grid.__class__ is not tuple or kernel.pre_run_hooks \
+            or hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook):
+        kernel[grid](*args, **kwargs)
+        return
+    key = spec_key(args, kwargs)
+    if key is None:
+        kernel[grid](*args, **kwargs)
+        return
+    active = driver.active
+    device = active.get_current_device()
+    held = _entries.get(id(kernel))
+    if held is None:
+        held = _entries[id(kernel)] = (kernel, {})
+    entries = held[1]
+    try:
+        hit = entries.get((device, key))
+    except TypeError:  # an unhashable keyword argument
+        kernel[grid](*args, **kwargs)
+        return
+    if hit is None:
+        compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
+        if compiled is not None and hasattr(compiled, "packed_metadata"):
+            if len(entries) >= MAX_ENTRIES:
+                entries.clear()
+            entries[(device, key)] = (compiled, _tail(kernel, len(args), kwargs))
+        return
+    compiled, tail = hit
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def clear() -> None:
+    """Forget every stored kernel (tests; or after changing what Triton compiles, such as its environment)."""
+    _entries.clear()

@@ -1,0 +1,77 @@
+"""``_launcher.spec_key``: two launches with one key get one specialization from Triton (the cached launch's
+premise; ``test_compile.test_cached_launches_match_triton`` checks the launches themselves through Triton's JIT).
+
+Triton's specialization of an argument comes from its C++ ``native_specialize_impl``: a tensor's dtype and 16-byte
+alignment, an int's width and whether it is 1 or a multiple of 16, a float's type, a bool's type. The property: for
+any two argument lists, equal keys imply equal specializations, argument by argument."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mla_kernels import _launcher
+
+native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+from triton.backends.compiler import BaseBackend  # noqa: E402
+
+BUFFER = torch.zeros(64, dtype=torch.float32)  # views at element offsets 0..7: 16-byte aligned at 0 and 4 only
+
+
+def _specialization(args):
+    return [native(BaseBackend, a, False, True, True) for a in args]
+
+
+INTS = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1), st.sampled_from([0, 1, -1, 16, 2 ** 31 - 1, 2 ** 31, -2 ** 31,
+                                                                       -2 ** 31 - 1, 2 ** 32, 48, 17, 2 ** 63]))
+ARGS = st.one_of(INTS, st.floats(allow_nan=True), st.booleans(), st.none(),
+                 st.tuples(st.sampled_from([torch.float32, torch.bfloat16, torch.int32]), st.integers(0, 7)))
+
+
+def _arg(drawn):
+    if isinstance(drawn, tuple):  # a tensor view of that dtype at that element offset
+        dtype, offset = drawn
+        return BUFFER.view(dtype)[offset:]
+    return drawn
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.lists(ARGS, min_size=1, max_size=6), st.data())
+def test_equal_keys_mean_equal_specializations(drawn, data):
+    a = [_arg(x) for x in drawn]
+    # a second list of the same length, often equal in key to the first: each argument kept, or redrawn
+    b = [x if data.draw(st.booleans()) else _arg(data.draw(ARGS)) for x in a]
+    if _launcher.spec_key(tuple(a), {}) == _launcher.spec_key(tuple(b), {}):
+        assert _specialization(a) == _specialization(b)
+
+
+def test_key_separates_what_triton_separates():
+    aligned, off = BUFFER[:8], BUFFER[1:9]
+    key = _launcher.spec_key
+    assert key((True,), {}) != key((1,), {})  # u1 against constexpr 1, though True == 1 in Python
+    assert key((aligned,), {}) != key((off,), {})
+    assert key((aligned,), {}) == key((BUFFER[4:],), {})  # both 16-byte aligned: one kernel
+    assert key((aligned,), {}) != key((aligned.to(torch.bfloat16),), {})
+    assert key((0.5,), {}) == key((2.0,), {})  # floats: fp32 whatever their value
+    assert key((1,), {"BLOCK": 16}) != key((1,), {"BLOCK": 32})
+    assert key((1,), {"num_warps": 4}) != key((1,), {"num_warps": 8})
+
+
+@pytest.mark.parametrize("arg", [torch.tensor(1).numpy(), "text", (1, 2), torch.float32])
+def test_other_arguments_are_left_to_triton(arg):
+    """Types the key does not cover give None, and every such launch goes through Triton (numpy scalars, tuples,
+    strings, dtypes). (An int Triton refuses, past 64 bits, has a key, but a key is stored only after Triton has
+    launched with it, so it never is.)"""
+    assert _launcher.spec_key((arg,), {}) is None
+
+
+def test_plain_launch_for_interpreted_and_stub_kernels():
+    """Under the interpreter (CI) the kernels are not ``JITFunction``s: ``launch`` indexes them as Triton would."""
+    calls = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    _launcher.launch(Stub(), (2, 1), 1, 2.0, BLOCK=16)
+    assert calls == [((2, 1), (1, 2.0), {"BLOCK": 16})]
