@@ -75,3 +75,49 @@ def test_plain_launch_for_interpreted_and_stub_kernels():
 
     _launcher.launch(Stub(), (2, 1), 1, 2.0, BLOCK=16)
     assert calls == [((2, 1), (1, 2.0), {"BLOCK": 16})]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU (the CPU suite checks them through "
+                                                          "Triton's JIT: test_compile.test_cached_launches_match_triton)")
+def test_cached_launches_on_a_gpu(monkeypatch):
+    """On a GPU: repeat decode calls launch through the cache (entries stored, Triton's run not entered) and give
+    bit for bit what Triton's own launch gives, also for a query view 2 bytes off alignment made after an aligned
+    one (a stale kernel compiled for aligned loads would read it wrong), and on a side stream."""
+    import reference
+    from helpers import assert_close, make_paged_cache
+    from mla_kernels import decode, mla_decode
+    from triton.runtime.jit import JITFunction
+
+    if not _launcher.ENABLED:
+        pytest.skip("the cached launch is off here (ROCm, triton < 3.3 or MLA_KERNELS_CACHED_LAUNCH=0)")
+    device = torch.device("cuda")
+    kv, pe, table = make_paged_cache([300, 77, 1000], 64, (512, 64), torch.bfloat16, device)
+    seqlens = torch.tensor([300, 77, 1000], dtype=torch.int32, device=device)
+    q = torch.randn(3 * 16 * 576 + 8, device=device).to(torch.bfloat16)
+    views = {"aligned": q[:3 * 16 * 576].view(3, 1, 16, 576), "misaligned": q[1:1 + 3 * 16 * 576].view(3, 1, 16, 576)}
+
+    def call(qs, splits):
+        return mla_decode(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, 0.1, num_splits=splits)
+
+    _launcher.clear()
+    runs = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
+    for name, qs in views.items():
+        for splits in (1, 3):
+            first = call(qs, splits)
+            runs.clear()
+            again = call(qs, splits)
+            assert not runs, f"{name}, {splits} splits: a repeat went through Triton's run"
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                on_side = call(qs, splits)
+            side.synchronize()
+            monkeypatch.setattr(_launcher, "ENABLED", False)
+            plain = call(qs, splits)
+            monkeypatch.setattr(_launcher, "ENABLED", True)
+            for got in (first, again, on_side):
+                assert torch.equal(got, plain), f"{name}, {splits} splits"
+            ref, _ = reference.absorbed_decode(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, 0.1)
+            assert_close(f"{name}, {splits} splits", again, ref, torch.bfloat16)
+    assert id(decode._mla_attn_kernel) in _launcher._entries
