@@ -29,8 +29,10 @@ kernel, calling its launcher), measured without a GPU: the decode launch driven 
 minus the same launch with the kernels stubbed; once through ``kernel[grid]`` and once through the library's cached
 launch (``mla_kernels._launcher``). The driver's launch call itself is not in it.
 
-On a GPU it also times the real eager call (wall clock over many calls, synchronised once) and the same call
-replayed in a CUDA graph, so the host share of an eager call is measured on the machine that matters.
+On a GPU it also times the real eager call (wall clock over many calls, synchronised once), once with the
+library's cached launch and once with Triton's own ``kernel[grid]`` (after checking that both give the same
+outputs), and the same call replayed in a CUDA graph, so the host share of an eager call is measured on the
+machine that matters.
 """
 
 from __future__ import annotations
