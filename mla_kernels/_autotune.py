@@ -390,7 +390,7 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
     if not cases:
         return result
     heuristics = [spec.heuristic(c[0], device) for c in cases]
-    index = _tuning._gpu_index(device) if device.type == "cuda" else None
+    index = _tuning._gpu_index(device)  # None off a GPU
     table = _tuning._device_table(index) if index is not None else None  # not lookup: no on-demand tuning here
     stored = (table or {}).get(spec.name, {}).get(key)  # the config stored now competes too (if it is one)
     stored = stored if stored is not None and _tuning.config_error(spec.name, stored) is None else None

@@ -715,6 +715,38 @@ def test_winner_by_geometric_mean_and_the_heuristics_time_per_shape(fake_gpu, de
     assert res["before_ms"] == [100.0, 200.0] and res["speedup"] == pytest.approx(math.sqrt(100 * 200) / 8)
 
 
+@pytest.mark.parametrize("stored_ms", [0.5, 5.0], ids=["stored-faster", "stored-slower"])
+def test_the_stored_config_competes_in_a_sweep(fake_gpu, device, stored_ms):
+    """The config the device's file holds for the class now is a candidate of its sweep although the space does not
+    list it: kept when it is still the fastest, replaced when a candidate beats it. An invalid stored entry is
+    never a candidate (it would be timed and could be written back)."""
+    stored = dict(FAST, BLOCK_N=16)  # not in the candidates below
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=132, source="test",
+                      kernels={"decode": {KEY: stored}})
+    _tuning.reload()
+    timed = []
+
+    def timer(fn):
+        timed.append(dict(fn.config))
+        return {16: stored_ms, 32: 1.0, 64: 2.0}[fn.config["BLOCK_N"]]
+
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None, timer=timer,
+                             candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert stored in timed
+    # (the winner is then tried with each split knob, timed alike here: the first timed of equals stays)
+    assert res["winner"] == (stored if stored_ms < 1.0 else FAST)
+
+    bad = dict(FAST, BLOCK_N=24)  # not a power of two: _tuning.config_error refuses it
+    assert _tuning.config_error("decode", bad) is not None
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=132, source="test",
+                      kernels={"decode": {KEY: bad}})
+    _tuning.reload()
+    timed.clear()
+    _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None, timer=timer,
+                    candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert bad not in timed and FAST in timed
+
+
 def test_the_split_knob_is_tried_on_the_winner(fake_gpu, device):
     """Decode's winner is tried again with each split-count knob (waves 1, 2, 4); one faster wins. A config met twice
     (its keys in another order) is one candidate."""
