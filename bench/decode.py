@@ -406,7 +406,9 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: floa
 # imbalanced batches: one long sequence beside shorter ones, against the uniform batch of the same tokens
 # ------------------------------------------------------------------------------------------------
 
-IMBALANCED_ORDER = ["mla_decode", "mla_decode+meta", "metadata_step"]
+IMBALANCED_ORDER = ["mla_decode", "mla_decode+meta", "mla_decode[wide]", "mla_decode+meta[wide]",
+                    "metadata_step"]
+WIDE_TABLE = 8  # a serving engine's block table: wide enough for its longest context, here 8x the batch's longest
 
 
 def imbalanced_lengths(batch: int, longest: int, seed: int = 0) -> list[int]:
@@ -438,9 +440,14 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
     each through mla_decode as shipped (``mla_decode``), with a schedule built beforehand (``mla_decode+meta``,
     as every layer of a step reuses it), and the schedule's own step (``metadata_step``, once per step).
 
+    The ``[wide]`` rows make the same calls as a serving engine makes them: a block table ``WIDE_TABLE``
+    times wider than the longest sequence needs (the extra columns repeat a block id, never read) and no
+    ``max_seqlen_k``, so the uniform split is sized from the table's capacity (many empty splits), while the
+    schedule is cut from the real lengths (FlashMLA's interface, ``get_mla_metadata``, runs it this way).
+
     Every timed row carries ``pct_of_uniform``: its throughput (the byte model, which counts the same tokens
     for both) over the uniform twin's with mla_decode as shipped; ``mla_decode+meta`` rows also ``vs_default``,
-    the speed-up over mla_decode as shipped on the same batch."""
+    the speed-up over mla_decode as shipped on the same batch (and table)."""
     mla_decode, mla_decode_metadata, schedule = lib or imbalanced_library()
     shape = shape or MLAShape(heads=heads)
     lens = imbalanced_lengths(batch, longest)
@@ -472,8 +479,14 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
             timing = h.time_fn(build, device, **time_kw)
             rows[kind, "metadata_step"] = h.make_row("metadata_step", timing, num_programs=meta.num_programs, **keys)
         ref_latent, _ = reference_outputs(case)
+        table = c.block_table
+        wide = torch.cat([table, table[:, :1].expand(-1, (WIDE_TABLE - 1) * table.shape[1])], dim=1)
+        wide_args = args[:4] + (wide,) + args[5:]
+        wide_meta = mla_decode_metadata(c.cache_seqlens, heads, 1, kv_lora_rank=shape.d_latent)
         for name, fn in (("mla_decode", lambda: mla_decode(*args, max_seqlen_k=c.max_len)),
-                         ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta))):
+                         ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta)),
+                         ("mla_decode[wide]", lambda: mla_decode(*wide_args)),
+                         ("mla_decode+meta[wide]", lambda: mla_decode(*wide_args, metadata=wide_meta))):
             try:
                 timing, err = h.check_then_time(name, fn, ref_latent, device, dtype, **time_kw)
             except Exception as exc:  # the scheduled grid has never run natively: the other rows still run
@@ -481,7 +494,7 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
                 continue
             rows[kind, name] = h.make_row(name, timing, flops=flops, nbytes=nbytes, copy_gbps=copy_gbps,
                                           rel_rms_err=err, **keys)
-        del case, ref_latent, meta
+        del case, ref_latent, meta, wide_meta, wide, wide_args
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = rows.get(("unif", "mla_decode"), {}).get("gbps")
@@ -489,10 +502,10 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
         if name != "metadata_step" and base and "gbps" in row:
             row["pct_of_uniform"] = 100.0 * row["gbps"] / base
             row["speedup"] = f"{row['pct_of_uniform']:.0f}% of unif."
-        default = rows.get((kind, "mla_decode"), {}).get("p50_ms")
-        if name == "mla_decode+meta" and default and "p50_ms" in row:
+        default = rows.get((kind, name.replace("+meta", "")), {}).get("p50_ms")
+        if "+meta" in name and default and "p50_ms" in row:
             row["vs_default"] = default / row["p50_ms"]
-            row["note"] = (row["note"] + f" x{row['vs_default']:.2f} vs mla_decode").strip()
+            row["note"] = (row["note"] + f" x{row['vs_default']:.2f} vs {name.replace('+meta', '')}").strip()
     return [rows[k, n] for k in twins for n in IMBALANCED_ORDER if (k, n) in rows]
 
 

@@ -398,10 +398,40 @@ def test_imbalanced_pair_survives_a_failing_scheduled_provider():
                                   lib=(decode, mla_decode_metadata, schedule))
     by = {(r["kind"], r["provider"]): r for r in rows}
     for kind in ("imbal", "unif"):
-        assert "p50_ms" in by[kind, "mla_decode"]
-        assert by[kind, "mla_decode+meta"]["wrong"] and "FAILED: RuntimeError" in by[kind, "mla_decode+meta"]["note"]
+        for table in ("", "[wide]"):
+            assert "p50_ms" in by[kind, "mla_decode" + table]
+            meta = by[kind, "mla_decode+meta" + table]
+            assert meta["wrong"] and "FAILED: RuntimeError" in meta["note"]
     assert by["unif", "mla_decode"]["pct_of_uniform"] == pytest.approx(100.0)
     assert by["imbal", "mla_decode"]["total_tokens"] == sum(bd.imbalanced_lengths(3, 64))
+
+
+def test_imbalanced_wide_table_rows_call_as_a_serving_engine():
+    """The ``[wide]`` rows pass a block table ``WIDE_TABLE`` times the longest sequence's blocks and no
+    ``max_seqlen_k`` (the uniform split then sized from the capacity), the schedule built without it too; the
+    narrow rows pass ``max_seqlen_k``. Each row is checked against the same reference, and each +meta row is
+    compared with its own table's mla_decode."""
+    from mla_kernels import mla_decode, mla_decode_metadata, schedule
+
+    calls = []
+
+    def decode(*args, **kw):
+        calls.append((args[4].shape[1], kw.get("max_seqlen_k"), kw.get("metadata") is not None))
+        return mla_decode(*args, **kw)
+
+    rows = bd.run_imbalanced_pair(3, 64, 2, 16, torch.device("cpu"), torch.bfloat16, 10.0,
+                                  dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2),
+                                  lib=(decode, mla_decode_metadata, schedule))
+    # the twins' tables: the imbalanced batch's longest (64 tokens) needs 4 blocks of 16, the uniform one's 2
+    narrow, wide = {4, 2}, {4 * bd.WIDE_TABLE, 2 * bd.WIDE_TABLE}
+    assert {cols for cols, _, _ in calls} == narrow | wide
+    assert {(cols in wide, bound is None, meta) for cols, bound, meta in calls} == {
+        (False, False, False), (False, False, True), (True, True, False), (True, True, True)}
+    by = {(r["kind"], r["provider"]): r for r in rows}
+    for kind in ("imbal", "unif"):
+        for table in ("", "[wide]"):
+            assert not by[kind, "mla_decode" + table].get("wrong")
+            assert "vs mla_decode" + table in by[kind, "mla_decode+meta" + table]["note"]
 
 
 def test_prefill_row_survives_a_failing_path_and_labels_auto_for_the_queries_device(monkeypatch):
