@@ -408,8 +408,9 @@ def cached_launches() -> dict:
     (``jit_without_gpu(launches=...)``), on calls whose specializations differ (a misaligned query view, fp32
     queries, two query tokens, int64 indices, a forced split, ``write_cache``). Each call is first launched the
     plain way (``_launcher.ENABLED`` off); then, cached, three times over in alternating order: the first pass fills
-    the cache through Triton, the next two must not call Triton's ``run`` at all. Returns {"hits": launches that
-    took the cached path, case: "same" or what differed}."""
+    the cache through Triton (a call whose ints differ from an earlier one's only in value, not in class, already
+    hits its entry), the next two must not call Triton's ``run`` at all. Returns {"hits": launches that took the
+    cached path in the last two passes, case: "same" or what differed}."""
     from triton.runtime.jit import JITFunction
 
     from . import _launcher, decode
@@ -438,7 +439,10 @@ def cached_launches() -> dict:
              "decode-fp32": decode_call(aligned.float(), cache=buf.float()), "decode-two-tokens": decode_call(two),
              "decode-int64": decode_call(aligned, index_dtype=torch.int64), "decode-split3": decode_call(aligned, 3),
              "write_cache": lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe,
-                                                torch.tensor([5, 64, 600]))}
+                                                torch.tensor([5, 64, 600])),
+             # another token count of the same class (not 1, not a multiple of 16): the first's entry serves it
+             "write_cache-2-tokens": lambda: write_cache(new_kv[:2, :512], new_kv[:2, 512:], kv, pe,
+                                                         torch.tensor([7, 65]))}
 
     from . import _utils
     use_triton, enabled, run = _utils.use_triton, _launcher.ENABLED, JITFunction.run

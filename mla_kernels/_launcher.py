@@ -7,8 +7,9 @@ kernel's 32 arguments that is 12-18 µs of Python per launch (``bench.host --jit
 paid per layer and per decode step in an eager model, where the GPU work of the whole call can be 20 µs.
 
 ``launch`` keeps, per kernel, the compiled kernel Triton chose for a call, under a key from which Triton's
-specialization follows: each tensor's dtype and 16-byte alignment, each scalar's type and (for ints and bools) its
-value, the keyword arguments (constexprs, ``num_warps``, ``num_stages``) and the current device. Two calls with one
+specialization follows: each tensor's dtype and 16-byte alignment, each int's class (1, or its width and whether
+it is a multiple of 16), each float's and bool's type (and a bool's value), the keyword arguments (constexprs,
+``num_warps``, ``num_stages``, by value) and the current device. Two calls with one
 key bind to one compiled kernel in Triton too, so a repeat is launched through that kernel directly, with the
 arguments Triton's own ``run`` hands it (every parameter in order, constexprs included; no launch hooks). A miss
 launches through Triton as before and stores what it compiled.
@@ -50,7 +51,7 @@ _RUNTIME = _runtime_knobs()
 ENABLED = (_triton_version() >= (3, 3) and _RUNTIME is not None and torch.version.hip is None
            and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0")
 MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and filled again (bounds the memory of
-#                    callers whose int arguments change every call, such as packed token counts)
+#                    callers whose constexprs change from call to call, as autotune sweeps do)
 
 _Tensor = torch.Tensor
 # id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
@@ -66,15 +67,22 @@ def hooked(hook) -> bool:
 
 def spec_key(args: tuple, kwargs: dict) -> tuple | None:
     """What Triton's specialization of ``args``/``kwargs`` is a function of, as a hashable tuple (None: an argument
-    of a type this key does not cover). A tensor gives its dtype then whether its address is 16-byte aligned (a dtype
-    is given by nothing else, so the flat tuple reads back one way); an int its value; a float its type (Triton
-    makes every float an fp32); a bool its type and value (Triton makes ``True`` a u1 and ``1`` a constexpr)."""
+    of a type this key does not cover). An int gives its class as Triton specializes it, not its value, so calls
+    whose counts change (packed tokens, lengths) share one entry: ``"1"`` for 1 (a constexpr to Triton), else
+    its width (i32 within 32 bits, i64 within 64, u64 beyond) and whether it is a multiple of 16. A tensor gives its
+    dtype then whether its address is 16-byte aligned (a dtype is given by nothing else, so the flat tuple reads
+    back one way); a float its type (Triton makes every float an fp32); a bool its type and value (a u1 to Triton,
+    where the int 1 is a constexpr). ``test_launcher`` checks it against Triton's own specialization."""
     key = []
     append = key.append
     for a in args:
         cls = a.__class__
         if cls is int:
-            append(a)
+            if a == 1:
+                append("1")
+            else:  # 0/1: i32 not/divisible by 16; 2/3 i64; 4/5 past int64 (u64, or refused by Triton: never stored)
+                append((0 if -0x80000000 <= a <= 0x7FFFFFFF else 2 if -0x8000000000000000 <= a <= 0x7FFFFFFFFFFFFFFF
+                        else 4) + (not a & 15))
         elif cls is _Tensor:
             append(a.dtype)
             append(not a.data_ptr() & 15)

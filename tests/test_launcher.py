@@ -45,6 +45,22 @@ def test_equal_keys_mean_equal_specializations(drawn, data):
         assert _specialization(a) == _specialization(b)
 
 
+EDGES = [0, 1, -1, 2, 7, 8, 16, 17, 24, 32, 48, -8, -16, -17, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 8,
+         2 ** 31 + 16, -2 ** 31, -2 ** 31 + 8, -2 ** 31 - 1, -2 ** 31 - 16, 2 ** 32, 2 ** 32 + 8, 2 ** 63 - 16,
+         2 ** 63 - 1, 2 ** 63, 2 ** 63 + 8, 2 ** 63 + 16, 2 ** 64 - 16, 2 ** 64 - 1, -2 ** 63, -2 ** 63 + 8]
+
+
+def test_int_keys_are_tritons_int_classes():
+    """For every pair of edge ints (widths' boundaries, 1, multiples of 8 that are not of 16, negatives): equal keys
+    exactly when Triton specializes them alike. Ints are keyed by class, so counts that change from call to call
+    (packed tokens, batch sizes) share an entry."""
+    spec = {x: native(BaseBackend, x, False, True, True) for x in EDGES}
+    for x in EDGES:
+        for y in EDGES:
+            same_key = _launcher.spec_key((x,), {}) == _launcher.spec_key((y,), {})
+            assert same_key == (spec[x] == spec[y]), (x, y, spec[x], spec[y])
+
+
 def test_key_separates_what_triton_separates():
     aligned, off = BUFFER[:8], BUFFER[1:9]
     key = _launcher.spec_key
