@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -195,7 +196,7 @@ def _cases(hip: bool) -> dict:
         "decode-h128-sparse": attn(128, False, True, sparse=True),
         "decode-h16-fp8-sparse": attn(16, False, True, fp8=True, sparse=True),
         "combine": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=16, STORE_LSE=True, SCHEDULED=False),
-                    {"OUT": "*bf16", "*": "*fp32"}, 4, 1, None),
+                    {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1, None),
         "combine-scheduled": (_mla_combine_kernel, dict(D_LATENT=512, BLOCK_S=512, STORE_LSE=True, SCHEDULED=True),
                               {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1, None),
         "prefill-expanded": expanded(),
@@ -394,7 +395,7 @@ def _same_launch(a, b) -> bool:
             return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
                     and x.shape == y.shape and x.stride() == y.stride()
                     and x.data_ptr() % 16 == y.data_ptr() % 16)
-        return type(x) is type(y) and x == y
+        return type(x) is type(y) and repr(x) == repr(y)  # (repr: 0.0 and -0.0 apart)
     from ._launcher import hooked
     (kernel_a, args_a), (kernel_b, args_b) = a, b
     if any(hooked(h) for h in (*args_a[7:9], *args_b[7:9])):  # no hook may run: then the launch metadata is unread
@@ -403,18 +404,32 @@ def _same_launch(a, b) -> bool:
             and all(same(x, y) for x, y in zip(args_a[:6] + args_a[9:], args_b[:6] + args_b[9:])))
 
 
+@triton.jit
+def _probe_kernel(OUT, x, SCALE: tl.constexpr, FLAG: tl.constexpr = False):
+    """``cached_launches``' stand-in for calls the library's launch sites never make: a constexpr float given
+    positionally, a runtime scalar given by keyword."""
+    v = x * SCALE
+    if FLAG:
+        v = v + 1.0
+    tl.store(OUT, v)
+
+
 def cached_launches() -> dict:
     """``_launcher.launch`` against Triton's own launch, both driven up to the driver as on an H100
     (``jit_without_gpu(launches=...)``), on calls whose specializations differ (a misaligned query view, fp32
     queries, two query tokens, int64 indices, a forced split, ``write_cache``). Each call is first launched the
     plain way (``_launcher.ENABLED`` off); then, cached, three times over in alternating order: the first pass fills
     the cache through Triton (a call whose ints differ from an earlier one's only in value, not in class, already
-    hits its entry), the next two must not call Triton's ``run`` at all. Returns {"hits": launches that took the
-    cached path in the last two passes, case: "same" or what differed}."""
+    hits its entry), the next two must not call Triton's ``run`` at all. The ``fallback-`` cases are calls whose key
+    cannot stand for what Triton binds (a constexpr float given positionally, a runtime scalar by keyword, 0.0
+    then -0.0): they must go through Triton's run every time. So must every call with a launch hook set or Triton's
+    debug knob on. Returns {"hits": launches that took the cached path in the last two passes, case: "same" or
+    what differed}."""
     from triton.runtime.jit import JITFunction
 
     from . import _launcher, decode
     from .cache import write_cache
+    from .schedule import mla_decode_metadata
 
     gen = torch.Generator().manual_seed(0)
     batch, page, ctx = 2, 64, 300
@@ -438,11 +453,22 @@ def cached_launches() -> dict:
              "decode-8-heads": decode_call(aligned[:, :, :8]),  # an int apart (heads: not a multiple of 16), same tiles
              "decode-fp32": decode_call(aligned.float(), cache=buf.float()), "decode-two-tokens": decode_call(two),
              "decode-int64": decode_call(aligned, index_dtype=torch.int64), "decode-split3": decode_call(aligned, 3),
+             # a schedule built afresh for every call, as every decode step builds one: its tables are new tensors
+             "decode-scheduled": lambda: decode.mla_decode(
+                 aligned[..., :512], aligned[..., 512:], kv, pe, table, seqlens, 0.1,
+                 metadata=mla_decode_metadata(seqlens, 16, 1, kv_lora_rank=512)),
              "write_cache": lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe,
                                                 torch.tensor([5, 64, 600])),
              # another token count of the same class (not 1, not a multiple of 16): the first's entry serves it
              "write_cache-2-tokens": lambda: write_cache(new_kv[:2, :512], new_kv[:2, 512:], kv, pe,
                                                          torch.tensor([7, 65]))}
+    probe_out = torch.zeros(4)
+
+    def probe(*args, **kwargs):
+        return lambda: _launcher.launch(_probe_kernel, (1,), probe_out, *args, **kwargs)
+    cases.update({"fallback-constexpr-float-0.5": probe(3.0, 0.5), "fallback-constexpr-float-0.25": probe(3.0, 0.25),
+                  "fallback-keyword-x-0.0": probe(x=0.0, SCALE=2.0), "fallback-keyword-x--0.0": probe(x=-0.0, SCALE=2.0),
+                  "fallback-keyword-x-1.0": probe(x=1.0, SCALE=2.0), "fallback-keyword-x-1": probe(x=1, SCALE=2.0)})
 
     from . import _utils
     use_triton, enabled, run = _utils.use_triton, _launcher.ENABLED, JITFunction.run
@@ -469,26 +495,37 @@ def cached_launches() -> dict:
                     triton_runs.clear()
                     cases[name]()
                     got, launches[:] = list(launches), []
-                    if sweep and triton_runs:
+                    if name.startswith("fallback-") and len(triton_runs) != len(got):
+                        report.setdefault(name, f"pass {sweep}: launched from the cache, not through Triton's run")
+                    elif sweep and triton_runs and not name.startswith("fallback-"):
                         report.setdefault(name, f"pass {sweep}: Triton's run called ({len(triton_runs)}x): not cached")
                     elif len(got) != len(plain[name]) or not all(map(_same_launch, got, plain[name])):
                         report.setdefault(name, f"pass {sweep}: the launches differ from Triton's own")
-                    else:
+                    elif not name.startswith("fallback-"):
                         hits += len(got) if sweep else 0
                 report.update({name: "same" for name in cases if name not in report} if sweep == 2 else {})
-            hooks = _launcher._RUNTIME.launch_enter_hook  # a profiler's launch hook: every launch through Triton's
-            hook = lambda metadata: None                  # run, which builds the metadata the hook reads
-            hooks.add(hook) if hasattr(hooks, "add") else setattr(_launcher._RUNTIME, "launch_enter_hook", hook)
-            try:
+            def all_through_triton(what):
                 for name, call in cases.items():
                     triton_runs.clear()
                     call()
                     if len(triton_runs) != len(launches):
-                        report[name] = "with a launch hook set: a launch did not go through Triton's run"
+                        report[name] = f"with {what}: a launch did not go through Triton's run"
                     launches[:] = []
+
+            runtime = _launcher._RUNTIME
+            hooks = runtime.launch_enter_hook  # a profiler's launch hook: every launch through Triton's run, which
+            hook = lambda metadata: None       # builds the metadata the hook reads
+            hooks.add(hook) if hasattr(hooks, "add") else setattr(runtime, "launch_enter_hook", hook)
+            try:
+                all_through_triton("a launch hook set")
             finally:
-                hooks.remove(hook) if hasattr(hooks, "remove") else setattr(_launcher._RUNTIME, "launch_enter_hook",
-                                                                            hooks)
+                hooks.remove(hook) if hasattr(hooks, "remove") else setattr(runtime, "launch_enter_hook", hooks)
+            debug = runtime.debug  # Triton compiles other kernels with its debug knob on (device-side asserts)
+            runtime.debug = True
+            try:
+                all_through_triton("Triton's debug knob on")
+            finally:
+                runtime.debug = debug
     finally:
         JITFunction.run, _launcher.ENABLED, _utils.use_triton = run, enabled, use_triton
         _launcher.clear()

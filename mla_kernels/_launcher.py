@@ -16,10 +16,14 @@ launches through Triton as before and stores what it compiled.
 
 Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[grid](...)``: ROCm (its specialization
 also reads tensor sizes, for buffer loads), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
-hook set (profilers: they need the launch metadata Triton builds), a grid that is not a tuple, triton before 3.3
-(its ``run`` passed other arguments and hooks) and an argument of any other type (TMA descriptors, numpy scalars).
-``MLA_KERNELS_CACHED_LAUNCH=0`` turns it off. Not checked on a hit, as Triton checks it: that the module globals a
-kernel reads are unchanged since its compile (the library's kernels read constants only)."""
+hook set (profilers: they need the launch metadata Triton builds), Triton's debug or instrumentation knobs on (they
+change which kernel Triton compiles), a grid that is not a tuple, triton before 3.3 (its ``run`` passed other
+arguments and hooks), an argument of any other type (TMA descriptors, numpy scalars), and calls whose key cannot
+stand for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
+``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
+it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
+constants only), and calling whatever wraps ``JITFunction.run`` (a tracer, a test counting launches sees only each
+key's first launch; turn the cache off to see them all)."""
 
 from __future__ import annotations
 
@@ -38,18 +42,18 @@ def _triton_version() -> tuple[int, int]:
         return (0, 0)
 
 
-def _runtime_knobs():
-    """``triton.knobs.runtime`` (where the launch hooks live since triton 3.3), or None."""
+def _knobs(group: str):
+    """``triton.knobs.<group>`` (``runtime`` holds the launch hooks since triton 3.3), or None."""
     try:
         from triton import knobs
-        return knobs.runtime
+        return getattr(knobs, group)
     except (ImportError, AttributeError):
         return None
 
 
-_RUNTIME = _runtime_knobs()
-ENABLED = (_triton_version() >= (3, 3) and _RUNTIME is not None and torch.version.hip is None
-           and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0")
+_RUNTIME, _COMPILATION = _knobs("runtime"), _knobs("compilation")
+ENABLED = (_triton_version() >= (3, 3) and _RUNTIME is not None and _COMPILATION is not None
+           and torch.version.hip is None and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0")
 MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and filled again (bounds the memory of
 #                    callers whose constexprs change from call to call, as autotune sweeps do)
 
@@ -107,11 +111,34 @@ def _tail(kernel: JITFunction, n_args: int, kwargs: dict) -> tuple:
     return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[n_args:])
 
 
+def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
+    """Whether this call's key (Triton's run has just launched it) determines what Triton chose and what it handed
+    the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value,
+    compared by ``==`` (1, 1.0 and True alike, 0.0 and -0.0, a tensor by identity), and the stored tail would replay
+    the first call's value (constexprs compare so in Triton's own cache too, and take no launch slot). Not when a
+    constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's type, not the
+    value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one tuple)."""
+    for p in kernel.params:
+        param = p._param
+        if param.kind is param.VAR_POSITIONAL:
+            return False
+        if p.is_constexpr:
+            if p.num < len(args) and not (args[p.num] is None or args[p.num].__class__ is bool):
+                return False
+        elif p.name in kwargs:
+            return False
+    return True
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, launched through the compiled kernel Triton chose for an earlier call of
     the same key (module docstring)."""
     if not ENABLED or kernel.__class__ is not JITFunction or grid.__class__ is not tuple or kernel.pre_run_hooks \
-            or hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook):
+            or hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook) \
+            or kernel.debug or _RUNTIME.debug or getattr(_COMPILATION, "instrumentation_mode", "") \
+            or getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None:
+        # (the last four are what Triton's run adds to the options it keys its kernels by: entries are stored and
+        # used with all of them off; 3.9's fpsan_homomorphic_casts changes nothing without an "fpsan" mode)
         kernel[grid](*args, **kwargs)
         return
     key = spec_key(args, kwargs)
@@ -131,7 +158,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
-        if compiled is not None and hasattr(compiled, "packed_metadata"):
+        if compiled is not None and hasattr(compiled, "packed_metadata") and _storable(kernel, args, kwargs):
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
             entries[(device, key)] = (compiled, _tail(kernel, len(args), kwargs))

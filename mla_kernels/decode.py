@@ -449,10 +449,10 @@ def _mla_attn_block(
 
 @triton.jit
 def _mla_combine_kernel(
-    OUT_PART, LSE_PART, OUT, LSE,
+    OUT_PART, LSE_PART, OUT, LSE, SCHED_SEQUENCES,
     num_rows, num_splits, split_stride,
     D_LATENT: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
-    SCHED_SEQUENCES=None, SCHEDULED: tl.constexpr = False,
+    SCHEDULED: tl.constexpr = False,
 ):
     """Merge split partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
 
@@ -591,15 +591,14 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                          schedule=schedule, kv_scale=kv_scale, indices=indices)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
         _launcher.launch(_mla_combine_kernel, (total_rows,),
-            out_part, lse_part, out, lse if lse is not None else dummy,
+            out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
             seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
             D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(schedule.num_programs)), STORE_LSE=return_lse,
-            SCHED_SEQUENCES=schedule.sequences, SCHEDULED=True,
-            num_warps=4 if d_latent >= 256 else 2,
+            SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
         )
     if split:
         _launcher.launch(_mla_combine_kernel, (total_rows,),
-            out_part, lse_part, out, lse if lse is not None else dummy,
+            out_part, lse_part, out, lse if lse is not None else dummy, dummy,
             total_rows, num_splits, total_rows * d_latent,
             D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(num_splits)), STORE_LSE=return_lse,
             num_warps=4 if d_latent >= 256 else 2,

@@ -474,10 +474,12 @@ def test_bench_imbalanced_pair_smoke():
     rows = bd.run_imbalanced_pair(6, 200, 4, 16, torch.device("cpu"), torch.bfloat16, 10.0, time_kw, shape=shape)
     assert [(r["kind"], r["provider"]) for r in rows] == [(k, n) for k in ("imbal", "unif")
                                                           for n in bd.IMBALANCED_ORDER]
-    assert rows[0]["total_tokens"] == sum(bd.imbalanced_lengths(6, 200)) and rows[0]["ctx"] == 200
-    assert abs(rows[3]["total_tokens"] - rows[0]["total_tokens"]) < 6  # the uniform twin: same tokens, rounded
-    assert all("p50_ms" in r for r in rows) and rows[3]["pct_of_uniform"] == pytest.approx(100.0)
-    assert "vs_default" in rows[1] and "vs_default" in rows[4]
+    by = {(r["kind"], r["provider"]): r for r in rows}
+    imbal, unif = by["imbal", "mla_decode"], by["unif", "mla_decode"]
+    assert imbal["total_tokens"] == sum(bd.imbalanced_lengths(6, 200)) and imbal["ctx"] == 200
+    assert abs(unif["total_tokens"] - imbal["total_tokens"]) < 6  # the uniform twin: same tokens, rounded
+    assert all("p50_ms" in r for r in rows) and unif["pct_of_uniform"] == pytest.approx(100.0)
+    assert all("vs_default" in r for (_, name), r in by.items() if "+meta" in name)
 
     mla_decode, build, sched = bd.imbalanced_library()
 
@@ -488,7 +490,8 @@ def test_bench_imbalanced_pair_smoke():
     rows = bd.run_imbalanced_pair(6, 200, 4, 16, torch.device("cpu"), torch.bfloat16, 10.0, time_kw, shape=shape,
                                   lib=(broken, build, sched))
     wrong = [r for r in rows if r.get("wrong")]
-    assert [r["provider"] for r in wrong] == ["mla_decode+meta"] * 2 and "p50_ms" not in wrong[0]
+    assert [r["provider"] for r in wrong] == ["mla_decode+meta", "mla_decode+meta[wide]"] * 2
+    assert "p50_ms" not in wrong[0]
     assert "WRONG RESULT" in h.format_row(wrong[0])
 
 
