@@ -429,6 +429,7 @@ def cached_launches() -> dict:
 
     from . import _launcher, decode
     from .cache import write_cache
+    from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 
     gen = torch.Generator().manual_seed(0)
@@ -443,6 +444,10 @@ def cached_launches() -> dict:
     misaligned = q[1:1 + batch * 16 * 576].view(batch, 1, 16, 576)  # 2 bytes off: no 16-byte alignment
     two = q[:batch * 2 * 16 * 576].view(batch, 2, 16, 576)
     new_kv = torch.randn(3, 576, generator=gen).to(torch.bfloat16)
+    cu = torch.tensor([0, 10, 16], dtype=torch.int32)  # 10 and 6 new tokens, the last of each sequence's cache
+    q_raw = torch.randn(16, 16, 192, generator=gen).to(torch.bfloat16)
+    q_pf = torch.randn(16, 16, 576, generator=gen).to(torch.bfloat16)
+    w_kv_b = torch.randn(16 * 256, 512, generator=gen).to(torch.bfloat16)
 
     def decode_call(qs, splits=None, index_dtype=torch.int32, cache=buf, causal=True):
         return lambda: decode.mla_decode(qs[..., :512], qs[..., 512:], cache[..., :512], cache[..., 512:],
@@ -457,6 +462,10 @@ def cached_launches() -> dict:
              "decode-scheduled": lambda: decode.mla_decode(
                  aligned[..., :512], aligned[..., 512:], kv, pe, table, seqlens, 0.1,
                  metadata=mla_decode_metadata(seqlens, 16, 1, kv_lora_rank=512)),
+             # prefill, both paths (the absorbed one runs the decode kernels in ragged-rows mode)
+             "prefill-absorbed": lambda: mla_prefill(q_pf[..., :512], q_pf[..., 512:], kv, pe, table, cu, seqlens, 0.1),
+             "prefill-expanded": lambda: mla_prefill_attention(q_raw[..., :128], q_raw[..., 128:], kv, pe, table, cu,
+                                                               seqlens, w_kv_b, 0.1, path="expanded"),
              "write_cache": lambda: write_cache(new_kv[:, :512], new_kv[:, 512:], kv, pe,
                                                 torch.tensor([5, 64, 600])),
              # another token count of the same class (not 1, not a multiple of 16): the first's entry serves it
@@ -544,6 +553,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     from . import _utils
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
+    from .prefill import mla_prefill, mla_prefill_attention
     from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 
