@@ -429,6 +429,7 @@ def cached_launches() -> dict:
 
     from . import _launcher, decode
     from .cache import write_cache
+    from .decode_tma import tma_config
     from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 
@@ -453,11 +454,23 @@ def cached_launches() -> dict:
         return lambda: decode.mla_decode(qs[..., :512], qs[..., 512:], cache[..., :512], cache[..., 512:],
                                          table.to(index_dtype), seqlens.to(index_dtype), 0.1, causal,
                                          num_splits=splits)
+    def tma_call(qs, splits=1):  # decode._launch with the TMA kernel's tiles, dispatched to it as on an H100
+        def run():
+            real = decode._hopper_kernel
+            decode._hopper_kernel = lambda *args: "tma"
+            try:
+                decode._launch(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, None, 0.1, True, False,
+                               batch=batch, seq_q=1, total_tokens=batch, max_seqlen_q=1, max_seqlen_k=ctx,
+                               num_splits=splits, config=tma_config(16))
+            finally:
+                decode._hopper_kernel = real
+        return run
     cases = {"decode": decode_call(aligned), "decode-misaligned-q": decode_call(misaligned),
              "decode-not-causal": decode_call(aligned, causal=False),  # a constexpr apart, every argument alike
              "decode-8-heads": decode_call(aligned[:, :, :8]),  # an int apart (heads: not a multiple of 16), same tiles
              "decode-fp32": decode_call(aligned.float(), cache=buf.float()), "decode-two-tokens": decode_call(two),
              "decode-int64": decode_call(aligned, index_dtype=torch.int64), "decode-split3": decode_call(aligned, 3),
+             "decode-tma": tma_call(aligned), "decode-tma-split2": tma_call(aligned, 2),  # host TMA descriptors
              # a schedule built afresh for every call, as every decode step builds one: its tables are new tensors
              "decode-scheduled": lambda: decode.mla_decode(
                  aligned[..., :512], aligned[..., 512:], kv, pe, table, seqlens, 0.1,
@@ -554,6 +567,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
     from .prefill import mla_prefill, mla_prefill_attention
+    from .decode_tma import tma_config
     from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 

@@ -18,7 +18,7 @@ Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[gri
 also reads tensor sizes, for buffer loads), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
 hook set (profilers: they need the launch metadata Triton builds), Triton's debug or instrumentation knobs on (they
 change which kernel Triton compiles), a grid that is not a tuple, triton before 3.3 (its ``run`` passed other
-arguments and hooks), an argument of any other type (TMA descriptors, numpy scalars), and calls whose key cannot
+arguments and hooks), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot
 stand for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
 ``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
 it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
@@ -58,6 +58,10 @@ MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and fi
 #                    callers whose constexprs change from call to call, as autotune sweeps do)
 
 _Tensor = torch.Tensor
+try:  # host-side TMA descriptors (decode_tma's launches): Triton specializes them by dtype and block shape
+    from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
+except ImportError:
+    _Descriptor = None
 # id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
 # JITFunction hashes through a Python property; the kernel is held, so its id is not reused while the entry lives
 _entries: dict = {}
@@ -76,7 +80,8 @@ def spec_key(args: tuple, kwargs: dict) -> tuple | None:
     its width (i32 within 32 bits, i64 within 64, u64 beyond) and whether it is a multiple of 16. A tensor gives its
     dtype then whether its address is 16-byte aligned (a dtype is given by nothing else, so the flat tuple reads
     back one way); a float its type (Triton makes every float an fp32); a bool its type and value (a u1 to Triton,
-    where the int 1 is a constexpr). ``test_launcher`` checks it against Triton's own specialization."""
+    where the int 1 is a constexpr); a host TMA descriptor its base's dtype, block shape and modes. ``test_launcher``
+    checks it against Triton's own specialization."""
     key = []
     append = key.append
     for a in args:
@@ -99,6 +104,8 @@ def spec_key(args: tuple, kwargs: dict) -> tuple | None:
         elif isinstance(a, _Tensor):
             append(a.dtype)
             append(not a.data_ptr() & 15)
+        elif cls is _Descriptor:  # (its base is 16-byte aligned by construction; the launcher encodes it per call)
+            append((cls, a.base.dtype, tuple(a.block_shape), a.padding, getattr(a, "round_f32_to_tf32", False)))
         else:
             return None
     append(tuple(kwargs.items()))

@@ -61,6 +61,23 @@ def test_int_keys_are_tritons_int_classes():
             assert same_key == (spec[x] == spec[y]), (x, y, spec[x], spec[y])
 
 
+def test_descriptor_keys_are_tritons_descriptor_types():
+    """Host TMA descriptors (``decode_tma``'s launches): equal keys exactly when Triton specializes them alike (by
+    the base's dtype and the block shape), for descriptors over several dtypes, block shapes and bases; the key
+    also keeps the padding mode, which Triton reads at launch."""
+    descriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    base = torch.zeros(4, 64, 576)
+    descs = [descriptor.from_tensor(base.to(dtype)[..., lo:lo + 256], block)
+             for dtype in (torch.float32, torch.bfloat16, torch.float16) for lo in (0, 64)
+             for block in ([1, 64, 128], [1, 32, 128], [1, 64, 64])]
+    spec = [native(BaseBackend, d, False, True, True) for d in descs]
+    for i, a in enumerate(descs):
+        for j, b in enumerate(descs):
+            assert (_launcher.spec_key((a,), {}) == _launcher.spec_key((b,), {})) == (spec[i] == spec[j]), (i, j)
+    nan = descriptor.from_tensor(base[..., :256], [1, 64, 128], padding="nan")
+    assert _launcher.spec_key((nan,), {}) != _launcher.spec_key((descs[0],), {})
+
+
 def test_key_separates_what_triton_separates():
     aligned, off = BUFFER[:8], BUFFER[1:9]
     key = _launcher.spec_key
