@@ -154,3 +154,81 @@ def test_cached_launches_on_a_gpu(monkeypatch):
             ref, _ = reference.absorbed_decode(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, 0.1)
             assert_close(f"{name}, {splits} splits", again, ref, torch.bfloat16)
     assert id(decode._mla_attn_kernel) in _launcher._entries
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU (the CPU suite checks them through "
+                                                          "Triton's JIT: test_compile.test_cached_launches_match_triton)")
+@pytest.mark.parametrize("path", ["scheduled", "sparse", "fp8", "prefill-absorbed", "prefill-expanded", "write_cache",
+                                  "tma"])
+def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
+    """On a GPU, each of the library's other launch paths: its second call launches from the cache (Triton's run not
+    entered) and gives bit for bit what Triton's own launch gives (``write_cache``: the same cache bytes). What
+    bench rows time is the second call and later, while their correctness check runs the first."""
+    from helpers import make_paged_cache
+    from mla_kernels import (fp8_latent_cache, mla_decode, mla_decode_metadata, mla_prefill, mla_prefill_attention,
+                             write_cache)
+    from mla_kernels import _utils, decode
+    from mla_kernels.decode_tma import tma_config
+    from triton.runtime.jit import JITFunction
+
+    if not _launcher.ENABLED:
+        pytest.skip("the cached launch is off here (ROCm, triton < 3.3 or MLA_KERNELS_CACHED_LAUNCH=0)")
+    device = torch.device("cuda")
+    if path == "tma" and not _utils.nvidia_sm90(device):
+        pytest.skip("the TMA kernel needs compute capability 9+")
+    gen = torch.Generator(device=device).manual_seed(0)
+    lens = [300, 77, 1000]
+    kv, pe, table = make_paged_cache(lens, 64, (512, 64), torch.bfloat16, device)
+    kv, pe = kv.nan_to_num(), pe.nan_to_num()  # (the fp8 quantizer and the expansion GEMM read whole blocks)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(3, 2, 16, 576, device=device, generator=gen).to(torch.bfloat16)
+    qn, qp = q[..., :512], q[..., 512:]
+    cu = torch.tensor([0, 40, 50, 90], dtype=torch.int32, device=device)
+    qt = torch.randn(90, 16, 576, device=device, generator=gen).to(torch.bfloat16)
+    q_raw = torch.randn(90, 16, 192, device=device, generator=gen).to(torch.bfloat16)
+    w_kv_b = torch.randn(16 * 256, 512, device=device, generator=gen).to(torch.bfloat16) / 16
+    if path == "fp8":
+        kv8, scale8, pe8 = fp8_latent_cache(kv.shape[0], 64, 512, 64, device=device)
+        flat = torch.arange(kv.shape[0] * 64, device=device)
+        write_cache(kv.reshape(-1, 512), pe.reshape(-1, 64), kv8, pe8, flat, kv_scale=scale8)
+    new = torch.randn(5, 576, device=device, generator=gen).to(torch.bfloat16)
+    slots = torch.tensor([3, 64, 65, 700, 701], device=device)
+
+    def call():
+        if path == "scheduled":  # a schedule built afresh, as each decode step builds one
+            return mla_decode(qn, qp, kv, pe, table, seqlens, 0.1,
+                              metadata=mla_decode_metadata(seqlens, 16, 2, kv_lora_rank=512))
+        if path == "sparse":
+            idx = torch.arange(64, device=device, dtype=torch.int32).expand(3, 2, 64).contiguous()
+            return mla_decode(qn, qp, kv, pe, table, seqlens, 0.1, indices=idx)
+        if path == "fp8":
+            return mla_decode(qn, qp, kv8, pe8, table, seqlens, 0.1, kv_scale=scale8)
+        if path == "prefill-absorbed":
+            return mla_prefill(qt[..., :512], qt[..., 512:], kv, pe, table, cu, seqlens, 0.1)
+        if path == "prefill-expanded":
+            return mla_prefill_attention(q_raw[..., :128], q_raw[..., 128:], kv, pe, table, cu, seqlens, w_kv_b, 0.1,
+                                         path="expanded")
+        if path == "write_cache":
+            kv_w, pe_w = torch.zeros_like(kv), torch.zeros_like(pe)
+            write_cache(new[:, :512], new[:, 512:], kv_w, pe_w, slots)
+            return kv_w, pe_w
+        out, _ = decode._launch(qn, qp, kv, pe, table, seqlens, None, 0.1, True, False, batch=3, seq_q=2,
+                                total_tokens=6, max_seqlen_q=2, max_seqlen_k=1000, num_splits=2,
+                                config=tma_config(32))
+        return out
+
+    _launcher.clear()
+    if path == "tma":
+        monkeypatch.setattr(decode, "_hopper_kernel", lambda *args: "tma")
+    runs = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
+    call()
+    runs.clear()
+    again = call()
+    assert not runs, f"{path}: a repeat went through Triton's run ({[k.__name__ for k in runs]})"
+    monkeypatch.setattr(_launcher, "ENABLED", False)
+    plain = call()
+    again, plain = (again if isinstance(again, tuple) else (again,)), (plain if isinstance(plain, tuple) else (plain,))
+    for a, b in zip(again, plain, strict=True):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), path
