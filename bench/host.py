@@ -88,26 +88,35 @@ def stubbed_kernels():
         _utils.use_triton, prefill_mod._read_lengths = saved[-2:]
 
 
+def _values(*shape, dtype, device, scale=1.0):
+    """Inputs: uninitialised on meta (nothing is read), random elsewhere, so that ``_same_result`` compares outputs
+    that depend on every launch argument (a fresh GPU allocation reads as zeros: every output would be zero too)."""
+    if device.type == "meta":
+        return torch.empty(*shape, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(hash(shape) % 2 ** 31)  # (a seed per shape: q is not k's copy)
+    return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+
 def decode_args(device, batch=1, ctx=1024, heads=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64,
                 d_v=128):
     blocks = batch * (ctx // page)
-    buf = torch.empty(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
-    q = torch.empty(batch, 1, heads, d_latent + d_rope, dtype=dtype, device=device)
+    buf = _values(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
+    q = _values(batch, 1, heads, d_latent + d_rope, dtype=dtype, device=device)
     if device.type == "meta":
         block_table = torch.empty(batch, ctx // page, dtype=torch.int32, device=device)
         seqlens = torch.empty(batch, dtype=torch.int32, device=device)
     else:
         block_table = torch.arange(blocks, dtype=torch.int32, device=device).view(batch, -1)
         seqlens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    w_uv = torch.empty(heads, d_v, d_latent, dtype=dtype, device=device)
+    w_uv = _values(heads, d_v, d_latent, dtype=dtype, device=device, scale=d_latent ** -0.5)
     args = (q[..., :d_latent], q[..., d_latent:], buf[..., :d_latent], buf[..., d_latent:], block_table, seqlens,
             0.1)
     return args, dict(w_uv=w_uv, max_seqlen_k=ctx)
 
 
 def write_args(device, tokens=1, blocks=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64):
-    buf = torch.empty(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
-    kv = torch.empty(tokens, d_latent + d_rope, dtype=dtype, device=device)
+    buf = _values(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
+    kv = _values(tokens, d_latent + d_rope, dtype=dtype, device=device)
     slots = (torch.empty(tokens, dtype=torch.int64, device=device) if device.type == "meta"
              else torch.arange(tokens, dtype=torch.int64, device=device))
     return kv[:, :d_latent], kv[:, d_latent:], buf[..., :d_latent], buf[..., d_latent:], slots
@@ -123,9 +132,9 @@ def prefill_args(device, new=SEED_NEW, history=SEED_HISTORY, heads=16, page=64, 
     cu = [0]
     for n in new:
         cu.append(cu[-1] + n)
-    buf = torch.empty(sum(blocks), page, d_latent + d_rope, dtype=dtype, device=device)
-    q = torch.empty(cu[-1], heads, d_nope + d_rope, dtype=dtype, device=device)
-    w_kv_b = torch.empty(heads * (d_nope + d_v), d_latent, dtype=dtype, device=device)
+    buf = _values(sum(blocks), page, d_latent + d_rope, dtype=dtype, device=device)
+    q = _values(cu[-1], heads, d_nope + d_rope, dtype=dtype, device=device)
+    w_kv_b = _values(heads * (d_nope + d_v), d_latent, dtype=dtype, device=device, scale=d_latent ** -0.5)
     if device.type == "meta":
         table = torch.empty(len(lens), max(blocks), dtype=torch.int32, device=device)
         cu_t = torch.empty(len(cu), dtype=torch.int32, device=device)
@@ -212,6 +221,7 @@ def _same_result(fn) -> bool:
     (same kernels, same arguments: any difference is a launch bug). Calls without an output (``write_cache``) pass."""
     from mla_kernels import _launcher
 
+    fn()  # a first call fills the cache through Triton's own launch: the compared call must be served from it
     cached = fn()
     _launcher.ENABLED = False
     try:

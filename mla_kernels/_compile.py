@@ -567,8 +567,6 @@ def jit_shapes(target: str = "sm90") -> dict:
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
     from .prefill import mla_prefill, mla_prefill_attention
-    from .decode_tma import tma_config
-    from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 
     gen = torch.Generator().manual_seed(0)

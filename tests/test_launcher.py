@@ -143,6 +143,7 @@ def test_cached_launches_on_a_gpu(monkeypatch):
             again = call(qs, splits)
             assert not runs, f"{name}, {splits} splits: a repeat went through Triton's run"
             side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())  # the inputs, written on the default stream
             with torch.cuda.stream(side):
                 on_side = call(qs, splits)
             side.synchronize()
