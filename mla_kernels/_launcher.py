@@ -15,7 +15,7 @@ arguments Triton's own ``run`` hands it (every parameter in order, constexprs in
 launches through Triton as before and stores what it compiled.
 
 Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[grid](...)``: ROCm (its specialization
-also reads tensor sizes, for buffer loads), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
+also reads tensor sizes, for buffer loads; and only kernels compiled for the ``cuda`` backend are ever stored), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
 hook set (profilers: they need the launch metadata Triton builds), Triton's debug or instrumentation knobs on (they
 change which kernel Triton compiles), a grid that is not a tuple, triton before 3.3 (its ``run`` passed other
 arguments and hooks), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot
@@ -118,6 +118,13 @@ def _tail(kernel: JITFunction, n_args: int, kwargs: dict) -> tuple:
     return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[n_args:])
 
 
+def _nvidia(compiled) -> bool:
+    """A kernel Triton compiled for an NVIDIA GPU (its target's backend ``"cuda"``): the only launcher whose
+    arguments this module hands over, whatever ``torch.version`` said (ROCm, or another backend's driver)."""
+    target = getattr(getattr(compiled, "metadata", None), "target", None)
+    return getattr(target, "backend", None) == "cuda" and hasattr(compiled, "packed_metadata")
+
+
 def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
     """Whether this call's key (Triton's run has just launched it) determines what Triton chose and what it handed
     the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value,
@@ -165,7 +172,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
-        if compiled is not None and hasattr(compiled, "packed_metadata") and _storable(kernel, args, kwargs):
+        if _nvidia(compiled) and _storable(kernel, args, kwargs):
             if len(entries) >= MAX_ENTRIES:
                 entries.clear()
             entries[(device, key)] = (compiled, _tail(kernel, len(args), kwargs))

@@ -98,6 +98,18 @@ def test_other_arguments_are_left_to_triton(arg):
     assert _launcher.spec_key((arg,), {}) is None
 
 
+def test_only_kernels_compiled_for_nvidia_are_stored():
+    """What Triton hands back is stored only when it was compiled for the "cuda" backend: a ROCm (``hip``) kernel, or
+    anything without a target (a stub's None, a warm-up result), is launched through Triton every time."""
+    from types import SimpleNamespace as NS
+
+    def compiled(backend):
+        return NS(metadata=NS(target=NS(backend=backend, arch=90)), packed_metadata=())
+    assert _launcher._nvidia(compiled("cuda"))
+    assert not _launcher._nvidia(compiled("hip")) and not _launcher._nvidia(compiled("xpu"))
+    assert not _launcher._nvidia(None) and not _launcher._nvidia(NS(metadata=NS()))
+
+
 def test_plain_launch_for_interpreted_and_stub_kernels():
     """Under the interpreter (CI) the kernels are not ``JITFunction``s: ``launch`` indexes them as Triton would."""
     calls = []
