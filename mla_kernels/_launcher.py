@@ -15,11 +15,12 @@ arguments Triton's own ``run`` hands it (every parameter in order, constexprs in
 launches through Triton as before and stores what it compiled.
 
 Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[grid](...)``: ROCm (its specialization
-also reads tensor sizes, for buffer loads; and only kernels compiled for the ``cuda`` backend are ever stored), the interpreter and stubs (not a ``JITFunction``), a launch or pre-run
-hook set (profilers: they need the launch metadata Triton builds), Triton's debug or instrumentation knobs on (they
-change which kernel Triton compiles), a grid that is not a tuple, triton before 3.3 (its ``run`` passed other
-arguments and hooks), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot
-stand for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
+also reads tensor sizes, for buffer loads; only kernels compiled for the ``cuda`` backend are ever stored), the
+interpreter and stubs (not a ``JITFunction``), a launch or pre-run hook set (profilers: they need the launch
+metadata Triton builds), Triton's debug or instrumentation knobs on (they change which kernel Triton compiles), a
+grid that is not a tuple, triton before 3.3 (its ``run`` passed other arguments and hooks), an argument of any
+other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand for what Triton binds
+(``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
 ``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
 it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
 constants only), and calling whatever wraps ``JITFunction.run`` (a tracer, a test counting launches sees only each
