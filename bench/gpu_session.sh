@@ -78,7 +78,8 @@ case "$1" in
     # tests before anything is timed (its TMA case only where the TMA kernel passed, so a TMA fault is not blamed on
     # it); if they fail, every later step runs with it off, so their numbers still stand (a cut run keeps it on)
     case "$skip" in *--skip-tma*) not_tma=(--deselect "tests/test_launcher.py::test_every_launch_path_cached_on_a_gpu[tma]");; *) not_tma=();; esac
-    step cached_launch 45 python -m pytest tests/test_launcher.py -q -x -p no:cacheprovider "${not_tma[@]}" \
+    xdist4=$(python -c "import xdist" 2>/dev/null && echo "-n 4")  # ~20 cold compiles: spread over 4 workers
+    step cached_launch 45 python -m pytest tests/test_launcher.py -q -x -rA $xdist4 -p no:cacheprovider "${not_tma[@]}" \
         --junitxml="$OUT/cached_launch.xml"
     rc=$?
     if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then
