@@ -28,6 +28,7 @@ key's first launch; turn the cache off to see them all)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -148,40 +149,48 @@ def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, launched through the compiled kernel Triton chose for an earlier call of
     the same key (module docstring)."""
-    if not ENABLED or kernel.__class__ is not JITFunction or grid.__class__ is not tuple or kernel.pre_run_hooks \
-            or hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook) \
-            or kernel.debug or _RUNTIME.debug or getattr(_COMPILATION, "instrumentation_mode", "") \
-            or getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None:
+    key = None
+    if ENABLED and kernel.__class__ is JITFunction and grid.__class__ is tuple and not kernel.pre_run_hooks \
+            and not (hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook)) \
+            and not (kernel.debug or _RUNTIME.debug or getattr(_COMPILATION, "instrumentation_mode", "")
+                     or getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None):
         # (the last four are what Triton's run adds to the options it keys its kernels by: entries are stored and
         # used with all of them off; 3.9's fpsan_homomorphic_casts changes nothing without an "fpsan" mode)
-        kernel[grid](*args, **kwargs)
-        return
-    key = spec_key(args, kwargs)
-    if key is None:
-        kernel[grid](*args, **kwargs)
-        return
-    active = driver.active
-    device = active.get_current_device()
-    held = _entries.get(id(kernel))
-    if held is None:
-        held = _entries[id(kernel)] = (kernel, {})
-    entries = held[1]
+        key = spec_key(args, kwargs)
+    if key is not None:
+        active = driver.active
+        device = active.get_current_device()
+        held = _entries.get(id(kernel))
+        if held is None:
+            held = _entries[id(kernel)] = (kernel, {})
+        entries = held[1]
+        try:
+            hit = entries.get((device, key))
+        except TypeError:  # an unhashable keyword argument: Triton's launch, nothing stored
+            hit = key = None
+        if hit is not None:
+            compiled, tail = hit
+            n = len(grid)
+            compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+                         compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+            return
+    compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
+    if key is not None and _nvidia(compiled) and _storable(kernel, args, kwargs):
+        if len(entries) >= MAX_ENTRIES:
+            entries.clear()
+        entries[(device, key)] = (compiled, _tail(kernel, len(args), kwargs))
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """``ENABLED`` set to ``on`` inside the block (benchmarks and checks time or compare both ways), restored after."""
+    global ENABLED
+    before = ENABLED
+    ENABLED = on
     try:
-        hit = entries.get((device, key))
-    except TypeError:  # an unhashable keyword argument
-        kernel[grid](*args, **kwargs)
-        return
-    if hit is None:
-        compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
-        if _nvidia(compiled) and _storable(kernel, args, kwargs):
-            if len(entries) >= MAX_ENTRIES:
-                entries.clear()
-            entries[(device, key)] = (compiled, _tail(kernel, len(args), kwargs))
-        return
-    compiled, tail = hit
-    n = len(grid)
-    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
-                 compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+        yield
+    finally:
+        ENABLED = before
 
 
 def clear() -> None:
