@@ -223,11 +223,9 @@ def _same_result(fn) -> bool:
 
     fn()  # a first call fills the cache through Triton's own launch: the compared call must be served from it
     cached = fn()
-    _launcher.ENABLED = False
-    try:
+    with _launcher.switched(False):
         plain = fn()
-    finally:
-        _launcher.ENABLED = True
+
     def tensors(result):
         return [t for t in (result if isinstance(result, tuple) else (result,)) if isinstance(t, torch.Tensor)]
     cached, plain = tensors(cached), tensors(plain)
@@ -251,11 +249,8 @@ def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[
         eager = _eager_us(fn, device, calls, repeats)
         plain = None
         if cached_on:
-            _launcher.ENABLED = False
-            try:
+            with _launcher.switched(False):
                 plain = _eager_us(fn, device, calls, repeats)
-            finally:
-                _launcher.ENABLED = True
         # a call that reads its lengths back (prefill without host lengths) cannot be captured: time_fn then falls
         # back to CUDA events around the eager call, and the row says so
         graph = h.time_fn(fn, device, cuda_graph=True)
@@ -302,21 +297,13 @@ def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
                                total_tokens=1, max_seqlen_q=1, max_seqlen_k=1024, num_splits=splits)
 
         timed = {}
-        try:
-            for cached in (False, True):
-                _launcher.ENABLED = enabled and cached
-                with _compile.jit_without_gpu(launches=(sink := Drop())):
-                    call()
-                    launches = sink.launched
-                    timed[cached] = per_call_us(call, calls, repeats)
-        finally:
-            _launcher.ENABLED = enabled
-        saved = decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel
-        decode_mod._mla_attn_kernel = decode_mod._mla_combine_kernel = _NoLaunch()
-        try:
+        for cached in (False, True):
+            with _launcher.switched(enabled and cached), _compile.jit_without_gpu(launches=(sink := Drop())):
+                call()
+                launches = sink.launched
+                timed[cached] = per_call_us(call, calls, repeats)
+        with stubbed_kernels():
             stub = per_call_us(call, calls, repeats)
-        finally:
-            decode_mod._mla_attn_kernel, decode_mod._mla_combine_kernel = saved
         case = f"decode._launch B1 L1024 H16, {splits} split{'s' if splits > 1 else ''} ({launches} launches)"
         for provider, t in (("launch prep + Triton's run up to the driver (JIT as sm_90)", timed[False]),
                             ("launch prep + cached launch up to the driver (JIT as sm_90)", timed[True]),

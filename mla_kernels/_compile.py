@@ -319,6 +319,19 @@ def jit_without_gpu(target: str = "sm90", launches: list | None = None):
         _launcher.clear()  # nor may it reuse a kernel stored for the stand-in device
 
 
+@contextlib.contextmanager
+def _dispatched_to(kind: str | None):
+    """``decode._hopper_kernel`` answering ``kind`` ("tma", "gluon" or None) inside the block: the launch code of
+    that path, driven as on an H100 (the dispatch's own rules are tested on the CPU)."""
+    from . import decode
+    real = decode._hopper_kernel
+    decode._hopper_kernel = lambda *args: kind
+    try:
+        yield
+    finally:
+        decode._hopper_kernel = real
+
+
 def jit_launches() -> dict:
     """Every launch wrapper through Triton's JIT (``jit_without_gpu``), as a call on an H100 would drive it, bf16,
     page 64, caches as views of one ``[N, 64, 576]`` buffer: the three decode kernel paths (portable, TMA, Gluon;
@@ -344,14 +357,10 @@ def jit_launches() -> dict:
 
     def launch_path(cfg, kind, splits, index_dtype=torch.int32):  # decode._launch, dispatching as on an H100
         def run():                                                    # (the dispatch's own tests run on the CPU)
-            real = decode._hopper_kernel
-            decode._hopper_kernel = lambda *args: kind
-            try:
+            with _dispatched_to(kind):
                 decode._launch(*queries(batch, 1, 128), kv, pe, table.to(index_dtype), seqlens.to(index_dtype), None,
                                0.1, True, True, batch=batch, seq_q=1, total_tokens=batch, max_seqlen_q=1,
                                max_seqlen_k=ctx, num_splits=splits, config=cfg)
-            finally:
-                decode._hopper_kernel = real
         return run
 
     cases = {}
@@ -456,14 +465,10 @@ def cached_launches() -> dict:
                                          num_splits=splits)
     def tma_call(qs, splits=1):  # decode._launch with the TMA kernel's tiles, dispatched to it as on an H100
         def run():
-            real = decode._hopper_kernel
-            decode._hopper_kernel = lambda *args: "tma"
-            try:
+            with _dispatched_to("tma"):
                 decode._launch(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, None, 0.1, True, False,
                                batch=batch, seq_q=1, total_tokens=batch, max_seqlen_q=1, max_seqlen_k=ctx,
                                num_splits=splits, config=tma_config(16))
-            finally:
-                decode._hopper_kernel = real
         return run
     cases = {"decode": decode_call(aligned), "decode-misaligned-q": decode_call(misaligned),
              "decode-not-causal": decode_call(aligned, causal=False),  # a constexpr apart, every argument alike
@@ -493,7 +498,7 @@ def cached_launches() -> dict:
                   "fallback-keyword-x-1.0": probe(x=1.0, SCALE=2.0), "fallback-keyword-x-1": probe(x=1, SCALE=2.0)})
 
     from . import _utils
-    use_triton, enabled, run = _utils.use_triton, _launcher.ENABLED, JITFunction.run
+    use_triton, run = _utils.use_triton, JITFunction.run
     _utils.use_triton = lambda t: True
     triton_runs = []
 
@@ -503,15 +508,14 @@ def cached_launches() -> dict:
     report, hits = {}, 0
     try:
         launches = []
-        with jit_without_gpu(launches=launches):
+        with jit_without_gpu(launches=launches), _launcher.switched(True):
             JITFunction.run = counted
             plain = {}
-            _launcher.ENABLED = False
-            for name, call in cases.items():
-                call()
-                plain[name], launches[:] = list(launches), []
+            with _launcher.switched(False):
+                for name, call in cases.items():
+                    call()
+                    plain[name], launches[:] = list(launches), []
             _launcher.clear()
-            _launcher.ENABLED = True
             for sweep in range(3):
                 for name in (list(cases) if sweep != 1 else list(cases)[::-1]):
                     triton_runs.clear()
@@ -549,7 +553,7 @@ def cached_launches() -> dict:
             finally:
                 runtime.debug = debug
     finally:
-        JITFunction.run, _launcher.ENABLED, _utils.use_triton = run, enabled, use_triton
+        JITFunction.run, _utils.use_triton = run, use_triton
         _launcher.clear()
     return {"hits": hits, **report}
 
