@@ -295,8 +295,9 @@ def jit_without_gpu(target: str = "sm90", launches: list | None = None):
             return torch.device("cpu")
 
     compiled, loaded = [], []
-    getitem, init, active = KernelInterface.__getitem__, CompiledKernel._init_handles, driver._active  # restored as
-    if launches is None:                                                # they were (no default driver to reset to)
+    slot = "_active" if hasattr(driver, "_active") else "active"  # (triton before 3.5 named it "active")
+    getitem, init, active = KernelInterface.__getitem__, CompiledKernel._init_handles, getattr(driver, slot)
+    if launches is None:  # restored as they were below (there is no default driver to reset to)
         KernelInterface.__getitem__ = lambda self, grid: (
             lambda *args, **kwargs: compiled.append(self.run(*args, grid=grid, warmup=True, **kwargs)))
     else:
@@ -305,16 +306,21 @@ def jit_without_gpu(target: str = "sm90", launches: list | None = None):
                 return
             loaded.append(kernel)
             kernel.module, kernel.function = "stand-in", len(loaded)  # a distinct handle per loaded kernel
-            kernel._run = lambda *args: launches.append((kernel, args))
+            recorder = lambda *args: launches.append((kernel, args))  # noqa: E731
+            if isinstance(getattr(type(kernel), "run", None), property):  # triton 3.5+: a property over _run
+                kernel._run = recorder
+            else:  # before: the launcher is the instance's own attribute "run", set where it is loaded
+                kernel.run = recorder
         CompiledKernel._init_handles = record
     driver.set_active(_Hopper())
     try:
         yield compiled
     finally:
         KernelInterface.__getitem__, CompiledKernel._init_handles = getitem, init
-        driver._active = active
+        setattr(driver, slot, active)
         for kernel in loaded:  # unloaded again: a later launch in this process loads it for real
             kernel.module = kernel.function = kernel._run = None
+            vars(kernel).pop("run", None)
         from . import _launcher
         _launcher.clear()  # nor may it reuse a kernel stored for the stand-in device
 
@@ -436,9 +442,12 @@ def cached_launches() -> dict:
     what differed}."""
     from triton.runtime.jit import JITFunction
 
-    from . import _launcher, decode
+    from . import _launcher, decode, decode_tma
     from .cache import write_cache
     from .decode_tma import tma_config
+
+    if not _launcher.SUPPORTED:  # every launch goes through Triton's run: nothing to compare
+        return {"hits": 0, "skipped": f"no cached launch with triton {triton.__version__} (_launcher.SUPPORTED)"}
     from .prefill import mla_prefill, mla_prefill_attention
     from .schedule import mla_decode_metadata
 
@@ -489,6 +498,8 @@ def cached_launches() -> dict:
              # another token count of the same class (not 1, not a multiple of 16): the first's entry serves it
              "write_cache-2-tokens": lambda: write_cache(new_kv[:2, :512], new_kv[:2, 512:], kv, pe,
                                                          torch.tensor([7, 65]))}
+    if decode_tma.TensorDescriptor is None:  # a triton without host descriptors never dispatches to the TMA kernel
+        del cases["decode-tma"], cases["decode-tma-split2"]
     probe_out = torch.zeros(4)
 
     def probe(*args, **kwargs):

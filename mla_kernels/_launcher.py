@@ -18,9 +18,9 @@ Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[gri
 also reads tensor sizes, for buffer loads; only kernels compiled for the ``cuda`` backend are ever stored), the
 interpreter and stubs (not a ``JITFunction``), a launch or pre-run hook set (profilers: they need the launch
 metadata Triton builds), Triton's debug or instrumentation knobs on (they change which kernel Triton compiles), a
-grid that is not a tuple, triton before 3.3 (its ``run`` passed other arguments and hooks), an argument of any
-other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand for what Triton binds
-(``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
+grid that is not a tuple, triton before 3.4 (no ``triton.knobs``, which holds the launch hooks; 3.3's ``run`` read
+them elsewhere), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand
+for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
 ``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
 it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
 constants only), and calling whatever wraps ``JITFunction.run`` (a tracer, a test counting launches sees only each
@@ -45,7 +45,7 @@ def _triton_version() -> tuple[int, int]:
 
 
 def _knobs(group: str):
-    """``triton.knobs.<group>`` (``runtime`` holds the launch hooks since triton 3.3), or None."""
+    """``triton.knobs.<group>`` (``runtime`` holds the launch hooks since triton 3.4), or None."""
     try:
         from triton import knobs
         return getattr(knobs, group)
@@ -54,8 +54,9 @@ def _knobs(group: str):
 
 
 _RUNTIME, _COMPILATION = _knobs("runtime"), _knobs("compilation")
-ENABLED = (_triton_version() >= (3, 3) and _RUNTIME is not None and _COMPILATION is not None
-           and torch.version.hip is None and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0")
+SUPPORTED = (_triton_version() >= (3, 4) and _RUNTIME is not None and _COMPILATION is not None
+             and torch.version.hip is None)  # what switched(True) cannot override
+ENABLED = SUPPORTED and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0"
 MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and filled again (bounds the memory of
 #                    callers whose constexprs change from call to call, as autotune sweeps do)
 
@@ -107,7 +108,8 @@ def spec_key(args: tuple, kwargs: dict) -> tuple | None:
             append(a.dtype)
             append(not a.data_ptr() & 15)
         elif cls is _Descriptor:  # (its base is 16-byte aligned by construction; the launcher encodes it per call)
-            append((cls, a.base.dtype, tuple(a.block_shape), a.padding, getattr(a, "round_f32_to_tf32", False)))
+            append((cls, a.base.dtype, tuple(a.block_shape), getattr(a, "padding", None),  # (3.4's have neither)
+                    getattr(a, "round_f32_to_tf32", False)))
         else:
             return None
     append(tuple(kwargs.items()))
@@ -183,10 +185,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 
 @contextlib.contextmanager
 def switched(on: bool):
-    """``ENABLED`` set to ``on`` inside the block (benchmarks and checks time or compare both ways), restored after."""
+    """``ENABLED`` set to ``on`` inside the block (benchmarks and checks time or compare both ways), restored after;
+    never on where the cached launch is not ``SUPPORTED`` (ROCm, triton before 3.4)."""
     global ENABLED
     before = ENABLED
-    ENABLED = on
+    ENABLED = on and SUPPORTED
     try:
         yield
     finally:
