@@ -116,9 +116,9 @@ def _cases(hip: bool) -> dict:
     ``expanded_shared_bytes``, the gfx942 model with ``hip``), which sized the tiles to fit, for the test to hold
     against the compiler's figure."""
     from .cache import _write_cache_kernel
-    from .decode import (_config, _fit_tiles, _mla_attn_kernel, _mla_combine_kernel, _mla_sparse_attn_kernel,
-                         decode_shared_bytes, decode_tiles)
-    from .decode_tma import _mla_attn_tma_kernel
+    from .decode import (_config, _fit_tiles, _gluon_tiles, _mla_attn_kernel, _mla_combine_kernel,
+                         _mla_sparse_attn_kernel, decode_shared_bytes, decode_tiles)
+    from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
     from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
                           expanded_shared_bytes)
 
@@ -216,9 +216,10 @@ def _cases(hip: bool) -> dict:
     cases["prefill-expanded-d512"] = expanded(512, 512)
     cases["prefill-expanded-fp32"] = expanded(fp32=True)
     cases["prefill-expanded-d512-fp32"] = expanded(512, 512, fp32=True)
-    if not hip:  # tensor descriptors (TMA): the Hopper path, NVIDIA only
+    if not hip and TensorDescriptor is not None:  # tensor descriptors (TMA): the Hopper path, NVIDIA, triton 3.4+
         cases["decode-tma-h16-split"] = attn_tma(16, True)
         cases["decode-tma-h128"] = attn_tma(128, False)
+    if not hip and _gluon_tiles() is not None:
         # the Gluon kernel (wgmma, TMA, mbarriers): sm_90 only; its parity is proven on a GPU (test_decode_gluon)
         cases["decode-gluon-h128"] = attn_gluon(128, False)
         cases["decode-gluon-h64-split"] = attn_gluon(64, True)
@@ -344,7 +345,7 @@ def jit_launches() -> dict:
     with and without splits, so with the combine kernel), the public ``mla_decode`` (16 heads, ``w_uv``; an fp8
     cache), both prefill paths and ``write_cache`` (bf16 and fp8). Returns {case: [{kernel, shared_bytes, wgmma,
     tma}, ...] in launch order, or {"error": ...}}."""
-    from . import _utils, decode
+    from . import _utils, decode, decode_tma
     from .cache import fp8_latent_cache, write_cache
     from .decode_tma import tma_config
     from .prefill import mla_prefill, mla_prefill_attention
@@ -370,7 +371,9 @@ def jit_launches() -> dict:
         return run
 
     cases = {}
-    paths = {"portable": (decode._config(128, 512), None), "tma": (tma_config(128), "tma")}
+    paths = {"portable": (decode._config(128, 512), None)}
+    if decode_tma.TensorDescriptor is not None:  # a triton with host descriptors (3.4+; else never dispatched to)
+        paths["tma"] = (tma_config(128), "tma")
     gluon = decode._gluon_tiles()
     if gluon is not None:  # a triton with Gluon
         paths["gluon"] = (gluon, "gluon")

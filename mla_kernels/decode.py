@@ -369,82 +369,82 @@ def _mla_attn_block(
             VARLEN)
         seqlen = tl.load(SEQLENS + pid_b)
         q_end = seqlen
-    if pid_m * BLOCK_M >= num_rows:
-        return
+    # rows past the sequence's: nothing to do (an if, not an early return: triton before 3.4 refuses a return in
+    # a function called inside a loop, as the scheduled kernel calls this one)
+    if pid_m * BLOCK_M < num_rows:
+        row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, q_end, seq_q, BLOCK_M)
+        offs_r = tl.arange(0, D_LATENT)
+        offs_p = tl.arange(0, D_ROPE)
 
-    row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, q_end, seq_q, BLOCK_M)
-    offs_r = tl.arange(0, D_LATENT)
-    offs_p = tl.arange(0, D_ROPE)
-
-    q_nope = tl.load(q_nope_base + tok[:, None] * stride_qn_s + head[:, None] * stride_qn_h + offs_r[None, :],
-                     mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_LATENT]
-    q_pe = tl.load(q_pe_base + tok[:, None] * stride_qp_s + head[:, None] * stride_qp_h + offs_p[None, :],
-                   mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
-    if DOT_FP32:
-        q_nope = q_nope.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
-
-    # keys this program reads: its split, cut at the last position any of its rows may see (sparse: its split of
-    # the token's key list)
-    n_start = pid_split * split_len
-    if SPARSE:
-        n_end = tl.minimum(n_start + key_len, topk)
-    else:
-        n_end = _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_LATENT], dtype=tl.float32)
-    bt_row = BLOCK_TABLE + b * stride_bt_b
-
-    for start in range(n_start, n_end, BLOCK_N):
-        if SPARSE:  # the tile's cache positions from the list; entries outside the sequence (-1 pads) are skipped
-            offs_j = start + tl.arange(0, BLOCK_N)
-            offs_n = tl.load(INDICES + pid_b * topk + offs_j, mask=offs_j < n_end, other=-1)
-            # causal: one token per program, so an entry past its position is skipped before any load
-            n_mask = (offs_n >= 0) & (offs_n < (q_end if CAUSAL else seqlen))
-            offs_n = tl.where(n_mask, offs_n, 0)
-        else:
-            offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
-            n_mask = offs_n < n_end
-        block_id = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
-        kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
-                     mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
-        if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
-            kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
-                              Q_NOPE.dtype.element_ty)
-        pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
-                     mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
-        kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
-        pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
-
-        qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)
-        qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        qk = qk * sm_scale_log2
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-
-        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, True)
-        p = p.to(kv.dtype)
+        q_nope = tl.load(q_nope_base + tok[:, None] * stride_qn_s + head[:, None] * stride_qn_h + offs_r[None, :],
+                         mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_LATENT]
+        q_pe = tl.load(q_pe_base + tok[:, None] * stride_qp_s + head[:, None] * stride_qp_h + offs_p[None, :],
+                       mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
         if DOT_FP32:
-            p = p.to(tl.float32)
-        acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
+            q_nope = q_nope.to(tl.float32)
+            q_pe = q_pe.to(tl.float32)
 
-    inv_l, lse_log2 = _softmax_finish(m_i, l_i)
-    out = acc * inv_l[:, None]
-    out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
-    if to_part:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
-        part_rows = part_index.to(tl.int64) * part_stride + out_rows
-        tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
-        tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
-    else:
-        tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], out.to(OUT.dtype.element_ty),
-                 mask=row_mask[:, None])
-        if STORE_LSE:
-            tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
+        # keys this program reads: its split, cut at the last position any of its rows may see (sparse: its split of
+        # the token's key list)
+        n_start = pid_split * split_len
+        if SPARSE:
+            n_end = tl.minimum(n_start + key_len, topk)
+        else:
+            n_end = _key_range(pid_m, n_start, key_len, seqlen, seq_q, num_rows, num_heads, BLOCK_M, CAUSAL)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_LATENT], dtype=tl.float32)
+        bt_row = BLOCK_TABLE + b * stride_bt_b
+
+        for start in range(n_start, n_end, BLOCK_N):
+            if SPARSE:  # the tile's cache positions from the list; entries outside the sequence (-1 pads) are skipped
+                offs_j = start + tl.arange(0, BLOCK_N)
+                offs_n = tl.load(INDICES + pid_b * topk + offs_j, mask=offs_j < n_end, other=-1)
+                # causal: one token per program, so an entry past its position is skipped before any load
+                n_mask = (offs_n >= 0) & (offs_n < (q_end if CAUSAL else seqlen))
+                offs_n = tl.where(n_mask, offs_n, 0)
+            else:
+                offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] cache positions
+                n_mask = offs_n < n_end
+            block_id = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+            in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+            kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
+                         mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
+            if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
+                kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
+                                  Q_NOPE.dtype.element_ty)
+            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
+                         mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
+            kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
+            pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
+
+            qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)
+            qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            qk = qk * sm_scale_log2
+            visible = n_mask[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+
+            p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, True)
+            p = p.to(kv.dtype)
+            if DOT_FP32:
+                p = p.to(tl.float32)
+            acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
+
+        inv_l, lse_log2 = _softmax_finish(m_i, l_i)
+        out = acc * inv_l[:, None]
+        out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
+        if to_part:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
+            part_rows = part_index.to(tl.int64) * part_stride + out_rows
+            tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
+            tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
+        else:
+            tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], out.to(OUT.dtype.element_ty),
+                     mask=row_mask[:, None])
+            if STORE_LSE:
+                tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
 
 
 @triton.jit
