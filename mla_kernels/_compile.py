@@ -432,6 +432,49 @@ def _probe_kernel(OUT, x, SCALE: tl.constexpr, FLAG: tl.constexpr = False):
     tl.store(OUT, v)
 
 
+@contextlib.contextmanager
+def _launch_hook_set():
+    """A launch-enter hook set inside the block, where this triton keeps it: ``triton.knobs.runtime`` (3.4+; 3.5+
+    holds a chain to add to) or ``CompiledKernel``'s class attribute (3.3)."""
+    from triton.compiler.compiler import CompiledKernel
+
+    from . import _launcher
+    hook = lambda metadata: None  # noqa: E731
+    owner = _launcher._RUNTIME if _launcher._RUNTIME is not None else CompiledKernel
+    before = owner.launch_enter_hook
+    if hasattr(before, "add"):
+        before.add(hook)
+    else:
+        owner.launch_enter_hook = hook
+    try:
+        yield
+    finally:
+        if hasattr(before, "remove"):
+            before.remove(hook)
+        else:
+            owner.launch_enter_hook = before
+
+
+@contextlib.contextmanager
+def _triton_debug_on():
+    """Triton's debug switch on inside the block: ``triton.knobs.runtime.debug`` (3.4+) or ``TRITON_DEBUG=1`` (3.3)."""
+    from . import _launcher
+    runtime = _launcher._RUNTIME
+    if runtime is not None:
+        before, runtime.debug = runtime.debug, True
+    else:
+        before, os.environ["TRITON_DEBUG"] = os.environ.get("TRITON_DEBUG"), "1"
+    try:
+        yield
+    finally:
+        if runtime is not None:
+            runtime.debug = before
+        elif before is None:
+            del os.environ["TRITON_DEBUG"]
+        else:
+            os.environ["TRITON_DEBUG"] = before
+
+
 def cached_launches() -> dict:
     """``_launcher.launch`` against Triton's own launch, both driven up to the driver as on an H100
     (``jit_without_gpu(launches=...)``), on calls whose specializations differ (a misaligned query view, fp32
@@ -552,20 +595,10 @@ def cached_launches() -> dict:
                         report[name] = f"with {what}: a launch did not go through Triton's run"
                     launches[:] = []
 
-            runtime = _launcher._RUNTIME
-            hooks = runtime.launch_enter_hook  # a profiler's launch hook: every launch through Triton's run, which
-            hook = lambda metadata: None       # builds the metadata the hook reads
-            hooks.add(hook) if hasattr(hooks, "add") else setattr(runtime, "launch_enter_hook", hook)
-            try:
+            with _launch_hook_set():  # a profiler's: every launch through Triton's run, which builds its metadata
                 all_through_triton("a launch hook set")
-            finally:
-                hooks.remove(hook) if hasattr(hooks, "remove") else setattr(runtime, "launch_enter_hook", hooks)
-            debug = runtime.debug  # Triton compiles other kernels with its debug knob on (device-side asserts)
-            runtime.debug = True
-            try:
+            with _triton_debug_on():  # Triton compiles other kernels with its debug knob on (device-side asserts)
                 all_through_triton("Triton's debug knob on")
-            finally:
-                runtime.debug = debug
     finally:
         JITFunction.run, _utils.use_triton = run, use_triton
         _launcher.clear()

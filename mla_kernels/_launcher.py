@@ -18,8 +18,7 @@ Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[gri
 also reads tensor sizes, for buffer loads; only kernels compiled for the ``cuda`` backend are ever stored), the
 interpreter and stubs (not a ``JITFunction``), a launch or pre-run hook set (profilers: they need the launch
 metadata Triton builds), Triton's debug or instrumentation knobs on (they change which kernel Triton compiles), a
-grid that is not a tuple, triton before 3.4 (no ``triton.knobs``, which holds the launch hooks; 3.3's ``run`` read
-them elsewhere), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand
+grid that is not a tuple, triton before 3.3 (3.2's ``run`` handed the kernel other arguments), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand
 for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
 ``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
 it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
@@ -54,8 +53,27 @@ def _knobs(group: str):
 
 
 _RUNTIME, _COMPILATION = _knobs("runtime"), _knobs("compilation")
-SUPPORTED = (_triton_version() >= (3, 4) and _RUNTIME is not None and _COMPILATION is not None
-             and torch.version.hip is None)  # what switched(True) cannot override
+_VERSION = _triton_version()
+if _RUNTIME is not None and _COMPILATION is not None:  # triton 3.4+: hooks and debug in triton.knobs
+    def _through_triton(kernel) -> bool:
+        """What makes Triton's run do more than bind and launch: a launch hook (profilers; they read the metadata
+        Triton's run builds), or an option Triton adds to the key it stores kernels under (its debug,
+        instrumentation and stage-inspection knobs; entries are stored and used with all of them off; 3.9's
+        fpsan_homomorphic_casts changes nothing without an "fpsan" instrumentation mode)."""
+        return bool(kernel.pre_run_hooks or hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook)
+                    or kernel.debug or _RUNTIME.debug or getattr(_COMPILATION, "instrumentation_mode", "")
+                    or getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None)
+    SUPPORTED = _VERSION >= (3, 4)
+else:  # triton 3.3: the hooks are CompiledKernel's class attributes, debug the TRITON_DEBUG variable (read per run)
+    from triton.compiler.compiler import CompiledKernel as _Compiled
+
+    def _through_triton(kernel) -> bool:
+        """As above, for triton 3.3's run."""
+        return bool(kernel.pre_run_hooks or _Compiled.launch_enter_hook is not None
+                    or _Compiled.launch_exit_hook is not None or kernel.debug
+                    or os.environ.get("TRITON_DEBUG", "0") == "1")
+    SUPPORTED = _VERSION == (3, 3)  # (3.2's run hands the kernel its non-constexpr arguments only)
+SUPPORTED = SUPPORTED and torch.version.hip is None  # what switched(True) cannot override
 ENABLED = SUPPORTED and os.environ.get("MLA_KERNELS_CACHED_LAUNCH", "1") != "0"
 MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and filled again (bounds the memory of
 #                    callers whose constexprs change from call to call, as autotune sweeps do)
@@ -152,12 +170,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, launched through the compiled kernel Triton chose for an earlier call of
     the same key (module docstring)."""
     key = None
-    if ENABLED and kernel.__class__ is JITFunction and grid.__class__ is tuple and not kernel.pre_run_hooks \
-            and not (hooked(_RUNTIME.launch_enter_hook) or hooked(_RUNTIME.launch_exit_hook)) \
-            and not (kernel.debug or _RUNTIME.debug or getattr(_COMPILATION, "instrumentation_mode", "")
-                     or getattr(_RUNTIME, "add_stages_inspection_hook", None) is not None):
-        # (the last four are what Triton's run adds to the options it keys its kernels by: entries are stored and
-        # used with all of them off; 3.9's fpsan_homomorphic_casts changes nothing without an "fpsan" mode)
+    if ENABLED and kernel.__class__ is JITFunction and grid.__class__ is tuple and not _through_triton(kernel):
         key = spec_key(args, kwargs)
     if key is not None:
         active = driver.active

@@ -1,7 +1,7 @@
 """``_launcher.spec_key``: two launches with one key get one specialization from Triton (the cached launch's
 premise; ``test_compile.test_cached_launches_match_triton`` checks the launches themselves through Triton's JIT).
 
-Triton's specialization of an argument comes from its C++ ``native_specialize_impl`` (3.6+; before, a Python
+Triton's specialization of an argument comes from its C++ ``native_specialize_impl`` (3.6+; 3.3-3.5: a Python
 ``specialize_impl`` with the same rules): a tensor's dtype and 16-byte
 alignment, an int's width and whether it is 1 or a multiple of 16, a float's type, a bool's type. The property: for
 any two argument lists, equal keys imply equal specializations, argument by argument."""
@@ -20,13 +20,24 @@ try:  # triton 3.6+: the C++ specialization its binder calls
 
     def native(backend, arg, is_const, specialize_value, align):
         return _native(backend, arg, is_const, specialize_value, align)
-except ImportError:  # triton 3.4 and 3.5: the binder's Python one, with the backend's divisibility rule
-    from triton.runtime.jit import create_specialize_impl
+except ImportError:  # triton 3.3 to 3.5: the binder's Python one, with the backend's divisibility rule
+    import inspect
 
-    _python_impl = create_specialize_impl(BaseBackend.get_arg_specialization)
+    import triton.runtime.jit as _jit
 
-    def native(backend, arg, is_const, specialize_value, align):
-        return _python_impl(arg, is_const, specialize_value, align)
+    if not hasattr(_jit, "create_specialize_impl"):  # triton 3.2, whose launches are never cached (SUPPORTED)
+        pytest.skip("triton before 3.3: no cached launch, nothing to key", allow_module_level=True)
+    create_specialize_impl = _jit.create_specialize_impl
+
+    if inspect.signature(create_specialize_impl).parameters:  # 3.4, 3.5: the rule given once
+        _python_impl = create_specialize_impl(BaseBackend.get_arg_specialization)
+
+        def native(backend, arg, is_const, specialize_value, align):
+            return _python_impl(arg, is_const, specialize_value, align)
+    else:  # 3.3: given with each argument
+        def native(backend, arg, is_const, specialize_value, align):
+            return create_specialize_impl()(arg, BaseBackend.get_arg_specialization, is_const, specialize_value,
+                                            align)
 
 BUFFER = torch.zeros(64, dtype=torch.float32)  # views at element offsets 0..7: 16-byte aligned at 0 and 4 only
 
@@ -194,7 +205,7 @@ def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
     from helpers import make_paged_cache
     from mla_kernels import (fp8_latent_cache, mla_decode, mla_decode_metadata, mla_prefill, mla_prefill_attention,
                              write_cache)
-    from mla_kernels import _utils, decode
+    from mla_kernels import _utils, decode, decode_tma
     from mla_kernels.decode_tma import tma_config
     from triton.runtime.jit import JITFunction
 
@@ -203,6 +214,8 @@ def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
     device = torch.device("cuda")
     if path == "tma" and not _utils.nvidia_sm90(device):
         pytest.skip("the TMA kernel needs compute capability 9+")
+    if path == "tma" and decode_tma.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors (3.4+): the TMA kernel is never dispatched to")
     gen = torch.Generator(device=device).manual_seed(0)
     lens = [300, 77, 1000]
     kv, pe, table = make_paged_cache(lens, 64, (512, 64), torch.bfloat16, device)
