@@ -9,7 +9,7 @@ paid per layer and per decode step in an eager model, where the GPU work of the 
 ``launch`` keeps, per kernel, the compiled kernel Triton chose for a call, under a key from which Triton's
 specialization follows: each tensor's dtype and 16-byte alignment, each int's class (1, or its width and whether
 it is a multiple of 16), each float's and bool's type (and a bool's value), the keyword arguments (constexprs,
-``num_warps``, ``num_stages``, by value) and the current device. Two calls with one
+``num_warps``, ``num_stages``, by value and type) and the current device. Two calls with one
 key bind to one compiled kernel in Triton too, so a repeat is launched through that kernel directly, with the
 arguments Triton's own ``run`` hands it (every parameter in order, constexprs included; no launch hooks). A miss
 launches through Triton as before and stores what it compiled.
@@ -130,7 +130,12 @@ def spec_key(args: tuple, kwargs: dict) -> tuple | None:
                     getattr(a, "round_f32_to_tf32", False)))
         else:
             return None
-    append(tuple(kwargs.items()))
+    # keyword arguments (constexprs, num_warps, ...) by value and type, floats also by repr: 1, True and 1.0, or 0.0
+    # and -0.0, are equal in Python but other kernels to triton 3.3 and 3.4, which key them by text; from 3.5 on
+    # one kernel, to which Triton hands each call's own value, as a hit hands the value stored with its key
+    types = tuple(map(type, kwargs.values()))
+    append((tuple(kwargs.items()), types) if float not in types else
+           (tuple(kwargs.items()), types, tuple([repr(v) for v in kwargs.values() if v.__class__ is float])))
     return tuple(key)
 
 
@@ -149,11 +154,10 @@ def _nvidia(compiled) -> bool:
 
 def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
     """Whether this call's key (Triton's run has just launched it) determines what Triton chose and what it handed
-    the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value,
-    compared by ``==`` (1, 1.0 and True alike, 0.0 and -0.0, a tensor by identity), and the stored tail would replay
-    the first call's value (constexprs compare so in Triton's own cache too, and take no launch slot). Not when a
-    constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's type, not the
-    value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one tuple)."""
+    the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value and
+    type (a float also by repr, a tensor by identity), and the stored tail would replay the first call's value. Not
+    when a constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's type, not
+    the value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one tuple)."""
     for p in kernel.params:
         param = p._param
         if param.kind is param.VAR_POSITIONAL:
