@@ -13,6 +13,7 @@ import torch
 from bench import _harness as h
 from bench import decode as bd
 from bench import memory as bm
+from mla_kernels import _launcher, decode_tma
 from reference import naive_mla
 
 
@@ -138,7 +139,8 @@ def test_host_jit_rows():
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [(r["case"].split(",")[1].strip(), r["launches"]) for r in rows] == \
         [("4 splits (2 launches)", 2)] * 3 + [("1 split (1 launches)", 1)] * 3
-    assert [r["cached_launch"] for r in rows] == [None, True, None] * 2
+    cached = _launcher.SUPPORTED  # (triton 3.2: every launch is Triton's own; test_compile holds 3.3+ to True)
+    assert [r["cached_launch"] for r in rows] == [None, cached, None] * 2
     assert all(r["p50_us"] > 0 for r in rows)
 
 
@@ -219,7 +221,10 @@ def test_decode_sweep_tma_provider_and_multi_token_rows(device):
     rows = bd.run_shape(2, 130, 2, 64, device, torch.bfloat16, lib, copy_gbps=10.0,
                         time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2), s_q=2)
     by_name = {r["provider"]: r for r in rows}
-    assert "mla_decode[tma]" in by_name and by_name["mla_decode[tma]"]["rel_rms_err"] < 1e-2
+    if decode_tma.TensorDescriptor is not None:  # (a triton with host descriptors, 3.4+: else no such path to time)
+        assert "mla_decode[tma]" in by_name and by_name["mla_decode[tma]"]["rel_rms_err"] < 1e-2
+    else:
+        assert "mla_decode[tma]" not in by_name
     assert all(r["S_q"] == 2 for r in rows)
     row = by_name["mla_decode"]
     assert row["tflops"] * row["p50_ms"] * 1e9 == pytest.approx(h.mla_flops(2, 2, 2, 130), rel=1e-9)

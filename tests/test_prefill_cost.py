@@ -331,11 +331,10 @@ def count_path_launches(monkeypatch, path, a, host_lengths=False):
 
     for name in ("_read_lengths", "_check_lengths_cpu"):
         monkeypatch.setattr(prefill, name, paused(getattr(prefill, name)))
-    # every launch through kernel[grid], so through the patched run (a cached launch, on a GPU, skips Triton's run)
-    monkeypatch.setattr(mla_kernels._launcher, "ENABLED", False)
-    for kernel in (prefill._gather_latent_kernel, prefill._mla_expanded_kernel, mla_kernels.decode._mla_attn_kernel,
-                   mla_kernels.decode._mla_combine_kernel):
-        monkeypatch.setattr(kernel, "run", paused(kernel.run, kernel.__name__))
+    # every kernel launch of the library goes through _launcher.launch (whatever Triton's launch does inside)
+    launch = mla_kernels._launcher.launch
+    monkeypatch.setattr(mla_kernels._launcher, "launch",
+                        lambda kernel, grid, *args, **kw: paused(launch, kernel.__name__)(kernel, grid, *args, **kw))
     host = dict(cu_seqlens_q_host=a["cu_seqlens_q"].tolist(), cache_seqlens_host=a["cache_seqlens"].tolist())
     with counter:
         mla_kernels.mla_prefill_attention(**a, softmax_scale=0.1, path=path, **(host if host_lengths else {}))
