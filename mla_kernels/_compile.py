@@ -17,6 +17,7 @@ import re
 import subprocess
 import tempfile
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -552,7 +553,9 @@ def cached_launches() -> dict:
         return lambda: _launcher.launch(_probe_kernel, (1,), probe_out, *args, **kwargs)
     # keyword constexprs equal in value, of other types: one kernel from triton 3.5 on, two before (as Triton keys)
     cases.update({"probe-flag-1": probe(3.0, SCALE=2.0, FLAG=1), "probe-flag-True": probe(3.0, SCALE=2.0, FLAG=True),
-                  "probe-scale-1": probe(3.0, SCALE=1), "probe-scale-1.0": probe(3.0, SCALE=1.0)})
+                  "probe-scale-1": probe(3.0, SCALE=1), "probe-scale-1.0": probe(3.0, SCALE=1.0),
+                  "probe-scale-np0.0": probe(3.0, SCALE=np.float64(0.0)),
+                  "probe-scale-np-0.0": probe(3.0, SCALE=np.float64(-0.0))})
     cases.update({"fallback-constexpr-float-0.5": probe(3.0, 0.5), "fallback-constexpr-float-0.25": probe(3.0, 0.25),
                   "fallback-keyword-x-0.0": probe(x=0.0, SCALE=2.0), "fallback-keyword-x--0.0": probe(x=-0.0, SCALE=2.0),
                   "fallback-keyword-x-1.0": probe(x=1.0, SCALE=2.0), "fallback-keyword-x-1": probe(x=1, SCALE=2.0)})

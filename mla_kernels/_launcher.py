@@ -79,6 +79,7 @@ MAX_ENTRIES = 512  # per kernel; past it the kernel's entries are dropped and fi
 #                    callers whose constexprs change from call to call, as autotune sweeps do)
 
 _Tensor = torch.Tensor
+_PLAIN = frozenset((int, bool, str, type(None)))  # keyword values whose type and == say all that their text says
 try:  # host-side TMA descriptors (decode_tma's launches): Triton specializes them by dtype and block shape
     from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
 except ImportError:
@@ -130,12 +131,17 @@ def spec_key(args: tuple, kwargs: dict) -> tuple | None:
                     getattr(a, "round_f32_to_tf32", False)))
         else:
             return None
-    # keyword arguments (constexprs, num_warps, ...) by value and type, floats also by repr: 1, True and 1.0, or 0.0
-    # and -0.0, are equal in Python but other kernels to triton 3.3 and 3.4, which key them by text; from 3.5 on
-    # one kernel, to which Triton hands each call's own value, as a hit hands the value stored with its key
+    # keyword arguments (constexprs, num_warps, ...) by value and type, and all but ints, bools, strings and None by
+    # repr too: 1, True and 1.0, or 0.0 and -0.0 (floats, numpy scalars, in tuples), are equal in Python but other
+    # kernels to triton 3.3 and 3.4, which key them by text; from 3.5 on one kernel, to which Triton hands each
+    # call's own value, as a hit hands the value stored with its key
     types = tuple(map(type, kwargs.values()))
-    append((tuple(kwargs.items()), types) if float not in types else
-           (tuple(kwargs.items()), types, tuple([repr(v) for v in kwargs.values() if v.__class__ is float])))
+    if _PLAIN.issuperset(types):
+        append((tuple(kwargs.items()), types))
+    elif _Tensor in types or any(isinstance(v, _Tensor) for v in kwargs.values()):
+        return None  # a tensor by keyword is a runtime argument by keyword: never stored (_storable), no repr taken
+    else:
+        append((tuple(kwargs.items()), types, tuple([repr(v) for v in kwargs.values() if v.__class__ not in _PLAIN])))
     return tuple(key)
 
 
