@@ -906,3 +906,35 @@ def test_attention_dropout_in_train_mode_is_refused():
         torch.manual_seed(0)
         no_dropout = patch_model(DeepseekV3ForCausalLM(tiny_config()))  # train mode, rate 0
         no_dropout(ids)
+
+
+def test_sparse_positions_without_a_4d_mask_build_the_causal_one():
+    """DeepSeek-V3.2's key picks (``_sparse_positions``) when the layer gets no mask, or only a ``[B, KV]`` padding
+    mask, rather than transformers' 4-D one: the causal mask is built in place, so the indexer is handed, and the
+    latent positions follow, exactly what the 4-D causal mask gives. Checked against positions worked out by hand:
+    each query sees the keys up to its own; a padded row's cache holds only its real tokens, so a pick's position
+    there is its index less the pads, and a pick of a pad or of a later key is -1."""
+    batch, q_len, topk = 2, 7, 3
+    handed = []
+
+    class Indexer(torch.nn.Module):  # picks keys 6, 5 and 4 for every query, as a trained indexer might
+        index_topk, layer_idx = topk, 0
+
+        def forward(self, hidden_states, q_resid, position_embeddings, mask, position_ids, **kwargs):
+            handed.append(integration._sees(mask).clone())
+            return torch.tensor([6, 5, 4]).expand(batch, q_len, topk)
+
+    hidden = torch.zeros(batch, q_len, 8)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    pads = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
+    query = torch.arange(q_len)[:, None]
+    pick = torch.tensor([6, 5, 4])
+    by_hand = torch.stack([torch.where(pick <= query, pick, -1),  # row 0: no pads
+                           torch.where((pick <= query), pick - 2, -1)])  # row 1: two pads first (never picked)
+    for mask, mask_4d, want in ((None, causal.expand(batch, 1, q_len, q_len), by_hand[:1].expand(batch, -1, -1)),
+                                (pads, (causal & pads.bool()[:, None, :])[:, None], by_hand)):
+        handed.clear()
+        got = integration._sparse_positions(Indexer(), hidden, None, None, mask, None, None)
+        got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None)
+        assert torch.equal(handed[0], handed[1]), "the indexer was handed another mask"
+        assert torch.equal(got, want) and torch.equal(got_4d, want)
