@@ -150,17 +150,23 @@ def prefill_args(device, new=SEED_NEW, history=SEED_HISTORY, heads=16, page=64, 
     return args, (cu, lens)
 
 
-def per_call_us(fn, calls: int, repeats: int) -> h.Timing:
-    """``repeats`` samples of the mean wall time of ``calls`` back-to-back calls, in µs (stored in the ms fields)."""
+def per_call_us(fn, calls: int, repeats: int, sync=None) -> h.Timing:
+    """``repeats`` samples of the mean wall time of ``calls`` back-to-back calls, in µs (stored in the ms fields),
+    after ``calls`` warm-up calls. ``sync`` (a GPU's synchronize): called before and after each sample, so a sample
+    is the eager calls' wall clock, GPU work included."""
+    label = "perf_counter, µs per call" if sync is None else "wall clock, µs per call"
+    sync = sync or (lambda: None)
     for _ in range(calls):
         fn()
     samples = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / calls * 1e6)
-    return h.Timing.from_times(samples, "perf_counter, µs per call")
+    return h.Timing.from_times(samples, label)
 
 
 def cases(device):
@@ -201,21 +207,6 @@ def run_host(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     return rows
 
 
-def _eager_us(fn, device, calls: int, repeats: int) -> h.Timing:
-    """Wall clock per eager call: ``calls`` calls between two synchronisations, ``repeats`` times."""
-    fn()
-    torch.cuda.synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return h.Timing.from_times(samples, "wall clock, µs per call")
-
-
 def _same_result(fn) -> bool:
     """The call's outputs with the cached launch (``mla_kernels._launcher``) and with Triton's own, bit for bit
     (same kernels, same arguments: any difference is a launch bug). Calls without an output (``write_cache``) pass."""
@@ -240,17 +231,20 @@ def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[
 
     rows = [] if rows is None else rows
     cached_on = _launcher.ENABLED
+
+    def sync():
+        torch.cuda.synchronize(device)
     for name, fn in cases(device).items():
         if cached_on and not _same_result(fn):
             rows.append(dict(provider="eager call (wall clock)", case=name, error="FAILED: the cached launch's "
                              "outputs differ from Triton's own launch"))
             print(f"{name:<52} FAILED: cached and plain launches differ")
             continue
-        eager = _eager_us(fn, device, calls, repeats)
+        eager = per_call_us(fn, calls, repeats, sync)
         plain = None
         if cached_on:
             with _launcher.switched(False):
-                plain = _eager_us(fn, device, calls, repeats)
+                plain = per_call_us(fn, calls, repeats, sync)
         # a call that reads its lengths back (prefill without host lengths) cannot be captured: time_fn then falls
         # back to CUDA events around the eager call, and the row says so
         graph = h.time_fn(fn, device, cuda_graph=True)
