@@ -18,8 +18,10 @@ Where the key cannot vouch for Triton's choice, ``launch`` is plain ``kernel[gri
 also reads tensor sizes, for buffer loads; only kernels compiled for the ``cuda`` backend are ever stored), the
 interpreter and stubs (not a ``JITFunction``), a launch or pre-run hook set (profilers: they need the launch
 metadata Triton builds), Triton's debug or instrumentation knobs on (they change which kernel Triton compiles), a
-grid that is not a tuple, triton before 3.3 (3.2's ``run`` handed the kernel other arguments), an argument of any other type (numpy scalars, Gluon's descriptors), and calls whose key cannot stand
-for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given positionally).
+grid that is not a tuple, triton before 3.3 (3.2's ``run`` handed the kernel other arguments), a positional
+argument of any other type (numpy scalars, Gluon's descriptors), a tensor given by keyword, and calls whose key
+cannot stand for what Triton binds (``_storable``: a runtime parameter given by keyword, a constexpr given
+positionally).
 ``MLA_KERNELS_CACHED_LAUNCH=0`` (or ``ENABLED = False`` here) turns it off. Not done on a hit, as Triton's run does
 it: checking that the module globals a kernel reads are unchanged since its compile (the library's kernels read
 constants only), and calling whatever wraps ``JITFunction.run`` (a tracer, a test counting launches sees only each
@@ -161,7 +163,8 @@ def _nvidia(compiled) -> bool:
 def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
     """Whether this call's key (Triton's run has just launched it) determines what Triton chose and what it handed
     the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value and
-    type (a float also by repr, a tensor by identity), and the stored tail would replay the first call's value. Not
+    type (all but ints, bools, strings and None also by repr), and the stored tail would replay the first call's
+    value. Not
     when a constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's type, not
     the value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one tuple)."""
     for p in kernel.params:
@@ -209,7 +212,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 @contextlib.contextmanager
 def switched(on: bool):
     """``ENABLED`` set to ``on`` inside the block (benchmarks and checks time or compare both ways), restored after;
-    never on where the cached launch is not ``SUPPORTED`` (ROCm, triton before 3.4)."""
+    never on where the cached launch is not ``SUPPORTED`` (ROCm, triton before 3.3)."""
     global ENABLED
     before = ENABLED
     ENABLED = on and SUPPORTED
