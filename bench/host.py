@@ -169,6 +169,12 @@ def per_call_us(fn, calls: int, repeats: int, sync=None) -> h.Timing:
     return h.Timing.from_times(samples, label)
 
 
+def _row(provider: str, case: str, t: h.Timing, scale: float = 1.0, **extra) -> dict:
+    """A result row of timing ``t`` in µs (``scale`` 1e3 for a ``Timing`` in ms, as ``h.time_fn`` gives)."""
+    return dict(provider=provider, case=case, p50_us=t.p50 * scale, p20_us=t.p20 * scale, p80_us=t.p80 * scale,
+                min_us=t.min * scale, runs=t.runs, **extra)
+
+
 def cases(device):
     d_args, d_kw = decode_args(device)
     d128_args, d128_kw = decode_args(device, heads=128)
@@ -201,8 +207,7 @@ def run_host(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     with stubbed_kernels():
         for name, fn in cases(torch.device("meta")).items():
             t = per_call_us(fn, calls, repeats)
-            rows.append(dict(provider="host (kernels stubbed, meta tensors)", case=name, p50_us=t.p50, p20_us=t.p20,
-                             p80_us=t.p80, min_us=t.min, runs=t.runs))
+            rows.append(_row("host (kernels stubbed, meta tensors)", name, t))
             print(f"{name:<52} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
     return rows
 
@@ -250,13 +255,10 @@ def run_gpu(device, calls: int, repeats: int, rows: list | None = None) -> list[
         graph = h.time_fn(fn, device, cuda_graph=True)
         gpu_row = "cuda graph replay" if graph.method == "cuda-graph" else \
             f"GPU time without a graph ({graph.method}; the call cannot be captured)"
-        rows.append(dict(provider="eager call (wall clock)", case=name, p50_us=eager.p50, p20_us=eager.p20,
-                         p80_us=eager.p80, runs=eager.runs, cached_launch=cached_on))
+        rows.append(_row("eager call (wall clock)", name, eager, cached_launch=cached_on))
         if plain is not None:
-            rows.append(dict(provider="eager call, Triton's own launch (wall clock)", case=name, p50_us=plain.p50,
-                             p20_us=plain.p20, p80_us=plain.p80, runs=plain.runs, cached_launch=False))
-        rows.append(dict(provider=gpu_row, case=name, p50_us=graph.p50 * 1e3, p20_us=graph.p20 * 1e3,
-                         p80_us=graph.p80 * 1e3, runs=graph.runs))
+            rows.append(_row("eager call, Triton's own launch (wall clock)", name, plain, cached_launch=False))
+        rows.append(_row(gpu_row, name, graph, scale=1e3))
         print(f"{name:<52} eager {eager.p50:7.2f} µs"
               + (f" (Triton's own launch {plain.p50:7.2f})" if plain is not None else "")
               + f" | {'graph' if graph.method == 'cuda-graph' else graph.method} {graph.p50 * 1e3:7.2f} µs")
@@ -302,8 +304,8 @@ def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
         for provider, t in (("launch prep + Triton's run up to the driver (JIT as sm_90)", timed[False]),
                             ("launch prep + cached launch up to the driver (JIT as sm_90)", timed[True]),
                             ("launch prep, kernels stubbed", stub)):
-            rows.append(dict(provider=provider, case=case, p50_us=t.p50, p20_us=t.p20, p80_us=t.p80, min_us=t.min,
-                             runs=t.runs, launches=launches, cached_launch=enabled if "cached" in provider else None))
+            rows.append(_row(provider, case, t, launches=launches,
+                             cached_launch=enabled if "cached" in provider else None))
         print(f"{case:<52} stubbed {stub.p50:6.2f} µs; Triton's run {timed[False].p50:6.2f} µs "
               f"({(timed[False].p50 - stub.p50) / launches:5.2f} per launch), cached {timed[True].p50:6.2f} µs "
               f"({(timed[True].p50 - stub.p50) / launches:5.2f} per launch)"
@@ -340,8 +342,7 @@ def run_prompt(calls: int, repeats: int, layers: int = 16) -> list[dict]:
             with torch.no_grad():
                 t = per_call_us(forward, calls, repeats)
             case = f"patched {layers}-layer prompt B4 {prompt_name}, {kind} cache"
-            rows.append(dict(provider="prompt forward (CPU, PyTorch paths)", case=case, p50_us=t.p50, p20_us=t.p20,
-                             p80_us=t.p80, min_us=t.min, runs=t.runs))
+            rows.append(_row("prompt forward (CPU, PyTorch paths)", case, t))
             print(f"{case:<60} {t.p50 / 1e3:7.2f} ms [{t.p20 / 1e3:.2f}, {t.p80 / 1e3:.2f}], min {t.min / 1e3:.2f}")
     return rows
 

@@ -148,7 +148,6 @@ def test_host_gpu_rows_compare_cached_and_plain_launches(monkeypatch):
     """``bench.host``'s GPU rows time the eager call with the cached launch and with Triton's own only after
     checking that both give the same outputs (NaN where NaN, -inf lse alike); a difference is a FAILED row."""
     from bench import host
-    from mla_kernels import _launcher
 
     monkeypatch.setattr(_launcher, "ENABLED", True)
     out = torch.tensor([1.0, float("nan"), float("-inf")])

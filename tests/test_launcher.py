@@ -147,8 +147,25 @@ def test_plain_launch_for_interpreted_and_stub_kernels():
     assert calls == [((2, 1), (1, 2.0), {"BLOCK": 16})]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU (the CPU suite checks them through "
-                                                          "Triton's JIT: test_compile.test_cached_launches_match_triton)")
+ON_A_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU (the CPU suite checks them "
+                               "through Triton's JIT: test_compile.test_cached_launches_match_triton)")
+
+
+def _counting_tritons_runs(monkeypatch) -> list:
+    """The GPU tests' common start: a fresh cache, and a list that gets each kernel whose launch enters Triton's
+    ``JITFunction.run`` (a cached launch does not). Skips where the cached launch is off."""
+    from triton.runtime.jit import JITFunction
+
+    if not _launcher.ENABLED:
+        pytest.skip("the cached launch is off here (ROCm, triton < 3.3 or MLA_KERNELS_CACHED_LAUNCH=0)")
+    _launcher.clear()
+    runs = []
+    real_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
+    return runs
+
+
+@ON_A_GPU
 def test_cached_launches_on_a_gpu(monkeypatch):
     """On a GPU: repeat decode calls launch through the cache (entries stored, Triton's run not entered) and give
     bit for bit what Triton's own launch gives, also for a query view 2 bytes off alignment made after an aligned
@@ -156,10 +173,8 @@ def test_cached_launches_on_a_gpu(monkeypatch):
     import reference
     from helpers import assert_close, make_paged_cache
     from mla_kernels import decode, mla_decode
-    from triton.runtime.jit import JITFunction
 
-    if not _launcher.ENABLED:
-        pytest.skip("the cached launch is off here (ROCm, triton < 3.3 or MLA_KERNELS_CACHED_LAUNCH=0)")
+    runs = _counting_tritons_runs(monkeypatch)
     device = torch.device("cuda")
     kv, pe, table = make_paged_cache([300, 77, 1000], 64, (512, 64), torch.bfloat16, device)
     seqlens = torch.tensor([300, 77, 1000], dtype=torch.int32, device=device)
@@ -169,10 +184,6 @@ def test_cached_launches_on_a_gpu(monkeypatch):
     def call(qs, splits):
         return mla_decode(qs[..., :512], qs[..., 512:], kv, pe, table, seqlens, 0.1, num_splits=splits)
 
-    _launcher.clear()
-    runs = []
-    real_run = JITFunction.run
-    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
     for name, qs in views.items():
         for splits in (1, 3):
             first = call(qs, splits)
@@ -194,8 +205,7 @@ def test_cached_launches_on_a_gpu(monkeypatch):
     assert id(decode._mla_attn_kernel) in _launcher._entries
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a GPU (the CPU suite checks them through "
-                                                          "Triton's JIT: test_compile.test_cached_launches_match_triton)")
+@ON_A_GPU
 @pytest.mark.parametrize("path", ["scheduled", "sparse", "fp8", "prefill-absorbed", "prefill-expanded", "write_cache",
                                   "tma"])
 def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
@@ -207,10 +217,8 @@ def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
                              write_cache)
     from mla_kernels import _utils, decode, decode_tma
     from mla_kernels.decode_tma import tma_config
-    from triton.runtime.jit import JITFunction
 
-    if not _launcher.ENABLED:
-        pytest.skip("the cached launch is off here (ROCm, triton < 3.3 or MLA_KERNELS_CACHED_LAUNCH=0)")
+    runs = _counting_tritons_runs(monkeypatch)
     device = torch.device("cuda")
     if path == "tma" and not _utils.nvidia_sm90(device):
         pytest.skip("the TMA kernel needs compute capability 9+")
@@ -257,12 +265,8 @@ def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
                                 config=tma_config(32))
         return out
 
-    _launcher.clear()
     if path == "tma":
         monkeypatch.setattr(decode, "_hopper_kernel", lambda *args: "tma")
-    runs = []
-    real_run = JITFunction.run
-    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: runs.append(self) or real_run(self, *a, **k))
     call()
     runs.clear()
     again = call()
