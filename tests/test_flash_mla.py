@@ -7,6 +7,7 @@ import torch
 import reference
 from helpers import assert_close, assert_lse_close
 from mla_kernels import DecodeSchedule
+from mla_kernels.schedule import build_tables
 from mla_kernels.integrations.flash_mla import FlashMLAMetadata, flash_mla_with_kvcache, get_mla_metadata
 from test_decode import SCALE, make_inputs
 from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL, decode_inputs, dequantized, storage_bytes
@@ -40,7 +41,7 @@ def slots_of(positions: torch.Tensor, table: torch.Tensor, page: int) -> torch.T
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_dense_decode(dtype, causal, device, poisoned_empty):
     q, k_cache, a = flash_inputs([37, 0, 70], 2, 5, 16, dtype, device)
-    meta, splits = get_mla_metadata(a["cache_seqlens"], 2 * 5, 1)  # FlashMLA's older arguments: taken, not read
+    meta, splits = get_mla_metadata()
     out, lse = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, splits,
                                       softmax_scale=SCALE, causal=causal)
     ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=causal)
@@ -105,6 +106,111 @@ def test_fp8_rows(sparse, device, poisoned_empty):
     assert_close("out", out, ref_out, torch.bfloat16, rms_tol=FP8_RMS_TOL[torch.bfloat16],
                  cos_tol=FP8_COS_TOL[torch.bfloat16])
     assert_lse_close("lse", lse, flash_lse(ref_lse), atol=FP8_LSE_ATOL[torch.bfloat16])
+
+
+def _as_deepseek(monkeypatch, r=R, p=P):
+    """Make the tensor metadata's assumed widths (DeepSeek's 512 + 64) these tests' small ones."""
+    from mla_kernels.integrations import flash_mla as fm
+
+    monkeypatch.setattr(fm, "_DEEPSEEK_R", r)
+    monkeypatch.setattr(fm, "_DEEPSEEK_P", p)
+    return fm
+
+
+@pytest.mark.parametrize("widths", ["assumed", "other"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_older_interface_tensors_copied_into_graph_buffers(widths, dtype, device, poisoned_empty, monkeypatch):
+    """FlashMLA's older get_mla_metadata arguments give tensors, which a serving engine copies into buffers it
+    allocated from a larger batch's metadata (SGLang's FlashMLA backend: ``buf.copy_(meta)``,
+    ``splits_buf[:bs + 1].copy_(splits)``) and passes back. The call decodes them into mla_decode's schedule,
+    with the output of the FlashMLAMetadata path bit for bit (same tables, same grid). With the widths the tensors
+    were cut for, no tables are built in the call; with others whose tiles differ, the call cuts its own."""
+    from mla_kernels.decode import schedule_tiles
+
+    fm = _as_deepseek(monkeypatch, *((R, P) if widths == "assumed" else (512, 64)))
+    q, k_cache, a = flash_inputs([37, 0, 70], 2, 5, 16, dtype, device)
+    rows = 2 * 5
+    bn = schedule_tiles(rows, R, q.device, P, q.element_size())[1]
+    assert (schedule_tiles(rows, fm._DEEPSEEK_R, q.device, fm._DEEPSEEK_P, 2)[1] == bn) == (widths == "assumed")
+    meta_buf, splits_buf = get_mla_metadata(torch.ones(8, dtype=torch.int32, device=device), rows, 1)
+    meta, splits = get_mla_metadata(a["cache_seqlens"], rows, 1, num_heads_q=5, is_fp8_kvcache=False)
+    assert meta.dtype == splits.dtype == torch.int32 and meta.shape == meta_buf.shape and splits.shape == (4,)
+    meta_buf.copy_(meta)
+    splits_buf[:4].copy_(splits)
+    built = []
+    monkeypatch.setattr(fm, "build_tables", lambda *args: built.append(args) or build_tables(*args))
+    args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R,
+                softmax_scale=SCALE, causal=True)
+    out, lse = flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta_buf, num_splits=splits_buf[:4])
+    assert len(built) == (widths != "assumed")
+    ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=True)
+    assert_close("out", out, ref_out, dtype)
+    assert_lse_close("lse", lse, flash_lse(ref_lse))
+    want = flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata()[0])
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+
+
+def test_older_interface_tensors_pack_every_schedule_field(monkeypatch):
+    """The tensor metadata's packed per-sequence row unpacks to the tables mla_decode_metadata builds, at the
+    grid's cap of 512 programs and the fields' extremes: a sequence cut into all 512 pieces, a partial slot near
+    the bound 2P - 2, a first program of 511."""
+    from mla_kernels.decode import schedule_tiles
+
+    fm = _as_deepseek(monkeypatch)
+    monkeypatch.setattr(fm, "num_programs_for", lambda *args: 10 ** 6)  # capped to TENSOR_MAX_PROGRAMS
+    bn = schedule_tiles(4, R, torch.device("cpu"), P, 2)[1]
+    g, extremes = torch.Generator().manual_seed(0), []
+    # (one sequence over every program; 2000 one-tile sequences; 515 of 1000 tiles, each of 511 program boundaries
+    # cutting another, so the last cut's two pieces start at slot 1020 = 2P - 4; a random batch)
+    for lens in ([512 * 7 * bn, 3], [1] * 2000, [1000 * bn] * 515,
+                 torch.randint(1, 3 * 4 * bn, (700,), generator=g).tolist()):
+        seqlens = torch.tensor(lens, dtype=torch.int32)
+        meta, splits = get_mla_metadata(seqlens, 4, 1)
+        got = fm._tensor_schedule(meta, splits, seqlens, len(lens), 4, R, P, 2, False, seqlens.device, dense=True)
+        programs, sequences = build_tables(seqlens, bn, fm.TENSOR_MAX_PROGRAMS)
+        assert got.num_programs == meta.shape[0] == fm.TENSOR_MAX_PROGRAMS and got.block_n == bn
+        assert torch.equal(got.programs, programs) and torch.equal(got.sequences, sequences)
+        assert splits[0] == 0 and sequences.max() < 1 << fm._FIELD_BITS
+        extremes.append(sequences.max(0).values.tolist())
+    assert extremes[0][1] == 512 and extremes[1][2] == 511 and extremes[2][0] == 1020
+
+
+def test_older_interface_tensors_are_checked(device, monkeypatch):
+    """Stale tensors (another step's lengths) are refused on the CPU, as mla_decode refuses a stale schedule; the
+    tensors' shapes, dtypes and pairing are checked by name everywhere, sparse calls included."""
+    _as_deepseek(monkeypatch)
+    q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
+    args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R,
+                softmax_scale=SCALE)
+    meta, splits = get_mla_metadata(a["cache_seqlens"], 2, 1)
+    if device.type == "cpu":
+        stale = get_mla_metadata(a["cache_seqlens"] * 10, 2, 1)  # (other tiles per sequence: other tables)
+        with pytest.raises(ValueError, match="other cache_seqlens"):
+            flash_mla_with_kvcache(**args, tile_scheduler_metadata=stale[0], num_splits=stale[1])
+    with pytest.raises(ValueError, match="num_splits must be the tensor"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta)
+    with pytest.raises(ValueError, match="num_splits must be None"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata()[0], num_splits=splits)
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, num_splits=splits[:2])
+    with pytest.raises(TypeError, match="num_splits"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, num_splits=splits.long())
+    with pytest.raises(TypeError, match="tile_scheduler_metadata"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta.long(), num_splits=splits)
+    for bad in (meta[:, :3], meta.t(), meta.new_zeros(0, 4)):
+        with pytest.raises(ValueError, match="tile_scheduler_metadata"):
+            flash_mla_with_kvcache(**args, tile_scheduler_metadata=bad, num_splits=splits)
+    indices = torch.zeros(2, 1, 4, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_mla_with_kvcache(**dict(args, indices=indices), tile_scheduler_metadata=meta, num_splits=splits[:1])
+    flash_mla_with_kvcache(**dict(args, indices=indices), tile_scheduler_metadata=meta, num_splits=splits)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        get_mla_metadata(a["cache_seqlens"].float(), 2, 1)
+    for name, bad in (("num_q_tokens_per_head_k", (0, 1)), ("num_heads_k", (2, 0)), ("num_heads_k", (2, None))):
+        with pytest.raises(ValueError, match=name):
+            get_mla_metadata(a["cache_seqlens"], *bad)
+    with pytest.raises(TypeError, match="is_fp8_kvcache"):
+        get_mla_metadata(a["cache_seqlens"], 2, 1, is_fp8_kvcache="no")
 
 
 def test_bad_arguments_are_refused_by_name(device):
