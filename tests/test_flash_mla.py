@@ -356,3 +356,40 @@ def test_sparse_over_a_cache_of_fewer_slots_than_new_tokens(device):
             ref = torch.softmax(scores, -1) @ kv[keys, :R]
             assert_close(f"out[{b}, {s}]", out[b, s], ref, torch.float32)
             assert_lse_close(f"lse[{b}, :, {s}]", lse[b, :, s], torch.logsumexp(scores, -1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_older_interface_replays_in_a_cuda_graph_as_sglang_runs_it():
+    """SGLang's FlashMLA backend: buffers from a larger batch's metadata, the step's metadata copied into them
+    before each capture and replay (outside the graph), the decode captured with the buffers. Each replay with new
+    lengths must give the eager call's output; the DeepSeek widths take the unpacking path (no tables built)."""
+    r, p, heads, page = 512, 64, 16, 64
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([300, 1000, 5], 1, heads, page, torch.bfloat16,
+                                                                   "cuda", r=r, p=p)
+    q, k_cache = q_nope._base, kv_cache._base.unsqueeze(2)
+    meta_buf, splits_buf = get_mla_metadata(torch.ones(8, dtype=torch.int32, device="cuda"), heads, 1)
+
+    def refresh():  # the engine's per-step metadata copy
+        meta, splits = get_mla_metadata(seqlens, heads, 1)
+        meta_buf.copy_(meta)
+        splits_buf[:4].copy_(splits)
+
+    def step():
+        return flash_mla_with_kvcache(q, k_cache, table, seqlens, r, meta_buf, splits_buf[:4], softmax_scale=SCALE,
+                                      causal=True)
+
+    refresh()
+    step()  # compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for lens in ([299, 1000, 4], [1, 640, 5], [300, 0, 1]):  # (within each sequence's blocks)
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        refresh()
+        graph.replay()
+        want_out, want_lse = step()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse), lens
+        ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+        assert_close(f"replay at {lens}", out, ref_out, torch.bfloat16)
