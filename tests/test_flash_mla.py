@@ -109,7 +109,7 @@ def test_fp8_rows(sparse, device, poisoned_empty):
 
 
 def _as_deepseek(monkeypatch, r=R, p=P):
-    """Make the tensor metadata's assumed widths (DeepSeek's 512 + 64) these tests' small ones."""
+    """Make the widths get_mla_metadata's older form cuts its schedule for (DeepSeek's 512 + 64) these tests'."""
     from mla_kernels.integrations import flash_mla as fm
 
     monkeypatch.setattr(fm, "_DEEPSEEK_R", r)
@@ -119,12 +119,11 @@ def _as_deepseek(monkeypatch, r=R, p=P):
 
 @pytest.mark.parametrize("widths", ["assumed", "other"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_older_interface_tensors_copied_into_graph_buffers(widths, dtype, device, poisoned_empty, monkeypatch):
-    """FlashMLA's older get_mla_metadata arguments give tensors, which a serving engine copies into buffers it
-    allocated from a larger batch's metadata (SGLang's FlashMLA backend: ``buf.copy_(meta)``,
-    ``splits_buf[:bs + 1].copy_(splits)``) and passes back. The call decodes them into mla_decode's schedule,
-    with the output of the FlashMLAMetadata path bit for bit (same tables, same grid). With the widths the tensors
-    were cut for, no tables are built in the call; with others whose tiles differ, the call cuts its own."""
+def test_older_arguments_serve_vllm_and_sglang_callers(widths, dtype, device, poisoned_empty, monkeypatch):
+    """FlashMLA's older get_mla_metadata arguments build the schedule at once. vLLM passes the metadata alone;
+    SGLang refreshes buffers it got for a larger batch (``buf.copy_(meta)``, ``splits_buf[:bs + 1].copy_(splits)``)
+    and passes those. Both give the output of the argument-free metadata bit for bit (same tables, same grid). With
+    the widths the schedule was cut for, the call builds no tables; with others whose key tiles differ, its own."""
     from mla_kernels.decode import schedule_tiles
 
     fm = _as_deepseek(monkeypatch, *((R, P) if widths == "assumed" else (512, 64)))
@@ -134,76 +133,68 @@ def test_older_interface_tensors_copied_into_graph_buffers(widths, dtype, device
     assert (schedule_tiles(rows, fm._DEEPSEEK_R, q.device, fm._DEEPSEEK_P, 2)[1] == bn) == (widths == "assumed")
     meta_buf, splits_buf = get_mla_metadata(torch.ones(8, dtype=torch.int32, device=device), rows, 1)
     meta, splits = get_mla_metadata(a["cache_seqlens"], rows, 1, num_heads_q=5, is_fp8_kvcache=False)
-    assert meta.dtype == splits.dtype == torch.int32 and meta.shape == meta_buf.shape and splits.shape == (4,)
-    meta_buf.copy_(meta)
+    assert splits.dtype == torch.int32 and splits.shape == (4,) and splits[0] == 0
+    assert torch.equal(splits.diff(), meta.schedule.sequences[:, 1])  # FlashMLA's running count of pieces
+    assert meta_buf.copy_(meta) is meta_buf
     splits_buf[:4].copy_(splits)
     built = []
     monkeypatch.setattr(fm, "build_tables", lambda *args: built.append(args) or build_tables(*args))
     args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R,
                 softmax_scale=SCALE, causal=True)
-    out, lse = flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta_buf, num_splits=splits_buf[:4])
-    assert len(built) == (widths != "assumed")
-    ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=True)
-    assert_close("out", out, ref_out, dtype)
-    assert_lse_close("lse", lse, flash_lse(ref_lse))
     want = flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata()[0])
-    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=True)
+    assert_close("out", want[0], ref_out, dtype)
+    assert_lse_close("lse", want[1], flash_lse(ref_lse))
+    for metadata, num_splits in ((meta, None), (meta_buf, splits_buf[:4])):  # vLLM's call, SGLang's
+        out, lse = flash_mla_with_kvcache(**args, tile_scheduler_metadata=metadata, num_splits=num_splits)
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert len(built) == 2 * (widths != "assumed")
 
 
-def test_older_interface_tensors_pack_every_schedule_field(monkeypatch):
-    """The tensor metadata's packed per-sequence row unpacks to the tables mla_decode_metadata builds, at the
-    grid's cap of 512 programs and the fields' extremes: a sequence cut into all 512 pieces, a partial slot near
-    the bound 2P - 2, a first program of 511."""
-    from mla_kernels.decode import schedule_tiles
-
-    fm = _as_deepseek(monkeypatch)
-    monkeypatch.setattr(fm, "num_programs_for", lambda *args: 10 ** 6)  # capped to TENSOR_MAX_PROGRAMS
-    bn = schedule_tiles(4, R, torch.device("cpu"), P, 2)[1]
-    g, extremes = torch.Generator().manual_seed(0), []
-    # (one sequence over every program; 2000 one-tile sequences; 515 of 1000 tiles, each of 511 program boundaries
-    # cutting another, so the last cut's two pieces start at slot 1020 = 2P - 4; a random batch)
-    for lens in ([512 * 7 * bn, 3], [1] * 2000, [1000 * bn] * 515,
-                 torch.randint(1, 3 * 4 * bn, (700,), generator=g).tolist()):
-        seqlens = torch.tensor(lens, dtype=torch.int32)
-        meta, splits = get_mla_metadata(seqlens, 4, 1)
-        got = fm._tensor_schedule(meta, splits, seqlens, len(lens), 4, R, P, 2, False, seqlens.device, dense=True)
-        programs, sequences = build_tables(seqlens, bn, fm.TENSOR_MAX_PROGRAMS)
-        assert got.num_programs == meta.shape[0] == fm.TENSOR_MAX_PROGRAMS and got.block_n == bn
-        assert torch.equal(got.programs, programs) and torch.equal(got.sequences, sequences)
-        assert splits[0] == 0 and sequences.max() < 1 << fm._FIELD_BITS
-        extremes.append(sequences.max(0).values.tolist())
-    assert extremes[0][1] == 512 and extremes[1][2] == 511 and extremes[2][0] == 1020
+def test_copy_refreshes_metadata_in_place(device, monkeypatch):
+    """``FlashMLAMetadata.copy_`` writes into the buffer's own tables (what a captured CUDA graph reads), for a
+    batch up to the buffer's, and refuses metadata it cannot hold."""
+    _as_deepseek(monkeypatch)
+    lens = torch.tensor([70, 3, 0], dtype=torch.int32, device=device)
+    buf, _ = get_mla_metadata(torch.ones(5, dtype=torch.int32, device=device), 4, 1)
+    tables = buf.schedule.programs, buf.schedule.sequences
+    meta, _ = get_mla_metadata(lens, 4, 1)
+    buf.copy_(meta)
+    assert buf.schedule.programs is tables[0] and buf.schedule.sequences is tables[1]
+    assert torch.equal(tables[0], meta.schedule.programs) and torch.equal(tables[1][:3], meta.schedule.sequences)
+    with pytest.raises(ValueError, match="no more sequences"):
+        meta.copy_(buf)
+    with pytest.raises(ValueError, match="same grid"):
+        buf.copy_(get_mla_metadata(lens, 4 * 64, 1)[0])  # 64-row tiles: another grid
+    with pytest.raises(ValueError, match="built from lengths"):
+        buf.copy_(get_mla_metadata()[0])
+    with pytest.raises(TypeError, match="FlashMLAMetadata"):
+        buf.copy_(meta.schedule.programs)
 
 
-def test_older_interface_tensors_are_checked(device, monkeypatch):
-    """Stale tensors (another step's lengths) are refused on the CPU, as mla_decode refuses a stale schedule; the
-    tensors' shapes, dtypes and pairing are checked by name everywhere, sparse calls included."""
+def test_older_arguments_are_checked(device, monkeypatch):
+    """Metadata of another step's lengths is refused on the CPU, as mla_decode refuses a stale schedule; a batch
+    beyond the metadata's, a num_splits of another batch or dtype, and bad get_mla_metadata arguments are refused
+    by name everywhere. A sparse call does not read the schedule."""
     _as_deepseek(monkeypatch)
     q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
     args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R,
                 softmax_scale=SCALE)
     meta, splits = get_mla_metadata(a["cache_seqlens"], 2, 1)
     if device.type == "cpu":
-        stale = get_mla_metadata(a["cache_seqlens"] * 10, 2, 1)  # (other tiles per sequence: other tables)
+        stale = get_mla_metadata(a["cache_seqlens"] * 10, 2, 1)[0]  # (other tiles per sequence: other tables)
         with pytest.raises(ValueError, match="other cache_seqlens"):
-            flash_mla_with_kvcache(**args, tile_scheduler_metadata=stale[0], num_splits=stale[1])
-    with pytest.raises(ValueError, match="num_splits must be the tensor"):
-        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta)
+            flash_mla_with_kvcache(**args, tile_scheduler_metadata=stale)
+    with pytest.raises(ValueError, match="built for 1 sequences, the call has 2"):
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata(a["cache_seqlens"][:1], 2, 1)[0])
     with pytest.raises(ValueError, match="num_splits must be None"):
         flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata()[0], num_splits=splits)
     with pytest.raises(ValueError, match="num_splits"):
         flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, num_splits=splits[:2])
     with pytest.raises(TypeError, match="num_splits"):
         flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, num_splits=splits.long())
-    with pytest.raises(TypeError, match="tile_scheduler_metadata"):
-        flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta.long(), num_splits=splits)
-    for bad in (meta[:, :3], meta.t(), meta.new_zeros(0, 4)):
-        with pytest.raises(ValueError, match="tile_scheduler_metadata"):
-            flash_mla_with_kvcache(**args, tile_scheduler_metadata=bad, num_splits=splits)
-    indices = torch.zeros(2, 1, 4, dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="num_splits"):
-        flash_mla_with_kvcache(**dict(args, indices=indices), tile_scheduler_metadata=meta, num_splits=splits[:1])
-    flash_mla_with_kvcache(**dict(args, indices=indices), tile_scheduler_metadata=meta, num_splits=splits)
+    flash_mla_with_kvcache(**dict(args, indices=torch.zeros(2, 1, 4, dtype=torch.int32, device=device)),
+                           tile_scheduler_metadata=meta, num_splits=splits)
     with pytest.raises(TypeError, match="cache_seqlens"):
         get_mla_metadata(a["cache_seqlens"].float(), 2, 1)
     for name, bad in (("num_q_tokens_per_head_k", (0, 1)), ("num_heads_k", (2, 0)), ("num_heads_k", (2, None))):
@@ -359,10 +350,10 @@ def test_sparse_over_a_cache_of_fewer_slots_than_new_tokens(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_older_interface_replays_in_a_cuda_graph_as_sglang_runs_it():
+def test_older_arguments_replay_in_a_cuda_graph_as_sglang_runs_them():
     """SGLang's FlashMLA backend: buffers from a larger batch's metadata, the step's metadata copied into them
     before each capture and replay (outside the graph), the decode captured with the buffers. Each replay with new
-    lengths must give the eager call's output; the DeepSeek widths take the unpacking path (no tables built)."""
+    lengths must give the eager call's output; the DeepSeek widths take the built tables (no tables in the call)."""
     r, p, heads, page = 512, 64, 16, 64
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([300, 1000, 5], 1, heads, page, torch.bfloat16,
                                                                    "cuda", r=r, p=p)

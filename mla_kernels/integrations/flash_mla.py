@@ -43,12 +43,14 @@ allocates for its longest context (a few long splits then do all the work). As i
 one step's calls: calls with other shapes are refused, and other ``cache_seqlens`` values are refused on the CPU
 and undefined on a GPU (rows are still all written); call ``get_mla_metadata`` again each step.
 
-Called with the older interface's arguments (``cache_seqlens``, query tokens per key head, key heads, ...),
-``get_mla_metadata`` returns tensors, as that interface did: serving engines copy them into CUDA-graph buffers
-(``.copy_``, ``num_splits[:bs + 1]``; SGLang's and vLLM's FlashMLA backends) and pass the buffers back. They hold
-the step's schedule, built then on the device from ``cache_seqlens``; a call unpacks it with two small device ops
-(or, if its widths or dtype cut other tiles than DeepSeek's 512 + 64 in bf16, which that interface assumes, builds
-its own). As with FlashMLA, the tensors must come from the call's ``cache_seqlens`` and ``S_q * H``. Speed is
+Called with the older interface's arguments (``cache_seqlens``, query tokens per key head, key heads, ...; vLLM
+passes them to the current one too), ``get_mla_metadata`` builds the step's schedule at once, on the device from
+``cache_seqlens``, and returns FlashMLA's ``num_splits`` tensor beside it. Serving engines that keep CUDA-graph
+buffers (SGLang's FlashMLA backend: ``buffer.copy_(meta)``, ``splits_buffer[:bs + 1].copy_(num_splits)``) refresh
+such metadata in place with ``FlashMLAMetadata.copy_``; it serves calls of any batch up to its own. The schedule is
+cut for DeepSeek's widths (512 + 64, bf16), which that interface assumes; a call whose widths or dtype cut the keys
+into other tiles builds its own tables for the same grid. As with FlashMLA, the metadata must come from the call's
+``cache_seqlens`` and ``S_q * H``. Speed is
 ``mla_decode``'s, not FlashMLA's: see the README's measurements.
 """
 
@@ -60,53 +62,69 @@ import torch
 
 from .. import _utils
 from ..cache import _fp8_views, fp8_row_bytes
-from .. import _tuning
 from ..decode import mla_decode, schedule_tiles
-from ..schedule import (PROG_FIELDS, SEQ_FIELDS, DecodeSchedule, build_tables, mla_decode_metadata,
-                        num_programs_for, part_slot_bound)
+from ..schedule import DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
 
 __all__ = ["FlashMLAMetadata", "get_mla_metadata", "flash_mla_with_kvcache"]
 
 _FP8_BYTE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 _DEEPSEEK_R, _DEEPSEEK_P = 512, 64  # the widths FlashMLA's older get_mla_metadata implies (it is not told them)
-# get_mla_metadata's tensor form packs a sequence's three table fields into one int32, 10 bits each: its grid is
-# capped at 512 programs, so a first partial slot (< 2P - 1), a piece count (<= P) and a program (< P) all fit
-_FIELD_BITS = 10
-TENSOR_MAX_PROGRAMS = 512
 
 
 @dataclasses.dataclass
 class FlashMLAMetadata:
-    """What ``get_mla_metadata`` returns: the call shapes it was first used with (``config``; None before), which
-    every later call given it must repeat (batch, S_q, heads, page size, ``causal``, FP8, top-k), as in FlashMLA."""
+    """What ``get_mla_metadata`` returns.
+
+    Without arguments (FlashMLA's current interface) it starts empty: the first dense call given it builds the
+    step's ``schedule`` from its ``cache_seqlens`` and binds it to the call's shapes (``config``), which every later
+    call given it must repeat (batch, S_q, heads, page size, ``causal``, FP8, top-k), as in FlashMLA.
+
+    With FlashMLA's older arguments the ``schedule`` is built then, from the lengths given (``from_lengths``).
+    Calls of any batch up to the one it was built for take it (a CUDA-graph buffer serves every smaller batch),
+    and ``copy_`` refreshes its tables in place, as that interface's callers copy its tensors."""
     config: tuple | None = None
-    schedule: DecodeSchedule | None = None  # the dense calls' work split, built by the first (mla_decode_metadata)
+    schedule: DecodeSchedule | None = None  # the dense calls' work split (mla_decode_metadata)
+    from_lengths: bool = False
+
+    def copy_(self, other: FlashMLAMetadata) -> FlashMLAMetadata:
+        """Copy ``other``'s tables into this metadata's, in place, and return it: the CUDA-graph buffer pattern of
+        FlashMLA's older interface (``buffer.copy_(get_mla_metadata(cache_seqlens, ...)[0])`` before each capture
+        and replay; SGLang's FlashMLA backend). Both must come from ``get_mla_metadata`` with arguments, for the
+        same grid and key tiles, ``other``'s batch no larger than this one's."""
+        if not isinstance(other, FlashMLAMetadata):
+            raise TypeError(f"copy_ takes a FlashMLAMetadata from get_mla_metadata, got {type(other).__name__}")
+        if not (self.from_lengths and other.from_lengths):
+            raise ValueError("copy_ copies metadata built from lengths: get_mla_metadata(cache_seqlens, "
+                             "num_q_tokens_per_head_k, num_heads_k, ...) for both")
+        mine, theirs = self.schedule, other.schedule
+        if (mine.num_programs, mine.block_n) != (theirs.num_programs, theirs.block_n) or theirs.batch > mine.batch:
+            raise ValueError(f"copy_ needs metadata of the same grid and key tiles, for no more sequences: this one "
+                             f"has {mine.num_programs} programs, tiles of {mine.block_n} keys, {mine.batch} sequences; "
+                             f"the other {theirs.num_programs}, {theirs.block_n}, {theirs.batch}")
+        mine.programs.copy_(theirs.programs)
+        mine.sequences[:theirs.batch].copy_(theirs.sequences)
+        return self
 
 
-def get_mla_metadata(*args, **kwargs):
-    """``(FlashMLAMetadata(), None)`` when called without arguments (FlashMLA's current interface): pass both to
-    ``flash_mla_with_kvcache`` (as ``tile_scheduler_metadata`` and ``num_splits``).
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, torch.Tensor | None]:
+    """``(FlashMLAMetadata(), None)``: pass both to ``flash_mla_with_kvcache`` (as ``tile_scheduler_metadata`` and
+    ``num_splits``). Nothing is computed: the first call given the metadata builds the step's schedule.
 
     With the arguments of FlashMLA's older interface, ``get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k,
-    num_heads_k, num_heads_q=None, is_fp8_kvcache=False, topk=None)``, it returns tensors, as that interface did,
-    so callers can copy them into CUDA-graph buffers (``.copy_``, ``num_splits[:bs + 1]``): the step's schedule,
-    built on the device from ``cache_seqlens`` with no host sync, for DeepSeek's widths (512 + 64, bf16; a call of
-    other widths or dtype whose tiles differ cuts its own), as
-
-    - ``tile_scheduler_metadata [P, 4]`` int32: the ``programs`` table of ``DecodeSchedule`` (FlashMLA's is
-      ``[P, 8]``; callers only copy it);
-    - ``num_splits [B + 1]`` int32: 0, then each sequence's ``sequences`` row packed into one int32.
-
-    Both depend on the values of ``cache_seqlens``, which the decode calls must repeat (checked on the CPU), and
-    ``num_q_tokens_per_head_k * num_heads_k`` must be the calls' ``S_q * H``, as FlashMLA requires."""
+    num_heads_k, num_heads_q=None, is_fp8_kvcache=False, topk=None)`` (which vLLM still passes to the current
+    one), the schedule is built here, on the device with no host sync, for DeepSeek's widths (512 + 64, bf16: that
+    interface is not told them; a call whose widths or dtype cut other key tiles builds its own tables). The
+    second result is then FlashMLA's ``num_splits [B + 1]`` int32 (0, then each sequence's running count of
+    pieces), which the calls may pass back or not. ``num_q_tokens_per_head_k * num_heads_k`` is the calls'
+    ``S_q * H``; the calls must repeat these ``cache_seqlens`` values (checked on the CPU), as with FlashMLA."""
     if not args and not kwargs:
         return FlashMLAMetadata(), None
-    return _tensor_metadata(*args, **kwargs)
+    return _from_lengths(*args, **kwargs)
 
 
-def _tensor_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None, is_fp8_kvcache=False,
-                     topk=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``get_mla_metadata`` with FlashMLA's older arguments: ``(programs [P, 4], packed sequences [B + 1])``."""
+def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None, is_fp8_kvcache=False,
+                  topk=None) -> tuple[FlashMLAMetadata, torch.Tensor]:
+    """``get_mla_metadata`` with FlashMLA's older arguments."""
     cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     tokens = _utils.check_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
     heads_k = _utils.check_int("num_heads_k", num_heads_k, 1)
@@ -115,45 +133,29 @@ def _tensor_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_he
     _utils.check_int("num_heads_q", num_heads_q, 1)
     _utils.check_int("topk", topk, 1)
     fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
-    rows = tokens * heads_k  # S_q * H query rows per sequence (MLA has one key head)
-    device, batch = cache_seqlens.device, cache_seqlens.shape[0]
-    block_m, block_n = schedule_tiles(rows, _DEEPSEEK_R, device, _DEEPSEEK_P, 2, fp8)
-    programs = min(num_programs_for(batch, rows, block_m, block_n, None, device), TENSOR_MAX_PROGRAMS)
-    schedule = mla_decode_metadata(cache_seqlens, rows, 1, kv_lora_rank=_DEEPSEEK_R, rope_dim=_DEEPSEEK_P,
-                                   cache_dtype=torch.float8_e4m3fn if fp8 else None, num_programs=programs)
-    fields = schedule.sequences << (_FIELD_BITS * torch.arange(len(SEQ_FIELDS), dtype=torch.int32, device=device))
-    packed = torch.cat([fields.new_zeros(1), fields.sum(1, dtype=torch.int32)])
-    return schedule.programs, packed
+    schedule = mla_decode_metadata(cache_seqlens, tokens * heads_k, 1, kv_lora_rank=_DEEPSEEK_R,
+                                   rope_dim=_DEEPSEEK_P, cache_dtype=torch.float8_e4m3fn if fp8 else None)
+    pieces = schedule.sequences[:, 1].cumsum(0, dtype=torch.int32)
+    return FlashMLAMetadata(schedule=schedule, from_lengths=True), torch.cat([pieces.new_zeros(1), pieces])
 
 
-def _tensor_schedule(programs, num_splits, cache_seqlens, batch: int, rows: int, dim_v: int, rope_dim: int,
-                     elem_bytes: int, fp8: bool, device, dense: bool) -> DecodeSchedule | None:
-    """The ``DecodeSchedule`` that ``get_mla_metadata``'s tensors (FlashMLA's older interface) describe, for a
-    dense call: its tables, unpacked on the device, where the call's tiles are the ones they were cut along; else
-    the call's own tables for the same grid, built from ``cache_seqlens`` (also on the device). A sparse call
-    (not ``dense``) reads no schedule: None, once the tensors' shapes are checked."""
-    programs = _utils.check_tensor("tile_scheduler_metadata", programs, 2, (torch.int32,))
-    num_splits = _utils.check_tensor("num_splits", num_splits, 1, (torch.int32,))
-    grid = programs.shape[0]
-    if programs.shape[1] != len(PROG_FIELDS) or not 1 <= grid <= TENSOR_MAX_PROGRAMS or not programs.is_contiguous():
-        raise ValueError(f"tile_scheduler_metadata must be the contiguous [P, {len(PROG_FIELDS)}] int32 tensor "
-                         f"get_mla_metadata returned (P from 1 to {TENSOR_MAX_PROGRAMS}), got shape "
-                         f"{tuple(programs.shape)}")
-    _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
-    for name, t in (("tile_scheduler_metadata", programs), ("num_splits", num_splits)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, q on {device}")
-    if not dense:
-        return None
+def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, batch: int, rows: int, dim_v: int,
+                           rope_dim: int, elem_bytes: int, fp8: bool, device) -> DecodeSchedule:
+    """The call's ``DecodeSchedule`` from metadata ``get_mla_metadata`` built from lengths: its tables (the first
+    ``batch`` sequences') where the call cuts the keys into the same tiles; else the call's own tables for the same
+    grid, built from ``cache_seqlens`` on the device."""
+    built = meta.schedule
+    if batch > built.batch:
+        raise ValueError(f"tile_scheduler_metadata was built for {built.batch} sequences, the call has {batch}")
+    if built.device != device:
+        raise ValueError(f"tile_scheduler_metadata is on {built.device}, q on {device}")
+    if num_splits is not None:  # FlashMLA's, passed back: not read, but it must be this call's
+        num_splits = _utils.check_tensor("num_splits", num_splits, 1, (torch.int32,))
+        _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
     block_m, block_n = schedule_tiles(rows, dim_v, device, rope_dim, elem_bytes, fp8)
-    # get_mla_metadata cut the tables for DeepSeek's widths, with or without is_fp8_kvcache (older FlashMLAs lack
-    # it): they serve this call where both give its BLOCK_N and no stored config was dropped since
-    assumed = {schedule_tiles(rows, _DEEPSEEK_R, device, _DEEPSEEK_P, 2, f)[1] for f in (False, True)}
-    dropped = any(_tuning.dropped("decode", _tuning.decode_class(rows, r), device) is not None
-                  for r in (dim_v, _DEEPSEEK_R))
-    if assumed == {block_n} and not dropped:
-        shifts = _FIELD_BITS * torch.arange(len(SEQ_FIELDS), dtype=torch.int32, device=device)
-        sequences = (num_splits[1:, None] >> shifts) & ((1 << _FIELD_BITS) - 1)
+    grid = built.num_programs
+    if block_n == built.block_n:
+        programs, sequences = built.programs, built.sequences[:batch]
     else:
         cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
         programs, sequences = build_tables(cache_seqlens, block_n, grid)
@@ -170,18 +172,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                         ("descale_k", descale_k)):
         if value is not None:
             raise ValueError(f"{name} is not supported by mla_kernels' FlashMLA interface (pass None)")
-    tensors = isinstance(tile_scheduler_metadata, torch.Tensor)  # FlashMLA's older interface (get_mla_metadata)
-    if tile_scheduler_metadata is not None and not tensors and \
-            not isinstance(tile_scheduler_metadata, FlashMLAMetadata):
+    if tile_scheduler_metadata is not None and not isinstance(tile_scheduler_metadata, FlashMLAMetadata):
         raise TypeError(f"tile_scheduler_metadata must be what mla_kernels' get_mla_metadata returned (or None), "
                         f"got {type(tile_scheduler_metadata).__name__}")
-    if tensors:  # (its dtype first: a float tensor is no metadata of either interface)
-        _utils.check_tensor("tile_scheduler_metadata", tile_scheduler_metadata, 2, (torch.int32,))
-    if tensors and num_splits is None:
-        raise ValueError("num_splits must be the tensor get_mla_metadata returned beside tile_scheduler_metadata")
-    if not tensors and num_splits is not None:
-        raise ValueError("num_splits must be None (what get_mla_metadata returned without arguments; with "
-                         "FlashMLA's older arguments it returns tensors for both): mla_decode sizes its own splits")
+    from_lengths = tile_scheduler_metadata is not None and tile_scheduler_metadata.from_lengths
+    if num_splits is not None and not from_lengths:
+        raise ValueError("num_splits must be None (what get_mla_metadata returned without arguments): mla_decode "
+                         "sizes its own splits")
     causal = _utils.check_flag("causal", causal)
     is_fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
     q = _utils.check_tensor("q", q, 4, _utils.FLOAT_DTYPES)
@@ -221,7 +218,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     batch, s_q, heads = q.shape[:3]
     topk = None if indices is None else _utils.check_tensor("indices", indices, 3).shape[-1]
     config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
-    if not tensors:
+    if not from_lengths:
         _check_metadata(tile_scheduler_metadata, config)  # (recorded below, once the call has been accepted)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
@@ -244,9 +241,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if attn_sink is not None:  # checked before anything is launched, as every other argument
         attn_sink = _check_sink(attn_sink, heads)
     schedule = None
-    if tensors:  # checked for sparse calls too, which do not read them
-        schedule = _tensor_schedule(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * heads, dim_v,
-                                    rope_dim, q.element_size(), is_fp8, q.device, dense=indices is None)
+    if from_lengths and indices is None:
+        schedule = _schedule_from_lengths(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * heads,
+                                          dim_v, rope_dim, q.element_size(), is_fp8, q.device)
     elif tile_scheduler_metadata is not None and indices is None:  # FlashMLA's tile scheduler: the step's split
         schedule = tile_scheduler_metadata.schedule or mla_decode_metadata(
             cache_seqlens, heads, s_q, kv_lora_rank=dim_v, rope_dim=rope_dim, dtype=q.dtype,
@@ -258,7 +255,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         out, lse = out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink)
-    if not tensors and tile_scheduler_metadata is not None and tile_scheduler_metadata.config is None:
+    if tile_scheduler_metadata is not None and not from_lengths and tile_scheduler_metadata.config is None:
         # recorded once a call has been accepted: a refused call leaves the metadata as it was (FlashMLA's order)
         tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
     lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
