@@ -315,6 +315,8 @@ def check_same(name_a: str, a, name_b: str, b, what: str = "size") -> None:
 
 
 def check_width(name: str, width: int) -> None:
+    if isinstance(width, bool) or not hasattr(width, "__index__"):  # (ints, numpy's and torch's shape ints)
+        raise TypeError(f"{name} width must be an int, got {type(width).__name__}")
     if not is_pow2(width) or not 16 <= width <= 1024:
         raise ValueError(f"{name} width must be a power of two from 16 to 1024, got {width}")
 

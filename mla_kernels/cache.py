@@ -313,7 +313,13 @@ def _write_cache_run(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None
 
 def fp8_row_bytes(kv_lora_rank: int = 512, rope_dim: int = 64, rope_dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes one token takes in the FP8 layout: R e4m3 values, R/128 fp32 scales, P rope values in ``rope_dtype``
-    (656 at DeepSeek's R 512, P 64 with a bf16 rope key, against 1152 for a bf16 cache)."""
+    (656 at DeepSeek's R 512, P 64 with a bf16 rope key, against 1152 for a bf16 cache). Widths and dtype are
+    checked as ``fp8_latent_cache`` checks them."""
+    _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
+    return _row_bytes(kv_lora_rank, rope_dim, rope_dtype)
+
+
+def _row_bytes(kv_lora_rank: int, rope_dim: int, rope_dtype: torch.dtype) -> int:
     return kv_lora_rank + 4 * (kv_lora_rank // _utils.FP8_GROUP) + rope_dim * rope_dtype.itemsize
 
 

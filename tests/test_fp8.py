@@ -598,6 +598,21 @@ def test_fp8_latent_cache_checks_its_sizes(kwargs, error, name):
         fp8_latent_cache(**{**args, **kwargs})
 
 
+@pytest.mark.parametrize("args,error,name", [
+    ((100, 64), ValueError, "kv_lora_rank"), ((64, 64), ValueError, "kv_lora_rank"),
+    ((-128, 64), ValueError, "kv_lora_rank"), ((512, 0), ValueError, "rope_dim"),
+    ((512.0, 64), TypeError, "kv_lora_rank"), ((512, "64"), TypeError, "rope_dim"),
+    ((512, 64, torch.float64), TypeError, "rope_dtype"), ((512, 64, FP8), TypeError, "rope_dtype")])
+def test_fp8_row_bytes_refuses_what_the_layout_refuses(args, error, name):
+    """The public byte count checks its widths and dtype as fp8_latent_cache does (it returned 228 for R 100,
+    -4 for R -128, 656.0 for R 512.0); fp32 rope values take 4 bytes each."""
+    with pytest.raises(error, match=name):
+        fp8_row_bytes(*args)
+    with pytest.raises(error, match=name):
+        fp8_latent_cache(1, 1, *args)
+    assert fp8_row_bytes(512, 64, torch.float32) == 512 + 16 + 256 and fp8_row_bytes(128, 16, torch.float16) == 164
+
+
 def test_cache_manager_rejects_bad_fp8_settings():
     with pytest.raises(ValueError, match="kv_lora_rank"):
         PagedLatentCache(1, 2, 4, kv_lora_rank=64, rope_dim=16, dtype=FP8)

@@ -61,7 +61,7 @@ import dataclasses
 import torch
 
 from .. import _utils
-from ..cache import _fp8_views, fp8_row_bytes
+from ..cache import _fp8_views, _row_bytes
 from ..decode import mla_decode, schedule_tiles
 from ..schedule import DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
 
@@ -199,7 +199,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if q.dtype != torch.bfloat16:  # the rows' rope values are bf16 (FlashMLA's layout; its FP8 decode takes bf16)
             raise TypeError(f"q must be bfloat16 with is_fp8_kvcache (the FP8 rows hold their rope part in bf16), "
                             f"got {q.dtype}")
-        row_bytes = fp8_row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
+        row_bytes = _row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
         if row_bytes is None or rows.shape[-1] != row_bytes:
             raise ValueError(f"k_cache with is_fp8_kvcache must have rows of {dim_v} e4m3 values, their fp32 scales "
                              f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
