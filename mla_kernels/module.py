@@ -501,6 +501,9 @@ class MLAttention(nn.Module):
         if self.rope_style != "none":  # (no tables needed without rope: cos/sin may be None)
             q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
             k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
+        dtype = q_nope.dtype  # the projections': the weights' dtype, or under torch.autocast its dtype, while the
+        if (q_pe.dtype, kv_c.dtype, k_pe.dtype) != (dtype,) * 3:  # norm and the rope tables give fp32 there
+            q_pe, kv_c, k_pe = q_pe.to(dtype), kv_c.to(dtype), k_pe.to(dtype)
         return q_nope, q_pe, kv_c, k_pe
 
     def _check_cache(self, cache: PagedLatentCache, device: torch.device) -> None:
@@ -538,7 +541,8 @@ class MLAttention(nn.Module):
         self._check_cache(cache, q_nope.device)
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
-            raise TypeError(f"the module computes in {q_nope.dtype} but the cache holds {dtype}; build the "
+            under = " (under torch.autocast, its dtype)" if torch.is_autocast_enabled(q_nope.device.type) else ""
+            raise TypeError(f"the module computes in {q_nope.dtype}{under} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
         device = q_nope.device
         for name, t in (("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe)):
@@ -555,7 +559,7 @@ class MLAttention(nn.Module):
             _utils.check_devices(q_nope=q_nope, indices=indices)
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
-        w_kv_b = self.kv_b_proj.weight
+        w_kv_b = self._kv_b_weight(dtype)
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
         kv_cache, pe_cache, kv_scale = cache.views(layer)
@@ -596,16 +600,22 @@ class MLAttention(nn.Module):
                 raise ValueError(f"{name} must have shape {shape} (T={total}, the batch's new tokens, and this "
                                  f"module's widths), got {tuple(t.shape)}")
 
-    def _kv_b_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``kv_b_proj.weight`` as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])`` views: the key half absorbed into the
-        query, the value half applied to the latent output."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``kv_b_proj.weight`` in the queries' ``dtype``: itself, or under ``torch.autocast`` a cast copy (the kernels
+        take one dtype; autocast casts the other projections' weights as they run)."""
+        w = self.kv_b_proj.weight
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def _kv_b_split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj.weight`` (in ``dtype``, ``_kv_b_weight``) as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])``
+        views: the key half absorbed into the query, the value half applied to the latent output."""
+        w = self._kv_b_weight(dtype).view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def _absorb(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed ``q_nope [T, H, D_nope]`` moved into latent space: ``(q_latent [T, H, R], w_uv)``, one batched GEMM
         over the heads."""
-        w_uk, w_uv = self._kv_b_split()
+        w_uk, w_uv = self._kv_b_split(q_nope.dtype)
         return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), w_uv
 
     def _attend_sparse(self, q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch: LatentBatch,

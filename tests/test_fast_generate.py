@@ -402,6 +402,32 @@ def test_static_cache_continues_a_prefilled_prompt():
     assert torch.equal(runs["static"][1], runs["static"][0])  # the reset put the static cache back exactly
 
 
+def test_generation_under_autocast_matches_transformers():
+    """An fp32 model under torch.autocast (bf16): the projections give bf16 queries while the latent norm and the
+    rope tables give fp32 (the patched model failed on the prompt with "build the PagedLatentCache with
+    dtype=bfloat16"). Patched, with the dynamic cache and a static one (built inside the autocast region, or
+    outside it with dtype=), it generates transformers' own tokens under autocast; a static cache built outside
+    without dtype is refused, naming autocast."""
+    import copy
+
+    model = dense_model()
+    patched = patch_model(copy.deepcopy(model), block_size=4)
+    ids, mask = left_padded(PROMPTS)
+    outside = static_latent_cache(patched, len(PROMPTS), 32, block_size=4)
+    given = static_latent_cache(patched, len(PROMPTS), 32, block_size=4, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        inside = static_latent_cache(patched, len(PROMPTS), 32, block_size=4)
+        for cache in (None, inside, given):
+            got = patched.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GREEDY)
+            assert torch.equal(got, want), cache
+        with pytest.raises(TypeError, match="autocast"):
+            patched.generate(input_ids=ids, attention_mask=mask, past_key_values=outside, **GREEDY)
+    assert latent_cache(inside).dtype == torch.bfloat16 and latent_cache(outside).dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        static_latent_cache(patched, 2, 16, dtype=torch.int8)
+
+
 def test_static_cache_misuse():
     model = dense_model()
     with pytest.raises(TypeError, match="patch_model"):

@@ -924,9 +924,9 @@ class _StaticLatentState:
                              f"{attn.num_cache_layers}, {attn.kv_lora_rank}, {attn.qk_rope_head_dim}: make one with "
                              "static_latent_cache(model, ...)")
         if dtype != paged.rope_dtype:
-            raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model or before a "
-                            f"dtype change), the model computes in {dtype}: make one with static_latent_cache(model, "
-                            "...)")
+            raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model, before a "
+                            f"dtype change, or outside the torch.autocast region the model runs in), the model "
+                            f"computes in {dtype}: make one with static_latent_cache(model, ..., dtype={dtype})")
 
     def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
         """Store the step's real tokens and attend; ``q_nope [B, Q, H, D_nope]`` etc. Returns ``[B, Q, H * D_v]``."""
@@ -965,7 +965,7 @@ class _StaticLatentState:
                     slots.view(-1), kv_scale=kv_scale)
         heads, d_v = attn.num_heads, attn.v_head_dim
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
-            w_uk, w_uv = attn._kv_b_split()
+            w_uk, w_uv = attn._kv_b_split(q_nope.dtype)
             q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w_uk)
             out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
                              attn.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=self.capacity,
@@ -979,7 +979,7 @@ class _StaticLatentState:
         else:
             q_nope, q_pe = _pack(q_nope, packing), _pack(q_pe, packing)
         packed = mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
-                                       step.cu_seqlens_q, seqlens, attn.kv_b_proj.weight, attn.softmax_scale,
+                                       step.cu_seqlens_q, seqlens, attn._kv_b_weight(q_nope.dtype), attn.softmax_scale,
                                        causal=True, kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host,
                                        cache_seqlens_host=step.cache_seqlens_host)
         if packing is not None:
@@ -1015,7 +1015,8 @@ class _StaticLatentState:
         return step
 
 
-def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: int, *, block_size: int = 64):
+def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: int, *, block_size: int = 64,
+                        dtype: torch.dtype | None = None):
     """A transformers ``Cache`` for a patched model with preallocated capacity: ``max_batch_size`` sequences of
     up to ``max_cache_len`` tokens each (pads included, as transformers' ``StaticCache`` counts them), for
     ``generate`` under ``torch.compile`` and CUDA graphs.
@@ -1030,6 +1031,10 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     layer (the rows' lengths and the mask's counts), as prefill always does; its other layers reuse what it read.
     A batch of a different size, beam search or cropping raise; a row that outgrows ``max_cache_len`` fails a
     device assertion.
+
+    ``dtype``: what the model computes attention in, which the cache holds (or, with the patch's FP8 cache, the
+    rope key's dtype): by default the model's, or ``torch.autocast``'s dtype when this is called inside an
+    autocast region for the model's device; pass it to run the model under autocast built outside one.
 
     Usage::
 
@@ -1055,9 +1060,14 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     weight = attns[0].kv_b_proj.weight
+    if dtype is None:
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    elif dtype not in _utils.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {_utils.FLOAT_DTYPES} (what the model computes in), got {dtype!r}")
     num_layers = attns[0].num_cache_layers
     state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
-                               attns[0].qk_rope_head_dim, weight.dtype, weight.device, attns[0].cache_dtype)
+                               attns[0].qk_rope_head_dim, dtype, weight.device, attns[0].cache_dtype)
     layer_cls = _static_layer_class()
     cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
     cache._mla_static_state = state
