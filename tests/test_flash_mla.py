@@ -148,7 +148,10 @@ def test_older_arguments_serve_vllm_and_sglang_callers(widths, dtype, device, po
     for metadata, num_splits in ((meta, None), (meta_buf, splits_buf[:4])):  # vLLM's call, SGLang's
         out, lse = flash_mla_with_kvcache(**args, tile_scheduler_metadata=metadata, num_splits=num_splits)
         assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
-    assert len(built) == 2 * (widths != "assumed")
+    # tables at the call's own tiles only where they differ from the metadata's; on the CPU each call also builds the
+    # metadata's to check them against cache_seqlens, as mla_decode checks a schedule's
+    own = [call for call in built if call[1] != meta.schedule.block_n]
+    assert len(own) == 2 * (widths != "assumed") and len(built) - len(own) == 2 * (device.type == "cpu")
 
 
 def test_copy_refreshes_metadata_in_place(device, monkeypatch):
@@ -197,6 +200,12 @@ def test_older_arguments_are_checked(device, monkeypatch):
                            tile_scheduler_metadata=meta, num_splits=splits)
     with pytest.raises(TypeError, match="cache_seqlens"):
         get_mla_metadata(a["cache_seqlens"].float(), 2, 1)
+    if device.type == "cpu":  # cut for other key tiles than the call's (DeepSeek's widths): the call builds its own
+        monkeypatch.undo()    # tables, and still refuses metadata of other lengths
+        stale = get_mla_metadata(a["cache_seqlens"] * 10, 2, 1)[0]
+        with pytest.raises(ValueError, match="tile_scheduler_metadata was built from other cache_seqlens"):
+            flash_mla_with_kvcache(**args, tile_scheduler_metadata=stale)
+        flash_mla_with_kvcache(**args, tile_scheduler_metadata=get_mla_metadata(a["cache_seqlens"], 2, 1)[0])
     for name, bad in (("num_q_tokens_per_head_k", (0, 1)), ("num_heads_k", (2, 0)), ("num_heads_k", (2, None))):
         with pytest.raises(ValueError, match=name):
             get_mla_metadata(a["cache_seqlens"], *bad)
@@ -250,6 +259,29 @@ def test_bad_arguments_are_refused_by_name(device):
                                       cache_seqlens=a["cache_seqlens"][:1]), tile_scheduler_metadata=meta)
     with pytest.raises(ValueError, match="causal False vs True"):
         flash_mla_with_kvcache(**args, tile_scheduler_metadata=meta, causal=True)
+
+
+def test_refusals_name_the_callers_arguments(device):
+    """Errors name what a FlashMLA caller passed, not mla_decode's internal views: a tensor that requires grad (it
+    was q_nope / kv_cache) and, on the CPU, a sparse slot past the cache (it was refused as an entry of the
+    internal [B * S_q, 1, K] reshape: 'indices[5, 0, 3] ... of sequence 5')."""
+    from mla_kernels._utils import GradModeError
+
+    q, k_cache, a = flash_inputs([20, 5], 3, 2, 16, torch.float32, device)
+    args = dict(q=q, k_cache=k_cache, block_table=None, cache_seqlens=None, head_dim_v=R, softmax_scale=SCALE)
+    slots = k_cache.shape[0] * k_cache.shape[1]
+    indices = torch.zeros(2, 3, 4, dtype=torch.int32, device=device)
+    with torch.enable_grad():
+        for name in ("q", "k_cache"):
+            with pytest.raises(GradModeError, match=f"^{name} requires grad"):
+                flash_mla_with_kvcache(**dict(args, indices=indices, **{name: args[name].clone().requires_grad_()}))
+    if device.type == "cpu":
+        indices[1, 2, 3] = slots
+        with pytest.raises(ValueError, match=rf"indices\[1, 2, 3\] = {slots} is not a slot of k_cache, which holds "
+                                             rf"{slots}"):
+            flash_mla_with_kvcache(**args, indices=indices)
+        # past topk_length the entry is not read: no refusal
+        flash_mla_with_kvcache(**args, indices=indices, topk_length=torch.tensor([4, 3], dtype=torch.int32))
 
 
 def test_a_refused_call_leaves_the_metadata_unbound(device):

@@ -143,7 +143,8 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
                            rope_dim: int, elem_bytes: int, fp8: bool, device) -> DecodeSchedule:
     """The call's ``DecodeSchedule`` from metadata ``get_mla_metadata`` built from lengths: its tables (the first
     ``batch`` sequences') where the call cuts the keys into the same tiles; else the call's own tables for the same
-    grid, built from ``cache_seqlens`` on the device."""
+    grid, built from ``cache_seqlens`` on the device. On the CPU the metadata's tables are checked against
+    ``cache_seqlens`` first, whichever are used."""
     built = meta.schedule
     if batch > built.batch:
         raise ValueError(f"tile_scheduler_metadata was built for {built.batch} sequences, the call has {batch}")
@@ -154,6 +155,11 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
         _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
     block_m, block_n = schedule_tiles(rows, dim_v, device, rope_dim, elem_bytes, fp8)
     grid = built.num_programs
+    if device.type == "cpu" and not torch.compiler.is_compiling():  # as mla_decode checks a schedule's tables
+        cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+        step = build_tables(cache_seqlens, built.block_n, grid)
+        if not (torch.equal(step[0], built.programs) and torch.equal(step[1], built.sequences[:batch])):
+            raise ValueError("tile_scheduler_metadata was built from other cache_seqlens than the ones passed")
     if block_n == built.block_n:
         programs, sequences = built.programs, built.sequences[:batch]
     else:
@@ -184,6 +190,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     q = _utils.check_tensor("q", q, 4, _utils.FLOAT_DTYPES)
     _utils.check_last_contiguous("q", q)  # (named here: mla_decode would name its views q_nope, kv_cache, pe_cache)
     k_cache = _utils.check_tensor("k_cache", k_cache, 4)
+    _utils.check_no_grad("flash_mla_with_kvcache", q=q, k_cache=k_cache)  # (the same: named as the caller passed)
     dim_v = _utils.check_int("head_dim_v", head_dim_v, 1)
     if dim_v >= q.shape[-1]:
         raise ValueError(f"head_dim_v ({dim_v}) must be less than q's last dimension ({q.shape[-1]}): the query is "
@@ -227,6 +234,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
             raise ValueError("causal must be False with indices (sparse attention), as in FlashMLA")
         slots = kv_cache.shape[0] * kv_cache.shape[1]
         indices = _keep_first(indices, topk_length, batch)
+        if indices.device.type == "cpu" and not torch.compiler.is_compiling():  # named as passed, before the reshape
+            past = indices >= slots
+            if bool(past.any()):
+                b, s, k = (int(i) for i in past.nonzero()[0])
+                raise ValueError(f"indices[{b}, {s}, {k}] = {int(indices[b, s, k])} is not a slot of k_cache, which "
+                                 f"holds {slots} ({kv_cache.shape[0]} blocks of {kv_cache.shape[1]}; skip an entry "
+                                 "with -1)")
         # each token its own sequence of S_q = 1 (not causal, so nothing depends on its position): a cache of fewer
         # slots than S_q is no "length below S_q" to mla_decode, which would refuse it
         q = q.reshape(batch * s_q, 1, heads, q.shape[-1])
