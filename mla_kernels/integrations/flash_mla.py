@@ -50,7 +50,8 @@ buffers (SGLang's FlashMLA backend: ``buffer.copy_(meta)``, ``splits_buffer[:bs 
 such metadata in place with ``FlashMLAMetadata.copy_``; it serves calls of any batch up to its own. The schedule is
 cut for DeepSeek's widths (512 + 64, bf16), which that interface assumes; a call whose widths or dtype cut the keys
 into other tiles builds its own tables for the same grid. As with FlashMLA, the metadata must come from the call's
-``cache_seqlens`` and ``S_q * H``. Speed is
+``cache_seqlens`` and ``S_q * H``. The metadata is no tensor: a caller that copies it into an int32 buffer of its
+own (older vLLM releases' ``[num_sms, 8]``) is not served. Speed is
 ``mla_decode``'s, not FlashMLA's: see the README's measurements.
 """
 
