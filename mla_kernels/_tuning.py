@@ -321,11 +321,14 @@ _OFF = ("", "0", "false", "no", "off")  # values of AUTOTUNE_ENV that leave it o
 
 class Tuned(dict):
     """A config from a file (``lookup``): a dict that remembers where it came from, so a launch that fails to
-    compile it can drop it (``launch_tuned``)."""
+    compile it can drop it (``launch_tuned``). ``stored`` is the file's entry as it was read: a launch may shrink
+    the config to fit shared memory (``_utils.fit_tiles`` copies it, attributes included), and ``lookup`` must
+    still recognise the entry that was dropped when the file is read again."""
 
     def __init__(self, cfg: dict, kernel: str, shape_class: str, device_index: int):
         super().__init__(cfg)
         self.kernel, self.shape_class, self.device_index = kernel, shape_class, device_index
+        self.stored = dict(cfg)
 
 
 def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
@@ -339,7 +342,7 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
     cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
     if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
         return cfg
-    if cfg is not None and cfg == _dropped.get((index, kernel, shape_class)):  # failed to compile here before
+    if cfg is not None and cfg == _dropped.get((index, kernel, shape_class), (None,))[0]:  # failed here before
         table[kernel].pop(shape_class, None)
         cfg = None
     if cfg is not None or (table is not None and shape_class in table.get(kernel, {})):
@@ -391,15 +394,18 @@ def _compile_errors() -> tuple:
                                        if hasattr(errors, n))
 
 
-_dropped: dict = {}  # (device index, kernel, shape class) -> the stored config dropped for failing to compile
+# (device index, kernel, shape class) -> (the file's entry, the config as launched: shrunk to fit, maybe) of a stored
+# config dropped for failing to compile
+_dropped: dict = {}
 
 
 def dropped(kernel: str, shape_class: str, device) -> dict | None:
     """The stored config of ``kernel`` at ``shape_class`` on ``device`` that ``drop`` forgot in this process, if any:
     what schedules built before the drop were cut for (``decode._check_metadata`` admits them, ``decode._launch``
-    cuts them again)."""
+    cuts them again), so as launched: fitted to shared memory where the launch shrank it."""
     index = _gpu_index(device)
-    return None if index is None else _dropped.get((index, kernel, shape_class))
+    entry = None if index is None else _dropped.get((index, kernel, shape_class))
+    return None if entry is None else entry[1]
 
 
 def drop(cfg: Tuned, exc: BaseException) -> None:
@@ -407,7 +413,7 @@ def drop(cfg: Tuned, exc: BaseException) -> None:
     data = _device_data(cfg.device_index)
     if data is not None:
         data["kernels"].get(cfg.kernel, {}).pop(cfg.shape_class, None)
-    _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = dict(cfg)
+    _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = (getattr(cfg, "stored", dict(cfg)), dict(cfg))
     _warn_once(f"mla_kernels: the stored {cfg.kernel} config {dict(cfg)} for {cfg.shape_class} failed to compile "
                f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")
 

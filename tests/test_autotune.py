@@ -246,6 +246,14 @@ def test_a_stored_config_shrunk_to_fit_shared_memory_still_falls_back(fake_gpu, 
     assert [(m["BLOCK_N"], m["num_stages"]) for m in spy.launches] == [(64, 3), (64, 2)]  # shrunk, then heuristic
     assert _tuning.lookup("decode", KEY, device) is None
     assert_close("fallback from a shrunk stored config", out, expected, torch.float32)
+    # a reload (mla_kernels.autotune, a sweep) keeps it dropped: the drop recorded the shrunk copy, which the file's
+    # entry never equals, so the broken config was compiled again and a schedule built since was refused
+    meta = mla_kernels.mla_decode_metadata(args[5], HEADS, kv_lora_rank=R, rope_dim=P, dtype=torch.float32,
+                                           num_programs=3)
+    _tuning.reload()
+    assert _tuning.lookup("decode", KEY, device) is None
+    assert_close("after reload", mla_kernels.mla_decode(*args, metadata=meta), expected, torch.float32)
+    assert len(spy.launches) == 3 and spy.launches[-1]["num_stages"] == 2
 
 
 def test_fit_shared_lowers_the_stages_once_the_tiles_are_smallest():
