@@ -461,11 +461,13 @@ def _device_info(device) -> tuple[str, int]:
     return "cpu (Triton interpreter)", _utils.num_sms(device)
 
 
-def default_out(device) -> str:
+def default_out(device) -> str | None:
     """The user's cache file of ``device`` (``mla_kernels.autotune``'s default output): for an index-less "cuda",
-    the current GPU's, which the sweep tunes (``_tuning._gpu_index``), not GPU 0's."""
+    the current GPU's, which the sweep tunes (``_tuning._gpu_index``), not GPU 0's. None off a GPU (a CPU sweep
+    with a timer): its interpreter timings belong in no GPU's file (they went to GPU 0's, or failed on a
+    CPU-only torch asking for its name)."""
     index = _tuning._gpu_index(device)
-    return str(_tuning.user_file(0 if index is None else index))
+    return None if index is None else str(_tuning.user_file(index))
 
 
 def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, device=None, dtype=torch.bfloat16,
@@ -603,7 +605,8 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         kernels: which kernels, a list or a comma-separated string (default: those of ``shapes``, else all four).
         out: the JSON file to write (default: the user's cache file of this GPU,
             ``$XDG_CACHE_HOME/mla_kernels/<device>.json`` or ``~/.cache/mla_kernels/<device>.json``), which the
-            library then reads before the configs shipped for this GPU. Winners are merged into it.
+            library then reads before the configs shipped for this GPU. Winners are merged into it. Off a GPU
+            (``device="cpu"`` with a ``timer``) nothing is written unless ``out`` is given.
         timer: ``timer(fn) -> milliseconds``; default ``triton.testing.do_bench``'s median, which needs a GPU.
         budget_s: stop starting new shape classes after this many seconds.
 
@@ -641,6 +644,8 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         shapes = filled
     device = _utils.check_device("device", device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"mla_kernels.autotune: device={device} but no GPU is visible to torch here")
     if timer is None and device.type != "cuda":
         raise RuntimeError("mla_kernels.autotune needs a GPU: it times kernels with triton.testing.do_bench "
                            "(pass timer=... to run it without one, e.g. in tests)")

@@ -653,7 +653,25 @@ def test_default_out_of_an_index_less_cuda_device_is_the_current_gpus(monkeypatc
     monkeypatch.setattr(_tuning, "_device_name", lambda index: f"GPU kind {index}")
     assert _autotune.default_out(torch.device("cuda")).endswith("gpu-kind-1.json")
     assert _autotune.default_out(torch.device("cuda", 0)).endswith("gpu-kind-0.json")
-    assert _autotune.default_out(torch.device("cpu")).endswith("gpu-kind-0.json")  # (as before: a timer's sweep)
+    assert _autotune.default_out(torch.device("cpu")) is None  # a CPU sweep with a timer: no GPU's file
+
+
+def test_autotune_off_a_gpu_writes_no_gpus_file(monkeypatch, tmp_path):
+    """mla_kernels.autotune(device="cpu", timer=...) on a machine with a GPU wrote the interpreter's winners into
+    GPU 0's user cache, which the library then loaded for that GPU; on a CPU-only torch it failed asking for GPU
+    0's name. Now it writes nothing unless out= is given; device="cuda" with no GPU visible is refused."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")  # GPU 0, were there one
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    shape = {"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}
+    res = mla_kernels.autotune(shape, device="cpu", timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
+    assert res[0]["winner"] == FAST and not list(tmp_path.rglob("*.json"))
+    out = tmp_path / "cpu.json"
+    mla_kernels.autotune(shape, device="cpu", out=out, timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
+    assert json.loads(out.read_text())["kernels"]["decode"][KEY] == FAST
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no GPU is visible"):
+            mla_kernels.autotune(shape, device="cuda", timer=fake_timer({}), log=lambda msg: None)
 
 
 def test_env_var_values_that_turn_tuning_on_and_a_class_is_tried_once(fake_gpu, monkeypatch, device):
