@@ -121,10 +121,17 @@ def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
 
 
 def _valid_constant(name: str, value) -> bool:
-    """A measured constant is a finite number > 0; a ``..._source`` entry (where the numbers came from) a string."""
+    """A measured constant is a finite number > 0, as a float too (an int of 400 digits is valid JSON, and
+    ``float`` of it overflows where the constant is used); a ``..._source`` entry (where the numbers came from) a
+    string."""
     if name.endswith("_source"):
         return isinstance(value, str)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return 0 < float(value) < float("inf")
+    except OverflowError:
+        return False
 
 
 # What a stored config may hold, per kernel: (required keys, optional keys). Tiles are powers of two (tl.arange and

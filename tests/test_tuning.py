@@ -67,6 +67,7 @@ def test_constants_that_are_no_numbers_are_dropped(tmp_path, monkeypatch):
     path.parent.mkdir()
     path.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton="3.6.0", kernels={}, constants=dict(
         absorbed_relative_speed="fast", prefill_call_us=0, prefill_launch_us=True, prefill_gemm_tflops=float("inf"),
+        prefill_expanded_tflops=10 ** 400,  # valid JSON; float() of it overflowed in prefill's path choice
         prefill_source=3, prefill_bandwidth_gbps=2000, note_source="measured"))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
