@@ -18,8 +18,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -470,6 +472,18 @@ def default_out(device) -> str | None:
     return None if index is None else str(_tuning.user_file(index))
 
 
+def _check_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``, as saving a winner does (a temporary file there, then a rename), or
+    raise a ``PermissionError`` naming it: a folder that exists but cannot be written (another user's) was found
+    only when the first class's winner was saved, after its sweep."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".mla_kernels-probe-")
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise PermissionError(f"autotune cannot write its results in {folder}: {exc}") from exc
+
+
 def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, device=None, dtype=torch.bfloat16,
           out=None, timer=None, check=check_close, candidates: dict | None = None, budget_s: float | None = None,
           source: str | None = None, log=print, progress=_Bar, on_result=None) -> list[dict]:
@@ -495,6 +509,7 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
         if Path(out).is_dir():
             raise IsADirectoryError(f"out must be a JSON file to write, {out} is a directory")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
+        _check_writable(Path(out).parent)
     name, sms = _device_info(device)
     source = source or f"mla_kernels autotune{' --quick' if quick else ''} on {name}"
     start, results = time.monotonic(), []

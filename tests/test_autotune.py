@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,6 +448,40 @@ def test_unwritable_user_cache_gives_one_warning_and_no_wasted_sweep(fake_gpu, m
         mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
                              timer=fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls), log=lambda msg: None)
     assert not calls
+
+
+def test_a_read_only_user_cache_folder_is_found_before_any_sweep(fake_gpu, monkeypatch, device):
+    """The user's cache folder exists but cannot be written (another user's; simulated: creating a file there is
+    refused, as chmod does not stop root): both mla_kernels.autotune and MLA_KERNELS_AUTOTUNE=1 timed a whole
+    class before finding it out when saving its winner."""
+    import tempfile
+
+    folder = _tuning.user_file(0).parent
+    folder.mkdir(parents=True)
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    calls = []
+    monkeypatch.setattr(_autotune, "ON_DEMAND_TIMER", fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls))
+    monkeypatch.setattr(_autotune, "ON_DEMAND_SHAPES", {"decode": [DECODE]})
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    with pytest.raises(PermissionError, match=re.escape(str(folder))):
+        mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
+                             timer=fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls), log=lambda msg: None)
+    args, expected = decode_call(device)
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = mla_kernels.mla_decode(*args)
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and str(folder) in msgs[0], msgs
+    assert not calls
+    assert_close("the heuristic", out, expected, torch.float32)
 
 
 def test_user_file_overrides_the_shipped_one_per_class(fake_gpu, device):
