@@ -78,14 +78,15 @@ def _warn_once(msg: str) -> None:
 
 
 def load_file(path: Path, vendor: str, triton_version: str) -> dict | None:
-    """The file's ``kernels`` table, or None (with one warning) if missing, corrupt or stale."""
+    """The file's ``kernels`` table, or None: silently if missing (most GPUs have no file), with one warning if
+    corrupt or stale."""
     data = load_data(path, vendor, triton_version)
     return None if data is None else data["kernels"]
 
 
 def load_data(path: Path, vendor: str, triton_version: str) -> dict | None:
-    """The whole file (``kernels``, ``constants`` -- {} when absent -- and its metadata), or None (with one
-    warning) if missing, corrupt or stale."""
+    """The whole file (``kernels``, ``constants`` -- {} when absent -- and its metadata), or None: silently if
+    missing, with one warning if corrupt or stale."""
     try:
         data = json.loads(Path(path).read_text())
         kernels = data["kernels"]
