@@ -450,11 +450,15 @@ def results_path(name: str, device: torch.device, out: str | os.PathLike | None 
 
 
 def save_results(name: str, payload: dict, device: torch.device, args: argparse.Namespace, plot=None) -> Path:
-    """End of every bench: write the JSON, say where, and with ``--plot`` call ``plot(png_path)`` (if given)."""
+    """End of every bench: write the JSON, say where, and with ``--plot`` call ``plot(png_path)`` (if given; else
+    say that this run drew nothing, as a ``--plot`` that writes no PNG and says nothing reads as a lost file)."""
     path = write_json(name, payload, device, args.out)
     print(f"\nresults: {path}")
-    if args.plot and plot is not None:
-        plot(path.with_suffix(".png"))
+    if getattr(args, "plot", False):
+        if plot is not None:
+            plot(path.with_suffix(".png"))
+        else:
+            print("--plot: no plot written (this run measured nothing the plot draws)")
     return path
 
 
@@ -607,9 +611,11 @@ def save_plot(fig, path) -> None:
     print(f"plot: {path}")
 
 
-def make_parser(description: str, seed_and_sweep: bool = False) -> argparse.ArgumentParser:
-    """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --plot;
-    with ``seed_and_sweep``, also --skip-seed / --skip-sweep for benches that run a seed scenario and a sweep."""
+def make_parser(description: str, seed_and_sweep: bool = False, plot: bool = True) -> argparse.ArgumentParser:
+    """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --threads, and
+    --plot where the bench draws one (``plot=False``: no such option, so that argparse refuses it rather than the bench
+    accepting it and writing nothing); with ``seed_and_sweep``, also --skip-seed / --skip-sweep for benches that run a
+    seed scenario and a sweep."""
     parser = argparse.ArgumentParser(description=description)
     if seed_and_sweep:
         parser.add_argument("--skip-seed", action="store_true", help="only the sweep")
@@ -619,7 +625,8 @@ def make_parser(description: str, seed_and_sweep: bool = False) -> argparse.Argu
                         help="results folder or .json file (default bench/results/<name>_<device>.json)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--cuda-graph", action="store_true", help="time GPU providers inside CUDA graphs")
-    parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
+    if plot:
+        parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 avoids spin-waiting on a busy machine")
     return parser

@@ -691,6 +691,38 @@ def plot(rows: list[dict], rates: dict, path) -> None:
     h.save_plot(fig, path)
 
 
+def cpu_timed(interpreted: bool) -> str:
+    """What a CPU run of this bench times, for its header and its results' notes: under ``TRITON_INTERPRET=1`` the
+    library's providers run its Triton kernels in the interpreter (the PyTorch providers, torch_absorbed and naive,
+    stay PyTorch); without it ``mla_decode`` takes its PyTorch path. Saying the PyTorch path under the interpreter
+    mislabelled what the numbers measure."""
+    if interpreted:
+        return ("the Triton kernels in Triton's CPU interpreter (mla_decode and its variants; torch_absorbed and "
+                "naive are PyTorch)")
+    return "the PyTorch path (mla_decode without Triton)"
+
+
+def read_saved(path: str) -> dict:
+    """The results file ``--replot`` names, or a one-line ``SystemExit`` naming it and what is wrong with it (missing
+    or unreadable, not JSON, not bench.decode's results): a traceback (FileNotFoundError, JSONDecodeError,
+    KeyError: 'device_rates') said neither."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SystemExit(f"--replot {path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SystemExit(f"--replot {path}: not a JSON results file ({exc})") from None
+    if not isinstance(saved, dict):
+        raise SystemExit(f"--replot {path}: not bench.decode's results (a JSON {type(saved).__name__}, not an object)")
+    other = saved.get("benchmark", "decode")
+    if other != "decode":
+        raise SystemExit(f"--replot {path}: not bench.decode's results (bench.{other}'s)")
+    rates = saved.get("device_rates")
+    if not isinstance(rates, dict) or not {"copy_gbps", "matmul_tflops"} <= rates.keys():
+        raise SystemExit(f"--replot {path}: no device_rates (copy_gbps, matmul_tflops) to draw the roofline from")
+    return saved
+
+
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0], seed_and_sweep=True)
     parser.add_argument("--skip-imbalanced", action="store_true", help="no imbalanced-batch section")
@@ -705,7 +737,7 @@ def main(argv=None) -> None:
     global GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER
     GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER = not args.skip_gluon, not args.skip_tma, not args.skip_sparse
     if args.replot:
-        saved = json.loads(Path(args.replot).read_text())
+        saved = read_saved(args.replot)
         plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],
              Path(args.replot).with_suffix(".png"))
         return
@@ -716,12 +748,13 @@ def main(argv=None) -> None:
     from mla_kernels import _utils
 
     seed_rounds = (SEED_WARMUPS, SEED_ROUNDS)
-    if cpu and _utils.interpreting():
+    interpreted = cpu and _utils.interpreting()
+    if interpreted:
         print("TRITON_INTERPRET=1: mla_decode runs in Triton's CPU interpreter; these timings measure the "
               "interpreter, the sweep is cut to --quick and the seed scenario to 1 warm-up + 2 rounds")
         args.quick, seed_rounds = True, (1, 2)
     if cpu:
-        print(f"CPU timings (PyTorch path; no GPU), {torch.get_num_threads()} threads")
+        print(f"CPU timings of {cpu_timed(interpreted)}; no GPU, {torch.get_num_threads()} threads")
     rates = h.device_rates(device)
     print(f"{h.device_name(device)}: copy {rates['copy_gbps']:.1f} GB/s ({rates['copy_what']}), "
           f"GEMM {rates['matmul_tflops']:.2f} TFLOP/s ({rates['matmul_what']})")
@@ -740,7 +773,7 @@ def main(argv=None) -> None:
     }
     if cpu:
         payload["notes"] = [
-            "CPU timings of the PyTorch path (mla_decode without Triton); not indicative of GPU performance",
+            f"CPU timings of {cpu_timed(interpreted)}; not indicative of GPU performance",
             "CPU: the naive path's decompression is a bf16 GEMM, far slower than fp32 on CPUs without native "
             "bf16, so speed-ups against naive on a CPU mostly measure that",
         ]

@@ -348,7 +348,7 @@ def run_prompt(calls: int, repeats: int, layers: int = 16) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = h.make_parser(__doc__.split("\n\n")[0])
+    parser = h.make_parser(__doc__.split("\n\n")[0], plot=False)  # tables only: no --plot to ignore
     parser.add_argument("--prompt", action="store_true", help="time a patched model's prompt forward on the CPU")
     parser.add_argument("--jit", action="store_true",
                         help="also time Triton's own per-launch host work (bind, lookup; no GPU needed)")

@@ -9,6 +9,7 @@ D_nope = 128, D_v = 128, bf16.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from typing import Callable
@@ -382,9 +383,21 @@ def plot(rows, peaks, contexts, path) -> None:
     h.save_plot(fig, path)
 
 
+def budget_gib(text: str) -> float:
+    """A ``--cache-gib`` budget: a positive, finite number of GiB (0, a negative or a non-finite budget gave negative
+    or meaningless token counts in the table and the JSON)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a memory budget must be a positive, finite number of GiB")
+    return value
+
+
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-gib", type=float, nargs="+", default=[16.0, 40.0],
+    parser.add_argument("--cache-gib", type=budget_gib, nargs="+", default=[16.0, 40.0],
                         help="memory budgets (GiB) for the longest-context table of the fp8 cache")
     args = parser.parse_args(argv)
     device = h.setup(args)

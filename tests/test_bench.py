@@ -486,3 +486,65 @@ def test_host_bench_keeps_its_rows_when_stopped(tmp_path, monkeypatch):
     assert stop.value.code == 130
     doc = json.loads(out.read_text())
     assert doc["rows"] == [{"case": "mla_decode B1 L1024 H16", "p50_us": 20.0}] and "incomplete" in doc
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+def test_decode_cpu_run_says_what_it_timed(interpreted, tmp_path, monkeypatch, capsys):
+    """A CPU run's header and its results' notes name what was timed: under TRITON_INTERPRET=1 the Triton kernels in
+    the interpreter (they said 'the PyTorch path' there too), without it the PyTorch path. Nothing is timed here."""
+    from mla_kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: interpreted)
+    monkeypatch.setattr(h, "device_rates", lambda device: dict(copy_gbps=10.0, copy_what="-", matmul_tflops=0.1,
+                                                                matmul_what="-"))
+    out = tmp_path / "decode.json"
+    bd.main(["--device", "cpu", "--skip-seed", "--skip-sweep", "--skip-imbalanced", "--out", str(out)])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU timings"))
+    note = json.loads(out.read_text())["notes"][0]
+    for text in (header, note):
+        assert ("interpreter" in text) == interpreted and ("PyTorch path" in text) == (not interpreted), text
+
+
+def test_plot_is_offered_only_by_benches_that_draw_one(capsys):
+    """bench.host and bench.fp8_quality draw nothing: --plot is refused there (it was accepted and ignored, silently);
+    a bench that draws one but has nothing to draw in this run says so."""
+    from bench import fp8_quality, host
+
+    for bench_main in (host.main, fp8_quality.main):
+        with pytest.raises(SystemExit) as refused:
+            bench_main(["--plot"])
+        assert refused.value.code == 2 and "unrecognized arguments: --plot" in capsys.readouterr().err
+    assert h.make_parser("x").parse_args(["--plot"]).plot
+    assert "plot" not in vars(h.make_parser("x", plot=False).parse_args([]))
+
+
+def test_save_results_says_when_plot_draws_nothing(tmp_path, capsys):
+    args = argparse.Namespace(out=str(tmp_path / "r.json"), plot=True)
+    h.save_results("unit", {}, torch.device("cpu"), args, plot=None)
+    assert "--plot: no plot written" in capsys.readouterr().out
+    h.save_results("unit", {}, torch.device("cpu"), argparse.Namespace(out=str(tmp_path / "r.json")))  # no --plot
+
+
+def test_replot_refuses_a_missing_corrupt_or_foreign_file(tmp_path):
+    """--replot of a file that is missing, not JSON, or another bench's results: one line naming the file and what is
+    wrong (tracebacks: FileNotFoundError, JSONDecodeError, KeyError: 'device_rates')."""
+    bad, other, bare = tmp_path / "bad.json", tmp_path / "prefill_cpu.json", tmp_path / "bare.json"
+    bad.write_text("{not json")
+    other.write_text(json.dumps(dict(benchmark="prefill", sweep=[])))
+    bare.write_text(json.dumps(dict(sweep=[])))
+    for path, why in ((tmp_path / "missing.json", "cannot read it"), (bad, "not a JSON results file"),
+                      (other, "not bench.decode's results (bench.prefill's)"), (bare, "no device_rates")):
+        with pytest.raises(SystemExit) as refused:
+            bd.main(["--replot", str(path)])
+        message = str(refused.value.code)
+        assert message.startswith(f"--replot {path}: ") and why in message and "\n" not in message
+        assert not path.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf", "lots"])
+def test_memory_refuses_a_budget_that_is_not_positive_and_finite(budget, capsys):
+    """--cache-gib -1 (or 0) printed negative token counts: such budgets are refused at argument parsing."""
+    with pytest.raises(SystemExit) as refused:
+        bm.main(["--cache-gib", "16", budget])
+    assert refused.value.code == 2 and "argument --cache-gib" in capsys.readouterr().err
+    assert bm.budget_gib("0.5") == 0.5
