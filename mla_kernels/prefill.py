@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from . import _prefill_cost as _cost
 from . import _launcher, _utils
@@ -803,6 +804,12 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
                        kv_scale=kv_scale)
 
 
+# (D_nope, D_v, P, dtype, device) whose expanded kernel the GPU refused for want of shared memory even at the
+# smallest tiles the fitting reaches (fp32 at widths near 1024; the estimate that fits the tiles is an upper
+# bound there, so it cannot decide alone): "auto" takes the absorbed path for them from then on
+_EXPANDED_UNFIT: set = set()
+
+
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
                           softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None,
                           cu_seqlens_q_host=None, cache_seqlens_host=None):
@@ -816,7 +823,9 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         w_kv_b: ``[H * (D_nope + D_v), R]`` transformers' ``kv_b_proj.weight``; same dtype as q.
         path: "absorbed" (q @ W_UK, ``mla_prefill``, then W_UV), "expanded" (latent expanded through
             w_kv_b into per-head K and V, then flash attention), or "auto": the cheaper by
-            ``choose_prefill_path``.
+            ``choose_prefill_path``. Where the GPU refuses the expanded kernel for want of shared memory even
+            at its smallest tiles (fp32 at widths near 1024), "expanded" raises a ``ValueError`` and "auto"
+            takes the absorbed path (for these widths from then on).
         return_lse: also return ``lse [T, H]`` float32 (the same for both paths).
         kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
             registers; the expanded path in its gather kernel, before its GEMM.
@@ -859,17 +868,23 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     d_v = w_kv_b.shape[0] // heads - d_nope
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
-    if path == "auto":  # the lengths and widths are checked already
-        path = _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device)
+    chosen = path == "auto"
+    unfit = (d_nope, d_v, d_rope, q_nope.dtype, q_nope.device)  # a key of _EXPANDED_UNFIT
+    if chosen:  # the lengths and widths are checked already
+        path = "absorbed" if unfit in _EXPANDED_UNFIT else \
+            _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device)
     w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
-    if path == "absorbed":
+    def absorbed():
         q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :d_nope]).transpose(0, 1)  # [T, H, R]
         out, lse = _run_absorbed(q_latent, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                  softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, None, host,
                                  kv_scale=kv_scale)
         out = _project_v(out, w[:, d_nope:])
         return (out, lse) if return_lse else out
+
+    if path == "absorbed":
+        return absorbed()
 
     for name, width in (("q_nope (D_nope)", d_nope), ("w_kv_b (D_v)", d_v)):
         if not _expanded_width_ok(width):
@@ -883,8 +898,17 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             latent, cu_k = _gather_latent(kv_cache, block_table, cache_seqlens, total_keys, max_seqlen_k, kv_scale,
                                           w_kv_b.dtype)
             k_nope, v = _expand(latent, w_kv_b, heads, d_nope)
-            out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
-                                        cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q)
+            try:
+                out, lse = _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_k,
+                                            cache_seqlens, softmax_scale, causal, return_lse,
+                                            max_seqlen_q=max_seqlen_q)
+            except OutOfResources as exc:  # refused at load, before it ran: nothing was written
+                if not chosen:
+                    raise ValueError(f"path='expanded' does not fit this GPU's shared memory at D_nope={d_nope}, "
+                                     f"D_v={d_v}, P={d_rope} in {q_nope.dtype}, even at its smallest tiles "
+                                     f"({exc}); use path='absorbed' (or 'auto', which then takes it)") from exc
+                _EXPANDED_UNFIT.add(unfit)  # auto: the absorbed path, now and for later calls of these widths
+                return absorbed()
     else:
         cu_k = F.pad(torch.cumsum(cache_seqlens, 0), (1, 0))  # [B+1] int64
         latent = _gather_latent_torch(kv_cache, block_table, cache_seqlens, cu_k, total_keys, kv_scale, w_kv_b.dtype)

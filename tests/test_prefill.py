@@ -364,6 +364,33 @@ def test_auto_never_picks_a_width_the_expanded_path_refuses(device, monkeypatch)
     assert_close("auto, D_v 2048", out, naive_reference(a)[0], torch.bfloat16)
 
 
+def test_an_expanded_kernel_the_gpu_refuses_falls_back_or_is_named(device, monkeypatch):
+    """Where the GPU refuses the expanded kernel for want of shared memory even at its smallest tiles (fp32 with
+    D_nope = D_v = P = 1024 needs 256 KiB at 16 x 16, one stage, against an H100's 227; the interpreter has no such
+    limit, so the refusal is simulated): "auto" runs the absorbed path, now and for later calls of these widths,
+    and "expanded" raises a ValueError naming the widths and dtype (it raised Triton's OutOfResources)."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(prefill, "_EXPANDED_UNFIT", set())
+    monkeypatch.setitem(prefill._cost.DEFAULTS, "prefill_absorbed_tflops", 1e-6)  # expanded favoured
+    a = make_inputs([3, 2], [0, 4], 1, 16, torch.float32, device, r=32, p=16, d_nope=16)
+    refused = []
+
+    def refuse(*args, **kwargs):
+        refused.append(1)
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(prefill, "_launch_expanded", refuse)
+    with pytest.raises(ValueError, match=r"path='expanded' does not fit .* D_nope=16, D_v=128, P=16 in "
+                                         r"torch.float32"):
+        mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path="expanded")
+    want = naive_reference(a)[0]
+    for _ in range(2):  # the first call tries the expanded kernel once; the second goes straight to absorbed
+        out = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE)
+        assert_close("auto after the refusal", out, want, torch.float32)
+    assert len(refused) == 2
+
+
 def test_torch_path_matches_reference(monkeypatch):
     """CPU tensors without the interpreter take the PyTorch path: same contract, same results, for every call."""
     monkeypatch.setattr(_utils, "interpreting", lambda: False)
