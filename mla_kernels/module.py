@@ -557,6 +557,12 @@ class MLAttention(nn.Module):
                 raise ValueError(f"indices must be a [T, K] tensor for the T={total} new tokens, got "
                                  f"{tuple(indices.shape)}")
             _utils.check_devices(q_nope=q_nope, indices=indices)
+        if torch.is_grad_enabled():  # before the write: a refused call leaves the cache as it was
+            if self.kv_b_proj.weight.requires_grad:  # (the kernels would name their inputs made from it)
+                raise _utils.GradModeError("MLAttention.attend runs inference kernels without a backward pass and "
+                                           "reads kv_b_proj.weight, which requires grad: call it under "
+                                           "torch.no_grad() or torch.inference_mode(), or freeze the parameters")
+            _utils.check_no_grad("MLAttention.attend", q_nope=q_nope, q_pe=q_pe, kv_c=kv_c, k_pe=k_pe)
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         w_kv_b = self._kv_b_weight(dtype)

@@ -52,6 +52,25 @@ def test_attend_checks_its_tensors_before_writing(counts, case):
     assert torch.equal(cache.buffer(0), before), "the failed call wrote the cache"
 
 
+@pytest.mark.parametrize("counts", [[1, 1], [2, 3]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("culprit", ["kv_b_proj", "kv_c"])
+def test_attend_under_grad_is_refused_by_name_before_writing(counts, culprit):
+    """With grad mode on, attend wrote the step's tokens and then the kernels refused their own inputs: "q_nope
+    requires grad ... pass q_nope.detach()" for a detached q_nope (the absorbed query made with a trainable
+    kv_b_proj) or "w_kv_b", no argument of attend. It now names kv_b_proj or the input, and writes nothing."""
+    from mla_kernels._utils import GradModeError
+
+    m, cache, batch, (q_nope, q_pe, kv_c, k_pe) = _setup(counts)
+    if culprit == "kv_b_proj":
+        m.kv_b_proj.requires_grad_(True)
+    else:
+        kv_c = kv_c.clone().requires_grad_()
+    before = cache.buffer(0).clone()
+    with torch.enable_grad(), pytest.raises(GradModeError, match=culprit):
+        m.attend(q_nope, q_pe, kv_c, k_pe, batch)
+    assert torch.equal(cache.buffer(0), before), "the refused call wrote the cache"
+
+
 def test_cancel_gives_back_a_failed_steps_reservation():
     """A step that failed after reserve kept its positions, never written: the next step attended to them (a freed
     sequence's tokens, still in the reused block), silently. cancel() drops them; the next step is then right."""
