@@ -565,7 +565,6 @@ class MLAttention(nn.Module):
             _utils.check_no_grad("MLAttention.attend", q_nope=q_nope, q_pe=q_pe, kv_c=kv_c, k_pe=k_pe)
         layer = self.layer_idx if layer is None else layer
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
-        w_kv_b = self._kv_b_weight(dtype)
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
         kv_cache, pe_cache, kv_scale = cache.views(layer)
@@ -585,7 +584,8 @@ class MLAttention(nn.Module):
         # the lengths from the device itself (one read per layer on a GPU), as without them.
         host = not torch.compiler.is_compiling()
         return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
-                                     batch.cu_seqlens_q, batch.cache_seqlens, w_kv_b, self.softmax_scale, causal=True,
+                                     batch.cu_seqlens_q, batch.cache_seqlens, self._kv_b_weight(dtype),
+                                     self.softmax_scale, causal=True,
                                      kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
                                      cache_seqlens_host=batch.cache_seqlens_host if host else None)
 

@@ -211,6 +211,14 @@ def test_older_arguments_are_checked(device, monkeypatch):
             get_mla_metadata(a["cache_seqlens"], *bad)
     with pytest.raises(TypeError, match="is_fp8_kvcache"):
         get_mla_metadata(a["cache_seqlens"], 2, 1, is_fp8_kvcache="no")
+    # FlashMLA's first keyword name, and arguments of no known form (taken and not read, as FlashMLA's current
+    # interface takes them; the older form's keywords were refused for a while)
+    named = get_mla_metadata(cache_seqlens=a["cache_seqlens"], num_heads_per_head_k=2, num_heads_k=1)
+    assert named[0].from_lengths and torch.equal(named[1], splits)
+    assert torch.equal(named[0].schedule.sequences, meta.schedule.sequences)
+    for odd in (dict(cache_seqlens=a["cache_seqlens"], block_size=64), dict(unknown=1)):
+        loose, none = get_mla_metadata(**odd)
+        assert none is None and not loose.from_lengths and loose.schedule is None
 
 
 def test_bad_arguments_are_refused_by_name(device):

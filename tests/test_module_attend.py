@@ -71,6 +71,24 @@ def test_attend_under_grad_is_refused_by_name_before_writing(counts, culprit):
     assert torch.equal(cache.buffer(0), before), "the refused call wrote the cache"
 
 
+@pytest.mark.parametrize("counts", [[1, 1], [2, 3]], ids=["decode", "prefill"])
+def test_attend_under_autocast_casts_kv_b_proj_once(counts, monkeypatch):
+    """Under torch.autocast the kernels take kv_b_proj's weight in the queries' dtype, a copy: one per call (the
+    decode path made it twice and dropped one, a weight's worth of traffic per layer and step)."""
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 8, 4, R, P, dtype=torch.bfloat16)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    casts = []
+    real = m._kv_b_weight
+    monkeypatch.setattr(m, "_kv_b_weight", lambda dtype: casts.append(dtype) or real(dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in ([3, 2], counts):
+            casts.clear()
+            out = m(torch.randn(sum(step), HID), LatentBatch.reserve(cache, [a, b], step))
+            assert casts == [torch.bfloat16] and out.dtype == torch.bfloat16 and out.isfinite().all()
+
+
 def test_cancel_gives_back_a_failed_steps_reservation():
     """A step that failed after reserve kept its positions, never written: the next step attended to them (a freed
     sequence's tokens, still in the reused block), silently. cancel() drops them; the next step is then right."""

@@ -8,7 +8,7 @@ where FlashMLA does not: other GPUs than Hopper/Blackwell, ROCm, the CPU, any pa
 
     from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache, get_mla_metadata
 
-    meta, num_splits = get_mla_metadata()   # (or FlashMLA's older arguments: taken, not read)
+    meta, num_splits = get_mla_metadata()   # FlashMLA's current interface: (metadata, None); older: below
     out, lse = flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta, num_splits, causal=True)
 
 Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent and the rope key side by side):
@@ -58,6 +58,7 @@ own (older vLLM releases' ``[num_sms, 8]``) is not served. Speed is
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
@@ -117,10 +118,16 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, torch.Tensor | 
     interface is not told them; a call whose widths or dtype cut other key tiles builds its own tables). The
     second result is then FlashMLA's ``num_splits [B + 1]`` int32 (0, then each sequence's running count of
     pieces), which the calls may pass back or not. ``num_q_tokens_per_head_k * num_heads_k`` is the calls'
-    ``S_q * H``; the calls must repeat these ``cache_seqlens`` values (checked on the CPU), as with FlashMLA."""
-    if not args and not kwargs:
-        return FlashMLAMetadata(), None
-    return _from_lengths(*args, **kwargs)
+    ``S_q * H``; the calls must repeat these ``cache_seqlens`` values (checked on the CPU), as with FlashMLA.
+    FlashMLA's first name for it, ``num_heads_per_head_k``, is taken too; arguments of no form known here are
+    taken and not read, as FlashMLA's current interface takes any."""
+    if "num_heads_per_head_k" in kwargs and "num_q_tokens_per_head_k" not in kwargs:  # FlashMLA's first name
+        kwargs["num_q_tokens_per_head_k"] = kwargs.pop("num_heads_per_head_k")
+    try:
+        bound = _FROM_LENGTHS.bind(*args, **kwargs)
+    except TypeError:  # no arguments, or none of a form known here: taken and not read, as FlashMLA's current
+        return FlashMLAMetadata(), None  # interface takes any ("to be compatible with the old interface")
+    return _from_lengths(*bound.args, **bound.kwargs)
 
 
 def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None, is_fp8_kvcache=False,
@@ -138,6 +145,9 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
                                    rope_dim=_DEEPSEEK_P, cache_dtype=torch.float8_e4m3fn if fp8 else None)
     pieces = schedule.sequences[:, 1].cumsum(0, dtype=torch.int32)
     return FlashMLAMetadata(schedule=schedule, from_lengths=True), torch.cat([pieces.new_zeros(1), pieces])
+
+
+_FROM_LENGTHS = inspect.signature(_from_lengths)
 
 
 def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, batch: int, rows: int, dim_v: int,

@@ -925,8 +925,8 @@ class _StaticLatentState:
                              "static_latent_cache(model, ...)")
         if dtype != paged.rope_dtype:
             raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model, before a "
-                            f"dtype change, or outside the torch.autocast region the model runs in), the model "
-                            f"computes in {dtype}: make one with static_latent_cache(model, ..., dtype={dtype})")
+                            f"dtype change, or under another torch.autocast setting than the model runs under), the "
+                            f"model computes in {dtype}: make one with static_latent_cache(model, ..., dtype={dtype})")
 
     def attend(self, attn: "TransformersMLAttention", past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask):
         """Store the step's real tokens and attend; ``q_nope [B, Q, H, D_nope]`` etc. Returns ``[B, Q, H * D_v]``."""
