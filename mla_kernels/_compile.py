@@ -722,10 +722,19 @@ def main() -> None:
     import json
     import sys
 
+    flags = sys.argv[1:]
+    if "-h" in flags or "--help" in flags:  # (it ran the 20-second report instead)
+        print(f"usage: python -m mla_kernels._compile [--jit | --jit-shapes [--target T] | --cached-launches]\n\n"
+              f"Without a flag: the compile report of every kernel for {', '.join(TARGETS)} (registers, spills, "
+              f"shared memory), as JSON.\n{main.__doc__}")
+        return
+    unknown = [f for i, f in enumerate(flags) if f not in ("--jit", "--jit-shapes", "--cached-launches", "--target")
+               and not (i > 0 and flags[i - 1] == "--target")]
+    if unknown:
+        sys.exit(f"unknown arguments {unknown}: python -m mla_kernels._compile --help lists the flags")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter's jit wrappers cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    flags = sys.argv[1:]
     target = "sm90"
     if "--target" in flags:  # only --jit-shapes takes a target: refuse it elsewhere, and unknown ones, before any work
         i = flags.index("--target")

@@ -827,8 +827,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             ``[B, S_q, H, D_v]``.
         max_seqlen_k: optional upper bound on ``cache_seqlens`` used to size the split-KV grid (defaults to the
             block table's capacity, which needs no host synchronisation).
-        num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size).
-        metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R)``,
+        num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size); a
+            count past one split per key tile of ``max_seqlen_k`` is cut to that (further splits would be empty).
+        metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R,
+            rope_dim=P, dtype=q_nope.dtype)`` (and ``cache_dtype=torch.float8_e4m3fn`` for an fp8 cache: the
+            widths and dtypes fix the tiles it is cut along),
             computed once per step for every layer: the kernel then runs a persistent grid in which each program
             reads an equal share of the batch's cache tiles, whatever the lengths (for batches that mix long and
             short sequences). It must have been built from these ``cache_seqlens`` values (checked on the CPU

@@ -229,3 +229,22 @@ def test_main_refuses_a_target_it_would_ignore(argv, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["_compile", *argv])
     with pytest.raises(SystemExit, match="--target is taken with --jit-shapes only"):
         _compile.main()
+
+
+def test_main_answers_help_and_refuses_unknown_flags(monkeypatch, capsys):
+    """``--help`` ran the whole compile report (about 20 s) instead of saying what the flags are; an unknown flag was
+    ignored the same way."""
+    from mla_kernels import _compile
+
+    def ran(*args, **kwargs):
+        raise AssertionError("compiled instead of answering")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("compile_all", "jit_launches", "jit_shapes", "cached_launches"):
+        monkeypatch.setattr(_compile, name, ran)
+    monkeypatch.setattr(sys, "argv", ["_compile", "--help"])
+    _compile.main()
+    assert "usage: python -m mla_kernels._compile" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["_compile", "--jit", "--fast"])
+    with pytest.raises(SystemExit, match=r"unknown arguments \['--fast'\]"):
+        _compile.main()
