@@ -168,11 +168,34 @@ def test_copy_refreshes_metadata_in_place(device, monkeypatch):
     with pytest.raises(ValueError, match="no more sequences"):
         meta.copy_(buf)
     with pytest.raises(ValueError, match="same grid"):
-        buf.copy_(get_mla_metadata(lens, 4 * 64, 1)[0])  # 64-row tiles: another grid
+        buf.copy_(get_mla_metadata(lens, 4 * 64, 1)[0])  # four 64-row blocks: another grid
     with pytest.raises(ValueError, match="built from lengths"):
         buf.copy_(get_mla_metadata()[0])
     with pytest.raises(TypeError, match="FlashMLAMetadata"):
         buf.copy_(meta.schedule.programs)
+
+
+def test_one_buffer_serves_a_decode_step_and_its_verify_step(device, poisoned_empty):
+    """SGLang refreshes one CUDA-graph metadata buffer for its decode step (H rows) and its speculative verify step
+    (S_q * H rows), as FlashMLA's buffers take both while the rows fit one 64-row block. Here the two row counts cut
+    other tiles (8 rows: 16 x 32, 32 rows: 64 x 64 at DeepSeek's widths) and had other grids, so copy_ refused the
+    verify step's metadata. Now the grid follows the 64-row blocks, and each copy_ brings its tables' tiles."""
+    r, p, heads = 512, 64, 8
+    lens = [40, 7, 0]
+    meta_buf, splits_buf = get_mla_metadata(torch.ones(4, dtype=torch.int32, device=device), heads, 1)
+    for s_q in (4, 1, 4):
+        a = dict(zip(("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table", "cache_seqlens"),
+                     make_inputs(lens, s_q, heads, 16, torch.bfloat16, device, r=r, p=p, seed=s_q)))
+        q, k_cache = a["q_nope"]._base, a["kv_cache"]._base.unsqueeze(2)
+        meta, splits = get_mla_metadata(a["cache_seqlens"], s_q * heads, 1)
+        meta_buf.copy_(meta)
+        splits_buf[:4].copy_(splits)
+        assert meta_buf.schedule.block_n == (64 if s_q == 4 else 32)
+        out, lse = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], r, meta_buf,
+                                          splits_buf[:4], softmax_scale=SCALE, causal=True)
+        ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=True)
+        assert_close(f"S_q {s_q}", out, ref_out, torch.bfloat16)
+        assert_lse_close(f"S_q {s_q}", lse, flash_lse(ref_lse))
 
 
 def test_older_arguments_are_checked(device, monkeypatch):

@@ -65,7 +65,7 @@ import torch
 from .. import _utils
 from ..cache import _fp8_views, _row_bytes
 from ..decode import mla_decode, schedule_tiles
-from ..schedule import DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
+from ..schedule import MAX_PROGRAMS, DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
 
 __all__ = ["FlashMLAMetadata", "get_mla_metadata", "flash_mla_with_kvcache"]
 
@@ -92,19 +92,24 @@ class FlashMLAMetadata:
         """Copy ``other``'s tables into this metadata's, in place, and return it: the CUDA-graph buffer pattern of
         FlashMLA's older interface (``buffer.copy_(get_mla_metadata(cache_seqlens, ...)[0])`` before each capture
         and replay; SGLang's FlashMLA backend). Both must come from ``get_mla_metadata`` with arguments, for the
-        same grid and key tiles, ``other``'s batch no larger than this one's."""
+        same grid (query rows in the same number of 64-row blocks, as FlashMLA's parts), ``other``'s batch no larger
+        than this one's; the tables' key tiles come with them (a decode step's and a verify step's differ)."""
         if not isinstance(other, FlashMLAMetadata):
             raise TypeError(f"copy_ takes a FlashMLAMetadata from get_mla_metadata, got {type(other).__name__}")
         if not (self.from_lengths and other.from_lengths):
             raise ValueError("copy_ copies metadata built from lengths: get_mla_metadata(cache_seqlens, "
                              "num_q_tokens_per_head_k, num_heads_k, ...) for both")
         mine, theirs = self.schedule, other.schedule
-        if (mine.num_programs, mine.block_n) != (theirs.num_programs, theirs.block_n) or theirs.batch > mine.batch:
-            raise ValueError(f"copy_ needs metadata of the same grid and key tiles, for no more sequences: this one "
-                             f"has {mine.num_programs} programs, tiles of {mine.block_n} keys, {mine.batch} sequences; "
-                             f"the other {theirs.num_programs}, {theirs.block_n}, {theirs.batch}")
+        if mine.num_programs != theirs.num_programs or theirs.batch > mine.batch:
+            raise ValueError(f"copy_ needs metadata of the same grid, for no more sequences: this one has "
+                             f"{mine.num_programs} programs and {mine.batch} sequences, the other "
+                             f"{theirs.num_programs} and {theirs.batch} (its grid follows the query rows in blocks "
+                             "of 64, S_q * H, as FlashMLA's does)")
         mine.programs.copy_(theirs.programs)
         mine.sequences[:theirs.batch].copy_(theirs.sequences)
+        # the tiles the copied tables were cut along: a buffer serving two row counts (decode and verify) takes
+        # each one's before the graph captured for it replays
+        self.schedule = mine._replace(block_m=theirs.block_m, block_n=theirs.block_n)
         return self
 
 
@@ -141,8 +146,12 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
     _utils.check_int("num_heads_q", num_heads_q, 1)
     _utils.check_int("topk", topk, 1)
     fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
-    schedule = mla_decode_metadata(cache_seqlens, tokens * heads_k, 1, kv_lora_rank=_DEEPSEEK_R,
-                                   rope_dim=_DEEPSEEK_P, cache_dtype=torch.float8_e4m3fn if fp8 else None)
+    rows = tokens * heads_k
+    # the grid as FlashMLA sizes its parts: from the 64-row blocks the rows take, so every row count up to 64 (16
+    # heads' decode and their 2-4 token verify, say) gets one grid, and one CUDA-graph buffer takes either's copy_
+    programs = min(MAX_PROGRAMS, max(1, _utils.cdiv(2 * _utils.num_sms(cache_seqlens.device), _utils.cdiv(rows, 64))))
+    schedule = mla_decode_metadata(cache_seqlens, rows, 1, kv_lora_rank=_DEEPSEEK_R, rope_dim=_DEEPSEEK_P,
+                                   cache_dtype=torch.float8_e4m3fn if fp8 else None, num_programs=programs)
     pieces = schedule.sequences[:, 1].cumsum(0, dtype=torch.int32)
     return FlashMLAMetadata(schedule=schedule, from_lengths=True), torch.cat([pieces.new_zeros(1), pieces])
 
