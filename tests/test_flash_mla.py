@@ -198,6 +198,25 @@ def test_one_buffer_serves_a_decode_step_and_its_verify_step(device, poisoned_em
         assert_lse_close(f"S_q {s_q}", lse, flash_lse(ref_lse))
 
 
+def test_a_compiled_step_with_static_shapes_takes_decode_and_verify(device, monkeypatch):
+    """The README's way to compile (fullgraph) a step given metadata that sees a decode step and a speculative
+    verify: dynamic=False, a graph per S_q. (With automatic dynamic shapes the second S_q makes it symbolic and the
+    tile lookup, a constant of the graph, fails the trace: a known limit, stated there.)"""
+    _as_deepseek(monkeypatch)
+
+    def step(meta, q, k_cache, block_table, cache_seqlens):
+        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, R, meta, None, softmax_scale=SCALE,
+                                      causal=True)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
+    for s_q in (1, 4, 2):
+        q, k_cache, a = flash_inputs([20, 5], s_q, 2, 16, torch.float32, device, seed=s_q)
+        meta = get_mla_metadata(a["cache_seqlens"], s_q * 2, 1)[0]
+        got = compiled(meta, q, k_cache, a["block_table"], a["cache_seqlens"])
+        want = step(meta, q, k_cache, a["block_table"], a["cache_seqlens"])
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), s_q
+
+
 def test_older_arguments_are_checked(device, monkeypatch):
     """Metadata of another step's lengths is refused on the CPU, as mla_decode refuses a stale schedule; a batch
     beyond the metadata's, a num_splits of another batch or dtype, and bad get_mla_metadata arguments are refused

@@ -147,9 +147,13 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
     _utils.check_int("topk", topk, 1)
     fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
     rows = tokens * heads_k
-    # the grid as FlashMLA sizes its parts: from the 64-row blocks the rows take, so every row count up to 64 (16
-    # heads' decode and their 2-4 token verify, say) gets one grid, and one CUDA-graph buffer takes either's copy_
-    programs = min(MAX_PROGRAMS, max(1, _utils.cdiv(2 * _utils.num_sms(cache_seqlens.device), _utils.cdiv(rows, 64))))
+    # the grid from the 64-row blocks the rows take, as FlashMLA sizes its parts, so that every row count up to 64
+    # (16 heads' decode and their 2-4 token verify, say) gets one grid and one CUDA-graph buffer takes either's
+    # copy_: two programs per SM there, as mla_decode_metadata gives 16-row tiles (and the 64-row tiles of 17-64
+    # rows get twice their one wave); one per SM per block above, as it gives 64-row tiles
+    waves = 2 if rows <= 64 else 1
+    programs = min(MAX_PROGRAMS, max(1, _utils.cdiv(waves * _utils.num_sms(cache_seqlens.device),
+                                                    _utils.cdiv(rows, 64))))
     schedule = mla_decode_metadata(cache_seqlens, rows, 1, kv_lora_rank=_DEEPSEEK_R, rope_dim=_DEEPSEEK_P,
                                    cache_dtype=torch.float8_e4m3fn if fp8 else None, num_programs=programs)
     pieces = schedule.sequences[:, 1].cumsum(0, dtype=torch.int32)
