@@ -421,7 +421,7 @@ def drop(cfg: Tuned, exc: BaseException) -> None:
     data = _device_data(cfg.device_index)
     if data is not None:
         data["kernels"].get(cfg.kernel, {}).pop(cfg.shape_class, None)
-    _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = (getattr(cfg, "stored", dict(cfg)), dict(cfg))
+    _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = (cfg.stored, dict(cfg))
     _warn_once(f"mla_kernels: the stored {cfg.kernel} config {dict(cfg)} for {cfg.shape_class} failed to compile "
                f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")
 

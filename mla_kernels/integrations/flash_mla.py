@@ -179,15 +179,16 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
         _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
     block_m, block_n = schedule_tiles(rows, dim_v, device, rope_dim, elem_bytes, fp8)
     grid = built.num_programs
-    if device.type == "cpu" and not torch.compiler.is_compiling():  # as mla_decode checks a schedule's tables
+    check = device.type == "cpu" and not torch.compiler.is_compiling()  # as mla_decode checks a schedule's tables
+    if check or block_n != built.block_n:  # (the lengths are read)
         cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+    if check:
         step = build_tables(cache_seqlens, built.block_n, grid)
         if not (torch.equal(step[0], built.programs) and torch.equal(step[1], built.sequences[:batch])):
             raise ValueError("tile_scheduler_metadata was built from other cache_seqlens than the ones passed")
     if block_n == built.block_n:
         programs, sequences = built.programs, built.sequences[:batch]
     else:
-        cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
         programs, sequences = build_tables(cache_seqlens, block_n, grid)
     return DecodeSchedule(programs, sequences, batch, block_m, block_n, grid, part_slot_bound(batch, grid))
 
