@@ -78,15 +78,32 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
     return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
 
 
-@torch.compiler.assume_constant_result
 def schedule_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope: int = 64, elem_bytes: int = 2,
                    kv_fp8: bool = False) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` of ``decode_tiles``: the tiles a schedule is cut along (``mla_decode_metadata``) and
     checked against (``_check_metadata``). Both run while torch.compile traces a step that builds or passes
     ``metadata``; on a GPU the lookup reads the device's config file (once, cached), and dynamo, which ignores
-    ``functools.lru_cache`` wrappers, would trace that file I/O and fail (fullgraph) or break the graph. Marked as
-    a constant result: called eagerly at trace time, its two ints baked into the graph (the op checks again when
-    it runs)."""
+    ``functools.lru_cache`` wrappers, would trace that file I/O and fail (fullgraph) or break the graph. So the
+    lookup is a constant of the graph (``_constant_tiles``), called eagerly at trace time with the rows' class
+    representative (``rows_representative``): when dynamo has made S_q or the head count symbolic, the class
+    comparisons become guards (a graph per class, not per S_q) and the lookup still gets a plain int."""
+    return _constant_tiles(rows_representative(rows_per_seq), d_latent, device, d_rope, elem_bytes, kv_fp8)
+
+
+def rows_representative(rows_per_seq: int) -> int:
+    """One row count standing for ``rows_per_seq``'s class: ``decode_tiles`` gives every count of a class the same
+    tiles, since the tuned configs are keyed by ``_tuning.decode_class`` and ``_config`` compares the rows with
+    the same bounds (``tests/test_decode.py`` checks every count up to 300). Plain ints in, a plain int out; a
+    symbolic count (torch.compile) comes out as the int of its class, with the comparisons as guards."""
+    for bound in _tuning.DECODE_ROWS:
+        if rows_per_seq <= bound:
+            return bound
+    return _tuning.DECODE_ROWS[-1] + 1
+
+
+@torch.compiler.assume_constant_result
+def _constant_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope: int, elem_bytes: int,
+                    kv_fp8: bool) -> tuple[int, int]:
     cfg = decode_tiles(rows_per_seq, d_latent, device, d_rope, elem_bytes, kv_fp8)
     return cfg["BLOCK_M"], cfg["BLOCK_N"]
 

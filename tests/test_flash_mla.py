@@ -198,23 +198,34 @@ def test_one_buffer_serves_a_decode_step_and_its_verify_step(device, poisoned_em
         assert_lse_close(f"S_q {s_q}", lse, flash_lse(ref_lse))
 
 
-def test_a_compiled_step_with_static_shapes_takes_decode_and_verify(device, monkeypatch):
-    """The README's way to compile (fullgraph) a step given metadata that sees a decode step and a speculative
-    verify: dynamic=False, a graph per S_q. (With automatic dynamic shapes the second S_q makes it symbolic and the
-    tile lookup, a constant of the graph, fails the trace: a known limit, stated there.)"""
+@pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic"])
+def test_a_compiled_step_takes_decode_and_verify(device, monkeypatch, dynamic):
+    """A fullgraph-compiled step given metadata sees decode steps and speculative verifies of several S_q. With
+    dynamic=False a graph per S_q; with automatic dynamic shapes the second S_q makes S_q symbolic and the tile
+    lookup (a constant of the graph) is made from the rows' class: one graph for every S_q of a class, one more when
+    the rows cross into the next (S_q 16 x 2 heads: 32 rows, other tiles). Before, the symbolic rows failed the
+    trace."""
     _as_deepseek(monkeypatch)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
 
     def step(meta, q, k_cache, block_table, cache_seqlens):
         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, R, meta, None, softmax_scale=SCALE,
                                       causal=True)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
-    for s_q in (1, 4, 2):
-        q, k_cache, a = flash_inputs([20, 5], s_q, 2, 16, torch.float32, device, seed=s_q)
+    compiled = torch.compile(step, backend=count, fullgraph=True, dynamic=dynamic)
+    s_qs = (1, 4, 2, 3, 16)
+    for s_q in s_qs:
+        q, k_cache, a = flash_inputs([40, 17], s_q, 2, 16, torch.float32, device, seed=s_q)
         meta = get_mla_metadata(a["cache_seqlens"], s_q * 2, 1)[0]
         got = compiled(meta, q, k_cache, a["block_table"], a["cache_seqlens"])
         want = step(meta, q, k_cache, a["block_table"], a["cache_seqlens"])
         assert all(torch.equal(x, y) for x, y in zip(got, want)), s_q
+    # automatic: S_q 1 (static), then 4 (symbolic, rows <= 16; 2 and 3 reuse it), then 16 (rows 17-32)
+    assert len(graphs) == (len(s_qs) if dynamic is False else 3)
 
 
 def test_older_arguments_are_checked(device, monkeypatch):
@@ -370,8 +381,8 @@ def test_flashmla_test_layout(table_dtype, device, poisoned_empty):
 
 
 def test_compiles_fullgraph_with_metadata(device):
-    """A decode step as vLLM writes it (get_mla_metadata inside the step, keyword arguments) traces whole."""
-    q, k_cache, a = flash_inputs([20, 5], 2, 2, 16, torch.float32, device)
+    """A decode step as vLLM writes it (get_mla_metadata inside the step, keyword arguments) traces whole, and
+    keeps tracing whole once S_q turns symbolic (speculative verifies of other lengths)."""
 
     def step(q, k_cache, block_table, cache_seqlens):
         meta, splits = get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1, is_fp8_kvcache=False)
@@ -380,9 +391,11 @@ def test_compiles_fullgraph_with_metadata(device):
                                       softmax_scale=SCALE, causal=True, is_fp8_kvcache=False)
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    got, want = compiled(q, k_cache, a["block_table"], a["cache_seqlens"]), step(q, k_cache, a["block_table"],
-                                                                                  a["cache_seqlens"])
-    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    for s_q in (2, 3, 16):
+        q, k_cache, a = flash_inputs([40, 17], s_q, 2, 16, torch.float32, device, seed=s_q)
+        got, want = compiled(q, k_cache, a["block_table"], a["cache_seqlens"]), step(q, k_cache, a["block_table"],
+                                                                                      a["cache_seqlens"])
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), s_q
 
 
 def test_attn_sink_is_refused_before_any_kernel_runs(device, monkeypatch):

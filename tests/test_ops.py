@@ -272,6 +272,28 @@ def test_opcheck_mla_decode_with_metadata(device):
     assert torch.equal(got, expected[0])
 
 
+def test_compiled_step_building_metadata_follows_s_q(device):
+    """A compiled step that builds its metadata from q's shape (S_q from the step, as a decode step then a
+    speculative verify do) keeps tracing whole once dynamo makes S_q symbolic: the schedule's tiles come from the
+    rows' class, one graph per class (here S_q 2-8 x 2 heads: rows <= 16), and each call equals eager."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(q_nope, q_pe, kv_cache, pe_cache, table, seqlens):
+        meta = mla_kernels.mla_decode_metadata(seqlens, q_nope.shape[2], q_nope.shape[1], kv_lora_rank=R,
+                                               dtype=q_nope.dtype)
+        return mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=meta)
+
+    compiled = torch.compile(step, backend=count, fullgraph=True)
+    for s_q in (1, 2, 3, 8):
+        args = decode_inputs(device, lens=(9, 0, 12), s_q=s_q, seed=s_q)
+        assert torch.equal(compiled(*args), step(*args)), s_q
+    assert len(graphs) == 2  # S_q 1, then symbolic S_q for the rest
+
+
 def test_compiled_calls_are_single_nodes_and_check_values(device):
     """Under torch.compile(fullgraph=True) write_cache + mla_decode trace to the two ops, with no graph break,
     write the cache in place (views of one buffer), and give the eager result. The CPU value checks still run:

@@ -168,6 +168,24 @@ def test_grid_from_shapes():
     assert schedule.num_programs_for(8, 16, 16, 32, 0, cpu) == 1  # all padding: no tile to give out, one program
 
 
+@pytest.mark.parametrize("d_latent", [16, 64, 128, 256, 512, 1024])
+def test_a_rows_class_representative_gets_the_rows_tiles(d_latent):
+    """schedule_tiles looks the tiles up for the class representative of the rows (what lets a compiled step with a
+    symbolic S_q trace): every row count of a class must get the tiles of its representative, on NVIDIA's and
+    ROCm's heuristics and in the tuned configs' keys. A heuristic that split a class (say 64 x 64 tiles from 48
+    rows on) would fail here."""
+    cpu = torch.device("cpu")
+    for rows in range(1, 301):
+        rep = decode_mod.rows_representative(rows)
+        assert mla_kernels._tuning.decode_class(rows, d_latent) == mla_kernels._tuning.decode_class(rep, d_latent)
+        for hip in (False, True):
+            assert decode_mod._config(rows, d_latent, hip) == decode_mod._config(rep, d_latent, hip), (rows, hip)
+        for elem_bytes, fp8 in ((2, False), (4, False), (2, True)):
+            want = decode_mod.decode_tiles(rows, d_latent, cpu, 64, elem_bytes, fp8)
+            assert decode_mod.schedule_tiles(rows, d_latent, cpu, 64, elem_bytes, fp8) == \
+                (want["BLOCK_M"], want["BLOCK_N"]), (rows, elem_bytes, fp8)
+
+
 def test_metadata_honours_its_arguments():
     """A forced grid is the grid; the rows per sequence are S_q x H (8 x 16 = 128 rows: 64 x 64 tiles, not the
     16 x 32 of 16 rows); max_seqlen_k bounds the lengths inclusively (10 admits a length of 10, 9 does not)."""
