@@ -700,6 +700,11 @@ def test_autotune_off_a_gpu_writes_no_gpus_file(monkeypatch, tmp_path):
     monkeypatch.setattr(_tuning, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")  # GPU 0, were there one
     monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
     shape = {"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}
+    if not _utils.interpreting():  # natively (a GPU machine's suite) a CPU sweep is refused before it writes anything
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            mla_kernels.autotune(shape, device="cpu", timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
+        assert not list(tmp_path.rglob("*.json"))
+        return
     res = mla_kernels.autotune(shape, device="cpu", timer=fake_timer({32: 1.0, 64: 2.0}), log=lambda msg: None)
     assert res[0]["winner"] == FAST and not list(tmp_path.rglob("*.json"))
     out = tmp_path / "cpu.json"
