@@ -315,7 +315,9 @@ def check_same(name_a: str, a, name_b: str, b, what: str = "size") -> None:
 
 
 def check_width(name: str, width: int) -> None:
-    if isinstance(width, bool) or not hasattr(width, "__index__"):  # (ints, numpy's and torch's shape ints)
+    # (ints, numpy's and torch's shape ints; a symbolic one, a torch.SymInt, before hasattr, which dynamo can't trace
+    # on it: with dynamic=True, mark_dynamic or two widths seen, every call that checks a width failed to trace)
+    if isinstance(width, bool) or not (isinstance(width, (int, torch.SymInt)) or hasattr(width, "__index__")):
         raise TypeError(f"{name} width must be an int, got {type(width).__name__}")
     if not is_pow2(width) or not 16 <= width <= 1024:
         raise ValueError(f"{name} width must be a power of two from 16 to 1024, got {width}")

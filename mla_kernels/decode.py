@@ -86,8 +86,11 @@ def schedule_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rop
     ``functools.lru_cache`` wrappers, would trace that file I/O and fail (fullgraph) or break the graph. So the
     lookup is a constant of the graph (``_constant_tiles``), called eagerly at trace time with the rows' class
     representative (``rows_representative``): when dynamo has made S_q or the head count symbolic, the class
-    comparisons become guards (a graph per class, not per S_q) and the lookup still gets a plain int."""
-    return _constant_tiles(rows_representative(rows_per_seq), d_latent, device, d_rope, elem_bytes, kv_fp8)
+    comparisons become guards (a graph per class, not per S_q) and the lookup still gets a plain int. The widths
+    too (``plain_width``): symbolic where dynamo made them so (``dynamic=True``, ``mark_dynamic``, or one compiled
+    step seeing two models' widths), they failed the trace."""
+    return _constant_tiles(rows_representative(rows_per_seq), plain_width(d_latent), device, plain_width(d_rope),
+                           elem_bytes, kv_fp8)
 
 
 def rows_representative(rows_per_seq: int) -> int:
@@ -99,6 +102,19 @@ def rows_representative(rows_per_seq: int) -> int:
         if rows_per_seq <= bound:
             return bound
     return _tuning.DECODE_ROWS[-1] + 1
+
+
+_WIDTH_ORDER = (512, 64, 128, 256, 1024, 32, 16)  # check_width's widths, DeepSeek's first (eager: one or two tests)
+
+
+def plain_width(width: int) -> int:
+    """A latent or rope width as a plain int: itself, or for a symbolic width (torch.compile) its value, the
+    comparison an equality guard: the tiles depend on the exact width, so a graph per width (widths are fixed per
+    model). A width no check admits (not a power of two from 16 to 1024) is returned as it is."""
+    for w in _WIDTH_ORDER:
+        if width == w:
+            return w
+    return width
 
 
 @torch.compiler.assume_constant_result

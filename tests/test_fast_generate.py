@@ -360,6 +360,36 @@ def test_compiled_decode_step_matches_eager():
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
 
 
+def test_a_compiled_decoder_layer_traces_whole():
+    """Regional compilation: torch.compile(fullgraph=True) of one patched decoder layer, not the model. The patched
+    attention's output_attentions check read transformers' output collector, a ContextVar that dynamo traces only
+    once a compiled model forward has set it: a layer compiled alone failed at its first call ("Dynamo does not know
+    how to trace method `get` of class `ContextVar`"), where transformers' own layer traces. It is one graph now over
+    decode steps with the static latent cache, and each step equals the eager layer's, bit for bit."""
+    model = patch_model(dense_model(), block_size=4)
+    layer = model.model.layers[1]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, cos_sin, cache):
+        out = layer(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    eager_cache, compiled_cache = (static_latent_cache(model, 2, 16, block_size=4) for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for pos in range(4):
+            x = torch.randn(2, 1, model.config.hidden_size, generator=g)
+            cos_sin = model.model.rotary_emb(x, torch.full((2, 1), pos, dtype=torch.long))
+            assert torch.equal(compiled(x, cos_sin, compiled_cache), step(x, cos_sin, eager_cache)), pos
+    assert len(graphs) == 1
+
+
 def test_compiled_prompt_chunks_say_why_not():
     """With prefill_chunk_size transformers compiles the prompt chunks too; the static cache's prompt step reads the
     rows' lengths on the host, so a fullgraph compile must stop there with that reason (it failed deep in dynamo,

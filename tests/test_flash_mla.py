@@ -198,13 +198,15 @@ def test_one_buffer_serves_a_decode_step_and_its_verify_step(device, poisoned_em
         assert_lse_close(f"S_q {s_q}", lse, flash_lse(ref_lse))
 
 
-@pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic"])
+@pytest.mark.parametrize("dynamic", [False, None, True], ids=["static", "automatic", "dynamic"])
 def test_a_compiled_step_takes_decode_and_verify(device, monkeypatch, dynamic):
     """A fullgraph-compiled step given metadata sees decode steps and speculative verifies of several S_q. With
     dynamic=False a graph per S_q; with automatic dynamic shapes the second S_q makes S_q symbolic and the tile
     lookup (a constant of the graph) is made from the rows' class: one graph for every S_q of a class, one more when
     the rows cross into the next (S_q 16 x 2 heads: 32 rows, other tiles). Before, the symbolic rows failed the
-    trace."""
+    trace. With dynamic=True every size is symbolic from the first call, q's width (latent + rope) too: the lookup
+    gets the widths' values (equality guards), as the rows' class; before, the symbolic width failed the trace
+    (S_q 1 is specialised all the same, so the same three graphs)."""
     _as_deepseek(monkeypatch)
     graphs = []
 
@@ -216,6 +218,7 @@ def test_a_compiled_step_takes_decode_and_verify(device, monkeypatch, dynamic):
         return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, R, meta, None, softmax_scale=SCALE,
                                       causal=True)
 
+    torch._dynamo.reset()  # (step's code object is every parametrisation's: their graphs would add up to the limit)
     compiled = torch.compile(step, backend=count, fullgraph=True, dynamic=dynamic)
     s_qs = (1, 4, 2, 3, 16)
     for s_q in s_qs:
@@ -226,6 +229,32 @@ def test_a_compiled_step_takes_decode_and_verify(device, monkeypatch, dynamic):
         assert all(torch.equal(x, y) for x, y in zip(got, want)), s_q
     # automatic: S_q 1 (static), then 4 (symbolic, rows <= 16; 2 and 3 reuse it), then 16 (rows 17-32)
     assert len(graphs) == (len(s_qs) if dynamic is False else 3)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("widths", ["assumed", "other"])
+def test_a_compiled_call_refuses_metadata_of_other_lengths(backend, widths, monkeypatch):
+    """On the CPU metadata from other lengths is refused inside compiled code too. Where the call's widths cut the
+    keys into other tiles than the metadata's (the call builds its own tables), the CPU check was skipped while
+    traced: a compiled step took stale metadata silently where the eager call refuses it. Now a device assertion of
+    the graph (a RuntimeError when it runs); with the metadata's own tiles mla_decode's op refuses it (ValueError).
+    Metadata of the call's lengths passes and gives the eager result."""
+    if widths == "assumed":
+        _as_deepseek(monkeypatch)
+    q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, torch.device("cpu"))
+
+    def step(q, k_cache, block_table, cache_seqlens, meta, splits):
+        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, R, meta, splits, softmax_scale=SCALE,
+                                      causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    args = (q, k_cache, a["block_table"], a["cache_seqlens"])
+    good = get_mla_metadata(a["cache_seqlens"], 2, 1)
+    assert all(torch.equal(x, y) for x, y in zip(compiled(*args, *good), step(*args, *good)))
+    stale = get_mla_metadata(a["cache_seqlens"] * 10, 2, 1)  # (other tiles per sequence: other tables)
+    with pytest.raises((ValueError, RuntimeError), match="other cache_seqlens"):
+        compiled(*args, *stale)
 
 
 def test_older_arguments_are_checked(device, monkeypatch):

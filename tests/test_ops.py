@@ -294,6 +294,56 @@ def test_compiled_step_building_metadata_follows_s_q(device):
     assert len(graphs) == 2  # S_q 1, then symbolic S_q for the rest
 
 
+@pytest.mark.parametrize("call", ["prefill", "prefill_attention", "fp8_write_and_decode", "metadata_from_widths"])
+def test_compiled_calls_trace_with_symbolic_widths(call, device):
+    """torch.compile(dynamic=True) makes every size symbolic, the latent and rope widths too (as do mark_dynamic and
+    one compiled step meeting two models' widths). The calls check their widths (_utils.check_width), whose hasattr
+    dynamo can't trace on a SymInt: mla_prefill and mla_prefill_attention always, an fp8 write_cache and mla_decode
+    (their named checks), and mla_decode_metadata given a shape's width failed the fullgraph trace; so did the
+    schedule's tile lookup (a constant of the graph) given a symbolic width. Each traces whole now and equals eager."""
+    if call == "fp8_write_and_decode":
+        from mla_kernels.cache import fp8_latent_cache
+
+        kv_cache, kv_scale, pe_cache = fp8_latent_cache(4, PAGE, 128, P, torch.float32, device=device)
+        step, kv = _fp8_step(device, lambda: (kv_cache, pe_cache, kv_scale))
+        args = (kv,)
+        before = [t.clone() for t in (kv_cache.view(torch.uint8), kv_scale, pe_cache)]
+
+        def reset():
+            for t, b in zip((kv_cache.view(torch.uint8), kv_scale, pe_cache), before):
+                t.copy_(b)
+    elif call == "metadata_from_widths":
+        args = decode_inputs(device, lens=(9, 0, 12), s_q=2)
+
+        def step(q_nope, q_pe, kv_cache, pe_cache, table, seqlens):
+            meta = mla_kernels.mla_decode_metadata(seqlens, q_nope.shape[2], q_nope.shape[1],
+                                                   kv_lora_rank=q_nope.shape[3], rope_dim=q_pe.shape[3],
+                                                   dtype=q_nope.dtype)
+            return mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=meta)
+    else:
+        q_latent, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16,
+                                                                                             d_v=16)
+        if call == "prefill":
+            args = (q_latent, q_pe)
+
+            def step(q, q_pe):
+                return mla_kernels.mla_prefill(q, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE,
+                                               return_lse=True)
+        else:
+            args = (q_raw, q_pe)
+
+            def step(q, q_pe):
+                return mla_kernels.mla_prefill_attention(q, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b,
+                                                         SCALE, path="absorbed", return_lse=True)
+    expected = step(*args)
+    if call == "fp8_write_and_decode":
+        reset()
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="eager", fullgraph=True, dynamic=True)(*args)
+    expected, got = (expected, got) if isinstance(got, tuple) else ((expected,), (got,))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_compiled_calls_are_single_nodes_and_check_values(device):
     """Under torch.compile(fullgraph=True) write_cache + mla_decode trace to the two ops, with no graph break,
     write the cache in place (views of one buffer), and give the eager result. The CPU value checks still run:

@@ -168,7 +168,8 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
     """The call's ``DecodeSchedule`` from metadata ``get_mla_metadata`` built from lengths: its tables (the first
     ``batch`` sequences') where the call cuts the keys into the same tiles; else the call's own tables for the same
     grid, built from ``cache_seqlens`` on the device. On the CPU the metadata's tables are checked against
-    ``cache_seqlens`` first, whichever are used."""
+    ``cache_seqlens`` first, whichever are used (a ValueError; inside compiled code a RuntimeError, from the
+    graph's device assertion)."""
     built = meta.schedule
     if batch > built.batch:
         raise ValueError(f"tile_scheduler_metadata was built for {built.batch} sequences, the call has {batch}")
@@ -179,13 +180,20 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
         _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
     block_m, block_n = schedule_tiles(rows, dim_v, device, rope_dim, elem_bytes, fp8)
     grid = built.num_programs
-    check = device.type == "cpu" and not torch.compiler.is_compiling()  # as mla_decode checks a schedule's tables
+    check = device.type == "cpu"  # as mla_decode checks a schedule's tables
     if check or block_n != built.block_n:  # (the lengths are read)
         cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     if check:
         step = build_tables(cache_seqlens, built.block_n, grid)
-        if not (torch.equal(step[0], built.programs) and torch.equal(step[1], built.sequences[:batch])):
-            raise ValueError("tile_scheduler_metadata was built from other cache_seqlens than the ones passed")
+        stale = "tile_scheduler_metadata was built from other cache_seqlens than the ones passed"
+        if torch.compiler.is_compiling():
+            # traced, the values are the graph's: a device assertion, raised (RuntimeError) when the graph runs.
+            # (Skipped, a call whose tiles differ from the metadata's, which builds its own tables, took stale
+            # metadata silently: mla_decode's own check in the op sees only the call's tables.)
+            same = (step[0] == built.programs).all() & (step[1] == built.sequences[:batch]).all()
+            torch._assert_async(same, stale)
+        elif not (torch.equal(step[0], built.programs) and torch.equal(step[1], built.sequences[:batch])):
+            raise ValueError(stale)
     if block_n == built.block_n:
         programs, sequences = built.programs, built.sequences[:batch]
     else:

@@ -1276,6 +1276,11 @@ def _attentions_requested() -> bool:
     collector = _output_collector()
     if collector is None:
         return False
+    if torch.compiler.is_compiling() and not getattr(collector, "compiling", False):
+        # traced without a model forward that set it while compiling (a compiled decoder layer or attention module:
+        # regional compilation): dynamo can't read the ContextVar behind it (the fullgraph trace failed on it), and
+        # the forward that did set it ran eagerly, outside the graph; unanswerable here, so not refused
+        return False
     collected = collector.get()
     return collected is not None and "attentions" in collected
 
