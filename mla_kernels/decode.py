@@ -96,7 +96,7 @@ def schedule_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rop
 def rows_representative(rows_per_seq: int) -> int:
     """One row count standing for ``rows_per_seq``'s class: ``decode_tiles`` gives every count of a class the same
     tiles, since the tuned configs are keyed by ``_tuning.decode_class`` and ``_config`` compares the rows with
-    the same bounds (``tests/test_decode.py`` checks every count up to 300). Plain ints in, a plain int out; a
+    the same bounds (``tests/test_schedule.py`` checks every count up to 300). Plain ints in, a plain int out; a
     symbolic count (torch.compile) comes out as the int of its class, with the comparisons as guards."""
     for bound in _tuning.DECODE_ROWS:
         if rows_per_seq <= bound:
