@@ -355,8 +355,12 @@ def check_flag(name: str, value) -> bool:
 
 def check_scale(name: str, value) -> float:
     """A softmax scale as a float: positive, with ``value * log2(e)`` finite in float32 (the kernels fold it into
-    their scores so). Scores times the scale must also stay inside float32's range, as in any float32 attention: a
-    scale near that limit overflows on the data (inf - inf is NaN), which no check before the kernels can see."""
+    their scores so). Scores times the scale must also stay below float32's largest value / log2(e), about 2.36e38
+    (not float32's own limit: the kernels hold scores in log2 units), as in any float32 attention: a larger one is
+    inf there and its row NaN (inf - inf), which no check before the kernels can see; the PyTorch path and the
+    references, in natural units, still give such a row's softmax. A score below minus that bound is -inf there:
+    it loses its weight, 0 after rounding anyway beside any other key's, but a row whose every score is that low
+    gives zeros and lse -inf, as a row without keys."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # float, int, numpy scalars
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     try:

@@ -178,16 +178,14 @@ def _num_splits(programs_per_split: int, max_seqlen: int, device: torch.device, 
 
 
 @triton.jit
-def _online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
+def _online_softmax_step(qk, m_i, l_i):
     """One tile of the running softmax, in log2 units: ``qk [BLOCK_M, BLOCK_N]`` scaled scores (-inf where hidden),
     ``m_i``/``l_i [BLOCK_M]`` running max and sum. Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalised
-    probabilities, the factor rescaling earlier partial sums, and the new state. ``MAY_BE_EMPTY``: some row may
-    have seen no visible key yet (its max is -inf), so the max is taken as 0 there to keep exp2 finite."""
+    probabilities, the factor rescaling earlier partial sums, and the new state. A row may have seen no key of
+    finite score yet (its max is -inf: every key hidden, or every score -inf from the data, an infinite query or
+    key element or a score past float32's range), so the max is taken as 0 there to keep exp2 finite."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MAY_BE_EMPTY:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
     p = tl.math.exp2(qk - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
@@ -460,7 +458,7 @@ def _mla_attn_block(
                 visible = visible & (offs_n[None, :] <= q_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
 
-            p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, True)
+            p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
             p = p.to(kv.dtype)
             if DOT_FP32:
                 p = p.to(tl.float32)

@@ -153,7 +153,7 @@ def _mla_attn_tma_kernel(
             visible = visible & (offs_n[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
 
-        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, True)
+        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
         p = p.to(Q_NOPE.dtype.element_ty)  # P rounded to the cache dtype, as the portable kernel does
         if DOT_FP32:
             p = p.to(tl.float32)

@@ -315,7 +315,10 @@ def _expanded_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= q_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i, MASKED)
+        # every key of an unmasked tile is visible, but its scores can still all be -inf for a row (an infinite
+        # query or key element, or a scaled score past float32's range): a row's max stays -inf then, and without
+        # the guard exp2(-inf - -inf) made it NaN, while decode, the masked tiles and the reference skip such keys
+        p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
         p = p.to(v.dtype)
         if DOT_FP32:
             p = p.to(tl.float32)
@@ -574,7 +577,7 @@ def _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k, softmax_scale, ca
             hidden = torch.arange(ke - ks, device=q_nope.device)[None, :] > q_pos[:, None]  # [S, L]
             scores = scores.masked_fill(hidden, float("-inf"))
         s = torch.logsumexp(scores, dim=-1)  # [H, S]
-        probs = torch.exp(scores - s[..., None])
+        probs = torch.where(torch.isneginf(s)[..., None], 0.0, torch.exp(scores - s[..., None]))  # keyless rows: 0
         out[qs:qe] = torch.einsum("hsl,lhd->shd", probs, v[ks:ke].float()).to(q_nope.dtype)
         lse[qs:qe] = s.transpose(0, 1)
     return out, lse

@@ -45,7 +45,7 @@ def make_inputs(new, history, heads, page, dtype, device, r=R, p=P, d_nope=None,
     return args
 
 
-def naive_reference(a, causal=True):
+def naive_reference(a, causal=True, scale=SCALE):
     """reference.naive_mla per sequence over the gathered cache, float64: (out [T, H, D_v], lse [T, H])."""
     heads = a["q_nope"].shape[1]
     d_v = a["w_kv_b"].shape[0] // heads - a["q_nope"].shape[2]
@@ -59,7 +59,7 @@ def naive_reference(a, causal=True):
         k_pe = reference.gather_paged(a["pe_cache"].cpu(), a["block_table"][b].cpu(), length).double()
         out[start:end], lse[start:end] = reference.naive_mla(
             a["q_nope"][start:end].cpu().double(), a["q_pe"][start:end].cpu().double(), kv_c, k_pe,
-            a["w_kv_b"].cpu().double(), SCALE, causal)
+            a["w_kv_b"].cpu().double(), scale, causal)
     return out, lse
 
 
@@ -177,6 +177,59 @@ def test_a_nan_in_a_used_cache_slot_makes_the_rows_that_see_it_nan(path, device)
     out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
     assert out[:3].isnan().all() and lse[:3].isnan().all(), (out[:3], lse[:3])
     assert out[3:].isfinite().all() and lse[3:].isfinite().all()
+
+
+@pytest.mark.parametrize("torch_path", [False, True], ids=["kernels", "pytorch"])
+@pytest.mark.parametrize("scores", ["minus-inf-query", "scaled-past-float32"])
+def test_rows_whose_first_keys_all_score_minus_inf(scores, torch_path, device, monkeypatch):
+    """Keys whose scores are all -inf for a row get no weight, on every path and whatever the tiling, as in the
+    reference: a row that sees no other key gives zeros and lse -inf, the others the softmax of the keys left.
+    Sequence 0 has 70 history tokens, so the expanded kernel's first 64 keys are a tile without masks; sequence 1
+    has 10 (masked tiles only). "minus-inf-query": head 0's K_nope[:, 0] is the latent's first value, positive in
+    every used slot, and the first new token of each sequence has q_nope[0] = -inf: each of its scores is -inf.
+    "scaled-past-float32": finite inputs, the first new token's head 0 has scores -3e38 (times the scale 1.0:
+    inside float32, past the kernels' log2 units, so -inf there) for the first 64 keys of sequence 0 and 3 for the
+    others. Before, the expanded kernel's unmasked tiles took the row max as finite: exp2(-inf - -inf) made those
+    rows NaN in sequence 0 (a row of sequence 1 gave zeros), and the PyTorch expanded path gave NaN for a row
+    without keys."""
+    if torch_path:
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    a = make_inputs([5, 3], [70, 10], 2, 16, torch.float32, device, r=32, p=16, d_nope=16)
+    w = a["w_kv_b"].view(2, 16 + D_V, 32)
+    w[0, 0] = 0.0
+    w[0, 0, 0] = 1.0  # head 0: K_nope[:, 0] = latent[:, 0]
+    table, kv = a["block_table"], a["kv_cache"]
+    firsts = [0, 5]  # the first new token of each sequence
+    scale = SCALE
+    for b, length in enumerate(a["cache_seqlens"].tolist()):
+        pos = torch.arange(length)
+        slots = (table[b, pos // 16].long(), pos % 16)  # used slots only: the unused keep their NaN
+        if scores == "minus-inf-query":
+            kv[slots[0], slots[1], 0] = kv[slots[0], slots[1], 0].abs() + 0.5
+        else:
+            kv[slots[0], slots[1], 0] = torch.where(pos < 64, 1.0, -1e-38).to(kv.dtype) if b == 0 else -1e-38
+    for t in firsts:
+        if scores == "minus-inf-query":
+            a["q_nope"][t, 0, 0] = float("-inf")
+        else:
+            a["q_nope"][t, 0] = 0.0
+            a["q_nope"][t, 0, 0] = -3e38
+            a["q_pe"][t, 0] = 0.0
+    if scores == "scaled-past-float32":
+        scale = 1.0
+        a["q_nope"][firsts[1], 0, 0] = 3.0  # sequence 1: plain finite scores for that row
+    ref_out, ref_lse = naive_reference(a, scale=scale)
+    if scores == "minus-inf-query":
+        assert torch.equal(ref_out[firsts, 0], torch.zeros_like(ref_out[firsts, 0]))
+        assert ref_lse[firsts, 0].isneginf().all()
+    else:
+        assert ref_out.isfinite().all()
+    for path in ("absorbed", "expanded"):
+        if path == "absorbed" and scores == "minus-inf-query":
+            continue  # absorbing q multiplies its -inf by W_UK's zeros: NaN in q's latent (the reference keeps q)
+        out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=scale, path=path, return_lse=True)
+        assert_close(f"{scores} {path}", out, ref_out, torch.float32)
+        assert_lse_close(f"{scores} {path}", lse, ref_lse)
 
 
 def test_cache_is_not_modified(device):
