@@ -15,6 +15,7 @@ import numbers
 import operator
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -202,6 +203,30 @@ _SCRATCH_KEYS = 16  # buffers kept (device x stream x thread); a new key past th
 _SCRATCH_VIEWS = 64  # distinct shape sets remembered per buffer before the memo is cleared
 _SCRATCH_ALIGN = 64  # elements (256 bytes) between views: every view starts as aligned as the buffer
 _SCRATCH_LOCK = threading.Lock()
+_SCRATCH_THREAD = threading.local()  # .owner: a _ScratchOwner, in each thread that took scratch
+
+
+class _ScratchOwner:
+    """Held in the thread-local storage of a thread that took scratch: Python frees it when the thread ends (before
+    the thread's id can be reused), and its finalizer then drops that thread's buffers. Without it an ended thread's
+    buffers (each up to twice the largest partials it ever needed) stayed until ``_SCRATCH_KEYS`` newer keys pushed
+    them out, which never happens once a burst of short-lived threads is over: up to 16 dead buffers for good."""
+    __slots__ = ("__weakref__",)
+
+
+def _forget_thread(ident: int) -> None:
+    """Drop the scratch buffers of the thread ``ident``, which has ended. A buffer whose kernels are still queued
+    goes back to PyTorch's allocator as an evicted one does: reused only behind the work queued on its stream."""
+    with _SCRATCH_LOCK:
+        for key in [k for k in _SCRATCH if k[2] == ident]:
+            del _SCRATCH[key]
+
+
+def _own_thread_scratch(ident: int) -> None:
+    """Register the calling thread (``ident``) for ``_forget_thread`` when it ends, once per thread."""
+    if getattr(_SCRATCH_THREAD, "owner", None) is None:
+        owner = _SCRATCH_THREAD.owner = _ScratchOwner()
+        weakref.finalize(owner, _forget_thread, ident).atexit = False  # (at exit the whole table goes anyway)
 
 
 def scratch(device: torch.device, *shapes: tuple) -> tuple:
@@ -211,7 +236,8 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
     tensors for a dictionary lookup. Reuse is safe because the kernels of consecutive calls on one stream run in
     order, and each thread and stream has its own buffer (two threads sharing a stream could otherwise interleave
     one call's kernels between the other's). A larger request replaces the buffer; the old one goes back to
-    PyTorch's allocator, which hands it out again only behind the work already queued on the stream.
+    PyTorch's allocator, which hands it out again only behind the work already queued on the stream. A thread's
+    buffers go the same way when the thread ends (``_ScratchOwner``).
     While a CUDA graph is being captured the tensors are allocated as usual, from the graph's own pool: a graph
     must never point into a buffer that a later call may free and replace. Eager calls only: inside torch.compile's
     CUDA graphs (cudagraph trees) even the warm-up calls allocate from the graphs' private pool, whose blocks the
@@ -230,6 +256,8 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
             return views
     sizes = [math.prod(s) for s in shapes]
     need = sum(cdiv(n, _SCRATCH_ALIGN) * _SCRATCH_ALIGN for n in sizes)
+    if entry is None:  # (outside the lock, which the thread's finalizer takes)
+        _own_thread_scratch(key[2])
     with _SCRATCH_LOCK:  # the table is shared by threads (each has its own entries)
         if entry is None or entry[0].numel() < need:
             if entry is None and len(_SCRATCH) >= _SCRATCH_KEYS:  # streams or threads come and go: drop the oldest

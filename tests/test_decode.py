@@ -119,18 +119,53 @@ def test_scratch_per_thread_and_growth():
         assert big[0].shape == (1000,) and big[1].shape == (5,)
         assert _utils.scratch(cpu, (2, 3))[0].untyped_storage().data_ptr() == big[0].untyped_storage().data_ptr()
         count = _utils._SCRATCH_KEYS + 3
-        barrier = threading.Barrier(count)  # all alive at once: distinct thread ids, so distinct keys
+        taken, done = threading.Barrier(count + 1), threading.Barrier(count + 1)  # all alive at once: distinct ids
 
         def take():
             _utils.scratch(cpu, (4,))
-            barrier.wait()
+            taken.wait()
+            done.wait()
 
         threads = [threading.Thread(target=take) for _ in range(count)]
         for t in threads:
             t.start()
+        taken.wait()
+        assert len(_utils._SCRATCH) == _utils._SCRATCH_KEYS
+        done.wait()
         for t in threads:
             t.join()
-        assert len(_utils._SCRATCH) == _utils._SCRATCH_KEYS
+    finally:
+        _utils._SCRATCH.clear()
+        _utils._SCRATCH.update(saved)
+
+
+def test_scratch_of_ended_threads_is_freed():
+    """A thread's scratch buffers go when the thread ends: short-lived workers (a thread per request, a pool that
+    shrinks) left theirs, each up to twice the largest partials it needed, in the table for good (the 16-key bound
+    only pushes them out for newer keys, which a steady single caller never brings)."""
+    import threading
+    import weakref
+
+    cpu = torch.device("cpu")
+    saved = dict(_utils._SCRATCH)
+    _utils._SCRATCH.clear()
+    try:
+        mine = _utils.scratch(cpu, (8,))[0]
+        idents, buffers = [], []
+
+        def work():
+            idents.append(threading.get_ident())
+            buffers.append(weakref.ref(_utils._SCRATCH[(cpu, 0, idents[-1])][0]))
+            _utils.scratch(cpu, (1 << 16,))  # grows its buffer: the old one is dropped at once
+            buffers.append(weakref.ref(_utils._SCRATCH[(cpu, 0, idents[-1])][0]))
+
+        for _ in range(3):
+            thread = threading.Thread(target=lambda: (_utils.scratch(cpu, (4,)), work()))
+            thread.start()
+            thread.join()
+        assert list(_utils._SCRATCH) == [(cpu, 0, threading.get_ident())], "an ended thread's buffer was kept"
+        assert all(ref() is None for ref in buffers), "an ended thread's buffer is still alive"
+        assert _utils.scratch(cpu, (8,))[0] is mine, "the live thread's buffer must stay"
     finally:
         _utils._SCRATCH.clear()
         _utils._SCRATCH.update(saved)
