@@ -210,16 +210,35 @@ class _ScratchOwner:
     """Held in the thread-local storage of a thread that took scratch: Python frees it when the thread ends (before
     the thread's id can be reused), and its finalizer then drops that thread's buffers. Without it an ended thread's
     buffers (each up to twice the largest partials it ever needed) stayed until ``_SCRATCH_KEYS`` newer keys pushed
-    them out, which never happens once a burst of short-lived threads is over: up to 16 dead buffers for good."""
+    them out, which never happens once a burst of short-lived threads is over: up to 16 dead buffers for good.
+    (A thread that enters Python from C, as pybind11's GIL acquisition does, may get a fresh thread state at each
+    outermost entry: its buffers then go at each exit and are made again at the next call, a cost in speed only.)"""
     __slots__ = ("__weakref__",)
+
+
+_SCRATCH_ENDED: list = []  # idents of ended threads whose buffers _forget_thread left to the next locked scratch
 
 
 def _forget_thread(ident: int) -> None:
     """Drop the scratch buffers of the thread ``ident``, which has ended. A buffer whose kernels are still queued
-    goes back to PyTorch's allocator as an evicted one does: reused only behind the work queued on its stream."""
-    with _SCRATCH_LOCK:
-        for key in [k for k in _SCRATCH if k[2] == ident]:
-            del _SCRATCH[key]
+    goes back to PyTorch's allocator as an evicted one does: reused only behind the work queued on its stream.
+    Never waits for the lock: in a child forked while another thread held it, Python clears that thread's state
+    (running this finalizer) inside ``os.fork`` itself, where the lock is never released, so waiting hung the
+    child before it ran a line. Where the lock is held, the ident waits in ``_SCRATCH_ENDED`` for the next call
+    that takes the lock (a new key or a larger request)."""
+    if not _SCRATCH_LOCK.acquire(blocking=False):
+        _SCRATCH_ENDED.append(ident)
+        return
+    try:
+        _drop_thread(ident)
+    finally:
+        _SCRATCH_LOCK.release()
+
+
+def _drop_thread(ident: int) -> None:
+    """(Under ``_SCRATCH_LOCK``.) Drop the keys of the thread ``ident``."""
+    for key in [k for k in _SCRATCH if k[2] == ident]:
+        del _SCRATCH[key]
 
 
 def _own_thread_scratch(ident: int) -> None:
@@ -259,6 +278,8 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
     if entry is None:  # (outside the lock, which the thread's finalizer takes)
         _own_thread_scratch(key[2])
     with _SCRATCH_LOCK:  # the table is shared by threads (each has its own entries)
+        while _SCRATCH_ENDED:  # ended threads whose finalizer found the lock taken
+            _drop_thread(_SCRATCH_ENDED.pop())
         if entry is None or entry[0].numel() < need:
             if entry is None and len(_SCRATCH) >= _SCRATCH_KEYS:  # streams or threads come and go: drop the oldest
                 _SCRATCH.pop(next(iter(_SCRATCH)))

@@ -1,6 +1,7 @@
 """mla_decode against the float64 absorbed reference: BF16/FP16 parity, paging, splits, poisoning, bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -169,6 +170,82 @@ def test_scratch_of_ended_threads_is_freed():
     finally:
         _utils._SCRATCH.clear()
         _utils._SCRATCH.update(saved)
+
+
+def test_scratch_finalizer_never_waits_for_the_lock():
+    """The ended thread's finalizer must not block on _SCRATCH_LOCK: it also runs inside os.fork, in the child,
+    for every other thread of the parent (Python clears their states there), and a lock another thread held at the
+    fork is never released in the child. Blocking hung every such child inside os.fork, before its first line. A
+    finalizer that finds the lock taken leaves the ident to the next scratch call that takes the lock."""
+    import threading
+
+    cpu = torch.device("cpu")
+    saved, pending = dict(_utils._SCRATCH), list(_utils._SCRATCH_ENDED)
+    _utils._SCRATCH.clear()
+    try:
+        idents, took, end = [], threading.Event(), threading.Event()
+
+        def work():
+            idents.append(threading.get_ident())
+            _utils.scratch(cpu, (4,))
+            took.set()
+            end.wait()
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        took.wait()
+        with _utils._SCRATCH_LOCK:  # as another thread inside scratch's locked block
+            end.set()
+            thread.join(timeout=10)
+            assert not thread.is_alive(), "the ended thread's finalizer waited for the lock"
+            assert (cpu, 0, idents[0]) in _utils._SCRATCH and idents[0] in _utils._SCRATCH_ENDED
+        _utils.scratch(cpu, (1 << 10,))  # this thread's first (a new key): takes the lock, drops the ended one's
+        assert list(_utils._SCRATCH) == [(cpu, 0, threading.get_ident())] and not _utils._SCRATCH_ENDED
+    finally:
+        _utils._SCRATCH.clear()
+        _utils._SCRATCH.update(saved)
+        _utils._SCRATCH_ENDED[:] = pending
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX's")
+def test_fork_while_another_thread_holds_the_scratch_lock():
+    """A child forked while a thread that took scratch is inside scratch's locked block gets past os.fork (it hung
+    there: the thread's finalizer ran in the child and waited for a lock that nobody would release)."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import os, threading, time, torch
+        from mla_kernels import _utils
+        ready, release = threading.Event(), threading.Event()
+        def worker():
+            _utils.scratch(torch.device("cpu"), (4,))
+            with _utils._SCRATCH_LOCK:
+                ready.set()
+                release.wait()
+        t = threading.Thread(target=worker)
+        t.start()
+        ready.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        release.set()
+        t.join()
+        for _ in range(300):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print(os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("hung")
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr
 
 
 def test_num_splits_beyond_the_tiles(device, monkeypatch):
