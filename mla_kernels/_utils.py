@@ -363,6 +363,9 @@ def check_same(name_a: str, a, name_b: str, b, what: str = "size") -> None:
         raise err(f"{name_a} and {name_b} disagree on {what}: {a} vs {b}")
 
 
+WIDTHS = frozenset(1 << i for i in range(4, 11))  # what check_width admits: powers of two from 16 to 1024
+
+
 def check_width(name: str, width: int) -> None:
     # (ints, numpy's and torch's shape ints; a symbolic one, a torch.SymInt, before hasattr, which dynamo can't trace
     # on it: with dynamic=True, mark_dynamic or two widths seen, every call that checks a width failed to trace)

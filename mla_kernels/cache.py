@@ -221,7 +221,7 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
 
 
 _FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
-_WIDTHS = frozenset(1 << i for i in range(4, 11))  # check_width: powers of two from 16 to 1024
+_WIDTHS = _utils.WIDTHS  # check_width's
 
 
 def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:

@@ -104,7 +104,7 @@ def rows_representative(rows_per_seq: int) -> int:
     return _tuning.DECODE_ROWS[-1] + 1
 
 
-_WIDTH_ORDER = (512, 64, 128, 256, 1024, 32, 16)  # check_width's widths, DeepSeek's first (eager: one or two tests)
+_WIDTH_ORDER = (512, 64, *sorted(_utils.WIDTHS - {512, 64}))  # check_width's, DeepSeek's first (eager: 1-2 tests)
 
 
 def plain_width(width: int) -> int:
@@ -759,8 +759,13 @@ def _attend_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens, q_len,
         visible = visible & (pos[None, None, :] <= q_pos[..., None])
     scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))  # keyless rows: 0
-    return torch.einsum("bshl,blr->bshr", probs, kv), lse
+    return torch.einsum("bshl,blr->bshr", _softmax_probs(scores, lse), kv), lse
+
+
+def _softmax_probs(scores, lse):
+    """``exp(scores - lse)`` over the last dimension, 0 for a row without a key of finite score (its lse is -inf,
+    which would make every probability NaN): the PyTorch paths' softmax, given ``lse = logsumexp(scores, -1)``."""
+    return torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
 
 
 def _gather_keys(kv_cache, pe_cache, kv_scale, blocks, offsets, valid):
@@ -794,8 +799,7 @@ def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens,
     scores = torch.einsum("bshr,bskr->bshk", q_nope.float(), kv) + torch.einsum("bshp,bskp->bshk", q_pe.float(), pe)
     scores = (scores * softmax_scale).masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.where(torch.isneginf(lse)[..., None], 0.0, torch.exp(scores - lse[..., None]))
-    return torch.einsum("bshk,bskr->bshr", probs, kv), lse
+    return torch.einsum("bshk,bskr->bshr", _softmax_probs(scores, lse), kv), lse
 
 
 def mla_decode_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
@@ -959,7 +963,7 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
 
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)
 _INDEX_DTYPES = frozenset(_utils.INDEX_DTYPES)
-_WIDTHS = frozenset(1 << i for i in range(4, 11))  # check_width: powers of two from 16 to 1024
+_WIDTHS = _utils.WIDTHS  # check_width's
 
 
 def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv, max_seqlen_k,

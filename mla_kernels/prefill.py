@@ -38,7 +38,7 @@ from . import _launcher, _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
 from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
-                     _project_v)
+                     _project_v, _softmax_probs)
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -577,8 +577,7 @@ def _expanded_torch(q_nope, q_pe, k_nope, v, k_pe, cu_q, cu_k, softmax_scale, ca
             hidden = torch.arange(ke - ks, device=q_nope.device)[None, :] > q_pos[:, None]  # [S, L]
             scores = scores.masked_fill(hidden, float("-inf"))
         s = torch.logsumexp(scores, dim=-1)  # [H, S]
-        probs = torch.where(torch.isneginf(s)[..., None], 0.0, torch.exp(scores - s[..., None]))  # keyless rows: 0
-        out[qs:qe] = torch.einsum("hsl,lhd->shd", probs, v[ks:ke].float()).to(q_nope.dtype)
+        out[qs:qe] = torch.einsum("hsl,lhd->shd", _softmax_probs(scores, s), v[ks:ke].float()).to(q_nope.dtype)
         lse[qs:qe] = s.transpose(0, 1)
     return out, lse
 
