@@ -20,7 +20,8 @@ mla_decode is compared with torch_absorbed, mla_decode+w_uv with naive (same inp
 
 Then imbalanced batches (``run_imbalanced``; --skip-imbalanced leaves them out): one sequence at the longest
 length, the others between 1/64 and 1/2 of it, each beside the uniform batch of the same total tokens, through
-mla_decode as shipped, with ``mla_decode_metadata``'s schedule (mla_decode+meta), and the schedule step alone.
+mla_decode as shipped, with ``mla_decode_metadata``'s schedule (mla_decode+meta), batch-invariant
+(mla_decode+split, ``split_tokens=2048``), and the schedule step alone.
 """
 
 from __future__ import annotations
@@ -406,8 +407,9 @@ def run_sweep(device, dtype, lib, quick: bool, cuda_graph: bool, copy_gbps: floa
 # imbalanced batches: one long sequence beside shorter ones, against the uniform batch of the same tokens
 # ------------------------------------------------------------------------------------------------
 
-IMBALANCED_ORDER = ["mla_decode", "mla_decode+meta", "mla_decode[wide]", "mla_decode+meta[wide]",
-                    "metadata_step"]
+IMBALANCED_ORDER = ["mla_decode", "mla_decode+meta", "mla_decode+split", "mla_decode[wide]",
+                    "mla_decode+meta[wide]", "metadata_step"]
+SPLIT_TOKENS = 2048  # mla_decode+split: batch-invariant decode (split_tokens), its cost against the default
 WIDE_TABLE = 8  # a serving engine's block table: wide enough for its longest context, here 8x the batch's longest
 
 
@@ -438,7 +440,8 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
                         lib=None) -> list[dict]:
     """An imbalanced batch and its uniform twin (every sequence at the mean length: the same total tokens),
     each through mla_decode as shipped (``mla_decode``), with a schedule built beforehand (``mla_decode+meta``,
-    as every layer of a step reuses it), and the schedule's own step (``metadata_step``, once per step).
+    as every layer of a step reuses it), batch-invariant (``mla_decode+split``: ``split_tokens=SPLIT_TOKENS``),
+    and the schedule's own step (``metadata_step``, once per step).
 
     The ``[wide]`` rows make the same calls as a serving engine makes them: a block table ``WIDE_TABLE``
     times wider than the longest sequence needs (the extra columns repeat a block id, never read) and no
@@ -447,7 +450,7 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
 
     Every timed row carries ``pct_of_uniform``: its throughput (the byte model, which counts the same tokens
     for both) over the uniform twin's with mla_decode as shipped; ``mla_decode+meta`` rows also ``vs_default``,
-    the speed-up over mla_decode as shipped on the same batch (and table)."""
+    the speed-up over mla_decode as shipped on the same batch (and table), as ``mla_decode+split`` rows do."""
     mla_decode, mla_decode_metadata, schedule = lib or imbalanced_library()
     shape = shape or MLAShape(heads=heads)
     lens = imbalanced_lengths(batch, longest)
@@ -485,6 +488,8 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
         wide_meta = mla_decode_metadata(c.cache_seqlens, heads, 1, kv_lora_rank=shape.d_latent)
         for name, fn in (("mla_decode", lambda: mla_decode(*args, max_seqlen_k=c.max_len)),
                          ("mla_decode+meta", lambda: mla_decode(*args, max_seqlen_k=c.max_len, metadata=meta)),
+                         ("mla_decode+split", lambda: mla_decode(*args, max_seqlen_k=c.max_len,
+                                                                 split_tokens=SPLIT_TOKENS)),
                          ("mla_decode[wide]", lambda: mla_decode(*wide_args)),
                          ("mla_decode+meta[wide]", lambda: mla_decode(*wide_args, metadata=wide_meta))):
             try:
@@ -502,10 +507,11 @@ def run_imbalanced_pair(batch, longest, heads, page, device, dtype, copy_gbps, t
         if name != "metadata_step" and base and "gbps" in row:
             row["pct_of_uniform"] = 100.0 * row["gbps"] / base
             row["speedup"] = f"{row['pct_of_uniform']:.0f}% of unif."
-        default = rows.get((kind, name.replace("+meta", "")), {}).get("p50_ms")
-        if "+meta" in name and default and "p50_ms" in row:
+        plain = name.replace("+meta", "").replace("+split", "")
+        default = rows.get((kind, plain), {}).get("p50_ms")
+        if plain != name and default and "p50_ms" in row:
             row["vs_default"] = default / row["p50_ms"]
-            row["note"] = (row["note"] + f" x{row['vs_default']:.2f} vs {name.replace('+meta', '')}").strip()
+            row["note"] = (row["note"] + f" x{row['vs_default']:.2f} vs {plain}").strip()
     return [rows[k, n] for k in twins for n in IMBALANCED_ORDER if (k, n) in rows]
 
 

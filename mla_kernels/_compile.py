@@ -641,10 +641,10 @@ def jit_shapes(target: str = "sm90") -> dict:
         return buf[..., :d_latent], buf[..., d_latent:], None, table
 
     def decode(heads, s_q, page, dtype=torch.bfloat16, d_latent=512, d_rope=64, fp8=False, scheduled=False,
-               sparse=0):
+               sparse=0, split_tokens=None):
         kv, pe, scale, table = cache(page, 300, 3, d_latent, d_rope, dtype, fp8)
         seqlens = torch.tensor([300, 100, 9], dtype=torch.int32)
-        kw = dict(kv_scale=scale)
+        kw = dict(kv_scale=scale, split_tokens=split_tokens)
         if sparse:
             kw["indices"] = torch.randint(0, 9 - s_q + 1, (3, s_q, sparse), generator=gen, dtype=torch.int32)
         q_nope, q_pe = rnd(3, s_q, heads, d_latent, dtype=dtype), rnd(3, s_q, heads, d_rope, dtype=dtype)
@@ -680,6 +680,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases.update({f"decode-h{h}-fp8-scheduled": decode(h, 2, 64, fp8=True, scheduled=True) for h in (1, 16, 128)})
     cases["decode-h16-fp8-fp16"] = decode(16, 1, 16, dtype=torch.float16, fp8=True)
     cases.update({f"decode-h{h}-sparse-page1": decode(h, 2, 1, sparse=64) for h in (1, 128)})
+    cases.update({f"decode-h{h}-split-tokens{n}": decode(h, 1, 16, split_tokens=n) for h in (1, 128) for n in (1, 4096)})
     cases.update({f"prefill-{path}-h{h}-page{p}": prefill(h, p, path)
                   for path in ("latent", "absorbed", "expanded") for h in (1, 128) for p in (1, 64)})
     cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)

@@ -51,9 +51,10 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                sched_sequences: Optional[torch.Tensor] = None,
                sched_sizes: Optional[list[int]] = None,
                kv_scale: Optional[torch.Tensor] = None,
-               indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               indices: Optional[torch.Tensor] = None,
+               split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # sched_*: the optional DecodeSchedule, taken apart (schedule.to_op_args); kv_scale: an fp8 cache's scales;
-    # indices: sparse key lists [B, S_q, K].
+    # indices: sparse key lists [B, S_q, K]; split_tokens: fixed split boundaries (batch-invariant decode).
     # mla_decode checked all this before tracing the op; a direct call of the op is checked here the same way
     softmax_scale, max_seqlen_k, num_splits = _decode._check_decode_args(q_nope, q_pe, kv_cache, pe_cache,
                                                                          block_table, cache_seqlens, softmax_scale,
@@ -61,6 +62,8 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
     if indices is not None:
         _decode._check_indices(indices, q_nope, metadata)
+    if split_tokens is not None:
+        split_tokens = _decode._check_split_tokens(split_tokens, num_splits, metadata)
     if metadata is not None:
         # tiles: checked when the call was traced (mla_decode), whose graph holds the schedule's tiles as constants;
         # the config file may have changed since (mla_kernels.autotune, MLA_KERNELS_AUTOTUNE=1 tuning the class on
@@ -70,14 +73,14 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                                 check_tiles=False)
     out, lse = _decode._mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                        causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
-                                       indices=indices)
+                                       indices=indices, split_tokens=split_tokens)
     return out, _lse_or_empty(lse, q_nope)
 
 
 @mla_decode.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
       max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None,
-      indices=None):
+      indices=None, split_tokens=None):
     batch, s_q, heads, _ = q_nope.shape
     # contiguous, as _project_v's result is. (Running _project_v itself here, its bmm(out=transposed view) made
     # torch 2.11's fake tensors call int() on the batch size: a compiled step was pinned to one batch size.)

@@ -505,14 +505,17 @@ def _mla_combine_kernel(
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse_s - m_safe)  # [BLOCK_S]; 0 for empty splits
-    total = tl.sum(w, 0)
     offs_r = tl.arange(0, D_LATENT)
     acc = tl.zeros([D_LATENT], dtype=tl.float32)
+    # the weights summed one by one in split order, beside the outputs, not by a tree over BLOCK_S lanes: the sum
+    # of a row's splits is then the same however many empty splits follow them (split_tokens' batch invariance)
+    total = tl.full([], 0.0, tl.float32)
     part = OUT_PART + part_row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
     for s in range(0, num_splits):
         w_s = tl.sum(tl.where(offs_s == s, w, 0.0), 0)
         if w_s > 0.0:
             acc += w_s * tl.load(part)
+            total += w_s
         part += split_stride
     out = acc / tl.where(total > 0.0, total, 1.0)
     lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))), float("-inf"))
@@ -532,7 +535,7 @@ def _mla_combine_kernel(
 
 def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale, causal,
             return_lse, *, batch, seq_q, total_tokens, max_seqlen_q, max_seqlen_k, num_splits, config=None,
-            schedule=None, kv_scale=None, reuse_scratch=False, indices=None):
+            schedule=None, kv_scale=None, reuse_scratch=False, indices=None, split_tokens=None):
     """Run the attention kernel (+ combine) on checked arguments. Returns (out [tokens*H, R] rows, lse | None).
 
     Decode passes 4-D q ([B, S_q, H, *]) with ``cu_seqlens_q=None``; prefill passes 3-D q ([T, H, *]).
@@ -544,6 +547,9 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     across calls is not part of.
     ``indices`` (decode only, a checked contiguous ``[B * S_q, K]`` int tensor): sparse attention, each query token
     over its own K listed positions; the grid then has a program per token (its heads are its rows) and splits K.
+    ``split_tokens`` (decode only, exclusive with ``num_splits`` and ``schedule``): splits begin at every multiple of
+    it rounded up to the key tile, and the split grid and combine run even for one split, so a row's result is
+    the same in any batch (``mla_decode``'s docstring).
     """
     varlen, sparse = cu_seqlens_q is not None, indices is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
@@ -559,7 +565,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
             return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                            causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
                            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c,
-                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices)
+                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices,
+                           split_tokens=split_tokens)
         return _tuning.launch_tuned(cfg, launch, fallback)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
@@ -571,12 +578,18 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     m_blocks = _utils.cdiv(rows_per_program, block_m)
     programs_b = batch * seq_q if sparse else batch  # sparse: a program per query token
     keys = indices.shape[1] if sparse else max_seqlen_k  # what the splits cut: the key lists, or the cache length
-    if num_splits is None:
-        num_splits = _num_splits(programs_b * m_blocks, keys, device, block_m, cfg.get("waves"))
-    else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials for them
-        num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n))
-    split_len = _utils.cdiv(_utils.cdiv(max(keys, 1), num_splits), block_n) * block_n
-    split = num_splits > 1
+    if split_tokens is not None:  # fixed split boundaries: none of them depends on the batch or on keys
+        # (past the longest sequence, one split of its length reads what a longer one would: the same keys)
+        split_len = _utils.cdiv(min(split_tokens, max(keys, 1)), block_n) * block_n
+        num_splits = _utils.cdiv(max(keys, 1), split_len)
+        split = True  # one compiled kernel and one combine for every batch, even where one split covers it
+    else:
+        if num_splits is None:
+            num_splits = _num_splits(programs_b * m_blocks, keys, device, block_m, cfg.get("waves"))
+        else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials
+            num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n))
+        split_len = _utils.cdiv(_utils.cdiv(max(keys, 1), num_splits), block_n) * block_n
+        split = num_splits > 1
 
     if varlen:
         qn_strides = (0, *q_nope.stride()[:2])
@@ -843,7 +856,7 @@ def _project_v(out, w_uv):
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None,
-               kv_scale=None, indices=None):
+               kv_scale=None, indices=None, split_tokens=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -864,6 +877,16 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             block table's capacity, which needs no host synchronisation).
         num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size); a
             count past one split per key tile of ``max_seqlen_k`` is cut to that (further splits would be empty).
+        split_tokens: batch-invariant decode. Split every sequence's keys (a sparse call: its key lists) at each
+            multiple of ``split_tokens``, rounded up to the kernel's key tile (16 to 64), instead of into a count
+            of splits sized from the batch. A row's output and lse then depend on its own sequence alone: the
+            same bits whether it is decoded alone or in any batch, beside any lengths, with any ``max_seqlen_k``
+            (for RL rollouts checked against a trainer, or reproducible serving; the split combine runs even
+            where one split holds the sequence). The bits do depend on the tiles, so on the head count, S_q,
+            widths, dtypes and GPU. ``w_uv``'s projection is a cuBLAS GEMM whose bits may depend on the batch; for
+            bitwise invariance apply it yourself with a batch-invariant GEMM. Smaller values split more (more
+            parallelism for short batches). Exclusive with ``num_splits`` and ``metadata``. The Triton kernels'
+            promise: the PyTorch path (CPU tensors without the interpreter) computes the batch at once.
         metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R,
             rope_dim=P, dtype=q_nope.dtype)`` (and ``cache_dtype=torch.float8_e4m3fn`` for an fp8 cache: the
             widths and dtypes fix the tiles it is cut along),
@@ -896,13 +919,28 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     softmax_scale, max_seqlen_k, num_splits = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                  cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
                                                                  num_splits, kv_scale)
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, num_splits, metadata)
     if torch.is_grad_enabled():  # (the call's kwargs cost more than the check; most callers run without grad)
         _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
                              kv_scale=kv_scale)
     if indices is not None:
         _check_indices(indices, q_nope, metadata)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices)
+                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices, split_tokens)
+
+
+def _check_split_tokens(split_tokens, num_splits, metadata) -> int:
+    """``split_tokens``: an int >= 1 (numpy's taken), given without ``num_splits`` or ``metadata``, which would
+    cut the sequences otherwise."""
+    split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
+    if num_splits is not None:
+        raise ValueError("split_tokens and num_splits exclude each other: split_tokens fixes where the splits begin, "
+                         "so their count follows from the lengths")
+    if metadata is not None:
+        raise ValueError("split_tokens and metadata exclude each other: a schedule cuts sequences by the batch's "
+                         "total work, which is what split_tokens keeps out of a row's result")
+    return split_tokens
 
 
 def _check_indices(indices, q_nope, metadata) -> None:
@@ -997,7 +1035,8 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
 
 
 def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, indices=None):
+                         return_lse, w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, indices=None,
+                         split_tokens=None):
     """Checked arguments to the work: the custom op while torch.compile traces (one graph node, the op runs
     ``_mla_decode_run`` with its CPU value checks), else ``_mla_decode_run`` directly (no dispatcher).
     ``metadata`` is checked here, against the call's shapes, whichever way the other arguments were checked."""
@@ -1009,20 +1048,22 @@ def _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_se
         tables, sizes = _schedule.to_op_args(metadata)  # a NamedTuple is no op argument: its tensors and ints are
         out, lse = torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
                                                     softmax_scale, causal, return_lse, w_uv, max_seqlen_k, num_splits,
-                                                    *tables, sizes, kv_scale, indices)
+                                                    *tables, sizes, kv_scale, indices, split_tokens)
     else:
         out, lse = _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                                    causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale,
-                                   reuse_scratch=True, indices=indices)
+                                   reuse_scratch=True, indices=indices, split_tokens=split_tokens)
     return (out, lse) if return_lse else out
 
 
 def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse,
-                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, reuse_scratch=False, indices=None):
+                    w_uv, max_seqlen_k, num_splits, metadata=None, kv_scale=None, reuse_scratch=False, indices=None,
+                    split_tokens=None):
     """``mla_decode`` after its shape checks (the body of the ``mla_kernels::mla_decode`` custom op): value checks
     on the CPU, then the kernels or the PyTorch path. Returns ``(out, lse | None)``; ``max_seqlen_k`` is an int
     no larger than the block table's capacity; ``metadata`` a ``DecodeSchedule`` that passed ``_check_metadata``;
-    ``reuse_scratch`` for the eager call only (``_launch``); ``indices`` checked by ``_check_indices``."""
+    ``reuse_scratch`` for the eager call only (``_launch``); ``indices`` checked by ``_check_indices``;
+    ``split_tokens`` by ``_check_split_tokens``."""
     batch, s_q, heads, d_latent = q_nope.shape
     _utils.check_has_data("q_nope", q_nope)
     if indices is not None:  # the kernel reads one contiguous row of K per query token (a copy only for a view)
@@ -1049,15 +1090,16 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
                                causal, True, w_uv, kv_scale=kv_scale, indices=indices)
         return out[0], (out[1] if return_lse else None)
 
-    if metadata is None and indices is None and num_splits is None and _use_schedule(batch, s_q * heads,
-                                                                                      q_nope.device):
+    if (metadata is None and indices is None and num_splits is None and split_tokens is None
+            and _use_schedule(batch, s_q * heads, q_nope.device)):
         metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None,
                                            q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     with _utils.launch_device(q_nope.device):
         out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
                            return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
                            max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices)
+                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices,
+                           split_tokens=split_tokens)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -440,6 +440,9 @@ def test_imbalanced_wide_table_rows_call_as_a_serving_engine():
         for table in ("", "[wide]"):
             assert not by[kind, "mla_decode" + table].get("wrong")
             assert "vs mla_decode" + table in by[kind, "mla_decode+meta" + table]["note"]
+        # the batch-invariant row: checked against the reference, timed, compared with mla_decode on its table
+        split = by[kind, "mla_decode+split"]
+        assert not split.get("wrong") and "p50_ms" in split and "vs mla_decode" in split["note"]
 
 
 def test_prefill_row_survives_a_failing_path_and_labels_auto_for_the_queries_device(monkeypatch):

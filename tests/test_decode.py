@@ -56,6 +56,60 @@ def test_decode_parity(case, dtype, device, poisoned_empty):
     assert_lse_close(case, lse, ref_lse)
 
 
+def _alone(args: tuple, b: int, page: int) -> tuple:
+    """Sequence ``b`` of decode inputs as a batch of its own, with a block table of its own length (as a serving
+    engine gives a request that runs alone: the default split count then follows from its capacity)."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = args
+    cols = max(1, -(-int(seqlens[b]) // page))
+    return (q_nope[b:b + 1], q_pe[b:b + 1], kv_cache, pe_cache, table[b:b + 1, :cols].contiguous(), seqlens[b:b + 1])
+
+
+@pytest.mark.parametrize("split_tokens", [1, 256, 1000, 1 << 40], ids=lambda n: f"split{n}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_split_tokens_give_each_sequence_the_same_bits_in_any_batch(split_tokens, dtype, device, poisoned_empty):
+    """``split_tokens``: each sequence's output and lse are bitwise those it gets decoded alone, and with any
+    ``max_seqlen_k``, and match the reference. This batch changes the default path's split boundaries: here,
+    under the interpreter, sequence 4's default output differs from its output alone by 1.8e-7 in fp32. Values of 1
+    (one split per key tile) and past any length (one split, still combined) are the extremes."""
+    lens, page = [700, 3000, 5, 0, 1200], 16
+    args = make_inputs(lens, 2, 3, page, dtype, device)
+    out, lse = mla_kernels.mla_decode(*args, SCALE, return_lse=True, split_tokens=split_tokens)
+    ref_out, ref_lse = reference.absorbed_decode(*args, SCALE)
+    assert_close(f"split_tokens={split_tokens}", out, ref_out, dtype)
+    assert_lse_close(f"split_tokens={split_tokens}", lse, ref_lse)
+    again = mla_kernels.mla_decode(*args, SCALE, return_lse=True, split_tokens=split_tokens, max_seqlen_k=3000)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1]), "max_seqlen_k changed the bits"
+    for b in (0, 2, 3, 4):
+        alone = mla_kernels.mla_decode(*_alone(args, b, page), SCALE, return_lse=True, split_tokens=split_tokens)
+        assert torch.equal(out[b:b + 1], alone[0]), f"sequence {b}: its output alone differs from its output in the batch"
+        assert torch.equal(lse[b:b + 1], alone[1]), f"sequence {b}: its lse alone differs"
+
+
+def test_split_tokens_with_sparse_lists_and_w_uv(device, poisoned_empty):
+    """Sparse lists are cut at multiples of ``split_tokens`` too (K = 90 entries, 32-entry splits); with ``w_uv``
+    the latent part is batch-invariant and the output matches the reference."""
+    lens, s_q, heads, k = [300, 2, 0, 77], 2, 16, 90
+    args = make_inputs(lens, s_q, heads, 16, torch.bfloat16, device, r=256, p=32, seed=1)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.stack([torch.randperm(max(n, k), generator=g)[:k] for _ in range(s_q)]) for n in lens])
+    idx = torch.where(idx < torch.tensor(lens)[:, None, None], idx, -1).to(torch.int32).to(device)
+    w_uv = (torch.randn(heads, 64, 256, generator=g) / 16).to(dtype=torch.bfloat16, device=device)
+    out = mla_kernels.mla_decode(*args, SCALE, w_uv=w_uv, indices=idx, split_tokens=32)
+    ref_out, _ = reference.sparse_decode(*args, idx, SCALE, w_uv=w_uv)
+    assert_close("sparse split_tokens=32", out, ref_out, torch.bfloat16)
+    latent = mla_kernels.mla_decode(*args, SCALE, indices=idx, split_tokens=32)
+    alone = mla_kernels.mla_decode(*_alone(args, 3, 16), SCALE, indices=idx[3:], split_tokens=32)
+    assert torch.equal(latent[3:], alone)
+
+
+def test_split_tokens_and_metadata_exclude_each_other():
+    a = _good()
+    meta = mla_kernels.mla_decode_metadata(a["cache_seqlens"], 4, 1, kv_lora_rank=32, rope_dim=16,
+                                           dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="split_tokens and metadata"):
+        mla_kernels.mla_decode(**a, metadata=meta, split_tokens=64)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16], ids=lambda n: f"splits{n}")
 def test_split_kv(num_splits, device, poisoned_empty):
     """Forced split counts, including more splits than the shortest sequence has tiles (empty splits)."""
@@ -400,6 +454,11 @@ BAD = {
     "w_uv-width": (lambda a: a.update(w_uv=torch.zeros(4, 8, 16, dtype=torch.bfloat16)), ValueError, "w_uv"),
     "w_uv-dtype": (lambda a: a.update(w_uv=torch.zeros(4, 8, 32, dtype=torch.float16)), TypeError, "w_uv"),
     "num_splits-zero": (lambda a: a.update(num_splits=0), ValueError, "num_splits"),
+    "split_tokens-zero": (lambda a: a.update(split_tokens=0), ValueError, "split_tokens"),
+    "split_tokens-float": (lambda a: a.update(split_tokens=512.0), ValueError, "split_tokens"),
+    "split_tokens-bool": (lambda a: a.update(split_tokens=True), ValueError, "split_tokens"),
+    "split_tokens-and-num_splits": (lambda a: a.update(split_tokens=512, num_splits=2), ValueError,
+                                    "split_tokens and num_splits"),
     "max_seqlen_k-too-small": (lambda a: a.update(max_seqlen_k=5), ValueError, "max_seqlen_k"),
     # each limit exactly: one past it is refused (the cases above are far past theirs)
     "max_seqlen_k-one-too-small": (lambda a: a.update(max_seqlen_k=9), ValueError, "above max_seqlen_k=9"),

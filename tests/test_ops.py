@@ -60,6 +60,21 @@ def test_opcheck_mla_decode_sparse(device):
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
+def test_opcheck_mla_decode_split_tokens(device):
+    """The op with ``split_tokens`` (its last argument): schema, fake and dynamic-shape runs; a direct call refuses
+    it beside ``num_splits`` as the public call does."""
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device)
+    args = (q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, True, True, None, 12, None, None, None, None,
+            None, None, 16)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_decode(*args)
+    expected = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, return_lse=True,
+                                      max_seqlen_k=12, split_tokens=16)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    with pytest.raises(ValueError, match="split_tokens and num_splits"):
+        torch.ops.mla_kernels.mla_decode(*args[:11], 2, *args[12:])
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["views-of-one-buffer", "separate"])
 def test_opcheck_write_cache(fused, device):
     buf = torch.zeros(6, PAGE, R + P, device=device)
