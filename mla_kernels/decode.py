@@ -469,7 +469,10 @@ def _mla_attn_block(
         out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
         if to_part:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
             part_rows = part_index.to(tl.int64) * part_stride + out_rows
-            tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=row_mask[:, None])
+            # a row that saw no key here (lse -inf: every row of an empty split) weighs 0 in the combine, which
+            # never reads its partial: its lse alone is written (D_LATENT fp32 fewer per row and split)
+            seen = row_mask & (lse_log2 != float("-inf"))
+            tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=seen[:, None])
             tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
         else:
             tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], out.to(OUT.dtype.element_ty),

@@ -102,6 +102,33 @@ def test_split_tokens_with_sparse_lists_and_w_uv(device, poisoned_empty):
     assert torch.equal(latent[3:], alone)
 
 
+def test_empty_splits_write_only_their_lse(device, monkeypatch):
+    """A split with no key for a row (here every split of the 2-token sequence past its first, and the padding
+    slot's) writes the row's lse (-inf) and not its D_LATENT-wide partial, which the combine never reads; a row
+    with keys writes both."""
+    from mla_kernels import decode
+
+    taken = []
+
+    def poisoned(*args):
+        bufs = real(*args)
+        for b in bufs:
+            b.fill_(float("nan"))
+        taken.append(bufs)
+        return bufs
+
+    real = decode._partials
+    monkeypatch.setattr(decode, "_partials", poisoned)
+    args = make_inputs([300, 2, 0, 77], 1, 16, 16, torch.bfloat16, device)
+    out = mla_kernels.mla_decode(*args, SCALE, num_splits=5)
+    assert_close("num_splits=5", out, reference.absorbed_decode(*args, SCALE)[0], torch.bfloat16)
+    (out_part, lse_part), = taken
+    keyless = lse_part == float("-inf")  # [splits, rows]
+    assert keyless.any() and (~keyless).any()
+    assert out_part[keyless].isnan().all(), "a keyless row's partial was written"
+    assert out_part[~keyless].isfinite().all()
+
+
 def test_split_tokens_and_metadata_exclude_each_other():
     a = _good()
     meta = mla_kernels.mla_decode_metadata(a["cache_seqlens"], 4, 1, kv_lora_rank=32, rope_dim=16,
