@@ -29,6 +29,7 @@ LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too
 LN2 = 0.6931471805599453
 LN2_C: tl.constexpr = tl.constexpr(LN2)
 MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
+MAX_GRID_SPLITS = 65535  # a launch grid's y and z extents (CUDA); the splits are the z axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,16 +507,19 @@ def _mla_combine_kernel(
     lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * num_rows + part_row, mask=s_mask,
                     other=float("-inf"))  # [BLOCK_S]
     m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse_s - m_safe)  # [BLOCK_S]; 0 for empty splits
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split keyless: weights 0, zeros and -inf below
     offs_r = tl.arange(0, D_LATENT)
     acc = tl.zeros([D_LATENT], dtype=tl.float32)
     # the weights summed one by one in split order, beside the outputs, not by a tree over BLOCK_S lanes: the sum
     # of a row's splits is then the same however many empty splits follow them (split_tokens' batch invariance)
     total = tl.full([], 0.0, tl.float32)
     part = OUT_PART + part_row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
+    # split s's lse read again as one scalar (picking lane s out of lse_s cost BLOCK_S per split: quadratic in the
+    # split count); the max above needs them all first
+    lse_row = LSE_PART + part_row
     for s in range(0, num_splits):
-        w_s = tl.sum(tl.where(offs_s == s, w, 0.0), 0)
+        w_s = tl.math.exp2(tl.load(lse_row) - m_safe)  # 0 for a keyless split (lse -inf), NaN for a NaN one
+        lse_row += num_rows
         if w_s > 0.0:
             acc += w_s * tl.load(part)
             total += w_s
@@ -585,6 +589,11 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         # (past the longest sequence, one split of its length reads what a longer one would: the same keys)
         split_len = _utils.cdiv(min(split_tokens, max(keys, 1)), block_n) * block_n
         num_splits = _utils.cdiv(max(keys, 1), split_len)
+        if num_splits > MAX_GRID_SPLITS:  # the splits are the grid's third axis (CUDA: at most 65535)
+            what = "the key lists" if sparse else "max_seqlen_k"
+            hint = "" if sparse else " or pass max_seqlen_k (the batch's longest length; it does not change the bits)"
+            raise ValueError(f"split_tokens={split_tokens} cuts {keys} keys ({what}) into {num_splits} splits, more "
+                             f"than {MAX_GRID_SPLITS}: pass a larger split_tokens{hint}")
         split = True  # one compiled kernel and one combine for every batch, even where one split covers it
     else:
         if num_splits is None:
@@ -937,6 +946,9 @@ def _check_split_tokens(split_tokens, num_splits, metadata) -> int:
     """``split_tokens``: an int >= 1 (numpy's taken), given without ``num_splits`` or ``metadata``, which would
     cut the sequences otherwise."""
     split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
+    # past any cache length every value gives one split of the keys; capped so the custom op (an int64 argument)
+    # takes it: 2^63 and beyond passed eagerly but failed under torch.compile
+    split_tokens = min(split_tokens, 2**62)
     if num_splits is not None:
         raise ValueError("split_tokens and num_splits exclude each other: split_tokens fixes where the splits begin, "
                          "so their count follows from the lengths")
