@@ -63,7 +63,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
     if indices is not None:
         _decode._check_indices(indices, q_nope, metadata)
     if split_tokens is not None:
-        split_tokens = _decode._check_split_tokens(split_tokens, num_splits, metadata)
+        split_tokens = _decode._check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
     if metadata is not None:
         # tiles: checked when the call was traced (mla_decode), whose graph holds the schedule's tiles as constants;
         # the config file may have changed since (mla_kernels.autotune, MLA_KERNELS_AUTOTUNE=1 tuning the class on

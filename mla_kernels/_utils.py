@@ -463,7 +463,7 @@ def as_list(name: str, values, what: str = "one entry per sequence") -> list:
     return list(values)
 
 
-def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None):
+def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None, batch_from: str = "the batch"):
     """Validate ``kv_cache [N, page, R]``, ``pe_cache [N, page, P]``, ``block_table [B, max_blocks]``
     (and ``kv_scale [N, page, R/128]`` for an fp8 ``kv_cache``, see ``check_kv_scale``).
 
@@ -479,7 +479,7 @@ def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None
     check_last_contiguous("pe_cache", pe_cache)
     if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
         raise ValueError(f"kv_cache must hold at least one block of at least one token, got shape {tuple(kv_cache.shape)}")
-    check_same("block_table", block_table.shape[0], "the batch", batch, "batch size")
+    check_same("block_table", block_table.shape[0], batch_from, batch, "batch size")  # (batch_from: who set it)
     check_last_contiguous("block_table", block_table)
     return kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
 

@@ -588,12 +588,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     if split_tokens is not None:  # fixed split boundaries: none of them depends on the batch or on keys
         # (past the longest sequence, one split of its length reads what a longer one would: the same keys)
         split_len = _utils.cdiv(min(split_tokens, max(keys, 1)), block_n) * block_n
-        num_splits = _utils.cdiv(max(keys, 1), split_len)
-        if num_splits > MAX_GRID_SPLITS:  # the splits are the grid's third axis (CUDA: at most 65535)
-            what = "the key lists" if sparse else "max_seqlen_k"
-            hint = "" if sparse else " or pass max_seqlen_k (the batch's longest length; it does not change the bits)"
-            raise ValueError(f"split_tokens={split_tokens} cuts {keys} keys ({what}) into {num_splits} splits, more "
-                             f"than {MAX_GRID_SPLITS}: pass a larger split_tokens{hint}")
+        num_splits = _utils.cdiv(max(keys, 1), split_len)  # <= MAX_GRID_SPLITS (_check_split_tokens)
         split = True  # one compiled kernel and one combine for every batch, even where one split covers it
     else:
         if num_splits is None:
@@ -931,20 +926,22 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     softmax_scale, max_seqlen_k, num_splits = _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                  cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
                                                                  num_splits, kv_scale)
-    if split_tokens is not None:
-        split_tokens = _check_split_tokens(split_tokens, num_splits, metadata)
     if torch.is_grad_enabled():  # (the call's kwargs cost more than the check; most callers run without grad)
         _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
                              kv_scale=kv_scale)
     if indices is not None:
         _check_indices(indices, q_nope, metadata)
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                                 return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices, split_tokens)
 
 
-def _check_split_tokens(split_tokens, num_splits, metadata) -> int:
+def _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k: int, indices=None) -> int:
     """``split_tokens``: an int >= 1 (numpy's taken), given without ``num_splits`` or ``metadata``, which would
-    cut the sequences otherwise."""
+    cut the sequences otherwise, and cutting the keys (``max_seqlen_k``, clamped to the table's capacity, or a
+    checked ``indices``' K) into at most ``MAX_GRID_SPLITS``: a bound on ``cdiv(keys, split_tokens)``, which the
+    launch's count (its splits rounded up to the key tile) never exceeds, so it holds on every path and device."""
     split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
     # past any cache length every value gives one split of the keys; capped so the custom op (an int64 argument)
     # takes it: 2^63 and beyond passed eagerly but failed under torch.compile
@@ -955,6 +952,13 @@ def _check_split_tokens(split_tokens, num_splits, metadata) -> int:
     if metadata is not None:
         raise ValueError("split_tokens and metadata exclude each other: a schedule cuts sequences by the batch's "
                          "total work, which is what split_tokens keeps out of a row's result")
+    keys = max_seqlen_k if indices is None else indices.shape[-1]
+    if _utils.cdiv(keys, split_tokens) > MAX_GRID_SPLITS:  # the splits are the grid's third axis (CUDA: 65535)
+        what, hint = (("the key lists' K", "") if indices is not None else
+                      ("max_seqlen_k (default: the block table's capacity)",
+                       " or pass max_seqlen_k, the batch's longest length (it does not change the bits)"))
+        raise ValueError(f"split_tokens={split_tokens} cuts {keys} keys ({what}) into more than {MAX_GRID_SPLITS} "
+                         f"splits, a launch grid's limit: pass a larger split_tokens{hint}")
     return split_tokens
 
 
@@ -983,7 +987,8 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     _utils.check_same("q_nope", tuple(q_nope.shape[:3]), "q_pe", tuple(q_pe.shape[:3]), "[B, S_q, H]")
     batch, s_q, heads, d_latent = q_nope.shape
     d_rope = q_pe.shape[-1]
-    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale)
+    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale,
+                                          batch_from="q_nope (its B)")
     _utils.check_same("q_nope", d_latent, "kv_cache", r, "latent width R")
     _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
     _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")

@@ -450,6 +450,10 @@ BAD = {
                                   ValueError, "kv_cache"),
     "block_table-float": (lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table"),
     "block_table-batch": (lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table"),
+    # the queries one sequence short of the table: the batch size is named as the queries'
+    "q_nope-batch-vs-table": (lambda a: a.update(q_nope=a["q_nope"][:1], q_pe=a["q_pe"][:1],
+                                                 cache_seqlens=a["cache_seqlens"][:1]), ValueError,
+                              r"block_table and q_nope \(its B\) disagree on batch size"),
     "block_table-strided": (lambda a: a.update(block_table=a["block_table"].repeat_interleave(2, 1)[:, ::2]),
                             ValueError, "block_table"),
     "cache_seqlens-strided": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].repeat_interleave(2)[::2]),
@@ -783,15 +787,30 @@ def test_split_tokens_sparse_lists_are_batch_invariant(device, poisoned_empty):
     assert torch.equal(out[3:], alone[0]) and torch.equal(lse[3:], alone[1])
 
 
-def test_split_tokens_past_the_grid_are_refused_and_huge_values_compile(device):
-    """More than 65535 splits (a launch grid's z extent on CUDA) is a ValueError naming split_tokens, not a failed
-    launch; a value past int64 works under torch.compile as it does eagerly (one split)."""
+def test_split_tokens_past_the_grid_are_refused_and_huge_values_compile(device, monkeypatch):
+    """More than 65535 splits (a launch grid's z extent on CUDA) is a ValueError naming split_tokens and saying to
+    pass max_seqlen_k, not a failed launch, on every path (the PyTorch one too: code that runs on the CPU must not
+    fail on a GPU); the bound is cdiv(keys, split_tokens) exactly; a value past int64 works under torch.compile as
+    it does eagerly (one split)."""
+    from mla_kernels import decode
+
     q_nope, q_pe, kv, pe, table, seqlens = make_inputs([40], 1, 1, 16, torch.bfloat16, device)
-    wide = table[:, :1].expand(1, 131072).contiguous()  # 2^21 positions of capacity: 65536 splits of 32 at split_tokens=1
-    with pytest.raises(ValueError, match="split_tokens"):
+    wide = table[:, :1].expand(1, 131072).contiguous()  # 2^21 positions of capacity: 2^21 splits at split_tokens=1
+    with pytest.raises(ValueError, match="split_tokens=1 .* pass max_seqlen_k"):
         mla_kernels.mla_decode(q_nope, q_pe, kv, pe, wide, seqlens, SCALE, split_tokens=1)
+    with monkeypatch.context() as m:
+        m.setattr(_utils, "use_triton", lambda t: False)
+        with pytest.raises(ValueError, match="split_tokens=1 "):
+            mla_kernels.mla_decode(q_nope, q_pe, kv, pe, wide, seqlens, SCALE, split_tokens=1)
+    with pytest.raises(ValueError, match="split_tokens=32 "):  # 65536 splits
+        decode._check_split_tokens(32, None, None, 1 << 21)
+    assert decode._check_split_tokens(33, None, None, 1 << 21) == 33  # 63551
+    idx = torch.zeros(1, 1, 70000, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="key lists' K"):
+        mla_kernels.mla_decode(q_nope, q_pe, kv, pe, table, seqlens, SCALE, split_tokens=1, indices=idx)
     out = mla_kernels.mla_decode(q_nope, q_pe, kv, pe, wide, seqlens, SCALE, split_tokens=1, max_seqlen_k=40)
+    assert_close("split_tokens=1", out, reference.absorbed_decode(q_nope, q_pe, kv, pe, table, seqlens, SCALE)[0],
+                 torch.bfloat16)
     f = torch.compile(lambda *a: mla_kernels.mla_decode(*a, SCALE, split_tokens=2**64), fullgraph=True, backend="eager")
     args = (q_nope, q_pe, kv, pe, table, seqlens)
     assert torch.equal(f(*args), mla_kernels.mla_decode(*args, SCALE, split_tokens=2**64))
-    assert out.shape == q_nope.shape

@@ -372,6 +372,9 @@ def test_refusals_name_the_callers_arguments(device):
             flash_mla_with_kvcache(**args, indices=indices)
         # past topk_length the entry is not read: no refusal
         flash_mla_with_kvcache(**args, indices=indices, topk_length=torch.tensor([4, 3], dtype=torch.int32))
+    # a dense call's block table of another batch: named against q (mla_decode would say q_nope)
+    with pytest.raises(ValueError, match=r"^block_table and q disagree on batch size: 1 vs 2"):
+        flash_mla_with_kvcache(**dict(args, block_table=a["block_table"][:1], cache_seqlens=a["cache_seqlens"]))
 
 
 def test_a_refused_call_leaves_the_metadata_unbound(device):

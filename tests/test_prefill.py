@@ -513,6 +513,9 @@ BAD = {
     "cu_seqlens_q-past-T": (_set("cu_seqlens_q", 3, 14), ValueError, "cu_seqlens_q must end at"),
     "cu_seqlens_q-batch-vs-table": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][1:] - 10), ValueError,
                                     "block_table"),
+    # a cu_seqlens_q one sequence short: the batch size it sets is named as its own, not as "the batch"
+    "cu_seqlens_q-one-sequence-short": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][:-1]), ValueError,
+                                        r"block_table and cu_seqlens_q \(its length - 1\) disagree on batch size"),
     "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,
                             "cache_seqlens"),
     "cache_seqlens-batch": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:2]), ValueError, "cache_seqlens"),

@@ -284,6 +284,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     else:
         if topk_length is not None:
             raise ValueError("topk_length is only taken with indices (sparse attention)")
+        block_table = _utils.check_tensor("block_table", block_table, 2, _utils.INDEX_DTYPES)
+        _utils.check_same("block_table", block_table.shape[0], "q", batch, "batch size")  # (mla_decode: "q_nope")
         max_seqlen_k = None
     if attn_sink is not None:  # checked before anything is launched, as every other argument
         attn_sink = _check_sink(attn_sink, heads)
