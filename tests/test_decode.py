@@ -85,24 +85,6 @@ def test_split_tokens_give_each_sequence_the_same_bits_in_any_batch(split_tokens
         assert torch.equal(lse[b:b + 1], alone[1]), f"sequence {b}: its lse alone differs"
 
 
-def test_split_tokens_with_sparse_lists_and_w_uv(device, poisoned_empty):
-    """Sparse lists cut at multiples of ``split_tokens`` (K = 90 entries, 32-entry splits) match the reference with
-    ``w_uv``. (Its invariance check passes with the argument ignored too: 90 entries are one split by default in
-    either batch; test_split_tokens_sparse_lists_are_batch_invariant is the one that fails then.)"""
-    lens, s_q, heads, k = [300, 2, 0, 77], 2, 16, 90
-    args = make_inputs(lens, s_q, heads, 16, torch.bfloat16, device, r=256, p=32, seed=1)
-    g = torch.Generator().manual_seed(3)
-    idx = torch.stack([torch.stack([torch.randperm(max(n, k), generator=g)[:k] for _ in range(s_q)]) for n in lens])
-    idx = torch.where(idx < torch.tensor(lens)[:, None, None], idx, -1).to(torch.int32).to(device)
-    w_uv = (torch.randn(heads, 64, 256, generator=g) / 16).to(dtype=torch.bfloat16, device=device)
-    out = mla_kernels.mla_decode(*args, SCALE, w_uv=w_uv, indices=idx, split_tokens=32)
-    ref_out, _ = reference.sparse_decode(*args, idx, SCALE, w_uv=w_uv)
-    assert_close("sparse split_tokens=32", out, ref_out, torch.bfloat16)
-    latent = mla_kernels.mla_decode(*args, SCALE, indices=idx, split_tokens=32)
-    alone = mla_kernels.mla_decode(*_alone(args, 3, 16), SCALE, indices=idx[3:], split_tokens=32)
-    assert torch.equal(latent[3:], alone)
-
-
 def test_empty_splits_write_only_their_lse(device, monkeypatch):
     """A split with no key for a row (here every split of the 2-token sequence past its first, and the padding
     slot's) writes the row's lse (-inf) and not its D_LATENT-wide partial, which the combine never reads; a row
@@ -769,22 +751,6 @@ def test_decode_property(problem, device):
                                                  causal=problem["causal"])
     assert_close(str(problem), out, ref_out, torch.bfloat16)
     assert_lse_close(str(problem), lse, ref_lse)
-
-
-def test_split_tokens_sparse_lists_are_batch_invariant(device, poisoned_empty):
-    """``split_tokens`` on sparse lists where the default split count does follow the batch: at 128 heads (two
-    64-row blocks) 2560-entry lists get 9 splits for this batch's 8 tokens and 10 for sequence 3's 2 alone (under
-    the interpreter fp32 output differs by 6e-8). With ``split_tokens`` the bits are the same.
-    (test_split_tokens_with_sparse_lists_and_w_uv's 90-entry lists get one split either way, so it passes with the
-    argument ignored.)"""
-    lens, s_q, heads, k = [3000, 2, 0, 2700], 2, 128, 2560
-    args = make_inputs(lens, s_q, heads, 16, torch.float32, device, r=64, p=16, seed=1)
-    g = torch.Generator().manual_seed(3)
-    idx = torch.stack([torch.stack([torch.randperm(max(n, k), generator=g)[:k] for _ in range(s_q)]) for n in lens])
-    idx = torch.where(idx < torch.tensor(lens)[:, None, None], idx, -1).to(torch.int32).to(device)
-    out, lse = mla_kernels.mla_decode(*args, SCALE, indices=idx, return_lse=True, split_tokens=256)
-    alone = mla_kernels.mla_decode(*_alone(args, 3, 16), SCALE, indices=idx[3:], return_lse=True, split_tokens=256)
-    assert torch.equal(out[3:], alone[0]) and torch.equal(lse[3:], alone[1])
 
 
 def test_split_tokens_past_the_grid_are_refused_and_huge_values_compile(device, monkeypatch):

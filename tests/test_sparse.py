@@ -9,7 +9,7 @@ import mla_kernels
 import reference
 from helpers import assert_close, assert_lse_close, assert_rejects
 from mla_kernels import _utils
-from test_decode import SCALE, make_inputs
+from test_decode import SCALE, _alone, make_inputs
 from test_fp8 import FP8_LSE_ATOL, FP8_RMS_TOL, FP8_COS_TOL, decode_inputs, dequantized
 
 
@@ -75,6 +75,33 @@ def test_sparse_splits_w_uv_int64_and_non_causal(num_splits, device, poisoned_em
         ref_out, _ = ref_sparse(a, idx, causal=causal, w_uv=w_uv)
         assert_close(f"splits={num_splits} causal={causal}", out, ref_out, torch.bfloat16)
 
+
+def test_split_tokens_with_w_uv(device, poisoned_empty):
+    """Lists cut at multiples of ``split_tokens`` (K = 90 entries, 32-entry splits) match the reference with
+    ``w_uv``. (Its invariance check passes with the argument ignored too: 90 entries are one split by default in
+    either batch; test_split_tokens_make_lists_batch_invariant is the one that fails then.)"""
+    lens, s_q, heads, k = [300, 2, 0, 77], 2, 16, 90
+    args = make_inputs(lens, s_q, heads, 16, torch.bfloat16, device, r=256, p=32, seed=1)
+    idx = key_lists(lens, s_q, k, seed=3, device=device)
+    w_uv = (torch.randn(heads, 64, 256, generator=torch.Generator().manual_seed(3)) / 16).to(torch.bfloat16).to(device)
+    out = mla_kernels.mla_decode(*args, SCALE, w_uv=w_uv, indices=idx, split_tokens=32)
+    ref_out, _ = reference.sparse_decode(*args, idx, SCALE, w_uv=w_uv)
+    assert_close("sparse split_tokens=32", out, ref_out, torch.bfloat16)
+    latent = mla_kernels.mla_decode(*args, SCALE, indices=idx, split_tokens=32)
+    alone = mla_kernels.mla_decode(*_alone(args, 3, 16), SCALE, indices=idx[3:], split_tokens=32)
+    assert torch.equal(latent[3:], alone)
+
+
+def test_split_tokens_make_lists_batch_invariant(device, poisoned_empty):
+    """``split_tokens`` on lists where the default split count does follow the batch: at 128 heads (two 64-row
+    blocks) 2560-entry lists get 9 splits for this batch's 8 tokens and 10 for sequence 3's 2 alone (under the
+    interpreter the fp32 outputs then differ). With ``split_tokens`` the bits are the same."""
+    lens, s_q, heads, k = [3000, 2, 0, 2700], 2, 128, 2560
+    args = make_inputs(lens, s_q, heads, 16, torch.float32, device, r=64, p=16, seed=1)
+    idx = key_lists(lens, s_q, k, seed=3, device=device)
+    out, lse = mla_kernels.mla_decode(*args, SCALE, indices=idx, return_lse=True, split_tokens=256)
+    alone = mla_kernels.mla_decode(*_alone(args, 3, 16), SCALE, indices=idx[3:], return_lse=True, split_tokens=256)
+    assert torch.equal(out[3:], alone[0]) and torch.equal(lse[3:], alone[1])
 
 def test_every_position_listed_equals_dense_decode(device):
     """Listing every position of every sequence (in any order, -1 past the end) is dense decode, bit for bit in fp32
