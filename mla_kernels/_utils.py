@@ -463,9 +463,10 @@ def as_list(name: str, values, what: str = "one entry per sequence") -> list:
     return list(values)
 
 
-def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None, batch_from: str = "the batch"):
+def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, batch_from: str, kv_scale=None):
     """Validate ``kv_cache [N, page, R]``, ``pe_cache [N, page, P]``, ``block_table [B, max_blocks]``
-    (and ``kv_scale [N, page, R/128]`` for an fp8 ``kv_cache``, see ``check_kv_scale``).
+    (and ``kv_scale [N, page, R/128]`` for an fp8 ``kv_cache``, see ``check_kv_scale``); ``batch_from`` names the
+    argument that set ``batch``, for the message of a block table of another batch.
 
     Returns ``(R, P, page_size)``.
     """
@@ -479,7 +480,7 @@ def check_paged_cache(kv_cache, pe_cache, block_table, batch: int, kv_scale=None
     check_last_contiguous("pe_cache", pe_cache)
     if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
         raise ValueError(f"kv_cache must hold at least one block of at least one token, got shape {tuple(kv_cache.shape)}")
-    check_same("block_table", block_table.shape[0], batch_from, batch, "batch size")  # (batch_from: who set it)
+    check_same("block_table", block_table.shape[0], batch_from, batch, "batch size")
     check_last_contiguous("block_table", block_table)
     return kv_cache.shape[2], pe_cache.shape[2], kv_cache.shape[1]
 

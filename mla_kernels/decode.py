@@ -987,8 +987,8 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     _utils.check_same("q_nope", tuple(q_nope.shape[:3]), "q_pe", tuple(q_pe.shape[:3]), "[B, S_q, H]")
     batch, s_q, heads, d_latent = q_nope.shape
     d_rope = q_pe.shape[-1]
-    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, kv_scale=kv_scale,
-                                          batch_from="q_nope (its B)")
+    r, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, "q_nope (its B)",
+                                          kv_scale=kv_scale)
     _utils.check_same("q_nope", d_latent, "kv_cache", r, "latent width R")
     _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
     _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")

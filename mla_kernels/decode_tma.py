@@ -166,9 +166,11 @@ def _mla_attn_tma_kernel(
     out_rows = (tok_start + tok) * num_heads + head  # row of the contiguous [tokens * num_heads] output
     if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
         part = OUT_PART + (pid_split.to(tl.int64) * total_rows + out_rows)[:, None] * D_LATENT + offs_h[None, :]
-        if n_end > n_start:  # a split with no key: weight 0, its row never read by the combine
-            tl.store(part, out_lo, mask=row_mask[:, None])
-            tl.store(part + D_HALF, out_hi, mask=row_mask[:, None])
+        # a row that saw no key here (lse -inf) weighs 0 in the combine, which never reads its partial: as in the
+        # portable kernel, its lse alone is written
+        seen = (row_mask & (lse_log2 != float("-inf")))[:, None]
+        tl.store(part, out_lo, mask=seen)
+        tl.store(part + D_HALF, out_hi, mask=seen)
         tl.store(LSE_PART + pid_split.to(tl.int64) * total_rows + out_rows, lse_log2, mask=row_mask)
     else:
         dst = OUT + out_rows[:, None] * D_LATENT + offs_h[None, :]
