@@ -60,10 +60,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                                                                          block_table, cache_seqlens, softmax_scale,
                                                                          w_uv, max_seqlen_k, num_splits, kv_scale)
     metadata = _schedule.from_op_args(sched_programs, sched_sequences, sched_sizes)
-    if indices is not None:
-        _decode._check_indices(indices, q_nope, metadata)
-    if split_tokens is not None:
-        split_tokens = _decode._check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
+    split_tokens = _decode._check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seqlen_k)
     if metadata is not None:
         # tiles: checked when the call was traced (mla_decode), whose graph holds the schedule's tiles as constants;
         # the config file may have changed since (mla_kernels.autotune, MLA_KERNELS_AUTOTUNE=1 tuning the class on

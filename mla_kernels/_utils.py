@@ -351,6 +351,18 @@ def check_no_grad(op: str, **tensors) -> None:
                                 f"call it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
 
 
+MAX_GRID_YZ = 65535  # a launch grid's y and z extents (CUDA; x goes to 2^31 - 1)
+MAX_GRID_BATCH = MAX_GRID_YZ  # the sequences ride on one of them
+
+
+def check_grid_batch(batch: int, batch_from: str) -> None:
+    """A call whose kernels launch a program per sequence along a grid axis (dense decode without a schedule,
+    prefill) takes at most ``MAX_GRID_BATCH`` sequences on every device, where a GPU launch would fail."""
+    if batch > MAX_GRID_BATCH:
+        raise ValueError(f"{batch_from} is {batch}: one call takes at most {MAX_GRID_BATCH} sequences (a launch "
+                         f"grid's limit); split the batch into several calls")
+
+
 def check_last_contiguous(name: str, t: torch.Tensor) -> None:
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)})")

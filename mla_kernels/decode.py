@@ -29,7 +29,7 @@ LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too
 LN2 = 0.6931471805599453
 LN2_C: tl.constexpr = tl.constexpr(LN2)
 MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
-MAX_GRID_SPLITS = 65535  # a launch grid's y and z extents (CUDA); the splits are the z axis
+MAX_GRID_SPLITS = _utils.MAX_GRID_YZ  # the splits are the grid's z axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,10 +486,15 @@ def _mla_attn_block(
 def _mla_combine_kernel(
     OUT_PART, LSE_PART, OUT, LSE, SCHED_SEQUENCES,
     num_rows, num_splits, split_stride,
-    D_LATENT: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    D_LATENT: tl.constexpr, STORE_LSE: tl.constexpr,
     SCHEDULED: tl.constexpr = False,
 ):
     """Merge split partials: out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
+
+    One pass in split order with a running max (the partials' online softmax): each split's lse is read once,
+    nothing is as wide as the split count (the kernel is the same for 2 splits or 65535), and the weights are
+    summed one by one, not by a tree over lanes, so a row's result does not depend on how many empty splits
+    follow its own (split_tokens' batch invariance).
 
     ``SCHEDULED``: ``num_rows`` is the rows of one sequence (S_q * H), the sequence's pieces and first partial
     slot come from the schedule's table; whole sequences (one piece) were written by the attention kernel and
@@ -502,37 +507,35 @@ def _mla_combine_kernel(
         if num_splits == 1:
             return
         part_row = tl.load(SCHED_SEQUENCES + seq * 3).to(tl.int64) * num_rows + row % num_rows
-    offs_s = tl.arange(0, BLOCK_S)
-    s_mask = offs_s < num_splits
-    lse_s = tl.load(LSE_PART + offs_s.to(tl.int64) * num_rows + part_row, mask=s_mask,
-                    other=float("-inf"))  # [BLOCK_S]
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split keyless: weights 0, zeros and -inf below
     offs_r = tl.arange(0, D_LATENT)
-    acc = tl.zeros([D_LATENT], dtype=tl.float32)
-    # the weights summed one by one in split order, beside the outputs, not by a tree over BLOCK_S lanes: the sum
-    # of a row's splits is then the same however many empty splits follow them (split_tokens' batch invariance)
-    total = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D_LATENT], dtype=tl.float32)  # sum of w_s o_s, relative to m
+    total = tl.full([], 0.0, tl.float32)  # sum of w_s, relative to m
+    m = tl.full([], float("-inf"), tl.float32)  # the largest lse so far (log2 units)
+    nan_split = tl.full([], 0, tl.int32)
     part = OUT_PART + part_row * D_LATENT + offs_r  # split s of this row is part + s * split_stride
-    # split s's lse read again as one scalar (picking lane s out of lse_s cost BLOCK_S per split: quadratic in the
-    # split count); the max above needs them all first
-    lse_row = LSE_PART + part_row
+    lse_row = LSE_PART + part_row  # and its lse lse_row + s * num_rows
     for s in range(0, num_splits):
-        w_s = tl.math.exp2(tl.load(lse_row) - m_safe)  # 0 for a keyless split (lse -inf), NaN for a NaN one
-        lse_row += num_rows
-        if w_s > 0.0:
+        lse_s = tl.load(lse_row)
+        if lse_s > m:  # a new largest: what was summed is rescaled to it (by 0 while nothing was: m = -inf)
+            alpha = tl.math.exp2(m - lse_s)
+            acc = acc * alpha + tl.load(part)
+            total = total * alpha + 1.0
+            m = lse_s
+        elif lse_s > float("-inf"):  # a keyless split (lse -inf) adds nothing; a NaN one is flagged below
+            w_s = tl.math.exp2(lse_s - m)
             acc += w_s * tl.load(part)
             total += w_s
+        nan_split |= (lse_s != lse_s).to(tl.int32)
+        lse_row += num_rows
         part += split_stride
     out = acc / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, (m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0))), float("-inf"))
-    # a split whose lse is NaN (a NaN in a used cache slot) makes the row NaN, as one split would: the weights
-    # above skip it (NaN > 0 is false), which would leave a finite answer from the other splits
-    nan_split = tl.max((lse_s != lse_s).to(tl.int32), 0) > 0
-    out = tl.where(nan_split, float("nan"), out)
+    lse = tl.where(total > 0.0, m + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    # a split whose lse is NaN (a NaN in a used cache slot) makes the row NaN, as one split would: the sums
+    # above skip it (comparisons with NaN are false), which would leave a finite answer from the other splits
+    out = tl.where(nan_split > 0, float("nan"), out)
     tl.store(OUT + row * D_LATENT + offs_r, out.to(OUT.dtype.element_ty))
     if STORE_LSE:
-        tl.store(LSE + row, tl.where(nan_split, float("nan"), lse) * LN2_C)
+        tl.store(LSE + row, tl.where(nan_split > 0, float("nan"), lse) * LN2_C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,7 +597,8 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         if num_splits is None:
             num_splits = _num_splits(programs_b * m_blocks, keys, device, block_m, cfg.get("waves"))
         else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials
-            num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n))
+            # (and past MAX_GRID_SPLITS, the grid's limit: a split then holds several tiles)
+            num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n), MAX_GRID_SPLITS)
         split_len = _utils.cdiv(_utils.cdiv(max(keys, 1), num_splits), block_n) * block_n
         split = num_splits > 1
 
@@ -644,14 +648,14 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
         _launcher.launch(_mla_combine_kernel, (total_rows,),
             out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
             seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
-            D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(schedule.num_programs)), STORE_LSE=return_lse,
+            D_LATENT=d_latent, STORE_LSE=return_lse,
             SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
         )
     if split:
         _launcher.launch(_mla_combine_kernel, (total_rows,),
             out_part, lse_part, out, lse if lse is not None else dummy, dummy,
             total_rows, num_splits, total_rows * d_latent,
-            D_LATENT=d_latent, BLOCK_S=max(2, _utils.next_pow2(num_splits)), STORE_LSE=return_lse,
+            D_LATENT=d_latent, STORE_LSE=return_lse,
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
@@ -883,7 +887,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         max_seqlen_k: optional upper bound on ``cache_seqlens`` used to size the split-KV grid (defaults to the
             block table's capacity, which needs no host synchronisation).
         num_splits: force the number of cache-length splits (default: chosen from batch, length and GPU size); a
-            count past one split per key tile of ``max_seqlen_k`` is cut to that (further splits would be empty).
+            count past one split per key tile of ``max_seqlen_k`` is cut to that (further splits would be empty),
+            and one past 65535 (a launch grid's limit) to 65535.
         split_tokens: batch-invariant decode. Split every sequence's keys (a sparse call: its key lists) at each
             multiple of ``split_tokens``, rounded up to the kernel's key tile (16 to 64), instead of into a count
             of splits sized from the batch. A row's output and lse then depend on its own sequence alone: the
@@ -929,12 +934,23 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
     if torch.is_grad_enabled():  # (the call's kwargs cost more than the check; most callers run without grad)
         _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
                              kv_scale=kv_scale)
-    if indices is not None:
-        _check_indices(indices, q_nope, metadata)
-    if split_tokens is not None:
-        split_tokens = _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
+    split_tokens = _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seqlen_k)
     return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
                                 return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices, split_tokens)
+
+
+def _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seqlen_k: int):
+    """The options' checks after ``_check_decode_args`` (``mla_decode`` and its custom op): ``indices``,
+    ``split_tokens`` (returned, checked) and the batch's bound. A dense call without ``metadata`` launches a
+    program per sequence along a grid axis that CUDA caps at 65535 (a sparse call puts its tokens on the
+    first axis, 2^31 - 1; a schedule its programs)."""
+    if indices is not None:
+        _check_indices(indices, q_nope, metadata)
+    elif metadata is None:
+        _utils.check_grid_batch(q_nope.shape[0], "q_nope's B")
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
+    return split_tokens
 
 
 def _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k: int, indices=None) -> int:

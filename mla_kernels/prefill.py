@@ -674,6 +674,7 @@ def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     if cu_seqlens_q.shape[0] == 0:
         raise ValueError("cu_seqlens_q must have B + 1 >= 1 entries, got 0")
     batch = cu_seqlens_q.shape[0] - 1
+    _utils.check_grid_batch(batch, "cu_seqlens_q's length - 1")
     _, p, page = _utils.check_paged_cache(kv_cache, pe_cache, block_table, batch, "cu_seqlens_q (its length - 1)",
                                           kv_scale=kv_scale)
     _utils.check_same("q_pe", q_pe.shape[-1], "pe_cache", p, "rope width P")

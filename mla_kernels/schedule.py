@@ -103,7 +103,7 @@ def piece_table(units, batch: int) -> list[tuple[int, int, int]]:
     return table
 
 
-MAX_PROGRAMS = 65535  # the scheduled grid's programs are its y dimension, which CUDA caps at 2^16 - 1
+MAX_PROGRAMS = _utils.MAX_GRID_YZ  # the scheduled grid's programs are its y dimension
 
 
 def part_slot_bound(batch: int, num_programs: int) -> int:

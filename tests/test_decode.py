@@ -112,6 +112,48 @@ def test_empty_splits_write_only_their_lse(device, monkeypatch):
     assert out_part[~keyless].isfinite().all()
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 300], ids=lambda n: f"splits{n}")
+def test_combine_kernel_merges_any_split_count(num_splits, device):
+    """The combine kernel alone, on synthetic fp32 partials, against their float64 merge: lse spread over +-40
+    (log2 units, so weights down to 2^-80 of the largest) with the largest in a late split (every earlier sum
+    rescaled to it), keyless splits (-inf, partial never read: NaN here) anywhere, first and last included; a
+    row with no keyed split gives zeros and -inf; a NaN lse makes its row NaN, out and lse. The error bound is
+    fp32's: a few ulps per split of a sum of positive weights."""
+    from mla_kernels import decode
+
+    rows, width = 7, 64
+    g = torch.Generator().manual_seed(num_splits)
+    lse = torch.rand(num_splits, rows, generator=g, dtype=torch.float64) * 80 - 40
+    lse[-1, 1] = 60.0  # the largest, last
+    lse[0, 2] = 60.0  # the largest, first
+    keyless = torch.rand(num_splits, rows, generator=g) < 0.3
+    keyless[0, 0] = keyless[-1, 0] = True
+    keyless[:, 3] = True  # no key at all
+    lse[keyless] = float("-inf")
+    part = torch.randn(num_splits, rows, width, generator=g, dtype=torch.float64)
+    part[keyless] = float("nan")
+    lse[num_splits // 2, 4] = float("nan")  # a NaN split
+    w = torch.exp2(lse - lse.nan_to_num(nan=float("-inf")).amax(0).clamp_min(-1e30)).nan_to_num(nan=0.0)
+    expected = (w[..., None] * part.nan_to_num(nan=0.0)).sum(0) / w.sum(0).clamp_min(1e-300)[:, None]
+    expected_lse = torch.logsumexp(lse.nan_to_num(nan=float("-inf")) * math.log(2), 0)
+    out = torch.empty(rows, width, dtype=torch.float32, device=device)
+    got_lse = torch.empty(rows, dtype=torch.float32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    decode._mla_combine_kernel[(rows,)](part.to(**f32), lse.to(**f32), out, got_lse, got_lse, rows, num_splits,
+                                        rows * width, D_LATENT=width, STORE_LSE=True)
+    out, got_lse = out.cpu().double(), got_lse.cpu().double()
+    has_key = (~keyless).any(0)
+    keyed = [r for r in range(rows) if has_key[r] and r != 4]
+    empty = [r for r in range(rows) if not has_key[r]]  # row 3, and row 0 with 2 splits
+    assert 3 in empty and len(keyed) >= 4
+    tol = 8 * num_splits * torch.finfo(torch.float32).eps
+    assert torch.allclose(out[keyed], expected[keyed], rtol=tol, atol=tol), (out[keyed] - expected[keyed]).abs().max()
+    assert torch.allclose(got_lse[keyed], expected_lse[keyed], rtol=tol, atol=tol)
+    assert torch.equal(out[empty], torch.zeros(len(empty), width, dtype=torch.float64))
+    assert bool((got_lse[empty] == float("-inf")).all())
+    assert out[4].isnan().all() and got_lse[4].isnan()
+
+
 def test_split_tokens_and_metadata_exclude_each_other():
     a = _good()
     meta = mla_kernels.mla_decode_metadata(a["cache_seqlens"], 4, 1, kv_lora_rank=32, rope_dim=16,
@@ -324,6 +366,45 @@ def test_num_splits_beyond_the_tiles(device, monkeypatch):
     ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
     assert_close("splits=100000", out, ref_out, torch.bfloat16)
     assert_lse_close("splits=100000", lse, ref_lse)
+
+
+def test_batch_past_the_grid_is_refused_where_the_grid_carries_it(device, monkeypatch):
+    """A dense call without a schedule launches a program per sequence on the grid's second axis (65535 on CUDA):
+    65536 sequences are a ValueError naming q_nope's B on every device (the custom op's direct call too), where a GPU
+    launch would fail; 65535 pass. A sparse call (tokens on the first axis) has no such bound. A forced num_splits
+    past 65535 (the third axis) is cut to 65535; the grid is checked, not run (the interpreter would take hours)."""
+    from mla_kernels import decode
+
+    big, z = 65536, dict(dtype=torch.bfloat16, device=device)
+    q_nope, q_pe = torch.zeros(big, 1, 1, 16, **z), torch.zeros(big, 1, 1, 16, **z)
+    kv, pe = torch.zeros(1, 16, 16, **z), torch.zeros(1, 16, 16, **z)
+    table = torch.zeros(big, 1, dtype=torch.int32, device=device)
+    seqlens = torch.ones(big, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="q_nope's B is 65536: one call takes at most 65535 sequences"):
+        mla_kernels.mla_decode(q_nope, q_pe, kv, pe, table, seqlens, SCALE)
+    with pytest.raises(ValueError, match="q_nope's B is 65536"):
+        torch.ops.mla_kernels.mla_decode(q_nope, q_pe, kv, pe, table, seqlens, SCALE, True, False, None, 16, None)
+    decode._check_options(q_nope[1:], None, None, None, None, 16)  # 65535: through
+    idx = torch.zeros(big, 1, 1, dtype=torch.int32, device=device)
+    decode._check_options(q_nope, idx, None, None, None, 16)  # sparse: through
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(decode, "_mla_attn_kernel", Recorder())
+    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
+    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    m = dict(dtype=torch.bfloat16, device="meta")
+    keys = 1 << 24  # 2^24 keys: more than 65535 tiles of any key tile (<= 128)
+    decode._launch(torch.empty(1, 1, 1, 16, **m), torch.empty(1, 1, 1, 16, **m), torch.empty(1, 16, 16, **m),
+                   torch.empty(1, 16, 16, **m), torch.empty(1, keys // 16, dtype=torch.int32, device="meta"),
+                   torch.empty(1, dtype=torch.int32, device="meta"), None, SCALE, True, False, batch=1, seq_q=1,
+                   total_tokens=1, max_seqlen_q=1, max_seqlen_k=keys, num_splits=10**6)
+    assert grids[0][2] == 65535, grids
 
 
 def test_padding_slot_is_zero_and_reads_nothing(device):

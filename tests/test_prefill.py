@@ -143,6 +143,27 @@ def test_attention_empty_batch_and_no_new_tokens(path, device):
     assert mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path).shape == (0, 2, D_V)
 
 
+@pytest.mark.parametrize("call", ["mla_prefill", "absorbed", "expanded", "auto"])
+def test_batch_past_the_grid_is_refused(call, device):
+    """Prefill's kernels launch a program per sequence on a grid axis that CUDA caps at 65535 (the expanded one's
+    third, the gather's and the absorbed decode kernel's second): 65536 sequences are a ValueError naming
+    cu_seqlens_q, on every device and path, before anything runs; 65535 are taken (no new tokens: nothing to do)."""
+    a = make_inputs([0], [0], 2, 16, torch.bfloat16, device, d_nope=None if call == "mla_prefill" else D_NOPE)
+    for batch in (65536, 65535):
+        a.update(block_table=a["block_table"][:1].expand(batch, -1).contiguous(),
+                 cu_seqlens_q=a["cu_seqlens_q"][:1].expand(batch + 1).contiguous(),
+                 cache_seqlens=a["cache_seqlens"][:1].expand(batch).contiguous())
+        if call == "mla_prefill":
+            run = lambda: mla_kernels.mla_prefill(**a, softmax_scale=SCALE)  # noqa: E731
+        else:
+            run = lambda: mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=call)  # noqa: E731
+        if batch > 65535:
+            with pytest.raises(ValueError, match="cu_seqlens_q's length - 1 is 65536: one call takes at most 65535"):
+                run()
+        else:
+            assert run().shape[0] == 0
+
+
 def test_attention_accepts_a_strided_w_kv_b(device):
     """kv_b_proj's weight as a transposed view (a tied or re-laid-out parameter) gives the same result."""
     a = make_inputs([9, 4], [3, 20], 2, 16, torch.bfloat16, device, d_nope=D_NOPE)
