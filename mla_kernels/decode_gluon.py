@@ -292,8 +292,11 @@ def _mla_attn_gluon_kernel(
     lse_rows = (tok_start + s_tok) * num_heads + s_head
     if SPLIT:  # partials: [num_splits, total_rows, D_LATENT] fp32 and [num_splits, total_rows] in log2 units
         part = OUT_PART + (pid_split.to(gl.int64) * total_rows + out_rows)[:, None] * D_LATENT + offs_c[None, :]
-        gl.store(part, out_lo, mask=o_mask[:, None])
-        gl.store(part + D_HALF, out_hi, mask=o_mask[:, None])
+        # a row that saw no key here (lse -inf) weighs 0 in the combine, which never reads its partial: not
+        # stored, as in the portable and TMA kernels
+        keyed = o_mask & gl.convert_layout(has_key, row_o)
+        gl.store(part, out_lo, mask=keyed[:, None])
+        gl.store(part + D_HALF, out_hi, mask=keyed[:, None])
         gl.store(LSE_PART + pid_split.to(gl.int64) * total_rows + lse_rows, lse_log2, mask=s_mask)
     else:
         dst = OUT + out_rows[:, None] * D_LATENT + offs_c[None, :]
