@@ -485,7 +485,7 @@ def _mla_attn_block(
 @triton.jit
 def _mla_combine_kernel(
     OUT_PART, LSE_PART, OUT, LSE, SCHED_SEQUENCES,
-    num_rows, num_splits, split_stride,
+    num_rows, num_splits, split_stride, grid_rows,
     D_LATENT: tl.constexpr, STORE_LSE: tl.constexpr,
     SCHEDULED: tl.constexpr = False,
 ):
@@ -496,10 +496,14 @@ def _mla_combine_kernel(
     summed one by one, not by a tree over lanes, so a row's result does not depend on how many empty splits
     follow its own (split_tokens' batch invariance).
 
+    A program per row: row ``pid(1) * num_programs(0) + pid(0)`` of ``grid_rows`` (``_combine_grid``).
+
     ``SCHEDULED``: ``num_rows`` is the rows of one sequence (S_q * H), the sequence's pieces and first partial
     slot come from the schedule's table; whole sequences (one piece) were written by the attention kernel and
     are skipped, padding slots (no piece) get zeros and lse -inf."""
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    if row >= grid_rows:  # the last row of programs' tail
+        return
     part_row = row
     if SCHEDULED:
         seq = row // num_rows
@@ -645,20 +649,32 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                          qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
                          schedule=schedule, kv_scale=kv_scale, indices=indices)
     if schedule is not None:  # merge the cut sequences, zero the padding slots
-        _launcher.launch(_mla_combine_kernel, (total_rows,),
+        _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
             out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
-            seq_q * heads, schedule.num_programs, seq_q * heads * d_latent,
+            seq_q * heads, schedule.num_programs, seq_q * heads * d_latent, total_rows,
             D_LATENT=d_latent, STORE_LSE=return_lse,
             SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
         )
     if split:
-        _launcher.launch(_mla_combine_kernel, (total_rows,),
+        _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
             out_part, lse_part, out, lse if lse is not None else dummy, dummy,
-            total_rows, num_splits, total_rows * d_latent,
+            total_rows, num_splits, total_rows * d_latent, total_rows,
             D_LATENT=d_latent, STORE_LSE=return_lse,
             num_warps=4 if d_latent >= 256 else 2,
         )
     return out, lse
+
+
+COMBINE_GRID_X = 1 << 16  # the combine's programs per row of its grid (past it, a second axis counts the rows)
+
+
+def _combine_grid(rows: int) -> tuple:
+    """The combine's grid for ``rows`` rows: ``(rows, 1)``, or past ``COMBINE_GRID_X`` rows ``(COMBINE_GRID_X,
+    cdiv(rows, COMBINE_GRID_X))``. One axis would do on CUDA (2^31 - 1 programs), but HIP refuses a launch whose
+    first axis times its threads per program (64 x num_warps on an MI300) passes 2^32 - 1 work-items
+    (hipErrorInvalidConfiguration): 16,777,216 rows at 4 warps, which a 131072-token sparse chunk at 128 heads
+    with ``split_tokens`` reaches. 2^16 programs x 1024 threads fit; the second axis (65535) takes 2^32 rows."""
+    return (rows, 1) if rows <= COMBINE_GRID_X else (COMBINE_GRID_X, _utils.cdiv(rows, COMBINE_GRID_X))
 
 
 def _partials(device, reuse_scratch: bool, *shapes) -> tuple:

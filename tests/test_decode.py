@@ -140,7 +140,7 @@ def test_combine_kernel_merges_any_split_count(num_splits, device):
     got_lse = torch.empty(rows, dtype=torch.float32, device=device)
     f32 = dict(dtype=torch.float32, device=device)
     decode._mla_combine_kernel[(rows,)](part.to(**f32), lse.to(**f32), out, got_lse, got_lse, rows, num_splits,
-                                        rows * width, D_LATENT=width, STORE_LSE=True)
+                                        rows * width, rows, D_LATENT=width, STORE_LSE=True)
     out, got_lse = out.cpu().double(), got_lse.cpu().double()
     has_key = (~keyless).any(0)
     keyed = [r for r in range(rows) if has_key[r] and r != 4]
@@ -152,6 +152,63 @@ def test_combine_kernel_merges_any_split_count(num_splits, device):
     assert torch.equal(out[empty], torch.zeros(len(empty), width, dtype=torch.float64))
     assert bool((got_lse[empty] == float("-inf")).all())
     assert out[4].isnan().all() and got_lse[4].isnan()
+
+
+def test_combine_grid_fits_rocm_for_a_large_sparse_chunk(monkeypatch):
+    """HIP refuses a launch whose first grid axis times its threads per program (64 x num_warps on an MI300)
+    passes 2^32 - 1 work-items (CUDA's first axis takes 2^31 - 1 programs of any size). The combine runs a program
+    per row at 4 warps, and a sparse chunk of 131072 tokens at 128 heads with ``split_tokens`` (which always
+    combines) has 16,777,216 rows, one past what one axis takes there; it passes every check. Its launches are
+    recorded on meta tensors (nothing runs): the first axis must fit HIP's count, the second CUDA's 65535, and the
+    grid must hold every row (found by a review, 2026-12-06)."""
+    from mla_kernels import decode
+
+    tokens, heads, r, p = 131072, 128, 512, 64
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(decode, "_mla_sparse_attn_kernel", Recorder())
+    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
+    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    m = dict(dtype=torch.bfloat16, device="meta")
+    decode._launch(torch.empty(1, tokens, heads, r, **m), torch.empty(1, tokens, heads, p, **m),
+                   torch.empty(4, 64, r, **m), torch.empty(4, 64, p, **m),
+                   torch.empty(1, 4, dtype=torch.int32, device="meta"), torch.empty(1, dtype=torch.int32, device="meta"),
+                   None, SCALE, True, False, batch=1, seq_q=tokens, total_tokens=tokens, max_seqlen_q=tokens,
+                   max_seqlen_k=256, num_splits=None, indices=torch.empty(tokens, 8, dtype=torch.int32, device="meta"),
+                   split_tokens=2048)
+    (grid, args, kwargs), = launches[1:]  # the attention kernel's launch, then the combine's
+    assert grid[0] * 64 * kwargs["num_warps"] <= 2**32 - 1, f"combine grid {grid}: HIP refuses it"
+    assert grid[1] <= 65535 and grid[0] * grid[1] >= tokens * heads and args[-1] == tokens * heads, (grid, args[-1])
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["split_tokens", "scheduled"])
+def test_combine_on_a_two_axis_grid_gives_the_same_bits(scheduled, device, monkeypatch, poisoned_empty):
+    """Past ``COMBINE_GRID_X`` rows the combine's rows run along two grid axes, the last row of programs partly
+    idle: with 64 programs per grid row here (650 rows: 11 grid rows, the last one 10 rows long) the output and
+    lse are those of one axis bit for bit, for the split grid (``split_tokens``) and the scheduled one."""
+    from mla_kernels import decode
+
+    lens, s_q, heads, page = [300, 5, 0, 77, 130], 5, 26, 16
+    args = make_inputs(lens, s_q, heads, page, torch.float32, device, r=64, p=16)
+    if scheduled:
+        meta = mla_kernels.mla_decode_metadata(args[5], heads, s_q, kv_lora_rank=64, rope_dim=16,
+                                               dtype=torch.float32, num_programs=7)
+        kw = dict(metadata=meta)
+    else:
+        kw = dict(split_tokens=64)
+    one = mla_kernels.mla_decode(*args, SCALE, return_lse=True, **kw)
+    grids = []
+    real = decode._combine_grid
+    monkeypatch.setattr(decode, "COMBINE_GRID_X", 64)
+    monkeypatch.setattr(decode, "_combine_grid", lambda rows: grids.append(real(rows)) or grids[-1])
+    two = mla_kernels.mla_decode(*args, SCALE, return_lse=True, **kw)
+    assert grids == [(64, 11)], grids
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert_close("two-axis combine", two[0], reference.absorbed_decode(*args, SCALE)[0], torch.float32)
 
 
 def test_split_tokens_and_metadata_exclude_each_other():
