@@ -33,9 +33,11 @@ COS_TOL = {torch.bfloat16: 1e-4, torch.float16: 2e-6, torch.float32: 1e-9}
 NOISE_OF_BOUND = 5 / 8
 
 
-def rms_tol_for(dtype: torch.dtype, n: int) -> float:
-    """RMS_TOL[dtype] for an output of ``n`` finite values (see above: loosened only below 35 values)."""
-    return max(RMS_TOL[dtype], NOISE_OF_BOUND * RMS_TOL[dtype] * (1 + 5 / math.sqrt(2 * max(n, 1))))
+def rms_tol_for(dtype: torch.dtype, n: int, bound: float | None = None) -> float:
+    """RMS_TOL[dtype] (or ``bound``, a larger budget of the same kind of noise) for an output of ``n`` finite values
+    (see above: loosened only below 35 values)."""
+    bound = RMS_TOL[dtype] if bound is None else bound
+    return max(bound, NOISE_OF_BOUND * bound * (1 + 5 / math.sqrt(2 * max(n, 1))))
 
 
 # lse is computed in fp32 from the same scores, in log space: absolute error is ~1e-6 per unit of |score|.
