@@ -406,6 +406,29 @@ def check_device(name: str, device) -> torch.device:
         raise ValueError(f"{name} {device!r} is not a device torch knows: {exc}") from None
 
 
+def check_alloc_device(name: str, device) -> torch.device:
+    """``check_device`` for a device the call allocates on: a CUDA device must exist here (torch's own refusal is an
+    ``AssertionError`` without a CUDA build, a ``RuntimeError`` for an index past the GPUs)."""
+    device = check_device(name, device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name} {str(device)!r} names a CUDA device, but no GPU is visible to torch here")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} {str(device)!r} names GPU {device.index}, but torch sees {count}")
+    return device
+
+
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor the call writes whose elements share memory through a stride-0 dimension (``expand()``):
+    writes to distinct slots would land on one another. (torch refuses such in-place writes too.)"""
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1 and stride == 0:
+            raise ValueError(f"{name} has a stride-0 dimension (shape {tuple(t.shape)}, strides {t.stride()}, as "
+                             "expand() makes): its slots share memory, so a write to one would overwrite others; "
+                             "pass a tensor with memory of its own (.contiguous() or .clone())")
+
+
 def check_flag(name: str, value) -> bool:
     """A switch such as ``causal``: a bool (or numpy bool); ``None`` or a string is refused, not read as truthy."""
     if value is True or value is False:

@@ -218,6 +218,9 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
     _utils.check_same("kv_c", kv_c.shape[0], "slot_mapping", slot_mapping.shape[0], "the number of tokens T")
     for name, t in (("kv_cache", kv_cache), ("pe_cache", pe_cache), ("kv_c", kv_c), ("k_pe", k_pe)):
         _utils.check_last_contiguous(name, t)
+    for name, t in (("kv_cache", kv_cache), ("pe_cache", pe_cache), ("kv_scale", kv_scale)):
+        if t is not None:  # written: a stride-0 (expanded) cache aliased every slot of a block, or every block
+            _utils.check_no_overlap(name, t)
 
 
 _FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
@@ -239,6 +242,7 @@ def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
             and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _WIDTHS
             and ts[1] == cs[2] and es[1] == ps[2] and ts[0] == es[0] == slot_mapping.shape[0]
             and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1 and kv_c.stride(1) == 1 and k_pe.stride(1) == 1
+            and kv_cache.stride(0) and kv_cache.stride(1) and pe_cache.stride(0) and pe_cache.stride(1)  # no expand()
             and pe_cache.device == device and kv_c.device == device and k_pe.device == device
             and slot_mapping.device == device)
 
@@ -356,8 +360,10 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     """
     _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
-    buf = torch.zeros(num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype), dtype=torch.uint8,
-                      device=_utils.check_device("device", device))
+    row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
+    _check_bytes(1, num_blocks, block_size, row)
+    buf = torch.zeros(num_blocks, block_size, row, dtype=torch.uint8,
+                      device=_utils.check_alloc_device("device", device))
     return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
 
 
@@ -372,6 +378,20 @@ def _check_sizes(**sizes) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+_MAX_BYTES = 2**63 - 1  # what one allocation's byte count (an int64) can say
+
+
+def _check_bytes(num_layers: int, num_blocks: int, block_size: int, row_bytes: int) -> None:
+    """Refuse sizes whose buffers' byte counts overflow int64 (torch then failed with a TypeError or RuntimeError
+    naming none of them; sizes below that but past the memory fail in torch's allocator, as any allocation does)."""
+    if num_blocks * block_size * row_bytes > _MAX_BYTES:
+        raise ValueError(f"num_blocks * block_size = {num_blocks} * {block_size} tokens of {row_bytes} bytes is past "
+                         f"any allocation's size (2^63 bytes)")
+    if num_layers * num_blocks * block_size * row_bytes > _MAX_BYTES:
+        raise ValueError(f"num_layers = {num_layers} buffers of {num_blocks * block_size * row_bytes} bytes are past "
+                         f"any memory's size (2^63 bytes)")
 
 
 def _index(name: str, value) -> int:
@@ -455,7 +475,9 @@ class PagedLatentCache:
         self.rope_dim = rope_dim
         self.dtype = dtype
         self.rope_dtype = rope_dtype if fp8 else dtype
-        self.device = _utils.check_device("device", device)
+        _check_bytes(num_layers, num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype) if fp8
+                     else (kv_lora_rank + rope_dim) * dtype.itemsize)
+        self.device = _utils.check_alloc_device("device", device)
         if fp8:
             row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
             self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)

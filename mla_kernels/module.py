@@ -88,6 +88,25 @@ def _check_rope_parameters(rope_parameters) -> dict:
     original = params.get("original_max_position_embeddings")
     if original is not None:
         _dim("rope_parameters['original_max_position_embeddings']", original)
+    # YaRN's other numbers (read by rope_inv_freq and softmax_scale_for): finite reals, else a NaN softmax scale or
+    # rope table, or errors naming none of them ("math domain error", "can't multiply sequence by non-int")
+    for key, low, high in (("beta_fast", 0.0, 1e300), ("beta_slow", 0.0, 1e300), ("mscale", None, None),
+                           ("mscale_all_dim", None, None), ("attention_factor", 0.0, None),
+                           ("partial_rotary_factor", 0.0, 1.0)):
+        value = params.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"rope_parameters['{key}'] must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high) \
+                or (key in ("attention_factor", "partial_rotary_factor") and value == 0):
+            bounds = {"beta_fast": ">= 0", "beta_slow": ">= 0", "attention_factor": "> 0",
+                      "partial_rotary_factor": "in (0, 1]"}.get(key, "finite")
+            raise ValueError(f"rope_parameters['{key}'] must be a finite number {bounds}, got {value}")
+    if "original_max_position_embeddings" in params and original is None and \
+            params.get("rope_type", params.get("type", "default")) == "yarn":
+        raise ValueError("rope_parameters of rope_type 'yarn' needs original_max_position_embeddings (an int), "
+                         "got None")
     return params
 
 
@@ -351,9 +370,13 @@ class LatentBatch:
 def _scale(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range (math.isfinite raised it, naming nothing)
+        raise ValueError(f"{name} must be a finite float > 0, got an int of {value.bit_length()} bits") from None
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return float(value)
+    return value
 
 
 def _dim(name: str, value, minimum: int = 1) -> int:
@@ -417,10 +440,19 @@ class MLAttention(nn.Module):
         self.rope_style = rope_style
         self.rope_parameters = _check_rope_parameters(rope_parameters)
         max_position_embeddings = _dim("max_position_embeddings", max_position_embeddings)
+        if self.rope_parameters.get("factor", 0) is None and "original_max_position_embeddings" in self.rope_parameters:
+            # YaRN's factor None: max_position_embeddings / original, as rope_inv_freq takes it (softmax_scale_for
+            # compared None with 1 and raised a TypeError naming neither)
+            self.rope_parameters["factor"] = \
+                max_position_embeddings / self.rope_parameters["original_max_position_embeddings"]
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.query_scale = _scale("query_scale", query_scale)
         self.latent_scale = _scale("latent_scale", latent_scale)
         self.softmax_scale = softmax_scale_for(self.qk_head_dim, self.rope_parameters) * self.query_scale
+        if not 0.0 < self.softmax_scale < _utils.MAX_SCALE:  # (NaN too) refused here, not by the kernels after a write
+            raise ValueError(f"query_scale={query_scale} and rope_parameters give a softmax scale of "
+                             f"{self.softmax_scale}, which the kernels cannot take (it must be positive, finite and "
+                             f"below {_utils.MAX_SCALE:.4g})")
 
         kw = dict(device=device, dtype=dtype)
         heads_qk = num_heads * self.qk_head_dim
@@ -438,6 +470,10 @@ class MLAttention(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         inv_freq, self.rope_scaling_factor = rope_inv_freq(qk_rope_head_dim, self.rope_parameters,
                                                            max_position_embeddings)
+        if 2 * inv_freq.shape[0] != qk_rope_head_dim:  # YaRN's partial_rotary_factor: tables narrower than the rope
+            raise ValueError(f"rope_parameters['partial_rotary_factor']={self.rope_parameters.get('partial_rotary_factor')}"
+                             f" rotates {2 * inv_freq.shape[0]} of the qk_rope_head_dim={qk_rope_head_dim} rope values; "
+                             "MLAttention rotates all of them (forward failed inside torch)")
         self.register_buffer("inv_freq", inv_freq if device is None else inv_freq.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -514,7 +550,8 @@ class MLAttention(nn.Module):
                              f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}")
         if cache.device != device:
-            raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens on {device}")
+            raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens (hidden_states, "
+                             f"or attend's q_nope) on {device}")
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
                batch: LatentBatch, layer: int | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -542,7 +579,7 @@ class MLAttention(nn.Module):
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             under = " (under torch.autocast, its dtype)" if torch.is_autocast_enabled(q_nope.device.type) else ""
-            raise TypeError(f"the module computes in {q_nope.dtype}{under} but the cache holds {dtype}; build the "
+            raise TypeError(f"q_nope is {q_nope.dtype}: the module computes in it{under} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
         device = q_nope.device
         for name, t in (("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe)):
@@ -596,7 +633,9 @@ class MLAttention(nn.Module):
         heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         expected = ((total, heads, nope), (total, heads, rope), (total, self.kv_lora_rank), (total, rope))
         try:  # every layer of every step: one comparison; the messages below only on failure
-            if (q_nope.shape, q_pe.shape, kv_c.shape, k_pe.shape) == expected:
+            if (q_nope.shape, q_pe.shape, kv_c.shape, k_pe.shape) == expected and isinstance(q_nope, torch.Tensor) \
+                    and isinstance(q_pe, torch.Tensor) and isinstance(kv_c, torch.Tensor) \
+                    and isinstance(k_pe, torch.Tensor):  # (a numpy array has the shape too)
                 return
         except AttributeError:  # not a tensor: named below
             pass
@@ -660,6 +699,9 @@ class MLAttention(nn.Module):
         _utils.check_tensor("hidden_states", hidden_states)
         if not isinstance(batch, LatentBatch):
             raise TypeError(f"batch must be a LatentBatch, got {type(batch).__name__}")
+        if hidden_states.dim() not in (2, 3):  # (before shape[-1]: a 0-dim tensor raised an IndexError)
+            raise ValueError(f"hidden_states must be [T, hidden] or [B, S, hidden], got shape "
+                             f"{tuple(hidden_states.shape)}")
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must end in hidden_size={self.hidden_size}, got shape "
                              f"{tuple(hidden_states.shape)}")

@@ -227,8 +227,18 @@ def to_op_args(metadata: DecodeSchedule | None):
 
 
 def from_op_args(programs, sequences, sizes) -> DecodeSchedule | None:
-    """The inverse of ``to_op_args``."""
-    return None if programs is None else DecodeSchedule(programs, sequences, *sizes)
+    """The inverse of ``to_op_args``. A direct call of the custom op passes all three or none (one alone failed with
+    an AttributeError or a TypeError naming none of them)."""
+    given = (programs is not None, sequences is not None, sizes is not None)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("sched_programs, sched_sequences and sched_sizes are a DecodeSchedule taken apart "
+                         "(schedule.to_op_args): pass all three or none")
+    if len(sizes) != len(DecodeSchedule._fields) - 2:
+        raise ValueError(f"sched_sizes must hold the {len(DecodeSchedule._fields) - 2} ints "
+                         f"{DecodeSchedule._fields[2:]}, got {len(sizes)}")
+    return DecodeSchedule(programs, sequences, *sizes)
 
 
 def _positive_int(name: str, value) -> int:

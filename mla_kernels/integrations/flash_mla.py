@@ -225,13 +225,22 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     k_cache = _utils.check_tensor("k_cache", k_cache, 4)
     _utils.check_no_grad("flash_mla_with_kvcache", q=q, k_cache=k_cache)  # (the same: named as the caller passed)
     dim_v = _utils.check_int("head_dim_v", head_dim_v, 1)
+    if dim_v is None:
+        raise ValueError("head_dim_v must be an int >= 1 (the latent width, 512 for DeepSeek), got None")
     if dim_v >= q.shape[-1]:
         raise ValueError(f"head_dim_v ({dim_v}) must be less than q's last dimension ({q.shape[-1]}): the query is "
                          f"the latent part (head_dim_v wide) and then the rope part")
     rope_dim = q.shape[-1] - dim_v
+    # named as the caller passed them (mla_decode would name its kv_cache / pe_cache views)
+    _utils.check_width("head_dim_v (the latent)", dim_v)
+    _utils.check_width("q's rope part (q.shape[-1] - head_dim_v)", rope_dim)
+    _utils.check_devices(q=q, k_cache=k_cache)
     if k_cache.shape[2] != 1:
         raise ValueError(f"k_cache must hold one key-value head (MLA's MQA mode: [num_blocks, page, 1, D]), got "
                          f"shape {tuple(k_cache.shape)}")
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ValueError(f"k_cache must hold at least one block of at least one token, got shape "
+                         f"{tuple(k_cache.shape)}")
     rows = k_cache[:, :, 0]
     if is_fp8:
         if k_cache.dtype not in _FP8_BYTE_DTYPES:
@@ -256,7 +265,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         _utils.check_last_contiguous("k_cache", rows)
         kv_cache, kv_scale, pe_cache = rows[..., :dim_v], None, rows[..., dim_v:]
     batch, s_q, heads = q.shape[:3]
-    topk = None if indices is None else _utils.check_tensor("indices", indices, 3).shape[-1]
+    topk = None if indices is None else _utils.check_tensor("indices", indices, 3, _utils.INDEX_DTYPES).shape[-1]
     config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
     if not from_lengths:
         _check_metadata(tile_scheduler_metadata, config)  # (recorded below, once the call has been accepted)
@@ -266,6 +275,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         if causal:
             raise ValueError("causal must be False with indices (sparse attention), as in FlashMLA")
         slots = kv_cache.shape[0] * kv_cache.shape[1]
+        _utils.check_same("indices", tuple(indices.shape[:2]), "q", (batch, s_q), "[B, S_q]")
         indices = _keep_first(indices, topk_length, batch)
         if indices.device.type == "cpu" and not torch.compiler.is_compiling():  # named as passed, before the reshape
             past = indices >= slots
@@ -289,6 +299,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         max_seqlen_k = None
     if attn_sink is not None:  # checked before anything is launched, as every other argument
         attn_sink = _check_sink(attn_sink, heads)
+        _check_has_data_beside("attn_sink", attn_sink, q.device)
     schedule = None
     if from_lengths and indices is None:
         schedule = _schedule_from_lengths(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * heads,
@@ -330,6 +341,7 @@ def _keep_first(indices: torch.Tensor, topk_length, batch: int) -> torch.Tensor:
         return indices
     topk_length = _utils.check_tensor("topk_length", topk_length, 1, _utils.INDEX_DTYPES)
     _utils.check_same("topk_length", topk_length.shape[0], "the batch", batch)
+    _check_has_data_beside("topk_length", topk_length, indices.device)
     keep = torch.arange(indices.shape[-1], device=indices.device) < topk_length.to(indices.device)[:, None, None]
     return torch.where(keep, indices, indices.new_full((), -1))
 
@@ -339,6 +351,13 @@ def _check_sink(attn_sink, heads: int) -> torch.Tensor:
     sink = _utils.check_tensor("attn_sink", attn_sink, 1, (torch.float32,))
     _utils.check_same("attn_sink", sink.shape[0], "q's heads", heads)
     return sink
+
+
+def _check_has_data_beside(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """``t`` is moved to ``device`` where it is used: refuse one on the meta device beside real tensors (torch's
+    copy failed with a NotImplementedError, "Cannot copy out of meta tensor")."""
+    if t.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no data, but the call runs on {device}")
 
 
 def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
