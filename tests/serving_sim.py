@@ -266,6 +266,20 @@ def run(seed, dtype=torch.float32, block_size=3, R=32, P=16, H=2, D=16, steps=30
                                          atol=helpers.LSE_ATOL)
         log.append(("direct", mode, s_q, rows))
 
+    def truncate(s, new):
+        """Cut sequence s to ``new`` tokens, and its history with it; a refusal (CacheFullError: a shared tail block
+        to copy and no free block) must change nothing."""
+        before = state(cache)
+        try:
+            cache.truncate(s, new)
+        except CacheFullError:
+            assert same_state(before, state(cache)), "CacheFullError on truncate changed state"
+            return
+        for layer in range(LAYERS):
+            del hist[s][layer][0][new:]
+            del hist[s][layer][1][new:]
+        log.append(("truncate", s, new))
+
     for step in range(steps):
         live = list(cache._seqs)
         ev = rng.choices(["add", "decode", "spec", "mixed", "fork", "free", "truncate", "direct"],
@@ -287,17 +301,7 @@ def run(seed, dtype=torch.float32, block_size=3, R=32, P=16, H=2, D=16, steps=30
                 for s in seqs:
                     if s in cache._seqs and rng.random() < 0.7:
                         L = cache.seqlen(s)
-                        new = L - rng.randint(0, min(k, L))
-                        before = state(cache)
-                        try:
-                            cache.truncate(s, new)
-                        except CacheFullError:
-                            assert same_state(before, state(cache))
-                            continue
-                        for layer in range(LAYERS):
-                            del hist[s][layer][0][new:]
-                            del hist[s][layer][1][new:]
-                        log.append(("truncate", s, new))
+                        truncate(s, L - rng.randint(0, min(k, L)))
         elif ev == "mixed":
             seqs = rng.sample(live, rng.randint(1, len(live)))
             counts = [rng.choice([0, 1, 1, 2, 5, 9]) for _ in seqs]
@@ -320,17 +324,7 @@ def run(seed, dtype=torch.float32, block_size=3, R=32, P=16, H=2, D=16, steps=30
             log.append(("free", s))
         elif ev == "truncate":
             s = rng.choice(live)
-            new = rng.randint(0, cache.seqlen(s))
-            before = state(cache)
-            try:
-                cache.truncate(s, new)
-            except CacheFullError:
-                assert same_state(before, state(cache))
-                continue
-            for layer in range(LAYERS):
-                del hist[s][layer][0][new:]
-                del hist[s][layer][1][new:]
-            log.append(("truncate", s, new))
+            truncate(s, rng.randint(0, cache.seqlen(s)))
         elif ev == "direct":
             s_q = rng.choice([1, 1, 2, 3, 8])
             ok = [s for s in live if cache.seqlen(s) >= s_q]
