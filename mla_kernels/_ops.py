@@ -35,13 +35,9 @@ from . import schedule as _schedule
 __all__ = []
 
 _NO_LSE = (0,)
-
-
-def _check_fake_devices(**tensors) -> None:
-    """The fake implementations' one check: every tensor on one device. A direct call mixing a meta tensor with
-    real ones is dispatched here (Meta outranks CPU and CUDA), and returned meta outputs, or for a write nothing at
-    all, as if it had succeeded. (Everything else was checked by the public call that traced the op.)"""
-    _utils.check_devices(**tensors)
+# The fake implementations check one thing, that every tensor is on one device: a direct call mixing a meta tensor
+# with real ones is dispatched to them (Meta outranks CPU and CUDA) and returned meta outputs, or for a write
+# nothing at all, as if it had succeeded. (Everything else was checked by the public call that traced the op.)
 
 
 def _lse_or_empty(lse, like: torch.Tensor) -> torch.Tensor:
@@ -86,7 +82,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal, return_lse, w_uv,
       max_seqlen_k, num_splits, sched_programs=None, sched_sequences=None, sched_sizes=None, kv_scale=None,
       indices=None, split_tokens=None):
-    _check_fake_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
+    _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                         cache_seqlens=cache_seqlens, w_uv=w_uv, kv_scale=kv_scale, indices=indices)
     batch, s_q, heads, _ = q_nope.shape
     # contiguous, as _project_v's result is. (Running _project_v itself here, its bmm(out=transposed view) made
@@ -109,7 +105,7 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
 @write_cache.register_fake
 def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
-    _check_fake_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
+    _utils.check_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
     return None
 
 
@@ -125,7 +121,7 @@ def write_cache_fp8(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tens
 
 @write_cache_fp8.register_fake
 def _(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale):
-    _check_fake_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping,
+    _utils.check_devices(kv_cache=kv_cache, pe_cache=pe_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping,
                         kv_scale=kv_scale)
     return None
 
@@ -152,7 +148,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
       return_lse, max_seqlen_q, max_seqlen_k, num_splits, kv_scale=None, cu_seqlens_q_host=None,
       cache_seqlens_host=None):
-    _check_fake_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
+    _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                         cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, kv_scale=kv_scale)
     total, heads, _ = q_nope.shape
     out = q_nope.new_empty(total, heads, kv_cache.shape[-1])
@@ -182,7 +178,7 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
 @mla_prefill_attention.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale, causal,
       path, return_lse, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
-    _check_fake_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
+    _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                         cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, w_kv_b=w_kv_b, kv_scale=kv_scale)
     total, heads, d_nope = q_nope.shape
     out = q_nope.new_empty(total, heads, w_kv_b.shape[0] // heads - d_nope)

@@ -352,14 +352,13 @@ def check_no_grad(op: str, **tensors) -> None:
 
 
 MAX_GRID_YZ = 65535  # a launch grid's y and z extents (CUDA; x goes to 2^31 - 1)
-MAX_GRID_BATCH = MAX_GRID_YZ  # the sequences ride on one of them
 
 
 def check_grid_batch(batch: int, batch_from: str) -> None:
     """A call whose kernels launch a program per sequence along a grid axis (dense decode without a schedule,
-    prefill) takes at most ``MAX_GRID_BATCH`` sequences on every device, where a GPU launch would fail."""
-    if batch > MAX_GRID_BATCH:
-        raise ValueError(f"{batch_from} is {batch}: one call takes at most {MAX_GRID_BATCH} sequences (a launch "
+    prefill) takes at most ``MAX_GRID_YZ`` sequences on every device, where a GPU launch would fail."""
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"{batch_from} is {batch}: one call takes at most {MAX_GRID_YZ} sequences (a launch "
                          f"grid's limit); split the batch into several calls")
 
 

@@ -714,6 +714,8 @@ def _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, 
         max_seqlen_k = longest_k if max_seqlen_k is None else max_seqlen_k
         host = (list(host[0]), list(host[1]))
     max_seqlen_k = capacity if max_seqlen_k is None else min(max_seqlen_k, capacity)
+    if max_seqlen_q is not None:  # no sequence has more new tokens than T: a larger bound only grew the grid (2^31 hung
+        max_seqlen_q = min(max_seqlen_q, q_nope.shape[0])  # the interpreter; past a grid axis, a failed launch)
     return max_seqlen_q, max_seqlen_k, host
 
 
@@ -782,8 +784,6 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
                                                      max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
                                                      cache_seqlens_host)
         return (out, lse) if return_lse else out
-    if max_seqlen_q is not None:  # no sequence has more new tokens than T: a larger bound only grew the grid (2^31 hung
-        max_seqlen_q = min(max_seqlen_q, q_nope.shape[0])  # the interpreter; past a grid axis, a failed launch)
     max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
                                                        batch, page, device, max_seqlen_q, max_seqlen_k, host,
                                                        host_sync=max_seqlen_q is None)

@@ -149,6 +149,25 @@ def make_paged_cache(seqlens, page_size, widths, dtype, device, extra_blocks=3, 
     return kv_cache, pe_cache, table.to(device)
 
 
+def record_launches(monkeypatch, module, *kernels: str) -> list:
+    """Replace the Triton kernels named ``kernels`` in ``module`` by stand-ins that run nothing and append each
+    launch ``kernel[grid](*args, **kwargs)`` to the returned list as ``(grid, args, kwargs)``, in launch order; CPU
+    (and meta) tensors take the kernels' path. A launch's grid and arguments are then checked without running it
+    (the interpreter would take minutes or hours at the sizes where grid limits bite)."""
+    from mla_kernels import _utils
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    for name in kernels:
+        monkeypatch.setattr(module, name, Recorder())
+    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    return launches
+
+
 def bound_allocations(monkeypatch, max_numel: int, what: str) -> None:
     """Fail any ``torch.empty`` of more than ``max_numel`` elements (``what``: the problem, for the message): a
     count that sizes buffers from a bound it should have clamped (forced splits, ``max_seqlen_k``) shows as one.

@@ -9,7 +9,7 @@ import torch
 import mla_kernels
 import reference
 from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
-                     make_paged_cache)
+                     make_paged_cache, record_launches)
 from mla_kernels import _utils
 
 ON_GPU = torch.cuda.is_available()
@@ -164,15 +164,7 @@ def test_combine_grid_fits_rocm_for_a_large_sparse_chunk(monkeypatch):
     from mla_kernels import decode
 
     tokens, heads, r, p = 131072, 128, 512, 64
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(decode, "_mla_sparse_attn_kernel", Recorder())
-    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
-    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    launches = record_launches(monkeypatch, decode, "_mla_sparse_attn_kernel", "_mla_combine_kernel")
     m = dict(dtype=torch.bfloat16, device="meta")
     decode._launch(torch.empty(1, tokens, heads, r, **m), torch.empty(1, tokens, heads, p, **m),
                    torch.empty(4, 64, r, **m), torch.empty(4, 64, p, **m),
@@ -445,23 +437,14 @@ def test_batch_past_the_grid_is_refused_where_the_grid_carries_it(device, monkey
     idx = torch.zeros(big, 1, 1, dtype=torch.int32, device=device)
     decode._check_options(q_nope, idx, None, None, None, 16)  # sparse: through
 
-    grids = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(decode, "_mla_attn_kernel", Recorder())
-    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
-    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    launches = record_launches(monkeypatch, decode, "_mla_attn_kernel", "_mla_combine_kernel")
     m = dict(dtype=torch.bfloat16, device="meta")
     keys = 1 << 24  # 2^24 keys: more than 65535 tiles of any key tile (<= 128)
     decode._launch(torch.empty(1, 1, 1, 16, **m), torch.empty(1, 1, 1, 16, **m), torch.empty(1, 16, 16, **m),
                    torch.empty(1, 16, 16, **m), torch.empty(1, keys // 16, dtype=torch.int32, device="meta"),
                    torch.empty(1, dtype=torch.int32, device="meta"), None, SCALE, True, False, batch=1, seq_q=1,
                    total_tokens=1, max_seqlen_q=1, max_seqlen_k=keys, num_splits=10**6)
-    assert grids[0][2] == 65535, grids
+    assert launches[0][0][2] == 65535, [grid for grid, _, _ in launches]
 
 
 def test_padding_slot_is_zero_and_reads_nothing(device):

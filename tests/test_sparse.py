@@ -7,7 +7,7 @@ import torch
 
 import mla_kernels
 import reference
-from helpers import assert_close, assert_lse_close, assert_rejects
+from helpers import assert_close, assert_lse_close, assert_rejects, record_launches
 from mla_kernels import _utils
 from test_decode import SCALE, _alone, make_inputs
 from test_fp8 import FP8_LSE_ATOL, FP8_RMS_TOL, FP8_COS_TOL, decode_inputs, dequantized
@@ -276,19 +276,11 @@ def test_token_axis_holds_more_than_65535_tokens(device, monkeypatch):
     minutes): the first axis holds B * S_q."""
     from mla_kernels import decode
 
-    grids = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(decode, "_mla_sparse_attn_kernel", Recorder())
-    monkeypatch.setattr(decode, "_mla_combine_kernel", Recorder())
+    launches = record_launches(monkeypatch, decode, "_mla_sparse_attn_kernel", "_mla_combine_kernel")
     a = inputs([70000], 70000, 1, 64, torch.bfloat16, "meta", r=64, p=16)
     idx = torch.empty(1, 70000, 8, dtype=torch.int32, device="meta")
-    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
     decode._launch(a["q_nope"], a["q_pe"], a["kv_cache"], a["pe_cache"], a["block_table"], a["cache_seqlens"], None,
                    SCALE, True, False, batch=1, seq_q=70000, total_tokens=70000, max_seqlen_q=70000,
                    max_seqlen_k=70000, num_splits=1, indices=idx.view(70000, 8))
-    assert grids[0][0] == 70000 and grids[0][1] <= 65535 and grids[0][2] <= 65535, grids
+    grid = launches[0][0]
+    assert grid[0] == 70000 and grid[1] <= 65535 and grid[2] <= 65535, [g for g, _, _ in launches]
