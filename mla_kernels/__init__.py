@@ -2,6 +2,7 @@
 
 from .cache import CacheFullError, PagedLatentCache, fp8_latent_cache, write_cache
 from ._autotune import autotune
+from ._utils import release_workspace
 from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
 from .module import LatentBatch, MLAttention
@@ -26,4 +27,5 @@ __all__ = [
     "LatentBatch",
     "patch_model",
     "unpatch_model",
+    "release_workspace",
 ]

@@ -295,6 +295,50 @@ def scratch(device: torch.device, *shapes: tuple) -> tuple:
     return views
 
 
+def release_workspace(device=None) -> int:
+    """Free the workspace eager ``mla_decode`` calls keep between calls: the float32 buffers their split-KV partials
+    are carved from (one per device, stream and thread; each grows to twice the largest partials a call needed and
+    never shrinks by itself). ``device``: a ``torch.device``, its string or a GPU index; None frees them on
+    every device. Returns the bytes freed.
+
+    The memory goes back to PyTorch's caching allocator, which hands it out again only behind the work already queued
+    on its stream, so calling this while kernels that use the buffers are still running is safe; follow with
+    ``torch.cuda.empty_cache()`` to return it to the driver. The next call that splits allocates a buffer again
+    (for its own shapes). A useful step after a rare very long or very wide call (``split_tokens`` over a long
+    context, a large batch at 128 heads) whose partials would otherwise stay allocated for the life of the process.
+    CUDA graphs are not affected: their calls allocate from the graph's own pool."""
+    if device is not None:
+        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError(f"device must be None, a torch.device, a string or a GPU index, got "
+                            f"{type(device).__name__}")
+        try:
+            if isinstance(device, int):  # (torch.device(0) asks for an accelerator, which a CPU build lacks)
+                if device < 0:
+                    raise ValueError("a GPU index is >= 0")
+                device = torch.device("cuda", device)
+            device = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"device={device!r} is not a device: {exc}") from None
+        if device.type == "cuda" and device.index is None:
+            if not torch.cuda.is_available():  # (no GPU: nothing was ever allocated on one)
+                return 0
+            device = torch.device("cuda", torch.cuda.current_device())
+
+    def matches(key) -> bool:  # scratch's keys: (GPU index, stream, thread) or (CPU device, 0, thread)
+        if device is None:
+            return True
+        if device.type == "cuda":
+            return not isinstance(key[0], torch.device) and key[0] == device.index
+        return key[0] == device
+
+    with _SCRATCH_LOCK:
+        keys = [k for k in _SCRATCH if matches(k)]
+        released = sum(_SCRATCH[k][0].numel() * _SCRATCH[k][0].element_size() for k in keys)
+        for k in keys:
+            del _SCRATCH[k]
+    return released
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (0 for 0, as ``triton.next_power_of_2``, without its per-call cost)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0

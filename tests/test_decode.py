@@ -327,6 +327,48 @@ def test_scratch_of_ended_threads_is_freed():
         _utils._SCRATCH.update(saved)
 
 
+def test_release_workspace_frees_the_split_partials(device, monkeypatch):
+    """``mla_kernels.release_workspace`` drops the reused partials buffers of the device it names (every thread's),
+    reports their bytes, leaves other devices' buffers alone, and the next split call allocates again and is right."""
+    import threading
+    import weakref
+
+    monkeypatch.setattr(_utils, "_SCRATCH", {})
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs([300, 2, 77], 1, 4, 16, torch.float32, device,
+                                                                   r=64, p=16)
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    run = lambda: mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, num_splits=3)
+    assert_close("split decode", run(), ref_out, torch.float32)
+    if not _utils._SCRATCH:  # the PyTorch path (CPU tensors without the interpreter) splits nothing
+        pytest.skip("the PyTorch path keeps no workspace")
+    ran, released = threading.Event(), threading.Event()  # a live thread's buffer on the same device goes too
+    thread = threading.Thread(target=lambda: (run(), ran.set(), released.wait(60)))
+    thread.start()
+    ran.wait(600)
+    assert len(_utils._SCRATCH) == 2, "each thread takes its own buffer"
+    other = torch.device("cpu") if device.type == "cuda" else torch.device("cuda", 0)
+    _utils._SCRATCH[(other if other.type == "cpu" else 0, 0, 1)] = [torch.empty(7, device="meta"), {}]  # elsewhere
+    buffers = {k: v[0] for k, v in _utils._SCRATCH.items() if k[1:] != (0, 1)}
+    held = sum(b.numel() * 4 for b in buffers.values())
+    refs = [weakref.ref(b) for b in buffers.values()]
+    del buffers
+    assert held > 0 and mla_kernels.release_workspace(other) == 28
+    assert mla_kernels.release_workspace(device) == held, "the bytes freed must be the buffers' sizes"
+    assert not _utils._SCRATCH and all(r() is None for r in refs), "a buffer of the device was kept"
+    released.set()
+    thread.join()
+    assert mla_kernels.release_workspace(device) == 0
+    assert_close("split decode after the release", run(), ref_out, torch.float32)
+    assert len(_utils._SCRATCH) == 1
+    assert mla_kernels.release_workspace() > 0 and not _utils._SCRATCH  # None: every device
+    with pytest.raises(TypeError, match="device"):
+        mla_kernels.release_workspace(1.5)
+    with pytest.raises(ValueError, match="device"):
+        mla_kernels.release_workspace("nowhere")
+    with pytest.raises(ValueError, match="device"):
+        mla_kernels.release_workspace(-1)
+
+
 def test_scratch_finalizer_never_waits_for_the_lock():
     """The ended thread's finalizer must not block on _SCRATCH_LOCK: it also runs inside os.fork, in the child,
     for every other thread of the parent (Python clears their states there), and a lock another thread held at the
