@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from reference import absorbed_decode
+from mla_kernels.reference import absorbed_decode
 
 from . import _harness as h
 
@@ -187,7 +187,7 @@ def fp8_provider(case: Case, mla_decode):
     """(function, reference thunk): mla_decode over ``case``'s cache quantized to the FP8 layout, and the float32
     reference over the dequantized cache (so only the kernel's own rounding is checked, not the quantization)."""
     from mla_kernels import fp8_latent_cache
-    from reference import dequantize_fp8, quantize_fp8
+    from mla_kernels.reference import dequantize_fp8, quantize_fp8
 
     c = case
     kv8, scale8, pe8 = fp8_latent_cache(c.kv_cache.shape[0], c.kv_cache.shape[1], c.shape.d_latent, c.shape.d_rope,
@@ -211,7 +211,7 @@ SPARSE_PROVIDER = True  # --skip-sparse: leave it out (a GPU session's first cal
 
 def sparse_provider(case: Case, mla_decode):
     """(function, reference thunk): mla_decode with ``indices``, SPARSE_TOPK random distinct positions per token."""
-    from reference import sparse_decode
+    from mla_kernels.reference import sparse_decode
 
     c = case
     batch, s_q = c.q_abs.shape[:2]

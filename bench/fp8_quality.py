@@ -53,7 +53,7 @@ def _attend64(q_nope, q_pe, kv_scores, kv_values, pe):
 
 def decode_error(batch: int, ctx: int, heads: int, q_scale: float, device, seed: int = 0) -> dict:
     from mla_kernels import fp8_latent_cache, mla_decode
-    from reference import dequantize_fp8, quantize_fp8
+    from mla_kernels.reference import dequantize_fp8, quantize_fp8
 
     gen = torch.Generator(device=device).manual_seed(seed)
     page = 64

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from reference import naive_mla
+from mla_kernels.reference import naive_mla
 
 from . import _harness as h
 from .decode import SEED_SMALL, MLAShape, make_weights

@@ -1,26 +1,12 @@
-"""Readable PyTorch ground truth for every kernel in mla_kernels.
+"""The repository's old home of the PyTorch references, kept so that ``import reference`` and
+``from reference.absorbed import ...`` still work from a checkout. They live in ``mla_kernels.reference`` (which a
+``pip install`` ships); these names are that package and its modules, the same objects."""
 
-``naive``    MLA as transformers computes it: decompress the latent into per-head K and V.
-``absorbed`` MLA in absorb mode over the paged latent cache, as DeepSeek-V3's inference code does it; and its
-             sparse form (each token over its own list of cache positions: DeepSeek-V3.2's DSA).
-``quant``    FP8 (e4m3, one fp32 scale per 128 values) quantization of the latent, DeepSeek's FP8 cache format.
+import sys
 
-Nothing here is fast; everything here is meant to be read. Tests compute these in float64.
-"""
+from mla_kernels import reference as _home
+from mla_kernels.reference import *  # noqa: F401,F403
+from mla_kernels.reference import __all__, absorbed, naive, quant  # noqa: F401
 
-from .absorbed import absorb_query, absorbed_decode, absorbed_prefill, gather_paged, sparse_decode, split_kv_b
-from .naive import naive_attention, naive_mla
-from .quant import dequantize_fp8, quantize_fp8
-
-__all__ = [
-    "absorb_query",
-    "absorbed_decode",
-    "absorbed_prefill",
-    "sparse_decode",
-    "gather_paged",
-    "split_kv_b",
-    "naive_attention",
-    "naive_mla",
-    "quantize_fp8",
-    "dequantize_fp8",
-]
+for _name in ("absorbed", "naive", "quant"):  # ``import reference.naive`` finds the package's module, not a copy
+    sys.modules[f"{__name__}.{_name}"] = getattr(_home, _name)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
     os.environ["TRITON_INTERPRET"] = "1"
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # reference/, bench/
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/ and reference/ (the old home of mla_kernels.reference)
 
 import pytest  # noqa: E402
 

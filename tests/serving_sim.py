@@ -16,9 +16,9 @@ from mla_kernels import _utils, mla_decode, mla_decode_metadata  # noqa: E402
 from mla_kernels.cache import CacheFullError, PagedLatentCache  # noqa: E402
 from mla_kernels.module import LatentBatch, MLAttention  # noqa: E402
 from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
-from reference.naive import naive_mla  # noqa: E402
-from reference.absorbed import absorbed_decode  # noqa: E402
-from reference.quant import quantize_fp8, dequantize_fp8  # noqa: E402
+from mla_kernels.reference.naive import naive_mla  # noqa: E402
+from mla_kernels.reference.absorbed import absorbed_decode  # noqa: E402
+from mla_kernels.reference.quant import quantize_fp8, dequantize_fp8  # noqa: E402
 import helpers  # noqa: E402
 
 LAYERS = 2

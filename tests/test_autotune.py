@@ -80,7 +80,7 @@ def fake_gpu(monkeypatch, tmp_path):
 
 def decode_call(device, seed=0):
     """A tiny decode problem (2 sequences of 40 and 23 tokens, NaN-poisoned cache) and its float64 reference."""
-    from reference import absorbed_decode
+    from mla_kernels.reference import absorbed_decode
 
     lens = [40, 23]
     kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device, generator_seed=seed)
@@ -887,7 +887,7 @@ def test_a_schedule_cut_again_after_a_drop_covers_sequences_longer_than_a_tile(f
     """As above, with sequences longer than the stored config's 128-key tiles (300 and 70 tokens: 128-tiles 3 + 1
     over 3 programs, the long sequence cut): the fallback's 64-key tiles walk the tables cut again for them. With the
     128-key tables they would read 128 of the 300 keys in program 0 and 64 of the 70 in program 2."""
-    from reference import absorbed_decode
+    from mla_kernels.reference import absorbed_decode
 
     lens = [300, 70]
     kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device, generator_seed=1)

@@ -14,7 +14,7 @@ from bench import _harness as h
 from bench import decode as bd
 from bench import memory as bm
 from mla_kernels import _launcher, decode_tma
-from reference import naive_mla
+from mla_kernels.reference import naive_mla
 
 
 def test_flop_and_byte_models_by_hand():

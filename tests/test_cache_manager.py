@@ -17,7 +17,7 @@ from helpers import SENTINEL_BLOCK
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch
-from reference import absorbed_decode, gather_paged
+from mla_kernels.reference import absorbed_decode, gather_paged
 
 R, P = 16, 16  # the smallest widths keep the state machine fast; the chat test uses DeepSeek's 512 + 64
 

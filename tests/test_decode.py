@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mla_kernels
-import reference
+from mla_kernels import reference
 from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
                      make_paged_cache, record_launches)
 from mla_kernels import _utils

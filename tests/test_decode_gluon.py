@@ -14,7 +14,7 @@ compiles with, and that a Gluon config on the CPU falls back to the TMA kernel w
 import pytest
 import torch
 
-import reference
+from mla_kernels import reference
 from helpers import assert_close, assert_lse_close
 from mla_kernels import decode, decode_tma
 from mla_kernels._utils import H100_SHARED_BYTES

@@ -9,7 +9,7 @@ a test cannot pass by silently falling back to it. On a GPU these run natively (
 import pytest
 import torch
 
-import reference
+from mla_kernels import reference
 from helpers import assert_close, assert_lse_close
 from mla_kernels import decode, decode_tma
 from mla_kernels.decode_tma import tma_supported

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-import reference
+from mla_kernels import reference
 from helpers import assert_close, assert_lse_close
 from mla_kernels import DecodeSchedule
 from mla_kernels.schedule import build_tables

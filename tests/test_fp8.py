@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import mla_kernels
-import reference
+from mla_kernels import reference
 from helpers import (COS_TOL, RMS_TOL, SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, err_ratio,
                      make_paged_cache)
 from mla_kernels import _utils

@@ -170,7 +170,7 @@ def test_cached_launches_on_a_gpu(monkeypatch):
     """On a GPU: repeat decode calls launch through the cache (entries stored, Triton's run not entered) and give
     bit for bit what Triton's own launch gives, also for a query view 2 bytes off alignment made after an aligned
     one (a stale kernel compiled for aligned loads would read it wrong), and on a side stream."""
-    import reference
+    from mla_kernels import reference
     from helpers import assert_close, make_paged_cache
     from mla_kernels import decode, mla_decode
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import reference
+from mla_kernels import reference
 from helpers import make_paged_cache
 
 D_NOPE, D_ROPE, D_V, R = 32, 16, 24, 64
@@ -68,3 +68,26 @@ def test_causal_mask_is_not_a_no_op():
     full, _ = reference.absorbed_decode(q, q_pe, kv_cache, pe_cache, table, seqlens, 0.2, causal=False)
     assert (causal[0, :2] - full[0, :2]).abs().max() > 1e-3
     torch.testing.assert_close(causal[0, 2], full[0, 2], rtol=0, atol=1e-12)  # the last token sees everything
+
+
+def test_references_ship_with_the_package_and_the_old_import_path_still_works():
+    """The references are ``mla_kernels.reference``: a wheel holds them (setuptools packages ``mla_kernels*``), so an
+    installed library has its ground truth beside it. A checkout's ``import reference`` (the old top-level home) gives
+    the same objects, modules included, not a copy: a monkeypatch of one is a monkeypatch of the other."""
+    import importlib
+    import os
+
+    import setuptools
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "mla_kernels.reference" in setuptools.find_packages(root, include=include)
+    old = importlib.import_module("reference")
+    for name in reference.__all__:
+        assert getattr(old, name) is getattr(reference, name), name
+    for module in ("naive", "absorbed", "quant"):
+        assert importlib.import_module(f"reference.{module}") is getattr(reference, module), module
+    from reference.absorbed import absorbed_decode
+    assert absorbed_decode is reference.absorbed_decode

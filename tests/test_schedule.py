@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mla_kernels
-import reference
+from mla_kernels import reference
 from helpers import SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects
 from mla_kernels import decode as decode_mod
 from mla_kernels import schedule

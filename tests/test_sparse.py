@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mla_kernels
-import reference
+from mla_kernels import reference
 from helpers import assert_close, assert_lse_close, assert_rejects, record_launches
 from mla_kernels import _utils
 from test_decode import SCALE, _alone, make_inputs
