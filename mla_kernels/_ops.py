@@ -135,11 +135,13 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
                 softmax_scale: float, causal: bool, return_lse: bool, max_seqlen_q: Optional[int],
                 max_seqlen_k: Optional[int], num_splits: Optional[int],
                 kv_scale: Optional[torch.Tensor] = None, cu_seqlens_q_host: Optional[list[int]] = None,
-                cache_seqlens_host: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cache_seqlens_host: Optional[list[int]] = None,
+                split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q,
                                   max_seqlen_k=max_seqlen_k, num_splits=num_splits, kv_scale=kv_scale,
-                                  cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host)
+                                  cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host,
+                                  split_tokens=split_tokens)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)
 
@@ -147,7 +149,7 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
 @mla_prefill.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
       return_lse, max_seqlen_q, max_seqlen_k, num_splits, kv_scale=None, cu_seqlens_q_host=None,
-      cache_seqlens_host=None):
+      cache_seqlens_host=None, split_tokens=None):
     _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                         cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, kv_scale=kv_scale)
     total, heads, _ = q_nope.shape
@@ -165,19 +167,20 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                           w_kv_b: torch.Tensor, softmax_scale: float, causal: bool, path: str,
                           return_lse: bool, kv_scale: Optional[torch.Tensor] = None,
                           cu_seqlens_q_host: Optional[list[int]] = None,
-                          cache_seqlens_host: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          cache_seqlens_host: Optional[list[int]] = None,
+                          split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                             cache_seqlens, w_kv_b, softmax_scale, causal, path,
                                             return_lse=return_lse, kv_scale=kv_scale,
                                             cu_seqlens_q_host=cu_seqlens_q_host,
-                                            cache_seqlens_host=cache_seqlens_host)
+                                            cache_seqlens_host=cache_seqlens_host, split_tokens=split_tokens)
     out, lse = result if return_lse else (result, None)
     return out.contiguous(), _lse_or_empty(lse, q_nope)  # the absorbed path's projection leaves it transposed
 
 
 @mla_prefill_attention.register_fake
 def _(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale, causal,
-      path, return_lse, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
+      path, return_lse, kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None):
     _utils.check_devices(q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, block_table=block_table,
                         cu_seqlens_q=cu_seqlens_q, cache_seqlens=cache_seqlens, w_kv_b=w_kv_b, kv_scale=kv_scale)
     total, heads, d_nope = q_nope.shape

@@ -561,18 +561,20 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     across calls is not part of.
     ``indices`` (decode only, a checked contiguous ``[B * S_q, K]`` int tensor): sparse attention, each query token
     over its own K listed positions; the grid then has a program per token (its heads are its rows) and splits K.
-    ``split_tokens`` (decode only, exclusive with ``num_splits`` and ``schedule``): splits begin at every multiple of
-    it rounded up to the key tile, and the split grid and combine run even for one split, so a row's result is
-    the same in any batch (``mla_decode``'s docstring).
+    ``split_tokens`` (exclusive with ``num_splits`` and ``schedule``): splits begin at every multiple of it rounded
+    up to the key tile, and the split grid and combine run even for one split, so a row's result is the same in any
+    batch (``mla_decode``'s docstring); with ``cu_seqlens_q`` (prefill) the default tiles are then a one-token
+    decode's at this head count, which the batch's ``max_seqlen_q`` does not choose.
     """
     varlen, sparse = cu_seqlens_q is not None, indices is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
     device = q_nope.device
     elem_bytes, kv_fp8 = q_nope.element_size(), kv_scale is not None
     rows_per_program = heads if sparse else max_seqlen_q * heads
-    cfg = config or decode_tiles(rows_per_program, d_latent, device, d_rope, elem_bytes, kv_fp8)
+    tile_rows = heads if varlen and split_tokens is not None else rows_per_program  # what picks the default tiles
+    cfg = config or decode_tiles(tile_rows, d_latent, device, d_rope, elem_bytes, kv_fp8)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
-        fallback = _fit_tiles(_config(rows_per_program, d_latent, _utils.on_hip(device)), device, d_latent,
+        fallback = _fit_tiles(_config(tile_rows, d_latent, _utils.on_hip(device)), device, d_latent,
                               d_rope, elem_bytes, kv_fp8)
 
         def launch(c):
@@ -924,7 +926,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             only). Exclusive with ``num_splits``.
         kv_scale: for an FP8 cache (``kv_cache`` float8_e4m3fn, e.g. from ``fp8_latent_cache``), its scales
             ``[num_blocks, block_size, R/128]`` float32; the latent is dequantized in registers to the query's
-            dtype, which must be ``pe_cache``'s (bf16 or fp16; queries are never fp8). None for other caches.
+            dtype, which must be ``pe_cache``'s (bf16, fp16 or fp32; queries are never fp8). None for other caches.
         indices: sparse attention (DeepSeek-V3.2's DSA, whose indexer picks each token's top-k keys): ``[B, S_q, K]``
             int32 (or int64) cache positions (0 to ``cache_seqlens[b] - 1``, numbered as above) that new token s
             of sequence b attends to, instead of the whole cache; negative entries (-1 by convention) pad a short

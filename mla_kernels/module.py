@@ -34,7 +34,7 @@ from torch import nn
 
 from . import _utils
 from .cache import PagedLatentCache
-from .decode import mla_decode
+from .decode import _check_split_tokens, mla_decode
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -410,6 +410,11 @@ class MLAttention(nn.Module):
             1.0 for every other model): the query (nope and rope parts, so every score: the softmax scale takes
             it) and the normalized latent (keys and values alike: scaled before it is cached) are multiplied by them.
         layer_idx: this layer's index in the ``PagedLatentCache``.
+        split_tokens: None, or batch-invariant attention: passed to every ``mla_decode`` and
+            ``mla_prefill_attention`` call (see ``mla_decode``), so a sequence's attention output does not depend
+            on the other sequences of its step. The projections around the attention are the caller's GEMMs (a
+            batch-invariant matmul library makes the whole layer invariant). Settable later (``attn.split_tokens =
+            n``); ``patch_model(split_tokens=n)`` sets it on every layer.
 
     ``forward(hidden_states, batch)`` runs one step: see its docstring. Inference only (the kernels have no
     backward).
@@ -419,7 +424,8 @@ class MLAttention(nn.Module):
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
                  attention_bias: bool = False, max_position_embeddings: int = 4096, layer_idx: int = 0,
-                 device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0):
+                 device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0,
+                 split_tokens: int | None = None):
         super().__init__()
         self.hidden_size = _dim("hidden_size", hidden_size)
         self.num_heads = _dim("num_heads", num_heads)
@@ -475,6 +481,17 @@ class MLAttention(nn.Module):
                              f" rotates {2 * inv_freq.shape[0]} of the qk_rope_head_dim={qk_rope_head_dim} rope values; "
                              "MLAttention rotates all of them (forward failed inside torch)")
         self.register_buffer("inv_freq", inv_freq if device is None else inv_freq.to(device), persistent=False)
+        self.split_tokens = split_tokens
+
+    @property
+    def split_tokens(self) -> int | None:
+        """None, or the ``split_tokens`` every attention call of this module gets (batch-invariant attention)."""
+        return self.__dict__.get("_split_tokens")  # (a module pickled before the option existed has none)
+
+    @split_tokens.setter
+    def split_tokens(self, value) -> None:
+        # checked here, not by the kernels after attend has written the step's tokens to the cache
+        self._split_tokens = None if value is None else min(_utils.check_int("split_tokens", value, 1), 2**62)
 
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``to_empty``...), then: a rope buffer that leaves the meta device
@@ -501,7 +518,8 @@ class MLAttention(nn.Module):
         return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
                 f"nope={self.qk_nope_head_dim}, rope={self.qk_rope_head_dim} ({self.rope_style}), v={self.v_head_dim}, "
                 f"softmax_scale={self.softmax_scale:.6g}, layer_idx={self.layer_idx}"
-                + (f", latent_scale={self.latent_scale:.6g}" if self.latent_scale != 1.0 else ""))
+                + (f", latent_scale={self.latent_scale:.6g}" if self.latent_scale != 1.0 else "")
+                + (f", split_tokens={self.split_tokens}" if self.split_tokens is not None else ""))
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -601,6 +619,9 @@ class MLAttention(nn.Module):
                                            "torch.no_grad() or torch.inference_mode(), or freeze the parameters")
             _utils.check_no_grad("MLAttention.attend", q_nope=q_nope, q_pe=q_pe, kv_c=kv_c, k_pe=k_pe)
         layer = self.layer_idx if layer is None else layer
+        if self.split_tokens is not None:  # the splits' bound, before the write (the calls would refuse after it)
+            _check_split_tokens(self.split_tokens, None, None, batch.max_seqlen_k if indices is None else
+                                indices.shape[1])
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
@@ -613,7 +634,8 @@ class MLAttention(nn.Module):
             out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
                              q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
                              kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
-                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale)
+                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+                             split_tokens=self.split_tokens)
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
 
@@ -624,7 +646,8 @@ class MLAttention(nn.Module):
                                      batch.cu_seqlens_q, batch.cache_seqlens, self._kv_b_weight(dtype),
                                      self.softmax_scale, causal=True,
                                      kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
-                                     cache_seqlens_host=batch.cache_seqlens_host if host else None)
+                                     cache_seqlens_host=batch.cache_seqlens_host if host else None,
+                                     split_tokens=self.split_tokens)
 
     def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
         """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is
@@ -678,7 +701,7 @@ class MLAttention(nn.Module):
         out = mla_decode(q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
                          batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
                          self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,
-                         kv_scale=kv_scale, indices=indices.unsqueeze(1))
+                         kv_scale=kv_scale, indices=indices.unsqueeze(1), split_tokens=self.split_tokens)
         return out.reshape(total, self.num_heads, self.v_head_dim)
 
     # -- forward -------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from . import _tuning
 from .cache import dequantize_fp8_torch
 from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
                      _project_v, _softmax_probs)
+from .decode import _check_split_tokens as _check_decode_split_tokens
 
 PATHS = ("auto", "absorbed", "expanded")
 
@@ -726,7 +727,7 @@ def _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, 
 
 def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
                 causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None,
-                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None):
+                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None):
     """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
 
     Args:
@@ -758,6 +759,14 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
             both or neither. Given, nothing is read back from the GPU and their values are checked as above on
             any device; on the CPU they must also equal the tensors (``ValueError`` naming both otherwise). On a
             GPU they are trusted to match the tensors: a mismatch is undefined behaviour.
+        split_tokens: batch-invariant prefill, as ``mla_decode``'s: every sequence's keys are split at each multiple
+            of ``split_tokens`` rounded up to the key tile, and the tiles are those of a one-token decode at this
+            head count (``decode.decode_tiles(H, ...)``), chosen without the batch's ``max_seqlen_q``. A row's
+            output and lse then depend on its own sequence (its tokens, history and cache) alone, not on the other
+            sequences of the batch, ``max_seqlen_q`` or ``max_seqlen_k``. Exclusive with ``num_splits``. Expect it
+            slower than the default at 16 heads or fewer with several new tokens per sequence (16 query rows per
+            program instead of 64, so the cache is read once per 16 rows). The Triton kernels' promise, as in
+            ``mla_decode``.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
@@ -773,6 +782,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     num_splits = _utils.check_int("num_splits", num_splits, 1)
     batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                               cache_seqlens, kv_scale, cu_seqlens_q_host, cache_seqlens_host)
+    split_tokens = _check_split_tokens(split_tokens, num_splits)
     _utils.check_same("q_nope", q_nope.shape[-1], "kv_cache", kv_cache.shape[-1], "latent width R")
     _utils.check_width("kv_cache latent", kv_cache.shape[-1])
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
@@ -782,32 +792,47 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
         out, lse = torch.ops.mla_kernels.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                                      cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q,
                                                      max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
-                                                     cache_seqlens_host)
+                                                     cache_seqlens_host, split_tokens)
         return (out, lse) if return_lse else out
     max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
                                                        batch, page, device, max_seqlen_q, max_seqlen_k, host,
                                                        host_sync=max_seqlen_q is None)
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, num_splits, max_seqlen_k)
     out, lse = _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                              softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host,
-                             kv_scale=kv_scale)
+                             kv_scale=kv_scale, split_tokens=split_tokens)
     return (out, lse) if return_lse else out
 
 
+def _check_split_tokens(split_tokens, num_splits, max_seqlen_k=None):
+    """``split_tokens`` checked as ``mla_decode``'s (``decode._check_split_tokens``): without ``max_seqlen_k`` its
+    type and ``num_splits``' exclusion (before a call is traced), with it (the call's, resolved by
+    ``_check_metadata``) also the grid's bound on the splits of the keys."""
+    if split_tokens is None:
+        return None
+    if max_seqlen_k is None:
+        return _check_decode_split_tokens(split_tokens, num_splits, None, 0)
+    return _check_decode_split_tokens(split_tokens, num_splits, None, max_seqlen_k)
+
+
 def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
-                  return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host, kv_scale=None):
+                  return_lse, batch, max_seqlen_q, max_seqlen_k, num_splits, host, kv_scale=None, split_tokens=None):
     if not _utils.use_triton(q_nope):
         out, lse = _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, host[0], cache_seqlens,
                                   softmax_scale, causal, kv_scale)
         return out, (lse if return_lse else None)
-    if num_splits is None and _utils.interpreting():
+    if num_splits is None and split_tokens is None and _utils.interpreting():
         num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
+    # split_tokens: no prefill config (its class is the batch's max_seqlen_q): _launch takes a one-token decode's
+    config = None if split_tokens is not None else _absorbed_config(
+        max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2], q_pe.shape[2], q_nope.element_size(),
+        kv_scale is not None)
     with _utils.launch_device(q_nope.device):
         return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
-                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-                       config=_absorbed_config(max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2],
-                                               q_pe.shape[2], q_nope.element_size(), kv_scale is not None),
-                       kv_scale=kv_scale)
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=config,
+                       kv_scale=kv_scale, split_tokens=split_tokens)
 
 
 # (D_nope, D_v, P, dtype, device) whose expanded kernel the GPU refused for want of shared memory even at the
@@ -818,7 +843,7 @@ _EXPANDED_UNFIT: set = set()
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
                           softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None,
-                          cu_seqlens_q_host=None, cache_seqlens_host=None):
+                          cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None):
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
@@ -836,6 +861,10 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         kv_scale: an FP8 cache's scales, as in ``mla_decode``. The absorbed path dequantizes in the kernel's
             registers; the expanded path in its gather kernel, before its GEMM.
         cu_seqlens_q_host, cache_seqlens_host: the lengths as lists of Python ints, as in ``mla_prefill``.
+        split_tokens: batch-invariant attention, as in ``mla_prefill``: runs the absorbed path ("auto" takes it;
+            "expanded", whose key and value GEMM and tiles follow the batch, is refused with a ``ValueError``). The
+            attention's output and lse then depend on the row's own sequence alone; the projections around it are
+            cuBLAS GEMMs over the batch's tokens, which make no such promise (``mla_decode``'s ``w_uv`` note).
 
     Returns:
         ``out [T, H, D_v]`` in q's dtype (and lse).
@@ -861,16 +890,24 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, None)
+        if path == "expanded":
+            raise ValueError("split_tokens runs the absorbed path: the expanded path's tiles and key/value GEMM "
+                             "follow the batch; use path='absorbed' or 'auto'")
+        path = "absorbed"
     _utils.check_no_grad("mla_prefill_attention", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache,
                          w_kv_b=w_kv_b, kv_scale=kv_scale)
     if torch.compiler.is_compiling():  # reads lengths on the host: inside a graph, one opaque op
         out, lse = torch.ops.mla_kernels.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table,
                                                                cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale,
                                                                causal, path, return_lse, kv_scale, cu_seqlens_q_host,
-                                                               cache_seqlens_host)
+                                                               cache_seqlens_host, split_tokens)
         return (out, lse) if return_lse else out
     max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
                                                        batch, page, device, None, None, host, host_sync=True)
+    if split_tokens is not None:
+        split_tokens = _check_split_tokens(split_tokens, None, max_seqlen_k)
     d_v = w_kv_b.shape[0] // heads - d_nope
     cu_q, lens = host
     new_lens = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
@@ -885,7 +922,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
         q_latent = torch.bmm(q_nope.transpose(0, 1), w[:, :d_nope]).transpose(0, 1)  # [T, H, R]
         out, lse = _run_absorbed(q_latent, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                  softmax_scale, causal, return_lse, batch, max_seqlen_q, max_seqlen_k, None, host,
-                                 kv_scale=kv_scale)
+                                 kv_scale=kv_scale, split_tokens=split_tokens)
         out = _project_v(out, w[:, d_nope:])
         return (out, lse) if return_lse else out
 

@@ -163,3 +163,65 @@ def test_a_batch_whose_last_token_lies_in_a_block_a_fork_shares_is_refused():
         with pytest.raises(ValueError, match="fork shares"):
             LatentBatch(cache, [a], [n], cache.slots(a, 8 - n, 8))
     LatentBatch(cache, [a], [0], cache.slots(a, 8, 8))  # no new token: nothing to write
+
+
+def test_split_tokens_reaches_every_attention_call(monkeypatch):
+    """``MLAttention(split_tokens=n)`` (or ``attn.split_tokens = n``) hands ``n`` to the step's ``mla_decode``, its
+    ``mla_prefill_attention`` and its sparse ``mla_decode``; the outputs stay those of the default split (the fp32
+    dots reorder their sums only)."""
+    from mla_kernels import module, prefill
+
+    seen = []
+    real_decode, real_prefill = module.mla_decode, prefill.mla_prefill_attention
+    monkeypatch.setattr(module, "mla_decode",
+                        lambda *a, **kw: seen.append(("decode", kw.get("split_tokens"))) or real_decode(*a, **kw))
+    monkeypatch.setattr(prefill, "mla_prefill_attention",
+                        lambda *a, **kw: seen.append(("prefill", kw.get("split_tokens"))) or real_prefill(*a, **kw))
+    outs = {}
+    for n in (None, 4):
+        torch.manual_seed(0)
+        m = MLAttention(HID, H, R, D, P, D, split_tokens=n).eval().requires_grad_(False)
+        assert m.split_tokens == n and ("split_tokens=4" in repr(m)) == (n == 4)
+        cache = PagedLatentCache(1, 16, 4, R, P, dtype=torch.float32)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        hidden = torch.randn(20, HID, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            first = m(hidden[:9], LatentBatch.reserve(cache, seqs, [6, 3]))  # ragged: prefill
+            second = m(hidden[9:11], LatentBatch.reserve(cache, seqs, [1, 1]))  # decode
+            batch = LatentBatch.reserve(cache, seqs, [1, 1])
+            flat = m.project(hidden[11:13], *m.rotary(batch.positions, torch.float32))
+            indices = torch.tensor([[0, 3, 6, -1], [1, 2, 3, -1]])  # sparse decode
+            third = m.attend(*flat, batch, indices=indices)
+        outs[n] = (first, second, third)
+    assert seen == [("prefill", None), ("decode", None), ("decode", None), ("prefill", 4), ("decode", 4), ("decode", 4)]
+    for name, a, b in zip(("prefill", "decode", "sparse"), outs[None], outs[4]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (2.0, ValueError), (True, ValueError), ("8", ValueError)])
+def test_split_tokens_is_checked_when_set(bad, error):
+    with pytest.raises(error, match="split_tokens"):
+        MLAttention(HID, H, R, D, P, D, split_tokens=bad)
+    m = MLAttention(HID, H, R, D, P, D)
+    with pytest.raises(error, match="split_tokens"):
+        m.split_tokens = bad
+    assert m.split_tokens is None
+
+
+def test_split_tokens_past_the_grid_is_refused_before_writing():
+    """A step whose keys ``split_tokens`` would cut into more than 65535 splits (a launch grid's bound) is refused by
+    the module before it writes the step's tokens, not by the kernel after: the cache keeps what it held."""
+    torch.manual_seed(0)
+    m = MLAttention(HID, H, R, D, P, D, split_tokens=1).eval().requires_grad_(False)
+    cache = PagedLatentCache(1, 16385, 4, R, P, dtype=torch.float32)
+    seq = cache.add_sequence()
+    cache.append(seq, 65535)
+    batch = LatentBatch.reserve(cache, [seq], [1])  # 65536 keys: 65536 splits of one
+    before = cache.buffer(0).clone()
+    with torch.no_grad(), pytest.raises(ValueError, match="split_tokens=1 cuts 65536 keys"):
+        m(torch.randn(1, HID), batch)
+    assert torch.equal(cache.buffer(0), before)
+    batch.cancel()
+    m.split_tokens = 2  # 32768 splits: taken
+    with torch.no_grad():
+        assert m(torch.randn(1, HID), LatentBatch.reserve(cache, [seq], [1])).shape == (1, HID)

@@ -183,6 +183,25 @@ def test_opcheck_mla_prefill(return_lse, device):
     assert torch.equal(lse, expected[1]) if return_lse else lse.shape == (0,)
 
 
+def test_opcheck_prefill_ops_with_split_tokens(device):
+    """Both prefill ops take ``split_tokens`` (batch-invariant prefill) and give the eager calls' bits."""
+    q_latent, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
+    args = (q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE, True, True, None, None, None, None, None,
+            None, 2)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_prefill.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_prefill(*args)
+    expected = mla_kernels.mla_prefill(q_latent, q_pe, kv_cache, pe_cache, table, cu, seqlens, SCALE,
+                                       return_lse=True, split_tokens=2)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+    args = (q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE, True, "auto", True, None, None, None,
+            2)
+    torch.library.opcheck(torch.ops.mla_kernels.mla_prefill_attention.default, args, test_utils=OPCHECK_TESTS)
+    out, lse = torch.ops.mla_kernels.mla_prefill_attention(*args)
+    expected = mla_kernels.mla_prefill_attention(q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE,
+                                                 return_lse=True, split_tokens=2)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
 @pytest.mark.parametrize("host", [False, True], ids=["lengths-read", "host-lengths"])
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
 def test_opcheck_mla_prefill_attention(path, host, device):
@@ -199,7 +218,7 @@ def test_opcheck_mla_prefill_attention(path, host, device):
 
 def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     """Under torch.compile(fullgraph=True) mla_prefill_attention with host lengths traces to the one op, which gets
-    the lengths as its last two arguments, and returns the eager result."""
+    the lengths as its arguments after ``kv_scale`` (before ``split_tokens``), and returns the eager result."""
     _, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
 
     def step(q_raw, cu_host, lens_host):
@@ -216,7 +235,7 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     got = torch.compile(step, backend=backend, fullgraph=True)(q_raw, cu.tolist(), seqlens.tolist())
     assert torch.equal(got, step(q_raw, cu.tolist(), seqlens.tolist()))
     calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "mla_prefill_attention" in str(n.target)]
-    assert len(calls) == 1 and list(calls[0].args[-2:]) == [cu.tolist(), seqlens.tolist()]
+    assert len(calls) == 1 and list(calls[0].args[13:15]) == [cu.tolist(), seqlens.tolist()]
 
 
 COMPILED_BAD_PREFILL = {

@@ -9,7 +9,7 @@ import torch
 import mla_kernels
 from mla_kernels import reference
 from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
-                     make_paged_cache)
+                     make_paged_cache, record_launches)
 from mla_kernels import _utils, prefill
 
 ON_GPU = torch.cuda.is_available()
@@ -187,6 +187,77 @@ def test_prefill_matches_decode_for_one_token(device):
     # rounding then flips by one ulp at most, so the relative RMS stays below one bf16 ulp, 2^-8 (RMS_TOL, 8e-3, is
     # each against float64 and would let a 1% change of the scores through: two results each that far from it)
     assert_close("prefill vs decode", out, dec[:, 0], torch.bfloat16, rms_tol=2 ** -8, cos_tol=2 ** -16)
+
+
+def _sequence_alone(a: dict, b: int, page: int) -> dict:
+    """Sequence ``b`` of prefill inputs as a batch of its own: its query rows, its block table row cut to its own
+    length (as a serving engine gives a request that runs alone), its lengths."""
+    cu = a["cu_seqlens_q"].tolist()
+    length = int(a["cache_seqlens"][b])
+    one = dict(a, q_nope=a["q_nope"][cu[b]:cu[b + 1]], q_pe=a["q_pe"][cu[b]:cu[b + 1]],
+               block_table=a["block_table"][b:b + 1, :max(1, -(-length // page))].contiguous(),
+               cu_seqlens_q=a["cu_seqlens_q"].new_tensor([0, cu[b + 1] - cu[b]]),
+               cache_seqlens=a["cache_seqlens"][b:b + 1])
+    return one
+
+
+SPLIT_BATCH = ([5, 40, 0, 17], [700, 3, 20, 0], 3, 16)  # (new, history, heads, page): max_seqlen_q 40 in the batch
+
+
+@pytest.mark.parametrize("split_tokens", [1, 64, 1 << 40], ids=lambda n: f"split{n}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_prefill_split_tokens_give_each_sequence_the_same_bits_in_any_batch(split_tokens, dtype, device,
+                                                                              poisoned_empty):
+    """``mla_prefill(split_tokens=n)``: each sequence's output and lse are bitwise those it gets alone (with its own
+    block table and ``max_seqlen_q``), and under another ``max_seqlen_q``/``max_seqlen_k``, and match the reference.
+    On a GPU the default's tiles follow the batch's ``max_seqlen_q`` (16 x 32 for a one-token sequence at 16 heads
+    alone, 64 x 64 beside a prompt) and its split count the batch; under the interpreter the default runs one split
+    and tiles that follow ``max_seqlen_q`` too (``test_prefill_split_tokens_tiles_follow_no_batch`` records them)."""
+    new, history, heads, page = SPLIT_BATCH
+    a = make_inputs(new, history, heads, page, dtype, device, r=64, p=16)
+    out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True, split_tokens=split_tokens)
+    ref_out, ref_lse = absorbed_reference(a)
+    assert_close(f"split_tokens={split_tokens}", out, ref_out, dtype)
+    assert_lse_close(f"split_tokens={split_tokens}", lse, ref_lse)
+    again = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True, split_tokens=split_tokens,
+                                    max_seqlen_q=64, max_seqlen_k=2000)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1]), "max_seqlen_q/max_seqlen_k changed the bits"
+    cu = a["cu_seqlens_q"].tolist()
+    for b in (0, 1, 3):
+        alone = mla_kernels.mla_prefill(**_sequence_alone(a, b, page), softmax_scale=SCALE, return_lse=True,
+                                        split_tokens=split_tokens)
+        assert torch.equal(out[cu[b]:cu[b + 1]], alone[0]), f"sequence {b}: its output alone differs"
+        assert torch.equal(lse[cu[b]:cu[b + 1]], alone[1]), f"sequence {b}: its lse alone differs"
+
+
+def test_prefill_split_tokens_tiles_follow_no_batch(monkeypatch):
+    """What makes the bits the batch's, recorded: without ``split_tokens`` the attention kernel's tiles follow the
+    batch's ``max_seqlen_q`` (a sequence alone and in the batch get other tiles) and, on a GPU, its split count the
+    batch; with it, the tiles are a one-token decode's at this head count (``mla_decode``'s own launch) and the
+    splits are ``split_tokens`` long, alone and in the batch."""
+    from mla_kernels import decode
+
+    new, history, heads, page = SPLIT_BATCH
+    a = make_inputs(new, history, heads, page, torch.float32, "cpu", r=64, p=16)
+    launches = record_launches(monkeypatch, decode, "_mla_attn_kernel", "_mla_combine_kernel")
+
+    def attention(args, **kw):  # the attention launch's tiles, split length (its 18th argument), combines
+        launches.clear()
+        mla_kernels.mla_prefill(**args, softmax_scale=SCALE, **kw)
+        (_, params, kwargs), *combine = launches
+        return tuple(kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")), params[17], len(combine)
+
+    alone = _sequence_alone(a, 0, page)
+    assert attention(a)[0] != attention(alone)[0], "the default's tiles no longer follow max_seqlen_q: reword"
+    launches.clear()
+    mla_kernels.mla_decode(alone["q_nope"][:1, None], alone["q_pe"][:1, None], a["kv_cache"], a["pe_cache"],
+                           alone["block_table"], alone["cache_seqlens"], SCALE, split_tokens=64)
+    (_, _, decode_kwargs), _ = launches
+    decode_tiles = tuple(decode_kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+    batch, one = attention(a, split_tokens=64), attention(alone, split_tokens=64)
+    assert batch[0] == one[0] == decode_tiles, (batch, one, decode_tiles)
+    assert batch[1] == one[1] == 64, "splits of split_tokens keys (a multiple of the key tile here)"
+    assert batch[2] == one[2] == 1, "the split combine must run alone and in the batch"
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
@@ -565,6 +636,14 @@ BAD = {
     "q_nope-no-heads": (lambda a: a.update(q_nope=a["q_nope"][:, :0], q_pe=a["q_pe"][:, :0]), ValueError, "q_nope"),
     "cu_seqlens_q-other-device": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].to("meta")), ValueError,
                                   "cu_seqlens_q"),
+    "split_tokens-zero": (lambda a: a.update(split_tokens=0), ValueError, "split_tokens"),
+    "split_tokens-float": (lambda a: a.update(split_tokens=64.0), ValueError, "split_tokens"),
+    "split_tokens-and-num_splits": (lambda a: a.update(split_tokens=64, num_splits=2), ValueError,
+                                    "split_tokens and num_splits"),
+    # 65536 splits of one key each: past a launch grid's third axis (the bound names the keys, max_seqlen_k)
+    "split_tokens-past-the-grid": (lambda a: a.update(split_tokens=1, max_seqlen_k=65536,
+                                                      block_table=torch.zeros(3, 4096, dtype=torch.int32)),
+                                   ValueError, "split_tokens=1 cuts 65536 keys"),
 }
 
 
@@ -599,6 +678,10 @@ BAD_ATTENTION = {
     # no backward pass: the absorbed path gave w_kv_b a partial gradient and q_nope none, the expanded one nothing
     "w_kv_b-requires-grad": (lambda a: a.update(w_kv_b=a["w_kv_b"].detach().requires_grad_()), ValueError, "w_kv_b"),
     "q_pe-requires-grad": (lambda a: a.update(q_pe=a["q_pe"].detach().requires_grad_()), ValueError, "q_pe"),
+    "split_tokens-zero": (lambda a: a.update(split_tokens=0), ValueError, "split_tokens"),
+    "split_tokens-bool": (lambda a: a.update(split_tokens=True), ValueError, "split_tokens"),
+    # the expanded path's tiles and key/value GEMM follow the batch: refused, not silently taken
+    "split_tokens-expanded": (lambda a: a.update(split_tokens=64, path="expanded"), ValueError, "split_tokens"),
 }
 
 
@@ -606,6 +689,23 @@ BAD_ATTENTION = {
 def test_bad_input_attention(case):
     args = _good(d_nope=32)
     assert_rejects(mla_kernels.mla_prefill_attention, args, *BAD_ATTENTION[case])
+
+
+def test_attention_split_tokens_takes_the_absorbed_path(device, monkeypatch):
+    """``mla_prefill_attention(split_tokens=n)`` runs the absorbed path even where "auto" would expand (the cost model
+    forced to say so here), passes ``split_tokens`` to it, and matches the reference."""
+    a = make_inputs([9, 0, 30], [3, 20, 100], 2, 16, torch.bfloat16, device, d_nope=D_NOPE)
+    monkeypatch.setattr(prefill, "_choose", lambda *args, **kw: "expanded")
+    monkeypatch.setattr(prefill, "_gather_latent", None)  # the expanded path's first step: must not be reached
+    monkeypatch.setattr(prefill, "_gather_latent_torch", None)
+    seen = []
+    real = prefill._run_absorbed
+    monkeypatch.setattr(prefill, "_run_absorbed", lambda *args, **kw: seen.append(kw["split_tokens"]) or real(*args, **kw))
+    out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, return_lse=True, split_tokens=64)
+    assert seen == [64]
+    ref_out, ref_lse = naive_reference(a)
+    assert_close("split_tokens, auto", out, ref_out, torch.bfloat16)
+    assert_lse_close("split_tokens, auto", lse, ref_lse, atol=LSE_ATOL_ROUNDED_Q[torch.bfloat16])
 
 
 def test_good_input_of_the_bad_input_tests_runs():

@@ -491,6 +491,32 @@ def test_a_left_padded_prompt_fed_one_token_at_a_time():
     assert [lc.seqlen(s) for s in lc.seq_ids] == [n + GREEDY["max_new_tokens"] - 1 for n in (5, 9, 2, 1)]
 
 
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_patch_model_split_tokens_reaches_every_layer(cache_kind, monkeypatch):
+    """``patch_model(split_tokens=n)`` sets ``n`` on every patched layer, every attention call of a generation (prompt
+    and decode steps, the paged and the static latent cache) gets it, and the greedy tokens stay transformers'."""
+    from mla_kernels import module, prefill
+    from mla_kernels.integrations.transformers import static_latent_cache
+
+    model = tiny_model()
+    ids, mask = left_padded([5, 9, 2])
+    seen = []
+    for mod, name in ((module, "mla_decode"), (integration, "mla_decode"), (prefill, "mla_prefill_attention"),
+                      (integration, "mla_prefill_attention")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, **kw: seen.append(kw.get("split_tokens")) or _real(*a, **kw))
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4, split_tokens=32)
+        assert {m.split_tokens for m in model.modules() if isinstance(m, TransformersMLAttention)} == {32}
+        kw = {} if cache_kind == "dynamic" else dict(past_key_values=static_latent_cache(model, 3, 32, block_size=4))
+        out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY, **kw)
+    assert torch.equal(out, expected)
+    assert len(seen) >= 2 * GREEDY["max_new_tokens"] and set(seen) == {32}, seen
+    with pytest.raises(ValueError, match="split_tokens"):
+        patch_model(tiny_model(), split_tokens=0)
+
+
 def test_patch_shares_parameters_and_unpatch_restores():
     model = tiny_model(q_lora_rank=32)
     before = model.state_dict()

@@ -51,7 +51,7 @@ from torch import nn
 
 from .. import _utils
 from ..cache import CacheFullError, PagedLatentCache, write_cache
-from ..decode import mla_decode
+from ..decode import _check_split_tokens, mla_decode
 from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
 
@@ -941,6 +941,8 @@ class _StaticLatentState:
         torch._assert_async((cache_layer.cumulative_length + query_len <= self.max_cache_len).all(),
                             "mla_kernels: the static latent cache is full: this step would pass its max_cache_len "
                             "tokens per row (pads included, as transformers counts them); make a larger one")
+        if attn.split_tokens is not None:  # the splits' bound, before anything is counted or stored
+            _check_split_tokens(attn.split_tokens, None, None, self.capacity)
         columns = (cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)).clamp_(
             max=self.max_cache_len - 1)  # in range for the index even on a GPU, where the assertion comes later
         real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
@@ -969,7 +971,7 @@ class _StaticLatentState:
             q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w_uk)
             out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
                              attn.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=self.capacity,
-                             kv_scale=kv_scale)
+                             kv_scale=kv_scale, split_tokens=attn.split_tokens)
             return out.reshape(batch_size, query_len, heads * d_v)
         # a prompt (eager, like transformers' own static-cache prefill): pads packed out by the step's index, the
         # lengths from its host lists (read once, by its first layer)
@@ -981,7 +983,7 @@ class _StaticLatentState:
         packed = mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
                                        step.cu_seqlens_q, seqlens, attn._kv_b_weight(q_nope.dtype), attn.softmax_scale,
                                        causal=True, kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host,
-                                       cache_seqlens_host=step.cache_seqlens_host)
+                                       cache_seqlens_host=step.cache_seqlens_host, split_tokens=attn.split_tokens)
         if packing is not None:
             packed = _unpack(packed, packing, batch_size, query_len)
         return packed.reshape(batch_size, query_len, heads * d_v)
@@ -1098,7 +1100,8 @@ class TransformersMLAttention(MLAttention):
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
               max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None, *, latent_layer: int | None = None,
-              num_latent_layers: int | None = None, hybrid: bool = False) -> "TransformersMLAttention":
+              num_latent_layers: int | None = None, hybrid: bool = False,
+              split_tokens: int | None = None) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention). ``num_cache_layers``:
         the transformers Cache's layers (a static latent cache has as many); ``latent_layer`` of
         ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
@@ -1128,6 +1131,7 @@ class TransformersMLAttention(MLAttention):
         new.block_size = block_size
         new.max_cache_tokens = max_cache_tokens
         new.cache_dtype = cache_dtype
+        new.split_tokens = split_tokens
         new.is_causal = True
         new.training = original.training  # the module's own mode flag; its children are the shared projections
         # the kernels have no attention dropout: a train-mode forward with a non-zero rate is refused (_forward)
@@ -1369,7 +1373,7 @@ def _attention_class(model_type: str):
 
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
-                cache_dtype: torch.dtype | None = None) -> nn.Module:
+                cache_dtype: torch.dtype | None = None, split_tokens: int | None = None) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3,
     LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear, Ling 3) model for ``TransformersMLAttention`` (a hybrid's other attention
     modules, ``_OTHER_ATTENTION``, stay as they are).
@@ -1384,6 +1388,10 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         cache_dtype: None (the model's dtype) or ``torch.float8_e4m3fn``: DeepSeek's FP8 latent cache (e4m3 latent
             with one fp32 scale per 128 values, rope key in the model's dtype; 656 instead of 1152 bytes per token
             and layer at DeepSeek's widths in bf16). Needs ``config.kv_lora_rank`` a multiple of 128.
+        split_tokens: None, or batch-invariant attention in every layer (``MLAttention``'s ``split_tokens``): a
+            sequence's attention output, in prompt and decode steps, does not depend on the other sequences
+            generated beside it. The model's own GEMMs and norms are transformers' (a batch-invariant matmul
+            library makes them invariant too).
 
     Returns ``model``, patched in place: the new modules share the original projection modules (no copies; the
     state dict keeps its keys and tensors). Every layer is checked before any is swapped, so a model that can't
@@ -1398,6 +1406,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"max_cache_tokens must be None or an int >= block_size, got {max_cache_tokens!r}")
     if cache_dtype is not None and cache_dtype not in _utils.FP8_DTYPES:
         raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
+    if split_tokens is not None:
+        split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
     slots = _mla_slots(layers, model_type)
@@ -1450,7 +1460,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     for parent, name, attn in slots:
         setattr(parent, name, TransformersMLAttention.adopt(
             attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
-            num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION))
+            num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens))
     return model
 
 
