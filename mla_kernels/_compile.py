@@ -655,13 +655,14 @@ def jit_shapes(target: str = "sm90") -> dict:
             return mla_decode(q_nope, q_pe, kv, pe, table, seqlens, 0.1, metadata=meta, **kw)
         return call
 
-    def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False):
+    def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False, split_tokens=None):
         kv, pe, scale, table = cache(page, 100, 2, 512, 64, dtype, fp8)
         seqlens, cu = torch.tensor([70, 33], dtype=torch.int32), torch.tensor([0, 20, 53], dtype=torch.int32)
         q_pe = rnd(53, heads, 64, dtype=dtype)
         if path == "latent":
             q_nope = rnd(53, heads, 512, dtype=dtype)
-            return lambda: mla_prefill(q_nope, q_pe, kv, pe, table, cu, seqlens, 0.1, kv_scale=scale)
+            return lambda: mla_prefill(q_nope, q_pe, kv, pe, table, cu, seqlens, 0.1, kv_scale=scale,
+                                       split_tokens=split_tokens)
         q_nope, w_kv_b = rnd(53, heads, 128, dtype=dtype), rnd(heads * 256, 512, dtype=dtype)
         return lambda: mla_prefill_attention(q_nope, q_pe, kv, pe, table, cu, seqlens, w_kv_b, 0.1, path=path,
                                              kv_scale=scale)
@@ -683,6 +684,8 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases.update({f"decode-h{h}-split-tokens{n}": decode(h, 1, 16, split_tokens=n) for h in (1, 128) for n in (1, 4096)})
     cases.update({f"prefill-{path}-h{h}-page{p}": prefill(h, p, path)
                   for path in ("latent", "absorbed", "expanded") for h in (1, 128) for p in (1, 64)})
+    # batch-invariant prefill: a one-token decode's tiles in ragged-rows mode, split (16 x 32 at 16 heads)
+    cases.update({f"prefill-latent-h{h}-split-tokens64": prefill(h, 16, "latent", split_tokens=64) for h in (16, 128)})
     cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)
     cases["prefill-expanded-h16-float32"] = prefill(16, 16, "expanded", dtype=torch.float32)
     cases.update({f"write-{name}": write(fp8) for name, fp8 in (("bf16", False), ("fp8", True))})

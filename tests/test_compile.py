@@ -191,6 +191,7 @@ def test_public_calls_compile_across_shapes():
     assert kernels["decode-h128-sparse-page1"] == ["_mla_sparse_attn_kernel"]
     # split_tokens: the split grid and its combine even where one split holds every sequence (4096 > 300 keys)
     assert kernels["decode-h1-split-tokens4096"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
+    assert kernels["prefill-latent-h16-split-tokens64"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
     assert kernels["prefill-expanded-h16-fp8"] == ["_gather_latent_kernel", "_mla_expanded_kernel"]
     assert len(got) >= 40
 
