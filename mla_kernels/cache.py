@@ -478,18 +478,22 @@ class PagedLatentCache:
         _check_bytes(num_layers, num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype) if fp8
                      else (kv_lora_rank + rope_dim) * dtype.itemsize)
         self.device = _utils.check_alloc_device("device", device)
-        if fp8:
-            row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
-            self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
-                             for _ in range(num_layers)]
-            views = [_fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype) for buf in self._buffers]
-            self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
-        else:
-            self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
-                                         device=self.device) for _ in range(num_layers)]
-            self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
-            self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
-            self._scale_views = [None] * num_layers
+        # normal tensors even when made under torch.inference_mode: a cache outlives the mode it was made in, and
+        # an inference tensor refuses in-place writes outside it (a conversation begun under inference_mode and
+        # continued under no_grad failed in its first write, after the step was reserved)
+        with torch.inference_mode(False):
+            if fp8:
+                row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
+                self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
+                                 for _ in range(num_layers)]
+                views = [_fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype) for buf in self._buffers]
+                self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
+            else:
+                self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
+                                             device=self.device) for _ in range(num_layers)]
+                self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
+                self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
+                self._scale_views = [None] * num_layers
         if self._buffers:  # the device with its index ("cuda" -> "cuda:0"), so it compares equal to its tensors'
             self.device = self._buffers[0].device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first

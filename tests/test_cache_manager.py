@@ -753,6 +753,22 @@ def test_grown_keeps_block_ids_contents_and_sharing(dtype, device):
         cache._grown(3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+def test_a_cache_made_under_inference_mode_takes_writes_outside_it(dtype):
+    """A cache outlives the mode it was made in: made under torch.inference_mode, its buffers were inference tensors,
+    which refuse in-place writes outside that mode (the PyTorch path's write raised inside torch)."""
+    kv, pe = torch.randn(3, 128), torch.randn(3, P, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        cache = PagedLatentCache(1, 2, 4, 128, P, dtype=dtype, rope_dtype=torch.bfloat16 if dtype != torch.bfloat16
+                                 else None)
+        seq = cache.add_sequence()
+    with torch_path(), torch.no_grad():
+        cache.write(0, cache.append(seq, 3), kv.to(torch.bfloat16), pe)
+        grown = cache._grown(3)
+        grown.write(0, grown.append(seq, 1), kv[:1].to(torch.bfloat16), pe[:1])
+    assert torch.equal(grown.views(0)[1][0, :4], torch.cat([pe, pe[:1]]))
+
+
 @pytest.mark.parametrize("kwargs,error,name", [
     (dict(num_layers=0), ValueError, "num_layers"),
     (dict(num_blocks=0), ValueError, "num_blocks"),

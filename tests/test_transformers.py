@@ -591,6 +591,33 @@ def test_output_attentions_is_refused(monkeypatch):
     assert len(out.hidden_states) == GREEDY["max_new_tokens"]
 
 
+def test_unpatch_gives_back_transformers_output_attentions(monkeypatch):
+    """transformers installs its output-capturing hooks once per model, on the first forward that collects outputs:
+    done while patched (output_hidden_states, or a refused output_attentions), the restored attention modules had
+    none, and the unpatched model's output_attentions=True silently gave an empty tuple. Hooks installed before
+    patching are not doubled either."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    ids, mask = left_padded([3, 2])
+    stock = tiny_model()
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(expected.attentions) == 2
+    for before in (False, True):
+        model = tiny_model()
+        with torch.no_grad():
+            if before:
+                model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            patch_model(model)
+            model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            with pytest.raises(ValueError, match="output_attentions"):
+                model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            unpatch_model(model)
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        assert len(out.attentions) == len(expected.attentions) and len(out.hidden_states) == len(expected.hidden_states)
+        for got, want in zip(out.attentions + out.hidden_states, expected.attentions + expected.hidden_states):
+            assert torch.equal(got, want)
+
+
 def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     """model.eval() while patched reaches the patched modules only; unpatch_model must hand the original attention
     the model's current mode, or its attention dropout stays on in eval (and off in train)."""
@@ -609,6 +636,31 @@ def test_unpatch_restores_the_train_eval_mode_set_while_patched():
     model.train()
     unpatch_model(model)
     assert all(layer.self_attn.training for layer in model.model.layers)
+
+
+def test_unpatch_keeps_a_projection_replaced_while_patched(monkeypatch):
+    """A projection module replaced on the patched attention (a merged adapter, a pruned or re-quantized Linear) is
+    the model's from then on: unpatch_model gave the original attention back with the old module, silently (other
+    outputs, and a state dict without the change)."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    ids, mask = left_padded([5, 3])
+    model = patch_model(tiny_model(q_lora_rank=32))
+    attn = model.model.layers[0].self_attn
+    replaced = {}
+    for name in ("o_proj", "q_a_proj"):
+        old = getattr(attn, name)
+        replaced[name] = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        with torch.no_grad():
+            replaced[name].weight.copy_(old.weight * 0.5)
+        setattr(attn, name, replaced[name])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        unpatch_model(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    restored = model.model.layers[0].self_attn
+    assert isinstance(restored, DeepseekV3Attention)
+    assert all(getattr(restored, name) is module for name, module in replaced.items())
+    assert (got - expected)[mask.bool()].abs().max() < 1e-5
 
 
 class _ForeignAttention(torch.nn.Module):
@@ -821,6 +873,77 @@ def test_cache_misuse_is_a_clear_error(monkeypatch):
             model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
     with pytest.raises(RuntimeError, match="no_grad"):
         model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("other", [dict(kv_lora_rank=64), dict(num_hidden_layers=3), dict(num_hidden_layers=1)])
+def test_a_cache_another_model_filled_is_refused_before_anything_is_stored(other, monkeypatch):
+    """A Cache one patched model filled, passed to a model of other widths or another layer count: refused by the
+    first layer, before it counts, reserves or stores anything (other widths were refused after the first layer had
+    reserved and counted the step; more layers at the first layer past the Cache's, after the others had stored the
+    step, which the Cache's own model then went on from silently), and the Cache's own model goes on as before."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    owner, stranger = patch_model(tiny_model()), patch_model(tiny_model(seed=3, **other))
+    with torch.no_grad():
+        expected = owner(input_ids=ids, use_cache=True)
+        expected = owner(input_ids=ids[:, -1:], past_key_values=expected.past_key_values, use_cache=True).logits
+        cache = owner(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="another model"):
+            stranger(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        assert [cache.get_seq_length(i) for i in range(2)] == [6, 6]
+        assert [latent_cache(cache).seqlen(s) for s in latent_cache(cache).seq_ids] == [6, 6]
+        got = owner(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_a_cache_begun_under_inference_mode_continues_outside_it(path, monkeypatch):
+    """A conversation begun under torch.inference_mode and continued under no_grad (transformers' own cache takes
+    it): the latent cache's buffers and the host block table were inference tensors, which refuse in-place writes
+    outside that mode, so the first write (PyTorch path), or the first step a row needed a new block (any path),
+    failed inside torch after the step was reserved."""
+    if path == "torch":
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    model = patch_model(tiny_model(), block_size=4)
+    logits = []
+    for first_mode in (torch.no_grad, torch.inference_mode):
+        with first_mode():  # the prompt and 4 steps: 9 tokens in 3 blocks of a table 4 blocks wide
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            for i in range(4):
+                model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        with torch.no_grad():  # into the 4th block
+            logits.append([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                           for i in range(4)])
+    for got, want in zip(logits[1], logits[0]):
+        assert torch.equal(got, want)
+
+
+def test_a_filled_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
+    """torch.save / pickle of a patched model's Cache, as of transformers' own (a prompt cache kept on disk): its
+    layers' class was local to a function and a Cache made without a config kept a lambda, so pickling failed. The
+    loaded copy and the original then go on independently, each to the uninterrupted generation's tokens."""
+    import io
+    import pickle
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    ids, mask = left_padded([5, 3])
+    model = patch_model(tiny_model())
+    half = dict(GREEDY, max_new_tokens=4, min_new_tokens=4)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        first = model.generate(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(),
+                               return_dict_in_generate=True, **half)
+        buffer = io.BytesIO()
+        torch.save(first.past_key_values, buffer)
+        buffer.seek(0)
+        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(first.past_key_values)),
+                  first.past_key_values]
+        assert latent_cache(copies[0]) is not latent_cache(copies[2])
+        mask = torch.cat([mask, torch.ones_like(mask[:, :4])], 1)
+        for cache in copies:
+            assert torch.equal(model.generate(input_ids=first.sequences, attention_mask=mask, past_key_values=cache,
+                                              **half), expected)
 
 
 def test_training_around_frozen_patched_attention_is_refused():

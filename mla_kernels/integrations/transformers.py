@@ -198,6 +198,8 @@ def _make_latent_layer_class():
                 self.state.change_rows(self, "batch_select_indices", indices)
             self._change_indexer_rows("batch_select_indices", indices)
 
+    # picklable (torch.save of a Cache, as transformers' own): found by name through this module's __getattr__
+    LatentCacheLayer.__qualname__ = "LatentCacheLayer"
     return LatentCacheLayer
 
 
@@ -257,6 +259,7 @@ class _LatentState:
         """The step's ``(LatentBatch, _Packing | None)``: the first layer of a step finds the real tokens (reading
         their counts, the step's one read of the device) and reserves their slots; the other layers of the step get
         the same."""
+        self._check_fits(attn)
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
             cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
@@ -286,6 +289,20 @@ class _LatentState:
                                f"got {self.current_shape[0]}x{self.current_shape[1]}")
         self.calls[layer_idx] = calls + 1
         return self.current
+
+    def _check_fits(self, attn: "TransformersMLAttention") -> None:
+        """Refuse, before anything is counted, reserved or stored, a Cache another model filled: other widths were
+        refused only after the first layer had reserved and counted the step (the Cache then unusable), and more
+        layers only at the first layer past the Cache's, after the others had stored the step, which the Cache's
+        own model then went on from silently. Host ints only."""
+        paged = self.paged
+        if attn.num_latent_layers != self.num_layers or (paged is not None and (
+                paged.kv_lora_rank, paged.rope_dim) != (attn.kv_lora_rank, attn.qk_rope_head_dim)):
+            widths = "" if paged is None else f", kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}"
+            raise ValueError(f"this Cache (past_key_values / cache) holds the latent of another model: "
+                             f"{self.num_layers} MLA layers{widths}; this model has {attn.num_latent_layers}, "
+                             f"{attn.kv_lora_rank}, {attn.qk_rope_head_dim}: use a new cache (a DynamicCache, or none) "
+                             f"for each model")
 
     def _every_row_started(self) -> bool:
         """Whether every row has a real token cached. Padding is on the left, so a one-token step can hold a pad only
@@ -328,19 +345,20 @@ class _LatentState:
         ints, ~1 ms at B 16 and 32k tokens) every step would cost more than the step's attention."""
         paged = self.paged
         seqs = [paged._get(r) for r in self.rows]
-        if self._table_owner is not paged:
-            self._table_owner, self._table, self._table_len = paged, torch.zeros(len(seqs), 1, dtype=torch.int32), \
-                [0] * len(seqs)
-        longest = max((len(seq.blocks) for seq in seqs), default=0)
-        if longest > self._table.shape[1]:
-            wider = torch.zeros(len(seqs), max(longest, 2 * self._table.shape[1]), dtype=torch.int32)
-            wider[:, :self._table.shape[1]] = self._table
-            self._table = wider
-        for b, seq in enumerate(seqs):
-            done = self._table_len[b]
-            if len(seq.blocks) > done:
-                self._table[b, done:len(seq.blocks)] = torch.tensor(seq.blocks[done:], dtype=torch.int32)
-                self._table_len[b] = len(seq.blocks)
+        with torch.inference_mode(False):  # written in place by later steps, which may run outside inference_mode
+            if self._table_owner is not paged:
+                self._table_owner, self._table, self._table_len = paged, torch.zeros(len(seqs), 1, dtype=torch.int32), \
+                    [0] * len(seqs)
+            longest = max((len(seq.blocks) for seq in seqs), default=0)
+            if longest > self._table.shape[1]:
+                wider = torch.zeros(len(seqs), max(longest, 2 * self._table.shape[1]), dtype=torch.int32)
+                wider[:, :self._table.shape[1]] = self._table
+                self._table = wider
+            for b, seq in enumerate(seqs):
+                done = self._table_len[b]
+                if len(seq.blocks) > done:
+                    self._table[b, done:len(seq.blocks)] = torch.tensor(seq.blocks[done:], dtype=torch.int32)
+                    self._table_len[b] = len(seq.blocks)
         return self._table[:, :max(1, longest)]
 
     def change_rows(self, layer, what: str, arg) -> None:
@@ -428,7 +446,8 @@ class _LatentState:
             table_len = [self._table_len[j] for j in src]
             for i in forked:
                 table_len[i] = min(table_len[i], self.paged.seqlen(rows[i]) // self.block_size)
-            self._table = self._table.index_select(0, torch.tensor(src, dtype=torch.int64))
+            with torch.inference_mode(False):  # (as _block_table_host's)
+                self._table = self._table.index_select(0, torch.tensor(src, dtype=torch.int64))
             self._table_len = table_len
         self.rows = rows
 
@@ -552,7 +571,7 @@ def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, m
     latent_cls, dynamic_cls = _latent_layer_class(), _dynamic_layer_class()
     layers = past_key_values.layers
     if getattr(past_key_values, "layer_class_to_replicate", None) is not None:
-        past_key_values.layer_class_to_replicate = lambda: latent_cls(state)
+        past_key_values.layer_class_to_replicate = functools.partial(latent_cls, state)  # (picklable)
         while len(layers) <= layer_idx:
             layers.append(latent_cls(state))
     if layer_idx >= len(layers):
@@ -1471,5 +1490,24 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if isinstance(attn, TransformersMLAttention):
             original = attn._hf_original
             original.training = attn.training  # model.train()/eval() while patched reached only the patched module
+            for child in (*_ADOPTED, "indexer", "g_proj"):  # the adopted modules as they are now: one replaced while
+                if child in attn._modules and child in original._modules:  # patched (merged, quantized) stays
+                    setattr(original, child, attn._modules[child])
             setattr(parent, name, original)
+    _reset_output_capturing_hooks(model)
     return model
+
+
+def _reset_output_capturing_hooks(model: nn.Module) -> None:
+    """Drop transformers' output-capturing hooks (``transformers.utils.output_capturing``, 5.17 on) and its
+    "installed" mark, so its next forward that collects outputs installs them again on the modules the model has now.
+    It installs them once per model: installed while patched, they left the restored attention modules without
+    theirs, and ``output_attentions=True`` on the unpatched model gave an empty tuple, silently; installed before
+    patching, the originals keep theirs, which a second install would double (so all go, not only the missing)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__module__", None) == "transformers.utils.output_capturing":
+                del module._forward_hooks[key]  # (as its RemovableHandle would, flags included)
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+        module.__dict__.pop("_output_capturing_hooks_installed", None)
