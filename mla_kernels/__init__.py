@@ -5,6 +5,7 @@ from ._autotune import autotune
 from ._utils import release_workspace
 from .decode import mla_decode
 from .integrations import patch_model, unpatch_model
+from .merge import merge_attention_states
 from .module import LatentBatch, MLAttention
 from .prefill import mla_prefill, mla_prefill_attention
 from .schedule import DecodeSchedule, mla_decode_metadata
@@ -19,6 +20,7 @@ __all__ = [
     "DecodeSchedule",
     "mla_prefill",
     "mla_prefill_attention",
+    "merge_attention_states",
     "write_cache",
     "fp8_latent_cache",
     "PagedLatentCache",

@@ -120,6 +120,7 @@ def _cases(hip: bool) -> dict:
     from .decode import (_config, _fit_tiles, _gluon_tiles, _mla_attn_kernel, _mla_combine_kernel,
                          _mla_sparse_attn_kernel, decode_shared_bytes, decode_tiles)
     from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
+    from .merge import _merge_states_kernel
     from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
                           expanded_shared_bytes)
 
@@ -202,6 +203,8 @@ def _cases(hip: bool) -> dict:
                               {"OUT": "*bf16", "SCHED_SEQUENCES": "*i32", "*": "*fp32"}, 4, 1, None),
         "prefill-expanded": expanded(),
         "prefill-gather": _gather_case(),
+        "merge-states": (_merge_states_kernel, dict(BLOCK_D=512, STORE_LSE=True),
+                         {"OUT_A": "*bf16", "OUT_B": "*bf16", "OUT": "*bf16", "*": "*fp32"}, 4, 1, None),
         "write_cache": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=False),
                         {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1, None),
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),

@@ -8,7 +8,8 @@
 Nothing here is fast; everything here is meant to be read. Tests compute these in float64.
 """
 
-from .absorbed import absorb_query, absorbed_decode, absorbed_prefill, gather_paged, sparse_decode, split_kv_b
+from .absorbed import (absorb_query, absorbed_decode, absorbed_prefill, gather_paged, merge_states, sparse_decode,
+                       split_kv_b)
 from .naive import naive_attention, naive_mla
 from .quant import dequantize_fp8, quantize_fp8
 
@@ -17,6 +18,7 @@ __all__ = [
     "absorbed_decode",
     "absorbed_prefill",
     "sparse_decode",
+    "merge_states",
     "gather_paged",
     "split_kv_b",
     "naive_attention",

@@ -117,3 +117,18 @@ def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, 
     if w_uv is not None:
         out = torch.einsum("bshr,hvr->bshv", out, w_uv.to(dtype))
     return out, lse
+
+
+def merge_states(out_a, lse_a, out_b, lse_b, dtype=torch.float64):
+    """Reference for ``mla_kernels.merge_attention_states``, in ``dtype``: the attention over two disjoint key sets
+    from each one's output ``[..., H, D]`` and lse ``[..., H]`` (natural log). Each state is weighted by its share of
+    the softmax sum, ``e^lse_x / (e^lse_a + e^lse_b)``; a state that saw no key (lse -inf) has weight 0 and adds
+    nothing, a row that saw none in either gives zeros and lse -inf, and a NaN lse gives a NaN row. Returns ``(out, lse)`` in ``dtype``."""
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    lse = torch.logaddexp(lse_a, lse_b)  # log(e^a + e^b); -inf when both are
+    seen = lse > float("-inf")
+    w_a = torch.where(seen, torch.exp(lse_a - torch.where(seen, lse, 0.0)), 0.0)
+    w_b = torch.where(seen, torch.exp(lse_b - torch.where(seen, lse, 0.0)), 0.0)
+    a = torch.where((w_a > 0)[..., None], out_a.to(dtype) * w_a[..., None], 0.0)  # (a keyless state's NaN: unread)
+    b = torch.where((w_b > 0)[..., None], out_b.to(dtype) * w_b[..., None], 0.0)
+    return torch.where(lse.isnan()[..., None], float("nan"), a + b), lse  # a NaN lse: the row is NaN

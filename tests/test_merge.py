@@ -1,0 +1,153 @@
+"""merge_attention_states: two attention results over disjoint key sets merged into the attention over both."""
+
+import pytest
+import torch
+
+import mla_kernels
+from mla_kernels import _utils, decode, merge, reference
+from helpers import RMS_TOL, assert_close, assert_lse_close, make_paged_cache, record_launches, rms_tol_for
+
+SCALE = 192 ** -0.5
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def merge_tol(dtype: torch.dtype) -> float:
+    """The merge adds no error of its own beyond one rounding of the output to ``dtype`` (at most eps/2 relative)
+    after a few float32 operations (each at most 2^-24 relative, a few float32 eps for fp32 outputs): its relative
+    RMS error against float64 stays below 2 eps of the output dtype (the attention kernels' bounds are 4-8x looser)."""
+    return 2 * torch.finfo(dtype).eps
+
+
+def states(shape, dtype, device, seed=0):
+    """Two random states ``(out_a, lse_a, out_b, lse_b)`` with the edge rows: state a keyless (-inf) with a NaN output
+    (never read), state b keyless, both keyless, and lse far apart (one state's weight rounds to 0 in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    out_a, out_b = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    lse_a, lse_b = (torch.randn(*shape[:-1], generator=g) * 4 for _ in range(2))
+    flat = [t.view(-1, shape[-2], shape[-1]) if t.dim() == len(shape) else t.view(-1, shape[-2])
+            for t in (out_a, lse_a, out_b, lse_b)]
+    o_a, l_a, o_b, l_b = flat
+    l_a[0, 0], o_a[0, 0] = float("-inf"), float("nan")
+    l_b[0, 1] = float("-inf")
+    l_a[-1, 0] = l_b[-1, 0] = float("-inf")
+    l_a[-1, 1], l_b[-1, 1] = 120.0, -120.0
+    return tuple(t.to(device) for t in (out_a, lse_a, out_b, lse_b))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 512), (5, 2, 24), (2, 1, 3, 16)], ids=["decode-R512", "prefill-D24",
+                                                                                      "two-tokens"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_merge_matches_the_reference(shape, dtype, device):
+    a = states(shape, dtype, device)
+    out, lse = mla_kernels.merge_attention_states(*a)
+    ref_out, ref_lse = reference.merge_states(*(t.cpu() for t in a))
+    assert out.dtype == dtype and out.shape == shape and lse.dtype == torch.float32 and lse.shape == shape[:-1]
+    assert_close(f"merge {shape}", out, ref_out, dtype, rms_tol=merge_tol(dtype))
+    assert_lse_close(f"merge {shape}", lse, ref_lse, atol=1e-5)  # float32 lse of magnitude <~ 130: a few ulp
+    rows_out, rows_lse = out.reshape(-1, *shape[-2:]), lse.reshape(-1, shape[-2])
+    out_b = a[2].reshape(-1, *shape[-2:])
+    assert torch.equal(rows_out[0, 0], out_b[0, 0]), "a keyless state (NaN output, never read) must add nothing"
+    assert torch.equal(rows_out[-1, 0], torch.zeros_like(rows_out[-1, 0])) and rows_lse[-1, 0] == float("-inf")
+    assert torch.equal(rows_out[-1, 1].float(), a[0].reshape(-1, *shape[-2:])[-1, 1].float())  # b's weight 0
+    assert mla_kernels.merge_attention_states(*a, return_lse=False).shape == shape
+
+
+def test_a_nan_lse_makes_the_row_nan(device):
+    out_a, lse_a, out_b, lse_b = states((2, 3, 16), torch.float32, device)
+    lse_b[1, 2] = float("nan")
+    out, lse = mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert out[1, 2].isnan().all() and lse[1, 2].isnan()
+    assert not out[0].isnan().any() and not out[1, :2].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_over_two_key_ranges_merges_into_decode_over_both(dtype, device):
+    """What the merge is for: ``mla_decode`` over a prefix of whole pages and over the rest of each sequence (its
+    own block table from the prefix's last page on), merged, is the decode over the whole cache (the value
+    projection applied before the merge, as it is linear)."""
+    lens, heads, page, r, p, d_v = [300, 70, 129], 4, 16, 64, 16, 24
+    kv_cache, pe_cache, table = make_paged_cache(lens, page, (r, p), dtype, device)
+    g = torch.Generator().manual_seed(1)
+    q_nope = torch.randn(3, 1, heads, r, generator=g).to(dtype=dtype, device=device)
+    q_pe = torch.randn(3, 1, heads, p, generator=g).to(dtype=dtype, device=device)
+    w_uv = (torch.randn(heads, d_v, r, generator=g) / r ** 0.5).to(dtype=dtype, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    prefix_pages = 4  # 64 tokens: every sequence has at least that many
+    prefix = torch.full_like(seqlens, prefix_pages * page)
+    kw = dict(w_uv=w_uv, return_lse=True)
+    head = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table[:, :prefix_pages].contiguous(), prefix,
+                                  SCALE, **kw)
+    tail = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table[:, prefix_pages:].contiguous(),
+                                  seqlens - prefix, SCALE, **kw)
+    out, lse = mla_kernels.merge_attention_states(*head, *tail)
+    ref_out, ref_lse = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE,
+                                                 w_uv=w_uv)
+    # each state is within the kernels' bound of its own float64 value and the merge is a convex combination of the
+    # two, so within that bound too, plus one more rounding of the merged output (at most eps/2 relative; the
+    # interpreter truncates): RMS_TOL + eps/2 (1.2e-2 in bf16)
+    bound = rms_tol_for(dtype, ref_out.numel(), RMS_TOL[dtype] + torch.finfo(dtype).eps / 2)
+    assert_close("merged decode", out, ref_out, dtype, bound, bound ** 2)
+    assert_lse_close("merged decode", lse, ref_lse)
+
+
+def test_rows_past_one_grid_axis(monkeypatch):
+    """Rows past 65536 go on a second grid axis, as the split combine's (HIP caps the first axis's work-items):
+    the launch recorded for 70000 rows fits both vendors, and a small merge on a forced 64-wide axis gives the bits
+    of one axis."""
+    a = states((70, 4, 16), torch.float32, "cpu")
+    expected = mla_kernels.merge_attention_states(*a)
+    monkeypatch.setattr(decode, "COMBINE_GRID_X", 64)
+    forced = mla_kernels.merge_attention_states(*a)
+    assert torch.equal(forced[0], expected[0]) and torch.equal(forced[1], expected[1])
+    monkeypatch.undo()
+    launches = record_launches(monkeypatch, merge, "_merge_states_kernel")
+    big = tuple(torch.empty(*s, device="meta") for s in ((70000, 1, 512), (70000, 1), (70000, 1, 512), (70000, 1)))
+    mla_kernels.merge_attention_states(*big)
+    (grid, args, _), = launches
+    assert grid == (65536, 2) and args[6] == 70000
+
+
+def test_torch_path_and_compiled_calls_match_the_kernel(monkeypatch):
+    a = states((3, 2, 4, 64), torch.bfloat16, "cpu")
+    kernel = mla_kernels.merge_attention_states(*a)
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # CPU tensors: the PyTorch path
+    plain = mla_kernels.merge_attention_states(*a)
+    compiled = torch.compile(mla_kernels.merge_attention_states, backend="eager", fullgraph=True)(*a)
+    for got in (plain, compiled):
+        assert_close("torch path", got[0], kernel[0], torch.bfloat16, rms_tol=merge_tol(torch.bfloat16))
+        torch.testing.assert_close(got[1], kernel[1], rtol=0, atol=1e-5)
+
+
+def test_empty_inputs(device):
+    a = states((2, 3, 16), torch.float32, device)
+    empty = tuple(t[:0] for t in a)
+    out, lse = mla_kernels.merge_attention_states(*empty)
+    assert out.shape == (0, 3, 16) and lse.shape == (0, 3)
+
+
+def _args():
+    return dict(zip(("out_a", "lse_a", "out_b", "lse_b"), states((2, 3, 16), torch.float32, "cpu")))
+
+
+BAD = {
+    "out_a-none": (lambda a: a.update(out_a=None), TypeError, "out_a"),
+    "out_b-int": (lambda a: a.update(out_b=a["out_b"].long()), TypeError, "out_b"),
+    "lse_a-bf16": (lambda a: a.update(lse_a=a["lse_a"].bfloat16()), TypeError, "lse_a"),
+    "out_b-shape": (lambda a: a.update(out_b=a["out_b"][:1]), ValueError, "out_b"),
+    "out_b-dtype": (lambda a: a.update(out_b=a["out_b"].half()), TypeError, "out_b"),
+    "lse_b-shape": (lambda a: a.update(lse_b=a["lse_b"][..., :2]), ValueError, "lse_b"),
+    "out_a-1d": (lambda a: a.update(out_a=a["out_a"][0, 0], out_b=a["out_b"][0, 0], lse_a=a["lse_a"][0, 0],
+                                    lse_b=a["lse_b"][0, 0]), ValueError, "out_a"),
+    "lse_b-device": (lambda a: a.update(lse_b=a["lse_b"].to("meta")), ValueError, "lse_b"),
+    "out_a-requires-grad": (lambda a: a.update(out_a=a["out_a"].requires_grad_()), ValueError, "out_a"),
+    "return_lse-int": (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input(case):
+    args = _args()
+    change, error, name = BAD[case]
+    change(args)
+    with pytest.raises(error, match=name):
+        mla_kernels.merge_attention_states(**args)
