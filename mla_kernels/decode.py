@@ -940,7 +940,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         A query row that sees no key (padding slot, or a row before the cache's first token) gives zeros and -inf.
 
     Values are checked where that is free: on the CPU, lengths and the block ids in use are range-checked
-    before anything runs, and a length below S_q other than 0 is refused (its new tokens cannot all be in the
+    before anything runs, and with ``causal`` a length below S_q other than 0 is refused (its new tokens cannot all be in the
     cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that
     would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
     undefined behaviour, as in FlashMLA. ``indices`` entries at or past a sequence's length are refused on the CPU
@@ -1127,7 +1127,7 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
         if metadata is not None:
             _check_metadata_lengths(metadata, cache_seqlens)
         short = (cache_seqlens > 0) & (cache_seqlens < s_q)
-        if bool(short.any()):
+        if causal and bool(short.any()):  # (without causal a query has no position: every one sees every key)
             b = int(short.nonzero()[0, 0])
             raise ValueError(f"cache_seqlens[{b}] = {int(cache_seqlens[b])} is less than the S_q = {s_q} new tokens, "
                              "which must already be in the cache (0 marks a padding slot)")

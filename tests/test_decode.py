@@ -721,6 +721,22 @@ def test_good_input_of_the_bad_input_test_runs():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("torch_path", [False, True], ids=["kernel", "torch-path"])
+def test_a_non_causal_call_takes_fewer_keys_than_queries(torch_path, device, monkeypatch):
+    """Without ``causal`` a query has no position in the cache, so a sequence of fewer tokens than S_q is a valid
+    call (shared-prefix decode's group pass: 8 queries over a short prompt): every row sees every key. With
+    ``causal`` the same lengths stay refused on the CPU (test_bad_input)."""
+    if torch_path:
+        if device.type != "cpu":
+            pytest.skip("the PyTorch path is the CPU's")
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    args = make_inputs([3, 0, 5], 8, 4, 16, torch.float32, device, r=64, p=16)
+    out, lse = mla_kernels.mla_decode(*args, SCALE, causal=False, return_lse=True)
+    ref_out, ref_lse = reference.absorbed_decode(*args, SCALE, causal=False)
+    assert_close("non-causal, 8 queries over 3 and 5 keys", out, ref_out, torch.float32)
+    assert_lse_close("non-causal, 8 queries over 3 and 5 keys", lse, ref_lse)
+
+
 def test_a_size_one_last_dimension_may_have_any_stride():
     """A last dimension of one element is contiguous whatever its stride (a [B, 1] block table cut from a
     transposed one), through the named checks as through the one-expression one."""
