@@ -563,15 +563,19 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     over its own K listed positions; the grid then has a program per token (its heads are its rows) and splits K.
     ``split_tokens`` (exclusive with ``num_splits`` and ``schedule``): splits begin at every multiple of it rounded
     up to the key tile, and the split grid and combine run even for one split, so a row's result is the same in any
-    batch (``mla_decode``'s docstring); with ``cu_seqlens_q`` (prefill) the default tiles are then a one-token
-    decode's at this head count, which the batch's ``max_seqlen_q`` does not choose.
+    batch (``mla_decode``'s docstring); the default tiles are then a one-token decode's at this head count, which
+    neither S_q nor (prefill, ``cu_seqlens_q``) the batch's ``max_seqlen_q`` chooses: a sequence's rows get the
+    same bits from a decode of its S_q tokens and from a prefill of them.
     """
     varlen, sparse = cu_seqlens_q is not None, indices is not None
     heads, d_latent, d_rope = q_nope.shape[-2], q_nope.shape[-1], q_pe.shape[-1]
     device = q_nope.device
     elem_bytes, kv_fp8 = q_nope.element_size(), kv_scale is not None
     rows_per_program = heads if sparse else max_seqlen_q * heads
-    tile_rows = heads if varlen and split_tokens is not None else rows_per_program  # what picks the default tiles
+    # what picks the default tiles: with split_tokens a one-token decode's at this head count, for every S_q and
+    # max_seqlen_q, so a sequence's rows get the same tiles whether a step decodes them (MLAttention: every
+    # sequence with the same count) or prefills them (a ragged step)
+    tile_rows = heads if split_tokens is not None else rows_per_program
     cfg = config or decode_tiles(tile_rows, d_latent, device, d_rope, elem_bytes, kv_fp8)
     if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
         fallback = _fit_tiles(_config(tile_rows, d_latent, _utils.on_hip(device)), device, d_latent,
@@ -908,15 +912,18 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             count past one split per key tile of ``max_seqlen_k`` is cut to that (further splits would be empty),
             and one past 65535 (a launch grid's limit) to 65535.
         split_tokens: batch-invariant decode. Split every sequence's keys (a sparse call: its key lists) at each
-            multiple of ``split_tokens``, rounded up to the kernel's key tile (16 to 64), instead of into a count
-            of splits sized from the batch. A row's output and lse then depend on its own sequence alone: the
-            same bits whether it is decoded alone or in any batch, beside any lengths, with any ``max_seqlen_k``
-            (for RL rollouts checked against a trainer, or reproducible serving; the split combine runs even
-            where one split holds the sequence). The bits do depend on the tiles, so on the head count, S_q,
-            widths, dtypes and GPU. ``w_uv``'s projection is a cuBLAS GEMM whose bits may depend on the batch; for
-            bitwise invariance apply it yourself with a batch-invariant GEMM. Smaller values split more (more
-            parallelism for short batches). Exclusive with ``num_splits`` and ``metadata``. The Triton kernels'
-            promise: the PyTorch path (CPU tensors without the interpreter) computes the batch at once.
+            multiple of ``split_tokens``, rounded up to the kernel's key tile (16 to 64), instead of into a count of
+            splits sized from the batch. A row's output and lse then depend on its own sequence alone: the same bits
+            whether it is decoded alone or in any batch, beside any lengths, with any ``max_seqlen_k`` (for RL
+            rollouts checked against a trainer, or reproducible serving; the split combine runs even where one split
+            holds the sequence). The bits do depend on the tiles, so on the head count, widths, dtypes and GPU; not
+            on S_q: the tiles are a one-token decode's for every S_q (16 rows at 16 heads or fewer), those
+            ``mla_prefill(split_tokens=)`` takes, so ``MLAttention``'s uniform steps (this call) and ragged ones
+            (prefill) give a sequence's tokens the same bits. ``w_uv``'s projection is a cuBLAS GEMM whose bits may
+            depend on the batch; for bitwise invariance apply it yourself with a batch-invariant GEMM. Smaller
+            values split more (more parallelism for short batches). Exclusive with ``num_splits`` and ``metadata``.
+            The Triton kernels' promise: the PyTorch path (CPU tensors without the interpreter) computes the batch
+            at once.
         metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R,
             rope_dim=P, dtype=q_nope.dtype)`` (and ``cache_dtype=torch.float8_e4m3fn`` for an fp8 cache: the
             widths and dtypes fix the tiles it is cut along),

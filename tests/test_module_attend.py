@@ -198,6 +198,32 @@ def test_split_tokens_reaches_every_attention_call(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # fp32 sums in another order
 
 
+def test_split_tokens_gives_a_sequence_the_same_bits_decoded_or_prefilled():
+    """``split_tokens``: a sequence's 5 new tokens give the same bits alone (a uniform step: ``mla_decode`` with
+    S_q = 5) and beside a sequence with 3 (a ragged step: ``mla_prefill_attention``). Before, the decode's tiles
+    followed S_q x H = 20 rows (64 x 64 at R = 512) and the prefill's a one-token decode's (16 x 32). ``kv_b_proj``
+    copies latent columns, so the GEMMs around the attention are exact in any batch."""
+    r, heads, hist = 512, 4, 100
+    torch.manual_seed(0)
+    m = MLAttention(HID, heads, r, D, P, D, split_tokens=8).eval().requires_grad_(False)
+    eye = torch.eye(D, r).expand(heads, D, r)
+    m.kv_b_proj.weight.copy_(torch.cat([eye, eye], 1).reshape(-1, r))
+    g = torch.Generator().manual_seed(1)
+    history = (torch.randn(hist, r, generator=g), torch.randn(hist, P, generator=g))
+    mine, other = ([torch.randn(n, *shape, generator=g) for shape in ((heads, D), (heads, P), (r,), (P,))]
+                   for n in (5, 3))
+
+    def first_five(beside):
+        cache = PagedLatentCache(1, 40, 4, r, P, dtype=torch.float32)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        cache.write(0, cache.append(a, hist), *history)
+        batch = LatentBatch.reserve(cache, [a, b], [5, 3]) if beside else LatentBatch.reserve(cache, [a], [5])
+        with torch.no_grad():
+            return m.attend(*([torch.cat(t) for t in zip(mine, other)] if beside else mine), batch)[:5]
+
+    assert torch.equal(first_five(False), first_five(True))
+
+
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (2.0, ValueError), (True, ValueError), ("8", ValueError)])
 def test_split_tokens_is_checked_when_set(bad, error):
     with pytest.raises(error, match="split_tokens"):

@@ -260,6 +260,21 @@ def test_prefill_split_tokens_tiles_follow_no_batch(monkeypatch):
     assert batch[2] == one[2] == 1, "the split combine must run alone and in the batch"
 
 
+@pytest.mark.parametrize("heads", [3, 16])
+def test_prefill_split_tokens_rows_are_those_of_a_multi_token_decode(heads, device):
+    """With ``split_tokens`` the bits of S_q new tokens are the same from ``mla_decode`` (``[B, S_q, H]``: what
+    ``MLAttention`` runs when every sequence of a step has the same count) and from ``mla_prefill`` (a ragged step).
+    The decode's tiles followed S_q x H rows (64 x 64 at 3 heads and 8 tokens, 16 x 32 for the prefill), so a
+    sequence's attention bits followed the other sequences of its module step."""
+    s_q, page = 8 if heads == 3 else 2, 16
+    a = make_inputs([s_q, s_q], [100, 37], heads, page, torch.bfloat16, device)
+    out, lse = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, return_lse=True, split_tokens=8)
+    q_nope, q_pe = (a[k].unflatten(0, (2, s_q)) for k in ("q_nope", "q_pe"))
+    dec = mla_kernels.mla_decode(q_nope, q_pe, a["kv_cache"], a["pe_cache"], a["block_table"], a["cache_seqlens"],
+                                 SCALE, return_lse=True, split_tokens=8)
+    assert torch.equal(dec[0].flatten(0, 1), out) and torch.equal(dec[1].flatten(0, 1), lse)
+
+
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
 def test_a_nan_in_a_used_cache_slot_makes_the_rows_that_see_it_nan(path, device):
     """A NaN in a history token makes every row of its sequence NaN (all see it, causal or not), out and lse; the
