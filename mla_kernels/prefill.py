@@ -765,8 +765,10 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
             output and lse then depend on its own sequence (its tokens, history and cache) alone, not on the other
             sequences of the batch, ``max_seqlen_q`` or ``max_seqlen_k``. Exclusive with ``num_splits``. Expect it
             slower than the default at 16 heads or fewer with several new tokens per sequence (16 query rows per
-            program instead of 64, so the cache is read once per 16 rows). The Triton kernels' promise, as in
-            ``mla_decode``.
+            program instead of 64, so the cache is read once per 16 rows). Every row keeps an fp32 partial per
+            split of the longest key range; past ``SPLIT_PARTIALS_BYTES`` (256 MiB) the call runs as several
+            launches over pieces of the sequences, with the same bits (on a GPU without host lengths it then reads
+            the lengths once). The Triton kernels' promise, as in ``mla_decode``.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
@@ -824,7 +826,17 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
         return out, (lse if return_lse else None)
     if num_splits is None and split_tokens is None and _utils.interpreting():
         num_splits = 1  # interpreter: the combine kernel runs one program per row, seconds per thousand rows
-    # split_tokens: no prefill config (its class is the batch's max_seqlen_q): _launch takes a one-token decode's
+    if split_tokens is not None:
+        # no prefill config (its class is the batch's max_seqlen_q): _launch takes a one-token decode's; launches of
+        # bounded partials (a piece of a sequence gives its rows the bits the whole call would)
+        heads, d_latent = q_nope.shape[1], q_nope.shape[2]
+        per_row = (d_latent + 1) * 4 * _utils.cdiv(max(max_seqlen_k, 1), split_tokens)  # fp32 partials, all splits
+        if q_nope.shape[0] * heads * per_row > SPLIT_PARTIALS_BYTES:
+            if host is None:  # (a GPU call given max_seqlen_q and no host lengths: the one read, to cut the batch)
+                both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
+                host = (both[:batch + 1], both[batch + 1:])
+            return _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale, causal, return_lse,
+                                  host, split_tokens, kv_scale)
     config = None if split_tokens is not None else _absorbed_config(
         max_seqlen_q, q_nope.shape[1], q_nope.device, q_nope.shape[2], q_pe.shape[2], q_nope.element_size(),
         kv_scale is not None)
@@ -833,6 +845,63 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
                        causal, return_lse, batch=batch, seq_q=0, total_tokens=q_nope.shape[0],
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=config,
                        kv_scale=kv_scale, split_tokens=split_tokens)
+
+
+SPLIT_PARTIALS_BYTES = 1 << 28  # fp32 split partials one launch of a split_tokens prefill may allocate (256 MiB)
+
+
+def _pieces(cu_q: list, lens: list, heads: int, d_latent: int, split_tokens: int, causal: bool) -> list:
+    """A split_tokens prefill cut into launches whose fp32 partials (every row x every split of the launch's longest
+    key range) stay within ``SPLIT_PARTIALS_BYTES``: a list of launches, each a list of pieces ``(b, i, j, keys)``,
+    new tokens ``i:j`` of sequence ``b`` over its first ``keys`` cache positions (causal: up to the piece's last
+    token; else all of them), consecutive in the packed order. One token per piece at least, however long its
+    sequence (past the budget alone)."""
+    row = heads * (d_latent + 1) * 4  # one token's partials per split
+    launches, current, rows, longest = [], [], 0, 0
+    for b, length in enumerate(lens):
+        n = cu_q[b + 1] - cu_q[b]
+        step = max(1, SPLIT_PARTIALS_BYTES // (row * _utils.cdiv(max(length, 1), split_tokens)))
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            keys = length - n + j if causal else length
+            splits = _utils.cdiv(max(max(longest, keys), 1), split_tokens)
+            if current and ((rows + j - i) * row * splits > SPLIT_PARTIALS_BYTES
+                            or len(current) == _utils.MAX_GRID_YZ):
+                launches.append(current)
+                current, rows, longest = [], 0, 0
+            current.append((b, i, j, keys))
+            rows, longest = rows + j - i, max(longest, keys)
+    return launches + [current] if current else launches
+
+
+def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale, causal, return_lse, host,
+                   split_tokens, kv_scale):
+    """A split_tokens prefill whose partials would pass ``SPLIT_PARTIALS_BYTES`` at once, as launches over
+    ``_pieces``: a piece is a ragged "sequence" of its own (new tokens ``i:j``, ``keys`` cache positions, the
+    sequence's block table row), so each of its rows sees the keys, tiles and split boundaries it would see in one
+    launch, and gets the same bits (the tiles and splits are fixed by the head count and ``split_tokens``; a row
+    grouped with other rows only adds exact zeros for their keys). Returns (out [T, H, R], lse | None)."""
+    cu_q, lens = host
+    device, heads, d_latent = q_nope.device, q_nope.shape[1], q_nope.shape[2]
+    outs, lses = [], []
+    for pieces in _pieces(cu_q, lens, heads, d_latent, split_tokens, causal):
+        start, end = cu_q[pieces[0][0]] + pieces[0][1], cu_q[pieces[-1][0]] + pieces[-1][2]
+        counts = [j - i for _, i, j, _ in pieces]
+        cu = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32).to(device)
+        keys = torch.tensor([k for *_, k in pieces], dtype=torch.int32).to(device)
+        rows = torch.tensor([b for b, *_ in pieces], dtype=torch.int64).to(device)
+        with _utils.launch_device(device):
+            out, lse = _launch(q_nope[start:end], q_pe[start:end], kv_cache, pe_cache,
+                               block_table.index_select(0, rows), keys, cu, softmax_scale, causal, return_lse,
+                               batch=len(pieces), seq_q=0, total_tokens=end - start, max_seqlen_q=max(counts),
+                               max_seqlen_k=max(k for *_, k in pieces), num_splits=None, kv_scale=kv_scale,
+                               split_tokens=split_tokens)
+        outs.append(out)
+        lses.append(lse)
+    if not outs:  # no new tokens
+        return q_nope.new_empty(0, heads, d_latent), (q_nope.new_empty(0, heads, dtype=torch.float32)
+                                                      if return_lse else None)
+    return torch.cat(outs), (torch.cat(lses) if return_lse else None)
 
 
 # (D_nope, D_v, P, dtype, device) whose expanded kernel the GPU refused for want of shared memory even at the

@@ -260,6 +260,41 @@ def test_prefill_split_tokens_tiles_follow_no_batch(monkeypatch):
     assert batch[2] == one[2] == 1, "the split combine must run alone and in the batch"
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_prefill_split_tokens_partials_stay_within_their_budget(causal, device, monkeypatch):
+    """``split_tokens`` gives every row an fp32 partial per split of the batch's longest key range (a 4096-token
+    prompt at 128 heads and n = 256: 16 GiB): past ``SPLIT_PARTIALS_BYTES`` the call runs as launches over pieces of
+    the sequences, each piece its own ragged sequence, and gives the bits of one launch, with no buffer past the
+    budget. Here a 1 KiB-per-split budget cuts 3 sequences into launches of a few tokens."""
+    new, history, heads, page = [7, 0, 12], [9, 4, 30], 2, 4
+    a = make_inputs(new, history, heads, page, torch.float32, device, r=16, p=16)
+    whole = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, causal=causal, return_lse=True, split_tokens=4)
+    budget = 4 * heads * 17 * 4 * 3  # 4 rows of 2 heads x (16 + 1) fp32 x 3 splits
+    monkeypatch.setattr(prefill, "SPLIT_PARTIALS_BYTES", budget)
+    launches = prefill._pieces([0, 7, 7, 19], [16, 4, 42], heads, 16, 4, causal)
+    covered, order = {}, []  # every new token once, in the packed order
+    for b, i, j, _ in (piece for launch in launches for piece in launch):
+        assert j > i and i == covered.get(b, 0), (b, i, j)
+        if not order or order[-1] != b:
+            assert b not in order, "a sequence's pieces must be consecutive"
+            order.append(b)
+        covered[b] = j
+    assert len(launches) > 3 and covered == {b: n for b, n in enumerate(new) if n}
+    calls = []
+    real = prefill._launch
+    monkeypatch.setattr(prefill, "_launch", lambda *args, **kw: calls.append(kw["batch"]) or real(*args, **kw))
+    bound_allocations(monkeypatch, budget // 4 + 1, "a split_tokens prefill's partials past their budget")
+    pieces = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, causal=causal, return_lse=True, split_tokens=4)
+    monkeypatch.undo()
+    assert len(calls) == len(launches) > 3
+    assert torch.equal(pieces[0], whole[0]) and torch.equal(pieces[1], whole[1]), "a piece's rows changed bits"
+    ref_out, ref_lse = reference.absorbed_prefill(*(a[k] for k in ("q_nope", "q_pe", "kv_cache", "pe_cache",
+                                                                     "block_table", "cu_seqlens_q", "cache_seqlens")),
+                                                  SCALE, causal=causal)
+    assert_close("pieces", pieces[0], ref_out, torch.float32)
+    assert_lse_close("pieces", pieces[1], ref_lse)
+
+
 @pytest.mark.parametrize("heads", [3, 16])
 def test_prefill_split_tokens_rows_are_those_of_a_multi_token_decode(heads, device):
     """With ``split_tokens`` the bits of S_q new tokens are the same from ``mla_decode`` (``[B, S_q, H]``: what
