@@ -813,9 +813,7 @@ def _check_split_tokens(split_tokens, num_splits, max_seqlen_k=None):
     ``_check_metadata``) also the grid's bound on the splits of the keys."""
     if split_tokens is None:
         return None
-    if max_seqlen_k is None:
-        return _check_decode_split_tokens(split_tokens, num_splits, None, 0)
-    return _check_decode_split_tokens(split_tokens, num_splits, None, max_seqlen_k)
+    return _check_decode_split_tokens(split_tokens, num_splits, None, 0 if max_seqlen_k is None else max_seqlen_k)
 
 
 def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal,
