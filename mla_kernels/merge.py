@@ -28,12 +28,16 @@ def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, num_rows, width,
     row = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     if row >= num_rows:  # the last row of programs' tail
         return
-    lse_a = tl.load(LSE_A + row) * LOG2E_C  # log2 units: exp2 below
-    lse_b = tl.load(LSE_B + row) * LOG2E_C
+    lse_a = tl.load(LSE_A + row)
+    lse_b = tl.load(LSE_B + row)
+    # +inf: FlashMLA's mark of a row without keys (flash_mla_with_kvcache returns it), as -inf is ours
+    lse_a = tl.where(lse_a == float("inf"), float("-inf"), lse_a)
+    lse_b = tl.where(lse_b == float("inf"), float("-inf"), lse_b)
     m = tl.maximum(lse_a, lse_b)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # neither state saw a key: weights 0, not exp2(-inf - -inf) = NaN
-    w_a = tl.math.exp2(lse_a - m_safe)
-    w_b = tl.math.exp2(lse_b - m_safe)
+    # differences in natural units, then log2 units for exp2 (an lse past float32's max / log2(e) stays finite)
+    w_a = tl.math.exp2((lse_a - m_safe) * LOG2E_C)
+    w_b = tl.math.exp2((lse_b - m_safe) * LOG2E_C)
     total = w_a + w_b
     inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
     offs = tl.arange(0, BLOCK_D)
@@ -44,18 +48,18 @@ def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, num_rows, width,
     a = tl.where(w_a > 0.0, a * (w_a * inv), 0.0)
     b = tl.where(w_b > 0.0, b * (w_b * inv), 0.0)
     out = a + b
-    lse = tl.where(total > 0.0, m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    lse = tl.where(total > 0.0, m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0)) * LN2_C, float("-inf"))
     nan = (lse_a != lse_a) | (lse_b != lse_b)  # a NaN lse (a NaN in the keys it saw) makes the row NaN
     out = tl.where(nan, float("nan"), out)
     tl.store(OUT + row * width + offs, out.to(OUT.dtype.element_ty), mask=mask)
     if STORE_LSE:
-        tl.store(LSE + row, tl.where(nan, float("nan"), lse * LN2_C))
+        tl.store(LSE + row, tl.where(nan, float("nan"), lse))
 
 
 def merge_attention_states_torch(out_a, lse_a, out_b, lse_b):
     """The PyTorch path of ``merge_attention_states`` (CPU tensors without the interpreter, and torch.compile, whose
     inductor fuses it): the same rules, computed in float32."""
-    la, lb = lse_a.float(), lse_b.float()
+    la, lb = (torch.where(x == float("inf"), float("-inf"), x.float()) for x in (lse_a, lse_b))  # FlashMLA's +inf
     m = torch.maximum(la, lb)
     m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     w_a, w_b = torch.exp(la - m_safe), torch.exp(lb - m_safe)
@@ -96,7 +100,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
             ``[B, S_q, H, R]`` or ``[B, S_q, H, D_v]``, ``mla_prefill``'s ``[T, H, R]``); bf16, fp16 or fp32, the
             same shape and dtype.
         lse_a, lse_b: ``[..., H]`` float32, natural log of each softmax sum (``return_lse=True``); -inf for a row
-            that saw no key.
+            that saw no key (or +inf, FlashMLA's mark of one, which ``flash_mla_with_kvcache`` returns).
         return_lse: also return the merged lse (natural log): merged again with a third state, it gives the
             attention over all three.
 

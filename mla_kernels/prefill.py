@@ -881,17 +881,25 @@ def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale,
     grouped with other rows only adds exact zeros for their keys). Returns (out [T, H, R], lse | None)."""
     cu_q, lens = host
     device, heads, d_latent = q_nope.device, q_nope.shape[1], q_nope.shape[2]
-    outs, lses = [], []
-    for pieces in _pieces(cu_q, lens, heads, d_latent, split_tokens, causal):
+    launches = _pieces(cu_q, lens, heads, d_latent, split_tokens, causal)
+    # every launch's cu_seqlens (P + 1), key counts (P) and sequence ids (P) in one copy to the device (pinned, not
+    # waited for: a copy per launch from pageable memory would wait for the launches before it)
+    flat = []
+    for pieces in launches:
+        flat += itertools.accumulate((j - i for _, i, j, _ in pieces), initial=0)
+        flat += [k for *_, k in pieces] + [b for b, *_ in pieces]
+    index = torch.tensor(flat, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    outs, lses, at = [], [], 0
+    for pieces in launches:
         start, end = cu_q[pieces[0][0]] + pieces[0][1], cu_q[pieces[-1][0]] + pieces[-1][2]
-        counts = [j - i for _, i, j, _ in pieces]
-        cu = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32).to(device)
-        keys = torch.tensor([k for *_, k in pieces], dtype=torch.int32).to(device)
-        rows = torch.tensor([b for b, *_ in pieces], dtype=torch.int64).to(device)
+        n = len(pieces)
+        cu, keys, rows = index[at:at + n + 1], index[at + n + 1:at + 2 * n + 1], index[at + 2 * n + 1:at + 3 * n + 1]
+        at += 3 * n + 1
         with _utils.launch_device(device):
             out, lse = _launch(q_nope[start:end], q_pe[start:end], kv_cache, pe_cache,
                                block_table.index_select(0, rows), keys, cu, softmax_scale, causal, return_lse,
-                               batch=len(pieces), seq_q=0, total_tokens=end - start, max_seqlen_q=max(counts),
+                               batch=n, seq_q=0, total_tokens=end - start,
+                               max_seqlen_q=max(j - i for _, i, j, _ in pieces),
                                max_seqlen_k=max(k for *_, k in pieces), num_splits=None, kv_scale=kv_scale,
                                split_tokens=split_tokens)
         outs.append(out)

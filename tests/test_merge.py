@@ -60,6 +60,28 @@ def test_a_nan_lse_makes_the_row_nan(device):
     assert not out[0].isnan().any() and not out[1, :2].isnan().any()
 
 
+@pytest.mark.parametrize("torch_path", [False, True], ids=["kernel", "torch-path"])
+def test_a_plus_inf_lse_is_a_keyless_state_and_huge_lse_stay_finite(torch_path, device, monkeypatch):
+    """+inf is FlashMLA's mark of a row that saw no key (``flash_mla_with_kvcache`` returns it): such a state adds
+    nothing, as one with -inf (the kernel read it as an overflow and gave the row zeros and lse -inf, dropping the
+    other state). An lse past float32's largest value / log2(e) (~2.36e38) is merged in natural units, not
+    overflowed to +inf by the conversion to log2 units."""
+    if torch_path:
+        if device.type != "cpu":
+            pytest.skip("the PyTorch path is the CPU's")
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    out_a, _, out_b, _ = states((1, 4, 16), torch.float32, device)
+    inf = float("inf")
+    lse_a = torch.tensor([[inf, 1.5, inf, 3e38]], device=device)
+    lse_b = torch.tensor([[0.5, inf, inf, -3e38]], device=device)
+    out, lse = mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    ref_out, ref_lse = reference.merge_states(out_a.cpu(), lse_a.cpu(), out_b.cpu(), lse_b.cpu())
+    expected_out = torch.stack([out_b[0, 0], out_a[0, 1], torch.zeros_like(out_a[0, 2]), out_a[0, 3]])[None]
+    assert torch.equal(out, expected_out) and torch.equal(ref_out.float(), expected_out.cpu())
+    expected_lse = torch.tensor([[0.5, 1.5, -inf, 3e38]])
+    assert torch.equal(lse.cpu(), expected_lse) and torch.equal(ref_lse.float(), expected_lse)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decode_over_two_key_ranges_merges_into_decode_over_both(dtype, device):
     """What the merge is for: ``mla_decode`` over a prefix of whole pages and over the rest of each sequence (its

@@ -28,9 +28,9 @@ output by ``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the return
 too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
 lengths, and the FP8-query ``descale_q``/``descale_k`` of some forks.
 
-Differences a FlashMLA caller can meet: on the CPU a ``cache_seqlens[b]`` between 1 and ``S_q - 1`` is refused
-(``mla_decode``'s check; FlashMLA, and these kernels on a GPU, give such a sequence's tokens the whole cache, or with
-``causal`` zeros and lse +inf for the tokens before its first key); FlashMLA's other FP8 layout (448 + 64 wide, e8m0 scales at
+Differences a FlashMLA caller can meet: on the CPU a causal call's ``cache_seqlens[b]`` between 1 and ``S_q - 1``
+is refused (``mla_decode``'s check; FlashMLA, and these kernels on a GPU, give its tokens before the first key zeros
+and lse +inf; without ``causal`` every token sees the whole cache, on every device); FlashMLA's other FP8 layout (448 + 64 wide, e8m0 scales at
 the end of each block) is refused by its width. Under ``torch.compile(fullgraph=True)`` a metadata mismatch surfaces
 as dynamo's ``Unsupported`` (an exception while tracing), not as the ``ValueError`` an eager call raises.
 

@@ -122,9 +122,10 @@ def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, 
 def merge_states(out_a, lse_a, out_b, lse_b, dtype=torch.float64):
     """Reference for ``mla_kernels.merge_attention_states``, in ``dtype``: the attention over two disjoint key sets
     from each one's output ``[..., H, D]`` and lse ``[..., H]`` (natural log). Each state is weighted by its share of
-    the softmax sum, ``e^lse_x / (e^lse_a + e^lse_b)``; a state that saw no key (lse -inf) has weight 0 and adds
-    nothing, a row that saw none in either gives zeros and lse -inf, and a NaN lse gives a NaN row. Returns ``(out, lse)`` in ``dtype``."""
-    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    the softmax sum, ``e^lse_x / (e^lse_a + e^lse_b)``; a state that saw no key (lse -inf, or FlashMLA's mark +inf)
+    has weight 0 and adds nothing, a row that saw none in either gives zeros and lse -inf, and a NaN lse gives a NaN row. Returns ``(out, lse)`` in ``dtype``."""
+    # +inf: FlashMLA's mark of a row that saw no key, as -inf is ours
+    lse_a, lse_b = (torch.where(x == float("inf"), float("-inf"), x.to(dtype)) for x in (lse_a, lse_b))
     lse = torch.logaddexp(lse_a, lse_b)  # log(e^a + e^b); -inf when both are
     seen = lse > float("-inf")
     w_a = torch.where(seen, torch.exp(lse_a - torch.where(seen, lse, 0.0)), 0.0)
