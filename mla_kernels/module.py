@@ -34,7 +34,7 @@ from torch import nn
 
 from . import _utils
 from .cache import PagedLatentCache
-from .decode import _check_split_tokens, mla_decode
+from .decode import MAX_GRID_SPLITS, mla_decode
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -620,8 +620,8 @@ class MLAttention(nn.Module):
             _utils.check_no_grad("MLAttention.attend", q_nope=q_nope, q_pe=q_pe, kv_c=kv_c, k_pe=k_pe)
         layer = self.layer_idx if layer is None else layer
         if self.split_tokens is not None:  # the splits' bound, before the write (the calls would refuse after it)
-            _check_split_tokens(self.split_tokens, None, None, batch.max_seqlen_k if indices is None else
-                                indices.shape[1])
+            check_split_keys(self.split_tokens, batch.max_seqlen_k if indices is None else indices.shape[1],
+                             "the step's longest sequence" if indices is None else "the step's key lists (K)")
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
@@ -750,6 +750,15 @@ class MLAttention(nn.Module):
         q_nope, q_pe, kv_c, k_pe = self.project(flat, cos, sin)
         out = self.attend(q_nope, q_pe, kv_c, k_pe, batch)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
+
+
+def check_split_keys(split_tokens: int, keys: int, what: str) -> None:
+    """A module's ``split_tokens`` against the keys of a step, before the step writes the cache: the calls cut
+    ``keys`` into ``cdiv(keys, split_tokens)`` splits, at most ``MAX_GRID_SPLITS`` (a launch grid's axis)."""
+    if _utils.cdiv(keys, split_tokens) > MAX_GRID_SPLITS:
+        raise ValueError(f"split_tokens={split_tokens} cuts {what} ({keys} keys) into more than {MAX_GRID_SPLITS} "
+                         f"splits, a launch grid's limit: set a larger split_tokens (attn.split_tokens, or "
+                         f"patch_model(split_tokens=...))")
 
 
 def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int,

@@ -889,25 +889,26 @@ def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale,
         flat += itertools.accumulate((j - i for _, i, j, _ in pieces), initial=0)
         flat += [k for *_, k in pieces] + [b for b, *_ in pieces]
     index = torch.tensor(flat, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
-    outs, lses, at = [], [], 0
+    # the pieces cover the T packed tokens in order: each launch's rows are copied to their place as it finishes
+    out = q_nope.new_empty(q_nope.shape[0], heads, d_latent)
+    lse = q_nope.new_empty(q_nope.shape[0], heads, dtype=torch.float32) if return_lse else None
+    at = 0
     for pieces in launches:
         start, end = cu_q[pieces[0][0]] + pieces[0][1], cu_q[pieces[-1][0]] + pieces[-1][2]
         n = len(pieces)
         cu, keys, rows = index[at:at + n + 1], index[at + n + 1:at + 2 * n + 1], index[at + 2 * n + 1:at + 3 * n + 1]
         at += 3 * n + 1
         with _utils.launch_device(device):
-            out, lse = _launch(q_nope[start:end], q_pe[start:end], kv_cache, pe_cache,
-                               block_table.index_select(0, rows), keys, cu, softmax_scale, causal, return_lse,
-                               batch=n, seq_q=0, total_tokens=end - start,
-                               max_seqlen_q=max(j - i for _, i, j, _ in pieces),
-                               max_seqlen_k=max(k for *_, k in pieces), num_splits=None, kv_scale=kv_scale,
-                               split_tokens=split_tokens)
-        outs.append(out)
-        lses.append(lse)
-    if not outs:  # no new tokens
-        return q_nope.new_empty(0, heads, d_latent), (q_nope.new_empty(0, heads, dtype=torch.float32)
-                                                      if return_lse else None)
-    return torch.cat(outs), (torch.cat(lses) if return_lse else None)
+            piece_out, piece_lse = _launch(q_nope[start:end], q_pe[start:end], kv_cache, pe_cache,
+                                           block_table.index_select(0, rows), keys, cu, softmax_scale, causal,
+                                           return_lse, batch=n, seq_q=0, total_tokens=end - start,
+                                           max_seqlen_q=max(j - i for _, i, j, _ in pieces),
+                                           max_seqlen_k=max(k for *_, k in pieces), num_splits=None,
+                                           kv_scale=kv_scale, split_tokens=split_tokens)
+        out[start:end] = piece_out
+        if return_lse:
+            lse[start:end] = piece_lse
+    return out, lse
 
 
 # (D_nope, D_v, P, dtype, device) whose expanded kernel the GPU refused for want of shared memory even at the

@@ -517,6 +517,22 @@ def test_patch_model_split_tokens_reaches_every_layer(cache_kind, monkeypatch):
         patch_model(tiny_model(), split_tokens=0)
 
 
+def test_split_tokens_past_the_grid_is_refused_before_the_static_cache_changes():
+    """The static latent cache's rows hold max_cache_len keys: a split_tokens that would cut them into more than
+    65535 splits is refused by name before the step counts or stores anything."""
+    from mla_kernels.integrations.transformers import static_latent_cache
+
+    model = patch_model(tiny_model(), split_tokens=1)
+    cache = static_latent_cache(model, 1, 65540, block_size=64)
+    state = cache._mla_latent_state
+    before = [state.paged.buffer(i).clone() for i in range(state.paged.num_layers)], [s.clone() for s in state.seqlens]
+    ids = torch.randint(3, 128, (1, 4))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"split_tokens=1 cuts the static latent cache's rows"):
+        model(ids, past_key_values=cache, use_cache=True)
+    assert all(torch.equal(state.paged.buffer(i), b) for i, b in enumerate(before[0]))
+    assert all(torch.equal(s, b) for s, b in zip(state.seqlens, before[1])) and cache.get_seq_length() == 0
+
+
 def test_patch_shares_parameters_and_unpatch_restores():
     model = tiny_model(q_lora_rank=32)
     before = model.state_dict()

@@ -51,9 +51,9 @@ from torch import nn
 
 from .. import _utils
 from ..cache import CacheFullError, PagedLatentCache, write_cache
-from ..decode import _check_split_tokens, mla_decode
+from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
-from ..module import LatentBatch, MLAttention, _check_inference, config_kwargs, rope_inv_freq
+from ..module import LatentBatch, MLAttention, _check_inference, check_split_keys, config_kwargs, rope_inv_freq
 
 __all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
            "SUPPORTED_MODEL_TYPES"]
@@ -961,7 +961,7 @@ class _StaticLatentState:
                             "mla_kernels: the static latent cache is full: this step would pass its max_cache_len "
                             "tokens per row (pads included, as transformers counts them); make a larger one")
         if attn.split_tokens is not None:  # the splits' bound, before anything is counted or stored
-            _check_split_tokens(attn.split_tokens, None, None, self.capacity)
+            check_split_keys(attn.split_tokens, self.capacity, "the static latent cache's rows (max_cache_len)")
         columns = (cache_layer.cumulative_length + torch.arange(query_len, device=q_nope.device)).clamp_(
             max=self.max_cache_len - 1)  # in range for the index even on a GPU, where the assertion comes later
         real = _visible_new_tokens(attention_mask, batch_size, query_len, columns)
