@@ -308,17 +308,11 @@ def release_workspace(device=None) -> int:
     context, a large batch at 128 heads) whose partials would otherwise stay allocated for the life of the process.
     CUDA graphs are not affected: their calls allocate from the graph's own pool."""
     if device is not None:
-        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-            raise TypeError(f"device must be None, a torch.device, a string or a GPU index, got "
-                            f"{type(device).__name__}")
-        try:
-            if isinstance(device, int):  # (torch.device(0) asks for an accelerator, which a CPU build lacks)
-                if device < 0:
-                    raise ValueError("a GPU index is >= 0")
-                device = torch.device("cuda", device)
-            device = torch.device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"device={device!r} is not a device: {exc}") from None
+        if isinstance(device, int) and not isinstance(device, bool):  # a GPU index: torch.device(0) would ask for
+            if device < 0:                                             # an accelerator, which a CPU build lacks
+                raise ValueError(f"device={device} is not a GPU index (>= 0)")
+            device = torch.device("cuda", device)
+        device = check_device("device", device)
         if device.type == "cuda" and device.index is None:
             if not torch.cuda.is_available():  # (no GPU: nothing was ever allocated on one)
                 return 0

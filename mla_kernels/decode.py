@@ -978,28 +978,41 @@ def _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seql
     return split_tokens
 
 
+def split_tokens_value(split_tokens) -> int:
+    """``split_tokens`` as every caller takes it: an int >= 1 (numpy's taken), capped at 2^62. Past any cache length
+    every value gives one split of the keys; capped so the custom op (an int64 argument) takes it: 2^63 and beyond
+    passed eagerly but failed under torch.compile."""
+    return min(_utils.check_int("split_tokens", split_tokens, 1), 2**62)
+
+
+def check_split_count(split_tokens: int, keys: int, what: str, advice: str) -> None:
+    """The grid's bound on ``split_tokens``: it cuts ``keys`` into ``cdiv(keys, split_tokens)`` splits, the grid's
+    third axis (CUDA: 65535), which the launch's count (its splits rounded up to the key tile) never exceeds, so the
+    bound holds on every path and device. ``what`` names the keys, ``advice`` the way out, in the message."""
+    if _utils.cdiv(keys, split_tokens) > MAX_GRID_SPLITS:
+        raise ValueError(f"split_tokens={split_tokens} cuts {what} into more than {MAX_GRID_SPLITS} splits, a launch "
+                         f"grid's limit: {advice}")
+
+
 def _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k: int, indices=None) -> int:
-    """``split_tokens``: an int >= 1 (numpy's taken), given without ``num_splits`` or ``metadata``, which would
-    cut the sequences otherwise, and cutting the keys (``max_seqlen_k``, clamped to the table's capacity, or a
-    checked ``indices``' K) into at most ``MAX_GRID_SPLITS``: a bound on ``cdiv(keys, split_tokens)``, which the
-    launch's count (its splits rounded up to the key tile) never exceeds, so it holds on every path and device."""
-    split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
-    # past any cache length every value gives one split of the keys; capped so the custom op (an int64 argument)
-    # takes it: 2^63 and beyond passed eagerly but failed under torch.compile
-    split_tokens = min(split_tokens, 2**62)
+    """``split_tokens`` (``split_tokens_value``), given without ``num_splits`` or ``metadata``, which would cut the
+    sequences otherwise, and cutting the keys (``max_seqlen_k``, clamped to the table's capacity, or a checked
+    ``indices``' K) into at most ``MAX_GRID_SPLITS`` (``check_split_count``)."""
+    split_tokens = split_tokens_value(split_tokens)
     if num_splits is not None:
         raise ValueError("split_tokens and num_splits exclude each other: split_tokens fixes where the splits begin, "
                          "so their count follows from the lengths")
     if metadata is not None:
         raise ValueError("split_tokens and metadata exclude each other: a schedule cuts sequences by the batch's "
                          "total work, which is what split_tokens keeps out of a row's result")
-    keys = max_seqlen_k if indices is None else indices.shape[-1]
-    if _utils.cdiv(keys, split_tokens) > MAX_GRID_SPLITS:  # the splits are the grid's third axis (CUDA: 65535)
-        what, hint = (("the key lists' K", "") if indices is not None else
-                      ("max_seqlen_k (default: the block table's capacity)",
-                       " or pass max_seqlen_k, the batch's longest length (it does not change the bits)"))
-        raise ValueError(f"split_tokens={split_tokens} cuts {keys} keys ({what}) into more than {MAX_GRID_SPLITS} "
-                         f"splits, a launch grid's limit: pass a larger split_tokens{hint}")
+    if indices is not None:
+        keys = indices.shape[-1]
+        check_split_count(split_tokens, keys, f"{keys} keys (the key lists' K)", "pass a larger split_tokens")
+    else:
+        check_split_count(split_tokens, max_seqlen_k,
+                          f"{max_seqlen_k} keys (max_seqlen_k (default: the block table's capacity))",
+                          "pass a larger split_tokens or pass max_seqlen_k, the batch's longest length (it does not "
+                          "change the bits)")
     return split_tokens
 
 

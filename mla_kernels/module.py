@@ -34,7 +34,7 @@ from torch import nn
 
 from . import _utils
 from .cache import PagedLatentCache
-from .decode import MAX_GRID_SPLITS, mla_decode
+from .decode import check_split_count, mla_decode, split_tokens_value
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -491,7 +491,7 @@ class MLAttention(nn.Module):
     @split_tokens.setter
     def split_tokens(self, value) -> None:
         # checked here, not by the kernels after attend has written the step's tokens to the cache
-        self._split_tokens = None if value is None else min(_utils.check_int("split_tokens", value, 1), 2**62)
+        self._split_tokens = None if value is None else split_tokens_value(value)
 
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``.to``, ``.cuda``, ``to_empty``...), then: a rope buffer that leaves the meta device
@@ -753,12 +753,10 @@ class MLAttention(nn.Module):
 
 
 def check_split_keys(split_tokens: int, keys: int, what: str) -> None:
-    """A module's ``split_tokens`` against the keys of a step, before the step writes the cache: the calls cut
-    ``keys`` into ``cdiv(keys, split_tokens)`` splits, at most ``MAX_GRID_SPLITS`` (a launch grid's axis)."""
-    if _utils.cdiv(keys, split_tokens) > MAX_GRID_SPLITS:
-        raise ValueError(f"split_tokens={split_tokens} cuts {what} ({keys} keys) into more than {MAX_GRID_SPLITS} "
-                         f"splits, a launch grid's limit: set a larger split_tokens (attn.split_tokens, or "
-                         f"patch_model(split_tokens=...))")
+    """A module's ``split_tokens`` against the ``keys`` of a step (``what`` names them), before the step writes the
+    cache: ``decode.check_split_count``, with the module's way out."""
+    check_split_count(split_tokens, keys, f"{what} ({keys} keys)",
+                      "set a larger split_tokens (attn.split_tokens, or patch_model(split_tokens=...))")
 
 
 def _check_rope_tables(position_embeddings, num_tokens: int, rope_dim: int,
