@@ -921,9 +921,11 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             ``mla_prefill(split_tokens=)`` takes, so ``MLAttention``'s uniform steps (this call) and ragged ones
             (prefill) give a sequence's tokens the same bits. ``w_uv``'s projection is a cuBLAS GEMM whose bits may
             depend on the batch; for bitwise invariance apply it yourself with a batch-invariant GEMM. Smaller
-            values split more (more parallelism for short batches). Exclusive with ``num_splits`` and ``metadata``.
-            The Triton kernels' promise: the PyTorch path (CPU tensors without the interpreter) computes the batch
-            at once.
+            values split more (more parallelism for short batches). Every row keeps an fp32 partial per split of
+            ``max_seqlen_k`` (pass the batch's longest length: it does not change the bits); past
+            ``SPLIT_PARTIALS_BYTES`` (256 MiB) the batch runs as launches over groups of whole sequences, with the
+            same bits. Exclusive with ``num_splits`` and ``metadata``. The Triton kernels' promise: the PyTorch path
+            (CPU tensors without the interpreter) computes the batch at once.
         metadata: a ``DecodeSchedule`` from ``mla_decode_metadata(cache_seqlens, H, S_q, kv_lora_rank=R,
             rope_dim=P, dtype=q_nope.dtype)`` (and ``cache_dtype=torch.float8_e4m3fn`` for an fp8 cache: the
             widths and dtypes fix the tiles it is cut along),
@@ -976,6 +978,22 @@ def _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seql
     if split_tokens is not None:
         split_tokens = _check_split_tokens(split_tokens, num_splits, metadata, max_seqlen_k, indices)
     return split_tokens
+
+
+SPLIT_PARTIALS_BYTES = 1 << 28  # fp32 split partials one launch with split_tokens may allocate (256 MiB)
+
+
+def _split_batches(batch: int, rows: int, d_latent: int, keys: int, split_tokens) -> list:
+    """The ``[b0, b1)`` sequence ranges a decode launches over: the whole batch; or with ``split_tokens``, whose
+    fp32 partials (``rows`` = S_q x H per sequence, ``R + 1`` values, one per split of ``keys``) grow as
+    ``keys / split_tokens``, groups of whole sequences within ``SPLIT_PARTIALS_BYTES`` (one sequence at least,
+    however long). Each group is a batch of its own, which gives its rows the same bits (split_tokens' batch
+    invariance); the ranges follow from shapes alone (no host sync, CUDA-graph capturable)."""
+    if split_tokens is None or batch <= 1:
+        return [(0, batch)]
+    per_sequence = rows * (d_latent + 1) * 4 * _utils.cdiv(max(keys, 1), split_tokens)
+    step = max(1, SPLIT_PARTIALS_BYTES // per_sequence)
+    return [(b, min(batch, b + step)) for b in range(0, batch, step)]
 
 
 def split_tokens_value(split_tokens) -> int:
@@ -1168,12 +1186,25 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
             and _use_schedule(batch, s_q * heads, q_nope.device)):
         metadata = _schedule.make_schedule(cache_seqlens, s_q * heads, d_latent, max_seqlen_k, None,
                                            q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
-    with _utils.launch_device(q_nope.device):
-        out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale, causal,
-                           return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q, max_seqlen_q=s_q,
-                           max_seqlen_k=max_seqlen_k, num_splits=1 if metadata is not None else num_splits,
-                           schedule=metadata, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices,
-                           split_tokens=split_tokens)
+    keys = max_seqlen_k if indices is None else indices.shape[1]  # what the splits cut
+    groups = _split_batches(batch, s_q * heads, d_latent, keys, split_tokens)
+    if len(groups) > 1:  # a split_tokens decode past its partials budget: groups of whole sequences, in order
+        out = q_nope.new_empty(batch * s_q, heads, d_latent)
+        lse = q_nope.new_empty(batch * s_q, heads, dtype=torch.float32) if return_lse else None
+    for b0, b1 in groups:
+        with _utils.launch_device(q_nope.device):
+            part = _launch(q_nope[b0:b1], q_pe[b0:b1], kv_cache, pe_cache, block_table[b0:b1], cache_seqlens[b0:b1],
+                           None, softmax_scale, causal, return_lse, batch=b1 - b0, seq_q=s_q,
+                           total_tokens=(b1 - b0) * s_q, max_seqlen_q=s_q, max_seqlen_k=max_seqlen_k,
+                           num_splits=1 if metadata is not None else num_splits, schedule=metadata,
+                           kv_scale=kv_scale, reuse_scratch=reuse_scratch,
+                           indices=None if indices is None else indices[b0 * s_q:b1 * s_q], split_tokens=split_tokens)
+        if len(groups) == 1:
+            out, lse = part
+        else:
+            out[b0 * s_q:b1 * s_q] = part[0]
+            if return_lse:
+                lse[b0 * s_q:b1 * s_q] = part[1]
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -34,6 +34,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from . import _prefill_cost as _cost
+from . import decode as _decode
 from . import _launcher, _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
@@ -766,7 +767,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
             sequences of the batch, ``max_seqlen_q`` or ``max_seqlen_k``. Exclusive with ``num_splits``. Expect it
             slower than the default at 16 heads or fewer with several new tokens per sequence (16 query rows per
             program instead of 64, so the cache is read once per 16 rows). Every row keeps an fp32 partial per
-            split of the longest key range; past ``SPLIT_PARTIALS_BYTES`` (256 MiB) the call runs as several
+            split of the longest key range; past ``decode.SPLIT_PARTIALS_BYTES`` (256 MiB) the call runs as several
             launches over pieces of the sequences, with the same bits (on a GPU without host lengths it then reads
             the lengths once). The Triton kernels' promise, as in ``mla_decode``.
 
@@ -829,7 +830,7 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
         # bounded partials (a piece of a sequence gives its rows the bits the whole call would)
         heads, d_latent = q_nope.shape[1], q_nope.shape[2]
         per_row = (d_latent + 1) * 4 * _utils.cdiv(max(max_seqlen_k, 1), split_tokens)  # fp32 partials, all splits
-        if q_nope.shape[0] * heads * per_row > SPLIT_PARTIALS_BYTES:
+        if q_nope.shape[0] * heads * per_row > _decode.SPLIT_PARTIALS_BYTES:
             if host is None:  # (a GPU call given max_seqlen_q and no host lengths: the one read, to cut the batch)
                 both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
                 host = (both[:batch + 1], both[batch + 1:])
@@ -845,25 +846,22 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
                        kv_scale=kv_scale, split_tokens=split_tokens)
 
 
-SPLIT_PARTIALS_BYTES = 1 << 28  # fp32 split partials one launch of a split_tokens prefill may allocate (256 MiB)
-
-
 def _pieces(cu_q: list, lens: list, heads: int, d_latent: int, split_tokens: int, causal: bool) -> list:
     """A split_tokens prefill cut into launches whose fp32 partials (every row x every split of the launch's longest
-    key range) stay within ``SPLIT_PARTIALS_BYTES``: a list of launches, each a list of pieces ``(b, i, j, keys)``,
-    new tokens ``i:j`` of sequence ``b`` over its first ``keys`` cache positions (causal: up to the piece's last
+    key range) stay within ``decode.SPLIT_PARTIALS_BYTES``: a list of launches, each a list of pieces
+    ``(b, i, j, keys)``, new tokens ``i:j`` of sequence ``b`` over its first ``keys`` cache positions (causal: up to the piece's last
     token; else all of them), consecutive in the packed order. One token per piece at least, however long its
     sequence (past the budget alone)."""
     row = heads * (d_latent + 1) * 4  # one token's partials per split
     launches, current, rows, longest = [], [], 0, 0
     for b, length in enumerate(lens):
         n = cu_q[b + 1] - cu_q[b]
-        step = max(1, SPLIT_PARTIALS_BYTES // (row * _utils.cdiv(max(length, 1), split_tokens)))
+        step = max(1, _decode.SPLIT_PARTIALS_BYTES // (row * _utils.cdiv(max(length, 1), split_tokens)))
         for i in range(0, n, step):
             j = min(n, i + step)
             keys = length - n + j if causal else length
             splits = _utils.cdiv(max(max(longest, keys), 1), split_tokens)
-            if current and ((rows + j - i) * row * splits > SPLIT_PARTIALS_BYTES
+            if current and ((rows + j - i) * row * splits > _decode.SPLIT_PARTIALS_BYTES
                             or len(current) == _utils.MAX_GRID_YZ):
                 launches.append(current)
                 current, rows, longest = [], 0, 0
@@ -874,7 +872,7 @@ def _pieces(cu_q: list, lens: list, heads: int, d_latent: int, split_tokens: int
 
 def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale, causal, return_lse, host,
                    split_tokens, kv_scale):
-    """A split_tokens prefill whose partials would pass ``SPLIT_PARTIALS_BYTES`` at once, as launches over
+    """A split_tokens prefill whose partials would pass ``decode.SPLIT_PARTIALS_BYTES`` at once, as launches over
     ``_pieces``: a piece is a ragged "sequence" of its own (new tokens ``i:j``, ``keys`` cache positions, the
     sequence's block table row), so each of its rows sees the keys, tiles and split boundaries it would see in one
     launch, and gets the same bits (the tiles and splits are fixed by the head count and ``split_tokens``; a row

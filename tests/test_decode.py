@@ -85,6 +85,38 @@ def test_split_tokens_give_each_sequence_the_same_bits_in_any_batch(split_tokens
         assert torch.equal(lse[b:b + 1], alone[1]), f"sequence {b}: its lse alone differs"
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_split_tokens_partials_stay_within_their_budget(sparse, device, monkeypatch):
+    """``split_tokens`` gives every row an fp32 partial per split of ``max_seqlen_k`` (B64 at 128 heads, 128K keys
+    and n = 256: 8 GiB): past ``decode.SPLIT_PARTIALS_BYTES`` the batch runs as launches over groups of whole
+    sequences, each a batch of its own, with the bits of one launch and no buffer past the budget. Here a budget
+    of two sequences' partials cuts 5 sequences into 3 launches (sparse: the key lists' K sets the splits)."""
+    from mla_kernels import decode
+
+    lens, s_q, heads, r, n = [40, 3, 0, 77, 61], 2, 3, 32, 16
+    args = make_inputs(lens, s_q, heads, 16, torch.float32, device, r=r, p=16)
+    kw = dict(return_lse=True, split_tokens=n, max_seqlen_k=80)
+    if sparse:
+        g = torch.Generator().manual_seed(3)
+        lists = [torch.randint(-1, x, (s_q, 50), generator=g) if x else torch.full((s_q, 50), -1) for x in lens]
+        kw.update(max_seqlen_k=None, indices=torch.stack(lists).to(torch.int32).to(device))
+    whole = mla_kernels.mla_decode(*args, SCALE, **kw)
+    per_sequence = s_q * heads * (r + 1) * 4 * 5  # 5 splits of 80 keys or 50 list entries
+    monkeypatch.setattr(decode, "SPLIT_PARTIALS_BYTES", 2 * per_sequence)
+    calls = []
+    real = decode._launch
+    monkeypatch.setattr(decode, "_launch", lambda *a, **k: calls.append(k["batch"]) or real(*a, **k))
+    bound_allocations(monkeypatch, 2 * per_sequence // 4 + 1, "a split_tokens decode's partials past their budget")
+    grouped = mla_kernels.mla_decode(*args, SCALE, **kw)
+    monkeypatch.undo()
+    assert calls == [2, 2, 1], calls
+    assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1]), "a group's rows changed bits"
+    ref_out, ref_lse = (reference.sparse_decode(*args, kw["indices"], SCALE) if sparse
+                        else reference.absorbed_decode(*args, SCALE))
+    assert_close("groups", grouped[0], ref_out, torch.float32)
+    assert_lse_close("groups", grouped[1], ref_lse)
+
+
 def test_empty_splits_write_only_their_lse(device, monkeypatch):
     """A split with no key for a row (here every split of the 2-token sequence past its first, and the padding
     slot's) writes the row's lse (-inf) and not its D_LATENT-wide partial, which the combine never reads; a row

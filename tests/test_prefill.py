@@ -10,7 +10,7 @@ import mla_kernels
 from mla_kernels import reference
 from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
                      make_paged_cache, record_launches)
-from mla_kernels import _utils, prefill
+from mla_kernels import _utils, decode, prefill
 
 ON_GPU = torch.cuda.is_available()
 SCALE = 192 ** -0.5  # DeepSeek's (nope 128 + rope 64) ** -0.5: with unit-variance q and cache, softmax is far from uniform
@@ -235,7 +235,6 @@ def test_prefill_split_tokens_tiles_follow_no_batch(monkeypatch):
     batch's ``max_seqlen_q`` (a sequence alone and in the batch get other tiles) and, on a GPU, its split count the
     batch; with it, the tiles are a one-token decode's at this head count (``mla_decode``'s own launch) and the
     splits are ``split_tokens`` long, alone and in the batch."""
-    from mla_kernels import decode
 
     new, history, heads, page = SPLIT_BATCH
     a = make_inputs(new, history, heads, page, torch.float32, "cpu", r=64, p=16)
@@ -270,7 +269,7 @@ def test_prefill_split_tokens_partials_stay_within_their_budget(causal, device, 
     a = make_inputs(new, history, heads, page, torch.float32, device, r=16, p=16)
     whole = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, causal=causal, return_lse=True, split_tokens=4)
     budget = 4 * heads * 17 * 4 * 3  # 4 rows of 2 heads x (16 + 1) fp32 x 3 splits
-    monkeypatch.setattr(prefill, "SPLIT_PARTIALS_BYTES", budget)
+    monkeypatch.setattr(decode, "SPLIT_PARTIALS_BYTES", budget)
     launches = prefill._pieces([0, 7, 7, 19], [16, 4, 42], heads, 16, 4, causal)
     covered, order = {}, []  # every new token once, in the packed order
     for b, i, j, _ in (piece for launch in launches for piece in launch):
