@@ -831,9 +831,11 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
         heads, d_latent = q_nope.shape[1], q_nope.shape[2]
         per_row = (d_latent + 1) * 4 * _utils.cdiv(max(max_seqlen_k, 1), split_tokens)  # fp32 partials, all splits
         if q_nope.shape[0] * heads * per_row > _decode.SPLIT_PARTIALS_BYTES:
-            if host is None:  # (a GPU call given max_seqlen_q and no host lengths: the one read, to cut the batch)
-                both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()
+            if host is None:  # (a GPU call given max_seqlen_q and no host lengths: the one read, to cut the batch;
+                both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()  # read, their values are checked too)
                 host = (both[:batch + 1], both[batch + 1:])
+                _check_lengths(*host, ("cu_seqlens_q", "cache_seqlens"), q_nope.shape[0],
+                               block_table.shape[1] * kv_cache.shape[1], max_seqlen_q, max_seqlen_k)
             return _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale, causal, return_lse,
                                   host, split_tokens, kv_scale)
     config = None if split_tokens is not None else _absorbed_config(

@@ -294,6 +294,26 @@ def test_prefill_split_tokens_partials_stay_within_their_budget(causal, device, 
     assert_lse_close("pieces", pieces[1], ref_lse)
 
 
+def test_prefill_pieces_check_the_lengths_they_read(device, monkeypatch):
+    """A GPU prefill given ``max_seqlen_q`` and no host lengths reads them only to cut a ``split_tokens`` batch into
+    pieces: what it read is value-checked as a read on the CPU is (a length below its new tokens, or past the
+    ``max_seqlen_k`` given, cut pieces of negative or unbounded size). Called as that GPU call is, with no host."""
+    a = make_inputs([7, 5], [9, 4], 2, 4, torch.float32, device, r=16, p=16)
+    monkeypatch.setattr(decode, "SPLIT_PARTIALS_BYTES", 1024)
+    args = [a[k] for k in ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table", "cu_seqlens_q", "cache_seqlens")]
+
+    def run(max_seqlen_k):
+        return prefill._run_absorbed(*args, SCALE, True, False, 2, 7, max_seqlen_k, None, None, split_tokens=4)
+
+    whole = mla_kernels.mla_prefill(**a, softmax_scale=SCALE, split_tokens=4)
+    assert torch.equal(run(16)[0], whole), "the pieces of a GPU call without host lengths"
+    with pytest.raises(ValueError, match=r"max_seqlen_k=12 is below the longest cache_seqlens 16"):
+        run(12)
+    args[6] = torch.tensor([16, 3], dtype=torch.int32, device=device)  # sequence 1 holds fewer than its 5 new tokens
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\]=3 is smaller than sequence 1's 5 new tokens"):
+        run(16)
+
+
 @pytest.mark.parametrize("heads", [3, 16])
 def test_prefill_split_tokens_rows_are_those_of_a_multi_token_decode(heads, device):
     """With ``split_tokens`` the bits of S_q new tokens are the same from ``mla_decode`` (``[B, S_q, H]``: what
