@@ -574,12 +574,6 @@ def table_header(keys: Sequence[str] = ("B", "ctx", "H")) -> str:
             + "-" * (len(head) + 84))
 
 
-def print_table(rows: Iterable[dict], keys: Sequence[str] = ("B", "ctx", "H")) -> None:
-    print(table_header(keys))
-    for row in rows:
-        print(format_row(row, keys))
-
-
 def progress(iterable: Iterable, desc: str, total: int | None = None):
     """A tqdm bar on stderr (plain iteration if tqdm is missing)."""
     try:
