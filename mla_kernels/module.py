@@ -733,9 +733,6 @@ class MLAttention(nn.Module):
             if b != batch.batch_size or (b and batch.uniform != s):  # (uniform: no loop over the list of counts)
                 raise ValueError(f"hidden_states [B, S, hidden] = {tuple(hidden_states.shape)} needs a batch of B={b} "
                                  f"sequences with S={s} new tokens each; batch has {batch.num_new_tokens}")
-        elif hidden_states.dim() != 2:
-            raise ValueError(f"hidden_states must be [T, hidden] or [B, S, hidden], got shape "
-                             f"{tuple(hidden_states.shape)}")
         lead = hidden_states.shape[:-1]
         flat = hidden_states.reshape(-1, self.hidden_size)
         if flat.shape[0] != batch.num_tokens:
