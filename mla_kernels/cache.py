@@ -337,10 +337,11 @@ def _check_fp8_widths(kv_lora_rank: int, rope_dim: int, rope_dtype) -> None:
         raise TypeError(f"rope_dtype must be bfloat16, float16 or float32, got {rope_dtype}")
 
 
-def _fp8_views(buf: torch.Tensor, kv_lora_rank: int, rope_dim: int, rope_dtype: torch.dtype):
+def _fp8_views(buf: torch.Tensor, kv_lora_rank: int, rope_dtype: torch.dtype):
     """Views of a uint8 ``[num_blocks, block_size, fp8_row_bytes]`` buffer: ``(kv_cache [N, page, R] e4m3,
-    kv_scale [N, page, R/128] fp32, pe_cache [N, page, P] rope_dtype)``. Byte offsets R and R + 4 R/128 and the
-    row length are multiples of 4 (R is a multiple of 128, P a power of two >= 16), as ``Tensor.view(dtype)`` needs."""
+    kv_scale [N, page, R/128] fp32, pe_cache [N, page, P] rope_dtype)``, P the rest of the row. Byte offsets R and
+    R + 4 R/128 and the row length are multiples of 4 (R is a multiple of 128, P a power of two >= 16), as
+    ``Tensor.view(dtype)`` needs."""
     groups = kv_lora_rank // _utils.FP8_GROUP
     kv = buf[..., :kv_lora_rank].view(torch.float8_e4m3fn)
     scale = buf[..., kv_lora_rank:kv_lora_rank + 4 * groups].view(torch.float32)
@@ -364,7 +365,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     _check_bytes(1, num_blocks, block_size, row)
     buf = torch.zeros(num_blocks, block_size, row, dtype=torch.uint8,
                       device=_utils.check_alloc_device("device", device))
-    return _fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype)
+    return _fp8_views(buf, kv_lora_rank, rope_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +487,7 @@ class PagedLatentCache:
                 row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
                 self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
                                  for _ in range(num_layers)]
-                views = [_fp8_views(buf, kv_lora_rank, rope_dim, rope_dtype) for buf in self._buffers]
+                views = [_fp8_views(buf, kv_lora_rank, rope_dtype) for buf in self._buffers]
                 self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
             else:
                 self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
@@ -531,7 +532,7 @@ class PagedLatentCache:
         does. Views made in the graph from the buffer, an input of its own dtype, it takes."""
         layer = self._layer(layer)
         if self._scale_views[layer] is not None and torch.compiler.is_compiling():
-            kv, scale, pe = _fp8_views(self._buffers[layer], self.kv_lora_rank, self.rope_dim, self.rope_dtype)
+            kv, scale, pe = _fp8_views(self._buffers[layer], self.kv_lora_rank, self.rope_dtype)
             return kv, pe, scale
         return self._kv_views[layer], self._pe_views[layer], self._scale_views[layer]
 

@@ -254,7 +254,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                              f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
                              f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
         _utils.check_last_contiguous("k_cache", rows)
-        kv_cache, kv_scale, pe_cache = _fp8_views(rows.view(torch.uint8), dim_v, rope_dim, torch.bfloat16)
+        kv_cache, kv_scale, pe_cache = _fp8_views(rows.view(torch.uint8), dim_v, torch.bfloat16)
     else:
         if rows.shape[-1] != q.shape[-1]:
             raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
