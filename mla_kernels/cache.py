@@ -361,7 +361,7 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     """
     _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
-    row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
+    row = _row_bytes(kv_lora_rank, rope_dim, rope_dtype)
     _check_bytes(1, num_blocks, block_size, row)
     buf = torch.zeros(num_blocks, block_size, row, dtype=torch.uint8,
                       device=_utils.check_alloc_device("device", device))
@@ -476,16 +476,16 @@ class PagedLatentCache:
         self.rope_dim = rope_dim
         self.dtype = dtype
         self.rope_dtype = rope_dtype if fp8 else dtype
-        _check_bytes(num_layers, num_blocks, block_size, fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype) if fp8
+        row_bytes = (_row_bytes(kv_lora_rank, rope_dim, rope_dtype) if fp8  # (widths checked above)
                      else (kv_lora_rank + rope_dim) * dtype.itemsize)
+        _check_bytes(num_layers, num_blocks, block_size, row_bytes)
         self.device = _utils.check_alloc_device("device", device)
         # normal tensors even when made under torch.inference_mode: a cache outlives the mode it was made in, and
         # an inference tensor refuses in-place writes outside it (a conversation begun under inference_mode and
         # continued under no_grad failed in its first write, after the step was reserved)
         with torch.inference_mode(False):
             if fp8:
-                row = fp8_row_bytes(kv_lora_rank, rope_dim, rope_dtype)
-                self._buffers = [torch.zeros(num_blocks, block_size, row, dtype=torch.uint8, device=self.device)
+                self._buffers = [torch.zeros(num_blocks, block_size, row_bytes, dtype=torch.uint8, device=self.device)
                                  for _ in range(num_layers)]
                 views = [_fp8_views(buf, kv_lora_rank, rope_dtype) for buf in self._buffers]
                 self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
