@@ -350,7 +350,7 @@ def verdict(rows) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def plot(rows, peaks, contexts, path) -> None:
+def plot(rows, peaks, path) -> None:
     plt = h.pyplot()
     if plt is None:
         return
@@ -438,7 +438,7 @@ def main(argv=None) -> None:
                               "not the Triton kernel's" if cpu else "GPU: torch.cuda.max_memory_allocated"),
         "seed_000_claim": text,
     }
-    h.save_results("memory", payload, device, args, plot=lambda png: plot(rows, peaks, contexts, png))
+    h.save_results("memory", payload, device, args, plot=lambda png: plot(rows, peaks, png))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class _Decode(_Spec):
 
     def default_shapes(self, quick):
         shapes = []
-        for bound, combos in self.HEADS_SQ.items():
+        for combos in self.HEADS_SQ.values():
             cases = self.CASES[:2] if quick else self.CASES
             heads, s_q = combos[0]
             shapes += [dict(B=b, ctx=c, H=heads, S_q=s_q, page=p, R=512, P=ROPE) for b, c, p in cases]

@@ -828,7 +828,7 @@ def _attend_torch_sparse(q_nope, q_pe, kv_cache, pe_cache, block_table, seqlens,
                          kv_scale=None):
     """``_attend_torch`` over each token's own key list: ``indices [B * S_q, K]`` cache positions (``mla_decode``'s
     ``indices``; entries outside the sequence, or with ``causal`` past the token, skipped). Returns out, lse."""
-    batch, s_q, heads = q_nope.shape[:3]
+    batch, s_q = q_nope.shape[:2]
     page = kv_cache.shape[1]
     pos = indices.long().view(batch, s_q, indices.shape[-1])  # [B, S, K] (a -1 is ambiguous when B is 0)
     lengths = seqlens.long()[:, None, None]
