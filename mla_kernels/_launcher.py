@@ -164,9 +164,9 @@ def _storable(kernel: JITFunction, args: tuple, kwargs: dict) -> bool:
     """Whether this call's key (Triton's run has just launched it) determines what Triton chose and what it handed
     the kernel. Not when a runtime (non-constexpr) parameter came as a keyword: the key keeps keywords by value and
     type (all but ints, bools, strings and None also by repr), and the stored tail would replay the first call's
-    value. Not
-    when a constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's type, not
-    the value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one tuple)."""
+    value. Not when a constexpr came positionally, unless a bool or None: the key keeps an int's class and a float's
+    type, not the value a constexpr is compiled with. Not for a kernel with ``*args`` (triton 3.9 binds them as one
+    tuple)."""
     for p in kernel.params:
         param = p._param
         if param.kind is param.VAR_POSITIONAL:

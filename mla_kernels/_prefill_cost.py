@@ -107,7 +107,7 @@ def h100_records() -> list[dict]:
 
 
 def expanded_block_m(max_seqlen_q: int) -> int:
-    """The expanded kernel's BLOCK_M by ``prefill._expanded_config``'s heuristic (what the records ran)."""
+    """The expanded kernel's BLOCK_M by ``prefill._expanded_heuristic`` (what the records ran)."""
     return 128 if max_seqlen_q > 64 else 64
 
 
@@ -226,9 +226,10 @@ def fit(records, start=None, fixed=("prefill_bandwidth_gbps",), tol=1e-3) -> dic
     """Constants minimising the squared log error of the estimates against ``records``' times.
 
     records: dicts with new (or new_lens), cache_lens, heads, d_latent, d_rope, d_nope, d_v, path ("absorbed" or
-    "expanded"), ms, and optionally causal, block_m, launches (of the code timed; default ``LAUNCHES``). ``start``: initial constants (default ``DEFAULTS``); the names
-    in ``fixed`` keep their start value. Deterministic coordinate descent in log space (each constant scaled up
-    or down by a step that halves when nothing improves): a handful of constants, tens of records, milliseconds.
+    "expanded"), ms, and optionally causal, block_m, launches (of the code timed; default ``LAUNCHES``).
+    ``start``: initial constants (default ``DEFAULTS``); the names in ``fixed`` keep their start value.
+    Deterministic coordinate descent in log space (each constant scaled up or down by a step that halves when
+    nothing improves): a handful of constants, tens of records, milliseconds.
     A constant no record depends on keeps its start value, and so does ``prefill_launch_us`` when every record
     makes the same number of launches: the times then show only call + launches x launch, which the call cost
     takes (today both paths launch 3 times, so a calibration of today's code keeps the launch cost fitted to

@@ -3,8 +3,9 @@
 A file holds ``device``, ``vendor`` ("cuda" or "hip"), ``sm_count``, ``triton``, ``torch``, ``date``, ``commit``,
 ``source`` and ``kernels``: per kernel a table from shape-class key to config. A file is *stale* when its
 triton MAJOR version differs from the installed one, or its vendor differs from the running backend: then
-one warning and the heuristics (``decode._config`` / ``prefill._expanded_config``), never a crash.
-``constants`` holds measured numbers other code reads (``constant``), e.g. prefill's path-speed ratio.
+one warning and the heuristics (``decode._config`` / ``prefill._expanded_heuristic``), never a crash.
+``constants`` holds measured numbers other code reads (``constant``), e.g. prefill's cost-model
+constants (``_prefill_cost.NAMES``).
 ``save_file`` writes or updates a file (``bench.autotune`` and calibration runs use it).
 
 Shape classes (the keys of a kernel's table) hold only what changes the best config: the widths and a bucket of

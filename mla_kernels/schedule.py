@@ -9,7 +9,7 @@ programs is *cut*: each piece writes an fp32 partial and its log-sum-exp, and th
 
 Two implementations of the same schedule:
   - ``schedule_reference`` / ``piece_table``: plain Python over ints, the readable definition;
-  - ``build_schedule``: torch ops on the device (cumsum, searchsorted), no host synchronisation, so a decode
+  - ``build_tables``: torch ops on the device (cumsum, searchsorted), no host synchronisation, so a decode
     step that computes it stays CUDA-graph capturable. ``units_of`` decodes its tables back into units the way
     the kernel walks them; the tests check both agree exactly.
 
