@@ -691,8 +691,8 @@ def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     return batch, page, device, _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch)
 
 
-def _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, batch, page, device, max_seqlen_q,
-                    max_seqlen_k, host, host_sync):
+def _check_values(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, batch, page, device, max_seqlen_q,
+                  max_seqlen_k, host, host_sync):
     """The value checks shared by both public calls, after ``_check_shapes``. Returns (max_seqlen_q, max_seqlen_k,
     host lengths | None).
 
@@ -797,9 +797,9 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
                                                      max_seqlen_k, num_splits, kv_scale, cu_seqlens_q_host,
                                                      cache_seqlens_host, split_tokens)
         return (out, lse) if return_lse else out
-    max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
-                                                       batch, page, device, max_seqlen_q, max_seqlen_k, host,
-                                                       host_sync=max_seqlen_q is None)
+    max_seqlen_q, max_seqlen_k, host = _check_values(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                                     batch, page, device, max_seqlen_q, max_seqlen_k, host,
+                                                     host_sync=max_seqlen_q is None)
     if split_tokens is not None:
         split_tokens = _check_split_tokens(split_tokens, num_splits, max_seqlen_k)
     out, lse = _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
@@ -811,7 +811,7 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
 def _check_split_tokens(split_tokens, num_splits, max_seqlen_k=None):
     """``split_tokens`` checked as ``mla_decode``'s (``decode._check_split_tokens``): without ``max_seqlen_k`` its
     type and ``num_splits``' exclusion (before a call is traced), with it (the call's, resolved by
-    ``_check_metadata``) also the grid's bound on the splits of the keys."""
+    ``_check_values``) also the grid's bound on the splits of the keys."""
     if split_tokens is None:
         return None
     return _check_decode_split_tokens(split_tokens, num_splits, None, 0 if max_seqlen_k is None else max_seqlen_k)
@@ -980,8 +980,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
                                                                causal, path, return_lse, kv_scale, cu_seqlens_q_host,
                                                                cache_seqlens_host, split_tokens)
         return (out, lse) if return_lse else out
-    max_seqlen_q, max_seqlen_k, host = _check_metadata(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
-                                                       batch, page, device, None, None, host, host_sync=True)
+    max_seqlen_q, max_seqlen_k, host = _check_values(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                                     batch, page, device, None, None, host, host_sync=True)
     if split_tokens is not None:
         split_tokens = _check_split_tokens(split_tokens, None, max_seqlen_k)
     d_v = w_kv_b.shape[0] // heads - d_nope

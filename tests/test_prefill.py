@@ -911,7 +911,7 @@ def test_unchecked_cu_seqlens_q_stays_inside_the_output(monkeypatch, device):
     pad = lambda t: torch.cat([torch.full_like(t[:2], float("nan")), t])  # noqa: E731
     shifted = dict(a, q_nope=pad(a["q_nope"]), q_pe=pad(a["q_pe"]),
                    cu_seqlens_q=torch.tensor([2, 5, 9], dtype=torch.int32, device=device))
-    monkeypatch.setattr(prefill, "_check_metadata", lambda *args, **kw: (4, 8, None))  # a GPU's unchecked values
+    monkeypatch.setattr(prefill, "_check_values", lambda *args, **kw: (4, 8, None))  # a GPU's unchecked values
     guarded = []
     empty = torch.empty
 
