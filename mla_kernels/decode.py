@@ -1069,7 +1069,7 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     _utils.check_last_contiguous("q_nope", q_nope)
     _utils.check_last_contiguous("q_pe", q_pe)
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
-    _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "the batch", batch, "batch size")
+    _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "q_nope (its B)", batch, "batch size")
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
     if s_q == 0:
         raise ValueError("q_nope must have at least one query token (S_q >= 1)")

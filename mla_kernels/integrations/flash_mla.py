@@ -177,7 +177,7 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
         raise ValueError(f"tile_scheduler_metadata is on {built.device}, q on {device}")
     if num_splits is not None:  # FlashMLA's, passed back: not read, but it must be this call's
         num_splits = _utils.check_tensor("num_splits", num_splits, 1, (torch.int32,))
-        _utils.check_same("num_splits", num_splits.shape[0], "the batch + 1", batch + 1)
+        _utils.check_same("num_splits", num_splits.shape[0], "q (its B + 1)", batch + 1)
     block_m, block_n = schedule_tiles(rows, dim_v, device, rope_dim, elem_bytes, fp8)
     grid = built.num_programs
     check = device.type == "cpu"  # as mla_decode checks a schedule's tables
@@ -340,7 +340,7 @@ def _keep_first(indices: torch.Tensor, topk_length, batch: int) -> torch.Tensor:
     if topk_length is None:
         return indices
     topk_length = _utils.check_tensor("topk_length", topk_length, 1, _utils.INDEX_DTYPES)
-    _utils.check_same("topk_length", topk_length.shape[0], "the batch", batch)
+    _utils.check_same("topk_length", topk_length.shape[0], "q", batch, "batch size")
     _check_has_data_beside("topk_length", topk_length, indices.device)
     keep = torch.arange(indices.shape[-1], device=indices.device) < topk_length.to(indices.device)[:, None, None]
     return torch.where(keep, indices, indices.new_full((), -1))
