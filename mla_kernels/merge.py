@@ -14,10 +14,9 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
-from .decode import _combine_grid
+from .decode import LN2_C, _combine_grid
 
 LOG2E_C: tl.constexpr = tl.constexpr(_utils.LOG2E)
-LN2_C: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -38,8 +38,8 @@ from . import decode as _decode
 from . import _launcher, _utils
 from . import _tuning
 from .cache import dequantize_fp8_torch
-from .decode import (LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch, _online_softmax_step,
-                     _project_v, _softmax_probs)
+from .decode import (LN2_C, LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch,
+                     _online_softmax_step, _project_v, _softmax_probs)
 from .decode import _check_split_tokens as _check_decode_split_tokens
 
 PATHS = ("auto", "absorbed", "expanded")
@@ -403,8 +403,7 @@ def _mla_expanded_kernel(
     tl.store(OUT + rows[:, None] * stride_o_t + pid_h * stride_o_h + offs_dv[None, :],
              out.to(OUT.dtype.element_ty), mask=m_mask[:, None])
     if STORE_LSE:
-        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2_C, float("-inf"))
         tl.store(LSE + rows * num_heads + pid_h, lse, mask=m_mask)
 
 
