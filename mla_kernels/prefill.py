@@ -153,11 +153,6 @@ def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, r
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
-# --------------------------------------------------------------------------------------------
-# expanded path: config, kernel, launcher
-# --------------------------------------------------------------------------------------------
-
-
 def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[int]]:
     """The cost model's batch, checked: ``new_lens`` and ``cache_lens`` as lists of ints, one per sequence, with
     0 <= new_lens[b] <= cache_lens[b] (the cache holds the new tokens); each of ``sizes`` an int >= 1."""
@@ -204,6 +199,11 @@ def _check_constants(constants: dict) -> None:
                 or value < 0 or (positive and value == 0)):
             raise ValueError(f"constants[{name!r}] must be a finite number {'> 0' if positive else '>= 0'}, "
                              f"got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# expanded path: config, kernel, launcher
+# --------------------------------------------------------------------------------------------
 
 
 def _expanded_width_ok(width: int) -> bool:
