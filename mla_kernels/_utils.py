@@ -510,6 +510,16 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
 
 
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """A size or index given as a Python int (not a bool, nor a numpy int, unlike ``check_int``) >= ``minimum``; a
+    ``TypeError`` (not an int) or ``ValueError`` (too small) naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
 def check_int(name: str, value, minimum: int):
     """``value`` as a Python int >= ``minimum`` (any integer: numpy's too, not a bool), None as None; a
     ``ValueError`` naming ``name`` otherwise."""

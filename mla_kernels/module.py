@@ -87,7 +87,7 @@ def _check_rope_parameters(rope_parameters) -> dict:
             raise ValueError(f"rope_parameters['{key}'] must be a finite number > {low:g}, got {value}")
     original = params.get("original_max_position_embeddings")
     if original is not None:
-        _dim("rope_parameters['original_max_position_embeddings']", original)
+        _utils.check_size("rope_parameters['original_max_position_embeddings']", original)
     # YaRN's other numbers (read by rope_inv_freq and softmax_scale_for): finite reals, else a NaN softmax scale or
     # rope table, or errors naming none of them ("math domain error", "can't multiply sequence by non-int")
     for key, low, high in (("beta_fast", 0.0, 1e300), ("beta_slow", 0.0, 1e300), ("mscale", None, None),
@@ -379,14 +379,6 @@ def _scale(name: str, value) -> float:
     return value
 
 
-def _dim(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
 class MLAttention(nn.Module):
     """DeepSeek-V2/V3 Multi-head Latent Attention over a paged latent cache.
 
@@ -427,25 +419,25 @@ class MLAttention(nn.Module):
                  device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0,
                  split_tokens: int | None = None):
         super().__init__()
-        self.hidden_size = _dim("hidden_size", hidden_size)
-        self.num_heads = _dim("num_heads", num_heads)
-        self.kv_lora_rank = _dim("kv_lora_rank", kv_lora_rank)
-        self.qk_nope_head_dim = _dim("qk_nope_head_dim", qk_nope_head_dim)
-        self.qk_rope_head_dim = _dim("qk_rope_head_dim", qk_rope_head_dim)
-        self.v_head_dim = _dim("v_head_dim", v_head_dim)
+        self.hidden_size = _utils.check_size("hidden_size", hidden_size)
+        self.num_heads = _utils.check_size("num_heads", num_heads)
+        self.kv_lora_rank = _utils.check_size("kv_lora_rank", kv_lora_rank)
+        self.qk_nope_head_dim = _utils.check_size("qk_nope_head_dim", qk_nope_head_dim)
+        self.qk_rope_head_dim = _utils.check_size("qk_rope_head_dim", qk_rope_head_dim)
+        self.v_head_dim = _utils.check_size("v_head_dim", v_head_dim)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
         _utils.check_width("qk_rope_head_dim", qk_rope_head_dim)
         if q_lora_rank is not None:
-            _dim("q_lora_rank", q_lora_rank, 0)
+            _utils.check_size("q_lora_rank", q_lora_rank, 0)
         self.q_lora_rank = q_lora_rank or None
-        self.layer_idx = _dim("layer_idx", layer_idx, 0)
+        self.layer_idx = _utils.check_size("layer_idx", layer_idx, 0)
         if rope_style is None:
             rope_style = "interleave" if rope_interleave else "half"
         if rope_style not in ROPE_STYLES:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
         self.rope_style = rope_style
         self.rope_parameters = _check_rope_parameters(rope_parameters)
-        max_position_embeddings = _dim("max_position_embeddings", max_position_embeddings)
+        max_position_embeddings = _utils.check_size("max_position_embeddings", max_position_embeddings)
         if self.rope_parameters.get("factor", 0) is None and "original_max_position_embeddings" in self.rope_parameters:
             # YaRN's factor None: max_position_embeddings / original, as rope_inv_freq takes it (softmax_scale_for
             # compared None with 1 and raised a TypeError naming neither)
