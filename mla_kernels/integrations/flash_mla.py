@@ -235,35 +235,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _utils.check_width("head_dim_v (the latent)", dim_v)
     _utils.check_width("q's rope part (q.shape[-1] - head_dim_v)", rope_dim)
     _utils.check_devices(q=q, k_cache=k_cache)
-    if k_cache.shape[2] != 1:
-        raise ValueError(f"k_cache must hold one key-value head (MLA's MQA mode: [num_blocks, page, 1, D]), got "
-                         f"shape {tuple(k_cache.shape)}")
-    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
-        raise ValueError(f"k_cache must hold at least one block of at least one token, got shape "
-                         f"{tuple(k_cache.shape)}")
-    rows = k_cache[:, :, 0]
-    if is_fp8:
-        if k_cache.dtype not in _FP8_BYTE_DTYPES:
-            raise TypeError(f"k_cache with is_fp8_kvcache must be uint8 or float8_e4m3fn rows, got {k_cache.dtype}")
-        if q.dtype != torch.bfloat16:  # the rows' rope values are bf16 (FlashMLA's layout; its FP8 decode takes bf16)
-            raise TypeError(f"q must be bfloat16 with is_fp8_kvcache (the FP8 rows hold their rope part in bf16), "
-                            f"got {q.dtype}")
-        row_bytes = _row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
-        if row_bytes is None or rows.shape[-1] != row_bytes:
-            raise ValueError(f"k_cache with is_fp8_kvcache must have rows of {dim_v} e4m3 values, their fp32 scales "
-                             f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
-                             f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
-        _utils.check_last_contiguous("k_cache", rows)
-        kv_cache, kv_scale, pe_cache = _fp8_views(rows.view(torch.uint8), dim_v, torch.bfloat16)
-    else:
-        if rows.shape[-1] != q.shape[-1]:
-            raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
-                             f"(pass is_fp8_kvcache=True for an FP8 cache)")
-        if k_cache.dtype != q.dtype:
-            raise TypeError(f"k_cache and q disagree on dtype: {k_cache.dtype} vs {q.dtype}"
-                            + (" (pass is_fp8_kvcache=True for an FP8 cache)" if k_cache.element_size() == 1 else ""))
-        _utils.check_last_contiguous("k_cache", rows)
-        kv_cache, kv_scale, pe_cache = rows[..., :dim_v], None, rows[..., dim_v:]
+    kv_cache, kv_scale, pe_cache = _cache_views(k_cache, q, dim_v, rope_dim, is_fp8)
     batch, s_q, heads = q.shape[:3]
     topk = None if indices is None else _utils.check_tensor("indices", indices, 3, _utils.INDEX_DTYPES).shape[-1]
     config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
@@ -320,6 +292,40 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
     lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
     return out, lse.transpose(1, 2).contiguous()
+
+
+def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: int, is_fp8: bool):
+    """FlashMLA's ``k_cache [num_blocks, page, 1, D]`` (checked against ``q``) as ``mla_decode``'s ``(kv_cache,
+    kv_scale, pe_cache)`` views: the latent and rope parts of each row, or with ``is_fp8`` the FP8 rows' e4m3 latent,
+    fp32 scales and bf16 rope key (``kv_scale`` None otherwise). Errors name ``k_cache`` and ``q``, as passed."""
+    if k_cache.shape[2] != 1:
+        raise ValueError(f"k_cache must hold one key-value head (MLA's MQA mode: [num_blocks, page, 1, D]), got "
+                         f"shape {tuple(k_cache.shape)}")
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ValueError(f"k_cache must hold at least one block of at least one token, got shape "
+                         f"{tuple(k_cache.shape)}")
+    rows = k_cache[:, :, 0]
+    if is_fp8:
+        if k_cache.dtype not in _FP8_BYTE_DTYPES:
+            raise TypeError(f"k_cache with is_fp8_kvcache must be uint8 or float8_e4m3fn rows, got {k_cache.dtype}")
+        if q.dtype != torch.bfloat16:  # the rows' rope values are bf16 (FlashMLA's layout; its FP8 decode takes bf16)
+            raise TypeError(f"q must be bfloat16 with is_fp8_kvcache (the FP8 rows hold their rope part in bf16), "
+                            f"got {q.dtype}")
+        row_bytes = _row_bytes(dim_v, rope_dim, torch.bfloat16) if dim_v % _utils.FP8_GROUP == 0 else None
+        if row_bytes is None or rows.shape[-1] != row_bytes:
+            raise ValueError(f"k_cache with is_fp8_kvcache must have rows of {dim_v} e4m3 values, their fp32 scales "
+                             f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
+                             f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
+        _utils.check_last_contiguous("k_cache", rows)
+        return _fp8_views(rows.view(torch.uint8), dim_v, torch.bfloat16)
+    if rows.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
+                         f"(pass is_fp8_kvcache=True for an FP8 cache)")
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache and q disagree on dtype: {k_cache.dtype} vs {q.dtype}"
+                        + (" (pass is_fp8_kvcache=True for an FP8 cache)" if k_cache.element_size() == 1 else ""))
+    _utils.check_last_contiguous("k_cache", rows)
+    return rows[..., :dim_v], None, rows[..., dim_v:]
 
 
 def _check_metadata(meta: FlashMLAMetadata | None, config: tuple) -> None:
