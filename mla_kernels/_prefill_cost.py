@@ -57,7 +57,7 @@ LAUNCHES = {"absorbed": 3, "expanded": 3}
 D07C6FE_LAUNCHES = {"absorbed": 3, "expanded": 16}
 
 # Measured timings of both paths on one H100 (80GB HBM3, triton 3.6, torch 2.11, bf16, page 64): `python -m
-# bench.prefill --quick` at commit d07c6fe, 2026-11-22 (../shared/measurements/README.md, "Prefill"; issue 11).
+# bench.prefill --quick` at commit d07c6fe, 2026-11-22 (bench/results/h100-2026-11-22/README.md, "Prefill"; issue 11).
 # DeepSeek widths R 512, P 64, D_nope = D_v = 128. The 8 x 4096 rows are derived from the recorded TFLOP/s
 # (attention FLOPs as bench.prefill counts them, 2 H pairs (D_nope + P + D_v) = 5.50 TFLOP): 317 TFLOP/s ->
 # 17.4 ms; "about 16" TFLOP/s -> 344 ms (rounded in the record, so only +-3% sure). The seed's second expanded

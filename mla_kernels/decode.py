@@ -41,7 +41,7 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
     """Tile sizes for a launch. ``rows_per_seq`` = query tokens x heads of one sequence.
 
     NVIDIA, D_LATENT 512: the winners of a 38-config sweep on an H100 (triton 3.6, B128 L4096 page 64;
-    ../shared/measurements/h100-2026-11-22-config-sweep.json, 2026-11-22), also the "config override"
+    bench/results/h100-2026-11-22/h100-2026-11-22-config-sweep.json, 2026-11-22), also the "config override"
     column of the side-by-side run there:
       - at most 16 rows (16 heads, one token): 16 x 32 tiles, 4 warps, 2 stages: 292 us, 2.08 TB/s
         (8 warps ran 362 us);

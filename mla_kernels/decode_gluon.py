@@ -5,7 +5,7 @@ The same attention, grid and outputs as ``decode._mla_attn_kernel`` and ``decode
 (split partials and lse included), for the calls the TMA kernel serves (``page_size % 64 == 0``, bf16/fp16,
 ``decode_tma.tma_supported``), with 64-row blocks: every head of a 64-head block (or the S_q x H rows of a
 sequence) shares each cache tile. Why it should beat the plain Triton loops, which stop near 270 TFLOP/s at 128
-heads on an H100 (../shared/measurements: TMA probe 267, pointer loads 213):
+heads on an H100 (bench/results/h100-2026-11-22/: TMA probe 267, pointer loads 213):
 
 * The query block lives in shared memory, not registers: the two 64 x 256 fp32 accumulators of the 512-wide
   output (128 registers a thread over 8 warps) are then the only large register state, where Triton's compiler

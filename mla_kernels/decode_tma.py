@@ -13,7 +13,7 @@ A whole-page load also reads the unused tail of a sequence's last page; those ro
 (not only their scores: the tail may hold NaN, and 0 x NaN is NaN in the P.V product).
 
 Why: on an H100 (triton 3.6) a stripped probe of this loop ran 267 TFLOP/s at B128 L4096 H128 against 213 for
-pointer loads, and 2.25 TB/s at 16 heads (../shared/measurements/h100-2026-11-22-tma-probe.json). This kernel
+pointer loads, and 2.25 TB/s at 16 heads (bench/results/h100-2026-11-22/h100-2026-11-22-tma-probe.json). This kernel
 itself has not run on a GPU yet: it is parity-tested under the interpreter and compiled for sm_90 in CI, and is
 used only when a config asks for it (``TMA: True``) until a GPU session has timed it.
 

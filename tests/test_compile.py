@@ -6,7 +6,8 @@ subprocess without TRITON_INTERPRET (the interpreter swaps triton.language's own
 which the compiler cannot then inline). On sm_90 it reads ptxas's report: registers, spills and
 whether wgmma is used are reported, never a veto: only measured time decides a config (the 64 x 64 tiles, reported
 with 2.3 KB of spills by an earlier compile, ran 4.2x faster on an H100 than the spill-free 32 x 16 ones;
-../shared/measurements). Compiles carry the alignment facts the JIT specializes on (``_compile._DIVISIBLE_INTS``).
+bench/results/h100-2026-11-22/). Compiles carry the alignment facts the JIT specializes on
+(``_compile._DIVISIBLE_INTS``).
 """
 
 import json
