@@ -408,10 +408,14 @@ def _mla_attn_block(
         offs_r = tl.arange(0, D_LATENT)
         offs_p = tl.arange(0, D_ROPE)
 
-        q_nope = tl.load(q_nope_base + tok[:, None] * stride_qn_s + head[:, None] * stride_qn_h + offs_r[None, :],
-                         mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_LATENT]
-        q_pe = tl.load(q_pe_base + tok[:, None] * stride_qp_s + head[:, None] * stride_qp_h + offs_p[None, :],
-                       mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+        # the query's token and head offsets in 64 bits: int32 ones wrap past 2^31 elements, which a head stride
+        # reaches at 2^31 / (H x R) packed tokens (about 33K at 128 heads, R = 512) for the [H, T, R] layout that
+        # absorbing q through bmm gives ([T, H, R] by transpose: head stride T x R), and a token stride within one
+        # sequence of that many new tokens
+        q_off_n = tok.to(tl.int64)[:, None] * stride_qn_s + head.to(tl.int64)[:, None] * stride_qn_h
+        q_off_p = tok.to(tl.int64)[:, None] * stride_qp_s + head.to(tl.int64)[:, None] * stride_qp_h
+        q_nope = tl.load(q_nope_base + q_off_n + offs_r[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, R]
+        q_pe = tl.load(q_pe_base + q_off_p + offs_p[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
         if DOT_FP32:
             q_nope = q_nope.to(tl.float32)
             q_pe = q_pe.to(tl.float32)

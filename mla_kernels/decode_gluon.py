@@ -208,10 +208,11 @@ def _mla_attn_gluon_kernel(
                                          gl.SliceLayout(1, Q_LAYOUT))
     offs_h = gl.arange(0, D_HALF, layout=gl.SliceLayout(0, Q_LAYOUT))
     offs_p = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, Q_LAYOUT))
-    q_rows = q_nope_base + q_tok[:, None] * stride_qn_s + q_head[:, None] * stride_qn_h
+    q_tok64, q_head64 = q_tok.to(gl.int64), q_head.to(gl.int64)  # 64-bit query offsets, as the portable kernel's
+    q_rows = q_nope_base + q_tok64[:, None] * stride_qn_s + q_head64[:, None] * stride_qn_h
     q_lo_s.store(gl.load(q_rows + offs_h[None, :], mask=q_mask[:, None], other=0.0))
     q_hi_s.store(gl.load(q_rows + D_HALF + offs_h[None, :], mask=q_mask[:, None], other=0.0))
-    q_pe_s.store(gl.load(q_pe_base + q_tok[:, None] * stride_qp_s + q_head[:, None] * stride_qp_h + offs_p[None, :],
+    q_pe_s.store(gl.load(q_pe_base + q_tok64[:, None] * stride_qp_s + q_head64[:, None] * stride_qp_h + offs_p[None, :],
                          mask=q_mask[:, None], other=0.0))
     fence_async_shared()  # generic-proxy stores, then wgmma (async proxy) reads
     _cta_barrier()

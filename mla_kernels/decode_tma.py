@@ -110,10 +110,11 @@ def _mla_attn_tma_kernel(
     offs_h = tl.arange(0, D_HALF)
     offs_p = tl.arange(0, D_ROPE)
 
-    q_rows = q_nope_base + tok[:, None] * stride_qn_s + head[:, None] * stride_qn_h
+    tok64, head64 = tok.to(tl.int64), head.to(tl.int64)  # 64-bit query offsets, as the portable kernel's
+    q_rows = q_nope_base + tok64[:, None] * stride_qn_s + head64[:, None] * stride_qn_h
     q_lo = tl.load(q_rows + offs_h[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_HALF]
     q_hi = tl.load(q_rows + D_HALF + offs_h[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_HALF]
-    q_pe = tl.load(q_pe_base + tok[:, None] * stride_qp_s + head[:, None] * stride_qp_h + offs_p[None, :],
+    q_pe = tl.load(q_pe_base + tok64[:, None] * stride_qp_s + head64[:, None] * stride_qp_h + offs_p[None, :],
                    mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
     if DOT_FP32:
         q_lo = q_lo.to(tl.float32)
