@@ -501,6 +501,27 @@ LOG2E = 1.4426950408889634
 MAX_SCALE = 3.4028234663852886e38 / LOG2E  # past it the kernels' float32 score scale, softmax_scale * log2(e), is inf
 
 
+_GRAPH_HOST_TENSORS: list = []  # host tensors that copies captured in CUDA graphs read again at every replay
+
+
+def pin_host(device: torch.device) -> bool:
+    """Whether a host tensor made to be copied to ``device`` is pinned: on a GPU, except while a CUDA graph is being
+    captured (``to_device``; pinned memory's cache then queries CUDA events, which a global-mode capture refuses)."""
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host``, a CPU tensor made for this copy (pinned as ``pin_host`` says), on ``device`` without waiting for
+    the device. A copy captured in a CUDA graph reads ``host``'s memory again at every replay, long after this call
+    returns: such a tensor is kept for the life of the process (the captured call's values, a few bytes per
+    capture), where a pinned block would go back to PyTorch's pinned-memory cache and be handed out again."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _GRAPH_HOST_TENSORS.append(host)
+    return host.to(device, non_blocking=True)
+
+
 def check_has_data(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor on the ``meta`` device where the call would compute on it (the PyTorch path, value checks):
     meta tensors hold no data. (Under torch.compile, fake tensors go through the custom ops' fake implementations

@@ -846,10 +846,7 @@ class PagedLatentCache:
                 buf[dst, :rows].copy_(buf[src, :rows])
         elif copies:
             index = torch.tensor([c[:2] for c in copies], dtype=torch.int64).T.contiguous()  # [2, n]: src, dst
-            if self.device.type == "cuda":
-                index = index.pin_memory().to(self.device, non_blocking=True)
-            else:
-                index = index.to(self.device)
+            index = _utils.to_device(index.pin_memory() if _utils.pin_host(self.device) else index, self.device)
             for buf in self._buffers:
                 buf.index_copy_(0, index[1], buf.index_select(0, index[0]))
 

@@ -296,7 +296,7 @@ class LatentBatch:
         device = cache.device
         # [slots T | positions T | block_table B*W | cache_seqlens B | cu_seqlens_q B+1], int64 on the host
         host = torch.empty(2 * total + batch * width + 2 * batch + 1, dtype=torch.int64,
-                           pin_memory=device.type == "cuda")
+                           pin_memory=_utils.pin_host(device))
         host[:total] = slots
         if total:  # positions: first[b] + (i - cu[b]) for the i-th new token of the step
             host[total:2 * total] = torch.repeat_interleave(first - cu[:-1], counts_t, output_size=total)
@@ -305,7 +305,7 @@ class LatentBatch:
         meta[:batch * width].view(batch, width).copy_(block_table)
         meta[batch * width:batch * width + batch] = first + counts_t
         meta[batch * width + batch:] = cu
-        dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
+        dev = _utils.to_device(host, device)
         small = dev[2 * total:].to(torch.int32)
         self.slots, self.positions = dev[:total], dev[total:2 * total]
         self.block_table = small[:batch * width].view(batch, width)

@@ -882,12 +882,13 @@ def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale,
     device, heads, d_latent = q_nope.device, q_nope.shape[1], q_nope.shape[2]
     launches = _pieces(cu_q, lens, heads, d_latent, split_tokens, causal)
     # every launch's cu_seqlens (P + 1), key counts (P) and sequence ids (P) in one copy to the device (pinned, not
-    # waited for: a copy per launch from pageable memory would wait for the launches before it)
+    # waited for: a copy per launch from pageable memory would wait for the launches before it; kept for a CUDA
+    # graph's replays where one is captured)
     flat = []
     for pieces in launches:
         flat += itertools.accumulate((j - i for _, i, j, _ in pieces), initial=0)
         flat += [k for *_, k in pieces] + [b for b, *_ in pieces]
-    index = torch.tensor(flat, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    index = _utils.to_device(torch.tensor(flat, dtype=torch.int64, pin_memory=_utils.pin_host(device)), device)
     # the pieces cover the T packed tokens in order: each launch's rows are copied to their place as it finishes
     out = q_nope.new_empty(q_nope.shape[0], heads, d_latent)
     lse = q_nope.new_empty(q_nope.shape[0], heads, dtype=torch.float32) if return_lse else None

@@ -949,6 +949,34 @@ def test_cuda_graph_capture_with_max_seqlen_q():
     assert_close("graph replay", out, absorbed_reference(a)[0], torch.bfloat16)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs a GPU")
+def test_split_tokens_pieces_replay_in_a_cuda_graph(monkeypatch):
+    """A ``split_tokens`` prefill past its partials budget, given the host lengths, copies its pieces' index from
+    the host once. Captured in a CUDA graph, that copy reads the host memory again at every replay: the host tensor
+    must outlive the call (a pinned one went back to PyTorch's pinned-memory cache, whose next user overwrites it).
+    The replay after other pinned copies must give the eager call's bits."""
+    new, history = [7, 0, 12], [9, 4, 30]
+    a = make_inputs(new, history, 2, 4, torch.float32, "cuda", r=16, p=16)
+    kw = dict(softmax_scale=SCALE, split_tokens=4, cu_seqlens_q_host=[0, 7, 7, 19],
+              cache_seqlens_host=[h + n for h, n in zip(history, new)])
+    monkeypatch.setattr(decode, "SPLIT_PARTIALS_BYTES", 4 * 2 * 17 * 4 * 3)  # the pieces test's budget
+    eager = mla_kernels.mla_prefill(**a, **kw)
+    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        mla_kernels.mla_prefill(**a, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_kernels.mla_prefill(**a, **kw)
+    for _ in range(8):  # pinned blocks handed out, filled and copied: a recycled index block would now hold -1s
+        torch.full((4096,), -1, dtype=torch.int64).pin_memory().to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
 @pytest.mark.parametrize("path", ["absorbed", "expanded", "auto"])
 def test_host_lengths_never_sync_on_gpu(path):
