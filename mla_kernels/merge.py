@@ -57,7 +57,9 @@ def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, num_rows, width,
 
 def merge_attention_states_torch(out_a, lse_a, out_b, lse_b):
     """The PyTorch path of ``merge_attention_states`` (CPU tensors without the interpreter, and torch.compile, whose
-    inductor fuses it): the same rules, computed in float32."""
+    inductor fuses it): the same rules, computed in float32, and contiguous results, as the kernel's (elementwise ops
+    give their inputs' layout: a transposed lse made both results strided, and ``out.view`` failed on this path
+    only)."""
     la, lb = (torch.where(x == float("inf"), float("-inf"), x.float()) for x in (lse_a, lse_b))  # FlashMLA's +inf
     m = torch.maximum(la, lb)
     m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
@@ -71,7 +73,8 @@ def merge_attention_states_torch(out_a, lse_a, out_b, lse_b):
     out = torch.where(nan[..., None], torch.full_like(a, float("nan")), a + b)
     lse = torch.where(total > 0, m_safe + torch.log(torch.where(total > 0, total, torch.ones_like(total))),
                       torch.full_like(m, float("-inf")))
-    return out.to(out_a.dtype), torch.where(nan, torch.full_like(lse, float("nan")), lse)
+    lse = torch.where(nan, torch.full_like(lse, float("nan")), lse)
+    return out.to(out_a.dtype).contiguous(), lse.contiguous()
 
 
 def _check(out_a, lse_a, out_b, lse_b) -> None:
@@ -103,9 +106,10 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
         return_lse: also return the merged lse (natural log): merged again with a third state, it gives the
             attention over all three.
 
-    Returns ``out`` (``out_a``'s shape and dtype) and, with ``return_lse``, ``lse`` float32. A row that saw no key in
-    either gives zeros and -inf; a row one state has no key for is the other's output (even if that state's output
-    holds NaN there); a NaN lse makes the row's output and lse NaN. The sums are taken in float32. One Triton kernel
+    Returns ``out`` (``out_a``'s shape and dtype) and, with ``return_lse``, ``lse`` float32, contiguous on every
+    path whatever the inputs' layouts. A row that saw no key in either gives zeros and -inf; a row one state has no
+    key for is the other's output (even if that state's output holds NaN there); a NaN lse makes the row's output
+    and lse NaN. The sums are taken in float32. One Triton kernel
     on a GPU (and under the interpreter); a PyTorch path on the CPU and inside ``torch.compile`` (which fuses it).
     The value projection is linear, so merging before or after ``w_uv`` gives the same result up to rounding.
     """

@@ -140,6 +140,31 @@ def test_torch_path_and_compiled_calls_match_the_kernel(monkeypatch):
         torch.testing.assert_close(got[1], kernel[1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch-path", "compiled"])
+def test_strided_states_merge_into_contiguous_results(path, device, monkeypatch):
+    """Every path returns ``out`` and ``lse`` contiguous, whatever the inputs' layouts (here a transposed lse, as the
+    README's shared-prefix example passes the grouped call's, and outputs sliced from wider rows): the PyTorch path
+    (the CPU without the interpreter, and inside torch.compile) let the elementwise ops carry the lse's strides
+    into both results, so ``out.view(B, -1)`` raised there and not on the kernel's path."""
+    if path == "torch-path":
+        if device.type != "cpu":
+            pytest.skip("the PyTorch path is the CPU's")
+        monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    out_a, out_b = (torch.randn(2, 3, 4, 21, generator=g)[..., 2:-3].to(device) for _ in range(2))
+    lse_a, lse_b = (torch.randn(3, 2, 4, generator=g).to(device).transpose(0, 1) for _ in range(2))
+    merge_fn = mla_kernels.merge_attention_states
+    if path == "compiled":
+        merge_fn = torch.compile(merge_fn, backend="eager", fullgraph=True)
+    out, lse = merge_fn(out_a, lse_a, out_b, lse_b)
+    assert out.is_contiguous() and lse.is_contiguous(), (out.stride(), lse.stride())
+    assert out.view(2, 3, -1).shape == (2, 3, 64)
+    ref_out, ref_lse = reference.merge_states(*(t.cpu() for t in (out_a, lse_a, out_b, lse_b)))
+    assert_close(f"strided {path}", out, ref_out, torch.float32, rms_tol=merge_tol(torch.float32))
+    assert_lse_close(f"strided {path}", lse, ref_lse, atol=1e-5)
+    assert merge_fn(out_a, lse_a, out_b, lse_b, return_lse=False).is_contiguous()
+
+
 def test_empty_inputs(device):
     a = states((2, 3, 16), torch.float32, device)
     empty = tuple(t[:0] for t in a)
