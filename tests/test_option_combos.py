@@ -1,4 +1,4 @@
-"""The public calls' valid options combined: every pair of option values (triples for the split grids' options)
+"""The public calls' valid options combined: every pair of option values (every triple for merge_attention_states)
 in at least one case, each against the float64 references (tests/combos.py builds the cases and the inputs).
 
 Earlier tests vary one option at a time around a fixed case; these cover how options meet: an fp8 cache (also read
