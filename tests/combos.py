@@ -28,7 +28,7 @@ import torch
 
 import mla_kernels
 from helpers import RMS_TOL, SENTINEL_BLOCK, assert_close, assert_lse_close, make_paged_cache, rms_tol_for
-from mla_kernels import _tuning, _utils, prefill, reference, schedule
+from mla_kernels import _tuning, _utils, decode, prefill, reference, schedule
 from mla_kernels.cache import fp8_latent_cache
 from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL
 from test_prefill import LSE_ATOL_ROUNDED_Q
@@ -401,7 +401,7 @@ def prefill_valid(c: dict) -> bool:
 def budget(tiny: bool):
     """split_tokens' partials budget below one row's: every token a launch of its own (the pieces path of a long
     prompt, which must give the bits of one launch)."""
-    return patched(prefill, "SPLIT_PARTIALS_BYTES", 1) if tiny else contextlib.nullcontext()
+    return patched(decode, "SPLIT_PARTIALS_BYTES", 1) if tiny else contextlib.nullcontext()
 
 
 def prefill_inputs(c: dict, seed: int, d_nope=None):
