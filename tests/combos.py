@@ -32,6 +32,7 @@ from mla_kernels import _tuning, _utils, decode, prefill, reference, schedule
 from mla_kernels.cache import fp8_latent_cache
 from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL
 from test_prefill import LSE_ATOL_ROUNDED_Q
+from test_sparse import key_lists as sparse_key_lists
 
 DEVICE = torch.device("cpu")  # where inputs are built: the test sets it from its ``device`` fixture
 SCALE = 192 ** -0.5
@@ -203,16 +204,8 @@ def queries(shape, r, p, dtype, layout: str, seed: int):
 
 def key_lists(lens, s_q, k, seed, dtype=torch.int32):
     """``[B, S_q, K]`` distinct positions of each sequence in random order (some past each token's own), -1
-    where it has fewer than K."""
-    g = torch.Generator().manual_seed(seed + 2)
-    rows = []
-    for length in lens:
-        per = []
-        for _ in range(s_q):
-            r = torch.randperm(length, generator=g)[:k] if length else torch.empty(0, dtype=torch.long)
-            per.append(torch.nn.functional.pad(r, (0, k - r.shape[0]), value=-1))
-        rows.append(torch.stack(per))
-    return torch.stack(rows).to(dtype=dtype, device=DEVICE)
+    where it has fewer than K (``test_sparse.key_lists``, on this run's device)."""
+    return sparse_key_lists(lens, s_q, k, seed + 2, dtype, DEVICE)
 
 
 def rand(*shape, dtype, seed, scale=1.0):
