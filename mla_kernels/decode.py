@@ -953,9 +953,9 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         A query row that sees no key (padding slot, or a row before the cache's first token) gives zeros and -inf.
 
     Values are checked where that is free: on the CPU, lengths and the block ids in use are range-checked
-    before anything runs, and with ``causal`` a length below S_q other than 0 is refused (its new tokens cannot all be in the
-    cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are not (that
-    would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
+    before anything runs, and with ``causal`` a length below S_q other than 0 is refused (its new tokens cannot
+    all be in the cache; on a GPU their rows before the cache's first token give zeros and -inf). On a GPU they are
+    not (that would synchronise with the host): lengths beyond ``max_seqlen_k`` or block ids outside the cache there are
     undefined behaviour, as in FlashMLA. ``indices`` entries at or past a sequence's length are refused on the CPU
     and skipped on a GPU (never read).
     """
@@ -995,9 +995,35 @@ def _split_batches(batch: int, rows: int, d_latent: int, keys: int, split_tokens
     invariance); the ranges follow from shapes alone (no host sync, CUDA-graph capturable)."""
     if split_tokens is None or batch <= 1:
         return [(0, batch)]
-    per_sequence = rows * (d_latent + 1) * 4 * _utils.cdiv(max(keys, 1), split_tokens)
-    step = max(1, SPLIT_PARTIALS_BYTES // per_sequence)
+    step = max(1, SPLIT_PARTIALS_BYTES // split_partials_bytes(rows, d_latent, keys, split_tokens))
     return [(b, min(batch, b + step)) for b in range(0, batch, step)]
+
+
+def split_partials_bytes(rows: int, d_latent: int, keys: int, split_tokens: int) -> int:
+    """The fp32 split partials of ``rows`` query rows with ``split_tokens``: ``R + 1`` values per row and split, a
+    split per ``split_tokens`` of ``keys`` (an upper bound on the launch's: its splits are rounded up to the key
+    tile)."""
+    return rows * (d_latent + 1) * 4 * _utils.cdiv(max(keys, 1), split_tokens)
+
+
+def _launch_in_groups(groups, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
+                      return_lse, max_seqlen_k, kv_scale, reuse_scratch, indices, split_tokens):
+    """A ``split_tokens`` decode past its partials budget: ``_launch`` over ``_split_batches``' groups of whole
+    sequences, in order, each a batch of its own, into one output ``(out [B * S_q, H, R], lse | None)``."""
+    batch, s_q, heads, d_latent = q_nope.shape
+    out = q_nope.new_empty(batch * s_q, heads, d_latent)
+    lse = q_nope.new_empty(batch * s_q, heads, dtype=torch.float32) if return_lse else None
+    for b0, b1 in groups:
+        t0, t1 = b0 * s_q, b1 * s_q
+        part_out, part_lse = _launch(q_nope[b0:b1], q_pe[b0:b1], kv_cache, pe_cache, block_table[b0:b1],
+                                     cache_seqlens[b0:b1], None, softmax_scale, causal, return_lse, batch=b1 - b0,
+                                     seq_q=s_q, total_tokens=t1 - t0, max_seqlen_q=s_q, max_seqlen_k=max_seqlen_k,
+                                     num_splits=None, kv_scale=kv_scale, reuse_scratch=reuse_scratch,
+                                     indices=None if indices is None else indices[t0:t1], split_tokens=split_tokens)
+        out[t0:t1] = part_out
+        if return_lse:
+            lse[t0:t1] = part_lse
+    return out, lse
 
 
 def split_tokens_value(split_tokens) -> int:
@@ -1192,23 +1218,18 @@ def _mla_decode_run(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
                                            q_pe.shape[-1], q_nope.element_size(), kv_scale is not None)
     keys = max_seqlen_k if indices is None else indices.shape[1]  # what the splits cut
     groups = _split_batches(batch, s_q * heads, d_latent, keys, split_tokens)
-    if len(groups) > 1:  # a split_tokens decode past its partials budget: groups of whole sequences, in order
-        out = q_nope.new_empty(batch * s_q, heads, d_latent)
-        lse = q_nope.new_empty(batch * s_q, heads, dtype=torch.float32) if return_lse else None
-    for b0, b1 in groups:
-        with _utils.launch_device(q_nope.device):
-            part = _launch(q_nope[b0:b1], q_pe[b0:b1], kv_cache, pe_cache, block_table[b0:b1], cache_seqlens[b0:b1],
-                           None, softmax_scale, causal, return_lse, batch=b1 - b0, seq_q=s_q,
-                           total_tokens=(b1 - b0) * s_q, max_seqlen_q=s_q, max_seqlen_k=max_seqlen_k,
-                           num_splits=1 if metadata is not None else num_splits, schedule=metadata,
-                           kv_scale=kv_scale, reuse_scratch=reuse_scratch,
-                           indices=None if indices is None else indices[b0 * s_q:b1 * s_q], split_tokens=split_tokens)
+    with _utils.launch_device(q_nope.device):
         if len(groups) == 1:
-            out, lse = part
+            out, lse = _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, None, softmax_scale,
+                               causal, return_lse, batch=batch, seq_q=s_q, total_tokens=batch * s_q,
+                               max_seqlen_q=s_q, max_seqlen_k=max_seqlen_k,
+                               num_splits=1 if metadata is not None else num_splits, schedule=metadata,
+                               kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices,
+                               split_tokens=split_tokens)
         else:
-            out[b0 * s_q:b1 * s_q] = part[0]
-            if return_lse:
-                lse[b0 * s_q:b1 * s_q] = part[1]
+            out, lse = _launch_in_groups(groups, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens,
+                                         softmax_scale, causal, return_lse, max_seqlen_k, kv_scale, reuse_scratch,
+                                         indices, split_tokens)
     out = out.view(batch, s_q, heads, d_latent)
     if w_uv is not None:
         out = _project_v(out, w_uv)

@@ -827,9 +827,9 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
     if split_tokens is not None:
         # no prefill config (its class is the batch's max_seqlen_q): _launch takes a one-token decode's; launches of
         # bounded partials (a piece of a sequence gives its rows the bits the whole call would)
-        heads, d_latent = q_nope.shape[1], q_nope.shape[2]
-        per_row = (d_latent + 1) * 4 * _utils.cdiv(max(max_seqlen_k, 1), split_tokens)  # fp32 partials, all splits
-        if q_nope.shape[0] * heads * per_row > _decode.SPLIT_PARTIALS_BYTES:
+        partials = _decode.split_partials_bytes(q_nope.shape[0] * q_nope.shape[1], q_nope.shape[2], max_seqlen_k,
+                                                split_tokens)
+        if partials > _decode.SPLIT_PARTIALS_BYTES:
             if host is None:  # (a GPU call given max_seqlen_q and no host lengths: the one read, to cut the batch;
                 both = _read_lengths(cu_seqlens_q, cache_seqlens).tolist()  # read, their values are checked too)
                 host = (both[:batch + 1], both[batch + 1:])
@@ -850,20 +850,19 @@ def _run_absorbed(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
 def _pieces(cu_q: list, lens: list, heads: int, d_latent: int, split_tokens: int, causal: bool) -> list:
     """A split_tokens prefill cut into launches whose fp32 partials (every row x every split of the launch's longest
     key range) stay within ``decode.SPLIT_PARTIALS_BYTES``: a list of launches, each a list of pieces
-    ``(b, i, j, keys)``, new tokens ``i:j`` of sequence ``b`` over its first ``keys`` cache positions (causal: up to the piece's last
-    token; else all of them), consecutive in the packed order. One token per piece at least, however long its
-    sequence (past the budget alone)."""
-    row = heads * (d_latent + 1) * 4  # one token's partials per split
+    ``(b, i, j, keys)``, new tokens ``i:j`` of sequence ``b`` over its first ``keys`` cache positions (causal: up to
+    the piece's last token; else all of them), consecutive in the packed order. One token per piece at least,
+    however long its sequence (past the budget alone)."""
+    budget = _decode.SPLIT_PARTIALS_BYTES
     launches, current, rows, longest = [], [], 0, 0
     for b, length in enumerate(lens):
         n = cu_q[b + 1] - cu_q[b]
-        step = max(1, _decode.SPLIT_PARTIALS_BYTES // (row * _utils.cdiv(max(length, 1), split_tokens)))
+        step = max(1, budget // _decode.split_partials_bytes(heads, d_latent, length, split_tokens))
         for i in range(0, n, step):
             j = min(n, i + step)
             keys = length - n + j if causal else length
-            splits = _utils.cdiv(max(max(longest, keys), 1), split_tokens)
-            if current and ((rows + j - i) * row * splits > _decode.SPLIT_PARTIALS_BYTES
-                            or len(current) == _utils.MAX_GRID_YZ):
+            grown = _decode.split_partials_bytes((rows + j - i) * heads, d_latent, max(longest, keys), split_tokens)
+            if current and (grown > budget or len(current) == _utils.MAX_GRID_YZ):
                 launches.append(current)
                 current, rows, longest = [], 0, 0
             current.append((b, i, j, keys))
