@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from mla_kernels import _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
+from mla_kernels import _tuning, _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
 from mla_kernels.prefill import mla_prefill_attention
@@ -201,15 +201,44 @@ def cases(device):
     }
 
 
+H100_CONFIGS = "nvidia-h100-80gb-hbm3.json"  # the shipped file an H100's calls read (mla_kernels/configs)
+
+
+@contextlib.contextmanager
+def shipped_configs(name: str = H100_CONFIGS):
+    """Meta tensors read the shipped config file ``name`` as calls on that GPU do (its configs are
+    ``_tuning.Tuned``, whose launches take the stored-config path), and no user file; restored after."""
+    saved = _tuning._gpu_index, _tuning.device_file, _tuning.user_file
+    _tuning._gpu_index = lambda device: 0 if device.type == "meta" else saved[0](device)
+    _tuning.device_file = lambda index=0: _tuning.CONFIG_DIR / name
+    _tuning.user_file = lambda index=0: _tuning.CONFIG_DIR / "no-user-file.json"
+    _tuning.reload()
+    try:
+        yield
+    finally:
+        _tuning._gpu_index, _tuning.device_file, _tuning.user_file = saved
+        _tuning.reload()
+
+
 def run_host(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
-    """The stubbed calls' rows, appended to ``rows`` (a list the caller holds) as each case finishes."""
+    """The stubbed calls' rows, appended to ``rows`` (a list the caller holds) as each case finishes; then the
+    decode case again with the H100's config file read, as an H100's calls do (``shipped_configs``)."""
     rows = [] if rows is None else rows
     with stubbed_kernels():
-        for name, fn in cases(torch.device("meta")).items():
-            t = per_call_us(fn, calls, repeats)
-            rows.append(_row("host (kernels stubbed, meta tensors)", name, t))
-            print(f"{name:<52} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
+        all_cases = cases(torch.device("meta"))
+        for name, fn in all_cases.items():
+            _host_row(rows, name, fn, calls, repeats)
+        with shipped_configs():
+            name = "mla_decode B1 L1024 H16"
+            assert isinstance(decode_mod.decode_tiles(16, 512, torch.device("meta")), _tuning.Tuned)
+            _host_row(rows, f"{name}, H100 config file", all_cases[name], calls, repeats)
     return rows
+
+
+def _host_row(rows: list, name: str, fn, calls: int, repeats: int) -> None:
+    t = per_call_us(fn, calls, repeats)
+    rows.append(_row("host (kernels stubbed, meta tensors)", name, t))
+    print(f"{name:<52} host work {t.p50:7.2f} µs [{t.p20:.2f}, {t.p80:.2f}], min {t.min:.2f}")
 
 
 def _same_result(fn) -> bool:

@@ -12,9 +12,9 @@ Shape classes (the keys of a kernel's table) hold only what changes the best con
 the rows or tokens a program sees, never per-call lengths (``decode_class``, ``prefill_class``, ``expanded_class``,
 ``write_cache_class``). A user's own file, ``user_file`` (``$XDG_CACHE_HOME/mla_kernels/<device-slug>.json``,
 ``mla_kernels.autotune`` writes it), overrides the shipped one per shape class. ``lookup`` returns a ``Tuned``
-dict; a launch that gets one goes through ``launch_tuned``: a stored config that fails to compile is dropped with
-one warning and the launch retried with the heuristic. With ``MLA_KERNELS_AUTOTUNE=1`` (read at lookup time) a
-shape class with no stored config is tuned once on first use and cached in the user's file.
+dict; a launch that gets one hands a failure to ``drop_on_compile_error``: a stored config that fails to compile is
+dropped with one warning and the launch retried with the heuristic. With ``MLA_KERNELS_AUTOTUNE=1`` (read at lookup
+time) a shape class with no stored config is tuned once on first use and cached in the user's file.
 """
 from __future__ import annotations
 
@@ -330,8 +330,8 @@ _OFF = ("", "0", "false", "no", "off")  # values of AUTOTUNE_ENV that leave it o
 
 class Tuned(dict):
     """A config from a file (``lookup``): a dict that remembers where it came from, so a launch that fails to
-    compile it can drop it (``launch_tuned``). ``stored`` is the file's entry as it was read: a launch may shrink
-    the config to fit shared memory (``_utils.fit_tiles`` copies it, attributes included), and ``lookup`` must
+    compile it can drop it (``drop_on_compile_error``). ``stored`` is the file's entry as it was read: a launch may
+    shrink the config to fit shared memory (``_utils.fit_tiles`` copies it, attributes included), and ``lookup`` must
     still recognise the entry that was dropped when the file is read again."""
 
     def __init__(self, cfg: dict, kernel: str, shape_class: str, device_index: int):
@@ -427,15 +427,17 @@ def drop(cfg: Tuned, exc: BaseException) -> None:
                f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")
 
 
-def launch_tuned(cfg: Tuned, launch, fallback):
-    """``launch(plain config)``; if a stored config fails to compile, ``drop`` it and ``launch(fallback)``.
-    Compilation happens before the kernel runs, so nothing was written by the failed attempt."""
-    try:
-        return launch(dict(cfg))
-    except _compile_errors() as exc:
-        drop(cfg, exc)
-    except RuntimeError as exc:  # an MLIR pass of the compiler failing ("PassManager::run failed"); nothing else
-        if "PassManager" not in str(exc):
-            raise
-        drop(cfg, exc)
-    return launch(fallback)
+def drop_on_compile_error(cfg, exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a launch with ``cfg``, is a stored config (a ``Tuned``) failing to compile: then
+    it is dropped (``drop``) and the caller launches again with its heuristic. Compilation happens before the
+    kernel runs, so nothing was written by the failed attempt. False for a heuristic config and for any other error
+    (a CUDA error is not the config's fault). The callers wrap their launches in ``try``/``except`` around this
+    (free in Python 3.11 when nothing is raised) and build the heuristic only after a failure: every eager call on
+    a GPU with a config file takes this path, where a wrapper that re-entered the launch with the heuristic built
+    ahead cost ~3 us per call (``bench/NOTES.md`` section 29)."""
+    if not isinstance(cfg, Tuned):
+        return False
+    if not isinstance(exc, _compile_errors()) and not (isinstance(exc, RuntimeError) and "PassManager" in str(exc)):
+        return False  # (a RuntimeError naming PassManager: an MLIR pass of the compiler failing)
+    drop(cfg, exc)
+    return True

@@ -143,21 +143,25 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     num_blocks, page_size, d_latent = kv_cache.shape
     d_rope = pe_cache.shape[2]
     cfg = config or _write_cache_config(num_tokens, d_latent, kv_scale is not None, kv_cache.device)
-    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
-        return _tuning.launch_tuned(
-            cfg, lambda c: _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, config=c),
-            _write_cache_heuristic(num_tokens, d_latent))
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
-    _launcher.launch(_write_cache_kernel, grid,
-        kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
-        num_tokens, num_blocks * page_size, page_size,
-        kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
-        kv_scale if kv_scale is not None else kv_cache, *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
-        D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_T=block_t, KV_FP8=kv_scale is not None,
-        num_warps=cfg["num_warps"],
-    )
+    try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
+        _launcher.launch(_write_cache_kernel, grid,
+            kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
+            num_tokens, num_blocks * page_size, page_size,
+            kv_c.stride(0), k_pe.stride(0), slot_mapping.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
+            kv_scale if kv_scale is not None else kv_cache,
+            *(kv_scale.stride()[:2] if kv_scale is not None else (0, 0)),
+            D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_T=block_t, KV_FP8=kv_scale is not None,
+            num_warps=cfg["num_warps"],
+        )
+    except Exception as exc:
+        if not _tuning.drop_on_compile_error(cfg, exc):
+            raise
+        # the stored config failed to compile (nothing was written): dropped, the heuristic instead
+        _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale,
+                            config=_write_cache_heuristic(num_tokens, d_latent))
 
 
 @torch.no_grad()

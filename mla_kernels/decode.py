@@ -581,17 +581,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     # sequence with the same count) or prefills them (a ragged step)
     tile_rows = heads if split_tokens is not None else rows_per_program
     cfg = config or decode_tiles(tile_rows, d_latent, device, d_rope, elem_bytes, kv_fp8)
-    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, heuristic tiles instead
-        fallback = _fit_tiles(_config(tile_rows, d_latent, _utils.on_hip(device)), device, d_latent,
-                              d_rope, elem_bytes, kv_fp8)
-
-        def launch(c):
-            return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
-                           causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
-                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits, config=c,
-                           schedule=schedule, kv_scale=kv_scale, reuse_scratch=reuse_scratch, indices=indices,
-                           split_tokens=split_tokens)
-        return _tuning.launch_tuned(cfg, launch, fallback)
+    num_splits_arg, schedule_arg = num_splits, schedule  # (as given: a fallback launch sizes them again)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total_tokens, heads, dtype=torch.float32, device=device) if return_lse else None
@@ -643,35 +633,47 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     s_q_arg = total_tokens if varlen else seq_q  # the kernels' s_q: T packed tokens with cu_seqlens_q (_query_rows)
     hopper = (_hopper_kernel(cfg, q_nope, kv_cache, pe_cache)
               if schedule is None and kv_scale is None and not sparse else None)
-    if hopper == "gluon":
-        from .decode_gluon import launch_gluon
-        launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
-                     out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
-                     qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse)
-    elif hopper == "tma":
-        from .decode_tma import launch_tma
-        launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
-                   out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
-                   qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
-    else:
-        _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+    try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
+        if hopper == "gluon":
+            from .decode_gluon import launch_gluon
+            launch_gluon(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
                          out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
-                         qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg,
-                         schedule=schedule, kv_scale=kv_scale, indices=indices)
-    if schedule is not None:  # merge the cut sequences, zero the padding slots
-        _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
-            out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
-            seq_q * heads, schedule.num_programs, seq_q * heads * d_latent, total_rows,
-            D_LATENT=d_latent, STORE_LSE=return_lse,
-            SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
-        )
-    if split:
-        _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
-            out_part, lse_part, out, lse if lse is not None else dummy, dummy,
-            total_rows, num_splits, total_rows * d_latent, total_rows,
-            D_LATENT=d_latent, STORE_LSE=return_lse,
-            num_warps=4 if d_latent >= 256 else 2,
-        )
+                         qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse)
+        elif hopper == "tma":
+            from .decode_tma import launch_tma
+            launch_tma(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out, lse,
+                       out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows, qn_strides,
+                       qp_strides, causal=causal, varlen=varlen, split=split, return_lse=return_lse, cfg=cfg)
+        else:
+            _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, out,
+                             lse, out_part, lse_part, sm_scale_log2, heads, s_q_arg, split_len, total_rows,
+                             qn_strides, qp_strides, causal=causal, varlen=varlen, split=split,
+                             return_lse=return_lse, cfg=cfg, schedule=schedule, kv_scale=kv_scale, indices=indices)
+        if schedule is not None:  # merge the cut sequences, zero the padding slots
+            _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
+                out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
+                seq_q * heads, schedule.num_programs, seq_q * heads * d_latent, total_rows,
+                D_LATENT=d_latent, STORE_LSE=return_lse,
+                SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
+            )
+        if split:
+            _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
+                out_part, lse_part, out, lse if lse is not None else dummy, dummy,
+                total_rows, num_splits, total_rows * d_latent, total_rows,
+                D_LATENT=d_latent, STORE_LSE=return_lse,
+                num_warps=4 if d_latent >= 256 else 2,
+            )
+    except Exception as exc:
+        if not _tuning.drop_on_compile_error(cfg, exc):
+            raise
+        # the stored config failed to compile: dropped, the heuristic tiles instead (the grid and splits again)
+        fallback = _fit_tiles(_config(tile_rows, d_latent, _utils.on_hip(device)), device, d_latent, d_rope,
+                              elem_bytes, kv_fp8)
+        return _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seqlens_q, softmax_scale,
+                       causal, return_lse, batch=batch, seq_q=seq_q, total_tokens=total_tokens,
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits_arg,
+                       config=fallback, schedule=schedule_arg, kv_scale=kv_scale, reuse_scratch=reuse_scratch,
+                       indices=indices, split_tokens=split_tokens)
     return out, lse
 
 

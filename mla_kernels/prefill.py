@@ -508,31 +508,34 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
     device = q_nope.device
     elem_bytes = q_nope.element_size()
     cfg = config or _expanded_config(max_seqlen_q, device, d_nope, d_v, d_rope, elem_bytes)
-    if isinstance(cfg, _tuning.Tuned):  # a stored config that fails to compile: dropped, the heuristic instead
-        return _tuning.launch_tuned(cfg, lambda c: _launch_expanded(
-            q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens, softmax_scale,
-            causal, return_lse, max_seqlen_q=max_seqlen_q, config=c),
-            _fit_expanded(_expanded_heuristic(max_seqlen_q, _utils.on_hip(device)), device, d_nope, d_v, d_rope,
-                          elem_bytes))
     out = torch.empty(total, heads, d_v, dtype=q_nope.dtype, device=device)
     lse = torch.empty(total, heads, dtype=torch.float32, device=device) if return_lse else None
     if total == 0 or batch == 0:
         return out, lse
     grid = (_utils.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
-    _launcher.launch(_mla_expanded_kernel, grid,
-        q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
-        out, lse if lse is not None else out,
-        softmax_scale * LOG2E, heads,
-        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
-        k_nope.stride(0), k_nope.stride(1), v.stride(0), v.stride(1),
-        pe_cache.stride(0), pe_cache.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1),
-        D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=_utils.interpreting(),
-        DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
+        _launcher.launch(_mla_expanded_kernel, grid,
+            q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
+            out, lse if lse is not None else out,
+            softmax_scale * LOG2E, heads,
+            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+            k_nope.stride(0), k_nope.stride(1), v.stride(0), v.stride(1),
+            pe_cache.stride(0), pe_cache.stride(1), block_table.stride(0),
+            out.stride(0), out.stride(1),
+            D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=_utils.interpreting(),
+            DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    except Exception as exc:
+        if not _tuning.drop_on_compile_error(cfg, exc):
+            raise
+        # the stored config failed to compile (nothing was written): dropped, the heuristic instead
+        return _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k,
+                                cache_seqlens, softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q,
+                                config=_fit_expanded(_expanded_heuristic(max_seqlen_q, _utils.on_hip(device)),
+                                                     device, d_nope, d_v, d_rope, elem_bytes))
     return out, lse
 
 

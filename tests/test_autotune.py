@@ -393,6 +393,30 @@ def test_write_cache_fallback_writes_everything_once(fake_gpu, monkeypatch, devi
     assert torch.equal(kv_cache.view(-1, R)[slots], new[:, :R]) and torch.equal(pe_cache.view(-1, P)[slots], new[:, R:])
 
 
+def test_expanded_prefill_fallback_gives_the_heuristics_result(fake_gpu, monkeypatch, device):
+    """The expanded prefill with a stored config that does not compile: one warning, the launch retried with the
+    heuristic's tiles, the heuristic's result bit for bit (the failed launch wrote nothing the retry keeps)."""
+    lens, new = [16, 16], 5
+    kv, pe, table = make_paged_cache(lens, PAGE, (R, P), torch.float32, device)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2 * new, HEADS, 16, generator=g).to(device),
+            torch.randn(2 * new, HEADS, P, generator=g).to(device), kv, pe, table, torch.tensor([0, new, 2 * new], dtype=torch.int32, device=device),
+            torch.tensor(lens, dtype=torch.int32, device=device), torch.randn(HEADS * 32, R, generator=g).to(device),
+            SCALE)
+    heuristic_out = mla_kernels.mla_prefill_attention(*args, path="expanded")  # no file yet: the heuristic
+    stored = dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1)
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="test",
+                      kernels={"expanded": {_tuning.expanded_class(new, 16, 16): stored}})
+    _tuning.reload()
+    spy = KernelSpy(prefill._mla_expanded_kernel, fail=lambda m: m["num_warps"] == 2)
+    monkeypatch.setattr(prefill, "_mla_expanded_kernel", spy)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        out = mla_kernels.mla_prefill_attention(*args, path="expanded")
+    fallback_warps = prefill._expanded_heuristic(new)["num_warps"]
+    assert fallback_warps != 2 and [m["num_warps"] for m in spy.launches] == [2, fallback_warps]
+    assert torch.equal(out, heuristic_out)
+    assert _tuning.lookup("expanded", _tuning.expanded_class(new, 16, 16), device) is None
+
 def test_env_var_tunes_a_missing_class_once_on_first_use(fake_gpu, monkeypatch, device):
     """MLA_KERNELS_AUTOTUNE=1: the first call whose class has no config tunes it (here on a tiny benchmark shape
     with an injected timer), writes the user's cache file and launches the winner; the next call reuses it."""
