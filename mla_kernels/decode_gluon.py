@@ -144,8 +144,8 @@ def _issue_tile(kv_desc, pe_desc, bt_row, start, bar, lat_lo, lat_hi, pe_buf,
 
 
 @gluon.jit
-def _zero_rows_from(buf, first_bad, BLOCK: gl.constexpr, COLS: gl.constexpr, LAYOUT: gl.constexpr):
-    """Zero rows ``first_bad..BLOCK-1`` of a shared ``[BLOCK, COLS]`` tile (generic proxy; the caller fences)."""
+def _zero_rows_from(buf, first_bad, BLOCK: gl.constexpr, LAYOUT: gl.constexpr):
+    """Zero rows ``first_bad..BLOCK-1`` of a shared ``[BLOCK, *]`` tile (generic proxy; the caller fences)."""
     tile = buf.load(LAYOUT)
     keep = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, LAYOUT)) < first_bad
     buf.store(gl.where(keep[:, None], tile, gl.zeros_like(tile)))
@@ -235,8 +235,8 @@ def _mla_attn_gluon_kernel(
         k_hi = lat_hi.index(st)
         k_pe = pe_buf.index(st)
         if start + BLOCK_N > seqlen:  # the tile crossing the sequence's end: zero the page's unused tail rows
-            _zero_rows_from(k_lo, seqlen - start, BLOCK_N, D_HALF, Q_LAYOUT)
-            _zero_rows_from(k_hi, seqlen - start, BLOCK_N, D_HALF, Q_LAYOUT)
+            _zero_rows_from(k_lo, seqlen - start, BLOCK_N, Q_LAYOUT)
+            _zero_rows_from(k_hi, seqlen - start, BLOCK_N, Q_LAYOUT)
             fence_async_shared()
             _cta_barrier()
 

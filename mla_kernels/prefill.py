@@ -42,7 +42,7 @@ from .decode import (LN2_C, LOG2E, _attend_torch, _check_lengths_cpu, _dequant_f
                      _online_softmax_step, _project_v, _softmax_probs)
 from .decode import _check_split_tokens as _check_decode_split_tokens
 
-PATHS = ("auto", "absorbed", "expanded")
+PATH_OPTIONS = ("auto", "absorbed", "expanded")
 
 # The path choice is a time model with launch costs (``_prefill_cost``): its constants come from the GPU's
 # config file (``_tuning.constant``), else the H100-fitted defaults there. Kept for callers of the old FLOP-only
@@ -966,8 +966,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
                          f"got shape {tuple(w_kv_b.shape)}")
     _utils.check_devices(q_nope=q_nope, w_kv_b=w_kv_b)
     softmax_scale = _utils.check_scale("softmax_scale", softmax_scale)
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path not in PATH_OPTIONS:
+        raise ValueError(f"path must be one of {PATH_OPTIONS}, got {path!r}")
     if split_tokens is not None:
         split_tokens = _check_split_tokens(split_tokens, None)
         if path == "expanded":
