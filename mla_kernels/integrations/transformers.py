@@ -266,8 +266,8 @@ class _LatentState:
             if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
                 real = _assert_real(attention_mask, batch_size, query_len)
                 if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
-                    _assert_history(attention_mask, real, torch.tensor(cached, dtype=torch.int32).to(
-                        real.device, non_blocking=True))
+                    lens = torch.tensor(cached, dtype=torch.int32, pin_memory=_utils.pin_host(real.device))
+                    _assert_history(attention_mask, real, _utils.to_device(lens, real.device))
                 packing = None
             else:
                 packing = _real_tokens(attention_mask, batch_size, query_len, cached)
