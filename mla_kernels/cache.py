@@ -485,17 +485,10 @@ class PagedLatentCache:
         # an inference tensor refuses in-place writes outside it (a conversation begun under inference_mode and
         # continued under no_grad failed in its first write, after the step was reserved)
         with torch.inference_mode(False):
-            if fp8:
-                self._buffers = [torch.zeros(num_blocks, block_size, row_bytes, dtype=torch.uint8, device=self.device)
-                                 for _ in range(num_layers)]
-                views = [_fp8_views(buf, kv_lora_rank, rope_dtype) for buf in self._buffers]
-                self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views))
-            else:
-                self._buffers = [torch.zeros(num_blocks, block_size, kv_lora_rank + rope_dim, dtype=dtype,
-                                             device=self.device) for _ in range(num_layers)]
-                self._kv_views = [buf[..., :kv_lora_rank] for buf in self._buffers]
-                self._pe_views = [buf[..., kv_lora_rank:] for buf in self._buffers]
-                self._scale_views = [None] * num_layers
+            self._buffers = [torch.zeros(num_blocks, block_size, row_bytes if fp8 else kv_lora_rank + rope_dim,
+                                         dtype=torch.uint8 if fp8 else dtype, device=self.device)
+                             for _ in range(num_layers)]
+            self._make_views()
         if self._buffers:  # the device with its index ("cuda" -> "cuda:0"), so it compares equal to its tensors'
             self.device = self._buffers[0].device
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out block 0 first
@@ -503,6 +496,33 @@ class PagedLatentCache:
         self._seqs: dict[Hashable, _Sequence] = {}
         self._next_id = 0
         self._version = 0  # bumped when a sequence grows, forks or is freed: LatentBatch.check_current's O(1) test
+
+    def _make_views(self) -> None:
+        """Each layer's ``(kv_cache, pe_cache, kv_scale)`` views of its buffer, as ``views`` hands them out. (Under
+        ``torch.inference_mode(False)``: a view made in inference mode can't be written outside it.)"""
+        if self.dtype in _utils.FP8_DTYPES:
+            views = [_fp8_views(buf, self.kv_lora_rank, self.rope_dtype) for buf in self._buffers]
+            self._kv_views, self._scale_views, self._pe_views = (list(v) for v in zip(*views)) if views else ([],) * 3
+        else:
+            self._kv_views = [buf[..., :self.kv_lora_rank] for buf in self._buffers]
+            self._pe_views = [buf[..., self.kv_lora_rank:] for buf in self._buffers]
+            self._scale_views = [None] * len(self._buffers)
+
+    # pickle, torch.save, copy: the buffers only, their views made again on load. Pickled beside their buffers, the
+    # views came back (plain pickle) as copies of their own: writes and reads went to the copies and forks and
+    # truncates copied tails in the buffers, so a fork's last block read as it was before the pickle (zeros), and
+    # growth lost what was written since; an fp8 cache (views of other dtypes than its uint8 buffer) failed to load
+    # from pickle and to save with torch.save.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_kv_views", "_pe_views", "_scale_views"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        with torch.inference_mode(False):
+            self._make_views()
 
     # -- buffers -------------------------------------------------------------------------------
 

@@ -860,3 +860,53 @@ def test_truncate_copies_a_shared_tail_into_a_block_it_returns_when_the_cache_is
     assert_same_contents(contents(cache, a), [(kv[:6], pe[:6]) for kv, pe in before_f], "truncated tokens differ")
     assert_same_contents(contents(cache, f), before_f, "the fork changed")
     assert_allocator_consistent(cache)
+
+
+def _round_trip(obj, how: str):
+    import copy
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_saved_and_loaded_cache_keeps_its_views_on_its_buffers(dtype, how):
+    """pickle / torch.save / deepcopy of a PagedLatentCache (a patched model's Cache pickles with it): the copy's
+    views must be views of its own buffers, as the original's are. Plain pickle saved the views beside the buffers
+    and loaded them as separate copies: writes went to the views, while fork and truncate copy tails in the
+    buffers, so a fork of the loaded cache read zeros in its last block. An fp8 cache (views of other dtypes than
+    its uint8 buffer) failed to load from pickle and to save with torch.save."""
+    r, p = 128, 16  # (an fp8 latent needs R a multiple of 128)
+    rope_dtype = torch.bfloat16
+    cache = PagedLatentCache(2, 6, 4, r, p, dtype=dtype)
+    a = cache.add_sequence("a")
+    gen = torch.Generator().manual_seed(1)
+    for layer in range(2):
+        cache.write(layer, cache.slots(a) if layer else cache.append(a, 6),
+                    torch.randn(6, r, generator=gen).to(rope_dtype), torch.randn(6, p, generator=gen).to(rope_dtype))
+    loaded = _round_trip(cache, how)
+    for layer in range(2):
+        buffer = loaded.buffer(layer)
+        assert bytes_of(buffer).data_ptr() != bytes_of(cache.buffer(layer)).data_ptr()
+        assert torch.equal(bytes_of(buffer), bytes_of(cache.buffer(layer)))
+        for view in loaded.views(layer):
+            if view is not None:
+                assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), "a view of a copy"
+    # a write after the load lands in the buffer, and a fork (its partly filled last block copied in the buffers)
+    # reads what its source holds, the new token included
+    loaded.write(0, loaded.append(a, 1), torch.ones(1, r, dtype=rope_dtype), torch.ones(1, p, dtype=rope_dtype))
+    fork = loaded.fork(a)
+    for layer in range(2):
+        for got, want in zip(loaded.read(layer, fork), loaded.read(layer, a)):
+            assert torch.equal(got, want), f"layer {layer}: the fork's tokens differ from its source's"
+    assert torch.equal(loaded.read(0, a)[0][-1], torch.ones(r, dtype=rope_dtype))
+    assert cache.seqlen(a) == 6  # the original goes on alone

@@ -962,6 +962,34 @@ def test_a_filled_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
                                               **half), expected)
 
 
+def test_an_fp8_cache_pickles_and_goes_on(monkeypatch):
+    """The same for a patched model with DeepSeek's FP8 cache (cache_dtype=float8_e4m3fn), whose latent, scales and rope
+    key are views of other dtypes than their uint8 buffer: torch.save refused to save them ("view the same data as
+    different types") and pickle saved them but failed to load them. Saved, loaded and continued, each copy gives
+    the uninterrupted generation's tokens."""
+    import io
+    import pickle
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    ids, mask = left_padded([5, 3])
+    model = patch_model(tiny_model(kv_lora_rank=128), cache_dtype=torch.float8_e4m3fn)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+        buffer = io.BytesIO()
+        torch.save(first.past_key_values, buffer)
+        buffer.seek(0)
+        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(first.past_key_values))]
+        assert latent_cache(copies[0]).dtype == torch.float8_e4m3fn
+        prompt = torch.cat([ids, first.logits[:, -1:].argmax(-1)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        greedy = dict(GREEDY, max_new_tokens=4, min_new_tokens=4)
+        expected = model.generate(input_ids=prompt, attention_mask=mask,
+                                  past_key_values=copy.deepcopy(first.past_key_values), **greedy)
+        for cache in copies:
+            assert torch.equal(model.generate(input_ids=prompt, attention_mask=mask, past_key_values=cache, **greedy),
+                               expected)
+
+
 def test_training_around_frozen_patched_attention_is_refused():
     """Attention frozen, the rest trainable (fine-tuning other modules): the hidden states reaching the attention
     require grad, which the kernels can't propagate. A clear error, not embedding gradients silently missing every
