@@ -990,6 +990,29 @@ def test_an_fp8_cache_pickles_and_goes_on(monkeypatch):
                                expected)
 
 
+@pytest.mark.parametrize("kind", ["latent", "static"])
+def test_the_cache_layer_class_is_made_once_by_threads_at_once(kind, monkeypatch):
+    """The Cache layer classes are made on first use. Two threads' first forward passes at once (a server's
+    workers) each made one, and the loser's Cache layers were of a class the module no longer named: its next step
+    refused them ("layer 0 is a LatentCacheLayer, which the patched model can't use") and pickling them failed.
+    (The class is made slowly here, to widen the window two threads meet in.)"""
+    import threading
+    import time
+
+    global_name, make, get = {"latent": ("_LATENT_LAYER_CLASS", "_make_latent_layer_class", "_latent_layer_class"),
+                              "static": ("_STATIC_LAYER_CLASS", "_make_static_layer_class", "_static_layer_class")}[kind]
+    made = getattr(integration, make)
+    monkeypatch.setattr(integration, global_name, None)  # (the module's class again after the test)
+    monkeypatch.setattr(integration, make, lambda: time.sleep(0.2) or made())
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(getattr(integration, get)())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 2 and got[0] is got[1] is getattr(integration, global_name)
+
+
 def test_training_around_frozen_patched_attention_is_refused():
     """Attention frozen, the rest trainable (fine-tuning other modules): the hidden states reaching the attention
     require grad, which the kernels can't propagate. A clear error, not embedding gradients silently missing every

@@ -43,6 +43,7 @@ import functools
 import itertools
 import math
 import operator
+import threading
 import weakref
 from typing import NamedTuple
 
@@ -212,12 +213,18 @@ def _check_latent_update(key_states) -> None:
 
 
 _LATENT_LAYER_CLASS = None
+# The cache layer classes are made once, under this lock: their identity matters (a Cache's layers are recognised by
+# isinstance, and pickled by this module's name), and two threads' first forward passes at once each made one, the
+# loser's layers then of a class the module no longer named (its next step refused them, pickling them failed)
+_CLASS_LOCK = threading.Lock()
 
 
 def _latent_layer_class():
     global _LATENT_LAYER_CLASS
     if _LATENT_LAYER_CLASS is None:
-        _LATENT_LAYER_CLASS = _make_latent_layer_class()
+        with _CLASS_LOCK:
+            if _LATENT_LAYER_CLASS is None:
+                _LATENT_LAYER_CLASS = _make_latent_layer_class()
     return _LATENT_LAYER_CLASS
 
 
@@ -840,7 +847,9 @@ _STATIC_LAYER_CLASS = None
 def _static_layer_class():
     global _STATIC_LAYER_CLASS
     if _STATIC_LAYER_CLASS is None:
-        _STATIC_LAYER_CLASS = _make_static_layer_class()
+        with _CLASS_LOCK:  # (_latent_layer_class's)
+            if _STATIC_LAYER_CLASS is None:
+                _STATIC_LAYER_CLASS = _make_static_layer_class()
     return _STATIC_LAYER_CLASS
 
 
