@@ -432,6 +432,39 @@ def test_static_cache_continues_a_prefilled_prompt():
     assert torch.equal(runs["static"][1], runs["static"][0])  # the reset put the static cache back exactly
 
 
+def test_a_static_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
+    """torch.save / pickle of a static latent cache holding a prompt (as a dynamic one pickles): its layers' class was
+    local to a function, and its last prompt step held a weak reference to that step's mask, so pickling failed.
+    Each loaded copy, and the original, then goes on to the uninterrupted generation's tokens, with the addresses it
+    fixes for CUDA graphs still marked."""
+    import io
+    import pickle
+
+    from mla_kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(dense_model(), block_size=4)
+    ids, mask = left_padded([5, 3])
+    greedy = dict(GREEDY, max_new_tokens=3, min_new_tokens=3)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask,
+                                  past_key_values=static_latent_cache(model, 2, 16, block_size=4), **greedy)
+        cache = static_latent_cache(model, 2, 16, block_size=4)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+        buffer.seek(0)
+        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(cache)), cache]
+        assert latent_cache(copies[0]) is not latent_cache(cache)
+        for each in copies:
+            assert each.get_seq_length() == ids.shape[1] - 1
+            paged = latent_cache(each)  # its views (new ones, once loaded) are still marked for CUDA graphs
+            assert all(getattr(view, "_dynamo_static_input_type", None) for layer in range(paged.num_layers)
+                       for view in paged.views(layer) if view is not None)
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, past_key_values=each, **greedy),
+                               expected)
+
+
 def test_generation_under_autocast_matches_transformers():
     """An fp32 model under torch.autocast (bf16): the projections give bf16 queries while the latent norm and the
     rope tables give fp32 (the patched model failed on the prompt with "build the PagedLatentCache with

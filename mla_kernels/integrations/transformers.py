@@ -231,6 +231,8 @@ def _latent_layer_class():
 def __getattr__(name):
     if name == "LatentCacheLayer":
         return _latent_layer_class()
+    if name == "StaticLatentCacheLayer":
+        return _static_layer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -838,6 +840,8 @@ def _make_static_layer_class():
             raise NotImplementedError("selecting batch rows of a static latent cache is not supported; the patched "
                                       "model's default cache (a DynamicCache) supports it")
 
+    # picklable (torch.save of a static latent cache): found by name through this module's __getattr__
+    StaticLatentCacheLayer.__qualname__ = "StaticLatentCacheLayer"
     return StaticLatentCacheLayer
 
 
@@ -859,6 +863,11 @@ def _version(mask: torch.Tensor):
     return None if mask.is_inference() else mask._version
 
 
+def _no_mask():
+    """A dead weak reference's answer: the mask of a pickled ``_MaskStep``."""
+    return None
+
+
 class _MaskStep:
     """What the layers of one forward pass share about its attention mask, found by its first layer: the pads'
     ``_Packing`` (None without pads). A layer that already took part, another shape, or another attention mask
@@ -868,6 +877,14 @@ class _MaskStep:
         self.mask = None if attention_mask is None else weakref.ref(attention_mask)
         self.version = None if attention_mask is None else _version(attention_mask)
         self.shape, self.layers, self.packing = shape, set(), packing
+
+    def __getstate__(self) -> dict:
+        # pickled (a static latent cache keeps its last prompt step): the mask's weak reference can't be, and the mask
+        # is not kept by it anyway; a dead one in its place serves no mask, so the loaded cache's next step reads its own
+        state = self.__dict__.copy()
+        if state["mask"] is not None:
+            state["mask"] = _no_mask
+        return state
 
     def serves(self, layer: int, attention_mask, shape) -> bool:
         if layer in self.layers or shape != self.shape:
@@ -932,13 +949,21 @@ class _StaticLatentState:
         self.row_base = torch.arange(batch_size, dtype=torch.int64, device=device)[:, None] * self.capacity
         self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
         self.prompt: _PromptStep | None = None  # the last prompt step's host values (decode steps have none)
-        # fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
-        # views are marked too: they are the tensor objects the compiled graph takes as inputs
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """Fixed addresses for CUDA graphs (cudagraph trees copy any other input into place at every replay); the
+        views are marked too: they are the tensor objects the compiled graph takes as inputs."""
         paged = self.paged
         views = (paged.buffer, paged.kv_cache, paged.pe_cache, paged.kv_scale)
-        for t in [*(f(i) for i in range(num_layers) for f in views if f(i) is not None),
+        for t in [*(f(i) for i in range(paged.num_layers) for f in views if f(i) is not None),
                   *self.seqlens, self.block_table, self.row_base]:
             torch._dynamo.mark_static_address(t)
+
+    def __setstate__(self, state: dict) -> None:
+        # loaded (pickle, torch.save): the cache's views are made anew (PagedLatentCache.__setstate__), unmarked
+        self.__dict__.update(state)
+        self._mark_static()
 
     def _check_fits(self, attn: "TransformersMLAttention", dtype: torch.dtype) -> None:
         """Refuse, before anything is counted or stored, a cache built for another model: fewer layers (the first
