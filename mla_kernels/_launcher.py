@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -86,6 +87,12 @@ try:  # host-side TMA descriptors (decode_tma's launches): Triton specializes th
     from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
 except ImportError:
     _Descriptor = None
+# Triton's interpreter keeps a launch's state in globals: it patches ``triton.language`` for the launch and undoes that
+# at its end, and its builder holds the program ids of the launch running. Two interpreted launches at once (threads
+# calling the library on CPU tensors) failed ("Did you forget to add @triton.jit?": one launch's end undid the other's
+# patches) or could read each other's program ids, so interpreted launches (and stubs: anything not a JITFunction) take
+# this lock; compiled launches don't need it
+_INTERPRETED = threading.RLock()
 # id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
 # JITFunction hashes through a Python property; the kernel is held, so its id is not reused while the entry lives
 _entries: dict = {}
@@ -202,6 +209,10 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
                          compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
             return
+    if kernel.__class__ is not JITFunction:  # the interpreter (or a stub): one launch at a time
+        with _INTERPRETED:
+            kernel[grid](*args, **kwargs)
+        return
     compiled = kernel[grid](*args, **kwargs)  # Triton's own launch; it hands back what it launched
     if key is not None and _nvidia(compiled) and _storable(kernel, args, kwargs):
         if len(entries) >= MAX_ENTRIES:

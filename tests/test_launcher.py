@@ -276,3 +276,54 @@ def test_every_launch_path_cached_on_a_gpu(path, monkeypatch):
     again, plain = (again if isinstance(again, tuple) else (again,)), (plain if isinstance(plain, tuple) else (plain,))
     for a, b in zip(again, plain, strict=True):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), path
+
+
+def test_threads_launching_at_once_get_their_own_results(device):
+    """Threads calling the library at once (a server's workers, each on its own tensors). Triton's interpreter keeps
+    its state in globals (the patched ``triton.language``, the program ids of the launch running): two interpreted
+    launches at once failed ("Did you forget to add @triton.jit?", a launch's patches undone by the other's end) or
+    read the other's program ids. The library serialises interpreted launches; every thread gets the bits it gets
+    alone (on a GPU this runs the compiled kernels, whose launches need no lock)."""
+    import sys
+    import threading
+
+    import mla_kernels
+    from mla_kernels.cache import PagedLatentCache
+
+    def step(seed):
+        gen = torch.Generator().manual_seed(seed)
+        cache = PagedLatentCache(1, 4, 16, 16, 16, dtype=torch.float32, device=device)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        lengths = [17 + seed % 5, 3]
+        cache.write(0, cache.append_batch(seqs, lengths), torch.randn(sum(lengths), 16, generator=gen).to(device),
+                    torch.randn(sum(lengths), 16, generator=gen).to(device))
+        kv, pe, _ = cache.views(0)
+        q_nope, q_pe = (torch.randn(2, 1, 2, 16, generator=gen).to(device) for _ in range(2))
+        out, lse = mla_kernels.mla_decode(q_nope, q_pe, kv, pe, cache.block_table(seqs), cache.cache_seqlens(seqs),
+                                          0.25, num_splits=2, return_lse=True)  # a split call: two launches
+        return kv.clone(), out, lse
+
+    seeds = range(4)
+    alone = {seed: step(seed) for seed in seeds}
+    together, errors = {}, []
+
+    def worker(seed):
+        try:
+            together[seed] = step(seed)
+        except Exception as exc:  # noqa: BLE001 (reported below, by thread)
+            errors.append(f"{seed}: {exc!r}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # threads switch often: their launches interleave
+    try:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for seed in seeds:
+        for got, want in zip(together[seed], alone[seed]):
+            assert torch.equal(got, want), seed
