@@ -93,6 +93,17 @@ except ImportError:
 # patches) or could read each other's program ids, so interpreted launches (and stubs: anything not a JITFunction) take
 # this lock; compiled launches don't need it
 _INTERPRETED = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    """A process forked while another thread held ``_INTERPRETED`` (inside an interpreted launch) has no such thread:
+    the lock it inherited would never be released, and its first interpreted launch would hang."""
+    global _INTERPRETED
+    _INTERPRETED = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 # id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
 # JITFunction hashes through a Python property; the kernel is held, so its id is not reused while the entry lives
 _entries: dict = {}

@@ -327,3 +327,49 @@ def test_threads_launching_at_once_get_their_own_results(device):
     for seed in seeds:
         for got, want in zip(together[seed], alone[seed]):
             assert torch.equal(got, want), seed
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX's")
+def test_fork_while_another_thread_launches_interpreted():
+    """A child forked while another thread is inside an interpreted launch (holding the lock that serialises them: a
+    DataLoader's workers forked beside a thread at work) launches too: the lock it inherited, which no thread of its
+    own would ever release, is replaced in the child."""
+    import os
+    import subprocess
+    import sys
+
+    script = """if True:
+        import os, threading, time
+        from mla_kernels import _launcher
+        class Stub:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: None
+        ready, release = threading.Event(), threading.Event()
+        def worker():
+            with _launcher._INTERPRETED:  # as a thread inside an interpreted launch
+                ready.set()
+                release.wait()
+        t = threading.Thread(target=worker)
+        t.start()
+        ready.wait()
+        pid = os.fork()
+        if pid == 0:
+            _launcher.launch(Stub(), (1,), 1)
+            os._exit(7)
+        release.set()
+        t.join()
+        for _ in range(100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print(os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("hung")
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr
