@@ -296,6 +296,31 @@ def test_inference_mode_generates_as_no_grad_does(cache_kind, monkeypatch):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_cache_made_under_inference_mode_serves_outside_it(cache_kind, monkeypatch):
+    """A cache outlives the mode it was made in (a server makes its caches under torch.inference_mode, a later
+    no_grad caller reuses one): a static latent cache made there held its row lengths as inference tensors, which
+    its steps update in place, and failed its first step outside (torch's "Inplace update to inference tensor
+    outside InferenceMode"). Made under inference_mode, then reset and used under no_grad, it gives no_grad's
+    tokens."""
+    from mla_kernels import _utils
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model(), block_size=4)
+    ids, mask = left_padded([5, 9, 2])
+    greedy = dict(do_sample=False, max_new_tokens=4)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    with torch.inference_mode():
+        cache = _prompt_cache(model, cache_kind, 3)
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **greedy),
+                           expected)
+    cache.reset()
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **greedy),
+                           expected)
+
+
 def test_the_read_counter_counts_what_the_old_prompt_step_did(monkeypatch):
     """The counter is not vacuous: each per-layer read the prompt step used to make counts once, the ones C++
     makes by itself included (boolean-mask index and assignment, a length read by mla_prefill_attention)."""

@@ -1132,10 +1132,13 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     elif dtype not in _utils.FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {_utils.FLOAT_DTYPES} (what the model computes in), got {dtype!r}")
     num_layers = attns[0].num_cache_layers
-    state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
-                               attns[0].qk_rope_head_dim, dtype, weight.device, attns[0].cache_dtype)
-    layer_cls = _static_layer_class()
-    cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
+    # normal tensors even when made under torch.inference_mode (as PagedLatentCache's): the lengths the steps update
+    # in place were inference tensors, so a cache made there failed its first step outside it (torch's RuntimeError)
+    with torch.inference_mode(False):
+        state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
+                                   attns[0].qk_rope_head_dim, dtype, weight.device, attns[0].cache_dtype)
+        layer_cls = _static_layer_class()
+        cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
     cache._mla_static_state = state
     cache._mla_latent_state = state  # latent_cache(cache) finds the PagedLatentCache
     return cache
