@@ -90,9 +90,13 @@ except ImportError:
 # Triton's interpreter keeps a launch's state in globals: it patches ``triton.language`` for the launch and undoes that
 # at its end, and its builder holds the program ids of the launch running. Two interpreted launches at once (threads
 # calling the library on CPU tensors) failed ("Did you forget to add @triton.jit?": one launch's end undid the other's
-# patches) or could read each other's program ids, so interpreted launches (and stubs: anything not a JITFunction) take
-# this lock; compiled launches don't need it
+# patches) or could read each other's program ids, so interpreted launches take this lock; compiled launches (and
+# stubs: bench.host times the GPU path's host work with them) don't
 _INTERPRETED = threading.RLock()
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+except ImportError:  # (every triton the package admits has it)
+    _Interpreted = ()
 
 
 def _new_lock_in_child() -> None:
@@ -220,7 +224,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
                          compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
             return
-    if kernel.__class__ is not JITFunction:  # the interpreter (or a stub): one launch at a time
+    if isinstance(kernel, _Interpreted):  # the interpreter: one launch at a time
         with _INTERPRETED:
             kernel[grid](*args, **kwargs)
         return
