@@ -1154,3 +1154,18 @@ def test_sparse_positions_without_a_4d_mask_build_the_causal_one():
         got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None)
         assert torch.equal(handed[0], handed[1]), "the indexer was handed another mask"
         assert torch.equal(got, want) and torch.equal(got_4d, want)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "dynamic-cache"])
+def test_a_model_cast_to_float64_after_patching_is_refused_naming_its_dtype(cache):
+    """``model.double()`` after ``patch_model``: the kernels have no float64, so the step is refused with a TypeError
+    that names the model's dtype and the way out, before any latent cache is made (the cache constructor's error
+    named only its own ``dtype`` argument)."""
+    model = tiny_model().eval()
+    patch_model(model)
+    model.double()
+    past = DynamicCache(config=model.config) if cache else None
+    with torch.no_grad(), pytest.raises(TypeError, match=r"torch.float64 \(model.double\(\) after patch_model"):
+        model(torch.tensor([[1, 2, 3]]), past_key_values=past, use_cache=cache)
+    if cache:
+        assert latent_cache(past) is None  # nothing attached, nothing counted

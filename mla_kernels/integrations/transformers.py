@@ -1245,6 +1245,10 @@ class TransformersMLAttention(MLAttention):
         indexer = self._modules.get("indexer")
         q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) if indexer is not None else None
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid)  # [B, Q, ...]
+        if kv_c.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
+            raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "
+                            f"this model's attention in {kv_c.dtype} (model.double() after patch_model?): cast the "
+                            "model to one of them, or unpatch_model(model)")
 
         static = getattr(past_key_values, "_mla_static_state", None)
         if static is not None and indexer is not None:
