@@ -180,3 +180,36 @@ def bound_allocations(monkeypatch, max_numel: int, what: str) -> None:
         return t
 
     monkeypatch.setattr(torch, "empty", bounded_empty)
+
+
+def assert_fork_beside_a_busy_thread_finishes(imports: str, hold: str, child: str = "") -> None:
+    """In a fresh Python: a thread runs ``hold`` (lines that take a lock and, inside it, call ``ready.set()`` then
+    ``release.wait()``), the process forks while it does, the child runs ``child`` and exits with 7; the test fails
+    if the child hangs (on a lock it inherited held, which no thread of its own will release) or fails."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = "\n".join([
+        "import os, threading, time", textwrap.dedent(imports),
+        "ready, release = threading.Event(), threading.Event()",
+        "def worker():", textwrap.indent(textwrap.dedent(hold), "    "),
+        "t = threading.Thread(target=worker)", "t.start()", "ready.wait()",
+        "pid = os.fork()", "if pid == 0:", textwrap.indent(textwrap.dedent(child) or "pass", "    "), "    os._exit(7)",
+        "release.set()", "t.join()",
+        "for _ in range(300):",
+        "    done, status = os.waitpid(pid, os.WNOHANG)",
+        "    if done:",
+        "        print(os.waitstatus_to_exitcode(status))",
+        "        break",
+        "    time.sleep(0.1)",
+        "else:",
+        "    os.kill(pid, 9)",
+        "    os.waitpid(pid, 0)",
+        "    print('hung')",
+    ])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr

@@ -8,8 +8,8 @@ import torch
 
 import mla_kernels
 from mla_kernels import reference
-from helpers import (SENTINEL_BLOCK, assert_close, assert_lse_close, assert_rejects, bound_allocations,
-                     make_paged_cache, record_launches)
+from helpers import (SENTINEL_BLOCK, assert_close, assert_fork_beside_a_busy_thread_finishes, assert_lse_close,
+                     assert_rejects, bound_allocations, make_paged_cache, record_launches)
 from mla_kernels import _utils
 
 ON_GPU = torch.cuda.is_available()
@@ -440,41 +440,17 @@ def test_scratch_finalizer_never_waits_for_the_lock():
 def test_fork_while_another_thread_holds_the_scratch_lock():
     """A child forked while a thread that took scratch is inside scratch's locked block gets past os.fork (it hung
     there: the thread's finalizer ran in the child and waited for a lock that nobody would release)."""
-    import subprocess
-    import sys
-
-    script = """if True:
-        import os, threading, time, torch
-        from mla_kernels import _utils
-        ready, release = threading.Event(), threading.Event()
-        def worker():
+    assert_fork_beside_a_busy_thread_finishes(
+        imports="""
+            import torch
+            from mla_kernels import _utils
+        """,
+        hold="""
             _utils.scratch(torch.device("cpu"), (4,))
             with _utils._SCRATCH_LOCK:
                 ready.set()
                 release.wait()
-        t = threading.Thread(target=worker)
-        t.start()
-        ready.wait()
-        pid = os.fork()
-        if pid == 0:
-            os._exit(7)
-        release.set()
-        t.join()
-        for _ in range(300):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                print(os.waitstatus_to_exitcode(status))
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            print("hung")
-    """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr
+        """)
 
 
 def test_num_splits_beyond_the_tiles(device, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import assert_fork_beside_a_busy_thread_finishes
 from mla_kernels import _launcher
 
 from triton.backends.compiler import BaseBackend  # noqa: E402
@@ -334,42 +335,17 @@ def test_fork_while_another_thread_launches_interpreted():
     """A child forked while another thread is inside an interpreted launch (holding the lock that serialises them: a
     DataLoader's workers forked beside a thread at work) launches too: the lock it inherited, which no thread of its
     own would ever release, is replaced in the child."""
-    import os
-    import subprocess
-    import sys
-
-    script = """if True:
-        import os, threading, time
-        from mla_kernels import _launcher
-        class Stub:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: None
-        ready, release = threading.Event(), threading.Event()
-        def worker():
+    assert_fork_beside_a_busy_thread_finishes(
+        imports="""
+            from mla_kernels import _launcher
+            class Stub:
+                def __getitem__(self, grid):
+                    return lambda *args, **kwargs: None
+            _launcher._Interpreted = Stub  # launched as the interpreter's kernels are: under the lock
+        """,
+        hold="""
             with _launcher._INTERPRETED:  # as a thread inside an interpreted launch
                 ready.set()
                 release.wait()
-        t = threading.Thread(target=worker)
-        t.start()
-        ready.wait()
-        pid = os.fork()
-        if pid == 0:
-            _launcher.launch(Stub(), (1,), 1)
-            os._exit(7)
-        release.set()
-        t.join()
-        for _ in range(100):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                print(os.waitstatus_to_exitcode(status))
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            print("hung")
-    """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr
+        """,
+        child="_launcher.launch(Stub(), (1,), 1)")
