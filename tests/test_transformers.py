@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import cos_diff, err_ratio
+from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
@@ -1169,3 +1169,17 @@ def test_a_model_cast_to_float64_after_patching_is_refused_naming_its_dtype(cach
         model(torch.tensor([[1, 2, 3]]), past_key_values=past, use_cache=cache)
     if cache:
         assert latent_cache(past) is None  # nothing attached, nothing counted
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX's")
+def test_fork_while_another_thread_makes_the_cache_layer_class():
+    """A child forked while another thread holds the lock under which the Cache layer classes are made (a DataLoader
+    forked beside a thread's first patched forward pass) makes its own: the lock it inherited held is replaced."""
+    assert_fork_beside_a_busy_thread_finishes(
+        imports="from mla_kernels.integrations import transformers as integration",
+        hold="""
+            with integration._CLASS_LOCK:  # as a thread making the class
+                ready.set()
+                release.wait()
+        """,
+        child="integration._latent_layer_class()")
