@@ -186,7 +186,8 @@ def test_batched_layout_equals_packed():
 def test_bf16_against_fp64_reference():
     """bf16 module and cache against the float64 transformers computation from the same (bf16-rounded) weights
     and inputs. Tolerance: the output passes through about six bf16 roundings (projections, rope, norm, cache
-    write, attention output, o_proj), each ~2.3e-3 relative RMS and independent: ~6e-3; bound 1.5e-2."""
+    write, attention output, o_proj), each ~2.3e-3 relative RMS and independent: ~6e-3 (measured 4.7e-3 to 6.4e-3
+    over 8 weight and input seeds); the bound is that noise over helpers.NOISE_OF_BOUND, as RMS_TOL is: 1e-2."""
     config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
     ref = reference_attention(config).to(torch.bfloat16).double()
     rotary = DeepseekV3RotaryEmbedding(config)
@@ -199,7 +200,7 @@ def test_bf16_against_fp64_reference():
         out = mod(x, LatentBatch.reserve(cache, [seq], [12]))
         cos, sin = rotary(x.double(), torch.arange(12)[None])
         expected, _ = ref(x.double(), (cos, sin), causal_mask(0, 12), None)
-    assert_close("bf16 prefill", out, expected, torch.bfloat16, rms_tol=1.5e-2, cos_tol=2e-4)
+    assert_close("bf16 prefill", out, expected, torch.bfloat16, rms_tol=1e-2, cos_tol=1e-4)
 
 
 def test_stores_only_latent_and_rope_key():
