@@ -24,7 +24,7 @@ def test_flop_and_byte_models_by_hand():
     assert h.mla_bytes(2, 1, 16, 1024) == (1_179_648 + 34_816) * 2 == 2_428_928
     assert h.mla_bytes(2, 1, 16, 1024, elem_size=1) == 1_214_464
     assert h.mla_flops(2, 1, 16, [100, 300]) == 2 * 16 * 400 * 1088
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ctx has 2 lengths for a batch of 3"):
         h.mla_flops(3, 1, 16, [100, 300])
 
 
@@ -61,7 +61,7 @@ def test_check_refuses_wrong_provider():
         calls.append(1)
         return torch.zeros_like(right)
 
-    with pytest.raises(h.WrongResult):
+    with pytest.raises(h.WrongResult, match="wrong: relative RMS error"):
         h.check_then_time("wrong", wrong, expected, torch.device("cpu"))
     assert len(calls) == 1  # checked once, never timed
 
@@ -259,7 +259,7 @@ def test_failed_bench_keeps_its_rows_and_fits_what_it_has(tmp_path):
     def broken_fit():
         raise ValueError("no rows of one path")
 
-    with pytest.raises(MemoryError):
+    with pytest.raises(MemoryError, match="out of memory"):  # the run's own error, not one from before_save
         with h.save_if_stopped("unit", {"rows": [1]}, torch.device("cpu"), argparse.Namespace(out=str(out)),
                                before_save=broken_fit):
             raise MemoryError("out of memory")

@@ -220,7 +220,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert blocks - others <= self.free_blocks(), "a block no sequence holds now was not returned"
         assert not blocks & others & self.free_blocks(), "a block another sequence holds was returned"
         assert self.cache.num_free_blocks == free_before + len(blocks - others)
-        with pytest.raises(KeyError):
+        with pytest.raises(KeyError, match="not a live sequence"):
             self.cache.seqlen(seq_id)
 
     @precondition(lambda self: self.expected)
@@ -376,7 +376,7 @@ def test_full_cache_raises_before_any_change():
     assert isinstance(err.value, RuntimeError)
     assert_same_state(before, state_of(cache))
     assert cache.seqlen(b) == cache.seqlen(c) == 0
-    with pytest.raises(CacheFullError):
+    with pytest.raises(CacheFullError, match=r"appending 11 tokens .* needs 3 new blocks .* only 2 of 4 are free"):
         cache.append(a, 11)  # 6 + 11 = 17 tokens: 5 blocks, 3 new
     assert_same_state(before, state_of(cache))
     assert cache.append(a, 10).shape == (10,)  # 16 tokens exactly fill the 4 blocks
@@ -413,9 +413,9 @@ def test_sequence_ids():
     assert len(cache) == 5
     with pytest.raises(KeyError, match="not a live sequence"):
         cache.append("nobody", 1)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="'nobody' is not a live sequence"):
         cache.free("nobody")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="'nobody' is not a live sequence"):
         cache.block_table([1, "nobody"])
 
 
@@ -432,7 +432,7 @@ def test_bad_batches_change_nothing():
         cache.append(a, 1.5)
     with pytest.raises(ValueError, match="disagree"):
         cache.append_batch([a], [1, 2])
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="'nobody' is not a live sequence"):
         cache.append_batch([a, "nobody"], [1, 1])
     with pytest.raises(TypeError, match="seq_ids"):
         cache.append_batch([[a]], [1])
@@ -459,7 +459,7 @@ def test_bad_batches_change_nothing():
         LatentBatch.reserve(cache, [a], 1)
     with pytest.raises(TypeError, match="num_new_tokens"):  # a bad count inside the list (it said num_tokens)
         LatentBatch.reserve(cache, [a], [None])
-    with pytest.raises(CacheFullError):  # counted in ints: a float ceil raised OverflowError
+    with pytest.raises(CacheFullError, match="not enough free cache blocks"):  # counted in ints: a float ceil raised OverflowError
         cache.append(a, 10 ** 400)
     assert_same_state(before, state_of(cache))
 
@@ -817,7 +817,7 @@ def test_truncate_returns_blocks_and_copies_a_shared_tail():
     for length, error in [(5, ValueError), (-1, ValueError), (2.0, TypeError), ("2", TypeError)]:
         with pytest.raises(error, match="length"):
             cache.truncate(a, length)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="'nobody' is not a live sequence"):
         cache.truncate("nobody", 0)
     assert_same_state(before, state_of(cache))
     cache.truncate(a, 0)

@@ -274,7 +274,7 @@ def test_full_cache_raises_before_writing():
     cache = PagedLatentCache(1, 2, 4, 32, 16, dtype=torch.bfloat16)
     a, b = cache.add_sequence(), cache.add_sequence()
     LatentBatch.reserve(cache, [a], [6])
-    with pytest.raises(CacheFullError):
+    with pytest.raises(CacheFullError, match="appending 5 tokens to 2 sequence"):
         LatentBatch.reserve(cache, [a, b], [1, 4])
     assert cache.seqlen(a) == 6 and cache.seqlen(b) == 0
 
