@@ -742,5 +742,7 @@ def test_static_prompt_never_stores_a_pad(pads):
         patch_model(model, block_size=4)
         cache = static_latent_cache(model, max_batch_size=2, max_cache_len=8)
         got = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    # fp32 logits (|logit| < 0.5 here), the same sums in another order: measured 1.2e-7 apart; 1e-5 as the other
+    # fp32 model comparisons (test_transformers), where the bound was 1e-4
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
     assert cache._mla_static_state.seqlens[0].tolist() == [7, int(mask[1].sum())]
