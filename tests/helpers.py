@@ -21,7 +21,9 @@ SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it
 # fp32 (24-bit significand, full-precision dots) has no rounding of p or of the output worth the name:
 # what is left is fp32 summation over up to thousands of keys and the GPU's approximate exp2 (~2 ulp),
 # a few 1e-7 relative; 1e-5 leaves room for that and still fails on any real defect (TF32 would give ~1e-3).
-# Cosine difference (FlashMLA's measure) is about err^2/2 for such noise; its bounds are err^2.
+# Cosine difference (FlashMLA's measure) is |a - e|^2 / (|a|^2 + |e|^2) <= err^2 identically (about err^2 / 2 for
+# small errors of any kind): with bounds of err^2 it can never fail before the RMS bound does, which is the binding
+# check. It stays in assert_close's message (and as a caller's cos_tol) to compare with FlashMLA's published figures.
 RMS_TOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 COS_TOL = {torch.bfloat16: 1e-4, torch.float16: 2e-6, torch.float32: 1e-9}
 # These bounds hold for the RMS over many elements. A small output samples that noise thinly (a one-head case of
