@@ -395,6 +395,27 @@ def test_rows_whose_first_keys_all_score_minus_inf(scores, torch_path, device, m
         assert_lse_close(f"{scores} {path}", lse, ref_lse)
 
 
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_every_row_sees_its_own_key_at_query_block_ends(path, device):
+    """Each query row against the reference on its own, in fp32: the last row of a full query block (rows 63 and
+    127 of the expanded kernel's 64- and 128-row tiles, the last token of a sequence whose new tokens fill a
+    block) must see its own key. A causal key bound one short there drops just that key from that one row, a
+    change the batch-wide RMS of the other parity tests dilutes below their bf16 bound (it passed all of them);
+    per row in fp32 (1e-5, as test_rows_whose_first_keys_all_score_minus_inf) it is ~10% of the row. The absorbed
+    kernel's rows are (token, head) pairs: with one head a block's last row is a token's only one, so a key bound
+    taken from the wrong row shows too (with two heads the last two rows are the same token)."""
+    # 64 new tokens (64-row tiles) without and with history; 200 (128-row tiles) with history
+    for heads in (1, 3):
+        for new, history in (([64, 5], [0, 7]), ([64], [9]), ([200, 1], [3, 0])):
+            a = make_inputs(new, history, heads, 16, torch.float32, device, r=32, p=16, d_nope=16)
+            out, lse = mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path=path, return_lse=True)
+            ref_out, ref_lse = naive_reference(a)
+            name = f"{path} H{heads} {new}/{history}"
+            for t in range(out.shape[0]):
+                assert_close(f"{name} row {t}", out[t], ref_out[t], torch.float32)
+            assert_lse_close(name, lse, ref_lse)
+
+
 def test_cache_is_not_modified(device):
     a = make_inputs([5, 3], [20, 9], 3, 16, torch.bfloat16, device, d_nope=D_NOPE)
     before = a["kv_cache"].view(torch.int16).clone(), a["pe_cache"].view(torch.int16).clone()
