@@ -86,6 +86,31 @@ def test_split_tokens_give_each_sequence_the_same_bits_in_any_batch(split_tokens
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_split_tokens_are_rounded_up_to_the_key_tile(sparse, device):
+    """README, batch-invariant decode: ``split_tokens=n`` cuts the keys at each multiple of n *rounded up to the
+    kernel's key tile*, so every n that rounds to the same multiple of the tile gives the same bits (and no split
+    begins inside a tile). Splits cut at multiples of n itself passed every other test: their boundaries also
+    follow from no batch, and they differ from the rounded ones only in the last bits."""
+    heads, r, p = 2, 64, 16
+    bn = mla_kernels.decode.decode_tiles(heads, r, device, p, elem_bytes=4)["BLOCK_N"]
+    lens = [5 * bn + 7, 2 * bn + 3, 0]
+    args = make_inputs(lens, 1, heads, 16, torch.float32, device, r=r, p=p)
+    kw = {}
+    if sparse:  # every position listed, shuffled, and -1 pads: the splits cut the lists
+        g = torch.Generator().manual_seed(1)
+        rows = [torch.cat([torch.randperm(n, generator=g), torch.full((max(lens) - n + 9,), -1)]) for n in lens]
+        kw["indices"] = torch.stack(rows).view(len(lens), 1, -1).to(device=device, dtype=torch.int32)
+    want = mla_kernels.mla_decode(*args, SCALE, return_lse=True, split_tokens=2 * bn, **kw)
+    ref_out, ref_lse = reference.absorbed_decode(*args, SCALE)
+    assert_close("split_tokens", want[0], ref_out, torch.float32)
+    assert_lse_close("split_tokens", want[1], ref_lse)
+    for n in (bn + 1, 2 * bn - 5):
+        got = mla_kernels.mla_decode(*args, SCALE, return_lse=True, split_tokens=n, **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), \
+            f"split_tokens={n} and {2 * bn} (tile {bn}) gave different bits"
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_split_tokens_partials_stay_within_their_budget(sparse, device, monkeypatch):
     """``split_tokens`` gives every row an fp32 partial per split of ``max_seqlen_k`` (B64 at 128 heads, 128K keys
     and n = 256: 8 GiB): past ``decode.SPLIT_PARTIALS_BYTES`` the batch runs as launches over groups of whole
