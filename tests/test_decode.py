@@ -40,6 +40,7 @@ CASES = {
     "h128-page64-s1": ([200, 65], 1, 128, 64),
     "h128-page1-s2": ([40], 2, 128, 1),
     "h16-page64-ctx4500": ([4500, 4097], 1, 16, 64),
+    "h2-page48-s2": ([70, 97, 0], 2, 2, 48),  # a page size that is no power of two (offs % PAGE, not a mask)
 }
 
 
