@@ -38,6 +38,8 @@ import triton
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
+from . import _utils
+
 
 def _triton_version() -> tuple[int, int]:
     try:
@@ -92,22 +94,12 @@ except ImportError:
 # calling the library on CPU tensors) failed ("Did you forget to add @triton.jit?": one launch's end undid the other's
 # patches) or could read each other's program ids, so interpreted launches take this lock; compiled launches (and
 # stubs: bench.host times the GPU path's host work with them) don't
-_INTERPRETED = threading.RLock()
+_INTERPRETED = _utils.ForkSafeLock(threading.RLock)  # (a child forked inside another thread's launch: a new one)
 try:
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
 except ImportError:  # (every triton the package admits has it)
     _Interpreted = ()
 
-
-def _new_lock_in_child() -> None:
-    """A process forked while another thread held ``_INTERPRETED`` (inside an interpreted launch) has no such thread:
-    the lock it inherited would never be released, and its first interpreted launch would hang."""
-    global _INTERPRETED
-    _INTERPRETED = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
 # id(kernel) -> (kernel, {(device, key): (compiled kernel, the parameters past the positional ones)}); by id, since a
 # JITFunction hashes through a Python property; the kernel is held, so its id is not reused while the entry lives
 _entries: dict = {}

@@ -501,6 +501,27 @@ LOG2E = 1.4426950408889634
 MAX_SCALE = 3.4028234663852886e38 / LOG2E  # past it the kernels' float32 score scale, softmax_scale * log2(e), is inf
 
 
+class ForkSafeLock:
+    """A lock (``factory``: ``threading.Lock`` or ``RLock``) that a forked child makes anew. A child forked while
+    another thread held it has no such thread: the lock it inherited would never be released, and its first use
+    would hang (DataLoader workers forked beside a busy thread). For module-level locks: the fork hook keeps the
+    object for the life of the process."""
+
+    def __init__(self, factory=threading.Lock):
+        self._factory, self._lock = factory, factory()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._lock = self._factory()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+
 _GRAPH_HOST_TENSORS: list = []  # host tensors that copies captured in CUDA graphs read again at every replay
 
 

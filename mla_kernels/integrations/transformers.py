@@ -43,8 +43,6 @@ import functools
 import itertools
 import math
 import operator
-import os
-import threading
 import weakref
 from typing import NamedTuple
 
@@ -217,17 +215,7 @@ _LATENT_LAYER_CLASS = None
 # The cache layer classes are made once, under this lock: their identity matters (a Cache's layers are recognised by
 # isinstance, and pickled by this module's name), and two threads' first forward passes at once each made one, the
 # loser's layers then of a class the module no longer named (its next step refused them, pickling them failed)
-_CLASS_LOCK = threading.Lock()
-
-
-def _new_class_lock_in_child() -> None:
-    """(A child forked while another thread made a class would wait for it for ever: _launcher's lock, the same.)"""
-    global _CLASS_LOCK
-    _CLASS_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_class_lock_in_child)
+_CLASS_LOCK = _utils.ForkSafeLock()  # (a child forked while another thread made a class makes its own)
 
 
 def _latent_layer_class():
