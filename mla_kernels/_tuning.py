@@ -434,7 +434,8 @@ def drop_on_compile_error(cfg, exc: BaseException) -> bool:
     (a CUDA error is not the config's fault). The callers wrap their launches in ``try``/``except`` around this
     (free in Python 3.11 when nothing is raised) and build the heuristic only after a failure: every eager call on
     a GPU with a config file takes this path, where a wrapper that re-entered the launch with the heuristic built
-    ahead cost ~3 us per call (``bench/NOTES.md`` section 29)."""
+    ahead cost ~5 us per call (``bench.host`` on this CPU: 31.4 -> 26.4 us,
+    ``bench/results/host_cpu_2026-12-06_session16*.json``)."""
     if not isinstance(cfg, Tuned):
         return False
     if not isinstance(exc, _compile_errors()) and not (isinstance(exc, RuntimeError) and "PassManager" in str(exc)):
