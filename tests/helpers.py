@@ -215,3 +215,20 @@ def assert_fork_beside_a_busy_thread_finishes(imports: str, hold: str, child: st
     run = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.split()[-1] == "7", run.stdout + run.stderr
+
+
+def round_trip(obj, how: str):
+    """``obj`` through ``how``: "pickle" (dumps, loads), "torch.save" (to memory and ``torch.load`` back) or
+    "deepcopy"."""
+    import copy
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import mla_kernels
-from helpers import SENTINEL_BLOCK
+from helpers import SENTINEL_BLOCK, round_trip
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch
@@ -862,20 +862,6 @@ def test_truncate_copies_a_shared_tail_into_a_block_it_returns_when_the_cache_is
     assert_allocator_consistent(cache)
 
 
-def _round_trip(obj, how: str):
-    import copy
-    import io
-    import pickle
-
-    if how == "deepcopy":
-        return copy.deepcopy(obj)
-    if how == "pickle":
-        return pickle.loads(pickle.dumps(obj))
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
@@ -893,7 +879,7 @@ def test_a_saved_and_loaded_cache_keeps_its_views_on_its_buffers(dtype, how):
     for layer in range(2):
         cache.write(layer, cache.slots(a) if layer else cache.append(a, 6),
                     torch.randn(6, r, generator=gen).to(rope_dtype), torch.randn(6, p, generator=gen).to(rope_dtype))
-    loaded = _round_trip(cache, how)
+    loaded = round_trip(cache, how)
     for layer in range(2):
         buffer = loaded.buffer(layer)
         assert bytes_of(buffer).data_ptr() != bytes_of(cache.buffer(layer)).data_ptr()

@@ -20,6 +20,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import round_trip
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -462,9 +463,6 @@ def test_a_static_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
     local to a function, and its last prompt step held a weak reference to that step's mask, so pickling failed.
     Each loaded copy, and the original, then goes on to the uninterrupted generation's tokens, with the addresses it
     fixes for CUDA graphs still marked."""
-    import io
-    import pickle
-
     from mla_kernels import _utils
 
     monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
@@ -476,10 +474,7 @@ def test_a_static_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
                                   past_key_values=static_latent_cache(model, 2, 16, block_size=4), **greedy)
         cache = static_latent_cache(model, 2, 16, block_size=4)
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
-        buffer = io.BytesIO()
-        torch.save(cache, buffer)
-        buffer.seek(0)
-        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(cache)), cache]
+        copies = [round_trip(cache, "torch.save"), round_trip(cache, "pickle"), cache]
         assert latent_cache(copies[0]) is not latent_cache(cache)
         for each in copies:
             assert each.get_seq_length() == ids.shape[1] - 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio
+from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, round_trip
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
@@ -939,9 +939,6 @@ def test_a_filled_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
     """torch.save / pickle of a patched model's Cache, as of transformers' own (a prompt cache kept on disk): its
     layers' class was local to a function and a Cache made without a config kept a lambda, so pickling failed. The
     loaded copy and the original then go on independently, each to the uninterrupted generation's tokens."""
-    import io
-    import pickle
-
     monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
     ids, mask = left_padded([5, 3])
     model = patch_model(tiny_model())
@@ -950,11 +947,8 @@ def test_a_filled_cache_pickles_and_each_copy_goes_on_alone(monkeypatch):
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         first = model.generate(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(),
                                return_dict_in_generate=True, **half)
-        buffer = io.BytesIO()
-        torch.save(first.past_key_values, buffer)
-        buffer.seek(0)
-        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(first.past_key_values)),
-                  first.past_key_values]
+        copies = [round_trip(first.past_key_values, how) for how in ("torch.save", "pickle")]
+        copies.append(first.past_key_values)
         assert latent_cache(copies[0]) is not latent_cache(copies[2])
         mask = torch.cat([mask, torch.ones_like(mask[:, :4])], 1)
         for cache in copies:
@@ -967,18 +961,12 @@ def test_an_fp8_cache_pickles_and_goes_on(monkeypatch):
     key are views of other dtypes than their uint8 buffer: torch.save refused to save them ("view the same data as
     different types") and pickle saved them but failed to load them. Saved, loaded and continued, each copy gives
     the uninterrupted generation's tokens."""
-    import io
-    import pickle
-
     monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
     ids, mask = left_padded([5, 3])
     model = patch_model(tiny_model(kv_lora_rank=128), cache_dtype=torch.float8_e4m3fn)
     with torch.no_grad():
         first = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
-        buffer = io.BytesIO()
-        torch.save(first.past_key_values, buffer)
-        buffer.seek(0)
-        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(first.past_key_values))]
+        copies = [round_trip(first.past_key_values, how) for how in ("torch.save", "pickle")]
         assert latent_cache(copies[0]).dtype == torch.float8_e4m3fn
         prompt = torch.cat([ids, first.logits[:, -1:].argmax(-1)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
