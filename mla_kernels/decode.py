@@ -592,19 +592,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     m_blocks = _utils.cdiv(rows_per_program, block_m)
     programs_b = batch * seq_q if sparse else batch  # sparse: a program per query token
     keys = indices.shape[1] if sparse else max_seqlen_k  # what the splits cut: the key lists, or the cache length
-    if split_tokens is not None:  # fixed split boundaries: none of them depends on the batch or on keys
-        # (past the longest sequence, one split of its length reads what a longer one would: the same keys)
-        split_len = _utils.cdiv(min(split_tokens, max(keys, 1)), block_n) * block_n
-        num_splits = _utils.cdiv(max(keys, 1), split_len)  # <= MAX_GRID_SPLITS (_check_split_tokens)
-        split = True  # one compiled kernel and one combine for every batch, even where one split covers it
-    else:
-        if num_splits is None:
-            num_splits = _num_splits(programs_b * m_blocks, keys, device, block_m, cfg.get("waves"))
-        else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials
-            # (and past MAX_GRID_SPLITS, the grid's limit: a split then holds several tiles)
-            num_splits = min(num_splits, _utils.cdiv(max(keys, 1), block_n), MAX_GRID_SPLITS)
-        split_len = _utils.cdiv(_utils.cdiv(max(keys, 1), num_splits), block_n) * block_n
-        split = num_splits > 1
+    num_splits, split_len, split = _split_plan(keys, cfg, programs_b * m_blocks, device, num_splits, split_tokens)
 
     if varlen:
         qn_strides = (0, *q_nope.stride()[:2])
@@ -650,19 +638,10 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                              qn_strides, qp_strides, causal=causal, varlen=varlen, split=split,
                              return_lse=return_lse, cfg=cfg, schedule=schedule, kv_scale=kv_scale, indices=indices)
         if schedule is not None:  # merge the cut sequences, zero the padding slots
-            _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
-                out_part, lse_part, out, lse if lse is not None else dummy, schedule.sequences,
-                seq_q * heads, schedule.num_programs, seq_q * heads * d_latent, total_rows,
-                D_LATENT=d_latent, STORE_LSE=return_lse,
-                SCHEDULED=True, num_warps=4 if d_latent >= 256 else 2,
-            )
+            _launch_combine(out_part, lse_part, out, lse, dummy, total_rows, seq_q * heads, schedule.num_programs,
+                            schedule=schedule)
         if split:
-            _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
-                out_part, lse_part, out, lse if lse is not None else dummy, dummy,
-                total_rows, num_splits, total_rows * d_latent, total_rows,
-                D_LATENT=d_latent, STORE_LSE=return_lse,
-                num_warps=4 if d_latent >= 256 else 2,
-            )
+            _launch_combine(out_part, lse_part, out, lse, dummy, total_rows, total_rows, num_splits)
     except Exception as exc:
         if not _tuning.drop_on_compile_error(cfg, exc):
             raise
@@ -675,6 +654,39 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
                        config=fallback, schedule=schedule_arg, kv_scale=kv_scale, reuse_scratch=reuse_scratch,
                        indices=indices, split_tokens=split_tokens)
     return out, lse
+
+
+def _split_plan(keys: int, cfg: dict, programs_per_split: int, device, num_splits, split_tokens) -> tuple:
+    """How ``_launch`` cuts ``keys`` (the cache length, or a sparse call's key lists): ``(num_splits, split_len,
+    split)``, where ``split`` says the split grid and the combine run. ``split_tokens``: fixed boundaries, none of
+    them depending on the batch or on ``keys``, and the split grid even for one split (``mla_decode``'s batch
+    invariance); else the given ``num_splits`` (cut to what can hold keys), or enough splits to fill the GPU."""
+    block_n, keys = cfg["BLOCK_N"], max(keys, 1)
+    if split_tokens is not None:
+        # (past the longest sequence, one split of its length reads what a longer one would: the same keys)
+        split_len = _utils.cdiv(min(split_tokens, keys), block_n) * block_n
+        return _utils.cdiv(keys, split_len), split_len, True  # <= MAX_GRID_SPLITS (_check_split_tokens)
+    if num_splits is None:
+        num_splits = _num_splits(programs_per_split, keys, device, cfg["BLOCK_M"], cfg.get("waves"))
+    else:  # splits past one per tile of the longest sequence could only be empty: no programs or partials
+        # (and past MAX_GRID_SPLITS, the grid's limit: a split then holds several tiles)
+        num_splits = min(num_splits, _utils.cdiv(keys, block_n), MAX_GRID_SPLITS)
+    return num_splits, _utils.cdiv(_utils.cdiv(keys, num_splits), block_n) * block_n, num_splits > 1
+
+
+def _launch_combine(out_part, lse_part, out, lse, dummy, total_rows: int, rows_per_part: int, num_parts: int,
+                    schedule=None) -> None:
+    """Merge the partials into ``out`` (and ``lse``): ``num_parts`` splits of ``rows_per_part`` rows each (the
+    split grid: every row), or with ``schedule`` each cut sequence's pieces (its ``rows_per_part`` = S_q * H rows
+    from its first partial slot; padding slots get zeros and -inf)."""
+    d_latent = out.shape[-1]
+    _launcher.launch(_mla_combine_kernel, _combine_grid(total_rows),
+        out_part, lse_part, out, lse if lse is not None else dummy,
+        schedule.sequences if schedule is not None else dummy,
+        rows_per_part, num_parts, rows_per_part * d_latent, total_rows,
+        D_LATENT=d_latent, STORE_LSE=lse is not None, SCHEDULED=schedule is not None,
+        num_warps=4 if d_latent >= 256 else 2,
+    )
 
 
 COMBINE_GRID_X = 1 << 16  # the combine's programs per row of its grid (past it, a second axis counts the rows)
