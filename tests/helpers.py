@@ -21,6 +21,9 @@ SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it
 # fp32 (24-bit significand, full-precision dots) has no rounding of p or of the output worth the name:
 # what is left is fp32 summation over up to thousands of keys and the GPU's approximate exp2 (~2 ulp),
 # a few 1e-7 relative; 1e-5 leaves room for that and still fails on any real defect (TF32 would give ~1e-3).
+# Measured under the interpreter (tests/tolerance_probe.py over the whole suite, 2026-12-06): fp32 at most 5.4e-7
+# (median 1.8e-7) over 1629 comparisons; bf16 7.1e-3 (median 3.6e-3) over 325; fp16 3.9e-4 (median 2.4e-4) over 94.
+# bench/results/tolerance_margins_cpu_2026-12-06.txt has every bound's margin; a GPU session records its own.
 # Cosine difference (FlashMLA's measure) is |a - e|^2 / (|a|^2 + |e|^2) <= err^2 identically (about err^2 / 2 for
 # small errors of any kind): with bounds of err^2 it can never fail before the RMS bound does, which is the binding
 # check. It stays in assert_close's message (and as a caller's cos_tol) to compare with FlashMLA's published figures.
@@ -42,7 +45,13 @@ def rms_tol_for(dtype: torch.dtype, n: int, bound: float | None = None) -> float
     return max(bound, NOISE_OF_BOUND * bound * (1 + 5 / math.sqrt(2 * max(n, 1))))
 
 
-# lse is computed in fp32 from the same scores, in log space: absolute error is ~1e-6 per unit of |score|.
+# lse is computed in fp32 from the same scores, in log space. Its error is at most the largest score error (the lse's
+# gradient in the scores is the softmax, which sums to 1), and a score over D = 576 products of 16-bit inputs (exact
+# in fp32) is off by the fp32 sum's rounding: about sqrt(D) 2^-24 ~ 1.4e-6 relative for random-signed terms, up to
+# D 2^-23 ~ 7e-5 of the terms' magnitude sum for an accumulator that truncates (tensor cores' accumulation order and
+# rounding are not documented). Measured under the interpreter: at most 4.9e-7 of max(1, |lse|) (median 8.7e-8)
+# over 409 comparisons (tests/tolerance_probe.py, 2026-12-06). 1e-4 (of max(1, |lse|), assert_lse_close) admits the
+# GPU's worst case, and still fails on scores or an lse rounded to 16 bits (2^-9 ~ 2e-3) or on TF32 dots (~1e-3).
 LSE_ATOL = 1e-4
 
 
