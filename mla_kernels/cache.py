@@ -452,6 +452,10 @@ class PagedLatentCache:
     values, R/128 fp32 scales and the rope key in ``rope_dtype`` (default bf16; the model's dtype), 656 bytes at
     DeepSeek's widths against 1152 in bf16. ``kv_scale(layer)`` gives the scales the kernels take; ``write``
     quantizes. Queries and written tokens then have ``rope_dtype``.
+
+    The allocator's bookkeeping (sequences, lengths, free blocks, counts) lives on the host and takes no lock: calls
+    that change it (``add_sequence``, ``append``/``append_batch``, ``fork``, ``truncate``, ``free``) from several
+    threads at once must be serialised by the caller, as a serving engine's one scheduler thread does.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
