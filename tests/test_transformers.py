@@ -533,6 +533,46 @@ def test_split_tokens_past_the_grid_is_refused_before_the_static_cache_changes()
     assert all(torch.equal(s, b) for s, b in zip(state.seqlens, before[1])) and cache.get_seq_length() == 0
 
 
+def test_split_tokens_past_the_grid_is_refused_before_the_dynamic_cache_changes(monkeypatch):
+    """The same bound over a DynamicCache, where it depends on the step's longest row: refused by name before the step
+    is reserved or counted (it was refused by attend after both: the Cache then refused every later call as
+    interrupted, or, when the last layer refused, went on silently over that layer's unwritten slots). A grid of 4
+    splits stands in for 65535, which would take a prompt of 65536 tokens."""
+    from mla_kernels import decode
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    monkeypatch.setattr(decode, "MAX_GRID_SPLITS", 4)
+    model = patch_model(tiny_model(), block_size=4)
+    layers = [m for m in model.modules() if isinstance(m, TransformersMLAttention)]
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        kv = DynamicCache(config=model.config)
+        model(ids[:, :3], past_key_values=kv)
+        lc = latent_cache(kv)
+        before = [lc.buffer(i).clone() for i in range(lc.num_layers)], lc.seqlen(lc.seq_ids[0])
+        for layer in layers:
+            layer.split_tokens = 1
+        with pytest.raises(ValueError, match=r"split_tokens=1 cuts the step's longest sequence \(6 keys\)"):
+            model(ids[:, 3:], past_key_values=kv)
+        assert kv.get_seq_length() == 3 and latent_cache(kv).seqlen(lc.seq_ids[0]) == before[1]
+        assert all(torch.equal(lc.buffer(i), b) for i, b in enumerate(before[0]))
+        for layer in layers:
+            layer.split_tokens = None
+        got = model(ids[:, 3:], past_key_values=kv).logits  # the same Cache goes on as if never refused
+        torch.testing.assert_close(got, expected[:, 3:], rtol=1e-5, atol=1e-5)
+        # refused by the last layer alone, after the first stored the step: the Cache's next call names the
+        # interruption (it attended to the last layer's unwritten slots)
+        kv = DynamicCache(config=model.config)
+        model(ids[:, :3], past_key_values=kv)
+        layers[-1].split_tokens = 1
+        with pytest.raises(ValueError, match="split_tokens=1 cuts the step's longest sequence"):
+            model(ids[:, 3:], past_key_values=kv)
+        layers[-1].split_tokens = None
+        with pytest.raises(RuntimeError, match="a forward pass was interrupted"):
+            model(ids[:, 3:], past_key_values=kv)
+
+
 def test_patch_shares_parameters_and_unpatch_restores():
     model = tiny_model(q_lora_rank=32)
     before = model.state_dict()

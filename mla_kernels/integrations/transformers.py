@@ -279,6 +279,8 @@ class _LatentState:
                 packing = None
             else:
                 packing = _real_tokens(attention_mask, batch_size, query_len, cached)
+            counts = [query_len] * batch_size if packing is None else packing.counts
+            self._check_split_keys(attn, max((c + n for c, n in zip(cached, counts)), default=0))
             self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
             self.current_shape = (batch_size, query_len)
             if packing is not None and sum(packing.counts) < batch_size * query_len:
@@ -295,8 +297,19 @@ class _LatentState:
         elif self.current_shape != (batch_size, query_len):
             raise RuntimeError(f"layer {layer_idx} got {batch_size}x{query_len} tokens in a step where the first layer "
                                f"got {self.current_shape[0]}x{self.current_shape[1]}")
+        else:  # (a layer of its own split_tokens: refused uncounted, so the Cache's next step names the interruption)
+            self._check_split_keys(attn, self.current[0].max_seqlen_k)
         self.calls[layer_idx] = calls + 1
         return self.current
+
+    @staticmethod
+    def _check_split_keys(attn: "TransformersMLAttention", keys: int) -> None:
+        """``attend``'s bound on the layer's ``split_tokens`` for a step whose longest row holds ``keys`` tokens,
+        checked before the step is reserved or counted: refused by ``attend`` after that, the step stayed counted with
+        its slots unwritten, and the Cache, called again, attended to them silently (or refused as interrupted). A
+        V3.2 layer's sparse step cuts its key lists instead, known after its indexer: ``attend`` checks those."""
+        if attn.split_tokens is not None and "indexer" not in attn._modules:
+            check_split_keys(attn.split_tokens, keys, "the step's longest sequence")
 
     def _check_fits(self, attn: "TransformersMLAttention") -> None:
         """Refuse, before anything is counted, reserved or stored, a Cache another model filled: other widths were
