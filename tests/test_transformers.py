@@ -400,6 +400,36 @@ def test_a_mask_the_kernels_do_not_compute_is_refused_before_anything_is_stored(
     torch.testing.assert_close(got[ok], expected[ok], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_config", [True, False])
+def test_a_fresh_cache_whose_first_step_is_refused_stays_a_transformers_cache(with_config, monkeypatch):
+    """The refusal of a mask the kernels do not compute advises the unpatched model: a fresh DynamicCache passed to
+    the refused call then serves it, to stock transformers' logits. (The refused call had made its layers latent
+    cache layers and attached a latent state, which transformers' own attention then refused.)"""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = tiny_model()
+    q = 8
+    ids = torch.randint(3, 128, (2, q), generator=torch.Generator().manual_seed(0))
+    key, query = torch.arange(q), torch.arange(q)[:, None]
+    docs = torch.zeros(q, dtype=torch.long).masked_fill(torch.arange(q) >= 5, 1)  # tokens 0-4, then 5-7
+    packed = additive_mask(((key <= query) & (docs[None, :] == docs[:, None])).expand(2, q, q))
+
+    def fresh():
+        return DynamicCache(config=model.config) if with_config else DynamicCache()
+
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=packed, past_key_values=fresh()).logits
+        kv = fresh()
+        layers, replicate = list(kv.layers), getattr(kv, "layer_class_to_replicate", None)
+        patch_model(model, block_size=4)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids=ids, attention_mask=packed, past_key_values=kv)
+        assert kv.layers == layers and getattr(kv, "layer_class_to_replicate", None) is replicate
+        assert latent_cache(kv) is None and not hasattr(kv, "_mla_latent_state")
+        unpatch_model(model)
+        got = model(input_ids=ids, attention_mask=packed, past_key_values=kv).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_multi_turn_chat_keeps_the_cache():
     """Seed 002, done with the real thing: turn 2 continues on turn 1's cache (only the new tokens are fed),
     and gives eager attention's tokens; the cached latent prefix stays as it was."""

@@ -577,44 +577,62 @@ def latent_cache(past_key_values) -> PagedLatentCache | None:
     return None if state is None else state.paged
 
 
-def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, max_cache_tokens) -> _LatentState:
-    """The Cache's latent state (created on first use), with its layer ``layer_idx`` a LatentCacheLayer."""
+def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: int,
+                  max_cache_tokens) -> _LatentState:
+    """The Cache's latent state (a new one, not yet attached, on first use), its layer ``layer_idx`` checked for
+    ``_attach``; changes nothing. A step checks the Cache so, then reserves (``batch_for``), and attaches only once
+    that is accepted: a fresh Cache whose first step was refused (a mask the kernels do not compute, whose error
+    advises the unpatched model) had become a latent cache, which the unpatched model then refused."""
     from transformers.cache_utils import Cache
     if not isinstance(past_key_values, Cache):
         raise TypeError(f"the patched model takes a transformers Cache (past_key_values, or cache from transformers "
                         f"5.25 on): a DynamicCache, static_latent_cache(...) or None, got "
                         f"{type(past_key_values).__name__}; transformers' continuous batching (generate_batch, "
                         f"PagedAttentionCache) is not supported: unpatch_model(model) to use it")
+    layers = past_key_values.layers
+    if layer_idx < len(layers):
+        layer = layers[layer_idx]
+        if not isinstance(layer, _latent_layer_class()):
+            dynamic_cls = _dynamic_layer_class()
+            fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ == "DynamicIndexedLayer"  # (V3.2's)
+            if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
+                raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
+                                 f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
+                                 f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
+                                 f"max_cache_len) for a preallocated one (not for DeepSeek-V3.2, whose indexer keys it "
+                                 f"does not hold)")
+            if layer.get_seq_length() != 0:
+                raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
+                                 f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
+                                 f"the patched model keeps its own latent cache: pass a fresh DynamicCache (or none) "
+                                 f"and keep passing the one it returns")
+    elif getattr(past_key_values, "layer_class_to_replicate", None) is None:
+        raise ValueError(f"the Cache (past_key_values / cache) has {len(layers)} layers, fewer than the model's layer "
+                         f"{layer_idx}")
     state = getattr(past_key_values, "_mla_latent_state", None)
+    return _LatentState(num_layers, block_size, max_cache_tokens) if state is None else state
+
+
+def _attach(past_key_values, layer_idx: int, num_layers: int, block_size: int, max_cache_tokens,
+            state: _LatentState | None = None) -> _LatentState:
+    """The Cache's latent state (created on first use, or ``state`` from ``_latent_state``), with its layer
+    ``layer_idx`` a LatentCacheLayer."""
     if state is None:
-        state = _LatentState(num_layers, block_size, max_cache_tokens)
+        state = _latent_state(past_key_values, layer_idx, num_layers, block_size, max_cache_tokens)
+    if getattr(past_key_values, "_mla_latent_state", None) is not state:
         past_key_values._mla_latent_state = state
-    latent_cls, dynamic_cls = _latent_layer_class(), _dynamic_layer_class()
+    latent_cls = _latent_layer_class()
     layers = past_key_values.layers
     if getattr(past_key_values, "layer_class_to_replicate", None) is not None:
         past_key_values.layer_class_to_replicate = functools.partial(latent_cls, state)  # (picklable)
         while len(layers) <= layer_idx:
             layers.append(latent_cls(state))
-    if layer_idx >= len(layers):
-        raise ValueError(f"the Cache (past_key_values / cache) has {len(layers)} layers, fewer than the model's layer "
-                         f"{layer_idx}")
     layer = layers[layer_idx]
-    if isinstance(layer, latent_cls):
-        if layer.state is not state:
-            layer.state = state
-        return state
-    fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ == "DynamicIndexedLayer"  # (V3.2's)
-    if fresh_kind and layer.get_seq_length() == 0:
+    if not isinstance(layer, latent_cls):  # a fresh DynamicLayer (checked by _latent_state)
         layers[layer_idx] = latent_cls(state)
-        return state
-    if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
-        raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__}, "
-                         f"which the patched model can't use: pass a fresh DynamicCache (or none), or "
-                         f"static_latent_cache(model, max_batch_size, max_cache_len) for a preallocated one (not for "
-                         f"DeepSeek-V3.2, whose indexer keys it does not hold)")
-    raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a {type(layer).__name__} holding "
-                     f"{layer.get_seq_length()} tokens of transformers K/V; the patched model keeps its own latent "
-                     f"cache: pass a fresh DynamicCache (or none) and keep passing the one it returns")
+    elif layer.state is not state:
+        layer.state = state
+    return state
 
 
 class _Packing(NamedTuple):
@@ -1266,10 +1284,12 @@ class TransformersMLAttention(MLAttention):
             counts = [query_len] * batch_size if packing is None else packing.counts
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
         else:
-            state = _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
-                            self.max_cache_tokens)
+            state = _latent_state(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
+                                  self.max_cache_tokens)
             batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask,
                                              kv_c.dtype, kv_c.device)
+            _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size, self.max_cache_tokens,
+                    state)  # (once the step is accepted: a refused one leaves the Cache as it was)
             layer = self.latent_layer
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
