@@ -961,6 +961,23 @@ def test_cache_misuse_is_a_clear_error(monkeypatch):
         model(input_ids=ids, attention_mask=mask)
 
 
+@pytest.mark.parametrize("query_len", [1, 2])
+def test_a_step_of_another_batch_size_is_refused_by_name(query_len, monkeypatch):
+    """A Cache of 2 rows given a batch of 3: the named ValueError in a prompt step and, with an attention mask, in a
+    decode step too (which compared the rows' cached lengths with the mask's rows first, and failed inside torch:
+    "The size of tensor a (3) must match the size of tensor b (2)"), before anything is counted."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model(), block_size=4)
+    ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kv = DynamicCache(config=model.config)
+        model(ids[:2, :4], attention_mask=torch.ones(2, 4, dtype=torch.long), past_key_values=kv)
+        with pytest.raises(ValueError, match="holds 2 sequences but this call has a batch of 3"):
+            model(ids[:, 4:4 + query_len], attention_mask=torch.ones(3, 4 + query_len, dtype=torch.long),
+                  past_key_values=kv)
+    assert kv.get_seq_length() == 4 and [latent_cache(kv).seqlen(s) for s in latent_cache(kv).seq_ids] == [4, 4]
+
+
 @pytest.mark.parametrize("other", [dict(kv_lora_rank=64), dict(num_hidden_layers=3), dict(num_hidden_layers=1)])
 def test_a_cache_another_model_filled_is_refused_before_anything_is_stored(other, monkeypatch):
     """A Cache one patched model filled, passed to a model of other widths or another layer count: refused by the

@@ -270,6 +270,10 @@ class _LatentState:
         self._check_fits(attn)
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
+            if self.rows is not None and len(self.rows) != batch_size:  # (before the mask's checks, which are per row:
+                # a decode step's compared the rows' lengths with the mask's and failed inside torch, naming neither)
+                raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
+                                 f"has a batch of {batch_size}; use a new cache for a new batch")
             cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
             if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
                 real = _assert_real(attention_mask, batch_size, query_len)
@@ -346,11 +350,8 @@ class _LatentState:
                                           rope_dtype=dtype)
         if self.paged.rope_dtype != dtype:
             raise TypeError(f"the latent cache holds {self.paged.rope_dtype} but the model now computes in {dtype}")
-        if self.rows is None:
+        if self.rows is None:  # (a batch of another size is refused by batch_for)
             self.rows = [self.paged.add_sequence() for _ in range(batch_size)]
-        elif len(self.rows) != batch_size:
-            raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
-                             f"has a batch of {batch_size}; use a new cache for a new batch")
         counts = [query_len] * batch_size if packing is None else packing.counts
         try:
             slots = self.paged._reserve_host(self.rows, counts)
