@@ -164,10 +164,14 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
                             config=_write_cache_heuristic(num_tokens, d_latent))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None):
-    # no_grad: a kv_c that requires grad (a projection's output outside no_grad) made the first in-place store
-    # raise halfway, after the latent and before the rope key, and left the cache with autograd history
+    # inference_mode (no grad recorded, as no_grad): a kv_c that requires grad (a projection's output outside no_grad)
+    # made the first in-place store raise halfway, after the latent and before the rope key, and left the cache with
+    # autograd history. And not no_grad: a cache made under inference_mode (fp8_latent_cache's views, a buffer a
+    # server allocated there) is an inference tensor, which refuses in-place stores outside the mode: the stores
+    # raised torch's RuntimeError, after the latent for views made outside it, where the kernel writes it whole.
+    # Inside the mode both inference and normal caches take them.
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]

@@ -168,6 +168,30 @@ def test_inputs_that_require_grad_are_written_whole_and_leave_no_autograd_histor
     assert torch.equal(buf[0, 0], 2 * proj[0].detach()) and not buf.requires_grad
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_a_cache_made_under_inference_mode_takes_writes_outside_it(path, fp8):
+    """A cache allocated under torch.inference_mode (a server's start-up; fp8_latent_cache's views, a plain buffer's)
+    and written under no_grad later. The kernel wrote it; the PyTorch path raised torch's RuntimeError ("Inplace
+    update to inference tensor outside InferenceMode"), naming no argument, and for views made outside the mode only
+    after it had stored the latent: a half-written cache."""
+    r, p, page_size = (128, 16, 4) if fp8 else (32, 16, 4)
+    with torch.inference_mode():
+        if fp8:
+            kv_cache, kv_scale, pe_cache = mla_kernels.fp8_latent_cache(2, page_size, r, p, device=path)
+        else:
+            buf = torch.zeros(2, page_size, r + p, dtype=torch.bfloat16, device=path)
+            kv_cache, pe_cache, kv_scale = buf[..., :r], buf[..., r:], None
+    assert kv_cache.is_inference() and not torch.is_inference_mode_enabled()
+    kv_c, k_pe = new_tokens(2, r, p, torch.bfloat16, path)
+    with torch.no_grad():
+        write_cache(kv_c, k_pe, kv_cache, pe_cache, torch.tensor([1, page_size + 2], device=path), kv_scale=kv_scale)
+    assert torch.equal(pe_cache[0, 1], k_pe[0]) and torch.equal(pe_cache[1, 2], k_pe[1])
+    if fp8:
+        assert bool((kv_scale[0, 1] > 0).all()) and bool((kv_scale[1, 2] > 0).all())
+    else:
+        assert torch.equal(kv_cache[0, 1], kv_c[0]) and torch.equal(kv_cache[1, 2], kv_c[1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the bounds check runs only for CPU tensors")
 def test_slot_past_the_cache_raises_before_writing(path):
     r, p, page_size, num_blocks = 32, 16, 4, 3
