@@ -375,6 +375,21 @@ def test_refusals_name_the_callers_arguments(device):
     # a dense call's block table of another batch: named against q (mla_decode would say q_nope)
     with pytest.raises(ValueError, match=r"^block_table and q disagree on batch size: 1 vs 2"):
         flash_mla_with_kvcache(**dict(args, block_table=a["block_table"][:1], cache_seqlens=a["cache_seqlens"]))
+    # the same for cache_seqlens, the tensors' devices, and a q without tokens or heads (each said q_nope)
+    dense = dict(args, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"])
+    with pytest.raises(ValueError, match=r"^cache_seqlens and q disagree on batch size: 1 vs 2"):
+        flash_mla_with_kvcache(**dict(dense, cache_seqlens=a["cache_seqlens"][:1]))
+    for name in ("block_table", "cache_seqlens"):
+        with pytest.raises(ValueError, match=rf"^{name} is on meta but q is on {device.type}"):
+            flash_mla_with_kvcache(**dict(dense, **{name: dense[name].to("meta")}))
+    with pytest.raises(ValueError, match=rf"^indices is on meta but q is on {device.type}"):
+        flash_mla_with_kvcache(**args, indices=indices.to("meta"))
+    for what, bad in (("query token", q[:, :0]), ("head", q[:, :, :0])):
+        with pytest.raises(ValueError, match=rf"^q must have at least one {what}"):
+            flash_mla_with_kvcache(**dict(dense, q=bad))
+    with pytest.raises(ValueError, match=r"^q is on the meta device"):
+        flash_mla_with_kvcache(**dict(dense, **{n: dense[n].to("meta") for n in ("q", "k_cache", "block_table",
+                                                                                 "cache_seqlens")}))
 
 
 def test_a_refused_call_leaves_the_metadata_unbound(device):

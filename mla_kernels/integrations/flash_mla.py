@@ -237,6 +237,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _utils.check_devices(q=q, k_cache=k_cache)
     kv_cache, kv_scale, pe_cache = _cache_views(k_cache, q, dim_v, rope_dim, is_fp8)
     batch, s_q, heads = q.shape[:3]
+    # named as passed too: mla_decode would name q's views (q_nope) in each of these
+    if s_q == 0:
+        raise ValueError("q must have at least one query token (S_q >= 1)")
+    if heads == 0:
+        raise ValueError("q must have at least one head")
+    if not torch.compiler.is_compiling():  # (traced, meta tensors are shapes the custom op's fake serves)
+        _utils.check_has_data("q", q)
     topk = None if indices is None else _utils.check_tensor("indices", indices, 3, _utils.INDEX_DTYPES).shape[-1]
     config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
     if not from_lengths:
@@ -268,10 +275,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
             raise ValueError("topk_length is only taken with indices (sparse attention)")
         block_table = _utils.check_tensor("block_table", block_table, 2, _utils.INDEX_DTYPES)
         _utils.check_same("block_table", block_table.shape[0], "q", batch, "batch size")  # (mla_decode: "q_nope")
+        cache_seqlens = _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+        _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "q", batch, "batch size")
+        _utils.check_devices(q=q, block_table=block_table, cache_seqlens=cache_seqlens)
         max_seqlen_k = None
     if attn_sink is not None:  # checked before anything is launched, as every other argument
         attn_sink = _check_sink(attn_sink, heads)
         _check_has_data_beside("attn_sink", attn_sink, q.device)
+    if indices is not None:  # named against q (mla_decode: q_nope), after attn_sink as before
+        _utils.check_devices(q=q, indices=indices)
     schedule = None
     if from_lengths and indices is None:
         schedule = _schedule_from_lengths(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * heads,
