@@ -368,7 +368,8 @@ class LatentBatch:
 
 
 def _scale(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real (numpy's float32 too), as softmax_scale (check_scale) and rope_parameters' numbers are taken
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     try:
         value = float(value)

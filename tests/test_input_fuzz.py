@@ -193,6 +193,18 @@ def test_mlattention_refuses_bad_scales_and_rope_parameters_at_construction(kwar
         MLAttention(**DIMS, **kwargs)
 
 
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), np.int64(2), torch.tensor(0.5).item()],
+                         ids=["np.float32", "np.float64", "np.int64", "item"])
+def test_mlattention_scales_take_any_real_number(value):
+    """query_scale and latent_scale take the numbers softmax_scale and rope_parameters take: a numpy float32 was
+    refused ("query_scale must be a float, got float32") where np.float64, a float subclass, and rope_parameters'
+    float32 factor were taken."""
+    attn = MLAttention(**DIMS, query_scale=value, latent_scale=value)
+    assert type(attn.query_scale) is float and type(attn.latent_scale) is float
+    assert attn.query_scale == attn.latent_scale == float(value)
+    assert attn.softmax_scale == MLAttention(**DIMS).softmax_scale * float(value)
+
+
 def test_mlattention_yarn_factor_none_is_taken():
     """rope_inv_freq computes a None factor from max_position_embeddings; softmax_scale_for raised a TypeError
     ("'<=' not supported between NoneType and int") first when mscale_all_dim was set."""
