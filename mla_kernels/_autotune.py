@@ -636,6 +636,7 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         kernels = list(dict.fromkeys(_utils.as_list("kernels", kernels, "kernel names")))
         if not kernels:
             raise ValueError(f"kernels: none given; choose from {list(KERNELS)} (or None: all of them)")
+    quick = _utils.check_flag("quick", quick)  # (a truthy string or None picked the quick or the full sweep)
     if dtype not in CHECK_RTOL:
         raise TypeError(f"dtype must be one of {list(CHECK_RTOL)}, got {dtype!r}")
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))):
@@ -659,6 +660,9 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         shapes = filled
     device = _utils.check_device("device", device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type not in ("cuda", "cpu"):  # (the sweep's generator failed inside torch, naming no argument)
+        raise ValueError(f"device {str(device)!r}: mla_kernels.autotune times kernels on a GPU (or, with a timer, "
+                         f"on the CPU through Triton's interpreter)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"mla_kernels.autotune: device={device} but no GPU is visible to torch here")
     if timer is None and device.type != "cuda":

@@ -564,6 +564,9 @@ BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tun
     "width-V-48": (dict(shapes={"expanded": [dict(V=48)]}), ValueError, "V must be a power of two"),
     "dtype-int": (dict(dtype=torch.int32), TypeError, "dtype"),
     "budget-string": (dict(budget_s="10"), TypeError, "budget_s"),
+    "device-meta": (dict(device="meta"), ValueError, "device 'meta'"),  # torch's RuntimeError, naming no argument
+    "quick-a-string": (dict(quick="no"), TypeError, "quick must be a bool"),  # read as True: tuned quickly
+    "quick-none": (dict(quick=None), TypeError, "quick must be a bool"),  # read as False: the full sweep
 }
 
 
