@@ -917,7 +917,7 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             roped key. Either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer; only the
             last dimension must be contiguous. Never copied.
         block_table: ``[B, max_blocks]`` int32 (or int64) block ids of each sequence.
-        cache_seqlens: ``[B]`` int32: tokens in each sequence's cache, the S_q new ones included. New token
+        cache_seqlens: ``[B]`` int32 (or int64): tokens in each sequence's cache, the S_q new ones included. New token
             i sits at position ``cache_seqlens[b] - S_q + i``. 0 marks a padding slot: zeros out, lse -inf.
         softmax_scale: scale applied to q.k before the softmax.
         causal: new token i attends to positions up to its own (otherwise to the whole cache).
