@@ -603,6 +603,36 @@ def test_split_tokens_past_the_grid_is_refused_before_the_dynamic_cache_changes(
             model(ids[:, 3:], past_key_values=kv)
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_layer_failing_after_its_step_was_reserved_ends_the_dynamic_cache(monkeypatch, where):
+    """Anything a layer raises once its step is reserved and counted (DeepSeek-V3.2's indexer, the kernels, an
+    interrupt) leaves that layer's slots unwritten. When the last layer failed, every layer had counted the step
+    alike, and the Cache's next call attended to those slots without a word; now every later call is refused."""
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)  # wiring only: the PyTorch path is enough
+    model = patch_model(tiny_model(), block_size=4)
+    layers = [m for m in model.modules() if isinstance(m, TransformersMLAttention)]
+    failing = layers[0 if where == "first" else -1]
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    attend = TransformersMLAttention.attend
+
+    def fail_once(self, *args, **kwargs):
+        if self is failing:
+            monkeypatch.setattr(TransformersMLAttention, "attend", attend)
+            raise KeyboardInterrupt
+        return attend(self, *args, **kwargs)
+
+    with torch.no_grad():
+        kv = DynamicCache(config=model.config)
+        model(ids[:, :3], past_key_values=kv)
+        monkeypatch.setattr(TransformersMLAttention, "attend", fail_once)
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 3:5], past_key_values=kv)
+        for _ in range(2):  # refused every time, by name
+            with pytest.raises(RuntimeError, match=f"layer {failing.layer_idx} raised KeyboardInterrupt before "
+                                                   "storing its step: a forward pass was interrupted"):
+                model(ids[:, 5:], past_key_values=kv)
+
+
 def test_patch_shares_parameters_and_unpatch_restores():
     model = tiny_model(q_lora_rank=32)
     before = model.state_dict()

@@ -261,12 +261,17 @@ class _LatentState:
         # such steps merged) or [positions, real tokens, real tokens before the first pad, after the last] per row
         # (a step with pads): what crop must remove
         self._history: list[list] = []
+        # set when a layer raised after its step was reserved and counted (its indexer, attend, a KeyboardInterrupt):
+        # its slots were never written, and every layer counted alike would let the next call read them
+        self.failed: str | None = None
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
                   attention_mask, dtype: torch.dtype, device: torch.device):
         """The step's ``(LatentBatch, _Packing | None)``: the first layer of a step finds the real tokens (reading
         their counts, the step's one read of the device) and reserves their slots; the other layers of the step get
         the same."""
+        if self.failed is not None:
+            raise RuntimeError(f"{self.failed}: a forward pass was interrupted; start over with a new cache")
         self._check_fits(attn)
         calls = self.calls.get(layer_idx, 0)
         if calls == self.steps:
@@ -1295,19 +1300,30 @@ class TransformersMLAttention(MLAttention):
             empty = kv_c.new_empty(batch_size, 1, query_len, 0)
             past_key_values.update(empty, empty, self.layer_idx)
 
-        indices = None
+        try:
+            out = self._attend_step(hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings,
+                                    attention_mask, past_key_values, batch, layer, packing, kwargs.get("position_ids"))
+        except BaseException as exc:
+            if past_key_values is not None:  # the step is reserved and counted: the Cache refuses what comes next
+                state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} before storing its step"
+            raise
+        return self._project_out(out, hidden_states), None
+
+    def _attend_step(self, hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings, attention_mask,
+                     cache, batch: LatentBatch, layer: int, packing, position_ids) -> torch.Tensor:
+        """Store this layer's step and attend, ``[B, Q, H * D_v]``: over the indexer's picks on DeepSeek-V3.2."""
+        batch_size, query_len = hidden_states.shape[:2]
+        indexer, indices = self._modules.get("indexer"), None
         if indexer is not None:  # DeepSeek-V3.2: the indexer's top-k keys of each query, as latent cache positions
-            indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
-                                        past_key_values, kwargs.get("position_ids"))  # [B, Q, K]
+            indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache,
+                                        position_ids)  # [B, Q, K]
         if packing is None:
             flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
             out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
-            out = out.reshape(batch_size, query_len, -1)
-        else:
-            packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
-                                 indices=None if indices is None else _pack(indices, packing))
-            out = _unpack(packed, packing, batch_size, query_len).flatten(2)
-        return self._project_out(out, hidden_states), None
+            return out.reshape(batch_size, query_len, -1)
+        packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
+                             indices=None if indices is None else _pack(indices, packing))
+        return _unpack(packed, packing, batch_size, query_len).flatten(2)
 
     def _project_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``o_proj`` of the attention output ``out [B, Q, H * D_v]``, each head first scaled by the sigmoid of its
