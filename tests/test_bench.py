@@ -551,3 +551,18 @@ def test_memory_refuses_a_budget_that_is_not_positive_and_finite(budget, capsys)
         bm.main(["--cache-gib", "16", budget])
     assert refused.value.code == 2 and "argument --cache-gib" in capsys.readouterr().err
     assert bm.budget_gib("0.5") == 0.5
+
+
+def test_tolerance_probe_summary_ranks_a_nan_error_worst(tmp_path):
+    """tests/tolerance_probe.py's summary: a comparison recorded with a NaN error (its result NaN where the reference
+    is finite, a check that failed) is its group's worst, and the median is taken over the others. NaN compares false
+    both ways, so max() kept whichever row it met first and sorted() left NaN where it lay: the group's line named a
+    passing comparison as its worst (here c) and gave a NaN median."""
+    import tolerance_probe
+
+    rows = [dict(kind="rms", test="t", name=name, err=err, tol=1e-5, dtype="float32", n=8, default=True)
+            for name, err in (("a", 1e-7), ("b", float("nan")), ("c", 2e-7))]
+    path = tmp_path / "probe.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (line,) = tolerance_probe.summary(str(path))
+    assert "median error 2.00e-07" in line and "worst nan" in line and "t: b)" in line, line

@@ -13,6 +13,7 @@ accumulation, approximate exp2/log2) to see how much room each bound leaves ther
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -74,8 +75,10 @@ def summary(path: str) -> list[str]:
             groups.setdefault(key, []).append(r)
     lines = []
     for (kind, dtype, tol), rows in sorted(groups.items()):
-        worst = max(rows, key=lambda r: r["err"] / r["tol"])
-        errs = sorted(r["err"] for r in rows)
+        # a NaN error (a result NaN where the reference is finite: a check that failed) ranks worst and sorts last:
+        # NaN compares false both ways, so max() kept the first row it met and sorted() left NaN where it lay
+        worst = max(rows, key=lambda r: math.inf if math.isnan(r["err"]) else r["err"] / r["tol"])
+        errs = sorted((r["err"] for r in rows), key=lambda e: (math.isnan(e), e))
         lines.append(f"{kind} {dtype} {tol}: {len(rows)} comparisons, median error {errs[len(errs) // 2]:.2e}, "
                      f"worst {worst['err']:.2e} = {worst['err'] / worst['tol']:.3f} of its bound {worst['tol']:.2e} "
                      f"(n={worst['n']}, {worst['test']}: {worst['name']})")
