@@ -628,8 +628,8 @@ def test_a_layer_failing_after_its_step_was_reserved_ends_the_dynamic_cache(monk
         with pytest.raises(KeyboardInterrupt):
             model(ids[:, 3:5], past_key_values=kv)
         for _ in range(2):  # refused every time, by name
-            with pytest.raises(RuntimeError, match=f"layer {failing.layer_idx} raised KeyboardInterrupt before "
-                                                   "storing its step: a forward pass was interrupted"):
+            with pytest.raises(RuntimeError, match=f"layer {failing.layer_idx} raised KeyboardInterrupt during its "
+                                                   "step: a forward pass was interrupted"):
                 model(ids[:, 5:], past_key_values=kv)
 
 

@@ -262,7 +262,8 @@ class _LatentState:
         # (a step with pads): what crop must remove
         self._history: list[list] = []
         # set when a layer raised after its step was reserved and counted (its indexer, attend, a KeyboardInterrupt):
-        # its slots were never written, and every layer counted alike would let the next call read them
+        # its slots may never have been written, and with every layer counted alike the next call would read them
+        # (the Cache cannot tell how far the layer got; reset() clears it with everything else)
         self.failed: str | None = None
 
     def batch_for(self, layer_idx: int, attn: "TransformersMLAttention", batch_size: int, query_len: int,
@@ -1305,7 +1306,7 @@ class TransformersMLAttention(MLAttention):
                                     attention_mask, past_key_values, batch, layer, packing, kwargs.get("position_ids"))
         except BaseException as exc:
             if past_key_values is not None:  # the step is reserved and counted: the Cache refuses what comes next
-                state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} before storing its step"
+                state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} during its step"
             raise
         return self._project_out(out, hidden_states), None
 
