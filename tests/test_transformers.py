@@ -599,8 +599,11 @@ def test_split_tokens_past_the_grid_is_refused_before_the_dynamic_cache_changes(
         with pytest.raises(ValueError, match="split_tokens=1 cuts the step's longest sequence"):
             model(ids[:, 3:], past_key_values=kv)
         layers[-1].split_tokens = None
-        with pytest.raises(RuntimeError, match="a forward pass was interrupted"):
-            model(ids[:, 3:], past_key_values=kv)
+        lengths = latent_cache(kv).seqlen(latent_cache(kv).seq_ids[0])
+        for _ in range(2):  # refused before anything is reserved
+            with pytest.raises(RuntimeError, match="refused its step .*: a forward pass was interrupted"):
+                model(ids[:, 3:], past_key_values=kv)
+            assert latent_cache(kv).seqlen(latent_cache(kv).seq_ids[0]) == lengths
 
 
 @pytest.mark.parametrize("where", ["first", "last"])

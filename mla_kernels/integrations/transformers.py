@@ -307,8 +307,12 @@ class _LatentState:
         elif self.current_shape != (batch_size, query_len):
             raise RuntimeError(f"layer {layer_idx} got {batch_size}x{query_len} tokens in a step where the first layer "
                                f"got {self.current_shape[0]}x{self.current_shape[1]}")
-        else:  # (a layer of its own split_tokens: refused uncounted, so the Cache's next step names the interruption)
-            self._check_split_keys(attn, self.current[0].max_seqlen_k)
+        else:  # a layer of its own split_tokens, refused after the layers before it stored the step: the Cache is
+            try:  # marked failed, so its next call is refused before it reserves anything
+                self._check_split_keys(attn, self.current[0].max_seqlen_k)
+            except ValueError as exc:
+                self.failed = f"layer {layer_idx} refused its step ({exc})"
+                raise
         self.calls[layer_idx] = calls + 1
         return self.current
 
