@@ -273,48 +273,55 @@ class _LatentState:
         the same."""
         if self.failed is not None:
             raise RuntimeError(f"{self.failed}: a forward pass was interrupted; start over with a new cache")
-        self._check_fits(attn)
         calls = self.calls.get(layer_idx, 0)
-        if calls == self.steps:
-            if self.rows is not None and len(self.rows) != batch_size:  # (before the mask's checks, which are per row:
-                # a decode step's compared the rows' lengths with the mask's and failed inside torch, naming neither)
-                raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
-                                 f"has a batch of {batch_size}; use a new cache for a new batch")
-            cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
-            if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
-                real = _assert_real(attention_mask, batch_size, query_len)
-                if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
-                    lens = torch.tensor(cached, dtype=torch.int32, pin_memory=_utils.pin_host(real.device))
-                    _assert_history(attention_mask, real, _utils.to_device(lens, real.device))
-                packing = None
-            else:
-                packing = _real_tokens(attention_mask, batch_size, query_len, cached)
-            counts = [query_len] * batch_size if packing is None else packing.counts
-            self._check_split_keys(attn, max((c + n for c, n in zip(cached, counts)), default=0))
-            self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
-            self.current_shape = (batch_size, query_len)
-            if packing is not None and sum(packing.counts) < batch_size * query_len:
-                self._history.append([query_len, list(packing.counts), *(packing.ends or (None, None))])
-            elif self._history and self._history[-1][1] is None:
-                self._history[-1][0] += query_len
-            else:
-                self._history.append([query_len, None])
-            self.steps += 1
-            self._round = None
-        elif calls != self.steps - 1:
-            raise RuntimeError(f"layer {layer_idx} is at step {calls} of its latent cache but the model is at step "
-                               f"{self.steps}: a forward pass was interrupted; start over with a new cache")
-        elif self.current_shape != (batch_size, query_len):
-            raise RuntimeError(f"layer {layer_idx} got {batch_size}x{query_len} tokens in a step where the first layer "
-                               f"got {self.current_shape[0]}x{self.current_shape[1]}")
-        else:  # a layer of its own split_tokens, refused after the layers before it stored the step: the Cache is
-            try:  # marked failed, so its next call is refused before it reserves anything
-                self._check_split_keys(attn, self.current[0].max_seqlen_k)
-            except ValueError as exc:
+        if calls != self.steps:  # a later layer of the step: the layers before it stored the step
+            try:  # refused, it marks the Cache failed, so its next call is refused before it reserves anything
+                self._check_later_layer(attn, layer_idx, calls, batch_size, query_len)
+            except (ValueError, RuntimeError) as exc:
                 self.failed = f"layer {layer_idx} refused its step ({exc})"
                 raise
+            self.calls[layer_idx] = calls + 1
+            return self.current
+        self._check_fits(attn)
+        if self.rows is not None and len(self.rows) != batch_size:  # (before the mask's checks, which are per row:
+            # a decode step's compared the rows' lengths with the mask's and failed inside torch, naming neither)
+            raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
+                             f"has a batch of {batch_size}; use a new cache for a new batch")
+        cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
+        if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
+            real = _assert_real(attention_mask, batch_size, query_len)
+            if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
+                lens = torch.tensor(cached, dtype=torch.int32, pin_memory=_utils.pin_host(real.device))
+                _assert_history(attention_mask, real, _utils.to_device(lens, real.device))
+            packing = None
+        else:
+            packing = _real_tokens(attention_mask, batch_size, query_len, cached)
+        counts = [query_len] * batch_size if packing is None else packing.counts
+        self._check_split_keys(attn, max((c + n for c, n in zip(cached, counts)), default=0))
+        self.current = (self._new_step(attn, batch_size, query_len, packing, dtype, device), packing)
+        self.current_shape = (batch_size, query_len)
+        if packing is not None and sum(packing.counts) < batch_size * query_len:
+            self._history.append([query_len, list(packing.counts), *(packing.ends or (None, None))])
+        elif self._history and self._history[-1][1] is None:
+            self._history[-1][0] += query_len
+        else:
+            self._history.append([query_len, None])
+        self.steps += 1
+        self._round = None
         self.calls[layer_idx] = calls + 1
         return self.current
+
+    def _check_later_layer(self, attn: "TransformersMLAttention", layer_idx: int, calls: int, batch_size: int,
+                           query_len: int) -> None:
+        """The checks of a layer after the step's first: the same model, the same step, its own ``split_tokens``."""
+        self._check_fits(attn)
+        if calls != self.steps - 1:
+            raise RuntimeError(f"layer {layer_idx} is at step {calls} of its latent cache but the model is at step "
+                               f"{self.steps}: a forward pass was interrupted; start over with a new cache")
+        if self.current_shape != (batch_size, query_len):
+            raise RuntimeError(f"layer {layer_idx} got {batch_size}x{query_len} tokens in a step where the first layer "
+                               f"got {self.current_shape[0]}x{self.current_shape[1]}")
+        self._check_split_keys(attn, self.current[0].max_seqlen_k)
 
     @staticmethod
     def _check_split_keys(attn: "TransformersMLAttention", keys: int) -> None:
