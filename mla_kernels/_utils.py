@@ -477,6 +477,17 @@ def check_flag(name: str, value) -> bool:
                     if kind.__module__ != "builtins" else f"{name} must be a bool, got {kind.__name__}")
 
 
+def as_float(name: str, value, requirement: str) -> float:
+    """A real number (float, int, numpy scalars; not bool) as a float; an int past float's range is refused with
+    ``f"{name} {requirement}"``, the caller's own wording of its bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:  # (float() raised it, naming nothing)
+        raise ValueError(f"{name} {requirement}, got an int of {value.bit_length()} bits") from None
+
+
 def check_scale(name: str, value) -> float:
     """A softmax scale as a float: positive, with ``value * log2(e)`` finite in float32 (the kernels fold it into
     their scores so). Scores times the scale must also stay below float32's largest value / log2(e), about 2.36e38
@@ -485,12 +496,7 @@ def check_scale(name: str, value) -> float:
     references, in natural units, still give such a row's softmax. A score below minus that bound is -inf there:
     it loses its weight, 0 after rounding anyway beside any other key's, but a row whose every score is that low
     gives zeros and lse -inf, as a row without keys."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # float, int, numpy scalars
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int past float's range
-        raise ValueError(f"{name} must be positive and finite, got an int of {value.bit_length()} bits") from None
+    value = as_float(name, value, "must be positive and finite")
     if not 0.0 < value < MAX_SCALE:
         raise ValueError(f"{name} must be positive and finite, and small enough that {name} * log2(e), the kernels' "
                          f"float32 score scale, is finite, got {value}")

@@ -369,12 +369,7 @@ class LatentBatch:
 
 def _scale(name: str, value) -> float:
     # any real (numpy's float32 too), as softmax_scale (check_scale) and rope_parameters' numbers are taken
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int past float's range (math.isfinite raised it, naming nothing)
-        raise ValueError(f"{name} must be a finite float > 0, got an int of {value.bit_length()} bits") from None
+    value = _utils.as_float(name, value, "must be a finite float > 0")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
     return value
