@@ -107,10 +107,18 @@ def assert_lse_close(name: str, actual: torch.Tensor, expected: torch.Tensor, at
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: -inf positions differ"
     assert not torch.isnan(a).any(), f"{name}: NaN in lse at {_first(torch.isnan(a))}"
-    fin = torch.isfinite(e)
-    worst = (a[fin] - e[fin]).abs().max().item() if fin.any() else 0.0
-    scale = max(1.0, e[fin].abs().max().item()) if fin.any() else 1.0
+    worst, scale = lse_error(a, e)
     assert worst <= atol * scale, f"{name}: max |lse error| {worst:.3e} > {atol * scale:.1e}"
+
+
+def lse_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """What ``assert_lse_close`` bounds: the largest |error| over the finite entries of ``expected`` and its scale,
+    max(1, their largest |lse|); (0, 1) where none is finite."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    fin = torch.isfinite(e)
+    if not fin.any():
+        return 0.0, 1.0
+    return (a[fin] - e[fin]).abs().max().item(), max(1.0, e[fin].abs().max().item())
 
 
 def assert_rejects(fn, args: dict, change, error: type, name: str) -> None:
