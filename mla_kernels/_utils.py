@@ -559,10 +559,16 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
 
 
 def check_size(name: str, value, minimum: int = 1) -> int:
-    """A size or index given as a Python int (not a bool, nor a numpy int, unlike ``check_int``) >= ``minimum``; a
-    ``TypeError`` (not an int) or ``ValueError`` (too small) naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """A size or index as a Python int >= ``minimum``: any integer (numpy's too, as ``check_int`` takes them; not a
+    bool); a ``TypeError`` (not an integer) or ``ValueError`` (too small) naming ``name`` otherwise. Callers keep
+    the returned int, not the argument (a numpy int's arithmetic wraps at 64 bits where Python's does not)."""
+    if type(value) is not int:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -582,6 +588,27 @@ def check_int(name: str, value, minimum: int):
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def int_list(name: str, values: list | tuple) -> list:
+    """``values`` (a list or tuple) as a list of Python ints, any integer taken (numpy's too; not a bool); a
+    ``TypeError`` naming ``name[i]`` otherwise. A list of Python ints is returned as it is (one type check each)."""
+    for i, v in enumerate(values):
+        if type(v) is not int:
+            break
+    else:
+        return values if isinstance(values, list) else list(values)
+    values = list(values)
+    for i in range(i, len(values)):
+        v = values[i]
+        if type(v) is not int:
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                values[i] = operator.index(v)
+            except TypeError:
+                raise TypeError(f"{name}[{i}] must be an int, got {v!r}") from None
+    return values
 
 
 def as_list(name: str, values, what: str = "one entry per sequence") -> list:

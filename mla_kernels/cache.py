@@ -367,7 +367,8 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     views share one uint8 ``[N, page, row bytes]`` buffer; pass them to ``write_cache`` / ``mla_decode`` /
     ``mla_prefill`` (``kv_scale=``). R must be a multiple of 128.
     """
-    _check_sizes(num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+    num_blocks, block_size, kv_lora_rank, rope_dim = _check_sizes(
+        num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     row = _row_bytes(kv_lora_rank, rope_dim, rope_dtype)
     _check_bytes(1, num_blocks, block_size, row)
@@ -381,9 +382,9 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_sizes(**sizes) -> None:
-    for name, value in sizes.items():
-        _utils.check_size(name, value)
+def _check_sizes(**sizes) -> tuple[int, ...]:
+    """The sizes as Python ints (``_utils.check_size``), in the order given."""
+    return tuple(_utils.check_size(name, value) for name, value in sizes.items())
 
 
 _MAX_BYTES = 2**63 - 1  # what one allocation's byte count (an int64) can say
@@ -465,8 +466,9 @@ class PagedLatentCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
                  rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
                  rope_dtype: torch.dtype | None = None):
-        _check_sizes(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank,
-                     rope_dim=rope_dim)
+        num_layers, num_blocks, block_size, kv_lora_rank, rope_dim = _check_sizes(
+            num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank,
+            rope_dim=rope_dim)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
         _utils.check_width("rope_dim", rope_dim)
         if dtype not in FLOAT_DTYPES + _utils.FP8_DTYPES:

@@ -87,7 +87,8 @@ def _check_rope_parameters(rope_parameters) -> dict:
             raise ValueError(f"rope_parameters['{key}'] must be a finite number > {low:g}, got {value}")
     original = params.get("original_max_position_embeddings")
     if original is not None:
-        _utils.check_size("rope_parameters['original_max_position_embeddings']", original)
+        params["original_max_position_embeddings"] = _utils.check_size(
+            "rope_parameters['original_max_position_embeddings']", original)
     # YaRN's other numbers (read by rope_inv_freq and softmax_scale_for): finite reals, else a NaN softmax scale or
     # rope table, or errors naming none of them ("math domain error", "can't multiply sequence by non-int")
     for key, low, high in (("beta_fast", 0.0, 1e300), ("beta_slow", 0.0, 1e300), ("mscale", None, None),
@@ -415,16 +416,16 @@ class MLAttention(nn.Module):
                  device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0,
                  split_tokens: int | None = None):
         super().__init__()
-        self.hidden_size = _utils.check_size("hidden_size", hidden_size)
-        self.num_heads = _utils.check_size("num_heads", num_heads)
-        self.kv_lora_rank = _utils.check_size("kv_lora_rank", kv_lora_rank)
-        self.qk_nope_head_dim = _utils.check_size("qk_nope_head_dim", qk_nope_head_dim)
-        self.qk_rope_head_dim = _utils.check_size("qk_rope_head_dim", qk_rope_head_dim)
-        self.v_head_dim = _utils.check_size("v_head_dim", v_head_dim)
+        self.hidden_size = hidden_size = _utils.check_size("hidden_size", hidden_size)
+        self.num_heads = num_heads = _utils.check_size("num_heads", num_heads)
+        self.kv_lora_rank = kv_lora_rank = _utils.check_size("kv_lora_rank", kv_lora_rank)
+        self.qk_nope_head_dim = qk_nope_head_dim = _utils.check_size("qk_nope_head_dim", qk_nope_head_dim)
+        self.qk_rope_head_dim = qk_rope_head_dim = _utils.check_size("qk_rope_head_dim", qk_rope_head_dim)
+        self.v_head_dim = v_head_dim = _utils.check_size("v_head_dim", v_head_dim)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
         _utils.check_width("qk_rope_head_dim", qk_rope_head_dim)
         if q_lora_rank is not None:
-            _utils.check_size("q_lora_rank", q_lora_rank, 0)
+            q_lora_rank = _utils.check_size("q_lora_rank", q_lora_rank, 0)
         self.q_lora_rank = q_lora_rank or None
         self.layer_idx = _utils.check_size("layer_idx", layer_idx, 0)
         if rope_style is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -163,14 +162,7 @@ def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[i
         except TypeError:
             raise TypeError(f"{name} must be a sequence of ints (one per sequence), got {type(values).__name__}") \
                 from None
-        for b, v in enumerate(values):
-            try:
-                if isinstance(v, bool):
-                    raise TypeError
-                values[b] = operator.index(v)
-            except TypeError:
-                raise TypeError(f"{name}[{b}] must be an int, got {v!r}") from None
-        lists.append(values)
+        lists.append(_utils.int_list(name, values))
     new, lens = lists
     if len(new) != len(lens):
         raise ValueError(f"new_lens and cache_lens must have one entry per sequence, got {len(new)} and {len(lens)}")
@@ -623,10 +615,7 @@ def _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch: int):
                             f"got {type(values).__name__}")
         if len(values) != size:
             raise ValueError(f"{name} must have {size} entries (as {name[:-5]}), got {len(values)}")
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name}[{i}] must be an int, got {v!r}")
-        lists.append(values)
+        lists.append(_utils.int_list(name, values))
     return lists
 
 

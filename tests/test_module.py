@@ -322,6 +322,38 @@ def test_prefill_passes_the_batch_host_lengths(monkeypatch):
     assert calls[0]["cu_seqlens_q_host"] == [0, 3, 3, 9] and calls[0]["cache_seqlens_host"] == [8, 0, 6]
 
 
+def test_numpy_sizes_are_ints():
+    """Sizes of numpy's int types (a config read from an array) build the same module and cache as Python ints,
+    with Python ints kept (they were refused with "hidden_size must be an int, got int64", where mla_decode took
+    them); a float or a bool still is refused."""
+    import numpy as np
+    sizes = (64, 4, 32, 16, 16, 16)
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    expected = MLAttention(*sizes, q_lora_rank=24, rope_parameters=rope, max_position_embeddings=256)
+    torch.manual_seed(0)
+    mod = MLAttention(*map(np.int64, sizes), q_lora_rank=np.int32(24), max_position_embeddings=np.int64(256),
+                      layer_idx=np.int16(0), rope_parameters=dict(rope, original_max_position_embeddings=np.int64(64)))
+    for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "q_lora_rank", "layer_idx", "max_position_embeddings", "qk_head_dim"):
+        assert type(getattr(mod, name)) is int and getattr(mod, name) == getattr(expected, name), name
+    assert type(mod.rope_parameters["original_max_position_embeddings"]) is int
+    assert mod.rope_parameters == expected.rope_parameters and mod.softmax_scale == expected.softmax_scale
+    for a, b in zip(mod.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+    cache = PagedLatentCache(np.int64(2), np.int64(5), np.int32(4), np.int64(32), np.int64(16))
+    for name, value in (("num_layers", 2), ("num_blocks", 5), ("block_size", 4), ("kv_lora_rank", 32),
+                        ("rope_dim", 16)):
+        assert type(getattr(cache, name)) is int and getattr(cache, name) == value, name
+    kv, scale, pe = mla_kernels.fp8_latent_cache(np.int64(3), np.int64(4), np.int64(128), np.int64(16))
+    assert kv.shape == (3, 4, 128) and scale.shape == (3, 4, 1) and pe.shape == (3, 4, 16)
+    for bad in (np.float64(64), np.bool_(True), True):
+        with pytest.raises(TypeError, match="hidden_size"):
+            MLAttention(bad, 4, 32, 16, 16, 16)
+        with pytest.raises(TypeError, match="num_blocks"):
+            PagedLatentCache(1, bad, 4, 32, 16)
+
+
 def test_bad_arguments():
     config = tiny_config()
     with pytest.raises(ValueError, match="kv_lora_rank"):

@@ -841,6 +841,11 @@ def test_host_lengths_give_the_same_result(device):
     got = mla_kernels.mla_prefill(**b, softmax_scale=SCALE, cu_seqlens_q_host=tuple(_host(b)["cu_seqlens_q_host"]),
                                   cache_seqlens_host=_host(b)["cache_seqlens_host"])
     assert torch.equal(got, expected)
+    # numpy's ints are ints, as everywhere else the library takes an int (list(array) gives them; they were refused
+    # with "cu_seqlens_q_host[0] must be an int, got np.int64(0)")
+    got = mla_kernels.mla_prefill(**b, softmax_scale=SCALE, cu_seqlens_q_host=list(b["cu_seqlens_q"].numpy()),
+                                  cache_seqlens_host=tuple(b["cache_seqlens"].numpy()))
+    assert torch.equal(got, expected)
 
 
 def _both(key, index, value):
