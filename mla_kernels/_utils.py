@@ -558,57 +558,54 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
 
 
+def _integer(value) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy's too, anything with ``__index__``; not a bool), else
+    None: what every int argument of the library takes."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def as_int(name: str, value) -> int:
+    """``value`` as a Python int (``_integer``), or a ``TypeError`` naming ``name``. Callers keep the returned int,
+    not the argument (a numpy int's arithmetic wraps at 64 bits where Python's does not)."""
+    result = _integer(value)
+    if result is None:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return result
+
+
 def check_size(name: str, value, minimum: int = 1) -> int:
-    """A size or index as a Python int >= ``minimum``: any integer (numpy's too, as ``check_int`` takes them; not a
-    bool); a ``TypeError`` (not an integer) or ``ValueError`` (too small) naming ``name`` otherwise. Callers keep
-    the returned int, not the argument (a numpy int's arithmetic wraps at 64 bits where Python's does not)."""
-    if type(value) is not int:
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            value = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    """A size or index as a Python int (``as_int``) >= ``minimum``; a ``TypeError`` (not an integer) or
+    ``ValueError`` (too small) naming ``name`` otherwise."""
+    value = as_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 
-def check_int(name: str, value, minimum: int):
-    """``value`` as a Python int >= ``minimum`` (any integer: numpy's too, not a bool), None as None; a
-    ``ValueError`` naming ``name`` otherwise."""
-    if value is None or type(value) is int and value >= minimum:
-        return value
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if value < minimum:
+def check_int(name: str, value, minimum: int, *, none_ok: bool = True):
+    """``value`` as a Python int >= ``minimum`` (``_integer``), None as None where ``none_ok``; a ``ValueError``
+    naming ``name`` otherwise."""
+    if value is None and none_ok:
+        return None
+    result = _integer(value)
+    if result is None or result < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return result
 
 
 def int_list(name: str, values: list | tuple) -> list:
-    """``values`` (a list or tuple) as a list of Python ints, any integer taken (numpy's too; not a bool); a
-    ``TypeError`` naming ``name[i]`` otherwise. A list of Python ints is returned as it is (one type check each)."""
-    for i, v in enumerate(values):
-        if type(v) is not int:
-            break
-    else:
+    """``values`` (a list or tuple) as a list of Python ints (``as_int``; a ``TypeError`` naming ``name[i]``). A list
+    of Python ints is returned as it is, after one type check each."""
+    if all(type(v) is int for v in values):
         return values if isinstance(values, list) else list(values)
-    values = list(values)
-    for i in range(i, len(values)):
-        v = values[i]
-        if type(v) is not int:
-            try:
-                if isinstance(v, bool):
-                    raise TypeError
-                values[i] = operator.index(v)
-            except TypeError:
-                raise TypeError(f"{name}[{i}] must be an int, got {v!r}") from None
-    return values
+    return [as_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def as_list(name: str, values, what: str = "one entry per sequence") -> list:

@@ -15,7 +15,6 @@ a finished sequence's blocks for reuse.
 
 from __future__ import annotations
 
-import operator
 from typing import Hashable, Iterable, Sequence
 
 import torch
@@ -401,15 +400,6 @@ def _check_bytes(num_layers: int, num_blocks: int, block_size: int, row_bytes: i
                          f"any memory's size (2^63 bytes)")
 
 
-def _index(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
 class CacheFullError(RuntimeError):
     """Not enough free blocks for a reservation. Raised before any state changes."""
 
@@ -622,7 +612,7 @@ class PagedLatentCache:
         the sequence will append into it. ``ValueError`` unless ``0 <= length <= seqlen``; ``CacheFullError`` if
         that copy finds no free block; nothing changes then. A ``LatentBatch`` reserved before is out of date."""
         seq = self._get(seq_id)
-        length = _index("length", length)
+        length = _utils.as_int("length", length)
         if not 0 <= length <= seq.length:
             raise ValueError(f"length must be in [0, {seq.length}] (the tokens sequence {seq_id!r} holds), got {length}")
         if length == seq.length:
@@ -740,8 +730,8 @@ class PagedLatentCache:
     def slots(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Slots of the sequence's positions ``start..end-1`` (default: all), ``[end - start]`` int64."""
         seq = self._get(seq_id)
-        start = _index("start", start)
-        end = seq.length if end is None else _index("end", end)
+        start = _utils.as_int("start", start)
+        end = seq.length if end is None else _utils.as_int("end", end)
         if not 0 <= start <= end <= seq.length:
             raise ValueError(f"positions {start}..{end} are outside the sequence's {seq.length} tokens")
         return self._slots(seq, start, end).to(self.device)
@@ -764,10 +754,10 @@ class PagedLatentCache:
         if max_blocks is None:
             max_blocks = max(1, longest)
         else:
-            max_blocks = _index("max_blocks", max_blocks)
+            max_blocks = _utils.as_int("max_blocks", max_blocks)
             if max_blocks < longest:
                 raise ValueError(f"max_blocks {max_blocks} is shorter than the longest sequence's {longest} blocks")
-        pad_id = _index("pad_id", pad_id)
+        pad_id = _utils.as_int("pad_id", pad_id)
         if not -2 ** 31 <= pad_id < 2 ** 31:
             raise ValueError(f"pad_id must fit in int32, got {pad_id}")
         table = torch.full((len(seqs), max_blocks), pad_id, dtype=torch.int32)
@@ -888,7 +878,7 @@ class PagedLatentCache:
         """A new cache of ``num_blocks`` blocks (no fewer than this one's) holding this one's sequences at the same
         block ids, with the same contents and sharing (each layer's buffer copied whole into its first blocks);
         the added blocks are free, handed out after this one's free blocks. This cache is left as it was."""
-        num_blocks = _index("num_blocks", num_blocks)
+        num_blocks = _utils.as_int("num_blocks", num_blocks)
         if num_blocks < self.num_blocks:
             raise ValueError(f"num_blocks {num_blocks} is fewer than the cache's {self.num_blocks}")
         new = PagedLatentCache(self.num_layers, num_blocks, self.block_size, self.kv_lora_rank, self.rope_dim,
@@ -927,7 +917,7 @@ class PagedLatentCache:
         return out
 
     def _layer(self, layer: int) -> int:
-        index = _index("layer", layer)
+        index = _utils.as_int("layer", layer)
         if not 0 <= index < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
         return index
@@ -951,7 +941,7 @@ class PagedLatentCache:
         if distinct != len(seq_ids):
             raise ValueError("seq_ids has a sequence more than once; give each sequence one count")
         for i, n in enumerate(counts):
-            counts[i] = _index(counts_name, n)
+            counts[i] = _utils.as_int(counts_name, n)
             if counts[i] < 0:
                 raise ValueError(f"{counts_name} must be non-negative, got {n!r}")
         return [self._get(s) for s in seq_ids], counts

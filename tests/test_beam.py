@@ -160,6 +160,9 @@ def test_bad_row_changes_are_refused_before_anything_changes(monkeypatch):
         with pytest.raises(error, match=name):
             getattr(cache, what)(arg)
         assert (list(rows_of(cache)), list(lc._refs), list(lc._free)) == before
+    np = pytest.importorskip("numpy")
+    cache.batch_repeat_interleave(np.int64(2))  # numpy's ints are ints (refused as "repeats" before)
+    assert len(rows_of(cache)) == 4
 
 
 def test_row_changes_before_anything_is_cached_do_nothing(monkeypatch):

@@ -124,6 +124,25 @@ def test_decode_steps_read_nothing_back(cache_kind, monkeypatch):
         assert lc.num_blocks > 15  # it grew in a decode step (the prompt needs 9 blocks)
 
 
+def test_numpy_sizes_configure_the_drop_in():
+    """patch_model's and static_latent_cache's sizes, and a reorder's repeats, of numpy's int types (sizes read from
+    an array) work as Python ints do, and are kept as Python ints; they were refused ("block_size must be a
+    positive int, got np.int64(4)") where the library's other sizes took them."""
+    np = pytest.importorskip("numpy")
+    model = dense_model()
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        patch_model(model, block_size=np.int64(2), max_cache_tokens=np.int32(64))
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        cache = static_latent_cache(model, np.int64(len(PROMPTS)), np.int32(32), block_size=np.int16(4))
+        state = cache._mla_static_state
+        assert (state.batch_size, state.max_cache_len, state.block_size) == (len(PROMPTS), 32, 4)
+        assert type(state.batch_size) is type(state.max_cache_len) is type(state.block_size) is int
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GREEDY)
+    assert torch.equal(out, expected)
+    assert type(model.model.layers[0].self_attn.block_size) is int
+
+
 def test_the_trap_catches_a_sync(monkeypatch):
     """The trap is not vacuous: the prompt's host read of the mask (a real sync) trips it when armed."""
     model = dense_model()

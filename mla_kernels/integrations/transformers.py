@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 import weakref
 from typing import NamedTuple
 
@@ -532,12 +531,7 @@ def _tokens_to_crop(tokens_to_remove, cached: int) -> int:
     """How many tokens ``crop(tokens_to_remove)`` drops from a layer holding ``cached``: ``-tokens_to_remove`` for the
     current API (0 or negative); a positive value is the older one's length to keep (nothing if it is not below
     ``cached``), as transformers' DynamicLayer reads it in 5.17."""
-    if isinstance(tokens_to_remove, bool):
-        raise TypeError(f"tokens_to_remove must be an int, got {tokens_to_remove!r}")
-    try:
-        tokens_to_remove = operator.index(tokens_to_remove)  # numpy ints too
-    except TypeError:
-        raise TypeError(f"tokens_to_remove must be an int, got {tokens_to_remove!r}") from None
+    tokens_to_remove = _utils.as_int("tokens_to_remove", tokens_to_remove)  # numpy ints too
     if tokens_to_remove > 0:
         return max(0, cached - tokens_to_remove)
     if -tokens_to_remove > cached:
@@ -570,8 +564,8 @@ def _source_rows(what: str, arg, num_rows: int) -> list[int]:
             if arg.is_floating_point() or arg.is_complex() or arg.dtype == torch.bool or arg.dim() > 1:
                 raise ValueError(f"repeats must be a non-negative int or an int tensor of one count per row, "
                                  f"got {arg!r}")
-        elif isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
-            raise ValueError(f"repeats must be a non-negative int, got {arg!r}")
+        else:
+            arg = _utils.check_int("repeats", arg, 0)
         try:
             return rows.repeat_interleave(arg).tolist()
         except RuntimeError as err:  # a count per row of another length, a negative count
@@ -1158,10 +1152,10 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
         raise ValueError(_NO_STATIC_INDEXER)
     if not all(isinstance(a, TransformersMLAttention) for a in attns):
         raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
-    for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
-                        ("block_size", block_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    max_batch_size, max_cache_len, block_size = (
+        _utils.check_int(name, value, 1, none_ok=False)
+        for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len),
+                            ("block_size", block_size)))
     weight = attns[0].kv_b_proj.weight
     if dtype is None:
         device_type = weight.device.type
@@ -1520,11 +1514,10 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if max_cache_tokens is not None and (isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int)
-                                         or max_cache_tokens < block_size):
-        raise ValueError(f"max_cache_tokens must be None or an int >= block_size, got {max_cache_tokens!r}")
+    block_size = _utils.check_int("block_size", block_size, 1, none_ok=False)
+    if max_cache_tokens is not None:
+        max_cache_tokens = _utils.check_int("max_cache_tokens (None or an int >= block_size)", max_cache_tokens,
+                                            block_size)
     if cache_dtype is not None and cache_dtype not in _utils.FP8_DTYPES:
         raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     if split_tokens is not None:
