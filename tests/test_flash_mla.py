@@ -326,6 +326,14 @@ def test_bad_arguments_are_refused_by_name(device):
                  k_cache=torch.zeros(*k_cache.shape[:3], 196, dtype=torch.bfloat16, device=device)), TypeError,
             "must be uint8 or float8_e4m3fn rows"),
            (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8), q=q.bfloat16()), ValueError, "bytes"),
+           # FP8 rows whose fp32 scales would sit off a 4-byte boundary (an odd row stride, an odd start): torch's
+           # view of them as fp32 raised its RuntimeError, naming "self"
+           *((dict(is_fp8_kvcache=True, q=q.bfloat16(), k_cache=rows), ValueError, "k_cache with is_fp8_kvcache must "
+              "start every row at a multiple of 4 bytes")
+             for rows in (torch.zeros(*k_cache.shape[:3], R + 4 + 2 * P + 1, dtype=torch.uint8,
+                                      device=device)[..., :-1],
+                          torch.zeros(*k_cache.shape[:3], R + 4 + 2 * P + 4, dtype=torch.uint8,
+                                      device=device)[..., 1:-3])),
            (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8)), TypeError, "q must be bfloat16"),
            (dict(is_fp8_kvcache=True, k_cache=k_cache.view(torch.uint8), q=q.half()), TypeError, "q must be bfloat16"),
            (dict(k_cache=k_cache.half()), TypeError, "k_cache and q disagree on dtype"),

@@ -329,7 +329,13 @@ def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: i
                              f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
                              f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
         _utils.check_last_contiguous("k_cache", rows)
-        return _fp8_views(rows.view(torch.uint8), dim_v, torch.bfloat16)
+        rows = rows.view(torch.uint8)
+        if rows.storage_offset() % 4 or rows.stride(0) % 4 or rows.stride(1) % 4:
+            # the fp32 scales are read in place: torch's view refused (a RuntimeError naming "self")
+            raise ValueError(f"k_cache with is_fp8_kvcache must start every row at a multiple of 4 bytes (its fp32 "
+                             f"scales are read in place), got byte offset {rows.storage_offset()} and strides "
+                             f"{rows.stride()[:2]} for its blocks and rows")
+        return _fp8_views(rows, dim_v, torch.bfloat16)
     if rows.shape[-1] != q.shape[-1]:
         raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
                          f"(pass is_fp8_kvcache=True for an FP8 cache)")
