@@ -112,6 +112,10 @@ def test_reference_quantizer_checks_its_arguments():
     q, s = reference.quantize_fp8(torch.ones(2, 256))
     with pytest.raises(ValueError, match="scale"):  # one scale for both groups broadcast silently before
         reference.dequantize_fp8(q, s[:, :1])
+    # the cache's bytes (PagedLatentCache.buffer's uint8), or values already dequantized, were multiplied as numbers
+    for other in (q.view(torch.uint8), q.float()):
+        with pytest.raises(TypeError, match="q must be float8_e4m3fn"):
+            reference.dequantize_fp8(other, s)
 
 
 def test_reference_quantizer_error_on_gaussian_data():

@@ -39,7 +39,13 @@ def quantize_fp8(x: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.T
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
                    group_size: int = GROUP_SIZE) -> torch.Tensor:
     """``q [..., R]`` float8_e4m3fn and ``scale [..., R / group_size]`` -> ``[..., R]`` in ``dtype``
-    (the product is formed in float32, or float64 when ``dtype`` is float64)."""
+    (the product is formed in float32, or float64 when ``dtype`` is float64). Any other ``q`` is refused: the cache's
+    bytes as uint8 (``PagedLatentCache.buffer``, FlashMLA's rows) were read as the integers 0-255."""
+    if q.dtype != FP8_DTYPE:
+        raise TypeError(f"q must be {str(FP8_DTYPE).replace('torch.', '')} (e4m3 values), got "
+                        f"{str(q.dtype).replace('torch.', '')}"
+                        + (": view a cache's bytes as e4m3 first, q.view(torch.float8_e4m3fn)" if q.dtype == torch.uint8
+                           else ""))
     _check_group("q", q, group_size)
     if tuple(scale.shape) != (*q.shape[:-1], q.shape[-1] // group_size):
         raise ValueError(f"scale must have shape {(*q.shape[:-1], q.shape[-1] // group_size)} (one per "
