@@ -8,7 +8,9 @@ the library controls, on any machine: the public call with the Triton kernels re
 ``meta`` tensors (no data, no CPU-only value checks: the code path a GPU call takes, minus the launch and the
 caching allocator). Shapes: seed 003's decode step (B1 L1024 H16, R 512, P 64, page 64; without and with
 ``w_uv``, whose bmm runs torch's Python meta function here, slower than the C++ dispatch a GPU tensor takes),
-DeepSeek-R1's 128 heads, sparse decode (``indices``, a list of 512 keys), ``write_cache`` of one token, and
+DeepSeek-R1's 128 heads, sparse decode (``indices``, a list of 512 keys), the seed decode step through FlashMLA's
+interface (``flash_mla_with_kvcache``: its checks and lse conversion on top of ``mla_decode``; on meta that
+conversion runs torch's Python meta function, so this row overstates it), ``write_cache`` of one token, and
 ``mla_prefill_attention`` on seed 003's prefill batch
 (4 requests, new [64, 128, 256, 256] over history [512, 0, 0, 256], 16 heads, D_nope = D_v = 128) down each
 path, without and with the host lengths (``cu_seqlens_q_host``/``cache_seqlens_host``). Meta tensors hold no
@@ -46,6 +48,7 @@ import torch
 from mla_kernels import _tuning, _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
+from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache
 from mla_kernels.prefill import mla_prefill_attention
 
 from . import _harness as h
@@ -114,6 +117,16 @@ def decode_args(device, batch=1, ctx=1024, heads=16, page=64, dtype=torch.bfloat
     return args, dict(w_uv=w_uv, max_seqlen_k=ctx)
 
 
+def flash_args(device, batch=1, ctx=1024, heads=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64):
+    """``flash_mla_with_kvcache``'s positional arguments for the same call as ``decode_args``: q ``[B, 1, H, R + P]``
+    and k_cache ``[N, page, 1, R + P]`` whole, as FlashMLA's callers hold them."""
+    (q_nope, _, kv_cache, _, block_table, seqlens, _), _ = decode_args(device, batch, ctx, heads, page, dtype,
+                                                                         d_latent, d_rope)
+    q = q_nope.as_strided((batch, 1, heads, d_latent + d_rope), q_nope.stride())
+    k_cache = kv_cache.as_strided((kv_cache.shape[0], page, 1, d_latent + d_rope), (*kv_cache.stride()[:2], 0, 1))
+    return q, k_cache, block_table, seqlens, d_latent
+
+
 def write_args(device, tokens=1, blocks=16, page=64, dtype=torch.bfloat16, d_latent=512, d_rope=64):
     buf = _values(blocks, page, d_latent + d_rope, dtype=dtype, device=device)
     kv = _values(tokens, d_latent + d_rope, dtype=dtype, device=device)
@@ -179,6 +192,7 @@ def cases(device):
     d_args, d_kw = decode_args(device)
     d128_args, d128_kw = decode_args(device, heads=128)
     w_args = write_args(device)
+    f_args = flash_args(device)
     p_args, (cu, lens) = prefill_args(device)
     host = dict(cu_seqlens_q_host=cu, cache_seqlens_host=lens)
     latent_only = dict(d_kw, w_uv=None)
@@ -190,6 +204,7 @@ def cases(device):
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
         "mla_decode B1 L1024 H128 w_uv": lambda: mla_decode(*d128_args, **d128_kw),
         "mla_decode B1 L1024 H16 sparse K512": lambda: mla_decode(*d_args, **latent_only, indices=topk),
+        "flash_mla_with_kvcache B1 L1024 H16": lambda: flash_mla_with_kvcache(*f_args, softmax_scale=0.1),
         "write_cache T1": lambda: write_cache(*w_args),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),

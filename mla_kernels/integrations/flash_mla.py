@@ -302,7 +302,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if tile_scheduler_metadata is not None and not from_lengths and tile_scheduler_metadata.config is None:
         # recorded once a call has been accepted: a refused call leaves the metadata as it was (FlashMLA's order)
         tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
-    lse = torch.where(lse == -float("inf"), float("inf"), lse)  # FlashMLA's mark of a token that saw no key
+    # FlashMLA's mark of a token that saw no key, +inf where mla_decode says -inf: one elementwise kernel (where and
+    # eq took two), every other value kept (a NaN as NaN, +inf as +inf)
+    inf = float("inf")
+    lse = torch.nan_to_num(lse, nan=float("nan"), posinf=inf, neginf=inf)
     return out, lse.transpose(1, 2).contiguous()
 
 
