@@ -22,7 +22,7 @@ The fake (meta) implementations give the output shapes from the input shapes alo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional  # typing.List: torch 2.6 infers no schema from list[int]
 
 import torch
 
@@ -53,7 +53,7 @@ def mla_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                return_lse: bool, w_uv: Optional[torch.Tensor], max_seqlen_k: int,
                num_splits: Optional[int], sched_programs: Optional[torch.Tensor] = None,
                sched_sequences: Optional[torch.Tensor] = None,
-               sched_sizes: Optional[list[int]] = None,
+               sched_sizes: Optional[List[int]] = None,
                kv_scale: Optional[torch.Tensor] = None,
                indices: Optional[torch.Tensor] = None,
                split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +134,8 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor
                 block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                 softmax_scale: float, causal: bool, return_lse: bool, max_seqlen_q: Optional[int],
                 max_seqlen_k: Optional[int], num_splits: Optional[int],
-                kv_scale: Optional[torch.Tensor] = None, cu_seqlens_q_host: Optional[list[int]] = None,
-                cache_seqlens_host: Optional[list[int]] = None,
+                kv_scale: Optional[torch.Tensor] = None, cu_seqlens_q_host: Optional[List[int]] = None,
+                cache_seqlens_host: Optional[List[int]] = None,
                 split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   softmax_scale, causal, return_lse, max_seqlen_q=max_seqlen_q,
@@ -166,8 +166,8 @@ def mla_prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                           block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, cache_seqlens: torch.Tensor,
                           w_kv_b: torch.Tensor, softmax_scale: float, causal: bool, path: str,
                           return_lse: bool, kv_scale: Optional[torch.Tensor] = None,
-                          cu_seqlens_q_host: Optional[list[int]] = None,
-                          cache_seqlens_host: Optional[list[int]] = None,
+                          cu_seqlens_q_host: Optional[List[int]] = None,
+                          cache_seqlens_host: Optional[List[int]] = None,
                           split_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     result = _prefill.mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                             cache_seqlens, w_kv_b, softmax_scale, causal, path,

@@ -491,3 +491,21 @@ def test_opcheck_bf16_decode_without_lse():
     torch.library.opcheck(torch.ops.mla_kernels.mla_decode.default, args, test_utils=("test_faketensor",))
     out, lse = torch.ops.mla_kernels.mla_decode(*args)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == (0,)
+
+
+def test_op_signatures_use_types_every_supported_torch_infers():
+    """pyproject admits torch >= 2.4, whose ``torch.library.infer_schema`` knows ``typing.List[int]`` but not the
+    builtin ``list[int]`` (torch 2.6: "Parameter sched_sizes has unsupported type Optional[list[int]]", raised at
+    ``import mla_kernels``). The ops' annotations (strings, from ``from __future__ import annotations``) must spell
+    lists the old way; the installed torch accepts both, so this reads the annotations themselves."""
+    import inspect
+
+    from mla_kernels import _ops
+
+    ops = [obj for obj in vars(_ops).values() if isinstance(obj, torch._library.custom_ops.CustomOpDef)]
+    assert len(ops) == 5
+    for op in ops:
+        for name, param in inspect.signature(op._init_fn).parameters.items():
+            annotation = str(param.annotation)
+            assert "list[" not in annotation and "tuple[" not in annotation, \
+                (op._name, name, annotation)
