@@ -373,6 +373,7 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
 
 
 _tried: set = set()
+_unwritable: set = set()  # user cache folders on-demand tuning could not write (this process): no class tries again
 
 
 def _tune_missing(kernel: str, shape_class: str, device_index: int) -> dict | None:
@@ -385,9 +386,17 @@ def _tune_missing(kernel: str, shape_class: str, device_index: int) -> dict | No
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return None
     _tried.add((device_index, kernel, shape_class))
+    folder = user_cache_dir()
+    if folder in _unwritable:  # found by another class's attempt: this one could keep nothing either
+        return None
     from . import _autotune
     try:
         cfg = _autotune.tune_on_demand(kernel, shape_class, device_index)
+    except OSError as exc:  # the user's cache cannot be made or written: the same for every class, so one warning
+        _unwritable.add(folder)  # (each class warned again, naming itself: a warning per shape class a model uses)
+        _warn_once(f"mla_kernels: {AUTOTUNE_ENV}: cannot keep tuned configs in {folder} ({type(exc).__name__}: "
+                   f"{exc}); using the built-in heuristics")
+        return None
     except Exception as exc:  # tuning is an optimisation: it must never break the call that asked for it
         _warn_once(f"mla_kernels: {AUTOTUNE_ENV}: tuning {kernel} {shape_class} failed ({type(exc).__name__}: "
                    f"{exc}); using the built-in heuristics")

@@ -72,6 +72,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
     monkeypatch.setattr(_tuning, "_warned", set())
     monkeypatch.setattr(_tuning, "_tried", set())
+    monkeypatch.setattr(_tuning, "_unwritable", set())
     monkeypatch.setattr(_tuning, "_dropped", {})
     _tuning.reload()
     yield tmp_path
@@ -472,6 +473,35 @@ def test_unwritable_user_cache_gives_one_warning_and_no_wasted_sweep(fake_gpu, m
         mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
                              timer=fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls), log=lambda msg: None)
     assert not calls
+
+
+def test_an_unwritable_user_cache_warns_once_for_every_shape_class(fake_gpu, monkeypatch, device):
+    """MLA_KERNELS_AUTOTUNE=1 with a user cache that cannot be written, and a step that needs two shape classes (a
+    decode and a write_cache one): each class found the folder unwritable anew and warned, naming itself (a serving
+    process got one warning per class its model uses). Now the first class gives the one warning, naming the folder,
+    and no later class tries again; both run the heuristic."""
+    blocker = fake_gpu / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(_autotune, "ON_DEMAND_TIMER", fake_timer({16: 3.0, 32: 1.0, 64: 2.0}))
+    tried = []
+    real = _autotune.tune_on_demand
+    monkeypatch.setattr(_autotune, "tune_on_demand", lambda *a: tried.append(a[:2]) or real(*a))
+    _tuning.reload()
+    args, expected = decode_call(device)
+    kv_cache, pe_cache = torch.zeros(4, 4, R, device=device), torch.zeros(4, 4, P, device=device)
+    new = torch.randn(3, R + P).to(device)
+    slots = torch.tensor([0, 5, 11], device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = mla_kernels.mla_decode(*args)
+        mla_kernels.write_cache(new[:, :R], new[:, R:], kv_cache, pe_cache, slots)
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 1 and str(blocker) in msgs[0], msgs
+    assert tried == [("decode", KEY)]
+    assert_close("the heuristic", out, expected, torch.float32)
+    assert torch.equal(kv_cache.view(-1, R)[slots], new[:, :R]) and torch.equal(pe_cache.view(-1, P)[slots], new[:, R:])
 
 
 def test_a_read_only_user_cache_folder_is_found_before_any_sweep(fake_gpu, monkeypatch, device):
