@@ -49,9 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--budget: seconds >= 0, got {args.budget}")
     if args.device != "auto":
         try:
-            torch.device(args.device)
+            device = torch.device(args.device)
         except RuntimeError:
             parser.error(f"--device: auto, cpu, cuda or cuda:N, got {args.device!r}")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.type == "cuda" and device.index is not None and count and device.index >= count:
+            parser.error(f"--device: {args.device} names GPU {device.index}, but torch sees {count}")
     return args
 
 

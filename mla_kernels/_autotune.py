@@ -665,6 +665,10 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
                          f"on the CPU through Triton's interpreter)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"mla_kernels.autotune: device={device} but no GPU is visible to torch here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        # (torch's AssertionError "Invalid device id", naming no argument, came from the sweep's first device query)
+        raise ValueError(f"device {str(device)!r} names GPU {device.index}, but torch sees "
+                         f"{torch.cuda.device_count()}")
     if timer is None and device.type != "cuda":
         raise RuntimeError("mla_kernels.autotune needs a GPU: it times kernels with triton.testing.do_bench "
                            "(pass timer=... to run it without one, e.g. in tests)")

@@ -624,6 +624,25 @@ def test_autotune_kernels_as_a_string_and_out_a_directory(fake_gpu, monkeypatch,
     assert not calls
 
 
+def test_a_gpu_index_past_the_gpus_is_refused_naming_the_device(fake_gpu, monkeypatch, capsys):
+    """mla_kernels.autotune(device="cuda:3") and bench.autotune --device cuda:3 on a machine with one GPU: torch's
+    AssertionError ("Invalid device id", naming no argument) came from the sweep's first query of the device; now a
+    ValueError (the CLI: a usage error) naming it, before anything is tuned."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    calls = []
+    with pytest.raises(ValueError, match="device 'cuda:3' names GPU 3, but torch sees 1"):
+        mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device="cuda:3",
+                             timer=fake_timer({}, calls), log=lambda msg: None)
+    assert not calls and not _tuning.user_file(0).exists()
+    from bench import autotune as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--device", "cuda:3"])
+    assert exc.value.code == 2 and "--device: cuda:3 names GPU 3" in capsys.readouterr().err
+    assert cli.parse_args(["--device", "cuda:0"]).device == "cuda:0"
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--kernels", ","], "none given"),  # an empty list tuned every kernel
     (["--kernels", "decoder"], "unknown"),
