@@ -650,6 +650,8 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
                 raise ValueError(f"shapes: unknown kernel {kernel!r}; choose from {list(KERNELS)}")
             if not isinstance(items, (list, tuple)) or not all(isinstance(item, dict) for item in items):
                 raise TypeError(f"shapes[{kernel!r}] must be a list of dicts of sizes, got {items!r}")
+            if not items:  # (the sweep took an empty list for none given: the kernel's whole default set)
+                raise ValueError(f"shapes[{kernel!r}] is empty: give at least one shape, or leave {kernel!r} out")
             filled[kernel] = []
             for item in items:
                 extra = set(item) - set(SHAPE_DEFAULTS[kernel])
@@ -658,6 +660,10 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
                                      f"known: {list(SHAPE_DEFAULTS[kernel])}")
                 filled[kernel].append(_check_sizes(kernel, dict(SHAPE_DEFAULTS[kernel], **item)))
         shapes = filled
+        left_out = [kernel for kernel in shapes if kernels is not None and kernel not in kernels]
+        if left_out:  # (their shapes were dropped silently, and the kernels named tuned at their default shapes)
+            raise ValueError(f"shapes names {left_out}, which kernels={kernels} leaves out: their shapes would not "
+                             "be tuned")
     device = _utils.check_device("device", device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     if device.type not in ("cuda", "cpu"):  # (the sweep's generator failed inside torch, naming no argument)

@@ -609,6 +609,22 @@ def test_autotune_bad_arguments_are_refused_before_tuning(fake_gpu, case, device
     assert not calls and not _tuning.user_file(0).exists()
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(shapes={"decode": []}), r"shapes\['decode'\] is empty"),
+    (dict(shapes={"prefill": [dict(H=2)]}, kernels="decode"),
+     r"shapes names \['prefill'\], which kernels=\['decode'\]"),
+], ids=["empty-list", "kernel-left-out"])
+def test_autotune_refuses_shapes_it_would_not_tune(fake_gpu, monkeypatch, kwargs, match, device):
+    """Shapes the sweep would not use as given: an empty list for a kernel (the sweep took it for none given and
+    tuned the kernel's whole default set, minutes on a GPU), or shapes of a kernel that ``kernels`` leaves out
+    (dropped silently, and the kernels named tuned at their default shapes). A ValueError naming shapes."""
+    swept = []
+    monkeypatch.setattr(_autotune, "sweep", lambda kernels, shapes, **kw: swept.append((kernels, shapes)) or [])
+    with pytest.raises(ValueError, match=match):
+        mla_kernels.autotune(**kwargs, device=device, timer=fake_timer({}), log=lambda msg: None)
+    assert not swept
+
+
 def test_autotune_kernels_as_a_string_and_out_a_directory(fake_gpu, monkeypatch, device):
     """kernels="decode" is one kernel (it was split into letters: "unknown ['d', 'e', ...]"); an ``out`` that is a
     directory fails before the sweep (it failed writing after the first class, with a warning too)."""
