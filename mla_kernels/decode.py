@@ -1290,7 +1290,8 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
         raise TypeError(f"metadata must be a DecodeSchedule from mla_decode_metadata, got {type(metadata).__name__}")
     if num_splits is not None:
         raise ValueError("metadata and num_splits exclude each other: the schedule decides how sequences are cut")
-    sizes = metadata[2:]
+    # (fields by name: torch 2.6's dynamo failed on a slice of a NamedTuple, an InternalTorchDynamoError)
+    sizes = (metadata.batch, metadata.block_m, metadata.block_n, metadata.num_programs, metadata.num_part_slots)
     if any(isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) for v in sizes):
         # a hand-edited schedule: its sizes shape the grid and buffers
         raise ValueError(f"metadata's sizes must be ints, got {dict(zip(metadata._fields[2:], sizes))}")
@@ -1305,8 +1306,9 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
             raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's "
                              f"heads, S_q, widths and dtype use {block_m} x {block_n}: pass mla_decode_metadata the "
                              "call's num_heads, s_q, kv_lora_rank, rope_dim, dtype and cache_dtype")
-    if metadata.device != cache_seqlens.device or metadata.sequences.device != cache_seqlens.device:
-        raise ValueError(f"metadata is on {metadata.device} (sequences on {metadata.sequences.device}), "
+    # (its tensors' devices, not its ``device`` property, which torch 2.6's dynamo cannot trace)
+    if metadata.programs.device != cache_seqlens.device or metadata.sequences.device != cache_seqlens.device:
+        raise ValueError(f"metadata is on {metadata.programs.device} (sequences on {metadata.sequences.device}), "
                          f"cache_seqlens on {cache_seqlens.device}")
     if metadata.num_programs < 1 or \
             tuple(metadata.programs.shape) != (metadata.num_programs, len(_schedule.PROG_FIELDS)) or \
