@@ -60,6 +60,22 @@ def fp8_bits(kv_cache: torch.Tensor) -> torch.Tensor:
     return kv_cache if capability(kv_cache.device) >= (8, 9) else fp8_as_bits(kv_cache)
 
 
+def take(t: torch.Tensor, *index) -> torch.Tensor:
+    """``t[index]`` (advanced indexing): an fp8 tensor's as its bytes, viewed back (torch 2.6's CPU ``index`` has no
+    fp8 kernel: "index_cpu" not implemented for 'Float8_e4m3fn'); the same values on every torch."""
+    if t.dtype in FP8_DTYPES:
+        return t.view(torch.uint8)[index].view(t.dtype)
+    return t[index]
+
+
+def put(t: torch.Tensor, index: tuple, values: torch.Tensor) -> None:
+    """``t[index] = values`` in place, an fp8 ``t`` (given fp8 ``values``) through its bytes, as ``take``."""
+    if t.dtype in FP8_DTYPES:
+        t.view(torch.uint8)[index] = values.view(torch.uint8)
+    else:
+        t[index] = values
+
+
 def fp8_as_bits(kv_cache: torch.Tensor) -> torch.Tensor:
     """An e4m3 cache's uint8 view, any other cache as it is: what ``fp8_bits`` gives the kernels on a GPU without
     the e4m3 type (and what compile checks and tests force it to give elsewhere)."""
@@ -466,12 +482,17 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
                              "pass a tensor with memory of its own (.contiguous() or .clone())")
 
 
+def _numpy_bool(kind: type) -> bool:
+    """``kind`` is numpy's bool scalar type (``numpy.bool_``, named "bool" in numpy 2)."""
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
+
+
 def check_flag(name: str, value) -> bool:
     """A switch such as ``causal``: a bool (or numpy bool); ``None`` or a string is refused, not read as truthy."""
     if value is True or value is False:
         return value
     kind = type(value)
-    if kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"):  # numpy.bool_ (named "bool" in numpy 2)
+    if _numpy_bool(kind):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {kind.__module__}.{kind.__name__}"
                     if kind.__module__ != "builtins" else f"{name} must be a bool, got {kind.__name__}")
@@ -563,7 +584,7 @@ def _integer(value) -> int | None:
     None: what every int argument of the library takes."""
     if type(value) is int:
         return value
-    if isinstance(value, bool):
+    if isinstance(value, bool) or _numpy_bool(type(value)):  # (numpy before 2.3 gives a numpy bool an __index__)
         return None
     try:
         return operator.index(value)

@@ -179,7 +179,7 @@ def _write_cache_torch(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=No
     if kv_scale is not None:
         kv, scale = quantize_fp8_torch(kv_c[keep])
         kv_scale[blk, off] = scale
-        kv_cache[blk, off] = kv
+        _utils.put(kv_cache, (blk, off), kv)
     else:
         kv_cache[blk, off] = kv_c[keep]
     pe_cache[blk, off] = k_pe[keep]
@@ -788,7 +788,7 @@ class PagedLatentCache:
         layer = self._layer(layer)
         slots = self.slots(seq_id)
         blk, off = slots // self.block_size, slots % self.block_size
-        kv = self._kv_views[layer][blk, off]
+        kv = _utils.take(self._kv_views[layer], blk, off)
         if self._scale_views[layer] is not None:
             kv = dequantize_fp8_torch(kv, self._scale_views[layer][blk, off], self.rope_dtype)
         return kv, self._pe_views[layer][blk, off]

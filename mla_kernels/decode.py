@@ -835,7 +835,7 @@ def _softmax_probs(scores, lse):
 def _gather_keys(kv_cache, pe_cache, kv_scale, blocks, offsets, valid):
     """The cache rows at ``(blocks, offsets)`` (any shape ``[...]``) as fp32 ``(latent [..., R], rope key [..., P])``,
     an fp8 latent dequantized, and zeros where ``valid`` is False (so an unused slot's NaN reaches nothing)."""
-    kv = kv_cache[blocks, offsets].float()
+    kv = _utils.take(kv_cache, blocks, offsets).float()
     if kv_scale is not None:  # fp8 latent: dequantized in fp32
         kv = (kv.unflatten(-1, (-1, _utils.FP8_GROUP)) * kv_scale[blocks, offsets][..., None]).flatten(-2)
     pe = pe_cache[blocks, offsets].float()

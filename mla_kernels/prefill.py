@@ -479,7 +479,7 @@ def _gather_latent_torch(cache, block_table, cache_seqlens, cu_seqlens_k, total_
     seq = torch.repeat_interleave(torch.arange(batch, device=device), cache_seqlens.long(), output_size=total_keys)
     pos = torch.arange(total_keys, device=device) - cu_seqlens_k[seq]
     blocks = block_table[seq, pos // page].long()
-    rows = cache[blocks, pos % page]
+    rows = _utils.take(cache, blocks, pos % page)
     return rows if scale is None else dequantize_fp8_torch(rows, scale[blocks, pos % page], dtype)
 
 
