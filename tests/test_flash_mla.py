@@ -303,6 +303,25 @@ def test_older_arguments_are_checked(device, monkeypatch):
         assert none is None and not loose.from_lengths and loose.schedule is None
 
 
+def test_the_older_forms_arguments_bind_as_inspect_binds_them():
+    """``get_mla_metadata``'s binding of FlashMLA's older arguments (written out: torch 2.6's dynamo cannot trace
+    ``inspect.Signature.bind``) takes and refuses exactly what ``bind`` does."""
+    import inspect
+
+    from mla_kernels.integrations import flash_mla
+
+    signature = inspect.signature(flash_mla._from_lengths)
+    forms = [((1, 2, 3), {}), ((1, 2), {"num_heads_k": 3}), ((1,), {"cache_seqlens": 1}), ((1, 2, 3, 4, 5, 6, 7), {}),
+             ((), {"cache_seqlens": 1, "num_q_tokens_per_head_k": 2}), ((1, 2, 3), {"topk": 4, "is_fp8_kvcache": 1}),
+             ((1, 2, 3, 4, 5, 6), {}), ((1, 2, 3), {"block_size": 64}), ((), {}), ((1, 2, 3, 4), {"num_heads_q": 4})]
+    for args, kwargs in forms:
+        try:
+            expected = dict(signature.bind(*args, **kwargs).arguments)
+        except TypeError:
+            expected = None
+        assert flash_mla._bind_from_lengths(args, kwargs) == expected, (args, kwargs)
+
+
 def test_bad_arguments_are_refused_by_name(device):
     q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
     args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R)

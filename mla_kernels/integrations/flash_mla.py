@@ -58,7 +58,6 @@ own (older vLLM releases' ``[num_sms, 8]``) is not served. Speed is
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 
@@ -128,11 +127,26 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, torch.Tensor | 
     taken and not read, as FlashMLA's current interface takes any."""
     if "num_heads_per_head_k" in kwargs and "num_q_tokens_per_head_k" not in kwargs:  # FlashMLA's first name
         kwargs["num_q_tokens_per_head_k"] = kwargs.pop("num_heads_per_head_k")
-    try:
-        bound = _FROM_LENGTHS.bind(*args, **kwargs)
-    except TypeError:  # no arguments, or none of a form known here: taken and not read, as FlashMLA's current
+    bound = _bind_from_lengths(args, kwargs)
+    if bound is None:  # no arguments, or none of a form known here: taken and not read, as FlashMLA's current
         return FlashMLAMetadata(), None  # interface takes any ("to be compatible with the old interface")
-    return _from_lengths(*bound.args, **bound.kwargs)
+    return _from_lengths(**bound)
+
+
+_FROM_LENGTHS_ARGS = ("cache_seqlens", "num_q_tokens_per_head_k", "num_heads_k", "num_heads_q", "is_fp8_kvcache",
+                      "topk")  # _from_lengths' parameters, the first three required
+
+
+def _bind_from_lengths(args: tuple, kwargs: dict) -> dict | None:
+    """``_from_lengths``' arguments by name, or None where the call does not fit its signature (as
+    ``inspect.Signature.bind`` would refuse it; written out since torch 2.6's dynamo cannot trace ``bind``)."""
+    if len(args) > len(_FROM_LENGTHS_ARGS) or any(name not in _FROM_LENGTHS_ARGS for name in kwargs):
+        return None
+    bound = dict(zip(_FROM_LENGTHS_ARGS, args))
+    if any(name in bound for name in kwargs):  # given twice
+        return None
+    bound.update(kwargs)
+    return bound if all(name in bound for name in _FROM_LENGTHS_ARGS[:3]) else None
 
 
 def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads_q=None, is_fp8_kvcache=False,
@@ -160,9 +174,6 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
     return FlashMLAMetadata(schedule=schedule, from_lengths=True), torch.cat([pieces.new_zeros(1), pieces])
 
 
-_FROM_LENGTHS = inspect.signature(_from_lengths)
-
-
 def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, batch: int, rows: int, dim_v: int,
                            rope_dim: int, elem_bytes: int, fp8: bool, device) -> DecodeSchedule:
     """The call's ``DecodeSchedule`` from metadata ``get_mla_metadata`` built from lengths: its tables (the first
@@ -173,8 +184,8 @@ def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, ba
     built = meta.schedule
     if batch > built.batch:
         raise ValueError(f"tile_scheduler_metadata was built for {built.batch} sequences, the call has {batch}")
-    if built.device != device:
-        raise ValueError(f"tile_scheduler_metadata is on {built.device}, q on {device}")
+    if built.programs.device != device:  # (not its device property, which torch 2.6's dynamo cannot trace)
+        raise ValueError(f"tile_scheduler_metadata is on {built.programs.device}, q on {device}")
     if num_splits is not None:  # FlashMLA's, passed back: not read, but it must be this call's
         num_splits = _utils.check_tensor("num_splits", num_splits, 1, (torch.int32,))
         _utils.check_same("num_splits", num_splits.shape[0], "q (its B + 1)", batch + 1)
