@@ -1212,6 +1212,8 @@ class TransformersMLAttention(MLAttention):
             # ``original``: the module's own tables are never used here, so whatever rope transformers computes
             # (linear, dynamic, longrope, ...) runs; the module is built with plain rope (it computes only those two)
             kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
+        if "q_a_proj" not in original._modules:  # the module's own query projection decides, not the config: a
+            kwargs["q_lora_rank"] = None  # model may build q_proj whatever q_lora_rank says (transformers 5.20's Ling 3)
         new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
             if name in new._modules:
