@@ -584,11 +584,14 @@ def _integer(value) -> int | None:
     None: what every int argument of the library takes."""
     if type(value) is int:
         return value
-    if isinstance(value, bool) or _numpy_bool(type(value)):  # (numpy before 2.3 gives a numpy bool an __index__)
+    kind = type(value)
+    # (numpy before 2.3 gives a numpy bool an __index__; and no try/except for a value without one, a float say:
+    # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError)
+    if isinstance(value, bool) or _numpy_bool(kind) or not hasattr(kind, "__index__"):
         return None
     try:
         return operator.index(value)
-    except TypeError:
+    except TypeError:  # an __index__ that refuses (a tensor of several elements, or of floats)
         return None
 
 
