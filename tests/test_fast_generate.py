@@ -20,7 +20,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import round_trip
+from helpers import OLD_TORCH_COMPILE, round_trip
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -380,6 +380,7 @@ def recording_backend(graphs):
     return backend
 
 
+@OLD_TORCH_COMPILE
 def test_compiled_decode_step_matches_eager():
     """generate with the static latent cache and compile_config(fullgraph=True): one graph for every decode step
     (a graph break would raise), holding write_cache and mla_decode as single nodes per layer, and the greedy
@@ -435,6 +436,7 @@ def test_a_compiled_decoder_layer_traces_whole():
     assert len(graphs) == 1
 
 
+@OLD_TORCH_COMPILE
 def test_compiled_prompt_chunks_say_why_not():
     """With prefill_chunk_size transformers compiles the prompt chunks too; the static cache's prompt step reads the
     rows' lengths on the host, so a fullgraph compile must stop there with that reason (it failed deep in dynamo,
