@@ -441,6 +441,9 @@ def test_compiled_prompt_chunks_say_why_not():
     """With prefill_chunk_size transformers compiles the prompt chunks too; the static cache's prompt step reads the
     rows' lengths on the host, so a fullgraph compile must stop there with that reason (it failed deep in dynamo,
     "Could not guard on data-dependent expression"), and a compile that may break the graph runs it eagerly."""
+    import inspect
+
+    takes_reason = "reason" in inspect.signature(torch.compiler.disable).parameters
     model = dense_model()
     ids, mask = left_padded(PROMPTS)
     with torch.no_grad():
@@ -453,8 +456,9 @@ def test_compiled_prompt_chunks_say_why_not():
             run = lambda: model.generate(input_ids=ids, attention_mask=mask, compile_config=config,  # noqa: E731
                                          past_key_values=static_latent_cache(model, len(PROMPTS), 32, block_size=4),
                                          prefill_chunk_size=4, **GREEDY)
-            if fullgraph:
-                with pytest.raises(Exception, match="prefill_chunk_size"):
+            if fullgraph:  # the reason, where torch.compiler.disable takes one (2.11 and 2.13; not 2.7), else
+                # dynamo's own refusal, which names the function
+                with pytest.raises(Exception, match="prefill_chunk_size" if takes_reason else "_prompt_step"):
                     run()
             else:
                 assert torch.equal(run(), expected)

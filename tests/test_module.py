@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import OLD_TORCH_COMPILE, assert_close
+from helpers import OLD_AOT_AUTOGRAD, assert_close
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch, MLAttention
@@ -528,7 +528,7 @@ def test_exported():
     assert mla_kernels.LatentBatch is LatentBatch
 
 
-@OLD_TORCH_COMPILE
+@OLD_AOT_AUTOGRAD
 def test_compiled_module_does_not_recompile_per_batch_size():
     """torch.compile(MLAttention, fullgraph=True) over decode steps whose batch size changes (1..6, then back to
     1): dynamo's automatic dynamic shapes keep one graph for every size past the first two (sizes 0 and 1 are
