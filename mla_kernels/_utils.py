@@ -586,8 +586,9 @@ def _integer(value) -> int | None:
         return value
     kind = type(value)
     # (numpy before 2.3 gives a numpy bool an __index__; and no try/except for a value without one, a float say:
-    # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError)
-    if isinstance(value, bool) or _numpy_bool(kind) or not hasattr(kind, "__index__"):
+    # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError. The value's own hasattr,
+    # not its type's: dynamo traces a numpy int as an ndarray, and cannot trace hasattr on that type)
+    if isinstance(value, bool) or _numpy_bool(kind) or not hasattr(value, "__index__"):
         return None
     try:
         return operator.index(value)

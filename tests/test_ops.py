@@ -238,6 +238,32 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert len(calls) == 1 and list(calls[0].args[13:15]) == [cu.tolist(), seqlens.tolist()]
 
 
+def test_compiled_calls_take_numpy_ints(device):
+    """Under torch.compile(fullgraph=True) a numpy int (dynamo traces it as a 0-d ndarray) passes for an int as it
+    does eagerly: mla_decode's max_seqlen_k (taken before numpy's ints went through _utils._integer, whose
+    hasattr on the value's type dynamo cannot trace: "Unsupported hasattr call") and the prefill host lengths."""
+    np = pytest.importorskip("numpy")
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device)
+
+    def decode(q_nope, max_seqlen_k):
+        return mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE,
+                                      max_seqlen_k=max_seqlen_k)
+
+    expected = decode(q_nope, 12)
+    assert torch.equal(torch.compile(decode, backend="eager", fullgraph=True)(q_nope, np.int64(12)), expected)
+    _, q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b = prefill_inputs(device, d_nope=16, d_v=16)
+
+    def prefill(q_raw, cu_host, lens_host):
+        return mla_kernels.mla_prefill_attention(q_raw, q_pe, kv_cache, pe_cache, table, cu, seqlens, w_kv_b, SCALE,
+                                                 path="expanded", cu_seqlens_q_host=cu_host,
+                                                 cache_seqlens_host=lens_host)
+
+    expected = prefill(q_raw, cu.tolist(), seqlens.tolist())
+    got = torch.compile(prefill, backend="eager", fullgraph=True)(q_raw, list(cu.cpu().numpy()),
+                                                                   list(seqlens.cpu().numpy()))
+    assert torch.equal(got, expected)
+
+
 COMPILED_BAD_PREFILL = {
     "q_nope-rank": (lambda a: a.update(q_nope=a["q_nope"][:, 0]), ValueError, "q_nope"),
     "softmax_scale-none": (lambda a: a.update(softmax_scale=None), TypeError, "softmax_scale"),
