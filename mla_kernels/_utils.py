@@ -590,6 +590,8 @@ def _integer(value) -> int | None:
     # not its type's: dynamo traces a numpy int as an ndarray, and cannot trace hasattr on that type)
     if isinstance(value, bool) or _numpy_bool(kind) or not hasattr(value, "__index__"):
         return None
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:  # its __index__ gives 0 or 1, as numpy's bool
+        return None
     try:
         return operator.index(value)
     except TypeError:  # an __index__ that refuses (a tensor of several elements, or of floats)

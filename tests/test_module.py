@@ -325,7 +325,7 @@ def test_prefill_passes_the_batch_host_lengths(monkeypatch):
 def test_numpy_sizes_are_ints():
     """Sizes of numpy's int types (a config read from an array) build the same module and cache as Python ints,
     with Python ints kept (they were refused with "hidden_size must be an int, got int64", where mla_decode took
-    them); a float or a bool still is refused."""
+    them); a float or a bool (numpy's and torch's too, whose __index__ gives 1) still is refused."""
     import numpy as np
     sizes = (64, 4, 32, 16, 16, 16)
     rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 64}
@@ -347,7 +347,7 @@ def test_numpy_sizes_are_ints():
         assert type(getattr(cache, name)) is int and getattr(cache, name) == value, name
     kv, scale, pe = mla_kernels.fp8_latent_cache(np.int64(3), np.int64(4), np.int64(128), np.int64(16))
     assert kv.shape == (3, 4, 128) and scale.shape == (3, 4, 1) and pe.shape == (3, 4, 16)
-    for bad in (np.float64(64), np.bool_(True), True):
+    for bad in (np.float64(64), np.bool_(True), True, torch.tensor(True)):
         with pytest.raises(TypeError, match="hidden_size"):
             MLAttention(bad, 4, 32, 16, 16, 16)
         with pytest.raises(TypeError, match="num_blocks"):
