@@ -627,11 +627,15 @@ def check_int(name: str, value, minimum: int, *, none_ok: bool = True):
     return result
 
 
-def int_list(name: str, values: list | tuple) -> list:
+def int_list(name: str, values: list | tuple, *, tensors: bool = True) -> list:
     """``values`` (a list or tuple) as a list of Python ints (``as_int``; a ``TypeError`` naming ``name[i]``). A list
-    of Python ints is returned as it is, after one type check each."""
+    of Python ints is returned as it is, after one type check each. ``tensors=False`` refuses a tensor entry (host
+    lengths: reading a GPU tensor's value synchronises with the GPU, which they are given to avoid)."""
     if all(type(v) is int for v in values):
         return values if isinstance(values, list) else list(values)
+    for i, v in enumerate(values if not tensors else ()):
+        if isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be an int, got a tensor (pass the host's ints, not list(tensor))")
     return [as_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 

@@ -615,7 +615,7 @@ def _host_lengths(cu_seqlens_q_host, cache_seqlens_host, batch: int):
                             f"got {type(values).__name__}")
         if len(values) != size:
             raise ValueError(f"{name} must have {size} entries (as {name[:-5]}), got {len(values)}")
-        lists.append(_utils.int_list(name, values))
+        lists.append(_utils.int_list(name, values, tensors=False))
     return lists
 
 

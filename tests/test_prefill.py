@@ -864,6 +864,9 @@ BAD_HOST = {
     "cu_seqlens_q_host-tensor": (lambda a: a.update(cu_seqlens_q_host=a["cu_seqlens_q"]), TypeError,
                                  "cu_seqlens_q_host"),
     "cache_seqlens_host-float": (_set("cache_seqlens_host", 0, 12.0), TypeError, "cache_seqlens_host.0."),
+    # list(tensor): 0-d tensors, each read back from the GPU (a sync per entry) where host ints are given to avoid one
+    "cu_seqlens_q_host-tensors": (lambda a: a.update(cu_seqlens_q_host=list(a["cu_seqlens_q"])), TypeError,
+                                  r"cu_seqlens_q_host\[0\] must be an int, got a tensor"),
     "cu_seqlens_q_host-bool": (_set("cu_seqlens_q_host", 0, False), TypeError, "cu_seqlens_q_host.0. must be an int"),
     "cu_seqlens_q_host-short": (lambda a: a.update(cu_seqlens_q_host=[0, 10, 13]), ValueError, "cu_seqlens_q_host"),
     "cache_seqlens_host-long": (lambda a: a.update(cache_seqlens_host=[12, 4, 3, 0]), ValueError,
