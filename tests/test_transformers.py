@@ -216,14 +216,16 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
 
 
-def test_the_modules_query_projection_decides_over_the_config(monkeypatch):
+@pytest.mark.parametrize("built,told", [(None, 32), (32, None)], ids=["q_proj-told-a-rank", "q_a_proj-told-none"])
+def test_the_modules_query_projection_decides_over_the_config(monkeypatch, built, told):
     """A model whose attention builds ``q_proj`` although its config names a ``q_lora_rank`` (Ling 3's
     BailingHybridAttention in transformers 5.20 ignores it; 5.25 builds q_a_proj) is patched after its modules:
     ``patch_model`` raised "object has no attribute 'q_a_proj'" there. Here a DeepSeek-V3 built without query LoRA
-    is told one afterwards; the patched model generates transformers' tokens."""
-    model = tiny_model(q_lora_rank=None)
-    model.config.q_lora_rank = 32  # (the attention modules share this config)
-    assert "q_a_proj" not in model.model.layers[0].self_attn._modules
+    is told one afterwards; the patched model generates transformers' tokens. The other way round too (built with
+    q_a_proj, told None: the patched module had no query projection, "'NoneType' object is not callable")."""
+    model = tiny_model(q_lora_rank=built)
+    model.config.q_lora_rank = told  # (the attention modules share this config)
+    assert ("q_a_proj" in model.model.layers[0].self_attn._modules) == (built is not None)
     ids, mask = left_padded([5, 9, 2])
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
@@ -231,7 +233,7 @@ def test_the_modules_query_projection_decides_over_the_config(monkeypatch):
         patch_model(model, block_size=4)
         out = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(out, expected)
-    assert model.model.layers[0].self_attn.q_lora_rank is None
+    assert model.model.layers[0].self_attn.q_lora_rank == built
 
 
 def widen_attention(model) -> None:

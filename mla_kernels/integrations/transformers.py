@@ -1214,6 +1214,8 @@ class TransformersMLAttention(MLAttention):
             kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope.get("rope_theta", 10000.0)}
         if "q_a_proj" not in original._modules:  # the module's own query projection decides, not the config: a
             kwargs["q_lora_rank"] = None  # model may build q_proj whatever q_lora_rank says (transformers 5.20's Ling 3)
+        elif not kwargs.get("q_lora_rank"):  # (and q_a_proj whatever it says: its width is the rank)
+            kwargs["q_lora_rank"] = original.q_a_proj.out_features
         new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
             if name in new._modules:
