@@ -520,8 +520,8 @@ def test_opcheck_bf16_decode_without_lse():
 
 
 def test_op_signatures_use_types_every_supported_torch_infers():
-    """pyproject admits torch >= 2.4, whose ``torch.library.infer_schema`` knows ``typing.List[int]`` but not the
-    builtin ``list[int]`` (torch 2.6: "Parameter sched_sizes has unsupported type Optional[list[int]]", raised at
+    """pyproject admits torch >= 2.6, whose ``torch.library.infer_schema`` knows ``typing.List[int]`` but not the
+    builtin ``list[int]`` ("Parameter sched_sizes has unsupported type Optional[list[int]]", raised at
     ``import mla_kernels``). The ops' annotations (strings, from ``from __future__ import annotations``) must spell
     lists the old way; the installed torch accepts both, so this reads the annotations themselves."""
     import inspect
