@@ -9,14 +9,23 @@ import pytest
 import torch
 
 # Older torch cannot compile a few things that are not the library's (measured 2026-12-06 on the CPU with
-# transformers 5.25; all pass with torch 2.11 and 2.13, and 2.8 to 2.10 were not run): torch 2.6's dynamo stops in
-# transformers' output-capturing wrapper ("func.__code__.co_varnames", untraceable there; 2.7 traces it), and the
-# aot_autograd runtime wrapper of torch 2.6 and 2.7 raises an IndexError on a module compiled over changing batch
-# sizes. The tests that meet them skip on those versions.
-OLD_TORCH_COMPILE = pytest.mark.skipif(torch.__version__ < "2.7", reason="torch 2.6's dynamo fails inside "
-                                       "transformers' own code here (tests/helpers.py)")
-OLD_AOT_AUTOGRAD = pytest.mark.skipif(torch.__version__ < "2.8", reason="the aot_autograd of torch 2.6 and 2.7 "
-                                      "fails inside its own runtime wrapper here (tests/helpers.py)")
+# transformers 5.25; all pass with torch 2.11 and 2.13, and 2.8 to 2.10 were not run). The tests that meet them skip
+# on the versions measured to fail:
+# - torch 2.6's dynamo stops in transformers' output-capturing wrapper ("func.__code__.co_varnames"; 2.7 traces it);
+# - the aot_autograd runtime wrapper of torch 2.6 and 2.7 raises an IndexError on a module compiled over changing
+#   batch sizes;
+# - the dynamo of torch 2.6 and 2.7 traces a numpy int as a 0-d ndarray that it cannot read as an int (the code
+#   before 2026-12-06 failed there too).
+
+
+def torch_before(version: str, why: str):
+    """Skip on torch before ``version``, where ``why`` fails inside torch's or transformers' own code."""
+    return pytest.mark.skipif(torch.__version__ < version, reason=f"torch before {version}: {why} (tests/helpers.py)")
+
+
+OLD_TORCH_COMPILE = torch_before("2.7", "dynamo stops inside transformers' output-capturing wrapper")
+OLD_AOT_AUTOGRAD = torch_before("2.8", "aot_autograd's runtime wrapper raises an IndexError here")
+OLD_NUMPY_TRACE = torch_before("2.8", "dynamo traces a numpy int as a 0-d ndarray it cannot read as an int")
 
 SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it faults or returns garbage
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import make_paged_cache
+from helpers import OLD_NUMPY_TRACE, make_paged_cache
 from mla_kernels import _utils
 
 R, P, PAGE, HEADS = 32, 16, 4, 2
@@ -238,6 +238,7 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert len(calls) == 1 and list(calls[0].args[13:15]) == [cu.tolist(), seqlens.tolist()]
 
 
+@OLD_NUMPY_TRACE
 def test_compiled_calls_take_numpy_ints(device):
     """Under torch.compile(fullgraph=True) a numpy int (dynamo traces it as a 0-d ndarray) passes for an int as it
     does eagerly: mla_decode's max_seqlen_k (taken before numpy's ints went through _utils._integer, whose
