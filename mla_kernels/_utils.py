@@ -60,26 +60,21 @@ def fp8_bits(kv_cache: torch.Tensor) -> torch.Tensor:
     return kv_cache if capability(kv_cache.device) >= (8, 9) else fp8_as_bits(kv_cache)
 
 
-def take(t: torch.Tensor, *index) -> torch.Tensor:
-    """``t[index]`` (advanced indexing): an fp8 tensor's as its bytes, viewed back (torch 2.6's CPU ``index`` has no
-    fp8 kernel: "index_cpu" not implemented for 'Float8_e4m3fn'); the same values on every torch."""
-    if t.dtype in FP8_DTYPES:
-        return t.view(torch.uint8)[index].view(t.dtype)
-    return t[index]
-
-
-def put(t: torch.Tensor, index: tuple, values: torch.Tensor) -> None:
-    """``t[index] = values`` in place, an fp8 ``t`` (given fp8 ``values``) through its bytes, as ``take``."""
-    if t.dtype in FP8_DTYPES:
-        t.view(torch.uint8)[index] = values.view(torch.uint8)
-    else:
-        t[index] = values
-
-
 def fp8_as_bits(kv_cache: torch.Tensor) -> torch.Tensor:
     """An e4m3 cache's uint8 view, any other cache as it is: what ``fp8_bits`` gives the kernels on a GPU without
     the e4m3 type (and what compile checks and tests force it to give elsewhere)."""
     return kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
+
+
+def take(t: torch.Tensor, *index) -> torch.Tensor:
+    """``t[index]`` (advanced indexing), an fp8 tensor's through its bytes (``fp8_as_bits``) and viewed back: torch
+    2.6's CPU ``index`` has no fp8 kernel ("index_cpu" not implemented for 'Float8_e4m3fn')."""
+    return fp8_as_bits(t)[index].view(t.dtype)
+
+
+def put(t: torch.Tensor, index: tuple, values: torch.Tensor) -> None:
+    """``t[index] = values`` in place, an fp8 ``t`` and ``values`` through their bytes, as ``take``."""
+    fp8_as_bits(t)[index] = fp8_as_bits(values)
 
 
 @functools.lru_cache(maxsize=None)
@@ -582,9 +577,9 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
 def _integer(value) -> int | None:
     """``value`` as a Python int if it is an integer (numpy's too, anything with ``__index__``; not a bool), else
     None: what every int argument of the library takes."""
-    if type(value) is int:
-        return value
     kind = type(value)
+    if kind is int:
+        return value
     # (numpy before 2.3 gives a numpy bool an __index__; and no try/except for a value without one, a float say:
     # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError. The value's own hasattr,
     # not its type's: dynamo traces a numpy int as an ndarray, and cannot trace hasattr on that type)
@@ -633,9 +628,10 @@ def int_list(name: str, values: list | tuple, *, tensors: bool = True) -> list:
     lengths: reading a GPU tensor's value synchronises with the GPU, which they are given to avoid)."""
     if all(type(v) is int for v in values):
         return values if isinstance(values, list) else list(values)
-    for i, v in enumerate(values if not tensors else ()):
-        if isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be an int, got a tensor (pass the host's ints, not list(tensor))")
+    if not tensors:
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be an int, got a tensor (pass the host's ints, not list(tensor))")
     return [as_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
