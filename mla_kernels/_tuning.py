@@ -11,7 +11,8 @@ constants (``_prefill_cost.NAMES``).
 Shape classes (the keys of a kernel's table) hold only what changes the best config: the widths and a bucket of
 the rows or tokens a program sees, never per-call lengths (``decode_class``, ``prefill_class``, ``expanded_class``,
 ``write_cache_class``). A user's own file, ``user_file`` (``$XDG_CACHE_HOME/mla_kernels/<device-slug>.json``,
-``mla_kernels.autotune`` writes it), overrides the shipped one per shape class. ``lookup`` returns a ``Tuned``
+``mla_kernels.autotune`` writes it), overrides the shipped one per shape class (an entry no kernel can launch does
+not: the shipped config of its class is kept, with one warning). ``lookup`` returns a ``Tuned``
 dict; a launch that gets one hands a failure to ``drop_on_compile_error``: a stored config that fails to compile is
 dropped with one warning and the launch retried with the heuristic. With ``MLA_KERNELS_AUTOTUNE=1`` (read at lookup
 time) a shape class with no stored config is tuned once on first use and cached in the user's file.
@@ -209,6 +210,23 @@ def _merge(base: dict | None, kernels: dict | None, constants: dict | None) -> t
     return merged, dict((base or {}).get("constants", {}), **(constants or {}))
 
 
+def _overrides(user: dict, shipped: dict, path: Path) -> dict:
+    """The user's kernel tables less the invalid entries that would hide a shipped config of their class (one
+    warning each): the shipped config runs there, not the heuristic. Invalid entries of other classes are kept for
+    ``lookup`` to drop, as in a file of its own."""
+    kept = {}
+    for kernel, table in user.items():
+        kept[kernel] = {}
+        for shape_class, cfg in table.items():
+            why = config_error(kernel, cfg) if shape_class in shipped.get(kernel, {}) else None
+            if why is None:
+                kept[kernel][shape_class] = cfg
+            else:
+                _warn_once(f"mla_kernels: config file {path}: ignoring the {kernel} config for {shape_class} ({why}); "
+                           "using the shipped one")
+    return kept
+
+
 @functools.lru_cache(maxsize=None)
 def _device_data(device_index: int) -> dict | None:
     """The shipped file merged with the user's (the user's configs and constants win per shape class / name)."""
@@ -221,7 +239,7 @@ def _device_data(device_index: int) -> dict | None:
     user = load_data(paths[1], vendor(), triton.__version__)
     if user is None or shipped is None:
         return user if user is not None else shipped
-    kernels, constants = _merge(shipped, user["kernels"], user["constants"])
+    kernels, constants = _merge(shipped, _overrides(user["kernels"], shipped["kernels"], paths[1]), user["constants"])
     return dict(shipped, kernels=kernels, constants=constants, user_source=user.get("source"))
 
 

@@ -550,6 +550,27 @@ def test_user_file_overrides_the_shipped_one_per_class(fake_gpu, device):
     assert (_tuning.constant("a", device), _tuning.constant("b", device)) == (1.0, 3.0)
 
 
+
+
+def test_an_invalid_user_entry_leaves_the_shipped_config_of_its_class(fake_gpu, device):
+    """A user's entry no kernel can launch (a hand edit) hid the shipped config of its class: the class ran the
+    heuristic. Now the shipped config runs there, with one warning naming the user's file; the user's valid entries
+    still win, and an invalid one of a class with no shipped config is dropped at lookup as before."""
+    shipped = {"decode": {KEY: FAST, "R32/rows<=32": FAST}}
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=1, source="shipped",
+                      kernels=shipped)
+    user = {"decode": {KEY: dict(FAST, BLOCK_N=24), "R32/rows<=32": WRONG, "R32/rows<=64": dict(FAST, BLOCK_M=8)}}
+    _tuning.save_file(_tuning.user_file(0), device="Test GPU", sm_count=1, source="user", kernels=user)
+    _tuning.reload()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _tuning.lookup("decode", KEY, device) == FAST
+        assert _tuning.lookup("decode", "R32/rows<=32", device) == WRONG
+        assert _tuning.lookup("decode", "R32/rows<=64", device) is None
+    msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
+    assert len(msgs) == 2, msgs
+    assert KEY in msgs[0] and str(_tuning.user_file(0)) in msgs[0] and "shipped" in msgs[0], msgs
+    assert "R32/rows<=64" in msgs[1], msgs
 @pytest.mark.parametrize("running", ["cuda", "hip"])
 def test_nvidia_and_rocm_configs_never_mix(fake_gpu, monkeypatch, running, device):
     """A file tuned on one vendor's GPU is ignored (one warning) on the other's, even at the same path: the
