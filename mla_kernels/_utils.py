@@ -574,12 +574,21 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
 
 
+# Under torch.compile, dynamo traces a numpy int as a 0-d ndarray, and before torch 2.13 it cannot trace
+# operator.index on one ("unsupported index(Tensor)": 2.8, 2.9, 2.10 and 2.11 measured; 2.8 and 2.9 not hasattr
+# either); int() of it traces. There a traced numpy float or bool (no dtype to tell them by) is read as an int,
+# where eagerly and on 2.13 it is refused.
+_INT_OF_TRACED_NUMPY = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 def _integer(value) -> int | None:
     """``value`` as a Python int if it is an integer (numpy's too, anything with ``__index__``; not a bool), else
     None: what every int argument of the library takes."""
     kind = type(value)
     if kind is int:
         return value
+    if _INT_OF_TRACED_NUMPY and kind.__module__ == "numpy" and torch.compiler.is_compiling():
+        return int(value)
     # (numpy before 2.3 gives a numpy bool an __index__; and no try/except for a value without one, a float say:
     # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError. The value's own hasattr,
     # not its type's: dynamo traces a numpy int as an ndarray, and cannot trace hasattr on that type)

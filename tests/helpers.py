@@ -25,7 +25,7 @@ def torch_before(version: str, why: str):
 
 OLD_TORCH_COMPILE = torch_before("2.7", "dynamo stops inside transformers' output-capturing wrapper")
 OLD_AOT_AUTOGRAD = torch_before("2.8", "aot_autograd's runtime wrapper raises an IndexError here")
-OLD_NUMPY_TRACE = torch_before("2.8", "dynamo traces a numpy int as a 0-d ndarray it cannot read as an int")
+OLD_NUMPY_TRACE = torch_before("2.10", "dynamo reads a list's numpy ints only as data-dependent values")
 
 SENTINEL_BLOCK = 2147480000  # an id far past any real cache: reading through it faults or returns garbage
 
