@@ -574,11 +574,11 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
 
 
-# Under torch.compile, dynamo traces a numpy int as a 0-d ndarray, and before torch 2.13 it cannot trace
+# Under torch.compile, dynamo traces a numpy int as a 0-d ndarray, and before torch 2.12 it cannot trace
 # operator.index on one ("unsupported index(Tensor)": 2.8, 2.9, 2.10 and 2.11 measured; 2.8 and 2.9 not hasattr
-# either); int() of it traces. There a traced numpy float or bool (no dtype to tell them by) is read as an int,
-# where eagerly and on 2.13 it is refused.
-_INT_OF_TRACED_NUMPY = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+# either; 2.12 and 2.13 trace both); int() of it traces. There a traced numpy float or bool (no dtype to tell them
+# by) is read as an int, where eagerly and from 2.12 it is refused.
+_INT_OF_TRACED_NUMPY = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
 
 
 def _integer(value) -> int | None:
