@@ -238,12 +238,16 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert len(calls) == 1 and list(calls[0].args[13:15]) == [cu.tolist(), seqlens.tolist()]
 
 
-def test_compiled_calls_take_numpy_ints(device):
+@pytest.mark.parametrize("int_of_traced", [False, True], ids=["this-torch", "int-path"])
+def test_compiled_calls_take_numpy_ints(device, int_of_traced, monkeypatch):
     """Under torch.compile(fullgraph=True) a numpy int (dynamo traces it as a 0-d ndarray) passes for an int as it
     does eagerly: mla_decode's max_seqlen_k (taken before numpy's ints went through _utils._integer, whose
     hasattr on the value's type dynamo cannot trace: "Unsupported hasattr call"; and torch 2.8 to 2.11 cannot trace
-    operator.index on it: "unsupported index(Tensor)", the torch of the GPU machine among them)."""
+    operator.index on it: "unsupported index(Tensor)", the torch of the GPU machine among them). ``int-path``: the
+    int() that _integer takes there instead, on this torch too."""
     np = pytest.importorskip("numpy")
+    if int_of_traced:
+        monkeypatch.setattr(_utils, "_INT_OF_TRACED_NUMPY", True)
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device)
 
     def decode(q_nope, max_seqlen_k):
