@@ -550,8 +550,6 @@ def test_user_file_overrides_the_shipped_one_per_class(fake_gpu, device):
     assert (_tuning.constant("a", device), _tuning.constant("b", device)) == (1.0, 3.0)
 
 
-
-
 def test_an_invalid_user_entry_leaves_the_shipped_config_of_its_class(fake_gpu, device):
     """A user's entry no kernel can launch (a hand edit) hid the shipped config of its class: the class ran the
     heuristic. Now the shipped config runs there, with one warning naming the user's file; the user's valid entries
@@ -571,6 +569,8 @@ def test_an_invalid_user_entry_leaves_the_shipped_config_of_its_class(fake_gpu, 
     assert len(msgs) == 2, msgs
     assert KEY in msgs[0] and str(_tuning.user_file(0)) in msgs[0] and "shipped" in msgs[0], msgs
     assert "R32/rows<=64" in msgs[1], msgs
+
+
 @pytest.mark.parametrize("running", ["cuda", "hip"])
 def test_nvidia_and_rocm_configs_never_mix(fake_gpu, monkeypatch, running, device):
     """A file tuned on one vendor's GPU is ignored (one warning) on the other's, even at the same path: the
