@@ -578,7 +578,7 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
 # operator.index on one ("unsupported index(Tensor)": 2.8, 2.9, 2.10 and 2.11 measured; 2.8 and 2.9 not hasattr
 # either; 2.12 and 2.13 trace both); int() of it traces. There a traced numpy float or bool (no dtype to tell them
 # by) is read as an int, where eagerly and from 2.12 it is refused.
-_INT_OF_TRACED_NUMPY = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12)
+_INT_OF_TRACED_NUMPY = torch.__version__ < "2.12"  # (a TorchVersion: compared as a version, as tests/helpers' is)
 
 
 def _integer(value) -> int | None:

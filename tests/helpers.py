@@ -9,13 +9,13 @@ import pytest
 import torch
 
 # Older torch cannot compile a few things that are not the library's (measured 2026-12-06 on the CPU with
-# transformers 5.25; all pass with torch 2.11 and 2.13, and 2.8 to 2.10 were not run). The tests that meet them skip
-# on the versions measured to fail:
+# transformers 5.25, every torch from 2.6 to 2.14: bench/results/versions_cpu_2026-12-06*.txt). The tests that meet
+# them skip on the versions measured to fail:
 # - torch 2.6's dynamo stops in transformers' output-capturing wrapper ("func.__code__.co_varnames"; 2.7 traces it);
 # - the aot_autograd runtime wrapper of torch 2.6 and 2.7 raises an IndexError on a module compiled over changing
 #   batch sizes;
-# - the dynamo of torch 2.6 and 2.7 traces a numpy int as a 0-d ndarray that it cannot read as an int (the code
-#   before 2026-12-06 failed there too).
+# - the dynamo of torch 2.6 to 2.9 reads the numpy ints of a list (prefill's host lengths) only as data-dependent
+#   values ("Data dependent operator"); a single numpy int traces on every version (_utils._integer).
 
 
 def torch_before(version: str, why: str):
