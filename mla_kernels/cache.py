@@ -75,12 +75,14 @@ def _quantize_fp8(x, BLOCK_T: tl.constexpr, D_LATENT: tl.constexpr):
     groups = tl.reshape(x, [BLOCK_T, D_LATENT // 128, 128])
     scale = tl.math.div_rn(tl.reduce(tl.abs(groups), 2, _max_nan), 448.0)  # [BLOCK_T, D_LATENT // 128]
     q = tl.math.div_rn(groups, tl.where(scale > 0.0, scale, 1.0)[:, :, None])  # IEEE division, as torch (not div.full)
-    q = _round_e4m3(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL))
-    q = tl.reshape(q, [BLOCK_T, D_LATENT])
-    bits = _e4m3_bits(q)
+    q = tl.reshape(tl.minimum(_max_nan(q, -448.0), 448.0, propagate_nan=tl.PropagateNan.ALL), [BLOCK_T, D_LATENT])
+    # NaN is found before rounding: _round_e4m3's integer add wraps a NaN whose top mantissa bits are set (a GPU's
+    # canonical 0x7FFFFFFF, which its NaN-propagating max returns, or bf16's 0x7FFF and 0xFFFF) into +-0.0
+    nan = q != q
+    bits = _e4m3_bits(_round_e4m3(tl.where(nan, 0.0, q)))
     # the sign bit set from x's (q = x / scale, scale >= 0, so it is q's): -0.0 stays 0x80, as torch's cast gives
     bits = bits | ((x.to(tl.uint32, bitcast=True) >> 31).to(tl.uint8) << 7)
-    bits = tl.where(q != q, 0x7F, bits)  # NaN as e4m3fn's NaN
+    bits = tl.where(nan, 0x7F, bits)  # NaN as e4m3fn's NaN
     return bits, scale
 
 

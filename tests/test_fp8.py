@@ -186,18 +186,24 @@ def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device, 
 def test_write_kernel_keeps_nan_and_inf_as_the_reference_quantizer_does(device, e4m3_path):
     """A NaN in a group gives that group a NaN scale and keeps the NaN value (reference.quantize_fp8's contract),
     and an inf gives an inf scale and NaN values, on both paths. Before, the kernel's max and clamp dropped the NaN:
-    the scale came from the other 127 values and the NaN was stored as -448, a finite latent."""
-    kv, scale, pe = fp8_latent_cache(1, 4, 256, 16, device=device)
-    kv_c = torch.randn(3, 256).to(torch.bfloat16)
+    the scale came from the other 127 values and the NaN was stored as -448, a finite latent. Rows 3 and 4 hold NaNs
+    whose top mantissa bits are set (bf16 0x7FFF, and 0xFFFF as in memory filled with 0xFF bytes): the kernel's
+    integer rounding wrapped those into a stored +-0 before it looked for NaN, as it would every NaN on a GPU, whose
+    NaN-propagating max returns the canonical 0x7FFFFFFF."""
+    kv, scale, pe = fp8_latent_cache(1, 8, 256, 16, device=device)
+    kv_c = torch.randn(5, 256).to(torch.bfloat16)
     kv_c[0, 3] = float("nan")
     kv_c[1, 130] = float("inf")
-    k_pe = torch.zeros(3, 16, dtype=torch.bfloat16)
-    write_cache(kv_c.to(device), k_pe.to(device), kv, pe, torch.tensor([0, 1, 2], device=device), kv_scale=scale)
+    kv_c.view(torch.int16)[3, 7] = 0x7FFF
+    kv_c.view(torch.int16)[4, 200] = -1  # 0xFFFF
+    assert kv_c[3, 7].isnan() and kv_c[4, 200].isnan()
+    k_pe = torch.zeros(5, 16, dtype=torch.bfloat16)
+    write_cache(kv_c.to(device), k_pe.to(device), kv, pe, torch.arange(5, device=device), kv_scale=scale)
     q, s = reference.quantize_fp8(kv_c)
-    assert torch.equal(scale[0, :3].cpu().isnan(), s.isnan()) and torch.equal(scale[0, :3].cpu().isinf(), s.isinf())
-    assert torch.equal(kv[0, :3].cpu().float().isnan(), q.float().isnan())
+    assert torch.equal(scale[0, :5].cpu().isnan(), s.isnan()) and torch.equal(scale[0, :5].cpu().isinf(), s.isinf())
+    assert torch.equal(kv[0, :5].cpu().float().isnan(), q.float().isnan())
     finite = s.isfinite()[..., None].expand(-1, -1, 128).flatten(-2)
-    assert torch.equal(kv[0, :3].cpu().view(torch.uint8)[finite], q.view(torch.uint8)[finite])
+    assert torch.equal(kv[0, :5].cpu().view(torch.uint8)[finite], q.view(torch.uint8)[finite])
 
 
 def test_write_then_read_through_the_cache_manager(device):
