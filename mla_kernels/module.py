@@ -804,7 +804,9 @@ def config_kwargs(config) -> dict:
         style = "half"
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
-    elif model_type in ("longcat_flash", "bailing_hybrid"):  # their attention interleaves, whatever the config says
+    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32"):
+        # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
+        # rope_interleave=False given to it is still stored)
         style = "interleave"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"

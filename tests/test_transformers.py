@@ -96,7 +96,7 @@ def kimi_k25_model():
     return Kimi_K25ForConditionalGeneration(config).eval()
 
 
-def v32_model(index_topk=4):
+def v32_model(index_topk=4, **extra):
     """DeepSeek-V3.2 (DeepSeek-V3's attention plus the DSA indexer), tiny, with an index_topk below the prompts'
     lengths, so each query attends to a strict subset of its keys: its own 4 the indexer picks (the real model's
     2048 of up to 128K). Attending densely instead moves these logits by ~0.5 (tested below)."""
@@ -104,7 +104,7 @@ def v32_model(index_topk=4):
     keep = tiny_fields(q_lora_rank=32)
     torch.manual_seed(0)
     config = DeepseekV32Config(**keep, index_n_heads=4, index_head_dim=32, index_topk=index_topk,
-                               attn_implementation="eager")
+                               attn_implementation="eager", **extra)
     return DeepseekV32ForCausalLM(config).eval()
 
 
@@ -300,6 +300,22 @@ def test_v32_sparse_attention_is_what_decides(index_topk):
         assert err_ratio(dense[real], expected[real]) > 0.1
     with pytest.raises(ValueError, match="indexer"):
         integration.static_latent_cache(model, 3, 32)
+
+
+def test_v32_interleaves_its_rope_whatever_the_config_says():
+    """transformers' DeepSeek-V3.2 attention interleaves its rope unconditionally (its config drops V3's
+    ``rope_interleave``), yet the config still stores a ``rope_interleave=False`` it is given: the patched model
+    read that flag and applied the rotate-half rope, 0.53 relative logit error. Tolerance as in
+    ``test_forward_matches_transformers_where_attention_decides`` (fp32 rounding)."""
+    model = v32_model(index_topk=64, rope_interleave=False)  # index_topk above the prompt: dense attention
+    widen_attention(model)
+    ids, mask = left_padded([12, 9, 5])
+    real = mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        patch_model(model, block_size=4)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert err_ratio(got[real], expected[real]) < 1e-4, err_ratio(got[real], expected[real])
 
 
 def test_v32_beam_search_and_prompt_lookup():
