@@ -360,6 +360,12 @@ def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: 
     if not err < rtol:
         raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.1e} ({str(dtype).replace('torch.', '')}); "
                           "refusing to time a wrong result")
+    from mla_kernels._autotune import ROW_FACTOR, row_error
+    ref = expected.to(actual.device)
+    worst = row_error(actual, ref, finite, ref[finite].double().pow(2).mean().sqrt().item())
+    if not worst < ROW_FACTOR * rtol:
+        raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.1e}; "
+                          "refusing to time a wrong result")
     return err
 
 

@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="fewer benchmark shapes and configs per class")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {','.join(KERNELS)}")
     parser.add_argument("--out", default=None,
-                        help="config file to write (default mla_kernels/configs/<device-slug>.json)")
+                        help="config file to write (default on a GPU mla_kernels/configs/<device-slug>.json; "
+                             "off a GPU, where only tests tune with their own timer, nothing unless given)")
     parser.add_argument("--results", default=None, help="report JSON (default bench/results/autotune_<device>.json)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no new shape class after this (what is finished is written)")
@@ -69,14 +70,16 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
     if timer is None and device.type != "cuda":
         raise SystemExit("bench.autotune times kernels with triton.testing.do_bench: it needs a GPU")
     name = h.device_name(device)
-    out = Path(args.out) if args.out else _tuning.CONFIG_DIR / f"{_tuning.device_slug(name)}.json"
+    # off a GPU (tests, with a timer) the interpreter's timings belong in no shipped file: written only with --out
+    out = Path(args.out) if args.out else (
+        _tuning.CONFIG_DIR / f"{_tuning.device_slug(name)}.json" if device.type == "cuda" else None)
     print(f"{name}: tuning {', '.join(args.kernels)}{' (--quick)' if args.quick else ''} -> {out}")
     done: list[dict] = []
 
     def report(res=None):  # rewritten after every class, so a run cut short leaves its report too
         if res is not None:
             done.append(res)
-        return h.write_json("autotune", {"config_file": str(out), "quick": args.quick, "kernels": args.kernels,
+        return h.write_json("autotune", {"config_file": None if out is None else str(out), "quick": args.quick, "kernels": args.kernels,
                                          "classes": done}, device, args.results)
 
     results = _autotune.sweep(args.kernels, shapes, quick=args.quick, device=device, out=out, timer=timer,
@@ -88,7 +91,7 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
         print(_autotune.format_result(res))
     pruned = sum(len(r.get("pruned", [])) for r in results)
     print(f"\n{sum(r.get('winner') is not None for r in results)}/{len(results)} classes tuned, "
-          f"{pruned} candidates pruned (see the report); configs: {out}")
+          f"{pruned} candidates pruned (see the report); configs: {out or 'not written (no --out off a GPU)'}")
     print(f"report: {report()}")
     return results
 

@@ -599,6 +599,7 @@ def test_autotune_needs_a_gpu_or_a_timer(device):
         mla_kernels.autotune([dict(H=8)], timer=lambda fn: 1.0)
 
 
+TINY_DECODE = {"decode": [dict(B=1, ctx=8, H=2, R=16, P=16, page=4)]}
 BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tuned
     "kernels-empty": (dict(kernels=[]), ValueError, "kernels: none given"),  # tuned every kernel
     "kernels-an-int": (dict(kernels=5), TypeError, "kernels must be a sequence"),  # 'int' is not iterable
@@ -615,6 +616,12 @@ BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tun
     "width-V-48": (dict(shapes={"expanded": [dict(V=48)]}), ValueError, "V must be a power of two"),
     "dtype-int": (dict(dtype=torch.int32), TypeError, "dtype"),
     "budget-string": (dict(budget_s="10"), TypeError, "budget_s"),
+    # these four with one small shape (accepted, they tuned nothing ("budget spent"), ignored the budget, pruned
+    # every candidate "failed: TypeError", or raised a TypeError after the first class was swept and written)
+    "budget-negative": (dict(budget_s=-1, shapes=TINY_DECODE), ValueError, "budget_s"),
+    "budget-nan": (dict(budget_s=float("nan"), shapes=TINY_DECODE), ValueError, "budget_s"),
+    "timer-an-int": (dict(timer=5, shapes=TINY_DECODE), TypeError, "timer"),
+    "log-an-int": (dict(log=5, shapes=TINY_DECODE), TypeError, "log"),
     "device-meta": (dict(device="meta"), ValueError, "device 'meta'"),  # torch's RuntimeError, naming no argument
     "quick-a-string": (dict(quick="no"), TypeError, "quick must be a bool"),  # read as True: tuned quickly
     "quick-none": (dict(quick=None), TypeError, "quick must be a bool"),  # read as False: the full sweep
@@ -719,6 +726,48 @@ def test_shape_classes_and_the_seeded_h100_file():
         want = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2) if rows <= 16 else \
             dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
         assert table[_tuning.decode_class(rows)] == want, rows
+
+
+def test_autotune_takes_log_none_as_quiet(fake_gpu, monkeypatch, device, capsys):
+    """``log=None`` asks for no messages: it raised "'NoneType' object is not callable" once the first class had
+    been swept (and written to the file)."""
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    out = fake_gpu / "quiet.json"
+    (res,) = mla_kernels.autotune({"decode": [DECODE]}, device=device, out=out, log=None,
+                                  timer=fake_timer({32: 1.0, 64: 2.0}))
+    assert res["winner"] == FAST and json.loads(out.read_text())["kernels"] == {"decode": {KEY: FAST}}
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_off_a_gpu_writes_no_config_file_unless_told(fake_gpu, monkeypatch, device):
+    """bench.autotune with a timer on the CPU (tests) and no ``--out``: the interpreter's timings went into the
+    package's configs folder as a file for the CPU's name, beside the shipped ones. Now nothing is written."""
+    from bench import autotune as cli
+
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    report = fake_gpu / "report.json"
+    (res,) = cli.main(["--kernels", "decode", "--results", str(report), "--device", str(device)],
+                      timer=fake_timer({32: 1.0, 64: 2.0}), shapes={"decode": [DECODE]})
+    assert res["winner"] == FAST
+    assert not _tuning.CONFIG_DIR.exists() or not any(_tuning.CONFIG_DIR.iterdir())
+    assert json.loads(report.read_text())["config_file"] is None
+
+
+@pytest.mark.parametrize("check", ["autotune", "bench"])
+def test_checks_refuse_one_row_left_wrong_among_many(check):
+    """One relative RMS over a large output hides a row left wrong: a dropped token of 32768 moves it by
+    1/sqrt(32768) = 0.55%, under bf16's 1% bound, so a sweep candidate that skipped a tile tail passed, won and was
+    stored. Each row (last dimension) is checked too, at 4x the RMS bound (bf16's rounding of a row is ~0.4%)."""
+    from bench import _harness as h
+
+    check_close = _autotune.check_close if check == "autotune" else h.check_close
+    expected = torch.randn(32768, 64, generator=torch.Generator().manual_seed(0))
+    noisy = expected * (1 + 2e-3 * torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)))
+    check_close("rounding-sized noise", noisy, expected, torch.bfloat16)
+    dropped = noisy.clone()
+    dropped[-1] = 0.0
+    with pytest.raises(AssertionError, match="row"):
+        check_close("the last row dropped", dropped, expected, torch.bfloat16)
 
 
 def test_budget_spent_leaves_classes_untuned_and_unwritten(fake_gpu, device):
