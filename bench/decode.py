@@ -583,8 +583,19 @@ def seed_scenario(device, dtype, lib, warmups: int = SEED_WARMUPS, rounds: int =
         attend["naive"] = lambda r: naive_decode(q_nope[r], q_pe[r], case.kv_cache, case.pe_cache, case.block_table,
                                                  seqlens[r], scale, case.w_kv_b, shape.d_v, max_lens[-1])
 
+    # every step's write is timed with it: check it stores round 0's tokens, into slots cleared first (make_case's
+    # random fill is what the reference would read where a write left a slot alone)
+    case.kv_cache.flatten(0, 1)[slots[0]] = 0
+    case.pe_cache.flatten(0, 1)[slots[0]] = 0
+    write(0)
+    stored = (case.kv_cache.flatten(0, 1)[slots[0]], case.pe_cache.flatten(0, 1)[slots[0]])
+    write_ok = torch.equal(stored[0], new_kv[0]) and torch.equal(stored[1], new_pe[0])
     results = {}
     for name, fn in attend.items():
+        if not write_ok:
+            results[name] = {"wrong": True, "error": f"seed scenario {name}: write_cache did not store the new "
+                             "tokens' latent and rope key at their slots; refusing to time a wrong result"}
+            continue
         write(0)
         out = fn(0)
         q_abs = torch.einsum("bshd,hdr->bshr", q_nope[0].float(), case.w_uk.float()).to(dtype)

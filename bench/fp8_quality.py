@@ -244,6 +244,7 @@ def main(argv=None) -> None:
     with h.save_if_stopped("fp8_quality", payload, device, args):
         _measure(args, device, cpu, shapes, rows, speed_rows, payload)
     h.save_results("fp8_quality", payload, device, args)
+    h.exit_if_wrong(speed_rows, {}, lambda r: f"{r['provider']} B={r['B']} ctx={r['ctx']} H={r['H']}")
 
 
 if __name__ == "__main__":

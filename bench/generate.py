@@ -261,7 +261,7 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 for name, plan in plans.items():
                     if name.startswith("patched") and not err < LOGITS_RTOL:
                         rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
-                                                    **keys))
+                                                    wrong=True, **keys))
                         continue
                     step_err = None
                     if name.startswith("patched") and reference_steps is not None:  # its decode steps, before timing
@@ -270,7 +270,7 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                         step_err = None if got is None else decode_steps_error(got, reference_steps)
                         if step_err is not None and not step_err < LOGITS_RTOL:
                             rows.append(h.make_row(name, None, note="WRONG: first decode steps' logits rel. RMS "
-                                                        f"error {step_err:.2e}", **keys))
+                                                        f"error {step_err:.2e}", wrong=True, **keys))
                             continue
                     try:
                         timing, out = time_runs(plan, device, runs)
@@ -400,6 +400,7 @@ def main(argv=None) -> None:
         run(device, shape, contexts, batches, new_tokens, runs, no_cache_limit, compiled=not args.no_compile, rows=rows,
             model_type=args.model)
     h.save_results("generate", payload, device, args, plot=lambda png: plot(rows, png))
+    h.exit_if_wrong(rows, {}, lambda r: f"{r['provider']} B={r['B']} ctx={r['ctx']}")
 
 
 if __name__ == "__main__":

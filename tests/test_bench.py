@@ -237,6 +237,15 @@ def test_seed_scenario_smoke():
         assert r["tokens_per_s_step"] > 0 and r["attention_call_ms"]["runs"] == 2
 
 
+def test_seed_scenario_refuses_to_time_a_write_cache_that_stores_nothing():
+    """Every seed step's write is timed with the attention: a write_cache that stored nothing passed the round-0
+    check (the reference read make_case's random fill at those slots, as the provider did) and was timed."""
+    decode, decode_torch, _ = _torch_lib()
+    res = bd.seed_scenario(torch.device("cpu"), torch.bfloat16, (decode, decode_torch, lambda *args: None),
+                           warmups=1, rounds=2, with_naive=False)
+    assert res["providers"] and all(r["wrong"] and "write_cache" in r["error"] for r in res["providers"].values())
+
+
 def test_failed_bench_keeps_its_rows_and_fits_what_it_has(tmp_path):
     """Any other failure inside the block (a kernel fault, a compile error, out of memory) writes the rows measured so
     far, marked with the error, runs ``before_save`` first (a fit of the rows so far; its own failure is noted, not

@@ -1228,6 +1228,28 @@ def test_generate_bench_smoke(monkeypatch):
     assert patched["tokens_agree_with_transformers"] >= 0.5  # bf16 ties may flip a late token
 
 
+def test_generate_bench_marks_a_wrong_patched_model(monkeypatch):
+    """A patched model whose logits are wrong is not timed, and its row says ``wrong`` (bench.generate's main then
+    exits non-zero, as bench.decode and bench.prefill do): the row had only a note, and the run exited 0."""
+    import mla_kernels
+    from bench.generate import ModelShape, run
+
+    real_patch = mla_kernels.patch_model
+
+    def broken_patch(model, *args, **kwargs):
+        model = real_patch(model, *args, **kwargs) or model
+        model.lm_head.register_forward_hook(lambda module, inputs, out: out + 1.0)
+        return model
+
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
+    monkeypatch.setattr(mla_kernels, "patch_model", broken_patch)
+    shape = ModelShape(hidden=64, heads=2, layers=2, q_lora_rank=32, vocab=128, intermediate=64,
+                       kv_lora_rank=32, rope=16, nope=16, v=16)
+    rows = run(torch.device("cpu"), shape, [5], [2], new_tokens=3, runs=1, no_cache_limit=0)
+    patched = next(r for r in rows if r["provider"] == "patched")
+    assert patched.get("wrong") is True and "WRONG" in patched["note"] and "p50_ms" not in patched
+
+
 def test_generate_bench_decode_step_check():
     """bench.generate's decode-step check: the first step on every row; a later step only on the rows whose earlier
     tokens agree (after a tie picks another token the two runs see different inputs), so a tie is not reported as
