@@ -450,7 +450,7 @@ def _jsonable(x):
 
 def results_path(name: str, device: torch.device, out: str | os.PathLike | None = None) -> Path:
     """``out`` if it names a .json file, else ``<out or bench/results>/<name>_<device-slug>.json``."""
-    if out is not None and str(out).endswith(".json"):
+    if out is not None and str(out).lower().endswith(".json"):
         return Path(out)
     return Path(out or RESULTS_DIR) / f"{name}_{device_slug(device)}.json"
 
@@ -611,6 +611,51 @@ def save_plot(fig, path) -> None:
     print(f"plot: {path}")
 
 
+def out_arg(text: str) -> str:
+    """``--out``: a .json file or a folder, refused at once (an argparse error) where the results could not be
+    written, rather than by a traceback after the whole run (its measurements lost)."""
+    path = Path(text)
+    if text.lower().endswith(".json"):
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a .json file")
+        folder = path.parent
+    else:
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder (a results file ends in .json)")
+        folder = path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(existing)!r} is not writable")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (anything else: an argparse error, not a traceback from torch)."""
+    if text in ("", "auto"):
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: auto, cpu, cuda or cuda:N")
+    return text
+
+
 def make_parser(description: str, seed_and_sweep: bool = False, plot: bool = True) -> argparse.ArgumentParser:
     """Arguments every ``python -m bench.<name>`` takes: --quick, --out, --device, --cuda-graph, --threads, and
     --plot where the bench draws one (``plot=False``: no such option, so that argparse refuses it rather than the bench
@@ -621,13 +666,13 @@ def make_parser(description: str, seed_and_sweep: bool = False, plot: bool = Tru
         parser.add_argument("--skip-seed", action="store_true", help="only the sweep")
         parser.add_argument("--skip-sweep", action="store_true", help="only seed 003's scenario")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep, for a first look")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default=None, type=out_arg,
                         help="results folder or .json file (default bench/results/<name>_<device>.json)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto", type=device_arg, help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--cuda-graph", action="store_true", help="time GPU providers inside CUDA graphs")
     if plot:
         parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's); 1 avoids spin-waiting on a busy machine")
     return parser
 

@@ -79,8 +79,8 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
     def report(res=None):  # rewritten after every class, so a run cut short leaves its report too
         if res is not None:
             done.append(res)
-        return h.write_json("autotune", {"config_file": None if out is None else str(out), "quick": args.quick, "kernels": args.kernels,
-                                         "classes": done}, device, args.results)
+        return h.write_json("autotune", {"config_file": None if out is None else str(out), "quick": args.quick,
+                                         "kernels": args.kernels, "classes": done}, device, args.results)
 
     results = _autotune.sweep(args.kernels, shapes, quick=args.quick, device=device, out=out, timer=timer,
                               check=h.check_close, budget_s=args.budget, progress=h.progress, log=h.log,
@@ -91,7 +91,8 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
         print(_autotune.format_result(res))
     pruned = sum(len(r.get("pruned", [])) for r in results)
     print(f"\n{sum(r.get('winner') is not None for r in results)}/{len(results)} classes tuned, "
-          f"{pruned} candidates pruned (see the report); configs: {out or 'not written (no --out off a GPU)'}")
+          f"{pruned} candidates pruned (see the report); configs: "
+          f"{out or 'not written (no --out off a GPU)'}")
     print(f"report: {report()}")
     return results
 

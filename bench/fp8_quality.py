@@ -217,7 +217,8 @@ def _measure(args, device, cpu, shapes, rows, speed_rows, payload) -> None:
 
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0], plot=False)  # tables only: no --plot to ignore
-    parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per sequence (default 256)")
+    parser.add_argument("--new-tokens", type=h.positive_int, default=None,
+                        help="greedy tokens per sequence (default 256)")
     args = parser.parse_args(argv)
     device = h.setup(args)
     cpu = h.is_cpu(device)

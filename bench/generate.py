@@ -356,12 +356,22 @@ def plot(rows, path):
     h.save_plot(fig, path)
 
 
+def _context_len(text: str) -> int:
+    """``--context``: at least 2 tokens (the first L - 1 are prefilled into the cache, the last one starts decoding)."""
+    import argparse
+
+    value = h.positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a context needs at least 2 tokens")
+    return value
+
+
 def main(argv=None) -> None:
     parser = h.make_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 and 16)")
-    parser.add_argument("--context", type=int, nargs="+", default=None, help="context lengths")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence and run")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per provider and shape")
+    parser.add_argument("--batch", type=h.positive_int, nargs="+", default=None, help="batch sizes (default 1 and 16)")
+    parser.add_argument("--context", type=_context_len, nargs="+", default=None, help="context lengths")
+    parser.add_argument("--new-tokens", type=h.positive_int, default=None, help="tokens generated per sequence and run")
+    parser.add_argument("--runs", type=h.positive_int, default=None, help="timed runs per provider and shape")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled provider")
     parser.add_argument("--model", choices=MODEL_TYPES, default="deepseek_v3",
                         help="deepseek_v32: DeepSeek-V3.2's sparse attention (indexer, top-2048 keys per token)")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,6 +552,40 @@ def test_replot_refuses_a_missing_corrupt_or_foreign_file(tmp_path):
         message = str(refused.value.code)
         assert message.startswith(f"--replot {path}: ") and why in message and "\n" not in message
         assert not path.with_suffix(".png").exists()
+
+
+BAD_CLI = {  # bench, arguments, the option argparse names: each was a traceback (or silently a default) before
+    "threads-negative": ("decode", ["--threads", "-1"], "--threads"),  # set_num_threads' RuntimeError
+    "threads-zero": ("decode", ["--threads", "0"], "--threads"),  # read as "torch's default"
+    "device-unknown": ("memory", ["--device", "foo"], "--device"),  # torch.device's RuntimeError
+    "device-meta": ("memory", ["--device", "meta"], "--device"),
+    "batch-zero": ("generate", ["--batch", "0"], "--batch"),  # a reshape RuntimeError
+    "context-one": ("generate", ["--context", "1"], "--context"),  # nothing left to prefill
+    "runs-negative": ("generate", ["--runs", "-1"], "--runs"),  # quantile() of no times
+    "new-tokens-negative": ("fp8_quality", ["--new-tokens", "-1"], "--new-tokens"),  # after the decode part ran
+    "out-an-existing-file": ("decode", ["--out", "{tmp}/notes.txt"], "--out"),  # after the whole run, its rows lost
+    "out-below-a-file": ("decode", ["--out", "{tmp}/notes.txt/r.json"], "--out"),
+    "out-a-folder-named-json": ("decode", ["--out", "{tmp}/old.json"], "--out"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_bad_cli_values_are_usage_errors_before_any_work(case, tmp_path, capsys):
+    import importlib
+
+    name, argv, option = BAD_CLI[case]
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "old.json").mkdir()
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module(f"bench.{name}").main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert refused.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_out_ending_in_upper_case_json_is_a_file():
+    """``--out R.JSON`` made a folder of that name with ``<bench>_<device>.json`` inside."""
+    assert h.results_path("unit", torch.device("cpu"), "some/R.JSON") == Path("some/R.JSON")
+    assert h.make_parser("x").parse_args(["--out", "new/folder"]).out == "new/folder"  # created when written
 
 
 @pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf", "lots"])
