@@ -193,12 +193,12 @@ def print_cache_table(rows, contexts) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def decode_peaks(device, contexts, naive_gflop_limit: float | None) -> list[dict]:
+def decode_peaks(device, contexts, naive_gflop_limit: float | None, rows: list | None = None) -> list[dict]:
     """Per shape and context (batch 1): cache bytes and the workspace peak of one decode call,
     for mla_decode (latent in, W_UV applied) and for the naive path (decompress, SDPA)."""
     from mla_kernels import mla_decode
 
-    rows = []
+    rows = [] if rows is None else rows  # (a list the caller holds: a stopped run keeps the rows measured so far)
     dtype = torch.bfloat16
     for name, shape in SHAPES.items():
         for ctx in h.progress(contexts, f"peaks {name}"):
@@ -410,34 +410,33 @@ def main(argv=None) -> None:
     if cpu:
         print("CPU run: cache sizes from the allocated tensors' storage; decode peaks from the PyTorch path")
 
-    tf_layouts = {name: transformers_cache_layout(name, shape, device) for name, shape in SHAPES.items()}
-    for name, tf in tf_layouts.items():
-        if "error" in tf:
-            print(tf["error"])
-        else:
-            print(f"transformers {tf['transformers']} DeepseekV3Attention ({name}) caches {tf['cached_shapes']} "
-                  f"for {tf['tokens']} tokens: {tf['values_per_token']:.0f} values/token/layer")
-    rows = cache_table(device, contexts, tf_layouts)
-    print()
-    print_cache_table(rows, contexts)
-    fp8_rows = fp8_table(device, contexts, args.cache_gib)
-    print_fp8_table(fp8_rows, args.cache_gib)
-    peaks = decode_peaks(device, peak_contexts, naive_gflop_limit=40.0 if cpu else None)
-    print_peaks(peaks, cpu)
-    text = verdict(rows)
-    print("\n" + text)
     payload = {
         "config": {"quick": args.quick, "contexts": contexts, "peak_contexts": peak_contexts, "page": PAGE,
                    "dtype": "bfloat16", "shapes": {k: dataclasses.asdict(v) for k, v in SHAPES.items()},
                    "mha_head_dim": MHA_HEAD_DIM, "gqa_kv_heads": GQA_KV_HEADS},
-        "transformers_cache": tf_layouts,
-        "cache_per_token": rows,
-        "fp8_cache": fp8_rows,
-        "decode_peaks": peaks,
         "decode_peaks_note": ("CPU: workspace measured from the PyTorch path's CPU allocations (torch.profiler), "
                               "not the Triton kernel's" if cpu else "GPU: torch.cuda.max_memory_allocated"),
-        "seed_000_claim": text,
     }
+    # stopped (a GPU session's time box) or failing: what was measured is written, marked incomplete
+    with h.save_if_stopped("memory", payload, device, args):
+        tf_layouts = payload["transformers_cache"] = {name: transformers_cache_layout(name, shape, device)
+                                                      for name, shape in SHAPES.items()}
+        for name, tf in tf_layouts.items():
+            if "error" in tf:
+                print(tf["error"])
+            else:
+                print(f"transformers {tf['transformers']} DeepseekV3Attention ({name}) caches {tf['cached_shapes']} "
+                      f"for {tf['tokens']} tokens: {tf['values_per_token']:.0f} values/token/layer")
+        rows = payload["cache_per_token"] = cache_table(device, contexts, tf_layouts)
+        print()
+        print_cache_table(rows, contexts)
+        fp8_rows = payload["fp8_cache"] = fp8_table(device, contexts, args.cache_gib)
+        print_fp8_table(fp8_rows, args.cache_gib)
+        peaks = payload["decode_peaks"] = []
+        decode_peaks(device, peak_contexts, naive_gflop_limit=40.0 if cpu else None, rows=peaks)
+        print_peaks(peaks, cpu)
+        text = payload["seed_000_claim"] = verdict(rows)
+        print("\n" + text)
     h.save_results("memory", payload, device, args, plot=lambda png: plot(rows, peaks, png))
 
 

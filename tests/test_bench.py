@@ -588,6 +588,22 @@ def test_out_ending_in_upper_case_json_is_a_file():
     assert h.make_parser("x").parse_args(["--out", "new/folder"]).out == "new/folder"  # created when written
 
 
+def test_memory_failing_partway_writes_what_it_measured(tmp_path, monkeypatch):
+    """bench.memory built its results only at its end, so a run stopped at a time limit (the GPU session's) or failing
+    partway wrote nothing, where the other benches write their rows marked ``incomplete``."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("a fault in the fp8 table")
+
+    monkeypatch.setattr(bm, "fp8_table", fail)
+    monkeypatch.setattr(bm._utils, "interpreting", lambda: False)  # (it stops before the decode peaks)
+    out = tmp_path / "memory.json"
+    with pytest.raises(RuntimeError, match="fp8 table"):
+        bm.main(["--quick", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert "RuntimeError: a fault in the fp8 table" in doc["incomplete"]
+    assert doc["cache_per_token"] and "fp8_cache" not in doc
+
+
 @pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf", "lots"])
 def test_memory_refuses_a_budget_that_is_not_positive_and_finite(budget, capsys):
     """--cache-gib -1 (or 0) printed negative token counts: such budgets are refused at argument parsing."""
