@@ -114,6 +114,10 @@ def test_tma_layout_rules():
     assert not tma_supported(q32, kv32, pe32, 64)  # fp32 runs full-precision dots on the portable kernel
     qw, _, kvw, pew, _, _ = make_inputs([10], 1, 2, 64, torch.bfloat16, "cpu", r=1024)
     assert not tma_supported(qw, kvw, pew, 64)  # a 512-wide half is more than one 256-element TMA box
+    qn, _, kvn, pen, _, _ = make_inputs([10], 1, 2, 64, torch.bfloat16, "cpu", r=16)
+    assert not tma_supported(qn, kvn, pen, 64)  # an 8-wide half: a dot's K below 16 (sm_90's compile refuses it)
+    qn, _, kvn, pen, _, _ = make_inputs([10], 1, 2, 64, torch.bfloat16, "cpu", r=32)
+    assert tma_supported(qn, kvn, pen, 64)
     every_other = torch.zeros(8, 64, 576, dtype=torch.bfloat16)[::2]  # blocks not adjacent: not one 2-D array
     assert not tma_supported(q_nope, every_other[..., :512], every_other[..., 512:], 64)
 
