@@ -634,6 +634,7 @@ def out_arg(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (counts, sizes, threads)."""
     try:
         value = int(text)
     except ValueError:
@@ -668,7 +669,8 @@ def make_parser(description: str, seed_and_sweep: bool = False, plot: bool = Tru
     parser.add_argument("--quick", action="store_true", help="a smaller sweep, for a first look")
     parser.add_argument("--out", default=None, type=out_arg,
                         help="results folder or .json file (default bench/results/<name>_<device>.json)")
-    parser.add_argument("--device", default="auto", type=device_arg, help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto", type=device_arg,
+                        help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--cuda-graph", action="store_true", help="time GPU providers inside CUDA graphs")
     if plot:
         parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")

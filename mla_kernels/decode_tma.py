@@ -43,9 +43,10 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
     """Can the TMA kernel serve this call? Decided from shapes, strides and pointers only (no host sync).
 
     Needs: triton's host tensor descriptors; bf16/fp16; pages made of whole tiles; each latent half and the
-    rope part at most one TMA box wide, and each half at least 16 wide (a dot's K); every block laid out as ``page`` consecutive token rows (so the cache
-    is one 2-D ``[num_blocks * page, width]`` array, which holds for every contiguous cache and every view of
-    one fused ``[..., R+P]`` buffer); 16-byte aligned bases and row strides (TMA's rules); row ids in int32.
+    rope part at most one TMA box wide, and each half at least 16 wide (a dot's K); every block laid out as
+    ``page`` consecutive token rows (so the cache is one 2-D ``[num_blocks * page, width]`` array, which holds for
+    every contiguous cache and every view of one fused ``[..., R+P]`` buffer); 16-byte aligned bases and row
+    strides (TMA's rules); row ids in int32.
     """
     if TensorDescriptor is None or kv_cache.dtype not in TMA_DTYPES or q_nope.dtype != kv_cache.dtype:
         return False
