@@ -23,11 +23,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     # every interpreted kernel's loads and stores must stay inside its arguments' memory; MLA_TEST_RACES=1 also
     # fails an element two programs of one launch touch, one writing (slow, by hand)
     bounds.install(races=os.environ.get("MLA_TEST_RACES", "0") not in ("", "0"))
-    if os.environ.get("MLA_TEST_GPU_LIKE", "0") not in ("", "0"):
+    gpu_like_features = os.environ.get("MLA_TEST_GPU_LIKE", "0")
+    if gpu_like_features not in ("", "0"):
         # by hand: the interpreter with a GPU's NaN payloads, undefined masked lanes, bf16 rounding and ftz exp2/log2
         import gpu_like  # noqa: E402
 
-        gpu_like.install()
+        gpu_like.install(gpu_like.FEATURES if gpu_like_features == "1" else gpu_like_features.split(","))
 
 
 @pytest.fixture(scope="session")

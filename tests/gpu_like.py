@@ -27,6 +27,7 @@ import numpy as np
 CANONICAL_NAN = np.uint32(0x7FFFFFFF)
 GARBAGE_BYTE = 0x5A
 installed = False
+active: frozenset = frozenset()  # the features installed (references that model the interpreter's truncation ask)
 
 
 def _canonical(handle, interp):
@@ -55,12 +56,20 @@ def _flush_subnormals(a) -> np.ndarray:
     return np.where(np.abs(a) < np.float32(2.0 ** -126), np.float32(0.0) * np.sign(a), a).astype(np.float32)
 
 
-def install() -> None:
+FEATURES = ("nan", "lanes", "bf16", "ftz")
+
+
+def install(features=FEATURES) -> None:
     """Patch the interpreter's builder (idempotent). Only where ``TRITON_INTERPRET`` is set before triton is imported;
-    another triton whose interpreter lacks a hook gets a warning and runs unpatched."""
-    global installed
+    another triton whose interpreter lacks a hook gets a warning and runs unpatched. ``features``: which differences
+    (``FEATURES``: canonical NaNs, undefined masked lanes, bf16 rounding, ftz exp2/log2; ``MLA_TEST_GPU_LIKE=nan,ftz``
+    picks some, ``1`` all)."""
+    global installed, active
     if installed:
         return
+    unknown = set(features) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"tests/gpu_like.py: unknown features {sorted(unknown)}; choose from {FEATURES}")
     import triton.language as tl
     from triton.runtime import interpreter as interp
 
@@ -71,7 +80,7 @@ def install() -> None:
     if missing:
         warnings.warn(f"tests/gpu_like.py: this triton's interpreter lacks {missing}; not installed", RuntimeWarning)
         return
-    installed = True
+    installed, active = True, frozenset(features)
 
     def canonical_results(name):
         original = getattr(builder, name)
@@ -80,9 +89,18 @@ def install() -> None:
             return _canonical(original(self, *args, **kwargs), interp)
         setattr(builder, name, wrapped)
 
-    for name in ("binary_op", "unary_op", "create_dot", "create_fma"):
-        canonical_results(name)
+    if "nan" in features:
+        for name in ("binary_op", "unary_op", "create_dot", "create_fma"):
+            canonical_results(name)
+    if "lanes" in features:
+        _garbage_masked_lanes(builder, interp, tl)
+    if "bf16" in features:
+        _rounding_bf16_casts(builder, interp, tl)
+    if "ftz" in features:
+        _flushing_exp2_log2(builder, interp)
 
+
+def _garbage_masked_lanes(builder, interp, tl) -> None:
     masked_load = builder.create_masked_load
 
     def garbage_masked_load(self, ptrs, mask, other, *args, **kwargs):
@@ -102,6 +120,8 @@ def install() -> None:
         return interp.TensorHandle(data, out.dtype)
     builder.create_masked_load = garbage_masked_load
 
+
+def _rounding_bf16_casts(builder, interp, tl) -> None:
     cast = builder.cast_impl
 
     def rounding_cast(self, src, dst_type):
@@ -111,6 +131,8 @@ def install() -> None:
         return cast(self, src, dst_type)
     builder.cast_impl = rounding_cast
 
+
+def _flushing_exp2_log2(builder, interp) -> None:
     def flushed(fn):
         def create(self, arg):
             flat = interp.TensorHandle(_flush_subnormals(arg.data), arg.dtype.scalar)
