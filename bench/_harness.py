@@ -351,18 +351,18 @@ def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: 
         raise WrongResult(f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}")
     dtype = actual.dtype if dtype is None else dtype
     rtol = CHECK_RTOL.get(dtype, 1e-2) if rtol is None else rtol
-    finite = torch.isfinite(expected.to(actual.device))
+    expected = expected.to(actual.device)
+    finite = torch.isfinite(expected)
     bad = finite & ~torch.isfinite(actual)
     if bad.any():
         where = tuple(bad.nonzero()[0].tolist())
         raise WrongResult(f"{name}: non-finite output at {where} where the reference is finite")
-    err = rel_rms_error(actual[finite], expected.to(actual.device)[finite])
+    err = rel_rms_error(actual[finite], expected[finite])
     if not err < rtol:
         raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.1e} ({str(dtype).replace('torch.', '')}); "
                           "refusing to time a wrong result")
     from mla_kernels._autotune import ROW_FACTOR, row_error
-    ref = expected.to(actual.device)
-    worst = row_error(actual, ref, finite, ref[finite].double().pow(2).mean().sqrt().item())
+    worst = row_error(actual, expected, finite)
     if not worst < ROW_FACTOR * rtol:
         raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.1e}; "
                           "refusing to time a wrong result")
@@ -448,9 +448,14 @@ def _jsonable(x):
     return x
 
 
+def names_json_file(out: str | os.PathLike) -> bool:
+    """Whether ``--out`` names a results file (ending in .json, any case) rather than a folder."""
+    return str(out).lower().endswith(".json")
+
+
 def results_path(name: str, device: torch.device, out: str | os.PathLike | None = None) -> Path:
     """``out`` if it names a .json file, else ``<out or bench/results>/<name>_<device-slug>.json``."""
-    if out is not None and str(out).lower().endswith(".json"):
+    if out is not None and names_json_file(out):
         return Path(out)
     return Path(out or RESULTS_DIR) / f"{name}_{device_slug(device)}.json"
 
@@ -615,7 +620,7 @@ def out_arg(text: str) -> str:
     """``--out``: a .json file or a folder, refused at once (an argparse error) where the results could not be
     written, rather than by a traceback after the whole run (its measurements lost)."""
     path = Path(text)
-    if text.lower().endswith(".json"):
+    if names_json_file(text):
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a .json file")
         folder = path.parent

@@ -60,7 +60,7 @@ def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: 
     rtol = CHECK_RTOL.get(dtype, 1e-2)
     if not err < rtol:
         raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.0e}")
-    worst = row_error(actual, expected, finite, denom)
+    worst = row_error(actual, expected, finite)
     if not worst < ROW_FACTOR * rtol:  # one RMS over millions of elements hides a token or a row left wrong
         raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.0e}")
     return err
@@ -69,15 +69,17 @@ def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: 
 ROW_FACTOR = 4  # a row (the last dimension: a head's output, a cached token) may be this many times the RMS bound
 
 
-def row_error(actual, expected, finite, denom: float) -> float:
-    """The largest relative error of one row (the last dimension), each row measured against the larger of its own
-    norm and a typical row's (``denom``: the reference's RMS), so rows the reference leaves zero count too."""
+def row_error(actual, expected, finite) -> float:
+    """The largest relative error of one row (the last dimension) over the ``finite`` entries of ``expected``, each
+    row measured against the larger of its own norm and a typical row's (from the reference's RMS), so rows the
+    reference leaves zero count too."""
     if actual.numel() == 0:
         return 0.0
     width = actual.shape[-1] if actual.dim() else 1
     a = torch.where(finite, actual.double(), 0.0).reshape(-1, width)
     e = torch.where(finite, expected.double(), 0.0).reshape(a.shape)
-    floor = (denom if denom > 0 else 1.0) * math.sqrt(width)  # (denom NaN: no finite reference value)
+    rms = expected[finite].double().pow(2).mean().sqrt().item()
+    floor = (rms if rms > 0 else 1.0) * math.sqrt(width)  # (rms NaN: no finite reference value)
     return ((a - e).norm(dim=1) / e.norm(dim=1).clamp(min=floor)).max().item()
 
 

@@ -81,23 +81,23 @@ def install(features=FEATURES) -> None:
         warnings.warn(f"tests/gpu_like.py: this triton's interpreter lacks {missing}; not installed", RuntimeWarning)
         return
     installed, active = True, frozenset(features)
-
-    def canonical_results(name):
-        original = getattr(builder, name)
-
-        def wrapped(self, *args, **kwargs):
-            return _canonical(original(self, *args, **kwargs), interp)
-        setattr(builder, name, wrapped)
-
     if "nan" in features:
-        for name in ("binary_op", "unary_op", "create_dot", "create_fma"):
-            canonical_results(name)
+        _canonical_nans(builder, interp)
     if "lanes" in features:
         _garbage_masked_lanes(builder, interp, tl)
     if "bf16" in features:
         _rounding_bf16_casts(builder, interp, tl)
     if "ftz" in features:
         _flushing_exp2_log2(builder, interp)
+
+
+def _canonical_nans(builder, interp) -> None:
+    for name in ("binary_op", "unary_op", "create_dot", "create_fma"):
+        original = getattr(builder, name)
+
+        def wrapped(self, *args, _original=original, **kwargs):
+            return _canonical(_original(self, *args, **kwargs), interp)
+        setattr(builder, name, wrapped)
 
 
 def _garbage_masked_lanes(builder, interp, tl) -> None:
