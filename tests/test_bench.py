@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -626,3 +627,70 @@ def test_tolerance_probe_summary_ranks_a_nan_error_worst(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (line,) = tolerance_probe.summary(str(path))
     assert "median error 2.00e-07" in line and "worst nan" in line and "t: b)" in line, line
+
+
+def _gpu_session_commands() -> list[tuple[str, str]]:
+    """Every command of bench/gpu_session.sh as (case, command line), continuation lines joined, comments dropped."""
+    script = (Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh").read_text()
+    case, commands = None, []
+    for line in script.replace("\\\n", " ").splitlines():
+        code = "" if line.lstrip().startswith("#") else line.split(" # ", 1)[0]
+        label = re.match(r"\s*(\w+)\)", code)
+        if label:
+            case, code = label.group(1), code[label.end():]
+        if case and code.strip():
+            commands.append((case, code))
+    return commands
+
+
+# what the script's variables hold when a step runs (each --skip flag the first step may add, all at once)
+_SESSION_VARS = {"skip": "--skip-tma --skip-gluon", "SKIP_KERNELS": "--skip-tma --skip-gluon",
+                 "skip_gluon": "--skip-gluon", "slug": "nvidia-h100-80gb-hbm3", "xdist": "-n 16", "xdist4": "-n 4",
+                 "per_test": "--timeout 60", "PWD": ".", "PYTHONPATH": "."}
+
+
+@pytest.mark.parametrize("case", ["first", "tests", "compile", "bench", "generate", "sparse", "fp8", "gluon", "decode",
+                                  "tune", "prefill"])
+def test_gpu_session_commands_parse(case, tmp_path, monkeypatch):
+    """A device call is 15 scarce minutes: every bench command bench/gpu_session.sh runs must get past its argument
+    parser (a renamed flag would cost its step, found only on the GPU), and every test file, pytest plugin and module
+    it names must exist. Each bench command is parsed by its own ``main``, stopped right after parsing."""
+    import importlib
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    lines = [code for c, code in _gpu_session_commands() if c == case]
+    assert lines, f"gpu_session.sh has no case {case!r}"
+    out = tmp_path / "out"
+    (out / "configs").mkdir(parents=True)
+    subst = dict(_SESSION_VARS, OUT=str(out))
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    seen = 0
+    for code in lines:
+        code = re.sub(r"\$\{?(\w+)\}?", lambda m: subst.get(m.group(1), m.group(0)), code)
+        for module, rest in re.findall(r"python -m (bench\.\w+)([^;|>)]*)", code):
+            argv = shlex.split(rest.split(" --junitxml", 1)[0])
+            with pytest.raises(Parsed):  # an argparse error is SystemExit(2), which this does not catch
+                importlib.import_module(module).main(argv)
+            seen += 1
+        for module in re.findall(r"python -m (mla_kernels\.\w+)", code):
+            assert importlib.util.find_spec(module), module
+            seen += 1
+        for path in re.findall(r"(?<![\w/])tests/[\w/.]+\.py", code):
+            assert (root / path).is_file(), f"{case}: {path} does not exist"
+            seen += 1
+        for name in re.findall(r"-p (\w+)", code):
+            assert name == "no" or (root / "tests" / f"{name}.py").is_file(), f"{case}: pytest plugin {name}"
+        for path, test in re.findall(r"--deselect \"?(tests/[\w/.]+\.py)::(\w+)", code):
+            assert re.search(rf"^def {test}\(", (root / path).read_text(), re.M), f"{case}: {path}::{test}"
+    assert seen, f"{case}: no command found to check"
