@@ -27,13 +27,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+# correctness before timing: one check for the benchmarks and the autotune sweep (its tolerances argued there)
+from mla_kernels._autotune import CHECK_RTOL, WrongResult, check_close, rel_rms_error  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# Relative RMS error allowed before a provider is timed: bf16 keeps 8 significant bits (0.4% per
-# rounding), and a correct kernel rounds a few times (inputs, probabilities, output), so 1% RMS is
-# well above honest rounding noise and far below what a wrong mask, scale or page index produces.
-CHECK_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3, torch.float64: 1e-6}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,47 +324,8 @@ def mla_bytes(batch: int, s_q: int, heads: int, ctx, d_latent: int = 512, d_rope
 
 
 # ------------------------------------------------------------------------------------------------
-# correctness before timing
+# correctness before timing (check_close, WrongResult: mla_kernels._autotune)
 # ------------------------------------------------------------------------------------------------
-
-
-class WrongResult(AssertionError):
-    """A provider's output disagrees with the reference: it is not timed."""
-
-
-def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||a - e|| / ||e|| in float64 (fla's get_err_ratio)."""
-    a, e = actual.detach().double(), expected.detach().to(actual.device).double()
-    denom = e.pow(2).mean().sqrt().item()
-    diff = (a - e).pow(2).mean().sqrt().item()
-    return diff / denom if denom > 0 else diff
-
-
-def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-                rtol: float | None = None) -> float:
-    """Raise ``WrongResult`` unless ``actual`` matches ``expected``: same shape, no non-finite value
-    where the reference is finite, relative RMS error below ``rtol`` (default ``CHECK_RTOL[dtype]``,
-    dtype defaulting to ``actual``'s). Returns the error."""
-    if tuple(actual.shape) != tuple(expected.shape):
-        raise WrongResult(f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}")
-    dtype = actual.dtype if dtype is None else dtype
-    rtol = CHECK_RTOL.get(dtype, 1e-2) if rtol is None else rtol
-    expected = expected.to(actual.device)
-    finite = torch.isfinite(expected)
-    bad = finite & ~torch.isfinite(actual)
-    if bad.any():
-        where = tuple(bad.nonzero()[0].tolist())
-        raise WrongResult(f"{name}: non-finite output at {where} where the reference is finite")
-    err = rel_rms_error(actual[finite], expected[finite])
-    if not err < rtol:
-        raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.1e} ({str(dtype).replace('torch.', '')}); "
-                          "refusing to time a wrong result")
-    from mla_kernels._autotune import ROW_FACTOR, row_error
-    worst = row_error(actual, expected, finite)
-    if not worst < ROW_FACTOR * rtol:
-        raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.1e}; "
-                          "refusing to time a wrong result")
-    return err
 
 
 def check_then_time(name: str, fn: Callable[[], torch.Tensor], expected: torch.Tensor, device: torch.device,

@@ -33,36 +33,52 @@ from . import _tuning, _utils
 KERNELS = ("decode", "prefill", "expanded", "write_cache")
 ROPE = 64  # the rope width (DeepSeek's) of the benchmark shapes; it is no part of any shape class
 
-# Relative RMS error allowed before a candidate is timed (as bench/_harness.py's CHECK_RTOL): bf16 keeps 8
-# significant bits (0.4% per rounding) and a correct kernel rounds a few times, so 1% RMS is above honest rounding
-# noise and far below what a wrong mask, tile edge or page index gives.
-CHECK_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+# Relative RMS error allowed before a candidate (a sweep's config, a bench's provider) is timed: bf16 keeps 8
+# significant bits (0.4% per rounding) and a correct kernel rounds a few times (inputs, probabilities, output), so
+# 1% RMS is above honest rounding noise and far below what a wrong mask, tile edge, scale or page index gives.
+# One check for the sweep and the benchmarks (bench/_harness.py imports it).
+CHECK_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3, torch.float64: 1e-6}
+TUNED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the sweep tunes for
 
 ON_DEMAND_SHAPES: dict | None = None  # tests: kernel -> shapes that MLA_KERNELS_AUTOTUNE's on-demand tuning uses
 ON_DEMAND_TIMER = None  # tests: the timer of on-demand tuning (default: gpu_timer)
 
 
 class WrongResult(AssertionError):
-    """A candidate's output disagrees with the reference: it is pruned, not timed."""
+    """An output disagrees with the reference: the candidate is pruned, the provider not timed."""
 
 
-def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """Raise ``WrongResult`` unless shapes agree, no output is non-finite where the reference is finite, and the
-    relative RMS error is below ``CHECK_RTOL[dtype]``. Returns the error."""
+def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64 (fla's get_err_ratio); ||a - e|| where the reference is all zeros."""
+    a, e = actual.detach().double(), expected.detach().to(actual.device).double()
+    denom = e.pow(2).mean().sqrt().item()
+    diff = (a - e).pow(2).mean().sqrt().item()
+    return diff / denom if denom > 0 else diff
+
+
+def check_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                rtol: float | None = None) -> float:
+    """Raise ``WrongResult`` unless ``actual`` matches ``expected``: same shape, no non-finite value where the
+    reference is finite, relative RMS error below ``rtol`` (default ``CHECK_RTOL[dtype]``, dtype defaulting to
+    ``actual``'s), and no row (the last dimension) off by more than ``ROW_FACTOR`` times that. Returns the error."""
     if tuple(actual.shape) != tuple(expected.shape):
         raise WrongResult(f"{name}: shape {tuple(actual.shape)}, reference {tuple(expected.shape)}")
+    dtype = actual.dtype if dtype is None else dtype
+    rtol = CHECK_RTOL.get(dtype, 1e-2) if rtol is None else rtol
+    expected = expected.to(actual.device)
     finite = torch.isfinite(expected)
-    if (finite & ~torch.isfinite(actual)).any():
-        raise WrongResult(f"{name}: non-finite output where the reference is finite")
-    a, e = actual[finite].double(), expected[finite].double()
-    denom = e.pow(2).mean().sqrt().item()
-    err = (a - e).pow(2).mean().sqrt().item() / (denom if denom > 0 else 1.0)
-    rtol = CHECK_RTOL.get(dtype, 1e-2)
+    bad = finite & ~torch.isfinite(actual)
+    if bad.any():
+        where = tuple(bad.nonzero()[0].tolist())
+        raise WrongResult(f"{name}: non-finite output at {where} where the reference is finite")
+    err = rel_rms_error(actual[finite], expected[finite])
     if not err < rtol:
-        raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.0e}")
+        raise WrongResult(f"{name}: relative RMS error {err:.3e} > {rtol:.1e} ({str(dtype).replace('torch.', '')}); "
+                          "refusing to time a wrong result")
     worst = row_error(actual, expected, finite)
     if not worst < ROW_FACTOR * rtol:  # one RMS over millions of elements hides a token or a row left wrong
-        raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.0e}")
+        raise WrongResult(f"{name}: a row's relative error {worst:.3e} > {ROW_FACTOR * rtol:.1e}; "
+                          "refusing to time a wrong result")
     return err
 
 
@@ -658,8 +674,8 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         if not kernels:
             raise ValueError(f"kernels: none given; choose from {list(KERNELS)} (or None: all of them)")
     quick = _utils.check_flag("quick", quick)  # (a truthy string or None picked the quick or the full sweep)
-    if dtype not in CHECK_RTOL:
-        raise TypeError(f"dtype must be one of {list(CHECK_RTOL)}, got {dtype!r}")
+    if dtype not in TUNED_DTYPES:
+        raise TypeError(f"dtype must be one of {list(TUNED_DTYPES)}, got {dtype!r}")
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))):
         raise TypeError(f"budget_s must be a number of seconds or None, got {budget_s!r}")
     if budget_s is not None and not budget_s >= 0:  # (-1 tuned nothing, NaN ignored the budget; the CLI refuses both)
