@@ -1205,6 +1205,7 @@ class TransformersMLAttention(MLAttention):
         ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
         ``num_cache_layers``); ``hybrid``: the model has other (linear) attention layers (``_OTHER_ATTENTION``)."""
         config = original.config
+        _output_collector()  # looked up here, eagerly: a first lookup inside a trace would recompile the next call
         kwargs = config_kwargs(config)
         rope = kwargs["rope_parameters"]
         if rope.get("rope_type", "default") not in ("default", "yarn"):
@@ -1408,13 +1409,23 @@ def _attentions_requested() -> bool:
     return collected is not None and "attentions" in collected
 
 
-@functools.lru_cache(maxsize=None)
+_COLLECTOR_UNSET = object()
+_collector = _COLLECTOR_UNSET  # transformers' output collector, looked up once (None: this transformers has none)
+
+
 def _output_collector():
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return None
-    return _active_collector
+    """transformers' ``_active_collector`` ContextVar, or None. Kept in a module global rather than behind
+    ``functools.lru_cache``: dynamo warned at every trace of a compiled decoder layer or attention module ("Dynamo
+    detected a call to a ``functools.lru_cache``-wrapped function"); a global it reads as a constant (looked up when a
+    module is adopted, so no trace sees it change)."""
+    global _collector
+    if _collector is _COLLECTOR_UNSET:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            _active_collector = None
+        _collector = _active_collector
+    return _collector
 
 
 def _the_cache(past_key_values, cache):
