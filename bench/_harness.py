@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -337,6 +338,14 @@ def check_then_time(name: str, fn: Callable[[], torch.Tensor], expected: torch.T
     err = check_close(name, out, expected, dtype)
     del out
     return time_fn(fn, device, **time_kw), err
+
+
+def cache_kw(module, cache) -> dict:
+    """``{keyword: cache}`` for handing a transformers model, ``generate`` or attention module its Cache:
+    ``cache`` from transformers 5.25 on (which deprecates ``past_key_values`` and warns at every call; 5.40 drops it
+    from decoder layers), ``past_key_values`` before (5.17 knows no other name). Read from ``module``'s forward."""
+    name = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 # ------------------------------------------------------------------------------------------------

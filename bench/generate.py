@@ -155,7 +155,7 @@ class _Prefilled:
             self.cache = static_latent_cache(model, ids.shape[0], static)
         else:
             self.cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=self.cache, use_cache=True,
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], **h.cache_kw(model, self.cache), use_cache=True,
               logits_to_keep=1)
         if self.static:
             self.saved = [t.clone() for t in self._counters()]
@@ -181,7 +181,7 @@ def _first_steps(model, prepare, ids, mask, **extra):
     steps from a fresh prefilled cache, or None when they do not fit in memory (the row then says it was unchecked
     only by lacking ``decode_logits_rel_rms_err``)."""
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prepare(), output_logits=True,
+        out = model.generate(input_ids=ids, attention_mask=mask, **h.cache_kw(model, prepare()), output_logits=True,
                              return_dict_in_generate=True, **_greedy(CHECK_STEPS), **extra)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -244,14 +244,14 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 for name, model in (("transformers-cache", base), ("patched", patched)):
                     pre = _Prefilled(model, ids, mask)
                     plans[name] = (pre.fresh, lambda cache, m=model: m.generate(
-                        input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens)))
+                        input_ids=ids, attention_mask=mask, **h.cache_kw(m, cache), **_greedy(new_tokens)))
                 if model_type == "deepseek_v32":
                     rows.append(h.make_row("patched-compiled", None, note="skipped: the static latent cache "
                                                 "holds no indexer keys (DeepSeek-V3.2)", **keys))
                 elif compiled and not cpu:
                     pre = _Prefilled(patched, ids, mask, static=ctx + new_tokens + 1)
                     plans["patched-compiled"] = (pre.fresh, lambda cache: patched.generate(
-                        input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=_compile_config(),
+                        input_ids=ids, attention_mask=mask, **h.cache_kw(patched, cache), compile_config=_compile_config(),
                         **_greedy(new_tokens)))
                 else:
                     rows.append(h.make_row("patched-compiled", None, note="skipped: CUDA graphs and compiled "
@@ -294,7 +294,7 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 try:
                     pre = _Prefilled(base, ids, mask)
                     rest, _ = time_runs((pre.fresh, lambda cache: base.generate(
-                        input_ids=ids, attention_mask=mask, past_key_values=cache, **_greedy(new_tokens))),
+                        input_ids=ids, attention_mask=mask, **h.cache_kw(base, cache), **_greedy(new_tokens))),
                         device, runs)
                 finally:
                     for layer, attn in zip(layers, originals):

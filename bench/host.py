@@ -380,7 +380,7 @@ def run_prompt(calls: int, repeats: int, layers: int = 16) -> list[dict]:
                            else DynamicCache() for _ in range(calls * (repeats + 1))])
 
             def forward():
-                model(input_ids=ids, attention_mask=mask, past_key_values=next(caches), use_cache=True,
+                model(input_ids=ids, attention_mask=mask, **h.cache_kw(model, next(caches)), use_cache=True,
                       logits_to_keep=1)
 
             with torch.no_grad():

@@ -91,7 +91,7 @@ def transformers_cache_layout(name: str, shape: MLAShape, device, tokens: int = 
         rope = mod.DeepseekV3RotaryEmbedding(cfg).to(device)
         cos, sin = rope(x, torch.arange(tokens, device=device)[None])
         cache = DynamicCache(config=cfg)
-        attn(x, (cos, sin), None, past_key_values=cache)
+        attn(x, (cos, sin), None, **h.cache_kw(attn, cache))
     layer = cache.layers[0]
     cached = [layer.keys, layer.values]
     nbytes = sum(t.untyped_storage().nbytes() for t in cached)

@@ -694,3 +694,20 @@ def test_gpu_session_commands_parse(case, tmp_path, monkeypatch):
         for path, test in re.findall(r"--deselect \"?(tests/[\w/.]+\.py)::(\w+)", code):
             assert re.search(rf"^def {test}\(", (root / path).read_text(), re.M), f"{case}: {path}::{test}"
     assert seen, f"{case}: no command found to check"
+
+
+def test_cache_kw_follows_the_forward_signature():
+    """The benches hand a model its Cache by the keyword its forward takes: ``cache`` from transformers 5.25 on (the
+    old name warns at every call there), ``past_key_values`` before it."""
+
+    class Old(torch.nn.Module):
+        def forward(self, x, past_key_values=None):
+            return x
+
+    class New(torch.nn.Module):
+        def forward(self, x, past_key_values=None, cache=None):
+            return x
+
+    cache = object()
+    assert h.cache_kw(Old(), cache) == {"past_key_values": cache}
+    assert h.cache_kw(New(), cache) == {"cache": cache}

@@ -1205,6 +1205,8 @@ def test_generate_bench_smoke_v32(monkeypatch):
         generate.build_model(shape, torch.device("cpu"), model_type="llama")
 
 
+# the Cache by the name this transformers takes (h.cache_kw): 5.25 deprecates past_key_values, warning at each call
+@pytest.mark.filterwarnings("error:`past_key_values` is deprecated:FutureWarning")
 def test_generate_bench_smoke(monkeypatch):
     """bench.generate's providers on a tiny dense shape (PyTorch path: this only checks the wiring)."""
     from bench.generate import LOGITS_RTOL, ModelShape, run
