@@ -46,6 +46,7 @@ import time
 import torch
 
 from mla_kernels import _tuning, _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
+from mla_kernels import rope as rope_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
 from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache
@@ -71,7 +72,7 @@ def _meta_read_lengths(cu_seqlens_q, cache_seqlens):
 
 _STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_sparse_attn_kernel"), (decode_mod, "_mla_combine_kernel"),
           (cache_mod, "_write_cache_kernel"), (prefill_mod, "_mla_expanded_kernel"),
-          (prefill_mod, "_gather_latent_kernel"))
+          (prefill_mod, "_gather_latent_kernel"), (rope_mod, "_rope_kernel"))
 
 
 @contextlib.contextmanager
@@ -199,6 +200,10 @@ def cases(device):
     # sparse decode's key list: 512 real positions (uninitialised ones would lie outside the sequence, skipped by the
     # kernel, so a GPU row would time a call reading ~no keys); built once, outside the timed calls
     topk = torch.arange(512, dtype=torch.int32, device=device).view(1, 1, 512)
+    # the drop-in's rope of one decode step's query and key (DeepSeek-V3: 128 heads, interleaved pairs, bf16 tables)
+    q_pe, k_pe = _values(1, 1, 128, 64, dtype=torch.bfloat16, device=device), _values(1, 1, 64, dtype=torch.bfloat16,
+                                                                                         device=device)
+    cos, sin = (_values(1, 1, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
@@ -206,6 +211,12 @@ def cases(device):
         "mla_decode B1 L1024 H16 sparse K512": lambda: mla_decode(*d_args, **latent_only, indices=topk),
         "flash_mla_with_kvcache B1 L1024 H16": lambda: flash_mla_with_kvcache(*f_args, softmax_scale=0.1),
         "write_cache T1": lambda: write_cache(*w_args),
+        "rope query + key B1 H128 (two launches)": lambda: (
+            rope_mod.rope(q_pe, cos[:, :, None], sin[:, :, None], "interleave"),
+            rope_mod.rope(k_pe, cos, sin, "interleave")),
+        "apply_rope query + key B1 H128 (PyTorch ops)": lambda: (
+            rope_mod.apply_rope(q_pe, cos[:, :, None], sin[:, :, None], "interleave"),
+            rope_mod.apply_rope(k_pe, cos, sin, "interleave")),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
         "mla_prefill_attention seed003 absorbed host lengths": lambda: mla_prefill_attention(*p_args, path="absorbed",

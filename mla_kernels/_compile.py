@@ -121,6 +121,7 @@ def _cases(hip: bool) -> dict:
                          _mla_sparse_attn_kernel, decode_shared_bytes, decode_tiles)
     from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
     from .merge import _merge_states_kernel
+    from .rope import _rope_kernel
     from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
                           expanded_shared_bytes)
 
@@ -210,6 +211,7 @@ def _cases(hip: bool) -> dict:
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
+        "rope": (_rope_kernel, dict(HALF=32, BLOCK_H=32, STYLE=1), {}, 4, 1, None),  # the query's, 128 heads
     }
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
@@ -499,6 +501,7 @@ def cached_launches() -> dict:
     if not _launcher.SUPPORTED:  # every launch goes through Triton's run: nothing to compare
         return {"hits": 0, "skipped": f"no cached launch with triton {triton.__version__} (_launcher.SUPPORTED)"}
     from .prefill import mla_prefill, mla_prefill_attention
+    from .rope import rope
     from .schedule import mla_decode_metadata
 
     gen = torch.Generator().manual_seed(0)
@@ -517,6 +520,7 @@ def cached_launches() -> dict:
     q_raw = torch.randn(16, 16, 192, generator=gen).to(torch.bfloat16)
     q_pf = torch.randn(16, 16, 576, generator=gen).to(torch.bfloat16)
     w_kv_b = torch.randn(16 * 256, 512, generator=gen).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 1, 1, 64, generator=gen).to(torch.bfloat16).unbind(0)  # [1, 64] each, shared by the batch
 
     def decode_call(qs, splits=None, index_dtype=torch.int32, cache=buf, causal=True):
         return lambda: decode.mla_decode(qs[..., :512], qs[..., 512:], cache[..., :512], cache[..., 512:],
@@ -547,7 +551,11 @@ def cached_launches() -> dict:
                                                 torch.tensor([5, 64, 600])),
              # another token count of the same class (not 1, not a multiple of 16): the first's entry serves it
              "write_cache-2-tokens": lambda: write_cache(new_kv[:2, :512], new_kv[:2, 512:], kv, pe,
-                                                         torch.tensor([7, 65]))}
+                                                         torch.tensor([7, 65])),
+             # the drop-in's rope of the query (tables shared over the batch: stride 0) and of the key
+             "rope-query": lambda: rope(aligned[..., 512:], cos[:, None], sin[:, None], "interleave"),
+             "rope-key": lambda: rope(new_kv[:, None, 512:], cos[:1].expand(3, -1, -1), sin[:1].expand(3, -1, -1),
+                                      "interleave")}
     if decode_tma.TensorDescriptor is None:  # a triton without host descriptors never dispatches to the TMA kernel
         del cases["decode-tma"], cases["decode-tma-split2"]
     probe_out = torch.zeros(4)
@@ -627,6 +635,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
     from .prefill import mla_prefill, mla_prefill_attention
+    from .rope import rope
     from .schedule import mla_decode_metadata
 
     gen = torch.Generator().manual_seed(0)
@@ -692,6 +701,15 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)
     cases["prefill-expanded-h16-float32"] = prefill(16, 16, "expanded", dtype=torch.float32)
     cases.update({f"write-{name}": write(fp8) for name, fp8 in (("bf16", False), ("fp8", True))})
+
+    def rotate(style, heads, dtype):  # the drop-in's rope of the query (heads > 0) or the key, one decode step
+        shape = (4, 1, heads, 64) if heads else (4, 1, 64)
+        x, cos, sin = rnd(*shape, dtype=dtype), rnd(4, 1, 64, dtype=dtype), rnd(4, 1, 64, dtype=dtype)
+        if heads:
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        return lambda: rope(x, cos, sin, style)
+    cases.update({f"rope-{style}-h{h}-{str(d).replace('torch.', '')}": rotate(style, h, d)
+                  for style in ("half", "interleave", "pairs") for h, d in ((128, torch.bfloat16), (0, torch.float32))})
     return _jit_run(cases, target)
 
 

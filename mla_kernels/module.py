@@ -35,11 +35,11 @@ from torch import nn
 from . import _utils
 from .cache import PagedLatentCache
 from .decode import check_split_count, mla_decode, split_tokens_value
+from .rope import ROPE_STYLES, apply_rope, rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
 DECODE_MAX_NEW_TOKENS = 8  # up to this many new tokens per sequence (all sequences alike) take mla_decode
-ROPE_STYLES = ("interleave", "half", "pairs", "none")  # "none": no rope (Kimi-Linear's MLA: NoPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,32 +154,6 @@ def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embedding
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, attention_factor
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
-    """Rotate ``x [..., P]`` by ``cos``/``sin`` broadcastable to ``[..., P]`` in transformers' ``cat(f, f)``
-    layout.
-
-    ``style``: "interleave" (DeepSeek-V3 ``rope_interleave=True``: pairs ``(x0, x1), (x2, x3)...``, output
-    de-interleaved, computed in x's dtype), "half" (``rotate_half``, V3 without interleave), "pairs"
-    (DeepSeek-V2's complex rotation: pairs in, pairs out, computed in fp32), "none" (``x`` as it is; cos/sin unused:
-    Kimi-Linear's MLA has no positional encoding, its "rope" key part is a plain shared key).
-    """
-    if style == "none":
-        return x
-    if style == "half":
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
-    if style == "interleave":
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    xf = x.float()
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    cos, sin = cos.float(), sin.float()
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class DeepseekRMSNorm(nn.Module):
@@ -542,8 +516,8 @@ class MLAttention(nn.Module):
         if self.latent_scale != 1.0:
             kv_c = kv_c * self.latent_scale
         if self.rope_style != "none":  # (no tables needed without rope: cos/sin may be None)
-            q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
-            k_pe = apply_rope(k_pe, cos, sin, self.rope_style)
+            q_pe = rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)  # one launch each on a GPU
+            k_pe = rope(k_pe, cos, sin, self.rope_style)
         dtype = q_nope.dtype  # the projections': the weights' dtype, or under torch.autocast its dtype, while the
         if (q_pe.dtype, kv_c.dtype, k_pe.dtype) != (dtype,) * 3:  # norm and the rope tables give fp32 there
             q_pe, kv_c, k_pe = q_pe.to(dtype), kv_c.to(dtype), k_pe.to(dtype)

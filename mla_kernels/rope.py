@@ -1,0 +1,173 @@
+"""Rotary position embedding of the query's and the key's rope parts, one launch per tensor.
+
+``apply_rope`` is the PyTorch form (and the reference): seven to nine elementwise ops per tensor, so fourteen
+or more launches per attention layer and decode step for ``q_pe`` and ``k_pe`` in an eager model, each a few
+microseconds of host work, where the whole ``mla_decode`` call is one or two. ``rope`` rotates a tensor in one
+Triton launch (each program: one token's cos/sin row, a block of its heads, both halves of each pair), computed in
+float32 and rounded once to ``x``'s dtype, which is what ``apply_rope`` gives under autocast (float32 tables) and
+within one rounding of what it gives in bf16 (where each of its ops rounds). Compiled code (``torch.compile``)
+takes ``apply_rope``, which inductor fuses into one kernel itself.
+
+Layouts (``style``): "half" rotates ``(x[i], x[i + P/2])`` and writes them back in place (``rotate_half``);
+"interleave" reads ``(x[2i], x[2i + 1])`` and writes them de-interleaved to ``i`` and ``i + P/2`` (DeepSeek-V3's
+``rope_interleave``); "pairs" reads and writes ``(x[2i], x[2i + 1])`` (DeepSeek-V2's complex rotation). The tables
+are transformers' ``cat(f, f)`` layout: "interleave" and "pairs" read their first half, "half" both halves.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launcher, _utils
+
+ROPE_STYLES = ("interleave", "half", "pairs", "none")  # "none": no rope (Kimi-Linear's MLA: NoPE)
+_STYLE_IDS = {"half": 0, "interleave": 1, "pairs": 2}
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate ``x [..., P]`` by ``cos``/``sin`` broadcastable to ``[..., P]`` in transformers' ``cat(f, f)``
+    layout, with PyTorch ops (``rope``'s reference and its path where the kernel does not serve).
+
+    ``style``: "interleave" (DeepSeek-V3 ``rope_interleave=True``: pairs ``(x0, x1), (x2, x3)...``, output
+    de-interleaved, computed in x's dtype), "half" (``rotate_half``, V3 without interleave), "pairs"
+    (DeepSeek-V2's complex rotation: pairs in, pairs out, computed in fp32), "none" (``x`` as it is; cos/sin unused:
+    Kimi-Linear's MLA has no positional encoding, its "rope" key part is a plain shared key).
+    """
+    if style == "none":
+        return x
+    if style == "half":
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    if style == "interleave":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+@triton.jit
+def _rope_kernel(X, OUT, COS, SIN, num_heads, seq_len,
+                 stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_cb, stride_cs,
+                 stride_sb, stride_ss,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, STYLE: tl.constexpr):
+    """One token (``pid_t`` = b * seq_len + s) and ``BLOCK_H`` of its heads: ``x [b, s, h, 2 * HALF]`` rotated by the
+    token's ``cos``/``sin`` rows into ``OUT`` (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs")."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = pid_t // seq_len
+    s = pid_t - b * seq_len
+    offs_i = tl.arange(0, HALF)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < num_heads
+    mask = h_mask[:, None]
+    cos_row = COS + b.to(tl.int64) * stride_cb + s.to(tl.int64) * stride_cs
+    sin_row = SIN + b.to(tl.int64) * stride_sb + s.to(tl.int64) * stride_ss
+    cos_lo = tl.load(cos_row + offs_i).to(tl.float32)
+    sin_lo = tl.load(sin_row + offs_i).to(tl.float32)
+    if STYLE == 0:  # rotate_half reads both halves of the tables
+        cos_hi = tl.load(cos_row + HALF + offs_i).to(tl.float32)
+        sin_hi = tl.load(sin_row + HALF + offs_i).to(tl.float32)
+    else:
+        cos_hi = cos_lo
+        sin_hi = sin_lo
+    x_rows = X + b.to(tl.int64) * stride_xb + s.to(tl.int64) * stride_xs + offs_h.to(tl.int64)[:, None] * stride_xh
+    if STYLE == 0:
+        first, second = offs_i, HALF + offs_i
+    else:
+        first, second = 2 * offs_i, 2 * offs_i + 1
+    x1 = tl.load(x_rows + first[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, HALF]
+    x2 = tl.load(x_rows + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos_lo[None, :] - x2 * sin_lo[None, :]
+    out2 = x2 * cos_hi[None, :] + x1 * sin_hi[None, :]
+    out_rows = (OUT + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
+                + offs_h.to(tl.int64)[:, None] * stride_oh)
+    if STYLE == 2:  # pairs stay pairs
+        lo, hi = 2 * offs_i, 2 * offs_i + 1
+    else:  # de-interleaved (or rotate_half's own layout)
+        lo, hi = offs_i, HALF + offs_i
+    tl.store(out_rows + lo[None, :], out1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + hi[None, :], out2.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _lead_strides(t: torch.Tensor, skip: int, lead: tuple) -> tuple | None:
+    """``t``'s strides over the two token dimensions ``lead`` (padded at the front to two), ``t``'s last ``skip``
+    dimensions left out, 0 where ``t`` broadcasts along one; None where it does not broadcast to ``lead``."""
+    shape, stride = t.shape[:t.dim() - skip], t.stride()[:t.dim() - skip]
+    if len(shape) > len(lead):
+        if any(n != 1 for n in shape[:len(shape) - len(lead)]):
+            return None
+        shape, stride = shape[len(shape) - len(lead):], stride[len(stride) - len(lead):]
+    out = [0, 0]
+    for i in range(1, len(shape) + 1):
+        n, want = shape[-i], lead[-i]
+        if n == want and n != 1:
+            out[-i] = stride[-i]
+        elif n != 1:
+            return None
+    return tuple(out)
+
+
+def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """How ``_rope_kernel`` reads this call, from shapes and strides alone (no views made): ``(batch, seq, heads,
+    x's strides over batch, seq and heads, cos's and sin's over batch and seq)``, or None where it cannot. Tables
+    whose second last dimension is 1 make ``x``'s the heads (the query's ``[..., H, P]`` with ``cos.unsqueeze(-2)``);
+    otherwise every row of ``x`` is its own token (the key's ``[..., P]``). At most two token dimensions."""
+    width = x.shape[-1]
+    if cos.shape[-1] != width or sin.shape[-1] != width or x.stride(-1) != 1 or cos.stride(-1) != 1 \
+            or sin.stride(-1) != 1:
+        return None
+    per_head = x.dim() >= 2 and cos.dim() >= 2 and sin.dim() >= 2 and cos.shape[-2] == sin.shape[-2] == 1
+    skip = 2 if per_head else 1
+    lead = tuple(x.shape[:x.dim() - skip])
+    if len(lead) > 2:
+        return None
+    lead = (1,) * (2 - len(lead)) + lead
+    cos_strides, sin_strides = _lead_strides(cos, skip, lead), _lead_strides(sin, skip, lead)
+    if cos_strides is None or sin_strides is None:
+        return None
+    x_strides = _lead_strides(x, skip, lead)
+    heads, head_stride = (x.shape[-2], x.stride(-2)) if per_head else (1, 0)
+    return (*lead, heads, *x_strides, head_stride, *cos_strides, *sin_strides)
+
+
+def _kernel_serves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> bool:
+    """Whether ``rope`` may launch the kernel: a rope style, a Triton device, not compiling, float dtypes in which
+    ``apply_rope``'s result has ``x``'s dtype, tables on ``x``'s device, P / 2 a power of two."""
+    if style not in _STYLE_IDS or not _utils.use_triton(x) or torch.compiler.is_compiling():
+        return False
+    if x.dtype not in _utils.FLOAT_DTYPES or cos.dtype not in _utils.FLOAT_DTYPES or sin.dtype not in _utils.FLOAT_DTYPES:
+        return False
+    if cos.device != x.device or sin.device != x.device or x.shape[-1] < 2 or x.shape[-1] % 2:
+        return False
+    if not _utils.is_pow2(x.shape[-1] // 2):
+        return False
+    # float32 tables for a bf16 x: apply_rope's "half" and "interleave" return float32, which the kernel does not
+    return torch.result_type(x, cos) == x.dtype and torch.result_type(x, sin) == x.dtype
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """``apply_rope(x, cos, sin, style)`` in one Triton launch where it can (module docstring): ``x [..., H, P]``
+    with tables ``[..., 1, P]`` or ``x [..., P]`` with tables ``[..., P]`` (broadcast over up to two token
+    dimensions), unit stride along P, P / 2 a power of two, tables in a dtype that keeps ``apply_rope``'s result in
+    ``x``'s, on its device, not while compiling; PyTorch ops otherwise. Returns a new contiguous tensor."""
+    tokens = _as_tokens(x, cos, sin) if _kernel_serves(x, cos, sin, style) else None
+    if tokens is None:
+        return apply_rope(x, cos, sin, style)
+    batch, seq, heads, sxb, sxs, sxh, scb, scs, ssb, sss = tokens
+    width = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if batch * seq * heads:
+        # out is contiguous: a token's rows are heads * width apart, a sequence's seq tokens
+        block_h = min(_utils.next_pow2(heads), max(1, 2048 // width))
+        _launcher.launch(_rope_kernel, (batch * seq, _utils.cdiv(heads, block_h)), x, out, cos, sin, heads, seq,
+                         sxb, sxs, sxh, seq * heads * width, heads * width, width, scb, scs, ssb, sss,
+                         HALF=width // 2, BLOCK_H=block_h, STYLE=_STYLE_IDS[style],
+                         num_warps=4 if block_h * width >= 1024 else 1)
+    return out

@@ -1,0 +1,111 @@
+"""The rope kernel (``mla_kernels.rope``) and its PyTorch path, against rotary embedding written as complex
+multiplication in float64: each pair of values is one complex number, turned by ``cos + i sin`` of its frequency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close, record_launches
+from mla_kernels import rope as rope_mod
+from mla_kernels.rope import apply_rope, rope
+
+STYLES = ("half", "interleave", "pairs")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tables(lead, width, device, dtype, seed=0):
+    """transformers' ``cat(f, f)`` tables for random positions: ``cos``/``sin`` ``[*lead, width]``."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, 4096, lead, generator=g).double()
+    inv_freq = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+    angles = positions[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def complex_rope(x, cos, sin, style):
+    """float64: pairs as complex numbers times ``cos + i sin`` (the first half of the tables), laid out per style."""
+    x, cos, sin = x.double(), cos.double(), sin.double()
+    half = x.shape[-1] // 2
+    turn = torch.complex(cos[..., :half], sin[..., :half])
+    if style == "half":  # rotate_half pairs x[i] with x[i + half] and keeps that layout
+        z = torch.complex(x[..., :half], x[..., half:]) * turn
+        return torch.cat((z.real, z.imag), dim=-1)
+    z = torch.complex(x[..., 0::2], x[..., 1::2]) * turn
+    if style == "interleave":  # pairs in, de-interleaved out
+        return torch.cat((z.real, z.imag), dim=-1)
+    return torch.stack((z.real, z.imag), dim=-1).flatten(-2)  # pairs: complex rotation in place
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", ["query", "key", "tokens-query", "batch-broadcast", "strided"])
+def test_rope_matches_complex_rotation(style, dtype, case, device, poisoned_empty):
+    """One launch per tensor, in every layout the drop-in hands it: the query ``[B, S, H, P]`` (a view of the
+    query projection) with tables ``[B, S, 1, P]``, the key ``[B, S, P]``, packed tokens ``[T, H, P]``, tables shared
+    over the batch (``[1, S, 1, P]``), and a row stride past P; 5 heads, so the last head block is partly masked.
+    Every output element is written (``poisoned_empty``)."""
+    width, heads = 16, 5
+    g = torch.Generator().manual_seed(1)
+    if case in ("query", "strided", "batch-broadcast"):
+        full = torch.randn(2, 3, heads, 24 if case == "strided" else width, generator=g).to(device, dtype)
+        x = full[..., -width:]
+        lead = (1, 3) if case == "batch-broadcast" else (2, 3)
+        cos, sin = (t.unsqueeze(-2) for t in tables(lead, width, device, dtype))
+    elif case == "key":
+        x = torch.randn(2, 3, width, generator=g).to(device, dtype)
+        cos, sin = tables((2, 3), width, device, dtype)
+    else:
+        x = torch.randn(7, heads, width, generator=g).to(device, dtype)
+        cos, sin = (t.unsqueeze(-2) for t in tables((7,), width, device, dtype))
+    expected = complex_rope(x, cos, sin, style)
+    assert_close(f"apply_rope {style}", apply_rope(x, cos, sin, style), expected, dtype)
+    got = rope(x, cos, sin, style)
+    assert got.dtype == x.dtype and got.shape == x.shape and got.is_contiguous()
+    assert_close(f"rope {style}", got, expected, dtype)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rope_launches_once_per_tensor(style, monkeypatch, device):
+    """The drop-in's two tensors per layer and step are one launch each, with the grid over tokens and head blocks;
+    the tables' strides are read per token (0 where they broadcast)."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.randn(4, 1, 128, 64, device=device, dtype=torch.bfloat16)
+    cos, sin = tables((1, 1), 64, device, torch.bfloat16)
+    rope(x, cos.unsqueeze(-2), sin.unsqueeze(-2), style)
+    rope(x[:, :, 0], cos, sin, style)
+    assert len(launches) == 2
+    (grid_q, args_q, kw_q), (grid_k, args_k, _) = launches
+    assert grid_q == (4, 128 * 64 // 2048) and grid_k == (4, 1)
+    assert args_q[4:6] == (128, 1) and args_q[12] == args_q[14] == 0  # heads, tokens per sequence; tables shared over B
+    assert kw_q["HALF"] == 32 and kw_q["STYLE"] == rope_mod._STYLE_IDS[style]
+
+
+@pytest.mark.parametrize("make", [
+    lambda x, c, s: (x, c.float(), s.float()),  # float32 tables for bf16 x: apply_rope answers in float32
+    lambda x, c, s: (x[..., :12], c[..., :12], s[..., :12]),  # P / 2 = 6: not a power of two
+    lambda x, c, s: (x.transpose(-1, -2).contiguous().transpose(-1, -2), c, s),  # P not the unit stride
+    lambda x, c, s: (x.expand(2, 2, 3, 5, 16), c, s),  # five dimensions
+], ids=["float32-tables", "width-12", "strided-P", "five-dims"])
+def test_rope_falls_back_to_pytorch_where_the_kernel_does_not_serve(make, monkeypatch, device):
+    """Calls the kernel does not take go to ``apply_rope``, with its result (dtype included), and launch nothing."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.randn(2, 3, 5, 16, device=device, dtype=torch.bfloat16)
+    cos, sin = (t.unsqueeze(-2) for t in tables((2, 3), 16, device, torch.bfloat16))
+    x, cos, sin = make(x, cos, sin)
+    got = rope(x, cos, sin, "interleave")
+    assert not launches
+    expected = apply_rope(x, cos, sin, "interleave")
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_rope_none_and_compiled_calls_take_pytorch(monkeypatch, device):
+    """``style="none"`` returns ``x`` itself; while compiling, ``rope`` is ``apply_rope`` (inductor fuses it)."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.randn(2, 4, 16, device=device)
+    cos, sin = tables((2,), 16, device, torch.float32)
+    assert rope(x, cos[:, None], sin[:, None], "none") is x
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(rope(x, cos[:, None], sin[:, None], "half"), apply_rope(x, cos[:, None], sin[:, None], "half"))
+    assert not launches
