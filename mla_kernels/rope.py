@@ -120,6 +120,8 @@ def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     whose second last dimension is 1 make ``x``'s the heads (the query's ``[..., H, P]`` with ``cos.unsqueeze(-2)``);
     otherwise every row of ``x`` is its own token (the key's ``[..., P]``). At most two token dimensions."""
     width = x.shape[-1]
+    if cos.dim() == 0 or sin.dim() == 0:  # a scalar table: apply_rope's "half" broadcasts it
+        return None
     if cos.shape[-1] != width or sin.shape[-1] != width or x.stride(-1) != 1 or cos.stride(-1) != 1 \
             or sin.stride(-1) != 1:
         return None
@@ -142,12 +144,16 @@ def _kernel_serves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style:
     ``apply_rope``'s result has ``x``'s dtype, tables on ``x``'s device, P / 2 a power of two."""
     if style not in _STYLE_IDS or not _utils.use_triton(x) or torch.compiler.is_compiling():
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        return False  # the kernel has no backward: apply_rope's result carries autograd history
     if x.dtype not in _utils.FLOAT_DTYPES or cos.dtype not in _utils.FLOAT_DTYPES or sin.dtype not in _utils.FLOAT_DTYPES:
         return False
     if cos.device != x.device or sin.device != x.device or x.shape[-1] < 2 or x.shape[-1] % 2:
         return False
     if not _utils.is_pow2(x.shape[-1] // 2):
         return False
+    if style == "pairs":  # apply_rope computes "pairs" in float32 and returns x's dtype whatever the tables'
+        return True
     # float32 tables for a bf16 x: apply_rope's "half" and "interleave" return float32, which the kernel does not
     return torch.result_type(x, cos) == x.dtype and torch.result_type(x, sin) == x.dtype
 
@@ -156,16 +162,21 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
     """``apply_rope(x, cos, sin, style)`` in one Triton launch where it can (module docstring): ``x [..., H, P]``
     with tables ``[..., 1, P]`` or ``x [..., P]`` with tables ``[..., P]`` (broadcast over up to two token
     dimensions), unit stride along P, P / 2 a power of two, tables in a dtype that keeps ``apply_rope``'s result in
-    ``x``'s, on its device, not while compiling; PyTorch ops otherwise. Returns a new contiguous tensor."""
+    ``x``'s ("pairs" always does), on its device, nothing autograd records, not while compiling; PyTorch ops
+    otherwise. Returns a new contiguous tensor of ``apply_rope``'s shape."""
     tokens = _as_tokens(x, cos, sin) if _kernel_serves(x, cos, sin, style) else None
     if tokens is None:
         return apply_rope(x, cos, sin, style)
     batch, seq, heads, sxb, sxs, sxh, scb, scs, ssb, sss = tokens
     width = x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_h = min(_utils.next_pow2(heads), max(1, 2048 // width))
+    if heads > 65535 * block_h:  # more head blocks than the grid's second dimension takes (CUDA's limit)
+        return apply_rope(x, cos, sin, style)
+    # tables with more dimensions than x (all 1: _as_tokens) give apply_rope's result those leading 1s
+    extra = max(cos.dim(), sin.dim()) - x.dim()
+    out = torch.empty((1,) * extra + tuple(x.shape) if extra > 0 else x.shape, dtype=x.dtype, device=x.device)
     if batch * seq * heads:
         # out is contiguous: a token's rows are heads * width apart, a sequence's seq tokens
-        block_h = min(_utils.next_pow2(heads), max(1, 2048 // width))
         _launcher.launch(_rope_kernel, (batch * seq, _utils.cdiv(heads, block_h)), x, out, cos, sin, heads, seq,
                          sxb, sxs, sxh, seq * heads * width, heads * width, width, scb, scs, ssb, sss,
                          HALF=width // 2, BLOCK_H=block_h, STYLE=_STYLE_IDS[style],

@@ -109,3 +109,44 @@ def test_rope_none_and_compiled_calls_take_pytorch(monkeypatch, device):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(rope(x, cos[:, None], sin[:, None], "half"), apply_rope(x, cos[:, None], sin[:, None], "half"))
     assert not launches
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rope_gives_apply_ropes_shape_grad_and_scalar_tables(style, device):
+    """Tables with more (leading 1) dimensions than x broadcast apply_rope's result to their rank; an x or a table
+    autograd records gets apply_rope's differentiable result; scalar tables ("half" broadcasts them) do not raise."""
+    x = torch.randn(3, 5, 16, device=device)
+    cos, sin = tables((1, 3), 16, device, torch.float32)
+    for xs, c, s in ((x[:, 0], cos, sin), (x, cos.unsqueeze(-2), sin.unsqueeze(-2)), (x[0, 0], cos[0, :1], sin[0, :1])):
+        got, expected = rope(xs, c, s, style), apply_rope(xs, c, s, style)
+        assert got.shape == expected.shape
+        assert_close(f"rope {style}", got, expected, torch.float32)
+    xg = x[:, 0].clone().requires_grad_()
+    got = rope(xg, cos[0], sin[0], style)
+    assert got.requires_grad
+    got.sum().backward()
+    assert xg.grad is not None
+    if style == "half":
+        c, s = torch.tensor(0.5, device=device), torch.tensor(0.25, device=device)
+        assert torch.equal(rope(x, c, s, style), apply_rope(x, c, s, style))
+
+
+def test_rope_pairs_takes_float32_tables_for_bf16(monkeypatch, device):
+    """DeepSeek-V2's complex freqs_cis give float32 tables in a bf16 model: "pairs" computes in float32 and returns
+    x's dtype whatever the tables', so the kernel serves it (before: every V2 bf16 call fell back)."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.randn(2, 3, 16, device=device, dtype=torch.bfloat16)
+    cos, sin = tables((2, 3), 16, device, torch.float32)
+    rope(x, cos, sin, "pairs")
+    assert len(launches) == 1
+
+
+def test_rope_head_blocks_past_the_grid_fall_back(monkeypatch):
+    """More head blocks than CUDA's 65535 for the grid's second dimension (P = 2048: one head per block) take
+    apply_rope, not a launch the device refuses."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.empty(1, 65536, 2048, device="meta", dtype=torch.bfloat16)
+    c = torch.empty(1, 1, 2048, device="meta", dtype=torch.bfloat16)
+    assert rope(x, c, c, "half").shape == x.shape and not launches
+    rope(x[:, :65535], c, c, "half")
+    assert launches[0][0] == (1, 65535)
