@@ -211,7 +211,7 @@ def _cases(hip: bool) -> dict:
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
-        "rope": (_rope_kernel, dict(HALF=32, BLOCK_H=32, STYLE=1), {}, 4, 1, None),  # the query's, 128 heads
+        "rope": (_rope_kernel, dict(HALF=32, BLOCK_R=128, STYLE=1), {}, 8, 1, None),  # a decode step's 128 heads
     }
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)

@@ -3,7 +3,7 @@
 ``apply_rope`` is the PyTorch form (and the reference): seven to nine elementwise ops per tensor, so fourteen
 or more launches per attention layer and decode step for ``q_pe`` and ``k_pe`` in an eager model, each a few
 microseconds of host work, where the whole ``mla_decode`` call is one or two. ``rope`` rotates a tensor in one
-Triton launch (each program: one token's cos/sin row, a block of its heads, both halves of each pair), computed in
+Triton launch (each program: a block of (token, head) rows, each with its token's cos/sin row), computed in
 float32 and rounded once to ``x``'s dtype, which is what ``apply_rope`` gives under autocast (float32 tables) and
 within one rounding of what it gives in bf16 (where each of its ops rounds). Compiled code (``torch.compile``)
 takes ``apply_rope``, which inductor fuses into one kernel itself.
@@ -53,47 +53,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 @triton.jit
-def _rope_kernel(X, OUT, COS, SIN, num_heads, seq_len,
-                 stride_xb, stride_xs, stride_xh, stride_ob, stride_os, stride_oh, stride_cb, stride_cs,
-                 stride_sb, stride_ss,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, STYLE: tl.constexpr):
-    """One token (``pid_t`` = b * seq_len + s) and ``BLOCK_H`` of its heads: ``x [b, s, h, 2 * HALF]`` rotated by the
-    token's ``cos``/``sin`` rows into ``OUT`` (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs")."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_t // seq_len
-    s = pid_t - b * seq_len
-    offs_i = tl.arange(0, HALF)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < num_heads
-    mask = h_mask[:, None]
-    cos_row = COS + b.to(tl.int64) * stride_cb + s.to(tl.int64) * stride_cs
-    sin_row = SIN + b.to(tl.int64) * stride_sb + s.to(tl.int64) * stride_ss
-    cos_lo = tl.load(cos_row + offs_i).to(tl.float32)
-    sin_lo = tl.load(sin_row + offs_i).to(tl.float32)
+def _rope_kernel(X, OUT, COS, SIN, num_rows, num_heads, seq_len,
+                 stride_xb, stride_xs, stride_xh, stride_cb, stride_cs, stride_sb, stride_ss,
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, STYLE: tl.constexpr):
+    """``BLOCK_R`` rows of ``x [b, s, h, 2 * HALF]``, a row being one (token, head) pair (heads fastest, tokens
+    ``b * seq_len + s``), each rotated by its token's ``cos``/``sin`` row into ``OUT``, contiguous ``[rows, 2 * HALF]``
+    (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs"). Rows rather than one token per program: a
+    decode step's 128 heads are one program, a prompt's tokens a few (and the interpreter runs programs one by one)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (rows < num_rows)[:, None]
+    token = rows // num_heads
+    h = rows - token * num_heads
+    b = token // seq_len
+    s = token - b * seq_len
+    offs_i = tl.arange(0, HALF)[None, :]
+    cos_rows = (COS + b * stride_cb + s * stride_cs)[:, None]
+    sin_rows = (SIN + b * stride_sb + s * stride_ss)[:, None]
+    cos_lo = tl.load(cos_rows + offs_i, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, HALF]
+    sin_lo = tl.load(sin_rows + offs_i, mask=mask, other=0.0).to(tl.float32)
     if STYLE == 0:  # rotate_half reads both halves of the tables
-        cos_hi = tl.load(cos_row + HALF + offs_i).to(tl.float32)
-        sin_hi = tl.load(sin_row + HALF + offs_i).to(tl.float32)
+        cos_hi = tl.load(cos_rows + HALF + offs_i, mask=mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_rows + HALF + offs_i, mask=mask, other=0.0).to(tl.float32)
     else:
         cos_hi = cos_lo
         sin_hi = sin_lo
-    x_rows = X + b.to(tl.int64) * stride_xb + s.to(tl.int64) * stride_xs + offs_h.to(tl.int64)[:, None] * stride_xh
+    x_rows = (X + b * stride_xb + s * stride_xs + h * stride_xh)[:, None]
     if STYLE == 0:
         first, second = offs_i, HALF + offs_i
     else:
         first, second = 2 * offs_i, 2 * offs_i + 1
-    x1 = tl.load(x_rows + first[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, HALF]
-    x2 = tl.load(x_rows + second[None, :], mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos_lo[None, :] - x2 * sin_lo[None, :]
-    out2 = x2 * cos_hi[None, :] + x1 * sin_hi[None, :]
-    out_rows = (OUT + b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os
-                + offs_h.to(tl.int64)[:, None] * stride_oh)
+    x1 = tl.load(x_rows + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_rows + second, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos_lo - x2 * sin_lo
+    out2 = x2 * cos_hi + x1 * sin_hi
+    out_rows = (OUT + rows * (2 * HALF))[:, None]
     if STYLE == 2:  # pairs stay pairs
         lo, hi = 2 * offs_i, 2 * offs_i + 1
     else:  # de-interleaved (or rotate_half's own layout)
         lo, hi = offs_i, HALF + offs_i
-    tl.store(out_rows + lo[None, :], out1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_rows + hi[None, :], out2.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + lo, out1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + hi, out2.to(OUT.dtype.element_ty), mask=mask)
+
+
+TILE_ELEMENTS = 4096  # (row, pair) elements per program: 128 rows of DeepSeek's 64-wide rope, a decode step's heads
 
 
 def _lead_strides(t: torch.Tensor, skip: int, lead: tuple) -> tuple | None:
@@ -169,16 +171,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
         return apply_rope(x, cos, sin, style)
     batch, seq, heads, sxb, sxs, sxh, scb, scs, ssb, sss = tokens
     width = x.shape[-1]
-    block_h = min(_utils.next_pow2(heads), max(1, 2048 // width))
-    if heads > 65535 * block_h:  # more head blocks than the grid's second dimension takes (CUDA's limit)
-        return apply_rope(x, cos, sin, style)
     # tables with more dimensions than x (all 1: _as_tokens) give apply_rope's result those leading 1s
     extra = max(cos.dim(), sin.dim()) - x.dim()
     out = torch.empty((1,) * extra + tuple(x.shape) if extra > 0 else x.shape, dtype=x.dtype, device=x.device)
-    if batch * seq * heads:
-        # out is contiguous: a token's rows are heads * width apart, a sequence's seq tokens
-        _launcher.launch(_rope_kernel, (batch * seq, _utils.cdiv(heads, block_h)), x, out, cos, sin, heads, seq,
-                         sxb, sxs, sxh, seq * heads * width, heads * width, width, scb, scs, ssb, sss,
-                         HALF=width // 2, BLOCK_H=block_h, STYLE=_STYLE_IDS[style],
-                         num_warps=4 if block_h * width >= 1024 else 1)
+    rows = batch * seq * heads
+    if rows:
+        block_r = min(_utils.next_pow2(rows), max(1, TILE_ELEMENTS // (width // 2)))
+        # on x's GPU: Triton launches on the current device (a layer on cuda:1 with cuda:0 current, device_map="auto")
+        with _utils.launch_device(x.device):
+            _launcher.launch(_rope_kernel, (_utils.cdiv(rows, block_r),), x, out, cos, sin, rows, heads, seq,
+                             sxb, sxs, sxh, scb, scs, ssb, sss,
+                             HALF=width // 2, BLOCK_R=block_r, STYLE=_STYLE_IDS[style],
+                             num_warps=8 if block_r * width >= 4096 else 4 if block_r * width >= 1024 else 1)
     return out

@@ -689,10 +689,16 @@ def test_gpu_session_commands_parse(case, tmp_path, monkeypatch):
         for path in re.findall(r"(?<![\w/])tests/[\w/.]+\.py", code):
             assert (root / path).is_file(), f"{case}: {path} does not exist"
             seen += 1
+        for module, names in re.findall(r"from (mla_kernels[\w.]*) import ([\w, ]+)", code):  # python -c "..."
+            for name in names.replace(" ", "").split(","):
+                assert hasattr(importlib.import_module(module), name), f"{case}: {module}.{name}"
         for name in re.findall(r"-p (\w+)", code):
             assert name == "no" or (root / "tests" / f"{name}.py").is_file(), f"{case}: pytest plugin {name}"
-        for path, test in re.findall(r"--deselect \"?(tests/[\w/.]+\.py)::(\w+)", code):
-            assert re.search(rf"^def {test}\(", (root / path).read_text(), re.M), f"{case}: {path}::{test}"
+        for path, test, param in re.findall(r"--deselect \"?(tests/[\w/.]+\.py)::(\w+)(?:\[([^\]\"]+)\])?", code):
+            text = (root / path).read_text()
+            assert re.search(rf"^def {test}\(", text, re.M), f"{case}: {path}::{test}"
+            # a parametrization id that no longer exists deselects nothing, silently
+            assert not param or re.search(rf"[\"']{re.escape(param)}[\"']", text), f"{case}: {path}::{test}[{param}]"
     assert seen, f"{case}: no command found to check"
 
 

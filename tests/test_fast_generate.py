@@ -773,3 +773,35 @@ def test_static_prompt_never_stores_a_pad(pads):
     # fp32 model comparisons (test_transformers), where the bound was 1e-4
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
     assert cache._mla_static_state.seqlens[0].tolist() == [7, int(mask[1].sum())]
+
+
+def test_a_loaded_model_compiles_its_layer_once(monkeypatch):
+    """A patched model loaded where adopt never ran (torch.load in a fresh process: the output collector's global
+    unset) traces a compiled decoder layer once: a first lookup inside the trace set the global and recompiled the
+    next call."""
+    import io
+
+    model = patch_model(dense_model(), block_size=4)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    monkeypatch.setattr(integration, "_collector", integration._COLLECTOR_UNSET)  # as in a fresh process
+    buf.seek(0)
+    model = torch.load(buf, weights_only=False)
+    layer, graphs = model.model.layers[1], []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, cos_sin, cache):
+        out = layer(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+        return out[0] if isinstance(out, tuple) else out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    cache = static_latent_cache(model, 2, 16, block_size=4)
+    with torch.no_grad():
+        for pos in range(3):
+            x = torch.randn(2, 1, model.config.hidden_size)
+            compiled(x, model.model.rotary_emb(x, torch.full((2, 1), pos, dtype=torch.long)), cache)
+    assert len(graphs) == 1, f"{len(graphs)} graphs"

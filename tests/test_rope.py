@@ -68,17 +68,19 @@ def test_rope_matches_complex_rotation(style, dtype, case, device, poisoned_empt
 
 @pytest.mark.parametrize("style", STYLES)
 def test_rope_launches_once_per_tensor(style, monkeypatch, device):
-    """The drop-in's two tensors per layer and step are one launch each, with the grid over tokens and head blocks;
-    the tables' strides are read per token (0 where they broadcast)."""
+    """The drop-in's two tensors per layer and step are one launch each, over blocks of (token, head) rows: a decode
+    step's 4 x 128 query rows of width 64 in 4 programs of 128, its 4 key rows in one; the tables' strides are read
+    per token (0 where they broadcast)."""
     launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
     x = torch.randn(4, 1, 128, 64, device=device, dtype=torch.bfloat16)
     cos, sin = tables((1, 1), 64, device, torch.bfloat16)
     rope(x, cos.unsqueeze(-2), sin.unsqueeze(-2), style)
     rope(x[:, :, 0], cos, sin, style)
     assert len(launches) == 2
-    (grid_q, args_q, kw_q), (grid_k, args_k, _) = launches
-    assert grid_q == (4, 128 * 64 // 2048) and grid_k == (4, 1)
-    assert args_q[4:6] == (128, 1) and args_q[12] == args_q[14] == 0  # heads, tokens per sequence; tables shared over B
+    (grid_q, args_q, kw_q), (grid_k, args_k, kw_k) = launches
+    assert grid_q == (4,) and kw_q["BLOCK_R"] == 128 and grid_k == (1,) and kw_k["BLOCK_R"] == 4
+    assert args_q[4:7] == (512, 128, 1) and args_q[10] == args_q[12] == 0  # rows, heads, tokens per sequence; B: 0
+    assert args_k[4:7] == (4, 1, 4)  # 4 rows: tables [1, 1, P] make x [4, 1, P] four tokens of one head
     assert kw_q["HALF"] == 32 and kw_q["STYLE"] == rope_mod._STYLE_IDS[style]
 
 
@@ -141,12 +143,34 @@ def test_rope_pairs_takes_float32_tables_for_bf16(monkeypatch, device):
     assert len(launches) == 1
 
 
-def test_rope_head_blocks_past_the_grid_fall_back(monkeypatch):
-    """More head blocks than CUDA's 65535 for the grid's second dimension (P = 2048: one head per block) take
-    apply_rope, not a launch the device refuses."""
+def test_rope_grid_is_one_dimensional_over_rows(monkeypatch):
+    """Rows of (token, head) pairs on the grid's first dimension (CUDA allows 2^31 - 1 there, 65535 on the others):
+    65536 tokens of a 2048-wide rope, four rows (4096 pairs) a program, are 16384 programs."""
     launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
     x = torch.empty(1, 65536, 2048, device="meta", dtype=torch.bfloat16)
     c = torch.empty(1, 1, 2048, device="meta", dtype=torch.bfloat16)
-    assert rope(x, c, c, "half").shape == x.shape and not launches
-    rope(x[:, :65535], c, c, "half")
-    assert launches[0][0] == (1, 65535)
+    assert rope(x, c, c, "half").shape == x.shape
+    ((grid, args, kwargs),) = launches
+    assert grid == (16384,) and kwargs["BLOCK_R"] == 4 and args[4] == 65536
+
+
+def test_rope_launches_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: like every other launch of the library, rope's is made inside
+    ``_utils.launch_device(x.device)`` (a layer on cuda:1 with cuda:0 current, as under device_map="auto")."""
+    import contextlib
+
+    from mla_kernels import _utils
+
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+        entered.pop()  # (a launch after the block sees nothing entered)
+
+    monkeypatch.setattr(_utils, "launch_device", recording)
+    monkeypatch.setattr(rope_mod._launcher, "launch", lambda *a, **k: launched.append(list(entered)))
+    x, cos = torch.randn(2, 3, 4, 64), torch.randn(2, 3, 1, 64)
+    rope_mod.rope(x, cos, cos, "interleave")
+    assert launched == [[x.device]], launched

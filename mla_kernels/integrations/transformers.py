@@ -1195,6 +1195,12 @@ class TransformersMLAttention(MLAttention):
     max_cache_tokens: int | None
     cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
 
+    def __setstate__(self, state: dict) -> None:
+        # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
+        # not at the first call, which may be inside a trace (the global it sets would recompile the next call)
+        super().__setstate__(state)
+        _output_collector()
+
     @classmethod
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
               max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None, *, latent_layer: int | None = None,
