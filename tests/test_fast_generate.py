@@ -408,14 +408,9 @@ def test_compiled_decode_step_matches_eager():
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
 
 
-def test_a_compiled_decoder_layer_traces_whole():
-    """Regional compilation: torch.compile(fullgraph=True) of one patched decoder layer, not the model. The patched
-    attention's output_attentions check read transformers' output collector, a ContextVar that dynamo traces only
-    once a compiled model forward has set it: a layer compiled alone failed at its first call ("Dynamo does not know
-    how to trace method `get` of class `ContextVar`"), where transformers' own layer traces. It is one graph now over
-    decode steps with the static latent cache, and each step equals the eager layer's, bit for bit."""
-    model = patch_model(dense_model(), block_size=4)
-    layer = model.model.layers[1]
+def compiled_layer_step(layer):
+    """``(step, compiled step, graphs)``: one decoder layer's decode step ``step(x, cos_sin, cache)``, the same under
+    ``torch.compile(fullgraph=True)`` (dynamo reset first), and the list of graphs its backend is handed."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -427,7 +422,17 @@ def test_a_compiled_decoder_layer_traces_whole():
         return out[0] if isinstance(out, tuple) else out
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    return step, torch.compile(step, backend=backend, fullgraph=True), graphs
+
+
+def test_a_compiled_decoder_layer_traces_whole():
+    """Regional compilation: torch.compile(fullgraph=True) of one patched decoder layer, not the model. The patched
+    attention's output_attentions check read transformers' output collector, a ContextVar that dynamo traces only
+    once a compiled model forward has set it: a layer compiled alone failed at its first call ("Dynamo does not know
+    how to trace method `get` of class `ContextVar`"), where transformers' own layer traces. It is one graph now over
+    decode steps with the static latent cache, and each step equals the eager layer's, bit for bit."""
+    model = patch_model(dense_model(), block_size=4)
+    step, compiled, graphs = compiled_layer_step(model.model.layers[1])
     eager_cache, compiled_cache = (static_latent_cache(model, 2, 16, block_size=4) for _ in range(2))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -787,18 +792,7 @@ def test_a_loaded_model_compiles_its_layer_once(monkeypatch):
     monkeypatch.setattr(integration, "_collector", integration._COLLECTOR_UNSET)  # as in a fresh process
     buf.seek(0)
     model = torch.load(buf, weights_only=False)
-    layer, graphs = model.model.layers[1], []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    def step(x, cos_sin, cache):
-        out = layer(x, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
-        return out[0] if isinstance(out, tuple) else out
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    _, compiled, graphs = compiled_layer_step(model.model.layers[1])
     cache = static_latent_cache(model, 2, 16, block_size=4)
     with torch.no_grad():
         for pos in range(3):
