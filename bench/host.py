@@ -390,10 +390,8 @@ def run_prompt(calls: int, repeats: int, layers: int = 16) -> list[dict]:
             caches = iter([static_latent_cache(model, len(lengths), 64, block_size=16) if kind == "static"
                            else DynamicCache() for _ in range(calls * (repeats + 1))])
 
-            cache_name, = h.cache_kw(model, None)  # (looked up once, outside the timed forward)
-
             def forward():
-                model(input_ids=ids, attention_mask=mask, **{cache_name: next(caches)}, use_cache=True,
+                model(input_ids=ids, attention_mask=mask, **h.cache_kw(model, next(caches)), use_cache=True,
                       logits_to_keep=1)
 
             with torch.no_grad():
