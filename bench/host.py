@@ -46,7 +46,7 @@ import time
 import torch
 
 from mla_kernels import _tuning, _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
-from mla_kernels import rope as rope_mod
+from mla_kernels import norm as norm_mod, rope as rope_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
 from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache
@@ -72,7 +72,7 @@ def _meta_read_lengths(cu_seqlens_q, cache_seqlens):
 
 _STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_sparse_attn_kernel"), (decode_mod, "_mla_combine_kernel"),
           (cache_mod, "_write_cache_kernel"), (prefill_mod, "_mla_expanded_kernel"),
-          (prefill_mod, "_gather_latent_kernel"), (rope_mod, "_rope_kernel"))
+          (prefill_mod, "_gather_latent_kernel"), (rope_mod, "_rope_kernel"), (norm_mod, "_rms_norm_kernel"))
 
 
 @contextlib.contextmanager
@@ -204,6 +204,12 @@ def cases(device):
     q_pe, k_pe = _values(1, 1, 128, 64, dtype=torch.bfloat16, device=device), _values(1, 1, 64, dtype=torch.bfloat16,
                                                                                          device=device)
     cos, sin = (_values(1, 1, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    # the drop-in's two RMSNorms of one decode step (DeepSeek-V3: the query's 1536 wide, the latent's 512 of the
+    # latent projection's 576-wide row)
+    q_norm, kv_norm = (norm_mod.DeepseekRMSNorm(n, device=device, dtype=torch.bfloat16).requires_grad_(False)
+                       for n in (1536, 512))
+    q_a, kv_a = _values(1, 1, 1536, dtype=torch.bfloat16, device=device), _values(1, 1, 576, dtype=torch.bfloat16,
+                                                                                 device=device)
     return {
         "mla_decode B1 L1024 H16": lambda: mla_decode(*d_args, **latent_only),
         "mla_decode B1 L1024 H16 w_uv": lambda: mla_decode(*d_args, **d_kw),
@@ -217,6 +223,9 @@ def cases(device):
         "apply_rope query + key B1 H128 (PyTorch ops)": lambda: (
             rope_mod.apply_rope(q_pe, cos[:, :, None], sin[:, :, None], "interleave"),
             rope_mod.apply_rope(k_pe, cos, sin, "interleave")),
+        "rms_norm query + latent B1 (two launches)": lambda: (
+            norm_mod.rms_norm(q_norm, q_a), norm_mod.rms_norm(kv_norm, kv_a[..., :512])),
+        "RMSNorm modules query + latent B1 (PyTorch ops)": lambda: (q_norm(q_a), kv_norm(kv_a[..., :512])),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
         "mla_prefill_attention seed003 absorbed host lengths": lambda: mla_prefill_attention(*p_args, path="absorbed",

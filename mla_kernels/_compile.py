@@ -121,6 +121,7 @@ def _cases(hip: bool) -> dict:
                          _mla_sparse_attn_kernel, decode_shared_bytes, decode_tiles)
     from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
     from .merge import _merge_states_kernel
+    from .norm import _rms_norm_kernel
     from .rope import _rope_kernel
     from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
                           expanded_shared_bytes)
@@ -212,6 +213,7 @@ def _cases(hip: bool) -> dict:
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
         "rope": (_rope_kernel, dict(HALF=32, BLOCK_R=128, STYLE=1), {}, 8, 1, None),  # a decode step's 128 heads
+        "rms_norm": (_rms_norm_kernel, dict(BLOCK_R=2, BLOCK_N=2048), {"eps": "fp32"}, 8, 1, None),  # the query's 1536
     }
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
@@ -500,6 +502,7 @@ def cached_launches() -> dict:
 
     if not _launcher.SUPPORTED:  # every launch goes through Triton's run: nothing to compare
         return {"hits": 0, "skipped": f"no cached launch with triton {triton.__version__} (_launcher.SUPPORTED)"}
+    from .norm import DeepseekRMSNorm, rms_norm
     from .prefill import mla_prefill, mla_prefill_attention
     from .rope import rope
     from .schedule import mla_decode_metadata
@@ -521,6 +524,7 @@ def cached_launches() -> dict:
     q_pf = torch.randn(16, 16, 576, generator=gen).to(torch.bfloat16)
     w_kv_b = torch.randn(16 * 256, 512, generator=gen).to(torch.bfloat16)
     cos, sin = torch.randn(2, 1, 1, 64, generator=gen).to(torch.bfloat16).unbind(0)  # [1, 64] each, shared by the batch
+    latent_norm = DeepseekRMSNorm(512, dtype=torch.bfloat16).requires_grad_(False)
 
     def decode_call(qs, splits=None, index_dtype=torch.int32, cache=buf, causal=True):
         return lambda: decode.mla_decode(qs[..., :512], qs[..., 512:], cache[..., :512], cache[..., 512:],
@@ -555,7 +559,9 @@ def cached_launches() -> dict:
              # the drop-in's rope of the query (tables shared over the batch: stride 0) and of the key
              "rope-query": lambda: rope(aligned[..., 512:], cos[:, None], sin[:, None], "interleave"),
              "rope-key": lambda: rope(new_kv[:, None, 512:], cos[:1].expand(3, -1, -1), sin[:1].expand(3, -1, -1),
-                                      "interleave")}
+                                      "interleave"),
+             # the drop-in's latent norm: rows of a view of the latent projection (kv_c)
+             "rms_norm-latent": lambda: rms_norm(latent_norm, new_kv[:, :512])}
     if decode_tma.TensorDescriptor is None:  # a triton without host descriptors never dispatches to the TMA kernel
         del cases["decode-tma"], cases["decode-tma-split2"]
     probe_out = torch.zeros(4)
@@ -634,6 +640,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     from . import _utils
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
+    from .norm import DeepseekRMSNorm, rms_norm
     from .prefill import mla_prefill, mla_prefill_attention
     from .rope import rope
     from .schedule import mla_decode_metadata
@@ -710,6 +717,14 @@ def jit_shapes(target: str = "sm90") -> dict:
         return lambda: rope(x, cos, sin, style)
     cases.update({f"rope-{style}-h{h}-{str(d).replace('torch.', '')}": rotate(style, h, d)
                   for style in ("half", "interleave", "pairs") for h, d in ((128, torch.bfloat16), (0, torch.float32))})
+
+    def normalize(width, rows, dtype, weight_dtype):  # the drop-in's norms: the query's 1536, the latent's 512 (a view)
+        norm = DeepseekRMSNorm(width, dtype=weight_dtype).requires_grad_(False)
+        x = rnd(rows, width + 64, dtype=dtype)[:, :width]
+        return lambda: rms_norm(norm, x)
+    cases.update({f"rms_norm-{w}-rows{r}-{str(d).replace('torch.', '')}": normalize(w, r, d, wd)
+                  for w, r, d, wd in ((512, 1, torch.bfloat16, torch.bfloat16), (1536, 16, torch.bfloat16, torch.bfloat16),
+                                      (512, 300, torch.bfloat16, torch.float32), (512, 4, torch.float32, torch.float32))})
     return _jit_run(cases, target)
 
 

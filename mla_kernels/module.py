@@ -35,6 +35,7 @@ from torch import nn
 from . import _utils
 from .cache import PagedLatentCache
 from .decode import check_split_count, mla_decode, split_tokens_value
+from .norm import DeepseekRMSNorm, rms_norm
 from .rope import ROPE_STYLES, apply_rope, rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
@@ -154,22 +155,6 @@ def rope_inv_freq(dim: int, rope_parameters: dict | None, max_position_embedding
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, attention_factor
-
-
-class DeepseekRMSNorm(nn.Module):
-    """RMSNorm as DeepSeek's (and transformers') ``DeepseekV3RMSNorm``: normalized in fp32, cast back, then scaled."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,13 +491,13 @@ class MLAttention(nn.Module):
             q = self.q_proj(hidden_states)
         else:
             if q_resid is None:
-                q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states))
+                q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))  # one launch on a GPU
             q = self.q_b_proj(q_resid)
         q = q.view(*lead, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv_c = self.kv_a_layernorm(kv_c)
+        kv_c = rms_norm(self.kv_a_layernorm, kv_c)
         if self.latent_scale != 1.0:
             kv_c = kv_c * self.latent_scale
         if self.rope_style != "none":  # (no tables needed without rope: cos/sin may be None)

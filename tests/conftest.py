@@ -66,3 +66,15 @@ def poisoned_empty(monkeypatch):
         return views
 
     monkeypatch.setattr(_utils, "scratch", nan_scratch)
+
+
+
+@pytest.fixture
+def gpu_bf16_rounding(monkeypatch):
+    """Under the interpreter, the test's fp32 -> bf16 casts in kernels round to nearest even as a GPU's do, where the
+    interpreter truncates (``gpu_like.round_bf16_casts``); a no-op on a GPU."""
+    from mla_kernels import _utils
+
+    if _utils.interpreting():
+        import gpu_like
+        gpu_like.round_bf16_casts(monkeypatch)

@@ -20,6 +20,7 @@ triton releases): ``MLA_TEST_GPU_LIKE=1 python -m pytest tests/test_fp8.py``.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -130,6 +131,22 @@ def _rounding_bf16_casts(builder, interp, tl) -> None:
             return interp.TensorHandle(data.reshape(np.shape(src.data)), tl.bfloat16)
         return cast(self, src, dst_type)
     builder.cast_impl = rounding_cast
+
+
+def round_bf16_casts(monkeypatch) -> None:
+    """The "bf16" feature alone, undone with ``monkeypatch`` (conftest's ``gpu_bf16_rounding`` fixture: for one test):
+    for end-to-end bounds budgeted from a GPU's roundings. A truncation is not noise but a bias toward zero, which
+    adds up through a model (the drop-in's latent norm rounds twice, and both roundings scale the whole cached latent
+    down). Nothing to do where ``install`` put it in already."""
+    if "bf16" in active:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    monkeypatch.setattr(builder, "cast_impl", builder.cast_impl)  # restored by monkeypatch
+    monkeypatch.setattr(sys.modules[__name__], "active", active | {"bf16"})
+    _rounding_bf16_casts(builder, interp, tl)
 
 
 def _flushing_exp2_log2(builder, interp) -> None:

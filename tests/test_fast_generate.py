@@ -22,7 +22,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import OLD_TORCH_COMPILE, round_trip
+from helpers import OLD_TORCH_COMPILE, assert_close, round_trip
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -430,7 +430,9 @@ def test_a_compiled_decoder_layer_traces_whole():
     attention's output_attentions check read transformers' output collector, a ContextVar that dynamo traces only
     once a compiled model forward has set it: a layer compiled alone failed at its first call ("Dynamo does not know
     how to trace method `get` of class `ContextVar`"), where transformers' own layer traces. It is one graph now over
-    decode steps with the static latent cache, and each step equals the eager layer's, bit for bit."""
+    decode steps with the static latent cache, and each step equals the eager layer's: within fp32 rounding, as the
+    eager layer's attention norms run as one kernel each (``mla_kernels.norm``, its own order of summing squares)
+    and the compiled layer's as the modules' ops (bit for bit before that)."""
     model = patch_model(dense_model(), block_size=4)
     step, compiled, graphs = compiled_layer_step(model.model.layers[1])
     eager_cache, compiled_cache = (static_latent_cache(model, 2, 16, block_size=4) for _ in range(2))
@@ -440,7 +442,8 @@ def test_a_compiled_decoder_layer_traces_whole():
         for pos in range(4):
             x = torch.randn(2, 1, model.config.hidden_size, generator=g)
             cos_sin = model.model.rotary_emb(x, torch.full((2, 1), pos, dtype=torch.long))
-            assert torch.equal(compiled(x, cos_sin, compiled_cache), step(x, cos_sin, eager_cache)), pos
+            assert_close(f"step {pos}", compiled(x, cos_sin, compiled_cache), step(x, cos_sin, eager_cache),
+                         torch.float32)
     assert len(graphs) == 1
     # nothing of the library's for dynamo to warn about (torch 2.11-2.13 warned at every trace that the output
     # collector's lookup was functools.lru_cache-wrapped)

@@ -46,3 +46,34 @@ def test_gpu_like_interpreter_patches_apply():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests)]))
     run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tool; a GPU is the real thing")
+def test_bf16_rounding_for_one_test_is_undone_after_it():
+    """``gpu_like.round_bf16_casts`` (conftest's ``gpu_bf16_rounding``): kernels' fp32 -> bf16 casts round to
+    nearest even while it holds, and truncate again after (unless the whole run installed the rounding)."""
+    import triton
+    import triton.language as tl
+
+    import gpu_like
+
+    @triton.jit
+    def cast(y_ptr, out_ptr):
+        offs = tl.arange(0, 4)
+        tl.store(out_ptr + offs, tl.load(y_ptr + offs).to(tl.bfloat16))
+
+    y = torch.tensor([1.0 + 3 * 2.0 ** -8, -(1.0 + 3 * 2.0 ** -8), 1.0 + 2.0 ** -8, 1.0 + 2.0 ** -9])
+    rounded = y.to(torch.bfloat16)
+    truncated = (y.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(rounded, truncated)
+
+    def run():
+        out = torch.empty(4, dtype=torch.bfloat16)
+        cast[(1,)](y, out)
+        return out
+    was_rounding = "bf16" in gpu_like.active
+    with pytest.MonkeyPatch.context() as mp:
+        gpu_like.round_bf16_casts(mp)
+        assert torch.equal(run(), rounded) and "bf16" in gpu_like.active
+    assert torch.equal(run(), rounded if was_rounding else truncated)
+    assert ("bf16" in gpu_like.active) == was_rounding

@@ -53,6 +53,7 @@ from ..cache import CacheFullError, PagedLatentCache, write_cache
 from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, check_split_keys, config_kwargs, rope_inv_freq
+from ..norm import rms_norm
 
 __all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
            "SUPPORTED_MODEL_TYPES"]
@@ -1285,7 +1286,7 @@ class TransformersMLAttention(MLAttention):
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
-        q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) if indexer is not None else None
+        q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states)) if indexer is not None else None
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid)  # [B, Q, ...]
         if kv_c.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
             raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "

@@ -1,0 +1,169 @@
+"""The attention's RMSNorms (``q_a_layernorm``, ``kv_a_layernorm``) in one launch each.
+
+DeepSeek's RMSNorm (``DeepseekRMSNorm`` below, transformers' ``DeepseekV3RMSNorm`` and the same module in every
+MLA model the drop-in patches) is seven or eight PyTorch ops: a cast to float32, a square, a mean, an add, an
+rsqrt, a product, a cast back and the weight's product. In an eager decode step each is a kernel launch and a few
+microseconds of host work, two norms a layer: about as many launches as the rest of the attention. ``rms_norm``
+runs the module's formula in one Triton launch (each program: a block of rows, each normalized in float32, rounded
+to the input's dtype, then scaled by the weight and rounded to the result's dtype, as the module's ops round), and
+calls the module itself wherever that would not be the module's computation and nothing else (module docstring of
+``rms_norm``). Compiled code (``torch.compile``) calls the module: inductor fuses it itself.
+
+The kernel's float32 sum of squares runs in another order than PyTorch's mean, so a value can land one rounding of
+the input's dtype away from the module's (float32 rounding differences of ~1e-7 relative, then one bf16 rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from . import _launcher, _utils
+from .rope import _lead_strides
+
+__all__ = ["DeepseekRMSNorm", "rms_norm"]
+
+MAX_WIDTH = 16384  # the widest row one program normalizes (whole, in registers): DeepSeek's norms are 512 and 1536
+TILE_ELEMENTS = 4096  # (row, value) elements per program: 8 latent rows of 512, 2 query rows of 1536 (padded to 2048)
+
+
+class DeepseekRMSNorm(nn.Module):
+    """RMSNorm as DeepSeek's (and transformers') ``DeepseekV3RMSNorm``: normalized in fp32, cast back, then scaled.
+    ``forward`` is the formula ``rms_norm`` recognizes in other classes: keep its body as transformers writes it."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``BLOCK_R`` rows of ``x [b, s, width]`` (row ``b * seq_len + s``) normalized into ``OUT``, contiguous
+    ``[rows, width]``: ``w * round_x(x * rsqrt(mean(x^2) + eps))`` in float32, rounded to OUT's dtype once."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = rows // seq_len
+    s = rows - b * seq_len
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < width
+    mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    x = tl.load(X + (b * stride_xb + s * stride_xs)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, axis=1) / width
+    normed = x * tl.math.rsqrt(variance + eps)[:, None]
+    normed = normed.to(X.dtype.element_ty).to(tl.float32)  # the module's cast back to the input's dtype
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * width + cols[None, :], (w[None, :] * normed).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _code_of(fn) -> tuple:
+    """What a function computes, as the interpreter runs it: its bytecode, the names and constants it uses (a
+    docstring left out) and its argument names; equal for two bodies written alike wherever they are defined."""
+    code = fn.__code__
+    consts = code.co_consts[1:] if code.co_consts and isinstance(code.co_consts[0], str) else code.co_consts
+    return code.co_code, code.co_names, consts, code.co_varnames, code.co_argcount
+
+
+_FORMULA = _code_of(DeepseekRMSNorm.forward)
+_PLAIN_CLASSES: dict[type, bool] = {}  # class -> whether its forward is the formula (a dict: no lru_cache in traces)
+
+
+def _plain_class(cls: type) -> bool:
+    """``cls`` computes ``DeepseekRMSNorm.forward``'s formula when called (transformers' DeepseekV3RMSNorm,
+    DeepseekV2RMSNorm, ... are written alike) and its call is ``nn.Module``'s: read once per class."""
+    known = _PLAIN_CLASSES.get(cls)
+    if known is None:
+        forward = getattr(cls, "forward", None)
+        known = (cls.__call__ is nn.Module.__call__ and getattr(forward, "__code__", None) is not None
+                 and _code_of(forward) == _FORMULA)
+        _PLAIN_CLASSES[cls] = known
+    return known
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs anything besides its forward: its own hooks, hooks registered for every
+    module, or a forward replaced on the instance (accelerate's offload hooks wrap it so)."""
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__
+                or any(getattr(nn_module, name, None) for name in _GLOBAL_HOOKS))
+
+
+def _tokens(x: torch.Tensor) -> tuple | None:
+    """``(batch, seq, x's strides over them)`` for x's rows over at most two token dimensions, or None."""
+    lead = tuple(x.shape[:-1])
+    if len(lead) > 2:
+        return None
+    lead = (1,) * (2 - len(lead)) + lead
+    return (*lead, *_lead_strides(x, 1, lead))
+
+
+def _kernel_serves(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``rms_norm`` may launch the kernel for ``module(x)``: the formula's class with nothing hooked, a
+    Triton device, not compiling, no autograd to record, float dtypes, a weight of x's width on x's device, a float
+    epsilon, a row whole in one program."""
+    if type(x) is not torch.Tensor or not _utils.use_triton(x) or torch.compiler.is_compiling():
+        return False  # (a tensor subclass, DTensor's or a quantizer's, computes its own way)
+    if not _plain_class(type(module)) or _hooked(module):
+        return False
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(weight) not in (torch.Tensor, nn.Parameter) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # the kernel has no backward: the module's result carries autograd history
+    width = x.shape[-1] if x.dim() else 0
+    return (x.dtype in _utils.FLOAT_DTYPES and weight.dtype in _utils.FLOAT_DTYPES and weight.device == x.device
+            and tuple(weight.shape) == (width,) and weight.stride(-1) == 1 and x.stride(-1) == 1
+            and 0 < width <= MAX_WIDTH)
+
+
+_RESULT_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def _result_dtype(weight_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``weight * x``, looked up (``torch.promote_types`` is a dispatched op: microseconds a call)."""
+    key = (weight_dtype, x_dtype)
+    dtype = _RESULT_DTYPES.get(key)
+    if dtype is None:
+        dtype = _RESULT_DTYPES[key] = torch.promote_types(weight_dtype, x_dtype)
+    return dtype
+
+
+def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an RMSNorm ``module``, in one Triton launch where that is the same computation: a class
+    whose ``forward`` is ``DeepseekRMSNorm.forward``'s formula (transformers' RMSNorms of the MLA models are) and no
+    hooks around the call, ``x [..., width]`` over at most two token dimensions with unit stride along the width
+    (rows may be a view's: ``kv_c`` is one of the latent projection), float dtypes, nothing autograd records, not
+    while compiling, on a Triton device. Otherwise ``module(x)``. Returns what the module returns: x's shape, in
+    ``torch.result_type(weight, x)`` (float32 for a float32 weight under autocast)."""
+    tokens = _tokens(x) if _kernel_serves(module, x) else None
+    if tokens is None:
+        return module(x)
+    batch, seq, stride_b, stride_s = tokens
+    weight = module.weight
+    width = x.shape[-1]
+    out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
+    rows = batch * seq
+    if rows:
+        block_n = _utils.next_pow2(width)
+        block_r = min(_utils.next_pow2(rows), max(1, TILE_ELEMENTS // block_n))
+        tile = block_r * block_n
+        with _utils.launch_device(x.device):  # on x's GPU, not the current one (device_map="auto")
+            _launcher.launch(_rms_norm_kernel, (_utils.cdiv(rows, block_r),), x, weight, out, rows, seq,
+                             stride_b, stride_s, width, float(module.variance_epsilon),
+                             BLOCK_R=block_r, BLOCK_N=block_n,
+                             num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 1)
+    return out

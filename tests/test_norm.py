@@ -1,0 +1,253 @@
+"""The RMSNorm kernel (``mla_kernels.norm.rms_norm``) against the formula in float64, and the calls it leaves to the
+module: other formulas, hooks, autograd, shapes and dtypes it does not take."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_close, record_launches
+from mla_kernels import norm as norm_mod
+from mla_kernels.integrations.transformers import SUPPORTED_MODEL_TYPES
+from mla_kernels.norm import DeepseekRMSNorm, rms_norm
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def make_norm(width, dtype, device, eps=1e-6, cls=DeepseekRMSNorm, seed=0):
+    """``cls(width)`` with a random weight (ones would hide a weight read from the wrong place) in ``dtype``."""
+    norm = cls(width, eps=eps).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=torch.Generator().manual_seed(seed)) + 1)
+    return norm
+
+
+def formula(norm, x):
+    """The module's formula in float64: ``w * x / sqrt(mean(x^2) + eps)``."""
+    xd = x.double()
+    return norm.weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+@pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", ["tokens", "batch-seq", "latent-view", "one-row", "width-96"])
+def test_rms_norm_matches_the_formula(case, dtype, weight_dtype, device, poisoned_empty, monkeypatch):
+    """One launch, in every layout the drop-in hands it: packed tokens ``[T, R]``, ``[B, S, R]``, the latent as a
+    view of the latent projection's ``[B, S, R + P]`` rows (``kv_c``), one row ``[R]``, and a width that is not a
+    power of two (DeepSeek's query norm is 1536 wide: the row block is masked). A float32 weight (autocast) gives a
+    float32 result, as the module's product does. Every output element is written (``poisoned_empty``)."""
+    width = 96 if case == "width-96" else 128
+    g = torch.Generator().manual_seed(1)
+    shape = {"tokens": (7, width), "batch-seq": (2, 3, width), "latent-view": (2, 3, width + 32), "one-row": (width,),
+             "width-96": (5, width)}[case]
+    x = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+    if case == "latent-view":
+        x = x[..., :width]
+    norm = make_norm(width, dtype if weight_dtype == "same" else torch.float32, device)
+    calls = []
+    launch = norm_mod._launcher.launch
+    monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
+    with torch.no_grad():
+        got, module = rms_norm(norm, x), norm(x)
+    assert calls == [norm_mod._rms_norm_kernel]
+    assert got.dtype == module.dtype and got.shape == module.shape and got.is_contiguous()
+    # rounded twice (to x's dtype, then the product to the result's), as the module rounds: its error budget
+    assert_close(f"rms_norm {case}", got, formula(norm, x), got.dtype if dtype == torch.float32 else dtype)
+    assert_close(f"module {case}", module, formula(norm, x), got.dtype if dtype == torch.float32 else dtype)
+
+
+def test_rms_norm_rounds_to_the_inputs_dtype_before_the_weight(device):
+    """The module casts the normalized row back to x's dtype and then multiplies by the weight: with a float32
+    weight and fp16 x (the kernel rounds fp16 exactly under the interpreter too) the kernel's result equals the
+    module's wherever the float32 sums agree, and is not the unrounded float32 product."""
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(2)).to(device, torch.float16)
+    norm = make_norm(512, torch.float32, device)
+    with torch.no_grad():
+        got, module = rms_norm(norm, x), norm(x)
+        unrounded = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+    same = (got == module).double().mean().item()
+    assert same > 0.99, f"only {same:.4f} of the values equal the module's"
+    assert (got != unrounded).double().mean().item() > 0.5  # the fp16 rounding in between is there
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_the_patched_models_norms_take_the_kernel(model_type):
+    """The RMSNorm class (``*RMSNorm``; Kimi-Linear's and Ling 3's gated ones are other modules) of every model type
+    the drop-in patches is recognized as the formula (else its norms would quietly keep their eight launches each)."""
+    module_name, _ = SUPPORTED_MODEL_TYPES[model_type]
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError:
+        pytest.skip(f"the installed transformers has no {module_name}")
+    classes = [obj for name, obj in vars(mod).items()
+               if isinstance(obj, type) and name.endswith("RMSNorm") and obj.__module__ == mod.__name__]
+    assert classes and all(norm_mod._plain_class(cls) for cls in classes), [c.__name__ for c in classes]
+
+
+class GemmaStyleNorm(DeepseekRMSNorm):
+    """Another formula: scaled by ``1 + weight``."""
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (1 + self.weight) * hidden_states.to(input_dtype)
+
+
+class NoRecastNorm(DeepseekRMSNorm):
+    """Another formula: the weight's product in float32, cast back after."""
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight * hidden_states).to(input_dtype)
+
+
+class CallingNorm(DeepseekRMSNorm):
+    """The formula's forward, but a ``__call__`` of its own."""
+
+    def __call__(self, hidden_states):
+        return super().__call__(hidden_states) * 2
+
+
+def _with_hook(kind):
+    def make(norm):
+        if kind == "pre":
+            norm.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+        elif kind == "post":
+            norm.register_forward_hook(lambda m, args, out: out + 1)
+        else:
+            inner = norm.forward
+            norm.forward = lambda h: inner(h) - 1  # as accelerate's hooks wrap an offloaded module's forward
+        return norm
+    return make
+
+
+@pytest.mark.parametrize("make,change", [
+    (lambda n: GemmaStyleNorm(n.weight.shape[0]), None),
+    (lambda n: NoRecastNorm(n.weight.shape[0]), None),
+    (lambda n: CallingNorm(n.weight.shape[0]), None),
+    (_with_hook("pre"), None),
+    (_with_hook("post"), None),
+    (_with_hook("instance-forward"), None),
+    (None, lambda x: x.double()),  # float64: not a kernel dtype
+    (None, lambda x: x.expand(2, 2, *x.shape)),  # three token dimensions
+    (None, lambda x: x.t().contiguous().t()),  # the width not the unit stride
+    (None, lambda x: x[:, :16]),  # a weight of another width: the module's own broadcasting error
+], ids=["other-formula", "no-recast", "own-call", "pre-hook", "post-hook", "instance-forward", "float64",
+        "three-dims", "strided-width", "weight-width"])
+def test_rms_norm_calls_the_module_where_the_kernel_does_not_serve(make, change, monkeypatch, device):
+    """Calls the kernel does not take go to the module itself, with its result (or its error), launching nothing."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm = make_norm(32, torch.float32, device)
+    if make is not None:
+        norm = make(norm).to(device)
+    x = torch.randn(4, 32, device=device)
+    if change is not None:
+        x = change(x)
+    with torch.no_grad():
+        try:
+            expected = norm(x)
+        except RuntimeError as e:
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                rms_norm(norm, x)
+        else:
+            got = rms_norm(norm, x)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert not launches
+
+
+def test_rms_norm_calls_the_module_under_a_global_hook_autograd_or_compile(monkeypatch, device):
+    """A hook registered for every module, a weight or input autograd records, a tensor subclass and a call while
+    compiling (inductor fuses the module's ops) go to the module; its result then carries its gradient."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm = make_norm(32, torch.float32, device)
+    x = torch.randn(4, 32, device=device)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+    try:
+        with torch.no_grad():
+            rms_norm(norm, x)
+    finally:
+        handle.remove()
+    assert seen == [norm] and not launches
+    got = rms_norm(norm, x)  # grad enabled and the weight requires grad
+    assert got.requires_grad and not launches
+    got.sum().backward()
+    assert norm.weight.grad is not None
+
+    class Tagged(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        assert torch.equal(rms_norm(norm, x.as_subclass(Tagged)), norm(x))
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.equal(rms_norm(norm, x), norm(x))
+    assert not launches
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with torch.no_grad():
+        rms_norm(norm, x)
+    assert len(launches) == 1  # (the kernel does serve the same call otherwise)
+
+
+@pytest.mark.parametrize("width,rows,grid,block_r,block_n,warps", [
+    (512, 1, 1, 1, 512, 4),  # a decode step's latent row, batch 1
+    (512, 16, 2, 8, 512, 8),  # batch 16
+    (1536, 16, 8, 2, 2048, 8),  # DeepSeek-V3's query norm, padded to 2048
+    (512, 8192, 1024, 8, 512, 8),  # a prompt
+    (16384, 3, 3, 1, 16384, 8),  # MAX_WIDTH
+])
+def test_rms_norm_grid(width, rows, grid, block_r, block_n, warps, monkeypatch):
+    """Blocks of whole rows, ``TILE_ELEMENTS`` values a program (at least one row), on a one-dimensional grid;
+    the row strides and the epsilon as the module has them."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm = DeepseekRMSNorm(width, eps=1e-5, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(rows, width + 64, device="meta", dtype=torch.bfloat16)[:, :width]
+    with torch.no_grad():
+        out = rms_norm(norm, x)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    ((got_grid, args, kwargs),) = launches
+    assert got_grid == (grid,) and (kwargs["BLOCK_R"], kwargs["BLOCK_N"], kwargs["num_warps"]) == (block_r, block_n, warps)
+    # rows, rows a sequence, the strides (0 along a dimension of one), width, eps
+    assert args[3:] == (rows, rows, 0, width + 64 if rows > 1 else 0, width, 1e-5)
+
+
+def test_rms_norm_of_no_rows_and_wider_rows(monkeypatch):
+    """No rows: an empty result and no launch; rows wider than ``MAX_WIDTH``: the module."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    with torch.no_grad():
+        norm = DeepseekRMSNorm(64, device="meta")
+        assert rms_norm(norm, torch.empty(0, 64, device="meta")).shape == (0, 64)
+        wide = DeepseekRMSNorm(norm_mod.MAX_WIDTH * 2)
+        x = torch.randn(2, norm_mod.MAX_WIDTH * 2)
+        assert torch.equal(rms_norm(wide, x), wide(x))
+    assert not launches
+
+
+def test_rms_norm_launches_on_the_tensors_gpu(monkeypatch):
+    """Inside ``_utils.launch_device(x.device)``, as every launch of the library."""
+    import contextlib
+
+    from mla_kernels import _utils
+
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+        entered.pop()
+
+    monkeypatch.setattr(_utils, "launch_device", recording)
+    monkeypatch.setattr(_utils, "use_triton", lambda t: True)
+    monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: launched.append(list(entered)))
+    with torch.no_grad():
+        rms_norm(DeepseekRMSNorm(64), torch.randn(2, 64))
+    assert launched == [[torch.device("cpu")]]
