@@ -101,6 +101,39 @@ def launch_device(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _private(get, default):
+    """A private torch hook ``get()``, or ``default`` on a torch without it (the package admits torch 2.6 on)."""
+    try:
+        return get()
+    except (AttributeError, ImportError):
+        return default
+
+
+_INTERPRETER_STACK = _private(lambda: torch._C._functorch.peek_interpreter_stack, lambda: None)
+_FORWARD_AD = _private(lambda: __import__("torch.autograd.forward_ad", fromlist=["_"]), None)
+_IS_TRACING = _private(lambda: torch._C._is_tracing, lambda: False)
+_DISPATCH_MODES = _private(lambda: torch._C._len_torch_dispatch_stack, lambda: 0)
+_FUNCTION_MODES = _private(lambda: torch._C._len_torch_function_stack, lambda: 0)
+
+
+def ops_intercepted() -> bool:
+    """Whether PyTorch ops now run through something besides their kernels, which a model's own ops would go through
+    and a Triton launch in their place would not (``rope``'s and ``rms_norm``'s dispatch then take the PyTorch
+    ops): ``torch.func`` transforms (vmap's and jvp's wrapped tensors have no storage to launch on), forward-mode AD
+    (its tangents, which no_grad does not turn off), ``torch.jit.trace`` (it records the ops, and hands shapes as
+    tensors), a TorchDispatchMode (``make_fx``'s tracer, whose graph would get an empty tensor; FlopCounterMode)
+    or a TorchFunctionMode other than a ``torch.device`` context's (``set_default_device`` too: it places factory
+    calls only, and the kernels' outputs are placed on their input's device)."""
+    if (_INTERPRETER_STACK() is not None or (_FORWARD_AD is not None and _FORWARD_AD._current_level >= 0)
+            or _IS_TRACING() or _DISPATCH_MODES()):
+        return True
+    if _FUNCTION_MODES():
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        return not all(type(mode) is DeviceContext for mode in _get_current_function_mode_stack())
+    return False
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors (NVIDIA) or compute units (AMD); a nominal 132 for the interpreter."""
     if device.type == "cuda":

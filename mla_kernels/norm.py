@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import _launcher, _utils
 from .rope import _lead_strides
@@ -69,24 +70,32 @@ def _code_of(fn) -> tuple:
     """What a function computes, as the interpreter runs it: its bytecode, the names and constants it uses (a
     docstring left out) and its argument names; equal for two bodies written alike wherever they are defined."""
     code = fn.__code__
-    consts = code.co_consts[1:] if code.co_consts and isinstance(code.co_consts[0], str) else code.co_consts
+    # Python 3.10-3.13 hold a function's docstring, or None without one, as its first constant (3.14 holds a
+    # docstring only, or nothing: a first constant of the body's is then left out of both sides alike)
+    first = code.co_consts[0] if code.co_consts else 0
+    consts = code.co_consts[1:] if first is None or isinstance(first, str) else code.co_consts
     return code.co_code, code.co_names, consts, code.co_varnames, code.co_argcount
 
 
 _FORMULA = _code_of(DeepseekRMSNorm.forward)
-_PLAIN_CLASSES: dict[type, bool] = {}  # class -> whether its forward is the formula (a dict: no lru_cache in traces)
+# class -> (what its answer was read from: forward, forward's code, __call__, _call_impl; the answer). A dict: no
+# lru_cache in traces
+_PLAIN_CLASSES: dict[type, tuple] = {}
 
 
 def _plain_class(cls: type) -> bool:
     """``cls`` computes ``DeepseekRMSNorm.forward``'s formula when called (transformers' DeepseekV3RMSNorm,
-    DeepseekV2RMSNorm, ... are written alike) and its call is ``nn.Module``'s: read once per class."""
+    DeepseekV2RMSNorm, ... are written alike) and its call is ``nn.Module``'s (``__call__`` and the ``_call_impl``
+    it runs): read once per class, and again where any of them was replaced since (a class patched after the
+    model's first step, as kernel libraries patch norms, must not keep the kernel)."""
+    forward = getattr(cls, "forward", None)
+    read_from = (forward, getattr(forward, "__code__", None), cls.__call__, getattr(cls, "_call_impl", None))
     known = _PLAIN_CLASSES.get(cls)
-    if known is None:
-        forward = getattr(cls, "forward", None)
-        known = (cls.__call__ is nn.Module.__call__ and getattr(forward, "__code__", None) is not None
-                 and _code_of(forward) == _FORMULA)
-        _PLAIN_CLASSES[cls] = known
-    return known
+    if known is None or known[:4] != read_from:
+        plain = (read_from[2] is nn.Module.__call__ and read_from[3] is nn.Module._call_impl
+                 and read_from[1] is not None and _code_of(forward) == _FORMULA)
+        known = _PLAIN_CLASSES[cls] = (*read_from, plain)
+    return known[4]
 
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -95,11 +104,12 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` runs anything besides its forward: its own hooks, hooks registered for every
-    module, or a forward replaced on the instance (accelerate's offload hooks wrap it so)."""
-    from torch.nn.modules import module as nn_module
+    module, a forward replaced on the instance (accelerate's offload hooks wrap it so), or ``module.compile()``'s
+    compiled call (``nn.Module.__call__`` runs it instead: its backend may be any)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__
-                or any(getattr(nn_module, name, None) for name in _GLOBAL_HOOKS))
+                or getattr(module, "_compiled_call_impl", None) is not None
+                or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS))
 
 
 def _tokens(x: torch.Tensor) -> tuple | None:
@@ -111,23 +121,26 @@ def _tokens(x: torch.Tensor) -> tuple | None:
     return (*lead, *_lead_strides(x, 1, lead))
 
 
-def _kernel_serves(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``rms_norm`` may launch the kernel for ``module(x)``: the formula's class with nothing hooked, a
-    Triton device, not compiling, no autograd to record, float dtypes, a weight of x's width on x's device, a float
-    epsilon, a row whole in one program."""
-    if type(x) is not torch.Tensor or not _utils.use_triton(x) or torch.compiler.is_compiling():
-        return False  # (a tensor subclass, DTensor's or a quantizer's, computes its own way)
-    if not _plain_class(type(module)) or _hooked(module):
-        return False
+def _kernel_operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(weight, eps)`` where ``rms_norm`` may launch the kernel for ``module(x)``, else None: the formula's class
+    with nothing hooked, a Triton device, not compiling nor transforming or tracing the ops, no autograd to record,
+    float dtypes, a weight of x's width on x's device, a float epsilon, a row whole in one program. Each attribute is
+    read once, as the module's forward reads it (a parametrized weight is computed at each read)."""
+    if type(x) is not torch.Tensor or not _utils.use_triton(x) or torch.compiler.is_compiling() or not x.dim():
+        return None  # (a tensor subclass, DTensor's or a quantizer's, computes its own way; a 0-d x broadcasts)
+    if not _plain_class(type(module)) or _hooked(module) or _utils.ops_intercepted():
+        return None
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    if type(weight) not in (torch.Tensor, nn.Parameter) or isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return False
+    # a float epsilon (numpy's float64 is one): an int goes to the module, whose add raises past int64's range
+    if type(weight) not in (torch.Tensor, nn.Parameter) or not isinstance(eps, float):
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False  # the kernel has no backward: the module's result carries autograd history
-    width = x.shape[-1] if x.dim() else 0
-    return (x.dtype in _utils.FLOAT_DTYPES and weight.dtype in _utils.FLOAT_DTYPES and weight.device == x.device
-            and tuple(weight.shape) == (width,) and weight.stride(-1) == 1 and x.stride(-1) == 1
-            and 0 < width <= MAX_WIDTH)
+        return None  # the kernel has no backward: the module's result carries autograd history
+    width = x.shape[-1]
+    serves = (x.dtype in _utils.FLOAT_DTYPES and weight.dtype in _utils.FLOAT_DTYPES and weight.device == x.device
+              and tuple(weight.shape) == (width,) and weight.stride(-1) == 1 and x.stride(-1) == 1
+              and 0 < width <= MAX_WIDTH)
+    return (weight, eps) if serves else None
 
 
 _RESULT_DTYPES: dict[tuple, torch.dtype] = {}
@@ -147,13 +160,16 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     whose ``forward`` is ``DeepseekRMSNorm.forward``'s formula (transformers' RMSNorms of the MLA models are) and no
     hooks around the call, ``x [..., width]`` over at most two token dimensions with unit stride along the width
     (rows may be a view's: ``kv_c`` is one of the latent projection), float dtypes, nothing autograd records, not
-    while compiling, on a Triton device. Otherwise ``module(x)``. Returns what the module returns: x's shape, in
-    ``torch.result_type(weight, x)`` (float32 for a float32 weight under autocast)."""
-    tokens = _tokens(x) if _kernel_serves(module, x) else None
+    while compiling, transforming (``torch.func``, forward-mode AD) or tracing the ops (``torch.jit.trace``, a
+    dispatch or function mode: ``_utils.ops_intercepted``), on a Triton device. Otherwise ``module(x)``. Returns what the
+    module returns: x's shape, in ``torch.result_type(weight, x)`` (float32 for a float32 weight under autocast);
+    contiguous, where the module's keeps a permuted x's layout."""
+    operands = _kernel_operands(module, x)
+    tokens = _tokens(x) if operands is not None else None
     if tokens is None:
         return module(x)
     batch, seq, stride_b, stride_s = tokens
-    weight = module.weight
+    weight, eps = operands
     width = x.shape[-1]
     out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     rows = batch * seq
@@ -163,7 +179,7 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         tile = block_r * block_n
         with _utils.launch_device(x.device):  # on x's GPU, not the current one (device_map="auto")
             _launcher.launch(_rms_norm_kernel, (_utils.cdiv(rows, block_r),), x, weight, out, rows, seq,
-                             stride_b, stride_s, width, float(module.variance_epsilon),
+                             stride_b, stride_s, width, float(eps),
                              BLOCK_R=block_r, BLOCK_N=block_n,
                              num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 1)
     return out

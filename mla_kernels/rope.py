@@ -146,6 +146,8 @@ def _kernel_serves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style:
     ``apply_rope``'s result has ``x``'s dtype, tables on ``x``'s device, P / 2 a power of two."""
     if style not in _STYLE_IDS or not _utils.use_triton(x) or torch.compiler.is_compiling():
         return False
+    if type(x) is not torch.Tensor or _utils.ops_intercepted():
+        return False  # a tensor subclass computes its own way; transformed or traced ops must see apply_rope's
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
         return False  # the kernel has no backward: apply_rope's result carries autograd history
     if x.dtype not in _utils.FLOAT_DTYPES or cos.dtype not in _utils.FLOAT_DTYPES or sin.dtype not in _utils.FLOAT_DTYPES:

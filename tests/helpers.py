@@ -268,3 +268,78 @@ def round_trip(obj, how: str):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# what runs PyTorch ops through something else (the drop-in's rope and norm dispatch must take PyTorch's ops there)
+# ---------------------------------------------------------------------------------------------
+
+
+def _intercepted_ops_seen(f, x, t):
+    """A TorchDispatchMode's view of ``f(x)``: how many aten ops it saw (a kernel launch shows as one empty)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops() as mode:
+        f(x)
+    return torch.tensor(float(len(mode.ops)))
+
+
+def _function_mode_shifting_products(f, x, t):
+    """``f(x)`` under a TorchFunctionMode that changes what PyTorch computes: one added to every tensor product (a
+    sign flip would cancel over the two products of an RMSNorm)."""
+    from torch.overrides import TorchFunctionMode
+
+    products = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+
+    class Shifting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out + 1 if func in products else out
+
+    with torch.no_grad(), Shifting():
+        return f(x)
+
+
+def _forward_ad_tangent(f, x, t):
+    """Forward-mode AD's tangent of ``f`` at ``x`` along ``t``, under no_grad (which does not turn it off)."""
+    import torch.autograd.forward_ad as fwAD
+    with torch.no_grad(), fwAD.dual_level():
+        out = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+        return torch.full_like(x, float("nan")) if out is None else out
+
+
+def _vmapped(f, x, t):
+    return torch.func.vmap(f)(torch.stack([x, t]))
+
+
+def _jvp(f, x, t):
+    return torch.func.jvp(f, (x,), (t,))[1]
+
+
+def _jit_traced(f, x, t):
+    with torch.no_grad():
+        return torch.jit.trace(lambda v: f(v), (x,), check_trace=False)(t)
+
+
+def _make_fx_traced(f, x, t):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    with torch.no_grad():
+        return make_fx(lambda v: f(v))(x)(t)
+
+
+# ``run(f, x, t)``: ``f`` of ``x`` (and ``t``, a second input or a tangent) under something that runs PyTorch's ops
+# through itself; ``run(kernel_path, x, t)`` must equal ``run(pytorch_path, x, t)``, which it does only where the
+# dispatch takes PyTorch's ops: forward-mode AD (a kernel gives no tangent), vmap and jvp (wrapped tensors with no
+# storage to launch on), torch.jit.trace and make_fx (the graph records the ops; a launch would leave it an empty
+# tensor), a TorchDispatchMode (sees the ops) and a TorchFunctionMode (changes them)
+INTERCEPTING_RUNS = [_forward_ad_tangent, _vmapped, _jvp, _jit_traced, _make_fx_traced, _intercepted_ops_seen,
+                     _function_mode_shifting_products]

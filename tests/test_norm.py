@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close, record_launches
+from helpers import INTERCEPTING_RUNS, assert_close, record_launches
 from mla_kernels import norm as norm_mod
 from mla_kernels.integrations.transformers import SUPPORTED_MODEL_TYPES
 from mla_kernels.norm import DeepseekRMSNorm, rms_norm
@@ -251,3 +251,129 @@ def test_rms_norm_launches_on_the_tensors_gpu(monkeypatch):
     with torch.no_grad():
         rms_norm(DeepseekRMSNorm(64), torch.randn(2, 64))
     assert launched == [[torch.device("cpu")]]
+
+
+class DocumentedNorm(DeepseekRMSNorm):
+    """The formula, its forward with a docstring."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Normalized in fp32, cast back, then scaled."""
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def test_a_docstring_on_the_formulas_forward_is_left_out():
+    """``_code_of`` leaves a docstring out: Python 3.10-3.13 keep a function's docstring, or None without one, as
+    its first constant, so a forward documented and one not differ there only."""
+    assert norm_mod._plain_class(DocumentedNorm)
+
+
+def test_rms_norm_sees_a_class_changed_after_it_was_read(monkeypatch):
+    """A class's ``forward`` or ``__call__`` replaced after ``rms_norm`` first read it (a monkeypatch of the model's
+    norm class, as kernel libraries patch): the module's new computation, not the kernel."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+
+    class Patched(DeepseekRMSNorm):
+        pass
+
+    norm, x = make_norm(32, torch.float32, "cpu", cls=Patched), torch.randn(4, 32)
+    with torch.no_grad():
+        rms_norm(norm, x)
+        assert len(launches) == 1
+        monkeypatch.setattr(Patched, "forward", GemmaStyleNorm.forward)
+        assert torch.equal(rms_norm(norm, x), norm(x))
+        monkeypatch.setattr(Patched, "forward", DeepseekRMSNorm.forward)
+        rms_norm(norm, x)
+        assert len(launches) == 2
+        monkeypatch.setattr(Patched, "__call__", lambda self, h: nn.Module.__call__(self, h) * 2)
+        assert torch.equal(rms_norm(norm, x), norm(x))
+    assert len(launches) == 2
+
+
+class OwnCallImplNorm(DeepseekRMSNorm):
+    """The formula's forward and ``nn.Module.__call__``, but a ``_call_impl`` of its own (what ``__call__`` runs)."""
+
+    def _call_impl(self, *args, **kwargs):
+        return super()._call_impl(*args, **kwargs) + 1
+
+
+def _compiled(norm):
+    """``norm.compile(...)``, its backend adding one: ``norm(x)`` then runs what the backend made."""
+    norm.compile(backend=lambda gm, example: (lambda *args: [t + 1 for t in gm(*args)]))
+    return norm
+
+
+@pytest.mark.parametrize("make", [lambda n: OwnCallImplNorm(n.weight.shape[0]), _compiled],
+                         ids=["own-call-impl", "module-compile"])
+def test_rms_norm_calls_a_module_whose_call_runs_something_else(make, monkeypatch):
+    """``nn.Module.__call__`` runs ``self._compiled_call_impl`` (set by ``module.compile()``) or else
+    ``self._call_impl``: either replaced, the call is not the formula's."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm, x = make(make_norm(32, torch.float32, "cpu")), torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.equal(rms_norm(norm, x), norm(x))
+    assert not launches
+
+
+def test_rms_norm_reads_a_parametrized_weight_once(device):
+    """A weight under ``torch.nn.utils.parametrize`` is computed at each read: ``rms_norm`` reads it once, as the
+    module's forward does."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        calls = 0
+
+        def forward(self, w):
+            Doubled.calls += 1
+            return w * 2
+
+    norm, x = make_norm(32, torch.float32, device), torch.randn(4, 32, device=device)
+    parametrize.register_parametrization(norm, "weight", Doubled())
+    with torch.no_grad():
+        expected = norm(x)
+        Doubled.calls = 0
+        got = rms_norm(norm, x)
+    assert Doubled.calls == 1
+    assert_close("parametrized", got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("width,eps,shape", [(0, 1e-6, ()), (32, 2 ** 70, (4, 32))], ids=["0-d", "int-eps"])
+def test_rms_norm_of_a_scalar_or_an_integer_epsilon_is_the_modules(width, eps, shape, monkeypatch):
+    """A 0-d x (the module broadcasts it over a weight of no width: no IndexError of ``rms_norm``'s own), an epsilon
+    too large an int for the module's add (its error, not a result): the module's."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm, x = DeepseekRMSNorm(width, eps=eps), torch.randn(shape)
+    with torch.no_grad():
+        try:
+            expected = norm(x)
+        except Exception as e:  # (an OverflowError)
+            with pytest.raises(type(e), match=re.escape(str(e))):
+                rms_norm(norm, x)
+        else:
+            assert torch.equal(rms_norm(norm, x), expected)
+    assert not launches
+
+
+@pytest.mark.parametrize("run", INTERCEPTING_RUNS, ids=[run.__name__.strip("_") for run in INTERCEPTING_RUNS])
+def test_rms_norm_calls_the_module_where_its_ops_run_through_something_else(run, device):
+    """What runs the module's ops through something else gets the module, as ``module(x)`` would: forward-mode
+    AD's tangents (even under no_grad), ``torch.func``'s vmap and jvp (whose wrapped tensors have no storage for a
+    kernel), ``torch.jit.trace`` and ``make_fx`` (which record the ops: a kernel would leave the graph an empty
+    tensor), a TorchDispatchMode or a TorchFunctionMode (which see, or change, the ops)."""
+    norm = make_norm(32, torch.float32, device).requires_grad_(False)
+    x, t = torch.randn(4, 32, device=device), torch.randn(4, 32, device=device)
+    assert_close("module", run(lambda v: rms_norm(norm, v), x, t), run(norm, x, t), torch.float32)
+
+
+def test_rms_norm_takes_the_kernel_in_a_device_context(device, monkeypatch):
+    """A ``torch.device`` context is a TorchFunctionMode that only places factory calls: still the kernel."""
+    calls = []
+    launch = norm_mod._launcher.launch
+    monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
+    norm, x = make_norm(32, torch.float32, device), torch.randn(4, 32, device=device)
+    with torch.no_grad(), torch.device(device):
+        assert_close("device context", rms_norm(norm, x), norm(x), torch.float32)
+    assert calls == [norm_mod._rms_norm_kernel]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close, record_launches
+from helpers import INTERCEPTING_RUNS, assert_close, record_launches
 from mla_kernels import rope as rope_mod
 from mla_kernels.rope import apply_rope, rope
 
@@ -174,3 +174,15 @@ def test_rope_launches_on_the_tensors_gpu(monkeypatch):
     x, cos = torch.randn(2, 3, 4, 64), torch.randn(2, 3, 1, 64)
     rope_mod.rope(x, cos, cos, "interleave")
     assert launched == [[x.device]], launched
+
+
+@pytest.mark.parametrize("run", INTERCEPTING_RUNS, ids=[run.__name__.strip("_") for run in INTERCEPTING_RUNS])
+def test_rope_takes_pytorch_where_its_ops_run_through_something_else(run, device):
+    """What runs PyTorch's ops through something else gets ``apply_rope``'s ops, as the model's own rope would:
+    forward-mode AD's tangents (under no_grad too), ``torch.func``'s vmap and jvp, ``torch.jit.trace`` and
+    ``make_fx``, a TorchDispatchMode, a TorchFunctionMode (before: a launch, or a crash on vmap's storage-less
+    tensors)."""
+    cos, sin = tables((4,), 16, device, torch.float32)
+    x, t = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
+    got = run(lambda v: rope(v, cos, sin, "interleave"), x, t)
+    assert_close("rope", got, run(lambda v: apply_rope(v, cos, sin, "interleave"), x, t), torch.float32)
