@@ -360,11 +360,16 @@ def test_bf16_teacher_forced_logits_close():
     """bf16 logits of the patched model against the fp32 eager model, beside transformers' own bf16 eager run.
 
     Tolerance: logits come out of ~10 bf16 roundings in a row (embedding, norms, projections, attention, MLP,
-    lm_head; 2^-8 relative each, ~2.3e-3 RMS), so a relative RMS error of ~1e-2 against fp32 is bf16's floor;
-    transformers' eager bf16 measures about 2e-2 here. The kernels accumulate in fp32 and never round the
-    expanded K/V or the probabilities to bf16 before P.V, so they must do at least as well as eager bf16
-    (with 25% slack) and stay under 2e-2 (cosine difference under 5e-4)."""
-    model = tiny_model(q_lora_rank=32, rope_parameters=YARN)
+    lm_head; 2^-8 relative each, ~2.3e-3 RMS), so a relative RMS error of ~1e-2 against fp32 is bf16's floor. The
+    kernels accumulate in fp32 and never round the expanded K/V or the probabilities to bf16 before P.V, so they
+    must do at least as well as eager bf16 (with 25% slack) and stay under 2e-2 (cosine difference under 5e-4).
+
+    Every layer dense: expert routing is a discontinuity, not numerics. With the MoE layer, one token's top-2
+    experts flipped in transformers' eager bf16 run (that token 0.14 off, the run 2.03e-2 against 5.3e-3 dense), and
+    in the patched run wherever its rounding happened to land there too: under GPU rounding (``MLA_TEST_GPU_LIKE``:
+    the rope in fp32, rounded once) it did, 2.04e-2, over the bound, as a GPU would have; 5.3e-3 to 6.6e-3 dense in
+    every mode (measured 2026-12-06)."""
+    model = tiny_model(q_lora_rank=32, rope_parameters=YARN, first_k_dense_replace=2)
     ids, mask = left_padded([24, 17, 9], seed=5)
     real = mask.bool()
     with torch.no_grad():
