@@ -109,8 +109,14 @@ def _private(get, default):
         return default
 
 
+def _forward_ad_level_reader():
+    import torch.autograd.forward_ad as forward_ad
+    forward_ad._current_level  # (raises AttributeError on a torch that keeps it elsewhere)
+    return lambda: forward_ad._current_level
+
+
 _INTERPRETER_STACK = _private(lambda: torch._C._functorch.peek_interpreter_stack, lambda: None)
-_FORWARD_AD = _private(lambda: __import__("torch.autograd.forward_ad", fromlist=["_"]), None)
+_FORWARD_AD_LEVEL = _private(_forward_ad_level_reader, lambda: -1)  # >= 0 inside fwAD.dual_level()
 _IS_TRACING = _private(lambda: torch._C._is_tracing, lambda: False)
 _DISPATCH_MODES = _private(lambda: torch._C._len_torch_dispatch_stack, lambda: 0)
 _FUNCTION_MODES = _private(lambda: torch._C._len_torch_function_stack, lambda: 0)
@@ -124,8 +130,7 @@ def ops_intercepted() -> bool:
     tensors), a TorchDispatchMode (``make_fx``'s tracer, whose graph would get an empty tensor; FlopCounterMode)
     or a TorchFunctionMode other than a ``torch.device`` context's (``set_default_device`` too: it places factory
     calls only, and the kernels' outputs are placed on their input's device)."""
-    if (_INTERPRETER_STACK() is not None or (_FORWARD_AD is not None and _FORWARD_AD._current_level >= 0)
-            or _IS_TRACING() or _DISPATCH_MODES()):
+    if _INTERPRETER_STACK() is not None or _FORWARD_AD_LEVEL() >= 0 or _IS_TRACING() or _DISPATCH_MODES():
         return True
     if _FUNCTION_MODES():
         from torch.overrides import _get_current_function_mode_stack

@@ -161,9 +161,9 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     hooks around the call, ``x [..., width]`` over at most two token dimensions with unit stride along the width
     (rows may be a view's: ``kv_c`` is one of the latent projection), float dtypes, nothing autograd records, not
     while compiling, transforming (``torch.func``, forward-mode AD) or tracing the ops (``torch.jit.trace``, a
-    dispatch or function mode: ``_utils.ops_intercepted``), on a Triton device. Otherwise ``module(x)``. Returns what the
-    module returns: x's shape, in ``torch.result_type(weight, x)`` (float32 for a float32 weight under autocast);
-    contiguous, where the module's keeps a permuted x's layout."""
+    dispatch or function mode: ``_utils.ops_intercepted``), on a Triton device. Otherwise ``module(x)``. Returns
+    what the module returns: x's shape, in ``torch.result_type(weight, x)`` (float32 for a float32 weight under
+    autocast); contiguous, where the module's keeps a permuted x's layout."""
     operands = _kernel_operands(module, x)
     tokens = _tokens(x) if operands is not None else None
     if tokens is None:
