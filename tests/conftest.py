@@ -68,7 +68,6 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(_utils, "scratch", nan_scratch)
 
 
-
 @pytest.fixture
 def gpu_bf16_rounding(monkeypatch):
     """Under the interpreter, the test's fp32 -> bf16 casts in kernels round to nearest even as a GPU's do, where the
