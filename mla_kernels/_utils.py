@@ -139,6 +139,14 @@ def ops_intercepted() -> bool:
     return False
 
 
+def kernel_may_stand_in(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel may stand in for a run of PyTorch ops on ``x`` (the drop-in's ``rope`` and
+    ``rms_norm``; each adds its own shape, dtype and autograd conditions): a plain tensor (a subclass, DTensor's or a
+    quantizer's, computes its own way) on a Triton device, not while compiling (inductor fuses the ops itself), and
+    nothing running the ops through itself (``ops_intercepted``)."""
+    return type(x) is torch.Tensor and use_triton(x) and not torch.compiler.is_compiling() and not ops_intercepted()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors (NVIDIA) or compute units (AMD); a nominal 132 for the interpreter."""
     if device.type == "cuda":

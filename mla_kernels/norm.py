@@ -126,9 +126,9 @@ def _kernel_operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
     with nothing hooked, a Triton device, not compiling nor transforming or tracing the ops, no autograd to record,
     float dtypes, a weight of x's width on x's device, a float epsilon, a row whole in one program. Each attribute is
     read once, as the module's forward reads it (a parametrized weight is computed at each read)."""
-    if type(x) is not torch.Tensor or not _utils.use_triton(x) or torch.compiler.is_compiling() or not x.dim():
-        return None  # (a tensor subclass, DTensor's or a quantizer's, computes its own way; a 0-d x broadcasts)
-    if not _plain_class(type(module)) or _hooked(module) or _utils.ops_intercepted():
+    if not _utils.kernel_may_stand_in(x) or not x.dim():  # (a 0-d x broadcasts against the weight)
+        return None
+    if not _plain_class(type(module)) or _hooked(module):
         return None
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     # a float epsilon (numpy's float64 is one): an int goes to the module, whose add raises past int64's range

@@ -142,12 +142,11 @@ def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 
 def _kernel_serves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> bool:
-    """Whether ``rope`` may launch the kernel: a rope style, a Triton device, not compiling, float dtypes in which
+    """Whether ``rope`` may launch the kernel: a rope style, ``_utils.kernel_may_stand_in(x)`` (a plain tensor on a
+    Triton device, not compiling, transforming or tracing the ops), nothing autograd records, float dtypes in which
     ``apply_rope``'s result has ``x``'s dtype, tables on ``x``'s device, P / 2 a power of two."""
-    if style not in _STYLE_IDS or not _utils.use_triton(x) or torch.compiler.is_compiling():
+    if style not in _STYLE_IDS or not _utils.kernel_may_stand_in(x):
         return False
-    if type(x) is not torch.Tensor or _utils.ops_intercepted():
-        return False  # a tensor subclass computes its own way; transformed or traced ops must see apply_rope's
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
         return False  # the kernel has no backward: apply_rope's result carries autograd history
     if x.dtype not in _utils.FLOAT_DTYPES or cos.dtype not in _utils.FLOAT_DTYPES or sin.dtype not in _utils.FLOAT_DTYPES:
@@ -166,8 +165,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
     """``apply_rope(x, cos, sin, style)`` in one Triton launch where it can (module docstring): ``x [..., H, P]``
     with tables ``[..., 1, P]`` or ``x [..., P]`` with tables ``[..., P]`` (broadcast over up to two token
     dimensions), unit stride along P, P / 2 a power of two, tables in a dtype that keeps ``apply_rope``'s result in
-    ``x``'s ("pairs" always does), on its device, nothing autograd records, not while compiling; PyTorch ops
-    otherwise. Returns a new contiguous tensor of ``apply_rope``'s shape."""
+    ``x``'s ("pairs" always does), on its device, nothing autograd records, not while compiling, transforming or
+    tracing the ops (``_utils.ops_intercepted``); PyTorch ops otherwise. Returns a new contiguous tensor of ``apply_rope``'s shape."""
     tokens = _as_tokens(x, cos, sin) if _kernel_serves(x, cos, sin, style) else None
     if tokens is None:
         return apply_rope(x, cos, sin, style)
