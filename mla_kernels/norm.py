@@ -24,7 +24,7 @@ from torch.nn.modules import module as _nn_module
 from . import _launcher, _utils
 from .rope import _lead_strides
 
-__all__ = ["DeepseekRMSNorm", "rms_norm"]
+__all__ = ["DeepseekRMSNorm", "KernelRMSNorm", "rms_norm"]
 
 MAX_WIDTH = 16384  # the widest row one program normalizes (whole, in registers): DeepSeek's norms are 512 and 1536
 TILE_ELEMENTS = 4096  # (row, value) elements per program: 8 latent rows of 512, 2 query rows of 1536 (padded to 2048)
@@ -106,10 +106,14 @@ def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` runs anything besides its forward: its own hooks, hooks registered for every
     module, a forward replaced on the instance (accelerate's offload hooks wrap it so), or ``module.compile()``'s
     compiled call (``nn.Module.__call__`` runs it instead: its backend may be any)."""
+    return _own_hooks(module) or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    """``_hooked`` without the hooks registered for every module: what ``module``'s own call adds."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__
-                or getattr(module, "_compiled_call_impl", None) is not None
-                or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS))
+                or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 def _tokens(x: torch.Tensor) -> tuple | None:
@@ -123,12 +127,18 @@ def _tokens(x: torch.Tensor) -> tuple | None:
 
 def _kernel_operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, eps)`` where ``rms_norm`` may launch the kernel for ``module(x)``, else None: the formula's class
-    with nothing hooked, a Triton device, not compiling nor transforming or tracing the ops, no autograd to record,
-    float dtypes, a weight of x's width on x's device, a float epsilon, a row whole in one program. Each attribute is
-    read once, as the module's forward reads it (a parametrized weight is computed at each read)."""
-    if not _utils.kernel_may_stand_in(x) or not x.dim():  # (a 0-d x broadcasts against the weight)
-        return None
+    with nothing hooked (``_plain_class``, ``_hooked``), and ``_operands``."""
     if not _plain_class(type(module)) or _hooked(module):
+        return None
+    return _operands(module, x)
+
+
+def _operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(weight, eps)`` where the kernel may compute the formula ``DeepseekRMSNorm.forward`` runs on ``module`` and
+    ``x``, else None: a Triton device, not compiling nor transforming or tracing the ops, no autograd to record,
+    float dtypes, a weight of x's width on x's device, a float epsilon, a row whole in one program. Each attribute is
+    read once, as the formula reads it (a parametrized weight is computed at each read)."""
+    if not _utils.kernel_may_stand_in(x) or not x.dim():  # (a 0-d x broadcasts against the weight)
         return None
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     # a float epsilon (numpy's float64 is one): an int goes to the module, whose add raises past int64's range
@@ -165,11 +175,17 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     what the module returns: x's shape, in ``torch.result_type(weight, x)`` (float32 for a float32 weight under
     autocast); contiguous, where the module's keeps a permuted x's layout."""
     operands = _kernel_operands(module, x)
-    tokens = _tokens(x) if operands is not None else None
+    out = _normalize(x, *operands) if operands is not None else None
+    return module(x) if out is None else out
+
+
+def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The kernel's ``weight * round_x(x * rsqrt(mean(x^2) + eps))`` for operands ``_operands`` accepted, or None
+    where x's rows span more than two token dimensions."""
+    tokens = _tokens(x)
     if tokens is None:
-        return module(x)
+        return None
     batch, seq, stride_b, stride_s = tokens
-    weight, eps = operands
     width = x.shape[-1]
     out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     rows = batch * seq
@@ -183,3 +199,59 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
                              BLOCK_R=block_r, BLOCK_N=block_n,
                              num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 1)
     return out
+
+
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+class KernelRMSNorm(DeepseekRMSNorm):
+    """A model's own RMSNorm module with the formula in one launch: what ``patch_model(model, norms=True)`` puts in
+    the place of each module ``can_adopt`` accepts (the decoder layers' ``input_layernorm`` and
+    ``post_attention_layernorm``, the final ``norm``). Its forward launches the kernel wherever ``rms_norm`` would
+    for the module (``_operands``: a Triton device, nothing autograd records, not compiling nor transforming or
+    tracing the ops, ...) and runs ``DeepseekRMSNorm.forward`` otherwise: the module's own formula, which
+    ``can_adopt`` checked. It holds the original's weight Parameter itself (the state dict keeps its keys and
+    tensors) and its other attributes; ``original`` is the module ``unpatch_model`` puts back."""
+
+    @staticmethod
+    def can_adopt(module: nn.Module) -> bool:
+        """``module`` computes ``DeepseekRMSNorm.forward``'s formula with its weight Parameter and nothing else: the
+        formula's class, no parameter but ``weight``, no buffer, no child (a parametrized weight is one), no hook of
+        its own (forward, backward or state-dict hooks, a forward replaced on the instance, ``module.compile()``)
+        that a swapped-in module would not run."""
+        return (type(module) is not KernelRMSNorm and _plain_class(type(module)) and not _own_hooks(module)
+                and list(module._parameters) == ["weight"] and type(module._parameters["weight"]) is nn.Parameter
+                and not module._buffers and not module._modules
+                and not any(getattr(module, name, None) for name in _STATE_DICT_HOOKS))
+
+    @classmethod
+    def adopt(cls, original: nn.Module) -> "KernelRMSNorm":
+        """The module standing in for ``original`` (one ``can_adopt`` accepted): its weight Parameter (the same
+        object) and its other plain attributes (``variance_epsilon``, ``training``, any a subclass adds)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in vars(original).items():
+            if not key.startswith("_"):
+                setattr(new, key, value)
+        new.weight = original.weight
+        object.__setattr__(new, "original", original)  # (not a submodule: its weight is this module's)
+        return new
+
+    def restore(self) -> nn.Module:
+        """``original``, given back the weight Parameter and plain attributes this module holds now (one replaced or
+        converted while patched stays), for ``unpatch_model``."""
+        original = self.original
+        for key, value in vars(self).items():
+            if not key.startswith("_") and key != "original":
+                setattr(original, key, value)
+        original.weight = self.weight
+        return original
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        operands = _operands(self, hidden_states)
+        out = _normalize(hidden_states, *operands) if operands is not None else None
+        return super().forward(hidden_states) if out is None else out
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

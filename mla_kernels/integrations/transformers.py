@@ -53,7 +53,7 @@ from ..cache import CacheFullError, PagedLatentCache, write_cache
 from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, check_split_keys, config_kwargs, rope_inv_freq
-from ..norm import rms_norm
+from ..norm import KernelRMSNorm, rms_norm
 
 __all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
            "SUPPORTED_MODEL_TYPES"]
@@ -1510,7 +1510,8 @@ def _attention_class(model_type: str):
 
 
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
-                cache_dtype: torch.dtype | None = None, split_tokens: int | None = None) -> nn.Module:
+                cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
+                norms: bool = False) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3,
     LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear, Ling 3) model for ``TransformersMLAttention`` (a hybrid's other attention
     modules, ``_OTHER_ATTENTION``, stay as they are).
@@ -1529,6 +1530,13 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             sequence's attention output, in prompt and decode steps, does not depend on the other sequences
             generated beside it. The model's own GEMMs and norms are transformers' (a batch-invariant matmul
             library makes them invariant too).
+        norms: also swap the model's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
+            ``post_attention_layernorm``, the final ``norm``: each outside the MLA attention whose class computes
+            DeepSeek's RMSNorm formula, with no hooks of its own; ``KernelRMSNorm.can_adopt``) for
+            ``mla_kernels.norm.KernelRMSNorm``, which holds the same weight Parameter and computes the formula in
+            one Triton launch where the attention's own norms do (``rms_norm``; the module's PyTorch ops
+            otherwise: compiling, autograd, ...). Eight fewer launches per norm in an eager step; a value may
+            differ from the module's by one rounding of its dtype (the sum of squares runs in another order).
 
     Returns ``model``, patched in place: the new modules share the original projection modules (no copies; the
     state dict keeps its keys and tensors). Every layer is checked before any is swapped, so a model that can't
@@ -1544,6 +1552,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         raise ValueError(f"cache_dtype must be None (the model's dtype) or torch.float8_e4m3fn, got {cache_dtype!r}")
     if split_tokens is not None:
         split_tokens = _utils.check_int("split_tokens", split_tokens, 1)
+    if not isinstance(norms, bool):
+        raise TypeError(f"norms must be a bool, got {type(norms).__name__}")
     config, model_type, layers = _decoder_layers(model)
     attn_cls = _attention_class(model_type)
     slots = _mla_slots(layers, model_type)
@@ -1597,12 +1607,33 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         setattr(parent, name, TransformersMLAttention.adopt(
             attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
             num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens))
+    if norms:
+        for parent, name, norm in _norm_slots(model):
+            setattr(parent, name, KernelRMSNorm.adopt(norm))
     return model
 
 
+def _norm_slots(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, norm)`` of every RMSNorm under ``module`` that ``patch_model(norms=True)`` swaps
+    (``KernelRMSNorm.can_adopt``), outside the patched attention modules (whose norms ``rms_norm`` serves)."""
+    slots = []
+    for name, child in module._modules.items():
+        if child is None or isinstance(child, TransformersMLAttention):
+            continue
+        if KernelRMSNorm.can_adopt(child):
+            slots.append((module, name, child))
+        else:
+            slots += _norm_slots(child)
+    return slots
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Put back the transformers attention modules ``patch_model`` replaced (same parameters). Returns ``model``."""
+    """Put back the transformers attention modules ``patch_model`` replaced (same parameters), and the RMSNorm
+    modules ``patch_model(norms=True)`` replaced (with the weight Parameters they hold then). Returns ``model``."""
     _, _, layers = _decoder_layers(model)
+    for parent, name, norm in [(parent, name, child) for parent in model.modules()
+                               for name, child in parent._modules.items() if isinstance(child, KernelRMSNorm)]:
+        setattr(parent, name, norm.restore())
     for parent, name, attn in _attention_slots(layers):
         if isinstance(attn, TransformersMLAttention):
             original = attn._hf_original
