@@ -127,18 +127,20 @@ def _tokens(x: torch.Tensor) -> tuple | None:
 
 def _kernel_operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, eps)`` where ``rms_norm`` may launch the kernel for ``module(x)``, else None: the formula's class
-    with nothing hooked (``_plain_class``, ``_hooked``), and ``_operands``."""
-    if not _plain_class(type(module)) or _hooked(module):
+    with nothing hooked (``_plain_class``, ``_hooked``), and ``_operands``. The tensor is asked first: compiling,
+    nothing else is read (a first read of a class, traced, would change ``_PLAIN_CLASSES``: a recompile)."""
+    if not _utils.kernel_may_stand_in(x) or not _plain_class(type(module)) or _hooked(module):
         return None
     return _operands(module, x)
 
 
 def _operands(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, eps)`` where the kernel may compute the formula ``DeepseekRMSNorm.forward`` runs on ``module`` and
-    ``x``, else None: a Triton device, not compiling nor transforming or tracing the ops, no autograd to record,
-    float dtypes, a weight of x's width on x's device, a float epsilon, a row whole in one program. Each attribute is
-    read once, as the formula reads it (a parametrized weight is computed at each read)."""
-    if not _utils.kernel_may_stand_in(x) or not x.dim():  # (a 0-d x broadcasts against the weight)
+    ``x`` (one ``_utils.kernel_may_stand_in`` accepted: a Triton device, not compiling nor transforming or tracing
+    the ops), else None: no autograd to record, float dtypes, a weight of x's width on x's device, a float epsilon,
+    a row whole in one program. Each attribute is read once, as the formula reads it (a parametrized weight is
+    computed at each read)."""
+    if not x.dim():  # (a 0-d x broadcasts against the weight)
         return None
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     # a float epsilon (numpy's float64 is one): an int goes to the module, whose add raises past int64's range
@@ -249,7 +251,7 @@ class KernelRMSNorm(DeepseekRMSNorm):
         return original
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        operands = _operands(self, hidden_states)
+        operands = _operands(self, hidden_states) if _utils.kernel_may_stand_in(hidden_states) else None
         out = _normalize(hidden_states, *operands) if operands is not None else None
         return super().forward(hidden_states) if out is None else out
 

@@ -29,6 +29,7 @@ from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, \
     static_latent_cache
 from mla_kernels.module import LatentBatch
+from mla_kernels.norm import KernelRMSNorm
 from mla_kernels.prefill import mla_prefill_attention
 
 transformers = pytest.importorskip("transformers")
@@ -425,15 +426,18 @@ def compiled_layer_step(layer):
     return step, torch.compile(step, backend=backend, fullgraph=True), graphs
 
 
-def test_a_compiled_decoder_layer_traces_whole():
+@pytest.mark.parametrize("norms", [False, True], ids=["attention", "attention-and-norms"])
+def test_a_compiled_decoder_layer_traces_whole(norms):
     """Regional compilation: torch.compile(fullgraph=True) of one patched decoder layer, not the model. The patched
     attention's output_attentions check read transformers' output collector, a ContextVar that dynamo traces only
     once a compiled model forward has set it: a layer compiled alone failed at its first call ("Dynamo does not know
     how to trace method `get` of class `ContextVar`"), where transformers' own layer traces. It is one graph now over
     decode steps with the static latent cache, and each step equals the eager layer's: within fp32 rounding, as the
     eager layer's attention norms run as one kernel each (``mla_kernels.norm``, its own order of summing squares)
-    and the compiled layer's as the modules' ops (bit for bit before that)."""
-    model = patch_model(dense_model(), block_size=4)
+    and the compiled layer's as the modules' ops (bit for bit before that). With ``norms=True`` the layer's own
+    norms (``KernelRMSNorm``) trace as the modules' formula too."""
+    model = patch_model(dense_model(), block_size=4, norms=norms)
+    assert norms == isinstance(model.model.layers[1].input_layernorm, KernelRMSNorm)
     step, compiled, graphs = compiled_layer_step(model.model.layers[1])
     eager_cache, compiled_cache = (static_latent_cache(model, 2, 16, block_size=4) for _ in range(2))
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from torch import nn
 from helpers import INTERCEPTING_RUNS, assert_close, record_launches
 from mla_kernels import norm as norm_mod
 from mla_kernels.integrations.transformers import SUPPORTED_MODEL_TYPES
-from mla_kernels.norm import DeepseekRMSNorm, rms_norm
+from mla_kernels.norm import DeepseekRMSNorm, KernelRMSNorm, rms_norm
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -377,3 +377,123 @@ def test_rms_norm_takes_the_kernel_in_a_device_context(device, monkeypatch):
     with torch.no_grad(), torch.device(device):
         assert_close("device context", rms_norm(norm, x), norm(x), torch.float32)
     assert calls == [norm_mod._rms_norm_kernel]
+
+
+# -- KernelRMSNorm: a model's RMSNorm module swapped for one that launches the kernel (patch_model(norms=True)) --
+
+def _transformers_norm(width):
+    """transformers' ``DeepseekV3RMSNorm`` (the class ``patch_model(norms=True)`` meets), or this package's twin."""
+    try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+    except ImportError:
+        return DeepseekRMSNorm(width)
+    return DeepseekV3RMSNorm(width)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_kernel_rms_norm_stands_in_for_the_module(dtype, device, monkeypatch):
+    """``KernelRMSNorm.adopt`` holds the original's weight Parameter itself (same object: the state dict keeps its key
+    and tensor) and its epsilon; its call is one launch of the kernel with the module's result (within the bound of
+    its dtype: one rounding apart at most); ``restore`` gives back the original, holding the weight Parameter the
+    stand-in holds then (one replaced while patched stays replaced)."""
+    original = _transformers_norm(64).to(device, dtype)
+    with torch.no_grad():
+        original.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(4)) + 1)
+    original.variance_epsilon = 1e-5
+    assert KernelRMSNorm.can_adopt(original)
+    new = KernelRMSNorm.adopt(original)
+    assert new.weight is original.weight and new.variance_epsilon == 1e-5 and new.training == original.training
+    assert list(new.state_dict()) == list(original.state_dict()) == ["weight"]
+    assert list(new.children()) == []  # the original is not a submodule (its weight would count twice)
+    x = (torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5)) * 3).to(device, dtype)
+    calls = []
+    launch = norm_mod._launcher.launch
+    monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
+    with torch.no_grad():
+        got, expected = new(x), original(x)
+    assert calls == [norm_mod._rms_norm_kernel]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert_close("KernelRMSNorm", got, formula(original, x), dtype)
+    assert_close("module", expected, formula(original, x), dtype)
+    replaced = nn.Parameter(torch.ones(64, device=device, dtype=dtype))
+    new.weight = replaced
+    assert new.restore() is original and original.weight is replaced
+
+
+def test_kernel_rms_norm_keeps_the_mode_and_the_originals_attributes():
+    """``train()``/``eval()`` on the stand-in reach the original once restored; an attribute a subclass adds is
+    carried both ways."""
+    original = DeepseekRMSNorm(16)
+    original.extra = "kept"
+    new = KernelRMSNorm.adopt(original)
+    assert new.extra == "kept"
+    new.eval()
+    new.extra = "changed"
+    restored = new.restore()
+    assert restored is original and not original.training and original.extra == "changed"
+    assert "original" not in vars(original)
+
+
+class BufferNorm(DeepseekRMSNorm):
+    """The formula, but a buffer beside the weight."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.register_buffer("scale", torch.ones(1))
+
+
+def _parametrized(norm):
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, w):
+            return w
+
+    parametrize.register_parametrization(norm, "weight", Same())
+    return norm
+
+
+def _with_state_dict_hook(norm):
+    norm._register_state_dict_hook(lambda module, state, prefix, local: state)
+    return norm
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: GemmaStyleNorm(16), lambda n: OwnCallImplNorm(16), _with_hook("pre"), _with_hook("post"),
+    _with_hook("instance-forward"), _compiled, lambda n: BufferNorm(16), _parametrized, _with_state_dict_hook,
+    lambda n: KernelRMSNorm.adopt(n), lambda n: nn.LayerNorm(16)],
+    ids=["other-formula", "own-call-impl", "pre-hook", "post-hook", "instance-forward", "module-compile", "buffer",
+         "parametrized", "state-dict-hook", "already-adopted", "layer-norm"])
+def test_kernel_rms_norm_adopts_only_the_plain_formula(make):
+    """A module whose call computes more than the formula with its weight (another formula, a call of its own, a
+    hook of its own a swapped-in module would drop, a buffer, a parametrized weight, a state-dict hook) is not
+    adopted; the plain formula, in this package's class or transformers', is."""
+    assert KernelRMSNorm.can_adopt(DeepseekRMSNorm(16)) and KernelRMSNorm.can_adopt(_transformers_norm(16))
+    assert not KernelRMSNorm.can_adopt(make(DeepseekRMSNorm(16)))
+
+
+def test_kernel_rms_norm_runs_the_formula_under_autograd_and_compile(device, monkeypatch):
+    """Where ``rms_norm`` would call the module (autograd recording, compiling, a tensor of a subclass, a float64 x),
+    the stand-in runs the module's formula itself: the same result, the gradient reaching the shared weight."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    original = make_norm(32, torch.float32, device)
+    new = KernelRMSNorm.adopt(original)
+    x = torch.randn(4, 32, device=device)
+    got = new(x)
+    assert got.requires_grad and torch.equal(got, original(x))
+    got.sum().backward()
+    assert original.weight.grad is not None and torch.equal(original.weight.grad, new.weight.grad)
+    with torch.no_grad():
+        assert torch.equal(new(x.double()), original(x.double()))
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert torch.equal(new(x), original(x))
+    assert not launches
+
+
+@pytest.mark.parametrize("run", INTERCEPTING_RUNS, ids=[run.__name__.strip("_") for run in INTERCEPTING_RUNS])
+def test_kernel_rms_norm_runs_the_formula_where_its_ops_run_through_something_else(run, device):
+    """As ``rms_norm``: transforms, tracing and modes get the formula's ops, not the kernel."""
+    original = make_norm(32, torch.float32, device).requires_grad_(False)
+    new = KernelRMSNorm.adopt(original)
+    x, t = torch.randn(4, 32, device=device), torch.randn(4, 32, device=device)
+    assert_close("stand-in", run(new, x, t), run(original, x, t), torch.float32)

@@ -16,6 +16,8 @@ from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, unpatch_model
+from mla_kernels import norm as norm_mod
+from mla_kernels.norm import KernelRMSNorm
 from test_module import YARN, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -689,6 +691,66 @@ def test_patch_shares_parameters_and_unpatch_restores():
     assert unpatch_model(model) is model
     assert [layer.self_attn for layer in model.model.layers] == originals
     assert mla_kernels.patch_model is patch_model and mla_kernels.unpatch_model is unpatch_model
+
+
+def test_patch_model_norms_swaps_the_models_rmsnorms(monkeypatch):
+    """``norms=True``: every decoder layer's input and post-attention RMSNorm and the final norm become a
+    ``KernelRMSNorm`` holding the same weight Parameter (the state dict keeps its keys and tensors); the attention's
+    own norms stay (``rms_norm`` serves them), as does a norm with a hook of its own. Greedy tokens are transformers'
+    (fp32), every norm call of a forward pass is one kernel launch, and ``unpatch_model`` gives back the original
+    modules. The default swaps none."""
+    model = tiny_model(q_lora_rank=32)
+    ids, mask = left_padded([5, 9, 2])
+    hooked = model.model.layers[1].post_attention_layernorm
+    hooked.register_forward_hook(lambda module, args, out: None)
+    norms = {name: m for name, m in model.named_modules()
+             if name == "model.norm" or (name.endswith("_layernorm") and ".self_attn." not in name)}
+    assert len(norms) == 2 * len(model.model.layers) + 1
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    launches = []
+    launch = norm_mod._launcher.launch
+    monkeypatch.setattr(norm_mod._launcher, "launch",
+                        lambda kernel, *a, **k: (launches.append(kernel), launch(kernel, *a, **k))[1])
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model)
+        assert not any(isinstance(m, KernelRMSNorm) for m in model.modules())
+        unpatch_model(model)
+        patch_model(model, norms=True)
+        swapped = {name: m for name, m in model.named_modules() if isinstance(m, KernelRMSNorm)}
+        assert set(swapped) == set(norms) - {"model.layers.1.post_attention_layernorm"}
+        assert all(m.weight is norms[name].weight for name, m in swapped.items())
+        assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+        launches.clear()
+        model(input_ids=ids, attention_mask=mask)
+        # two attention norms a layer (q_a_layernorm, kv_a_layernorm), the swapped ones, the final norm
+        assert launches.count(norm_mod._rms_norm_kernel) == 2 * len(model.model.layers) + len(swapped)
+        got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(got, expected), f"\n{got[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    assert unpatch_model(model) is model
+    assert all(model.get_submodule(name) is m for name, m in norms.items())
+    assert not any(isinstance(m, (KernelRMSNorm, TransformersMLAttention)) for m in model.modules())
+    with pytest.raises(TypeError, match="norms must be a bool"):
+        patch_model(model, norms="yes")
+    assert not any(isinstance(m, (KernelRMSNorm, TransformersMLAttention)) for m in model.modules())
+
+
+def test_unpatch_keeps_a_norm_weight_converted_while_patched():
+    """A patched model cast to another dtype (``model.to``) converts the weight Parameters the stand-ins hold, as new
+    Parameter objects where torch is told to overwrite them on conversion: the restored norms hold those."""
+    model = patch_model(tiny_model(q_lora_rank=32), norms=True)
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, KernelRMSNorm)}
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.bfloat16)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    unpatch_model(model)
+    for name, w in weights.items():
+        restored = model.get_submodule(name)
+        assert not isinstance(restored, KernelRMSNorm) and restored.weight.dtype == torch.bfloat16
+        assert torch.equal(restored.weight, w.to(torch.bfloat16))
 
 
 def test_a_latent_cache_given_to_the_unpatched_model_is_a_clear_error(monkeypatch):
