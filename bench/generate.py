@@ -13,6 +13,8 @@ no-cache            every step runs the whole sequence again (skipped past a len
 transformers-cache  transformers' DynamicCache and its own attention (sdpa), which expands the whole cached latent
                     through ``kv_b_proj`` at every step;
 patched             ``mla_kernels.patch_model(model)``, eager: the kernels over the paged latent cache;
+patched-norms       ``patch_model(model, norms=True)``, eager: also the decoder layers' own RMSNorms and the final
+                    norm in one launch each (``KernelRMSNorm``): what the rest of an eager step gains beside attention;
 patched-compiled    patched, with ``static_latent_cache`` and transformers' compiled decoding (``compile_config``,
                     fullgraph; on a GPU inductor with CUDA graphs). GPU only: on a CPU it is listed as skipped;
 no-attention        the same model with every attention layer replaced by a stub returning zeros: the time of
@@ -46,10 +48,11 @@ from . import _harness as h
 # Logits after a few bf16 layers differ by rounding alone: measured ~1-2% relative RMS between two correct
 # bf16 attention implementations (tests/test_transformers.py); 5% still refuses a wrong mask, scale or rope.
 LOGITS_RTOL = 5e-2
-PROVIDERS = ("no-cache", "transformers-cache", "patched", "patched-compiled")
+PROVIDERS = ("no-cache", "transformers-cache", "patched", "patched-norms", "patched-compiled")
 # attention_share = 1 - no_attention / provider holds only where "everything else" is what the no-attention run times:
 # eager single-token steps over a cache. no-cache runs every layer's MLP over the whole sequence at every step, and
-# patched-compiled runs everything else compiled (CUDA graphs): the eager no-attention time is not their rest.
+# patched-compiled runs everything else compiled (CUDA graphs), patched-norms the decoder layers' norms as kernels:
+# the eager no-attention time (transformers' norms) is not their rest.
 SHARE_PROVIDERS = ("transformers-cache", "patched")
 
 
@@ -223,6 +226,8 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
 
     base = build_model(shape, device, model_type=model_type)
     patched = patch_model(copy.deepcopy(base), block_size=64)
+    normed = patch_model(copy.deepcopy(base), block_size=64, norms=True)
+    patched_models = {"patched": patched, "patched-norms": normed, "patched-compiled": patched}
     cpu = h.is_cpu(device)
     rows = [] if rows is None else rows
     for batch in batches:
@@ -234,14 +239,16 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
             start = len(rows)  # this context's rows reach ``rows`` as they are made: a stopped run keeps them
             with torch.no_grad():
                 expected = base(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-                err = h.rel_rms_error(patched(input_ids=ids, logits_to_keep=1).logits[:, -1].float(), expected)
+                errs = {name: h.rel_rms_error(model(input_ids=ids, logits_to_keep=1).logits[:, -1].float(), expected)
+                        for name, model in (("patched", patched), ("patched-norms", normed))}
+                errs["patched-compiled"] = errs["patched"]
                 del expected
                 plans = {}
                 if ctx <= no_cache_limit:
                     plans["no-cache"] = (lambda: None, lambda _: generate_no_cache(base, ids, new_tokens))
                 else:
                     rows.append(h.make_row("no-cache", None, note=f"skipped: context > {no_cache_limit}", **keys))
-                for name, model in (("transformers-cache", base), ("patched", patched)):
+                for name, model in (("transformers-cache", base), ("patched", patched), ("patched-norms", normed)):
                     pre = _Prefilled(model, ids, mask)
                     plans[name] = (pre.fresh, lambda cache, m=model: m.generate(
                         input_ids=ids, attention_mask=mask, **h.cache_kw(m, cache), **_greedy(new_tokens)))
@@ -259,14 +266,14 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 tokens = {}
                 reference_steps = _first_steps(base, plans["transformers-cache"][0], ids, mask)
                 for name, plan in plans.items():
-                    if name.startswith("patched") and not err < LOGITS_RTOL:
-                        rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {err:.2e}",
+                    if name.startswith("patched") and not errs[name] < LOGITS_RTOL:
+                        rows.append(h.make_row(name, None, note=f"WRONG: prompt logits rel. RMS error {errs[name]:.2e}",
                                                     wrong=True, **keys))
                         continue
                     step_err = None
                     if name.startswith("patched") and reference_steps is not None:  # its decode steps, before timing
                         extra = dict(compile_config=_compile_config()) if name == "patched-compiled" else {}
-                        got = _first_steps(patched, plan[0], ids, mask, **extra)
+                        got = _first_steps(patched_models[name], plan[0], ids, mask, **extra)
                         step_err = None if got is None else decode_steps_error(got, reference_steps)
                         if step_err is not None and not step_err < LOGITS_RTOL:
                             rows.append(h.make_row(name, None, note="WRONG: first decode steps' logits rel. RMS "
@@ -310,7 +317,7 @@ def run(device, shape: ModelShape, contexts, batches, new_tokens: int, runs: int
                 if reference is not None:
                     r["speedup_vs_transformers_cache"] = reference["p50_ms"] / r["p50_ms"]
                 if r["provider"].startswith("patched"):
-                    r["prompt_logits_rel_rms_err"] = err
+                    r["prompt_logits_rel_rms_err"] = errs[r["provider"]]
                     if "transformers-cache" in tokens and r["provider"] in tokens:
                         r["tokens_agree_with_transformers"] = float(
                             (tokens[r["provider"]] == tokens["transformers-cache"]).float().mean())

@@ -660,16 +660,18 @@ def sync_errors_in_decode_steps(model):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="host syncs are observable only on a GPU (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("norms", [False, True], ids=["attention", "attention-and-norms"])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-def test_decode_steps_never_sync_on_gpu(cache_kind, monkeypatch):
+def test_decode_steps_never_sync_on_gpu(cache_kind, norms, monkeypatch):
     """Every decode step of every patched layer under set_sync_debug_mode("error"); the dynamic cache starts
-    without headroom, so some decode steps also grow it."""
+    without headroom, so some decode steps also grow it. With ``norms=True`` the decoder layers' norms run as
+    kernels too (``KernelRMSNorm``), with the same greedy tokens."""
     monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
     model = dense_model(q_lora_rank=32).cuda()  # fp32: the tokens must equal transformers' exactly
     ids, mask = (t.cuda() for t in left_padded(PROMPTS))
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-        patch_model(model, block_size=2)  # with no headroom, the dynamic cache grows during decoding
+        patch_model(model, block_size=2, norms=norms)  # with no headroom, the dynamic cache grows during decoding
         kwargs = {}
         if cache_kind == "static":
             kwargs["past_key_values"] = static_latent_cache(model, len(PROMPTS), 64, block_size=4)
