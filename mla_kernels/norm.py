@@ -204,6 +204,18 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return out
 
 
+_MODULE_MACHINERY = frozenset(vars(nn.Module())) - {"training"}  # what nn.Module.__init__ sets but the mode
+
+
+def _own_attributes(module: nn.Module) -> dict:
+    """The instance attributes of ``module`` that ``nn.Module.__init__`` does not set up (the mode included)."""
+    return {key: value for key, value in vars(module).items() if key not in _MODULE_MACHINERY}
+
+
+# a stand-in's own attributes that belong to it, not to the original: ``module.compile()``'s compiled call and a
+# forward wrapped on the instance (accelerate's hooks: the wrapper, the forward it wraps, the hook) are the stand-in's
+_BOUND_TO_THE_STAND_IN = frozenset({"original", "_compiled_call_impl", "forward", "_old_forward", "_hf_hook"})
+
 _STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                      "_load_state_dict_post_hooks")
 
@@ -231,24 +243,36 @@ class KernelRMSNorm(DeepseekRMSNorm):
     @classmethod
     def adopt(cls, original: nn.Module) -> "KernelRMSNorm":
         """The module standing in for ``original`` (one ``can_adopt`` accepted): its weight Parameter (the same
-        object) and its other plain attributes (``variance_epsilon``, ``training``, any a subclass adds)."""
+        object) and every attribute of its own that is not ``nn.Module``'s machinery (``variance_epsilon``,
+        ``training``, transformers' ``_is_hf_initialized`` mark, which keeps ``post_init`` from initializing the
+        weight again, any a subclass adds)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        for key, value in vars(original).items():
-            if not key.startswith("_"):
-                setattr(new, key, value)
+        for key, value in _own_attributes(original).items():
+            object.__setattr__(new, key, value)
         new.weight = original.weight
         object.__setattr__(new, "original", original)  # (not a submodule: its weight is this module's)
         return new
 
+    def restorable(self) -> str | None:
+        """None where ``restore`` can put ``original`` back, else why not (``unpatch_model`` asks every stand-in
+        before it restores any)."""
+        if not isinstance(vars(self).get("original"), nn.Module):
+            return "it is not a stand-in patch_model made (no original module)"
+        if type(self._parameters.get("weight")) is not nn.Parameter:
+            return ("its weight is no longer a plain Parameter (parametrized while patched?): remove that first "
+                    "(torch.nn.utils.parametrize.remove_parametrizations)")
+        return None
+
     def restore(self) -> nn.Module:
-        """``original``, given back the weight Parameter and plain attributes this module holds now (one replaced or
-        converted while patched stays), for ``unpatch_model``."""
+        """``original``, given back the weight Parameter and the attributes this module holds now (one replaced or
+        converted while patched stays), for ``unpatch_model``. What was attached to this module while patched
+        (hooks, ``compile()``, a forward wrapped on it) stays with it."""
         original = self.original
-        for key, value in vars(self).items():
-            if not key.startswith("_") and key != "original":
-                setattr(original, key, value)
-        original.weight = self.weight
+        for key, value in _own_attributes(self).items():
+            if key not in _BOUND_TO_THE_STAND_IN:
+                object.__setattr__(original, key, value)
+        original.weight = self._parameters["weight"]
         return original
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -753,6 +753,94 @@ def test_unpatch_keeps_a_norm_weight_converted_while_patched():
         assert torch.equal(restored.weight, w.to(torch.bfloat16))
 
 
+def _norm_weights(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "norm" in name}
+
+
+@pytest.mark.parametrize("call", ["post_init", "init_weights"])
+def test_swapped_norms_keep_transformers_initialized_mark(call):
+    """transformers marks each module it initialized (``_is_hf_initialized``) and skips it in later ``post_init`` /
+    ``init_weights`` calls: the stand-ins carry the mark (the norms' weights, shared with the originals, were reset
+    to ones through them, and stayed so after unpatching)."""
+    model = tiny_model(q_lora_rank=32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.5)
+    before = _norm_weights(model)
+    patch_model(model, norms=True)
+    getattr(model, call)()
+    unpatch_model(model)
+    after = _norm_weights(model)
+    assert all(torch.equal(after[name], w) for name, w in before.items()), \
+        [name for name, w in before.items() if not torch.equal(after[name], w)]
+
+
+def test_unpatch_refuses_a_norm_it_cannot_restore_before_restoring_anything():
+    """A stand-in whose weight was parametrized while patched can't give a Parameter back: unpatch_model refuses
+    with the norm's name before anything is restored (it restored the norms before it and stopped midway, leaving
+    attention patched), and succeeds once the parametrization is removed. A KernelRMSNorm the user built (no
+    original) stays where it is."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    model = patch_model(tiny_model(q_lora_rank=32), norms=True)
+    mine = KernelRMSNorm(model.config.hidden_size)
+    model.model.extra_norm = mine
+    target = model.model.layers[1].input_layernorm
+    parametrize.register_parametrization(target, "weight", Doubled())
+    with pytest.raises(ValueError, match="'input_layernorm'.*parametriz.*nothing was restored"):
+        unpatch_model(model)
+    assert all(isinstance(layer.self_attn, TransformersMLAttention) for layer in model.model.layers)
+    assert all(isinstance(m, KernelRMSNorm) for name, m in model.named_modules()
+               if name.endswith("_layernorm") and ".self_attn." not in name)
+    parametrize.remove_parametrizations(target, "weight", leave_parametrized=True)
+    unpatch_model(model)
+    assert not any(isinstance(m, TransformersMLAttention) for m in model.modules())
+    assert model.model.extra_norm is mine
+    assert [name for name, m in model.named_modules() if isinstance(m, KernelRMSNorm)] == ["model.extra_norm"]
+
+
+def test_a_norm_in_two_places_is_one_stand_in():
+    """A norm module used in two places (tied norms) becomes one stand-in in both, and one original again: each
+    place's changes reach the other, and the parameters are not counted twice after a conversion that makes new
+    Parameter objects."""
+    model = tiny_model(q_lora_rank=32)
+    shared = model.model.layers[0].input_layernorm
+    model.model.layers[1].input_layernorm = shared
+    count = len(list(model.parameters()))
+    patch_model(model, norms=True)
+    first, second = model.model.layers[0].input_layernorm, model.model.layers[1].input_layernorm
+    assert isinstance(first, KernelRMSNorm) and first is second
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.bfloat16)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    assert len(list(model.parameters())) == count
+    unpatch_model(model)
+    assert model.model.layers[0].input_layernorm is shared is model.model.layers[1].input_layernorm
+    assert shared.weight.dtype == torch.bfloat16
+
+
+def test_what_is_attached_to_a_stand_in_stays_with_it():
+    """``compile()`` of a stand-in and a forward wrapped on it are bound to the stand-in: the restored original does
+    not take them (it would run the stand-in's call)."""
+    model = patch_model(tiny_model(q_lora_rank=32), norms=True)
+    stand_in = model.model.norm
+    original = stand_in.original
+    stand_in.compile(backend="eager")
+    inner = stand_in.forward
+    stand_in.forward = lambda h: inner(h)
+    unpatch_model(model)
+    assert model.model.norm is original
+    assert "forward" not in vars(original) and getattr(original, "_compiled_call_impl", None) is None
+
+
 def test_a_latent_cache_given_to_the_unpatched_model_is_a_clear_error(monkeypatch):
     """A Cache filled while patched holds no transformers K/V: continuing on it after unpatch_model must say so, not
     fail deep inside transformers' attention on the empty keys its layers return."""

@@ -1529,7 +1529,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         split_tokens: None, or batch-invariant attention in every layer (``MLAttention``'s ``split_tokens``): a
             sequence's attention output, in prompt and decode steps, does not depend on the other sequences
             generated beside it. The model's own GEMMs and norms are transformers' (a batch-invariant matmul
-            library makes them invariant too).
+            library makes them invariant too); with ``norms=True`` the norms are this library's kernel, whose
+            program shape (rows per program, warps) follows the step's row count: no invariance promised.
         norms: also swap the model's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
             ``post_attention_layernorm``, the final ``norm``: each outside the MLA attention whose class computes
             DeepSeek's RMSNorm formula, with no hooks of its own; ``KernelRMSNorm.can_adopt``) for
@@ -1608,8 +1609,11 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
             num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens))
     if norms:
+        stand_ins = {}  # one per module: a norm in two places stays one module in both
         for parent, name, norm in _norm_slots(model):
-            setattr(parent, name, KernelRMSNorm.adopt(norm))
+            if id(norm) not in stand_ins:
+                stand_ins[id(norm)] = KernelRMSNorm.adopt(norm)
+            setattr(parent, name, stand_ins[id(norm)])
     return model
 
 
@@ -1629,11 +1633,22 @@ def _norm_slots(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put back the transformers attention modules ``patch_model`` replaced (same parameters), and the RMSNorm
-    modules ``patch_model(norms=True)`` replaced (with the weight Parameters they hold then). Returns ``model``."""
+    modules ``patch_model(norms=True)`` replaced (with the weight Parameters and attributes the stand-ins hold then;
+    ``KernelRMSNorm.restore``). A stand-in that can't be restored (its weight parametrized while patched) raises
+    ``ValueError`` before anything is restored. Returns ``model``."""
     _, _, layers = _decoder_layers(model)
-    for parent, name, norm in [(parent, name, child) for parent in model.modules()
-                               for name, child in parent._modules.items() if isinstance(child, KernelRMSNorm)]:
-        setattr(parent, name, norm.restore())
+    norms = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
+             if isinstance(child, KernelRMSNorm) and "original" in vars(child)]  # (a KernelRMSNorm of the user's stays)
+    for parent, name, norm in norms:  # every one checked before any is restored: a refusal leaves the model patched
+        why = norm.restorable()
+        if why is not None:
+            raise ValueError(f"unpatch_model can't restore the RMSNorm at {name!r} of a {type(parent).__name__}: "
+                             f"{why}; nothing was restored")
+    restored = {}  # one original per stand-in (a norm in two places)
+    for parent, name, norm in norms:
+        if id(norm) not in restored:
+            restored[id(norm)] = norm.restore()
+        setattr(parent, name, restored[id(norm)])
     for parent, name, attn in _attention_slots(layers):
         if isinstance(attn, TransformersMLAttention):
             original = attn._hf_original
