@@ -27,8 +27,10 @@ from .rope import _lead_strides
 
 __all__ = ["DeepseekRMSNorm", "KernelRMSNorm", "rms_norm"]
 
+NUM_WARPS = 8  # every program holds at least TILE_ELEMENTS values (a row alone may hold more)
 MAX_WIDTH = 16384  # the widest row one program normalizes (whole, in registers): DeepSeek's norms are 512 and 1536
-TILE_ELEMENTS = 4096  # (row, value) elements per program: 8 latent rows of 512, 2 query rows of 1536 (padded to 2048)
+TILE_ELEMENTS = 4096  # (row, value) elements per program: 8 latent rows of 512, 2 query rows of 1536 (padded to
+# 2048), one decoder row of 7168 (padded to 8192), whatever the number of rows (batch invariance: ``_normalize``)
 
 
 class DeepseekRMSNorm(nn.Module):
@@ -193,14 +195,16 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     rows = batch * seq
     if rows:
+        # the program's shape from the width alone, never the row count: a row is summed in the same order whatever
+        # else the batch holds (batch invariance: the rows of a program share one layout, and a layout chosen by
+        # the row count would sum a row's squares in another order at another batch size). A decode step's few
+        # rows leave the rest of the program's block masked.
         block_n = _utils.next_pow2(width)
-        block_r = min(_utils.next_pow2(rows), max(1, TILE_ELEMENTS // block_n))
-        tile = block_r * block_n
+        block_r = max(1, TILE_ELEMENTS // block_n)
         with _utils.launch_device(x.device):  # on x's GPU, not the current one (device_map="auto")
             _launcher.launch(_rms_norm_kernel, (_utils.cdiv(rows, block_r),), x, weight, out, rows, seq,
                              stride_b, stride_s, width, float(eps),
-                             BLOCK_R=block_r, BLOCK_N=block_n,
-                             num_warps=8 if tile >= 4096 else 4 if tile >= 512 else 1)
+                             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=NUM_WARPS)
     return out
 
 

@@ -198,7 +198,7 @@ def test_rms_norm_calls_the_module_under_a_global_hook_autograd_or_compile(monke
 
 
 @pytest.mark.parametrize("width,rows,grid,block_r,block_n,warps", [
-    (512, 1, 1, 1, 512, 4),  # a decode step's latent row, batch 1
+    (512, 1, 1, 8, 512, 8),  # a decode step's latent row, batch 1: the program batch 16's take, 7 rows masked
     (512, 16, 2, 8, 512, 8),  # batch 16
     (1536, 16, 8, 2, 2048, 8),  # DeepSeek-V3's query norm, padded to 2048
     (512, 8192, 1024, 8, 512, 8),  # a prompt
@@ -217,6 +217,21 @@ def test_rms_norm_grid(width, rows, grid, block_r, block_n, warps, monkeypatch):
     assert got_grid == (grid,) and (kwargs["BLOCK_R"], kwargs["BLOCK_N"], kwargs["num_warps"]) == (block_r, block_n, warps)
     # rows, rows a sequence, the strides (0 along a dimension of one), width, eps
     assert args[3:] == (rows, rows, 0, width + 64 if rows > 1 else 0, width, 1e-5)
+
+
+@pytest.mark.parametrize("width", [16, 512, 1536, 7168, 16384])
+def test_rms_norm_program_shape_follows_the_width_alone(width, monkeypatch):
+    """Batch invariance: a row's squares are summed in an order fixed by the program's layout, so the program's
+    shape (rows per program, width, warps) comes from the width, never from how many rows the call has; a row's
+    result is then the same bits at any batch size (the split_tokens promise, for the cached latent it normalizes).
+    It followed the row count (one row: a one-row program of 4 warps; 16 rows: 8 rows of 8 warps)."""
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    norm = DeepseekRMSNorm(width, device="meta")
+    with torch.no_grad():
+        for rows in (1, 2, 3, 16, 1000):
+            rms_norm(norm, torch.empty(rows, width, device="meta"))
+    shapes = {(kw["BLOCK_R"], kw["BLOCK_N"], kw["num_warps"]) for _, _, kw in launches}
+    assert len(launches) == 5 and len(shapes) == 1, shapes
 
 
 def test_rms_norm_of_no_rows_and_wider_rows(monkeypatch):

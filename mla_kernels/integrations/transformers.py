@@ -1529,8 +1529,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         split_tokens: None, or batch-invariant attention in every layer (``MLAttention``'s ``split_tokens``): a
             sequence's attention output, in prompt and decode steps, does not depend on the other sequences
             generated beside it. The model's own GEMMs and norms are transformers' (a batch-invariant matmul
-            library makes them invariant too); with ``norms=True`` the norms are this library's kernel, whose
-            program shape (rows per program, warps) follows the step's row count: no invariance promised.
+            library makes them invariant too); with ``norms=True`` the norms are this library's kernel, which
+            sums each row in an order fixed by the width alone.
         norms: also swap the model's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
             ``post_attention_layernorm``, the final ``norm``: each outside the MLA attention whose class computes
             DeepSeek's RMSNorm formula, with no hooks of its own; ``KernelRMSNorm.can_adopt``) for
