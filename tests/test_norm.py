@@ -234,6 +234,19 @@ def test_rms_norm_program_shape_follows_the_width_alone(width, monkeypatch):
     assert len(launches) == 5 and len(shapes) == 1, shapes
 
 
+@pytest.mark.parametrize("width", [512, 1536, 7168])
+def test_rms_norm_row_bits_do_not_depend_on_the_batch(width, device):
+    """A row's result is the same bits alone, at the head of a few rows, or anywhere in a batch of 64 (natively this
+    is the program-shape test's consequence on real hardware; the interpreter sums in numpy's order)."""
+    g = torch.Generator().manual_seed(width)
+    x = (torch.randn(64, width, generator=g) * 2).to(device, torch.bfloat16)
+    norm = make_norm(width, torch.bfloat16, device)
+    with torch.no_grad():
+        whole = rms_norm(norm, x)
+        for lo, hi in ((0, 1), (0, 3), (0, 17), (5, 6), (40, 64)):
+            assert torch.equal(rms_norm(norm, x[lo:hi]), whole[lo:hi]), (lo, hi)
+
+
 def test_rms_norm_of_no_rows_and_wider_rows(monkeypatch):
     """No rows: an empty result and no launch; rows wider than ``MAX_WIDTH``: the module."""
     launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
