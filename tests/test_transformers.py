@@ -6,6 +6,7 @@ The generation tests run the Triton kernels through the interpreter, in fp32 and
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -216,6 +217,33 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     assert [lc.seqlen(s) for s in lc.seq_ids] == [5 + 7, 9 + 7, 2 + 7]  # real tokens only; the last one is not fed
     assert cache.get_seq_length() == ids.shape[1] + 7
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
+
+
+NORM_MODELS = [name for name in MODELS if not name.startswith("v3-rope")]  # (one per architecture)
+
+
+@pytest.mark.parametrize("name", NORM_MODELS)
+def test_every_architecture_generates_with_its_norms_swapped(name):
+    """``norms=True`` on every supported architecture: its decoder norms and final norm (nothing inside attention,
+    a hybrid's linear attention, an indexer or a vision tower) are stand-ins, greedy tokens (fp32, left-padded) are
+    transformers' own, and ``unpatch_model`` gives back the same modules."""
+    model = MODELS[name]()
+    ids, mask = left_padded([5, 9, 2])
+    greedy = dict(GREEDY, max_new_tokens=4, min_new_tokens=4)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+        patch_model(model, block_size=4, norms=True)
+        swapped = sorted(name for name, m in model.named_modules() if isinstance(m, KernelRMSNorm))
+        got = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    layers = integration._decoder_layers(model)[2]
+    assert swapped and all(re.fullmatch(r"(.*\.)?(norm|layers\.\d+\.(input|post_attention)_layernorm(\.\d+)?)", n)
+                           for n in swapped), swapped
+    assert len(swapped) >= 2 * len(layers) + 1
+    assert torch.equal(got, expected), f"\n{got[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    unpatch_model(model)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
 
 
 @pytest.mark.parametrize("built,told", [(None, 32), (32, None)], ids=["q_proj-told-a-rank", "q_a_proj-told-none"])
