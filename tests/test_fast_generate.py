@@ -384,10 +384,11 @@ def recording_backend(graphs):
 
 
 @OLD_TORCH_COMPILE
-def test_compiled_decode_step_matches_eager():
+@pytest.mark.parametrize("norms", [False, True], ids=["attention", "attention-and-norms"])
+def test_compiled_decode_step_matches_eager(norms):
     """generate with the static latent cache and compile_config(fullgraph=True): one graph for every decode step
     (a graph break would raise), holding write_cache and mla_decode as single nodes per layer, and the greedy
-    tokens of transformers' own eager attention."""
+    tokens of transformers' own eager attention; with ``norms=True`` too (the stand-ins trace as the formula)."""
     model = dense_model(q_lora_rank=32)
     ids, mask = left_padded(PROMPTS)
     graphs = []
@@ -395,7 +396,7 @@ def test_compiled_decode_step_matches_eager():
     config._compile_all_devices = True  # transformers compiles only on GPUs unless told
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-        patch_model(model, block_size=4)
+        patch_model(model, block_size=4, norms=norms)
         torch._dynamo.reset()
         cache = static_latent_cache(model, len(PROMPTS), 32, block_size=4)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=config,
@@ -720,13 +721,14 @@ def test_a_prompt_step_syncs_once_on_gpu(cache_kind):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a GPU")
-def test_generate_compiles_with_cuda_graphs_on_gpu():
+@pytest.mark.parametrize("norms", [False, True], ids=["attention", "attention-and-norms"])
+def test_generate_compiles_with_cuda_graphs_on_gpu(norms):
     """transformers' own compiled decoding (inductor, CUDA graphs) over the static latent cache, with fullgraph."""
     model = dense_model(q_lora_rank=32).cuda()
     ids, mask = (t.cuda() for t in left_padded(PROMPTS))
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-        patch_model(model, block_size=4)
+        patch_model(model, block_size=4, norms=norms)
         torch._dynamo.reset()
         out = model.generate(input_ids=ids, attention_mask=mask, compile_config=CompileConfig(fullgraph=True),
                              past_key_values=static_latent_cache(model, len(PROMPTS), 64, block_size=4), **GREEDY)
