@@ -448,6 +448,21 @@ def test_kernel_rms_norm_stands_in_for_the_module(dtype, device, monkeypatch):
     assert new.restore() is original and original.weight is replaced
 
 
+def test_kernel_rms_norm_built_directly_is_a_norm_of_its_own(device, monkeypatch):
+    """``KernelRMSNorm(width, eps)`` in a model of one's own: DeepseekRMSNorm's parameters and state dict, one launch
+    a call, the formula's result; nothing for unpatch_model to restore (no original)."""
+    calls = []
+    launch = norm_mod._launcher.launch
+    monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
+    norm = make_norm(96, torch.bfloat16, device, eps=1e-5, cls=KernelRMSNorm)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
+    with torch.no_grad():
+        got = norm(x)
+    assert calls == [norm_mod._rms_norm_kernel] and list(norm.state_dict()) == ["weight"]
+    assert_close("built directly", got, formula(norm, x), torch.bfloat16)
+    assert norm.restorable() is not None
+
+
 def test_kernel_rms_norm_keeps_the_mode_and_the_originals_attributes():
     """``train()``/``eval()`` on the stand-in reach the original once restored; an attribute a subclass adds is
     carried both ways."""
