@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _tuning, _utils
+from ._convert import to_dtype
 from . import schedule as _schedule
 
 LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too)
@@ -211,7 +212,7 @@ def _dequant_fp8(kv, scale_rows, n_mask, D_LATENT: tl.constexpr, OUT_DTYPE: tl.c
     scale = tl.load(scale_rows[:, None] + offs_g[None, :], mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT // 128]
     values = _e4m3_to_f32(kv) if kv.dtype == tl.uint8 else kv.to(tl.float32)
     groups = tl.reshape(values, [kv.shape[0], D_LATENT // 128, 128]) * scale[:, :, None]
-    return tl.reshape(groups, [kv.shape[0], D_LATENT]).to(OUT_DTYPE)
+    return to_dtype(tl.reshape(groups, [kv.shape[0], D_LATENT]), OUT_DTYPE)
 
 
 @triton.jit
@@ -464,7 +465,7 @@ def _mla_attn_block(
             qk = tl.where(visible, qk, float("-inf"))
 
             p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
-            p = p.to(kv.dtype)
+            p = to_dtype(p, kv.dtype)
             if DOT_FP32:
                 p = p.to(tl.float32)
             acc = tl.dot(p, kv_dot, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BLOCK_M, D_LATENT]
@@ -480,7 +481,7 @@ def _mla_attn_block(
             tl.store(OUT_PART + part_rows[:, None] * D_LATENT + offs_r[None, :], out, mask=seen[:, None])
             tl.store(LSE_PART + part_rows, lse_log2, mask=row_mask)
         else:
-            tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], out.to(OUT.dtype.element_ty),
+            tl.store(OUT + out_rows[:, None] * D_LATENT + offs_r[None, :], to_dtype(out, OUT.dtype.element_ty),
                      mask=row_mask[:, None])
             if STORE_LSE:
                 tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
@@ -541,7 +542,7 @@ def _mla_combine_kernel(
     # a split whose lse is NaN (a NaN in a used cache slot) makes the row NaN, as one split would: the sums
     # above skip it (comparisons with NaN are false), which would leave a finite answer from the other splits
     out = tl.where(nan_split > 0, float("nan"), out)
-    tl.store(OUT + row * D_LATENT + offs_r, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + row * D_LATENT + offs_r, to_dtype(out, OUT.dtype.element_ty))
     if STORE_LSE:
         tl.store(LSE + row, tl.where(nan_split > 0, float("nan"), lse) * LN2_C)
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
+from ._convert import to_dtype
 from .decode import LN2_C, _key_range, _online_softmax_step, _query_rows, _row_ids, _softmax_finish
 
 try:  # triton >= 3.4
@@ -158,7 +159,7 @@ def _mla_attn_tma_kernel(
         qk = tl.where(visible, qk, float("-inf"))
 
         p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
-        p = p.to(Q_NOPE.dtype.element_ty)  # P rounded to the cache dtype, as the portable kernel does
+        p = to_dtype(p, Q_NOPE.dtype.element_ty)  # P rounded to the cache dtype, as the portable kernel does
         if DOT_FP32:
             p = p.to(tl.float32)
         acc_lo = tl.dot(p, kv_lo, acc_lo * alpha[:, None])  # [BLOCK_M, D_HALF]
@@ -178,8 +179,8 @@ def _mla_attn_tma_kernel(
         tl.store(LSE_PART + pid_split.to(tl.int64) * total_rows + out_rows, lse_log2, mask=row_mask)
     else:
         dst = OUT + out_rows[:, None] * D_LATENT + offs_h[None, :]
-        tl.store(dst, out_lo.to(OUT.dtype.element_ty), mask=row_mask[:, None])
-        tl.store(dst + D_HALF, out_hi.to(OUT.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(dst, to_dtype(out_lo, OUT.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(dst + D_HALF, to_dtype(out_hi, OUT.dtype.element_ty), mask=row_mask[:, None])
         if STORE_LSE:
             tl.store(LSE + out_rows, lse_log2 * LN2_C, mask=row_mask)
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
+from ._convert import to_dtype
 from .decode import LN2_C, _combine_grid
 
 LOG2E_C: tl.constexpr = tl.constexpr(_utils.LOG2E)
@@ -50,7 +51,7 @@ def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, num_rows, width,
     lse = tl.where(total > 0.0, m_safe + tl.math.log2(tl.where(total > 0.0, total, 1.0)) * LN2_C, float("-inf"))
     nan = (lse_a != lse_a) | (lse_b != lse_b)  # a NaN lse (a NaN in the keys it saw) makes the row NaN
     out = tl.where(nan, float("nan"), out)
-    tl.store(OUT + row * width + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * width + offs, to_dtype(out, OUT.dtype.element_ty), mask=mask)
     if STORE_LSE:
         tl.store(LSE + row, tl.where(nan, float("nan"), lse))
 

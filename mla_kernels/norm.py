@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import _launcher, _utils
+from ._convert import to_dtype
 from .rope import _lead_strides
 
 __all__ = ["DeepseekRMSNorm", "KernelRMSNorm", "rms_norm"]
@@ -64,9 +65,9 @@ def _rms_norm_kernel(X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, 
     x = tl.load(X + (b * stride_xb + s * stride_xs)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=1) / width
     normed = x * tl.math.rsqrt(variance + eps)[:, None]
-    normed = normed.to(X.dtype.element_ty).to(tl.float32)  # the module's cast back to the input's dtype
+    normed = to_dtype(normed, X.dtype.element_ty).to(tl.float32)  # the module's cast back to the input's dtype
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * width + cols[None, :], (w[None, :] * normed).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + rows[:, None] * width + cols[None, :], to_dtype(w[None, :] * normed, OUT.dtype.element_ty), mask=mask)
 
 
 def _code_of(fn) -> tuple:

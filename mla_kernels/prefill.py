@@ -35,6 +35,7 @@ from triton.runtime.errors import OutOfResources
 from . import _prefill_cost as _cost
 from . import decode as _decode
 from . import _launcher, _utils
+from ._convert import to_dtype
 from . import _tuning
 from .cache import dequantize_fp8_torch
 from .decode import (LN2_C, LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch,
@@ -313,7 +314,7 @@ def _expanded_tiles(
         # query or key element, or a scaled score past float32's range): a row's max stays -inf then, and without
         # the guard exp2(-inf - -inf) made it NaN, while decode, the masked tiles and the reference skip such keys
         p, alpha, m_i, l_i = _online_softmax_step(qk, m_i, l_i)
-        p = p.to(v.dtype)
+        p = to_dtype(p, v.dtype)
         if DOT_FP32:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
@@ -393,7 +394,7 @@ def _mla_expanded_kernel(
     has_key = l_i != 0.0  # a NaN l_i (NaN in a used cache slot) stays NaN, as in decode._softmax_finish
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # [BLOCK_M, D_V]
     tl.store(OUT + rows[:, None] * stride_o_t + pid_h * stride_o_h + offs_dv[None, :],
-             out.to(OUT.dtype.element_ty), mask=m_mask[:, None])
+             to_dtype(out, OUT.dtype.element_ty), mask=m_mask[:, None])
     if STORE_LSE:
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2_C, float("-inf"))
         tl.store(LSE + rows * num_heads + pid_h, lse, mask=m_mask)

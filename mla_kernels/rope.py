@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
+from ._convert import to_dtype
 
 ROPE_STYLES = ("interleave", "half", "pairs", "none")  # "none": no rope (Kimi-Linear's MLA: NoPE)
 _STYLE_IDS = {"half": 0, "interleave": 1, "pairs": 2}
@@ -91,8 +92,8 @@ def _rope_kernel(X, OUT, COS, SIN, num_rows, num_heads, seq_len,
         lo, hi = 2 * offs_i, 2 * offs_i + 1
     else:  # de-interleaved (or rotate_half's own layout)
         lo, hi = offs_i, HALF + offs_i
-    tl.store(out_rows + lo, out1.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_rows + hi, out2.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + lo, to_dtype(out1, OUT.dtype.element_ty), mask=mask)
+    tl.store(out_rows + hi, to_dtype(out2, OUT.dtype.element_ty), mask=mask)
 
 
 TILE_ELEMENTS = 4096  # (row, pair) elements per program: 128 rows of DeepSeek's 64-wide rope, a decode step's heads
