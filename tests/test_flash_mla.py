@@ -8,7 +8,8 @@ from mla_kernels import reference
 from helpers import assert_close, assert_lse_close
 from mla_kernels import DecodeSchedule
 from mla_kernels.schedule import build_tables
-from mla_kernels.integrations.flash_mla import FlashMLAMetadata, flash_mla_with_kvcache, get_mla_metadata
+from mla_kernels.integrations.flash_mla import (FlashMLAConfig, FlashMLAMetadata, FlashMLASchedMeta,
+                                                flash_mla_with_kvcache, get_mla_metadata)
 from test_decode import SCALE, make_inputs
 from test_fp8 import FP8_COS_TOL, FP8_LSE_ATOL, FP8_RMS_TOL, decode_inputs, dequantized, storage_bytes
 from test_sparse import key_lists
@@ -60,6 +61,43 @@ def test_dense_decode(dtype, causal, device, poisoned_empty):
     plain, _ = flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, None, causal=causal)
     ref_plain, _ = reference.absorbed_decode(*a.values(), (R + P) ** -0.5, causal=causal)
     assert_close("default scale", plain, ref_plain, dtype)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("heads_k", [2, 3])
+def test_several_key_value_heads(heads_k, sparse, device, poisoned_empty):
+    """``k_cache [N, page, H_k, D]`` with H_k > 1, as FlashMLA's dense decoding test runs it (h_kv 2, 3, 8): each
+    key-value head serves H / H_k consecutive query heads; every group against its own cache's reference, the
+    metadata's scheduled grid (FlashMLA's older call: S_q * H / H_k rows per key-value head) and its bound shapes."""
+    lens, s_q, group, page = [37, 0, 70], 2, 2, 16
+    heads = group * heads_k
+    q, rows, a = flash_inputs(lens, s_q, heads, page, torch.bfloat16, device, seed=10)
+    # key-value head g: the rows' values rolled by 7 g along the width (other values, the same unused NaN slots)
+    k_cache = torch.cat([rows.roll(7 * g, -1) for g in range(heads_k)], 2)  # [N, page, H_k, D]
+    table, seqlens = a["block_table"], a["cache_seqlens"]
+    if sparse:
+        positions = key_lists(lens, s_q, 12, seed=5, device=device)
+        meta, splits = get_mla_metadata()
+        kw = dict(indices=slots_of(positions, table, page))
+        args = (None, None)
+    else:
+        meta, splits = get_mla_metadata(seqlens, s_q * heads // heads_k, heads_k)
+        kw = dict(causal=True)
+        args = (table, seqlens)
+    out, lse = flash_mla_with_kvcache(q, k_cache, *args, R, meta, splits, softmax_scale=SCALE, **kw)
+    assert out.shape == (3, s_q, heads, R) and lse.shape == (3, heads, s_q)
+    for g in range(heads_k):
+        heads_g = slice(g * group, (g + 1) * group)
+        a = dict(a, q_nope=q[:, :, heads_g, :R], q_pe=q[:, :, heads_g, R:], kv_cache=k_cache[:, :, g, :R],
+                 pe_cache=k_cache[:, :, g, R:])
+        if sparse:
+            ref_out, ref_lse = reference.sparse_decode(*a.values(), positions, SCALE, causal=False)
+        else:
+            ref_out, ref_lse = reference.absorbed_decode(*a.values(), SCALE, causal=True)
+        assert_close(f"out of key-value head {g}", out[:, :, heads_g], ref_out, torch.bfloat16)
+        assert_lse_close(f"lse of key-value head {g}", lse[:, heads_g], flash_lse(ref_lse))
+    if sparse:
+        assert meta.config.h_q == heads and meta.config.h_k == heads_k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -326,7 +364,8 @@ def test_bad_arguments_are_refused_by_name(device):
     q, k_cache, a = flash_inputs([20, 5], 1, 2, 16, torch.float32, device)
     args = dict(q=q, k_cache=k_cache, block_table=a["block_table"], cache_seqlens=a["cache_seqlens"], head_dim_v=R)
     flash_mla_with_kvcache(**args)
-    bad = [(dict(k_cache=k_cache.expand(-1, -1, 2, -1)), ValueError, "one key-value head"),
+    bad = [(dict(k_cache=k_cache.expand(-1, -1, 3, -1)), ValueError, "multiple of k_cache's 3 key-value heads"),
+           (dict(k_cache=k_cache[:, :, :0]), ValueError, "one key-value head"),
            (dict(k_cache=k_cache[..., :-16]), ValueError, "k_cache's last dimension"),
            (dict(head_dim_v=R + P), ValueError, "head_dim_v"),
            (dict(q=q[0]), ValueError, "q must have 4 dimensions"),
@@ -380,8 +419,8 @@ def test_bad_arguments_are_refused_by_name(device):
 
 def test_refusals_name_the_callers_arguments(device):
     """Errors name what a FlashMLA caller passed, not mla_decode's internal views: a tensor that requires grad (it
-    was q_nope / kv_cache) and, on the CPU, a sparse slot past the cache (it was refused as an entry of the
-    internal [B * S_q, 1, K] reshape: 'indices[5, 0, 3] ... of sequence 5')."""
+    was q_nope / kv_cache). A sparse slot at or past the cache's slot count is skipped, as FlashMLA documents for
+    invalid entries (on the CPU it was refused, where the GPU kernels skipped it)."""
     from mla_kernels._utils import GradModeError
 
     q, k_cache, a = flash_inputs([20, 5], 3, 2, 16, torch.float32, device)
@@ -392,13 +431,17 @@ def test_refusals_name_the_callers_arguments(device):
         for name in ("q", "k_cache"):
             with pytest.raises(GradModeError, match=f"^{name} requires grad"):
                 flash_mla_with_kvcache(**dict(args, indices=indices, **{name: args[name].clone().requires_grad_()}))
-    if device.type == "cpu":
-        indices[1, 2, 3] = slots
-        with pytest.raises(ValueError, match=rf"indices\[1, 2, 3\] = {slots} is not a slot of k_cache, which holds "
-                                             rf"{slots}"):
-            flash_mla_with_kvcache(**args, indices=indices)
-        # past topk_length the entry is not read: no refusal
-        flash_mla_with_kvcache(**args, indices=indices, topk_length=torch.tensor([4, 3], dtype=torch.int32))
+    def same(a, b):  # bit for bit, NaN where NaN (slot 0 may be an unused, NaN-filled one)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+    skipped = flash_mla_with_kvcache(**args, indices=torch.full_like(indices, -1))
+    for past in (slots, slots + 7, 2 ** 31 - 1):
+        same(flash_mla_with_kvcache(**args, indices=torch.full_like(indices, past)), skipped)
+    indices[1, 2, 3] = slots
+    mixed = flash_mla_with_kvcache(**args, indices=indices)
+    indices[1, 2, 3] = -1
+    same(mixed, flash_mla_with_kvcache(**args, indices=indices))
     # a dense call's block table of another batch: named against q (mla_decode would say q_nope)
     with pytest.raises(ValueError, match=r"^block_table and q disagree on batch size: 1 vs 2"):
         flash_mla_with_kvcache(**dict(args, block_table=a["block_table"][:1], cache_seqlens=a["cache_seqlens"]))
@@ -429,9 +472,12 @@ def test_a_refused_call_leaves_the_metadata_unbound(device):
         flash_mla_with_kvcache(q, k_cache, None, None, R, meta, causal=True, indices=indices)
     with pytest.raises(TypeError, match="block_table"):  # refused inside mla_decode
         flash_mla_with_kvcache(q, k_cache, a["block_table"].float(), a["cache_seqlens"], R, meta)
-    assert meta.config is None
+    assert meta.config is None and not meta.have_initialized and meta.num_splits is None
     flash_mla_with_kvcache(q, k_cache, None, None, R, meta, indices=indices)
-    assert meta.config == (2, 1, 2, 16, False, False, 4)
+    # FlashMLASchedMeta's fields, under its names
+    assert meta.config == FlashMLAConfig(b=2, s_q=1, h_q=2, page_block_size=16, h_k=1, causal=False,
+                                         is_fp8_kvcache=False, topk=4)
+    assert meta.have_initialized and meta.config.b == 2 and FlashMLASchedMeta is FlashMLAMetadata
     with pytest.raises(ValueError, match="causal False vs True"):
         flash_mla_with_kvcache(q, k_cache, a["block_table"], a["cache_seqlens"], R, meta, causal=True)
 

@@ -14,15 +14,18 @@ where FlashMLA does not: other GPUs than Hopper/Blackwell, ROCm, the CPU, any pa
 Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent and the rope key side by side):
 
 - ``q [B, S_q, H, D]``: the absorbed query, ``D = head_dim_v + rope width`` (576 for DeepSeek: 512 + 64);
-- ``k_cache [num_blocks, page, 1, D]`` in the query's dtype, or with ``is_fp8_kvcache`` DeepSeek's FP8 rows
-  (``[num_blocks, page, 1, 656]`` bytes at DeepSeek's widths: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope values;
-  the layout ``mla_kernels.fp8_latent_cache`` allocates), as uint8 or float8_e4m3fn;
+- ``k_cache [num_blocks, page, H_k, D]`` in the query's dtype, or with ``is_fp8_kvcache`` DeepSeek's FP8 rows
+  (``[num_blocks, page, H_k, 656]`` bytes at DeepSeek's widths: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope
+  values; the layout ``mla_kernels.fp8_latent_cache`` allocates), as uint8 or float8_e4m3fn. ``H_k = 1`` is MLA's
+  (MQA mode); with more key-value heads, as FlashMLA takes, each serves ``H / H_k`` consecutive query heads, one
+  ``mla_decode`` call per key-value head;
 - returns ``out [B, S_q, H, head_dim_v]`` in the query's dtype and ``lse [B, H, S_q]`` float32 (natural log;
   a token that sees no key gets zeros and, as in FlashMLA, lse +inf, where ``mla_decode`` says -inf).
 
 ``causal`` defaults to False, as in FlashMLA (``mla_decode``'s default is True): without it every new token sees
 the whole ``cache_seqlens[b]``. With ``indices [B, S_q, topk]`` (sparse attention, ``causal`` False) an entry is a
-slot of the whole cache, ``block id * page + offset``, and -1 is skipped; ``block_table`` and ``cache_seqlens`` are
+slot of the whole cache, ``block id * page + offset``, and -1 (or, as FlashMLA documents, any number at or past the
+cache's slot count) is skipped; ``block_table`` and ``cache_seqlens`` are
 then not read. ``topk_length [B]`` keeps each row's first entries only, and ``attn_sink [H]`` (float32) scales the
 output by ``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse. A bf16 sparse cache is taken
 too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
@@ -58,6 +61,7 @@ own (older vLLM releases' ``[num_sms, 8]``) is not served. Speed is
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -66,10 +70,24 @@ from ..cache import _fp8_views, _row_bytes
 from ..decode import mla_decode, schedule_tiles
 from ..schedule import MAX_PROGRAMS, DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
 
-__all__ = ["FlashMLAMetadata", "get_mla_metadata", "flash_mla_with_kvcache"]
+__all__ = ["FlashMLAMetadata", "FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
 
 _FP8_BYTE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 _DEEPSEEK_R, _DEEPSEEK_P = 512, 64  # the widths FlashMLA's older get_mla_metadata implies (it is not told them)
+
+
+class FlashMLAConfig(NamedTuple):
+    """The shapes a metadata's first call bound it to, under FlashMLA's names (``FlashMLASchedMeta.Config``)."""
+    b: int
+    s_q: int
+    h_q: int
+    page_block_size: int
+    h_k: int
+    causal: bool
+    is_fp8_kvcache: bool
+    topk: int | None
+    extra_page_block_size: int | None = None
+    extra_topk: int | None = None
 
 
 @dataclasses.dataclass
@@ -83,9 +101,25 @@ class FlashMLAMetadata:
     With FlashMLA's older arguments the ``schedule`` is built then, from the lengths given (``from_lengths``).
     Calls of any batch up to the one it was built for take it (a CUDA-graph buffer serves every smaller batch),
     and ``copy_`` refreshes its tables in place, as that interface's callers copy its tensors."""
-    config: tuple | None = None
+    config: FlashMLAConfig | None = None
     schedule: DecodeSchedule | None = None  # the dense calls' work split (mla_decode_metadata)
     from_lengths: bool = False
+
+    # FlashMLASchedMeta's fields, for code that reads them
+    @property
+    def have_initialized(self) -> bool:
+        """A call has run with this metadata (its shapes are bound), or it was built from lengths."""
+        return self.config is not None or self.from_lengths
+
+    @property
+    def tile_scheduler_metadata(self) -> torch.Tensor | None:
+        """The schedule's per-program table (``DecodeSchedule.programs``; FlashMLA's has its own layout), or None."""
+        return None if self.schedule is None else self.schedule.programs
+
+    @property
+    def num_splits(self) -> torch.Tensor | None:
+        """FlashMLA's ``num_splits [B + 1]`` int32 (0, then each sequence's running count of pieces), or None."""
+        return None if self.schedule is None else _num_splits(self.schedule)
 
     def copy_(self, other: FlashMLAMetadata) -> FlashMLAMetadata:
         """Copy ``other``'s tables into this metadata's, in place, and return it: the CUDA-graph buffer pattern of
@@ -121,8 +155,9 @@ def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLAMetadata, torch.Tensor | 
     one), the schedule is built here, on the device with no host sync, for DeepSeek's widths (512 + 64, bf16: that
     interface is not told them; a call whose widths or dtype cut other key tiles builds its own tables). The
     second result is then FlashMLA's ``num_splits [B + 1]`` int32 (0, then each sequence's running count of
-    pieces), which the calls may pass back or not. ``num_q_tokens_per_head_k * num_heads_k`` is the calls'
-    ``S_q * H``; the calls must repeat these ``cache_seqlens`` values (checked on the CPU), as with FlashMLA.
+    pieces), which the calls may pass back or not. ``num_q_tokens_per_head_k`` is the query rows of one key-value
+    head, ``S_q * H / H_k`` (``S_q * H`` with MLA's one); the calls must repeat these ``cache_seqlens`` values
+    (checked on the CPU), as with FlashMLA.
     FlashMLA's first name for it, ``num_heads_per_head_k``, is taken too; arguments of no form known here are
     taken and not read, as FlashMLA's current interface takes any."""
     if "num_heads_per_head_k" in kwargs and "num_q_tokens_per_head_k" not in kwargs:  # FlashMLA's first name
@@ -160,7 +195,7 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
     _utils.check_int("num_heads_q", num_heads_q, 1)
     _utils.check_int("topk", topk, 1)
     fp8 = _utils.check_flag("is_fp8_kvcache", is_fp8_kvcache)
-    rows = tokens * heads_k
+    rows = tokens  # each key-value head's call (flash_mla_with_kvcache runs one per head)
     # the grid from the 64-row blocks the rows take, as FlashMLA sizes its parts, so that every row count up to 64
     # (16 heads' decode and their 2-4 token verify, say) gets one grid and one CUDA-graph buffer takes either's
     # copy_: two programs per SM there, as mla_decode_metadata gives 16-row tiles (and the 64-row tiles of 17-64
@@ -170,8 +205,16 @@ def _from_lengths(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_heads
                                                     _utils.cdiv(rows, 64))))
     schedule = mla_decode_metadata(cache_seqlens, rows, 1, kv_lora_rank=_DEEPSEEK_R, rope_dim=_DEEPSEEK_P,
                                    cache_dtype=torch.float8_e4m3fn if fp8 else None, num_programs=programs)
+    return FlashMLAMetadata(schedule=schedule, from_lengths=True), _num_splits(schedule)
+
+
+def _num_splits(schedule: DecodeSchedule) -> torch.Tensor:
+    """FlashMLA's ``num_splits [B + 1]`` int32 for ``schedule``: 0, then each sequence's running count of pieces."""
     pieces = schedule.sequences[:, 1].cumsum(0, dtype=torch.int32)
-    return FlashMLAMetadata(schedule=schedule, from_lengths=True), torch.cat([pieces.new_zeros(1), pieces])
+    return torch.cat([pieces.new_zeros(1), pieces])
+
+
+FlashMLASchedMeta = FlashMLAMetadata  # FlashMLA's name for it
 
 
 def _schedule_from_lengths(meta: FlashMLAMetadata, num_splits, cache_seqlens, batch: int, rows: int, dim_v: int,
@@ -246,17 +289,23 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     _utils.check_width("head_dim_v (the latent)", dim_v)
     _utils.check_width("q's rope part (q.shape[-1] - head_dim_v)", rope_dim)
     _utils.check_devices(q=q, k_cache=k_cache)
-    kv_cache, kv_scale, pe_cache = _cache_views(k_cache, q, dim_v, rope_dim, is_fp8)
+    views = _cache_views(k_cache, q, dim_v, rope_dim, is_fp8)  # (kv_cache, kv_scale, pe_cache) per key-value head
+    kv_cache = views[0][0]
     batch, s_q, heads = q.shape[:3]
+    heads_k = len(views)
     # named as passed too: mla_decode would name q's views (q_nope) in each of these
     if s_q == 0:
         raise ValueError("q must have at least one query token (S_q >= 1)")
     if heads == 0:
         raise ValueError("q must have at least one head")
+    if heads % heads_k:
+        raise ValueError(f"q's {heads} heads must be a multiple of k_cache's {heads_k} key-value heads (each serves "
+                         f"H / H_k consecutive query heads, as in FlashMLA)")
+    group = heads // heads_k
     if not torch.compiler.is_compiling():  # (traced, meta tensors are shapes the custom op's fake serves)
         _utils.check_has_data("q", q)
     topk = None if indices is None else _utils.check_tensor("indices", indices, 3, _utils.INDEX_DTYPES).shape[-1]
-    config = (batch, s_q, heads, k_cache.shape[1], causal, is_fp8, topk)
+    config = FlashMLAConfig(batch, s_q, heads, k_cache.shape[1], heads_k, causal, is_fp8, topk)
     if not from_lengths:
         _check_metadata(tile_scheduler_metadata, config)  # (recorded below, once the call has been accepted)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -267,13 +316,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         slots = kv_cache.shape[0] * kv_cache.shape[1]
         _utils.check_same("indices", tuple(indices.shape[:2]), "q", (batch, s_q), "[B, S_q]")
         indices = _keep_first(indices, topk_length, batch)
-        if indices.device.type == "cpu" and not torch.compiler.is_compiling():  # named as passed, before the reshape
-            past = indices >= slots
-            if bool(past.any()):
-                b, s, k = (int(i) for i in past.nonzero()[0])
-                raise ValueError(f"indices[{b}, {s}, {k}] = {int(indices[b, s, k])} is not a slot of k_cache, which "
-                                 f"holds {slots} ({kv_cache.shape[0]} blocks of {kv_cache.shape[1]}; skip an entry "
-                                 "with -1)")
+        if indices.device.type == "cpu":  # an entry at or past the slots is invalid, skipped as -1 is (FlashMLA's
+            # rule; the GPU kernels skip entries past a sequence's length, here the slot count, by themselves, and
+            # mla_decode refuses them on the CPU)
+            indices = torch.where(indices >= slots, indices.new_full((), -1), indices)
         # each token its own sequence of S_q = 1 (not causal, so nothing depends on its position): a cache of fewer
         # slots than S_q is no "length below S_q" to mla_decode, which would refuse it
         q = q.reshape(batch * s_q, 1, heads, q.shape[-1])
@@ -297,15 +343,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
         _utils.check_devices(q=q, indices=indices)
     schedule = None
     if from_lengths and indices is None:
-        schedule = _schedule_from_lengths(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * heads,
+        schedule = _schedule_from_lengths(tile_scheduler_metadata, num_splits, cache_seqlens, batch, s_q * group,
                                           dim_v, rope_dim, q.element_size(), is_fp8, q.device)
     elif tile_scheduler_metadata is not None and indices is None:  # FlashMLA's tile scheduler: the step's split
         schedule = tile_scheduler_metadata.schedule or mla_decode_metadata(
-            cache_seqlens, heads, s_q, kv_lora_rank=dim_v, rope_dim=rope_dim, dtype=q.dtype,
+            cache_seqlens, group, s_q, kv_lora_rank=dim_v, rope_dim=rope_dim, dtype=q.dtype,
             cache_dtype=kv_cache.dtype if is_fp8 else None)
-    out, lse = mla_decode(q[..., :dim_v], q[..., dim_v:], kv_cache, pe_cache, block_table, cache_seqlens, scale,
-                          causal=causal, return_lse=True, max_seqlen_k=max_seqlen_k, kv_scale=kv_scale,
-                          indices=indices, metadata=schedule)
+    parts = []
+    for g, (kv_cache, kv_scale, pe_cache) in enumerate(views):  # one call per key-value head (MLA has one)
+        q_g = q if heads_k == 1 else q[:, :, g * group:(g + 1) * group]
+        parts.append(mla_decode(q_g[..., :dim_v], q_g[..., dim_v:], kv_cache, pe_cache, block_table, cache_seqlens,
+                                scale, causal=causal, return_lse=True, max_seqlen_k=max_seqlen_k, kv_scale=kv_scale,
+                                indices=indices, metadata=schedule))
+    out, lse = parts[0] if heads_k == 1 else (torch.cat([o for o, _ in parts], 2), torch.cat([s for _, s in parts], 2))
     if indices is not None:  # back to [B, S_q, ...]
         out, lse = out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
     if attn_sink is not None:
@@ -320,17 +370,16 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     return out, lse.transpose(1, 2).contiguous()
 
 
-def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: int, is_fp8: bool):
-    """FlashMLA's ``k_cache [num_blocks, page, 1, D]`` (checked against ``q``) as ``mla_decode``'s ``(kv_cache,
-    kv_scale, pe_cache)`` views: the latent and rope parts of each row, or with ``is_fp8`` the FP8 rows' e4m3 latent,
-    fp32 scales and bf16 rope key (``kv_scale`` None otherwise). Errors name ``k_cache`` and ``q``, as passed."""
-    if k_cache.shape[2] != 1:
-        raise ValueError(f"k_cache must hold one key-value head (MLA's MQA mode: [num_blocks, page, 1, D]), got "
-                         f"shape {tuple(k_cache.shape)}")
-    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
-        raise ValueError(f"k_cache must hold at least one block of at least one token, got shape "
-                         f"{tuple(k_cache.shape)}")
-    rows = k_cache[:, :, 0]
+def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: int, is_fp8: bool) -> list[tuple]:
+    """FlashMLA's ``k_cache [num_blocks, page, H_k, D]`` (checked against ``q``) as ``mla_decode``'s ``(kv_cache,
+    kv_scale, pe_cache)`` views, one per key-value head: the latent and rope parts of each row, or with ``is_fp8``
+    the FP8 rows' e4m3 latent, fp32 scales and bf16 rope key (``kv_scale`` None otherwise). Errors name ``k_cache``
+    and ``q``, as passed."""
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0 or k_cache.shape[2] == 0:
+        raise ValueError(f"k_cache must hold at least one block of at least one token and one key-value head "
+                         f"([num_blocks, page, H_k, D]), got shape {tuple(k_cache.shape)}")
+    heads = [k_cache[:, :, h] for h in range(k_cache.shape[2])]
+    rows = heads[0]
     if is_fp8:
         if k_cache.dtype not in _FP8_BYTE_DTYPES:
             raise TypeError(f"k_cache with is_fp8_kvcache must be uint8 or float8_e4m3fn rows, got {k_cache.dtype}")
@@ -343,13 +392,14 @@ def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: i
                              f"and {rope_dim} bf16 rope values ({row_bytes} bytes, head_dim_v a multiple of "
                              f"{_utils.FP8_GROUP}), got last dimension {rows.shape[-1]}")
         _utils.check_last_contiguous("k_cache", rows)
-        rows = rows.view(torch.uint8)
-        if rows.storage_offset() % 4 or rows.stride(0) % 4 or rows.stride(1) % 4:
-            # the fp32 scales are read in place: torch's view refused (a RuntimeError naming "self")
-            raise ValueError(f"k_cache with is_fp8_kvcache must start every row at a multiple of 4 bytes (its fp32 "
-                             f"scales are read in place), got byte offset {rows.storage_offset()} and strides "
-                             f"{rows.stride()[:2]} for its blocks and rows")
-        return _fp8_views(rows, dim_v, torch.bfloat16)
+        heads = [h.view(torch.uint8) for h in heads]
+        for h in heads:
+            if h.storage_offset() % 4 or h.stride(0) % 4 or h.stride(1) % 4:
+                # the fp32 scales are read in place: torch's view refused (a RuntimeError naming "self")
+                raise ValueError(f"k_cache with is_fp8_kvcache must start every row at a multiple of 4 bytes (its "
+                                 f"fp32 scales are read in place), got byte offset {h.storage_offset()} and strides "
+                                 f"{h.stride()[:2]} for its blocks and rows")
+        return [_fp8_views(h, dim_v, torch.bfloat16) for h in heads]
     if rows.shape[-1] != q.shape[-1]:
         raise ValueError(f"k_cache's last dimension ({rows.shape[-1]}) must equal q's ({q.shape[-1]}) "
                          f"(pass is_fp8_kvcache=True for an FP8 cache)")
@@ -357,7 +407,7 @@ def _cache_views(k_cache: torch.Tensor, q: torch.Tensor, dim_v: int, rope_dim: i
         raise TypeError(f"k_cache and q disagree on dtype: {k_cache.dtype} vs {q.dtype}"
                         + (" (pass is_fp8_kvcache=True for an FP8 cache)" if k_cache.element_size() == 1 else ""))
     _utils.check_last_contiguous("k_cache", rows)
-    return rows[..., :dim_v], None, rows[..., dim_v:]
+    return [(h[..., :dim_v], None, h[..., dim_v:]) for h in heads]
 
 
 def _check_metadata(meta: FlashMLAMetadata | None, config: tuple) -> None:
@@ -367,7 +417,8 @@ def _check_metadata(meta: FlashMLAMetadata | None, config: tuple) -> None:
     if meta is None or meta.config is None:
         return
     if meta.config != config:
-        names = ("batch", "S_q", "heads", "page size", "causal", "is_fp8_kvcache", "topk")
+        names = ("batch", "S_q", "heads", "page size", "key-value heads", "causal", "is_fp8_kvcache", "topk",
+                 "extra page size", "extra topk")
         diff = ", ".join(f"{n} {a} vs {b}" for n, a, b in zip(names, meta.config, config) if a != b)
         raise ValueError(f"tile_scheduler_metadata was first used with other arguments ({diff}): call "
                          f"get_mla_metadata again for these")
