@@ -71,7 +71,8 @@ def poisoned_empty(monkeypatch):
 @pytest.fixture
 def gpu_bf16_rounding(monkeypatch):
     """Under the interpreter, the test's fp32 -> bf16 casts in kernels round to nearest even as a GPU's do, where the
-    interpreter truncates (``gpu_like.round_bf16_casts``); a no-op on a GPU."""
+    interpreter truncates (``gpu_like.round_bf16_casts``); a no-op on a GPU. The library's kernels round by
+    themselves now (``mla_kernels._convert.to_dtype``): this still covers any plain ``.to()`` cast a kernel has."""
     from mla_kernels import _utils
 
     if _utils.interpreting():

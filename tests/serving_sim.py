@@ -19,7 +19,6 @@ from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache, get_mla_m
 from mla_kernels.reference.naive import naive_mla  # noqa: E402
 from mla_kernels.reference.absorbed import absorbed_decode  # noqa: E402
 from mla_kernels.reference.quant import quantize_fp8, dequantize_fp8  # noqa: E402
-import gpu_like  # noqa: E402
 import helpers  # noqa: E402
 
 LAYERS = 2
@@ -73,12 +72,8 @@ def as_read(kv, fp8, rope_dtype):
 
 def as_attended(kv, fp8, rope_dtype):
     """What the kernels attend over: an fp8 cache's latent dequantized to the query's dtype, rounded to nearest by
-    the PyTorch path and a GPU, truncated by the interpreter, which converts every fp32 to bf16 that way
-    (TRITON_NOTES.md). The reference takes the same values, so helpers' plain bounds hold (test_fp8's docstring
-    measured the same: within them against truncated values; against rounded ones, up to 1.35e-2 here)."""
-    truncates = _utils.interpreting() and "bf16" not in gpu_like.active  # (MLA_TEST_GPU_LIKE's casts round)
-    if fp8 and truncates and rope_dtype == torch.bfloat16:
-        kv = (kv.float().view(torch.int32) & -65536).view(torch.float32).double()  # drop the low 16 bits
+    the PyTorch path, a GPU and the interpreter (the kernels' ``_convert.to_dtype``; the interpreter's own bf16 cast
+    truncated, and this modelled it until the kernels stopped using that cast)."""
     return as_read(kv, fp8, rope_dtype)
 
 
