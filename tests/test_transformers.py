@@ -763,17 +763,23 @@ def test_patch_model_norms_swaps_the_models_rmsnorms(monkeypatch):
     assert not any(isinstance(m, (KernelRMSNorm, TransformersMLAttention)) for m in model.modules())
 
 
-def test_unpatch_keeps_a_norm_weight_converted_while_patched():
-    """A patched model cast to another dtype (``model.to``) converts the weight Parameters the stand-ins hold, as new
-    Parameter objects where torch is told to overwrite them on conversion: the restored norms hold those."""
-    model = patch_model(tiny_model(q_lora_rank=32), norms=True)
-    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, KernelRMSNorm)}
+def to_bf16_with_new_parameters(model) -> None:
+    """``model.to(torch.bfloat16)`` with torch told to make new Parameter objects on conversion (not to convert the
+    old ones in place): a module holding another's Parameter then holds a Parameter of its own."""
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         model.to(torch.bfloat16)
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+def test_unpatch_keeps_a_norm_weight_converted_while_patched():
+    """A patched model cast to another dtype (``model.to``) converts the weight Parameters the stand-ins hold, as new
+    Parameter objects where torch is told to overwrite them on conversion: the restored norms hold those."""
+    model = patch_model(tiny_model(q_lora_rank=32), norms=True)
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, KernelRMSNorm)}
+    to_bf16_with_new_parameters(model)
     unpatch_model(model)
     for name, w in weights.items():
         restored = model.get_submodule(name)
@@ -843,12 +849,7 @@ def test_a_norm_in_two_places_is_one_stand_in():
     patch_model(model, norms=True)
     first, second = model.model.layers[0].input_layernorm, model.model.layers[1].input_layernorm
     assert isinstance(first, KernelRMSNorm) and first is second
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        model.to(torch.bfloat16)
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    to_bf16_with_new_parameters(model)
     assert len(list(model.parameters())) == count
     unpatch_model(model)
     assert model.model.layers[0].input_layernorm is shared is model.model.layers[1].input_layernorm
