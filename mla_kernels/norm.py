@@ -240,7 +240,7 @@ class KernelRMSNorm(DeepseekRMSNorm):
         formula's class, no parameter but ``weight``, no buffer, no child (a parametrized weight is one), no hook of
         its own (forward, backward or state-dict hooks, a forward replaced on the instance, ``module.compile()``)
         that a swapped-in module would not run."""
-        return (type(module) is not KernelRMSNorm and _plain_class(type(module)) and not _own_hooks(module)
+        return (_plain_class(type(module)) and not _own_hooks(module)  # (a stand-in's own forward is no formula)
                 and list(module._parameters) == ["weight"] and type(module._parameters["weight"]) is nn.Parameter
                 and not module._buffers and not module._modules
                 and not any(getattr(module, name, None) for name in _STATE_DICT_HOOKS))
