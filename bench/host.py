@@ -46,7 +46,7 @@ import time
 import torch
 
 from mla_kernels import _tuning, _utils, cache as cache_mod, decode as decode_mod, prefill as prefill_mod
-from mla_kernels import norm as norm_mod, rope as rope_mod
+from mla_kernels import norm as norm_mod, norm_rope as norm_rope_mod, rope as rope_mod
 from mla_kernels.cache import write_cache
 from mla_kernels.decode import mla_decode
 from mla_kernels.integrations.flash_mla import flash_mla_with_kvcache
@@ -72,7 +72,8 @@ def _meta_read_lengths(cu_seqlens_q, cache_seqlens):
 
 _STUBS = ((decode_mod, "_mla_attn_kernel"), (decode_mod, "_mla_sparse_attn_kernel"), (decode_mod, "_mla_combine_kernel"),
           (cache_mod, "_write_cache_kernel"), (prefill_mod, "_mla_expanded_kernel"),
-          (prefill_mod, "_gather_latent_kernel"), (rope_mod, "_rope_kernel"), (norm_mod, "_rms_norm_kernel"))
+          (prefill_mod, "_gather_latent_kernel"), (rope_mod, "_rope_kernel"), (norm_mod, "_rms_norm_kernel"),
+          (norm_rope_mod, "_norm_rope_kernel"))
 
 
 @contextlib.contextmanager
@@ -226,6 +227,13 @@ def cases(device):
         "rms_norm query + latent B1 (two launches)": lambda: (
             norm_mod.rms_norm(q_norm, q_a), norm_mod.rms_norm(kv_norm, kv_a[..., :512])),
         "RMSNorm modules query + latent B1 (PyTorch ops)": lambda: (q_norm(q_a), kv_norm(kv_a[..., :512])),
+        # what MLAttention.project launches after its projections: the latent's norm and both ropes, before and now
+        "rms_norm latent + rope query + key B1 H128 (three launches)": lambda: (
+            norm_mod.rms_norm(kv_norm, kv_a[..., :512]), rope_mod.rope(q_pe, cos[:, :, None], sin[:, :, None],
+                                                                       "interleave"),
+            rope_mod.rope(k_pe, cos, sin, "interleave")),
+        "norm_and_rope latent + query + key B1 H128 (one launch)": lambda: norm_rope_mod.norm_and_rope(
+            kv_norm, kv_a[..., :512], q_pe, k_pe, cos, sin, "interleave"),
         "mla_prefill_attention seed003 absorbed": lambda: mla_prefill_attention(*p_args, path="absorbed"),
         "mla_prefill_attention seed003 expanded": lambda: mla_prefill_attention(*p_args, path="expanded"),
         "mla_prefill_attention seed003 absorbed host lengths": lambda: mla_prefill_attention(*p_args, path="absorbed",
@@ -336,44 +344,67 @@ def run_jit(calls: int, repeats: int, rows: list | None = None) -> list[dict]:
     metadata and call the launcher, whose driver call is replaced by a recorder), against the same preparation with
     the kernels stubbed. The difference is what Triton's Python does per launch. Timed both ways: every launch
     through ``kernel[grid]`` (``_launcher.ENABLED`` off), and the library's cached launch (``_launcher.launch``: the
-    compiled kernel reused under its specialization key). The first call compiles (a minute or so, then cached)."""
+    compiled kernel reused under its specialization key). Then the same for what ``MLAttention.project`` launches
+    after its projections, a DeepSeek decode step's latent norm and both ropes: three launches (``rms_norm``, ``rope``
+    twice) against ``norm_and_rope``'s one. The first call compiles (a minute or so, then cached)."""
     from mla_kernels import _compile, _launcher
 
     if _utils.interpreting():
         print("--jit: skipped under TRITON_INTERPRET=1 (the interpreter replaces Triton's JIT)")
         return []
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the library's compile check: no warning per compile
-    (q_nope, q_pe, kv, pe, table, seqlens, scale), _ = decode_args(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    (q_nope, q_pe, kv, pe, table, seqlens, scale), _ = decode_args(cpu)
     rows = [] if rows is None else rows
 
     class Drop(list):  # the recorder's list, kept empty: 10^5 timed launches
         def append(self, launch):
             self.launched = getattr(self, "launched", 0) + 1
 
-    enabled = _launcher.ENABLED
-    for splits in (4, 1):  # seed 003's step gets 4 splits (attention + combine launches); 1 split: one launch
-        def call():
-            decode_mod._launch(q_nope, q_pe, kv, pe, table, seqlens, None, scale, True, False, batch=1, seq_q=1,
-                               total_tokens=1, max_seqlen_q=1, max_seqlen_k=1024, num_splits=splits)
+    def decode(splits):  # seed 003's step gets 4 splits (attention + combine launches); 1 split: one launch
+        return lambda: decode_mod._launch(q_nope, q_pe, kv, pe, table, seqlens, None, scale, True, False, batch=1,
+                                          seq_q=1, total_tokens=1, max_seqlen_q=1, max_seqlen_k=1024,
+                                          num_splits=splits)
 
-        timed = {}
-        for cached in (False, True):
-            with _launcher.switched(enabled and cached), _compile.jit_without_gpu(launches=(sink := Drop())):
-                call()
-                launches = sink.launched
-                timed[cached] = per_call_us(call, calls, repeats)
-        with stubbed_kernels():
-            stub = per_call_us(call, calls, repeats)
-        case = f"decode._launch B1 L1024 H16, {splits} split{'s' if splits > 1 else ''} ({launches} launches)"
-        for provider, t in (("launch prep + Triton's run up to the driver (JIT as sm_90)", timed[False]),
-                            ("launch prep + cached launch up to the driver (JIT as sm_90)", timed[True]),
-                            ("launch prep, kernels stubbed", stub)):
-            rows.append(_row(provider, case, t, launches=launches,
-                             cached_launch=enabled if "cached" in provider else None))
-        print(f"{case:<52} stubbed {stub.p50:6.2f} µs; Triton's run {timed[False].p50:6.2f} µs "
-              f"({(timed[False].p50 - stub.p50) / launches:5.2f} per launch), cached {timed[True].p50:6.2f} µs "
-              f"({(timed[True].p50 - stub.p50) / launches:5.2f} per launch)"
-              + ("" if enabled else " [cached launch off: MLA_KERNELS_CACHED_LAUNCH=0 or this triton]"))
+    norm = norm_mod.DeepseekRMSNorm(512, dtype=torch.bfloat16).requires_grad_(False)
+    kv_a, rope_q = _values(1, 1, 576, dtype=torch.bfloat16, device=cpu), _values(1, 1, 128, 64, dtype=torch.bfloat16,
+                                                                                 device=cpu)
+    cos, sin = (_values(1, 1, 64, dtype=torch.bfloat16, device=cpu) for _ in range(2))
+    kv_c, k_pe = kv_a[..., :512], kv_a[..., 512:]
+    calls_by_case = {
+        "decode._launch B1 L1024 H16, 4 splits": decode(4),
+        "decode._launch B1 L1024 H16, 1 split": decode(1),
+        "rms_norm latent + rope query + key B1 H128, three calls": lambda: (
+            norm_mod.rms_norm(norm, kv_c), rope_mod.rope(rope_q, cos[:, :, None], sin[:, :, None], "interleave"),
+            rope_mod.rope(k_pe, cos, sin, "interleave")),
+        "norm_and_rope latent + query + key B1 H128, one call": lambda: norm_rope_mod.norm_and_rope(
+            norm, kv_c, rope_q, k_pe, cos, sin, "interleave"),
+    }
+    enabled, use_triton = _launcher.ENABLED, _utils.use_triton
+    _utils.use_triton = lambda t: True  # the norm's and the rope's wrappers take their kernels on CPU tensors
+    try:
+        for name, call in calls_by_case.items():
+            timed = {}
+            for cached in (False, True):
+                with _launcher.switched(enabled and cached), _compile.jit_without_gpu(launches=(sink := Drop())):
+                    call()
+                    launches = sink.launched
+                    timed[cached] = per_call_us(call, calls, repeats)
+            with stubbed_kernels():
+                _utils.use_triton = lambda t: True
+                stub = per_call_us(call, calls, repeats)
+            case = f"{name} ({launches} launches)"
+            for provider, t in (("launch prep + Triton's run up to the driver (JIT as sm_90)", timed[False]),
+                                ("launch prep + cached launch up to the driver (JIT as sm_90)", timed[True]),
+                                ("launch prep, kernels stubbed", stub)):
+                rows.append(_row(provider, case, t, launches=launches,
+                                 cached_launch=enabled if "cached" in provider else None))
+            print(f"{case:<52} stubbed {stub.p50:6.2f} µs; Triton's run {timed[False].p50:6.2f} µs "
+                  f"({(timed[False].p50 - stub.p50) / launches:5.2f} per launch), cached {timed[True].p50:6.2f} µs "
+                  f"({(timed[True].p50 - stub.p50) / launches:5.2f} per launch)"
+                  + ("" if enabled else " [cached launch off: MLA_KERNELS_CACHED_LAUNCH=0 or this triton]"))
+    finally:
+        _utils.use_triton = use_triton
     return rows
 
 

@@ -122,6 +122,7 @@ def _cases(hip: bool) -> dict:
     from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
     from .merge import _merge_states_kernel
     from .norm import _rms_norm_kernel
+    from .norm_rope import _norm_rope_kernel
     from .rope import _rope_kernel
     from .prefill import (_expanded_config, _expanded_heuristic, _fit_expanded, _mla_expanded_kernel,
                           expanded_shared_bytes)
@@ -214,6 +215,9 @@ def _cases(hip: bool) -> dict:
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
         "rope": (_rope_kernel, dict(HALF=32, BLOCK_R=128, STYLE=1), {}, 8, 1, None),  # a decode step's 128 heads
         "rms_norm": (_rms_norm_kernel, dict(BLOCK_R=2, BLOCK_N=2048), {"eps": "fp32"}, 8, 1, None),  # the query's 1536
+        # a decode step's latent norm (512 of 576), 128 query heads' rope and the key's, batch 1
+        "norm_rope": (_norm_rope_kernel, dict(BLOCK_R=8, BLOCK_N=512, HALF=32, Q_BLOCK_R=128, K_BLOCK_R=1, STYLE=1),
+                      {"eps": "fp32"}, 8, 1, None),
     }
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
@@ -503,6 +507,7 @@ def cached_launches() -> dict:
     if not _launcher.SUPPORTED:  # every launch goes through Triton's run: nothing to compare
         return {"hits": 0, "skipped": f"no cached launch with triton {triton.__version__} (_launcher.SUPPORTED)"}
     from .norm import DeepseekRMSNorm, rms_norm
+    from .norm_rope import norm_and_rope
     from .prefill import mla_prefill, mla_prefill_attention
     from .rope import rope
     from .schedule import mla_decode_metadata
@@ -561,7 +566,10 @@ def cached_launches() -> dict:
              "rope-key": lambda: rope(new_kv[:, None, 512:], cos[:1].expand(3, -1, -1), sin[:1].expand(3, -1, -1),
                                       "interleave"),
              # the drop-in's latent norm: rows of a view of the latent projection (kv_c)
-             "rms_norm-latent": lambda: rms_norm(latent_norm, new_kv[:, :512])}
+             "rms_norm-latent": lambda: rms_norm(latent_norm, new_kv[:, :512]),
+             # the attention's latent norm and both ropes in one launch (a decode step of 2: 39 arguments)
+             "norm_and_rope": lambda: norm_and_rope(latent_norm, buf[0, :2, :512], aligned[..., 512:],
+                                                    buf[0, :2, None, 512:], cos, sin, "interleave")}
     if decode_tma.TensorDescriptor is None:  # a triton without host descriptors never dispatches to the TMA kernel
         del cases["decode-tma"], cases["decode-tma-split2"]
     probe_out = torch.zeros(4)
@@ -641,6 +649,7 @@ def jit_shapes(target: str = "sm90") -> dict:
     from .cache import fp8_latent_cache, write_cache
     from .decode import mla_decode
     from .norm import DeepseekRMSNorm, rms_norm
+    from .norm_rope import norm_and_rope
     from .prefill import mla_prefill, mla_prefill_attention
     from .rope import rope
     from .schedule import mla_decode_metadata
@@ -725,6 +734,14 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases.update({f"rms_norm-{w}-rows{r}-{str(d).replace('torch.', '')}": normalize(w, r, d, wd)
                   for w, r, d, wd in ((512, 1, torch.bfloat16, torch.bfloat16), (1536, 16, torch.bfloat16, torch.bfloat16),
                                       (512, 300, torch.bfloat16, torch.float32), (512, 4, torch.float32, torch.float32))})
+
+    def norm_rope(rows, heads, dtype):  # the attention's latent norm and both ropes: a decode step, a prompt
+        norm = DeepseekRMSNorm(512, dtype=dtype).requires_grad_(False)
+        kv, q = rnd(rows, 576, dtype=dtype), rnd(rows, heads, 192, dtype=dtype)
+        cos, sin = rnd(rows, 64, dtype=dtype), rnd(rows, 64, dtype=dtype)
+        return lambda: norm_and_rope(norm, kv[:, :512], q[..., 128:], kv[:, 512:], cos, sin, "interleave")
+    cases.update({f"norm_and_rope-rows{r}-h{h}-{str(d).replace('torch.', '')}": norm_rope(r, h, d)
+                  for r, h, d in ((1, 128, torch.bfloat16), (300, 16, torch.bfloat16), (4, 128, torch.float32))})
     return _jit_run(cases, target)
 
 

@@ -36,7 +36,8 @@ from . import _utils
 from .cache import PagedLatentCache
 from .decode import check_split_count, mla_decode, split_tokens_value
 from .norm import DeepseekRMSNorm, rms_norm
-from .rope import ROPE_STYLES, apply_rope, rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
+from .norm_rope import norm_and_rope
+from .rope import ROPE_STYLES, apply_rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -497,12 +498,12 @@ class MLAttention(nn.Module):
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv_c = rms_norm(self.kv_a_layernorm, kv_c)
+        if self.rope_style != "none":  # the latent's norm and both ropes: one launch on a GPU
+            q_pe, kv_c, k_pe = norm_and_rope(self.kv_a_layernorm, kv_c, q_pe, k_pe, cos, sin, self.rope_style)
+        else:  # (no tables needed without rope: cos/sin may be None)
+            kv_c = rms_norm(self.kv_a_layernorm, kv_c)
         if self.latent_scale != 1.0:
             kv_c = kv_c * self.latent_scale
-        if self.rope_style != "none":  # (no tables needed without rope: cos/sin may be None)
-            q_pe = rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)  # one launch each on a GPU
-            k_pe = rope(k_pe, cos, sin, self.rope_style)
         dtype = q_nope.dtype  # the projections': the weights' dtype, or under torch.autocast its dtype, while the
         if (q_pe.dtype, kv_c.dtype, k_pe.dtype) != (dtype,) * 3:  # norm and the rope tables give fp32 there
             q_pe, kv_c, k_pe = q_pe.to(dtype), kv_c.to(dtype), k_pe.to(dtype)

@@ -52,11 +52,12 @@ class DeepseekRMSNorm(nn.Module):
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, eps,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``BLOCK_R`` rows of ``x [b, s, width]`` (row ``b * seq_len + s``) normalized into ``OUT``, contiguous
-    ``[rows, width]``: ``w * round_x(x * rsqrt(mean(x^2) + eps))`` in float32, rounded to OUT's dtype once."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _rms_norm_rows(pid, X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, eps,
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program ``pid``'s ``BLOCK_R`` rows of ``x [b, s, width]`` (row ``b * seq_len + s``) normalized into ``OUT``,
+    contiguous ``[rows, width]``: ``w * round_x(x * rsqrt(mean(x^2) + eps))`` in float32, rounded to OUT's dtype once.
+    The body of ``_rms_norm_kernel`` and of the latent's part of ``epilogue._norm_rope_kernel``."""
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = rows // seq_len
     s = rows - b * seq_len
     cols = tl.arange(0, BLOCK_N)
@@ -68,6 +69,13 @@ def _rms_norm_kernel(X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, 
     normed = to_dtype(normed, X.dtype.element_ty).to(tl.float32)  # the module's cast back to the input's dtype
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(OUT + rows[:, None] * width + cols[None, :], to_dtype(w[None, :] * normed, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_rms_norm_rows`` of each program's block of rows."""
+    _rms_norm_rows(tl.program_id(0), X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, width, eps, BLOCK_R, BLOCK_N)
 
 
 def _code_of(fn) -> tuple:
@@ -180,7 +188,11 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dispatch or function mode: ``_utils.ops_intercepted``), on a Triton device. Otherwise ``module(x)``. Returns
     what the module returns: x's shape, in ``torch.result_type(weight, x)`` (float32 for a float32 weight under
     autocast); contiguous, where the module's keeps a permuted x's layout."""
-    operands = _kernel_operands(module, x)
+    return _norm_with(module, x, _kernel_operands(module, x))
+
+
+def _norm_with(module: nn.Module, x: torch.Tensor, operands: tuple | None) -> torch.Tensor:
+    """``rms_norm(module, x)`` given what ``_kernel_operands(module, x)`` answered (each attribute read once)."""
     out = _normalize(x, *operands) if operands is not None else None
     return module(x) if out is None else out
 
@@ -188,6 +200,19 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """The kernel's ``weight * round_x(x * rsqrt(mean(x^2) + eps))`` for operands ``_operands`` accepted, or None
     where x's rows span more than two token dimensions."""
+    launch = _launch_args(x, weight, eps)
+    if launch is None:
+        return None
+    out, programs, args, constexprs = launch
+    if programs:
+        with _utils.launch_device(x.device):  # on x's GPU, not the current one (device_map="auto")
+            _launcher.launch(_rms_norm_kernel, (programs,), *args, **constexprs, num_warps=NUM_WARPS)
+    return out
+
+
+def _launch_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple | None:
+    """``(out, programs, args, constexprs)`` of ``_rms_norm_rows`` for ``_normalize``'s call (``out`` allocated, not
+    written), or None where x's rows span more than two token dimensions."""
     tokens = _tokens(x)
     if tokens is None:
         return None
@@ -195,18 +220,14 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     width = x.shape[-1]
     out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     rows = batch * seq
-    if rows:
-        # the program's shape from the width alone, never the row count: a row is summed in the same order whatever
-        # else the batch holds (batch invariance: the rows of a program share one layout, and a layout chosen by
-        # the row count would sum a row's squares in another order at another batch size). A decode step's few
-        # rows leave the rest of the program's block masked.
-        block_n = _utils.next_pow2(width)
-        block_r = max(1, TILE_ELEMENTS // block_n)
-        with _utils.launch_device(x.device):  # on x's GPU, not the current one (device_map="auto")
-            _launcher.launch(_rms_norm_kernel, (_utils.cdiv(rows, block_r),), x, weight, out, rows, seq,
-                             stride_b, stride_s, width, float(eps),
-                             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=NUM_WARPS)
-    return out
+    # the program's shape from the width alone, never the row count: a row is summed in the same order whatever
+    # else the batch holds (batch invariance: the rows of a program share one layout, and a layout chosen by the
+    # row count would sum a row's squares in another order at another batch size). A decode step's few rows leave
+    # the rest of the program's block masked.
+    block_n = _utils.next_pow2(width)
+    block_r = max(1, TILE_ELEMENTS // block_n)
+    args = (x, weight, out, rows, seq, stride_b, stride_s, width, float(eps))
+    return out, _utils.cdiv(rows, block_r), args, dict(BLOCK_R=block_r, BLOCK_N=block_n)
 
 
 _MODULE_MACHINERY = frozenset(vars(nn.Module())) - {"training"}  # what nn.Module.__init__ sets but the mode

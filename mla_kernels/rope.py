@@ -54,14 +54,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
 
 
 @triton.jit
-def _rope_kernel(X, OUT, COS, SIN, num_rows, num_heads, seq_len,
-                 stride_xb, stride_xs, stride_xh, stride_cb, stride_cs, stride_sb, stride_ss,
-                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, STYLE: tl.constexpr):
-    """``BLOCK_R`` rows of ``x [b, s, h, 2 * HALF]``, a row being one (token, head) pair (heads fastest, tokens
-    ``b * seq_len + s``), each rotated by its token's ``cos``/``sin`` row into ``OUT``, contiguous ``[rows, 2 * HALF]``
-    (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs"). Rows rather than one token per program: a
-    decode step's 128 heads are one program, a prompt's tokens a few (and the interpreter runs programs one by one)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _rope_rows(pid, X, OUT, COS, SIN, num_rows, num_heads, seq_len,
+               stride_xb, stride_xs, stride_xh, stride_cb, stride_cs, stride_sb, stride_ss,
+               HALF: tl.constexpr, BLOCK_R: tl.constexpr, STYLE: tl.constexpr):
+    """Program ``pid``'s ``BLOCK_R`` rows of ``x [b, s, h, 2 * HALF]``, a row being one (token, head) pair (heads
+    fastest, tokens ``b * seq_len + s``), each rotated by its token's ``cos``/``sin`` row into ``OUT``, contiguous
+    ``[rows, 2 * HALF]`` (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs"). Rows rather than one token
+    per program: a decode step's 128 heads are one program, a prompt's tokens a few (and the interpreter runs
+    programs one by one). The body of ``_rope_kernel`` and of the ropes of ``epilogue._norm_rope_kernel``."""
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (rows < num_rows)[:, None]
     token = rows // num_heads
     h = rows - token * num_heads
@@ -94,6 +95,15 @@ def _rope_kernel(X, OUT, COS, SIN, num_rows, num_heads, seq_len,
         lo, hi = offs_i, HALF + offs_i
     tl.store(out_rows + lo, to_dtype(out1, OUT.dtype.element_ty), mask=mask)
     tl.store(out_rows + hi, to_dtype(out2, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(X, OUT, COS, SIN, num_rows, num_heads, seq_len,
+                 stride_xb, stride_xs, stride_xh, stride_cb, stride_cs, stride_sb, stride_ss,
+                 HALF: tl.constexpr, BLOCK_R: tl.constexpr, STYLE: tl.constexpr):
+    """``_rope_rows`` of each program's block of rows."""
+    _rope_rows(tl.program_id(0), X, OUT, COS, SIN, num_rows, num_heads, seq_len, stride_xb, stride_xs, stride_xh,
+               stride_cb, stride_cs, stride_sb, stride_ss, HALF, BLOCK_R, STYLE)
 
 
 TILE_ELEMENTS = 4096  # (row, pair) elements per program: 128 rows of DeepSeek's 64-wide rope, a decode step's heads
@@ -168,21 +178,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
     dimensions), unit stride along P, P / 2 a power of two, tables in a dtype that keeps ``apply_rope``'s result in
     ``x``'s ("pairs" always does), on its device, nothing autograd records, not while compiling, transforming or
     tracing the ops (``_utils.ops_intercepted``); PyTorch ops otherwise. Returns a new contiguous tensor of ``apply_rope``'s shape."""
-    tokens = _as_tokens(x, cos, sin) if _kernel_serves(x, cos, sin, style) else None
-    if tokens is None:
+    launch = _launch_args(x, cos, sin, style) if _kernel_serves(x, cos, sin, style) else None
+    if launch is None:
         return apply_rope(x, cos, sin, style)
+    out, programs, args, constexprs = launch
+    if programs:
+        elements = constexprs["BLOCK_R"] * x.shape[-1]  # a program's
+        # on x's GPU: Triton launches on the current device (a layer on cuda:1 with cuda:0 current, device_map="auto")
+        with _utils.launch_device(x.device):
+            _launcher.launch(_rope_kernel, (programs,), *args, **constexprs,
+                             num_warps=8 if elements >= 4096 else 4 if elements >= 1024 else 1)
+    return out
+
+
+def _launch_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> tuple | None:
+    """``(out, programs, args, constexprs)`` of ``_rope_rows`` for ``rope``'s call (one ``_kernel_serves``
+    accepted; ``out`` allocated, not written), or None where ``_as_tokens`` cannot read it."""
+    tokens = _as_tokens(x, cos, sin)
+    if tokens is None:
+        return None
     batch, seq, heads, sxb, sxs, sxh, scb, scs, ssb, sss = tokens
     width = x.shape[-1]
     # tables with more dimensions than x (all 1: _as_tokens) give apply_rope's result those leading 1s
     extra = max(cos.dim(), sin.dim()) - x.dim()
     out = torch.empty((1,) * extra + tuple(x.shape) if extra > 0 else x.shape, dtype=x.dtype, device=x.device)
     rows = batch * seq * heads
-    if rows:
-        block_r = min(_utils.next_pow2(rows), max(1, TILE_ELEMENTS // (width // 2)))
-        # on x's GPU: Triton launches on the current device (a layer on cuda:1 with cuda:0 current, device_map="auto")
-        with _utils.launch_device(x.device):
-            _launcher.launch(_rope_kernel, (_utils.cdiv(rows, block_r),), x, out, cos, sin, rows, heads, seq,
-                             sxb, sxs, sxh, scb, scs, ssb, sss,
-                             HALF=width // 2, BLOCK_R=block_r, STYLE=_STYLE_IDS[style],
-                             num_warps=8 if block_r * width >= 4096 else 4 if block_r * width >= 1024 else 1)
-    return out
+    block_r = min(_utils.next_pow2(rows), max(1, TILE_ELEMENTS // (width // 2))) if rows else 1
+    args = (x, out, cos, sin, rows, heads, seq, sxb, sxs, sxh, scb, scs, ssb, sss)
+    return out, _utils.cdiv(rows, block_r), args, dict(HALF=width // 2, BLOCK_R=block_r, STYLE=_STYLE_IDS[style])

@@ -126,7 +126,8 @@ def test_stopped_bench_keeps_its_rows(tmp_path):
 def test_host_jit_rows():
     """``bench.host --jit`` (run without the interpreter, as on a CPU-only machine it must be): the decode launch
     through Triton's run and through the cached launch, each beside the stubbed launch, for the split call (two
-    launches) and the one-split call; the cached rows say whether the cached launch was on."""
+    launches) and the one-split call, then the attention's latent norm and ropes as three calls and as
+    ``norm_and_rope``'s one; the cached rows say whether the cached launch was on."""
     import os
     import subprocess
     import sys
@@ -140,9 +141,10 @@ def test_host_jit_rows():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [(r["case"].split(",")[1].strip(), r["launches"]) for r in rows] == \
-        [("4 splits (2 launches)", 2)] * 3 + [("1 split (1 launches)", 1)] * 3
+        [("4 splits (2 launches)", 2)] * 3 + [("1 split (1 launches)", 1)] * 3 \
+        + [("three calls (3 launches)", 3)] * 3 + [("one call (1 launches)", 1)] * 3
     cached = _launcher.SUPPORTED  # (triton 3.2: every launch is Triton's own; test_compile holds 3.3+ to True)
-    assert [r["cached_launch"] for r in rows] == [None, cached, None] * 2
+    assert [r["cached_launch"] for r in rows] == [None, cached, None] * 4
     assert all(r["p50_us"] > 0 for r in rows)
 
 

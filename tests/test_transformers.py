@@ -17,7 +17,7 @@ from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, unpatch_model
-from mla_kernels import norm as norm_mod
+from mla_kernels import norm as norm_mod, norm_rope as norm_rope_mod
 from mla_kernels.norm import KernelRMSNorm
 from test_module import YARN, tiny_config
 
@@ -751,8 +751,10 @@ def test_patch_model_norms_swaps_the_models_rmsnorms(monkeypatch):
         assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
         launches.clear()
         model(input_ids=ids, attention_mask=mask)
-        # two attention norms a layer (q_a_layernorm, kv_a_layernorm), the swapped ones, the final norm
-        assert launches.count(norm_mod._rms_norm_kernel) == 2 * len(model.model.layers) + len(swapped)
+        # the attention's query norm a layer (its latent norm is norm_and_rope's launch, with the ropes), the swapped
+        # ones, the final norm
+        assert launches.count(norm_mod._rms_norm_kernel) == len(model.model.layers) + len(swapped)
+        assert launches.count(norm_rope_mod._norm_rope_kernel) == len(model.model.layers)
         got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(got, expected), f"\n{got[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
     assert unpatch_model(model) is model
