@@ -98,7 +98,10 @@ def launch_device(device: torch.device):
     otherwise (the common case, and CPU tensors)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # (stateless: one serves every launch, nested ones too)
 
 
 def _private(get, default):

@@ -127,11 +127,27 @@ def _lead_strides(t: torch.Tensor, skip: int, lead: tuple) -> tuple | None:
     return tuple(out)
 
 
+_TOKENS: dict[tuple, tuple | None] = {}  # _as_tokens' answers by shapes and strides
+_MAX_TOKENS_ENTRIES = 4096  # (a server sees a few shapes per batch size: cleared whole past this, never grown unbounded)
+
+
 def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """How ``_rope_kernel`` reads this call, from shapes and strides alone (no views made): ``(batch, seq, heads,
     x's strides over batch, seq and heads, cos's and sin's over batch and seq)``, or None where it cannot. Tables
     whose second last dimension is 1 make ``x``'s the heads (the query's ``[..., H, P]`` with ``cos.unsqueeze(-2)``);
-    otherwise every row of ``x`` is its own token (the key's ``[..., P]``). At most two token dimensions."""
+    otherwise every row of ``x`` is its own token (the key's ``[..., P]``). At most two token dimensions. Looked up
+    by the three tensors' shapes and strides (read once per layout: ~7 µs of Python a tensor on a slow host)."""
+    key = (x.shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride())
+    tokens = _TOKENS.get(key, _TOKENS)  # (the dict itself: not read yet; None is an answer)
+    if tokens is _TOKENS:
+        if len(_TOKENS) >= _MAX_TOKENS_ENTRIES:
+            _TOKENS.clear()
+        tokens = _TOKENS[key] = _read_tokens(x, cos, sin)
+    return tokens
+
+
+def _read_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``_as_tokens``' answer, read from the tensors."""
     width = x.shape[-1]
     if cos.dim() == 0 or sin.dim() == 0:  # a scalar table: apply_rope's "half" broadcasts it
         return None

@@ -186,3 +186,24 @@ def test_rope_takes_pytorch_where_its_ops_run_through_something_else(run, device
     x, t = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
     got = run(lambda v: rope(v, cos, sin, "interleave"), x, t)
     assert_close("rope", got, run(lambda v: apply_rope(v, cos, sin, "interleave"), x, t), torch.float32)
+
+
+def test_rope_reads_each_layout_once(monkeypatch):
+    """``_as_tokens`` reads a layout from the tensors once and then looks it up by the three tensors' shapes and
+    strides: a tensor of the same layout is not read again, one of the same shape but other strides is (its answer
+    differs), and the table is cleared whole, never grown past ``_MAX_TOKENS_ENTRIES``."""
+    reads = []
+    real = rope_mod._read_tokens
+    monkeypatch.setattr(rope_mod, "_read_tokens", lambda *args: (reads.append(args[0].stride()), real(*args))[1])
+    monkeypatch.setattr(rope_mod, "_TOKENS", {})
+    full = torch.randn(2, 3, 5, 24)
+    cos, sin = (t.unsqueeze(-2) for t in tables((2, 3), 16, "cpu", torch.float32))
+    contiguous = rope_mod._as_tokens(full[..., :16].contiguous(), cos, sin)
+    assert rope_mod._as_tokens(full[..., 8:].contiguous(), cos, sin) == contiguous and len(reads) == 1
+    strided = rope_mod._as_tokens(full[..., 8:], cos, sin)
+    assert len(reads) == 2 and strided != contiguous and strided[3] == 3 * 5 * 24
+    assert rope_mod._as_tokens(full[..., 8:], cos[..., :8], sin) is None and len(reads) == 3  # (None: cached too)
+    assert rope_mod._as_tokens(full[..., 8:], cos[..., :8], sin) is None and len(reads) == 3
+    monkeypatch.setattr(rope_mod, "_MAX_TOKENS_ENTRIES", 3)
+    rope_mod._as_tokens(full[:1, ..., 8:], cos[:1], sin[:1])
+    assert len(reads) == 4 and len(rope_mod._TOKENS) == 1
