@@ -1,5 +1,5 @@
-"""The attention's RMSNorms (``q_a_layernorm``, ``kv_a_layernorm``) in one launch each, and with
-``patch_model(model, norms=True)`` the model's other RMSNorms too (``KernelRMSNorm``).
+"""The attention's RMSNorms (``q_a_layernorm``; ``kv_a_layernorm`` together with the ropes, ``norm_rope``) in one
+launch each, and with ``patch_model(model, norms=True)`` the model's other RMSNorms too (``KernelRMSNorm``).
 
 DeepSeek's RMSNorm (``DeepseekRMSNorm`` below, transformers' ``DeepseekV3RMSNorm`` and the same module in every
 MLA model the drop-in patches) is seven or eight PyTorch ops: a cast to float32, a square, a mean, an add, an

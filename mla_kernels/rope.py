@@ -6,7 +6,8 @@ microseconds of host work, where the whole ``mla_decode`` call is one or two. ``
 Triton launch (each program: a block of (token, head) rows, each with its token's cos/sin row), computed in
 float32 and rounded once to ``x``'s dtype, which is what ``apply_rope`` gives under autocast (float32 tables) and
 within one rounding of what it gives in bf16 (where each of its ops rounds). Compiled code (``torch.compile``)
-takes ``apply_rope``, which inductor fuses into one kernel itself.
+takes ``apply_rope``, which inductor fuses into one kernel itself. ``MLAttention`` turns both tensors with the
+latent's norm in one launch (``norm_rope.norm_and_rope``, whose programs run ``_rope_rows`` as ``_rope_kernel`` does).
 
 Layouts (``style``): "half" rotates ``(x[i], x[i + P/2])`` and writes them back in place (``rotate_half``);
 "interleave" reads ``(x[2i], x[2i + 1])`` and writes them de-interleaved to ``i`` and ``i + P/2`` (DeepSeek-V3's
