@@ -56,7 +56,7 @@ def _rms_norm_rows(pid, X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, widt
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program ``pid``'s ``BLOCK_R`` rows of ``x [b, s, width]`` (row ``b * seq_len + s``) normalized into ``OUT``,
     contiguous ``[rows, width]``: ``w * round_x(x * rsqrt(mean(x^2) + eps))`` in float32, rounded to OUT's dtype once.
-    The body of ``_rms_norm_kernel`` and of the latent's part of ``epilogue._norm_rope_kernel``."""
+    The body of ``_rms_norm_kernel`` and of the latent's part of ``norm_rope._norm_rope_kernel``."""
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = rows // seq_len
     s = rows - b * seq_len

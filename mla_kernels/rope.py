@@ -62,7 +62,7 @@ def _rope_rows(pid, X, OUT, COS, SIN, num_rows, num_heads, seq_len,
     fastest, tokens ``b * seq_len + s``), each rotated by its token's ``cos``/``sin`` row into ``OUT``, contiguous
     ``[rows, 2 * HALF]`` (module docstring: STYLE 0 "half", 1 "interleave", 2 "pairs"). Rows rather than one token
     per program: a decode step's 128 heads are one program, a prompt's tokens a few (and the interpreter runs
-    programs one by one). The body of ``_rope_kernel`` and of the ropes of ``epilogue._norm_rope_kernel``."""
+    programs one by one). The body of ``_rope_kernel`` and of the ropes of ``norm_rope._norm_rope_kernel``."""
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (rows < num_rows)[:, None]
     token = rows // num_heads
@@ -129,7 +129,7 @@ def _lead_strides(t: torch.Tensor, skip: int, lead: tuple) -> tuple | None:
 
 
 _TOKENS: dict[tuple, tuple | None] = {}  # _as_tokens' answers by shapes and strides
-_MAX_TOKENS_ENTRIES = 4096  # (a server sees a few shapes per batch size: cleared whole past this, never grown unbounded)
+_MAX_TOKENS_ENTRIES = 4096  # (a server sees a few layouts per batch size: cleared whole past this, never grown)
 
 
 def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
