@@ -191,10 +191,12 @@ def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _norm_with(module, x, _kernel_operands(module, x))
 
 
-def _norm_with(module: nn.Module, x: torch.Tensor, operands: tuple | None) -> torch.Tensor:
-    """``rms_norm(module, x)`` given what ``_kernel_operands(module, x)`` answered (each attribute read once)."""
+def _norm_with(fallback, x: torch.Tensor, operands: tuple | None) -> torch.Tensor:
+    """The kernel's result for ``x`` with ``operands`` (what ``_kernel_operands`` or ``_operands`` answered: each
+    attribute read once), or where it does not serve ``fallback(x)``: the module (``rms_norm``) or its formula
+    (``KernelRMSNorm``, whose own call would come back here)."""
     out = _normalize(x, *operands) if operands is not None else None
-    return module(x) if out is None else out
+    return fallback(x) if out is None else out
 
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -303,8 +305,7 @@ class KernelRMSNorm(DeepseekRMSNorm):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         operands = _operands(self, hidden_states) if _utils.kernel_may_stand_in(hidden_states) else None
-        out = _normalize(hidden_states, *operands) if operands is not None else None
-        return super().forward(hidden_states) if out is None else out
+        return _norm_with(super().forward, hidden_states, operands)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

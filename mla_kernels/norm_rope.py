@@ -55,10 +55,10 @@ def norm_and_rope(norm: nn.Module, kv_c: torch.Tensor, q_pe: torch.Tensor, k_pe:
     operands = norm_mod._kernel_operands(norm, kv_c)
     if (operands is not None and q_pe.device == kv_c.device and k_pe.device == kv_c.device
             and rope_mod._kernel_serves(q_pe, q_cos, q_sin, style) and rope_mod._kernel_serves(k_pe, cos, sin, style)):
-        latent = norm_mod._launch_args(kv_c, *operands)
         query = rope_mod._launch_args(q_pe, q_cos, q_sin, style)
-        key = rope_mod._launch_args(k_pe, cos, sin, style)
-        if latent is not None and query is not None and key is not None:
+        key = rope_mod._launch_args(k_pe, cos, sin, style) if query is not None else None
+        latent = norm_mod._launch_args(kv_c, *operands) if key is not None else None  # (each allocates its output)
+        if latent is not None:
             programs = latent[1] + query[1] + key[1]
             if programs:
                 with _utils.launch_device(kv_c.device):  # on the tensors' GPU, not the current one
