@@ -137,7 +137,7 @@ def _as_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     x's strides over batch, seq and heads, cos's and sin's over batch and seq)``, or None where it cannot. Tables
     whose second last dimension is 1 make ``x``'s the heads (the query's ``[..., H, P]`` with ``cos.unsqueeze(-2)``);
     otherwise every row of ``x`` is its own token (the key's ``[..., P]``). At most two token dimensions. Looked up
-    by the three tensors' shapes and strides (read once per layout: ~7 µs of Python a tensor on a slow host)."""
+    by the three tensors' shapes and strides: read from the tensors once per layout."""
     key = (x.shape, x.stride(), cos.shape, cos.stride(), sin.shape, sin.stride())
     tokens = _TOKENS.get(key, _TOKENS)  # (the dict itself: not read yet; None is an answer)
     if tokens is _TOKENS:
