@@ -623,11 +623,18 @@ def check_has_data(name: str, t: torch.Tensor) -> None:
                          "(for shapes alone, trace with torch.compile, whose fake tensors the custom ops serve)")
 
 
-# Under torch.compile, dynamo traces a numpy int as a 0-d ndarray, and before torch 2.12 it cannot trace
-# operator.index on one ("unsupported index(Tensor)": 2.8, 2.9, 2.10 and 2.11 measured; 2.8 and 2.9 not hasattr
-# either; 2.12 and 2.13 trace both); int() of it traces. There a traced numpy float or bool (no dtype to tell them
-# by) is read as an int, where eagerly and from 2.12 it is refused.
-_INT_OF_TRACED_NUMPY = torch.__version__ < "2.12"  # (a TorchVersion: compared as a version, as tests/helpers' is)
+def _traced_numpy_integer(value) -> int | None:
+    """``_integer`` of a numpy scalar under torch.compile, where dynamo traces it as a 0-d ndarray. ``operator.index``
+    on that does not trace on torch 2.8 to 2.11 ("unsupported index(Tensor)") nor on 2.15 ("torch.* op returned
+    non-Tensor"), and its ``.dtype`` on none of them ("Unsupported ndarray attribute access"); the dtype of
+    ``torch.as_tensor`` of it and ``int()`` of it trace on every torch measured (2.6, 2.8, 2.11, 2.13, 2.15). So a
+    numpy float, complex or bool is refused here as it is eagerly, not truncated by ``int()`` (as it was before 2.12).
+    Only a numpy int64 gives a usable int there: ``int()`` of a narrower one is data-dependent to dynamo, which then
+    fails at the first comparison, on those versions as with ``operator.index``."""
+    dtype = torch.as_tensor(value).dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return None
+    return int(value)
 
 
 def _integer(value) -> int | None:
@@ -636,8 +643,8 @@ def _integer(value) -> int | None:
     kind = type(value)
     if kind is int:
         return value
-    if _INT_OF_TRACED_NUMPY and kind.__module__ == "numpy" and torch.compiler.is_compiling():
-        return int(value)
+    if kind.__module__ == "numpy" and torch.compiler.is_compiling():
+        return _traced_numpy_integer(value)
     # (numpy before 2.3 gives a numpy bool an __index__; and no try/except for a value without one, a float say:
     # torch 2.6's dynamo turned the TypeError inside it into an InternalTorchDynamoError. The value's own hasattr,
     # not its type's: dynamo traces a numpy int as an ndarray, and cannot trace hasattr on that type)

@@ -238,16 +238,14 @@ def test_compiled_prefill_passes_host_lengths_to_the_op(device):
     assert len(calls) == 1 and list(calls[0].args[13:15]) == [cu.tolist(), seqlens.tolist()]
 
 
-@pytest.mark.parametrize("int_of_traced", [False, True], ids=["this-torch", "int-path"])
-def test_compiled_calls_take_numpy_ints(device, int_of_traced, monkeypatch):
+def test_compiled_calls_take_numpy_ints(device):
     """Under torch.compile(fullgraph=True) a numpy int (dynamo traces it as a 0-d ndarray) passes for an int as it
     does eagerly: mla_decode's max_seqlen_k (taken before numpy's ints went through _utils._integer, whose
-    hasattr on the value's type dynamo cannot trace: "Unsupported hasattr call"; and torch 2.8 to 2.11 cannot trace
-    operator.index on it: "unsupported index(Tensor)", the torch of the GPU machine among them). ``int-path``: the
-    int() that _integer takes there instead, on this torch too."""
+    hasattr on the value's type dynamo cannot trace: "Unsupported hasattr call"; torch 2.8 to 2.11 cannot trace
+    operator.index on it, "unsupported index(Tensor)", the torch of the GPU machine among them, nor can 2.15, "torch.*
+    op returned non-Tensor"). A numpy float or bool is refused there as eagerly (int() of it traces, and truncated
+    a float: _utils._traced_numpy_integer reads the dtype first)."""
     np = pytest.importorskip("numpy")
-    if int_of_traced:
-        monkeypatch.setattr(_utils, "_INT_OF_TRACED_NUMPY", True)
     q_nope, q_pe, kv_cache, pe_cache, table, seqlens = decode_inputs(device)
 
     def decode(q_nope, max_seqlen_k):
@@ -256,6 +254,10 @@ def test_compiled_calls_take_numpy_ints(device, int_of_traced, monkeypatch):
 
     expected = decode(q_nope, 12)
     assert torch.equal(torch.compile(decode, backend="eager", fullgraph=True)(q_nope, np.int64(12)), expected)
+    for value in (np.float64(12.0), np.float32(12.5), np.bool_(True)):  # (as eagerly: the error's message, with the
+        torch._dynamo.reset()  # value's repr, breaks the graph, so not fullgraph)
+        with pytest.raises(ValueError, match="max_seqlen_k must be an int"):
+            torch.compile(decode, backend="eager")(q_nope, value)
 
 
 @OLD_NUMPY_TRACE
