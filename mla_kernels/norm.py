@@ -116,8 +116,9 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` runs anything besides its forward: its own hooks, hooks registered for every
-    module, a forward replaced on the instance (accelerate's offload hooks wrap it so), or ``module.compile()``'s
-    compiled call (``nn.Module.__call__`` runs it instead: its backend may be any)."""
+    module, a forward replaced on the instance (accelerate's offload hooks wrap it so) or its ``_call_impl`` (which
+    ``nn.Module.__call__`` calls), or ``module.compile()``'s compiled call (``nn.Module.__call__`` runs it instead:
+    its backend may be any)."""
     return _own_hooks(module) or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS)
 
 
@@ -125,7 +126,7 @@ def _own_hooks(module: nn.Module) -> bool:
     """``_hooked`` without the hooks registered for every module: what ``module``'s own call adds."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None) or "forward" in module.__dict__
-                or getattr(module, "_compiled_call_impl", None) is not None)
+                or "_call_impl" in module.__dict__ or getattr(module, "_compiled_call_impl", None) is not None)
 
 
 def _tokens(x: torch.Tensor) -> tuple | None:
@@ -261,9 +262,11 @@ class KernelRMSNorm(DeepseekRMSNorm):
     def can_adopt(module: nn.Module) -> bool:
         """``module`` computes ``DeepseekRMSNorm.forward``'s formula with its weight Parameter and nothing else: the
         formula's class, no parameter but ``weight``, no buffer, no child (a parametrized weight is one), no hook of
-        its own (forward, backward or state-dict hooks, a forward replaced on the instance, ``module.compile()``)
-        that a swapped-in module would not run."""
+        its own (forward, backward or state-dict hooks, a forward or call replaced on the instance,
+        ``module.compile()``) that a swapped-in module would not run, and its ``variance_epsilon`` its own (the
+        stand-in takes the instance's attributes: one its class holds would be missing)."""
         return (_plain_class(type(module)) and not _own_hooks(module)  # (a stand-in's own forward is no formula)
+                and "variance_epsilon" in vars(module)
                 and list(module._parameters) == ["weight"] and type(module._parameters["weight"]) is nn.Parameter
                 and not module._buffers and not module._modules
                 and not any(getattr(module, name, None) for name in _STATE_DICT_HOOKS))

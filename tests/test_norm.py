@@ -334,8 +334,23 @@ def _compiled(norm):
     return norm
 
 
-@pytest.mark.parametrize("make", [lambda n: OwnCallImplNorm(n.weight.shape[0]), _compiled],
-                         ids=["own-call-impl", "module-compile"])
+def _instance_call_impl(norm):
+    """``_call_impl`` replaced on the instance (``nn.Module.__call__`` looks it up there first)."""
+    object.__setattr__(norm, "_call_impl", lambda *args, **kwargs: nn.Module._call_impl(norm, *args, **kwargs) + 1)
+    return norm
+
+
+class ClassEpsNorm(DeepseekRMSNorm):
+    """The formula, its epsilon held by the class (the instance has none of its own)."""
+    variance_epsilon = 1e-5
+
+    def __init__(self, hidden_size):
+        super().__init__(hidden_size)
+        del self.variance_epsilon
+
+
+@pytest.mark.parametrize("make", [lambda n: OwnCallImplNorm(n.weight.shape[0]), _compiled, _instance_call_impl],
+                         ids=["own-call-impl", "module-compile", "instance-call-impl"])
 def test_rms_norm_calls_a_module_whose_call_runs_something_else(make, monkeypatch):
     """``nn.Module.__call__`` runs ``self._compiled_call_impl`` (set by ``module.compile()``) or else
     ``self._call_impl``: either replaced, the call is not the formula's."""
@@ -504,12 +519,13 @@ def _with_state_dict_hook(norm):
 @pytest.mark.parametrize("make", [
     lambda n: GemmaStyleNorm(16), lambda n: OwnCallImplNorm(16), _with_hook("pre"), _with_hook("post"),
     _with_hook("instance-forward"), _compiled, lambda n: BufferNorm(16), _parametrized, _with_state_dict_hook,
-    lambda n: KernelRMSNorm.adopt(n), lambda n: nn.LayerNorm(16)],
+    lambda n: KernelRMSNorm.adopt(n), lambda n: nn.LayerNorm(16), _instance_call_impl, lambda n: ClassEpsNorm(16)],
     ids=["other-formula", "own-call-impl", "pre-hook", "post-hook", "instance-forward", "module-compile", "buffer",
-         "parametrized", "state-dict-hook", "already-adopted", "layer-norm"])
+         "parametrized", "state-dict-hook", "already-adopted", "layer-norm", "instance-call-impl", "class-epsilon"])
 def test_kernel_rms_norm_adopts_only_the_plain_formula(make):
     """A module whose call computes more than the formula with its weight (another formula, a call of its own, a
-    hook of its own a swapped-in module would drop, a buffer, a parametrized weight, a state-dict hook) is not
+    hook of its own a swapped-in module would drop, a buffer, a parametrized weight, a state-dict hook; an epsilon
+    its class holds, which the stand-in, taking the instance's attributes, would lack: its forward raised) is not
     adopted; the plain formula, in this package's class or transformers', is."""
     assert KernelRMSNorm.can_adopt(DeepseekRMSNorm(16)) and KernelRMSNorm.can_adopt(_transformers_norm(16))
     assert not KernelRMSNorm.can_adopt(make(DeepseekRMSNorm(16)))

@@ -102,6 +102,71 @@ def test_rope_falls_back_to_pytorch_where_the_kernel_does_not_serve(make, monkey
     assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
+class _PlainSubclass(torch.Tensor):
+    """A tensor subclass that adds nothing: ``apply_rope``'s ops give it back, so ``rope`` must too."""
+
+
+@pytest.mark.parametrize("make", [
+    lambda c, s: (0.5, 0.25),  # Python numbers: "half" broadcasts them
+    lambda c, s: (c, 0.25),
+    lambda c, s: (c.as_subclass(_PlainSubclass), s.as_subclass(_PlainSubclass)),
+], ids=["numbers", "tensor-and-number", "subclass"])
+def test_rope_takes_apply_rope_for_tables_that_are_not_plain_tensors(make, monkeypatch, device):
+    """Tables ``apply_rope`` takes but the kernel cannot read (a number; a subclass, whose ops compute its own way)
+    go to ``apply_rope``: its result and type, no launch. (Before, ``rope`` read ``cos.requires_grad`` of a float,
+    an AttributeError on a Triton device only, and launched the kernel on a subclass's data.)"""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    x = torch.randn(3, 5, 16, device=device)
+    cos, sin = make(*(t.unsqueeze(-2) for t in tables((3,), 16, device, torch.float32)))
+    got, expected = rope(x, cos, sin, "half"), apply_rope(x, cos, sin, "half")
+    assert type(got) is type(expected) and torch.equal(got.as_subclass(torch.Tensor), expected.as_subclass(torch.Tensor))
+    assert not launches
+
+
+def test_rope_takes_apply_rope_past_its_widest_row(monkeypatch, device):
+    """A rope part wider than ``MAX_WIDTH`` (one program holds a row's halves) goes to ``apply_rope``: the kernel
+    would not compile past Triton's largest block (2^20 elements; before, it was launched at any width)."""
+    launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
+    width = 2 * rope_mod.MAX_WIDTH
+    x = torch.randn(1, width, device=device)
+    cos, sin = tables((1,), width, device, torch.float32)
+    assert torch.equal(rope(x, cos, sin, "pairs"), apply_rope(x, cos, sin, "pairs"))
+    assert not launches
+    rope(x[:, :16], cos[:, :16], sin[:, :16], "pairs")  # (the stand-in launches nothing: the count only)
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("style", ["Half", "rotate_half", "bogus", ""])
+def test_an_unknown_rope_style_is_refused(style, device):
+    """A style that is not one of ``ROPE_STYLES`` raises a ValueError naming ``style``, from ``apply_rope``,
+    ``rope`` and ``norm_and_rope`` alike (before, any other string was computed as "pairs")."""
+    from mla_kernels.norm import DeepseekRMSNorm
+    from mla_kernels.norm_rope import norm_and_rope
+
+    x = torch.randn(3, 4, 16, device=device)
+    cos, sin = tables((3,), 16, device, torch.float32)
+    with pytest.raises(ValueError, match="style must be one of"):
+        apply_rope(x, cos[:, None], sin[:, None], style)
+    with pytest.raises(ValueError, match="style must be one of"):
+        rope(x, cos[:, None], sin[:, None], style)
+    with pytest.raises(ValueError, match="style must be one of"):
+        norm_and_rope(DeepseekRMSNorm(32).to(device), torch.randn(3, 32, device=device), x, x[:, 0], cos, sin, style)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rope_of_a_0d_x_raises_apply_ropes_error(style, device):
+    """A 0-d ``x`` goes to ``apply_rope`` (before, ``rope`` failed on ``x.shape[-1]`` with another message)."""
+    x, cos, sin = torch.tensor(1.0, device=device), *tables((), 16, device, torch.float32)
+    try:
+        expected = apply_rope(x, cos, sin, style)
+    except Exception as exc:  # ("interleave" and "pairs" index x's last dimension)
+        with pytest.raises(type(exc)) as got:
+            rope(x, cos, sin, style)
+        assert str(got.value) == str(exc)
+    else:
+        assert torch.equal(rope(x, cos, sin, style), expected)
+
+
 def test_rope_none_and_compiled_calls_take_pytorch(monkeypatch, device):
     """``style="none"`` returns ``x`` itself; while compiling, ``rope`` is ``apply_rope`` (inductor fuses it)."""
     launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
