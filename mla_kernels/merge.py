@@ -18,6 +18,7 @@ from ._convert import to_dtype
 from .decode import LN2_C, _combine_grid
 
 LOG2E_C: tl.constexpr = tl.constexpr(_utils.LOG2E)
+MAX_WIDTH = 16384  # the widest row the kernel merges (one program holds it); wider rows take the PyTorch path
 
 
 @triton.jit
@@ -103,7 +104,10 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
             ``[B, S_q, H, R]`` or ``[B, S_q, H, D_v]``, ``mla_prefill``'s ``[T, H, R]``); bf16, fp16 or fp32, the
             same shape and dtype.
         lse_a, lse_b: ``[..., H]`` float32, natural log of each softmax sum (``return_lse=True``); -inf for a row
-            that saw no key (or +inf, FlashMLA's mark of one, which ``flash_mla_with_kvcache`` returns).
+            that saw no key (or +inf, FlashMLA's mark of one, which ``flash_mla_with_kvcache`` returns). Laid out as
+            the outputs' rows: ``mla_decode``'s lse is ``[B, S_q, H]`` already, ``flash_mla_with_kvcache``'s is
+            ``[B, H, S_q]`` (FlashMLA's layout): pass ``lse.transpose(1, 2)`` (where H == S_q the shapes would
+            agree and the heads be mixed up silently).
         return_lse: also return the merged lse (natural log): merged again with a third state, it gives the
             attention over all three.
 
@@ -111,12 +115,13 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
     path whatever the inputs' layouts. A row that saw no key in either gives zeros and -inf; a row one state has no
     key for is the other's output (even if that state's output holds NaN there); a NaN lse makes the row's output
     and lse NaN. The sums are taken in float32. One Triton kernel
-    on a GPU (and under the interpreter); a PyTorch path on the CPU and inside ``torch.compile`` (which fuses it).
+    on a GPU (and under the interpreter) for rows up to ``MAX_WIDTH`` wide (one program holds a row); a PyTorch path
+    on the CPU, inside ``torch.compile`` (which fuses it) and for wider rows.
     The value projection is linear, so merging before or after ``w_uv`` gives the same result up to rounding.
     """
     _check(out_a, lse_a, out_b, lse_b)
     return_lse = _utils.check_flag("return_lse", return_lse)
-    if torch.compiler.is_compiling() or not _utils.use_triton(out_a):
+    if torch.compiler.is_compiling() or not _utils.use_triton(out_a) or out_a.shape[-1] > MAX_WIDTH:
         out, lse = merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
         return (out, lse) if return_lse else out
     width = out_a.shape[-1]

@@ -599,3 +599,38 @@ def test_older_arguments_replay_in_a_cuda_graph_as_sglang_runs_them():
         assert torch.equal(out, want_out) and torch.equal(lse, want_lse), lens
         ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
         assert_close(f"replay at {lens}", out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_nan_sink_gives_its_head_nan(sparse, device):
+    """FlashMLA's ``out * exp(lse) / (exp(lse) + exp(sink))`` with a NaN sink is NaN for that head: not zeros (the
+    NaN of a row with no key and a sink of -inf, -inf - -inf, is the only one turned into a weight of 0; before,
+    every NaN was); the other heads are as without the NaN."""
+    g = torch.Generator().manual_seed(4)
+    heads, s_q = 3, 1
+    k_cache = torch.randn(1, 4, 1, R + P, generator=g).to(device)
+    q = torch.randn(2, s_q, heads, R + P, generator=g).to(device)
+    dense = dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=device),
+                 cache_seqlens=torch.tensor([4, 0], dtype=torch.int32, device=device))
+    args = (dict(block_table=None, cache_seqlens=None,
+                 indices=torch.tensor([[[0, 1, 2, 3]], [[-1, -1, -1, -1]]], dtype=torch.int32, device=device))
+            if sparse else dense)
+    nan, inf = float("nan"), float("inf")
+    out, lse = flash_mla_with_kvcache(q, k_cache, head_dim_v=R, softmax_scale=SCALE,
+                                      attn_sink=torch.tensor([nan, -inf, 0.5], device=device), **args)
+    plain, plain_lse = flash_mla_with_kvcache(q, k_cache, head_dim_v=R, softmax_scale=SCALE,
+                                              attn_sink=torch.tensor([0.0, -inf, 0.5], device=device), **args)
+    assert out[:, :, 0].isnan().all()  # the sequence with keys and the one without (the formula's NaN)
+    assert torch.equal(out[:, :, 1:], plain[:, :, 1:]) and torch.equal(lse, plain_lse)
+    assert (out[1, :, 1] == 0).all()  # no key, a sink of -inf: zeros
+
+
+def test_sparse_call_of_no_sequences(device):
+    """A sparse call with batch 0 returns empty ``out [0, S_q, H, R]`` and ``lse [0, H, S_q]``, as a dense one does
+    (it failed in ``view(..., -1)``, which cannot infer a dimension of 0 elements)."""
+    heads, s_q = 2, 3
+    k_cache = torch.randn(1, 4, 1, R + P, device=device)
+    q = torch.randn(0, s_q, heads, R + P, device=device)
+    indices = torch.zeros(0, s_q, 4, dtype=torch.int32, device=device)
+    out, lse = flash_mla_with_kvcache(q, k_cache, None, None, R, softmax_scale=SCALE, indices=indices)
+    assert out.shape == (0, s_q, heads, R) and lse.shape == (0, heads, s_q)

@@ -215,3 +215,19 @@ def test_bad_input(case):
     change(args)
     with pytest.raises(error, match=name):
         mla_kernels.merge_attention_states(**args)
+
+
+def test_rows_past_the_kernels_width_take_the_pytorch_path(monkeypatch):
+    """Rows wider than ``merge.MAX_WIDTH`` (one program holds a row: Triton refuses blocks past 2^20 elements; before,
+    a row of 2^20 + 1 values failed inside Triton) go to the PyTorch path, with its results; rows up to it launch."""
+    g = torch.Generator().manual_seed(0)
+    width = 2 * merge.MAX_WIDTH + 1
+    out_a, out_b = torch.randn(2, 1, width, generator=g), torch.randn(2, 1, width, generator=g)
+    lse_a, lse_b = torch.randn(2, 1, generator=g), torch.randn(2, 1, generator=g)
+    launches = record_launches(monkeypatch, merge, "_merge_states_kernel")
+    got = mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert not launches
+    expected = merge.merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    mla_kernels.merge_attention_states(out_a[..., :merge.MAX_WIDTH], lse_a, out_b[..., :merge.MAX_WIDTH], lse_b)
+    assert len(launches) == 1 and launches[0][2]["BLOCK_D"] == merge.MAX_WIDTH

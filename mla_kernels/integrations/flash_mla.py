@@ -357,7 +357,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
                                 indices=indices, metadata=schedule))
     out, lse = parts[0] if heads_k == 1 else (torch.cat([o for o, _ in parts], 2), torch.cat([s for _, s in parts], 2))
     if indices is not None:  # back to [B, S_q, ...]
-        out, lse = out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
+        out, lse = out.view(batch, s_q, heads, out.shape[-1]), lse.view(batch, s_q, heads)  # (-1: none if B is 0)
     if attn_sink is not None:
         out = _apply_sink(out, lse, attn_sink)
     if tile_scheduler_metadata is not None and not from_lengths and tile_scheduler_metadata.config is None:
@@ -451,8 +451,11 @@ def _check_has_data_beside(name: str, t: torch.Tensor, device: torch.device) -> 
 
 def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     """``out [B, S_q, H, D]`` times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: a sink of +inf gives zeros, one
-    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros). ``sink``: checked by
-    ``_check_sink``."""
-    gap = lse - sink.to(lse.device)  # [B, S_q, H]
-    weight = torch.sigmoid(torch.nan_to_num(gap, nan=-float("inf")))  # -inf - -inf: a row with no key and no sink
+    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros); a NaN sink gives its
+    head NaN, as the formula does. ``sink``: checked by ``_check_sink``."""
+    sink = sink.to(lse.device)
+    gap = lse - sink  # [B, S_q, H]
+    inf = float("inf")
+    # -inf - -inf (a row with no key and no sink: its out is zeros) is the only NaN not of the formula's
+    weight = torch.sigmoid(gap.masked_fill(torch.isneginf(lse) & torch.isneginf(sink), -inf))
     return (out.float() * weight[..., None]).to(out.dtype)
