@@ -526,6 +526,40 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
                              "pass a tensor with memory of its own (.contiguous() or .clone())")
 
 
+def views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two ``[N, page, W]`` caches with unit last stride (``write_cache``'s) provably share a byte: False for
+    separate memory, for the rows of one buffer side by side (``buf[..., :R]``, ``buf[..., R:]``; FlashMLA's FP8
+    rows), and for layouts this cannot decide (rows of two views laid out unlike). Read from data pointers:
+    never while compiling (a fake tensor has none)."""
+    ea, eb = a.element_size(), b.element_size()
+    la, lb = a.data_ptr(), b.data_ptr()
+    (na, pa, wa), (nb, pb, wb) = a.shape, b.shape
+    (a0, a1, _), (b0, b1, _) = a.stride(), b.stride()
+    if la + ((na - 1) * a0 + (pa - 1) * a1 + wa) * ea <= lb or lb + ((nb - 1) * b0 + (pb - 1) * b1 + wb) * eb <= la:
+        return False  # (the spans apart: every tensor the library makes itself has its rows so)
+    a0, a1, b0, b1 = a0 * ea, a1 * ea, b0 * eb, b1 * eb  # bytes
+    if (a0, a1, na, pa) != (b0, b1, nb, pb):
+        return False  # undecided: rows laid out unlike
+    period = a1 if pa > 1 else a0  # every row starts at a multiple of it past the first
+    if period <= 0 or (na > 1 and pa > 1 and a0 % period):
+        return False
+    gap = (lb - la) % period  # where b's rows start within a's row period
+    return not (gap >= wa * ea and gap + wb * eb <= period)
+
+
+def check_disjoint(**tensors) -> None:
+    """Refuse caches the call writes that share memory (``views_overlap``; None entries skipped): a write to one
+    would overwrite the other's values. Not while compiling (no data pointers)."""
+    if torch.compiler.is_compiling():
+        return
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if views_overlap(a, b):
+                raise ValueError(f"{name_a} and {name_b} share memory (views of one buffer whose columns overlap): a "
+                                 f"write to one would overwrite the other; give each its own columns or memory")
+
+
 def _numpy_bool(kind: type) -> bool:
     """``kind`` is numpy's bool scalar type (``numpy.bool_``, named "bool" in numpy 2)."""
     return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")

@@ -201,7 +201,7 @@ def dequantize_fp8_torch(q, scale, dtype=torch.float32):
     return (q.float().unflatten(-1, (-1, _utils.FP8_GROUP)) * scale[..., None]).flatten(-2).to(dtype)
 
 
-def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None) -> None:
+def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None, own_views=False) -> None:
     _utils.check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES + _utils.FP8_DTYPES)
     _utils.check_tensor("pe_cache", pe_cache, 3, FLOAT_DTYPES)
     _utils.check_tensor("kv_c", kv_c, 2, FLOAT_DTYPES)
@@ -230,6 +230,8 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
     for name, t in (("kv_cache", kv_cache), ("pe_cache", pe_cache), ("kv_scale", kv_scale)):
         if t is not None:  # written: a stride-0 (expanded) cache aliased every slot of a block, or every block
             _utils.check_no_overlap(name, t)
+    if not own_views:  # (a PagedLatentCache's views are side by side by construction)
+        _utils.check_disjoint(kv_cache=kv_cache, pe_cache=pe_cache, kv_scale=kv_scale)
 
 
 _FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
@@ -285,11 +287,20 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     ``kv_c``/``k_pe`` then have ``pe_cache``'s dtype (the rope key is stored unquantized). R must be a
     multiple of 128.
 
-    Raises ``TypeError``/``ValueError`` naming the offending argument, before writing anything. ``T == 0`` is a
-    no-op.
+    Raises ``TypeError``/``ValueError`` naming the offending argument, before writing anything (caches that share
+    memory included: ``kv_cache``, ``pe_cache`` and ``kv_scale`` may be views of one buffer, side by side, never
+    overlapping). ``T == 0`` is a no-op.
     """
+    _write(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+
+
+def _write(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None, own_views=False) -> None:
+    """``write_cache``; ``own_views``: the caches are a ``PagedLatentCache``'s ``views`` (their memory is not checked
+    for overlap again: a microsecond of host work per layer and step)."""
     if kv_scale is not None or not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
-        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale)
+        _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, own_views)
+    elif not (own_views or torch.compiler.is_compiling()) and _utils.views_overlap(kv_cache, pe_cache):
+        _utils.check_disjoint(kv_cache=kv_cache, pe_cache=pe_cache)  # (raises, naming them)
     if kv_c.shape[0] == 0:
         return
     if torch.compiler.is_compiling():  # one graph node that mutates the caches
@@ -782,7 +793,7 @@ class PagedLatentCache:
         another now. ``MLAttention`` writes through a ``LatentBatch``, which refuses such a stale step."""
         layer = self._layer(layer)
         kv_cache, pe_cache, kv_scale = self.views(layer)
-        write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=kv_scale)
+        _write(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, own_views=True)
 
     def read(self, layer: int, seq_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of one sequence's cached tokens in one layer: ``(kv [L, R], pe [L, P])`` (fp8 cache: the
@@ -902,6 +913,9 @@ class PagedLatentCache:
         return self._next_id - 1
 
     def _check_new_id(self, name: str, seq_id: Hashable) -> None:
+        if isinstance(seq_id, torch.Tensor):  # (hashed by identity: the same value would name another sequence)
+            raise TypeError(f"{name} must be hashable by value (an int, a string, ...), got a tensor: pass "
+                            f"{name}.item()")
         try:
             live = seq_id in self._seqs
         except TypeError:
@@ -927,8 +941,10 @@ class PagedLatentCache:
     def _get(self, seq_id: Hashable) -> _Sequence:
         try:
             return self._seqs[seq_id]
-        except (KeyError, TypeError):
+        except KeyError:
             raise KeyError(f"seq_id {seq_id!r} is not a live sequence") from None
+        except TypeError:  # (unhashable: never a live sequence's id)
+            raise TypeError(f"seq_id must be hashable (a dict key), got {seq_id!r}") from None
 
     def _check_batch(self, seq_ids: Iterable[Hashable], num_tokens: Iterable[int], counts_name: str = "num_tokens"):
         """``(live sequences, int counts)`` of a batch: distinct hashable ids of live sequences, one non-negative

@@ -184,7 +184,7 @@ class LatentBatch:
         if not isinstance(cache, PagedLatentCache):
             raise TypeError(f"cache must be a PagedLatentCache, got {type(cache).__name__}")
         self.cache = cache
-        self.seq_ids = list(seq_ids)
+        self.seq_ids = _utils.as_list("seq_ids", seq_ids)  # (list() took a string as its characters' ids)
         seqs, self.num_new_tokens = cache._check_batch(self.seq_ids, num_new_tokens, "num_new_tokens")
         total = sum(self.num_new_tokens)
         _utils.check_tensor("slots", slots, 1, _utils.INDEX_DTYPES)
@@ -294,8 +294,9 @@ class LatentBatch:
             return
         for sid, seq, length in zip(self.seq_ids, self._seqs, self.cache_seqlens_host):
             if cache._seqs.get(sid) is not seq:
-                raise ValueError(f"batch is out of date: sequence {sid!r} was freed or forked after it was reserved; "
-                                 "reserve a new LatentBatch for each step (and fork after a step's writes)")
+                raise ValueError(f"batch is out of date: sequence {sid!r} was freed, forked or truncated (a cancel() "
+                                 "included) after it was reserved; reserve a new LatentBatch for each step (and fork "
+                                 "after a step's writes)")
             if seq.length != length:
                 raise ValueError(f"batch is out of date: sequence {sid!r} has {seq.length} tokens reserved now, "
                                  f"{length} when this batch was made; reserve a new LatentBatch for each step")
@@ -571,6 +572,8 @@ class MLAttention(nn.Module):
         if self.split_tokens is not None:  # the splits' bound, before the write (the calls would refuse after it)
             check_split_keys(self.split_tokens, batch.max_seqlen_k if indices is None else indices.shape[1],
                              "the step's longest sequence" if indices is None else "the step's key lists (K)")
+        if indices is None:  # a program per sequence on a grid axis: the calls' bound, before the write too
+            _utils.check_grid_batch(batch.batch_size, "the step's number of sequences")
         cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)

@@ -293,3 +293,47 @@ def test_bad_arguments(change, error, name):
 def test_exported():
     assert mla_kernels.write_cache is write_cache
     assert "write_cache" in mla_kernels.__all__
+
+
+def test_caches_that_share_memory_are_refused_before_writing(path):
+    """``kv_cache``, ``pe_cache`` and ``kv_scale`` whose columns overlap (views of one buffer) are refused by name
+    before anything is written: the write of one overwrote the other's values, silently. Side by side views of one
+    buffer, and separate tensors, are taken (``test_matches_loop_reference``'s fused and separate caches)."""
+    buf = torch.zeros(3, 4, 48, dtype=torch.bfloat16, device=path)
+    kv_c, k_pe = new_tokens(2, 32, 16, torch.bfloat16, path)
+    slots = torch.tensor([0, 5])
+    for kv_cache, pe_cache in ((buf[..., :32], buf[..., 24:40]), (buf[..., 16:48], buf[..., :16].clone()[..., :16]),
+                               (buf[..., 8:40], buf[..., :16])):
+        if pe_cache.data_ptr() != buf.data_ptr() and not _utils.views_overlap(kv_cache, pe_cache):
+            continue  # (the clone: its own memory, taken)
+        with pytest.raises(ValueError, match="kv_cache and pe_cache share memory"):
+            write_cache(kv_c, k_pe, kv_cache, pe_cache, slots)
+        assert not buf.any()
+    # FlashMLA's FP8 rows: 32 e4m3 latent values... (R 128 here), 1 fp32 scale, 16 bf16 rope values, side by side
+    rows = torch.zeros(3, 4, 128 + 4 + 32, dtype=torch.uint8, device=path)
+    kv8, pe8 = rows[..., :128].view(torch.float8_e4m3fn), rows[..., 132:].view(torch.bfloat16)
+    kv_c8 = torch.randn(2, 128, dtype=torch.bfloat16, device=path)
+    write_cache(kv_c8, k_pe, kv8, pe8, slots, kv_scale=rows[..., 128:132].view(torch.float32))
+    written = rows.clone()
+    with pytest.raises(ValueError, match="kv_cache and kv_scale share memory"):  # a scale inside the latent's bytes
+        write_cache(kv_c8, k_pe, kv8, pe8, slots, kv_scale=rows[..., 64:68].view(torch.float32))
+    assert torch.equal(rows, written)
+
+
+def test_views_overlap():
+    """``_utils.views_overlap``: separate memory and side-by-side columns are apart; overlapping columns, a view and
+    itself, and rows of one view reaching into the next row's other view overlap."""
+    buf = torch.zeros(4, 8, 80)
+    assert not _utils.views_overlap(buf[..., :64], buf[..., 64:])
+    assert not _utils.views_overlap(buf[..., 64:], buf[..., :64])
+    assert not _utils.views_overlap(buf[..., :64], torch.zeros(4, 8, 16))
+    assert _utils.views_overlap(buf[..., :64], buf[..., 48:64])
+    assert _utils.views_overlap(buf[..., 16:], buf[..., :32])
+    assert _utils.views_overlap(buf[..., :64], buf[..., :64])
+    page1 = torch.zeros(6, 1, 80)
+    assert not _utils.views_overlap(page1[..., :64], page1[..., 64:])
+    assert _utils.views_overlap(page1[..., :64], page1[..., 60:76])
+    flat = torch.zeros(4 * 8 * 40)  # rows of 40 values: a 64-wide view of them reaches into the next row
+    assert _utils.views_overlap(flat.as_strided((4, 8, 32), (320, 40, 1)), flat.as_strided((4, 8, 8), (320, 40, 1), 24))
+    assert not _utils.views_overlap(flat.as_strided((4, 8, 32), (320, 40, 1)),
+                                    flat.as_strided((4, 8, 8), (320, 40, 1), 32))

@@ -417,6 +417,30 @@ def test_sequence_ids():
         cache.free("nobody")
     with pytest.raises(KeyError, match="'nobody' is not a live sequence"):
         cache.block_table([1, "nobody"])
+    # an id that cannot be a live one's: a TypeError naming it (unhashable: was a KeyError); a tensor hashes by
+    # identity, so torch.tensor(5) would never be found again by the value 5 or another tensor(5)
+    for call in (lambda: cache.free([1]), lambda: cache.seqlen({}), lambda: cache.fork(["unhashable"])):
+        with pytest.raises(TypeError, match="seq_id must be hashable"):
+            call()
+    with pytest.raises(TypeError, match="seq_id must be hashable by value"):
+        cache.add_sequence(torch.tensor(5))
+    with pytest.raises(TypeError, match="new_id must be hashable by value"):
+        cache.fork(1, torch.tensor(6))
+    assert len(cache) == 5
+
+
+def test_a_hand_built_batch_names_bad_seq_ids():
+    """``LatentBatch(...)`` takes ``seq_ids`` as ``reserve`` does: a string is refused by name (list() made its
+    characters two sequences 'a' and 'b'), as are None and an int (a bare "not iterable")."""
+    cache = PagedLatentCache(1, num_blocks=2, block_size=4, kv_lora_rank=R, rope_dim=P)
+    for seq_id in ("a", "b"):
+        cache.add_sequence(seq_id)
+        cache.append(seq_id, 1)
+    slots = torch.tensor([0, 4])
+    assert LatentBatch(cache, ["a", "b"], [1, 1], slots).seq_ids == ["a", "b"]
+    for bad in ("ab", None, 5):
+        with pytest.raises(TypeError, match="seq_ids"):
+            LatentBatch(cache, bad, [1, 1], slots)
 
 
 def test_bad_batches_change_nothing():
@@ -659,7 +683,7 @@ def test_fork_ids_are_checked_before_anything_changes():
     before = state_of(cache)
     with pytest.raises(KeyError, match="not a live sequence"):
         cache.fork("nobody")
-    with pytest.raises(KeyError, match="not a live sequence"):
+    with pytest.raises(TypeError, match="seq_id must be hashable"):
         cache.fork(["unhashable"])
     with pytest.raises(ValueError, match="new_id 'b' is already a live sequence"):
         cache.fork(a, "b")
@@ -682,7 +706,7 @@ def test_a_batch_reserved_before_a_fork_is_out_of_date():
     stale = LatentBatch.reserve(cache, [a], [1])
     unrelated = LatentBatch.reserve(cache, [other], [2])
     cache.fork(a)
-    with pytest.raises(ValueError, match="freed or forked"):
+    with pytest.raises(ValueError, match="freed, forked or truncated"):
         stale.check_current()
     unrelated.check_current()  # a batch of other sequences stays valid
 
@@ -807,7 +831,7 @@ def test_truncate_returns_blocks_and_copies_a_shared_tail():
     assert now[0] == blocks[0] and now[1] != blocks[1] and now[1] not in cache.seq_blocks(f) and cache.seqlen(a) == 6
     assert_same_contents(contents(cache, a), [(kv[:6], pe[:6]) for kv, pe in before_f], "truncated tokens differ")
     assert_same_contents(contents(cache, f), before_f, "the fork changed")
-    with pytest.raises(ValueError, match="out of date|freed or forked"):
+    with pytest.raises(ValueError, match="out of date|freed, forked or truncated"):
         stale.check_current()
     free = cache.num_free_blocks
     cache.truncate(a, 4)

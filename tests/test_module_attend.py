@@ -117,6 +117,24 @@ def test_cancel_gives_back_a_failed_steps_reservation():
         with pytest.raises(ValueError, match="out of date"):
             stale.cancel()
         assert cache.seqlen(b) == 4
+        again = LatentBatch.reserve(cache, [b], [1])
+        again.cancel()
+        with pytest.raises(ValueError, match=r"freed, forked or truncated \(a cancel\(\) included\)"):
+            again.cancel()  # (the message said "freed or forked": a cancel truncates)
+
+
+@pytest.mark.parametrize("counts", [[1, 1], [2, 3]], ids=["decode", "prefill"])
+def test_attend_checks_the_grid_bound_before_writing(counts, monkeypatch):
+    """A step of more sequences than a launch grid's axis takes (65535; here lowered to 1) is refused before the
+    write: the kernels' own check came after ``attend`` had written the step's tokens."""
+    from mla_kernels import _utils
+
+    m, cache, batch, (q_nope, q_pe, kv_c, k_pe) = _setup(counts)
+    before = cache.buffer(0).clone()
+    monkeypatch.setattr(_utils, "MAX_GRID_YZ", 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="the step's number of sequences is 2"):
+        m.attend(q_nope, q_pe, kv_c, k_pe, batch)
+    assert torch.equal(cache.buffer(0), before)
 
 
 @pytest.mark.parametrize("counts, kernel", [([1, 1], "decode"), ([8, 8], "decode"), ([9, 9], "prefill"),

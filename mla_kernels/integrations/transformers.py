@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .. import _utils
-from ..cache import CacheFullError, PagedLatentCache, write_cache
+from ..cache import CacheFullError, PagedLatentCache, _write as _write_cache
 from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
 from ..module import LatentBatch, MLAttention, _check_inference, check_split_keys, config_kwargs, rope_inv_freq
@@ -1059,8 +1059,8 @@ class _StaticLatentState:
         slots = torch.where(real & (index < self.capacity), self.row_base + index, -1)
         seqlens.copy_(new_lens)
         kv_cache, pe_cache, kv_scale = self.paged.views(layer)
-        write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
-                    slots.view(-1), kv_scale=kv_scale)
+        _write_cache(kv_c.reshape(-1, kv_c.shape[-1]), k_pe.reshape(-1, k_pe.shape[-1]), kv_cache, pe_cache,
+                     slots.view(-1), kv_scale, own_views=True)
         heads, d_v = attn.num_heads, attn.v_head_dim
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
             w_uk, w_uv = attn._kv_b_split(q_nope.dtype)
