@@ -770,6 +770,8 @@ class PagedLatentCache:
             max_blocks = _utils.as_int("max_blocks", max_blocks)
             if max_blocks < longest:
                 raise ValueError(f"max_blocks {max_blocks} is shorter than the longest sequence's {longest} blocks")
+            if max_blocks >= 2 ** 31:  # (torch's allocation failed with an overflow, or for lack of memory)
+                raise ValueError(f"max_blocks must be below 2^31 (a block table's columns), got {max_blocks}")
         pad_id = _utils.as_int("pad_id", pad_id)
         if not -2 ** 31 <= pad_id < 2 ** 31:
             raise ValueError(f"pad_id must fit in int32, got {pad_id}")

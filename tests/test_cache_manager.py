@@ -426,6 +426,8 @@ def test_sequence_ids():
         cache.add_sequence(torch.tensor(5))
     with pytest.raises(TypeError, match="new_id must be hashable by value"):
         cache.fork(1, torch.tensor(6))
+    with pytest.raises(ValueError, match="max_blocks must be below 2"):  # (torch's "Storage size ... overflowed")
+        cache.block_table([1], max_blocks=2 ** 62)
     assert len(cache) == 5
 
 
