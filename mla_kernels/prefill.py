@@ -544,7 +544,7 @@ def _prefill_torch(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_q, cache_se
     cu_q: host list of B+1 row offsets. Returns out [T, H, R] in q's dtype, lse [T, H] fp32.
     """
     total, heads, _ = q_nope.shape
-    out = torch.zeros_like(q_nope)
+    out = torch.zeros_like(q_nope, memory_format=torch.contiguous_format)  # (as the kernel's: not a permuted q's)
     lse = torch.full((total, heads), float("-inf"), dtype=torch.float32, device=q_nope.device)
     for b in range(len(cu_q) - 1):
         start, end = cu_q[b], cu_q[b + 1]
@@ -640,11 +640,11 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
         raise ValueError(f"{cu_name} must start at 0, got {cu[0]}")
     if cu[-1] != total:  # before the per-sequence checks: a cu_seqlens_q past T was blamed on cache_seqlens
         raise ValueError(f"{cu_name} must end at the number of query tokens T={total}, got {cu[-1]}")
+    if any(b < a for a, b in zip(cu, cu[1:])):  # before the per-sequence checks too (an entry past T mid-list)
+        raise ValueError(f"{cu_name} must be non-decreasing, got {list(cu)}")
     longest_q = longest_k = 0
     for b, length in enumerate(lens):
         n = cu[b + 1] - cu[b]
-        if n < 0:
-            raise ValueError(f"{cu_name} must be non-decreasing, got {list(cu)}")
         if length < n:
             raise ValueError(f"{lens_name}[{b}]={length} is smaller than sequence {b}'s {n} new tokens "
                              f"({cu_name}); the new tokens must already be in the cache")

@@ -644,6 +644,10 @@ def test_torch_path_matches_reference(monkeypatch):
         ref_out, ref_lse = absorbed_reference(a, causal)
         assert_close(f"torch mla_prefill causal={causal}", out, ref_out, torch.bfloat16)
         assert_lse_close(f"torch mla_prefill causal={causal}", lse, ref_lse)
+    # a permuted q_nope: a contiguous result, as the kernel gives (it kept q's layout: [T, H, R] strided as [H, T, R])
+    permuted = a["q_nope"].transpose(0, 1).contiguous().transpose(0, 1)
+    out = mla_kernels.mla_prefill(**{**a, "q_nope": permuted}, softmax_scale=SCALE)
+    assert out.is_contiguous() and torch.equal(out, mla_kernels.mla_prefill(**a, softmax_scale=SCALE))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -695,6 +699,8 @@ BAD = {
     "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
     # past T, with the last sequence's cache too short for the tokens it claims: cu_seqlens_q is the argument at fault
     "cu_seqlens_q-past-T": (_set("cu_seqlens_q", 3, 14), ValueError, "cu_seqlens_q must end at"),
+    # past T mid-list (then decreasing): cu_seqlens_q is at fault, not cache_seqlens[0], which it made look short
+    "cu_seqlens_q-past-T-mid-list": (_set("cu_seqlens_q", 1, 14), ValueError, "cu_seqlens_q must be non-decreasing"),
     "cu_seqlens_q-batch-vs-table": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][1:] - 10), ValueError,
                                     "block_table"),
     # a cu_seqlens_q one sequence short: the batch size it sets is named as its own, not as "the batch"
@@ -874,6 +880,8 @@ BAD_HOST = {
     "cu_seqlens_q_host-not-from-0": (lambda a: (_both("cu_seqlens_q", 0, 1)(a)), ValueError,
                                      "cu_seqlens_q_host must start at 0"),
     "cu_seqlens_q_host-decreasing": (_both("cu_seqlens_q", 1, 11), ValueError, "cu_seqlens_q_host must be non-dec"),
+    "cu_seqlens_q_host-past-T-mid-list": (_both("cu_seqlens_q", 1, 14), ValueError,
+                                          "cu_seqlens_q_host must be non-dec"),
     "cu_seqlens_q_host-not-to-T": (_both("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q_host must end"),
     "cache_seqlens_host-below-new-tokens": (_both("cache_seqlens", 0, 9), ValueError, "cache_seqlens_host.0.=9 is"),
     "cache_seqlens_host-beyond-table": (_both("cache_seqlens", 0, 10_000), ValueError, "cache_seqlens_host has a"),
