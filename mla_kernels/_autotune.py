@@ -667,6 +667,8 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
     against the PyTorch path before it is timed; one that fails to compile or is wrong is pruned and reported.
     ``MLA_KERNELS_AUTOTUNE=1`` instead tunes each missing shape class the first time a call needs it.
     """
+    if out is not None and not isinstance(out, (str, os.PathLike)):  # (Path() raised naming no argument)
+        raise TypeError(f"out must be a file path (str or os.PathLike) or None, got {type(out).__name__}")
     if isinstance(kernels, str):  # "decode" or "decode,prefill", as on the command line
         kernels = [k.strip() for k in kernels.split(",") if k.strip()]
     if kernels is not None:
@@ -682,8 +684,10 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         raise ValueError(f"budget_s must be >= 0 seconds (or None: no budget), got {budget_s!r}")
     if timer is not None and not callable(timer):  # (every candidate was pruned "failed: TypeError", nothing tuned)
         raise TypeError(f"timer must be a callable fn -> milliseconds, or None (do_bench), got {timer!r}")
-    if log is None:  # quiet (it raised TypeError after the first class was swept and written)
+    progress = _Bar
+    if log is None:  # quiet (it raised TypeError after the first class was swept and written), the bar too
         log = lambda msg: None  # noqa: E731
+        progress = lambda items, desc, total=None: items  # noqa: E731
     elif not callable(log):
         raise TypeError(f"log must be a callable taking a message, or None, got {log!r}")
     if shapes is not None:
@@ -724,4 +728,5 @@ def autotune(shapes: dict | None = None, *, kernels=None, quick: bool = True, de
         raise RuntimeError("mla_kernels.autotune needs a GPU: it times kernels with triton.testing.do_bench "
                            "(pass timer=... to run it without one, e.g. in tests)")
     return sweep(kernels, shapes, quick=quick, device=device, dtype=dtype,
-                 out=out if out is not None else default_out(device), timer=timer, budget_s=budget_s, log=log)
+                 out=out if out is not None else default_out(device), timer=timer, budget_s=budget_s, log=log,
+                 progress=progress)

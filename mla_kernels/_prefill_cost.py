@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from . import _tuning
+from . import _tuning, _utils
 
 PATHS = ("absorbed", "expanded")
 
@@ -211,7 +211,7 @@ def device_constants(device=None, relative_speed=None) -> dict:
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):  # numpy floats too
             raise TypeError(f"relative_speed must be a number, got {type(ratio).__name__}")
-        if not (math.isfinite(ratio) and ratio > 0):
+        if not (_utils.is_finite(ratio) and ratio > 0):  # (a 400-digit int: an OverflowError in math.isfinite)
             raise ValueError(f"relative_speed must be a finite number > 0, got {ratio!r}")
         consts["prefill_absorbed_tflops"] = float(ratio) * consts["prefill_expanded_tflops"]
     return consts

@@ -31,8 +31,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def device_slug(name: str) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"; "gpu" for a name of no letter or digit (not ".json")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
 def _bucket(n: int, name: str, bounds) -> str:
@@ -192,8 +192,12 @@ def device_file(device_index: int = 0) -> Path:
 
 
 def user_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mla_kernels``, else ``~/.cache/mla_kernels``: where ``mla_kernels.autotune`` writes."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """``$XDG_CACHE_HOME/mla_kernels``, else ``~/.cache/mla_kernels``: where ``mla_kernels.autotune`` writes. A
+    relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec says (it named a folder under whatever the current
+    directory was)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mla_kernels"
 
 
@@ -358,10 +362,11 @@ class Tuned(dict):
         self.stored = dict(cfg)
 
 
-def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
+def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | None:
     """The stored config for ``kernel`` at ``shape_class`` on ``device``, or None (use the heuristic).
     CPU devices (interpreter) always get None. One dict lookup after the first call per device; with
-    ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``)."""
+    ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``), where ``tune`` (False: a
+    question about a launch that may not happen, as the prefill cost model's about the expanded kernel's tiles)."""
     index = _gpu_index(device)
     if index is None:
         return None
@@ -379,9 +384,15 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
             _warn_once(f"mla_kernels: ignoring the stored {kernel} config for {shape_class} ({why}); "
                        "using the built-in heuristics")
             cfg = None
-    if cfg is None and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
+    if cfg is None:  # this process's own on-demand winner, if it tuned the class (kept here, not read back)
+        cfg = _tuned_here.get((index, kernel, shape_class))
+        if cfg is not None:
+            return cfg
+    if cfg is None and tune and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
         cfg = _tune_missing(kernel, shape_class, index)
-        table = _device_table(index)
+        if cfg is not None:
+            cfg = _tuned_here[(index, kernel, shape_class)] = Tuned(cfg, kernel, shape_class, index)
+            return cfg
     if cfg is None:
         return None
     cfg = Tuned(cfg, kernel, shape_class, index)
@@ -391,6 +402,11 @@ def lookup(kernel: str, shape_class: str, device) -> Tuned | None:
 
 
 _tried: set = set()
+# (device index, kernel, shape class) -> the Tuned config on-demand tuning found in this process. Kept in memory, not
+# read back from the file: the file is shared (another process, a tensor-parallel rank, may store its own winner of
+# the same class there, by timing noise), and reading it again switched this process's tuned classes to the other's
+# mid-run: a decode step's metadata, cut for this process's tiles, was then refused.
+_tuned_here: dict = {}
 _unwritable: set = set()  # user cache folders on-demand tuning could not write (this process): no class tries again
 
 
@@ -419,8 +435,7 @@ def _tune_missing(kernel: str, shape_class: str, device_index: int) -> dict | No
         _warn_once(f"mla_kernels: {AUTOTUNE_ENV}: tuning {kernel} {shape_class} failed ({type(exc).__name__}: "
                    f"{exc}); using the built-in heuristics")
         return None
-    reload()
-    return cfg
+    return cfg  # (written to the user's file for the next process; this one keeps it in _tuned_here)
 
 
 def _compile_errors() -> tuple:
@@ -449,6 +464,7 @@ def drop(cfg: Tuned, exc: BaseException) -> None:
     data = _device_data(cfg.device_index)
     if data is not None:
         data["kernels"].get(cfg.kernel, {}).pop(cfg.shape_class, None)
+    _tuned_here.pop((cfg.device_index, cfg.kernel, cfg.shape_class), None)
     _dropped[(cfg.device_index, cfg.kernel, cfg.shape_class)] = (cfg.stored, dict(cfg))
     _warn_once(f"mla_kernels: the stored {cfg.kernel} config {dict(cfg)} for {cfg.shape_class} failed to compile "
                f"({type(exc).__name__}: {str(exc)[:200]}); dropped, using the built-in heuristics")

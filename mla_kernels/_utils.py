@@ -526,6 +526,14 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
                              "pass a tensor with memory of its own (.contiguous() or .clone())")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` of a real number, False for an int too large for a float (where it raised OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two ``[N, page, W]`` caches with unit last stride (``write_cache``'s) provably share a byte: False for
     separate memory, for the rows of one buffer side by side (``buf[..., :R]``, ``buf[..., R:]``; FlashMLA's FP8

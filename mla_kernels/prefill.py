@@ -149,7 +149,7 @@ def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, r
             consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
     max_q = max(new_lens, default=0)
     block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v,
-                               d_rope)["BLOCK_M"]
+                               d_rope, tune=False)["BLOCK_M"]  # (a question: no on-demand tuning for it)
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
@@ -188,7 +188,7 @@ def _check_constants(constants: dict) -> None:
         if name not in _cost.NAMES:
             raise ValueError(f"constants: unknown name {name!r}, expected some of {_cost.NAMES}")
         positive = name not in _HOST_TIMES
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not _utils.is_finite(value)
                 or value < 0 or (positive and value == 0)):
             raise ValueError(f"constants[{name!r}] must be a finite number {'> 0' if positive else '>= 0'}, "
                              f"got {value!r}")
@@ -221,11 +221,11 @@ def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_late
 
 
 def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128, d_v: int = 128, d_rope: int = 64,
-                     elem_bytes: int = 2) -> dict:
+                     elem_bytes: int = 2, tune: bool = True) -> dict:
     """This GPU's tuned config for the expanded kernel's shape class (``_tuning.expanded_class``; a
     ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``; its
     tiles shrunk where they would not fit the GPU's shared memory at these widths (``_fit_expanded``)."""
-    tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device)
+    tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device, tune)
     cfg = tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, _utils.on_hip(device))
     return _fit_expanded(cfg, device, d_nope, d_v, d_rope, elem_bytes)
 

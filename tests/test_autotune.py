@@ -72,6 +72,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
     monkeypatch.setattr(_tuning, "_warned", set())
     monkeypatch.setattr(_tuning, "_tried", set())
+    monkeypatch.setattr(_tuning, "_tuned_here", {})
     monkeypatch.setattr(_tuning, "_unwritable", set())
     monkeypatch.setattr(_tuning, "_dropped", {})
     _tuning.reload()
@@ -627,6 +628,8 @@ BAD_AUTOTUNE = {  # argument -> (error, message): refused before anything is tun
     "device-meta": (dict(device="meta"), ValueError, "device 'meta'"),  # torch's RuntimeError, naming no argument
     "quick-a-string": (dict(quick="no"), TypeError, "quick must be a bool"),  # read as True: tuned quickly
     "quick-none": (dict(quick=None), TypeError, "quick must be a bool"),  # read as False: the full sweep
+    "out-an-int": (dict(out=123), TypeError, "out must be a file path"),  # Path()'s TypeError, naming nothing
+    "out-bytes": (dict(out=b"/tmp/x.json"), TypeError, "out must be a file path"),
 }
 
 
@@ -1070,3 +1073,48 @@ def test_a_schedule_cut_again_after_a_drop_covers_sequences_longer_than_a_tile(f
         out = mla_kernels.mla_decode(*args, metadata=meta)
     assert [m["BLOCK_N"] for m in spy.launches] == [128, 64]
     assert_close("cut again for the fallback's tiles", out, expected, torch.float32)
+
+
+def test_an_on_demand_winner_stays_this_processs_own(fake_gpu, monkeypatch, device):
+    """A class tuned on first use keeps this process's winner while another process (a tensor-parallel rank sharing
+    the user's cache) stores its own winner of that class in the file: tuning a second class no longer reads the
+    file back (it did, and the first class switched to the other rank's tiles mid-run, so a decode step's metadata,
+    cut for this process's tiles, was refused)."""
+    ours, theirs = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=16, BLOCK_N=16,
+                                                                                 num_warps=4, num_stages=1)
+    other = _tuning.decode_class(16, 256)
+
+    def tune_on_demand(kernel, key, index):  # as the real one: the winner saved to the user's file, then returned
+        winner = ours if key == KEY else dict(ours, BLOCK_N=32)
+        _tuning.save_file(_tuning.user_file(index), device="Test GPU", sm_count=8, source="test",
+                          kernels={kernel: {key: winner}})
+        return winner
+
+    monkeypatch.setattr(_autotune, "tune_on_demand", tune_on_demand)
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    assert dict(_tuning.lookup("decode", KEY, device)) == ours
+    _tuning.save_file(_tuning.user_file(0), device="Test GPU", sm_count=8, source="the other rank",
+                      kernels={"decode": {KEY: theirs}})
+    assert dict(_tuning.lookup("decode", other, device)) == dict(ours, BLOCK_N=32)
+    assert dict(_tuning.lookup("decode", KEY, device)) == ours
+    _tuning.reload()  # a new process (or an explicit reload) reads the file: the last writer's
+    assert dict(_tuning.lookup("decode", KEY, device)) == theirs
+
+
+def test_the_cost_model_never_tunes_on_demand(fake_gpu, monkeypatch, device):
+    """``choose_prefill_path`` ("no GPU work") reads the expanded kernel's tiles without tuning their class, with
+    MLA_KERNELS_AUTOTUNE=1 on; a launch of that kernel tunes it."""
+    asked = []
+    monkeypatch.setattr(_autotune, "tune_on_demand", lambda kernel, key, index: asked.append((kernel, key)) or None)
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    prefill.choose_prefill_path([1], [4097], 16, 512, 64, 128, 128, device=device)
+    assert asked == []
+    prefill._expanded_config(1, device)
+    assert asked == [("expanded", _tuning.expanded_class(1, 128, 128))]
+
+
+def test_autotune_with_log_none_prints_nothing(fake_gpu, device, capsys):
+    """``log=None`` ("no messages") silences the progress bar too (it still wrote "candidates" lines to stderr)."""
+    mla_kernels.autotune(shapes=TINY_DECODE, device=device, log=None, timer=fake_timer({16: 2.0, 32: 1.0, 64: 3.0}))
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -114,14 +114,16 @@ def test_expanded_tiles_are_looked_up_for_the_call_widths(monkeypatch):
     _pretend_gpu_visible(monkeypatch)
     asked = []
 
-    def lookup(kernel, shape_class, device):
-        asked.append((kernel, shape_class))
+    def lookup(kernel, shape_class, device, tune=True):
+        asked.append((kernel, shape_class, tune))
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2) if shape_class.startswith("N64/V32/") else None
 
     monkeypatch.setattr(_tuning, "lookup", lookup)
     widths = dict(WIDTHS, d_nope=64, d_v=32)
     got = prefill.prefill_times([20], [20], 16, **widths, device=gpu)
-    assert asked == [("expanded", _tuning.expanded_class(20, 64, 32))]
+    # tune=False: a question, never an on-demand sweep of a class the call may not launch (MLA_KERNELS_AUTOTUNE=1
+    # tuned the expanded class of every auto prefill that then ran absorbed)
+    assert asked == [("expanded", _tuning.expanded_class(20, 64, 32), False)]
     assert got == cost.estimate([20], [20], 16, **widths, block_m=16)
 
 
@@ -167,6 +169,10 @@ BAD_COST_INPUT = {
     "constants-empty-list": (([4], [8]), dict(constants=[]), TypeError, "constants"),  # `if constants:` skipped it
     "constants-zero": (([4], [8]), dict(constants=0), TypeError, "constants"),
     "relative-speed-inf": (([4], [8]), dict(relative_speed=float("inf")), ValueError, "relative_speed"),
+    # ints too large for a float: math.isfinite raised OverflowError, naming nothing
+    "relative-speed-huge-int": (([4], [8]), dict(relative_speed=10 ** 400), ValueError, "relative_speed"),
+    "constant-huge-int": (([4], [8]), dict(constants={"prefill_gemm_tflops": 10 ** 400}), ValueError,
+                          "prefill_gemm"),
     "relative-speed-bool": (([4], [8]), dict(relative_speed=True), TypeError, "relative_speed"),
     "relative-speed-str": (([4], [8]), dict(relative_speed="2"), TypeError, "relative_speed"),
     "new-bool": (([True], [10]), {}, TypeError, "new_lens"),

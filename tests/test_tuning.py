@@ -1,6 +1,8 @@
 """Per-GPU config files (mla_kernels._tuning): loading, lookup by shape class, fallbacks, one warning."""
 import json
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +302,17 @@ def test_save_file_gives_a_readable_file_and_keeps_a_files_mode(tmp_path):
 
 def test_slug_of_a_name_with_spaces_and_symbols_at_its_ends():
     assert _tuning.device_slug("  AMD Instinct MI300X (gfx942) ") == "amd-instinct-mi300x-gfx942"
+    assert _tuning.device_slug("???") == "gpu"  # (it was "": the file configs/.json), as bench's slug falls back
+
+
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    """The XDG spec: a relative ``XDG_CACHE_HOME`` is invalid and ignored (it named a folder under the current
+    directory, wherever the process ran); an absolute one is used."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert _tuning.user_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "mla_kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "abs"))
+    assert _tuning.user_cache_dir() == tmp_path / "abs" / "mla_kernels"
 
 
 def test_constants_that_are_no_table_warn_once_and_fall_back(tmp_path):
