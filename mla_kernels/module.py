@@ -61,7 +61,8 @@ def softmax_scale_for(qk_head_dim: int, rope_parameters: dict | None) -> float:
     (transformers' ``yarn_apply_mscale``)."""
     scale = qk_head_dim ** (-0.5)
     params = rope_parameters or {}
-    if params.get("rope_type", "default") != "default":
+    # (transformers' older key "type" too, as rope_inv_freq reads it: it got YaRN's frequencies without this scale)
+    if params.get("rope_type", params.get("type", "default")) != "default":
         mscale_all_dim = params.get("mscale_all_dim", 0)
         if mscale_all_dim:
             mscale = yarn_get_mscale(params["factor"], mscale_all_dim)
@@ -87,6 +88,8 @@ def _check_rope_parameters(rope_parameters) -> dict:
         low = 1.0 if key == "rope_theta" else 0.0
         if not low < value < math.inf:
             raise ValueError(f"rope_parameters['{key}'] must be a finite number > {low:g}, got {value}")
+    if params.get("truncate") is not None:  # (YaRN's; "no" was read as True)
+        _utils.check_flag("rope_parameters['truncate']", params["truncate"])
     original = params.get("original_max_position_embeddings")
     if original is not None:
         params["original_max_position_embeddings"] = _utils.check_size(
@@ -389,6 +392,10 @@ class MLAttention(nn.Module):
             q_lora_rank = _utils.check_size("q_lora_rank", q_lora_rank, 0)
         self.q_lora_rank = q_lora_rank or None
         self.layer_idx = _utils.check_size("layer_idx", layer_idx, 0)
+        rope_interleave = _utils.check_flag("rope_interleave", rope_interleave)  # ("no" or None read as a flag)
+        attention_bias = _utils.check_flag("attention_bias", attention_bias)
+        if dtype is not None and dtype not in _utils.FLOAT_DTYPES:  # (float64 failed at the first step, after)
+            raise TypeError(f"dtype must be None, bfloat16, float16 or float32 (the kernels' dtypes), got {dtype!r}")
         if rope_style is None:
             rope_style = "interleave" if rope_interleave else "half"
         if rope_style not in ROPE_STYLES:

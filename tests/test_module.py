@@ -361,6 +361,17 @@ def test_numpy_sizes_are_ints():
             PagedLatentCache(1, bad, 4, 32, 16)
 
 
+def test_rope_parameters_old_type_key_gets_yarns_softmax_scale():
+    """transformers' older key ``"type"`` names YaRN as ``"rope_type"`` does: the same frequencies and the same
+    softmax scale (``mscale_all_dim``'s correction; it got the frequencies but the plain ``qk_head_dim ** -0.5``,
+    every score ~1.9x too small here)."""
+    old = {("type" if k == "rope_type" else k): v for k, v in YARN.items()}
+    new, legacy = MLAttention(64, 4, 32, 16, 16, 16, rope_parameters=YARN), \
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters=old)
+    assert torch.equal(new.inv_freq, legacy.inv_freq)
+    assert legacy.softmax_scale == new.softmax_scale != 32 ** -0.5
+
+
 def test_bad_arguments():
     config = tiny_config()
     with pytest.raises(ValueError, match="kv_lora_rank"):
@@ -388,6 +399,17 @@ def test_bad_arguments():
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters="x")
     with pytest.raises(TypeError, match="max_position_embeddings"):
         MLAttention(64, 4, 32, 16, 16, 16, max_position_embeddings="x")
+    # flags and dtypes: a string or None was read as a flag ("no" gave the interleaved rope and biases, YaRN's
+    # truncate "no" as True), float64 failed at the first step, naming a cache dtype no cache takes
+    for name in ("rope_interleave", "attention_bias"):
+        for bad in ("no", None, 1):
+            with pytest.raises(TypeError, match=name):
+                MLAttention(64, 4, 32, 16, 16, 16, **{name: bad})
+    with pytest.raises(TypeError, match="truncate"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters=dict(YARN, truncate="no"))
+    for bad in (torch.float64, torch.int32, "bfloat16"):
+        with pytest.raises(TypeError, match="dtype must be None, bfloat16, float16 or float32"):
+            MLAttention(64, 4, 32, 16, 16, 16, dtype=bad)
     for name in ("query_scale", "latent_scale"):
         for bad in (0.0, -1.0, float("nan"), float("inf")):
             with pytest.raises(ValueError, match=name):

@@ -1538,3 +1538,12 @@ def test_fork_while_another_thread_makes_the_cache_layer_class():
                 release.wait()
         """,
         child="integration._latent_layer_class()")
+
+
+def test_unpatch_model_names_itself():
+    """``unpatch_model`` of something that is not a supported model names ``unpatch_model`` (it named
+    ``patch_model``), and of a non-module says so (a string reached the config lookup)."""
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        unpatch_model("x")
+    with pytest.raises(TypeError, match="^unpatch_model takes a transformers"):
+        unpatch_model(torch.nn.Linear(2, 2))

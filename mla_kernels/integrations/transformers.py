@@ -1143,7 +1143,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     """
     from transformers.cache_utils import Cache
 
-    _, model_type, layers = _decoder_layers(model)
+    _, model_type, layers = _decoder_layers(model, "static_latent_cache")
     if model_type in _OTHER_ATTENTION:
         raise ValueError(f"static_latent_cache does not serve {model_type} models: their other attention layers "
                          f"({', '.join(_OTHER_ATTENTION[model_type])}) keep transformers' own cache layers, which a "
@@ -1455,9 +1455,11 @@ _LAYER_PATHS = ("model.layers", "layers", "model.language_model.layers", "langua
                 "language_model.model.layers")
 
 
-def _decoder_layers(model: nn.Module):
+def _decoder_layers(model: nn.Module, caller: str = "patch_model"):
     """``(text config, model type, decoder layers)`` of a supported model, or of the text decoder of a multimodal
-    one whose text config is of a supported type (Kimi-K2.5's is DeepSeek-V3's)."""
+    one whose text config is of a supported type (Kimi-K2.5's is DeepSeek-V3's); errors name ``caller``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = getattr(model, "config", None)
     model_type = text_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES and callable(getattr(config, "get_text_config", None)):
@@ -1468,7 +1470,7 @@ def _decoder_layers(model: nn.Module):
     if model_type not in SUPPORTED_MODEL_TYPES:
         # a multimodal model's own type may be one the README names (kimi_k25): name the text decoder's too
         decoder = f" (text decoder {text_type!r})" if text_type != model_type else ""
-        raise TypeError(f"patch_model takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+        raise TypeError(f"{caller} takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
                         f"or a multimodal model with such a text decoder; got {type(model).__name__} with model_type "
                         f"{model_type!r}{decoder}")
     for path in _LAYER_PATHS:
@@ -1636,7 +1638,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     modules ``patch_model(norms=True)`` replaced (with the weight Parameters and attributes the stand-ins hold then;
     ``KernelRMSNorm.restore``). A stand-in that can't be restored (its weight parametrized while patched) raises
     ``ValueError`` before anything is restored. Returns ``model``."""
-    _, _, layers = _decoder_layers(model)
+    _, _, layers = _decoder_layers(model, "unpatch_model")
     norms = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
              if isinstance(child, KernelRMSNorm) and "original" in vars(child)]  # (a KernelRMSNorm of the user's stays)
     for parent, name, norm in norms:  # every one checked before any is restored: a refusal leaves the model patched
