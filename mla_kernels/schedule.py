@@ -269,6 +269,7 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     on a GPU it is not (it would synchronise).
     """
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
+    _utils.check_last_contiguous("cache_seqlens", cache_seqlens)  # (as mla_decode, which refused what this took)
     num_heads, s_q = _positive_int("num_heads", num_heads), _positive_int("s_q", s_q)
     kv_lora_rank, rope_dim = _positive_int("kv_lora_rank", kv_lora_rank), _positive_int("rope_dim", rope_dim)
     _utils.check_width("kv_lora_rank", kv_lora_rank)

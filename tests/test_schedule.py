@@ -413,6 +413,9 @@ BAD_META = {
     "cache_seqlens-float": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].float()), TypeError,
                             "cache_seqlens"),
     "cache_seqlens-rank": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][None]), ValueError, "cache_seqlens"),
+    # strided: mla_decode refuses it, so metadata built from it could serve no call
+    "cache_seqlens-strided": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].repeat_interleave(2)[::2]),
+                              ValueError, "cache_seqlens must be contiguous"),
     "cache_seqlens-negative": (lambda a: a["cache_seqlens"].__setitem__(1, -1), ValueError, "cache_seqlens"),
     "num_heads-zero": (lambda a: a.update(num_heads=0), ValueError, "num_heads"),
     "num_heads-float": (lambda a: a.update(num_heads=16.0), ValueError, "num_heads"),
