@@ -123,7 +123,7 @@ def implementation(impl: str):
 _TUNED = [None]
 
 
-def _tuned(kernel: str, shape_class: str, device):
+def _tuned(kernel: str, shape_class: str, device, tune: bool = True):
     """A tuned config file's entries (the CPU has none): the Hopper TMA kernel's tiles, or tiles the heuristics
     never pick with the split-count knob."""
     if kernel not in ("decode", "prefill"):
