@@ -365,7 +365,7 @@ class Tuned(dict):
 def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | None:
     """The stored config for ``kernel`` at ``shape_class`` on ``device``, or None (use the heuristic).
     CPU devices (interpreter) always get None. One dict lookup after the first call per device; with
-    ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``), where ``tune`` (False: a
+    ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``), unless ``tune`` is False (a
     question about a launch that may not happen, as the prefill cost model's about the expanded kernel's tiles)."""
     index = _gpu_index(device)
     if index is None:
