@@ -86,7 +86,7 @@ def _check_rope_parameters(rope_parameters) -> dict:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"rope_parameters['{key}'] must be a number, got {type(value).__name__}")
         low = 1.0 if key == "rope_theta" else 0.0
-        if not low < value < math.inf:
+        if not (_utils.is_finite(value) and value > low):  # (an int past float's range: OverflowError later)
             raise ValueError(f"rope_parameters['{key}'] must be a finite number > {low:g}, got {value}")
     if params.get("truncate") is not None:  # (YaRN's; "no" was read as True)
         _utils.check_flag("rope_parameters['truncate']", params["truncate"])
@@ -104,7 +104,7 @@ def _check_rope_parameters(rope_parameters) -> dict:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"rope_parameters['{key}'] must be a number, got {type(value).__name__}")
-        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high) \
+        if not _utils.is_finite(value) or (low is not None and value < low) or (high is not None and value > high) \
                 or (key in ("attention_factor", "partial_rotary_factor") and value == 0):
             bounds = {"beta_fast": ">= 0", "beta_slow": ">= 0", "attention_factor": "> 0",
                       "partial_rotary_factor": "in (0, 1]"}.get(key, "finite")

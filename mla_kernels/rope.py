@@ -8,9 +8,9 @@ float32 and rounded once to ``x``'s dtype, which is what ``apply_rope`` gives un
 bf16, where each of ``apply_rope``'s ops rounds, the kernel is the closer of the two to the exact rotation: measured on
 the CPU ("half", random values and angles), within half a bf16 unit of the float64 result where ``apply_rope`` was up
 to 804 units off where its two products cancel, and about 5% of values differed by more than one unit. Compiled code
-(``torch.compile``)
-takes ``apply_rope``, which inductor fuses into one kernel itself. ``MLAttention`` turns both tensors with the
-latent's norm in one launch (``norm_rope.norm_and_rope``, whose programs run ``_rope_rows`` as ``_rope_kernel`` does).
+(``torch.compile``) takes ``apply_rope``, which inductor fuses into one kernel itself. ``MLAttention`` turns both
+tensors with the latent's norm in one launch (``norm_rope.norm_and_rope``, whose programs run ``_rope_rows`` as
+``_rope_kernel`` does).
 
 Layouts (``style``): "half" rotates ``(x[i], x[i + P/2])`` and writes them back in place (``rotate_half``);
 "interleave" reads ``(x[2i], x[2i + 1])`` and writes them de-interleaved to ``i`` and ``i + P/2`` (DeepSeek-V3's

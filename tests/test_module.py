@@ -392,6 +392,11 @@ def test_bad_arguments():
             MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "default", "rope_theta": bad})
     with pytest.raises(TypeError, match="rope_theta"):
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "default", "rope_theta": "x"})
+    # ints past float's range: OverflowError ("int too big to convert") from the tables, naming nothing
+    with pytest.raises(ValueError, match="rope_theta"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "default", "rope_theta": 10 ** 400})
+    with pytest.raises(ValueError, match="beta_fast"):
+        MLAttention(64, 4, 32, 16, 16, 16, rope_parameters=dict(YARN, beta_fast=10 ** 400))
     with pytest.raises(ValueError, match="factor"):
         MLAttention(64, 4, 32, 16, 16, 16, rope_parameters={"rope_type": "yarn", "factor": -2.0, "rope_theta": 1e4,
                                                             "original_max_position_embeddings": 64})
