@@ -295,8 +295,8 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
 
 def _write(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=None, own_views=False) -> None:
-    """``write_cache``; ``own_views``: the caches are a ``PagedLatentCache``'s ``views`` (their memory is not checked
-    for overlap again: a microsecond of host work per layer and step)."""
+    """``write_cache``; ``own_views``: the caches are a ``PagedLatentCache``'s ``views``, side by side by
+    construction (their memory is not checked for overlap again, at every layer and step)."""
     if kv_scale is not None or not _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping):
         _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale, own_views)
     elif not (own_views or torch.compiler.is_compiling()) and _utils.views_overlap(kv_cache, pe_cache):
