@@ -456,6 +456,37 @@ def test_a_compiled_decoder_layer_traces_whole(norms):
     assert not ours, ours
 
 
+def test_a_compiled_decoder_layer_with_the_dynamic_cache():
+    """Regional compilation with transformers' own (dynamic) Cache, generate's default: the latent's slots and block
+    tables are Python state on the host, so a fullgraph compile must stop at that bookkeeping and say why (it failed
+    inside dynamo on ``max(..., default=)``, naming no remedy), and a compile that may break the graph runs it
+    eagerly, between two graphs that stop recompiling after the first decode steps (traced, every length was a
+    guard: a recompile a step until dynamo's limit, 8, then the whole frame eager). Steps equal the eager layer's
+    within fp32 rounding (the compiled layer's attention norms run as the modules' ops, the eager one's as kernels)."""
+    import inspect
+
+    takes_reason = "reason" in inspect.signature(torch.compiler.disable).parameters
+    model = patch_model(dense_model(), block_size=4)
+    step, full, graphs = compiled_layer_step(model.model.layers[1])
+    compiled = torch.compile(step, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    g = torch.Generator().manual_seed(0)
+    eager_cache, compiled_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    counts = []
+    with torch.no_grad():
+        for pos in range(12):
+            x = torch.randn(2, 1, model.config.hidden_size, generator=g)
+            cos_sin = model.model.rotary_emb(x, torch.full((2, 1), pos, dtype=torch.long))
+            if pos == 0:
+                with pytest.raises(Exception, match="static_latent_cache" if takes_reason else "_dynamic_cache_step"):
+                    full(x, cos_sin, DynamicCache(config=model.config))
+            assert_close(f"step {pos}", compiled(x, cos_sin, compiled_cache), step(x, cos_sin, eager_cache),
+                         torch.float32)
+            counts.append(len(graphs))
+    # measured: [4, 5, 5, 5, 6, 6, ...]: dynamo's automatic dynamic shapes recompile at the second step (a length)
+    # and at the first new block (the block table's width), then never; before, one more graph at every step
+    assert counts[5:] == [counts[4]] * 7, f"graphs after each step: {counts}"
+
+
 @OLD_TORCH_COMPILE
 def test_compiled_prompt_chunks_say_why_not():
     """With prefill_chunk_size transformers compiles the prompt chunks too; the static cache's prompt step reads the

@@ -235,6 +235,14 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _outside_compiled_graphs(reason: str):
+    """``torch.compiler.disable`` with the ``reason`` a fullgraph compile reports (torch 2.11 and 2.13 take one)."""
+    try:
+        return torch.compiler.disable(recursive=True, reason=f"mla_kernels: {reason}")
+    except TypeError:  # a torch without reason=
+        return torch.compiler.disable(recursive=True)
+
+
 class _LatentState:
     """The latent cache behind one transformers Cache: the paged cache, one sequence per batch row, and
     the step every layer is on (all layers of one forward share one slot reservation)."""
@@ -965,14 +973,6 @@ def _no_cache_packing(layer: int, attention_mask, batch_size: int, query_len: in
     return step.packing
 
 
-def _outside_compiled_graphs(reason: str):
-    """``torch.compiler.disable`` with the ``reason`` a fullgraph compile reports (torch 2.11 and 2.13 take one)."""
-    try:
-        return torch.compiler.disable(recursive=True, reason=f"mla_kernels: {reason}")
-    except TypeError:  # a torch without reason=
-        return torch.compiler.disable(recursive=True)
-
-
 class _StaticLatentState:
     """Fixed capacity behind a static latent cache: row b of the batch owns blocks
     ``[b * blocks_per_row, (b + 1) * blocks_per_row)`` of a ``PagedLatentCache``, so the block table never changes,
@@ -1308,15 +1308,9 @@ class TransformersMLAttention(MLAttention):
             counts = [query_len] * batch_size if packing is None else packing.counts
             batch, layer = LatentBatch.reserve(paged, rows, counts), 0
         else:
-            state = _latent_state(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
-                                  self.max_cache_tokens)
-            batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask,
-                                             kv_c.dtype, kv_c.device)
-            _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size, self.max_cache_tokens,
-                    state)  # (once the step is accepted: a refused one leaves the Cache as it was)
+            state, batch, packing = self._dynamic_cache_step(past_key_values, batch_size, query_len, attention_mask,
+                                                             kv_c)
             layer = self.latent_layer
-            empty = kv_c.new_empty(batch_size, 1, query_len, 0)
-            past_key_values.update(empty, empty, self.layer_idx)
 
         try:
             out = self._attend_step(hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings,
@@ -1326,6 +1320,25 @@ class TransformersMLAttention(MLAttention):
                 state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} during its step"
             raise
         return self._project_out(out, hidden_states), None
+
+    # the latent's slots, block tables and lengths in a dynamic Cache are Python state: traced, every value would be
+    # a guard and a recompile a step (dynamo gave up at its recompile limit), and a fullgraph trace stopped inside
+    # (a lock, max(..., default=)) naming no remedy
+    @_outside_compiled_graphs("transformers' dynamic Cache keeps the latent's slots and block tables in Python on the "
+                              "host, so a step with it is a graph break; for compiled steps (whole model or a decoder "
+                              "layer) use mla_kernels.integrations.static_latent_cache")
+    def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, kv_c):
+        """The step's ``(_LatentState, LatentBatch, _Packing | None)`` with transformers' dynamic Cache: the latent
+        state it holds (made at the first step), this layer's reserved batch, and the Cache's own count of tokens."""
+        state = _latent_state(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
+                              self.max_cache_tokens)
+        batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask, kv_c.dtype,
+                                         kv_c.device)
+        _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size, self.max_cache_tokens,
+                state)  # (once the step is accepted: a refused one leaves the Cache as it was)
+        empty = kv_c.new_empty(batch_size, 1, query_len, 0)
+        past_key_values.update(empty, empty, self.layer_idx)
+        return state, batch, packing
 
     def _attend_step(self, hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings, attention_mask,
                      cache, batch: LatentBatch, layer: int, packing, position_ids) -> torch.Tensor:
