@@ -14,6 +14,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
@@ -30,8 +31,17 @@ FP8_MAX = 448.0  # e4m3fn's largest finite value
 # Triton decides at import whether ``@triton.jit`` makes interpreted functions (and its interpreter reads the variable
 # again at run time), so the interpreter runs only where ``TRITON_INTERPRET`` was set when the library was imported and
 # still is: a ``TRITON_INTERPRET=1`` set after the import sent CPU tensors to compiled kernels ("0 active drivers");
-# they now take the PyTorch path, as they do once the variable is unset.
-_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# they now take the PyTorch path, as they do once the variable is unset. Triton's own library decides at its import:
+# triton imported before the variable was set, its jit functions (tl.max, tl.sum, ...) are compiled ones that the
+# interpreter cannot call ("Cannot call @triton.jit'd outside of the scope of a kernel"), so that too is no interpreter.
+def _interpreter_at_import() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    standard = sys.modules.get("triton.language.standard")  # (None: triton is imported next, under this variable)
+    return standard is None or type(standard.cdiv).__name__ == "InterpretedFunction"
+
+
+_INTERPRET_AT_IMPORT = _interpreter_at_import()
 
 
 def interpreting() -> bool:
