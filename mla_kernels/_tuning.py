@@ -3,7 +3,8 @@
 A file holds ``device``, ``vendor`` ("cuda" or "hip"), ``sm_count``, ``triton``, ``torch``, ``date``, ``commit``,
 ``source`` and ``kernels``: per kernel a table from shape-class key to config. A file is *stale* when its
 triton MAJOR version differs from the installed one, or its vendor differs from the running backend: then
-one warning and the heuristics (``decode._config`` / ``prefill._expanded_heuristic``), never a crash.
+one warning and the heuristics (``decode._config`` / ``prefill._expanded_heuristic``), never a crash. A GPU with
+no file at all (neither shipped nor the user's) gets the heuristics with one warning per device.
 ``constants`` holds measured numbers other code reads (``constant``), e.g. prefill's cost-model
 constants (``_prefill_cost.NAMES``).
 ``save_file`` writes or updates a file (``bench.autotune`` and calibration runs use it).
@@ -241,6 +242,12 @@ def _device_data(device_index: int) -> dict | None:
         return None
     shipped = load_data(paths[0], vendor(), triton.__version__)
     user = load_data(paths[1], vendor(), triton.__version__)
+    if shipped is None and user is None and not any(p.exists() for p in paths) \
+            and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in _OFF:
+        # no file for this GPU (a corrupt or stale one has warned already): once, as vLLM says of its fused-MoE configs
+        _warn_once(f"mla_kernels: no tuned configs for this GPU ({_device_name(device_index)!r}: neither {paths[0]} "
+                   f"nor {paths[1]} exists); using the built-in heuristics. `python -m bench.autotune` tunes it, "
+                   f"or {AUTOTUNE_ENV}=1 at first use")
     if user is None or shipped is None:
         return user if user is not None else shipped
     kernels, constants = _merge(shipped, _overrides(user["kernels"], shipped["kernels"], paths[1]), user["constants"])

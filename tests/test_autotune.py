@@ -468,7 +468,10 @@ def test_unwritable_user_cache_gives_one_warning_and_no_wasted_sweep(fake_gpu, m
         monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
         outs = [mla_kernels.mla_decode(*args) for _ in range(2)]
     msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
-    assert len(msgs) == 1 and "MLA_KERNELS_AUTOTUNE" in msgs[0] and str(blocker) in msgs[0], msgs
+    # the first call, MLA_KERNELS_AUTOTUNE unset, says that this GPU has no file (test_tuning.py), the others only
+    # that the folder cannot be written
+    assert len(msgs) == 2 and "no tuned configs" in msgs[0], msgs
+    assert "MLA_KERNELS_AUTOTUNE" in msgs[1] and str(blocker) in msgs[1], msgs
     assert not calls and all(torch.equal(out, heuristic_out) for out in outs)
     with pytest.raises(OSError, match="not-a-dir"):
         mla_kernels.autotune({"decode": [dict(B=2, ctx=40, H=HEADS, page=PAGE, R=R, P=P)]}, device=device,
