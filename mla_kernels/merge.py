@@ -15,10 +15,13 @@ import triton.language as tl
 
 from . import _launcher, _utils
 from ._convert import to_dtype
-from .decode import LN2_C, _combine_grid
+from .decode import COMBINE_GRID_X, LN2_C, _combine_grid
 
 LOG2E_C: tl.constexpr = tl.constexpr(_utils.LOG2E)
 MAX_WIDTH = 16384  # the widest row the kernel merges (one program holds it); wider rows take the PyTorch path
+# the most rows one launch takes: its grid's (COMBINE_GRID_X, rows / COMBINE_GRID_X), whose second axis stops at
+# 65535 (past it the launch failed on a GPU, "invalid argument"; rows of width 1-3 fit an H100 there)
+MAX_ROWS = COMBINE_GRID_X * _utils.MAX_GRID_YZ
 
 
 @triton.jit
@@ -116,16 +119,16 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
     key for is the other's output (even if that state's output holds NaN there); a NaN lse makes the row's output
     and lse NaN. The sums are taken in float32. One Triton kernel
     on a GPU (and under the interpreter) for rows up to ``MAX_WIDTH`` wide (one program holds a row); a PyTorch path
-    on the CPU, inside ``torch.compile`` (which fuses it) and for wider rows.
+    on the CPU, inside ``torch.compile`` (which fuses it), for wider rows and past ``MAX_ROWS`` rows.
     The value projection is linear, so merging before or after ``w_uv`` gives the same result up to rounding.
     """
     _check(out_a, lse_a, out_b, lse_b)
     return_lse = _utils.check_flag("return_lse", return_lse)
-    if torch.compiler.is_compiling() or not _utils.use_triton(out_a) or out_a.shape[-1] > MAX_WIDTH:
-        out, lse = merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
-        return (out, lse) if return_lse else out
     width = out_a.shape[-1]
     rows = out_a.numel() // max(width, 1)
+    if torch.compiler.is_compiling() or not _utils.use_triton(out_a) or width > MAX_WIDTH or rows > MAX_ROWS:
+        out, lse = merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
+        return (out, lse) if return_lse else out
     out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     lse = torch.empty(out_a.shape[:-1], dtype=torch.float32, device=out_a.device) if return_lse else None
     if rows and width:

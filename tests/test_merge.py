@@ -217,6 +217,25 @@ def test_bad_input(case):
         mla_kernels.merge_attention_states(**args)
 
 
+def test_rows_past_the_grids_bound_take_the_pytorch_path(monkeypatch):
+    """More rows than one launch's grid takes (``merge.MAX_ROWS``: 65536 programs x 65535 on the second axis, which a
+    GPU refused past it; reachable at widths 1-3, ~2^32 rows) go to the PyTorch path; up to it they launch. The bound
+    is lowered here to a few rows (what the grid's second axis allows is the GPU's, not the interpreter's)."""
+    g = torch.Generator().manual_seed(0)
+    out_a, out_b = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
+    lse_a, lse_b = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    launches = record_launches(monkeypatch, merge, "_merge_states_kernel")
+    monkeypatch.setattr(merge, "MAX_ROWS", 11)
+    got = mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert not launches
+    expected = merge.merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    monkeypatch.setattr(merge, "MAX_ROWS", 12)
+    mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert len(launches) == 1
+    assert merge.MAX_ROWS == 12 and merge.COMBINE_GRID_X * 65535 == 4294901760
+
+
 def test_rows_past_the_kernels_width_take_the_pytorch_path(monkeypatch):
     """Rows wider than ``merge.MAX_WIDTH`` (one program holds a row: Triton refuses blocks past 2^20 elements; before,
     a row of 2^20 + 1 values failed inside Triton) go to the PyTorch path, with its results; rows up to it launch."""
