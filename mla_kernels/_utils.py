@@ -547,22 +547,40 @@ def is_finite(value) -> bool:
 def views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two ``[N, page, W]`` caches with unit last stride (``write_cache``'s) provably share a byte: False for
     separate memory, for the rows of one buffer side by side (``buf[..., :R]``, ``buf[..., R:]``; FlashMLA's FP8
-    rows), and for layouts this cannot decide (rows of two views laid out unlike). Read from data pointers:
-    never while compiling (a fake tensor has none)."""
+    rows) or in other pages (``buf[:, :4]``, ``buf[:, 4:]``), and for layouts this cannot decide (rows of two views
+    laid out unlike, a block stride that is no whole number of row strides). Read from data pointers: never while
+    compiling (a fake tensor has none)."""
     ea, eb = a.element_size(), b.element_size()
     la, lb = a.data_ptr(), b.data_ptr()
     (na, pa, wa), (nb, pb, wb) = a.shape, b.shape
     (a0, a1, _), (b0, b1, _) = a.stride(), b.stride()
     if la + ((na - 1) * a0 + (pa - 1) * a1 + wa) * ea <= lb or lb + ((nb - 1) * b0 + (pb - 1) * b1 + wb) * eb <= la:
         return False  # (the spans apart: every tensor the library makes itself has its rows so)
+    if na == pa == nb == pb == 1:
+        return True  # one row each, and their spans meet
     a0, a1, b0, b1 = a0 * ea, a1 * ea, b0 * eb, b1 * eb  # bytes
     if (a0, a1, na, pa) != (b0, b1, nb, pb):
         return False  # undecided: rows laid out unlike
-    period = a1 if pa > 1 else a0  # every row starts at a multiple of it past the first
-    if period <= 0 or (na > 1 and pa > 1 and a0 % period):
-        return False
-    gap = (lb - la) % period  # where b's rows start within a's row period
-    return not (gap >= wa * ea and gap + wb * eb <= period)
+    # row (i, j) of a starts at la + i*a0 + j*a1, b's at lb + the same: b's row (i', j') meets a's (i, j) where
+    # -wb*eb < (lb - la) + m*unit < wa*ea, m = di*k + dj, |di| < na, |dj| < pa, unit*k = a0 (unit = a1: the pages)
+    if pa == 1:
+        unit, k, di_max, dj_max = a0, 1, na - 1, 0
+    elif na == 1:
+        unit, k, di_max, dj_max = a1, 1, 0, pa - 1
+    elif a1 > 0 and a0 % a1 == 0:
+        unit, k, di_max, dj_max = a1, a0 // a1, na - 1, pa - 1
+    else:
+        return False  # undecided: blocks not a whole number of rows apart (or rows repeated)
+    if unit <= 0:
+        return False  # (rows repeated: stride 0, which write_cache refuses itself)
+    shift = lb - la
+    m_lo, m_hi = (-wb * eb - shift) // unit + 1, -((shift - wa * ea) // unit) - 1  # every m*unit in the window
+    if m_hi - m_lo > 64:
+        return False  # undecided: rows much wider than their stride (a view's own rows overlap)
+    for m in range(m_lo, m_hi + 1):  # is m = di*k + dj for some |di| <= di_max, |dj| <= dj_max?
+        if max(-di_max, -((dj_max - m) // k)) <= min(di_max, (m + dj_max) // k):
+            return True
+    return False
 
 
 def check_disjoint(**tensors) -> None:
