@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mla_kernels
-from mla_kernels import _utils
+from mla_kernels import _utils, cache as cache_mod
 from mla_kernels.cache import write_cache
 
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16"),
@@ -206,6 +206,18 @@ def test_slot_past_the_cache_raises_before_writing(path):
     assert_bits_equal("buffer", buf, before)
 
 
+def test_the_kernel_skips_a_slot_past_the_cache(device):
+    """The kernel's own bound (on a GPU ``write_cache`` does not read the slots back, so the kernel must skip a slot
+    past the cache; on the CPU the public call refuses it first): launched directly on caches that are views of the
+    first 3 of 4 blocks, slot ``num_slots`` would land in block 3, outside them."""
+    page, r, p = 4, 32, 16
+    big = torch.zeros(4, page, r + p, dtype=torch.bfloat16, device=device)
+    kv_c, k_pe = new_tokens(2, r, p, torch.bfloat16, device)
+    cache_mod._launch_write_cache(kv_c, k_pe, big[:3, :, :r], big[:3, :, r:], torch.tensor([1, 3 * page],
+                                                                                         device=device))
+    assert not big[3].any() and torch.equal(big[0, 1, :r], kv_c[0]) and not big[0, 0].any()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on the CPU such slots raise")
 def test_slot_past_the_cache_is_skipped_on_gpu():
     r, p, page_size, num_blocks = 32, 16, 4, 3
@@ -265,6 +277,13 @@ BAD_ARGS = [
     ("caches disagree on blocks", _set(pe_cache=torch.zeros(2, 4, 16, dtype=torch.bfloat16)), ValueError, "pe_cache"),
     ("empty cache", _set(kv_cache=torch.zeros(0, 4, 32, dtype=torch.bfloat16),
                          pe_cache=torch.zeros(0, 4, 16, dtype=torch.bfloat16)), ValueError, "kv_cache"),
+    ("blocks of no token", _set(kv_cache=torch.zeros(3, 0, 32, dtype=torch.bfloat16),
+                                pe_cache=torch.zeros(3, 0, 16, dtype=torch.bfloat16)), ValueError, "at least one token"),
+    ("blocks of no token, no tokens", _set(kv_c=torch.zeros(0, 32, dtype=torch.bfloat16),
+                                           k_pe=torch.zeros(0, 16, dtype=torch.bfloat16),
+                                           kv_cache=torch.zeros(3, 0, 32, dtype=torch.bfloat16),
+                                           pe_cache=torch.zeros(3, 0, 16, dtype=torch.bfloat16),
+                                           slot_mapping=torch.zeros(0, dtype=torch.int64)), ValueError, "at least one"),
     ("k_pe has fewer tokens", _set(k_pe=lambda a: a["k_pe"][:4]), ValueError, "k_pe"),
     ("slot_mapping has more tokens", _set(slot_mapping=torch.arange(6)), ValueError, "slot_mapping"),
     ("kv_c last dim strided", _set(kv_c=lambda a: torch.zeros(5, 64, dtype=torch.bfloat16)[:, ::2]), ValueError, "kv_c"),
@@ -276,6 +295,8 @@ BAD_ARGS = [
     ("slot_mapping on another device", _set(slot_mapping=lambda a: a["slot_mapping"].to("meta")), ValueError,
      "slot_mapping"),
     ("kv_c on another device", _set(kv_c=lambda a: a["kv_c"].to("meta")), ValueError, "kv_c is on"),
+    ("k_pe on another device", _set(k_pe=lambda a: a["k_pe"].to("meta")), ValueError, "k_pe is on"),
+    ("pe_cache on another device", _set(pe_cache=lambda a: a["pe_cache"].to("meta")), ValueError, "pe_cache is on"),
     ("slot past the cache", _set(slot_mapping=torch.tensor([0, 1, 2, 3, 12])), ValueError, "slot_mapping"),
     # meta tensors hold no data (the PyTorch path failed in torch: nonzero has no meta kernel)
     ("all on meta", lambda a: {k: v.to("meta") for k, v in a.items()}, ValueError, "meta device"),
