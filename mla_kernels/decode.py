@@ -951,7 +951,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             computed once per step for every layer: the kernel then runs a persistent grid in which each program
             reads an equal share of the batch's cache tiles, whatever the lengths (for batches that mix long and
             short sequences). It must have been built from these ``cache_seqlens`` values (checked on the CPU
-            only). Exclusive with ``num_splits``.
+            only, where the tables it holds are rebuilt from them and compared: lengths that give every sequence
+            the same tiles give the same tables, and are taken). Exclusive with ``num_splits``.
         kv_scale: for an FP8 cache (``kv_cache`` float8_e4m3fn, e.g. from ``fp8_latent_cache``), its scales
             ``[num_blocks, block_size, R/128]`` float32; the latent is dequantized in registers to the query's
             dtype, which must be ``pe_cache``'s (bf16, fp16 or fp32; queries are never fp8). None for other caches.
