@@ -31,7 +31,8 @@ MERGE_LSE_ATOL = 8 * torch.finfo(torch.float32).eps
 
 def states(shape, dtype, device, seed=0):
     """Two random states ``(out_a, lse_a, out_b, lse_b)`` with the edge rows: state a keyless (-inf) with a NaN output
-    (never read), state b keyless, both keyless, and lse far apart (one state's weight rounds to 0 in float32)."""
+    (never read), state b keyless with a NaN output, both keyless, and lse far apart (one state's weight rounds to 0
+    in float32)."""
     g = torch.Generator().manual_seed(seed)
     out_a, out_b = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
     lse_a, lse_b = (torch.randn(*shape[:-1], generator=g) * 4 for _ in range(2))
@@ -39,7 +40,7 @@ def states(shape, dtype, device, seed=0):
             for t in (out_a, lse_a, out_b, lse_b)]
     o_a, l_a, o_b, l_b = flat
     l_a[0, 0], o_a[0, 0] = float("-inf"), float("nan")
-    l_b[0, 1] = float("-inf")
+    l_b[0, 1], o_b[0, 1] = float("-inf"), float("nan")
     l_a[-1, 0] = l_b[-1, 0] = float("-inf")
     l_a[-1, 1], l_b[-1, 1] = 120.0, -120.0
     return tuple(t.to(device) for t in (out_a, lse_a, out_b, lse_b))
@@ -56,16 +57,21 @@ def test_merge_matches_the_reference(shape, dtype, device):
     assert_close(f"merge {shape}", out, ref_out, dtype, rms_tol=merge_tol(dtype))
     assert_lse_close(f"merge {shape}", lse, ref_lse, atol=MERGE_LSE_ATOL)
     rows_out, rows_lse = out.reshape(-1, *shape[-2:]), lse.reshape(-1, shape[-2])
-    out_b = a[2].reshape(-1, *shape[-2:])
+    out_a, out_b = a[0].reshape(-1, *shape[-2:]), a[2].reshape(-1, *shape[-2:])
     assert torch.equal(rows_out[0, 0], out_b[0, 0]), "a keyless state (NaN output, never read) must add nothing"
+    assert torch.equal(rows_out[0, 1], out_a[0, 1]), "a keyless state (NaN output, never read) must add nothing"
+    assert rows_lse[0, 0] == a[3].reshape(-1, shape[-2])[0, 0] and rows_lse[0, 1] == a[1].reshape(-1, shape[-2])[0, 1]
     assert torch.equal(rows_out[-1, 0], torch.zeros_like(rows_out[-1, 0])) and rows_lse[-1, 0] == float("-inf")
-    assert torch.equal(rows_out[-1, 1].float(), a[0].reshape(-1, *shape[-2:])[-1, 1].float())  # b's weight 0
+    assert torch.equal(rows_out[-1, 1].float(), out_a[-1, 1].float())  # b's weight 0
     assert mla_kernels.merge_attention_states(*a, return_lse=False).shape == shape
 
 
-def test_a_nan_lse_makes_the_row_nan(device):
+@pytest.mark.parametrize("state", ["a", "b"])
+def test_a_nan_lse_makes_the_row_nan(state, device):
+    """A NaN in either state's lse (a NaN in the keys it saw) makes the row's output and lse NaN, the other rows
+    not."""
     out_a, lse_a, out_b, lse_b = states((2, 3, 16), torch.float32, device)
-    lse_b[1, 2] = float("nan")
+    (lse_a if state == "a" else lse_b)[1, 2] = float("nan")
     out, lse = mla_kernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
     assert out[1, 2].isnan().all() and lse[1, 2].isnan()
     assert not out[0].isnan().any() and not out[1, :2].isnan().any()
@@ -197,13 +203,17 @@ BAD = {
     "out_a-none": (lambda a: a.update(out_a=None), TypeError, "out_a"),
     "out_b-int": (lambda a: a.update(out_b=a["out_b"].long()), TypeError, "out_b"),
     "lse_a-bf16": (lambda a: a.update(lse_a=a["lse_a"].bfloat16()), TypeError, "lse_a"),
+    "lse_b-bf16": (lambda a: a.update(lse_b=a["lse_b"].bfloat16()), TypeError, "lse_b"),
     "out_b-shape": (lambda a: a.update(out_b=a["out_b"][:1]), ValueError, "out_b"),
     "out_b-dtype": (lambda a: a.update(out_b=a["out_b"].half()), TypeError, "out_b"),
     "lse_b-shape": (lambda a: a.update(lse_b=a["lse_b"][..., :2]), ValueError, "lse_b"),
+    # [H, B] for [B, H] rows: FlashMLA's lse layout untransposed (same numel: read as rows, heads mixed up)
+    "lse_a-transposed": (lambda a: a.update(lse_a=a["lse_a"].t().contiguous()), ValueError, "lse_a"),
     "out_a-1d": (lambda a: a.update(out_a=a["out_a"][0, 0], out_b=a["out_b"][0, 0], lse_a=a["lse_a"][0, 0],
                                     lse_b=a["lse_b"][0, 0]), ValueError, "out_a"),
     "lse_b-device": (lambda a: a.update(lse_b=a["lse_b"].to("meta")), ValueError, "lse_b"),
     "out_a-requires-grad": (lambda a: a.update(out_a=a["out_a"].requires_grad_()), ValueError, "out_a"),
+    "lse_b-requires-grad": (lambda a: a.update(lse_b=a["lse_b"].requires_grad_()), ValueError, "lse_b"),
     "return_lse-int": (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
 }
 

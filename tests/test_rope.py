@@ -40,19 +40,25 @@ def complex_rope(x, cos, sin, style):
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", ["query", "key", "tokens-query", "batch-broadcast", "strided"])
+@pytest.mark.parametrize("case", ["query", "key", "tokens-query", "batch-broadcast", "strided",
+                                  "tables-unlike-strides"])
 def test_rope_matches_complex_rotation(style, dtype, case, device, poisoned_empty):
     """One launch per tensor, in every layout the drop-in hands it: the query ``[B, S, H, P]`` (a view of the
     query projection) with tables ``[B, S, 1, P]``, the key ``[B, S, P]``, packed tokens ``[T, H, P]``, tables shared
     over the batch (``[1, S, 1, P]``), and a row stride past P; 5 heads, so the last head block is partly masked.
-    Every output element is written (``poisoned_empty``)."""
+    Tables of unlike layouts (``cos`` contiguous, ``sin`` every other P-wide slice of NaN-padded rows): each table
+    is read with its own strides (every other case builds the two alike, where reading ``sin`` with ``cos``'s
+    strides goes unseen). Every output element is written (``poisoned_empty``)."""
     width, heads = 16, 5
     g = torch.Generator().manual_seed(1)
-    if case in ("query", "strided", "batch-broadcast"):
+    if case in ("query", "strided", "batch-broadcast", "tables-unlike-strides"):
         full = torch.randn(2, 3, heads, 24 if case == "strided" else width, generator=g).to(device, dtype)
         x = full[..., -width:]
         lead = (1, 3) if case == "batch-broadcast" else (2, 3)
         cos, sin = (t.unsqueeze(-2) for t in tables(lead, width, device, dtype))
+        if case == "tables-unlike-strides":  # sin's rows 2P apart, NaN past P: a read off its rows shows
+            sin = torch.cat((sin, torch.full_like(sin, float("nan"))), dim=-1)[..., :width]
+            assert sin.stride()[:2] != cos.stride()[:2]
     elif case == "key":
         x = torch.randn(2, 3, width, generator=g).to(device, dtype)
         cos, sin = tables((2, 3), width, device, dtype)
@@ -64,6 +70,21 @@ def test_rope_matches_complex_rotation(style, dtype, case, device, poisoned_empt
     got = rope(x, cos, sin, style)
     assert got.dtype == x.dtype and got.shape == x.shape and got.is_contiguous()
     assert_close(f"rope {style}", got, expected, dtype)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rope_reads_the_halves_of_the_tables_apply_rope_reads(style, device, poisoned_empty):
+    """Tables need not be ``cat(f, f)``: "half" multiplies ``x``'s first half by the tables' first half and its
+    second half by their second half (``x * cos + rotate_half(x) * sin``), "interleave" and "pairs" read the first
+    half only. Random tables, whose halves differ (every other test builds ``cat(f, f)``, where reading the first
+    half twice goes unseen), against ``apply_rope`` in float64. fp32 in and out, computed in fp32 and rounded once:
+    a few fp32 ulps, under RMS_TOL's 1e-5 (a wrong half is off by O(1))."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 16, generator=g).to(device)
+    cos, sin = (torch.randn(3, 1, 16, generator=g).to(device) for _ in range(2))
+    got = rope(x, cos, sin, style)
+    assert got.dtype == torch.float32
+    assert_close(f"rope {style}", got, apply_rope(x.double(), cos.double(), sin.double(), style), torch.float32)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -89,9 +110,18 @@ def test_rope_launches_once_per_tensor(style, monkeypatch, device):
     lambda x, c, s: (x[..., :12], c[..., :12], s[..., :12]),  # P / 2 = 6: not a power of two
     lambda x, c, s: (x.transpose(-1, -2).contiguous().transpose(-1, -2), c, s),  # P not the unit stride
     lambda x, c, s: (x.expand(2, 2, 3, 5, 16), c, s),  # five dimensions
-], ids=["float32-tables", "width-12", "strided-P", "five-dims"])
+    lambda x, c, s: (x, c, s.float()),  # a float32 sin beside a bf16 cos: apply_rope answers in float32 still
+    lambda x, c, s: (x[..., :3], c[..., :3], s[..., :3]),  # P = 3: odd (P // 2 = 1 is a power of two)
+    lambda x, c, s: (x, c, s * torch.arange(1, 6, device=s.device)[:, None]),  # sin per head [B, S, H, P], cos not
+    lambda x, c, s: (x[:1], c[:1], s),  # sin's batch of 2 where x's is 1: apply_rope broadcasts x to it
+    lambda x, c, s: (x, torch.stack((c, s)), torch.stack((s, c))),  # a leading table dimension of 2 x lacks
+], ids=["float32-tables", "width-12", "strided-P", "five-dims", "float32-sin", "width-3", "per-head-sin",
+        "sin-wider-than-x", "tables-extra-dim"])
 def test_rope_falls_back_to_pytorch_where_the_kernel_does_not_serve(make, monkeypatch, device):
-    """Calls the kernel does not take go to ``apply_rope``, with its result (dtype included), and launch nothing."""
+    """Calls the kernel does not take go to ``apply_rope``, with its result (dtype and shape included), and launch
+    nothing: tables whose dtype promotes x's (either table: "interleave" multiplies x by both), widths it cannot
+    halve into a power of two, layouts ``_as_tokens`` cannot read (either table not broadcastable to x's tokens, or
+    one per head; tables with a leading dimension past x's tokens that is not 1, which apply_rope's result takes)."""
     launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
     x = torch.randn(2, 3, 5, 16, device=device, dtype=torch.bfloat16)
     cos, sin = (t.unsqueeze(-2) for t in tables((2, 3), 16, device, torch.bfloat16))
@@ -125,7 +155,8 @@ def test_rope_takes_apply_rope_for_tables_that_are_not_plain_tensors(make, monke
 
 def test_rope_takes_apply_rope_past_its_widest_row(monkeypatch, device):
     """A rope part wider than ``MAX_WIDTH`` (one program holds a row's halves) goes to ``apply_rope``: the kernel
-    would not compile past Triton's largest block (2^20 elements; before, it was launched at any width)."""
+    would not compile past Triton's largest block (2^20 elements; before, it was launched at any width). A row of
+    exactly ``MAX_WIDTH`` is the kernel's (the bound is inclusive)."""
     launches = record_launches(monkeypatch, rope_mod, "_rope_kernel")
     width = 2 * rope_mod.MAX_WIDTH
     x = torch.randn(1, width, device=device)
@@ -134,6 +165,9 @@ def test_rope_takes_apply_rope_past_its_widest_row(monkeypatch, device):
     assert not launches
     rope(x[:, :16], cos[:, :16], sin[:, :16], "pairs")  # (the stand-in launches nothing: the count only)
     assert len(launches) == 1
+    at_max = rope_mod.MAX_WIDTH
+    rope(x[:, :at_max], cos[:, :at_max], sin[:, :at_max], "pairs")  # "P at most MAX_WIDTH": the widest row launches
+    assert len(launches) == 2
 
 
 @pytest.mark.parametrize("style", ["Half", "rotate_half", "bogus", ""])

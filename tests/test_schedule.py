@@ -187,11 +187,15 @@ def test_a_rows_class_representative_gets_the_rows_tiles(d_latent):
 
 
 def test_metadata_honours_its_arguments():
-    """A forced grid is the grid; the rows per sequence are S_q x H (8 x 16 = 128 rows: 64 x 64 tiles, not the
-    16 x 32 of 16 rows); max_seqlen_k bounds the lengths inclusively (10 admits a length of 10, 9 does not)."""
+    """A forced grid is the grid, up to ``schedule.MAX_PROGRAMS`` inclusively (a CUDA grid's y dimension, 65535:
+    taken; 65536 is refused, ``BAD_META``); the rows per sequence are S_q x H (8 x 16 = 128 rows: 64 x 64 tiles, not
+    the 16 x 32 of 16 rows); max_seqlen_k bounds the lengths inclusively (10 admits a length of 10, 9 does not)."""
     seqlens = torch.tensor([10, 0, 3], dtype=torch.int32)
     meta = mla_kernels.mla_decode_metadata(seqlens, 16, num_programs=7)
     assert meta.num_programs == 7 and meta.programs.shape == (7, 4)
+    assert schedule.MAX_PROGRAMS == 65535
+    meta = mla_kernels.mla_decode_metadata(seqlens, 16, num_programs=schedule.MAX_PROGRAMS)
+    assert meta.num_programs == schedule.MAX_PROGRAMS and meta.programs.shape == (schedule.MAX_PROGRAMS, 4)
     assert (meta.block_m, meta.block_n) == decode_mod.schedule_tiles(16, 512, torch.device("cpu"))
     meta = mla_kernels.mla_decode_metadata(seqlens, 16, 8)
     assert (meta.block_m, meta.block_n) == decode_mod.schedule_tiles(128, 512, torch.device("cpu")) == (64, 64)
