@@ -177,6 +177,18 @@ def is_hip() -> bool:
     return torch.version.hip is not None
 
 
+MAX_GRID_X = 2**31 - 1  # a launch grid's x extent (CUDA)
+HIP_MAX_WORK_ITEMS = 2**32 - 1  # HIP refuses a launch whose x extent times its threads passes it (hipErrorInvalidConfiguration)
+
+
+def grid_x_fits(programs: int, num_warps: int) -> bool:
+    """A one-axis grid of ``programs`` programs of ``num_warps`` warps launches on this GPU: at most ``MAX_GRID_X``,
+    and on ROCm at most ``HIP_MAX_WORK_ITEMS`` work-items (64 per warp: 8,388,607 programs of 8 warps)."""
+    if programs * 2048 <= HIP_MAX_WORK_ITEMS:  # (32 warps of 64: fits everywhere; the common case, no more asked)
+        return True
+    return programs <= MAX_GRID_X and (not is_hip() or programs * 64 * num_warps <= HIP_MAX_WORK_ITEMS)
+
+
 def nvidia_sm90(device: torch.device) -> bool:
     """An NVIDIA GPU of compute capability 9 or more (Hopper: wgmma, TMA)."""
     return device.type == "cuda" and not is_hip() and capability(device)[0] >= 9

@@ -215,13 +215,12 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 
 def _launch_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple | None:
     """``(out, programs, args, constexprs)`` of ``_rms_norm_rows`` for ``_normalize``'s call (``out`` allocated, not
-    written), or None where x's rows span more than two token dimensions."""
+    written), or None where x's rows span more than two token dimensions, or are more than one grid launches."""
     tokens = _tokens(x)
     if tokens is None:
         return None
     batch, seq, stride_b, stride_s = tokens
     width = x.shape[-1]
-    out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     rows = batch * seq
     # the program's shape from the width alone, never the row count: a row is summed in the same order whatever
     # else the batch holds (batch invariance: the rows of a program share one layout, and a layout chosen by the
@@ -229,8 +228,12 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple | N
     # the rest of the program's block masked.
     block_n = _utils.next_pow2(width)
     block_r = max(1, TILE_ELEMENTS // block_n)
+    programs = _utils.cdiv(rows, block_r)
+    if not _utils.grid_x_fits(programs, NUM_WARPS):  # (ROCm: ~8.4M rows past 2048 wide, ~69 GB in and out)
+        return None
+    out = torch.empty(x.shape, dtype=_result_dtype(weight.dtype, x.dtype), device=x.device)
     args = (x, weight, out, rows, seq, stride_b, stride_s, width, float(eps))
-    return out, _utils.cdiv(rows, block_r), args, dict(BLOCK_R=block_r, BLOCK_N=block_n)
+    return out, programs, args, dict(BLOCK_R=block_r, BLOCK_N=block_n)
 
 
 _MODULE_MACHINERY = frozenset(vars(nn.Module())) - {"training"}  # what nn.Module.__init__ sets but the mode

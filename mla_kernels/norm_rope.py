@@ -58,8 +58,8 @@ def norm_and_rope(norm: nn.Module, kv_c: torch.Tensor, q_pe: torch.Tensor, k_pe:
         query = rope_mod._launch_args(q_pe, q_cos, q_sin, style)
         key = rope_mod._launch_args(k_pe, cos, sin, style) if query is not None else None
         latent = norm_mod._launch_args(kv_c, *operands) if key is not None else None  # (each allocates its output)
-        if latent is not None:
-            programs = latent[1] + query[1] + key[1]
+        programs = latent[1] + query[1] + key[1] if latent is not None else 0
+        if latent is not None and _utils.grid_x_fits(programs, norm_mod.NUM_WARPS):
             if programs:
                 with _utils.launch_device(kv_c.device):  # on the tensors' GPU, not the current one
                     _launcher.launch(_norm_rope_kernel, (programs,), *latent[2], *query[2], *key[2], latent[1],

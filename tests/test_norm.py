@@ -34,20 +34,28 @@ def formula(norm, x):
 
 @pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", ["tokens", "batch-seq", "latent-view", "one-row", "width-96"])
+@pytest.mark.parametrize("case", ["tokens", "batch-seq", "latent-view", "one-row", "width-96", "small-rows-eps"])
 def test_rms_norm_matches_the_formula(case, dtype, weight_dtype, device, poisoned_empty, monkeypatch):
     """One launch, in every layout the drop-in hands it: packed tokens ``[T, R]``, ``[B, S, R]``, the latent as a
     view of the latent projection's ``[B, S, R + P]`` rows (``kv_c``), one row ``[R]``, and a width that is not a
     power of two (DeepSeek's query norm is 1536 wide: the row block is masked). A float32 weight (autocast) gives a
-    float32 result, as the module's product does. Every output element is written (``poisoned_empty``)."""
+    float32 result, as the module's product does. Every output element is written (``poisoned_empty``).
+    The epsilon as the module holds it (``small-rows-eps``: 1e-2, not the default): rows of zeros (0, where a
+    missing epsilon gives 0 * inf = NaN) and rows whose mean square is far under, near and far over it (scales
+    1e-3, 3e-2 and 1 of ``randn * 3``); the other cases' rows (mean square ~9) move by ~1e-7 with epsilon, under any
+    tolerance."""
     width = 96 if case == "width-96" else 128
     g = torch.Generator().manual_seed(1)
     shape = {"tokens": (7, width), "batch-seq": (2, 3, width), "latent-view": (2, 3, width + 32), "one-row": (width,),
-             "width-96": (5, width)}[case]
-    x = (torch.randn(shape, generator=g) * 3).to(device, dtype)
+             "width-96": (5, width), "small-rows-eps": (5, width)}[case]
+    x = torch.randn(shape, generator=g) * 3
+    if case == "small-rows-eps":
+        x *= torch.tensor([0.0, 1e-3, 3e-2, 1.0, 0.0])[:, None]
+    x = x.to(device, dtype)
     if case == "latent-view":
         x = x[..., :width]
-    norm = make_norm(width, dtype if weight_dtype == "same" else torch.float32, device)
+    norm = make_norm(width, dtype if weight_dtype == "same" else torch.float32, device,
+                     eps=1e-2 if case == "small-rows-eps" else 1e-6)
     calls = []
     launch = norm_mod._launcher.launch
     monkeypatch.setattr(norm_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
@@ -130,6 +138,15 @@ def _with_hook(kind):
     return make
 
 
+def _strided_weight(norm):
+    """``norm`` with its weight a Parameter over every other value of a buffer twice its width (on its device)."""
+    width = norm.weight.shape[0]
+    buf = torch.randn(2 * width, generator=torch.Generator().manual_seed(7)) + 1
+    norm.weight = nn.Parameter(buf.to(norm.weight.device)[::2])
+    assert norm.weight.stride() == (2,)
+    return norm
+
+
 @pytest.mark.parametrize("make,change", [
     (lambda n: GemmaStyleNorm(n.weight.shape[0]), None),
     (lambda n: NoRecastNorm(n.weight.shape[0]), None),
@@ -141,8 +158,9 @@ def _with_hook(kind):
     (None, lambda x: x.expand(2, 2, *x.shape)),  # three token dimensions
     (None, lambda x: x.t().contiguous().t()),  # the width not the unit stride
     (None, lambda x: x[:, :16]),  # a weight of another width: the module's own broadcasting error
+    (_strided_weight, None),  # a weight not unit-strided (the kernel reads W + cols)
 ], ids=["other-formula", "no-recast", "own-call", "pre-hook", "post-hook", "instance-forward", "float64",
-        "three-dims", "strided-width", "weight-width"])
+        "three-dims", "strided-width", "weight-width", "strided-weight"])
 def test_rms_norm_calls_the_module_where_the_kernel_does_not_serve(make, change, monkeypatch, device):
     """Calls the kernel does not take go to the module itself, with its result (or its error), launching nothing."""
     launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
@@ -257,6 +275,30 @@ def test_rms_norm_of_no_rows_and_wider_rows(monkeypatch):
         x = torch.randn(2, norm_mod.MAX_WIDTH * 2)
         assert torch.equal(rms_norm(wide, x), wide(x))
     assert not launches
+
+
+def test_rms_norm_past_a_rocm_grid_takes_the_module(monkeypatch):
+    """ROCm refuses a launch whose one-axis grid times its threads passes 2^32 - 1 work-items (64 per warp: ~8.4M
+    programs of 8 warps, ~8.4M rows past 2048 wide); there the module runs, as past ``MAX_WIDTH``. The bound is
+    lowered here to 3 programs of 8 warps (the rows it takes are the GPU's, not the interpreter's); CUDA's grid
+    (2^31 - 1) is not the bound."""
+    from mla_kernels import _utils
+
+    assert _utils.grid_x_fits(8_388_607, 8) and (_utils.is_hip() or _utils.grid_x_fits(8_388_608, 8))
+    monkeypatch.setattr(_utils, "is_hip", lambda: True)
+    assert _utils.grid_x_fits(8_388_607, 8) and not _utils.grid_x_fits(8_388_608, 8)
+    monkeypatch.undo()
+    launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
+    monkeypatch.setattr(_utils, "HIP_MAX_WORK_ITEMS", 3 * 64 * norm_mod.NUM_WARPS)
+    norm = DeepseekRMSNorm(512)
+    x = torch.randn(4 * 8, 512)  # 4 programs of 8 rows
+    with torch.no_grad():
+        rms_norm(norm, x)  # CUDA
+        assert len(launches) == 1
+        monkeypatch.setattr(_utils, "is_hip", lambda: True)
+        assert torch.equal(rms_norm(norm, x), norm(x)) and len(launches) == 1  # ROCm: the module
+        rms_norm(norm, x[:24])  # 3 programs: launched
+        assert len(launches) == 2
 
 
 def test_rms_norm_launches_on_the_tensors_gpu(monkeypatch):
@@ -383,10 +425,12 @@ def test_rms_norm_reads_a_parametrized_weight_once(device):
     assert_close("parametrized", got, expected, torch.float32)
 
 
-@pytest.mark.parametrize("width,eps,shape", [(0, 1e-6, ()), (32, 2 ** 70, (4, 32))], ids=["0-d", "int-eps"])
+@pytest.mark.parametrize("width,eps,shape", [(0, 1e-6, ()), (32, 2 ** 70, (4, 32)), (0, 1e-6, (4, 0))],
+                         ids=["0-d", "int-eps", "zero-width"])
 def test_rms_norm_of_a_scalar_or_an_integer_epsilon_is_the_modules(width, eps, shape, monkeypatch):
     """A 0-d x (the module broadcasts it over a weight of no width: no IndexError of ``rms_norm``'s own), an epsilon
-    too large an int for the module's add (its error, not a result): the module's."""
+    too large an int for the module's add (its error, not a result), rows of no width (the module's empty result;
+    the kernel's block sizes would divide by the width's): the module's."""
     launches = record_launches(monkeypatch, norm_mod, "_rms_norm_kernel")
     norm, x = DeepseekRMSNorm(width, eps=eps), torch.randn(shape)
     with torch.no_grad():

@@ -109,6 +109,52 @@ def test_norm_and_rope_makes_the_three_calls_where_one_would_not_serve(change, m
         assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e)
 
 
+@pytest.mark.parametrize("recorded", ["q_pe", "kv_c", "k_pe", "weight"])
+def test_norm_and_rope_keeps_the_autograd_history_of_each_part(recorded, monkeypatch):
+    """One part autograd records (grad enabled; the query's or the key's rope part, the latent or the norm's weight
+    requiring grad, the others not) takes the three calls: the kernel has no backward, so the fused launch would
+    return that part without history (each of the three is asked, the key's too). Its result is its call's, with a
+    gradient back to what requires it; the other two are the calls' (their kernels), and nothing fused is launched."""
+    norm = make_norm(128, torch.float32, "cpu").requires_grad_(recorded == "weight")
+    kv_c, q_pe, k_pe, cos, sin = operands((3,), 5, "cpu", torch.float32)
+    parts = dict(kv_c=kv_c, q_pe=q_pe, k_pe=k_pe)
+    if recorded in parts:
+        parts[recorded] = parts[recorded].detach().clone().requires_grad_()
+    args = (norm, parts["kv_c"], parts["q_pe"], parts["k_pe"], cos, sin)
+    calls = []
+    launch = norm_rope_mod._launcher.launch
+    monkeypatch.setattr(norm_rope_mod._launcher, "launch", lambda *a, **k: (calls.append(a[0]), launch(*a, **k))[1])
+    got = norm_and_rope(*args, "half")
+    assert norm_rope_mod._norm_rope_kernel not in calls and len(calls) == 2  # the two parts nothing records
+    expected = three_calls(*args, "half")
+    index = {"q_pe": 0, "kv_c": 1, "weight": 1, "k_pe": 2}[recorded]
+    for i, (name, g, e) in enumerate(zip(("q_pe", "kv_c", "k_pe"), got, expected)):
+        assert g.requires_grad == (i == index) and (g.grad_fn is not None) == (i == index), name
+        assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g.detach(), e.detach()), name
+    got[index].sum().backward()
+    assert (norm.weight if recorded == "weight" else parts[recorded]).grad is not None
+
+
+def test_norm_and_rope_past_a_rocm_grid_makes_the_three_calls(monkeypatch):
+    """The one launch's grid is the three parts' programs together: where that passes ROCm's work-item bound (64 x
+    8 warps a program, 2^32 - 1; lowered here to the parts' 6 programs less one) each part launches its own grid,
+    with their results (the fused launch is recorded, not run; the parts run their kernels)."""
+    from mla_kernels import _utils
+
+    launches = record_launches(monkeypatch, norm_rope_mod, "_norm_rope_kernel")
+    norm = make_norm(512, torch.bfloat16, "cpu")
+    args = operands((4, 1), 128, "cpu", torch.bfloat16, width=512, rope_dim=64)  # 1 + 4 + 1 programs
+    with torch.no_grad():
+        expected = three_calls(norm, *args, "interleave")
+        norm_and_rope(norm, *args, "interleave")  # (recorded, not run)
+        assert len(launches) == 1
+        monkeypatch.setattr(_utils, "HIP_MAX_WORK_ITEMS", 5 * 64 * norm_mod.NUM_WARPS)
+        monkeypatch.setattr(_utils, "is_hip", lambda: True)
+        apart = norm_and_rope(norm, *args, "interleave")
+    assert len(launches) == 1
+    assert all(torch.equal(a, e) for a, e in zip(apart, expected))
+
+
 def test_norm_and_rope_of_no_tokens_launches_nothing(monkeypatch):
     """An empty step: empty results of the three calls' shapes and dtypes, no launch."""
     launches = record_launches(monkeypatch, norm_rope_mod, "_norm_rope_kernel")
