@@ -1,7 +1,7 @@
 """Config sweeps of every kernel on this GPU; the winners go to the GPU's config file.
 
     python -m bench.autotune [--quick] [--kernels decode,prefill,expanded,write_cache] [--out FILE]
-                             [--budget SECONDS] [--results FILE]
+                             [--budget SECONDS] [--results FILE] [--skip-tma] [--skip-gluon]
 
 Per kernel, the shape classes of ``mla_kernels._tuning`` (decode: the latent width and rows per sequence,
 S_q x H, in buckets of 16/32/64/more, each benchmarked at heads 1..128, S_q 1..8, pages 1/16/64 and batch x context
@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no new shape class after this (what is finished is written)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda, cuda:N; cpu needs a timer")
+    parser.add_argument("--skip-tma", action="store_true",
+                        help="leave the tensor-descriptor (TMA) decode configs out (if its native parity test failed)")
+    parser.add_argument("--skip-gluon", action="store_true",
+                        help="leave the Gluon decode config out (if its native parity test failed or hung)")
     args = parser.parse_args(argv)
     args.kernels = list(dict.fromkeys(k.strip() for k in args.kernels.split(",") if k.strip()))
     bad = [k for k in args.kernels if k not in KERNELS]
@@ -85,7 +89,7 @@ def main(argv=None, *, timer=None, shapes=None) -> list[dict]:
     results = _autotune.sweep(args.kernels, shapes, quick=args.quick, device=device, out=out, timer=timer,
                               check=h.check_close, budget_s=args.budget, progress=h.progress, log=h.log,
                               source=f"python -m bench.autotune{' --quick' if args.quick else ''} on {name}",
-                              on_result=report)
+                              on_result=report, skip=[p for p in ("tma", "gluon") if getattr(args, f"skip_{p}")])
     print("\nbefore (heuristic) / after (winner), geometric mean over each class's shapes:")
     for res in results:
         print(_autotune.format_result(res))

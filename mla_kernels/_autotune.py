@@ -412,9 +412,16 @@ class _Bar:
         sys.stderr.write(f"\r{self.desc}: {n}/{n} candidates\n")
 
 
+# the Hopper paths a sweep can leave out (``skip``): the config flag that asks each of them
+PATH_FLAGS = {"tma": "TMA", "gluon": "GLUON"}
+
+
 def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, timer, check=check_close,
-               candidates: list[dict] | None = None, quick: bool = True, log=print, progress=_Bar) -> dict:
-    """Sweep one shape class; returns its result (``winner`` None if every candidate was pruned)."""
+               candidates: list[dict] | None = None, quick: bool = True, log=print, progress=_Bar,
+               skip=()) -> dict:
+    """Sweep one shape class; returns its result (``winner`` None if every candidate was pruned). ``skip``: paths
+    of ``PATH_FLAGS`` whose configs are left out (a GPU session whose parity test of that kernel failed: a fault
+    there is sticky and would prune every later candidate, a hang would stop the sweep)."""
     gen = torch.Generator(device=device).manual_seed(0)
     cases, skipped = [], []
     for shape in shapes:
@@ -436,7 +443,8 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
     pool = {}
     for cfg in heuristics + ([dict(stored)] if stored else []) + (
             candidates if candidates is not None else spec.space(key, device, quick)):
-        pool.setdefault(_key(cfg), cfg)
+        if not any(cfg.get(PATH_FLAGS[path]) for path in skip):
+            pool.setdefault(_key(cfg), cfg)
     times: dict[str, list[float]] = {}
 
     def prune(cfg, shape, reason) -> None:
@@ -523,11 +531,11 @@ def _check_writable(folder: Path) -> None:
 
 def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, device=None, dtype=torch.bfloat16,
           out=None, timer=None, check=check_close, candidates: dict | None = None, budget_s: float | None = None,
-          source: str | None = None, log=print, progress=_Bar, on_result=None) -> list[dict]:
+          source: str | None = None, log=print, progress=_Bar, on_result=None, skip=()) -> list[dict]:
     """Tune the shape classes of ``shapes`` (kernel -> list of shape dicts; default each kernel's
     ``default_shapes(quick)``) for ``kernels`` (default: all of ``KERNELS``, or the keys of ``shapes``) and write
-    each class's winner to ``out`` as soon as it is known (and pass its result to ``on_result``). Returns one
-    result per class."""
+    each class's winner to ``out`` as soon as it is known (and pass its result to ``on_result``); the configs of
+    the paths in ``skip`` ("tma", "gluon") are left out. Returns one result per class."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if timer is None:
@@ -542,6 +550,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
     unknown = [k for k in kernels if k not in SPECS]
     if unknown:
         raise ValueError(f"kernels: unknown {unknown}; choose from {list(KERNELS)}")
+    if isinstance(skip, str) or any(path not in PATH_FLAGS for path in skip):
+        raise ValueError(f"skip: a list of paths from {list(PATH_FLAGS)}, got {skip!r}")
     if out is not None:  # a place that cannot be written fails now, not after the first class's sweep
         if Path(out).is_dir():
             raise IsADirectoryError(f"out must be a JSON file to write, {out} is a directory")
@@ -564,7 +574,8 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
                 continue
             with _utils.launch_device(device):  # do_bench and Triton time and launch on the current GPU
                 res = tune_class(spec, key, members, device, dtype, timer=timer, check=check,
-                                 candidates=(candidates or {}).get(kernel), quick=quick, log=log, progress=progress)
+                                 candidates=(candidates or {}).get(kernel), quick=quick, log=log, progress=progress,
+                                 skip=skip)
             results.append(res)
             if res["winner"] is not None and out is not None:
                 _tuning.save_file(out, device=name, sm_count=sms, source=source,

@@ -1028,6 +1028,32 @@ def test_on_demand_tuning_takes_two_shapes_at_the_class_widths(monkeypatch):
     assert out == _tuning.user_file(0)
 
 
+def test_a_sweep_leaves_out_the_paths_it_is_told_to(fake_gpu, monkeypatch, device):
+    """``skip`` (bench.autotune's --skip-tma/--skip-gluon, which a GPU session passes where that kernel's native
+    parity test failed): its configs are never built, timed or stored (a fault in one is sticky on a GPU and pruned
+    every later candidate; a hang stopped the sweep). Before, every Hopper sweep tried both."""
+    tma = dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True)
+    gluon = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, GLUON=True)
+    calls = []
+    res, = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, candidates={"decode": [FAST, tma, gluon]},
+                           timer=fake_timer({16: 3.0, 32: 1.0, 64: 2.0}, calls), log=lambda msg: None,
+                           skip=["tma", "gluon"])
+    assert calls and not any(c.get("TMA") or c.get("GLUON") for c in calls)
+    assert res["winner"] == FAST and res["candidates"] == len({str(sorted(c.items())) for c in calls})
+    for bad in ("tma", ["avx"]):
+        with pytest.raises(ValueError, match="skip"):
+            _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, timer=fake_timer({}), skip=bad)
+    from bench import autotune as cli
+
+    seen = {}
+    monkeypatch.setattr(_autotune, "sweep", lambda *a, **k: seen.update(k) or [])
+    cli.main(["--kernels", "decode", "--skip-gluon", "--results", str(fake_gpu / "r.json")], timer=fake_timer({}))
+    assert seen["skip"] == ["gluon"]
+    cli.main(["--kernels", "decode", "--skip-tma", "--skip-gluon", "--results", str(fake_gpu / "r.json")],
+             timer=fake_timer({}))
+    assert seen["skip"] == ["tma", "gluon"]
+
+
 def test_decode_candidate_spaces():
     """What a full decode sweep tries per class (no TMA or Gluon off sm_90): row tiles by the rows bucket, and at
     R 1024 (two 512-wide tiles per step) at most 32 x 32."""
