@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -702,6 +703,25 @@ def test_gpu_session_commands_parse(case, tmp_path, monkeypatch):
             # a parametrization id that no longer exists deselects nothing, silently
             assert not param or re.search(rf"[\"']{re.escape(param)}[\"']", text), f"{case}: {path}::{test}[{param}]"
     assert seen, f"{case}: no command found to check"
+
+
+def test_mla_test_first_orders_the_collection():
+    """gpu_session.sh's native run names the kernels' files first in ``MLA_TEST_FIRST`` (tests/conftest.py): xdist hands
+    tests out in collection order, and naming the files beside ``tests`` on the command line left them in place."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MLA_TEST_FIRST="tests/test_schedule.py tests/test_merge.py")
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_bounds.py", "tests/test_merge.py", "tests/test_schedule.py"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    files = [line.split("::")[0] for line in run.stdout.splitlines() if line.startswith("tests/")]
+    assert run.returncode == 0 and files, run.stdout[-2000:] + run.stderr[-2000:]
+    order = list(dict.fromkeys(files))
+    assert order == ["tests/test_schedule.py", "tests/test_merge.py", "tests/test_bounds.py"], order
+    script = (root / "bench" / "gpu_session.sh").read_text()
+    assert "MLA_TEST_FIRST=\"tests/test_decode.py" in script
 
 
 def test_cache_kw_follows_the_forward_signature():
