@@ -367,7 +367,8 @@ def _version(pkg: str) -> str | None:
 
 
 def git_commit() -> dict:
-    """``git rev-parse HEAD`` and whether the tree has changes; None where git or the repo is absent."""
+    """``git rev-parse HEAD`` and whether the tree has changes; where git or the repo is absent, ``MLA_COMMIT`` (the
+    commit a GPU session's caller names: its copy of the tree has no .git) or None."""
     def run(*args):
         try:
             res = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -377,6 +378,8 @@ def git_commit() -> dict:
 
     commit = run("rev-parse", "HEAD")
     status = run("status", "--porcelain", "--untracked-files=no") if commit else None
+    if commit is None and os.environ.get("MLA_COMMIT"):  # a copy without .git (the GPU machine's): the caller's word
+        return {"commit": os.environ["MLA_COMMIT"], "dirty": None}
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

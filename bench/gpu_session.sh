@@ -24,7 +24,8 @@
 #   bash bench/gpu_session.sh prefill   # bench.prefill --quick --calibrate, then the full sweep (issue 11; <10 min):
 #                                       # writes mla_kernels/configs/<gpu>.json's prefill constants (commit it)
 #   bash bench/gpu_session.sh compile   # the compiler's register/spill report (mla_kernels._compile; CI has it too)
-# Run it from the device tool as: PYTHONUNBUFFERED=1 OUT=$OUT bash bench/gpu_session.sh first  (timeout_s 600).
+# Run it from the device tool as: PYTHONUNBUFFERED=1 MLA_COMMIT=<git rev-parse HEAD here> OUT=$OUT bash
+# bench/gpu_session.sh first  (timeout_s 600; the machine's copy has no .git: MLA_COMMIT names the results' commit).
 # Kernel paths never run natively until `first` proves them (TMA, Gluon): if its tma_parity or gluon_parity step
 # failed, pass SKIP_KERNELS="--skip-tma --skip-gluon" (or one of them) to the later decode/sparse/gluon steps.
 # The device tool brings back at most 8 files from $OUT: every step writes into $WORK, and after EVERY step $WORK is

@@ -334,6 +334,8 @@ def _merge_and_replace(path: Path, vendor_key: str, device: str, sm_count: int, 
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    # a copy of the tree without its .git (a GPU machine's): the commit the caller names (bench/gpu_session.sh)
+    commit = commit or os.environ.get("MLA_COMMIT") or None
     data = dict(device=device, vendor=vendor_key, sm_count=sm_count, triton=triton.__version__,
                 torch=torch.__version__, date=datetime.date.today().isoformat(), commit=commit, source=source,
                 kernels=merged_kernels, constants=merged_constants)

@@ -705,6 +705,27 @@ def test_gpu_session_commands_parse(case, tmp_path, monkeypatch):
     assert seen, f"{case}: no command found to check"
 
 
+def test_results_name_the_callers_commit_where_the_tree_has_no_git(tmp_path, monkeypatch):
+    """The GPU machine gets a copy of the tree without .git: its results and config files said commit null. There the
+    commit the caller names in ``MLA_COMMIT`` is recorded (its dirtiness unknown); a checkout's own commit wins."""
+    from mla_kernels import _tuning
+
+    monkeypatch.setenv("MLA_COMMIT", "0123abc")
+    assert h.git_commit()["commit"] not in (None, "0123abc")  # this checkout's
+    monkeypatch.setattr(h, "REPO_ROOT", tmp_path)  # no repository there
+    assert h.git_commit() == {"commit": "0123abc", "dirty": None}
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr("subprocess.run", no_git)  # (save_file imports it when it writes)
+    data = _tuning.save_file(tmp_path / "gpu.json", device="Test GPU", sm_count=8, source="test", vendor_key="cuda",
+                             kernels={"decode": {}})
+    assert data["commit"] == "0123abc"
+    monkeypatch.delenv("MLA_COMMIT")
+    assert h.git_commit() == {"commit": None, "dirty": None}
+
+
 def test_mla_test_first_orders_the_collection():
     """gpu_session.sh's native run names the kernels' files first in ``MLA_TEST_FIRST`` (tests/conftest.py): xdist hands
     tests out in collection order, and naming the files beside ``tests`` on the command line left them in place."""
