@@ -1,6 +1,6 @@
 """Absorbed MLA decode: seed 003's decode scenario and a shape sweep.
 
-    python -m bench.decode [--quick] [--device cuda] [--cuda-graph] [--plot] [--out DIR]
+    python -m bench.decode [--quick] [--device cuda] [--cuda-graph] [--plot] [--out DIR] [--providers A,B]
 
 Providers, each checked against the float32 reference (``reference.absorbed_decode``) before timing:
   mla_decode       the library, absorbed query in, latent out [B, 1, H, R]
@@ -229,9 +229,14 @@ def sparse_provider(case: Case, mla_decode):
                                c.shape.softmax_scale, max_seqlen_k=c.max_len, indices=indices)), expected
 
 
+ONLY_PROVIDERS = None  # --providers: just these everywhere (a GPU session's sparse step: sparse against dense)
+
+
 def providers(case: Case, lib, only: tuple[str, ...] | None = None):
     """name -> (function, which reference it must match: "latent", "value" or a function computing it); with
-    ``only``, just those (the fp8 and sparse providers build their own inputs, which the others need not wait for)."""
+    ``only`` (else ``--providers``), just those (the fp8 and sparse providers build their own inputs, which the
+    others need not wait for)."""
+    only = only if only is not None else ONLY_PROVIDERS
     mla_decode, decode_torch, _ = lib
     c, scale = case, case.shape.softmax_scale
     args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
@@ -341,7 +346,8 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
     need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
     if not h.fits(need, device):
         note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
-        return [h.make_row(name, None, note=note, **keys) for name in ORDER if only is None or name in only]
+        keep = only if only is not None else ONLY_PROVIDERS
+        return [h.make_row(name, None, note=note, **keys) for name in ORDER if keep is None or name in keep]
     case = make_case(shape, [ctx] * batch, page, dtype, device, s_q=s_q)
     ref_latent, ref_value = reference_outputs(case)
     rows, p50 = {}, {}
@@ -750,9 +756,19 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-tma", action="store_true",
                         help="no mla_decode[tma] provider (the tensor-descriptor path, Hopper only)")
     parser.add_argument("--skip-sparse", action="store_true", help="no mla_decode_sparse provider")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated: time only these (from {','.join(ORDER)}); default all")
     args = parser.parse_args(argv)
-    global GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER
+    global GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER, ONLY_PROVIDERS
     GLUON_PROVIDER, TMA_PROVIDER, SPARSE_PROVIDER = not args.skip_gluon, not args.skip_tma, not args.skip_sparse
+    only = None
+    if args.providers is not None:
+        only = tuple(dict.fromkeys(p.strip() for p in args.providers.split(",") if p.strip()))
+        unknown = [p for p in only if p not in ORDER]
+        if unknown or not only:
+            parser.error(f"--providers: {'unknown ' + str(unknown) if unknown else 'none given'}; "
+                         f"choose from {','.join(ORDER)}")
+    ONLY_PROVIDERS = only
     if args.replot:
         saved = read_saved(args.replot)
         plot(saved.get("sweep", []) + saved.get("imbalanced", []), saved["device_rates"],

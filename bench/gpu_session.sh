@@ -142,7 +142,7 @@ case "$1" in
   sparse)  # DeepSeek-V3.2: sparse decode against dense (bench.decode's mla_decode_sparse rows at the targets), then
            # the patched V3.2-shaped model's generation at 1k/8k against stock transformers' masked dense attention
     step bench_decode_sparse 200 python -m bench.decode --quick --skip-seed --skip-imbalanced $SKIP_KERNELS \
-      --out "$OUT/decode_sparse.json"
+      --providers mla_decode,mla_decode_sparse --out "$OUT/decode_sparse.json"
     # not 32k: transformers' V3.2 indexer scores a 32k prompt as [B, S, 64, T] fp32, ~275 GB, in the stock model
     step bench_generate_v32 300 python -m bench.generate --model deepseek_v32 --context 1024 8192 --batch 1 \
       --out "$OUT/generate_v32.json" ;;

@@ -403,6 +403,21 @@ def test_cuda_graph_rows_on_an_l2_resident_cache_say_so(monkeypatch):
     assert "L2" not in rows[0]["note"]
 
 
+def test_decode_providers_flag_times_only_those(monkeypatch):
+    """``bench.decode --providers a,b`` (gpu_session.sh's sparse step: sparse against dense, not every provider on
+    every shape): only those rows, in ORDER, also where a shape is skipped for memory; unknown names refused."""
+    monkeypatch.setattr(h, "time_fn", lambda fn, device, **kw: h.Timing.from_times([1.0, 1.0], "cpu"))
+    monkeypatch.setattr(bd, "ONLY_PROVIDERS", ("mla_decode_sparse", "mla_decode"))
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, _torch_lib(), copy_gbps=10.0, time_kw={})
+    assert [r["provider"] for r in rows] == ["mla_decode", "mla_decode_sparse"]
+    monkeypatch.setattr(h, "fits", lambda need, device: False)
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, _torch_lib(), copy_gbps=10.0, time_kw={})
+    assert [r["provider"] for r in rows] == ["mla_decode", "mla_decode_sparse"] and "skipped" in rows[0]["note"]
+    for bad in ("mla_decode,flash", ","):
+        with pytest.raises(SystemExit):
+            bd.main(["--quick", "--providers", bad])
+
+
 def test_imbalanced_pair_survives_a_failing_scheduled_provider():
     """The scheduled grid (mla_decode+meta) has never run natively: its failure is a marked row, and mla_decode as
     shipped is still timed on both twins (an exception used to end the whole imbalanced section)."""
