@@ -88,3 +88,24 @@ def pytest_collection_modifyitems(config, items):
     if first:
         rank = {name: i for i, name in enumerate(first)}
         items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # (stable)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """Make the library believe CPU tensors are on "Test GPU" 0, with its shipped configs in tmp/configs and the
+    user's cache in tmp/cache; nothing loaded before, nothing left behind."""
+    from mla_kernels import _tuning
+
+    monkeypatch.setattr(_tuning, "_gpu_index", lambda device: 0)
+    monkeypatch.setattr(_tuning, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(_tuning, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(_tuning, "_warned", set())
+    monkeypatch.setattr(_tuning, "_tried", set())
+    monkeypatch.setattr(_tuning, "_tuned_here", {})
+    monkeypatch.setattr(_tuning, "_unwritable", set())
+    monkeypatch.setattr(_tuning, "_dropped", {})
+    _tuning.reload()
+    yield tmp_path
+    _tuning.reload()

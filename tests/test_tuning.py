@@ -101,43 +101,33 @@ def test_missing_file_is_silent_and_cpu_gets_heuristics(tmp_path):
         assert _tuning.lookup("decode", "R512/rows<=16", torch.device("cpu")) is None
 
 
-def test_a_gpu_without_any_file_warns_once(tmp_path, monkeypatch):
+def test_a_gpu_without_any_file_warns_once(fake_gpu, monkeypatch):
     """Issue 9: a missing file gives one warning and the heuristics. Per GPU: no shipped file and no user file for it
     (an H200, an A100: the heuristics serve, and the warning says how to tune it); silent where either exists, and
     with MLA_KERNELS_AUTOTUNE=1, which tunes what is missing. Before, a GPU without a file was silent."""
-    monkeypatch.setattr(_tuning, "_gpu_index", lambda device: 0)
-    monkeypatch.setattr(_tuning, "_device_name", lambda index: "Test GPU 80GB")
-    monkeypatch.setattr(_tuning, "CONFIG_DIR", tmp_path / "configs")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(_tuning.AUTOTUNE_ENV, raising=False)
-    monkeypatch.setattr(_tuning, "_warned", set())
     gpu = torch.device("cuda", 0)
-    _tuning.reload()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert _tuning.lookup("decode", "R512/rows<=16", gpu, tune=False) is None
-            assert _tuning.lookup("decode", "R512/rows>64", gpu, tune=False) is None
-            _tuning.reload()  # a reload (after a sweep wrote elsewhere) does not repeat it either
-            assert _tuning.constant("prefill_call_us", gpu) is None
-        ours = [str(w.message) for w in caught if w.category is RuntimeWarning]
-        assert len(ours) == 1 and "'Test GPU 80GB'" in ours[0] and "built-in heuristics" in ours[0] \
-            and "bench.autotune" in ours[0], ours
-        user = _tuning.user_file(0)
-        user.parent.mkdir(parents=True)
-        user.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton=__import__("triton").__version__,
-                                        kernels={"decode": {"R512/rows<=16": GOOD}})))
-        monkeypatch.setattr(_tuning, "_warned", set())
-        for env, has_user in (("0", True), ("1", False)):
-            if not has_user:
-                user.unlink()
-            monkeypatch.setenv(_tuning.AUTOTUNE_ENV, env)
-            _tuning.reload()
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                assert _tuning.lookup("decode", "R512/rows<=16", gpu, tune=False) == (GOOD if has_user else None)
-    finally:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _tuning.lookup("decode", "R512/rows<=16", gpu, tune=False) is None
+        assert _tuning.lookup("decode", "R512/rows>64", gpu, tune=False) is None
+        _tuning.reload()  # a reload (after a sweep wrote elsewhere) does not repeat it either
+        assert _tuning.constant("prefill_call_us", gpu) is None
+    ours = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(ours) == 1 and "'Test GPU'" in ours[0] and "built-in heuristics" in ours[0] \
+        and "bench.autotune" in ours[0], ours
+    user = _tuning.user_file(0)
+    user.parent.mkdir(parents=True)
+    user.write_text(json.dumps(dict(vendor=_tuning.vendor(), triton=__import__("triton").__version__,
+                                    kernels={"decode": {"R512/rows<=16": GOOD}})))
+    monkeypatch.setattr(_tuning, "_warned", set())
+    for env, has_user in (("0", True), ("1", False)):
+        if not has_user:
+            user.unlink()
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, env)
         _tuning.reload()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _tuning.lookup("decode", "R512/rows<=16", gpu, tune=False) == (GOOD if has_user else None)
 
 
 def test_constants_and_save_file_merge(tmp_path):
