@@ -579,7 +579,7 @@ def views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         unit, k, di_max, dj_max = a0, 1, na - 1, 0
     elif na == 1:
         unit, k, di_max, dj_max = a1, 1, 0, pa - 1
-    elif a1 > 0 and a0 % a1 == 0:
+    elif a1 > 0 and a0 > 0 and a0 % a1 == 0:
         unit, k, di_max, dj_max = a1, a0 // a1, na - 1, pa - 1
     else:
         return False  # undecided: blocks not a whole number of rows apart (or rows repeated)

@@ -380,6 +380,8 @@ def test_views_overlap():
     row = torch.zeros(80)  # one slot each (strides 0, which write_cache takes for sizes 1)
     assert _utils.views_overlap(row.as_strided((1, 1, 64), (0, 0, 1)), row.as_strided((1, 1, 16), (0, 0, 1), 60))
     assert not _utils.views_overlap(row.as_strided((1, 1, 60), (0, 0, 1)), row.as_strided((1, 1, 16), (0, 0, 1), 60))
+    # blocks of stride 0 with pages (write_cache refuses them itself): undecided, False, not ZeroDivisionError
+    assert not _utils.views_overlap(row.as_strided((2, 3, 4), (0, 4, 1)), row.as_strided((2, 3, 4), (0, 4, 1), 1))
     # blocks no whole number of rows apart (330 against rows of 40): undecided, so False (these are apart)
     assert not _utils.views_overlap(flat.as_strided((3, 4, 32), (330, 40, 1)),
                                     flat.as_strided((3, 4, 32), (330, 40, 1), 152))
