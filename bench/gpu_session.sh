@@ -54,8 +54,8 @@ copy_new_configs() {  # the config files a step wrote (this GPU's), not the ship
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, never stop the session
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s): $*"
-    # -k: a process stuck in a hung kernel ignores SIGTERM (its handler cannot run): SIGKILL 15 s later
-    timeout -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    # -k: a process stuck in a hung kernel ignores SIGTERM (its handler cannot run): SIGKILL 5 s later
+    timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name rc=$rc"; tail -n 5 "$OUT/$name.log"
     # what finished so far comes back even if the call is cut: written aside, then moved, so a call cut while tar
@@ -67,8 +67,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 SESSION_STEP="$1"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 case "$1" in
-  first)  # ~9 minutes in all: every limit below adds up to 525 s, plus start-up, packing and up to 15 s a step's
-    # kill grace (the call's limit is 600 s)
+  first)  # ~9 minutes in all: every limit below adds up to 525 s, plus start-up, packing and up to 5 s a step's
+    # kill grace (9 steps: at most 570 s of the call's 600)
     # the two Hopper paths' native parity, each deciding its own provider below (neither has ever run on a GPU)
     # TMA: dropped only when a test failed or crashed; cut at its limit (cold compiles of ~12 variants), it stays:
     # plain Triton descriptor loads cannot hang on a barrier, and every bench row checks its output before timing
