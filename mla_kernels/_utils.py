@@ -178,7 +178,8 @@ def is_hip() -> bool:
 
 
 MAX_GRID_X = 2**31 - 1  # a launch grid's x extent (CUDA)
-HIP_MAX_WORK_ITEMS = 2**32 - 1  # HIP refuses a launch whose x extent times its threads passes it (hipErrorInvalidConfiguration)
+# HIP refuses a launch whose x extent times its threads passes it (hipErrorInvalidConfiguration)
+HIP_MAX_WORK_ITEMS = 2**32 - 1
 
 
 def grid_x_fits(programs: int, num_warps: int) -> bool:
