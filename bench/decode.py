@@ -234,9 +234,7 @@ ONLY_PROVIDERS = None  # --providers: just these everywhere (a GPU session's spa
 
 def providers(case: Case, lib, only: tuple[str, ...] | None = None):
     """name -> (function, which reference it must match: "latent", "value" or a function computing it); with
-    ``only`` (else ``--providers``), just those (the fp8 and sparse providers build their own inputs, which the
-    others need not wait for)."""
-    only = only if only is not None else ONLY_PROVIDERS
+    ``only``, just those (the fp8 and sparse providers build their own inputs, which the others need not wait for)."""
     mla_decode, decode_torch, _ = lib
     c, scale = case, case.shape.softmax_scale
     args = (c.q_abs, c.q_pe, c.kv_cache, c.pe_cache, c.block_table, c.cache_seqlens, scale)
@@ -338,7 +336,9 @@ def sweep_shapes(cpu: bool, quick: bool):
 
 def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s_q: int = 1,
               only: tuple[str, ...] | None = None) -> list[dict]:
-    """All providers (or those named in ``only``) on one shape; rows in ORDER, skipped ones with a note."""
+    """All providers (or those named in ``only``, else ``--providers``) on one shape; rows in ORDER, skipped ones
+    with a note."""
+    only = only if only is not None else ONLY_PROVIDERS
     shape = MLAShape(heads=heads)
     keys = dict(B=batch, ctx=ctx, H=heads, page=page, S_q=s_q)
     flops = h.mla_flops(batch, s_q, heads, ctx, shape.d_latent, shape.d_rope)
@@ -346,8 +346,7 @@ def run_shape(batch, ctx, heads, page, device, dtype, lib, copy_gbps, time_kw, s
     need = case_bytes(shape, batch, ctx, page, dtype.itemsize) + provider_bytes("reference", shape, batch, ctx)
     if not h.fits(need, device):
         note = f"skipped: inputs + reference need ~{h.gib(need)}, {h.gib(h.free_memory(device))} free"
-        keep = only if only is not None else ONLY_PROVIDERS
-        return [h.make_row(name, None, note=note, **keys) for name in ORDER if keep is None or name in keep]
+        return [h.make_row(name, None, note=note, **keys) for name in ORDER if only is None or name in only]
     case = make_case(shape, [ctx] * batch, page, dtype, device, s_q=s_q)
     ref_latent, ref_value = reference_outputs(case)
     rows, p50 = {}, {}
