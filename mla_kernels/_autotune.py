@@ -439,7 +439,7 @@ def tune_class(spec: _Spec, key: str, shapes: list[dict], device, dtype, *, time
     heuristics = [spec.heuristic(c[0], device) for c in cases]
     index = _tuning._gpu_index(device)  # None off a GPU
     with warnings.catch_warnings():  # (that this GPU has no file yet: this sweep is what the warning advises)
-        warnings.filterwarnings("ignore", message="mla_kernels: no tuned configs", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=_tuning.NO_FILE_WARNING, category=RuntimeWarning)
         table = _tuning._device_table(index) if index is not None else None  # not lookup: no on-demand tuning here
     stored = (table or {}).get(spec.name, {}).get(key)  # the config stored now competes too (if it is one)
     stored = stored if stored is not None and _tuning.config_error(spec.name, stored) is None else None

@@ -232,6 +232,10 @@ def _overrides(user: dict, shipped: dict, path: Path) -> dict:
     return kept
 
 
+# how the one warning for a GPU with no file at all begins (a sweep, which is what it advises, silences it)
+NO_FILE_WARNING = "mla_kernels: no tuned configs"
+
+
 @functools.lru_cache(maxsize=None)
 def _device_data(device_index: int) -> dict | None:
     """The shipped file merged with the user's (the user's configs and constants win per shape class / name)."""
@@ -245,7 +249,7 @@ def _device_data(device_index: int) -> dict | None:
     if shipped is None and user is None and not any(p.exists() for p in paths) \
             and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in _OFF:
         # no file for this GPU (a corrupt or stale one has warned already): once, as vLLM says of its fused-MoE configs
-        _warn_once(f"mla_kernels: no tuned configs for this GPU ({_device_name(device_index)!r}: neither {paths[0]} "
+        _warn_once(f"{NO_FILE_WARNING} for this GPU ({_device_name(device_index)!r}: neither {paths[0]} "
                    f"nor {paths[1]} exists); using the built-in heuristics. `python -m bench.autotune` tunes it, "
                    f"or {AUTOTUNE_ENV}=1 at first use")
     if user is None or shipped is None:
