@@ -539,14 +539,49 @@ def check_alloc_device(name: str, device) -> torch.device:
     return device
 
 
+def rows_apart(t: torch.Tensor) -> bool:
+    """A sufficient test that the rows of a ``[N, page, W]`` cache (unit last stride) share no element: rows inside
+    a block apart and blocks apart (block-major, as the library allocates), or the same with the two dimensions'
+    roles swapped (token-major). A few comparisons, for ``write_cache``'s hot path; False sends a cache to
+    ``rows_overlap``."""
+    (n, p, w), (s0, s1, _) = t.shape, t.stride()
+    if (p == 1 or s1 >= w) and (n == 1 or s0 >= (p - 1) * s1 + w):
+        return True
+    return (n == 1 or s0 >= w) and (p == 1 or s1 >= (n - 1) * s0 + w)
+
+
+def rows_overlap(t: torch.Tensor) -> bool:
+    """Whether two rows of a ``[N, page, W]`` cache (unit last stride, strides >= 0) share an element: whether
+    ``|a*s + b*s'| < W`` for some steps ``(a, b) != (0, 0)`` along the two dimensions, within their sizes. Exact:
+    for each step ``a`` along the shorter dimension the closest ``b`` is one of two (the distance is convex in
+    ``b``), so this walks ``min(N, page)`` steps, and only for layouts ``rows_apart`` cannot vouch for."""
+    (n, p, w), (s0, s1, _) = t.shape, t.stride()
+    if w == 0 or n == 0 or p == 0 or rows_apart(t):
+        return False
+    (short, s_short), (long, s_long) = sorted(((n, s0), (p, s1)))
+    for a in range(short):
+        x = a * s_short
+        nearest = -x // s_long if s_long else 0  # the b with b * s_long closest to -x from below
+        for b in (nearest, nearest + 1):
+            b = max(1 - long, min(long - 1, b))
+            if (a, b) != (0, 0) and abs(x + b * s_long) < w:
+                return True
+    return False
+
+
 def check_no_overlap(name: str, t: torch.Tensor) -> None:
-    """Refuse a tensor the call writes whose elements share memory through a stride-0 dimension (``expand()``):
-    writes to distinct slots would land on one another. (torch refuses such in-place writes too.)"""
+    """Refuse a tensor the call writes whose elements share memory: through a stride-0 dimension (``expand()``),
+    or, for a ``[N, page, W]`` cache with unit last stride, rows closer than their width (``as_strided``). Writes
+    to distinct slots would land on one another. (torch refuses such in-place writes too.)"""
     for size, stride in zip(t.shape, t.stride()):
         if size > 1 and stride == 0:
             raise ValueError(f"{name} has a stride-0 dimension (shape {tuple(t.shape)}, strides {t.stride()}, as "
                              "expand() makes): its slots share memory, so a write to one would overwrite others; "
                              "pass a tensor with memory of its own (.contiguous() or .clone())")
+    if t.dim() == 3 and t.stride(2) == 1 and rows_overlap(t):
+        raise ValueError(f"{name}'s rows overlap (shape {tuple(t.shape)}, strides {t.stride()}: two slots are "
+                         f"closer than the {t.shape[2]} values of a row), so a write to one slot would overwrite "
+                         "another; pass a tensor with memory of its own (.contiguous() or .clone())")
 
 
 def is_finite(value) -> bool:

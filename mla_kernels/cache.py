@@ -236,6 +236,7 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
 
 _FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
 _WIDTHS = _utils.WIDTHS  # check_width's
+_rows_apart = _utils.rows_apart
 
 
 def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
@@ -253,7 +254,7 @@ def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
             and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _WIDTHS
             and ts[1] == cs[2] and es[1] == ps[2] and ts[0] == es[0] == slot_mapping.shape[0]
             and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1 and kv_c.stride(1) == 1 and k_pe.stride(1) == 1
-            and kv_cache.stride(0) and kv_cache.stride(1) and pe_cache.stride(0) and pe_cache.stride(1)  # no expand()
+            and _rows_apart(kv_cache) and _rows_apart(pe_cache)  # no two slots share memory (expand(), as_strided)
             and pe_cache.device == device and kv_c.device == device and k_pe.device == device
             and slot_mapping.device == device)
 

@@ -645,6 +645,8 @@ def _check_lengths(cu, lens, names, total, capacity, max_seqlen_q, max_seqlen_k)
     longest_q = longest_k = 0
     for b, length in enumerate(lens):
         n = cu[b + 1] - cu[b]
+        if length < 0:  # (before the new-token comparison, which blamed a negative length on the new tokens)
+            raise ValueError(f"{lens_name} must be >= 0, got {lens_name}[{b}]={length}")
         if length < n:
             raise ValueError(f"{lens_name}[{b}]={length} is smaller than sequence {b}'s {n} new tokens "
                              f"({cu_name}); the new tokens must already be in the cache")

@@ -422,3 +422,56 @@ def test_views_overlap_against_marked_bytes():
             overlapping += truth
             assert got == truth, [(v.shape, v.stride(), v.element_size(), v.data_ptr() - buf.data_ptr()) for v in views]
     assert decided > 300 and overlapping > 100, (decided, overlapping)  # the exact cases were exercised
+
+
+def test_rows_overlap_against_marked_elements():
+    """``_utils.rows_overlap`` (one cache's rows meeting each other) against the elements each row covers, over
+    random sizes and strides: exact either way. ``rows_apart`` (the hot path's quick test) never vouches for rows
+    that meet, and vouches for the block-major and token-major layouts the library and users make."""
+    rng = random.Random(0)
+    overlapping = apart = 0
+    for _ in range(4000):
+        n, p, w = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 8)
+        s0, s1 = rng.randint(1, 40), rng.randint(1, 40)
+        t = torch.empty((n - 1) * s0 + (p - 1) * s1 + w).as_strided((n, p, w), (s0, s1, 1))
+        rows = [set(range(i * s0 + j * s1, i * s0 + j * s1 + w)) for i in range(n) for j in range(p)]
+        truth = any(rows[a] & rows[b] for a in range(len(rows)) for b in range(a + 1, len(rows)))
+        assert _utils.rows_overlap(t) == truth, ((n, p, w), (s0, s1))
+        assert not (truth and _utils.rows_apart(t)), ((n, p, w), (s0, s1))
+        overlapping += truth
+        apart += _utils.rows_apart(t)
+    assert overlapping > 1000 and apart > 1000, (overlapping, apart)
+    buf = torch.zeros(5, 4, 48)
+    assert _utils.rows_apart(buf[..., :32]) and _utils.rows_apart(buf[..., 32:])  # views of one buffer
+    assert _utils.rows_apart(torch.zeros(4, 5, 32).transpose(0, 1))  # token-major
+    assert _utils.rows_apart(buf[:, :2, :32]) and _utils.rows_apart(buf[:, 2:, :16])  # pages split in two
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_write_cache_refuses_a_cache_whose_rows_overlap(device, fp8):
+    """A cache view whose rows are closer than their width (``as_strided``: 32 values a row, rows 8 apart) was
+    taken, and slot 1's latent overwrote most of slot 0's. Refused, naming the cache, nothing written; a layout
+    whose rows interleave without meeting is taken."""
+    width = 128 if fp8 else 32
+    dtype = torch.bfloat16 if fp8 else torch.float32
+    base = torch.zeros(2 * 4 * 8 + width, device=device, dtype=torch.float8_e4m3fn if fp8 else dtype)
+    kv = base.as_strided((2, 4, width), (4 * 8, 8, 1))
+    pe = torch.zeros(2, 4, 16, device=device, dtype=dtype)
+    scale = torch.zeros(2, 4, 1, device=device) if fp8 else None
+    kv_c = torch.cat([torch.full((1, width), 1.0), torch.full((1, width), 2.0)]).to(device, dtype)
+    k_pe = torch.zeros(2, 16, device=device, dtype=dtype)
+    before = base.clone()
+    with pytest.raises(ValueError, match="kv_cache's rows overlap"):
+        write_cache(kv_c, k_pe, kv, pe, torch.tensor([0, 1], device=device), kv_scale=scale)
+    assert torch.equal(base.view(torch.uint8), before.view(torch.uint8))
+    with pytest.raises(ValueError, match="pe_cache's rows overlap"):
+        write_cache(kv_c, k_pe, torch.zeros_like(kv), pe.flatten()[:40].as_strided((2, 4, 16), (8, 2, 1)),
+                    torch.tensor([0, 1], device=device), kv_scale=scale)
+    # blocks interleaved page by page (block b's page j at row 2j + b): rows apart, though neither block- nor
+    # token-major
+    rows = torch.zeros(2 * 4 * width, device=device, dtype=base.dtype)
+    inter = rows.as_strided((2, 4, width), (width, 2 * width, 1))
+    scale = torch.zeros(2, 4, 1, device=device) if fp8 else None
+    write_cache(kv_c, k_pe, inter, pe, torch.tensor([1, 4], device=device), kv_scale=scale)
+    got = inter.float() * (scale.repeat_interleave(128, -1) if fp8 else 1)
+    assert torch.equal(got[0, 1], kv_c[0].float()) and torch.equal(got[1, 0], kv_c[1].float())

@@ -710,7 +710,9 @@ BAD = {
                             "cache_seqlens"),
     "cache_seqlens-batch": (lambda a: a.update(cache_seqlens=a["cache_seqlens"][:2]), ValueError, "cache_seqlens"),
     "cache_seqlens-below-new-tokens": (_set("cache_seqlens", 0, 9), ValueError, "cache_seqlens"),
-    "cache_seqlens-negative": (_set("cache_seqlens", 1, -1), ValueError, "cache_seqlens"),
+    # a negative length was blamed on the new tokens ("smaller than sequence 1's 0 new tokens")
+    "cache_seqlens-negative": (_set("cache_seqlens", 1, -1), ValueError, r"cache_seqlens must be >= 0, got "
+                               r"cache_seqlens\[1\]=-1"),
     "cache_seqlens-beyond-table": (_set("cache_seqlens", 0, 10_000), ValueError, "cache_seqlens"),
     "block_table-float": (lambda a: a.update(block_table=a["block_table"].float()), TypeError, "block_table"),
     "block_table-batch": (lambda a: a.update(block_table=a["block_table"][:2]), ValueError, "block_table"),
@@ -772,6 +774,7 @@ BAD_ATTENTION = {
                                  ValueError, "q_nope"),
     "cu_seqlens_q-not-to-T": (_set("cu_seqlens_q", 3, 12), ValueError, "cu_seqlens_q"),
     "cache_seqlens-below-new-tokens": (_set("cache_seqlens", 0, 9), ValueError, "cache_seqlens"),
+    "cache_seqlens-negative": (_set("cache_seqlens", 0, -4), ValueError, r"cache_seqlens must be >= 0"),
     "q_nope-float32": (lambda a: a.update(q_nope=a["q_nope"].float()), TypeError, "q_nope"),
     # no backward pass: the absorbed path gave w_kv_b a partial gradient and q_nope none, the expanded one nothing
     "w_kv_b-requires-grad": (lambda a: a.update(w_kv_b=a["w_kv_b"].detach().requires_grad_()), ValueError, "w_kv_b"),
