@@ -105,7 +105,8 @@ def test_sparse_slots_topk_length_and_sink(dtype, device, poisoned_empty):
     lens, s_q, heads, page, k = [40, 17, 90], 2, 4, 16, 24
     q, k_cache, a = flash_inputs(lens, s_q, heads, page, dtype, device, seed=1)
     positions = key_lists(lens, s_q, k, seed=3, device=device)  # (17 tokens: -1 past them)
-    keep = torch.tensor([24, 10, 0], device=device, dtype=torch.int32)  # row 2: no entry left
+    # row 0: a length past topk keeps all; row 2: a negative one none (the docstring's semantics, unchecked)
+    keep = torch.tensor([30, 10, -3], device=device, dtype=torch.int32)
     kept = torch.where(torch.arange(k, device=device) < keep[:, None, None].long(), positions, -1)
     sink = torch.tensor([float("-inf"), 0.5, -2.0, float("inf")], device=device)
     out, lse = flash_mla_with_kvcache(q, k_cache, None, None, R, get_mla_metadata()[0], None, softmax_scale=SCALE,

@@ -25,9 +25,10 @@ Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent a
 ``causal`` defaults to False, as in FlashMLA (``mla_decode``'s default is True): without it every new token sees
 the whole ``cache_seqlens[b]``. With ``indices [B, S_q, topk]`` (sparse attention, ``causal`` False) an entry is a
 slot of the whole cache, ``block id * page + offset``, and -1 (or, as FlashMLA documents, any number at or past the
-cache's slot count) is skipped; ``block_table`` and ``cache_seqlens`` are
-then not read. ``topk_length [B]`` keeps each row's first entries only, and ``attn_sink [H]`` (float32) scales the
-output by ``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse. A bf16 sparse cache is taken
+cache's slot count) is skipped; ``block_table`` and ``cache_seqlens`` are then not read. ``topk_length [B]``
+keeps each row's first ``topk_length[b]`` entries only (none for a length <= 0, all for one past ``topk``: read on
+the device, never checked, as the indices are not), and ``attn_sink [H]`` (float32) scales the output by
+``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse. A bf16 sparse cache is taken
 too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
 lengths, and the FP8-query ``descale_q``/``descale_k`` of some forks.
 
