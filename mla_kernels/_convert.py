@@ -1,4 +1,5 @@
-"""``to_dtype``: the kernels' float32 -> output dtype conversion, rounded to nearest even everywhere.
+"""``to_dtype``: the kernels' float32 -> output dtype conversion, rounded to nearest even everywhere; ``to_float32``:
+bfloat16 -> float32, exact everywhere.
 
 Every GPU Triton targets converts float32 to bfloat16 by rounding to nearest even (NVIDIA's ``cvt.rn.bf16.f32``,
 AMD's equivalent), and so does torch. Triton's CPU interpreter truncates instead (it shifts the bits off; its
@@ -8,6 +9,11 @@ tests hold decode outputs to a cosine difference under 1e-5: 1.2-1.6e-5 truncate
 differ from torch's and the GPU's in the last bit of about half the values. Where the interpreter runs the kernels
 (``_utils`` saw ``TRITON_INTERPRET`` at import), ``to_dtype`` makes the bfloat16 bits itself with integer ops;
 compiled for a GPU that branch is not there (the GPU's own conversion rounds).
+
+The other way, bfloat16 -> float32 is exact on a GPU and in torch (the bits shifted up 16), but the interpreter
+gets bfloat16 subnormals (below 1.2e-38) wrong: -7.16e-39 became -2.57e-39, 1e-40 became 0. Harmless inside a dot,
+but an elementwise kernel can scale such a value into range (the norm divides by a tiny RMS; an FP8 write's scale
+is the group's absolute maximum / 448), so ``to_float32`` shifts the bits itself where the interpreter runs.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import triton.language as tl
 
 from . import _utils
 
-__all__ = ["to_dtype"]
+__all__ = ["to_dtype", "to_float32"]
 
 EMULATE_ROUNDING = tl.constexpr(_utils._INTERPRET_AT_IMPORT)
 
@@ -41,4 +47,14 @@ def to_dtype(x, dtype: tl.constexpr):
         out = _round_bf16(x)
     else:
         out = x.to(dtype)
+    return out
+
+
+@triton.jit
+def to_float32(x):
+    """``x.to(tl.float32)``, exact for bfloat16 subnormals where the interpreter's cast is not (module docstring)."""
+    if EMULATE_ROUNDING and x.dtype == tl.bfloat16:  # (decided at compile time)
+        out = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        out = x.to(tl.float32)
     return out

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import _launcher, _utils
 from . import _tuning
+from ._convert import to_float32
 from ._utils import FLOAT_DTYPES, INDEX_DTYPES
 
 __all__ = ["write_cache", "PagedLatentCache", "CacheFullError", "fp8_latent_cache", "fp8_row_bytes"]
@@ -108,7 +109,7 @@ def _write_cache_kernel(
     kv = tl.load(kv_c_ptr + tok[:, None] * stride_kv_c_t + offs_r[None, :], mask=valid[:, None])  # [BLOCK_T, D_LATENT]
     kv_dst = kv_cache_ptr + blk[:, None] * stride_kv_cache_blk + off[:, None] * stride_kv_cache_off + offs_r[None, :]
     if KV_FP8:  # e4m3 values [BLOCK_T, D_LATENT] and one fp32 scale per 128 of them [BLOCK_T, D_LATENT // 128]
-        kv, scale = _quantize_fp8(kv.to(tl.float32), BLOCK_T, D_LATENT)  # e4m3 bits, as uint8
+        kv, scale = _quantize_fp8(to_float32(kv), BLOCK_T, D_LATENT)  # e4m3 bits, as uint8
         if kv_cache_ptr.dtype.element_ty != tl.uint8:  # an e4m3 cache (not its bits: _utils.fp8_bits)
             kv = kv.to(kv_cache_ptr.dtype.element_ty, bitcast=True)
         offs_g = tl.arange(0, D_LATENT // 128)

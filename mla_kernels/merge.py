@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
-from ._convert import to_dtype
+from ._convert import to_dtype, to_float32
 from .decode import COMBINE_GRID_X, LN2_C, _combine_grid
 
 LOG2E_C: tl.constexpr = tl.constexpr(_utils.LOG2E)
@@ -46,8 +46,8 @@ def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, num_rows, width,
     inv = tl.where(total > 0.0, 1.0 / tl.where(total > 0.0, total, 1.0), 0.0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < width
-    a = tl.load(OUT_A + row * width + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(OUT_B + row * width + offs, mask=mask, other=0.0).to(tl.float32)
+    a = to_float32(tl.load(OUT_A + row * width + offs, mask=mask, other=0.0))
+    b = to_float32(tl.load(OUT_B + row * width + offs, mask=mask, other=0.0))
     # a state that saw no key (weight 0) adds nothing, even where its output holds NaN (0 * NaN would not)
     a = tl.where(w_a > 0.0, a * (w_a * inv), 0.0)
     b = tl.where(w_b > 0.0, b * (w_b * inv), 0.0)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import _launcher, _utils
-from ._convert import to_dtype
+from ._convert import to_dtype, to_float32
 from .rope import _lead_strides
 
 __all__ = ["DeepseekRMSNorm", "KernelRMSNorm", "rms_norm"]
@@ -63,11 +63,11 @@ def _rms_norm_rows(pid, X, W, OUT, num_rows, seq_len, stride_xb, stride_xs, widt
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < width
     mask = (rows < num_rows)[:, None] & col_mask[None, :]
-    x = tl.load(X + (b * stride_xb + s * stride_xs)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(X + (b * stride_xb + s * stride_xs)[:, None] + cols[None, :], mask=mask, other=0.0))
     variance = tl.sum(x * x, axis=1) / width
     normed = x * tl.math.rsqrt(variance + eps)[:, None]
-    normed = to_dtype(normed, X.dtype.element_ty).to(tl.float32)  # the module's cast back to the input's dtype
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    normed = to_float32(to_dtype(normed, X.dtype.element_ty))  # the module's cast back to the input's dtype
+    w = to_float32(tl.load(W + cols, mask=col_mask, other=0.0))
     tl.store(OUT + rows[:, None] * width + cols[None, :], to_dtype(w[None, :] * normed, OUT.dtype.element_ty), mask=mask)
 
 

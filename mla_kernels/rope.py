@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _launcher, _utils
-from ._convert import to_dtype
+from ._convert import to_dtype, to_float32
 
 ROPE_STYLES = ("interleave", "half", "pairs", "none")  # "none": no rope (Kimi-Linear's MLA: NoPE)
 _STYLE_IDS = {"half": 0, "interleave": 1, "pairs": 2}
@@ -78,11 +78,11 @@ def _rope_rows(pid, X, OUT, COS, SIN, num_rows, num_heads, seq_len,
     offs_i = tl.arange(0, HALF)[None, :]
     cos_rows = (COS + b * stride_cb + s * stride_cs)[:, None]
     sin_rows = (SIN + b * stride_sb + s * stride_ss)[:, None]
-    cos_lo = tl.load(cos_rows + offs_i, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_R, HALF]
-    sin_lo = tl.load(sin_rows + offs_i, mask=mask, other=0.0).to(tl.float32)
+    cos_lo = to_float32(tl.load(cos_rows + offs_i, mask=mask, other=0.0))  # [BLOCK_R, HALF]
+    sin_lo = to_float32(tl.load(sin_rows + offs_i, mask=mask, other=0.0))
     if STYLE == 0:  # rotate_half reads both halves of the tables
-        cos_hi = tl.load(cos_rows + HALF + offs_i, mask=mask, other=0.0).to(tl.float32)
-        sin_hi = tl.load(sin_rows + HALF + offs_i, mask=mask, other=0.0).to(tl.float32)
+        cos_hi = to_float32(tl.load(cos_rows + HALF + offs_i, mask=mask, other=0.0))
+        sin_hi = to_float32(tl.load(sin_rows + HALF + offs_i, mask=mask, other=0.0))
     else:
         cos_hi = cos_lo
         sin_hi = sin_lo
@@ -91,8 +91,8 @@ def _rope_rows(pid, X, OUT, COS, SIN, num_rows, num_heads, seq_len,
         first, second = offs_i, HALF + offs_i
     else:
         first, second = 2 * offs_i, 2 * offs_i + 1
-    x1 = tl.load(x_rows + first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_rows + second, mask=mask, other=0.0).to(tl.float32)
+    x1 = to_float32(tl.load(x_rows + first, mask=mask, other=0.0))
+    x2 = to_float32(tl.load(x_rows + second, mask=mask, other=0.0))
     out1 = x1 * cos_lo - x2 * sin_lo
     out2 = x2 * cos_hi + x1 * sin_hi
     out_rows = (OUT + rows * (2 * HALF))[:, None]

@@ -166,6 +166,9 @@ def test_write_kernel_matches_the_reference_quantizer_bit_for_bit(r, p, device, 
     kv_c[4, ::3] = -0.0  # e4m3 0x80: the kernel's rounding kept the sign of nothing below 0 and stored +0 (0x00)
     kv_c[5, 1:128:2] *= -1e-30  # tiny negatives in a group of normal values: they round to e4m3's -0
     kv_c[6, :128] = torch.logspace(-9, 0, 128)  # subnormals within a group
+    # a group of bf16 subnormals (below 1.2e-38; a subnormal scale): the interpreter's bf16 -> fp32 cast got them
+    # wrong (124 of 128 bytes differed, the scale 2.54e-41 for 2.23e-41); a GPU's div.rn keeps subnormals
+    kv_c[7, :128] = torch.linspace(-1, 1, 128) * 1e-38
     kv_c = kv_c.to(device)
     k_pe = torch.randn(tokens, p, generator=g).to(dtype=torch.bfloat16, device=device)
     slots = torch.randperm(num_blocks * page, generator=g)[:tokens]

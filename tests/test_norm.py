@@ -34,7 +34,8 @@ def formula(norm, x):
 
 @pytest.mark.parametrize("weight_dtype", ["same", "fp32"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("case", ["tokens", "batch-seq", "latent-view", "one-row", "width-96", "small-rows-eps"])
+@pytest.mark.parametrize("case", ["tokens", "batch-seq", "latent-view", "one-row", "width-96", "small-rows-eps",
+                                  "subnormal-rows"])
 def test_rms_norm_matches_the_formula(case, dtype, weight_dtype, device, poisoned_empty, monkeypatch):
     """One launch, in every layout the drop-in hands it: packed tokens ``[T, R]``, ``[B, S, R]``, the latent as a
     view of the latent projection's ``[B, S, R + P]`` rows (``kv_c``), one row ``[R]``, and a width that is not a
@@ -43,14 +44,18 @@ def test_rms_norm_matches_the_formula(case, dtype, weight_dtype, device, poisone
     The epsilon as the module holds it (``small-rows-eps``: 1e-2, not the default): rows of zeros (0, where a
     missing epsilon gives 0 * inf = NaN) and rows whose mean square is far under, near and far over it (scales
     1e-3, 3e-2 and 1 of ``randn * 3``); the other cases' rows (mean square ~9) move by ~1e-7 with epsilon, under any
-    tolerance."""
+    tolerance. ``subnormal-rows``: rows of bf16 (and fp32) subnormals, which the epsilon scales into range
+    (x / sqrt(1e-6)): the interpreter's own bf16 -> fp32 cast got them wrong by up to 3x (-7.16e-39 read as
+    -2.57e-39); the kernel widens them exactly (``_convert.to_float32``). fp16 rounds them to 0."""
     width = 96 if case == "width-96" else 128
     g = torch.Generator().manual_seed(1)
     shape = {"tokens": (7, width), "batch-seq": (2, 3, width), "latent-view": (2, 3, width + 32), "one-row": (width,),
-             "width-96": (5, width), "small-rows-eps": (5, width)}[case]
+             "width-96": (5, width), "small-rows-eps": (5, width), "subnormal-rows": (4, width)}[case]
     x = torch.randn(shape, generator=g) * 3
     if case == "small-rows-eps":
         x *= torch.tensor([0.0, 1e-3, 3e-2, 1.0, 0.0])[:, None]
+    if case == "subnormal-rows":
+        x *= torch.tensor([1e-39, 3e-40, 5e-39, 2e-39])[:, None]  # (every row: the error bound is over all)
     x = x.to(device, dtype)
     if case == "latent-view":
         x = x[..., :width]
