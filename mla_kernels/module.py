@@ -551,6 +551,7 @@ class MLAttention(nn.Module):
             batch.check_current()
         self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens)
         self._check_cache(cache, q_nope.device)
+        self._check_kv_b()
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             under = " (under torch.autocast, its dtype)" if torch.is_autocast_enabled(q_nope.device.type) else ""
@@ -633,6 +634,14 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight
         return w if w.dtype == dtype else w.to(dtype)
 
+    def _check_kv_b(self) -> None:
+        """``check_kv_b_proj`` at every call, before anything is written (a class test and three attribute reads on
+        the common path): an adapter or a hook added to ``kv_b_proj`` after the module was built would be
+        bypassed."""
+        kv_b = self.kv_b_proj
+        if kv_b.__class__ is not nn.Linear or kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None:
+            check_kv_b_proj(kv_b, "kv_b_proj")
+
     def _kv_b_split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj.weight`` (in ``dtype``, ``_kv_b_weight``) as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])``
         views: the key half absorbed into the query, the value half applied to the latent output."""
@@ -706,6 +715,18 @@ class MLAttention(nn.Module):
         q_nope, q_pe, kv_c, k_pe = self.project(flat, cos, sin)
         out = self.attend(q_nope, q_pe, kv_c, k_pe, batch)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
+
+
+def check_kv_b_proj(kv_b: nn.Module, name: str) -> None:
+    """Refuse a ``kv_b_proj`` the kernels can't stand in for: they read its weight directly and never call it, so
+    anything its call would do (an adapter's forward, a bias, forward hooks) would be silently skipped."""
+    if not isinstance(kv_b, nn.Linear) or type(kv_b).forward is not nn.Linear.forward or kv_b.bias is not None:
+        raise TypeError(f"{name} is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the kernels read its "
+                        f"weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own forward) would be "
+                        f"bypassed; merge it into a plain Linear first")
+    if kv_b._forward_hooks or kv_b._forward_pre_hooks:
+        raise ValueError(f"{name} has forward hooks, which would never run: the kernels read its weight directly "
+                         f"and never call it; remove them (a hook on the attention module sees its output)")
 
 
 def check_split_keys(split_tokens: int, keys: int, what: str) -> None:

@@ -1192,6 +1192,81 @@ def test_adapted_kv_b_proj_is_refused_before_any_swap():
     patch_model(model)
 
 
+def test_kv_b_proj_hooks_and_later_adapters_are_refused_attention_hooks_keep_running():
+    """kv_b_proj is never called (the kernels read its weight): a forward hook on it (a calibration observer, an
+    edit of its output) never ran and its edit silently vanished (logits 31% off stock); an adapter wrapped around
+    it after patching was bypassed (77% off). Both refused, at patch time and at every call (before the layer's own
+    step; the layers before it have taken theirs, so that Cache is refused after, as any interrupted step). A hook on the attention module itself fired on stock and never on the patched model: its stand-in
+    shares the hook dicts, so it fires with stock's output, and its handle still removes it."""
+    ids, mask = left_padded([5, 3])
+    stock = tiny_model()
+    model = copy.deepcopy(stock)
+    seen = []
+    handles = [m.model.layers[0].self_attn.register_forward_hook(lambda mod, args, out: seen.append(out[0].clone()))
+               for m in (stock, model)]  # (on the model: before patching)
+    hooked = model.model.layers[1].self_attn.kv_b_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.raises(ValueError, match="layer 1's kv_b_proj has forward hooks"):
+        patch_model(model)
+    assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
+    hooked.remove()
+    patch_model(model)
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert len(seen) == 2
+    real = mask.bool()  # (a pad's attention output is the patched model's own: it attends to nothing)
+    torch.testing.assert_close(seen[1][real], seen[0][real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    attn = model.model.layers[1].self_attn
+    plain = attn.kv_b_proj
+    for edit, error, match in ((lambda: plain.register_forward_pre_hook(lambda mod, args: None), ValueError,
+                                "kv_b_proj has forward hooks"),
+                               (lambda: setattr(attn, "kv_b_proj", _LoraLinear(plain)), TypeError,
+                                "kv_b_proj is a _LoraLinear")):
+        handle = edit()
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), pytest.raises(error, match=match):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        if handle is not None:
+            handle.remove()
+        attn.kv_b_proj = plain
+        with torch.no_grad():  # layer 0 had taken the step: that Cache says so; a new one serves
+            with pytest.raises(RuntimeError, match="start over with a new cache"):
+                model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=True).logits[real],
+                                       expected[real], rtol=1e-5, atol=1e-5)
+    seen.clear()
+    handles[1].remove()  # the handle from before patching removes it from the stand-in
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert not seen and not model.model.layers[0].self_attn._forward_hooks
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_one_token_step_without_the_padding_mask_is_refused(impl):
+    """A decode step whose caller left out the mask after a padded prompt: the stock model then attends to the
+    pads' keys, which the latent cache never stored. Under eager attention the 4-D all-visible mask was refused on
+    the device; under sdpa (which builds no mask for one token) the step silently differed from stock by 14%.
+    Refused on the host there. Without padding, a mask-less step is stock's."""
+    stock = tiny_model(attn_implementation=impl)
+    model = patch_model(copy.deepcopy(stock))
+    for lengths, padded in (([5, 3], True), ([5, 5], False)):
+        ids, mask = left_padded(lengths)
+        with torch.no_grad():
+            logits = []
+            for m in (stock, model):
+                out = m.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, do_sample=False,
+                                 max_new_tokens=2, min_new_tokens=2)
+                step = dict(input_ids=torch.tensor([[4], [5]]), past_key_values=out.past_key_values)
+                if m is model and padded:
+                    with pytest.raises((ValueError, RuntimeError), match="attention_mask is None|attention mask"):
+                        m(**step)
+                    continue
+                logits.append(m(**step).logits)
+        if not padded:
+            torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_float64_model_is_refused_before_any_swap():
     model = tiny_model().double()
     with pytest.raises(TypeError, match="bfloat16"):

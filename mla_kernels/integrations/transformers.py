@@ -52,7 +52,8 @@ from .. import _utils
 from ..cache import CacheFullError, PagedLatentCache, _write as _write_cache
 from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
-from ..module import LatentBatch, MLAttention, _check_inference, check_split_keys, config_kwargs, rope_inv_freq
+from ..module import (LatentBatch, MLAttention, _check_inference, check_kv_b_proj, check_split_keys,
+                      config_kwargs, rope_inv_freq)
 from ..norm import KernelRMSNorm, rms_norm
 
 __all__ = ["patch_model", "unpatch_model", "latent_cache", "static_latent_cache", "TransformersMLAttention",
@@ -86,6 +87,8 @@ SUPPORTED_MODEL_TYPES = {
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a DynamicCache "
                       "(the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
@@ -301,6 +304,8 @@ class _LatentState:
             if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
                 lens = torch.tensor(cached, dtype=torch.int32, pin_memory=_utils.pin_host(real.device))
                 _assert_history(attention_mask, real, _utils.to_device(lens, real.device))
+            elif attention_mask is None:  # (sdpa's mask builder passes none for a one-token step of a batch it
+                self._check_no_pads_cached(cached)  # thinks unpadded: the caller left the padding mask out)
             packing = None
         else:
             packing = _real_tokens(attention_mask, batch_size, query_len, cached)
@@ -318,6 +323,18 @@ class _LatentState:
         self._round = None
         self.calls[layer_idx] = calls + 1
         return self.current
+
+    def _check_no_pads_cached(self, cached: list[int]) -> None:
+        """A step without a mask shows the query every earlier position, pads included, which the latent cache
+        never stored: refused where an earlier step skipped some (a row holds fewer tokens than the steps fed).
+        From the host's bookkeeping: nothing read back."""
+        total = sum(step[0] for step in self._history)
+        short = next((b for b, n in enumerate(cached) if n != total), None)
+        if short is not None:
+            raise ValueError(f"attention_mask is None in a one-token step, but earlier steps had left padding that "
+                             f"the latent cache skipped (row {short} holds {cached[short]} of the {total} positions "
+                             f"fed): without a mask the model would attend to those pads; pass the padding mask, "
+                             f"extended by the new token, as generate does")
 
     def _check_later_layer(self, attn: "TransformersMLAttention", layer_idx: int, calls: int, batch_size: int,
                            query_len: int) -> None:
@@ -1252,6 +1269,12 @@ class TransformersMLAttention(MLAttention):
         gate = getattr(original, "g_proj", None)
         if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
             new.g_proj = gate
+        # hooks on the attention module keep running on its stand-in (called as it was, returning what it returned)
+        # and their handles keep removing them: the hook dicts are shared, not copied (unpatch_model's original
+        # then has those registered on the stand-in too)
+        for name in _HOOK_DICTS:
+            if name in original.__dict__:
+                new.__dict__[name] = original.__dict__[name]
         object.__setattr__(new, "_hf_original", original)
         return new
 
@@ -1283,6 +1306,7 @@ class TransformersMLAttention(MLAttention):
                              "patched attention does not apply (the kernels have no dropout): call model.eval(), "
                              "or unpatch_model(model)")
         _check_inference(self, hidden_states)
+        self._check_kv_b()
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
@@ -1591,10 +1615,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
         kv_b = attn.kv_b_proj
-        if not isinstance(kv_b, nn.Linear) or type(kv_b).forward is not nn.Linear.forward or kv_b.bias is not None:
-            raise TypeError(f"layer {i}'s kv_b_proj is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the "
-                            f"kernels read its weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own "
-                            f"forward) would be bypassed; merge it into a plain Linear first")
+        check_kv_b_proj(kv_b, f"layer {i}'s kv_b_proj")
         hook = getattr(kv_b, "_hf_hook", None)  # accelerate's: it loads an offloaded weight inside forward only
         if kv_b.weight.is_meta or any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
             raise TypeError(f"layer {i}'s kv_b_proj weight is offloaded (accelerate's device_map with cpu or disk "
