@@ -143,7 +143,7 @@ def _paged(batch: int, length: int, page: int, width: int, device, dtype, gen):
 class _Spec:
     name = ""
 
-    def key(self, shape: dict) -> str: ...
+    def key(self, shape: dict, dtype: torch.dtype) -> str: ...
     def heuristic(self, shape: dict, device) -> dict: ...
     def space(self, key: str, device, quick: bool) -> list[dict]: ...
     def default_shapes(self, quick: bool) -> list[dict]: ...
@@ -181,8 +181,8 @@ class _Decode(_Spec):
                 None: [(128, 1), (64, 2), (16, 8)]}
     CASES = [(128, 4096, 64), (8, 32768, 64), (1, 32768, 64), (64, 8192, 16), (32, 4096, 1)]  # (B, ctx, page)
 
-    def key(self, s):
-        return _tuning.decode_class(s["S_q"] * s["H"], s["R"])
+    def key(self, s, dtype):
+        return _tuning.decode_class(s["S_q"] * s["H"], s["R"], dtype.itemsize)
 
     def heuristic(self, s, device):
         from .decode import _config
@@ -254,8 +254,8 @@ class _Prefill(_Spec):
               dict(B=4, new=32, hist=4096, H=128), dict(B=4, new=1024, hist=0, H=16),
               dict(B=2, new=512, hist=2048, H=128)]
 
-    def key(self, s):
-        return _tuning.prefill_class(s["new"], s["H"], s["R"])
+    def key(self, s, dtype):
+        return _tuning.prefill_class(s["new"], s["H"], s["R"], dtype.itemsize)
 
     def heuristic(self, s, device):
         from .decode import _config
@@ -305,8 +305,8 @@ class _Expanded(_Spec):
               dict(B=2, new=512, hist=2048, H=128), dict(B=4, new=2048, hist=0, H=128),
               dict(B=2, new=4096, hist=0, H=16)]
 
-    def key(self, s):
-        return _tuning.expanded_class(s["new"], s["N"], s["V"])
+    def key(self, s, dtype):
+        return _tuning.expanded_class(s["new"], s["N"], s["V"], dtype.itemsize)
 
     def heuristic(self, s, device):
         from .prefill import _expanded_heuristic
@@ -355,8 +355,8 @@ class _WriteCache(_Spec):
     """``write_cache``'s kernel (bf16 cache; the fp8 classes keep the heuristic until swept)."""
     name = "write_cache"
 
-    def key(self, s):
-        return _tuning.write_cache_class(s["tokens"], s["R"])
+    def key(self, s, dtype):
+        return _tuning.write_cache_class(s["tokens"], s["R"], elem_bytes=dtype.itemsize)
 
     def heuristic(self, s, device):
         from .cache import _block_t
@@ -567,7 +567,7 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
         spec = SPECS[kernel]
         classes: dict[str, list[dict]] = {}
         for shape in (shapes or {}).get(kernel) or spec.default_shapes(quick):
-            classes.setdefault(spec.key(shape), []).append(shape)
+            classes.setdefault(spec.key(shape, dtype), []).append(shape)
         for key, members in classes.items():
             if budget_s is not None and time.monotonic() - start > budget_s:
                 log(f"budget of {budget_s:.0f} s spent: {kernel} {key} not tuned")
@@ -583,6 +583,7 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
             if res["winner"] is not None and out is not None:
                 _tuning.save_file(out, device=name, sm_count=sms, source=source,
                                   kernels={kernel: {key: res["winner"]}})
+                _tuning.forget_own(device, kernel, key)  # (an on-demand caller keeps the winner it is handed)
             log(format_result(res))
             if on_result is not None:
                 on_result(res)
@@ -613,16 +614,17 @@ def tune_on_demand(kernel: str, shape_class: str, device_index: int) -> dict | N
     write the winner to the user's cache file. None if the class has no benchmark shape."""
     spec = SPECS[kernel]
     widths = spec.widths_of(shape_class)
+    dtype = torch.float32 if _tuning.class_elem_bytes(shape_class) == 4 else torch.bfloat16  # (the class's own)
     candidates = (ON_DEMAND_SHAPES or {}).get(kernel) or spec.default_shapes(True) + spec.default_shapes(False)
     shapes = []
     for shape in candidates:
         shape = dict(shape, **{k: v for k, v in widths.items() if k in shape})
-        if spec.key(shape) == shape_class and shape not in shapes:
+        if spec.key(shape, dtype) == shape_class and shape not in shapes:
             shapes.append(shape)
     if not shapes:
         return None
     device = torch.device("cuda", device_index) if torch.cuda.is_available() else torch.device("cpu")
-    res = sweep([kernel], {kernel: shapes[:2]}, quick=True, device=device, timer=ON_DEMAND_TIMER,
+    res = sweep([kernel], {kernel: shapes[:2]}, quick=True, device=device, dtype=dtype, timer=ON_DEMAND_TIMER,
                 out=_tuning.user_file(device_index), source=f"{_tuning.AUTOTUNE_ENV}=1 (on first use)",
                 log=lambda msg: print(msg, file=sys.stderr))
     return res[0].get("winner") if res else None

@@ -49,26 +49,43 @@ EXPANDED_NEW = (64, 1024)  # expanded prefill: new tokens of the longest sequenc
 WRITE_TOKENS = (256,)  # write_cache: a decode step's tokens, or a prompt's
 
 
-def decode_class(rows_per_seq: int, d_latent: int = 512) -> str:
+_FP32 = "/fp32"
+
+
+def _wide(elem_bytes: int) -> str:
+    """A class key's suffix for 4-byte (fp32) tensors: their tiles take twice the shared memory and their dots
+    other instructions, so their winners are kept apart from the 2-byte dtypes' (bf16 and fp16 share a class: the
+    same tiles fit, and tuning one dtype replaced the other's winners when every dtype shared one)."""
+    return "" if elem_bytes <= 2 else _FP32
+
+
+def decode_class(rows_per_seq: int, d_latent: int = 512, elem_bytes: int = 2) -> str:
     """Shape class of a decode launch: the latent width and the rows per sequence (S_q x H, the kernel flattens
-    them) change the best tiles; batch, context and page size are the benchmark cases within a class (the page
-    size cannot be a key: ``mla_decode_metadata`` picks tiles without it)."""
-    return f"R{d_latent}/" + _bucket(rows_per_seq, "rows", DECODE_ROWS)
+    them) change the best tiles, and the query's element size (``_wide``); batch, context and page size are the
+    benchmark cases within a class (the page size cannot be a key: ``mla_decode_metadata`` picks tiles without
+    it)."""
+    return f"R{d_latent}/" + _bucket(rows_per_seq, "rows", DECODE_ROWS) + _wide(elem_bytes)
 
 
-def prefill_class(max_seqlen_q: int, heads: int, d_latent: int = 512) -> str:
+def prefill_class(max_seqlen_q: int, heads: int, d_latent: int = 512, elem_bytes: int = 2) -> str:
     """Shape class of an absorbed prefill launch (decode's kernel over ragged rows)."""
-    return f"R{d_latent}/" + _bucket(max_seqlen_q * heads, "rows", PREFILL_ROWS)
+    return f"R{d_latent}/" + _bucket(max_seqlen_q * heads, "rows", PREFILL_ROWS) + _wide(elem_bytes)
 
 
-def expanded_class(max_seqlen_q: int, d_nope: int = 128, d_v: int = 128) -> str:
+def expanded_class(max_seqlen_q: int, d_nope: int = 128, d_v: int = 128, elem_bytes: int = 2) -> str:
     """Shape class of an expanded prefill launch: per-head widths and the longest sequence's new tokens."""
-    return f"N{d_nope}/V{d_v}/" + _bucket(max_seqlen_q, "new", EXPANDED_NEW)
+    return f"N{d_nope}/V{d_v}/" + _bucket(max_seqlen_q, "new", EXPANDED_NEW) + _wide(elem_bytes)
 
 
-def write_cache_class(num_tokens: int, d_latent: int = 512, fp8: bool = False) -> str:
-    """Shape class of a write_cache launch: width, fp8 quantization, decode step or prompt."""
-    return f"R{d_latent}/" + ("fp8/" if fp8 else "") + _bucket(num_tokens, "tokens", WRITE_TOKENS)
+def write_cache_class(num_tokens: int, d_latent: int = 512, fp8: bool = False, elem_bytes: int = 2) -> str:
+    """Shape class of a write_cache launch: width, fp8 quantization, decode step or prompt, the new tokens'
+    element size."""
+    return f"R{d_latent}/" + ("fp8/" if fp8 else "") + _bucket(num_tokens, "tokens", WRITE_TOKENS) + _wide(elem_bytes)
+
+
+def class_elem_bytes(shape_class: str) -> int:
+    """The element size a class key stands for (``_wide``): 4 for an fp32 class, else 2."""
+    return 4 if shape_class.endswith(_FP32) else 2
 
 
 _warned: set = set()
@@ -379,10 +396,30 @@ def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | 
     """The stored config for ``kernel`` at ``shape_class`` on ``device``, or None (use the heuristic).
     CPU devices (interpreter) always get None. One dict lookup after the first call per device; with
     ``MLA_KERNELS_AUTOTUNE=1`` a missing class is tuned once first (``_tune_missing``), unless ``tune`` is False (a
-    question about a launch that may not happen, as the prefill cost model's about the expanded kernel's tiles)."""
+    question about a launch that may not happen, as the prefill cost model's about the expanded kernel's tiles).
+    An fp32 class (``_wide``) with nothing of its own takes its 2-byte class's config, as launches did before fp32
+    had classes (the caller fits it to shared memory, as any config; should it fail to compile, that config is
+    dropped for both), and is tuned on demand only where neither is stored."""
     index = _gpu_index(device)
     if index is None:
         return None
+    cfg = _stored(kernel, shape_class, index)
+    if cfg is None and shape_class.endswith(_FP32):
+        cfg = _stored(kernel, shape_class[:-len(_FP32)], index)
+    if cfg is None and tune and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
+        tuned = _tune_missing(kernel, shape_class, index)
+        if tuned is not None:
+            cfg = _tuned_here[(index, kernel, shape_class)] = Tuned(tuned, kernel, shape_class, index)
+    return cfg
+
+
+def _stored(kernel: str, shape_class: str, index: int) -> Tuned | None:
+    """``lookup``'s config of one class: this process's own on-demand winner, before any file (shared:
+    ``_tuned_here``'s comment), else the files' entry (checked once, kept as a ``Tuned``), else None."""
+    if _tuned_here:
+        own = _tuned_here.get((index, kernel, shape_class))
+        if own is not None:
+            return own
     table = _device_table(index)
     cfg = table.get(kernel, {}).get(shape_class) if table is not None else None
     if type(cfg) is Tuned:  # the common case: converted by an earlier call (callers never mutate it)
@@ -397,15 +434,6 @@ def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | 
             _warn_once(f"mla_kernels: ignoring the stored {kernel} config for {shape_class} ({why}); "
                        "using the built-in heuristics")
             cfg = None
-    if cfg is None:  # this process's own on-demand winner, if it tuned the class (kept here, not read back)
-        cfg = _tuned_here.get((index, kernel, shape_class))
-        if cfg is not None:
-            return cfg
-    if cfg is None and tune and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
-        cfg = _tune_missing(kernel, shape_class, index)
-        if cfg is not None:
-            cfg = _tuned_here[(index, kernel, shape_class)] = Tuned(cfg, kernel, shape_class, index)
-            return cfg
     if cfg is None:
         return None
     cfg = Tuned(cfg, kernel, shape_class, index)
@@ -420,6 +448,14 @@ _tried: set = set()
 # the same class there, by timing noise), and reading it again switched this process's tuned classes to the other's
 # mid-run: a decode step's metadata, cut for this process's tiles, was then refused.
 _tuned_here: dict = {}
+
+
+def forget_own(device, kernel: str, shape_class: str) -> None:
+    """Drop this process's on-demand winner of a class that a sweep (``mla_kernels.autotune``) has just stored
+    anew: lookups take the sweep's winner from the file from then on (``lookup`` prefers ``_tuned_here``)."""
+    _tuned_here.pop((_gpu_index(device), kernel, shape_class), None)
+
+
 _unwritable: set = set()  # user cache folders on-demand tuning could not write (this process): no class tries again
 
 
@@ -469,6 +505,8 @@ def dropped(kernel: str, shape_class: str, device) -> dict | None:
     cuts them again), so as launched: fitted to shared memory where the launch shrank it."""
     index = _gpu_index(device)
     entry = None if index is None else _dropped.get((index, kernel, shape_class))
+    if entry is None and index is not None and shape_class.endswith(_FP32):  # (the 2-byte class it launched)
+        entry = _dropped.get((index, kernel, shape_class[:-len(_FP32)]))
     return None if entry is None else entry[1]
 
 

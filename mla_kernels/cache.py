@@ -129,10 +129,10 @@ def _block_t(num_tokens: int, d_latent: int) -> int:
     return min(16, 4096 // d_latent, _utils.next_pow2(num_tokens))
 
 
-def _write_cache_config(num_tokens: int, d_latent: int, fp8: bool, device: torch.device) -> dict:
+def _write_cache_config(num_tokens: int, d_latent: int, fp8: bool, device: torch.device, elem_bytes: int = 2) -> dict:
     """This GPU's tuned config for the shape class (``_tuning.write_cache_class``; a ``_tuning.Tuned``), else the
     heuristic: ``_block_t`` tokens per program, 4 warps."""
-    tuned = _tuning.lookup("write_cache", _tuning.write_cache_class(num_tokens, d_latent, fp8), device)
+    tuned = _tuning.lookup("write_cache", _tuning.write_cache_class(num_tokens, d_latent, fp8, elem_bytes), device)
     return tuned if tuned is not None else _write_cache_heuristic(num_tokens, d_latent)
 
 
@@ -144,7 +144,8 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     num_tokens = kv_c.shape[0]
     num_blocks, page_size, d_latent = kv_cache.shape
     d_rope = pe_cache.shape[2]
-    cfg = config or _write_cache_config(num_tokens, d_latent, kv_scale is not None, kv_cache.device)
+    cfg = config or _write_cache_config(num_tokens, d_latent, kv_scale is not None, kv_cache.device,
+                                        kv_c.element_size())
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)

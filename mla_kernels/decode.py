@@ -75,7 +75,7 @@ def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope:
     widths, query element size (``elem_bytes``) and cache format (``kv_fp8``): fp32 at 64 x 64 does not fit an
     H100. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use the tiles the
     launch will use."""
-    cfg = (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent), device)
+    cfg = (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent, elem_bytes), device)
            or _config(rows_per_seq, d_latent, _utils.on_hip(device)))
     return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
 
@@ -1302,7 +1302,8 @@ def _check_metadata(metadata, cache_seqlens, rows_per_seq: int, d_latent: int, n
     if check_tiles:
         built_for = (metadata.block_m, metadata.block_n)
         block_m, block_n = schedule_tiles(rows_per_seq, d_latent, cache_seqlens.device, d_rope, elem_bytes, kv_fp8)
-        dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent), cache_seqlens.device)
+        dropped = _tuning.dropped("decode", _tuning.decode_class(rows_per_seq, d_latent, elem_bytes),
+                                  cache_seqlens.device)
         if built_for != (block_m, block_n) and \
                 (dropped is None or built_for != (dropped.get("BLOCK_M"), dropped.get("BLOCK_N"))):
             raise ValueError(f"metadata was built for {metadata.block_m} x {metadata.block_n} tiles, this call's "

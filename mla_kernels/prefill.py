@@ -211,7 +211,7 @@ def _absorbed_config(max_seqlen_q: int, heads: int, device: torch.device, d_late
     to shared memory like decode's), else None (``decode.decode_tiles``) on a GPU. The interpreter spends ~50 ms
     per loop step whatever the tile, so there prefill's many rows run in large tiles (one test runs the GPU
     tiles)."""
-    tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent), device)
+    tuned = _tuning.lookup("prefill", _tuning.prefill_class(max_seqlen_q, heads, d_latent, elem_bytes), device)
     if tuned is not None:
         return _fit_tiles(tuned, device, d_latent, d_rope, elem_bytes, kv_fp8)
     if not _utils.interpreting():  # a GPU (or the JIT compiling for one: _compile.jit_launches)
@@ -225,7 +225,7 @@ def _expanded_config(max_seqlen_q: int, device: torch.device, d_nope: int = 128,
     """This GPU's tuned config for the expanded kernel's shape class (``_tuning.expanded_class``; a
     ``_tuning.Tuned``, dropped by ``_launch_expanded`` if it fails to compile), else ``_expanded_heuristic``; its
     tiles shrunk where they would not fit the GPU's shared memory at these widths (``_fit_expanded``)."""
-    tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v), device, tune)
+    tuned = _tuning.lookup("expanded", _tuning.expanded_class(max_seqlen_q, d_nope, d_v, elem_bytes), device, tune)
     cfg = tuned if tuned is not None else _expanded_heuristic(max_seqlen_q, _utils.on_hip(device))
     return _fit_expanded(cfg, device, d_nope, d_v, d_rope, elem_bytes)
 

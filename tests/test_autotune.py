@@ -27,6 +27,7 @@ R, P, PAGE, HEADS = 32, 16, 16, 2
 SCALE = 0.25
 DECODE = dict(B=2, ctx=40, H=HEADS, S_q=1, page=PAGE, R=R, P=P)
 KEY = _tuning.decode_class(HEADS, R)  # "R32/rows<=16"
+KEY32 = _tuning.decode_class(HEADS, R, elem_bytes=4)  # "R32/rows<=16/fp32": decode_call's fp32 queries' own class
 # the interpreter's heuristic for R 32 at 2 rows is 16 x 64 tiles, 4 warps, 2 stages (decode._config)
 HEURISTIC = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
 FAST, WRONG, BROKEN = (dict(BLOCK_M=16, BLOCK_N=n, num_warps=4, num_stages=1) for n in (32, 16, 128))
@@ -167,7 +168,7 @@ def test_sweep_other_kernels_and_their_configs_reach_the_launch(fake_gpu, monkey
                              timer=lambda fn: 1.0 if fn.config == winner else 2.0,
                              candidates={kernel: [winner]}, log=lambda msg: None)
     assert res["winner"] == winner and res["speedup"] == 2.0
-    key = _autotune.SPECS[kernel].key(shapes[kernel])
+    key = _autotune.SPECS[kernel].key(shapes[kernel], torch.bfloat16)
     assert json.loads(out.read_text())["kernels"][kernel] == {key: winner}
 
     name = {"prefill": (decode, "_mla_attn_kernel"), "expanded": (prefill, "_mla_expanded_kernel"),
@@ -426,7 +427,8 @@ def test_env_var_tunes_a_missing_class_once_on_first_use(fake_gpu, monkeypatch, 
     out = mla_kernels.mla_decode(*args)
     assert calls and spy.launches[-1]["BLOCK_N"] == 32
     stored = json.loads(_tuning.user_file(0).read_text())
-    assert stored["kernels"]["decode"][KEY]["BLOCK_N"] == 32 and "MLA_KERNELS_AUTOTUNE" in stored["source"]
+    # (the fp32 call tunes its own class, swept in fp32; a bf16 class stays as it was)
+    assert stored["kernels"]["decode"] == {KEY32: FAST} and "MLA_KERNELS_AUTOTUNE" in stored["source"]
     assert_close("decode after on-demand tuning", out, expected, torch.float32)
     n = len(calls)
     mla_kernels.mla_decode(*args)
@@ -488,7 +490,7 @@ def test_an_unwritable_user_cache_warns_once_for_every_shape_class(fake_gpu, mon
         mla_kernels.write_cache(new[:, :R], new[:, R:], kv_cache, pe_cache, slots)
     msgs = [str(w.message) for w in caught if "mla_kernels" in str(w.message)]
     assert len(msgs) == 1 and str(blocker) in msgs[0], msgs
-    assert tried == [("decode", KEY)]
+    assert tried == [("decode", KEY32)]
     assert_close("the heuristic", out, expected, torch.float32)
     assert torch.equal(kv_cache.view(-1, R)[slots], new[:, :R]) and torch.equal(pe_cache.view(-1, P)[slots], new[:, R:])
 
@@ -1111,8 +1113,57 @@ def test_an_on_demand_winner_stays_this_processs_own(fake_gpu, monkeypatch, devi
                       kernels={"decode": {KEY: theirs}})
     assert dict(_tuning.lookup("decode", other, device)) == dict(ours, BLOCK_N=32)
     assert dict(_tuning.lookup("decode", KEY, device)) == ours
-    _tuning.reload()  # a new process (or an explicit reload) reads the file: the last writer's
+    _tuning.reload()  # an explicit reload too: this process's own winners stay until it restarts
+    assert dict(_tuning.lookup("decode", KEY, device)) == ours
+    monkeypatch.setattr(_tuning, "_tuned_here", {})  # a new process reads the file: the last writer's
     assert dict(_tuning.lookup("decode", KEY, device)) == theirs
+
+
+def test_an_on_demand_winner_survives_its_own_sweeps_reload(fake_gpu, monkeypatch, device):
+    """The same through the real on-demand path: its sweep ends with a reload of the files, after which ``lookup``
+    read the file before this process's own winners, so another rank's entry replaced the class's tiles and a
+    decode step's metadata, cut for this process's, was refused ("metadata was built for 16 x 32 tiles ... use
+    16 x 16"). An explicit sweep of the class (``mla_kernels.autotune``) does replace the on-demand winner."""
+    theirs = dict(FAST, BLOCK_N=16)
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [FAST])
+    monkeypatch.setattr(_autotune, "ON_DEMAND_TIMER", fake_timer({32: 1.0}))
+    monkeypatch.setattr(_autotune, "ON_DEMAND_SHAPES", {"decode": [DECODE]})
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "1")
+    args, expected = decode_call(device)
+    q_nope, q_pe, kv, pe, table, lens, scale = args
+    meta = mla_kernels.mla_decode_metadata(lens, HEADS, 1, kv_lora_rank=R, rope_dim=P, dtype=torch.float32)
+    assert dict(_tuning.lookup("decode", KEY32, device)) == FAST  # tuned by the metadata's lookup
+    _tuning.save_file(_tuning.user_file(0), device="Test GPU", sm_count=8, source="the other rank",
+                      kernels={"decode": {KEY32: theirs}})
+    _tuning.reload()
+    out = mla_kernels.mla_decode(*args, metadata=meta)
+    assert_close("decode with this process's metadata", out, expected, torch.float32)
+    assert dict(_tuning.lookup("decode", KEY32, device)) == FAST
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [theirs])
+    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float32, log=None,
+                         timer=fake_timer({16: 1.0}))
+    assert dict(_tuning.lookup("decode", KEY32, device)) == theirs
+
+
+def test_each_dtype_size_keeps_its_own_winners(fake_gpu, monkeypatch, device):
+    """A float32 sweep stored its winners under the classes of the bf16 sweep before it (the classes had no
+    dtype), so every bf16 launch then ran fp32-tuned tiles. fp32 classes are their own now ("/fp32"); bf16 and
+    fp16 share theirs; an fp32 launch with no fp32 winner takes the 2-byte class's, as it did before."""
+    out = _tuning.CONFIG_DIR / "test-gpu.json"  # (the file shipped for the fake GPU)
+    wide, narrow = dict(FAST, BLOCK_N=16), FAST  # (the heuristic's 64 is timed too: slowest here)
+    monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [narrow, wide])
+    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float16, log=None, out=out,
+                         timer=fake_timer({32: 1.0, 16: 2.0, 64: 3.0}))
+    _tuning.reload()
+    assert dict(_tuning.lookup("decode", KEY32, device)) == narrow  # no fp32 winner yet: the 2-byte class's
+    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float32, log=None, out=out,
+                         timer=fake_timer({32: 2.0, 16: 1.0, 64: 3.0}))
+    assert json.loads(out.read_text())["kernels"]["decode"] == {KEY: narrow, KEY32: wide}
+    _tuning.reload()
+    assert dict(_tuning.lookup("decode", KEY, device)) == narrow and dict(_tuning.lookup("decode", KEY32, device)) \
+        == wide
+    assert decode.decode_tiles(HEADS, R, device, P, elem_bytes=2)["BLOCK_N"] == 32
+    assert decode.decode_tiles(HEADS, R, device, P, elem_bytes=4)["BLOCK_N"] == 16
 
 
 def test_the_cost_model_never_tunes_on_demand(fake_gpu, monkeypatch, device):
