@@ -25,6 +25,14 @@ import torch
 from . import _harness as h
 
 
+def _config_file(text: str) -> str:
+    """``--out``: a .json file that can be written, refused at once (an argparse error), not by a traceback from
+    the sweep (a folder) or after the first class was swept (``--results`` likewise, through ``h.out_arg``)."""
+    if not h.names_json_file(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: the config file to write must end in .json")
+    return h.out_arg(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from mla_kernels._autotune import KERNELS
 
@@ -32,10 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="fewer benchmark shapes and configs per class")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {','.join(KERNELS)}")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default=None, type=_config_file,
                         help="config file to write (default on a GPU mla_kernels/configs/<device-slug>.json; "
                              "off a GPU, where only tests tune with their own timer, nothing unless given)")
-    parser.add_argument("--results", default=None, help="report JSON (default bench/results/autotune_<device>.json)")
+    parser.add_argument("--results", default=None, type=h.out_arg,
+                        help="report JSON, or a folder for it (default bench/results/autotune_<device>.json)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no new shape class after this (what is finished is written)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cuda, cuda:N; cpu needs a timer")

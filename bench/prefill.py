@@ -503,8 +503,7 @@ def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=N
     consts = cost.fit(records, start=start)
     fitted, cases = [], {}
     for r in records:
-        est = cost.estimate(r["new"], r["cache_lens"], r["heads"], r["d_latent"], r["d_rope"], r["d_nope"], r["d_v"],
-                            constants=consts, block_m=r["block_m"])[r["path"]] * 1e3
+        est = cost.path_time(cost.record_work(r), dict(cost.DEFAULTS, **consts)) * 1e3  # (its own launches, as fit)
         fitted.append(dict(name=r["name"], path=r["path"], ms=r["ms"], model_ms=est,
                            model_over_measured=est / r["ms"]))
         cases.setdefault(r["name"].replace(" (auto)", " (absorbed)").replace(" (expanded)", " (absorbed)"),

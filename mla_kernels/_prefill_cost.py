@@ -222,6 +222,17 @@ def device_constants(device=None, relative_speed=None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def record_work(rec: dict) -> dict:
+    """A timed record's path work (``work``) with the launches of the code that ran it where it names them, as
+    ``fit`` models it: ``path_time(record_work(rec), constants)`` is the record's estimate."""
+    launches = rec.get("launches")
+    if launches is not None and (isinstance(launches, bool) or not isinstance(launches, int) or launches < 0):
+        raise ValueError(f"record launches must be an int >= 0, got {launches!r}")
+    w = work(rec.get("new", rec.get("new_lens")), rec["cache_lens"], rec["heads"], rec["d_latent"], rec["d_rope"],
+             rec["d_nope"], rec["d_v"], rec.get("causal", True), rec.get("block_m"))[rec["path"]]
+    return w if launches is None else dict(w, launches=launches)
+
+
 def fit(records, start=None, fixed=("prefill_bandwidth_gbps",), tol=1e-3) -> dict:
     """Constants minimising the squared log error of the estimates against ``records``' times.
 
@@ -244,14 +255,7 @@ def fit(records, start=None, fixed=("prefill_bandwidth_gbps",), tol=1e-3) -> dic
             raise ValueError(f"record path must be one of {PATHS}, got {rec['path']!r}")
         if not rec["ms"] > 0:
             raise ValueError(f"record time must be > 0 ms, got {rec['ms']!r}")
-        launches = rec.get("launches")
-        if launches is not None and (isinstance(launches, bool) or not isinstance(launches, int) or launches < 0):
-            raise ValueError(f"record launches must be an int >= 0, got {launches!r}")
-        w = work(rec.get("new", rec.get("new_lens")), rec["cache_lens"], rec["heads"], rec["d_latent"], rec["d_rope"],
-                 rec["d_nope"], rec["d_v"], rec.get("causal", True), rec.get("block_m"))[rec["path"]]
-        if launches is not None:
-            w = dict(w, launches=launches)
-        works.append((w, math.log(rec["ms"] * 1e-3)))
+        works.append((record_work(rec), math.log(rec["ms"] * 1e-3)))
     consts = dict(DEFAULTS, **(start or {}))
     free = [n for n in NAMES if n not in fixed]
     if len({w["launches"] for w, _ in works}) < 2 and "prefill_launch_us" in free:

@@ -585,6 +585,11 @@ BAD_CLI = {  # bench, arguments, the option argparse names: each was a traceback
     "out-an-existing-file": ("decode", ["--out", "{tmp}/notes.txt"], "--out"),  # after the whole run, its rows lost
     "out-below-a-file": ("decode", ["--out", "{tmp}/notes.txt/r.json"], "--out"),
     "out-a-folder-named-json": ("decode", ["--out", "{tmp}/old.json"], "--out"),
+    # bench.autotune's: a folder (IsADirectoryError from the sweep), a report path below a file (FileExistsError
+    # after the first class was swept and stored, the rest abandoned), a config file not ending in .json
+    "autotune-out-a-folder": ("autotune", ["--out", "{tmp}/old.json"], "--out"),
+    "autotune-out-not-json": ("autotune", ["--out", "{tmp}/configs"], "--out"),
+    "autotune-results-below-a-file": ("autotune", ["--results", "{tmp}/notes.txt/r.json"], "--results"),
 }
 
 
