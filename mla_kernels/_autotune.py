@@ -583,7 +583,7 @@ def sweep(kernels=None, shapes: dict | None = None, *, quick: bool = True, devic
             if res["winner"] is not None and out is not None:
                 _tuning.save_file(out, device=name, sm_count=sms, source=source,
                                   kernels={kernel: {key: res["winner"]}})
-                _tuning.forget_own(device, kernel, key)  # (an on-demand caller keeps the winner it is handed)
+                _tuning.forget_own(device, kernel, key, out)  # (an on-demand caller keeps the winner it is handed)
             log(format_result(res))
             if on_result is not None:
                 on_result(res)

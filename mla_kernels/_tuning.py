@@ -399,13 +399,14 @@ def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | 
     question about a launch that may not happen, as the prefill cost model's about the expanded kernel's tiles).
     An fp32 class (``_wide``) with nothing of its own takes its 2-byte class's config, as launches did before fp32
     had classes (the caller fits it to shared memory, as any config; should it fail to compile, that config is
-    dropped for both), and is tuned on demand only where neither is stored."""
+    dropped for both), and is tuned on demand only where neither is stored; once its own config is dropped it gets
+    the heuristic, as the drop's warning says."""
     index = _gpu_index(device)
     if index is None:
         return None
     cfg = _stored(kernel, shape_class, index)
-    if cfg is None and shape_class.endswith(_FP32):
-        cfg = _stored(kernel, shape_class[:-len(_FP32)], index)
+    if cfg is None and shape_class.endswith(_FP32) and (index, kernel, shape_class) not in _dropped:
+        cfg = _stored(kernel, shape_class[:-len(_FP32)], index)  # (not after its own was dropped: the heuristic)
     if cfg is None and tune and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
         tuned = _tune_missing(kernel, shape_class, index)
         if tuned is not None:
@@ -450,10 +451,20 @@ _tried: set = set()
 _tuned_here: dict = {}
 
 
-def forget_own(device, kernel: str, shape_class: str) -> None:
+def forget_own(device, kernel: str, shape_class: str, written) -> None:
     """Drop this process's on-demand winner of a class that a sweep (``mla_kernels.autotune``) has just stored
-    anew: lookups take the sweep's winner from the file from then on (``lookup`` prefers ``_tuned_here``)."""
-    _tuned_here.pop((_gpu_index(device), kernel, shape_class), None)
+    anew in ``written``, where that is a file lookups read (this GPU's shipped or user file): they take the sweep's
+    winner from it from then on (``lookup`` prefers ``_tuned_here``). A sweep written elsewhere changes nothing
+    here."""
+    index = _gpu_index(device)
+    if index is None or (index, kernel, shape_class) not in _tuned_here:
+        return
+    try:
+        read = {device_file(index).resolve(), user_file(index).resolve()}
+    except (RuntimeError, AssertionError, OSError):  # (no such GPU, an unreadable folder: nothing to replace)
+        return
+    if Path(written).resolve() in read:
+        _tuned_here.pop((index, kernel, shape_class), None)
 
 
 _unwritable: set = set()  # user cache folders on-demand tuning could not write (this process): no class tries again
@@ -505,8 +516,10 @@ def dropped(kernel: str, shape_class: str, device) -> dict | None:
     cuts them again), so as launched: fitted to shared memory where the launch shrank it."""
     index = _gpu_index(device)
     entry = None if index is None else _dropped.get((index, kernel, shape_class))
-    if entry is None and index is not None and shape_class.endswith(_FP32):  # (the 2-byte class it launched)
-        entry = _dropped.get((index, kernel, shape_class[:-len(_FP32)]))
+    if entry is None and index is not None and shape_class.endswith(_FP32):  # an fp32 class that launched its
+        base = _dropped.get((index, kernel, shape_class[:-len(_FP32)]))    # 2-byte class's config (no file read
+        if base is not None and _stored(kernel, shape_class, index) is None:  # unless that was dropped: traced)
+            entry = base
     return None if entry is None else entry[1]
 
 

@@ -114,12 +114,13 @@ def choose_prefill_path(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d
 
 
 def _choose(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed=None, device=None,
-            constants=None) -> str:
-    """``choose_prefill_path`` on lengths and sizes already checked (lists of ints; mla_prefill_attention's)."""
+            constants=None, elem_bytes=2) -> str:
+    """``choose_prefill_path`` on lengths and sizes already checked (lists of ints; mla_prefill_attention's, with its
+    queries' ``elem_bytes``: the expanded launch's tiles are those of its dtype's class)."""
     if not (_expanded_width_ok(d_nope) and _expanded_width_ok(d_v)):
         return "absorbed"  # widths the expanded kernel cannot tile (mla_prefill_attention refuses them there)
     return _cost.choose(_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed,
-                               device, constants))
+                               device, constants, elem_bytes))
 
 
 def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal=True, relative_speed=None, *,
@@ -138,8 +139,9 @@ def prefill_times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, ca
                   constants)
 
 
-def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants):
-    """``prefill_times`` on lengths and sizes already checked."""
+def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, relative_speed, device, constants,
+           elem_bytes=2):
+    """``prefill_times`` on lengths and sizes already checked (for queries of ``elem_bytes``; bf16's by default)."""
     device = _utils.check_device("device", device) if device is not None else None
     consts = _cost.device_constants(device, relative_speed)
     if constants is not None:  # not `if constants:`: a [] or 0 was ignored unchecked
@@ -149,7 +151,7 @@ def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, r
             consts["prefill_absorbed_tflops"] = relative_speed * consts["prefill_expanded_tflops"]
     max_q = max(new_lens, default=0)
     block_m = _expanded_config(max_q, device if device is not None else torch.device("cpu"), d_nope, d_v,
-                               d_rope, tune=False)["BLOCK_M"]  # (a question: no on-demand tuning for it)
+                               d_rope, elem_bytes, tune=False)["BLOCK_M"]  # (a question: no on-demand tuning for it)
     return _cost.estimate(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, consts, block_m)
 
 
@@ -985,7 +987,8 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     unfit = (d_nope, d_v, d_rope, q_nope.dtype, q_nope.device)  # a key of _EXPANDED_UNFIT
     if chosen:  # the lengths and widths are checked already
         path = "absorbed" if unfit in _EXPANDED_UNFIT else \
-            _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device)
+            _choose(new_lens, lens, heads, d_latent, d_rope, d_nope, d_v, causal, device=q_nope.device,
+                    elem_bytes=q_nope.element_size())
     w = w_kv_b.reshape(heads, d_nope + d_v, d_latent)
 
     def absorbed():

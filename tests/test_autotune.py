@@ -1140,9 +1140,42 @@ def test_an_on_demand_winner_survives_its_own_sweeps_reload(fake_gpu, monkeypatc
     assert_close("decode with this process's metadata", out, expected, torch.float32)
     assert dict(_tuning.lookup("decode", KEY32, device)) == FAST
     monkeypatch.setattr(_autotune.SPECS["decode"], "space", lambda key, dev, quick: [theirs])
-    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float32, log=None,
+    elsewhere = _tuning.CONFIG_DIR.parent / "exported.json"  # a file no lookup reads: nothing changes here
+    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float32, log=None, out=elsewhere,
                          timer=fake_timer({16: 1.0}))
+    assert dict(_tuning.lookup("decode", KEY32, device)) == FAST
+    mla_kernels.autotune({"decode": [DECODE]}, device=device, dtype=torch.float32, log=None,
+                         timer=fake_timer({16: 1.0}))  # (the user's file, which lookups read)
     assert dict(_tuning.lookup("decode", KEY32, device)) == theirs
+
+
+def test_an_fp32_class_falls_back_to_its_2_byte_class_until_its_own_is_dropped(fake_gpu, monkeypatch, device):
+    """With nothing of its own an fp32 class takes the 2-byte class's config (and, for schedules, its drop); with
+    its own, that one, and once that is dropped the heuristic (as the drop's warning says), not the 2-byte one;
+    a drop of the 2-byte class alone leaves an fp32 class with its own config undropped."""
+    narrow, wide = FAST, dict(FAST, BLOCK_N=16)
+    other, other32 = _tuning.decode_class(32, R), _tuning.decode_class(32, R, 4)  # a class with no fp32 config
+    fault = OutOfResources(1, 0, "shared memory")
+    _tuning.save_file(_tuning.device_file(0), device="Test GPU", sm_count=8, source="test",
+                      kernels={"decode": {KEY: narrow, other: narrow}})
+    _tuning.reload()
+    assert dict(_tuning.lookup("decode", KEY32, device)) == narrow
+    _tuning.save_file(_tuning.device_file(0), device="Test GPU", sm_count=8, source="test",
+                      kernels={"decode": {KEY32: wide}})
+    _tuning.reload()
+    assert dict(_tuning.lookup("decode", KEY32, device)) == wide
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        _tuning.drop(_tuning.lookup("decode", KEY32, device), fault)
+    assert _tuning.lookup("decode", KEY32, device) is None and _tuning.dropped("decode", KEY32, device) == wide
+    assert dict(_tuning.lookup("decode", KEY, device)) == narrow  # (the 2-byte class keeps its own)
+    monkeypatch.setattr(_tuning, "_dropped", {})  # a new process: the file's configs again
+    _tuning.reload()
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        _tuning.drop(_tuning.lookup("decode", KEY, device), fault)
+    assert _tuning.dropped("decode", KEY, device) == narrow and _tuning.dropped("decode", KEY32, device) is None
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        _tuning.drop(_tuning.lookup("decode", other32, device), fault)  # (its 2-byte class's config, launched)
+    assert _tuning.dropped("decode", other32, device) == narrow
 
 
 def test_each_dtype_size_keeps_its_own_winners(fake_gpu, monkeypatch, device):
@@ -1164,6 +1197,22 @@ def test_each_dtype_size_keeps_its_own_winners(fake_gpu, monkeypatch, device):
         == wide
     assert decode.decode_tiles(HEADS, R, device, P, elem_bytes=2)["BLOCK_N"] == 32
     assert decode.decode_tiles(HEADS, R, device, P, elem_bytes=4)["BLOCK_N"] == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_cost_models_question_is_the_launchs_dtype_class(dtype, fake_gpu, monkeypatch, device):
+    """``path="auto"`` asks the expanded kernel's tiles of the class the expanded launch would use: an fp32 call's
+    question was the bf16 class's (the cost model never passed the queries' element size)."""
+    from test_prefill import make_inputs
+
+    a = make_inputs([3, 2], [0, 4], 2, 16, dtype, device, r=32, p=16, d_nope=16)
+    asked = []
+    lookup = _tuning.lookup
+    monkeypatch.setattr(_tuning, "lookup", lambda kernel, key, dev, tune=True: asked.append((kernel, key, tune))
+                        or lookup(kernel, key, dev, tune))
+    mla_kernels.mla_prefill_attention(**a, softmax_scale=SCALE, path="auto")
+    question = [key for kernel, key, tune in asked if kernel == "expanded" and not tune]
+    assert question and all(key.endswith("/fp32") == (dtype == torch.float32) for key in question), asked
 
 
 def test_the_cost_model_never_tunes_on_demand(fake_gpu, monkeypatch, device):

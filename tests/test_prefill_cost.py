@@ -603,6 +603,3 @@ def test_calibrate_reports_each_record_as_the_fit_models_it():
         rec["block_m"] = cost.expanded_block_m(max(rec["new"]))
     res = bench_prefill.calibrate(records, bandwidth_gbps=3000.0)
     assert res["worst_model_factor"] <= ESTIMATE_FACTOR, res["fit"]
-    fitted = dict(cost.DEFAULTS, **res["constants"])
-    for rec, row in zip(records, res["fit"]):
-        assert row["model_ms"] == pytest.approx(cost.path_time(cost.record_work(rec), fitted) * 1e3)
