@@ -726,7 +726,8 @@ def check_kv_b_proj(kv_b: nn.Module, name: str) -> None:
                         f"bypassed; merge it into a plain Linear first")
     if kv_b._forward_hooks or kv_b._forward_pre_hooks:
         raise ValueError(f"{name} has forward hooks, which would never run: the kernels read its weight directly "
-                         f"and never call it; remove them (a hook on the attention module sees its output)")
+                         f"and never call it; remove them (a hook on the attention module sees its output; "
+                         f"torch.nn.utils.prune's: prune.remove(kv_b_proj, 'weight') makes the pruning permanent)")
 
 
 def check_split_keys(split_tokens: int, keys: int, what: str) -> None:
