@@ -503,7 +503,7 @@ def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=N
     consts = cost.fit(records, start=start)
     fitted, cases = [], {}
     for r in records:
-        est = cost.path_time(cost.record_work(r), dict(cost.DEFAULTS, **consts)) * 1e3  # (its own launches, as fit)
+        est = cost.path_time(cost.record_work(r), consts) * 1e3  # (its own launches, as fit; consts: all NAMES)
         fitted.append(dict(name=r["name"], path=r["path"], ms=r["ms"], model_ms=est,
                            model_over_measured=est / r["ms"]))
         cases.setdefault(r["name"].replace(" (auto)", " (absorbed)").replace(" (expanded)", " (absorbed)"),

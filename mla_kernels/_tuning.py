@@ -88,6 +88,11 @@ def class_elem_bytes(shape_class: str) -> int:
     return 4 if shape_class.endswith(_FP32) else 2
 
 
+def _two_byte_class(shape_class: str) -> str | None:
+    """The 2-byte class an fp32 class (``_wide``) falls back to (``lookup``, ``dropped``); None for any other."""
+    return shape_class[:-len(_FP32)] if shape_class.endswith(_FP32) else None
+
+
 _warned: set = set()
 
 
@@ -264,7 +269,7 @@ def _device_data(device_index: int) -> dict | None:
     shipped = load_data(paths[0], vendor(), triton.__version__)
     user = load_data(paths[1], vendor(), triton.__version__)
     if shipped is None and user is None and not any(p.exists() for p in paths) \
-            and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in _OFF:
+            and not autotune_on():
         # no file for this GPU (a corrupt or stale one has warned already): once, as vLLM says of its fused-MoE configs
         _warn_once(f"{NO_FILE_WARNING} for this GPU ({_device_name(device_index)!r}: neither {paths[0]} "
                    f"nor {paths[1]} exists); using the built-in heuristics. `python -m bench.autotune` tunes it, "
@@ -380,6 +385,11 @@ AUTOTUNE_ENV = "MLA_KERNELS_AUTOTUNE"
 _OFF = ("", "0", "false", "no", "off")  # values of AUTOTUNE_ENV that leave it off (anything else turns it on)
 
 
+def autotune_on() -> bool:
+    """Whether ``MLA_KERNELS_AUTOTUNE`` asks for on-demand tuning (any value but those of ``_OFF``)."""
+    return os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF
+
+
 class Tuned(dict):
     """A config from a file (``lookup``): a dict that remembers where it came from, so a launch that fails to
     compile it can drop it (``drop_on_compile_error``). ``stored`` is the file's entry as it was read: a launch may
@@ -405,9 +415,10 @@ def lookup(kernel: str, shape_class: str, device, tune: bool = True) -> Tuned | 
     if index is None:
         return None
     cfg = _stored(kernel, shape_class, index)
-    if cfg is None and shape_class.endswith(_FP32) and (index, kernel, shape_class) not in _dropped:
-        cfg = _stored(kernel, shape_class[:-len(_FP32)], index)  # (not after its own was dropped: the heuristic)
-    if cfg is None and tune and os.environ.get(AUTOTUNE_ENV, "0").strip().lower() not in _OFF:
+    narrow = _two_byte_class(shape_class)
+    if cfg is None and narrow is not None and (index, kernel, shape_class) not in _dropped:
+        cfg = _stored(kernel, narrow, index)  # (not after its own was dropped: the heuristic)
+    if cfg is None and tune and autotune_on():
         tuned = _tune_missing(kernel, shape_class, index)
         if tuned is not None:
             cfg = _tuned_here[(index, kernel, shape_class)] = Tuned(tuned, kernel, shape_class, index)
@@ -516,9 +527,10 @@ def dropped(kernel: str, shape_class: str, device) -> dict | None:
     cuts them again), so as launched: fitted to shared memory where the launch shrank it."""
     index = _gpu_index(device)
     entry = None if index is None else _dropped.get((index, kernel, shape_class))
-    if entry is None and index is not None and shape_class.endswith(_FP32):  # an fp32 class that launched its
-        base = _dropped.get((index, kernel, shape_class[:-len(_FP32)]))    # 2-byte class's config (no file read
-        if base is not None and _stored(kernel, shape_class, index) is None:  # unless that was dropped: traced)
+    narrow = _two_byte_class(shape_class)
+    if entry is None and index is not None and narrow is not None:  # an fp32 class that launched its 2-byte
+        base = _dropped.get((index, kernel, narrow))                  # class's config (no file read unless that
+        if base is not None and _stored(kernel, shape_class, index) is None:  # was dropped: this runs traced)
             entry = base
     return None if entry is None else entry[1]
 
