@@ -630,9 +630,32 @@ class MLAttention(nn.Module):
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj.weight`` in the queries' ``dtype``: itself, or under ``torch.autocast`` a cast copy (the kernels
-        take one dtype; autocast casts the other projections' weights as they run)."""
+        take one dtype; autocast casts the other projections' weights as they run), or an fp8 ``FP8Linear``'s
+        weight dequantized (``_kv_b_dequantized``)."""
         w = self.kv_b_proj.weight
-        return w if w.dtype == dtype else w.to(dtype)
+        if w.dtype == dtype:
+            return w
+        return self._kv_b_dequantized(dtype) if w.element_size() == 1 and is_fp8_linear(self.kv_b_proj) \
+            else w.to(dtype)
+
+    def _kv_b_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """An fp8 ``kv_b_proj`` (transformers' ``FP8Linear``, ``check_kv_b_proj`` has vouched for it) dequantized
+        into ``dtype`` (``dequantize_fp8_weight``). Eager calls keep it until the weight or its scales change: the
+        same tensors, at the same addresses, with the same version counters (an in-place write bumps them; a
+        reload through ``load_state_dict`` copies in place) and block size. A compiled step dequantizes in its graph
+        (a version counter is no value dynamo can guard on); inference tensors have no counter: dequantized per
+        call."""
+        kv_b = self.kv_b_proj
+        w, s, block = kv_b.weight, kv_b.weight_scale_inv, kv_b.block_size
+        if torch.compiler.is_compiling() or w.is_inference() or s.is_inference():
+            return dequantize_fp8_weight(w, s, block, dtype)
+        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), None if block is None else tuple(block), dtype)
+        held = self.__dict__.get("_kv_b_fp8")
+        if held is None or held[0] is not w or held[1] is not s or held[2] != key:
+            with torch.no_grad():
+                held = (w, s, key, dequantize_fp8_weight(w, s, block, dtype))
+            self.__dict__["_kv_b_fp8"] = held  # (a plain attribute: no buffer, so not in the state dict)
+        return held[3]
 
     def _check_kv_b(self) -> None:
         """``check_kv_b_proj`` at every call, before anything is written (a class test and three attribute reads on
@@ -717,13 +740,73 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(*lead, self.num_heads * self.v_head_dim))
 
 
+# transformers' FP8Linear (``transformers.integrations.finegrained_fp8``), in which DeepSeek-V3's released
+# checkpoints load on a GPU: float8_e4m3fn weights, one scale per 128 x 128 block (``weight_scale_inv``, a factor
+# despite its name), which its forward multiplies back in; the kernels take the weight dequantized the same way
+_FP8_LINEAR = ("transformers.integrations.finegrained_fp8", "FP8Linear")
+FP8_WEIGHT_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2")
+                          if hasattr(torch, n))
+
+
+def is_fp8_linear(module: nn.Module) -> bool:
+    """Is ``module`` transformers' ``FP8Linear`` (its own class, not a subclass with another forward)?"""
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == _FP8_LINEAR
+
+
+def dequantize_fp8_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype
+                          ) -> torch.Tensor:
+    """``weight [N, K]`` (fp8) times its scales, one per ``block_size = (rows, cols)`` block (the last ones may be
+    partial) or one for all (``block_size`` None), as DeepSeek's ``weight_dequant`` and FP8Linear's forward compute
+    it, in ``dtype``: each product in float32 (as FP8Linear's GEMMs apply the scales; exact for a ue8m0 scale), then
+    rounded to ``dtype``. (transformers' own dequantization multiplies in ``dtype``, rounding a float32 scale to
+    bf16 first: up to 2^-9 off for a whole block.)"""
+    w = weight.to(torch.float32)
+    s = scale_inv.to(torch.float32)
+    if block_size is not None:
+        rows, cols = w.shape
+        s = s.repeat_interleave(block_size[0], 0)[:rows].repeat_interleave(block_size[1], 1)[:, :cols]
+    return (w * s).to(dtype)
+
+
+def _check_fp8_linear(kv_b: nn.Module, name: str) -> None:
+    """An FP8Linear ``kv_b_proj`` whose weight the kernels can take: fp8 with well-formed scales, or a weight
+    already in a float dtype (its forward is then ``F.linear``, the scales unused)."""
+    weight = kv_b.weight
+    if weight.dtype in _utils.FLOAT_DTYPES:
+        return
+    if weight.dtype not in FP8_WEIGHT_DTYPES:
+        raise TypeError(f"{name} is an FP8Linear with {weight.dtype} weights (FP4?): the kernels take fp8 or "
+                        f"{', '.join(str(d) for d in _utils.FLOAT_DTYPES)} weights; dequantize it first")
+    scale, block = getattr(kv_b, "weight_scale_inv", None), getattr(kv_b, "block_size", None)
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.device != weight.device:
+        raise TypeError(f"{name} is an FP8Linear whose weight_scale_inv is not a floating-point tensor on its "
+                        f"weight's device ({weight.device}): got {scale!r:.80}")
+    rows, cols = weight.shape
+    if block is None:
+        expected = ()
+    elif (isinstance(block, (tuple, list)) and len(block) == 2
+          and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        expected = (-(-rows // block[0]), -(-cols // block[1]))
+    else:
+        raise TypeError(f"{name} is an FP8Linear with block_size {block!r}: expected None or two positive ints")
+    if tuple(scale.shape) != expected and not (block is None and scale.numel() == 1):
+        raise ValueError(f"{name}'s weight_scale_inv has shape {tuple(scale.shape)}, but its {rows} x {cols} weight "
+                         f"in blocks of {block} needs {expected}")
+
+
 def check_kv_b_proj(kv_b: nn.Module, name: str) -> None:
     """Refuse a ``kv_b_proj`` the kernels can't stand in for: they read its weight directly and never call it, so
-    anything its call would do (an adapter's forward, a bias, forward hooks) would be silently skipped."""
-    if not isinstance(kv_b, nn.Linear) or type(kv_b).forward is not nn.Linear.forward or kv_b.bias is not None:
-        raise TypeError(f"{name} is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear: the kernels read its "
-                        f"weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own forward) would be "
-                        f"bypassed; merge it into a plain Linear first")
+    anything its call would do (an adapter's forward, a bias, forward hooks) would be silently skipped.
+    transformers' ``FP8Linear`` is taken (its weight dequantized by its block scales, as its forward does)."""
+    fp8 = is_fp8_linear(kv_b)
+    if not isinstance(kv_b, nn.Linear) or (type(kv_b).forward is not nn.Linear.forward and not fp8) \
+            or kv_b.bias is not None:
+        raise TypeError(f"{name} is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear (or transformers' "
+                        f"FP8Linear): the kernels read its weight directly, so a wrapped or adapted kv_b_proj "
+                        f"(LoRA, its own forward) would be bypassed; merge it into a plain Linear first")
+    if fp8:
+        _check_fp8_linear(kv_b, name)
     if kv_b._forward_hooks or kv_b._forward_pre_hooks:
         raise ValueError(f"{name} has forward hooks, which would never run: the kernels read its weight directly "
                          f"and never call it; remove them (a hook on the attention module sees its output; "
@@ -763,11 +846,20 @@ def _check_hidden_states(module: nn.Module, hidden_states: torch.Tensor) -> None
     """``hidden_states`` in the module's dtype and on its device (the projections would fail deep inside
     ``nn.Linear`` otherwise)."""
     weight = module.kv_b_proj.weight
-    if hidden_states.dtype != weight.dtype:
-        raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {weight.dtype}: convert "
-                        f"one of them (hidden_states.to({weight.dtype}) or module.to(...))")
+    dtype = compute_dtype(module)
+    if hidden_states.dtype != dtype:
+        raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {dtype}: convert "
+                        f"one of them (hidden_states.to({dtype}) or module.to(...))")
     if hidden_states.device != weight.device:
         raise ValueError(f"hidden_states is on {hidden_states.device} but the module is on {weight.device}")
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype an MLA module computes in: its ``kv_b_proj`` weight's, or where that weight is fp8 (an
+    ``FP8Linear``) its latent norm's, which an fp8 checkpoint keeps in the model's dtype."""
+    kv_b = module.kv_b_proj
+    weight = kv_b.weight
+    return module.kv_a_layernorm.weight.dtype if weight.element_size() == 1 and is_fp8_linear(kv_b) else weight.dtype
 
 
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:

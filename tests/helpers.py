@@ -344,3 +344,31 @@ def _make_fx_traced(f, x, t):
 # tensor), a TorchDispatchMode (sees the ops) and a TorchFunctionMode (changes them)
 INTERCEPTING_RUNS = [_forward_ad_tangent, _vmapped, _jvp, _jit_traced, _make_fx_traced, _intercepted_ops_seen,
                      _function_mode_shifting_products]
+
+
+def fp8_linear(linear, block, ue8m0=False):
+    """transformers' FP8Linear holding ``linear``'s weight quantized as DeepSeek-V3's checkpoints hold theirs (e4m3,
+    one scale per ``block`` or, with None, one for all: amax / 448, or with ``ue8m0`` that rounded up to a power of
+    two, stored as float8_e8m0fnu), and the exact value of that weight: each fp8 value times its block's scale, in
+    float64 (exact: a 4-bit significand times a float32 scale), block by block."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+    w = linear.weight.detach().double()
+    rows, cols = w.shape
+    b0, b1 = block or (rows, cols)
+    fp8 = FP8Linear(cols, rows, block_size=block)
+    weight = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(-(-rows // b0), -(-cols // b1), dtype=torch.float32)
+    exact = torch.empty(rows, cols, dtype=torch.float64)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            part = (slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1))
+            scale = w[part].abs().max().item() / 448.0
+            scale = torch.tensor(2.0 ** math.ceil(math.log2(scale)) if ue8m0 else scale, dtype=torch.float32)
+            weight[part] = (w[part] / scale.double()).to(torch.float8_e4m3fn)
+            scales[i, j] = scale
+            exact[part] = weight[part].double() * scale.double()
+    fp8.weight = torch.nn.Parameter(weight, requires_grad=False)
+    scales = scales.reshape(()) if block is None else scales
+    fp8.weight_scale_inv = torch.nn.Parameter(scales.to(torch.float8_e8m0fnu) if ue8m0 else scales,
+                                              requires_grad=False)
+    return fp8, exact

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import OLD_AOT_AUTOGRAD, assert_close
+from helpers import OLD_AOT_AUTOGRAD, assert_close, fp8_linear
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch, MLAttention
@@ -206,6 +206,35 @@ def test_bf16_against_fp64_reference(gpu_bf16_rounding):
         cos, sin = rotary(x.double(), torch.arange(12)[None])
         expected, _ = ref(x.double(), (cos, sin), causal_mask(0, 12), None)
     assert_close("bf16 prefill", out, expected, torch.bfloat16, rms_tol=1e-2, cos_tol=1e-4)
+
+
+def test_an_fp8_kv_b_proj_computes_in_the_modules_dtype():
+    """An MLAttention whose kv_b_proj is transformers' FP8Linear (as an fp8 checkpoint loads) computes in the dtype
+    of its other parameters (its latent norm's), not its fp8 weight's: bf16 inputs are taken and give the bits of
+    the module holding the exactly dequantized weight, in a prompt and a decode step; fp32 inputs are refused,
+    naming bf16."""
+    config = tiny_config(q_lora_rank=32)
+    plain = MLAttention.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.2)
+    fp8 = MLAttention.from_config(config, dtype=torch.bfloat16)
+    fp8.load_state_dict(plain.state_dict())
+    fp8.kv_b_proj, exact = fp8_linear(plain.kv_b_proj, (16, 24))
+    with torch.no_grad():
+        plain.kv_b_proj.weight.copy_(exact)
+    x = torch.randn(2, 6, config.hidden_size).to(torch.bfloat16)
+    outs = []
+    for mod in (fp8, plain):
+        cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.bfloat16)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        with torch.no_grad():
+            outs.append((mod(x[:, :5], LatentBatch.reserve(cache, seqs, [5, 5])),
+                         mod(x[:, 5:], LatentBatch.reserve(cache, seqs, [1, 1]))))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with torch.no_grad(), pytest.raises(TypeError, match="hidden_states is torch.float32 but the module computes in "
+                                                         "torch.bfloat16"):
+        fp8(x.float(), LatentBatch.reserve(cache, seqs, [6, 6]))
 
 
 def test_stores_only_latent_and_rope_key():

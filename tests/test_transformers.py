@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, round_trip
+from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, fp8_linear, round_trip
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
-from mla_kernels.integrations.transformers import TransformersMLAttention, latent_cache, patch_model, unpatch_model
+from mla_kernels.integrations.transformers import (TransformersMLAttention, latent_cache, patch_model,
+                                                   static_latent_cache, unpatch_model)
 from mla_kernels import norm as norm_mod, norm_rope as norm_rope_mod
 from mla_kernels.norm import KernelRMSNorm
 from test_module import YARN, tiny_config
@@ -1240,6 +1241,166 @@ def test_kv_b_proj_hooks_and_later_adapters_are_refused_attention_hooks_keep_run
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert not seen and not model.model.layers[0].self_attn._forward_hooks
+
+
+def with_fp8_kv_b(model, block=(16, 24), ue8m0=False):
+    """``model`` with every kv_b_proj an FP8Linear (``fp8_linear``), and a copy of it whose kv_b_proj are plain
+    Linear layers holding their exact values, rounded once to the model's dtype."""
+    plain = copy.deepcopy(model)
+    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
+        layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, block, ue8m0)
+        with torch.no_grad():
+            plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
+    return model, plain
+
+
+@pytest.mark.parametrize("block,ue8m0", [
+    ((16, 24), False), (None, False),
+    pytest.param((16, 24), True, marks=pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"),
+                                                          reason="torch before 2.7 has no float8_e8m0fnu"))],
+    ids=["blocks", "one-scale", "ue8m0-blocks"])
+def test_an_fp8_kv_b_proj_is_read_as_its_dequantized_weight(block, ue8m0):
+    """DeepSeek-V3's released checkpoints load on a GPU with their projections as transformers' FP8Linear (e4m3
+    weights, a scale per 128 x 128 block). The kernels read kv_b_proj's weight, which patch_model refused for an
+    FP8Linear; they take it dequantized as FP8Linear's forward multiplies the scales in. The patched model then
+    computes what stock computes with plain Linear layers holding those weights' exact values (stock's own FP8Linear
+    forward needs a GPU, and quantizes its inputs to fp8 too: the kernels take them as they are). fp32, so the
+    tolerance is the plain model's (``test_forward_matches_transformers``). (16, 24) blocks of the 128 x 32 weight:
+    the last column of blocks is partial."""
+    model, plain = with_fp8_kv_b(tiny_model(q_lora_rank=32), block, ue8m0)
+    stock_keys = model.state_dict().keys()
+    ids, mask = left_padded([7, 4, 1])
+    real = mask.bool()
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        patch_model(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.generate(ids, attention_mask=mask, **GREEDY),
+                           plain.generate(ids, attention_mask=mask, **GREEDY))
+    assert model.state_dict().keys() == stock_keys  # the scales stay, the dequantized copy is no buffer
+    unpatch_model(model)
+    assert all(type(layer.self_attn.kv_b_proj).__name__ == "FP8Linear" for layer in model.model.layers)
+
+
+def test_an_fp8_kv_b_proj_in_a_bf16_model_and_its_static_cache():
+    """A bf16 model (as an fp8 checkpoint computes) with fp8 kv_b_proj layers: the same bits as the model holding
+    the exactly dequantized weights in bf16 (the kernels see the same weight), in the prompt and decode steps and
+    with a static latent cache, whose default dtype is the model's (the latent norm's), not the fp8 weight's (an fp8
+    latent cache, silently)."""
+    model = tiny_model(q_lora_rank=32).to(torch.bfloat16)  # (before the swap: .to(dtype) casts fp8 weights too)
+    model, plain = with_fp8_kv_b(model)
+    patch_model(model)
+    patch_model(plain)
+    ids, mask = left_padded([7, 4, 1])
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, attention_mask=mask, **GREEDY, output_logits=True,
+                                          return_dict_in_generate=True).logits[-1],
+                           plain.generate(ids, attention_mask=mask, **GREEDY, output_logits=True,
+                                          return_dict_in_generate=True).logits[-1])
+        caches = [static_latent_cache(m, 3, 32, block_size=4) for m in (model, plain)]
+        assert latent_cache(caches[0]).dtype == torch.bfloat16
+        outs = [m.generate(ids, attention_mask=mask, past_key_values=c, **GREEDY)
+                for m, c in zip((model, plain), caches)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
+    """Eager calls keep the dequantized weight between steps; a weight or scale written in place (a weight reload,
+    ``load_state_dict``), or a new weight Parameter, is read again at the next call, never the stale copy."""
+    model, plain = with_fp8_kv_b(tiny_model(q_lora_rank=32))
+    patch_model(model)
+    ids, mask = left_padded([5, 3])
+    real = mask.bool()
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[real],
+                                       plain(input_ids=ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+
+    check()
+    fp8 = model.model.layers[0].self_attn.kv_b_proj
+    with torch.no_grad():
+        fp8.weight_scale_inv.mul_(2.0)  # the scales alone (the weight's bits and address unchanged)
+        plain.model.layers[0].self_attn.kv_b_proj.weight.mul_(2.0)
+    check()
+    other = tiny_model(seed=7, q_lora_rank=32).model.layers[0].self_attn.kv_b_proj
+    new, exact = fp8_linear(other, (16, 24))
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in model.state_dict().items()} | {
+            "model.layers.0.self_attn.kv_b_proj.weight": new.weight,
+            "model.layers.0.self_attn.kv_b_proj.weight_scale_inv": new.weight_scale_inv})
+        plain.model.layers[0].self_attn.kv_b_proj.weight.copy_(exact)
+    check()
+    for seed in (8, 9):  # new Parameters (the old ones left as they are), fresh copies: each at version 0
+        new, exact = fp8_linear(tiny_model(seed=seed, q_lora_rank=32).model.layers[0].self_attn.kv_b_proj, (16, 24))
+        fp8.weight = torch.nn.Parameter(new.weight.detach().clone(), requires_grad=False)
+        fp8.weight_scale_inv = torch.nn.Parameter(new.weight_scale_inv.detach().clone(), requires_grad=False)
+        with torch.no_grad():
+            plain.model.layers[0].self_attn.kv_b_proj.weight.copy_(exact)
+        check()
+
+
+def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
+    """An FP8Linear whose scales do not match its weight's blocks, whose block size is not two positive ints, with
+    FP4 (packed int8) weights or a bias, or a subclass with its own forward: refused by patch_model before any swap,
+    naming the layer, and at every call when made so after patching."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    class Scaled(FP8Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def bad_scales(m):
+        m.weight_scale_inv = torch.nn.Parameter(torch.ones(3, 3), requires_grad=False)
+
+    def bad_block(m):
+        m.block_size = (0, 16)
+
+    def fp4(m):
+        m.weight = torch.nn.Parameter(torch.zeros(128, 16, dtype=torch.int8), requires_grad=False)
+
+    def bias(m):
+        m.bias = torch.nn.Parameter(torch.zeros(128), requires_grad=False)
+
+    def subclass(m):
+        m.__class__ = Scaled
+
+    cases = [(bad_scales, ValueError, r"kv_b_proj's weight_scale_inv has shape \(3, 3\).* needs \(8, 2\)"),
+             (bad_block, TypeError, r"kv_b_proj is an FP8Linear with block_size \(0, 16\)"),
+             (fp4, TypeError, "kv_b_proj is an FP8Linear with torch.int8 weights"),
+             (bias, TypeError, "kv_b_proj is a FP8Linear, not a bias-free"),
+             (subclass, TypeError, "kv_b_proj is a Scaled")]
+    ids, mask = left_padded([5, 3])
+    for edit, error, match in cases:
+        model, _ = with_fp8_kv_b(tiny_model(q_lora_rank=32))
+        edit(model.model.layers[1].self_attn.kv_b_proj)
+        with pytest.raises(error, match="layer 1's " + match):
+            patch_model(model)
+        assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
+        model, _ = with_fp8_kv_b(tiny_model(q_lora_rank=32))
+        patch_model(model)
+        edit(model.model.layers[1].self_attn.kv_b_proj)
+        with torch.no_grad(), pytest.raises(error, match=match):
+            model(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_fp8_weight_rounds_each_exact_product_once(dtype):
+    """``module.dequantize_fp8_weight`` against the block-by-block exact products of ``fp8_linear``, rounded to
+    float32 (as an fp32 multiply rounds them: a 4-bit fp8 significand times a float32 scale's 24 bits) then to
+    ``dtype``: equal bits, for partial blocks at both edges and for one scale for all. (torch converts float64 to
+    bf16 and fp16 through float32 too.) Multiplying in ``dtype``, as transformers' own dequantization does, rounds
+    each scale to bf16 first and fails here."""
+    from mla_kernels.module import dequantize_fp8_weight
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 72, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 3, 40))  # scales far apart across the column blocks
+    for block in ((16, 24), (128, 128), None):
+        fp8, exact = fp8_linear(linear, block)
+        got = dequantize_fp8_weight(fp8.weight, fp8.weight_scale_inv, fp8.block_size, dtype)
+        assert got.dtype == dtype and torch.equal(got, exact.to(torch.float32).to(dtype)), block
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

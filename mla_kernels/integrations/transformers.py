@@ -52,7 +52,7 @@ from .. import _utils
 from ..cache import CacheFullError, PagedLatentCache, _write as _write_cache
 from ..decode import mla_decode
 from ..prefill import mla_prefill_attention
-from ..module import (LatentBatch, MLAttention, _check_inference, check_kv_b_proj, check_split_keys,
+from ..module import (LatentBatch, MLAttention, _check_inference, check_kv_b_proj, check_split_keys, compute_dtype,
                       config_kwargs, rope_inv_freq)
 from ..norm import KernelRMSNorm, rms_norm
 
@@ -1177,7 +1177,8 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     weight = attns[0].kv_b_proj.weight
     if dtype is None:
         device_type = weight.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else compute_dtype(attns[0]))
     elif dtype not in _utils.FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {_utils.FLOAT_DTYPES} (what the model computes in), got {dtype!r}")
     num_layers = attns[0].num_cache_layers
@@ -1622,7 +1623,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                             f"offload) or on the meta device: the kernels read it directly, outside its forward, "
                             f"where such a weight is never loaded; patch a model whose weights are loaded on its "
                             f"devices (no offloading)")
-        dtype = attn.kv_b_proj.weight.dtype
+        dtype = compute_dtype(attn)
         if dtype not in _utils.FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in _utils.FLOAT_DTYPES)
             raise TypeError(f"layer {i} computes in {str(dtype).replace('torch.', '')}; the kernels take ({names}): "
