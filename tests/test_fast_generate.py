@@ -14,6 +14,7 @@ tests are about is the graph, not the code generated for it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import OLD_TORCH_COMPILE, assert_close, round_trip
+from helpers import OLD_TORCH_COMPILE, assert_close, fp8_linear, round_trip
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -408,6 +409,32 @@ def test_compiled_decode_step_matches_eager(norms):
     assert targets.count("mla_kernels.write_cache") == layers and targets.count("mla_kernels.mla_decode") == layers
     lens = [cache._mla_static_state.seqlens[i].tolist() for i in range(layers)]
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
+
+
+@OLD_TORCH_COMPILE
+def test_compiled_decode_step_with_fp8_kv_b_proj():
+    """A model whose kv_b_proj layers are transformers' FP8Linear (an fp8 checkpoint), generating with the static
+    latent cache under compile_config(fullgraph=True): one graph, which dequantizes the weights itself (the eager
+    path's kept copy is checked by version counters, which dynamo can't trace: fullgraph failed on them), and the
+    greedy tokens of the unpatched model holding the dequantized weights."""
+    model = dense_model(q_lora_rank=32)
+    plain = copy.deepcopy(model)
+    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
+        layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, (16, 24))
+        with torch.no_grad():
+            plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
+    ids, mask = left_padded(PROMPTS)
+    graphs = []
+    config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)
+    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+    with torch.no_grad():
+        expected = plain.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        patch_model(model, block_size=4)
+        torch._dynamo.reset()
+        cache = static_latent_cache(model, len(PROMPTS), 32, block_size=4)
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=config,
+                             **GREEDY)
+    assert torch.equal(out, expected) and len(graphs) == 1
 
 
 def compiled_layer_step(layer):

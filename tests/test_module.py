@@ -235,6 +235,13 @@ def test_an_fp8_kv_b_proj_computes_in_the_modules_dtype():
     with torch.no_grad(), pytest.raises(TypeError, match="hidden_states is torch.float32 but the module computes in "
                                                          "torch.bfloat16"):
         fp8(x.float(), LatentBatch.reserve(cache, seqs, [6, 6]))
+    with torch.inference_mode():  # its weights made there: inference tensors, which have no version counter
+        inference_fp8 = MLAttention.from_config(config, dtype=torch.bfloat16)
+        inference_fp8.load_state_dict(plain.state_dict())
+        inference_fp8.kv_b_proj = fp8_linear(plain.kv_b_proj, (16, 24))[0]
+        cache = PagedLatentCache(1, 16, 4, 32, 16, dtype=torch.bfloat16)
+        seqs = [cache.add_sequence(), cache.add_sequence()]
+        assert torch.equal(inference_fp8(x[:, :5], LatentBatch.reserve(cache, seqs, [5, 5])), outs[1][0])
 
 
 def test_stores_only_latent_and_rope_key():
