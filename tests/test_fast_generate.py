@@ -385,18 +385,29 @@ def recording_backend(graphs):
 
 
 @OLD_TORCH_COMPILE
-@pytest.mark.parametrize("norms", [False, True], ids=["attention", "attention-and-norms"])
-def test_compiled_decode_step_matches_eager(norms):
+@pytest.mark.parametrize("norms,fp8", [(False, False), (True, False), (False, True)],
+                         ids=["attention", "attention-and-norms", "fp8-kv_b_proj"])
+def test_compiled_decode_step_matches_eager(norms, fp8):
     """generate with the static latent cache and compile_config(fullgraph=True): one graph for every decode step
     (a graph break would raise), holding write_cache and mla_decode as single nodes per layer, and the greedy
-    tokens of transformers' own eager attention; with ``norms=True`` too (the stand-ins trace as the formula)."""
+    tokens of transformers' own eager attention; with ``norms=True`` too (the stand-ins trace as the formula). With
+    ``fp8``, every kv_b_proj is transformers' FP8Linear (an fp8 checkpoint), which the graph dequantizes itself (the
+    eager path's kept copy is checked by version counters, which dynamo can't trace: fullgraph failed on them),
+    against the unpatched model holding the dequantized weights."""
     model = dense_model(q_lora_rank=32)
+    reference = model
+    if fp8:
+        reference = copy.deepcopy(model)
+        for layer, plain_layer in zip(model.model.layers, reference.model.layers):
+            layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, (16, 24))
+            with torch.no_grad():
+                plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
     ids, mask = left_padded(PROMPTS)
     graphs = []
     config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)
     config._compile_all_devices = True  # transformers compiles only on GPUs unless told
     with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        expected = reference.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         patch_model(model, block_size=4, norms=norms)
         torch._dynamo.reset()
         cache = static_latent_cache(model, len(PROMPTS), 32, block_size=4)
@@ -409,32 +420,6 @@ def test_compiled_decode_step_matches_eager(norms):
     assert targets.count("mla_kernels.write_cache") == layers and targets.count("mla_kernels.mla_decode") == layers
     lens = [cache._mla_static_state.seqlens[i].tolist() for i in range(layers)]
     assert lens == [[n + NEW - 1 for n in PROMPTS]] * layers  # pads were not stored
-
-
-@OLD_TORCH_COMPILE
-def test_compiled_decode_step_with_fp8_kv_b_proj():
-    """A model whose kv_b_proj layers are transformers' FP8Linear (an fp8 checkpoint), generating with the static
-    latent cache under compile_config(fullgraph=True): one graph, which dequantizes the weights itself (the eager
-    path's kept copy is checked by version counters, which dynamo can't trace: fullgraph failed on them), and the
-    greedy tokens of the unpatched model holding the dequantized weights."""
-    model = dense_model(q_lora_rank=32)
-    plain = copy.deepcopy(model)
-    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
-        layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, (16, 24))
-        with torch.no_grad():
-            plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
-    ids, mask = left_padded(PROMPTS)
-    graphs = []
-    config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)
-    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
-    with torch.no_grad():
-        expected = plain.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-        patch_model(model, block_size=4)
-        torch._dynamo.reset()
-        cache = static_latent_cache(model, len(PROMPTS), 32, block_size=4)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, compile_config=config,
-                             **GREEDY)
-    assert torch.equal(out, expected) and len(graphs) == 1
 
 
 def compiled_layer_step(layer):
@@ -787,7 +772,7 @@ def test_generate_compiles_with_cuda_graphs_on_gpu(norms):
     model = dense_model(q_lora_rank=32).cuda()
     ids, mask = (t.cuda() for t in left_padded(PROMPTS))
     with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        expected = reference.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         patch_model(model, block_size=4, norms=norms)
         torch._dynamo.reset()
         out = model.generate(input_ids=ids, attention_mask=mask, compile_config=CompileConfig(fullgraph=True),
