@@ -642,28 +642,46 @@ class MLAttention(nn.Module):
         """An fp8 ``kv_b_proj`` (transformers' ``FP8Linear``, ``check_kv_b_proj`` has vouched for it) dequantized
         into ``dtype`` (``dequantize_fp8_weight``). Eager calls keep it until the weight or its scales change: the
         same tensors, at the same addresses, with the same version counters (an in-place write bumps them; a
-        reload through ``load_state_dict`` copies in place) and block size. A compiled step dequantizes in its graph
-        (a version counter is no value dynamo can guard on); inference tensors have no counter: dequantized per
-        call."""
+        reload through ``load_state_dict`` copies in place) and block size (``_fp8_kept``). A compiled step
+        dequantizes in its graph (a version counter is no value dynamo can guard on); inference tensors have no
+        counter: dequantized per call."""
         kv_b = self.kv_b_proj
+        kept = self._fp8_kept(kv_b, dtype)
+        if kept is not None:
+            return kept
         w, s, block = kv_b.weight, kv_b.weight_scale_inv, kv_b.block_size
         if torch.compiler.is_compiling() or w.is_inference() or s.is_inference():
             return dequantize_fp8_weight(w, s, block, dtype)
+        with torch.no_grad():
+            weight = dequantize_fp8_weight(w, s, block, dtype)
         key = (w._version, s._version, w.data_ptr(), s.data_ptr(), None if block is None else tuple(block), dtype)
+        self.__dict__["_kv_b_fp8"] = (w, s, key, weight)  # (a plain attribute: no buffer, so not in the state dict)
+        return weight
+
+    def _fp8_kept(self, kv_b: nn.Module, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """The kept dequantized weight of ``kv_b`` (an FP8Linear) if it is current (in ``dtype``, or any with
+        None), else None; eagerly only (traced, the graph dequantizes)."""
         held = self.__dict__.get("_kv_b_fp8")
-        if held is None or held[0] is not w or held[1] is not s or held[2] != key:
-            with torch.no_grad():
-                held = (w, s, key, dequantize_fp8_weight(w, s, block, dtype))
-            self.__dict__["_kv_b_fp8"] = held  # (a plain attribute: no buffer, so not in the state dict)
+        if held is None or torch.compiler.is_compiling():
+            return None
+        w, s = kv_b._parameters.get("weight"), kv_b._parameters.get("weight_scale_inv")
+        if held[0] is not w or held[1] is not s:
+            return None
+        key, block = held[2], kv_b.block_size
+        if key[0] != w._version or key[1] != s._version or key[2] != w.data_ptr() or key[3] != s.data_ptr() \
+                or key[4] != (None if block is None else tuple(block)) or (dtype is not None and key[5] != dtype):
+            return None
         return held[3]
 
     def _check_kv_b(self) -> None:
         """``check_kv_b_proj`` at every call, before anything is written (a class test and three attribute reads on
         the common path): an adapter or a hook added to ``kv_b_proj`` after the module was built would be
-        bypassed."""
+        bypassed. An FP8Linear whose kept dequantized weight is current was checked when it was dequantized."""
         kv_b = self.kv_b_proj
         if kv_b.__class__ is not nn.Linear or kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None:
-            check_kv_b_proj(kv_b, "kv_b_proj")
+            if kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None or not is_fp8_linear(kv_b) \
+                    or self._fp8_kept(kv_b, None) is None:
+                check_kv_b_proj(kv_b, "kv_b_proj")
 
     def _kv_b_split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj.weight`` (in ``dtype``, ``_kv_b_weight``) as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])``

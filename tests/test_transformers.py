@@ -1305,6 +1305,21 @@ def test_an_fp8_kv_b_proj_in_a_bf16_model_and_its_static_cache():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_an_fp8_kv_b_proj_under_autocast_and_after_it():
+    """An fp32 model with fp8 kv_b_proj layers under bf16 autocast takes the weights dequantized into bf16, and
+    after it into fp32 again (the kept copy is per dtype): the bits of the model holding the dequantized weights in
+    fp32, patched, in both."""
+    model, plain = with_fp8_kv_b(tiny_model(q_lora_rank=32))
+    patch_model(model)
+    patch_model(plain)
+    ids, mask = left_padded([5, 3])
+    with torch.no_grad():
+        for autocast in (True, False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got, expected = (m(input_ids=ids, attention_mask=mask).logits for m in (model, plain))
+            assert torch.equal(got, expected), autocast
+
+
 def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
     """Eager calls keep the dequantized weight between steps; a weight or scale written in place (a weight reload,
     ``load_state_dict``), or a new weight Parameter, is read again at the next call, never the stale copy."""
