@@ -679,8 +679,8 @@ class MLAttention(nn.Module):
         bypassed. An FP8Linear whose kept dequantized weight is current was checked when it was dequantized."""
         kv_b = self.kv_b_proj
         if kv_b.__class__ is not nn.Linear or kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None:
-            if kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None or not is_fp8_linear(kv_b) \
-                    or self._fp8_kept(kv_b, None) is None:
+            if not (is_fp8_linear(kv_b) and not kv_b._forward_hooks and not kv_b._forward_pre_hooks
+                    and kv_b.bias is None and self._fp8_kept(kv_b, None) is not None):
                 check_kv_b_proj(kv_b, "kv_b_proj")
 
     def _kv_b_split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1358,8 +1358,9 @@ def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
 
 def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
     """An FP8Linear whose scales do not match its weight's blocks, whose block size is not two positive ints, with
-    FP4 (packed int8) weights or a bias, or a subclass with its own forward: refused by patch_model before any swap,
-    naming the layer, and at every call when made so after patching."""
+    FP4 (packed int8) weights, a bias or a forward hook, or a subclass with its own forward: refused by patch_model
+    before any swap, naming the layer, and at every call when made so after patching (a step has run, so its
+    dequantized weight is kept: the edits that keep its tensors are checked too)."""
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
     class Scaled(FP8Linear):
@@ -1381,11 +1382,15 @@ def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
     def subclass(m):
         m.__class__ = Scaled
 
+    def hooked(m):
+        m.register_forward_hook(lambda mod, args, out: out * 2)
+
     cases = [(bad_scales, ValueError, r"kv_b_proj's weight_scale_inv has shape \(3, 3\).* needs \(8, 2\)"),
              (bad_block, TypeError, r"kv_b_proj is an FP8Linear with block_size \(0, 16\)"),
              (fp4, TypeError, "kv_b_proj is an FP8Linear with torch.int8 weights"),
              (bias, TypeError, "kv_b_proj is a FP8Linear, not a bias-free"),
-             (subclass, TypeError, "kv_b_proj is a Scaled")]
+             (subclass, TypeError, "kv_b_proj is a Scaled"),
+             (hooked, ValueError, "kv_b_proj has forward hooks")]
     ids, mask = left_padded([5, 3])
     for edit, error, match in cases:
         model, _ = with_fp8_kv_b(tiny_model(q_lora_rank=32))
@@ -1395,13 +1400,15 @@ def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
         assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
         model, _ = with_fp8_kv_b(tiny_model(q_lora_rank=32))
         patch_model(model)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
         edit(model.model.layers[1].self_attn.kv_b_proj)
         with torch.no_grad(), pytest.raises(error, match=match):
             model(input_ids=ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_fp8_weight_rounds_each_exact_product_once(dtype):
+def test_dequantize_fp8_weight_is_the_float32_product_in_the_dtype(dtype):
     """``module.dequantize_fp8_weight`` against the block-by-block exact products of ``fp8_linear``, rounded to
     float32 (as an fp32 multiply rounds them: a 4-bit fp8 significand times a float32 scale's 24 bits) then to
     ``dtype``: equal bits, for partial blocks at both edges and for one scale for all. (torch converts float64 to
