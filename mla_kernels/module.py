@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import weakref
 from collections.abc import Mapping
 from typing import Hashable, Sequence
 
@@ -471,6 +472,18 @@ class MLAttention(nn.Module):
         LongCat-Flash (with its LoRA scales), Youtu or other config with the same fields)."""
         return cls(**config_kwargs(config), layer_idx=layer_idx, device=device, dtype=dtype)
 
+    def refresh_kv_b(self) -> None:
+        """Drop the kept dequantized weight of an fp8 ``kv_b_proj`` (transformers' ``FP8Linear``), so the next call
+        dequantizes it again. Needed only after editing the weight or its scales through ``.data`` in place
+        (``p.data.mul_(...)``), which no version counter sees; writes autograd sees (``copy_`` under
+        ``torch.no_grad``, ``load_state_dict``), new Parameters and moves are picked up by themselves."""
+        self.__dict__.pop("_kv_b_fp8", None)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_kv_b_fp8", None)  # (weak references, which do not pickle; dequantized again when needed)
+        return state
+
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
                 f"nope={self.qk_nope_head_dim}, rope={self.qk_rope_head_dim} ({self.rope_style}), v={self.v_head_dim}, "
@@ -642,9 +655,10 @@ class MLAttention(nn.Module):
         """An fp8 ``kv_b_proj`` (transformers' ``FP8Linear``, ``check_kv_b_proj`` has vouched for it) dequantized
         into ``dtype`` (``dequantize_fp8_weight``). Eager calls keep it until the weight or its scales change: the
         same tensors, at the same addresses, with the same version counters (an in-place write bumps them; a
-        reload through ``load_state_dict`` copies in place) and block size (``_fp8_kept``). A compiled step
-        dequantizes in its graph (a version counter is no value dynamo can guard on); inference tensors have no
-        counter: dequantized per call."""
+        reload through ``load_state_dict`` copies in place) and block size (``_fp8_kept``); an edit through
+        ``.data`` bumps no counter (``refresh_kv_b``). The tensors are held weakly: a replaced weight is freed, and
+        its copy at the next call. A compiled step dequantizes in its graph (a version counter is no value dynamo
+        can guard on); inference tensors have no counter: dequantized per call."""
         kv_b = self.kv_b_proj
         kept = self._fp8_kept(kv_b, dtype)
         if kept is not None:
@@ -655,7 +669,8 @@ class MLAttention(nn.Module):
         with torch.no_grad():
             weight = dequantize_fp8_weight(w, s, block, dtype)
         key = (w._version, s._version, w.data_ptr(), s.data_ptr(), None if block is None else tuple(block), dtype)
-        self.__dict__["_kv_b_fp8"] = (w, s, key, weight)  # (a plain attribute: no buffer, so not in the state dict)
+        # a plain attribute: no buffer, so not in the state dict, and not moved by .to() (the key's address is)
+        self.__dict__["_kv_b_fp8"] = (weakref.ref(w), weakref.ref(s), key, weight)
         return weight
 
     def _fp8_kept(self, kv_b: nn.Module, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -665,7 +680,7 @@ class MLAttention(nn.Module):
         if held is None or torch.compiler.is_compiling():
             return None
         w, s = kv_b._parameters.get("weight"), kv_b._parameters.get("weight_scale_inv")
-        if held[0] is not w or held[1] is not s:
+        if held[0]() is not w or held[1]() is not s:
             return None
         key, block = held[2], kv_b.block_size
         if key[0] != w._version or key[1] != s._version or key[2] != w.data_ptr() or key[3] != s.data_ptr() \
@@ -794,12 +809,18 @@ def _check_fp8_linear(kv_b: nn.Module, name: str) -> None:
     if weight.dtype in _utils.FLOAT_DTYPES:
         return
     if weight.dtype not in FP8_WEIGHT_DTYPES:
-        raise TypeError(f"{name} is an FP8Linear with {weight.dtype} weights (FP4?): the kernels take fp8 or "
+        packed = " (packed FP4?)" if weight.dtype in (torch.int8, torch.uint8) else ""
+        raise TypeError(f"{name} is an FP8Linear with {weight.dtype} weights{packed}: the kernels take fp8 or "
                         f"{', '.join(str(d) for d in _utils.FLOAT_DTYPES)} weights; dequantize it first")
     scale, block = getattr(kv_b, "weight_scale_inv", None), getattr(kv_b, "block_size", None)
-    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point() or scale.device != weight.device:
-        raise TypeError(f"{name} is an FP8Linear whose weight_scale_inv is not a floating-point tensor on its "
-                        f"weight's device ({weight.device}): got {scale!r:.80}")
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        got = f"a {scale.dtype} tensor" if isinstance(scale, torch.Tensor) else type(scale).__name__
+        hint = " (ue8m0 scales stored as bytes: .view(torch.float8_e8m0fnu))" if got == "a torch.uint8 tensor" else ""
+        raise TypeError(f"{name} is an FP8Linear whose weight_scale_inv must be a floating-point tensor (float32, "
+                        f"bfloat16 or float8_e8m0fnu), got {got}{hint}")
+    if scale.device != weight.device:
+        raise ValueError(f"{name}'s weight_scale_inv is on {scale.device} but its weight on {weight.device}: move "
+                         f"them to one device")
     rows, cols = weight.shape
     if block is None:
         expected = ()
@@ -818,11 +839,14 @@ def check_kv_b_proj(kv_b: nn.Module, name: str) -> None:
     anything its call would do (an adapter's forward, a bias, forward hooks) would be silently skipped.
     transformers' ``FP8Linear`` is taken (its weight dequantized by its block scales, as its forward does)."""
     fp8 = is_fp8_linear(kv_b)
-    if not isinstance(kv_b, nn.Linear) or (type(kv_b).forward is not nn.Linear.forward and not fp8) \
-            or kv_b.bias is not None:
-        raise TypeError(f"{name} is a {type(kv_b).__name__}, not a bias-free torch.nn.Linear (or transformers' "
-                        f"FP8Linear): the kernels read its weight directly, so a wrapped or adapted kv_b_proj "
-                        f"(LoRA, its own forward) would be bypassed; merge it into a plain Linear first")
+    if not isinstance(kv_b, nn.Linear) or (type(kv_b).forward is not nn.Linear.forward and not fp8):
+        raise TypeError(f"{name} is a {type(kv_b).__name__}, not a torch.nn.Linear (or transformers' FP8Linear): "
+                        f"the kernels read its weight directly, so a wrapped or adapted kv_b_proj (LoRA, its own "
+                        f"forward) would be bypassed; merge it into a plain Linear first")
+    if kv_b.bias is not None:
+        raise TypeError(f"{name} has a bias, which the kernels would drop: they apply its weight only, absorbed "
+                        f"into the queries and the output (MLA's kv_b_proj has none; attention_bias adds biases to "
+                        f"the other projections)")
     if fp8:
         _check_fp8_linear(kv_b, name)
     if kv_b._forward_hooks or kv_b._forward_pre_hooks:
@@ -866,6 +890,10 @@ def _check_hidden_states(module: nn.Module, hidden_states: torch.Tensor) -> None
     weight = module.kv_b_proj.weight
     dtype = compute_dtype(module)
     if hidden_states.dtype != dtype:
+        if weight.element_size() == 1:  # an fp8 FP8Linear: module.to(dtype) would cast its weight, not scale it
+            raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {dtype}: convert "
+                            f"hidden_states.to({dtype}) (its kv_b_proj is fp8: module.to(dtype) would cast that "
+                            f"weight without its scales)")
         raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {dtype}: convert "
                         f"one of them (hidden_states.to({dtype}) or module.to(...))")
     if hidden_states.device != weight.device:

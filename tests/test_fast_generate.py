@@ -772,7 +772,7 @@ def test_generate_compiles_with_cuda_graphs_on_gpu(norms):
     model = dense_model(q_lora_rank=32).cuda()
     ids, mask = (t.cuda() for t in left_padded(PROMPTS))
     with torch.no_grad():
-        expected = reference.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
         patch_model(model, block_size=4, norms=norms)
         torch._dynamo.reset()
         out = model.generate(input_ids=ids, attention_mask=mask, compile_config=CompileConfig(fullgraph=True),

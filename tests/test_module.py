@@ -212,7 +212,7 @@ def test_an_fp8_kv_b_proj_computes_in_the_modules_dtype():
     """An MLAttention whose kv_b_proj is transformers' FP8Linear (as an fp8 checkpoint loads) computes in the dtype
     of its other parameters (its latent norm's), not its fp8 weight's: bf16 inputs are taken and give the bits of
     the module holding the exactly dequantized weight, in a prompt and a decode step; fp32 inputs are refused,
-    naming bf16."""
+    naming bf16, and not advising module.to(float32), which would cast the fp8 weight without its scales."""
     config = tiny_config(q_lora_rank=32)
     plain = MLAttention.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -232,8 +232,9 @@ def test_an_fp8_kv_b_proj_computes_in_the_modules_dtype():
             outs.append((mod(x[:, :5], LatentBatch.reserve(cache, seqs, [5, 5])),
                          mod(x[:, 5:], LatentBatch.reserve(cache, seqs, [1, 1]))))
     assert all(torch.equal(a, b) for a, b in zip(*outs))
-    with torch.no_grad(), pytest.raises(TypeError, match="hidden_states is torch.float32 but the module computes in "
-                                                         "torch.bfloat16"):
+    with torch.no_grad(), pytest.raises(TypeError, match=r"hidden_states is torch.float32 but the module computes in "
+                                                         r"torch.bfloat16: convert hidden_states.to\(torch.bfloat16\) "
+                                                         r"\(its kv_b_proj is fp8: module.to\(dtype\) would cast"):
         fp8(x.float(), LatentBatch.reserve(cache, seqs, [6, 6]))
     with torch.inference_mode():  # its weights made there: inference tensors, which have no version counter
         inference_fp8 = MLAttention.from_config(config, dtype=torch.bfloat16)

@@ -19,6 +19,7 @@ from mla_kernels.integrations import transformers as integration
 from mla_kernels.integrations.transformers import (TransformersMLAttention, latent_cache, patch_model,
                                                    static_latent_cache, unpatch_model)
 from mla_kernels import norm as norm_mod, norm_rope as norm_rope_mod
+from mla_kernels.module import MLAttention
 from mla_kernels.norm import KernelRMSNorm
 from test_module import YARN, tiny_config
 
@@ -1322,7 +1323,10 @@ def test_an_fp8_kv_b_proj_under_autocast_and_after_it():
 
 def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
     """Eager calls keep the dequantized weight between steps; a weight or scale written in place (a weight reload,
-    ``load_state_dict``), or a new weight Parameter, is read again at the next call, never the stale copy."""
+    ``load_state_dict``), or a new weight Parameter, is read again at the next call, never the stale copy; an edit
+    through ``.data`` (no version counter sees it) after ``refresh_kv_b``. deepcopy and torch.save of a patched model
+    whose copies are kept (weak references, which do not pickle) leave them behind (plain pickle fails on torch's fp8
+    tensors themselves)."""
     model, plain = with_fp8_kv_b(tiny_model(q_lora_rank=32))
     patch_model(model)
     ids, mask = left_padded([5, 3])
@@ -1347,6 +1351,19 @@ def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
             "model.layers.0.self_attn.kv_b_proj.weight_scale_inv": new.weight_scale_inv})
         plain.model.layers[0].self_attn.kv_b_proj.weight.copy_(exact)
     check()
+    with torch.no_grad():  # through .data: no version counter sees it, refresh_kv_b says so
+        fp8.weight_scale_inv.data.mul_(0.5)
+        plain.model.layers[0].self_attn.kv_b_proj.weight.mul_(0.5)
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            module.refresh_kv_b()
+    check()
+    for how in ("deepcopy", "torch.save"):  # the kept copies (weak references) stay behind; the copy dequantizes anew
+        copied = round_trip(model, how)
+        assert "_kv_b_fp8" not in vars(copied.model.layers[0].self_attn)
+        with torch.no_grad():
+            torch.testing.assert_close(copied(input_ids=ids, attention_mask=mask).logits[real],
+                                       plain(input_ids=ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
     for seed in (8, 9):  # new Parameters (the old ones left as they are), fresh copies: each at version 0
         new, exact = fp8_linear(tiny_model(seed=seed, q_lora_rank=32).model.layers[0].self_attn.kv_b_proj, (16, 24))
         fp8.weight = torch.nn.Parameter(new.weight.detach().clone(), requires_grad=False)
@@ -1357,8 +1374,9 @@ def test_an_fp8_kv_b_proj_changed_in_place_is_read_again():
 
 
 def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
-    """An FP8Linear whose scales do not match its weight's blocks, whose block size is not two positive ints, with
-    FP4 (packed int8) weights, a bias or a forward hook, or a subclass with its own forward: refused by patch_model
+    """An FP8Linear whose scales do not match its weight's blocks (or are bytes, or on another device), whose block
+    size is not two positive ints, with FP4 (packed int8) weights, a bias or a forward hook, or a subclass with its
+    own forward: refused by patch_model
     before any swap, naming the layer, and at every call when made so after patching (a step has run, so its
     dequantized weight is kept: the edits that keep its tensors are checked too)."""
     from transformers.integrations.finegrained_fp8 import FP8Linear
@@ -1385,12 +1403,22 @@ def test_an_fp8_kv_b_proj_the_kernels_cannot_read_is_refused():
     def hooked(m):
         m.register_forward_hook(lambda mod, args, out: out * 2)
 
+    def byte_scales(m):  # ue8m0 scales as their raw bytes
+        m.weight_scale_inv = torch.nn.Parameter(torch.full((8, 2), 127, dtype=torch.uint8), requires_grad=False)
+
+    def scales_elsewhere(m):
+        m.weight_scale_inv = torch.nn.Parameter(m.weight_scale_inv.detach().to("meta"), requires_grad=False)
+
     cases = [(bad_scales, ValueError, r"kv_b_proj's weight_scale_inv has shape \(3, 3\).* needs \(8, 2\)"),
              (bad_block, TypeError, r"kv_b_proj is an FP8Linear with block_size \(0, 16\)"),
              (fp4, TypeError, "kv_b_proj is an FP8Linear with torch.int8 weights"),
-             (bias, TypeError, "kv_b_proj is a FP8Linear, not a bias-free"),
+             (bias, TypeError, "kv_b_proj has a bias, which the kernels would drop"),
              (subclass, TypeError, "kv_b_proj is a Scaled"),
-             (hooked, ValueError, "kv_b_proj has forward hooks")]
+             (hooked, ValueError, "kv_b_proj has forward hooks"),
+             (byte_scales, TypeError, r"kv_b_proj is an FP8Linear whose weight_scale_inv must be a floating-point "
+                                      r"tensor .* got a torch.uint8 tensor \(ue8m0 scales stored as bytes: "
+                                      r"\.view\(torch.float8_e8m0fnu\)\)"),
+             (scales_elsewhere, ValueError, "kv_b_proj's weight_scale_inv is on meta but its weight on cpu")]
     ids, mask = left_padded([5, 3])
     for edit, error, match in cases:
         model, _ = with_fp8_kv_b(tiny_model(q_lora_rank=32))
