@@ -934,12 +934,16 @@ def config_kwargs(config) -> dict:
         style = "half"
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
-    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32"):
+    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa"):
         # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
         # rope_interleave=False given to it is still stored)
         style = "interleave"
     else:
         style = "interleave" if getattr(config, "rope_interleave", True) else "half"
+    if model_type == "mistral4" and "partial_rotary_factor" in rope:
+        # Mistral 4's factor is the rope's share of the whole query head (nope + rope): its rotary embedding turns
+        # all qk_rope_head_dim values, which is what the module's factor (a share of the rope part) of 1 means
+        rope = {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
     scales = {}
     if model_type == "longcat_flash":  # LoRA scales on the query and the latent (its attention's mla_scale_*_lora)
         scales = dict(query_scale=(config.hidden_size / config.q_lora_rank) ** 0.5,

@@ -182,6 +182,43 @@ def bailing_model():
     return BailingHybridForCausalLM(config).eval()
 
 
+def _transformers_class(*names):
+    """The named transformers classes, or a skip where this transformers predates them."""
+    try:
+        return [getattr(transformers, name) for name in names]
+    except AttributeError:
+        pytest.skip(f"transformers {transformers.__version__} has no {names[0]}")
+
+
+def axk1_model():
+    """A.X-K1's architecture (DeepSeek-V3's attention under another name), tiny."""
+    config_cls, model_cls = _transformers_class("AXK1Config", "AXK1ForCausalLM")
+    torch.manual_seed(0)
+    return model_cls(config_cls(**tiny_fields(q_lora_rank=32), attn_implementation="eager")).eval()
+
+
+def mistral4_model():
+    """Mistral Small 4's architecture, tiny: DeepSeek-V3's attention whose queries are scaled by position,
+    ``1 + beta * log(1 + floor(pos / original_max_position_embeddings))`` (1 below that length: 8192 in the real
+    model, 4 here, so every prompt crosses it), and whose rope_parameters name the rope's share of the whole query
+    head (``partial_rotary_factor`` 0.5 here, all of the rope part rotated)."""
+    config_cls, model_cls = _transformers_class("Mistral4Config", "Mistral4ForCausalLM")
+    rope = dict(YARN, original_max_position_embeddings=4, llama_4_scaling_beta=0.1)
+    torch.manual_seed(0)
+    return model_cls(config_cls(**tiny_fields(q_lora_rank=32), rope_parameters=rope,
+                                attn_implementation="eager")).eval()
+
+
+def glm5_model(indexer_types=("full", "shared", "shared", "full")):
+    """GLM-5's architecture (``glm_moe_dsa``), tiny: DeepSeek-V3.2's sparse attention (top-4 here) in which the
+    "shared" layers have no indexer and attend over the previous layer's picks (``prev_topk_indices``)."""
+    config_cls, model_cls = _transformers_class("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM")
+    keep = dict(tiny_fields(q_lora_rank=32), num_hidden_layers=len(indexer_types))
+    torch.manual_seed(0)
+    return model_cls(config_cls(**keep, index_n_heads=4, index_head_dim=32, index_topk=4,
+                                indexer_types=list(indexer_types), attn_implementation="eager")).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -195,6 +232,9 @@ MODELS = {
     "longcat-flash": longcat_model,
     "kimi-linear": kimi_linear_model,
     "bailing-hybrid": bailing_model,
+    "axk1": axk1_model,
+    "mistral4": mistral4_model,
+    "glm5-dsa-shared": glm5_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -239,8 +279,9 @@ def test_every_architecture_generates_with_its_norms_swapped(name):
         swapped = sorted(name for name, m in model.named_modules() if isinstance(m, KernelRMSNorm))
         got = model.generate(input_ids=ids, attention_mask=mask, **greedy)
     layers = integration._decoder_layers(model)[2]
-    assert swapped and all(re.fullmatch(r"(.*\.)?(norm|layers\.\d+\.(input|post_attention)_layernorm(\.\d+)?)", n)
-                           for n in swapped), swapped
+    # (A.X-K1 also norms its MoE block's output: mlp.post_mlp_layernorm)
+    assert swapped and all(re.fullmatch(r"(.*\.)?(norm|layers\.\d+\.((input|post_attention)_layernorm(\.\d+)?"
+                                        r"|mlp\.post_mlp_layernorm))", n) for n in swapped), swapped
     assert len(swapped) >= 2 * len(layers) + 1
     assert torch.equal(got, expected), f"\n{got[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
     unpatch_model(model)
@@ -327,7 +368,8 @@ def test_v32_sparse_attention_is_what_decides(index_topk):
         got_step2 = model(input_ids=step + 1, attention_mask=mask3, past_key_values=cache).logits
         real_positions = integration._sparse_positions
         try:
-            integration._sparse_positions = lambda *args: None  # the same patched model, attending densely
+            # the same patched model, attending densely (no latent positions)
+            integration._sparse_positions = lambda *args: (None, None)
             dense = model(input_ids=ids, attention_mask=mask).logits
         finally:
             integration._sparse_positions = real_positions
@@ -349,11 +391,13 @@ def test_v32_interleaves_its_rope_whatever_the_config_says():
     assert error < 1e-4, error
 
 
-def test_v32_beam_search_and_prompt_lookup():
+@pytest.mark.parametrize("make", [v32_model, glm5_model], ids=["v32", "glm5-shared"])
+def test_v32_beam_search_and_prompt_lookup(make):
     """DeepSeek-V3.2's indexer keys (kept per layer by LatentCacheLayer, pads included) follow beam search's
     reorders and speculative decoding's crops: stock transformers' sequences, with the attention weights drawn wide
-    so the indexer's picks and the beams differ between rows."""
-    model = v32_model()
+    so the indexer's picks and the beams differ between rows. GLM-5's shared layers too (the previous layer's
+    picks, reordered with it)."""
+    model = make()
     widen_attention(model)
     ids, mask = left_padded([12, 9, 5])
     beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6)
@@ -365,6 +409,29 @@ def test_v32_beam_search_and_prompt_lookup():
         got = (model.generate(input_ids=ids, attention_mask=mask, **beams),
                model.generate(input_ids=ids[:1], attention_mask=mask[:1], **lookup))
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_what_glm5_and_mistral4_layers_need_is_asked_for():
+    """A GLM-5 shared layer called without the previous layer's picks, and a Mistral 4 layer without the position
+    ids its query scale needs, are refused before the step is counted (stock raises for the first, and computes
+    its scale from the ids); a static latent cache is refused for GLM-5 (it holds no indexer keys)."""
+    ids, mask = left_padded([5, 3])
+    for make, layer, match in ((glm5_model, 1, "layer 1 reuses the previous layer's top-k picks .* prev_topk_indices "
+                                                "is required"),
+                               (mistral4_model, 0, "position_ids is required: this model's attention scales its "
+                                                   "queries by position")):
+        model = make()
+        patch_model(model)
+        with torch.no_grad():
+            hidden = model.model.embed_tokens(ids)
+            cos_sin = model.model.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+            cache = DynamicCache(config=model.config)
+            with pytest.raises(ValueError, match=match):
+                model.model.layers[layer].self_attn(hidden, position_embeddings=cos_sin, attention_mask=None,
+                                                    past_key_values=cache)
+        assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match="indexer"):
+        integration.static_latent_cache(patch_model(glm5_model()), 2, 32)
 
 
 def test_latent_only_cache_memory():
@@ -1768,7 +1835,8 @@ def test_attention_dropout_in_train_mode_is_refused():
 def test_sparse_positions_without_a_4d_mask_build_the_causal_one():
     """DeepSeek-V3.2's key picks (``_sparse_positions``) when the layer gets no mask, or only a ``[B, KV]`` padding
     mask, rather than transformers' 4-D one: the causal mask is built in place, so the indexer is handed, and the
-    latent positions follow, exactly what the 4-D causal mask gives. Checked against positions worked out by hand:
+    latent positions follow, exactly what the 4-D causal mask gives (and GLM-5's shared layers, from the previous
+    layer's picks). Checked against positions worked out by hand:
     each query sees the keys up to its own; a padded row's cache holds only its real tokens, so a pick's position
     there is its index less the pads, and a pick of a pad or of a later key is -1."""
     batch, q_len, topk = 2, 7, 3
@@ -1791,10 +1859,14 @@ def test_sparse_positions_without_a_4d_mask_build_the_causal_one():
     for mask, mask_4d, want in ((None, causal.expand(batch, 1, q_len, q_len), by_hand[:1].expand(batch, -1, -1)),
                                 (pads, (causal & pads.bool()[:, None, :])[:, None], by_hand)):
         handed.clear()
-        got = integration._sparse_positions(Indexer(), hidden, None, None, mask, None, None)
-        got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None)
+        picks, got = integration._sparse_positions(Indexer(), hidden, None, None, mask, None, None, 0, topk)
+        _, got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None, 0, topk)
         assert torch.equal(handed[0], handed[1]), "the indexer was handed another mask"
         assert torch.equal(got, want) and torch.equal(got_4d, want)
+        # a GLM-5 shared layer (no indexer) maps the previous layer's picks the same way, and hands them on
+        shared_picks, shared = integration._sparse_positions(None, hidden, None, None, mask, None, None, 0, topk,
+                                                             picks)
+        assert shared_picks is picks and torch.equal(shared, want)
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "dynamic-cache"])

@@ -1,6 +1,6 @@
-"""Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-4.7-Flash, MiniCPM3,
-LongCat-Flash, Youtu-LLM, Sarvam, the MLA layers of Kimi-Linear and Ling 3; ``SUPPORTED_MODEL_TYPES``) on the kernels,
-keeping only the latent.
+"""Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, GLM-4.7-Flash,
+Mistral Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, the MLA layers of Kimi-Linear and Ling 3;
+``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -40,6 +40,7 @@ error.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import weakref
@@ -82,6 +83,14 @@ SUPPORTED_MODEL_TYPES = {
     # Ling 3 (transformers 5.25 on): MLA with a head-wise output gate (g_proj, adopted), between linear-attention
     # layers
     "bailing_hybrid": ("transformers.models.bailing_hybrid.modeling_bailing_hybrid", "BailingHybridAttention"),
+    # A.X-K1: DeepSeek-V3's attention under another name
+    "axk1": ("transformers.models.axk1.modeling_axk1", "AXK1Attention"),
+    # Mistral Small 4: DeepSeek-V3's attention whose queries are scaled by position past the rope's original length
+    # (Llama 4's attention temperature, llama_4_scaling_beta; _position_scale)
+    "mistral4": ("transformers.models.mistral4.modeling_mistral4", "Mistral4Attention"),
+    # GLM-5: DeepSeek-V3.2's sparse attention, some layers reusing the previous layer's top-k picks
+    # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
+    "glm_moe_dsa": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
@@ -354,7 +363,7 @@ class _LatentState:
         checked before the step is reserved or counted: refused by ``attend`` after that, the step stayed counted with
         its slots unwritten, and the Cache, called again, attended to them silently (or refused as interrupted). A
         V3.2 layer's sparse step cuts its key lists instead, known after its indexer: ``attend`` checks those."""
-        if attn.split_tokens is not None and "indexer" not in attn._modules:
+        if attn.split_tokens is not None and "indexer" not in attn._modules and not attn.shared_topk:
             check_split_keys(attn.split_tokens, keys, "the step's longest sequence")
 
     def _check_fits(self, attn: "TransformersMLAttention") -> None:
@@ -1213,6 +1222,10 @@ class TransformersMLAttention(MLAttention):
     block_size: int
     max_cache_tokens: int | None
     cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
+    returns_topk: bool = False  # GLM-5: forward returns the step's top-k picks too, for the next layer
+    shared_topk: bool = False  # GLM-5's "shared" DSA layers: the previous layer's picks, no indexer of their own
+    index_topk: int | None = None  # the DSA layers' top-k (config.index_topk)
+    position_scale: tuple[float, int] | None = None  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length))
 
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
@@ -1267,6 +1280,15 @@ class TransformersMLAttention(MLAttention):
         indexer = getattr(original, "indexer", None)
         if indexer is not None:  # DeepSeek-V3.2: the model's own indexer module (state dict keys unchanged)
             new.indexer = indexer
+        # GLM-5's DSA layers hand their top-k picks to the next layer (a third output) and its "shared" layers take
+        # the previous layer's (prev_topk_indices) instead of running an indexer
+        new.returns_topk = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
+        new.shared_topk = bool(getattr(original, "skip_topk", False))
+        new.index_topk = indexer.index_topk if indexer is not None else getattr(config, "index_topk", None)
+        rope = getattr(config, "rope_parameters", None) or {}
+        new.position_scale = None  # Mistral 4's query scale by position: (beta, original length)
+        if config.model_type == "mistral4" and rope.get("llama_4_scaling_beta") is not None:
+            new.position_scale = (float(rope["llama_4_scaling_beta"]), rope["original_max_position_embeddings"])
         gate = getattr(original, "g_proj", None)
         if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
             new.g_proj = gate
@@ -1308,6 +1330,10 @@ class TransformersMLAttention(MLAttention):
                              "or unpatch_model(model)")
         _check_inference(self, hidden_states)
         self._check_kv_b()
+        prev_topk = kwargs.pop("prev_topk_indices", None)
+        if self.shared_topk and prev_topk is None:
+            raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k picks (a shared DSA layer): "
+                             f"prev_topk_indices is required")
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
@@ -1317,13 +1343,15 @@ class TransformersMLAttention(MLAttention):
             raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "
                             f"this model's attention in {kv_c.dtype} (model.double() after patch_model?): cast the "
                             "model to one of them, or unpatch_model(model)")
+        if self.position_scale is not None:
+            q_nope, q_pe = self._scale_by_position(q_nope, q_pe, kwargs.get("position_ids"))
 
         static = getattr(past_key_values, "_mla_static_state", None)
-        if static is not None and indexer is not None:
+        if static is not None and (indexer is not None or self.shared_topk):
             raise ValueError(_NO_STATIC_INDEXER)
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
-            return self._project_out(out, hidden_states), None
+            return self._outputs(self._project_out(out, hidden_states), None)
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
             packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
@@ -1340,13 +1368,30 @@ class TransformersMLAttention(MLAttention):
             layer = self.latent_layer
 
         try:
-            out = self._attend_step(hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings,
-                                    attention_mask, past_key_values, batch, layer, packing, kwargs.get("position_ids"))
+            out, picks = self._attend_step(hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings,
+                                           attention_mask, past_key_values, batch, layer, packing,
+                                           kwargs.get("position_ids"), prev_topk)
         except BaseException as exc:
             if past_key_values is not None:  # the step is reserved and counted: the Cache refuses what comes next
                 state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} during its step"
             raise
-        return self._project_out(out, hidden_states), None
+        return self._outputs(self._project_out(out, hidden_states), picks)
+
+    def _outputs(self, out: torch.Tensor, picks: torch.Tensor | None) -> tuple:
+        """What the original module returned: ``(out, None)``, attention weights never being materialised, and on
+        GLM-5 the step's top-k picks for the next layer (``returns_topk``)."""
+        return (out, None, picks) if self.returns_topk else (out, None)
+
+    def _scale_by_position(self, q_nope: torch.Tensor, q_pe: torch.Tensor, position_ids) -> tuple:
+        """Mistral 4's queries times ``1 + beta * log(1 + floor(position / length))`` (Llama 4's attention
+        temperature; 1 below ``length``, the rope's original context), as transformers computes it: in float32, cast
+        to the queries' dtype. ``position_ids [B, Q]`` (or ``[1, Q]``), from the decoder layer."""
+        if not isinstance(position_ids, torch.Tensor):
+            raise ValueError(f"position_ids is required: this model's attention scales its queries by position "
+                             f"(llama_4_scaling_beta), got {type(position_ids).__name__}")
+        beta, length = self.position_scale
+        scale = (1 + beta * torch.log(1 + torch.floor(position_ids / length))).to(q_nope.dtype)[..., None, None]
+        return q_nope * scale, q_pe * scale
 
     def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, kv_c):
         """The step's ``(_LatentState, LatentBatch, _Packing | None)`` with transformers' dynamic Cache: the latent
@@ -1370,20 +1415,23 @@ class TransformersMLAttention(MLAttention):
         "mla_kernels.integrations.static_latent_cache")(_dynamic_cache_step)
 
     def _attend_step(self, hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings, attention_mask,
-                     cache, batch: LatentBatch, layer: int, packing, position_ids) -> torch.Tensor:
-        """Store this layer's step and attend, ``[B, Q, H * D_v]``: over the indexer's picks on DeepSeek-V3.2."""
+                     cache, batch: LatentBatch, layer: int, packing, position_ids, prev_topk=None) -> tuple:
+        """Store this layer's step and attend: ``(out [B, Q, H * D_v], picks)``, over the top-k picks on DSA models
+        (DeepSeek-V3.2, GLM-5: the indexer's, or a shared layer's ``prev_topk``; ``picks`` as the indexer gives
+        them, else None)."""
         batch_size, query_len = hidden_states.shape[:2]
-        indexer, indices = self._modules.get("indexer"), None
-        if indexer is not None:  # DeepSeek-V3.2: the indexer's top-k keys of each query, as latent cache positions
-            indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask, cache,
-                                        position_ids)  # [B, Q, K]
+        indexer, picks, indices = self._modules.get("indexer"), None, None
+        if indexer is not None or self.shared_topk:  # the top-k keys of each query, as latent cache positions
+            picks, indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
+                                               cache, position_ids, self.layer_idx, self.index_topk,
+                                               prev_topk)  # [B, Q, K]
         if packing is None:
             flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
             out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
-            return out.reshape(batch_size, query_len, -1)
+            return out.reshape(batch_size, query_len, -1), picks
         packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
                              indices=None if indices is None else _pack(indices, packing))
-        return _unpack(packed, packing, batch_size, query_len).flatten(2)
+        return _unpack(packed, packing, batch_size, query_len).flatten(2), picks
 
     def _project_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``o_proj`` of the attention output ``out [B, Q, H * D_v]``, each head first scaled by the sigmoid of its
@@ -1395,20 +1443,22 @@ class TransformersMLAttention(MLAttention):
         return self.o_proj(out)
 
 
-def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embeddings, attention_mask, cache,
-                      position_ids) -> torch.Tensor:
+def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, position_embeddings, attention_mask, cache,
+                      position_ids, layer_idx: int, index_topk: int, prev_picks=None) -> tuple:
     """DeepSeek-V3.2's sparse attention: the model's own indexer picks each query's top-k keys ``[B, Q, K]`` among
     the ``KV`` keys transformers counts (pads included; its key cache, ``update_indexer``, is kept in that padded
-    layout by ``LatentCacheLayer``), as it does unpatched. Each pick becomes the key's position in its row of the
-    latent cache, which holds only real tokens: the number of real keys before it. A pick the query may not see
-    (a pad, or past its own position: the indexer returns K picks even when fewer keys are visible, as transformers'
-    mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device: nothing is read.
+    layout by ``LatentCacheLayer``), as it does unpatched; a GLM-5 layer with no indexer (``indexer`` None) takes
+    the previous layer's picks, ``prev_picks``. Returns ``(picks, positions)``: each pick becomes the key's position
+    in its row of the latent cache, which holds only real tokens: the number of real keys before it. A pick the
+    query may not see (a pad, or past its own position: the indexer returns K picks even when fewer keys are
+    visible, as transformers' mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device:
+    nothing is read.
 
-    None (dense attention) while there are no more keys than ``index_topk``: the indexer then picks every key, so
-    each token attends to all it may see, which the dense kernels compute (the prefill kernels for a prompt, not a
-    program per token); the indexer still runs, to extend its key cache."""
+    ``positions`` None (dense attention) while there are no more keys than ``index_topk``: the indexer then picks
+    every key, so each token attends to all it may see, which the dense kernels compute (the prefill kernels for a
+    prompt, not a program per token); the indexer still runs, to extend its key cache."""
     batch_size, query_len = hidden_states.shape[:2]
-    kv_len = query_len if cache is None else cache.get_seq_length(indexer.layer_idx)
+    kv_len = query_len if cache is None else cache.get_seq_length(layer_idx)
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask[:, 0]  # [B, Q, KV], head 0, as transformers' own attention hands the indexer
     else:  # none, or a [B, KV] padding mask: causal attention over the keys (and the padding mask's)
@@ -1417,18 +1467,21 @@ def _sparse_positions(indexer: nn.Module, hidden_states, q_resid, position_embed
                 ).expand(batch_size, query_len, kv_len)
         if attention_mask is not None:
             mask = mask & _sees(attention_mask)[:, None, -kv_len:]
-    picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
-                    **({} if cache is None else {_indexer_cache_name(indexer): cache}))
-    if kv_len <= indexer.index_topk:  # (a host int: the Cache's count)
-        return None
+    if indexer is not None:
+        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
+                        **({} if cache is None else {_indexer_cache_name(indexer): cache}))
+    else:
+        picks = prev_picks
+    if kv_len <= index_topk:  # (a host int: the Cache's count)
+        return picks, None
     sees = _sees(mask)  # [B, Q, KV] bool
-    picks = picks.long()
+    chosen = picks.long()
     real = sees[:, -1, :]  # [B, KV]: the keys the last query sees are the row's real tokens (stored in the cache)
     latent = torch.cumsum(real, dim=1) - 1  # [B, KV]: a real key's position in the latent cache
-    flat = picks.flatten(1)  # [B, Q * K]
-    position = latent.gather(1, flat).view_as(picks)
-    usable = sees.gather(2, picks) & real.gather(1, flat).view_as(picks)
-    return torch.where(usable, position, -1)
+    flat = chosen.flatten(1)  # [B, Q * K]
+    position = latent.gather(1, flat).view_as(chosen)
+    usable = sees.gather(2, chosen) & real.gather(1, flat).view_as(chosen)
+    return picks, torch.where(usable, position, -1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1556,9 +1609,9 @@ def _attention_class(model_type: str):
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
-    """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-4.7-Flash, MiniCPM3,
-    LongCat-Flash, Youtu-LLM, Sarvam, Kimi-Linear, Ling 3) model for ``TransformersMLAttention`` (a hybrid's other attention
-    modules, ``_OTHER_ATTENTION``, stay as they are).
+    """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, GLM-4.7-Flash, Mistral
+    Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, Kimi-Linear, Ling 3) model for
+    ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
         model: ``DeepseekV3ForCausalLM`` / ``DeepseekV3Model`` (or another ``SUPPORTED_MODEL_TYPES`` model type's
