@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import zlib
 
 import pytest
 import torch
@@ -311,11 +312,12 @@ def test_the_modules_query_projection_decides_over_the_config(monkeypatch, built
 
 def widen_attention(model) -> None:
     """Draw the attention weights at std 0.2 (the models' init is 0.02): attention, its rope and its key choice then
-    move the logits far more than rounding does."""
+    move the logits far more than rounding does. Each parameter from a seed of its own name (seeded by the name's
+    length, every layer's attention had the same weights)."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if ".self_attn." in pname and "layernorm" not in pname:
-                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(pname)))
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(zlib.crc32(pname.encode())))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -432,6 +434,35 @@ def test_what_glm5_and_mistral4_layers_need_is_asked_for():
         assert cache.get_seq_length() == 0
     with pytest.raises(ValueError, match="indexer"):
         integration.static_latent_cache(patch_model(glm5_model()), 2, 32)
+
+
+def test_what_dsa_and_mistral4_layers_read_from_their_modules_is_read_at_each_call():
+    """The indexer's ``index_topk`` and Mistral 4's ``llama_4_scaling_beta`` (config.rope_parameters), set after
+    patch_model, reach the patched model as they reach stock, which reads them at each call: a top-k copied at
+    patch time attended densely (0.48 relative off stock on V3.2, 0.40 on GLM-5), a copied beta scaled by the old
+    one (0.11). Tolerance as in ``test_forward_matches_transformers_where_attention_decides``."""
+    def topk_4(model):
+        for layer in model.model.layers:
+            if getattr(layer.self_attn, "indexer", None) is not None:
+                layer.self_attn.indexer.index_topk = 4
+
+    def beta_half(model):
+        model.config.rope_parameters["llama_4_scaling_beta"] = 0.5
+
+    for make, edit in ((lambda: v32_model(index_topk=16), topk_4), (lambda: glm5_model(("full", "shared")), topk_4),
+                       (mistral4_model, beta_half)):
+        model = make()
+        widen_attention(model)
+        ids, mask = left_padded([12, 9, 5])
+        real = mask.bool()
+        with torch.no_grad():
+            patched = copy.deepcopy(model)
+            patch_model(patched, block_size=4)
+            edit(model)
+            edit(patched)
+            error = err_ratio(patched(input_ids=ids, attention_mask=mask).logits[real],
+                              model(input_ids=ids, attention_mask=mask).logits[real])
+        assert error < 1e-4, error
 
 
 def test_latent_only_cache_memory():
@@ -1859,13 +1890,12 @@ def test_sparse_positions_without_a_4d_mask_build_the_causal_one():
     for mask, mask_4d, want in ((None, causal.expand(batch, 1, q_len, q_len), by_hand[:1].expand(batch, -1, -1)),
                                 (pads, (causal & pads.bool()[:, None, :])[:, None], by_hand)):
         handed.clear()
-        picks, got = integration._sparse_positions(Indexer(), hidden, None, None, mask, None, None, 0, topk)
-        _, got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None, 0, topk)
+        picks, got = integration._sparse_positions(Indexer(), hidden, None, None, mask, None, None, 0)
+        _, got_4d = integration._sparse_positions(Indexer(), hidden, None, None, mask_4d, None, None, 0)
         assert torch.equal(handed[0], handed[1]), "the indexer was handed another mask"
         assert torch.equal(got, want) and torch.equal(got_4d, want)
         # a GLM-5 shared layer (no indexer) maps the previous layer's picks the same way, and hands them on
-        shared_picks, shared = integration._sparse_positions(None, hidden, None, None, mask, None, None, 0, topk,
-                                                             picks)
+        shared_picks, shared = integration._sparse_positions(None, hidden, None, None, mask, None, None, 0, picks)
         assert shared_picks is picks and torch.equal(shared, want)
 
 

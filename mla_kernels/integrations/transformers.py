@@ -86,7 +86,7 @@ SUPPORTED_MODEL_TYPES = {
     # A.X-K1: DeepSeek-V3's attention under another name
     "axk1": ("transformers.models.axk1.modeling_axk1", "AXK1Attention"),
     # Mistral Small 4: DeepSeek-V3's attention whose queries are scaled by position past the rope's original length
-    # (Llama 4's attention temperature, llama_4_scaling_beta; _position_scale)
+    # (Llama 4's attention temperature, llama_4_scaling_beta; _scale_by_position)
     "mistral4": ("transformers.models.mistral4.modeling_mistral4", "Mistral4Attention"),
     # GLM-5: DeepSeek-V3.2's sparse attention, some layers reusing the previous layer's top-k picks
     # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
@@ -98,7 +98,8 @@ _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_m
             "o_proj")
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
-_NO_STATIC_INDEXER = ("static_latent_cache does not hold DeepSeek-V3.2's indexer keys: generate with a DynamicCache "
+_NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5): "
+                      "generate with a DynamicCache "
                       "(the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
@@ -646,8 +647,8 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
-                                 f"max_cache_len) for a preallocated one (not for DeepSeek-V3.2, whose indexer keys it "
-                                 f"does not hold)")
+                                 f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2 and "
+                                 f"GLM-5, whose indexer keys it does not hold)")
             if layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
@@ -1224,8 +1225,7 @@ class TransformersMLAttention(MLAttention):
     cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
     returns_topk: bool = False  # GLM-5: forward returns the step's top-k picks too, for the next layer
     shared_topk: bool = False  # GLM-5's "shared" DSA layers: the previous layer's picks, no indexer of their own
-    index_topk: int | None = None  # the DSA layers' top-k (config.index_topk)
-    position_scale: tuple[float, int] | None = None  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length))
+    position_scale: bool = False  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length)) (_scale_by_position)
 
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
@@ -1284,11 +1284,9 @@ class TransformersMLAttention(MLAttention):
         # the previous layer's (prev_topk_indices) instead of running an indexer
         new.returns_topk = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
         new.shared_topk = bool(getattr(original, "skip_topk", False))
-        new.index_topk = indexer.index_topk if indexer is not None else getattr(config, "index_topk", None)
-        rope = getattr(config, "rope_parameters", None) or {}
-        new.position_scale = None  # Mistral 4's query scale by position: (beta, original length)
-        if config.model_type == "mistral4" and rope.get("llama_4_scaling_beta") is not None:
-            new.position_scale = (float(rope["llama_4_scaling_beta"]), rope["original_max_position_embeddings"])
+        # Mistral 4's queries are scaled by position (_scale_by_position: from the config, read at each call as the
+        # original reads it, so an edit of its rope_parameters reaches both)
+        new.position_scale = config.model_type == "mistral4"
         gate = getattr(original, "g_proj", None)
         if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
             new.g_proj = gate
@@ -1343,7 +1341,7 @@ class TransformersMLAttention(MLAttention):
             raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "
                             f"this model's attention in {kv_c.dtype} (model.double() after patch_model?): cast the "
                             "model to one of them, or unpatch_model(model)")
-        if self.position_scale is not None:
+        if self.position_scale:
             q_nope, q_pe = self._scale_by_position(q_nope, q_pe, kwargs.get("position_ids"))
 
         static = getattr(past_key_values, "_mla_static_state", None)
@@ -1384,12 +1382,14 @@ class TransformersMLAttention(MLAttention):
 
     def _scale_by_position(self, q_nope: torch.Tensor, q_pe: torch.Tensor, position_ids) -> tuple:
         """Mistral 4's queries times ``1 + beta * log(1 + floor(position / length))`` (Llama 4's attention
-        temperature; 1 below ``length``, the rope's original context), as transformers computes it: in float32, cast
-        to the queries' dtype. ``position_ids [B, Q]`` (or ``[1, Q]``), from the decoder layer."""
+        temperature; 1 below ``length``, the rope's original context; ``llama_4_scaling_beta`` and
+        ``original_max_position_embeddings`` of the config's ``rope_parameters``), as transformers computes it: in
+        float32, cast to the queries' dtype. ``position_ids [B, Q]`` (or ``[1, Q]``), from the decoder layer."""
         if not isinstance(position_ids, torch.Tensor):
             raise ValueError(f"position_ids is required: this model's attention scales its queries by position "
                              f"(llama_4_scaling_beta), got {type(position_ids).__name__}")
-        beta, length = self.position_scale
+        rope = self._hf_original.config.rope_parameters
+        beta, length = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
         scale = (1 + beta * torch.log(1 + torch.floor(position_ids / length))).to(q_nope.dtype)[..., None, None]
         return q_nope * scale, q_pe * scale
 
@@ -1423,8 +1423,7 @@ class TransformersMLAttention(MLAttention):
         indexer, picks, indices = self._modules.get("indexer"), None, None
         if indexer is not None or self.shared_topk:  # the top-k keys of each query, as latent cache positions
             picks, indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
-                                               cache, position_ids, self.layer_idx, self.index_topk,
-                                               prev_topk)  # [B, Q, K]
+                                               cache, position_ids, self.layer_idx, prev_topk)  # [B, Q, K]
         if packing is None:
             flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
             out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
@@ -1444,7 +1443,7 @@ class TransformersMLAttention(MLAttention):
 
 
 def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, position_embeddings, attention_mask, cache,
-                      position_ids, layer_idx: int, index_topk: int, prev_picks=None) -> tuple:
+                      position_ids, layer_idx: int, prev_picks=None) -> tuple:
     """DeepSeek-V3.2's sparse attention: the model's own indexer picks each query's top-k keys ``[B, Q, K]`` among
     the ``KV`` keys transformers counts (pads included; its key cache, ``update_indexer``, is kept in that padded
     layout by ``LatentCacheLayer``), as it does unpatched; a GLM-5 layer with no indexer (``indexer`` None) takes
@@ -1454,9 +1453,10 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
     visible, as transformers' mask then hides them) becomes -1, which ``mla_decode`` skips. Computed on the device:
     nothing is read.
 
-    ``positions`` None (dense attention) while there are no more keys than ``index_topk``: the indexer then picks
-    every key, so each token attends to all it may see, which the dense kernels compute (the prefill kernels for a
-    prompt, not a program per token); the indexer still runs, to extend its key cache."""
+    ``positions`` None (dense attention) while there are no more keys than the indexer's ``index_topk``: it then
+    picks every key (``min(index_topk, keys)`` of them: told by the picks' width, as the indexer reads its
+    ``index_topk`` at each call), so each token attends to all it may see, which the dense kernels compute (the
+    prefill kernels for a prompt, not a program per token); the indexer still runs, to extend its key cache."""
     batch_size, query_len = hidden_states.shape[:2]
     kv_len = query_len if cache is None else cache.get_seq_length(layer_idx)
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -1472,7 +1472,7 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
                         **({} if cache is None else {_indexer_cache_name(indexer): cache}))
     else:
         picks = prev_picks
-    if kv_len <= index_topk:  # (a host int: the Cache's count)
+    if picks.shape[-1] >= kv_len:  # (host ints: the picks' width and the Cache's count)
         return picks, None
     sees = _sees(mask)  # [B, Q, KV] bool
     chosen = picks.long()
