@@ -500,22 +500,23 @@ class MLAttention(nn.Module):
         return (emb.cos() * self.rope_scaling_factor).to(dtype), (emb.sin() * self.rope_scaling_factor).to(dtype)
 
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                q_resid: torch.Tensor | None = None):
+                q_resid: torch.Tensor | None = None, q: torch.Tensor | None = None):
         """Projections and rope for tokens ``hidden_states [..., hidden]``, ``cos``/``sin`` ``[..., P]``.
         ``q_resid``: the query's normalized low-rank projection ``q_a_layernorm(q_a_proj(hidden_states))`` where
-        the caller made it already (DeepSeek-V3.2's indexer reads it too).
+        the caller made it already (DeepSeek-V3.2's indexer reads it too). ``q``: the query heads
+        ``[..., H, D_nope + P]`` before rope, where the caller projected them itself (A.X-K2's fused query and gate).
 
         Returns ``q_nope [..., H, D_nope]``, ``q_pe [..., H, P]`` (roped), ``kv_c [..., R]`` (normalized latent),
         ``k_pe [..., P]`` (roped key).
         """
         lead = hidden_states.shape[:-1]
-        if self.q_lora_rank is None:
+        if q is None and self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
-        else:
+        elif q is None:
             if q_resid is None:
                 q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))  # one launch on a GPU
             q = self.q_b_proj(q_resid)
-        q = q.view(*lead, self.num_heads, self.qk_head_dim)
+        q = q.reshape(*lead, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
@@ -934,7 +935,7 @@ def config_kwargs(config) -> dict:
         style = "half"
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
-    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa"):
+    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2"):
         # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
         # rope_interleave=False given to it is still stored)
         style = "interleave"

@@ -210,6 +210,15 @@ def mistral4_model():
                                 attn_implementation="eager")).eval()
 
 
+def axk2_model():
+    """A.X-K2's architecture, tiny: DeepSeek-V3.2's sparse attention (top-4 here) whose query and an elementwise
+    output gate come from one projection (``q_gate_proj``) of the normed and the raw low-rank query."""
+    config_cls, model_cls = _transformers_class("AXK2Config", "AXK2ForCausalLM")
+    torch.manual_seed(0)
+    return model_cls(config_cls(**tiny_fields(q_lora_rank=32), index_n_heads=4, index_head_dim=32, index_topk=4,
+                                gated_norm_rank=8, attn_implementation="eager")).eval()
+
+
 def glm5_model(indexer_types=("full", "shared", "shared", "full")):
     """GLM-5's architecture (``glm_moe_dsa``), tiny: DeepSeek-V3.2's sparse attention (top-4 here) in which the
     "shared" layers have no indexer and attend over the previous layer's picks (``prev_topk_indices``)."""
@@ -236,6 +245,7 @@ MODELS = {
     "axk1": axk1_model,
     "mistral4": mistral4_model,
     "glm5-dsa-shared": glm5_model,
+    "axk2-gated-dsa": axk2_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -806,8 +816,12 @@ def test_a_layer_failing_after_its_step_was_reserved_ends_the_dynamic_cache(monk
                 model(ids[:, 5:], past_key_values=kv)
 
 
-def test_patch_shares_parameters_and_unpatch_restores():
-    model = tiny_model(q_lora_rank=32)
+@pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model],
+                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer"])
+def test_patch_shares_parameters_and_unpatch_restores(make):
+    """The patched model's state dict is the original's, key for key and tensor for tensor (A.X-K2's attention has
+    no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either)."""
+    model = make()
     before = model.state_dict()
     pointers = {k: v.data_ptr() for k, v in before.items()}
     originals = [layer.self_attn for layer in model.model.layers]

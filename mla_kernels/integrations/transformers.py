@@ -1,5 +1,5 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, GLM-4.7-Flash,
-Mistral Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, the MLA layers of Kimi-Linear and Ling 3;
+Mistral Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of Kimi-Linear and Ling 3;
 ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
@@ -88,6 +88,9 @@ SUPPORTED_MODEL_TYPES = {
     # Mistral Small 4: DeepSeek-V3's attention whose queries are scaled by position past the rope's original length
     # (Llama 4's attention temperature, llama_4_scaling_beta; _scale_by_position)
     "mistral4": ("transformers.models.mistral4.modeling_mistral4", "Mistral4Attention"),
+    # A.X-K2: DeepSeek-V3.2's sparse attention with a fused query-and-gate projection (q_gate_proj, of the normed
+    # and the raw low-rank query) and an elementwise sigmoid gate on the attention output (_query_and_gate)
+    "axk2": ("transformers.models.axk2.modeling_axk2", "AXK2Attention"),
     # GLM-5: DeepSeek-V3.2's sparse attention, some layers reusing the previous layer's top-k picks
     # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
     "glm_moe_dsa": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
@@ -1257,8 +1260,10 @@ class TransformersMLAttention(MLAttention):
             kwargs["q_lora_rank"] = original.q_a_proj.out_features
         new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
-            if name in new._modules:
-                setattr(new, name, getattr(original, name))
+            if name in new._modules and name in original._modules:
+                setattr(new, name, original._modules[name])
+            elif name in new._modules:  # (A.X-K2 has no q_b_proj, its query coming from q_gate_proj: nor has this,
+                delattr(new, name)      # so the state dict keeps the original's keys)
         device = original.kv_b_proj.weight.device
         new.inv_freq = rope_inv_freq(new.qk_rope_head_dim, new.rope_parameters,
                                      getattr(config, "max_position_embeddings", 4096))[0].to(device)
@@ -1290,6 +1295,10 @@ class TransformersMLAttention(MLAttention):
         gate = getattr(original, "g_proj", None)
         if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
             new.g_proj = gate
+        if getattr(original, "q_gate_proj", None) is not None:  # A.X-K2's query and gate (``_query_and_gate``)
+            new.q_gate_proj = original.q_gate_proj
+        # the children in the original's order, so the state dict lists its keys as the original's does
+        new._modules = {**{k: new._modules[k] for k in original._modules if k in new._modules}, **new._modules}
         # hooks on the attention module keep running on its stand-in (called as it was, returning what it returned)
         # and their handles keep removing them: the hook dicts are shared, not copied (unpatch_model's original
         # then has those registered on the stand-in too)
@@ -1335,8 +1344,12 @@ class TransformersMLAttention(MLAttention):
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
-        q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states)) if indexer is not None else None
-        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid)  # [B, Q, ...]
+        q_resid = q = gate = None
+        if "q_gate_proj" in self._modules:
+            q_resid, q, gate = self._query_and_gate(hidden_states)
+        elif indexer is not None:
+            q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))
+        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid, q)  # [B, Q, ...]
         if kv_c.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
             raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "
                             f"this model's attention in {kv_c.dtype} (model.double() after patch_model?): cast the "
@@ -1349,7 +1362,7 @@ class TransformersMLAttention(MLAttention):
             raise ValueError(_NO_STATIC_INDEXER)
         if static is not None:
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
-            return self._outputs(self._project_out(out, hidden_states), None)
+            return self._outputs(self._project_out(out, hidden_states, gate), None)
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
             packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
             paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
@@ -1373,7 +1386,7 @@ class TransformersMLAttention(MLAttention):
             if past_key_values is not None:  # the step is reserved and counted: the Cache refuses what comes next
                 state.failed = f"layer {self.layer_idx} raised {type(exc).__name__} during its step"
             raise
-        return self._outputs(self._project_out(out, hidden_states), picks)
+        return self._outputs(self._project_out(out, hidden_states, gate), picks)
 
     def _outputs(self, out: torch.Tensor, picks: torch.Tensor | None) -> tuple:
         """What the original module returned: ``(out, None)``, attention weights never being materialised, and on
@@ -1432,9 +1445,23 @@ class TransformersMLAttention(MLAttention):
                              indices=None if indices is None else _pack(indices, packing))
         return _unpack(packed, packing, batch_size, query_len).flatten(2), picks
 
-    def _project_out(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _query_and_gate(self, hidden_states: torch.Tensor) -> tuple:
+        """A.X-K2's query: ``(q_resid, q [B, Q, H, D_nope + P], gate [B, Q, H * D_v])`` from one projection
+        ``q_gate_proj`` of the normed and the raw low-rank query side by side, as transformers computes it."""
+        q_compressed = self.q_a_proj(hidden_states)
+        q_resid = rms_norm(self.q_a_layernorm, q_compressed)
+        both = self.q_gate_proj(torch.cat([q_resid, q_compressed], dim=-1))
+        both = both.unflatten(-1, (self.num_heads, self.qk_head_dim + self.v_head_dim))
+        q, gate = torch.split(both, [self.qk_head_dim, self.v_head_dim], dim=-1)
+        return q_resid, q, gate.flatten(-2)
+
+    def _project_out(self, out: torch.Tensor, hidden_states: torch.Tensor,
+                     gate_values: torch.Tensor | None = None) -> torch.Tensor:
         """``o_proj`` of the attention output ``out [B, Q, H * D_v]``, each head first scaled by the sigmoid of its
-        gate where the model has one (Ling 3's ``g_proj``, computed in fp32 as transformers does)."""
+        gate where the model has one (Ling 3's ``g_proj``, computed in fp32 as transformers does), or each value by
+        the sigmoid of ``gate_values [B, Q, H * D_v]`` (A.X-K2's, multiplied in fp32, as transformers does)."""
+        if gate_values is not None:
+            out = (out * torch.sigmoid(gate_values.float())).to(out.dtype)
         gate = self._modules.get("g_proj")
         if gate is not None:
             g = torch.sigmoid(gate(hidden_states).float()).to(hidden_states.dtype)  # [B, Q, H]
@@ -1610,7 +1637,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, GLM-4.7-Flash, Mistral
-    Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, Kimi-Linear, Ling 3) model for
+    Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear, Ling 3) model for
     ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
@@ -1666,8 +1693,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                             f"patch_model can't replace it")
         missing = [n for n in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
                    if getattr(attn, n, None) is None]
-        if missing or (getattr(attn, "q_proj", None) is None and getattr(attn, "q_b_proj", None) is None):
-            raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections {missing or ['q_proj/q_b_proj']}")
+        if missing or all(getattr(attn, n, None) is None for n in ("q_proj", "q_b_proj", "q_gate_proj")):
+            raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections "
+                            f"{missing or ['q_proj/q_b_proj/q_gate_proj']}")
         kv_b = attn.kv_b_proj
         check_kv_b_proj(kv_b, f"layer {i}'s kv_b_proj")
         hook = getattr(kv_b, "_hf_hook", None)  # accelerate's: it loads an offloaded weight inside forward only
@@ -1747,8 +1775,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if isinstance(attn, TransformersMLAttention):
             original = attn._hf_original
             original.training = attn.training  # model.train()/eval() while patched reached only the patched module
-            for child in (*_ADOPTED, "indexer", "g_proj"):  # the adopted modules as they are now: one replaced while
-                if child in attn._modules and child in original._modules:  # patched (merged, quantized) stays
+            # the adopted modules as they are now: one replaced while patched (merged, quantized) stays
+            for child in (*_ADOPTED, "indexer", "g_proj", "q_gate_proj"):
+                if child in attn._modules and child in original._modules:
                     setattr(original, child, attn._modules[child])
             setattr(parent, name, original)
     _reset_output_capturing_hooks(model)
