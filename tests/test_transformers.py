@@ -429,7 +429,7 @@ def test_what_glm5_and_mistral4_layers_need_is_asked_for():
     its scale from the ids); a static latent cache is refused for GLM-5 (it holds no indexer keys)."""
     ids, mask = left_padded([5, 3])
     for make, layer, match in ((glm5_model, 1, "layer 1 reuses the previous layer's top-k picks .* prev_topk_indices "
-                                                "is required"),
+                                                "is required \\(call it through its decoder layer"),
                                (mistral4_model, 0, "position_ids is required: this model's attention scales its "
                                                    "queries by position")):
         model = make()
@@ -441,7 +441,8 @@ def test_what_glm5_and_mistral4_layers_need_is_asked_for():
             with pytest.raises(ValueError, match=match):
                 model.model.layers[layer].self_attn(hidden, position_embeddings=cos_sin, attention_mask=None,
                                                     past_key_values=cache)
-        assert cache.get_seq_length() == 0
+            assert [cache.get_seq_length(i) for i in range(len(model.model.layers))] == [0] * len(model.model.layers)
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)  # the same cache serves the model
     with pytest.raises(ValueError, match="indexer"):
         integration.static_latent_cache(patch_model(glm5_model()), 2, 32)
 
@@ -814,6 +815,19 @@ def test_a_layer_failing_after_its_step_was_reserved_ends_the_dynamic_cache(monk
             with pytest.raises(RuntimeError, match=f"layer {failing.layer_idx} raised KeyboardInterrupt during its "
                                                    "step: a forward pass was interrupted"):
                 model(ids[:, 5:], past_key_values=kv)
+
+
+def test_an_attention_lacking_a_projection_of_its_query_path_is_refused_by_patch_model():
+    """A layer with q_a_proj and q_b_proj but no q_a_layernorm, or a q_b_proj with no q_a_proj (read as a q_proj
+    query, the module deciding), is refused when patched, naming the layer and the module, before any swap: the
+    stand-in would have failed at its first call (A.X-K2's missing q_b_proj is the one absence its q_gate_proj
+    stands for)."""
+    for missing, named in (("q_a_layernorm", "q_a_layernorm"), ("q_a_proj", "q_proj")):
+        model = tiny_model(q_lora_rank=32)
+        del model.model.layers[1].self_attn._modules[missing]
+        with pytest.raises(TypeError, match=f"layer 1's DeepseekV3Attention lacks {named}"):
+            patch_model(model)
+        assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model],

@@ -101,7 +101,8 @@ _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_m
             "o_proj")
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
-_NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5): "
+_NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
+                      "A.X-K2): "
                       "generate with a DynamicCache "
                       "(the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
@@ -650,8 +651,8 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
-                                 f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2 and "
-                                 f"GLM-5, whose indexer keys it does not hold)")
+                                 f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2, "
+                                 f"GLM-5 and A.X-K2, whose indexer keys it does not hold)")
             if layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
@@ -1260,10 +1261,15 @@ class TransformersMLAttention(MLAttention):
             kwargs["q_lora_rank"] = original.q_a_proj.out_features
         new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
-            if name in new._modules and name in original._modules:
+            if name not in new._modules:
+                continue
+            if name in original._modules:
                 setattr(new, name, original._modules[name])
-            elif name in new._modules:  # (A.X-K2 has no q_b_proj, its query coming from q_gate_proj: nor has this,
-                delattr(new, name)      # so the state dict keeps the original's keys)
+            elif name == "q_b_proj" and "q_gate_proj" in original._modules:  # A.X-K2's query comes from q_gate_proj:
+                delattr(new, name)  # no q_b_proj here either, so the state dict keeps the original's keys
+            else:
+                raise TypeError(f"layer {original.layer_idx}'s {type(original).__name__} lacks {name}, which its "
+                                f"query or latent path needs; patch_model can't replace it")
         device = original.kv_b_proj.weight.device
         new.inv_freq = rope_inv_freq(new.qk_rope_head_dim, new.rope_parameters,
                                      getattr(config, "max_position_embeddings", 4096))[0].to(device)
@@ -1340,7 +1346,8 @@ class TransformersMLAttention(MLAttention):
         prev_topk = kwargs.pop("prev_topk_indices", None)
         if self.shared_topk and prev_topk is None:
             raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k picks (a shared DSA layer): "
-                             f"prev_topk_indices is required")
+                             f"prev_topk_indices is required (call it through its decoder layer or the model, which "
+                             f"hand it the previous layer's)")
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
@@ -1726,10 +1733,12 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
     # model's missing ones, take no latent memory)
     order = sorted(indices)
-    for parent, name, attn in slots:
-        setattr(parent, name, TransformersMLAttention.adopt(
-            attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
-            num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens))
+    stand_ins = [TransformersMLAttention.adopt(  # every one made (and its layer checked) before any is swapped in
+        attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
+        num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens)
+        for _, _, attn in slots]
+    for (parent, name, _), stand_in in zip(slots, stand_ins):
+        setattr(parent, name, stand_in)
     if norms:
         stand_ins = {}  # one per module: a norm in two places stays one module in both
         for parent, name, norm in _norm_slots(model):
