@@ -90,7 +90,9 @@ def test_rms_norm_rounds_to_the_inputs_dtype_before_the_weight(device):
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
 def test_the_patched_models_norms_take_the_kernel(model_type):
     """The RMSNorm class (``*RMSNorm``; Kimi-Linear's and Ling 3's gated ones are other modules) of every model type
-    the drop-in patches is recognized as the formula (else its norms would quietly keep their eight launches each)."""
+    the drop-in patches is recognized as the formula (else its norms would quietly keep their eight launches each).
+    A.X-K2's ``AXK2GatedRMSNorm`` (its decoder's input norm, times a low-rank gate of its input) is another formula:
+    it must not be taken for the plain one."""
     module_name, _ = SUPPORTED_MODEL_TYPES[model_type]
     try:
         mod = importlib.import_module(module_name)
@@ -98,7 +100,10 @@ def test_the_patched_models_norms_take_the_kernel(model_type):
         pytest.skip(f"the installed transformers has no {module_name}")
     classes = [obj for name, obj in vars(mod).items()
                if isinstance(obj, type) and name.endswith("RMSNorm") and obj.__module__ == mod.__name__]
-    assert classes and all(norm_mod._plain_class(cls) for cls in classes), [c.__name__ for c in classes]
+    gated = [cls for cls in classes if "Gated" in cls.__name__]
+    plain = [cls for cls in classes if cls not in gated]
+    assert plain and all(norm_mod._plain_class(cls) for cls in plain), [c.__name__ for c in plain]
+    assert not any(norm_mod._plain_class(cls) for cls in gated), [c.__name__ for c in gated]
 
 
 class GemmaStyleNorm(DeepseekRMSNorm):
