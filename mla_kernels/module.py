@@ -649,8 +649,7 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight
         if w.dtype == dtype:
             return w
-        return self._kv_b_dequantized(dtype) if w.element_size() == 1 and is_fp8_linear(self.kv_b_proj) \
-            else w.to(dtype)
+        return self._kv_b_dequantized(dtype) if holds_fp8_weight(self.kv_b_proj) else w.to(dtype)
 
     def _kv_b_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """An fp8 ``kv_b_proj`` (transformers' ``FP8Linear``, ``check_kv_b_proj`` has vouched for it) dequantized
@@ -694,10 +693,11 @@ class MLAttention(nn.Module):
         the common path): an adapter or a hook added to ``kv_b_proj`` after the module was built would be
         bypassed. An FP8Linear whose kept dequantized weight is current was checked when it was dequantized."""
         kv_b = self.kv_b_proj
-        if kv_b.__class__ is not nn.Linear or kv_b._forward_hooks or kv_b._forward_pre_hooks or kv_b.bias is not None:
-            if not (is_fp8_linear(kv_b) and not kv_b._forward_hooks and not kv_b._forward_pre_hooks
-                    and kv_b.bias is None and self._fp8_kept(kv_b, None) is not None):
-                check_kv_b_proj(kv_b, "kv_b_proj")
+        plain = kv_b.__class__ is nn.Linear
+        if (plain or is_fp8_linear(kv_b)) and not kv_b._forward_hooks and not kv_b._forward_pre_hooks \
+                and kv_b.bias is None and (plain or self._fp8_kept(kv_b, None) is not None):
+            return
+        check_kv_b_proj(kv_b, "kv_b_proj")
 
     def _kv_b_split(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj.weight`` (in ``dtype``, ``_kv_b_weight``) as ``(w_uk [H, D_nope, R], w_uv [H, D_v, R])``
@@ -786,6 +786,12 @@ def is_fp8_linear(module: nn.Module) -> bool:
     """Is ``module`` transformers' ``FP8Linear`` (its own class, not a subclass with another forward)?"""
     cls = type(module)
     return (cls.__module__, cls.__name__) == _FP8_LINEAR
+
+
+def holds_fp8_weight(kv_b: nn.Module) -> bool:
+    """Is ``kv_b`` an ``FP8Linear`` whose weight is fp8 (not one already holding a float weight, which its forward
+    then uses as a plain Linear would)?"""
+    return kv_b.weight.element_size() == 1 and is_fp8_linear(kv_b)
 
 
 def dequantize_fp8_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype
@@ -891,7 +897,7 @@ def _check_hidden_states(module: nn.Module, hidden_states: torch.Tensor) -> None
     weight = module.kv_b_proj.weight
     dtype = compute_dtype(module)
     if hidden_states.dtype != dtype:
-        if weight.element_size() == 1:  # an fp8 FP8Linear: module.to(dtype) would cast its weight, not scale it
+        if holds_fp8_weight(module.kv_b_proj):  # module.to(dtype) would cast that weight, not scale it
             raise TypeError(f"hidden_states is {hidden_states.dtype} but the module computes in {dtype}: convert "
                             f"hidden_states.to({dtype}) (its kv_b_proj is fp8: module.to(dtype) would cast that "
                             f"weight without its scales)")
@@ -905,8 +911,7 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype an MLA module computes in: its ``kv_b_proj`` weight's, or where that weight is fp8 (an
     ``FP8Linear``) its latent norm's, which an fp8 checkpoint keeps in the model's dtype."""
     kv_b = module.kv_b_proj
-    weight = kv_b.weight
-    return module.kv_a_layernorm.weight.dtype if weight.element_size() == 1 and is_fp8_linear(kv_b) else weight.dtype
+    return module.kv_a_layernorm.weight.dtype if holds_fp8_weight(kv_b) else kv_b.weight.dtype
 
 
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -257,7 +258,6 @@ def assert_fork_beside_a_busy_thread_finishes(imports: str, hold: str, child: st
 def round_trip(obj, how: str):
     """``obj`` through ``how``: "pickle" (dumps, loads), "torch.save" (to memory and ``torch.load`` back) or
     "deepcopy"."""
-    import copy
     import io
     import pickle
 
@@ -372,3 +372,15 @@ def fp8_linear(linear, block, ue8m0=False):
     fp8.weight_scale_inv = torch.nn.Parameter(scales.to(torch.float8_e8m0fnu) if ue8m0 else scales,
                                               requires_grad=False)
     return fp8, exact
+
+
+def with_fp8_kv_b(model, block=(16, 24), ue8m0=False):
+    """``model`` with every kv_b_proj an FP8Linear (``fp8_linear``), and a copy of it whose kv_b_proj are plain
+    Linear layers holding their exact values, rounded to the model's dtype (through float32, as torch converts
+    float64)."""
+    plain = copy.deepcopy(model)
+    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
+        layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, block, ue8m0)
+        with torch.no_grad():
+            plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
+    return model, plain

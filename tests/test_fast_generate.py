@@ -23,7 +23,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import OLD_TORCH_COMPILE, assert_close, fp8_linear, round_trip
+from helpers import OLD_TORCH_COMPILE, assert_close, round_trip, with_fp8_kv_b
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -394,14 +394,9 @@ def test_compiled_decode_step_matches_eager(norms, fp8):
     ``fp8``, every kv_b_proj is transformers' FP8Linear (an fp8 checkpoint), which the graph dequantizes itself (the
     eager path's kept copy is checked by version counters, which dynamo can't trace: fullgraph failed on them),
     against the unpatched model holding the dequantized weights."""
-    model = dense_model(q_lora_rank=32)
-    reference = model
+    model = reference = dense_model(q_lora_rank=32)
     if fp8:
-        reference = copy.deepcopy(model)
-        for layer, plain_layer in zip(model.model.layers, reference.model.layers):
-            layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, (16, 24))
-            with torch.no_grad():
-                plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
+        model, reference = with_fp8_kv_b(model)
     ids, mask = left_padded(PROMPTS)
     graphs = []
     config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)

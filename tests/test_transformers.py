@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, fp8_linear, round_trip
+from helpers import (assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, fp8_linear, round_trip,
+                     with_fp8_kv_b)
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
@@ -1368,17 +1369,6 @@ def test_kv_b_proj_hooks_and_later_adapters_are_refused_attention_hooks_keep_run
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     assert not seen and not model.model.layers[0].self_attn._forward_hooks
-
-
-def with_fp8_kv_b(model, block=(16, 24), ue8m0=False):
-    """``model`` with every kv_b_proj an FP8Linear (``fp8_linear``), and a copy of it whose kv_b_proj are plain
-    Linear layers holding their exact values, rounded once to the model's dtype."""
-    plain = copy.deepcopy(model)
-    for layer, plain_layer in zip(model.model.layers, plain.model.layers):
-        layer.self_attn.kv_b_proj, exact = fp8_linear(layer.self_attn.kv_b_proj, block, ue8m0)
-        with torch.no_grad():
-            plain_layer.self_attn.kv_b_proj.weight.copy_(exact)
-    return model, plain
 
 
 @pytest.mark.parametrize("block,ue8m0", [

@@ -99,12 +99,14 @@ SUPPORTED_MODEL_TYPES = {
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
+# the children some models' attention adds, adopted where the original has them: DeepSeek-V3.2's (and GLM-5's,
+# A.X-K2's) indexer, Ling 3's head-wise output gate g_proj (``_project_out``), A.X-K2's fused query-and-gate
+# projection q_gate_proj (``_query_and_gate``)
+_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "q_gate_proj")
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
-                      "A.X-K2): "
-                      "generate with a DynamicCache "
-                      "(the default)")
+                      "A.X-K2): generate with a DynamicCache (the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -1288,9 +1290,10 @@ class TransformersMLAttention(MLAttention):
         new.training = original.training  # the module's own mode flag; its children are the shared projections
         # the kernels have no attention dropout: a train-mode forward with a non-zero rate is refused (_forward)
         new.attention_dropout = float(getattr(original, "attention_dropout", 0.0) or 0.0)
-        indexer = getattr(original, "indexer", None)
-        if indexer is not None:  # DeepSeek-V3.2: the model's own indexer module (state dict keys unchanged)
-            new.indexer = indexer
+        for name in _ADOPTED_IF_PRESENT:  # the model's own modules (state dict keys unchanged)
+            child = original._modules.get(name)
+            if child is not None:
+                setattr(new, name, child)
         # GLM-5's DSA layers hand their top-k picks to the next layer (a third output) and its "shared" layers take
         # the previous layer's (prev_topk_indices) instead of running an indexer
         new.returns_topk = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
@@ -1298,11 +1301,6 @@ class TransformersMLAttention(MLAttention):
         # Mistral 4's queries are scaled by position (_scale_by_position: from the config, read at each call as the
         # original reads it, so an edit of its rope_parameters reaches both)
         new.position_scale = config.model_type == "mistral4"
-        gate = getattr(original, "g_proj", None)
-        if gate is not None:  # Ling 3's head-wise output gate (``_project_out``)
-            new.g_proj = gate
-        if getattr(original, "q_gate_proj", None) is not None:  # A.X-K2's query and gate (``_query_and_gate``)
-            new.q_gate_proj = original.q_gate_proj
         # the children in the original's order, so the state dict lists its keys as the original's does
         new._modules = {**{k: new._modules[k] for k in original._modules if k in new._modules}, **new._modules}
         # hooks on the attention module keep running on its stand-in (called as it was, returning what it returned)
@@ -1733,12 +1731,12 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
     # model's missing ones, take no latent memory)
     order = sorted(indices)
-    stand_ins = [TransformersMLAttention.adopt(  # every one made (and its layer checked) before any is swapped in
+    attentions = [TransformersMLAttention.adopt(  # every one made (and its layer checked) before any is swapped in
         attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
         num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens)
         for _, _, attn in slots]
-    for (parent, name, _), stand_in in zip(slots, stand_ins):
-        setattr(parent, name, stand_in)
+    for (parent, name, _), attention in zip(slots, attentions):
+        setattr(parent, name, attention)
     if norms:
         stand_ins = {}  # one per module: a norm in two places stays one module in both
         for parent, name, norm in _norm_slots(model):
@@ -1785,7 +1783,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             original = attn._hf_original
             original.training = attn.training  # model.train()/eval() while patched reached only the patched module
             # the adopted modules as they are now: one replaced while patched (merged, quantized) stays
-            for child in (*_ADOPTED, "indexer", "g_proj", "q_gate_proj"):
+            for child in (*_ADOPTED, *_ADOPTED_IF_PRESENT):
                 if child in attn._modules and child in original._modules:
                     setattr(original, child, attn._modules[child])
             setattr(parent, name, original)
