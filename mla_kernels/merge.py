@@ -141,3 +141,19 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, *, return_lse=True):
     elif lse is not None:  # no value columns: the lse alone
         lse = merge_attention_states_torch(out_a, lse_a, out_b, lse_b)[1]
     return (out, lse) if return_lse else out
+
+
+def apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """Attention with a sink: a learned logit ``sink[h]`` per head joins each query's softmax as one more key whose
+    value is zero (gpt-oss's, Hy4's, FlashMLA's ``attn_sink``). That is the merge (``merge_attention_states``) of
+    the attention ``out [..., H, D]`` (its ``lse [..., H]``, natural log) with a state of lse ``sink`` and output 0:
+    ``out * exp(lse) / (exp(lse) + exp(sink))``, computed in float32 as ``sigmoid(lse - sink)`` and rounded once
+    to ``out``'s dtype. A sink of +inf gives zeros, one of -inf leaves ``out`` as it is (also where a row saw no
+    key: its out is already zeros); a NaN sink gives its head NaN, as the formula does. ``sink [H]``: any float
+    dtype, on any device (moved to ``lse``'s); checked by the caller. The lse of the attention with its sink would
+    be ``logaddexp(lse, sink)``; the callers return the one without it (FlashMLA's ``attn_sink`` does the same)."""
+    sink = sink.to(device=lse.device, dtype=torch.float32)
+    gap = lse - sink  # [..., H]
+    # -inf - -inf (a row with no key and no sink: its out is zeros) is the only NaN not of the formula's
+    weight = torch.sigmoid(gap.masked_fill(torch.isneginf(lse) & torch.isneginf(sink), float("-inf")))
+    return (out.float() * weight[..., None]).to(out.dtype)

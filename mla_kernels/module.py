@@ -36,6 +36,7 @@ from torch import nn
 from . import _utils
 from .cache import PagedLatentCache
 from .decode import check_split_count, mla_decode, split_tokens_value
+from .merge import apply_sink
 from .norm import DeepseekRMSNorm, rms_norm
 from .norm_rope import norm_and_rope
 from .rope import ROPE_STYLES, apply_rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
@@ -364,6 +365,10 @@ class MLAttention(nn.Module):
             1.0 for every other model): the query (nope and rope parts, so every score: the softmax scale takes
             it) and the normalized latent (keys and values alike: scaled before it is cached) are multiplied by them.
         layer_idx: this layer's index in the ``PagedLatentCache``.
+        attention_sinks: a learned logit per head, ``sinks [H]`` (float32, zeros until loaded; Hy4's, gpt-oss's),
+            joins each query's softmax as one more key whose value is zero: every attention output is scaled by
+            ``exp(lse) / (exp(lse) + exp(sinks[h]))`` (``merge.apply_sink``, after the kernels, which are asked
+            for their lse then).
         split_tokens: None, or batch-invariant attention: passed to every ``mla_decode`` and
             ``mla_prefill_attention`` call (see ``mla_decode``), so a sequence's attention output does not depend
             on the other sequences of its step. The projections around the attention are the caller's GEMMs (a
@@ -379,7 +384,7 @@ class MLAttention(nn.Module):
                  rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
                  attention_bias: bool = False, max_position_embeddings: int = 4096, layer_idx: int = 0,
                  device=None, dtype=None, query_scale: float = 1.0, latent_scale: float = 1.0,
-                 split_tokens: int | None = None):
+                 split_tokens: int | None = None, attention_sinks: bool = False):
         super().__init__()
         self.hidden_size = hidden_size = _utils.check_size("hidden_size", hidden_size)
         self.num_heads = num_heads = _utils.check_size("num_heads", num_heads)
@@ -430,6 +435,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = DeepseekRMSNorm(kv_lora_rank, **kw)
         self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False, **kw)
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=attention_bias, **kw)
+        if _utils.check_flag("attention_sinks", attention_sinks):  # (float32 whatever the module's dtype, as Hy4's)
+            self.sinks = nn.Parameter(torch.zeros(num_heads, device=device, dtype=torch.float32))
 
         self.max_position_embeddings = max_position_embeddings
         inv_freq, self.rope_scaling_factor = rope_inv_freq(qk_rope_head_dim, self.rope_parameters,
@@ -489,6 +496,7 @@ class MLAttention(nn.Module):
                 f"nope={self.qk_nope_head_dim}, rope={self.qk_rope_head_dim} ({self.rope_style}), v={self.v_head_dim}, "
                 f"softmax_scale={self.softmax_scale:.6g}, layer_idx={self.layer_idx}"
                 + (f", latent_scale={self.latent_scale:.6g}" if self.latent_scale != 1.0 else "")
+                + (", attention_sinks=True" if self._parameters.get("sinks") is not None else "")
                 + (f", split_tokens={self.split_tokens}" if self.split_tokens is not None else ""))
 
     # -- pieces --------------------------------------------------------------------------------
@@ -605,23 +613,37 @@ class MLAttention(nn.Module):
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             q_latent, w_uv = self._absorb(q_nope)
-            out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
-                             q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
-                             kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
-                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
-                             split_tokens=self.split_tokens)
+            out = self.with_sinks(mla_decode(
+                q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
+                q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(), kv_cache,
+                pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale, causal=True, w_uv=w_uv,
+                return_lse=self.wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+                split_tokens=self.split_tokens))
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
 
         # Traced, the host lengths would enter the graph as constants (a recompile at every step); the op then reads
         # the lengths from the device itself (one read per layer on a GPU), as without them.
         host = not torch.compiler.is_compiling()
-        return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
-                                     batch.cu_seqlens_q, batch.cache_seqlens, self._kv_b_weight(dtype),
-                                     self.softmax_scale, causal=True,
-                                     kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
-                                     cache_seqlens_host=batch.cache_seqlens_host if host else None,
-                                     split_tokens=self.split_tokens)
+        return self.with_sinks(mla_prefill_attention(
+            q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table, batch.cu_seqlens_q,
+            batch.cache_seqlens, self._kv_b_weight(dtype), self.softmax_scale, causal=True,
+            return_lse=self.wants_lse, kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
+            cache_seqlens_host=batch.cache_seqlens_host if host else None, split_tokens=self.split_tokens))
+
+    @property
+    def wants_lse(self) -> bool:
+        """Whether the attention calls must return their lse: the module has attention sinks (``with_sinks``)."""
+        return self._parameters.get("sinks") is not None
+
+    def with_sinks(self, result):
+        """An attention call's output, with this module's attention sinks applied where it has them (``result`` is
+        then the call's ``(out [..., H, D_v], lse [..., H])``, asked for with ``return_lse=self.wants_lse``)."""
+        sinks = self._parameters.get("sinks")
+        if sinks is None:
+            return result
+        out, lse = result
+        return apply_sink(out, lse, sinks)
 
     def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
         """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is
@@ -723,10 +745,11 @@ class MLAttention(nn.Module):
         # a position after the token's own is skipped (as documented): -1 here, since to mla_decode, whose sequence
         # here ends at the token, it would lie past the sequence (refused on the CPU, skipped on a GPU)
         indices = indices.masked_fill(indices > batch.positions[:, None], -1)
-        out = mla_decode(q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
-                         batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
-                         self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,
-                         kv_scale=kv_scale, indices=indices.unsqueeze(1), split_tokens=self.split_tokens)
+        out = self.with_sinks(mla_decode(
+            q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
+            batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32), self.softmax_scale,
+            causal=True, w_uv=w_uv, return_lse=self.wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+            indices=indices.unsqueeze(1), split_tokens=self.split_tokens))
         return out.reshape(total, self.num_heads, self.v_head_dim)
 
     # -- forward -------------------------------------------------------------------------------
@@ -940,7 +963,8 @@ def config_kwargs(config) -> dict:
         style = "half"
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
-    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2"):
+    elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4",
+                        "hy_v4_vl_text"):
         # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
         # rope_interleave=False given to it is still stored)
         style = "interleave"
@@ -950,11 +974,13 @@ def config_kwargs(config) -> dict:
         # Mistral 4's factor is the rope's share of the whole query head (nope + rope): its rotary embedding turns
         # all qk_rope_head_dim values, which is what the module's factor (a share of the rope part) of 1 means
         rope = {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
-    scales = {}
+    extra = {}
     if model_type == "longcat_flash":  # LoRA scales on the query and the latent (its attention's mla_scale_*_lora)
-        scales = dict(query_scale=(config.hidden_size / config.q_lora_rank) ** 0.5,
+        extra = dict(query_scale=(config.hidden_size / config.q_lora_rank) ** 0.5,
                       latent_scale=(config.hidden_size / config.kv_lora_rank) ** 0.5)
-    return dict(**scales, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+    if model_type in ("hy_v4", "hy_v4_vl_text"):  # Hy4's attention sinks (a learned logit per head)
+        extra["attention_sinks"] = True
+    return dict(**extra, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
                 kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
                 qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
                 q_lora_rank=getattr(config, "q_lora_rank", None), rope_parameters=dict(rope), rope_style=style,

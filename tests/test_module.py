@@ -111,9 +111,16 @@ def test_matches_transformers_prefill_then_decode(name):
     sequence alone with its own DynamicCache, in fp32."""
     config = tiny_config(**CONFIGS[name])
     ref = reference_attention(config)
-    rotary = DeepseekV3RotaryEmbedding(config)
     mod = MLAttention.from_config(config)
     mod.load_state_dict(ref.state_dict())
+    steps_against_transformers(mod, ref, config)
+
+
+def steps_against_transformers(mod: MLAttention, ref, config) -> None:
+    """``mod`` and transformers' attention ``ref`` (the same weights) over two sequences, step by step, in fp32:
+    ragged prompts (``mla_prefill_attention``), a ragged second turn over that history, one-token decode steps and
+    a two-token one (``mla_decode``). transformers runs each sequence alone with its own DynamicCache."""
+    rotary = DeepseekV3RotaryEmbedding(config)
     cache = PagedLatentCache(1, 32, 4, 32, 16, dtype=torch.float32)
     seqs = [cache.add_sequence(), cache.add_sequence()]
     ref_caches = [DynamicCache(), DynamicCache()]
@@ -133,6 +140,41 @@ def test_matches_transformers_prefill_then_decode(name):
                 expected.append(y[0])
                 start += n
             assert_close(f"step {step} {counts}", out, torch.cat(expected), torch.float32)
+
+
+def test_attention_sinks_match_transformers_sink_attention(monkeypatch):
+    """``MLAttention(attention_sinks=True)``: each head's learned logit ``sinks[h]`` joins its softmax as a key of
+    value zero. Against transformers' DeepseekV3Attention holding the same weights and sinks, run through gpt-oss's
+    eager attention (which appends ``module.sinks`` to each row of scores as that key, then drops its column), at
+    every step of ``steps_against_transformers`` (both the prefill and the decode paths). The sinks are drawn at
+    std 2 around the scores' scale, so they move the outputs far past fp32 rounding (a module ignoring them was off
+    by 0.52 relative RMS at the first step). The sparse step (``indices`` listing every position) equals the dense one with sinks too."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
+    from mla_kernels.module import config_kwargs
+
+    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+    config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
+    ref = reference_attention(config)
+    ref.sinks = torch.nn.Parameter(torch.randn(config.num_attention_heads, generator=torch.Generator().manual_seed(5))
+                                   * 2)
+    mod = MLAttention(**config_kwargs(config), attention_sinks=True)
+    assert list(mod.state_dict()) == list(ref.state_dict())  # (sinks first, as a module's own parameter)
+    mod.load_state_dict(ref.state_dict())
+    steps_against_transformers(mod, ref, config)
+
+    counts, total = [5, 3], 8
+    hidden = torch.randn(total, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    every = torch.where(torch.arange(5)[None] <= positions[:, None], torch.arange(5)[None], -1)  # [T, 5]
+    outs = []
+    for indices in (None, every):
+        cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+        batch = LatentBatch.reserve(cache, [cache.add_sequence(), cache.add_sequence()], counts)
+        with torch.no_grad():
+            outs.append(mod.attend(*mod.project(hidden, *mod.rotary(batch.positions, torch.float32)), batch,
+                                   indices=indices))
+    assert_close("sparse step with sinks", outs[1], outs[0], torch.float32)
 
 
 def test_longcat_config_builds_its_attention():

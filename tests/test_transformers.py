@@ -230,6 +230,37 @@ def glm5_model(indexer_types=("full", "shared", "shared", "full")):
                                 indexer_types=list(indexer_types), attn_implementation="eager")).eval()
 
 
+def hy4_fields(indexer_types) -> dict:
+    """Hy4's config fields, tiny: GLM-5's sparse attention (top-4 here, "shared" layers), attention sinks starting
+    at 0.5, and two hyper-connection streams in its decoder layers (transformers' own, left alone)."""
+    keep = {k: v for k, v in tiny_fields(q_lora_rank=32).items() if k not in ("n_group", "topk_group",
+                                                                               "first_k_dense_replace")}
+    return dict(keep, num_hidden_layers=len(indexer_types), index_n_heads=4, index_head_dim=32, index_topk=4,
+                indexer_types=list(indexer_types), hc_mult=2, learnable_sink_init=0.5)
+
+
+def hy4_model(indexer_types=("full", "shared", "shared", "full")):
+    """Hy4's architecture (``hy_v4``, transformers 5.25 on), tiny: GLM-5's sparse attention whose softmax has a
+    learned logit per head (attention sinks: a key of value zero) and whose output is gated elementwise by the
+    sigmoid of ``gate_proj(hidden_states)``."""
+    config_cls, model_cls = _transformers_class("HYV4Config", "HYV4ForCausalLM")
+    torch.manual_seed(0)
+    return model_cls(config_cls(**hy4_fields(indexer_types), attn_implementation="eager")).eval()
+
+
+def hy4_vl_model():
+    """Hy4-VL (``hy_v4_vl``), tiny, run on text alone: Hy4's attention in its text decoder (``hy_v4_vl_text``),
+    whose rope is multimodal (``mrope_section``; text positions on all three axes)."""
+    config_cls, model_cls = _transformers_class("HYV4VLConfig", "HYV4VLForConditionalGeneration")
+    text = dict(hy4_fields(("full", "shared")), vocab_size=160,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+    vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, out_hidden_size=64)
+    torch.manual_seed(0)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151)
+    config.text_config._attn_implementation = "eager"  # (the model supports eager attention only)
+    return model_cls(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -247,6 +278,8 @@ MODELS = {
     "mistral4": mistral4_model,
     "glm5-dsa-shared": glm5_model,
     "axk2-gated-dsa": axk2_model,
+    "hy4-sinks-gated-dsa": hy4_model,
+    "hy4-vl-text": hy4_vl_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,

@@ -69,6 +69,7 @@ import torch
 from .. import _utils
 from ..cache import _fp8_views, _row_bytes
 from ..decode import mla_decode, schedule_tiles
+from ..merge import apply_sink
 from ..schedule import MAX_PROGRAMS, DecodeSchedule, build_tables, mla_decode_metadata, part_slot_bound
 
 __all__ = ["FlashMLAMetadata", "FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
@@ -360,7 +361,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     if indices is not None:  # back to [B, S_q, ...]
         out, lse = out.view(batch, s_q, heads, out.shape[-1]), lse.view(batch, s_q, heads)  # (-1: none if B is 0)
     if attn_sink is not None:
-        out = _apply_sink(out, lse, attn_sink)
+        out = apply_sink(out, lse, attn_sink)
     if tile_scheduler_metadata is not None and not from_lengths and tile_scheduler_metadata.config is None:
         # recorded once a call has been accepted: a refused call leaves the metadata as it was (FlashMLA's order)
         tile_scheduler_metadata.config, tile_scheduler_metadata.schedule = config, schedule
@@ -448,15 +449,3 @@ def _check_has_data_beside(name: str, t: torch.Tensor, device: torch.device) -> 
     copy failed with a NotImplementedError, "Cannot copy out of meta tensor")."""
     if t.device.type == "meta" and device.type != "meta":
         raise ValueError(f"{name} is on the meta device, which holds no data, but the call runs on {device}")
-
-
-def _apply_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-    """``out [B, S_q, H, D]`` times ``exp(lse) / (exp(lse) + exp(attn_sink[h]))``: a sink of +inf gives zeros, one
-    of -inf leaves ``out`` as it is (also where a row saw no key: its out is already zeros); a NaN sink gives its
-    head NaN, as the formula does. ``sink``: checked by ``_check_sink``."""
-    sink = sink.to(lse.device)
-    gap = lse - sink  # [B, S_q, H]
-    inf = float("inf")
-    # -inf - -inf (a row with no key and no sink: its out is zeros) is the only NaN not of the formula's
-    weight = torch.sigmoid(gap.masked_fill(torch.isneginf(lse) & torch.isneginf(sink), -inf))
-    return (out.float() * weight[..., None]).to(out.dtype)

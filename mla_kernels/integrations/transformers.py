@@ -94,19 +94,26 @@ SUPPORTED_MODEL_TYPES = {
     # GLM-5: DeepSeek-V3.2's sparse attention, some layers reusing the previous layer's top-k picks
     # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
     "glm_moe_dsa": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
+    # Hy4 (transformers 5.25 on): GLM-5's sparse attention (its own indexer, "shared" layers) with attention sinks
+    # (a learned logit per head, adopted: MLAttention.with_sinks) and an elementwise sigmoid output gate of the
+    # hidden states (gate_proj, adopted: _project_out); Hy4-VL's text decoder is the same attention
+    "hy_v4": ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Attention"),
+    "hy_v4_vl_text": ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
 # the children some models' attention adds, adopted where the original has them: DeepSeek-V3.2's (and GLM-5's,
-# A.X-K2's) indexer, Ling 3's head-wise output gate g_proj (``_project_out``), A.X-K2's fused query-and-gate
-# projection q_gate_proj (``_query_and_gate``)
-_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "q_gate_proj")
+# A.X-K2's, Hy4's) indexer, Ling 3's head-wise output gate g_proj and Hy4's elementwise one gate_proj
+# (``_project_out``), A.X-K2's fused query-and-gate projection q_gate_proj (``_query_and_gate``)
+_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj")
+# the parameters of its own, likewise: Hy4's attention sinks ``sinks [H]`` (``MLAttention.with_sinks``)
+_ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
-                      "A.X-K2): generate with a DynamicCache (the default)")
+                      "A.X-K2, Hy4): generate with a DynamicCache (the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -1098,9 +1105,10 @@ class _StaticLatentState:
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
             w_uk, w_uv = attn._kv_b_split(q_nope.dtype)
             q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w_uk)
-            out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
-                             attn.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=self.capacity,
-                             kv_scale=kv_scale, split_tokens=attn.split_tokens)
+            out = attn.with_sinks(mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
+                                             seqlens, attn.softmax_scale, causal=True, w_uv=w_uv,
+                                             return_lse=attn.wants_lse, max_seqlen_k=self.capacity,
+                                             kv_scale=kv_scale, split_tokens=attn.split_tokens))
             return out.reshape(batch_size, query_len, heads * d_v)
         # a prompt (eager, like transformers' own static-cache prefill): pads packed out by the step's index, the
         # lengths from its host lists (read once, by its first layer)
@@ -1109,10 +1117,11 @@ class _StaticLatentState:
             q_nope, q_pe = q_nope.flatten(0, 1), q_pe.flatten(0, 1)
         else:
             q_nope, q_pe = _pack(q_nope, packing), _pack(q_pe, packing)
-        packed = mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
-                                       step.cu_seqlens_q, seqlens, attn._kv_b_weight(q_nope.dtype), attn.softmax_scale,
-                                       causal=True, kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host,
-                                       cache_seqlens_host=step.cache_seqlens_host, split_tokens=attn.split_tokens)
+        packed = attn.with_sinks(mla_prefill_attention(
+            q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table, step.cu_seqlens_q, seqlens,
+            attn._kv_b_weight(q_nope.dtype), attn.softmax_scale, causal=True, return_lse=attn.wants_lse,
+            kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host, cache_seqlens_host=step.cache_seqlens_host,
+            split_tokens=attn.split_tokens))
         if packing is not None:
             packed = _unpack(packed, packing, batch_size, query_len)
         return packed.reshape(batch_size, query_len, heads * d_v)
@@ -1294,6 +1303,12 @@ class TransformersMLAttention(MLAttention):
             child = original._modules.get(name)
             if child is not None:
                 setattr(new, name, child)
+        for name in _ADOPTED_PARAMETERS:  # the original's own, whatever the config said (as its modules decide)
+            param = original._parameters.get(name)
+            if param is not None:
+                setattr(new, name, param)
+            elif name in new._parameters:  # (the config's model type gave the module one; this original has none)
+                delattr(new, name)
         # GLM-5's DSA layers hand their top-k picks to the next layer (a third output) and its "shared" layers take
         # the previous layer's (prev_topk_indices) instead of running an indexer
         new.returns_topk = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
@@ -1464,9 +1479,13 @@ class TransformersMLAttention(MLAttention):
                      gate_values: torch.Tensor | None = None) -> torch.Tensor:
         """``o_proj`` of the attention output ``out [B, Q, H * D_v]``, each head first scaled by the sigmoid of its
         gate where the model has one (Ling 3's ``g_proj``, computed in fp32 as transformers does), or each value by
-        the sigmoid of ``gate_values [B, Q, H * D_v]`` (A.X-K2's, multiplied in fp32, as transformers does)."""
+        the sigmoid of ``gate_values [B, Q, H * D_v]`` (A.X-K2's, multiplied in fp32, as transformers does) or of
+        ``gate_proj(hidden_states)`` (Hy4's, in the model's dtype, as transformers does)."""
         if gate_values is not None:
             out = (out * torch.sigmoid(gate_values.float())).to(out.dtype)
+        elementwise = self._modules.get("gate_proj")
+        if elementwise is not None:
+            out = out * torch.sigmoid(elementwise(hidden_states))
         gate = self._modules.get("g_proj")
         if gate is not None:
             g = torch.sigmoid(gate(hidden_states).float()).to(hidden_states.dtype)  # [B, Q, H]
@@ -1600,13 +1619,23 @@ def _decoder_layers(model: nn.Module, caller: str = "patch_model"):
         raise TypeError(f"{caller} takes a transformers DeepSeek-style MLA model ({', '.join(SUPPORTED_MODEL_TYPES)}), "
                         f"or a multimodal model with such a text decoder; got {type(model).__name__} with model_type "
                         f"{model_type!r}{decoder}")
+    found = _text_decoder(model)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} has no decoder layers at any of .{', .'.join(_LAYER_PATHS)}")
+    return config, model_type, found[1]
+
+
+def _text_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
+    """``(decoder, decoder.layers)``: the module holding the decoder layers at the first of ``_LAYER_PATHS`` that
+    has some (a multimodal model's text decoder, not its vision tower), or None."""
     for path in _LAYER_PATHS:
-        layers = model
-        for name in path.split("."):
-            layers = getattr(layers, name, None)
+        decoder = model
+        for name in path.split(".")[:-1]:
+            decoder = getattr(decoder, name, None)
+        layers = getattr(decoder, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return config, model_type, layers
-    raise TypeError(f"{type(model).__name__} has no decoder layers at any of .{', .'.join(_LAYER_PATHS)}")
+            return decoder, layers
+    return None
 
 
 def _mla_slots(layers, model_type: str) -> list[tuple[nn.Module, str, nn.Module | None]]:
@@ -1660,8 +1689,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             generated beside it. The model's own GEMMs and norms are transformers' (a batch-invariant matmul
             library makes them invariant too); with ``norms=True`` the norms are this library's kernel, which
             sums each row in an order fixed by the width alone.
-        norms: also swap the model's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
-            ``post_attention_layernorm``, the final ``norm``: each outside the MLA attention whose class computes
+        norms: also swap the text decoder's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
+            ``post_attention_layernorm``, the final ``norm``; a multimodal model's vision tower keeps its own: each
+            outside the MLA attention whose class computes
             DeepSeek's RMSNorm formula, with no hooks of its own; ``KernelRMSNorm.can_adopt``) for
             ``mla_kernels.norm.KernelRMSNorm``, which holds the same weight Parameter and computes the formula in
             one Triton launch where the attention's own norms do (``rms_norm``; the module's PyTorch ops
@@ -1739,7 +1769,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         setattr(parent, name, attention)
     if norms:
         stand_ins = {}  # one per module: a norm in two places stays one module in both
-        for parent, name, norm in _norm_slots(model):
+        for parent, name, norm in _norm_slots(_text_decoder(model)[0]):  # (a vision tower keeps its own)
             if id(norm) not in stand_ins:
                 stand_ins[id(norm)] = KernelRMSNorm.adopt(norm)
             setattr(parent, name, stand_ins[id(norm)])
@@ -1786,6 +1816,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             for child in (*_ADOPTED, *_ADOPTED_IF_PRESENT):
                 if child in attn._modules and child in original._modules:
                     setattr(original, child, attn._modules[child])
+            for param in _ADOPTED_PARAMETERS:
+                if attn._parameters.get(param) is not None and original._parameters.get(param) is not None:
+                    setattr(original, param, attn._parameters[param])
             setattr(parent, name, original)
     _reset_output_capturing_hooks(model)
     return model
