@@ -388,6 +388,45 @@ def patched_forward_error(model) -> float:
     return err_ratio(got[real], expected[real])
 
 
+@pytest.mark.parametrize("cache_kind", ["none", "dynamic", "static"])
+def test_attention_sinks_are_adopted_and_applied_with_every_cache(cache_kind, monkeypatch):
+    """An attention module with a ``sinks`` parameter keeps it patched, whatever the model (Hy4 has one; here
+    DeepSeek-V3's attention runs gpt-oss's sink attention, so its model has none of Hy4's indexer, which keeps a
+    static latent cache out): logits (fp32, widened attention, sinks drawn at std 2) within fp32 rounding of
+    transformers', for every step of a generation over each cache: none (one prompt forward), transformers'
+    dynamic one, and the static latent cache, whose own step calls the kernels. Without the sinks the prompt
+    forward's logits were off by 0.32 relative RMS, and the generated tokens differed."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
+
+    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+    model = tiny_model(q_lora_rank=32)
+    widen_attention(model)
+    for i, layer in enumerate(model.model.layers):
+        gen = torch.Generator().manual_seed(10 + i)
+        layer.self_attn.sinks = torch.nn.Parameter(torch.randn(layer.self_attn.num_heads, generator=gen) * 2)
+    ids, mask = left_padded([7, 4, 1])
+    real = mask.bool()
+    greedy = dict(GREEDY, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        if cache_kind == "none":
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+        else:
+            expected = model.generate(ids, attention_mask=mask, **greedy)
+        sinks = [layer.self_attn.sinks for layer in model.model.layers]
+        patch_model(model, block_size=4)
+        assert [layer.self_attn.sinks for layer in model.model.layers] == sinks  # the same Parameters
+        if cache_kind == "none":
+            errors = [err_ratio(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[real], expected)]
+        else:
+            kw = {} if cache_kind == "dynamic" else dict(past_key_values=static_latent_cache(model, 3, 32,
+                                                                                            block_size=4))
+            got = model.generate(ids, attention_mask=mask, **greedy, **kw)
+            assert torch.equal(got.sequences, expected.sequences)
+            errors = [err_ratio(g, e) for g, e in zip(got.logits, expected.logits)]
+    assert max(errors) < 1e-4, errors  # (test_forward_matches_transformers_where_attention_decides: why 1e-4)
+
+
 @pytest.mark.parametrize("index_topk", [4, 13])
 def test_v32_sparse_attention_is_what_decides(index_topk):
     """The DeepSeek-V3.2 test model's index_topk makes a difference: with 4 (below the prompts' 12 keys) the patched
