@@ -23,7 +23,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import OLD_TORCH_COMPILE, assert_close, round_trip, with_fp8_kv_b
+from helpers import OLD_TORCH_COMPILE, assert_close, round_trip, with_attention_sinks, with_fp8_kv_b
 from mla_kernels import cache as cache_mod, decode as decode_mod, prefill as prefill_mod
 from mla_kernels.cache import PagedLatentCache
 from mla_kernels.integrations import transformers as integration
@@ -35,7 +35,7 @@ from mla_kernels.prefill import mla_prefill_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers import CompileConfig, DynamicCache  # noqa: E402
-from test_transformers import left_padded, tiny_model  # noqa: E402
+from test_transformers import left_padded, tiny_model, widen_attention  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 NEW = 6
@@ -385,18 +385,24 @@ def recording_backend(graphs):
 
 
 @OLD_TORCH_COMPILE
-@pytest.mark.parametrize("norms,fp8", [(False, False), (True, False), (False, True)],
-                         ids=["attention", "attention-and-norms", "fp8-kv_b_proj"])
-def test_compiled_decode_step_matches_eager(norms, fp8):
+@pytest.mark.parametrize("norms,fp8,sinks", [(False, False, False), (True, False, False), (False, True, False),
+                                             (False, False, True)],
+                         ids=["attention", "attention-and-norms", "fp8-kv_b_proj", "attention-sinks"])
+def test_compiled_decode_step_matches_eager(norms, fp8, sinks, monkeypatch):
     """generate with the static latent cache and compile_config(fullgraph=True): one graph for every decode step
     (a graph break would raise), holding write_cache and mla_decode as single nodes per layer, and the greedy
     tokens of transformers' own eager attention; with ``norms=True`` too (the stand-ins trace as the formula). With
     ``fp8``, every kv_b_proj is transformers' FP8Linear (an fp8 checkpoint), which the graph dequantizes itself (the
     eager path's kept copy is checked by version counters, which dynamo can't trace: fullgraph failed on them),
-    against the unpatched model holding the dequantized weights."""
+    against the unpatched model holding the dequantized weights. With ``sinks``, every attention has attention
+    sinks (``helpers.with_attention_sinks``), applied in the graph from mla_decode's lse, and wider attention weights
+    (at the models' init the sinks did not change the greedy tokens)."""
     model = reference = dense_model(q_lora_rank=32)
     if fp8:
         model, reference = with_fp8_kv_b(model)
+    if sinks:
+        widen_attention(model)
+        with_attention_sinks(model, monkeypatch)
     ids, mask = left_padded(PROMPTS)
     graphs = []
     config = CompileConfig(fullgraph=True, backend=recording_backend(graphs), mode=None)

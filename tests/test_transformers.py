@@ -14,7 +14,7 @@ import torch
 
 import mla_kernels
 from helpers import (assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, fp8_linear, round_trip,
-                     with_fp8_kv_b)
+                     with_attention_sinks, with_fp8_kv_b)
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError
 from mla_kernels.integrations import transformers as integration
@@ -396,15 +396,9 @@ def test_attention_sinks_are_adopted_and_applied_with_every_cache(cache_kind, mo
     transformers', for every step of a generation over each cache: none (one prompt forward), transformers'
     dynamic one, and the static latent cache, whose own step calls the kernels. Without the sinks the prompt
     forward's logits were off by 0.32 relative RMS, and the generated tokens differed."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3
-    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
-
-    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
     model = tiny_model(q_lora_rank=32)
     widen_attention(model)
-    for i, layer in enumerate(model.model.layers):
-        gen = torch.Generator().manual_seed(10 + i)
-        layer.self_attn.sinks = torch.nn.Parameter(torch.randn(layer.self_attn.num_heads, generator=gen) * 2)
+    with_attention_sinks(model, monkeypatch)
     ids, mask = left_padded([7, 4, 1])
     real = mask.bool()
     greedy = dict(GREEDY, output_logits=True, return_dict_in_generate=True)
