@@ -493,7 +493,7 @@ def test_v32_beam_search_and_prompt_lookup(make):
 def test_what_glm5_and_mistral4_layers_need_is_asked_for():
     """A GLM-5 shared layer called without the previous layer's picks, and a Mistral 4 layer without the position
     ids its query scale needs, are refused before the step is counted (stock raises for the first, and computes
-    its scale from the ids); a static latent cache is refused for GLM-5 (it holds no indexer keys)."""
+    its scale from the ids); a static latent cache is refused for GLM-5 and Hy4 (it holds no indexer keys)."""
     ids, mask = left_padded([5, 3])
     for make, layer, match in ((glm5_model, 1, "layer 1 reuses the previous layer's top-k picks .* prev_topk_indices "
                                                 "is required \\(call it through its decoder layer"),
@@ -510,8 +510,9 @@ def test_what_glm5_and_mistral4_layers_need_is_asked_for():
                                                     past_key_values=cache)
             assert [cache.get_seq_length(i) for i in range(len(model.model.layers))] == [0] * len(model.model.layers)
             model(input_ids=ids, attention_mask=mask, past_key_values=cache)  # the same cache serves the model
-    with pytest.raises(ValueError, match="indexer"):
-        integration.static_latent_cache(patch_model(glm5_model()), 2, 32)
+    for make in (glm5_model, hy4_model):
+        with pytest.raises(ValueError, match="indexer"):
+            integration.static_latent_cache(patch_model(make()), 2, 32)
 
 
 def test_what_dsa_and_mistral4_layers_read_from_their_modules_is_read_at_each_call():
@@ -897,11 +898,12 @@ def test_an_attention_lacking_a_projection_of_its_query_path_is_refused_by_patch
         assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model],
-                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer"])
+@pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model],
+                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks"])
 def test_patch_shares_parameters_and_unpatch_restores(make):
     """The patched model's state dict is the original's, key for key and tensor for tensor (A.X-K2's attention has
-    no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either)."""
+    no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either; Hy4's attention has a parameter
+    of its own, its sinks, listed first)."""
     model = make()
     before = model.state_dict()
     pointers = {k: v.data_ptr() for k, v in before.items()}
