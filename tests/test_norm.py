@@ -91,8 +91,9 @@ def test_rms_norm_rounds_to_the_inputs_dtype_before_the_weight(device):
 def test_the_patched_models_norms_take_the_kernel(model_type):
     """The RMSNorm class (``*RMSNorm``; Kimi-Linear's and Ling 3's gated ones are other modules) of every model type
     the drop-in patches is recognized as the formula (else its norms would quietly keep their eight launches each).
-    A.X-K2's ``AXK2GatedRMSNorm`` (its decoder's input norm, times a low-rank gate of its input) is another formula:
-    it must not be taken for the plain one."""
+    A.X-K2's ``AXK2GatedRMSNorm`` (its decoder's input norm, times a low-rank gate of its input) and Hy4's
+    ``HYV4UnweightedRMSNorm`` (its hyper-connections': the inverse norm alone, no weight) are other formulas: they
+    must not be taken for the plain one."""
     module_name, _ = SUPPORTED_MODEL_TYPES[model_type]
     try:
         mod = importlib.import_module(module_name)
@@ -100,7 +101,7 @@ def test_the_patched_models_norms_take_the_kernel(model_type):
         pytest.skip(f"the installed transformers has no {module_name}")
     classes = [obj for name, obj in vars(mod).items()
                if isinstance(obj, type) and name.endswith("RMSNorm") and obj.__module__ == mod.__name__]
-    gated = [cls for cls in classes if "Gated" in cls.__name__]
+    gated = [cls for cls in classes if "Gated" in cls.__name__ or "Unweighted" in cls.__name__]
     plain = [cls for cls in classes if cls not in gated]
     assert plain and all(norm_mod._plain_class(cls) for cls in plain), [c.__name__ for c in plain]
     assert not any(norm_mod._plain_class(cls) for cls in gated), [c.__name__ for c in gated]
