@@ -613,11 +613,11 @@ class MLAttention(nn.Module):
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             q_latent, w_uv = self._absorb(q_nope)
-            out = self.with_sinks(mla_decode(
+            out = self._with_sinks(mla_decode(
                 q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
                 q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(), kv_cache,
                 pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale, causal=True, w_uv=w_uv,
-                return_lse=self.wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+                return_lse=self._wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
                 split_tokens=self.split_tokens))
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
@@ -625,20 +625,21 @@ class MLAttention(nn.Module):
         # Traced, the host lengths would enter the graph as constants (a recompile at every step); the op then reads
         # the lengths from the device itself (one read per layer on a GPU), as without them.
         host = not torch.compiler.is_compiling()
-        return self.with_sinks(mla_prefill_attention(
+        return self._with_sinks(mla_prefill_attention(
             q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table, batch.cu_seqlens_q,
             batch.cache_seqlens, self._kv_b_weight(dtype), self.softmax_scale, causal=True,
-            return_lse=self.wants_lse, kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
+            return_lse=self._wants_lse, kv_scale=kv_scale,
+            cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
             cache_seqlens_host=batch.cache_seqlens_host if host else None, split_tokens=self.split_tokens))
 
     @property
-    def wants_lse(self) -> bool:
-        """Whether the attention calls must return their lse: the module has attention sinks (``with_sinks``)."""
+    def _wants_lse(self) -> bool:
+        """Whether the attention calls must return their lse: the module has attention sinks (``_with_sinks``)."""
         return self._parameters.get("sinks") is not None
 
-    def with_sinks(self, result):
+    def _with_sinks(self, result):
         """An attention call's output, with this module's attention sinks applied where it has them (``result`` is
-        then the call's ``(out [..., H, D_v], lse [..., H])``, asked for with ``return_lse=self.wants_lse``)."""
+        then the call's ``(out [..., H, D_v], lse [..., H])``, asked for with ``return_lse=self._wants_lse``)."""
         sinks = self._parameters.get("sinks")
         if sinks is None:
             return result
@@ -745,10 +746,10 @@ class MLAttention(nn.Module):
         # a position after the token's own is skipped (as documented): -1 here, since to mla_decode, whose sequence
         # here ends at the token, it would lie past the sequence (refused on the CPU, skipped on a GPU)
         indices = indices.masked_fill(indices > batch.positions[:, None], -1)
-        out = self.with_sinks(mla_decode(
+        out = self._with_sinks(mla_decode(
             q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
             batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32), self.softmax_scale,
-            causal=True, w_uv=w_uv, return_lse=self.wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+            causal=True, w_uv=w_uv, return_lse=self._wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
             indices=indices.unsqueeze(1), split_tokens=self.split_tokens))
         return out.reshape(total, self.num_heads, self.v_head_dim)
 

@@ -148,7 +148,8 @@ def test_attention_sinks_match_transformers_sink_attention(monkeypatch):
     eager attention (which appends ``module.sinks`` to each row of scores as that key, then drops its column), at
     every step of ``steps_against_transformers`` (both the prefill and the decode paths). The sinks are drawn at
     std 2 around the scores' scale, so they move the outputs far past fp32 rounding (a module ignoring them was off
-    by 0.52 relative RMS at the first step). The sparse step (``indices`` listing every position) equals the dense one with sinks too."""
+    by 0.52 relative RMS at the first step). The sparse step (``indices`` listing every position) equals the dense
+    one with sinks too."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
     from mla_kernels.module import config_kwargs
