@@ -43,6 +43,7 @@ import functools
 import inspect
 import itertools
 import math
+import sys
 import weakref
 from typing import NamedTuple
 
@@ -1270,6 +1271,11 @@ class TransformersMLAttention(MLAttention):
             kwargs["q_lora_rank"] = None  # model may build q_proj whatever q_lora_rank says (transformers 5.20's Ling 3)
         elif not kwargs.get("q_lora_rank"):  # (and q_a_proj whatever it says: its width is the rank)
             kwargs["q_lora_rank"] = original.q_a_proj.out_features
+        if config.model_type == "hy_v4" and not hasattr(sys.modules[type(original).__module__],
+                                                        "apply_rotary_pos_emb_interleave"):
+            # Hy4's attention as transformers 5.17 wrote it rotates halves ("Non-interleave RoPE"); 5.25's calls
+            # apply_rotary_pos_emb_interleave (so does its indexer, which runs as the model's own module)
+            kwargs["rope_style"] = "half"
         new = cls(**kwargs, layer_idx=original.layer_idx, device="meta")
         for name in _ADOPTED:
             if name not in new._modules:
