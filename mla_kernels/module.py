@@ -978,7 +978,7 @@ def config_kwargs(config) -> dict:
     extra = {}
     if model_type == "longcat_flash":  # LoRA scales on the query and the latent (its attention's mla_scale_*_lora)
         extra = dict(query_scale=(config.hidden_size / config.q_lora_rank) ** 0.5,
-                      latent_scale=(config.hidden_size / config.kv_lora_rank) ** 0.5)
+                     latent_scale=(config.hidden_size / config.kv_lora_rank) ** 0.5)
     if model_type in ("hy_v4", "hy_v4_vl_text"):  # Hy4's attention sinks (a learned logit per head)
         extra["attention_sinks"] = True
     return dict(**extra, hidden_size=config.hidden_size, num_heads=config.num_attention_heads,

@@ -1696,9 +1696,9 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
             library makes them invariant too); with ``norms=True`` the norms are this library's kernel, which
             sums each row in an order fixed by the width alone.
         norms: also swap the text decoder's other RMSNorm modules (the decoder layers' ``input_layernorm`` and
-            ``post_attention_layernorm``, the final ``norm``; a multimodal model's vision tower keeps its own: each
-            outside the MLA attention whose class computes
-            DeepSeek's RMSNorm formula, with no hooks of its own; ``KernelRMSNorm.can_adopt``) for
+            ``post_attention_layernorm``, the final ``norm``: each outside the MLA attention whose class computes
+            DeepSeek's RMSNorm formula, with no hooks of its own, ``KernelRMSNorm.can_adopt``; a multimodal model's
+            vision tower keeps its own) for
             ``mla_kernels.norm.KernelRMSNorm``, which holds the same weight Parameter and computes the formula in
             one Triton launch where the attention's own norms do (``rms_norm``; the module's PyTorch ops
             otherwise: compiling, autograd, ...). Eight fewer launches per norm in an eager step; a value may
