@@ -574,6 +574,7 @@ class MLAttention(nn.Module):
         self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens)
         self._check_cache(cache, q_nope.device)
         self._check_kv_b()
+        self._check_sinks(q_nope.device)
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             under = " (under torch.autocast, its dtype)" if torch.is_autocast_enabled(q_nope.device.type) else ""
@@ -636,6 +637,21 @@ class MLAttention(nn.Module):
     def _wants_lse(self) -> bool:
         """Whether the attention calls must return their lse: the module has attention sinks (``_with_sinks``)."""
         return self._parameters.get("sinks") is not None
+
+    def _check_sinks(self, device: torch.device) -> None:
+        """The module's attention sinks, where it has them, fit it: ``sinks [H]``, floating point, on the tokens'
+        ``device``. Checked at every call before anything is reserved or written (one was replaced by one of
+        another shape: it failed inside torch after the step's cache write, or a ``[1]`` broadcast silently)."""
+        sinks = self._parameters.get("sinks")
+        if sinks is None or (sinks.shape == (self.num_heads,) and sinks.dtype.is_floating_point
+                             and sinks.device == device):
+            return
+        if sinks.shape != (self.num_heads,):
+            raise ValueError(f"sinks must be a [num_heads] = [{self.num_heads}] tensor (a logit per head), got "
+                             f"shape {tuple(sinks.shape)}")
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+        raise ValueError(f"sinks is on {sinks.device} but the module's tokens are on {device}")
 
     def _with_sinks(self, result):
         """An attention call's output, with this module's attention sinks applied where it has them (``result`` is

@@ -149,7 +149,7 @@ def test_attention_sinks_match_transformers_sink_attention(monkeypatch):
     every step of ``steps_against_transformers`` (both the prefill and the decode paths). The sinks are drawn at
     std 2 around the scores' scale, so they move the outputs far past fp32 rounding (a module ignoring them was off
     by 0.52 relative RMS at the first step). The sparse step (``indices`` listing every position) equals the dense
-    one with sinks too."""
+    one with sinks too; sinks that do not fit the module are refused before anything is written."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
     from mla_kernels.module import config_kwargs
@@ -176,6 +176,12 @@ def test_attention_sinks_match_transformers_sink_attention(monkeypatch):
             outs.append(mod.attend(*mod.project(hidden, *mod.rotary(batch.positions, torch.float32)), batch,
                                    indices=indices))
     assert_close("sparse step with sinks", outs[1], outs[0], torch.float32)
+    mod.sinks = torch.nn.Parameter(torch.zeros(1))  # would broadcast: refused by name before the write
+    cache = PagedLatentCache(1, 8, 4, 32, 16, dtype=torch.float32)
+    batch = LatentBatch.reserve(cache, [cache.add_sequence(), cache.add_sequence()], counts)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"sinks must be a \[num_heads\]"):
+        mod.attend(*mod.project(hidden, *mod.rotary(batch.positions, torch.float32)), batch)
+    assert not cache.buffer(0).any(), "the refused call wrote to the cache"
 
 
 def test_longcat_config_builds_its_attention():

@@ -515,6 +515,73 @@ def test_what_glm5_and_mistral4_layers_need_is_asked_for():
             integration.static_latent_cache(patch_model(make()), 2, 32)
 
 
+def test_hy4_sinks_are_checked_before_the_step_and_restored_by_unpatch():
+    """Hy4's sinks replaced by ones that do not fit the layer (another head count, a [1] that would broadcast, an
+    integer or a meta tensor) are refused by name before the layer's step is counted or stored, so the same Cache
+    serves once the right ones are back (a bare RuntimeError after the step's write spoiled it); ones replaced by a
+    fitting Parameter reach the original at ``unpatch_model``."""
+    model = patch_model(hy4_model(), block_size=4)
+    ids, mask = left_padded([5, 3])
+    attn = model.model.layers[0].self_attn  # (called alone, as its decoder layer calls it: a full indexer layer)
+    good = attn.sinks
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        cos_sin = model.model.rotary_emb(hidden, torch.arange(ids.shape[1])[None])
+        cache = DynamicCache(config=model.config)
+        for bad, error, match in ((torch.zeros(8), ValueError, r"sinks must be a \[num_heads\] = \[4\] tensor"),
+                                  (torch.zeros(1), ValueError, r"got shape \(1,\)"),
+                                  (torch.zeros(4, dtype=torch.int32), TypeError, "sinks must be a floating-point"),
+                                  (torch.zeros(4, device="meta"), ValueError, "sinks is on meta")):
+            attn.sinks = torch.nn.Parameter(bad, requires_grad=False)
+            with pytest.raises(error, match=match):
+                attn(hidden, position_embeddings=cos_sin, attention_mask=None, past_key_values=cache)
+            assert [cache.get_seq_length(i) for i in range(4)] == [0] * 4
+        attn.sinks = good
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)  # the same cache serves
+        fresh = torch.nn.Parameter(torch.ones(4))
+        attn.sinks = fresh
+    unpatch_model(model)
+    assert model.model.layers[0].self_attn.sinks is fresh
+
+
+def test_hy4_gate_is_computed_as_transformers_computes_it():
+    """Hy4's output gate in the model's dtype, as transformers multiplies it (A.X-K2's is in fp32): the patched
+    layer's output projection equals stock's formula bit for bit in bf16 (a gate taken in fp32 differs in the last
+    bit of some values)."""
+    model = hy4_model().to(torch.bfloat16)
+    original = model.model.layers[0].self_attn
+    patch_model(model)
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16)
+    out = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16)  # [B, Q, H * D_v]
+    with torch.no_grad():
+        expected = original.o_proj((out.view(2, 3, 4, 16) * torch.sigmoid(
+            original.gate_proj(hidden).view(2, 3, 4, 16))).reshape(2, 3, 64))
+        assert torch.equal(attn._project_out(out, hidden), expected)
+
+
+def test_hy4_config_builds_an_mlattention_with_sinks():
+    """``MLAttention.from_config`` on a Hy4 config has its sinks (zeros until loaded) and loads the attention's
+    state dict but for the gate and the indexer, which patch_model adopts from the model (not the module's)."""
+    model = hy4_model()
+    mod = MLAttention.from_config(model.config)
+    assert mod.sinks.shape == (4,) and not mod.sinks.any() and mod.rope_style == "interleave"
+    missing, unexpected = mod.load_state_dict(model.model.layers[0].self_attn.state_dict(), strict=False)
+    assert not missing and {k.split(".")[0] for k in unexpected} == {"gate_proj", "indexer"}
+
+
+def test_a_model_whose_attention_has_no_sinks_is_served_without():
+    """Hy4-VL's attention runs without sinks where it has none (``module.sinks is None``): the stand-in, whose
+    model type gives it sinks, drops them too, and the widened-attention logits stay within fp32 rounding of
+    stock (with zero sinks they were off)."""
+    model = hy4_vl_model()
+    for layer in model.model.language_model.layers:
+        layer.self_attn.sinks = None
+    assert patched_forward_error(model) < 1e-4
+    assert all("sinks" not in layer.self_attn._parameters for layer in model.model.language_model.layers)
+
+
 def test_what_dsa_and_mistral4_layers_read_from_their_modules_is_read_at_each_call():
     """The indexer's ``index_topk`` and Mistral 4's ``llama_4_scaling_beta`` (config.rope_parameters), set after
     patch_model, reach the patched model as they reach stock, which reads them at each call: a top-k copied at

@@ -1,4 +1,4 @@
-"""Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, GLM-4.7-Flash,
+"""Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, Hy4, GLM-4.7-Flash,
 Mistral Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of Kimi-Linear and Ling 3;
 ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
@@ -662,7 +662,7 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
                                  f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2, "
-                                 f"GLM-5 and A.X-K2, whose indexer keys it does not hold)")
+                                 f"GLM-5, A.X-K2 and Hy4, whose indexer keys it does not hold)")
             if layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
@@ -1362,6 +1362,7 @@ class TransformersMLAttention(MLAttention):
                              "or unpatch_model(model)")
         _check_inference(self, hidden_states)
         self._check_kv_b()
+        self._check_sinks(hidden_states.device)
         prev_topk = kwargs.pop("prev_topk_indices", None)
         if self.shared_topk and prev_topk is None:
             raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k picks (a shared DSA layer): "
@@ -1676,7 +1677,7 @@ def _attention_class(model_type: str):
 def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int | None = None,
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
-    """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, GLM-4.7-Flash, Mistral
+    """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, Hy4, GLM-4.7-Flash, Mistral
     Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear, Ling 3) model for
     ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
