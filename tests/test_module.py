@@ -234,18 +234,31 @@ def test_batched_layout_equals_packed():
     assert torch.equal(batched.reshape(6, -1), packed)
 
 
-def test_bf16_against_fp64_reference(gpu_bf16_rounding):
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "attention-sinks"])
+def test_bf16_against_fp64_reference(gpu_bf16_rounding, sinks, monkeypatch):
     """bf16 module and cache against the float64 transformers computation from the same (bf16-rounded) weights
     and inputs. Tolerance: the output passes through about six bf16 roundings (projections, rope, norm, cache
     write, attention output, o_proj), each ~2.3e-3 relative RMS and independent: ~6e-3 (measured 4.7e-3 to 6.4e-3
     over 8 weight and input seeds); the bound is that noise over helpers.NOISE_OF_BOUND, as RMS_TOL is: 1e-2.
     Those are a GPU's roundings (``gpu_bf16_rounding``): the interpreter's truncating casts bias the latent norm's
     two roundings (``mla_kernels.norm``) toward zero, which scales every cached latent down coherently (1.04e-2
-    truncated, 3.95e-3 rounded, measured 2026-12-06; 6.2e-3 and 4.0e-3 with the norm in PyTorch ops)."""
+    truncated, 3.95e-3 rounded, measured 2026-12-06; 6.2e-3 and 4.0e-3 with the norm in PyTorch ops). With
+    ``sinks``, attention sinks on both sides (gpt-oss's sink attention in transformers', std 2): their scaling
+    rounds the attention output to bf16 once more, a seventh rounding, within the same bound (4.46e-3 measured,
+    3.99e-3 without sinks, 2026-12-07)."""
+    from mla_kernels.module import config_kwargs
+
     config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
     ref = reference_attention(config).to(torch.bfloat16).double()
+    if sinks:
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3
+        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
+
+        monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+        ref.sinks = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+                                       * 2)
     rotary = DeepseekV3RotaryEmbedding(config)
-    mod = MLAttention.from_config(config, dtype=torch.bfloat16)
+    mod = MLAttention(**config_kwargs(config), dtype=torch.bfloat16, attention_sinks=sinks)
     mod.load_state_dict(ref.state_dict())
     cache = PagedLatentCache(1, 16, 16, 32, 16, dtype=torch.bfloat16)
     seq = cache.add_sequence()
