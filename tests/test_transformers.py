@@ -240,9 +240,9 @@ def hy4_fields(indexer_types) -> dict:
 
 
 def hy4_model(indexer_types=("full", "shared", "shared", "full")):
-    """Hy4's architecture (``hy_v4``, transformers 5.25 on), tiny: GLM-5's sparse attention whose softmax has a
-    learned logit per head (attention sinks: a key of value zero) and whose output is gated elementwise by the
-    sigmoid of ``gate_proj(hidden_states)``."""
+    """Hy4's architecture (``hy_v4``), tiny: GLM-5's sparse attention whose softmax has a learned logit per head
+    (attention sinks: a key of value zero) and whose output is gated elementwise by the sigmoid of
+    ``gate_proj(hidden_states)`` (its rope rotates halves in transformers 5.17, interleaves in 5.25)."""
     config_cls, model_cls = _transformers_class("HYV4Config", "HYV4ForCausalLM")
     torch.manual_seed(0)
     return model_cls(config_cls(**hy4_fields(indexer_types), attn_implementation="eager")).eval()
