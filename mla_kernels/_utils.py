@@ -455,6 +455,21 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None) -> torch.Te
     return t
 
 
+def check_sinks(sinks, heads: int, device: torch.device, beside: str = "q_nope") -> torch.Tensor:
+    """Attention sinks for ``heads`` query heads (``merge.apply_sink``): ``sinks [heads]``, any floating dtype (applied
+    in float32), on ``device``, that of the tensor named ``beside``; else a TypeError/ValueError naming ``sinks``."""
+    if isinstance(sinks, torch.Tensor) and sinks.shape == (heads,) and sinks.dtype.is_floating_point \
+            and sinks.device == device:  # (the common case: one comparison each)
+        return sinks
+    check_tensor("sinks", sinks)
+    if sinks.shape != (heads,):
+        raise ValueError(f"sinks must be a [num_heads] = [{heads}] tensor (a logit per head), got shape "
+                         f"{tuple(sinks.shape)}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a floating-point tensor, got {str(sinks.dtype).replace('torch.', '')}")
+    raise ValueError(f"sinks is on {sinks.device} but {beside} is on {device}")
+
+
 class GradModeError(ValueError, RuntimeError):
     """An input autograd would need a backward pass for, given to inference kernels that have none: a bad argument
     (ValueError, as the functions raise it) and, for the module, the RuntimeError PyTorch raises for autograd misuse."""

@@ -908,7 +908,7 @@ def _project_v(out, w_uv):
 
 def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
                causal=True, return_lse=False, w_uv=None, *, max_seqlen_k=None, num_splits=None, metadata=None,
-               kv_scale=None, indices=None, split_tokens=None):
+               kv_scale=None, indices=None, split_tokens=None, sinks=None):
     """Absorbed MLA decode over a paged latent cache.
 
     Args:
@@ -963,6 +963,10 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
             ``causal`` an entry past the token's own position is skipped too. K is any size; the split grid cuts
             the lists instead of the cache. Exclusive with ``metadata``; ``max_seqlen_k`` then only bounds the
             lengths. Runs the portable kernel (any GPU, page size, head count, dtype, fp8 cache).
+        sinks: ``[H]`` attention sinks (gpt-oss's, Hy4's; FlashMLA's ``attn_sink``), any float dtype: head h's
+            learned logit joins each of its rows' softmax as one more key whose value is zero, so each output row
+            is scaled by ``exp(lse) / (exp(lse) + exp(sinks[h]))`` (``merge.apply_sink``, in float32, after the
+            kernels); the returned lse stays the keys' own, as FlashMLA's.
 
     Returns:
         ``out [B, S_q, H, R]`` (or ``[B, S_q, H, D_v]`` with ``w_uv``) in q's dtype; with ``return_lse`` also lse.
@@ -982,8 +986,20 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
         _utils.check_no_grad("mla_decode", q_nope=q_nope, q_pe=q_pe, kv_cache=kv_cache, pe_cache=pe_cache, w_uv=w_uv,
                              kv_scale=kv_scale)
     split_tokens = _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seqlen_k)
-    return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, causal,
-                                return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices, split_tokens)
+    if sinks is None:
+        return _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                    causal, return_lse, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices,
+                                    split_tokens)
+    return_lse = _utils.check_flag("return_lse", return_lse)
+    sinks = _utils.check_sinks(sinks, q_nope.shape[2], q_nope.device)
+    if torch.is_grad_enabled():
+        _utils.check_no_grad("mla_decode", sinks=sinks)
+    out, lse = _mla_decode_dispatch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
+                                    causal, True, w_uv, max_seqlen_k, num_splits, metadata, kv_scale, indices,
+                                    split_tokens)
+    from .merge import apply_sink  # (merge imports this module)
+    out = apply_sink(out, lse, sinks)
+    return (out, lse) if return_lse else out
 
 
 def _check_options(q_nope, indices, metadata, split_tokens, num_splits, max_seqlen_k: int):

@@ -36,7 +36,6 @@ from torch import nn
 from . import _utils
 from .cache import PagedLatentCache
 from .decode import check_split_count, mla_decode, split_tokens_value
-from .merge import apply_sink
 from .norm import DeepseekRMSNorm, rms_norm
 from .norm_rope import norm_and_rope
 from .rope import ROPE_STYLES, apply_rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
@@ -367,8 +366,7 @@ class MLAttention(nn.Module):
         layer_idx: this layer's index in the ``PagedLatentCache``.
         attention_sinks: a learned logit per head, ``sinks [H]`` (float32, zeros until loaded; Hy4's, gpt-oss's),
             joins each query's softmax as one more key whose value is zero: every attention output is scaled by
-            ``exp(lse) / (exp(lse) + exp(sinks[h]))`` (``merge.apply_sink``, after the kernels, which are asked
-            for their lse then).
+            ``exp(lse) / (exp(lse) + exp(sinks[h]))`` (every attention call's ``sinks``).
         split_tokens: None, or batch-invariant attention: passed to every ``mla_decode`` and
             ``mla_prefill_attention`` call (see ``mla_decode``), so a sequence's attention output does not depend
             on the other sequences of its step. The projections around the attention are the caller's GEMMs (a
@@ -614,53 +612,32 @@ class MLAttention(nn.Module):
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
             s_q = batch.uniform
             q_latent, w_uv = self._absorb(q_nope)
-            out = self._with_sinks(mla_decode(
-                q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
-                q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(), kv_cache,
-                pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale, causal=True, w_uv=w_uv,
-                return_lse=self._wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
-                split_tokens=self.split_tokens))
+            out = mla_decode(q_latent.reshape(batch.batch_size, s_q, self.num_heads, self.kv_lora_rank),
+                             q_pe.reshape(batch.batch_size, s_q, self.num_heads, self.qk_rope_head_dim).contiguous(),
+                             kv_cache, pe_cache, batch.block_table, batch.cache_seqlens, self.softmax_scale,
+                             causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
+                             split_tokens=self.split_tokens, sinks=self._parameters.get("sinks"))
             return out.reshape(total, self.num_heads, self.v_head_dim)
         from .prefill import mla_prefill_attention
 
         # Traced, the host lengths would enter the graph as constants (a recompile at every step); the op then reads
         # the lengths from the device itself (one read per layer on a GPU), as without them.
         host = not torch.compiler.is_compiling()
-        return self._with_sinks(mla_prefill_attention(
-            q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table, batch.cu_seqlens_q,
-            batch.cache_seqlens, self._kv_b_weight(dtype), self.softmax_scale, causal=True,
-            return_lse=self._wants_lse, kv_scale=kv_scale,
-            cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
-            cache_seqlens_host=batch.cache_seqlens_host if host else None, split_tokens=self.split_tokens))
-
-    @property
-    def _wants_lse(self) -> bool:
-        """Whether the attention calls must return their lse: the module has attention sinks (``_with_sinks``)."""
-        return self._parameters.get("sinks") is not None
+        return mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, batch.block_table,
+                                     batch.cu_seqlens_q, batch.cache_seqlens, self._kv_b_weight(dtype),
+                                     self.softmax_scale, causal=True,
+                                     kv_scale=kv_scale, cu_seqlens_q_host=batch.cu_seqlens_q_host if host else None,
+                                     cache_seqlens_host=batch.cache_seqlens_host if host else None,
+                                     split_tokens=self.split_tokens, sinks=self._parameters.get("sinks"))
 
     def _check_sinks(self, device: torch.device) -> None:
-        """The module's attention sinks, where it has them, fit it: ``sinks [H]``, floating point, on the tokens'
-        ``device``. Checked at every call before anything is reserved or written (one was replaced by one of
-        another shape: it failed inside torch after the step's cache write, or a ``[1]`` broadcast silently)."""
+        """The module's attention sinks, where it has them, fit it (``_utils.check_sinks``): ``sinks [H]``, floating
+        point, on the tokens' ``device``. Checked at every call before anything is reserved or written (one was
+        replaced by one of another shape: it failed inside torch after the step's cache write, or a ``[1]``
+        broadcast silently)."""
         sinks = self._parameters.get("sinks")
-        if sinks is None or (sinks.shape == (self.num_heads,) and sinks.dtype.is_floating_point
-                             and sinks.device == device):
-            return
-        if sinks.shape != (self.num_heads,):
-            raise ValueError(f"sinks must be a [num_heads] = [{self.num_heads}] tensor (a logit per head), got "
-                             f"shape {tuple(sinks.shape)}")
-        if not sinks.dtype.is_floating_point:
-            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
-        raise ValueError(f"sinks is on {sinks.device} but the module's tokens are on {device}")
-
-    def _with_sinks(self, result):
-        """An attention call's output, with this module's attention sinks applied where it has them (``result`` is
-        then the call's ``(out [..., H, D_v], lse [..., H])``, asked for with ``return_lse=self._wants_lse``)."""
-        sinks = self._parameters.get("sinks")
-        if sinks is None:
-            return result
-        out, lse = result
-        return apply_sink(out, lse, sinks)
+        if sinks is not None:
+            _utils.check_sinks(sinks, self.num_heads, device, "the module's tokens")
 
     def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
         """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is
@@ -762,11 +739,11 @@ class MLAttention(nn.Module):
         # a position after the token's own is skipped (as documented): -1 here, since to mla_decode, whose sequence
         # here ends at the token, it would lie past the sequence (refused on the CPU, skipped on a GPU)
         indices = indices.masked_fill(indices > batch.positions[:, None], -1)
-        out = self._with_sinks(mla_decode(
-            q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
-            batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32), self.softmax_scale,
-            causal=True, w_uv=w_uv, return_lse=self._wants_lse, max_seqlen_k=batch.max_seqlen_k, kv_scale=kv_scale,
-            indices=indices.unsqueeze(1), split_tokens=self.split_tokens))
+        out = mla_decode(q_latent.unsqueeze(1), q_pe.contiguous().unsqueeze(1), kv_cache, pe_cache,
+                         batch.block_table.index_select(0, rows), (batch.positions + 1).to(torch.int32),
+                         self.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=batch.max_seqlen_k,
+                         kv_scale=kv_scale, indices=indices.unsqueeze(1), split_tokens=self.split_tokens,
+                         sinks=self._parameters.get("sinks"))
         return out.reshape(total, self.num_heads, self.v_head_dim)
 
     # -- forward -------------------------------------------------------------------------------

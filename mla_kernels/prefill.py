@@ -38,6 +38,7 @@ from . import _launcher, _utils
 from ._convert import to_dtype
 from . import _tuning
 from .cache import dequantize_fp8_torch
+from .merge import apply_sink
 from .decode import (LN2_C, LOG2E, _attend_torch, _check_lengths_cpu, _dequant_fp8, _fit_tiles, _launch,
                      _online_softmax_step, _project_v, _softmax_probs)
 from .decode import _check_split_tokens as _check_decode_split_tokens
@@ -722,9 +723,23 @@ def _check_values(q_nope, kv_cache, block_table, cu_seqlens_q, cache_seqlens, ba
 # --------------------------------------------------------------------------------------------
 
 
+def _with_sinks(call, sinks, return_lse, q_nope, *args, **kwargs):
+    """``call(q_nope, *args, return_lse=True, **kwargs)`` (``mla_prefill`` or ``mla_prefill_attention``) with
+    attention sinks on its output (``merge.apply_sink``): what the call returns with ``return_lse``. ``sinks [H]``
+    is checked against ``q_nope [T, H, D]`` first, where that is a 3-D tensor (else the call names q_nope)."""
+    return_lse = _utils.check_flag("return_lse", return_lse)
+    if isinstance(q_nope, torch.Tensor) and q_nope.dim() == 3:
+        sinks = _utils.check_sinks(sinks, q_nope.shape[1], q_nope.device)
+        if torch.is_grad_enabled():
+            _utils.check_no_grad(call.__name__, sinks=sinks)
+    out, lse = call(q_nope, *args, return_lse=True, **kwargs)
+    out = apply_sink(out, lse, sinks)
+    return (out, lse) if return_lse else out
+
+
 def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
                 causal=True, return_lse=False, *, max_seqlen_q=None, max_seqlen_k=None, num_splits=None,
-                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None):
+                kv_scale=None, cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None, sinks=None):
     """Absorbed MLA prefill: ragged new tokens of B sequences attend over their paged latent cache.
 
     Args:
@@ -766,6 +781,8 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
             split of the longest key range; past ``decode.SPLIT_PARTIALS_BYTES`` (256 MiB) the call runs as several
             launches over pieces of the sequences, with the same bits (on a GPU without host lengths it then reads
             the lengths once). The Triton kernels' promise, as in ``mla_decode``.
+        sinks: ``[H]`` attention sinks, as ``mla_decode``'s: each output row scaled by
+            ``exp(lse) / (exp(lse) + exp(sinks[h]))``; the returned lse stays the keys' own.
 
     Returns:
         ``out [T, H, R]`` in q's dtype; with ``return_lse`` also ``lse [T, H]`` float32.
@@ -775,6 +792,12 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     the block table; used block ids exist). On a GPU lengths are checked when they are on the host anyway (host
     lengths given, or max_seqlen_q None), and block ids never.
     """
+    if sinks is not None:  # the call with its lse, then the sinks
+        return _with_sinks(mla_prefill, sinks, return_lse, q_nope, q_pe, kv_cache, pe_cache, block_table,
+                           cu_seqlens_q, cache_seqlens, softmax_scale, causal, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k, num_splits=num_splits, kv_scale=kv_scale,
+                           cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host,
+                           split_tokens=split_tokens)
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     max_seqlen_q = _utils.check_int("max_seqlen_q", max_seqlen_q, 0)  # numpy ints become Python ints
     max_seqlen_k = _utils.check_int("max_seqlen_k", max_seqlen_k, 0)
@@ -915,7 +938,7 @@ _EXPANDED_UNFIT: set = set()
 
 def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, w_kv_b,
                           softmax_scale, causal=True, path="auto", *, return_lse=False, kv_scale=None,
-                          cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None):
+                          cu_seqlens_q_host=None, cache_seqlens_host=None, split_tokens=None, sinks=None):
     """MLA prefill as a model calls it: raw queries in, per-head values out, over the paged latent cache.
 
     Args:
@@ -937,6 +960,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
             "expanded", whose key and value GEMM and tiles follow the batch, is refused with a ``ValueError``). The
             attention's output and lse then depend on the row's own sequence alone; the projections around it are
             cuBLAS GEMMs over the batch's tokens, which make no such promise (``mla_decode``'s ``w_uv`` note).
+        sinks: ``[H]`` attention sinks, as ``mla_decode``'s (the same for both paths).
 
     Returns:
         ``out [T, H, D_v]`` in q's dtype (and lse).
@@ -946,6 +970,11 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
     GPU synchronises with the host; with them nothing is read back. The expanded path allocates the gathered
     latent and the expanded keys and values, ``sum(cache_seqlens) x (R + H x (D_nope + D_v))`` elements.
     """
+    if sinks is not None:  # the call with its lse, then the sinks
+        return _with_sinks(mla_prefill_attention, sinks, return_lse, q_nope, q_pe, kv_cache, pe_cache, block_table,
+                           cu_seqlens_q, cache_seqlens, w_kv_b, softmax_scale, causal, path, kv_scale=kv_scale,
+                           cu_seqlens_q_host=cu_seqlens_q_host, cache_seqlens_host=cache_seqlens_host,
+                           split_tokens=split_tokens)
     causal, return_lse = _utils.check_flag("causal", causal), _utils.check_flag("return_lse", return_lse)
     batch, page, device, host = _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q,
                                               cache_seqlens, kv_scale, cu_seqlens_q_host, cache_seqlens_host)

@@ -96,7 +96,7 @@ SUPPORTED_MODEL_TYPES = {
     # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
     "glm_moe_dsa": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
     # Hy4 (transformers 5.25 on): GLM-5's sparse attention (its own indexer, "shared" layers) with attention sinks
-    # (a learned logit per head, adopted: MLAttention._with_sinks) and an elementwise sigmoid output gate of the
+    # (a learned logit per head, adopted: MLAttention's attention_sinks) and an elementwise sigmoid output gate of the
     # hidden states (gate_proj, adopted: _project_out); Hy4-VL's text decoder is the same attention
     "hy_v4": ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Attention"),
     "hy_v4_vl_text": ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLAttention"),
@@ -109,7 +109,7 @@ _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_m
 # A.X-K2's, Hy4's) indexer, Ling 3's head-wise output gate g_proj and Hy4's elementwise one gate_proj
 # (``_project_out``), A.X-K2's fused query-and-gate projection q_gate_proj (``_query_and_gate``)
 _ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj")
-# the parameters of its own, likewise: Hy4's attention sinks ``sinks [H]`` (``MLAttention._with_sinks``)
+# the parameters of its own, likewise: Hy4's attention sinks ``sinks [H]`` (``MLAttention``'s ``attention_sinks``)
 _ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
@@ -1106,10 +1106,9 @@ class _StaticLatentState:
         if query_len == 1:  # decode: every row's token is its last (a pad's row attends as before and is masked)
             w_uk, w_uv = attn._kv_b_split(q_nope.dtype)
             q_latent = torch.einsum("bqhd,hdr->bqhr", q_nope, w_uk)
-            out = attn._with_sinks(mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
-                                             seqlens, attn.softmax_scale, causal=True, w_uv=w_uv,
-                                             return_lse=attn._wants_lse, max_seqlen_k=self.capacity,
-                                             kv_scale=kv_scale, split_tokens=attn.split_tokens))
+            out = mla_decode(q_latent, q_pe.contiguous(), kv_cache, pe_cache, self.block_table, seqlens,
+                             attn.softmax_scale, causal=True, w_uv=w_uv, max_seqlen_k=self.capacity,
+                             kv_scale=kv_scale, split_tokens=attn.split_tokens, sinks=attn._parameters.get("sinks"))
             return out.reshape(batch_size, query_len, heads * d_v)
         # a prompt (eager, like transformers' own static-cache prefill): pads packed out by the step's index, the
         # lengths from its host lists (read once, by its first layer)
@@ -1118,11 +1117,11 @@ class _StaticLatentState:
             q_nope, q_pe = q_nope.flatten(0, 1), q_pe.flatten(0, 1)
         else:
             q_nope, q_pe = _pack(q_nope, packing), _pack(q_pe, packing)
-        packed = attn._with_sinks(mla_prefill_attention(
-            q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table, step.cu_seqlens_q, seqlens,
-            attn._kv_b_weight(q_nope.dtype), attn.softmax_scale, causal=True, return_lse=attn._wants_lse,
-            kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host, cache_seqlens_host=step.cache_seqlens_host,
-            split_tokens=attn.split_tokens))
+        packed = mla_prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kv_cache, pe_cache, self.block_table,
+                                       step.cu_seqlens_q, seqlens, attn._kv_b_weight(q_nope.dtype), attn.softmax_scale,
+                                       causal=True, kv_scale=kv_scale, cu_seqlens_q_host=step.cu_seqlens_q_host,
+                                       cache_seqlens_host=step.cache_seqlens_host, split_tokens=attn.split_tokens,
+                                       sinks=attn._parameters.get("sinks"))
         if packing is not None:
             packed = _unpack(packed, packing, batch_size, query_len)
         return packed.reshape(batch_size, query_len, heads * d_v)

@@ -46,12 +46,22 @@ def _attend_latent(q_nope, q_pe, kv, pe, softmax_scale, causal):
     return torch.einsum("shl,lr->shr", probs, kv), lse
 
 
+def _sink_share(lse, sinks):
+    """``exp(lse) / (exp(lse) + exp(sinks[h]))`` per row ``[..., H]``: the share of the softmax a row's keys keep
+    beside a key of value zero and logit ``sinks[h]`` (attention sinks), as ``exp(lse - logaddexp(lse, sink))``.
+    A row with no key and a sink of -inf keeps 0 (its output is zeros); a NaN sink gives NaN, as the formula."""
+    sinks = sinks.to(device=lse.device, dtype=lse.dtype).expand_as(lse)
+    share = torch.exp(lse - torch.logaddexp(lse, sinks))
+    return share.masked_fill(torch.isneginf(lse) & torch.isneginf(sinks), 0.0)
+
+
 def absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale,
-                    causal=True, w_uv=None, dtype=torch.float64):
+                    causal=True, w_uv=None, dtype=torch.float64, sinks=None):
     """Reference for ``mla_kernels.mla_decode``, computed in ``dtype``.
 
     q_nope [B, S_q, H, R] (absorbed), q_pe [B, S_q, H, P], kv_cache [N, page, R], pe_cache [N, page, P],
-    block_table [B, max_blocks], cache_seqlens [B]; w_uv [H, D_v, R] optional.
+    block_table [B, max_blocks], cache_seqlens [B]; w_uv [H, D_v, R] optional; sinks [H] optional (attention
+    sinks: each row's output times its keys' share beside the sink, ``_sink_share``; lse stays the keys' own).
     Returns (out [B, S_q, H, R or D_v], lse [B, S_q, H]) in ``dtype``.
     """
     batch, s_q, heads, _ = q_nope.shape
@@ -64,17 +74,20 @@ def absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
         kv = gather_paged(kv_cache, block_table[b], length).to(dtype)
         pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
         out[b], lse[b] = _attend_latent(q_nope[b].to(dtype), q_pe[b].to(dtype), kv, pe, softmax_scale, causal)
+    if sinks is not None:
+        out = out * _sink_share(lse, sinks)[..., None]
     if w_uv is not None:
         out = torch.einsum("bshr,hvr->bshv", out, w_uv.to(dtype))
     return out, lse
 
 
 def absorbed_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale,
-                     causal=True, dtype=torch.float64):
+                     causal=True, dtype=torch.float64, sinks=None):
     """Reference for ``mla_kernels.mla_prefill``: packed rows q_nope [T, H, R], q_pe [T, H, P].
 
     Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its new tokens are the last of its
-    cache_seqlens[b] cached tokens. Returns (out [T, H, R], lse [T, H]) in ``dtype``.
+    cache_seqlens[b] cached tokens. ``sinks [H]``: as ``absorbed_decode``'s. Returns (out [T, H, R], lse [T, H])
+    in ``dtype``.
     """
     out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
     lse = torch.full(q_nope.shape[:2], float("-inf"), dtype=dtype, device=q_nope.device)
@@ -87,17 +100,20 @@ def absorbed_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q
         pe = gather_paged(pe_cache, block_table[b], length).to(dtype)
         out[start:end], lse[start:end] = _attend_latent(
             q_nope[start:end].to(dtype), q_pe[start:end].to(dtype), kv, pe, softmax_scale, causal)
+    if sinks is not None:
+        out = out * _sink_share(lse, sinks)[..., None]
     return out, lse
 
 
 def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, indices, softmax_scale,
-                  causal=True, w_uv=None, dtype=torch.float64):
+                  causal=True, w_uv=None, dtype=torch.float64, sinks=None):
     """Reference for ``mla_kernels.mla_decode(..., indices=...)``: sparse attention (DeepSeek-V3.2's DSA).
 
     New token s of sequence b attends only to the cache positions listed in ``indices[b, s]`` ([B, S_q, K]);
     negative entries are unused, and with ``causal`` so are positions after the token's own
     (``cache_seqlens[b] - S_q + s``). Each occurrence counts: a repeated entry counts as often as it appears. A
-    token with no usable entry gives zeros and lse -inf. Other arguments as ``absorbed_decode``. Returns (out, lse) in ``dtype``.
+    token with no usable entry gives zeros and lse -inf. Other arguments as ``absorbed_decode``. Returns (out, lse) in
+    ``dtype``.
     """
     batch, s_q, heads, _ = q_nope.shape
     out = torch.zeros(*q_nope.shape, dtype=dtype, device=q_nope.device)
@@ -116,6 +132,8 @@ def sparse_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, 
             o, l = _attend_latent(q_nope[b, s:s + 1].to(dtype), q_pe[b, s:s + 1].to(dtype), kv[rows], pe[rows],
                                   softmax_scale, causal=False)
             out[b, s], lse[b, s] = o[0], l[0]
+    if sinks is not None:
+        out = out * _sink_share(lse, sinks)[..., None]
     if w_uv is not None:
         out = torch.einsum("bshr,hvr->bshv", out, w_uv.to(dtype))
     return out, lse
