@@ -95,9 +95,10 @@ SUPPORTED_MODEL_TYPES = {
     # GLM-5: DeepSeek-V3.2's sparse attention, some layers reusing the previous layer's top-k picks
     # (config.indexer_types "shared": no indexer of their own, prev_topk_indices)
     "glm_moe_dsa": ("transformers.models.glm_moe_dsa.modeling_glm_moe_dsa", "GlmMoeDsaAttention"),
-    # Hy4 (transformers 5.25 on): GLM-5's sparse attention (its own indexer, "shared" layers) with attention sinks
-    # (a learned logit per head, adopted: MLAttention's attention_sinks) and an elementwise sigmoid output gate of the
-    # hidden states (gate_proj, adopted: _project_out); Hy4-VL's text decoder is the same attention
+    # Hy4: GLM-5's sparse attention (its own indexer, "shared" layers) with attention sinks (a learned logit per
+    # head, adopted: MLAttention's attention_sinks) and an elementwise sigmoid output gate of the hidden states
+    # (gate_proj, adopted: _project_out), its rope as the installed transformers rotates it (adopt); Hy4-VL's text
+    # decoder is the same attention
     "hy_v4": ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Attention"),
     "hy_v4_vl_text": ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLAttention"),
 }
