@@ -386,14 +386,20 @@ def with_fp8_kv_b(model, block=(16, 24), ue8m0=False):
     return model, plain
 
 
-def with_attention_sinks(model, monkeypatch, std: float = 2.0):
-    """``model`` (a transformers DeepSeek-V3) with attention sinks, as Hy4's attention has them: a learned logit per
-    head in every attention module (``sinks``, drawn at ``std``, seeded per layer), which transformers' DeepSeek-V3
-    attention then runs through gpt-oss's eager sink attention (``monkeypatch`` undoes that after the test)."""
+def use_sink_attention(monkeypatch) -> None:
+    """transformers' DeepSeek-V3 attention runs gpt-oss's eager sink attention, which appends each module's
+    ``sinks`` to every row of scores as a key of value zero (``monkeypatch`` undoes it after the test)."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
 
     monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+
+
+def with_attention_sinks(model, monkeypatch, std: float = 2.0):
+    """``model`` (a transformers DeepSeek-V3) with attention sinks, as Hy4's attention has them: a learned logit per
+    head in every attention module (``sinks``, drawn at ``std``, seeded per layer), run by gpt-oss's eager sink
+    attention (``use_sink_attention``)."""
+    use_sink_attention(monkeypatch)
     for i, layer in enumerate(model.model.layers):
         gen = torch.Generator().manual_seed(10 + i)
         layer.self_attn.sinks = torch.nn.Parameter(torch.randn(layer.self_attn.num_heads, generator=gen) * std)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mla_kernels
-from helpers import OLD_AOT_AUTOGRAD, assert_close, fp8_linear
+from helpers import OLD_AOT_AUTOGRAD, assert_close, fp8_linear, use_sink_attention
 from mla_kernels import _utils
 from mla_kernels.cache import CacheFullError, PagedLatentCache
 from mla_kernels.module import LatentBatch, MLAttention
@@ -150,11 +150,9 @@ def test_attention_sinks_match_transformers_sink_attention(monkeypatch):
     std 2 around the scores' scale, so they move the outputs far past fp32 rounding (a module ignoring them was off
     by 0.52 relative RMS at the first step). The sparse step (``indices`` listing every position) equals the dense
     one with sinks too; sinks that do not fit the module are refused before anything is written."""
-    from transformers.models.deepseek_v3 import modeling_deepseek_v3
-    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
     from mla_kernels.module import config_kwargs
 
-    monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+    use_sink_attention(monkeypatch)
     config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
     ref = reference_attention(config)
     ref.sinks = torch.nn.Parameter(torch.randn(config.num_attention_heads, generator=torch.Generator().manual_seed(5))
@@ -251,10 +249,7 @@ def test_bf16_against_fp64_reference(gpu_bf16_rounding, sinks, monkeypatch):
     config = tiny_config(q_lora_rank=32, rope_parameters=YARN)
     ref = reference_attention(config).to(torch.bfloat16).double()
     if sinks:
-        from transformers.models.deepseek_v3 import modeling_deepseek_v3
-        from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as sink_attention
-
-        monkeypatch.setattr(modeling_deepseek_v3, "eager_attention_forward", sink_attention)
+        use_sink_attention(monkeypatch)
         ref.sinks = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
                                        * 2)
     rotary = DeepseekV3RotaryEmbedding(config)
