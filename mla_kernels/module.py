@@ -572,7 +572,7 @@ class MLAttention(nn.Module):
         self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens)
         self._check_cache(cache, q_nope.device)
         self._check_kv_b()
-        self._check_sinks(q_nope.device)
+        self._check_sinks(q_nope, "q_nope")
         dtype = cache.rope_dtype  # the cache's dtype, or for an fp8 cache the dtype it dequantizes to
         if q_nope.dtype != dtype:
             under = " (under torch.autocast, its dtype)" if torch.is_autocast_enabled(q_nope.device.type) else ""
@@ -630,14 +630,14 @@ class MLAttention(nn.Module):
                                      cache_seqlens_host=batch.cache_seqlens_host if host else None,
                                      split_tokens=self.split_tokens, sinks=self._parameters.get("sinks"))
 
-    def _check_sinks(self, device: torch.device) -> None:
+    def _check_sinks(self, tokens: torch.Tensor, name: str) -> None:
         """The module's attention sinks, where it has them, fit it (``_utils.check_sinks``): ``sinks [H]``, floating
-        point, on the tokens' ``device``. Checked at every call before anything is reserved or written (one was
-        replaced by one of another shape: it failed inside torch after the step's cache write, or a ``[1]``
-        broadcast silently)."""
+        point, on the device of ``tokens`` (named ``name`` in the error). Checked at every call before anything is
+        reserved or written (one was replaced by one of another shape: it failed inside torch after the step's cache
+        write, or a ``[1]`` broadcast silently)."""
         sinks = self._parameters.get("sinks")
         if sinks is not None:
-            _utils.check_sinks(sinks, self.num_heads, device, "the module's tokens")
+            _utils.check_sinks(sinks, self.num_heads, tokens.device, name)
 
     def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
         """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is

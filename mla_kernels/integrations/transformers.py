@@ -1362,7 +1362,7 @@ class TransformersMLAttention(MLAttention):
                              "or unpatch_model(model)")
         _check_inference(self, hidden_states)
         self._check_kv_b()
-        self._check_sinks(hidden_states.device)
+        self._check_sinks(hidden_states, "hidden_states")
         prev_topk = kwargs.pop("prev_topk_indices", None)
         if self.shared_topk and prev_topk is None:
             raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k picks (a shared DSA layer): "
