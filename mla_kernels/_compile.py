@@ -177,16 +177,16 @@ def _cases(hip: bool) -> dict:
         return (dg._mla_attn_gluon_kernel, constexprs, types, dg.NUM_WARPS, 1,
                 dg.gluon_shared_bytes(d_latent, d_rope))
 
-    def expanded(d_nope=128, d_v=128, fp32=False):
+    def expanded(d_nope=128, d_v=128, fp32=False, d_rope=64):
         elem = 4 if fp32 else 2
-        cfg = (_fit_expanded(_expanded_heuristic(4096, hip=True), None, d_nope, d_v, 64, elem, hip=True) if hip
-               else _expanded_config(4096, h100, d_nope, d_v, 64, elem))
-        constexprs = dict(D_NOPE=d_nope, D_ROPE=64, D_V=d_v, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        cfg = (_fit_expanded(_expanded_heuristic(4096, hip=True), None, d_nope, d_v, d_rope, elem, hip=True) if hip
+               else _expanded_config(4096, h100, d_nope, d_v, d_rope, elem))
+        constexprs = dict(D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, STORE_LSE=True, DOT_FP32=False, DOT_PRECISION="ieee" if fp32 else None)
         types = {"BLOCK_TABLE": "*i32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "SEQLENS": "*i32",
                  "LSE": "*fp32", **({"*": "*fp32"} if fp32 else {})}
         return (_mla_expanded_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
-                expanded_shared_bytes(cfg, d_nope, d_v, 64, elem, hip=hip))
+                expanded_shared_bytes(cfg, d_nope, d_v, d_rope, elem, hip=hip))
 
     cases = {
         "decode-h16-split": attn(16, False, True),
@@ -213,6 +213,11 @@ def _cases(hip: bool) -> dict:
         "write_cache-fp8": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=64, BLOCK_T=8, KV_FP8=True),
                             {"slot_ptr": "*i64", "num_slots": "i64", "kv_cache_ptr": "*fp8e4nv",
                              "kv_scale_ptr": "*fp32"}, 4, 1, None),
+        # MLA without a rotary part (P = 0: no-rope layers): no rope key is read or written
+        "decode-h16-nope": attn(16, False, True, d_rope=0),
+        "prefill-expanded-nope": expanded(d_rope=0),
+        "write_cache-nope": (_write_cache_kernel, dict(D_LATENT=512, D_ROPE=0, BLOCK_T=8, KV_FP8=False),
+                             {"slot_ptr": "*i64", "num_slots": "i64"}, 4, 1, None),
         "rope": (_rope_kernel, dict(HALF=32, BLOCK_R=128, STYLE=1), {}, 8, 1, None),  # a decode step's 128 heads
         "rms_norm": (_rms_norm_kernel, dict(BLOCK_R=2, BLOCK_N=2048), {"eps": "fp32"}, 8, 1, None),  # the query's 1536
         # a decode step's latent norm (512 of 576), 128 query heads' rope and the key's, batch 1

@@ -522,6 +522,21 @@ def check_width(name: str, width: int) -> None:
         raise ValueError(f"{name} width must be a power of two from 16 to 1024, got {width}")
 
 
+# what check_rope_width admits: check_width's, and 0 for MLA without a rotary part (a NoPE layer: Mistral Large 4's
+# no-rope layers, GLM-5.3-Flash's), whose kernels read and write no rope key at all
+ROPE_WIDTHS = WIDTHS | {0}
+
+
+def check_rope_width(name: str, width: int) -> None:
+    """``check_width`` for a rope width, which may also be 0 (no rotary part)."""
+    if isinstance(width, (int, torch.SymInt)) and not isinstance(width, bool) and width == 0:
+        return
+    try:
+        check_width(name, width)
+    except ValueError:
+        raise ValueError(f"{name} width must be 0 (no rope) or a power of two from 16 to 1024, got {width}") from None
+
+
 def check_devices(**tensors: torch.Tensor) -> torch.device:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     device = items[0][1].device
@@ -588,6 +603,8 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor the call writes whose elements share memory: through a stride-0 dimension (``expand()``),
     or, for a ``[N, page, W]`` cache with unit last stride, rows closer than their width (``as_strided``). Writes
     to distinct slots would land on one another. (torch refuses such in-place writes too.)"""
+    if t.numel() == 0:
+        return  # (nothing is written to it: a rope cache of width 0)
     for size, stride in zip(t.shape, t.stride()):
         if size > 1 and stride == 0:
             raise ValueError(f"{name} has a stride-0 dimension (shape {tuple(t.shape)}, strides {t.stride()}, as "
@@ -613,6 +630,8 @@ def views_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     rows) or in other pages (``buf[:, :4]``, ``buf[:, 4:]``), and for layouts this cannot decide (rows of two views
     laid out unlike, a block stride that is no whole number of row strides). Read from data pointers: never while
     compiling (a fake tensor has none)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False  # (no byte to share: a rope cache of width 0)
     ea, eb = a.element_size(), b.element_size()
     la, lb = a.data_ptr(), b.data_ptr()
     (na, pa, wa), (nb, pb, wb) = a.shape, b.shape

@@ -117,10 +117,11 @@ def _write_cache_kernel(
                  mask=valid[:, None])
     tl.store(kv_dst, kv, mask=valid[:, None])
 
-    offs_p = tl.arange(0, D_ROPE)
-    pe = tl.load(k_pe_ptr + tok[:, None] * stride_k_pe_t + offs_p[None, :], mask=valid[:, None])  # [BLOCK_T, D_ROPE]
-    pe_dst = pe_cache_ptr + blk[:, None] * stride_pe_cache_blk + off[:, None] * stride_pe_cache_off + offs_p[None, :]
-    tl.store(pe_dst, pe, mask=valid[:, None])
+    if D_ROPE > 0:  # (D_ROPE 0: MLA without a rotary part, no rope key)
+        offs_p = tl.arange(0, D_ROPE)
+        pe = tl.load(k_pe_ptr + tok[:, None] * stride_k_pe_t + offs_p[None, :], mask=valid[:, None])  # [BLOCK_T, P]
+        pe_dst = pe_cache_ptr + blk[:, None] * stride_pe_cache_blk + off[:, None] * stride_pe_cache_off + offs_p[None, :]
+        tl.store(pe_dst, pe, mask=valid[:, None])
 
 
 def _block_t(num_tokens: int, d_latent: int) -> int:
@@ -148,6 +149,8 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
                                         kv_c.element_size())
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
+    if d_rope == 0:  # no rope key (D_ROPE 0) is read or written; a tensor of no elements may hold a null pointer
+        k_pe, pe_cache = kv_c, kv_cache
     try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
         _launcher.launch(_write_cache_kernel, grid,
             kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
@@ -222,7 +225,7 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
     if kv_cache.shape[0] == 0 or kv_cache.shape[1] == 0:
         raise ValueError(f"kv_cache must hold at least one block of at least one token, got shape {tuple(kv_cache.shape)}")
     _utils.check_width("kv_cache", kv_cache.shape[2])
-    _utils.check_width("pe_cache", pe_cache.shape[2])
+    _utils.check_rope_width("pe_cache", pe_cache.shape[2])
     _utils.check_same("kv_c", kv_c.shape[1], "kv_cache", kv_cache.shape[2], "the latent width R")
     _utils.check_same("k_pe", k_pe.shape[1], "pe_cache", pe_cache.shape[2], "the rope width P")
     _utils.check_same("kv_c", kv_c.shape[0], "k_pe", k_pe.shape[0], "the number of tokens T")
@@ -237,7 +240,7 @@ def _check_write_cache_args(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_sca
 
 
 _FLOATS, _INDEX = frozenset(FLOAT_DTYPES), frozenset(INDEX_DTYPES)
-_WIDTHS = _utils.WIDTHS  # check_width's
+_WIDTHS, _ROPE_WIDTHS = _utils.WIDTHS, _utils.ROPE_WIDTHS  # check_width's, check_rope_width's
 _rows_apart = _utils.rows_apart
 
 
@@ -253,7 +256,7 @@ def _write_cache_args_ok(kv_c, k_pe, kv_cache, pe_cache, slot_mapping) -> bool:
     return (len(cs) == 3 and len(ps) == 3 and len(ts) == 2 and len(es) == 2 and slot_mapping.dim() == 1
             and dtype in _FLOATS and pe_cache.dtype is dtype and kv_c.dtype is dtype and k_pe.dtype is dtype
             and slot_mapping.dtype in _INDEX
-            and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _WIDTHS
+            and cs[:2] == ps[:2] and cs[0] > 0 and cs[1] > 0 and cs[2] in _WIDTHS and ps[2] in _ROPE_WIDTHS
             and ts[1] == cs[2] and es[1] == ps[2] and ts[0] == es[0] == slot_mapping.shape[0]
             and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1 and kv_c.stride(1) == 1 and k_pe.stride(1) == 1
             and _rows_apart(kv_cache) and _rows_apart(pe_cache)  # no two slots share memory (expand(), as_strided)
@@ -277,7 +280,7 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     two views ``buf[..., :R]``, ``buf[..., R:]`` of one ``[num_blocks, block_size, R + P]``
     buffer, and ``kv_c``/``k_pe`` slices of a ``kv_a_proj`` output ``[T, R + P]``. Nothing is
     copied; cache bytes outside the written slots are left as they were. R and P are powers of
-    two from 16 to 1024. Two tokens with the same slot leave that row unspecified: on a GPU
+    two from 16 to 1024, or P is 0 (MLA without a rotary part: ``k_pe [T, 0]``, ``pe_cache [N, page, 0]``). Two tokens with the same slot leave that row unspecified: on a GPU
     it may mix values of both (and, in an fp8 cache, one token's values with the other's scales).
 
     Slots at or past ``num_blocks * block_size``: on the CPU this raises ``ValueError`` before
@@ -352,7 +355,7 @@ def _row_bytes(kv_lora_rank: int, rope_dim: int, rope_dtype: torch.dtype) -> int
 
 def _check_fp8_widths(kv_lora_rank: int, rope_dim: int, rope_dtype) -> None:
     _utils.check_width("kv_lora_rank", kv_lora_rank)
-    _utils.check_width("rope_dim", rope_dim)
+    _utils.check_rope_width("rope_dim", rope_dim)
     if kv_lora_rank % _utils.FP8_GROUP:
         raise ValueError(f"kv_lora_rank must be a multiple of {_utils.FP8_GROUP} for an fp8 cache (one scale per "
                          f"{_utils.FP8_GROUP} values), got {kv_lora_rank}")
@@ -363,7 +366,7 @@ def _check_fp8_widths(kv_lora_rank: int, rope_dim: int, rope_dtype) -> None:
 def _fp8_views(buf: torch.Tensor, kv_lora_rank: int, rope_dtype: torch.dtype):
     """Views of a uint8 ``[num_blocks, block_size, fp8_row_bytes]`` buffer: ``(kv_cache [N, page, R] e4m3,
     kv_scale [N, page, R/128] fp32, pe_cache [N, page, P] rope_dtype)``, P the rest of the row. Byte offsets R and
-    R + 4 R/128 and the row length are multiples of 4 (R is a multiple of 128, P a power of two >= 16), as
+    R + 4 R/128 and the row length are multiples of 4 (R is a multiple of 128, P 0 or a power of two >= 16), as
     ``Tensor.view(dtype)`` needs."""
     groups = kv_lora_rank // _utils.FP8_GROUP
     kv = buf[..., :kv_lora_rank].view(torch.float8_e4m3fn)
@@ -382,8 +385,9 @@ def fp8_latent_cache(num_blocks: int, block_size: int, kv_lora_rank: int = 512, 
     views share one uint8 ``[N, page, row bytes]`` buffer; pass them to ``write_cache`` / ``mla_decode`` /
     ``mla_prefill`` (``kv_scale=``). R must be a multiple of 128.
     """
-    num_blocks, block_size, kv_lora_rank, rope_dim = _check_sizes(
-        num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+    num_blocks, block_size, kv_lora_rank = _check_sizes(
+        num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank)
+    rope_dim = _utils.check_size("rope_dim", rope_dim, 0)  # (0: no rotary part)
     _check_fp8_widths(kv_lora_rank, rope_dim, rope_dtype)
     row = _row_bytes(kv_lora_rank, rope_dim, rope_dtype)
     _check_bytes(1, num_blocks, block_size, row)
@@ -472,11 +476,11 @@ class PagedLatentCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int = 512,
                  rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
                  rope_dtype: torch.dtype | None = None):
-        num_layers, num_blocks, block_size, kv_lora_rank, rope_dim = _check_sizes(
-            num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank,
-            rope_dim=rope_dim)
+        num_layers, num_blocks, block_size, kv_lora_rank = _check_sizes(
+            num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, kv_lora_rank=kv_lora_rank)
+        rope_dim = _utils.check_size("rope_dim", rope_dim, 0)  # (0: no rotary part)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
-        _utils.check_width("rope_dim", rope_dim)
+        _utils.check_rope_width("rope_dim", rope_dim)
         if dtype not in FLOAT_DTYPES + _utils.FP8_DTYPES:
             raise TypeError(f"dtype must be bfloat16, float16, float32 or float8_e4m3fn, got {dtype}")
         fp8 = dtype in _utils.FP8_DTYPES

@@ -407,7 +407,6 @@ def _mla_attn_block(
     if pid_m * BLOCK_M < num_rows:
         row_mask, tok, head, q_pos = _row_ids(pid_m, num_rows, num_heads, q_end, seq_q, BLOCK_M)
         offs_r = tl.arange(0, D_LATENT)
-        offs_p = tl.arange(0, D_ROPE)
 
         # the query's token and head offsets in 64 bits: int32 ones wrap past 2^31 elements, which a head stride
         # reaches at 2^31 / (H x R) packed tokens (about 33K at 128 heads, R = 512) for the [H, T, R] layout that
@@ -416,10 +415,13 @@ def _mla_attn_block(
         q_off_n = tok.to(tl.int64)[:, None] * stride_qn_s + head.to(tl.int64)[:, None] * stride_qn_h
         q_off_p = tok.to(tl.int64)[:, None] * stride_qp_s + head.to(tl.int64)[:, None] * stride_qp_h
         q_nope = tl.load(q_nope_base + q_off_n + offs_r[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, R]
-        q_pe = tl.load(q_pe_base + q_off_p + offs_p[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
         if DOT_FP32:
             q_nope = q_nope.to(tl.float32)
-            q_pe = q_pe.to(tl.float32)
+        if D_ROPE > 0:  # (D_ROPE 0: MLA without a rotary part, no rope key is read)
+            offs_p = tl.arange(0, D_ROPE)
+            q_pe = tl.load(q_pe_base + q_off_p + offs_p[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+            if DOT_FP32:
+                q_pe = q_pe.to(tl.float32)
 
         # keys this program reads: its split, cut at the last position any of its rows may see (sparse: its split of
         # the token's key list)
@@ -451,13 +453,13 @@ def _mla_attn_block(
             if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
                 kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
                                   Q_NOPE.dtype.element_ty)
-            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
-                         mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
             kv_dot = kv.to(tl.float32) if DOT_FP32 else kv
-            pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
-
-            qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)
-            qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            if D_ROPE > 0:
+                pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
+                             mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
+                pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
+                qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)
             qk = qk * sm_scale_log2
             visible = n_mask[None, :]
             if CAUSAL:
@@ -761,6 +763,8 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     runs a ``schedule``, reads an fp8 cache, ``kv_scale``, or sparse key lists, ``indices`` [B * S_q, K])."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
+    if d_rope == 0:  # no rope key (D_ROPE 0) is read; a tensor of no elements may hold a null pointer
+        q_pe, pe_cache = q_nope, kv_cache
     kv_cache = _utils.fp8_bits(kv_cache)  # an fp8 cache as its bits where Triton has no e4m3 type; others as given
     if indices is not None:
         _launcher.launch(_mla_sparse_attn_kernel, (grid[1], grid[0], grid[2]),  # tokens first (see the kernel)
@@ -1127,7 +1131,7 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
     _utils.check_same("q_pe", d_rope, "pe_cache", p, "rope width P")
     _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")
     _utils.check_width("kv_cache latent", r)
-    _utils.check_width("pe_cache rope", p)
+    _utils.check_rope_width("pe_cache rope", p)
     _utils.check_last_contiguous("q_nope", q_nope)
     _utils.check_last_contiguous("q_pe", q_pe)
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
@@ -1156,6 +1160,7 @@ def _check_decode_args(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seql
 _FLOAT_DTYPES = frozenset(_utils.FLOAT_DTYPES)
 _INDEX_DTYPES = frozenset(_utils.INDEX_DTYPES)
 _WIDTHS = _utils.WIDTHS  # check_width's
+_ROPE_WIDTHS = _utils.ROPE_WIDTHS  # check_rope_width's
 
 
 def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, softmax_scale, w_uv, max_seqlen_k,
@@ -1174,7 +1179,7 @@ def _decode_args_ok(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens
             and dtype in _FLOAT_DTYPES and q_pe.dtype is dtype and kv_cache.dtype is dtype and pe_cache.dtype is dtype
             and block_table.dtype in _INDEX_DTYPES and cache_seqlens.dtype in _INDEX_DTYPES
             and qs[:3] == ps[:3] and ks[:2] == es[:2] and qs[3] == ks[2] and ps[3] == es[2]
-            and ks[2] in _WIDTHS and es[2] in _WIDTHS and ks[0] > 0 and ks[1] > 0 and qs[1] > 0 and qs[2] > 0
+            and ks[2] in _WIDTHS and es[2] in _ROPE_WIDTHS and ks[0] > 0 and ks[1] > 0 and qs[1] > 0 and qs[2] > 0
             and bs[0] == qs[0] and cache_seqlens.shape[0] == qs[0]
             and q_nope.stride(3) == 1 and q_pe.stride(3) == 1 and kv_cache.stride(2) == 1 and pe_cache.stride(2) == 1
             and (bs[1] <= 1 or block_table.stride(1) == 1) and (qs[0] <= 1 or cache_seqlens.stride(0) == 1)

@@ -44,7 +44,7 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
     """Can the TMA kernel serve this call? Decided from shapes, strides and pointers only (no host sync).
 
     Needs: triton's host tensor descriptors; bf16/fp16; pages made of whole tiles; each latent half and the
-    rope part at most one TMA box wide, and each half at least 16 wide (a dot's K); every block laid out as
+    rope part (not empty) at most one TMA box wide, and each half at least 16 wide (a dot's K); every block laid out as
     ``page`` consecutive token rows (so the cache is one 2-D ``[num_blocks * page, width]`` array, which holds for
     every contiguous cache and every view of one fused ``[..., R+P]`` buffer); 16-byte aligned bases and row
     strides (TMA's rules); row ids in int32.
@@ -56,6 +56,8 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
     # each latent half is a tl.dot's K, which a GPU needs >= 16 for 16-bit inputs: R = 16 (K = 8) ran under the
     # interpreter and failed Triton's sm_90 compile ("K >= 16")
     if page % block_n or d_latent // 2 > MAX_BOX or d_rope > MAX_BOX or d_latent // 2 < 16:
+        return False
+    if d_rope == 0:  # no rope part (a NoPE layer): the portable kernel's (no descriptor of width 0)
         return False
     if num_blocks * page >= 2**31:
         return False

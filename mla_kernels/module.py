@@ -351,7 +351,9 @@ class MLAttention(nn.Module):
 
     Args:
         hidden_size, num_heads, kv_lora_rank (R), qk_nope_head_dim (D_nope), qk_rope_head_dim (P),
-            v_head_dim (D_v): the shapes. R and P must be powers of two from 16 to 1024 (the kernels' tiles).
+            v_head_dim (D_v): the shapes. R and P must be powers of two from 16 to 1024 (the kernels' tiles); P may
+            be 0 (MLA without a rotary part: Mistral Large 4's no-rope layers, GLM-5.3-Flash's; nothing is rotated
+            and the cache holds the latent alone).
         q_lora_rank: rank of the query LoRA, or None/0 for a plain ``q_proj``.
         rope_parameters: transformers' ``config.rope_parameters``: ``rope_theta`` and ``rope_type``
             ("default" or "yarn" with ``factor``, ``original_max_position_embeddings``, ``beta_fast``,
@@ -388,10 +390,11 @@ class MLAttention(nn.Module):
         self.num_heads = num_heads = _utils.check_size("num_heads", num_heads)
         self.kv_lora_rank = kv_lora_rank = _utils.check_size("kv_lora_rank", kv_lora_rank)
         self.qk_nope_head_dim = qk_nope_head_dim = _utils.check_size("qk_nope_head_dim", qk_nope_head_dim)
-        self.qk_rope_head_dim = qk_rope_head_dim = _utils.check_size("qk_rope_head_dim", qk_rope_head_dim)
+        # (0: no rotary part, a NoPE layer: the query's and key's rope parts are empty, the cache holds the latent)
+        self.qk_rope_head_dim = qk_rope_head_dim = _utils.check_size("qk_rope_head_dim", qk_rope_head_dim, 0)
         self.v_head_dim = v_head_dim = _utils.check_size("v_head_dim", v_head_dim)
         _utils.check_width("kv_lora_rank", kv_lora_rank)
-        _utils.check_width("qk_rope_head_dim", qk_rope_head_dim)
+        _utils.check_rope_width("qk_rope_head_dim", qk_rope_head_dim)
         if q_lora_rank is not None:
             q_lora_rank = _utils.check_size("q_lora_rank", q_lora_rank, 0)
         self.q_lora_rank = q_lora_rank or None
@@ -526,7 +529,7 @@ class MLAttention(nn.Module):
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        if self.rope_style != "none":  # the latent's norm and both ropes: one launch on a GPU
+        if self.rope_style != "none" and self.qk_rope_head_dim:  # the latent's norm and both ropes: one launch
             q_pe, kv_c, k_pe = norm_and_rope(self.kv_a_layernorm, kv_c, q_pe, k_pe, cos, sin, self.rope_style)
         else:  # (no tables needed without rope: cos/sin may be None)
             kv_c = rms_norm(self.kv_a_layernorm, kv_c)

@@ -158,7 +158,8 @@ def _times(new_lens, cache_lens, heads, d_latent, d_rope, d_nope, d_v, causal, r
 
 def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[int]]:
     """The cost model's batch, checked: ``new_lens`` and ``cache_lens`` as lists of ints, one per sequence, with
-    0 <= new_lens[b] <= cache_lens[b] (the cache holds the new tokens); each of ``sizes`` an int >= 1."""
+    0 <= new_lens[b] <= cache_lens[b] (the cache holds the new tokens); each of ``sizes`` an int >= 1 (``d_rope``
+    >= 0: MLA without a rotary part)."""
     lists = []
     for name, values in (("new_lens", new_lens), ("cache_lens", cache_lens)):
         try:
@@ -176,8 +177,9 @@ def _check_cost_inputs(new_lens, cache_lens, **sizes) -> tuple[list[int], list[i
         if length < n:
             raise ValueError(f"cache_lens[{b}]={length} is below new_lens[{b}]={n}: the cache holds the new tokens too")
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        low = 0 if name == "d_rope" else 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return new, lens
 
 
@@ -281,32 +283,35 @@ def _expanded_tiles(
     """Online softmax over keys [lo, hi) of one sequence and head. MASKED: keys past ``hi`` or (causal)
     after a row's position are hidden; otherwise every key in range is visible to every row."""
     offs_dn = tl.arange(0, D_NOPE)
-    offs_p = tl.arange(0, D_ROPE)
     offs_dv = tl.arange(0, D_V)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions in the sequence
         offs_n64 = offs_n.to(tl.int64)
-        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
         if MASKED:
             n_mask = offs_n < hi
-            block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
             k = tl.load(K_HEAD + offs_n64[None, :] * stride_k_t + offs_dn[:, None],
                         mask=n_mask[None, :], other=0.0)  # [D_NOPE, BLOCK_N]
-            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None],
-                         mask=n_mask[None, :], other=0.0)  # [D_ROPE, BLOCK_N]
             v = tl.load(V_HEAD + offs_n64[:, None] * stride_v_t + offs_dv[None, :],
                         mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_V]
         else:
-            block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE).to(tl.int64)
             k = tl.load(K_HEAD + offs_n64[None, :] * stride_k_t + offs_dn[:, None])
-            pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None])
             v = tl.load(V_HEAD + offs_n64[:, None] * stride_v_t + offs_dv[None, :])
         if DOT_FP32:
             k = k.to(tl.float32)
-            pe = pe.to(tl.float32)
-
-        qk = tl.dot(q_nope, k, input_precision=DOT_PRECISION)
-        qk = tl.dot(q_pe, pe, qk, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q_nope, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if D_ROPE > 0:  # the rope key from the paged cache (D_ROPE 0: MLA without a rotary part)
+            offs_p = tl.arange(0, D_ROPE)
+            in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+            if MASKED:
+                block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+                pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None],
+                             mask=n_mask[None, :], other=0.0)  # [D_ROPE, BLOCK_N]
+            else:
+                block_id = tl.load(BT_ROW + offs_n // PAGE_SIZE).to(tl.int64)
+                pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[None, :] + offs_p[:, None])
+            if DOT_FP32:
+                pe = pe.to(tl.float32)
+            qk = tl.dot(q_pe, pe, qk, input_precision=DOT_PRECISION)
         qk = qk * sm_scale_log2
         if MASKED:
             visible = n_mask[None, :]
@@ -360,16 +365,20 @@ def _mla_expanded_kernel(
     q_pos = history + offs_m  # their positions in the sequence
     rows = q_start + offs_m.to(tl.int64)
     offs_dn = tl.arange(0, D_NOPE)
-    offs_p = tl.arange(0, D_ROPE)
     offs_dv = tl.arange(0, D_V)
 
     q_nope = tl.load(Q_NOPE + rows[:, None] * stride_qn_t + pid_h * stride_qn_h + offs_dn[None, :],
                      mask=m_mask[:, None], other=0.0)  # [BLOCK_M, D_NOPE]
-    q_pe = tl.load(Q_PE + rows[:, None] * stride_qp_t + pid_h * stride_qp_h + offs_p[None, :],
-                   mask=m_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
     if DOT_FP32:
         q_nope = q_nope.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
+    if D_ROPE > 0:
+        offs_p = tl.arange(0, D_ROPE)
+        q_pe = tl.load(Q_PE + rows[:, None] * stride_qp_t + pid_h * stride_qp_h + offs_p[None, :],
+                       mask=m_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+        if DOT_FP32:
+            q_pe = q_pe.to(tl.float32)
+    else:
+        q_pe = q_nope  # (not read: no rotary part)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -509,16 +518,19 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
     if total == 0 or batch == 0:
         return out, lse
     grid = (_utils.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
-    try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
+    page = pe_cache.shape[1]
+    q_pe_ptr, pe_ptr = (q_nope, k_nope) if d_rope == 0 else (q_pe, pe_cache)  # (D_ROPE 0: neither is read, and a
+    try:  # tensor of no elements may hold a null pointer) (the try is free when nothing is raised: a stored
+        # config's compile failure is handled after the fact)
         _launcher.launch(_mla_expanded_kernel, grid,
-            q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
+            q_nope, q_pe_ptr, k_nope, v, pe_ptr, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
             out, lse if lse is not None else out,
             softmax_scale * LOG2E, heads,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
             k_nope.stride(0), k_nope.stride(1), v.stride(0), v.stride(1),
             pe_cache.stride(0), pe_cache.stride(1), block_table.stride(0),
             out.stride(0), out.stride(1),
-            D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=pe_cache.shape[1],
+            D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, PAGE_SIZE=page,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             CAUSAL=causal, STORE_LSE=return_lse, DOT_FP32=_utils.interpreting(),
             DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
@@ -678,7 +690,7 @@ def _check_shapes(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, c
                                           kv_scale=kv_scale)
     _utils.check_same("q_pe", q_pe.shape[-1], "pe_cache", p, "rope width P")
     _utils.check_same("q_nope", q_nope.dtype, *_utils.cache_compute_dtype(kv_cache, pe_cache), "dtype")
-    _utils.check_width("pe_cache rope", p)
+    _utils.check_rope_width("pe_cache rope", p)
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)
     _utils.check_same("cache_seqlens", cache_seqlens.shape[0], "cu_seqlens_q", batch, "batch size (B)")

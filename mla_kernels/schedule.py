@@ -271,9 +271,10 @@ def mla_decode_metadata(cache_seqlens, num_heads: int, s_q: int = 1, *, kv_lora_
     _utils.check_tensor("cache_seqlens", cache_seqlens, 1, _utils.INDEX_DTYPES)
     _utils.check_last_contiguous("cache_seqlens", cache_seqlens)  # (as mla_decode, which refused what this took)
     num_heads, s_q = _positive_int("num_heads", num_heads), _positive_int("s_q", s_q)
-    kv_lora_rank, rope_dim = _positive_int("kv_lora_rank", kv_lora_rank), _positive_int("rope_dim", rope_dim)
+    kv_lora_rank = _positive_int("kv_lora_rank", kv_lora_rank)
+    rope_dim = _utils.check_int("rope_dim", rope_dim, 0, none_ok=False)  # (0: no rotary part)
     _utils.check_width("kv_lora_rank", kv_lora_rank)
-    _utils.check_width("rope_dim", rope_dim)
+    _utils.check_rope_width("rope_dim", rope_dim)
     if dtype in _utils.FP8_DTYPES:  # as mla_decode's fp8 query: both a bad combination and a wrong dtype
         raise _utils.Fp8MisuseError(f"dtype is the queries' dtype, never fp8 (got {dtype!r}); for an fp8 cache pass "
                                     "cache_dtype=torch.float8_e4m3fn")

@@ -49,6 +49,7 @@ EXPECTED = ["decode-h16-split", "decode-h128", "decode-h16-fp32", "decode-h128-r
 EXPECTED += ["decode-h16-scheduled", "decode-h128-scheduled", "combine-scheduled"]
 EXPECTED += ["decode-h16-fp8", "decode-h128-fp8", "write_cache-fp8"]
 EXPECTED += ["prefill-gather", "merge-states", "rope", "rms_norm", "norm_rope"]
+EXPECTED += ["decode-h16-nope", "prefill-expanded-nope", "write_cache-nope"]  # P = 0: no rope key at all
 # shapes whose heuristic tiles are shrunk to fit the H100's shared memory (fp32 at 64 x 64 needs 304 KiB) or the
 # MI300X's LDS (fp32 or R = 1024 at 32 x 16, the expanded kernel at D = 512: up to 304 KiB unfitted)
 EXPECTED += ["decode-h128-fp32", "decode-h128-p1024", "decode-h16-r1024-fp32", "decode-h128-r1024-fp32",

@@ -116,12 +116,25 @@ def test_matches_transformers_prefill_then_decode(name):
     steps_against_transformers(mod, ref, config)
 
 
+def test_no_rope_matches_transformers():
+    """qk_rope_head_dim 0 (MLA without a rotary part: Mistral Large 4's no-rope layers, GLM-5.3-Flash's): the query
+    and key rope parts are empty, the cache holds the latent alone (a pe_cache of width 0), and every step matches
+    transformers' attention given empty rope tables."""
+    config = tiny_config(qk_rope_head_dim=0, q_lora_rank=32, rope_parameters=YARN)
+    ref = reference_attention(config)
+    mod = MLAttention.from_config(config)
+    mod.load_state_dict(ref.state_dict())
+    assert mod.kv_a_proj_with_mqa.out_features == 32 and mod.softmax_scale == ref.scaling
+    steps_against_transformers(mod, ref, config)
+
+
 def steps_against_transformers(mod: MLAttention, ref, config) -> None:
     """``mod`` and transformers' attention ``ref`` (the same weights) over two sequences, step by step, in fp32:
     ragged prompts (``mla_prefill_attention``), a ragged second turn over that history, one-token decode steps and
     a two-token one (``mla_decode``). transformers runs each sequence alone with its own DynamicCache."""
     rotary = DeepseekV3RotaryEmbedding(config)
-    cache = PagedLatentCache(1, 32, 4, 32, 16, dtype=torch.float32)
+    rope = config.qk_rope_head_dim
+    cache = PagedLatentCache(1, 32, 4, 32, rope, dtype=torch.float32)
     seqs = [cache.add_sequence(), cache.add_sequence()]
     ref_caches = [DynamicCache(), DynamicCache()]
     steps = [[5, 3], [4, 6], [1, 1], [1, 1], [2, 2]]
@@ -135,7 +148,7 @@ def steps_against_transformers(mod: MLAttention, ref, config) -> None:
             for b, n in enumerate(counts):
                 past = ref_caches[b].get_seq_length()
                 positions = torch.arange(past, past + n)[None]
-                cos, sin = rotary(x, positions)
+                cos, sin = (t[..., :rope] for t in rotary(x, positions))  # (P 0: no rotary part, empty tables)
                 y, _ = ref(x[None, start:start + n], (cos, sin), causal_mask(past, n), ref_caches[b])
                 expected.append(y[0])
                 start += n
