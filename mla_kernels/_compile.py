@@ -683,15 +683,15 @@ def jit_shapes(target: str = "sm90") -> dict:
         q_nope, q_pe = rnd(3, s_q, heads, d_latent, dtype=dtype), rnd(3, s_q, heads, d_rope, dtype=dtype)
 
         def call():  # (the schedule built in the run, whose target's shared memory sizes the tiles it is cut along)
-            meta = mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=d_latent, cache_dtype=kv.dtype) \
-                if scheduled else None
+            meta = mla_decode_metadata(seqlens, heads, s_q, kv_lora_rank=d_latent, rope_dim=d_rope,
+                                       cache_dtype=kv.dtype) if scheduled else None
             return mla_decode(q_nope, q_pe, kv, pe, table, seqlens, 0.1, metadata=meta, **kw)
         return call
 
-    def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False, split_tokens=None):
-        kv, pe, scale, table = cache(page, 100, 2, 512, 64, dtype, fp8)
+    def prefill(heads, page, path, dtype=torch.bfloat16, fp8=False, split_tokens=None, d_rope=64):
+        kv, pe, scale, table = cache(page, 100, 2, 512, d_rope, dtype, fp8)
         seqlens, cu = torch.tensor([70, 33], dtype=torch.int32), torch.tensor([0, 20, 53], dtype=torch.int32)
-        q_pe = rnd(53, heads, 64, dtype=dtype)
+        q_pe = rnd(53, heads, d_rope, dtype=dtype)
         if path == "latent":
             q_nope = rnd(53, heads, 512, dtype=dtype)
             return lambda: mla_prefill(q_nope, q_pe, kv, pe, table, cu, seqlens, 0.1, kv_scale=scale,
@@ -700,9 +700,9 @@ def jit_shapes(target: str = "sm90") -> dict:
         return lambda: mla_prefill_attention(q_nope, q_pe, kv, pe, table, cu, seqlens, w_kv_b, 0.1, path=path,
                                              kv_scale=scale)
 
-    def write(fp8):
-        kv, pe, scale, _ = cache(16, 64, 1, 512, 64, torch.bfloat16, fp8)
-        kv_c, k_pe, slots = rnd(9, 512), rnd(9, 64), torch.arange(9, dtype=torch.int64)
+    def write(fp8, d_rope=64):
+        kv, pe, scale, _ = cache(16, 64, 1, 512, d_rope, torch.bfloat16, fp8)
+        kv_c, k_pe, slots = rnd(9, 512), rnd(9, d_rope), torch.arange(9, dtype=torch.int64)
         return lambda: write_cache(kv_c, k_pe, kv, pe, slots, kv_scale=scale)
 
     cases = {f"decode-h{h}-s{s}": decode(h, s, 64) for h, s in ((1, 1), (3, 2), (5, 4), (20, 1), (100, 2), (128, 8))}
@@ -722,6 +722,11 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases["prefill-expanded-h16-fp8"] = prefill(16, 16, "expanded", fp8=True)
     cases["prefill-expanded-h16-float32"] = prefill(16, 16, "expanded", dtype=torch.float32)
     cases.update({f"write-{name}": write(fp8) for name, fp8 in (("bf16", False), ("fp8", True))})
+    # MLA without a rotary part (P = 0): empty rope tensors, whose pointers the wrappers never hand to a kernel
+    cases.update({f"decode-h{h}-s{s}-p0": decode(h, s, 64, d_rope=0) for h, s in ((16, 1), (128, 4))})
+    cases["decode-h16-p0-fp8-scheduled"] = decode(16, 2, 64, d_rope=0, fp8=True, scheduled=True)
+    cases.update({f"prefill-{path}-h16-p0": prefill(16, 16, path, d_rope=0) for path in ("latent", "expanded")})
+    cases.update({f"write-{name}-p0": write(fp8, d_rope=0) for name, fp8 in (("bf16", False), ("fp8", True))})
 
     def rotate(style, heads, dtype):  # the drop-in's rope of the query (heads > 0) or the key, one decode step
         shape = (4, 1, heads, 64) if heads else (4, 1, 64)
