@@ -150,7 +150,7 @@ def _launch_write_cache(kv_c, k_pe, kv_cache, pe_cache, slot_mapping, kv_scale=N
     block_t = cfg["BLOCK_T"]
     grid = (_utils.cdiv(num_tokens, block_t),)
     if d_rope == 0:  # no rope key (D_ROPE 0) is read or written; a tensor of no elements may hold a null pointer
-        k_pe, pe_cache = kv_c, kv_cache
+        k_pe, pe_cache = kv_c, kv_c  # (kv_c in both places: an fp8 cache is no pointer type before sm_89)
     try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
         _launcher.launch(_write_cache_kernel, grid,
             kv_c, k_pe, _utils.fp8_bits(kv_cache), pe_cache, slot_mapping,
@@ -280,7 +280,8 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, 
     two views ``buf[..., :R]``, ``buf[..., R:]`` of one ``[num_blocks, block_size, R + P]``
     buffer, and ``kv_c``/``k_pe`` slices of a ``kv_a_proj`` output ``[T, R + P]``. Nothing is
     copied; cache bytes outside the written slots are left as they were. R and P are powers of
-    two from 16 to 1024, or P is 0 (MLA without a rotary part: ``k_pe [T, 0]``, ``pe_cache [N, page, 0]``). Two tokens with the same slot leave that row unspecified: on a GPU
+    two from 16 to 1024, or P is 0 (MLA without a rotary part: ``k_pe [T, 0]``, ``pe_cache [N, page, 0]``, nothing
+    read or written for them). Two tokens with the same slot leave that row unspecified: on a GPU
     it may mix values of both (and, in an fp8 cache, one token's values with the other's scales).
 
     Slots at or past ``num_blocks * block_size``: on the CPU this raises ``ValueError`` before

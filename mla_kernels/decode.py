@@ -763,8 +763,8 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
     runs a ``schedule``, reads an fp8 cache, ``kv_scale``, or sparse key lists, ``indices`` [B * S_q, K])."""
     dummy = cache_seqlens
     d_latent, d_rope = q_nope.shape[-1], q_pe.shape[-1]
-    if d_rope == 0:  # no rope key (D_ROPE 0) is read; a tensor of no elements may hold a null pointer
-        q_pe, pe_cache = q_nope, kv_cache
+    if d_rope == 0:  # no rope key (D_ROPE 0) is read; a tensor of no elements may hold a null pointer (the query
+        q_pe, pe_cache = q_nope, q_nope  # in both places: an fp8 cache is no pointer type before sm_89)
     kv_cache = _utils.fp8_bits(kv_cache)  # an fp8 cache as its bits where Triton has no e4m3 type; others as given
     if indices is not None:
         _launcher.launch(_mla_sparse_attn_kernel, (grid[1], grid[0], grid[2]),  # tokens first (see the kernel)
@@ -917,7 +917,8 @@ def mla_decode(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, sof
 
     Args:
         q_nope: ``[B, S_q, H, R]`` query already absorbed into latent space (q_nope @ W_UK); bf16, fp16 or fp32.
-        q_pe: ``[B, S_q, H, P]`` rope part of the query, rope applied; same dtype.
+        q_pe: ``[B, S_q, H, P]`` rope part of the query, rope applied; same dtype. P may be 0 (MLA without a
+            rotary part: ``q_pe`` and ``pe_cache`` of width 0, neither read).
         kv_cache: ``[num_blocks, block_size, R]`` normalized latent. pe_cache: ``[num_blocks, block_size, P]``
             roped key. Either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer; only the
             last dimension must be contiguous. Never copied.

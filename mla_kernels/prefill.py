@@ -757,8 +757,8 @@ def mla_prefill(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seqlens_q, cac
     Args:
         q_nope: ``[T, H, R]`` queries of all new tokens, packed sequence after sequence, already absorbed into
             latent space (q_nope @ W_UK); bf16, fp16 or fp32.
-        q_pe: ``[T, H, P]`` rope part of the queries, rope applied; same dtype. q_nope and q_pe may be views
-            of one ``[T, H, R+P]`` tensor; only the last dimension must be contiguous.
+        q_pe: ``[T, H, P]`` rope part of the queries, rope applied; same dtype (P may be 0: no rotary part).
+            q_nope and q_pe may be views of one ``[T, H, R+P]`` tensor; only the last dimension must be contiguous.
         kv_cache: ``[num_blocks, block_size, R]`` latent cache; pe_cache: ``[num_blocks, block_size, P]`` roped
             key cache; either may be a strided view of one ``[num_blocks, block_size, R+P]`` buffer.
         block_table: ``[B, max_blocks]`` int32 (or int64) block ids of each sequence.
@@ -955,7 +955,7 @@ def mla_prefill_attention(q_nope, q_pe, kv_cache, pe_cache, block_table, cu_seql
 
     Args:
         q_nope: ``[T, H, D_nope]`` nope part of the queries (NOT absorbed), packed by cu_seqlens_q; bf16, fp16 or fp32.
-        q_pe: ``[T, H, P]`` rope part, rope applied; same dtype.
+        q_pe: ``[T, H, P]`` rope part, rope applied; same dtype (P may be 0: no rotary part).
         kv_cache, pe_cache, block_table, cu_seqlens_q, cache_seqlens, softmax_scale, causal: as in
             ``mla_prefill`` (the new tokens' latent and rope key are already written to the cache).
         w_kv_b: ``[H * (D_nope + D_v), R]`` transformers' ``kv_b_proj.weight``; same dtype as q.

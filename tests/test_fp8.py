@@ -613,7 +613,7 @@ def test_fp8_latent_cache_checks_its_sizes(kwargs, error, name):
 
 @pytest.mark.parametrize("args,error,name", [
     ((100, 64), ValueError, "kv_lora_rank"), ((64, 64), ValueError, "kv_lora_rank"),
-    ((-128, 64), ValueError, "kv_lora_rank"), ((512, 0), ValueError, "rope_dim"),
+    ((-128, 64), ValueError, "kv_lora_rank"), ((512, 8), ValueError, "rope_dim"),
     ((512.0, 64), TypeError, "kv_lora_rank"), ((512, "64"), TypeError, "rope_dim"),
     ((512, 64, torch.float64), TypeError, "rope_dtype"), ((512, 64, FP8), TypeError, "rope_dtype")])
 def test_fp8_row_bytes_refuses_what_the_layout_refuses(args, error, name):
