@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import _utils
-from .cache import PagedLatentCache
+from .cache import PagedLatentCache, write_cache
 from .decode import check_split_count, mla_decode, split_tokens_value
 from .norm import DeepseekRMSNorm, rms_norm
 from .norm_rope import norm_and_rope
@@ -542,8 +542,10 @@ class MLAttention(nn.Module):
 
     def _check_cache(self, cache: PagedLatentCache, device: torch.device) -> None:
         """The batch's cache has this module's widths and is on ``device``, the tokens' (else the kernels named their
-        internal kv_c/kv_cache, or the rope tables failed inside torch)."""
-        if (cache.kv_lora_rank, cache.rope_dim) != (self.kv_lora_rank, self.qk_rope_head_dim):
+        internal kv_c/kv_cache, or the rope tables failed inside torch). A module without a rotary part (P = 0)
+        also takes a cache of rope layers (a model mixing no-rope layers with rope layers, Mistral Large 4's, keeps
+        one cache for all of them): it stores and reads no rope key there, its layer's rope columns stay unused."""
+        if cache.kv_lora_rank != self.kv_lora_rank or self.qk_rope_head_dim not in (0, cache.rope_dim):
             raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
                              f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}")
@@ -606,10 +608,15 @@ class MLAttention(nn.Module):
                              "the step's longest sequence" if indices is None else "the step's key lists (K)")
         if indices is None:  # a program per sequence on a grid axis: the calls' bound, before the write too
             _utils.check_grid_batch(batch.batch_size, "the step's number of sequences")
-        cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
+        if self.qk_rope_head_dim == cache.rope_dim:
+            cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
+            kv_cache, pe_cache, kv_scale = cache.views(layer)
+        else:  # no rope part, in a cache of rope layers (_check_cache): the latent alone, its rope columns unused
+            kv_cache, pe_cache, kv_scale = cache.views(layer)
+            pe_cache = pe_cache[..., :0]
+            write_cache(kv_c.contiguous(), k_pe.contiguous(), kv_cache, pe_cache, batch.slots, kv_scale=kv_scale)
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
-        kv_cache, pe_cache, kv_scale = cache.views(layer)
         if indices is not None:
             return self._attend_sparse(q_nope, q_pe, kv_cache, pe_cache, kv_scale, batch, indices)
         if batch.uniform is not None and batch.uniform <= DECODE_MAX_NEW_TOKENS:
@@ -961,7 +968,7 @@ def config_kwargs(config) -> dict:
     elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
         style = "none"
     elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4",
-                        "hy_v4_vl_text"):
+                        "hy_v4_vl_text", "mistral_large4_text"):
         # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
         # rope_interleave=False given to it is still stored)
         style = "interleave"

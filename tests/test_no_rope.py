@@ -147,3 +147,32 @@ def test_widths_other_than_zero_and_powers_of_two_are_still_refused(device):
         PagedLatentCache(1, 2, 16, 64, -1)
     with pytest.raises(ValueError, match="rope_dim must be an int >= 0"):
         mla_kernels.mla_decode_metadata(torch.tensor([3]), 2, kv_lora_rank=64, rope_dim=-1)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_a_no_rope_module_shares_a_cache_of_rope_layers(fp8):
+    """``MLAttention`` without a rotary part over a cache of rope width 16 (a model mixing no-rope and rope layers
+    keeps one cache, Mistral Large 4's): it stores the latent alone, its layer's rope columns keep what they held,
+    and its outputs are those it gives over a cache of its own of rope width 0 (prompts, a second turn, decode
+    steps). A module with a rope part takes only a cache of its own width."""
+    from mla_kernels.module import LatentBatch, MLAttention
+    torch.manual_seed(0)
+    mod = MLAttention(64, 4, 128, 16, 0, 16, q_lora_rank=32, layer_idx=1).eval()
+    kw = dict(dtype=torch.float8_e4m3fn, rope_dtype=torch.float32) if fp8 else dict(dtype=torch.float32)
+    shared, own = PagedLatentCache(2, 16, 4, 128, 16, **kw), PagedLatentCache(2, 16, 4, 128, 0, **kw)
+    shared.pe_cache(1).fill_(float("nan"))  # the rope columns: poison, which must stay
+    seqs = {id(cache): [cache.add_sequence(), cache.add_sequence()] for cache in (shared, own)}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for counts in ([5, 3], [4, 2], [1, 1], [1, 1]):
+            x = torch.randn(sum(counts), 64, generator=g)
+            got, alone = (mod(x, LatentBatch.reserve(cache, seqs[id(cache)], counts)) for cache in (shared, own))
+            assert torch.equal(got, alone), counts
+    assert torch.isnan(shared.pe_cache(1)).all()
+    for p, cache_p in ((16, 32), (16, 0)):
+        rope_mod = MLAttention(64, 4, 128, 16, p, 16).eval()
+        other = PagedLatentCache(1, 4, 4, 128, cache_p, dtype=torch.float32)
+        batch = LatentBatch.reserve(other, [other.add_sequence()], [2])
+        with torch.no_grad(), pytest.raises(ValueError, match=f"rope_dim={cache_p}; this module has .*"
+                                                               f"qk_rope_head_dim={p}"):
+            rope_mod(torch.randn(2, 64), batch)

@@ -261,6 +261,32 @@ def hy4_vl_model():
     return model_cls(config).eval()
 
 
+def mistral_large4_model(no_rope_layers=(1, 0, 1, 0), indexer_types=("full", "shared", "full", "shared"), **extra):
+    """Mistral Large 4 (``mistral_large4``, transformers 5.25 on), tiny, run on text alone: DSA (top-4 here, "shared"
+    layers reusing the previous layer's picks) over queries from ``q_proj``, layers 1 and 3 without a rotary part
+    (``no_rope_layers``: P = 0 there and a nope head of nope + rope, in the latent cache of the rope layers), and each
+    head's query scaled by ``scale[h] log(pos + 1) + bias[h]`` (``softmax_scaling``, which the model initialises
+    to zeros, every query then zero: drawn here around 1, as a trained model's would be)."""
+    config_cls, model_cls = _transformers_class("MistralLarge4Config", "MistralLarge4ForConditionalGeneration")
+    keep = {k: v for k, v in tiny_fields().items() if k not in ("q_lora_rank", "n_group", "topk_group",
+                                                                 "first_k_dense_replace")}
+    text = dict(keep, vocab_size=160, head_dim=16, num_hidden_layers=len(no_rope_layers), index_n_heads=4,
+                index_head_dim=32, index_topk=4, no_rope_layers=list(no_rope_layers),
+                indexer_types=list(indexer_types), **extra)
+    vision = dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, head_dim=16)
+    torch.manual_seed(0)
+    config = config_cls(text_config=text, vision_config=vision, image_token_index=150)
+    config.text_config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.language_model.layers):
+            scaling = layer.self_attn.softmax_scaling
+            g = torch.Generator().manual_seed(i)
+            scaling.scale.copy_(torch.randn(scaling.scale.shape, generator=g) * 0.3)
+            scaling.bias.copy_(1 + torch.randn(scaling.bias.shape, generator=g) * 0.2)
+    return model
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -280,6 +306,7 @@ MODELS = {
     "axk2-gated-dsa": axk2_model,
     "hy4-sinks-gated-dsa": hy4_model,
     "hy4-vl-text": hy4_vl_model,
+    "mistral-large4-text": mistral_large4_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -965,23 +992,57 @@ def test_an_attention_lacking_a_projection_of_its_query_path_is_refused_by_patch
         assert all(type(layer.self_attn) is DeepseekV3Attention for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model],
-                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks"])
+@pytest.mark.parametrize("no_rope_layers", [(0, 1, 0, 1), (0, 0, 0, 0)], ids=["first-no-rope", "no-rope-at-all"])
+def test_mistral_large4_keeps_rope_and_no_rope_layers_in_one_cache(no_rope_layers, monkeypatch):
+    """Mistral Large 4's no-rope layers (P = 0, a nope head of nope + rope) keep their latent in the cache of its
+    rope layers, whose rope width it takes, whichever layer makes it (layer 0 without rope here, the cache made at
+    its first step); a model without rope anywhere keeps a cache of rope width 0. Greedy tokens (fp32, left-padded)
+    are transformers' own."""
+    model = mistral_large4_model(no_rope_layers)
+    ids, mask = left_padded([5, 9, 2])
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+        patch_model(model, block_size=4)
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, expected), f"\n{out.sequences[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    attns = [layer.self_attn for layer in integration._decoder_layers(model)[2]]
+    assert [a.qk_rope_head_dim for a in attns] == [16 * r for r in no_rope_layers]
+    assert [a.qk_nope_head_dim for a in attns] == [32 - 16 * r for r in no_rope_layers]
+    assert latent_cache(out.past_key_values).rope_dim == 16 * max(no_rope_layers)
+
+
+def test_mistral_large4_latents_shared_across_layers_are_refused():
+    """A Mistral Large 4 whose layers share latents (``kv_source_layers``: layers 1 and 3 attend over layers 0's
+    and 2's) is refused by name before any module is swapped: each patched layer keeps a latent of its own."""
+    model = mistral_large4_model(kv_source_layers=[0, 0, 2, 2])
+    layers = integration._decoder_layers(model)[2]
+    originals = [layer.self_attn for layer in layers]
+    with pytest.raises(TypeError, match=r"layer 0's MistralLarge4TextAttention shares its latent .*kv_source_layers"):
+        patch_model(model)
+    assert [layer.self_attn for layer in layers] == originals
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model,
+                                  mistral_large4_model],
+                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks", "mistral-large4"])
 def test_patch_shares_parameters_and_unpatch_restores(make):
     """The patched model's state dict is the original's, key for key and tensor for tensor (A.X-K2's attention has
     no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either; Hy4's attention has a parameter
-    of its own, its sinks, listed first)."""
+    of its own, its sinks, listed first; Mistral Large 4's a child of its own after the projections, its
+    softmax_scaling)."""
     model = make()
     before = model.state_dict()
     pointers = {k: v.data_ptr() for k, v in before.items()}
-    originals = [layer.self_attn for layer in model.model.layers]
+    layers = integration._decoder_layers(model)[2]
+    originals = [layer.self_attn for layer in layers]
     assert patch_model(model) is model
-    assert all(isinstance(layer.self_attn, TransformersMLAttention) for layer in model.model.layers)
+    assert all(isinstance(layer.self_attn, TransformersMLAttention) for layer in layers)
     after = model.state_dict()
     assert list(after) == list(before)
     assert {k: v.data_ptr() for k, v in after.items()} == pointers
     assert unpatch_model(model) is model
-    assert [layer.self_attn for layer in model.model.layers] == originals
+    assert [layer.self_attn for layer in layers] == originals
     assert mla_kernels.patch_model is patch_model and mla_kernels.unpatch_model is unpatch_model
 
 

@@ -1,5 +1,5 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, Hy4, GLM-4.7-Flash,
-Mistral Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of Kimi-Linear and Ling 3;
+Mistral Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of Kimi-Linear and Ling 3;
 ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
@@ -101,6 +101,12 @@ SUPPORTED_MODEL_TYPES = {
     # decoder is the same attention
     "hy_v4": ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Attention"),
     "hy_v4_vl_text": ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLAttention"),
+    # Mistral Large 4's text decoder (transformers 5.25 on): DSA (its own indexer, "shared" layers) over queries
+    # from q_proj, some layers without a rotary part (no_rope_layers: P = 0 there, D_nope = nope + rope, one latent
+    # cache for all; cache_rope_dim), each head's query scaled by its position (softmax_scaling, adopted: the
+    # module's own forward); latents shared across layers (kv_source_layers) are refused
+    "mistral_large4_text": ("transformers.models.mistral_large4.modeling_mistral_large4",
+                            "MistralLarge4TextAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
@@ -109,13 +115,13 @@ _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_m
 # the children some models' attention adds, adopted where the original has them: DeepSeek-V3.2's (and GLM-5's,
 # A.X-K2's, Hy4's) indexer, Ling 3's head-wise output gate g_proj and Hy4's elementwise one gate_proj
 # (``_project_out``), A.X-K2's fused query-and-gate projection q_gate_proj (``_query_and_gate``)
-_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj")
+_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj", "softmax_scaling")
 # the parameters of its own, likewise: Hy4's attention sinks ``sinks [H]`` (``MLAttention``'s ``attention_sinks``)
 _ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
-                      "A.X-K2, Hy4): generate with a DynamicCache (the default)")
+                      "A.X-K2, Hy4, Mistral Large 4): generate with a DynamicCache (the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -389,11 +395,11 @@ class _LatentState:
         own model then went on from silently. Host ints only."""
         paged = self.paged
         if attn.num_latent_layers != self.num_layers or (paged is not None and (
-                paged.kv_lora_rank, paged.rope_dim) != (attn.kv_lora_rank, attn.qk_rope_head_dim)):
+                paged.kv_lora_rank, paged.rope_dim) != (attn.kv_lora_rank, attn.cache_rope)):
             widths = "" if paged is None else f", kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}"
             raise ValueError(f"this Cache (past_key_values / cache) holds the latent of another model: "
                              f"{self.num_layers} MLA layers{widths}; this model has {attn.num_latent_layers}, "
-                             f"{attn.kv_lora_rank}, {attn.qk_rope_head_dim}: use a new cache (a DynamicCache, or none) "
+                             f"{attn.kv_lora_rank}, {attn.cache_rope}: use a new cache (a DynamicCache, or none) "
                              f"for each model")
 
     def _every_row_started(self) -> bool:
@@ -413,7 +419,7 @@ class _LatentState:
             if self.max_cache_tokens is not None:
                 blocks = max(1, min(blocks, self.max_cache_tokens // self.block_size))
             self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.kv_lora_rank,
-                                          attn.qk_rope_head_dim, dtype=attn.cache_dtype or dtype, device=device,
+                                          attn.cache_rope, dtype=attn.cache_dtype or dtype, device=device,
                                           rope_dtype=dtype)
         if self.paged.rope_dtype != dtype:
             raise TypeError(f"the latent cache holds {self.paged.rope_dtype} but the model now computes in {dtype}")
@@ -663,7 +669,7 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
                                  f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2, "
-                                 f"GLM-5, A.X-K2 and Hy4, whose indexer keys it does not hold)")
+                                 f"GLM-5, A.X-K2, Hy4 and Mistral Large 4, whose indexer keys it does not hold)")
             if layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
@@ -1055,11 +1061,11 @@ class _StaticLatentState:
         layers stored and attended before an IndexError; later calls then gave other tokens silently), other widths
         or another dtype (refused inside write_cache, after the first layer had counted the step). Host ints only."""
         paged = self.paged
-        if attn.num_cache_layers > paged.num_layers or (attn.kv_lora_rank, attn.qk_rope_head_dim) != \
+        if attn.num_cache_layers > paged.num_layers or (attn.kv_lora_rank, attn.cache_rope) != \
                 (paged.kv_lora_rank, paged.rope_dim):
             raise ValueError(f"this static latent cache was built for another model: {paged.num_layers} layers, "
                              f"kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}; this model has "
-                             f"{attn.num_cache_layers}, {attn.kv_lora_rank}, {attn.qk_rope_head_dim}: make one with "
+                             f"{attn.num_cache_layers}, {attn.kv_lora_rank}, {attn.cache_rope}: make one with "
                              "static_latent_cache(model, ...)")
         if dtype != paged.rope_dtype:
             raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model, before a "
@@ -1212,7 +1218,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     # in place were inference tensors, so a cache made there failed its first step outside it (torch's RuntimeError)
     with torch.inference_mode(False):
         state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
-                                   attns[0].qk_rope_head_dim, dtype, weight.device, attns[0].cache_dtype)
+                                   attns[0].cache_rope, dtype, weight.device, attns[0].cache_dtype)
         layer_cls = _static_layer_class()
         cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
     cache._mla_static_state = state
@@ -1242,6 +1248,14 @@ class TransformersMLAttention(MLAttention):
     returns_topk: bool = False  # GLM-5: forward returns the step's top-k picks too, for the next layer
     shared_topk: bool = False  # GLM-5's "shared" DSA layers: the previous layer's picks, no indexer of their own
     position_scale: bool = False  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length)) (_scale_by_position)
+    # the rope width of the latent cache the model's layers share: the widest layer's (Mistral Large 4's no-rope
+    # layers, P = 0, keep their latent in a cache of its rope layers' width, their rope columns unused); None: own
+    cache_rope_dim: int | None = None
+
+    @property
+    def cache_rope(self) -> int:
+        """The rope width of the latent cache this module's model keeps (``cache_rope_dim``, or its own)."""
+        return self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
 
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
@@ -1261,6 +1275,10 @@ class TransformersMLAttention(MLAttention):
         config = original.config
         _output_collector()  # looked up here, eagerly: a first lookup inside a trace would recompile the next call
         kwargs = config_kwargs(config)
+        for name in ("qk_rope_head_dim", "qk_nope_head_dim"):  # the module's own where it says (Mistral Large 4's
+            width = original.__dict__.get(name)  # no-rope layers: no rope part, D_nope = the config's nope + rope)
+            if type(width) is int:
+                kwargs[name] = width
         rope = kwargs["rope_parameters"]
         if rope.get("rope_type", "default") not in ("default", "yarn"):
             # cos/sin come from the model's own rotary embedding (position_embeddings) and the softmax scale from
@@ -1374,7 +1392,7 @@ class TransformersMLAttention(MLAttention):
         q_resid = q = gate = None
         if "q_gate_proj" in self._modules:
             q_resid, q, gate = self._query_and_gate(hidden_states)
-        elif indexer is not None:
+        elif indexer is not None and self.q_lora_rank is not None:  # (the indexer reads the query's low rank)
             q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))
         q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid, q)  # [B, Q, ...]
         if kv_c.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
@@ -1383,6 +1401,9 @@ class TransformersMLAttention(MLAttention):
                             "model to one of them, or unpatch_model(model)")
         if self.position_scale:
             q_nope, q_pe = self._scale_by_position(q_nope, q_pe, kwargs.get("position_ids"))
+        scaling = self._modules.get("softmax_scaling")
+        if scaling is not None:  # Mistral Large 4: q x (scale[h] log(pos + 1) + bias[h]), by its own module
+            q_nope, q_pe = self._scale_by_log_position(scaling, q_nope, q_pe, kwargs.get("position_ids"))
 
         static = getattr(past_key_values, "_mla_static_state", None)
         if static is not None and (indexer is not None or self.shared_topk):
@@ -1432,6 +1453,17 @@ class TransformersMLAttention(MLAttention):
         beta, length = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
         scale = (1 + beta * torch.log(1 + torch.floor(position_ids / length))).to(q_nope.dtype)[..., None, None]
         return q_nope * scale, q_pe * scale
+
+    @staticmethod
+    def _scale_by_log_position(scaling: nn.Module, q_nope: torch.Tensor, q_pe: torch.Tensor, position_ids) -> tuple:
+        """Mistral Large 4's queries (nope and rope parts alike) times ``scale[h] * log(position + 1) + bias[h]``, by
+        the model's own ``softmax_scaling`` module on the ``[B, Q, H, D]`` layout (``head_dim_first=False``): the
+        same operations in the queries' dtype as transformers' on ``[B, H, Q, D]``, so the same values."""
+        if not isinstance(position_ids, torch.Tensor):
+            raise ValueError(f"position_ids is required: this model's attention scales its queries by position "
+                             f"(softmax_scaling), got {type(position_ids).__name__}")
+        return (scaling(q_nope, position_ids, head_dim_first=False),
+                scaling(q_pe, position_ids, head_dim_first=False))
 
     def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, kv_c):
         """The step's ``(_LatentState, LatentBatch, _Packing | None)`` with transformers' dynamic Cache: the latent
@@ -1526,8 +1558,11 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
         if attention_mask is not None:
             mask = mask & _sees(attention_mask)[:, None, -kv_len:]
     if indexer is not None:
-        picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids,
-                        **({} if cache is None else {_indexer_cache_name(indexer): cache}))
+        cache_kw = {} if cache is None else {_indexer_cache_name(indexer): cache}
+        if _indexer_takes_q_resid(type(indexer).forward):
+            picks = indexer(hidden_states, q_resid, position_embeddings, mask, position_ids, **cache_kw)
+        else:  # Mistral Large 4's (no query LoRA): hidden_states, position_embeddings, attention_mask, position_ids
+            picks = indexer(hidden_states, position_embeddings, mask, position_ids, **cache_kw)
     else:
         picks = prev_picks
     if picks.shape[-1] >= kv_len:  # (host ints: the picks' width and the Cache's count)
@@ -1546,6 +1581,11 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
 def _indexer_cache_keyword(forward) -> str:
     import inspect
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _indexer_takes_q_resid(forward) -> bool:
+    return "q_resid" in inspect.signature(forward).parameters
 
 
 def _indexer_cache_name(indexer: nn.Module) -> str:
@@ -1678,7 +1718,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, Hy4, GLM-4.7-Flash, Mistral
-    Small 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear, Ling 3) model for
+    Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear, Ling 3) model for
     ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
@@ -1738,6 +1778,10 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         if missing or all(getattr(attn, n, None) is None for n in ("q_proj", "q_b_proj", "q_gate_proj")):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections "
                             f"{missing or ['q_proj/q_b_proj/q_gate_proj']}")
+        if getattr(attn, "is_kv_shared_layer", False) or getattr(attn, "store_full_length_kv", False):
+            raise TypeError(f"layer {i}'s {attn_cls.__name__} shares its latent with other layers (Mistral Large 4's "
+                            f"config.kv_source_layers), which patch_model does not serve yet: each layer keeps "
+                            f"its own latent here")
         kv_b = attn.kv_b_proj
         check_kv_b_proj(kv_b, f"layer {i}'s kv_b_proj")
         hook = getattr(kv_b, "_hf_hook", None)  # accelerate's: it loads an offloaded weight inside forward only
@@ -1757,12 +1801,12 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in indices) or len(set(indices)) < len(indices):
         raise TypeError(f"the attention modules' layer_idx must be distinct ints >= 0 (their cache layers), got "
                         f"{indices}")
-    for name in ("kv_lora_rank", "qk_rope_head_dim"):
-        _utils.check_width(f"config.{name}", getattr(config, name))
+    _utils.check_width("config.kv_lora_rank", config.kv_lora_rank)
+    _utils.check_rope_width("config.qk_rope_head_dim", config.qk_rope_head_dim)
     if cache_dtype is not None and config.kv_lora_rank % _utils.FP8_GROUP:
         raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
                          f"got {config.kv_lora_rank}")
-    if config.q_lora_rank == 0:
+    if getattr(config, "q_lora_rank", None) == 0:  # (Mistral Large 4's config has none: q_proj)
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
 
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
@@ -1772,7 +1816,10 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
         num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens)
         for _, _, attn in slots]
+    cache_rope = max(attention.qk_rope_head_dim for attention in attentions)  # (one latent cache for all layers)
     for (parent, name, _), attention in zip(slots, attentions):
+        if attention.qk_rope_head_dim != cache_rope:  # a no-rope layer among rope layers (Mistral Large 4's)
+            attention.cache_rope_dim = cache_rope
         setattr(parent, name, attention)
     if norms:
         stand_ins = {}  # one per module: a norm in two places stays one module in both
