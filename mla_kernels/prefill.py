@@ -519,9 +519,10 @@ def _launch_expanded(q_nope, q_pe, k_nope, v, pe_cache, block_table, cu_seqlens_
         return out, lse
     grid = (_utils.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
     page = pe_cache.shape[1]
-    q_pe_ptr, pe_ptr = (q_nope, k_nope) if d_rope == 0 else (q_pe, pe_cache)  # (D_ROPE 0: neither is read, and a
-    try:  # tensor of no elements may hold a null pointer) (the try is free when nothing is raised: a stored
-        # config's compile failure is handled after the fact)
+    # D_ROPE 0: no rope tensor is read, and one of no elements may hold a null pointer: the query and the keys
+    # stand in (both of the query's dtype, never an fp8 cache's)
+    q_pe_ptr, pe_ptr = (q_nope, k_nope) if d_rope == 0 else (q_pe, pe_cache)
+    try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
         _launcher.launch(_mla_expanded_kernel, grid,
             q_nope, q_pe_ptr, k_nope, v, pe_ptr, block_table, cu_seqlens_q, cu_seqlens_k, cache_seqlens,
             out, lse if lse is not None else out,

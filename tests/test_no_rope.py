@@ -10,6 +10,7 @@ scheduled, sparse, fp8, prefill's both paths, the write) and that the width-0 te
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,7 @@ def test_decode_without_rope(mode, dtype, device, poisoned_empty, monkeypatch):
 
 def test_decode_without_rope_over_an_fp8_cache(device, poisoned_empty):
     """DeepSeek's FP8 layout with no rope part: R e4m3 values and R/128 scales per token (528 bytes at R = 512)."""
-    assert fp8_row_bytes(512, 0) == 528 and fp8_row_bytes(512, 64) == 656
+    assert fp8_row_bytes(512, 0) == fp8_row_bytes(512, np.int64(0)) == 528 and fp8_row_bytes(512, 64) == 656
     lens, heads, r = [40, 9], 4, 128
     kv, scale, pe, table = fp8_paged_cache(lens, 16, (r, 0), torch.bfloat16, device)
     q_nope = torch.randn(2, 1, heads, r, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(device)
@@ -108,6 +109,15 @@ def test_write_and_read_back_without_rope(fp8, torch_path, device, monkeypatch):
     untouched = torch.ones(buf.shape[:2], dtype=torch.bool, device=device)
     untouched[blk, off] = False
     assert torch.equal(buf[untouched].view(torch.uint8), before[untouched].view(torch.uint8))
+    # read back, forked (its last block copied), truncated: the latent follows, the rope part stays [L, 0]
+    kv, pe = cache.read(1, seqs[0])
+    first = expected[:19]  # sequence 0's 20 tokens less the padding one (slot 4)
+    assert pe.shape == (20, 0) and torch.equal(torch.cat([kv[:4], kv[5:]]), first)
+    twin = cache.fork(seqs[0])
+    cache.truncate(twin, 10)
+    kv_twin, pe_twin = cache.read(1, twin)
+    assert pe_twin.shape == (10, 0)
+    torch.testing.assert_close(kv_twin, kv[:10], rtol=0, atol=0, equal_nan=True)  # (slot 4: the unwritten poison)
 
 
 def test_prefill_without_rope(device, poisoned_empty):
