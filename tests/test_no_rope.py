@@ -186,3 +186,21 @@ def test_a_no_rope_module_shares_a_cache_of_rope_layers(fp8):
         with torch.no_grad(), pytest.raises(ValueError, match=f"rope_dim={cache_p}; this module has .*"
                                                                f"qk_rope_head_dim={p}"):
             rope_mod(torch.randn(2, 64), batch)
+
+
+def test_prefill_without_rope_over_an_fp8_cache_with_sinks(device, poisoned_empty):
+    """The other options at P = 0: ``mla_prefill`` over an fp8 cache, and attention sinks on it."""
+    new, history, heads, r = [3, 0, 6], [9, 2, 20], 4, 128
+    lens = [n + h for n, h in zip(new, history)]
+    kv, scale, pe, table = fp8_paged_cache(lens, 16, (r, 0), torch.bfloat16, device)
+    q_nope = torch.randn(sum(new), heads, r, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(device)
+    q_pe = q_nope.new_empty(sum(new), heads, 0)
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=device)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    sinks = (torch.randn(heads, generator=torch.Generator().manual_seed(6)) * 2 + 3).to(device)
+    out, lse = mla_kernels.mla_prefill(q_nope, q_pe, kv, pe, table, cu, seqlens, PREFILL_SCALE, kv_scale=scale,
+                                       return_lse=True, sinks=sinks)
+    ref_out, ref_lse = reference.absorbed_prefill(q_nope, q_pe, reference.dequantize_fp8(kv, scale, torch.float64),
+                                                  pe, table, cu, seqlens, PREFILL_SCALE, sinks=sinks)
+    assert_close("fp8 prefill P=0 with sinks", out, ref_out, torch.bfloat16, FP8_RMS_TOL[torch.bfloat16])
+    assert_lse_close("fp8 prefill P=0 with sinks", lse, ref_lse, FP8_LSE_ATOL[torch.bfloat16])
