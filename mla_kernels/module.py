@@ -38,7 +38,7 @@ from .cache import PagedLatentCache, write_cache
 from .decode import check_split_count, mla_decode, split_tokens_value
 from .norm import DeepseekRMSNorm, rms_norm
 from .norm_rope import norm_and_rope
-from .rope import ROPE_STYLES, apply_rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
+from .rope import ROPE_STYLES, apply_rope, rope  # noqa: F401 (apply_rope: the PyTorch path, kept importable here)
 
 __all__ = ["MLAttention", "LatentBatch", "DeepseekRMSNorm", "yarn_get_mscale", "rope_inv_freq"]
 
@@ -518,15 +518,7 @@ class MLAttention(nn.Module):
         Returns ``q_nope [..., H, D_nope]``, ``q_pe [..., H, P]`` (roped), ``kv_c [..., R]`` (normalized latent),
         ``k_pe [..., P]`` (roped key).
         """
-        lead = hidden_states.shape[:-1]
-        if q is None and self.q_lora_rank is None:
-            q = self.q_proj(hidden_states)
-        elif q is None:
-            if q_resid is None:
-                q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))  # one launch on a GPU
-            q = self.q_b_proj(q_resid)
-        q = q.reshape(*lead, self.num_heads, self.qk_head_dim)
-        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_pe = self._query_heads(hidden_states, q_resid, q)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.rope_style != "none" and self.qk_rope_head_dim:  # the latent's norm and both ropes: one launch
@@ -539,6 +531,27 @@ class MLAttention(nn.Module):
         if (q_pe.dtype, kv_c.dtype, k_pe.dtype) != (dtype,) * 3:  # norm and the rope tables give fp32 there
             q_pe, kv_c, k_pe = q_pe.to(dtype), kv_c.to(dtype), k_pe.to(dtype)
         return q_nope, q_pe, kv_c, k_pe
+
+    def _query_heads(self, hidden_states: torch.Tensor, q_resid: torch.Tensor | None, q: torch.Tensor | None):
+        """``project``'s query heads before rope: ``q_nope [..., H, D_nope]``, ``q_pe [..., H, P]``."""
+        if q is None and self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        elif q is None:
+            if q_resid is None:
+                q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))  # one launch on a GPU
+            q = self.q_b_proj(q_resid)
+        q = q.reshape(*hidden_states.shape[:-1], self.num_heads, self.qk_head_dim)
+        return torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    def project_query(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      q_resid: torch.Tensor | None = None, q: torch.Tensor | None = None):
+        """``project``'s query alone, ``q_nope [..., H, D_nope]`` and ``q_pe [..., H, P]`` (roped), for a layer that
+        attends over another layer's latent (Mistral Large 4's ``kv_source_layers``: it has no latent projection;
+        ``attend`` it with ``kv_c`` and ``k_pe`` None)."""
+        q_nope, q_pe = self._query_heads(hidden_states, q_resid, q)
+        if self.rope_style != "none" and self.qk_rope_head_dim:
+            q_pe = rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_style)
+        return q_nope, q_pe.to(q_nope.dtype)
 
     def _check_cache(self, cache: PagedLatentCache, device: torch.device) -> None:
         """The batch's cache has this module's widths and is on ``device``, the tokens' (else the kernels named their
@@ -559,7 +572,9 @@ class MLAttention(nn.Module):
         ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.
 
         Writes ``kv_c``/``k_pe`` to the slots ``batch`` reserved, in cache layer ``layer`` (default
-        ``layer_idx``) with ``write_cache`` (quantized when the cache is fp8); then
+        ``layer_idx``) with ``write_cache`` (quantized when the cache is fp8; both None: nothing is written, the
+        layer attends over what another layer wrote to cache layer ``layer`` this step, Mistral Large 4's latents
+        shared across layers); then
         ``mla_decode`` (absorbed, ``W_UV`` applied in the call) when every sequence has the same number of new
         tokens, at most ``DECODE_MAX_NEW_TOKENS``, else ``mla_prefill_attention`` with the batch's host lengths
         (no read back from the GPU).
@@ -574,7 +589,8 @@ class MLAttention(nn.Module):
         cache = batch.cache
         if not torch.compiler.is_compiling():  # (traced, the version ints would be guarded on: a recompile a step)
             batch.check_current()
-        self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens)
+        read_only = kv_c is None and k_pe is None  # a layer over another layer's latent: nothing to store
+        self._check_attend_shapes(q_nope, q_pe, kv_c, k_pe, batch.num_tokens, read_only)
         self._check_cache(cache, q_nope.device)
         self._check_kv_b()
         self._check_sinks(q_nope, "q_nope")
@@ -584,7 +600,7 @@ class MLAttention(nn.Module):
             raise TypeError(f"q_nope is {q_nope.dtype}: the module computes in it{under} but the cache holds {dtype}; build the "
                             f"PagedLatentCache with dtype={q_nope.dtype} (or float8_e4m3fn, rope_dtype={q_nope.dtype})")
         device = q_nope.device
-        for name, t in (("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe)):
+        for name, t in (("q_pe", q_pe),) if read_only else (("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe)):
             if t.dtype != dtype:
                 raise TypeError(f"{name} is {t.dtype} but q_nope and the cache are {dtype}")
             if t.device != device:
@@ -609,12 +625,14 @@ class MLAttention(nn.Module):
         if indices is None:  # a program per sequence on a grid axis: the calls' bound, before the write too
             _utils.check_grid_batch(batch.batch_size, "the step's number of sequences")
         if self.qk_rope_head_dim == cache.rope_dim:
-            cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
+            if not read_only:
+                cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
             kv_cache, pe_cache, kv_scale = cache.views(layer)
         else:  # no rope part, in a cache of rope layers (_check_cache): the latent alone, its rope columns unused
             kv_cache, pe_cache, kv_scale = cache.views(layer)
             pe_cache = pe_cache[..., :0]
-            write_cache(kv_c.contiguous(), k_pe.contiguous(), kv_cache, pe_cache, batch.slots, kv_scale=kv_scale)
+            if not read_only:
+                write_cache(kv_c.contiguous(), k_pe.contiguous(), kv_cache, pe_cache, batch.slots, kv_scale=kv_scale)
         if total == 0:
             return q_nope.new_zeros(0, self.num_heads, self.v_head_dim)
         if indices is not None:
@@ -649,20 +667,24 @@ class MLAttention(nn.Module):
         if sinks is not None:
             _utils.check_sinks(sinks, self.num_heads, tokens.device, name)
 
-    def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total) -> None:
+    def _check_attend_shapes(self, q_nope, q_pe, kv_c, k_pe, total, read_only=False) -> None:
         """``attend``'s tensors shaped for this module and the batch's T new tokens, checked before anything is
         written (a wrong D_nope or H split ``kv_b_proj`` at the wrong place in the prefill path, silently; other
-        mismatches failed inside torch after the cache write)."""
-        heads, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        expected = ((total, heads, nope), (total, heads, rope), (total, self.kv_lora_rank), (total, rope))
-        try:  # every layer of every step: one comparison; the messages below only on failure
-            if (q_nope.shape, q_pe.shape, kv_c.shape, k_pe.shape) == expected and isinstance(q_nope, torch.Tensor) \
-                    and isinstance(q_pe, torch.Tensor) and isinstance(kv_c, torch.Tensor) \
-                    and isinstance(k_pe, torch.Tensor):  # (a numpy array has the shape too)
-                return
-        except AttributeError:  # not a tensor: named below
-            pass
-        for name, t, shape in zip(("q_nope", "q_pe", "kv_c", "k_pe"), (q_nope, q_pe, kv_c, k_pe), expected):
+        mismatches failed inside torch after the cache write). ``read_only``: ``kv_c`` and ``k_pe`` None."""
+        heads, nope, rope_dim = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        expected = ((total, heads, nope), (total, heads, rope_dim), (total, self.kv_lora_rank), (total, rope_dim))
+        names, given = ("q_nope", "q_pe", "kv_c", "k_pe"), (q_nope, q_pe, kv_c, k_pe)
+        if read_only:
+            names, given, expected = names[:2], given[:2], expected[:2]
+        else:
+            try:  # every layer of every step: one comparison; the messages below only on failure
+                if (q_nope.shape, q_pe.shape, kv_c.shape, k_pe.shape) == expected \
+                        and isinstance(q_nope, torch.Tensor) and isinstance(q_pe, torch.Tensor) \
+                        and isinstance(kv_c, torch.Tensor) and isinstance(k_pe, torch.Tensor):  # (numpy has shapes too)
+                    return
+            except AttributeError:  # not a tensor: named below
+                pass
+        for name, t, shape in zip(names, given, expected):
             _utils.check_tensor(name, t, len(shape))
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (T={total}, the batch's new tokens, and this "
@@ -938,7 +960,10 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype an MLA module computes in: its ``kv_b_proj`` weight's, or where that weight is fp8 (an
     ``FP8Linear``) its latent norm's, which an fp8 checkpoint keeps in the model's dtype."""
     kv_b = module.kv_b_proj
-    return module.kv_a_layernorm.weight.dtype if holds_fp8_weight(kv_b) else kv_b.weight.dtype
+    if not holds_fp8_weight(kv_b):
+        return kv_b.weight.dtype
+    norm = getattr(module, "kv_a_layernorm", None)  # (none in a layer over another layer's latent: its query's)
+    return (norm if norm is not None else getattr(module, "q_a_layernorm", None) or module.q_proj).weight.dtype
 
 
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:

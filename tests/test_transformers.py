@@ -1012,13 +1012,49 @@ def test_mistral_large4_keeps_rope_and_no_rope_layers_in_one_cache(no_rope_layer
     assert latent_cache(out.past_key_values).rope_dim == 16 * max(no_rope_layers)
 
 
-def test_mistral_large4_latents_shared_across_layers_are_refused():
-    """A Mistral Large 4 whose layers share latents (``kv_source_layers``: layers 1 and 3 attend over layers 0's
-    and 2's) is refused by name before any module is swapped: each patched layer keeps a latent of its own."""
-    model = mistral_large4_model(kv_source_layers=[0, 0, 2, 2])
+SHARED_LATENTS = {  # (no_rope_layers, kv_source_layers, indexer_types): each kind of layer over another's latent
+    "rope-reuse-and-reuse-with-indexer": ((1, 1, 0, 0), [0, 0, 2, 2], ("full", "full", "full", "shared")),
+    "no-rope-one-source-for-two": ((0, 0, 0, 0), [0, 0, 0, 3], ("full", "shared", "full", "shared")),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_LATENTS))
+def test_mistral_large4_layers_over_another_layers_latent(case, monkeypatch):
+    """Mistral Large 4's latents shared across layers (``config.kv_source_layers``): a layer whose source is an
+    earlier layer has no latent projection, stores nothing and attends over the source's latent (transformers marks
+    it "reuse", or "reuse_but_indexer" when it keeps an indexer of its own; its Cache holds a DummyLayer or an
+    indexer-only layer there). The latent cache holds the sources' layers only. fp32 logits (widened attention)
+    within 1e-4 of stock, with a Cache and without one (the pass keeps a source's latent for the layers over it),
+    and greedy tokens equal. Attending over another source instead moves the logits by ~0.7."""
+    no_rope, sources, indexers = SHARED_LATENTS[case]
+    model = mistral_large4_model(no_rope, indexers, kv_source_layers=sources)
+    widen_attention(model)
+    ids, mask = left_padded([5, 9, 2])
+    real = mask.bool()
+    greedy = dict(GREEDY, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+        expected_forward = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+        monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+        patch_model(model, block_size=4)
+        got = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+        forward = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[real]
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(err_ratio(g, e) for g, e in zip(got.logits, expected.logits)) < 1e-4
+    assert err_ratio(forward, expected_forward) < 1e-4
+    attns = [layer.self_attn for layer in integration._decoder_layers(model)[2]]
+    assert [a.latent_source for a in attns] == [None if s == i else s for i, s in enumerate(sources)]
+    assert all("kv_a_proj_with_mqa" not in a._modules for a in attns if a.latent_source is not None)
+    assert latent_cache(got.past_key_values).num_layers == len(set(sources))
+
+
+def test_mistral_large4_latents_shared_across_rope_kinds_are_refused():
+    """A no-rope layer whose ``kv_source_layers`` entry is a rope layer (transformers' own attention fails on it: it
+    hands a layer the last latent of its kind) is refused by name before any module is swapped."""
+    model = mistral_large4_model((1, 0, 1, 0), kv_source_layers=[0, 0, 2, 2])
     layers = integration._decoder_layers(model)[2]
     originals = [layer.self_attn for layer in layers]
-    with pytest.raises(TypeError, match=r"layer 0's MistralLarge4TextAttention shares its latent .*kv_source_layers"):
+    with pytest.raises(TypeError, match=r"layer 1 \(rope width 0\) attends over layer 0's latent \(rope width 16\)"):
         patch_model(model)
     assert [layer.self_attn for layer in layers] == originals
 

@@ -663,14 +663,15 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
         layer = layers[layer_idx]
         if not isinstance(layer, _latent_layer_class()):
             dynamic_cls = _dynamic_layer_class()
-            fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ == "DynamicIndexedLayer"  # (V3.2's)
+            # (V3.2's indexed layers; the DummyLayer of a layer attending over another's latent, Mistral Large 4's)
+            fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ in ("DynamicIndexedLayer", "DummyLayer")
             if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
                                  f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2, "
                                  f"GLM-5, A.X-K2, Hy4 and Mistral Large 4, whose indexer keys it does not hold)")
-            if layer.get_seq_length() != 0:
+            if type(layer).__name__ != "DummyLayer" and layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
                                  f"the patched model keeps its own latent cache: pass a fresh DynamicCache (or none) "
@@ -976,6 +977,7 @@ class _MaskStep:
         self.mask = None if attention_mask is None else weakref.ref(attention_mask)
         self.version = None if attention_mask is None else _version(attention_mask)
         self.shape, self.layers, self.packing = shape, set(), packing
+        self.latents: dict = {}  # a forward without a Cache: layer_idx -> its LatentBatch, for the layers over it
 
     def __getstate__(self) -> dict:
         # pickled (a static latent cache keeps its last prompt step): the mask's weak reference can't be, and the mask
@@ -983,6 +985,7 @@ class _MaskStep:
         state = self.__dict__.copy()
         if state["mask"] is not None:
             state["mask"] = _no_mask
+        state["latents"] = {}  # (a pass's own, never reused by a loaded cache)
         return state
 
     def serves(self, layer: int, attention_mask, shape) -> bool:
@@ -1251,6 +1254,11 @@ class TransformersMLAttention(MLAttention):
     # the rope width of the latent cache the model's layers share: the widest layer's (Mistral Large 4's no-rope
     # layers, P = 0, keep their latent in a cache of its rope layers' width, their rope columns unused); None: own
     cache_rope_dim: int | None = None
+    # Mistral Large 4's latents shared across layers (config.kv_source_layers): a layer that attends over an earlier
+    # layer's latent (its layer_idx; it has no latent projection of its own and stores nothing: latent_layer is the
+    # source's), and a layer whose latent later layers attend over (kept for them in a forward without a Cache)
+    latent_source: int | None = None
+    shares_latent: bool = False
 
     @property
     def cache_rope(self) -> int:
@@ -1267,7 +1275,8 @@ class TransformersMLAttention(MLAttention):
     def adopt(cls, original: nn.Module, num_cache_layers: int, block_size: int,
               max_cache_tokens: int | None, cache_dtype: torch.dtype | None = None, *, latent_layer: int | None = None,
               num_latent_layers: int | None = None, hybrid: bool = False,
-              split_tokens: int | None = None) -> "TransformersMLAttention":
+              split_tokens: int | None = None, latent_source: int | None = None,
+              shares_latent: bool = False) -> "TransformersMLAttention":
         """A module sharing ``original``'s projection modules (a transformers DeepSeek attention). ``num_cache_layers``:
         the transformers Cache's layers (a static latent cache has as many); ``latent_layer`` of
         ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
@@ -1298,7 +1307,9 @@ class TransformersMLAttention(MLAttention):
         for name in _ADOPTED:
             if name not in new._modules:
                 continue
-            if name in original._modules:
+            if latent_source is not None and name in ("kv_a_proj_with_mqa", "kv_a_layernorm"):
+                delattr(new, name)  # (over another layer's latent: no latent projection, as the original)
+            elif name in original._modules:
                 setattr(new, name, original._modules[name])
             elif name == "q_b_proj" and "q_gate_proj" in original._modules:  # A.X-K2's query comes from q_gate_proj:
                 delattr(new, name)  # no q_b_proj here either, so the state dict keeps the original's keys
@@ -1319,6 +1330,10 @@ class TransformersMLAttention(MLAttention):
         new.max_cache_tokens = max_cache_tokens
         new.cache_dtype = cache_dtype
         new.split_tokens = split_tokens
+        if latent_source is not None:
+            new.latent_source = latent_source
+        if shares_latent:
+            new.shares_latent = True
         new.is_causal = True
         new.training = original.training  # the module's own mode flag; its children are the shared projections
         # the kernels have no attention dropout: a train-mode forward with a non-zero rate is refused (_forward)
@@ -1394,10 +1409,14 @@ class TransformersMLAttention(MLAttention):
             q_resid, q, gate = self._query_and_gate(hidden_states)
         elif indexer is not None and self.q_lora_rank is not None:  # (the indexer reads the query's low rank)
             q_resid = rms_norm(self.q_a_layernorm, self.q_a_proj(hidden_states))
-        q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid, q)  # [B, Q, ...]
-        if kv_c.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
+        if self.latent_source is None:
+            q_nope, q_pe, kv_c, k_pe = self.project(hidden_states, cos, sin, q_resid, q)  # [B, Q, ...]
+        else:  # over an earlier layer's latent (its keys roped there): the query alone
+            q_nope, q_pe = self.project_query(hidden_states, cos, sin, q_resid, q)
+            kv_c = k_pe = None
+        if q_nope.dtype not in _utils.FLOAT_DTYPES:  # before any cache is made or counted (its constructor named dtype)
             raise TypeError(f"the patched attention computes in bfloat16, float16 or float32 (the kernels' dtypes), "
-                            f"this model's attention in {kv_c.dtype} (model.double() after patch_model?): cast the "
+                            f"this model's attention in {q_nope.dtype} (model.double() after patch_model?): cast the "
                             "model to one of them, or unpatch_model(model)")
         if self.position_scale:
             q_nope, q_pe = self._scale_by_position(q_nope, q_pe, kwargs.get("position_ids"))
@@ -1413,17 +1432,28 @@ class TransformersMLAttention(MLAttention):
             return self._outputs(self._project_out(out, hidden_states, gate), None)
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
             packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
-            paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)), self.block_size,
-                                     self.kv_lora_rank, self.qk_rope_head_dim, dtype=self.cache_dtype or kv_c.dtype,
-                                     device=kv_c.device, rope_dtype=kv_c.dtype)
-            rows = [paged.add_sequence() for _ in range(batch_size)]
-            counts = [query_len] * batch_size if packing is None else packing.counts
-            batch, layer = LatentBatch.reserve(paged, rows, counts), 0
+            pass_latents = _no_cache_step[0].latents  # (the pass's latents that later layers attend over)
+            if self.latent_source is not None:
+                if self.latent_source not in pass_latents:
+                    raise ValueError(f"layer {self.layer_idx} attends over layer {self.latent_source}'s latent, which "
+                                     f"this forward pass has not computed (call the model, or its layers in order)")
+                batch = pass_latents[self.latent_source]
+            else:
+                paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)),
+                                         self.block_size, self.kv_lora_rank, self.qk_rope_head_dim,
+                                         dtype=self.cache_dtype or q_nope.dtype, device=q_nope.device,
+                                         rope_dtype=q_nope.dtype)
+                rows = [paged.add_sequence() for _ in range(batch_size)]
+                counts = [query_len] * batch_size if packing is None else packing.counts
+                batch = LatentBatch.reserve(paged, rows, counts)
+                if self.shares_latent:
+                    pass_latents[self.layer_idx] = batch
+            layer = 0
         else:
             # (traced, the step outside the graph; eagerly the plain method: the disabled wrapper costs a call
             # ~0.4 us on torch 2.13 and ~7 us on 2.6, per layer and step)
             step = self._dynamic_cache_step_untraced if torch.compiler.is_compiling() else self._dynamic_cache_step
-            state, batch, packing = step(past_key_values, batch_size, query_len, attention_mask, kv_c)
+            state, batch, packing = step(past_key_values, batch_size, query_len, attention_mask, q_nope)
             layer = self.latent_layer
 
         try:
@@ -1465,16 +1495,17 @@ class TransformersMLAttention(MLAttention):
         return (scaling(q_nope, position_ids, head_dim_first=False),
                 scaling(q_pe, position_ids, head_dim_first=False))
 
-    def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, kv_c):
+    def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, like):
         """The step's ``(_LatentState, LatentBatch, _Packing | None)`` with transformers' dynamic Cache: the latent
-        state it holds (made at the first step), this layer's reserved batch, and the Cache's own count of tokens."""
+        state it holds (made at the first step), this layer's reserved batch, and the Cache's own count of tokens.
+        ``like``: a tensor of the step's dtype and device (the queries)."""
         state = _latent_state(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size,
                               self.max_cache_tokens)
-        batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask, kv_c.dtype,
-                                         kv_c.device)
+        batch, packing = state.batch_for(self.layer_idx, self, batch_size, query_len, attention_mask, like.dtype,
+                                         like.device)
         _attach(past_key_values, self.layer_idx, self.num_latent_layers, self.block_size, self.max_cache_tokens,
                 state)  # (once the step is accepted: a refused one leaves the Cache as it was)
-        empty = kv_c.new_empty(batch_size, 1, query_len, 0)
+        empty = like.new_empty(batch_size, 1, query_len, 0)
         past_key_values.update(empty, empty, self.layer_idx)
         return state, batch, packing
 
@@ -1497,11 +1528,11 @@ class TransformersMLAttention(MLAttention):
             picks, indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
                                                cache, position_ids, self.layer_idx, prev_topk)  # [B, Q, K]
         if packing is None:
-            flat = (q_nope.flatten(0, 1), q_pe.flatten(0, 1), kv_c.flatten(0, 1), k_pe.flatten(0, 1))
+            flat = (None if t is None else t.flatten(0, 1) for t in (q_nope, q_pe, kv_c, k_pe))
             out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
             return out.reshape(batch_size, query_len, -1), picks
-        packed = self.attend(*(_pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch, layer=layer,
-                             indices=None if indices is None else _pack(indices, packing))
+        packed = self.attend(*(None if t is None else _pack(t, packing) for t in (q_nope, q_pe, kv_c, k_pe)), batch,
+                             layer=layer, indices=None if indices is None else _pack(indices, packing))
         return _unpack(packed, packing, batch_size, query_len).flatten(2), picks
 
     def _query_and_gate(self, hidden_states: torch.Tensor) -> tuple:
@@ -1773,15 +1804,13 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         if type(attn) is not attn_cls:
             raise TypeError(f"layer {i}'s self_attn is a {type(attn).__name__}, not {attn_cls.__name__}; "
                             f"patch_model can't replace it")
-        missing = [n for n in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
-                   if getattr(attn, n, None) is None]
+        # (a layer over another layer's latent, Mistral Large 4's kv_source_layers, has no latent projection)
+        needs = ("kv_b_proj", "o_proj") if _latent_source(attn, config) is not None else \
+            ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+        missing = [n for n in needs if getattr(attn, n, None) is None]
         if missing or all(getattr(attn, n, None) is None for n in ("q_proj", "q_b_proj", "q_gate_proj")):
             raise TypeError(f"layer {i}'s {attn_cls.__name__} lacks the projections "
                             f"{missing or ['q_proj/q_b_proj/q_gate_proj']}")
-        if getattr(attn, "is_kv_shared_layer", False) or getattr(attn, "store_full_length_kv", False):
-            raise TypeError(f"layer {i}'s {attn_cls.__name__} shares its latent with other layers (Mistral Large 4's "
-                            f"config.kv_source_layers), which patch_model does not serve yet: each layer keeps "
-                            f"its own latent here")
         kv_b = attn.kv_b_proj
         check_kv_b_proj(kv_b, f"layer {i}'s kv_b_proj")
         hook = getattr(kv_b, "_hf_hook", None)  # accelerate's: it loads an offloaded weight inside forward only
@@ -1809,12 +1838,15 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if getattr(config, "q_lora_rank", None) == 0:  # (Mistral Large 4's config has none: q_proj)
         raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
 
+    sources = _latent_sources([attn for _, _, attn in slots], config)  # layer_idx -> the layer whose latent it reads
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
-    # model's missing ones, take no latent memory)
-    order = sorted(indices)
+    # model's missing ones, take no latent memory; nor does a layer over another layer's latent: it reads the source's)
+    order = sorted(j for j in indices if j not in sources)
     attentions = [TransformersMLAttention.adopt(  # every one made (and its layer checked) before any is swapped in
-        attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype, latent_layer=order.index(attn.layer_idx),
-        num_latent_layers=len(order), hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens)
+        attn, max(indices) + 1, block_size, max_cache_tokens, cache_dtype,
+        latent_layer=order.index(sources.get(attn.layer_idx, attn.layer_idx)), num_latent_layers=len(order),
+        hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens, latent_source=sources.get(attn.layer_idx),
+        shares_latent=attn.layer_idx in sources.values())
         for _, _, attn in slots]
     cache_rope = max(attention.qk_rope_head_dim for attention in attentions)  # (one latent cache for all layers)
     for (parent, name, _), attention in zip(slots, attentions):
@@ -1828,6 +1860,37 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 stand_ins[id(norm)] = KernelRMSNorm.adopt(norm)
             setattr(parent, name, stand_ins[id(norm)])
     return model
+
+
+def _latent_source(attn: nn.Module, config) -> int | None:
+    """The layer whose latent ``attn`` attends over instead of its own (Mistral Large 4's ``config.kv_source_layers``
+    for a layer transformers marks ``is_kv_shared_layer``), or None."""
+    if not getattr(attn, "is_kv_shared_layer", False):
+        return None
+    return config.kv_source_layers[attn.layer_idx]
+
+
+def _latent_sources(attns: list, config) -> dict[int, int]:
+    """``{layer_idx: source layer_idx}`` of the layers over another layer's latent (``_latent_source``), checked: the
+    source is an earlier patched layer with a latent of its own and the same rope width (transformers hands a layer
+    the last latent of its rope kind, keyed "rope" or "nope": another kind is not one it could read)."""
+    by_idx = {attn.layer_idx: attn for attn in attns}
+    sources = {}
+    for attn in attns:
+        source = _latent_source(attn, config)
+        if source is None:
+            continue
+        i = attn.layer_idx
+        origin = by_idx.get(source)
+        if origin is None or source >= i or _latent_source(origin, config) is not None:
+            raise TypeError(f"layer {i} attends over layer {source}'s latent (config.kv_source_layers), which is not "
+                            f"an earlier MLA layer with a latent of its own")
+        if origin.qk_rope_head_dim != attn.qk_rope_head_dim:
+            raise TypeError(f"layer {i} (rope width {attn.qk_rope_head_dim}) attends over layer {source}'s latent "
+                            f"(rope width {origin.qk_rope_head_dim}): config.kv_source_layers pairs a no-rope layer "
+                            f"with a rope layer, which transformers' own attention cannot run either")
+        sources[i] = source
+    return sources
 
 
 def _norm_slots(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
