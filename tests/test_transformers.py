@@ -314,11 +314,9 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
-    """3 left-padded prompts (5, 9, 2 tokens), 8 new tokens: the same tokens as transformers' eager attention.
-    The latent cache starts with no headroom and 4-token pages, so it grows several times on the way."""
-    model = MODELS[name]()
+def greedy_against_stock(model, monkeypatch):
+    """``model``'s greedy generation (3 left-padded prompts of 5, 9 and 2 tokens, fp32) patched, starting with no
+    headroom and 4-token pages, asserted equal to stock transformers'; returns the patched generate's output."""
     ids, mask = left_padded([5, 9, 2])
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
@@ -326,6 +324,15 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
         patch_model(model, block_size=4)
         out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
     assert torch.equal(out.sequences, expected), f"\n{out.sequences[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
+    """3 left-padded prompts (5, 9, 2 tokens), 8 new tokens: the same tokens as transformers' eager attention.
+    The latent cache starts with no headroom and 4-token pages, so it grows several times on the way."""
+    ids = left_padded([5, 9, 2])[0]
+    out = greedy_against_stock(MODELS[name](), monkeypatch)
     cache = out.past_key_values
     lc = latent_cache(cache)
     assert [lc.seqlen(s) for s in lc.seq_ids] == [5 + 7, 9 + 7, 2 + 7]  # real tokens only; the last one is not fed
@@ -999,13 +1006,7 @@ def test_mistral_large4_keeps_rope_and_no_rope_layers_in_one_cache(no_rope_layer
     its first step); a model without rope anywhere keeps a cache of rope width 0. Greedy tokens (fp32, left-padded)
     are transformers' own."""
     model = mistral_large4_model(no_rope_layers)
-    ids, mask = left_padded([5, 9, 2])
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-        monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
-        patch_model(model, block_size=4)
-        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
-    assert torch.equal(out.sequences, expected), f"\n{out.sequences[:, ids.shape[1]:]}\n{expected[:, ids.shape[1]:]}"
+    out = greedy_against_stock(model, monkeypatch)
     attns = [layer.self_attn for layer in integration._decoder_layers(model)[2]]
     assert [a.qk_rope_head_dim for a in attns] == [16 * r for r in no_rope_layers]
     assert [a.qk_nope_head_dim for a in attns] == [32 - 16 * r for r in no_rope_layers]
