@@ -1013,6 +1013,22 @@ def test_mistral_large4_keeps_rope_and_no_rope_layers_in_one_cache(no_rope_layer
     assert latent_cache(out.past_key_values).rope_dim == 16 * max(no_rope_layers)
 
 
+def test_mistral_large4_query_scaling_runs_once_per_layer_as_in_transformers():
+    """The patched layer calls the model's ``softmax_scaling`` once, on the whole query (nope and rope parts), as
+    transformers does: a hook on it (calibration, quantisation) sees what it sees unpatched, one call per layer."""
+    model = mistral_large4_model()
+    seen = []
+    for layer in integration._decoder_layers(model)[2]:
+        layer.self_attn.softmax_scaling.register_forward_hook(lambda m, args, out: seen.append(out.shape[-1]))
+    ids, mask = left_padded([5, 9, 2])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        stock, seen[:] = list(seen), []
+        patch_model(model)
+        model(input_ids=ids, attention_mask=mask)
+    assert seen == stock == [32] * 4  # D_nope + P: 16 + 16 on rope layers, 32 + 0 on the no-rope ones
+
+
 SHARED_LATENTS = {  # (no_rope_layers, kv_source_layers, indexer_types): each kind of layer over another's latent
     "rope-reuse-and-reuse-with-indexer": ((1, 1, 0, 0), [0, 0, 2, 2], ("full", "full", "full", "shared")),
     "no-rope-one-source-for-two": ((0, 0, 0, 0), [0, 0, 0, 3], ("full", "shared", "full", "shared")),

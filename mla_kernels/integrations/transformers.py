@@ -1487,13 +1487,14 @@ class TransformersMLAttention(MLAttention):
     @staticmethod
     def _scale_by_log_position(scaling: nn.Module, q_nope: torch.Tensor, q_pe: torch.Tensor, position_ids) -> tuple:
         """Mistral Large 4's queries (nope and rope parts alike) times ``scale[h] * log(position + 1) + bias[h]``, by
-        the model's own ``softmax_scaling`` module on the ``[B, Q, H, D]`` layout (``head_dim_first=False``): the
-        same operations in the queries' dtype as transformers' on ``[B, H, Q, D]``, so the same values."""
+        the model's own ``softmax_scaling`` module, called once on the whole query as transformers calls it (a hook
+        on it sees one call), on the ``[B, Q, H, D]`` layout (``head_dim_first=False``): the same operations in the
+        queries' dtype as transformers' on ``[B, H, Q, D]``, so the same values."""
         if not isinstance(position_ids, torch.Tensor):
             raise ValueError(f"position_ids is required: this model's attention scales its queries by position "
                              f"(softmax_scaling), got {type(position_ids).__name__}")
-        return (scaling(q_nope, position_ids, head_dim_first=False),
-                scaling(q_pe, position_ids, head_dim_first=False))
+        q = scaling(torch.cat((q_nope, q_pe), dim=-1), position_ids, head_dim_first=False)
+        return torch.split(q, [q_nope.shape[-1], q_pe.shape[-1]], dim=-1)
 
     def _dynamic_cache_step(self, past_key_values, batch_size: int, query_len: int, attention_mask, like):
         """The step's ``(_LatentState, LatentBatch, _Packing | None)`` with transformers' dynamic Cache: the latent
