@@ -1067,13 +1067,18 @@ def test_mistral_large4_layers_over_another_layers_latent(case, monkeypatch):
 
 def test_mistral_large4_latents_shared_across_rope_kinds_are_refused():
     """A no-rope layer whose ``kv_source_layers`` entry is a rope layer (transformers' own attention fails on it: it
-    hands a layer the last latent of its kind) is refused by name before any module is swapped."""
+    hands a layer the last latent of its kind) is refused by name before any module is swapped; so is a source
+    other than the one transformers' attention hands the layer."""
     model = mistral_large4_model((1, 0, 1, 0), kv_source_layers=[0, 0, 2, 2])
     layers = integration._decoder_layers(model)[2]
     originals = [layer.self_attn for layer in layers]
     with pytest.raises(TypeError, match=r"layer 1 \(rope width 0\) attends over layer 0's latent \(rope width 16\)"):
         patch_model(model)
     assert [layer.self_attn for layer in layers] == originals
+    # layers 0 and 1 store, 2 reads 1's, 3 names 0's where transformers hands it 1's (the last stored): refused
+    model = mistral_large4_model((1, 1, 1, 1), kv_source_layers=[0, 1, 1, 0])
+    with pytest.raises(TypeError, match=r"layer 3 attends over layer 0's latent .* hands it layer 1's"):
+        patch_model(model)
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model,

@@ -1876,10 +1876,12 @@ def _latent_sources(attns: list, config) -> dict[int, int]:
     source is an earlier patched layer with a latent of its own and the same rope width (transformers hands a layer
     the last latent of its rope kind, keyed "rope" or "nope": another kind is not one it could read)."""
     by_idx = {attn.layer_idx: attn for attn in attns}
-    sources = {}
-    for attn in attns:
+    sources, stored = {}, {}  # stored: rope width -> the last layer so far that stores its latent for others
+    for attn in sorted(attns, key=lambda a: a.layer_idx):
         source = _latent_source(attn, config)
         if source is None:
+            if getattr(attn, "store_full_length_kv", False):
+                stored[attn.qk_rope_head_dim] = attn.layer_idx
             continue
         i = attn.layer_idx
         origin = by_idx.get(source)
@@ -1890,6 +1892,11 @@ def _latent_sources(attns: list, config) -> dict[int, int]:
             raise TypeError(f"layer {i} (rope width {attn.qk_rope_head_dim}) attends over layer {source}'s latent "
                             f"(rope width {origin.qk_rope_head_dim}): config.kv_source_layers pairs a no-rope layer "
                             f"with a rope layer, which transformers' own attention cannot run either")
+        if stored.get(attn.qk_rope_head_dim) != source:  # transformers hands it the last stored latent of its kind
+            raise TypeError(f"layer {i} attends over layer {source}'s latent (config.kv_source_layers), but "
+                            f"transformers' own attention hands it layer {stored.get(attn.qk_rope_head_dim)}'s, the "
+                            f"last of its rope kind stored before it; patch_model refuses a model the two would run "
+                            f"differently")
         sources[i] = source
     return sources
 
