@@ -530,7 +530,8 @@ ROPE_WIDTHS = WIDTHS | {0}
 def check_rope_width(name: str, width: int) -> None:
     """``check_width`` for a rope width, which may also be 0 (no rotary part), given as any integer check_width
     takes (numpy's and torch's too)."""
-    if not isinstance(width, bool) and (isinstance(width, torch.SymInt) or hasattr(width, "__index__")) \
+    # (as check_width: ints and symbolic ones first, hasattr only after them, which dynamo can't trace on a SymInt)
+    if not isinstance(width, bool) and (isinstance(width, (int, torch.SymInt)) or hasattr(width, "__index__")) \
             and width == 0:
         return
     try:
