@@ -566,7 +566,7 @@ class MLAttention(nn.Module):
             raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens (hidden_states, "
                              f"or attend's q_nope) on {device}")
 
-    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor,
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor | None, k_pe: torch.Tensor | None,
                batch: LatentBatch, layer: int | None = None, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Store the new tokens in the cache and attend: packed ``q_nope [T, H, D_nope]``, ``q_pe [T, H, P]``,
         ``kv_c [T, R]``, ``k_pe [T, P]`` in ``batch`` order. Returns ``[T, H, D_v]``.

@@ -270,3 +270,22 @@ def test_split_tokens_past_the_grid_is_refused_before_writing():
     m.split_tokens = 2  # 32768 splits: taken
     with torch.no_grad():
         assert m(torch.randn(1, HID), LatentBatch.reserve(cache, [seq], [1])).shape == (1, HID)
+
+
+@pytest.mark.parametrize("counts", [[1, 1], [2, 3]], ids=["decode", "prefill"])
+def test_attend_without_kv_c_reads_what_another_layer_wrote(counts):
+    """``attend`` with ``kv_c`` and ``k_pe`` None (a layer over another layer's latent, Mistral Large 4's shared
+    latents) writes nothing and attends over the step's tokens as written there: the output equals the same call
+    given the same ``kv_c`` and ``k_pe`` to write again (the same values in the same slots). One of the two None is
+    refused by name, before anything is written."""
+    m, cache, batch, (q_nope, q_pe, kv_c, k_pe) = _setup(counts)
+    with torch.no_grad():
+        written = m.attend(q_nope, q_pe, kv_c, k_pe, batch)
+        before = cache.buffer(0).clone()
+        read = m.attend(q_nope, q_pe, None, None, batch)
+        assert torch.equal(read, written)
+        assert torch.equal(cache.buffer(0), before)  # nothing written
+        for args, name in (((kv_c, None), "k_pe"), ((None, k_pe), "kv_c")):
+            with pytest.raises((TypeError, ValueError), match=name):
+                m.attend(q_nope, q_pe, *args, batch)
+            assert torch.equal(cache.buffer(0), before)
