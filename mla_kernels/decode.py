@@ -419,7 +419,7 @@ def _mla_attn_block(
             q_nope = q_nope.to(tl.float32)
         if D_ROPE > 0:  # (D_ROPE 0: MLA without a rotary part, no rope key is read)
             offs_p = tl.arange(0, D_ROPE)
-            q_pe = tl.load(q_pe_base + q_off_p + offs_p[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D_ROPE]
+            q_pe = tl.load(q_pe_base + q_off_p + offs_p[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, P]
             if DOT_FP32:
                 q_pe = q_pe.to(tl.float32)
 

@@ -1,6 +1,6 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, Hy4, GLM-4.7-Flash,
-Mistral Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of Kimi-Linear and Ling 3;
-``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
+Mistral Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of
+Kimi-Linear and Ling 3; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -104,7 +104,7 @@ SUPPORTED_MODEL_TYPES = {
     # Mistral Large 4's text decoder (transformers 5.25 on): DSA (its own indexer, "shared" layers) over queries
     # from q_proj, some layers without a rotary part (no_rope_layers: P = 0 there, D_nope = nope + rope, one latent
     # cache for all; cache_rope_dim), each head's query scaled by its position (softmax_scaling, adopted: the
-    # module's own forward); latents shared across layers (kv_source_layers) are refused
+    # module's own forward), latents shared across layers (kv_source_layers: latent_source, _latent_sources)
     "mistral_large4_text": ("transformers.models.mistral_large4.modeling_mistral_large4",
                             "MistralLarge4TextAttention"),
 }
