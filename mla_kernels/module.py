@@ -990,7 +990,8 @@ def config_kwargs(config) -> dict:
         style = "pairs"
     elif model_type == "minicpm3":  # MiniCPM3: DeepSeek-V2's attention with the rotate-half rope
         style = "half"
-    elif model_type == "kimi_linear":  # Kimi-Linear's MLA layers: no positional encoding (NoPE)
+    elif model_type in ("kimi_linear", "glm5_next_text"):  # Kimi-Linear's, GLM-5.3-Flash's MLA: no positional
+        # encoding (NoPE; GLM-5.3-Flash's config has no rope part, Kimi-Linear's one its attention never rotates)
         style = "none"
     elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4",
                         "hy_v4_vl_text", "mistral_large4_text"):

@@ -287,6 +287,34 @@ def mistral_large4_model(no_rope_layers=(1, 0, 1, 0), indexer_types=("full", "sh
     return model
 
 
+GLM53_LAYERS = ("linear_attention", "indexed_attention", "indexed_attention", "linear_attention", "indexed_attention")
+
+
+def glm53_model(layer_types=GLM53_LAYERS, indexer_types=("full", "full", "shared", "full", "full"), index_kpool=2,
+                index_topk=4, tail=True):
+    """GLM-5.3-Flash (``glm5_next``, transformers 5.25 on), tiny, run on text alone: MLA without a rotary part (its
+    config requires ``qk_rope_head_dim`` 0) in the "indexed_attention" layers, linear attention (left to transformers)
+    in the others, two hyper-connection streams; DSA whose indexer scores pools of ``index_kpool`` keys, picks the
+    top ``index_topk / index_kpool`` of them and (``tail``) the keys of the query's own pool so far, a "shared"
+    layer reusing the previous layer's picks. Its layers get the step's own [B, Q] padding mask."""
+    config_cls, model_cls = _transformers_class("Glm5NextConfig", "Glm5NextForConditionalGeneration")
+    text = dict(hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, num_key_value_heads=4,
+                q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=0, v_head_dim=16,
+                vocab_size=160, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                num_experts_per_tok=2, mlp_layer_types=["dense"] * len(layer_types), layer_types=list(layer_types),
+                indexer_types=list(indexer_types), index_topk=index_topk, index_kpool=index_kpool,
+                index_kpool_always_select_tail=tail, index_n_heads=4, index_head_dim=32, linear_num_heads=2,
+                linear_head_dim=16, hc_mult=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    vision = dict(num_attention_heads=2, depth=1, hidden_size=32, intermediate_size=32, out_hidden_size=64)
+    tokens = dict(image_token_id=150, video_token_id=151, image_start_token_id=152, image_end_token_id=153,
+                  video_start_token_id=154, video_end_token_id=155)
+    torch.manual_seed(0)
+    config = config_cls(text_config=text, vision_config=vision, **tokens)
+    config.text_config._attn_implementation = "sdpa"  # (its default; eager differs only where a query sees no key)
+    return model_cls(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -307,6 +335,7 @@ MODELS = {
     "hy4-sinks-gated-dsa": hy4_model,
     "hy4-vl-text": hy4_vl_model,
     "mistral-large4-text": mistral_large4_model,
+    "glm5.3-flash-pooled-dsa": glm53_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -332,10 +361,14 @@ def test_greedy_generate_matches_eager_fp32(name, monkeypatch):
     """3 left-padded prompts (5, 9, 2 tokens), 8 new tokens: the same tokens as transformers' eager attention.
     The latent cache starts with no headroom and 4-token pages, so it grows several times on the way."""
     ids = left_padded([5, 9, 2])[0]
-    out = greedy_against_stock(MODELS[name](), monkeypatch)
+    model = MODELS[name]()
+    out = greedy_against_stock(model, monkeypatch)
     cache = out.past_key_values
     lc = latent_cache(cache)
-    assert [lc.seqlen(s) for s in lc.seq_ids] == [5 + 7, 9 + 7, 2 + 7]  # real tokens only; the last one is not fed
+    # real tokens only (the last one is not fed); GLM-5.3-Flash's every position (local_mask: its picks number them)
+    keeps_pads = any(isinstance(m, TransformersMLAttention) and m.local_mask for m in model.modules())
+    prompts = [9] * 3 if keeps_pads else [5, 9, 2]
+    assert [lc.seqlen(s) for s in lc.seq_ids] == [n + 7 for n in prompts]
     assert cache.get_seq_length() == ids.shape[1] + 7
     assert lc.num_blocks > 2 * 3  # grew from its initial 1 block per sequence
 
@@ -1065,6 +1098,116 @@ def test_mistral_large4_layers_over_another_layers_latent(case, monkeypatch):
     assert latent_cache(got.past_key_values).num_layers == len(set(sources))
 
 
+GLM53_CASES = {  # (index_kpool, index_topk, tail)
+    "pools-of-2-with-tail": (2, 4, True),
+    "pools-of-4-with-tail": (4, 8, True),
+    "pools-of-3-no-tail": (3, 6, False),  # (a query before its first whole pool sees no key: zeros, as sdpa gives)
+}
+
+
+def glm53_turns(model, cache, ids, mask, ids2, mask2) -> list[torch.Tensor]:
+    """Two turns through ``cache`` (the second left-padded: pads between the turns' tokens, pools split) and one
+    decode step: the real tokens' logits of each."""
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, cache=cache).logits
+        both = torch.cat([mask, mask2], 1)
+        second = model(input_ids=ids2, attention_mask=both, cache=cache).logits
+        step = model(input_ids=second[:, -1:].argmax(-1), cache=cache,
+                     attention_mask=torch.cat([both, torch.ones_like(both[:, :1])], 1)).logits
+    return [first[mask.bool()], second[mask2.bool()], step[:, -1]]
+
+
+@pytest.mark.parametrize("case", list(GLM53_CASES))
+def test_glm53_flash_pooled_sparse_attention_over_turns_with_pads(case, monkeypatch):
+    """GLM-5.3-Flash's sparse attention picks pools of keys and the tail of the query's own pool, as positions
+    among every position transformers counts (pads included), so its latent cache keeps pads too (never picked).
+    Over two turns whose second is left-padded (pads between the turns: a tail then lies inside a picked pool, a key
+    picked twice, which transformers' mask counts once) and a decode step, with widened attention, the fp32 logits
+    are within 1e-4 of stock (the tolerance of ``test_forward_matches_transformers_where_attention_decides``);
+    without a Cache too. Counting a repeated pick twice moves the decode step's logits by ~0.1."""
+    kpool, topk, tail = GLM53_CASES[case]
+    model = glm53_model(index_kpool=kpool, index_topk=topk, tail=tail)
+    widen_attention(model)
+    stock = copy.deepcopy(model)
+    ids, mask = left_padded([5, 9, 2])
+    ids2, mask2 = left_padded([3, 1, 6], seed=5)
+    text_config = model.config.text_config
+    expected = glm53_turns(stock, transformers.DynamicCache(config=text_config), ids, mask, ids2, mask2)
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+    patch_model(model, block_size=4)
+    repeats = []
+    pooled = integration._pooled_positions
+
+    def counting(*args):
+        picks, positions = pooled(*args)
+        repeats.append(int((positions < 0).sum() - (picks < 0).sum()))
+        return picks, positions
+
+    monkeypatch.setattr(integration, "_pooled_positions", counting)
+    cache = transformers.DynamicCache(config=text_config)
+    got = glm53_turns(model, cache, ids, mask, ids2, mask2)
+    for g, e in zip(got, expected):
+        assert err_ratio(g, e) < 1e-4, err_ratio(g, e)
+    if tail:
+        assert sum(repeats) > 0  # (what the case is for: the step's picks repeat keys, counted once)
+    lc = latent_cache(cache)
+    assert [lc.seqlen(s) for s in lc.seq_ids] == [9 + 6 + 1] * 3  # every position, pads included
+    assert lc.num_layers == 3  # the MLA layers only
+    with torch.no_grad():
+        forward = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        expected_forward = stock(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+    assert err_ratio(forward, expected_forward) < 1e-4
+
+
+def test_glm53_flash_beam_search_and_what_it_refuses():
+    """GLM-5.3-Flash patched: beam search gives stock tokens (its linear layers' states and the latent rows follow
+    the beams), a static latent cache is refused by name (it would not hold the linear layers' state nor the indexer's
+    keys), a "shared" layer called without the previous layer's picks is refused as transformers' own is."""
+    model = glm53_model()
+    stock = copy.deepcopy(model)
+    patch_model(model, block_size=4)
+    ids, mask = left_padded([5, 9, 2])
+    beam = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **beam),
+                           stock.generate(input_ids=ids, attention_mask=mask, **beam))
+    with pytest.raises(ValueError, match="static_latent_cache does not serve glm5_next_text"):
+        integration.static_latent_cache(model, 3, 32)
+    shared = model.model.language_model.layers[2].self_attn
+    assert shared.shared_topk and shared.local_mask and shared.qk_rope_head_dim == 0
+    with torch.no_grad(), pytest.raises(ValueError, match="prev_topk_indices is required"):
+        shared(torch.zeros(1, 2, 64), None, torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_glm53_flash_bf16_logits_close():
+    """bf16 logits of patched GLM-5.3-Flash against its fp32 run, beside transformers' own bf16 run, with the bounds
+    (and reasons) of ``test_bf16_teacher_forced_logits_close``. Its indexer picks all the pools there are here
+    (``index_topk`` 32 >= the 24 keys), as which pools it picks is a discontinuity (one flipped pick moved stock bf16
+    itself to 4.2e-2 at top-4), not numerics; every real token still attends through the sparse path's key lists.
+    Measured 8.1e-3 patched, 7.8e-3 transformers' (2026-12-07)."""
+    model = glm53_model(index_kpool=4, index_topk=32)
+    ids, mask = left_padded([24, 17, 9], seed=5)
+    real = mask.bool()
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits.double()
+        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        stock = model_bf16(input_ids=ids, attention_mask=mask).logits
+        patch_model(model_bf16)
+        patched = model_bf16(input_ids=ids, attention_mask=mask).logits
+    stock_err, patched_err = err_ratio(stock[real], reference[real]), err_ratio(patched[real], reference[real])
+    assert patched_err <= max(1.25 * stock_err, 1e-2), (patched_err, stock_err)
+    assert patched_err < 2e-2 and cos_diff(patched[real], reference[real]) < 5e-4, patched_err
+    assert (patched[real].argmax(-1) == stock[real].argmax(-1)).float().mean() > 0.9
+
+
+def test_pooled_positions_count_a_repeated_pick_once():
+    """``_pooled_positions`` on a shared layer's picks: sorted, each key once (its repeats and the -1s stay -1)."""
+    picks = torch.tensor([[[3, -1, 5, 3, 0], [2, 2, 2, -1, -1]]], dtype=torch.int32)
+    same, positions = integration._pooled_positions(None, None, None, None, None, picks)
+    assert same is picks
+    assert positions.tolist() == [[[-1, 0, 3, -1, 5], [-1, -1, 2, -1, -1]]]
+
+
 def test_mistral_large4_latents_shared_across_rope_kinds_are_refused():
     """A no-rope layer whose ``kv_source_layers`` entry is a rope layer (transformers' own attention fails on it: it
     hands a layer the last latent of its kind) is refused by name before any module is swapped; so is a source
@@ -1082,20 +1225,24 @@ def test_mistral_large4_latents_shared_across_rope_kinds_are_refused():
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model,
-                                  mistral_large4_model],
-                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks", "mistral-large4"])
+                                  mistral_large4_model, glm53_model],
+                         ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks", "mistral-large4",
+                              "glm5.3-flash-hybrid"])
 def test_patch_shares_parameters_and_unpatch_restores(make):
     """The patched model's state dict is the original's, key for key and tensor for tensor (A.X-K2's attention has
     no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either; Hy4's attention has a parameter
     of its own, its sinks, listed first; Mistral Large 4's a child of its own after the projections, its
-    softmax_scaling)."""
+    softmax_scaling; GLM-5.3-Flash's linear-attention layers stay as they were)."""
     model = make()
     before = model.state_dict()
     pointers = {k: v.data_ptr() for k, v in before.items()}
-    layers = integration._decoder_layers(model)[2]
+    _, model_type, layers = integration._decoder_layers(model)
     originals = [layer.self_attn for layer in layers]
+    other = integration._OTHER_ATTENTION.get(model_type, ())
     assert patch_model(model) is model
-    assert all(isinstance(layer.self_attn, TransformersMLAttention) for layer in layers)
+    assert [isinstance(layer.self_attn, TransformersMLAttention) for layer in layers] == \
+        [type(original).__name__ not in other for original in originals]
+    assert any(isinstance(layer.self_attn, TransformersMLAttention) for layer in layers)
     after = model.state_dict()
     assert list(after) == list(before)
     assert {k: v.data_ptr() for k, v in after.items()} == pointers

@@ -1,6 +1,6 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, Hy4, GLM-4.7-Flash,
 Mistral Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of
-Kimi-Linear and Ling 3; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
+Kimi-Linear, Ling 3 and GLM-5.3-Flash; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -107,9 +107,15 @@ SUPPORTED_MODEL_TYPES = {
     # module's own forward), latents shared across layers (kv_source_layers: latent_source, _latent_sources)
     "mistral_large4_text": ("transformers.models.mistral_large4.modeling_mistral_large4",
                             "MistralLarge4TextAttention"),
+    # GLM-5.3-Flash's text decoder (transformers 5.25 on): MLA without a rotary part (NoPE, P = 0) in one layer of
+    # four, between linear-attention layers; DSA whose indexer picks pools of keys (index_kpool) plus the tail of the
+    # query's own, "shared" layers reusing the previous layer's picks; its layers get the step's own padding mask
+    # [B, Q], the keys' padding living in the indexer's cache (local_mask: the latent cache keeps every position)
+    "glm5_next_text": ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextTextAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
-_OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",)}
+_OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",),
+                    "glm5_next_text": ("Glm5NextTextLinearAttention",)}
 _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
             "o_proj")
 # the children some models' attention adds, adopted where the original has them: DeepSeek-V3.2's (and GLM-5's,
@@ -121,7 +127,7 @@ _ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
-                      "A.X-K2, Hy4, Mistral Large 4): generate with a DynamicCache (the default)")
+                      "A.X-K2, Hy4, Mistral Large 4, GLM-5.3-Flash): generate with a DynamicCache (the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -159,6 +165,9 @@ def _make_latent_layer_class():
                 self.indexer_keys = indexer_key_states
             else:
                 self.indexer_keys = torch.cat([self.indexer_keys, indexer_key_states], dim=1)
+            # GLM-5.3-Flash's indexer reads the keys counted as keys.shape[-2] of its layer (a DynamicIndexedLayer's
+            # K [B, 1, KV, R]): a tensor of that shape holding nothing
+            self.keys = indexer_key_states.new_empty(indexer_key_states.shape[0], 1, self.cumulative_length, 0)
             return self.indexer_keys
 
         def _change_indexer_rows(self, op: str, arg) -> None:
@@ -330,7 +339,9 @@ class _LatentState:
             raise ValueError(f"the Cache (past_key_values / cache) holds {len(self.rows)} sequences but this call "
                              f"has a batch of {batch_size}; use a new cache for a new batch")
         cached = [0] * batch_size if self.rows is None else [self.paged.seqlen(r) for r in self.rows]
-        if query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
+        if attn.local_mask:  # GLM-5.3-Flash: every position kept, pads too (its picks number the keys so)
+            packing = None
+        elif query_len == 1 and self._every_row_started():  # a decode step: nothing read back from the GPU
             real = _assert_real(attention_mask, batch_size, query_len)
             if real is not None:  # before anything is reserved; the lengths go up, nothing comes back
                 lens = torch.tensor(cached, dtype=torch.int32, pin_memory=_utils.pin_host(real.device))
@@ -670,7 +681,8 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
                                  f"DynamicCache (or none), or static_latent_cache(model, max_batch_size, "
                                  f"max_cache_len) for a preallocated one (not for DSA models, DeepSeek-V3.2, "
-                                 f"GLM-5, A.X-K2, Hy4 and Mistral Large 4, whose indexer keys it does not hold)")
+                                 f"GLM-5, A.X-K2, Hy4, Mistral Large 4 and GLM-5.3-Flash, whose indexer keys it does "
+                                 f"not hold)")
             if type(layer).__name__ != "DummyLayer" and layer.get_seq_length() != 0:
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__} holding {layer.get_seq_length()} tokens of transformers K/V; "
@@ -1259,6 +1271,10 @@ class TransformersMLAttention(MLAttention):
     # source's), and a layer whose latent later layers attend over (kept for them in a forward without a Cache)
     latent_source: int | None = None
     shares_latent: bool = False
+    # GLM-5.3-Flash: the attention mask a layer gets is the step's own padding mask [B, Q] (the model's
+    # create_recurrent_attention_mask), the keys' padding living in its indexer's cache, whose picks number the keys as
+    # transformers lays them out, pads included; so its latent cache keeps every position (pads never picked)
+    local_mask: bool = False
 
     @property
     def cache_rope(self) -> int:
@@ -1355,6 +1371,7 @@ class TransformersMLAttention(MLAttention):
         # Mistral 4's queries are scaled by position (_scale_by_position: from the config, read at each call as the
         # original reads it, so an edit of its rope_parameters reaches both)
         new.position_scale = config.model_type == "mistral4"
+        new.local_mask = config.model_type == "glm5_next_text"
         # the children in the original's order, so the state dict lists its keys as the original's does
         new._modules = {**{k: new._modules[k] for k in original._modules if k in new._modules}, **new._modules}
         # hooks on the attention module keep running on its stand-in (called as it was, returning what it returned)
@@ -1431,8 +1448,10 @@ class TransformersMLAttention(MLAttention):
             out = static.attend(self, past_key_values, q_nope, q_pe, kv_c, k_pe, attention_mask)
             return self._outputs(self._project_out(out, hidden_states, gate), None)
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
-            packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
-            pass_latents = _no_cache_step[0].latents  # (the pass's latents that later layers attend over)
+            # (GLM-5.3-Flash's latent keeps every position: local_mask)
+            packing = None if self.local_mask else _no_cache_packing(self.layer_idx, attention_mask, batch_size,
+                                                                     query_len)
+            pass_latents = None if self.local_mask else _no_cache_step[0].latents  # (those later layers attend over)
             if self.latent_source is not None:
                 if self.latent_source not in pass_latents:
                     raise ValueError(f"layer {self.layer_idx} attends over layer {self.latent_source}'s latent, which "
@@ -1526,8 +1545,12 @@ class TransformersMLAttention(MLAttention):
         batch_size, query_len = hidden_states.shape[:2]
         indexer, picks, indices = self._modules.get("indexer"), None, None
         if indexer is not None or self.shared_topk:  # the top-k keys of each query, as latent cache positions
-            picks, indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings, attention_mask,
-                                               cache, position_ids, self.layer_idx, prev_topk)  # [B, Q, K]
+            if self.local_mask:
+                picks, indices = _pooled_positions(indexer, hidden_states, q_resid, attention_mask, cache, prev_topk)
+            else:
+                picks, indices = _sparse_positions(indexer, hidden_states, q_resid, position_embeddings,
+                                                   attention_mask, cache, position_ids, self.layer_idx,
+                                                   prev_topk)  # [B, Q, K]
         if packing is None:
             flat = (None if t is None else t.flatten(0, 1) for t in (q_nope, q_pe, kv_c, k_pe))
             out = self.attend(*flat, batch, layer=layer, indices=None if indices is None else indices.flatten(0, 1))
@@ -1607,6 +1630,26 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
     position = latent.gather(1, flat).view_as(chosen)
     usable = sees.gather(2, chosen) & real.gather(1, flat).view_as(chosen)
     return picks, torch.where(usable, position, -1)
+
+
+def _pooled_positions(indexer: nn.Module | None, hidden_states, q_resid, attention_mask, cache, prev_picks) -> tuple:
+    """GLM-5.3-Flash's sparse attention: ``(picks, positions [B, Q, K])``. Its indexer (or, on a "shared" layer,
+    ``prev_picks``, the previous layer's) picks pools of ``index_kpool`` keys and the keys of the query's own pool so
+    far (its "tail"), as key positions among every position transformers counts, pads included, which is how the
+    latent cache of such a model holds them (``local_mask``), -1 for none; it takes the step's own padding mask
+    ``attention_mask [B, Q]`` and keeps the keys' padding in its cache. Always sparse: a pool is picked only once
+    whole, so even with fewer keys than ``index_topk`` a query may not see every earlier key. A key picked twice
+    (a tail inside a picked pool, where a later step's pads split the pools) counts once, as in transformers' mask
+    built from the picks: the repeats become -1 (sorted, on the device; nothing is read)."""
+    if indexer is not None:
+        picks = indexer(hidden_states=hidden_states, q_resid=q_resid, attention_mask=attention_mask,
+                        **{_indexer_cache_name(indexer): cache})  # (None too: its cache has no default)
+    else:
+        picks = prev_picks
+    ordered = picks.long().sort(dim=-1).values
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return picks, torch.where(repeat, -1, ordered)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1750,7 +1793,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, Hy4, GLM-4.7-Flash, Mistral
-    Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear, Ling 3) model for
+    Small 4, Mistral Large 4, GLM-5.3-Flash, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear,
+    Ling 3) model for
     ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
