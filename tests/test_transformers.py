@@ -1200,6 +1200,43 @@ def test_glm53_flash_bf16_logits_close():
     assert (patched[real].argmax(-1) == stock[real].argmax(-1)).float().mean() > 0.9
 
 
+def glm53_wide_latent() -> torch.nn.Module:
+    """``glm53_model`` with a latent of 128 (one FP8 scale group)."""
+    model = glm53_model()
+    config_cls, model_cls = _transformers_class("Glm5NextConfig", "Glm5NextForConditionalGeneration")
+    config = copy.deepcopy(model.config)
+    config.text_config.kv_lora_rank = 128
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model(kv_lora_rank=128), glm53_wide_latent], ids=["v3", "glm5.3-flash"])
+def test_the_fp8_cache_is_stock_attention_over_its_latent_quantized(make, monkeypatch):
+    """``patch_model(cache_dtype=float8_e4m3fn)``: the patched model's greedy run (left-padded prompts, then decode
+    steps) is stock transformers' with each layer's latent (``kv_a_layernorm``'s output) quantized to DeepSeek's FP8
+    layout and back (``reference.quant``): same tokens, fp32 logits within 1e-4 (both compute in fp32 from the same
+    e4m3 values; 2e-7 to 3e-7 measured), where the quantization itself moves them by 3e-2 (V3) to 8e-2 (GLM-5.3)."""
+    from mla_kernels.reference.quant import dequantize_fp8, quantize_fp8
+    model = make()
+    stock = copy.deepcopy(model)
+    for module in stock.modules():
+        if type(module).__name__.endswith("Attention") and "kv_a_layernorm" in module._modules:
+            module.kv_a_layernorm.register_forward_hook(lambda m, args, out: dequantize_fp8(*quantize_fp8(out),
+                                                                                            out.dtype))
+    ids, mask = left_padded([5, 9, 2])
+    greedy = dict(GREEDY, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = stock.generate(input_ids=ids, attention_mask=mask, **greedy)
+        plain = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+        monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+        patch_model(model, block_size=4, cache_dtype=torch.float8_e4m3fn)
+        got = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert latent_cache(got.past_key_values).dtype == torch.float8_e4m3fn
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(err_ratio(g, e) for g, e in zip(got.logits, expected.logits)) < 1e-4
+    assert err_ratio(expected.logits[0], plain.logits[0]) > 1e-2  # (the quantization is what is compared)
+
+
 def test_pooled_positions_count_a_repeated_pick_once():
     """``_pooled_positions`` on a shared layer's picks: sorted, each key once (its repeats and the -1s stay -1)."""
     picks = torch.tensor([[[3, -1, 5, 3, 0], [2, 2, 2, -1, -1]]], dtype=torch.int32)
