@@ -727,6 +727,9 @@ def jit_shapes(target: str = "sm90") -> dict:
     cases["decode-h16-p0-fp8-scheduled"] = decode(16, 2, 64, d_rope=0, fp8=True, scheduled=True)
     cases.update({f"prefill-{path}-h16-p0": prefill(16, 16, path, d_rope=0) for path in ("latent", "expanded")})
     cases.update({f"write-{name}-p0": write(fp8, d_rope=0) for name, fp8 in (("bf16", False), ("fp8", True))})
+    # GLM-5.3-Flash's decode step: 64 heads, no rope part, key lists of its pooled picks (top 2048 and a 15-key tail)
+    cases.update({f"decode-h64-p0-sparse2063-{name}": decode(64, 1, 64, d_rope=0, sparse=2063, fp8=fp8)
+                  for name, fp8 in (("bf16", False), ("fp8", True))})
 
     def rotate(style, heads, dtype):  # the drop-in's rope of the query (heads > 0) or the key, one decode step
         shape = (4, 1, heads, 64) if heads else (4, 1, 64)

@@ -191,6 +191,8 @@ def test_public_calls_compile_across_shapes():
     assert kernels["decode-h128-page256"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
     assert kernels["decode-h16-fp8-scheduled"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
     assert kernels["decode-h128-sparse-page1"] == ["_mla_sparse_attn_kernel"]
+    # GLM-5.3-Flash's step (64 heads, P = 0): its 2063-key lists split, so the combine runs
+    assert kernels["decode-h64-p0-sparse2063-fp8"] == ["_mla_sparse_attn_kernel", "_mla_combine_kernel"]
     # split_tokens: the split grid and its combine even where one split holds every sequence (4096 > 300 keys)
     assert kernels["decode-h1-split-tokens4096"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
     assert kernels["prefill-latent-h16-split-tokens64"] == ["_mla_attn_kernel", "_mla_combine_kernel"]
