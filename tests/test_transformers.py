@@ -1172,8 +1172,10 @@ def test_glm53_flash_pooled_sparse_attention_over_turns_with_pads(case, monkeypa
 
 def test_glm53_flash_beam_search_and_what_it_refuses():
     """GLM-5.3-Flash patched: beam search gives stock tokens (its linear layers' states and the latent rows follow
-    the beams), a static latent cache is refused by name (it would not hold the linear layers' state nor the indexer's
-    keys), a "shared" layer called without the previous layer's picks is refused as transformers' own is."""
+    the beams); each attention returns its picks where stock's does, only for a "shared" next layer (a forward hook
+    sees the same outputs, and a shared layer after a shared one gets none, refused as stock refuses it: it ran
+    silently on the picks handed on twice); a static latent cache is refused by name (it would not hold the linear
+    layers' state nor the indexer's keys); a shared layer called alone without picks is refused."""
     model = glm53_model()
     stock = copy.deepcopy(model)
     patch_model(model, block_size=4)
@@ -1182,6 +1184,23 @@ def test_glm53_flash_beam_search_and_what_it_refuses():
     with torch.no_grad():
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **beam),
                            stock.generate(input_ids=ids, attention_mask=mask, **beam))
+    handed = {}
+    for name, m in (("stock", stock), ("patched", model)):
+        handed[name] = []
+        for layer in m.model.language_model.layers:
+            layer.self_attn.register_forward_hook(lambda mod, args, out, seen=handed[name]: seen.append(
+                None if not isinstance(out, tuple) or len(out) < 3 else out[2] is not None))
+        with torch.no_grad():
+            m(input_ids=ids, attention_mask=mask)
+    assert handed["patched"] == handed["stock"] == [None, True, False, None, False]
+    twice = glm53_model(layer_types=("indexed_attention",) * 3, indexer_types=("full", "shared", "shared"))
+    stock_twice = copy.deepcopy(twice)
+    patch_model(twice, block_size=4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="Shared DSA layers require top-k indices"):
+            stock_twice(input_ids=ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="may not put a shared layer after a shared or linear-attention one"):
+            twice(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match="static_latent_cache does not serve glm5_next_text"):
         integration.static_latent_cache(model, 3, 32)
     shared = model.model.language_model.layers[2].self_attn

@@ -127,7 +127,7 @@ _ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs")  # an nn.Module's forward hooks (the last three: their options)
 _NO_STATIC_INDEXER = ("static_latent_cache does not hold the indexer keys of DSA models (DeepSeek-V3.2, GLM-5, "
-                      "A.X-K2, Hy4, Mistral Large 4, GLM-5.3-Flash): generate with a DynamicCache (the default)")
+                      "A.X-K2, Hy4, Mistral Large 4): generate with a DynamicCache (the default)")
 INITIAL_HEADROOM_TOKENS = 128  # per sequence, on top of the first call's length, before the cache first grows
 
 
@@ -1261,6 +1261,7 @@ class TransformersMLAttention(MLAttention):
     max_cache_tokens: int | None
     cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.float8_e4m3fn: DeepSeek's FP8 layout
     returns_topk: bool = False  # GLM-5: forward returns the step's top-k picks too, for the next layer
+    hands_on_topk: bool = True  # False: returns None there (GLM-5.3-Flash's where the next layer is not "shared")
     shared_topk: bool = False  # GLM-5's "shared" DSA layers: the previous layer's picks, no indexer of their own
     position_scale: bool = False  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length)) (_scale_by_position)
     # the rope width of the latent cache the model's layers share: the widest layer's (Mistral Large 4's no-rope
@@ -1368,6 +1369,7 @@ class TransformersMLAttention(MLAttention):
         # the previous layer's (prev_topk_indices) instead of running an indexer
         new.returns_topk = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
         new.shared_topk = bool(getattr(original, "skip_topk", False))
+        new.hands_on_topk = bool(getattr(original, "next_skip_topk", True))
         # Mistral 4's queries are scaled by position (_scale_by_position: from the config, read at each call as the
         # original reads it, so an edit of its rope_parameters reaches both)
         new.position_scale = config.model_type == "mistral4"
@@ -1417,7 +1419,9 @@ class TransformersMLAttention(MLAttention):
         if self.shared_topk and prev_topk is None:
             raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k picks (a shared DSA layer): "
                              f"prev_topk_indices is required (call it through its decoder layer or the model, which "
-                             f"hand it the previous layer's)")
+                             f"hand it the previous layer's; on GLM-5.3-Flash only a layer running its own indexer "
+                             f"hands them on, so config.indexer_types may not put a shared layer after a shared or "
+                             f"linear-attention one, which transformers' own attention refuses too)")
         batch_size, query_len = hidden_states.shape[:2]
         cos, sin = (None, None) if self.rope_style == "none" else _rope_tables(position_embeddings)
         indexer = self._modules.get("indexer")
@@ -1487,8 +1491,11 @@ class TransformersMLAttention(MLAttention):
 
     def _outputs(self, out: torch.Tensor, picks: torch.Tensor | None) -> tuple:
         """What the original module returned: ``(out, None)``, attention weights never being materialised, and on
-        GLM-5 the step's top-k picks for the next layer (``returns_topk``)."""
-        return (out, None, picks) if self.returns_topk else (out, None)
+        GLM-5 the step's top-k picks for the next layer (``returns_topk``; on GLM-5.3-Flash only where the next
+        layer takes them, ``hands_on_topk``, else None, as there)."""
+        if not self.returns_topk:
+            return out, None
+        return out, None, picks if self.hands_on_topk else None
 
     def _scale_by_position(self, q_nope: torch.Tensor, q_pe: torch.Tensor, position_ids) -> tuple:
         """Mistral 4's queries times ``1 + beta * log(1 + floor(position / length))`` (Llama 4's attention
