@@ -147,6 +147,44 @@ def test_fp8_rows(sparse, device, poisoned_empty):
     assert_lse_close("lse", lse, flash_lse(ref_lse), atol=FP8_LSE_ATOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("mode", ["dense", "older-metadata", "sparse", "fp8"])
+def test_mla_without_a_rotary_part(mode, device, poisoned_empty):
+    """``head_dim_v`` equal to q's width: no rope part (P = 0, GLM-5.3-Flash's MLA; FlashMLA itself needs one), in a
+    dense call with either metadata form (the older one's tables are cut for 512 + 64 and rebuilt for these widths),
+    a sparse one and over FP8 rows of R e4m3 values and their scales alone; against the float64 references."""
+    lens, s_q, heads, page = [37, 0, 70], 2, 4, 16
+    dtype = torch.bfloat16
+    if mode == "fp8":
+        a = decode_inputs(lens, s_q, heads, page, (R, 0), dtype, device, seed=6)
+        rows = storage_bytes(a["kv_cache"]).view(*a["kv_cache"].shape[:2], R + 4 * R // 128)
+        q, k_cache = a["q_nope"], rows.unsqueeze(2)
+        d = dequantized(a)
+        ref_args = [d[n] for n in ("q_nope", "q_pe", "kv_cache", "pe_cache", "block_table", "cache_seqlens")]
+    else:
+        q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(lens, s_q, heads, page, dtype, device, r=R,
+                                                                       p=0, seed=6)
+        q, k_cache = q_nope, kv_cache.unsqueeze(2)
+        ref_args = [q_nope, q_pe, kv_cache, pe_cache, table, seqlens]
+    assert q.shape[-1] == R and ref_args[1].shape[-1] == 0
+    table, seqlens = ref_args[4], ref_args[5]
+    kw = dict(softmax_scale=SCALE, is_fp8_kvcache=mode == "fp8")
+    if mode == "sparse":
+        positions = key_lists(lens, s_q, 20, seed=7, device=device)
+        out, lse = flash_mla_with_kvcache(q, k_cache, None, None, R, indices=slots_of(positions, table, page), **kw)
+        ref_out, ref_lse = reference.sparse_decode(*ref_args, positions, SCALE, causal=False)
+    else:
+        meta, splits = get_mla_metadata(seqlens, s_q * heads, 1) if mode == "older-metadata" else get_mla_metadata()
+        out, lse = flash_mla_with_kvcache(q, k_cache, table, seqlens, R, meta, splits, causal=True, **kw)
+        ref_out, ref_lse = reference.absorbed_decode(*ref_args, SCALE, causal=True)
+        assert meta.schedule is not None  # (the scheduled grid ran)
+    tol = dict(rms_tol=FP8_RMS_TOL[dtype], cos_tol=FP8_COS_TOL[dtype]) if mode == "fp8" else {}
+    assert_close(f"out ({mode})", out, ref_out, dtype, **tol)
+    assert_lse_close(f"lse ({mode})", lse, flash_lse(ref_lse), **(dict(atol=FP8_LSE_ATOL[dtype]) if mode == "fp8"
+                                                                     else {}))
+    with pytest.raises(ValueError, match=r"head_dim_v \(144\) must be at most q's last dimension \(128\)"):
+        flash_mla_with_kvcache(q, k_cache, table, seqlens, R + 16, causal=True, **kw)
+
+
 def _as_deepseek(monkeypatch, r=R, p=P):
     """Make the widths get_mla_metadata's older form cuts its schedule for (DeepSeek's 512 + 64) these tests'."""
     from mla_kernels.integrations import flash_mla as fm

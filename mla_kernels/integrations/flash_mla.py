@@ -13,7 +13,8 @@ where FlashMLA does not: other GPUs than Hopper/Blackwell, ROCm, the CPU, any pa
 
 Layouts, as FlashMLA has them (MQA mode: one key-value head holding the latent and the rope key side by side):
 
-- ``q [B, S_q, H, D]``: the absorbed query, ``D = head_dim_v + rope width`` (576 for DeepSeek: 512 + 64);
+- ``q [B, S_q, H, D]``: the absorbed query, ``D = head_dim_v + rope width`` (576 for DeepSeek: 512 + 64; ``D =
+  head_dim_v`` for MLA without a rotary part, GLM-5.3-Flash's, which FlashMLA itself does not take);
 - ``k_cache [num_blocks, page, H_k, D]`` in the query's dtype, or with ``is_fp8_kvcache`` DeepSeek's FP8 rows
   (``[num_blocks, page, H_k, 656]`` bytes at DeepSeek's widths: 512 e4m3 values, 4 fp32 scales, 64 bf16 rope
   values; the layout ``mla_kernels.fp8_latent_cache`` allocates), as uint8 or float8_e4m3fn. ``H_k = 1`` is MLA's
@@ -283,13 +284,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     dim_v = _utils.check_int("head_dim_v", head_dim_v, 1)
     if dim_v is None:
         raise ValueError("head_dim_v must be an int >= 1 (the latent width, 512 for DeepSeek), got None")
-    if dim_v >= q.shape[-1]:
-        raise ValueError(f"head_dim_v ({dim_v}) must be less than q's last dimension ({q.shape[-1]}): the query is "
-                         f"the latent part (head_dim_v wide) and then the rope part")
+    if dim_v > q.shape[-1]:
+        raise ValueError(f"head_dim_v ({dim_v}) must be at most q's last dimension ({q.shape[-1]}): the query is "
+                         f"the latent part (head_dim_v wide) and then the rope part (none where they are equal: MLA "
+                         f"without a rotary part)")
     rope_dim = q.shape[-1] - dim_v
     # named as the caller passed them (mla_decode would name its kv_cache / pe_cache views)
     _utils.check_width("head_dim_v (the latent)", dim_v)
-    _utils.check_width("q's rope part (q.shape[-1] - head_dim_v)", rope_dim)
+    _utils.check_rope_width("q's rope part (q.shape[-1] - head_dim_v)", rope_dim)
     _utils.check_devices(q=q, k_cache=k_cache)
     views = _cache_views(k_cache, q, dim_v, rope_dim, is_fp8)  # (kv_cache, kv_scale, pe_cache) per key-value head
     kv_cache = views[0][0]
