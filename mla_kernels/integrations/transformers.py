@@ -22,7 +22,8 @@ and the Cache layer API, which these versions share:
   sequence per batch row), sized from the batch and the first call's length and doubled whenever full
   (or ``CacheFullError`` past ``max_cache_tokens``);
 - left padding: the new tokens the layer's attention mask hides from the last query are pads; they are
-  not stored, so every sequence attends only to its real tokens. Rope comes from the model's own
+  not stored, so every sequence attends only to its real tokens (GLM-5.3-Flash's are: its indexer's picks number
+  every position, and never pick a pad; ``local_mask``). Rope comes from the model's own
   ``position_embeddings``, so positions are whatever transformers computed (with left padding,
   ``attention_mask.cumsum - 1``);
 - beam search and other changes of the batch's rows (the Cache's ``reorder_cache``, ``batch_repeat_interleave``,
