@@ -379,6 +379,10 @@ class MLAttention(nn.Module):
     backward).
     """
 
+    # the latent width of the cache where it is wider than the module's own (one cache for a model whose layers have
+    # two widths, dots.llm3's: the module stores and reads its first kv_lora_rank columns); None: its own
+    cache_kv_lora_rank: int | None = None
+
     def __init__(self, hidden_size: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
@@ -521,6 +525,9 @@ class MLAttention(nn.Module):
         q_nope, q_pe = self._query_heads(hidden_states, q_resid, q)
         kv = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        rope_key_norm = self._modules.get("k_rope_only_layernorm")  # dots.llm3's RMSNorm of the rope key, before rope
+        if rope_key_norm is not None:
+            k_pe = rms_norm(rope_key_norm, k_pe)
         if self.rope_style != "none" and self.qk_rope_head_dim:  # the latent's norm and both ropes: one launch
             q_pe, kv_c, k_pe = norm_and_rope(self.kv_a_layernorm, kv_c, q_pe, k_pe, cos, sin, self.rope_style)
         else:  # (no tables needed without rope: cos/sin may be None)
@@ -557,8 +564,11 @@ class MLAttention(nn.Module):
         """The batch's cache has this module's widths and is on ``device``, the tokens' (else the kernels named their
         internal kv_c/kv_cache, or the rope tables failed inside torch). A module without a rotary part (P = 0)
         also takes a cache of rope layers (a model mixing no-rope layers with rope layers, Mistral Large 4's, keeps
-        one cache for all of them): it stores and reads no rope key there, its layer's rope columns stay unused."""
-        if cache.kv_lora_rank != self.kv_lora_rank or self.qk_rope_head_dim not in (0, cache.rope_dim):
+        one cache for all of them): it stores and reads no rope key there, its layer's rope columns stay unused. One
+        with ``cache_kv_lora_rank`` takes a cache of that latent width (a model whose layers have two, dots.llm3's)
+        and stores and reads its own first ``kv_lora_rank`` columns."""
+        if cache.kv_lora_rank != (self.cache_kv_lora_rank or self.kv_lora_rank) or \
+                self.qk_rope_head_dim not in (0, cache.rope_dim):
             raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
                              f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}")
@@ -624,13 +634,15 @@ class MLAttention(nn.Module):
                              "the step's longest sequence" if indices is None else "the step's key lists (K)")
         if indices is None:  # a program per sequence on a grid axis: the calls' bound, before the write too
             _utils.check_grid_batch(batch.batch_size, "the step's number of sequences")
-        if self.qk_rope_head_dim == cache.rope_dim:
+        if (self.kv_lora_rank, self.qk_rope_head_dim) == (cache.kv_lora_rank, cache.rope_dim):
             if not read_only:
                 cache.write(layer, batch.slots, kv_c.contiguous(), k_pe.contiguous())
             kv_cache, pe_cache, kv_scale = cache.views(layer)
-        else:  # no rope part, in a cache of rope layers (_check_cache): the latent alone, its rope columns unused
-            kv_cache, pe_cache, kv_scale = cache.views(layer)
-            pe_cache = pe_cache[..., :0]
+        else:  # a cache wider than the module (_check_cache): no rope part among rope layers, or a narrower latent
+            kv_cache, pe_cache, kv_scale = cache.views(layer)  # among wider ones: its own columns, the others unused
+            kv_cache, pe_cache = kv_cache[..., :self.kv_lora_rank], pe_cache[..., :self.qk_rope_head_dim]
+            if kv_scale is not None:
+                kv_scale = kv_scale[..., :self.kv_lora_rank // _utils.FP8_GROUP]
             if not read_only:
                 write_cache(kv_c.contiguous(), k_pe.contiguous(), kv_cache, pe_cache, batch.slots, kv_scale=kv_scale)
         if total == 0:
@@ -994,7 +1006,7 @@ def config_kwargs(config) -> dict:
         # encoding (NoPE; GLM-5.3-Flash's config has no rope part, Kimi-Linear's one its attention never rotates)
         style = "none"
     elif model_type in ("longcat_flash", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4",
-                        "hy_v4_vl_text", "mistral_large4_text"):
+                        "hy_v4_vl_text", "mistral_large4_text", "dots3_note_text"):
         # their attention interleaves, whatever the config says (V3.2's config drops V3's rope_interleave, but a
         # rope_interleave=False given to it is still stored)
         style = "interleave"

@@ -315,6 +315,29 @@ def glm53_model(layer_types=GLM53_LAYERS, indexer_types=("full", "full", "shared
     return model_cls(config).eval()
 
 
+DOTS3_LAYERS = ("indexed_attention", "sliding_attention", "indexed_attention", "sliding_attention")
+
+
+def dots3_model(layer_types=DOTS3_LAYERS, sliding_window=4, kv_lora_rank=32, swa_kv_lora_rank=64, **extra):
+    """dots.llm3 (``dots3_note``, transformers 5.25 on), tiny: DSA layers (top-4) and sliding-window layers (a window
+    of 4 keys here) whose attention has other widths (2 heads and a latent of 64 against 4 heads and 32:
+    ``per_layer_config``), the rope key RMS-normed before the rope, LoRA scales on the query and the latent, and a
+    head-wise sigmoid gate on the output."""
+    config_cls, model_cls = _transformers_class("Dots3NoteTextConfig", "Dots3NoteForCausalLM")
+    swa = dict(swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_q_lora_rank=32,
+               swa_kv_lora_rank=swa_kv_lora_rank, swa_head_dim=32, swa_qk_nope_head_dim=16, swa_v_head_dim=16)
+    config = config_cls(hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4,
+                        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=16,
+                        qk_rope_head_dim=16, v_head_dim=16, head_dim=32, vocab_size=128, intermediate_size=64,
+                        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                        shared_experts_intermediate_size=32, mlp_layer_types=["dense"] * len(layer_types),
+                        layer_types=list(layer_types), sliding_window=sliding_window, index_topk=4, index_n_heads=4,
+                        index_head_dim=32, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, attn_implementation="eager", **swa, **extra)
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
 MODELS = {
     "v3-qproj": lambda: tiny_model(),
     "v3-qlora-yarn": lambda: tiny_model(q_lora_rank=32, rope_parameters=YARN),
@@ -336,6 +359,7 @@ MODELS = {
     "hy4-vl-text": hy4_vl_model,
     "mistral-large4-text": mistral_large4_model,
     "glm5.3-flash-pooled-dsa": glm53_model,
+    "dots3-sliding-two-widths": dots3_model,
     # the patched attention takes transformers' own cos/sin, so any rope type it computes works (was refused)
     "v3-rope-linear": lambda: tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "v3-rope-dynamic": lambda: tiny_model(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
@@ -1219,7 +1243,9 @@ def glm53_wide_latent() -> torch.nn.Module:
     return model_cls(config).eval()
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_model(kv_lora_rank=128), glm53_wide_latent], ids=["v3", "glm5.3-flash"])
+@pytest.mark.parametrize("make", [lambda: tiny_model(kv_lora_rank=128), glm53_wide_latent,
+                                  lambda: dots3_model(kv_lora_rank=128, swa_kv_lora_rank=256)],
+                         ids=["v3", "glm5.3-flash", "dots3-two-widths"])
 def test_the_fp8_cache_is_stock_attention_over_its_latent_quantized(make, monkeypatch):
     """``patch_model(cache_dtype=float8_e4m3fn)``: the patched model's greedy run (left-padded prompts, then decode
     steps) is stock transformers' with each layer's latent (``kv_a_layernorm``'s output) quantized to DeepSeek's FP8
@@ -1244,6 +1270,75 @@ def test_the_fp8_cache_is_stock_attention_over_its_latent_quantized(make, monkey
     assert torch.equal(got.sequences, expected.sequences)
     assert max(err_ratio(g, e) for g, e in zip(got.logits, expected.logits)) < 1e-4
     assert err_ratio(expected.logits[0], plain.logits[0]) > 1e-2  # (the quantization is what is compared)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("window", [4, 8])
+def test_dots3_sliding_windows_and_two_latent_widths_over_turns_with_pads(impl, window, monkeypatch):
+    """dots.llm3: its sliding-window layers attend over the keys their mask rows show, as key lists of latent
+    positions (the pads among a window are the positions its row hides, so pads between turns shift nothing), and its
+    two latent widths share one cache of the wider (64), the narrower layers in their first 32 columns. Over two
+    turns, the second left-padded, and a decode step, with widened attention: fp32 logits within 1e-4 of stock
+    (4e-7 to 6e-7 measured), without a Cache too; the cache holds real tokens only. Mutants: the whole past instead
+    of the window, 0.14 to 1.0 off; the rope key not normed, 0.23 to 0.75 off."""
+    model = dots3_model(sliding_window=window)
+    model.config._attn_implementation = impl
+    widen_attention(model)
+    stock = copy.deepcopy(model)
+    ids, mask = left_padded([5, 9, 2])
+    ids2, mask2 = left_padded([3, 1, 6], seed=5)
+    expected = glm53_turns(stock, transformers.DynamicCache(config=stock.config), ids, mask, ids2, mask2)
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+    patch_model(model, block_size=4)
+    attns = [layer.self_attn for layer in model.model.layers]
+    assert [(a.sliding_window, a.kv_lora_rank, a.cache_latent, a.num_heads) for a in attns] == \
+        [(None, 32, 64, 4), (window, 64, 64, 2)] * 2
+    cache = transformers.DynamicCache(config=model.config)
+    got = glm53_turns(model, cache, ids, mask, ids2, mask2)
+    for g, e in zip(got, expected):
+        assert err_ratio(g, e) < 1e-4, err_ratio(g, e)
+    lc = latent_cache(cache)
+    assert lc.kv_lora_rank == 64 and [lc.seqlen(r) for r in lc.seq_ids] == [5 + 3 + 1, 9 + 1 + 1, 2 + 6 + 1]
+    with torch.no_grad():
+        forward = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        expected_forward = stock(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+    assert err_ratio(forward, expected_forward) < 1e-4
+
+
+def test_dots3_what_the_drop_in_refuses():
+    """A model whose first MLA layer slides (its mask cannot show the step's pads, which the step reads from its
+    first layer) is refused by ``patch_model`` with the model unchanged; a static latent cache is refused for
+    sliding-window layers (also without DSA layers, whose refusal would come first); a sliding layer called alone,
+    without a cache, is refused by name (it takes the pads from the pass's first layer)."""
+    first_slides = dots3_model(layer_types=("sliding_attention", "indexed_attention"))
+    original = first_slides.model.layers[0].self_attn
+    with pytest.raises(TypeError, match="layer 0, the first MLA layer, attends over a sliding window"):
+        patch_model(first_slides)
+    assert first_slides.model.layers[0].self_attn is original
+    dense = patch_model(dots3_model(layer_types=("full_attention", "sliding_attention"), use_dsa=False))
+    assert dense.model.layers[0].self_attn._modules.get("indexer") is None
+    with pytest.raises(ValueError, match="static_latent_cache does not serve sliding-window layers"):
+        static_latent_cache(dense, 1, 32)
+    integration._no_cache_step[0] = None
+    with torch.no_grad(), pytest.raises(ValueError, match="layer 1 attends over a sliding window"):
+        dense.model.layers[1].self_attn(torch.zeros(1, 3, 64), dense.model.rotary_emb(
+            torch.zeros(1, 3, 64), torch.arange(3)[None], "sliding_attention"), None)
+
+
+def test_window_positions_without_a_mask_are_the_masks_without_pads():
+    """``_window_positions`` without a mask (sdpa hands none where nothing is padded) lists what a sliding mask with
+    no pads shows: each query's ``window`` last positions up to its own, here a prompt of 6 after 4 cached tokens
+    (latent positions = transformers' positions, nothing being padded)."""
+    from types import SimpleNamespace
+    window, cached, q = 3, 4, 6
+    kv = cached + q
+    key, pos = torch.arange(kv), torch.arange(cached, kv)[:, None]
+    sliding = ((key <= pos) & (key > pos - window))[None, None].expand(2, 1, q, kv)  # [B, 1, Q, KV]
+    batch = SimpleNamespace(cache_seqlens=torch.tensor([kv, kv]))
+    with_mask = integration._window_positions(sliding, batch, None, window, 2, q, kv)
+    without = integration._window_positions(None, batch, None, window, 2, q, kv)
+    assert torch.equal(with_mask, without)
+    assert with_mask[0].tolist() == [[2, 3, 4], [3, 4, 5], [4, 5, 6], [5, 6, 7], [6, 7, 8], [7, 8, 9]]
 
 
 def test_pooled_positions_count_a_repeated_pick_once():
@@ -1271,9 +1366,9 @@ def test_mistral_large4_latents_shared_across_rope_kinds_are_refused():
 
 
 @pytest.mark.parametrize("make", [lambda: tiny_model(q_lora_rank=32), axk2_model, glm5_model, hy4_model,
-                                  mistral_large4_model, glm53_model],
+                                  mistral_large4_model, glm53_model, dots3_model],
                          ids=["v3", "axk2-no-q_b_proj", "glm5-shared-no-indexer", "hy4-sinks", "mistral-large4",
-                              "glm5.3-flash-hybrid"])
+                              "glm5.3-flash-hybrid", "dots3-rope-key-norm"])
 def test_patch_shares_parameters_and_unpatch_restores(make):
     """The patched model's state dict is the original's, key for key and tensor for tensor (A.X-K2's attention has
     no q_b_proj, GLM-5's shared layers no indexer: the stand-ins have none either; Hy4's attention has a parameter

@@ -1,6 +1,7 @@
 """Run a transformers MLA model (DeepSeek-V3/V3.2/V2 and the models with their attention: GLM-5, Hy4, GLM-4.7-Flash,
 Mistral Small 4, Mistral Large 4, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, the MLA layers of
-Kimi-Linear, Ling 3 and GLM-5.3-Flash; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the latent.
+Kimi-Linear, Ling 3 and GLM-5.3-Flash, dots.llm3; ``SUPPORTED_MODEL_TYPES``) on the kernels, keeping only the
+latent.
 
 ``patch_model(model)`` replaces every layer's ``self_attn`` (each of them, where a layer has a ``ModuleList`` of
 them, as LongCat-Flash's) by a ``TransformersMLAttention`` that adopts
@@ -113,6 +114,11 @@ SUPPORTED_MODEL_TYPES = {
     # query's own, "shared" layers reusing the previous layer's picks; its layers get the step's own padding mask
     # [B, Q], the keys' padding living in the indexer's cache (local_mask: the latent cache keeps every position)
     "glm5_next_text": ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextTextAttention"),
+    # dots.llm3 (transformers 5.25 on): DSA layers and sliding-window layers (sliding_window: each query over the keys
+    # its mask row shows, as key lists) of two latent widths (one cache of the wider, cache_kv_lora_rank), its rope
+    # key RMS-normed before the rope (k_rope_only_layernorm, adopted), LoRA scales (q_lora_scale, kv_lora_scale: the
+    # module's query_scale and latent_scale; the indexer reads the scaled query) and Ling 3's head-wise gate g_proj
+    "dots3_note_text": ("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteTextAttention"),
 }
 # a hybrid model's attention modules that are not MLA (by class name): left as they are, with their cache layers
 _OTHER_ATTENTION = {"kimi_linear": ("KimiLinearDeltaAttention",), "bailing_hybrid": ("BailingHybridDeltaAttention",),
@@ -122,7 +128,7 @@ _ADOPTED = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_m
 # the children some models' attention adds, adopted where the original has them: DeepSeek-V3.2's (and GLM-5's,
 # A.X-K2's, Hy4's) indexer, Ling 3's head-wise output gate g_proj and Hy4's elementwise one gate_proj
 # (``_project_out``), A.X-K2's fused query-and-gate projection q_gate_proj (``_query_and_gate``)
-_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj", "softmax_scaling")
+_ADOPTED_IF_PRESENT = ("indexer", "g_proj", "gate_proj", "q_gate_proj", "softmax_scaling", "k_rope_only_layernorm")
 # the parameters of its own, likewise: Hy4's attention sinks ``sinks [H]`` (``MLAttention``'s ``attention_sinks``)
 _ADOPTED_PARAMETERS = ("sinks",)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -407,11 +413,11 @@ class _LatentState:
         own model then went on from silently. Host ints only."""
         paged = self.paged
         if attn.num_latent_layers != self.num_layers or (paged is not None and (
-                paged.kv_lora_rank, paged.rope_dim) != (attn.kv_lora_rank, attn.cache_rope)):
+                paged.kv_lora_rank, paged.rope_dim) != (attn.cache_latent, attn.cache_rope)):
             widths = "" if paged is None else f", kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}"
             raise ValueError(f"this Cache (past_key_values / cache) holds the latent of another model: "
                              f"{self.num_layers} MLA layers{widths}; this model has {attn.num_latent_layers}, "
-                             f"{attn.kv_lora_rank}, {attn.cache_rope}: use a new cache (a DynamicCache, or none) "
+                             f"{attn.cache_latent}, {attn.cache_rope}: use a new cache (a DynamicCache, or none) "
                              f"for each model")
 
     def _every_row_started(self) -> bool:
@@ -430,7 +436,7 @@ class _LatentState:
             blocks = max(1, batch_size * per_row)
             if self.max_cache_tokens is not None:
                 blocks = max(1, min(blocks, self.max_cache_tokens // self.block_size))
-            self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.kv_lora_rank,
+            self.paged = PagedLatentCache(self.num_layers, blocks, self.block_size, attn.cache_latent,
                                           attn.cache_rope, dtype=attn.cache_dtype or dtype, device=device,
                                           rope_dtype=dtype)
         if self.paged.rope_dtype != dtype:
@@ -676,7 +682,8 @@ def _latent_state(past_key_values, layer_idx: int, num_layers: int, block_size: 
         if not isinstance(layer, _latent_layer_class()):
             dynamic_cls = _dynamic_layer_class()
             # (V3.2's indexed layers; the DummyLayer of a layer attending over another's latent, Mistral Large 4's)
-            fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ in ("DynamicIndexedLayer", "DummyLayer")
+            fresh_kind = type(layer) is dynamic_cls or type(layer).__name__ in ("DynamicIndexedLayer", "DummyLayer",
+                                                                               "DynamicSlidingWindowLayer")
             if not fresh_kind:  # a StaticCache (generate's cache_implementation="static"), offloaded, ...
                 raise ValueError(f"the Cache's (past_key_values / cache) layer {layer_idx} is a "
                                  f"{type(layer).__name__}, which the patched model can't use: pass a fresh "
@@ -1025,6 +1032,18 @@ class _PromptStep(_MaskStep):
 _no_cache_step: list = [None]  # the last cache-less forward pass's _MaskStep
 
 
+def _no_cache_window_packing(layer: int, batch_size: int, query_len: int) -> _Packing | None:
+    """``_no_cache_packing`` for a sliding-window layer, whose mask hides a query's early keys and so cannot tell the
+    step's pads: the pass's, read by its first layer (which ``patch_model`` makes a full one)."""
+    step = _no_cache_step[0]
+    if step is None or layer in step.layers or step.shape != (batch_size, query_len):
+        raise ValueError(f"layer {layer} attends over a sliding window, whose mask does not show which new tokens are "
+                         f"pads: it takes them from the forward pass's first layer; call the model, or its layers in "
+                         f"order")
+    step.layers.add(layer)
+    return step.packing
+
+
 def _no_cache_packing(layer: int, attention_mask, batch_size: int, query_len: int) -> _Packing | None:
     """``_real_tokens`` for a forward pass without a cache, read once per pass: its first layer reads the mask (and
     checks it), the others reuse the packing while the mask object is the same."""
@@ -1077,11 +1096,11 @@ class _StaticLatentState:
         layers stored and attended before an IndexError; later calls then gave other tokens silently), other widths
         or another dtype (refused inside write_cache, after the first layer had counted the step). Host ints only."""
         paged = self.paged
-        if attn.num_cache_layers > paged.num_layers or (attn.kv_lora_rank, attn.cache_rope) != \
+        if attn.num_cache_layers > paged.num_layers or (attn.cache_latent, attn.cache_rope) != \
                 (paged.kv_lora_rank, paged.rope_dim):
             raise ValueError(f"this static latent cache was built for another model: {paged.num_layers} layers, "
                              f"kv_lora_rank {paged.kv_lora_rank}, qk_rope_head_dim {paged.rope_dim}; this model has "
-                             f"{attn.num_cache_layers}, {attn.kv_lora_rank}, {attn.cache_rope}: make one with "
+                             f"{attn.num_cache_layers}, {attn.cache_latent}, {attn.cache_rope}: make one with "
                              "static_latent_cache(model, ...)")
         if dtype != paged.rope_dtype:
             raise TypeError(f"this static latent cache holds {paged.rope_dtype} (built for another model, before a "
@@ -1216,6 +1235,9 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     attns = [attn for _, _, attn in _attention_slots(layers)]
     if any("indexer" in getattr(attn, "_modules", {}) for attn in attns):
         raise ValueError(_NO_STATIC_INDEXER)
+    if any(getattr(attn, "sliding_window", None) is not None for attn in attns):
+        raise ValueError("static_latent_cache does not serve sliding-window layers (dots.llm3's): generate with a "
+                         "DynamicCache (the default)")
     if not all(isinstance(a, TransformersMLAttention) for a in attns):
         raise TypeError("static_latent_cache needs a patched model: call patch_model(model) first")
     max_batch_size, max_cache_len, block_size = (
@@ -1233,7 +1255,7 @@ def static_latent_cache(model: nn.Module, max_batch_size: int, max_cache_len: in
     # normal tensors even when made under torch.inference_mode (as PagedLatentCache's): the lengths the steps update
     # in place were inference tensors, so a cache made there failed its first step outside it (torch's RuntimeError)
     with torch.inference_mode(False):
-        state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].kv_lora_rank,
+        state = _StaticLatentState(num_layers, max_batch_size, max_cache_len, block_size, attns[0].cache_latent,
                                    attns[0].cache_rope, dtype, weight.device, attns[0].cache_dtype)
         layer_cls = _static_layer_class()
         cache = Cache(layers=[layer_cls(max_cache_len, state, i) for i in range(num_layers)])
@@ -1277,11 +1299,19 @@ class TransformersMLAttention(MLAttention):
     # create_recurrent_attention_mask), the keys' padding living in its indexer's cache, whose picks number the keys as
     # transformers lays them out, pads included; so its latent cache keeps every position (pads never picked)
     local_mask: bool = False
+    # dots.llm3's sliding-window layers: each query attends over the keys its attention mask row shows (at most this
+    # many, the last ones), as key lists (_window_positions); None: the whole causal past
+    sliding_window: int | None = None
 
     @property
     def cache_rope(self) -> int:
         """The rope width of the latent cache this module's model keeps (``cache_rope_dim``, or its own)."""
         return self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
+
+    @property
+    def cache_latent(self) -> int:
+        """The latent width of the cache this module's model keeps (``cache_kv_lora_rank``, or its own)."""
+        return self.cache_kv_lora_rank or self.kv_lora_rank
 
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
@@ -1299,14 +1329,26 @@ class TransformersMLAttention(MLAttention):
         the transformers Cache's layers (a static latent cache has as many); ``latent_layer`` of
         ``num_latent_layers``: its layer in a dynamic Cache's ``PagedLatentCache`` (default: ``layer_idx`` of
         ``num_cache_layers``); ``hybrid``: the model has other (linear) attention layers (``_OTHER_ATTENTION``)."""
-        config = original.config
+        config = _layer_config(original.config, original.layer_idx)
         _output_collector()  # looked up here, eagerly: a first lookup inside a trace would recompile the next call
         kwargs = config_kwargs(config)
-        for name in ("qk_rope_head_dim", "qk_nope_head_dim"):  # the module's own where it says (Mistral Large 4's
-            width = original.__dict__.get(name)  # no-rope layers: no rope part, D_nope = the config's nope + rope)
+        # the module's own widths where it says (Mistral Large 4's no-rope layers: no rope part, D_nope = the config's
+        # nope + rope; dots.llm3's sliding-window layers: their own heads and latent width, per_layer_config)
+        for name, arg in (("qk_rope_head_dim", "qk_rope_head_dim"), ("qk_nope_head_dim", "qk_nope_head_dim"),
+                          ("num_heads", "num_heads"), ("kv_lora_rank", "kv_lora_rank"), ("v_head_dim", "v_head_dim")):
+            width = original.__dict__.get(name)
             if type(width) is int:
-                kwargs[name] = width
+                kwargs[arg] = width
+        for name, arg in (("q_lora_scale", "query_scale"), ("kv_lora_scale", "latent_scale")):  # dots.llm3's
+            scale = original.__dict__.get(name)
+            if isinstance(scale, float):
+                kwargs[arg] = scale
         rope = kwargs["rope_parameters"]
+        if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type (dots.llm3's): this layer's,
+            # whose partial_rotary_factor is the rope's share of the whole head (the model's tables rotate all
+            # qk_rope_head_dim values, as the module's own do without it)
+            rope = kwargs["rope_parameters"] = {k: v for k, v in rope.get(config.layer_types[original.layer_idx],
+                                                                          {}).items() if k != "partial_rotary_factor"}
         if rope.get("rope_type", "default") not in ("default", "yarn"):
             # cos/sin come from the model's own rotary embedding (position_embeddings) and the softmax scale from
             # ``original``: the module's own tables are never used here, so whatever rope transformers computes
@@ -1375,6 +1417,9 @@ class TransformersMLAttention(MLAttention):
         # original reads it, so an edit of its rope_parameters reaches both)
         new.position_scale = config.model_type == "mistral4"
         new.local_mask = config.model_type == "glm5_next_text"
+        window = original.__dict__.get("sliding_window")
+        if type(window) is int:
+            new.sliding_window = window
         # the children in the original's order, so the state dict lists its keys as the original's does
         new._modules = {**{k: new._modules[k] for k in original._modules if k in new._modules}, **new._modules}
         # hooks on the attention module keep running on its stand-in (called as it was, returning what it returned)
@@ -1454,8 +1499,12 @@ class TransformersMLAttention(MLAttention):
             return self._outputs(self._project_out(out, hidden_states, gate), None)
         if past_key_values is None:  # no cache: the pass's first layer reads the mask, the others reuse it
             # (GLM-5.3-Flash's latent keeps every position: local_mask)
-            packing = None if self.local_mask else _no_cache_packing(self.layer_idx, attention_mask, batch_size,
-                                                                     query_len)
+            if self.local_mask:
+                packing = None
+            elif self.sliding_window is not None:  # (its mask can't tell the pads: the pass's first layer's does)
+                packing = _no_cache_window_packing(self.layer_idx, batch_size, query_len)
+            else:
+                packing = _no_cache_packing(self.layer_idx, attention_mask, batch_size, query_len)
             pass_latents = None if self.local_mask else _no_cache_step[0].latents  # (those later layers attend over)
             if self.latent_source is not None:
                 if self.latent_source not in pass_latents:
@@ -1464,7 +1513,7 @@ class TransformersMLAttention(MLAttention):
                 batch = pass_latents[self.latent_source]
             else:
                 paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)),
-                                         self.block_size, self.kv_lora_rank, self.qk_rope_head_dim,
+                                         self.block_size, self.cache_latent, self.qk_rope_head_dim,
                                          dtype=self.cache_dtype or q_nope.dtype, device=q_nope.device,
                                          rope_dtype=q_nope.dtype)
                 rows = [paged.add_sequence() for _ in range(batch_size)]
@@ -1480,6 +1529,8 @@ class TransformersMLAttention(MLAttention):
             state, batch, packing = step(past_key_values, batch_size, query_len, attention_mask, q_nope)
             layer = self.latent_layer
 
+        if q_resid is not None and self.query_scale != 1.0:  # dots.llm3's indexer reads the scaled low-rank query
+            q_resid = q_resid * self.query_scale  # (the attention's scale is in softmax_scale)
         try:
             out, picks = self._attend_step(hidden_states, q_resid, q_nope, q_pe, kv_c, k_pe, position_embeddings,
                                            attention_mask, past_key_values, batch, layer, packing,
@@ -1552,6 +1603,11 @@ class TransformersMLAttention(MLAttention):
         them, else None)."""
         batch_size, query_len = hidden_states.shape[:2]
         indexer, picks, indices = self._modules.get("indexer"), None, None
+        if self.sliding_window is not None:  # dots.llm3's sliding-window layers: the keys each mask row shows
+            kv_len = attention_mask.shape[-1] if attention_mask is not None else \
+                query_len if cache is None else cache.get_seq_length(self.layer_idx)
+            indices = _window_positions(attention_mask, batch, packing, self.sliding_window, batch_size, query_len,
+                                        kv_len)
         if indexer is not None or self.shared_topk:  # the top-k keys of each query, as latent cache positions
             if self.local_mask:
                 picks, indices = _pooled_positions(indexer, hidden_states, q_resid, attention_mask, cache, prev_topk)
@@ -1638,6 +1694,34 @@ def _sparse_positions(indexer: nn.Module | None, hidden_states, q_resid, positio
     position = latent.gather(1, flat).view_as(chosen)
     usable = sees.gather(2, chosen) & real.gather(1, flat).view_as(chosen)
     return picks, torch.where(usable, position, -1)
+
+
+def _window_positions(attention_mask, batch: LatentBatch, packing, window: int, batch_size: int, query_len: int,
+                      kv_len: int) -> torch.Tensor:
+    """dots.llm3's sliding-window attention as key lists ``[B, Q, window]`` of latent cache positions (-1: none):
+    query ``s`` (column ``kv_len - Q + s`` of the layer's 4-D mask) attends over the keys its mask row shows among
+    the ``window`` positions up to its own (all of them without a mask: sdpa's, where nothing is padded). The pads
+    among those are exactly the positions the row hides, so a shown key is the query's own latent position less the
+    keys shown after it; the query's own is its row's length after the step less its real new tokens after it
+    (``packing``; its pads are packed out). Computed on the device over ``[B, Q, window]``, not the mask's width."""
+    device = batch.cache_seqlens.device
+    cols = torch.arange(kv_len - query_len, kv_len, device=device)[:, None] - window + 1 + \
+        torch.arange(window, device=device)  # [Q, window]: the columns of each query's window, oldest first
+    inside = (cols >= 0).expand(batch_size, query_len, window)
+    if attention_mask is None:
+        shown = inside
+    else:
+        rows = attention_mask[:, 0].expand(batch_size, query_len, -1)  # [B, Q, KV], head 0
+        shown = _sees(rows.gather(-1, cols.clamp(min=0).expand(batch_size, query_len, window))) & inside
+    if packing is None:
+        real = torch.ones(batch_size, query_len, dtype=torch.long, device=device)
+    else:
+        real = torch.zeros(batch_size * query_len, dtype=torch.long, device=device).index_fill_(
+            0, packing.index, 1).view(batch_size, query_len)
+    own = batch.cache_seqlens.long()[:, None] - real.sum(1, keepdim=True) + real.cumsum(1) - 1  # [B, Q]
+    count = shown.long()
+    shown_after = count.flip(-1).cumsum(-1).flip(-1) - count  # [B, Q, window]: the keys shown after each
+    return torch.where(shown, own[..., None] - shown_after, -1)
 
 
 def _pooled_positions(indexer: nn.Module | None, hidden_states, q_resid, attention_mask, cache, prev_picks) -> tuple:
@@ -1801,8 +1885,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 cache_dtype: torch.dtype | None = None, split_tokens: int | None = None,
                 norms: bool = False) -> nn.Module:
     """Swap every MLA attention module of a transformers DeepSeek-V3 (or V3.2, V2, GLM-5, Hy4, GLM-4.7-Flash, Mistral
-    Small 4, Mistral Large 4, GLM-5.3-Flash, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2, Kimi-Linear,
-    Ling 3) model for
+    Small 4, Mistral Large 4, GLM-5.3-Flash, dots.llm3, MiniCPM3, LongCat-Flash, Youtu-LLM, Sarvam, A.X-K1, A.X-K2,
+    Kimi-Linear, Ling 3) model for
     ``TransformersMLAttention`` (a hybrid's other attention modules, ``_OTHER_ATTENTION``, stay as they are).
 
     Args:
@@ -1883,13 +1967,15 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in indices) or len(set(indices)) < len(indices):
         raise TypeError(f"the attention modules' layer_idx must be distinct ints >= 0 (their cache layers), got "
                         f"{indices}")
-    _utils.check_width("config.kv_lora_rank", config.kv_lora_rank)
-    _utils.check_rope_width("config.qk_rope_head_dim", config.qk_rope_head_dim)
-    if cache_dtype is not None and config.kv_lora_rank % _utils.FP8_GROUP:
-        raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
-                         f"got {config.kv_lora_rank}")
-    if getattr(config, "q_lora_rank", None) == 0:  # (Mistral Large 4's config has none: q_proj)
-        raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use None")
+    for layer_config in {id(c): c for c in (_layer_config(config, j) for j in indices)}.values():
+        _utils.check_width("config.kv_lora_rank", layer_config.kv_lora_rank)
+        _utils.check_rope_width("config.qk_rope_head_dim", layer_config.qk_rope_head_dim)
+        if cache_dtype is not None and layer_config.kv_lora_rank % _utils.FP8_GROUP:
+            raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
+                             f"got {layer_config.kv_lora_rank}")
+        if getattr(layer_config, "q_lora_rank", None) == 0:  # (Mistral Large 4's config has none: q_proj)
+            raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use "
+                             "None")
 
     sources = _latent_sources([attn for _, _, attn in slots], config)  # layer_idx -> the layer whose latent it reads
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
@@ -1901,10 +1987,19 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
         hybrid=model_type in _OTHER_ATTENTION, split_tokens=split_tokens, latent_source=sources.get(attn.layer_idx),
         shares_latent=attn.layer_idx in sources.values())
         for _, _, attn in slots]
-    cache_rope = max(attention.qk_rope_head_dim for attention in attentions)  # (one latent cache for all layers)
+    first = min(attentions, key=lambda a: a.layer_idx)
+    if first.sliding_window is not None:  # (the step's pads are read from its first MLA layer's mask)
+        raise TypeError(f"layer {first.layer_idx}, the first MLA layer, attends over a sliding window, whose mask "
+                        f"does not show which new tokens are pads; patch_model takes models whose first MLA layer "
+                        f"attends over the whole past")
+    # one latent cache for all layers, of the widest latent and rope part
+    cache_rope = max(attention.qk_rope_head_dim for attention in attentions)
+    cache_latent = max(attention.kv_lora_rank for attention in attentions)
     for (parent, name, _), attention in zip(slots, attentions):
         if attention.qk_rope_head_dim != cache_rope:  # a no-rope layer among rope layers (Mistral Large 4's)
             attention.cache_rope_dim = cache_rope
+        if attention.kv_lora_rank != cache_latent:  # a narrower latent among wider ones (dots.llm3's)
+            attention.cache_kv_lora_rank = cache_latent
         setattr(parent, name, attention)
     if norms:
         stand_ins = {}  # one per module: a norm in two places stays one module in both
@@ -1913,6 +2008,13 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
                 stand_ins[id(norm)] = KernelRMSNorm.adopt(norm)
             setattr(parent, name, stand_ins[id(norm)])
     return model
+
+
+def _layer_config(config, layer_idx: int):
+    """One layer's config: a heterogeneous config's own view of it (dots.llm3's ``per_layer_config``, whose widths
+    differ by layer and are refused when read from the whole), else the config itself."""
+    per_layer = getattr(config, "per_layer_config", None)
+    return config if per_layer is None else per_layer[layer_idx]
 
 
 def _latent_source(attn: nn.Module, config) -> int | None:
