@@ -379,9 +379,16 @@ class MLAttention(nn.Module):
     backward).
     """
 
-    # the latent width of the cache where it is wider than the module's own (one cache for a model whose layers have
-    # two widths, dots.llm3's: the module stores and reads its first kv_lora_rank columns); None: its own
+    # the widths of the cache where wider than the module's own: one cache for a model whose layers have several
+    # (dots.llm3's latents, Mistral Large 4's rope parts, a layer without one among rope layers): the module stores
+    # and reads its first kv_lora_rank and qk_rope_head_dim columns; None: its own
     cache_kv_lora_rank: int | None = None
+    cache_rope_dim: int | None = None
+
+    @property
+    def cache_latent(self) -> int:
+        """The latent width of the cache this module's model keeps (``cache_kv_lora_rank``, or its own)."""
+        return self.cache_kv_lora_rank or self.kv_lora_rank
 
     def __init__(self, hidden_size: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
@@ -565,13 +572,15 @@ class MLAttention(nn.Module):
         internal kv_c/kv_cache, or the rope tables failed inside torch). A module without a rotary part (P = 0)
         also takes a cache of rope layers (a model mixing no-rope layers with rope layers, Mistral Large 4's, keeps
         one cache for all of them): it stores and reads no rope key there, its layer's rope columns stay unused. One
-        with ``cache_kv_lora_rank`` takes a cache of that latent width (a model whose layers have two, dots.llm3's)
-        and stores and reads its own first ``kv_lora_rank`` columns."""
-        if cache.kv_lora_rank != (self.cache_kv_lora_rank or self.kv_lora_rank) or \
-                self.qk_rope_head_dim not in (0, cache.rope_dim):
+        with ``cache_kv_lora_rank`` / ``cache_rope_dim`` takes a cache of those widths (a model whose layers have
+        several, dots.llm3's) and stores and reads its own first ``kv_lora_rank`` / ``qk_rope_head_dim`` columns."""
+        rope = self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
+        if cache.kv_lora_rank != self.cache_latent or self.qk_rope_head_dim and cache.rope_dim != rope:
+            told = "" if (self.cache_latent, rope) == (self.kv_lora_rank, self.qk_rope_head_dim) else \
+                f" (for a cache of {self.cache_latent} and {rope}: cache_kv_lora_rank, cache_rope_dim)"
             raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
                              f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
-                             f"{self.qk_rope_head_dim}")
+                             f"{self.qk_rope_head_dim}{told}")
         if cache.device != device:
             raise ValueError(f"the batch's PagedLatentCache is on {cache.device}, the module's tokens (hidden_states, "
                              f"or attend's q_nope) on {device}")

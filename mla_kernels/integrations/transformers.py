@@ -1287,9 +1287,6 @@ class TransformersMLAttention(MLAttention):
     hands_on_topk: bool = True  # False: returns None there (GLM-5.3-Flash's where the next layer is not "shared")
     shared_topk: bool = False  # GLM-5's "shared" DSA layers: the previous layer's picks, no indexer of their own
     position_scale: bool = False  # Mistral 4: queries x 1 + beta * log(1 + floor(pos / length)) (_scale_by_position)
-    # the rope width of the latent cache the model's layers share: the widest layer's (Mistral Large 4's no-rope
-    # layers, P = 0, keep their latent in a cache of its rope layers' width, their rope columns unused); None: own
-    cache_rope_dim: int | None = None
     # Mistral Large 4's latents shared across layers (config.kv_source_layers): a layer that attends over an earlier
     # layer's latent (its layer_idx; it has no latent projection of its own and stores nothing: latent_layer is the
     # source's), and a layer whose latent later layers attend over (kept for them in a forward without a Cache)
@@ -1307,11 +1304,6 @@ class TransformersMLAttention(MLAttention):
     def cache_rope(self) -> int:
         """The rope width of the latent cache this module's model keeps (``cache_rope_dim``, or its own)."""
         return self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
-
-    @property
-    def cache_latent(self) -> int:
-        """The latent width of the cache this module's model keeps (``cache_kv_lora_rank``, or its own)."""
-        return self.cache_kv_lora_rank or self.kv_lora_rank
 
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
@@ -1513,7 +1505,7 @@ class TransformersMLAttention(MLAttention):
                 batch = pass_latents[self.latent_source]
             else:
                 paged = PagedLatentCache(1, max(1, batch_size * math.ceil(query_len / self.block_size)),
-                                         self.block_size, self.cache_latent, self.qk_rope_head_dim,
+                                         self.block_size, self.cache_latent, self.cache_rope,
                                          dtype=self.cache_dtype or q_nope.dtype, device=q_nope.device,
                                          rope_dtype=q_nope.dtype)
                 rows = [paged.add_sequence() for _ in range(batch_size)]
@@ -1967,15 +1959,17 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     if any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in indices) or len(set(indices)) < len(indices):
         raise TypeError(f"the attention modules' layer_idx must be distinct ints >= 0 (their cache layers), got "
                         f"{indices}")
-    for layer_config in {id(c): c for c in (_layer_config(config, j) for j in indices)}.values():
-        _utils.check_width("config.kv_lora_rank", layer_config.kv_lora_rank)
-        _utils.check_rope_width("config.qk_rope_head_dim", layer_config.qk_rope_head_dim)
+    for j in sorted(indices):  # (a heterogeneous config's widths per layer: dots.llm3's, named by layer)
+        layer_config = _layer_config(config, j)
+        where = f"layer {j}'s " if layer_config is not config else ""
+        _utils.check_width(f"{where}config.kv_lora_rank", layer_config.kv_lora_rank)
+        _utils.check_rope_width(f"{where}config.qk_rope_head_dim", layer_config.qk_rope_head_dim)
         if cache_dtype is not None and layer_config.kv_lora_rank % _utils.FP8_GROUP:
-            raise ValueError(f"cache_dtype float8_e4m3fn needs config.kv_lora_rank a multiple of {_utils.FP8_GROUP}, "
-                             f"got {layer_config.kv_lora_rank}")
+            raise ValueError(f"cache_dtype float8_e4m3fn needs {where}config.kv_lora_rank a multiple of "
+                             f"{_utils.FP8_GROUP}, got {layer_config.kv_lora_rank}")
         if getattr(layer_config, "q_lora_rank", None) == 0:  # (Mistral Large 4's config has none: q_proj)
-            raise ValueError("config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; use "
-                             "None")
+            raise ValueError(f"{where}config.q_lora_rank is 0, which transformers' DeepSeek attention doesn't build; "
+                             f"use None")
 
     sources = _latent_sources([attn for _, _, attn in slots], config)  # layer_idx -> the layer whose latent it reads
     # the latent cache holds the MLA modules' layers only, in layer_idx order (a hybrid's other layers, or a pruned
@@ -1996,7 +1990,8 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
     cache_rope = max(attention.qk_rope_head_dim for attention in attentions)
     cache_latent = max(attention.kv_lora_rank for attention in attentions)
     for (parent, name, _), attention in zip(slots, attentions):
-        if attention.qk_rope_head_dim != cache_rope:  # a no-rope layer among rope layers (Mistral Large 4's)
+        if attention.qk_rope_head_dim != cache_rope:  # a no-rope layer among rope layers (Mistral Large 4's), or a
+            # narrower rope part among wider ones (a dots.llm3 whose sliding layers have their own)
             attention.cache_rope_dim = cache_rope
         if attention.kv_lora_rank != cache_latent:  # a narrower latent among wider ones (dots.llm3's)
             attention.cache_kv_lora_rank = cache_latent
@@ -2013,8 +2008,7 @@ def patch_model(model: nn.Module, *, block_size: int = 64, max_cache_tokens: int
 def _layer_config(config, layer_idx: int):
     """One layer's config: a heterogeneous config's own view of it (dots.llm3's ``per_layer_config``, whose widths
     differ by layer and are refused when read from the whole), else the config itself."""
-    per_layer = getattr(config, "per_layer_config", None)
-    return config if per_layer is None else per_layer[layer_idx]
+    return config.per_layer_config[layer_idx] if getattr(config, "is_heterogeneous", False) else config
 
 
 def _latent_source(attn: nn.Module, config) -> int | None:
