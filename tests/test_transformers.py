@@ -1346,8 +1346,8 @@ def test_dots3_what_the_drop_in_refuses():
 
 
 def test_window_positions_without_a_mask_are_the_masks_without_pads():
-    """``_window_positions`` without a mask (sdpa hands none where nothing is padded) lists what a sliding mask with
-    no pads shows: each query's ``window`` last positions up to its own, here a prompt of 6 after 4 cached tokens
+    """``_window_positions`` without a mask (sdpa hands none where nothing is padded), or with a 2-D padding mask
+    showing every key, lists what a sliding mask with no pads shows: each query's ``window`` last positions up to its own, here a prompt of 6 after 4 cached tokens
     (latent positions = transformers' positions, nothing being padded)."""
     from types import SimpleNamespace
     window, cached, q = 3, 4, 6
@@ -1357,7 +1357,8 @@ def test_window_positions_without_a_mask_are_the_masks_without_pads():
     batch = SimpleNamespace(cache_seqlens=torch.tensor([kv, kv]))
     with_mask = integration._window_positions(sliding, batch, None, window, 2, q, kv)
     without = integration._window_positions(None, batch, None, window, 2, q, kv)
-    assert torch.equal(with_mask, without)
+    padding = integration._window_positions(torch.ones(2, kv, dtype=torch.long), batch, None, window, 2, q, kv)
+    assert torch.equal(with_mask, without) and torch.equal(padding, without)
     assert with_mask[0].tolist() == [[2, 3, 4], [3, 4, 5], [4, 5, 6], [5, 6, 7], [6, 7, 8], [7, 8, 9]]
 
 

@@ -1692,7 +1692,8 @@ def _window_positions(attention_mask, batch: LatentBatch, packing, window: int, 
                       kv_len: int) -> torch.Tensor:
     """dots.llm3's sliding-window attention as key lists ``[B, Q, window]`` of latent cache positions (-1: none):
     query ``s`` (column ``kv_len - Q + s`` of the layer's 4-D mask) attends over the keys its mask row shows among
-    the ``window`` positions up to its own (all of them without a mask: sdpa's, where nothing is padded). The pads
+    the ``window`` positions up to its own (all of them without a mask: sdpa's, where nothing is padded; those a
+    ``[B, KV]`` padding mask shows, where a 2-D one comes). The pads
     among those are exactly the positions the row hides, so a shown key is the query's own latent position less the
     keys shown after it; the query's own is its row's length after the step less its real new tokens after it
     (``packing``; its pads are packed out). Computed on the device over ``[B, Q, window]``, not the mask's width."""
@@ -1702,8 +1703,9 @@ def _window_positions(attention_mask, batch: LatentBatch, packing, window: int, 
     inside = (cols >= 0).expand(batch_size, query_len, window)
     if attention_mask is None:
         shown = inside
-    else:
-        rows = attention_mask[:, 0].expand(batch_size, query_len, -1)  # [B, Q, KV], head 0
+    else:  # a 4-D mask's rows (head 0), or a [B, KV] padding mask's one row for every query (the window is the layer's)
+        rows = attention_mask[:, 0] if attention_mask.dim() == 4 else attention_mask[:, None, :]
+        rows = rows.expand(batch_size, query_len, -1)  # [B, Q, KV]
         shown = _sees(rows.gather(-1, cols.clamp(min=0).expand(batch_size, query_len, window))) & inside
     if packing is None:
         real = torch.ones(batch_size, query_len, dtype=torch.long, device=device)
