@@ -1299,6 +1299,10 @@ def test_dots3_sliding_windows_and_two_latent_widths_over_turns_with_pads(case, 
     model = dots3_model(**kw)
     model.config._attn_implementation = impl
     widen_attention(model)
+    with torch.no_grad():  # (widen_attention leaves norm weights at 1: the rope key's norm weight counts here)
+        for i, layer in enumerate(model.model.layers):
+            weight = layer.self_attn.k_rope_only_layernorm.weight
+            weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(i)) + 0.5)
     stock = copy.deepcopy(model)
     ids, mask = left_padded([5, 9, 2])
     ids2, mask2 = left_padded([3, 1, 6], seed=5)
