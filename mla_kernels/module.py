@@ -390,6 +390,11 @@ class MLAttention(nn.Module):
         """The latent width of the cache this module's model keeps (``cache_kv_lora_rank``, or its own)."""
         return self.cache_kv_lora_rank or self.kv_lora_rank
 
+    @property
+    def cache_rope(self) -> int:
+        """The rope width of the latent cache this module's model keeps (``cache_rope_dim``, or its own)."""
+        return self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
+
     def __init__(self, hidden_size: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
                  qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: int | None = None,
                  rope_parameters: dict | None = None, rope_interleave: bool = True, rope_style: str | None = None,
@@ -574,10 +579,9 @@ class MLAttention(nn.Module):
         one cache for all of them): it stores and reads no rope key there, its layer's rope columns stay unused. One
         with ``cache_kv_lora_rank`` / ``cache_rope_dim`` takes a cache of those widths (a model whose layers have
         several, dots.llm3's) and stores and reads its own first ``kv_lora_rank`` / ``qk_rope_head_dim`` columns."""
-        rope = self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
-        if cache.kv_lora_rank != self.cache_latent or self.qk_rope_head_dim and cache.rope_dim != rope:
-            told = "" if (self.cache_latent, rope) == (self.kv_lora_rank, self.qk_rope_head_dim) else \
-                f" (for a cache of {self.cache_latent} and {rope}: cache_kv_lora_rank, cache_rope_dim)"
+        if cache.kv_lora_rank != self.cache_latent or self.qk_rope_head_dim and cache.rope_dim != self.cache_rope:
+            told = "" if (self.cache_latent, self.cache_rope) == (self.kv_lora_rank, self.qk_rope_head_dim) else \
+                f" (for a cache of {self.cache_latent} and {self.cache_rope}: cache_kv_lora_rank, cache_rope_dim)"
             raise ValueError(f"the batch's PagedLatentCache holds kv_lora_rank={cache.kv_lora_rank}, rope_dim="
                              f"{cache.rope_dim}; this module has kv_lora_rank={self.kv_lora_rank}, qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}{told}")

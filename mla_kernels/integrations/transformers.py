@@ -1300,11 +1300,6 @@ class TransformersMLAttention(MLAttention):
     # many, the last ones), as key lists (_window_positions); None: the whole causal past
     sliding_window: int | None = None
 
-    @property
-    def cache_rope(self) -> int:
-        """The rope width of the latent cache this module's model keeps (``cache_rope_dim``, or its own)."""
-        return self.qk_rope_head_dim if self.cache_rope_dim is None else self.cache_rope_dim
-
     def __setstate__(self, state: dict) -> None:
         # loaded (pickle, torch.save into a fresh process): adopt never ran here, so look the output collector up now,
         # not at the first call, which may be inside a trace (the global it sets would recompile the next call)
@@ -1326,11 +1321,10 @@ class TransformersMLAttention(MLAttention):
         kwargs = config_kwargs(config)
         # the module's own widths where it says (Mistral Large 4's no-rope layers: no rope part, D_nope = the config's
         # nope + rope; dots.llm3's sliding-window layers: their own heads and latent width, per_layer_config)
-        for name, arg in (("qk_rope_head_dim", "qk_rope_head_dim"), ("qk_nope_head_dim", "qk_nope_head_dim"),
-                          ("num_heads", "num_heads"), ("kv_lora_rank", "kv_lora_rank"), ("v_head_dim", "v_head_dim")):
+        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "num_heads", "kv_lora_rank", "v_head_dim"):
             width = original.__dict__.get(name)
             if type(width) is int:
-                kwargs[arg] = width
+                kwargs[name] = width
         for name, arg in (("q_lora_scale", "query_scale"), ("kv_lora_scale", "latent_scale")):  # dots.llm3's
             scale = original.__dict__.get(name)
             if isinstance(scale, float):
@@ -1709,9 +1703,8 @@ def _window_positions(attention_mask, batch: LatentBatch, packing, window: int, 
         shown = _sees(rows.gather(-1, cols.clamp(min=0).expand(batch_size, query_len, window))) & inside
     if packing is None:
         real = torch.ones(batch_size, query_len, dtype=torch.long, device=device)
-    else:
-        real = torch.zeros(batch_size * query_len, dtype=torch.long, device=device).index_fill_(
-            0, packing.index, 1).view(batch_size, query_len)
+    else:  # (1 at each real token, 0 at the pads)
+        real = _unpack(packing.index.new_ones(packing.index.shape[0]), packing, batch_size, query_len)
     own = batch.cache_seqlens.long()[:, None] - real.sum(1, keepdim=True) + real.cumsum(1) - 1  # [B, Q]
     count = shown.long()
     shown_after = count.flip(-1).cumsum(-1).flip(-1) - count  # [B, Q, window]: the keys shown after each
