@@ -6,6 +6,7 @@ The generation tests run the Triton kernels through the interpreter, in fp32 and
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import zlib
 
@@ -290,14 +291,24 @@ def mistral_large4_model(no_rope_layers=(1, 0, 1, 0), indexer_types=("full", "sh
 GLM53_LAYERS = ("linear_attention", "indexed_attention", "indexed_attention", "linear_attention", "indexed_attention")
 
 
+@functools.lru_cache(maxsize=None)
+def _glm53_dsa_layer_type(config_cls) -> str:
+    """What the installed transformers calls GLM-5.3-Flash's DSA layers in ``layer_types``, read from its config's
+    own default layout: "indexed_attention" in 5.25, "deepseek_sparse_attention" in 5.17 (the GPU machine's), whose
+    config refuses the other name. The attention modules are the same."""
+    return next(t for t in config_cls().text_config.layer_types if t != "linear_attention")
+
+
 def glm53_model(layer_types=GLM53_LAYERS, indexer_types=("full", "full", "shared", "full", "full"), index_kpool=2,
                 index_topk=4, tail=True):
-    """GLM-5.3-Flash (``glm5_next``, transformers 5.25 on), tiny, run on text alone: MLA without a rotary part (its
-    config requires ``qk_rope_head_dim`` 0) in the "indexed_attention" layers, linear attention (left to transformers)
+    """GLM-5.3-Flash (``glm5_next``), tiny, run on text alone: MLA without a rotary part (its
+    config requires ``qk_rope_head_dim`` 0) in the "indexed_attention" layers (5.17's "deepseek_sparse_attention"), linear attention (left to transformers)
     in the others, two hyper-connection streams; DSA whose indexer scores pools of ``index_kpool`` keys, picks the
     top ``index_topk / index_kpool`` of them and (``tail``) the keys of the query's own pool so far, a "shared"
     layer reusing the previous layer's picks. Its layers get the step's own [B, Q] padding mask."""
     config_cls, model_cls = _transformers_class("Glm5NextConfig", "Glm5NextForConditionalGeneration")
+    dsa = _glm53_dsa_layer_type(config_cls)
+    layer_types = [dsa if t == "indexed_attention" else t for t in layer_types]
     text = dict(hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4, num_key_value_heads=4,
                 q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=0, v_head_dim=16,
                 vocab_size=160, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
@@ -1144,11 +1155,13 @@ GLM53_CASES = {  # (index_kpool, index_topk, tail)
 def glm53_turns(model, cache, ids, mask, ids2, mask2) -> list[torch.Tensor]:
     """Two turns through ``cache`` (the second left-padded: pads between the turns' tokens, pools split) and one
     decode step: the real tokens' logits of each."""
+    from bench._harness import cache_kw  # (5.17's model takes past_key_values: a cache= would reach its layers aside)
+    kw = cache_kw(model, cache)
     with torch.no_grad():
-        first = model(input_ids=ids, attention_mask=mask, cache=cache).logits
+        first = model(input_ids=ids, attention_mask=mask, **kw).logits
         both = torch.cat([mask, mask2], 1)
-        second = model(input_ids=ids2, attention_mask=both, cache=cache).logits
-        step = model(input_ids=second[:, -1:].argmax(-1), cache=cache,
+        second = model(input_ids=ids2, attention_mask=both, **kw).logits
+        step = model(input_ids=second[:, -1:].argmax(-1), **kw,
                      attention_mask=torch.cat([both, torch.ones_like(both[:, :1])], 1)).logits
     return [first[mask.bool()], second[mask2.bool()], step[:, -1]]
 

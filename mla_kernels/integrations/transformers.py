@@ -109,7 +109,7 @@ SUPPORTED_MODEL_TYPES = {
     # module's own forward), latents shared across layers (kv_source_layers: latent_source, _latent_sources)
     "mistral_large4_text": ("transformers.models.mistral_large4.modeling_mistral_large4",
                             "MistralLarge4TextAttention"),
-    # GLM-5.3-Flash's text decoder (transformers 5.25 on): MLA without a rotary part (NoPE, P = 0) in one layer of
+    # GLM-5.3-Flash's text decoder (transformers 5.17 on): MLA without a rotary part (NoPE, P = 0) in one layer of
     # four, between linear-attention layers; DSA whose indexer picks pools of keys (index_kpool) plus the tail of the
     # query's own, "shared" layers reusing the previous layer's picks; its layers get the step's own padding mask
     # [B, Q], the keys' padding living in the indexer's cache (local_mask: the latent cache keeps every position)
