@@ -168,7 +168,7 @@ def kimi_linear_model():
 
 
 def bailing_model():
-    """Ling 3's architecture (``bailing_hybrid``, transformers 5.25 on), tiny: MLA with a head-wise sigmoid output
+    """Ling 3's architecture (``bailing_hybrid``, transformers 5.20 on), tiny: MLA with a head-wise sigmoid output
     gate (``g_proj``) in layers 1 and 3, linear attention in 0 and 2 (left to transformers, as Kimi-Linear's)."""
     try:
         from transformers import BailingHybridConfig, BailingHybridForCausalLM
@@ -263,7 +263,7 @@ def hy4_vl_model():
 
 
 def mistral_large4_model(no_rope_layers=(1, 0, 1, 0), indexer_types=("full", "shared", "full", "shared"), **extra):
-    """Mistral Large 4 (``mistral_large4``, transformers 5.25 on), tiny, run on text alone: DSA (top-4 here, "shared"
+    """Mistral Large 4 (``mistral_large4``, transformers 5.22 on), tiny, run on text alone: DSA (top-4 here, "shared"
     layers reusing the previous layer's picks) over queries from ``q_proj``, layers 1 and 3 without a rotary part
     (``no_rope_layers``: P = 0 there and a nope head of nope + rope, in the latent cache of the rope layers), and each
     head's query scaled by ``scale[h] log(pos + 1) + bias[h]`` (``softmax_scaling``, which the model initialises
@@ -330,7 +330,7 @@ DOTS3_LAYERS = ("indexed_attention", "sliding_attention", "indexed_attention", "
 
 
 def dots3_model(layer_types=DOTS3_LAYERS, sliding_window=4, kv_lora_rank=32, swa_kv_lora_rank=64, **extra):
-    """dots.llm3 (``dots3_note``, transformers 5.25 on), tiny: DSA layers (top-4) and sliding-window layers (a window
+    """dots.llm3 (``dots3_note``, transformers 5.23 on), tiny: DSA layers (top-4) and sliding-window layers (a window
     of 4 keys here) whose attention has other widths (2 heads and a latent of 64 against 4 heads and 32:
     ``per_layer_config``), the rope key RMS-normed before the rope, LoRA scales on the query and the latent, and a
     head-wise sigmoid gate on the output."""

@@ -83,7 +83,7 @@ SUPPORTED_MODEL_TYPES = {
     # Kimi-Linear: MLA without positional encoding (NoPE) in one layer of four, between Kimi Delta Attention layers
     # (_OTHER_ATTENTION), which keep transformers' own attention and cache layers
     "kimi_linear": ("transformers.models.kimi_linear.modeling_kimi_linear", "KimiLinearAttention"),
-    # Ling 3 (transformers 5.25 on): MLA with a head-wise output gate (g_proj, adopted), between linear-attention
+    # Ling 3 (transformers 5.20 on): MLA with a head-wise output gate (g_proj, adopted), between linear-attention
     # layers
     "bailing_hybrid": ("transformers.models.bailing_hybrid.modeling_bailing_hybrid", "BailingHybridAttention"),
     # A.X-K1: DeepSeek-V3's attention under another name
@@ -103,7 +103,7 @@ SUPPORTED_MODEL_TYPES = {
     # decoder is the same attention
     "hy_v4": ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Attention"),
     "hy_v4_vl_text": ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLAttention"),
-    # Mistral Large 4's text decoder (transformers 5.25 on): DSA (its own indexer, "shared" layers) over queries
+    # Mistral Large 4's text decoder (transformers 5.22 on): DSA (its own indexer, "shared" layers) over queries
     # from q_proj, some layers without a rotary part (no_rope_layers: P = 0 there, D_nope = nope + rope, one latent
     # cache for all; cache_rope_dim), each head's query scaled by its position (softmax_scaling, adopted: the
     # module's own forward), latents shared across layers (kv_source_layers: latent_source, _latent_sources)
@@ -114,7 +114,7 @@ SUPPORTED_MODEL_TYPES = {
     # query's own, "shared" layers reusing the previous layer's picks; its layers get the step's own padding mask
     # [B, Q], the keys' padding living in the indexer's cache (local_mask: the latent cache keeps every position)
     "glm5_next_text": ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextTextAttention"),
-    # dots.llm3 (transformers 5.25 on): DSA layers and sliding-window layers (sliding_window: each query over the keys
+    # dots.llm3 (transformers 5.23 on): DSA layers and sliding-window layers (sliding_window: each query over the keys
     # its mask row shows, as key lists) of two latent widths (one cache of the wider, cache_kv_lora_rank), its rope
     # key RMS-normed before the rope (k_rope_only_layernorm, adopted), LoRA scales (q_lora_scale, kv_lora_scale: the
     # module's query_scale and latent_scale; the indexer reads the scaled query) and Ling 3's head-wise gate g_proj
