@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mla_kernels
+from bench._harness import cache_kw
 from helpers import (assert_fork_beside_a_busy_thread_finishes, cos_diff, err_ratio, fp8_linear, round_trip,
                      with_attention_sinks, with_fp8_kv_b)
 from mla_kernels import _utils
@@ -1155,8 +1156,7 @@ GLM53_CASES = {  # (index_kpool, index_topk, tail)
 def glm53_turns(model, cache, ids, mask, ids2, mask2) -> list[torch.Tensor]:
     """Two turns through ``cache`` (the second left-padded: pads between the turns' tokens, pools split) and one
     decode step: the real tokens' logits of each."""
-    from bench._harness import cache_kw  # (5.17's model takes past_key_values: a cache= would reach its layers aside)
-    kw = cache_kw(model, cache)
+    kw = cache_kw(model, cache)  # (5.17's model takes past_key_values: a cache= would reach its layers aside)
     with torch.no_grad():
         first = model(input_ids=ids, attention_mask=mask, **kw).logits
         both = torch.cat([mask, mask2], 1)
@@ -1340,6 +1340,35 @@ def test_dots3_sliding_windows_and_two_latent_widths_over_turns_with_pads(case, 
         forward = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
         expected_forward = stock(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
     assert err_ratio(forward, expected_forward) < 1e-4
+
+
+def test_dots3_multimodal_model_patches_its_text_decoder(monkeypatch):
+    """dots.llm3's multimodal class (``Dots3NoteForConditionalGeneration``: vision and audio towers around the same
+    text decoder, at ``model.language_model``) is patched through its text decoder: greedy tokens of a left-padded
+    batch equal stock's, and the latent cache holds the real tokens only."""
+    config_cls, model_cls = _transformers_class("Dots3NoteConfig", "Dots3NoteForConditionalGeneration")
+    text = dots3_model().config
+    # (the vision config's per-layer entries name layers up to 41: a tower of fewer layers is refused by its config)
+    vision = dict(hidden_size=32, adapter_in_dim=32, adapter_out_dim=text.hidden_size, num_attention_heads=2,
+                  num_hidden_layers=42, intermediate_size=32)
+    audio = dict(hidden_size=32, adapter_input_size=32, adapter_out_dim=text.hidden_size, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(text_config=text, vision_config=vision, audio_config=audio)).eval()
+    model.config.text_config._attn_implementation = "eager"
+    widen_attention(model)
+    stock = copy.deepcopy(model)
+    ids, mask = left_padded([5, 9, 2])
+    monkeypatch.setattr(integration, "INITIAL_HEADROOM_TOKENS", 0)
+    patch_model(model, block_size=4)
+    assert all(isinstance(layer.self_attn, TransformersMLAttention) for layer in model.model.language_model.layers)
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        expected = stock.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             **cache_kw(model, cache))
+    assert torch.equal(got, expected)
+    lc = latent_cache(cache)
+    assert [lc.seqlen(r) for r in lc.seq_ids] == [5 + 3, 9 + 3, 2 + 3]  # (the 4th token is never fed back)
 
 
 def test_dots3_what_the_drop_in_refuses():
