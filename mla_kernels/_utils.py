@@ -748,25 +748,55 @@ class ForkSafeLock:
         return self._lock.__exit__(*exc)
 
 
-_GRAPH_HOST_TENSORS: list = []  # host tensors that copies captured in CUDA graphs read again at every replay
-
-
 def pin_host(device: torch.device) -> bool:
     """Whether a host tensor made to be copied to ``device`` is pinned: on a GPU, except while a CUDA graph is being
-    captured (``to_device``; pinned memory's cache then queries CUDA events, which a global-mode capture refuses)."""
+    captured (``to_device`` then copies nothing from the host)."""
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host``, a CPU tensor made for this copy (pinned as ``pin_host`` says), on ``device`` without waiting for
-    the device. A copy captured in a CUDA graph reads ``host``'s memory again at every replay, long after this call
-    returns: such a tensor is kept for the life of the process (the captured call's values, a few bytes per
-    capture), where a pinned block would go back to PyTorch's pinned-memory cache and be handed out again."""
+    """``host``, a CPU tensor of integers made for this copy (pinned as ``pin_host`` says), on ``device`` without
+    waiting for the device. While a CUDA graph is being captured its values are written by device operations
+    instead (``written_on_device``): a captured copy would read the host memory again at every replay, torch 2.11
+    refuses to capture a copy from pageable memory, and allocating pinned memory is an API call that a capture in
+    torch's default ("global") mode prohibits."""
     if device.type == "cpu":
         return host
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _GRAPH_HOST_TENSORS.append(host)
+        return written_on_device(host, device)
     return host.to(device, non_blocking=True)
+
+
+def progressions(values: list[int]) -> list[tuple[int, int, int, int]]:
+    """``values`` as maximal runs in arithmetic progression, left to right: ``(start, count, first, step)`` with
+    ``values[start + k] == first + k * step`` for ``k < count``; every run of two or more elements is as long as it
+    can be (a lone value is a run of one, step 0)."""
+    runs, i, n = [], 0, len(values)
+    while i < n:
+        if i + 1 == n:
+            runs.append((i, 1, values[i], 0))
+            break
+        step, j = values[i + 1] - values[i], i + 1
+        while j + 1 < n and values[j + 1] - values[j] == step:
+            j += 1
+        runs.append((i, j - i + 1, values[i], step))
+        i = j + 1
+    return runs
+
+
+def written_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host``'s integer values in a new tensor on ``device``, written by device operations whose launch arguments
+    carry the values (``to_device`` during a CUDA graph capture): a constant run is one ``fill_``, a longer
+    arithmetic run (consecutive pages, sequence ids) an ``arange`` scaled and shifted. No host memory is read."""
+    out = torch.empty(host.shape, dtype=host.dtype, device=device)
+    flat = out.view(-1)
+    for start, count, first, step in progressions(host.reshape(-1).tolist()):
+        part = flat[start:start + count]
+        if step == 0:
+            part.fill_(first)
+        else:
+            part.copy_(torch.arange(count, dtype=torch.int64, device=device).mul_(step).add_(first))
+    return out
 
 
 def check_has_data(name: str, t: torch.Tensor) -> None:

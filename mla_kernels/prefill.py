@@ -914,8 +914,8 @@ def _run_in_pieces(q_nope, q_pe, kv_cache, pe_cache, block_table, softmax_scale,
     device, heads, d_latent = q_nope.device, q_nope.shape[1], q_nope.shape[2]
     launches = _pieces(cu_q, lens, heads, d_latent, split_tokens, causal)
     # every launch's cu_seqlens (P + 1), key counts (P) and sequence ids (P) in one copy to the device (pinned, not
-    # waited for: a copy per launch from pageable memory would wait for the launches before it; kept for a CUDA
-    # graph's replays where one is captured)
+    # waited for: a copy per launch from pageable memory would wait for the launches before it; written by device
+    # operations where a CUDA graph is being captured, _utils.to_device)
     flat = []
     for pieces in launches:
         flat += itertools.accumulate((j - i for _, i, j, _ in pieces), initial=0)

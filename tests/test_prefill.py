@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mla_kernels
 from mla_kernels import reference
@@ -991,12 +993,49 @@ def test_cuda_graph_capture_with_max_seqlen_q():
     assert_close("graph replay", out, absorbed_reference(a)[0], torch.bfloat16)
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(-2**62, 2**62) | st.integers(-3, 3), max_size=40),
+       dtype=st.sampled_from([torch.int64, torch.int32]))
+def test_values_written_by_device_operations_are_the_hosts(values, dtype):
+    """What ``_utils.to_device`` does while a CUDA graph is being captured (it copies nothing from the host there):
+    ``written_on_device`` rebuilds the host tensor from runs in arithmetic progression, each filled or made by an
+    arange, exactly, for any integers of the dtype, in its shape. The runs tile the values in order, and each run of
+    two or more is maximal (no later value continues it), so a step's block table is a handful of launches."""
+    if dtype == torch.int32:
+        values = [v % 2**32 - 2**31 if abs(v) >= 2**31 else v for v in values]
+    runs = _utils.progressions(values)
+    rebuilt = []
+    for start, count, first, step in runs:
+        assert start == len(rebuilt) and count >= 1
+        rebuilt += [first + k * step for k in range(count)]
+        if count >= 2 and start + count < len(values):
+            assert values[start + count] - values[start + count - 1] != step
+    assert rebuilt == values
+    host = torch.tensor(values, dtype=dtype)
+    for shape in ([len(values)], [1, len(values)]) + (([2, len(values) // 2],) if len(values) % 2 == 0 else ()):
+        got = _utils.written_on_device(host.reshape(shape), torch.device("cpu"))
+        assert got.dtype == dtype and got.shape == tuple(shape) and torch.equal(got, host.reshape(shape))
+
+
+def test_to_device_copies_nothing_from_the_host_while_a_graph_is_captured(monkeypatch):
+    """The branch the GPU test above takes: while the current stream is capturing, a host tensor bound for a GPU goes
+    through ``written_on_device`` (no copy); a CPU destination is the host tensor itself."""
+    seen = []
+    monkeypatch.setattr(_utils, "written_on_device", lambda host, device: seen.append((host, device)) or "written")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    host = torch.tensor([3, 4, 5])
+    assert not _utils.pin_host(torch.device("cuda"))
+    assert _utils.to_device(host, torch.device("cuda")) == "written" and seen[0][0] is host
+    assert _utils.to_device(host, torch.device("cpu")) is host and len(seen) == 1
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs a GPU")
 def test_split_tokens_pieces_replay_in_a_cuda_graph(monkeypatch):
     """A ``split_tokens`` prefill past its partials budget, given the host lengths, copies its pieces' index from
-    the host once. Captured in a CUDA graph, that copy reads the host memory again at every replay: the host tensor
-    must outlive the call (a pinned one went back to PyTorch's pinned-memory cache, whose next user overwrites it).
-    The replay after other pinned copies must give the eager call's bits."""
+    the host once. Captured in a CUDA graph, such a copy would read the host memory again at every replay (a pinned
+    block goes back to PyTorch's cache, whose next user overwrites it), and torch 2.11 refuses to capture one from
+    pageable memory: while capturing, ``_utils.to_device`` writes the values by device operations instead. The replay
+    after other pinned copies must give the eager call's bits."""
     new, history = [7, 0, 12], [9, 4, 30]
     a = make_inputs(new, history, 2, 4, torch.float32, "cuda", r=16, p=16)
     kw = dict(softmax_scale=SCALE, split_tokens=4, cu_seqlens_q_host=[0, 7, 7, 19],
