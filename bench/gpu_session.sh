@@ -100,8 +100,9 @@ case "$1" in
     # -v: each test's verdict is in the log as it finishes (the junit XML is written only if the step ends in time;
     # 2026-11-22: 321 tests in 88 s with -n 8; there are ~2080 now, so the limit cuts it: what ran is still known).
     # The kernels' own files first (xdist hands tests out in collection order; tests/conftest.py's MLA_TEST_FIRST
-    # reorders it); test_option_combos.py (~460 covering-array combinations, a CPU interpreter's check) is left to
-    # the tests step
+    # reorders it); test_option_combos.py (~460 covering-array combinations, a CPU interpreter's check) and the two
+    # cold inductor compiles with CUDA graphs (test_generate_compiles_with_cuda_graphs_on_gpu: each may outlast
+    # --timeout 60) are left to the tests step
     step pytest 100 env MLA_TOL_PROBE="$OUT/tolerance_probe.jsonl" PYTHONPATH="$PWD/tests:$PYTHONPATH" \
       MLA_TEST_FIRST="tests/test_decode.py tests/test_prefill.py tests/test_cache.py tests/test_fp8.py
       tests/test_schedule.py tests/test_sparse.py tests/test_merge.py tests/test_rope.py tests/test_norm.py
@@ -109,7 +110,8 @@ case "$1" in
       tests/test_flash_mla.py" \
       python -m pytest tests -v $xdist $per_test -p no:cacheprovider -p tolerance_probe \
       --ignore=tests/test_decode_gluon.py --ignore=tests/test_decode_tma.py --ignore=tests/test_launcher.py \
-      --ignore=tests/test_compile.py --ignore=tests/test_option_combos.py --junitxml="$OUT/pytest.xml"
+      --ignore=tests/test_compile.py --ignore=tests/test_option_combos.py --junitxml="$OUT/pytest.xml" \
+      --deselect tests/test_fast_generate.py::test_generate_compiles_with_cuda_graphs_on_gpu
     python tests/tolerance_probe.py "$OUT/tolerance_probe.jsonl" > "$OUT/tolerance_margins.txt" 2>&1
     step bench_decode_targets 110 python -m bench.decode --quick --skip-seed --skip-imbalanced $skip --skip-sparse --plot \
       --out "$OUT/decode_targets.json"  # --plot: the GPU machine has matplotlib (KINDS.md, 2026-11); the PNG is in the tgz
