@@ -786,14 +786,18 @@ def progressions(values: list[int]) -> list[tuple[int, int, int, int]]:
 
 def written_on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host``'s integer values in a new tensor on ``device``, written by device operations whose launch arguments
-    carry the values (``to_device`` during a CUDA graph capture): a constant run is one ``fill_``, a longer
-    arithmetic run (consecutive pages, sequence ids) an ``arange`` scaled and shifted. No host memory is read."""
+    carry the values (``to_device`` during a CUDA graph capture): a constant run is one ``fill_``, a run of two
+    two, a longer arithmetic run (consecutive pages, sequence ids) an ``arange`` scaled and shifted (its step fits
+    int64 where three values in progression do; two extreme values' difference may not). No host memory is read."""
     out = torch.empty(host.shape, dtype=host.dtype, device=device)
     flat = out.view(-1)
     for start, count, first, step in progressions(host.reshape(-1).tolist()):
         part = flat[start:start + count]
         if step == 0:
             part.fill_(first)
+        elif count == 2:
+            part[0].fill_(first)
+            part[1].fill_(first + step)
         else:
             part.copy_(torch.arange(count, dtype=torch.int64, device=device).mul_(step).add_(first))
     return out

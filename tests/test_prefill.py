@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mla_kernels
@@ -994,15 +994,18 @@ def test_cuda_graph_capture_with_max_seqlen_q():
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=st.lists(st.integers(-2**62, 2**62) | st.integers(-3, 3), max_size=40),
+@given(values=st.lists(st.integers(-2**63, 2**63 - 1) | st.integers(-3, 3), max_size=40),
        dtype=st.sampled_from([torch.int64, torch.int32]))
+@example(values=[2**63 - 1, -2**63], dtype=torch.int64)  # (a step of 1 - 2^64, which int64 cannot hold)
+@example(values=[-2**63, 2**63 - 1, 0], dtype=torch.int64)
+@example(values=[2**63 - 1, 0, -2**63 + 1], dtype=torch.int64)
 def test_values_written_by_device_operations_are_the_hosts(values, dtype):
     """What ``_utils.to_device`` does while a CUDA graph is being captured (it copies nothing from the host there):
     ``written_on_device`` rebuilds the host tensor from runs in arithmetic progression, each filled or made by an
     arange, exactly, for any integers of the dtype, in its shape. The runs tile the values in order, and each run of
     two or more is maximal (no later value continues it), so a step's block table is a handful of launches."""
     if dtype == torch.int32:
-        values = [v % 2**32 - 2**31 if abs(v) >= 2**31 else v for v in values]
+        values = [(v + 2**31) % 2**32 - 2**31 for v in values]
     runs = _utils.progressions(values)
     rebuilt = []
     for start, count, first, step in runs:

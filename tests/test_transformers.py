@@ -302,9 +302,9 @@ def _glm53_dsa_layer_type(config_cls) -> str:
 
 def glm53_model(layer_types=GLM53_LAYERS, indexer_types=("full", "full", "shared", "full", "full"), index_kpool=2,
                 index_topk=4, tail=True):
-    """GLM-5.3-Flash (``glm5_next``), tiny, run on text alone: MLA without a rotary part (its
-    config requires ``qk_rope_head_dim`` 0) in the "indexed_attention" layers (5.17's "deepseek_sparse_attention"), linear attention (left to transformers)
-    in the others, two hyper-connection streams; DSA whose indexer scores pools of ``index_kpool`` keys, picks the
+    """GLM-5.3-Flash (``glm5_next``), tiny, run on text alone: MLA without a rotary part (its config requires
+    ``qk_rope_head_dim`` 0) in the "indexed_attention" layers (5.17's "deepseek_sparse_attention"), linear attention
+    (left to transformers) in the others, two hyper-connection streams; DSA whose indexer scores pools of ``index_kpool`` keys, picks the
     top ``index_topk / index_kpool`` of them and (``tail``) the keys of the query's own pool so far, a "shared"
     layer reusing the previous layer's picks. Its layers get the step's own [B, Q] padding mask."""
     config_cls, model_cls = _transformers_class("Glm5NextConfig", "Glm5NextForConditionalGeneration")
