@@ -217,6 +217,29 @@ def test_decode_sweep_row_smoke():
     assert rows[2]["speedup"].endswith("vs torch_absorbed") and rows[3]["speedup"].endswith("vs naive")
 
 
+def test_cuda_graph_sweep_times_the_uncapturable_provider_without_one(monkeypatch):
+    """--cuda-graph: torch_absorbed syncs on the host (its gather is sized by the longest length read back), so a
+    capture would fail (and could leave the capture stream's pool behind for later captures): it is timed without a
+    graph and its row says so; a speed-up between rows timed the two ways is not given."""
+    import dataclasses
+
+    lib = _torch_lib()
+    graphs, real = {}, h.check_then_time
+
+    def recording(name, *args, **kw):  # as a GPU's time_fn labels them (the CPU's times every row one way)
+        graphs[name] = kw.get("cuda_graph")
+        timing, err = real(name, *args, **kw)
+        return dataclasses.replace(timing, method="cuda-graph" if graphs[name] else "cuda-events"), err
+
+    monkeypatch.setattr(h, "check_then_time", recording)
+    rows = bd.run_shape(2, 40, 2, 16, torch.device("cpu"), torch.bfloat16, lib, copy_gbps=10.0,
+                        time_kw=dict(warmup_ms=0.0, rep_ms=0.0, min_runs=2, cuda_graph=True))
+    assert graphs["torch_absorbed"] is False and graphs["mla_decode"] is True and graphs["naive"] is True
+    by_name = {r["provider"]: r for r in rows}
+    assert by_name["torch_absorbed"]["note"].startswith("timed without a CUDA graph")
+    assert "speedup" not in by_name["mla_decode"] and by_name["mla_decode+w_uv"]["speedup"].endswith("vs naive")
+
+
 def test_decode_sweep_tma_provider_and_multi_token_rows(device):
     """Pages of whole tiles add the Hopper-path provider (checked against the reference like every other); S_q > 1
     rows carry their S_q and count its FLOPs. On the ``device`` fixture's device: a CPU tensor outside the
