@@ -298,7 +298,10 @@ def _mla_attn_kernel(
         pid_p = tl.program_id(1)
         first_seq = tl.load(SCHED_PROGRAMS + pid_p * 4)
         first_tile = tl.load(SCHED_PROGRAMS + pid_p * 4 + 1)
-        last_seq = tl.load(SCHED_PROGRAMS + pid_p * 4 + 2)
+        # never past the call's batch (total_rows = B * S_q * H): FlashMLA's interface hands on tables built for more
+        # sequences (a CUDA-graph buffer serving smaller batches after copy_), which without that copy_ name later
+        # sequences, whose lengths, block-table rows, queries and outputs lie past the call's tensors
+        last_seq = tl.minimum(tl.load(SCHED_PROGRAMS + pid_p * 4 + 2), total_rows // (s_q * num_heads) - 1)
         end_tile = tl.load(SCHED_PROGRAMS + pid_p * 4 + 3)
         for i in range(0, last_seq - first_seq + 1):
             seq = first_seq + i

@@ -520,6 +520,30 @@ def test_bench_imbalanced_pair_smoke():
     assert "WRONG RESULT" in h.format_row(wrong[0])
 
 
+def test_tables_built_for_more_sequences_stay_within_the_call(device, poisoned_empty, monkeypatch):
+    """FlashMLA's interface lets metadata built for B sequences serve a call of fewer (a CUDA-graph buffer, refreshed
+    by ``copy_`` from the call's own lengths). Passed without that ``copy_``, its programs table names sequences
+    past the call's batch: a GPU call (no check) read their lengths, block-table rows and queries and wrote their
+    output rows past the call's tensors (the interpreter's bounds check raised OutOfBounds). The kernel stops at the
+    call's batch; its rows are all written (values undefined, as for any stale schedule), and tables that are the
+    call's own (as ``copy_`` leaves them) are exact."""
+    monkeypatch.setattr(decode_mod, "_check_metadata_lengths", lambda *a: None)  # as on a GPU
+    built_lengths = [128, 64, 300, 64]  # 64-token tiles 2, 1, 5, 1 over 3 programs: program 1 starts at sequence 2
+    now = [100, 50]
+    q_nope, q_pe, kv_cache, pe_cache, table, seqlens = make_inputs(now, 1, 2, 16, torch.float32, device, r=32, p=16)
+    kw = dict(kv_lora_rank=32, rope_dim=16, dtype=torch.float32, num_programs=3)
+    built = mla_kernels.mla_decode_metadata(torch.tensor(built_lengths, dtype=torch.int32, device=device), 2, **kw)
+    assert built.programs[:, 2].max().item() >= len(now)  # (the point: it names sequences past the call's)
+    stale = schedule.DecodeSchedule(built.programs, built.sequences[:len(now)], len(now), built.block_m,
+                                    built.block_n, built.num_programs, schedule.part_slot_bound(len(now), 3))
+    out = mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE, metadata=stale)
+    assert not out.isnan().any(), "rows left unwritten"
+    own = mla_kernels.mla_decode_metadata(seqlens, 2, **kw)
+    ref_out, _ = reference.absorbed_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE)
+    assert_close("own tables", mla_kernels.mla_decode(q_nope, q_pe, kv_cache, pe_cache, table, seqlens, SCALE,
+                                                      metadata=own), ref_out, torch.float32)
+
+
 @pytest.mark.parametrize("change", ["shrunk", "grown-within-tiles", "grown-past-tiles"])
 def test_a_schedule_of_other_lengths_never_leaves_rows_unwritten(change, device, poisoned_empty, monkeypatch):
     """A GPU call does not check that ``metadata`` was built from its ``cache_seqlens`` (it would synchronise). A
