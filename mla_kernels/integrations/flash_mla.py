@@ -46,7 +46,9 @@ calls reuse, as FlashMLA's first call builds its tile scheduler's. Its grid is s
 lengths; the uniform split (without metadata) is sized from the block table's width, which a serving engine
 allocates for its longest context (a few long splits then do all the work). As in FlashMLA, the metadata serves
 one step's calls: calls with other shapes are refused, and other ``cache_seqlens`` values are refused on the CPU
-and undefined on a GPU (rows are still all written); call ``get_mla_metadata`` again each step.
+and undefined on a GPU (rows are still all written, and nothing past the call's tensors is read or written, also
+where metadata built for more sequences serves a smaller batch without ``copy_``); call ``get_mla_metadata`` again
+each step.
 
 Called with the older interface's arguments (``cache_seqlens``, query tokens per key head, key heads, ...; vLLM
 passes them to the current one too), ``get_mla_metadata`` builds the step's schedule at once, on the device from
