@@ -716,7 +716,14 @@ class PagedLatentCache:
         ``write_cache``/``write``. Raises ``CacheFullError`` (changing nothing) if the free blocks
         can't hold the whole batch.
         """
-        return self._reserve_host(seq_ids, num_tokens).to(self.device)
+        return self._upload(self._reserve_host(seq_ids, num_tokens))
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor of ints on the cache's device without waiting for the GPU: pinned, then copied
+        asynchronously (a plain ``.to(device)`` from pageable memory waits for every kernel queued before it; the
+        README's decode loop would wait three times a step). ``_utils.to_device``: as is on the CPU, written by
+        device operations while a CUDA graph is being captured."""
+        return _utils.to_device(host.pin_memory() if _utils.pin_host(self.device) else host, self.device)
 
     def _reserve_host(self, seq_ids: Sequence[Hashable], num_tokens: Sequence[int],
                       counts_name: str = "num_tokens") -> torch.Tensor:
@@ -755,7 +762,7 @@ class PagedLatentCache:
         end = seq.length if end is None else _utils.as_int("end", end)
         if not 0 <= start <= end <= seq.length:
             raise ValueError(f"positions {start}..{end} are outside the sequence's {seq.length} tokens")
-        return self._slots(seq, start, end).to(self.device)
+        return self._upload(self._slots(seq, start, end))
 
     # -- what the attention kernels read -------------------------------------------------------
 
@@ -765,7 +772,7 @@ class PagedLatentCache:
         ``max_blocks`` defaults to the longest row in the batch (at least 1). The padding is never
         read by a kernel that stops at ``cache_seqlens``; pass an out-of-range ``pad_id`` to check that.
         """
-        return self._block_table_host(seq_ids, max_blocks, pad_id).to(self.device)
+        return self._upload(self._block_table_host(seq_ids, max_blocks, pad_id))
 
     def _block_table_host(self, seq_ids: Sequence[Hashable], max_blocks: int | None = None,
                           pad_id: int = 0) -> torch.Tensor:
@@ -791,8 +798,8 @@ class PagedLatentCache:
 
     def cache_seqlens(self, seq_ids: Sequence[Hashable]) -> torch.Tensor:
         """``[B]`` int32: tokens cached for each sequence."""
-        return torch.tensor([self._get(s).length for s in _utils.as_list("seq_ids", seq_ids)],
-                            dtype=torch.int32).to(self.device)
+        return self._upload(torch.tensor([self._get(s).length for s in _utils.as_list("seq_ids", seq_ids)],
+                                         dtype=torch.int32))
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -893,7 +900,7 @@ class PagedLatentCache:
                 buf[dst, :rows].copy_(buf[src, :rows])
         elif copies:
             index = torch.tensor([c[:2] for c in copies], dtype=torch.int64).T.contiguous()  # [2, n]: src, dst
-            index = _utils.to_device(index.pin_memory() if _utils.pin_host(self.device) else index, self.device)
+            index = self._upload(index)
             for buf in self._buffers:
                 buf.index_copy_(0, index[1], buf.index_select(0, index[0]))
 

@@ -475,3 +475,19 @@ def test_write_cache_refuses_a_cache_whose_rows_overlap(device, fp8):
     write_cache(kv_c, k_pe, inter, pe, torch.tensor([1, 4], device=device), kv_scale=scale)
     got = inter.float() * (scale.repeat_interleave(128, -1) if fp8 else 1)
     assert torch.equal(got[0, 1], kv_c[0].float()) and torch.equal(got[1, 0], kv_c[1].float())
+
+
+def test_the_metadata_helpers_upload_without_waiting(monkeypatch):
+    """``append_batch``, ``slots``, ``block_table`` and ``cache_seqlens`` (the README's decode loop calls three a
+    step) hand their host tensors to ``_utils.to_device`` (pinned and copied asynchronously on a GPU, written by
+    device ops inside a CUDA graph capture), where a plain ``.to(device)`` from pageable memory waits for every
+    kernel queued before it. On the CPU the values are the host's."""
+    seen = []
+    real = _utils.to_device
+    monkeypatch.setattr(_utils, "to_device", lambda host, device: seen.append(host.dtype) or real(host, device))
+    cache = mla_kernels.PagedLatentCache(1, 8, 4, 16, 16, torch.float32)
+    cache.add_sequence("a")
+    slots = cache.append_batch(["a"], [6])
+    assert slots.tolist() == cache.slots("a").tolist() and len(slots) == 6
+    assert cache.block_table(["a"]).shape == (1, 2) and cache.cache_seqlens(["a"]).tolist() == [6]
+    assert seen == [torch.int64, torch.int64, torch.int32, torch.int32]
