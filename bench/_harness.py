@@ -466,11 +466,15 @@ def save_if_stopped(name: str, payload: dict, device: torch.device, args: argpar
 
     def keep(reason: str) -> Path:
         payload["incomplete"] = f"{reason}: the rows measured until then"
-        if before_save is not None:
-            try:
-                before_save()
-            except Exception as exc:  # the rows matter more than what is derived from them
-                payload["incomplete"] += f"; before_save failed: {type(exc).__name__}: {str(exc)[:300]}"
+        if before_save is None:
+            return write_json(name, payload, device, args.out)
+        # the rows first: before_save (prefill's calibration measures the copy rate afresh) may outlast the grace a
+        # stopped call has left (gpu_session.sh: timeout's 5 s before SIGKILL)
+        write_json(name, payload, device, args.out)
+        try:
+            before_save()
+        except Exception as exc:  # the rows matter more than what is derived from them
+            payload["incomplete"] += f"; before_save failed: {type(exc).__name__}: {str(exc)[:300]}"
         return write_json(name, payload, device, args.out)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -672,13 +672,16 @@ def main(argv=None) -> None:
             print()
         if not args.skip_sweep:
             run_sweep(device, dtype, lib, args.quick, args.cuda_graph, payload.setdefault("sweep", []))
+    if args.calibrate is not None:  # the rows written before the fit, which a time limit may cut (SIGTERM's
+        h.write_json("prefill", payload, device, args.out)  # handler is restored by now) or a failure may stop
     if not args.skip_sweep:
         payload["crossover"] = crossover(payload["sweep"])
         print_crossover(payload["crossover"], cpu)
     if args.calibrate is not None:
         try:
             payload["calibration"] = run_calibration(payload, device, args.calibrate, args.quick)
-        except ValueError as exc:  # e.g. a path with no timed rows: the sweep's results are still written
+        except Exception as exc:  # a path with no timed rows, out of memory measuring the copy rate, a file that
+            # cannot be written: the sweep's results are still written
             payload["calibration"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"calibration failed: {exc}")
     sweep = payload.get("sweep", [])

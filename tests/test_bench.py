@@ -276,12 +276,13 @@ def test_seed_scenario_refuses_to_time_a_write_cache_that_stores_nothing():
 
 def test_failed_bench_keeps_its_rows_and_fits_what_it_has(tmp_path):
     """Any other failure inside the block (a kernel fault, a compile error, out of memory) writes the rows measured so
-    far, marked with the error, runs ``before_save`` first (a fit of the rows so far; its own failure is noted, not
-    raised), and propagates the error."""
+    far, marked with the error, then runs ``before_save`` (a fit of the rows so far; its own failure is noted, not
+    raised) and writes again, and propagates the error."""
     out = tmp_path / "failed.json"
     payload = {"rows": []}
 
-    def fit():
+    def fit():  # the rows are on disk before the fit runs (a fit cut by SIGKILL must not cost them)
+        assert json.loads(out.read_text())["rows"] == payload["rows"]
         payload["fit"] = len(payload["rows"])
 
     with pytest.raises(RuntimeError, match="a kernel fault"):
