@@ -145,12 +145,6 @@ def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, 
     one-stage points (heads 1-128, widths 16-1024, bf16/fp32/fp8); a two-stage loop took 1.1-2x that, so it counts
     twice."""
     block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
-    if cfg.get("TMA") and not hip and not kv_fp8:
-        # the tensor-descriptor kernel (decode_tma; bf16/fp16 only): the query block and two key blocks whatever the
-        # stage count (sm_90, triton 3.6 and 3.9: 64 x 64 tiles 221208 B at 2 stages and 221220 B at 3, 16 x 64 at
-        # 3 stages 159764 B, 16 x 32 at 2 stages 89096 B), where the portable kernel's count above put the TMA
-        # probe's 16-row winner (16 x 64, 3 stages) at 239616 B and shrank it; tests/test_compile.py holds it
-        return (block_m + min(stages, 2) * block_n) * (d_latent + d_rope) * elem_bytes
     if hip:
         wide = max(d_latent, d_rope)
         tiles = max(block_m * wide * elem_bytes, block_n * wide * (1 if kv_fp8 else elem_bytes))

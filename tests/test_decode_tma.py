@@ -130,14 +130,3 @@ def test_dispatch_needs_the_config_flag(monkeypatch):
     assert decode._hopper_kernel(dict(plain, TMA=True), q_nope, kv_cache, pe_cache) == "tma"
     q16, _, kv16, pe16, _, _ = make_inputs([10], 1, 2, 16, torch.bfloat16, "cpu")
     assert decode._hopper_kernel(dict(plain, TMA=True), q16, kv16, pe16) is None  # page 16 < BLOCK_N
-
-
-@pytest.mark.parametrize("rows", [16, 128])
-def test_the_probe_tiles_fit_an_h100_as_stored(rows):
-    """A stored config asking for this kernel keeps the TMA probe's tiles on an H100 (the CPU interpreter runs an
-    H100's): the kernel's shared memory is its own estimate (the query block and two key blocks, held to the
-    compiler's figure by tests/test_compile.py), not the portable kernel's, which put the 16-row winner (16 x 64,
-    3 stages) at 239616 bytes and shrank it to 16 x 32."""
-    cfg = decode_tma.tma_config(rows)
-    assert decode._fit_tiles(cfg, torch.device("cpu"), 512, 64, 2, False) == cfg
-    assert decode.decode_shared_bytes(cfg, 512, 64, 2) == (cfg["BLOCK_M"] + 2 * cfg["BLOCK_N"]) * 576 * 2
