@@ -226,9 +226,14 @@ class _Decode(_Spec):
 
     def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .decode import decode_shared_bytes
-        # TMA and Gluon configs too: decode.decode_tiles fits every stored config by this estimate (a TMA config can
-        # fall back to the portable kernel), so one over it would run shrunk, not as timed
-        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes, hip=hip)
+        from .decode_tma import tma_widths_fit
+        # as decode.decode_tiles fits a stored config for a launch: a TMA or Gluon config by the TMA kernel's own
+        # estimate where that kernel serves the shape (16-bit inputs, pages of whole tiles; the space offers them on
+        # sm_90 only), else by the portable kernel's, which it falls back to (fp32 here), so one over it would run
+        # shrunk, not as timed
+        tma = bool(cfg.get("TMA") or cfg.get("GLUON")) and not hip and elem_bytes == 2 and \
+            tma_widths_fit(shape["page"], shape["R"], shape["P"], cfg["BLOCK_N"])
+        return decode_shared_bytes(cfg, shape["R"], shape["P"], elem_bytes, hip=hip, tma=tma)
 
     def build(self, s, device, dtype, gen):
         from .decode import _launch, mla_decode_torch

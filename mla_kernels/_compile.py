@@ -155,12 +155,16 @@ def _cases(hip: bool) -> dict:
                 decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8, hip=hip))
 
     def attn_tma(rows, split):
-        cfg = _config(rows, 512, hip=False)
+        from .decode_tma import tma_config
+
+        # the TMA probe's tiles, which a config asking for this kernel carries, fitted as decode_tiles fits them
+        cfg = _fit_tiles(tma_config(rows), h100, 512, 64, 2, False, tma=True)
         block_n = cfg["BLOCK_N"]
         constexprs = dict(D_LATENT=512, D_ROPE=64, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
                           CAUSAL=True, VARLEN=False, SPLIT=split, STORE_LSE=True, DOT_FP32=False)
         types = dict(attn_types, kv_desc=f"tensordesc<bf16[{block_n},256]>", pe_desc=f"tensordesc<bf16[{block_n},64]>")
-        return _mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"], None
+        return (_mla_attn_tma_kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
+                decode_shared_bytes(cfg, 512, 64, 2, tma=True))
 
     def attn_gluon(rows, split, d_latent=512, d_rope=64):
         from triton.runtime.jit import mangle_type

@@ -17,6 +17,7 @@ its normalised partial output and log-sum-exp, and a combine kernel merges them.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -69,14 +70,25 @@ def _config(rows_per_seq: int, d_latent: int, hip: bool = False) -> dict:
 
 
 def decode_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_rope: int = 64,
-                 elem_bytes: int = 2, kv_fp8: bool = False) -> dict:
+                 elem_bytes: int = 2, kv_fp8: bool = False, call: tuple | None = None) -> dict:
     """The launch config a call gets: this GPU's tuned config for the shape class (``mla_kernels/configs``), else
     ``_config``'s heuristic, with its tiles shrunk where they would not fit the GPU's shared memory at these
     widths, query element size (``elem_bytes``) and cache format (``kv_fp8``): fp32 at 64 x 64 does not fit an
     H100. The one place that decides, so schedules built ahead (``mla_decode_metadata``) use the tiles the
-    launch will use."""
+    launch will use.
+
+    Fitted by the portable kernel's estimate (``decode_shared_bytes``), the kernel every config can fall back to
+    and the only one a schedule runs. ``call``: ``(q_nope, kv_cache, pe_cache)`` of a launch the Hopper kernels may
+    serve (``_launch``: no schedule, no fp8 cache, not sparse). A config asking for them (``TMA`` / ``GLUON``) is
+    then fitted by the TMA kernel's own estimate where ``_hopper_kernel`` takes the fitted tiles for this call: the
+    TMA probe's 16 x 64 x 3-stage tiles (159764 B compiled) are over the portable kernel's count (239616 B) and
+    would otherwise run as 16 x 32."""
     cfg = (_tuning.lookup("decode", _tuning.decode_class(rows_per_seq, d_latent, elem_bytes), device)
            or _config(rows_per_seq, d_latent, _utils.on_hip(device)))
+    if call is not None and (cfg.get("TMA") or cfg.get("GLUON")):
+        fitted = _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8, tma=True)
+        if _hopper_kernel(fitted, *call) is not None:
+            return fitted
     return _fit_tiles(cfg, device, d_latent, d_rope, elem_bytes, kv_fp8)
 
 
@@ -127,12 +139,13 @@ def _constant_tiles(rows_per_seq: int, d_latent: int, device: torch.device, d_ro
 
 
 def _fit_tiles(cfg: dict, device, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool,
-               hip: bool | None = None) -> dict:
-    return _utils.fit_tiles(cfg, device, decode_shared_bytes, d_latent, d_rope, elem_bytes, kv_fp8, hip=hip)
+               hip: bool | None = None, tma: bool = False) -> dict:
+    estimate = functools.partial(decode_shared_bytes, tma=True) if tma else decode_shared_bytes
+    return _utils.fit_tiles(cfg, device, estimate, d_latent, d_rope, elem_bytes, kv_fp8, hip=hip)
 
 
 def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, kv_fp8: bool = False,
-                        hip: bool = False) -> int:
+                        hip: bool = False, tma: bool = False) -> int:
     """Shared memory the portable kernel's operand tiles take on sm_90 (triton 3.6, compiled with the alignment
     facts the JIT specializes on): the query block once, and ``num_stages`` key blocks, which the pipeliner fills
     with cp.async copies ahead of use. With an fp8 cache the stages hold the raw e4m3 latent and one dequantized
@@ -143,8 +156,16 @@ def decode_shared_bytes(cfg: dict, d_latent: int, d_rope: int, elem_bytes: int, 
     in one buffer the next reuses, so the largest decides: rows x the wider of the latent and rope widths x bytes,
     for the query block or a key block (raw e4m3 with an fp8 cache). The compiler's figure to the byte at 18
     one-stage points (heads 1-128, widths 16-1024, bf16/fp32/fp8); a two-stage loop took 1.1-2x that, so it counts
-    twice."""
+    twice.
+
+    ``tma``: the tensor-descriptor kernel's instead (``decode_tma``, bf16/fp16 on sm_90, no fp8 cache; the Gluon
+    kernel's 64 x 64 tiles, which fall back to it, fit the same): the query block and two key blocks whatever the
+    stage count. sm_90 (triton 3.6 and 3.9) compiled 64 x 64 tiles at 221208 B with 2 stages and 221220 B with 3,
+    16 x 64 at 3 stages 159764 B, 16 x 32 at 2 stages 89096 B: at most ``SHARED_SCRATCH_BYTES`` over this count,
+    which ``tests/test_compile.py`` holds at the TMA probe's tiles."""
     block_m, block_n, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], max(1, cfg.get("num_stages", 1))
+    if tma:
+        return (block_m + 2 * block_n) * (d_latent + d_rope) * elem_bytes
     if hip:
         wide = max(d_latent, d_rope)
         tiles = max(block_m * wide * elem_bytes, block_n * wide * (1 if kv_fp8 else elem_bytes))
@@ -586,7 +607,9 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
     # max_seqlen_q, so a sequence's rows get the same tiles whether a step decodes them (MLAttention: every
     # sequence with the same count) or prefills them (a ragged step)
     tile_rows = heads if split_tokens is not None else rows_per_program
-    cfg = config or decode_tiles(tile_rows, d_latent, device, d_rope, elem_bytes, kv_fp8)
+    # (a launch the Hopper kernels may serve: a stored TMA config keeps the tiles that kernel fits)
+    hopper_call = (q_nope, kv_cache, pe_cache) if schedule is None and kv_scale is None and not sparse else None
+    cfg = config or decode_tiles(tile_rows, d_latent, device, d_rope, elem_bytes, kv_fp8, hopper_call)
     num_splits_arg, schedule_arg = num_splits, schedule  # (as given: a fallback launch sizes them again)
     total_rows = total_tokens * heads
     out = torch.empty(total_tokens, heads, d_latent, dtype=q_nope.dtype, device=device)
@@ -625,8 +648,7 @@ def _launch(q_nope, q_pe, kv_cache, pe_cache, block_table, cache_seqlens, cu_seq
 
     sm_scale_log2 = softmax_scale * LOG2E
     s_q_arg = total_tokens if varlen else seq_q  # the kernels' s_q: T packed tokens with cu_seqlens_q (_query_rows)
-    hopper = (_hopper_kernel(cfg, q_nope, kv_cache, pe_cache)
-              if schedule is None and kv_scale is None and not sparse else None)
+    hopper = _hopper_kernel(cfg, *hopper_call) if hopper_call is not None else None
     try:  # (free when nothing is raised: a stored config's compile failure is handled after the fact)
         if hopper == "gluon":
             from .decode_gluon import launch_gluon

@@ -52,12 +52,7 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
     if TensorDescriptor is None or kv_cache.dtype not in TMA_DTYPES or q_nope.dtype != kv_cache.dtype:
         return False
     num_blocks, page, d_latent = kv_cache.shape
-    d_rope = pe_cache.shape[2]
-    # each latent half is a tl.dot's K, which a GPU needs >= 16 for 16-bit inputs: R = 16 (K = 8) ran under the
-    # interpreter and failed Triton's sm_90 compile ("K >= 16")
-    if page % block_n or d_latent // 2 > MAX_BOX or d_rope > MAX_BOX or d_latent // 2 < 16:
-        return False
-    if d_rope == 0:  # no rope part (a NoPE layer): the portable kernel's (no descriptor of width 0)
+    if not tma_widths_fit(page, d_latent, pe_cache.shape[2], block_n):
         return False
     if num_blocks * page >= 2**31:
         return False
@@ -68,6 +63,16 @@ def tma_supported(q_nope: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.
         if t.data_ptr() % 16 or (t.stride(1) * elem) % 16:
             return False
     return True
+
+
+def tma_widths_fit(page: int, d_latent: int, d_rope: int, block_n: int) -> bool:
+    """The shape part of ``tma_supported``: pages of whole ``block_n`` tiles, each latent half one TMA box at most
+    and at least 16 wide, and a rope part of one box at most, not empty. What a tuning sweep, which knows its shapes
+    but holds no tensor yet, asks (``_autotune``)."""
+    # each latent half is a tl.dot's K, which a GPU needs >= 16 for 16-bit inputs: R = 16 (K = 8) ran under the
+    # interpreter and failed Triton's sm_90 compile ("K >= 16"); no rope part (a NoPE layer) is the portable
+    # kernel's (no descriptor of width 0)
+    return page % block_n == 0 and 16 <= d_latent // 2 <= MAX_BOX and 0 < d_rope <= MAX_BOX
 
 
 def tma_config(rows_per_seq: int) -> dict:

@@ -796,9 +796,9 @@ def test_compiled_step_with_metadata_on_a_gpu_with_a_config_file(fake_gpu, devic
 
 
 def test_a_tma_candidate_the_library_would_shrink_is_pruned_too(fake_gpu, monkeypatch, device):
-    """decode.decode_tiles fits a stored TMA (or Gluon) config by the same shared-memory estimate as any other, so a
-    TMA candidate over it would be timed at its own tiles and run shrunk (an H100's 16 x 64 x 3-stage TMA config,
-    the TMA probe's best at 16 rows, launches as 16 x 32): the sweep prunes it like the others."""
+    """Where the TMA kernel cannot serve the shape (BLOCK_N 128 on pages of 16), a stored TMA config runs on the
+    portable kernel with tiles fitted by that kernel's estimate, so a TMA candidate over it would be timed at its own
+    tiles and run shrunk: the sweep prunes it like the others."""
     monkeypatch.setattr(mla_kernels._utils, "shared_memory_limit", lambda dev: 40000)
     huge_tma = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True)
     (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None,
@@ -809,6 +809,42 @@ def test_a_tma_candidate_the_library_would_shrink_is_pruned_too(fake_gpu, monkey
     assert (runs["BLOCK_M"], runs["BLOCK_N"], runs["num_stages"]) == \
         (winner["BLOCK_M"], winner["BLOCK_N"], winner["num_stages"]), "the stored winner would not run as timed"
     assert any(p["config"] == huge_tma and p["reason"].startswith("over the shared-memory") for p in res["pruned"])
+
+
+def test_a_tma_candidate_its_own_kernel_fits_is_timed_and_runs_as_stored(fake_gpu, monkeypatch, device):
+    """The TMA kernel holds the query block and two key blocks whatever its stage count (decode_shared_bytes with
+    ``tma``), so the TMA probe's 16-row winner (16 x 64, 3 stages) fits an H100 by its count (165888 B) and not by
+    the portable kernel's (239616 B). Where the TMA kernel serves the shape (16-bit inputs, pages of whole tiles)
+    such a candidate is timed, not pruned, and once stored it launches on that kernel with its own tiles (it ran as
+    16 x 32); on pages of 16, which that kernel cannot serve, the same stored config is fitted for the portable
+    kernel, which runs it."""
+    # R 32 + P 16 in bf16: 16 x 64 x 3 stages is 13824 bytes for the TMA kernel, 19968 for the portable one; with
+    # the 4 KiB allowance only the TMA count is under 20000 (the heuristic's 16 x 64 x 2 stages, 13824, fits too)
+    monkeypatch.setattr(mla_kernels._utils, "shared_memory_limit", lambda dev: 20000)
+    probe = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True)
+    out = _tuning.CONFIG_DIR / "test-gpu.json"
+    (res,) = _autotune.sweep(["decode"], {"decode": [dict(DECODE, page=64)]}, device=device, out=out,
+                             timer=lambda fn: 0.1 if fn.config.get("TMA") else 1.0,
+                             candidates={"decode": [probe, FAST]}, log=lambda line: None)
+    assert res["winner"] == probe and not res["pruned"], res["pruned"]
+    assert _tuning.lookup("decode", KEY, device) == probe
+
+    from mla_kernels import decode_tma
+    tma_spy, portable_spy = KernelSpy(decode_tma._mla_attn_tma_kernel), KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode_tma, "_mla_attn_tma_kernel", tma_spy)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", portable_spy)
+    from mla_kernels.reference import absorbed_decode
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 1, HEADS, R + P, generator=g).to(device, torch.bfloat16)
+    for page, spy, tiles in ((64, tma_spy, (16, 64, 3)), (16, portable_spy, (16, 32, 3))):
+        kv, pe, table = make_paged_cache([40, 23], page, (R, P), torch.bfloat16, device, generator_seed=1)
+        args = (q[..., :R], q[..., R:], kv, pe, table, torch.tensor([40, 23], dtype=torch.int32, device=device),
+                SCALE)
+        expected, _ = absorbed_decode(*args)
+        assert_close(f"stored TMA config, page {page}", mla_kernels.mla_decode(*args), expected, torch.bfloat16)
+        launch = spy.launches[-1]
+        assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["num_stages"]) == tiles, (page, launch)
+    assert len(tma_spy.launches) == 1 and len(portable_spy.launches) == 1
 
 
 def test_a_reload_keeps_a_dropped_config_dropped(fake_gpu, monkeypatch, device):
