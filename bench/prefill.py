@@ -487,10 +487,13 @@ def calibration_records(payload: dict, device=None) -> list[dict]:
     return recs
 
 
-def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=None) -> dict:
+def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=None,
+              current: dict | None = None) -> dict:
     """Fit the time model to ``records`` (bandwidth fixed at the measured copy rate when given). Returns the
     constants, each record's estimate against its time, and per case (both paths timed) the path the fitted
-    model picks with its measured time over the faster path's."""
+    model picks with its measured time over the faster path's; with ``current`` (the constants in use: the GPU's
+    file's or the defaults), that worst ratio for them too (``current_worst_choice_over_faster``), which
+    ``calibration_problems`` holds the fit to."""
     from mla_kernels import _prefill_cost as cost
     from mla_kernels.prefill import choose_prefill_path
 
@@ -508,18 +511,64 @@ def calibrate(records: list[dict], bandwidth_gbps: float | None = None, device=N
                            model_over_measured=est / r["ms"]))
         cases.setdefault(r["name"].replace(" (auto)", " (absorbed)").replace(" (expanded)", " (absorbed)"),
                          {"record": r, "ms": {}})["ms"].setdefault(r["path"], r["ms"])
-    choices = []
-    for name, c in cases.items():
-        if len(c["ms"]) < 2:
-            continue
-        r = c["record"]
-        pick = choose_prefill_path(r["new"], r["cache_lens"], r["heads"], r["d_latent"], r["d_rope"], r["d_nope"],
-                                   r["d_v"], device=device, constants=consts)
-        choices.append(dict(case=name.replace(" (absorbed)", ""), chosen=pick, chosen_ms=c["ms"][pick],
-                            faster=min(c["ms"], key=c["ms"].get), over_faster=c["ms"][pick] / min(c["ms"].values())))
+
+    def choices_under(constants):  # per case timed on both paths: the path these constants pick, against the faster
+        out = []
+        for name, c in cases.items():
+            if len(c["ms"]) < 2:
+                continue
+            r = c["record"]
+            pick = choose_prefill_path(r["new"], r["cache_lens"], r["heads"], r["d_latent"], r["d_rope"],
+                                       r["d_nope"], r["d_v"], device=device, constants=constants)
+            out.append(dict(case=name.replace(" (absorbed)", ""), chosen=pick, chosen_ms=c["ms"][pick],
+                            faster=min(c["ms"], key=c["ms"].get),
+                            over_faster=c["ms"][pick] / min(c["ms"].values())))
+        return out
+
+    choices = choices_under(consts)
     worst = max((max(f["model_over_measured"], 1 / f["model_over_measured"]) for f in fitted), default=None)
-    return {"constants": consts, "fit": fitted, "worst_model_factor": worst, "choices": choices,
-            "worst_choice_over_faster": max((c["over_faster"] for c in choices), default=None)}
+    res = {"constants": consts, "fit": fitted, "worst_model_factor": worst, "choices": choices,
+           "worst_choice_over_faster": max((c["over_faster"] for c in choices), default=None)}
+    if current is not None:
+        res["current_worst_choice_over_faster"] = max((c["over_faster"] for c in choices_under(current)),
+                                                      default=None)
+    return res
+
+
+RATE_NAMES = ("prefill_absorbed_tflops", "prefill_expanded_tflops", "prefill_gemm_tflops")
+# a fitted rate this far over the GPU's measured bf16 GEMM rate (h.matmul_rate, 8192^3) is no kernel's: the records
+# did not pin it (a cut run's few cases), and it would decide untimed shapes
+RATE_OVER_MATMUL = 1.5
+
+
+def calibration_problems(res: dict, matmul_tflops: float | None = None) -> list[str]:
+    """Why ``calibrate``'s fit must not be written to a config file (none: write it). A run cut by a time limit
+    fits what it timed so far, and such a fit can decide every later prefill's path badly: fewer timings than
+    constants fitted, a constant that is not a positive number, a rate above what the GPU's GEMM reaches
+    (``RATE_OVER_MATMUL``), no case timed on both paths (nothing to check the choice against), or a choice worse on
+    the timed cases than the constants it would replace (``current_worst_choice_over_faster``)."""
+    from mla_kernels import _prefill_cost as cost
+
+    consts, problems = res["constants"], []
+    fitted = len(cost.NAMES) - 1  # (the bandwidth is the measured copy rate)
+    if len(res["fit"]) < fitted:
+        problems.append(f"{len(res['fit'])} timings for {fitted} fitted constants")
+    bad = [name for name, value in consts.items() if not (math.isfinite(value) and value > 0)]
+    if bad:
+        problems.append(f"constants not finite and positive: {bad}")
+    if matmul_tflops:
+        over = [f"{name} {consts[name]:.4g}" for name in RATE_NAMES
+                if consts[name] > RATE_OVER_MATMUL * matmul_tflops]
+        if over:
+            problems.append(f"rates over {RATE_OVER_MATMUL}x the measured GEMM rate ({matmul_tflops:.4g} TFLOP/s): "
+                            + ", ".join(over))
+    worst, before = res["worst_choice_over_faster"], res.get("current_worst_choice_over_faster")
+    if worst is None:
+        problems.append("no case timed on both paths: the fitted choice cannot be checked")
+    elif before is not None and worst > before * 1.01:
+        problems.append(f"the fitted choice is worse on the timed cases: x{worst:.3g} of the faster path at worst, "
+                        f"where the constants in use give x{before:.3g}")
+    return problems
 
 
 def model_crossovers(groups, constants: dict, device=None, shape: MLAShape = SEED_SMALL, max_new: int = 65536):
@@ -561,18 +610,23 @@ def run_calibration(payload: dict, device, target, quick: bool) -> dict:
     """--calibrate: fit, report and write. ``target``: a file path, or "auto" for this GPU's shipped file."""
     from mla_kernels import _tuning
 
+    from mla_kernels import _prefill_cost as cost
+
     records = calibration_records(payload, device)
-    bandwidth = h.copy_bandwidth(device)
-    res = calibrate(records, bandwidth, device)
+    bandwidth, matmul = h.copy_bandwidth(device), h.matmul_rate(device)
+    res = calibrate(records, bandwidth, device, current=cost.device_constants(device))
     groups = sorted({(g["B"], g["hist"], g["H"]) for g in payload.get("crossover", {}).get("per_group", [])})
     res["model_crossovers"] = model_crossovers(groups, res["constants"], device)
-    index = device.index if device.index is not None else 0
-    path = _tuning.device_file(index) if target == "auto" else Path(target)
-    note = (f"bench.prefill{' --quick' if quick else ''} --calibrate: fit of {len(records)} timings, bandwidth = "
-            f"copy rate measured in the run ({bandwidth:.0f} GB/s)")
-    write_calibration(path, res["constants"], device_name=h.device_name(device),
-                      sm_count=torch.cuda.get_device_properties(index).multi_processor_count, note=note)
-    res["written_to"] = str(path)
+    res["matmul_tflops"] = matmul
+    res["not_written"] = calibration_problems(res, matmul)
+    if not res["not_written"]:
+        index = device.index if device.index is not None else 0
+        path = _tuning.device_file(index) if target == "auto" else Path(target)
+        note = (f"bench.prefill{' --quick' if quick else ''} --calibrate: fit of {len(records)} timings, bandwidth "
+                f"= copy rate measured in the run ({bandwidth:.0f} GB/s)")
+        write_calibration(path, res["constants"], device_name=h.device_name(device),
+                          sm_count=torch.cuda.get_device_properties(index).multi_processor_count, note=note)
+        res["written_to"] = str(path)
     print_calibration(res)
     return res
 
@@ -593,6 +647,8 @@ def print_calibration(res: dict) -> None:
               f"{g['model_first_new_len_expanded']}")
     if "written_to" in res:
         print(f"  constants written to {res['written_to']}")
+    for problem in res.get("not_written", []):
+        print(f"  not written: {problem}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ constants (defaults, config file, override), its launch counts against the code,
 
 import json
 import math
+import types
+import warnings
 
 import pytest
 import torch
@@ -540,6 +542,46 @@ def test_calibrate_fits_reports_and_writes_the_config_file(tmp_path, monkeypatch
     assert prefill.choose_prefill_path(*case, **WIDTHS) == "expanded"
     expect = cost.choose(cost.estimate(*case, **WIDTHS, constants=truth))
     assert prefill.choose_prefill_path(*case, **WIDTHS, device=torch.device("cuda", 0)) == expect == "absorbed"
+
+
+def test_a_calibration_is_written_only_where_it_checks_out(tmp_path, monkeypatch, fake_gpu):
+    """bench.prefill --calibrate writes the fitted constants into the GPU's config file, which decides every later
+    prefill's path there. A run cut by a time limit fits the rows timed so far (``calibrate_so_far``), and was
+    written unchecked: a fit of a few rows leaves constants the rows do not pin (one went to 992 TFLOP/s). Written
+    now only when it has a timing per fitted constant, positive rates under 1.5x the GPU's measured GEMM rate, and
+    a choice no worse on the timed cases than the constants in use."""
+    bp, payload = fake_run(dict(cost.DEFAULTS, prefill_absorbed_tflops=210.0, prefill_call_us=150.0))
+    gpu = torch.device("cuda", 0)  # (the library's lookups believe fake_gpu's "Test GPU"; the rates are replaced)
+    _pretend_gpu_visible(monkeypatch)
+    monkeypatch.setattr(bp.h, "copy_bandwidth", lambda device: 3000.0)
+    monkeypatch.setattr(bp.h, "matmul_rate", lambda device: 700.0)
+    monkeypatch.setattr(bp.h, "device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(
+        multi_processor_count=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (Test GPU has no tuned file: the built-in tiles)
+        cut = dict(payload, sweep=payload["sweep"][:3], seed_003_prefill=None)  # 2 timings of 1 case
+        path = tmp_path / "cut.json"
+        res = bp.run_calibration(cut, gpu, str(path), quick=True)
+        assert not path.exists() and "written_to" not in res
+        assert any("timings for 5 fitted constants" in p for p in res["not_written"]), res["not_written"]
+        path = tmp_path / "full.json"
+        res = bp.run_calibration(payload, gpu, str(path), quick=True)
+        assert res["not_written"] == [] and res["written_to"] == str(path) and path.exists()
+        assert res["current_worst_choice_over_faster"] >= res["worst_choice_over_faster"]
+
+    # each rule on its own
+    good = dict(constants=dict(res["constants"]), fit=res["fit"], worst_choice_over_faster=1.0,
+                current_worst_choice_over_faster=1.2)
+    assert bp.calibration_problems(good, 700.0) == []
+    (problem,) = bp.calibration_problems(good, 300.0)  # the fitted GEMM rate, about 620, over 1.5 x 300
+    assert "prefill_gemm_tflops" in problem and "prefill_absorbed_tflops" not in problem
+    (problem,) = bp.calibration_problems(dict(good, worst_choice_over_faster=1.3), 700.0)
+    assert "worse on the timed cases" in problem and "x1.3" in problem and "x1.2" in problem
+    (problem,) = bp.calibration_problems(dict(good, worst_choice_over_faster=None), 700.0)
+    assert "both paths" in problem
+    (problem,) = bp.calibration_problems(dict(good, constants=dict(good["constants"], prefill_call_us=math.nan)))
+    assert "prefill_call_us" in problem
 
 
 def test_calibrate_refuses_the_cpu_and_one_path_runs():
