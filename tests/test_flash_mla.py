@@ -578,6 +578,26 @@ def test_attn_sink_is_refused_before_any_kernel_runs(device, monkeypatch):
                                    attn_sink=torch.zeros(2, dtype=torch.float64, device=device))
 
 
+def test_host_sink_and_lengths_are_refused_in_a_cuda_graph_capture(monkeypatch):
+    """attn_sink and topk_length may live on another device than q: they are moved at each call. While a CUDA graph
+    is captured, a copy from host memory would be read again at every replay, and torch 2.11 refuses to capture one
+    from pageable memory with an error that does not name the argument: refused here by name. (The capture flag is
+    patched: no GPU needed; the device q is on is only named.)"""
+    from mla_kernels.integrations import flash_mla as fm
+
+    gpu = torch.device("cuda", 0)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    for name in ("attn_sink", "topk_length"):
+        fm._check_has_data_beside(name, torch.zeros(2), gpu)  # not capturing: moved at the call
+        fm._check_has_data_beside(name, torch.zeros(2), torch.device("cpu"))
+        capturing[0] = True
+        with pytest.raises(ValueError, match=f"{name} is on the CPU while a CUDA graph is captured"):
+            fm._check_has_data_beside(name, torch.zeros(2), gpu)
+        fm._check_has_data_beside(name, torch.zeros(2), torch.device("cpu"))  # (no graph on the CPU)
+        capturing[0] = False
+
+
 def test_sparse_over_a_cache_of_fewer_slots_than_new_tokens(device):
     """Sparse calls read whole-cache slots, not a sequence of S_q new tokens: a cache of 2 slots serves 3 tokens
     (mla_decode refused it as 'cache_seqlens[0] = 2 is less than the S_q = 3 new tokens', a length the caller never

@@ -29,7 +29,8 @@ slot of the whole cache, ``block id * page + offset``, and -1 (or, as FlashMLA d
 cache's slot count) is skipped; ``block_table`` and ``cache_seqlens`` are then not read. ``topk_length [B]``
 keeps each row's first ``topk_length[b]`` entries only (none for a length <= 0, all for one past ``topk``: read on
 the device, never checked, as the indices are not), and ``attn_sink [H]`` (float32) scales the output by
-``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse. A bf16 sparse cache is taken
+``exp(lse) / (exp(lse) + exp(attn_sink))`` without changing the returned lse; both may be on another device than
+``q`` (moved at each call), except in host memory while a CUDA graph is captured. A bf16 sparse cache is taken
 too (FlashMLA's sparse decode wants FP8). Not taken (a ``ValueError``): ``extra_k_cache`` and its indices and
 lengths, and the FP8-query ``descale_q``/``descale_k`` of some forks.
 
@@ -450,6 +451,12 @@ def _check_sink(attn_sink, heads: int) -> torch.Tensor:
 
 def _check_has_data_beside(name: str, t: torch.Tensor, device: torch.device) -> None:
     """``t`` is moved to ``device`` where it is used: refuse one on the meta device beside real tensors (torch's
-    copy failed with a NotImplementedError, "Cannot copy out of meta tensor")."""
+    copy failed with a NotImplementedError, "Cannot copy out of meta tensor"), and one in host memory while a CUDA
+    graph is captured on ``device``: a captured copy would read the host memory again at every replay, and torch
+    2.11 refuses to capture one from pageable memory ("Cannot copy between CPU and CUDA tensors during CUDA graph
+    capture unless the CPU tensor is pinned"), an error that did not name the argument."""
     if t.device.type == "meta" and device.type != "meta":
         raise ValueError(f"{name} is on the meta device, which holds no data, but the call runs on {device}")
+    if t.device.type == "cpu" and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{name} is on the CPU while a CUDA graph is captured on {device}: pass it on {device} "
+                         f"(a captured copy from host memory would be read again at every replay)")
