@@ -222,7 +222,12 @@ class _Decode(_Spec):
         return out
 
     def refine(self, winner, key, device):
-        return [dict(winner, waves=w) for w in (1, 2, 4) if winner.get("waves") != w]
+        # the split count's waves, and the portable kernel's cache loads marked evict-first (FlashMLA's hint on its
+        # cache stream; the TMA and Gluon kernels ignore EVICT), each tried on the winner
+        out = [dict(winner, waves=w) for w in (1, 2, 4) if winner.get("waves") != w]
+        if not (winner.get("TMA") or winner.get("GLUON") or winner.get("EVICT")):
+            out.append(dict(winner, EVICT=True))
+        return out
 
     def shared_bytes(self, cfg, shape, elem_bytes, hip=False):
         from .decode import decode_shared_bytes

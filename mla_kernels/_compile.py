@@ -100,7 +100,8 @@ def ptxas_report(compiled) -> dict:
                         "spill_load_bytes": int(spill.group(2)) if spill else 0,
                         "shared_bytes": compiled.metadata.shared,
                         "wgmma": "wgmma" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
-                        "cp_async": "cp.async.cg.shared" in ptx or "cp.async.ca.shared" in ptx}
+                        "cp_async": "cp.async.cg.shared" in ptx or "cp.async.ca.shared" in ptx,
+                        "evict_first": "L2::evict_first" in ptx}
     return {"registers": None, "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx}
 
@@ -117,7 +118,7 @@ def _cases(hip: bool) -> dict:
     ``expanded_shared_bytes``, the gfx942 model with ``hip``), which sized the tiles to fit, for the test to hold
     against the compiler's figure."""
     from .cache import _write_cache_kernel
-    from .decode import (_config, _fit_tiles, _gluon_tiles, _mla_attn_kernel, _mla_combine_kernel,
+    from .decode import (EVICT_FIRST, _config, _fit_tiles, _gluon_tiles, _mla_attn_kernel, _mla_combine_kernel,
                          _mla_sparse_attn_kernel, decode_shared_bytes, decode_tiles)
     from .decode_tma import TensorDescriptor, _mla_attn_tma_kernel
     from .merge import _merge_states_kernel
@@ -139,7 +140,7 @@ def _cases(hip: bool) -> dict:
                else decode_tiles(rows, d_latent, h100, d_rope, elem, fp8))
         constexprs = dict(D_LATENT=d_latent, D_ROPE=d_rope, PAGE_SIZE=64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                           CAUSAL=True, VARLEN=varlen, SPLIT=split, STORE_LSE=True, DOT_FP32=False,
-                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled)
+                          DOT_PRECISION="ieee" if fp32 else None, KV_FP8=fp8, SCHEDULED=scheduled, KV_EVICT="")
         types = dict(attn_types, **{"*": "*fp32"}) if fp32 else attn_types
         # fp8: the e4m3 (OCP float8_e4m3fn) latent and its fp32 scales; queries and rope key bf16. sm_90 converts with
         # cvt.rn.f16x2.e4m3x2 (write_cache encodes by integer arithmetic, _e4m3_bits); gfx942 (MI300), whose native
@@ -150,7 +151,7 @@ def _cases(hip: bool) -> dict:
         kernel = _mla_attn_kernel
         if sparse:  # the sparse entry: no VARLEN/SCHEDULED (decode only, split grid)
             kernel = _mla_sparse_attn_kernel
-            constexprs = {k: v for k, v in constexprs.items() if k not in ("VARLEN", "SCHEDULED")}
+            constexprs = {k: v for k, v in constexprs.items() if k not in ("VARLEN", "SCHEDULED", "KV_EVICT")}
         return (kernel, constexprs, types, cfg["num_warps"], cfg["num_stages"],
                 decode_shared_bytes(cfg, d_latent, d_rope, elem, fp8, hip=hip))
 
@@ -231,6 +232,10 @@ def _cases(hip: bool) -> dict:
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
     cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
+    # a config's EVICT (decode.EVICT_FIRST on the cache loads), which bench.autotune tries on each class's winner
+    for rows in (16, 128):
+        kernel, constexprs, *rest = attn(rows, False, rows == 16)
+        cases[f"decode-h{rows}-evict"] = (kernel, dict(constexprs, KV_EVICT=EVICT_FIRST), *rest)
     cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
     cases["decode-h16-r1024-fp32"] = attn(16, False, True, fp32=True, d_latent=1024)
     cases["decode-h128-r1024-fp32"] = attn(128, False, True, fp32=True, d_latent=1024)

@@ -164,7 +164,8 @@ def _valid_constant(name: str, value) -> bool:
 # tl.dot need them; tl.dot at least 16), warps a power of two, stages a small count; anything else (a typo, a list,
 # a string, a bool, a zero or negative size) is not a config this library can launch: ``lookup`` drops it.
 _LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-_ATTN_OPTIONAL = ("waves", "TMA", "GLUON")  # decode._launch reads them (split-count knob, the Hopper kernels)
+# decode._launch reads them: the split-count knob, the Hopper kernels, the portable kernel's evict-first cache loads
+_ATTN_OPTIONAL = ("waves", "TMA", "GLUON", "EVICT")
 CONFIG_KEYS = {"decode": (_LAUNCH_KEYS, _ATTN_OPTIONAL), "prefill": (_LAUNCH_KEYS, _ATTN_OPTIONAL),
                "expanded": (_LAUNCH_KEYS, ()), "write_cache": (("BLOCK_T", "num_warps"), ())}
 
@@ -189,7 +190,7 @@ def config_error(kernel: str, cfg) -> str | None:
     checks = {"BLOCK_M": (16, 1024, True), "BLOCK_N": (16, 1024, True), "BLOCK_T": (1, 1024, True),
               "num_warps": (1, 32, True), "num_stages": (0, 8, False), "waves": (1, 128, False)}
     for key, value in cfg.items():
-        if key in ("TMA", "GLUON"):
+        if key in ("TMA", "GLUON", "EVICT"):
             if type(value) is not bool:
                 return f"{key} must be true or false, got {value!r}"
         elif not _int_in(value, *checks[key]):

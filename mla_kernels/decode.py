@@ -30,6 +30,10 @@ from . import schedule as _schedule
 LOG2E = _utils.LOG2E  # (one definition: _utils.MAX_SCALE is derived from it too)
 LN2 = 0.6931471805599453
 LN2_C: tl.constexpr = tl.constexpr(LN2)
+# the portable kernel's cache loads with a config's ``EVICT: True`` (``_mla_attn_block``'s KV_EVICT): FlashMLA marks
+# its cache stream evict-first (issue 8); whether that pays here (a sequence's row blocks share its keys in L2 above
+# 64 rows) is for a GPU sweep to say (``bench.autotune`` tries it on each class's winner)
+EVICT_FIRST = "evict_first"
 MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
 MAX_GRID_SPLITS = _utils.MAX_GRID_YZ  # the splits are the grid's z axis
 
@@ -307,12 +311,13 @@ def _mla_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr = False,
-    SCHEDULED: tl.constexpr = False,
+    SCHEDULED: tl.constexpr = False, KV_EVICT: tl.constexpr = "",
 ):
     """Grid ``(row blocks, B, splits)``: program (m, b, s) reads split s of sequence b's keys for row block m.
     ``SCHEDULED`` (decode only): grid ``(row blocks, P)``; program (m, p) walks the units of row p of the
     schedule's tables (``schedule.DecodeSchedule``), writing whole sequences' outputs and cut ones' partials.
     ``KV_FP8``: ``KV`` holds e4m3 values with fp32 scales in ``KV_SCALE`` (one per 128 values of a token).
+    ``KV_EVICT``: the cache loads' eviction policy (``_mla_attn_block``).
     ``s_q``: new tokens per sequence (decode), or with ``VARLEN`` the T packed tokens, a bound on ``CU_SEQLENS_Q``."""
     pid_m = tl.program_id(0)
     if SCHEDULED:
@@ -349,7 +354,7 @@ def _mla_attn_kernel(
                     s_q * num_heads, cut,
                     None, 0,
                     D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32,
-                    DOT_PRECISION, KV_FP8, False)
+                    DOT_PRECISION, KV_FP8, False, KV_EVICT)
     else:
         pid_b = tl.program_id(1).to(tl.int64)
         pid_split = tl.program_id(2)
@@ -360,7 +365,7 @@ def _mla_attn_kernel(
             stride_kv_blk, stride_kv_tok, stride_pe_blk, stride_pe_tok, stride_ks_blk, stride_ks_tok, stride_bt_b,
             pid_m, pid_b, pid_split, split_len, split_len, pid_split, total_rows, SPLIT, None, 0,
             D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, VARLEN, STORE_LSE, DOT_FP32, DOT_PRECISION,
-            KV_FP8, False)
+            KV_FP8, False, KV_EVICT)
 
 
 @triton.jit
@@ -406,12 +411,15 @@ def _mla_attn_block(
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SPARSE: tl.constexpr,
+    KV_EVICT: tl.constexpr = "",
 ):
     """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial
     and log2 lse to row ``part_index * part_stride + out_row`` of the partial buffers instead of the final output.
     ``SPARSE``: ``pid_b`` is query token t = b * S_q + s (``s_q`` = S_q); its rows are its heads, and its keys are
-    entries ``pid_split * split_len`` on of its list ``INDICES[t, :topk]``, not cache positions."""
+    entries ``pid_split * split_len`` on of its list ``INDICES[t, :topk]``, not cache positions. ``KV_EVICT``: the
+    cache loads' eviction policy ("" the default, "evict_first": a hint that the cache stream is read once, as
+    FlashMLA gives it; a config's ``EVICT``, untimed)."""
     if SPARSE:
         b = pid_b // s_q
         seqlen = tl.load(SEQLENS + b)
@@ -473,7 +481,7 @@ def _mla_attn_block(
             block_id = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
             in_page = (offs_n % PAGE_SIZE).to(tl.int64)
             kv = tl.load(KV + (block_id * stride_kv_blk + in_page * stride_kv_tok)[:, None] + offs_r[None, :],
-                         mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_LATENT]
+                         mask=n_mask[:, None], other=0.0, eviction_policy=KV_EVICT)  # [BLOCK_N, D_LATENT]
             if KV_FP8:  # e4m3 latent: dequantized in registers to the query's dtype
                 kv = _dequant_fp8(kv, KV_SCALE + block_id * stride_ks_blk + in_page * stride_ks_tok, n_mask, D_LATENT,
                                   Q_NOPE.dtype.element_ty)
@@ -481,7 +489,7 @@ def _mla_attn_block(
             qk = tl.dot(q_nope, tl.trans(kv_dot), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             if D_ROPE > 0:
                 pe = tl.load(PE + (block_id * stride_pe_blk + in_page * stride_pe_tok)[:, None] + offs_p[None, :],
-                             mask=n_mask[:, None], other=0.0)  # [BLOCK_N, D_ROPE]
+                             mask=n_mask[:, None], other=0.0, eviction_policy=KV_EVICT)  # [BLOCK_N, D_ROPE]
                 pe_dot = pe.to(tl.float32) if DOT_FP32 else pe
                 qk = tl.dot(q_pe, tl.trans(pe_dot), qk, input_precision=DOT_PRECISION)
             qk = qk * sm_scale_log2
@@ -820,7 +828,7 @@ def _launch_portable(grid, q_nope, q_pe, kv_cache, pe_cache, block_table, cache_
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         CAUSAL=causal, VARLEN=varlen, SPLIT=split, STORE_LSE=return_lse,
         DOT_FP32=_utils.interpreting(), DOT_PRECISION=_utils.dot_precision(q_nope.dtype),
-        KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None,
+        KV_FP8=kv_scale is not None, SCHEDULED=schedule is not None, KV_EVICT=EVICT_FIRST if cfg.get("EVICT") else "",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 

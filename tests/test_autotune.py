@@ -327,6 +327,7 @@ BAD_ENTRIES = {  # stored configs no kernel can launch
     "waves-string": dict(FAST, waves="2"),
     "waves-zero": dict(FAST, waves=0),
     "tma-string": dict(FAST, TMA="yes"),
+    "evict-int": dict(FAST, EVICT=1),  # (a flag: true or false, as TMA and GLUON)
 }
 
 
@@ -1007,9 +1008,10 @@ def test_the_stored_config_competes_in_a_sweep(fake_gpu, device, stored_ms):
     assert bad not in timed and FAST in timed
 
 
-def test_the_split_knob_is_tried_on_the_winner(fake_gpu, device):
-    """Decode's winner is tried again with each split-count knob (waves 1, 2, 4); one faster wins. A config met twice
-    (its keys in another order) is one candidate."""
+def test_the_split_knob_and_the_evict_hint_are_tried_on_the_winner(fake_gpu, monkeypatch, device):
+    """Decode's winner is tried again with each split-count knob (waves 1, 2, 4) and with its cache loads marked
+    evict-first (EVICT, FlashMLA's hint on its cache stream); a faster one wins. A config met twice (its keys in
+    another order) is one candidate. A stored EVICT reaches the kernel's loads; without it they carry no hint."""
     times = []
 
     def timer(fn):
@@ -1020,8 +1022,24 @@ def test_the_split_knob_is_tried_on_the_winner(fake_gpu, device):
     (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=None, timer=timer,
                              candidates={"decode": [FAST, reordered]}, log=lambda msg: None)
     assert res["winner"] == dict(FAST, waves=4)
-    assert sorted(c.get("waves", 0) for c in times if c["BLOCK_N"] == 32) == [0, 1, 2, 4]
-    assert res["candidates"] == 5  # the heuristic, FAST, and FAST at waves 1, 2, 4
+    assert sorted(c.get("waves", 0) for c in times if c["BLOCK_N"] == 32) == [0, 0, 1, 2, 4]
+    assert [c for c in times if c.get("EVICT")] == [dict(FAST, EVICT=True)]
+    assert res["candidates"] == 6  # the heuristic, FAST, and FAST at waves 1, 2, 4 and with EVICT
+
+    (res,) = _autotune.sweep(["decode"], {"decode": [DECODE]}, device=device, out=_tuning.CONFIG_DIR / "test-gpu.json",
+                             timer=lambda fn: 0.5 if fn.config.get("EVICT") else {64: 2.0, 32: 1.0}[fn.config["BLOCK_N"]],
+                             candidates={"decode": [FAST]}, log=lambda msg: None)
+    assert res["winner"] == dict(FAST, EVICT=True) and _tuning.lookup("decode", KEY, device) == res["winner"]
+    spy = KernelSpy(decode._mla_attn_kernel)
+    monkeypatch.setattr(decode, "_mla_attn_kernel", spy)
+    args, expected = decode_call(device)
+    assert_close("decode, evict-first loads", mla_kernels.mla_decode(*args), expected, torch.float32)
+    assert spy.launches[-1]["KV_EVICT"] == "evict_first" and spy.launches[-1]["BLOCK_N"] == FAST["BLOCK_N"]
+    _tuning.save_file(_tuning.CONFIG_DIR / "test-gpu.json", device="Test GPU", sm_count=8, source="test",
+                      kernels={"decode": {KEY: FAST}})
+    _tuning.reload()
+    mla_kernels.mla_decode(*args)
+    assert spy.launches[-1]["KV_EVICT"] == ""
 
 
 def test_a_sweep_reloads_what_it_wrote(fake_gpu, device):

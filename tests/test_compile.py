@@ -111,6 +111,10 @@ def test_decode_report_is_complete(reports, capsys):
     # a GPU's timings
     for name in ("decode-h16-split", "decode-h128", "decode-h128-fp8", "prefill-expanded"):
         assert reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
+    # a config's EVICT reaches the pipelined cache loads as an L2 evict-first policy; without it no load has one
+    for name in ("decode-h16-evict", "decode-h128-evict"):
+        assert reports["sm90"][name]["evict_first"] and reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
+    assert not [n for n, r in reports["sm90"].items() if r.get("evict_first") and not n.endswith("-evict")]
     for name in EXPECTED_NVIDIA_ONLY:  # the Hopper paths really load their tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
     for name in EXPECTED_GLUON * HAS_GLUON:  # and the Gluon kernel's products are warpgroup MMAs
