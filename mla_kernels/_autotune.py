@@ -222,10 +222,12 @@ class _Decode(_Spec):
         return out
 
     def refine(self, winner, key, device):
+        from .decode import evict_changes_code
         # the split count's waves, and the portable kernel's cache loads marked evict-first (FlashMLA's hint on its
-        # cache stream; the TMA and Gluon kernels ignore EVICT), each tried on the winner
+        # cache stream; the TMA and Gluon kernels ignore EVICT) where that changes the code, each tried on the winner
         out = [dict(winner, waves=w) for w in (1, 2, 4) if winner.get("waves") != w]
-        if not (winner.get("TMA") or winner.get("GLUON") or winner.get("EVICT")):
+        if not (winner.get("TMA") or winner.get("GLUON") or winner.get("EVICT")) and \
+                evict_changes_code(winner, device):
             out.append(dict(winner, EVICT=True))
         return out
 

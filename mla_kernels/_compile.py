@@ -232,10 +232,13 @@ def _cases(hip: bool) -> dict:
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
     cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
-    # a config's EVICT (decode.EVICT_FIRST on the cache loads), which bench.autotune tries on each class's winner
+    # a config's EVICT (decode.EVICT_FIRST on the cache loads), which bench.autotune tries on each class's winner:
+    # the heuristic tiles (pipelined loads), and 16 rows in one stage (plain loads)
     for rows in (16, 128):
         kernel, constexprs, *rest = attn(rows, False, rows == 16)
         cases[f"decode-h{rows}-evict"] = (kernel, dict(constexprs, KV_EVICT=EVICT_FIRST), *rest)
+    kernel, constexprs, types, warps, _, estimate = cases["decode-h16-evict"]
+    cases["decode-h16-evict-1stage"] = (kernel, constexprs, types, warps, 1, estimate)
     cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
     cases["decode-h16-r1024-fp32"] = attn(16, False, True, fp32=True, d_latent=1024)
     cases["decode-h128-r1024-fp32"] = attn(128, False, True, fp32=True, d_latent=1024)

@@ -34,6 +34,16 @@ LN2_C: tl.constexpr = tl.constexpr(LN2)
 # its cache stream evict-first (issue 8); whether that pays here (a sequence's row blocks share its keys in L2 above
 # 64 rows) is for a GPU sweep to say (``bench.autotune`` tries it on each class's winner)
 EVICT_FIRST = "evict_first"
+
+
+def evict_changes_code(cfg: dict, device: torch.device) -> bool:
+    """Whether a config's ``EVICT`` changes what the GPU runs (so a sweep times something new): on NVIDIA the plain
+    loads of a one-stage loop carry the hint on every triton checked (3.6 to 3.9: ``ld.global.L1::evict_first`` with
+    an L2 policy), the pipelined cp.async loads of two or more stages from triton 3.9 on (3.6 to 3.8 keep it in
+    their IR and drop it there: the same PTX); gfx942's code is the same with it (triton 3.9)."""
+    if _utils.on_hip(device):
+        return False
+    return cfg.get("num_stages", 1) <= 1 or _launcher._VERSION >= (3, 9)
 MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
 MAX_GRID_SPLITS = _utils.MAX_GRID_YZ  # the splits are the grid's z axis
 
@@ -398,7 +408,7 @@ def _mla_sparse_attn_kernel(
         tl.program_id(1), tl.program_id(0).to(tl.int64), tl.program_id(2), split_len, split_len, tl.program_id(2),
         total_rows, SPLIT, INDICES, topk,
         D_LATENT, D_ROPE, PAGE_SIZE, BLOCK_M, BLOCK_N, CAUSAL, False, STORE_LSE, DOT_FP32, DOT_PRECISION,
-        KV_FP8, True)
+        KV_FP8, True, "")  # (every argument given: triton 3.6 passes a called function's str default unwrapped)
 
 
 @triton.jit
@@ -411,7 +421,7 @@ def _mla_attn_block(
     D_LATENT: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, STORE_LSE: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, SPARSE: tl.constexpr,
-    KV_EVICT: tl.constexpr = "",
+    KV_EVICT: tl.constexpr,
 ):
     """Row block ``pid_m`` of sequence ``pid_b`` over keys ``pid_split * split_len`` on, ``key_len`` of them at most.
     ``to_part`` (a constexpr in the split grid, a runtime flag when scheduled): write the normalised fp32 partial

@@ -1042,6 +1042,23 @@ def test_the_split_knob_and_the_evict_hint_are_tried_on_the_winner(fake_gpu, mon
     assert spy.launches[-1]["KV_EVICT"] == ""
 
 
+def test_the_evict_hint_is_tried_only_where_it_changes_the_code(fake_gpu, monkeypatch, device):
+    """Triton 3.6 to 3.8 (3.6: the GPU machine's) keep EVICT's policy in their IR but drop it from the pipelined
+    cp.async loads (the same PTX, tests/test_compile.py checks which): timing that config again would time the same
+    kernel. So a winner of two or more stages is tried with EVICT only from triton 3.9 on; a one-stage winner (plain
+    loads, which carry it on every triton checked) always; never on ROCm (gfx942's code is the same with it)."""
+    from mla_kernels import _launcher
+    two_stages = dict(FAST, num_stages=2)
+    for version, one, two in (((3, 6), True, False), ((3, 9), True, True)):
+        monkeypatch.setattr(_launcher, "_VERSION", version)
+        assert decode.evict_changes_code(FAST, device) is one
+        assert decode.evict_changes_code(two_stages, device) is two
+        tried = _autotune.SPECS["decode"].refine(two_stages, KEY, device)
+        assert any(c.get("EVICT") for c in tried) is two and len(tried) == 3 + two
+    monkeypatch.setattr(_utils, "on_hip", lambda dev: True)
+    assert not decode.evict_changes_code(FAST, device)
+
+
 def test_a_sweep_reloads_what_it_wrote(fake_gpu, device):
     """The library had read the (missing) files before the sweep; after it, the next lookup finds the winner."""
     assert _tuning.lookup("decode", KEY, device) is None

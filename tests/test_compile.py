@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+from mla_kernels import decode
 from mla_kernels._launcher import _triton_version
 from mla_kernels._utils import H100_SHARED_BYTES, MI300_LDS_BYTES, SHARED_SCRATCH_BYTES  # 227 KiB, 64 KiB
 
@@ -111,10 +112,14 @@ def test_decode_report_is_complete(reports, capsys):
     # a GPU's timings
     for name in ("decode-h16-split", "decode-h128", "decode-h128-fp8", "prefill-expanded"):
         assert reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
-    # a config's EVICT reaches the pipelined cache loads as an L2 evict-first policy; without it no load has one
-    for name in ("decode-h16-evict", "decode-h128-evict"):
-        assert reports["sm90"][name]["evict_first"] and reports["sm90"][name]["cp_async"], (name, reports["sm90"][name])
-    assert not [n for n, r in reports["sm90"].items() if r.get("evict_first") and not n.endswith("-evict")]
+    # a config's EVICT reaches the cache loads as an L2 evict-first policy where decode.evict_changes_code says so
+    # (the pipelined loads from triton 3.9 on, a one-stage loop's plain loads on every triton); without it no load
+    # has one
+    for name in ("decode-h16-evict", "decode-h128-evict", "decode-h16-evict-1stage"):
+        report = reports["sm90"][name]
+        assert report["evict_first"] == decode.evict_changes_code(report, torch.device("cpu")), (name, report)
+    assert reports["sm90"]["decode-h16-evict-1stage"]["evict_first"]
+    assert not [n for n, r in reports["sm90"].items() if r.get("evict_first") and "-evict" not in n]
     for name in EXPECTED_NVIDIA_ONLY:  # the Hopper paths really load their tiles with TMA copies
         assert reports["sm90"][name]["tma"], (name, reports["sm90"][name])
     for name in EXPECTED_GLUON * HAS_GLUON:  # and the Gluon kernel's products are warpgroup MMAs
