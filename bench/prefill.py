@@ -608,9 +608,8 @@ def write_calibration(path, constants: dict, *, device_name: str, sm_count: int,
 
 def run_calibration(payload: dict, device, target, quick: bool) -> dict:
     """--calibrate: fit, report and write. ``target``: a file path, or "auto" for this GPU's shipped file."""
-    from mla_kernels import _tuning
-
     from mla_kernels import _prefill_cost as cost
+    from mla_kernels import _tuning
 
     records = calibration_records(payload, device)
     bandwidth, matmul = h.copy_bandwidth(device), h.matmul_rate(device)

@@ -232,6 +232,12 @@ def _cases(hip: bool) -> dict:
     # tiles the H100's shared memory (or the MI300X's LDS) fits only after shrinking them (decode_tiles,
     # _expanded_config; the MI300X's by the gfx942 model)
     cases["decode-h128-fp32"] = attn(128, False, True, fp32=True)
+    cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
+    cases["decode-h16-r1024-fp32"] = attn(16, False, True, fp32=True, d_latent=1024)
+    cases["decode-h128-r1024-fp32"] = attn(128, False, True, fp32=True, d_latent=1024)
+    cases["prefill-expanded-d512"] = expanded(512, 512)
+    cases["prefill-expanded-fp32"] = expanded(fp32=True)
+    cases["prefill-expanded-d512-fp32"] = expanded(512, 512, fp32=True)
     # a config's EVICT (decode.EVICT_FIRST on the cache loads), which bench.autotune tries on each class's winner:
     # the heuristic tiles (pipelined loads), and 16 rows in one stage (plain loads)
     for rows in (16, 128):
@@ -239,12 +245,6 @@ def _cases(hip: bool) -> dict:
         cases[f"decode-h{rows}-evict"] = (kernel, dict(constexprs, KV_EVICT=EVICT_FIRST), *rest)
     kernel, constexprs, types, warps, _, estimate = cases["decode-h16-evict"]
     cases["decode-h16-evict-1stage"] = (kernel, constexprs, types, warps, 1, estimate)
-    cases["decode-h128-p1024"] = attn(128, False, True, d_latent=16, d_rope=1024)
-    cases["decode-h16-r1024-fp32"] = attn(16, False, True, fp32=True, d_latent=1024)
-    cases["decode-h128-r1024-fp32"] = attn(128, False, True, fp32=True, d_latent=1024)
-    cases["prefill-expanded-d512"] = expanded(512, 512)
-    cases["prefill-expanded-fp32"] = expanded(fp32=True)
-    cases["prefill-expanded-d512-fp32"] = expanded(512, 512, fp32=True)
     if not hip and TensorDescriptor is not None:  # tensor descriptors (TMA): the Hopper path, NVIDIA, triton 3.4+
         cases["decode-tma-h16-split"] = attn_tma(16, True)
         cases["decode-tma-h128"] = attn_tma(128, False)
