@@ -34,6 +34,8 @@ LN2_C: tl.constexpr = tl.constexpr(LN2)
 # its cache stream evict-first (issue 8); whether that pays here (a sequence's row blocks share its keys in L2 above
 # 64 rows) is for a GPU sweep to say (``bench.autotune`` tries it on each class's winner)
 EVICT_FIRST = "evict_first"
+MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
+MAX_GRID_SPLITS = _utils.MAX_GRID_YZ  # the splits are the grid's z axis
 
 
 def evict_changes_code(cfg: dict, device: torch.device) -> bool:
@@ -44,8 +46,6 @@ def evict_changes_code(cfg: dict, device: torch.device) -> bool:
     if _utils.on_hip(device):
         return False
     return cfg.get("num_stages", 1) <= 1 or _launcher._VERSION >= (3, 9)
-MIN_SPLIT_TOKENS = 256  # below this, a split's fixed cost (q load, partial write, combine) outweighs its work
-MAX_GRID_SPLITS = _utils.MAX_GRID_YZ  # the splits are the grid's z axis
 
 
 # --------------------------------------------------------------------------------------------
